@@ -77,11 +77,11 @@ where
 /// let as_of = freshest_valid_as_of(sinces.iter().map(|f| f.borrow()), uppers.iter().map(|f| f.borrow()));
 /// assert_eq!(as_of, s(10));
 /// ```
-pub fn freshest_valid_as_of<'a, 'b, T: Timestamp, S, U>(sinces: S, uppers: U) -> Antichain<T>
+pub fn freshest_valid_as_of<'a, 'b, T, S, U>(sinces: S, uppers: U) -> Antichain<T>
 where
+    T: Timestamp + 'a + 'b,
     S: IntoIterator<Item = AntichainRef<'a, T>>,
     U: IntoIterator<Item = AntichainRef<'b, T>>,
-    T: 'a + 'b,
 {
     let least = least_valid_as_of(sinces);
     if least.is_empty() {

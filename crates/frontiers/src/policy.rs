@@ -70,7 +70,7 @@ impl<T: Timestamp> ReadPolicy<T> {
             ReadPolicy::Multiple(policies) => {
                 let mut result = Antichain::new();
                 for policy in policies {
-                    result.extend(policy.raw_frontier(write_frontier).into_iter());
+                    result.extend(policy.raw_frontier(write_frontier));
                 }
                 result
             }
