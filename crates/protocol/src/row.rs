@@ -1,0 +1,801 @@
+//! Rows and their schema: [`Datum`], [`Row`], [`RowPacker`], [`ScalarType`], [`ColumnType`],
+//! [`RelationType`] and [`RelationDesc`].
+//!
+//! A [`Row`] is a compact byte encoding of a sequence of datums: one tag byte per datum, then a fixed
+//! 8-byte payload for numbers and timestamps, or a varint length and the bytes for text and byte strings.
+//! Small rows (up to 24 bytes) live inline without a heap allocation. Equality, ordering and hashing are on
+//! the bytes, which is consistent (equal datums encode to equal bytes: floats are canonicalised) but is not
+//! the SQL order of the values; ordering by value is [`Datum`]'s `Ord`, used by `ORDER BY` and top-k.
+//!
+//! **Invariant:** every `Row` holds a valid encoding. Rows are built only by [`RowPacker`] / [`Row::pack`]
+//! or decoded with validation ([`Row::from_bytes`], and serde deserialisation), so iterating a row never
+//! fails.
+
+use std::cmp::Ordering;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use smallvec::SmallVec;
+
+/// A totally ordered `f64`: NaNs are one value, greater than every other, and `-0.0 == 0.0`.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct F64(f64);
+
+impl F64 {
+    /// Wraps a float, canonicalising NaN and negative zero.
+    ///
+    /// # Examples
+    /// ```
+    /// use protocol::F64;
+    /// assert_eq!(F64::new(-0.0), F64::new(0.0));
+    /// assert_eq!(F64::new(f64::NAN), F64::new(-f64::NAN));
+    /// assert!(F64::new(1.0) < F64::new(f64::NAN));
+    /// ```
+    pub fn new(value: f64) -> Self {
+        if value.is_nan() {
+            F64(f64::NAN)
+        } else if value == 0.0 {
+            F64(0.0)
+        } else {
+            F64(value)
+        }
+    }
+
+    /// The float.
+    pub fn get(self) -> f64 {
+        self.0
+    }
+}
+
+impl PartialEq for F64 {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+impl Eq for F64 {}
+impl PartialOrd for F64 {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for F64 {
+    fn cmp(&self, other: &Self) -> Ordering {
+        F64::new(self.0).0.total_cmp(&F64::new(other.0).0)
+    }
+}
+impl std::hash::Hash for F64 {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        F64::new(self.0).0.to_bits().hash(state)
+    }
+}
+
+/// One value of a row. Borrowed from the row (or expression) it came from.
+///
+/// The derived order (by variant, then by value) is the value order used for sorting; SQL's placement of
+/// `NULL` is decided by [`crate::ColumnOrder::nulls_last`], not here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Datum<'a> {
+    /// SQL `NULL`.
+    Null,
+    /// A boolean.
+    Bool(bool),
+    /// A 64-bit signed integer.
+    Int64(i64),
+    /// A 64-bit float, totally ordered.
+    Float64(F64),
+    /// UTF-8 text.
+    Text(&'a str),
+    /// A byte string.
+    Bytes(&'a [u8]),
+    /// A timestamp in milliseconds since the Unix epoch.
+    Timestamp(u64),
+}
+
+impl Datum<'_> {
+    /// Whether this is `NULL`.
+    ///
+    /// # Examples
+    /// ```
+    /// use protocol::Datum;
+    /// assert!(Datum::Null.is_null() && !Datum::Int64(0).is_null());
+    /// ```
+    pub fn is_null(&self) -> bool {
+        matches!(self, Datum::Null)
+    }
+
+    /// The scalar type of a non-null datum.
+    ///
+    /// # Examples
+    /// ```
+    /// use protocol::{Datum, ScalarType};
+    /// assert_eq!(Datum::Text("x").scalar_type(), Some(ScalarType::Text));
+    /// assert_eq!(Datum::Null.scalar_type(), None);
+    /// ```
+    pub fn scalar_type(&self) -> Option<ScalarType> {
+        match self {
+            Datum::Null => None,
+            Datum::Bool(_) => Some(ScalarType::Bool),
+            Datum::Int64(_) => Some(ScalarType::Int64),
+            Datum::Float64(_) => Some(ScalarType::Float64),
+            Datum::Text(_) => Some(ScalarType::Text),
+            Datum::Bytes(_) => Some(ScalarType::Bytes),
+            Datum::Timestamp(_) => Some(ScalarType::Timestamp),
+        }
+    }
+
+    /// Whether the datum may appear in a column of type `typ`.
+    ///
+    /// # Examples
+    /// ```
+    /// use protocol::{ColumnType, Datum, ScalarType};
+    /// assert!(Datum::Int64(1).is_instance_of(&ColumnType::new(ScalarType::Int64, false)));
+    /// assert!(!Datum::Null.is_instance_of(&ColumnType::new(ScalarType::Int64, false)));
+    /// assert!(Datum::Null.is_instance_of(&ColumnType::new(ScalarType::Int64, true)));
+    /// ```
+    pub fn is_instance_of(&self, typ: &ColumnType) -> bool {
+        match self.scalar_type() {
+            None => typ.nullable,
+            Some(scalar) => scalar == typ.scalar_type,
+        }
+    }
+
+    /// A float datum (canonicalised).
+    ///
+    /// # Examples
+    /// ```
+    /// use protocol::Datum;
+    /// assert_eq!(Datum::float64(-0.0), Datum::float64(0.0));
+    /// ```
+    pub fn float64(value: f64) -> Self {
+        Datum::Float64(F64::new(value))
+    }
+}
+
+impl fmt::Display for Datum<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Datum::Null => write!(f, "NULL"),
+            Datum::Bool(b) => write!(f, "{b}"),
+            Datum::Int64(i) => write!(f, "{i}"),
+            Datum::Float64(x) => write!(f, "{}", x.get()),
+            Datum::Text(s) => write!(f, "{s}"),
+            Datum::Bytes(b) => {
+                write!(f, "\\x")?;
+                b.iter().try_for_each(|byte| write!(f, "{byte:02x}"))
+            }
+            Datum::Timestamp(t) => write!(f, "{t}"),
+        }
+    }
+}
+
+const TAG_NULL: u8 = 0;
+const TAG_FALSE: u8 = 1;
+const TAG_TRUE: u8 = 2;
+const TAG_INT64: u8 = 3;
+const TAG_FLOAT64: u8 = 4;
+const TAG_TEXT: u8 = 5;
+const TAG_BYTES: u8 = 6;
+const TAG_TIMESTAMP: u8 = 7;
+
+/// The inline capacity of a row: rows up to this many bytes need no heap allocation.
+pub const ROW_INLINE_BYTES: usize = 24;
+
+/// A packed sequence of datums. See the module documentation for the encoding and its invariant.
+///
+/// # Examples
+/// ```
+/// use protocol::{Datum, Row};
+/// let row = Row::pack([Datum::Int64(7), Datum::Text("seven"), Datum::Null]);
+/// assert_eq!(row.unpack(), vec![Datum::Int64(7), Datum::Text("seven"), Datum::Null]);
+/// assert_eq!(row.arity(), 3);
+/// assert_eq!(row.get(1), Some(Datum::Text("seven")));
+/// ```
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Row {
+    data: SmallVec<[u8; ROW_INLINE_BYTES]>,
+}
+
+impl Row {
+    /// The row with no columns.
+    pub const EMPTY: Row = Row { data: SmallVec::new_const() };
+
+    /// Packs datums into a row.
+    ///
+    /// # Examples
+    /// ```
+    /// use protocol::{Datum, Row};
+    /// assert_eq!(Row::pack([Datum::Bool(true)]).unpack(), vec![Datum::Bool(true)]);
+    /// ```
+    pub fn pack<'a, I: IntoIterator<Item = Datum<'a>>>(datums: I) -> Row {
+        let mut packer = RowPacker::new();
+        packer.extend(datums);
+        packer.finish()
+    }
+
+    /// Decodes a row from its encoding, validating it.
+    ///
+    /// # Examples
+    /// ```
+    /// use protocol::{Datum, Row};
+    /// let row = Row::pack([Datum::Text("x")]);
+    /// assert_eq!(Row::from_bytes(row.as_bytes()).unwrap(), row);
+    /// assert!(Row::from_bytes(&[5, 10, b'x']).is_err()); // text of length 10 with 1 byte
+    /// assert!(Row::from_bytes(&[99]).is_err());           // unknown tag
+    /// ```
+    pub fn from_bytes(bytes: &[u8]) -> Result<Row, RowDecodeError> {
+        let mut offset = 0;
+        while offset < bytes.len() {
+            let (_, next) = decode_datum(bytes, offset)?;
+            offset = next;
+        }
+        Ok(Row { data: SmallVec::from_slice(bytes) })
+    }
+
+    /// The encoding.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.data
+    }
+
+    /// The number of bytes of the encoding.
+    ///
+    /// # Examples
+    /// ```
+    /// use protocol::{Datum, Row};
+    /// assert_eq!(Row::pack([Datum::Int64(1)]).byte_len(), 9);
+    /// ```
+    pub fn byte_len(&self) -> usize {
+        self.data.len()
+    }
+
+    /// Iterates over the datums.
+    ///
+    /// # Examples
+    /// ```
+    /// use protocol::{Datum, Row};
+    /// let row = Row::pack([Datum::Int64(1), Datum::Int64(2)]);
+    /// assert_eq!(row.iter().count(), 2);
+    /// ```
+    pub fn iter(&self) -> DatumIter<'_> {
+        DatumIter { data: &self.data, offset: 0 }
+    }
+
+    /// The datums as a vector.
+    pub fn unpack(&self) -> Vec<Datum<'_>> {
+        self.iter().collect()
+    }
+
+    /// Appends the datums of this row to `out` (reusing its allocation).
+    ///
+    /// # Examples
+    /// ```
+    /// use protocol::{Datum, Row};
+    /// let row = Row::pack([Datum::Int64(1)]);
+    /// let mut out = vec![Datum::Null];
+    /// row.unpack_into(&mut out);
+    /// assert_eq!(out, vec![Datum::Null, Datum::Int64(1)]);
+    /// ```
+    pub fn unpack_into<'a>(&'a self, out: &mut Vec<Datum<'a>>) {
+        out.extend(self.iter());
+    }
+
+    /// The datum at `index`, if the row has that many columns. Linear in `index`.
+    pub fn get(&self, index: usize) -> Option<Datum<'_>> {
+        self.iter().nth(index)
+    }
+
+    /// The number of datums. Linear in the row's size.
+    pub fn arity(&self) -> usize {
+        self.iter().count()
+    }
+
+    /// Whether the row has no datums.
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+}
+
+impl fmt::Debug for Row {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
+impl fmt::Display for Row {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "(")?;
+        for (i, datum) in self.iter().enumerate() {
+            if i > 0 {
+                write!(f, ", ")?;
+            }
+            write!(f, "{datum}")?;
+        }
+        write!(f, ")")
+    }
+}
+
+impl Serialize for Row {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(&self.data)
+    }
+}
+
+impl<'de> Deserialize<'de> for Row {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct RowVisitor;
+        impl<'de> serde::de::Visitor<'de> for RowVisitor {
+            type Value = Row;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "an encoded row")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, bytes: &[u8]) -> Result<Row, E> {
+                Row::from_bytes(bytes).map_err(E::custom)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Row, A::Error> {
+                let mut bytes: Vec<u8> = Vec::new();
+                while let Some(byte) = seq.next_element()? {
+                    bytes.push(byte);
+                }
+                Row::from_bytes(&bytes).map_err(serde::de::Error::custom)
+            }
+        }
+        deserializer.deserialize_bytes(RowVisitor)
+    }
+}
+
+/// Why a row encoding was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RowDecodeError {
+    /// A tag byte that names no datum kind.
+    #[error("unknown datum tag {tag} at byte {offset}")]
+    UnknownTag {
+        /// The tag.
+        tag: u8,
+        /// Where it was.
+        offset: usize,
+    },
+    /// The encoding ends inside a datum.
+    #[error("row encoding truncated at byte {offset}")]
+    Truncated {
+        /// Where the datum started.
+        offset: usize,
+    },
+    /// A text datum that is not UTF-8.
+    #[error("text datum at byte {offset} is not UTF-8")]
+    InvalidUtf8 {
+        /// Where the datum started.
+        offset: usize,
+    },
+    /// A float that is not in canonical form (so equal floats would not be equal rows).
+    #[error("float datum at byte {offset} is not canonical")]
+    NonCanonicalFloat {
+        /// Where the datum started.
+        offset: usize,
+    },
+}
+
+fn read_fixed(bytes: &[u8], offset: usize) -> Result<[u8; 8], RowDecodeError> {
+    bytes
+        .get(offset + 1..offset + 9)
+        .and_then(|s| s.try_into().ok())
+        .ok_or(RowDecodeError::Truncated { offset })
+}
+
+fn read_varint(bytes: &[u8], start: usize, offset: usize) -> Result<(usize, usize), RowDecodeError> {
+    let mut value: u64 = 0;
+    let mut position = start;
+    for shift in (0..64).step_by(7) {
+        let byte = *bytes.get(position).ok_or(RowDecodeError::Truncated { offset })?;
+        value |= u64::from(byte & 0x7f) << shift;
+        position += 1;
+        if byte & 0x80 == 0 {
+            let len = usize::try_from(value).map_err(|_| RowDecodeError::Truncated { offset })?;
+            return Ok((len, position));
+        }
+    }
+    Err(RowDecodeError::Truncated { offset })
+}
+
+fn write_varint(out: &mut SmallVec<[u8; ROW_INLINE_BYTES]>, mut value: usize) {
+    loop {
+        let byte = (value & 0x7f) as u8;
+        value >>= 7;
+        if value == 0 {
+            out.push(byte);
+            return;
+        }
+        out.push(byte | 0x80);
+    }
+}
+
+/// Decodes the datum starting at `offset`; returns it and the offset of the next one.
+fn decode_datum(bytes: &[u8], offset: usize) -> Result<(Datum<'_>, usize), RowDecodeError> {
+    let tag = bytes[offset];
+    match tag {
+        TAG_NULL => Ok((Datum::Null, offset + 1)),
+        TAG_FALSE => Ok((Datum::Bool(false), offset + 1)),
+        TAG_TRUE => Ok((Datum::Bool(true), offset + 1)),
+        TAG_INT64 => Ok((Datum::Int64(i64::from_le_bytes(read_fixed(bytes, offset)?)), offset + 9)),
+        TAG_FLOAT64 => {
+            let value = f64::from_le_bytes(read_fixed(bytes, offset)?);
+            if F64::new(value).0.to_bits() != value.to_bits() {
+                return Err(RowDecodeError::NonCanonicalFloat { offset });
+            }
+            Ok((Datum::Float64(F64(value)), offset + 9))
+        }
+        TAG_TIMESTAMP => Ok((Datum::Timestamp(u64::from_le_bytes(read_fixed(bytes, offset)?)), offset + 9)),
+        TAG_TEXT | TAG_BYTES => {
+            let (len, start) = read_varint(bytes, offset + 1, offset)?;
+            let end = start.checked_add(len).ok_or(RowDecodeError::Truncated { offset })?;
+            let payload = bytes.get(start..end).ok_or(RowDecodeError::Truncated { offset })?;
+            let datum = if tag == TAG_TEXT {
+                Datum::Text(std::str::from_utf8(payload).map_err(|_| RowDecodeError::InvalidUtf8 { offset })?)
+            } else {
+                Datum::Bytes(payload)
+            };
+            Ok((datum, end))
+        }
+        tag => Err(RowDecodeError::UnknownTag { tag, offset }),
+    }
+}
+
+/// An iterator over the datums of a [`Row`].
+#[derive(Debug, Clone)]
+pub struct DatumIter<'a> {
+    data: &'a [u8],
+    offset: usize,
+}
+
+impl<'a> Iterator for DatumIter<'a> {
+    type Item = Datum<'a>;
+
+    fn next(&mut self) -> Option<Datum<'a>> {
+        if self.offset >= self.data.len() {
+            return None;
+        }
+        let (datum, next) = decode_datum(self.data, self.offset)
+            .expect("a Row always holds a valid encoding (module invariant)");
+        self.offset = next;
+        Some(datum)
+    }
+}
+
+/// Builds rows datum by datum, reusing its buffer across rows.
+///
+/// # Examples
+/// ```
+/// use protocol::{Datum, RowPacker};
+/// let mut packer = RowPacker::new();
+/// packer.push(Datum::Int64(1));
+/// packer.push(Datum::Text("one"));
+/// let row = packer.finish_and_reuse();
+/// packer.push(Datum::Int64(2));
+/// assert_eq!(row.unpack(), vec![Datum::Int64(1), Datum::Text("one")]);
+/// assert_eq!(packer.finish().unpack(), vec![Datum::Int64(2)]);
+/// ```
+#[derive(Debug, Default, Clone)]
+pub struct RowPacker {
+    data: SmallVec<[u8; ROW_INLINE_BYTES]>,
+}
+
+impl RowPacker {
+    /// An empty packer.
+    pub fn new() -> Self {
+        RowPacker::default()
+    }
+
+    /// Appends one datum.
+    pub fn push(&mut self, datum: Datum<'_>) {
+        match datum {
+            Datum::Null => self.data.push(TAG_NULL),
+            Datum::Bool(false) => self.data.push(TAG_FALSE),
+            Datum::Bool(true) => self.data.push(TAG_TRUE),
+            Datum::Int64(i) => {
+                self.data.push(TAG_INT64);
+                self.data.extend_from_slice(&i.to_le_bytes());
+            }
+            Datum::Float64(x) => {
+                self.data.push(TAG_FLOAT64);
+                self.data.extend_from_slice(&F64::new(x.0).0.to_le_bytes());
+            }
+            Datum::Timestamp(t) => {
+                self.data.push(TAG_TIMESTAMP);
+                self.data.extend_from_slice(&t.to_le_bytes());
+            }
+            Datum::Text(s) => {
+                self.data.push(TAG_TEXT);
+                write_varint(&mut self.data, s.len());
+                self.data.extend_from_slice(s.as_bytes());
+            }
+            Datum::Bytes(b) => {
+                self.data.push(TAG_BYTES);
+                write_varint(&mut self.data, b.len());
+                self.data.extend_from_slice(b);
+            }
+        }
+    }
+
+    /// Appends several datums.
+    pub fn extend<'a, I: IntoIterator<Item = Datum<'a>>>(&mut self, datums: I) {
+        for datum in datums {
+            self.push(datum);
+        }
+    }
+
+    /// Appends every datum of `row` (a byte copy: no decoding).
+    ///
+    /// # Examples
+    /// ```
+    /// use protocol::{Datum, Row, RowPacker};
+    /// let mut packer = RowPacker::new();
+    /// packer.extend_by_row(&Row::pack([Datum::Int64(1)]));
+    /// packer.push(Datum::Null);
+    /// assert_eq!(packer.finish().unpack(), vec![Datum::Int64(1), Datum::Null]);
+    /// ```
+    pub fn extend_by_row(&mut self, row: &Row) {
+        self.data.extend_from_slice(&row.data);
+    }
+
+    /// The row built so far; the packer is left empty.
+    pub fn finish(&mut self) -> Row {
+        Row { data: std::mem::take(&mut self.data) }
+    }
+
+    /// The row built so far (copied out); the packer is cleared but keeps its buffer.
+    pub fn finish_and_reuse(&mut self) -> Row {
+        let row = Row { data: SmallVec::from_slice(&self.data) };
+        self.data.clear();
+        row
+    }
+
+    /// Discards what was pushed.
+    pub fn clear(&mut self) {
+        self.data.clear();
+    }
+}
+
+/// The type of a non-null value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum ScalarType {
+    /// [`Datum::Bool`].
+    Bool,
+    /// [`Datum::Int64`].
+    Int64,
+    /// [`Datum::Float64`].
+    Float64,
+    /// [`Datum::Text`].
+    Text,
+    /// [`Datum::Bytes`].
+    Bytes,
+    /// [`Datum::Timestamp`].
+    Timestamp,
+}
+
+/// The type of a column: a scalar type and whether `NULL` may appear.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ColumnType {
+    /// The type of the non-null values.
+    pub scalar_type: ScalarType,
+    /// Whether `NULL` may appear.
+    pub nullable: bool,
+}
+
+impl ColumnType {
+    /// A column type.
+    ///
+    /// # Examples
+    /// ```
+    /// use protocol::{ColumnType, ScalarType};
+    /// assert!(ColumnType::new(ScalarType::Text, true).nullable);
+    /// ```
+    pub fn new(scalar_type: ScalarType, nullable: bool) -> Self {
+        ColumnType { scalar_type, nullable }
+    }
+
+    /// The same type, made nullable or not.
+    pub fn nullable(self, nullable: bool) -> Self {
+        ColumnType { nullable, ..self }
+    }
+}
+
+/// The types of a relation's columns.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
+pub struct RelationType {
+    /// One type per column.
+    pub column_types: Vec<ColumnType>,
+}
+
+impl RelationType {
+    /// A relation type from column types.
+    ///
+    /// # Examples
+    /// ```
+    /// use protocol::{ColumnType, RelationType, ScalarType};
+    /// let t = RelationType::new(vec![ColumnType::new(ScalarType::Int64, false)]);
+    /// assert_eq!(t.arity(), 1);
+    /// ```
+    pub fn new(column_types: Vec<ColumnType>) -> Self {
+        RelationType { column_types }
+    }
+
+    /// The number of columns.
+    pub fn arity(&self) -> usize {
+        self.column_types.len()
+    }
+
+    /// Checks that `row` has this type: the right arity, and every datum an instance of its column type.
+    ///
+    /// # Examples
+    /// ```
+    /// use protocol::{ColumnType, Datum, RelationType, Row, RowTypeError, ScalarType};
+    /// let t = RelationType::new(vec![ColumnType::new(ScalarType::Int64, false)]);
+    /// assert!(t.check_row(&Row::pack([Datum::Int64(1)])).is_ok());
+    /// assert_eq!(t.check_row(&Row::pack([])), Err(RowTypeError::Arity { expected: 1, found: 0 }));
+    /// assert!(matches!(t.check_row(&Row::pack([Datum::Null])), Err(RowTypeError::Column { column: 0, .. })));
+    /// ```
+    pub fn check_row(&self, row: &Row) -> Result<(), RowTypeError> {
+        let mut found = 0;
+        for (column, datum) in row.iter().enumerate() {
+            found += 1;
+            if let Some(typ) = self.column_types.get(column)
+                && !datum.is_instance_of(typ)
+            {
+                return Err(RowTypeError::Column { column, expected: *typ, found: datum.to_string() });
+            }
+        }
+        if found != self.arity() {
+            return Err(RowTypeError::Arity { expected: self.arity(), found });
+        }
+        Ok(())
+    }
+}
+
+/// Why a row does not fit a relation type.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RowTypeError {
+    /// The row has the wrong number of columns.
+    #[error("row has {found} columns, expected {expected}")]
+    Arity {
+        /// The relation's arity.
+        expected: usize,
+        /// The row's.
+        found: usize,
+    },
+    /// A datum is not an instance of its column's type.
+    #[error("column {column}: {found} is not a {expected:?}")]
+    Column {
+        /// The column.
+        column: usize,
+        /// Its type.
+        expected: ColumnType,
+        /// The offending datum, printed.
+        found: String,
+    },
+}
+
+/// A relation's schema: column names and types.
+///
+/// # Examples
+/// ```
+/// use protocol::{ColumnType, RelationDesc, ScalarType};
+/// let desc = RelationDesc::empty()
+///     .with_column("id", ColumnType::new(ScalarType::Int64, false))
+///     .with_column("name", ColumnType::new(ScalarType::Text, true));
+/// assert_eq!(desc.arity(), 2);
+/// assert_eq!(desc.column_index("name"), Some(1));
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
+pub struct RelationDesc {
+    names: Vec<String>,
+    typ: RelationType,
+}
+
+impl RelationDesc {
+    /// The schema with no columns.
+    pub fn empty() -> Self {
+        RelationDesc::default()
+    }
+
+    /// A schema from `(name, type)` pairs.
+    pub fn new<S: Into<String>>(columns: impl IntoIterator<Item = (S, ColumnType)>) -> Self {
+        let mut desc = RelationDesc::empty();
+        for (name, typ) in columns {
+            desc = desc.with_column(name, typ);
+        }
+        desc
+    }
+
+    /// The schema with one more column.
+    pub fn with_column(mut self, name: impl Into<String>, typ: ColumnType) -> Self {
+        self.names.push(name.into());
+        self.typ.column_types.push(typ);
+        self
+    }
+
+    /// The number of columns.
+    pub fn arity(&self) -> usize {
+        self.names.len()
+    }
+
+    /// The column types.
+    pub fn typ(&self) -> &RelationType {
+        &self.typ
+    }
+
+    /// The column names.
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// The index of the first column called `name`.
+    pub fn column_index(&self, name: &str) -> Option<usize> {
+        self.names.iter().position(|n| n == name)
+    }
+
+    /// Checks a row against the schema (see [`RelationType::check_row`]).
+    pub fn check_row(&self, row: &Row) -> Result<(), RowTypeError> {
+        self.typ.check_row(row)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn row_decoding_rejects_malformed_encodings() {
+        let cases: Vec<(Vec<u8>, RowDecodeError)> = vec![
+            (vec![TAG_INT64, 1, 2], RowDecodeError::Truncated { offset: 0 }),
+            (vec![TAG_NULL, 42], RowDecodeError::UnknownTag { tag: 42, offset: 1 }),
+            (vec![TAG_TEXT, 2, 0xff, 0xfe], RowDecodeError::InvalidUtf8 { offset: 0 }),
+            (vec![TAG_BYTES, 0x80], RowDecodeError::Truncated { offset: 0 }),
+            (
+                vec![TAG_BYTES, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01],
+                RowDecodeError::Truncated { offset: 0 },
+            ),
+            (
+                {
+                    let mut v = vec![TAG_FLOAT64];
+                    v.extend_from_slice(&(-0.0f64).to_le_bytes());
+                    v
+                },
+                RowDecodeError::NonCanonicalFloat { offset: 0 },
+            ),
+        ];
+        for (bytes, expected) in cases {
+            assert_eq!(Row::from_bytes(&bytes), Err(expected), "{bytes:?}");
+        }
+    }
+
+    #[test]
+    fn small_rows_stay_inline() {
+        let row = Row::pack([Datum::Int64(1), Datum::Int64(2)]);
+        assert!(!row.data.spilled());
+    }
+
+    proptest! {
+        #[test]
+        fn row_encoding_round_trips(datums in prop::collection::vec(crate::arbitrary::owned_datum(), 0..8)) {
+            let row = crate::arbitrary::pack_owned(&datums);
+            prop_assert_eq!(Row::from_bytes(row.as_bytes()).unwrap(), row.clone());
+            let back: Vec<crate::arbitrary::OwnedDatum> = row.iter().map(crate::arbitrary::OwnedDatum::from).collect();
+            prop_assert_eq!(back, datums);
+            let encoded = bincode::serialize(&row).unwrap();
+            prop_assert_eq!(bincode::deserialize::<Row>(&encoded).unwrap(), row);
+        }
+
+        #[test]
+        fn row_equality_agrees_with_datum_equality(
+            a in prop::collection::vec(crate::arbitrary::owned_datum(), 0..4),
+            b in prop::collection::vec(crate::arbitrary::owned_datum(), 0..4),
+        ) {
+            let (ra, rb) = (crate::arbitrary::pack_owned(&a), crate::arbitrary::pack_owned(&b));
+            prop_assert_eq!(ra == rb, ra.unpack() == rb.unpack());
+        }
+
+        #[test]
+        fn row_decoding_of_arbitrary_bytes_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..64)) {
+            let _ = Row::from_bytes(&bytes);
+        }
+    }
+}
