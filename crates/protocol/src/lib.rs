@@ -72,6 +72,7 @@ pub mod frame;
 mod id;
 mod peek;
 mod plan;
+pub mod reference;
 mod response;
 mod row;
 
