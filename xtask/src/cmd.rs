@@ -1,0 +1,63 @@
+//! Running child processes: a `cargo` command with the environment every task shares, and running a
+//! command with its command line echoed and its exit status checked.
+//!
+//! Not a shell abstraction: plain `std::process::Command`, so that xtask needs no dependency to build.
+
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, bail};
+
+/// A `cargo` command. When the environment has `CI=true`, it also sets `CARGO_INCREMENTAL=0` (incremental
+/// artefacts are wasted work on a clean CI checkout). The variable is set per command because
+/// `std::env::set_var` is `unsafe` in edition 2024 and the workspace denies `unsafe_code`.
+pub fn cargo() -> Command {
+    let mut cmd = Command::new("cargo");
+    if on_ci() {
+        cmd.env("CARGO_INCREMENTAL", "0");
+    }
+    cmd
+}
+
+/// Whether we run on CI, i.e. the environment has `CI=true`.
+pub fn on_ci() -> bool {
+    std::env::var("CI").is_ok_and(|value| value == "true")
+}
+
+/// The command line of `cmd` as a shell would show it, with the environment variables it sets first.
+pub fn display(cmd: &Command) -> String {
+    let mut words: Vec<String> = Vec::new();
+    for (key, value) in cmd.get_envs() {
+        if let Some(value) = value {
+            words.push(format!("{}={}", key.to_string_lossy(), value.to_string_lossy()));
+        }
+    }
+    words.push(cmd.get_program().to_string_lossy().into_owned());
+    words.extend(cmd.get_args().map(|arg| arg.to_string_lossy().into_owned()));
+    words.join(" ")
+}
+
+/// Echoes `cmd` as `$ <command line>`, runs it with inherited stdio and fails unless it exits successfully.
+pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let line = display(cmd);
+    println!("$ {line}");
+    let status = cmd.status().with_context(|| format!("cannot start `{line}`"))?;
+    if !status.success() {
+        bail!("`{line}` failed ({status})");
+    }
+    Ok(())
+}
+
+/// Whether `cmd` runs and exits successfully, with its output discarded (for probing tools).
+pub fn succeeds(cmd: &mut Command) -> bool {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success())
+}
+
+/// The trimmed stdout of `cmd` if it runs and succeeds (for `uname`, `nproc`, `date`).
+pub fn output(cmd: &mut Command) -> Option<String> {
+    let output = cmd.stdin(Stdio::null()).stderr(Stdio::null()).output().ok()?;
+    output.status.success().then(|| String::from_utf8_lossy(&output.stdout).trim().to_owned())
+}

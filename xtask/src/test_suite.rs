@@ -1,0 +1,215 @@
+//! `cargo xtask test-suite` (alias `ci`): every check CI runs, in order, timed, stopping at the first failure.
+//!
+//! | step     | runs |
+//! |----------|------|
+//! | `fmt`    | `cargo fmt --all -- --check` |
+//! | `clippy` | `cargo clippy --workspace --all-targets --locked -- -D warnings` |
+//! | `tidy`   | [`crate::tidy::check`], in process (`cargo test -p xtask` runs it too) |
+//! | `test`   | `cargo nextest run --workspace --locked --no-fail-fast`, or without nextest `cargo test --workspace --lib --bins --tests --locked`, with `PROPTEST_CASES` |
+//! | `doc`    | `cargo test --workspace --doc --locked` (nextest and `--all-targets` skip doctests) |
+//! | `sim`    | the simulator on seeds `0..N` ([`crate::sim`], dev profile), or skipped while `crates/sim` has none |
+//!
+//! Modes: full (CI) is `PROPTEST_CASES=1024` and seeds `0..1000`; `--quick` is 64 cases and seeds `0..32`.
+//! "If `cargo xtask test-suite` passes locally, CI is green": `.ci/run` runs exactly this.
+//!
+//! Not here: what each check checks (that is clippy's, tidy's, the tests' business).
+
+use std::ops::Range;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+
+use crate::flags::TestSuiteFlags;
+use crate::sim::{self, Seeds};
+use crate::{cmd, project_root, tidy};
+
+/// One step of the suite. The order of the variants is the order the steps run in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Step {
+    /// Formatting.
+    Fmt,
+    /// Lints, all targets, warnings denied.
+    Clippy,
+    /// The repository's own rules ([`crate::tidy`]).
+    Tidy,
+    /// Unit, integration and property tests.
+    Test,
+    /// Doctests.
+    Doc,
+    /// The deterministic simulator on a fixed seed range.
+    Sim,
+}
+
+impl Step {
+    /// Every step, in the order the suite runs them.
+    pub const ALL: [Step; 6] = [Step::Fmt, Step::Clippy, Step::Tidy, Step::Test, Step::Doc, Step::Sim];
+
+    /// The step's name on the command line and in the output.
+    pub fn name(self) -> &'static str {
+        match self {
+            Step::Fmt => "fmt",
+            Step::Clippy => "clippy",
+            Step::Tidy => "tidy",
+            Step::Test => "test",
+            Step::Doc => "doc",
+            Step::Sim => "sim",
+        }
+    }
+
+    /// The step called `name`, if any.
+    pub fn from_name(name: &str) -> Option<Step> {
+        Step::ALL.into_iter().find(|step| step.name() == name)
+    }
+}
+
+/// The parameters that differ between the full and the quick suite.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mode {
+    /// `PROPTEST_CASES` for the `test` and `doc` steps.
+    pub proptest_cases: u32,
+    /// The seeds of the `sim` step.
+    pub sim_seeds: Range<u64>,
+}
+
+impl Mode {
+    /// The mode `flags` ask for.
+    pub fn from_flags(flags: &TestSuiteFlags) -> Mode {
+        let (cases, seeds) = if flags.quick { (64, 0..32) } else { (1024, 0..1000) };
+        Mode { proptest_cases: flags.proptest_cases.unwrap_or(cases), sim_seeds: seeds }
+    }
+}
+
+/// How a step ended, when it did not fail.
+enum Done {
+    Ok,
+    Skipped(String),
+}
+
+/// Runs the steps `flags` select, in suite order, and fails at the first failing step.
+pub fn run(flags: &TestSuiteFlags) -> anyhow::Result<()> {
+    let root = project_root();
+    let mode = Mode::from_flags(flags);
+    let steps: Vec<Step> =
+        Step::ALL.into_iter().filter(|step| flags.only.is_empty() || flags.only.contains(step)).collect();
+    println!(
+        "test-suite: {} mode, PROPTEST_CASES={}, sim seeds {}..{}{}; steps: {}",
+        if flags.quick { "quick" } else { "full" },
+        mode.proptest_cases,
+        mode.sim_seeds.start,
+        mode.sim_seeds.end,
+        if cmd::on_ci() { ", CI (CARGO_INCREMENTAL=0)" } else { "" },
+        steps.iter().map(|s| s.name()).collect::<Vec<_>>().join(", "),
+    );
+
+    let suite_start = Instant::now();
+    let mut rows: Vec<(Step, String, Option<Duration>)> = Vec::new();
+    let mut failure = None;
+    for &step in &steps {
+        if failure.is_some() {
+            rows.push((step, "not run".into(), None));
+            continue;
+        }
+        println!("\nstep {}: started", step.name());
+        let start = Instant::now();
+        let result = run_step(step, &root, &mode);
+        let elapsed = start.elapsed();
+        let (outcome, skipped) = match result {
+            Ok(Done::Ok) => ("ok".to_owned(), false),
+            Ok(Done::Skipped(reason)) => (format!("skipped ({reason})"), true),
+            Err(error) => {
+                failure = Some((step, error));
+                ("FAILED".to_owned(), false)
+            }
+        };
+        if skipped {
+            println!("step {} ... {outcome}", step.name());
+        } else {
+            println!("step {} ... {outcome} ({})", step.name(), seconds(elapsed));
+        }
+        rows.push((step, outcome, Some(elapsed)));
+    }
+
+    println!("\ntest-suite summary:");
+    for (step, outcome, elapsed) in &rows {
+        let time = elapsed.map(seconds).unwrap_or_default();
+        println!("  {:<8} {:>9}  {outcome}", step.name(), time);
+    }
+    println!("  {:<8} {:>9}", "total", seconds(suite_start.elapsed()));
+
+    match failure {
+        Some((step, error)) => bail!("step {} failed: {error:#}", step.name()),
+        None => Ok(()),
+    }
+}
+
+fn seconds(elapsed: Duration) -> String {
+    format!("{:.1} s", elapsed.as_secs_f64())
+}
+
+fn run_step(step: Step, root: &Path, mode: &Mode) -> anyhow::Result<Done> {
+    let result = match step {
+        Step::Fmt => cmd::run(cmd::cargo().args(["fmt", "--all", "--", "--check"])),
+        Step::Clippy => cmd::run(cmd::cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--locked",
+            "--",
+            "-D",
+            "warnings",
+        ])),
+        Step::Tidy => tidy::check(root),
+        Step::Test => {
+            let mut command = cmd::cargo();
+            if cmd::succeeds(cmd::cargo().args(["nextest", "--version"])) {
+                command.args(["nextest", "run", "--workspace", "--locked", "--no-fail-fast"]);
+            } else {
+                println!("cargo-nextest not found: falling back to cargo test");
+                command.args(["test", "--workspace", "--lib", "--bins", "--tests", "--locked"]);
+            }
+            cmd::run(command.env("PROPTEST_CASES", mode.proptest_cases.to_string()))
+        }
+        Step::Doc => cmd::run(
+            cmd::cargo()
+                .args(["test", "--workspace", "--doc", "--locked"])
+                .env("PROPTEST_CASES", mode.proptest_cases.to_string()),
+        ),
+        Step::Sim => {
+            if !sim::available(root) {
+                return Ok(Done::Skipped("crates/sim has no simulator yet".into()));
+            }
+            sim::run(root, &Some(Seeds::Range(mode.sim_seeds.clone())), sim::Profile::Dev)
+        }
+    };
+    result.map(|()| Done::Ok)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn step_names_round_trip_and_follow_the_suite_order() {
+        for step in Step::ALL {
+            assert_eq!(Step::from_name(step.name()), Some(step));
+        }
+        assert!(Step::ALL.windows(2).all(|pair| pair[0] < pair[1]));
+        assert_eq!(Step::from_name("lint"), None);
+    }
+
+    #[test]
+    fn modes_pick_cases_and_seeds_and_the_flag_overrides_cases() {
+        let cases = [
+            (false, None, 1024, 0..1000),
+            (true, None, 64, 0..32),
+            (true, Some(5), 5, 0..32),
+            (false, Some(5), 5, 0..1000),
+        ];
+        for (quick, proptest_cases, expected_cases, expected_seeds) in cases {
+            let flags = TestSuiteFlags { quick, only: vec![], proptest_cases };
+            let mode = Mode::from_flags(&flags);
+            assert_eq!(mode, Mode { proptest_cases: expected_cases, sim_seeds: expected_seeds });
+        }
+    }
+}
