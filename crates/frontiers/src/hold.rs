@@ -22,8 +22,8 @@
 //! **Tests:** doctests on each method; a property test against a naive model at the bottom of this file.
 
 use std::collections::{BTreeMap, HashMap};
-use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::fmt::{self, Debug};
+use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::sync::Arc;
 use std::sync::mpsc;
 
@@ -639,7 +639,8 @@ where
                 continue;
             };
             let before = counts.frontier().to_owned();
-            let updates: Vec<(T, i64)> = changes.drain().collect();
+            // `into_inner` consolidates: one entry per time.
+            let updates = changes.into_inner();
             let frontier_moved = counts.update_iter(updates.iter().cloned()).next().is_some();
             for (time, delta) in &updates {
                 if *delta < 0 {
