@@ -1,0 +1,373 @@
+//! [`ReplicaClient`]: the tokio shell around a [`ReplicaCore`].
+//!
+//! One task per replica owns the core. It turns the core's outputs into I/O (TCP connections to every
+//! process, one writer and one reader task per process) and I/O back into core inputs; it reads the clock
+//! and draws the backoff jitter, which the core itself never does. Everything the owner needs comes out of
+//! the `events` channel as [`ReplicaEvent`]s tagged with the replica id.
+//!
+//! **Boundary:** no protocol logic lives here; a bug in what is sent or merged is a bug in the core.
+//! **Tests:** `tests/it/sockets.rs` runs it against fake replica processes over real sockets (restart,
+//! version mismatch, garbage).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+use frontiers::Timestamp;
+use protocol::frame::{DEFAULT_MAX_FRAME_BYTES, FrameDecoder, encode_frame};
+use protocol::{ComputeCommand, ComputeResponse, ReplicaId};
+
+use crate::core::{ReplicaCore, ReplicaCoreConfig, ReplicaOutput, ReplicaStatus};
+use crate::history::CommandHistory;
+
+/// How to reach a replica.
+#[derive(Debug, Clone)]
+pub struct ReplicaClientConfig {
+    /// The core's configuration (id, process count, backoff, hydration limit).
+    pub core: ReplicaCoreConfig,
+    /// One address per process, in process order.
+    pub addresses: Vec<String>,
+    /// How long a connection attempt to all processes may take, in milliseconds.
+    pub connect_timeout_ms: u64,
+    /// The largest frame accepted from or sent to the replica.
+    pub max_frame_bytes: usize,
+}
+
+impl ReplicaClientConfig {
+    /// A configuration with default backoff, timeouts and frame limit.
+    pub fn new(replica_id: ReplicaId, addresses: Vec<String>) -> Self {
+        ReplicaClientConfig {
+            core: ReplicaCoreConfig {
+                replica_id,
+                processes: addresses.len().max(1),
+                backoff: crate::Backoff::default(),
+                hydration_concurrency: None,
+            },
+            addresses,
+            connect_timeout_ms: 5_000,
+            max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
+        }
+    }
+}
+
+/// What a replica client tells its owner.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ReplicaEvent<T: Timestamp> {
+    /// A merged response.
+    Response(ComputeResponse<T>),
+    /// A status change.
+    Status(ReplicaStatus),
+}
+
+/// The owner dropped the client or its task ended.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("replica client {0} is gone")]
+pub struct ClientGone(pub ReplicaId);
+
+enum Input<T: Timestamp> {
+    Command(ComputeCommand<T>),
+    Connected { epoch: u64, streams: Vec<TcpStream> },
+    ConnectFailed { epoch: u64, reason: String },
+    Received { epoch: u64, process: usize, result: Result<ComputeResponse<T>, String> },
+}
+
+/// A handle to one replica's client task.
+#[derive(Debug)]
+pub struct ReplicaClient<T: Timestamp> {
+    replica_id: ReplicaId,
+    inputs: mpsc::UnboundedSender<Input<T>>,
+    task: JoinHandle<()>,
+}
+
+impl<T: Timestamp> std::fmt::Debug for Input<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Input::Command(c) => write!(f, "Command({})", c.name()),
+            Input::Connected { epoch, .. } => write!(f, "Connected({epoch})"),
+            Input::ConnectFailed { epoch, reason } => write!(f, "ConnectFailed({epoch}, {reason})"),
+            Input::Received { epoch, process, .. } => write!(f, "Received({epoch}, {process})"),
+        }
+    }
+}
+
+impl<T: Timestamp> ReplicaClient<T> {
+    /// Starts the client task on the current tokio runtime. It connects at once and keeps reconnecting
+    /// until shut down; `history` is replayed on every connection.
+    pub fn spawn(
+        config: ReplicaClientConfig,
+        history: CommandHistory<T>,
+        events: mpsc::UnboundedSender<(ReplicaId, ReplicaEvent<T>)>,
+    ) -> Self {
+        let replica_id = config.core.replica_id;
+        let (inputs, rx) = mpsc::unbounded_channel();
+        let span = info_span!("replica", %replica_id);
+        let task = tokio::spawn(run(config, history, rx, inputs.clone(), events).instrument(span));
+        ReplicaClient { replica_id, inputs, task }
+    }
+
+    /// The replica's id.
+    pub fn replica_id(&self) -> ReplicaId {
+        self.replica_id
+    }
+
+    /// Sends a command (recorded in the history; forwarded when connected).
+    pub fn send(&self, command: ComputeCommand<T>) -> Result<(), ClientGone> {
+        self.inputs.send(Input::Command(command)).map_err(|_| ClientGone(self.replica_id))
+    }
+
+    /// Stops the task and closes every connection.
+    pub async fn shutdown(mut self) {
+        self.task.abort();
+        let task = std::mem::replace(&mut self.task, tokio::spawn(async {}));
+        let _ = task.await;
+    }
+}
+
+impl<T: Timestamp> Drop for ReplicaClient<T> {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The live I/O of one epoch.
+struct Connection {
+    epoch: u64,
+    writers: Vec<mpsc::UnboundedSender<Arc<Vec<u8>>>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+// The shell owns the wall clock and the jitter source; the core never sees either directly.
+#[allow(clippy::disallowed_methods)]
+fn clock() -> impl FnMut() -> u64 {
+    let start = std::time::Instant::now();
+    move || start.elapsed().as_millis() as u64
+}
+
+#[allow(clippy::disallowed_methods)]
+fn jitter_source(replica_id: ReplicaId) -> impl FnMut() -> f64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let mut state = nanos ^ replica_id.0.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+async fn run<T: Timestamp>(
+    config: ReplicaClientConfig,
+    history: CommandHistory<T>,
+    mut rx: mpsc::UnboundedReceiver<Input<T>>,
+    inputs: mpsc::UnboundedSender<Input<T>>,
+    events: mpsc::UnboundedSender<(ReplicaId, ReplicaEvent<T>)>,
+) {
+    let replica_id = config.core.replica_id;
+    let mut now = clock();
+    let mut jitter = jitter_source(replica_id);
+    let mut core = ReplicaCore::new(config.core.clone(), history);
+    let mut connection: Option<Connection> = None;
+    core.tick(now());
+    loop {
+        while let Some(output) = core.poll() {
+            match output {
+                ReplicaOutput::Connect { epoch } => {
+                    connection = None;
+                    let addresses = config.addresses.clone();
+                    let inputs = inputs.clone();
+                    let timeout = Duration::from_millis(config.connect_timeout_ms);
+                    tokio::spawn(async move {
+                        let input = match tokio::time::timeout(timeout, connect_all(&addresses)).await {
+                            Ok(Ok(streams)) => Input::Connected { epoch, streams },
+                            Ok(Err(reason)) => Input::ConnectFailed { epoch, reason },
+                            Err(_) => {
+                                Input::ConnectFailed { epoch, reason: format!("timed out after {timeout:?}") }
+                            }
+                        };
+                        let _ = inputs.send(input);
+                    });
+                }
+                ReplicaOutput::Send { epoch, command } => {
+                    let Some(conn) = connection.as_ref().filter(|c| c.epoch == epoch) else { continue };
+                    let mut frame = Vec::new();
+                    if let Err(e) = encode_frame(&command, config.max_frame_bytes, &mut frame) {
+                        error!(command = command.name(), error = %e, "cannot encode command");
+                        continue;
+                    }
+                    let frame = Arc::new(frame);
+                    for writer in &conn.writers {
+                        let _ = writer.send(Arc::clone(&frame));
+                    }
+                }
+                ReplicaOutput::Disconnect { epoch, reason } => {
+                    warn!(epoch, %reason, "disconnecting replica");
+                    if connection.as_ref().is_some_and(|c| c.epoch == epoch) {
+                        connection = None;
+                    }
+                }
+                ReplicaOutput::Response(response) => {
+                    if events.send((replica_id, ReplicaEvent::Response(response))).is_err() {
+                        return;
+                    }
+                }
+                ReplicaOutput::Status(status) => {
+                    match &status {
+                        ReplicaStatus::Failed { reason, retry_in_ms } => {
+                            warn!(%reason, retry_in_ms, "replica failed")
+                        }
+                        other => info!(status = ?other, "replica status"),
+                    }
+                    if events.send((replica_id, ReplicaEvent::Status(status))).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        let timer = core.next_timer_ms().map(|at| at.saturating_sub(now()));
+        let input = match timer {
+            Some(delay_ms) => {
+                tokio::select! {
+                    input = rx.recv() => input,
+                    _ = tokio::time::sleep(Duration::from_millis(delay_ms)) => {
+                        core.tick(now());
+                        continue;
+                    }
+                }
+            }
+            None => rx.recv().await,
+        };
+        let Some(input) = input else { return };
+        match input {
+            Input::Command(command) => {
+                let name = command.name();
+                if let Err(e) = core.send(command) {
+                    error!(command = name, error = %e, "controller sent a command the history rejects");
+                }
+            }
+            Input::Connected { epoch, streams } => {
+                if epoch != core.epoch() {
+                    continue;
+                }
+                debug!(epoch, "connected to every process");
+                connection = Some(start_io(epoch, streams, config.max_frame_bytes, inputs.clone()));
+                core.connected(epoch);
+            }
+            Input::ConnectFailed { epoch, reason } => core.connect_failed(epoch, now(), &reason, jitter()),
+            Input::Received { epoch, process, result } => match result {
+                Ok(response) => core.receive(epoch, process, response, now(), jitter()),
+                Err(reason) => {
+                    if connection.as_ref().is_some_and(|c| c.epoch == epoch) {
+                        connection = None;
+                    }
+                    core.connection_lost(epoch, now(), &format!("process {process}: {reason}"), jitter());
+                }
+            },
+        }
+    }
+}
+
+async fn connect_all(addresses: &[String]) -> Result<Vec<TcpStream>, String> {
+    let mut streams = Vec::with_capacity(addresses.len());
+    for address in addresses {
+        let stream = TcpStream::connect(address).await.map_err(|e| format!("{address}: {e}"))?;
+        stream.set_nodelay(true).map_err(|e| format!("{address}: {e}"))?;
+        streams.push(stream);
+    }
+    Ok(streams)
+}
+
+fn start_io<T: Timestamp>(
+    epoch: u64,
+    streams: Vec<TcpStream>,
+    max_frame_bytes: usize,
+    inputs: mpsc::UnboundedSender<Input<T>>,
+) -> Connection {
+    let mut writers = Vec::new();
+    let mut tasks = Vec::new();
+    for (process, stream) in streams.into_iter().enumerate() {
+        let (mut read, mut write) = stream.into_split();
+        let (writer, mut frames) = mpsc::unbounded_channel::<Arc<Vec<u8>>>();
+        writers.push(writer);
+        let lost = inputs.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut buffer = Vec::new();
+            while let Some(frame) = frames.recv().await {
+                buffer.clear();
+                buffer.extend_from_slice(&frame);
+                // Coalesce whatever else is queued into one write.
+                while let Ok(more) = frames.try_recv() {
+                    buffer.extend_from_slice(&more);
+                }
+                if let Err(e) = write.write_all(&buffer).await {
+                    let _ = lost.send(Input::Received {
+                        epoch,
+                        process,
+                        result: Err(format!("write failed: {e}")),
+                    });
+                    return;
+                }
+            }
+        }));
+        let received = inputs.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut decoder = FrameDecoder::new(max_frame_bytes);
+            let mut chunk = vec![0u8; 64 * 1024];
+            loop {
+                loop {
+                    match decoder.next_message::<ComputeResponse<T>>() {
+                        Ok(Some(response)) => {
+                            if received
+                                .send(Input::Received { epoch, process, result: Ok(response) })
+                                .is_err()
+                            {
+                                return;
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            let _ =
+                                received.send(Input::Received { epoch, process, result: Err(e.to_string()) });
+                            return;
+                        }
+                    }
+                }
+                match read.read(&mut chunk).await {
+                    Ok(0) => {
+                        let reason = match decoder.finish() {
+                            Ok(()) => "closed by the replica".to_string(),
+                            Err(e) => e.to_string(),
+                        };
+                        let _ = received.send(Input::Received { epoch, process, result: Err(reason) });
+                        return;
+                    }
+                    Ok(n) => decoder.push(&chunk[..n]),
+                    Err(e) => {
+                        let _ = received.send(Input::Received {
+                            epoch,
+                            process,
+                            result: Err(format!("read failed: {e}")),
+                        });
+                        return;
+                    }
+                }
+            }
+        }));
+    }
+    Connection { epoch, writers, tasks }
+}

@@ -1,0 +1,248 @@
+//! The tokio client against fake replica processes over real sockets: a process killed and restarted
+//! (reconnect, replay, state matches), a replica speaking another protocol version (refused with a clear
+//! error), and garbage from the socket (connection closed with an error, then a reconnect).
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use frontiers::Antichain;
+use protocol::frame::{FrameDecoder, encode_frame};
+use protocol::{
+    ComputeCommand, ComputeResponse, FrontiersResponse, GlobalId, InstanceConfig, InstanceId, LoggingConfig,
+    PROTOCOL_VERSION, ReplicaId,
+};
+use replica_client::{
+    Backoff, CommandHistory, ReplicaClient, ReplicaClientConfig, ReplicaEvent, ReplicaStatus,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::model::{ModelReplica, dataflow};
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Behaviour {
+    Normal,
+    /// Answers Hello with another protocol version.
+    WrongVersion,
+    /// Sends garbage right after the handshake of the first connection, then behaves.
+    GarbageOnce,
+}
+
+/// A fake replica process: speaks the handshake, applies commands to a model, reports every export as
+/// hydrated. Its installed state is what the last connection's replay (plus later commands) built.
+struct FakeProcess {
+    address: String,
+    installed: Arc<Mutex<ModelReplica>>,
+    connections: Arc<Mutex<usize>>,
+    task: JoinHandle<()>,
+}
+
+impl FakeProcess {
+    async fn start(address: &str, behaviour: Behaviour) -> FakeProcess {
+        let listener = TcpListener::bind(address).await.expect("bind");
+        let address = listener.local_addr().unwrap().to_string();
+        let installed = Arc::new(Mutex::new(ModelReplica::default()));
+        let connections = Arc::new(Mutex::new(0));
+        let (state, count) = (Arc::clone(&installed), Arc::clone(&connections));
+        let task = tokio::spawn(async move {
+            let mut handlers = Handlers(Vec::new());
+            while let Ok((stream, _)) = listener.accept().await {
+                let n = {
+                    let mut c = count.lock().unwrap();
+                    *c += 1;
+                    *c
+                };
+                let behaviour =
+                    if behaviour == Behaviour::GarbageOnce && n > 1 { Behaviour::Normal } else { behaviour };
+                handlers.0.push(tokio::spawn(serve(stream, behaviour, Arc::clone(&state))));
+            }
+        });
+        FakeProcess { address, installed, connections, task }
+    }
+
+    /// Kills the process: the listener and every connection go away.
+    async fn kill(self) -> String {
+        self.task.abort();
+        let _ = self.task.await;
+        self.address
+    }
+}
+
+/// Connection handlers, aborted when the process dies.
+struct Handlers(Vec<JoinHandle<()>>);
+
+impl Drop for Handlers {
+    fn drop(&mut self) {
+        for handler in &self.0 {
+            handler.abort();
+        }
+    }
+}
+
+async fn send(stream: &mut TcpStream, response: ComputeResponse<u64>) -> std::io::Result<()> {
+    let mut frame = Vec::new();
+    encode_frame(&response, 1 << 20, &mut frame).unwrap();
+    stream.write_all(&frame).await
+}
+
+async fn serve(mut stream: TcpStream, behaviour: Behaviour, installed: Arc<Mutex<ModelReplica>>) {
+    let mut decoder = FrameDecoder::new(1 << 20);
+    let mut chunk = vec![0u8; 4096];
+    let mut pending = ModelReplica::default();
+    let mut initialized = false;
+    loop {
+        while let Ok(Some(command)) = decoder.next_message::<ComputeCommand<u64>>() {
+            match &command {
+                ComputeCommand::Hello { nonce, .. } => {
+                    let version = if behaviour == Behaviour::WrongVersion {
+                        PROTOCOL_VERSION + 1
+                    } else {
+                        PROTOCOL_VERSION
+                    };
+                    if send(&mut stream, ComputeResponse::Hello { version, nonce: *nonce }).await.is_err() {
+                        return;
+                    }
+                    if behaviour == Behaviour::GarbageOnce {
+                        let _ = stream.write_all(&[0xff; 16]).await;
+                    }
+                }
+                ComputeCommand::InitializationComplete => {
+                    initialized = true;
+                    *installed.lock().unwrap() = pending.clone();
+                }
+                other => {
+                    pending.apply(other);
+                    if initialized {
+                        installed.lock().unwrap().apply(other);
+                    }
+                    if let ComputeCommand::CreateDataflow(desc) = other {
+                        let upper = desc.as_of.as_ref().unwrap().elements()[0] + 1;
+                        for id in desc.export_ids() {
+                            let frontiers = FrontiersResponse {
+                                write_frontier: Some(Antichain::from_elem(upper)),
+                                ..Default::default()
+                            };
+                            if send(&mut stream, ComputeResponse::Frontiers { id, frontiers }).await.is_err()
+                            {
+                                return;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => decoder.push(&chunk[..n]),
+        }
+    }
+}
+
+fn client(
+    addresses: Vec<String>,
+) -> (ReplicaClient<u64>, mpsc::UnboundedReceiver<(ReplicaId, ReplicaEvent<u64>)>) {
+    let mut config = ReplicaClientConfig::new(ReplicaId(3), addresses);
+    config.core.backoff = Backoff { initial_ms: 10, max_ms: 50 };
+    config.connect_timeout_ms = 1_000;
+    let (events, rx) = mpsc::unbounded_channel();
+    (ReplicaClient::spawn(config, CommandHistory::new(), events), rx)
+}
+
+/// Waits for a status matching `predicate`, returning every status seen on the way.
+async fn wait_for(
+    rx: &mut mpsc::UnboundedReceiver<(ReplicaId, ReplicaEvent<u64>)>,
+    predicate: impl Fn(&ReplicaStatus) -> bool,
+) -> Vec<ReplicaStatus> {
+    let mut seen = Vec::new();
+    let deadline = tokio::time::sleep(Duration::from_secs(20));
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            event = rx.recv() => match event {
+                Some((_, ReplicaEvent::Status(status))) => {
+                    let done = predicate(&status);
+                    seen.push(status);
+                    if done { return seen; }
+                }
+                Some(_) => {}
+                None => panic!("client gone; saw {seen:?}"),
+            },
+            _ = &mut deadline => panic!("timed out; saw {seen:?}"),
+        }
+    }
+}
+
+fn setup_commands(client: &ReplicaClient<u64>) {
+    client
+        .send(ComputeCommand::CreateInstance(InstanceConfig {
+            instance_id: InstanceId(1),
+            replica_id: ReplicaId(3),
+            logging: LoggingConfig::default(),
+        }))
+        .unwrap();
+    client.send(ComputeCommand::CreateDataflow(dataflow("kept", 1, 2, 5))).unwrap();
+    client.send(ComputeCommand::CreateDataflow(dataflow("dropped", 10, 1, 5))).unwrap();
+    client.send(ComputeCommand::Schedule(GlobalId::User(1))).unwrap();
+    client
+        .send(ComputeCommand::AllowCompaction { id: GlobalId::User(10), frontier: Antichain::new() })
+        .unwrap();
+    client
+        .send(ComputeCommand::AllowCompaction { id: GlobalId::User(1), frontier: Antichain::from_elem(5) })
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_killed_and_restarted_process_gets_the_whole_replica_reconnected_and_its_state_rebuilt() {
+    let p0 = FakeProcess::start("127.0.0.1:0", Behaviour::Normal).await;
+    let p1 = FakeProcess::start("127.0.0.1:0", Behaviour::Normal).await;
+    let (client, mut rx) = client(vec![p0.address.clone(), p1.address.clone()]);
+    setup_commands(&client);
+    wait_for(&mut rx, |s| *s == ReplicaStatus::Ready).await;
+    let expected = p0.installed.lock().unwrap().clone();
+    assert_eq!(expected.dataflows.len(), 1, "the dropped dataflow is gone: {expected:?}");
+
+    let address = p1.kill().await;
+    let p1 = FakeProcess::start(&address, Behaviour::Normal).await;
+    let seen = wait_for(&mut rx, |s| *s == ReplicaStatus::Ready).await;
+    assert!(seen.iter().any(|s| matches!(s, ReplicaStatus::Failed { .. })), "{seen:?}");
+    // Both processes were reconnected (the survivor too) and hold exactly the live state.
+    assert_eq!(*p0.connections.lock().unwrap(), 2);
+    assert_eq!(*p1.installed.lock().unwrap(), expected);
+    assert_eq!(*p0.installed.lock().unwrap(), expected);
+    client.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_replica_speaking_another_protocol_version_is_refused_with_a_clear_error() {
+    let process = FakeProcess::start("127.0.0.1:0", Behaviour::WrongVersion).await;
+    let (client, mut rx) = client(vec![process.address.clone()]);
+    let seen = wait_for(&mut rx, |s| matches!(s, ReplicaStatus::Failed { .. })).await;
+    match seen.last() {
+        Some(ReplicaStatus::Failed { reason, .. }) => {
+            assert!(reason.contains("protocol version mismatch"), "{reason}");
+            assert!(reason.contains(&(PROTOCOL_VERSION + 1).to_string()), "{reason}");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_eq!(*process.installed.lock().unwrap(), ModelReplica::default(), "nothing was installed");
+    client.shutdown().await;
+}
+
+#[tokio::test]
+async fn garbage_from_the_socket_closes_the_connection_with_an_error_and_the_client_reconnects() {
+    let process = FakeProcess::start("127.0.0.1:0", Behaviour::GarbageOnce).await;
+    let (client, mut rx) = client(vec![process.address.clone()]);
+    setup_commands(&client);
+    let seen = wait_for(&mut rx, |s| *s == ReplicaStatus::Ready).await;
+    let failure = seen.iter().find_map(|s| match s {
+        ReplicaStatus::Failed { reason, .. } => Some(reason.clone()),
+        _ => None,
+    });
+    let failure = failure.expect("the garbage failed the first connection");
+    assert!(failure.contains("undecodable") || failure.contains("exceeds"), "{failure}");
+    assert_eq!(*process.connections.lock().unwrap(), 2);
+    assert_eq!(process.installed.lock().unwrap().dataflows.len(), 1);
+    client.shutdown().await;
+}
