@@ -1,0 +1,3 @@
+//! Storage benchmarks (filled in below).
+
+fn main() {}
