@@ -537,8 +537,9 @@ impl Committer {
         if self.data_dir.is_none() {
             self.deferred_sinces.clear();
         } else if !self.deferred_sinces.is_empty() && self.queue_is_empty() {
-            // Nothing else is coming to carry the since records: log them on their own.
-            if let Err(error) = self.log(&[]) {
+            // Nothing else is coming to carry the since records: write them now; the next commit (or
+            // shutdown) makes them durable.
+            if let Err(error) = self.log_sinces_unsynced() {
                 tracing::warn!(%error, "cannot log since changes; retrying with the next commit");
             }
         }
@@ -714,6 +715,19 @@ impl Committer {
         if self.buffer.capacity() > 64 << 20 {
             self.buffer = Vec::new();
         }
+        Ok(())
+    }
+
+    fn log_sinces_unsynced(&mut self) -> std::io::Result<()> {
+        let Some(data_dir) = self.data_dir.as_mut() else {
+            return Ok(());
+        };
+        self.buffer.clear();
+        for (id, since) in &self.deferred_sinces {
+            wal::encode_record(&LogRecordRef::Since { id: *id, since }, &mut self.buffer)?;
+        }
+        data_dir.write_unsynced(&self.buffer)?;
+        self.deferred_sinces.clear();
         Ok(())
     }
 

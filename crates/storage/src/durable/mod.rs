@@ -309,6 +309,17 @@ impl DataDir {
     /// the log is rolled back to where it was, and the error returned; the caller must not acknowledge
     /// the records.
     pub fn commit(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.append(bytes, true)
+    }
+
+    /// Writes `bytes` like [`commit`](Self::commit) but without the fsync: they become durable with the
+    /// next commit (or are lost in a crash before it). For records that need not be acknowledged, such as
+    /// since changes.
+    pub fn write_unsynced(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.append(bytes, false)
+    }
+
+    fn append(&mut self, bytes: &[u8], sync: bool) -> io::Result<()> {
         if let Some(reason) = &self.poisoned {
             return Err(io::Error::other(format!("the log is unusable until a restart: {reason}")));
         }
@@ -316,11 +327,11 @@ impl DataDir {
             return Ok(());
         }
         let start = self.segment_len;
-        match self.write_and_sync(bytes) {
+        match self.write_and_sync(bytes, sync) {
             Ok(()) => {
                 self.segment_len += bytes.len() as u64;
                 self.log_bytes_since_checkpoint += bytes.len() as u64;
-                self.stats.commits += 1;
+                self.stats.commits += u64::from(sync);
                 self.stats.bytes += bytes.len() as u64;
                 Ok(())
             }
@@ -335,7 +346,7 @@ impl DataDir {
         }
     }
 
-    fn write_and_sync(&mut self, bytes: &[u8]) -> io::Result<()> {
+    fn write_and_sync(&mut self, bytes: &[u8], sync: bool) -> io::Result<()> {
         if IoFaults::take(&self.faults.inner.writes) {
             self.segment.write_all(&bytes[..bytes.len() / 2])?;
             return Err(io::Error::new(
@@ -344,6 +355,9 @@ impl DataDir {
             ));
         }
         self.segment.write_all(bytes)?;
+        if !sync {
+            return Ok(());
+        }
         if IoFaults::take(&self.faults.inner.syncs) {
             return Err(io::Error::other("injected fault: fsync failed"));
         }
