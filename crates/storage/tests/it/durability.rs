@@ -64,11 +64,13 @@ async fn a_child_process_appends_until_it_is_killed_when_asked_to() {
     };
     let store = InProcess::open(Path::new(&dir), crash_config()).expect("child opens the store");
     let acks = Arc::new(OpenOptions::new().create(true).append(true).open(acks).expect("ack file"));
-    let mut tasks = Vec::new();
+    // Writers run until the parent kills the process; the first failure ends the process instead.
+    let (failures, mut failed) = tokio::sync::mpsc::unbounded_channel();
     for w in 0..WRITERS {
         let store = store.clone();
         let acks = Arc::clone(&acks);
-        tasks.push(tokio::spawn(async move {
+        let failures = failures.clone();
+        tokio::spawn(async move {
             let (a, b) = pair(w);
             for id in [a, b] {
                 store.create_collection(id, crash_desc()).await.expect("create");
@@ -83,17 +85,19 @@ async fn a_child_process_appends_until_it_is_killed_when_asked_to() {
                 let result = store
                     .append(vec![append(a, rows.clone(), seq, seq + 1), append(b, rows, seq, seq + 1)])
                     .await;
-                result.expect("append");
+                if let Err(error) = result {
+                    let _ = failures.send(format!("writer {w}: {error}"));
+                    return;
+                }
                 // One write(2) per line on an O_APPEND file: lines never interleave, and a SIGKILL cannot
                 // lose a line that was written (the kernel has it).
                 (&*acks).write_all(format!("{w} {seq}\n").as_bytes()).expect("ack");
                 seq += 1;
             }
-        }));
+        });
     }
-    for task in tasks {
-        task.await.expect("writer");
-    }
+    let failure = failed.recv().await;
+    panic!("a child writer failed: {failure:?}");
 }
 
 /// Marsaglia's xorshift64, for kill delays.
