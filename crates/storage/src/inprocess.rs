@@ -32,9 +32,9 @@ use protocol::{Diff, GlobalId, RelationDesc, Row};
 use tokio::sync::{oneshot, watch};
 
 use crate::api::{AppendRequest, BoxFuture, CollectionFrontiers, StorageCollections, StorageReadHold};
+use crate::commit::Op;
 use crate::core::Store;
-use crate::durable::wal::{self, LogRecordRef};
-use crate::durable::{CheckpointJob, DataDir, DurabilityStats, IoFaults, OpenError, RecoveryReport};
+use crate::durable::{DataDir, DurabilityStats, IoFaults, OpenError, RecoveryReport};
 use crate::error::{AppendError, CreateError, DropError, HoldError, ReadError};
 use crate::listen::{FrontierWatch, Listen, LocalListen, LocalWatch};
 
@@ -114,12 +114,12 @@ impl State {
         }
     }
 
-    fn note_dropped(&mut self, id: GlobalId) {
+    pub(crate) fn note_dropped(&mut self, id: GlobalId) {
         self.note_changed(id);
         self.signals.remove(&id);
     }
 
-    fn process_holds(&mut self) -> Vec<(GlobalId, Antichain<u64>)> {
+    pub(crate) fn process_holds(&mut self) -> Vec<(GlobalId, Antichain<u64>)> {
         let changes = self.store.process_holds();
         let mut sinces = Vec::with_capacity(changes.len());
         for change in changes {
@@ -145,35 +145,6 @@ impl Shared {
     pub(crate) fn state_lock_for_drop(&self) -> Result<MutexGuard<'_, State>, ()> {
         self.state.lock().map_err(|_| ())
     }
-}
-
-enum Op {
-    Create {
-        id: GlobalId,
-        desc: RelationDesc,
-        reply: oneshot::Sender<Result<(), CreateError>>,
-    },
-    Drop {
-        id: GlobalId,
-        reply: oneshot::Sender<Result<(), DropError>>,
-    },
-    Append {
-        requests: Vec<AppendRequest>,
-        reply: oneshot::Sender<Result<(), AppendError>>,
-    },
-    Policy {
-        id: GlobalId,
-        policy: ReadPolicy<u64>,
-        reply: oneshot::Sender<Result<(), HoldError>>,
-    },
-    Checkpoint {
-        reply: oneshot::Sender<Result<(), CheckpointError>>,
-    },
-    /// Hold changes are waiting to be processed.
-    Wake,
-    Shutdown {
-        reply: Option<oneshot::Sender<()>>,
-    },
 }
 
 struct Handle {
@@ -237,21 +208,7 @@ impl InProcess {
         let state = State { store, signals, watchers: BTreeMap::new(), next_watcher: 0, shut_down: false };
         let shared = Arc::new(Shared { state: Mutex::new(state), config });
         let stats = Arc::new(Mutex::new(data_dir.as_ref().map(DataDir::stats)));
-        let committer = Committer {
-            shared: Arc::clone(&shared),
-            data_dir,
-            rx,
-            wake,
-            deferred_sinces: BTreeMap::new(),
-            stats: Arc::clone(&stats),
-            checkpoint_thread: None,
-            buffer: Vec::new(),
-            peeked: None,
-        };
-        std::thread::Builder::new()
-            .name("storage-committer".into())
-            .spawn(move || committer.run())
-            .expect("cannot spawn the storage committer thread");
+        crate::commit::spawn(Arc::clone(&shared), data_dir, rx, ops.clone(), wake, Arc::clone(&stats));
         InProcess { handle: Arc::new(Handle { shared, ops, stats, recovery }) }
     }
 
@@ -278,7 +235,7 @@ impl InProcess {
     /// [`StoreConfig::checkpoint_after_log_bytes`]).
     pub async fn checkpoint(&self) -> Result<(), CheckpointError> {
         let (reply, rx) = oneshot::channel();
-        self.send(Op::Checkpoint { reply });
+        self.send(Op::Checkpoint { reply: Some(reply) });
         rx.await.unwrap_or(Err(CheckpointError::Disconnected))
     }
 
@@ -420,391 +377,5 @@ impl StorageCollections for InProcess {
 
     fn watch_frontiers(&self) -> BoxFuture<'_, Result<FrontierWatch, ReadError>> {
         Box::pin(async move { LocalWatch::new(Arc::clone(self.shared())).map(FrontierWatch::local) })
-    }
-}
-
-/// An operation validated in this round, waiting for its records to be durable.
-enum Staged {
-    Create { id: GlobalId, desc: RelationDesc, reply: oneshot::Sender<Result<(), CreateError>> },
-    Drop { id: GlobalId, reply: oneshot::Sender<Result<(), DropError>> },
-    Append { requests: Vec<AppendRequest>, reply: oneshot::Sender<Result<(), AppendError>> },
-    Policy { id: GlobalId, policy: ReadPolicy<u64>, reply: oneshot::Sender<Result<(), HoldError>> },
-}
-
-/// An answer that is sent after the round's commit.
-enum Answer {
-    Create(oneshot::Sender<Result<(), CreateError>>, Result<(), CreateError>),
-    Drop(oneshot::Sender<Result<(), DropError>>, Result<(), DropError>),
-    Append(oneshot::Sender<Result<(), AppendError>>, Result<(), AppendError>),
-    Policy(oneshot::Sender<Result<(), HoldError>>, Result<(), HoldError>),
-}
-
-impl Answer {
-    fn send(self) {
-        // A caller that stopped waiting does not care.
-        match self {
-            Answer::Create(tx, r) => drop(tx.send(r)),
-            Answer::Drop(tx, r) => drop(tx.send(r)),
-            Answer::Append(tx, r) => drop(tx.send(r)),
-            Answer::Policy(tx, r) => drop(tx.send(r)),
-        }
-    }
-}
-
-impl Staged {
-    fn fail(self, error: &str) -> Answer {
-        let io = error.to_string();
-        match self {
-            Staged::Create { reply, .. } => Answer::Create(reply, Err(CreateError::Io(io))),
-            Staged::Drop { reply, .. } => Answer::Drop(reply, Err(DropError::Io(io))),
-            Staged::Append { reply, .. } => Answer::Append(reply, Err(AppendError::Io(io))),
-            // A read policy is not data: it applies even if its record could not be logged.
-            Staged::Policy { reply, .. } => Answer::Policy(reply, Ok(())),
-        }
-    }
-}
-
-/// The committer thread's state. See the module documentation.
-struct Committer {
-    shared: Arc<Shared>,
-    data_dir: Option<DataDir>,
-    rx: mpsc::Receiver<Op>,
-    wake: Arc<AtomicBool>,
-    /// Since changes applied in memory but not yet logged.
-    deferred_sinces: BTreeMap<GlobalId, Antichain<u64>>,
-    stats: Arc<Mutex<Option<DurabilityStats>>>,
-    checkpoint_thread: Option<std::thread::JoinHandle<()>>,
-    buffer: Vec<u8>,
-    /// An operation taken off the queue to see whether it was empty.
-    peeked: Option<Op>,
-}
-
-impl Committer {
-    fn run(mut self) {
-        let mut shutdown_reply = None;
-        'outer: loop {
-            let first = match self.peeked.take() {
-                Some(op) => op,
-                None => match self.rx.recv() {
-                    Ok(op) => op,
-                    Err(_) => break,
-                },
-            };
-            let mut ops = vec![first];
-            while ops.len() < self.shared.config.max_group_ops {
-                match self.rx.try_recv() {
-                    Ok(op) => ops.push(op),
-                    Err(_) => break,
-                }
-            }
-            let mut group = Vec::new();
-            for op in ops {
-                match op {
-                    Op::Shutdown { reply } => {
-                        self.round(std::mem::take(&mut group));
-                        shutdown_reply = reply;
-                        break 'outer;
-                    }
-                    Op::Checkpoint { reply } => {
-                        self.round(std::mem::take(&mut group));
-                        let result = self.checkpoint(true);
-                        let _ = reply.send(result);
-                    }
-                    op => group.push(op),
-                }
-            }
-            self.round(group);
-            if self.deferred_sinces.is_empty() {
-                self.maybe_checkpoint();
-            }
-        }
-        self.shut_down();
-        if let Some(reply) = shutdown_reply {
-            let _ = reply.send(());
-        }
-    }
-
-    /// Group commits of `group`, in order: usually one, more when an operation depends on a create or drop
-    /// earlier in the group.
-    fn round(&mut self, group: Vec<Op>) {
-        let mut rest = group;
-        loop {
-            rest = self.sub_round(rest);
-            if rest.is_empty() {
-                break;
-            }
-        }
-        if self.data_dir.is_none() {
-            self.deferred_sinces.clear();
-        } else if !self.deferred_sinces.is_empty() && self.queue_is_empty() {
-            // Nothing else is coming to carry the since records: write them now; the next commit (or
-            // shutdown) makes them durable.
-            if let Err(error) = self.log_sinces_unsynced() {
-                tracing::warn!(%error, "cannot log since changes; retrying with the next commit");
-            }
-        }
-    }
-
-    /// One group commit: validate, log and fsync, apply, answer. Returns the operations it left for the
-    /// next one (those after an append or policy change to a collection created or dropped in this one).
-    fn sub_round(&mut self, group: Vec<Op>) -> Vec<Op> {
-        let mut staged = Vec::new();
-        let mut answers = Vec::new();
-        let mut rest = Vec::new();
-        {
-            let mut state = self.shared.lock();
-            self.wake.store(false, Ordering::SeqCst);
-            for (id, since) in state.process_holds() {
-                self.deferred_sinces.insert(id, since);
-            }
-            // Uppers, creates and drops that the staged operations leave behind.
-            let mut uppers = BTreeMap::new();
-            let mut created: BTreeMap<GlobalId, RelationDesc> = BTreeMap::new();
-            let mut dropped: BTreeSet<GlobalId> = BTreeSet::new();
-            let mut ops = group.into_iter();
-            while let Some(op) = ops.next() {
-                let pending = |id: &GlobalId| created.contains_key(id) || dropped.contains(id);
-                let barrier = match &op {
-                    Op::Append { requests, .. } => requests.iter().any(|r| pending(&r.id)),
-                    Op::Policy { id, .. } => pending(id),
-                    _ => false,
-                };
-                if barrier {
-                    rest.push(op);
-                    rest.extend(ops);
-                    break;
-                }
-                match op {
-                    Op::Wake => {}
-                    Op::Create { id, desc, reply } => {
-                        let check = if dropped.contains(&id) {
-                            Err(CreateError::AlreadyDropped(id))
-                        } else if let Some(pending) = created.get(&id) {
-                            if *pending == desc { Ok(false) } else { Err(CreateError::SchemaMismatch { id }) }
-                        } else {
-                            state.store.check_create(id, &desc)
-                        };
-                        match check {
-                            Ok(true) => {
-                                created.insert(id, desc.clone());
-                                staged.push(Staged::Create { id, desc, reply });
-                            }
-                            Ok(false) => answers.push(Answer::Create(reply, Ok(()))),
-                            Err(error) => answers.push(Answer::Create(reply, Err(error))),
-                        }
-                    }
-                    Op::Drop { id, reply } => {
-                        let exists =
-                            !dropped.contains(&id) && (created.contains_key(&id) || state.store.contains(id));
-                        if exists {
-                            dropped.insert(id);
-                            staged.push(Staged::Drop { id, reply });
-                        } else {
-                            answers.push(Answer::Drop(reply, Err(DropError::CollectionMissing(id))));
-                        }
-                    }
-                    Op::Append { requests, reply } => {
-                        match state.store.validate_append(&requests, &mut uppers) {
-                            Ok(()) => staged.push(Staged::Append { requests, reply }),
-                            Err(error) => answers.push(Answer::Append(reply, Err(error))),
-                        }
-                    }
-                    Op::Policy { id, policy, reply } => {
-                        if state.store.contains(id) {
-                            staged.push(Staged::Policy { id, policy, reply });
-                        } else {
-                            answers.push(Answer::Policy(reply, Err(HoldError::CollectionMissing(id))));
-                        }
-                    }
-                    Op::Checkpoint { .. } | Op::Shutdown { .. } => {
-                        unreachable!("the run loop handles checkpoints and shutdown between groups")
-                    }
-                }
-            }
-        }
-
-        let committed = if staged.is_empty() { Ok(()) } else { self.log(&staged) };
-        let mut state = self.shared.lock();
-        match committed {
-            Ok(()) => {
-                for op in staged {
-                    match op {
-                        Staged::Create { id, desc, reply } => {
-                            let result = state.store.create_collection(id, desc).map(|_| ());
-                            assert!(result.is_ok(), "a validated create of {id} failed: {result:?}");
-                            state.signals.insert(id, watch::Sender::new(()));
-                            state.note_changed(id);
-                            answers.push(Answer::Create(reply, Ok(())));
-                        }
-                        Staged::Drop { id, reply } => {
-                            let result = state.store.drop_collection(id);
-                            assert!(result.is_ok(), "a validated drop of {id} failed: {result:?}");
-                            self.deferred_sinces.remove(&id);
-                            state.note_dropped(id);
-                            answers.push(Answer::Drop(reply, Ok(())));
-                        }
-                        Staged::Append { requests, reply } => {
-                            for id in state.store.apply_validated_append(requests) {
-                                state.note_changed(id);
-                            }
-                            answers.push(Answer::Append(reply, Ok(())));
-                        }
-                        Staged::Policy { id, policy, reply } => {
-                            let result = state.store.set_read_policy(id, policy);
-                            answers.push(Answer::Policy(reply, result));
-                        }
-                    }
-                }
-            }
-            Err(error) => {
-                let error = error.to_string();
-                for op in staged {
-                    if let Staged::Policy { id, policy, .. } = &op {
-                        let _ = state.store.set_read_policy(*id, policy.clone());
-                    }
-                    answers.push(op.fail(&error));
-                }
-            }
-        }
-        for (id, since) in state.process_holds() {
-            self.deferred_sinces.insert(id, since);
-        }
-        drop(state);
-        for answer in answers {
-            answer.send();
-        }
-        rest
-    }
-
-    /// Whether no operation is waiting (peeking one if there is).
-    fn queue_is_empty(&mut self) -> bool {
-        if self.peeked.is_some() {
-            return false;
-        }
-        match self.rx.try_recv() {
-            Ok(op) => {
-                self.peeked = Some(op);
-                false
-            }
-            Err(_) => true,
-        }
-    }
-
-    /// Writes the deferred since records and the staged operations' records, and fsyncs. In memory:
-    /// nothing.
-    fn log(&mut self, staged: &[Staged]) -> std::io::Result<()> {
-        let Some(data_dir) = self.data_dir.as_mut() else {
-            return Ok(());
-        };
-        self.buffer.clear();
-        for (id, since) in &self.deferred_sinces {
-            wal::encode_record(&LogRecordRef::Since { id: *id, since }, &mut self.buffer)?;
-        }
-        for op in staged {
-            let record = match op {
-                Staged::Create { id, desc, .. } => LogRecordRef::Create { id: *id, desc },
-                Staged::Drop { id, .. } => LogRecordRef::Drop { id: *id },
-                Staged::Append { requests, .. } => LogRecordRef::Append(requests),
-                Staged::Policy { id, policy, .. } => LogRecordRef::Policy { id: *id, policy },
-            };
-            wal::encode_record(&record, &mut self.buffer)?;
-        }
-        data_dir.commit(&self.buffer)?;
-        self.deferred_sinces.clear();
-        *self.stats.lock().expect("stats lock") = Some(data_dir.stats());
-        if self.buffer.capacity() > 64 << 20 {
-            self.buffer = Vec::new();
-        }
-        Ok(())
-    }
-
-    fn log_sinces_unsynced(&mut self) -> std::io::Result<()> {
-        let Some(data_dir) = self.data_dir.as_mut() else {
-            return Ok(());
-        };
-        self.buffer.clear();
-        for (id, since) in &self.deferred_sinces {
-            wal::encode_record(&LogRecordRef::Since { id: *id, since }, &mut self.buffer)?;
-        }
-        data_dir.write_unsynced(&self.buffer)?;
-        self.deferred_sinces.clear();
-        Ok(())
-    }
-
-    fn maybe_checkpoint(&mut self) {
-        let Some(data_dir) = self.data_dir.as_ref() else {
-            return;
-        };
-        if data_dir.log_bytes_since_checkpoint() < self.shared.config.checkpoint_after_log_bytes {
-            return;
-        }
-        if self.checkpoint_thread.as_ref().is_some_and(|t| !t.is_finished()) {
-            return;
-        }
-        if let Err(error) = self.checkpoint(false) {
-            tracing::warn!(%error, "checkpoint failed; the log keeps everything meanwhile");
-        }
-    }
-
-    /// Begins a checkpoint and writes it, on this thread if `wait`, else on a background thread.
-    fn checkpoint(&mut self, wait: bool) -> Result<(), CheckpointError> {
-        if self.data_dir.is_none() {
-            return Err(CheckpointError::InMemory);
-        }
-        if let Some(thread) = self.checkpoint_thread.take() {
-            let _ = thread.join();
-        }
-        // Log pending since records first so the new segment starts clean.
-        self.log(&[]).map_err(|e| CheckpointError::Io(e.to_string()))?;
-        let data_dir = self.data_dir.as_mut().expect("checked above");
-        let job: CheckpointJob =
-            data_dir.begin_checkpoint().map_err(|e| CheckpointError::Io(e.to_string()))?;
-        let state = {
-            let mut state = self.shared.lock();
-            for (id, since) in state.process_holds() {
-                self.deferred_sinces.insert(id, since);
-            }
-            state.store.to_checkpoint()
-        };
-        *self.stats.lock().expect("stats lock") = Some(data_dir.stats());
-        if wait {
-            return job.write(&state).map_err(|e| CheckpointError::Io(e.to_string()));
-        }
-        let thread = std::thread::Builder::new()
-            .name("storage-checkpoint".into())
-            .spawn(move || {
-                if let Err(error) = job.write(&state) {
-                    tracing::warn!(%error, "checkpoint failed; the log keeps everything meanwhile");
-                }
-            })
-            .map_err(|e| CheckpointError::Io(e.to_string()))?;
-        self.checkpoint_thread = Some(thread);
-        Ok(())
-    }
-
-    fn shut_down(&mut self) {
-        if let Err(error) = self.log(&[]) {
-            tracing::warn!(%error, "cannot log the last since changes at shutdown");
-        }
-        if let Some(thread) = self.checkpoint_thread.take() {
-            let _ = thread.join();
-        }
-        if let Some(data_dir) = self.data_dir.take()
-            && let Err(error) = data_dir.close()
-        {
-            tracing::warn!(%error, "cannot fsync the log at shutdown");
-        }
-        let mut state = self.shared.lock();
-        state.shut_down = true;
-        state.signals.clear();
-        for watcher in state.watchers.values_mut() {
-            watcher.signal.send_replace(());
-        }
-        drop(state);
-        // Answer whatever is still queued.
-        while let Ok(op) = self.rx.try_recv() {
-            drop(op);
-        }
-        tracing::info!("storage shut down");
     }
 }

@@ -31,6 +31,7 @@
 
 mod api;
 mod client;
+mod commit;
 pub mod core;
 pub mod durable;
 mod error;
