@@ -54,7 +54,12 @@ fn row(writer: u64, seq: u64) -> Row {
 }
 
 fn append(id: GlobalId, updates: Vec<(Row, u64, i64)>, lower: u64, upper: u64) -> AppendRequest {
-    AppendRequest { id, updates, expected_upper: Antichain::from_elem(lower), new_upper: Antichain::from_elem(upper) }
+    AppendRequest {
+        id,
+        updates,
+        expected_upper: Antichain::from_elem(lower),
+        new_upper: Antichain::from_elem(upper),
+    }
 }
 
 fn print_line(name: &str, value: f64, unit: &str, baseline: Option<(f64, &str)>) {
@@ -105,7 +110,8 @@ async fn append_throughput(writers: u64) -> (f64, u64, u64, u64) {
 /// The physical limit: `commits` sequential writes of `bytes / commits` bytes, each followed by an fsync.
 fn baseline_seconds(commits: u64, bytes: u64) -> f64 {
     let dir = tempfile::tempdir().unwrap();
-    let mut file = std::fs::OpenOptions::new().create(true).append(true).open(dir.path().join("baseline")).unwrap();
+    let mut file =
+        std::fs::OpenOptions::new().create(true).append(true).open(dir.path().join("baseline")).unwrap();
     let chunk = vec![0x5au8; usize::try_from(bytes / commits.max(1)).unwrap()];
     let start = Instant::now();
     for _ in 0..commits {
@@ -188,7 +194,15 @@ async fn bench_listen_fanout() {
     }
     let write_elapsed = start.elapsed().as_secs_f64();
     // Close the collection so every listener ends after the last append.
-    writer.append(vec![AppendRequest { id, updates: vec![], expected_upper: Antichain::from_elem(t), new_upper: Antichain::new() }]).await.unwrap();
+    writer
+        .append(vec![AppendRequest {
+            id,
+            updates: vec![],
+            expected_upper: Antichain::from_elem(t),
+            new_upper: Antichain::new(),
+        }])
+        .await
+        .unwrap();
     let mut total_rows = 0;
     let mut latencies = Vec::new();
     let mut last_done = Duration::ZERO;
@@ -203,8 +217,18 @@ async fn bench_listen_fanout() {
     let per_listener = total_rows as f64 / LISTENERS as f64 / last_done.as_secs_f64();
     latencies.sort();
     let percentile = |p: f64| latencies[((latencies.len() as f64 - 1.0) * p) as usize].as_secs_f64() * 1e6;
-    print_line("storage.listen_fanout_rows_per_listener", per_listener, "rows/s", Some((writer_rate, "rows/s")));
-    print_line("storage.listen_fanout_rows_total", total_rows as f64 / last_done.as_secs_f64(), "rows/s", None);
+    print_line(
+        "storage.listen_fanout_rows_per_listener",
+        per_listener,
+        "rows/s",
+        Some((writer_rate, "rows/s")),
+    );
+    print_line(
+        "storage.listen_fanout_rows_total",
+        total_rows as f64 / last_done.as_secs_f64(),
+        "rows/s",
+        None,
+    );
     print_line("storage.listen_fanout_p50", percentile(0.5), "us", None);
     print_line("storage.listen_fanout_p99", percentile(0.99), "us", None);
     assert_eq!(total_rows, appended * LISTENERS as u64, "every listener receives every row");
@@ -223,7 +247,10 @@ async fn bench_restart() {
     {
         let store = InProcess::open(dir.path(), config.clone()).unwrap();
         store.create_collection(id, desc()).await.unwrap();
-        store.set_read_policy(id, ReadPolicy::LagWriteFrontier { lag_ms: 1, granularity_ms: 0 }).await.unwrap();
+        store
+            .set_read_policy(id, ReadPolicy::LagWriteFrontier { lag_ms: 1, granularity_ms: 0 })
+            .await
+            .unwrap();
         // Each append inserts 500 rows and retracts the 500 it inserted LIVE_APPENDS appends earlier.
         let half = PER_APPEND / 2;
         for t in 0..UPDATES / PER_APPEND {
