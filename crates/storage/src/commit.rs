@@ -22,7 +22,7 @@
 //! **Tests.** Through `InProcess`: `tests/it/errors.rs` (injected faults), `tests/it/durability.rs`.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
@@ -172,9 +172,13 @@ pub(crate) fn spawn(
     wake: Arc<AtomicBool>,
     stats: Arc<Mutex<Option<DurabilityStats>>>,
 ) {
-    let syncer = data_dir.map(|data_dir| {
+    let outstanding = Arc::new(AtomicUsize::new(0));
+    let data_dir = data_dir.map(|data_dir| Arc::new(Mutex::new(data_dir)));
+    let stats_for_committer = Arc::clone(&stats);
+    let syncer = data_dir.clone().map(|data_dir| {
         let (jobs, job_rx) = mpsc::channel();
         let syncer = Syncer {
+            outstanding: Arc::clone(&outstanding),
             data_dir,
             jobs: job_rx,
             results: ops,
@@ -189,6 +193,9 @@ pub(crate) fn spawn(
         jobs
     });
     let committer = Committer {
+        data_dir,
+        outstanding,
+        stats: stats_for_committer,
         checkpoint_after: shared.config.checkpoint_after_log_bytes,
         shared,
         syncer,
@@ -212,6 +219,12 @@ pub(crate) fn spawn(
 struct Committer {
     shared: Arc<Shared>,
     syncer: Option<mpsc::Sender<SyncJob>>,
+    /// The log, shared with the syncer: the committer commits a lone operation itself when the syncer
+    /// has nothing to do (one thread hop less for a single writer).
+    data_dir: Option<Arc<Mutex<DataDir>>>,
+    /// Jobs sent to the syncer and not yet finished.
+    outstanding: Arc<AtomicUsize>,
+    stats: Arc<Mutex<Option<DurabilityStats>>>,
     rx: mpsc::Receiver<Op>,
     wake: Arc<AtomicBool>,
     /// Client operations not yet started, in arrival order.
@@ -304,6 +317,7 @@ impl Committer {
             match self.syncer.as_ref() {
                 Some(syncer) => {
                     let bytes = Self::encode_sinces(&mut self.deferred_sinces);
+                    self.outstanding.fetch_add(1, Ordering::SeqCst);
                     let _ = syncer.send(SyncJob::Unsynced { bytes });
                 }
                 None => self.deferred_sinces.clear(),
@@ -340,6 +354,7 @@ impl Committer {
     /// Validates `ops`, encodes their records and hands them to the syncer (or resolves them at once in
     /// memory). A barrier batch holds exactly one operation.
     fn start_batch(&mut self, ops: Vec<Op>, barrier: bool) {
+        let lone = ops.len() == 1;
         let mut staged = Vec::new();
         let mut answers = Vec::new();
         let pending = self.pending_uppers();
@@ -410,8 +425,21 @@ impl Committer {
                 }
                 let epoch = flight.epoch;
                 self.in_flight.insert(batch, flight);
+                let inline =
+                    lone && self.in_flight.len() == 1 && self.outstanding.load(Ordering::SeqCst) == 0;
                 match encoded {
+                    Ok(()) if inline => {
+                        // The syncer is idle and this is a lone operation: commit it here and now.
+                        let data_dir = self.data_dir.as_ref().expect("a syncer implies a data directory");
+                        let mut data_dir = data_dir.lock().expect("data dir lock");
+                        let result = data_dir.commit(&bytes).map_err(|e| e.to_string());
+                        *self.stats.lock().expect("stats lock") = Some(data_dir.stats());
+                        self.log_bytes_since_checkpoint = data_dir.log_bytes_since_checkpoint();
+                        drop(data_dir);
+                        self.resolve(batch, result);
+                    }
                     Ok(()) => {
+                        self.outstanding.fetch_add(1, Ordering::SeqCst);
                         if syncer.send(SyncJob::Batch { batch, epoch, bytes }).is_err() {
                             self.resolve(batch, Err("the log writer is gone".into()));
                         }
@@ -514,6 +542,7 @@ impl Committer {
         // The checkpoint records the sinces itself.
         self.deferred_sinces.clear();
         self.log_bytes_since_checkpoint = 0;
+        self.outstanding.fetch_add(1, Ordering::SeqCst);
         let _ = syncer.send(SyncJob::Checkpoint { state, reply });
     }
 
@@ -529,6 +558,7 @@ impl Committer {
         if let Some(syncer) = self.syncer.take() {
             if !self.deferred_sinces.is_empty() {
                 let bytes = Self::encode_sinces(&mut self.deferred_sinces);
+                self.outstanding.fetch_add(1, Ordering::SeqCst);
                 let _ = syncer.send(SyncJob::Unsynced { bytes });
             }
             let (done, wait) = mpsc::channel();
@@ -554,7 +584,8 @@ impl Committer {
 
 /// The syncer thread: owns the data directory. See the module documentation.
 struct Syncer {
-    data_dir: DataDir,
+    data_dir: Arc<Mutex<DataDir>>,
+    outstanding: Arc<AtomicUsize>,
     jobs: mpsc::Receiver<SyncJob>,
     results: mpsc::Sender<Op>,
     stats: Arc<Mutex<Option<DurabilityStats>>>,
@@ -591,16 +622,21 @@ impl Syncer {
                     self.commit(batches);
                 }
                 SyncJob::Unsynced { bytes } => {
-                    if let Err(error) = self.data_dir.write_unsynced(&bytes) {
+                    if let Err(error) = self.data_dir.lock().expect("data dir lock").write_unsynced(&bytes) {
                         tracing::warn!(%error, "cannot log since changes; they are recorded by the next checkpoint");
                     }
+                    self.outstanding.fetch_sub(1, Ordering::SeqCst);
                 }
-                SyncJob::Checkpoint { state, reply } => self.checkpoint(state, reply),
+                SyncJob::Checkpoint { state, reply } => {
+                    self.checkpoint(state, reply);
+                    self.outstanding.fetch_sub(1, Ordering::SeqCst);
+                }
                 SyncJob::Close { done } => {
                     if let Some(thread) = self.checkpoint_thread.take() {
                         let _ = thread.join();
                     }
-                    if let Err(error) = self.data_dir.close() {
+                    let data_dir = self.data_dir.lock().expect("data dir lock");
+                    if let Err(error) = data_dir.sync() {
                         tracing::warn!(%error, "cannot fsync the log at shutdown");
                     }
                     let _ = done.send(());
@@ -622,18 +658,22 @@ impl Syncer {
                 max_live_epoch = Some(max_live_epoch.map_or(*epoch, |m: u64| m.max(*epoch)));
             }
         }
-        let result = self.data_dir.commit(&bytes).map_err(|e| e.to_string());
+        let mut data_dir = self.data_dir.lock().expect("data dir lock");
+        let result = data_dir.commit(&bytes).map_err(|e| e.to_string());
         if result.is_err() {
             let failed = max_live_epoch.expect("an empty commit cannot fail unless the log is poisoned");
             self.poisoned_epoch = Some(poisoned.map_or(failed, |p| p.max(failed)));
         }
-        *self.stats.lock().expect("stats lock") = Some(self.data_dir.stats());
-        let log_bytes_since_checkpoint = self.data_dir.log_bytes_since_checkpoint();
+        *self.stats.lock().expect("stats lock") = Some(data_dir.stats());
+        let log_bytes_since_checkpoint = data_dir.log_bytes_since_checkpoint();
+        drop(data_dir);
+        let count = batches.len();
         for (batch, epoch, _) in batches {
             let result =
                 if is_live(epoch) { result.clone() } else { Err("an earlier commit failed".to_string()) };
             let _ = self.results.send(Op::Synced { batch, result, log_bytes_since_checkpoint });
         }
+        self.outstanding.fetch_sub(count, Ordering::SeqCst);
     }
 
     fn checkpoint(
@@ -644,7 +684,8 @@ impl Syncer {
         if let Some(thread) = self.checkpoint_thread.take() {
             let _ = thread.join();
         }
-        let job = match self.data_dir.begin_checkpoint() {
+        let mut data_dir = self.data_dir.lock().expect("data dir lock");
+        let job = match data_dir.begin_checkpoint() {
             Ok(job) => job,
             Err(error) => {
                 tracing::warn!(%error, "cannot start a checkpoint; the log keeps everything meanwhile");
@@ -654,7 +695,8 @@ impl Syncer {
                 return;
             }
         };
-        *self.stats.lock().expect("stats lock") = Some(self.data_dir.stats());
+        *self.stats.lock().expect("stats lock") = Some(data_dir.stats());
+        drop(data_dir);
         match reply {
             Some(reply) => {
                 let result = job.write(&state).map_err(|e| CheckpointError::Io(e.to_string()));

@@ -397,6 +397,11 @@ impl DataDir {
     pub fn close(self) -> io::Result<()> {
         self.segment.sync_all()
     }
+
+    /// Fsyncs the log (including records written with [`write_unsynced`](Self::write_unsynced)).
+    pub fn sync(&self) -> io::Result<()> {
+        self.segment.sync_all()
+    }
 }
 
 impl CheckpointJob {
