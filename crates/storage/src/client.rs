@@ -40,6 +40,9 @@ use crate::error::{AppendError, CreateError, DropError, HoldError, ReadError};
 use crate::listen::{FrontierWatch, Listen};
 use crate::wire::{MAX_FRAME_BYTES, Reply, STORAGE_PROTOCOL_VERSION, StorageRequest, StorageResponse};
 
+/// How long [`Client::connect`] waits for the server's answer to its handshake.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Why [`Client::connect`] failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -150,17 +153,23 @@ impl Client {
         write_half.write_all(&buffer).await?;
         let mut decoder = FrameDecoder::new(MAX_FRAME_BYTES);
         let mut chunk = vec![0u8; 4096];
-        let answer = loop {
-            match decoder.next_message::<StorageResponse>() {
-                Ok(Some(answer)) => break answer,
-                Ok(None) => {}
-                Err(error) => return Err(ConnectError::Handshake(error.to_string())),
+        let handshake = async {
+            loop {
+                match decoder.next_message::<StorageResponse>() {
+                    Ok(Some(answer)) => return Ok(answer),
+                    Ok(None) => {}
+                    Err(error) => return Err(ConnectError::Handshake(error.to_string())),
+                }
+                let n = read_half.read(&mut chunk).await?;
+                if n == 0 {
+                    return Err(ConnectError::Handshake("the server closed the connection".into()));
+                }
+                decoder.push(&chunk[..n]);
             }
-            let n = read_half.read(&mut chunk).await?;
-            if n == 0 {
-                return Err(ConnectError::Handshake("the server closed the connection".into()));
-            }
-            decoder.push(&chunk[..n]);
+        };
+        let answer = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+            Ok(answer) => answer?,
+            Err(_) => return Err(ConnectError::Handshake("the server did not answer the handshake".into())),
         };
         match answer {
             StorageResponse::Hello { version } if version == STORAGE_PROTOCOL_VERSION => {}

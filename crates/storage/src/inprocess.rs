@@ -1,14 +1,14 @@
 //! [`InProcess`]: the embedded store behind an `Arc`-shared handle, implementing [`StorageCollections`].
 //!
 //! **What this is.** The async shell around the synchronous core ([`Store`]) and, when durable, a
-//! [`DataDir`]. One *committer* thread owns every mutation that is logged (create, drop, append, read
-//! policy, since changes): it takes all operations queued since its last round as one group, validates them
-//! against the core (each append against the uppers the earlier ones in the group leave behind), writes
-//! their records and fsyncs once, and only then applies them to the core and answers their callers. So an
-//! append is acknowledged only once it is durable, concurrent appends share one fsync, and readers never
-//! see data that a crash could take back. Reads (snapshot, listen, frontiers) and hold acquisition lock the
-//! core directly. Hold changes (a dropped `ReadHold`, a downgrade) wake the committer, which applies them,
-//! compacts, and logs the new sinces with its next commit.
+//! [`DataDir`]. Every mutation that is logged (create, drop, append, read policy, since changes) goes
+//! through the committer ([`crate::commit`]): it validates each group of queued operations against the
+//! core, has the group's records written and fsynced once (group commit, pipelined with the next group's
+//! validation), and only then applies them and answers their callers. So an append is acknowledged only once
+//! it is durable, concurrent appends share one fsync, and readers never see data that a crash could take
+//! back. Reads (snapshot, listen, frontiers) and hold acquisition lock the core directly. Hold changes (a
+//! dropped `ReadHold`, a downgrade) wake the committer, which applies them, compacts, and logs the new
+//! sinces with its next commit.
 //!
 //! **What this is not.** No sockets ([`crate::server`] serves an `InProcess` over TCP) and no decisions
 //! about data: validation and compaction are the core's.

@@ -10,9 +10,9 @@
 //! - [`Client`]: a connection to a [`Server`] (binary `storage-server --data-dir DIR --listen ADDR`).
 //!
 //! Layers, bottom up: [`core`] (synchronous, deterministic, I/O-free: the simulator drives it directly),
-//! [`durable`] (write-ahead log with group commit, checkpoints, recovery), [`InProcess`] (the committer
-//! thread and async shell), [`Server`] / [`Client`] ([`wire`] protocol over `protocol::frame` frames), and
-//! [`TableWriter`] (a service's `INSERT` at clock timestamps).
+//! [`durable`] (write-ahead log, checkpoints, recovery), [`InProcess`] (the async shell, with a pipelined
+//! group-committer and syncer thread), [`Server`] / [`Client`] ([`wire`] protocol over `protocol::frame`
+//! frames), and [`TableWriter`] (a service's `INSERT` at clock timestamps).
 //!
 //! **What this is not.** Nothing here knows compute or the controller. No reconnect in the client.
 //!

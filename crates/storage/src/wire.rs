@@ -18,7 +18,7 @@
 //! when it has consumed the previous answer, so neither side buffers more than one answer per listen.
 //! Listen and watch numbers are chosen by the client and must be fresh for the connection.
 //!
-//! **What this is not:** the transport ([`crate::server`], [`crate::client`]).
+//! **What this is not:** the transport ([`crate::Server`], [`crate::Client`]).
 //!
 //! **Tests.** `tests/it/server.rs` speaks this protocol through `Client`, and also sends garbage.
 
