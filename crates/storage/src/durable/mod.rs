@@ -33,7 +33,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bincode::Options;
-use serde::{Deserialize, Serialize};
 
 use crate::core::{Store, StoreCheckpoint};
 use wal::LogRecord;
@@ -484,17 +483,4 @@ fn replay(store: &mut Store, record: LogRecord) -> Result<(), String> {
         }
     }
     Ok(())
-}
-
-/// Options of a durable store that are not about the data (kept apart so the core stays I/O-free).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct CheckpointPolicy {
-    /// Start a checkpoint once this many log bytes were written since the last one.
-    pub after_log_bytes: u64,
-}
-
-impl Default for CheckpointPolicy {
-    fn default() -> Self {
-        CheckpointPolicy { after_log_bytes: 64 << 20 }
-    }
 }
