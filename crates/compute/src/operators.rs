@@ -26,7 +26,7 @@ use timely::scheduling::Activator;
 
 use protocol::Row;
 
-use crate::render::{Coll, Diff, Time};
+use crate::render::{Coll, Diff, Time, Updates};
 
 /// Shared between a dataflow's gates and the worker: whether the dataflow is scheduled.
 #[derive(Default)]
@@ -68,7 +68,7 @@ pub(crate) fn gate<'s>(input: Coll<'s>, gate: Rc<Gate>, as_of: Time) -> Coll<'s>
                 gate.activators.borrow_mut().push(scope.activator_for(info.address));
                 capability.downgrade(&as_of);
                 let mut held: Option<Capability<Time>> = Some(capability);
-                let mut stash: Vec<(Capability<Time>, Vec<(Row, Time, Diff)>)> = Vec::new();
+                let mut stash: Vec<(Capability<Time>, Updates)> = Vec::new();
                 move |(input, _frontier), output| {
                     if !gate.is_open() {
                         input.for_each(|cap, data| {

@@ -50,6 +50,10 @@ pub(crate) type Time = u64;
 pub(crate) type Diff = i64;
 /// A collection of rows.
 pub(crate) type Coll<'s> = VecCollection<'s, Time, Row, Diff>;
+/// The updates of a collection, as timely sends them.
+pub(crate) type Updates = Vec<(Row, Time, Diff)>;
+/// An input of rows.
+pub(crate) type RowInput = differential_dataflow::input::InputSession<Time, Row, Diff>;
 /// The trace of an index export: `(key, full row)`.
 pub(crate) type OkTrace = TraceAgent<ValSpine<Row, Row, Time, Diff>>;
 /// The trace of a dataflow's errors (a full copy on every worker).

@@ -44,7 +44,7 @@ use protocol::{DataflowDescription, GlobalId, PeekResponse, Row, RowPacker, Sink
 use crate::messages::{DataflowKey, FromWorker, ToWorker, WorkerPeek};
 use crate::operators::{Gate, SinkBuffer, SinkKind, gate, sink};
 use crate::render::{
-    Coll, Diff, ErrTrace, OkTrace, RenderContext, Time, arities, arrange_errors, arrange_index,
+    Coll, Diff, ErrTrace, OkTrace, RenderContext, RowInput, Time, arities, arrange_errors, arrange_index,
     error_message, render_objects,
 };
 
@@ -62,7 +62,7 @@ struct WorkerDataflow {
     /// Inputs of storage imports, fed from the process's listens.
     sources: BTreeMap<GlobalId, InputSession<Time, Row, Diff>>,
     /// Inputs of constants, filled when scheduled.
-    constants: Vec<(Vec<(Row, Diff)>, InputSession<Time, Row, Diff>)>,
+    constants: Vec<(Vec<(Row, Diff)>, RowInput)>,
     /// Opens the gates on index imports when scheduled.
     gate: Rc<Gate>,
     /// Shutdown buttons of index imports, pressed when the dataflow is dropped.

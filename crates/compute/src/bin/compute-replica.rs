@@ -9,6 +9,9 @@
 //! listens on as `listening on ADDR` (useful with port 0). It is not where any replica logic lives; see the
 //! `compute` library. Tested by the multi-process tests in `tests/it` that spawn it.
 
+// The binary talks to a person on its terminal (usage errors, the address it listens on).
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;

@@ -449,3 +449,51 @@ impl TestController {
         self.streams.len()
     }
 }
+
+/// The schema `(k int, v int)` used by the hand-written tests.
+pub fn kv_desc() -> RelationDesc {
+    use protocol::{ColumnType, ScalarType};
+    RelationDesc::new([
+        ("k", ColumnType::new(ScalarType::Int64, false)),
+        ("v", ColumnType::new(ScalarType::Int64, false)),
+    ])
+}
+
+/// A row of integers.
+pub fn int_row(values: &[i64]) -> Row {
+    Row::pack(values.iter().map(|v| protocol::Datum::Int64(*v)))
+}
+
+/// A dataflow reading storage collection `source` (schema [`kv_desc`]) through `plan` (which may `Get`
+/// `source`), exported as index `index` keyed by `key`, with as-of `as_of`.
+pub fn index_dataflow(
+    name: &str,
+    source: GlobalId,
+    plan: protocol::Plan,
+    index: GlobalId,
+    key: Vec<usize>,
+    as_of: u64,
+) -> DataflowDescription<u64> {
+    let mut df = DataflowDescription::new(name);
+    df.source_imports.insert(source, protocol::SourceImport { desc: kv_desc() });
+    let object = GlobalId::Transient(index_number(index));
+    df.objects_to_build.push(protocol::BuildDesc { id: object, plan });
+    df.index_exports.insert(index, protocol::IndexExport { on_id: object, key });
+    df.as_of = Some(Antichain::from_elem(as_of));
+    df
+}
+
+/// The number of a user id (for deriving object ids in tests).
+pub fn index_number(id: GlobalId) -> u64 {
+    match id {
+        GlobalId::User(n) | GlobalId::System(n) | GlobalId::Transient(n) => n,
+    }
+}
+
+/// The rows of a peek answer as a multiset (panics on anything but rows).
+pub fn rows_of(response: PeekResponse) -> protocol::reference::Multiset {
+    match response {
+        PeekResponse::Rows(rows) => rows.into_iter().map(|(r, n)| (r, n.get() as Diff)).collect(),
+        other => panic!("expected rows, got {other:?}"),
+    }
+}

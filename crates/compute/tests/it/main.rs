@@ -9,5 +9,8 @@
 // Tests wait for answers with wall-clock timeouts; they are not simulated code.
 #![allow(clippy::disallowed_methods)]
 
+mod bad_input;
+mod exports;
 mod harness;
 mod operators;
+mod reconnect;
