@@ -261,7 +261,7 @@ impl Core {
             tokio::select! {
                 event = events.recv() => match event {
                     Some(CoreEvent::Shutdown) | None => break,
-                    Some(event) => self.handle_event(event),
+                    Some(event) => self.handle_event(event).await,
                 },
                 report = reports.recv() => match report {
                     Some(report) => self.handle_report(report),
@@ -310,7 +310,7 @@ impl Core {
         self.send(ComputeResponse::CommandRejected { command: command.to_string(), reason });
     }
 
-    fn handle_event(&mut self, event: CoreEvent) {
+    async fn handle_event(&mut self, event: CoreEvent) {
         match event {
             CoreEvent::Connected { conn, out } => {
                 if let Some(old) = self.active.take() {
@@ -341,7 +341,7 @@ impl Core {
             }
             CoreEvent::Command { conn, command } => {
                 if self.active.as_ref().is_some_and(|c| c.id == conn) {
-                    self.handle_command(command);
+                    self.handle_command(command).await;
                 }
             }
             CoreEvent::StoragePeek { uuid, response } => {
@@ -353,7 +353,7 @@ impl Core {
         }
     }
 
-    fn handle_command(&mut self, command: ComputeCommand) {
+    async fn handle_command(&mut self, command: ComputeCommand) {
         let stage = self.active.as_ref().map(|c| c.stage).expect("commands arrive on the active connection");
         let name = command.name();
         match (stage, command) {
@@ -382,7 +382,7 @@ impl Core {
             }
             (Stage::Replay, ComputeCommand::InitializationComplete) => {
                 let replay = self.active.as_mut().map(|c| std::mem::take(&mut c.replay)).unwrap_or_default();
-                self.reconcile(replay);
+                self.reconcile(replay).await;
                 if let Some(conn) = self.active.as_mut() {
                     conn.stage = Stage::Normal;
                 }
@@ -397,12 +397,12 @@ impl Core {
                     conn.replay.push(command);
                 }
             }
-            (Stage::Normal, command) => self.execute(command),
+            (Stage::Normal, command) => self.execute(command).await,
         }
     }
 
     /// Applies the replayed history: keeps identical dataflows, drops the rest, builds what is new.
-    fn reconcile(&mut self, replay: Vec<ComputeCommand>) {
+    async fn reconcile(&mut self, replay: Vec<ComputeCommand>) {
         let replayed: Vec<&DataflowDescription<Time>> = replay
             .iter()
             .filter_map(|c| match c {
@@ -453,12 +453,12 @@ impl Core {
                     // Kept: the running dataflow serves it (its as-of may be earlier, which is fine).
                     continue;
                 }
-                _ => self.execute(command),
+                _ => self.execute(command).await,
             }
         }
     }
 
-    fn execute(&mut self, command: ComputeCommand) {
+    async fn execute(&mut self, command: ComputeCommand) {
         match command {
             ComputeCommand::Hello { .. }
             | ComputeCommand::CreateInstance(_)
@@ -470,7 +470,7 @@ impl Core {
                 self.broadcast(|| ToWorker::Configure(parameters.clone()));
             }
             ComputeCommand::CreateDataflow(desc) => {
-                if let Err(reason) = self.create_dataflow(desc) {
+                if let Err(reason) = self.create_dataflow(desc).await {
                     self.reject("CreateDataflow", reason);
                 }
             }
@@ -531,7 +531,7 @@ impl Core {
         }
     }
 
-    fn create_dataflow(&mut self, desc: DataflowDescription<Time>) -> Result<(), String> {
+    async fn create_dataflow(&mut self, desc: DataflowDescription<Time>) -> Result<(), String> {
         desc.validate().map_err(|e| e.to_string())?;
         let as_of = *desc.as_of.as_ref().and_then(|a| a.as_option()).expect("validated: non-empty as_of");
         for id in desc.export_ids() {
@@ -554,6 +554,28 @@ impl Core {
                 ));
             }
             imports_from.insert(collection.dataflow);
+        }
+        // Storage imports and materialized-view targets must exist, and imports be readable at the as-of.
+        for id in desc.source_imports.keys() {
+            let frontiers = self
+                .storage
+                .frontiers(*id)
+                .await
+                .map_err(|e| format!("storage import {id} is unavailable: {e}"))?;
+            if !frontiers.since.less_equal(&as_of) {
+                return Err(format!(
+                    "storage import {id} is compacted to {:?}, beyond the as-of {as_of}",
+                    frontiers.since.elements()
+                ));
+            }
+        }
+        for sink in desc.sink_exports.values() {
+            if let SinkConnection::MaterializedView { target } = &sink.connection {
+                self.storage
+                    .frontiers(*target)
+                    .await
+                    .map_err(|e| format!("materialized view target {target} is unavailable: {e}"))?;
+            }
         }
         let key = self.next_key;
         self.next_key += 1;
@@ -1183,8 +1205,8 @@ async fn append_materialized_view(
         }
         loop {
             if !PartialOrder::less_than(&upper, &pending_upper) {
-                // Someone (another replica) already wrote this range.
-                pending.retain(|(_, t, _)| !pending_upper.less_equal(t));
+                // Someone (another replica) already wrote this range: everything pending is there.
+                pending.clear();
                 break;
             }
             if first {

@@ -145,8 +145,18 @@ fn dataflows_that_fail_validation_or_import_unknown_indexes_are_rejected_and_the
     controller.send(ComputeCommand::CreateDataflow(invalid));
     // Scheduling an unknown id.
     controller.send(ComputeCommand::Schedule(GlobalId::User(80)));
-    controller.wait_until("three rejections", |c| {
-        c.other.iter().filter(|(_, r)| matches!(r, ComputeResponse::CommandRejected { .. })).count() >= 3
+    // A storage import that does not exist.
+    let missing = GlobalId::User(90);
+    controller.send(ComputeCommand::CreateDataflow(index_dataflow(
+        "missing-storage",
+        missing,
+        Plan::get(missing),
+        GlobalId::User(91),
+        vec![0],
+        0,
+    )));
+    controller.wait_until("four rejections", |c| {
+        c.other.iter().filter(|(_, r)| matches!(r, ComputeResponse::CommandRejected { .. })).count() >= 4
     });
     let reasons: Vec<String> = controller
         .other
@@ -159,6 +169,7 @@ fn dataflows_that_fail_validation_or_import_unknown_indexes_are_rejected_and_the
     assert!(reasons[0].contains("u77"), "{reasons:?}");
     assert!(reasons[1].contains("as_of"), "{reasons:?}");
     assert!(reasons[2].contains("u80"), "{reasons:?}");
+    assert!(reasons[3].contains("u90"), "{reasons:?}");
     // The same connection keeps working.
     append(&storage, source, vec![(int_row(&[1, 1]), 0, 1)], 1);
     controller.create_dataflow(index_dataflow(
