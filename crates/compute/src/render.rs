@@ -40,8 +40,8 @@ use timely::dataflow::operators::generic::OutputBuilder;
 use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
 
 use protocol::{
-    AggregateExpr, DataflowDescription, Datum, EvalError, GlobalId, Plan, Row, RowPacker, ScalarExpr,
-    compare_datums,
+    AggregateExpr, AggregateFunc, DataflowDescription, Datum, EvalError, GlobalId, Plan, Row, RowPacker,
+    ScalarExpr, compare_datums,
 };
 
 /// The time of every collection.
@@ -154,6 +154,13 @@ pub(crate) fn render_plan<'s>(plan: &Plan, ctx: &mut RenderContext<'s>) -> Coll<
             oks
         }
         Plan::Join { inputs, equivalences } => render_join(inputs, equivalences, ctx),
+        Plan::Reduce { input, group_key, aggregates }
+            if aggregates.len() <= 1 && aggregates.iter().all(|a| a.func == AggregateFunc::Count) =>
+        {
+            let input = render_plan(input, ctx);
+            let operator = ctx.operator();
+            render_count(input, group_key.clone(), aggregates.first().map(|a| a.column), operator, ctx)
+        }
         Plan::Reduce { input, group_key, aggregates } => {
             let input = render_plan(input, ctx);
             let operator = ctx.operator();
@@ -225,6 +232,140 @@ pub(crate) fn render_plan<'s>(plan: &Plan, ctx: &mut RenderContext<'s>) -> Coll<
             })
         }
         Plan::ArrangeBy { input, .. } => render_plan(input, ctx),
+    }
+}
+
+/// A `Reduce` whose aggregates are at most one `count`: the group key, then the count if asked for.
+///
+/// Counting is abelian, so groups are maintained as accumulated `(rows, non-null values)` differences
+/// (differential's `count`, constant work per group and time) instead of by re-reading every row of a
+/// group. The reference's other condition — no row of a group with a negative multiplicity — is checked
+/// per row by [`check_non_negative`].
+fn render_count<'s>(
+    input: Coll<'s>,
+    group_key: Vec<usize>,
+    column: Option<usize>,
+    operator: u64,
+    ctx: &mut RenderContext<'s>,
+) -> Coll<'s> {
+    ctx.errs.push(check_non_negative(input.clone(), operator, "Reduce"));
+    input
+        .explode(move |row| {
+            let non_null = match column {
+                Some(column) => i64::from(row.iter().nth(column).is_some_and(|d| !d.is_null())),
+                None => 0,
+            };
+            Some((project_row(&row, &group_key), (1i64, non_null)))
+        })
+        .count_core::<Diff>()
+        .flat_map(move |(key, (rows, non_null))| {
+            // A group whose rows do not add up to a positive count has a negative row: an error, above.
+            (rows > 0).then(|| {
+                let mut packer = RowPacker::new();
+                packer.extend_by_row(&key);
+                if column.is_some() {
+                    packer.push(Datum::Int64(non_null));
+                }
+                packer.finish()
+            })
+        })
+}
+
+/// Errors for every row whose accumulated multiplicity is negative, for as long as it is.
+///
+/// Rows are partitioned by hash; each worker keeps the accumulated multiplicity of its rows (rows at zero
+/// are forgotten) and applies updates in time order once the input frontier has passed their time,
+/// emitting an error row at the times a row's multiplicity goes below zero and retracting it when it
+/// comes back. Constant work per update, unlike a reduce over the rows.
+pub(crate) fn check_non_negative<'s>(input: Coll<'s>, operator: u64, name: &'static str) -> Coll<'s> {
+    use std::collections::HashMap;
+
+    use differential_dataflow::Hashable;
+    use timely::dataflow::channels::pact::Exchange;
+    use timely::dataflow::operators::{Capability, Operator};
+
+    let route = |(row, _, _): &(Row, Time, Diff)| row.hashed();
+    input
+        .inner
+        .unary_frontier::<timely::container::CapacityContainerBuilder<Updates>, _, _, _>(
+            Exchange::new(route),
+            "CheckNonNegative",
+            move |_capability, _info| {
+                let mut counts: HashMap<Row, Diff, std::hash::BuildHasherDefault<RowHasher>> =
+                    HashMap::default();
+                let mut pending: BTreeMap<Time, Vec<(Row, Diff)>> = BTreeMap::new();
+                let mut held: Option<Capability<Time>> = None;
+                move |(input, frontier), output| {
+                    input.for_each(|cap, data| {
+                        if let Some(cap) = cap.retain_least(0)
+                            && held.as_ref().is_none_or(|h| cap.time() < h.time())
+                        {
+                            held = Some(cap);
+                        }
+                        for (row, time, diff) in data.drain(..) {
+                            pending.entry(time).or_default().push((row, diff));
+                        }
+                    });
+                    let Some(cap) = held.as_ref() else { return };
+                    while let Some(entry) = pending.first_entry() {
+                        let time = *entry.key();
+                        if frontier.less_equal(&time) {
+                            break;
+                        }
+                        let updates = entry.remove();
+                        let delayed = cap.delayed(&time);
+                        let mut session = output.session(&delayed);
+                        for (row, diff) in updates {
+                            let old = counts.get(&row).copied().unwrap_or(0);
+                            let new = old + diff;
+                            if (old < 0) != (new < 0) {
+                                let message = format!(
+                                    "{name}: negative multiplicity for row {row} (operator {operator})"
+                                );
+                                let error = error_row(&message, &row);
+                                session.give((error, time, if new < 0 { 1 } else { -1 }));
+                            }
+                            if new == 0 {
+                                counts.remove(&row);
+                            } else {
+                                counts.insert(row, new);
+                            }
+                        }
+                    }
+                    match pending.keys().next() {
+                        Some(time) => {
+                            if let Some(held) = held.as_mut() {
+                                held.downgrade(time);
+                            }
+                        }
+                        None => held = None,
+                    }
+                }
+            },
+        )
+        .as_collection()
+}
+
+/// A fast, deterministic hasher for the check's map of rows (rows are short byte strings; the map is
+/// private to one operator, so no hash-flooding concern applies).
+#[derive(Default)]
+pub(crate) struct RowHasher(u64);
+
+impl std::hash::Hasher for RowHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        const K: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut chunks = bytes.chunks_exact(8);
+        for chunk in &mut chunks {
+            let word = u64::from_le_bytes(chunk.try_into().expect("eight bytes"));
+            self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(K);
+        }
+        for byte in chunks.remainder() {
+            self.0 = (self.0.rotate_left(5) ^ u64::from(*byte)).wrapping_mul(K);
+        }
     }
 }
 
@@ -301,8 +442,28 @@ pub(crate) fn project_row(row: &Row, columns: &[usize]) -> Row {
     if columns.is_empty() {
         return Row::EMPTY;
     }
-    let datums: Vec<Datum<'_>> = row.iter().collect();
-    Row::pack(columns.iter().map(|c| datums.get(*c).copied().unwrap_or(Datum::Null)))
+    let mut packer = RowPacker::new();
+    if columns.windows(2).all(|w| w[0] < w[1]) {
+        // Increasing columns (the common case): one pass over the encoding, no allocation.
+        let mut wanted = columns.iter().peekable();
+        for (index, datum) in row.iter().enumerate() {
+            match wanted.peek() {
+                Some(column) if **column == index => {
+                    packer.push(datum);
+                    wanted.next();
+                }
+                Some(_) => {}
+                None => break,
+            }
+        }
+        for _ in wanted {
+            packer.push(Datum::Null);
+        }
+    } else {
+        let datums: Vec<Datum<'_>> = row.iter().collect();
+        packer.extend(columns.iter().map(|c| datums.get(*c).copied().unwrap_or(Datum::Null)));
+    }
+    packer.finish()
 }
 
 /// A row-at-a-time pass with two outputs: rows for which `logic` returns `Ok(Some(row))` go to the first
@@ -404,21 +565,16 @@ fn reduce_group(
     }
     let mut packer = RowPacker::new();
     packer.extend_by_row(key);
-    if !aggregates.is_empty() {
-        let unpacked: Vec<(Vec<Datum<'_>>, Diff)> =
-            values.iter().map(|(row, diff)| (row.unpack(), *diff)).collect();
-        for aggregate in aggregates {
-            let column = aggregate.column;
-            let datums = unpacked
-                .iter()
-                .map(|(datums, diff)| (datums.get(column).copied().unwrap_or(Datum::Null), *diff));
-            match aggregate.func.eval(datums) {
-                Ok(datum) => packer.push(datum),
-                Err(error) => {
-                    let message = format!("{error} (operator {operator}: Reduce {:?})", aggregate.func);
-                    out.push((Err(error_row(&message, key)), 1));
-                    return;
-                }
+    for aggregate in aggregates {
+        let column = aggregate.column;
+        // `nth` walks the row's encoding without allocating.
+        let datums = values.iter().map(|(row, diff)| (row.iter().nth(column).unwrap_or(Datum::Null), *diff));
+        match aggregate.func.eval(datums) {
+            Ok(datum) => packer.push(datum),
+            Err(error) => {
+                let message = format!("{error} (operator {operator}: Reduce {:?})", aggregate.func);
+                out.push((Err(error_row(&message, key)), 1));
+                return;
             }
         }
     }

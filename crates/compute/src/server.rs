@@ -38,6 +38,10 @@ use crate::core::{Core, CoreEvent, Outgoing, Topology};
 use crate::messages::{FromWorker, ToWorker, WorkerTx};
 use crate::worker::run_worker;
 
+/// Merge effort differential spends on idle arrangements (fixed at start: timely's worker configuration
+/// cannot change while the workers run, so `UpdateConfiguration.idle_merge_effort` is not applied).
+const IDLE_MERGE_EFFORT: isize = 1_000;
+
 /// The configuration of one replica process.
 #[derive(Debug, Clone)]
 pub struct ReplicaConfig {
@@ -120,20 +124,24 @@ impl ReplicaServer {
         }
         let built = Arc::new(AtomicU64::new(0));
 
-        let timely_config = if processes > 1 {
-            timely::Config {
-                communication: timely::CommunicationConfig::Cluster {
-                    threads: workers,
-                    process,
-                    addresses: timely_addresses,
-                    report: false,
-                    zerocopy: false,
-                },
-                worker: timely::WorkerConfig::default(),
+        // Idle arrangements keep merging their batches, so peeks read few batches.
+        let mut worker_config = timely::WorkerConfig::default();
+        differential_dataflow::configure(
+            &mut worker_config,
+            &differential_dataflow::Config { idle_merge_effort: Some(IDLE_MERGE_EFFORT) },
+        );
+        let communication = if processes > 1 {
+            timely::CommunicationConfig::Cluster {
+                threads: workers,
+                process,
+                addresses: timely_addresses,
+                report: false,
+                zerocopy: false,
             }
         } else {
-            timely::Config::process(workers)
+            timely::CommunicationConfig::Process(workers)
         };
+        let timely_config = timely::Config { communication, worker: worker_config };
         let receivers = Arc::new(Mutex::new(receivers));
         let threads = Arc::new(threads);
         let timely_thread = std::thread::Builder::new()

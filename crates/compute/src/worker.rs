@@ -239,7 +239,7 @@ impl WorkerState {
             }
             ToWorker::Configure(parameters) => {
                 if let Some(effort) = parameters.idle_merge_effort {
-                    debug!(effort, "idle merge effort is applied to new arrangements only");
+                    debug!(effort, "idle merge effort is fixed when the replica starts; ignored");
                 }
             }
             ToWorker::Shutdown => unreachable!("handled by the loop"),
