@@ -40,8 +40,8 @@ use timely::dataflow::operators::generic::OutputBuilder;
 use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
 
 use protocol::{
-    AggregateExpr, AggregateFunc, DataflowDescription, Datum, EvalError, GlobalId, Plan, Row, RowPacker,
-    ScalarExpr, compare_datums,
+    AggregateExpr, AggregateFunc, DataflowDescription, Datum, EvalError, GlobalId, Plan, RelationType, Row,
+    RowPacker, ScalarExpr, compare_datums,
 };
 
 /// The time of every collection.
@@ -75,6 +75,8 @@ pub(crate) struct RenderContext<'s> {
     pub new_constant: Box<dyn FnMut() -> Coll<'s> + 's>,
     /// The arity of every import and object (see [`arities`]).
     pub arities: BTreeMap<GlobalId, usize>,
+    /// The type of every import and object (see [`types`]).
+    pub types: BTreeMap<GlobalId, RelationType>,
 }
 
 impl<'s> RenderContext<'s> {
@@ -82,8 +84,9 @@ impl<'s> RenderContext<'s> {
     pub fn new(
         collections: BTreeMap<GlobalId, Coll<'s>>,
         new_constant: Box<dyn FnMut() -> Coll<'s> + 's>,
-        arities: BTreeMap<GlobalId, usize>,
+        types: BTreeMap<GlobalId, RelationType>,
     ) -> Self {
+        let arities = types.iter().map(|(id, typ)| (*id, typ.arity())).collect();
         RenderContext {
             collections,
             errs: Vec::new(),
@@ -91,6 +94,7 @@ impl<'s> RenderContext<'s> {
             constants: Vec::new(),
             new_constant,
             arities,
+            types,
         }
     }
 
@@ -157,9 +161,15 @@ pub(crate) fn render_plan<'s>(plan: &Plan, ctx: &mut RenderContext<'s>) -> Coll<
         Plan::Reduce { input, group_key, aggregates }
             if aggregates.len() <= 1 && aggregates.iter().all(|a| a.func == AggregateFunc::Count) =>
         {
+            // A count of a column that is never NULL counts rows: a plain count, like a hand-written one.
+            let column = aggregates.first().map(|a| a.column);
+            let nullable = column.is_some_and(|column| {
+                let typ = input.typ(&|id| ctx.types.get(&id).cloned());
+                typ.map_or(true, |typ| typ.column_types.get(column).is_none_or(|c| c.nullable))
+            });
             let input = render_plan(input, ctx);
             let operator = ctx.operator();
-            render_count(input, group_key.clone(), aggregates.first().map(|a| a.column), operator, ctx)
+            render_count(input, group_key.clone(), column, nullable, operator, ctx)
         }
         Plan::Reduce { input, group_key, aggregates } => {
             let input = render_plan(input, ctx);
@@ -245,30 +255,35 @@ fn render_count<'s>(
     input: Coll<'s>,
     group_key: Vec<usize>,
     column: Option<usize>,
+    nullable: bool,
     operator: u64,
     ctx: &mut RenderContext<'s>,
 ) -> Coll<'s> {
     ctx.errs.push(check_non_negative(input.clone(), operator, "Reduce"));
-    input
-        .explode(move |row| {
-            let non_null = match column {
-                Some(column) => i64::from(row.iter().nth(column).is_some_and(|d| !d.is_null())),
-                None => 0,
-            };
-            Some((project_row(&row, &group_key), (1i64, non_null)))
+    let output = move |key: Row, rows: Diff, non_null: Diff| {
+        // A group whose rows do not add up to a positive count has a negative row: an error, above.
+        (rows > 0).then(|| {
+            let mut packer = RowPacker::new();
+            packer.extend_by_row(&key);
+            if column.is_some() {
+                packer.push(Datum::Int64(non_null));
+            }
+            packer.finish()
         })
-        .count_core::<Diff>()
-        .flat_map(move |(key, (rows, non_null))| {
-            // A group whose rows do not add up to a positive count has a negative row: an error, above.
-            (rows > 0).then(|| {
-                let mut packer = RowPacker::new();
-                packer.extend_by_row(&key);
-                if column.is_some() {
-                    packer.push(Datum::Int64(non_null));
-                }
-                packer.finish()
+    };
+    match column {
+        Some(column) if nullable => input
+            .explode(move |row| {
+                let non_null = i64::from(row.iter().nth(column).is_some_and(|d| !d.is_null()));
+                Some((project_row(&row, &group_key), (1i64, non_null)))
             })
-        })
+            .count_core::<Diff>()
+            .flat_map(move |(key, (rows, non_null))| output(key, rows, non_null)),
+        _ => input
+            .map(move |row| project_row(&row, &group_key))
+            .count_core::<Diff>()
+            .flat_map(move |(key, rows)| output(key, rows, rows)),
+    }
 }
 
 /// Errors for every row whose accumulated multiplicity is negative, for as long as it is.
@@ -279,6 +294,7 @@ fn render_count<'s>(
 /// comes back. Constant work per update, unlike a reduce over the rows.
 pub(crate) fn check_non_negative<'s>(input: Coll<'s>, operator: u64, name: &'static str) -> Coll<'s> {
     use std::collections::HashMap;
+    use std::collections::hash_map::Entry;
 
     use differential_dataflow::Hashable;
     use timely::dataflow::channels::pact::Exchange;
@@ -315,20 +331,38 @@ pub(crate) fn check_non_negative<'s>(input: Coll<'s>, operator: u64, name: &'sta
                         let updates = entry.remove();
                         let delayed = cap.delayed(&time);
                         let mut session = output.session(&delayed);
+                        let error = |row: &Row| {
+                            let message =
+                                format!("{name}: negative multiplicity for row {row} (operator {operator})");
+                            error_row(&message, row)
+                        };
                         for (row, diff) in updates {
-                            let old = counts.get(&row).copied().unwrap_or(0);
-                            let new = old + diff;
-                            if (old < 0) != (new < 0) {
-                                let message = format!(
-                                    "{name}: negative multiplicity for row {row} (operator {operator})"
-                                );
-                                let error = error_row(&message, &row);
-                                session.give((error, time, if new < 0 { 1 } else { -1 }));
-                            }
-                            if new == 0 {
-                                counts.remove(&row);
-                            } else {
-                                counts.insert(row, new);
+                            // One hash lookup per update; an error row is built only when the sign changes.
+                            match counts.entry(row) {
+                                Entry::Occupied(mut entry) => {
+                                    let old = *entry.get();
+                                    let new = old + diff;
+                                    if (old < 0) != (new < 0) {
+                                        session.give((
+                                            error(entry.key()),
+                                            time,
+                                            if new < 0 { 1 } else { -1 },
+                                        ));
+                                    }
+                                    if new == 0 {
+                                        entry.remove();
+                                    } else {
+                                        *entry.get_mut() = new;
+                                    }
+                                }
+                                Entry::Vacant(entry) => {
+                                    if diff < 0 {
+                                        session.give((error(entry.key()), time, 1));
+                                    }
+                                    if diff != 0 {
+                                        entry.insert(diff);
+                                    }
+                                }
                             }
                         }
                     }
@@ -676,20 +710,21 @@ fn plan_arity(plan: &Plan, arities: &BTreeMap<GlobalId, usize>) -> usize {
     }
 }
 
-/// The arity of every import and object of `desc`.
-pub(crate) fn arities(desc: &DataflowDescription<Time>) -> BTreeMap<GlobalId, usize> {
-    let mut arities = BTreeMap::new();
+/// The type of every import and object of `desc` (a validated description: every plan type-checks).
+pub(crate) fn types(desc: &DataflowDescription<Time>) -> BTreeMap<GlobalId, RelationType> {
+    let mut types = BTreeMap::new();
     for (id, import) in &desc.source_imports {
-        arities.insert(*id, import.desc.arity());
+        types.insert(*id, import.desc.typ().clone());
     }
     for (id, import) in &desc.index_imports {
-        arities.insert(*id, import.desc.arity());
+        types.insert(*id, import.desc.typ().clone());
     }
     for object in &desc.objects_to_build {
-        let arity = plan_arity(&object.plan, &arities);
-        arities.insert(object.id, arity);
+        let typ = object.plan.typ(&|id| types.get(&id).cloned());
+        assert!(typ.is_ok(), "validated dataflow: {} type-checks", object.id);
+        types.insert(object.id, typ.expect("asserted"));
     }
-    arities
+    types
 }
 
 /// Arranges errors for peeks: every worker gets a full copy (errors are rare), so whichever worker answers

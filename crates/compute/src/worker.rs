@@ -44,8 +44,8 @@ use protocol::{DataflowDescription, GlobalId, PeekResponse, Row, RowPacker, Sink
 use crate::messages::{DataflowKey, FromWorker, ToWorker, WorkerPeek};
 use crate::operators::{Gate, SinkBuffer, SinkKind, gate, sink};
 use crate::render::{
-    Coll, Diff, ErrTrace, OkTrace, RenderContext, RowInput, Time, arities, arrange_errors, arrange_index,
-    error_message, render_objects,
+    Coll, Diff, ErrTrace, OkTrace, RenderContext, RowInput, Time, arrange_errors, arrange_index,
+    error_message, render_objects, types,
 };
 
 /// How long an idle worker parks (it is woken earlier by any message or timely event).
@@ -301,7 +301,7 @@ impl WorkerState {
                 import_errs.push(err);
             }
             let new_constant = constant_maker(scope, Rc::clone(&constants), as_of);
-            let mut ctx = RenderContext::new(collections, new_constant, arities(desc));
+            let mut ctx = RenderContext::new(collections, new_constant, types(desc));
             render_objects(desc, &mut ctx);
             ctx.errs.extend(import_errs);
             let errs: Coll<'_> = match ctx.errs.len() {
