@@ -17,6 +17,9 @@
 //!   (they can never match), and classes within one input are applied as filters on that input;
 //! - `Reduce`, `Distinct` and `TopK` see each group's consolidated rows (in `Row` order, as the reference
 //!   does, so float sums add in the same order) and report a negative multiplicity as an error;
+//! - a `Reduce` with no aggregate or a single `count` is abelian: it is differential's `count` over the
+//!   group key (constant work per group and time), with the reference's "no row of a group is negative"
+//!   condition checked per row by [`check_non_negative`] (a hash map of accumulated multiplicities);
 //! - `Threshold` keeps positive multiplicities; `Negate`, `Union` and `ArrangeBy` are what they say.
 //!
 //! **Errors.** A data error becomes an update of the error collection: a row

@@ -433,3 +433,29 @@ fn storage_peeks_read_a_snapshot_and_apply_the_finishing() {
     controller.close();
     let _ = Arc::clone(&storage);
 }
+
+#[test]
+fn a_data_error_makes_peeks_fail_until_the_row_that_caused_it_is_retracted() {
+    let storage = new_storage();
+    let replica = Replica::start(Shape::TwoWorkers, storage.clone());
+    let mut controller = TestController::connect(&replica.addrs());
+    let source = GlobalId::User(1);
+    create_collection(&storage, source, kv_desc());
+    // v / k: division by zero for k = 0.
+    let plan = Plan::Map {
+        input: get(source),
+        exprs: vec![ScalarExpr::column(1).call_binary(BinaryFunc::Div, ScalarExpr::column(0))],
+    };
+    let index = GlobalId::User(10);
+    controller.create_dataflow(index_dataflow("errors", source, plan, index, vec![0], 0));
+    append(&storage, source, vec![(int_row(&[0, 5]), 0, 1), (int_row(&[1, 5]), 0, 1)], 1);
+    append(&storage, source, vec![(int_row(&[0, 5]), 1, -1)], 2);
+    let at_0 = controller.peek(PeekTarget::Index { id: index }, 0, None, 3);
+    assert!(matches!(&at_0, PeekResponse::Error(e) if e.contains("division by zero")), "{at_0:?}");
+    // A key lookup of an unaffected key still sees the error: the dataflow's answer is an error.
+    let lookup = controller.peek(PeekTarget::Index { id: index }, 0, Some(vec![int_row(&[1])]), 3);
+    assert!(matches!(&lookup, PeekResponse::Error(_)), "{lookup:?}");
+    let at_1 = rows_of(controller.peek(PeekTarget::Index { id: index }, 1, None, 3));
+    assert_eq!(at_1, consolidate([(int_row(&[1, 5, 5]), 1)]));
+    controller.close();
+}
