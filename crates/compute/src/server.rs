@@ -216,6 +216,9 @@ impl ReplicaHandle {
     }
 
     /// Stops the process and joins its threads.
+    ///
+    /// For a multi-process replica, shut all processes down concurrently (one thread each): a timely
+    /// cluster process finishes only once its peers' connections close.
     pub fn shutdown(mut self) {
         self.stop();
     }
