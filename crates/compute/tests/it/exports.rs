@@ -459,3 +459,67 @@ fn a_data_error_makes_peeks_fail_until_the_row_that_caused_it_is_retracted() {
     assert_eq!(at_1, consolidate([(int_row(&[1, 5, 5]), 1)]));
     controller.close();
 }
+
+#[test]
+fn a_materialized_view_writes_nothing_before_allow_writes_and_a_dropped_copy_to_answers_dropped() {
+    let storage = new_storage();
+    let source = GlobalId::User(1);
+    let target = GlobalId::User(2);
+    create_collection(&storage, source, kv_desc());
+    create_collection(&storage, target, kv_desc());
+    let replica = Replica::start(Shape::OneWorker, storage.clone());
+    let mut controller = TestController::connect(&replica.addrs());
+    let view = GlobalId::User(3);
+    let mut df = DataflowDescription::new("mv");
+    df.source_imports.insert(source, protocol::SourceImport { desc: kv_desc() });
+    df.objects_to_build.push(BuildDesc { id: GlobalId::Transient(1), plan: Plan::get(source) });
+    df.sink_exports.insert(
+        view,
+        SinkExport {
+            from: GlobalId::Transient(1),
+            desc: kv_desc(),
+            connection: SinkConnection::MaterializedView { target },
+        },
+    );
+    df.as_of = Some(Antichain::from_elem(0));
+    controller.create_dataflow(df);
+    append(&storage, source, vec![(int_row(&[1, 1]), 0, 1)], 3);
+    controller.wait_frontier_beyond(view, 2);
+    std::thread::sleep(Duration::from_millis(100));
+    let upper = block_on(storage.frontiers(target)).expect("frontiers").upper;
+    assert_eq!(upper, Antichain::from_elem(0), "nothing is written before AllowWrites");
+    controller.send(ComputeCommand::AllowWrites);
+    for _ in 0..600 {
+        if !block_on(storage.frontiers(target)).expect("frontiers").upper.less_equal(&2) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let snapshot: Multiset = block_on(storage.snapshot(target, 2)).expect("snapshot").into_iter().collect();
+    assert_eq!(snapshot, consolidate([(int_row(&[1, 1]), 1)]));
+
+    // A copy-to whose as-of is never reached, dropped: answered with Dropped.
+    let copy = GlobalId::User(4);
+    let mut df = DataflowDescription::new("copy");
+    df.source_imports.insert(source, protocol::SourceImport { desc: kv_desc() });
+    df.objects_to_build.push(BuildDesc { id: GlobalId::Transient(1), plan: Plan::get(source) });
+    df.sink_exports.insert(
+        copy,
+        SinkExport {
+            from: GlobalId::Transient(1),
+            desc: kv_desc(),
+            connection: SinkConnection::CopyTo {
+                directory: std::env::temp_dir().join("never").display().to_string(),
+            },
+        },
+    );
+    df.as_of = Some(Antichain::from_elem(100));
+    controller.create_dataflow(df);
+    controller.send(ComputeCommand::AllowCompaction { id: copy, frontier: Antichain::new() });
+    controller.wait_until("Dropped", |c| {
+        c.other.iter().any(|(_, r)| {
+            matches!(r, ComputeResponse::CopyToResponse { id, response: CopyToResponse::Dropped } if *id == copy)
+        })
+    });
+    controller.close();
+}
