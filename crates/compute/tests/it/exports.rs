@@ -188,9 +188,10 @@ fn a_materialized_view_written_by_two_replicas_equals_the_reference_without_dupl
         },
     );
     df.as_of = Some(Antichain::from_elem(0));
+    // A two-worker replica and a two-process replica (whose process 0 appends for both processes).
     let replicas = [
-        Replica::start(Shape::OneWorker, storage.clone()),
         Replica::start(Shape::TwoWorkers, storage.clone()),
+        Replica::start(Shape::TwoProcesses, storage.clone()),
     ];
     let mut controllers: Vec<TestController> =
         replicas.iter().map(|r| TestController::connect(&r.addrs())).collect();
