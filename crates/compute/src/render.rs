@@ -291,17 +291,19 @@ fn render_count<'s>(
 
 /// Errors for every row whose accumulated multiplicity is negative, for as long as it is.
 ///
-/// Rows are partitioned by hash; each worker keeps the accumulated multiplicity of its rows (rows at zero
-/// are forgotten) and applies updates in time order once the input frontier has passed their time,
-/// emitting an error row at the times a row's multiplicity goes below zero and retracting it when it
-/// comes back. Constant work per update, unlike a reduce over the rows.
+/// Rows are partitioned by hash. While a worker has seen no negative update, no row can be negative: it
+/// only keeps its updates (complete ones consolidated, without times), which costs a copy per update. At
+/// the first negative update it switches to the exact check for good: the accumulated multiplicity of each
+/// row in a hash map (rows at zero are forgotten), updates applied in time order once the input frontier
+/// has passed their time, an error row emitted at the times a row's multiplicity goes below zero and
+/// retracted when it comes back. Constant work per update in both modes, unlike a reduce over the rows.
 pub(crate) fn check_non_negative<'s>(input: Coll<'s>, operator: u64, name: &'static str) -> Coll<'s> {
     use std::collections::HashMap;
     use std::collections::hash_map::Entry;
 
     use differential_dataflow::Hashable;
     use timely::dataflow::channels::pact::Exchange;
-    use timely::dataflow::operators::{Capability, Operator};
+    use timely::dataflow::operators::Operator;
 
     let route = |(row, _, _): &(Row, Time, Diff)| row.hashed();
     input
@@ -310,77 +312,139 @@ pub(crate) fn check_non_negative<'s>(input: Coll<'s>, operator: u64, name: &'sta
             Exchange::new(route),
             "CheckNonNegative",
             move |_capability, _info| {
-                let mut counts: HashMap<Row, Diff, std::hash::BuildHasherDefault<RowHasher>> =
-                    HashMap::default();
-                let mut pending: BTreeMap<Time, Vec<(Row, Diff)>> = BTreeMap::new();
-                let mut held: Option<Capability<Time>> = None;
+                let mut state =
+                    CheckState::Positive { base: Vec::new(), recent: Vec::new(), consolidated: 0 };
                 move |(input, frontier), output| {
                     input.for_each(|cap, data| {
-                        if let Some(cap) = cap.retain_least(0)
-                            && held.as_ref().is_none_or(|h| cap.time() < h.time())
+                        if let CheckState::Positive { base, recent, .. } = &mut state
+                            && data.iter().any(|(_, _, diff)| *diff < 0)
                         {
-                            held = Some(cap);
+                            // The first negative update: from now on, the exact check.
+                            let mut counts: RowCounts = HashMap::default();
+                            for (row, diff) in base.drain(..) {
+                                *counts.entry(row).or_default() += diff;
+                            }
+                            let mut pending: BTreeMap<Time, Vec<(Row, Diff)>> = BTreeMap::new();
+                            for (row, time, diff) in recent.drain(..) {
+                                pending.entry(time).or_default().push((row, diff));
+                            }
+                            state = CheckState::Exact { counts, pending, held: None };
                         }
-                        for (row, time, diff) in data.drain(..) {
-                            pending.entry(time).or_default().push((row, diff));
+                        match &mut state {
+                            CheckState::Positive { recent, .. } => recent.append(data),
+                            CheckState::Exact { pending, held, .. } => {
+                                if let Some(cap) = cap.retain_least(0)
+                                    && held.as_ref().is_none_or(|h| cap.time() < h.time())
+                                {
+                                    *held = Some(cap);
+                                }
+                                for (row, time, diff) in data.drain(..) {
+                                    pending.entry(time).or_default().push((row, diff));
+                                }
+                            }
                         }
                     });
-                    let Some(cap) = held.as_ref() else { return };
-                    while let Some(entry) = pending.first_entry() {
-                        let time = *entry.key();
-                        if frontier.less_equal(&time) {
-                            break;
-                        }
-                        let updates = entry.remove();
-                        let delayed = cap.delayed(&time);
-                        let mut session = output.session(&delayed);
-                        let error = |row: &Row| {
-                            let message =
-                                format!("{name}: negative multiplicity for row {row} (operator {operator})");
-                            error_row(&message, row)
-                        };
-                        for (row, diff) in updates {
-                            // One hash lookup per update; an error row is built only when the sign changes.
-                            match counts.entry(row) {
-                                Entry::Occupied(mut entry) => {
-                                    let old = *entry.get();
-                                    let new = old + diff;
-                                    if (old < 0) != (new < 0) {
-                                        session.give((
-                                            error(entry.key()),
-                                            time,
-                                            if new < 0 { 1 } else { -1 },
-                                        ));
-                                    }
-                                    if new == 0 {
-                                        entry.remove();
-                                    } else {
-                                        *entry.get_mut() = new;
-                                    }
-                                }
-                                Entry::Vacant(entry) => {
-                                    if diff < 0 {
-                                        session.give((error(entry.key()), time, 1));
-                                    }
-                                    if diff != 0 {
-                                        entry.insert(diff);
-                                    }
-                                }
+                    match &mut state {
+                        CheckState::Positive { base, recent, consolidated } => {
+                            // Complete updates lose their times; the rest wait for the frontier.
+                            let (complete, waiting): (Vec<_>, Vec<_>) =
+                                recent.drain(..).partition(|(_, time, _)| !frontier.less_equal(time));
+                            *recent = waiting;
+                            base.extend(complete.into_iter().map(|(row, _, diff)| (row, diff)));
+                            if base.len() > 2 * *consolidated + 4_096 {
+                                differential_dataflow::consolidation::consolidate(base);
+                                *consolidated = base.len();
                             }
                         }
-                    }
-                    match pending.keys().next() {
-                        Some(time) => {
-                            if let Some(held) = held.as_mut() {
-                                held.downgrade(time);
+                        CheckState::Exact { counts, pending, held } => {
+                            let error = |row: &Row| {
+                                let message = format!(
+                                    "{name}: negative multiplicity for row {row} (operator {operator})"
+                                );
+                                error_row(&message, row)
+                            };
+                            while let Some(entry) = pending.first_entry() {
+                                let time = *entry.key();
+                                if frontier.less_equal(&time) {
+                                    break;
+                                }
+                                let mut changes: Vec<(Row, Time, Diff)> = Vec::new();
+                                for (row, diff) in entry.remove() {
+                                    // One hash lookup per update; an error row only when the sign changes.
+                                    match counts.entry(row) {
+                                        Entry::Occupied(mut entry) => {
+                                            let old = *entry.get();
+                                            let new = old + diff;
+                                            if (old < 0) != (new < 0) {
+                                                changes.push((
+                                                    error(entry.key()),
+                                                    time,
+                                                    if new < 0 { 1 } else { -1 },
+                                                ));
+                                            }
+                                            if new == 0 {
+                                                entry.remove();
+                                            } else {
+                                                *entry.get_mut() = new;
+                                            }
+                                        }
+                                        Entry::Vacant(entry) => {
+                                            if diff < 0 {
+                                                changes.push((error(entry.key()), time, 1));
+                                            }
+                                            if diff != 0 {
+                                                entry.insert(diff);
+                                            }
+                                        }
+                                    }
+                                }
+                                if !changes.is_empty() {
+                                    // Sign changes happen only at or after a negative update's time, which
+                                    // is at or after the least capability held since the switch.
+                                    let cap = held.as_ref();
+                                    assert!(cap.is_some(), "a capability is held for every negative update");
+                                    let delayed = cap.expect("asserted").delayed(&time);
+                                    output.session(&delayed).give_container(&mut changes);
+                                }
+                            }
+                            match pending.keys().next() {
+                                Some(time) => {
+                                    if let Some(held) = held.as_mut()
+                                        && held.time() < time
+                                    {
+                                        held.downgrade(time);
+                                    }
+                                }
+                                None => *held = None,
                             }
                         }
-                        None => held = None,
                     }
                 }
             },
         )
         .as_collection()
+}
+
+/// Accumulated multiplicities of rows.
+type RowCounts = std::collections::HashMap<Row, Diff, std::hash::BuildHasherDefault<RowHasher>>;
+
+/// The state of [`check_non_negative`] on one worker.
+enum CheckState {
+    /// No negative update seen yet.
+    Positive {
+        /// Complete updates, times dropped (consolidated now and then).
+        base: Vec<(Row, Diff)>,
+        /// Updates whose time the frontier has not passed.
+        recent: Updates,
+        /// `base`'s length after its last consolidation.
+        consolidated: usize,
+    },
+    /// The exact check.
+    Exact {
+        counts: RowCounts,
+        pending: BTreeMap<Time, Vec<(Row, Diff)>>,
+        held: Option<timely::dataflow::operators::Capability<Time>>,
+    },
 }
 
 /// A fast, deterministic hasher for the check's map of rows (rows are short byte strings; the map is
