@@ -351,7 +351,8 @@ pub(crate) fn check_non_negative<'s>(input: Coll<'s>, operator: u64, name: &'sta
                                 recent.drain(..).partition(|(_, time, _)| !frontier.less_equal(time));
                             *recent = waiting;
                             base.extend(complete.into_iter().map(|(row, _, diff)| (row, diff)));
-                            if base.len() > 2 * *consolidated + 4_096 {
+                            if base.len() > 4 * *consolidated + (1 << 20) {
+                                // Consolidating sorts: rarely enough that its cost stays a fraction of the copies.
                                 differential_dataflow::consolidation::consolidate(base);
                                 *consolidated = base.len();
                             }
