@@ -759,10 +759,16 @@ impl<T: Timestamp> InstanceCore<T> {
         if was_connected && !connected {
             // A new connection starts from scratch: frontiers reset, and dropped dataflows will not be
             // replayed, so there is nothing more to hear about them.
+            // The next connection rebuilds from the replayed as-ofs, which are at least the current sinces:
+            // re-anchor this replica's input holds there, so its inputs stay readable until it reports
+            // progress again (its old holds may sit beyond where it will restart).
             for collection in self.collections.values_mut() {
+                let fresh: Vec<ReadHold<GlobalId, T>> =
+                    collection.import_holds[..collection.storage_imports].iter().map(ReadHold::clone_hold).collect();
                 if let Some(state) = collection.per_replica.get_mut(&replica) {
                     state.write_frontier = None;
                     state.hydrated_at_ms = None;
+                    state.input_holds = fresh;
                     if collection.dropped {
                         state.dropped = true;
                     }
@@ -1086,6 +1092,32 @@ impl<T: Timestamp> InstanceCore<T> {
     /// A replica's write frontier for a collection, as reported on its current connection.
     pub fn replica_write_frontier(&self, replica: ReplicaId, id: GlobalId) -> Option<Antichain<T>> {
         self.collections.get(&id)?.per_replica.get(&replica)?.write_frontier.clone()
+    }
+
+    /// The collections replicas should have installed: those not yet compacted to the empty frontier
+    /// (live ones, and dropped ones that something still holds).
+    pub fn uncompacted_collections(&self) -> BTreeSet<GlobalId> {
+        self.collections.iter().filter(|(_, c)| !c.since.is_empty()).map(|(id, _)| *id).collect()
+    }
+
+    /// A one-line description of a collection's holds and per-replica state, for diagnostics.
+    pub fn describe_collection(&self, id: GlobalId) -> String {
+        let Some(c) = self.collections.get(&id) else { return format!("{id}: no state") };
+        let imports: Vec<String> = c.import_holds.iter().map(|h| format!("{}@{:?}", h.id(), h.since().elements())).collect();
+        let replicas: Vec<String> = c
+            .per_replica
+            .iter()
+            .map(|(r, s)| {
+                let holds: Vec<String> = s.input_holds.iter().map(|h| format!("{}@{:?}", h.id(), h.since().elements())).collect();
+                format!("{r}: frontier {:?} holds {holds:?}", s.write_frontier.as_ref().map(|f| f.elements().to_vec()))
+            })
+            .collect();
+        format!(
+            "{id}: since {:?} upper {:?} dropped {} imports {imports:?} replicas {replicas:?}",
+            c.since.elements(),
+            c.write_frontier.elements(),
+            c.dropped
+        )
     }
 
     /// The number of collections with state (live or waiting to be removed).
