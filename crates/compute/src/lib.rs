@@ -1,1 +1,40 @@
-//! Placeholder: filled by its issue.
+//! The compute replica: executes the compute protocol (`protocol`) on timely and differential dataflow.
+//!
+//! **What this is.** A library to run one process of a compute replica ([`ReplicaServer::start`] with a
+//! [`ReplicaConfig`], stopped with [`ReplicaHandle::shutdown`]) and the `compute-replica` binary around it.
+//! A process accepts one controller connection at a time, receives the command stream every process of
+//! the replica receives, builds the same dataflows as every other process, and answers for its own
+//! workers' share: frontiers (meet over its workers), peek rows, subscribe batches, copy-to row counts.
+//!
+//! Architecture (details in each module):
+//! - `server`: threads, listener and connection tasks (frames, the Hello);
+//! - `core`: the per-process protocol state machine on the tokio thread (stages, reconciliation on
+//!   reconnect, catalog, peek routing, merging of worker reports, storage listens and appends);
+//! - `worker`: the timely worker loop (build, schedule, compact, drop; peeks; reports);
+//! - `render`: the plan IR as differential operators over `Row`, with a per-dataflow error collection;
+//! - `operators`: the schedule gate and the sink operator;
+//! - `messages`: core ↔ worker messages.
+//!
+//! **What this is not.** It does not know the controller: it only speaks the protocol. It does not store
+//! data durably: imports and materialized views go through a [`storage::StorageCollections`].
+//!
+//! **Invariants.**
+//! - Every peek is answered exactly once per connection; a peek at a time before the index's since, or of
+//!   an unknown index, is an error, never stale data.
+//! - Reported frontiers never regress within a connection.
+//! - A dataflow's answer is an error exactly when `protocol::reference` errs on the same inputs.
+//! - Nothing the controller sends makes the process panic: bad input is answered with `CommandRejected` or
+//!   `PeekResponse::Error`, or closes that connection only.
+//!
+//! **Tests.** `tests/it/` (one integration binary): operators against `protocol::reference` with proptest
+//! (1 and 2 workers, 2 processes), exports, imports, sinks, reconnect and bad input, all through the
+//! socket. Benchmarks in `benches/compute.rs`.
+
+mod core;
+mod messages;
+mod operators;
+mod render;
+mod server;
+mod worker;
+
+pub use server::{ReplicaConfig, ReplicaHandle, ReplicaServer, StartError};

@@ -1,1 +1,52 @@
-//! Placeholder: filled by its issue.
+//! The storage layer: durable collections with `since` and `upper`, compare-and-append, read holds,
+//! snapshots and listens; embedded, or served over TCP.
+//!
+//! **What this is.** The storage that compute dataflows read their sources from and write materialized views
+//! back to, and whose compaction the controller holds back (DESIGN §2, §4). Everything speaks the object-safe
+//! [`StorageCollections`] trait, implemented by
+//!
+//! - [`InProcess`]: the embedded store, in memory ([`InProcess::in_memory`]) or durable in a data directory
+//!   ([`InProcess::open`]);
+//! - [`Client`]: a connection to a [`Server`] (binary `storage-server --data-dir DIR --listen ADDR`).
+//!
+//! Layers, bottom up: [`core`] (synchronous, deterministic, I/O-free: the simulator drives it directly),
+//! [`durable`] (write-ahead log, checkpoints, recovery), [`InProcess`] (the async shell, with a pipelined
+//! group-committer and syncer thread), [`Server`] / [`Client`] ([`wire`] protocol over `protocol::frame`
+//! frames), and [`TableWriter`] (a service's `INSERT` at clock timestamps).
+//!
+//! **What this is not.** Nothing here knows compute or the controller. No reconnect in the client.
+//!
+//! **Invariants.** For every collection `since` is the meet of its outstanding holds (including its read
+//! policy's) and never regresses; `upper` never regresses, also across restarts; an append is visible only
+//! once durable, and atomic across the collections it names; reads before `since` are errors.
+//!
+//! **Snapshot waiting.** [`StorageCollections::snapshot`] at a time that is not yet complete waits up to
+//! [`StoreConfig::snapshot_timeout`] (30 s by default) for the upper to pass it, then fails with
+//! [`ReadError::NotYetReadable`]. A listen waits without a timeout.
+//!
+//! **Tests.** Unit tests next to the code; integration tests in `tests/it/` (errors, a property test of the
+//! core against a naive model, durability with SIGKILLed child processes and torn tails, server and client
+//! over real TCP, listens, the table writer). Benchmarks in `benches/storage.rs`
+//! (`cargo bench -p storage --bench storage`).
+
+mod api;
+mod client;
+mod commit;
+pub mod core;
+pub mod durable;
+mod error;
+mod inprocess;
+mod listen;
+mod server;
+mod table_writer;
+pub mod wire;
+
+pub use api::{
+    AppendRequest, BoxFuture, CollectionFrontiers, ListenEvent, StorageCollections, StorageReadHold,
+};
+pub use client::{Client, ConnectError};
+pub use error::{AppendError, CreateError, DropError, HoldError, ReadError};
+pub use inprocess::{CheckpointError, InProcess, StoreConfig};
+pub use listen::{FrontierWatch, Listen};
+pub use server::Server;
+pub use table_writer::{Clock, ManualClock, SystemClock, TableWriteError, TableWriter, TableWriterConfig};

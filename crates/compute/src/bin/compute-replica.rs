@@ -1,0 +1,109 @@
+//! `compute-replica`: one process of a compute replica, as a standalone program.
+//!
+//! ```text
+//! compute-replica --listen ADDR --workers N --storage ADDR [--process I --addresses A0,A1,...]
+//! ```
+//!
+//! A thin wrapper: it connects a `storage::Client` to the storage server and calls
+//! `compute::ReplicaServer::start`, then runs until interrupted (Ctrl-C / SIGINT). It prints the address it
+//! listens on as `listening on ADDR` (useful with port 0). It is not where any replica logic lives; see the
+//! `compute` library. Tested by the multi-process tests in `tests/it` that spawn it.
+
+// The binary talks to a person on its terminal (usage errors, the address it listens on).
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use compute::{ReplicaConfig, ReplicaServer};
+
+#[derive(Debug)]
+struct Args {
+    listen: SocketAddr,
+    workers: usize,
+    storage: String,
+    process: usize,
+    addresses: Vec<String>,
+}
+
+const USAGE: &str =
+    "usage: compute-replica --listen ADDR --workers N --storage ADDR [--process I --addresses A0,A1,...]";
+
+fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
+    let mut listen = None;
+    let mut workers = 1;
+    let mut storage = None;
+    let mut process = 0;
+    let mut addresses = Vec::new();
+    while let Some(flag) = args.next() {
+        let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--listen" => listen = Some(value()?.parse().map_err(|e| format!("--listen: {e}"))?),
+            "--workers" => workers = value()?.parse().map_err(|e| format!("--workers: {e}"))?,
+            "--storage" => storage = Some(value()?),
+            "--process" => process = value()?.parse().map_err(|e| format!("--process: {e}"))?,
+            "--addresses" => {
+                addresses = value()?.split(',').filter(|a| !a.is_empty()).map(str::to_string).collect()
+            }
+            "--help" | "-h" => return Err(USAGE.to_string()),
+            other => return Err(format!("unknown argument {other}\n{USAGE}")),
+        }
+    }
+    Ok(Args {
+        listen: listen.ok_or_else(|| format!("--listen is required\n{USAGE}"))?,
+        workers,
+        storage: storage.ok_or_else(|| format!("--storage is required\n{USAGE}"))?,
+        process,
+        addresses,
+    })
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = match parse_args(std::env::args().skip(1)) {
+        Ok(args) => args,
+        Err(message) => {
+            eprintln!("{message}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let client = match runtime.block_on(storage::Client::connect(args.storage.as_str())) {
+        Ok(client) => client,
+        Err(e) => {
+            eprintln!("cannot connect to storage at {}: {e}", args.storage);
+            return ExitCode::FAILURE;
+        }
+    };
+    let config = ReplicaConfig {
+        listen: args.listen,
+        workers: args.workers,
+        process: args.process,
+        timely_addresses: args.addresses,
+        storage: Arc::new(client),
+    };
+    let handle = match ReplicaServer::start(config) {
+        Ok(handle) => handle,
+        Err(e) => {
+            eprintln!("cannot start the replica: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("listening on {}", handle.local_addr());
+    let _ = runtime.block_on(tokio::signal::ctrl_c());
+    handle.shutdown();
+    ExitCode::SUCCESS
+}

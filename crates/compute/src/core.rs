@@ -1,0 +1,1260 @@
+//! The process core: the protocol state machine of one replica process, on the tokio thread.
+//!
+//! **What this is.** [`Core`] owns everything a process knows at the protocol level: the active controller
+//! connection and its stage, the catalog of dataflows and exported collections, pending peeks, and the
+//! merging of its workers' reports. It receives [`CoreEvent`]s (connection events and commands, storage
+//! results) and [`FromWorker`] reports, and it sends [`ToWorker`] messages and [`ComputeResponse`]s.
+//!
+//! - **Stages.** Hello is checked by the connection task (`server.rs`); a connection becomes active here
+//!   only after a valid Hello, replacing the previous one. Then `CreateInstance` (exactly once), the
+//!   replayed history (buffered), `InitializationComplete` (reconciliation, see below), then normal
+//!   commands. A command in the wrong stage is answered with `CommandRejected` and the connection is closed.
+//! - **Reconciliation.** A running dataflow is kept (no rehydration) if the replay creates an identical one
+//!   (only the as-of may be later), all its index imports come from kept dataflows, it has no subscribe or
+//!   copy-to export (those stream to the connection that asked, so they are rebuilt from the replayed
+//!   as-of), and none of its exports was dropped unless the replay drops it too. Everything else running is
+//!   dropped (importers first), then the replay is executed, skipping kept dataflows' creations.
+//! - **Merging.** Frontiers are the meet over the process's workers and are sent only on change; peek
+//!   answers are the union of the parts of the workers the peek was routed to; a subscribe batch
+//!   `[lower, upper)` is sent once every local worker's sink frontier passed `upper`; copy-to row counts are
+//!   summed over the workers' files; materialized-view batches (all funnelled to global worker 0) go to the
+//!   appender task.
+//! - **Storage.** On `Schedule`, one listen per storage import feeds each local worker the rows it owns
+//!   (`row_owner`, so across processes every update is ingested once) and advances its input to the listen's
+//!   progress, under a storage read hold at the as-of that follows the progress. Materialized views append
+//!   with compare-and-append once `AllowWrites` arrived; on `UpperMismatch` they skip to the current upper.
+//!
+//! **What this is not.** No timely code (the workers') and no socket code (the server's).
+//!
+//! **Invariants.** Reported frontiers never regress within a connection (asserted before sending). Each
+//! peek is answered exactly once per connection. A dataflow is dropped only after every dataflow
+//! importing from it was dropped.
+//!
+//! **Tests.** Through the socket, in `tests/it` (reconnect, bad input, peeks, sinks).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use frontiers::{Antichain, PartialOrder};
+use protocol::{
+    ComputeCommand, ComputeParameters, ComputeResponse, CopyToResponse, DataflowDescription, Datum,
+    FrontiersResponse, GlobalId, InstanceConfig, Peek, PeekId, PeekResponse, PeekTarget, Row, SinkConnection,
+    StatusResponse, SubscribeBatch, SubscribeResponse,
+};
+use storage::{AppendError, AppendRequest, ListenEvent, StorageCollections};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{debug, error, info, warn};
+
+use crate::messages::{DataflowKey, FromWorker, ToWorker, WorkerPeek, WorkerTx};
+use crate::render::{Diff, Time, error_message};
+use crate::worker::{finish_rows, key_owner, row_owner};
+
+/// What the connection tasks send the core.
+#[derive(Debug)]
+pub(crate) enum Outgoing {
+    /// A response to write.
+    Response(ComputeResponse),
+    /// Close the connection after writing what came before.
+    Close,
+}
+
+/// An event for the core.
+#[derive(Debug)]
+pub(crate) enum CoreEvent {
+    /// A connection passed its Hello and becomes the active one.
+    Connected {
+        /// The connection.
+        conn: u64,
+        /// Where its responses go.
+        out: UnboundedSender<Outgoing>,
+    },
+    /// A command on a connection.
+    Command {
+        /// The connection.
+        conn: u64,
+        /// The command.
+        command: ComputeCommand,
+    },
+    /// A connection closed.
+    Disconnected {
+        /// The connection.
+        conn: u64,
+    },
+    /// A storage peek finished.
+    StoragePeek {
+        /// The peek.
+        uuid: PeekId,
+        /// Its answer.
+        response: PeekResponse,
+    },
+    /// Stop the process.
+    Shutdown,
+}
+
+/// The process's place in the replica.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Topology {
+    /// This process's index.
+    pub process: usize,
+    /// Workers per process.
+    pub workers: usize,
+    /// Workers in the whole replica.
+    pub peers: usize,
+}
+
+impl Topology {
+    /// The local index of global worker `global`, if it is in this process.
+    fn local(&self, global: usize) -> Option<usize> {
+        let first = self.process * self.workers;
+        (first..first + self.workers).contains(&global).then(|| global - first)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    AwaitCreateInstance,
+    Replay,
+    Normal,
+}
+
+#[derive(Debug)]
+struct Connection {
+    id: u64,
+    out: UnboundedSender<Outgoing>,
+    stage: Stage,
+    replay: Vec<ComputeCommand>,
+}
+
+#[derive(Debug)]
+struct CoreDataflow {
+    desc: Arc<DataflowDescription<Time>>,
+    as_of: Time,
+    /// Exports not yet dropped.
+    exports: BTreeSet<GlobalId>,
+    /// Dataflows this one imports indexes from.
+    imports_from: BTreeSet<DataflowKey>,
+    /// How many live dataflows import from this one.
+    importers: usize,
+    scheduled: bool,
+    /// Storage listens and appenders.
+    tasks: Vec<JoinHandle<()>>,
+}
+
+#[derive(Debug)]
+enum ExportKind {
+    Index,
+    Subscribe,
+    MaterializedView { appender: Option<UnboundedSender<MvBatch>> },
+    CopyTo { directory: String },
+}
+
+#[derive(Debug)]
+struct CoreCollection {
+    dataflow: DataflowKey,
+    kind: ExportKind,
+    as_of: Time,
+    /// The allowed compaction frontier (initially the as-of).
+    since: Antichain<Time>,
+    /// Per local worker: (write, input) frontiers last reported.
+    worker_frontiers: Vec<Option<(Antichain<Time>, Antichain<Time>)>>,
+    /// Frontiers sent on the active connection: (write, input).
+    reported: Option<(Antichain<Time>, Antichain<Time>)>,
+    hydrated: bool,
+    hydration_reported: bool,
+    sink: SinkMerge,
+}
+
+/// Per-sink merging of the local workers' output.
+#[derive(Debug, Default)]
+struct SinkMerge {
+    worker_frontiers: Vec<Antichain<Time>>,
+    updates: Vec<(Row, Time, Diff)>,
+    errors: Vec<(Row, Time, Diff)>,
+    /// Copy-to: rows per local worker.
+    per_worker: Vec<Vec<(Row, Time, Diff)>>,
+    lower: Antichain<Time>,
+    done: bool,
+    /// Copy-to: the rows are complete and wait for `AllowWrites`.
+    ready: bool,
+}
+
+/// A batch of a materialized view for the appender.
+#[derive(Debug)]
+struct MvBatch {
+    lower: Antichain<Time>,
+    upper: Antichain<Time>,
+    updates: Vec<(Row, Time, Diff)>,
+    errors: bool,
+}
+
+#[derive(Debug)]
+struct CorePeek {
+    waiting: BTreeSet<usize>,
+    parts: Vec<PeekResponse>,
+    peek: Peek,
+    max_result_size_bytes: Option<u64>,
+}
+
+/// The process core. See the module documentation.
+pub(crate) struct Core {
+    topology: Topology,
+    workers: Vec<WorkerTx>,
+    storage: Arc<dyn StorageCollections>,
+    events: UnboundedSender<CoreEvent>,
+    active: Option<Connection>,
+    instance: Option<InstanceConfig>,
+    parameters: ComputeParameters,
+    allow_writes: watch::Sender<bool>,
+    next_key: DataflowKey,
+    dataflows: BTreeMap<DataflowKey, CoreDataflow>,
+    collections: BTreeMap<GlobalId, CoreCollection>,
+    peeks: HashMap<PeekId, CorePeek>,
+    storage_peeks: HashMap<PeekId, JoinHandle<()>>,
+    built: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for Core {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Core").field("topology", &self.topology).finish_non_exhaustive()
+    }
+}
+
+impl Core {
+    /// A core for a process with the given workers.
+    pub fn new(
+        topology: Topology,
+        workers: Vec<WorkerTx>,
+        storage: Arc<dyn StorageCollections>,
+        events: UnboundedSender<CoreEvent>,
+        built: Arc<AtomicU64>,
+    ) -> Self {
+        let (allow_writes, _) = watch::channel(false);
+        Core {
+            topology,
+            workers,
+            storage,
+            events,
+            active: None,
+            instance: None,
+            parameters: ComputeParameters::default(),
+            allow_writes,
+            next_key: 0,
+            dataflows: BTreeMap::new(),
+            collections: BTreeMap::new(),
+            peeks: HashMap::new(),
+            storage_peeks: HashMap::new(),
+            built,
+        }
+    }
+
+    /// Runs until shut down.
+    pub async fn run(
+        mut self,
+        mut events: UnboundedReceiver<CoreEvent>,
+        mut reports: UnboundedReceiver<FromWorker>,
+    ) {
+        loop {
+            tokio::select! {
+                event = events.recv() => match event {
+                    Some(CoreEvent::Shutdown) | None => break,
+                    Some(event) => self.handle_event(event).await,
+                },
+                report = reports.recv() => match report {
+                    Some(report) => self.handle_report(report),
+                    None => break,
+                },
+            }
+        }
+        for dataflow in self.dataflows.values() {
+            for task in &dataflow.tasks {
+                task.abort();
+            }
+        }
+        for task in self.storage_peeks.values() {
+            task.abort();
+        }
+        self.broadcast(|| ToWorker::Shutdown);
+    }
+
+    fn broadcast(&self, message: impl Fn() -> ToWorker) {
+        for worker in &self.workers {
+            if worker.send(message()).is_err() {
+                debug!("worker gone");
+            }
+        }
+    }
+
+    fn send(&self, response: ComputeResponse) {
+        if let Some(conn) = &self.active {
+            let _ = conn.out.send(Outgoing::Response(response));
+        }
+    }
+
+    fn reject_and_close(&mut self, command: &str, reason: String) {
+        warn!(command, %reason, "rejecting command and closing the connection");
+        if let Some(conn) = self.active.take() {
+            let _ = conn.out.send(Outgoing::Response(ComputeResponse::CommandRejected {
+                command: command.to_string(),
+                reason,
+            }));
+            let _ = conn.out.send(Outgoing::Close);
+        }
+    }
+
+    fn reject(&self, command: &str, reason: String) {
+        warn!(command, %reason, "rejecting command");
+        self.send(ComputeResponse::CommandRejected { command: command.to_string(), reason });
+    }
+
+    async fn handle_event(&mut self, event: CoreEvent) {
+        match event {
+            CoreEvent::Connected { conn, out } => {
+                if let Some(old) = self.active.take() {
+                    info!(old = old.id, new = conn, "controller connection replaced");
+                    let _ = old.out.send(Outgoing::Close);
+                }
+                // Peeks of the previous connection are forgotten (the controller re-sends what it wants).
+                for (uuid, _) in self.peeks.drain() {
+                    for worker in &self.workers {
+                        let _ = worker.send(ToWorker::CancelPeek { uuid });
+                    }
+                }
+                for (_, task) in self.storage_peeks.drain() {
+                    task.abort();
+                }
+                for collection in self.collections.values_mut() {
+                    collection.reported = None;
+                    collection.hydration_reported = false;
+                }
+                self.active =
+                    Some(Connection { id: conn, out, stage: Stage::AwaitCreateInstance, replay: Vec::new() });
+            }
+            CoreEvent::Disconnected { conn } => {
+                if self.active.as_ref().is_some_and(|c| c.id == conn) {
+                    info!(conn, "controller disconnected");
+                    self.active = None;
+                }
+            }
+            CoreEvent::Command { conn, command } => {
+                if self.active.as_ref().is_some_and(|c| c.id == conn) {
+                    self.handle_command(command).await;
+                }
+            }
+            CoreEvent::StoragePeek { uuid, response } => {
+                if self.storage_peeks.remove(&uuid).is_some() {
+                    self.send(ComputeResponse::PeekResponse { uuid, response });
+                }
+            }
+            CoreEvent::Shutdown => unreachable!("handled by run"),
+        }
+    }
+
+    async fn handle_command(&mut self, command: ComputeCommand) {
+        let stage = self.active.as_ref().map(|c| c.stage).expect("commands arrive on the active connection");
+        let name = command.name();
+        match (stage, command) {
+            (_, ComputeCommand::Hello { .. }) => {
+                self.reject_and_close(name, "Hello was already received on this connection".to_string())
+            }
+            (Stage::AwaitCreateInstance, ComputeCommand::CreateInstance(config)) => {
+                if let Some(current) = &self.instance
+                    && current.instance_id != config.instance_id
+                {
+                    let reason = format!(
+                        "replica serves instance {}, not {}",
+                        current.instance_id, config.instance_id
+                    );
+                    self.reject_and_close(name, reason);
+                    return;
+                }
+                info!(instance = %config.instance_id, replica = %config.replica_id, "instance configured");
+                self.instance = Some(config);
+                if let Some(conn) = self.active.as_mut() {
+                    conn.stage = Stage::Replay;
+                }
+            }
+            (Stage::AwaitCreateInstance, _) => {
+                self.reject_and_close(name, "expected CreateInstance after Hello".to_string())
+            }
+            (Stage::Replay, ComputeCommand::InitializationComplete) => {
+                let replay = self.active.as_mut().map(|c| std::mem::take(&mut c.replay)).unwrap_or_default();
+                self.reconcile(replay).await;
+                if let Some(conn) = self.active.as_mut() {
+                    conn.stage = Stage::Normal;
+                }
+                self.report_all();
+            }
+            (_, ComputeCommand::CreateInstance(_))
+            | (Stage::Normal, ComputeCommand::InitializationComplete) => {
+                self.reject_and_close(name, format!("{name} is only valid once, during initialization"))
+            }
+            (Stage::Replay, command) => {
+                if let Some(conn) = self.active.as_mut() {
+                    conn.replay.push(command);
+                }
+            }
+            (Stage::Normal, command) => self.execute(command).await,
+        }
+    }
+
+    /// Applies the replayed history: keeps identical dataflows, drops the rest, builds what is new.
+    async fn reconcile(&mut self, replay: Vec<ComputeCommand>) {
+        let replayed: Vec<&DataflowDescription<Time>> = replay
+            .iter()
+            .filter_map(|c| match c {
+                ComputeCommand::CreateDataflow(desc) => Some(desc),
+                _ => None,
+            })
+            .collect();
+        let dropped_in_replay: BTreeSet<GlobalId> = replay
+            .iter()
+            .filter_map(|c| match c {
+                ComputeCommand::AllowCompaction { id, frontier } if frontier.is_empty() => Some(*id),
+                _ => None,
+            })
+            .collect();
+        let mut kept: BTreeSet<DataflowKey> = BTreeSet::new();
+        let mut kept_exports: BTreeSet<GlobalId> = BTreeSet::new();
+        for (key, dataflow) in &self.dataflows {
+            let streams = dataflow.desc.sink_exports.values().any(|s| {
+                matches!(s.connection, SinkConnection::Subscribe { .. } | SinkConnection::CopyTo { .. })
+            });
+            let imports_kept = dataflow.imports_from.iter().all(|k| kept.contains(k));
+            let exports_intact = dataflow
+                .desc
+                .export_ids()
+                .all(|id| dataflow.exports.contains(&id) || dropped_in_replay.contains(&id));
+            let matching = replayed.iter().any(|desc| same_dataflow(&dataflow.desc, desc));
+            if !streams && imports_kept && exports_intact && matching {
+                kept.insert(*key);
+                kept_exports.extend(dataflow.desc.export_ids());
+            }
+        }
+        info!(kept = kept.len(), running = self.dataflows.len(), "reconciling after reconnect");
+        let to_drop: Vec<DataflowKey> =
+            self.dataflows.keys().rev().filter(|k| !kept.contains(k)).copied().collect();
+        for key in to_drop {
+            let exports: Vec<GlobalId> = self.dataflows[&key].exports.iter().copied().collect();
+            for id in exports {
+                self.drop_export(id, false);
+            }
+            // Its importers are dropped first (reverse order), so it goes now.
+            self.maybe_drop_dataflow(key);
+        }
+        for command in replay {
+            match &command {
+                ComputeCommand::CreateDataflow(desc)
+                    if desc.export_ids().next().is_some_and(|id| kept_exports.contains(&id)) =>
+                {
+                    // Kept: the running dataflow serves it (its as-of may be earlier, which is fine).
+                    continue;
+                }
+                _ => self.execute(command).await,
+            }
+        }
+    }
+
+    async fn execute(&mut self, command: ComputeCommand) {
+        match command {
+            ComputeCommand::Hello { .. }
+            | ComputeCommand::CreateInstance(_)
+            | ComputeCommand::InitializationComplete => {
+                unreachable!("stage commands are handled by the stage machine")
+            }
+            ComputeCommand::UpdateConfiguration(parameters) => {
+                self.parameters.update(parameters.clone());
+                self.broadcast(|| ToWorker::Configure(parameters.clone()));
+            }
+            ComputeCommand::CreateDataflow(desc) => {
+                if let Err(reason) = self.create_dataflow(desc).await {
+                    self.reject("CreateDataflow", reason);
+                }
+            }
+            ComputeCommand::Schedule(id) => {
+                let Some(key) = self.collections.get(&id).map(|c| c.dataflow) else {
+                    self.reject("Schedule", format!("unknown collection {id}"));
+                    return;
+                };
+                self.schedule(key);
+            }
+            ComputeCommand::AllowCompaction { id, frontier } => {
+                if !self.collections.contains_key(&id) {
+                    debug!(%id, "AllowCompaction of an unknown or dropped collection ignored");
+                    return;
+                }
+                if frontier.is_empty() {
+                    self.drop_export(id, true);
+                    let key = self
+                        .dataflows
+                        .iter()
+                        .find(|(_, d)| d.desc.export_ids().any(|e| e == id))
+                        .map(|(k, _)| *k);
+                    if let Some(key) = key {
+                        self.maybe_drop_dataflow(key);
+                    }
+                } else {
+                    let collection = self.collections.get_mut(&id).expect("checked above");
+                    if PartialOrder::less_equal(&collection.since, &frontier) {
+                        collection.since = frontier.clone();
+                    }
+                    if matches!(collection.kind, ExportKind::Index) {
+                        self.broadcast(|| ToWorker::AllowCompaction { id, frontier: frontier.clone() });
+                    }
+                }
+            }
+            ComputeCommand::Peek(peek) => self.peek(peek),
+            ComputeCommand::CancelPeek { uuid } => {
+                if self.peeks.remove(&uuid).is_some() {
+                    self.broadcast(|| ToWorker::CancelPeek { uuid });
+                    self.send(ComputeResponse::PeekResponse { uuid, response: PeekResponse::Canceled });
+                } else if let Some(task) = self.storage_peeks.remove(&uuid) {
+                    task.abort();
+                    self.send(ComputeResponse::PeekResponse { uuid, response: PeekResponse::Canceled });
+                }
+            }
+            ComputeCommand::AllowWrites => {
+                let _ = self.allow_writes.send(true);
+                let ready: Vec<GlobalId> = self
+                    .collections
+                    .iter()
+                    .filter(|(_, c)| c.sink.ready && !c.sink.done)
+                    .map(|(id, _)| *id)
+                    .collect();
+                for id in ready {
+                    self.write_copy_to(id);
+                }
+            }
+        }
+    }
+
+    async fn create_dataflow(&mut self, desc: DataflowDescription<Time>) -> Result<(), String> {
+        desc.validate().map_err(|e| e.to_string())?;
+        let as_of = *desc.as_of.as_ref().and_then(|a| a.as_option()).expect("validated: non-empty as_of");
+        for id in desc.export_ids() {
+            if self.collections.contains_key(&id) {
+                return Err(format!("export {id} already exists"));
+            }
+        }
+        let mut imports_from = BTreeSet::new();
+        for id in desc.index_imports.keys() {
+            let Some(collection) = self.collections.get(id) else {
+                return Err(format!("index import {id} is unknown"));
+            };
+            if !matches!(collection.kind, ExportKind::Index) {
+                return Err(format!("import {id} is not an index"));
+            }
+            if !collection.since.less_equal(&as_of) {
+                return Err(format!(
+                    "index import {id} is compacted to {:?}, beyond the as-of {as_of}",
+                    collection.since.elements()
+                ));
+            }
+            imports_from.insert(collection.dataflow);
+        }
+        // Storage imports and materialized-view targets must exist, and imports be readable at the as-of.
+        for id in desc.source_imports.keys() {
+            let frontiers = self
+                .storage
+                .frontiers(*id)
+                .await
+                .map_err(|e| format!("storage import {id} is unavailable: {e}"))?;
+            if !frontiers.since.less_equal(&as_of) {
+                return Err(format!(
+                    "storage import {id} is compacted to {:?}, beyond the as-of {as_of}",
+                    frontiers.since.elements()
+                ));
+            }
+        }
+        for sink in desc.sink_exports.values() {
+            if let SinkConnection::MaterializedView { target } = &sink.connection {
+                self.storage
+                    .frontiers(*target)
+                    .await
+                    .map_err(|e| format!("materialized view target {target} is unavailable: {e}"))?;
+            }
+        }
+        let key = self.next_key;
+        self.next_key += 1;
+        let desc = Arc::new(desc);
+        for exporter in &imports_from {
+            self.dataflows.get_mut(exporter).expect("exporter of a live index exists").importers += 1;
+        }
+        let local_workers = self.topology.workers;
+        let mut tasks = Vec::new();
+        for (id, index) in &desc.index_exports {
+            let _ = index;
+            self.collections.insert(*id, CoreCollection::new(key, ExportKind::Index, as_of, local_workers));
+        }
+        for (id, sink) in &desc.sink_exports {
+            let kind = match &sink.connection {
+                SinkConnection::Subscribe { .. } => ExportKind::Subscribe,
+                SinkConnection::CopyTo { directory } => ExportKind::CopyTo { directory: directory.clone() },
+                SinkConnection::MaterializedView { target } => {
+                    // Every update is funnelled to global worker 0, so its process appends for the replica.
+                    let appender = if self.topology.local(0).is_some() {
+                        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                        tasks.push(tokio::spawn(append_materialized_view(
+                            Arc::clone(&self.storage),
+                            *target,
+                            as_of,
+                            rx,
+                            self.allow_writes.subscribe(),
+                        )));
+                        Some(tx)
+                    } else {
+                        None
+                    };
+                    ExportKind::MaterializedView { appender }
+                }
+            };
+            self.collections.insert(*id, CoreCollection::new(key, kind, as_of, local_workers));
+        }
+        self.dataflows.insert(
+            key,
+            CoreDataflow {
+                desc: Arc::clone(&desc),
+                as_of,
+                exports: desc.export_ids().collect(),
+                imports_from,
+                importers: 0,
+                scheduled: false,
+                tasks,
+            },
+        );
+        self.built.fetch_add(1, Ordering::Relaxed);
+        info!(key, name = %desc.debug_name, as_of, "creating dataflow");
+        self.broadcast(|| ToWorker::Build { key, desc: Arc::clone(&desc) });
+        Ok(())
+    }
+
+    fn schedule(&mut self, key: DataflowKey) {
+        let Some(dataflow) = self.dataflows.get_mut(&key) else { return };
+        if dataflow.scheduled {
+            return;
+        }
+        dataflow.scheduled = true;
+        for import in dataflow.desc.source_imports.keys() {
+            let task = tokio::spawn(feed_source(
+                Arc::clone(&self.storage),
+                *import,
+                dataflow.as_of,
+                key,
+                self.workers.clone(),
+                self.topology,
+            ));
+            dataflow.tasks.push(task);
+        }
+        self.broadcast(|| ToWorker::Schedule { key });
+    }
+
+    /// Drops one export: workers release it, outstanding sink output ends.
+    fn drop_export(&mut self, id: GlobalId, report: bool) {
+        let Some(collection) = self.collections.remove(&id) else { return };
+        if let Some(dataflow) = self.dataflows.get_mut(&collection.dataflow) {
+            dataflow.exports.remove(&id);
+        }
+        self.broadcast(|| ToWorker::DropExport { id });
+        if !report {
+            return;
+        }
+        match &collection.kind {
+            ExportKind::Subscribe if !collection.sink.done => {
+                self.send(ComputeResponse::SubscribeResponse {
+                    id,
+                    response: SubscribeResponse::DroppedAt(collection.sink.lower.clone()),
+                });
+            }
+            ExportKind::CopyTo { .. } if !collection.sink.done => {
+                self.send(ComputeResponse::CopyToResponse { id, response: CopyToResponse::Dropped });
+            }
+            _ => {}
+        }
+        let already_closed = collection.reported.as_ref().is_some_and(|(w, _)| w.is_empty());
+        if !already_closed {
+            self.send(ComputeResponse::Frontiers {
+                id,
+                frontiers: FrontiersResponse {
+                    write_frontier: Some(Antichain::new()),
+                    input_frontier: Some(Antichain::new()),
+                    output_frontier: Some(Antichain::new()),
+                },
+            });
+        }
+        // Peeks pending on a dropped index are answered by the workers with an error.
+    }
+
+    /// Drops a dataflow whose exports are all gone and that nothing imports from, then its exporters if
+    /// they became droppable.
+    fn maybe_drop_dataflow(&mut self, key: DataflowKey) {
+        let Some(dataflow) = self.dataflows.get(&key) else { return };
+        if !dataflow.exports.is_empty() || dataflow.importers > 0 {
+            return;
+        }
+        let dataflow = self.dataflows.remove(&key).expect("checked above");
+        for task in &dataflow.tasks {
+            task.abort();
+        }
+        info!(key, name = %dataflow.desc.debug_name, "dropping dataflow");
+        self.broadcast(|| ToWorker::DropDataflow { key });
+        for exporter in dataflow.imports_from {
+            if let Some(exporter_dataflow) = self.dataflows.get_mut(&exporter) {
+                assert!(exporter_dataflow.importers > 0, "importer counts match imports");
+                exporter_dataflow.importers -= 1;
+            }
+            self.maybe_drop_dataflow(exporter);
+        }
+    }
+
+    fn peek(&mut self, peek: Peek) {
+        let uuid = peek.uuid;
+        if self.peeks.contains_key(&uuid) || self.storage_peeks.contains_key(&uuid) {
+            self.reject("Peek", format!("peek {uuid} is already pending"));
+            return;
+        }
+        match peek.target {
+            PeekTarget::Storage { id } => {
+                // The whole snapshot is this replica's answer: only process 0 reads it.
+                if self.topology.process != 0 {
+                    self.send(ComputeResponse::PeekResponse {
+                        uuid,
+                        response: PeekResponse::Rows(Vec::new()),
+                    });
+                    return;
+                }
+                let storage = Arc::clone(&self.storage);
+                let events = self.events.clone();
+                let max = self.parameters.max_result_size_bytes;
+                let task = tokio::spawn(async move {
+                    let response = match storage.snapshot(id, peek.timestamp).await {
+                        Ok(rows) => {
+                            let mut out = Vec::new();
+                            let mut error = None;
+                            for (row, diff) in rows {
+                                match peek.map_filter_project.apply(&row) {
+                                    Ok(Some(row)) => out.push((row, diff)),
+                                    Ok(None) => {}
+                                    Err(e) => {
+                                        error = Some(format!("peek map/filter/project: {e}"));
+                                        break;
+                                    }
+                                }
+                            }
+                            match error {
+                                Some(error) => PeekResponse::Error(error),
+                                None => finish_rows(out, &peek.finishing, max),
+                            }
+                        }
+                        Err(e) => PeekResponse::Error(format!("storage peek of {id}: {e}")),
+                    };
+                    let _ = events.send(CoreEvent::StoragePeek { uuid, response });
+                });
+                self.storage_peeks.insert(uuid, task);
+            }
+            PeekTarget::Index { id } => {
+                let Some(collection) = self.collections.get(&id) else {
+                    let response = PeekResponse::Error(format!("unknown index {id}"));
+                    self.send(ComputeResponse::PeekResponse { uuid, response });
+                    return;
+                };
+                if !matches!(collection.kind, ExportKind::Index) {
+                    let response = PeekResponse::Error(format!("{id} is not an index"));
+                    self.send(ComputeResponse::PeekResponse { uuid, response });
+                    return;
+                }
+                if !collection.since.less_equal(&peek.timestamp) {
+                    let response = PeekResponse::Error(format!(
+                        "peek of {id} at {} is before its since {:?}",
+                        peek.timestamp,
+                        collection.since.elements()
+                    ));
+                    self.send(ComputeResponse::PeekResponse { uuid, response });
+                    return;
+                }
+                let mut routed: BTreeMap<usize, Option<Vec<Row>>> = BTreeMap::new();
+                match &peek.literal_constraints {
+                    None => {
+                        for local in 0..self.topology.workers {
+                            routed.insert(local, None);
+                        }
+                    }
+                    Some(keys) => {
+                        for key in keys {
+                            let owner = key_owner(key, self.topology.peers);
+                            if let Some(local) = self.topology.local(owner) {
+                                routed
+                                    .entry(local)
+                                    .or_insert_with(|| Some(Vec::new()))
+                                    .get_or_insert_default()
+                                    .push(key.clone());
+                            }
+                        }
+                        if routed.is_empty() {
+                            // No local owner: one worker still checks errors and waits for the time.
+                            routed.insert(0, Some(Vec::new()));
+                        }
+                    }
+                }
+                let max_result_size_bytes = self.parameters.max_result_size_bytes;
+                for (local, keys) in &routed {
+                    let message = ToWorker::Peek(WorkerPeek {
+                        uuid,
+                        id,
+                        timestamp: peek.timestamp,
+                        keys: keys.clone(),
+                        mfp: peek.map_filter_project.clone(),
+                        finishing: peek.finishing.clone(),
+                        max_result_size_bytes,
+                    });
+                    let _ = self.workers[*local].send(message);
+                }
+                self.peeks.insert(
+                    uuid,
+                    CorePeek {
+                        waiting: routed.keys().copied().collect(),
+                        parts: Vec::new(),
+                        peek,
+                        max_result_size_bytes,
+                    },
+                );
+            }
+        }
+    }
+
+    fn handle_report(&mut self, report: FromWorker) {
+        match report {
+            FromWorker::Peek { worker, uuid, response } => {
+                let Some(pending) = self.peeks.get_mut(&uuid) else { return };
+                if !pending.waiting.remove(&worker) {
+                    return;
+                }
+                pending.parts.push(response);
+                if pending.waiting.is_empty() {
+                    let pending = self.peeks.remove(&uuid).expect("present");
+                    let response = match PeekResponse::union(pending.parts) {
+                        PeekResponse::Rows(rows) => {
+                            let rows =
+                                rows.into_iter().map(|(row, count)| (row, count.get() as Diff)).collect();
+                            finish_rows(rows, &pending.peek.finishing, pending.max_result_size_bytes)
+                        }
+                        other => other,
+                    };
+                    self.send(ComputeResponse::PeekResponse { uuid, response });
+                }
+            }
+            FromWorker::Frontiers { worker, id, write, input } => {
+                let Some(collection) = self.collections.get_mut(&id) else { return };
+                collection.worker_frontiers[worker] = Some((write, input));
+                self.report_frontiers(id);
+            }
+            FromWorker::Sink { worker, id, updates, errors, frontier } => {
+                self.merge_sink(worker, id, updates, errors, frontier);
+            }
+        }
+    }
+
+    /// Reports every collection's frontiers afresh (after a reconnect).
+    fn report_all(&mut self) {
+        let ids: Vec<GlobalId> = self.collections.keys().copied().collect();
+        for id in ids {
+            self.report_frontiers(id);
+        }
+    }
+
+    fn report_frontiers(&mut self, id: GlobalId) {
+        let Some(collection) = self.collections.get_mut(&id) else { return };
+        let Some(normal) = self.active.as_ref().map(|c| c.stage == Stage::Normal) else { return };
+        if !normal || collection.worker_frontiers.iter().any(Option::is_none) {
+            return;
+        }
+        let write = frontiers::antichain::meet_all(
+            collection.worker_frontiers.iter().map(|f| f.as_ref().expect("checked").0.borrow()),
+        );
+        let input = frontiers::antichain::meet_all(
+            collection.worker_frontiers.iter().map(|f| f.as_ref().expect("checked").1.borrow()),
+        );
+        let mut response = FrontiersResponse::default();
+        match &collection.reported {
+            Some((old_write, old_input)) => {
+                if *old_write != write {
+                    assert!(PartialOrder::less_equal(old_write, &write), "write frontier of {id} regressed");
+                    response.write_frontier = Some(write.clone());
+                    response.output_frontier = Some(write.clone());
+                }
+                if *old_input != input && PartialOrder::less_equal(old_input, &input) {
+                    response.input_frontier = Some(input.clone());
+                }
+            }
+            None => {
+                response.write_frontier = Some(write.clone());
+                response.output_frontier = Some(write.clone());
+                response.input_frontier = Some(input.clone());
+            }
+        }
+        let hydrated_now = !write.less_equal(&collection.as_of);
+        let mut status = None;
+        if hydrated_now {
+            collection.hydrated = true;
+        }
+        if collection.hydrated && !collection.hydration_reported {
+            collection.hydration_reported = true;
+            status = Some(ComputeResponse::Status(StatusResponse::Hydration { id, hydrated: true }));
+        }
+        if !response.is_empty() {
+            let input = response
+                .input_frontier
+                .clone()
+                .unwrap_or_else(|| collection.reported.as_ref().map(|(_, i)| i.clone()).unwrap_or_default());
+            collection.reported = Some((write, input));
+            self.send(ComputeResponse::Frontiers { id, frontiers: response });
+        }
+        if let Some(status) = status {
+            self.send(status);
+        }
+    }
+
+    fn merge_sink(
+        &mut self,
+        worker: usize,
+        id: GlobalId,
+        updates: Vec<(Row, Time, Diff)>,
+        errors: Vec<(Row, Time, Diff)>,
+        frontier: Antichain<Time>,
+    ) {
+        let process = self.topology.process;
+        let Some(collection) = self.collections.get_mut(&id) else { return };
+        let sink = &mut collection.sink;
+        if sink.done {
+            return;
+        }
+        if matches!(collection.kind, ExportKind::CopyTo { .. }) {
+            sink.per_worker[worker].extend(updates);
+        } else {
+            sink.updates.extend(updates);
+        }
+        sink.errors.extend(errors);
+        sink.worker_frontiers[worker] = frontier;
+        let meet = frontiers::antichain::meet_all(sink.worker_frontiers.iter().map(|f| f.borrow()));
+        if !PartialOrder::less_than(&sink.lower, &meet) {
+            return;
+        }
+        let lower = std::mem::replace(&mut sink.lower, meet.clone());
+        let upper = meet;
+        let (mut batch, rest): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut sink.updates).into_iter().partition(|(_, t, _)| !upper.less_equal(t));
+        sink.updates = rest;
+        let (mut batch_errors, rest): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut sink.errors).into_iter().partition(|(_, t, _)| !upper.less_equal(t));
+        sink.errors = rest;
+        differential_dataflow::consolidation::consolidate_updates(&mut batch);
+        differential_dataflow::consolidation::consolidate_updates(&mut batch_errors);
+        match &collection.kind {
+            ExportKind::Index => {}
+            ExportKind::Subscribe => {
+                let response = if let Some((error, _, _)) = batch_errors.first() {
+                    sink.done = true;
+                    SubscribeBatch { lower, upper: Antichain::new(), updates: Err(error_message(error)) }
+                } else {
+                    if upper.is_empty() {
+                        sink.done = true;
+                    }
+                    let mut updates: Vec<(Time, Row, Diff)> =
+                        batch.into_iter().map(|(r, t, d)| (t, r, d)).collect();
+                    updates.sort();
+                    SubscribeBatch { lower, upper, updates: Ok(updates) }
+                };
+                self.send(ComputeResponse::SubscribeResponse {
+                    id,
+                    response: SubscribeResponse::Batch(response),
+                });
+            }
+            ExportKind::MaterializedView { appender } => {
+                if let Some(appender) = appender {
+                    let _ = appender.send(MvBatch {
+                        lower,
+                        upper,
+                        updates: batch,
+                        errors: !batch_errors.is_empty(),
+                    });
+                } else {
+                    debug_assert!(
+                        process != 0 || batch.is_empty(),
+                        "materialized views are appended by process 0"
+                    );
+                }
+            }
+            ExportKind::CopyTo { .. } => {
+                if !upper.less_equal(&collection.as_of) {
+                    sink.ready = true;
+                    if !batch_errors.is_empty() {
+                        sink.done = true;
+                        let message = error_message(&batch_errors[0].0);
+                        self.send(ComputeResponse::CopyToResponse {
+                            id,
+                            response: CopyToResponse::Error(message),
+                        });
+                    } else if *self.allow_writes.borrow() {
+                        self.write_copy_to(id);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes a finished copy-to's files (one per local worker) and answers with the row count.
+    fn write_copy_to(&mut self, id: GlobalId) {
+        let process = self.topology.process;
+        let Some(collection) = self.collections.get_mut(&id) else { return };
+        let ExportKind::CopyTo { directory } = &collection.kind else { return };
+        let sink = &mut collection.sink;
+        sink.done = true;
+        let response = match write_csv_files(directory, process, &mut sink.per_worker) {
+            Ok(count) => CopyToResponse::RowCount(count),
+            Err(e) => CopyToResponse::Error(e),
+        };
+        self.send(ComputeResponse::CopyToResponse { id, response });
+    }
+}
+
+impl CoreCollection {
+    fn new(dataflow: DataflowKey, kind: ExportKind, as_of: Time, workers: usize) -> Self {
+        CoreCollection {
+            dataflow,
+            kind,
+            as_of,
+            since: Antichain::from_elem(as_of),
+            worker_frontiers: vec![None; workers],
+            reported: None,
+            hydrated: false,
+            hydration_reported: false,
+            sink: SinkMerge {
+                worker_frontiers: vec![Antichain::from_elem(0); workers],
+                per_worker: vec![Vec::new(); workers],
+                lower: Antichain::from_elem(as_of),
+                ..SinkMerge::default()
+            },
+        }
+    }
+}
+
+/// Whether `replayed` describes the same dataflow as `running`, allowing a later as-of.
+fn same_dataflow(running: &DataflowDescription<Time>, replayed: &DataflowDescription<Time>) -> bool {
+    let later_as_of = match (&running.as_of, &replayed.as_of) {
+        (Some(a), Some(b)) => PartialOrder::less_equal(a, b),
+        _ => false,
+    };
+    later_as_of
+        && running.source_imports == replayed.source_imports
+        && running.index_imports == replayed.index_imports
+        && running.objects_to_build == replayed.objects_to_build
+        && running.index_exports == replayed.index_exports
+        && running.sink_exports == replayed.sink_exports
+        && running.until == replayed.until
+}
+
+/// Writes one CSV file per local worker; returns the number of rows written (with multiplicity).
+fn write_csv_files(
+    directory: &str,
+    process: usize,
+    per_worker: &mut [Vec<(Row, Time, Diff)>],
+) -> Result<u64, String> {
+    std::fs::create_dir_all(directory).map_err(|e| format!("creating {directory}: {e}"))?;
+    let mut total = 0u64;
+    for (worker, rows) in per_worker.iter_mut().enumerate() {
+        let mut updates: Vec<(Row, Diff)> =
+            std::mem::take(rows).into_iter().map(|(r, _, d)| (r, d)).collect();
+        differential_dataflow::consolidation::consolidate(&mut updates);
+        let mut text = String::new();
+        for (row, diff) in &updates {
+            if *diff < 0 {
+                return Err(format!("row {row} has negative multiplicity {diff}"));
+            }
+            let line = csv_line(row);
+            for _ in 0..*diff {
+                text.push_str(&line);
+                total += 1;
+            }
+        }
+        let path = std::path::Path::new(directory).join(format!("part-{process}-{worker}.csv"));
+        std::fs::write(&path, text).map_err(|e| format!("writing {}: {e}", path.display()))?;
+    }
+    Ok(total)
+}
+
+/// One CSV line (with newline) for a row: `NULL` is an empty field; fields with commas, quotes or line
+/// breaks are quoted.
+pub(crate) fn csv_line(row: &Row) -> String {
+    let mut line = String::new();
+    for (i, datum) in row.iter().enumerate() {
+        if i > 0 {
+            line.push(',');
+        }
+        if datum == Datum::Null {
+            continue;
+        }
+        let mut field = String::new();
+        let _ = write!(field, "{datum}");
+        if field.contains([',', '"', '\n', '\r']) || field.is_empty() {
+            line.push('"');
+            line.push_str(&field.replace('"', "\"\""));
+            line.push('"');
+        } else {
+            line.push_str(&field);
+        }
+    }
+    line.push('\n');
+    line
+}
+
+/// Reads a storage import from `as_of` on and feeds each local worker the rows it owns.
+async fn feed_source(
+    storage: Arc<dyn StorageCollections>,
+    id: GlobalId,
+    as_of: Time,
+    key: DataflowKey,
+    workers: Vec<WorkerTx>,
+    topology: Topology,
+) {
+    let mut hold = match storage.acquire_read_hold(id, Antichain::from_elem(as_of)).await {
+        Ok(hold) => hold,
+        Err(e) => {
+            error!(%id, as_of, error = %e, "cannot hold storage import; the dataflow will not progress");
+            return;
+        }
+    };
+    let mut listen = match storage.listen(id, as_of).await {
+        Ok(listen) => listen,
+        Err(e) => {
+            error!(%id, as_of, error = %e, "cannot listen to storage import; the dataflow will not progress");
+            return;
+        }
+    };
+    loop {
+        match listen.next().await {
+            Ok(ListenEvent::Updates(updates)) => {
+                let mut parts: Vec<Vec<(Row, Time, Diff)>> = vec![Vec::new(); topology.workers];
+                if topology.peers == 1 {
+                    parts[0] = updates;
+                } else {
+                    for update in updates {
+                        if let Some(local) = topology.local(row_owner(&update.0, topology.peers)) {
+                            parts[local].push(update);
+                        }
+                    }
+                }
+                for (local, updates) in parts.into_iter().enumerate() {
+                    if !updates.is_empty() {
+                        let _ = workers[local].send(ToWorker::SourceUpdates { key, import: id, updates });
+                    }
+                }
+            }
+            Ok(ListenEvent::Progress(frontier)) => {
+                for worker in &workers {
+                    let _ =
+                        worker.send(ToWorker::SourceProgress { key, import: id, frontier: frontier.clone() });
+                }
+                if frontier.is_empty() {
+                    return;
+                }
+                if PartialOrder::less_than(hold.since(), &frontier) && hold.try_downgrade(frontier).is_err() {
+                    debug!(%id, "storage hold could not move forward");
+                }
+            }
+            Err(e) => {
+                error!(%id, error = %e, "storage listen failed; the dataflow stops progressing");
+                return;
+            }
+        }
+    }
+}
+
+/// Appends a materialized view's batches to storage with compare-and-append, once writes are allowed.
+async fn append_materialized_view(
+    storage: Arc<dyn StorageCollections>,
+    target: GlobalId,
+    as_of: Time,
+    mut batches: UnboundedReceiver<MvBatch>,
+    mut allow_writes: watch::Receiver<bool>,
+) {
+    if allow_writes.wait_for(|allowed| *allowed).await.is_err() {
+        return;
+    }
+    let mut upper = match storage.frontiers(target).await {
+        Ok(frontiers) => frontiers.upper,
+        Err(e) => {
+            error!(%target, error = %e, "materialized view target unavailable");
+            return;
+        }
+    };
+    let mut pending: Vec<(Row, Time, Diff)> = Vec::new();
+    let mut pending_upper: Antichain<Time> = Antichain::from_elem(as_of);
+    let mut first = true;
+    while let Some(batch) = batches.recv().await {
+        let mut batch = Some(batch);
+        while let Some(next) = batch.take().or_else(|| batches.try_recv().ok()) {
+            if next.errors {
+                warn!(%target, "materialized view has errors; it stops advancing");
+                return;
+            }
+            debug_assert!(PartialOrder::less_equal(&next.lower, &pending_upper) || first);
+            pending.extend(next.updates);
+            pending_upper = next.upper;
+        }
+        loop {
+            if !PartialOrder::less_than(&upper, &pending_upper) {
+                // Someone (another replica) already wrote this range: everything pending is there.
+                pending.clear();
+                break;
+            }
+            if first {
+                first = false;
+                // A gap between the collection's upper and our as-of: what is there must become our snapshot.
+                if let Some(current) = upper.as_option().copied()
+                    && current < as_of
+                    && current > 0
+                {
+                    match storage.snapshot(target, current - 1).await {
+                        Ok(existing) => {
+                            pending.extend(existing.into_iter().map(|(row, diff)| (row, as_of, -diff)));
+                        }
+                        Err(e) => {
+                            error!(%target, error = %e, "cannot read the view's current contents; it stops advancing");
+                            return;
+                        }
+                    }
+                }
+            }
+            let lower = upper.as_option().copied().unwrap_or(Time::MAX);
+            let mut updates: Vec<(Row, Time, Diff)> = pending
+                .iter()
+                .filter(|(_, t, _)| *t >= lower)
+                .map(|(r, t, d)| (r.clone(), (*t).max(lower), *d))
+                .collect();
+            differential_dataflow::consolidation::consolidate_updates(&mut updates);
+            let request = AppendRequest {
+                id: target,
+                updates,
+                expected_upper: upper.clone(),
+                new_upper: pending_upper.clone(),
+            };
+            match storage.append(vec![request]).await {
+                Ok(()) => {
+                    upper = pending_upper.clone();
+                    pending.clear();
+                    break;
+                }
+                Err(AppendError::UpperMismatch { current, .. }) => {
+                    debug!(%target, ?current, "another writer appended first; skipping ahead");
+                    upper = current;
+                }
+                Err(e) => {
+                    warn!(%target, error = %e, "append failed; retrying");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}

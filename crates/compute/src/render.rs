@@ -1,0 +1,712 @@
+//! Rendering: turns the plan IR of a [`DataflowDescription`] into differential operators over [`Row`].
+//!
+//! **What this is.** [`render_object`] renders one [`Plan`] into a pair of collections: the *oks* (the
+//! rows of the plan) and, pushed into [`RenderContext::errs`], the *errors* its operators produced. Every
+//! collection is a `VecCollection<'s, u64, Row, i64>`. Arrangements appear only where an operator needs
+//! one (join inputs, reduce-like operators) and at index exports (built by the worker, not here).
+//!
+//! **What this is not.** It does not own traces, inputs or sinks: the worker (`worker.rs`) creates the
+//! inputs (storage sources, constants, index imports), hands their collections in through
+//! [`RenderContext::collections`], and arranges the exported objects.
+//!
+//! **Semantics.** Each operator matches `protocol::reference::evaluate`, the reference interpreter:
+//! - consecutive `Map`/`Filter`/`Project` nodes are fused into one pass ([`RowOp`]s applied in the plan's
+//!   own order, so a filter below a map still stops the map from erring on the rows it removes);
+//! - `Join` is a chain of binary `join_core`s on inputs arranged by the columns of the equivalence classes
+//!   they share with the prefix; rows with a `NULL` in any equivalence-class column are removed first
+//!   (they can never match), and classes within one input are applied as filters on that input;
+//! - `Reduce`, `Distinct` and `TopK` see each group's consolidated rows (in `Row` order, as the reference
+//!   does, so float sums add in the same order) and report a negative multiplicity as an error;
+//! - `Threshold` keeps positive multiplicities; `Negate`, `Union` and `ArrangeBy` are what they say.
+//!
+//! **Errors.** A data error becomes an update of the error collection: a row
+//! `[Text(message), Bytes(row that caused it)]` with the multiplicity of the row that caused it. The message
+//! names the operator (a per-dataflow operator number), so errors of different rows or operators never
+//! cancel each other. The dataflow's answer is an error exactly when its error collection is non-empty,
+//! which is exactly when the reference errs (operators downstream of an error see only the ok rows, but
+//! the error itself already makes the answer an error).
+//!
+//! **Tests.** `tests/it/operators.rs` checks every operator against the reference on random inputs and
+//! update sequences with 1 and 2 workers and 2 processes.
+
+use std::collections::BTreeMap;
+
+use differential_dataflow::operators::arrange::{Arranged, TraceAgent};
+use differential_dataflow::trace::implementations::{KeySpine, ValSpine};
+use differential_dataflow::{AsCollection, VecCollection};
+use timely::dataflow::Stream;
+use timely::dataflow::channels::pact::Pipeline;
+use timely::dataflow::operators::generic::OutputBuilder;
+use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
+
+use protocol::{
+    AggregateExpr, AggregateFunc, DataflowDescription, Datum, EvalError, GlobalId, Plan, Row, RowPacker,
+    ScalarExpr, compare_datums,
+};
+
+/// The time of every collection.
+pub(crate) type Time = u64;
+/// The multiplicity type of every collection.
+pub(crate) type Diff = i64;
+/// A collection of rows.
+pub(crate) type Coll<'s> = VecCollection<'s, Time, Row, Diff>;
+/// The updates of a collection, as timely sends them.
+pub(crate) type Updates = Vec<(Row, Time, Diff)>;
+/// An input of rows.
+pub(crate) type RowInput = differential_dataflow::input::InputSession<Time, Row, Diff>;
+/// The trace of an index export: `(key, full row)`.
+pub(crate) type OkTrace = TraceAgent<ValSpine<Row, Row, Time, Diff>>;
+/// The trace of a dataflow's errors (a full copy on every worker).
+pub(crate) type ErrTrace = TraceAgent<KeySpine<Row, Time, Diff>>;
+/// An arranged index.
+pub(crate) type OkArranged<'s> = Arranged<'s, OkTrace>;
+
+/// What rendering needs to know, and what it produces besides each object's rows.
+pub(crate) struct RenderContext<'s> {
+    /// The rows of every import and every object rendered so far.
+    pub collections: BTreeMap<GlobalId, Coll<'s>>,
+    /// Error collections produced by the operators rendered so far.
+    pub errs: Vec<Coll<'s>>,
+    /// Numbers operators, so that error messages (and so error rows) of different operators differ.
+    next_operator: u64,
+    /// The dataflow's `Constant` plans, rendered as inputs the worker fills when the dataflow is scheduled.
+    pub constants: Vec<(Vec<(Row, Diff)>, Coll<'s>)>,
+    /// Makes a new empty input collection for a constant (the worker owns the input handle).
+    pub new_constant: Box<dyn FnMut() -> Coll<'s> + 's>,
+    /// The arity of every import and object (see [`arities`]).
+    pub arities: BTreeMap<GlobalId, usize>,
+}
+
+impl<'s> RenderContext<'s> {
+    /// A context over the given imported collections.
+    pub fn new(
+        collections: BTreeMap<GlobalId, Coll<'s>>,
+        new_constant: Box<dyn FnMut() -> Coll<'s> + 's>,
+        arities: BTreeMap<GlobalId, usize>,
+    ) -> Self {
+        RenderContext {
+            collections,
+            errs: Vec::new(),
+            next_operator: 0,
+            constants: Vec::new(),
+            new_constant,
+            arities,
+        }
+    }
+
+    fn operator(&mut self) -> u64 {
+        self.next_operator += 1;
+        self.next_operator
+    }
+}
+
+/// Renders every object of `desc` in order; each becomes available to later objects' `Get`s.
+pub(crate) fn render_objects<'s>(desc: &DataflowDescription<Time>, ctx: &mut RenderContext<'s>) {
+    for object in &desc.objects_to_build {
+        let rows = render_plan(&object.plan, ctx);
+        ctx.collections.insert(object.id, rows);
+    }
+}
+
+/// Renders one plan; errors go to `ctx.errs`.
+pub(crate) fn render_plan<'s>(plan: &Plan, ctx: &mut RenderContext<'s>) -> Coll<'s> {
+    match plan {
+        Plan::Get { id } => {
+            let coll = ctx.collections.get(id);
+            assert!(coll.is_some(), "validated dataflow: Get of {id} resolves");
+            coll.expect("asserted").clone()
+        }
+        Plan::Constant { rows, .. } => {
+            let coll = (ctx.new_constant)();
+            ctx.constants.push((rows.clone(), coll.clone()));
+            coll
+        }
+        Plan::Map { .. } | Plan::Filter { .. } | Plan::Project { .. } => {
+            let mut ops = Vec::new();
+            let mut current = plan;
+            loop {
+                match current {
+                    Plan::Map { input, exprs } => {
+                        ops.push(RowOp::Map(exprs.clone()));
+                        current = input;
+                    }
+                    Plan::Filter { input, predicates } => {
+                        ops.push(RowOp::Filter(predicates.clone()));
+                        current = input;
+                    }
+                    Plan::Project { input, outputs } => {
+                        ops.push(RowOp::Project(outputs.clone()));
+                        current = input;
+                    }
+                    _ => break,
+                }
+            }
+            // Collected top-down; applied bottom-up.
+            ops.reverse();
+            let input = render_plan(current, ctx);
+            let operator = ctx.operator();
+            let (oks, errs) = map_rows(input, "MapFilterProject", move |row, packer| {
+                apply_row_ops(&ops, row, packer).map_err(|error| {
+                    error_row(&format!("{error} (operator {operator}: MapFilterProject)"), row)
+                })
+            });
+            ctx.errs.push(errs);
+            oks
+        }
+        Plan::Join { inputs, equivalences } => render_join(inputs, equivalences, ctx),
+        Plan::Reduce { input, group_key, aggregates }
+            if aggregates.len() <= 1 && aggregates.iter().all(|a| a.func == AggregateFunc::Count) =>
+        {
+            let input = render_plan(input, ctx);
+            let operator = ctx.operator();
+            render_count(input, group_key.clone(), aggregates.first().map(|a| a.column), operator, ctx)
+        }
+        Plan::Reduce { input, group_key, aggregates } => {
+            let input = render_plan(input, ctx);
+            let operator = ctx.operator();
+            let group_key = group_key.clone();
+            let aggregates = aggregates.clone();
+            let keyed = input.map(move |row| (project_row(&row, &group_key), row));
+            reduce_rows(keyed, "Reduce", ctx, move |key, values, out| {
+                reduce_group(operator, &aggregates, key, values, out)
+            })
+        }
+        Plan::Distinct { input } => {
+            let input = render_plan(input, ctx);
+            let operator = ctx.operator();
+            let keyed = input.map(|row| (row, Row::EMPTY));
+            reduce_rows(keyed, "Distinct", ctx, move |row, values, out| {
+                let diff = values.iter().map(|(_, d)| *d).sum::<Diff>();
+                if diff < 0 {
+                    out.push((Err(negative_error(operator, "Distinct", row, diff)), 1));
+                } else if diff > 0 {
+                    out.push((Ok(row.clone()), 1));
+                }
+            })
+        }
+        Plan::Threshold { input } => {
+            let input = render_plan(input, ctx);
+            let keyed = input.map(|row| (row, Row::EMPTY));
+            reduce_rows(keyed, "Threshold", ctx, move |row, values, out| {
+                let diff = values.iter().map(|(_, d)| *d).sum::<Diff>();
+                if diff > 0 {
+                    out.push((Ok(row.clone()), diff));
+                }
+            })
+        }
+        Plan::Union { inputs } => {
+            let mut rendered: Vec<Coll<'s>> = inputs.iter().map(|input| render_plan(input, ctx)).collect();
+            let first = rendered.remove(0);
+            if rendered.is_empty() { first } else { first.concatenate(rendered) }
+        }
+        Plan::Negate { input } => render_plan(input, ctx).negate(),
+        Plan::TopK { input, group_key, order_key, limit, offset } => {
+            let input = render_plan(input, ctx);
+            let operator = ctx.operator();
+            let group_key = group_key.clone();
+            let order_key = order_key.clone();
+            let (limit, offset) = (*limit, *offset);
+            let keyed = input.map(move |row| (project_row(&row, &group_key), row));
+            reduce_rows(keyed, "TopK", ctx, move |_key, values, out| {
+                if let Some((row, diff)) = values.iter().find(|(_, d)| *d < 0) {
+                    out.push((Err(negative_error(operator, "TopK", row, *diff)), 1));
+                    return;
+                }
+                let mut ranked: Vec<(Vec<Datum<'_>>, &Row, Diff)> =
+                    values.iter().map(|(row, diff)| (row.unpack(), *row, *diff)).collect();
+                ranked.sort_by(|(a, _, _), (b, _, _)| compare_datums(&order_key, a, b));
+                let mut to_skip = offset as i64;
+                let mut remaining = limit.map(|l| l as i64);
+                for (_, row, diff) in ranked {
+                    let skipped = diff.min(to_skip);
+                    to_skip -= skipped;
+                    let mut count = diff - skipped;
+                    if let Some(remaining) = remaining.as_mut() {
+                        count = count.min(*remaining);
+                        *remaining -= count;
+                    }
+                    if count != 0 {
+                        out.push((Ok(row.clone()), count));
+                    }
+                }
+            })
+        }
+        Plan::ArrangeBy { input, .. } => render_plan(input, ctx),
+    }
+}
+
+/// A `Reduce` whose aggregates are at most one `count`: the group key, then the count if asked for.
+///
+/// Counting is abelian, so groups are maintained as accumulated `(rows, non-null values)` differences
+/// (differential's `count`, constant work per group and time) instead of by re-reading every row of a
+/// group. The reference's other condition — no row of a group with a negative multiplicity — is checked
+/// per row by [`check_non_negative`].
+fn render_count<'s>(
+    input: Coll<'s>,
+    group_key: Vec<usize>,
+    column: Option<usize>,
+    operator: u64,
+    ctx: &mut RenderContext<'s>,
+) -> Coll<'s> {
+    ctx.errs.push(check_non_negative(input.clone(), operator, "Reduce"));
+    input
+        .explode(move |row| {
+            let non_null = match column {
+                Some(column) => i64::from(row.iter().nth(column).is_some_and(|d| !d.is_null())),
+                None => 0,
+            };
+            Some((project_row(&row, &group_key), (1i64, non_null)))
+        })
+        .count_core::<Diff>()
+        .flat_map(move |(key, (rows, non_null))| {
+            // A group whose rows do not add up to a positive count has a negative row: an error, above.
+            (rows > 0).then(|| {
+                let mut packer = RowPacker::new();
+                packer.extend_by_row(&key);
+                if column.is_some() {
+                    packer.push(Datum::Int64(non_null));
+                }
+                packer.finish()
+            })
+        })
+}
+
+/// Errors for every row whose accumulated multiplicity is negative, for as long as it is.
+///
+/// Rows are partitioned by hash; each worker keeps the accumulated multiplicity of its rows (rows at zero
+/// are forgotten) and applies updates in time order once the input frontier has passed their time,
+/// emitting an error row at the times a row's multiplicity goes below zero and retracting it when it
+/// comes back. Constant work per update, unlike a reduce over the rows.
+pub(crate) fn check_non_negative<'s>(input: Coll<'s>, operator: u64, name: &'static str) -> Coll<'s> {
+    use std::collections::HashMap;
+
+    use differential_dataflow::Hashable;
+    use timely::dataflow::channels::pact::Exchange;
+    use timely::dataflow::operators::{Capability, Operator};
+
+    let route = |(row, _, _): &(Row, Time, Diff)| row.hashed();
+    input
+        .inner
+        .unary_frontier::<timely::container::CapacityContainerBuilder<Updates>, _, _, _>(
+            Exchange::new(route),
+            "CheckNonNegative",
+            move |_capability, _info| {
+                let mut counts: HashMap<Row, Diff, std::hash::BuildHasherDefault<RowHasher>> =
+                    HashMap::default();
+                let mut pending: BTreeMap<Time, Vec<(Row, Diff)>> = BTreeMap::new();
+                let mut held: Option<Capability<Time>> = None;
+                move |(input, frontier), output| {
+                    input.for_each(|cap, data| {
+                        if let Some(cap) = cap.retain_least(0)
+                            && held.as_ref().is_none_or(|h| cap.time() < h.time())
+                        {
+                            held = Some(cap);
+                        }
+                        for (row, time, diff) in data.drain(..) {
+                            pending.entry(time).or_default().push((row, diff));
+                        }
+                    });
+                    let Some(cap) = held.as_ref() else { return };
+                    while let Some(entry) = pending.first_entry() {
+                        let time = *entry.key();
+                        if frontier.less_equal(&time) {
+                            break;
+                        }
+                        let updates = entry.remove();
+                        let delayed = cap.delayed(&time);
+                        let mut session = output.session(&delayed);
+                        for (row, diff) in updates {
+                            let old = counts.get(&row).copied().unwrap_or(0);
+                            let new = old + diff;
+                            if (old < 0) != (new < 0) {
+                                let message = format!(
+                                    "{name}: negative multiplicity for row {row} (operator {operator})"
+                                );
+                                let error = error_row(&message, &row);
+                                session.give((error, time, if new < 0 { 1 } else { -1 }));
+                            }
+                            if new == 0 {
+                                counts.remove(&row);
+                            } else {
+                                counts.insert(row, new);
+                            }
+                        }
+                    }
+                    match pending.keys().next() {
+                        Some(time) => {
+                            if let Some(held) = held.as_mut() {
+                                held.downgrade(time);
+                            }
+                        }
+                        None => held = None,
+                    }
+                }
+            },
+        )
+        .as_collection()
+}
+
+/// A fast, deterministic hasher for the check's map of rows (rows are short byte strings; the map is
+/// private to one operator, so no hash-flooding concern applies).
+#[derive(Default)]
+pub(crate) struct RowHasher(u64);
+
+impl std::hash::Hasher for RowHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        const K: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut chunks = bytes.chunks_exact(8);
+        for chunk in &mut chunks {
+            let word = u64::from_le_bytes(chunk.try_into().expect("eight bytes"));
+            self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(K);
+        }
+        for byte in chunks.remainder() {
+            self.0 = (self.0.rotate_left(5) ^ u64::from(*byte)).wrapping_mul(K);
+        }
+    }
+}
+
+/// One step of a fused Map/Filter/Project pass.
+#[derive(Debug, Clone)]
+pub(crate) enum RowOp {
+    /// Append the values of the expressions (each sees the columns before it).
+    Map(Vec<ScalarExpr>),
+    /// Keep the row only if every predicate is `true` (left to right, stopping at the first that is not).
+    Filter(Vec<ScalarExpr>),
+    /// Keep the listed columns.
+    Project(Vec<usize>),
+}
+
+/// Applies `ops` in order to `row`: `Ok(None)` if a filter removed it.
+pub(crate) fn apply_row_ops(
+    ops: &[RowOp],
+    row: &Row,
+    packer: &mut RowPacker,
+) -> Result<Option<Row>, EvalError> {
+    let mut datums: Vec<Datum<'_>> = row.iter().collect();
+    for op in ops {
+        match op {
+            RowOp::Map(exprs) => {
+                for expr in exprs {
+                    let datum = expr.eval(&datums)?;
+                    datums.push(datum);
+                }
+            }
+            RowOp::Filter(predicates) => {
+                for predicate in predicates {
+                    if predicate.eval(&datums)? != Datum::Bool(true) {
+                        return Ok(None);
+                    }
+                }
+            }
+            RowOp::Project(columns) => {
+                let mut projected = Vec::with_capacity(columns.len());
+                for column in columns {
+                    let datum = datums
+                        .get(*column)
+                        .copied()
+                        .ok_or_else(|| EvalError::Internal(format!("project of column {column}")))?;
+                    projected.push(datum);
+                }
+                datums = projected;
+            }
+        }
+    }
+    packer.clear();
+    packer.extend(datums);
+    Ok(Some(packer.finish_and_reuse()))
+}
+
+/// The error row for `message` caused by `row`.
+pub(crate) fn error_row(message: &str, row: &Row) -> Row {
+    Row::pack([Datum::Text(message), Datum::Bytes(row.as_bytes())])
+}
+
+/// The message of an error row.
+pub(crate) fn error_message(error: &Row) -> String {
+    match error.iter().next() {
+        Some(Datum::Text(message)) => message.to_string(),
+        _ => format!("malformed error row {error}"),
+    }
+}
+
+fn negative_error(operator: u64, name: &str, row: &Row, diff: Diff) -> Row {
+    error_row(&format!("{name}: negative multiplicity {diff} for row {row} (operator {operator})"), row)
+}
+
+/// The row of the given columns of `row` (missing columns are `NULL`, as in the reference).
+pub(crate) fn project_row(row: &Row, columns: &[usize]) -> Row {
+    if columns.is_empty() {
+        return Row::EMPTY;
+    }
+    let mut packer = RowPacker::new();
+    if columns.windows(2).all(|w| w[0] < w[1]) {
+        // Increasing columns (the common case): one pass over the encoding, no allocation.
+        let mut wanted = columns.iter().peekable();
+        for (index, datum) in row.iter().enumerate() {
+            match wanted.peek() {
+                Some(column) if **column == index => {
+                    packer.push(datum);
+                    wanted.next();
+                }
+                Some(_) => {}
+                None => break,
+            }
+        }
+        for _ in wanted {
+            packer.push(Datum::Null);
+        }
+    } else {
+        let datums: Vec<Datum<'_>> = row.iter().collect();
+        packer.extend(columns.iter().map(|c| datums.get(*c).copied().unwrap_or(Datum::Null)));
+    }
+    packer.finish()
+}
+
+/// A row-at-a-time pass with two outputs: rows for which `logic` returns `Ok(Some(row))` go to the first
+/// collection, `Err(error)` to the second, `Ok(None)` nowhere. Multiplicities and times are kept.
+pub(crate) fn map_rows<'s, L>(input: Coll<'s>, name: &str, mut logic: L) -> (Coll<'s>, Coll<'s>)
+where
+    L: FnMut(&Row, &mut RowPacker) -> Result<Option<Row>, Row> + 'static,
+{
+    let stream: Stream<'s, Time, Vec<(Row, Time, Diff)>> = input.inner;
+    let mut builder = OperatorBuilder::new(name.to_owned(), stream.scope());
+    let mut input = builder.new_input(stream, Pipeline);
+    builder.set_notify_for(0, timely::progress::operate::FrontierInterest::Never);
+    let (ok_output, ok_stream) = builder.new_output::<Vec<(Row, Time, Diff)>>();
+    let (err_output, err_stream) = builder.new_output::<Vec<(Row, Time, Diff)>>();
+    let mut ok_output = OutputBuilder::from(ok_output);
+    let mut err_output = OutputBuilder::from(err_output);
+    builder.build(move |_| {
+        let mut packer = RowPacker::new();
+        move |_frontiers| {
+            let mut oks = ok_output.activate();
+            let mut errs = err_output.activate();
+            input.for_each(|cap, data| {
+                let mut ok_session = oks.session(&cap);
+                let mut err_session = errs.session(&cap);
+                for (row, time, diff) in data.drain(..) {
+                    match logic(&row, &mut packer) {
+                        Ok(Some(out)) => ok_session.give((out, time, diff)),
+                        Ok(None) => {}
+                        Err(error) => err_session.give((error, time, diff)),
+                    }
+                }
+            });
+        }
+    });
+    (ok_stream.as_collection(), err_stream.as_collection())
+}
+
+/// A reduce whose logic emits `Ok(output row)` or `Err(error row)` per group; errors are pushed to
+/// `ctx.errs`, output rows returned.
+fn reduce_rows<'s, L>(
+    keyed: VecCollection<'s, Time, (Row, Row), Diff>,
+    name: &str,
+    ctx: &mut RenderContext<'s>,
+    logic: L,
+) -> Coll<'s>
+where
+    L: FnMut(&Row, &[(&Row, Diff)], &mut Vec<(Result<Row, Row>, Diff)>) + 'static,
+{
+    let reduced = keyed.reduce_named(name, logic);
+    let (oks, errs) = map_results(reduced.map(|(_key, result)| result), name);
+    ctx.errs.push(errs);
+    oks
+}
+
+/// Splits a collection of results into oks and errors.
+fn map_results<'s>(
+    input: VecCollection<'s, Time, Result<Row, Row>, Diff>,
+    name: &str,
+) -> (Coll<'s>, Coll<'s>) {
+    let stream = input.inner;
+    let mut builder = OperatorBuilder::new(format!("{name}: split"), stream.scope());
+    let mut input = builder.new_input(stream, Pipeline);
+    builder.set_notify_for(0, timely::progress::operate::FrontierInterest::Never);
+    let (ok_output, ok_stream) = builder.new_output::<Vec<(Row, Time, Diff)>>();
+    let (err_output, err_stream) = builder.new_output::<Vec<(Row, Time, Diff)>>();
+    let mut ok_output = OutputBuilder::from(ok_output);
+    let mut err_output = OutputBuilder::from(err_output);
+    builder.build(move |_| {
+        move |_frontiers| {
+            let mut oks = ok_output.activate();
+            let mut errs = err_output.activate();
+            input.for_each(|cap, data| {
+                let mut ok_session = oks.session(&cap);
+                let mut err_session = errs.session(&cap);
+                for (result, time, diff) in data.drain(..) {
+                    match result {
+                        Ok(row) => ok_session.give((row, time, diff)),
+                        Err(error) => err_session.give((error, time, diff)),
+                    }
+                }
+            });
+        }
+    });
+    (ok_stream.as_collection(), err_stream.as_collection())
+}
+
+/// One group of a `Reduce`: the group key, then one datum per aggregate; an error on a negative
+/// multiplicity or an aggregate's evaluation error.
+fn reduce_group(
+    operator: u64,
+    aggregates: &[AggregateExpr],
+    key: &Row,
+    values: &[(&Row, Diff)],
+    out: &mut Vec<(Result<Row, Row>, Diff)>,
+) {
+    if let Some((row, diff)) = values.iter().find(|(_, d)| *d < 0) {
+        out.push((Err(negative_error(operator, "Reduce", row, *diff)), 1));
+        return;
+    }
+    let mut packer = RowPacker::new();
+    packer.extend_by_row(key);
+    for aggregate in aggregates {
+        let column = aggregate.column;
+        // `nth` walks the row's encoding without allocating.
+        let datums = values.iter().map(|(row, diff)| (row.iter().nth(column).unwrap_or(Datum::Null), *diff));
+        match aggregate.func.eval(datums) {
+            Ok(datum) => packer.push(datum),
+            Err(error) => {
+                let message = format!("{error} (operator {operator}: Reduce {:?})", aggregate.func);
+                out.push((Err(error_row(&message, key)), 1));
+                return;
+            }
+        }
+    }
+    out.push((Ok(packer.finish()), 1));
+}
+
+/// Renders an n-ary equi-join as a chain of binary joins.
+fn render_join<'s>(inputs: &[Plan], equivalences: &[Vec<usize>], ctx: &mut RenderContext<'s>) -> Coll<'s> {
+    let arities: Vec<usize> = inputs.iter().map(|input| plan_arity(input, &ctx.arities)).collect();
+    let mut offsets = Vec::with_capacity(inputs.len());
+    let mut total = 0;
+    for arity in &arities {
+        offsets.push(total);
+        total += arity;
+    }
+    let input_of =
+        |column: usize| offsets.iter().rposition(|offset| *offset <= column).expect("offsets start at 0");
+
+    let mut rendered: Vec<Coll<'s>> = Vec::with_capacity(inputs.len());
+    for (index, input) in inputs.iter().enumerate() {
+        let coll = render_plan(input, ctx);
+        // Columns of this input that appear in any class must be non-null, and columns of one class within
+        // this input must be equal.
+        let offset = offsets[index];
+        let arity = arities[index];
+        let mut local_classes: Vec<Vec<usize>> = Vec::new();
+        for class in equivalences {
+            let local: Vec<usize> =
+                class.iter().filter(|c| **c >= offset && **c < offset + arity).map(|c| c - offset).collect();
+            if !local.is_empty() {
+                local_classes.push(local);
+            }
+        }
+        let coll = if local_classes.is_empty() {
+            coll
+        } else {
+            coll.filter(move |row| {
+                let datums: Vec<Datum<'_>> = row.iter().collect();
+                local_classes.iter().all(|class| {
+                    let first = datums.get(class[0]).copied().unwrap_or(Datum::Null);
+                    !first.is_null() && class.iter().all(|c| datums.get(*c).copied() == Some(first))
+                })
+            })
+        };
+        rendered.push(coll);
+    }
+
+    let mut rendered = rendered.into_iter();
+    let mut prefix = rendered.next().expect("validated join has an input");
+    let mut prefix_arity = arities[0];
+    for (index, next) in rendered.enumerate() {
+        let index = index + 1;
+        // Key columns: for each class with columns in both the prefix and this input, one of each.
+        let mut prefix_key = Vec::new();
+        let mut next_key = Vec::new();
+        for class in equivalences {
+            let in_prefix = class.iter().find(|c| **c < prefix_arity);
+            let in_next = class.iter().find(|c| input_of(**c) == index);
+            if let (Some(p), Some(n)) = (in_prefix, in_next) {
+                prefix_key.push(*p);
+                next_key.push(*n - offsets[index]);
+            }
+        }
+        let left =
+            prefix.map(move |row| (project_row(&row, &prefix_key), row)).arrange_by_key_named("JoinArrange");
+        let right =
+            next.map(move |row| (project_row(&row, &next_key), row)).arrange_by_key_named("JoinArrange");
+        prefix = left.join_core(right, |_key, a: &Row, b: &Row| {
+            let mut packer = RowPacker::new();
+            packer.extend_by_row(a);
+            packer.extend_by_row(b);
+            Some(packer.finish())
+        });
+        prefix_arity += arities[index];
+    }
+    prefix
+}
+
+/// The arity of a plan's output, given the arities of the ids it may `Get` (those of a validated dataflow).
+fn plan_arity(plan: &Plan, arities: &BTreeMap<GlobalId, usize>) -> usize {
+    match plan {
+        Plan::Get { id } => {
+            let arity = arities.get(id).copied();
+            assert!(arity.is_some(), "arity of {id} is known before rendering");
+            arity.expect("asserted")
+        }
+        Plan::Constant { typ, .. } => typ.arity(),
+        Plan::Map { input, exprs } => plan_arity(input, arities) + exprs.len(),
+        Plan::Filter { input, .. }
+        | Plan::Distinct { input }
+        | Plan::Negate { input }
+        | Plan::Threshold { input }
+        | Plan::TopK { input, .. }
+        | Plan::ArrangeBy { input, .. } => plan_arity(input, arities),
+        Plan::Project { outputs, .. } => outputs.len(),
+        Plan::Join { inputs, .. } => inputs.iter().map(|input| plan_arity(input, arities)).sum(),
+        Plan::Reduce { group_key, aggregates, .. } => group_key.len() + aggregates.len(),
+        Plan::Union { inputs } => plan_arity(&inputs[0], arities),
+    }
+}
+
+/// The arity of every import and object of `desc`.
+pub(crate) fn arities(desc: &DataflowDescription<Time>) -> BTreeMap<GlobalId, usize> {
+    let mut arities = BTreeMap::new();
+    for (id, import) in &desc.source_imports {
+        arities.insert(*id, import.desc.arity());
+    }
+    for (id, import) in &desc.index_imports {
+        arities.insert(*id, import.desc.arity());
+    }
+    for object in &desc.objects_to_build {
+        let arity = plan_arity(&object.plan, &arities);
+        arities.insert(object.id, arity);
+    }
+    arities
+}
+
+/// Arranges errors for peeks: every worker gets a full copy (errors are rare), so whichever worker answers
+/// a peek can tell whether the dataflow has an error at the peek's time.
+pub(crate) fn arrange_errors<'s>(errs: Coll<'s>) -> Arranged<'s, ErrTrace> {
+    use differential_dataflow::trace::implementations::KeyBatcher;
+    use timely::dataflow::operators::vec::Broadcast;
+    let broadcast = errs.inner.broadcast().as_collection().map(|error| (error, ()));
+    differential_dataflow::operators::arrange::arrangement::arrange_core::<
+        _,
+        _,
+        KeyBatcher<Row, Time, Diff>,
+        KeySpine<Row, Time, Diff>,
+    >(broadcast.inner, Pipeline, "Errors", KeyBatcher::new)
+}
+
+/// Arranges an object's rows by `key` for an index export: `(key, full row)`.
+pub(crate) fn arrange_index<'s>(oks: Coll<'s>, key: Vec<usize>) -> OkArranged<'s> {
+    oks.map(move |row| (project_row(&row, &key), row)).arrange_by_key_named("Index")
+}

@@ -1,0 +1,179 @@
+//! The error types of the storage API: one `thiserror` enum per operation family, each with exactly its
+//! failure cases.
+//!
+//! **What this is.** [`CreateError`], [`DropError`], [`AppendError`], [`ReadError`] and [`HoldError`], shared
+//! by the synchronous core ([`crate::core::Store`]), the in-process handle ([`crate::InProcess`]) and the
+//! network client ([`crate::Client`]). They are `Serialize`/`Deserialize` because the server sends them to
+//! clients unchanged. **What this is not:** a place for broken invariants; those are `assert!`s where they
+//! are checked.
+//!
+//! **Tests.** Every variant is produced by a test in `tests/it/errors.rs` (and the server/client tests send
+//! them over the wire).
+
+use frontiers::Antichain;
+use protocol::{ColumnType, GlobalId, RowTypeError};
+use serde::{Deserialize, Serialize};
+
+/// Why `create_collection` failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum CreateError {
+    /// A collection with this id exists with a different `RelationDesc`. (Creating it again with the same
+    /// desc is a successful no-op.)
+    #[error("collection {id} already exists with a different schema")]
+    SchemaMismatch {
+        /// The collection.
+        id: GlobalId,
+    },
+    /// The id belonged to a collection that was dropped; ids are never reused, because read holds on the
+    /// dropped collection may still be outstanding.
+    #[error("collection {0} was dropped; its id cannot be reused")]
+    AlreadyDropped(GlobalId),
+    /// The durable log could not be written; nothing was created.
+    #[error("i/o error: {0}")]
+    Io(String),
+    /// The connection to the storage server is gone (or the store was shut down).
+    #[error("disconnected from storage")]
+    Disconnected,
+}
+
+/// Why `drop_collection` failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum DropError {
+    /// No collection with this id exists.
+    #[error("collection {0} is missing")]
+    CollectionMissing(GlobalId),
+    /// The durable log could not be written; nothing was dropped.
+    #[error("i/o error: {0}")]
+    Io(String),
+    /// The connection to the storage server is gone (or the store was shut down).
+    #[error("disconnected from storage")]
+    Disconnected,
+}
+
+/// Why `append` failed. An append that fails changes nothing, in any of the collections it names.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum AppendError {
+    /// No collection with this id exists.
+    #[error("collection {0} is missing")]
+    CollectionMissing(GlobalId),
+    /// Compare-and-append failed: the collection's upper is not the expected one. `current` is the upper
+    /// the caller should retry from.
+    #[error("append to {id}: expected upper {expected:?}, but the upper is {current:?}")]
+    UpperMismatch {
+        /// The collection.
+        id: GlobalId,
+        /// The upper the request expected.
+        expected: Antichain<u64>,
+        /// The collection's actual upper.
+        current: Antichain<u64>,
+    },
+    /// An update's time is outside `[lower, upper)` = `[expected_upper, new_upper)`.
+    #[error("append to {id}: update at time {time} is outside [{lower:?}, {upper:?})")]
+    TimeOutOfRange {
+        /// The collection.
+        id: GlobalId,
+        /// The update's time.
+        time: u64,
+        /// The request's `expected_upper`.
+        lower: Antichain<u64>,
+        /// The request's `new_upper`.
+        upper: Antichain<u64>,
+    },
+    /// `new_upper` is not strictly beyond `expected_upper`.
+    #[error("append to {id}: new upper {new:?} is not beyond the expected upper {expected:?}")]
+    UpperNotBeyond {
+        /// The collection.
+        id: GlobalId,
+        /// The request's `expected_upper`.
+        expected: Antichain<u64>,
+        /// The request's `new_upper`.
+        new: Antichain<u64>,
+    },
+    /// A row does not match the collection's `RelationDesc`.
+    #[error("append to {id}: row {row} does not match the schema: {error}")]
+    RowType {
+        /// The collection.
+        id: GlobalId,
+        /// The offending row, printed.
+        row: String,
+        /// What is wrong with it.
+        #[serde(with = "RowTypeErrorDef")]
+        error: RowTypeError,
+    },
+    /// The durable log could not be written (disk full, say). Nothing was appended, and the store stays
+    /// consistent: later appends succeed once the disk recovers, or fail with this error again.
+    #[error("i/o error: {0}")]
+    Io(String),
+    /// The connection to the storage server is gone (or the store was shut down). Whether the append took
+    /// effect is unknown; read the upper to find out.
+    #[error("disconnected from storage")]
+    Disconnected,
+}
+
+/// Why a read (`snapshot`, `listen`, `frontiers`, `list_collections`, `watch_frontiers`) failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum ReadError {
+    /// No collection with this id exists.
+    #[error("collection {0} is missing")]
+    CollectionMissing(GlobalId),
+    /// `as_of` is not beyond the collection's since: that history may have been compacted away.
+    #[error("cannot read {id} at {as_of}: its since is {since:?}")]
+    BeforeSince {
+        /// The collection.
+        id: GlobalId,
+        /// Its since.
+        since: Antichain<u64>,
+        /// The time asked for.
+        as_of: u64,
+    },
+    /// `as_of` was not yet complete (`upper <= as_of`) and did not become complete within the snapshot
+    /// timeout (`StoreConfig::snapshot_timeout`, 30 s by default).
+    #[error("cannot read {id} at {as_of}: its upper is still {upper:?}")]
+    NotYetReadable {
+        /// The collection.
+        id: GlobalId,
+        /// Its upper when the wait gave up.
+        upper: Antichain<u64>,
+        /// The time asked for.
+        as_of: u64,
+    },
+    /// The collection was dropped while it was being read (a listen, or a snapshot that was waiting).
+    #[error("collection {0} was dropped")]
+    CollectionDropped(GlobalId),
+    /// The connection to the storage server is gone (or the store was shut down).
+    #[error("disconnected from storage")]
+    Disconnected,
+    /// The server answered something the protocol does not allow.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+/// Why `acquire_read_hold` or `set_read_policy` failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum HoldError {
+    /// No collection with this id exists.
+    #[error("collection {0} is missing")]
+    CollectionMissing(GlobalId),
+    /// The requested frontier is not beyond the collection's since (or is empty).
+    #[error("cannot hold {id} at {requested:?}: its since is {since:?}")]
+    BeforeSince {
+        /// The collection.
+        id: GlobalId,
+        /// Its since.
+        since: Antichain<u64>,
+        /// The frontier asked for.
+        requested: Antichain<u64>,
+    },
+    /// The connection to the storage server is gone (or the store was shut down).
+    #[error("disconnected from storage")]
+    Disconnected,
+}
+
+/// Serde's mirror of [`RowTypeError`] (which `protocol` does not make serialisable), so that
+/// [`AppendError::RowType`] can cross the wire.
+#[derive(Serialize, Deserialize)]
+#[serde(remote = "RowTypeError")]
+enum RowTypeErrorDef {
+    Arity { expected: usize, found: usize },
+    Column { column: usize, expected: ColumnType, found: String },
+}

@@ -1,0 +1,65 @@
+//! The storage crate's integration tests: one binary, one module per area.
+//!
+//! - `errors`: every error case of the API, asserted, against the embedded store and over TCP;
+//! - `model`: a property test of the synchronous core against a naive model (a list of every update);
+//! - `listen`: listens and frontier watches, including lagging listeners and drops;
+//! - `durability`: torn tails at every byte offset, injected I/O faults, and a child process SIGKILLed
+//!   mid-append at random moments;
+//! - `server`: many clients over real TCP, holds released on disconnect, garbage from a client;
+//! - `table_writer`: the table writer with a manual clock.
+//!
+//! Helpers shared by the modules live here.
+
+mod durability;
+mod errors;
+mod listen;
+mod model;
+mod server;
+mod table_writer;
+
+use frontiers::Antichain;
+use protocol::{ColumnType, Datum, GlobalId, RelationDesc, Row, ScalarType};
+use storage::{AppendRequest, InProcess, Server, StoreConfig};
+
+/// A one-column `(x: Int64)` schema.
+pub fn int_desc() -> RelationDesc {
+    RelationDesc::new([("x", ColumnType::new(ScalarType::Int64, false))])
+}
+
+/// A row of `int_desc`.
+pub fn int_row(x: i64) -> Row {
+    Row::pack([Datum::Int64(x)])
+}
+
+/// `u{n}`.
+pub fn user(n: u64) -> GlobalId {
+    GlobalId::User(n)
+}
+
+/// `[t]`.
+pub fn at(t: u64) -> Antichain<u64> {
+    Antichain::from_elem(t)
+}
+
+/// An append of `updates` to `id` moving its upper from `lower` to `upper`.
+pub fn append(id: GlobalId, updates: Vec<(Row, u64, i64)>, lower: u64, upper: u64) -> AppendRequest {
+    AppendRequest { id, updates, expected_upper: at(lower), new_upper: at(upper) }
+}
+
+/// A store in memory with the default configuration.
+pub fn memory_store() -> InProcess {
+    InProcess::in_memory(StoreConfig::default())
+}
+
+/// Serves `store` on a free loopback port; returns its address. The server runs until the runtime ends.
+pub async fn serve(store: InProcess) -> std::net::SocketAddr {
+    let server = Server::bind("127.0.0.1:0", store).await.expect("bind");
+    let addr = server.local_addr().expect("local addr");
+    tokio::spawn(server.serve(std::future::pending()));
+    addr
+}
+
+/// The proptest configuration: `PROPTEST_CASES` decides the number of cases (STYLE, "proptest pitfall").
+pub fn proptest_config() -> proptest::test_runner::Config {
+    proptest::test_runner::Config::default()
+}

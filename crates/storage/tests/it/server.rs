@@ -1,0 +1,245 @@
+//! The server and client over real TCP (127.0.0.1): many concurrent clients, holds released when a client
+//! disconnects, hold downgrades moving the server's since, garbage and protocol violations closing only the
+//! offending connection, and the `storage-server` binary with a graceful SIGTERM shutdown and restart.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use frontiers::ReadPolicy;
+use protocol::GlobalId;
+use protocol::frame::{FrameDecoder, encode_frame};
+use storage::wire::{MAX_FRAME_BYTES, STORAGE_PROTOCOL_VERSION, StorageRequest, StorageResponse};
+use storage::{Client, CollectionFrontiers, ListenEvent, StorageCollections};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::*;
+
+async fn wait_for_since(storage: &dyn StorageCollections, id: GlobalId, since: u64) -> CollectionFrontiers {
+    for _ in 0..1_000 {
+        let frontiers = storage.frontiers(id).await.unwrap();
+        if frontiers.since == at(since) {
+            return frontiers;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("since of {id} never reached {since}: {:?}", storage.frontiers(id).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_clients_append_and_listen_concurrently() {
+    let store = memory_store();
+    let addr = serve(store.clone()).await;
+    let writers = 16u64;
+    let appends = 20u64;
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        tasks.push(tokio::spawn(async move {
+            let client = Client::connect(addr).await.unwrap();
+            let id = user(w);
+            client.create_collection(id, int_desc()).await.unwrap();
+            let mut listen = client.listen(id, 0).await.unwrap();
+            for t in 0..appends {
+                client.append(vec![append(id, vec![(int_row(t as i64), t, 1)], t, t + 1)]).await.unwrap();
+            }
+            let mut seen = Vec::new();
+            loop {
+                match listen.next().await.unwrap() {
+                    ListenEvent::Updates(updates) => seen.extend(updates),
+                    ListenEvent::Progress(frontier) if frontier == at(appends) => break,
+                    ListenEvent::Progress(_) => {}
+                }
+            }
+            seen
+        }));
+    }
+    for (w, task) in tasks.into_iter().enumerate() {
+        let seen = task.await.unwrap();
+        assert_eq!(seen, (0..appends).map(|t| (int_row(t as i64), t, 1)).collect::<Vec<_>>(), "writer {w}");
+    }
+    assert_eq!(store.list_collections().await.unwrap().len(), writers as usize);
+}
+
+#[tokio::test]
+async fn a_client_that_disconnects_releases_its_holds() {
+    let store = memory_store();
+    let addr = serve(store.clone()).await;
+    let id = user(1);
+    store.create_collection(id, int_desc()).await.unwrap();
+    store.set_read_policy(id, ReadPolicy::LagWriteFrontier { lag_ms: 0, granularity_ms: 0 }).await.unwrap();
+
+    let client = Client::connect(addr).await.unwrap();
+    let mut hold = client.acquire_read_hold(id, at(0)).await.unwrap();
+    let second = client.acquire_read_hold(id, at(0)).await.unwrap();
+    let copy = second.clone_hold();
+    store.append(vec![append(id, vec![], 0, 10)]).await.unwrap();
+    assert_eq!(store.frontiers(id).await.unwrap().since, at(0));
+
+    // Downgrades and drops travel to the server.
+    hold.try_downgrade(at(4)).unwrap();
+    drop(second);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(store.frontiers(id).await.unwrap().since, at(0), "the copy still holds 0");
+    drop(copy);
+    wait_for_since(&store, id, 4).await;
+
+    // A client that goes away without releasing: the server releases for it.
+    let leaker = Client::connect(addr).await.unwrap();
+    let leaked = leaker.acquire_read_hold(id, at(5)).await.unwrap();
+    hold.release();
+    wait_for_since(&store, id, 5).await;
+    leaker.close();
+    wait_for_since(&store, id, 10).await;
+    // The hold value outlives its connection and holds nothing.
+    drop(leaked);
+    drop(client);
+}
+
+#[tokio::test]
+async fn garbage_from_one_client_closes_only_that_connection() {
+    let store = memory_store();
+    let addr = serve(store.clone()).await;
+    let id = user(1);
+    let good = Client::connect(addr).await.unwrap();
+    good.create_collection(id, int_desc()).await.unwrap();
+    let held = good.acquire_read_hold(id, at(0)).await.unwrap();
+
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("random bytes", (0..200u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect()),
+        ("an oversize frame", vec![0xff, 0xff, 0xff, 0xff, 1, 2, 3]),
+        ("a request before Hello", {
+            let mut out = Vec::new();
+            encode_frame(&StorageRequest::ListCollections { request: 0 }, MAX_FRAME_BYTES, &mut out).unwrap();
+            out
+        }),
+        ("a truncated frame", vec![10, 0, 0, 0, 1]),
+    ];
+    for (what, bytes) in cases {
+        let mut socket = TcpStream::connect(addr).await.unwrap();
+        socket.write_all(&bytes).await.unwrap();
+        socket.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(5), socket.read_to_end(&mut rest)).await;
+        assert!(closed.is_ok(), "{what}: the server must close the connection");
+        // The well-behaved client is unaffected.
+        good.append(vec![append(
+            id,
+            vec![],
+            good.frontiers(id).await.unwrap().upper.as_option().copied().unwrap(),
+            100,
+        )])
+        .await
+        .ok();
+        assert!(good.frontiers(id).await.is_ok(), "{what}");
+    }
+    assert_eq!(store.frontiers(id).await.unwrap().since, at(0), "the good client's hold is intact");
+    drop(held);
+}
+
+async fn raw_connection(addr: std::net::SocketAddr) -> (TcpStream, FrameDecoder) {
+    let mut socket = TcpStream::connect(addr).await.unwrap();
+    send(&mut socket, &StorageRequest::Hello { version: STORAGE_PROTOCOL_VERSION }).await;
+    let mut decoder = FrameDecoder::new(MAX_FRAME_BYTES);
+    assert_eq!(
+        receive(&mut socket, &mut decoder).await,
+        Some(StorageResponse::Hello { version: STORAGE_PROTOCOL_VERSION })
+    );
+    (socket, decoder)
+}
+
+async fn send(socket: &mut TcpStream, request: &StorageRequest) {
+    let mut out = Vec::new();
+    encode_frame(request, MAX_FRAME_BYTES, &mut out).unwrap();
+    socket.write_all(&out).await.unwrap();
+}
+
+/// The next response, or `None` once the server closed the connection.
+async fn receive(socket: &mut TcpStream, decoder: &mut FrameDecoder) -> Option<StorageResponse> {
+    let mut chunk = vec![0u8; 4096];
+    loop {
+        if let Some(response) = decoder.next_message().unwrap() {
+            return Some(response);
+        }
+        let n = tokio::time::timeout(Duration::from_secs(5), socket.read(&mut chunk))
+            .await
+            .expect("server stalled")
+            .unwrap_or(0);
+        if n == 0 {
+            return None;
+        }
+        decoder.push(&chunk[..n]);
+    }
+}
+
+#[tokio::test]
+async fn illegal_hold_changes_close_the_connection_and_release_its_holds() {
+    let store = memory_store();
+    let addr = serve(store.clone()).await;
+    let id = user(1);
+    store.create_collection(id, int_desc()).await.unwrap();
+    store.set_read_policy(id, ReadPolicy::LagWriteFrontier { lag_ms: 0, granularity_ms: 0 }).await.unwrap();
+    // Keep the since at 2 while the raw connections come and go.
+    let anchor = store.acquire_read_hold(id, at(2)).await.unwrap();
+    store.append(vec![append(id, vec![], 0, 10)]).await.unwrap();
+    wait_for_since(&store, id, 2).await;
+
+    let cases: Vec<(&str, Vec<(u64, i64)>)> = vec![
+        ("a count that goes negative", vec![(3, -2)]),
+        ("a hold that moves backwards", vec![(3, -1), (2, 1)]),
+        ("a release at a time never held", vec![(7, -1)]),
+    ];
+    for (what, changes) in cases {
+        let (mut socket, mut decoder) = raw_connection(addr).await;
+        send(&mut socket, &StorageRequest::AcquireReadHold { request: 1, id, frontier: at(3) }).await;
+        assert!(matches!(
+            receive(&mut socket, &mut decoder).await,
+            Some(StorageResponse::Reply { request: 1, .. })
+        ));
+        send(&mut socket, &StorageRequest::HoldChanges { id, changes }).await;
+        assert_eq!(receive(&mut socket, &mut decoder).await, None, "{what}: the connection must close");
+    }
+    // Hold changes for a collection the connection never held.
+    let (mut socket, mut decoder) = raw_connection(addr).await;
+    send(&mut socket, &StorageRequest::HoldChanges { id, changes: vec![(3, 1)] }).await;
+    assert_eq!(receive(&mut socket, &mut decoder).await, None);
+    // A frontier that is not an antichain.
+    let (mut socket, mut decoder) = raw_connection(addr).await;
+    let bad: frontiers::Antichain<u64> =
+        bincode::deserialize(&bincode::serialize(&vec![4u64, 5]).unwrap()).unwrap();
+    send(&mut socket, &StorageRequest::AcquireReadHold { request: 1, id, frontier: bad }).await;
+    assert_eq!(receive(&mut socket, &mut decoder).await, None);
+
+    drop(anchor);
+    wait_for_since(&store, id, 10).await;
+}
+
+#[tokio::test]
+async fn the_server_binary_serves_shuts_down_on_sigterm_and_restarts_with_its_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = user(1);
+    for round in 0..2u64 {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_storage-server"))
+            .args(["--data-dir", dir.path().to_str().unwrap(), "--listen", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let addr = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("unexpected {line:?}"));
+        let client: Arc<dyn StorageCollections> = Arc::new(Client::connect(addr).await.unwrap());
+        client.create_collection(id, int_desc()).await.unwrap();
+        client
+            .append(vec![append(id, vec![(int_row(round as i64), round, 1)], round, round + 1)])
+            .await
+            .unwrap();
+        let expected: Vec<_> = (0..=round).map(|r| (int_row(r as i64), 1)).collect();
+        assert_eq!(client.snapshot(id, round).await.unwrap(), expected);
+        let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+        assert!(status.success());
+        let exit = child.wait().unwrap();
+        assert!(exit.success(), "graceful shutdown exits 0: {exit:?}");
+    }
+}
