@@ -763,8 +763,10 @@ impl<T: Timestamp> InstanceCore<T> {
             // re-anchor this replica's input holds there, so its inputs stay readable until it reports
             // progress again (its old holds may sit beyond where it will restart).
             for collection in self.collections.values_mut() {
-                let fresh: Vec<ReadHold<GlobalId, T>> =
-                    collection.import_holds[..collection.storage_imports].iter().map(ReadHold::clone_hold).collect();
+                let fresh: Vec<ReadHold<GlobalId, T>> = collection.import_holds[..collection.storage_imports]
+                    .iter()
+                    .map(ReadHold::clone_hold)
+                    .collect();
                 if let Some(state) = collection.per_replica.get_mut(&replica) {
                     state.write_frontier = None;
                     state.hydrated_at_ms = None;
@@ -1103,13 +1105,18 @@ impl<T: Timestamp> InstanceCore<T> {
     /// A one-line description of a collection's holds and per-replica state, for diagnostics.
     pub fn describe_collection(&self, id: GlobalId) -> String {
         let Some(c) = self.collections.get(&id) else { return format!("{id}: no state") };
-        let imports: Vec<String> = c.import_holds.iter().map(|h| format!("{}@{:?}", h.id(), h.since().elements())).collect();
+        let imports: Vec<String> =
+            c.import_holds.iter().map(|h| format!("{}@{:?}", h.id(), h.since().elements())).collect();
         let replicas: Vec<String> = c
             .per_replica
             .iter()
             .map(|(r, s)| {
-                let holds: Vec<String> = s.input_holds.iter().map(|h| format!("{}@{:?}", h.id(), h.since().elements())).collect();
-                format!("{r}: frontier {:?} holds {holds:?}", s.write_frontier.as_ref().map(|f| f.elements().to_vec()))
+                let holds: Vec<String> =
+                    s.input_holds.iter().map(|h| format!("{}@{:?}", h.id(), h.since().elements())).collect();
+                format!(
+                    "{r}: frontier {:?} holds {holds:?}",
+                    s.write_frontier.as_ref().map(|f| f.elements().to_vec())
+                )
             })
             .collect();
         format!(

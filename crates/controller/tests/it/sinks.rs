@@ -24,7 +24,10 @@ fn batch(lower: u64, upper: u64, updates: Vec<(u64, Row, i64)>) -> ComputeRespon
     }
 }
 
-fn forwarded(h: &Harness) -> Vec<(Antichain<u64>, Antichain<u64>, Vec<(u64, Row, i64)>)> {
+/// A forwarded batch: lower, upper, updates.
+type Forwarded = (Antichain<u64>, Antichain<u64>, Vec<(u64, Row, i64)>);
+
+fn forwarded(h: &Harness) -> Vec<Forwarded> {
     h.responses
         .iter()
         .filter_map(|r| match r {

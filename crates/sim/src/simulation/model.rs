@@ -20,8 +20,8 @@ use std::sync::Arc;
 use frontiers::Antichain;
 use protocol::reference::{Multiset, consolidate};
 use protocol::{
-    ComputeCommand, ComputeResponse, DataflowDescription, FrontiersResponse, GlobalId, PROTOCOL_VERSION, Peek,
-    PeekId, PeekResponse, PeekTarget, Row, SinkConnection, SubscribeBatch, SubscribeResponse,
+    ComputeCommand, ComputeResponse, DataflowDescription, FrontiersResponse, GlobalId, PROTOCOL_VERSION,
+    Peek, PeekId, PeekResponse, PeekTarget, Row, SinkConnection, SubscribeBatch, SubscribeResponse,
 };
 use storage::core::Store;
 
@@ -84,14 +84,23 @@ struct Installed {
 impl Installed {
     fn new(desc: Arc<DataflowDescription<u64>>) -> Self {
         let as_of = desc.as_of.as_ref().and_then(|a| a.as_option().copied()).unwrap_or(0);
-        let exports = desc.export_ids().map(|id| (id, ExportState { since: Antichain::from_elem(as_of), dropped: false })).collect();
+        let exports = desc
+            .export_ids()
+            .map(|id| (id, ExportState { since: Antichain::from_elem(as_of), dropped: false }))
+            .collect();
         let subscribes = desc
             .sink_exports
             .iter()
             .filter_map(|(id, sink)| match sink.connection {
                 SinkConnection::Subscribe { with_snapshot } => Some((
                     *id,
-                    SubscribeState { with_snapshot, started: false, emitted: as_of, last: Multiset::new(), failed: false },
+                    SubscribeState {
+                        with_snapshot,
+                        started: false,
+                        emitted: as_of,
+                        last: Multiset::new(),
+                        failed: false,
+                    },
                 )),
                 _ => None,
             })
@@ -199,7 +208,12 @@ impl ModelProcess {
     }
 
     /// Handles a command of connection `epoch`; returns the responses it causes at once.
-    pub fn receive(&mut self, epoch: u64, command: ComputeCommand<u64>, ctx: &mut Context<'_>) -> Vec<ComputeResponse<u64>> {
+    pub fn receive(
+        &mut self,
+        epoch: u64,
+        command: ComputeCommand<u64>,
+        ctx: &mut Context<'_>,
+    ) -> Vec<ComputeResponse<u64>> {
         let mut out = Vec::new();
         let Some(connection) = self.connection.as_mut().filter(|c| c.epoch == epoch) else { return out };
         match (connection.stage, command) {
@@ -248,7 +262,8 @@ impl ModelProcess {
                     }
                     ComputeCommand::AllowCompaction { id, frontier } => {
                         let Some(df) = target.values_mut().find(|d| d.exports.contains_key(&id)) else {
-                            ctx.violations.push(format!("AllowCompaction for {id}, which the replica does not have"));
+                            ctx.violations
+                                .push(format!("AllowCompaction for {id}, which the replica does not have"));
                             return out;
                         };
                         let export = df.exports.get_mut(&id).expect("found");
@@ -262,12 +277,17 @@ impl ModelProcess {
                                 if let Some(sub) = df.subscribes.remove(&id) {
                                     out.push(ComputeResponse::SubscribeResponse {
                                         id,
-                                        response: SubscribeResponse::DroppedAt(Antichain::from_elem(sub.emitted)),
+                                        response: SubscribeResponse::DroppedAt(Antichain::from_elem(
+                                            sub.emitted,
+                                        )),
                                     });
                                 }
                                 out.push(ComputeResponse::Frontiers {
                                     id,
-                                    frontiers: FrontiersResponse { write_frontier: Some(Antichain::new()), ..Default::default() },
+                                    frontiers: FrontiersResponse {
+                                        write_frontier: Some(Antichain::new()),
+                                        ..Default::default()
+                                    },
                                 });
                             }
                             df.subscribes.remove(&id);
@@ -279,11 +299,18 @@ impl ModelProcess {
                     }
                     ComputeCommand::CancelPeek { uuid } => {
                         if connection.peeks.remove(&uuid).is_some() {
-                            out.push(ComputeResponse::PeekResponse { uuid, response: PeekResponse::Canceled });
+                            out.push(ComputeResponse::PeekResponse {
+                                uuid,
+                                response: PeekResponse::Canceled,
+                            });
                         }
                     }
                     ComputeCommand::UpdateConfiguration(_) | ComputeCommand::AllowWrites => {}
-                    other => ctx.violations.push(format!("replica got {} in stage {:?}", other.name(), connection.stage)),
+                    other => ctx.violations.push(format!(
+                        "replica got {} in stage {:?}",
+                        other.name(),
+                        connection.stage
+                    )),
                 }
             }
             (stage, other) => ctx.violations.push(format!("replica got {} in stage {stage:?}", other.name())),
@@ -298,11 +325,14 @@ impl ModelProcess {
             return out;
         }
         self.advance(ctx, &mut out);
-        let Some(connection) = self.connection.as_mut().filter(|c| c.stage == Stage::Live) else { return out };
+        let Some(connection) = self.connection.as_mut().filter(|c| c.stage == Stage::Live) else {
+            return out;
+        };
         // Frontiers, once per change per connection.
         for dataflow in self.installed.values() {
             for (id, export) in &dataflow.exports {
-                let frontier = if export.dropped { Antichain::new() } else { Antichain::from_elem(dataflow.upper) };
+                let frontier =
+                    if export.dropped { Antichain::new() } else { Antichain::from_elem(dataflow.upper) };
                 if connection.reported.get(id) == Some(&frontier) {
                     continue;
                 }
@@ -335,7 +365,8 @@ impl ModelProcess {
             })
             .map(|(uuid, _)| *uuid)
             .collect();
-        let ready: Vec<Peek<u64>> = ready.into_iter().filter_map(|uuid| connection.peeks.remove(&uuid)).collect();
+        let ready: Vec<Peek<u64>> =
+            ready.into_iter().filter_map(|uuid| connection.peeks.remove(&uuid)).collect();
         for peek in ready {
             let response = self.answer(&peek, ctx);
             out.push(ComputeResponse::PeekResponse { uuid: peek.uuid, response });
@@ -343,15 +374,12 @@ impl ModelProcess {
         out
     }
 
-    fn answer(
-        &self,
-        peek: &Peek<u64>,
-        ctx: &mut Context<'_>,
-    ) -> PeekResponse {
+    fn answer(&self, peek: &Peek<u64>, ctx: &mut Context<'_>) -> PeekResponse {
         let PeekTarget::Index { id } = peek.target else {
             return PeekResponse::Error("the model answers index peeks only".to_string());
         };
-        let Some(dataflow) = self.installed.values().find(|d| d.exports.get(&id).is_some_and(|e| !e.dropped)) else {
+        let Some(dataflow) = self.installed.values().find(|d| d.exports.get(&id).is_some_and(|e| !e.dropped))
+        else {
             return PeekResponse::Error(format!("collection {id} is not installed"));
         };
         let since = &dataflow.exports[&id].since;
@@ -379,7 +407,8 @@ impl ModelProcess {
             }
             Err(EvalFailure::Data(e)) => PeekResponse::Error(e),
             Err(EvalFailure::Unavailable(e)) => {
-                ctx.violations.push(format!("replica cannot answer peek {} at {}: {e}", peek.uuid, peek.timestamp));
+                ctx.violations
+                    .push(format!("replica cannot answer peek {} at {}: {e}", peek.uuid, peek.timestamp));
                 PeekResponse::Error(e)
             }
         }
@@ -417,7 +446,14 @@ impl ModelProcess {
         }
     }
 
-    fn emit_subscribes(&mut self, key: GlobalId, lower: u64, upper: u64, ctx: &mut Context<'_>, out: &mut Vec<ComputeResponse<u64>>) {
+    fn emit_subscribes(
+        &mut self,
+        key: GlobalId,
+        lower: u64,
+        upper: u64,
+        ctx: &mut Context<'_>,
+        out: &mut Vec<ComputeResponse<u64>>,
+    ) {
         let mut times: BTreeSet<u64> = BTreeSet::new();
         for id in self.installed[&key].subscribes.keys() {
             times.extend(ctx.oracle.change_times(*id, lower, upper));
@@ -425,14 +461,16 @@ impl ModelProcess {
         let (process, processes) = (self.process, self.processes);
         let dataflow = self.installed.get_mut(&key).expect("present");
         let as_of = dataflow.as_of;
-        let export_sinces: BTreeMap<GlobalId, Antichain<u64>> = dataflow.exports.iter().map(|(id, e)| (*id, e.since.clone())).collect();
+        let export_sinces: BTreeMap<GlobalId, Antichain<u64>> =
+            dataflow.exports.iter().map(|(id, e)| (*id, e.since.clone())).collect();
         for (id, sub) in dataflow.subscribes.iter_mut() {
             if sub.failed {
                 continue;
             }
             let mut updates: Vec<(u64, Row, i64)> = Vec::new();
             let mut error = None;
-            let mut evaluation_times: Vec<u64> = times.iter().copied().filter(|t| *t >= lower && *t < upper).collect();
+            let mut evaluation_times: Vec<u64> =
+                times.iter().copied().filter(|t| *t >= lower && *t < upper).collect();
             if !sub.started {
                 evaluation_times.retain(|t| *t > as_of);
                 evaluation_times.insert(0, as_of);
@@ -447,7 +485,8 @@ impl ModelProcess {
                             sub.last = contents;
                             continue;
                         }
-                        let mut changes: Vec<(Row, i64)> = contents.iter().map(|(r, d)| (r.clone(), *d)).collect();
+                        let mut changes: Vec<(Row, i64)> =
+                            contents.iter().map(|(r, d)| (r.clone(), *d)).collect();
                         changes.extend(sub.last.iter().map(|(r, d)| (r.clone(), -*d)));
                         for (row, diff) in consolidate(changes) {
                             if owner(&row, processes) == process {
@@ -480,7 +519,10 @@ impl ModelProcess {
                 },
             };
             sub.emitted = upper;
-            out.push(ComputeResponse::SubscribeResponse { id: *id, response: SubscribeResponse::Batch(batch) });
+            out.push(ComputeResponse::SubscribeResponse {
+                id: *id,
+                response: SubscribeResponse::Batch(batch),
+            });
         }
     }
 }

@@ -115,8 +115,9 @@ impl Oracle {
             return cached.clone();
         }
         let updates = self.log.get(&id).map(|v| v.as_slice()).unwrap_or_default();
-        let contents =
-            Rc::new(consolidate(updates.iter().filter(|(_, t, _)| *t <= time).map(|(r, _, d)| (r.clone(), *d))));
+        let contents = Rc::new(consolidate(
+            updates.iter().filter(|(_, t, _)| *t <= time).map(|(r, _, d)| (r.clone(), *d)),
+        ));
         self.cache.borrow_mut().insert((id, time), Ok(Rc::clone(&contents)));
         Ok(contents)
     }
@@ -134,7 +135,10 @@ impl Oracle {
         if let Some(cached) = self.cache.borrow().get(&(id, time)) {
             return cached.clone().map_err(EvalFailure::Data);
         }
-        let desc = self.dataflows.get(&id).ok_or_else(|| EvalFailure::Unavailable(format!("no dataflow exports {id}")))?;
+        let desc = self
+            .dataflows
+            .get(&id)
+            .ok_or_else(|| EvalFailure::Unavailable(format!("no dataflow exports {id}")))?;
         let mut inputs = BTreeMap::new();
         for import in desc.source_imports.keys() {
             let contents = self.storage_contents(*import, time).map_err(EvalFailure::Unavailable)?;
@@ -145,7 +149,9 @@ impl Oracle {
         }
         let result = match evaluate_dataflow(desc, &inputs) {
             Ok(mut outputs) => {
-                let contents = outputs.remove(&id).ok_or_else(|| EvalFailure::Unavailable(format!("{id} is not an export")))?;
+                let contents = outputs
+                    .remove(&id)
+                    .ok_or_else(|| EvalFailure::Unavailable(format!("{id} is not an export")))?;
                 Ok(Rc::new(contents))
             }
             Err(e) => Err(e.to_string()),

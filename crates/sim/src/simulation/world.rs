@@ -21,17 +21,18 @@ use frontiers::{Antichain, ReadHold, ReadPolicy};
 use protocol::arbitrary::{Choices, plan_of};
 use protocol::reference::Multiset;
 use protocol::{
-    BuildDesc, ColumnOrder, ColumnType, ComputeCommand, ComputeResponse, DataflowDescription, Datum, GlobalId,
-    IndexExport, IndexImport, InstanceId, MapFilterProject, PeekId, PeekResponse, RelationDesc, RelationType,
-    ReplicaId, Row, RowSetFinishing, ScalarType, SinkConnection, SinkExport, SourceImport, SubscribeResponse,
+    BuildDesc, ColumnOrder, ColumnType, ComputeCommand, ComputeResponse, DataflowDescription, Datum,
+    GlobalId, IndexExport, IndexImport, InstanceId, MapFilterProject, PeekId, PeekResponse, RelationDesc,
+    RelationType, ReplicaId, Row, RowSetFinishing, ScalarType, SinkConnection, SinkExport, SourceImport,
+    SubscribeResponse,
 };
 use replica_client::{Backoff, CommandHistory, ReplicaCore, ReplicaCoreConfig, ReplicaEvent, ReplicaOutput};
 use storage::AppendRequest;
 use storage::core::Store;
 
 use controller::{
-    ComputeControllerResponse, ImportFrontiers, InstanceCore, InstanceCoreConfig, InstanceOutput, PeekRequest,
-    select_as_of,
+    ComputeControllerResponse, ImportFrontiers, InstanceCore, InstanceCoreConfig, InstanceOutput,
+    PeekRequest, select_as_of,
 };
 
 use super::model::{Context, ModelProcess};
@@ -160,7 +161,11 @@ fn fnv(hash: &mut u64, bytes: &[u8]) {
 fn table_desc(columns: usize) -> RelationDesc {
     let mut desc = RelationDesc::new([("k", ColumnType::new(ScalarType::Int64, false))]);
     for c in 1..columns {
-        let typ = if c % 2 == 1 { ColumnType::new(ScalarType::Int64, true) } else { ColumnType::new(ScalarType::Text, false) };
+        let typ = if c % 2 == 1 {
+            ColumnType::new(ScalarType::Int64, true)
+        } else {
+            ColumnType::new(ScalarType::Text, false)
+        };
         desc = desc.with_column(format!("c{c}"), typ);
     }
     desc
@@ -170,7 +175,8 @@ impl World {
     /// A world for `seed`.
     pub fn new(seed: u64, config: SimConfig) -> Self {
         let mut rng = Rng::new(seed);
-        let policy = ReadPolicy::LagWriteFrontier { lag_ms: rng.range(0, 50), granularity_ms: rng.range(0, 10) };
+        let policy =
+            ReadPolicy::LagWriteFrontier { lag_ms: rng.range(0, 50), granularity_ms: rng.range(0, 10) };
         let instance_config = InstanceCoreConfig {
             default_index_policy: policy,
             default_peek_timeout_ms: None,
@@ -226,7 +232,8 @@ impl World {
             let faults_on = self.now < end_faults;
             if !faults_on && liveness_marks.is_none() {
                 self.end_faults();
-                liveness_marks = Some(self.tables.iter().map(|(id, _)| (*id, self.storage_upper(*id))).collect());
+                liveness_marks =
+                    Some(self.tables.iter().map(|(id, _)| (*id, self.storage_upper(*id))).collect());
             }
             self.step(faults_on);
         }
@@ -311,10 +318,20 @@ impl World {
                     if sim.link != Some(epoch) || !sim.processes[process].is_alive() {
                         continue;
                     }
-                    let mut ctx = Context { store: &self.store, now: self.now, violations: &mut self.violations, oracle: &self.oracle };
+                    let mut ctx = Context {
+                        store: &self.store,
+                        now: self.now,
+                        violations: &mut self.violations,
+                        oracle: &self.oracle,
+                    };
                     let responses = sim.processes[process].receive(epoch, command, &mut ctx);
                     for response in responses {
-                        self.send(replica, process, false, Message::ToController { replica, process, epoch, response });
+                        self.send(
+                            replica,
+                            process,
+                            false,
+                            Message::ToController { replica, process, epoch, response },
+                        );
                     }
                 }
                 Message::ToController { replica, process, epoch, response } => {
@@ -339,14 +356,24 @@ impl World {
             let epoch = sim.link;
             let mut outgoing = Vec::new();
             for (process, model) in sim.processes.iter_mut().enumerate() {
-                let mut ctx = Context { store: &self.store, now: self.now, violations: &mut self.violations, oracle: &self.oracle };
+                let mut ctx = Context {
+                    store: &self.store,
+                    now: self.now,
+                    violations: &mut self.violations,
+                    oracle: &self.oracle,
+                };
                 for response in model.step(&mut ctx) {
                     outgoing.push((process, response));
                 }
             }
             if let Some(epoch) = epoch {
                 for (process, response) in outgoing {
-                    self.send(replica, process, false, Message::ToController { replica, process, epoch, response });
+                    self.send(
+                        replica,
+                        process,
+                        false,
+                        Message::ToController { replica, process, epoch, response },
+                    );
                 }
             }
         }
@@ -363,7 +390,8 @@ impl World {
                         if let Some(sim) = self.replicas.get_mut(&replica)
                             && let Err(e) = sim.core.send(command)
                         {
-                            self.violations.push(format!("replica history rejected a controller command: {e}"));
+                            self.violations
+                                .push(format!("replica history rejected a controller command: {e}"));
                         }
                     }
                     InstanceOutput::DisconnectReplica { replica, reason } => {
@@ -398,7 +426,12 @@ impl World {
                             let processes = self.replicas[&replica].processes.len();
                             if self.replicas[&replica].link == Some(epoch) {
                                 for process in 0..processes {
-                                    let message = Message::ToReplica { replica, process, epoch, command: command.clone() };
+                                    let message = Message::ToReplica {
+                                        replica,
+                                        process,
+                                        epoch,
+                                        command: command.clone(),
+                                    };
                                     self.send(replica, process, true, message);
                                 }
                             }
@@ -439,7 +472,11 @@ impl World {
             replica_id: replica,
             processes,
             backoff: Backoff { initial_ms: 5, max_ms: 80 },
-            hydration_concurrency: if self.rng.chance(0.5) { Some(self.rng.range(1, 3) as usize) } else { None },
+            hydration_concurrency: if self.rng.chance(0.5) {
+                Some(self.rng.range(1, 3) as usize)
+            } else {
+                None
+            },
         };
         let mut core = ReplicaCore::new(config, history);
         core.tick(self.now);
@@ -599,7 +636,11 @@ impl World {
     }
 
     fn live_indexes(&self) -> Vec<GlobalId> {
-        self.exports.iter().filter(|(_, k)| matches!(k, ExportKind::Index { .. })).map(|(id, _)| *id).collect()
+        self.exports
+            .iter()
+            .filter(|(_, k)| matches!(k, ExportKind::Index { .. }))
+            .map(|(id, _)| *id)
+            .collect()
     }
 
     fn workload(&mut self, faults_on: bool) {
@@ -633,7 +674,9 @@ impl World {
         match upstream {
             Some(index) => {
                 let Some(ExportKind::Index { key, typ }) = self.exports.get(&index).cloned() else { return };
-                let desc = RelationDesc::new(typ.column_types.iter().enumerate().map(|(i, t)| (format!("c{i}"), *t)));
+                let desc = RelationDesc::new(
+                    typ.column_types.iter().enumerate().map(|(i, t)| (format!("c{i}"), *t)),
+                );
                 df.index_imports.insert(index, IndexImport { desc, key });
                 context.push((index, typ));
             }
@@ -650,11 +693,16 @@ impl World {
         let subscribe = self.rng.chance(0.25);
         let export = self.fresh_id();
         if subscribe {
-            let desc = RelationDesc::new(typ.column_types.iter().enumerate().map(|(i, t)| (format!("c{i}"), *t)));
+            let desc =
+                RelationDesc::new(typ.column_types.iter().enumerate().map(|(i, t)| (format!("c{i}"), *t)));
             let with_snapshot = self.rng.chance(0.7);
-            df.sink_exports.insert(export, SinkExport { from: object, desc, connection: SinkConnection::Subscribe { with_snapshot } });
+            df.sink_exports.insert(
+                export,
+                SinkExport { from: object, desc, connection: SinkConnection::Subscribe { with_snapshot } },
+            );
         } else {
-            let key: Vec<usize> = if typ.arity() == 0 { vec![] } else { vec![self.rng.below(typ.arity() as u64) as usize] };
+            let key: Vec<usize> =
+                if typ.arity() == 0 { vec![] } else { vec![self.rng.below(typ.arity() as u64) as usize] };
             df.index_exports.insert(export, IndexExport { on_id: object, key });
             if self.rng.chance(0.3) && typ.arity() > 0 {
                 // A second export: another index of the same object on another key.
@@ -681,7 +729,8 @@ impl World {
                     holds.insert(*id, hold);
                 }
                 Err(e) => {
-                    self.violations.push(format!("storage refused a hold at the selected as-of {as_of:?}: {e}"));
+                    self.violations
+                        .push(format!("storage refused a hold at the selected as-of {as_of:?}: {e}"));
                     return;
                 }
             }
@@ -700,7 +749,13 @@ impl World {
                         let as_of = as_of.as_option().copied().expect("total order");
                         self.subscribes.insert(
                             *id,
-                            SubscribeTracker { as_of, with_snapshot, forwarded: as_of, accumulated: None, done: false },
+                            SubscribeTracker {
+                                as_of,
+                                with_snapshot,
+                                forwarded: as_of,
+                                accumulated: None,
+                                done: false,
+                            },
                         );
                     }
                 }
@@ -725,7 +780,10 @@ impl World {
     fn set_policy(&mut self) {
         let Some(id) = self.rng.pick(&self.live_indexes()).copied() else { return };
         let policy = match self.rng.below(3) {
-            0 => ReadPolicy::LagWriteFrontier { lag_ms: self.rng.range(0, 200), granularity_ms: self.rng.range(0, 20) },
+            0 => ReadPolicy::LagWriteFrontier {
+                lag_ms: self.rng.range(0, 200),
+                granularity_ms: self.rng.range(0, 20),
+            },
             1 => ReadPolicy::Multiple(vec![
                 ReadPolicy::LagWriteFrontier { lag_ms: self.rng.range(0, 50), granularity_ms: 0 },
                 ReadPolicy::LagWriteFrontier { lag_ms: self.rng.range(0, 100), granularity_ms: 10 },
@@ -747,7 +805,8 @@ impl World {
     }
 
     fn cancel_peek(&mut self) {
-        let pending: Vec<PeekId> = self.peeks.iter().filter(|(_, p)| !p.cancelled).map(|(id, _)| *id).collect();
+        let pending: Vec<PeekId> =
+            self.peeks.iter().filter(|(_, p)| !p.cancelled).map(|(id, _)| *id).collect();
         let Some(uuid) = self.rng.pick(&pending).copied() else { return };
         if self.instance.cancel_peek(uuid).is_ok() {
             self.peeks.get_mut(&uuid).expect("listed").cancelled = true;
@@ -759,7 +818,9 @@ impl World {
         let Some(id) = self.rng.pick(&self.live_indexes()).copied() else { return };
         let Some(ExportKind::Index { key, typ }) = self.exports.get(&id).cloned() else { return };
         let Some(frontiers) = self.instance.collection_frontiers(id) else { return };
-        let (Some(since), Some(upper)) = (frontiers.since.as_option().copied(), frontiers.upper.as_option().copied()) else {
+        let (Some(since), Some(upper)) =
+            (frontiers.since.as_option().copied(), frontiers.upper.as_option().copied())
+        else {
             return;
         };
         let timestamp = match self.rng.below(4) {
@@ -772,7 +833,8 @@ impl World {
         } else {
             None
         };
-        let constraints = constraints.filter(|_| key.len() == 1 && typ.column_types[key[0]].scalar_type == ScalarType::Int64);
+        let constraints = constraints
+            .filter(|_| key.len() == 1 && typ.column_types[key[0]].scalar_type == ScalarType::Int64);
         let finishing = if self.rng.chance(0.3) && typ.arity() > 0 {
             RowSetFinishing {
                 order_by: vec![if self.rng.chance(0.5) { ColumnOrder::asc(0) } else { ColumnOrder::desc(0) }],
@@ -805,7 +867,17 @@ impl World {
             Ok(()) => {
                 self.peeks.insert(
                     uuid,
-                    PeekExpectation { id, timestamp, key, constraints, mfp, finishing, target, cancelled: false, issued_ms: self.now },
+                    PeekExpectation {
+                        id,
+                        timestamp,
+                        key,
+                        constraints,
+                        mfp,
+                        finishing,
+                        target,
+                        cancelled: false,
+                        issued_ms: self.now,
+                    },
                 );
             }
             Err(e) => self.violations.push(format!("a peek at a readable time was refused: {e}")),
@@ -873,7 +945,10 @@ impl World {
                 }
                 let lower = batch.lower.as_option().copied();
                 if lower != Some(tracker.forwarded) {
-                    self.violations.push(format!("subscribe {id}: batch starts at {lower:?}, expected {}", tracker.forwarded));
+                    self.violations.push(format!(
+                        "subscribe {id}: batch starts at {lower:?}, expected {}",
+                        tracker.forwarded
+                    ));
                     return;
                 }
                 let updates = match batch.updates {
@@ -881,9 +956,11 @@ impl World {
                     Err(error) => {
                         tracker.done = true;
                         // Only acceptable if the oracle agrees there is a data error.
-                        let any_error = (tracker.as_of..=self.now).any(|t| matches!(self.oracle.export_contents(id, t), Err(EvalFailure::Data(_))));
+                        let any_error = (tracker.as_of..=self.now)
+                            .any(|t| matches!(self.oracle.export_contents(id, t), Err(EvalFailure::Data(_))));
                         if !any_error {
-                            self.violations.push(format!("subscribe {id}: error {error} the oracle does not see"));
+                            self.violations
+                                .push(format!("subscribe {id}: error {error} the oracle does not see"));
                         }
                         return;
                     }
@@ -894,7 +971,10 @@ impl World {
                 };
                 for (time, _, _) in &updates {
                     if *time < tracker.forwarded || *time >= upper {
-                        self.violations.push(format!("subscribe {id}: update at {time} outside [{}, {upper})", tracker.forwarded));
+                        self.violations.push(format!(
+                            "subscribe {id}: update at {time} outside [{}, {upper})",
+                            tracker.forwarded
+                        ));
                         return;
                     }
                 }
@@ -938,7 +1018,9 @@ impl World {
         for (replica, sim) in &self.replicas {
             let len = sim.core.history().len();
             if len > bound {
-                self.violations.push(format!("invariant 7: {replica}'s history has {len} commands for {live} collections"));
+                self.violations.push(format!(
+                    "invariant 7: {replica}'s history has {len} commands for {live} collections"
+                ));
             }
         }
     }
@@ -946,15 +1028,12 @@ impl World {
     fn check_liveness(&mut self, marks: BTreeMap<GlobalId, u64>) {
         for (replica, sim) in &self.replicas {
             if !sim.core.is_live() {
-                self.violations.push(format!("liveness: {replica} is not connected after the faults stopped"));
+                self.violations
+                    .push(format!("liveness: {replica} is not connected after the faults stopped"));
             }
         }
-        let stuck: Vec<PeekId> = self
-            .peeks
-            .iter()
-            .filter(|(_, p)| p.issued_ms + 1_000 < self.now)
-            .map(|(id, _)| *id)
-            .collect();
+        let stuck: Vec<PeekId> =
+            self.peeks.iter().filter(|(_, p)| p.issued_ms + 1_000 < self.now).map(|(id, _)| *id).collect();
         if !stuck.is_empty() {
             self.violations.push(format!("liveness: peeks {stuck:?} never completed"));
         }
