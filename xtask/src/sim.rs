@@ -101,6 +101,27 @@ pub fn run(root: &Path, seeds: &Option<Seeds>, profile: Profile) -> anyhow::Resu
     cmd::run(&mut command)
 }
 
+/// Proves the simulator can fail: builds the controller with the reference lineage's peek-hold bug planted
+/// (`--features planted-bug`) and requires some seed of `seeds` to find it.
+pub fn run_planted(seeds: std::ops::Range<u64>) -> anyhow::Result<()> {
+    let mut command = cmd::cargo();
+    command
+        .args([
+            "run",
+            "--package",
+            "sim",
+            "--locked",
+            "--features",
+            "planted-bug",
+            "--",
+            "simulate",
+            "--expect-failure",
+        ])
+        .arg("--seeds")
+        .arg(format!("{}..{}", seeds.start, seeds.end));
+    cmd::run(&mut command)
+}
+
 /// A seed from the clock, for an exploratory run (VOPR style); it is printed, so the run can be repeated.
 fn random_seed() -> u64 {
     let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());

@@ -71,6 +71,7 @@ pub struct ClientGone(pub ReplicaId);
 
 enum Input<T: Timestamp> {
     Command(ComputeCommand<T>),
+    Disconnect(String),
     Connected { epoch: u64, streams: Vec<TcpStream> },
     ConnectFailed { epoch: u64, reason: String },
     Received { epoch: u64, process: usize, result: Result<ComputeResponse<T>, String> },
@@ -88,6 +89,7 @@ impl<T: Timestamp> std::fmt::Debug for Input<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Input::Command(c) => write!(f, "Command({})", c.name()),
+            Input::Disconnect(reason) => write!(f, "Disconnect({reason})"),
             Input::Connected { epoch, .. } => write!(f, "Connected({epoch})"),
             Input::ConnectFailed { epoch, reason } => write!(f, "ConnectFailed({epoch}, {reason})"),
             Input::Received { epoch, process, .. } => write!(f, "Received({epoch}, {process})"),
@@ -118,6 +120,12 @@ impl<T: Timestamp> ReplicaClient<T> {
     /// Sends a command (recorded in the history; forwarded when connected).
     pub fn send(&self, command: ComputeCommand<T>) -> Result<(), ClientGone> {
         self.inputs.send(Input::Command(command)).map_err(|_| ClientGone(self.replica_id))
+    }
+
+    /// Drops the current connection because the owner found the replica faulty; the client reconnects
+    /// after backoff and replays its history (rehydration).
+    pub fn disconnect(&self, reason: impl Into<String>) -> Result<(), ClientGone> {
+        self.inputs.send(Input::Disconnect(reason.into())).map_err(|_| ClientGone(self.replica_id))
     }
 
     /// Stops the task and closes every connection.
@@ -260,6 +268,7 @@ async fn run<T: Timestamp>(
                     error!(command = name, error = %e, "controller sent a command the history rejects");
                 }
             }
+            Input::Disconnect(reason) => core.disconnect(now(), &reason, jitter()),
             Input::Connected { epoch, streams } => {
                 if epoch != core.epoch() {
                     continue;

@@ -300,6 +300,15 @@ impl<T: Timestamp> ReplicaCore<T> {
         self.fail(now_ms, format!("connection lost: {reason}"), jitter);
     }
 
+    /// The owner found the replica faulty (e.g. a frontier regression it detected): drop the connection and
+    /// reconnect after backoff, which rehydrates the replica from the history.
+    pub fn disconnect(&mut self, now_ms: u64, reason: &str, jitter: f64) {
+        if matches!(self.connection, Connection::Idle { .. }) {
+            return;
+        }
+        self.violation(now_ms, reason.to_string(), jitter);
+    }
+
     /// A response from `process` on the connection of `epoch`.
     pub fn receive(
         &mut self,

@@ -1,0 +1,206 @@
+//! Errors of the compute controller: one type per public operation, each listing exactly the ways that
+//! operation can fail.
+//!
+//! Every variant here is a *caller* error or an environment failure (storage, orchestrator). A broken
+//! internal invariant is an `assert!`, never one of these. Each variant is produced by some test in
+//! `tests/it/errors.rs`.
+
+use frontiers::{Antichain, Timestamp};
+use protocol::{DataflowValidationError, GlobalId, InstanceId, PeekId, ReplicaId};
+
+/// An instance id that does not exist.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("instance {0} does not exist")]
+pub struct InstanceMissing(pub InstanceId);
+
+/// A collection id that the instance does not have.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("collection {0} does not exist")]
+pub struct CollectionMissing(pub GlobalId);
+
+/// Failure of [`create_instance`](crate::ComputeController::create_instance).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InstanceCreationError {
+    /// An instance with this id exists.
+    #[error("instance {0} already exists")]
+    InstanceExists(InstanceId),
+}
+
+/// Failure of [`drop_instance`](crate::ComputeController::drop_instance).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InstanceDropError {
+    /// No such instance.
+    #[error(transparent)]
+    InstanceMissing(#[from] InstanceMissing),
+}
+
+/// Failure of [`add_replica`](crate::ComputeController::add_replica).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReplicaCreationError {
+    /// No such instance.
+    #[error(transparent)]
+    InstanceMissing(#[from] InstanceMissing),
+    /// The instance already has a replica with this id.
+    #[error("replica {0} already exists")]
+    ReplicaExists(ReplicaId),
+    /// The location names no process.
+    #[error("replica {0} has no processes")]
+    NoProcesses(ReplicaId),
+    /// The orchestrator could not start it.
+    #[error("orchestrator failed to start replica {replica}: {reason}")]
+    Orchestrator {
+        /// The replica.
+        replica: ReplicaId,
+        /// The orchestrator's reason.
+        reason: String,
+    },
+}
+
+/// Failure of [`drop_replica`](crate::ComputeController::drop_replica).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReplicaDropError {
+    /// No such instance.
+    #[error(transparent)]
+    InstanceMissing(#[from] InstanceMissing),
+    /// No such replica.
+    #[error("replica {0} does not exist")]
+    ReplicaMissing(ReplicaId),
+}
+
+/// Failure of [`create_dataflow`](crate::ComputeController::create_dataflow).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DataflowCreationError<T: Timestamp = u64> {
+    /// No such instance.
+    #[error(transparent)]
+    InstanceMissing(#[from] InstanceMissing),
+    /// The description does not validate.
+    #[error("invalid dataflow: {0}")]
+    Invalid(DataflowValidationError),
+    /// An import does not exist (a storage collection, or an index on this instance).
+    #[error("dataflow import {0} does not exist")]
+    CollectionMissing(GlobalId),
+    /// An export id is already in use on the instance.
+    #[error("collection {0} already exists")]
+    CollectionExists(GlobalId),
+    /// An import is not readable at the requested as-of.
+    #[error("as_of {as_of:?} is before the since {since:?} of import {id}")]
+    SinceViolation {
+        /// The import.
+        id: GlobalId,
+        /// Its since.
+        since: Antichain<T>,
+        /// The as-of asked for.
+        as_of: Antichain<T>,
+    },
+    /// No as-of satisfies every import and export constraint (an import is fully compacted, or a
+    /// materialized view's target has data its inputs can no longer reproduce).
+    #[error("no valid as_of for dataflow {name:?}: {reason}")]
+    NoValidAsOf {
+        /// The dataflow's name.
+        name: String,
+        /// Which constraint failed.
+        reason: String,
+    },
+    /// A materialized view's target storage collection does not exist or has another schema.
+    #[error("materialized view {id}: target {target} {reason}")]
+    BadSinkTarget {
+        /// The export.
+        id: GlobalId,
+        /// The storage collection.
+        target: GlobalId,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The storage layer failed.
+    #[error("storage error: {0}")]
+    Storage(String),
+}
+
+/// Failure of [`drop_collections`](crate::ComputeController::drop_collections).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CollectionDropError {
+    /// No such instance.
+    #[error(transparent)]
+    InstanceMissing(#[from] InstanceMissing),
+    /// No such collection, or it was already dropped. Nothing was dropped.
+    #[error(transparent)]
+    CollectionMissing(#[from] CollectionMissing),
+}
+
+/// Failure of [`set_read_policy`](crate::ComputeController::set_read_policy).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReadPolicyError {
+    /// No such instance.
+    #[error(transparent)]
+    InstanceMissing(#[from] InstanceMissing),
+    /// No such collection (nothing was changed).
+    #[error(transparent)]
+    CollectionMissing(#[from] CollectionMissing),
+    /// Read policies govern indexes; a sink's compaction follows its progress.
+    #[error("collection {0} is a sink; only indexes have read policies")]
+    WriteOnlyCollection(GlobalId),
+}
+
+/// Failure of [`acquire_read_hold`](crate::ComputeController::acquire_read_hold) and of
+/// [`collection_frontiers`](crate::ComputeController::collection_frontiers).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CollectionLookupError {
+    /// No such instance.
+    #[error(transparent)]
+    InstanceMissing(#[from] InstanceMissing),
+    /// No such collection (or it is fully compacted).
+    #[error(transparent)]
+    CollectionMissing(#[from] CollectionMissing),
+    /// The storage layer failed (for storage collections).
+    #[error("storage error: {0}")]
+    Storage(String),
+}
+
+/// Failure of [`peek`](crate::ComputeController::peek).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PeekError<T: Timestamp = u64> {
+    /// No such instance.
+    #[error(transparent)]
+    InstanceMissing(#[from] InstanceMissing),
+    /// No such collection.
+    #[error(transparent)]
+    CollectionMissing(#[from] CollectionMissing),
+    /// The target is a sink, which cannot be peeked.
+    #[error("collection {0} is not an index")]
+    NotAnIndex(GlobalId),
+    /// The peek targets a replica the instance does not have.
+    #[error("replica {0} does not exist")]
+    ReplicaMissing(ReplicaId),
+    /// The time is before the collection's since: that history may be gone.
+    #[error("peek of {id} at {timestamp:?} is before its since {since:?}")]
+    SinceViolation {
+        /// The collection.
+        id: GlobalId,
+        /// Its since.
+        since: Antichain<T>,
+        /// The time asked for.
+        timestamp: T,
+    },
+    /// The map/filter/project does not fit the collection.
+    #[error("peek of {id}: {reason}")]
+    InvalidMapFilterProject {
+        /// The collection.
+        id: GlobalId,
+        /// The type error.
+        reason: String,
+    },
+    /// The storage layer failed (storage peeks).
+    #[error("storage error: {0}")]
+    Storage(String),
+}
+
+/// Failure of [`cancel_peek`](crate::ComputeController::cancel_peek).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CancelPeekError {
+    /// No such instance.
+    #[error(transparent)]
+    InstanceMissing(#[from] InstanceMissing),
+    /// The peek is not pending (unknown, already answered, or already cancelled).
+    #[error("peek {0} is not pending")]
+    PeekMissing(PeekId),
+}

@@ -1,0 +1,1214 @@
+//! [`InstanceCore`]: the synchronous state machine of one compute instance.
+//!
+//! **What this is.** The instance's partial map `GlobalId → collection` and everything hanging off it:
+//! read holds and the compaction chain, read policies, per-replica frontiers and input holds, peeks and
+//! their holds, subscribe deduplication, copy-to results, the command history new replicas start from,
+//! and introspection. Inputs are API calls, replica events ([`ReplicaEvent`]) and the time (`tick`);
+//! outputs ([`InstanceOutput`]) are commands per replica, responses for the user, and peek results.
+//!
+//! **What this is not.** No I/O, no tokio, no clock: the controller's instance task (and the simulator)
+//! wrap it. Storage is reached only through the [`ReadHold`]s the caller acquires and hands in.
+//!
+//! # The compaction chain
+//!
+//! Every compute collection (a dataflow export) has, in the instance's [`ReadHolds`] accounting:
+//! - an *implied hold*, the controller's own, governed by the read policy (indexes) or by the sink's
+//!   progress (materialized views and subscribes: one step behind what is written or forwarded, so a
+//!   rehydrated sink never re-emits what was already delivered);
+//! - the holds of callers ([`acquire_read_hold`](crate::ComputeController::acquire_read_hold)), of pending
+//!   peeks, and of dataflows that import it.
+//!
+//! Its `since` is the meet of all of these. Whenever a since advances, the instance sends
+//! `AllowCompaction` to every replica and downgrades that collection's *import holds* (on storage
+//! collections and on other indexes) to the new since, which may advance those imports' sinces in turn.
+//! So storage at the bottom of a chain of indexes is held back exactly as far as the slowest reader at the
+//! top needs. Per replica, extra holds on the storage imports at that replica's own write frontier keep a
+//! lagging replica able to catch up (index imports are the replica's own arrangements, compacted only as
+//! the controller allows).
+//!
+//! # Invariants (checked by [`InstanceCore::check_invariants`], which the simulator calls after every step)
+//!
+//! 1. A collection's since is the meet of its holds and never regresses (asserted by `ReadHolds`); its
+//!    upper never regresses.
+//! 2. Every import hold of a collection is at or before the collection's since.
+//! 3. A pending peek holds its collection at its time until every replica it was sent to has answered,
+//!    been cancelled and answered, or been dropped.
+//! 4. A collection's state (and every hold it owns) goes away once it is dropped, fully compacted, and
+//!    every connected replica has reported it dropped; nothing outlives it.
+//!
+//! **Tests:** `tests/it/` (compaction chain, peek holds, replica drop, faulty replicas, errors), and the
+//! simulator.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tracing::{debug, error, warn};
+
+use frontiers::antichain::step_back;
+use frontiers::{Antichain, PartialOrder, ReadHold, ReadHolds, ReadPolicy, SinceChange, Timestamp};
+use protocol::{
+    ComputeCommand, ComputeResponse, CopyToResponse, DataflowDescription, Datum, Diff, FrontiersResponse,
+    GlobalId, InstanceId, MapFilterProject, Peek, PeekId, PeekResponse, PeekTarget, RelationType, ReplicaId,
+    Row, RowSetFinishing, SinkConnection, SubscribeBatch, SubscribeResponse,
+};
+use replica_client::{CommandHistory, ReplicaEvent, ReplicaStatus};
+
+use crate::error::{
+    CancelPeekError, CollectionDropError, CollectionMissing, DataflowCreationError, PeekError,
+    ReadPolicyError, ReplicaCreationError, ReplicaDropError,
+};
+use crate::introspection::{IntrospectionKind, IntrospectionState, peek_duration_bucket_ms};
+use crate::response::{ComputeControllerResponse, PeekNotification, PeekOutcome};
+
+/// A compute collection's frontiers as seen by readers of the shared state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CollectionFrontiers<T> {
+    /// The read frontier: the meet of every hold.
+    pub since: Antichain<T>,
+    /// The write frontier: the join of every replica's.
+    pub upper: Antichain<T>,
+}
+
+/// The part of an instance's state that the controller's handle reads and writes without waiting for the
+/// instance task: hold accounting and a snapshot of every live collection's frontiers.
+#[derive(Debug)]
+pub struct SharedState<T: Timestamp> {
+    /// The instance's hold accounting; callers acquire holds here directly.
+    pub holds: ReadHolds<GlobalId, T>,
+    /// Every live (not dropped) collection's frontiers.
+    pub frontiers: BTreeMap<GlobalId, CollectionFrontiers<T>>,
+}
+
+/// The handle to [`SharedState`].
+pub type SharedHandle<T> = Arc<Mutex<SharedState<T>>>;
+
+/// Locks the shared state. A poisoned lock means a thread panicked while holding it: an invariant broke.
+pub fn lock<T: Timestamp>(shared: &SharedHandle<T>) -> MutexGuard<'_, SharedState<T>> {
+    shared.lock().expect("instance shared state poisoned")
+}
+
+/// What kind of export a compute collection is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CollectionKind {
+    /// An index: arranged, peekable, importable.
+    Index,
+    /// A materialized view writing into storage collection `target`.
+    MaterializedView {
+        /// The storage collection.
+        target: GlobalId,
+    },
+    /// A subscribe.
+    Subscribe,
+    /// A copy-to.
+    CopyTo,
+}
+
+/// The instance's tunables.
+#[derive(Debug, Clone)]
+pub struct InstanceCoreConfig<T> {
+    /// The read policy of an index until `set_read_policy` says otherwise.
+    pub default_index_policy: ReadPolicy<T>,
+    /// The peek timeout when a peek does not set one (`None`: no timeout).
+    pub default_peek_timeout_ms: Option<u64>,
+    /// How often wall-clock lag introspection is refreshed, in milliseconds.
+    pub introspection_interval_ms: u64,
+}
+
+impl<T: Timestamp> Default for InstanceCoreConfig<T> {
+    fn default() -> Self {
+        InstanceCoreConfig {
+            default_index_policy: ReadPolicy::LagWriteFrontier { lag_ms: 1_000, granularity_ms: 1_000 },
+            default_peek_timeout_ms: None,
+            introspection_interval_ms: 1_000,
+        }
+    }
+}
+
+/// A peek request (the index flavour; storage peeks never reach the core).
+#[derive(Debug, Clone)]
+pub struct PeekRequest<T> {
+    /// The peek's id.
+    pub uuid: PeekId,
+    /// The index.
+    pub id: GlobalId,
+    /// The time.
+    pub timestamp: T,
+    /// Key values to look up.
+    pub literal_constraints: Option<Vec<Row>>,
+    /// Applied to each row (the identity when `None`).
+    pub map_filter_project: Option<MapFilterProject>,
+    /// Ordering, offset and limit.
+    pub finishing: RowSetFinishing,
+    /// Only this replica, if set.
+    pub target_replica: Option<ReplicaId>,
+    /// Cancel with an error after this long, if set (else the instance default).
+    pub timeout_ms: Option<u64>,
+}
+
+/// What the core asks its shell to do or deliver.
+#[derive(Debug)]
+pub enum InstanceOutput<T: Timestamp> {
+    /// Send a command to a replica.
+    Command {
+        /// The replica.
+        replica: ReplicaId,
+        /// The command.
+        command: ComputeCommand<T>,
+    },
+    /// The replica broke the protocol: disconnect it (it will reconnect and rehydrate).
+    DisconnectReplica {
+        /// The replica.
+        replica: ReplicaId,
+        /// Why.
+        reason: String,
+    },
+    /// A response for the user.
+    Response(ComputeControllerResponse<T>),
+    /// A peek's result, for its caller.
+    PeekResult {
+        /// The peek.
+        uuid: PeekId,
+        /// The rows (finished), error, or cancellation.
+        response: PeekResponse,
+    },
+}
+
+#[derive(Debug)]
+struct ReplicaCollection<T: Timestamp> {
+    /// Reported on the current connection (reset when the replica reconnects).
+    write_frontier: Option<Antichain<T>>,
+    /// Holds on the collection's storage imports at this replica's write frontier. (Index imports live on
+    /// the same replica, which compacts them only as told: they need no per-replica hold.)
+    input_holds: Vec<ReadHold<GlobalId, T>>,
+    /// When the write frontier first passed the as-of on this connection.
+    hydrated_at_ms: Option<u64>,
+    /// This replica has reported the dropped collection gone (or cannot report anything about it).
+    dropped: bool,
+}
+
+#[derive(Debug)]
+struct Collection<T: Timestamp> {
+    kind: CollectionKind,
+    typ: RelationType,
+    as_of: Antichain<T>,
+    since: Antichain<T>,
+    write_frontier: Antichain<T>,
+    read_policy: ReadPolicy<T>,
+    /// The controller's own hold; released on drop.
+    implied_hold: ReadHold<GlobalId, T>,
+    /// Holds on every import, at or before this collection's since: first the storage imports (the first
+    /// `storage_imports` entries), then the index imports.
+    import_holds: Vec<ReadHold<GlobalId, T>>,
+    storage_imports: usize,
+    /// Dropped by the user; waits for its holds and replicas before it goes away.
+    dropped: bool,
+    created_ms: u64,
+    per_replica: BTreeMap<ReplicaId, ReplicaCollection<T>>,
+    /// Subscribes: everything before this has been forwarded.
+    forwarded: Antichain<T>,
+    /// Subscribes and copy-tos: the stream ended or the result was delivered.
+    finished: bool,
+}
+
+#[derive(Debug)]
+struct PendingPeek<T: Timestamp> {
+    collection: GlobalId,
+    /// Released when `outstanding` empties (not before: DESIGN §5.3).
+    hold: Option<ReadHold<GlobalId, T>>,
+    /// Replicas that were sent the peek and have neither answered nor been dropped.
+    outstanding: BTreeSet<ReplicaId>,
+    answered: bool,
+    finishing: RowSetFinishing,
+    target_replica: Option<ReplicaId>,
+    started_ms: u64,
+    deadline_ms: Option<u64>,
+}
+
+#[derive(Debug)]
+struct Replica {
+    /// Initialized on the current connection (status `Hydrating` or `Ready`).
+    connected: bool,
+}
+
+/// One compute instance's state machine. See the module documentation.
+#[derive(Debug)]
+pub struct InstanceCore<T: Timestamp> {
+    id: InstanceId,
+    config: InstanceCoreConfig<T>,
+    shared: SharedHandle<T>,
+    collections: BTreeMap<GlobalId, Collection<T>>,
+    replicas: BTreeMap<ReplicaId, Replica>,
+    /// What a new replica is replayed (no `CreateInstance`: that is per replica).
+    history: CommandHistory<T>,
+    peeks: BTreeMap<PeekId, PendingPeek<T>>,
+    /// The largest peek id seen (a response for a larger one was never asked for).
+    max_peek_id: Option<PeekId>,
+    outputs: VecDeque<InstanceOutput<T>>,
+    introspection: IntrospectionState,
+    peek_histogram: BTreeMap<(ReplicaId, u64), i64>,
+    now_ms: u64,
+    last_lag_refresh_ms: u64,
+}
+
+impl<T: Timestamp> InstanceCore<T> {
+    /// An empty instance. `notify` is called whenever a hold changes from outside (a caller dropped or
+    /// downgraded a [`ReadHold`]), so the owner can wake up and [`process_holds`](Self::process_holds).
+    pub fn new(
+        id: InstanceId,
+        config: InstanceCoreConfig<T>,
+        notify: Arc<dyn Fn() + Send + Sync>,
+        now_ms: u64,
+    ) -> Self {
+        let shared = SharedState { holds: ReadHolds::with_notify(notify), frontiers: BTreeMap::new() };
+        InstanceCore {
+            id,
+            config,
+            shared: Arc::new(Mutex::new(shared)),
+            collections: BTreeMap::new(),
+            replicas: BTreeMap::new(),
+            history: CommandHistory::new(),
+            peeks: BTreeMap::new(),
+            max_peek_id: None,
+            outputs: VecDeque::new(),
+            introspection: IntrospectionState::default(),
+            peek_histogram: BTreeMap::new(),
+            now_ms,
+            last_lag_refresh_ms: now_ms,
+        }
+    }
+
+    /// The instance's id.
+    pub fn id(&self) -> InstanceId {
+        self.id
+    }
+
+    /// The shared state (hold accounting and frontiers).
+    pub fn shared(&self) -> SharedHandle<T> {
+        Arc::clone(&self.shared)
+    }
+
+    /// The next output.
+    pub fn poll(&mut self) -> Option<InstanceOutput<T>> {
+        self.outputs.pop_front()
+    }
+
+    /// Introspection updates accumulated since the last call.
+    pub fn drain_introspection(&mut self) -> Vec<(IntrospectionKind, Row, Diff)> {
+        self.introspection.drain()
+    }
+
+    // ---------------------------------------------------------------------------------------------
+    // Replicas
+
+    /// Adds a replica; returns the history to start its client with (everything live, including pending
+    /// peeks that target no particular replica, which it will be asked to answer too).
+    pub fn add_replica(&mut self, replica: ReplicaId) -> Result<CommandHistory<T>, ReplicaCreationError> {
+        if self.replicas.contains_key(&replica) {
+            return Err(ReplicaCreationError::ReplicaExists(replica));
+        }
+        self.replicas.insert(replica, Replica { connected: false });
+        for collection in self.collections.values_mut() {
+            let input_holds = collection.import_holds[..collection.storage_imports]
+                .iter()
+                .map(ReadHold::clone_hold)
+                .collect();
+            collection.per_replica.insert(
+                replica,
+                ReplicaCollection {
+                    write_frontier: None,
+                    input_holds,
+                    hydrated_at_ms: None,
+                    dropped: collection.dropped,
+                },
+            );
+        }
+        for peek in self.peeks.values_mut() {
+            if peek.target_replica.is_none() && !peek.answered {
+                peek.outstanding.insert(replica);
+            }
+        }
+        let mut history = self.history.clone();
+        history
+            .push(&ComputeCommand::CreateInstance(protocol::InstanceConfig {
+                instance_id: self.id,
+                replica_id: replica,
+                logging: protocol::LoggingConfig { interval_ms: self.config.introspection_interval_ms },
+            }))
+            .expect("CreateInstance is always recordable");
+        self.set_replica_status_row(replica, "connecting", None);
+        Ok(history)
+    }
+
+    /// Drops a replica: its input holds are released, and peeks stop waiting for it.
+    pub fn drop_replica(&mut self, replica: ReplicaId) -> Result<(), ReplicaDropError> {
+        if self.replicas.remove(&replica).is_none() {
+            return Err(ReplicaDropError::ReplicaMissing(replica));
+        }
+        for collection in self.collections.values_mut() {
+            collection.per_replica.remove(&replica);
+        }
+        let uuids: Vec<PeekId> = self.peeks.keys().copied().collect();
+        for uuid in uuids {
+            let peek = self.peeks.get_mut(&uuid).expect("listed");
+            peek.outstanding.remove(&replica);
+            if !peek.answered && (peek.target_replica == Some(replica) || peek.outstanding.is_empty()) {
+                self.answer_peek(uuid, PeekResponse::Error(format!("replica {replica} was dropped")), None);
+            }
+            self.maybe_finish_peek(uuid);
+        }
+        for kind in
+            [IntrospectionKind::Frontiers, IntrospectionKind::Hydration, IntrospectionKind::WallclockLag]
+        {
+            self.introspection
+                .remove_prefix(kind, &[Datum::Text(&self.id.to_string()), Datum::Text(&replica.to_string())]);
+        }
+        self.introspection.remove_prefix(
+            IntrospectionKind::ReplicaStatus,
+            &[Datum::Text(&self.id.to_string()), Datum::Text(&replica.to_string())],
+        );
+        self.introspection.remove_prefix(
+            IntrospectionKind::PeekDurations,
+            &[Datum::Text(&self.id.to_string()), Datum::Text(&replica.to_string())],
+        );
+        self.peek_histogram.retain(|(r, _), _| *r != replica);
+        let ids: Vec<GlobalId> = self.collections.keys().copied().collect();
+        for id in ids {
+            self.maybe_remove(id);
+        }
+        self.process_holds();
+        Ok(())
+    }
+
+    /// The replicas.
+    pub fn replica_ids(&self) -> impl Iterator<Item = ReplicaId> + '_ {
+        self.replicas.keys().copied()
+    }
+
+    // ---------------------------------------------------------------------------------------------
+    // Dataflows and collections
+
+    /// Installs a dataflow whose as-of is already chosen. `storage_holds` holds every storage import at
+    /// (or before) the as-of; the core takes them over. Index imports are held from this instance's own
+    /// accounting. On error nothing changes (the storage holds are dropped, i.e. released).
+    pub fn create_dataflow(
+        &mut self,
+        desc: DataflowDescription<T>,
+        mut storage_holds: BTreeMap<GlobalId, ReadHold<GlobalId, T>>,
+    ) -> Result<(), DataflowCreationError<T>> {
+        desc.validate().map_err(DataflowCreationError::Invalid)?;
+        let as_of = desc.as_of.clone().expect("validated");
+        if let Some(id) = desc.export_ids().find(|id| self.collections.contains_key(id)) {
+            return Err(DataflowCreationError::CollectionExists(id));
+        }
+        // Storage imports: the caller's holds must cover the as-of.
+        let mut import_holds = Vec::new();
+        for id in desc.source_imports.keys() {
+            let hold = storage_holds.remove(id).ok_or(DataflowCreationError::CollectionMissing(*id))?;
+            if !PartialOrder::less_equal(hold.since(), &as_of) {
+                return Err(DataflowCreationError::SinceViolation {
+                    id: *id,
+                    since: hold.since().clone(),
+                    as_of,
+                });
+            }
+            import_holds.push(hold);
+        }
+        // Index imports: live collections of this instance, held at the as-of.
+        {
+            let mut shared = lock(&self.shared);
+            for id in desc.index_imports.keys() {
+                match self.collections.get(id) {
+                    Some(c) if !c.dropped && c.kind == CollectionKind::Index => {}
+                    _ => return Err(DataflowCreationError::CollectionMissing(*id)),
+                }
+                let hold = shared.holds.acquire(id, as_of.clone()).map_err(|e| match e {
+                    frontiers::AcquireError::CollectionMissing(id) => {
+                        DataflowCreationError::CollectionMissing(id)
+                    }
+                    frontiers::AcquireError::BeforeSince { id, since, requested } => {
+                        DataflowCreationError::SinceViolation { id, since, as_of: requested }
+                    }
+                })?;
+                import_holds.push(hold);
+            }
+        }
+        let storage_imports = desc.source_imports.len();
+        // Exports: one collection each, with its own copies of the import holds.
+        let exports: Vec<(GlobalId, CollectionKind, GlobalId)> = desc
+            .index_exports
+            .iter()
+            .map(|(id, e)| (*id, CollectionKind::Index, e.on_id))
+            .chain(desc.sink_exports.iter().map(|(id, s)| {
+                let kind = match &s.connection {
+                    SinkConnection::MaterializedView { target } => {
+                        CollectionKind::MaterializedView { target: *target }
+                    }
+                    SinkConnection::Subscribe { .. } => CollectionKind::Subscribe,
+                    SinkConnection::CopyTo { .. } => CollectionKind::CopyTo,
+                };
+                (*id, kind, s.from)
+            }))
+            .collect();
+        for (id, kind, object) in exports {
+            let typ = desc.object_type(object).expect("validated dataflows type-check");
+            let implied_hold =
+                lock(&self.shared).holds.create(id, as_of.clone()).expect("export ids are new");
+            let mut per_replica = BTreeMap::new();
+            for (replica, _) in self.replicas.iter() {
+                per_replica.insert(
+                    *replica,
+                    ReplicaCollection {
+                        write_frontier: None,
+                        input_holds: import_holds[..storage_imports]
+                            .iter()
+                            .map(ReadHold::clone_hold)
+                            .collect(),
+                        hydrated_at_ms: None,
+                        dropped: false,
+                    },
+                );
+            }
+            let read_policy = self.config.default_index_policy.clone();
+            self.collections.insert(
+                id,
+                Collection {
+                    kind,
+                    typ,
+                    as_of: as_of.clone(),
+                    since: as_of.clone(),
+                    write_frontier: as_of.clone(),
+                    read_policy,
+                    implied_hold,
+                    import_holds: import_holds.iter().map(ReadHold::clone_hold).collect(),
+                    storage_imports,
+                    dropped: false,
+                    created_ms: self.now_ms,
+                    per_replica,
+                    forwarded: as_of.clone(),
+                    finished: false,
+                },
+            );
+            lock(&self.shared)
+                .frontiers
+                .insert(id, CollectionFrontiers { since: as_of.clone(), upper: as_of.clone() });
+        }
+        drop(import_holds);
+        let schedule = desc.export_ids().next().expect("validated dataflows export something");
+        self.broadcast(ComputeCommand::CreateDataflow(desc));
+        self.broadcast(ComputeCommand::Schedule(schedule));
+        self.process_holds();
+        Ok(())
+    }
+
+    /// Drops collections. All ids must name live collections, else nothing is dropped.
+    pub fn drop_collections(&mut self, ids: &[GlobalId]) -> Result<(), CollectionDropError> {
+        for id in ids {
+            match self.collections.get(id) {
+                Some(c) if !c.dropped => {}
+                _ => return Err(CollectionDropError::CollectionMissing(CollectionMissing(*id))),
+            }
+        }
+        for id in ids {
+            self.drop_collection(*id);
+        }
+        self.process_holds();
+        Ok(())
+    }
+
+    fn drop_collection(&mut self, id: GlobalId) {
+        let connected: BTreeSet<ReplicaId> =
+            self.replicas.iter().filter(|(_, r)| r.connected).map(|(id, _)| *id).collect();
+        let collection = self.collections.get_mut(&id).expect("checked by the caller");
+        collection.dropped = true;
+        collection.implied_hold.release();
+        for (replica, state) in collection.per_replica.iter_mut() {
+            // A replica that is not connected replays without this dataflow: it will never report on it.
+            if !connected.contains(replica) {
+                state.dropped = true;
+            }
+        }
+        let notify = match collection.kind {
+            CollectionKind::Subscribe if !collection.finished => {
+                collection.finished = true;
+                Some(ComputeControllerResponse::SubscribeResponse {
+                    id,
+                    response: SubscribeResponse::DroppedAt(collection.forwarded.clone()),
+                })
+            }
+            CollectionKind::CopyTo if !collection.finished => {
+                collection.finished = true;
+                Some(ComputeControllerResponse::CopyToResponse { id, response: CopyToResponse::Dropped })
+            }
+            _ => None,
+        };
+        if let Some(response) = notify {
+            self.outputs.push_back(InstanceOutput::Response(response));
+        }
+        lock(&self.shared).frontiers.remove(&id);
+    }
+
+    /// Sets read policies. All ids must name live indexes, else nothing changes.
+    pub fn set_read_policy(
+        &mut self,
+        policies: Vec<(GlobalId, ReadPolicy<T>)>,
+    ) -> Result<(), ReadPolicyError> {
+        for (id, _) in &policies {
+            match self.collections.get(id) {
+                Some(c) if !c.dropped && c.kind == CollectionKind::Index => {}
+                Some(c) if !c.dropped => return Err(ReadPolicyError::WriteOnlyCollection(*id)),
+                _ => return Err(ReadPolicyError::CollectionMissing(CollectionMissing(*id))),
+            }
+        }
+        for (id, policy) in policies {
+            let collection = self.collections.get_mut(&id).expect("checked");
+            collection.read_policy = policy;
+            Self::apply_policy(collection);
+        }
+        self.process_holds();
+        Ok(())
+    }
+
+    /// Moves the implied hold to where the collection's policy (or sink progress) allows, if that is
+    /// forward.
+    fn apply_policy(collection: &mut Collection<T>) {
+        if collection.dropped {
+            return;
+        }
+        let target = match collection.kind {
+            CollectionKind::Index => collection.read_policy.frontier(collection.write_frontier.borrow()),
+            CollectionKind::MaterializedView { .. } => step_back(&collection.write_frontier.borrow()),
+            CollectionKind::Subscribe => step_back(&collection.forwarded.borrow()),
+            CollectionKind::CopyTo => return,
+        };
+        if target.is_empty() {
+            // A closed collection under a lag policy may be compacted completely; the controller keeps
+            // its own hold at the last readable time instead, so the collection stays peekable.
+            return;
+        }
+        if PartialOrder::less_equal(collection.implied_hold.since(), &target) {
+            collection.implied_hold.try_downgrade(target).expect("moving forward");
+        }
+    }
+
+    // ---------------------------------------------------------------------------------------------
+    // Peeks
+
+    /// Starts an index peek; its result arrives as [`InstanceOutput::PeekResult`].
+    pub fn peek(&mut self, request: PeekRequest<T>) -> Result<(), PeekError<T>> {
+        let collection = match self.collections.get(&request.id) {
+            Some(c) if !c.dropped => c,
+            _ => return Err(PeekError::CollectionMissing(CollectionMissing(request.id))),
+        };
+        if collection.kind != CollectionKind::Index {
+            return Err(PeekError::NotAnIndex(request.id));
+        }
+        if let Some(replica) = request.target_replica
+            && !self.replicas.contains_key(&replica)
+        {
+            return Err(PeekError::ReplicaMissing(replica));
+        }
+        let map_filter_project =
+            request.map_filter_project.unwrap_or_else(|| MapFilterProject::new(collection.typ.arity()));
+        map_filter_project
+            .typ(&collection.typ)
+            .map_err(|e| PeekError::InvalidMapFilterProject { id: request.id, reason: e.to_string() })?;
+        let hold = lock(&self.shared)
+            .holds
+            .acquire(&request.id, Antichain::from_elem(request.timestamp))
+            .map_err(|e| match e {
+                frontiers::AcquireError::CollectionMissing(id) => {
+                    PeekError::CollectionMissing(CollectionMissing(id))
+                }
+                frontiers::AcquireError::BeforeSince { id, since, .. } => {
+                    PeekError::SinceViolation { id, since, timestamp: request.timestamp }
+                }
+            })?;
+        let targets: BTreeSet<ReplicaId> = match request.target_replica {
+            Some(replica) => BTreeSet::from([replica]),
+            None => self.replicas.keys().copied().collect(),
+        };
+        let peek = Peek {
+            uuid: request.uuid,
+            target: PeekTarget::Index { id: request.id },
+            timestamp: request.timestamp,
+            literal_constraints: request.literal_constraints,
+            map_filter_project,
+            finishing: request.finishing.partial(),
+        };
+        let command = ComputeCommand::Peek(peek);
+        if request.target_replica.is_none() {
+            self.history.push(&command).expect("peek ids are unique");
+        }
+        for replica in &targets {
+            self.outputs.push_back(InstanceOutput::Command { replica: *replica, command: command.clone() });
+        }
+        let timeout = request.timeout_ms.or(self.config.default_peek_timeout_ms);
+        self.max_peek_id = self.max_peek_id.max(Some(request.uuid));
+        self.peeks.insert(
+            request.uuid,
+            PendingPeek {
+                collection: request.id,
+                hold: Some(hold),
+                outstanding: targets,
+                answered: false,
+                finishing: request.finishing,
+                target_replica: request.target_replica,
+                started_ms: self.now_ms,
+                deadline_ms: timeout.map(|t| self.now_ms.saturating_add(t)),
+            },
+        );
+        Ok(())
+    }
+
+    /// Cancels a pending peek: its caller gets `Canceled` now; its hold stays until every replica answered.
+    pub fn cancel_peek(&mut self, uuid: PeekId) -> Result<(), CancelPeekError> {
+        match self.peeks.get(&uuid) {
+            Some(peek) if !peek.answered => {}
+            _ => return Err(CancelPeekError::PeekMissing(uuid)),
+        }
+        self.answer_peek(uuid, PeekResponse::Canceled, None);
+        self.maybe_finish_peek(uuid);
+        Ok(())
+    }
+
+    /// Delivers a peek's answer (once) and cancels it on the replicas still working on it.
+    fn answer_peek(&mut self, uuid: PeekId, response: PeekResponse, replica: Option<ReplicaId>) {
+        let peek = self.peeks.get_mut(&uuid).expect("answering a pending peek");
+        assert!(!peek.answered, "peek {uuid} answered twice");
+        peek.answered = true;
+        let response = match response {
+            PeekResponse::Rows(rows) => PeekResponse::Rows(peek.finishing.finish(rows)),
+            other => other,
+        };
+        let duration_ms = self.now_ms.saturating_sub(peek.started_ms);
+        let outcome = match &response {
+            PeekResponse::Rows(rows) => PeekOutcome::Rows(rows.iter().map(|(_, n)| n.get()).sum()),
+            PeekResponse::Error(e) => PeekOutcome::Error(e.clone()),
+            PeekResponse::Canceled => PeekOutcome::Canceled,
+        };
+        if peek.target_replica.is_none() {
+            self.history.retire_peek(uuid);
+        }
+        let cancel: Vec<ReplicaId> =
+            peek.outstanding.iter().copied().filter(|r| Some(*r) != replica).collect();
+        for r in cancel {
+            self.outputs.push_back(InstanceOutput::Command {
+                replica: r,
+                command: ComputeCommand::CancelPeek { uuid },
+            });
+        }
+        self.outputs.push_back(InstanceOutput::PeekResult { uuid, response });
+        self.outputs.push_back(InstanceOutput::Response(ComputeControllerResponse::PeekNotification(
+            PeekNotification { uuid, instance: self.id, replica, outcome, duration_ms },
+        )));
+        if let Some(replica) = replica {
+            let bucket = peek_duration_bucket_ms(duration_ms);
+            let count = self.peek_histogram.entry((replica, bucket)).or_insert(0);
+            *count += 1;
+            let count = *count;
+            self.introspection.set(
+                IntrospectionKind::PeekDurations,
+                &[
+                    Datum::Text(&self.id.to_string()),
+                    Datum::Text(&replica.to_string()),
+                    Datum::Int64(bucket as i64),
+                ],
+                Some(&[Datum::Int64(count)]),
+            );
+        }
+        #[cfg(feature = "planted-bug-early-peek-release")]
+        {
+            // The reference lineage's historical bug, planted on purpose for the simulator to find:
+            // the hold goes with the first answer, while other replicas may still be reading.
+            if let Some(peek) = self.peeks.get_mut(&uuid) {
+                peek.hold = None;
+            }
+        }
+    }
+
+    /// Forgets a peek (releasing its hold) once it is answered and no replica owes an answer.
+    fn maybe_finish_peek(&mut self, uuid: PeekId) {
+        if let Some(peek) = self.peeks.get(&uuid)
+            && peek.answered
+            && peek.outstanding.is_empty()
+        {
+            self.peeks.remove(&uuid);
+        }
+    }
+
+    // ---------------------------------------------------------------------------------------------
+    // Replica events
+
+    /// Handles an event from a replica's client.
+    pub fn handle_replica_event(&mut self, replica: ReplicaId, event: ReplicaEvent<T>) {
+        if !self.replicas.contains_key(&replica) {
+            debug!(%replica, "event from a dropped replica");
+            return;
+        }
+        match event {
+            ReplicaEvent::Status(status) => self.handle_status(replica, status),
+            ReplicaEvent::Response(response) => self.handle_response(replica, response),
+        }
+        self.process_holds();
+    }
+
+    fn handle_status(&mut self, replica: ReplicaId, status: ReplicaStatus) {
+        let connected = matches!(status, ReplicaStatus::Hydrating | ReplicaStatus::Ready);
+        let was_connected =
+            std::mem::replace(&mut self.replicas.get_mut(&replica).expect("checked").connected, connected);
+        if was_connected && !connected {
+            // A new connection starts from scratch: frontiers reset, and dropped dataflows will not be
+            // replayed, so there is nothing more to hear about them.
+            // The next connection rebuilds from the replayed as-ofs, which are at least the current sinces:
+            // re-anchor this replica's input holds there, so its inputs stay readable until it reports
+            // progress again (its old holds may sit beyond where it will restart).
+            for collection in self.collections.values_mut() {
+                let fresh: Vec<ReadHold<GlobalId, T>> = collection.import_holds[..collection.storage_imports]
+                    .iter()
+                    .map(ReadHold::clone_hold)
+                    .collect();
+                if let Some(state) = collection.per_replica.get_mut(&replica) {
+                    state.write_frontier = None;
+                    state.hydrated_at_ms = None;
+                    state.input_holds = fresh;
+                    if collection.dropped {
+                        state.dropped = true;
+                    }
+                }
+            }
+            let ids: Vec<GlobalId> = self.collections.keys().copied().collect();
+            for id in ids {
+                self.maybe_remove(id);
+            }
+        }
+        let (name, reason) = match &status {
+            ReplicaStatus::Connecting { .. } => ("connecting", None),
+            ReplicaStatus::Hydrating => ("hydrating", None),
+            ReplicaStatus::Ready => ("ready", None),
+            ReplicaStatus::Failed { reason, .. } => ("failed", Some(reason.clone())),
+        };
+        self.set_replica_status_row(replica, name, reason.as_deref());
+    }
+
+    fn set_replica_status_row(&mut self, replica: ReplicaId, status: &str, reason: Option<&str>) {
+        let reason = reason.map(Datum::Text).unwrap_or(Datum::Null);
+        self.introspection.set(
+            IntrospectionKind::ReplicaStatus,
+            &[Datum::Text(&self.id.to_string()), Datum::Text(&replica.to_string())],
+            Some(&[Datum::Text(status), reason]),
+        );
+    }
+
+    fn handle_response(&mut self, replica: ReplicaId, response: ComputeResponse<T>) {
+        match response {
+            ComputeResponse::Frontiers { id, frontiers } => self.handle_frontiers(replica, id, frontiers),
+            ComputeResponse::PeekResponse { uuid, response } => {
+                self.handle_peek_response(replica, uuid, response)
+            }
+            ComputeResponse::SubscribeResponse { id, response } => {
+                self.handle_subscribe(replica, id, response)
+            }
+            ComputeResponse::CopyToResponse { id, response } => self.handle_copy_to(id, response),
+            ComputeResponse::Status(status) => debug!(%replica, ?status, "replica status"),
+            ComputeResponse::CommandRejected { command, reason } => {
+                error!(%replica, %command, %reason, "replica rejected a command the controller sent");
+            }
+            ComputeResponse::Hello { .. } | ComputeResponse::HelloRefused { .. } => {
+                self.disconnect(replica, "handshake response outside the handshake".to_string());
+            }
+        }
+    }
+
+    fn disconnect(&mut self, replica: ReplicaId, reason: String) {
+        warn!(%replica, %reason, "faulty replica: disconnecting it");
+        self.outputs.push_back(InstanceOutput::DisconnectReplica { replica, reason });
+    }
+
+    fn handle_frontiers(&mut self, replica: ReplicaId, id: GlobalId, frontiers: FrontiersResponse<T>) {
+        let Some(collection) = self.collections.get_mut(&id) else {
+            // A collection removed after every connected replica reported it dropped; late news.
+            debug!(%replica, %id, "frontiers of a removed collection");
+            return;
+        };
+        let Some(new) = frontiers.write_frontier else { return };
+        let Some(state) = collection.per_replica.get_mut(&replica) else { return };
+        if let Some(old) = &state.write_frontier
+            && !PartialOrder::less_equal(old, &new)
+        {
+            let reason = format!("write frontier of {id} regressed from {old:?} to {new:?}");
+            // The replica reconnects and reports afresh.
+            state.write_frontier = None;
+            self.disconnect(replica, reason);
+            return;
+        }
+        state.write_frontier = Some(new.clone());
+        for hold in &mut state.input_holds {
+            // Only forward; a reconnected replica restarting lower keeps its hold where it was.
+            let _ = hold.try_downgrade(new.clone());
+        }
+        if new.is_empty() && collection.dropped {
+            state.dropped = true;
+        }
+        let hydrated_now =
+            state.hydrated_at_ms.is_none() && collection.as_of.iter().all(|t| !new.less_equal(t));
+        if hydrated_now {
+            state.hydrated_at_ms = Some(self.now_ms);
+        }
+        let hydration_ms = state.hydrated_at_ms.map(|at| at.saturating_sub(collection.created_ms));
+        let advanced = !PartialOrder::less_equal(&new, &collection.write_frontier);
+        if advanced && !collection.dropped {
+            collection.write_frontier =
+                frontiers::antichain::join(&collection.write_frontier.borrow(), &new.borrow());
+            Self::apply_policy(collection);
+            let upper = collection.write_frontier.clone();
+            if let Some(f) = lock(&self.shared).frontiers.get_mut(&id) {
+                f.upper = upper.clone();
+            }
+            self.outputs.push_back(InstanceOutput::Response(ComputeControllerResponse::FrontierUpper {
+                instance: self.id,
+                id,
+                upper,
+            }));
+        }
+        let (instance, replica_name, collection_name) =
+            (self.id.to_string(), replica.to_string(), id.to_string());
+        let key = [Datum::Text(&instance), Datum::Text(&replica_name), Datum::Text(&collection_name)];
+        let frontier =
+            new.elements().first().map(|t| Datum::Timestamp(t.to_wallclock_ms())).unwrap_or(Datum::Null);
+        self.introspection.set(IntrospectionKind::Frontiers, &key, Some(&[frontier]));
+        if hydrated_now {
+            self.introspection.set(
+                IntrospectionKind::Hydration,
+                &key,
+                Some(&[
+                    Datum::Bool(true),
+                    hydration_ms.map(|ms| Datum::Int64(ms as i64)).unwrap_or(Datum::Null),
+                ]),
+            );
+        }
+        self.maybe_remove(id);
+    }
+
+    fn handle_peek_response(&mut self, replica: ReplicaId, uuid: PeekId, response: PeekResponse) {
+        let Some(peek) = self.peeks.get_mut(&uuid) else {
+            if self.max_peek_id.is_none_or(|max| uuid > max) {
+                self.disconnect(replica, format!("answer to peek {uuid}, which was never sent"));
+            } else {
+                debug!(%replica, %uuid, "answer to a finished peek");
+            }
+            return;
+        };
+        if !peek.outstanding.remove(&replica) {
+            debug!(%replica, %uuid, "answer from a replica that owes none");
+            return;
+        }
+        if !peek.answered {
+            self.answer_peek(uuid, response, Some(replica));
+        }
+        self.maybe_finish_peek(uuid);
+    }
+
+    fn handle_subscribe(&mut self, replica: ReplicaId, id: GlobalId, response: SubscribeResponse<T>) {
+        let Some(collection) = self.collections.get_mut(&id) else { return };
+        if collection.kind != CollectionKind::Subscribe || collection.finished {
+            return;
+        }
+        let SubscribeResponse::Batch(batch) = response else {
+            // The controller announces DroppedAt itself, once, when the user drops the subscribe.
+            return;
+        };
+        if PartialOrder::less_equal(&batch.upper, &collection.forwarded) {
+            return; // Nothing new.
+        }
+        if !PartialOrder::less_equal(&batch.lower, &collection.forwarded) {
+            error!(%replica, %id, lower = ?batch.lower, forwarded = ?collection.forwarded, "subscribe batch leaves a gap");
+            return;
+        }
+        let lower = std::mem::replace(&mut collection.forwarded, batch.upper.clone());
+        let updates = match batch.updates {
+            Ok(updates) => Ok(updates.into_iter().filter(|(t, _, _)| lower.less_equal(t)).collect()),
+            Err(error) => {
+                collection.finished = true;
+                Err(error)
+            }
+        };
+        if collection.forwarded.is_empty() {
+            collection.finished = true;
+        }
+        Self::apply_policy(collection);
+        let upper = batch.upper;
+        self.outputs.push_back(InstanceOutput::Response(ComputeControllerResponse::SubscribeResponse {
+            id,
+            response: SubscribeResponse::Batch(SubscribeBatch { lower, upper, updates }),
+        }));
+    }
+
+    fn handle_copy_to(&mut self, id: GlobalId, response: CopyToResponse) {
+        let Some(collection) = self.collections.get_mut(&id) else { return };
+        if collection.kind != CollectionKind::CopyTo || collection.finished || collection.dropped {
+            return;
+        }
+        collection.finished = true;
+        self.outputs
+            .push_back(InstanceOutput::Response(ComputeControllerResponse::CopyToResponse { id, response }));
+        // A copy-to is one-shot: once answered it goes away.
+        self.drop_collection(id);
+    }
+
+    // ---------------------------------------------------------------------------------------------
+    // Time and holds
+
+    /// Moves the core's clock forward without running timers: cheap, for before each input.
+    pub fn advance_clock(&mut self, now_ms: u64) {
+        self.now_ms = self.now_ms.max(now_ms);
+    }
+
+    /// Advances the core's clock: peek timeouts and wall-clock lag introspection.
+    pub fn tick(&mut self, now_ms: u64) {
+        self.now_ms = self.now_ms.max(now_ms);
+        let expired: Vec<PeekId> = self
+            .peeks
+            .iter()
+            .filter(|(_, p)| !p.answered && p.deadline_ms.is_some_and(|d| d <= self.now_ms))
+            .map(|(uuid, _)| *uuid)
+            .collect();
+        for uuid in expired {
+            self.answer_peek(uuid, PeekResponse::Error("peek timed out".to_string()), None);
+            self.maybe_finish_peek(uuid);
+        }
+        if self.now_ms.saturating_sub(self.last_lag_refresh_ms) >= self.config.introspection_interval_ms {
+            self.last_lag_refresh_ms = self.now_ms;
+            self.refresh_wallclock_lag();
+        }
+        self.process_holds();
+    }
+
+    fn refresh_wallclock_lag(&mut self) {
+        let instance = self.id.to_string();
+        for (id, collection) in &self.collections {
+            if collection.dropped {
+                continue;
+            }
+            let collection_name = id.to_string();
+            for (replica, state) in &collection.per_replica {
+                let Some(frontier) = &state.write_frontier else { continue };
+                let Some(upper) = frontier.elements().first() else { continue };
+                let lag_ms = self.now_ms.saturating_sub(upper.to_wallclock_ms());
+                let lag_s = (lag_ms / 1_000 * 1_000) as i64;
+                let replica_name = replica.to_string();
+                self.introspection.set(
+                    IntrospectionKind::WallclockLag,
+                    &[Datum::Text(&instance), Datum::Text(&replica_name), Datum::Text(&collection_name)],
+                    Some(&[Datum::Int64(lag_s)]),
+                );
+            }
+        }
+    }
+
+    /// Applies hold changes (from inside and outside the core) until nothing moves: sends
+    /// `AllowCompaction` for every since that advanced and walks the compaction chain down the imports.
+    pub fn process_holds(&mut self) {
+        loop {
+            let changes = lock(&self.shared).holds.process();
+            if changes.is_empty() {
+                return;
+            }
+            for change in changes {
+                self.on_since_change(change);
+            }
+        }
+    }
+
+    fn on_since_change(&mut self, change: SinceChange<GlobalId, T>) {
+        let SinceChange { id, new, .. } = change;
+        let Some(collection) = self.collections.get_mut(&id) else { return };
+        collection.since = new.clone();
+        for hold in &mut collection.import_holds {
+            hold.try_downgrade(new.clone()).expect("import holds never run ahead of the since");
+        }
+        if let Some(f) = lock(&self.shared).frontiers.get_mut(&id) {
+            f.since = new.clone();
+        }
+        self.broadcast(ComputeCommand::AllowCompaction { id, frontier: new });
+        self.maybe_remove(id);
+    }
+
+    /// Removes a dropped collection once nothing holds it and no connected replica can still report on it.
+    fn maybe_remove(&mut self, id: GlobalId) {
+        let Some(collection) = self.collections.get(&id) else { return };
+        if !collection.dropped
+            || !collection.since.is_empty()
+            || !collection.per_replica.values().all(|s| s.dropped)
+        {
+            return;
+        }
+        self.collections.remove(&id);
+        let mut shared = lock(&self.shared);
+        shared.holds.remove(&id);
+        shared.frontiers.remove(&id);
+        drop(shared);
+        let instance = self.id.to_string();
+        for replica in self.replicas.keys() {
+            let replica = replica.to_string();
+            let key = [Datum::Text(&instance), Datum::Text(&replica), Datum::Text(&id.to_string())];
+            for kind in
+                [IntrospectionKind::Frontiers, IntrospectionKind::Hydration, IntrospectionKind::WallclockLag]
+            {
+                self.introspection.set(kind, &key, None);
+            }
+        }
+    }
+
+    fn broadcast(&mut self, command: ComputeCommand<T>) {
+        self.history.push(&command).expect("the controller's commands are recordable");
+        for replica in self.replicas.keys() {
+            self.outputs.push_back(InstanceOutput::Command { replica: *replica, command: command.clone() });
+        }
+    }
+
+    // ---------------------------------------------------------------------------------------------
+    // Read-only views (for the shell, tests and the simulator)
+
+    /// Whether `id` names a live (not dropped) collection.
+    pub fn contains_collection(&self, id: GlobalId) -> bool {
+        self.collections.get(&id).is_some_and(|c| !c.dropped)
+    }
+
+    /// The kind of a live collection.
+    pub fn collection_kind(&self, id: GlobalId) -> Option<&CollectionKind> {
+        self.collections.get(&id).filter(|c| !c.dropped).map(|c| &c.kind)
+    }
+
+    /// The type of a live collection's rows.
+    pub fn collection_type(&self, id: GlobalId) -> Option<&RelationType> {
+        self.collections.get(&id).filter(|c| !c.dropped).map(|c| &c.typ)
+    }
+
+    /// The since and upper of a collection (live or dropped but not yet removed).
+    pub fn collection_frontiers(&self, id: GlobalId) -> Option<CollectionFrontiers<T>> {
+        self.collections
+            .get(&id)
+            .map(|c| CollectionFrontiers { since: c.since.clone(), upper: c.write_frontier.clone() })
+    }
+
+    /// A replica's write frontier for a collection, as reported on its current connection.
+    pub fn replica_write_frontier(&self, replica: ReplicaId, id: GlobalId) -> Option<Antichain<T>> {
+        self.collections.get(&id)?.per_replica.get(&replica)?.write_frontier.clone()
+    }
+
+    /// The collections replicas should have installed: those not yet compacted to the empty frontier
+    /// (live ones, and dropped ones that something still holds).
+    pub fn uncompacted_collections(&self) -> BTreeSet<GlobalId> {
+        self.collections.iter().filter(|(_, c)| !c.since.is_empty()).map(|(id, _)| *id).collect()
+    }
+
+    /// A one-line description of a collection's holds and per-replica state, for diagnostics.
+    pub fn describe_collection(&self, id: GlobalId) -> String {
+        let Some(c) = self.collections.get(&id) else { return format!("{id}: no state") };
+        let imports: Vec<String> =
+            c.import_holds.iter().map(|h| format!("{}@{:?}", h.id(), h.since().elements())).collect();
+        let replicas: Vec<String> = c
+            .per_replica
+            .iter()
+            .map(|(r, s)| {
+                let holds: Vec<String> =
+                    s.input_holds.iter().map(|h| format!("{}@{:?}", h.id(), h.since().elements())).collect();
+                format!(
+                    "{r}: frontier {:?} holds {holds:?}",
+                    s.write_frontier.as_ref().map(|f| f.elements().to_vec())
+                )
+            })
+            .collect();
+        format!(
+            "{id}: since {:?} upper {:?} dropped {} imports {imports:?} replicas {replicas:?}",
+            c.since.elements(),
+            c.write_frontier.elements(),
+            c.dropped
+        )
+    }
+
+    /// The number of collections with state (live or waiting to be removed).
+    pub fn collection_count(&self) -> usize {
+        self.collections.len()
+    }
+
+    /// The number of pending peeks (answered or not, while some replica owes an answer).
+    pub fn pending_peek_count(&self) -> usize {
+        self.peeks.len()
+    }
+
+    /// The length of the history a new replica would be replayed.
+    pub fn history_len(&self) -> usize {
+        self.history.len()
+    }
+
+    /// The time of each pending peek's hold, if it still has one.
+    pub fn peek_holds(&self) -> Vec<(PeekId, GlobalId, Option<Antichain<T>>, usize)> {
+        self.peeks
+            .iter()
+            .map(|(uuid, p)| {
+                (*uuid, p.collection, p.hold.as_ref().map(|h| h.since().clone()), p.outstanding.len())
+            })
+            .collect()
+    }
+
+    /// Checks DESIGN §5's invariants 2–4 on the current state (invariant 1 is asserted on every change by
+    /// the hold accounting). Returns a description of the first violation.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let shared = lock(&self.shared);
+        for (id, collection) in &self.collections {
+            let since = shared.holds.since(id).map(|s| s.to_owned());
+            if since.as_ref() != Some(&collection.since) {
+                return Err(format!(
+                    "{id}: cached since {:?} differs from the accounting's {since:?}",
+                    collection.since
+                ));
+            }
+            for hold in &collection.import_holds {
+                if !PartialOrder::less_equal(hold.since(), &collection.since) {
+                    return Err(format!(
+                        "{id}: import hold on {} at {:?} is ahead of the since {:?}",
+                        hold.id(),
+                        hold.since(),
+                        collection.since
+                    ));
+                }
+                if let Some(import_since) = shared.holds.since(hold.id())
+                    && !hold.is_released()
+                    && !PartialOrder::less_equal(&import_since.to_owned(), hold.since())
+                {
+                    return Err(format!(
+                        "{id}: import {} has since {import_since:?} beyond its hold",
+                        hold.id()
+                    ));
+                }
+            }
+        }
+        for (uuid, peek) in &self.peeks {
+            if peek.outstanding.is_empty() && peek.answered {
+                return Err(format!("peek {uuid} finished but still pending"));
+            }
+            if !peek.outstanding.is_empty() && peek.hold.is_none() {
+                return Err(format!(
+                    "peek {uuid} released its hold while {} replicas owe an answer",
+                    peek.outstanding.len()
+                ));
+            }
+            if let Some(hold) = &peek.hold
+                && let Some(since) = shared.holds.since(&peek.collection)
+                && !PartialOrder::less_equal(&since.to_owned(), hold.since())
+            {
+                return Err(format!(
+                    "peek {uuid}: since {since:?} of {} passed the peek's hold",
+                    peek.collection
+                ));
+            }
+        }
+        for id in shared.holds.ids() {
+            if !self.collections.contains_key(id) {
+                return Err(format!("hold accounting tracks {id}, which has no collection"));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,199 @@
+//! Introspection: what the controller knows about each replica and collection, kept as relations that are
+//! written to storage collections, so they can be peeked and subscribed like any other data.
+//!
+//! | relation | columns |
+//! |---|---|
+//! | `compute_frontiers` | instance, replica, collection, write_frontier (NULL = closed) |
+//! | `compute_hydration` | instance, replica, collection, hydrated, hydration_time_ms (NULL until hydrated) |
+//! | `compute_peek_durations` | instance, replica, bucket_upper_ms (powers of two), count |
+//! | `compute_replica_status` | instance, replica, status, reason |
+//! | `compute_wallclock_lag` | instance, replica, collection, lag_ms (now minus upper, whole seconds) |
+//!
+//! The instance core keeps the current row for every key ([`IntrospectionState`]) and emits differences:
+//! a changed row becomes a retraction of the old and an insertion of the new. The shell appends these at
+//! the current time.
+//!
+//! **Invariant:** the accumulated updates of each relation equal the rows `IntrospectionState` holds
+//! (no row is retracted that was not inserted).
+
+use std::collections::BTreeMap;
+
+use protocol::{ColumnType, Datum, Diff, GlobalId, RelationDesc, Row, ScalarType};
+
+/// One introspection relation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum IntrospectionKind {
+    /// Per replica and collection: the write frontier.
+    Frontiers,
+    /// Per replica and collection: hydrated, and how long it took.
+    Hydration,
+    /// Per replica: a histogram of peek durations.
+    PeekDurations,
+    /// Per replica: its connection status.
+    ReplicaStatus,
+    /// Per replica and collection: now minus the upper.
+    WallclockLag,
+}
+
+impl IntrospectionKind {
+    /// Every relation, in a fixed order.
+    pub const ALL: [IntrospectionKind; 5] = [
+        IntrospectionKind::Frontiers,
+        IntrospectionKind::Hydration,
+        IntrospectionKind::PeekDurations,
+        IntrospectionKind::ReplicaStatus,
+        IntrospectionKind::WallclockLag,
+    ];
+
+    /// The relation's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            IntrospectionKind::Frontiers => "compute_frontiers",
+            IntrospectionKind::Hydration => "compute_hydration",
+            IntrospectionKind::PeekDurations => "compute_peek_durations",
+            IntrospectionKind::ReplicaStatus => "compute_replica_status",
+            IntrospectionKind::WallclockLag => "compute_wallclock_lag",
+        }
+    }
+
+    /// The storage collection id the controller uses for it.
+    pub fn default_id(self) -> GlobalId {
+        let index = IntrospectionKind::ALL.iter().position(|k| *k == self).expect("listed");
+        GlobalId::System(1_000 + index as u64)
+    }
+
+    /// The relation's schema.
+    ///
+    /// # Examples
+    /// ```
+    /// use controller::IntrospectionKind;
+    /// assert_eq!(IntrospectionKind::Frontiers.desc().arity(), 4);
+    /// ```
+    pub fn desc(self) -> RelationDesc {
+        let text = ColumnType::new(ScalarType::Text, false);
+        let int = ColumnType::new(ScalarType::Int64, false);
+        let mut desc = RelationDesc::new([("instance", text), ("replica", text)]);
+        match self {
+            IntrospectionKind::Frontiers => {
+                desc = desc
+                    .with_column("collection", text)
+                    .with_column("write_frontier", ColumnType::new(ScalarType::Timestamp, true));
+            }
+            IntrospectionKind::Hydration => {
+                desc = desc
+                    .with_column("collection", text)
+                    .with_column("hydrated", ColumnType::new(ScalarType::Bool, false))
+                    .with_column("hydration_time_ms", int.nullable(true));
+            }
+            IntrospectionKind::PeekDurations => {
+                desc = desc.with_column("bucket_upper_ms", int).with_column("count", int);
+            }
+            IntrospectionKind::ReplicaStatus => {
+                desc = desc.with_column("status", text).with_column("reason", text.nullable(true));
+            }
+            IntrospectionKind::WallclockLag => {
+                desc = desc.with_column("collection", text).with_column("lag_ms", int);
+            }
+        }
+        desc
+    }
+}
+
+/// The upper bound of the power-of-two histogram bucket a duration falls into.
+///
+/// # Examples
+/// ```
+/// use controller::peek_duration_bucket_ms;
+/// assert_eq!(peek_duration_bucket_ms(0), 1);
+/// assert_eq!(peek_duration_bucket_ms(3), 4);
+/// assert_eq!(peek_duration_bucket_ms(4), 8);
+/// ```
+pub fn peek_duration_bucket_ms(duration_ms: u64) -> u64 {
+    (duration_ms + 1).next_power_of_two()
+}
+
+/// The current introspection rows, by relation and key, and the differences not yet written.
+#[derive(Debug, Default)]
+pub struct IntrospectionState {
+    rows: BTreeMap<(IntrospectionKind, Row), Row>,
+    pending: Vec<(IntrospectionKind, Row, Diff)>,
+}
+
+impl IntrospectionState {
+    /// Sets the row for `key` (the key columns are the row's leading datums; `values` follow them), or
+    /// removes it with `None`.
+    pub fn set(&mut self, kind: IntrospectionKind, key: &[Datum<'_>], values: Option<&[Datum<'_>]>) {
+        let key_row = Row::pack(key.iter().copied());
+        let new = values.map(|values| Row::pack(key.iter().chain(values).copied()));
+        let old = match &new {
+            Some(new) => self.rows.insert((kind, key_row), new.clone()),
+            None => self.rows.remove(&(kind, key_row)),
+        };
+        if old == new {
+            return;
+        }
+        if let Some(old) = old {
+            self.pending.push((kind, old, -1));
+        }
+        if let Some(new) = new {
+            self.pending.push((kind, new, 1));
+        }
+    }
+
+    /// Removes every row whose key starts with `prefix` (a dropped replica or collection).
+    pub fn remove_prefix(&mut self, kind: IntrospectionKind, prefix: &[Datum<'_>]) {
+        let doomed: Vec<(IntrospectionKind, Row)> = self
+            .rows
+            .keys()
+            .filter(|(k, key)| *k == kind && key.iter().take(prefix.len()).eq(prefix.iter().copied()))
+            .cloned()
+            .collect();
+        for key in doomed {
+            if let Some(old) = self.rows.remove(&key) {
+                self.pending.push((kind, old, -1));
+            }
+        }
+    }
+
+    /// The current row of a key.
+    pub fn get(&self, kind: IntrospectionKind, key: &[Datum<'_>]) -> Option<&Row> {
+        self.rows.get(&(kind, Row::pack(key.iter().copied())))
+    }
+
+    /// Takes the differences accumulated since the last call.
+    pub fn drain(&mut self) -> Vec<(IntrospectionKind, Row, Diff)> {
+        std::mem::take(&mut self.pending)
+    }
+
+    /// The number of current rows.
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Whether there are no rows.
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn changing_a_row_retracts_the_old_one() {
+        let mut state = IntrospectionState::default();
+        let key = [Datum::Text("i1"), Datum::Text("r1")];
+        state.set(IntrospectionKind::ReplicaStatus, &key, Some(&[Datum::Text("ready"), Datum::Null]));
+        state.set(IntrospectionKind::ReplicaStatus, &key, Some(&[Datum::Text("ready"), Datum::Null]));
+        state.set(
+            IntrospectionKind::ReplicaStatus,
+            &key,
+            Some(&[Datum::Text("failed"), Datum::Text("boom")]),
+        );
+        state.remove_prefix(IntrospectionKind::ReplicaStatus, &key[..1]);
+        let diffs: Vec<Diff> = state.drain().into_iter().map(|(_, _, d)| d).collect();
+        assert_eq!(diffs, vec![1, -1, 1, -1]);
+        assert!(state.is_empty());
+    }
+}

@@ -1,0 +1,420 @@
+//! Starting and supervising replicas: the [`Orchestrator`] trait and two implementations.
+//!
+//! - [`InProcessOrchestrator`]: replicas as threads of this process, started by a launcher the embedding
+//!   application supplies (the controller cannot depend on the compute crate; tests and the simulator
+//!   pass `compute::ReplicaServer::start`). For tests and embedding.
+//! - [`ProcessOrchestrator`]: replicas as local `compute-replica` processes, single- or multi-process
+//!   (a timely cluster over loopback). A supervisor restarts a crashed replica with backoff, all of its
+//!   processes together (a timely cluster cannot take back one lost process), on the same ports so the
+//!   replica client simply reconnects, and reports every status change.
+//!
+//! **Boundary:** an orchestrator only runs processes and says where they listen; connecting, replaying
+//! and hydrating are the replica client's job.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use protocol::{InstanceId, ReplicaId};
+use storage::BoxFuture;
+
+/// What an orchestrator is asked to run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaSpec {
+    /// The instance.
+    pub instance: InstanceId,
+    /// The replica.
+    pub replica: ReplicaId,
+    /// Timely workers per process.
+    pub workers: usize,
+    /// Processes (a timely cluster when more than one).
+    pub processes: usize,
+}
+
+/// A status change of a managed replica's processes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProcessEvent {
+    /// All processes are running (first start or restart).
+    Running {
+        /// The instance.
+        instance: InstanceId,
+        /// The replica.
+        replica: ReplicaId,
+        /// Their operating-system process ids.
+        pids: Vec<u32>,
+    },
+    /// A process exited unexpectedly; the replica will be restarted after `restart_in_ms`.
+    Crashed {
+        /// The instance.
+        instance: InstanceId,
+        /// The replica.
+        replica: ReplicaId,
+        /// The exit status, rendered.
+        status: String,
+        /// Backoff before the restart.
+        restart_in_ms: u64,
+    },
+}
+
+/// Runs replicas. Object-safe; methods return boxed futures.
+pub trait Orchestrator: Send + Sync + fmt::Debug {
+    /// Starts the replica (or finds it running) and returns one controller address per process.
+    fn ensure_replica(&self, spec: ReplicaSpec) -> BoxFuture<'_, Result<Vec<String>, String>>;
+    /// Stops the replica and every one of its processes.
+    fn drop_replica(&self, instance: InstanceId, replica: ReplicaId) -> BoxFuture<'_, Result<(), String>>;
+}
+
+/// A replica running inside this process, as started by an [`InProcessOrchestrator`]'s launcher.
+pub trait RunningReplica: Send {
+    /// One controller address per process.
+    fn addresses(&self) -> Vec<String>;
+    /// Stops it (joins its threads).
+    fn shutdown(self: Box<Self>);
+}
+
+/// Starts an in-process replica.
+pub type Launcher = Arc<dyn Fn(&ReplicaSpec) -> Result<Box<dyn RunningReplica>, String> + Send + Sync>;
+
+/// Replicas as threads of this process. See the module documentation.
+pub struct InProcessOrchestrator {
+    launcher: Launcher,
+    running: Mutex<BTreeMap<(InstanceId, ReplicaId), Box<dyn RunningReplica>>>,
+}
+
+impl fmt::Debug for InProcessOrchestrator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let running: Vec<(InstanceId, ReplicaId)> =
+            self.running.lock().map(|r| r.keys().copied().collect()).unwrap_or_default();
+        f.debug_struct("InProcessOrchestrator").field("running", &running).finish()
+    }
+}
+
+impl InProcessOrchestrator {
+    /// An orchestrator that starts replicas with `launcher`.
+    pub fn new(launcher: Launcher) -> Self {
+        InProcessOrchestrator { launcher, running: Mutex::new(BTreeMap::new()) }
+    }
+
+    /// Stops a running replica and starts it afresh (a crash and restart, for tests); the addresses may
+    /// change, so it returns the new ones.
+    pub fn restart(
+        &self,
+        instance: InstanceId,
+        replica: ReplicaId,
+        spec: &ReplicaSpec,
+    ) -> Result<Vec<String>, String> {
+        let old = self.running.lock().expect("orchestrator lock").remove(&(instance, replica));
+        if let Some(old) = old {
+            old.shutdown();
+        }
+        let started = (self.launcher)(spec)?;
+        let addresses = started.addresses();
+        self.running.lock().expect("orchestrator lock").insert((instance, replica), started);
+        Ok(addresses)
+    }
+}
+
+impl Orchestrator for InProcessOrchestrator {
+    fn ensure_replica(&self, spec: ReplicaSpec) -> BoxFuture<'_, Result<Vec<String>, String>> {
+        Box::pin(async move {
+            let key = (spec.instance, spec.replica);
+            if let Some(running) = self.running.lock().expect("orchestrator lock").get(&key) {
+                return Ok(running.addresses());
+            }
+            let launcher = Arc::clone(&self.launcher);
+            let spec_copy = spec.clone();
+            let started = tokio::task::spawn_blocking(move || launcher(&spec_copy))
+                .await
+                .map_err(|e| format!("launcher panicked: {e}"))??;
+            let addresses = started.addresses();
+            self.running.lock().expect("orchestrator lock").insert(key, started);
+            Ok(addresses)
+        })
+    }
+
+    fn drop_replica(&self, instance: InstanceId, replica: ReplicaId) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move {
+            let removed = self.running.lock().expect("orchestrator lock").remove(&(instance, replica));
+            match removed {
+                Some(running) => tokio::task::spawn_blocking(move || running.shutdown())
+                    .await
+                    .map_err(|e| format!("shutdown panicked: {e}")),
+                None => Err(format!("replica {replica} of instance {instance} is not running")),
+            }
+        })
+    }
+}
+
+impl Drop for InProcessOrchestrator {
+    fn drop(&mut self) {
+        if let Ok(mut running) = self.running.lock() {
+            for (_, replica) in std::mem::take(&mut *running) {
+                replica.shutdown();
+            }
+        }
+    }
+}
+
+/// How a [`ProcessOrchestrator`] runs `compute-replica`.
+#[derive(Debug, Clone)]
+pub struct ProcessOrchestratorConfig {
+    /// The `compute-replica` binary.
+    pub binary: PathBuf,
+    /// The storage server every replica reads from and writes to.
+    pub storage_address: String,
+    /// The first restart's delay, in milliseconds (doubling up to `max_backoff_ms`).
+    pub initial_backoff_ms: u64,
+    /// The longest restart delay, in milliseconds.
+    pub max_backoff_ms: u64,
+    /// Extra environment for the children (e.g. `RUST_LOG`).
+    pub env: Vec<(String, String)>,
+    /// Where the children's stderr goes (inherited when `None`).
+    pub log_dir: Option<PathBuf>,
+}
+
+struct ManagedReplica {
+    spec: ReplicaSpec,
+    controller_ports: Vec<u16>,
+    timely_ports: Vec<u16>,
+    children: Vec<Child>,
+    failures: u32,
+    restart_at: Option<std::time::Instant>,
+}
+
+/// Replicas as local processes. See the module documentation.
+pub struct ProcessOrchestrator {
+    config: ProcessOrchestratorConfig,
+    replicas: Arc<Mutex<BTreeMap<(InstanceId, ReplicaId), ManagedReplica>>>,
+    events: mpsc::UnboundedSender<ProcessEvent>,
+    supervisor: Option<std::thread::JoinHandle<()>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl fmt::Debug for ProcessOrchestrator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ProcessOrchestrator").field("binary", &self.config.binary).finish_non_exhaustive()
+    }
+}
+
+fn free_port() -> Result<u16, String> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("no free port: {e}"))?;
+    listener.local_addr().map(|a| a.port()).map_err(|e| e.to_string())
+}
+
+fn spawn_processes(
+    config: &ProcessOrchestratorConfig,
+    replica: &ManagedReplica,
+) -> Result<Vec<Child>, String> {
+    let timely: Vec<String> = replica.timely_ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let mut children = Vec::new();
+    for (process, port) in replica.controller_ports.iter().enumerate() {
+        let mut command = Command::new(&config.binary);
+        command
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--workers")
+            .arg(replica.spec.workers.to_string())
+            .arg("--storage")
+            .arg(&config.storage_address)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        if replica.spec.processes > 1 {
+            command.arg("--process").arg(process.to_string()).arg("--addresses").arg(timely.join(","));
+        }
+        for (key, value) in &config.env {
+            command.env(key, value);
+        }
+        match &config.log_dir {
+            Some(dir) => {
+                let name = format!("{}-{}-p{process}.log", replica.spec.instance, replica.spec.replica);
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(dir.join(name))
+                    .map_err(|e| format!("cannot open replica log: {e}"))?;
+                command.stderr(file);
+            }
+            None => {
+                command.stderr(Stdio::inherit());
+            }
+        }
+        match command.spawn() {
+            Ok(child) => children.push(child),
+            Err(e) => {
+                for mut child in children {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                }
+                return Err(format!("cannot start {}: {e}", config.binary.display()));
+            }
+        }
+    }
+    Ok(children)
+}
+
+fn kill_all(children: &mut Vec<Child>) {
+    for child in children.iter_mut() {
+        let _ = child.kill();
+    }
+    for child in children.iter_mut() {
+        let _ = child.wait();
+    }
+    children.clear();
+}
+
+impl ProcessOrchestrator {
+    /// An orchestrator and the stream of its process events.
+    // The supervisor measures real time between restarts: processes are not simulated.
+    #[allow(clippy::disallowed_methods)]
+    pub fn new(config: ProcessOrchestratorConfig) -> (Self, mpsc::UnboundedReceiver<ProcessEvent>) {
+        let (events, rx) = mpsc::unbounded_channel();
+        let replicas: Arc<Mutex<BTreeMap<(InstanceId, ReplicaId), ManagedReplica>>> = Arc::default();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let supervisor = {
+            let (replicas, events, stop, config) =
+                (Arc::clone(&replicas), events.clone(), Arc::clone(&stop), config.clone());
+            std::thread::Builder::new()
+                .name("replica-supervisor".into())
+                .spawn(move || {
+                    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                        std::thread::sleep(Duration::from_millis(50));
+                        let mut replicas = replicas.lock().expect("orchestrator lock");
+                        for ((instance, replica), managed) in replicas.iter_mut() {
+                            if let Some(at) = managed.restart_at {
+                                if std::time::Instant::now() < at {
+                                    continue;
+                                }
+                                managed.restart_at = None;
+                                match spawn_processes(&config, managed) {
+                                    Ok(children) => {
+                                        let pids = children.iter().map(Child::id).collect();
+                                        managed.children = children;
+                                        info!(%instance, %replica, "replica restarted");
+                                        let _ = events.send(ProcessEvent::Running {
+                                            instance: *instance,
+                                            replica: *replica,
+                                            pids,
+                                        });
+                                    }
+                                    Err(e) => {
+                                        warn!(%instance, %replica, error = %e, "replica restart failed");
+                                        managed.failures += 1;
+                                        let delay = backoff(&config, managed.failures);
+                                        managed.restart_at =
+                                            Some(std::time::Instant::now() + Duration::from_millis(delay));
+                                    }
+                                }
+                                continue;
+                            }
+                            let mut crashed = None;
+                            for child in managed.children.iter_mut() {
+                                if let Ok(Some(status)) = child.try_wait() {
+                                    crashed = Some(status.to_string());
+                                    break;
+                                }
+                            }
+                            if let Some(status) = crashed {
+                                kill_all(&mut managed.children);
+                                managed.failures += 1;
+                                let restart_in_ms = backoff(&config, managed.failures);
+                                managed.restart_at =
+                                    Some(std::time::Instant::now() + Duration::from_millis(restart_in_ms));
+                                warn!(%instance, %replica, %status, restart_in_ms, "replica process exited");
+                                let _ = events.send(ProcessEvent::Crashed {
+                                    instance: *instance,
+                                    replica: *replica,
+                                    status,
+                                    restart_in_ms,
+                                });
+                            }
+                        }
+                    }
+                })
+                .expect("spawn supervisor thread")
+        };
+        (ProcessOrchestrator { config, replicas, events, supervisor: Some(supervisor), stop }, rx)
+    }
+
+    /// The operating-system process ids of a running replica (empty while it restarts).
+    pub fn pids(&self, instance: InstanceId, replica: ReplicaId) -> Vec<u32> {
+        self.replicas
+            .lock()
+            .expect("orchestrator lock")
+            .get(&(instance, replica))
+            .map(|m| m.children.iter().map(Child::id).collect())
+            .unwrap_or_default()
+    }
+}
+
+fn backoff(config: &ProcessOrchestratorConfig, failures: u32) -> u64 {
+    let exponent = failures.saturating_sub(1).min(20);
+    config.initial_backoff_ms.saturating_mul(1 << exponent).min(config.max_backoff_ms)
+}
+
+impl Orchestrator for ProcessOrchestrator {
+    fn ensure_replica(&self, spec: ReplicaSpec) -> BoxFuture<'_, Result<Vec<String>, String>> {
+        Box::pin(async move {
+            let key = (spec.instance, spec.replica);
+            let mut replicas = self.replicas.lock().expect("orchestrator lock");
+            if let Some(managed) = replicas.get(&key) {
+                return Ok(managed.controller_ports.iter().map(|p| format!("127.0.0.1:{p}")).collect());
+            }
+            if spec.processes == 0 || spec.workers == 0 {
+                return Err("a replica needs at least one process and one worker".to_string());
+            }
+            let controller_ports = (0..spec.processes).map(|_| free_port()).collect::<Result<Vec<_>, _>>()?;
+            let timely_ports = (0..spec.processes).map(|_| free_port()).collect::<Result<Vec<_>, _>>()?;
+            let mut managed = ManagedReplica {
+                spec: spec.clone(),
+                controller_ports,
+                timely_ports,
+                children: Vec::new(),
+                failures: 0,
+                restart_at: None,
+            };
+            managed.children = spawn_processes(&self.config, &managed)?;
+            let pids = managed.children.iter().map(Child::id).collect();
+            let addresses = managed.controller_ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+            replicas.insert(key, managed);
+            let _ = self.events.send(ProcessEvent::Running {
+                instance: spec.instance,
+                replica: spec.replica,
+                pids,
+            });
+            Ok(addresses)
+        })
+    }
+
+    fn drop_replica(&self, instance: InstanceId, replica: ReplicaId) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move {
+            let removed = self.replicas.lock().expect("orchestrator lock").remove(&(instance, replica));
+            match removed {
+                Some(mut managed) => {
+                    kill_all(&mut managed.children);
+                    Ok(())
+                }
+                None => Err(format!("replica {replica} of instance {instance} is not running")),
+            }
+        })
+    }
+}
+
+impl Drop for ProcessOrchestrator {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(supervisor) = self.supervisor.take() {
+            let _ = supervisor.join();
+        }
+        if let Ok(mut replicas) = self.replicas.lock() {
+            for (_, mut managed) in std::mem::take(&mut *replicas) {
+                kill_all(&mut managed.children);
+            }
+        }
+    }
+}

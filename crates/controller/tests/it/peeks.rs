@@ -1,0 +1,175 @@
+//! Peek holds: released only after every replica the peek went to has answered, been cancelled and
+//! answered, or been dropped.
+
+use std::num::NonZeroU64;
+
+use controller::{ComputeControllerResponse, PeekOutcome};
+use protocol::{ComputeCommand, Datum, PeekId, PeekResponse, ReplicaId, Row};
+
+use crate::harness::{Harness, f, index_on_storage, peek_request, s, u};
+
+fn rows(i: i64) -> PeekResponse {
+    PeekResponse::Rows(vec![(Row::pack([Datum::Int64(i), Datum::Int64(0)]), NonZeroU64::new(1).unwrap())])
+}
+
+fn two_replicas() -> Harness {
+    // Lag 1: the latest complete time stays readable.
+    let mut h =
+        Harness::with_policy(frontiers::ReadPolicy::LagWriteFrontier { lag_ms: 1, granularity_ms: 0 });
+    h.create_storage(s(1));
+    h.add_replica(ReplicaId(1));
+    h.add_replica(ReplicaId(2));
+    h.create(index_on_storage(s(1), u(1), 0)).unwrap();
+    for r in [ReplicaId(1), ReplicaId(2)] {
+        h.report(r, u(1), f(5));
+    }
+    h
+}
+
+/// The index's since can pass the peek time only once the peek's hold is gone.
+fn held_at(h: &Harness, t: u64) -> bool {
+    h.since(u(1)) == f(t)
+}
+
+#[test]
+fn the_peek_hold_stays_until_the_slow_replica_answers() {
+    let mut h = two_replicas();
+    h.core.peek(peek_request(1, u(1), 4)).unwrap();
+    h.drain();
+    for r in [ReplicaId(1), ReplicaId(2)] {
+        h.report(r, u(1), f(20));
+    }
+    assert!(held_at(&h, 4));
+    h.answer(ReplicaId(1), 1, rows(1));
+    assert_eq!(h.peek_results[&PeekId(1)], rows(1), "the first answer wins");
+    assert!(h.commands[&ReplicaId(2)].contains(&ComputeCommand::CancelPeek { uuid: PeekId(1) }));
+    assert!(held_at(&h, 4), "the slow replica may still be reading at 4");
+    h.answer(ReplicaId(2), 1, PeekResponse::Canceled);
+    assert!(held_at(&h, 19));
+    assert_eq!(h.core.pending_peek_count(), 0);
+    let notification = h.responses.iter().find_map(|r| match r {
+        ComputeControllerResponse::PeekNotification(n) => Some(n.clone()),
+        _ => None,
+    });
+    let notification = notification.expect("a notification");
+    assert_eq!(notification.replica, Some(ReplicaId(1)));
+    assert_eq!(notification.outcome, PeekOutcome::Rows(1));
+}
+
+#[test]
+fn a_cancelled_peek_keeps_its_hold_until_every_replica_answered() {
+    let mut h = two_replicas();
+    h.core.peek(peek_request(1, u(1), 4)).unwrap();
+    h.core.cancel_peek(PeekId(1)).unwrap();
+    h.drain();
+    assert_eq!(h.peek_results[&PeekId(1)], PeekResponse::Canceled);
+    for r in [ReplicaId(1), ReplicaId(2)] {
+        h.report(r, u(1), f(20));
+        assert!(h.commands[&r].contains(&ComputeCommand::CancelPeek { uuid: PeekId(1) }));
+    }
+    h.answer(ReplicaId(1), 1, PeekResponse::Canceled);
+    assert!(held_at(&h, 4));
+    h.answer(ReplicaId(2), 1, rows(2));
+    assert!(held_at(&h, 19));
+    assert_eq!(h.peek_results[&PeekId(1)], PeekResponse::Canceled, "a late answer changes nothing");
+}
+
+#[test]
+fn dropping_a_replica_mid_peek_releases_its_share_of_the_hold() {
+    let mut h = two_replicas();
+    h.core.peek(peek_request(1, u(1), 4)).unwrap();
+    h.drain();
+    for r in [ReplicaId(1), ReplicaId(2)] {
+        h.report(r, u(1), f(20));
+    }
+    h.answer(ReplicaId(1), 1, rows(1));
+    assert!(held_at(&h, 4));
+    h.core.drop_replica(ReplicaId(2)).unwrap();
+    h.drain();
+    assert!(held_at(&h, 19));
+    assert_eq!(h.core.pending_peek_count(), 0);
+}
+
+#[test]
+fn a_peek_targeted_at_a_replica_that_is_then_dropped_fails_and_lets_go() {
+    let mut h = two_replicas();
+    let mut request = peek_request(1, u(1), 4);
+    request.target_replica = Some(ReplicaId(2));
+    h.core.peek(request).unwrap();
+    h.drain();
+    assert!(
+        !h.commands[&ReplicaId(1)].iter().any(|c| matches!(c, ComputeCommand::Peek(_))),
+        "only the target is asked"
+    );
+    for r in [ReplicaId(1), ReplicaId(2)] {
+        h.report(r, u(1), f(20));
+    }
+    assert!(held_at(&h, 4));
+    h.core.drop_replica(ReplicaId(2)).unwrap();
+    h.drain();
+    assert!(matches!(&h.peek_results[&PeekId(1)], PeekResponse::Error(e) if e.contains("dropped")));
+    assert!(held_at(&h, 19));
+}
+
+#[test]
+fn a_replica_added_while_a_peek_is_pending_is_asked_too_and_awaited() {
+    let mut h = two_replicas();
+    h.core.peek(peek_request(1, u(1), 4)).unwrap();
+    h.drain();
+    let history = h.core.add_replica(ReplicaId(3)).unwrap();
+    assert!(history.replay().iter().any(|c| matches!(c, ComputeCommand::Peek(p) if p.uuid == PeekId(1))));
+    h.answer(ReplicaId(1), 1, rows(1));
+    h.answer(ReplicaId(2), 1, rows(1));
+    assert_eq!(h.core.pending_peek_count(), 1, "replica 3 still owes an answer");
+    h.answer(ReplicaId(3), 1, PeekResponse::Canceled);
+    assert_eq!(h.core.pending_peek_count(), 0);
+}
+
+#[test]
+fn a_peek_times_out_with_an_error_and_still_waits_for_its_replicas() {
+    let mut h = two_replicas();
+    let mut request = peek_request(1, u(1), 4);
+    request.timeout_ms = Some(100);
+    h.core.peek(request).unwrap();
+    h.core.tick(50);
+    h.drain();
+    assert!(h.peek_results.is_empty());
+    h.core.tick(101);
+    h.drain();
+    assert!(matches!(&h.peek_results[&PeekId(1)], PeekResponse::Error(e) if e.contains("timed out")));
+    assert_eq!(h.core.pending_peek_count(), 1);
+    h.answer(ReplicaId(1), 1, PeekResponse::Canceled);
+    h.answer(ReplicaId(2), 1, PeekResponse::Canceled);
+    assert_eq!(h.core.pending_peek_count(), 0);
+}
+
+#[test]
+fn peek_results_get_the_full_finishing_applied_by_the_controller() {
+    let mut h = two_replicas();
+    let mut request = peek_request(1, u(1), 4);
+    request.finishing = protocol::RowSetFinishing {
+        order_by: vec![protocol::ColumnOrder::desc(0)],
+        limit: Some(2),
+        offset: 1,
+    };
+    h.core.peek(request).unwrap();
+    h.drain();
+    let sent = h.commands[&ReplicaId(1)].iter().find_map(|c| match c {
+        ComputeCommand::Peek(p) => Some(p.finishing.clone()),
+        _ => None,
+    });
+    assert_eq!(sent.map(|f| (f.limit, f.offset)), Some((Some(3), 0)), "replicas get the partial finishing");
+    let all = PeekResponse::Rows(
+        (1..=5)
+            .map(|i| (Row::pack([Datum::Int64(i), Datum::Int64(0)]), NonZeroU64::new(1).unwrap()))
+            .collect(),
+    );
+    h.answer(ReplicaId(1), 1, all);
+    match &h.peek_results[&PeekId(1)] {
+        PeekResponse::Rows(rows) => {
+            let keys: Vec<Datum<'_>> = rows.iter().map(|(r, _)| r.get(0).unwrap()).collect();
+            assert_eq!(keys, vec![Datum::Int64(4), Datum::Int64(3)]);
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}

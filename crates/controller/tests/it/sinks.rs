@@ -1,0 +1,122 @@
+//! Subscribes (each time range forwarded once, `DroppedAt` on drop), copy-to (first answer wins, then
+//! it goes away), and materialized views (compaction one step behind what is written).
+
+use controller::ComputeControllerResponse;
+use frontiers::Antichain;
+use protocol::{
+    ComputeResponse, CopyToResponse, Datum, ReplicaId, Row, SinkConnection, SubscribeBatch, SubscribeResponse,
+};
+
+use crate::harness::{Harness, f, s, sink_on_storage, u};
+
+fn row(i: i64) -> Row {
+    Row::pack([Datum::Int64(i), Datum::Int64(0)])
+}
+
+fn batch(lower: u64, upper: u64, updates: Vec<(u64, Row, i64)>) -> ComputeResponse<u64> {
+    ComputeResponse::SubscribeResponse {
+        id: u(1),
+        response: SubscribeResponse::Batch(SubscribeBatch {
+            lower: f(lower),
+            upper: f(upper),
+            updates: Ok(updates),
+        }),
+    }
+}
+
+/// A forwarded batch: lower, upper, updates.
+type Forwarded = (Antichain<u64>, Antichain<u64>, Vec<(u64, Row, i64)>);
+
+fn forwarded(h: &Harness) -> Vec<Forwarded> {
+    h.responses
+        .iter()
+        .filter_map(|r| match r {
+            ComputeControllerResponse::SubscribeResponse {
+                response: SubscribeResponse::Batch(b), ..
+            } => Some((b.lower.clone(), b.upper.clone(), b.updates.clone().unwrap())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn subscribe() -> Harness {
+    let mut h = Harness::new();
+    h.create_storage(s(1));
+    h.add_replica(ReplicaId(1));
+    h.add_replica(ReplicaId(2));
+    h.create(sink_on_storage(s(1), u(1), SinkConnection::Subscribe { with_snapshot: true }, 0)).unwrap();
+    h
+}
+
+#[test]
+fn subscribe_time_ranges_are_forwarded_once_whatever_the_replica_count() {
+    let mut h = subscribe();
+    h.respond(ReplicaId(1), batch(0, 3, vec![(0, row(1), 1), (2, row(2), 1)]));
+    h.respond(ReplicaId(2), batch(0, 2, vec![(0, row(1), 1)]));
+    h.respond(ReplicaId(2), batch(2, 5, vec![(2, row(2), 1), (4, row(4), 1)]));
+    h.respond(ReplicaId(1), batch(3, 5, vec![(4, row(4), 1)]));
+    assert_eq!(
+        forwarded(&h),
+        vec![(f(0), f(3), vec![(0, row(1), 1), (2, row(2), 1)]), (f(3), f(5), vec![(4, row(4), 1)]),]
+    );
+    // The subscribe's since trails what was forwarded by one step, so a rehydrated replica restarts
+    // below it and the controller drops what it re-emits.
+    assert_eq!(h.since(u(1)), f(4));
+}
+
+#[test]
+fn dropping_a_subscribe_announces_dropped_at_once_and_ignores_the_replicas_own() {
+    let mut h = subscribe();
+    h.respond(ReplicaId(1), batch(0, 3, vec![]));
+    h.core.drop_collections(&[u(1)]).unwrap();
+    h.drain();
+    h.respond(
+        ReplicaId(1),
+        ComputeResponse::SubscribeResponse { id: u(1), response: SubscribeResponse::DroppedAt(f(3)) },
+    );
+    h.respond(ReplicaId(2), batch(0, 9, vec![(5, row(5), 1)]));
+    let dropped: Vec<_> = h
+        .responses
+        .iter()
+        .filter(|r| {
+            matches!(
+                r,
+                ComputeControllerResponse::SubscribeResponse {
+                    response: SubscribeResponse::DroppedAt(_),
+                    ..
+                }
+            )
+        })
+        .collect();
+    assert_eq!(dropped.len(), 1);
+    assert_eq!(forwarded(&h).len(), 1, "nothing is forwarded after the drop");
+}
+
+#[test]
+fn the_first_copy_to_answer_wins_and_the_copy_to_goes_away() {
+    let mut h = Harness::new();
+    h.create_storage(s(1));
+    h.add_replica(ReplicaId(1));
+    h.add_replica(ReplicaId(2));
+    h.create(sink_on_storage(s(1), u(1), SinkConnection::CopyTo { directory: "/tmp/x".into() }, 0)).unwrap();
+    let copy = |n| ComputeResponse::CopyToResponse { id: u(1), response: CopyToResponse::RowCount(n) };
+    h.respond(ReplicaId(2), copy(7));
+    h.respond(ReplicaId(1), copy(7));
+    let results: Vec<_> = h
+        .responses
+        .iter()
+        .filter(|r| matches!(r, ComputeControllerResponse::CopyToResponse { .. }))
+        .collect();
+    assert_eq!(results.len(), 1);
+    assert!(!h.core.contains_collection(u(1)));
+}
+
+#[test]
+fn a_materialized_view_compacts_one_step_behind_its_progress() {
+    let mut h = Harness::new();
+    h.create_storage(s(1));
+    h.add_replica(ReplicaId(1));
+    h.create(sink_on_storage(s(1), u(1), SinkConnection::MaterializedView { target: s(9) }, 0)).unwrap();
+    h.report(ReplicaId(1), u(1), f(10));
+    assert_eq!(h.since(u(1)), f(9));
+}

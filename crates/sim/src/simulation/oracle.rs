@@ -1,0 +1,201 @@
+//! The oracle: what every peek and subscribe *should* return, computed from the full, never-compacted
+//! history of every storage collection with the reference interpreter (`protocol::reference`).
+//!
+//! The model replicas check, before every read, that the *storage layer* (which compacts as the
+//! controller's holds allow) can still serve the time they read at; only then do they take the contents
+//! from the oracle's cache (so thousands of seeds stay fast). A hold released too early therefore shows
+//! up as an unreadable storage time, a violation. The replicas' own bookkeeping (compaction frontiers,
+//! partitioning of rows across processes, finishing) is theirs.
+//!
+//! [`peek_rows`] is shared: the oracle differs from a replica in where the data comes from, not in what
+//! a peek means.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::num::NonZeroU64;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use protocol::reference::{Multiset, consolidate, evaluate_dataflow, map_filter_project};
+use protocol::{DataflowDescription, Datum, Diff, GlobalId, MapFilterProject, Row, RowSetFinishing};
+
+/// Why a collection could not be evaluated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EvalFailure {
+    /// A data error (division by zero, negative multiplicity...): the right answer is an error.
+    Data(String),
+    /// The data needed is not available (compacted storage, unknown import): a bug somewhere.
+    Unavailable(String),
+}
+
+/// Which process of a multi-process replica owns a row (a stable hash, the same in every run).
+pub fn owner(row: &Row, processes: usize) -> usize {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in row.as_bytes() {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    (hash % processes as u64) as usize
+}
+
+/// A peek's rows from a collection's contents: key lookup, map/filter/project, finishing; only the rows
+/// `part` owns when it is `Some((process, processes))`.
+pub fn peek_rows(
+    contents: &Multiset,
+    key: &[usize],
+    constraints: Option<&[Row]>,
+    mfp: &MapFilterProject,
+    finishing: &RowSetFinishing,
+    part: Option<(usize, usize)>,
+) -> Result<Vec<(Row, NonZeroU64)>, String> {
+    let mut selected = Multiset::new();
+    for (row, diff) in contents {
+        if let Some((process, processes)) = part
+            && owner(row, processes) != process
+        {
+            continue;
+        }
+        if let Some(constraints) = constraints {
+            let datums = row.unpack();
+            let row_key = Row::pack(key.iter().map(|c| datums.get(*c).copied().unwrap_or(Datum::Null)));
+            if !constraints.contains(&row_key) {
+                continue;
+            }
+        }
+        selected.insert(row.clone(), *diff);
+    }
+    let mapped = map_filter_project(mfp, &selected).map_err(|e| e.to_string())?;
+    let mut rows = Vec::with_capacity(mapped.len());
+    for (row, diff) in mapped {
+        if diff < 0 {
+            return Err(format!("negative multiplicity {diff} for {row}"));
+        }
+        rows.push((row, NonZeroU64::new(diff as u64).expect("consolidated")));
+    }
+    Ok(finishing.finish(rows))
+}
+
+/// Cached evaluations: `(collection, time)` to contents. Contents at a complete time never change.
+type Cache = RefCell<BTreeMap<(GlobalId, u64), Result<Rc<Multiset>, String>>>;
+
+/// The full history of storage and every dataflow ever created.
+#[derive(Debug, Default)]
+pub struct Oracle {
+    log: BTreeMap<GlobalId, Vec<(Row, u64, Diff)>>,
+    uppers: BTreeMap<GlobalId, u64>,
+    /// Every time at which some storage collection changed: contents are equal between consecutive ones.
+    change_times: std::collections::BTreeSet<u64>,
+    /// Export id → its dataflow (ids are never reused within a run).
+    pub dataflows: BTreeMap<GlobalId, Arc<DataflowDescription<u64>>>,
+    cache: Cache,
+}
+
+impl Oracle {
+    /// Records appended updates and the collection's new upper.
+    pub fn record_append(&mut self, id: GlobalId, updates: &[(Row, u64, Diff)], upper: u64) {
+        self.log.entry(id).or_default().extend_from_slice(updates);
+        self.change_times.extend(updates.iter().map(|(_, t, _)| *t));
+        self.uppers.insert(id, upper);
+    }
+
+    /// Records a created dataflow.
+    pub fn record_dataflow(&mut self, desc: &Arc<DataflowDescription<u64>>) {
+        for id in desc.export_ids() {
+            self.dataflows.insert(id, Arc::clone(desc));
+        }
+    }
+
+    /// A storage collection's contents at `time`, which must be complete.
+    pub fn storage_contents(&self, id: GlobalId, time: u64) -> Result<Rc<Multiset>, String> {
+        if self.uppers.get(&id).is_none_or(|upper| time >= *upper) {
+            return Err(format!("{id} is not complete at {time}"));
+        }
+        let time = self.canonical(time);
+        if let Some(cached) = self.cache.borrow().get(&(id, time)) {
+            return cached.clone();
+        }
+        let updates = self.log.get(&id).map(|v| v.as_slice()).unwrap_or_default();
+        let contents = Rc::new(consolidate(
+            updates.iter().filter(|(_, t, _)| *t <= time).map(|(r, _, d)| (r.clone(), *d)),
+        ));
+        self.cache.borrow_mut().insert((id, time), Ok(Rc::clone(&contents)));
+        Ok(contents)
+    }
+
+    /// An export's contents at `time`.
+    pub fn export_contents(&self, id: GlobalId, time: u64) -> Result<Rc<Multiset>, EvalFailure> {
+        // Nothing changes between change times: evaluate at the last one (for the cache's sake), after
+        // checking that `time` itself is complete.
+        for source in self.sources(id) {
+            if self.uppers.get(&source).is_none_or(|upper| time >= *upper) {
+                return Err(EvalFailure::Unavailable(format!("{source} is not complete at {time}")));
+            }
+        }
+        let time = self.canonical(time);
+        if let Some(cached) = self.cache.borrow().get(&(id, time)) {
+            return cached.clone().map_err(EvalFailure::Data);
+        }
+        let desc = self
+            .dataflows
+            .get(&id)
+            .ok_or_else(|| EvalFailure::Unavailable(format!("no dataflow exports {id}")))?;
+        let mut inputs = BTreeMap::new();
+        for import in desc.source_imports.keys() {
+            let contents = self.storage_contents(*import, time).map_err(EvalFailure::Unavailable)?;
+            inputs.insert(*import, (*contents).clone());
+        }
+        for import in desc.index_imports.keys() {
+            inputs.insert(*import, (*self.export_contents(*import, time)?).clone());
+        }
+        let result = match evaluate_dataflow(desc, &inputs) {
+            Ok(mut outputs) => {
+                let contents = outputs
+                    .remove(&id)
+                    .ok_or_else(|| EvalFailure::Unavailable(format!("{id} is not an export")))?;
+                Ok(Rc::new(contents))
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        // Every export of the dataflow was computed; cache this one (the others are cheap to redo).
+        self.cache.borrow_mut().insert((id, time), result.clone());
+        result.map_err(EvalFailure::Data)
+    }
+
+    /// The last change time at or before `time` (0 if none): every collection has the same contents there.
+    fn canonical(&self, time: u64) -> u64 {
+        self.change_times.range(..=time).next_back().copied().unwrap_or(0)
+    }
+
+    /// The storage collections an export's own dataflow imports (index imports are the replica's own
+    /// arrangements and need no storage).
+    pub fn direct_sources(&self, id: GlobalId) -> Vec<GlobalId> {
+        self.dataflows.get(&id).map(|d| d.source_imports.keys().copied().collect()).unwrap_or_default()
+    }
+
+    /// The times in `[lower, upper)` at which any storage collection `id` depends on changed.
+    pub fn change_times(&self, id: GlobalId, lower: u64, upper: u64) -> Vec<u64> {
+        let mut times: Vec<u64> = self
+            .sources(id)
+            .iter()
+            .filter_map(|s| self.log.get(s))
+            .flatten()
+            .map(|(_, t, _)| *t)
+            .filter(|t| *t >= lower && *t < upper)
+            .collect();
+        times.sort_unstable();
+        times.dedup();
+        times
+    }
+
+    /// The storage collections an export reads, through any chain of index imports.
+    pub fn sources(&self, id: GlobalId) -> Vec<GlobalId> {
+        let Some(desc) = self.dataflows.get(&id) else { return Vec::new() };
+        let mut sources: Vec<GlobalId> = desc.source_imports.keys().copied().collect();
+        for import in desc.index_imports.keys() {
+            sources.extend(self.sources(*import));
+        }
+        sources.sort();
+        sources.dedup();
+        sources
+    }
+}

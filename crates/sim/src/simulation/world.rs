@@ -1,0 +1,1063 @@
+//! The simulated world: one seed drives everything.
+//!
+//! The world runs the **unmodified** synchronous cores (the controller's [`InstanceCore`], one
+//! [`ReplicaCore`] per replica, the storage [`Store`]) and replaces everything asynchronous: replicas are
+//! [`ModelProcess`]es, the network is a priority queue of messages with random delays (FIFO per link, so
+//! messages to different replicas reorder freely), and time is a counter advanced one millisecond per step.
+//! This is our own tiny executor rather than turmoil or madsim: the cores are synchronous state machines,
+//! so there is nothing to schedule but messages and timers, and a plain loop keeps every run bit-for-bit
+//! reproducible and thousands of seeds a minute fast.
+//!
+//! A run has a **fault phase** (workload plus faults: disconnects, crashes and restarts, slow replicas,
+//! delay spikes, frontier regressions, replicas added and dropped) and a **liveness phase** (faults stop;
+//! every replica must reconnect and catch up and every peek must complete). After every step the world
+//! checks DESIGN §5's invariants ([`InstanceCore::check_invariants`], the model replicas' own checks), and
+//! every peek result and subscribe batch is compared with the [`Oracle`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use frontiers::{Antichain, ReadHold, ReadPolicy};
+use protocol::arbitrary::{Choices, plan_of};
+use protocol::reference::Multiset;
+use protocol::{
+    BuildDesc, ColumnOrder, ColumnType, ComputeCommand, ComputeResponse, DataflowDescription, Datum,
+    GlobalId, IndexExport, IndexImport, InstanceId, MapFilterProject, PeekId, PeekResponse, RelationDesc,
+    RelationType, ReplicaId, Row, RowSetFinishing, ScalarType, SinkConnection, SinkExport, SourceImport,
+    SubscribeResponse,
+};
+use replica_client::{Backoff, CommandHistory, ReplicaCore, ReplicaCoreConfig, ReplicaEvent, ReplicaOutput};
+use storage::AppendRequest;
+use storage::core::Store;
+
+use controller::{
+    ComputeControllerResponse, ImportFrontiers, InstanceCore, InstanceCoreConfig, InstanceOutput,
+    PeekRequest, select_as_of,
+};
+
+use super::model::{Context, ModelProcess};
+use super::oracle::{EvalFailure, Oracle, peek_rows};
+use super::rng::Rng;
+
+/// How long each phase of a run lasts, in simulated milliseconds.
+#[derive(Debug, Clone, Copy)]
+pub struct SimConfig {
+    /// Workload and faults.
+    pub fault_ms: u64,
+    /// Faults stopped: everything must catch up.
+    pub liveness_ms: u64,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig { fault_ms: 1_500, liveness_ms: 1_000 }
+    }
+}
+
+/// The result of one run.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// The seed.
+    pub seed: u64,
+    /// Steps (simulated milliseconds) executed.
+    pub steps: u64,
+    /// A hash of every message delivered, for determinism checks.
+    pub trace_hash: u64,
+    /// Peek results compared with the oracle.
+    pub peeks_checked: u64,
+    /// Subscribe batches compared with the oracle.
+    pub batches_checked: u64,
+    /// Faults injected.
+    pub faults: u64,
+    /// The first violation, with the step it happened at.
+    pub violation: Option<(u64, String)>,
+}
+
+const START_MS: u64 = 100_000;
+const INSTANCE: InstanceId = InstanceId(1);
+
+#[derive(Debug)]
+enum Message {
+    ToReplica { replica: ReplicaId, process: usize, epoch: u64, command: ComputeCommand<u64> },
+    ToController { replica: ReplicaId, process: usize, epoch: u64, response: ComputeResponse<u64> },
+}
+
+struct SimReplica {
+    core: ReplicaCore<u64>,
+    processes: Vec<ModelProcess>,
+    /// The epoch whose connection is open.
+    link: Option<u64>,
+    /// Crashed until this time.
+    down_until: Option<u64>,
+    /// Largest network delay to and from this replica.
+    delay_max: u64,
+}
+
+#[derive(Debug, Clone)]
+enum ExportKind {
+    Index { key: Vec<usize>, typ: RelationType },
+    Subscribe,
+}
+
+#[derive(Debug)]
+struct PeekExpectation {
+    id: GlobalId,
+    timestamp: u64,
+    key: Vec<usize>,
+    constraints: Option<Vec<Row>>,
+    mfp: MapFilterProject,
+    finishing: RowSetFinishing,
+    target: Option<ReplicaId>,
+    cancelled: bool,
+    issued_ms: u64,
+}
+
+#[derive(Debug)]
+struct SubscribeTracker {
+    as_of: u64,
+    with_snapshot: bool,
+    forwarded: u64,
+    /// Everything forwarded so far (plus, without a snapshot, the snapshot the client never saw).
+    accumulated: Option<Multiset>,
+    done: bool,
+}
+
+/// One simulated run. See the module documentation.
+#[allow(missing_debug_implementations)] // Holds the cores by value; their state is inspected, not printed.
+pub struct World {
+    seed: u64,
+    config: SimConfig,
+    rng: Rng,
+    now: u64,
+    store: Store,
+    oracle: Oracle,
+    instance: InstanceCore<u64>,
+    replicas: BTreeMap<ReplicaId, SimReplica>,
+    next_replica: u64,
+    network: BTreeMap<(u64, u64), Message>,
+    sequence: u64,
+    link_last: BTreeMap<(ReplicaId, usize, bool), u64>,
+    tables: Vec<(GlobalId, RelationDesc)>,
+    next_id: u64,
+    exports: BTreeMap<GlobalId, ExportKind>,
+    peeks: BTreeMap<PeekId, PeekExpectation>,
+    next_peek: u64,
+    subscribes: BTreeMap<GlobalId, SubscribeTracker>,
+    user_holds: Vec<(u64, ReadHold<GlobalId, u64>)>,
+    violations: Vec<String>,
+    trace: u64,
+    faults: u64,
+    peeks_checked: u64,
+    batches_checked: u64,
+}
+
+fn fnv(hash: &mut u64, bytes: &[u8]) {
+    for byte in bytes {
+        *hash ^= u64::from(*byte);
+        *hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+}
+
+fn table_desc(columns: usize) -> RelationDesc {
+    let mut desc = RelationDesc::new([("k", ColumnType::new(ScalarType::Int64, false))]);
+    for c in 1..columns {
+        let typ = if c % 2 == 1 {
+            ColumnType::new(ScalarType::Int64, true)
+        } else {
+            ColumnType::new(ScalarType::Text, false)
+        };
+        desc = desc.with_column(format!("c{c}"), typ);
+    }
+    desc
+}
+
+impl World {
+    /// A world for `seed`.
+    pub fn new(seed: u64, config: SimConfig) -> Self {
+        let mut rng = Rng::new(seed);
+        let policy =
+            ReadPolicy::LagWriteFrontier { lag_ms: rng.range(0, 50), granularity_ms: rng.range(0, 10) };
+        let instance_config = InstanceCoreConfig {
+            default_index_policy: policy,
+            default_peek_timeout_ms: None,
+            introspection_interval_ms: 100,
+        };
+        let mut world = World {
+            seed,
+            config,
+            instance: InstanceCore::new(INSTANCE, instance_config, Arc::new(|| {}), START_MS),
+            store: Store::new(),
+            oracle: Oracle::default(),
+            replicas: BTreeMap::new(),
+            next_replica: 1,
+            network: BTreeMap::new(),
+            sequence: 0,
+            link_last: BTreeMap::new(),
+            tables: Vec::new(),
+            next_id: 1,
+            exports: BTreeMap::new(),
+            peeks: BTreeMap::new(),
+            next_peek: 1,
+            subscribes: BTreeMap::new(),
+            user_holds: Vec::new(),
+            violations: Vec::new(),
+            trace: 0xcbf2_9ce4_8422_2325,
+            faults: 0,
+            peeks_checked: 0,
+            batches_checked: 0,
+            now: START_MS,
+            rng,
+        };
+        // Storage keeps only a little history of its own: the controller's holds must do the rest.
+        world.store.set_default_read_policy(ReadPolicy::LagWriteFrontier { lag_ms: 5, granularity_ms: 0 });
+        for t in 0..world.rng.range(1, 3) {
+            let id = GlobalId::System(t + 1);
+            let desc = table_desc(world.rng.range(1, 3) as usize);
+            world.store.create_collection(id, desc.clone()).expect("fresh table");
+            world.tables.push((id, desc));
+        }
+        world.append_to_tables();
+        for _ in 0..world.rng.range(1, 3) {
+            world.add_replica();
+        }
+        world
+    }
+
+    /// Runs the whole simulation.
+    pub fn run(mut self) -> Outcome {
+        let end_faults = START_MS + self.config.fault_ms;
+        let end = end_faults + self.config.liveness_ms;
+        let mut liveness_marks: Option<BTreeMap<GlobalId, u64>> = None;
+        while self.now < end && self.violations.is_empty() {
+            let faults_on = self.now < end_faults;
+            if !faults_on && liveness_marks.is_none() {
+                self.end_faults();
+                liveness_marks =
+                    Some(self.tables.iter().map(|(id, _)| (*id, self.storage_upper(*id))).collect());
+            }
+            self.step(faults_on);
+        }
+        if self.violations.is_empty() {
+            self.check_liveness(liveness_marks.unwrap_or_default());
+        }
+        Outcome {
+            seed: self.seed,
+            steps: self.now - START_MS,
+            trace_hash: self.trace,
+            peeks_checked: self.peeks_checked,
+            batches_checked: self.batches_checked,
+            faults: self.faults,
+            violation: self.violations.first().map(|v| {
+                let mut v = v.clone();
+                if std::env::var_os("SIM_DEBUG").is_some() {
+                    for id in self.exports.keys() {
+                        v.push_str(&format!("\n  {}", self.instance.describe_collection(*id)));
+                    }
+                }
+                (self.now - START_MS, v)
+            }),
+        }
+    }
+
+    fn step(&mut self, faults_on: bool) {
+        self.now += 1;
+        self.deliver();
+        if self.now.is_multiple_of(10) {
+            self.append_to_tables();
+        }
+        self.workload(faults_on);
+        if faults_on {
+            self.faults();
+        }
+        self.restart_crashed();
+        self.step_models();
+        for replica in self.replicas.values_mut() {
+            replica.core.tick(self.now);
+        }
+        if self.now.is_multiple_of(5) {
+            self.instance.tick(self.now);
+        } else {
+            self.instance.advance_clock(self.now);
+        }
+        self.pump();
+        self.user_holds.retain(|(until, _)| *until > self.now);
+        self.instance.process_holds();
+        self.store.process_holds();
+        self.pump();
+        if let Err(violation) = self.instance.check_invariants() {
+            self.violations.push(format!("controller invariant: {violation}"));
+        }
+        self.check_history_bound();
+    }
+
+    // ---------------------------------------------------------------------------------------------
+    // Plumbing
+
+    fn send(&mut self, replica: ReplicaId, process: usize, to_replica: bool, message: Message) {
+        let delay_max = self.replicas.get(&replica).map_or(3, |r| r.delay_max);
+        let mut at = self.now + self.rng.range(1, delay_max);
+        let last = self.link_last.entry((replica, process, to_replica)).or_insert(0);
+        at = at.max(*last);
+        *last = at;
+        self.sequence += 1;
+        self.network.insert((at, self.sequence), message);
+    }
+
+    fn deliver(&mut self) {
+        while let Some(entry) = self.network.first_entry() {
+            if entry.key().0 > self.now {
+                break;
+            }
+            let message = entry.remove();
+            let mut bytes = Vec::new();
+            match message {
+                Message::ToReplica { replica, process, epoch, command } => {
+                    let _ = protocol::frame::encode_frame(&command, usize::MAX >> 1, &mut bytes);
+                    fnv(&mut self.trace, &bytes);
+                    let Some(sim) = self.replicas.get_mut(&replica) else { continue };
+                    if sim.link != Some(epoch) || !sim.processes[process].is_alive() {
+                        continue;
+                    }
+                    let mut ctx = Context {
+                        store: &self.store,
+                        now: self.now,
+                        violations: &mut self.violations,
+                        oracle: &self.oracle,
+                    };
+                    let responses = sim.processes[process].receive(epoch, command, &mut ctx);
+                    for response in responses {
+                        self.send(
+                            replica,
+                            process,
+                            false,
+                            Message::ToController { replica, process, epoch, response },
+                        );
+                    }
+                }
+                Message::ToController { replica, process, epoch, response } => {
+                    let _ = protocol::frame::encode_frame(&response, usize::MAX >> 1, &mut bytes);
+                    fnv(&mut self.trace, &bytes);
+                    let jitter = self.rng.unit();
+                    if let Some(sim) = self.replicas.get_mut(&replica)
+                        && sim.link == Some(epoch)
+                    {
+                        sim.core.receive(epoch, process, response, self.now, jitter);
+                    }
+                }
+            }
+            self.pump();
+        }
+    }
+
+    fn step_models(&mut self) {
+        let ids: Vec<ReplicaId> = self.replicas.keys().copied().collect();
+        for replica in ids {
+            let sim = self.replicas.get_mut(&replica).expect("listed");
+            let epoch = sim.link;
+            let mut outgoing = Vec::new();
+            for (process, model) in sim.processes.iter_mut().enumerate() {
+                let mut ctx = Context {
+                    store: &self.store,
+                    now: self.now,
+                    violations: &mut self.violations,
+                    oracle: &self.oracle,
+                };
+                for response in model.step(&mut ctx) {
+                    outgoing.push((process, response));
+                }
+            }
+            if let Some(epoch) = epoch {
+                for (process, response) in outgoing {
+                    self.send(
+                        replica,
+                        process,
+                        false,
+                        Message::ToController { replica, process, epoch, response },
+                    );
+                }
+            }
+        }
+    }
+
+    /// Moves outputs between the instance, the replica cores and the network until nothing moves.
+    fn pump(&mut self) {
+        loop {
+            let mut progressed = false;
+            while let Some(output) = self.instance.poll() {
+                progressed = true;
+                match output {
+                    InstanceOutput::Command { replica, command } => {
+                        if let Some(sim) = self.replicas.get_mut(&replica)
+                            && let Err(e) = sim.core.send(command)
+                        {
+                            self.violations
+                                .push(format!("replica history rejected a controller command: {e}"));
+                        }
+                    }
+                    InstanceOutput::DisconnectReplica { replica, reason } => {
+                        let jitter = self.rng.unit();
+                        if let Some(sim) = self.replicas.get_mut(&replica) {
+                            sim.core.disconnect(self.now, &reason, jitter);
+                        }
+                    }
+                    InstanceOutput::Response(response) => self.observe_response(response),
+                    InstanceOutput::PeekResult { uuid, response } => self.check_peek(uuid, response),
+                }
+            }
+            let ids: Vec<ReplicaId> = self.replicas.keys().copied().collect();
+            for replica in ids {
+                while let Some(output) = self.replicas.get_mut(&replica).and_then(|r| r.core.poll()) {
+                    progressed = true;
+                    match output {
+                        ReplicaOutput::Connect { epoch } => {
+                            let jitter = self.rng.unit();
+                            let sim = self.replicas.get_mut(&replica).expect("present");
+                            if sim.processes.iter().all(ModelProcess::is_alive) {
+                                sim.link = Some(epoch);
+                                for process in &mut sim.processes {
+                                    process.connect(epoch);
+                                }
+                                sim.core.connected(epoch);
+                            } else {
+                                sim.core.connect_failed(epoch, self.now, "connection refused", jitter);
+                            }
+                        }
+                        ReplicaOutput::Send { epoch, command } => {
+                            let processes = self.replicas[&replica].processes.len();
+                            if self.replicas[&replica].link == Some(epoch) {
+                                for process in 0..processes {
+                                    let message = Message::ToReplica {
+                                        replica,
+                                        process,
+                                        epoch,
+                                        command: command.clone(),
+                                    };
+                                    self.send(replica, process, true, message);
+                                }
+                            }
+                        }
+                        ReplicaOutput::Disconnect { epoch, .. } => {
+                            let sim = self.replicas.get_mut(&replica).expect("present");
+                            if sim.link == Some(epoch) {
+                                sim.link = None;
+                                for process in &mut sim.processes {
+                                    process.disconnect();
+                                }
+                            }
+                        }
+                        ReplicaOutput::Response(response) => {
+                            self.instance.handle_replica_event(replica, ReplicaEvent::Response(response));
+                        }
+                        ReplicaOutput::Status(status) => {
+                            self.instance.handle_replica_event(replica, ReplicaEvent::Status(status));
+                        }
+                    }
+                }
+            }
+            if !progressed {
+                return;
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------------------------------------
+    // Replicas and faults
+
+    fn add_replica(&mut self) {
+        let replica = ReplicaId(self.next_replica);
+        self.next_replica += 1;
+        let processes = self.rng.range(1, 2) as usize;
+        let history: CommandHistory<u64> = self.instance.add_replica(replica).expect("fresh replica id");
+        let config = ReplicaCoreConfig {
+            replica_id: replica,
+            processes,
+            backoff: Backoff { initial_ms: 5, max_ms: 80 },
+            hydration_concurrency: if self.rng.chance(0.5) {
+                Some(self.rng.range(1, 3) as usize)
+            } else {
+                None
+            },
+        };
+        let mut core = ReplicaCore::new(config, history);
+        core.tick(self.now);
+        let sim = SimReplica {
+            core,
+            processes: (0..processes).map(|p| ModelProcess::new(p, processes)).collect(),
+            link: None,
+            down_until: None,
+            delay_max: 3,
+        };
+        self.replicas.insert(replica, sim);
+        self.pump();
+    }
+
+    fn faults(&mut self) {
+        if self.replicas.is_empty() || !self.rng.chance(0.004) {
+            return;
+        }
+        self.faults += 1;
+        let ids: Vec<ReplicaId> = self.replicas.keys().copied().collect();
+        let replica = *self.rng.pick(&ids).expect("non-empty");
+        let jitter = self.rng.unit();
+        match self.rng.below(7) {
+            0 => {
+                // Disconnect: the replica keeps its state and reconciles on reconnect.
+                let sim = self.replicas.get_mut(&replica).expect("present");
+                if let Some(epoch) = sim.link.take() {
+                    for process in &mut sim.processes {
+                        process.disconnect();
+                    }
+                    sim.core.connection_lost(epoch, self.now, "simulated disconnect", jitter);
+                }
+            }
+            1 => {
+                // Crash: the state is gone; the replica is down for a while.
+                let down = self.rng.range(20, 300);
+                let sim = self.replicas.get_mut(&replica).expect("present");
+                for process in &mut sim.processes {
+                    process.crash();
+                }
+                sim.down_until = Some(self.now + down);
+                if let Some(epoch) = sim.link.take() {
+                    sim.core.connection_lost(epoch, self.now, "simulated crash", jitter);
+                }
+            }
+            2 => {
+                let lag = self.rng.range(20, 300);
+                let sim = self.replicas.get_mut(&replica).expect("present");
+                let process = self.rng.below(sim.processes.len() as u64) as usize;
+                sim.processes[process].lag_ms = lag;
+            }
+            3 => {
+                let sim = self.replicas.get_mut(&replica).expect("present");
+                sim.delay_max = if sim.delay_max > 3 { 3 } else { self.rng.range(10, 40) };
+            }
+            4 => {
+                let sim = self.replicas.get_mut(&replica).expect("present");
+                let process = self.rng.below(sim.processes.len() as u64) as usize;
+                sim.processes[process].regress_once = true;
+            }
+            5 if self.replicas.len() > 1 => {
+                self.instance.drop_replica(replica).expect("present");
+                self.replicas.remove(&replica);
+                self.pump();
+            }
+            _ if self.replicas.len() < 3 => self.add_replica(),
+            _ => {}
+        }
+    }
+
+    fn restart_crashed(&mut self) {
+        for sim in self.replicas.values_mut() {
+            if sim.down_until.is_some_and(|at| at <= self.now) {
+                sim.down_until = None;
+                for process in &mut sim.processes {
+                    process.restart();
+                }
+            }
+        }
+    }
+
+    fn end_faults(&mut self) {
+        for sim in self.replicas.values_mut() {
+            sim.delay_max = 3;
+            for process in &mut sim.processes {
+                process.lag_ms = 0;
+                process.regress_once = false;
+            }
+        }
+        if self.replicas.is_empty() {
+            self.add_replica();
+        }
+    }
+
+    // ---------------------------------------------------------------------------------------------
+    // Workload
+
+    fn storage_upper(&self, id: GlobalId) -> u64 {
+        self.store.frontiers(id).and_then(|f| f.upper.as_option().copied()).unwrap_or(0)
+    }
+
+    fn append_to_tables(&mut self) {
+        let mut requests = Vec::new();
+        for (id, desc) in self.tables.clone() {
+            let upper = self.storage_upper(id);
+            if upper > self.now {
+                continue;
+            }
+            let mut updates = Vec::new();
+            for _ in 0..self.rng.below(4) {
+                let row = self.random_row(&desc);
+                let diff = if self.rng.chance(0.8) { 1 } else { -1 };
+                updates.push((row, self.now, diff));
+            }
+            self.oracle.record_append(id, &updates, self.now + 1);
+            requests.push(AppendRequest {
+                id,
+                updates,
+                expected_upper: Antichain::from_elem(upper),
+                new_upper: Antichain::from_elem(self.now + 1),
+            });
+        }
+        if let Err(e) = self.store.append(requests) {
+            self.violations.push(format!("storage append failed: {e}"));
+        }
+    }
+
+    fn random_row(&mut self, desc: &RelationDesc) -> Row {
+        let mut datums = Vec::new();
+        let mut texts = Vec::new();
+        for typ in &desc.typ().column_types {
+            match typ.scalar_type {
+                ScalarType::Int64 if typ.nullable && self.rng.chance(0.2) => datums.push(None),
+                ScalarType::Int64 => datums.push(Some(self.rng.range(0, 6) as i64)),
+                _ => {
+                    texts.push(["a", "b", "c"][self.rng.below(3) as usize]);
+                    datums.push(None);
+                }
+            }
+        }
+        let mut text = texts.into_iter();
+        let mut packer = protocol::RowPacker::new();
+        for (typ, datum) in desc.typ().column_types.iter().zip(datums) {
+            match (typ.scalar_type, datum) {
+                (ScalarType::Int64, Some(i)) => packer.push(Datum::Int64(i)),
+                (ScalarType::Int64, None) => packer.push(Datum::Null),
+                _ => packer.push(Datum::Text(text.next().expect("one per text column"))),
+            }
+        }
+        packer.finish()
+    }
+
+    fn fresh_id(&mut self) -> GlobalId {
+        let id = GlobalId::User(self.next_id);
+        self.next_id += 1;
+        id
+    }
+
+    fn live_indexes(&self) -> Vec<GlobalId> {
+        self.exports
+            .iter()
+            .filter(|(_, k)| matches!(k, ExportKind::Index { .. }))
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    fn workload(&mut self, faults_on: bool) {
+        if faults_on {
+            if self.rng.chance(0.01) {
+                self.create_dataflow();
+            }
+            if self.rng.chance(0.003) {
+                self.drop_export();
+            }
+            if self.rng.chance(0.003) {
+                self.set_policy();
+            }
+            if self.rng.chance(0.003) {
+                self.hold_something();
+            }
+            if self.rng.chance(0.003) {
+                self.cancel_peek();
+            }
+        }
+        if self.rng.chance(0.03) {
+            self.peek(faults_on);
+        }
+    }
+
+    fn create_dataflow(&mut self) {
+        let (table, table_desc) = self.rng.pick(&self.tables).cloned().expect("tables exist");
+        let upstream = if self.rng.chance(0.4) { self.rng.pick(&self.live_indexes()).copied() } else { None };
+        let mut df = DataflowDescription::new(format!("df{}", self.next_id));
+        let mut context = Vec::new();
+        match upstream {
+            Some(index) => {
+                let Some(ExportKind::Index { key, typ }) = self.exports.get(&index).cloned() else { return };
+                let desc = RelationDesc::new(
+                    typ.column_types.iter().enumerate().map(|(i, t)| (format!("c{i}"), *t)),
+                );
+                df.index_imports.insert(index, IndexImport { desc, key });
+                context.push((index, typ));
+            }
+            None => {
+                df.source_imports.insert(table, SourceImport { desc: table_desc.clone() });
+                context.push((table, table_desc.typ().clone()));
+            }
+        }
+        let values: Vec<u32> = (0..32).map(|_| self.rng.next_u64() as u32).collect();
+        let mut choices = Choices::new(values);
+        let (plan, typ) = plan_of(&mut choices, &context, 1);
+        let object = GlobalId::Transient(self.next_id);
+        df.objects_to_build.push(BuildDesc { id: object, plan });
+        let subscribe = self.rng.chance(0.25);
+        let export = self.fresh_id();
+        if subscribe {
+            let desc =
+                RelationDesc::new(typ.column_types.iter().enumerate().map(|(i, t)| (format!("c{i}"), *t)));
+            let with_snapshot = self.rng.chance(0.7);
+            df.sink_exports.insert(
+                export,
+                SinkExport { from: object, desc, connection: SinkConnection::Subscribe { with_snapshot } },
+            );
+        } else {
+            let key: Vec<usize> =
+                if typ.arity() == 0 { vec![] } else { vec![self.rng.below(typ.arity() as u64) as usize] };
+            df.index_exports.insert(export, IndexExport { on_id: object, key });
+            if self.rng.chance(0.3) && typ.arity() > 0 {
+                // A second export: another index of the same object on another key.
+                let second = self.fresh_id();
+                df.index_exports.insert(second, IndexExport { on_id: object, key: vec![] });
+            }
+        }
+        // Select the as-of as the controller shell would, from current frontiers.
+        let mut frontiers = BTreeMap::new();
+        for id in df.source_imports.keys() {
+            let f = self.store.frontiers(*id).expect("table exists");
+            frontiers.insert(*id, ImportFrontiers { since: f.since, upper: f.upper });
+        }
+        for id in df.index_imports.keys() {
+            let Some(f) = self.instance.collection_frontiers(*id) else { return };
+            frontiers.insert(*id, ImportFrontiers { since: f.since, upper: f.upper });
+        }
+        let Ok(as_of) = select_as_of(&df, &frontiers) else { return };
+        df.as_of = Some(as_of.clone());
+        let mut holds = BTreeMap::new();
+        for id in df.source_imports.keys() {
+            match self.store.acquire_read_hold(*id, as_of.clone()) {
+                Ok(hold) => {
+                    holds.insert(*id, hold);
+                }
+                Err(e) => {
+                    self.violations
+                        .push(format!("storage refused a hold at the selected as-of {as_of:?}: {e}"));
+                    return;
+                }
+            }
+        }
+        let desc = Arc::new(df.clone());
+        match self.instance.create_dataflow(df, holds) {
+            Ok(()) => {
+                self.oracle.record_dataflow(&desc);
+                for (id, export) in &desc.index_exports {
+                    let typ = desc.object_type(export.on_id).expect("valid");
+                    self.exports.insert(*id, ExportKind::Index { key: export.key.clone(), typ });
+                }
+                for (id, sink) in &desc.sink_exports {
+                    if let SinkConnection::Subscribe { with_snapshot } = sink.connection {
+                        self.exports.insert(*id, ExportKind::Subscribe);
+                        let as_of = as_of.as_option().copied().expect("total order");
+                        self.subscribes.insert(
+                            *id,
+                            SubscribeTracker {
+                                as_of,
+                                with_snapshot,
+                                forwarded: as_of,
+                                accumulated: None,
+                                done: false,
+                            },
+                        );
+                    }
+                }
+            }
+            Err(e) => self.violations.push(format!("a dataflow with a selected as-of was refused: {e}")),
+        }
+        self.pump();
+    }
+
+    fn drop_export(&mut self) {
+        let ids: Vec<GlobalId> = self.exports.keys().copied().collect();
+        let Some(id) = self.rng.pick(&ids).copied() else { return };
+        match self.instance.drop_collections(&[id]) {
+            Ok(()) => {
+                self.exports.remove(&id);
+            }
+            Err(e) => self.violations.push(format!("dropping live {id} failed: {e}")),
+        }
+        self.pump();
+    }
+
+    fn set_policy(&mut self) {
+        let Some(id) = self.rng.pick(&self.live_indexes()).copied() else { return };
+        let policy = match self.rng.below(3) {
+            0 => ReadPolicy::LagWriteFrontier {
+                lag_ms: self.rng.range(0, 200),
+                granularity_ms: self.rng.range(0, 20),
+            },
+            1 => ReadPolicy::Multiple(vec![
+                ReadPolicy::LagWriteFrontier { lag_ms: self.rng.range(0, 50), granularity_ms: 0 },
+                ReadPolicy::LagWriteFrontier { lag_ms: self.rng.range(0, 100), granularity_ms: 10 },
+            ]),
+            _ => ReadPolicy::LagWriteFrontier { lag_ms: 1, granularity_ms: 0 },
+        };
+        if let Err(e) = self.instance.set_read_policy(vec![(id, policy)]) {
+            self.violations.push(format!("set_read_policy on live {id} failed: {e}"));
+        }
+    }
+
+    fn hold_something(&mut self) {
+        let Some(id) = self.rng.pick(&self.live_indexes()).copied() else { return };
+        let hold = controller::lock(&self.instance.shared()).holds.acquire_at_since(&id);
+        if let Ok(hold) = hold {
+            let until = self.now + self.rng.range(50, 500);
+            self.user_holds.push((until, hold));
+        }
+    }
+
+    fn cancel_peek(&mut self) {
+        let pending: Vec<PeekId> =
+            self.peeks.iter().filter(|(_, p)| !p.cancelled).map(|(id, _)| *id).collect();
+        let Some(uuid) = self.rng.pick(&pending).copied() else { return };
+        if self.instance.cancel_peek(uuid).is_ok() {
+            self.peeks.get_mut(&uuid).expect("listed").cancelled = true;
+        }
+        self.pump();
+    }
+
+    fn peek(&mut self, faults_on: bool) {
+        let Some(id) = self.rng.pick(&self.live_indexes()).copied() else { return };
+        let Some(ExportKind::Index { key, typ }) = self.exports.get(&id).cloned() else { return };
+        let Some(frontiers) = self.instance.collection_frontiers(id) else { return };
+        let (Some(since), Some(upper)) =
+            (frontiers.since.as_option().copied(), frontiers.upper.as_option().copied())
+        else {
+            return;
+        };
+        let timestamp = match self.rng.below(4) {
+            0 if upper > since => self.rng.range(since, upper - 1),
+            1 => upper + self.rng.below(20),
+            _ => upper.saturating_sub(1).max(since),
+        };
+        let constraints = if self.rng.chance(0.2) && !key.is_empty() {
+            Some(vec![Row::pack([Datum::Int64(self.rng.range(0, 6) as i64)])])
+        } else {
+            None
+        };
+        let constraints = constraints
+            .filter(|_| key.len() == 1 && typ.column_types[key[0]].scalar_type == ScalarType::Int64);
+        let finishing = if self.rng.chance(0.3) && typ.arity() > 0 {
+            RowSetFinishing {
+                order_by: vec![if self.rng.chance(0.5) { ColumnOrder::asc(0) } else { ColumnOrder::desc(0) }],
+                limit: Some(self.rng.range(1, 4) as usize),
+                offset: self.rng.below(2) as usize,
+            }
+        } else {
+            RowSetFinishing::unordered()
+        };
+        let target = if faults_on && self.rng.chance(0.15) {
+            let ids: Vec<ReplicaId> = self.replicas.keys().copied().collect();
+            self.rng.pick(&ids).copied()
+        } else {
+            None
+        };
+        let uuid = PeekId(self.next_peek);
+        self.next_peek += 1;
+        let mfp = MapFilterProject::new(typ.arity());
+        let request = PeekRequest {
+            uuid,
+            id,
+            timestamp,
+            literal_constraints: constraints.clone(),
+            map_filter_project: Some(mfp.clone()),
+            finishing: finishing.clone(),
+            target_replica: target,
+            timeout_ms: None,
+        };
+        match self.instance.peek(request) {
+            Ok(()) => {
+                self.peeks.insert(
+                    uuid,
+                    PeekExpectation {
+                        id,
+                        timestamp,
+                        key,
+                        constraints,
+                        mfp,
+                        finishing,
+                        target,
+                        cancelled: false,
+                        issued_ms: self.now,
+                    },
+                );
+            }
+            Err(e) => self.violations.push(format!("a peek at a readable time was refused: {e}")),
+        }
+        self.pump();
+    }
+
+    // ---------------------------------------------------------------------------------------------
+    // Checks
+
+    fn check_peek(&mut self, uuid: PeekId, response: PeekResponse) {
+        let Some(expectation) = self.peeks.remove(&uuid) else {
+            self.violations.push(format!("result for unknown peek {uuid}"));
+            return;
+        };
+        self.peeks_checked += 1;
+        match &response {
+            PeekResponse::Canceled => {
+                if !expectation.cancelled {
+                    self.violations.push(format!("peek {uuid} was cancelled, but not by the workload"));
+                }
+                return;
+            }
+            PeekResponse::Error(e) if e.contains("dropped") && expectation.target.is_some() => return,
+            _ => {}
+        }
+        let expected = match self.oracle.export_contents(expectation.id, expectation.timestamp) {
+            Ok(contents) => peek_rows(
+                &contents,
+                &expectation.key,
+                expectation.constraints.as_deref(),
+                &expectation.mfp,
+                &expectation.finishing,
+                None,
+            ),
+            Err(EvalFailure::Data(e)) => Err(e),
+            Err(EvalFailure::Unavailable(e)) => {
+                self.violations.push(format!("oracle cannot evaluate {}: {e}", expectation.id));
+                return;
+            }
+        };
+        let ok = match (&response, &expected) {
+            (PeekResponse::Rows(rows), Ok(expected_rows)) => rows == expected_rows,
+            (PeekResponse::Error(_), Err(_)) => true,
+            _ => false,
+        };
+        if !ok {
+            self.violations.push(format!(
+                "invariant 6: peek {uuid} of {} at {} returned {response:?}, the oracle says {expected:?}",
+                expectation.id, expectation.timestamp
+            ));
+        }
+    }
+
+    fn observe_response(&mut self, response: ComputeControllerResponse<u64>) {
+        let ComputeControllerResponse::SubscribeResponse { id, response } = response else { return };
+        let Some(tracker) = self.subscribes.get_mut(&id) else { return };
+        match response {
+            SubscribeResponse::DroppedAt(_) => tracker.done = true,
+            SubscribeResponse::Batch(batch) => {
+                self.batches_checked += 1;
+                if tracker.done {
+                    self.violations.push(format!("subscribe {id}: batch after the end"));
+                    return;
+                }
+                let lower = batch.lower.as_option().copied();
+                if lower != Some(tracker.forwarded) {
+                    self.violations.push(format!(
+                        "subscribe {id}: batch starts at {lower:?}, expected {}",
+                        tracker.forwarded
+                    ));
+                    return;
+                }
+                let updates = match batch.updates {
+                    Ok(updates) => updates,
+                    Err(error) => {
+                        tracker.done = true;
+                        // Only acceptable if the oracle agrees there is a data error.
+                        let any_error = (tracker.as_of..=self.now)
+                            .any(|t| matches!(self.oracle.export_contents(id, t), Err(EvalFailure::Data(_))));
+                        if !any_error {
+                            self.violations
+                                .push(format!("subscribe {id}: error {error} the oracle does not see"));
+                        }
+                        return;
+                    }
+                };
+                let Some(upper) = batch.upper.as_option().copied() else {
+                    tracker.done = true;
+                    return;
+                };
+                for (time, _, _) in &updates {
+                    if *time < tracker.forwarded || *time >= upper {
+                        self.violations.push(format!(
+                            "subscribe {id}: update at {time} outside [{}, {upper})",
+                            tracker.forwarded
+                        ));
+                        return;
+                    }
+                }
+                tracker.forwarded = upper;
+                if tracker.accumulated.is_none() {
+                    let start = if tracker.with_snapshot {
+                        Ok(Multiset::new())
+                    } else {
+                        self.oracle.export_contents(id, tracker.as_of).map(|s| (*s).clone())
+                    };
+                    match start {
+                        Ok(start) => tracker.accumulated = Some(start),
+                        Err(_) => return,
+                    }
+                }
+                let accumulated = tracker.accumulated.as_mut().expect("set above");
+                for (_, row, diff) in updates {
+                    let entry = accumulated.entry(row.clone()).or_insert(0);
+                    *entry += diff;
+                    if *entry == 0 {
+                        accumulated.remove(&row);
+                    }
+                }
+                let accumulated = &*accumulated;
+                match self.oracle.export_contents(id, upper - 1) {
+                    Ok(expected) if *expected == *accumulated => {}
+                    Ok(expected) => self.violations.push(format!(
+                        "invariant 6: subscribe {id} up to {upper} accumulates to {accumulated:?}, the oracle says {expected:?}"
+                    )),
+                    Err(EvalFailure::Data(_)) => {}
+                    Err(EvalFailure::Unavailable(e)) => self.violations.push(format!("oracle: {e}")),
+                }
+            }
+        }
+    }
+
+    fn check_history_bound(&mut self) {
+        // DESIGN §5.7: the history holds live state only.
+        let live = self.instance.collection_count();
+        let bound = 3 + live * 4 + self.instance.pending_peek_count();
+        for (replica, sim) in &self.replicas {
+            let len = sim.core.history().len();
+            if len > bound {
+                self.violations.push(format!(
+                    "invariant 7: {replica}'s history has {len} commands for {live} collections"
+                ));
+            }
+        }
+    }
+
+    fn check_liveness(&mut self, marks: BTreeMap<GlobalId, u64>) {
+        for (replica, sim) in &self.replicas {
+            if !sim.core.is_live() {
+                self.violations
+                    .push(format!("liveness: {replica} is not connected after the faults stopped"));
+            }
+        }
+        let stuck: Vec<PeekId> =
+            self.peeks.iter().filter(|(_, p)| p.issued_ms + 1_000 < self.now).map(|(id, _)| *id).collect();
+        if !stuck.is_empty() {
+            self.violations.push(format!("liveness: peeks {stuck:?} never completed"));
+        }
+        let target = marks.values().copied().min().unwrap_or(0);
+        let live: BTreeSet<GlobalId> = self.exports.keys().copied().collect();
+        // Dropped collections an importer still holds stay installed until it goes too.
+        let installed_expected = self.instance.uncompacted_collections();
+        for id in &live {
+            if let Some(f) = self.instance.collection_frontiers(*id)
+                && f.upper.as_option().is_some_and(|u| *u < target)
+            {
+                self.violations.push(format!("liveness: {id} is at {:?}, storage was at {target}", f.upper));
+            }
+        }
+        // Invariant 5: every connected replica has installed exactly the live dataflows.
+        for (replica, sim) in &self.replicas {
+            for (process, model) in sim.processes.iter().enumerate() {
+                let installed = model.installed_exports();
+                if installed != installed_expected {
+                    self.violations.push(format!(
+                        "invariant 5: {replica} process {process} has {installed:?} installed, the live state is {installed_expected:?}"
+                    ));
+                }
+            }
+        }
+    }
+}
