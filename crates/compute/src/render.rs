@@ -228,19 +228,10 @@ pub(crate) fn render_plan<'s>(plan: &Plan, ctx: &mut RenderContext<'s>) -> Coll<
                 let mut ranked: Vec<(Vec<Datum<'_>>, &Row, Diff)> =
                     values.iter().map(|(row, diff)| (row.unpack(), *row, *diff)).collect();
                 ranked.sort_by(|(a, _, _), (b, _, _)| compare_datums(&order_key, a, b));
-                let mut to_skip = offset as i64;
-                let mut remaining = limit.map(|l| l as i64);
-                for (_, row, diff) in ranked {
-                    let skipped = diff.min(to_skip);
-                    to_skip -= skipped;
-                    let mut count = diff - skipped;
-                    if let Some(remaining) = remaining.as_mut() {
-                        count = count.min(*remaining);
-                        *remaining -= count;
-                    }
-                    if count != 0 {
-                        out.push((Ok(row.clone()), count));
-                    }
+                // Negative multiplicities were rejected above.
+                let ranked = ranked.into_iter().map(|(_, row, diff)| (row, diff as u64));
+                for (row, count) in protocol::slice_ranked(ranked, offset, limit) {
+                    out.push((Ok(row.clone()), count as Diff));
                 }
             })
         }

@@ -87,7 +87,7 @@ pub use dataflow::{
 pub use expr::{BinaryFunc, EvalError, ExprTypeError, MapFilterProject, ScalarExpr, UnaryFunc};
 pub use id::{GlobalId, InstanceId, ParseIdError, PeekId, ReplicaId};
 pub use peek::{Peek, PeekResponse, PeekTarget, RowSetFinishing};
-pub use plan::{AggregateExpr, AggregateFunc, ColumnOrder, Plan, PlanError, compare_datums};
+pub use plan::{AggregateExpr, AggregateFunc, ColumnOrder, Plan, PlanError, compare_datums, slice_ranked};
 pub use response::{
     ComputeResponse, CopyToResponse, FrontiersResponse, MalformedResponse, StatusResponse, SubscribeBatch,
     SubscribeResponse,

@@ -121,27 +121,14 @@ impl RowSetFinishing {
             let mut slots: Vec<Option<(Row, NonZeroU64)>> = rows.drain(..).map(Some).collect();
             rows = order.into_iter().filter_map(|i| slots[i].take()).collect();
         }
-        let mut to_skip = self.offset as u64;
-        let mut remaining = self.limit.map(|l| l as u64);
-        let mut out = Vec::with_capacity(rows.len());
-        for (row, count) in rows {
-            let mut count = count.get();
-            let skipped = count.min(to_skip);
-            to_skip -= skipped;
-            count -= skipped;
-            if let Some(remaining) = remaining.as_mut() {
-                let taken = count.min(*remaining);
-                *remaining -= taken;
-                count = taken;
-            }
-            if let Some(count) = NonZeroU64::new(count) {
-                out.push((row, count));
-            }
-            if remaining == Some(0) {
-                break;
-            }
-        }
-        out
+        crate::plan::slice_ranked(
+            rows.into_iter().map(|(row, count)| (row, count.get())),
+            self.offset,
+            self.limit,
+        )
+        .into_iter()
+        .map(|(row, count)| (row, NonZeroU64::new(count).expect("slice_ranked drops zero counts")))
+        .collect()
     }
 }
 

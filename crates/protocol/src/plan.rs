@@ -204,6 +204,43 @@ pub fn compare_datums(order: &[ColumnOrder], a: &[Datum<'_>], b: &[Datum<'_>]) -
     a.cmp(b)
 }
 
+/// Skips the first `offset` of `ranked` items and keeps at most `limit` after them, counting
+/// multiplicities; items whose remaining count is zero are dropped. This is the one definition of `offset`
+/// and `limit` shared by `TopK` (per group) and a peek's finishing.
+///
+/// # Examples
+/// ```
+/// use protocol::slice_ranked;
+/// let ranked = [("a", 2), ("b", 3), ("c", 1)];
+/// assert_eq!(slice_ranked(ranked, 1, Some(3)), vec![("a", 1), ("b", 2)]);
+/// assert_eq!(slice_ranked(ranked, 0, None), ranked.to_vec());
+/// assert_eq!(slice_ranked(ranked, 6, None), vec![]);
+/// ```
+pub fn slice_ranked<T, I>(ranked: I, offset: usize, limit: Option<usize>) -> Vec<(T, u64)>
+where
+    I: IntoIterator<Item = (T, u64)>,
+{
+    let mut to_skip = offset as u64;
+    let mut remaining = limit.map(|l| l as u64);
+    let mut out = Vec::new();
+    for (item, count) in ranked {
+        if remaining == Some(0) {
+            break;
+        }
+        let skipped = count.min(to_skip);
+        to_skip -= skipped;
+        let mut count = count - skipped;
+        if let Some(remaining) = remaining.as_mut() {
+            count = count.min(*remaining);
+            *remaining -= count;
+        }
+        if count > 0 {
+            out.push((item, count));
+        }
+    }
+    out
+}
+
 /// An operator of the plan IR. See the module documentation for the semantics of each.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Plan {
@@ -545,6 +582,34 @@ impl Plan {
             | Plan::ArrangeBy { input, .. } => input.visit(f),
             Plan::Join { inputs, .. } | Plan::Union { inputs } => {
                 inputs.iter().for_each(|input| input.visit(f))
+            }
+        }
+    }
+
+    /// Calls `f` on this plan and every plan below it, parents first, mutably.
+    ///
+    /// # Examples
+    /// ```
+    /// use protocol::{GlobalId, Plan};
+    /// let mut plan = Plan::Negate { input: Box::new(Plan::get(GlobalId::User(1))) };
+    /// plan.visit_mut(&mut |p| if let Plan::Get { id } = p { *id = GlobalId::User(2) });
+    /// assert_eq!(plan.depends_on(), vec![GlobalId::User(2)]);
+    /// ```
+    pub fn visit_mut(&mut self, f: &mut dyn FnMut(&mut Plan)) {
+        f(self);
+        match self {
+            Plan::Get { .. } | Plan::Constant { .. } => {}
+            Plan::Map { input, .. }
+            | Plan::Filter { input, .. }
+            | Plan::Project { input, .. }
+            | Plan::Reduce { input, .. }
+            | Plan::Distinct { input }
+            | Plan::Negate { input }
+            | Plan::Threshold { input }
+            | Plan::TopK { input, .. }
+            | Plan::ArrangeBy { input, .. } => input.visit_mut(f),
+            Plan::Join { inputs, .. } | Plan::Union { inputs } => {
+                inputs.iter_mut().for_each(|input| input.visit_mut(f))
             }
         }
     }

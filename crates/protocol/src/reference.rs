@@ -209,17 +209,10 @@ pub fn evaluate(plan: &Plan, inputs: &BTreeMap<GlobalId, Multiset>) -> Result<Mu
             let mut out = Multiset::new();
             for (_, mut rows) in groups {
                 rows.sort_by(|(a, _, _), (b, _, _)| compare_datums(order_key, a, b));
-                let mut to_skip = *offset as i64;
-                let mut remaining = limit.map(|l| l as i64);
-                for (_, row, diff) in rows {
-                    let skipped = diff.min(to_skip);
-                    to_skip -= skipped;
-                    let mut count = diff - skipped;
-                    if let Some(remaining) = remaining.as_mut() {
-                        count = count.min(*remaining);
-                        *remaining -= count;
-                    }
-                    add(&mut out, row.clone(), count);
+                // Negative multiplicities were rejected above.
+                let ranked = rows.into_iter().map(|(_, row, diff)| (row, diff as u64));
+                for (row, count) in crate::plan::slice_ranked(ranked, *offset, *limit) {
+                    add(&mut out, row.clone(), count as Diff);
                 }
             }
             Ok(out)

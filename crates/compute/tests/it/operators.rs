@@ -62,22 +62,11 @@ fn remap(id: GlobalId, base: u64) -> GlobalId {
 }
 
 fn remap_plan(plan: &mut Plan, base: u64) {
-    match plan {
-        Plan::Get { id } => *id = remap(*id, base),
-        Plan::Constant { .. } => {}
-        Plan::Map { input, .. }
-        | Plan::Filter { input, .. }
-        | Plan::Project { input, .. }
-        | Plan::Reduce { input, .. }
-        | Plan::Distinct { input }
-        | Plan::Negate { input }
-        | Plan::Threshold { input }
-        | Plan::TopK { input, .. }
-        | Plan::ArrangeBy { input, .. } => remap_plan(input, base),
-        Plan::Join { inputs, .. } | Plan::Union { inputs } => {
-            inputs.iter_mut().for_each(|i| remap_plan(i, base))
+    plan.visit_mut(&mut |p| {
+        if let Plan::Get { id } = p {
+            *id = remap(*id, base);
         }
-    }
+    });
 }
 
 fn remap_dataflow(df: DataflowDescription<u64>, base: u64) -> DataflowDescription<u64> {
