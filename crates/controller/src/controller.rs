@@ -155,6 +155,9 @@ enum InstanceCommand {
         uuid: PeekId,
         reply: Reply<Result<(), CancelPeekError>>,
     },
+    AllowWrites {
+        reply: Reply<()>,
+    },
     Inspect(Inspector),
 }
 
@@ -459,6 +462,14 @@ impl ComputeController {
         request(handle, |reply| InstanceCommand::DropCollections { ids, reply }).await?
     }
 
+    /// Lets the replicas of `instance` write to storage: materialized views append and copy-tos write
+    /// their files only after this (until then the replicas compute but stay read-only, as a controller
+    /// that is not yet the leader must). Idempotent; replicas added later are told too.
+    pub async fn allow_writes(&self, instance: InstanceId) -> Result<(), InstanceMissing> {
+        let handle = self.instance(instance)?;
+        request(handle, |reply| InstanceCommand::AllowWrites { reply }).await
+    }
+
     /// Sets the read policies of indexes.
     pub async fn set_read_policy(
         &self,
@@ -727,6 +738,10 @@ async fn run_instance(
                     }
                     InstanceCommand::CancelPeek { uuid, reply } => {
                         let _ = reply.send(core.cancel_peek(uuid));
+                    }
+                    InstanceCommand::AllowWrites { reply } => {
+                        core.allow_writes();
+                        let _ = reply.send(());
                     }
                     InstanceCommand::Inspect(f) => f(&core),
                 }

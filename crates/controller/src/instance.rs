@@ -248,6 +248,8 @@ pub struct InstanceCore<T: Timestamp> {
     peek_histogram: BTreeMap<(ReplicaId, u64), i64>,
     now_ms: u64,
     last_lag_refresh_ms: u64,
+    /// `AllowWrites` was broadcast (and is in the history, so every later replica gets it too).
+    writes_allowed: bool,
 }
 
 impl<T: Timestamp> InstanceCore<T> {
@@ -274,6 +276,7 @@ impl<T: Timestamp> InstanceCore<T> {
             peek_histogram: BTreeMap::new(),
             now_ms,
             last_lag_refresh_ms: now_ms,
+            writes_allowed: false,
         }
     }
 
@@ -382,6 +385,21 @@ impl<T: Timestamp> InstanceCore<T> {
     /// The replicas.
     pub fn replica_ids(&self) -> impl Iterator<Item = ReplicaId> + '_ {
         self.replicas.keys().copied()
+    }
+
+    /// Lets the replicas write: materialized views append to storage and copy-tos write their files only
+    /// once this was sent (until then a replica computes but stays read-only). Sent to every replica and
+    /// recorded in the history, so replicas added or reconnected later get it too. Idempotent.
+    pub fn allow_writes(&mut self) {
+        if !self.writes_allowed {
+            self.writes_allowed = true;
+            self.broadcast(ComputeCommand::AllowWrites);
+        }
+    }
+
+    /// Whether [`allow_writes`](Self::allow_writes) was called.
+    pub fn writes_allowed(&self) -> bool {
+        self.writes_allowed
     }
 
     // ---------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 //! Subscribes (each time range forwarded once, `DroppedAt` on drop), copy-to (first answer wins, then
-//! it goes away), and materialized views (compaction one step behind what is written).
+//! it goes away), materialized views (compaction one step behind what is written), and `AllowWrites`
+//! (sent once, replayed to later replicas).
 
 use controller::ComputeControllerResponse;
 use frontiers::Antichain;
@@ -119,4 +120,22 @@ fn a_materialized_view_compacts_one_step_behind_its_progress() {
     h.create(sink_on_storage(s(1), u(1), SinkConnection::MaterializedView { target: s(9) }, 0)).unwrap();
     h.report(ReplicaId(1), u(1), f(10));
     assert_eq!(h.since(u(1)), f(9));
+}
+
+#[test]
+fn allow_writes_is_sent_once_and_replayed_to_replicas_added_later() {
+    let mut h = Harness::new();
+    h.add_replica(ReplicaId(1));
+    h.core.allow_writes();
+    h.core.allow_writes();
+    h.drain();
+    let sent = |h: &Harness, r| {
+        h.commands
+            .get(&ReplicaId(r))
+            .map_or(0, |c| c.iter().filter(|c| matches!(c, protocol::ComputeCommand::AllowWrites)).count())
+    };
+    assert_eq!(sent(&h, 1), 1);
+    assert!(h.core.writes_allowed());
+    let history = h.core.add_replica(ReplicaId(2)).unwrap();
+    assert!(history.replay().iter().any(|c| matches!(c, protocol::ComputeCommand::AllowWrites)));
 }
