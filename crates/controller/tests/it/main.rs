@@ -3,6 +3,7 @@
 //! async controller end to end against real compute replicas.
 
 mod chain;
+mod e2e;
 mod errors;
 mod harness;
 mod peeks;

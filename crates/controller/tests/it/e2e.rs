@@ -1,0 +1,709 @@
+//! End to end: the async `ComputeController` against real compute replicas (the `compute` crate, started
+//! in-process with one worker each) over loopback TCP, on an embedded in-memory storage.
+//!
+//! Each test writes a table through storage, keeps the updates it wrote as the oracle ([`Table`]), and
+//! checks what the controller and the replicas make of them: the compaction chain, a replica restart with
+//! rehydration and an exactly-once subscribe, a controller restart that running replicas reconcile, the
+//! peek hold with two replicas (one slowed by a pausable TCP proxy, [`Proxy`]), and introspection in
+//! storage. Waits poll with a bounded number of short sleeps and fail with what they last saw.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use compute::{ReplicaConfig, ReplicaHandle, ReplicaServer};
+use controller::{
+    ComputeController, ComputeControllerResponse, ControllerConfig, InstanceCoreConfig, IntrospectionKind,
+    PeekOptions, ReplicaLocation,
+};
+use frontiers::{Antichain, PartialOrder, ReadPolicy};
+use protocol::{
+    Datum, Diff, GlobalId, InstanceId, PeekId, PeekResponse, PeekTarget, ReplicaId, Row, SinkConnection,
+    SubscribeBatch, SubscribeResponse,
+};
+use replica_client::Backoff;
+use storage::{AppendRequest, InProcess, StorageCollections, StoreConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::harness::{desc, f, index_on_index, index_on_storage, sink_on_storage, u};
+
+const INSTANCE: InstanceId = InstanceId(1);
+const R1: ReplicaId = ReplicaId(1);
+const R2: ReplicaId = ReplicaId(2);
+
+/// The read policy every index starts with: one behind the upper, so the latest complete time is readable.
+fn lag(lag_ms: u64) -> ReadPolicy<u64> {
+    ReadPolicy::LagWriteFrontier { lag_ms, granularity_ms: 0 }
+}
+
+fn kv(k: u64, v: u64) -> Row {
+    Row::pack([Datum::Int64(k as i64), Datum::Int64(v as i64)])
+}
+
+fn new_storage() -> Arc<InProcess> {
+    Arc::new(InProcess::in_memory(StoreConfig::default()))
+}
+
+fn start_replica(storage: &Arc<InProcess>, listen: SocketAddr) -> ReplicaHandle {
+    let storage: Arc<dyn StorageCollections> = Arc::clone(storage) as _;
+    ReplicaServer::start(ReplicaConfig {
+        listen,
+        workers: 1,
+        process: 0,
+        timely_addresses: Vec::new(),
+        storage,
+    })
+    .expect("start replica")
+}
+
+fn any_port() -> SocketAddr {
+    "127.0.0.1:0".parse().expect("address")
+}
+
+/// Stops a replica without blocking the runtime's thread.
+async fn stop(replica: ReplicaHandle) {
+    tokio::task::spawn_blocking(move || replica.shutdown()).await.expect("replica shutdown");
+}
+
+fn at(addr: SocketAddr) -> ReplicaLocation {
+    ReplicaLocation::Unmanaged { addresses: vec![addr.to_string()] }
+}
+
+async fn new_controller(storage: &Arc<InProcess>, introspection: bool) -> ComputeController {
+    let config = ControllerConfig {
+        instance: InstanceCoreConfig {
+            default_index_policy: lag(1),
+            default_peek_timeout_ms: None,
+            introspection_interval_ms: 20,
+        },
+        replica_backoff: Backoff { initial_ms: 10, max_ms: 100 },
+        hydration_concurrency: None,
+        tick_interval_ms: 10,
+        introspection,
+    };
+    let storage: Arc<dyn StorageCollections> = Arc::clone(storage) as _;
+    let mut controller = ComputeController::new(storage, None, config).await.expect("controller");
+    controller.create_instance(INSTANCE).expect("instance");
+    controller
+}
+
+/// Polls `check` every 10 ms until it returns `Ok`; fails the test with its last `Err` after about 30 s.
+async fn eventually(what: &str, mut check: impl AsyncFnMut() -> Result<(), String>) {
+    let mut last = String::new();
+    for _ in 0..3_000 {
+        match check().await {
+            Ok(()) => return,
+            Err(e) => last = e,
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{what}: not reached after about 30 s; last seen: {last}");
+}
+
+/// A storage collection and every update written to it: the oracle.
+struct Table {
+    id: GlobalId,
+    upper: u64,
+    updates: Vec<(Row, u64, Diff)>,
+}
+
+impl Table {
+    /// Creates the collection with a read policy that follows its upper, so only holds keep it back.
+    async fn create(storage: &InProcess, id: GlobalId) -> Table {
+        storage.create_collection(id, desc()).await.expect("create table");
+        storage.set_read_policy(id, lag(0)).await.expect("table read policy");
+        Table { id, upper: 0, updates: Vec::new() }
+    }
+
+    /// Writes `rounds` times, one time each: two inserts, and from the fourth time on, a retraction of a
+    /// row inserted three times earlier.
+    async fn advance(&mut self, storage: &InProcess, rounds: u64) {
+        for _ in 0..rounds {
+            let t = self.upper;
+            let mut updates = vec![(kv(t, 1), t, 1), (kv(t % 5, t), t, 1)];
+            if t >= 3 {
+                updates.push((kv(t - 3, 1), t, -1));
+            }
+            let request = AppendRequest {
+                id: self.id,
+                updates: updates.clone(),
+                expected_upper: f(t),
+                new_upper: f(t + 1),
+            };
+            storage.append(vec![request]).await.expect("append");
+            self.updates.extend(updates);
+            self.upper = t + 1;
+        }
+    }
+
+    /// The table's contents at `time`.
+    fn contents_at(&self, time: u64) -> BTreeMap<Row, u64> {
+        let mut contents: BTreeMap<Row, Diff> = BTreeMap::new();
+        for (row, t, diff) in &self.updates {
+            if *t <= time {
+                *contents.entry(row.clone()).or_default() += diff;
+            }
+        }
+        contents.into_iter().filter(|(_, d)| *d != 0).map(|(row, d)| (row, d as u64)).collect()
+    }
+}
+
+fn rows_of(response: PeekResponse) -> Result<BTreeMap<Row, u64>, String> {
+    match response {
+        PeekResponse::Rows(rows) => {
+            let mut out = BTreeMap::new();
+            for (row, count) in rows {
+                *out.entry(row).or_default() += count.get();
+            }
+            Ok(out)
+        }
+        other => Err(format!("peek did not return rows: {other:?}")),
+    }
+}
+
+async fn peek_index(controller: &ComputeController, id: GlobalId, time: u64) -> BTreeMap<Row, u64> {
+    let handle = controller
+        .peek(INSTANCE, PeekTarget::Index { id }, time, PeekOptions::default())
+        .await
+        .expect("peek accepted");
+    rows_of(handle.result().await).expect("peek answered")
+}
+
+async fn storage_since(storage: &InProcess, id: GlobalId) -> Antichain<u64> {
+    storage.frontiers(id).await.expect("storage frontiers").since
+}
+
+/// The controller's (since, upper) of a compute collection.
+fn frontiers_of(controller: &ComputeController, id: GlobalId) -> (Antichain<u64>, Antichain<u64>) {
+    let frontiers = controller.collection_frontiers(INSTANCE, id).expect("live collection");
+    (frontiers.since, frontiers.upper)
+}
+
+async fn wait_for_uppers(controller: &ComputeController, ids: &[GlobalId], upper: u64) {
+    eventually(&format!("uppers of {ids:?} reach {upper}"), async || {
+        for id in ids {
+            let (_, got) = frontiers_of(controller, *id);
+            if got != f(upper) {
+                return Err(format!("{id} has upper {got:?}"));
+            }
+        }
+        Ok(())
+    })
+    .await;
+}
+
+// -------------------------------------------------------------------------------------------------
+// The compaction chain
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_hold_on_the_top_of_a_chain_of_real_indexes_keeps_storage_back_and_lags_hold_at_each_level() {
+    let storage = new_storage();
+    let mut table = Table::create(&storage, u(1)).await;
+    table.advance(&storage, 5).await;
+    let replica = start_replica(&storage, any_port());
+    let mut controller = new_controller(&storage, false).await;
+    controller.add_replica(INSTANCE, R1, at(replica.local_addr())).await.expect("add replica");
+    let (a, b, c) = (u(11), u(12), u(13));
+    for df in [index_on_storage(table.id, a, 0), index_on_index(a, b, 0), index_on_index(b, c, 0)] {
+        let df = protocol::DataflowDescription { as_of: None, ..df };
+        controller.create_dataflow(INSTANCE, df).await.expect("create dataflow");
+    }
+
+    // A hold on C, at its since, from before any of the new data arrives.
+    let hold = controller.acquire_read_hold(INSTANCE, c).await.expect("hold on C");
+    let held = hold.since().clone();
+    table.advance(&storage, 10).await;
+    wait_for_uppers(&controller, &[a, b, c], 15).await;
+    // Every index's policy (lag 1) would allow 14 by now, and the table's own policy 15.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for id in [a, b, c] {
+        let (since, _) = frontiers_of(&controller, id);
+        assert!(PartialOrder::less_equal(&since, &held), "{id}: since {since:?} passed the hold at {held:?}");
+    }
+    let since = storage_since(&storage, table.id).await;
+    assert!(PartialOrder::less_equal(&since, &held), "storage since {since:?} passed the hold at {held:?}");
+
+    drop(hold);
+    eventually("everything compacts once the hold is released", async || {
+        for id in [a, b, c] {
+            let (since, upper) = frontiers_of(&controller, id);
+            if since != f(14) {
+                return Err(format!("{id}: since {since:?}, upper {upper:?}"));
+            }
+        }
+        match storage_since(&storage, table.id).await {
+            since if since == f(14) => Ok(()),
+            since => Err(format!("storage since {since:?}")),
+        }
+    })
+    .await;
+
+    // Lags: A 3 behind, C 2 behind, B (lag 1) held by C's import hold.
+    controller.set_read_policy(INSTANCE, vec![(a, lag(3)), (c, lag(2))]).await.expect("set read policies");
+    table.advance(&storage, 10).await;
+    wait_for_uppers(&controller, &[a, b, c], 25).await;
+    eventually("sinces trail the uppers by the policies' lags", async || {
+        let expected = [(a, 22), (b, 23), (c, 23)];
+        for (id, since) in expected {
+            let (got, upper) = frontiers_of(&controller, id);
+            if got != f(since) {
+                return Err(format!("{id}: since {got:?} (want {since}), upper {upper:?}"));
+            }
+        }
+        match storage_since(&storage, table.id).await {
+            since if since == f(22) => Ok(()),
+            since => Err(format!("storage since {since:?} (want 22: A's import hold)")),
+        }
+    })
+    .await;
+
+    drop(controller);
+    stop(replica).await;
+}
+
+// -------------------------------------------------------------------------------------------------
+// Replica restart
+
+/// A subscribe's batches as forwarded by the controller, checked to cover each time range exactly once.
+struct SubscribeLog {
+    id: GlobalId,
+    as_of: u64,
+    forwarded: Antichain<u64>,
+    updates: BTreeMap<(u64, Row), Diff>,
+}
+
+impl SubscribeLog {
+    fn new(id: GlobalId, as_of: &Antichain<u64>) -> Self {
+        SubscribeLog {
+            id,
+            as_of: as_of.as_option().copied().expect("an as-of"),
+            forwarded: as_of.clone(),
+            updates: BTreeMap::new(),
+        }
+    }
+
+    /// Takes every response the controller has ready, absorbing this subscribe's batches.
+    fn drain(&mut self, controller: &mut ComputeController) {
+        while let Some(response) = controller.try_process() {
+            if let ComputeControllerResponse::SubscribeResponse { id, response } = response
+                && id == self.id
+            {
+                match response {
+                    SubscribeResponse::Batch(batch) => self.absorb(batch),
+                    SubscribeResponse::DroppedAt(at) => panic!("subscribe dropped at {at:?}"),
+                }
+            }
+        }
+    }
+
+    fn absorb(&mut self, batch: SubscribeBatch<u64>) {
+        assert_eq!(
+            batch.lower, self.forwarded,
+            "each batch starts where the last one ended (no gap, no overlap)"
+        );
+        assert!(
+            PartialOrder::less_equal(&batch.lower, &batch.upper),
+            "batch [{:?}, {:?})",
+            batch.lower,
+            batch.upper
+        );
+        for (time, row, diff) in batch.updates.expect("subscribe updates") {
+            assert!(
+                batch.lower.less_equal(&time) && !batch.upper.less_equal(&time),
+                "update at {time} outside its batch"
+            );
+            *self.updates.entry((time, row)).or_default() += diff;
+        }
+        self.forwarded = batch.upper;
+    }
+
+    /// The updates the subscribe must have forwarded, given the table, up to `self.forwarded`: the
+    /// snapshot at the as-of, then every later update at its own time.
+    fn expected(&self, table: &Table) -> BTreeMap<(u64, Row), Diff> {
+        let mut expected: BTreeMap<(u64, Row), Diff> = BTreeMap::new();
+        for (row, time, diff) in &table.updates {
+            if self.forwarded.less_equal(time) {
+                continue;
+            }
+            *expected.entry(((*time).max(self.as_of), row.clone())).or_default() += diff;
+        }
+        expected.retain(|_, d| *d != 0);
+        expected
+    }
+
+    fn consolidated(&self) -> BTreeMap<(u64, Row), Diff> {
+        self.updates.iter().filter(|(_, d)| **d != 0).map(|(k, d)| (k.clone(), *d)).collect()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_replica_rehydrates_the_live_dataflows_answers_peeks_and_the_subscribe_forwards_every_update_once()
+ {
+    let storage = new_storage();
+    let mut table = Table::create(&storage, u(1)).await;
+    table.advance(&storage, 5).await;
+    let replica = start_replica(&storage, any_port());
+    let addr = replica.local_addr();
+    let mut controller = new_controller(&storage, false).await;
+    controller.add_replica(INSTANCE, R1, at(addr)).await.expect("add replica");
+    let (index, subscribe, dropped) = (u(11), u(12), u(13));
+    let no_as_of =
+        |df: protocol::DataflowDescription<u64>| protocol::DataflowDescription { as_of: None, ..df };
+    controller
+        .create_dataflow(INSTANCE, no_as_of(index_on_storage(table.id, index, 0)))
+        .await
+        .expect("index");
+    let connection = SinkConnection::Subscribe { with_snapshot: true };
+    let as_of = controller
+        .create_dataflow(INSTANCE, no_as_of(sink_on_storage(table.id, subscribe, connection, 0)))
+        .await
+        .expect("subscribe");
+    // A dataflow the replica built and that was then dropped: the compacted history must not replay it.
+    controller
+        .create_dataflow(INSTANCE, no_as_of(index_on_storage(table.id, dropped, 0)))
+        .await
+        .expect("index");
+    eventually("the replica reports the doomed index", async || {
+        let reported =
+            controller.inspect(INSTANCE, move |core| core.replica_write_frontier(R1, dropped)).await;
+        if reported.expect("instance").is_some() { Ok(()) } else { Err("not yet".to_string()) }
+    })
+    .await;
+    controller.drop_collections(INSTANCE, vec![dropped]).await.expect("drop");
+    let mut log = SubscribeLog::new(subscribe, &as_of);
+
+    table.advance(&storage, 5).await;
+    wait_for_uppers(&controller, &[index], 10).await;
+    eventually("the subscribe reaches 10", async || {
+        log.drain(&mut controller);
+        if log.forwarded == f(10) { Ok(()) } else { Err(format!("forwarded {:?}", log.forwarded)) }
+    })
+    .await;
+    assert_eq!(log.consolidated(), log.expected(&table), "subscribe before the restart");
+    assert_eq!(replica.dataflows_built(), 3);
+
+    // Kill the replica; the table moves on while it is down; a new one starts on the same address.
+    stop(replica).await;
+    table.advance(&storage, 5).await;
+    let replica = start_replica(&storage, addr);
+    table.advance(&storage, 5).await;
+    wait_for_uppers(&controller, &[index], 20).await;
+    eventually("the subscribe reaches 20", async || {
+        log.drain(&mut controller);
+        if log.forwarded == f(20) { Ok(()) } else { Err(format!("forwarded {:?}", log.forwarded)) }
+    })
+    .await;
+    assert_eq!(replica.dataflows_built(), 2, "the replacement builds the live dataflows only");
+    assert_eq!(log.consolidated(), log.expected(&table), "no duplicated or missing subscribe rows");
+    assert_eq!(peek_index(&controller, index, 19).await, table.contents_at(19), "peek at the latest time");
+
+    drop(controller);
+    stop(replica).await;
+}
+
+// -------------------------------------------------------------------------------------------------
+// Controller restart
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_controller_recreating_the_same_dataflows_is_reconciled_by_the_running_replica_without_rebuilding()
+ {
+    let storage = new_storage();
+    let mut table = Table::create(&storage, u(1)).await;
+    table.advance(&storage, 5).await;
+    let replica = start_replica(&storage, any_port());
+    let (a, b) = (u(11), u(12));
+    let dataflows = [index_on_storage(table.id, a, 0), index_on_index(a, b, 0)]
+        .map(|df| protocol::DataflowDescription { as_of: None, ..df });
+
+    let mut first = new_controller(&storage, false).await;
+    first.add_replica(INSTANCE, R1, at(replica.local_addr())).await.expect("add replica");
+    for df in &dataflows {
+        first.create_dataflow(INSTANCE, df.clone()).await.expect("create dataflow");
+    }
+    table.advance(&storage, 5).await;
+    wait_for_uppers(&first, &[a, b], 10).await;
+    let built = replica.dataflows_built();
+    assert_eq!(built, 2);
+    drop(first);
+
+    table.advance(&storage, 5).await;
+    // The new controller re-creates the dataflows before it adds the replica: a replica reconciles the
+    // history it is replayed on connecting with what it runs, and drops whatever that history lacks.
+    let mut second = new_controller(&storage, false).await;
+    let as_of_a = second.create_dataflow(INSTANCE, dataflows[0].clone()).await.expect("re-create A");
+    let since = storage_since(&storage, table.id).await;
+    assert!(
+        PartialOrder::less_equal(&since, &as_of_a),
+        "A's as-of {as_of_a:?} is before the table's since {since:?}"
+    );
+    let as_of_b = second.create_dataflow(INSTANCE, dataflows[1].clone()).await.expect("re-create B");
+    let (since, _) = frontiers_of(&second, a);
+    assert!(
+        PartialOrder::less_equal(&since, &as_of_b),
+        "B's as-of {as_of_b:?} is before A's since {since:?}"
+    );
+
+    second.add_replica(INSTANCE, R1, at(replica.local_addr())).await.expect("add replica again");
+    table.advance(&storage, 5).await;
+    wait_for_uppers(&second, &[a, b], 20).await;
+    assert_eq!(replica.dataflows_built(), built, "the replica kept its dataflows instead of rebuilding them");
+    for id in [a, b] {
+        assert_eq!(peek_index(&second, id, 19).await, table.contents_at(19), "peek {id}");
+    }
+
+    drop(second);
+    stop(replica).await;
+}
+
+// -------------------------------------------------------------------------------------------------
+// Peek holds with two replicas
+
+/// A TCP proxy in front of a replica that can hold back everything the replica sends (a slow replica).
+struct Proxy {
+    addr: SocketAddr,
+    paused: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    async fn start(target: SocketAddr) -> Proxy {
+        let listener = TcpListener::bind(any_port()).await.expect("proxy listen");
+        let addr = listener.local_addr().expect("proxy address");
+        let (paused, _) = watch::channel(false);
+        let pause = paused.clone();
+        let task = tokio::spawn(async move {
+            let mut pumps = JoinSet::new();
+            while let Ok((inbound, _)) = listener.accept().await {
+                let Ok(outbound) = TcpStream::connect(target).await else { continue };
+                for stream in [&inbound, &outbound] {
+                    stream.set_nodelay(true).expect("nodelay");
+                }
+                let (from_controller, to_controller) = inbound.into_split();
+                let (from_replica, to_replica) = outbound.into_split();
+                pumps.spawn(pump(from_controller, to_replica, None));
+                pumps.spawn(pump(from_replica, to_controller, Some(pause.subscribe())));
+            }
+        });
+        Proxy { addr, paused, task }
+    }
+
+    fn pause(&self, paused: bool) {
+        self.paused.send_replace(paused);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut pause: Option<watch::Receiver<bool>>,
+) {
+    let mut buffer = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buffer).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if let Some(pause) = &mut pause
+            && pause.wait_for(|paused| !*paused).await.is_err()
+        {
+            return;
+        }
+        if to.write_all(&buffer[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The pending peeks' (id, hold, replicas owing an answer).
+async fn peek_holds(controller: &ComputeController) -> Vec<(PeekId, Option<Antichain<u64>>, usize)> {
+    let holds = controller.inspect(INSTANCE, |core| core.peek_holds()).await.expect("instance");
+    holds.into_iter().map(|(uuid, _, hold, outstanding)| (uuid, hold, outstanding)).collect()
+}
+
+/// Takes responses until the notification of `uuid`, and returns the replica whose answer won.
+async fn winner(controller: &mut ComputeController, uuid: PeekId) -> Option<ReplicaId> {
+    loop {
+        let response = tokio::time::timeout(Duration::from_secs(30), controller.process())
+            .await
+            .expect("a peek notification")
+            .expect("the controller is live");
+        if let ComputeControllerResponse::PeekNotification(n) = response
+            && n.uuid == uuid
+        {
+            return n.replica;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peek_answered_by_the_fast_replica_holds_the_index_until_the_slow_one_answers_or_is_dropped() {
+    let storage = new_storage();
+    let mut table = Table::create(&storage, u(1)).await;
+    table.advance(&storage, 5).await;
+    let (fast, slow) = (start_replica(&storage, any_port()), start_replica(&storage, any_port()));
+    let proxy = Proxy::start(slow.local_addr()).await;
+    let mut controller = new_controller(&storage, false).await;
+    controller.add_replica(INSTANCE, R1, at(fast.local_addr())).await.expect("add fast replica");
+    controller.add_replica(INSTANCE, R2, at(proxy.addr)).await.expect("add slow replica");
+    let index = u(11);
+    let df = protocol::DataflowDescription { as_of: None, ..index_on_storage(table.id, index, 0) };
+    controller.create_dataflow(INSTANCE, df).await.expect("create index");
+    table.advance(&storage, 5).await;
+    eventually("both replicas report the index at 10", async || {
+        let reported = controller
+            .inspect(INSTANCE, move |core| [R1, R2].map(|r| core.replica_write_frontier(r, index)))
+            .await
+            .expect("instance");
+        if reported.iter().all(|r| r.as_ref() == Some(&f(10))) {
+            Ok(())
+        } else {
+            Err(format!("{reported:?}"))
+        }
+    })
+    .await;
+
+    // The slow replica answers nothing until resumed: the fast one wins, the hold stays.
+    proxy.pause(true);
+    let handle = controller
+        .peek(INSTANCE, PeekTarget::Index { id: index }, 9, PeekOptions::default())
+        .await
+        .expect("peek");
+    let uuid = handle.uuid;
+    assert_eq!(rows_of(handle.result().await), Ok(table.contents_at(9)));
+    assert_eq!(winner(&mut controller, uuid).await, Some(R1));
+    assert_eq!(peek_holds(&controller).await, vec![(uuid, Some(f(9)), 1)], "held for the slow replica");
+    table.advance(&storage, 5).await;
+    wait_for_uppers(&controller, &[index], 15).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(frontiers_of(&controller, index).0, f(9), "the peek hold keeps the index at the peek time");
+    proxy.pause(false);
+    eventually("the hold goes once the slow replica answered", async || {
+        let (holds, (since, _)) = (peek_holds(&controller).await, frontiers_of(&controller, index));
+        if holds.is_empty() && since == f(14) {
+            Ok(())
+        } else {
+            Err(format!("holds {holds:?}, since {since:?}"))
+        }
+    })
+    .await;
+
+    // Again, but the slow replica is dropped instead of answering.
+    proxy.pause(true);
+    let handle = controller
+        .peek(INSTANCE, PeekTarget::Index { id: index }, 14, PeekOptions::default())
+        .await
+        .expect("peek");
+    let uuid = handle.uuid;
+    assert_eq!(rows_of(handle.result().await), Ok(table.contents_at(14)));
+    assert_eq!(winner(&mut controller, uuid).await, Some(R1));
+    table.advance(&storage, 5).await;
+    wait_for_uppers(&controller, &[index], 20).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(peek_holds(&controller).await, vec![(uuid, Some(f(14)), 1)]);
+    assert_eq!(frontiers_of(&controller, index).0, f(14));
+    controller.drop_replica(INSTANCE, R2).await.expect("drop slow replica");
+    eventually("the hold goes with the dropped replica", async || {
+        let (holds, (since, _)) = (peek_holds(&controller).await, frontiers_of(&controller, index));
+        if holds.is_empty() && since == f(19) {
+            Ok(())
+        } else {
+            Err(format!("holds {holds:?}, since {since:?}"))
+        }
+    })
+    .await;
+
+    drop(controller);
+    drop(proxy);
+    stop(fast).await;
+    stop(slow).await;
+}
+
+// -------------------------------------------------------------------------------------------------
+// Introspection
+
+/// The rows of an introspection collection at its latest complete time, read with a storage peek.
+async fn introspection_rows(
+    controller: &ComputeController,
+    kind: IntrospectionKind,
+) -> Result<Vec<Row>, String> {
+    let id = kind.default_id();
+    let upper = controller.storage().frontiers(id).await.map_err(|e| e.to_string())?.upper;
+    let Some(time) = upper.as_option().and_then(|t| t.checked_sub(1)) else {
+        return Err(format!("{} has upper {upper:?}", kind.name()));
+    };
+    let handle = controller
+        .peek(INSTANCE, PeekTarget::Storage { id }, time, PeekOptions::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(rows_of(handle.result().await)?.into_keys().collect())
+}
+
+/// Whether some row starts with `prefix`.
+fn has_row(rows: &[Row], prefix: &[Datum<'_>]) -> bool {
+    rows.iter().any(|row| row.unpack().starts_with(prefix))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn introspection_collections_in_storage_describe_the_replica_and_its_collections_and_can_be_peeked() {
+    let storage = new_storage();
+    let mut table = Table::create(&storage, u(1)).await;
+    table.advance(&storage, 5).await;
+    let replica = start_replica(&storage, any_port());
+    let mut controller = new_controller(&storage, true).await;
+    controller.add_replica(INSTANCE, R1, at(replica.local_addr())).await.expect("add replica");
+    let index = u(11);
+    let df = protocol::DataflowDescription { as_of: None, ..index_on_storage(table.id, index, 0) };
+    controller.create_dataflow(INSTANCE, df).await.expect("create index");
+    table.advance(&storage, 5).await;
+    wait_for_uppers(&controller, &[index], 10).await;
+    assert_eq!(peek_index(&controller, index, 9).await, table.contents_at(9));
+
+    let (instance, replica_name, collection) = (INSTANCE.to_string(), R1.to_string(), index.to_string());
+    let (instance, replica_name, collection) =
+        (instance.as_str(), replica_name.as_str(), collection.as_str());
+    let expectations: [(IntrospectionKind, Vec<Datum<'_>>); 4] = [
+        (
+            IntrospectionKind::Frontiers,
+            vec![
+                Datum::Text(instance),
+                Datum::Text(replica_name),
+                Datum::Text(collection),
+                Datum::Timestamp(10),
+            ],
+        ),
+        (
+            IntrospectionKind::Hydration,
+            vec![
+                Datum::Text(instance),
+                Datum::Text(replica_name),
+                Datum::Text(collection),
+                Datum::Bool(true),
+            ],
+        ),
+        (
+            IntrospectionKind::ReplicaStatus,
+            vec![Datum::Text(instance), Datum::Text(replica_name), Datum::Text("ready")],
+        ),
+        (IntrospectionKind::PeekDurations, vec![Datum::Text(instance), Datum::Text(replica_name)]),
+    ];
+    for (kind, prefix) in &expectations {
+        eventually(&format!("{} has a row starting {prefix:?}", kind.name()), async || {
+            let rows = introspection_rows(&controller, *kind).await?;
+            if has_row(&rows, prefix) { Ok(()) } else { Err(format!("rows {rows:?}")) }
+        })
+        .await;
+    }
+
+    drop(controller);
+    stop(replica).await;
+}
