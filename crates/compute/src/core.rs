@@ -517,7 +517,9 @@ impl Core {
                 }
             }
             ComputeCommand::AllowWrites => {
-                let _ = self.allow_writes.send(true);
+                // `send_replace`, not `send`: with no materialized view listening yet (a replay sends
+                // AllowWrites before every CreateDataflow), `send` would drop the value.
+                self.allow_writes.send_replace(true);
                 let ready: Vec<GlobalId> = self
                     .collections
                     .iter()

@@ -524,3 +524,38 @@ fn a_materialized_view_writes_nothing_before_allow_writes_and_a_dropped_copy_to_
     });
     controller.close();
 }
+
+#[test]
+fn a_materialized_view_created_after_allow_writes_writes() {
+    // A replayed history sends AllowWrites before any CreateDataflow.
+    let storage = new_storage();
+    let (source, target, view) = (GlobalId::User(1), GlobalId::User(2), GlobalId::User(3));
+    create_collection(&storage, source, kv_desc());
+    create_collection(&storage, target, kv_desc());
+    let replica = Replica::start(Shape::OneWorker, storage.clone());
+    let mut controller = TestController::connect(&replica.addrs());
+    controller.send(ComputeCommand::AllowWrites);
+    let mut df = DataflowDescription::new("mv");
+    df.source_imports.insert(source, protocol::SourceImport { desc: kv_desc() });
+    df.objects_to_build.push(BuildDesc { id: GlobalId::Transient(1), plan: Plan::get(source) });
+    df.sink_exports.insert(
+        view,
+        SinkExport {
+            from: GlobalId::Transient(1),
+            desc: kv_desc(),
+            connection: SinkConnection::MaterializedView { target },
+        },
+    );
+    df.as_of = Some(Antichain::from_elem(0));
+    controller.create_dataflow(df);
+    append(&storage, source, vec![(int_row(&[1, 1]), 0, 1)], 3);
+    for _ in 0..600 {
+        if !block_on(storage.frontiers(target)).expect("frontiers").upper.less_equal(&2) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let snapshot: Multiset = block_on(storage.snapshot(target, 2)).expect("snapshot").into_iter().collect();
+    assert_eq!(snapshot, consolidate([(int_row(&[1, 1]), 1)]));
+    controller.close();
+}
