@@ -5,11 +5,14 @@
 //! Entry points: [`run_seed`] (one seed) and the `sim simulate` command (`cargo xtask sim`).
 //! **Tests:** `tests/it/simulation.rs` (a fixed range, determinism by trace hash, the planted bug).
 
+mod checks;
 mod model;
 mod oracle;
+mod real;
 mod rng;
 mod world;
 
+pub use real::{RealConfig, run_real};
 pub use rng::Rng;
 pub use world::{Outcome, SimConfig, World};
 

@@ -19,12 +19,10 @@ use std::sync::Arc;
 
 use frontiers::{Antichain, ReadHold, ReadPolicy};
 use protocol::arbitrary::{Choices, plan_of};
-use protocol::reference::Multiset;
 use protocol::{
     BuildDesc, ColumnOrder, ColumnType, ComputeCommand, ComputeResponse, DataflowDescription, Datum,
     GlobalId, IndexExport, IndexImport, InstanceId, MapFilterProject, PeekId, PeekResponse, RelationDesc,
     RelationType, ReplicaId, Row, RowSetFinishing, ScalarType, SinkConnection, SinkExport, SourceImport,
-    SubscribeResponse,
 };
 use replica_client::{Backoff, CommandHistory, ReplicaCore, ReplicaCoreConfig, ReplicaEvent, ReplicaOutput};
 use storage::AppendRequest;
@@ -35,8 +33,9 @@ use controller::{
     PeekRequest, select_as_of,
 };
 
+use super::checks::{PeekExpectation, SubscribeTracker};
 use super::model::{Context, ModelProcess};
-use super::oracle::{EvalFailure, Oracle, peek_rows};
+use super::oracle::Oracle;
 use super::rng::Rng;
 
 /// How long each phase of a run lasts, in simulated milliseconds.
@@ -99,27 +98,30 @@ enum ExportKind {
     Subscribe,
 }
 
-#[derive(Debug)]
-struct PeekExpectation {
-    id: GlobalId,
-    timestamp: u64,
-    key: Vec<usize>,
-    constraints: Option<Vec<Row>>,
-    mfp: MapFilterProject,
-    finishing: RowSetFinishing,
-    target: Option<ReplicaId>,
-    cancelled: bool,
-    issued_ms: u64,
-}
-
-#[derive(Debug)]
-struct SubscribeTracker {
-    as_of: u64,
-    with_snapshot: bool,
-    forwarded: u64,
-    /// Everything forwarded so far (plus, without a snapshot, the snapshot the client never saw).
-    accumulated: Option<Multiset>,
-    done: bool,
+/// A random row of `desc` from a small domain (so joins and groups find matches).
+pub(super) fn random_row(rng: &mut Rng, desc: &RelationDesc) -> Row {
+    let mut datums = Vec::new();
+    let mut texts = Vec::new();
+    for typ in &desc.typ().column_types {
+        match typ.scalar_type {
+            ScalarType::Int64 if typ.nullable && rng.chance(0.2) => datums.push(None),
+            ScalarType::Int64 => datums.push(Some(rng.range(0, 6) as i64)),
+            _ => {
+                texts.push(["a", "b", "c"][rng.below(3) as usize]);
+                datums.push(None);
+            }
+        }
+    }
+    let mut text = texts.into_iter();
+    let mut packer = protocol::RowPacker::new();
+    for (typ, datum) in desc.typ().column_types.iter().zip(datums) {
+        match (typ.scalar_type, datum) {
+            (ScalarType::Int64, Some(i)) => packer.push(Datum::Int64(i)),
+            (ScalarType::Int64, None) => packer.push(Datum::Null),
+            _ => packer.push(Datum::Text(text.next().expect("one per text column"))),
+        }
+    }
+    packer.finish()
 }
 
 /// One simulated run. See the module documentation.
@@ -158,7 +160,8 @@ fn fnv(hash: &mut u64, bytes: &[u8]) {
     }
 }
 
-fn table_desc(columns: usize) -> RelationDesc {
+/// A table schema: an integer key and `columns - 1` more columns (nullable integers and text).
+pub(super) fn table_desc(columns: usize) -> RelationDesc {
     let mut desc = RelationDesc::new([("k", ColumnType::new(ScalarType::Int64, false))]);
     for c in 1..columns {
         let typ = if c % 2 == 1 {
@@ -587,7 +590,7 @@ impl World {
             }
             let mut updates = Vec::new();
             for _ in 0..self.rng.below(4) {
-                let row = self.random_row(&desc);
+                let row = random_row(&mut self.rng, &desc);
                 let diff = if self.rng.chance(0.8) { 1 } else { -1 };
                 updates.push((row, self.now, diff));
             }
@@ -602,31 +605,6 @@ impl World {
         if let Err(e) = self.store.append(requests) {
             self.violations.push(format!("storage append failed: {e}"));
         }
-    }
-
-    fn random_row(&mut self, desc: &RelationDesc) -> Row {
-        let mut datums = Vec::new();
-        let mut texts = Vec::new();
-        for typ in &desc.typ().column_types {
-            match typ.scalar_type {
-                ScalarType::Int64 if typ.nullable && self.rng.chance(0.2) => datums.push(None),
-                ScalarType::Int64 => datums.push(Some(self.rng.range(0, 6) as i64)),
-                _ => {
-                    texts.push(["a", "b", "c"][self.rng.below(3) as usize]);
-                    datums.push(None);
-                }
-            }
-        }
-        let mut text = texts.into_iter();
-        let mut packer = protocol::RowPacker::new();
-        for (typ, datum) in desc.typ().column_types.iter().zip(datums) {
-            match (typ.scalar_type, datum) {
-                (ScalarType::Int64, Some(i)) => packer.push(Datum::Int64(i)),
-                (ScalarType::Int64, None) => packer.push(Datum::Null),
-                _ => packer.push(Datum::Text(text.next().expect("one per text column"))),
-            }
-        }
-        packer.finish()
     }
 
     fn fresh_id(&mut self) -> GlobalId {
@@ -747,16 +725,7 @@ impl World {
                     if let SinkConnection::Subscribe { with_snapshot } = sink.connection {
                         self.exports.insert(*id, ExportKind::Subscribe);
                         let as_of = as_of.as_option().copied().expect("total order");
-                        self.subscribes.insert(
-                            *id,
-                            SubscribeTracker {
-                                as_of,
-                                with_snapshot,
-                                forwarded: as_of,
-                                accumulated: None,
-                                done: false,
-                            },
-                        );
+                        self.subscribes.insert(*id, SubscribeTracker::new(as_of, with_snapshot));
                     }
                 }
             }
@@ -894,120 +863,17 @@ impl World {
             return;
         };
         self.peeks_checked += 1;
-        match &response {
-            PeekResponse::Canceled => {
-                if !expectation.cancelled {
-                    self.violations.push(format!("peek {uuid} was cancelled, but not by the workload"));
-                }
-                return;
-            }
-            PeekResponse::Error(e) if e.contains("dropped") && expectation.target.is_some() => return,
-            _ => {}
-        }
-        let expected = match self.oracle.export_contents(expectation.id, expectation.timestamp) {
-            Ok(contents) => peek_rows(
-                &contents,
-                &expectation.key,
-                expectation.constraints.as_deref(),
-                &expectation.mfp,
-                &expectation.finishing,
-                None,
-            ),
-            Err(EvalFailure::Data(e)) => Err(e),
-            Err(EvalFailure::Unavailable(e)) => {
-                self.violations.push(format!("oracle cannot evaluate {}: {e}", expectation.id));
-                return;
-            }
-        };
-        let ok = match (&response, &expected) {
-            (PeekResponse::Rows(rows), Ok(expected_rows)) => rows == expected_rows,
-            (PeekResponse::Error(_), Err(_)) => true,
-            _ => false,
-        };
-        if !ok {
-            self.violations.push(format!(
-                "invariant 6: peek {uuid} of {} at {} returned {response:?}, the oracle says {expected:?}",
-                expectation.id, expectation.timestamp
-            ));
+        if let Err(violation) = expectation.check(uuid, &self.oracle, &response) {
+            self.violations.push(violation);
         }
     }
 
     fn observe_response(&mut self, response: ComputeControllerResponse<u64>) {
         let ComputeControllerResponse::SubscribeResponse { id, response } = response else { return };
         let Some(tracker) = self.subscribes.get_mut(&id) else { return };
-        match response {
-            SubscribeResponse::DroppedAt(_) => tracker.done = true,
-            SubscribeResponse::Batch(batch) => {
-                self.batches_checked += 1;
-                if tracker.done {
-                    self.violations.push(format!("subscribe {id}: batch after the end"));
-                    return;
-                }
-                let lower = batch.lower.as_option().copied();
-                if lower != Some(tracker.forwarded) {
-                    self.violations.push(format!(
-                        "subscribe {id}: batch starts at {lower:?}, expected {}",
-                        tracker.forwarded
-                    ));
-                    return;
-                }
-                let updates = match batch.updates {
-                    Ok(updates) => updates,
-                    Err(error) => {
-                        tracker.done = true;
-                        // Only acceptable if the oracle agrees there is a data error.
-                        let any_error = (tracker.as_of..=self.now)
-                            .any(|t| matches!(self.oracle.export_contents(id, t), Err(EvalFailure::Data(_))));
-                        if !any_error {
-                            self.violations
-                                .push(format!("subscribe {id}: error {error} the oracle does not see"));
-                        }
-                        return;
-                    }
-                };
-                let Some(upper) = batch.upper.as_option().copied() else {
-                    tracker.done = true;
-                    return;
-                };
-                for (time, _, _) in &updates {
-                    if *time < tracker.forwarded || *time >= upper {
-                        self.violations.push(format!(
-                            "subscribe {id}: update at {time} outside [{}, {upper})",
-                            tracker.forwarded
-                        ));
-                        return;
-                    }
-                }
-                tracker.forwarded = upper;
-                if tracker.accumulated.is_none() {
-                    let start = if tracker.with_snapshot {
-                        Ok(Multiset::new())
-                    } else {
-                        self.oracle.export_contents(id, tracker.as_of).map(|s| (*s).clone())
-                    };
-                    match start {
-                        Ok(start) => tracker.accumulated = Some(start),
-                        Err(_) => return,
-                    }
-                }
-                let accumulated = tracker.accumulated.as_mut().expect("set above");
-                for (_, row, diff) in updates {
-                    let entry = accumulated.entry(row.clone()).or_insert(0);
-                    *entry += diff;
-                    if *entry == 0 {
-                        accumulated.remove(&row);
-                    }
-                }
-                let accumulated = &*accumulated;
-                match self.oracle.export_contents(id, upper - 1) {
-                    Ok(expected) if *expected == *accumulated => {}
-                    Ok(expected) => self.violations.push(format!(
-                        "invariant 6: subscribe {id} up to {upper} accumulates to {accumulated:?}, the oracle says {expected:?}"
-                    )),
-                    Err(EvalFailure::Data(_)) => {}
-                    Err(EvalFailure::Unavailable(e)) => self.violations.push(format!("oracle: {e}")),
-                }
-            }
+        match tracker.observe(id, &self.oracle, response, self.now) {
+            Ok(checked) => self.batches_checked += u64::from(checked),
+            Err(violation) => self.violations.push(violation),
         }
     }
 

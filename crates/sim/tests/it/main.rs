@@ -25,3 +25,13 @@ fn a_run_with_faults_checks_peeks_and_subscribes_and_finds_no_violation() {
     assert!(outcome.peeks_checked > 0);
     assert!(outcome.faults > 0);
 }
+
+#[test]
+fn the_real_stack_agrees_with_the_oracle_under_replica_restarts() {
+    use sim::simulation::{RealConfig, run_real};
+    for seed in [1, 2] {
+        let outcome = run_real(seed, RealConfig { duration_ms: 3_000 }).expect("the run completes");
+        assert_eq!(outcome.violation, None, "seed {seed}");
+        assert!(outcome.peeks_checked > 0, "seed {seed} checked no peeks");
+    }
+}
