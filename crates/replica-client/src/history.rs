@@ -13,11 +13,16 @@
 //! exports' compaction frontiers (never below the original as-of), because the replica must be able to
 //! read its imports there: the controller only holds them back that far.
 //!
+//! `AllowCompaction`, the command sent most often (on every since advance of every collection), costs one
+//! hash lookup of its export, however many dataflows are live; only the first compaction of an export and
+//! its drop touch the dataflow's entry.
+//!
 //! **Invariants:** the replay has O(live dataflows + pending peeks) commands (DESIGN §5.7: a dropped and
 //! fully compacted dataflow is never in it); replaying it into an empty replica yields the same installed
 //! state as the uncompacted command sequence (property-tested in `tests/it/history.rs`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasherDefault, DefaultHasher};
 
 use frontiers::{Antichain, PartialOrder, Timestamp};
 use protocol::{
@@ -57,22 +62,33 @@ struct DataflowEntry<T: Timestamp> {
     desc: DataflowDescription<T>,
     /// The export named by the first `Schedule`, if scheduled.
     scheduled_by: Option<GlobalId>,
-    /// The latest `AllowCompaction` frontier per export (exports without one are absent).
-    compaction: BTreeMap<GlobalId, Antichain<T>>,
+    /// How many exports the dataflow has, how many have an `AllowCompaction`, and how many of those are at
+    /// the empty frontier (the dataflow goes when that reaches `exports`).
+    exports: usize,
+    compacted: usize,
+    emptied: usize,
 }
 
-impl<T: Timestamp> DataflowEntry<T> {
-    fn is_dropped(&self) -> bool {
-        self.desc.export_ids().all(|id| self.compaction.get(&id).is_some_and(|f| f.is_empty()))
-    }
+/// What the history knows of one export of a live dataflow.
+#[derive(Debug, Clone)]
+struct ExportEntry<T> {
+    /// The creation sequence number of its dataflow.
+    sequence: u64,
+    /// Its latest `AllowCompaction` frontier, if any.
+    compaction: Option<Antichain<T>>,
+}
 
+/// A fixed (unseeded) hasher: the history must behave alike in every run, and it never iterates the map.
+type FixedState = BuildHasherDefault<DefaultHasher>;
+
+impl<T: Timestamp> DataflowEntry<T> {
     /// The as-of a replay uses: the original as-of joined with the meet of the exports' compaction
     /// frontiers (an export without compaction counts as the original as-of).
-    fn replay_as_of(&self) -> Option<Antichain<T>> {
+    fn replay_as_of(&self, exports: &HashMap<GlobalId, ExportEntry<T>, FixedState>) -> Option<Antichain<T>> {
         let original = self.desc.as_of.clone()?;
         let mut since = Antichain::new();
         for id in self.desc.export_ids() {
-            let frontier = self.compaction.get(&id).unwrap_or(&original);
+            let frontier = exports[&id].compaction.as_ref().unwrap_or(&original);
             since.extend(frontier.iter().copied());
         }
         if since.is_empty() {
@@ -90,8 +106,9 @@ pub struct CommandHistory<T: Timestamp = u64> {
     allow_writes: bool,
     /// Live dataflows by creation sequence number.
     dataflows: BTreeMap<u64, DataflowEntry<T>>,
-    /// Export id → creation sequence number of its dataflow.
-    exports: BTreeMap<GlobalId, u64>,
+    /// Every export of a live dataflow: its dataflow and its compaction. A hash map because every
+    /// `AllowCompaction` looks its export up: that lookup must not slow down as dataflows accumulate.
+    exports: HashMap<GlobalId, ExportEntry<T>, FixedState>,
     /// Pending peeks by sequence number, and the sequence number of each peek id.
     peeks: BTreeMap<u64, Peek<T>>,
     peek_sequence: BTreeMap<PeekId, u64>,
@@ -107,7 +124,7 @@ impl<T: Timestamp> Default for CommandHistory<T> {
             parameters: None,
             allow_writes: false,
             dataflows: BTreeMap::new(),
-            exports: BTreeMap::new(),
+            exports: HashMap::default(),
             peeks: BTreeMap::new(),
             peek_sequence: BTreeMap::new(),
             next_sequence: 0,
@@ -139,11 +156,18 @@ impl<T: Timestamp> CommandHistory<T> {
                 }
                 let sequence = self.next_sequence();
                 for id in desc.export_ids() {
-                    self.exports.insert(id, sequence);
+                    self.exports.insert(id, ExportEntry { sequence, compaction: None });
                 }
+                let exports = desc.export_ids().count();
                 self.dataflows.insert(
                     sequence,
-                    DataflowEntry { desc: desc.clone(), scheduled_by: None, compaction: BTreeMap::new() },
+                    DataflowEntry {
+                        desc: desc.clone(),
+                        scheduled_by: None,
+                        exports,
+                        compacted: 0,
+                        emptied: 0,
+                    },
                 );
             }
             ComputeCommand::Schedule(id) => {
@@ -151,23 +175,31 @@ impl<T: Timestamp> CommandHistory<T> {
                 entry.scheduled_by.get_or_insert(*id);
             }
             ComputeCommand::AllowCompaction { id, frontier } => {
-                let sequence = *self.exports.get(id).ok_or(HistoryError::UnknownCollection(*id))?;
-                let entry =
-                    self.dataflows.get_mut(&sequence).expect("export index points at a live dataflow");
-                if let Some(current) = entry.compaction.get(id)
-                    && !PartialOrder::less_equal(current, frontier)
-                {
-                    return Err(HistoryError::CompactionRegressed {
-                        id: *id,
-                        current: format!("{current:?}"),
-                        requested: format!("{frontier:?}"),
-                    });
-                }
-                entry.compaction.insert(*id, frontier.clone());
-                if entry.is_dropped() {
-                    let entry = self.dataflows.remove(&sequence).expect("present");
-                    for export in entry.desc.export_ids() {
-                        self.exports.remove(&export);
+                let export = self.exports.get_mut(id).ok_or(HistoryError::UnknownCollection(*id))?;
+                let (first, emptied) = match &export.compaction {
+                    Some(current) if !PartialOrder::less_equal(current, frontier) => {
+                        return Err(HistoryError::CompactionRegressed {
+                            id: *id,
+                            current: format!("{current:?}"),
+                            requested: format!("{frontier:?}"),
+                        });
+                    }
+                    Some(current) => (false, frontier.is_empty() && !current.is_empty()),
+                    None => (true, frontier.is_empty()),
+                };
+                export.compaction = Some(frontier.clone());
+                // The common case, a later compaction of a live export, ends here: one hash lookup.
+                if first || emptied {
+                    let sequence = export.sequence;
+                    let entry =
+                        self.dataflows.get_mut(&sequence).expect("export index points at a live dataflow");
+                    entry.compacted += usize::from(first);
+                    entry.emptied += usize::from(emptied);
+                    if entry.emptied == entry.exports {
+                        let entry = self.dataflows.remove(&sequence).expect("present");
+                        for export in entry.desc.export_ids() {
+                            self.exports.remove(&export);
+                        }
                     }
                 }
             }
@@ -206,16 +238,22 @@ impl<T: Timestamp> CommandHistory<T> {
         if self.allow_writes {
             commands.push(ComputeCommand::AllowWrites);
         }
+        let mut export_ids = Vec::new();
         for entry in self.dataflows.values() {
             let mut desc = entry.desc.clone();
-            desc.as_of = entry.replay_as_of();
+            desc.as_of = entry.replay_as_of(&self.exports);
             commands.push(ComputeCommand::CreateDataflow(desc));
-            for (id, frontier) in &entry.compaction {
-                commands.push(ComputeCommand::AllowCompaction { id: *id, frontier: frontier.clone() });
+            export_ids.clear();
+            export_ids.extend(entry.desc.export_ids());
+            export_ids.sort();
+            for id in &export_ids {
+                if let Some(frontier) = &self.exports[id].compaction {
+                    commands.push(ComputeCommand::AllowCompaction { id: *id, frontier: frontier.clone() });
+                }
             }
             if let Some(named) = entry.scheduled_by {
                 // Schedule through a live export: the named one may have been dropped since.
-                let live = |id: &GlobalId| entry.compaction.get(id).is_none_or(|f| !f.is_empty());
+                let live = |id: &GlobalId| self.exports[id].compaction.as_ref().is_none_or(|f| !f.is_empty());
                 let id = if live(&named) { Some(named) } else { entry.desc.export_ids().find(|id| live(id)) };
                 commands.extend(id.map(ComputeCommand::Schedule));
             }
@@ -240,7 +278,7 @@ impl<T: Timestamp> CommandHistory<T> {
         let dataflow_commands: usize = self
             .dataflows
             .values()
-            .map(|entry| 1 + entry.compaction.len() + usize::from(entry.scheduled_by.is_some()))
+            .map(|entry| 1 + entry.compacted + usize::from(entry.scheduled_by.is_some()))
             .sum();
         usize::from(self.instance.is_some())
             + usize::from(self.parameters.is_some())
@@ -285,7 +323,7 @@ impl<T: Timestamp> CommandHistory<T> {
     }
 
     fn entry_mut(&mut self, id: GlobalId) -> Result<&mut DataflowEntry<T>, HistoryError> {
-        let sequence = *self.exports.get(&id).ok_or(HistoryError::UnknownCollection(id))?;
+        let sequence = self.exports.get(&id).ok_or(HistoryError::UnknownCollection(id))?.sequence;
         Ok(self.dataflows.get_mut(&sequence).expect("export index points at a live dataflow"))
     }
 
