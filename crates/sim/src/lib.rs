@@ -4,11 +4,14 @@
 //! - [`simulation`]: deterministic simulation. The unmodified controller and replica-client cores run
 //!   against model replicas, a simulated network and a simulated clock; one `u64` seed drives the workload,
 //!   the faults and the timing; every step is checked against DESIGN §5's invariants and an oracle.
-//! - the cluster scenario (`sim cluster`, README's main command): real processes on loopback.
+//! - [`cluster`]: the cluster scenario (`sim cluster`, the README's main command): the storage server and
+//!   compute replicas as real processes on loopback, the controller in this process, a generated
+//!   workload, a replica crash and a dataflow recreation, every result checked against an oracle.
 //!
 //! **What this is not.** A library anyone depends on (the tidy check keeps it at the top of the graph).
 //! `anyhow` is allowed here.
 //!
 //! **Tests:** `tests/it/`.
 
+pub mod cluster;
 pub mod simulation;

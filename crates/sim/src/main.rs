@@ -135,9 +135,11 @@ fn main() -> anyhow::Result<ExitCode> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("simulate") => simulate(&args[1..]),
-        Some("cluster") => bail!("the cluster scenario is not built yet"),
+        Some("cluster") => sim::cluster::run(sim::cluster::ClusterArgs::parse(&args[1..])?),
         _ => {
-            println!("usage: sim simulate (--seed S | --seeds A..B) | sim cluster");
+            println!(
+                "usage: sim simulate (--seed S | --seeds A..B) | sim cluster [options; see sim cluster --help]"
+            );
             Ok(ExitCode::FAILURE)
         }
     }

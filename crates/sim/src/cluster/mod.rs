@@ -1,0 +1,318 @@
+//! The cluster scenario (`sim cluster`, the README's main command): the whole system as real local
+//! processes on loopback, under a generated workload, with a replica crash and a dataflow recreation,
+//! every result checked against an oracle.
+//!
+//! **What runs.** A `storage-server` child (data in `target/cluster-data/`, emptied each run), this
+//! process as the controller (`ComputeController` with a `ProcessOrchestrator`), and `--replicas` replicas
+//! of one instance as `compute-replica` processes; every second replica is a timely cluster of
+//! `--processes` processes. `cargo run -p sim` builds only `sim`, so the scenario first builds the two
+//! binaries with the same profile (`processes.rs`).
+//!
+//! **Phases.** Setup (tables, an initial load, replicas, six dataflows), hydration (a progress bar until
+//! every export is hydrated on every replica), the timed run (`--duration`: table changes at `--rate`
+//! rows/s, peeks every few milliseconds, subscribe and materialized-view checks, and on a schedule: kill a
+//! replica's processes with SIGKILL and measure its rehydration, add a fresh replica of the same shape as
+//! the baseline for it (then drop it), drop and recreate a dataflow), then the end (writes stop; every
+//! collection must catch up; every index on every replica and the materialized view are compared in
+//! full), and the report (`report.rs`). Logs go to `target/cluster-data/logs/` (`RUST_LOG` sends this
+//! process's to stderr instead and sets the children's filter).
+//!
+//! **Checks** (each failure is a named violation; any violation makes the exit code non-zero): every
+//! peek's rows equal the oracle's at the peek's time (`oracle.rs`); subscribe batches are contiguous, cover
+//! each time range once, and accumulate to the oracle at each batch's upper; the materialized view's
+//! storage collection equals the oracle; a killed replica comes back and answers at the time of its
+//! crash; a dropped dataflow's state goes away; a dropped replica's processes are gone; every collection
+//! catches up after the writes stop.
+//!
+//! **Cleanup.** The orchestrator kills the replicas when dropped and `processes::StorageServer` kills the
+//! storage server when dropped; both are owned by [`run`] outside the async runtime, so every way out
+//! (the end, an error, a panic, Ctrl-C) drops them, after the runtime and with it the controller.
+//!
+//! **Not here:** the deterministic simulation (`crate::simulation`). This is real time on real processes:
+//! it reads the wall clock (through `now`) and is not reproducible beyond its workload seed.
+//! **Tests:** `oracle.rs` (the oracle against the reference interpreter), `report.rs` (arithmetic); the
+//! scenario itself is run by hand or in CI with `cargo run --release -p sim -- cluster`.
+
+mod oracle;
+mod processes;
+mod report;
+mod tasks;
+mod workload;
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use tracing::info;
+
+use controller::{Orchestrator, ProcessOrchestrator, ProcessOrchestratorConfig};
+use protocol::ReplicaId;
+
+use crate::cluster::processes::{Layout, StorageServer};
+use crate::cluster::report::{Outcome, ReplicaReport, Report, Stats, Ui};
+
+/// The scenario's clock. It runs real processes in real time, so unlike the simulator it reads the wall
+/// clock; every read goes through here.
+#[allow(clippy::disallowed_methods)]
+pub(crate) fn now() -> Instant {
+    Instant::now()
+}
+
+/// The scenario's options.
+#[derive(Debug, Clone)]
+pub struct ClusterArgs {
+    /// How long the timed run lasts.
+    pub duration: Duration,
+    /// Table updates per second.
+    pub rate: u64,
+    /// Replicas of the instance.
+    pub replicas: usize,
+    /// Processes of every second replica (the others have one).
+    pub processes: usize,
+    /// Timely workers per process.
+    pub workers: usize,
+    /// Concurrent peek loops.
+    pub peekers: usize,
+    /// Pause between one loop's peeks, milliseconds.
+    pub peek_interval_ms: u64,
+    /// Replica crashes to inject (`None`: two, or one when the run is short or has a single replica).
+    pub kills: Option<usize>,
+    /// Drops and recreations of a dataflow.
+    pub recreations: usize,
+    /// The workload's seed.
+    pub seed: u64,
+    /// Print the report as JSON.
+    pub json: bool,
+}
+
+/// The usage line.
+pub const USAGE: &str = "usage: sim cluster [--duration SECS] [--rate ROWS_PER_SEC] [--replicas N] [--processes N] \
+[--workers N] [--peekers N] [--peek-interval-ms MS] [--kills N] [--recreations N] [--seed S] [--json]";
+
+impl ClusterArgs {
+    /// Parses the arguments after `cluster`.
+    pub fn parse(args: &[String]) -> anyhow::Result<ClusterArgs> {
+        let mut parsed = ClusterArgs {
+            duration: Duration::from_secs(60),
+            rate: 2_000,
+            replicas: 2,
+            processes: 2,
+            workers: 1,
+            peekers: 2,
+            peek_interval_ms: 2,
+            kills: None,
+            recreations: 3,
+            seed: wallclock_seed(),
+            json: false,
+        };
+        let mut iter = args.iter();
+        while let Some(arg) = iter.next() {
+            let mut value = || iter.next().ok_or_else(|| anyhow!("{arg} needs a value\n{USAGE}"));
+            match arg.as_str() {
+                "--duration" => {
+                    let secs: f64 = value()?.trim_end_matches('s').parse().context("--duration")?;
+                    if !(secs > 0.0 && secs.is_finite()) {
+                        bail!("--duration must be positive");
+                    }
+                    parsed.duration = Duration::from_secs_f64(secs);
+                }
+                "--rate" => parsed.rate = value()?.parse().context("--rate")?,
+                "--replicas" => parsed.replicas = value()?.parse().context("--replicas")?,
+                "--processes" => parsed.processes = value()?.parse().context("--processes")?,
+                "--workers" => parsed.workers = value()?.parse().context("--workers")?,
+                "--peekers" => parsed.peekers = value()?.parse().context("--peekers")?,
+                "--peek-interval-ms" => {
+                    parsed.peek_interval_ms = value()?.parse().context("--peek-interval-ms")?
+                }
+                "--kills" => parsed.kills = Some(value()?.parse().context("--kills")?),
+                "--recreations" => parsed.recreations = value()?.parse().context("--recreations")?,
+                "--seed" => parsed.seed = value()?.parse().context("--seed")?,
+                "--json" => parsed.json = true,
+                "--help" | "-h" => bail!("{USAGE}"),
+                other => bail!("unknown argument {other:?}\n{USAGE}"),
+            }
+        }
+        if parsed.replicas == 0 || parsed.processes == 0 || parsed.workers == 0 {
+            bail!("--replicas, --processes and --workers must be at least 1");
+        }
+        Ok(parsed)
+    }
+
+    /// The processes of replica `index` (1-based): every second replica is a multi-process cluster.
+    pub fn processes_of(&self, index: usize) -> usize {
+        if index.is_multiple_of(2) { self.processes } else { 1 }
+    }
+
+    /// The replicas, with their processes.
+    pub fn replica_specs(&self) -> Vec<(ReplicaId, usize)> {
+        (1..=self.replicas).map(|i| (ReplicaId(i as u64), self.processes_of(i))).collect()
+    }
+
+    /// How many replica crashes to inject.
+    pub fn kill_count(&self) -> usize {
+        self.kills.unwrap_or(if self.replicas >= 2 && self.duration >= Duration::from_secs(30) {
+            2
+        } else {
+            1
+        })
+    }
+}
+
+/// A seed from the clock, for runs that do not name one.
+#[allow(clippy::disallowed_methods)]
+fn wallclock_seed() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// Everything the scenario started, killed in order when dropped: the replicas (through the
+/// orchestrator's own `Drop`), then the storage server.
+struct Children {
+    orchestrator: Option<Arc<ProcessOrchestrator>>,
+    replicas: Vec<ReplicaId>,
+    storage: Option<StorageServer>,
+}
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        if let Some(orchestrator) = self.orchestrator.take() {
+            match Arc::try_unwrap(orchestrator) {
+                // The last reference: its `Drop` stops the supervisor and kills every replica process.
+                Ok(orchestrator) => drop(orchestrator),
+                Err(shared) => {
+                    // Something still holds the orchestrator (a task that was not shut down): drop every
+                    // replica through it (it stops supervising them, kills and reaps their processes).
+                    // `drop_replica` never awaits anything; a throwaway runtime drives it (this runs
+                    // outside the scenario's runtime).
+                    if let Ok(runtime) = tokio::runtime::Builder::new_current_thread().build() {
+                        for replica in &self.replicas {
+                            let _ = runtime.block_on(shared.drop_replica(tasks::INSTANCE, *replica));
+                        }
+                    }
+                }
+            }
+        }
+        self.storage.take();
+    }
+}
+
+fn init_tracing(layout: &Layout) -> anyhow::Result<()> {
+    use tracing_subscriber::EnvFilter;
+    match std::env::var("RUST_LOG") {
+        // Asked for: logs on stderr, interleaved with the display.
+        Ok(filter) if !filter.is_empty() => {
+            tracing_subscriber::fmt()
+                .with_env_filter(EnvFilter::new(filter))
+                .with_writer(std::io::stderr)
+                .init();
+        }
+        // By default the terminal stays quiet and the log goes to a file.
+        _ => {
+            let file =
+                std::fs::File::create(layout.log_dir().join("sim.log")).context("cannot create sim.log")?;
+            tracing_subscriber::fmt()
+                .with_env_filter(EnvFilter::new("info"))
+                .with_ansi(false)
+                .with_writer(std::sync::Mutex::new(file))
+                .init();
+        }
+    }
+    Ok(())
+}
+
+/// Runs the scenario; the exit code is non-zero on any violation, error or interruption.
+pub fn run(args: ClusterArgs) -> anyhow::Result<ExitCode> {
+    let ui = Arc::new(Ui::new());
+    let layout = Layout::of_current_exe()?;
+    layout.fresh_data_dir()?;
+    init_tracing(&layout)?;
+    ui.say(&format!(
+        "sim cluster: seed {}, {:.0} s at {} rows/s, {} replicas; files in {}",
+        args.seed,
+        args.duration.as_secs_f64(),
+        args.rate,
+        args.replicas,
+        layout.data_dir.display()
+    ));
+    let binaries = processes::binaries(&layout, &|message| ui.say(message))?;
+    let child_log =
+        std::env::var("RUST_LOG").ok().filter(|f| !f.is_empty()).unwrap_or_else(|| "info".to_string());
+    // The children log to files: no colour codes.
+    let env = vec![("RUST_LOG".to_string(), child_log), ("NO_COLOR".to_string(), "1".to_string())];
+
+    let mut children = Children { orchestrator: None, replicas: Vec::new(), storage: None };
+    let storage = StorageServer::start(&binaries.storage_server, &layout, &env)?;
+    let storage_address = storage.address.clone();
+    info!(address = %storage_address, pid = storage.pid(), "storage server listening");
+    children.storage = Some(storage);
+    let (orchestrator, process_events) = ProcessOrchestrator::new(ProcessOrchestratorConfig {
+        binary: binaries.compute_replica.clone(),
+        storage_address: storage_address.clone(),
+        initial_backoff_ms: 100,
+        max_backoff_ms: 2_000,
+        env,
+        log_dir: Some(layout.log_dir()),
+    });
+    let orchestrator = Arc::new(orchestrator);
+    children.orchestrator = Some(Arc::clone(&orchestrator));
+    children.replicas = args.replica_specs().into_iter().map(|(r, _)| r).collect();
+    ui.say(&format!("storage server on {storage_address}; logs in {}", layout.log_dir().display()));
+
+    let stats = Arc::new(Stats::default());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let result = runtime.block_on({
+        let (args, stats, ui, orchestrator) = (args.clone(), Arc::clone(&stats), Arc::clone(&ui), Arc::clone(&orchestrator));
+        async move {
+            tokio::select! {
+                result = tasks::scenario(args, storage_address, orchestrator, process_events, stats, ui) => result.map(|()| false),
+                _ = tokio::signal::ctrl_c() => Ok(true),
+            }
+        }
+    });
+    ui.clear();
+    // Stop every task (and with them the controller and its replica clients) before the processes go.
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    drop(orchestrator);
+    drop(children);
+
+    let replicas = args
+        .replica_specs()
+        .into_iter()
+        .map(|(r, processes)| ReplicaReport { replica: r.to_string(), processes, workers: args.workers })
+        .collect();
+    let (outcome, error) = match result {
+        Ok(false) => (Outcome::Passed, None),
+        Ok(true) => {
+            ui.say("interrupted: every child process was stopped");
+            (Outcome::Interrupted, None)
+        }
+        Err(e) => (Outcome::Error, Some(format!("{e:#}"))),
+    };
+    let report = Report::new(&stats, outcome, error, args.seed, args.rate, replicas);
+    if args.json {
+        let json = serde_json::to_string_pretty(&report).context("cannot render the report")?;
+        #[allow(clippy::print_stdout)] // The report is the command's output.
+        {
+            println!("{json}");
+        }
+    } else {
+        report.print();
+    }
+    Ok(match report.outcome {
+        Outcome::Passed => ExitCode::SUCCESS,
+        Outcome::Interrupted => ExitCode::from(130),
+        Outcome::Failed | Outcome::Error => ExitCode::FAILURE,
+    })
+}
+
+/// The as-of of every live export, by id (an export is hydrated on a replica once that replica's write
+/// frontier passed it).
+type AsOfs = BTreeMap<protocol::GlobalId, u64>;

@@ -1,0 +1,1292 @@
+//! The cluster scenario's tasks: setup, the table writer, the response pump, the peek loops, the subscribe
+//! and materialized-view checkers, the fault schedule (replica kills, dataflow recreation), the live
+//! display, and the final checks.
+//!
+//! **Sharing.** The controller sits behind a tokio mutex: `process` needs `&mut`, peeks need `&`, so the
+//! pump drains responses with `try_process` every couple of milliseconds and releases it in between. The
+//! oracle and the write log sit together behind one std mutex ([`Truth`]), never held across an await.
+//! A `watch` of the log's upper lets a check wait until the log covers its time: a replica can see a write
+//! a moment before the writer task has logged it.
+//!
+//! **Invariant.** A result is only ever compared with the oracle at exactly the time it was read at.
+//!
+//! **Not here:** the oracle's logic (`oracle.rs`), the workload's shape (`workload.rs`), processes
+//! (`processes.rs`), printing (`report.rs`). **Tests:** run the scenario.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use tokio::sync::{RwLock, mpsc, watch};
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use controller::{
+    ComputeController, ComputeControllerResponse, ControllerConfig, IntrospectionKind, PeekError,
+    PeekOptions, ProcessEvent, ProcessOrchestrator, wallclock_ms,
+};
+use frontiers::Antichain;
+use protocol::reference::Multiset;
+use protocol::{
+    Datum, GlobalId, InstanceId, PeekResponse, PeekTarget, ReplicaId, Row, RowSetFinishing, SubscribeResponse,
+};
+use storage::{Client, StorageCollections, SystemClock, TableWriter, TableWriterConfig};
+
+use crate::cluster::oracle::{Oracle, WriteLog, canonical, describe_difference, finish};
+use crate::cluster::report::{Recreation, Rehydration, Stats, Ui, bar, lock, thousands};
+use crate::cluster::workload::{self, Generator, PeekKind, PeekSpec, Table, Update};
+use crate::cluster::{AsOfs, ClusterArgs, now};
+use crate::simulation::Rng;
+
+/// The scenario's one compute instance.
+pub const INSTANCE: InstanceId = InstanceId(1);
+
+/// Customers and orders of the initial load.
+const INITIAL_CUSTOMERS: usize = 1_000;
+const INITIAL_ORDERS: usize = 4_000;
+
+/// How often the writer appends.
+const WRITE_INTERVAL: Duration = Duration::from_millis(20);
+
+/// How long a check waits for something that should happen (a peek, a catch-up) before it is a violation.
+const PATIENCE: Duration = Duration::from_secs(60);
+
+/// The write log and the oracle over it.
+#[derive(Debug, Default)]
+struct Truth {
+    log: WriteLog,
+    oracle: Oracle,
+}
+
+/// What every task shares.
+struct Ctx {
+    args: ClusterArgs,
+    controller: tokio::sync::Mutex<ComputeController>,
+    storage: Arc<dyn StorageCollections>,
+    orchestrator: Arc<ProcessOrchestrator>,
+    truth: Mutex<Truth>,
+    /// The write log's upper.
+    log_upper: watch::Sender<u64>,
+    /// Set when the timed run ends: peeks, checks and faults stop.
+    stop: watch::Sender<bool>,
+    /// Set when the writer should stop (after the run).
+    stop_writer: watch::Sender<bool>,
+    /// The current `status_summary` index; write-locked while it is dropped and recreated.
+    status_summary: RwLock<Option<GlobalId>>,
+    /// The number of customers written (ids `1..=n`).
+    customers: AtomicI64,
+    as_ofs: Mutex<AsOfs>,
+    /// Everything before this was delivered by the subscribe and checked.
+    subscribe_upper: AtomicU64,
+    /// The last time each replica's processes were (re)started, from the orchestrator's events.
+    restarts: Mutex<BTreeMap<ReplicaId, Instant>>,
+    /// What the display says about each replica.
+    replica_state: Mutex<BTreeMap<ReplicaId, String>>,
+    /// Why the run cannot go on (the table writer failed), if it cannot.
+    fatal: Mutex<Option<String>>,
+    stats: Arc<Stats>,
+    ui: Arc<Ui>,
+}
+
+impl Ctx {
+    fn stopping(&self) -> bool {
+        *self.stop.borrow()
+    }
+
+    /// Waits until the write log covers `time` (bounded: the writer may have stopped below it).
+    async fn covered(&self, time: u64) -> bool {
+        let mut rx = self.log_upper.subscribe();
+        tokio::time::timeout(PATIENCE, rx.wait_for(|upper| *upper > time)).await.is_ok_and(|r| r.is_ok())
+    }
+
+    /// Runs `f` on the oracle at `time`, once the log covers it.
+    async fn at<R>(&self, time: u64, f: impl FnOnce(&Oracle) -> R) -> Option<R> {
+        if !self.covered(time).await {
+            self.stats
+                .violation(format!("the write log never reached time {time}, which a result was read at"));
+            return None;
+        }
+        let mut truth = lock(&self.truth);
+        let Truth { log, oracle } = &mut *truth;
+        oracle.seek(log, time);
+        Some(f(oracle))
+    }
+
+    /// The latest time the table writer acknowledged.
+    fn latest_write(&self) -> u64 {
+        self.log_upper.borrow().saturating_sub(1)
+    }
+
+    /// Sleeps for `duration`, or less if the run stops; returns whether it is stopping.
+    async fn sleep(&self, duration: Duration) -> bool {
+        let mut stop = self.stop.subscribe();
+        tokio::select! {
+            _ = tokio::time::sleep(duration) => self.stopping(),
+            _ = stop.wait_for(|s| *s) => true,
+        }
+    }
+
+    /// The exports the scenario currently maintains, with their as-ofs.
+    fn live_exports(&self) -> AsOfs {
+        lock(&self.as_ofs).clone()
+    }
+}
+
+fn first(frontier: &Antichain<u64>) -> Option<u64> {
+    frontier.as_option().copied()
+}
+
+fn ms(duration: Duration) -> u64 {
+    duration.as_millis() as u64
+}
+
+/// Groups updates by table for one atomic append.
+fn by_table(updates: &[Update]) -> Vec<(GlobalId, Vec<(Row, i64)>)> {
+    let mut grouped: BTreeMap<GlobalId, Vec<(Row, i64)>> = BTreeMap::new();
+    for update in updates {
+        grouped.entry(update.table.id()).or_default().push((update.row.clone(), update.diff));
+    }
+    grouped.into_iter().collect()
+}
+
+/// The whole scenario after its processes exist: setup, hydration, the timed run, the end checks.
+pub async fn scenario(
+    args: ClusterArgs,
+    storage_address: String,
+    orchestrator: Arc<ProcessOrchestrator>,
+    mut process_events: mpsc::UnboundedReceiver<ProcessEvent>,
+    stats: Arc<Stats>,
+    ui: Arc<Ui>,
+) -> anyhow::Result<()> {
+    // Storage: the tables, the materialized view's collection, and the initial load.
+    let client =
+        Client::connect(storage_address.as_str()).await.context("cannot connect to the storage server")?;
+    let storage: Arc<dyn StorageCollections> = Arc::new(client);
+    for table in Table::ALL {
+        storage
+            .create_collection(table.id(), table.desc())
+            .await
+            .with_context(|| format!("cannot create {table:?}"))?;
+    }
+    storage
+        .create_collection(workload::STATUS_REVENUE, workload::status_revenue_desc())
+        .await
+        .context("cannot create the materialized view's collection")?;
+    let writer =
+        Arc::new(TableWriter::new(Arc::clone(&storage), Arc::new(SystemClock), TableWriterConfig::default()));
+    for table in Table::ALL {
+        writer.register(table.id()).await.context("cannot register a table")?;
+    }
+    let mut rng = Rng::new(args.seed);
+    let mut generator = Generator::new(rng.fork());
+    let initial = generator.initial(INITIAL_CUSTOMERS, INITIAL_ORDERS);
+    let time = writer.write(by_table(&initial)).await.context("the initial load failed")?;
+    stats.rows_loaded.store(initial.len() as u64, Ordering::SeqCst);
+    let mut truth = Truth::default();
+    truth.log.push(time, initial);
+    let (log_upper, _) = watch::channel(truth.log.upper());
+    ui.say(&format!(
+        "loaded {} customers, {} orders and their line items ({} rows)",
+        thousands(INITIAL_CUSTOMERS as u64),
+        thousands(INITIAL_ORDERS as u64),
+        thousands(stats.rows_loaded.load(Ordering::SeqCst))
+    ));
+
+    // The controller, the instance and its replicas.
+    let config = ControllerConfig::default();
+    let mut controller = ComputeController::new(
+        Arc::clone(&storage),
+        Some(Arc::clone(&orchestrator) as Arc<dyn controller::Orchestrator>),
+        config,
+    )
+    .await
+    .map_err(|e| anyhow!("cannot start the controller: {e}"))?;
+    controller.create_instance(INSTANCE)?;
+    controller.allow_writes(INSTANCE).await?;
+    for (replica, processes) in args.replica_specs() {
+        controller
+            .add_replica(
+                INSTANCE,
+                replica,
+                controller::ReplicaLocation::Managed { workers: args.workers, processes },
+            )
+            .await
+            .with_context(|| format!("cannot start replica {replica}"))?;
+    }
+    let mut as_ofs = AsOfs::new();
+    for desc in workload::initial_dataflows() {
+        let exports: Vec<GlobalId> = desc.export_ids().collect();
+        let name = desc.debug_name.clone();
+        let as_of = controller
+            .create_dataflow(INSTANCE, desc)
+            .await
+            .with_context(|| format!("cannot create {name}"))?;
+        let as_of = first(&as_of).ok_or_else(|| anyhow!("{name} got an empty as-of"))?;
+        for id in exports {
+            as_ofs.insert(id, as_of);
+        }
+    }
+    let ctx = Arc::new(Ctx {
+        args: args.clone(),
+        controller: tokio::sync::Mutex::new(controller),
+        storage,
+        orchestrator,
+        truth: Mutex::new(truth),
+        log_upper,
+        stop: watch::channel(false).0,
+        stop_writer: watch::channel(false).0,
+        status_summary: RwLock::new(Some(workload::status_summary_id(0))),
+        customers: AtomicI64::new(generator.customer_count()),
+        as_ofs: Mutex::new(as_ofs),
+        subscribe_upper: AtomicU64::new(0),
+        restarts: Mutex::new(BTreeMap::new()),
+        replica_state: Mutex::new(
+            args.replica_specs().into_iter().map(|(r, _)| (r, "hydrating".to_string())).collect(),
+        ),
+        fatal: Mutex::new(None),
+        stats,
+        ui,
+    });
+
+    // Background tasks that run from now to the end.
+    let (subscribe_tx, subscribe_rx) = mpsc::unbounded_channel();
+    let mut background: Vec<JoinHandle<()>> = Vec::new();
+    background.push(tokio::spawn(pump(Arc::clone(&ctx), subscribe_tx)));
+    background.push(tokio::spawn(check_subscribe(Arc::clone(&ctx), subscribe_rx)));
+    {
+        let ctx = Arc::clone(&ctx);
+        background.push(tokio::spawn(async move {
+            while let Some(event) = process_events.recv().await {
+                on_process_event(&ctx, event);
+            }
+        }));
+    }
+    let writer_task = tokio::spawn(write(Arc::clone(&ctx), writer, generator));
+
+    let outcome = run_phases(&ctx, &mut rng).await;
+
+    // Whatever happened, stop everything this function started.
+    ctx.stop.send_replace(true);
+    ctx.stop_writer.send_replace(true);
+    let writer_result = writer_task.await;
+    for task in background {
+        task.abort();
+    }
+    outcome?;
+    match writer_result {
+        Ok(result) => result,
+        Err(e) => bail!("the writer task failed: {e}"),
+    }
+}
+
+/// Hydration, the timed run, and the end.
+async fn run_phases(ctx: &Arc<Ctx>, rng: &mut Rng) -> anyhow::Result<()> {
+    hydrate(ctx).await?;
+    *lock(&ctx.stats.started) = Some(now());
+    ctx.ui.say(&format!(
+        "running for {:.0} s: {} rows/s into 3 tables, {} peek loops, {} replica crash(es), {} dataflow recreation(s)",
+        ctx.args.duration.as_secs_f64(),
+        ctx.args.rate,
+        ctx.args.peekers,
+        ctx.args.kill_count(),
+        ctx.args.recreations
+    ));
+    let mut tasks: Vec<JoinHandle<()>> = Vec::new();
+    for _ in 0..ctx.args.peekers {
+        tasks.push(tokio::spawn(peek_loop(Arc::clone(ctx), rng.fork())));
+    }
+    tasks.push(tokio::spawn(check_materialized_view(Arc::clone(ctx))));
+    let display = tokio::spawn(display(Arc::clone(ctx)));
+    let faults = tokio::spawn(faults(Arc::clone(ctx)));
+
+    ctx.sleep(ctx.args.duration).await;
+    ctx.stop.send_replace(true);
+    for task in tasks {
+        task.await.map_err(|e| anyhow!("a check task failed: {e}"))?;
+    }
+    // A fault in progress finishes (each step is bounded by `PATIENCE`).
+    if !faults.is_finished() {
+        ctx.ui.event(&ctx.stats, "waiting for the fault in progress to finish");
+    }
+    faults.await.map_err(|e| anyhow!("the fault task failed: {e}"))?;
+    let elapsed = ctx.stats.elapsed_s();
+    ctx.stop_writer.send_replace(true);
+    if let Some(fatal) = lock(&ctx.fatal).clone() {
+        *lock(&ctx.stats.finished_s) = Some(elapsed);
+        display.abort();
+        bail!(fatal);
+    }
+    // Let the writer finish its last append, then check everything catches up and agrees in full.
+    tokio::time::sleep(WRITE_INTERVAL * 3).await;
+    // The report's duration is the timed run's.
+    *lock(&ctx.stats.finished_s) = Some(elapsed);
+    let result = final_checks(ctx).await;
+    display.abort();
+    ctx.ui.clear();
+    result
+}
+
+// -------------------------------------------------------------------------------------------------
+// Writing
+
+/// Writes table changes at the configured rate until told to stop; a failed write ends the run.
+async fn write(ctx: Arc<Ctx>, writer: Arc<TableWriter>, generator: Generator) -> anyhow::Result<()> {
+    let result = write_at_rate(&ctx, &writer, generator).await;
+    if let Err(e) = &result {
+        ctx.ui.event(&ctx.stats, &format!("the table writer failed: {e:#}; stopping"));
+        *lock(&ctx.fatal) = Some(format!("the table writer failed: {e:#}"));
+        ctx.stop.send_replace(true);
+    }
+    result
+}
+
+async fn write_at_rate(ctx: &Ctx, writer: &TableWriter, mut generator: Generator) -> anyhow::Result<()> {
+    let started = now();
+    let mut produced: u64 = 0;
+    let mut interval = tokio::time::interval(WRITE_INTERVAL);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut stop = ctx.stop_writer.subscribe();
+    let rate = ctx.args.rate;
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            _ = stop.wait_for(|s| *s) => break,
+        }
+        let target = (rate as f64 * started.elapsed().as_secs_f64()) as u64;
+        // At most a fifth of a second's worth per append, so a slow append does not snowball.
+        let due = target.saturating_sub(produced).min((rate / 5).max(1));
+        if due == 0 {
+            let upper = writer.tick().await.context("a table tick failed")?;
+            let mut truth = lock(&ctx.truth);
+            truth.log.advance(upper);
+            ctx.log_upper.send_replace(truth.log.upper());
+            continue;
+        }
+        let updates = generator.changes(due as usize);
+        let count = updates.len() as u64;
+        let time = writer.write(by_table(&updates)).await.context("a table write failed")?;
+        produced += count;
+        {
+            let mut truth = lock(&ctx.truth);
+            truth.log.push(time, updates);
+            ctx.log_upper.send_replace(truth.log.upper());
+        }
+        ctx.customers.store(generator.customer_count(), Ordering::SeqCst);
+        if lock(&ctx.stats.started).is_some() && !ctx.stopping() {
+            ctx.stats.rows_written.fetch_add(count, Ordering::Relaxed);
+            ctx.stats.appends.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    info!(produced, orders = generator.order_count(), "writer stopped");
+    Ok(())
+}
+
+// -------------------------------------------------------------------------------------------------
+// Responses
+
+/// Drains the controller's responses: subscribe batches go to their checker.
+async fn pump(ctx: Arc<Ctx>, subscribe: mpsc::UnboundedSender<SubscribeResponse>) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        let mut controller = ctx.controller.lock().await;
+        while let Some(response) = controller.try_process() {
+            if let ComputeControllerResponse::SubscribeResponse { id, response } = response
+                && id == workload::NATION_SUBSCRIBE
+            {
+                let _ = subscribe.send(response);
+            }
+        }
+    }
+}
+
+fn on_process_event(ctx: &Ctx, event: ProcessEvent) {
+    match event {
+        ProcessEvent::Running { replica, pids, .. } => {
+            let restarted = lock(&ctx.restarts).insert(replica, now()).is_some();
+            if restarted {
+                let pids: Vec<String> = pids.iter().map(u32::to_string).collect();
+                ctx.ui.event(
+                    &ctx.stats,
+                    &format!("{replica} restarted by the orchestrator (pids {})", pids.join(" ")),
+                );
+                lock(&ctx.replica_state).insert(replica, "rehydrating".to_string());
+            }
+        }
+        ProcessEvent::Crashed { replica, status, restart_in_ms, .. } => {
+            ctx.ui
+                .event(&ctx.stats, &format!("{replica} exited ({status}); restarting in {restart_in_ms} ms"));
+            lock(&ctx.replica_state).insert(replica, "down".to_string());
+        }
+    }
+}
+
+// -------------------------------------------------------------------------------------------------
+// Hydration
+
+/// How many (replica, export) pairs are hydrated: the replica's write frontier passed the export's as-of.
+async fn hydrated_pairs(
+    ctx: &Ctx,
+    replicas: &[ReplicaId],
+    exports: &AsOfs,
+) -> anyhow::Result<(usize, usize)> {
+    let total = replicas.len() * exports.len();
+    let (replicas, exports) = (replicas.to_vec(), exports.clone());
+    let controller = ctx.controller.lock().await;
+    let count = controller
+        .inspect(INSTANCE, move |core| {
+            let mut done = 0;
+            for replica in &replicas {
+                for (id, as_of) in &exports {
+                    if core.replica_write_frontier(*replica, *id).is_some_and(|f| !f.less_equal(as_of)) {
+                        done += 1;
+                    }
+                }
+            }
+            done
+        })
+        .await?;
+    Ok((count, total))
+}
+
+async fn hydrate(ctx: &Arc<Ctx>) -> anyhow::Result<()> {
+    let started = now();
+    let replicas: Vec<ReplicaId> = ctx.args.replica_specs().into_iter().map(|(r, _)| r).collect();
+    let exports = ctx.live_exports();
+    ctx.ui.say(&format!("hydrating {} exports on {} replicas", exports.len(), replicas.len()));
+    loop {
+        let (done, total) = hydrated_pairs(ctx, &replicas, &exports).await?;
+        ctx.ui.live(&format!(
+            "  hydrating {} {done}/{total} (export, replica) pairs  {:.1} s",
+            bar(done, total, 30),
+            started.elapsed().as_secs_f64()
+        ));
+        if done == total {
+            break;
+        }
+        if started.elapsed() > PATIENCE * 5 {
+            bail!("hydration did not finish within {} s ({done}/{total})", (PATIENCE * 5).as_secs());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    ctx.ui.clear();
+    let took = started.elapsed();
+    *lock(&ctx.stats.hydration_ms) = Some(ms(took));
+    for state in lock(&ctx.replica_state).values_mut() {
+        *state = "ready".to_string();
+    }
+    ctx.ui.say(&format!(
+        "hydrated {} exports on {} replicas in {:.2} s",
+        exports.len(),
+        replicas.len(),
+        took.as_secs_f64()
+    ));
+    Ok(())
+}
+
+// -------------------------------------------------------------------------------------------------
+// Peeks
+
+/// What happened to one peek.
+enum Peeked {
+    /// Rows, and how long from the call to the answer.
+    Rows(Vec<(Row, std::num::NonZeroU64)>, Duration),
+    /// Not issued: the time is not readable (yet).
+    Unreadable,
+}
+
+/// Peeks an index (or, with `target`, one replica of it) at `time` and waits for the answer.
+async fn peek_index(
+    ctx: &Ctx,
+    id: GlobalId,
+    time: u64,
+    spec: &PeekSpec,
+    target: Option<ReplicaId>,
+    timeout: Duration,
+) -> Result<Peeked, String> {
+    let options = PeekOptions {
+        literal_constraints: spec.literal_constraints.clone(),
+        map_filter_project: spec.map_filter_project.clone(),
+        finishing: spec.finishing.clone(),
+        target_replica: target,
+        timeout_ms: Some(ms(timeout)),
+    };
+    let started = now();
+    let (handle, locked, submitted) = {
+        let controller = ctx.controller.lock().await;
+        let locked = started.elapsed();
+        let handle = controller.peek(INSTANCE, PeekTarget::Index { id }, time, options).await;
+        (handle, locked, started.elapsed())
+    };
+    let handle = match handle {
+        Ok(handle) => handle,
+        Err(PeekError::SinceViolation { .. }) => return Ok(Peeked::Unreadable),
+        Err(e) => return Err(format!("peek of {id} at {time} refused: {e}")),
+    };
+    let response = handle.result().await;
+    tracing::debug!(
+        %id,
+        lock_us = locked.as_micros() as u64,
+        submit_us = submitted.as_micros() as u64,
+        total_us = started.elapsed().as_micros() as u64,
+        "peek answered"
+    );
+    match response {
+        PeekResponse::Rows(rows) => Ok(Peeked::Rows(rows, started.elapsed())),
+        PeekResponse::Error(e) => Err(format!("peek of {id} at {time} failed: {e}")),
+        PeekResponse::Canceled => Err(format!("peek of {id} at {time} was canceled")),
+    }
+}
+
+/// Compares a peek's rows with the oracle's at `time`; records a violation naming `what` if they differ.
+async fn check_rows(
+    ctx: &Ctx,
+    what: &str,
+    time: u64,
+    spec: &PeekSpec,
+    rows: Vec<(Row, std::num::NonZeroU64)>,
+) -> bool {
+    let actual = canonical(rows, spec);
+    let Some(expected) = ctx.at(time, |oracle| oracle.expected(spec)).await else { return false };
+    match expected {
+        Ok(expected) if expected == actual => true,
+        Ok(expected) => {
+            ctx.stats.violation(format!("{what} at {time}: {}", describe_difference(&expected, &actual)));
+            false
+        }
+        Err(e) => {
+            ctx.stats.violation(format!("{what} at {time}: the oracle failed: {e}"));
+            false
+        }
+    }
+}
+
+/// One loop of peeks at the latest time, each checked against the oracle.
+async fn peek_loop(ctx: Arc<Ctx>, mut rng: Rng) {
+    let interval = Duration::from_millis(ctx.args.peek_interval_ms);
+    while !ctx.stopping() {
+        let kind = PeekKind::pick(&mut rng);
+        // One in ten peeks asks for the latest written time, waiting for the dataflow to get there.
+        let fresh = rng.chance(0.1);
+        let customers = ctx.customers.load(Ordering::Relaxed).max(1);
+        let customer = rng.range(1, customers as u64 + 5) as i64;
+        let spec = PeekSpec::new(kind, customer);
+        // Keeps a recreation of `status_summary` from dropping it under the peek.
+        let guard = ctx.status_summary.try_read();
+        let id = match kind {
+            PeekKind::StatusSummary => match guard.as_ref().ok().and_then(|current| **current) {
+                Some(id) => id,
+                None => {
+                    // Being recreated: peek something else.
+                    tokio::task::yield_now().await;
+                    continue;
+                }
+            },
+            other => other.index(workload::status_summary_id(0)),
+        };
+        let frontiers = ctx.controller.lock().await.collection_frontiers(INSTANCE, id);
+        let frontiers = match frontiers {
+            Ok(frontiers) => frontiers,
+            Err(e) => {
+                ctx.stats.violation(format!("{} ({id}): no frontiers: {e}", kind.name()));
+                ctx.sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let (Some(upper), Some(since)) = (first(&frontiers.upper), first(&frontiers.since)) else {
+            ctx.stats.violation(format!("{} ({id}) is closed: {frontiers:?}", kind.name()));
+            continue;
+        };
+        let time = if fresh { ctx.latest_write() } else { upper.saturating_sub(1) };
+        if upper == 0 || time < since {
+            ctx.stats.peeks_skipped.fetch_add(1, Ordering::Relaxed);
+            ctx.sleep(interval.max(Duration::from_millis(5))).await;
+            continue;
+        }
+        let what = format!("{} ({id})", kind.name());
+        match peek_index(&ctx, id, time, &spec, None, Duration::from_secs(30)).await {
+            Ok(Peeked::Rows(rows, latency)) => {
+                drop(guard);
+                if check_rows(&ctx, &what, time, &spec, rows).await {
+                    ctx.stats.peek(kind.name(), fresh, latency);
+                }
+            }
+            Ok(Peeked::Unreadable) => {
+                ctx.stats.peeks_skipped.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => ctx.stats.violation(format!("{what}: {e}")),
+        }
+        if !interval.is_zero() {
+            tokio::time::sleep(interval).await;
+        }
+    }
+}
+
+// -------------------------------------------------------------------------------------------------
+// The subscribe and the materialized view
+
+/// Checks every subscribe batch: contiguous with the last one, times inside its range, and the
+/// accumulated contents equal to the oracle's `revenue_by_nation` just before its upper.
+async fn check_subscribe(ctx: Arc<Ctx>, mut batches: mpsc::UnboundedReceiver<SubscribeResponse>) {
+    let as_of = lock(&ctx.as_ofs).get(&workload::NATION_SUBSCRIBE).copied().unwrap_or(0);
+    let mut expected_lower = Antichain::from_elem(as_of);
+    let mut contents = Multiset::new();
+    let spec = PeekSpec::new(PeekKind::NationRevenue, 0);
+    while let Some(response) = batches.recv().await {
+        let batch = match response {
+            SubscribeResponse::Batch(batch) => batch,
+            SubscribeResponse::DroppedAt(_) => return,
+        };
+        if batch.lower != expected_lower {
+            ctx.stats.violation(format!(
+                "subscribe: batch [{:?}, {:?}) does not start where the last one ended ({:?}): a gap or a repeat",
+                batch.lower.elements(),
+                batch.upper.elements(),
+                expected_lower.elements()
+            ));
+        }
+        let updates = match batch.updates {
+            Ok(updates) => updates,
+            Err(e) => {
+                ctx.stats.violation(format!("subscribe: batch carries an error: {e}"));
+                continue;
+            }
+        };
+        ctx.stats.subscribe_updates.fetch_add(updates.len() as u64, Ordering::Relaxed);
+        for (time, row, diff) in updates {
+            if !batch.lower.less_equal(&time) || batch.upper.less_equal(&time) {
+                ctx.stats.violation(format!(
+                    "subscribe: update at {time} outside its batch [{:?}, {:?})",
+                    batch.lower.elements(),
+                    batch.upper.elements()
+                ));
+            }
+            let entry = contents.entry(row).or_insert(0);
+            *entry += diff;
+        }
+        contents.retain(|_, d| *d != 0);
+        expected_lower = batch.upper.clone();
+        let Some(upper) = first(&batch.upper) else { return };
+        let rows: Vec<(Row, std::num::NonZeroU64)> = match contents
+            .iter()
+            .map(|(r, d)| {
+                u64::try_from(*d)
+                    .ok()
+                    .and_then(std::num::NonZeroU64::new)
+                    .map(|n| (r.clone(), n))
+                    .ok_or((r, d))
+            })
+            .collect()
+        {
+            Ok(rows) => rows,
+            Err((row, diff)) => {
+                ctx.stats.violation(format!("subscribe: ({row}) accumulated to {diff} by {upper}"));
+                continue;
+            }
+        };
+        if check_rows(&ctx, "subscribe to revenue_by_nation", upper - 1, &spec, rows).await {
+            ctx.stats.subscribe_batches.fetch_add(1, Ordering::Relaxed);
+        }
+        ctx.subscribe_upper.store(upper, Ordering::SeqCst);
+    }
+}
+
+/// Reads the materialized view's storage collection at its latest readable time and compares.
+async fn check_mv_once(ctx: &Ctx) -> anyhow::Result<Option<u64>> {
+    let as_of = lock(&ctx.as_ofs).get(&workload::STATUS_REVENUE_SINK).copied().unwrap_or(0);
+    let frontiers = ctx.storage.frontiers(workload::STATUS_REVENUE).await?;
+    let (Some(upper), Some(since)) = (first(&frontiers.upper), first(&frontiers.since)) else {
+        bail!("the materialized view's collection is closed: {frontiers:?}");
+    };
+    let time = upper.saturating_sub(1);
+    if upper == 0 || time < as_of || time < since {
+        return Ok(None);
+    }
+    let handle = {
+        let controller = ctx.controller.lock().await;
+        controller
+            .peek(
+                INSTANCE,
+                PeekTarget::Storage { id: workload::STATUS_REVENUE },
+                time,
+                PeekOptions::default(),
+            )
+            .await
+    };
+    let handle = match handle {
+        Ok(handle) => handle,
+        Err(PeekError::SinceViolation { .. }) => return Ok(None),
+        Err(e) => bail!("storage peek refused: {e}"),
+    };
+    let rows = match handle.result().await {
+        PeekResponse::Rows(rows) => rows,
+        other => bail!("storage peek at {time} failed: {other:?}"),
+    };
+    let spec = PeekSpec {
+        kind: PeekKind::StatusSummary,
+        customer: None,
+        literal_constraints: None,
+        map_filter_project: None,
+        finishing: RowSetFinishing::unordered(),
+    };
+    let actual = canonical(rows, &spec);
+    let expected = ctx.at(time, |oracle| finish(&oracle.status_revenue(), &spec)).await;
+    match expected {
+        Some(Ok(expected)) if expected == actual => {
+            ctx.stats.storage_peeks.fetch_add(1, Ordering::Relaxed);
+        }
+        Some(Ok(expected)) => ctx.stats.violation(format!(
+            "materialized view status_revenue at {time}: {}",
+            describe_difference(&expected, &actual)
+        )),
+        Some(Err(e)) => ctx.stats.violation(format!("materialized view: the oracle failed: {e}")),
+        None => {}
+    }
+    Ok(Some(upper))
+}
+
+async fn check_materialized_view(ctx: Arc<Ctx>) {
+    while !ctx.sleep(Duration::from_millis(200)).await {
+        if let Err(e) = check_mv_once(&ctx).await {
+            ctx.stats.violation(format!("materialized view status_revenue: {e:#}"));
+        }
+    }
+}
+
+// -------------------------------------------------------------------------------------------------
+// Faults
+
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    Kill(ReplicaId),
+    Recreate,
+    /// Add a fresh replica, time its hydration, drop it: the baseline for rehydration.
+    FreshReplica,
+}
+
+/// The fault schedule: kills and recreations spread over the run, alternating, never overlapping.
+fn schedule(args: &ClusterArgs) -> Vec<(f64, Fault)> {
+    let specs = args.replica_specs();
+    // The multi-process replica first: the most interesting to lose.
+    let mut victims: Vec<ReplicaId> = specs
+        .iter()
+        .filter(|(_, p)| *p > 1)
+        .chain(specs.iter().filter(|(_, p)| *p == 1))
+        .map(|(r, _)| *r)
+        .collect();
+    victims.dedup();
+    let mut faults: Vec<Fault> = Vec::new();
+    let (mut kills, mut recreations) = (args.kill_count(), args.recreations);
+    let mut next_victim = 0;
+    while kills + recreations > 0 {
+        if recreations > 0 && (recreations >= kills || kills == 0) {
+            faults.push(Fault::Recreate);
+            recreations -= 1;
+        }
+        if kills > 0 {
+            faults.push(Fault::Kill(victims[next_victim % victims.len()]));
+            if next_victim == 0 {
+                faults.push(Fault::FreshReplica);
+            }
+            next_victim += 1;
+            kills -= 1;
+        }
+    }
+    let n = faults.len() as f64;
+    faults.into_iter().enumerate().map(|(i, f)| (0.15 + 0.7 * (i as f64 + 0.5) / n, f)).collect()
+}
+
+async fn faults(ctx: Arc<Ctx>) {
+    let mut generation = 0;
+    for (at, fault) in schedule(&ctx.args) {
+        let due = ctx.args.duration.mul_f64(at);
+        let elapsed = Duration::from_secs_f64(ctx.stats.elapsed_s());
+        if ctx.sleep(due.saturating_sub(elapsed)).await {
+            return;
+        }
+        match fault {
+            Fault::Kill(replica) => kill_and_rehydrate(&ctx, replica).await,
+            Fault::Recreate => {
+                generation += 1;
+                recreate(&ctx, generation).await;
+            }
+            Fault::FreshReplica => fresh_replica(&ctx).await,
+        }
+    }
+}
+
+/// SIGKILLs every process of `replica`, then measures: the orchestrator's restart, a peek targeted at the
+/// replica at the latest time written before the kill, and every collection on it passing that time.
+async fn kill_and_rehydrate(ctx: &Ctx, replica: ReplicaId) {
+    let pids = ctx.orchestrator.pids(INSTANCE, replica);
+    let processes = pids.len();
+    let kill_time = ctx.latest_write();
+    let killed_at_s = ctx.stats.elapsed_s();
+    if let Err(e) = crate::cluster::processes::kill_processes(&pids) {
+        ctx.stats.violation(format!("cannot kill {replica}: {e:#}"));
+        return;
+    }
+    let killed = now();
+    let pid_list: Vec<String> = pids.iter().map(u32::to_string).collect();
+    ctx.ui.event(
+        &ctx.stats,
+        &format!("killed {replica} with SIGKILL (pids {}) at time {kill_time}", pid_list.join(" ")),
+    );
+    lock(&ctx.replica_state).insert(replica, "killed".to_string());
+    let mut record = Rehydration {
+        replica: replica.to_string(),
+        processes,
+        killed_at_s,
+        restarted_ms: None,
+        answered_peek_ms: None,
+        caught_up_ms: None,
+    };
+
+    // The replica must answer a peek at the kill time itself (the peek waits through its restart), and
+    // catch up: restarted after the kill, its connection reset (seen at least once), and every export's
+    // write frontier on it beyond the kill time.
+    let watch = async {
+        let restarted = async {
+            while killed.elapsed() < PATIENCE {
+                if lock(&ctx.restarts).get(&replica).is_some_and(|at| *at > killed) {
+                    return Some(killed.elapsed());
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            None
+        };
+        tokio::join!(restarted, caught_up(ctx, replica, kill_time, killed))
+    };
+    let peek = answer_at(ctx, replica, kill_time, killed);
+    let (answered, (restarted, caught_up)) = tokio::join!(peek, watch);
+    record.restarted_ms = restarted.map(ms);
+    record.answered_peek_ms = answered.map(ms);
+    record.caught_up_ms = caught_up.map(ms);
+    match caught_up {
+        Some(took) => {
+            lock(&ctx.replica_state).insert(replica, "ready".to_string());
+            ctx.ui.event(
+                &ctx.stats,
+                &format!(
+                    "{replica} rehydrated: answered at the kill time after {}, every collection past it after {:.2} s",
+                    answered.map_or("-".to_string(), |a| format!("{:.2} s", a.as_secs_f64())),
+                    took.as_secs_f64()
+                ),
+            );
+        }
+        None => ctx.stats.violation(format!(
+            "{replica} did not catch up to the kill time {kill_time} within {} s of its kill",
+            PATIENCE.as_secs()
+        )),
+    }
+    lock(&ctx.stats.rehydrations).push(record);
+}
+
+/// How long after `since` `replica` answered a peek targeted at it at `time` (checked against the oracle).
+async fn answer_at(ctx: &Ctx, replica: ReplicaId, time: u64, since: Instant) -> Option<Duration> {
+    let spec = PeekSpec::new(PeekKind::NationRevenue, 0);
+    match peek_index(ctx, workload::REVENUE_BY_NATION, time, &spec, Some(replica), PATIENCE).await {
+        Ok(Peeked::Rows(rows, _)) => {
+            let answered = since.elapsed();
+            let what = format!("revenue by nation on {replica} (targeted)");
+            check_rows(ctx, &what, time, &spec, rows).await.then_some(answered)
+        }
+        Ok(Peeked::Unreadable) => {
+            ctx.stats.violation(format!("{replica}: time {time} was no longer readable"));
+            None
+        }
+        Err(e) => {
+            ctx.stats.violation(format!("{replica}, targeted: {e}"));
+            None
+        }
+    }
+}
+
+/// How long after `since` every live export's write frontier on `replica` passed `time`, having been
+/// reset (no frontier: a new connection) at least once if `time` was already passed at the start.
+async fn caught_up(ctx: &Ctx, replica: ReplicaId, time: u64, since: Instant) -> Option<Duration> {
+    let exports = ctx.live_exports();
+    let mut reset_seen = false;
+    while since.elapsed() < PATIENCE {
+        let ids: Vec<GlobalId> = exports.keys().copied().collect();
+        let states = {
+            let controller = ctx.controller.lock().await;
+            controller
+                .inspect(INSTANCE, move |core| {
+                    ids.iter()
+                        .map(|id| core.replica_write_frontier(replica, *id).and_then(|f| first(&f)))
+                        .collect::<Vec<_>>()
+                })
+                .await
+        };
+        let states = states.ok()?;
+        reset_seen |= states.iter().any(Option::is_none);
+        if reset_seen && states.iter().all(|s| s.is_some_and(|t| t > time)) {
+            return Some(since.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    None
+}
+
+/// Drops the current `status_summary` and creates generation `generation` under a new id; checks the new
+/// one hydrates and the old one's state goes away.
+async fn recreate(ctx: &Ctx, generation: u64) {
+    let mut current = ctx.status_summary.write().await;
+    let Some(old) = *current else { return };
+    let new = workload::status_summary_id(generation);
+    let dropped = now();
+    if let Err(e) = ctx.controller.lock().await.drop_collections(INSTANCE, vec![old]).await {
+        ctx.stats.violation(format!("cannot drop {old}: {e}"));
+        return;
+    }
+    lock(&ctx.as_ofs).remove(&old);
+    let created = now();
+    let as_of = ctx.controller.lock().await.create_dataflow(INSTANCE, workload::status_summary(new)).await;
+    let as_of = match as_of.map(|a| first(&a)) {
+        Ok(Some(as_of)) => as_of,
+        other => {
+            ctx.stats.violation(format!("cannot recreate status_summary as {new}: {other:?}"));
+            *current = None;
+            return;
+        }
+    };
+    lock(&ctx.as_ofs).insert(new, as_of);
+    let hydration = async {
+        while created.elapsed() < PATIENCE {
+            let frontiers = ctx.controller.lock().await.collection_frontiers(INSTANCE, new);
+            if frontiers.ok().and_then(|f| first(&f.upper)).is_some_and(|u| u > as_of) {
+                return Some(created.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        None
+    };
+    // The dropped index's state (holds, history) must go away once no replica reports on it any more.
+    let removal = async {
+        while dropped.elapsed() < PATIENCE {
+            let gone = ctx
+                .controller
+                .lock()
+                .await
+                .inspect(INSTANCE, move |core| core.collection_frontiers(old).is_none())
+                .await;
+            if gone.unwrap_or(false) {
+                return Some(dropped.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        None
+    };
+    let (hydrated, removed) = tokio::join!(hydration, removal);
+    *current = Some(new);
+    drop(current);
+    if hydrated.is_none() {
+        ctx.stats.violation(format!(
+            "the recreated status_summary {new} did not hydrate within {} s",
+            PATIENCE.as_secs()
+        ));
+    }
+    if removed.is_none() {
+        let state =
+            ctx.controller.lock().await.inspect(INSTANCE, move |core| core.describe_collection(old)).await;
+        ctx.stats.violation(format!(
+            "the dropped index {old} still has controller state {} s later: {}",
+            PATIENCE.as_secs(),
+            state.unwrap_or_default()
+        ));
+    }
+    ctx.ui.event(
+        &ctx.stats,
+        &format!(
+            "dropped status_summary {old} and recreated it as {new}: hydrated in {}, old state gone after {}",
+            hydrated.map_or("-".to_string(), |h| format!("{} ms", h.as_millis())),
+            removed.map_or("-".to_string(), |r| format!("{} ms", r.as_millis())),
+        ),
+    );
+    lock(&ctx.stats.recreations).push(Recreation {
+        dropped: old.to_string(),
+        created: new.to_string(),
+        hydrated_ms: hydrated.map(ms),
+        state_removed_ms: removed.map(ms),
+    });
+}
+
+// -------------------------------------------------------------------------------------------------
+// Display
+
+/// Samples frontier lag and redraws the live status line, four times a second.
+async fn display(ctx: Arc<Ctx>) {
+    let mut history: std::collections::VecDeque<(Instant, u64, u64)> = std::collections::VecDeque::new();
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let indexes: Vec<GlobalId> = ctx
+            .live_exports()
+            .into_keys()
+            .filter(|id| ![workload::STATUS_REVENUE_SINK, workload::NATION_SUBSCRIBE].contains(id))
+            .collect();
+        let (mut slowest_upper, mut slowest_since) = (u64::MAX, u64::MAX);
+        {
+            let controller = ctx.controller.lock().await;
+            for id in &indexes {
+                if let Ok(f) = controller.collection_frontiers(INSTANCE, *id) {
+                    slowest_upper = slowest_upper.min(first(&f.upper).unwrap_or(u64::MAX));
+                    slowest_since = slowest_since.min(first(&f.since).unwrap_or(u64::MAX));
+                }
+            }
+        }
+        let wall = wallclock_ms();
+        let lag = wall.saturating_sub(slowest_upper);
+        if slowest_upper != u64::MAX && !ctx.stopping() {
+            lock(&ctx.stats.frontier_lag).push(lag);
+        }
+        if !ctx.ui.is_live() {
+            continue;
+        }
+        let mv_upper =
+            ctx.storage.frontiers(workload::STATUS_REVENUE).await.ok().and_then(|f| first(&f.upper));
+        let rows = ctx.stats.rows_written.load(Ordering::Relaxed);
+        let peeks = ctx.stats.peeks.load(Ordering::Relaxed);
+        let at = now();
+        history.push_back((at, rows, peeks));
+        while history.len() > 9 {
+            history.pop_front();
+        }
+        let (t0, r0, p0) = history.front().copied().unwrap_or((at, rows, peeks));
+        let span = at.duration_since(t0).as_secs_f64().max(0.001);
+        let (p50, p99) = ctx.stats.recent_percentiles(Duration::from_secs(2));
+        let replicas: Vec<String> =
+            lock(&ctx.replica_state).iter().map(|(r, s)| format!("{r} {s}")).collect();
+        let violations = ctx.stats.violation_count();
+        ctx.ui.live(&format!(
+            "{:>5.1}/{:.0}s | {:>5.0} rows/s | {:>4.0} peeks/s p50 {:.2}ms p99 {:.2}ms | upper -{}ms since -{:.1}s mv -{}ms | sub {} | {} | {}",
+            ctx.stats.elapsed_s(),
+            ctx.args.duration.as_secs_f64(),
+            (rows - r0) as f64 / span,
+            (peeks - p0) as f64 / span,
+            p50 as f64 / 1_000.0,
+            p99 as f64 / 1_000.0,
+            lag,
+            wall.saturating_sub(slowest_since) as f64 / 1_000.0,
+            mv_upper.map_or("?".to_string(), |u| wall.saturating_sub(u).to_string()),
+            thousands(ctx.stats.subscribe_batches.load(Ordering::Relaxed)),
+            replicas.join(" "),
+            if violations == 0 { "ok".to_string() } else { format!("{violations} VIOLATIONS") },
+        ));
+    }
+}
+
+// -------------------------------------------------------------------------------------------------
+// The end
+
+/// After the last write: every collection catches up to it, then every index on every replica and the
+/// materialized view are compared with the oracle in full.
+async fn final_checks(ctx: &Ctx) -> anyhow::Result<()> {
+    let last = ctx.latest_write();
+    ctx.ui.say(&format!("writes stopped at time {last}; waiting for every collection to catch up"));
+    let started = now();
+    let exports = ctx.live_exports();
+    loop {
+        let mut behind: Vec<String> = Vec::new();
+        {
+            let controller = ctx.controller.lock().await;
+            for id in exports.keys() {
+                let upper = controller.collection_frontiers(INSTANCE, *id).ok().and_then(|f| first(&f.upper));
+                if upper.is_none_or(|u| u <= last) {
+                    behind.push(format!("{id} at {upper:?}"));
+                }
+            }
+        }
+        let mv = ctx.storage.frontiers(workload::STATUS_REVENUE).await?;
+        if first(&mv.upper).is_none_or(|u| u <= last) {
+            behind.push(format!("{} (storage) at {:?}", workload::STATUS_REVENUE, mv.upper.elements()));
+        }
+        if ctx.subscribe_upper.load(Ordering::SeqCst) <= last {
+            behind.push(format!("subscribe checked to {}", ctx.subscribe_upper.load(Ordering::SeqCst)));
+        }
+        if behind.is_empty() {
+            break;
+        }
+        if started.elapsed() > PATIENCE {
+            ctx.stats.violation(format!(
+                "liveness: {} s after the last write, still behind it: {}",
+                PATIENCE.as_secs(),
+                behind.join(", ")
+            ));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    ctx.ui.say(&format!(
+        "caught up in {} ms; comparing every index on every replica in full",
+        started.elapsed().as_millis()
+    ));
+
+    let status_summary = ctx.status_summary.read().await.unwrap_or(workload::status_summary_id(0));
+    let full = |kind| PeekSpec {
+        literal_constraints: None,
+        map_filter_project: None,
+        finishing: RowSetFinishing::unordered(),
+        ..PeekSpec::new(kind, 0)
+    };
+    // The full contents of the key-lookup indexes, as the oracle has them.
+    let (customers, enriched) = ctx
+        .at(last, |oracle| (oracle.customers(), oracle.orders_enriched()))
+        .await
+        .ok_or_else(|| anyhow!("the write log does not cover the last write"))?;
+    let checks: Vec<(GlobalId, PeekSpec, Option<Multiset>)> = vec![
+        (workload::CUSTOMERS_BY_ID, full(PeekKind::CustomerLookup), Some(customers)),
+        (workload::ORDERS_BY_CUSTOMER, full(PeekKind::CustomerOrders), Some(enriched)),
+        (workload::REVENUE_BY_NATION, full(PeekKind::NationRevenue), None),
+        (workload::TOP_CUSTOMERS, full(PeekKind::TopCustomers), None),
+        (status_summary, full(PeekKind::StatusSummary), None),
+    ];
+    for (replica, _) in ctx.args.replica_specs() {
+        for (id, spec, contents) in &checks {
+            let what = format!("final full contents of {id} on {replica}");
+            match peek_index(ctx, *id, last, spec, Some(replica), PATIENCE).await {
+                Ok(Peeked::Rows(rows, _)) => {
+                    let ok = match contents {
+                        Some(contents) => {
+                            let expected = finish(contents, spec).map_err(|e| anyhow!(e))?;
+                            let actual = canonical(rows, spec);
+                            if expected != actual {
+                                ctx.stats.violation(format!(
+                                    "{what}: {}",
+                                    describe_difference(&expected, &actual)
+                                ));
+                            }
+                            expected == actual
+                        }
+                        None => check_rows(ctx, &what, last, spec, rows).await,
+                    };
+                    if ok {
+                        ctx.stats.final_checks.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Ok(Peeked::Unreadable) => {
+                    ctx.stats.violation(format!("{what}: the last write's time is not readable"))
+                }
+                Err(e) => ctx.stats.violation(format!("{what}: {e}")),
+            }
+        }
+    }
+    match check_mv_once(ctx).await {
+        Ok(Some(upper)) if upper > last => {
+            ctx.stats.final_checks.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(other) => {
+            ctx.stats.violation(format!("materialized view: not readable after the last write ({other:?})"))
+        }
+        Err(e) => ctx.stats.violation(format!("materialized view: {e:#}")),
+    }
+    read_introspection(ctx).await;
+    Ok(())
+}
+
+/// The baseline for rehydration: a fresh replica, shaped like the first one killed, added under the same
+/// load, timed until it answers a peek at the latest write's time when it was added and until every
+/// collection on it passed that time; then it is dropped again, and its processes must be gone.
+async fn fresh_replica(ctx: &Ctx) {
+    let processes = schedule(&ctx.args)
+        .into_iter()
+        .find_map(|(_, fault)| match fault {
+            Fault::Kill(replica) => {
+                ctx.args.replica_specs().into_iter().find(|(r, _)| *r == replica).map(|(_, p)| p)
+            }
+            Fault::Recreate | Fault::FreshReplica => None,
+        })
+        .unwrap_or(1);
+    let replica = ReplicaId(ctx.args.replicas as u64 + 1);
+    ctx.ui.event(
+        &ctx.stats,
+        &format!(
+            "baseline: adding a fresh replica {replica} ({processes} process(es)) to time a full hydration"
+        ),
+    );
+    lock(&ctx.replica_state).insert(replica, "hydrating".to_string());
+    let last = ctx.latest_write();
+    let added_at_s = ctx.stats.elapsed_s();
+    let started = now();
+    let location = controller::ReplicaLocation::Managed { workers: ctx.args.workers, processes };
+    if let Err(e) = ctx.controller.lock().await.add_replica(INSTANCE, replica, location).await {
+        ctx.stats.violation(format!("cannot add the fresh replica {replica}: {e}"));
+        return;
+    }
+    let (answered, caught_up) =
+        tokio::join!(answer_at(ctx, replica, last, started), caught_up(ctx, replica, last, started));
+    if let Err(e) = ctx.controller.lock().await.drop_replica(INSTANCE, replica).await {
+        ctx.stats.violation(format!("cannot drop the fresh replica {replica}: {e}"));
+    }
+    let leftover = ctx.orchestrator.pids(INSTANCE, replica);
+    if !leftover.is_empty() {
+        ctx.stats.violation(format!("the dropped replica {replica} still has processes {leftover:?}"));
+    }
+    if caught_up.is_none() {
+        ctx.stats.violation(format!(
+            "the fresh replica {replica} did not hydrate within {} s",
+            PATIENCE.as_secs()
+        ));
+    }
+    *lock(&ctx.stats.fresh_hydration) = Some(Rehydration {
+        replica: replica.to_string(),
+        processes,
+        killed_at_s: added_at_s,
+        restarted_ms: None,
+        answered_peek_ms: answered.map(ms),
+        caught_up_ms: caught_up.map(ms),
+    });
+    lock(&ctx.replica_state).remove(&replica);
+    ctx.ui.event(&ctx.stats, &format!(
+        "baseline: {replica} answered at the latest write after {}, every collection past it after {}; dropped",
+        answered.map_or("-".to_string(), |a| format!("{:.2} s", a.as_secs_f64())),
+        caught_up.map_or("-".to_string(), |a| format!("{:.2} s", a.as_secs_f64())),
+    ));
+}
+
+/// Reads the replica status rows back from the introspection collection (storage), for the report.
+async fn read_introspection(ctx: &Ctx) {
+    let id = IntrospectionKind::ReplicaStatus.default_id();
+    let deadline = now() + Duration::from_secs(5);
+    loop {
+        let rows = async {
+            let frontiers = ctx.storage.frontiers(id).await.ok()?;
+            let time = first(&frontiers.upper)?.checked_sub(1)?;
+            let handle = {
+                let controller = ctx.controller.lock().await;
+                controller
+                    .peek(INSTANCE, PeekTarget::Storage { id }, time, PeekOptions::default())
+                    .await
+                    .ok()?
+            };
+            match handle.result().await {
+                PeekResponse::Rows(rows) => Some(rows),
+                _ => None,
+            }
+        }
+        .await;
+        let statuses: Vec<String> = rows
+            .unwrap_or_default()
+            .iter()
+            .map(|(row, _)| {
+                let d = row.unpack();
+                match (d.get(1), d.get(2)) {
+                    (Some(Datum::Text(replica)), Some(Datum::Text(status))) => format!("{replica} {status}"),
+                    _ => format!("({row})"),
+                }
+            })
+            .collect();
+        let all_ready = statuses.len() == ctx.args.replicas && statuses.iter().all(|s| s.ends_with(" ready"));
+        if all_ready || now() > deadline {
+            if !all_ready {
+                warn!(?statuses, "introspection does not show every replica ready");
+            }
+            *lock(&ctx.stats.introspection) =
+                statuses.into_iter().map(|s| format!("{s} (compute_replica_status)")).collect();
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
