@@ -10,7 +10,7 @@ use anyhow::{Context, anyhow, bail};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use sim::simulation::{Outcome, SimConfig, run_seed_with};
+use sim::simulation::{Outcome, RealConfig, SimConfig, run_real, run_seed_with};
 
 fn parse_range(value: &str) -> anyhow::Result<Range<u64>> {
     let (a, b) = value.split_once("..").ok_or_else(|| anyhow!("expected A..B, got {value:?}"))?;
@@ -25,6 +25,7 @@ fn simulate(args: &[String]) -> anyhow::Result<ExitCode> {
     let mut seeds: Option<Range<u64>> = None;
     let mut config = SimConfig::default();
     let mut verbose = false;
+    let mut real: Option<RealConfig> = None;
     let mut jobs: Option<usize> = None;
     let mut expect_failure = false;
     let mut iter = args.iter();
@@ -39,10 +40,12 @@ fn simulate(args: &[String]) -> anyhow::Result<ExitCode> {
             "--fault-ms" => config.fault_ms = value()?.parse().context("--fault-ms")?,
             "--liveness-ms" => config.liveness_ms = value()?.parse().context("--liveness-ms")?,
             "--verbose" | "-v" => verbose = true,
+            "--real-compute" => real = Some(RealConfig::default()),
+            "--real-ms" => real = Some(RealConfig { duration_ms: value()?.parse().context("--real-ms")? }),
             "--jobs" => jobs = Some(value()?.parse().context("--jobs")?),
             "--expect-failure" => expect_failure = true,
             other => bail!(
-                "unknown argument {other:?}; usage: sim simulate (--seed S | --seeds A..B) [--fault-ms N] [--liveness-ms N] [--jobs N] [--expect-failure] [-v]"
+                "unknown argument {other:?}; usage: sim simulate (--seed S | --seeds A..B) [--fault-ms N] [--liveness-ms N] [--jobs N] [--expect-failure] [--real-compute | --real-ms N] [-v]"
             ),
         }
     }
@@ -54,7 +57,8 @@ fn simulate(args: &[String]) -> anyhow::Result<ExitCode> {
         println!("seeds {}..{}", seeds.start, seeds.end);
     }
     // Seeds are independent: run them on every core, and report the lowest failing one.
-    let jobs = if single {
+    // A real-compute seed runs replicas, storage and the controller on their own threads: one at a time.
+    let jobs = if single || real.is_some() {
         1
     } else {
         jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
@@ -73,7 +77,11 @@ fn simulate(args: &[String]) -> anyhow::Result<ExitCode> {
                     if seed >= seeds.end {
                         return;
                     }
-                    let outcome = std::panic::catch_unwind(|| run_seed_with(seed, config)).ok();
+                    let outcome = match real {
+                        // The real stack runs its own threads; a failure to run at all is a failed seed.
+                        Some(real) => run_real(seed, real).map_err(|e| println!("seed {seed}: {e:#}")).ok(),
+                        None => std::panic::catch_unwind(|| run_seed_with(seed, config)).ok(),
+                    };
                     if outcome.as_ref().is_none_or(|o| o.violation.is_some()) {
                         failed.store(true, Ordering::SeqCst);
                     }
