@@ -252,14 +252,36 @@ impl Stats {
 #[derive(Debug)]
 pub struct Ui {
     live: bool,
+    /// The terminal's width: a live line longer than this would wrap, and `\r` could not redraw it.
+    width: usize,
     /// Whether a live line is on screen (to be cleared before the next event line).
     drawn: Mutex<bool>,
+}
+
+/// The terminal's width in columns, from `stty size` on the controlling terminal (no libc), else
+/// `$COLUMNS`, else 100.
+fn terminal_width() -> usize {
+    let from_stty = std::fs::File::open("/dev/tty").ok().and_then(|tty| {
+        let output = std::process::Command::new("stty")
+            .arg("size")
+            .stdin(tty)
+            .stderr(std::process::Stdio::null())
+            .output()
+            .ok()?;
+        let text = String::from_utf8(output.stdout).ok()?;
+        text.split_whitespace().nth(1)?.parse::<usize>().ok()
+    });
+    from_stty
+        .or_else(|| std::env::var("COLUMNS").ok().and_then(|c| c.parse().ok()))
+        .filter(|w| *w >= 20)
+        .unwrap_or(100)
 }
 
 impl Ui {
     /// A display; live lines only if stderr is a terminal.
     pub fn new() -> Ui {
-        Ui { live: std::io::stderr().is_terminal(), drawn: Mutex::new(false) }
+        let live = std::io::stderr().is_terminal();
+        Ui { live, width: if live { terminal_width() } else { 100 }, drawn: Mutex::new(false) }
     }
 
     /// Whether live lines are drawn.
@@ -288,6 +310,9 @@ impl Ui {
         if !self.live {
             return;
         }
+        // Cut to the terminal's width, so the line never wraps.
+        let line =
+            line.char_indices().nth(self.width.saturating_sub(1)).map_or(line, |(end, _)| &line[..end]);
         let mut drawn = lock(&self.drawn);
         let mut err = std::io::stderr().lock();
         let _ = write!(err, "\r\x1b[2K{line}");

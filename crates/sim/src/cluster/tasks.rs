@@ -1060,20 +1060,22 @@ async fn display(ctx: Arc<Ctx>) {
         let replicas: Vec<String> =
             lock(&ctx.replica_state).iter().map(|(r, s)| format!("{r} {s}")).collect();
         let violations = ctx.stats.violation_count();
+        let rate = |n: u64| if span < 0.2 { "-".to_string() } else { format!("{:.0}", n as f64 / span) };
+        // Most important first: a narrow terminal cuts the end.
         ctx.ui.live(&format!(
-            "{:>5.1}/{:.0}s | {:>5.0} rows/s | {:>4.0} peeks/s p50 {:.2}ms p99 {:.2}ms | upper -{}ms since -{:.1}s mv -{}ms | sub {} | {} | {}",
+            "{:>5.1}/{:.0}s | {} rows/s | {} peeks/s p50 {:.1}ms p99 {:.1}ms | {} | {} | upper -{}ms since -{:.1}s mv -{}ms | sub {}",
             ctx.stats.elapsed_s(),
             ctx.args.duration.as_secs_f64(),
-            (rows - r0) as f64 / span,
-            (peeks - p0) as f64 / span,
+            rate(rows - r0),
+            rate(peeks - p0),
             p50 as f64 / 1_000.0,
             p99 as f64 / 1_000.0,
+            if violations == 0 { "ok".to_string() } else { format!("{violations} VIOLATIONS") },
+            replicas.join(" "),
             lag,
             wall.saturating_sub(slowest_since) as f64 / 1_000.0,
             mv_upper.map_or("?".to_string(), |u| wall.saturating_sub(u).to_string()),
             thousands(ctx.stats.subscribe_batches.load(Ordering::Relaxed)),
-            replicas.join(" "),
-            if violations == 0 { "ok".to_string() } else { format!("{violations} VIOLATIONS") },
         ));
     }
 }
