@@ -110,7 +110,7 @@ pub struct InstanceCoreConfig<T> {
     pub default_index_policy: ReadPolicy<T>,
     /// The peek timeout when a peek does not set one (`None`: no timeout).
     pub default_peek_timeout_ms: Option<u64>,
-    /// How often wall-clock lag introspection is refreshed, in milliseconds.
+    /// How often the frontier and wall-clock lag introspection rows are refreshed, in milliseconds.
     pub introspection_interval_ms: u64,
 }
 
@@ -184,6 +184,9 @@ struct ReplicaCollection<T: Timestamp> {
     hydrated_at_ms: Option<u64>,
     /// This replica has reported the dropped collection gone (or cannot report anything about it).
     dropped: bool,
+    /// The write frontier changed since its introspection row was last written (the pair is then listed
+    /// in `InstanceCore::stale_frontier_rows`).
+    frontier_row_stale: bool,
 }
 
 #[derive(Debug)]
@@ -246,6 +249,8 @@ pub struct InstanceCore<T: Timestamp> {
     outputs: VecDeque<InstanceOutput<T>>,
     introspection: IntrospectionState,
     peek_histogram: BTreeMap<(ReplicaId, u64), i64>,
+    /// (collection, replica) pairs whose frontier introspection row is due at the next refresh.
+    stale_frontier_rows: Vec<(GlobalId, ReplicaId)>,
     now_ms: u64,
     last_lag_refresh_ms: u64,
     /// `AllowWrites` was broadcast (and is in the history, so every later replica gets it too).
@@ -274,6 +279,7 @@ impl<T: Timestamp> InstanceCore<T> {
             outputs: VecDeque::new(),
             introspection: IntrospectionState::default(),
             peek_histogram: BTreeMap::new(),
+            stale_frontier_rows: Vec::new(),
             now_ms,
             last_lag_refresh_ms: now_ms,
             writes_allowed: false,
@@ -322,6 +328,7 @@ impl<T: Timestamp> InstanceCore<T> {
                     input_holds,
                     hydrated_at_ms: None,
                     dropped: collection.dropped,
+                    frontier_row_stale: false,
                 },
             );
         }
@@ -483,6 +490,7 @@ impl<T: Timestamp> InstanceCore<T> {
                             .collect(),
                         hydrated_at_ms: None,
                         dropped: false,
+                        frontier_row_stale: false,
                     },
                 );
             }
@@ -860,6 +868,10 @@ impl<T: Timestamp> InstanceCore<T> {
             return;
         }
         state.write_frontier = Some(new.clone());
+        if !state.frontier_row_stale {
+            state.frontier_row_stale = true;
+            self.stale_frontier_rows.push((id, replica));
+        }
         for hold in &mut state.input_holds {
             // Only forward; a reconnected replica restarting lower keeps its hold where it was.
             let _ = hold.try_downgrade(new.clone());
@@ -888,13 +900,10 @@ impl<T: Timestamp> InstanceCore<T> {
                 upper,
             }));
         }
-        let (instance, replica_name, collection_name) =
-            (self.id.to_string(), replica.to_string(), id.to_string());
-        let key = [Datum::Text(&instance), Datum::Text(&replica_name), Datum::Text(&collection_name)];
-        let frontier =
-            new.elements().first().map(|t| Datum::Timestamp(t.to_wallclock_ms())).unwrap_or(Datum::Null);
-        self.introspection.set(IntrospectionKind::Frontiers, &key, Some(&[frontier]));
         if hydrated_now {
+            let (instance, replica_name, collection_name) =
+                (self.id.to_string(), replica.to_string(), id.to_string());
+            let key = [Datum::Text(&instance), Datum::Text(&replica_name), Datum::Text(&collection_name)];
             self.introspection.set(
                 IntrospectionKind::Hydration,
                 &key,
@@ -996,9 +1005,32 @@ impl<T: Timestamp> InstanceCore<T> {
         }
         if self.now_ms.saturating_sub(self.last_lag_refresh_ms) >= self.config.introspection_interval_ms {
             self.last_lag_refresh_ms = self.now_ms;
+            self.refresh_frontier_rows();
             self.refresh_wallclock_lag();
         }
         self.process_holds();
+    }
+
+    /// Writes the frontier introspection row of every (collection, replica) whose write frontier changed
+    /// since the last refresh. Once per introspection interval rather than on every report: a frontier
+    /// report then costs no introspection work (and storage gets one row change per interval, not one per
+    /// report), whatever the number of collections.
+    fn refresh_frontier_rows(&mut self) {
+        let instance = self.id.to_string();
+        for (id, replica) in std::mem::take(&mut self.stale_frontier_rows) {
+            let Some(collection) = self.collections.get_mut(&id) else { continue };
+            let Some(state) = collection.per_replica.get_mut(&replica) else { continue };
+            state.frontier_row_stale = false;
+            let Some(frontier) = &state.write_frontier else { continue };
+            let frontier = frontier
+                .elements()
+                .first()
+                .map(|t| Datum::Timestamp(t.to_wallclock_ms()))
+                .unwrap_or(Datum::Null);
+            let (replica_name, collection_name) = (replica.to_string(), id.to_string());
+            let key = [Datum::Text(&instance), Datum::Text(&replica_name), Datum::Text(&collection_name)];
+            self.introspection.set(IntrospectionKind::Frontiers, &key, Some(&[frontier]));
+        }
     }
 
     fn refresh_wallclock_lag(&mut self) {

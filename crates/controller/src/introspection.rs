@@ -11,7 +11,8 @@
 //!
 //! The instance core keeps the current row for every key ([`IntrospectionState`]) and emits differences:
 //! a changed row becomes a retraction of the old and an insertion of the new. The shell appends these at
-//! the current time.
+//! the current time. Frontier and wall-clock lag rows are refreshed once per introspection interval (the
+//! latest value of each key), not on every frontier report; the others change as their events happen.
 //!
 //! **Invariant:** the accumulated updates of each relation equal the rows `IntrospectionState` holds
 //! (no row is retracted that was not inserted).
