@@ -1,0 +1,849 @@
+//! Benchmarks of the compute controller (DESIGN §6, issue 7), each against a baseline measured in the
+//! same run.
+//!
+//! - `controller.peek_p50` / `controller.peek_p99`: point lookups on a 1M-key index, through the
+//!   controller's API (`peek` + awaiting the result) to one in-process replica over loopback TCP, one at a
+//!   time. Baseline: a loopback TCP round trip of the same request and response frame sizes. Bars: p50
+//!   under 150 us, p99 under 1 ms (printed as warnings when missed).
+//! - `controller.peek_throughput`: the same peeks with up to 256 in flight. Baseline: the same bytes
+//!   echoed over loopback with the same window. Bar: above 20,000 peeks/s.
+//! - `controller.frontier_update_10k`: the cost of one replica frontier update through an `InstanceCore`
+//!   (read policy, `AllowCompaction`, import-hold downgrades, the history) with 10,000 indexes, against
+//!   the same with 100, updates to pseudo-random collections (`..._sweep`: to each collection in turn,
+//!   as a replica reporting every collection each tick does). Every 10 updates per collection an
+//!   introspection interval passes (`tick`: frontier and wall-clock lag rows refreshed), inside the
+//!   timing. The fake storage layer's processing of the import-hold changes runs untimed between chunks
+//!   (storage's work, on its own thread in a deployment). Bar: ratio at most 2.
+//! - `controller.churn_*_100k`: an `InstanceCore` with a replica and a few long-lived indexes goes through
+//!   100,000 cycles of create, hydrate, peek, answer, drop and the replica's dropped report, with the
+//!   shell's ticks (a millisecond of clock per cycle, one more introspection interval at the end); history
+//!   length, collections with state, hold-accounting entries and live heap bytes (a counting global
+//!   allocator) against the baseline after 0 cycles. Bar: ratio 1. `..._vs_10k` compares the bytes with
+//!   those after 10,000 cycles, once every structure has reached its working size: no growth.
+//! - `controller.hydration_peak_rss_<workload>`: the peak RSS (`VmHWM`) of a `compute-replica` process,
+//!   started by the `ProcessOrchestrator` against a storage server, hydrating 8 heavy dataflows over a
+//!   1M-row table with `hydration_concurrency` 1, against the same with 8 (a fresh process each). Bar:
+//!   ratio at most 0.5. Three workloads, because the ratio depends on how a dataflow's hydration peak
+//!   compares with the state it keeps afterwards: `count` (`k % m` counted into about 100 groups),
+//!   `sum` (the same through the general reduce) and `filter` (a scan into a 100-row index).
+//!   `controller.hydration_time_<workload>` is the time until all 8 hydrated, 1 against 8. The bench
+//!   builds `compute-replica` in release first (`$CARGO build --release`), a no-op when it is fresh.
+//!
+//! Prints `bench <name>: <value> <unit> (baseline <value> <unit>, ratio <r>)`. Run with
+//! `cargo xtask bench controller` or `cargo bench -p controller --bench controller`;
+//! `CONTROLLER_BENCH=frontiers|churn|peek|hydration` runs one part. Not a test: it asserts only the
+//! correctness of the results it waits for.
+
+// A benchmark reports on stdout; `cargo xtask bench` reads it from there.
+#![allow(clippy::print_stdout)]
+// A benchmark measures wall-clock time; clippy.toml's clock rule is for simulated code.
+#![allow(clippy::disallowed_methods)]
+// The counting global allocator implements `GlobalAlloc`, an unsafe trait; it only forwards to `System`.
+#![allow(unsafe_code)]
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::collections::VecDeque;
+use std::hint::black_box;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::num::NonZeroU64;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicIsize, Ordering};
+use std::time::{Duration, Instant};
+
+use compute::{ReplicaConfig, ReplicaServer};
+use controller::{
+    ComputeController, ControllerConfig, InstanceCore, InstanceCoreConfig, PeekOptions, PeekRequest,
+    ProcessOrchestrator, ProcessOrchestratorConfig, ReplicaLocation, lock,
+};
+use frontiers::{Antichain, ReadHold, ReadHolds, ReadPolicy};
+use protocol::frame::{DEFAULT_MAX_FRAME_BYTES, encode_frame};
+use protocol::{
+    AggregateExpr, AggregateFunc, BinaryFunc, BuildDesc, ColumnType, ComputeCommand, ComputeResponse,
+    DataflowDescription, Datum, FrontiersResponse, GlobalId, IndexExport, InstanceId, MapFilterProject, Peek,
+    PeekId, PeekResponse, PeekTarget, Plan, RelationDesc, ReplicaId, Row, RowSetFinishing, ScalarExpr,
+    ScalarType, SourceImport,
+};
+use replica_client::{ReplicaEvent, ReplicaStatus};
+use storage::{AppendRequest, InProcess, StorageCollections, StoreConfig};
+
+/// Counts the bytes currently allocated through it.
+struct Counting;
+
+static LIVE_BYTES: AtomicIsize = AtomicIsize::new(0);
+
+// SAFETY: every method forwards to `System` with the caller's arguments unchanged; the counter is a side
+// effect only.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: forwarded as is.
+        let ptr = unsafe { System.alloc(layout) };
+        if !ptr.is_null() {
+            LIVE_BYTES.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        }
+        ptr
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: forwarded as is.
+        unsafe { System.dealloc(ptr, layout) };
+        LIVE_BYTES.fetch_sub(layout.size() as isize, Ordering::Relaxed);
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: forwarded as is.
+        let ptr = unsafe { System.alloc_zeroed(layout) };
+        if !ptr.is_null() {
+            LIVE_BYTES.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        }
+        ptr
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: forwarded as is.
+        let new = unsafe { System.realloc(ptr, layout, new_size) };
+        if !new.is_null() {
+            LIVE_BYTES.fetch_add(new_size as isize - layout.size() as isize, Ordering::Relaxed);
+        }
+        new
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn live_bytes() -> isize {
+    LIVE_BYTES.load(Ordering::Relaxed)
+}
+
+const INSTANCE: InstanceId = InstanceId(1);
+const REPLICA: ReplicaId = ReplicaId(1);
+
+fn f(t: u64) -> Antichain<u64> {
+    Antichain::from_elem(t)
+}
+
+fn kv_desc() -> RelationDesc {
+    RelationDesc::new([
+        ("k", ColumnType::new(ScalarType::Int64, false)),
+        ("v", ColumnType::new(ScalarType::Int64, false)),
+    ])
+}
+
+fn int_row(values: &[i64]) -> Row {
+    Row::pack(values.iter().map(|v| Datum::Int64(*v)))
+}
+
+/// An index `export` on key `k` over storage collection `source`.
+fn index_on(source: GlobalId, export: GlobalId, as_of: Option<u64>) -> DataflowDescription<u64> {
+    let object = GlobalId::Transient(match export {
+        GlobalId::User(n) | GlobalId::System(n) | GlobalId::Transient(n) => n,
+    });
+    let mut df = DataflowDescription::new(format!("index {export}"));
+    df.source_imports.insert(source, SourceImport { desc: kv_desc() });
+    df.objects_to_build.push(BuildDesc { id: object, plan: Plan::get(source) });
+    df.index_exports.insert(export, IndexExport { on_id: object, key: vec![0] });
+    df.as_of = as_of.map(f);
+    df
+}
+
+fn report(name: &str, value: f64, unit: &str, baseline: f64, baseline_unit: &str, ratio: f64) {
+    println!("bench {name}: {value:.3} {unit} (baseline {baseline:.3} {baseline_unit}, ratio {ratio:.3})");
+}
+
+// -------------------------------------------------------------------------------------------------
+// Instance cores driven directly: frontier processing and churn
+
+/// An instance core with one connected replica and a fake storage layer's hold accounting.
+struct Core {
+    core: InstanceCore<u64>,
+    storage: ReadHolds<GlobalId, u64>,
+    /// Storage's own holds (its read policies), never released here.
+    storage_policies: Vec<ReadHold<GlobalId, u64>>,
+}
+
+impl Core {
+    fn new() -> Core {
+        let config = InstanceCoreConfig {
+            default_index_policy: ReadPolicy::LagWriteFrontier { lag_ms: 1, granularity_ms: 0 },
+            ..Default::default()
+        };
+        let mut core = InstanceCore::new(INSTANCE, config, Arc::new(|| {}), 0);
+        core.add_replica(REPLICA).expect("new replica");
+        core.handle_replica_event(REPLICA, ReplicaEvent::Status(ReplicaStatus::Ready));
+        let mut this = Core { core, storage: ReadHolds::new(), storage_policies: Vec::new() };
+        this.drain();
+        this
+    }
+
+    fn create_storage(&mut self, id: GlobalId) {
+        self.storage_policies.push(self.storage.create(id, f(0)).expect("new storage collection"));
+    }
+
+    fn create(&mut self, df: DataflowDescription<u64>) {
+        let as_of = df.as_of.clone().expect("an as-of");
+        let holds = df
+            .source_imports
+            .keys()
+            .map(|id| (*id, self.storage.acquire(id, as_of.clone()).expect("storage hold")))
+            .collect();
+        self.core.create_dataflow(df, holds).expect("create dataflow");
+    }
+
+    fn respond(&mut self, response: ComputeResponse<u64>) {
+        self.core.handle_replica_event(REPLICA, ReplicaEvent::Response(response));
+    }
+
+    fn report(&mut self, id: GlobalId, upper: Antichain<u64>) {
+        let frontiers = FrontiersResponse { write_frontier: Some(upper), ..Default::default() };
+        self.respond(ComputeResponse::Frontiers { id, frontiers });
+    }
+
+    /// What the shell does after each input: takes the outputs and the introspection updates.
+    fn drain_controller(&mut self) {
+        while let Some(output) = self.core.poll() {
+            black_box(output);
+        }
+        black_box(self.core.drain_introspection());
+    }
+
+    /// The shell's part, then the storage layer's: it applies the storage hold changes.
+    fn drain(&mut self) {
+        self.drain_controller();
+        black_box(self.storage.process());
+    }
+}
+
+/// Marsaglia's xorshift64: deterministic, no `rand` dependency.
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+}
+
+const FRONTIER_UPDATES: u64 = 200_000;
+/// Updates timed between two rounds of the (fake) storage layer's hold processing, which is not timed.
+const FRONTIER_CHUNK: u64 = 1_000;
+/// Frontier updates per collection per introspection interval (e.g. a replica reporting progress every
+/// 100 ms, introspection refreshed every second): the rate at which the timed loop calls `tick`.
+const UPDATES_PER_INTERVAL: u64 = 10;
+
+/// Which collection each frontier update is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum UpdateOrder {
+    /// A pseudo-random one: no locality at all (the worst case).
+    Random,
+    /// Each in turn, in id order, as a replica reporting every collection's progress each tick does.
+    Sweep,
+}
+
+/// The controller's time per frontier update with `collections` indexes, each on its own storage
+/// collection, best of 5 runs. The storage layer's processing of the import-hold changes is its own work
+/// (on its own thread in a real deployment), so it runs between timed chunks.
+fn frontier_update_cost(collections: u64, order: UpdateOrder) -> Duration {
+    let mut core = Core::new();
+    for n in 0..collections {
+        core.create_storage(GlobalId::System(n));
+        core.create(index_on(GlobalId::System(n), GlobalId::User(n), Some(0)));
+    }
+    core.drain();
+    let mut uppers = vec![1u64; collections as usize];
+    let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);
+    let mut turn = 0u64;
+    let (mut updates, mut now_ms) = (0u64, 0u64);
+    let interval_ms = InstanceCoreConfig::<u64>::default().introspection_interval_ms;
+    let mut best = Duration::MAX;
+    for _ in 0..5 {
+        let mut elapsed = Duration::ZERO;
+        for _ in 0..FRONTIER_UPDATES / FRONTIER_CHUNK {
+            let start = Instant::now();
+            for _ in 0..FRONTIER_CHUNK {
+                let n = match order {
+                    UpdateOrder::Random => rng.next() % collections,
+                    UpdateOrder::Sweep => {
+                        turn += 1;
+                        turn % collections
+                    }
+                };
+                uppers[n as usize] += 1;
+                core.report(GlobalId::User(n), f(uppers[n as usize]));
+                core.drain_controller();
+                updates += 1;
+                if updates % (UPDATES_PER_INTERVAL * collections) == 0 {
+                    // An introspection interval passed: frontier and lag rows are refreshed.
+                    now_ms += interval_ms;
+                    core.core.tick(now_ms);
+                    core.drain_controller();
+                }
+            }
+            elapsed += start.elapsed();
+            black_box(core.storage.process());
+        }
+        best = best.min(elapsed / FRONTIER_UPDATES as u32);
+    }
+    assert_eq!(core.core.collection_count() as u64, collections);
+    best
+}
+
+fn bench_frontiers() {
+    let ns = |d: Duration| d.as_secs_f64() * 1e9;
+    for (order, name) in
+        [(UpdateOrder::Random, "frontier_update_10k"), (UpdateOrder::Sweep, "frontier_update_10k_sweep")]
+    {
+        let small = frontier_update_cost(100, order);
+        let large = frontier_update_cost(10_000, order);
+        let ratio = ns(large) / ns(small);
+        report(&format!("controller.{name}"), ns(large), "ns", ns(small), "ns", ratio);
+        if ratio > 2.0 {
+            println!(
+                "  WARNING: {order:?} updates at 10k collections cost {ratio:.2}x those at 100 (bar: 2x)"
+            );
+        }
+    }
+}
+
+const CHURN_CYCLES: u64 = 100_000;
+
+/// The state the churn benchmark counts.
+#[derive(Debug, Clone, Copy)]
+struct ChurnState {
+    history: usize,
+    collections: usize,
+    holds: usize,
+    peeks: usize,
+    bytes: isize,
+}
+
+fn churn_state(core: &Core, start: isize) -> ChurnState {
+    ChurnState {
+        history: core.core.history_len(),
+        collections: core.core.collection_count(),
+        holds: lock(&core.core.shared()).holds.len(),
+        peeks: core.core.pending_peek_count(),
+        bytes: live_bytes() - start,
+    }
+}
+
+fn bench_churn() {
+    let start = live_bytes();
+    let mut core = Core::new();
+    let source = GlobalId::System(1);
+    core.create_storage(source);
+    // The baseline: a few long-lived indexes, hydrated, and an introspection interval passed.
+    for n in 0..3 {
+        core.create(index_on(source, GlobalId::User(n), Some(0)));
+        core.report(GlobalId::User(n), f(11));
+    }
+    let interval_ms = InstanceCoreConfig::<u64>::default().introspection_interval_ms;
+    let mut now_ms = interval_ms;
+    core.core.tick(now_ms);
+    core.drain();
+    let baseline = churn_state(&core, start);
+    let mut after_10k = baseline;
+    let row = int_row(&[1, 2]);
+    for cycle in 0..CHURN_CYCLES {
+        if cycle == 10_000 {
+            after_10k = churn_state(&core, start);
+        }
+        let id = GlobalId::User(1_000 + cycle);
+        core.create(index_on(source, id, Some(5)));
+        core.drain();
+        core.report(id, f(11));
+        core.drain();
+        let uuid = PeekId(cycle + 1);
+        core.core
+            .peek(PeekRequest {
+                uuid,
+                id,
+                timestamp: 10,
+                literal_constraints: None,
+                map_filter_project: None,
+                finishing: RowSetFinishing::unordered(),
+                target_replica: None,
+                timeout_ms: None,
+            })
+            .expect("peek");
+        core.drain();
+        let response = PeekResponse::Rows(vec![(row.clone(), NonZeroU64::MIN)]);
+        core.respond(ComputeResponse::PeekResponse { uuid, response });
+        core.drain();
+        core.core.drop_collections(&[id]).expect("drop");
+        core.drain();
+        core.report(id, Antichain::new());
+        core.drain();
+        // The shell's clock: a millisecond per cycle (the shell ticks every 50 ms).
+        now_ms += 1;
+        core.core.tick(now_ms);
+        core.drain();
+    }
+    // A last introspection interval, as the shell's ticks bring within a second.
+    core.core.tick(now_ms + interval_ms);
+    core.drain();
+    let after = churn_state(&core, start);
+    assert_eq!(after.collections, baseline.collections, "{after:?} vs {baseline:?}");
+    assert_eq!(after.peeks, 0);
+    let figures = [
+        ("controller.churn_history_len_100k", after.history, baseline.history, "commands"),
+        ("controller.churn_collections_100k", after.collections, baseline.collections, "collections"),
+        ("controller.churn_holds_100k", after.holds, baseline.holds, "collections"),
+    ];
+    for (name, value, base, unit) in figures {
+        report(name, value as f64, unit, base as f64, unit, value as f64 / base as f64);
+    }
+    let (bytes, base) = (after.bytes as f64, baseline.bytes as f64);
+    report("controller.churn_bytes_100k", bytes, "bytes", base, "bytes", bytes / base);
+    let base = after_10k.bytes as f64;
+    report("controller.churn_bytes_100k_vs_10k", bytes, "bytes", base, "bytes", bytes / base);
+    drop(black_box(core));
+}
+
+// -------------------------------------------------------------------------------------------------
+// Peeks through the controller to a real replica
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime")
+}
+
+/// Polls `done` every 10 ms until it holds (at most `limit`).
+async fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < limit, "{what}: not done after {limit:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+const KEYS: u64 = 1_000_000;
+
+fn point_options(key: u64) -> PeekOptions {
+    PeekOptions { literal_constraints: Some(vec![int_row(&[key as i64])]), ..PeekOptions::default() }
+}
+
+/// The frame sizes of one point peek and its answer, as the controller and the replica send them.
+fn peek_frame_sizes(index: GlobalId, response: PeekResponse) -> (usize, usize) {
+    let peek = ComputeCommand::<u64>::Peek(Peek {
+        uuid: PeekId(1),
+        target: PeekTarget::Index { id: index },
+        timestamp: 0,
+        literal_constraints: Some(vec![int_row(&[123_456])]),
+        map_filter_project: MapFilterProject::new(2),
+        finishing: RowSetFinishing::unordered(),
+    });
+    let mut buffer = Vec::new();
+    encode_frame(&peek, DEFAULT_MAX_FRAME_BYTES, &mut buffer).expect("encode");
+    let request = buffer.len();
+    buffer.clear();
+    let answer = ComputeResponse::<u64>::PeekResponse { uuid: PeekId(1), response };
+    encode_frame(&answer, DEFAULT_MAX_FRAME_BYTES, &mut buffer).expect("encode");
+    (request, buffer.len())
+}
+
+fn bench_peeks() {
+    let runtime = runtime();
+    let storage = Arc::new(InProcess::in_memory(StoreConfig::default()));
+    let source = GlobalId::User(1);
+    runtime.block_on(async {
+        storage.create_collection(source, kv_desc()).await.expect("create");
+        let updates = (0..KEYS as i64).map(|k| (int_row(&[k, 3 * k]), 0, 1)).collect();
+        let request = AppendRequest { id: source, updates, expected_upper: f(0), new_upper: f(1) };
+        storage.append(vec![request]).await.expect("append");
+    });
+    let replica = ReplicaServer::start(ReplicaConfig {
+        listen: "127.0.0.1:0".parse().expect("address"),
+        workers: 1,
+        process: 0,
+        timely_addresses: Vec::new(),
+        storage: Arc::clone(&storage) as Arc<dyn StorageCollections>,
+    })
+    .expect("start replica");
+    let index = GlobalId::User(2);
+    let (latencies, response, throughput) = runtime.block_on(async {
+        let storage: Arc<dyn StorageCollections> = Arc::clone(&storage) as _;
+        let mut controller =
+            ComputeController::new(storage, None, ControllerConfig::default()).await.expect("controller");
+        controller.create_instance(INSTANCE).expect("instance");
+        let addresses = vec![replica.local_addr().to_string()];
+        controller
+            .add_replica(INSTANCE, REPLICA, ReplicaLocation::Unmanaged { addresses })
+            .await
+            .expect("add");
+        let hydration = Instant::now();
+        controller.create_dataflow(INSTANCE, index_on(source, index, None)).await.expect("create index");
+        wait_until("the 1M-key index hydrates", Duration::from_secs(300), || {
+            controller.collection_frontiers(INSTANCE, index).is_ok_and(|f| !f.upper.less_equal(&0))
+        })
+        .await;
+        println!("  (1M-key index hydrated in {:.2} s)", hydration.elapsed().as_secs_f64());
+
+        let (warmup, measured) = (500u64, 5_000u64);
+        let mut latencies = Vec::with_capacity(measured as usize);
+        let mut last = None;
+        for i in 0..warmup + measured {
+            let key = (i * 7_919) % KEYS;
+            let start = Instant::now();
+            let handle = controller
+                .peek(INSTANCE, PeekTarget::Index { id: index }, 0, point_options(key))
+                .await
+                .expect("peek");
+            let response = handle.result().await;
+            let elapsed = start.elapsed();
+            let PeekResponse::Rows(rows) = &response else { panic!("peek failed: {response:?}") };
+            assert_eq!(rows.len(), 1, "one row per key");
+            assert_eq!(rows[0].0, int_row(&[key as i64, 3 * key as i64]), "the row of key {key}");
+            if i >= warmup {
+                latencies.push(elapsed);
+            }
+            while controller.try_process().is_some() {}
+            last = Some(response);
+        }
+
+        let (window, warmup, measured) = (256usize, 2_000u64, 30_000u64);
+        let mut in_flight = VecDeque::with_capacity(window);
+        let mut start = Instant::now();
+        for i in 0..warmup + measured {
+            if i == warmup {
+                for handle in in_flight.drain(..) {
+                    check_point_answer(handle).await;
+                }
+                start = Instant::now();
+            }
+            if in_flight.len() == window {
+                check_point_answer(in_flight.pop_front().expect("full")).await;
+            }
+            let key = (i * 104_729) % KEYS;
+            let handle = controller
+                .peek(INSTANCE, PeekTarget::Index { id: index }, 0, point_options(key))
+                .await
+                .expect("peek");
+            in_flight.push_back(handle);
+            if i % 64 == 0 {
+                while controller.try_process().is_some() {}
+            }
+        }
+        for handle in in_flight.drain(..) {
+            check_point_answer(handle).await;
+        }
+        let throughput = measured as f64 / start.elapsed().as_secs_f64();
+        drop(controller);
+        (latencies, last.expect("answers"), throughput)
+    });
+    replica.shutdown();
+
+    let (request_bytes, response_bytes) = peek_frame_sizes(index, response);
+    let mut latencies = latencies;
+    latencies.sort();
+    let echo = echo_latencies(request_bytes, response_bytes, 500, 5_000);
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    let (p50, p99) = (percentile(&latencies, 0.5), percentile(&latencies, 0.99));
+    let (e50, e99) = (percentile(&echo, 0.5), percentile(&echo, 0.99));
+    report("controller.peek_p50", us(p50), "us", us(e50), "us", us(p50) / us(e50));
+    report("controller.peek_p99", us(p99), "us", us(e99), "us", us(p99) / us(e99));
+    if us(p50) >= 150.0 {
+        println!("  WARNING: peek p50 {:.1} us misses the 150 us bar", us(p50));
+    }
+    if us(p99) >= 1_000.0 {
+        println!("  WARNING: peek p99 {:.1} us misses the 1 ms bar", us(p99));
+    }
+    let echo_rate = echo_throughput(request_bytes, response_bytes, 256, 30_000);
+    report("controller.peek_throughput", throughput, "peeks/s", echo_rate, "peeks/s", throughput / echo_rate);
+    if throughput <= 20_000.0 {
+        println!("  WARNING: {throughput:.0} peeks/s misses the 20,000/s bar");
+    }
+}
+
+async fn check_point_answer(handle: controller::PeekHandle) {
+    match handle.result().await {
+        PeekResponse::Rows(rows) if rows.len() == 1 => {}
+        other => panic!("point peek answered {other:?}"),
+    }
+}
+
+/// A loopback TCP server answering every `request`-byte message with a `response`-byte one.
+fn echo_server(request: usize, response: usize) -> (std::net::SocketAddr, std::thread::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let server = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().expect("accept");
+        stream.set_nodelay(true).expect("nodelay");
+        let mut inbound = vec![0u8; request];
+        let outbound = vec![7u8; response];
+        while stream.read_exact(&mut inbound).is_ok() {
+            if stream.write_all(&outbound).is_err() {
+                break;
+            }
+        }
+    });
+    (addr, server)
+}
+
+/// Round trips of `request` bytes out and `response` bytes back over loopback TCP, sorted.
+fn echo_latencies(request: usize, response: usize, warmup: usize, measured: usize) -> Vec<Duration> {
+    let (addr, server) = echo_server(request, response);
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream.set_nodelay(true).expect("nodelay");
+    let outbound = vec![1u8; request];
+    let mut inbound = vec![0u8; response];
+    let mut latencies = Vec::with_capacity(measured);
+    for i in 0..warmup + measured {
+        let start = Instant::now();
+        stream.write_all(&outbound).expect("write");
+        stream.read_exact(&mut inbound).expect("read");
+        if i >= warmup {
+            latencies.push(start.elapsed());
+        }
+    }
+    drop(stream);
+    let _ = server.join();
+    latencies.sort();
+    latencies
+}
+
+/// Round trips per second with up to `window` in flight (a writer thread and a reader).
+fn echo_throughput(request: usize, response: usize, window: usize, count: usize) -> f64 {
+    let (addr, server) = echo_server(request, response);
+    let stream = TcpStream::connect(addr).expect("connect");
+    stream.set_nodelay(true).expect("nodelay");
+    let mut writer = stream.try_clone().expect("clone");
+    let (permits, returned) = std::sync::mpsc::sync_channel::<()>(window);
+    let start = Instant::now();
+    let writing = std::thread::spawn(move || {
+        let outbound = vec![1u8; request];
+        for _ in 0..count {
+            permits.send(()).expect("permit");
+            writer.write_all(&outbound).expect("write");
+        }
+    });
+    let mut reader = stream;
+    let mut inbound = vec![0u8; response];
+    for _ in 0..count {
+        reader.read_exact(&mut inbound).expect("read");
+        returned.recv().expect("permit back");
+    }
+    let rate = count as f64 / start.elapsed().as_secs_f64();
+    writing.join().expect("writer");
+    drop(reader);
+    let _ = server.join();
+    rate
+}
+
+// -------------------------------------------------------------------------------------------------
+// Hydration memory of a replica process
+
+const HYDRATION_ROWS: u64 = 1_000_000;
+const HEAVY_DATAFLOWS: u64 = 8;
+
+/// The `compute-replica` binary of this build, built in release first (a no-op when it is fresh).
+fn replica_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("the bench's path");
+    let dir = exe.parent().and_then(|deps| deps.parent()).expect("target/<profile>/deps/<bench>");
+    let binary = dir.join("compute-replica");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+    let status = std::process::Command::new(&cargo)
+        .args(["build", "--release", "--locked", "--quiet", "-p", "compute", "--bin", "compute-replica"])
+        .status();
+    match status {
+        Ok(status) if status.success() => {}
+        other if binary.is_file() => {
+            println!("  (could not rebuild compute-replica ({other:?}); using {})", binary.display());
+        }
+        other => panic!("cannot build compute-replica: {other:?}"),
+    }
+    assert!(binary.is_file(), "{} missing after the build", binary.display());
+    binary
+}
+
+/// What the heavy dataflows compute. Each reads the whole 1M-row table to hydrate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Heavy {
+    /// `SELECT k % m, count(*) GROUP BY 1`: about 100 groups.
+    Count,
+    /// `SELECT k % m, sum(v) GROUP BY 1`: about 100 groups, through the general reduce (which arranges
+    /// its input).
+    Sum,
+    /// `SELECT * WHERE k < 100`: a full scan into a 100-row index.
+    Filter,
+}
+
+/// Heavy dataflow `n` of kind `heavy` over `source`, exporting index `User(100 + n)`.
+fn heavy_dataflow(heavy: Heavy, source: GlobalId, n: u64) -> DataflowDescription<u64> {
+    let group =
+        ScalarExpr::column(0).call_binary(BinaryFunc::Mod, ScalarExpr::literal(Datum::Int64(97 + n as i64)));
+    let grouped = |outputs: Vec<usize>| Plan::Project {
+        input: Box::new(Plan::Map { input: Box::new(Plan::get(source)), exprs: vec![group.clone()] }),
+        outputs,
+    };
+    let plan = match heavy {
+        Heavy::Count => Plan::Reduce {
+            input: Box::new(grouped(vec![2])),
+            group_key: vec![0],
+            aggregates: vec![AggregateExpr { func: AggregateFunc::Count, column: 0 }],
+        },
+        Heavy::Sum => Plan::Reduce {
+            input: Box::new(grouped(vec![2, 1])),
+            group_key: vec![0],
+            aggregates: vec![AggregateExpr { func: AggregateFunc::Sum, column: 1 }],
+        },
+        Heavy::Filter => Plan::Filter {
+            input: Box::new(Plan::get(source)),
+            predicates: vec![
+                ScalarExpr::column(0).call_binary(BinaryFunc::Lt, ScalarExpr::literal(Datum::Int64(100))),
+            ],
+        },
+    };
+    let object = GlobalId::Transient(100 + n);
+    let mut df = DataflowDescription::new(format!("heavy {heavy:?} {n}"));
+    df.source_imports.insert(source, SourceImport { desc: kv_desc() });
+    df.objects_to_build.push(BuildDesc { id: object, plan });
+    df.index_exports.insert(GlobalId::User(100 + n), IndexExport { on_id: object, key: vec![0] });
+    df
+}
+
+/// A process's peak resident set (`VmHWM`), in bytes.
+fn peak_rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/<pid>/status");
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).expect("VmHWM");
+    let kib: u64 = line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).expect("VmHWM in kB");
+    kib * 1024
+}
+
+/// Hydrates the heavy dataflows on a fresh replica process with `concurrency`; returns its peak RSS and
+/// the time until every dataflow had hydrated.
+async fn hydrate(
+    storage: &Arc<InProcess>,
+    orchestrator: &Arc<ProcessOrchestrator>,
+    source: GlobalId,
+    instance: InstanceId,
+    heavy: Heavy,
+    concurrency: usize,
+) -> (u64, Duration) {
+    let config = ControllerConfig {
+        hydration_concurrency: Some(concurrency),
+        introspection: false,
+        ..ControllerConfig::default()
+    };
+    let storage: Arc<dyn StorageCollections> = Arc::clone(storage) as _;
+    let orchestrator_dyn: Arc<dyn controller::Orchestrator> = Arc::clone(orchestrator) as _;
+    let mut controller =
+        ComputeController::new(storage, Some(orchestrator_dyn), config).await.expect("controller");
+    controller.create_instance(instance).expect("instance");
+    let location = ReplicaLocation::Managed { workers: 1, processes: 1 };
+    controller.add_replica(instance, REPLICA, location).await.expect("managed replica");
+    let pid = *orchestrator.pids(instance, REPLICA).first().expect("a replica process");
+    let start = Instant::now();
+    for n in 0..HEAVY_DATAFLOWS {
+        controller.create_dataflow(instance, heavy_dataflow(heavy, source, n)).await.expect("heavy dataflow");
+    }
+    wait_until("every heavy dataflow hydrates", Duration::from_secs(600), || {
+        (0..HEAVY_DATAFLOWS).all(|n| {
+            controller
+                .collection_frontiers(instance, GlobalId::User(100 + n))
+                .is_ok_and(|f| !f.upper.less_equal(&0))
+        })
+    })
+    .await;
+    let elapsed = start.elapsed();
+    let peak = peak_rss_bytes(pid);
+    controller.drop_replica(instance, REPLICA).await.expect("drop replica");
+    drop(controller);
+    (peak, elapsed)
+}
+
+fn bench_hydration() {
+    let binary = replica_binary();
+    let runtime = runtime();
+    let store = InProcess::in_memory(StoreConfig::default());
+    let storage = Arc::new(store.clone());
+    let source = GlobalId::User(1);
+    let figures = runtime.block_on(async {
+        storage.create_collection(source, kv_desc()).await.expect("create");
+        let updates = (0..HYDRATION_ROWS as i64).map(|k| (int_row(&[k, k.wrapping_mul(31)]), 0, 1)).collect();
+        let request = AppendRequest { id: source, updates, expected_upper: f(0), new_upper: f(1) };
+        storage.append(vec![request]).await.expect("append");
+        let server = storage::Server::bind("127.0.0.1:0", store).await.expect("storage server");
+        let storage_address = server.local_addr().expect("address").to_string();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let serving = tokio::spawn(server.serve(async move {
+            let _ = stopped.await;
+        }));
+        let (orchestrator, _events) = ProcessOrchestrator::new(ProcessOrchestratorConfig {
+            binary,
+            storage_address,
+            initial_backoff_ms: 100,
+            max_backoff_ms: 1_000,
+            env: vec![("RUST_LOG".to_string(), "warn".to_string())],
+            log_dir: None,
+        });
+        let orchestrator = Arc::new(orchestrator);
+        let mut figures = Vec::new();
+        let mut instance = 0;
+        for heavy in [Heavy::Count, Heavy::Sum, Heavy::Filter] {
+            let mut run = |concurrency| {
+                instance += 1;
+                hydrate(&storage, &orchestrator, source, InstanceId(instance), heavy, concurrency)
+            };
+            let one = run(1).await;
+            let all = run(HEAVY_DATAFLOWS as usize).await;
+            figures.push((heavy, one, all));
+        }
+        let _ = stop.send(());
+        let _ = serving.await;
+        figures
+    });
+    let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
+    let secs = |d: Duration| d.as_secs_f64();
+    for (heavy, (peak_1, time_1), (peak_8, time_8)) in figures {
+        let name = format!("{heavy:?}").to_lowercase();
+        let ratio = peak_1 as f64 / peak_8 as f64;
+        report(
+            &format!("controller.hydration_peak_rss_{name}"),
+            mib(peak_1),
+            "MiB",
+            mib(peak_8),
+            "MiB",
+            ratio,
+        );
+        let time_ratio = secs(time_1) / secs(time_8);
+        report(
+            &format!("controller.hydration_time_{name}"),
+            secs(time_1),
+            "s",
+            secs(time_8),
+            "s",
+            time_ratio,
+        );
+        if ratio > 0.5 {
+            println!(
+                "  WARNING: {name}: peak RSS with hydration concurrency 1 is {ratio:.2}x that with 8 (bar: 0.5x)"
+            );
+        }
+    }
+}
+
+fn main() {
+    let only = std::env::var("CONTROLLER_BENCH").ok();
+    let run = |name: &str| only.as_deref().is_none_or(|only| only == name);
+    if run("frontiers") {
+        bench_frontiers();
+    }
+    if run("churn") {
+        bench_churn();
+    }
+    if run("peek") {
+        bench_peeks();
+    }
+    if run("hydration") {
+        bench_hydration();
+    }
+}
