@@ -292,6 +292,11 @@ impl ComputeController {
     }
 
     /// Adds a replica to an instance, starting it first if it is managed.
+    ///
+    /// The replica is replayed the instance's history as it is when the connection comes up, and a
+    /// replica that is already running reconciles with that replay: it keeps the dataflows the replay
+    /// creates identically and drops the rest. So a new controller taking over running replicas (after a
+    /// restart) must re-create their dataflows *before* adding them, or they rebuild what they dropped.
     pub async fn add_replica(
         &mut self,
         instance: InstanceId,
