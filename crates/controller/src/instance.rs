@@ -189,6 +189,52 @@ struct ReplicaCollection<T: Timestamp> {
     frontier_row_stale: bool,
 }
 
+/// Per-replica state of one collection: a vector sorted by replica id. An instance has a handful of
+/// replicas, so a scan of one short, contiguous vector beats a tree's nodes (this sits on the path of
+/// every frontier report).
+#[derive(Debug)]
+struct ReplicaMap<V>(Vec<(ReplicaId, V)>);
+
+impl<V> Default for ReplicaMap<V> {
+    fn default() -> Self {
+        ReplicaMap(Vec::new())
+    }
+}
+
+impl<V> ReplicaMap<V> {
+    fn insert(&mut self, replica: ReplicaId, value: V) {
+        match self.0.binary_search_by_key(&replica, |(r, _)| *r) {
+            Ok(at) => self.0[at].1 = value,
+            Err(at) => self.0.insert(at, (replica, value)),
+        }
+    }
+
+    fn remove(&mut self, replica: &ReplicaId) -> Option<V> {
+        let at = self.0.iter().position(|(r, _)| r == replica)?;
+        Some(self.0.remove(at).1)
+    }
+
+    fn get(&self, replica: &ReplicaId) -> Option<&V> {
+        self.0.iter().find(|(r, _)| r == replica).map(|(_, v)| v)
+    }
+
+    fn get_mut(&mut self, replica: &ReplicaId) -> Option<&mut V> {
+        self.0.iter_mut().find(|(r, _)| r == replica).map(|(_, v)| v)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&ReplicaId, &V)> {
+        self.0.iter().map(|(r, v)| (r, v))
+    }
+
+    fn iter_mut(&mut self) -> impl Iterator<Item = (&ReplicaId, &mut V)> {
+        self.0.iter_mut().map(|(r, v)| (&*r, v))
+    }
+
+    fn values(&self) -> impl Iterator<Item = &V> {
+        self.0.iter().map(|(_, v)| v)
+    }
+}
+
 #[derive(Debug)]
 struct Collection<T: Timestamp> {
     kind: CollectionKind,
@@ -206,7 +252,7 @@ struct Collection<T: Timestamp> {
     /// Dropped by the user; waits for its holds and replicas before it goes away.
     dropped: bool,
     created_ms: u64,
-    per_replica: BTreeMap<ReplicaId, ReplicaCollection<T>>,
+    per_replica: ReplicaMap<ReplicaCollection<T>>,
     /// Subscribes: everything before this has been forwarded.
     forwarded: Antichain<T>,
     /// Subscribes and copy-tos: the stream ended or the result was delivered.
@@ -478,7 +524,7 @@ impl<T: Timestamp> InstanceCore<T> {
             let typ = desc.object_type(object).expect("validated dataflows type-check");
             let implied_hold =
                 lock(&self.shared).holds.create(id, as_of.clone()).expect("export ids are new");
-            let mut per_replica = BTreeMap::new();
+            let mut per_replica = ReplicaMap::default();
             for (replica, _) in self.replicas.iter() {
                 per_replica.insert(
                     *replica,
@@ -1040,7 +1086,7 @@ impl<T: Timestamp> InstanceCore<T> {
                 continue;
             }
             let collection_name = id.to_string();
-            for (replica, state) in &collection.per_replica {
+            for (replica, state) in collection.per_replica.iter() {
                 let Some(frontier) = &state.write_frontier else { continue };
                 let Some(upper) = frontier.elements().first() else { continue };
                 let lag_ms = self.now_ms.saturating_sub(upper.to_wallclock_ms());
