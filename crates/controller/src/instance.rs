@@ -36,8 +36,15 @@
 //! 4. A collection's state (and every hold it owns) goes away once it is dropped, fully compacted, and
 //!    every connected replica has reported it dropped; nothing outlives it.
 //!
-//! **Tests:** `tests/it/` (compaction chain, peek holds, replica drop, faulty replicas, errors), and the
-//! simulator.
+//! # Subscribes
+//!
+//! Each time range is forwarded once, whichever replica reports it first; a batch overlapping what was
+//! already forwarded is cut to the new part. A dataflow's `until` ends its subscribe: the replica may
+//! compute past it (the protocol lets it ignore `until`), but the controller delivers nothing at or
+//! beyond it, and the batch that reaches it is delivered with upper `[]`, which closes the stream.
+//!
+//! **Tests:** `tests/it/` (compaction chain, peek holds, replica drop, faulty replicas, sinks, errors),
+//! and the simulator.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -255,6 +262,8 @@ struct Collection<T: Timestamp> {
     per_replica: ReplicaMap<ReplicaCollection<T>>,
     /// Subscribes: everything before this has been forwarded.
     forwarded: Antichain<T>,
+    /// The dataflow's `until`: a subscribe ends there (empty: never).
+    until: Antichain<T>,
     /// Subscribes and copy-tos: the stream ended or the result was delivered.
     finished: bool,
 }
@@ -557,6 +566,7 @@ impl<T: Timestamp> InstanceCore<T> {
                     created_ms: self.now_ms,
                     per_replica,
                     forwarded: as_of.clone(),
+                    until: desc.until.clone(),
                     finished: false,
                 },
             );
@@ -997,9 +1007,20 @@ impl<T: Timestamp> InstanceCore<T> {
             error!(%replica, %id, lower = ?batch.lower, forwarded = ?collection.forwarded, "subscribe batch leaves a gap");
             return;
         }
-        let lower = std::mem::replace(&mut collection.forwarded, batch.upper.clone());
+        // A subscribe with an `until` ends there: nothing at or beyond it is delivered, and the batch
+        // that reaches it closes the stream (upper `[]`), whatever the replica computes past it.
+        let until = &collection.until;
+        let upper = if !until.is_empty() && PartialOrder::less_equal(until, &batch.upper) {
+            Antichain::new()
+        } else {
+            batch.upper
+        };
+        let lower = std::mem::replace(&mut collection.forwarded, upper.clone());
         let updates = match batch.updates {
-            Ok(updates) => Ok(updates.into_iter().filter(|(t, _, _)| lower.less_equal(t)).collect()),
+            Ok(updates) => Ok(updates
+                .into_iter()
+                .filter(|(t, _, _)| lower.less_equal(t) && !until.less_equal(t))
+                .collect()),
             Err(error) => {
                 collection.finished = true;
                 Err(error)
@@ -1009,7 +1030,6 @@ impl<T: Timestamp> InstanceCore<T> {
             collection.finished = true;
         }
         Self::apply_policy(collection);
-        let upper = batch.upper;
         self.outputs.push_back(InstanceOutput::Response(ComputeControllerResponse::SubscribeResponse {
             id,
             response: SubscribeResponse::Batch(SubscribeBatch { lower, upper, updates }),

@@ -1,4 +1,4 @@
-//! Subscribes (each time range forwarded once, `DroppedAt` on drop), copy-to (first answer wins, then
+//! Subscribes (each time range forwarded once, `DroppedAt` on drop, the stream closed at `until`), copy-to (first answer wins, then
 //! it goes away), materialized views (compaction one step behind what is written), and `AllowWrites`
 //! (sent once, replayed to later replicas).
 
@@ -63,6 +63,34 @@ fn subscribe_time_ranges_are_forwarded_once_whatever_the_replica_count() {
     // The subscribe's since trails what was forwarded by one step, so a rehydrated replica restarts
     // below it and the controller drops what it re-emits.
     assert_eq!(h.since(u(1)), f(4));
+}
+
+#[test]
+fn a_subscribe_with_an_until_closes_its_stream_there_and_delivers_nothing_at_or_beyond_it() {
+    let mut h = Harness::new();
+    h.create_storage(s(1));
+    h.add_replica(ReplicaId(1));
+    let mut desc = sink_on_storage(s(1), u(1), SinkConnection::Subscribe { with_snapshot: true }, 0);
+    desc.until = f(4);
+    h.create(desc).unwrap();
+    h.respond(ReplicaId(1), batch(0, 2, vec![(1, row(1), 1)]));
+    // The replica computes past the until: the controller cuts the batch there and closes the stream.
+    h.respond(ReplicaId(1), batch(2, 6, vec![(3, row(3), 1), (4, row(4), 1), (5, row(5), 1)]));
+    h.respond(ReplicaId(1), batch(6, 8, vec![(7, row(7), 1)]));
+    assert_eq!(
+        forwarded(&h),
+        vec![(f(0), f(2), vec![(1, row(1), 1)]), (f(2), Antichain::new(), vec![(3, row(3), 1)])]
+    );
+    // Finished: dropping it announces no `DroppedAt`, and it goes away once the replica reports it gone.
+    h.core.drop_collections(&[u(1)]).unwrap();
+    h.drain();
+    let dropped = h.responses.iter().any(|r| {
+        matches!(
+            r,
+            ComputeControllerResponse::SubscribeResponse { response: SubscribeResponse::DroppedAt(_), .. }
+        )
+    });
+    assert!(!dropped, "a finished subscribe announces no DroppedAt");
 }
 
 #[test]
