@@ -274,15 +274,73 @@ fn hold_tx(handle: Arc<ClientHandle>) -> frontiers::ChangeTx<GlobalId, u64> {
     })
 }
 
-/// A listen over the network: pulls the next events when its buffer is empty.
-pub(crate) struct RemoteListen {
+/// What the server answers to a pull: the next events, or the error that ends the stream.
+type PullResult<E> = Result<Vec<E>, ReadError>;
+
+/// The pull loop a remote listen and a remote frontier watch share: when its buffer is empty it asks the
+/// server for the stream's next events (one request in flight at most), and it ends at the first error.
+struct RemotePull<E> {
     handle: Arc<ClientHandle>,
-    id: GlobalId,
-    as_of: u64,
-    listen: u64,
-    buffer: VecDeque<ListenEvent>,
+    /// The stream's number on this connection.
+    stream: u64,
+    buffer: VecDeque<E>,
     inflight: Option<oneshot::Receiver<Reply>>,
     finished: Option<ReadError>,
+    /// The request for the next events (given the request number and the stream).
+    next_request: fn(u64, u64) -> StorageRequest,
+    /// The events in a reply to it, or the reply back if it is of another kind.
+    events: fn(Reply) -> Result<PullResult<E>, Reply>,
+    /// The request that tells the server the stream is gone.
+    drop_request: fn(u64) -> StorageRequest,
+}
+
+impl<E> RemotePull<E> {
+    async fn next(&mut self) -> Result<E, ReadError> {
+        loop {
+            if let Some(event) = self.buffer.pop_front() {
+                return Ok(event);
+            }
+            if let Some(error) = &self.finished {
+                return Err(error.clone());
+            }
+            if self.inflight.is_none() {
+                let (stream, next_request) = (self.stream, self.next_request);
+                self.inflight = self.handle.conn.start(|request| next_request(request, stream));
+                if self.inflight.is_none() {
+                    self.finished = Some(ReadError::Disconnected);
+                    continue;
+                }
+            }
+            let rx = self.inflight.as_mut().expect("set above");
+            let reply = rx.await;
+            self.inflight = None;
+            match reply.map(self.events) {
+                Ok(Ok(Ok(events))) => self.buffer.extend(events),
+                Ok(Ok(Err(error))) => self.finished = Some(error),
+                Ok(Err(other)) => {
+                    self.finished = Some(ReadError::Protocol(format!("unexpected reply {other:?}")));
+                }
+                Err(_) => self.finished = Some(ReadError::Disconnected),
+            }
+        }
+    }
+
+    fn try_next(&mut self) -> Option<Result<E, ReadError>> {
+        self.buffer.pop_front().map(Ok)
+    }
+}
+
+impl<E> Drop for RemotePull<E> {
+    fn drop(&mut self) {
+        let _ = self.handle.conn.out.send((self.drop_request)(self.stream));
+    }
+}
+
+/// A listen over the network: pulls the next events when its buffer is empty.
+pub(crate) struct RemoteListen {
+    id: GlobalId,
+    as_of: u64,
+    pull: RemotePull<ListenEvent>,
 }
 
 impl RemoteListen {
@@ -295,92 +353,26 @@ impl RemoteListen {
     }
 
     pub(crate) async fn next(&mut self) -> Result<ListenEvent, ReadError> {
-        loop {
-            if let Some(event) = self.buffer.pop_front() {
-                return Ok(event);
-            }
-            if let Some(error) = &self.finished {
-                return Err(error.clone());
-            }
-            if self.inflight.is_none() {
-                let listen = self.listen;
-                self.inflight =
-                    self.handle.conn.start(|request| StorageRequest::ListenNext { request, listen });
-                if self.inflight.is_none() {
-                    self.finished = Some(ReadError::Disconnected);
-                    continue;
-                }
-            }
-            let rx = self.inflight.as_mut().expect("set above");
-            let reply = rx.await;
-            self.inflight = None;
-            match reply {
-                Ok(Reply::ListenEvents(Ok(events))) if !events.is_empty() => self.buffer.extend(events),
-                Ok(Reply::ListenEvents(Err(error))) => self.finished = Some(error),
-                Ok(other) => self.finished = Some(ReadError::Protocol(format!("unexpected reply {other:?}"))),
-                Err(_) => self.finished = Some(ReadError::Disconnected),
-            }
-        }
+        self.pull.next().await
     }
 
     pub(crate) fn try_next(&mut self) -> Option<Result<ListenEvent, ReadError>> {
-        self.buffer.pop_front().map(Ok)
-    }
-}
-
-impl Drop for RemoteListen {
-    fn drop(&mut self) {
-        let _ = self.handle.conn.out.send(StorageRequest::ListenDrop { listen: self.listen });
+        self.pull.try_next()
     }
 }
 
 /// A frontier watch over the network.
 pub(crate) struct RemoteWatch {
-    handle: Arc<ClientHandle>,
-    watch: u64,
-    buffer: VecDeque<(GlobalId, Option<CollectionFrontiers>)>,
-    inflight: Option<oneshot::Receiver<Reply>>,
-    finished: Option<ReadError>,
+    pull: RemotePull<(GlobalId, Option<CollectionFrontiers>)>,
 }
 
 impl RemoteWatch {
     pub(crate) async fn next(&mut self) -> Result<(GlobalId, Option<CollectionFrontiers>), ReadError> {
-        loop {
-            if let Some(change) = self.buffer.pop_front() {
-                return Ok(change);
-            }
-            if let Some(error) = &self.finished {
-                return Err(error.clone());
-            }
-            if self.inflight.is_none() {
-                let watch = self.watch;
-                self.inflight =
-                    self.handle.conn.start(|request| StorageRequest::WatchNext { request, watch });
-                if self.inflight.is_none() {
-                    self.finished = Some(ReadError::Disconnected);
-                    continue;
-                }
-            }
-            let rx = self.inflight.as_mut().expect("set above");
-            let reply = rx.await;
-            self.inflight = None;
-            match reply {
-                Ok(Reply::WatchEvents(Ok(changes))) if !changes.is_empty() => self.buffer.extend(changes),
-                Ok(Reply::WatchEvents(Err(error))) => self.finished = Some(error),
-                Ok(other) => self.finished = Some(ReadError::Protocol(format!("unexpected reply {other:?}"))),
-                Err(_) => self.finished = Some(ReadError::Disconnected),
-            }
-        }
+        self.pull.next().await
     }
 
     pub(crate) fn try_next(&mut self) -> Option<Result<(GlobalId, Option<CollectionFrontiers>), ReadError>> {
-        self.buffer.pop_front().map(Ok)
-    }
-}
-
-impl Drop for RemoteWatch {
-    fn drop(&mut self) {
-        let _ = self.handle.conn.out.send(StorageRequest::WatchDrop { watch: self.watch });
+        self.pull.try_next()
     }
 }
 
@@ -481,13 +473,21 @@ impl StorageCollections for Client {
             let listen = self.handle.conn.next_stream.fetch_add(1, Ordering::Relaxed);
             match self.call(|request| StorageRequest::Listen { request, listen, id, as_of }).await {
                 Some(Reply::Listening(Ok(()))) => Ok(Listen::remote(RemoteListen {
-                    handle: Arc::clone(&self.handle),
                     id,
                     as_of,
-                    listen,
-                    buffer: VecDeque::new(),
-                    inflight: None,
-                    finished: None,
+                    pull: RemotePull {
+                        handle: Arc::clone(&self.handle),
+                        stream: listen,
+                        buffer: VecDeque::new(),
+                        inflight: None,
+                        finished: None,
+                        next_request: |request, listen| StorageRequest::ListenNext { request, listen },
+                        events: |reply| match reply {
+                            Reply::ListenEvents(result) => Ok(result),
+                            other => Err(other),
+                        },
+                        drop_request: |listen| StorageRequest::ListenDrop { listen },
+                    },
                 })),
                 Some(Reply::Listening(Err(error))) => Err(error),
                 Some(other) => Err(ReadError::Protocol(format!("unexpected reply {other:?}"))),
@@ -501,11 +501,19 @@ impl StorageCollections for Client {
             let watch = self.handle.conn.next_stream.fetch_add(1, Ordering::Relaxed);
             match self.call(|request| StorageRequest::WatchFrontiers { request, watch }).await {
                 Some(Reply::Watching(Ok(()))) => Ok(FrontierWatch::remote(RemoteWatch {
-                    handle: Arc::clone(&self.handle),
-                    watch,
-                    buffer: VecDeque::new(),
-                    inflight: None,
-                    finished: None,
+                    pull: RemotePull {
+                        handle: Arc::clone(&self.handle),
+                        stream: watch,
+                        buffer: VecDeque::new(),
+                        inflight: None,
+                        finished: None,
+                        next_request: |request, watch| StorageRequest::WatchNext { request, watch },
+                        events: |reply| match reply {
+                            Reply::WatchEvents(result) => Ok(result),
+                            other => Err(other),
+                        },
+                        drop_request: |watch| StorageRequest::WatchDrop { watch },
+                    },
                 })),
                 Some(Reply::Watching(Err(error))) => Err(error),
                 Some(other) => Err(ReadError::Protocol(format!("unexpected reply {other:?}"))),
