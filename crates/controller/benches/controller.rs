@@ -396,11 +396,7 @@ fn bench_churn() {
                 uuid,
                 id,
                 timestamp: 10,
-                literal_constraints: None,
-                map_filter_project: None,
-                finishing: RowSetFinishing::unordered(),
-                target_replica: None,
-                timeout_ms: None,
+                options: PeekOptions { finishing: RowSetFinishing::unordered(), ..Default::default() },
             })
             .expect("peek");
         core.drain();

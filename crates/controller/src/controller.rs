@@ -22,8 +22,8 @@ use tracing::{Instrument, debug, error, info_span, warn};
 
 use frontiers::{Antichain, PartialOrder, ReadHold, ReadPolicy};
 use protocol::{
-    DataflowDescription, Diff, GlobalId, InstanceId, MapFilterProject, PeekId, PeekResponse, PeekTarget,
-    ReplicaId, Row, RowSetFinishing, SinkConnection,
+    DataflowDescription, Diff, GlobalId, InstanceId, PeekId, PeekResponse, PeekTarget, ReplicaId, Row,
+    SinkConnection,
 };
 use replica_client::{Backoff, ReplicaClient, ReplicaClientConfig, ReplicaCoreConfig, ReplicaEvent};
 use storage::{AppendError, AppendRequest, HoldError, StorageCollections, StorageReadHold};
@@ -35,7 +35,8 @@ use crate::error::{
     ReplicaCreationError, ReplicaDropError,
 };
 use crate::instance::{
-    CollectionFrontiers, InstanceCore, InstanceCoreConfig, InstanceOutput, PeekRequest, SharedHandle, lock,
+    CollectionFrontiers, InstanceCore, InstanceCoreConfig, InstanceOutput, PeekOptions, PeekRequest,
+    SharedHandle, lock,
 };
 use crate::introspection::IntrospectionKind;
 use crate::orchestrator::{Orchestrator, ReplicaSpec};
@@ -86,21 +87,6 @@ pub enum ReplicaLocation {
         /// Processes.
         processes: usize,
     },
-}
-
-/// Options of a peek.
-#[derive(Debug, Clone, Default)]
-pub struct PeekOptions {
-    /// Key values to look up (index peeks).
-    pub literal_constraints: Option<Vec<Row>>,
-    /// Applied to each row; the identity when `None`.
-    pub map_filter_project: Option<MapFilterProject>,
-    /// Ordering, offset, limit.
-    pub finishing: RowSetFinishing,
-    /// Only this replica answers.
-    pub target_replica: Option<ReplicaId>,
-    /// Fail the peek after this long.
-    pub timeout_ms: Option<u64>,
 }
 
 /// A pending peek: await [`PeekHandle::result`].
@@ -537,16 +523,7 @@ impl ComputeController {
         let (result_tx, result_rx) = oneshot::channel();
         match target {
             PeekTarget::Index { id } => {
-                let request_ = PeekRequest {
-                    uuid,
-                    id,
-                    timestamp,
-                    literal_constraints: options.literal_constraints,
-                    map_filter_project: options.map_filter_project,
-                    finishing: options.finishing,
-                    target_replica: options.target_replica,
-                    timeout_ms: options.timeout_ms,
-                };
+                let request_ = PeekRequest { uuid, id, timestamp, options };
                 request(handle, |reply| InstanceCommand::Peek {
                     request: request_,
                     result: result_tx,

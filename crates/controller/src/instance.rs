@@ -140,15 +140,22 @@ pub struct PeekRequest<T> {
     pub id: GlobalId,
     /// The time.
     pub timestamp: T,
-    /// Key values to look up.
+    /// What to read and how.
+    pub options: PeekOptions,
+}
+
+/// Options of a peek (of an index or a storage collection).
+#[derive(Debug, Clone, Default)]
+pub struct PeekOptions {
+    /// Key values to look up (index peeks).
     pub literal_constraints: Option<Vec<Row>>,
-    /// Applied to each row (the identity when `None`).
+    /// Applied to each row; the identity when `None`.
     pub map_filter_project: Option<MapFilterProject>,
     /// Ordering, offset and limit.
     pub finishing: RowSetFinishing,
-    /// Only this replica, if set.
+    /// Only this replica answers, if set (index peeks).
     pub target_replica: Option<ReplicaId>,
-    /// Cancel with an error after this long, if set (else the instance default).
+    /// Fail the peek after this long, if set (else the instance default).
     pub timeout_ms: Option<u64>,
 }
 
@@ -677,64 +684,65 @@ impl<T: Timestamp> InstanceCore<T> {
 
     /// Starts an index peek; its result arrives as [`InstanceOutput::PeekResult`].
     pub fn peek(&mut self, request: PeekRequest<T>) -> Result<(), PeekError<T>> {
-        let collection = match self.collections.get(&request.id) {
+        let PeekRequest { uuid, id, timestamp, options } = request;
+        let PeekOptions { literal_constraints, map_filter_project, finishing, target_replica, timeout_ms } =
+            options;
+        let collection = match self.collections.get(&id) {
             Some(c) if !c.dropped => c,
-            _ => return Err(PeekError::CollectionMissing(CollectionMissing(request.id))),
+            _ => return Err(PeekError::CollectionMissing(CollectionMissing(id))),
         };
         if collection.kind != CollectionKind::Index {
-            return Err(PeekError::NotAnIndex(request.id));
+            return Err(PeekError::NotAnIndex(id));
         }
-        if let Some(replica) = request.target_replica
+        if let Some(replica) = target_replica
             && !self.replicas.contains_key(&replica)
         {
             return Err(PeekError::ReplicaMissing(replica));
         }
         let map_filter_project =
-            request.map_filter_project.unwrap_or_else(|| MapFilterProject::new(collection.typ.arity()));
+            map_filter_project.unwrap_or_else(|| MapFilterProject::new(collection.typ.arity()));
         map_filter_project
             .typ(&collection.typ)
-            .map_err(|e| PeekError::InvalidMapFilterProject { id: request.id, reason: e.to_string() })?;
-        let hold = lock(&self.shared)
-            .holds
-            .acquire(&request.id, Antichain::from_elem(request.timestamp))
-            .map_err(|e| match e {
+            .map_err(|e| PeekError::InvalidMapFilterProject { id, reason: e.to_string() })?;
+        let hold =
+            lock(&self.shared).holds.acquire(&id, Antichain::from_elem(timestamp)).map_err(|e| match e {
                 frontiers::AcquireError::CollectionMissing(id) => {
                     PeekError::CollectionMissing(CollectionMissing(id))
                 }
                 frontiers::AcquireError::BeforeSince { id, since, .. } => {
-                    PeekError::SinceViolation { id, since, timestamp: request.timestamp }
+                    PeekError::SinceViolation { id, since, timestamp }
                 }
             })?;
-        let targets: BTreeSet<ReplicaId> = match request.target_replica {
+        let targets: BTreeSet<ReplicaId> = match target_replica {
             Some(replica) => BTreeSet::from([replica]),
             None => self.replicas.keys().copied().collect(),
         };
         let peek = Peek {
-            uuid: request.uuid,
-            target: PeekTarget::Index { id: request.id },
-            timestamp: request.timestamp,
-            literal_constraints: request.literal_constraints,
+            uuid,
+            target: PeekTarget::Index { id },
+            timestamp,
+            literal_constraints,
             map_filter_project,
-            finishing: request.finishing.partial(),
+            finishing: finishing.partial(),
         };
         let command = ComputeCommand::Peek(peek);
-        if request.target_replica.is_none() {
+        if target_replica.is_none() {
             self.history.push(&command).expect("peek ids are unique");
         }
         for replica in &targets {
             self.outputs.push_back(InstanceOutput::Command { replica: *replica, command: command.clone() });
         }
-        let timeout = request.timeout_ms.or(self.config.default_peek_timeout_ms);
-        self.max_peek_id = self.max_peek_id.max(Some(request.uuid));
+        let timeout = timeout_ms.or(self.config.default_peek_timeout_ms);
+        self.max_peek_id = self.max_peek_id.max(Some(uuid));
         self.peeks.insert(
-            request.uuid,
+            uuid,
             PendingPeek {
-                collection: request.id,
+                collection: id,
                 hold: Some(hold),
                 outstanding: targets,
                 answered: false,
-                finishing: request.finishing,
-                target_replica: request.target_replica,
+                finishing,
+                target_replica,
                 started_ms: self.now_ms,
                 deadline_ms: timeout.map(|t| self.now_ms.saturating_add(t)),
             },

@@ -88,14 +88,14 @@ fn peek_errors_are_typed_and_take_no_hold() {
     assert!(matches!(h.core.peek(peek_request(1, u(9), 10)), Err(PeekError::CollectionMissing(_))));
     assert_eq!(h.core.peek(peek_request(2, u(2), 10)).unwrap_err(), PeekError::NotAnIndex(u(2)));
     let mut targeted = peek_request(3, u(1), 10);
-    targeted.target_replica = Some(ReplicaId(7));
+    targeted.options.target_replica = Some(ReplicaId(7));
     assert_eq!(h.core.peek(targeted).unwrap_err(), PeekError::ReplicaMissing(ReplicaId(7)));
     assert!(matches!(
         h.core.peek(peek_request(4, u(1), 9)),
         Err(PeekError::SinceViolation { timestamp: 9, .. })
     ));
     let mut bad_mfp = peek_request(5, u(1), 10);
-    bad_mfp.map_filter_project = Some(MapFilterProject::new(2).filter([ScalarExpr::column(7)]));
+    bad_mfp.options.map_filter_project = Some(MapFilterProject::new(2).filter([ScalarExpr::column(7)]));
     assert!(matches!(h.core.peek(bad_mfp), Err(PeekError::InvalidMapFilterProject { .. })));
     assert_eq!(h.core.cancel_peek(PeekId(1)), Err(CancelPeekError::PeekMissing(PeekId(1))));
     assert_eq!(h.core.pending_peek_count(), 0);

@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use controller::{
-    ComputeControllerResponse, InstanceCore, InstanceCoreConfig, InstanceOutput, PeekRequest, lock,
+    ComputeControllerResponse, InstanceCore, InstanceCoreConfig, InstanceOutput, PeekOptions, PeekRequest,
+    lock,
 };
 use frontiers::{Antichain, ReadHold, ReadHolds, ReadPolicy};
 use protocol::{
@@ -86,11 +87,7 @@ pub fn peek_request(uuid: u64, id: GlobalId, timestamp: u64) -> PeekRequest<u64>
         uuid: PeekId(uuid),
         id,
         timestamp,
-        literal_constraints: None,
-        map_filter_project: None,
-        finishing: RowSetFinishing::unordered(),
-        target_replica: None,
-        timeout_ms: None,
+        options: PeekOptions { finishing: RowSetFinishing::unordered(), ..Default::default() },
     }
 }
 

@@ -94,7 +94,7 @@ fn dropping_a_replica_mid_peek_releases_its_share_of_the_hold() {
 fn a_peek_targeted_at_a_replica_that_is_then_dropped_fails_and_lets_go() {
     let mut h = two_replicas();
     let mut request = peek_request(1, u(1), 4);
-    request.target_replica = Some(ReplicaId(2));
+    request.options.target_replica = Some(ReplicaId(2));
     h.core.peek(request).unwrap();
     h.drain();
     assert!(
@@ -129,7 +129,7 @@ fn a_replica_added_while_a_peek_is_pending_is_asked_too_and_awaited() {
 fn a_peek_times_out_with_an_error_and_still_waits_for_its_replicas() {
     let mut h = two_replicas();
     let mut request = peek_request(1, u(1), 4);
-    request.timeout_ms = Some(100);
+    request.options.timeout_ms = Some(100);
     h.core.peek(request).unwrap();
     h.core.tick(50);
     h.drain();
@@ -147,7 +147,7 @@ fn a_peek_times_out_with_an_error_and_still_waits_for_its_replicas() {
 fn peek_results_get_the_full_finishing_applied_by_the_controller() {
     let mut h = two_replicas();
     let mut request = peek_request(1, u(1), 4);
-    request.finishing = protocol::RowSetFinishing {
+    request.options.finishing = protocol::RowSetFinishing {
         order_by: vec![protocol::ColumnOrder::desc(0)],
         limit: Some(2),
         offset: 1,

@@ -30,7 +30,7 @@ use storage::core::Store;
 
 use controller::{
     ComputeControllerResponse, ImportFrontiers, InstanceCore, InstanceCoreConfig, InstanceOutput,
-    PeekRequest, select_as_of,
+    PeekOptions, PeekRequest, select_as_of,
 };
 
 use super::checks::{PeekExpectation, SubscribeTracker};
@@ -826,11 +826,13 @@ impl World {
             uuid,
             id,
             timestamp,
-            literal_constraints: constraints.clone(),
-            map_filter_project: Some(mfp.clone()),
-            finishing: finishing.clone(),
-            target_replica: target,
-            timeout_ms: None,
+            options: PeekOptions {
+                literal_constraints: constraints.clone(),
+                map_filter_project: Some(mfp.clone()),
+                finishing: finishing.clone(),
+                target_replica: target,
+                timeout_ms: None,
+            },
         };
         match self.instance.peek(request) {
             Ok(()) => {
