@@ -75,8 +75,31 @@ pub fn peek_rows(
     Ok(finishing.finish(rows))
 }
 
-/// Cached evaluations: `(collection, time)` to contents. Contents at a complete time never change.
-type Cache = RefCell<BTreeMap<(GlobalId, u64), Result<Rc<Multiset>, String>>>;
+/// Cached evaluations: `(collection, time)` to contents. Contents at a complete time never change, so an
+/// entry is only ever dropped to bound memory: once the cached rows pass [`CACHE_ROWS`], the cache starts
+/// afresh (entries are recomputed from the log on demand, so this costs time, never correctness).
+#[derive(Debug, Default)]
+struct Cache {
+    entries: BTreeMap<(GlobalId, u64), Result<Rc<Multiset>, String>>,
+    rows: usize,
+}
+
+/// The most rows the oracle's cache holds (about 100 MiB of small rows).
+const CACHE_ROWS: usize = 1 << 20;
+
+impl Cache {
+    fn insert(&mut self, key: (GlobalId, u64), value: Result<Rc<Multiset>, String>) {
+        let rows = value.as_ref().map_or(1, |contents| contents.len().max(1));
+        if self.rows + rows > CACHE_ROWS {
+            self.entries.clear();
+            self.rows = 0;
+        }
+        self.rows += rows;
+        if let Some(old) = self.entries.insert(key, value) {
+            self.rows -= old.as_ref().map_or(1, |contents| contents.len().max(1));
+        }
+    }
+}
 
 /// The full history of storage and every dataflow ever created.
 #[derive(Debug, Default)]
@@ -87,7 +110,9 @@ pub struct Oracle {
     change_times: std::collections::BTreeSet<u64>,
     /// Export id → its dataflow (ids are never reused within a run).
     pub dataflows: BTreeMap<GlobalId, Arc<DataflowDescription<u64>>>,
-    cache: Cache,
+    cache: RefCell<Cache>,
+    /// The most rows each export has had in an evaluation so far.
+    rows_seen: RefCell<BTreeMap<GlobalId, usize>>,
 }
 
 impl Oracle {
@@ -111,7 +136,7 @@ impl Oracle {
             return Err(format!("{id} is not complete at {time}"));
         }
         let time = self.canonical(time);
-        if let Some(cached) = self.cache.borrow().get(&(id, time)) {
+        if let Some(cached) = self.cache.borrow().entries.get(&(id, time)) {
             return cached.clone();
         }
         let updates = self.log.get(&id).map(|v| v.as_slice()).unwrap_or_default();
@@ -132,7 +157,7 @@ impl Oracle {
             }
         }
         let time = self.canonical(time);
-        if let Some(cached) = self.cache.borrow().get(&(id, time)) {
+        if let Some(cached) = self.cache.borrow().entries.get(&(id, time)) {
             return cached.clone().map_err(EvalFailure::Data);
         }
         let desc = self
@@ -156,9 +181,40 @@ impl Oracle {
             }
             Err(e) => Err(e.to_string()),
         };
+        if let Ok(contents) = &result {
+            let mut rows_seen = self.rows_seen.borrow_mut();
+            let seen = rows_seen.entry(id).or_default();
+            *seen = (*seen).max(contents.len());
+        }
         // Every export of the dataflow was computed; cache this one (the others are cheap to redo).
         self.cache.borrow_mut().insert((id, time), result.clone());
         result.map_err(EvalFailure::Data)
+    }
+
+    /// The most rows an export has had in any evaluation so far (0 if never evaluated).
+    pub fn rows_seen(&self, id: GlobalId) -> usize {
+        self.rows_seen.borrow().get(&id).copied().unwrap_or(0)
+    }
+
+    /// The number of rows of a dataflow's largest export at `time`, evaluated without recording the
+    /// dataflow. The world keeps its workload below a size with it: a cross join over an index that is
+    /// itself a cross join grows with the square of its inputs at every level of a chain, and the cache
+    /// keeps a copy per change time.
+    pub fn largest_export_rows(
+        &self,
+        desc: &DataflowDescription<u64>,
+        time: u64,
+    ) -> Result<usize, EvalFailure> {
+        let mut inputs = BTreeMap::new();
+        for import in desc.source_imports.keys() {
+            let contents = self.storage_contents(*import, time).map_err(EvalFailure::Unavailable)?;
+            inputs.insert(*import, (*contents).clone());
+        }
+        for import in desc.index_imports.keys() {
+            inputs.insert(*import, (*self.export_contents(*import, time)?).clone());
+        }
+        let outputs = evaluate_dataflow(desc, &inputs).map_err(|e| EvalFailure::Data(e.to_string()))?;
+        Ok(outputs.values().map(BTreeMap::len).max().unwrap_or(0))
     }
 
     /// The last change time at or before `time` (0 if none): every collection has the same contents there.

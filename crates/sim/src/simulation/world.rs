@@ -73,6 +73,11 @@ pub struct Outcome {
 }
 
 const START_MS: u64 = 100_000;
+/// The most rows a dataflow's export may have when it is created (see `create_dataflow`).
+const MAX_EXPORT_ROWS: usize = 5_000;
+/// The most rows a live export may grow to before the workload drops it (as the tables grow, so do the
+/// outputs, a cross join's with the square of its inputs).
+const MAX_LIVE_EXPORT_ROWS: usize = 10_000;
 const INSTANCE: InstanceId = InstanceId(1);
 
 #[derive(Debug)]
@@ -629,6 +634,7 @@ impl World {
             if self.rng.chance(0.003) {
                 self.drop_export();
             }
+            self.drop_oversized_exports();
             if self.rng.chance(0.003) {
                 self.set_policy();
             }
@@ -700,6 +706,13 @@ impl World {
         }
         let Ok(as_of) = select_as_of(&df, &frontiers) else { return };
         df.as_of = Some(as_of.clone());
+        // Keep the workload small enough for thousands of seeds a minute: a dataflow whose output is
+        // already large (a chain of cross joins) is not created. A data error is welcome (peeks must
+        // surface it); a failure to evaluate is left to the checks that follow.
+        let time = as_of.as_option().copied().expect("total order");
+        if self.oracle.largest_export_rows(&df, time).is_ok_and(|rows| rows > MAX_EXPORT_ROWS) {
+            return;
+        }
         let mut holds = BTreeMap::new();
         for id in df.source_imports.keys() {
             match self.store.acquire_read_hold(*id, as_of.clone()) {
@@ -737,6 +750,24 @@ impl World {
     fn drop_export(&mut self) {
         let ids: Vec<GlobalId> = self.exports.keys().copied().collect();
         let Some(id) = self.rng.pick(&ids).copied() else { return };
+        self.drop_export_id(id);
+    }
+
+    /// Drops exports that have grown past [`MAX_LIVE_EXPORT_ROWS`] (as the oracle saw them): they would
+    /// cost every later step an evaluation of that size, and a seed would run for minutes.
+    fn drop_oversized_exports(&mut self) {
+        let oversized: Vec<GlobalId> = self
+            .exports
+            .keys()
+            .filter(|id| self.oracle.rows_seen(**id) > MAX_LIVE_EXPORT_ROWS)
+            .copied()
+            .collect();
+        for id in oversized {
+            self.drop_export_id(id);
+        }
+    }
+
+    fn drop_export_id(&mut self, id: GlobalId) {
         match self.instance.drop_collections(&[id]) {
             Ok(()) => {
                 self.exports.remove(&id);
