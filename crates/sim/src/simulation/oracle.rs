@@ -164,14 +164,7 @@ impl Oracle {
             .dataflows
             .get(&id)
             .ok_or_else(|| EvalFailure::Unavailable(format!("no dataflow exports {id}")))?;
-        let mut inputs = BTreeMap::new();
-        for import in desc.source_imports.keys() {
-            let contents = self.storage_contents(*import, time).map_err(EvalFailure::Unavailable)?;
-            inputs.insert(*import, (*contents).clone());
-        }
-        for import in desc.index_imports.keys() {
-            inputs.insert(*import, (*self.export_contents(*import, time)?).clone());
-        }
+        let inputs = self.inputs(desc, time)?;
         let result = match evaluate_dataflow(desc, &inputs) {
             Ok(mut outputs) => {
                 let contents = outputs
@@ -205,6 +198,17 @@ impl Oracle {
         desc: &DataflowDescription<u64>,
         time: u64,
     ) -> Result<usize, EvalFailure> {
+        let inputs = self.inputs(desc, time)?;
+        let outputs = evaluate_dataflow(desc, &inputs).map_err(|e| EvalFailure::Data(e.to_string()))?;
+        Ok(outputs.values().map(BTreeMap::len).max().unwrap_or(0))
+    }
+
+    /// The contents of every import of `desc` at `time`, as the reference interpreter takes them.
+    fn inputs(
+        &self,
+        desc: &DataflowDescription<u64>,
+        time: u64,
+    ) -> Result<BTreeMap<GlobalId, Multiset>, EvalFailure> {
         let mut inputs = BTreeMap::new();
         for import in desc.source_imports.keys() {
             let contents = self.storage_contents(*import, time).map_err(EvalFailure::Unavailable)?;
@@ -213,8 +217,7 @@ impl Oracle {
         for import in desc.index_imports.keys() {
             inputs.insert(*import, (*self.export_contents(*import, time)?).clone());
         }
-        let outputs = evaluate_dataflow(desc, &inputs).map_err(|e| EvalFailure::Data(e.to_string()))?;
-        Ok(outputs.values().map(BTreeMap::len).max().unwrap_or(0))
+        Ok(inputs)
     }
 
     /// The last change time at or before `time` (0 if none): every collection has the same contents there.
