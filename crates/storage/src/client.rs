@@ -295,6 +295,25 @@ struct RemotePull<E> {
 }
 
 impl<E> RemotePull<E> {
+    fn new(
+        handle: Arc<ClientHandle>,
+        stream: u64,
+        next_request: fn(u64, u64) -> StorageRequest,
+        events: fn(Reply) -> Result<PullResult<E>, Reply>,
+        drop_request: fn(u64) -> StorageRequest,
+    ) -> Self {
+        RemotePull {
+            handle,
+            stream,
+            buffer: VecDeque::new(),
+            inflight: None,
+            finished: None,
+            next_request,
+            events,
+            drop_request,
+        }
+    }
+
     async fn next(&mut self) -> Result<E, ReadError> {
         loop {
             if let Some(event) = self.buffer.pop_front() {
@@ -475,19 +494,16 @@ impl StorageCollections for Client {
                 Some(Reply::Listening(Ok(()))) => Ok(Listen::remote(RemoteListen {
                     id,
                     as_of,
-                    pull: RemotePull {
-                        handle: Arc::clone(&self.handle),
-                        stream: listen,
-                        buffer: VecDeque::new(),
-                        inflight: None,
-                        finished: None,
-                        next_request: |request, listen| StorageRequest::ListenNext { request, listen },
-                        events: |reply| match reply {
+                    pull: RemotePull::new(
+                        Arc::clone(&self.handle),
+                        listen,
+                        |request, listen| StorageRequest::ListenNext { request, listen },
+                        |reply| match reply {
                             Reply::ListenEvents(result) => Ok(result),
                             other => Err(other),
                         },
-                        drop_request: |listen| StorageRequest::ListenDrop { listen },
-                    },
+                        |listen| StorageRequest::ListenDrop { listen },
+                    ),
                 })),
                 Some(Reply::Listening(Err(error))) => Err(error),
                 Some(other) => Err(ReadError::Protocol(format!("unexpected reply {other:?}"))),
@@ -501,19 +517,16 @@ impl StorageCollections for Client {
             let watch = self.handle.conn.next_stream.fetch_add(1, Ordering::Relaxed);
             match self.call(|request| StorageRequest::WatchFrontiers { request, watch }).await {
                 Some(Reply::Watching(Ok(()))) => Ok(FrontierWatch::remote(RemoteWatch {
-                    pull: RemotePull {
-                        handle: Arc::clone(&self.handle),
-                        stream: watch,
-                        buffer: VecDeque::new(),
-                        inflight: None,
-                        finished: None,
-                        next_request: |request, watch| StorageRequest::WatchNext { request, watch },
-                        events: |reply| match reply {
+                    pull: RemotePull::new(
+                        Arc::clone(&self.handle),
+                        watch,
+                        |request, watch| StorageRequest::WatchNext { request, watch },
+                        |reply| match reply {
                             Reply::WatchEvents(result) => Ok(result),
                             other => Err(other),
                         },
-                        drop_request: |watch| StorageRequest::WatchDrop { watch },
-                    },
+                        |watch| StorageRequest::WatchDrop { watch },
+                    ),
                 })),
                 Some(Reply::Watching(Err(error))) => Err(error),
                 Some(other) => Err(ReadError::Protocol(format!("unexpected reply {other:?}"))),
