@@ -280,6 +280,9 @@ fn render_count<'s>(
     }
 }
 
+/// Below this many updates [`check_non_negative`] does not bother consolidating what it keeps.
+const CONSOLIDATE_FLOOR: usize = 1 << 10;
+
 /// Errors for every row whose accumulated multiplicity is negative, for as long as it is.
 ///
 /// Rows are partitioned by hash. While a worker has seen no negative update, no row can be negative: it
@@ -342,10 +345,16 @@ pub(crate) fn check_non_negative<'s>(input: Coll<'s>, operator: u64, name: &'sta
                                 recent.drain(..).partition(|(_, time, _)| !frontier.less_equal(time));
                             *recent = waiting;
                             base.extend(complete.into_iter().map(|(row, _, diff)| (row, diff)));
-                            if base.len() > 4 * *consolidated + (1 << 20) {
-                                // Consolidating sorts: rarely enough that its cost stays a fraction of the copies.
+                            if base.len() > 2 * *consolidated + CONSOLIDATE_FLOOR {
+                                // Consolidating sorts, so only once the rows have doubled since the last
+                                // time: O(log n) amortized per update, and the state stays within about
+                                // twice the distinct rows (a hydration's million updates of a hundred
+                                // distinct rows keep a hundred, not a million, and not their capacity).
                                 differential_dataflow::consolidation::consolidate(base);
                                 *consolidated = base.len();
+                                if base.capacity() > 2 * base.len() + CONSOLIDATE_FLOOR {
+                                    base.shrink_to_fit();
+                                }
                             }
                         }
                         CheckState::Exact { counts, pending, held } => {

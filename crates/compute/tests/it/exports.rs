@@ -462,6 +462,27 @@ fn a_data_error_makes_peeks_fail_until_the_row_that_caused_it_is_retracted() {
 }
 
 #[test]
+fn a_count_over_thousands_of_updates_to_ten_rows_still_reports_a_row_that_goes_negative() {
+    // The negativity check consolidates the rows it keeps (thousands of copies of ten rows become ten);
+    // a later retraction that takes one of them below zero must still be an error.
+    let storage = new_storage();
+    let replica = Replica::start(Shape::OneWorker, storage.clone());
+    let mut controller = TestController::connect(&replica.addrs());
+    let source = GlobalId::User(1);
+    create_collection(&storage, source, kv_desc());
+    let index = GlobalId::User(10);
+    controller.create_dataflow(index_dataflow("counts", source, count_by_key(source), index, vec![0], 0));
+    let inserts = (0..5_000).map(|i| (int_row(&[i % 10, i % 10]), 0, 1)).collect();
+    append(&storage, source, inserts, 1);
+    append(&storage, source, vec![(int_row(&[3, 3]), 1, -501)], 2);
+    let at_0 = rows_of(controller.peek(PeekTarget::Index { id: index }, 0, None, 2));
+    assert_eq!(at_0, consolidate((0..10).map(|k| (int_row(&[k, 500]), 1))));
+    let at_1 = controller.peek(PeekTarget::Index { id: index }, 1, None, 2);
+    assert!(matches!(&at_1, PeekResponse::Error(e) if e.contains("negative multiplicity")), "{at_1:?}");
+    controller.close();
+}
+
+#[test]
 fn a_materialized_view_writes_nothing_before_allow_writes_and_a_dropped_copy_to_answers_dropped() {
     let storage = new_storage();
     let source = GlobalId::User(1);
