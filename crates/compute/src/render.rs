@@ -281,7 +281,7 @@ fn render_count<'s>(
 }
 
 /// Below this many updates [`check_non_negative`] does not bother consolidating what it keeps.
-const CONSOLIDATE_FLOOR: usize = 1 << 10;
+const CONSOLIDATE_FLOOR: usize = 1 << 16;
 
 /// Errors for every row whose accumulated multiplicity is negative, for as long as it is.
 ///
@@ -345,14 +345,15 @@ pub(crate) fn check_non_negative<'s>(input: Coll<'s>, operator: u64, name: &'sta
                                 recent.drain(..).partition(|(_, time, _)| !frontier.less_equal(time));
                             *recent = waiting;
                             base.extend(complete.into_iter().map(|(row, _, diff)| (row, diff)));
-                            if base.len() > 2 * *consolidated + CONSOLIDATE_FLOOR {
-                                // Consolidating sorts, so only once the rows have doubled since the last
-                                // time: O(log n) amortized per update, and the state stays within about
-                                // twice the distinct rows (a hydration's million updates of a hundred
-                                // distinct rows keep a hundred, not a million, and not their capacity).
+                            if base.len() > 4 * *consolidated + CONSOLIDATE_FLOOR {
+                                // Consolidating sorts, so only once the rows have grown fourfold since the
+                                // last time: a third of a sort per update over a stream of distinct rows,
+                                // and the state stays within about four times the distinct rows (a
+                                // hydration's million updates of a hundred distinct rows keep a hundred,
+                                // not a million, and not their capacity).
                                 differential_dataflow::consolidation::consolidate(base);
                                 *consolidated = base.len();
-                                if base.capacity() > 2 * base.len() + CONSOLIDATE_FLOOR {
+                                if base.capacity() > 4 * base.len() + CONSOLIDATE_FLOOR {
                                     base.shrink_to_fit();
                                 }
                             }
