@@ -11,13 +11,13 @@ use protocol::reference::{Multiset, consolidate};
 use protocol::{
     AggregateExpr, AggregateFunc, BinaryFunc, BuildDesc, ComputeCommand, ComputeResponse, CopyToResponse,
     DataflowDescription, Datum, Diff, GlobalId, IndexExport, IndexImport, PeekResponse, PeekTarget, Plan,
-    Row, ScalarExpr, SinkConnection, SinkExport, StatusResponse, SubscribeResponse,
+    Row, ScalarExpr, SinkConnection, StatusResponse, SubscribeResponse,
 };
 use storage::StorageCollections;
 
 use crate::harness::{
     Replica, Shape, TestController, append, block_on, create_collection, index_dataflow, int_row, kv_desc,
-    new_storage, rows_of,
+    new_storage, rows_of, sink_dataflow, wait_storage_upper_beyond,
 };
 
 fn get(id: GlobalId) -> Box<Plan> {
@@ -176,18 +176,14 @@ fn a_materialized_view_written_by_two_replicas_equals_the_reference_without_dupl
     let target = GlobalId::User(2);
     create_collection(&storage, source, kv_desc());
     create_collection(&storage, target, kv_desc());
-    let mut df = DataflowDescription::new("mv");
-    df.source_imports.insert(source, protocol::SourceImport { desc: kv_desc() });
-    df.objects_to_build.push(BuildDesc { id: GlobalId::Transient(1), plan: count_by_key(source) });
-    df.sink_exports.insert(
+    let df = sink_dataflow(
+        "mv",
+        source,
+        count_by_key(source),
         GlobalId::User(3),
-        SinkExport {
-            from: GlobalId::Transient(1),
-            desc: kv_desc(),
-            connection: SinkConnection::MaterializedView { target },
-        },
+        SinkConnection::MaterializedView { target },
+        0,
     );
-    df.as_of = Some(Antichain::from_elem(0));
     // A two-worker replica and a two-process replica (whose process 0 appends for both processes).
     let replicas = [
         Replica::start(Shape::TwoWorkers, storage.clone()),
@@ -203,13 +199,7 @@ fn a_materialized_view_written_by_two_replicas_equals_the_reference_without_dupl
     let updates = some_updates(times);
     append_times(&storage, source, &updates, 0..times);
     // Wait for the view to catch up, then compare every time with the reference.
-    for _ in 0..600 {
-        let upper = block_on(storage.frontiers(target)).expect("frontiers").upper;
-        if !upper.less_equal(&(times - 1)) {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_storage_upper_beyond(&storage, target, times - 1);
     for time in 0..times {
         let snapshot = block_on(storage.snapshot(target, time)).expect("snapshot");
         let snapshot: Multiset = snapshot.into_iter().collect();
@@ -234,18 +224,14 @@ fn subscribe_batches_equal_the_reference_change_stream() {
         // Two times before the subscribe's as-of (1), the rest after it.
         append_times(&storage, source, &updates, 0..2);
         let subscribe = GlobalId::User(5);
-        let mut df = DataflowDescription::new("subscribe");
-        df.source_imports.insert(source, protocol::SourceImport { desc: kv_desc() });
-        df.objects_to_build.push(BuildDesc { id: GlobalId::Transient(1), plan: count_by_key(source) });
-        df.sink_exports.insert(
+        let df = sink_dataflow(
+            "subscribe",
+            source,
+            count_by_key(source),
             subscribe,
-            SinkExport {
-                from: GlobalId::Transient(1),
-                desc: kv_desc(),
-                connection: SinkConnection::Subscribe { with_snapshot },
-            },
+            SinkConnection::Subscribe { with_snapshot },
+            1,
         );
-        df.as_of = Some(Antichain::from_elem(1));
         controller.create_dataflow(df);
         append_times(&storage, source, &updates, 2..5);
         let processes = controller.processes();
@@ -312,18 +298,14 @@ fn copy_to_writes_the_snapshot_at_its_as_of_as_csv_files_only_after_allow_writes
     let directory = tempfile::tempdir().expect("tempdir");
     let out = directory.path().join("out");
     let copy = GlobalId::User(7);
-    let mut df = DataflowDescription::new("copy");
-    df.source_imports.insert(source, protocol::SourceImport { desc: kv_desc() });
-    df.objects_to_build.push(BuildDesc { id: GlobalId::Transient(1), plan: Plan::get(source) });
-    df.sink_exports.insert(
+    let df = sink_dataflow(
+        "copy",
+        source,
+        Plan::get(source),
         copy,
-        SinkExport {
-            from: GlobalId::Transient(1),
-            desc: kv_desc(),
-            connection: SinkConnection::CopyTo { directory: out.display().to_string() },
-        },
+        SinkConnection::CopyTo { directory: out.display().to_string() },
+        2,
     );
-    df.as_of = Some(Antichain::from_elem(2));
     controller.create_dataflow(df);
     // Nothing is written before AllowWrites.
     let index = GlobalId::User(8);
@@ -492,18 +474,8 @@ fn a_materialized_view_writes_nothing_before_allow_writes_and_a_dropped_copy_to_
     let replica = Replica::start(Shape::OneWorker, storage.clone());
     let mut controller = TestController::connect(&replica.addrs());
     let view = GlobalId::User(3);
-    let mut df = DataflowDescription::new("mv");
-    df.source_imports.insert(source, protocol::SourceImport { desc: kv_desc() });
-    df.objects_to_build.push(BuildDesc { id: GlobalId::Transient(1), plan: Plan::get(source) });
-    df.sink_exports.insert(
-        view,
-        SinkExport {
-            from: GlobalId::Transient(1),
-            desc: kv_desc(),
-            connection: SinkConnection::MaterializedView { target },
-        },
-    );
-    df.as_of = Some(Antichain::from_elem(0));
+    let df =
+        sink_dataflow("mv", source, Plan::get(source), view, SinkConnection::MaterializedView { target }, 0);
     controller.create_dataflow(df);
     append(&storage, source, vec![(int_row(&[1, 1]), 0, 1)], 3);
     controller.wait_frontier_beyond(view, 2);
@@ -511,31 +483,20 @@ fn a_materialized_view_writes_nothing_before_allow_writes_and_a_dropped_copy_to_
     let upper = block_on(storage.frontiers(target)).expect("frontiers").upper;
     assert_eq!(upper, Antichain::from_elem(0), "nothing is written before AllowWrites");
     controller.send(ComputeCommand::AllowWrites);
-    for _ in 0..600 {
-        if !block_on(storage.frontiers(target)).expect("frontiers").upper.less_equal(&2) {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_storage_upper_beyond(&storage, target, 2);
     let snapshot: Multiset = block_on(storage.snapshot(target, 2)).expect("snapshot").into_iter().collect();
     assert_eq!(snapshot, consolidate([(int_row(&[1, 1]), 1)]));
 
     // A copy-to whose as-of is never reached, dropped: answered with Dropped.
     let copy = GlobalId::User(4);
-    let mut df = DataflowDescription::new("copy");
-    df.source_imports.insert(source, protocol::SourceImport { desc: kv_desc() });
-    df.objects_to_build.push(BuildDesc { id: GlobalId::Transient(1), plan: Plan::get(source) });
-    df.sink_exports.insert(
+    let df = sink_dataflow(
+        "copy",
+        source,
+        Plan::get(source),
         copy,
-        SinkExport {
-            from: GlobalId::Transient(1),
-            desc: kv_desc(),
-            connection: SinkConnection::CopyTo {
-                directory: std::env::temp_dir().join("never").display().to_string(),
-            },
-        },
+        SinkConnection::CopyTo { directory: std::env::temp_dir().join("never").display().to_string() },
+        100,
     );
-    df.as_of = Some(Antichain::from_elem(100));
     controller.create_dataflow(df);
     controller.send(ComputeCommand::AllowCompaction { id: copy, frontier: Antichain::new() });
     controller.wait_until("Dropped", |c| {
@@ -556,26 +517,11 @@ fn a_materialized_view_created_after_allow_writes_writes() {
     let replica = Replica::start(Shape::OneWorker, storage.clone());
     let mut controller = TestController::connect(&replica.addrs());
     controller.send(ComputeCommand::AllowWrites);
-    let mut df = DataflowDescription::new("mv");
-    df.source_imports.insert(source, protocol::SourceImport { desc: kv_desc() });
-    df.objects_to_build.push(BuildDesc { id: GlobalId::Transient(1), plan: Plan::get(source) });
-    df.sink_exports.insert(
-        view,
-        SinkExport {
-            from: GlobalId::Transient(1),
-            desc: kv_desc(),
-            connection: SinkConnection::MaterializedView { target },
-        },
-    );
-    df.as_of = Some(Antichain::from_elem(0));
+    let df =
+        sink_dataflow("mv", source, Plan::get(source), view, SinkConnection::MaterializedView { target }, 0);
     controller.create_dataflow(df);
     append(&storage, source, vec![(int_row(&[1, 1]), 0, 1)], 3);
-    for _ in 0..600 {
-        if !block_on(storage.frontiers(target)).expect("frontiers").upper.less_equal(&2) {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_storage_upper_beyond(&storage, target, 2);
     let snapshot: Multiset = block_on(storage.snapshot(target, 2)).expect("snapshot").into_iter().collect();
     assert_eq!(snapshot, consolidate([(int_row(&[1, 1]), 1)]));
     controller.close();

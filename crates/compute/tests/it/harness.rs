@@ -483,6 +483,36 @@ pub fn index_dataflow(
     df
 }
 
+/// A dataflow reading storage collection `source` (schema [`kv_desc`]) through `plan`, exported as sink
+/// `sink` (schema [`kv_desc`]) of kind `connection`, with as-of `as_of`.
+pub fn sink_dataflow(
+    name: &str,
+    source: GlobalId,
+    plan: protocol::Plan,
+    sink: GlobalId,
+    connection: protocol::SinkConnection,
+    as_of: u64,
+) -> DataflowDescription<u64> {
+    let mut df = DataflowDescription::new(name);
+    df.source_imports.insert(source, protocol::SourceImport { desc: kv_desc() });
+    let object = GlobalId::Transient(index_number(sink));
+    df.objects_to_build.push(protocol::BuildDesc { id: object, plan });
+    df.sink_exports.insert(sink, protocol::SinkExport { from: object, desc: kv_desc(), connection });
+    df.as_of = Some(Antichain::from_elem(as_of));
+    df
+}
+
+/// Waits (up to 6 s) until storage collection `id`'s upper is beyond `time`; the caller's checks say
+/// what it means if it never gets there.
+pub fn wait_storage_upper_beyond(storage: &InProcess, id: GlobalId, time: u64) {
+    for _ in 0..600 {
+        if !block_on(storage.frontiers(id)).expect("frontiers").upper.less_equal(&time) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// The number of a user id (for deriving object ids in tests).
 pub fn index_number(id: GlobalId) -> u64 {
     match id {
