@@ -15,8 +15,7 @@
 // Benchmarks measure wall-clock time and print their results.
 #![allow(clippy::disallowed_methods, clippy::print_stdout)]
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::sync::mpsc::channel;
 use std::time::{Duration, Instant};
@@ -34,6 +33,11 @@ use protocol::{
 use storage::{AppendRequest, InProcess, StorageCollections, StoreConfig};
 use timely::dataflow::ProbeHandle;
 use timely::dataflow::operators::Probe;
+
+#[path = "support/loopback.rs"]
+mod loopback;
+
+use loopback::echo_latencies;
 
 const UPDATES: usize = 1_000_000;
 const EPOCHS: u64 = 10;
@@ -407,40 +411,6 @@ fn bench_point_peek() {
     let us = |d: Duration| d.as_secs_f64() * 1e6;
     report("point_peek_p50", us(p50), "us", us(e50), us(p50) / us(e50));
     report("point_peek_p99", us(p99), "us", us(e99), us(p99) / us(e99));
-}
-
-/// Round trips of `request` bytes out and `response` bytes back over loopback TCP.
-fn echo_latencies(request: usize, response: usize, warmup: usize, measured: usize) -> Vec<Duration> {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let server = std::thread::spawn(move || {
-        let (mut stream, _) = listener.accept().expect("accept");
-        stream.set_nodelay(true).expect("nodelay");
-        let mut inbound = vec![0u8; request];
-        let outbound = vec![7u8; response];
-        while stream.read_exact(&mut inbound).is_ok() {
-            if stream.write_all(&outbound).is_err() {
-                break;
-            }
-        }
-    });
-    let mut stream = TcpStream::connect(addr).expect("connect");
-    stream.set_nodelay(true).expect("nodelay");
-    let outbound = vec![1u8; request];
-    let mut inbound = vec![0u8; response];
-    let mut latencies = Vec::with_capacity(measured);
-    for i in 0..warmup + measured {
-        let start = Instant::now();
-        stream.write_all(&outbound).expect("write");
-        stream.read_exact(&mut inbound).expect("read");
-        if i >= warmup {
-            latencies.push(start.elapsed());
-        }
-    }
-    drop(stream);
-    let _ = server.join();
-    latencies.sort();
-    latencies
 }
 
 fn main() {

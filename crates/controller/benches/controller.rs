@@ -45,15 +45,13 @@
 // The counting global allocator implements `GlobalAlloc`, an unsafe trait; it only forwards to `System`.
 #![allow(unsafe_code)]
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::VecDeque;
 use std::hint::black_box;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::num::NonZeroU64;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::{Duration, Instant};
 
 use compute::{ReplicaConfig, ReplicaServer};
@@ -72,54 +70,13 @@ use protocol::{
 use replica_client::{ReplicaEvent, ReplicaStatus};
 use storage::{AppendRequest, InProcess, StorageCollections, StoreConfig};
 
-/// Counts the bytes currently allocated through it.
-struct Counting;
+#[path = "../../replica-client/benches/support/counting_alloc.rs"]
+mod counting_alloc;
+#[path = "../../compute/benches/support/loopback.rs"]
+mod loopback;
 
-static LIVE_BYTES: AtomicIsize = AtomicIsize::new(0);
-
-// SAFETY: every method forwards to `System` with the caller's arguments unchanged; the counter is a side
-// effect only.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: forwarded as is.
-        let ptr = unsafe { System.alloc(layout) };
-        if !ptr.is_null() {
-            LIVE_BYTES.fetch_add(layout.size() as isize, Ordering::Relaxed);
-        }
-        ptr
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: forwarded as is.
-        unsafe { System.dealloc(ptr, layout) };
-        LIVE_BYTES.fetch_sub(layout.size() as isize, Ordering::Relaxed);
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: forwarded as is.
-        let ptr = unsafe { System.alloc_zeroed(layout) };
-        if !ptr.is_null() {
-            LIVE_BYTES.fetch_add(layout.size() as isize, Ordering::Relaxed);
-        }
-        ptr
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        // SAFETY: forwarded as is.
-        let new = unsafe { System.realloc(ptr, layout, new_size) };
-        if !new.is_null() {
-            LIVE_BYTES.fetch_add(new_size as isize - layout.size() as isize, Ordering::Relaxed);
-        }
-        new
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
-
-fn live_bytes() -> isize {
-    LIVE_BYTES.load(Ordering::Relaxed)
-}
+use counting_alloc::live_bytes;
+use loopback::{echo_latencies, echo_server};
 
 const INSTANCE: InstanceId = InstanceId(1);
 const REPLICA: ReplicaId = ReplicaId(1);
@@ -597,46 +554,6 @@ async fn check_point_answer(handle: controller::PeekHandle) {
         PeekResponse::Rows(rows) if rows.len() == 1 => {}
         other => panic!("point peek answered {other:?}"),
     }
-}
-
-/// A loopback TCP server answering every `request`-byte message with a `response`-byte one.
-fn echo_server(request: usize, response: usize) -> (std::net::SocketAddr, std::thread::JoinHandle<()>) {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let server = std::thread::spawn(move || {
-        let (mut stream, _) = listener.accept().expect("accept");
-        stream.set_nodelay(true).expect("nodelay");
-        let mut inbound = vec![0u8; request];
-        let outbound = vec![7u8; response];
-        while stream.read_exact(&mut inbound).is_ok() {
-            if stream.write_all(&outbound).is_err() {
-                break;
-            }
-        }
-    });
-    (addr, server)
-}
-
-/// Round trips of `request` bytes out and `response` bytes back over loopback TCP, sorted.
-fn echo_latencies(request: usize, response: usize, warmup: usize, measured: usize) -> Vec<Duration> {
-    let (addr, server) = echo_server(request, response);
-    let mut stream = TcpStream::connect(addr).expect("connect");
-    stream.set_nodelay(true).expect("nodelay");
-    let outbound = vec![1u8; request];
-    let mut inbound = vec![0u8; response];
-    let mut latencies = Vec::with_capacity(measured);
-    for i in 0..warmup + measured {
-        let start = Instant::now();
-        stream.write_all(&outbound).expect("write");
-        stream.read_exact(&mut inbound).expect("read");
-        if i >= warmup {
-            latencies.push(start.elapsed());
-        }
-    }
-    drop(stream);
-    let _ = server.join();
-    latencies.sort();
-    latencies
 }
 
 /// Round trips per second with up to `window` in flight (a writer thread and a reader).
