@@ -545,6 +545,37 @@ async fn winner(controller: &mut ComputeController, uuid: PeekId) -> Option<Repl
     }
 }
 
+/// Peeks `index` at `time` while the slow replica (R2) is paused: the answer is the table's contents
+/// there and comes from the fast replica (R1). Returns the peek's id.
+async fn peek_won_by_the_fast_replica(
+    controller: &mut ComputeController,
+    table: &Table,
+    index: GlobalId,
+    time: u64,
+) -> PeekId {
+    let handle = controller
+        .peek(INSTANCE, PeekTarget::Index { id: index }, time, PeekOptions::default())
+        .await
+        .expect("peek");
+    let uuid = handle.uuid;
+    assert_eq!(rows_of(handle.result().await), Ok(table.contents_at(time)));
+    assert_eq!(winner(controller, uuid).await, Some(R1));
+    uuid
+}
+
+/// Waits until no peek holds anything and `index`'s since has moved on to `since`.
+async fn peek_hold_released(controller: &ComputeController, what: &str, index: GlobalId, since: u64) {
+    eventually(what, async || {
+        let (holds, (current, _)) = (peek_holds(controller).await, frontiers_of(controller, index));
+        if holds.is_empty() && current == f(since) {
+            Ok(())
+        } else {
+            Err(format!("holds {holds:?}, since {current:?}"))
+        }
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peek_answered_by_the_fast_replica_holds_the_index_until_the_slow_one_answers_or_is_dropped() {
     let storage = new_storage();
@@ -574,53 +605,25 @@ async fn a_peek_answered_by_the_fast_replica_holds_the_index_until_the_slow_one_
 
     // The slow replica answers nothing until resumed: the fast one wins, the hold stays.
     proxy.pause(true);
-    let handle = controller
-        .peek(INSTANCE, PeekTarget::Index { id: index }, 9, PeekOptions::default())
-        .await
-        .expect("peek");
-    let uuid = handle.uuid;
-    assert_eq!(rows_of(handle.result().await), Ok(table.contents_at(9)));
-    assert_eq!(winner(&mut controller, uuid).await, Some(R1));
+    let uuid = peek_won_by_the_fast_replica(&mut controller, &table, index, 9).await;
     assert_eq!(peek_holds(&controller).await, vec![(uuid, Some(f(9)), 1)], "held for the slow replica");
     table.advance(&storage, 5).await;
     wait_for_uppers(&controller, &[index], 15).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(frontiers_of(&controller, index).0, f(9), "the peek hold keeps the index at the peek time");
     proxy.pause(false);
-    eventually("the hold goes once the slow replica answered", async || {
-        let (holds, (since, _)) = (peek_holds(&controller).await, frontiers_of(&controller, index));
-        if holds.is_empty() && since == f(14) {
-            Ok(())
-        } else {
-            Err(format!("holds {holds:?}, since {since:?}"))
-        }
-    })
-    .await;
+    peek_hold_released(&controller, "the hold goes once the slow replica answered", index, 14).await;
 
     // Again, but the slow replica is dropped instead of answering.
     proxy.pause(true);
-    let handle = controller
-        .peek(INSTANCE, PeekTarget::Index { id: index }, 14, PeekOptions::default())
-        .await
-        .expect("peek");
-    let uuid = handle.uuid;
-    assert_eq!(rows_of(handle.result().await), Ok(table.contents_at(14)));
-    assert_eq!(winner(&mut controller, uuid).await, Some(R1));
+    let uuid = peek_won_by_the_fast_replica(&mut controller, &table, index, 14).await;
     table.advance(&storage, 5).await;
     wait_for_uppers(&controller, &[index], 20).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(peek_holds(&controller).await, vec![(uuid, Some(f(14)), 1)]);
     assert_eq!(frontiers_of(&controller, index).0, f(14));
     controller.drop_replica(INSTANCE, R2).await.expect("drop slow replica");
-    eventually("the hold goes with the dropped replica", async || {
-        let (holds, (since, _)) = (peek_holds(&controller).await, frontiers_of(&controller, index));
-        if holds.is_empty() && since == f(19) {
-            Ok(())
-        } else {
-            Err(format!("holds {holds:?}, since {since:?}"))
-        }
-    })
-    .await;
+    peek_hold_released(&controller, "the hold goes with the dropped replica", index, 19).await;
 
     drop(controller);
     drop(proxy);
