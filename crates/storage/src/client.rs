@@ -1,36 +1,56 @@
-//! [`Client`]: a [`StorageCollections`] over one TCP connection to a [`crate::Server`].
+//! [`Client`]: a [`StorageCollections`] over a TCP connection to a [`crate::Server`], reconnecting after a
+//! lost connection (a server restart, a network blip).
 //!
-//! **What this is.** One connection multiplexing any number of concurrent requests, listens, frontier
-//! watches and read holds: a writer task sends requests from an unbounded queue (its callers bound it by
-//! awaiting their answers), a reader task routes each answer to its caller by request number. Read holds
-//! are frontiers' [`ReadHold`] values whose change callback sends `HoldChanges` to the server, so dropping
-//! or downgrading one here moves the server's since there.
+//! **What this is.** One connection at a time multiplexing any number of concurrent requests, listens,
+//! frontier watches and read holds: a writer task sends requests from an unbounded queue (its callers bound
+//! it by awaiting their answers), a reader task routes each answer to its caller by request number. Read
+//! holds are frontiers' [`ReadHold`] values kept in a [`HoldSession`]: per collection one hold registered
+//! on the server at the meet of the client's holds, moved with `HoldChanges` as they move.
 //!
-//! **What this is not.** No reconnect: once the connection is lost (or [`Client::close`] is called), every
-//! pending and later call fails with `Disconnected`, and the server releases the connection's holds. Hold
-//! values and listens keep the connection open while they live, like the `Client` itself.
+//! **Reconnect.** When the connection is lost, a supervisor task reconnects with exponential backoff (50 ms
+//! to 1 s) for up to [`ClientConfig::reconnect_timeout`] (60 s by default), then gives up for good. On a
+//! new connection it first re-registers the session's read holds where the client holds are by then (a
+//! restarted server keeps every collection at its recovered since for a grace period, see
+//! [`crate::core::Store::hold_for_recovery`], so this succeeds unless the client was away longer; a
+//! collection whose holds cannot be re-registered is logged and counted as lost, see
+//! [`Client::lost_holds`]), and only then serves calls again. While it reconnects:
+//! - calls wait for the new connection; a call whose request was in flight when the connection broke fails
+//!   with `Disconnected` (its outcome is unknown: an append may or may not have happened);
+//! - hold values keep working: their changes are recorded and reach the server with the re-registration;
+//! - a listen resumes where it was: events are passed on only up to the last complete `Progress`, and the
+//!   new connection's listen starts there without a snapshot, so the consumer sees no gap and no
+//!   duplicate (before the first `Progress` it starts over at its `as_of`, snapshot included);
+//! - a frontier watch re-opens and reports every collection's current frontiers again (repeating some);
+//!   a collection dropped while the client was away is not reported as dropped.
+//!
+//! **What this is not.** No retry of a request that was in flight; no failover between servers.
 //!
 //! **Invariants.** A reply whose caller has gone away is discarded, except a granted read hold, which is
-//! released at once (else the server would keep it until the connection closes). Listen and watch pulls
-//! are cancellation-safe: an abandoned `next()` leaves its request in flight and the next call picks up
-//! its answer.
+//! released at once (else the server would keep it until the connection closes). A hold granted over a
+//! connection that has been replaced is never handed out (the session refuses it; the call retries). After
+//! [`Client::close`], or once reconnecting gives up, every pending and later call fails with
+//! `Disconnected`, and the server releases the connection's holds. Hold values and listens keep the client
+//! alive while they live, like the `Client` itself. Listen and watch pulls are cancellation-safe: an
+//! abandoned `next()` leaves its request in flight and the next call picks up its answer.
 //!
-//! **Tests.** `tests/it/server.rs`.
+//! **Tests.** `tests/it/server.rs` (including a server restart under a client with holds and a listen);
+//! [`HoldSession`]'s own unit tests.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 use frontiers::{Antichain, ChangeBatch, ReadHold, ReadPolicy};
 use protocol::frame::{FrameDecoder, encode_frame};
 use protocol::{Diff, GlobalId, RelationDesc, Row};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::{TcpStream, ToSocketAddrs};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::AbortHandle;
 
 use crate::api::{
@@ -38,10 +58,14 @@ use crate::api::{
 };
 use crate::error::{AppendError, CreateError, DropError, HoldError, ReadError};
 use crate::listen::{FrontierWatch, Listen};
+use crate::session::HoldSession;
 use crate::wire::{MAX_FRAME_BYTES, Reply, STORAGE_PROTOCOL_VERSION, StorageRequest, StorageResponse};
 
 /// How long [`Client::connect`] waits for the server's answer to its handshake.
-const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The first and the longest pause between reconnect attempts.
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// Why [`Client::connect`] failed.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +78,20 @@ pub enum ConnectError {
     Handshake(String),
 }
 
+/// How a [`Client`] deals with a lost connection.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// How long to keep trying to reconnect after the connection is lost before giving up for good
+    /// (every call then fails with `Disconnected`). Zero: do not reconnect. Default 60 s.
+    pub reconnect_timeout: Duration,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig { reconnect_timeout: Duration::from_secs(60) }
+    }
+}
+
 /// A caller waiting for a reply.
 struct Waiter {
     tx: oneshot::Sender<Reply>,
@@ -61,19 +99,28 @@ struct Waiter {
     hold: Option<GlobalId>,
 }
 
-/// What the tasks and the handle share.
+/// One TCP connection: what its tasks and the callers share.
 struct Conn {
     out: mpsc::UnboundedSender<StorageRequest>,
     /// Callers waiting for a reply; `None` once the connection is gone.
     pending: Mutex<Option<HashMap<u64, Waiter>>>,
     next_request: AtomicU64,
-    next_stream: AtomicU64,
+    /// The [`HoldSession`] generation whose holds this connection registers.
+    generation: u64,
+    tasks: Mutex<Vec<AbortHandle>>,
 }
 
 impl Conn {
     fn close(&self) {
         // Dropping the senders wakes every waiting caller with `Disconnected`.
         self.pending.lock().expect("pending lock").take();
+        for task in self.tasks.lock().expect("tasks lock").drain(..) {
+            task.abort();
+        }
+    }
+
+    fn is_open(&self) -> bool {
+        self.pending.lock().expect("pending lock").is_some()
     }
 
     fn register(&self, hold: Option<GlobalId>) -> Option<(u64, oneshot::Receiver<Reply>)> {
@@ -101,20 +148,89 @@ impl Conn {
         }
         Some(rx)
     }
+
+    /// Acquires a hold at `frontier` on `id`: the granted frontier, as a hold registered on this
+    /// connection.
+    async fn acquire(&self, id: GlobalId, frontier: Antichain<u64>) -> Result<StorageReadHold, HoldError> {
+        let rx =
+            self.start_with(Some(id), |request| StorageRequest::AcquireReadHold { request, id, frontier });
+        let reply = match rx {
+            Some(rx) => rx.await.ok(),
+            None => None,
+        };
+        match reply {
+            Some(Reply::HoldAcquired(Ok(frontier))) => {
+                Ok(ReadHold::new(id, frontier, hold_tx(self.out.clone())))
+            }
+            Some(Reply::HoldAcquired(Err(error))) => Err(error),
+            _ => Err(HoldError::Disconnected),
+        }
+    }
+}
+
+/// The state of a client's link to the server.
+#[derive(Clone)]
+enum Link {
+    Up(Arc<Conn>),
+    /// Lost; the supervisor is reconnecting.
+    Down,
+    /// Closed by the owner, or reconnecting gave up: final.
+    Closed,
 }
 
 struct ClientHandle {
-    conn: Arc<Conn>,
     peer: SocketAddr,
-    reader: AbortHandle,
-    writer: AbortHandle,
+    link: watch::Sender<Link>,
+    session: HoldSession,
+    /// Listen and watch numbers, fresh across every connection of this client.
+    next_stream: AtomicU64,
+    closed: AtomicBool,
+    supervisor: Mutex<Option<AbortHandle>>,
 }
 
 impl ClientHandle {
     fn close(&self) {
-        self.reader.abort();
-        self.writer.abort();
-        self.conn.close();
+        self.closed.store(true, Ordering::SeqCst);
+        if let Some(supervisor) = self.supervisor.lock().expect("supervisor lock").take() {
+            supervisor.abort();
+        }
+        let previous = self.link.send_replace(Link::Closed);
+        if let Link::Up(conn) = previous {
+            conn.close();
+        }
+    }
+
+    /// The open connection, waiting while the client reconnects; `None` once the client is closed.
+    async fn current(&self) -> Option<Arc<Conn>> {
+        let mut rx = self.link.subscribe();
+        loop {
+            match &*rx.borrow_and_update() {
+                Link::Up(conn) if conn.is_open() => return Some(Arc::clone(conn)),
+                Link::Closed => return None,
+                // Down, or Up with a connection that just broke (the supervisor is about to notice).
+                _ => {}
+            }
+            // A broken connection changes the link soon; poll in case it already has.
+            if tokio::time::timeout(Duration::from_millis(20), rx.changed()).await.is_ok_and(|r| r.is_err()) {
+                return None;
+            }
+        }
+    }
+
+    /// Sends the request `make` builds over the current connection (waiting for one) and awaits its reply;
+    /// `None` if the client is closed or the connection broke with the request in flight.
+    async fn call(&self, hold: Option<GlobalId>, make: impl FnOnce(u64) -> StorageRequest) -> Option<Reply> {
+        loop {
+            let conn = self.current().await?;
+            // Registering fails only if the connection broke since `current`: nothing was sent; try the
+            // next one.
+            let Some((request, rx)) = conn.register(hold) else { continue };
+            if conn.out.send(make(request)).is_err() {
+                conn.close();
+                return None;
+            }
+            return rx.await.ok();
+        }
     }
 }
 
@@ -124,7 +240,7 @@ impl Drop for ClientHandle {
     }
 }
 
-/// A connection to a storage server. Cloning shares the connection. See the module documentation.
+/// A connection to a storage server that reconnects. Cloning shares it. See the module documentation.
 #[derive(Clone)]
 pub struct Client {
     handle: Arc<ClientHandle>,
@@ -137,63 +253,35 @@ impl fmt::Debug for Client {
 }
 
 impl Client {
-    /// Connects to the server at `addr` and performs the handshake.
-    pub async fn connect(addr: impl ToSocketAddrs) -> Result<Client, ConnectError> {
-        let stream = TcpStream::connect(addr).await?;
-        stream.set_nodelay(true)?;
-        let peer = stream.peer_addr()?;
-        let (mut read_half, mut write_half) = stream.into_split();
-        let mut buffer = Vec::new();
-        encode_frame(
-            &StorageRequest::Hello { version: STORAGE_PROTOCOL_VERSION },
-            MAX_FRAME_BYTES,
-            &mut buffer,
-        )
-        .map_err(|e| ConnectError::Handshake(e.to_string()))?;
-        write_half.write_all(&buffer).await?;
-        let mut decoder = FrameDecoder::new(MAX_FRAME_BYTES);
-        let mut chunk = vec![0u8; 4096];
-        let handshake = async {
-            loop {
-                match decoder.next_message::<StorageResponse>() {
-                    Ok(Some(answer)) => return Ok(answer),
-                    Ok(None) => {}
-                    Err(error) => return Err(ConnectError::Handshake(error.to_string())),
-                }
-                let n = read_half.read(&mut chunk).await?;
-                if n == 0 {
-                    return Err(ConnectError::Handshake("the server closed the connection".into()));
-                }
-                decoder.push(&chunk[..n]);
-            }
-        };
-        let answer = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
-            Ok(answer) => answer?,
-            Err(_) => return Err(ConnectError::Handshake("the server did not answer the handshake".into())),
-        };
-        match answer {
-            StorageResponse::Hello { version } if version == STORAGE_PROTOCOL_VERSION => {}
-            StorageResponse::HelloRefused { version, reason } => {
-                return Err(ConnectError::Handshake(format!(
-                    "refused by server version {version}: {reason}"
-                )));
-            }
-            other => return Err(ConnectError::Handshake(format!("unexpected answer {other:?}"))),
-        }
-        let (out, out_rx) = mpsc::unbounded_channel();
-        let conn = Arc::new(Conn {
-            out,
-            pending: Mutex::new(Some(HashMap::new())),
-            next_request: AtomicU64::new(0),
-            next_stream: AtomicU64::new(0),
-        });
-        let writer = tokio::spawn(write_loop(write_half, out_rx)).abort_handle();
-        let reader = tokio::spawn(read_loop(read_half, decoder, Arc::clone(&conn))).abort_handle();
-        Ok(Client { handle: Arc::new(ClientHandle { conn, peer, reader, writer }) })
+    /// Connects to the server at `addr` and performs the handshake, with the default [`ClientConfig`].
+    pub async fn connect(addr: impl tokio::net::ToSocketAddrs) -> Result<Client, ConnectError> {
+        Self::connect_with(addr, ClientConfig::default()).await
     }
 
-    /// Closes the connection now: pending and later calls fail with `Disconnected`, listens end with it,
-    /// and the server releases every hold this connection had (hold values here then hold nothing).
+    /// Connects to the server at `addr` and performs the handshake. Later reconnects go to the address
+    /// this first connection reached.
+    pub async fn connect_with(
+        addr: impl tokio::net::ToSocketAddrs,
+        config: ClientConfig,
+    ) -> Result<Client, ConnectError> {
+        let (ended_tx, ended_rx) = mpsc::unbounded_channel();
+        let (conn, peer) = open(addr, 0, ended_tx.clone()).await?;
+        let handle = Arc::new(ClientHandle {
+            peer,
+            link: watch::Sender::new(Link::Up(conn)),
+            session: HoldSession::new(),
+            next_stream: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
+            supervisor: Mutex::new(None),
+        });
+        let supervisor =
+            tokio::spawn(supervise(Arc::downgrade(&handle), peer, config, ended_tx, ended_rx)).abort_handle();
+        *handle.supervisor.lock().expect("supervisor lock") = Some(supervisor);
+        Ok(Client { handle })
+    }
+
+    /// Closes the client now: pending and later calls fail with `Disconnected`, listens end with it, it
+    /// does not reconnect, and the server releases every hold it had (hold values here then hold nothing).
     pub fn close(&self) {
         self.handle.close();
     }
@@ -203,10 +291,149 @@ impl Client {
         self.handle.peer
     }
 
-    async fn call(&self, make: impl FnOnce(u64) -> StorageRequest) -> Option<Reply> {
-        let rx = self.handle.conn.start(make)?;
-        rx.await.ok()
+    /// Whether a connection is up now (false while reconnecting and once closed).
+    pub fn is_connected(&self) -> bool {
+        matches!(&*self.handle.link.borrow(), Link::Up(conn) if conn.is_open())
     }
+
+    /// How many collections' read holds could not be re-registered after a reconnect, in total (the
+    /// server had compacted past them; those hold values hold nothing).
+    pub fn lost_holds(&self) -> u64 {
+        self.handle.session.lost()
+    }
+
+    async fn call(&self, make: impl FnOnce(u64) -> StorageRequest) -> Option<Reply> {
+        self.handle.call(None, make).await
+    }
+}
+
+/// Opens one connection: TCP, the handshake, the reader and writer tasks. The reader reports the
+/// connection's `generation` on `ended` when the connection is lost.
+async fn open(
+    addr: impl tokio::net::ToSocketAddrs,
+    generation: u64,
+    ended: mpsc::UnboundedSender<u64>,
+) -> Result<(Arc<Conn>, SocketAddr), ConnectError> {
+    let stream = TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let peer = stream.peer_addr()?;
+    let (mut read_half, mut write_half) = stream.into_split();
+    let mut buffer = Vec::new();
+    encode_frame(&StorageRequest::Hello { version: STORAGE_PROTOCOL_VERSION }, MAX_FRAME_BYTES, &mut buffer)
+        .map_err(|e| ConnectError::Handshake(e.to_string()))?;
+    write_half.write_all(&buffer).await?;
+    let mut decoder = FrameDecoder::new(MAX_FRAME_BYTES);
+    let mut chunk = vec![0u8; 4096];
+    let handshake = async {
+        loop {
+            match decoder.next_message::<StorageResponse>() {
+                Ok(Some(answer)) => return Ok(answer),
+                Ok(None) => {}
+                Err(error) => return Err(ConnectError::Handshake(error.to_string())),
+            }
+            let n = read_half.read(&mut chunk).await?;
+            if n == 0 {
+                return Err(ConnectError::Handshake("the server closed the connection".into()));
+            }
+            decoder.push(&chunk[..n]);
+        }
+    };
+    let answer = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(answer) => answer?,
+        Err(_) => return Err(ConnectError::Handshake("the server did not answer the handshake".into())),
+    };
+    match answer {
+        StorageResponse::Hello { version } if version == STORAGE_PROTOCOL_VERSION => {}
+        StorageResponse::HelloRefused { version, reason } => {
+            return Err(ConnectError::Handshake(format!("refused by server version {version}: {reason}")));
+        }
+        other => return Err(ConnectError::Handshake(format!("unexpected answer {other:?}"))),
+    }
+    let (out, out_rx) = mpsc::unbounded_channel();
+    let conn = Arc::new(Conn {
+        out,
+        pending: Mutex::new(Some(HashMap::new())),
+        next_request: AtomicU64::new(0),
+        generation,
+        tasks: Mutex::new(Vec::new()),
+    });
+    let writer = tokio::spawn(write_loop(write_half, out_rx)).abort_handle();
+    let reader =
+        tokio::spawn(read_loop(read_half, decoder, Arc::downgrade(&conn), generation, ended)).abort_handle();
+    conn.tasks.lock().expect("tasks lock").extend([writer, reader]);
+    Ok((conn, peer))
+}
+
+/// Watches the connection and replaces it when it is lost (see the module documentation). Holds the
+/// client only weakly, so dropping the last `Client` ends it.
+async fn supervise(
+    client: Weak<ClientHandle>,
+    addr: SocketAddr,
+    config: ClientConfig,
+    ended_tx: mpsc::UnboundedSender<u64>,
+    mut ended: mpsc::UnboundedReceiver<u64>,
+) {
+    let mut current = 0;
+    while let Some(generation) = ended.recv().await {
+        if generation != current {
+            continue; // A connection replaced already.
+        }
+        let Some(handle) = client.upgrade() else { return };
+        if handle.closed.load(Ordering::SeqCst) {
+            return;
+        }
+        handle.link.send_replace(Link::Down);
+        drop(handle);
+        tracing::warn!(%addr, "storage connection lost; reconnecting");
+        let started = tokio::time::Instant::now();
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let Some(handle) = client.upgrade() else { return };
+            let generation = handle.session.disconnect();
+            drop(handle);
+            match open(addr, generation, ended_tx.clone()).await {
+                Ok((conn, _)) => {
+                    let Some(handle) = client.upgrade() else { return };
+                    if restore_holds(&handle.session, &conn).await {
+                        current = generation;
+                        let restored = handle.session.to_restore().is_empty();
+                        handle.link.send_replace(Link::Up(conn));
+                        tracing::info!(
+                            %addr,
+                            generation,
+                            holds_restored = restored,
+                            lost_holds = handle.session.lost(),
+                            "storage connection re-established"
+                        );
+                        break;
+                    }
+                    conn.close();
+                }
+                Err(error) => tracing::debug!(%addr, %error, "storage reconnect attempt failed"),
+            }
+            if started.elapsed() >= config.reconnect_timeout {
+                tracing::error!(%addr, "storage unreachable; giving up reconnecting: every call now fails");
+                if let Some(handle) = client.upgrade() {
+                    handle.close();
+                }
+                return;
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+}
+
+/// Re-registers the session's holds over `conn`; false if `conn` broke meanwhile.
+async fn restore_holds(session: &HoldSession, conn: &Conn) -> bool {
+    for (id, frontier) in session.to_restore() {
+        match conn.acquire(id, frontier).await {
+            Ok(upstream) => session.restore(upstream, conn.generation),
+            Err(HoldError::Disconnected) => return false,
+            Err(error) => session.lose(id, &error),
+        }
+    }
+    true
 }
 
 async fn write_loop(mut socket: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<StorageRequest>) {
@@ -230,12 +457,21 @@ async fn write_loop(mut socket: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<
     }
 }
 
-async fn read_loop(mut socket: OwnedReadHalf, mut decoder: FrameDecoder, conn: Arc<Conn>) {
+async fn read_loop(
+    mut socket: OwnedReadHalf,
+    mut decoder: FrameDecoder,
+    conn: Weak<Conn>,
+    generation: u64,
+    ended: mpsc::UnboundedSender<u64>,
+) {
     let mut chunk = vec![0u8; 64 * 1024];
     let end = 'read: loop {
         loop {
             match decoder.next_message::<StorageResponse>() {
-                Ok(Some(StorageResponse::Reply { request, reply })) => deliver(&conn, request, reply),
+                Ok(Some(StorageResponse::Reply { request, reply })) => {
+                    let Some(conn) = conn.upgrade() else { break 'read "closed".to_string() };
+                    deliver(&conn, request, reply);
+                }
                 Ok(Some(other)) => break 'read format!("unexpected message {other:?}"),
                 Ok(None) => break,
                 Err(error) => break 'read error.to_string(),
@@ -247,8 +483,15 @@ async fn read_loop(mut socket: OwnedReadHalf, mut decoder: FrameDecoder, conn: A
             Err(error) => break error.to_string(),
         }
     };
-    tracing::info!(reason = %end, "storage connection lost");
-    conn.close();
+    tracing::info!(reason = %end, generation, "storage connection lost");
+    if let Some(conn) = conn.upgrade() {
+        // Fail the callers first, then tell the supervisor (closing aborts this task: do it last).
+        conn.pending.lock().expect("pending lock").take();
+        let _ = ended.send(generation);
+        conn.close();
+    } else {
+        let _ = ended.send(generation);
+    }
 }
 
 fn deliver(conn: &Conn, request: u64, reply: Reply) {
@@ -265,11 +508,13 @@ fn deliver(conn: &Conn, request: u64, reply: Reply) {
     }
 }
 
-fn hold_tx(handle: Arc<ClientHandle>) -> frontiers::ChangeTx<GlobalId, u64> {
+/// The change callback of a hold registered on the connection whose queue is `out`.
+fn hold_tx(out: mpsc::UnboundedSender<StorageRequest>) -> frontiers::ChangeTx<GlobalId, u64> {
     Arc::new(move |id: &GlobalId, changes: ChangeBatch<u64>| {
         let changes: Vec<(u64, i64)> = changes.into_inner().into_iter().collect();
         if !changes.is_empty() {
-            let _ = handle.conn.out.send(StorageRequest::HoldChanges { id: *id, changes });
+            // A closed connection's holds are released by the server; nothing to send then.
+            let _ = out.send(StorageRequest::HoldChanges { id: *id, changes });
         }
     })
 }
@@ -277,11 +522,12 @@ fn hold_tx(handle: Arc<ClientHandle>) -> frontiers::ChangeTx<GlobalId, u64> {
 /// What the server answers to a pull: the next events, or the error that ends the stream.
 type PullResult<E> = Result<Vec<E>, ReadError>;
 
-/// The pull loop a remote listen and a remote frontier watch share: when its buffer is empty it asks the
-/// server for the stream's next events (one request in flight at most), and it ends at the first error.
+/// The pull loop a remote listen and a remote frontier watch share, on one connection: when its buffer is
+/// empty it asks the server for the stream's next events (one request in flight at most), and it ends at
+/// the first error (`Disconnected` when the connection is lost; the owner may re-open on the next one).
 struct RemotePull<E> {
-    handle: Arc<ClientHandle>,
-    /// The stream's number on this connection.
+    conn: Arc<Conn>,
+    /// The stream's number.
     stream: u64,
     buffer: VecDeque<E>,
     inflight: Option<oneshot::Receiver<Reply>>,
@@ -296,14 +542,14 @@ struct RemotePull<E> {
 
 impl<E> RemotePull<E> {
     fn new(
-        handle: Arc<ClientHandle>,
+        conn: Arc<Conn>,
         stream: u64,
         next_request: fn(u64, u64) -> StorageRequest,
         events: fn(Reply) -> Result<PullResult<E>, Reply>,
         drop_request: fn(u64) -> StorageRequest,
     ) -> Self {
         RemotePull {
-            handle,
+            conn,
             stream,
             buffer: VecDeque::new(),
             inflight: None,
@@ -324,7 +570,7 @@ impl<E> RemotePull<E> {
             }
             if self.inflight.is_none() {
                 let (stream, next_request) = (self.stream, self.next_request);
-                self.inflight = self.handle.conn.start(|request| next_request(request, stream));
+                self.inflight = self.conn.start(|request| next_request(request, stream));
                 if self.inflight.is_none() {
                     self.finished = Some(ReadError::Disconnected);
                     continue;
@@ -344,22 +590,90 @@ impl<E> RemotePull<E> {
         }
     }
 
-    fn try_next(&mut self) -> Option<Result<E, ReadError>> {
-        self.buffer.pop_front().map(Ok)
+    fn try_next(&mut self) -> Option<E> {
+        self.buffer.pop_front()
     }
 }
 
 impl<E> Drop for RemotePull<E> {
     fn drop(&mut self) {
-        let _ = self.handle.conn.out.send((self.drop_request)(self.stream));
+        let _ = self.conn.out.send((self.drop_request)(self.stream));
     }
 }
 
-/// A listen over the network: pulls the next events when its buffer is empty.
+/// Opens listen `stream` on `id` over the current connection: at `as_of` with a snapshot, or resumed there.
+async fn open_listen(
+    handle: &ClientHandle,
+    id: GlobalId,
+    as_of: u64,
+    resume: bool,
+) -> Result<RemotePull<ListenEvent>, ReadError> {
+    loop {
+        let conn = handle.current().await.ok_or(ReadError::Disconnected)?;
+        let listen = handle.next_stream.fetch_add(1, Ordering::Relaxed);
+        let Some(rx) = conn.start(|request| StorageRequest::Listen { request, listen, id, as_of, resume })
+        else {
+            continue;
+        };
+        return match rx.await {
+            Ok(Reply::Listening(Ok(()))) => Ok(RemotePull::new(
+                conn,
+                listen,
+                |request, listen| StorageRequest::ListenNext { request, listen },
+                |reply| match reply {
+                    Reply::ListenEvents(result) => Ok(result),
+                    other => Err(other),
+                },
+                |listen| StorageRequest::ListenDrop { listen },
+            )),
+            Ok(Reply::Listening(Err(error))) => Err(error),
+            Ok(other) => Err(ReadError::Protocol(format!("unexpected reply {other:?}"))),
+            // Lost with the request in flight: opening has no effect worth keeping; try the next one.
+            Err(_) => continue,
+        };
+    }
+}
+
+/// Opens watch `stream` over the current connection.
+async fn open_watch(
+    handle: &ClientHandle,
+) -> Result<RemotePull<(GlobalId, Option<CollectionFrontiers>)>, ReadError> {
+    loop {
+        let conn = handle.current().await.ok_or(ReadError::Disconnected)?;
+        let watch = handle.next_stream.fetch_add(1, Ordering::Relaxed);
+        let Some(rx) = conn.start(|request| StorageRequest::WatchFrontiers { request, watch }) else {
+            continue;
+        };
+        return match rx.await {
+            Ok(Reply::Watching(Ok(()))) => Ok(RemotePull::new(
+                conn,
+                watch,
+                |request, watch| StorageRequest::WatchNext { request, watch },
+                |reply| match reply {
+                    Reply::WatchEvents(result) => Ok(result),
+                    other => Err(other),
+                },
+                |watch| StorageRequest::WatchDrop { watch },
+            )),
+            Ok(Reply::Watching(Err(error))) => Err(error),
+            Ok(other) => Err(ReadError::Protocol(format!("unexpected reply {other:?}"))),
+            Err(_) => continue,
+        };
+    }
+}
+
+/// A listen over the network that survives reconnects (see the module documentation).
 pub(crate) struct RemoteListen {
+    handle: Arc<ClientHandle>,
     id: GlobalId,
     as_of: u64,
     pull: RemotePull<ListenEvent>,
+    /// Events up to the last `Progress` received: passed on.
+    ready: VecDeque<ListenEvent>,
+    /// Updates after the last `Progress` received: passed on with the next one, dropped on a reconnect.
+    held: Vec<ListenEvent>,
+    /// The last `Progress` passed on; `None` before the first (the snapshot is not complete yet).
+    progress: Option<Antichain<u64>>,
 }
 
 impl RemoteListen {
@@ -371,27 +685,71 @@ impl RemoteListen {
         self.as_of
     }
 
+    fn accept(&mut self, event: ListenEvent) {
+        match event {
+            ListenEvent::Progress(frontier) => {
+                self.ready.extend(self.held.drain(..));
+                self.progress = Some(frontier.clone());
+                self.ready.push_back(ListenEvent::Progress(frontier));
+            }
+            updates => self.held.push(updates),
+        }
+    }
+
     pub(crate) async fn next(&mut self) -> Result<ListenEvent, ReadError> {
-        self.pull.next().await
+        loop {
+            if let Some(event) = self.ready.pop_front() {
+                return Ok(event);
+            }
+            match self.pull.next().await {
+                Ok(event) => self.accept(event),
+                Err(ReadError::Disconnected) if !self.handle.closed.load(Ordering::SeqCst) => {
+                    self.held.clear();
+                    let (at, resume) = match &self.progress {
+                        None => (self.as_of, false),
+                        Some(frontier) => match frontier.as_option() {
+                            Some(at) => (*at, true),
+                            // Complete: nothing follows an empty frontier.
+                            None => return Err(ReadError::Disconnected),
+                        },
+                    };
+                    tracing::debug!(id = %self.id, at, resume, "resuming a storage listen on a new connection");
+                    self.pull = open_listen(&self.handle, self.id, at, resume).await?;
+                }
+                Err(error) => return Err(error),
+            }
+        }
     }
 
     pub(crate) fn try_next(&mut self) -> Option<Result<ListenEvent, ReadError>> {
-        self.pull.try_next()
+        while self.ready.is_empty() {
+            let event = self.pull.try_next()?;
+            self.accept(event);
+        }
+        self.ready.pop_front().map(Ok)
     }
 }
 
-/// A frontier watch over the network.
+/// A frontier watch over the network that re-opens after a reconnect.
 pub(crate) struct RemoteWatch {
+    handle: Arc<ClientHandle>,
     pull: RemotePull<(GlobalId, Option<CollectionFrontiers>)>,
 }
 
 impl RemoteWatch {
     pub(crate) async fn next(&mut self) -> Result<(GlobalId, Option<CollectionFrontiers>), ReadError> {
-        self.pull.next().await
+        loop {
+            match self.pull.next().await {
+                Err(ReadError::Disconnected) if !self.handle.closed.load(Ordering::SeqCst) => {
+                    self.pull = open_watch(&self.handle).await?;
+                }
+                result => return result,
+            }
+        }
     }
 
     pub(crate) fn try_next(&mut self) -> Option<Result<(GlobalId, Option<CollectionFrontiers>), ReadError>> {
-        self.pull.try_next()
+        self.pull.try_next().map(Ok)
     }
 }
 
@@ -449,21 +807,20 @@ impl StorageCollections for Client {
         frontier: Antichain<u64>,
     ) -> BoxFuture<'_, Result<StorageReadHold, HoldError>> {
         Box::pin(async move {
-            let rx = self.handle.conn.start_with(Some(id), |request| StorageRequest::AcquireReadHold {
-                request,
-                id,
-                frontier,
-            });
-            let reply = match rx {
-                Some(rx) => rx.await.ok(),
-                None => None,
-            };
-            match reply {
-                Some(Reply::HoldAcquired(Ok(frontier))) => {
-                    Ok(ReadHold::new(id, frontier, hold_tx(Arc::clone(&self.handle))))
+            loop {
+                let conn = self.handle.current().await.ok_or(HoldError::Disconnected)?;
+                let upstream = match conn.acquire(id, frontier.clone()).await {
+                    Ok(upstream) => upstream,
+                    // Lost with the request in flight: the server released whatever it granted.
+                    Err(HoldError::Disconnected) if !self.handle.closed.load(Ordering::SeqCst) => continue,
+                    Err(error) => return Err(error),
+                };
+                let keepalive: Arc<dyn std::any::Any + Send + Sync> = Arc::clone(&self.handle) as _;
+                match self.handle.session.wrap(upstream, conn.generation, Some(keepalive)) {
+                    // Granted over a connection replaced meanwhile: ask the new one.
+                    Err(HoldError::Disconnected) => continue,
+                    result => return result,
                 }
-                Some(Reply::HoldAcquired(Err(error))) => Err(error),
-                _ => Err(HoldError::Disconnected),
             }
         })
     }
@@ -489,49 +846,23 @@ impl StorageCollections for Client {
 
     fn listen(&self, id: GlobalId, as_of: u64) -> BoxFuture<'_, Result<Listen, ReadError>> {
         Box::pin(async move {
-            let listen = self.handle.conn.next_stream.fetch_add(1, Ordering::Relaxed);
-            match self.call(|request| StorageRequest::Listen { request, listen, id, as_of }).await {
-                Some(Reply::Listening(Ok(()))) => Ok(Listen::remote(RemoteListen {
-                    id,
-                    as_of,
-                    pull: RemotePull::new(
-                        Arc::clone(&self.handle),
-                        listen,
-                        |request, listen| StorageRequest::ListenNext { request, listen },
-                        |reply| match reply {
-                            Reply::ListenEvents(result) => Ok(result),
-                            other => Err(other),
-                        },
-                        |listen| StorageRequest::ListenDrop { listen },
-                    ),
-                })),
-                Some(Reply::Listening(Err(error))) => Err(error),
-                Some(other) => Err(ReadError::Protocol(format!("unexpected reply {other:?}"))),
-                None => Err(ReadError::Disconnected),
-            }
+            let pull = open_listen(&self.handle, id, as_of, false).await?;
+            Ok(Listen::remote(RemoteListen {
+                handle: Arc::clone(&self.handle),
+                id,
+                as_of,
+                pull,
+                ready: VecDeque::new(),
+                held: Vec::new(),
+                progress: None,
+            }))
         })
     }
 
     fn watch_frontiers(&self) -> BoxFuture<'_, Result<FrontierWatch, ReadError>> {
         Box::pin(async move {
-            let watch = self.handle.conn.next_stream.fetch_add(1, Ordering::Relaxed);
-            match self.call(|request| StorageRequest::WatchFrontiers { request, watch }).await {
-                Some(Reply::Watching(Ok(()))) => Ok(FrontierWatch::remote(RemoteWatch {
-                    pull: RemotePull::new(
-                        Arc::clone(&self.handle),
-                        watch,
-                        |request, watch| StorageRequest::WatchNext { request, watch },
-                        |reply| match reply {
-                            Reply::WatchEvents(result) => Ok(result),
-                            other => Err(other),
-                        },
-                        |watch| StorageRequest::WatchDrop { watch },
-                    ),
-                })),
-                Some(Reply::Watching(Err(error))) => Err(error),
-                Some(other) => Err(ReadError::Protocol(format!("unexpected reply {other:?}"))),
-                None => Err(ReadError::Disconnected),
-            }
+            let pull = open_watch(&self.handle).await?;
+            Ok(FrontierWatch::remote(RemoteWatch { handle: Arc::clone(&self.handle), pull }))
         })
     }
 }

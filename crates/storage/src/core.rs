@@ -106,6 +106,9 @@ pub struct Store {
     dropped: BTreeSet<GlobalId>,
     holds: ReadHolds<GlobalId, u64>,
     default_policy: ReadPolicy<u64>,
+    /// While recovering from a restart: one hold per collection at its recovered since (see
+    /// [`Store::hold_for_recovery`]).
+    recovery_holds: BTreeMap<GlobalId, StorageReadHold>,
 }
 
 impl fmt::Debug for Store {
@@ -139,6 +142,7 @@ impl Store {
             dropped: BTreeSet::new(),
             holds: ReadHolds::with_notify(notify),
             default_policy: default_read_policy(),
+            recovery_holds: BTreeMap::new(),
         }
     }
 
@@ -189,6 +193,7 @@ impl Store {
         if self.collections.remove(&id).is_none() {
             return Err(DropError::CollectionMissing(id));
         }
+        self.recovery_holds.remove(&id);
         self.holds.remove(&id);
         self.dropped.insert(id);
         Ok(())
@@ -343,17 +348,56 @@ impl Store {
     }
 
     /// Recovery only: moves the collection's since forward to at least `since` (a since recorded in the
-    /// log), by moving its policy's hold. Has an effect only while the policy's hold is the only hold, as
-    /// during recovery.
+    /// log), by moving its policy's hold and its recovery hold (see
+    /// [`hold_for_recovery`](Self::hold_for_recovery)). Has an effect only while those are the only
+    /// holds, as during recovery.
     pub fn advance_policy_hold(&mut self, id: GlobalId, since: &Antichain<u64>) {
         if let Some(collection) = self.collections.get_mut(&id) {
-            let target =
-                frontiers::antichain::join(&collection.policy_hold.since().borrow(), &since.borrow());
-            let target = frontiers::antichain::meet(&target.borrow(), &collection.upper.borrow());
-            if target != *collection.policy_hold.since() && !target.is_empty() {
-                let _ = collection.policy_hold.try_downgrade(target);
+            let holds = std::iter::once(&mut collection.policy_hold).chain(self.recovery_holds.get_mut(&id));
+            for hold in holds {
+                let target = frontiers::antichain::join(&hold.since().borrow(), &since.borrow());
+                let target = frontiers::antichain::meet(&target.borrow(), &collection.upper.borrow());
+                if target != *hold.since() && !target.is_empty() {
+                    let _ = hold.try_downgrade(target);
+                }
             }
         }
+    }
+
+    /// After a restart: holds every collection at its since until [`end_recovery`](Self::end_recovery),
+    /// so that the clients of the store before the restart, whose holds died with their connections, can
+    /// re-register them ([`crate::HoldSession`]). The durable layer calls it before it replays the log
+    /// (and again after each replayed create), and each replayed since record moves the hold to the
+    /// logged since ([`advance_policy_hold`](Self::advance_policy_hold)): the recovered since is then the
+    /// since at the crash, the meet of every hold of that moment, so at or before each client's hold.
+    /// Without it the read policies would move the sinces with the replayed uppers, past the clients'
+    /// holds. Collections already held are left alone.
+    pub fn hold_for_recovery(&mut self) {
+        let ids: Vec<GlobalId> =
+            self.collections.keys().filter(|id| !self.recovery_holds.contains_key(id)).copied().collect();
+        for id in ids {
+            let since = self.since_of(id);
+            if since.is_empty() {
+                continue;
+            }
+            let hold = self
+                .acquire_read_hold(id, since)
+                .unwrap_or_else(|error| panic!("a hold at the since of a live collection is valid: {error}"));
+            self.recovery_holds.insert(id, hold);
+        }
+    }
+
+    /// Releases the holds [`hold_for_recovery`](Self::hold_for_recovery) took (the grace period for
+    /// clients to come back is over); returns how many.
+    pub fn end_recovery(&mut self) -> usize {
+        let released = self.recovery_holds.len();
+        self.recovery_holds.clear();
+        released
+    }
+
+    /// Whether recovery holds are outstanding.
+    pub fn in_recovery(&self) -> bool {
+        !self.recovery_holds.is_empty()
     }
 
     /// Applies every hold change sent since the last call, compacts the collections whose since moved, and

@@ -53,6 +53,10 @@ pub struct StoreConfig {
     pub max_group_ops: usize,
     /// A listen splits its updates into events of at most about this many row bytes. Default 1 MiB.
     pub listen_chunk_bytes: usize,
+    /// After a durable store reopens, how long it keeps every collection at its recovered since so that
+    /// the clients it had before can re-register their read holds ([`crate::Client`] does so as it
+    /// reconnects; see [`Store::hold_for_recovery`]). Default 30 s.
+    pub recovery_grace: Duration,
     /// Injected I/O failures (tests only).
     pub faults: IoFaults,
 }
@@ -65,6 +69,7 @@ impl Default for StoreConfig {
             checkpoint_after_log_bytes: 64 << 20,
             max_group_ops: 4_096,
             listen_chunk_bytes: 1 << 20,
+            recovery_grace: Duration::from_secs(30),
             faults: IoFaults::default(),
         }
     }
@@ -192,7 +197,37 @@ impl InProcess {
         let (data_dir, mut store, report) =
             DataDir::open(dir.as_ref(), config.faults.clone(), wake_callback(&ops, &wake))?;
         store.set_default_read_policy(config.default_read_policy.clone());
-        Ok(Self::start(store, Some(data_dir), Some(report), config, ops, rx, wake))
+        let grace = config.recovery_grace;
+        let opened = Self::start(store, Some(data_dir), Some(report), config, ops, rx, wake);
+        let shared = Arc::downgrade(opened.shared());
+        let spawned = std::thread::Builder::new().name("storage-recovery".into()).spawn(move || {
+            std::thread::sleep(grace);
+            if let Some(shared) = shared.upgrade() {
+                let released = shared.lock().store.end_recovery();
+                tracing::info!(
+                    released,
+                    "storage recovery grace over: compaction follows the read holds again"
+                );
+            }
+        });
+        if let Err(error) = spawned {
+            // Without the timer the recovery holds stay until `end_recovery`: history is kept, nothing lost.
+            tracing::warn!(%error, "cannot spawn the recovery grace timer");
+        }
+        Ok(opened)
+    }
+
+    /// Holds every collection at its current since until [`end_recovery`](Self::end_recovery), as a
+    /// reopened store does for its grace period ([`Store::hold_for_recovery`]). The server calls it as it
+    /// stops, before the connections (and with them their clients' holds) go.
+    pub fn hold_sinces(&self) {
+        self.shared().lock().store.hold_for_recovery();
+    }
+
+    /// Ends the recovery grace now (see [`StoreConfig::recovery_grace`]): the holds kept for clients that
+    /// have not come back are released. Returns how many.
+    pub fn end_recovery(&self) -> usize {
+        self.shared().lock().store.end_recovery()
     }
 
     fn start(
@@ -210,6 +245,12 @@ impl InProcess {
         let stats = Arc::new(Mutex::new(data_dir.as_ref().map(DataDir::stats)));
         crate::commit::spawn(Arc::clone(&shared), data_dir, rx, ops.clone(), wake, Arc::clone(&stats));
         InProcess { handle: Arc::new(Handle { shared, ops, stats, recovery }) }
+    }
+
+    /// A listen resumed at `from`: no snapshot, the updates at times at or beyond `from` (see
+    /// [`crate::Client`]'s reconnect).
+    pub(crate) fn listen_from(&self, id: GlobalId, from: u64) -> Result<Listen, ReadError> {
+        LocalListen::resume(Arc::clone(self.shared()), id, from).map(Listen::local)
     }
 
     pub(crate) fn shared(&self) -> &Arc<Shared> {

@@ -38,15 +38,17 @@ mod error;
 mod inprocess;
 mod listen;
 mod server;
+mod session;
 mod table_writer;
 pub mod wire;
 
 pub use api::{
     AppendRequest, BoxFuture, CollectionFrontiers, ListenEvent, StorageCollections, StorageReadHold,
 };
-pub use client::{Client, ConnectError};
+pub use client::{Client, ClientConfig, ConnectError};
 pub use error::{AppendError, CreateError, DropError, HoldError, ReadError};
 pub use inprocess::{CheckpointError, InProcess, StoreConfig};
 pub use listen::{FrontierWatch, Listen};
 pub use server::Server;
+pub use session::HoldSession;
 pub use table_writer::{Clock, ManualClock, SystemClock, TableWriteError, TableWriter, TableWriterConfig};

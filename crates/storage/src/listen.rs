@@ -109,6 +109,16 @@ pub(crate) struct LocalListen {
 
 impl LocalListen {
     pub(crate) fn new(shared: Arc<Shared>, id: GlobalId, as_of: u64) -> Result<Self, ReadError> {
+        Self::start(shared, id, as_of, false)
+    }
+
+    /// Resumes a listen whose consumer has every update at a time before `from` (a client reconnecting
+    /// after a restart): no snapshot; the first events are the updates at times at or beyond `from`.
+    pub(crate) fn resume(shared: Arc<Shared>, id: GlobalId, from: u64) -> Result<Self, ReadError> {
+        Self::start(shared, id, from, true)
+    }
+
+    fn start(shared: Arc<Shared>, id: GlobalId, as_of: u64, resume: bool) -> Result<Self, ReadError> {
         let (hold, signal) = {
             let mut state = shared.lock();
             if state.shut_down {
@@ -129,7 +139,7 @@ impl LocalListen {
             id,
             as_of,
             hold,
-            delivered: None,
+            delivered: resume.then(|| Antichain::from_elem(as_of)),
             pending: VecDeque::new(),
             signal,
             finished: None,

@@ -63,7 +63,9 @@ impl Server {
 
     /// Accepts and serves connections until `shutdown` completes, then closes every connection (releasing
     /// their holds). It does not shut the store down; the caller does that (see
-    /// [`InProcess::shutdown`]).
+    /// [`InProcess::shutdown`]). Before it closes the connections it holds every collection at its since
+    /// ([`InProcess::hold_sinces`]), so their clients can re-register their holds with the next server
+    /// on this data; a caller that keeps using the store ends that with [`InProcess::end_recovery`].
     pub async fn serve(self, shutdown: impl Future<Output = ()>) -> io::Result<()> {
         let mut connections = JoinSet::new();
         let next_connection = AtomicU64::new(0);
@@ -89,6 +91,9 @@ impl Server {
             }
         }
         tracing::info!(connections = connections.len(), "storage server stopping");
+        // The clients will reconnect to the next server on this data: closing their connections must not
+        // let compaction pass their holds meanwhile (the sinces reached now are what the next one recovers).
+        self.store.hold_sinces();
         connections.shutdown().await;
         Ok(())
     }
@@ -283,11 +288,13 @@ impl Connection {
                 self.reply(request, Reply::HoldAcquired(reply)).await?;
             }
             StorageRequest::HoldChanges { id, changes } => self.hold_changes(id, changes)?,
-            StorageRequest::Listen { request, listen, id, as_of } => {
+            StorageRequest::Listen { request, listen, id, as_of, resume } => {
                 if self.listens.contains_key(&listen) {
                     return Err(ConnectionEnd::Protocol(format!("listen number {listen} reused")));
                 }
-                let reply = match store.listen(id, as_of).await {
+                let opened =
+                    if resume { store.listen_from(id, as_of) } else { store.listen(id, as_of).await };
+                let reply = match opened {
                     Ok(stream) => {
                         let slot = PullSlot { stream: Arc::new(tokio::sync::Mutex::new(stream)), task: None };
                         self.listens.insert(listen, slot);

@@ -30,7 +30,7 @@ use crate::api::{AppendRequest, CollectionFrontiers, ListenEvent};
 use crate::error::{AppendError, CreateError, DropError, HoldError, ReadError};
 
 /// The version of this protocol; a server refuses clients that speak another.
-pub const STORAGE_PROTOCOL_VERSION: u32 = 1;
+pub const STORAGE_PROTOCOL_VERSION: u32 = 2;
 
 /// The largest frame either side sends or accepts.
 pub const MAX_FRAME_BYTES: usize = protocol::frame::DEFAULT_MAX_FRAME_BYTES;
@@ -122,6 +122,9 @@ pub enum StorageRequest {
         id: GlobalId,
         /// The time.
         as_of: u64,
+        /// Resume a listen whose consumer has everything before `as_of`: no snapshot, the updates at
+        /// times at or beyond `as_of` (a client's listen after a reconnect).
+        resume: bool,
     },
     /// The next events of a listen.
     ListenNext {

@@ -203,6 +203,10 @@ impl DataDir {
             }
             None => (Store::with_notify(notify), 0),
         };
+        // Hold every collection at its logged since while the log replays (the read policies would move
+        // the sinces with the replayed uppers) and for the grace period after: see
+        // [`Store::hold_for_recovery`].
+        store.hold_for_recovery();
 
         let live: Vec<u64> = segments.iter().copied().filter(|s| *s >= first_seq).collect();
         for (index, &seq) in live.iter().enumerate() {
@@ -464,6 +468,7 @@ fn replay(store: &mut Store, record: LogRecord) -> Result<(), String> {
     match record {
         LogRecord::Create { id, desc } => {
             store.create_collection(id, desc).map_err(|e| format!("replaying a create: {e}"))?;
+            store.hold_for_recovery();
         }
         LogRecord::Drop { id } => store.drop_collection(id).map_err(|e| format!("replaying a drop: {e}"))?,
         LogRecord::Append(requests) => {

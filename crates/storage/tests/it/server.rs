@@ -243,3 +243,166 @@ async fn the_server_binary_serves_shuts_down_on_sigterm_and_restarts_with_its_da
         assert!(exit.success(), "graceful shutdown exits 0: {exit:?}");
     }
 }
+
+/// A durable store served on `addr` (port 0 for any) until `stop` fires; returns the bound address and
+/// the serving task, which shuts the store down when the server stops.
+async fn serve_durable(
+    dir: &std::path::Path,
+    addr: std::net::SocketAddr,
+    config: storage::StoreConfig,
+    stop: tokio::sync::oneshot::Receiver<()>,
+) -> (std::net::SocketAddr, storage::InProcess, tokio::task::JoinHandle<()>) {
+    let store = storage::InProcess::open(dir, config).unwrap();
+    let server = storage::Server::bind(addr, store.clone()).await.unwrap();
+    let addr = server.local_addr().unwrap();
+    let shut = store.clone();
+    let task = tokio::spawn(async move {
+        server.serve(async { drop(stop.await) }).await.unwrap();
+        shut.shutdown().await;
+    });
+    (addr, store, task)
+}
+
+async fn wait_connected(client: &Client) {
+    for _ in 0..1_000 {
+        if client.is_connected() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("the client never reconnected");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_keeps_its_holds_and_listens_across_a_server_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel();
+    let (addr, _, serving) =
+        serve_durable(dir.path(), "127.0.0.1:0".parse().unwrap(), storage::StoreConfig::default(), stopped)
+            .await;
+    let client = Client::connect(addr).await.unwrap();
+    let id = user(1);
+    client.create_collection(id, int_desc()).await.unwrap();
+    client.set_read_policy(id, ReadPolicy::LagWriteFrontier { lag_ms: 0, granularity_ms: 0 }).await.unwrap();
+    let mut hold = client.acquire_read_hold(id, at(0)).await.unwrap();
+    for t in 0..5 {
+        client.append(vec![append(id, vec![(int_row(t as i64), t, 1)], t, t + 1)]).await.unwrap();
+    }
+    let mut listen = client.listen(id, 2).await.unwrap();
+    hold.try_downgrade(at(2)).unwrap();
+    let mut seen = Vec::new();
+    loop {
+        match listen.next().await.unwrap() {
+            ListenEvent::Updates(updates) => seen.extend(updates),
+            ListenEvent::Progress(frontier) if frontier == at(5) => break,
+            ListenEvent::Progress(_) => {}
+        }
+    }
+
+    // The server goes away; a call made meanwhile waits for it.
+    stop.send(()).unwrap();
+    serving.await.unwrap();
+    let waiting = tokio::spawn({
+        let client = client.clone();
+        async move { client.frontiers(id).await }
+    });
+    hold.try_downgrade(at(3)).unwrap(); // Recorded while disconnected.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!client.is_connected());
+
+    // It comes back on the same address with its recovery grace; the client re-registers its hold at 3.
+    let (_stop, stopped) = tokio::sync::oneshot::channel();
+    let (_, store, _serving) =
+        serve_durable(dir.path(), addr, storage::StoreConfig::default(), stopped).await;
+    assert_eq!(waiting.await.unwrap().unwrap().upper, at(5));
+    wait_connected(&client).await;
+    // End the grace early: from now on only the client's re-registered hold keeps the history.
+    assert_eq!(store.end_recovery(), 1);
+    for t in 5..8 {
+        client.append(vec![append(id, vec![(int_row(t as i64), t, 1)], t, t + 1)]).await.unwrap();
+    }
+    assert_eq!(wait_for_since(&client, id, 3).await.upper, at(8));
+    assert_eq!(client.lost_holds(), 0);
+
+    // The listen resumed at 5: every update once, none missing.
+    loop {
+        match listen.next().await.unwrap() {
+            ListenEvent::Updates(updates) => seen.extend(updates),
+            ListenEvent::Progress(frontier) if frontier == at(8) => break,
+            ListenEvent::Progress(_) => {}
+        }
+    }
+    let mut expected: Vec<_> = (0..3).map(|t| (int_row(t as i64), 2, 1)).collect();
+    expected.extend((3..8).map(|t| (int_row(t as i64), t, 1)));
+    assert_eq!(seen, expected);
+
+    // Releasing the hold lets the since follow the policy again (to the upper, where the listen is).
+    drop(hold);
+    wait_for_since(&client, id, 8).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holds_the_restarted_server_compacted_past_are_reported_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel();
+    let (addr, _, serving) =
+        serve_durable(dir.path(), "127.0.0.1:0".parse().unwrap(), storage::StoreConfig::default(), stopped)
+            .await;
+    let client = Client::connect(addr).await.unwrap();
+    let id = user(1);
+    client.create_collection(id, int_desc()).await.unwrap();
+    client.set_read_policy(id, ReadPolicy::LagWriteFrontier { lag_ms: 0, granularity_ms: 0 }).await.unwrap();
+    let hold = client.acquire_read_hold(id, at(0)).await.unwrap();
+    client.append(vec![append(id, vec![], 0, 3)]).await.unwrap();
+    stop.send(()).unwrap();
+    serving.await.unwrap();
+
+    // The next server has no grace and compacts before the client is back.
+    let store = storage::InProcess::open(
+        dir.path(),
+        storage::StoreConfig { recovery_grace: Duration::ZERO, ..storage::StoreConfig::default() },
+    )
+    .unwrap();
+    store.append(vec![append(id, vec![], 3, 10)]).await.unwrap();
+    wait_for_since(&store, id, 10).await;
+    let server = storage::Server::bind(addr, store.clone()).await.unwrap();
+    tokio::spawn(server.serve(std::future::pending()));
+    wait_connected(&client).await;
+    assert_eq!(client.lost_holds(), 1);
+    // The client works on: a new hold is granted at the new since and holds.
+    let mut fresh = client.acquire_read_hold(id, at(10)).await.unwrap();
+    store.append(vec![append(id, vec![], 10, 12)]).await.unwrap();
+    assert_eq!(store.frontiers(id).await.unwrap().since, at(10));
+    fresh.try_downgrade(at(11)).unwrap();
+    wait_for_since(&store, id, 11).await;
+    drop(hold);
+}
+
+#[tokio::test]
+async fn a_client_gives_up_after_its_reconnect_timeout_and_then_fails_every_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel();
+    let (addr, _, serving) =
+        serve_durable(dir.path(), "127.0.0.1:0".parse().unwrap(), storage::StoreConfig::default(), stopped)
+            .await;
+    let config = storage::ClientConfig { reconnect_timeout: Duration::from_millis(200) };
+    let client = Client::connect_with(addr, config).await.unwrap();
+    let id = user(1);
+    client.create_collection(id, int_desc()).await.unwrap();
+    let mut listen = client.listen(id, 0).await.unwrap();
+    stop.send(()).unwrap();
+    serving.await.unwrap();
+    let started = std::time::Instant::now();
+    assert_eq!(client.frontiers(id).await, Err(storage::ReadError::Disconnected));
+    assert!(started.elapsed() >= Duration::from_millis(150), "it waited for the reconnect first");
+    loop {
+        match listen.next().await {
+            Ok(_) => {}
+            Err(error) => {
+                assert_eq!(error, storage::ReadError::Disconnected);
+                break;
+            }
+        }
+    }
+    assert!(!client.is_connected());
+}
