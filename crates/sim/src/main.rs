@@ -92,7 +92,7 @@ fn simulate(args: &[String]) -> anyhow::Result<ExitCode> {
     });
     let mut results = results.into_inner().expect("results");
     results.sort_by_key(|(seed, _)| *seed);
-    let (mut peeks, mut batches, mut faults) = (0u64, 0u64, 0u64);
+    let (mut peeks, mut batches, mut faults, mut storage_restarts) = (0u64, 0u64, 0u64, 0u64);
     for (seed, outcome) in &results {
         let Some(outcome) = outcome else {
             println!("seed {seed} panicked (an internal assertion failed; see above)");
@@ -105,13 +105,15 @@ fn simulate(args: &[String]) -> anyhow::Result<ExitCode> {
         peeks += outcome.peeks_checked;
         batches += outcome.batches_checked;
         faults += outcome.faults;
+        storage_restarts += outcome.storage_restarts;
         if verbose || single {
             println!(
-                "seed {seed}: {} steps, {} peeks and {} subscribe batches checked, {} faults, trace {:016x}",
+                "seed {seed}: {} steps, {} peeks and {} subscribe batches checked, {} faults ({} storage restarts), trace {:016x}",
                 outcome.steps,
                 outcome.peeks_checked,
                 outcome.batches_checked,
                 outcome.faults,
+                outcome.storage_restarts,
                 outcome.trace_hash
             );
         }
@@ -132,7 +134,7 @@ fn simulate(args: &[String]) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::FAILURE);
     }
     println!(
-        "{} seeds ok: {peeks} peeks and {batches} subscribe batches checked against the oracle, {faults} faults injected ({:.1} s)",
+        "{} seeds ok: {peeks} peeks and {batches} subscribe batches checked against the oracle, {faults} faults injected ({storage_restarts} of them storage restarts) ({:.1} s)",
         seeds.end - seeds.start,
         started.elapsed().as_secs_f64()
     );

@@ -263,6 +263,8 @@ async fn run(seed: u64, config: RealConfig) -> anyhow::Result<Outcome> {
         peeks_checked,
         batches_checked,
         faults,
+        // Storage is embedded here (no server to restart); restarts run in the model mode.
+        storage_restarts: 0,
         violation: violation.map(|v| (time, v)),
     })
 }

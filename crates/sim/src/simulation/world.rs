@@ -9,9 +9,13 @@
 //! reproducible and thousands of seeds a minute fast.
 //!
 //! A run has a **fault phase** (workload plus faults: disconnects, crashes and restarts, slow replicas,
-//! delay spikes, frontier regressions, replicas added and dropped) and a **liveness phase** (faults stop;
-//! every replica must reconnect and catch up and every peek must complete). After every step the world
-//! checks DESIGN §5's invariants ([`InstanceCore::check_invariants`], the model replicas' own checks), and
+//! delay spikes, frontier regressions, replicas added and dropped, storage restarts) and a **liveness
+//! phase** (faults stop; every replica must reconnect and catch up and every peek must complete). A
+//! storage restart rebuilds the [`Store`] from its checkpoint with recovery holds, drops every client hold
+//! on it, and has the controller's storage holds re-registered through a [`HoldSession`] (the code the
+//! network client runs) when the clients come back. After every step the world checks DESIGN §5's
+//! invariants ([`InstanceCore::check_invariants`], the model replicas' own checks, no storage since beyond
+//! a hold the controller keeps), and
 //! every peek result and subscribe batch is compared with the [`Oracle`].
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -25,8 +29,8 @@ use protocol::{
     RelationType, ReplicaId, Row, RowSetFinishing, ScalarType, SinkConnection, SinkExport, SourceImport,
 };
 use replica_client::{Backoff, CommandHistory, ReplicaCore, ReplicaCoreConfig, ReplicaEvent, ReplicaOutput};
-use storage::AppendRequest;
 use storage::core::Store;
+use storage::{AppendRequest, HoldSession};
 
 use controller::{
     ComputeControllerResponse, ImportFrontiers, InstanceCore, InstanceCoreConfig, InstanceOutput,
@@ -68,6 +72,8 @@ pub struct Outcome {
     pub batches_checked: u64,
     /// Faults injected.
     pub faults: u64,
+    /// Storage restarts among the faults.
+    pub storage_restarts: u64,
     /// The first violation, with the step it happened at.
     pub violation: Option<(u64, String)>,
 }
@@ -79,6 +85,8 @@ const MAX_EXPORT_ROWS: usize = 5_000;
 /// outputs, a cross join's with the square of its inputs).
 const MAX_LIVE_EXPORT_ROWS: usize = 10_000;
 const INSTANCE: InstanceId = InstanceId(1);
+/// Storage keeps only a little history of its own: the controller's holds must do the rest.
+const STORAGE_POLICY: ReadPolicy<u64> = ReadPolicy::LagWriteFrontier { lag_ms: 5, granularity_ms: 0 };
 
 #[derive(Debug)]
 enum Message {
@@ -95,6 +103,17 @@ struct SimReplica {
     down_until: Option<u64>,
     /// Largest network delay to and from this replica.
     delay_max: u64,
+}
+
+/// A storage restart in progress.
+#[derive(Debug, Clone, Copy)]
+struct StorageRestart {
+    /// When the clients reconnect and re-register their holds.
+    back: u64,
+    /// When the restarted store's recovery grace ends.
+    grace_over: u64,
+    /// Whether the clients have re-registered.
+    restored: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -151,9 +170,16 @@ pub struct World {
     next_peek: u64,
     subscribes: BTreeMap<GlobalId, SubscribeTracker>,
     user_holds: Vec<(u64, ReadHold<GlobalId, u64>)>,
+    /// The storage client's holds (the controller's storage import holds), kept across storage restarts
+    /// as the network client keeps them.
+    session: HoldSession,
+    /// A storage restart in progress: when the clients are back (their holds re-registered), and when
+    /// the restarted store's recovery grace ends.
+    storage_restart: Option<StorageRestart>,
     violations: Vec<String>,
     trace: u64,
     faults: u64,
+    storage_restarts: u64,
     peeks_checked: u64,
     batches_checked: u64,
 }
@@ -208,16 +234,18 @@ impl World {
             next_peek: 1,
             subscribes: BTreeMap::new(),
             user_holds: Vec::new(),
+            session: HoldSession::new(),
+            storage_restart: None,
             violations: Vec::new(),
             trace: 0xcbf2_9ce4_8422_2325,
             faults: 0,
+            storage_restarts: 0,
             peeks_checked: 0,
             batches_checked: 0,
             now: START_MS,
             rng,
         };
-        // Storage keeps only a little history of its own: the controller's holds must do the rest.
-        world.store.set_default_read_policy(ReadPolicy::LagWriteFrontier { lag_ms: 5, granularity_ms: 0 });
+        world.store.set_default_read_policy(STORAGE_POLICY);
         for t in 0..world.rng.range(1, 3) {
             let id = GlobalId::System(t + 1);
             let desc = table_desc(world.rng.range(1, 3) as usize);
@@ -255,6 +283,7 @@ impl World {
             peeks_checked: self.peeks_checked,
             batches_checked: self.batches_checked,
             faults: self.faults,
+            storage_restarts: self.storage_restarts,
             violation: self.violations.first().map(|v| {
                 let mut v = v.clone();
                 if std::env::var_os("SIM_DEBUG").is_some() {
@@ -278,6 +307,7 @@ impl World {
             self.faults();
         }
         self.restart_crashed();
+        self.recover_storage(false);
         self.step_models();
         for replica in self.replicas.values_mut() {
             replica.core.tick(self.now);
@@ -295,6 +325,7 @@ impl World {
         if let Err(violation) = self.instance.check_invariants() {
             self.violations.push(format!("controller invariant: {violation}"));
         }
+        self.check_storage_holds();
         self.check_history_bound();
     }
 
@@ -500,6 +531,9 @@ impl World {
     }
 
     fn faults(&mut self) {
+        if self.storage_restart.is_none() && self.rng.chance(0.001) {
+            self.restart_storage();
+        }
         if self.replicas.is_empty() || !self.rng.chance(0.004) {
             return;
         }
@@ -555,6 +589,78 @@ impl World {
         }
     }
 
+    /// The storage server restarts: it recovers from its durable state (everything acknowledged, the sinces
+    /// as of the crash) and holds every collection there for a grace period; every client's holds died with
+    /// its connection. The clients reconnect after a while and re-register their holds through their
+    /// [`HoldSession`]s. (The model replicas read the store directly, so their reads are not interrupted.)
+    fn restart_storage(&mut self) {
+        self.faults += 1;
+        self.storage_restarts += 1;
+        let checkpoint = self.store.to_checkpoint();
+        let mut store = match Store::from_checkpoint(checkpoint, Arc::new(|| {})) {
+            Ok(store) => store,
+            Err(e) => {
+                self.violations.push(format!("a checkpoint of the live store does not load: {e}"));
+                return;
+            }
+        };
+        store.set_default_read_policy(STORAGE_POLICY);
+        store.hold_for_recovery();
+        self.store = store;
+        self.session.disconnect();
+        let back = self.now + self.rng.range(1, 100);
+        let grace_over = back + self.rng.range(0, 200);
+        self.storage_restart = Some(StorageRestart { back, grace_over, restored: false });
+    }
+
+    /// Moves a storage restart along: the clients come back at their time (or now, if `finish`), and the
+    /// grace ends at its time (or now).
+    fn recover_storage(&mut self, finish: bool) {
+        let Some(restart) = self.storage_restart else { return };
+        if (finish || restart.back <= self.now) && !restart.restored {
+            let generation = self.session.generation();
+            for (id, frontier) in self.session.to_restore() {
+                match self.store.acquire_read_hold(id, frontier) {
+                    Ok(hold) => self.session.restore(hold, generation),
+                    Err(e) => {
+                        self.session.lose(id, &e);
+                        self.violations.push(format!(
+                            "storage restart: the hold on {id} could not be re-registered: {e}"
+                        ));
+                    }
+                }
+            }
+            self.storage_restart = Some(StorageRestart { restored: true, ..restart });
+        }
+        if finish || restart.grace_over <= self.now {
+            self.store.end_recovery();
+            self.storage_restart = None;
+        }
+    }
+
+    /// Whether storage is unreachable (restarted, clients not yet back).
+    fn storage_down(&self) -> bool {
+        self.storage_restart.is_some_and(|restart| !restart.restored)
+    }
+
+    /// DESIGN §5 for storage: while the client is connected, no collection's since is beyond a hold it
+    /// keeps (across restarts too: the restarted store must not have compacted past a re-registered hold).
+    fn check_storage_holds(&mut self) {
+        if self.storage_down() {
+            return;
+        }
+        for (id, _) in &self.tables {
+            let held = self.session.held(*id);
+            let Some(frontiers) = self.store.frontiers(*id) else { continue };
+            if !held.is_empty() && !frontiers::PartialOrder::less_equal(&frontiers.since, &held) {
+                self.violations.push(format!(
+                    "storage since of {id} is {:?}, beyond the controller's hold at {held:?}",
+                    frontiers.since
+                ));
+            }
+        }
+    }
+
     fn restart_crashed(&mut self) {
         for sim in self.replicas.values_mut() {
             if sim.down_until.is_some_and(|at| at <= self.now) {
@@ -577,6 +683,7 @@ impl World {
         if self.replicas.is_empty() {
             self.add_replica();
         }
+        self.recover_storage(true);
     }
 
     // ---------------------------------------------------------------------------------------------
@@ -587,6 +694,9 @@ impl World {
     }
 
     fn append_to_tables(&mut self) {
+        if self.storage_down() {
+            return;
+        }
         let mut requests = Vec::new();
         for (id, desc) in self.tables.clone() {
             let upper = self.storage_upper(id);
@@ -651,6 +761,9 @@ impl World {
     }
 
     fn create_dataflow(&mut self) {
+        if self.storage_down() {
+            return; // The controller cannot take storage holds (the shell would wait or fail).
+        }
         let (table, table_desc) = self.rng.pick(&self.tables).cloned().expect("tables exist");
         let upstream = if self.rng.chance(0.4) { self.rng.pick(&self.live_indexes()).copied() } else { None };
         let mut df = DataflowDescription::new(format!("df{}", self.next_id));
@@ -715,7 +828,8 @@ impl World {
         }
         let mut holds = BTreeMap::new();
         for id in df.source_imports.keys() {
-            match self.store.acquire_read_hold(*id, as_of.clone()) {
+            let granted = self.store.acquire_read_hold(*id, as_of.clone());
+            match granted.and_then(|hold| self.session.wrap(hold, self.session.generation(), None)) {
                 Ok(hold) => {
                     holds.insert(*id, hold);
                 }

@@ -27,6 +27,19 @@ fn a_run_with_faults_checks_peeks_and_subscribes_and_finds_no_violation() {
 }
 
 #[test]
+fn the_controller_keeps_its_storage_holds_across_storage_restarts() {
+    // A storage restart loses every client's holds on the server; the controller's come back through its
+    // hold session, and the world checks after every step that no storage since passed one of them.
+    let mut restarts = 0;
+    for seed in 0..8 {
+        let outcome = run_seed_with(seed, SimConfig::default());
+        assert_eq!(outcome.violation, None, "seed {seed}");
+        restarts += outcome.storage_restarts;
+    }
+    assert!(restarts > 0, "no seed restarted storage");
+}
+
+#[test]
 fn the_real_stack_agrees_with_the_oracle_under_replica_restarts() {
     use sim::simulation::{RealConfig, run_real};
     for seed in [1, 2] {
