@@ -14,7 +14,12 @@
 //! group-committer and syncer thread), [`Server`] / [`Client`] ([`wire`] protocol over `protocol::frame`
 //! frames), and [`TableWriter`] (a service's `INSERT` at clock timestamps).
 //!
-//! **What this is not.** Nothing here knows compute or the controller. No reconnect in the client.
+//! **What this is not.** Nothing here knows compute or the controller.
+//!
+//! **Restarts.** A server restart is survivable: the reopened store holds every collection at the since of
+//! the crash for [`StoreConfig::recovery_grace`] ([`core::Store::hold_for_recovery`]), and the [`Client`]
+//! reconnects, re-registers its read holds through its [`HoldSession`] and resumes its listens where they
+//! were (see [`Client`]'s module documentation).
 //!
 //! **Invariants.** For every collection `since` is the meet of its outstanding holds (including its read
 //! policy's) and never regresses; `upper` never regresses, also across restarts; an append is visible only
