@@ -17,9 +17,9 @@
 //! - calls wait for the new connection; a call whose request was in flight when the connection broke fails
 //!   with `Disconnected` (its outcome is unknown: an append may or may not have happened);
 //! - hold values keep working: their changes are recorded and reach the server with the re-registration;
-//! - a listen resumes where it was: events are passed on only up to the last complete `Progress`, and the
-//!   new connection's listen starts there without a snapshot, so the consumer sees no gap and no
-//!   duplicate (before the first `Progress` it starts over at its `as_of`, snapshot included);
+//! - a listen resumes where it was: the new connection's listen starts at the last `Progress` passed on,
+//!   without a snapshot (before the first, at its `as_of`, snapshot included), and skips the updates
+//!   already passed on since, so the consumer sees no gap and no duplicate (see `ListenPosition`);
 //! - a frontier watch re-opens and reports every collection's current frontiers again (repeating some);
 //!   a collection dropped while the client was away is not reported as dropped.
 //!
@@ -662,18 +662,83 @@ async fn open_watch(
     }
 }
 
-/// A listen over the network that survives reconnects (see the module documentation).
+/// A listen over the network that survives reconnects (see the module documentation and
+/// [`ListenPosition`]).
 pub(crate) struct RemoteListen {
     handle: Arc<ClientHandle>,
     id: GlobalId,
     as_of: u64,
     pull: RemotePull<ListenEvent>,
-    /// Events up to the last `Progress` received: passed on.
-    ready: VecDeque<ListenEvent>,
-    /// Updates after the last `Progress` received: passed on with the next one, dropped on a reconnect.
-    held: Vec<ListenEvent>,
+    position: ListenPosition,
+}
+
+/// What a remote listen has passed on, so that it can resume exactly after a reconnect.
+///
+/// Events pass straight through. After a reconnect the listen re-opens at the last `Progress` passed on
+/// (resumed, no snapshot) or, before the first, at its `as_of` (snapshot included), and skips what it had
+/// already passed on since: the server's events for the same range are the same updates in the same order
+/// (the snapshot consolidated and sorted by row, then each time's updates consolidated and sorted by
+/// row; every update passed on was durable, so the restarted server has it), so the first updates of the
+/// re-opened stream are exactly those.
+#[derive(Debug, Default)]
+struct ListenPosition {
     /// The last `Progress` passed on; `None` before the first (the snapshot is not complete yet).
     progress: Option<Antichain<u64>>,
+    /// Updates and events passed on since `progress`.
+    updates_since_progress: usize,
+    events_since_progress: usize,
+    /// After a reconnect: updates of the re-opened stream still to skip (passed on before), and whether
+    /// its first empty `Updates` (an empty snapshot, already passed on) is to be skipped.
+    skip_updates: usize,
+    skip_empty: bool,
+}
+
+impl ListenPosition {
+    /// The event to pass on for `event` from the server, if any.
+    fn pass(&mut self, id: GlobalId, event: ListenEvent) -> Option<ListenEvent> {
+        match event {
+            ListenEvent::Progress(frontier) => {
+                if self.skip_updates > 0 {
+                    tracing::error!(
+                        %id,
+                        missing = self.skip_updates,
+                        "a resumed listen ended its range with fewer updates than were passed on before"
+                    );
+                }
+                *self = ListenPosition { progress: Some(frontier.clone()), ..ListenPosition::default() };
+                Some(ListenEvent::Progress(frontier))
+            }
+            ListenEvent::Updates(mut updates) => {
+                if self.skip_updates > 0 {
+                    let skipped = self.skip_updates.min(updates.len());
+                    updates.drain(..skipped);
+                    self.skip_updates -= skipped;
+                    if updates.is_empty() {
+                        return None;
+                    }
+                } else if updates.is_empty() && self.skip_empty {
+                    self.skip_empty = false;
+                    return None;
+                }
+                self.skip_empty = false;
+                self.updates_since_progress += updates.len();
+                self.events_since_progress += 1;
+                Some(ListenEvent::Updates(updates))
+            }
+        }
+    }
+
+    /// Where to re-open a listen that started at `as_of` after a lost connection: `(time, resume)`, or
+    /// `None` if it had passed on its last event (an empty `Progress`). Prepares the skipping.
+    fn reopen(&mut self, as_of: u64) -> Option<(u64, bool)> {
+        let at = match &self.progress {
+            None => (as_of, false),
+            Some(frontier) => (*frontier.as_option()?, true),
+        };
+        self.skip_updates = self.updates_since_progress;
+        self.skip_empty = self.events_since_progress > 0;
+        Some(at)
+    }
 }
 
 impl RemoteListen {
@@ -685,35 +750,18 @@ impl RemoteListen {
         self.as_of
     }
 
-    fn accept(&mut self, event: ListenEvent) {
-        match event {
-            ListenEvent::Progress(frontier) => {
-                self.ready.extend(self.held.drain(..));
-                self.progress = Some(frontier.clone());
-                self.ready.push_back(ListenEvent::Progress(frontier));
-            }
-            updates => self.held.push(updates),
-        }
-    }
-
     pub(crate) async fn next(&mut self) -> Result<ListenEvent, ReadError> {
         loop {
-            if let Some(event) = self.ready.pop_front() {
-                return Ok(event);
-            }
             match self.pull.next().await {
-                Ok(event) => self.accept(event),
+                Ok(event) => {
+                    if let Some(event) = self.position.pass(self.id, event) {
+                        return Ok(event);
+                    }
+                }
                 Err(ReadError::Disconnected) if !self.handle.closed.load(Ordering::SeqCst) => {
-                    self.held.clear();
-                    let (at, resume) = match &self.progress {
-                        None => (self.as_of, false),
-                        Some(frontier) => match frontier.as_option() {
-                            Some(at) => (*at, true),
-                            // Complete: nothing follows an empty frontier.
-                            None => return Err(ReadError::Disconnected),
-                        },
-                    };
-                    tracing::debug!(id = %self.id, at, resume, "resuming a storage listen on a new connection");
+                    // Complete: nothing follows an empty frontier.
+                    let (at, resume) = self.position.reopen(self.as_of).ok_or(ReadError::Disconnected)?;
+                    tracing::debug!(id = %self.id, at, resume, "resuming a storage listen");
                     self.pull = open_listen(&self.handle, self.id, at, resume).await?;
                 }
                 Err(error) => return Err(error),
@@ -722,11 +770,12 @@ impl RemoteListen {
     }
 
     pub(crate) fn try_next(&mut self) -> Option<Result<ListenEvent, ReadError>> {
-        while self.ready.is_empty() {
+        loop {
             let event = self.pull.try_next()?;
-            self.accept(event);
+            if let Some(event) = self.position.pass(self.id, event) {
+                return Some(Ok(event));
+            }
         }
-        self.ready.pop_front().map(Ok)
     }
 }
 
@@ -852,9 +901,7 @@ impl StorageCollections for Client {
                 id,
                 as_of,
                 pull,
-                ready: VecDeque::new(),
-                held: Vec::new(),
-                progress: None,
+                position: ListenPosition::default(),
             }))
         })
     }
@@ -864,5 +911,81 @@ impl StorageCollections for Client {
             let pull = open_watch(&self.handle).await?;
             Ok(FrontierWatch::remote(RemoteWatch { handle: Arc::clone(&self.handle), pull }))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use protocol::{Datum, Row};
+
+    use super::*;
+
+    fn updates(range: std::ops::Range<i64>, time: u64) -> ListenEvent {
+        ListenEvent::Updates(range.map(|x| (Row::pack([Datum::Int64(x)]), time, 1)).collect())
+    }
+
+    fn progress(t: u64) -> ListenEvent {
+        ListenEvent::Progress(Antichain::from_elem(t))
+    }
+
+    /// Passes `first` until `cut` events, then reconnects and passes `second` (the re-opened stream).
+    fn cut_and_resume(
+        first: Vec<ListenEvent>,
+        cut: usize,
+        second: Vec<ListenEvent>,
+    ) -> (Vec<ListenEvent>, Option<(u64, bool)>) {
+        let id = GlobalId::User(1);
+        let mut position = ListenPosition::default();
+        let mut out: Vec<ListenEvent> =
+            first.into_iter().take(cut).filter_map(|e| position.pass(id, e)).collect();
+        let at = position.reopen(5);
+        out.extend(second.into_iter().filter_map(|e| position.pass(id, e)));
+        (out, at)
+    }
+
+    fn all_updates(events: &[ListenEvent]) -> Vec<(Row, u64, i64)> {
+        events
+            .iter()
+            .flat_map(|e| match e {
+                ListenEvent::Updates(u) => u.clone(),
+                ListenEvent::Progress(_) => Vec::new(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_listen_cut_inside_a_range_resumes_without_a_gap_or_a_duplicate() {
+        // Before the cut: the snapshot at 5 in two chunks, its progress, then part of the next range.
+        let before =
+            vec![updates(0..3, 5), updates(3..5, 5), progress(6), updates(10..12, 6), updates(12..14, 7)];
+        let uncut = [before.clone(), vec![progress(8)]].concat();
+        for cut in 0..before.len() {
+            // The re-opened stream, from the last progress passed on: the same updates, chunked otherwise.
+            let second = if cut < 3 {
+                vec![updates(0..5, 5), progress(6), updates(10..12, 6), updates(12..14, 7), progress(8)]
+            } else {
+                vec![updates(10..11, 6), updates(11..12, 6), updates(12..14, 7), progress(8)]
+            };
+            let (out, at) = cut_and_resume(before.clone(), cut, second);
+            assert_eq!(at, Some(if cut < 3 { (5, false) } else { (6, true) }), "cut after {cut} events");
+            assert_eq!(all_updates(&out), all_updates(&uncut), "cut after {cut} events");
+            assert_eq!(out.last(), Some(&progress(8)));
+        }
+    }
+
+    #[test]
+    fn an_empty_snapshot_is_passed_on_once_across_a_reconnect() {
+        let (out, at) = cut_and_resume(vec![updates(0..0, 5)], 1, vec![updates(0..0, 5), progress(6)]);
+        assert_eq!(at, Some((5, false)));
+        assert_eq!(out, vec![updates(0..0, 5), progress(6)]);
+    }
+
+    #[test]
+    fn a_complete_listen_does_not_reopen() {
+        let id = GlobalId::User(1);
+        let mut position = ListenPosition::default();
+        assert!(position.pass(id, updates(0..0, 5)).is_some());
+        assert!(position.pass(id, ListenEvent::Progress(Antichain::new())).is_some());
+        assert_eq!(position.reopen(5), None);
     }
 }
