@@ -277,6 +277,27 @@ async fn a_read_hold_on_the_top_of_a_chain_of_real_indexes_keeps_storage_back_an
 // Replica restart
 
 /// A subscribe's batches as forwarded by the controller, checked to cover each time range exactly once.
+/// Creates, as-ofs selected by the controller, an index on `table` and a subscribe (with its snapshot)
+/// on it; returns the subscribe's as-of.
+async fn index_and_subscribe(
+    controller: &ComputeController,
+    table: &Table,
+    index: GlobalId,
+    subscribe: GlobalId,
+) -> Antichain<u64> {
+    let no_as_of =
+        |df: protocol::DataflowDescription<u64>| protocol::DataflowDescription { as_of: None, ..df };
+    controller
+        .create_dataflow(INSTANCE, no_as_of(index_on_storage(table.id, index, 0)))
+        .await
+        .expect("index");
+    let connection = SinkConnection::Subscribe { with_snapshot: true };
+    controller
+        .create_dataflow(INSTANCE, no_as_of(sink_on_storage(table.id, subscribe, connection, 0)))
+        .await
+        .expect("subscribe")
+}
+
 struct SubscribeLog {
     id: GlobalId,
     as_of: u64,
@@ -359,17 +380,9 @@ async fn a_restarted_replica_rehydrates_the_live_dataflows_answers_peeks_and_the
     let mut controller = new_controller(&storage, false).await;
     controller.add_replica(INSTANCE, R1, at(addr)).await.expect("add replica");
     let (index, subscribe, dropped) = (u(11), u(12), u(13));
+    let as_of = index_and_subscribe(&controller, &table, index, subscribe).await;
     let no_as_of =
         |df: protocol::DataflowDescription<u64>| protocol::DataflowDescription { as_of: None, ..df };
-    controller
-        .create_dataflow(INSTANCE, no_as_of(index_on_storage(table.id, index, 0)))
-        .await
-        .expect("index");
-    let connection = SinkConnection::Subscribe { with_snapshot: true };
-    let as_of = controller
-        .create_dataflow(INSTANCE, no_as_of(sink_on_storage(table.id, subscribe, connection, 0)))
-        .await
-        .expect("subscribe");
     // A dataflow the replica built and that was then dropped: the compacted history must not replay it.
     controller
         .create_dataflow(INSTANCE, no_as_of(index_on_storage(table.id, dropped, 0)))
@@ -446,17 +459,7 @@ async fn a_storage_server_restart_loses_no_hold_and_no_update_of_the_controller_
     let mut controller = new_controller_on(Arc::new(controller_client.clone()), false).await;
     controller.add_replica(INSTANCE, R1, at(replica.local_addr())).await.expect("add replica");
     let (index, subscribe) = (u(11), u(12));
-    let no_as_of =
-        |df: protocol::DataflowDescription<u64>| protocol::DataflowDescription { as_of: None, ..df };
-    controller
-        .create_dataflow(INSTANCE, no_as_of(index_on_storage(table.id, index, 0)))
-        .await
-        .expect("index");
-    let connection = SinkConnection::Subscribe { with_snapshot: true };
-    let as_of = controller
-        .create_dataflow(INSTANCE, no_as_of(sink_on_storage(table.id, subscribe, connection, 0)))
-        .await
-        .expect("subscribe");
+    let as_of = index_and_subscribe(&controller, &table, index, subscribe).await;
     let mut log = SubscribeLog::new(subscribe, &as_of);
     // A caller's hold, to look back at after the restart.
     let held = controller.acquire_read_hold(INSTANCE, index).await.expect("hold on the index");

@@ -273,8 +273,18 @@ async fn wait_connected(client: &Client) {
     panic!("the client never reconnected");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_keeps_its_holds_and_listens_across_a_server_restart() {
+/// A durable server (see [`serve_durable`]) with a client and one table whose read policy follows its
+/// upper (so only holds keep history).
+struct DurableSetup {
+    dir: tempfile::TempDir,
+    addr: std::net::SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    serving: tokio::task::JoinHandle<()>,
+    client: Client,
+    id: GlobalId,
+}
+
+async fn durable_setup() -> DurableSetup {
     let dir = tempfile::tempdir().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel();
     let (addr, _, serving) =
@@ -284,6 +294,12 @@ async fn a_client_keeps_its_holds_and_listens_across_a_server_restart() {
     let id = user(1);
     client.create_collection(id, int_desc()).await.unwrap();
     client.set_read_policy(id, ReadPolicy::LagWriteFrontier { lag_ms: 0, granularity_ms: 0 }).await.unwrap();
+    DurableSetup { dir, addr, stop, serving, client, id }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_keeps_its_holds_and_listens_across_a_server_restart() {
+    let DurableSetup { dir, addr, stop, serving, client, id } = durable_setup().await;
     let mut hold = client.acquire_read_hold(id, at(0)).await.unwrap();
     for t in 0..5 {
         client.append(vec![append(id, vec![(int_row(t as i64), t, 1)], t, t + 1)]).await.unwrap();
@@ -343,15 +359,7 @@ async fn a_client_keeps_its_holds_and_listens_across_a_server_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn holds_the_restarted_server_compacted_past_are_reported_lost() {
-    let dir = tempfile::tempdir().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel();
-    let (addr, _, serving) =
-        serve_durable(dir.path(), "127.0.0.1:0".parse().unwrap(), storage::StoreConfig::default(), stopped)
-            .await;
-    let client = Client::connect(addr).await.unwrap();
-    let id = user(1);
-    client.create_collection(id, int_desc()).await.unwrap();
-    client.set_read_policy(id, ReadPolicy::LagWriteFrontier { lag_ms: 0, granularity_ms: 0 }).await.unwrap();
+    let DurableSetup { dir, addr, stop, serving, client, id } = durable_setup().await;
     let hold = client.acquire_read_hold(id, at(0)).await.unwrap();
     client.append(vec![append(id, vec![], 0, 3)]).await.unwrap();
     stop.send(()).unwrap();
