@@ -601,65 +601,78 @@ impl<E> Drop for RemotePull<E> {
     }
 }
 
-/// Opens listen `stream` on `id` over the current connection: at `as_of` with a snapshot, or resumed there.
+/// How to open a pulled stream and pull from it (a listen or a watch).
+struct StreamKind<E> {
+    /// Whether a reply answers the opening request (and how), or the reply back if it is of another kind.
+    opened: fn(Reply) -> Result<Result<(), ReadError>, Reply>,
+    next_request: fn(u64, u64) -> StorageRequest,
+    events: fn(Reply) -> Result<PullResult<E>, Reply>,
+    drop_request: fn(u64) -> StorageRequest,
+}
+
+/// Opens a stream over the current connection with the request `open` makes (given the request and the
+/// fresh stream number), waiting for a connection and trying the next one if it is lost meanwhile.
+async fn open_pull<E>(
+    handle: &ClientHandle,
+    open: impl Fn(u64, u64) -> StorageRequest,
+    kind: StreamKind<E>,
+) -> Result<RemotePull<E>, ReadError> {
+    loop {
+        let conn = handle.current().await.ok_or(ReadError::Disconnected)?;
+        let stream = handle.next_stream.fetch_add(1, Ordering::Relaxed);
+        let Some(rx) = conn.start(|request| open(request, stream)) else { continue };
+        // Lost with the request in flight: opening has no effect worth keeping; try the next one.
+        let Ok(reply) = rx.await else { continue };
+        return match (kind.opened)(reply) {
+            Ok(Ok(())) => {
+                Ok(RemotePull::new(conn, stream, kind.next_request, kind.events, kind.drop_request))
+            }
+            Ok(Err(error)) => Err(error),
+            Err(other) => Err(ReadError::Protocol(format!("unexpected reply {other:?}"))),
+        };
+    }
+}
+
+/// Opens a listen on `id` over the current connection: at `as_of` with a snapshot, or resumed there.
 async fn open_listen(
     handle: &ClientHandle,
     id: GlobalId,
     as_of: u64,
     resume: bool,
 ) -> Result<RemotePull<ListenEvent>, ReadError> {
-    loop {
-        let conn = handle.current().await.ok_or(ReadError::Disconnected)?;
-        let listen = handle.next_stream.fetch_add(1, Ordering::Relaxed);
-        let Some(rx) = conn.start(|request| StorageRequest::Listen { request, listen, id, as_of, resume })
-        else {
-            continue;
-        };
-        return match rx.await {
-            Ok(Reply::Listening(Ok(()))) => Ok(RemotePull::new(
-                conn,
-                listen,
-                |request, listen| StorageRequest::ListenNext { request, listen },
-                |reply| match reply {
-                    Reply::ListenEvents(result) => Ok(result),
-                    other => Err(other),
-                },
-                |listen| StorageRequest::ListenDrop { listen },
-            )),
-            Ok(Reply::Listening(Err(error))) => Err(error),
-            Ok(other) => Err(ReadError::Protocol(format!("unexpected reply {other:?}"))),
-            // Lost with the request in flight: opening has no effect worth keeping; try the next one.
-            Err(_) => continue,
-        };
-    }
+    let open = |request, listen| StorageRequest::Listen { request, listen, id, as_of, resume };
+    let kind = StreamKind {
+        opened: |reply| match reply {
+            Reply::Listening(result) => Ok(result),
+            other => Err(other),
+        },
+        next_request: |request, listen| StorageRequest::ListenNext { request, listen },
+        events: |reply| match reply {
+            Reply::ListenEvents(result) => Ok(result),
+            other => Err(other),
+        },
+        drop_request: |listen| StorageRequest::ListenDrop { listen },
+    };
+    open_pull(handle, open, kind).await
 }
 
-/// Opens watch `stream` over the current connection.
+/// Opens a frontier watch over the current connection.
 async fn open_watch(
     handle: &ClientHandle,
 ) -> Result<RemotePull<(GlobalId, Option<CollectionFrontiers>)>, ReadError> {
-    loop {
-        let conn = handle.current().await.ok_or(ReadError::Disconnected)?;
-        let watch = handle.next_stream.fetch_add(1, Ordering::Relaxed);
-        let Some(rx) = conn.start(|request| StorageRequest::WatchFrontiers { request, watch }) else {
-            continue;
-        };
-        return match rx.await {
-            Ok(Reply::Watching(Ok(()))) => Ok(RemotePull::new(
-                conn,
-                watch,
-                |request, watch| StorageRequest::WatchNext { request, watch },
-                |reply| match reply {
-                    Reply::WatchEvents(result) => Ok(result),
-                    other => Err(other),
-                },
-                |watch| StorageRequest::WatchDrop { watch },
-            )),
-            Ok(Reply::Watching(Err(error))) => Err(error),
-            Ok(other) => Err(ReadError::Protocol(format!("unexpected reply {other:?}"))),
-            Err(_) => continue,
-        };
-    }
+    let kind = StreamKind {
+        opened: |reply| match reply {
+            Reply::Watching(result) => Ok(result),
+            other => Err(other),
+        },
+        next_request: |request, watch| StorageRequest::WatchNext { request, watch },
+        events: |reply| match reply {
+            Reply::WatchEvents(result) => Ok(result),
+            other => Err(other),
+        },
+        drop_request: |watch| StorageRequest::WatchDrop { watch },
+    };
+    open_pull(handle, |request, watch| StorageRequest::WatchFrontiers { request, watch }, kind).await
 }
 
 /// A listen over the network that survives reconnects (see the module documentation and
