@@ -373,18 +373,23 @@ impl Store {
     /// Without it the read policies would move the sinces with the replayed uppers, past the clients'
     /// holds. Collections already held are left alone.
     pub fn hold_for_recovery(&mut self) {
-        let ids: Vec<GlobalId> =
-            self.collections.keys().filter(|id| !self.recovery_holds.contains_key(id)).copied().collect();
+        let ids: Vec<GlobalId> = self.collections.keys().copied().collect();
         for id in ids {
-            let since = self.since_of(id);
-            if since.is_empty() {
-                continue;
-            }
-            let hold = self
-                .acquire_read_hold(id, since)
-                .unwrap_or_else(|error| panic!("a hold at the since of a live collection is valid: {error}"));
-            self.recovery_holds.insert(id, hold);
+            self.hold_for_recovery_of(id);
         }
+    }
+
+    /// [`hold_for_recovery`](Self::hold_for_recovery) for one collection (the durable layer calls it for
+    /// each collection whose create it replays).
+    pub fn hold_for_recovery_of(&mut self, id: GlobalId) {
+        let since = self.since_of(id);
+        if !self.collections.contains_key(&id) || self.recovery_holds.contains_key(&id) || since.is_empty() {
+            return;
+        }
+        let hold = self
+            .acquire_read_hold(id, since)
+            .unwrap_or_else(|error| panic!("a hold at the since of a live collection is valid: {error}"));
+        self.recovery_holds.insert(id, hold);
     }
 
     /// Releases the holds [`hold_for_recovery`](Self::hold_for_recovery) took (the grace period for

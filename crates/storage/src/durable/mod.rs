@@ -468,7 +468,7 @@ fn replay(store: &mut Store, record: LogRecord) -> Result<(), String> {
     match record {
         LogRecord::Create { id, desc } => {
             store.create_collection(id, desc).map_err(|e| format!("replaying a create: {e}"))?;
-            store.hold_for_recovery();
+            store.hold_for_recovery_of(id);
         }
         LogRecord::Drop { id } => store.drop_collection(id).map_err(|e| format!("replaying a drop: {e}"))?,
         LogRecord::Append(requests) => {
