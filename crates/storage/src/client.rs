@@ -108,12 +108,20 @@ struct Conn {
     /// The [`HoldSession`] generation whose holds this connection registers.
     generation: u64,
     tasks: Mutex<Vec<AbortHandle>>,
+    /// Where the connection reports its `generation` when it closes (the client's supervisor).
+    ended: mpsc::UnboundedSender<u64>,
 }
 
 impl Conn {
+    /// Closes the connection, however it was lost: fails every waiting caller with `Disconnected`, stops
+    /// the reader and writer, and reports the loss to the supervisor, once.
     fn close(&self) {
         // Dropping the senders wakes every waiting caller with `Disconnected`.
-        self.pending.lock().expect("pending lock").take();
+        if self.pending.lock().expect("pending lock").take().is_some() {
+            let _ = self.ended.send(self.generation);
+        }
+        // Last: this may abort the task that is running it (the reader), which then stops at its next
+        // await.
         for task in self.tasks.lock().expect("tasks lock").drain(..) {
             task.abort();
         }
@@ -207,11 +215,11 @@ impl ClientHandle {
             match &*rx.borrow_and_update() {
                 Link::Up(conn) if conn.is_open() => return Some(Arc::clone(conn)),
                 Link::Closed => return None,
-                // Down, or Up with a connection that just broke (the supervisor is about to notice).
+                // Down, or Up with a connection that just closed: its close told the supervisor, which
+                // changes the link.
                 _ => {}
             }
-            // A broken connection changes the link soon; poll in case it already has.
-            if tokio::time::timeout(Duration::from_millis(20), rx.changed()).await.is_ok_and(|r| r.is_err()) {
+            if rx.changed().await.is_err() {
                 return None;
             }
         }
@@ -219,12 +227,12 @@ impl ClientHandle {
 
     /// Sends the request `make` builds over the current connection (waiting for one) and awaits its reply;
     /// `None` if the client is closed or the connection broke with the request in flight.
-    async fn call(&self, hold: Option<GlobalId>, make: impl FnOnce(u64) -> StorageRequest) -> Option<Reply> {
+    async fn call(&self, make: impl FnOnce(u64) -> StorageRequest) -> Option<Reply> {
         loop {
             let conn = self.current().await?;
             // Registering fails only if the connection broke since `current`: nothing was sent; try the
             // next one.
-            let Some((request, rx)) = conn.register(hold) else { continue };
+            let Some((request, rx)) = conn.register(None) else { continue };
             if conn.out.send(make(request)).is_err() {
                 conn.close();
                 return None;
@@ -303,12 +311,12 @@ impl Client {
     }
 
     async fn call(&self, make: impl FnOnce(u64) -> StorageRequest) -> Option<Reply> {
-        self.handle.call(None, make).await
+        self.handle.call(make).await
     }
 }
 
-/// Opens one connection: TCP, the handshake, the reader and writer tasks. The reader reports the
-/// connection's `generation` on `ended` when the connection is lost.
+/// Opens one connection: TCP, the handshake, the reader and writer tasks. The connection reports its
+/// `generation` on `ended` when it closes ([`Conn::close`]).
 async fn open(
     addr: impl tokio::net::ToSocketAddrs,
     generation: u64,
@@ -356,10 +364,11 @@ async fn open(
         next_request: AtomicU64::new(0),
         generation,
         tasks: Mutex::new(Vec::new()),
+        ended,
     });
     let writer = tokio::spawn(write_loop(write_half, out_rx)).abort_handle();
     let reader =
-        tokio::spawn(read_loop(read_half, decoder, Arc::downgrade(&conn), generation, ended)).abort_handle();
+        tokio::spawn(read_loop(read_half, decoder, Arc::downgrade(&conn), generation)).abort_handle();
     conn.tasks.lock().expect("tasks lock").extend([writer, reader]);
     Ok((conn, peer))
 }
@@ -396,12 +405,10 @@ async fn supervise(
                     let Some(handle) = client.upgrade() else { return };
                     if restore_holds(&handle.session, &conn).await {
                         current = generation;
-                        let restored = handle.session.to_restore().is_empty();
                         handle.link.send_replace(Link::Up(conn));
                         tracing::info!(
                             %addr,
                             generation,
-                            holds_restored = restored,
                             lost_holds = handle.session.lost(),
                             "storage connection re-established"
                         );
@@ -457,13 +464,7 @@ async fn write_loop(mut socket: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<
     }
 }
 
-async fn read_loop(
-    mut socket: OwnedReadHalf,
-    mut decoder: FrameDecoder,
-    conn: Weak<Conn>,
-    generation: u64,
-    ended: mpsc::UnboundedSender<u64>,
-) {
+async fn read_loop(mut socket: OwnedReadHalf, mut decoder: FrameDecoder, conn: Weak<Conn>, generation: u64) {
     let mut chunk = vec![0u8; 64 * 1024];
     let end = 'read: loop {
         loop {
@@ -484,13 +485,9 @@ async fn read_loop(
         }
     };
     tracing::info!(reason = %end, generation, "storage connection lost");
+    // Gone only once nothing uses the connection any more (the link moved on): nobody to tell then.
     if let Some(conn) = conn.upgrade() {
-        // Fail the callers first, then tell the supervisor (closing aborts this task: do it last).
-        conn.pending.lock().expect("pending lock").take();
-        let _ = ended.send(generation);
         conn.close();
-    } else {
-        let _ = ended.send(generation);
     }
 }
 
