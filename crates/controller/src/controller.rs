@@ -364,8 +364,8 @@ impl ComputeController {
         {
             let shared = lock(&handle.shared);
             for id in desc.index_imports.keys() {
-                let f = shared.frontiers.get(id).ok_or(DataflowCreationError::CollectionMissing(*id))?;
-                frontiers.insert(*id, ImportFrontiers { since: f.since.clone(), upper: f.upper.clone() });
+                let f = shared.frontiers(*id).ok_or(DataflowCreationError::CollectionMissing(*id))?;
+                frontiers.insert(*id, ImportFrontiers { since: f.since, upper: f.upper });
             }
         }
         select_as_of(desc, &frontiers).map_err(|e| DataflowCreationError::NoValidAsOf {
@@ -481,7 +481,7 @@ impl ComputeController {
         let handle = self.instance(instance)?;
         {
             let mut shared = lock(&handle.shared);
-            if shared.frontiers.contains_key(&id) {
+            if shared.is_live(id) {
                 return shared.holds.acquire_at_since(&id).map_err(|_| CollectionMissing(id).into());
             }
         }
@@ -506,7 +506,7 @@ impl ComputeController {
         id: GlobalId,
     ) -> Result<CollectionFrontiers<Timestamp>, CollectionLookupError> {
         let handle = self.instance(instance)?;
-        lock(&handle.shared).frontiers.get(&id).cloned().ok_or_else(|| CollectionMissing(id).into())
+        lock(&handle.shared).frontiers(id).ok_or_else(|| CollectionMissing(id).into())
     }
 
     /// Reads a collection at `timestamp`: an index of `instance` (answered by its replicas, the first

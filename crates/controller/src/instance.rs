@@ -49,10 +49,14 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use indexmap::IndexMap;
+use smallvec::SmallVec;
 use tracing::{debug, error, warn};
 
 use frontiers::antichain::step_back;
-use frontiers::{Antichain, PartialOrder, ReadHold, ReadHolds, ReadPolicy, SinceChange, Timestamp};
+use frontiers::{
+    Antichain, IdBuildHasher, PartialOrder, ReadHold, ReadHolds, ReadPolicy, SinceChange, Timestamp,
+};
 use protocol::{
     ComputeCommand, ComputeResponse, CopyToResponse, DataflowDescription, Datum, Diff, FrontiersResponse,
     GlobalId, InstanceId, MapFilterProject, Peek, PeekId, PeekResponse, PeekTarget, RelationType, ReplicaId,
@@ -77,14 +81,37 @@ pub struct CollectionFrontiers<T> {
 }
 
 /// The part of an instance's state that the controller's handle reads and writes without waiting for the
-/// instance task: hold accounting and a snapshot of every live collection's frontiers.
+/// instance task: hold accounting, and the upper of every live collection kept beside its hold counts
+/// (one entry per collection serves both; see [`CollectionMap`] for why that matters).
 #[derive(Debug)]
 pub struct SharedState<T: Timestamp> {
-    /// The instance's hold accounting; callers acquire holds here directly.
-    pub holds: ReadHolds<GlobalId, T>,
-    /// Every live (not dropped) collection's frontiers.
-    pub frontiers: BTreeMap<GlobalId, CollectionFrontiers<T>>,
+    /// The instance's hold accounting; callers acquire holds here directly. A collection's attachment
+    /// is its upper while it is live, `None` once it is dropped (its holds may outlive that).
+    pub holds: ReadHolds<GlobalId, T, Option<Antichain<T>>>,
 }
+
+impl<T: Timestamp> SharedState<T> {
+    /// A live collection's frontiers: the since of its holds and the upper the replicas reported.
+    pub fn frontiers(&self, id: GlobalId) -> Option<CollectionFrontiers<T>> {
+        let upper = self.holds.attachment(&id)?.clone()?;
+        let since = self.holds.since(&id)?.to_owned();
+        Some(CollectionFrontiers { since, upper })
+    }
+
+    /// Whether `id` names a live collection.
+    pub fn is_live(&self, id: GlobalId) -> bool {
+        self.holds.attachment(&id).is_some_and(Option::is_some)
+    }
+}
+
+/// A map keyed by collection id, for the state touched on every frontier report: a hash index over one
+/// dense vector of entries (`indexmap`), with a fixed hasher. A lookup costs one probe of a small index
+/// and one read of the entry, and the entries of 10,000 collections sit side by side rather than spread
+/// over tree nodes and the heap, which is what keeps a frontier update's cost nearly flat as collections
+/// accumulate (`cargo xtask bench controller`, `controller.frontier_update_10k`). Iteration is in
+/// insertion order (removal swaps the last entry in): deterministic, but not sorted; whoever needs id
+/// order sorts.
+pub type CollectionMap<V> = IndexMap<GlobalId, V, IdBuildHasher>;
 
 /// The handle to [`SharedState`].
 pub type SharedHandle<T> = Arc<Mutex<SharedState<T>>>;
@@ -187,31 +214,34 @@ pub enum InstanceOutput<T: Timestamp> {
     },
 }
 
+/// One replica's view of one collection. `repr(C)`, in the order a frontier report reads the fields.
 #[derive(Debug)]
+#[repr(C)]
 struct ReplicaCollection<T: Timestamp> {
     /// Reported on the current connection (reset when the replica reconnects).
     write_frontier: Option<Antichain<T>>,
-    /// Holds on the collection's storage imports at this replica's write frontier. (Index imports live on
-    /// the same replica, which compacts them only as told: they need no per-replica hold.)
-    input_holds: Vec<ReadHold<GlobalId, T>>,
-    /// When the write frontier first passed the as-of on this connection.
-    hydrated_at_ms: Option<u64>,
-    /// This replica has reported the dropped collection gone (or cannot report anything about it).
-    dropped: bool,
     /// The write frontier changed since its introspection row was last written (the pair is then listed
     /// in `InstanceCore::stale_frontier_rows`).
     frontier_row_stale: bool,
+    /// This replica has reported the dropped collection gone (or cannot report anything about it).
+    dropped: bool,
+    /// When the write frontier first passed the as-of on this connection.
+    hydrated_at_ms: Option<u64>,
+    /// Holds on the collection's storage imports at this replica's write frontier. (Index imports live on
+    /// the same replica, which compacts them only as told: they need no per-replica hold.) Inline for
+    /// one: most dataflows read one storage collection.
+    input_holds: SmallVec<[ReadHold<GlobalId, T>; 1]>,
 }
 
-/// Per-replica state of one collection: a vector sorted by replica id. An instance has a handful of
-/// replicas, so a scan of one short, contiguous vector beats a tree's nodes (this sits on the path of
-/// every frontier report).
+/// Per-replica state of one collection: a vector sorted by replica id, inline for up to two replicas. An
+/// instance has a handful of replicas, so a scan of one short vector inside the collection's own entry
+/// beats a tree's nodes or a separate allocation (this sits on the path of every frontier report).
 #[derive(Debug)]
-struct ReplicaMap<V>(Vec<(ReplicaId, V)>);
+struct ReplicaMap<V>(SmallVec<[(ReplicaId, V); 2]>);
 
 impl<V> Default for ReplicaMap<V> {
     fn default() -> Self {
-        ReplicaMap(Vec::new())
+        ReplicaMap(SmallVec::new())
     }
 }
 
@@ -249,24 +279,31 @@ impl<V> ReplicaMap<V> {
     }
 }
 
+/// One compute collection's state. `repr(C)` keeps the fields in the order written: those a frontier
+/// report reads or writes come first, so that at 10,000 collections an update touches a few adjacent
+/// cache lines of the entry rather than lines spread over all of it (`controller.frontier_update_10k`).
 #[derive(Debug)]
+#[repr(C)]
 struct Collection<T: Timestamp> {
-    kind: CollectionKind,
-    typ: RelationType,
-    as_of: Antichain<T>,
-    since: Antichain<T>,
+    // Read or written on every frontier report.
     write_frontier: Antichain<T>,
+    since: Antichain<T>,
+    /// Dropped by the user; waits for its holds and replicas before it goes away.
+    dropped: bool,
+    kind: CollectionKind,
     read_policy: ReadPolicy<T>,
     /// The controller's own hold; released on drop.
     implied_hold: ReadHold<GlobalId, T>,
-    /// Holds on every import, at or before this collection's since: first the storage imports (the first
-    /// `storage_imports` entries), then the index imports.
-    import_holds: Vec<ReadHold<GlobalId, T>>,
-    storage_imports: usize,
-    /// Dropped by the user; waits for its holds and replicas before it goes away.
-    dropped: bool,
-    created_ms: u64,
     per_replica: ReplicaMap<ReplicaCollection<T>>,
+    // Read or written when the since moves.
+    /// Holds on every import, at or before this collection's since: first the storage imports (the first
+    /// `storage_imports` entries), then the index imports. Inline for up to two.
+    import_holds: SmallVec<[ReadHold<GlobalId, T>; 2]>,
+    storage_imports: usize,
+    // The rest.
+    typ: RelationType,
+    as_of: Antichain<T>,
+    created_ms: u64,
     /// Subscribes: everything before this has been forwarded.
     forwarded: Antichain<T>,
     /// The dataflow's `until`: a subscribe ends there (empty: never).
@@ -301,7 +338,7 @@ pub struct InstanceCore<T: Timestamp> {
     id: InstanceId,
     config: InstanceCoreConfig<T>,
     shared: SharedHandle<T>,
-    collections: BTreeMap<GlobalId, Collection<T>>,
+    collections: CollectionMap<Collection<T>>,
     replicas: BTreeMap<ReplicaId, Replica>,
     /// What a new replica is replayed (no `CreateInstance`: that is per replica).
     history: CommandHistory<T>,
@@ -328,12 +365,12 @@ impl<T: Timestamp> InstanceCore<T> {
         notify: Arc<dyn Fn() + Send + Sync>,
         now_ms: u64,
     ) -> Self {
-        let shared = SharedState { holds: ReadHolds::with_notify(notify), frontiers: BTreeMap::new() };
+        let shared = SharedState { holds: ReadHolds::with_attachments(notify) };
         InstanceCore {
             id,
             config,
             shared: Arc::new(Mutex::new(shared)),
-            collections: BTreeMap::new(),
+            collections: CollectionMap::default(),
             replicas: BTreeMap::new(),
             history: CommandHistory::new(),
             peeks: BTreeMap::new(),
@@ -538,8 +575,10 @@ impl<T: Timestamp> InstanceCore<T> {
             .collect();
         for (id, kind, object) in exports {
             let typ = desc.object_type(object).expect("validated dataflows type-check");
-            let implied_hold =
-                lock(&self.shared).holds.create(id, as_of.clone()).expect("export ids are new");
+            let implied_hold = lock(&self.shared)
+                .holds
+                .create_with(id, as_of.clone(), Some(as_of.clone()))
+                .expect("export ids are new");
             let mut per_replica = ReplicaMap::default();
             for (replica, _) in self.replicas.iter() {
                 per_replica.insert(
@@ -577,9 +616,6 @@ impl<T: Timestamp> InstanceCore<T> {
                     finished: false,
                 },
             );
-            lock(&self.shared)
-                .frontiers
-                .insert(id, CollectionFrontiers { since: as_of.clone(), upper: as_of.clone() });
         }
         drop(import_holds);
         let schedule = desc.export_ids().next().expect("validated dataflows export something");
@@ -633,7 +669,9 @@ impl<T: Timestamp> InstanceCore<T> {
         if let Some(response) = notify {
             self.outputs.push_back(InstanceOutput::Response(response));
         }
-        lock(&self.shared).frontiers.remove(&id);
+        if let Some(upper) = lock(&self.shared).holds.attachment_mut(&id) {
+            *upper = None;
+        }
     }
 
     /// Sets read policies. All ids must name live indexes, else nothing changes.
@@ -853,7 +891,8 @@ impl<T: Timestamp> InstanceCore<T> {
             // re-anchor this replica's input holds there, so its inputs stay readable until it reports
             // progress again (its old holds may sit beyond where it will restart).
             for collection in self.collections.values_mut() {
-                let fresh: Vec<ReadHold<GlobalId, T>> = collection.import_holds[..collection.storage_imports]
+                let fresh: SmallVec<[ReadHold<GlobalId, T>; 1]> = collection.import_holds
+                    [..collection.storage_imports]
                     .iter()
                     .map(ReadHold::clone_hold)
                     .collect();
@@ -948,15 +987,15 @@ impl<T: Timestamp> InstanceCore<T> {
         if hydrated_now {
             state.hydrated_at_ms = Some(self.now_ms);
         }
-        let hydration_ms = state.hydrated_at_ms.map(|at| at.saturating_sub(collection.created_ms));
+        let hydration_ms = hydrated_now.then(|| self.now_ms.saturating_sub(collection.created_ms));
         let advanced = !PartialOrder::less_equal(&new, &collection.write_frontier);
         if advanced && !collection.dropped {
             collection.write_frontier =
                 frontiers::antichain::join(&collection.write_frontier.borrow(), &new.borrow());
             Self::apply_policy(collection);
             let upper = collection.write_frontier.clone();
-            if let Some(f) = lock(&self.shared).frontiers.get_mut(&id) {
-                f.upper = upper.clone();
+            if let Some(Some(shared_upper)) = lock(&self.shared).holds.attachment_mut(&id) {
+                shared_upper.clone_from(&upper);
             }
             self.outputs.push_back(InstanceOutput::Response(ComputeControllerResponse::FrontierUpper {
                 instance: self.id,
@@ -1150,9 +1189,6 @@ impl<T: Timestamp> InstanceCore<T> {
         for hold in &mut collection.import_holds {
             hold.try_downgrade(new.clone()).expect("import holds never run ahead of the since");
         }
-        if let Some(f) = lock(&self.shared).frontiers.get_mut(&id) {
-            f.since = new.clone();
-        }
         self.broadcast(ComputeCommand::AllowCompaction { id, frontier: new });
         self.maybe_remove(id);
     }
@@ -1166,10 +1202,9 @@ impl<T: Timestamp> InstanceCore<T> {
         {
             return;
         }
-        self.collections.remove(&id);
+        self.collections.swap_remove(&id);
         let mut shared = lock(&self.shared);
         shared.holds.remove(&id);
-        shared.frontiers.remove(&id);
         drop(shared);
         let instance = self.id.to_string();
         for replica in self.replicas.keys() {

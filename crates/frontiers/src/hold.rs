@@ -14,18 +14,19 @@
 //! **Invariants** (asserted): hold counts never go negative; a `since` never regresses; a collection's
 //! `since` equals the meet of the holds applied so far.
 //!
-//! **Costs:** acquire, downgrade and release are one channel send plus, when processed, one hash-map
-//! lookup and one `MutableAntichain` update: O(holds at the frontier), independent of the number of
-//! collections (`cargo xtask bench frontiers` compares 100 with 10,000 collections). The map's hasher is
-//! fixed (no random seed) and nothing iterates the map to make a decision: listings are sorted first.
+//! **Costs:** acquire, downgrade and release are one push onto a shared queue (a mutex-guarded vector
+//! whose buffer is reused) plus, when processed, one hash-map lookup and one `MutableAntichain` update:
+//! O(holds at the frontier), independent of the number of collections (`cargo xtask bench frontiers`
+//! compares 100 with 10,000 collections). The map's hasher is fixed (no random seed) and nothing iterates
+//! the map to make a decision: listings are sorted first. A collection may carry an *attachment*, the
+//! owner's state kept beside its counts ([`ReadHolds::with_attachments`]).
 //!
 //! **Tests:** doctests on each method; a property test against a naive model at the bottom of this file.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fmt::{self, Debug};
 use std::hash::{BuildHasherDefault, Hash, Hasher};
-use std::sync::Arc;
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
 use crate::{Antichain, AntichainRef, ChangeBatch, MutableAntichain, PartialOrder, Timestamp};
 
@@ -336,8 +337,13 @@ pub enum AcquireError<K: Debug, T: Debug> {
 
 /// A small, seedless multiplicative hasher (in the style of rustc's `FxHasher`) for collection ids: ids are
 /// trusted, short keys, so the cost of SipHash buys nothing here, and a fixed hasher keeps every run alike.
+///
+/// Use it through [`IdBuildHasher`]: `HashMap<GlobalId, V, IdBuildHasher>`.
 #[derive(Debug, Default, Clone, Copy)]
-struct IdHasher(u64);
+pub struct IdHasher(u64);
+
+/// Builds [`IdHasher`]s: the hasher of every map keyed by collection ids on a hot path.
+pub type IdBuildHasher = BuildHasherDefault<IdHasher>;
 
 impl IdHasher {
     const SEED: u64 = 0x51_7c_c1_b7_27_22_0a_95;
@@ -391,11 +397,27 @@ pub struct SinceChange<K, T> {
 ///
 /// Changes sent by holds queue up until [`ReadHolds::process`] applies them; until then `since` reports the
 /// last processed value (which is never ahead of the truth, so acquiring against it is safe).
-pub struct ReadHolds<K, T: Timestamp> {
-    collections: HashMap<K, MutableAntichain<T>, BuildHasherDefault<IdHasher>>,
+pub struct ReadHolds<K, T: Timestamp, X = ()> {
+    collections: HashMap<K, Accounted<T, X>, IdBuildHasher>,
     tx: ChangeTx<K, T>,
-    rx: mpsc::Receiver<(K, ChangeBatch<T>)>,
+    /// Changes sent by holds, not yet applied. The senders reach it through a `Weak`, so holds that
+    /// outlive their issuer send into nothing.
+    queue: Arc<Mutex<Vec<(K, ChangeBatch<T>)>>>,
+    /// The other buffer: `process` swaps it with the queue's, so both keep their capacity.
+    spare: Vec<(K, ChangeBatch<T>)>,
     stray_changes: u64,
+}
+
+/// One accounted collection: the counts of its holds' frontiers, and the owner's attachment.
+struct Accounted<T: Timestamp, X> {
+    counts: MutableAntichain<T>,
+    attachment: X,
+}
+
+/// Locks the change queue. A sender never panics while holding it, but a poisoned queue is still
+/// consistent (a `Vec` push either happened or not), so poisoning is ignored rather than spread.
+fn lock_queue<K, T>(queue: &Mutex<Vec<(K, ChangeBatch<T>)>>) -> MutexGuard<'_, Vec<(K, ChangeBatch<T>)>> {
+    queue.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl<K, T> Default for ReadHolds<K, T>
@@ -440,14 +462,72 @@ where
     /// assert_eq!(wakeups.load(Ordering::SeqCst), 1);
     /// ```
     pub fn with_notify(notify: Arc<dyn Fn() + Send + Sync>) -> Self {
-        let (sender, rx) = mpsc::channel();
+        Self::with_attachments(notify)
+    }
+}
+
+impl<K, T, X> ReadHolds<K, T, X>
+where
+    K: Ord + Hash + Clone + Debug + Send + 'static,
+    T: Timestamp,
+{
+    /// An empty accounting like [`with_notify`](ReadHolds::with_notify)'s whose collections each carry
+    /// an attachment of type `X`: state of the owner's that lives beside the collection's hold counts,
+    /// so that an owner updating both (a since and an upper, say) finds them in one place.
+    ///
+    /// # Examples
+    /// ```
+    /// use std::sync::Arc;
+    /// use frontiers::{Antichain, ReadHolds};
+    /// let mut holds = ReadHolds::<u32, u64, &str>::with_attachments(Arc::new(|| {}));
+    /// let _hold = holds.create_with(1, Antichain::from_elem(0), "orders").unwrap();
+    /// assert_eq!(holds.attachment(&1), Some(&"orders"));
+    /// *holds.attachment_mut(&1).unwrap() = "lineitem";
+    /// assert_eq!(holds.attachment(&1), Some(&"lineitem"));
+    /// assert_eq!(holds.attachment(&2), None);
+    /// ```
+    pub fn with_attachments(notify: Arc<dyn Fn() + Send + Sync>) -> Self {
+        let queue: Arc<Mutex<Vec<(K, ChangeBatch<T>)>>> = Arc::default();
+        let weak: Weak<Mutex<Vec<(K, ChangeBatch<T>)>>> = Arc::downgrade(&queue);
         let tx: ChangeTx<K, T> = Arc::new(move |id: &K, changes| {
             // The accounting may be gone; then the hold has nobody left to hold anything back for.
-            if sender.send((id.clone(), changes)).is_ok() {
+            if let Some(queue) = weak.upgrade() {
+                lock_queue(&queue).push((id.clone(), changes));
+                drop(queue);
                 notify();
             }
         });
-        ReadHolds { collections: HashMap::default(), tx, rx, stray_changes: 0 }
+        ReadHolds { collections: HashMap::default(), tx, queue, spare: Vec::new(), stray_changes: 0 }
+    }
+
+    /// Starts accounting a collection at `since`, with `attachment`, and returns the first hold on it.
+    /// Fails as [`create`](ReadHolds::create) does.
+    pub fn create_with(
+        &mut self,
+        id: K,
+        since: Antichain<T>,
+        attachment: X,
+    ) -> Result<ReadHold<K, T>, CreateError<K>> {
+        if self.collections.contains_key(&id) {
+            return Err(CreateError::AlreadyExists(id));
+        }
+        if since.is_empty() {
+            return Err(CreateError::EmptySince(id));
+        }
+        let mut counts = MutableAntichain::new();
+        let _ = counts.update_iter(since.iter().map(|t| (*t, 1)));
+        self.collections.insert(id.clone(), Accounted { counts, attachment });
+        Ok(ReadHold::new(id, since, Arc::clone(&self.tx)))
+    }
+
+    /// The attachment of `id`, or `None` if it is not accounted.
+    pub fn attachment(&self, id: &K) -> Option<&X> {
+        self.collections.get(id).map(|a| &a.attachment)
+    }
+
+    /// The attachment of `id`, to change, or `None` if it is not accounted.
+    pub fn attachment_mut(&mut self, id: &K) -> Option<&mut X> {
+        self.collections.get_mut(id).map(|a| &mut a.attachment)
     }
 
     /// Starts accounting a collection at `since` and returns the first hold on it.
@@ -462,17 +542,11 @@ where
     /// assert_eq!(holds.create(2, Antichain::new()).unwrap_err(), CreateError::EmptySince(2));
     /// # drop(hold);
     /// ```
-    pub fn create(&mut self, id: K, since: Antichain<T>) -> Result<ReadHold<K, T>, CreateError<K>> {
-        if self.collections.contains_key(&id) {
-            return Err(CreateError::AlreadyExists(id));
-        }
-        if since.is_empty() {
-            return Err(CreateError::EmptySince(id));
-        }
-        let mut counts = MutableAntichain::new();
-        let _ = counts.update_iter(since.iter().map(|t| (*t, 1)));
-        self.collections.insert(id.clone(), counts);
-        Ok(ReadHold::new(id, since, Arc::clone(&self.tx)))
+    pub fn create(&mut self, id: K, since: Antichain<T>) -> Result<ReadHold<K, T>, CreateError<K>>
+    where
+        X: Default,
+    {
+        self.create_with(id, since, X::default())
     }
 
     /// Acquires a new hold on `id` at `frontier`, which must be beyond the collection's `since`.
@@ -488,7 +562,7 @@ where
     /// assert_eq!(holds.acquire(&2, Antichain::from_elem(9)).unwrap_err(), AcquireError::CollectionMissing(2));
     /// ```
     pub fn acquire(&mut self, id: &K, frontier: Antichain<T>) -> Result<ReadHold<K, T>, AcquireError<K, T>> {
-        let Some(counts) = self.collections.get_mut(id) else {
+        let Some(Accounted { counts, .. }) = self.collections.get_mut(id) else {
             return Err(AcquireError::CollectionMissing(id.clone()));
         };
         if counts.frontier().is_empty() || !PartialOrder::less_equal(&counts.frontier(), &frontier.borrow()) {
@@ -514,7 +588,7 @@ where
     /// ```
     pub fn acquire_at_since(&mut self, id: &K) -> Result<ReadHold<K, T>, AcquireError<K, T>> {
         let since = match self.collections.get(id) {
-            Some(counts) => counts.frontier().to_owned(),
+            Some(a) => a.counts.frontier().to_owned(),
             None => return Err(AcquireError::CollectionMissing(id.clone())),
         };
         self.acquire(id, since)
@@ -532,7 +606,7 @@ where
     /// assert_eq!(holds.since(&1).unwrap().to_owned(), Antichain::from_elem(10));
     /// ```
     pub fn since(&self, id: &K) -> Option<AntichainRef<'_, T>> {
-        self.collections.get(id).map(|counts| counts.frontier())
+        self.collections.get(id).map(|a| a.counts.frontier())
     }
 
     /// Whether `id` is accounted.
@@ -603,7 +677,7 @@ where
     /// assert_eq!(holds.stray_changes(), 1);
     /// ```
     pub fn remove(&mut self, id: &K) -> Option<Antichain<T>> {
-        self.collections.remove(id).map(|counts| counts.frontier().to_owned())
+        self.collections.remove(id).map(|a| a.counts.frontier().to_owned())
     }
 
     /// The number of changes received for collections no longer accounted.
@@ -632,15 +706,18 @@ where
     /// assert!(holds.process().is_empty());
     /// ```
     pub fn process(&mut self) -> Vec<SinceChange<K, T>> {
-        let mut moved: BTreeMap<K, Antichain<T>> = BTreeMap::new();
-        while let Ok((id, changes)) = self.rx.try_recv() {
-            let Some(counts) = self.collections.get_mut(&id) else {
+        let mut changes = std::mem::take(&mut self.spare);
+        std::mem::swap(&mut changes, &mut *lock_queue(&self.queue));
+        // (collection, since before its first change here), in arrival order.
+        let mut moved: Vec<(K, Antichain<T>)> = Vec::new();
+        for (id, batch) in changes.drain(..) {
+            let Some(Accounted { counts, .. }) = self.collections.get_mut(&id) else {
                 self.stray_changes += 1;
                 continue;
             };
             let before = counts.frontier().to_owned();
             // `into_inner` consolidates: one entry per time.
-            let updates = changes.into_inner();
+            let updates = batch.into_inner();
             let frontier_moved = counts.update_iter(updates.iter().cloned()).next().is_some();
             for (time, delta) in &updates {
                 if *delta < 0 {
@@ -656,20 +733,25 @@ where
                     "since of {id:?} regressed from {before:?} to {:?}",
                     counts.frontier()
                 );
-                moved.entry(id).or_insert(before);
+                moved.push((id, before));
             }
         }
+        self.spare = changes;
+        // Id order, and for each collection the since before its first change (a stable sort keeps
+        // arrival order among equal ids).
+        moved.sort_by(|(a, _), (b, _)| a.cmp(b));
+        moved.dedup_by(|(later, _), (first, _)| later == first);
         moved
             .into_iter()
             .filter_map(|(id, old)| {
-                let new = self.collections[&id].frontier().to_owned();
+                let new = self.collections[&id].counts.frontier().to_owned();
                 (old != new).then_some(SinceChange { id, old, new })
             })
             .collect()
     }
 }
 
-impl<K: Debug, T: Timestamp> Debug for ReadHolds<K, T> {
+impl<K: Debug, T: Timestamp, X> Debug for ReadHolds<K, T, X> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ReadHolds")
             .field("collections", &self.collections.len())

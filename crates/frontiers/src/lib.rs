@@ -36,7 +36,8 @@ mod policy;
 mod timestamp;
 
 pub use hold::{
-    AcquireError, ChangeTx, CreateError, DowngradeError, MergeError, ReadHold, ReadHolds, SinceChange,
+    AcquireError, ChangeTx, CreateError, DowngradeError, IdBuildHasher, IdHasher, MergeError, ReadHold,
+    ReadHolds, SinceChange,
 };
 pub use policy::ReadPolicy;
 pub use timely::order::{PartialOrder, Product, TotalOrder};
