@@ -290,6 +290,9 @@ struct Collection<T: Timestamp> {
     since: Antichain<T>,
     /// Dropped by the user; waits for its holds and replicas before it goes away.
     dropped: bool,
+    /// The history's compaction of this collection is behind `since` (the collection is then listed in
+    /// `InstanceCore::history_behind`).
+    history_behind: bool,
     kind: CollectionKind,
     read_policy: ReadPolicy<T>,
     /// The controller's own hold; released on drop.
@@ -350,6 +353,11 @@ pub struct InstanceCore<T: Timestamp> {
     peek_histogram: BTreeMap<(ReplicaId, u64), i64>,
     /// (collection, replica) pairs whose frontier introspection row is due at the next refresh.
     stale_frontier_rows: Vec<(GlobalId, ReplicaId)>,
+    /// Collections whose since moved beyond the compaction the history records. Replicas are sent
+    /// every `AllowCompaction` as it happens, but the history, read only when a replica starts, is
+    /// brought up to date in batches (each introspection interval, and before it is read): one entry
+    /// per collection per interval rather than one per since change.
+    history_behind: Vec<GlobalId>,
     now_ms: u64,
     last_lag_refresh_ms: u64,
     /// `AllowWrites` was broadcast (and is in the history, so every later replica gets it too).
@@ -379,6 +387,7 @@ impl<T: Timestamp> InstanceCore<T> {
             introspection: IntrospectionState::default(),
             peek_histogram: BTreeMap::new(),
             stale_frontier_rows: Vec::new(),
+            history_behind: Vec::new(),
             now_ms,
             last_lag_refresh_ms: now_ms,
             writes_allowed: false,
@@ -436,6 +445,7 @@ impl<T: Timestamp> InstanceCore<T> {
                 peek.outstanding.insert(replica);
             }
         }
+        self.catch_up_history();
         let mut history = self.history.clone();
         history
             .push(&ComputeCommand::CreateInstance(protocol::InstanceConfig {
@@ -609,6 +619,7 @@ impl<T: Timestamp> InstanceCore<T> {
                     import_holds: import_holds.iter().map(ReadHold::clone_hold).collect(),
                     storage_imports,
                     dropped: false,
+                    history_behind: false,
                     created_ms: self.now_ms,
                     per_replica,
                     forwarded: as_of.clone(),
@@ -1120,6 +1131,7 @@ impl<T: Timestamp> InstanceCore<T> {
             self.last_lag_refresh_ms = self.now_ms;
             self.refresh_frontier_rows();
             self.refresh_wallclock_lag();
+            self.catch_up_history();
         }
         self.process_holds();
     }
@@ -1189,8 +1201,33 @@ impl<T: Timestamp> InstanceCore<T> {
         for hold in &mut collection.import_holds {
             hold.try_downgrade(new.clone()).expect("import holds never run ahead of the since");
         }
-        self.broadcast(ComputeCommand::AllowCompaction { id, frontier: new });
+        let last = new.is_empty();
+        let newly_behind = !last && !collection.history_behind;
+        // The last compaction may remove the dataflow from the history: that is recorded now.
+        collection.history_behind = !last;
+        let command = ComputeCommand::AllowCompaction { id, frontier: new };
+        if last {
+            self.broadcast(command);
+        } else {
+            if newly_behind {
+                self.history_behind.push(id);
+            }
+            self.send_to_replicas(command);
+        }
         self.maybe_remove(id);
+    }
+
+    /// Records in the history the since of every collection it is behind on.
+    fn catch_up_history(&mut self) {
+        for id in std::mem::take(&mut self.history_behind) {
+            let Some(collection) = self.collections.get_mut(&id) else { continue };
+            if !collection.history_behind {
+                continue;
+            }
+            collection.history_behind = false;
+            let command = ComputeCommand::AllowCompaction { id, frontier: collection.since.clone() };
+            self.history.push(&command).expect("the controller's compactions are recordable");
+        }
     }
 
     /// Removes a dropped collection once nothing holds it and no connected replica can still report on it.
@@ -1220,6 +1257,12 @@ impl<T: Timestamp> InstanceCore<T> {
 
     fn broadcast(&mut self, command: ComputeCommand<T>) {
         self.history.push(&command).expect("the controller's commands are recordable");
+        self.send_to_replicas(command);
+    }
+
+    /// Sends a command to every replica without recording it (the caller records it, or has it caught
+    /// up later).
+    fn send_to_replicas(&mut self, command: ComputeCommand<T>) {
         for replica in self.replicas.keys() {
             self.outputs.push_back(InstanceOutput::Command { replica: *replica, command: command.clone() });
         }
@@ -1296,8 +1339,9 @@ impl<T: Timestamp> InstanceCore<T> {
         self.peeks.len()
     }
 
-    /// The length of the history a new replica would be replayed.
-    pub fn history_len(&self) -> usize {
+    /// The length of the history a new replica would be replayed (brought up to date first).
+    pub fn history_len(&mut self) -> usize {
+        self.catch_up_history();
         self.history.len()
     }
 
