@@ -402,11 +402,14 @@ pub struct ReadHolds<K, T: Timestamp, X = ()> {
     tx: ChangeTx<K, T>,
     /// Changes sent by holds, not yet applied. The senders reach it through a `Weak`, so holds that
     /// outlive their issuer send into nothing.
-    queue: Arc<Mutex<Vec<(K, ChangeBatch<T>)>>>,
+    queue: Arc<ChangeQueue<K, T>>,
     /// The other buffer: `process` swaps it with the queue's, so both keep their capacity.
     spare: Vec<(K, ChangeBatch<T>)>,
     stray_changes: u64,
 }
+
+/// Where holds put their changes until [`ReadHolds::process`] takes them.
+type ChangeQueue<K, T> = Mutex<Vec<(K, ChangeBatch<T>)>>;
 
 /// One accounted collection: the counts of its holds' frontiers, and the owner's attachment.
 struct Accounted<T: Timestamp, X> {
@@ -416,7 +419,7 @@ struct Accounted<T: Timestamp, X> {
 
 /// Locks the change queue. A sender never panics while holding it, but a poisoned queue is still
 /// consistent (a `Vec` push either happened or not), so poisoning is ignored rather than spread.
-fn lock_queue<K, T>(queue: &Mutex<Vec<(K, ChangeBatch<T>)>>) -> MutexGuard<'_, Vec<(K, ChangeBatch<T>)>> {
+fn lock_queue<K, T>(queue: &ChangeQueue<K, T>) -> MutexGuard<'_, Vec<(K, ChangeBatch<T>)>> {
     queue.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
@@ -487,8 +490,8 @@ where
     /// assert_eq!(holds.attachment(&2), None);
     /// ```
     pub fn with_attachments(notify: Arc<dyn Fn() + Send + Sync>) -> Self {
-        let queue: Arc<Mutex<Vec<(K, ChangeBatch<T>)>>> = Arc::default();
-        let weak: Weak<Mutex<Vec<(K, ChangeBatch<T>)>>> = Arc::downgrade(&queue);
+        let queue: Arc<ChangeQueue<K, T>> = Arc::default();
+        let weak: Weak<ChangeQueue<K, T>> = Arc::downgrade(&queue);
         let tx: ChangeTx<K, T> = Arc::new(move |id: &K, changes| {
             // The accounting may be gone; then the hold has nobody left to hold anything back for.
             if let Some(queue) = weak.upgrade() {
