@@ -7,15 +7,15 @@
 //! it sends nothing). Every change travels as a [`ChangeBatch`] through a [`ChangeTx`] callback to the
 //! issuer, so a hold can live in another task or thread than its issuer.
 //!
-//! [`ReadHolds`] is the issuer's side: per collection, a `MutableAntichain` counting outstanding holds,
-//! whose frontier *is* the collection's `since`. [`ReadHolds::process`] applies the changes that holds sent
+//! [`ReadHolds`] is the issuer's side: per collection, a `HoldCounts` (`counts.rs`) counting outstanding
+//! holds, whose frontier *is* the collection's `since`. [`ReadHolds::process`] applies the changes that holds sent
 //! and reports every `since` that moved as a [`SinceChange`].
 //!
 //! **Invariants** (asserted): hold counts never go negative; a `since` never regresses; a collection's
 //! `since` equals the meet of the holds applied so far.
 //!
 //! **Costs:** acquire, downgrade and release are one push onto a shared queue (a mutex-guarded vector
-//! whose buffer is reused) plus, when processed, one hash-map lookup and one `MutableAntichain` update:
+//! whose buffer is reused) plus, when processed, one hash-map lookup and one `HoldCounts` update:
 //! O(holds at the frontier), independent of the number of collections (`cargo xtask bench frontiers`
 //! compares 100 with 10,000 collections). The map's hasher is fixed (no random seed) and nothing iterates
 //! the map to make a decision: listings are sorted first. A collection may carry an *attachment*, the
@@ -28,7 +28,8 @@ use std::fmt::{self, Debug};
 use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
-use crate::{Antichain, AntichainRef, ChangeBatch, MutableAntichain, PartialOrder, Timestamp};
+use crate::counts::HoldCounts;
+use crate::{Antichain, AntichainRef, ChangeBatch, PartialOrder, Timestamp};
 
 /// The channel through which a [`ReadHold`] reports its changes to its issuer: `(collection, changes)`,
 /// where `changes` adds `+1` at each element of a new hold frontier and `-1` at each element of an old one.
@@ -413,7 +414,7 @@ type ChangeQueue<K, T> = Mutex<Vec<(K, ChangeBatch<T>)>>;
 
 /// One accounted collection: the counts of its holds' frontiers, and the owner's attachment.
 struct Accounted<T: Timestamp, X> {
-    counts: MutableAntichain<T>,
+    counts: HoldCounts<T>,
     attachment: X,
 }
 
@@ -517,8 +518,8 @@ where
         if since.is_empty() {
             return Err(CreateError::EmptySince(id));
         }
-        let mut counts = MutableAntichain::new();
-        let _ = counts.update_iter(since.iter().map(|t| (*t, 1)));
+        let mut counts = HoldCounts::new();
+        counts.update(since.iter().map(|t| (*t, 1)));
         self.collections.insert(id.clone(), Accounted { counts, attachment });
         Ok(ReadHold::new(id, since, Arc::clone(&self.tx)))
     }
@@ -575,8 +576,8 @@ where
                 requested: frontier,
             });
         }
-        let changed = counts.update_iter(frontier.iter().map(|t| (*t, 1))).count();
-        assert_eq!(changed, 0, "a hold beyond the since cannot move the since");
+        let changed = counts.update(frontier.iter().map(|t| (*t, 1)));
+        assert!(!changed, "a hold beyond the since cannot move the since");
         Ok(ReadHold::new(id.clone(), frontier, Arc::clone(&self.tx)))
     }
 
@@ -721,7 +722,7 @@ where
             let before = counts.frontier().to_owned();
             // `into_inner` consolidates: one entry per time.
             let updates = batch.into_inner();
-            let frontier_moved = counts.update_iter(updates.iter().cloned()).next().is_some();
+            let frontier_moved = counts.update(updates.iter().cloned());
             for (time, delta) in &updates {
                 if *delta < 0 {
                     assert!(

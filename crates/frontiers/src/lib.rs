@@ -31,6 +31,7 @@
 
 pub mod antichain;
 pub mod as_of;
+mod counts;
 mod hold;
 mod policy;
 mod timestamp;
