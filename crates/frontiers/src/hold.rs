@@ -26,7 +26,7 @@
 use std::collections::HashMap;
 use std::fmt::{self, Debug};
 use std::hash::{BuildHasherDefault, Hash, Hasher};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use crate::counts::HoldCounts;
 use crate::{Antichain, AntichainRef, ChangeBatch, PartialOrder, Timestamp};
@@ -401,7 +401,7 @@ pub struct SinceChange<K, T> {
 pub struct ReadHolds<K, T: Timestamp, X = ()> {
     collections: HashMap<K, Accounted<T, X>, IdBuildHasher>,
     tx: ChangeTx<K, T>,
-    /// Changes sent by holds, not yet applied. The senders reach it through a `Weak`, so holds that
+    /// Changes sent by holds, not yet applied. Closed when the accounting is dropped, so holds that
     /// outlive their issuer send into nothing.
     queue: Arc<ChangeQueue<K, T>>,
     /// The other buffer: `process` swaps it with the queue's, so both keep their capacity.
@@ -409,8 +409,17 @@ pub struct ReadHolds<K, T: Timestamp, X = ()> {
     stray_changes: u64,
 }
 
-/// Where holds put their changes until [`ReadHolds::process`] takes them.
-type ChangeQueue<K, T> = Mutex<Vec<(K, ChangeBatch<T>)>>;
+/// Where holds put their changes until [`ReadHolds::process`] takes them. One lock per change, and no
+/// other atomic operation: the senders own the queue with the accounting, and learn that the
+/// accounting is gone from `open`, under the same lock.
+type ChangeQueue<K, T> = Mutex<QueueState<K, T>>;
+
+/// The contents of a [`ChangeQueue`].
+struct QueueState<K, T> {
+    /// The accounting still exists.
+    open: bool,
+    changes: Vec<(K, ChangeBatch<T>)>,
+}
 
 /// One accounted collection: the counts of its holds' frontiers, and the owner's attachment.
 struct Accounted<T: Timestamp, X> {
@@ -420,7 +429,7 @@ struct Accounted<T: Timestamp, X> {
 
 /// Locks the change queue. A sender never panics while holding it, but a poisoned queue is still
 /// consistent (a `Vec` push either happened or not), so poisoning is ignored rather than spread.
-fn lock_queue<K, T>(queue: &ChangeQueue<K, T>) -> MutexGuard<'_, Vec<(K, ChangeBatch<T>)>> {
+fn lock_queue<K, T>(queue: &ChangeQueue<K, T>) -> MutexGuard<'_, QueueState<K, T>> {
     queue.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
@@ -491,12 +500,14 @@ where
     /// assert_eq!(holds.attachment(&2), None);
     /// ```
     pub fn with_attachments(notify: Arc<dyn Fn() + Send + Sync>) -> Self {
-        let queue: Arc<ChangeQueue<K, T>> = Arc::default();
-        let weak: Weak<ChangeQueue<K, T>> = Arc::downgrade(&queue);
+        let queue: Arc<ChangeQueue<K, T>> =
+            Arc::new(Mutex::new(QueueState { open: true, changes: Vec::new() }));
+        let sender = Arc::clone(&queue);
         let tx: ChangeTx<K, T> = Arc::new(move |id: &K, changes| {
+            let mut queue = lock_queue(&sender);
             // The accounting may be gone; then the hold has nobody left to hold anything back for.
-            if let Some(queue) = weak.upgrade() {
-                lock_queue(&queue).push((id.clone(), changes));
+            if queue.open {
+                queue.changes.push((id.clone(), changes));
                 drop(queue);
                 notify();
             }
@@ -711,7 +722,7 @@ where
     /// ```
     pub fn process(&mut self) -> Vec<SinceChange<K, T>> {
         let mut changes = std::mem::take(&mut self.spare);
-        std::mem::swap(&mut changes, &mut *lock_queue(&self.queue));
+        std::mem::swap(&mut changes, &mut lock_queue(&self.queue).changes);
         // (collection, since before its first change here), in arrival order.
         let mut moved: Vec<(K, Antichain<T>)> = Vec::new();
         for (id, batch) in changes.drain(..) {
@@ -755,6 +766,17 @@ where
     }
 }
 
+impl<K, T: Timestamp, X> Drop for ReadHolds<K, T, X> {
+    fn drop(&mut self) {
+        let mut queue = lock_queue(&self.queue);
+        queue.open = false;
+        // Dropped outside the lock: nothing in a change batch sends, but keep the critical section short.
+        let changes = std::mem::take(&mut queue.changes);
+        drop(queue);
+        drop(changes);
+    }
+}
+
 impl<K: Debug, T: Timestamp, X> Debug for ReadHolds<K, T, X> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ReadHolds")
@@ -771,6 +793,30 @@ mod tests {
     use proptest::prelude::*;
 
     type P = Product<u64, u64>;
+
+    #[test]
+    fn a_hold_that_outlives_its_accounting_sends_into_nothing() {
+        let notified = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = Arc::clone(&notified);
+        let mut holds = ReadHolds::<u32, u64>::with_notify(Arc::new(move || {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }));
+        let mut hold = holds.create(1, Antichain::from_elem(3)).unwrap();
+        hold.try_downgrade(Antichain::from_elem(4)).unwrap();
+        let queue = Arc::clone(&holds.queue);
+        drop(holds);
+        assert!(lock_queue(&queue).changes.is_empty(), "dropping the accounting drops what was queued");
+        hold.try_downgrade(Antichain::from_elem(5)).unwrap();
+        let copy = hold.clone_hold();
+        drop(hold);
+        drop(copy);
+        assert!(lock_queue(&queue).changes.is_empty(), "later changes are not queued");
+        assert_eq!(
+            notified.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "only the change before the drop woke anyone"
+        );
+    }
 
     #[derive(Debug, Clone)]
     enum Op {
