@@ -124,20 +124,25 @@ impl IntrospectionState {
     /// Sets the row for `key` (the key columns are the row's leading datums; `values` follow them), or
     /// removes it with `None`.
     pub fn set(&mut self, kind: IntrospectionKind, key: &[Datum<'_>], values: Option<&[Datum<'_>]>) {
-        let key_row = Row::pack(key.iter().copied());
-        let new = values.map(|values| Row::pack(key.iter().chain(values).copied()));
-        let old = match &new {
-            Some(new) => self.rows.insert((kind, key_row), new.clone()),
-            None => self.rows.remove(&(kind, key_row)),
-        };
-        if old == new {
+        let key_row = (kind, Row::pack(key.iter().copied()));
+        let Some(values) = values else {
+            if let Some(old) = self.rows.remove(&key_row) {
+                self.pending.push((kind, old, -1));
+            }
             return;
-        }
-        if let Some(old) = old {
-            self.pending.push((kind, old, -1));
-        }
-        if let Some(new) = new {
-            self.pending.push((kind, new, 1));
+        };
+        let new = Row::pack(key.iter().chain(values).copied());
+        match self.rows.get_mut(&key_row) {
+            Some(current) if *current == new => {}
+            Some(current) => {
+                let old = std::mem::replace(current, new.clone());
+                self.pending.push((kind, old, -1));
+                self.pending.push((kind, new, 1));
+            }
+            None => {
+                self.rows.insert(key_row, new.clone());
+                self.pending.push((kind, new, 1));
+            }
         }
     }
 
