@@ -475,12 +475,7 @@ impl<T: Timestamp> InstanceCore<T> {
             }
             self.maybe_finish_peek(uuid);
         }
-        for kind in
-            [IntrospectionKind::Frontiers, IntrospectionKind::Hydration, IntrospectionKind::WallclockLag]
-        {
-            self.introspection
-                .remove_prefix(kind, &[Datum::Text(&self.id.to_string()), Datum::Text(&replica.to_string())]);
-        }
+        self.introspection.remove_replica_collections(replica);
         self.introspection.remove_prefix(
             IntrospectionKind::ReplicaStatus,
             &[Datum::Text(&self.id.to_string()), Datum::Text(&replica.to_string())],
@@ -1015,12 +1010,11 @@ impl<T: Timestamp> InstanceCore<T> {
             }));
         }
         if hydrated_now {
-            let (instance, replica_name, collection_name) =
-                (self.id.to_string(), replica.to_string(), id.to_string());
-            let key = [Datum::Text(&instance), Datum::Text(&replica_name), Datum::Text(&collection_name)];
-            self.introspection.set(
+            self.introspection.set_for_collection(
                 IntrospectionKind::Hydration,
-                &key,
+                self.id,
+                replica,
+                id,
                 Some(&[
                     Datum::Bool(true),
                     hydration_ms.map(|ms| Datum::Int64(ms as i64)).unwrap_or(Datum::Null),
@@ -1141,7 +1135,6 @@ impl<T: Timestamp> InstanceCore<T> {
     /// report then costs no introspection work (and storage gets one row change per interval, not one per
     /// report), whatever the number of collections.
     fn refresh_frontier_rows(&mut self) {
-        let instance = self.id.to_string();
         for (id, replica) in std::mem::take(&mut self.stale_frontier_rows) {
             let Some(collection) = self.collections.get_mut(&id) else { continue };
             let Some(state) = collection.per_replica.get_mut(&replica) else { continue };
@@ -1152,28 +1145,31 @@ impl<T: Timestamp> InstanceCore<T> {
                 .first()
                 .map(|t| Datum::Timestamp(t.to_wallclock_ms()))
                 .unwrap_or(Datum::Null);
-            let (replica_name, collection_name) = (replica.to_string(), id.to_string());
-            let key = [Datum::Text(&instance), Datum::Text(&replica_name), Datum::Text(&collection_name)];
-            self.introspection.set(IntrospectionKind::Frontiers, &key, Some(&[frontier]));
+            self.introspection.set_for_collection(
+                IntrospectionKind::Frontiers,
+                self.id,
+                replica,
+                id,
+                Some(&[frontier]),
+            );
         }
     }
 
     fn refresh_wallclock_lag(&mut self) {
-        let instance = self.id.to_string();
         for (id, collection) in &self.collections {
             if collection.dropped {
                 continue;
             }
-            let collection_name = id.to_string();
             for (replica, state) in collection.per_replica.iter() {
                 let Some(frontier) = &state.write_frontier else { continue };
                 let Some(upper) = frontier.elements().first() else { continue };
                 let lag_ms = self.now_ms.saturating_sub(upper.to_wallclock_ms());
                 let lag_s = (lag_ms / 1_000 * 1_000) as i64;
-                let replica_name = replica.to_string();
-                self.introspection.set(
+                self.introspection.set_for_collection(
                     IntrospectionKind::WallclockLag,
-                    &[Datum::Text(&instance), Datum::Text(&replica_name), Datum::Text(&collection_name)],
+                    self.id,
+                    *replica,
+                    *id,
                     Some(&[Datum::Int64(lag_s)]),
                 );
             }
@@ -1243,14 +1239,11 @@ impl<T: Timestamp> InstanceCore<T> {
         let mut shared = lock(&self.shared);
         shared.holds.remove(&id);
         drop(shared);
-        let instance = self.id.to_string();
         for replica in self.replicas.keys() {
-            let replica = replica.to_string();
-            let key = [Datum::Text(&instance), Datum::Text(&replica), Datum::Text(&id.to_string())];
             for kind in
                 [IntrospectionKind::Frontiers, IntrospectionKind::Hydration, IntrospectionKind::WallclockLag]
             {
-                self.introspection.set(kind, &key, None);
+                self.introspection.set_for_collection(kind, self.id, *replica, id, None);
             }
         }
     }

@@ -18,8 +18,9 @@
 //! (no row is retracted that was not inserted).
 
 use std::collections::BTreeMap;
+use std::collections::btree_map::Entry;
 
-use protocol::{ColumnType, Datum, Diff, GlobalId, RelationDesc, Row, ScalarType};
+use protocol::{ColumnType, Datum, Diff, GlobalId, InstanceId, RelationDesc, ReplicaId, Row, ScalarType};
 
 /// One introspection relation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -58,6 +59,15 @@ impl IntrospectionKind {
     }
 
     /// The storage collection id the controller uses for it.
+    /// Whether the relation has one row per collection and replica (keyed by instance, replica and
+    /// collection).
+    pub fn is_per_collection(self) -> bool {
+        matches!(
+            self,
+            IntrospectionKind::Frontiers | IntrospectionKind::Hydration | IntrospectionKind::WallclockLag
+        )
+    }
+
     pub fn default_id(self) -> GlobalId {
         let index = IntrospectionKind::ALL.iter().position(|k| *k == self).expect("listed");
         GlobalId::System(1_000 + index as u64)
@@ -117,31 +127,77 @@ pub fn peek_duration_bucket_ms(duration_ms: u64) -> u64 {
 #[derive(Debug, Default)]
 pub struct IntrospectionState {
     rows: BTreeMap<(IntrospectionKind, Row), Row>,
+    /// The rows of the relations with one row per collection and replica (frontiers, hydration,
+    /// wall-clock lag), keyed by the ids rather than by the packed key columns: refreshing 10,000
+    /// collections' rows every interval then compares small inline keys, not heap-allocated rows.
+    collection_rows: BTreeMap<(IntrospectionKind, GlobalId, ReplicaId), Row>,
     pending: Vec<(IntrospectionKind, Row, Diff)>,
+}
+
+/// Replaces the row at `key` in `rows` with `new` (`None`: removes it) and records the difference.
+fn replace<K: Ord>(
+    rows: &mut BTreeMap<K, Row>,
+    pending: &mut Vec<(IntrospectionKind, Row, Diff)>,
+    kind: IntrospectionKind,
+    key: K,
+    new: Option<Row>,
+) {
+    let Some(new) = new else {
+        if let Some(old) = rows.remove(&key) {
+            pending.push((kind, old, -1));
+        }
+        return;
+    };
+    match rows.entry(key) {
+        Entry::Occupied(current) if *current.get() == new => {}
+        Entry::Occupied(mut current) => {
+            let old = current.insert(new.clone());
+            pending.push((kind, old, -1));
+            pending.push((kind, new, 1));
+        }
+        Entry::Vacant(slot) => {
+            slot.insert(new.clone());
+            pending.push((kind, new, 1));
+        }
+    }
 }
 
 impl IntrospectionState {
     /// Sets the row for `key` (the key columns are the row's leading datums; `values` follow them), or
-    /// removes it with `None`.
+    /// removes it with `None`. For the relations keyed by instance, replica and collection, use
+    /// [`set_for_collection`](Self::set_for_collection).
     pub fn set(&mut self, kind: IntrospectionKind, key: &[Datum<'_>], values: Option<&[Datum<'_>]>) {
-        let key_row = (kind, Row::pack(key.iter().copied()));
-        let Some(values) = values else {
-            if let Some(old) = self.rows.remove(&key_row) {
-                self.pending.push((kind, old, -1));
-            }
-            return;
-        };
-        let new = Row::pack(key.iter().chain(values).copied());
-        match self.rows.get_mut(&key_row) {
-            Some(current) if *current == new => {}
-            Some(current) => {
-                let old = std::mem::replace(current, new.clone());
-                self.pending.push((kind, old, -1));
-                self.pending.push((kind, new, 1));
-            }
-            None => {
-                self.rows.insert(key_row, new.clone());
-                self.pending.push((kind, new, 1));
+        debug_assert!(!kind.is_per_collection(), "{kind:?} rows are set per collection");
+        let new = values.map(|values| Row::pack(key.iter().chain(values).copied()));
+        replace(&mut self.rows, &mut self.pending, kind, (kind, Row::pack(key.iter().copied())), new);
+    }
+
+    /// Sets the row of collection `id` on `replica` of `instance` (its key columns), followed by
+    /// `values`, or removes it with `None`.
+    pub fn set_for_collection(
+        &mut self,
+        kind: IntrospectionKind,
+        instance: InstanceId,
+        replica: ReplicaId,
+        id: GlobalId,
+        values: Option<&[Datum<'_>]>,
+    ) {
+        debug_assert!(kind.is_per_collection(), "{kind:?} rows are not per collection");
+        let new = values.map(|values| {
+            let (instance, replica, collection) = (instance.to_string(), replica.to_string(), id.to_string());
+            let key = [Datum::Text(&instance), Datum::Text(&replica), Datum::Text(&collection)];
+            Row::pack(key.iter().chain(values).copied())
+        });
+        replace(&mut self.collection_rows, &mut self.pending, kind, (kind, id, replica), new);
+    }
+
+    /// Removes every per-collection row of `replica` (a dropped replica).
+    pub fn remove_replica_collections(&mut self, replica: ReplicaId) {
+        let doomed: Vec<(IntrospectionKind, GlobalId, ReplicaId)> =
+            self.collection_rows.keys().filter(|(_, _, r)| *r == replica).copied().collect();
+        for key in doomed {
+            if let Some(old) = self.collection_rows.remove(&key) {
+                self.pending.push((key.0, old, -1));
             }
         }
     }
@@ -161,9 +217,19 @@ impl IntrospectionState {
         }
     }
 
-    /// The current row of a key.
+    /// The current row of a key (of a relation that is not per collection).
     pub fn get(&self, kind: IntrospectionKind, key: &[Datum<'_>]) -> Option<&Row> {
         self.rows.get(&(kind, Row::pack(key.iter().copied())))
+    }
+
+    /// The current row of collection `id` on `replica`.
+    pub fn get_for_collection(
+        &self,
+        kind: IntrospectionKind,
+        replica: ReplicaId,
+        id: GlobalId,
+    ) -> Option<&Row> {
+        self.collection_rows.get(&(kind, id, replica))
     }
 
     /// Takes the differences accumulated since the last call.
@@ -173,12 +239,12 @@ impl IntrospectionState {
 
     /// The number of current rows.
     pub fn len(&self) -> usize {
-        self.rows.len()
+        self.rows.len() + self.collection_rows.len()
     }
 
     /// Whether there are no rows.
     pub fn is_empty(&self) -> bool {
-        self.rows.is_empty()
+        self.rows.is_empty() && self.collection_rows.is_empty()
     }
 }
 
