@@ -79,7 +79,9 @@ impl AggregateFunc {
     /// multiplicities). Every implementation (the replica's operators, the simulator's oracle) must agree
     /// with this function.
     ///
-    /// Errors on a negative multiplicity and on integer overflow.
+    /// Errors on a negative multiplicity, and on integer overflow of a count or of the exact sum (an
+    /// integer sum errs when its result is out of range, whatever the order of its terms: the replica
+    /// adds its terms in no particular order).
     ///
     /// # Examples
     /// ```
@@ -96,7 +98,9 @@ impl AggregateFunc {
         I: IntoIterator<Item = (Datum<'a>, Diff)>,
     {
         let mut count: i64 = 0;
-        let mut int_sum: i64 = 0;
+        // Exact: a term is at most 2^126 in magnitude, so only a sum of astronomically many extreme terms
+        // can leave i128 (and then errs like an out-of-range result).
+        let mut int_sum: i128 = 0;
         let mut float_sum: f64 = 0.0;
         let mut any_float = false;
         let mut best: Option<Datum<'a>> = None;
@@ -112,7 +116,7 @@ impl AggregateFunc {
             count = count.checked_add(diff).ok_or(EvalError::Int64OutOfRange)?;
             match (self, datum) {
                 (AggregateFunc::Sum, Datum::Int64(i)) => {
-                    let term = i.checked_mul(diff).ok_or(EvalError::Int64OutOfRange)?;
+                    let term = i128::from(i) * i128::from(diff);
                     int_sum = int_sum.checked_add(term).ok_or(EvalError::Int64OutOfRange)?;
                 }
                 (AggregateFunc::Sum, Datum::Float64(x)) => {
@@ -131,7 +135,9 @@ impl AggregateFunc {
             AggregateFunc::Count => Datum::Int64(count),
             AggregateFunc::Sum if count == 0 => Datum::Null,
             AggregateFunc::Sum if any_float => Datum::float64(float_sum),
-            AggregateFunc::Sum => Datum::Int64(int_sum),
+            AggregateFunc::Sum => {
+                Datum::Int64(i64::try_from(int_sum).map_err(|_| EvalError::Int64OutOfRange)?)
+            }
             AggregateFunc::Min | AggregateFunc::Max => best.unwrap_or(Datum::Null),
         })
     }
@@ -716,6 +722,8 @@ mod tests {
             AggregateFunc::Sum.eval([(Datum::Int64(i64::MAX), 1), (Datum::Int64(1), 1)]),
             Err(EvalError::Int64OutOfRange)
         );
+        let extremes = [(Datum::Int64(i64::MIN), 2), (Datum::Int64(i64::MAX), 2)];
+        assert_eq!(AggregateFunc::Sum.eval(extremes).unwrap(), Datum::Int64(-2), "only the result must fit");
         assert_eq!(AggregateFunc::Sum.eval([(Datum::float64(1.5), 2)]).unwrap(), Datum::float64(3.0));
         assert_eq!(AggregateFunc::Sum.eval([(Datum::Null, 2)]).unwrap(), Datum::Null);
         assert_eq!(AggregateFunc::Count.eval(std::iter::empty()).unwrap(), Datum::Int64(0));
