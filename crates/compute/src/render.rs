@@ -17,11 +17,12 @@
 //!   (they can never match), and classes within one input are applied as filters on that input;
 //! - `Reduce`, `Distinct` and `TopK` see each group's consolidated rows (in `Row` order, as the reference
 //!   does, so float sums add in the same order) and report a negative multiplicity as an error;
-//! - a `Reduce` with no aggregate, a single `count`, or a single `sum` of an `Int64` column is abelian: it
-//!   is differential's `count` over the group key (constant work per group and time; a sum accumulates
-//!   `(rows, non-null values, exact sum)` as the difference), with the reference's "no row of a group is
-//!   negative" condition checked per row by [`check_non_negative`] (a hash map of accumulated
-//!   multiplicities);
+//! - a `Reduce` with no aggregate or a single `count` is abelian: it is differential's `count` over the
+//!   group key (constant work per group and time), with the reference's "no row of a group is negative"
+//!   condition checked per row by [`check_non_negative`] (a hash map of accumulated multiplicities). A
+//!   `sum` is not: the same check would keep every distinct input row, which costs more memory than the
+//!   general reduce's arrangement of them (an abelian sum was tried: `controller.hydration_peak_rss_sum`
+//!   with concurrency 1 rose to 572 MiB from 477–489);
 //! - `Threshold` keeps positive multiplicities; `Negate`, `Union` and `ArrangeBy` are what they say.
 //!
 //! **Errors.** A data error becomes an update of the error collection: a row
@@ -36,11 +37,9 @@
 
 use std::collections::BTreeMap;
 
-use differential_dataflow::difference::{Abelian, IsZero, Monoid, Multiply, Semigroup};
 use differential_dataflow::operators::arrange::{Arranged, TraceAgent};
 use differential_dataflow::trace::implementations::{KeySpine, ValSpine};
 use differential_dataflow::{AsCollection, VecCollection};
-use serde::{Deserialize, Serialize};
 use timely::dataflow::Stream;
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::OutputBuilder;
@@ -48,7 +47,7 @@ use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
 
 use protocol::{
     AggregateExpr, AggregateFunc, DataflowDescription, Datum, EvalError, GlobalId, Plan, RelationType, Row,
-    RowPacker, ScalarExpr, ScalarType, compare_datums,
+    RowPacker, ScalarExpr, compare_datums,
 };
 
 /// The time of every collection.
@@ -178,16 +177,6 @@ pub(crate) fn render_plan<'s>(plan: &Plan, ctx: &mut RenderContext<'s>) -> Coll<
             let operator = ctx.operator();
             render_count(input, group_key.clone(), column, nullable, operator, ctx)
         }
-        Plan::Reduce { input, group_key, aggregates }
-            if aggregates.len() == 1
-                && aggregates[0].func == AggregateFunc::Sum
-                && column_scalar_type(input, aggregates[0].column, ctx) == Some(ScalarType::Int64) =>
-        {
-            let column = aggregates[0].column;
-            let input = render_plan(input, ctx);
-            let operator = ctx.operator();
-            render_int_sum(input, group_key.clone(), column, operator, ctx)
-        }
         Plan::Reduce { input, group_key, aggregates } => {
             let input = render_plan(input, ctx);
             let operator = ctx.operator();
@@ -292,116 +281,6 @@ fn render_count<'s>(
             .count_core::<Diff>()
             .flat_map(move |(key, rows)| output(key, rows, rows)),
     }
-}
-
-/// The scalar type of column `column` of `plan`'s output, if the plan's type is known.
-fn column_scalar_type(plan: &Plan, column: usize, ctx: &RenderContext<'_>) -> Option<ScalarType> {
-    let typ = plan.typ(&|id| ctx.types.get(&id).cloned()).ok()?;
-    typ.column_types.get(column).map(|c| c.scalar_type)
-}
-
-/// What an abelian integer `sum` accumulates per group: the rows, the non-`NULL` values, and their exact
-/// sum (an `i128`: a term, a value times a multiplicity, is at most 2^126 in magnitude). Additions wrap
-/// rather than panic; only a group of astronomically many extreme terms could wrap, and `AggregateFunc::eval`
-/// errs there.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-struct SumAccumulator {
-    rows: i64,
-    non_null: i64,
-    sum: i128,
-}
-
-impl IsZero for SumAccumulator {
-    fn is_zero(&self) -> bool {
-        self.rows == 0 && self.non_null == 0 && self.sum == 0
-    }
-}
-
-impl Semigroup for SumAccumulator {
-    fn plus_equals(&mut self, rhs: &Self) {
-        self.rows = self.rows.wrapping_add(rhs.rows);
-        self.non_null = self.non_null.wrapping_add(rhs.non_null);
-        self.sum = self.sum.wrapping_add(rhs.sum);
-    }
-}
-
-impl Monoid for SumAccumulator {
-    fn zero() -> Self {
-        SumAccumulator::default()
-    }
-}
-
-impl Abelian for SumAccumulator {
-    fn negate(&mut self) {
-        self.rows = self.rows.wrapping_neg();
-        self.non_null = self.non_null.wrapping_neg();
-        self.sum = self.sum.wrapping_neg();
-    }
-}
-
-impl Multiply<Diff> for SumAccumulator {
-    type Output = SumAccumulator;
-    fn multiply(self, rhs: &Diff) -> SumAccumulator {
-        SumAccumulator {
-            rows: self.rows.wrapping_mul(*rhs),
-            non_null: self.non_null.wrapping_mul(*rhs),
-            sum: self.sum.wrapping_mul(i128::from(*rhs)),
-        }
-    }
-}
-
-/// A `Reduce` whose only aggregate is a `sum` of an `Int64` column: the group key, then the sum (`NULL`
-/// when the group has no non-`NULL` value).
-///
-/// Abelian like [`render_count`]: each row contributes `(1, non-null, value)` as its difference, and
-/// differential's `count` keeps one accumulation per group and time, so the operator neither arranges
-/// nor re-reads the group's rows. A sum out of the `Int64` range is an error row for the group; the
-/// reference's "no negative row" condition is checked per row by [`check_non_negative`]. Float sums go
-/// through the general reduce, which adds them in `Row` order as the reference does.
-fn render_int_sum<'s>(
-    input: Coll<'s>,
-    group_key: Vec<usize>,
-    column: usize,
-    operator: u64,
-    ctx: &mut RenderContext<'s>,
-) -> Coll<'s> {
-    ctx.errs.push(check_non_negative(input.clone(), operator, "Reduce"));
-    let sums = input
-        .explode(move |row| {
-            let value = match row.iter().nth(column) {
-                Some(Datum::Int64(value)) => Some(value),
-                _ => None,
-            };
-            let contribution = SumAccumulator {
-                rows: 1,
-                non_null: i64::from(value.is_some()),
-                sum: value.map_or(0, i128::from),
-            };
-            Some((project_row(&row, &group_key), contribution))
-        })
-        .count_core::<Diff>();
-    // A group whose rows do not add up to a positive count has a negative row: an error, above.
-    let in_range = |acc: &SumAccumulator| acc.non_null == 0 || i64::try_from(acc.sum).is_ok();
-    let errs = sums.clone().flat_map(move |(key, acc)| {
-        (acc.rows > 0 && !in_range(&acc)).then(|| {
-            error_row(
-                &format!("Reduce: sum {} out of range for group {key} (operator {operator})", acc.sum),
-                &key,
-            )
-        })
-    });
-    ctx.errs.push(errs);
-    sums.flat_map(move |(key, acc)| {
-        (acc.rows > 0 && in_range(&acc)).then(|| {
-            let mut packer = RowPacker::new();
-            packer.extend_by_row(&key);
-            match i64::try_from(acc.sum) {
-                Ok(sum) if acc.non_null > 0 => packer.push(Datum::Int64(sum)),
-                _ => packer.push(Datum::Null),
-            }
-            packer.finish()
-        })
-    })
 }
 
 /// Below this many updates [`check_non_negative`] does not bother consolidating what it keeps.

@@ -278,7 +278,7 @@ fn sum_dataflow(case: &Case) -> DataflowDescription<u64> {
     df
 }
 
-// The integer sum is abelian (`render_int_sum`), a path the random plans reach only now and then.
+// Integer sums at the edges of `Int64`, which the random plans reach only now and then.
 #[test]
 fn an_integer_sum_matches_the_reference_through_nulls_retractions_and_overflow() {
     run_against_reference(Shape::TwoWorkers, proptest_cases(8), sum_case(), sum_dataflow);
