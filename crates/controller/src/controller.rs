@@ -388,12 +388,15 @@ impl ComputeController {
     }
 
     /// Installs a dataflow on every replica of `instance`. Leave `desc.as_of` unset to have the freshest
-    /// valid as-of selected; returns the as-of used.
+    /// valid as-of selected (chosen again if an import's since overtakes it before its hold is taken);
+    /// returns the as-of used.
     pub async fn create_dataflow(
         &self,
         instance: InstanceId,
         mut desc: DataflowDescription<Timestamp>,
     ) -> Result<Antichain<Timestamp>, DataflowCreationError> {
+        /// How often an as-of the controller chose is chosen again after a since overtook it.
+        const AS_OF_ATTEMPTS: u32 = 5;
         let handle = self.instance(instance)?;
         for (id, sink) in &desc.sink_exports {
             if let SinkConnection::MaterializedView { target } = &sink.connection {
@@ -419,13 +422,37 @@ impl ComputeController {
                 }
             }
         }
-        if desc.as_of.is_none() {
-            // Validate the shape first so that a broken plan is reported as such, not as an as-of problem.
-            let mut probe = desc.clone();
-            probe.as_of = Some(Antichain::from_elem(0));
-            probe.validate().map_err(DataflowCreationError::Invalid)?;
-            desc.as_of = Some(self.select_as_of(instance, &desc).await?);
+        if desc.as_of.is_some() {
+            return self.install_dataflow(handle, desc).await;
         }
+        // Validate the shape first so that a broken plan is reported as such, not as an as-of problem.
+        let mut probe = desc.clone();
+        probe.as_of = Some(Antichain::from_elem(0));
+        probe.validate().map_err(DataflowCreationError::Invalid)?;
+        // The as-of is chosen from frontiers read before the holds are taken, so a since can move past
+        // it in between (a reader elsewhere releasing its hold): then choose again from fresher
+        // frontiers. Sinces only move forward, so this ends; the attempts are bounded all the same.
+        let mut attempt = 1;
+        loop {
+            desc.as_of = Some(self.select_as_of(instance, &desc).await?);
+            match self.install_dataflow(handle, desc.clone()).await {
+                Err(DataflowCreationError::SinceViolation { id, since, as_of })
+                    if attempt < AS_OF_ATTEMPTS =>
+                {
+                    debug!(%id, ?since, ?as_of, attempt, "a since moved past the chosen as-of; choosing again");
+                    attempt += 1;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    /// Takes the storage holds of a dataflow with an as-of and hands it to its instance.
+    async fn install_dataflow(
+        &self,
+        handle: &InstanceHandle,
+        desc: DataflowDescription<Timestamp>,
+    ) -> Result<Antichain<Timestamp>, DataflowCreationError> {
         desc.validate().map_err(DataflowCreationError::Invalid)?;
         let as_of = desc.as_of.clone().expect("validated");
         let mut holds = BTreeMap::new();

@@ -508,6 +508,120 @@ async fn a_storage_server_restart_loses_no_hold_and_no_update_of_the_controller_
 }
 
 // -------------------------------------------------------------------------------------------------
+// As-of selection racing a since
+
+/// Storage that drops a hold it was given right after it next answers `frontiers`: the since then moves
+/// past what the caller just read, as when another reader releases its hold at that moment.
+#[derive(Debug)]
+struct ReleasingStorage {
+    inner: Arc<InProcess>,
+    release_after_frontiers: std::sync::Mutex<Option<storage::StorageReadHold>>,
+}
+
+impl StorageCollections for ReleasingStorage {
+    fn create_collection(
+        &self,
+        id: GlobalId,
+        desc: protocol::RelationDesc,
+    ) -> storage::BoxFuture<'_, Result<(), storage::CreateError>> {
+        self.inner.create_collection(id, desc)
+    }
+    fn drop_collection(&self, id: GlobalId) -> storage::BoxFuture<'_, Result<(), storage::DropError>> {
+        self.inner.drop_collection(id)
+    }
+    fn list_collections(
+        &self,
+    ) -> storage::BoxFuture<'_, Result<Vec<(GlobalId, protocol::RelationDesc)>, storage::ReadError>> {
+        self.inner.list_collections()
+    }
+    fn frontiers(
+        &self,
+        id: GlobalId,
+    ) -> storage::BoxFuture<'_, Result<storage::CollectionFrontiers, storage::ReadError>> {
+        Box::pin(async move {
+            let frontiers = self.inner.frontiers(id).await;
+            let hold = self.release_after_frontiers.lock().expect("test lock").take();
+            if let (Some(hold), Ok(read)) = (hold, &frontiers) {
+                drop(hold);
+                // Storage applies the release on its own time: wait until the since has moved, then
+                // answer with what was read before.
+                for _ in 0..3_000 {
+                    match self.inner.frontiers(id).await {
+                        Ok(now) if now.since == read.since => {
+                            tokio::time::sleep(Duration::from_millis(1)).await;
+                        }
+                        _ => break,
+                    }
+                }
+            }
+            frontiers
+        })
+    }
+    fn append(
+        &self,
+        requests: Vec<AppendRequest>,
+    ) -> storage::BoxFuture<'_, Result<(), storage::AppendError>> {
+        self.inner.append(requests)
+    }
+    fn acquire_read_hold(
+        &self,
+        id: GlobalId,
+        frontier: Antichain<u64>,
+    ) -> storage::BoxFuture<'_, Result<storage::StorageReadHold, storage::HoldError>> {
+        self.inner.acquire_read_hold(id, frontier)
+    }
+    fn set_read_policy(
+        &self,
+        id: GlobalId,
+        policy: ReadPolicy<u64>,
+    ) -> storage::BoxFuture<'_, Result<(), storage::HoldError>> {
+        self.inner.set_read_policy(id, policy)
+    }
+    fn snapshot(
+        &self,
+        id: GlobalId,
+        as_of: u64,
+    ) -> storage::BoxFuture<'_, Result<Vec<(Row, Diff)>, storage::ReadError>> {
+        self.inner.snapshot(id, as_of)
+    }
+    fn listen(
+        &self,
+        id: GlobalId,
+        as_of: u64,
+    ) -> storage::BoxFuture<'_, Result<storage::Listen, storage::ReadError>> {
+        self.inner.listen(id, as_of)
+    }
+    fn watch_frontiers(&self) -> storage::BoxFuture<'_, Result<storage::FrontierWatch, storage::ReadError>> {
+        self.inner.watch_frontiers()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_since_that_moves_past_the_chosen_as_of_before_the_holds_are_taken_makes_the_controller_choose_again()
+ {
+    let inner = new_storage();
+    let mut table = Table::create(&inner, u(1)).await;
+    let other_reader = inner.acquire_read_hold(table.id, f(0)).await.expect("hold at 0");
+    table.advance(&inner, 5).await;
+    let storage = Arc::new(ReleasingStorage {
+        inner: Arc::clone(&inner),
+        release_after_frontiers: std::sync::Mutex::new(Some(other_reader)),
+    });
+    let controller = new_controller_on(Arc::clone(&storage) as _, false).await;
+    let df = protocol::DataflowDescription { as_of: None, ..index_on_storage(table.id, u(11), 0) };
+    // The first choice, from since 0 and upper 5, is 4; the since is 5 by the time the hold is taken.
+    let as_of = controller.create_dataflow(INSTANCE, df).await.expect("the controller chooses again");
+    let since = storage_since(&inner, table.id).await;
+    assert_eq!(since, f(5), "the other reader's release let the table compact to its upper");
+    assert!(PartialOrder::less_equal(&since, &as_of), "as-of {as_of:?} before the since {since:?}");
+    assert!(
+        storage.release_after_frontiers.lock().expect("test lock").is_none(),
+        "the race happened: the hold was released after the first frontiers read"
+    );
+    drop(controller);
+}
+
+// -------------------------------------------------------------------------------------------------
 // Controller restart
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
