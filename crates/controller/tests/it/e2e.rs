@@ -329,6 +329,15 @@ impl SubscribeLog {
         }
     }
 
+    /// Drains the controller until this subscribe has been forwarded up to `upper`.
+    async fn wait_until_forwarded(&mut self, controller: &mut ComputeController, upper: u64) {
+        eventually(&format!("the subscribe reaches {upper}"), async || {
+            self.drain(controller);
+            if self.forwarded == f(upper) { Ok(()) } else { Err(format!("forwarded {:?}", self.forwarded)) }
+        })
+        .await;
+    }
+
     fn absorb(&mut self, batch: SubscribeBatch<u64>) {
         assert_eq!(
             batch.lower, self.forwarded,
@@ -399,11 +408,7 @@ async fn a_restarted_replica_rehydrates_the_live_dataflows_answers_peeks_and_the
 
     table.advance(&storage, 5).await;
     wait_for_uppers(&controller, &[index], 10).await;
-    eventually("the subscribe reaches 10", async || {
-        log.drain(&mut controller);
-        if log.forwarded == f(10) { Ok(()) } else { Err(format!("forwarded {:?}", log.forwarded)) }
-    })
-    .await;
+    log.wait_until_forwarded(&mut controller, 10).await;
     assert_eq!(log.consolidated(), log.expected(&table), "subscribe before the restart");
     assert_eq!(replica.dataflows_built(), 3);
 
@@ -413,11 +418,7 @@ async fn a_restarted_replica_rehydrates_the_live_dataflows_answers_peeks_and_the
     let replica = start_replica(&storage, addr);
     table.advance(&storage, 5).await;
     wait_for_uppers(&controller, &[index], 20).await;
-    eventually("the subscribe reaches 20", async || {
-        log.drain(&mut controller);
-        if log.forwarded == f(20) { Ok(()) } else { Err(format!("forwarded {:?}", log.forwarded)) }
-    })
-    .await;
+    log.wait_until_forwarded(&mut controller, 20).await;
     assert_eq!(replica.dataflows_built(), 2, "the replacement builds the live dataflows only");
     assert_eq!(log.consolidated(), log.expected(&table), "no duplicated or missing subscribe rows");
     assert_eq!(peek_index(&controller, index, 19).await, table.contents_at(19), "peek at the latest time");
@@ -487,11 +488,7 @@ async fn a_storage_server_restart_loses_no_hold_and_no_update_of_the_controller_
     assert_eq!((controller_client.lost_holds(), replica_client.lost_holds()), (0, 0));
     table.advance(&store, 5).await;
     wait_for_uppers(&controller, &[index], 15).await;
-    eventually("the subscribe reaches 15", async || {
-        log.drain(&mut controller);
-        if log.forwarded == f(15) { Ok(()) } else { Err(format!("forwarded {:?}", log.forwarded)) }
-    })
-    .await;
+    log.wait_until_forwarded(&mut controller, 15).await;
     assert_eq!(log.consolidated(), log.expected(&table), "no duplicated or missing subscribe rows");
     assert_eq!(peek_index(&controller, index, 14).await, table.contents_at(14), "peek at the latest time");
     assert_eq!(peek_index(&controller, index, held_at).await, table.contents_at(held_at), "peek at the hold");
