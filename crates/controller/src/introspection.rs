@@ -222,16 +222,6 @@ impl IntrospectionState {
         self.rows.get(&(kind, Row::pack(key.iter().copied())))
     }
 
-    /// The current row of collection `id` on `replica`.
-    pub fn get_for_collection(
-        &self,
-        kind: IntrospectionKind,
-        replica: ReplicaId,
-        id: GlobalId,
-    ) -> Option<&Row> {
-        self.collection_rows.get(&(kind, id, replica))
-    }
-
     /// Takes the differences accumulated since the last call.
     pub fn drain(&mut self) -> Vec<(IntrospectionKind, Row, Diff)> {
         std::mem::take(&mut self.pending)
