@@ -22,9 +22,8 @@
 //! state as the uncompacted command sequence (property-tested in `tests/it/history.rs`).
 
 use std::collections::{BTreeMap, HashMap};
-use std::hash::{BuildHasherDefault, DefaultHasher};
 
-use frontiers::{Antichain, PartialOrder, Timestamp};
+use frontiers::{Antichain, IdBuildHasher, PartialOrder, Timestamp};
 use protocol::{
     ComputeCommand, ComputeParameters, DataflowDescription, GlobalId, InstanceConfig, Peek, PeekId,
 };
@@ -78,13 +77,13 @@ struct ExportEntry<T> {
     compaction: Option<Antichain<T>>,
 }
 
-/// A fixed (unseeded) hasher: the history must behave alike in every run, and it never iterates the map.
-type FixedState = BuildHasherDefault<DefaultHasher>;
-
 impl<T: Timestamp> DataflowEntry<T> {
     /// The as-of a replay uses: the original as-of joined with the meet of the exports' compaction
     /// frontiers (an export without compaction counts as the original as-of).
-    fn replay_as_of(&self, exports: &HashMap<GlobalId, ExportEntry<T>, FixedState>) -> Option<Antichain<T>> {
+    fn replay_as_of(
+        &self,
+        exports: &HashMap<GlobalId, ExportEntry<T>, IdBuildHasher>,
+    ) -> Option<Antichain<T>> {
         let original = self.desc.as_of.clone()?;
         let mut since = Antichain::new();
         for id in self.desc.export_ids() {
@@ -108,7 +107,8 @@ pub struct CommandHistory<T: Timestamp = u64> {
     dataflows: BTreeMap<u64, DataflowEntry<T>>,
     /// Every export of a live dataflow: its dataflow and its compaction. A hash map because every
     /// `AllowCompaction` looks its export up: that lookup must not slow down as dataflows accumulate.
-    exports: HashMap<GlobalId, ExportEntry<T>, FixedState>,
+    /// The hasher is fixed (unseeded), so the history behaves alike in every run; it never iterates the map.
+    exports: HashMap<GlobalId, ExportEntry<T>, IdBuildHasher>,
     /// Pending peeks by sequence number, and the sequence number of each peek id.
     peeks: BTreeMap<u64, Peek<T>>,
     peek_sequence: BTreeMap<PeekId, u64>,
