@@ -113,6 +113,11 @@ async fn eventually(what: &str, mut check: impl AsyncFnMut() -> Result<(), Strin
 }
 
 /// A storage collection and every update written to it: the oracle.
+/// `df` without its as-of: the controller chooses one.
+fn no_as_of(df: protocol::DataflowDescription<u64>) -> protocol::DataflowDescription<u64> {
+    protocol::DataflowDescription { as_of: None, ..df }
+}
+
 struct Table {
     id: GlobalId,
     upper: u64,
@@ -217,7 +222,7 @@ async fn a_read_hold_on_the_top_of_a_chain_of_real_indexes_keeps_storage_back_an
     controller.add_replica(INSTANCE, R1, at(replica.local_addr())).await.expect("add replica");
     let (a, b, c) = (u(11), u(12), u(13));
     for df in [index_on_storage(table.id, a, 0), index_on_index(a, b, 0), index_on_index(b, c, 0)] {
-        let df = protocol::DataflowDescription { as_of: None, ..df };
+        let df = no_as_of(df);
         controller.create_dataflow(INSTANCE, df).await.expect("create dataflow");
     }
 
@@ -285,8 +290,6 @@ async fn index_and_subscribe(
     index: GlobalId,
     subscribe: GlobalId,
 ) -> Antichain<u64> {
-    let no_as_of =
-        |df: protocol::DataflowDescription<u64>| protocol::DataflowDescription { as_of: None, ..df };
     controller
         .create_dataflow(INSTANCE, no_as_of(index_on_storage(table.id, index, 0)))
         .await
@@ -390,8 +393,6 @@ async fn a_restarted_replica_rehydrates_the_live_dataflows_answers_peeks_and_the
     controller.add_replica(INSTANCE, R1, at(addr)).await.expect("add replica");
     let (index, subscribe, dropped) = (u(11), u(12), u(13));
     let as_of = index_and_subscribe(&controller, &table, index, subscribe).await;
-    let no_as_of =
-        |df: protocol::DataflowDescription<u64>| protocol::DataflowDescription { as_of: None, ..df };
     // A dataflow the replica built and that was then dropped: the compacted history must not replay it.
     controller
         .create_dataflow(INSTANCE, no_as_of(index_on_storage(table.id, dropped, 0)))
@@ -605,7 +606,7 @@ async fn a_since_that_moves_past_the_chosen_as_of_before_the_holds_are_taken_mak
         release_after_frontiers: std::sync::Mutex::new(Some(other_reader)),
     });
     let controller = new_controller_on(Arc::clone(&storage) as _, false).await;
-    let df = protocol::DataflowDescription { as_of: None, ..index_on_storage(table.id, u(11), 0) };
+    let df = no_as_of(index_on_storage(table.id, u(11), 0));
     // The first choice, from since 0 and upper 5, is 4; the since is 5 by the time the hold is taken.
     let as_of = controller.create_dataflow(INSTANCE, df).await.expect("the controller chooses again");
     let since = storage_since(&inner, table.id).await;
@@ -629,8 +630,7 @@ async fn a_new_controller_recreating_the_same_dataflows_is_reconciled_by_the_run
     table.advance(&storage, 5).await;
     let replica = start_replica(&storage, any_port());
     let (a, b) = (u(11), u(12));
-    let dataflows = [index_on_storage(table.id, a, 0), index_on_index(a, b, 0)]
-        .map(|df| protocol::DataflowDescription { as_of: None, ..df });
+    let dataflows = [index_on_storage(table.id, a, 0), index_on_index(a, b, 0)].map(no_as_of);
 
     let mut first = new_controller(&storage, false).await;
     first.add_replica(INSTANCE, R1, at(replica.local_addr())).await.expect("add replica");
@@ -800,7 +800,7 @@ async fn a_peek_answered_by_the_fast_replica_holds_the_index_until_the_slow_one_
     controller.add_replica(INSTANCE, R1, at(fast.local_addr())).await.expect("add fast replica");
     controller.add_replica(INSTANCE, R2, at(proxy.addr)).await.expect("add slow replica");
     let index = u(11);
-    let df = protocol::DataflowDescription { as_of: None, ..index_on_storage(table.id, index, 0) };
+    let df = no_as_of(index_on_storage(table.id, index, 0));
     controller.create_dataflow(INSTANCE, df).await.expect("create index");
     table.advance(&storage, 5).await;
     eventually("both replicas report the index at 10", async || {
@@ -878,7 +878,7 @@ async fn introspection_collections_in_storage_describe_the_replica_and_its_colle
     let mut controller = new_controller(&storage, true).await;
     controller.add_replica(INSTANCE, R1, at(replica.local_addr())).await.expect("add replica");
     let index = u(11);
-    let df = protocol::DataflowDescription { as_of: None, ..index_on_storage(table.id, index, 0) };
+    let df = no_as_of(index_on_storage(table.id, index, 0));
     controller.create_dataflow(INSTANCE, df).await.expect("create index");
     table.advance(&storage, 5).await;
     wait_for_uppers(&controller, &[index], 10).await;
