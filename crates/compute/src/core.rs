@@ -49,7 +49,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
 
-use crate::messages::{DataflowKey, FromWorker, ToWorker, WorkerPeek, WorkerTx};
+use crate::messages::{DataflowKey, FeedBudget, FromWorker, ToWorker, WorkerPeek, WorkerTx};
 use crate::render::{Diff, Time, error_message};
 use crate::worker::{finish_rows, key_owner, row_owner};
 
@@ -1111,7 +1111,12 @@ pub(crate) fn csv_line(row: &Row) -> String {
     line
 }
 
-/// Reads a storage import from `as_of` on and feeds each local worker the rows it owns.
+/// How many updates one storage feed may have sent to its workers and not yet seen ingested before it
+/// reads on (about 4 MiB of small rows; a listen event adds at most about 1 MiB more).
+const FEED_UPDATES_IN_FLIGHT: usize = 1 << 16;
+
+/// Reads a storage import from `as_of` on and feeds each local worker the rows it owns, no faster than
+/// the workers ingest them.
 async fn feed_source(
     storage: Arc<dyn StorageCollections>,
     id: GlobalId,
@@ -1134,7 +1139,10 @@ async fn feed_source(
             return;
         }
     };
+    let budget = Arc::new(FeedBudget::default());
     loop {
+        // Read on only once the workers have ingested most of what was sent (see `FeedBudget`).
+        budget.wait_until_at_most(FEED_UPDATES_IN_FLIGHT).await;
         match listen.next().await {
             Ok(ListenEvent::Updates(updates)) => {
                 let mut parts: Vec<Vec<(Row, Time, Diff)>> = vec![Vec::new(); topology.workers];
@@ -1149,7 +1157,9 @@ async fn feed_source(
                 }
                 for (local, updates) in parts.into_iter().enumerate() {
                     if !updates.is_empty() {
-                        let _ = workers[local].send(ToWorker::SourceUpdates { key, import: id, updates });
+                        let credit = budget.take(updates.len());
+                        let _ =
+                            workers[local].send(ToWorker::SourceUpdates { key, import: id, updates, credit });
                     }
                 }
             }

@@ -4,14 +4,19 @@
 //! **What this is.** [`ToWorker`]: everything a worker is told, in one ordered channel per worker, so a
 //! dataflow's `Build` always precedes the storage data fed into it and its `Drop`. [`FromWorker`]: what
 //! workers report back (frontiers, peek answers, sink output), merged per process by the core.
-//! [`WorkerTx`]: the sending side, which wakes the worker thread after each send.
+//! [`WorkerTx`]: the sending side, which wakes the worker thread after each send. [`FeedBudget`]: how a
+//! storage feed waits for the workers to ingest what it sent before it reads more (backpressure).
 //!
 //! **What this is not.** Not the wire protocol (that is `protocol::ComputeCommand`/`ComputeResponse`).
 //!
-//! **Invariants.** Every local worker receives the same sequence of `Build`/`Schedule`/`Drop*` messages,
+//! **Invariants.** A feed has at most [`FeedBudget`]'s limit of updates (plus one listen event) sent but not
+//! yet ingested: each `SourceUpdates` carries a [`FeedCredit`] that returns its updates to the budget when the
+//! message is dropped, whether the worker ingested it or threw it away. Every local worker receives the same sequence of `Build`/`Schedule`/`Drop*` messages,
 //! so all workers of all processes build the same dataflows in the same order. Dataflow keys are never
 //! reused within a process.
 
+use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{SendError, Sender};
 use std::sync::{Arc, OnceLock};
 use std::thread::Thread;
@@ -74,6 +79,8 @@ pub(crate) enum ToWorker {
         import: GlobalId,
         /// The updates.
         updates: Vec<(Row, Time, Diff)>,
+        /// Returns the updates to their feed's budget when the message is dropped.
+        credit: FeedCredit,
     },
     /// The storage import's listen reached `frontier`.
     SourceProgress {
@@ -168,5 +175,89 @@ impl WorkerTx {
             thread.unpark();
         }
         Ok(())
+    }
+}
+
+/// The updates one storage feed has sent to workers that they have not ingested yet.
+///
+/// Without it a feed reads its listen as fast as storage answers, and a worker busy arranging a snapshot
+/// lets a whole snapshot pile up in its channel (at hydration, most of a dataflow's transient memory
+/// after its arrangements). With it a feed waits while its updates in flight exceed a limit, so what is
+/// in flight is bounded per feed, and the listen's own pull-based backpressure reaches storage.
+#[derive(Debug, Default)]
+pub(crate) struct FeedBudget {
+    outstanding: AtomicUsize,
+    ingested: tokio::sync::Notify,
+}
+
+impl FeedBudget {
+    /// Counts `updates` as in flight until the returned credit is dropped.
+    pub fn take(self: &Arc<Self>, updates: usize) -> FeedCredit {
+        self.outstanding.fetch_add(updates, Ordering::AcqRel);
+        FeedCredit { budget: Arc::clone(self), updates }
+    }
+
+    /// The updates in flight.
+    pub fn outstanding(&self) -> usize {
+        self.outstanding.load(Ordering::Acquire)
+    }
+
+    /// Returns once at most `limit` updates are in flight.
+    pub async fn wait_until_at_most(&self, limit: usize) {
+        // A credit dropped between the check and the wait leaves a permit in the `Notify`, so the wait
+        // cannot miss it.
+        while self.outstanding() > limit {
+            self.ingested.notified().await;
+        }
+    }
+}
+
+/// Updates counted in flight in a [`FeedBudget`]; dropping it returns them.
+pub(crate) struct FeedCredit {
+    budget: Arc<FeedBudget>,
+    updates: usize,
+}
+
+impl fmt::Debug for FeedCredit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FeedCredit").field("updates", &self.updates).finish()
+    }
+}
+
+impl Drop for FeedCredit {
+    fn drop(&mut self) {
+        let before = self.budget.outstanding.fetch_sub(self.updates, Ordering::AcqRel);
+        assert!(before >= self.updates, "a feed's credits return no more than they took");
+        self.budget.ingested.notify_one();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_feed_waits_until_the_workers_drop_enough_credits() {
+        let budget = Arc::new(FeedBudget::default());
+        let first = budget.take(10);
+        let second = budget.take(10);
+        assert_eq!(budget.outstanding(), 20);
+        let waiting = tokio::spawn({
+            let budget = Arc::clone(&budget);
+            async move { budget.wait_until_at_most(10).await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiting.is_finished(), "20 updates in flight is over the limit of 10");
+        // Dropped on another thread, as a worker does.
+        std::thread::spawn(move || drop(first)).join().expect("dropping thread");
+        tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("the wait ends once 10 are in flight")
+            .expect("the waiting task");
+        drop(second);
+        assert_eq!(budget.outstanding(), 0);
+        budget.wait_until_at_most(0).await;
     }
 }

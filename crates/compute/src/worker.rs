@@ -41,7 +41,7 @@ use tracing::{debug, warn};
 
 use protocol::{DataflowDescription, GlobalId, PeekResponse, Row, RowPacker, SinkConnection};
 
-use crate::messages::{DataflowKey, FromWorker, ToWorker, WorkerPeek};
+use crate::messages::{DataflowKey, FeedCredit, FromWorker, ToWorker, WorkerPeek};
 use crate::operators::{Gate, SinkBuffer, SinkKind, gate, sink};
 use crate::render::{
     Coll, Diff, ErrTrace, OkTrace, RenderContext, RowInput, Time, arrange_errors, arrange_index,
@@ -101,6 +101,8 @@ struct WorkerState {
     peeks: Vec<WorkerPeek>,
     /// Frontiers last reported per export: (write, input).
     reported: BTreeMap<GlobalId, (Antichain<Time>, Antichain<Time>)>,
+    /// Credits of the storage updates ingested since the last step; returned to their feeds after it.
+    credits: Vec<FeedCredit>,
 }
 
 /// The body of a worker thread. Returns when told to shut down or when the core is gone.
@@ -118,6 +120,7 @@ pub(crate) fn run_worker(
         sinks: BTreeMap::new(),
         peeks: Vec::new(),
         reported: BTreeMap::new(),
+        credits: Vec::new(),
     };
     'outer: loop {
         loop {
@@ -132,6 +135,7 @@ pub(crate) fn run_worker(
         state.report();
         let park = if state.peeks.is_empty() { IDLE_PARK } else { PEEK_PARK };
         worker.step_or_park(Some(park));
+        state.credits.clear();
     }
     // Tear down: importers before exporters (reverse creation order), so no import is sealed by a drop.
     state.peeks.clear();
@@ -205,7 +209,7 @@ impl WorkerState {
             ToWorker::DropDataflow { key } => self.drop_dataflow(worker, key),
             ToWorker::Peek(peek) => self.peeks.push(peek),
             ToWorker::CancelPeek { uuid } => self.peeks.retain(|peek| peek.uuid != uuid),
-            ToWorker::SourceUpdates { key, import, updates } => {
+            ToWorker::SourceUpdates { key, import, updates, credit } => {
                 if let Some(dataflow) = self.dataflows.get_mut(&key)
                     && let Some(input) = dataflow.sources.get_mut(&import)
                 {
@@ -217,6 +221,8 @@ impl WorkerState {
                         input.update_at(row, time.max(floor), diff);
                     }
                 }
+                // Returned to the feed once the next step has taken the updates into the dataflow.
+                self.credits.push(credit);
             }
             ToWorker::SourceProgress { key, import, frontier } => {
                 if let Some(dataflow) = self.dataflows.get_mut(&key) {
