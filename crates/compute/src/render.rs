@@ -289,11 +289,12 @@ const CONSOLIDATE_FLOOR: usize = 1 << 16;
 /// Errors for every row whose accumulated multiplicity is negative, for as long as it is.
 ///
 /// Rows are partitioned by hash. While a worker has seen no negative update, no row can be negative: it
-/// only keeps its updates (complete ones consolidated, without times), which costs a copy per update. At
-/// the first negative update it switches to the exact check for good: the accumulated multiplicity of each
-/// row in a hash map (rows at zero are forgotten), updates applied in time order once the input frontier
-/// has passed their time, an error row emitted at the times a row's multiplicity goes below zero and
-/// retracted when it comes back. Constant work per update in both modes, unlike a reduce over the rows.
+/// only keeps its updates (consolidated now and then, a row's complete ones into one), which costs a copy
+/// per update. At the first negative update it switches to the exact check for good: the accumulated
+/// multiplicity of each row in a hash map (rows at zero are forgotten), updates applied in time order once
+/// the input frontier has passed their time, an error row emitted at the times a row's multiplicity goes
+/// below zero and retracted when it comes back. Constant work per update in both modes, unlike a reduce
+/// over the rows.
 pub(crate) fn check_non_negative<'s>(input: Coll<'s>, operator: u64, name: &'static str) -> Coll<'s> {
     use std::collections::HashMap;
     use std::collections::hash_map::Entry;
@@ -309,26 +310,23 @@ pub(crate) fn check_non_negative<'s>(input: Coll<'s>, operator: u64, name: &'sta
             Exchange::new(route),
             "CheckNonNegative",
             move |_capability, _info| {
-                let mut state =
-                    CheckState::Positive { base: Vec::new(), recent: Vec::new(), consolidated: 0 };
+                let mut state = CheckState::Positive { updates: Vec::new(), consolidated: 0 };
                 move |(input, frontier), output| {
                     input.for_each(|cap, data| {
-                        if let CheckState::Positive { base, recent, .. } = &mut state
+                        if let CheckState::Positive { updates, .. } = &mut state
                             && data.iter().any(|(_, _, diff)| *diff < 0)
                         {
-                            // The first negative update: from now on, the exact check.
-                            let mut counts: RowCounts = HashMap::default();
-                            for (row, diff) in base.drain(..) {
-                                *counts.entry(row).or_default() += diff;
-                            }
+                            // The first negative update: from now on, the exact check. What was kept is
+                            // applied in time order like any update; it is all positive, so it changes
+                            // no sign and needs no capability.
                             let mut pending: BTreeMap<Time, Vec<(Row, Diff)>> = BTreeMap::new();
-                            for (row, time, diff) in recent.drain(..) {
+                            for (row, time, diff) in updates.drain(..) {
                                 pending.entry(time).or_default().push((row, diff));
                             }
-                            state = CheckState::Exact { counts, pending, held: None };
+                            state = CheckState::Exact { counts: HashMap::default(), pending, held: None };
                         }
                         match &mut state {
-                            CheckState::Positive { recent, .. } => recent.append(data),
+                            CheckState::Positive { updates, .. } => updates.append(data),
                             CheckState::Exact { pending, held, .. } => {
                                 if let Some(cap) = cap.retain_least(0)
                                     && held.as_ref().is_none_or(|h| cap.time() < h.time())
@@ -342,22 +340,26 @@ pub(crate) fn check_non_negative<'s>(input: Coll<'s>, operator: u64, name: &'sta
                         }
                     });
                     match &mut state {
-                        CheckState::Positive { base, recent, consolidated } => {
-                            // Complete updates lose their times; the rest wait for the frontier.
-                            let (complete, waiting): (Vec<_>, Vec<_>) =
-                                recent.drain(..).partition(|(_, time, _)| !frontier.less_equal(time));
-                            *recent = waiting;
-                            base.extend(complete.into_iter().map(|(row, _, diff)| (row, diff)));
-                            if base.len() > 4 * *consolidated + CONSOLIDATE_FLOOR {
-                                // Consolidating sorts, so only once the rows have grown fourfold since the
-                                // last time: a third of a sort per update over a stream of distinct rows,
-                                // and the state stays within about four times the distinct rows (a
-                                // hydration's million updates of a hundred distinct rows keep a hundred,
-                                // not a million, and not their capacity).
-                                differential_dataflow::consolidation::consolidate(base);
-                                *consolidated = base.len();
-                                if base.capacity() > 4 * base.len() + CONSOLIDATE_FLOOR {
-                                    base.shrink_to_fit();
+                        CheckState::Positive { updates, consolidated } => {
+                            if updates.len() > 4 * *consolidated + CONSOLIDATE_FLOOR {
+                                // Only the accumulated multiplicity of a row matters once its time is
+                                // complete, so complete times all become the least time (the frontier is
+                                // beyond it, so these updates stay complete) and a row's complete updates
+                                // add up into one. Consolidating sorts, so only once the updates have
+                                // grown fourfold since the last time: a third of a sort per update over a
+                                // stream of distinct rows, and the state stays within about four times
+                                // the distinct rows and pending times (a hydration's million updates of a
+                                // hundred distinct rows keep a hundred, not a million, nor their capacity).
+                                let least = <Time as timely::progress::Timestamp>::minimum();
+                                for (_, time, _) in updates.iter_mut() {
+                                    if !frontier.less_equal(time) {
+                                        *time = least;
+                                    }
+                                }
+                                differential_dataflow::consolidation::consolidate_updates(updates);
+                                *consolidated = updates.len();
+                                if updates.capacity() > 4 * updates.len() + CONSOLIDATE_FLOOR {
+                                    updates.shrink_to_fit();
                                 }
                             }
                         }
@@ -437,11 +439,9 @@ type RowCounts = std::collections::HashMap<Row, Diff, std::hash::BuildHasherDefa
 enum CheckState {
     /// No negative update seen yet.
     Positive {
-        /// Complete updates, times dropped (consolidated now and then).
-        base: Vec<(Row, Diff)>,
-        /// Updates whose time the frontier has not passed.
-        recent: Updates,
-        /// `base`'s length after its last consolidation.
+        /// Every update, consolidated now and then, complete times moved to the least time.
+        updates: Updates,
+        /// `updates`' length after its last consolidation.
         consolidated: usize,
     },
     /// The exact check.
@@ -816,4 +816,77 @@ pub(crate) fn arrange_errors<'s>(errs: Coll<'s>) -> Arranged<'s, ErrTrace> {
 /// Arranges an object's rows by `key` for an index export: `(key, full row)`.
 pub(crate) fn arrange_index<'s>(oks: Coll<'s>, key: Vec<usize>) -> OkArranged<'s> {
     oks.map(move |row| (project_row(&row, &key), row)).arrange_by_key_named("Index")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use differential_dataflow::input::InputSession;
+    use timely::dataflow::ProbeHandle;
+
+    use super::*;
+
+    /// Runs [`check_non_negative`] on one worker over `steps` (each: updates, then the input's new
+    /// frontier, stepping until the check has caught up); returns its error rows' updates, consolidated.
+    fn errors_of(steps: Vec<(Updates, Time)>) -> Updates {
+        let seen: Arc<Mutex<Updates>> = Arc::default();
+        let sink = Arc::clone(&seen);
+        timely::execute_directly(move |worker| {
+            let probe = ProbeHandle::new();
+            let mut input: RowInput = InputSession::new();
+            worker.dataflow::<Time, _, _>(|scope| {
+                let rows = input.to_collection(scope);
+                check_non_negative(rows, 1, "Test")
+                    .inspect(move |update| sink.lock().expect("one worker").push(update.clone()))
+                    .probe_with(&probe);
+            });
+            for (updates, frontier) in steps {
+                for (row, time, diff) in updates {
+                    input.update_at(row, time, diff);
+                }
+                input.advance_to(frontier);
+                input.flush();
+                while probe.less_than(input.time()) {
+                    worker.step();
+                }
+            }
+        });
+        let mut errors = std::mem::take(&mut *seen.lock().expect("one worker"));
+        differential_dataflow::consolidation::consolidate_updates(&mut errors);
+        errors
+    }
+
+    fn row(k: i64) -> Row {
+        Row::pack([Datum::Int64(k)])
+    }
+
+    /// `count` copies of each of the rows `0..10` at `time`.
+    fn copies(count: i64, time: Time) -> Updates {
+        (0..count).map(|i| (row(i % 10), time, 1)).collect()
+    }
+
+    #[test]
+    fn a_row_taken_negative_after_consolidations_is_an_error_exactly_while_it_is_negative() {
+        // 140,000 updates: consolidated (past 65,536) while the first batch is complete and the second
+        // is not, and again later. Row 3 has 14,000 at time 2; the retraction at 4 takes it to -1, the
+        // insert at 5 back to 0. Row 4 goes to exactly zero at 4: no error.
+        let late = vec![(row(3), 5, 1), (row(3), 4, -14_001), (row(4), 4, -14_000)];
+        let errors = errors_of(vec![(copies(70_000, 1), 2), (copies(70_000, 2), 3), (late, 6)]);
+        let error = error_row("Test: negative multiplicity for row (3) (operator 1)", &row(3));
+        assert_eq!(errors, vec![(error.clone(), 4, 1), (error, 5, -1)]);
+    }
+
+    #[test]
+    fn a_positive_update_at_a_later_time_does_not_count_before_that_time() {
+        // The insert at 5 is kept (not complete: the frontier is 3) when the updates are consolidated;
+        // the retraction at 4 that arrives after it must not see it. A check that merged incomplete
+        // times into complete ones would miss the error at 4.
+        let mut early = copies(70_000, 1);
+        early.push((row(7), 5, 1));
+        let late = vec![(row(7), 4, -7_001)];
+        let errors = errors_of(vec![(early, 3), (late, 6)]);
+        let error = error_row("Test: negative multiplicity for row (7) (operator 1)", &row(7));
+        assert_eq!(errors, vec![(error.clone(), 4, 1), (error, 5, -1)]);
+    }
 }

@@ -444,9 +444,10 @@ fn a_data_error_makes_peeks_fail_until_the_row_that_caused_it_is_retracted() {
 }
 
 #[test]
-fn a_count_over_thousands_of_updates_to_ten_rows_still_reports_a_row_that_goes_negative() {
-    // The negativity check consolidates the rows it keeps (thousands of copies of ten rows become ten);
-    // a later retraction that takes one of them below zero must still be an error.
+fn a_count_over_a_hundred_thousand_updates_to_ten_rows_still_reports_a_row_that_goes_negative() {
+    // The negativity check consolidates the updates it keeps once they pass 65,536 (tens of thousands of
+    // copies of ten rows become ten per time, complete times merged into one); a later retraction that
+    // takes one of them below zero must still be an error, and one that takes a row to zero must not.
     let storage = new_storage();
     let replica = Replica::start(Shape::OneWorker, storage.clone());
     let mut controller = TestController::connect(&replica.addrs());
@@ -454,13 +455,18 @@ fn a_count_over_thousands_of_updates_to_ten_rows_still_reports_a_row_that_goes_n
     create_collection(&storage, source, kv_desc());
     let index = GlobalId::User(10);
     controller.create_dataflow(index_dataflow("counts", source, count_by_key(source), index, vec![0], 0));
-    let inserts = (0..5_000).map(|i| (int_row(&[i % 10, i % 10]), 0, 1)).collect();
-    append(&storage, source, inserts, 1);
-    append(&storage, source, vec![(int_row(&[3, 3]), 1, -501)], 2);
-    let at_0 = rows_of(controller.peek(PeekTarget::Index { id: index }, 0, None, 2));
-    assert_eq!(at_0, consolidate((0..10).map(|k| (int_row(&[k, 500]), 1))));
-    let at_1 = controller.peek(PeekTarget::Index { id: index }, 1, None, 2);
-    assert!(matches!(&at_1, PeekResponse::Error(e) if e.contains("negative multiplicity")), "{at_1:?}");
+    let inserts = |time: u64| (0..70_000).map(move |i| (int_row(&[i % 10, i % 10]), time, 1)).collect();
+    append(&storage, source, inserts(0), 1);
+    // The second batch arrives while the first is complete and it is not: both kinds are consolidated.
+    append(&storage, source, inserts(1), 2);
+    append(&storage, source, vec![(int_row(&[4, 4]), 2, -14_000)], 3);
+    append(&storage, source, vec![(int_row(&[3, 3]), 3, -14_001)], 4);
+    let at_1 = rows_of(controller.peek(PeekTarget::Index { id: index }, 1, None, 2));
+    assert_eq!(at_1, consolidate((0..10).map(|k| (int_row(&[k, 14_000]), 1))));
+    let at_2 = rows_of(controller.peek(PeekTarget::Index { id: index }, 2, None, 2));
+    assert_eq!(at_2, consolidate((0..10).filter(|k| *k != 4).map(|k| (int_row(&[k, 14_000]), 1))));
+    let at_3 = controller.peek(PeekTarget::Index { id: index }, 3, None, 2);
+    assert!(matches!(&at_3, PeekResponse::Error(e) if e.contains("negative multiplicity")), "{at_3:?}");
     controller.close();
 }
 
