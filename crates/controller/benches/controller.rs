@@ -632,9 +632,15 @@ fn replica_binary() -> PathBuf {
     let exe = std::env::current_exe().expect("the bench's path");
     let dir = exe.parent().and_then(|deps| deps.parent()).expect("target/<profile>/deps/<bench>");
     let binary = dir.join("compute-replica");
+    // The target directory this bench was built in, given explicitly: a relative `CARGO_TARGET_DIR`
+    // would resolve against the bench's working directory (the crate's), not the workspace's, and the
+    // bench would run a stale binary.
+    let target_dir = dir.parent().expect("target/<profile>");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
     let status = std::process::Command::new(&cargo)
         .args(["build", "--release", "--locked", "--quiet", "-p", "compute", "--bin", "compute-replica"])
+        .arg("--target-dir")
+        .arg(target_dir)
         .status();
     match status {
         Ok(status) if status.success() => {}
