@@ -48,7 +48,7 @@ use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
 
 use protocol::{
     AggregateExpr, AggregateFunc, DataflowDescription, Datum, EvalError, GlobalId, Plan, RelationType, Row,
-    RowPacker, ScalarExpr, compare_datums,
+    RowPacker, RowRef, ScalarExpr, compare_datums,
 };
 
 /// The time of every collection.
@@ -195,7 +195,7 @@ pub(crate) fn render_plan<'s>(plan: &Plan, ctx: &mut RenderContext<'s>) -> Coll<
             reduce_rows(keyed, "Distinct", ctx, move |row, values, out| {
                 let diff = values.iter().map(|(_, d)| *d).sum::<Diff>();
                 if diff < 0 {
-                    out.push((Err(negative_error(operator, "Distinct", row, diff)), 1));
+                    out.push((Err(negative_error(operator, "Distinct", row.as_row_ref(), diff)), 1));
                 } else if diff > 0 {
                     out.push((Ok(row.clone()), 1));
                 }
@@ -226,16 +226,16 @@ pub(crate) fn render_plan<'s>(plan: &Plan, ctx: &mut RenderContext<'s>) -> Coll<
             let keyed = input.map(move |row| (project_row(&row, &group_key), row));
             reduce_rows(keyed, "TopK", ctx, move |_key, values, out| {
                 if let Some((row, diff)) = values.iter().find(|(_, d)| *d < 0) {
-                    out.push((Err(negative_error(operator, "TopK", row, *diff)), 1));
+                    out.push((Err(negative_error(operator, "TopK", *row, *diff)), 1));
                     return;
                 }
-                let mut ranked: Vec<(Vec<Datum<'_>>, &Row, Diff)> =
+                let mut ranked: Vec<(Vec<Datum<'_>>, RowRef<'_>, Diff)> =
                     values.iter().map(|(row, diff)| (row.unpack(), *row, *diff)).collect();
                 ranked.sort_by(|(a, _, _), (b, _, _)| compare_datums(&order_key, a, b));
                 // Negative multiplicities were rejected above.
                 let ranked = ranked.into_iter().map(|(_, row, diff)| (row, diff as u64));
                 for (row, count) in protocol::slice_ranked(ranked, offset, limit) {
-                    out.push((Ok(row.clone()), count as Diff));
+                    out.push((Ok(row.to_row()), count as Diff));
                 }
             })
         }
@@ -540,8 +540,9 @@ pub(crate) fn error_message(error: &Row) -> String {
     }
 }
 
-fn negative_error(operator: u64, name: &str, row: &Row, diff: Diff) -> Row {
-    error_row(&format!("{name}: negative multiplicity {diff} for row {row} (operator {operator})"), row)
+fn negative_error(operator: u64, name: &str, row: RowRef<'_>, diff: Diff) -> Row {
+    let message = format!("{name}: negative multiplicity {diff} for row {row} (operator {operator})");
+    Row::pack([Datum::Text(&message), Datum::Bytes(row.as_bytes())])
 }
 
 /// The row of the given columns of `row` (missing columns are `NULL`, as in the reference).
@@ -610,20 +611,138 @@ where
 
 /// A reduce whose logic emits `Ok(output row)` or `Err(error row)` per group; errors are pushed to
 /// `ctx.errs`, output rows returned.
+///
+/// The input is arranged with its values in a [`slab::RowSlab`] (the rows' bytes back to back), not one `Row`
+/// each: a reduce keeps every distinct input row for as long as it lives, so this is most of what a
+/// hydrated `Reduce`, `Distinct` or `TopK` holds (`controller.hydration_peak_rss_sum`).
 fn reduce_rows<'s, L>(
     keyed: VecCollection<'s, Time, (Row, Row), Diff>,
     name: &str,
     ctx: &mut RenderContext<'s>,
-    logic: L,
+    mut logic: L,
 ) -> Coll<'s>
 where
-    L: FnMut(&Row, &[(&Row, Diff)], &mut Vec<(Result<Row, Row>, Diff)>) + 'static,
+    L: FnMut(&Row, &[(RowRef<'_>, Diff)], &mut Vec<(Result<Row, Row>, Diff)>) + 'static,
 {
-    let reduced = keyed.reduce_named(name, logic);
-    let (oks, errs) = map_results(reduced.map(|(_key, result)| result), name);
+    use differential_dataflow::trace::implementations::{ValBuilder, ValSpine};
+
+    let reduced = keyed
+        .arrange_named::<SlabBatcher, SlabSpine>(&format!("Arrange: {name}"), SlabBatcher::new)
+        .reduce_abelian::<_, ValBuilder<Row, Result<Row, Row>, Time, Diff>, ValSpine<Row, Result<Row, Row>, Time, Diff>, Vec<Row>, _>(
+            name,
+            move |key, values, out| logic(key, values, out),
+            |buffer, key, updates| {
+                buffer.clear();
+                buffer.extend(updates.drain(..).map(|(value, time, diff)| ((key.clone(), value), time, diff)));
+            },
+        )
+        .as_collection(|_key, result| result.clone());
+    let (oks, errs) = map_results(reduced, name);
     ctx.errs.push(errs);
     oks
 }
+
+/// The container of a reduce's input values (see [`reduce_rows`]), in its own module so that
+/// `BatchContainer`'s methods (`get`, `index`) do not shadow those of vectors elsewhere in this file.
+mod slab {
+    use differential_dataflow::trace::implementations::BatchContainer;
+    use protocol::{Row, RowRef};
+
+    use super::{Diff, Time};
+
+    /// The layout of a reduce's input arrangement: keys as `Row`s (one per group), values in a [`RowSlab`].
+    pub(crate) type SlabLayout =
+        (Vec<Row>, RowSlab, Vec<Time>, Vec<Diff>, differential_dataflow::trace::implementations::OffsetList);
+    pub(crate) type SlabUpdates = Vec<((Row, Row), Time, Diff)>;
+    pub(crate) type SlabBuilder =
+        differential_dataflow::trace::implementations::ord_neu::OrdValBuilder<SlabLayout, SlabUpdates>;
+    pub(crate) type SlabBatcher = differential_dataflow::batcher::merge::MergeBatcher<
+        differential_dataflow::batcher::merge::chunker::ContainerChunker<SlabUpdates>,
+        differential_dataflow::batcher::merge::vec::VecMerger<(Row, Row), Time, Diff>,
+        SlabBuilder,
+    >;
+    pub(crate) type SlabSpine = differential_dataflow::trace::implementations::spine_fueled::Spine<
+        std::rc::Rc<differential_dataflow::trace::implementations::ord_neu::OrdValBatch<SlabLayout>>,
+    >;
+
+    /// Rows stored as their encodings back to back, with the end of each: a row costs its bytes and four
+    /// more (eight past 4 GiB), where a `Vec<Row>` costs 32 bytes a row however short (a two-column integer
+    /// row is 18 bytes).
+    pub(crate) struct RowSlab {
+        bytes: Vec<u8>,
+        ends: differential_dataflow::trace::implementations::OffsetList,
+    }
+
+    impl Default for RowSlab {
+        fn default() -> Self {
+            <Self as BatchContainer>::with_capacity(0)
+        }
+    }
+
+    impl timely::container::PushInto<Row> for RowSlab {
+        fn push_into(&mut self, item: Row) {
+            self.push_own(&item);
+        }
+    }
+
+    impl timely::container::PushInto<&Row> for RowSlab {
+        fn push_into(&mut self, item: &Row) {
+            self.push_own(item);
+        }
+    }
+
+    impl BatchContainer for RowSlab {
+        type Owned = Row;
+        type ReadItem<'a> = RowRef<'a>;
+
+        fn into_owned<'a>(item: RowRef<'a>) -> Row {
+            item.to_row()
+        }
+
+        fn push_ref(&mut self, item: RowRef<'_>) {
+            self.bytes.extend_from_slice(item.as_bytes());
+            self.ends.push_ref(self.bytes.len());
+        }
+
+        fn push_own(&mut self, item: &Row) {
+            self.push_ref(item.as_row_ref());
+        }
+
+        fn clear(&mut self) {
+            self.bytes.clear();
+            self.ends.clear();
+        }
+
+        fn with_capacity(size: usize) -> Self {
+            // The rows' lengths are not known yet: room for short ones, growing as needed.
+            RowSlab { bytes: Vec::with_capacity(size * 8), ends: BatchContainer::with_capacity(size) }
+        }
+
+        fn merge_capacity(cont1: &Self, cont2: &Self) -> Self {
+            RowSlab {
+                bytes: Vec::with_capacity(cont1.bytes.len() + cont2.bytes.len()),
+                ends: BatchContainer::with_capacity(cont1.ends.len() + cont2.ends.len()),
+            }
+        }
+
+        fn reborrow<'b, 'a: 'b>(item: RowRef<'a>) -> RowRef<'b> {
+            item
+        }
+
+        fn index(&self, index: usize) -> RowRef<'_> {
+            let start = if index == 0 { 0 } else { self.ends.index(index - 1) };
+            let end = self.ends.index(index);
+            // Only rows' encodings are pushed, each delimited by its end.
+            RowRef::from_encoding(&self.bytes[start..end])
+        }
+
+        fn len(&self) -> usize {
+            self.ends.len()
+        }
+    }
+}
+
+use slab::{SlabBatcher, SlabSpine};
 
 /// Splits a collection of results into oks and errors.
 fn map_results<'s>(
@@ -663,11 +782,11 @@ fn reduce_group(
     operator: u64,
     aggregates: &[AggregateExpr],
     key: &Row,
-    values: &[(&Row, Diff)],
+    values: &[(RowRef<'_>, Diff)],
     out: &mut Vec<(Result<Row, Row>, Diff)>,
 ) {
     if let Some((row, diff)) = values.iter().find(|(_, d)| *d < 0) {
-        out.push((Err(negative_error(operator, "Reduce", row, *diff)), 1));
+        out.push((Err(negative_error(operator, "Reduce", *row, *diff)), 1));
         return;
     }
     let mut packer = RowPacker::new();
@@ -865,6 +984,35 @@ mod tests {
     /// `count` copies of each of the rows `0..10` at `time`.
     fn copies(count: i64, time: Time) -> Updates {
         (0..count).map(|i| (row(i % 10), time, 1)).collect()
+    }
+
+    #[test]
+    fn a_row_slab_gives_back_each_row_it_was_given_in_row_order() {
+        use differential_dataflow::trace::implementations::BatchContainer;
+
+        let long = Row::pack([Datum::Text("longer than a row's inline buffer of twenty-four bytes")]);
+        let mut rows =
+            vec![Row::EMPTY, row(-1), row(0), row(7), long, Row::pack([Datum::Null, Datum::Int64(2)])];
+        rows.sort();
+        let mut slab = slab::RowSlab::default();
+        for row in &rows {
+            slab.push_own(row);
+        }
+        let mut merged = slab::RowSlab::merge_capacity(&slab, &slab);
+        for index in 0..slab.len() {
+            merged.push_ref(slab.index(index));
+        }
+        assert_eq!(merged.len(), rows.len());
+        for (index, row) in rows.iter().enumerate() {
+            assert_eq!(merged.index(index), row, "row {index}");
+            assert_eq!(slab::RowSlab::into_owned(merged.index(index)), *row);
+        }
+        // Borrowed rows order as the rows do, which the arrangement's searches rely on.
+        for pair in 0..rows.len() - 1 {
+            assert!(merged.index(pair) < merged.index(pair + 1), "{:?} < {:?}", rows[pair], rows[pair + 1]);
+        }
+        merged.clear();
+        assert_eq!(merged.len(), 0);
     }
 
     #[test]

@@ -94,7 +94,7 @@ pub use response::{
 };
 pub use row::{
     ColumnType, Datum, DatumIter, F64, ROW_INLINE_BYTES, RelationDesc, RelationType, Row, RowDecodeError,
-    RowPacker, RowTypeError, ScalarType,
+    RowPacker, RowRef, RowTypeError, ScalarType,
 };
 
 /// The multiplicity change of an update: `+1` inserts a row once, `-1` retracts it.

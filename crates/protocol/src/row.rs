@@ -296,11 +296,85 @@ impl Row {
 
 impl fmt::Debug for Row {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_list().entries(self.iter()).finish()
+        self.as_row_ref().fmt(f)
     }
 }
 
 impl fmt::Display for Row {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.as_row_ref(), f)
+    }
+}
+
+impl Row {
+    /// The row borrowed as a [`RowRef`].
+    pub fn as_row_ref(&self) -> RowRef<'_> {
+        RowRef { data: &self.data }
+    }
+}
+
+/// A borrowed row: the encoding of a [`Row`] kept elsewhere, for containers that store many rows' bytes
+/// back to back instead of one `Row` (and its inline buffer) each.
+///
+/// **Invariant.** The bytes are a row's encoding, as [`Row::as_bytes`] gave them. A `RowRef` orders,
+/// compares, hashes and prints exactly as the `Row` it was taken from.
+///
+/// # Examples
+/// ```
+/// use protocol::{Datum, Row, RowRef};
+/// let row = Row::pack([Datum::Int64(1), Datum::Text("one")]);
+/// let borrowed = RowRef::from_encoding(row.as_bytes());
+/// assert_eq!(borrowed, &row);
+/// assert_eq!(borrowed.iter().nth(1), Some(Datum::Text("one")));
+/// assert_eq!(borrowed.to_row(), row);
+/// assert_eq!(borrowed.to_string(), row.to_string());
+/// ```
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RowRef<'a> {
+    data: &'a [u8],
+}
+
+impl<'a> RowRef<'a> {
+    /// The row whose encoding is `data`, which must come from [`Row::as_bytes`] (or a copy of it): a
+    /// `RowRef` over other bytes breaks the invariant, and reading a datum from it panics.
+    pub fn from_encoding(data: &'a [u8]) -> Self {
+        RowRef { data }
+    }
+
+    /// The encoding.
+    pub fn as_bytes(self) -> &'a [u8] {
+        self.data
+    }
+
+    /// Iterates over the datums.
+    pub fn iter(self) -> DatumIter<'a> {
+        DatumIter { data: self.data, offset: 0 }
+    }
+
+    /// The datums as a vector.
+    pub fn unpack(self) -> Vec<Datum<'a>> {
+        self.iter().collect()
+    }
+
+    /// An owned copy.
+    pub fn to_row(self) -> Row {
+        Row { data: SmallVec::from_slice(self.data) }
+    }
+}
+
+impl PartialEq<&Row> for RowRef<'_> {
+    fn eq(&self, other: &&Row) -> bool {
+        self.data == other.as_bytes()
+    }
+}
+
+impl fmt::Debug for RowRef<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
+impl fmt::Display for RowRef<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "(")?;
         for (i, datum) in self.iter().enumerate() {
