@@ -625,10 +625,11 @@ where
     L: FnMut(&Row, &[(RowRef<'_>, Diff)], &mut Vec<(Result<Row, Row>, Diff)>) + 'static,
 {
     use differential_dataflow::trace::implementations::{ValBuilder, ValSpine};
+    type Results = Result<Row, Row>;
 
     let reduced = keyed
         .arrange_named::<SlabBatcher, SlabSpine>(&format!("Arrange: {name}"), SlabBatcher::new)
-        .reduce_abelian::<_, ValBuilder<Row, Result<Row, Row>, Time, Diff>, ValSpine<Row, Result<Row, Row>, Time, Diff>, Vec<Row>, _>(
+        .reduce_abelian::<_, ValBuilder<Row, Results, Time, Diff>, ValSpine<Row, Results, Time, Diff>, Vec<Row>, _>(
             name,
             move |key, values, out| logic(key, values, out),
             |buffer, key, updates| {
