@@ -256,12 +256,12 @@ impl Row {
     /// assert_eq!(row.iter().count(), 2);
     /// ```
     pub fn iter(&self) -> DatumIter<'_> {
-        DatumIter { data: &self.data, offset: 0 }
+        self.as_row_ref().iter()
     }
 
     /// The datums as a vector.
     pub fn unpack(&self) -> Vec<Datum<'_>> {
-        self.iter().collect()
+        self.as_row_ref().unpack()
     }
 
     /// Appends the datums of this row to `out` (reusing its allocation).
