@@ -10,10 +10,10 @@
 //! **What this is not.** Not the wire protocol (that is `protocol::ComputeCommand`/`ComputeResponse`).
 //!
 //! **Invariants.** A feed has at most [`FeedBudget`]'s limit of updates (plus one listen event) sent but not
-//! yet ingested: each `SourceUpdates` carries a [`FeedCredit`] that returns its updates to the budget when the
-//! message is dropped, whether the worker ingested it or threw it away. Every local worker receives the same sequence of `Build`/`Schedule`/`Drop*` messages,
-//! so all workers of all processes build the same dataflows in the same order. Dataflow keys are never
-//! reused within a process.
+//! yet ingested: each `SourceUpdates` carries a [`FeedCredit`] that returns its updates to the budget when
+//! the message is dropped, whether the worker ingested it or threw it away. Every local worker receives the
+//! same sequence of `Build`/`Schedule`/`Drop*` messages, so all workers of all processes build the same
+//! dataflows in the same order. Dataflow keys are never reused within a process.
 
 use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};

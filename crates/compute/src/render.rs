@@ -158,7 +158,7 @@ pub(crate) fn render_plan<'s>(plan: &Plan, ctx: &mut RenderContext<'s>) -> Coll<
             let operator = ctx.operator();
             let (oks, errs) = map_rows(input, "MapFilterProject", move |row, packer| {
                 apply_row_ops(&ops, row, packer).map_err(|error| {
-                    error_row(&format!("{error} (operator {operator}: MapFilterProject)"), row)
+                    error_row(&format!("{error} (operator {operator}: MapFilterProject)"), row.as_row_ref())
                 })
             });
             ctx.errs.push(errs);
@@ -297,7 +297,6 @@ const CONSOLIDATE_FLOOR: usize = 1 << 16;
 /// below zero and retracted when it comes back. Constant work per update in both modes, unlike a reduce
 /// over the rows.
 pub(crate) fn check_non_negative<'s>(input: Coll<'s>, operator: u64, name: &'static str) -> Coll<'s> {
-    use std::collections::HashMap;
     use std::collections::hash_map::Entry;
 
     use differential_dataflow::Hashable;
@@ -324,7 +323,7 @@ pub(crate) fn check_non_negative<'s>(input: Coll<'s>, operator: u64, name: &'sta
                             for (row, time, diff) in updates.drain(..) {
                                 pending.entry(time).or_default().push((row, diff));
                             }
-                            state = CheckState::Exact { counts: HashMap::default(), pending, held: None };
+                            state = CheckState::Exact { counts: RowCounts::default(), pending, held: None };
                         }
                         match &mut state {
                             CheckState::Positive { updates, .. } => updates.append(data),
@@ -369,7 +368,7 @@ pub(crate) fn check_non_negative<'s>(input: Coll<'s>, operator: u64, name: &'sta
                                 let message = format!(
                                     "{name}: negative multiplicity for row {row} (operator {operator})"
                                 );
-                                error_row(&message, row)
+                                error_row(&message, row.as_row_ref())
                             };
                             while let Some(entry) = pending.first_entry() {
                                 let time = *entry.key();
@@ -528,7 +527,7 @@ pub(crate) fn apply_row_ops(
 }
 
 /// The error row for `message` caused by `row`.
-pub(crate) fn error_row(message: &str, row: &Row) -> Row {
+pub(crate) fn error_row(message: &str, row: RowRef<'_>) -> Row {
     Row::pack([Datum::Text(message), Datum::Bytes(row.as_bytes())])
 }
 
@@ -541,8 +540,7 @@ pub(crate) fn error_message(error: &Row) -> String {
 }
 
 fn negative_error(operator: u64, name: &str, row: RowRef<'_>, diff: Diff) -> Row {
-    let message = format!("{name}: negative multiplicity {diff} for row {row} (operator {operator})");
-    Row::pack([Datum::Text(&message), Datum::Bytes(row.as_bytes())])
+    error_row(&format!("{name}: negative multiplicity {diff} for row {row} (operator {operator})"), row)
 }
 
 /// The row of the given columns of `row` (missing columns are `NULL`, as in the reference).
@@ -619,7 +617,7 @@ fn reduce_rows<'s, L>(
     keyed: VecCollection<'s, Time, (Row, Row), Diff>,
     name: &str,
     ctx: &mut RenderContext<'s>,
-    mut logic: L,
+    logic: L,
 ) -> Coll<'s>
 where
     L: FnMut(&Row, &[(RowRef<'_>, Diff)], &mut Vec<(Result<Row, Row>, Diff)>) + 'static,
@@ -631,7 +629,7 @@ where
         .arrange_named::<SlabBatcher, SlabSpine>(&format!("Arrange: {name}"), SlabBatcher::new)
         .reduce_abelian::<_, ValBuilder<Row, Results, Time, Diff>, ValSpine<Row, Results, Time, Diff>, Vec<Row>, _>(
             name,
-            move |key, values, out| logic(key, values, out),
+            logic,
             |buffer, key, updates| {
                 buffer.clear();
                 buffer.extend(updates.drain(..).map(|(value, time, diff)| ((key.clone(), value), time, diff)));
@@ -683,12 +681,6 @@ mod slab {
     impl timely::container::PushInto<Row> for RowSlab {
         fn push_into(&mut self, item: Row) {
             self.push_own(&item);
-        }
-    }
-
-    impl timely::container::PushInto<&Row> for RowSlab {
-        fn push_into(&mut self, item: &Row) {
-            self.push_own(item);
         }
     }
 
@@ -800,7 +792,7 @@ fn reduce_group(
             Ok(datum) => packer.push(datum),
             Err(error) => {
                 let message = format!("{error} (operator {operator}: Reduce {:?})", aggregate.func);
-                out.push((Err(error_row(&message, key)), 1));
+                out.push((Err(error_row(&message, key.as_row_ref())), 1));
                 return;
             }
         }
@@ -1023,7 +1015,7 @@ mod tests {
         // insert at 5 back to 0. Row 4 goes to exactly zero at 4: no error.
         let late = vec![(row(3), 5, 1), (row(3), 4, -14_001), (row(4), 4, -14_000)];
         let errors = errors_of(vec![(copies(70_000, 1), 2), (copies(70_000, 2), 3), (late, 6)]);
-        let error = error_row("Test: negative multiplicity for row (3) (operator 1)", &row(3));
+        let error = error_row("Test: negative multiplicity for row (3) (operator 1)", row(3).as_row_ref());
         assert_eq!(errors, vec![(error.clone(), 4, 1), (error, 5, -1)]);
     }
 
@@ -1036,7 +1028,7 @@ mod tests {
         early.push((row(7), 5, 1));
         let late = vec![(row(7), 4, -7_001)];
         let errors = errors_of(vec![(early, 3), (late, 6)]);
-        let error = error_row("Test: negative multiplicity for row (7) (operator 1)", &row(7));
+        let error = error_row("Test: negative multiplicity for row (7) (operator 1)", row(7).as_row_ref());
         assert_eq!(errors, vec![(error.clone(), 4, 1), (error, 5, -1)]);
     }
 }
