@@ -353,7 +353,7 @@ fn churn_state(core: &mut Core, start: isize) -> ChurnState {
     ChurnState {
         history: core.core.history_len(),
         collections: core.core.collection_count(),
-        holds: lock(&core.core.shared()).holds.len(),
+        holds: lock(&core.core.shared()).len(),
         peeks: core.core.pending_peek_count(),
         bytes: live_bytes() - start,
     }

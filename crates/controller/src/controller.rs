@@ -509,7 +509,7 @@ impl ComputeController {
         {
             let mut shared = lock(&handle.shared);
             if shared.is_live(id) {
-                return shared.holds.acquire_at_since(&id).map_err(|_| CollectionMissing(id).into());
+                return shared.acquire_at_since(id).map_err(Into::into);
             }
         }
         let frontiers = self.storage.frontiers(id).await.map_err(|e| match e {

@@ -49,14 +49,11 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use indexmap::IndexMap;
 use smallvec::SmallVec;
 use tracing::{debug, error, warn};
 
 use frontiers::antichain::step_back;
-use frontiers::{
-    Antichain, IdBuildHasher, PartialOrder, ReadHold, ReadHolds, ReadPolicy, SinceChange, Timestamp,
-};
+use frontiers::{Antichain, PartialOrder, ReadHold, ReadHolds, ReadPolicy, SinceChange, Timestamp};
 use protocol::{
     ComputeCommand, ComputeResponse, CopyToResponse, DataflowDescription, Datum, Diff, FrontiersResponse,
     GlobalId, InstanceId, MapFilterProject, Peek, PeekId, PeekResponse, PeekTarget, RelationType, ReplicaId,
@@ -80,38 +77,59 @@ pub struct CollectionFrontiers<T> {
     pub upper: Antichain<T>,
 }
 
-/// The part of an instance's state that the controller's handle reads and writes without waiting for the
-/// instance task: hold accounting, and the upper of every live collection kept beside its hold counts
-/// (one entry per collection serves both; see [`CollectionMap`] for why that matters).
+/// An instance's collections: the hold accounting of every compute collection, each entry carrying the
+/// collection's whole state as its attachment. The instance task changes it; the controller's handle
+/// reads frontiers and acquires holds here without waiting for the instance task.
+///
+/// One entry per collection serves both: a frontier report updates the collection's upper, per-replica
+/// state and implied hold, and then its hold counts, all in one entry of one map (a hash index over a
+/// dense vector of entries, with a fixed hasher). At 10,000 collections every cache line an update
+/// touches is a miss, and a second map would add its own (`controller.frontier_update_10k` in
+/// `cargo xtask bench controller`). Iteration is in insertion order: deterministic, not sorted.
+///
+/// **Invariant:** a collection is accounted exactly as long as it has state: created together, removed
+/// together (once dropped, fully compacted and reported dropped by every connected replica).
 #[derive(Debug)]
 pub struct SharedState<T: Timestamp> {
-    /// The instance's hold accounting; callers acquire holds here directly. A collection's attachment
-    /// is its upper while it is live, `None` once it is dropped (its holds may outlive that).
-    pub holds: ReadHolds<GlobalId, T, Option<Antichain<T>>>,
+    holds: ReadHolds<GlobalId, T, Collection<T>>,
 }
 
 impl<T: Timestamp> SharedState<T> {
     /// A live collection's frontiers: the since of its holds and the upper the replicas reported.
     pub fn frontiers(&self, id: GlobalId) -> Option<CollectionFrontiers<T>> {
-        let upper = self.holds.attachment(&id)?.clone()?;
+        let collection = self.holds.attachment(&id).filter(|c| !c.dropped)?;
         let since = self.holds.since(&id)?.to_owned();
-        Some(CollectionFrontiers { since, upper })
+        Some(CollectionFrontiers { since, upper: collection.write_frontier.clone() })
     }
 
     /// Whether `id` names a live collection.
     pub fn is_live(&self, id: GlobalId) -> bool {
-        self.holds.attachment(&id).is_some_and(Option::is_some)
+        self.holds.attachment(&id).is_some_and(|c| !c.dropped)
+    }
+
+    /// The since of a collection with state (live, or dropped and still held).
+    pub fn since(&self, id: GlobalId) -> Option<Antichain<T>> {
+        self.holds.since(&id).map(|since| since.to_owned())
+    }
+
+    /// A new hold on a live collection at its since.
+    pub fn acquire_at_since(&mut self, id: GlobalId) -> Result<ReadHold<GlobalId, T>, CollectionMissing> {
+        if !self.is_live(id) {
+            return Err(CollectionMissing(id));
+        }
+        self.holds.acquire_at_since(&id).map_err(|_| CollectionMissing(id))
+    }
+
+    /// The number of collections with state (live, or dropped and waiting to be removed).
+    pub fn len(&self) -> usize {
+        self.holds.len()
+    }
+
+    /// Whether the instance has no collection with state.
+    pub fn is_empty(&self) -> bool {
+        self.holds.is_empty()
     }
 }
-
-/// A map keyed by collection id, for the state touched on every frontier report: a hash index over one
-/// dense vector of entries (`indexmap`), with a fixed hasher. A lookup costs one probe of a small index
-/// and one read of the entry, and the entries of 10,000 collections sit side by side rather than spread
-/// over tree nodes and the heap, which is what keeps a frontier update's cost nearly flat as collections
-/// accumulate (`cargo xtask bench controller`, `controller.frontier_update_10k`). Iteration is in
-/// insertion order (removal swaps the last entry in): deterministic, but not sorted; whoever needs id
-/// order sorts.
-pub type CollectionMap<V> = IndexMap<GlobalId, V, IdBuildHasher>;
 
 /// The handle to [`SharedState`].
 pub type SharedHandle<T> = Arc<Mutex<SharedState<T>>>;
@@ -279,30 +297,31 @@ impl<V> ReplicaMap<V> {
     }
 }
 
-/// One compute collection's state. `repr(C)` keeps the fields in the order written: those a frontier
-/// report reads or writes come first, so that at 10,000 collections an update touches a few adjacent
-/// cache lines of the entry rather than lines spread over all of it (`controller.frontier_update_10k`).
+/// One compute collection's state: the attachment of its entry in the hold accounting ([`SharedState`]),
+/// whose counts give its since. `repr(C)` keeps the fields in the order written: those a frontier report
+/// reads or writes come first, right after the counts, so that at 10,000 collections an update touches a
+/// few adjacent cache lines of the entry rather than lines spread over all of it
+/// (`controller.frontier_update_10k`).
 #[derive(Debug)]
 #[repr(C)]
 struct Collection<T: Timestamp> {
     // Read or written on every frontier report.
     write_frontier: Antichain<T>,
-    since: Antichain<T>,
     /// Dropped by the user; waits for its holds and replicas before it goes away.
     dropped: bool,
-    /// The history's compaction of this collection is behind `since` (the collection is then listed in
-    /// `InstanceCore::history_behind`).
+    /// The history's compaction of this collection is behind its since (the collection is then listed
+    /// in `InstanceCore::history_behind`).
     history_behind: bool,
     kind: CollectionKind,
     read_policy: ReadPolicy<T>,
     /// The controller's own hold; released on drop.
     implied_hold: ReadHold<GlobalId, T>,
-    per_replica: ReplicaMap<ReplicaCollection<T>>,
     // Read or written when the since moves.
     /// Holds on every import, at or before this collection's since: first the storage imports (the first
     /// `storage_imports` entries), then the index imports. Inline for up to two.
     import_holds: SmallVec<[ReadHold<GlobalId, T>; 2]>,
     storage_imports: usize,
+    per_replica: ReplicaMap<ReplicaCollection<T>>,
     // The rest.
     typ: RelationType,
     as_of: Antichain<T>,
@@ -340,8 +359,10 @@ struct Replica {
 pub struct InstanceCore<T: Timestamp> {
     id: InstanceId,
     config: InstanceCoreConfig<T>,
+    /// The collections, with their hold accounting. Locked only within a method's own statements,
+    /// never across a call of another method that locks it (the borrow of `self.shared` a guard keeps
+    /// makes the compiler refuse such a call).
     shared: SharedHandle<T>,
-    collections: CollectionMap<Collection<T>>,
     replicas: BTreeMap<ReplicaId, Replica>,
     /// What a new replica is replayed (no `CreateInstance`: that is per replica).
     history: CommandHistory<T>,
@@ -378,7 +399,6 @@ impl<T: Timestamp> InstanceCore<T> {
             id,
             config,
             shared: Arc::new(Mutex::new(shared)),
-            collections: CollectionMap::default(),
             replicas: BTreeMap::new(),
             history: CommandHistory::new(),
             peeks: BTreeMap::new(),
@@ -424,7 +444,7 @@ impl<T: Timestamp> InstanceCore<T> {
             return Err(ReplicaCreationError::ReplicaExists(replica));
         }
         self.replicas.insert(replica, Replica { connected: false });
-        for collection in self.collections.values_mut() {
+        for (_, collection) in lock(&self.shared).holds.attachments_mut() {
             let input_holds = collection.import_holds[..collection.storage_imports]
                 .iter()
                 .map(ReadHold::clone_hold)
@@ -463,7 +483,7 @@ impl<T: Timestamp> InstanceCore<T> {
         if self.replicas.remove(&replica).is_none() {
             return Err(ReplicaDropError::ReplicaMissing(replica));
         }
-        for collection in self.collections.values_mut() {
+        for (_, collection) in lock(&self.shared).holds.attachments_mut() {
             collection.per_replica.remove(&replica);
         }
         let uuids: Vec<PeekId> = self.peeks.keys().copied().collect();
@@ -485,8 +505,7 @@ impl<T: Timestamp> InstanceCore<T> {
             &[Datum::Text(&self.id.to_string()), Datum::Text(&replica.to_string())],
         );
         self.peek_histogram.retain(|(r, _), _| *r != replica);
-        let ids: Vec<GlobalId> = self.collections.keys().copied().collect();
-        for id in ids {
+        for id in self.collection_ids() {
             self.maybe_remove(id);
         }
         self.process_holds();
@@ -526,7 +545,7 @@ impl<T: Timestamp> InstanceCore<T> {
     ) -> Result<(), DataflowCreationError<T>> {
         desc.validate().map_err(DataflowCreationError::Invalid)?;
         let as_of = desc.as_of.clone().expect("validated");
-        if let Some(id) = desc.export_ids().find(|id| self.collections.contains_key(id)) {
+        if let Some(id) = desc.export_ids().find(|id| lock(&self.shared).holds.contains(id)) {
             return Err(DataflowCreationError::CollectionExists(id));
         }
         // Storage imports: the caller's holds must cover the as-of.
@@ -546,7 +565,7 @@ impl<T: Timestamp> InstanceCore<T> {
         {
             let mut shared = lock(&self.shared);
             for id in desc.index_imports.keys() {
-                match self.collections.get(id) {
+                match shared.holds.attachment(id) {
                     Some(c) if !c.dropped && c.kind == CollectionKind::Index => {}
                     _ => return Err(DataflowCreationError::CollectionMissing(*id)),
                 }
@@ -580,10 +599,6 @@ impl<T: Timestamp> InstanceCore<T> {
             .collect();
         for (id, kind, object) in exports {
             let typ = desc.object_type(object).expect("validated dataflows type-check");
-            let implied_hold = lock(&self.shared)
-                .holds
-                .create_with(id, as_of.clone(), Some(as_of.clone()))
-                .expect("export ids are new");
             let mut per_replica = ReplicaMap::default();
             for (replica, _) in self.replicas.iter() {
                 per_replica.insert(
@@ -601,13 +616,13 @@ impl<T: Timestamp> InstanceCore<T> {
                 );
             }
             let read_policy = self.config.default_index_policy.clone();
-            self.collections.insert(
-                id,
-                Collection {
+            let created_ms = self.now_ms;
+            lock(&self.shared)
+                .holds
+                .create_with(id, as_of.clone(), |implied_hold| Collection {
                     kind,
                     typ,
                     as_of: as_of.clone(),
-                    since: as_of.clone(),
                     write_frontier: as_of.clone(),
                     read_policy,
                     implied_hold,
@@ -615,13 +630,13 @@ impl<T: Timestamp> InstanceCore<T> {
                     storage_imports,
                     dropped: false,
                     history_behind: false,
-                    created_ms: self.now_ms,
+                    created_ms,
                     per_replica,
                     forwarded: as_of.clone(),
                     until: desc.until.clone(),
                     finished: false,
-                },
-            );
+                })
+                .expect("export ids are new");
         }
         drop(import_holds);
         let schedule = desc.export_ids().next().expect("validated dataflows export something");
@@ -633,11 +648,8 @@ impl<T: Timestamp> InstanceCore<T> {
 
     /// Drops collections. All ids must name live collections, else nothing is dropped.
     pub fn drop_collections(&mut self, ids: &[GlobalId]) -> Result<(), CollectionDropError> {
-        for id in ids {
-            match self.collections.get(id) {
-                Some(c) if !c.dropped => {}
-                _ => return Err(CollectionDropError::CollectionMissing(CollectionMissing(*id))),
-            }
+        if let Some(id) = ids.iter().find(|id| !lock(&self.shared).is_live(**id)) {
+            return Err(CollectionDropError::CollectionMissing(CollectionMissing(*id)));
         }
         for id in ids {
             self.drop_collection(*id);
@@ -649,7 +661,8 @@ impl<T: Timestamp> InstanceCore<T> {
     fn drop_collection(&mut self, id: GlobalId) {
         let connected: BTreeSet<ReplicaId> =
             self.replicas.iter().filter(|(_, r)| r.connected).map(|(id, _)| *id).collect();
-        let collection = self.collections.get_mut(&id).expect("checked by the caller");
+        let mut shared = lock(&self.shared);
+        let collection = shared.holds.attachment_mut(&id).expect("checked by the caller");
         collection.dropped = true;
         collection.implied_hold.release();
         for (replica, state) in collection.per_replica.iter_mut() {
@@ -672,11 +685,9 @@ impl<T: Timestamp> InstanceCore<T> {
             }
             _ => None,
         };
+        drop(shared);
         if let Some(response) = notify {
             self.outputs.push_back(InstanceOutput::Response(response));
-        }
-        if let Some(upper) = lock(&self.shared).holds.attachment_mut(&id) {
-            *upper = None;
         }
     }
 
@@ -685,18 +696,20 @@ impl<T: Timestamp> InstanceCore<T> {
         &mut self,
         policies: Vec<(GlobalId, ReadPolicy<T>)>,
     ) -> Result<(), ReadPolicyError> {
+        let mut shared = lock(&self.shared);
         for (id, _) in &policies {
-            match self.collections.get(id) {
+            match shared.holds.attachment(id) {
                 Some(c) if !c.dropped && c.kind == CollectionKind::Index => {}
                 Some(c) if !c.dropped => return Err(ReadPolicyError::WriteOnlyCollection(*id)),
                 _ => return Err(ReadPolicyError::CollectionMissing(CollectionMissing(*id))),
             }
         }
         for (id, policy) in policies {
-            let collection = self.collections.get_mut(&id).expect("checked");
+            let collection = shared.holds.attachment_mut(&id).expect("checked");
             collection.read_policy = policy;
             Self::apply_policy(collection);
         }
+        drop(shared);
         self.process_holds();
         Ok(())
     }
@@ -731,7 +744,8 @@ impl<T: Timestamp> InstanceCore<T> {
         let PeekRequest { uuid, id, timestamp, options } = request;
         let PeekOptions { literal_constraints, map_filter_project, finishing, target_replica, timeout_ms } =
             options;
-        let collection = match self.collections.get(&id) {
+        let mut shared = lock(&self.shared);
+        let collection = match shared.holds.attachment(&id) {
             Some(c) if !c.dropped => c,
             _ => return Err(PeekError::CollectionMissing(CollectionMissing(id))),
         };
@@ -748,15 +762,15 @@ impl<T: Timestamp> InstanceCore<T> {
         map_filter_project
             .typ(&collection.typ)
             .map_err(|e| PeekError::InvalidMapFilterProject { id, reason: e.to_string() })?;
-        let hold =
-            lock(&self.shared).holds.acquire(&id, Antichain::from_elem(timestamp)).map_err(|e| match e {
-                frontiers::AcquireError::CollectionMissing(id) => {
-                    PeekError::CollectionMissing(CollectionMissing(id))
-                }
-                frontiers::AcquireError::BeforeSince { id, since, .. } => {
-                    PeekError::SinceViolation { id, since, timestamp }
-                }
-            })?;
+        let hold = shared.holds.acquire(&id, Antichain::from_elem(timestamp)).map_err(|e| match e {
+            frontiers::AcquireError::CollectionMissing(id) => {
+                PeekError::CollectionMissing(CollectionMissing(id))
+            }
+            frontiers::AcquireError::BeforeSince { id, since, .. } => {
+                PeekError::SinceViolation { id, since, timestamp }
+            }
+        })?;
+        drop(shared);
         let targets: BTreeSet<ReplicaId> = match target_replica {
             Some(replica) => BTreeSet::from([replica]),
             None => self.replicas.keys().copied().collect(),
@@ -896,7 +910,7 @@ impl<T: Timestamp> InstanceCore<T> {
             // The next connection rebuilds from the replayed as-ofs, which are at least the current sinces:
             // re-anchor this replica's input holds there, so its inputs stay readable until it reports
             // progress again (its old holds may sit beyond where it will restart).
-            for collection in self.collections.values_mut() {
+            for (_, collection) in lock(&self.shared).holds.attachments_mut() {
                 let fresh: SmallVec<[ReadHold<GlobalId, T>; 1]> = collection.import_holds
                     [..collection.storage_imports]
                     .iter()
@@ -911,8 +925,7 @@ impl<T: Timestamp> InstanceCore<T> {
                     }
                 }
             }
-            let ids: Vec<GlobalId> = self.collections.keys().copied().collect();
-            for id in ids {
+            for id in self.collection_ids() {
                 self.maybe_remove(id);
             }
         }
@@ -960,16 +973,23 @@ impl<T: Timestamp> InstanceCore<T> {
     }
 
     fn handle_frontiers(&mut self, replica: ReplicaId, id: GlobalId, frontiers: FrontiersResponse<T>) {
-        // The lock first, then the collection's entry and its hold-accounting entry back to back: at
-        // 10,000 collections both are cache misses, and with no atomic operation between them the
-        // processor overlaps them.
         let mut shared = lock(&self.shared);
-        let Some(collection) = self.collections.get_mut(&id) else {
+        let Some((since, collection)) = shared.holds.since_and_attachment_mut(&id) else {
             // A collection removed after every connected replica reported it dropped; late news.
             debug!(%replica, %id, "frontiers of a removed collection");
             return;
         };
-        let shared_upper = shared.holds.attachment_mut(&id);
+        // Every cache line of the entry that this update reads is a miss at 10,000 collections. One
+        // word of each is read now, before the next atomic operation (a hold's downgrade takes its
+        // issuer's lock, and a locked instruction waits for every load before it): the misses overlap
+        // instead of following one another across the locks below.
+        std::hint::black_box((
+            since.len(),
+            std::mem::discriminant(&collection.read_policy),
+            collection.implied_hold.since().len(),
+            collection.import_holds.first().map(|h| h.since().len()),
+            collection.per_replica.get(&replica).map(|s| s.input_holds.first().map(|h| h.since().len())),
+        ));
         let Some(new) = frontiers.write_frontier else { return };
         let Some(state) = collection.per_replica.get_mut(&replica) else { return };
         if let Some(old) = &state.write_frontier
@@ -1006,15 +1026,13 @@ impl<T: Timestamp> InstanceCore<T> {
                 frontiers::antichain::join(&collection.write_frontier.borrow(), &new.borrow());
             Self::apply_policy(collection);
             let upper = collection.write_frontier.clone();
-            if let Some(Some(shared_upper)) = shared_upper {
-                shared_upper.clone_from(&upper);
-            }
             self.outputs.push_back(InstanceOutput::Response(ComputeControllerResponse::FrontierUpper {
                 instance: self.id,
                 id,
                 upper,
             }));
         }
+        let dropped = collection.dropped;
         drop(shared);
         if hydrated_now {
             self.introspection.set_for_collection(
@@ -1028,7 +1046,9 @@ impl<T: Timestamp> InstanceCore<T> {
                 ]),
             );
         }
-        self.maybe_remove(id);
+        if dropped {
+            self.maybe_remove(id);
+        }
     }
 
     fn handle_peek_response(&mut self, replica: ReplicaId, uuid: PeekId, response: PeekResponse) {
@@ -1051,7 +1071,8 @@ impl<T: Timestamp> InstanceCore<T> {
     }
 
     fn handle_subscribe(&mut self, replica: ReplicaId, id: GlobalId, response: SubscribeResponse<T>) {
-        let Some(collection) = self.collections.get_mut(&id) else { return };
+        let mut shared = lock(&self.shared);
+        let Some(collection) = shared.holds.attachment_mut(&id) else { return };
         if collection.kind != CollectionKind::Subscribe || collection.finished {
             return;
         }
@@ -1089,6 +1110,7 @@ impl<T: Timestamp> InstanceCore<T> {
             collection.finished = true;
         }
         Self::apply_policy(collection);
+        drop(shared);
         self.outputs.push_back(InstanceOutput::Response(ComputeControllerResponse::SubscribeResponse {
             id,
             response: SubscribeResponse::Batch(SubscribeBatch { lower, upper, updates }),
@@ -1096,11 +1118,13 @@ impl<T: Timestamp> InstanceCore<T> {
     }
 
     fn handle_copy_to(&mut self, id: GlobalId, response: CopyToResponse) {
-        let Some(collection) = self.collections.get_mut(&id) else { return };
+        let mut shared = lock(&self.shared);
+        let Some(collection) = shared.holds.attachment_mut(&id) else { return };
         if collection.kind != CollectionKind::CopyTo || collection.finished || collection.dropped {
             return;
         }
         collection.finished = true;
+        drop(shared);
         self.outputs
             .push_back(InstanceOutput::Response(ComputeControllerResponse::CopyToResponse { id, response }));
         // A copy-to is one-shot: once answered it goes away.
@@ -1142,8 +1166,9 @@ impl<T: Timestamp> InstanceCore<T> {
     /// report then costs no introspection work (and storage gets one row change per interval, not one per
     /// report), whatever the number of collections.
     fn refresh_frontier_rows(&mut self) {
+        let mut shared = lock(&self.shared);
         for (id, replica) in std::mem::take(&mut self.stale_frontier_rows) {
-            let Some(collection) = self.collections.get_mut(&id) else { continue };
+            let Some(collection) = shared.holds.attachment_mut(&id) else { continue };
             let Some(state) = collection.per_replica.get_mut(&replica) else { continue };
             state.frontier_row_stale = false;
             let Some(frontier) = &state.write_frontier else { continue };
@@ -1163,7 +1188,7 @@ impl<T: Timestamp> InstanceCore<T> {
     }
 
     fn refresh_wallclock_lag(&mut self) {
-        for (id, collection) in &self.collections {
+        for (id, collection) in lock(&self.shared).holds.attachments() {
             if collection.dropped {
                 continue;
             }
@@ -1187,63 +1212,63 @@ impl<T: Timestamp> InstanceCore<T> {
     /// `AllowCompaction` for every since that advanced and walks the compaction chain down the imports.
     pub fn process_holds(&mut self) {
         loop {
-            let changes = lock(&self.shared).holds.process();
+            let mut shared = lock(&self.shared);
+            let changes = shared.holds.process();
             if changes.is_empty() {
                 return;
             }
-            for change in changes {
-                self.on_since_change(change);
+            // Collections compacted to the empty frontier, which may now go away.
+            let mut closed = Vec::new();
+            for SinceChange { id, new, .. } in changes {
+                let Some(collection) = shared.holds.attachment_mut(&id) else { continue };
+                for hold in &mut collection.import_holds {
+                    hold.try_downgrade(new.clone()).expect("import holds never run ahead of the since");
+                }
+                let last = new.is_empty();
+                let newly_behind = !last && !collection.history_behind;
+                // The last compaction may remove the dataflow from the history: that is recorded now.
+                collection.history_behind = !last;
+                let command = ComputeCommand::AllowCompaction { id, frontier: new };
+                if last {
+                    self.history.push(&command).expect("the controller's commands are recordable");
+                    closed.push(id);
+                } else if newly_behind {
+                    self.history_behind.push(id);
+                }
+                send_to_replicas(&self.replicas, &mut self.outputs, command);
+            }
+            drop(shared);
+            for id in closed {
+                self.maybe_remove(id);
             }
         }
-    }
-
-    fn on_since_change(&mut self, change: SinceChange<GlobalId, T>) {
-        let SinceChange { id, new, .. } = change;
-        let Some(collection) = self.collections.get_mut(&id) else { return };
-        collection.since = new.clone();
-        for hold in &mut collection.import_holds {
-            hold.try_downgrade(new.clone()).expect("import holds never run ahead of the since");
-        }
-        let last = new.is_empty();
-        let newly_behind = !last && !collection.history_behind;
-        // The last compaction may remove the dataflow from the history: that is recorded now.
-        collection.history_behind = !last;
-        let command = ComputeCommand::AllowCompaction { id, frontier: new };
-        if last {
-            self.broadcast(command);
-        } else {
-            if newly_behind {
-                self.history_behind.push(id);
-            }
-            self.send_to_replicas(command);
-        }
-        self.maybe_remove(id);
     }
 
     /// Records in the history the since of every collection it is behind on.
     fn catch_up_history(&mut self) {
+        let mut shared = lock(&self.shared);
         for id in std::mem::take(&mut self.history_behind) {
-            let Some(collection) = self.collections.get_mut(&id) else { continue };
+            let Some((since, collection)) = shared.holds.since_and_attachment_mut(&id) else { continue };
             if !collection.history_behind {
                 continue;
             }
             collection.history_behind = false;
-            let command = ComputeCommand::AllowCompaction { id, frontier: collection.since.clone() };
+            let command = ComputeCommand::AllowCompaction { id, frontier: since.to_owned() };
             self.history.push(&command).expect("the controller's compactions are recordable");
         }
     }
 
     /// Removes a dropped collection once nothing holds it and no connected replica can still report on it.
     fn maybe_remove(&mut self, id: GlobalId) {
-        let Some(collection) = self.collections.get(&id) else { return };
+        let mut shared = lock(&self.shared);
+        let Some(collection) = shared.holds.attachment(&id) else { return };
         if !collection.dropped
-            || !collection.since.is_empty()
+            || !shared.holds.since(&id).is_some_and(|since| since.is_empty())
             || !collection.per_replica.values().all(|s| s.dropped)
         {
             return;
         }
-        self.collections.swap_remove(&id);
-        let mut shared = lock(&self.shared);
+        // Nothing holds it any more; its own holds on its imports go with its state.
         shared.holds.remove(&id);
         drop(shared);
         for replica in self.replicas.keys() {
@@ -1257,15 +1282,7 @@ impl<T: Timestamp> InstanceCore<T> {
 
     fn broadcast(&mut self, command: ComputeCommand<T>) {
         self.history.push(&command).expect("the controller's commands are recordable");
-        self.send_to_replicas(command);
-    }
-
-    /// Sends a command to every replica without recording it (the caller records it, or has it caught
-    /// up later).
-    fn send_to_replicas(&mut self, command: ComputeCommand<T>) {
-        for replica in self.replicas.keys() {
-            self.outputs.push_back(InstanceOutput::Command { replica: *replica, command: command.clone() });
-        }
+        send_to_replicas(&self.replicas, &mut self.outputs, command);
     }
 
     // ---------------------------------------------------------------------------------------------
@@ -1273,40 +1290,55 @@ impl<T: Timestamp> InstanceCore<T> {
 
     /// Whether `id` names a live (not dropped) collection.
     pub fn contains_collection(&self, id: GlobalId) -> bool {
-        self.collections.get(&id).is_some_and(|c| !c.dropped)
+        lock(&self.shared).is_live(id)
     }
 
     /// The kind of a live collection.
-    pub fn collection_kind(&self, id: GlobalId) -> Option<&CollectionKind> {
-        self.collections.get(&id).filter(|c| !c.dropped).map(|c| &c.kind)
+    pub fn collection_kind(&self, id: GlobalId) -> Option<CollectionKind> {
+        lock(&self.shared).holds.attachment(&id).filter(|c| !c.dropped).map(|c| c.kind.clone())
     }
 
     /// The type of a live collection's rows.
-    pub fn collection_type(&self, id: GlobalId) -> Option<&RelationType> {
-        self.collections.get(&id).filter(|c| !c.dropped).map(|c| &c.typ)
+    pub fn collection_type(&self, id: GlobalId) -> Option<RelationType> {
+        lock(&self.shared).holds.attachment(&id).filter(|c| !c.dropped).map(|c| c.typ.clone())
     }
 
     /// The since and upper of a collection (live or dropped but not yet removed).
     pub fn collection_frontiers(&self, id: GlobalId) -> Option<CollectionFrontiers<T>> {
-        self.collections
-            .get(&id)
-            .map(|c| CollectionFrontiers { since: c.since.clone(), upper: c.write_frontier.clone() })
+        let shared = lock(&self.shared);
+        let since = shared.holds.since(&id)?.to_owned();
+        let upper = shared.holds.attachment(&id)?.write_frontier.clone();
+        Some(CollectionFrontiers { since, upper })
     }
 
     /// A replica's write frontier for a collection, as reported on its current connection.
     pub fn replica_write_frontier(&self, replica: ReplicaId, id: GlobalId) -> Option<Antichain<T>> {
-        self.collections.get(&id)?.per_replica.get(&replica)?.write_frontier.clone()
+        lock(&self.shared).holds.attachment(&id)?.per_replica.get(&replica)?.write_frontier.clone()
     }
 
     /// The collections replicas should have installed: those not yet compacted to the empty frontier
     /// (live ones, and dropped ones that something still holds).
     pub fn uncompacted_collections(&self) -> BTreeSet<GlobalId> {
-        self.collections.iter().filter(|(_, c)| !c.since.is_empty()).map(|(id, _)| *id).collect()
+        let shared = lock(&self.shared);
+        shared
+            .holds
+            .ids()
+            .filter(|id| shared.holds.since(id).is_some_and(|s| !s.is_empty()))
+            .copied()
+            .collect()
+    }
+
+    /// The ids of every collection with state, in insertion order.
+    fn collection_ids(&self) -> Vec<GlobalId> {
+        lock(&self.shared).holds.attachments().map(|(id, _)| *id).collect()
     }
 
     /// A one-line description of a collection's holds and per-replica state, for diagnostics.
     pub fn describe_collection(&self, id: GlobalId) -> String {
-        let Some(c) = self.collections.get(&id) else { return format!("{id}: no state") };
+        let shared = lock(&self.shared);
+        let (Some(c), Some(since)) = (shared.holds.attachment(&id), shared.holds.since(&id)) else {
+            return format!("{id}: no state");
+        };
         let imports: Vec<String> =
             c.import_holds.iter().map(|h| format!("{}@{:?}", h.id(), h.since().elements())).collect();
         let replicas: Vec<String> = c
@@ -1323,7 +1355,7 @@ impl<T: Timestamp> InstanceCore<T> {
             .collect();
         format!(
             "{id}: since {:?} upper {:?} dropped {} imports {imports:?} replicas {replicas:?}",
-            c.since.elements(),
+            since.iter().collect::<Vec<_>>(),
             c.write_frontier.elements(),
             c.dropped
         )
@@ -1331,7 +1363,7 @@ impl<T: Timestamp> InstanceCore<T> {
 
     /// The number of collections with state (live or waiting to be removed).
     pub fn collection_count(&self) -> usize {
-        self.collections.len()
+        lock(&self.shared).len()
     }
 
     /// The number of pending peeks (answered or not, while some replica owes an answer).
@@ -1359,21 +1391,14 @@ impl<T: Timestamp> InstanceCore<T> {
     /// the hold accounting). Returns a description of the first violation.
     pub fn check_invariants(&self) -> Result<(), String> {
         let shared = lock(&self.shared);
-        for (id, collection) in &self.collections {
-            let since = shared.holds.since(id).map(|s| s.to_owned());
-            if since.as_ref() != Some(&collection.since) {
-                return Err(format!(
-                    "{id}: cached since {:?} differs from the accounting's {since:?}",
-                    collection.since
-                ));
-            }
+        for (id, collection) in shared.holds.attachments() {
+            let since = shared.holds.since(id).expect("every entry has a since").to_owned();
             for hold in &collection.import_holds {
-                if !PartialOrder::less_equal(hold.since(), &collection.since) {
+                if !PartialOrder::less_equal(hold.since(), &since) {
                     return Err(format!(
-                        "{id}: import hold on {} at {:?} is ahead of the since {:?}",
+                        "{id}: import hold on {} at {:?} is ahead of the since {since:?}",
                         hold.id(),
                         hold.since(),
-                        collection.since
                     ));
                 }
                 if let Some(import_since) = shared.holds.since(hold.id())
@@ -1407,11 +1432,19 @@ impl<T: Timestamp> InstanceCore<T> {
                 ));
             }
         }
-        for id in shared.holds.ids() {
-            if !self.collections.contains_key(id) {
-                return Err(format!("hold accounting tracks {id}, which has no collection"));
-            }
-        }
         Ok(())
+    }
+}
+
+/// Sends a command to every replica without recording it (the caller records it, or has it caught up
+/// later). A function of the two fields rather than a method, so that it can run while the shared state
+/// is locked.
+fn send_to_replicas<T: Timestamp>(
+    replicas: &BTreeMap<ReplicaId, Replica>,
+    outputs: &mut VecDeque<InstanceOutput<T>>,
+    command: ComputeCommand<T>,
+) {
+    for replica in replicas.keys() {
+        outputs.push_back(InstanceOutput::Command { replica: *replica, command: command.clone() });
     }
 }

@@ -17,16 +17,20 @@
 //! **Costs:** acquire, downgrade and release are one push onto a shared queue (a mutex-guarded vector
 //! whose buffer is reused) plus, when processed, one hash-map lookup and one `HoldCounts` update:
 //! O(holds at the frontier), independent of the number of collections (`cargo xtask bench frontiers`
-//! compares 100 with 10,000 collections). The map's hasher is fixed (no random seed) and nothing iterates
-//! the map to make a decision: listings are sorted first. A collection may carry an *attachment*, the
-//! owner's state kept beside its counts ([`ReadHolds::with_attachments`]).
+//! compares 100 with 10,000 collections). The map is a hash index over one dense vector of entries
+//! (`indexmap`) with a fixed hasher (no random seed): iteration is in insertion order (a removal moves the
+//! last entry into the gap), deterministic but not sorted; [`ReadHolds::ids`] sorts. A collection may carry
+//! an *attachment*, the owner's state kept in the same entry as its counts
+//! ([`ReadHolds::with_attachments`]): an owner that updates both on a hot path (the compute controller,
+//! on every frontier report) then reads one entry, not one in each of two maps.
 //!
 //! **Tests:** doctests on each method; a property test against a naive model at the bottom of this file.
 
-use std::collections::HashMap;
 use std::fmt::{self, Debug};
 use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use indexmap::IndexMap;
 
 use crate::counts::HoldCounts;
 use crate::{Antichain, AntichainRef, ChangeBatch, PartialOrder, Timestamp};
@@ -399,7 +403,7 @@ pub struct SinceChange<K, T> {
 /// Changes sent by holds queue up until [`ReadHolds::process`] applies them; until then `since` reports the
 /// last processed value (which is never ahead of the truth, so acquiring against it is safe).
 pub struct ReadHolds<K, T: Timestamp, X = ()> {
-    collections: HashMap<K, Accounted<T, X>, IdBuildHasher>,
+    collections: IndexMap<K, Accounted<T, X>, IdBuildHasher>,
     tx: ChangeTx<K, T>,
     /// Changes sent by holds, not yet applied. Closed when the accounting is dropped, so holds that
     /// outlive their issuer send into nothing.
@@ -421,7 +425,9 @@ struct QueueState<K, T> {
     changes: Vec<(K, ChangeBatch<T>)>,
 }
 
-/// One accounted collection: the counts of its holds' frontiers, and the owner's attachment.
+/// One accounted collection: the counts of its holds' frontiers, and the owner's attachment. `repr(C)`
+/// keeps the counts first, next to the key, where a lookup has already brought the cache line in.
+#[repr(C)]
 struct Accounted<T: Timestamp, X> {
     counts: HoldCounts<T>,
     attachment: X,
@@ -493,7 +499,8 @@ where
     /// use std::sync::Arc;
     /// use frontiers::{Antichain, ReadHolds};
     /// let mut holds = ReadHolds::<u32, u64, &str>::with_attachments(Arc::new(|| {}));
-    /// let _hold = holds.create_with(1, Antichain::from_elem(0), "orders").unwrap();
+    /// // The first hold is handed to the closure; dropped here, it releases itself.
+    /// holds.create_with(1, Antichain::from_elem(0), |_first_hold| "orders").unwrap();
     /// assert_eq!(holds.attachment(&1), Some(&"orders"));
     /// *holds.attachment_mut(&1).unwrap() = "lineitem";
     /// assert_eq!(holds.attachment(&1), Some(&"lineitem"));
@@ -512,17 +519,32 @@ where
                 notify();
             }
         });
-        ReadHolds { collections: HashMap::default(), tx, queue, spare: Vec::new(), stray_changes: 0 }
+        ReadHolds { collections: IndexMap::default(), tx, queue, spare: Vec::new(), stray_changes: 0 }
     }
 
-    /// Starts accounting a collection at `since`, with `attachment`, and returns the first hold on it.
-    /// Fails as [`create`](ReadHolds::create) does.
+    /// Starts accounting a collection at `since`, with the attachment `attach` builds from the first hold
+    /// on it (an owner keeping its own hold inside the attachment gets it this way), and returns the
+    /// attachment. Fails as [`create`](ReadHolds::create) does, without calling `attach`.
+    ///
+    /// # Examples
+    /// ```
+    /// use std::sync::Arc;
+    /// use frontiers::{Antichain, ReadHold, ReadHolds};
+    /// let mut holds = ReadHolds::<u32, u64, Option<ReadHold<u32, u64>>>::with_attachments(Arc::new(|| {}));
+    /// holds.create_with(1, Antichain::from_elem(3), Some).unwrap();
+    /// assert_eq!(holds.attachment(&1).unwrap().as_ref().unwrap().since(), &Antichain::from_elem(3));
+    /// // The hold lives in the attachment: taking it out and dropping it releases it.
+    /// drop(holds.attachment_mut(&1).unwrap().take());
+    /// holds.process();
+    /// assert!(holds.since(&1).unwrap().is_empty());
+    /// assert!(holds.create_with(1, Antichain::from_elem(3), |_| None).is_err());
+    /// ```
     pub fn create_with(
         &mut self,
         id: K,
         since: Antichain<T>,
-        attachment: X,
-    ) -> Result<ReadHold<K, T>, CreateError<K>> {
+        attach: impl FnOnce(ReadHold<K, T>) -> X,
+    ) -> Result<&mut X, CreateError<K>> {
         if self.collections.contains_key(&id) {
             return Err(CreateError::AlreadyExists(id));
         }
@@ -531,8 +553,35 @@ where
         }
         let mut counts = HoldCounts::new();
         counts.update(since.iter().map(|t| (*t, 1)));
-        self.collections.insert(id.clone(), Accounted { counts, attachment });
-        Ok(ReadHold::new(id, since, Arc::clone(&self.tx)))
+        let hold = ReadHold::new(id.clone(), since, Arc::clone(&self.tx));
+        let entry = self.collections.entry(id).or_insert(Accounted { counts, attachment: attach(hold) });
+        Ok(&mut entry.attachment)
+    }
+
+    /// Every accounted collection with its attachment, in insertion order (deterministic, not sorted).
+    ///
+    /// # Examples
+    /// ```
+    /// use std::sync::Arc;
+    /// use frontiers::{Antichain, ReadHolds};
+    /// let mut holds = ReadHolds::<u32, u64, Vec<_>>::with_attachments(Arc::new(|| {}));
+    /// holds.create_with(2, Antichain::from_elem(0), |h| vec![h]).unwrap();
+    /// holds.create_with(1, Antichain::from_elem(0), |h| vec![h]).unwrap();
+    /// let ids: Vec<u32> = holds.attachments().map(|(id, _)| *id).collect();
+    /// assert_eq!(ids, vec![2, 1]);
+    /// for (_, held) in holds.attachments_mut() {
+    ///     held.clear(); // releases the hold inside
+    /// }
+    /// holds.process();
+    /// assert!(holds.since(&1).unwrap().is_empty() && holds.since(&2).unwrap().is_empty());
+    /// ```
+    pub fn attachments(&self) -> impl Iterator<Item = (&K, &X)> {
+        self.collections.iter().map(|(id, a)| (id, &a.attachment))
+    }
+
+    /// Every accounted collection with its attachment, to change, in insertion order.
+    pub fn attachments_mut(&mut self) -> impl Iterator<Item = (&K, &mut X)> {
+        self.collections.iter_mut().map(|(id, a)| (id, &mut a.attachment))
     }
 
     /// The attachment of `id`, or `None` if it is not accounted.
@@ -543,6 +592,26 @@ where
     /// The attachment of `id`, to change, or `None` if it is not accounted.
     pub fn attachment_mut(&mut self, id: &K) -> Option<&mut X> {
         self.collections.get_mut(id).map(|a| &mut a.attachment)
+    }
+
+    /// The since of `id` (as of the last [`process`](Self::process)) and its attachment, to change, from
+    /// one lookup; `None` if it is not accounted.
+    ///
+    /// # Examples
+    /// ```
+    /// use std::sync::Arc;
+    /// use frontiers::{Antichain, ReadHold, ReadHolds};
+    /// // The attachment keeps the first hold (so the since stays at 3) and an upper.
+    /// let mut holds = ReadHolds::<u32, u64, (ReadHold<u32, u64>, u64)>::with_attachments(Arc::new(|| {}));
+    /// holds.create_with(1, Antichain::from_elem(3), |hold| (hold, 10)).unwrap();
+    /// let (since, (_, upper)) = holds.since_and_attachment_mut(&1).unwrap();
+    /// assert_eq!(since.to_owned(), Antichain::from_elem(3));
+    /// *upper = 11;
+    /// assert_eq!(holds.attachment(&1).unwrap().1, 11);
+    /// assert!(holds.since_and_attachment_mut(&2).is_none());
+    /// ```
+    pub fn since_and_attachment_mut(&mut self, id: &K) -> Option<(AntichainRef<'_, T>, &mut X)> {
+        self.collections.get_mut(id).map(|a| (a.counts.frontier(), &mut a.attachment))
     }
 
     /// Starts accounting a collection at `since` and returns the first hold on it.
@@ -561,7 +630,12 @@ where
     where
         X: Default,
     {
-        self.create_with(id, since, X::default())
+        let mut first = None;
+        self.create_with(id, since, |hold| {
+            first = Some(hold);
+            X::default()
+        })?;
+        Ok(first.expect("create_with hands over the first hold"))
     }
 
     /// Acquires a new hold on `id` at `frontier`, which must be beyond the collection's `since`.
@@ -692,7 +766,7 @@ where
     /// assert_eq!(holds.stray_changes(), 1);
     /// ```
     pub fn remove(&mut self, id: &K) -> Option<Antichain<T>> {
-        self.collections.remove(id).map(|a| a.counts.frontier().to_owned())
+        self.collections.swap_remove(id).map(|a| a.counts.frontier().to_owned())
     }
 
     /// The number of changes received for collections no longer accounted.

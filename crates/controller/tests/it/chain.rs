@@ -21,7 +21,7 @@ fn chain() -> Harness {
 #[test]
 fn a_read_hold_on_the_top_of_a_chain_keeps_storage_compaction_back_until_released() {
     let mut h = chain();
-    let hold = lock(&h.core.shared()).holds.acquire_at_since(&u(3)).unwrap();
+    let hold = lock(&h.core.shared()).acquire_at_since(u(3)).unwrap();
     for id in [u(1), u(2), u(3)] {
         h.report(ReplicaId(1), id, f(10));
     }
@@ -108,7 +108,7 @@ fn dropping_the_chain_releases_every_hold_and_forgets_every_collection() {
     }
     assert_eq!(h.core.collection_count(), 0);
     assert!(h.storage_since(s(1)).is_empty(), "storage is no longer held by anyone");
-    assert_eq!(lock(&h.core.shared()).holds.len(), 0);
+    assert_eq!(lock(&h.core.shared()).len(), 0);
     assert_eq!(h.core.history_len(), 0, "the history forgets dropped dataflows");
 }
 

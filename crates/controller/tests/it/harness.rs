@@ -194,7 +194,7 @@ impl Harness {
     }
 
     pub fn since(&self, id: GlobalId) -> Antichain<u64> {
-        lock(&self.core.shared()).holds.since(&id).unwrap().to_owned()
+        lock(&self.core.shared()).since(id).unwrap()
     }
 
     /// The last `AllowCompaction` sent to `replica` for `id`.

@@ -911,7 +911,7 @@ impl World {
 
     fn hold_something(&mut self) {
         let Some(id) = self.rng.pick(&self.live_indexes()).copied() else { return };
-        let hold = controller::lock(&self.instance.shared()).holds.acquire_at_since(&id);
+        let hold = controller::lock(&self.instance.shared()).acquire_at_since(id);
         if let Ok(hold) = hold {
             let until = self.now + self.rng.range(50, 500);
             self.user_holds.push((until, hold));
