@@ -1166,17 +1166,20 @@ impl<T: Timestamp> InstanceCore<T> {
     /// report then costs no introspection work (and storage gets one row change per interval, not one per
     /// report), whatever the number of collections.
     fn refresh_frontier_rows(&mut self) {
+        // The rows are packed after the lock is let go: readers of the shared state wait only for the
+        // frontiers to be read out.
+        let mut rows = Vec::with_capacity(self.stale_frontier_rows.len());
         let mut shared = lock(&self.shared);
         for (id, replica) in std::mem::take(&mut self.stale_frontier_rows) {
             let Some(collection) = shared.holds.attachment_mut(&id) else { continue };
             let Some(state) = collection.per_replica.get_mut(&replica) else { continue };
             state.frontier_row_stale = false;
             let Some(frontier) = &state.write_frontier else { continue };
-            let frontier = frontier
-                .elements()
-                .first()
-                .map(|t| Datum::Timestamp(t.to_wallclock_ms()))
-                .unwrap_or(Datum::Null);
+            rows.push((id, replica, frontier.elements().first().map(|t| t.to_wallclock_ms())));
+        }
+        drop(shared);
+        for (id, replica, frontier_ms) in rows {
+            let frontier = frontier_ms.map(Datum::Timestamp).unwrap_or(Datum::Null);
             self.introspection.set_for_collection(
                 IntrospectionKind::Frontiers,
                 self.id,
@@ -1188,6 +1191,8 @@ impl<T: Timestamp> InstanceCore<T> {
     }
 
     fn refresh_wallclock_lag(&mut self) {
+        // Read out under the lock, packed into rows after it (see `refresh_frontier_rows`).
+        let mut lags = Vec::new();
         for (id, collection) in lock(&self.shared).holds.attachments() {
             if collection.dropped {
                 continue;
@@ -1196,15 +1201,17 @@ impl<T: Timestamp> InstanceCore<T> {
                 let Some(frontier) = &state.write_frontier else { continue };
                 let Some(upper) = frontier.elements().first() else { continue };
                 let lag_ms = self.now_ms.saturating_sub(upper.to_wallclock_ms());
-                let lag_s = (lag_ms / 1_000 * 1_000) as i64;
-                self.introspection.set_for_collection(
-                    IntrospectionKind::WallclockLag,
-                    self.id,
-                    *replica,
-                    *id,
-                    Some(&[Datum::Int64(lag_s)]),
-                );
+                lags.push((*id, *replica, (lag_ms / 1_000 * 1_000) as i64));
             }
+        }
+        for (id, replica, lag_s) in lags {
+            self.introspection.set_for_collection(
+                IntrospectionKind::WallclockLag,
+                self.id,
+                replica,
+                id,
+                Some(&[Datum::Int64(lag_s)]),
+            );
         }
     }
 
