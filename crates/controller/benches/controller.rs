@@ -12,13 +12,17 @@
 //!   the same with 100, updates to pseudo-random collections (`..._sweep`: to each collection in turn,
 //!   as a replica reporting every collection each tick does). Every 10 updates per collection an
 //!   introspection interval passes (`tick`: frontier and wall-clock lag rows refreshed, the history
-//!   caught up), inside the timing. Best of 7 rounds of 200,000 updates each, the two sizes alternating.
+//!   caught up), inside the timing (each round of the large size holds exactly one). Best of 15 rounds of
+//!   100,000 updates each, the two sizes alternating: this VM's memory latency swings for seconds at a
+//!   time with its neighbours' load, so more, shorter rounds give the minimum a better chance.
 //!   The fake storage layer applies the import-hold changes on its own thread every millisecond, as a
 //!   storage layer does in a deployment (its work is neither timed nor run on the timed thread's
 //!   caches). Bar: ratio at most 2. The work per update is constant (a handful of hash lookups); what
 //!   grows is memory latency once the collections' state no longer fits in the caches (here from about
-//!   1,000 collections on): about 16 cache lines per update miss the L2 at 10,000 (cachegrind with a
-//!   512 KiB last level), each a DRAM access behind a page walk on this VM.
+//!   1,000 collections on). At 10,000 an update reads about eight cache lines of one map entry (the
+//!   collection's state and hold counts), which miss the L2; the controller issues them together, so
+//!   what an update waits for is about three misses one after another (the map's index, the entry's
+//!   key, then the rest at once).
 //! - `controller.churn_*_100k`: an `InstanceCore` with a replica and a few long-lived indexes goes through
 //!   100,000 cycles of create, hydrate, peek, answer, drop and the replica's dropped report, with the
 //!   shell's ticks (a millisecond of clock per cycle, one more introspection interval at the end); history
@@ -233,7 +237,7 @@ impl XorShift {
     }
 }
 
-const FRONTIER_UPDATES: u64 = 200_000;
+const FRONTIER_UPDATES: u64 = 100_000;
 /// Frontier updates per collection per introspection interval (e.g. a replica reporting progress every
 /// 100 ms, introspection refreshed every second): the rate at which the timed loop calls `tick`.
 const UPDATES_PER_INTERVAL: u64 = 10;
@@ -313,7 +317,7 @@ impl FrontierRun {
 
 /// Rounds per size; the best of each counts. The two sizes alternate, so that a noisy stretch of the
 /// machine's time falls on both alike.
-const FRONTIER_ROUNDS: usize = 7;
+const FRONTIER_ROUNDS: usize = 15;
 
 fn bench_frontiers() {
     let ns = |d: Duration| d.as_secs_f64() * 1e9;
