@@ -506,12 +506,10 @@ impl ComputeController {
         id: GlobalId,
     ) -> Result<ReadHold<GlobalId, Timestamp>, CollectionLookupError> {
         let handle = self.instance(instance)?;
-        {
-            let mut shared = lock(&handle.shared);
-            if shared.is_live(id) {
-                return shared.acquire_at_since(id).map_err(Into::into);
-            }
+        if let Ok(hold) = lock(&handle.shared).acquire_at_since(id) {
+            return Ok(hold);
         }
+        // Not a live compute collection of this instance: a storage collection, then.
         let frontiers = self.storage.frontiers(id).await.map_err(|e| match e {
             storage::ReadError::CollectionMissing(_) => {
                 CollectionLookupError::CollectionMissing(CollectionMissing(id))

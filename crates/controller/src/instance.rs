@@ -97,9 +97,8 @@ pub struct SharedState<T: Timestamp> {
 impl<T: Timestamp> SharedState<T> {
     /// A live collection's frontiers: the since of its holds and the upper the replicas reported.
     pub fn frontiers(&self, id: GlobalId) -> Option<CollectionFrontiers<T>> {
-        let collection = self.holds.attachment(&id).filter(|c| !c.dropped)?;
-        let since = self.holds.since(&id)?.to_owned();
-        Some(CollectionFrontiers { since, upper: collection.write_frontier.clone() })
+        let (since, collection) = self.holds.since_and_attachment(&id).filter(|(_, c)| !c.dropped)?;
+        Some(CollectionFrontiers { since: since.to_owned(), upper: collection.write_frontier.clone() })
     }
 
     /// Whether `id` names a live collection.
@@ -1268,11 +1267,8 @@ impl<T: Timestamp> InstanceCore<T> {
     /// Removes a dropped collection once nothing holds it and no connected replica can still report on it.
     fn maybe_remove(&mut self, id: GlobalId) {
         let mut shared = lock(&self.shared);
-        let Some(collection) = shared.holds.attachment(&id) else { return };
-        if !collection.dropped
-            || !shared.holds.since(&id).is_some_and(|since| since.is_empty())
-            || !collection.per_replica.values().all(|s| s.dropped)
-        {
+        let Some((since, collection)) = shared.holds.since_and_attachment(&id) else { return };
+        if !collection.dropped || !since.is_empty() || !collection.per_replica.values().all(|s| s.dropped) {
             return;
         }
         // Nothing holds it any more; its own holds on its imports go with its state.
@@ -1313,9 +1309,8 @@ impl<T: Timestamp> InstanceCore<T> {
     /// The since and upper of a collection (live or dropped but not yet removed).
     pub fn collection_frontiers(&self, id: GlobalId) -> Option<CollectionFrontiers<T>> {
         let shared = lock(&self.shared);
-        let since = shared.holds.since(&id)?.to_owned();
-        let upper = shared.holds.attachment(&id)?.write_frontier.clone();
-        Some(CollectionFrontiers { since, upper })
+        let (since, collection) = shared.holds.since_and_attachment(&id)?;
+        Some(CollectionFrontiers { since: since.to_owned(), upper: collection.write_frontier.clone() })
     }
 
     /// A replica's write frontier for a collection, as reported on its current connection.
@@ -1343,7 +1338,7 @@ impl<T: Timestamp> InstanceCore<T> {
     /// A one-line description of a collection's holds and per-replica state, for diagnostics.
     pub fn describe_collection(&self, id: GlobalId) -> String {
         let shared = lock(&self.shared);
-        let (Some(c), Some(since)) = (shared.holds.attachment(&id), shared.holds.since(&id)) else {
+        let Some((since, c)) = shared.holds.since_and_attachment(&id) else {
             return format!("{id}: no state");
         };
         let imports: Vec<String> =

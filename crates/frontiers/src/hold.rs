@@ -31,6 +31,7 @@ use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use indexmap::IndexMap;
+use indexmap::map::Entry;
 
 use crate::counts::HoldCounts;
 use crate::{Antichain, AntichainRef, ChangeBatch, PartialOrder, Timestamp};
@@ -545,17 +546,17 @@ where
         since: Antichain<T>,
         attach: impl FnOnce(ReadHold<K, T>) -> X,
     ) -> Result<&mut X, CreateError<K>> {
-        if self.collections.contains_key(&id) {
-            return Err(CreateError::AlreadyExists(id));
-        }
-        if since.is_empty() {
-            return Err(CreateError::EmptySince(id));
-        }
+        let entry = match self.collections.entry(id) {
+            Entry::Occupied(entry) => return Err(CreateError::AlreadyExists(entry.key().clone())),
+            Entry::Vacant(entry) if since.is_empty() => {
+                return Err(CreateError::EmptySince(entry.into_key()));
+            }
+            Entry::Vacant(entry) => entry,
+        };
         let mut counts = HoldCounts::new();
         counts.update(since.iter().map(|t| (*t, 1)));
-        let hold = ReadHold::new(id.clone(), since, Arc::clone(&self.tx));
-        let entry = self.collections.entry(id).or_insert(Accounted { counts, attachment: attach(hold) });
-        Ok(&mut entry.attachment)
+        let hold = ReadHold::new(entry.key().clone(), since, Arc::clone(&self.tx));
+        Ok(&mut entry.insert(Accounted { counts, attachment: attach(hold) }).attachment)
     }
 
     /// Every accounted collection with its attachment, in insertion order (deterministic, not sorted).
@@ -592,6 +593,23 @@ where
     /// The attachment of `id`, to change, or `None` if it is not accounted.
     pub fn attachment_mut(&mut self, id: &K) -> Option<&mut X> {
         self.collections.get_mut(id).map(|a| &mut a.attachment)
+    }
+
+    /// The since of `id` (as of the last [`process`](Self::process)) and its attachment, from one lookup;
+    /// `None` if it is not accounted.
+    ///
+    /// # Examples
+    /// ```
+    /// use std::sync::Arc;
+    /// use frontiers::{Antichain, ReadHolds};
+    /// let mut holds = ReadHolds::<u32, u64, Vec<_>>::with_attachments(Arc::new(|| {}));
+    /// holds.create_with(1, Antichain::from_elem(3), |hold| vec![hold]).unwrap();
+    /// let (since, held) = holds.since_and_attachment(&1).unwrap();
+    /// assert_eq!((since.to_owned(), held.len()), (Antichain::from_elem(3), 1));
+    /// assert!(holds.since_and_attachment(&2).is_none());
+    /// ```
+    pub fn since_and_attachment(&self, id: &K) -> Option<(AntichainRef<'_, T>, &X)> {
+        self.collections.get(id).map(|a| (a.counts.frontier(), &a.attachment))
     }
 
     /// The since of `id` (as of the last [`process`](Self::process)) and its attachment, to change, from
