@@ -30,9 +30,11 @@ pub enum ComputeResponse<T = u64> {
         reason: String,
     },
     /// The frontiers of a compute collection moved. Each frontier only moves forward within one connection;
-    /// `None` means unchanged. The empty write frontier after `AllowCompaction([])` means "dropped".
+    /// `None` means unchanged. The empty write frontier after `AllowCompaction([])` means "dropped", and it
+    /// is the last response naming `id` on the connection.
     ///
-    /// *Receiver:* a regression is a protocol violation by the replica (disconnect and rehydrate it).
+    /// *Receiver:* a regression is a protocol violation by the replica (disconnect and rehydrate it), and
+    /// so is any response naming a collection the connection never created or whose drop it reported.
     Frontiers {
         /// The collection.
         id: GlobalId,

@@ -19,6 +19,11 @@
 //! so the hydration limit applies again) and sends `InitializationComplete`. Merge state and hydration
 //! progress are per epoch and reset on every new connection: frontiers are never carried across.
 //!
+//! **Protocol violations** (the connection is dropped and the replica rehydrated after backoff): a
+//! handshake answer that does not match, a response the merger rejects (a regressing frontier, a peek
+//! answered twice, a gap in a subscribe, an unknown process), and a response naming a collection this
+//! connection never created, or one whose drop it already reported complete.
+//!
 //! **Peek contract:** every `Peek` given to [`send`](ReplicaCore::send) gets exactly one merged
 //! `PeekResponse` back, however the connection fails, as long as the core lives: pending peeks are
 //! replayed after a reconnect, and a peek cancelled while its answer cannot arrive any more is answered
@@ -31,7 +36,10 @@ use std::collections::{BTreeSet, VecDeque};
 
 use frontiers::Timestamp;
 use protocol::frame::check_hello_answer;
-use protocol::{ComputeCommand, ComputeResponse, PROTOCOL_VERSION, PeekId, PeekResponse, ReplicaId};
+use protocol::{
+    ComputeCommand, ComputeResponse, GlobalId, PROTOCOL_VERSION, PeekId, PeekResponse, ReplicaId,
+    StatusResponse,
+};
 
 use crate::history::{CommandHistory, HistoryError};
 use crate::hydration::HydrationGate;
@@ -162,6 +170,9 @@ pub struct ReplicaCore<T: Timestamp> {
     failures: u32,
     /// Peeks sent on the current connection and not yet answered.
     in_flight_peeks: BTreeSet<PeekId>,
+    /// Collections created on the current connection and not yet reported gone after their drop: the
+    /// only ids a response may name. (Exactly the lifetime of their merge state.)
+    installed: BTreeSet<GlobalId>,
     status: Option<ReplicaStatus>,
     outputs: VecDeque<ReplicaOutput<T>>,
 }
@@ -184,6 +195,7 @@ impl<T: Timestamp> ReplicaCore<T> {
             epoch: 0,
             failures: 0,
             in_flight_peeks: BTreeSet::new(),
+            installed: BTreeSet::new(),
             status: None,
             outputs: VecDeque::new(),
         }
@@ -344,6 +356,14 @@ impl<T: Timestamp> ReplicaCore<T> {
                     self.go_live();
                 }
             }
+            Connection::Live
+                if response_collection(&response).is_some_and(|id| !self.installed.contains(&id)) =>
+            {
+                let id = response_collection(&response).expect("checked");
+                let reason =
+                    format!("{} for collection {id}, which this connection never created", response.name());
+                self.violation(now_ms, reason, jitter);
+            }
             Connection::Live => match self.merger.receive(process, response) {
                 Ok(merged) => {
                     for response in merged {
@@ -363,6 +383,7 @@ impl<T: Timestamp> ReplicaCore<T> {
         self.merger.reset();
         self.gate.reset();
         self.in_flight_peeks.clear();
+        self.installed.clear();
         for command in self.history.replay() {
             self.transmit(command);
         }
@@ -382,6 +403,7 @@ impl<T: Timestamp> ReplicaCore<T> {
                     }
                     if upper.is_empty() && !self.history.contains_collection(*id) {
                         self.merger.forget_collection(*id);
+                        self.installed.remove(id);
                     }
                 }
             }
@@ -395,8 +417,12 @@ impl<T: Timestamp> ReplicaCore<T> {
     }
 
     fn transmit(&mut self, command: ComputeCommand<T>) {
-        if let ComputeCommand::Peek(peek) = &command {
-            self.in_flight_peeks.insert(peek.uuid);
+        match &command {
+            ComputeCommand::Peek(peek) => {
+                self.in_flight_peeks.insert(peek.uuid);
+            }
+            ComputeCommand::CreateDataflow(desc) => self.installed.extend(desc.export_ids()),
+            _ => {}
         }
         for command in self.gate.on_command(command) {
             self.outputs.push_back(ReplicaOutput::Send { epoch: self.epoch, command });
@@ -439,5 +465,19 @@ impl<T: Timestamp> ReplicaCore<T> {
             self.status = Some(status.clone());
             self.outputs.push_back(ReplicaOutput::Status(status));
         }
+    }
+}
+
+/// The collection a response is about, if any.
+fn response_collection<T>(response: &ComputeResponse<T>) -> Option<GlobalId> {
+    match response {
+        ComputeResponse::Frontiers { id, .. }
+        | ComputeResponse::SubscribeResponse { id, .. }
+        | ComputeResponse::CopyToResponse { id, .. }
+        | ComputeResponse::Status(StatusResponse::Hydration { id, .. }) => Some(*id),
+        ComputeResponse::Hello { .. }
+        | ComputeResponse::HelloRefused { .. }
+        | ComputeResponse::PeekResponse { .. }
+        | ComputeResponse::CommandRejected { .. } => None,
     }
 }

@@ -5,9 +5,9 @@ use std::num::NonZeroU64;
 
 use frontiers::Antichain;
 use protocol::{
-    ComputeCommand, ComputeResponse, Datum, FrontiersResponse, GlobalId, InstanceConfig, InstanceId,
-    LoggingConfig, MapFilterProject, PROTOCOL_VERSION, Peek, PeekId, PeekResponse, PeekTarget, ReplicaId,
-    Row, RowSetFinishing,
+    ComputeCommand, ComputeResponse, CopyToResponse, Datum, FrontiersResponse, GlobalId, InstanceConfig,
+    InstanceId, LoggingConfig, MapFilterProject, PROTOCOL_VERSION, Peek, PeekId, PeekResponse, PeekTarget,
+    ReplicaId, Row, RowSetFinishing, StatusResponse, SubscribeResponse,
 };
 use replica_client::{Backoff, CommandHistory, ReplicaCore, ReplicaCoreConfig, ReplicaOutput, ReplicaStatus};
 
@@ -319,12 +319,71 @@ fn a_refused_hello_fails_the_replica_with_both_versions_in_the_reason_and_retrie
 fn a_process_regressing_a_frontier_gets_the_replica_disconnected() {
     let mut h = Harness::new(2);
     h.connect();
+    h.core.send(ComputeCommand::CreateDataflow(dataflow("df", 1, 1, 0))).unwrap();
     h.receive(0, write_frontier(1, 5));
     h.receive(0, write_frontier(1, 4));
     assert_eq!(h.disconnects, vec![1]);
     assert!(
         matches!(h.statuses.last(), Some(ReplicaStatus::Failed { reason, .. }) if reason.contains("regressed"))
     );
+}
+
+#[test]
+fn a_response_for_a_collection_the_connection_never_created_gets_the_replica_disconnected() {
+    let unknown: [ComputeResponse<u64>; 4] = [
+        write_frontier(9, 5),
+        ComputeResponse::SubscribeResponse {
+            id: GlobalId::User(9),
+            response: SubscribeResponse::DroppedAt(Antichain::from_elem(1)),
+        },
+        ComputeResponse::CopyToResponse { id: GlobalId::User(9), response: CopyToResponse::Dropped },
+        ComputeResponse::Status(StatusResponse::Hydration { id: GlobalId::User(9), hydrated: true }),
+    ];
+    for response in unknown {
+        let name = response.name();
+        let mut h = Harness::new(2);
+        h.connect();
+        h.core.send(ComputeCommand::CreateDataflow(dataflow("df", 1, 1, 0))).unwrap();
+        h.drain();
+        h.receive(0, write_frontier(1, 5));
+        assert!(h.disconnects.is_empty(), "{name}: a created collection's frontier is fine");
+        h.receive(1, response);
+        assert_eq!(h.disconnects, vec![1], "{name}: unknown id disconnects");
+        assert!(
+            matches!(h.statuses.last(), Some(ReplicaStatus::Failed { reason, .. })
+                if reason.contains("u9") && reason.contains("never created")),
+            "{name}: {:?}",
+            h.statuses.last()
+        );
+        assert!(h.delivered.is_empty(), "{name}: nothing about the unknown id reaches the owner");
+    }
+}
+
+#[test]
+fn a_collection_is_known_again_after_a_replay_and_forgotten_once_dropped_and_reported_gone() {
+    let mut h = Harness::new(2);
+    h.core.send(ComputeCommand::CreateDataflow(dataflow("kept", 1, 1, 0))).unwrap();
+    h.core.send(ComputeCommand::CreateDataflow(dataflow("dropped", 2, 1, 0))).unwrap();
+    // Created before the connection: known through the replay.
+    h.connect();
+    h.receive(0, write_frontier(1, 5));
+    h.receive(1, write_frontier(1, 5));
+    assert_eq!(h.delivered, vec![write_frontier(1, 5)]);
+    h.core
+        .send(ComputeCommand::AllowCompaction { id: GlobalId::User(2), frontier: Antichain::new() })
+        .unwrap();
+    h.drain();
+    let gone = FrontiersResponse {
+        write_frontier: Some(Antichain::new()),
+        input_frontier: Some(Antichain::new()),
+        output_frontier: Some(Antichain::new()),
+    };
+    h.receive(0, ComputeResponse::Frontiers { id: GlobalId::User(2), frontiers: gone.clone() });
+    h.receive(1, ComputeResponse::Frontiers { id: GlobalId::User(2), frontiers: gone });
+    assert!(h.disconnects.is_empty(), "the dropped collection's last report is fine");
+    // After its drop was reported, the collection is gone: news of it is a violation.
+    h.receive(0, write_frontier(2, 7));
+    assert_eq!(h.disconnects, vec![1]);
 }
 
 #[test]

@@ -215,6 +215,8 @@ impl ModelProcess {
         ctx: &mut Context<'_>,
     ) -> Vec<ComputeResponse<u64>> {
         let mut out = Vec::new();
+        // Exports whose drop was just reported: their last report on this connection.
+        let mut closed = Vec::new();
         let Some(connection) = self.connection.as_mut().filter(|c| c.epoch == epoch) else { return out };
         match (connection.stage, command) {
             (Stage::AwaitHello, ComputeCommand::Hello { version, nonce }) => {
@@ -289,6 +291,7 @@ impl ModelProcess {
                                         ..Default::default()
                                     },
                                 });
+                                closed.push(id);
                             }
                             df.subscribes.remove(&id);
                         }
@@ -314,6 +317,11 @@ impl ModelProcess {
                 }
             }
             (stage, other) => ctx.violations.push(format!("replica got {} in stage {stage:?}", other.name())),
+        }
+        if let Some(connection) = self.connection.as_mut() {
+            for id in closed {
+                connection.reported.insert(id, Antichain::new());
+            }
         }
         out
     }
