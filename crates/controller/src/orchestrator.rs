@@ -6,10 +6,15 @@
 //! - [`ProcessOrchestrator`]: replicas as local `compute-replica` processes, single- or multi-process
 //!   (a timely cluster over loopback). A supervisor restarts a crashed replica with backoff, all of its
 //!   processes together (a timely cluster cannot take back one lost process), on the same ports so the
-//!   replica client simply reconnects, and reports every status change.
+//!   replica client simply reconnects, and reports every status change. The backoff doubles with each
+//!   crash in a row and starts over once a replica has run stably (see [`ProcessOrchestratorConfig`]).
 //!
 //! **Boundary:** an orchestrator only runs processes and says where they listen; connecting, replaying
 //! and hydrating are the replica client's job.
+//!
+//! **Tests:** the backoff rule in `mod tests` below; the in-process orchestrator under a real controller
+//! in `tests/it/orchestrators.rs`; the process orchestrator with real `compute-replica` processes in the
+//! `sim` crate's `tests/it/process_orchestrator.rs` (only `sim` can build the binary).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -162,15 +167,24 @@ impl Drop for InProcessOrchestrator {
 }
 
 /// How a [`ProcessOrchestrator`] runs `compute-replica`.
+///
+/// **Backoff.** A replica's `n`th crash in a row waits `initial_backoff_ms * 2^(n-1)`, at most
+/// `max_backoff_ms`, before the restart. The run of crashes ends when a replica has run stably: if its
+/// processes were up for at least `max_backoff_ms` since their last (re)start, the count starts over and
+/// the crash waits `initial_backoff_ms` again. (A replica that outlives the longest backoff is no longer
+/// crash-looping faster than the cap; without the reset, a few crashes spread over days would leave every
+/// later restart at the maximum delay.)
 #[derive(Debug, Clone)]
 pub struct ProcessOrchestratorConfig {
     /// The `compute-replica` binary.
     pub binary: PathBuf,
     /// The storage server every replica reads from and writes to.
     pub storage_address: String,
-    /// The first restart's delay, in milliseconds (doubling up to `max_backoff_ms`).
+    /// The first restart's delay, in milliseconds (doubling with each crash in a row, up to
+    /// `max_backoff_ms`).
     pub initial_backoff_ms: u64,
-    /// The longest restart delay, in milliseconds.
+    /// The longest restart delay, in milliseconds; also how long a replica must run to count as stable,
+    /// which resets the backoff to `initial_backoff_ms`.
     pub max_backoff_ms: u64,
     /// Extra environment for the children (e.g. `RUST_LOG`).
     pub env: Vec<(String, String)>,
@@ -183,7 +197,10 @@ struct ManagedReplica {
     controller_ports: Vec<u16>,
     timely_ports: Vec<u16>,
     children: Vec<Child>,
+    /// Crashes (and failed restarts) in a row; see [`next_failures`].
     failures: u32,
+    /// When `children` were spawned.
+    started_at: std::time::Instant,
     restart_at: Option<std::time::Instant>,
 }
 
@@ -295,6 +312,7 @@ impl ProcessOrchestrator {
                                     Ok(children) => {
                                         let pids = children.iter().map(Child::id).collect();
                                         managed.children = children;
+                                        managed.started_at = std::time::Instant::now();
                                         info!(%instance, %replica, "replica restarted");
                                         let _ = events.send(ProcessEvent::Running {
                                             instance: *instance,
@@ -304,7 +322,8 @@ impl ProcessOrchestrator {
                                     }
                                     Err(e) => {
                                         warn!(%instance, %replica, error = %e, "replica restart failed");
-                                        managed.failures += 1;
+                                        // It did not run at all: the run of failures goes on.
+                                        managed.failures = next_failures(&config, managed.failures, 0);
                                         let delay = backoff(&config, managed.failures);
                                         managed.restart_at =
                                             Some(std::time::Instant::now() + Duration::from_millis(delay));
@@ -321,7 +340,9 @@ impl ProcessOrchestrator {
                             }
                             if let Some(status) = crashed {
                                 kill_all(&mut managed.children);
-                                managed.failures += 1;
+                                let ran_for_ms = managed.started_at.elapsed().as_millis();
+                                let ran_for_ms = u64::try_from(ran_for_ms).unwrap_or(u64::MAX);
+                                managed.failures = next_failures(&config, managed.failures, ran_for_ms);
                                 let restart_in_ms = backoff(&config, managed.failures);
                                 managed.restart_at =
                                     Some(std::time::Instant::now() + Duration::from_millis(restart_in_ms));
@@ -352,12 +373,22 @@ impl ProcessOrchestrator {
     }
 }
 
+/// The count of failures in a row once a replica whose processes ran for `ran_for_ms` since their last
+/// (re)start fails: one more, unless it ran stably (at least `max_backoff_ms`), which starts a new run.
+fn next_failures(config: &ProcessOrchestratorConfig, failures: u32, ran_for_ms: u64) -> u32 {
+    if ran_for_ms >= config.max_backoff_ms { 1 } else { failures.saturating_add(1) }
+}
+
+/// The delay before restarting a replica after its `failures`th failure in a row (at least 1):
+/// `initial_backoff_ms` doubled for each earlier failure in the run, capped at `max_backoff_ms`.
 fn backoff(config: &ProcessOrchestratorConfig, failures: u32) -> u64 {
     let exponent = failures.saturating_sub(1).min(20);
     config.initial_backoff_ms.saturating_mul(1 << exponent).min(config.max_backoff_ms)
 }
 
 impl Orchestrator for ProcessOrchestrator {
+    // The start time feeds the backoff reset, in real time: processes are not simulated.
+    #[allow(clippy::disallowed_methods)]
     fn ensure_replica(&self, spec: ReplicaSpec) -> BoxFuture<'_, Result<Vec<String>, String>> {
         Box::pin(async move {
             let key = (spec.instance, spec.replica);
@@ -376,9 +407,11 @@ impl Orchestrator for ProcessOrchestrator {
                 timely_ports,
                 children: Vec::new(),
                 failures: 0,
+                started_at: std::time::Instant::now(),
                 restart_at: None,
             };
             managed.children = spawn_processes(&self.config, &managed)?;
+            managed.started_at = std::time::Instant::now();
             let pids = managed.children.iter().map(Child::id).collect();
             let addresses = managed.controller_ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
             replicas.insert(key, managed);
@@ -416,5 +449,74 @@ impl Drop for ProcessOrchestrator {
                 kill_all(&mut managed.children);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(initial_backoff_ms: u64, max_backoff_ms: u64) -> ProcessOrchestratorConfig {
+        ProcessOrchestratorConfig {
+            binary: PathBuf::from("compute-replica"),
+            storage_address: "127.0.0.1:1".to_string(),
+            initial_backoff_ms,
+            max_backoff_ms,
+            env: Vec::new(),
+            log_dir: None,
+        }
+    }
+
+    #[test]
+    fn the_backoff_doubles_with_each_failure_in_a_row_up_to_the_maximum() {
+        let config = config(100, 2_000);
+        // (failures in a row, expected delay in ms)
+        let table =
+            [(1, 100), (2, 200), (3, 400), (4, 800), (5, 1_600), (6, 2_000), (7, 2_000), (u32::MAX, 2_000)];
+        for (failures, expected) in table {
+            assert_eq!(backoff(&config, failures), expected, "after {failures} failures");
+        }
+    }
+
+    #[test]
+    fn a_replica_that_ran_at_least_the_maximum_backoff_starts_a_new_run_of_failures() {
+        let config = config(100, 2_000);
+        // (failures so far, ran for ms, failures after this crash)
+        let table = [
+            (0, 0, 1),
+            (0, 5_000, 1),
+            (1, 10, 2),
+            (3, 1_999, 4),
+            (3, 2_000, 1),
+            (9, 60_000, 1),
+            (u32::MAX, 0, u32::MAX),
+        ];
+        for (failures, ran_for_ms, expected) in table {
+            assert_eq!(
+                next_failures(&config, failures, ran_for_ms),
+                expected,
+                "{failures} failures, then a crash after running {ran_for_ms} ms"
+            );
+        }
+    }
+
+    #[test]
+    fn crashes_spread_over_a_long_time_restart_after_the_initial_backoff_every_time() {
+        // The bug this guards against: the count never reset, so the fourth crash of a replica that ran for
+        // an hour between crashes still waited the maximum.
+        let config = config(100, 2_000);
+        let mut failures = 0;
+        for crash in 0..10 {
+            failures = next_failures(&config, failures, 3_600_000);
+            assert_eq!(backoff(&config, failures), 100, "crash {crash}");
+        }
+        // A crash loop right after that climbs from the start again.
+        let delays: Vec<u64> = (0..3)
+            .map(|_| {
+                failures = next_failures(&config, failures, 50);
+                backoff(&config, failures)
+            })
+            .collect();
+        assert_eq!(delays, [200, 400, 800]);
     }
 }

@@ -34,7 +34,7 @@
 //! scenario itself is run by hand or in CI with `cargo run --release -p sim -- cluster`.
 
 mod oracle;
-mod processes;
+pub mod processes;
 mod report;
 mod tasks;
 mod workload;

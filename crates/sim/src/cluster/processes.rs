@@ -10,7 +10,8 @@
 //! **What this is not.** Replica processes are the controller's `ProcessOrchestrator`'s; only
 //! [`kill_processes`] touches them, to inject a crash.
 //!
-//! **Tests:** exercised by running the scenario (`sim cluster`); nothing here is worth a unit test.
+//! **Tests:** exercised by running the scenario (`sim cluster`), and [`binaries`] by `tests/it/process_orchestrator.rs`,
+//! which builds `compute-replica` with it.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

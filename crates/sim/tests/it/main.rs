@@ -1,6 +1,10 @@
 //! Integration tests of the simulator: determinism (the same seed gives the same trace), and a run
 //! passing its invariant and oracle checks. The seed ranges themselves run in `cargo xtask sim` (and in the
-//! `sim` step of `cargo xtask test-suite`, which also checks that the planted peek-hold bug is found).
+//! `sim` step of `cargo xtask test-suite`, which also checks that the planted peek-hold bug is found). Also
+//! the controller's process orchestrator with real `compute-replica` processes (`process_orchestrator`),
+//! here because only `sim` can build that binary.
+
+mod process_orchestrator;
 
 use sim::simulation::{SimConfig, run_seed_with};
 

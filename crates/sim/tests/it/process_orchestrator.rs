@@ -1,0 +1,180 @@
+//! The controller's `ProcessOrchestrator` with real `compute-replica` processes on loopback: the events it
+//! reports, the restart of a killed replica on the same address with a doubling backoff that starts over
+//! once the replica ran stably, a two-process replica restarted as a whole, and dropping a replica killing
+//! its processes.
+//!
+//! These tests live here, not in the controller crate, because only `sim` can build the binary: the
+//! cluster scenario's `binaries` helper (`sim::cluster::processes`) runs `cargo build` for
+//! the profile of the running executable, a no-op when the binaries are fresh. The storage server runs in
+//! this process (`storage::Server` over an in-memory store). Every wait is bounded.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use controller::{Orchestrator, ProcessEvent, ProcessOrchestrator, ProcessOrchestratorConfig, ReplicaSpec};
+use protocol::{InstanceId, ReplicaId};
+use sim::cluster::processes;
+use storage::{InProcess, StoreConfig};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+const INSTANCE: InstanceId = InstanceId(1);
+const INITIAL_BACKOFF_MS: u64 = 50;
+/// Also how long a replica must run for its backoff to start over.
+const MAX_BACKOFF_MS: u64 = 1_000;
+/// How long to wait for any one process event.
+const EVENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Builds (when stale) and finds `compute-replica`.
+async fn compute_replica() -> PathBuf {
+    tokio::task::spawn_blocking(|| {
+        let layout = processes::Layout::of_current_exe().expect("the test's layout");
+        let say = |message: &str| tracing::info!("{message}");
+        processes::binaries(&layout, &say).expect("compute-replica is built").compute_replica
+    })
+    .await
+    .expect("build task")
+}
+
+/// A storage server on a free loopback port, serving until the test's runtime ends.
+async fn storage_server() -> String {
+    let server = storage::Server::bind("127.0.0.1:0", InProcess::in_memory(StoreConfig::default()))
+        .await
+        .expect("bind the storage server");
+    let address = server.local_addr().expect("storage address").to_string();
+    tokio::spawn(server.serve(std::future::pending()));
+    address
+}
+
+async fn orchestrator() -> (ProcessOrchestrator, UnboundedReceiver<ProcessEvent>) {
+    let config = ProcessOrchestratorConfig {
+        binary: compute_replica().await,
+        storage_address: storage_server().await,
+        initial_backoff_ms: INITIAL_BACKOFF_MS,
+        max_backoff_ms: MAX_BACKOFF_MS,
+        env: vec![("RUST_LOG".to_string(), "warn".to_string())],
+        log_dir: None,
+    };
+    ProcessOrchestrator::new(config)
+}
+
+async fn next_event(events: &mut UnboundedReceiver<ProcessEvent>) -> ProcessEvent {
+    tokio::time::timeout(EVENT_TIMEOUT, events.recv())
+        .await
+        .unwrap_or_else(|_| panic!("no process event within {EVENT_TIMEOUT:?}"))
+        .expect("the orchestrator's event channel is open")
+}
+
+/// The pids of the next event, which must be `Running` for `replica`.
+async fn running(events: &mut UnboundedReceiver<ProcessEvent>, replica: ReplicaId) -> Vec<u32> {
+    match next_event(events).await {
+        ProcessEvent::Running { instance, replica: r, pids } if instance == INSTANCE && r == replica => pids,
+        other => panic!("expected {replica} running, got {other:?}"),
+    }
+}
+
+/// The backoff of the next event, which must be `Crashed` for `replica` (killed by SIGKILL).
+async fn crashed(events: &mut UnboundedReceiver<ProcessEvent>, replica: ReplicaId) -> u64 {
+    match next_event(events).await {
+        ProcessEvent::Crashed { instance, replica: r, status, restart_in_ms }
+            if instance == INSTANCE && r == replica =>
+        {
+            assert!(status.contains('9'), "{replica} exited with {status}, not by SIGKILL");
+            restart_in_ms
+        }
+        other => panic!("expected {replica} crashed, got {other:?}"),
+    }
+}
+
+fn kill(pid: u32) {
+    let status =
+        std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().expect("run kill");
+    assert!(status.success(), "kill -9 {pid}: {status}");
+}
+
+fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Waits (up to about 10 s) until `address` accepts TCP connections.
+async fn wait_until_listening(address: &str) {
+    for _ in 0..1_000 {
+        if tokio::net::TcpStream::connect(address).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{address} did not accept connections within about 10 s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_replica_restarts_in_place_after_a_doubling_backoff_that_resets_once_it_ran_stably() {
+    let (orchestrator, mut events) = orchestrator().await;
+    let replica = ReplicaId(1);
+    let spec = ReplicaSpec { instance: INSTANCE, replica, workers: 1, processes: 1 };
+    let addresses = orchestrator.ensure_replica(spec.clone()).await.expect("ensure replica");
+    assert_eq!(addresses.len(), 1);
+    let mut pids = running(&mut events, replica).await;
+    assert_eq!(pids.len(), 1);
+    assert_eq!(orchestrator.pids(INSTANCE, replica), pids);
+    wait_until_listening(&addresses[0]).await;
+
+    // Crashes in a row, each right after the restart: the backoff doubles.
+    for expected_backoff_ms in [INITIAL_BACKOFF_MS, 2 * INITIAL_BACKOFF_MS, 4 * INITIAL_BACKOFF_MS] {
+        kill(pids[0]);
+        assert_eq!(crashed(&mut events, replica).await, expected_backoff_ms);
+        let restarted = running(&mut events, replica).await;
+        assert_eq!(restarted.len(), 1);
+        assert_ne!(restarted, pids, "the restart reported the killed process");
+        assert!(!alive(pids[0]), "the killed process {} was not reaped", pids[0]);
+        pids = restarted;
+    }
+    assert_eq!(orchestrator.pids(INSTANCE, replica), pids);
+    assert_eq!(
+        orchestrator.ensure_replica(spec).await.expect("ensure again"),
+        addresses,
+        "the address moved"
+    );
+    wait_until_listening(&addresses[0]).await;
+
+    // Having run longer than the longest backoff, the replica's next crash waits the initial backoff again.
+    tokio::time::sleep(Duration::from_millis(MAX_BACKOFF_MS + 200)).await;
+    kill(pids[0]);
+    assert_eq!(crashed(&mut events, replica).await, INITIAL_BACKOFF_MS, "the backoff did not start over");
+    pids = running(&mut events, replica).await;
+
+    orchestrator.drop_replica(INSTANCE, replica).await.expect("drop replica");
+    assert!(!alive(pids[0]), "process {} outlived its dropped replica", pids[0]);
+    assert!(orchestrator.pids(INSTANCE, replica).is_empty());
+    // Dropped, it is not restarted: no event comes.
+    let after = tokio::time::timeout(Duration::from_millis(300), events.recv()).await;
+    assert!(after.is_err(), "an event after the drop: {after:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_two_process_replica_reports_both_pids_and_restarts_both_when_one_is_killed() {
+    let (orchestrator, mut events) = orchestrator().await;
+    let replica = ReplicaId(2);
+    let spec = ReplicaSpec { instance: INSTANCE, replica, workers: 1, processes: 2 };
+    let addresses = orchestrator.ensure_replica(spec).await.expect("ensure replica");
+    assert_eq!(addresses.len(), 2);
+    assert_ne!(addresses[0], addresses[1]);
+    let pids = running(&mut events, replica).await;
+    assert_eq!(pids.len(), 2);
+    assert_ne!(pids[0], pids[1]);
+    assert!(pids.iter().all(|pid| alive(*pid)), "{pids:?}");
+
+    kill(pids[0]);
+    assert_eq!(crashed(&mut events, replica).await, INITIAL_BACKOFF_MS);
+    let restarted = running(&mut events, replica).await;
+    assert_eq!(restarted.len(), 2);
+    assert!(restarted.iter().all(|pid| !pids.contains(pid)), "{restarted:?} reuses one of {pids:?}");
+    assert!(!alive(pids[1]), "the surviving process {} was not stopped with the killed one", pids[1]);
+    for address in &addresses {
+        wait_until_listening(address).await;
+    }
+
+    orchestrator.drop_replica(INSTANCE, replica).await.expect("drop replica");
+    for pid in restarted {
+        assert!(!alive(pid), "process {pid} outlived its dropped replica");
+    }
+}
