@@ -173,7 +173,12 @@ mod tests {
     #[test]
     fn as_of_selection_table() {
         let s = |t| Ok(Antichain::from_elem(t));
-        type Case = (&'static str, bool, Vec<(u64, ImportFrontiers<u64>)>, Result<Antichain<u64>, ()>);
+        type Case = (
+            &'static str,
+            bool,
+            Vec<(u64, ImportFrontiers<u64>)>,
+            Result<Antichain<u64>, AsOfSelectionError>,
+        );
         let cases: Vec<Case> = vec![
             ("freshest common time", false, vec![(1, f(5, 20)), (2, f(8, 30))], s(19)),
             (
@@ -198,14 +203,17 @@ mod tests {
                 "a target ahead of the inputs' compaction has no valid as-of",
                 true,
                 vec![(1, f(5, 20)), (2, f(8, 30)), (9, f(0, 7))],
-                Err(()),
+                Err(AsOfSelectionError::TargetAhead {
+                    target: GlobalId::User(9),
+                    upper: "[7]".to_string(),
+                    since: "[8]".to_string(),
+                }),
             ),
         ];
         for (name, mv, imports, expected) in cases {
             let frontiers: BTreeMap<_, _> =
                 imports.into_iter().map(|(id, f)| (GlobalId::User(id), f)).collect();
-            let result = select_as_of(&dataflow(mv), &frontiers).map_err(|_| ());
-            assert_eq!(result, expected, "{name}");
+            assert_eq!(select_as_of(&dataflow(mv), &frontiers), expected, "{name}");
         }
         let missing = select_as_of(&dataflow(false), &BTreeMap::from([(GlobalId::User(1), f(0, 1))]));
         assert_eq!(missing, Err(AsOfSelectionError::MissingFrontiers(GlobalId::User(2))));
@@ -215,5 +223,28 @@ mod tests {
             select_as_of(&dataflow(false), &frontiers),
             Err(AsOfSelectionError::ImportCompacted(GlobalId::User(1)))
         );
+    }
+
+    #[test]
+    fn an_as_of_at_or_beyond_until_is_refused_and_one_before_it_is_chosen() {
+        let frontiers = BTreeMap::from([(GlobalId::User(1), f(5, 20)), (GlobalId::User(2), f(8, 30))]);
+        // (until, expected): the freshest common time is 19.
+        type Case = (Antichain<u64>, Result<Antichain<u64>, AsOfSelectionError>);
+        let table: [Case; 4] = [
+            (Antichain::new(), Ok(Antichain::from_elem(19))),
+            (Antichain::from_elem(20), Ok(Antichain::from_elem(19))),
+            (
+                Antichain::from_elem(19),
+                Err(AsOfSelectionError::BeyondUntil { as_of: "[19]".to_string(), until: "[19]".to_string() }),
+            ),
+            (
+                Antichain::from_elem(12),
+                Err(AsOfSelectionError::BeyondUntil { as_of: "[19]".to_string(), until: "[12]".to_string() }),
+            ),
+        ];
+        for (until, expected) in table {
+            let df = DataflowDescription { until: until.clone(), ..dataflow(false) };
+            assert_eq!(select_as_of(&df, &frontiers), expected, "until {until:?}");
+        }
     }
 }

@@ -2,8 +2,15 @@
 //! operation can fail.
 //!
 //! Every variant here is a *caller* error or an environment failure (storage, orchestrator). A broken
-//! internal invariant is an `assert!`, never one of these. Each variant is produced by some test in
-//! `tests/it/errors.rs`.
+//! internal invariant is an `assert!`, never one of these.
+//!
+//! **Tests.** Each variant is produced by some test. Those the instance core decides (`Invalid`,
+//! `CollectionExists`, `SinceViolation`, `ReplicaExists`, `NotAnIndex`, `PeekMissing`, ...) are in
+//! `tests/it/errors.rs`, against the synchronous `InstanceCore`. Those only the async
+//! [`ComputeController`](crate::ComputeController) produces (`InstanceExists`, every `InstanceMissing`,
+//! `NoProcesses`, `Orchestrator`, `NoValidAsOf`, `BadSinkTarget`, every `Storage`, and all of
+//! [`CollectionLookupError`]) are in `tests/it/api_errors.rs`, each followed by a check that the failed
+//! call changed nothing.
 
 use frontiers::{Antichain, Timestamp};
 use protocol::{DataflowValidationError, GlobalId, InstanceId, PeekId, ReplicaId};

@@ -1,11 +1,15 @@
 //! Integration tests of the controller: the instance core driven with synthetic replica events (the
-//! compaction chain, peek holds, replica drops, faulty replicas, subscribes, copy-to, every error), and the
-//! async controller end to end against real compute replicas.
+//! compaction chain, peek holds, replica drops, faulty replicas, subscribes, copy-to, every error of the
+//! core), and the async controller end to end against real compute replicas, including managed replicas
+//! started by the in-process orchestrator (`orchestrators`), and every error that only the async API
+//! produces, each shown to change nothing (`api_errors`).
 
+mod api_errors;
 mod chain;
 mod e2e;
 mod errors;
 mod harness;
+mod orchestrators;
 mod peeks;
 mod replicas;
 mod sinks;
