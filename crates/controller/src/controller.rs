@@ -302,6 +302,9 @@ impl ComputeController {
                 if handle.managed.contains_key(&replica) {
                     return Err(ReplicaCreationError::ReplicaExists(replica));
                 }
+                if processes == 0 {
+                    return Err(ReplicaCreationError::NoProcesses(replica));
+                }
                 let spec = ReplicaSpec { instance, replica, workers, processes };
                 let addresses = orchestrator
                     .ensure_replica(spec.clone())
@@ -310,16 +313,22 @@ impl ComputeController {
                 (addresses, Some(spec))
             }
         };
-        if addresses.is_empty() {
-            return Err(ReplicaCreationError::NoProcesses(replica));
-        }
-        let result =
-            request(handle, |reply| InstanceCommand::AddReplica { replica, addresses, reply }).await?;
-        if let Err(e) = &result {
-            if let (Some(orchestrator), Some(_)) = (&self.orchestrator, &spec) {
-                let _ = orchestrator.drop_replica(instance, replica).await;
+        let result = if addresses.is_empty() {
+            Err(ReplicaCreationError::NoProcesses(replica))
+        } else {
+            request(handle, |reply| InstanceCommand::AddReplica { replica, addresses, reply })
+                .await
+                .map_err(ReplicaCreationError::from)
+                .and_then(|added| added)
+        };
+        if let Err(e) = result {
+            // A replica the orchestrator started for nothing is stopped again.
+            if let (Some(orchestrator), Some(_)) = (&self.orchestrator, &spec)
+                && let Err(reason) = orchestrator.drop_replica(instance, replica).await
+            {
+                warn!(%instance, %replica, %reason, "could not stop a replica that was not added");
             }
-            return Err(e.clone());
+            return Err(e);
         }
         if let Some(spec) = spec {
             self.instances.get_mut(&instance).expect("checked").managed.insert(replica, spec);

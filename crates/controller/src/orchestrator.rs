@@ -137,8 +137,19 @@ impl Orchestrator for InProcessOrchestrator {
             let started = tokio::task::spawn_blocking(move || launcher(&spec_copy))
                 .await
                 .map_err(|e| format!("launcher panicked: {e}"))??;
-            let addresses = started.addresses();
-            self.running.lock().expect("orchestrator lock").insert(key, started);
+            // Another call may have started the same replica meanwhile (the lock is not held across the
+            // launch): the first one stays, the later one is stopped again.
+            let addresses = match self.running.lock().expect("orchestrator lock").entry(key) {
+                std::collections::btree_map::Entry::Occupied(first) => first.get().addresses(),
+                std::collections::btree_map::Entry::Vacant(slot) => {
+                    let addresses = started.addresses();
+                    slot.insert(started);
+                    return Ok(addresses);
+                }
+            };
+            tokio::task::spawn_blocking(move || started.shutdown())
+                .await
+                .map_err(|e| format!("shutdown panicked: {e}"))?;
             Ok(addresses)
         })
     }

@@ -360,13 +360,18 @@ async fn a_replica_location_with_no_processes_fails_with_no_processes_and_adds_n
     assert_replica_not_added(&mut controller, &replica).await;
     drop(controller);
 
-    // Managed, with an orchestrator that (as asked) runs zero processes and so reports no address.
+    // Managed, asking for zero processes: refused before the orchestrator is asked.
     let orchestrator = Arc::new(ScriptedOrchestrator::new(Ok(Vec::new())));
     let mut controller = controller_on(Arc::clone(&storage) as _, Some(Arc::clone(&orchestrator) as _)).await;
     let none = ReplicaLocation::Managed { workers: 1, processes: 0 };
     assert_eq!(controller.add_replica(INSTANCE, R1, none).await, Err(ReplicaCreationError::NoProcesses(R1)));
-    let spec = ReplicaSpec { instance: INSTANCE, replica: R1, workers: 1, processes: 0 };
-    assert_eq!(orchestrator.calls().0, vec![spec]);
+    assert_eq!(orchestrator.calls(), (Vec::new(), Vec::new()));
+    // Managed, with an orchestrator that starts the replica but reports no address: what it started is
+    // stopped again.
+    let one = ReplicaLocation::Managed { workers: 1, processes: 1 };
+    assert_eq!(controller.add_replica(INSTANCE, R1, one).await, Err(ReplicaCreationError::NoProcesses(R1)));
+    let spec = ReplicaSpec { instance: INSTANCE, replica: R1, workers: 1, processes: 1 };
+    assert_eq!(orchestrator.calls(), (vec![spec], vec![(INSTANCE, R1)]));
     assert_replica_not_added(&mut controller, &replica).await;
 
     drop(controller);

@@ -293,3 +293,38 @@ async fn ensuring_a_running_in_process_replica_returns_its_addresses_without_lau
     orchestrator.drop_replica(INSTANCE, ReplicaId(7)).await.expect("drop");
     assert_eq!(log.shut_down(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_concurrent_ensures_of_one_replica_keep_the_first_and_stop_the_other() {
+    let storage = Arc::new(InProcess::in_memory(StoreConfig::default()));
+    let log = Arc::new(LaunchLog::default());
+    // Both launches are under way before either finishes.
+    let barrier = Arc::new(std::sync::Barrier::new(2));
+    let both_start: Launcher = {
+        let (storage, log) = (Arc::clone(&storage), Arc::clone(&log));
+        Arc::new(move |spec: &ReplicaSpec| {
+            barrier.wait();
+            let handle = ReplicaServer::start(ReplicaConfig {
+                listen: "127.0.0.1:0".parse().expect("address"),
+                workers: spec.workers,
+                process: 0,
+                timely_addresses: Vec::new(),
+                storage: Arc::clone(&storage) as Arc<dyn StorageCollections>,
+            })
+            .map_err(|e| e.to_string())?;
+            log.launched.fetch_add(1, Ordering::SeqCst);
+            Ok(Box::new(InProcessReplica { handle, log: Arc::clone(&log) }) as Box<dyn RunningReplica>)
+        })
+    };
+    let orchestrator = InProcessOrchestrator::new(both_start);
+    let spec = ReplicaSpec { instance: INSTANCE, replica: R1, workers: 1, processes: 1 };
+    let (first, second) =
+        tokio::join!(orchestrator.ensure_replica(spec.clone()), orchestrator.ensure_replica(spec.clone()));
+    let (first, second) = (first.expect("first ensure"), second.expect("second ensure"));
+    assert_eq!(first, second, "both callers get the replica that stays");
+    assert_eq!((log.launched(), log.shut_down()), (2, 1), "the later launch was stopped again");
+    orchestrator.drop_replica(INSTANCE, R1).await.expect("drop the replica that stayed");
+    assert_eq!(log.shut_down(), 2);
+    let address: SocketAddr = first[0].parse().expect("an address");
+    assert!(std::net::TcpStream::connect(address).is_err(), "nothing listens at {address} any more");
+}
