@@ -2,12 +2,14 @@
 //! compaction chain, peek holds, replica drops, faulty replicas, subscribes, copy-to, every error of the
 //! core), and the async controller end to end against real compute replicas, including managed replicas
 //! started by the in-process orchestrator (`orchestrators`), and every error that only the async API
-//! produces, each shown to change nothing (`api_errors`).
+//! produces, each shown to change nothing (`api_errors`), and a replica the controller finds faulty being
+//! disconnected, reconnected and serving again (`faults`).
 
 mod api_errors;
 mod chain;
 mod e2e;
 mod errors;
+mod faults;
 mod harness;
 mod orchestrators;
 mod peeks;
