@@ -6,6 +6,8 @@
 //! *just below* the collection's upper: its snapshot then lands at a time the sink skips (already written),
 //! and its changes continue exactly where the data ends. If the inputs can no longer be read that far back,
 //! there is no valid as-of and the caller gets an error, not a view with duplicated or missing rows.
+//! The target's upper is read here only to choose the as-of; afterwards the instance follows it (the
+//! view's upper is its target's storage upper, see `InstanceCore::storage_upper`).
 //!
 //! **Invariant:** every as-of returned is beyond every import's since and before `until` (tested below and
 //! in `tests/it/as_of.rs`).

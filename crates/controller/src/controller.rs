@@ -5,7 +5,8 @@
 //! acquisition go straight to the instance's [`SharedState`] behind a mutex and never wait behind a busy
 //! task. Storage is reached through the [`StorageCollections`] trait: the handle asks it for import
 //! frontiers (to select an as-of) and holds (handed to the core), answers storage peeks from snapshots,
-//! and writes introspection updates into storage collections.
+//! and writes introspection updates into storage collections. Each instance task also watches storage's
+//! frontiers and feeds them to its core, whose materialized views take their upper from their targets'.
 //!
 //! **Boundary:** this file is I/O and plumbing. Every decision about holds, compaction, peeks and
 //! subscribes is the core's (`instance.rs`), which the simulator drives without this shell.
@@ -122,6 +123,9 @@ enum InstanceCommand {
     CreateDataflow {
         desc: DataflowDescription<Timestamp>,
         holds: BTreeMap<GlobalId, StorageReadHold>,
+        /// The storage uppers of its materialized views' targets, read just before: fed to the core first,
+        /// so the views follow storage from their creation even if the frontier watch is behind.
+        target_uppers: Vec<(GlobalId, Antichain<Timestamp>)>,
         reply: Reply<Result<(), DataflowCreationError>>,
     },
     DropCollections {
@@ -252,6 +256,7 @@ impl ComputeController {
                 core,
                 rx,
                 wake,
+                Arc::clone(&self.storage),
                 self.responses_tx.clone(),
                 self.introspection_tx.clone(),
                 self.config.clone(),
@@ -475,7 +480,18 @@ impl ComputeController {
             })?;
             holds.insert(*id, hold);
         }
-        request(handle, |reply| InstanceCommand::CreateDataflow { desc, holds, reply }).await??;
+        let mut target_uppers = Vec::new();
+        for sink in desc.sink_exports.values() {
+            if let SinkConnection::MaterializedView { target } = &sink.connection {
+                // Best effort: the instance's frontier watch feeds the upper anyway.
+                match self.storage.frontiers(*target).await {
+                    Ok(f) => target_uppers.push((*target, f.upper)),
+                    Err(e) => debug!(%target, error = %e, "materialized view target's upper unknown"),
+                }
+            }
+        }
+        request(handle, |reply| InstanceCommand::CreateDataflow { desc, holds, target_uppers, reply })
+            .await??;
         Ok(as_of)
     }
 
@@ -699,11 +715,17 @@ async fn run_instance(
     mut core: InstanceCore<Timestamp>,
     mut commands: mpsc::UnboundedReceiver<InstanceCommand>,
     wake: Arc<Notify>,
+    storage: Arc<dyn StorageCollections>,
     responses: mpsc::UnboundedSender<ComputeControllerResponse>,
     introspection: Option<mpsc::UnboundedSender<IntrospectionUpdates>>,
     config: ControllerConfig,
 ) {
     let (events_tx, mut events) = mpsc::unbounded_channel::<(ReplicaId, ReplicaEvent<Timestamp>)>();
+    // Storage frontier changes, for the core's materialized views (see `InstanceCore::storage_upper`).
+    let (frontiers_tx, mut storage_frontiers) = mpsc::unbounded_channel();
+    let _watch = AbortOnDrop(tokio::spawn(
+        watch_storage_frontiers(storage, frontiers_tx).instrument(tracing::Span::current()),
+    ));
     let mut clients: BTreeMap<ReplicaId, ReplicaClient<Timestamp>> = BTreeMap::new();
     let mut peek_results: BTreeMap<PeekId, Reply<PeekResponse>> = BTreeMap::new();
     let mut tick = tokio::time::interval(Duration::from_millis(config.tick_interval_ms.max(1)));
@@ -735,7 +757,10 @@ async fn run_instance(
                         }
                         let _ = reply.send(result);
                     }
-                    InstanceCommand::CreateDataflow { desc, holds, reply } => {
+                    InstanceCommand::CreateDataflow { desc, holds, target_uppers, reply } => {
+                        for (target, upper) in target_uppers {
+                            core.storage_upper(target, upper);
+                        }
                         let _ = reply.send(core.create_dataflow(desc, holds));
                     }
                     InstanceCommand::DropCollections { ids, reply } => {
@@ -766,6 +791,10 @@ async fn run_instance(
                 core.advance_clock(wallclock_ms());
                 core.handle_replica_event(replica, event);
             }
+            Some((id, frontiers)) = storage_frontiers.recv() => match frontiers {
+                Some(frontiers) => core.storage_upper(id, frontiers.upper),
+                None => core.storage_collection_dropped(id),
+            },
             _ = wake.notified() => core.process_holds(),
             _ = tick.tick() => core.tick(wallclock_ms()),
         }
@@ -806,57 +835,175 @@ async fn run_instance(
     }
 }
 
+/// One introspection collection as its writer sees it.
+#[derive(Debug, Default)]
+struct IntrospectionTarget {
+    /// The collection's upper as last written or read; `None`: unknown (at start, or after someone else
+    /// wrote), so the collection is reconciled before the next append.
+    upper: Option<Antichain<u64>>,
+    /// The rows the controller wants there: every update received so far, consolidated.
+    desired: BTreeMap<Row, Diff>,
+    /// What the next append writes.
+    pending: Vec<(Row, Diff)>,
+}
+
+impl IntrospectionTarget {
+    fn receive(&mut self, row: Row, diff: Diff) {
+        let count = self.desired.entry(row.clone()).or_insert(0);
+        *count += diff;
+        if *count == 0 {
+            self.desired.remove(&row);
+        }
+        self.pending.push((row, diff));
+    }
+
+    /// Learns the upper of collection `id` and sets the pending updates to what turns its current contents
+    /// into the desired rows: rows another writer (an earlier controller) left there are retracted.
+    async fn reconcile(&mut self, storage: &dyn StorageCollections, id: GlobalId) -> Result<(), String> {
+        let upper = storage.frontiers(id).await.map_err(|e| e.to_string())?.upper;
+        let mut correction = self.desired.clone();
+        if let Some(time) = upper.as_option().and_then(|t| t.checked_sub(1)) {
+            for (row, diff) in storage.snapshot(id, time).await.map_err(|e| e.to_string())? {
+                *correction.entry(row).or_insert(0) -= diff;
+            }
+        }
+        self.pending = correction.into_iter().filter(|(_, diff)| *diff != 0).collect();
+        self.upper = Some(upper);
+        Ok(())
+    }
+}
+
+/// Aborts a task when dropped: the instance task's helpers end with it (also when it is aborted).
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Sends every storage frontier change to `tx` (first the current frontiers of every collection), for as
+/// long as `tx`'s receiver lives. A watch that fails or ends (a storage server restart, say) is
+/// re-established after a backoff, which doubles up to two seconds and resets once a watch delivers; the
+/// new watch starts again from every collection's current frontiers, which the core dedups.
+async fn watch_storage_frontiers(
+    storage: Arc<dyn StorageCollections>,
+    tx: mpsc::UnboundedSender<(GlobalId, Option<storage::CollectionFrontiers>)>,
+) {
+    const INITIAL_BACKOFF: Duration = Duration::from_millis(50);
+    const MAX_BACKOFF: Duration = Duration::from_secs(2);
+    let mut backoff = INITIAL_BACKOFF;
+    loop {
+        match storage.watch_frontiers().await {
+            Ok(mut watch) => loop {
+                match watch.next().await {
+                    Ok(change) => {
+                        backoff = INITIAL_BACKOFF;
+                        if tx.send(change).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        warn!(error = %e, ?backoff, "storage frontier watch ended; re-establishing it");
+                        break;
+                    }
+                }
+            },
+            Err(e) => warn!(error = %e, ?backoff, "cannot watch storage frontiers; retrying"),
+        }
+        if tx.is_closed() {
+            return;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
 /// Appends introspection updates to their storage collections every `interval`, at the wall-clock time,
 /// advancing every introspection collection's upper even when nothing changed.
+///
+/// The controller owns these collections: before its first append to one (and again after an append
+/// finds that someone else wrote to it), the writer reads the collection's contents and writes the
+/// difference to the rows it wants, so rows an earlier controller left behind are retracted. A collection
+/// whose upper or contents cannot be read is skipped for that round and keeps its pending updates.
 async fn write_introspection(
     storage: Arc<dyn StorageCollections>,
     mut rx: mpsc::UnboundedReceiver<IntrospectionUpdates>,
     interval: Duration,
 ) {
-    let mut uppers: BTreeMap<GlobalId, Antichain<u64>> = BTreeMap::new();
-    let mut pending: Vec<(IntrospectionKind, Row, Diff)> = Vec::new();
+    let mut targets: BTreeMap<IntrospectionKind, IntrospectionTarget> =
+        IntrospectionKind::ALL.iter().map(|kind| (*kind, IntrospectionTarget::default())).collect();
     let mut ticker = tokio::time::interval(interval);
     loop {
         tokio::select! {
             batch = rx.recv() => match batch {
-                Some(batch) => pending.extend(batch),
+                Some(batch) => {
+                    for (kind, row, diff) in batch {
+                        targets.get_mut(&kind).expect("every kind has a target").receive(row, diff);
+                    }
+                }
                 None => return,
             },
             _ = ticker.tick() => {
-                for kind in IntrospectionKind::ALL {
+                for (kind, target) in &mut targets {
                     let id = kind.default_id();
-                    if let std::collections::btree_map::Entry::Vacant(entry) = uppers.entry(id) {
-                        match storage.frontiers(id).await {
-                            Ok(f) => { entry.insert(f.upper); }
-                            Err(e) => { warn!(%id, error = %e, "introspection collection unavailable"); continue; }
-                        }
+                    if target.upper.is_none()
+                        && let Err(error) = target.reconcile(&*storage, id).await
+                    {
+                        warn!(%id, %error, "introspection collection unavailable");
                     }
                 }
                 let now = wallclock_ms();
-                let time = uppers.values().filter_map(|u| u.elements().first().copied()).max().unwrap_or(0).max(now);
-                let requests: Vec<AppendRequest> = IntrospectionKind::ALL
+                let time = targets
+                    .values()
+                    .filter_map(|t| t.upper.as_ref()?.as_option().copied())
+                    .max()
+                    .unwrap_or(0)
+                    .max(now);
+                // Only collections with a known, open upper are written; the others keep their updates.
+                let written: Vec<IntrospectionKind> = targets
                     .iter()
-                    .filter(|kind| uppers.contains_key(&kind.default_id()))
-                    .map(|kind| {
-                        let id = kind.default_id();
-                        let updates = pending.iter().filter(|(k, _, _)| k == kind).map(|(_, row, diff)| (row.clone(), time, *diff)).collect();
-                        AppendRequest { id, updates, expected_upper: uppers[&id].clone(), new_upper: Antichain::from_elem(time + 1) }
+                    .filter(|(_, t)| {
+                        let at = Antichain::from_elem(time);
+                        t.upper.as_ref().is_some_and(|u| PartialOrder::less_equal(u, &at))
                     })
-                    .filter(|r| PartialOrder::less_equal(&r.expected_upper, &Antichain::from_elem(time)))
+                    .map(|(kind, _)| *kind)
                     .collect();
-                if requests.is_empty() {
+                if written.is_empty() {
                     continue;
                 }
+                let requests: Vec<AppendRequest> = written
+                    .iter()
+                    .map(|kind| {
+                        let target = &targets[kind];
+                        AppendRequest {
+                            id: kind.default_id(),
+                            updates: target
+                                .pending
+                                .iter()
+                                .map(|(row, diff)| (row.clone(), time, *diff))
+                                .collect(),
+                            expected_upper: target.upper.clone().expect("filtered"),
+                            new_upper: Antichain::from_elem(time + 1),
+                        }
+                    })
+                    .collect();
                 match storage.append(requests).await {
                     Ok(()) => {
-                        pending.clear();
-                        for kind in IntrospectionKind::ALL {
-                            uppers.insert(kind.default_id(), Antichain::from_elem(time + 1));
+                        for kind in written {
+                            let target = targets.get_mut(&kind).expect("listed");
+                            target.pending.clear();
+                            target.upper = Some(Antichain::from_elem(time + 1));
                         }
                     }
-                    Err(AppendError::UpperMismatch { .. }) => {
-                        // Someone else wrote (or our view is stale): re-read the uppers next time.
-                        uppers.clear();
+                    Err(AppendError::UpperMismatch { id, .. }) => {
+                        // Someone else wrote: reconcile that collection with what is there now.
+                        warn!(%id, "introspection collection written by someone else; reconciling");
+                        for (kind, target) in &mut targets {
+                            if kind.default_id() == id {
+                                target.upper = None;
+                            }
+                        }
                     }
                     Err(e) => warn!(error = %e, "introspection append failed; retrying"),
                 }

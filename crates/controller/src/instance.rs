@@ -13,8 +13,8 @@
 //!
 //! Every compute collection (a dataflow export) has, in the instance's [`ReadHolds`] accounting:
 //! - an *implied hold*, the controller's own, governed by the read policy (indexes) or by the sink's
-//!   progress (materialized views and subscribes: one step behind what is written or forwarded, so a
-//!   rehydrated sink never re-emits what was already delivered);
+//!   progress (materialized views and subscribes: one step behind what is written, see below, or
+//!   forwarded, so a rehydrated sink never re-emits what was already delivered);
 //! - the holds of callers ([`acquire_read_hold`](crate::ComputeController::acquire_read_hold)), of pending
 //!   peeks, and of dataflows that import it.
 //!
@@ -35,6 +35,24 @@
 //!    been cancelled and answered, or been dropped.
 //! 4. A collection's state (and every hold it owns) goes away once it is dropped, fully compacted, and
 //!    every connected replica has reported it dropped; nothing outlives it.
+//!
+//! # Materialized views
+//!
+//! A replica reports a view's write frontier *before* its compare-and-append to the target storage
+//! collection is durable, so the replicas' reports overstate what readers of the target can see. The shell
+//! therefore watches storage and feeds every storage upper in through
+//! [`storage_upper`](InstanceCore::storage_upper) (uppers only advance; a regression is ignored). A view's
+//! upper (in the shared state, [`collection_frontiers`](InstanceCore::collection_frontiers) and the
+//! `FrontierUpper` responses), and with it the since one step behind (never below the as-of), is then:
+//! - if its target's storage upper was fed before the view was created: the latest storage upper of the
+//!   target (which may be below the view's as-of while nothing is written there);
+//! - if it was first fed later: the join of the upper the view had reached by then and the latest storage
+//!   upper (so an upper never regresses);
+//! - if it was never fed (a core driven by a test harness or the simulator): the join of the replicas'
+//!   reports, as for every other collection.
+//!
+//! Per-replica frontiers, hydration and per-replica input holds follow the replicas' reports in every case.
+//! A dropped view's upper no longer moves.
 //!
 //! # Subscribes
 //!
@@ -73,7 +91,8 @@ use crate::response::{ComputeControllerResponse, PeekNotification, PeekOutcome};
 pub struct CollectionFrontiers<T> {
     /// The read frontier: the meet of every hold.
     pub since: Antichain<T>,
-    /// The write frontier: the join of every replica's.
+    /// The write frontier: the join of every replica's; for a materialized view whose target's storage
+    /// upper the instance has been told, what storage has durably instead (see the module documentation).
     pub upper: Antichain<T>,
 }
 
@@ -95,7 +114,8 @@ pub struct SharedState<T: Timestamp> {
 }
 
 impl<T: Timestamp> SharedState<T> {
-    /// A live collection's frontiers: the since of its holds and the upper the replicas reported.
+    /// A live collection's frontiers: the since of its holds and its upper (the replicas' reports, or for a
+    /// materialized view its target's storage upper; see the module documentation).
     pub fn frontiers(&self, id: GlobalId) -> Option<CollectionFrontiers<T>> {
         let (since, collection) = self.holds.since_and_attachment(&id).filter(|(_, c)| !c.dropped)?;
         Some(CollectionFrontiers { since: since.to_owned(), upper: collection.write_frontier.clone() })
@@ -311,6 +331,9 @@ struct Collection<T: Timestamp> {
     /// The history's compaction of this collection is behind its since (the collection is then listed
     /// in `InstanceCore::history_behind`).
     history_behind: bool,
+    /// A materialized view whose upper follows its target's storage upper (fed through
+    /// [`InstanceCore::storage_upper`]) rather than the replicas' reports. Set once, never cleared.
+    upper_from_storage: bool,
     kind: CollectionKind,
     read_policy: ReadPolicy<T>,
     /// The controller's own hold; released on drop.
@@ -351,6 +374,14 @@ struct PendingPeek<T: Timestamp> {
 struct Replica {
     /// Initialized on the current connection (status `Hydrating` or `Ready`).
     connected: bool,
+    /// How many connections came up so far (the current one included): a replica connected before
+    /// *re*hydrates.
+    connections: u32,
+    /// When the current (or last) connection came up: hydration times on it count from here.
+    connected_ms: u64,
+    /// The live collections not hydrated on the current connection (kept as a count, so that a hydration
+    /// does not scan every collection to tell whether the replica is done).
+    unhydrated: usize,
 }
 
 /// One compute instance's state machine. See the module documentation.
@@ -382,6 +413,11 @@ pub struct InstanceCore<T: Timestamp> {
     last_lag_refresh_ms: u64,
     /// `AllowWrites` was broadcast (and is in the history, so every later replica gets it too).
     writes_allowed: bool,
+    /// The latest upper [`storage_upper`](Self::storage_upper) was told of, per storage collection (only
+    /// advances). Kept for every collection fed, so that a materialized view created later starts from it.
+    storage_uppers: BTreeMap<GlobalId, Antichain<T>>,
+    /// The live materialized views writing into each storage collection.
+    materialized_views: BTreeMap<GlobalId, SmallVec<[GlobalId; 1]>>,
 }
 
 impl<T: Timestamp> InstanceCore<T> {
@@ -410,6 +446,8 @@ impl<T: Timestamp> InstanceCore<T> {
             now_ms,
             last_lag_refresh_ms: now_ms,
             writes_allowed: false,
+            storage_uppers: BTreeMap::new(),
+            materialized_views: BTreeMap::new(),
         }
     }
 
@@ -433,6 +471,11 @@ impl<T: Timestamp> InstanceCore<T> {
         self.introspection.drain()
     }
 
+    /// The current introspection rows (what the drained updates add up to).
+    pub fn introspection(&self) -> &IntrospectionState {
+        &self.introspection
+    }
+
     // ---------------------------------------------------------------------------------------------
     // Replicas
 
@@ -442,7 +485,10 @@ impl<T: Timestamp> InstanceCore<T> {
         if self.replicas.contains_key(&replica) {
             return Err(ReplicaCreationError::ReplicaExists(replica));
         }
-        self.replicas.insert(replica, Replica { connected: false });
+        self.replicas.insert(
+            replica,
+            Replica { connected: false, connections: 0, connected_ms: self.now_ms, unhydrated: 0 },
+        );
         for (_, collection) in lock(&self.shared).holds.attachments_mut() {
             let input_holds = collection.import_holds[..collection.storage_imports]
                 .iter()
@@ -474,6 +520,7 @@ impl<T: Timestamp> InstanceCore<T> {
             }))
             .expect("CreateInstance is always recordable");
         self.set_replica_status_row(replica, "connecting", None);
+        self.reset_hydration_rows(replica);
         Ok(history)
     }
 
@@ -616,19 +663,32 @@ impl<T: Timestamp> InstanceCore<T> {
             }
             let read_policy = self.config.default_index_policy.clone();
             let created_ms = self.now_ms;
-            lock(&self.shared)
+            // A materialized view into a storage collection whose upper is known follows that upper from
+            // the start, also while it is below the as-of (an empty target: nothing is readable there yet).
+            let storage_upper = match &kind {
+                CollectionKind::MaterializedView { target } => {
+                    self.materialized_views.entry(*target).or_default().push(id);
+                    self.storage_uppers.get(target)
+                }
+                _ => None,
+            };
+            let upper_from_storage = storage_upper.is_some();
+            let write_frontier = storage_upper.cloned().unwrap_or_else(|| as_of.clone());
+            let mut shared = lock(&self.shared);
+            shared
                 .holds
                 .create_with(id, as_of.clone(), |implied_hold| Collection {
                     kind,
                     typ,
                     as_of: as_of.clone(),
-                    write_frontier: as_of.clone(),
+                    write_frontier,
                     read_policy,
                     implied_hold,
                     import_holds: import_holds.iter().map(ReadHold::clone_hold).collect(),
                     storage_imports,
                     dropped: false,
                     history_behind: false,
+                    upper_from_storage,
                     created_ms,
                     per_replica,
                     forwarded: as_of.clone(),
@@ -636,11 +696,16 @@ impl<T: Timestamp> InstanceCore<T> {
                     finished: false,
                 })
                 .expect("export ids are new");
+            if upper_from_storage {
+                Self::apply_policy(shared.holds.attachment_mut(&id).expect("just created"));
+            }
         }
         drop(import_holds);
         let schedule = desc.export_ids().next().expect("validated dataflows export something");
+        let exports: Vec<GlobalId> = desc.export_ids().collect();
         self.broadcast(ComputeCommand::CreateDataflow(desc));
         self.broadcast(ComputeCommand::Schedule(schedule));
+        self.introspect_new_collections(&exports);
         self.process_holds();
         Ok(())
     }
@@ -682,12 +747,23 @@ impl<T: Timestamp> InstanceCore<T> {
                 collection.finished = true;
                 Some(ComputeControllerResponse::CopyToResponse { id, response: CopyToResponse::Dropped })
             }
+            CollectionKind::MaterializedView { target } => {
+                // A dropped view's upper no longer moves: storage uppers of its target pass it by.
+                if let Some(views) = self.materialized_views.get_mut(&target) {
+                    views.retain(|view| *view != id);
+                    if views.is_empty() {
+                        self.materialized_views.remove(&target);
+                    }
+                }
+                None
+            }
             _ => None,
         };
         drop(shared);
         if let Some(response) = notify {
             self.outputs.push_back(InstanceOutput::Response(response));
         }
+        self.introspect_dropped_collection(id);
     }
 
     /// Sets read policies. All ids must name live indexes, else nothing changes.
@@ -927,14 +1003,103 @@ impl<T: Timestamp> InstanceCore<T> {
             for id in self.collection_ids() {
                 self.maybe_remove(id);
             }
+            // It rehydrates everything on its next connection.
+            self.reset_hydration_rows(replica);
         }
-        let (name, reason) = match &status {
-            ReplicaStatus::Connecting { .. } => ("connecting", None),
-            ReplicaStatus::Hydrating => ("hydrating", None),
-            ReplicaStatus::Ready => ("ready", None),
-            ReplicaStatus::Failed { reason, .. } => ("failed", Some(reason.clone())),
+        if connected && !was_connected {
+            let state = self.replicas.get_mut(&replica).expect("checked");
+            state.connections = state.connections.saturating_add(1);
+            state.connected_ms = self.now_ms;
+        }
+        match &status {
+            ReplicaStatus::Connecting { .. } => self.set_replica_status_row(replica, "connecting", None),
+            ReplicaStatus::Failed { reason, .. } => {
+                self.set_replica_status_row(replica, "failed", Some(reason))
+            }
+            // Whether it is hydrated is the core's own judgement (the hydration rows), not the client's.
+            ReplicaStatus::Hydrating | ReplicaStatus::Ready => self.refresh_replica_status(replica),
+        }
+    }
+
+    /// Writes the status row of a connected replica: `connected` once every live collection is hydrated
+    /// on this connection, else `hydrating` (its first connection) or `rehydrating` (a later one). Does
+    /// nothing for a replica that is not connected (its row says `connecting` or `failed`).
+    fn refresh_replica_status(&mut self, replica: ReplicaId) {
+        let Some(state) = self.replicas.get(&replica) else { return };
+        if !state.connected {
+            return;
+        }
+        let first_connection = state.connections <= 1;
+        let all_hydrated = state.unhydrated == 0;
+        let status = match (all_hydrated, first_connection) {
+            (true, _) => "connected",
+            (false, true) => "hydrating",
+            (false, false) => "rehydrating",
         };
-        self.set_replica_status_row(replica, name, reason.as_deref());
+        self.set_replica_status_row(replica, status, None);
+    }
+
+    /// Sets the hydration rows of `replica` to not hydrated, for every live collection (a new replica, or
+    /// a lost connection: the replica's per-collection state was reset too).
+    fn reset_hydration_rows(&mut self, replica: ReplicaId) {
+        let live: Vec<GlobalId> =
+            lock(&self.shared).holds.attachments().filter(|(_, c)| !c.dropped).map(|(id, _)| *id).collect();
+        self.replicas.get_mut(&replica).expect("a replica of the instance").unhydrated = live.len();
+        for id in live {
+            self.introspection.set_for_collection(
+                IntrospectionKind::Hydration,
+                self.id,
+                replica,
+                id,
+                Some(&[Datum::Bool(false), Datum::Null]),
+            );
+        }
+    }
+
+    /// Writes the introspection rows of newly created collections: not hydrated on any replica yet (and
+    /// connected replicas are hydrating again until they are).
+    fn introspect_new_collections(&mut self, ids: &[GlobalId]) {
+        let replicas: Vec<ReplicaId> = self.replicas.keys().copied().collect();
+        for replica in replicas {
+            self.replicas.get_mut(&replica).expect("listed").unhydrated += ids.len();
+            for id in ids {
+                self.introspection.set_for_collection(
+                    IntrospectionKind::Hydration,
+                    self.id,
+                    replica,
+                    *id,
+                    Some(&[Datum::Bool(false), Datum::Null]),
+                );
+            }
+            self.refresh_replica_status(replica);
+        }
+    }
+
+    /// Removes every per-collection introspection row of collection `id` (dropped by the user: it is gone
+    /// for readers, even while its state waits for holds and replicas); replicas that waited only for it
+    /// are now hydrated.
+    fn introspect_dropped_collection(&mut self, id: GlobalId) {
+        let unhydrated: Vec<ReplicaId> = lock(&self.shared)
+            .holds
+            .attachment(&id)
+            .map(|c| {
+                c.per_replica.iter().filter(|(_, s)| s.hydrated_at_ms.is_none()).map(|(r, _)| *r).collect()
+            })
+            .unwrap_or_default();
+        for replica in unhydrated {
+            if let Some(state) = self.replicas.get_mut(&replica) {
+                state.unhydrated -= 1;
+            }
+        }
+        let replicas: Vec<ReplicaId> = self.replicas.keys().copied().collect();
+        for replica in replicas {
+            for kind in
+                [IntrospectionKind::Frontiers, IntrospectionKind::Hydration, IntrospectionKind::WallclockLag]
+            {
+                self.introspection.set_for_collection(kind, self.id, replica, id, None);
+            }
+            self.refresh_replica_status(replica);
+        }
     }
 
     fn set_replica_status_row(&mut self, replica: ReplicaId, status: &str, reason: Option<&str>) {
@@ -1018,8 +1183,15 @@ impl<T: Timestamp> InstanceCore<T> {
         if hydrated_now {
             state.hydrated_at_ms = Some(self.now_ms);
         }
-        let hydration_ms = hydrated_now.then(|| self.now_ms.saturating_sub(collection.created_ms));
-        let advanced = !PartialOrder::less_equal(&new, &collection.write_frontier);
+        // Hydration on this connection counts from when both the collection and the connection existed.
+        let hydration_ms = hydrated_now.then(|| {
+            let connected_ms = self.replicas.get(&replica).map_or(0, |r| r.connected_ms);
+            self.now_ms.saturating_sub(collection.created_ms.max(connected_ms))
+        });
+        // A materialized view that follows its target's storage upper takes no progress from replicas (a
+        // flag in the entry, read with `dropped`: no extra work for other collections).
+        let advanced =
+            !collection.upper_from_storage && !PartialOrder::less_equal(&new, &collection.write_frontier);
         if advanced && !collection.dropped {
             collection.write_frontier =
                 frontiers::antichain::join(&collection.write_frontier.borrow(), &new.borrow());
@@ -1033,7 +1205,10 @@ impl<T: Timestamp> InstanceCore<T> {
         }
         let dropped = collection.dropped;
         drop(shared);
-        if hydrated_now {
+        if hydrated_now && !dropped {
+            if let Some(state) = self.replicas.get_mut(&replica) {
+                state.unhydrated -= 1;
+            }
             self.introspection.set_for_collection(
                 IntrospectionKind::Hydration,
                 self.id,
@@ -1044,6 +1219,7 @@ impl<T: Timestamp> InstanceCore<T> {
                     hydration_ms.map(|ms| Datum::Int64(ms as i64)).unwrap_or(Datum::Null),
                 ]),
             );
+            self.refresh_replica_status(replica);
         }
         if dropped {
             self.maybe_remove(id);
@@ -1131,6 +1307,52 @@ impl<T: Timestamp> InstanceCore<T> {
     }
 
     // ---------------------------------------------------------------------------------------------
+    // Storage uppers
+
+    /// Storage collection `id` has durably written everything before `upper`. Every live materialized
+    /// view writing into `id` takes it as its upper from now on (see the module documentation), its since
+    /// following one step behind. Storage uppers only advance: an upper that is not beyond the last one
+    /// fed for `id` is ignored. For a collection no view writes into this costs two map lookups and
+    /// remembers the upper, for views created later.
+    pub fn storage_upper(&mut self, id: GlobalId, upper: Antichain<T>) {
+        if let Some(known) = self.storage_uppers.get(&id) {
+            if !PartialOrder::less_equal(known, &upper) {
+                debug!(%id, ?known, ?upper, "storage upper regressed; ignored");
+                return;
+            }
+            if *known == upper {
+                return;
+            }
+        }
+        self.storage_uppers.insert(id, upper.clone());
+        let Some(views) = self.materialized_views.get(&id) else { return };
+        let mut shared = lock(&self.shared);
+        for view in views {
+            let Some(collection) = shared.holds.attachment_mut(view) else { continue };
+            debug_assert!(!collection.dropped, "dropped views are not listed");
+            collection.upper_from_storage = true;
+            if PartialOrder::less_equal(&upper, &collection.write_frontier) {
+                continue;
+            }
+            collection.write_frontier =
+                frontiers::antichain::join(&collection.write_frontier.borrow(), &upper.borrow());
+            Self::apply_policy(collection);
+            self.outputs.push_back(InstanceOutput::Response(ComputeControllerResponse::FrontierUpper {
+                instance: self.id,
+                id: *view,
+                upper: collection.write_frontier.clone(),
+            }));
+        }
+        drop(shared);
+        self.process_holds();
+    }
+
+    /// Storage collection `id` was dropped: forgets its upper. Views writing into it keep theirs.
+    pub fn storage_collection_dropped(&mut self, id: GlobalId) {
+        self.storage_uppers.remove(&id);
+    }
+
+    // ---------------------------------------------------------------------------------------------
     // Time and holds
 
     /// Moves the core's clock forward without running timers: cheap, for before each input.
@@ -1171,9 +1393,11 @@ impl<T: Timestamp> InstanceCore<T> {
         let mut shared = lock(&self.shared);
         for (id, replica) in std::mem::take(&mut self.stale_frontier_rows) {
             let Some(collection) = shared.holds.attachment_mut(&id) else { continue };
+            let dropped = collection.dropped;
             let Some(state) = collection.per_replica.get_mut(&replica) else { continue };
             state.frontier_row_stale = false;
-            let Some(frontier) = &state.write_frontier else { continue };
+            // A dropped collection's rows are gone (see `introspect_dropped_collection`).
+            let Some(frontier) = state.write_frontier.as_ref().filter(|_| !dropped) else { continue };
             rows.push((id, replica, frontier.elements().first().map(|t| t.to_wallclock_ms())));
         }
         drop(shared);
@@ -1189,6 +1413,8 @@ impl<T: Timestamp> InstanceCore<T> {
         }
     }
 
+    /// Writes the wall-clock lag row of every (live collection, replica) with a write frontier on the
+    /// current connection: the clock minus the upper, rounded down to whole seconds (0 once closed).
     fn refresh_wallclock_lag(&mut self) {
         // Read out under the lock, packed into rows after it (see `refresh_frontier_rows`).
         let mut lags = Vec::new();
@@ -1198,8 +1424,10 @@ impl<T: Timestamp> InstanceCore<T> {
             }
             for (replica, state) in collection.per_replica.iter() {
                 let Some(frontier) = &state.write_frontier else { continue };
-                let Some(upper) = frontier.elements().first() else { continue };
-                let lag_ms = self.now_ms.saturating_sub(upper.to_wallclock_ms());
+                let lag_ms = match frontier.elements().first() {
+                    Some(upper) => self.now_ms.saturating_sub(upper.to_wallclock_ms()),
+                    None => 0,
+                };
                 lags.push((*id, *replica, (lag_ms / 1_000 * 1_000) as i64));
             }
         }
@@ -1431,6 +1659,20 @@ impl<T: Timestamp> InstanceCore<T> {
                 return Err(format!(
                     "peek {uuid}: since {since:?} of {} passed the peek's hold",
                     peek.collection
+                ));
+            }
+        }
+        for (replica, state) in &self.replicas {
+            let unhydrated = shared
+                .holds
+                .attachments()
+                .filter(|(_, c)| !c.dropped)
+                .filter(|(_, c)| c.per_replica.get(replica).is_some_and(|s| s.hydrated_at_ms.is_none()))
+                .count();
+            if unhydrated != state.unhydrated {
+                return Err(format!(
+                    "replica {replica}: {unhydrated} live collections are not hydrated, counted {}",
+                    state.unhydrated
                 ));
             }
         }

@@ -9,10 +9,43 @@
 //! | `compute_replica_status` | instance, replica, status, reason |
 //! | `compute_wallclock_lag` | instance, replica, collection, lag_ms (now minus upper, whole seconds) |
 //!
+//! What the values mean:
+//!
+//! - **`compute_replica_status.status`** is one of
+//!   - `connecting`: the replica has no connection (a first attempt under way, or the next one after a
+//!     failure);
+//!   - `failed`: the last attempt failed or the connection was lost; `reason` says why, and the next
+//!     attempt follows (back to `connecting`);
+//!   - `hydrating`: connected for the first time, and some live collection is not hydrated on it yet;
+//!   - `rehydrating`: connected again after an earlier connection was lost, and some live collection is
+//!     not hydrated on this connection yet;
+//!   - `connected`: connected, and every live collection is hydrated on this connection. A collection
+//!     created later turns it back to `hydrating` (or `rehydrating`) until that one hydrates too.
+//!
+//!   `reason` is NULL except for `failed`.
+//! - **`compute_hydration`** has a row for every replica and live collection of the instance, from the
+//!   moment both exist: `hydrated = false` with `hydration_time_ms` NULL until the replica's write
+//!   frontier for the collection passes the collection's as-of on its current connection; then `true`
+//!   with the time it took, from the later of the collection's creation and the connection's start.
+//!   A lost connection turns the replica's rows back to `false` (it rehydrates on the next one).
+//! - **`compute_frontiers`** and **`compute_wallclock_lag`** have a row for every replica and live
+//!   collection the replica has reported a write frontier for. `lag_ms` is the core's clock minus the
+//!   upper (both in milliseconds), rounded down to whole seconds; 0 for a closed upper (nothing is
+//!   left to write).
+//! - **`compute_peek_durations`** counts the peeks each replica answered first, by duration bucket:
+//!   `bucket_upper_ms` is the smallest power of two greater than the duration in milliseconds
+//!   ([`peek_duration_bucket_ms`]; 0 ms is in bucket 1, 1 ms in 2, 2–3 ms in 4, 4–7 ms in 8).
+//!
+//! Rows of a collection go away when it is dropped; rows of a replica when it is dropped.
+//!
 //! The instance core keeps the current row for every key ([`IntrospectionState`]) and emits differences:
 //! a changed row becomes a retraction of the old and an insertion of the new. The shell appends these at
 //! the current time. Frontier and wall-clock lag rows are refreshed once per introspection interval (the
 //! latest value of each key), not on every frontier report; the others change as their events happen.
+//!
+//! **Ownership.** The controller owns the introspection collections in storage: when it starts (and
+//! whenever an append finds that someone else wrote), its writer reads each collection's contents and
+//! writes the difference to the rows it wants, so rows an earlier controller left behind are retracted.
 //!
 //! **Invariant:** the accumulated updates of each relation equal the rows `IntrospectionState` holds
 //! (no row is retracted that was not inserted).
@@ -58,7 +91,6 @@ impl IntrospectionKind {
         }
     }
 
-    /// The storage collection id the controller uses for it.
     /// Whether the relation has one row per collection and replica (keyed by instance, replica and
     /// collection).
     pub fn is_per_collection(self) -> bool {
@@ -68,6 +100,7 @@ impl IntrospectionKind {
         )
     }
 
+    /// The storage collection id the controller uses for it.
     pub fn default_id(self) -> GlobalId {
         let index = IntrospectionKind::ALL.iter().position(|k| *k == self).expect("listed");
         GlobalId::System(1_000 + index as u64)
@@ -110,7 +143,9 @@ impl IntrospectionKind {
     }
 }
 
-/// The upper bound of the power-of-two histogram bucket a duration falls into.
+/// The upper bound of the power-of-two histogram bucket a duration falls into: the smallest power of two
+/// greater than `duration_ms` (the bucket holds the durations from its lower neighbour up to, not
+/// including, this).
 ///
 /// # Examples
 /// ```
@@ -222,6 +257,32 @@ impl IntrospectionState {
         self.rows.get(&(kind, Row::pack(key.iter().copied())))
     }
 
+    /// The current row of collection `id` on `replica` (of a relation that is per collection).
+    pub fn get_for_collection(
+        &self,
+        kind: IntrospectionKind,
+        replica: ReplicaId,
+        id: GlobalId,
+    ) -> Option<&Row> {
+        self.collection_rows.get(&(kind, id, replica))
+    }
+
+    /// Every current row of a relation, sorted: what its storage collection holds once the
+    /// differences drained so far are written.
+    pub fn rows(&self, kind: IntrospectionKind) -> Vec<Row> {
+        let mut rows: Vec<Row> = if kind.is_per_collection() {
+            self.collection_rows
+                .iter()
+                .filter(|((k, _, _), _)| *k == kind)
+                .map(|(_, row)| row.clone())
+                .collect()
+        } else {
+            self.rows.iter().filter(|((k, _), _)| *k == kind).map(|(_, row)| row.clone()).collect()
+        };
+        rows.sort();
+        rows
+    }
+
     /// Takes the differences accumulated since the last call.
     pub fn drain(&mut self) -> Vec<(IntrospectionKind, Row, Diff)> {
         std::mem::take(&mut self.pending)
@@ -246,8 +307,8 @@ mod tests {
     fn changing_a_row_retracts_the_old_one() {
         let mut state = IntrospectionState::default();
         let key = [Datum::Text("i1"), Datum::Text("r1")];
-        state.set(IntrospectionKind::ReplicaStatus, &key, Some(&[Datum::Text("ready"), Datum::Null]));
-        state.set(IntrospectionKind::ReplicaStatus, &key, Some(&[Datum::Text("ready"), Datum::Null]));
+        state.set(IntrospectionKind::ReplicaStatus, &key, Some(&[Datum::Text("connected"), Datum::Null]));
+        state.set(IntrospectionKind::ReplicaStatus, &key, Some(&[Datum::Text("connected"), Datum::Null]));
         state.set(
             IntrospectionKind::ReplicaStatus,
             &key,

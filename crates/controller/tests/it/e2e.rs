@@ -908,7 +908,7 @@ async fn introspection_collections_in_storage_describe_the_replica_and_its_colle
         ),
         (
             IntrospectionKind::ReplicaStatus,
-            vec![Datum::Text(instance), Datum::Text(replica_name), Datum::Text("ready")],
+            vec![Datum::Text(instance), Datum::Text(replica_name), Datum::Text("connected")],
         ),
         (IntrospectionKind::PeekDurations, vec![Datum::Text(instance), Datum::Text(replica_name)]),
     ];
@@ -919,6 +919,265 @@ async fn introspection_collections_in_storage_describe_the_replica_and_its_colle
         })
         .await;
     }
+
+    drop(controller);
+    stop(replica).await;
+}
+
+/// The rows of an introspection collection at its latest complete time, with their multiplicities.
+async fn introspection_contents(
+    controller: &ComputeController,
+    kind: IntrospectionKind,
+) -> Result<BTreeMap<Row, u64>, String> {
+    let id = kind.default_id();
+    let upper = controller.storage().frontiers(id).await.map_err(|e| e.to_string())?.upper;
+    let Some(time) = upper.as_option().and_then(|t| t.checked_sub(1)) else {
+        return Err(format!("{} has upper {upper:?}", kind.name()));
+    };
+    let handle = controller
+        .peek(INSTANCE, PeekTarget::Storage { id }, time, PeekOptions::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    rows_of(handle.result().await)
+}
+
+/// The instance core's current rows of an introspection relation, each once: what storage should hold.
+async fn core_introspection(controller: &ComputeController, kind: IntrospectionKind) -> BTreeMap<Row, u64> {
+    let rows =
+        controller.inspect(INSTANCE, move |core| core.introspection().rows(kind)).await.expect("instance");
+    rows.into_iter().map(|row| (row, 1)).collect()
+}
+
+fn status_row(replica: ReplicaId, status: &str) -> Row {
+    let (instance, replica) = (INSTANCE.to_string(), replica.to_string());
+    Row::pack([Datum::Text(&instance), Datum::Text(&replica), Datum::Text(status), Datum::Null])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storage_listen_on_the_replica_status_collection_sees_the_replica_connect() {
+    let storage = new_storage();
+    let mut table = Table::create(&storage, u(1)).await;
+    table.advance(&storage, 5).await;
+    let mut controller = new_controller(&storage, true).await;
+    let id = IntrospectionKind::ReplicaStatus.default_id();
+    // Subscribe from the latest complete time (or the start), before the replica exists.
+    let upper = storage.frontiers(id).await.expect("status collection").upper;
+    let as_of = upper.as_option().map_or(0, |t| t.saturating_sub(1));
+    let mut listen = storage.listen(id, as_of).await.expect("listen");
+
+    let replica = start_replica(&storage, any_port());
+    controller.add_replica(INSTANCE, R1, at(replica.local_addr())).await.expect("add replica");
+    controller
+        .create_dataflow(INSTANCE, no_as_of(index_on_storage(table.id, u(11), 0)))
+        .await
+        .expect("index");
+    table.advance(&storage, 1).await;
+
+    // The first event is the snapshot at the as-of, from before the replica existed; the row arrives later.
+    let snapshot = match listen.next().await.expect("snapshot") {
+        storage::ListenEvent::Updates(updates) => updates,
+        other => panic!("a listen starts with its snapshot, not {other:?}"),
+    };
+    assert_eq!(snapshot, vec![], "no replica yet");
+    let expected = BTreeMap::from([(status_row(R1, "connected"), 1)]);
+    let mut contents: BTreeMap<Row, Diff> = BTreeMap::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let event = tokio::time::timeout_at(deadline, listen.next())
+            .await
+            .unwrap_or_else(|_| panic!("no `connected` row after 30 s; contents {contents:?}"))
+            .expect("listen event");
+        match event {
+            storage::ListenEvent::Updates(updates) => {
+                for (row, _, diff) in updates {
+                    *contents.entry(row).or_default() += diff;
+                }
+                contents.retain(|_, d| *d != 0);
+            }
+            storage::ListenEvent::Progress(_) if contents == expected => break,
+            storage::ListenEvent::Progress(_) => {}
+        }
+    }
+
+    drop(controller);
+    stop(replica).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_controller_replaces_the_introspection_rows_its_predecessor_left_in_storage() {
+    let storage = new_storage();
+    let mut table = Table::create(&storage, u(1)).await;
+    table.advance(&storage, 5).await;
+    let replica = start_replica(&storage, any_port());
+
+    let mut first = new_controller(&storage, true).await;
+    first.add_replica(INSTANCE, R1, at(replica.local_addr())).await.expect("add replica");
+    first.create_dataflow(INSTANCE, no_as_of(index_on_storage(table.id, u(11), 0))).await.expect("index");
+    table.advance(&storage, 1).await;
+    eventually("the first controller's rows are in storage", async || {
+        let status = introspection_contents(&first, IntrospectionKind::ReplicaStatus).await?;
+        let frontiers = introspection_contents(&first, IntrospectionKind::Frontiers).await?;
+        if status == BTreeMap::from([(status_row(R1, "connected"), 1)]) && frontiers.len() == 1 {
+            Ok(())
+        } else {
+            Err(format!("status {status:?}, frontiers {frontiers:?}"))
+        }
+    })
+    .await;
+    drop(first);
+
+    // The second controller has another index, on the same replica.
+    let mut second = new_controller(&storage, true).await;
+    second.create_dataflow(INSTANCE, no_as_of(index_on_storage(table.id, u(12), 0))).await.expect("index");
+    second.add_replica(INSTANCE, R1, at(replica.local_addr())).await.expect("add replica again");
+    table.advance(&storage, 1).await;
+    let old = u(11).to_string();
+    eventually("storage holds exactly the second controller's rows", async || {
+        for kind in
+            [IntrospectionKind::ReplicaStatus, IntrospectionKind::Hydration, IntrospectionKind::Frontiers]
+        {
+            let (stored, wanted) =
+                (introspection_contents(&second, kind).await?, core_introspection(&second, kind).await);
+            if stored != wanted || wanted.is_empty() {
+                return Err(format!("{}: stored {stored:?}, the controller's {wanted:?}", kind.name()));
+            }
+        }
+        let lag = introspection_contents(&second, IntrospectionKind::WallclockLag).await?;
+        if lag.keys().any(|row| row.unpack().contains(&Datum::Text(&old))) {
+            return Err(format!("stale wall-clock lag rows: {lag:?}"));
+        }
+        Ok(())
+    })
+    .await;
+    let status = introspection_contents(&second, IntrospectionKind::ReplicaStatus).await.expect("status");
+    assert_eq!(status, BTreeMap::from([(status_row(R1, "connected"), 1)]), "one row, not a duplicate");
+
+    drop(second);
+    stop(replica).await;
+}
+
+/// Storage whose `frontiers` of one collection fails until it is let through.
+#[derive(Debug)]
+struct WithheldFrontiers {
+    inner: Arc<InProcess>,
+    withheld: GlobalId,
+    let_through: std::sync::atomic::AtomicBool,
+    refused: std::sync::atomic::AtomicU64,
+}
+
+impl StorageCollections for WithheldFrontiers {
+    fn create_collection(
+        &self,
+        id: GlobalId,
+        desc: protocol::RelationDesc,
+    ) -> storage::BoxFuture<'_, Result<(), storage::CreateError>> {
+        self.inner.create_collection(id, desc)
+    }
+    fn drop_collection(&self, id: GlobalId) -> storage::BoxFuture<'_, Result<(), storage::DropError>> {
+        self.inner.drop_collection(id)
+    }
+    fn list_collections(
+        &self,
+    ) -> storage::BoxFuture<'_, Result<Vec<(GlobalId, protocol::RelationDesc)>, storage::ReadError>> {
+        self.inner.list_collections()
+    }
+    fn frontiers(
+        &self,
+        id: GlobalId,
+    ) -> storage::BoxFuture<'_, Result<storage::CollectionFrontiers, storage::ReadError>> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if id == self.withheld && !self.let_through.load(SeqCst) {
+            self.refused.fetch_add(1, SeqCst);
+            return Box::pin(std::future::ready(Err(storage::ReadError::Disconnected)));
+        }
+        self.inner.frontiers(id)
+    }
+    fn append(
+        &self,
+        requests: Vec<AppendRequest>,
+    ) -> storage::BoxFuture<'_, Result<(), storage::AppendError>> {
+        self.inner.append(requests)
+    }
+    fn acquire_read_hold(
+        &self,
+        id: GlobalId,
+        frontier: Antichain<u64>,
+    ) -> storage::BoxFuture<'_, Result<storage::StorageReadHold, storage::HoldError>> {
+        self.inner.acquire_read_hold(id, frontier)
+    }
+    fn set_read_policy(
+        &self,
+        id: GlobalId,
+        policy: ReadPolicy<u64>,
+    ) -> storage::BoxFuture<'_, Result<(), storage::HoldError>> {
+        self.inner.set_read_policy(id, policy)
+    }
+    fn snapshot(
+        &self,
+        id: GlobalId,
+        as_of: u64,
+    ) -> storage::BoxFuture<'_, Result<Vec<(Row, Diff)>, storage::ReadError>> {
+        self.inner.snapshot(id, as_of)
+    }
+    fn listen(
+        &self,
+        id: GlobalId,
+        as_of: u64,
+    ) -> storage::BoxFuture<'_, Result<storage::Listen, storage::ReadError>> {
+        self.inner.listen(id, as_of)
+    }
+    fn watch_frontiers(&self) -> storage::BoxFuture<'_, Result<storage::FrontierWatch, storage::ReadError>> {
+        self.inner.watch_frontiers()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_introspection_collection_whose_upper_is_unknown_keeps_its_updates_until_it_can_be_written() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let inner = new_storage();
+    let withheld = IntrospectionKind::ReplicaStatus.default_id();
+    let storage = Arc::new(WithheldFrontiers {
+        inner: Arc::clone(&inner),
+        withheld,
+        let_through: Default::default(),
+        refused: Default::default(),
+    });
+    let replica = start_replica(&inner, any_port());
+    let mut controller = new_controller_on(Arc::clone(&storage) as _, true).await;
+    controller.add_replica(INSTANCE, R1, at(replica.local_addr())).await.expect("add replica");
+    eventually("the core has the replica connected", async || {
+        let rows = core_introspection(&controller, IntrospectionKind::ReplicaStatus).await;
+        if rows == BTreeMap::from([(status_row(R1, "connected"), 1)]) {
+            Ok(())
+        } else {
+            Err(format!("{rows:?}"))
+        }
+    })
+    .await;
+    // Let the writer run a few rounds that skip the status collection while writing the others.
+    let refused = storage.refused.load(SeqCst);
+    let written =
+        inner.frontiers(IntrospectionKind::PeekDurations.default_id()).await.expect("frontiers").upper;
+    eventually("more rounds skip the status collection and write the others", async || {
+        let now = inner
+            .frontiers(IntrospectionKind::PeekDurations.default_id())
+            .await
+            .map_err(|e| e.to_string())?;
+        let rounds = storage.refused.load(SeqCst) - refused;
+        if rounds >= 3 && now.upper != written { Ok(()) } else { Err(format!("{rounds} rounds")) }
+    })
+    .await;
+
+    storage.let_through.store(true, SeqCst);
+    eventually("the status collection gets the rows withheld", async || {
+        let rows = introspection_contents(&controller, IntrospectionKind::ReplicaStatus).await?;
+        if rows == BTreeMap::from([(status_row(R1, "connected"), 1)]) {
+            Ok(())
+        } else {
+            Err(format!("{rows:?}"))
+        }
+    })
+    .await;
 
     drop(controller);
     stop(replica).await;

@@ -5,13 +5,13 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use controller::{
-    ComputeControllerResponse, InstanceCore, InstanceCoreConfig, InstanceOutput, PeekOptions, PeekRequest,
-    lock,
+    ComputeControllerResponse, InstanceCore, InstanceCoreConfig, InstanceOutput, IntrospectionKind,
+    PeekOptions, PeekRequest, lock,
 };
 use frontiers::{Antichain, ReadHold, ReadHolds, ReadPolicy};
 use protocol::{
-    BuildDesc, ColumnType, ComputeCommand, ComputeResponse, DataflowDescription, FrontiersResponse, GlobalId,
-    IndexExport, IndexImport, InstanceId, PeekId, PeekResponse, Plan, RelationDesc, ReplicaId,
+    BuildDesc, ColumnType, ComputeCommand, ComputeResponse, DataflowDescription, Diff, FrontiersResponse,
+    GlobalId, IndexExport, IndexImport, InstanceId, PeekId, PeekResponse, Plan, RelationDesc, ReplicaId, Row,
     RowSetFinishing, ScalarType, SinkConnection, SinkExport, SourceImport,
 };
 use replica_client::{ReplicaEvent, ReplicaStatus};
@@ -195,6 +195,22 @@ impl Harness {
 
     pub fn since(&self, id: GlobalId) -> Antichain<u64> {
         lock(&self.core.shared()).since(id).unwrap()
+    }
+
+    /// The core's current introspection rows of `kind`, sorted.
+    pub fn introspection_rows(&self, kind: IntrospectionKind) -> Vec<Row> {
+        self.core.introspection().rows(kind)
+    }
+
+    /// The introspection differences of `kind` the core emitted since the last drain, in order. Drains
+    /// every kind (the others' differences are dropped).
+    pub fn introspection_diffs(&mut self, kind: IntrospectionKind) -> Vec<(Row, Diff)> {
+        self.core
+            .drain_introspection()
+            .into_iter()
+            .filter(|(k, _, _)| *k == kind)
+            .map(|(_, row, diff)| (row, diff))
+            .collect()
     }
 
     /// The last `AllowCompaction` sent to `replica` for `id`.

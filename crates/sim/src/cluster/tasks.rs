@@ -1280,10 +1280,12 @@ async fn read_introspection(ctx: &Ctx) {
                 }
             })
             .collect();
-        let all_ready = statuses.len() == ctx.args.replicas && statuses.iter().all(|s| s.ends_with(" ready"));
+        // `connected`: connected with every dataflow hydrated (see `controller`'s introspection docs).
+        let all_ready =
+            statuses.len() == ctx.args.replicas && statuses.iter().all(|s| s.ends_with(" connected"));
         if all_ready || now() > deadline {
             if !all_ready {
-                warn!(?statuses, "introspection does not show every replica ready");
+                warn!(?statuses, "introspection does not show every replica connected");
             }
             *lock(&ctx.stats.introspection) =
                 statuses.into_iter().map(|s| format!("{s} (compute_replica_status)")).collect();
