@@ -500,7 +500,7 @@ fn bench_peeks() {
         let storage: Arc<dyn StorageCollections> = Arc::clone(&storage) as _;
         let mut controller =
             ComputeController::new(storage, None, ControllerConfig::default()).await.expect("controller");
-        controller.create_instance(INSTANCE).expect("instance");
+        controller.create_instance(INSTANCE, controller.default_instance_config()).expect("instance");
         let addresses = vec![replica.local_addr().to_string()];
         controller
             .add_replica(INSTANCE, REPLICA, ReplicaLocation::Unmanaged { addresses })
@@ -739,7 +739,7 @@ async fn hydrate(
     let orchestrator_dyn: Arc<dyn controller::Orchestrator> = Arc::clone(orchestrator) as _;
     let mut controller =
         ComputeController::new(storage, Some(orchestrator_dyn), config).await.expect("controller");
-    controller.create_instance(instance).expect("instance");
+    controller.create_instance(instance, controller.default_instance_config()).expect("instance");
     let location = ReplicaLocation::Managed { workers: 1, processes: 1 };
     controller.add_replica(instance, REPLICA, location).await.expect("managed replica");
     let pid = *orchestrator.pids(instance, REPLICA).first().expect("a replica process");

@@ -46,14 +46,16 @@ use crate::response::{ComputeControllerResponse, PeekNotification, PeekOutcome};
 /// The time type of the controller's shell: milliseconds since the Unix epoch.
 pub type Timestamp = u64;
 
-/// The controller's configuration.
+/// The controller's configuration. `instance`, `replica_backoff` and `hydration_concurrency` are the
+/// defaults of [`ComputeController::default_instance_config`]; each instance runs with the
+/// [`ComputeInstanceConfig`] given to [`create_instance`](ComputeController::create_instance).
 #[derive(Debug, Clone)]
 pub struct ControllerConfig {
-    /// Per-instance tunables (default read policy, peek timeout, introspection interval).
+    /// Default per-instance tunables (read policy, peek timeout, introspection interval).
     pub instance: InstanceCoreConfig<Timestamp>,
-    /// Reconnection backoff for replica clients.
+    /// Default reconnection backoff for replica clients.
     pub replica_backoff: Backoff,
-    /// Sequential hydration limit for new replicas (`None`: unlimited).
+    /// Default sequential hydration limit for new replicas (`None`: unlimited).
     pub hydration_concurrency: Option<usize>,
     /// How often each instance task ticks (timeouts, lag), in milliseconds.
     pub tick_interval_ms: u64,
@@ -71,6 +73,17 @@ impl Default for ControllerConfig {
             introspection: true,
         }
     }
+}
+
+/// How one compute instance runs ([`ComputeController::create_instance`]).
+#[derive(Debug, Clone)]
+pub struct ComputeInstanceConfig {
+    /// The instance's default index read policy, peek timeout and introspection interval.
+    pub core: InstanceCoreConfig<Timestamp>,
+    /// How its replicas' clients back off between connection attempts.
+    pub replica_backoff: Backoff,
+    /// How many dataflows each of its replicas hydrates at once (`None`: all).
+    pub hydration_concurrency: Option<usize>,
 }
 
 /// Where a replica runs.
@@ -236,19 +249,28 @@ impl ComputeController {
         self.instances.get(&id).ok_or(InstanceMissing(id))
     }
 
-    /// Creates an instance (with no replicas yet).
-    pub fn create_instance(&mut self, id: InstanceId) -> Result<(), InstanceCreationError> {
+    /// The configuration of an instance made of the controller's defaults.
+    pub fn default_instance_config(&self) -> ComputeInstanceConfig {
+        ComputeInstanceConfig {
+            core: self.config.instance.clone(),
+            replica_backoff: self.config.replica_backoff,
+            hydration_concurrency: self.config.hydration_concurrency,
+        }
+    }
+
+    /// Creates an instance (with no replicas yet) that runs with `config`.
+    pub fn create_instance(
+        &mut self,
+        id: InstanceId,
+        config: ComputeInstanceConfig,
+    ) -> Result<(), InstanceCreationError> {
         if self.instances.contains_key(&id) {
             return Err(InstanceCreationError::InstanceExists(id));
         }
         let wake = Arc::new(Notify::new());
         let notify = Arc::clone(&wake);
-        let core = InstanceCore::new(
-            id,
-            self.config.instance.clone(),
-            Arc::new(move || notify.notify_one()),
-            wallclock_ms(),
-        );
+        let core =
+            InstanceCore::new(id, config.core.clone(), Arc::new(move || notify.notify_one()), wallclock_ms());
         let shared = core.shared();
         let (commands, rx) = mpsc::unbounded_channel();
         let task = tokio::spawn(
@@ -259,7 +281,8 @@ impl ComputeController {
                 Arc::clone(&self.storage),
                 self.responses_tx.clone(),
                 self.introspection_tx.clone(),
-                self.config.clone(),
+                config,
+                self.config.tick_interval_ms,
             )
             .instrument(info_span!("instance", instance = %id)),
         );
@@ -718,7 +741,8 @@ async fn run_instance(
     storage: Arc<dyn StorageCollections>,
     responses: mpsc::UnboundedSender<ComputeControllerResponse>,
     introspection: Option<mpsc::UnboundedSender<IntrospectionUpdates>>,
-    config: ControllerConfig,
+    config: ComputeInstanceConfig,
+    tick_interval_ms: u64,
 ) {
     let (events_tx, mut events) = mpsc::unbounded_channel::<(ReplicaId, ReplicaEvent<Timestamp>)>();
     // Storage frontier changes, for the core's materialized views (see `InstanceCore::storage_upper`).
@@ -728,7 +752,7 @@ async fn run_instance(
     ));
     let mut clients: BTreeMap<ReplicaId, ReplicaClient<Timestamp>> = BTreeMap::new();
     let mut peek_results: BTreeMap<PeekId, Reply<PeekResponse>> = BTreeMap::new();
-    let mut tick = tokio::time::interval(Duration::from_millis(config.tick_interval_ms.max(1)));
+    let mut tick = tokio::time::interval(Duration::from_millis(tick_interval_ms.max(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {

@@ -123,7 +123,7 @@ async fn controller_on(
     orchestrator: Option<Arc<dyn Orchestrator>>,
 ) -> ComputeController {
     let mut controller = ComputeController::new(storage, orchestrator, config()).await.expect("controller");
-    controller.create_instance(INSTANCE).expect("instance");
+    controller.create_instance(INSTANCE, controller.default_instance_config()).expect("instance");
     controller
 }
 
@@ -179,7 +179,10 @@ async fn creating_an_instance_that_exists_fails_with_instance_exists_and_the_run
         .await
         .expect("index");
 
-    assert_eq!(controller.create_instance(INSTANCE), Err(InstanceCreationError::InstanceExists(INSTANCE)));
+    assert_eq!(
+        controller.create_instance(INSTANCE, controller.default_instance_config()),
+        Err(InstanceCreationError::InstanceExists(INSTANCE))
+    );
 
     // The instance was not replaced: same replica and collection, and it keeps following its input.
     assert_eq!(replica_ids(&controller).await, vec![R1]);
@@ -288,7 +291,7 @@ async fn every_operation_on_a_missing_instance_fails_with_instance_missing_and_c
         .await;
     // An instance that existed, with a dataflow holding `untouched`, and was dropped.
     let dropped = InstanceId(2);
-    controller.create_instance(dropped).expect("second instance");
+    controller.create_instance(dropped, controller.default_instance_config()).expect("second instance");
     controller
         .create_dataflow(dropped, no_as_of(index_on_storage(untouched.id, u(12), 0)))
         .await

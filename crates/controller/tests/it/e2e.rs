@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use compute::{ReplicaConfig, ReplicaHandle, ReplicaServer};
 use controller::{
-    ComputeController, ComputeControllerResponse, ControllerConfig, InstanceCoreConfig, IntrospectionKind,
-    PeekOptions, ReplicaLocation,
+    ComputeController, ComputeControllerResponse, ComputeInstanceConfig, ControllerConfig,
+    InstanceCoreConfig, IntrospectionKind, PeekOptions, ReplicaLocation,
 };
 use frontiers::{Antichain, PartialOrder, ReadPolicy};
 use protocol::{
@@ -95,7 +95,7 @@ async fn new_controller_on(storage: Arc<dyn StorageCollections>, introspection: 
         introspection,
     };
     let mut controller = ComputeController::new(storage, None, config).await.expect("controller");
-    controller.create_instance(INSTANCE).expect("instance");
+    controller.create_instance(INSTANCE, controller.default_instance_config()).expect("instance");
     controller
 }
 
@@ -207,6 +207,42 @@ async fn wait_for_uppers(controller: &ComputeController, ids: &[GlobalId], upper
         Ok(())
     })
     .await;
+}
+
+// -------------------------------------------------------------------------------------------------
+// Instances
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_instance_runs_with_the_configuration_it_was_created_with() {
+    let storage = new_storage();
+    let mut table = Table::create(&storage, u(1)).await;
+    table.advance(&storage, 3).await;
+    let (first, second) = (start_replica(&storage, any_port()), start_replica(&storage, any_port()));
+    // `INSTANCE` has the controller's defaults (indexes lag their upper by 1); `other` lags by 5.
+    let mut controller = new_controller(&storage, false).await;
+    let other = InstanceId(2);
+    let config = controller.default_instance_config();
+    let lagging = ComputeInstanceConfig {
+        core: InstanceCoreConfig { default_index_policy: lag(5), ..config.core.clone() },
+        ..config
+    };
+    controller.create_instance(other, lagging).expect("second instance");
+    controller.add_replica(INSTANCE, R1, at(first.local_addr())).await.expect("add first replica");
+    controller.add_replica(other, R1, at(second.local_addr())).await.expect("add second replica");
+    let (near, far) = (u(11), u(12));
+    controller.create_dataflow(INSTANCE, no_as_of(index_on_storage(table.id, near, 0))).await.expect("near");
+    controller.create_dataflow(other, no_as_of(index_on_storage(table.id, far, 0))).await.expect("far");
+    table.advance(&storage, 10).await;
+    eventually("each index follows its instance's policy", async || {
+        let near = controller.collection_frontiers(INSTANCE, near).map_err(|e| e.to_string())?;
+        let far = controller.collection_frontiers(other, far).map_err(|e| e.to_string())?;
+        let got = (near.since, near.upper, far.since, far.upper);
+        if got == (f(12), f(13), f(8), f(13)) { Ok(()) } else { Err(format!("{got:?}")) }
+    })
+    .await;
+    drop(controller);
+    stop(first).await;
+    stop(second).await;
 }
 
 // -------------------------------------------------------------------------------------------------

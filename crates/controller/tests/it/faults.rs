@@ -217,7 +217,7 @@ async fn a_replica_reporting_a_regressed_frontier_or_an_unknown_collection_is_di
     };
     let mut controller =
         ComputeController::new(Arc::clone(&storage) as _, None, config).await.expect("controller");
-    controller.create_instance(INSTANCE).expect("instance");
+    controller.create_instance(INSTANCE, controller.default_instance_config()).expect("instance");
     let addresses = vec![proxy.addr.to_string()];
     controller
         .add_replica(INSTANCE, R1, ReplicaLocation::Unmanaged { addresses })

@@ -214,7 +214,7 @@ async fn a_materialized_views_upper_is_what_its_target_holds_durably_and_is_read
     };
     let mut controller =
         ComputeController::new(Arc::clone(&storage) as _, None, config).await.expect("controller");
-    controller.create_instance(INSTANCE).expect("instance");
+    controller.create_instance(INSTANCE, controller.default_instance_config()).expect("instance");
     let addresses = vec![replica.local_addr().to_string()];
     controller.add_replica(INSTANCE, R1, ReplicaLocation::Unmanaged { addresses }).await.expect("replica");
     let mut df = sink_on_storage(table, view, SinkConnection::MaterializedView { target }, 0);

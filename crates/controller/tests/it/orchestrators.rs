@@ -120,7 +120,7 @@ async fn setup() -> Setup {
     let mut controller = ComputeController::new(Arc::clone(&storage) as _, Some(as_orchestrator), config)
         .await
         .expect("controller");
-    controller.create_instance(INSTANCE).expect("instance");
+    controller.create_instance(INSTANCE, controller.default_instance_config()).expect("instance");
     Setup { storage, log, orchestrator, controller }
 }
 

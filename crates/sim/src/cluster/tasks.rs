@@ -204,7 +204,7 @@ pub async fn scenario(
     )
     .await
     .map_err(|e| anyhow!("cannot start the controller: {e}"))?;
-    controller.create_instance(INSTANCE)?;
+    controller.create_instance(INSTANCE, controller.default_instance_config())?;
     controller.allow_writes(INSTANCE).await?;
     for (replica, processes) in args.replica_specs() {
         controller

@@ -88,7 +88,7 @@ async fn run(seed: u64, config: RealConfig) -> anyhow::Result<Outcome> {
     let mut controller = ComputeController::new(Arc::clone(&dyn_storage), None, controller_config)
         .await
         .map_err(|e| anyhow!(e))?;
-    controller.create_instance(INSTANCE)?;
+    controller.create_instance(INSTANCE, controller.default_instance_config())?;
     let mut replicas: BTreeMap<ReplicaId, Replica> = BTreeMap::new();
     for r in 1..=2 {
         let handle = start_replica("127.0.0.1:0".parse()?, &storage)?;
