@@ -11,86 +11,33 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use compute::{ReplicaConfig, ReplicaHandle, ReplicaServer};
+use compute::ReplicaHandle;
 use controller::{
     AsOfSelectionError, CancelPeekError, CollectionDropError, CollectionLookupError, CollectionMissing,
-    ComputeController, ControllerConfig, DataflowCreationError, InstanceCoreConfig, InstanceCreationError,
-    InstanceDropError, InstanceMissing, Orchestrator, PeekError, PeekOptions, ReadPolicyError,
-    ReplicaCreationError, ReplicaDropError, ReplicaLocation, ReplicaSpec,
+    ComputeController, DataflowCreationError, InstanceCreationError, InstanceDropError, InstanceMissing,
+    Orchestrator, PeekError, PeekOptions, ReadPolicyError, ReplicaCreationError, ReplicaDropError,
+    ReplicaLocation, ReplicaSpec,
 };
 use frontiers::{Antichain, ReadPolicy};
 use protocol::{
-    ColumnType, DataflowDescription, Datum, Diff, GlobalId, InstanceId, PeekId, PeekResponse, PeekTarget,
-    RelationDesc, ReplicaId, Row, ScalarType, SinkConnection, SourceImport,
+    ColumnType, Diff, GlobalId, InstanceId, PeekId, PeekResponse, PeekTarget, RelationDesc, ReplicaId, Row,
+    ScalarType, SinkConnection, SourceImport,
 };
-use replica_client::Backoff;
 use storage::{
     AppendError, AppendRequest, BoxFuture, CreateError, DropError, FrontierWatch, HoldError, InProcess,
     Listen, ReadError, StorageCollections, StorageReadHold, StoreConfig,
 };
 
-use crate::harness::{desc, f, index_on_storage, sink_on_storage, u};
+use crate::harness::{
+    SteppedTable as Table, any_port, controller_config, desc, eventually, f, index_on_storage, lag, no_as_of,
+    sink_on_storage, start_replica, u,
+};
 
 const INSTANCE: InstanceId = InstanceId(1);
 /// An instance that never existed.
 const NEVER_CREATED: InstanceId = InstanceId(9);
 const R1: ReplicaId = ReplicaId(1);
-
-fn lag(lag_ms: u64) -> ReadPolicy<u64> {
-    ReadPolicy::LagWriteFrontier { lag_ms, granularity_ms: 0 }
-}
-
-fn no_as_of(df: DataflowDescription<u64>) -> DataflowDescription<u64> {
-    DataflowDescription { as_of: None, ..df }
-}
-
-/// The row written at time `t`.
-fn row(t: u64) -> Row {
-    Row::pack([Datum::Int64(t as i64), Datum::Int64(t as i64)])
-}
-
-/// Polls `check` every 5 ms until it returns `Ok`; fails the test with its last `Err` after about 5 s.
-async fn eventually(what: &str, mut check: impl AsyncFnMut() -> Result<(), String>) {
-    let mut last = String::new();
-    for _ in 0..1_000 {
-        match check().await {
-            Ok(()) => return,
-            Err(e) => last = e,
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    panic!("{what}: not reached after about 5 s; last seen: {last}");
-}
-
-/// A storage collection of `desc()` that follows its upper, with one row per time.
-struct Table {
-    id: GlobalId,
-    upper: u64,
-}
-
-impl Table {
-    async fn create(storage: &InProcess, id: GlobalId) -> Table {
-        storage.create_collection(id, desc()).await.expect("create table");
-        storage.set_read_policy(id, lag(0)).await.expect("table read policy");
-        Table { id, upper: 0 }
-    }
-
-    /// Writes `row(t)` at each time up to `upper` (exclusive).
-    async fn advance_to(&mut self, storage: &InProcess, upper: u64) {
-        let updates = (self.upper..upper).map(|t| (row(t), t, 1)).collect();
-        let request =
-            AppendRequest { id: self.id, updates, expected_upper: f(self.upper), new_upper: f(upper) };
-        storage.append(vec![request]).await.expect("append");
-        self.upper = upper;
-    }
-
-    /// The table's contents at `time`.
-    fn contents_at(&self, time: u64) -> BTreeMap<Row, u64> {
-        (0..=time.min(self.upper.saturating_sub(1))).map(|t| (row(t), 1)).collect()
-    }
-}
 
 async fn wait_for_since(storage: &InProcess, id: GlobalId, since: Antichain<u64>) {
     eventually(&format!("the since of {id} reaches {since:?}"), async || {
@@ -107,35 +54,15 @@ async fn assert_unheld(storage: &InProcess, table: &mut Table) {
     wait_for_since(storage, table.id, f(table.upper)).await;
 }
 
-fn config() -> ControllerConfig {
-    ControllerConfig {
-        instance: InstanceCoreConfig { default_index_policy: lag(1), ..InstanceCoreConfig::default() },
-        replica_backoff: Backoff { initial_ms: 10, max_ms: 100 },
-        hydration_concurrency: None,
-        tick_interval_ms: 10,
-        introspection: false,
-    }
-}
-
 /// A controller on `storage` with the instance `INSTANCE`.
 async fn controller_on(
     storage: Arc<dyn StorageCollections>,
     orchestrator: Option<Arc<dyn Orchestrator>>,
 ) -> ComputeController {
-    let mut controller = ComputeController::new(storage, orchestrator, config()).await.expect("controller");
+    let mut controller =
+        ComputeController::new(storage, orchestrator, controller_config(false)).await.expect("controller");
     controller.create_instance(INSTANCE, controller.default_instance_config()).expect("instance");
     controller
-}
-
-fn start_replica(storage: &Arc<InProcess>) -> ReplicaHandle {
-    ReplicaServer::start(ReplicaConfig {
-        listen: "127.0.0.1:0".parse().expect("address"),
-        workers: 1,
-        process: 0,
-        timely_addresses: Vec::new(),
-        storage: Arc::clone(storage) as _,
-    })
-    .expect("start replica")
 }
 
 /// Stops a replica without blocking the runtime's thread.
@@ -170,7 +97,7 @@ async fn creating_an_instance_that_exists_fails_with_instance_exists_and_the_run
     let storage = Arc::new(InProcess::in_memory(StoreConfig::default()));
     let mut table = Table::create(&storage, u(1)).await;
     table.advance_to(&storage, 5).await;
-    let replica = start_replica(&storage);
+    let replica = start_replica(&storage, any_port());
     let mut controller = controller_on(Arc::clone(&storage) as _, None).await;
     controller.add_replica(INSTANCE, R1, at(&replica)).await.expect("add replica");
     let index = u(11);
@@ -354,7 +281,7 @@ async fn assert_replica_not_added(controller: &mut ComputeController, replica: &
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_location_with_no_processes_fails_with_no_processes_and_adds_no_replica() {
     let storage = Arc::new(InProcess::in_memory(StoreConfig::default()));
-    let replica = start_replica(&storage);
+    let replica = start_replica(&storage, any_port());
 
     // Unmanaged, with no address.
     let mut controller = controller_on(Arc::clone(&storage) as _, None).await;
@@ -384,7 +311,7 @@ async fn a_replica_location_with_no_processes_fails_with_no_processes_and_adds_n
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_managed_replica_the_orchestrator_cannot_start_fails_with_orchestrator_and_adds_no_replica() {
     let storage = Arc::new(InProcess::in_memory(StoreConfig::default()));
-    let replica = start_replica(&storage);
+    let replica = start_replica(&storage, any_port());
     let managed = ReplicaLocation::Managed { workers: 1, processes: 1 };
 
     // A controller without an orchestrator cannot start anything.

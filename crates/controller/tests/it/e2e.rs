@@ -14,59 +14,33 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use compute::{ReplicaConfig, ReplicaHandle, ReplicaServer};
+use compute::ReplicaHandle;
 use controller::{
-    ComputeController, ComputeControllerResponse, ComputeInstanceConfig, ControllerConfig,
-    InstanceCoreConfig, IntrospectionKind, PeekOptions, ReplicaLocation,
+    ComputeController, ComputeControllerResponse, ComputeInstanceConfig, InstanceCoreConfig,
+    IntrospectionKind, PeekOptions, ReplicaLocation,
 };
 use frontiers::{Antichain, PartialOrder, ReadPolicy};
 use protocol::{
     Datum, Diff, GlobalId, InstanceId, PeekId, PeekResponse, PeekTarget, ReplicaId, Row, SinkConnection,
     SubscribeBatch, SubscribeResponse,
 };
-use replica_client::Backoff;
 use storage::{AppendRequest, InProcess, StorageCollections, StoreConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::harness::{desc, f, index_on_index, index_on_storage, sink_on_storage, u};
+use crate::harness::{
+    any_port, controller_config, desc, eventually, f, index_on_index, index_on_storage, kv, lag, no_as_of,
+    sink_on_storage, start_replica, start_replica_on, u,
+};
 
 const INSTANCE: InstanceId = InstanceId(1);
 const R1: ReplicaId = ReplicaId(1);
 const R2: ReplicaId = ReplicaId(2);
 
-/// The read policy every index starts with: one behind the upper, so the latest complete time is readable.
-fn lag(lag_ms: u64) -> ReadPolicy<u64> {
-    ReadPolicy::LagWriteFrontier { lag_ms, granularity_ms: 0 }
-}
-
-fn kv(k: u64, v: u64) -> Row {
-    Row::pack([Datum::Int64(k as i64), Datum::Int64(v as i64)])
-}
-
 fn new_storage() -> Arc<InProcess> {
     Arc::new(InProcess::in_memory(StoreConfig::default()))
-}
-
-fn start_replica(storage: &Arc<InProcess>, listen: SocketAddr) -> ReplicaHandle {
-    start_replica_on(Arc::clone(storage) as _, listen)
-}
-
-fn start_replica_on(storage: Arc<dyn StorageCollections>, listen: SocketAddr) -> ReplicaHandle {
-    ReplicaServer::start(ReplicaConfig {
-        listen,
-        workers: 1,
-        process: 0,
-        timely_addresses: Vec::new(),
-        storage,
-    })
-    .expect("start replica")
-}
-
-fn any_port() -> SocketAddr {
-    "127.0.0.1:0".parse().expect("address")
 }
 
 /// Stops a replica without blocking the runtime's thread.
@@ -83,39 +57,10 @@ async fn new_controller(storage: &Arc<InProcess>, introspection: bool) -> Comput
 }
 
 async fn new_controller_on(storage: Arc<dyn StorageCollections>, introspection: bool) -> ComputeController {
-    let config = ControllerConfig {
-        instance: InstanceCoreConfig {
-            default_index_policy: lag(1),
-            default_peek_timeout_ms: None,
-            introspection_interval_ms: 20,
-        },
-        replica_backoff: Backoff { initial_ms: 10, max_ms: 100 },
-        hydration_concurrency: None,
-        tick_interval_ms: 10,
-        introspection,
-    };
+    let config = controller_config(introspection);
     let mut controller = ComputeController::new(storage, None, config).await.expect("controller");
     controller.create_instance(INSTANCE, controller.default_instance_config()).expect("instance");
     controller
-}
-
-/// Polls `check` every 10 ms until it returns `Ok`; fails the test with its last `Err` after about 30 s.
-async fn eventually(what: &str, mut check: impl AsyncFnMut() -> Result<(), String>) {
-    let mut last = String::new();
-    for _ in 0..3_000 {
-        match check().await {
-            Ok(()) => return,
-            Err(e) => last = e,
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("{what}: not reached after about 30 s; last seen: {last}");
-}
-
-/// A storage collection and every update written to it: the oracle.
-/// `df` without its as-of: the controller chooses one.
-fn no_as_of(df: protocol::DataflowDescription<u64>) -> protocol::DataflowDescription<u64> {
-    protocol::DataflowDescription { as_of: None, ..df }
 }
 
 struct Table {

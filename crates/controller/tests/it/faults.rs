@@ -9,20 +9,19 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
 
-use compute::{ReplicaConfig, ReplicaHandle, ReplicaServer};
-use controller::{ComputeController, ControllerConfig, InstanceCoreConfig, PeekOptions, ReplicaLocation};
+use controller::{ComputeController, PeekOptions, ReplicaLocation};
 use frontiers::{Antichain, PartialOrder, ReadPolicy};
 use protocol::frame::{DEFAULT_MAX_FRAME_BYTES, FrameDecoder, encode_frame};
-use protocol::{ComputeResponse, Datum, FrontiersResponse, GlobalId, InstanceId, PeekTarget, ReplicaId, Row};
-use replica_client::Backoff;
+use protocol::{ComputeResponse, FrontiersResponse, GlobalId, InstanceId, PeekTarget, ReplicaId, Row};
 use storage::{AppendRequest, InProcess, StorageCollections, StoreConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Mutex, mpsc};
 
-use crate::harness::{desc, f, index_on_storage, s, u};
+use crate::harness::{
+    any_port, controller_config, desc, eventually, f, index_on_storage, kv, s, start_replica, u,
+};
 
 const INSTANCE: InstanceId = InstanceId(1);
 const R1: ReplicaId = ReplicaId(1);
@@ -128,23 +127,6 @@ async fn forward_responses(
     }
 }
 
-fn kv(k: u64, v: u64) -> Row {
-    Row::pack([Datum::Int64(k as i64), Datum::Int64(v as i64)])
-}
-
-/// Polls `check` every 10 ms until it returns `Ok`; fails the test with its last `Err` after about 30 s.
-async fn eventually(what: &str, mut check: impl AsyncFnMut() -> Result<(), String>) {
-    let mut last = String::new();
-    for _ in 0..3_000 {
-        match check().await {
-            Ok(()) => return,
-            Err(e) => last = e,
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("{what}: not reached after about 30 s; last seen: {last}");
-}
-
 /// Appends `(kv(t, t), t, 1)` for each time in `from..to`; returns the new upper.
 async fn write(storage: &InProcess, table: GlobalId, from: u64, to: u64) -> u64 {
     for t in from..to {
@@ -179,17 +161,6 @@ async fn peek_rows(
     }
 }
 
-fn start_replica(storage: &Arc<InProcess>) -> ReplicaHandle {
-    ReplicaServer::start(ReplicaConfig {
-        listen: "127.0.0.1:0".parse().expect("address"),
-        workers: 1,
-        process: 0,
-        timely_addresses: Vec::new(),
-        storage: Arc::clone(storage) as Arc<dyn StorageCollections>,
-    })
-    .expect("start replica")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_reporting_a_regressed_frontier_or_an_unknown_collection_is_disconnected_reconnected_and_serves_again()
  {
@@ -201,20 +172,10 @@ async fn a_replica_reporting_a_regressed_frontier_or_an_unknown_collection_is_di
         .await
         .expect("policy");
     let mut upper = write(&storage, table, 0, 5).await;
-    let replica = start_replica(&storage);
+    let replica = start_replica(&storage, any_port());
     let proxy = ForgingProxy::start(replica.local_addr()).await;
 
-    let config = ControllerConfig {
-        instance: InstanceCoreConfig {
-            default_index_policy: ReadPolicy::LagWriteFrontier { lag_ms: 1, granularity_ms: 0 },
-            default_peek_timeout_ms: None,
-            introspection_interval_ms: 20,
-        },
-        replica_backoff: Backoff { initial_ms: 10, max_ms: 100 },
-        hydration_concurrency: None,
-        tick_interval_ms: 10,
-        introspection: false,
-    };
+    let config = controller_config(false);
     let mut controller =
         ComputeController::new(Arc::clone(&storage) as _, None, config).await.expect("controller");
     controller.create_instance(INSTANCE, controller.default_instance_config()).expect("instance");

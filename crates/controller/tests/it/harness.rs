@@ -1,5 +1,6 @@
 //! A harness around `InstanceCore`: a fake storage hold issuer, dataflow builders, and helpers that play a
-//! replica's part (report frontiers, answer peeks).
+//! replica's part (report frontiers, answer peeks). At the end, what the end-to-end tests share: a
+//! controller configuration with short timers, in-process replicas, bounded polling.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -219,5 +220,121 @@ impl Harness {
             ComputeCommand::AllowCompaction { id: i, frontier } if *i == id => Some(frontier.clone()),
             _ => None,
         })
+    }
+}
+
+// -------------------------------------------------------------------------------------------------
+// Shared by the end-to-end tests (the async controller against in-process replicas)
+
+/// A read policy trailing the upper by `lag_ms`.
+pub fn lag(lag_ms: u64) -> ReadPolicy<u64> {
+    ReadPolicy::LagWriteFrontier { lag_ms, granularity_ms: 0 }
+}
+
+/// The row `(k, v)` of [`desc`].
+pub fn kv(k: u64, v: u64) -> Row {
+    Row::pack([protocol::Datum::Int64(k as i64), protocol::Datum::Int64(v as i64)])
+}
+
+/// `df` without its as-of: the controller chooses one.
+pub fn no_as_of(df: DataflowDescription<u64>) -> DataflowDescription<u64> {
+    DataflowDescription { as_of: None, ..df }
+}
+
+/// A free loopback port.
+pub fn any_port() -> std::net::SocketAddr {
+    "127.0.0.1:0".parse().expect("address")
+}
+
+/// A controller configuration with short timers: indexes lag their upper by 1, replicas reconnect after
+/// 10 to 100 ms, the instance ticks every 10 ms and refreshes introspection every 20 ms.
+pub fn controller_config(introspection: bool) -> controller::ControllerConfig {
+    controller::ControllerConfig {
+        instance: InstanceCoreConfig {
+            default_index_policy: lag(1),
+            default_peek_timeout_ms: None,
+            introspection_interval_ms: 20,
+        },
+        replica_backoff: replica_client::Backoff { initial_ms: 10, max_ms: 100 },
+        hydration_concurrency: None,
+        tick_interval_ms: 10,
+        introspection,
+    }
+}
+
+/// A one-worker replica process on an embedded storage, listening on `listen`.
+pub fn start_replica(
+    storage: &Arc<storage::InProcess>,
+    listen: std::net::SocketAddr,
+) -> compute::ReplicaHandle {
+    start_replica_on(Arc::clone(storage) as _, listen)
+}
+
+/// A one-worker replica process on any storage layer, listening on `listen`.
+pub fn start_replica_on(
+    storage: Arc<dyn storage::StorageCollections>,
+    listen: std::net::SocketAddr,
+) -> compute::ReplicaHandle {
+    compute::ReplicaServer::start(compute::ReplicaConfig {
+        listen,
+        workers: 1,
+        process: 0,
+        timely_addresses: Vec::new(),
+        storage,
+    })
+    .expect("start replica")
+}
+
+/// Polls `check` every 10 ms until it returns `Ok`; fails the test with its last `Err` after about 30 s.
+pub async fn eventually(what: &str, mut check: impl AsyncFnMut() -> Result<(), String>) {
+    let mut last = String::new();
+    for _ in 0..3_000 {
+        match check().await {
+            Ok(()) => return,
+            Err(e) => last = e,
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("{what}: not reached after about 30 s; last seen: {last}");
+}
+
+/// A storage table of [`desc`] whose time `t` inserts `kv(t, t)`, with a read policy that follows its
+/// upper, so only holds keep its since back.
+pub struct SteppedTable {
+    pub id: GlobalId,
+    /// Everything before it is written.
+    pub upper: u64,
+}
+
+impl SteppedTable {
+    pub async fn create(storage: &storage::InProcess, id: GlobalId) -> SteppedTable {
+        use storage::StorageCollections;
+        storage.create_collection(id, desc()).await.expect("create table");
+        storage.set_read_policy(id, lag(0)).await.expect("table read policy");
+        SteppedTable { id, upper: 0 }
+    }
+
+    /// Writes every time up to `upper` (exclusive) in one append.
+    pub async fn advance_to(&mut self, storage: &storage::InProcess, upper: u64) {
+        use storage::StorageCollections;
+        let updates = (self.upper..upper).map(|t| (kv(t, t), t, 1)).collect();
+        let request = storage::AppendRequest {
+            id: self.id,
+            updates,
+            expected_upper: f(self.upper),
+            new_upper: f(upper),
+        };
+        storage.append(vec![request]).await.expect("append");
+        self.upper = upper;
+    }
+
+    /// Writes the next `times` times.
+    pub async fn advance(&mut self, storage: &storage::InProcess, times: u64) {
+        self.advance_to(storage, self.upper + times).await;
+    }
+
+    /// The table's contents at `time` (each row once).
+    pub fn contents_at(&self, time: u64) -> BTreeMap<Row, u64> {
+        (0..=time.min(self.upper.saturating_sub(1))).map(|t| (kv(t, t), 1)).collect()
     }
 }

@@ -7,18 +7,14 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use compute::{ReplicaConfig, ReplicaServer};
-use controller::{
-    ComputeController, ComputeControllerResponse, ControllerConfig, InstanceCoreConfig, ReplicaLocation,
-};
+use controller::{ComputeController, ComputeControllerResponse, ReplicaLocation};
 use frontiers::{Antichain, PartialOrder, ReadPolicy};
-use protocol::{Datum, Diff, GlobalId, InstanceId, ReplicaId, Row, SinkConnection};
-use replica_client::Backoff;
+use protocol::{Diff, GlobalId, InstanceId, ReplicaId, Row, SinkConnection};
 use storage::{AppendRequest, InProcess, StorageCollections, StoreConfig};
 
-use crate::harness::{Harness, desc, f, s, sink_on_storage, u};
+use crate::harness::{Harness, controller_config, desc, eventually, f, kv, s, sink_on_storage, u};
 
 const R1: ReplicaId = ReplicaId(1);
 
@@ -154,23 +150,6 @@ fn a_view_created_after_its_target_was_written_starts_at_the_targets_storage_upp
 
 const INSTANCE: InstanceId = InstanceId(1);
 
-fn kv(k: u64, v: u64) -> Row {
-    Row::pack([Datum::Int64(k as i64), Datum::Int64(v as i64)])
-}
-
-/// Polls `check` every 10 ms until it returns `Ok`; fails the test with its last `Err` after about 30 s.
-async fn eventually(what: &str, mut check: impl AsyncFnMut() -> Result<(), String>) {
-    let mut last = String::new();
-    for _ in 0..3_000 {
-        match check().await {
-            Ok(()) => return,
-            Err(e) => last = e,
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("{what}: not reached after about 30 s; last seen: {last}");
-}
-
 /// Appends `kv(t, 1)` at each time in `from..to` to `table`, one append per time; returns the updates.
 async fn insert(storage: &InProcess, table: GlobalId, from: u64, to: u64) -> Vec<(Row, u64, Diff)> {
     let mut written = Vec::new();
@@ -205,13 +184,7 @@ async fn a_materialized_views_upper_is_what_its_target_holds_durably_and_is_read
         storage: Arc::clone(&storage) as _,
     })
     .expect("start replica");
-    let config = ControllerConfig {
-        instance: InstanceCoreConfig { introspection_interval_ms: 20, ..Default::default() },
-        replica_backoff: Backoff { initial_ms: 10, max_ms: 100 },
-        hydration_concurrency: None,
-        tick_interval_ms: 10,
-        introspection: false,
-    };
+    let config = controller_config(false);
     let mut controller =
         ComputeController::new(Arc::clone(&storage) as _, None, config).await.expect("controller");
     controller.create_instance(INSTANCE, controller.default_instance_config()).expect("instance");

@@ -15,15 +15,15 @@ use std::time::Duration;
 
 use compute::{ReplicaConfig, ReplicaHandle, ReplicaServer};
 use controller::{
-    ComputeController, ControllerConfig, InProcessOrchestrator, InstanceCoreConfig, Launcher, Orchestrator,
-    PeekOptions, ReplicaLocation, ReplicaSpec, RunningReplica,
+    ComputeController, InProcessOrchestrator, Launcher, Orchestrator, PeekOptions, ReplicaLocation,
+    ReplicaSpec, RunningReplica,
 };
-use frontiers::ReadPolicy;
-use protocol::{DataflowDescription, Datum, GlobalId, InstanceId, PeekResponse, PeekTarget, ReplicaId, Row};
-use replica_client::Backoff;
-use storage::{AppendRequest, InProcess, StorageCollections, StoreConfig};
+use protocol::{GlobalId, InstanceId, PeekResponse, PeekTarget, ReplicaId, Row};
+use storage::{InProcess, StorageCollections, StoreConfig};
 
-use crate::harness::{desc, f, index_on_storage, u};
+use crate::harness::{
+    SteppedTable as Table, controller_config, eventually, f, index_on_storage, no_as_of, u,
+};
 
 const INSTANCE: InstanceId = InstanceId(1);
 const R1: ReplicaId = ReplicaId(1);
@@ -105,17 +105,7 @@ async fn setup() -> Setup {
     let storage = Arc::new(InProcess::in_memory(StoreConfig::default()));
     let log = Arc::new(LaunchLog::default());
     let orchestrator = Arc::new(InProcessOrchestrator::new(launcher(&storage, &log)));
-    let config = ControllerConfig {
-        instance: InstanceCoreConfig {
-            default_index_policy: ReadPolicy::LagWriteFrontier { lag_ms: 1, granularity_ms: 0 },
-            default_peek_timeout_ms: None,
-            introspection_interval_ms: 20,
-        },
-        replica_backoff: Backoff { initial_ms: 10, max_ms: 100 },
-        hydration_concurrency: None,
-        tick_interval_ms: 10,
-        introspection: false,
-    };
+    let config = controller_config(false);
     let as_orchestrator: Arc<dyn Orchestrator> = Arc::clone(&orchestrator) as _;
     let mut controller = ComputeController::new(Arc::clone(&storage) as _, Some(as_orchestrator), config)
         .await
@@ -124,63 +114,11 @@ async fn setup() -> Setup {
     Setup { storage, log, orchestrator, controller }
 }
 
-fn kv(k: u64, v: u64) -> Row {
-    Row::pack([Datum::Int64(k as i64), Datum::Int64(v as i64)])
-}
-
-/// A table whose time `t` inserts `(t, t)`: at time `t` it holds `(0, 0)..=(t, t)`.
-struct Table {
-    id: GlobalId,
-    upper: u64,
-}
-
-impl Table {
-    async fn create(storage: &InProcess, id: GlobalId) -> Table {
-        storage.create_collection(id, desc()).await.expect("create table");
-        storage
-            .set_read_policy(id, ReadPolicy::LagWriteFrontier { lag_ms: 0, granularity_ms: 0 })
-            .await
-            .expect("table read policy");
-        Table { id, upper: 0 }
-    }
-
-    async fn advance(&mut self, storage: &InProcess, rounds: u64) {
-        for _ in 0..rounds {
-            let t = self.upper;
-            let request = AppendRequest {
-                id: self.id,
-                updates: vec![(kv(t, t), t, 1)],
-                expected_upper: f(t),
-                new_upper: f(t + 1),
-            };
-            storage.append(vec![request]).await.expect("append");
-            self.upper = t + 1;
-        }
-    }
-
-    fn contents_at(&self, time: u64) -> Vec<Row> {
-        (0..=time).map(|t| kv(t, t)).collect()
-    }
-}
-
-/// Polls `check` every 10 ms until it returns `Ok`; fails the test with its last `Err` after about 10 s.
-async fn eventually(what: &str, mut check: impl FnMut() -> Result<(), String>) {
-    let mut last = String::new();
-    for _ in 0..1_000 {
-        match check() {
-            Ok(()) => return,
-            Err(e) => last = e,
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("{what}: not reached after about 10 s; last seen: {last}");
-}
-
 /// Waits for the index to reach the table's upper, then peeks it at the last complete time and checks
 /// the answer against the table.
 async fn assert_the_index_answers(controller: &ComputeController, table: &Table, index: GlobalId) {
     let upper = table.upper;
-    eventually(&format!("the index reaches upper {upper}"), || {
+    eventually(&format!("the index reaches upper {upper}"), async || {
         let got = controller.collection_frontiers(INSTANCE, index).expect("live index").upper;
         if got == f(upper) { Ok(()) } else { Err(format!("upper {got:?}")) }
     })
@@ -193,16 +131,8 @@ async fn assert_the_index_answers(controller: &ComputeController, table: &Table,
     let response =
         tokio::time::timeout(Duration::from_secs(10), handle.result()).await.expect("peek answered");
     let PeekResponse::Rows(rows) = response else { panic!("peek did not return rows: {response:?}") };
-    let mut got: Vec<Row> = Vec::new();
-    for (row, count) in rows {
-        got.extend(std::iter::repeat_n(row, count.get() as usize));
-    }
-    got.sort();
+    let got: BTreeMap<Row, u64> = rows.into_iter().map(|(row, count)| (row, count.get())).collect();
     assert_eq!(got, table.contents_at(time), "the peek at {time}");
-}
-
-fn no_as_of(df: DataflowDescription<u64>) -> DataflowDescription<u64> {
-    DataflowDescription { as_of: None, ..df }
 }
 
 fn managed() -> ReplicaLocation {
