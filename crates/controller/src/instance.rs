@@ -418,6 +418,10 @@ pub struct InstanceCore<T: Timestamp> {
     storage_uppers: BTreeMap<GlobalId, Antichain<T>>,
     /// The live materialized views writing into each storage collection.
     materialized_views: BTreeMap<GlobalId, SmallVec<[GlobalId; 1]>>,
+    /// Where a reconnected replica was replayed a collection at a later as-of than the original (its
+    /// compaction had moved on): hydration on that connection is judged against this as-of, not the
+    /// original. Removed once hydrated, and with the collection or the replica.
+    replayed_as_ofs: BTreeMap<(GlobalId, ReplicaId), Antichain<T>>,
 }
 
 impl<T: Timestamp> InstanceCore<T> {
@@ -448,6 +452,7 @@ impl<T: Timestamp> InstanceCore<T> {
             writes_allowed: false,
             storage_uppers: BTreeMap::new(),
             materialized_views: BTreeMap::new(),
+            replayed_as_ofs: BTreeMap::new(),
         }
     }
 
@@ -529,6 +534,7 @@ impl<T: Timestamp> InstanceCore<T> {
         if self.replicas.remove(&replica).is_none() {
             return Err(ReplicaDropError::ReplicaMissing(replica));
         }
+        self.replayed_as_ofs.retain(|(_, r), _| *r != replica);
         for (_, collection) in lock(&self.shared).holds.attachments_mut() {
             collection.per_replica.remove(&replica);
         }
@@ -1010,6 +1016,22 @@ impl<T: Timestamp> InstanceCore<T> {
             let state = self.replicas.get_mut(&replica).expect("checked");
             state.connections = state.connections.saturating_add(1);
             state.connected_ms = self.now_ms;
+            // The connection was replayed the client's history, which has every compaction sent: each
+            // dataflow at its compacted as-of. The template catches up to it first.
+            self.catch_up_history();
+            self.replayed_as_ofs.retain(|(_, r), _| *r != replica);
+            let replayed: Vec<(GlobalId, Antichain<T>)> = lock(&self.shared)
+                .holds
+                .attachments()
+                .filter(|(_, c)| !c.dropped)
+                .filter_map(|(id, c)| {
+                    let as_of = self.history.replay_as_of(*id)?;
+                    (as_of != c.as_of).then_some((*id, as_of))
+                })
+                .collect();
+            for (id, as_of) in replayed {
+                self.replayed_as_ofs.insert((id, replica), as_of);
+            }
         }
         match &status {
             ReplicaStatus::Connecting { .. } => self.set_replica_status_row(replica, "connecting", None),
@@ -1178,10 +1200,18 @@ impl<T: Timestamp> InstanceCore<T> {
         if new.is_empty() && collection.dropped {
             state.dropped = true;
         }
-        let hydrated_now =
-            state.hydrated_at_ms.is_none() && collection.as_of.iter().all(|t| !new.less_equal(t));
+        // Hydrated once past the as-of this connection was given (later than the original after a replay
+        // of a compacted collection).
+        let hydrated_now = state.hydrated_at_ms.is_none()
+            && self
+                .replayed_as_ofs
+                .get(&(id, replica))
+                .unwrap_or(&collection.as_of)
+                .iter()
+                .all(|t| !new.less_equal(t));
         if hydrated_now {
             state.hydrated_at_ms = Some(self.now_ms);
+            self.replayed_as_ofs.remove(&(id, replica));
         }
         // Hydration on this connection counts from when both the collection and the connection existed.
         let hydration_ms = hydrated_now.then(|| {
@@ -1502,6 +1532,7 @@ impl<T: Timestamp> InstanceCore<T> {
         // Nothing holds it any more; its own holds on its imports go with its state.
         shared.holds.remove(&id);
         drop(shared);
+        self.replayed_as_ofs.retain(|(collection, _), _| *collection != id);
         for replica in self.replicas.keys() {
             for kind in
                 [IntrospectionKind::Frontiers, IntrospectionKind::Hydration, IntrospectionKind::WallclockLag]

@@ -317,6 +317,13 @@ impl<T: Timestamp> CommandHistory<T> {
         self.peek_sequence.contains_key(&uuid)
     }
 
+    /// The as-of a replay gives the live dataflow exporting `id` (its original as-of, advanced to the
+    /// compaction its exports have reached), or `None` if no live dataflow exports `id`.
+    pub fn replay_as_of(&self, id: GlobalId) -> Option<Antichain<T>> {
+        let sequence = self.exports.get(&id)?.sequence;
+        self.dataflows[&sequence].replay_as_of(&self.exports)
+    }
+
     /// Whether `id` is exported by a live dataflow.
     pub fn contains_collection(&self, id: GlobalId) -> bool {
         self.exports.contains_key(&id)

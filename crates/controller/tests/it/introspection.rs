@@ -3,7 +3,7 @@
 //! rows reaching storage, where they can be peeked and subscribed, are tested end to end in `e2e`.)
 
 use controller::IntrospectionKind;
-use frontiers::Antichain;
+use frontiers::{Antichain, PartialOrder};
 use protocol::{Datum, Diff, GlobalId, InstanceId, PeekResponse, ReplicaId, Row};
 use replica_client::ReplicaStatus;
 
@@ -328,4 +328,38 @@ fn peek_durations_are_counted_per_replica_in_power_of_two_buckets() {
     h.core.drop_replica(R1).unwrap();
     h.drain();
     assert_eq!(h.introspection_rows(IntrospectionKind::PeekDurations), vec![peek_row(R2, 1, 1)]);
+}
+
+#[test]
+fn a_reconnected_replica_is_hydrated_only_past_the_compacted_as_of_it_was_replayed_at() {
+    let mut h = Harness::new();
+    h.create_storage(s(1));
+    h.core.add_replica(R1).unwrap();
+    h.create(index_on_storage(s(1), u(1), 5)).unwrap();
+    h.status(R1, ReplicaStatus::Hydrating);
+    h.report(R1, u(1), f(20));
+    assert_ne!(h.introspection_rows(IntrospectionKind::Hydration), vec![hydration_row(R1, u(1), None)]);
+    // The index compacts (its policy trails the upper): a replay now starts it at its since, not at 5.
+    let since = h.core.collection_frontiers(u(1)).expect("live").since;
+    assert!(PartialOrder::less_equal(&f(10), &since), "compacted to {since:?}");
+    h.status(R1, ReplicaStatus::Failed { reason: "gone".to_string(), retry_in_ms: 10 });
+    h.status(R1, ReplicaStatus::Hydrating);
+    // Reporting the replayed as-of is not being past it, however far that is beyond the original.
+    let replayed = *since.as_option().expect("a time");
+    h.report(R1, u(1), f(replayed));
+    assert_eq!(
+        h.introspection_rows(IntrospectionKind::Hydration),
+        vec![hydration_row(R1, u(1), None)],
+        "at the replayed as-of {replayed}, not hydrated"
+    );
+    assert_eq!(
+        h.introspection_rows(IntrospectionKind::ReplicaStatus),
+        vec![status_row(R1, "rehydrating", None)]
+    );
+    h.report(R1, u(1), f(replayed + 1));
+    assert_ne!(h.introspection_rows(IntrospectionKind::Hydration), vec![hydration_row(R1, u(1), None)]);
+    assert_eq!(
+        h.introspection_rows(IntrospectionKind::ReplicaStatus),
+        vec![status_row(R1, "connected", None)]
+    );
 }
