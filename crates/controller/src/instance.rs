@@ -1220,18 +1220,8 @@ impl<T: Timestamp> InstanceCore<T> {
         });
         // A materialized view that follows its target's storage upper takes no progress from replicas (a
         // flag in the entry, read with `dropped`: no extra work for other collections).
-        let advanced =
-            !collection.upper_from_storage && !PartialOrder::less_equal(&new, &collection.write_frontier);
-        if advanced && !collection.dropped {
-            collection.write_frontier =
-                frontiers::antichain::join(&collection.write_frontier.borrow(), &new.borrow());
-            Self::apply_policy(collection);
-            let upper = collection.write_frontier.clone();
-            self.outputs.push_back(InstanceOutput::Response(ComputeControllerResponse::FrontierUpper {
-                instance: self.id,
-                id,
-                upper,
-            }));
+        if !collection.upper_from_storage && !collection.dropped {
+            Self::advance_upper(&mut self.outputs, self.id, id, collection, &new);
         }
         let dropped = collection.dropped;
         drop(shared);
@@ -1361,20 +1351,34 @@ impl<T: Timestamp> InstanceCore<T> {
             let Some(collection) = shared.holds.attachment_mut(view) else { continue };
             debug_assert!(!collection.dropped, "dropped views are not listed");
             collection.upper_from_storage = true;
-            if PartialOrder::less_equal(&upper, &collection.write_frontier) {
-                continue;
-            }
-            collection.write_frontier =
-                frontiers::antichain::join(&collection.write_frontier.borrow(), &upper.borrow());
-            Self::apply_policy(collection);
-            self.outputs.push_back(InstanceOutput::Response(ComputeControllerResponse::FrontierUpper {
-                instance: self.id,
-                id: *view,
-                upper: collection.write_frontier.clone(),
-            }));
+            Self::advance_upper(&mut self.outputs, self.id, *view, collection, &upper);
         }
         drop(shared);
         self.process_holds();
+    }
+
+    /// Joins `new` into live collection `id`'s upper, moves its implied hold by its read policy and
+    /// announces the new upper; nothing happens unless `new` is beyond the upper. (An associated function
+    /// of the fields it needs, so that it runs while the shared state is locked.)
+    fn advance_upper(
+        outputs: &mut VecDeque<InstanceOutput<T>>,
+        instance: InstanceId,
+        id: GlobalId,
+        collection: &mut Collection<T>,
+        new: &Antichain<T>,
+    ) {
+        if PartialOrder::less_equal(new, &collection.write_frontier) {
+            return;
+        }
+        collection.write_frontier =
+            frontiers::antichain::join(&collection.write_frontier.borrow(), &new.borrow());
+        Self::apply_policy(collection);
+        let upper = collection.write_frontier.clone();
+        outputs.push_back(InstanceOutput::Response(ComputeControllerResponse::FrontierUpper {
+            instance,
+            id,
+            upper,
+        }));
     }
 
     /// Storage collection `id` was dropped: forgets its upper. Views writing into it keep theirs.
@@ -1533,13 +1537,8 @@ impl<T: Timestamp> InstanceCore<T> {
         shared.holds.remove(&id);
         drop(shared);
         self.replayed_as_ofs.retain(|(collection, _), _| *collection != id);
-        for replica in self.replicas.keys() {
-            for kind in
-                [IntrospectionKind::Frontiers, IntrospectionKind::Hydration, IntrospectionKind::WallclockLag]
-            {
-                self.introspection.set_for_collection(kind, self.id, *replica, id, None);
-            }
-        }
+        // Its introspection rows went when it was dropped (`introspect_dropped_collection`), and none is
+        // written for a dropped collection since.
     }
 
     fn broadcast(&mut self, command: ComputeCommand<T>) {
