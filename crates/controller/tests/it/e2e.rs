@@ -19,7 +19,7 @@ use controller::{
     ComputeController, ComputeControllerResponse, ComputeInstanceConfig, InstanceCoreConfig,
     IntrospectionKind, PeekOptions, ReplicaLocation,
 };
-use frontiers::{Antichain, PartialOrder, ReadPolicy};
+use frontiers::{Antichain, PartialOrder};
 use protocol::{
     Datum, Diff, GlobalId, InstanceId, PeekId, PeekResponse, PeekTarget, ReplicaId, Row, SinkConnection,
     SubscribeBatch, SubscribeResponse,
@@ -31,8 +31,8 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::harness::{
-    any_port, controller_config, desc, eventually, f, index_on_index, index_on_storage, kv, lag, no_as_of,
-    sink_on_storage, start_replica, start_replica_on, u,
+    FrontiersHooked, any_port, controller_config, desc, eventually, f, index_on_index, index_on_storage, kv,
+    lag, no_as_of, sink_on_storage, start_replica, start_replica_on, u,
 };
 
 const INSTANCE: InstanceId = InstanceId(1);
@@ -489,92 +489,6 @@ async fn a_storage_server_restart_loses_no_hold_and_no_update_of_the_controller_
 // -------------------------------------------------------------------------------------------------
 // As-of selection racing a since
 
-/// Storage that drops a hold it was given right after it next answers `frontiers`: the since then moves
-/// past what the caller just read, as when another reader releases its hold at that moment.
-#[derive(Debug)]
-struct ReleasingStorage {
-    inner: Arc<InProcess>,
-    release_after_frontiers: std::sync::Mutex<Option<storage::StorageReadHold>>,
-}
-
-impl StorageCollections for ReleasingStorage {
-    fn create_collection(
-        &self,
-        id: GlobalId,
-        desc: protocol::RelationDesc,
-    ) -> storage::BoxFuture<'_, Result<(), storage::CreateError>> {
-        self.inner.create_collection(id, desc)
-    }
-    fn drop_collection(&self, id: GlobalId) -> storage::BoxFuture<'_, Result<(), storage::DropError>> {
-        self.inner.drop_collection(id)
-    }
-    fn list_collections(
-        &self,
-    ) -> storage::BoxFuture<'_, Result<Vec<(GlobalId, protocol::RelationDesc)>, storage::ReadError>> {
-        self.inner.list_collections()
-    }
-    fn frontiers(
-        &self,
-        id: GlobalId,
-    ) -> storage::BoxFuture<'_, Result<storage::CollectionFrontiers, storage::ReadError>> {
-        Box::pin(async move {
-            let frontiers = self.inner.frontiers(id).await;
-            let hold = self.release_after_frontiers.lock().expect("test lock").take();
-            if let (Some(hold), Ok(read)) = (hold, &frontiers) {
-                drop(hold);
-                // Storage applies the release on its own time: wait until the since has moved, then
-                // answer with what was read before.
-                for _ in 0..3_000 {
-                    match self.inner.frontiers(id).await {
-                        Ok(now) if now.since == read.since => {
-                            tokio::time::sleep(Duration::from_millis(1)).await;
-                        }
-                        _ => break,
-                    }
-                }
-            }
-            frontiers
-        })
-    }
-    fn append(
-        &self,
-        requests: Vec<AppendRequest>,
-    ) -> storage::BoxFuture<'_, Result<(), storage::AppendError>> {
-        self.inner.append(requests)
-    }
-    fn acquire_read_hold(
-        &self,
-        id: GlobalId,
-        frontier: Antichain<u64>,
-    ) -> storage::BoxFuture<'_, Result<storage::StorageReadHold, storage::HoldError>> {
-        self.inner.acquire_read_hold(id, frontier)
-    }
-    fn set_read_policy(
-        &self,
-        id: GlobalId,
-        policy: ReadPolicy<u64>,
-    ) -> storage::BoxFuture<'_, Result<(), storage::HoldError>> {
-        self.inner.set_read_policy(id, policy)
-    }
-    fn snapshot(
-        &self,
-        id: GlobalId,
-        as_of: u64,
-    ) -> storage::BoxFuture<'_, Result<Vec<(Row, Diff)>, storage::ReadError>> {
-        self.inner.snapshot(id, as_of)
-    }
-    fn listen(
-        &self,
-        id: GlobalId,
-        as_of: u64,
-    ) -> storage::BoxFuture<'_, Result<storage::Listen, storage::ReadError>> {
-        self.inner.listen(id, as_of)
-    }
-    fn watch_frontiers(&self) -> storage::BoxFuture<'_, Result<storage::FrontierWatch, storage::ReadError>> {
-        self.inner.watch_frontiers()
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_since_that_moves_past_the_chosen_as_of_before_the_holds_are_taken_makes_the_controller_choose_again()
  {
@@ -582,9 +496,33 @@ async fn a_since_that_moves_past_the_chosen_as_of_before_the_holds_are_taken_mak
     let mut table = Table::create(&inner, u(1)).await;
     let other_reader = inner.acquire_read_hold(table.id, f(0)).await.expect("hold at 0");
     table.advance(&inner, 5).await;
-    let storage = Arc::new(ReleasingStorage {
+    // Storage that drops the other reader's hold right after it next answers `frontiers`: the since then
+    // moves past what the controller just read, as when another reader releases its hold at that moment.
+    let release_after_frontiers = Arc::new(std::sync::Mutex::new(Some(other_reader)));
+    let release = Arc::clone(&release_after_frontiers);
+    let storage = Arc::new(FrontiersHooked {
         inner: Arc::clone(&inner),
-        release_after_frontiers: std::sync::Mutex::new(Some(other_reader)),
+        hook: Box::new(move |inner, id| {
+            let release = Arc::clone(&release);
+            Box::pin(async move {
+                let frontiers = inner.frontiers(id).await;
+                let hold = release.lock().expect("test lock").take();
+                if let (Some(hold), Ok(read)) = (hold, &frontiers) {
+                    drop(hold);
+                    // Storage applies the release on its own time: wait until the since has moved, then
+                    // answer with what was read before.
+                    for _ in 0..3_000 {
+                        match inner.frontiers(id).await {
+                            Ok(now) if now.since == read.since => {
+                                tokio::time::sleep(Duration::from_millis(1)).await;
+                            }
+                            _ => break,
+                        }
+                    }
+                }
+                frontiers
+            })
+        }),
     });
     let controller = new_controller_on(Arc::clone(&storage) as _, false).await;
     let df = no_as_of(index_on_storage(table.id, u(11), 0));
@@ -594,7 +532,7 @@ async fn a_since_that_moves_past_the_chosen_as_of_before_the_holds_are_taken_mak
     assert_eq!(since, f(5), "the other reader's release let the table compact to its upper");
     assert!(PartialOrder::less_equal(&since, &as_of), "as-of {as_of:?} before the since {since:?}");
     assert!(
-        storage.release_after_frontiers.lock().expect("test lock").is_none(),
+        release_after_frontiers.lock().expect("test lock").is_none(),
         "the race happened: the hold was released after the first frontiers read"
     );
     drop(controller);
@@ -1037,91 +975,26 @@ async fn a_restarted_controller_replaces_the_introspection_rows_its_predecessor_
     stop(replica).await;
 }
 
-/// Storage whose `frontiers` of one collection fails until it is let through.
-#[derive(Debug)]
-struct WithheldFrontiers {
-    inner: Arc<InProcess>,
-    withheld: GlobalId,
-    let_through: std::sync::atomic::AtomicBool,
-    refused: std::sync::atomic::AtomicU64,
-}
-
-impl StorageCollections for WithheldFrontiers {
-    fn create_collection(
-        &self,
-        id: GlobalId,
-        desc: protocol::RelationDesc,
-    ) -> storage::BoxFuture<'_, Result<(), storage::CreateError>> {
-        self.inner.create_collection(id, desc)
-    }
-    fn drop_collection(&self, id: GlobalId) -> storage::BoxFuture<'_, Result<(), storage::DropError>> {
-        self.inner.drop_collection(id)
-    }
-    fn list_collections(
-        &self,
-    ) -> storage::BoxFuture<'_, Result<Vec<(GlobalId, protocol::RelationDesc)>, storage::ReadError>> {
-        self.inner.list_collections()
-    }
-    fn frontiers(
-        &self,
-        id: GlobalId,
-    ) -> storage::BoxFuture<'_, Result<storage::CollectionFrontiers, storage::ReadError>> {
-        use std::sync::atomic::Ordering::SeqCst;
-        if id == self.withheld && !self.let_through.load(SeqCst) {
-            self.refused.fetch_add(1, SeqCst);
-            return Box::pin(std::future::ready(Err(storage::ReadError::Disconnected)));
-        }
-        self.inner.frontiers(id)
-    }
-    fn append(
-        &self,
-        requests: Vec<AppendRequest>,
-    ) -> storage::BoxFuture<'_, Result<(), storage::AppendError>> {
-        self.inner.append(requests)
-    }
-    fn acquire_read_hold(
-        &self,
-        id: GlobalId,
-        frontier: Antichain<u64>,
-    ) -> storage::BoxFuture<'_, Result<storage::StorageReadHold, storage::HoldError>> {
-        self.inner.acquire_read_hold(id, frontier)
-    }
-    fn set_read_policy(
-        &self,
-        id: GlobalId,
-        policy: ReadPolicy<u64>,
-    ) -> storage::BoxFuture<'_, Result<(), storage::HoldError>> {
-        self.inner.set_read_policy(id, policy)
-    }
-    fn snapshot(
-        &self,
-        id: GlobalId,
-        as_of: u64,
-    ) -> storage::BoxFuture<'_, Result<Vec<(Row, Diff)>, storage::ReadError>> {
-        self.inner.snapshot(id, as_of)
-    }
-    fn listen(
-        &self,
-        id: GlobalId,
-        as_of: u64,
-    ) -> storage::BoxFuture<'_, Result<storage::Listen, storage::ReadError>> {
-        self.inner.listen(id, as_of)
-    }
-    fn watch_frontiers(&self) -> storage::BoxFuture<'_, Result<storage::FrontierWatch, storage::ReadError>> {
-        self.inner.watch_frontiers()
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_introspection_collection_whose_upper_is_unknown_keeps_its_updates_until_it_can_be_written() {
     use std::sync::atomic::Ordering::SeqCst;
     let inner = new_storage();
     let withheld = IntrospectionKind::ReplicaStatus.default_id();
-    let storage = Arc::new(WithheldFrontiers {
+    // Storage whose `frontiers` of the status collection fails until it is let through.
+    let let_through = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let refused = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let storage = Arc::new(FrontiersHooked {
         inner: Arc::clone(&inner),
-        withheld,
-        let_through: Default::default(),
-        refused: Default::default(),
+        hook: {
+            let (let_through, refused) = (Arc::clone(&let_through), Arc::clone(&refused));
+            Box::new(move |inner, id| {
+                if id == withheld && !let_through.load(SeqCst) {
+                    refused.fetch_add(1, SeqCst);
+                    return Box::pin(std::future::ready(Err(storage::ReadError::Disconnected)));
+                }
+                Box::pin(async move { inner.frontiers(id).await })
+            })
+        },
     });
     let replica = start_replica(&inner, any_port());
     let mut controller = new_controller_on(Arc::clone(&storage) as _, true).await;
@@ -1136,7 +1009,7 @@ async fn an_introspection_collection_whose_upper_is_unknown_keeps_its_updates_un
     })
     .await;
     // Let the writer run a few rounds that skip the status collection while writing the others.
-    let refused = storage.refused.load(SeqCst);
+    let refused_before = refused.load(SeqCst);
     let written =
         inner.frontiers(IntrospectionKind::PeekDurations.default_id()).await.expect("frontiers").upper;
     eventually("more rounds skip the status collection and write the others", async || {
@@ -1144,12 +1017,12 @@ async fn an_introspection_collection_whose_upper_is_unknown_keeps_its_updates_un
             .frontiers(IntrospectionKind::PeekDurations.default_id())
             .await
             .map_err(|e| e.to_string())?;
-        let rounds = storage.refused.load(SeqCst) - refused;
+        let rounds = refused.load(SeqCst) - refused_before;
         if rounds >= 3 && now.upper != written { Ok(()) } else { Err(format!("{rounds} rounds")) }
     })
     .await;
 
-    storage.let_through.store(true, SeqCst);
+    let_through.store(true, SeqCst);
     eventually("the status collection gets the rows withheld", async || {
         let rows = introspection_contents(&controller, IntrospectionKind::ReplicaStatus).await?;
         if rows == BTreeMap::from([(status_row(R1, "connected"), 1)]) {

@@ -338,3 +338,87 @@ impl SteppedTable {
         (0..=time.min(self.upper.saturating_sub(1))).map(|t| (kv(t, t), 1)).collect()
     }
 }
+
+/// How [`FrontiersHooked`] answers `frontiers`: given the wrapped storage and the collection.
+pub type FrontiersHook = Box<
+    dyn Fn(
+            Arc<storage::InProcess>,
+            GlobalId,
+        ) -> storage::BoxFuture<'static, Result<storage::CollectionFrontiers, storage::ReadError>>
+        + Send
+        + Sync,
+>;
+
+/// A storage layer that passes every call to `inner`, except `frontiers`, which `hook` answers: for tests
+/// of what the controller makes of a frontier read that fails or races with another reader.
+pub struct FrontiersHooked {
+    pub inner: Arc<storage::InProcess>,
+    pub hook: FrontiersHook,
+}
+
+impl std::fmt::Debug for FrontiersHooked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrontiersHooked").field("inner", &self.inner).finish_non_exhaustive()
+    }
+}
+
+impl storage::StorageCollections for FrontiersHooked {
+    fn create_collection(
+        &self,
+        id: GlobalId,
+        desc: RelationDesc,
+    ) -> storage::BoxFuture<'_, Result<(), storage::CreateError>> {
+        self.inner.create_collection(id, desc)
+    }
+    fn drop_collection(&self, id: GlobalId) -> storage::BoxFuture<'_, Result<(), storage::DropError>> {
+        self.inner.drop_collection(id)
+    }
+    fn list_collections(
+        &self,
+    ) -> storage::BoxFuture<'_, Result<Vec<(GlobalId, RelationDesc)>, storage::ReadError>> {
+        self.inner.list_collections()
+    }
+    fn frontiers(
+        &self,
+        id: GlobalId,
+    ) -> storage::BoxFuture<'_, Result<storage::CollectionFrontiers, storage::ReadError>> {
+        (self.hook)(Arc::clone(&self.inner), id)
+    }
+    fn append(
+        &self,
+        requests: Vec<storage::AppendRequest>,
+    ) -> storage::BoxFuture<'_, Result<(), storage::AppendError>> {
+        self.inner.append(requests)
+    }
+    fn acquire_read_hold(
+        &self,
+        id: GlobalId,
+        frontier: Antichain<u64>,
+    ) -> storage::BoxFuture<'_, Result<storage::StorageReadHold, storage::HoldError>> {
+        self.inner.acquire_read_hold(id, frontier)
+    }
+    fn set_read_policy(
+        &self,
+        id: GlobalId,
+        policy: ReadPolicy<u64>,
+    ) -> storage::BoxFuture<'_, Result<(), storage::HoldError>> {
+        self.inner.set_read_policy(id, policy)
+    }
+    fn snapshot(
+        &self,
+        id: GlobalId,
+        as_of: u64,
+    ) -> storage::BoxFuture<'_, Result<Vec<(Row, Diff)>, storage::ReadError>> {
+        self.inner.snapshot(id, as_of)
+    }
+    fn listen(
+        &self,
+        id: GlobalId,
+        as_of: u64,
+    ) -> storage::BoxFuture<'_, Result<storage::Listen, storage::ReadError>> {
+        self.inner.listen(id, as_of)
+    }
+    fn watch_frontiers(&self) -> storage::BoxFuture<'_, Result<storage::FrontierWatch, storage::ReadError>> {
+        self.inner.watch_frontiers()
+    }
+}

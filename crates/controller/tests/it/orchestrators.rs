@@ -135,6 +135,25 @@ async fn assert_the_index_answers(controller: &ComputeController, table: &Table,
     assert_eq!(got, table.contents_at(time), "the peek at {time}");
 }
 
+/// A table with data, managed replica `R1`, and index `u11` on the table, checked to answer peeks.
+async fn index_on_a_managed_replica(
+    controller: &mut ComputeController,
+    storage: &InProcess,
+) -> (Table, GlobalId) {
+    let mut table = Table::create(storage, u(1)).await;
+    table.advance(storage, 3).await;
+    controller.add_replica(INSTANCE, R1, managed()).await.expect("add managed replica");
+    let index = u(11);
+    controller
+        .create_dataflow(INSTANCE, no_as_of(index_on_storage(table.id, index, 0)))
+        .await
+        .expect("index");
+    // The as-of is the table's since, which is its upper: readable once the table moves on.
+    table.advance(storage, 3).await;
+    assert_the_index_answers(controller, &table, index).await;
+    (table, index)
+}
+
 fn managed() -> ReplicaLocation {
     ReplicaLocation::Managed { workers: 1, processes: 1 }
 }
@@ -142,20 +161,9 @@ fn managed() -> ReplicaLocation {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_managed_in_process_replica_answers_peeks_and_dropping_it_shuts_it_down() {
     let Setup { storage, log, orchestrator, mut controller } = setup().await;
-    let mut table = Table::create(&storage, u(1)).await;
-    table.advance(&storage, 3).await;
-    controller.add_replica(INSTANCE, R1, managed()).await.expect("add managed replica");
+    index_on_a_managed_replica(&mut controller, &storage).await;
     assert_eq!(log.launched(), 1, "adding a managed replica launches it");
     let address = log.addresses.lock().expect("launch log")[&(INSTANCE, R1)];
-
-    let index = u(11);
-    controller
-        .create_dataflow(INSTANCE, no_as_of(index_on_storage(table.id, index, 0)))
-        .await
-        .expect("index");
-    // The as-of is the table's since, which is its upper: readable once the table moves on.
-    table.advance(&storage, 3).await;
-    assert_the_index_answers(&controller, &table, index).await;
 
     controller.drop_replica(INSTANCE, R1).await.expect("drop replica");
     assert_eq!(log.shut_down(), 1, "dropping a managed replica shuts it down");
@@ -170,19 +178,8 @@ async fn a_managed_in_process_replica_answers_peeks_and_dropping_it_shuts_it_dow
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_in_process_replica_rehydrates_and_answers_peeks() {
-    let Setup { storage, log, orchestrator, controller } = setup().await;
-    let mut table = Table::create(&storage, u(1)).await;
-    table.advance(&storage, 3).await;
-    let mut controller = controller;
-    controller.add_replica(INSTANCE, R1, managed()).await.expect("add managed replica");
-    let index = u(11);
-    controller
-        .create_dataflow(INSTANCE, no_as_of(index_on_storage(table.id, index, 0)))
-        .await
-        .expect("index");
-    // The as-of is the table's since, which is its upper: readable once the table moves on.
-    table.advance(&storage, 3).await;
-    assert_the_index_answers(&controller, &table, index).await;
+    let Setup { storage, log, orchestrator, mut controller } = setup().await;
+    let (mut table, index) = index_on_a_managed_replica(&mut controller, &storage).await;
     let address = log.addresses.lock().expect("launch log")[&(INSTANCE, R1)];
 
     let spec = ReplicaSpec { instance: INSTANCE, replica: R1, workers: 1, processes: 1 };
