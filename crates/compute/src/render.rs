@@ -157,8 +157,8 @@ pub(crate) fn render_plan<'s>(plan: &Plan, ctx: &mut RenderContext<'s>) -> Coll<
             let input = render_plan(current, ctx);
             let operator = ctx.operator();
             let (oks, errs) = map_rows(input, "MapFilterProject", move |row, packer| {
-                apply_row_ops(&ops, row, packer).map_err(|error| {
-                    error_row(&format!("{error} (operator {operator}: MapFilterProject)"), row.as_row_ref())
+                apply_row_ops(&ops, row, packer).map_err(|(error, input)| {
+                    error_row(&format!("{error} (operator {operator}: MapFilterProject)"), input.as_row_ref())
                 })
             });
             ctx.errs.push(errs);
@@ -487,34 +487,43 @@ pub(crate) enum RowOp {
 }
 
 /// Applies `ops` in order to `row`: `Ok(None)` if a filter removed it.
+///
+/// An error comes with the row the failing step was given (`Project`s before it applied), not `row`: the
+/// reference evaluates each step on its consolidated input, so updates that cancel after a projection
+/// raise no error there, and here their error rows must be equal to cancel too.
 pub(crate) fn apply_row_ops(
     ops: &[RowOp],
     row: &Row,
     packer: &mut RowPacker,
-) -> Result<Option<Row>, EvalError> {
+) -> Result<Option<Row>, (EvalError, Row)> {
     let mut datums: Vec<Datum<'_>> = row.iter().collect();
+    // The step's input: the first `columns` datums (a `Map` appends to them as it goes).
+    let failed = |datums: &[Datum<'_>], columns: usize, error: EvalError| {
+        (error, Row::pack(datums[..columns].iter().copied()))
+    };
     for op in ops {
+        let columns = datums.len();
         match op {
             RowOp::Map(exprs) => {
                 for expr in exprs {
-                    let datum = expr.eval(&datums)?;
+                    let datum = expr.eval(&datums).map_err(|e| failed(&datums, columns, e))?;
                     datums.push(datum);
                 }
             }
             RowOp::Filter(predicates) => {
                 for predicate in predicates {
-                    if predicate.eval(&datums)? != Datum::Bool(true) {
+                    if predicate.eval(&datums).map_err(|e| failed(&datums, columns, e))? != Datum::Bool(true)
+                    {
                         return Ok(None);
                     }
                 }
             }
-            RowOp::Project(columns) => {
-                let mut projected = Vec::with_capacity(columns.len());
-                for column in columns {
-                    let datum = datums
-                        .get(*column)
-                        .copied()
-                        .ok_or_else(|| EvalError::Internal(format!("project of column {column}")))?;
+            RowOp::Project(outputs) => {
+                let mut projected = Vec::with_capacity(outputs.len());
+                for column in outputs {
+                    let datum = datums.get(*column).copied().ok_or_else(|| {
+                        failed(&datums, columns, EvalError::Internal(format!("project of column {column}")))
+                    })?;
                     projected.push(datum);
                 }
                 datums = projected;
