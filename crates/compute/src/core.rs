@@ -256,18 +256,29 @@ impl Core {
         mut self,
         mut events: UnboundedReceiver<CoreEvent>,
         mut reports: UnboundedReceiver<FromWorker>,
-    ) {
-        loop {
+    ) -> Option<String> {
+        let failure = loop {
             tokio::select! {
                 event = events.recv() => match event {
-                    Some(CoreEvent::Shutdown) | None => break,
+                    Some(CoreEvent::Shutdown) | None => break None,
                     Some(event) => self.handle_event(event).await,
                 },
                 report = reports.recv() => match report {
+                    Some(FromWorker::Failed { worker, message }) => {
+                        // Dataflow code panicked (e.g. a multiplicity overflowed with overflow checks on).
+                        // The other workers cannot make progress without it, so nothing this process
+                        // would answer from now on could be trusted: close the connection and stop, and
+                        // let the orchestrator restart the process (the controller replays to it).
+                        error!(worker, %message, "a timely worker panicked; the replica stops");
+                        break Some(format!("worker {worker} panicked: {message}"));
+                    }
                     Some(report) => self.handle_report(report),
-                    None => break,
+                    None => break None,
                 },
             }
+        };
+        if let Some(conn) = self.active.take() {
+            let _ = conn.out.send(Outgoing::Close);
         }
         for dataflow in self.dataflows.values() {
             for task in &dataflow.tasks {
@@ -278,6 +289,7 @@ impl Core {
             task.abort();
         }
         self.broadcast(|| ToWorker::Shutdown);
+        failure
     }
 
     fn broadcast(&self, message: impl Fn() -> ToWorker) {
@@ -855,6 +867,7 @@ impl Core {
             FromWorker::Sink { worker, id, updates, errors, frontier } => {
                 self.merge_sink(worker, id, updates, errors, frontier);
             }
+            FromWorker::Failed { .. } => unreachable!("handled by run"),
         }
     }
 

@@ -153,6 +153,13 @@ pub(crate) enum FromWorker {
         /// The sink's input frontier on this worker.
         frontier: Antichain<Time>,
     },
+    /// The worker panicked and is gone: the process can no longer make progress and stops.
+    Failed {
+        /// The worker (index within the process).
+        worker: usize,
+        /// The panic's message.
+        message: String,
+    },
 }
 
 /// The sending side of one worker's channel; wakes the worker after each message.

@@ -88,6 +88,8 @@ pub struct ReplicaHandle {
     io_thread: Option<JoinHandle<()>>,
     timely_thread: Option<JoinHandle<()>>,
     built: Arc<AtomicU64>,
+    /// Why the process stopped on its own (a worker panicked), once it has.
+    failure: tokio::sync::watch::Receiver<Option<String>>,
 }
 
 impl ReplicaServer {
@@ -154,7 +156,18 @@ impl ReplicaServer {
                         .take()
                         .expect("each worker takes its receiver once");
                     let _ = threads[local].set(std::thread::current());
-                    run_worker(worker, local, rx, reports_tx.clone());
+                    let reports = reports_tx.clone();
+                    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        run_worker(worker, local, rx, reports.clone())
+                    }));
+                    if let Err(panic) = outcome {
+                        // The core stops the process: a replica missing a worker answers nothing. The
+                        // panic goes on, so that timely does not step this worker's broken dataflows
+                        // (it would park forever waiting for them to finish).
+                        let message = panic_message(panic.as_ref());
+                        let _ = reports_tx.send(FromWorker::Failed { worker: local, message });
+                        std::panic::resume_unwind(panic);
+                    }
                 });
                 match result {
                     Ok(guards) => {
@@ -175,6 +188,7 @@ impl ReplicaServer {
             .map_err(StartError::Threads)?;
         let core = Core::new(topology, senders, storage, events_tx.clone(), Arc::clone(&built));
         let accept_events = events_tx.clone();
+        let (failure_tx, failure) = tokio::sync::watch::channel(None);
         let io_thread = std::thread::Builder::new()
             .name(format!("compute-io-{process}"))
             .spawn(move || {
@@ -187,8 +201,11 @@ impl ReplicaServer {
                         }
                     };
                     let accept = tokio::spawn(accept_loop(listener, accept_events));
-                    core.run(events_rx, reports_rx).await;
+                    let failed = core.run(events_rx, reports_rx).await;
                     accept.abort();
+                    if failed.is_some() {
+                        let _ = failure_tx.send(failed);
+                    }
                 });
             })
             .map_err(StartError::Threads)?;
@@ -199,6 +216,7 @@ impl ReplicaServer {
             io_thread: Some(io_thread),
             timely_thread: Some(timely_thread),
             built,
+            failure,
         })
     }
 }
@@ -213,6 +231,24 @@ impl ReplicaHandle {
     /// dataflow is not built again).
     pub fn dataflows_built(&self) -> u64 {
         self.built.load(Ordering::Relaxed)
+    }
+
+    /// Why the process stopped serving on its own, if it has: a timely worker panicked (dataflow code
+    /// hit a bug, or a multiplicity overflowed in a build with overflow checks). It then closed its
+    /// connection and its listener; only [`Self::shutdown`] is left to do.
+    pub fn failure(&self) -> Option<String> {
+        self.failure.borrow().clone()
+    }
+
+    /// Waits until the process stops serving on its own (see [`Self::failure`]) and returns why. Pending
+    /// forever while it runs normally.
+    pub async fn failed(&self) -> String {
+        let mut failure = self.failure.clone();
+        match failure.wait_for(Option::is_some).await {
+            Ok(message) => message.clone().expect("waited for Some"),
+            // The io thread ended without a failure (a shutdown): nothing more will come.
+            Err(_) => std::future::pending().await,
+        }
     }
 
     /// Stops the process and joins its threads.
@@ -237,6 +273,15 @@ impl ReplicaHandle {
 impl Drop for ReplicaHandle {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// The message of a caught panic.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    match (panic.downcast_ref::<String>(), panic.downcast_ref::<&str>()) {
+        (Some(message), _) => message.clone(),
+        (None, Some(message)) => (*message).to_string(),
+        (None, None) => "a panic without a message".to_string(),
     }
 }
 

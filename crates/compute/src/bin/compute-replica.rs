@@ -103,7 +103,19 @@ fn main() -> ExitCode {
         }
     };
     println!("listening on {}", handle.local_addr());
-    let _ = runtime.block_on(tokio::signal::ctrl_c());
+    let failure = runtime.block_on(async {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => None,
+            failure = handle.failed() => Some(failure),
+        }
+    });
     handle.shutdown();
-    ExitCode::SUCCESS
+    match failure {
+        None => ExitCode::SUCCESS,
+        Some(failure) => {
+            // The orchestrator restarts the process; the controller replays its commands to it.
+            eprintln!("replica failed: {failure}");
+            ExitCode::FAILURE
+        }
+    }
 }

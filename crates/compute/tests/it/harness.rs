@@ -316,6 +316,21 @@ impl TestController {
         }
     }
 
+    /// Waits until every process closed its connection, absorbing what comes before; panics after
+    /// [`TIMEOUT`].
+    #[allow(clippy::disallowed_methods)] // a wall-clock timeout, in tests only
+    pub fn wait_closed(&mut self) {
+        let deadline = std::time::Instant::now() + TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.responses.recv_timeout(left.max(Duration::from_millis(1))) {
+                Ok((process, response)) => self.absorb(process, response),
+                Err(RecvTimeoutError::Timeout) => panic!("timed out waiting for the replica to close"),
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+        }
+    }
+
     /// Waits until every process reported a write frontier for `id` beyond `time`.
     pub fn wait_frontier_beyond(&mut self, id: GlobalId, time: u64) {
         let processes = self.streams.len();
