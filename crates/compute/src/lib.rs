@@ -25,6 +25,13 @@
 //! - A dataflow's answer is an error exactly when `protocol::reference` errs on the same inputs.
 //! - Nothing the controller sends makes the process panic: bad input is answered with `CommandRejected` or
 //!   `PeekResponse::Error`, or closes that connection only.
+//! - If dataflow code panics anyway, the process does not linger half-alive: the worker's panic stops
+//!   the core, which closes the connection and the listener ([`ReplicaHandle::failed`] says why;
+//!   `compute-replica` exits non-zero, so its orchestrator restarts it and the controller replays).
+//!
+//! **Known limit.** Multiplicities are `i64`. A dataflow whose multiplicities overflow (products of
+//! joins of huge multiplicities) panics its worker in builds with overflow checks (the stop above) and
+//! wraps without them (release builds): its answers are then wrong, with no error.
 //!
 //! **Tests.** `tests/it/` (one integration binary): operators against `protocol::reference` with proptest
 //! (1 and 2 workers, 2 processes), exports, imports, sinks, reconnect and bad input, all through the
