@@ -226,7 +226,7 @@ fn check_case(
     prop_assume!(bounds.values().all(|b| *b <= 2_000), "intermediate results too large to check");
     let import_ids: Vec<GlobalId> = df.source_imports.keys().copied().collect();
     for (id, desc) in import_ids.iter().zip(&case.imports) {
-        create_collection(&storage, *id, desc.clone());
+        create_collection(storage, *id, desc.clone());
     }
     let index_export = df.index_exports[&index].clone();
     let arity = df.object_type(index_export.on_id).expect("typed").arity();
@@ -236,7 +236,7 @@ fn check_case(
         let time = time as u64;
         for (i, updates) in batch.iter().enumerate() {
             append(
-                &storage,
+                storage,
                 import_ids[i],
                 updates.iter().map(|(r, d)| (r.clone(), time, *d)).collect(),
                 time + 1,
