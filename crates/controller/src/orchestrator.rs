@@ -2,7 +2,9 @@
 //!
 //! - [`InProcessOrchestrator`]: replicas as threads of this process, started by a launcher the embedding
 //!   application supplies (the controller cannot depend on the compute crate; tests and the simulator
-//!   pass `compute::ReplicaServer::start`). For tests and embedding.
+//!   pass `compute::ReplicaServer::start`). For tests and embedding. It does not supervise: a replica
+//!   that stopped on its own (a worker panicked: `compute::ReplicaHandle::failed`) stays stopped, and the
+//!   replica client keeps trying to reconnect, until [`InProcessOrchestrator::restart`] or a drop.
 //! - [`ProcessOrchestrator`]: replicas as local `compute-replica` processes, single- or multi-process
 //!   (a timely cluster over loopback). A supervisor restarts a crashed replica with backoff, all of its
 //!   processes together (a timely cluster cannot take back one lost process), on the same ports so the

@@ -1,7 +1,7 @@
 //! The controller's `ProcessOrchestrator` with real `compute-replica` processes on loopback: the events it
 //! reports, the restart of a killed replica on the same address with a doubling backoff that starts over
-//! once the replica ran stably, a two-process replica restarted as a whole, and dropping a replica killing
-//! its processes.
+//! once the replica ran stably, a two-process replica restarted as a whole, a replica whose worker panics
+//! exiting on its own to be restarted, and dropping a replica killing its processes.
 //!
 //! These tests live here, not in the controller crate, because only `sim` can build the binary: the
 //! cluster scenario's `binaries` helper (`sim::cluster::processes`) runs `cargo build` for
@@ -177,4 +177,94 @@ async fn a_two_process_replica_reports_both_pids_and_restarts_both_when_one_is_k
     for pid in restarted {
         assert!(!alive(pid), "process {pid} outlived its dropped replica");
     }
+}
+
+/// Sends `commands` to the replica at `address` after the handshake, on a blocking socket that stays open
+/// until the replica closes it; returns once it has (or panics after 10 s).
+fn send_until_closed(address: &str, commands: Vec<protocol::ComputeCommand>) {
+    use protocol::frame::{DEFAULT_MAX_FRAME_BYTES, read_frame, write_frame};
+    let mut stream = std::net::TcpStream::connect(address).expect("connect");
+    stream.set_read_timeout(Some(Duration::from_secs(10))).expect("read timeout");
+    let hello = protocol::ComputeCommand::<u64>::Hello { version: protocol::PROTOCOL_VERSION, nonce: 1 };
+    write_frame(&mut stream, &hello, DEFAULT_MAX_FRAME_BYTES).expect("hello");
+    for command in &commands {
+        write_frame(&mut stream, command, DEFAULT_MAX_FRAME_BYTES).expect("command");
+    }
+    loop {
+        match read_frame::<_, protocol::ComputeResponse>(&mut stream, DEFAULT_MAX_FRAME_BYTES) {
+            Ok(_) => {}
+            Err(protocol::frame::FrameError::Io(e))
+                if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
+            {
+                panic!("the replica did not close the connection within 10 s")
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+/// The commands of a controller that installs an index whose multiplicities overflow `i64`: a constant
+/// row with multiplicity `i64::MAX`, joined with itself.
+fn overflowing_index() -> Vec<protocol::ComputeCommand> {
+    use protocol::{
+        BuildDesc, ColumnType, ComputeCommand, DataflowDescription, Datum, GlobalId, IndexExport,
+        InstanceConfig, LoggingConfig, Plan, RelationType, Row, ScalarType,
+    };
+    let typ = RelationType::new(vec![ColumnType::new(ScalarType::Int64, false)]);
+    let huge = Plan::Constant { rows: vec![(Row::pack([Datum::Int64(1)]), i64::MAX)], typ };
+    let mut dataflow = DataflowDescription::new("overflow");
+    let object = GlobalId::Transient(1);
+    dataflow.objects_to_build.push(BuildDesc {
+        id: object,
+        plan: Plan::Join { inputs: vec![huge.clone(), huge], equivalences: Vec::new() },
+    });
+    let index = GlobalId::User(1);
+    dataflow.index_exports.insert(index, IndexExport { on_id: object, key: vec![0] });
+    dataflow.as_of = Some(frontiers::Antichain::from_elem(0));
+    vec![
+        ComputeCommand::CreateInstance(InstanceConfig {
+            instance_id: INSTANCE,
+            replica_id: ReplicaId(3),
+            logging: LoggingConfig::default(),
+        }),
+        ComputeCommand::InitializationComplete,
+        ComputeCommand::CreateDataflow(dataflow),
+        ComputeCommand::Schedule(index),
+    ]
+}
+
+// A process whose worker panics cannot answer for that worker's share any more: it exits with a failure
+// status (not a signal), and the orchestrator restarts it like any crashed replica. Multiplicities that
+// overflow panic only with overflow checks (these binaries are built with the test's profile).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_whose_worker_panics_exits_with_a_failure_status_and_is_restarted() {
+    let overflow_checks =
+        std::panic::catch_unwind(|| std::hint::black_box(i64::MAX) + std::hint::black_box(1)).is_err();
+    let (orchestrator, mut events) = orchestrator().await;
+    let replica = ReplicaId(3);
+    let spec = ReplicaSpec { instance: INSTANCE, replica, workers: 2, processes: 1 };
+    let addresses = orchestrator.ensure_replica(spec).await.expect("ensure replica");
+    let pids = running(&mut events, replica).await;
+    wait_until_listening(&addresses[0]).await;
+    if !overflow_checks {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(alive(pids[0]), "without overflow checks multiplicities wrap and the replica runs on");
+        orchestrator.drop_replica(INSTANCE, replica).await.expect("drop replica");
+        return;
+    }
+    let address = addresses[0].clone();
+    tokio::task::spawn_blocking(move || send_until_closed(&address, overflowing_index()))
+        .await
+        .expect("client task");
+    match next_event(&mut events).await {
+        ProcessEvent::Crashed { replica: r, status, restart_in_ms, .. } if r == replica => {
+            assert!(status.contains("exit status: 1"), "{status}");
+            assert_eq!(restart_in_ms, INITIAL_BACKOFF_MS);
+        }
+        other => panic!("expected {replica} crashed, got {other:?}"),
+    }
+    let restarted = running(&mut events, replica).await;
+    assert_ne!(restarted, pids);
+    wait_until_listening(&addresses[0]).await;
+    orchestrator.drop_replica(INSTANCE, replica).await.expect("drop replica");
 }
