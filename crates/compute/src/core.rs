@@ -22,7 +22,8 @@
 //! - **Storage.** On `Schedule`, one listen per storage import feeds each local worker the rows it owns
 //!   (`row_owner`, so across processes every update is ingested once) and advances its input to the listen's
 //!   progress, under a storage read hold at the as-of that follows the progress. Materialized views append
-//!   with compare-and-append once `AllowWrites` arrived; on `UpperMismatch` they skip to the current upper.
+//!   with compare-and-append once `AllowWrites` arrived; on `UpperMismatch` they skip to the current upper;
+//!   once the target is gone (dropped) they stop appending.
 //!
 //! **What this is not.** No timely code (the workers') and no socket code (the server's).
 //!
@@ -30,7 +31,8 @@
 //! peek is answered exactly once per connection. A dataflow is dropped only after every dataflow
 //! importing from it was dropped.
 //!
-//! **Tests.** Through the socket, in `tests/it` (reconnect, bad input, peeks, sinks).
+//! **Tests.** Through the socket, in `tests/it` (reconnect, bad input, peeks, sinks); the appender's stop
+//! on a dropped target in `mod tests`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
@@ -1275,11 +1277,70 @@ async fn append_materialized_view(
                     debug!(%target, ?current, "another writer appended first; skipping ahead");
                     upper = current;
                 }
+                Err(AppendError::CollectionMissing(_)) => {
+                    // Storage never reuses an id: a dropped target stays dropped, and retrying would
+                    // only hammer storage (and the log) for as long as the view lives.
+                    warn!(%target, "the materialized view's target was dropped; it stops appending");
+                    return;
+                }
                 Err(e) => {
                     warn!(%target, error = %e, "append failed; retrying");
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use frontiers::Antichain;
+    use protocol::{ColumnType, Datum, GlobalId, RelationDesc, Row, ScalarType};
+    use storage::{InProcess, StorageCollections, StoreConfig};
+    use tokio::sync::{mpsc, watch};
+
+    use super::{MvBatch, append_materialized_view};
+
+    #[tokio::test]
+    async fn a_materialized_view_whose_target_was_dropped_stops_appending() {
+        let storage = Arc::new(InProcess::in_memory(StoreConfig::default()));
+        let target = GlobalId::User(1);
+        let desc = RelationDesc::new([("a", ColumnType::new(ScalarType::Int64, false))]);
+        storage.create_collection(target, desc).await.expect("create the target");
+        let (batches, batches_rx) = mpsc::unbounded_channel();
+        let (_allow_writes, allow_writes_rx) = watch::channel(true);
+        let appender = tokio::spawn(append_materialized_view(
+            Arc::clone(&storage) as Arc<dyn StorageCollections>,
+            target,
+            0,
+            batches_rx,
+            allow_writes_rx,
+        ));
+        let batch = |lower: u64, upper: u64| MvBatch {
+            lower: Antichain::from_elem(lower),
+            upper: Antichain::from_elem(upper),
+            updates: vec![(Row::pack([Datum::Int64(lower as i64)]), lower, 1)],
+            errors: false,
+        };
+        batches.send(batch(0, 1)).expect("the appender runs");
+        let upper = |storage: Arc<InProcess>| async move {
+            storage.frontiers(target).await.expect("frontiers").upper
+        };
+        for _ in 0..500 {
+            if upper(Arc::clone(&storage)).await != Antichain::from_elem(0) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(upper(Arc::clone(&storage)).await, Antichain::from_elem(1), "the first batch is written");
+
+        storage.drop_collection(target).await.expect("drop the target");
+        let _ = batches.send(batch(1, 2));
+        tokio::time::timeout(std::time::Duration::from_secs(5), appender)
+            .await
+            .expect("the appender stops once its target is gone")
+            .expect("the appender does not panic");
     }
 }
