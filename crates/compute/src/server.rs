@@ -158,7 +158,7 @@ impl ReplicaServer {
                     let _ = threads[local].set(std::thread::current());
                     let reports = reports_tx.clone();
                     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        run_worker(worker, local, rx, reports.clone())
+                        run_worker(worker, local, rx, reports)
                     }));
                     if let Err(panic) = outcome {
                         // The core stops the process: a replica missing a worker answers nothing. The

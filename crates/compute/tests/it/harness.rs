@@ -302,17 +302,27 @@ impl TestController {
         }
     }
 
+    /// Absorbs the next response, or returns `false` once every process closed its connection; panics
+    /// (naming `what`) if nothing comes before `deadline`.
+    #[allow(clippy::disallowed_methods)] // a wall-clock timeout, in tests only
+    fn absorb_next(&mut self, deadline: std::time::Instant, what: &str) -> bool {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match self.responses.recv_timeout(left.max(Duration::from_millis(1))) {
+            Ok((process, response)) => {
+                self.absorb(process, response);
+                true
+            }
+            Err(RecvTimeoutError::Timeout) => panic!("timed out waiting for {what}"),
+            Err(RecvTimeoutError::Disconnected) => false,
+        }
+    }
+
     /// Processes responses until `done` holds, or panics after [`TIMEOUT`].
     #[allow(clippy::disallowed_methods)] // a wall-clock timeout, in tests only
     pub fn wait_until(&mut self, what: &str, mut done: impl FnMut(&mut Self) -> bool) {
         let deadline = std::time::Instant::now() + TIMEOUT;
         while !done(self) {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match self.responses.recv_timeout(left.max(Duration::from_millis(1))) {
-                Ok((process, response)) => self.absorb(process, response),
-                Err(RecvTimeoutError::Timeout) => panic!("timed out waiting for {what}"),
-                Err(RecvTimeoutError::Disconnected) => panic!("replica closed while waiting for {what}"),
-            }
+            assert!(self.absorb_next(deadline, what), "replica closed while waiting for {what}");
         }
     }
 
@@ -321,14 +331,7 @@ impl TestController {
     #[allow(clippy::disallowed_methods)] // a wall-clock timeout, in tests only
     pub fn wait_closed(&mut self) {
         let deadline = std::time::Instant::now() + TIMEOUT;
-        loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match self.responses.recv_timeout(left.max(Duration::from_millis(1))) {
-                Ok((process, response)) => self.absorb(process, response),
-                Err(RecvTimeoutError::Timeout) => panic!("timed out waiting for the replica to close"),
-                Err(RecvTimeoutError::Disconnected) => return,
-            }
-        }
+        while self.absorb_next(deadline, "the replica to close") {}
     }
 
     /// Waits until every process reported a write frontier for `id` beyond `time`.
