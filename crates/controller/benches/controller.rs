@@ -83,7 +83,7 @@ mod counting_alloc;
 mod loopback;
 
 use counting_alloc::live_bytes;
-use loopback::{echo_latencies, echo_server};
+use loopback::{Echo, echo_server};
 
 const INSTANCE: InstanceId = InstanceId(1);
 const REPLICA: ReplicaId = ReplicaId(1);
@@ -496,7 +496,7 @@ fn bench_peeks() {
     })
     .expect("start replica");
     let index = GlobalId::User(2);
-    let (latencies, response, throughput) = runtime.block_on(async {
+    let (latencies, frame_bytes, throughput) = runtime.block_on(async {
         let storage: Arc<dyn StorageCollections> = Arc::clone(&storage) as _;
         let mut controller =
             ComputeController::new(storage, None, ControllerConfig::default()).await.expect("controller");
@@ -514,27 +514,25 @@ fn bench_peeks() {
         .await;
         println!("  (1M-key index hydrated in {:.2} s)", hydration.elapsed().as_secs_f64());
 
-        let (warmup, measured) = (500u64, 5_000u64);
-        let mut latencies = Vec::with_capacity(measured as usize);
-        let mut last = None;
-        for i in 0..warmup + measured {
-            let key = (i * 7_919) % KEYS;
-            let start = Instant::now();
-            let handle = controller
-                .peek(INSTANCE, PeekTarget::Index { id: index }, 0, point_options(key))
-                .await
-                .expect("peek");
-            let response = handle.result().await;
-            let elapsed = start.elapsed();
-            let PeekResponse::Rows(rows) = &response else { panic!("peek failed: {response:?}") };
-            assert_eq!(rows.len(), 1, "one row per key");
-            assert_eq!(rows[0].0, int_row(&[key as i64, 3 * key as i64]), "the row of key {key}");
-            if i >= warmup {
-                latencies.push(elapsed);
-            }
-            while controller.try_process().is_some() {}
-            last = Some(response);
+        // Warm-up, from a task; its last answer gives the frame sizes of the loopback baseline.
+        let (c, _, response) = tokio::spawn(point_peeks(controller, index, 0..500)).await.expect("task");
+        controller = c;
+        let (request_bytes, response_bytes) = peek_frame_sizes(index, response);
+        let mut echo = Echo::start(request_bytes, response_bytes);
+        echo.round_trips(500);
+        // Blocks of 100 from a task, from the runtime's own thread (`block_on`) and of the baseline,
+        // interleaved, so all three see the same load on the host.
+        let mut latencies = PeekLatencies::default();
+        for round in 0..50u64 {
+            let keys = 500 + round * 200..500 + round * 200 + 100;
+            let (c, in_task, _) = tokio::spawn(point_peeks(controller, index, keys.clone())).await.expect("task");
+            let (c, blocking, _) = point_peeks(c, index, keys.end..keys.end + 100).await;
+            controller = c;
+            latencies.in_task.extend(in_task);
+            latencies.blocking.extend(blocking);
+            latencies.echo.extend(echo.round_trips(100));
         }
+        drop(echo);
 
         let (window, warmup, measured) = (256usize, 2_000u64, 30_000u64);
         let mut in_flight = VecDeque::with_capacity(window);
@@ -564,30 +562,73 @@ fn bench_peeks() {
         }
         let throughput = measured as f64 / start.elapsed().as_secs_f64();
         drop(controller);
-        (latencies, last.expect("answers"), throughput)
+        (latencies, (request_bytes, response_bytes), throughput)
     });
     replica.shutdown();
 
-    let (request_bytes, response_bytes) = peek_frame_sizes(index, response);
     let mut latencies = latencies;
-    latencies.sort();
-    let echo = echo_latencies(request_bytes, response_bytes, 500, 5_000);
+    for sorted in [&mut latencies.in_task, &mut latencies.blocking, &mut latencies.echo] {
+        sorted.sort();
+    }
     let us = |d: Duration| d.as_secs_f64() * 1e6;
-    let (p50, p99) = (percentile(&latencies, 0.5), percentile(&latencies, 0.99));
-    let (e50, e99) = (percentile(&echo, 0.5), percentile(&echo, 0.99));
+    let (e50, e99) = (percentile(&latencies.echo, 0.5), percentile(&latencies.echo, 0.99));
+    let (p50, p99) = (percentile(&latencies.in_task, 0.5), percentile(&latencies.in_task, 0.99));
     report("controller.peek_p50", us(p50), "us", us(e50), "us", us(p50) / us(e50));
     report("controller.peek_p99", us(p99), "us", us(e99), "us", us(p99) / us(e99));
+    let (b50, b99) = (percentile(&latencies.blocking, 0.5), percentile(&latencies.blocking, 0.99));
+    report("controller.peek_p50_blocking_caller", us(b50), "us", us(e50), "us", us(b50) / us(e50));
+    report("controller.peek_p99_blocking_caller", us(b99), "us", us(e99), "us", us(b99) / us(e99));
     if us(p50) >= 150.0 {
         println!("  WARNING: peek p50 {:.1} us misses the 150 us bar", us(p50));
     }
     if us(p99) >= 1_000.0 {
         println!("  WARNING: peek p99 {:.1} us misses the 1 ms bar", us(p99));
     }
+    let (request_bytes, response_bytes) = frame_bytes;
     let echo_rate = echo_throughput(request_bytes, response_bytes, 256, 30_000);
     report("controller.peek_throughput", throughput, "peeks/s", echo_rate, "peeks/s", throughput / echo_rate);
     if throughput <= 20_000.0 {
         println!("  WARNING: {throughput:.0} peeks/s misses the 20,000/s bar");
     }
+}
+
+/// Point-peek latencies, in blocks taken in turns.
+#[derive(Default)]
+struct PeekLatencies {
+    /// Peeks from a task on the runtime (as a service's session task makes them).
+    in_task: Vec<Duration>,
+    /// Peeks from the thread that blocks on the runtime (`block_on`, outside its workers).
+    blocking: Vec<Duration>,
+    /// Loopback round trips of the same frame sizes.
+    echo: Vec<Duration>,
+}
+
+/// Point peeks of the keys `keys` scatters over the index, one at a time, each checked; returns the
+/// controller (so blocks can run in a task and outside one in turns), each peek's latency and the last
+/// answer.
+async fn point_peeks(
+    mut controller: ComputeController,
+    index: GlobalId,
+    keys: std::ops::Range<u64>,
+) -> (ComputeController, Vec<Duration>, PeekResponse) {
+    let mut latencies = Vec::with_capacity(keys.clone().count());
+    let mut last = None;
+    for i in keys {
+        let key = (i * 7_919) % KEYS;
+        let start = Instant::now();
+        let handle = controller
+            .peek(INSTANCE, PeekTarget::Index { id: index }, 0, point_options(key))
+            .await
+            .expect("peek");
+        let response = handle.result().await;
+        latencies.push(start.elapsed());
+        let PeekResponse::Rows(rows) = &response else { panic!("peek failed: {response:?}") };
+        assert_eq!(rows.len(), 1, "one row per key");
+        assert_eq!(rows[0].0, int_row(&[key as i64, 3 * key as i64]), "the row of key {key}");
+        while controller.try_process().is_some() {}
+        last = Some(response);
+    }
+    (controller, latencies, last.expect("at least one key"))
 }
 
 async fn check_point_answer(handle: controller::PeekHandle) {

@@ -4,6 +4,9 @@
 //! **What it measures:** `request` bytes out and `response` bytes back over a loopback connection with
 //! `TCP_NODELAY`, answered by a thread that does nothing else: the cost of the network path alone.
 
+// Each bench that includes this file uses part of it.
+#![allow(dead_code)]
+
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
@@ -26,24 +29,52 @@ pub fn echo_server(request: usize, response: usize) -> (std::net::SocketAddr, st
     (addr, server)
 }
 
-/// Round trips of `request` bytes out and `response` bytes back over loopback TCP, sorted.
-pub fn echo_latencies(request: usize, response: usize, warmup: usize, measured: usize) -> Vec<Duration> {
-    let (addr, server) = echo_server(request, response);
-    let mut stream = TcpStream::connect(addr).expect("connect");
-    stream.set_nodelay(true).expect("nodelay");
-    let outbound = vec![1u8; request];
-    let mut inbound = vec![0u8; response];
-    let mut latencies = Vec::with_capacity(measured);
-    for i in 0..warmup + measured {
-        let start = Instant::now();
-        stream.write_all(&outbound).expect("write");
-        stream.read_exact(&mut inbound).expect("read");
-        if i >= warmup {
-            latencies.push(start.elapsed());
+/// A client of an [`echo_server`], to measure round trips in blocks (interleaved with what they are the
+/// baseline of, so both see the same load on the host).
+pub struct Echo {
+    stream: Option<TcpStream>,
+    server: Option<std::thread::JoinHandle<()>>,
+    outbound: Vec<u8>,
+    inbound: Vec<u8>,
+}
+
+impl Echo {
+    /// Starts a server and connects to it.
+    pub fn start(request: usize, response: usize) -> Echo {
+        let (addr, server) = echo_server(request, response);
+        let stream = TcpStream::connect(addr).expect("connect");
+        stream.set_nodelay(true).expect("nodelay");
+        Echo { stream: Some(stream), server: Some(server), outbound: vec![1u8; request], inbound: vec![0u8; response] }
+    }
+
+    /// `count` round trips, each timed, in order.
+    pub fn round_trips(&mut self, count: usize) -> Vec<Duration> {
+        let stream = self.stream.as_mut().expect("connected until dropped");
+        (0..count)
+            .map(|_| {
+                let start = Instant::now();
+                stream.write_all(&self.outbound).expect("write");
+                stream.read_exact(&mut self.inbound).expect("read");
+                start.elapsed()
+            })
+            .collect()
+    }
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        drop(self.stream.take());
+        if let Some(server) = self.server.take() {
+            let _ = server.join();
         }
     }
-    drop(stream);
-    let _ = server.join();
+}
+
+/// Round trips of `request` bytes out and `response` bytes back over loopback TCP, sorted.
+pub fn echo_latencies(request: usize, response: usize, warmup: usize, measured: usize) -> Vec<Duration> {
+    let mut echo = Echo::start(request, response);
+    echo.round_trips(warmup);
+    let mut latencies = echo.round_trips(measured);
     latencies.sort();
     latencies
 }
