@@ -3,8 +3,13 @@
 //!
 //! - `controller.peek_p50` / `controller.peek_p99`: point lookups on a 1M-key index, through the
 //!   controller's API (`peek` + awaiting the result) to one in-process replica over loopback TCP, one at a
-//!   time. Baseline: a loopback TCP round trip of the same request and response frame sizes. Bars: p50
-//!   under 150 us, p99 under 1 ms (printed as warnings when missed).
+//!   time, from a task on the controller's runtime (two workers), as a service's session task makes them.
+//!   `..._blocking_caller`: the same from the thread that blocks on the runtime (`block_on`, outside its
+//!   workers), which costs two more thread wake-ups per peek. Baseline: a loopback TCP round trip of the
+//!   same request and response frame sizes. The three are measured in blocks of 100 taken in turns, so
+//!   they see the same load on the host (this VM's loopback round trip alone moves between about 20 and
+//!   45 us from one minute to the next). Bars, on the task's figures: p50 under 150 us, p99 under 1 ms
+//!   (printed as warnings when missed).
 //! - `controller.peek_throughput`: the same peeks with up to 256 in flight. Baseline: the same bytes
 //!   echoed over loopback with the same window. Bar: above 20,000 peeks/s.
 //! - `controller.frontier_update_10k`: the cost of one replica frontier update through an `InstanceCore`
