@@ -1,9 +1,9 @@
 //! [`ComputeController`]: the public, async face of the controller, and the tokio task of each instance.
 //!
 //! Each instance runs in its own task that owns an [`InstanceCore`] and the [`ReplicaClient`]s of the
-//! instance's replicas. The handle talks to the task over a channel; cheap reads (frontiers) and hold
-//! acquisition go straight to the instance's [`SharedState`] behind a mutex and never wait behind a busy
-//! task. Storage is reached through the [`StorageCollections`] trait: the handle asks it for import
+//! instance's replicas. The handle talks to the task over a channel; cheap reads (frontiers), hold
+//! acquisition and a peek's checks and hold go straight to the instance's [`SharedState`] behind a mutex
+//! and never wait behind a busy task (a peek then goes to the task without waiting for a reply). Storage is reached through the [`StorageCollections`] trait: the handle asks it for import
 //! frontiers (to select an as-of) and holds (handed to the core), answers storage peeks from snapshots,
 //! and writes introspection updates into storage collections. Each instance task also watches storage's
 //! frontiers and feeds them to its core, whose materialized views take their upper from their targets'.
@@ -39,7 +39,7 @@ use crate::error::{
 };
 use crate::instance::{
     CollectionFrontiers, InstanceCore, InstanceCoreConfig, InstanceOutput, PeekOptions, PeekRequest,
-    SharedHandle, lock,
+    PreparedPeek, SharedHandle, lock,
 };
 use crate::introspection::IntrospectionKind;
 use crate::orchestrator::{Orchestrator, ReplicaSpec};
@@ -152,9 +152,8 @@ enum InstanceCommand {
         reply: Reply<Result<(), ReadPolicyError>>,
     },
     Peek {
-        request: PeekRequest<Timestamp>,
+        prepared: PreparedPeek<Timestamp>,
         result: Reply<PeekResponse>,
-        reply: Reply<Result<(), PeekError>>,
     },
     CancelPeek {
         uuid: PeekId,
@@ -598,13 +597,12 @@ impl ComputeController {
         let (result_tx, result_rx) = oneshot::channel();
         match target {
             PeekTarget::Index { id } => {
-                let request_ = PeekRequest { uuid, id, timestamp, options };
-                request(handle, |reply| InstanceCommand::Peek {
-                    request: request_,
-                    result: result_tx,
-                    reply,
-                })
-                .await??;
+                // Checked and held here, not in the instance task: a peek does not wait for a reply.
+                let prepared = lock(&handle.shared).prepare_peek(PeekRequest { uuid, id, timestamp, options })?;
+                handle
+                    .commands
+                    .send(InstanceCommand::Peek { prepared, result: result_tx })
+                    .map_err(|_| InstanceMissing(handle.id))?;
             }
             PeekTarget::Storage { id } => {
                 let hold =
@@ -796,13 +794,9 @@ async fn run_instance(
                     InstanceCommand::SetReadPolicy { policies, reply } => {
                         let _ = reply.send(core.set_read_policy(policies));
                     }
-                    InstanceCommand::Peek { request, result, reply } => {
-                        let uuid = request.uuid;
-                        let outcome = core.peek(request);
-                        if outcome.is_ok() {
-                            peek_results.insert(uuid, result);
-                        }
-                        let _ = reply.send(outcome);
+                    InstanceCommand::Peek { prepared, result } => {
+                        peek_results.insert(prepared.uuid(), result);
+                        core.install_peek(prepared);
                     }
                     InstanceCommand::CancelPeek { uuid, reply } => {
                         let _ = reply.send(core.cancel_peek(uuid));

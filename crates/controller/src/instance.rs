@@ -139,6 +139,53 @@ impl<T: Timestamp> SharedState<T> {
         self.holds.acquire_at_since(&id).map_err(|_| CollectionMissing(id))
     }
 
+    /// Checks a peek against its index (live, an index, readable at the peek's time, the map/filter/project
+    /// fits its type, the target replica exists) and takes the peek's hold. The controller's handle calls
+    /// this itself, so a peek's errors come back without waiting for the instance task, and the task then
+    /// starts it ([`InstanceCore::install_peek`]) with nothing left to check.
+    pub fn prepare_peek(&mut self, request: PeekRequest<T>) -> Result<PreparedPeek<T>, PeekError<T>> {
+        let PeekRequest { uuid, id, timestamp, options } = request;
+        let PeekOptions { literal_constraints, map_filter_project, finishing, target_replica, timeout_ms } =
+            options;
+        let collection = match self.holds.attachment(&id) {
+            Some(c) if !c.dropped => c,
+            _ => return Err(PeekError::CollectionMissing(CollectionMissing(id))),
+        };
+        if collection.kind != CollectionKind::Index {
+            return Err(PeekError::NotAnIndex(id));
+        }
+        // Every live collection has an entry for every replica of the instance.
+        if let Some(replica) = target_replica
+            && collection.per_replica.get(&replica).is_none()
+        {
+            return Err(PeekError::ReplicaMissing(replica));
+        }
+        let map_filter_project =
+            map_filter_project.unwrap_or_else(|| MapFilterProject::new(collection.typ.arity()));
+        map_filter_project
+            .typ(&collection.typ)
+            .map_err(|e| PeekError::InvalidMapFilterProject { id, reason: e.to_string() })?;
+        let hold = self.holds.acquire(&id, Antichain::from_elem(timestamp)).map_err(|e| match e {
+            frontiers::AcquireError::CollectionMissing(id) => {
+                PeekError::CollectionMissing(CollectionMissing(id))
+            }
+            frontiers::AcquireError::BeforeSince { id, since, .. } => {
+                PeekError::SinceViolation { id, since, timestamp }
+            }
+        })?;
+        Ok(PreparedPeek {
+            uuid,
+            id,
+            timestamp,
+            literal_constraints,
+            map_filter_project,
+            finishing,
+            target_replica,
+            timeout_ms,
+            hold,
+        })
+    }
+
     /// The number of collections with state (live, or dropped and waiting to be removed).
     pub fn len(&self) -> usize {
         self.holds.len()
@@ -221,6 +268,28 @@ pub struct PeekOptions {
     pub target_replica: Option<ReplicaId>,
     /// Fail the peek after this long, if set (else the instance default).
     pub timeout_ms: Option<u64>,
+}
+
+/// A peek that passed [`SharedState::prepare_peek`]: checked against its index and holding it at its
+/// time. Only `prepare_peek` makes one, so a peek reaches [`InstanceCore::install_peek`] checked and held.
+#[derive(Debug)]
+pub struct PreparedPeek<T: Timestamp> {
+    uuid: PeekId,
+    id: GlobalId,
+    timestamp: T,
+    literal_constraints: Option<Vec<Row>>,
+    map_filter_project: MapFilterProject,
+    finishing: RowSetFinishing,
+    target_replica: Option<ReplicaId>,
+    timeout_ms: Option<u64>,
+    hold: ReadHold<GlobalId, T>,
+}
+
+impl<T: Timestamp> PreparedPeek<T> {
+    /// The peek's id.
+    pub fn uuid(&self) -> PeekId {
+        self.uuid
+    }
 }
 
 /// What the core asks its shell to do or deliver.
@@ -820,38 +889,29 @@ impl<T: Timestamp> InstanceCore<T> {
     // ---------------------------------------------------------------------------------------------
     // Peeks
 
-    /// Starts an index peek; its result arrives as [`InstanceOutput::PeekResult`].
+    /// Starts an index peek ([`SharedState::prepare_peek`], then [`Self::install_peek`]); its result
+    /// arrives as [`InstanceOutput::PeekResult`].
     pub fn peek(&mut self, request: PeekRequest<T>) -> Result<(), PeekError<T>> {
-        let PeekRequest { uuid, id, timestamp, options } = request;
-        let PeekOptions { literal_constraints, map_filter_project, finishing, target_replica, timeout_ms } =
-            options;
-        let mut shared = lock(&self.shared);
-        let collection = match shared.holds.attachment(&id) {
-            Some(c) if !c.dropped => c,
-            _ => return Err(PeekError::CollectionMissing(CollectionMissing(id))),
-        };
-        if collection.kind != CollectionKind::Index {
-            return Err(PeekError::NotAnIndex(id));
-        }
-        if let Some(replica) = target_replica
-            && !self.replicas.contains_key(&replica)
-        {
-            return Err(PeekError::ReplicaMissing(replica));
-        }
-        let map_filter_project =
-            map_filter_project.unwrap_or_else(|| MapFilterProject::new(collection.typ.arity()));
-        map_filter_project
-            .typ(&collection.typ)
-            .map_err(|e| PeekError::InvalidMapFilterProject { id, reason: e.to_string() })?;
-        let hold = shared.holds.acquire(&id, Antichain::from_elem(timestamp)).map_err(|e| match e {
-            frontiers::AcquireError::CollectionMissing(id) => {
-                PeekError::CollectionMissing(CollectionMissing(id))
-            }
-            frontiers::AcquireError::BeforeSince { id, since, .. } => {
-                PeekError::SinceViolation { id, since, timestamp }
-            }
-        })?;
-        drop(shared);
+        let prepared = lock(&self.shared).prepare_peek(request)?;
+        self.install_peek(prepared);
+        Ok(())
+    }
+
+    /// Starts a prepared peek: sends it to its replicas (all, or its target) and waits for their answers.
+    /// If its target replica was dropped after the peek was prepared (a `drop_replica` that was sent but
+    /// not awaited), the peek fails at once as it would have had it come first.
+    pub fn install_peek(&mut self, prepared: PreparedPeek<T>) {
+        let PreparedPeek {
+            uuid,
+            id,
+            timestamp,
+            literal_constraints,
+            map_filter_project,
+            finishing,
+            target_replica,
+            timeout_ms,
+            hold,
+        } = prepared;
         let targets: BTreeSet<ReplicaId> = match target_replica {
             Some(replica) => BTreeSet::from([replica]),
             None => self.replicas.keys().copied().collect(),
@@ -868,8 +928,11 @@ impl<T: Timestamp> InstanceCore<T> {
         if target_replica.is_none() {
             self.history.push(&command).expect("peek ids are unique");
         }
-        for replica in &targets {
-            self.outputs.push_back(InstanceOutput::Command { replica: *replica, command: command.clone() });
+        let target_gone = target_replica.filter(|replica| !self.replicas.contains_key(replica));
+        if target_gone.is_none() {
+            for replica in &targets {
+                self.outputs.push_back(InstanceOutput::Command { replica: *replica, command: command.clone() });
+            }
         }
         let timeout = timeout_ms.or(self.config.default_peek_timeout_ms);
         self.max_peek_id = self.max_peek_id.max(Some(uuid));
@@ -878,7 +941,7 @@ impl<T: Timestamp> InstanceCore<T> {
             PendingPeek {
                 collection: id,
                 hold: Some(hold),
-                outstanding: targets,
+                outstanding: if target_gone.is_some() { BTreeSet::new() } else { targets },
                 answered: false,
                 finishing,
                 target_replica,
@@ -886,7 +949,11 @@ impl<T: Timestamp> InstanceCore<T> {
                 deadline_ms: timeout.map(|t| self.now_ms.saturating_add(t)),
             },
         );
-        Ok(())
+        if let Some(replica) = target_gone {
+            self.answer_peek(uuid, PeekResponse::Error(format!("replica {replica} was dropped")), None);
+            self.maybe_finish_peek(uuid);
+            self.process_holds();
+        }
     }
 
     /// Cancels a pending peek: its caller gets `Canceled` now; its hold stays until every replica answered.

@@ -112,6 +112,48 @@ fn a_peek_targeted_at_a_replica_that_is_then_dropped_fails_and_lets_go() {
 }
 
 #[test]
+fn a_peek_prepared_for_a_replica_dropped_before_it_starts_fails_at_once_and_lets_go() {
+    // The controller's handle prepares a peek itself; a `drop_replica` it sent earlier (and did not
+    // await) may reach the instance task first.
+    let mut h = two_replicas();
+    let mut request = peek_request(1, u(1), 4);
+    request.options.target_replica = Some(ReplicaId(2));
+    let prepared = controller::lock(&h.core.shared()).prepare_peek(request).unwrap();
+    for r in [ReplicaId(1), ReplicaId(2)] {
+        h.report(r, u(1), f(20));
+    }
+    assert!(held_at(&h, 4), "a prepared peek holds its index");
+    h.core.drop_replica(ReplicaId(2)).unwrap();
+    h.core.install_peek(prepared);
+    h.drain();
+    assert!(
+        matches!(&h.peek_results[&PeekId(1)], PeekResponse::Error(e) if e.contains("replica r2 was dropped")),
+        "got {:?}",
+        h.peek_results.get(&PeekId(1))
+    );
+    assert!(!h.commands[&ReplicaId(1)].iter().any(|c| matches!(c, ComputeCommand::Peek(_))), "nobody is asked");
+    assert_eq!(h.core.pending_peek_count(), 0);
+    assert!(held_at(&h, 19), "the hold is released: since {:?}", h.since(u(1)));
+}
+
+#[test]
+fn preparing_a_peek_checks_what_the_instance_would_and_takes_no_hold_on_failure() {
+    let mut h = two_replicas();
+    for r in [ReplicaId(1), ReplicaId(2)] {
+        h.report(r, u(1), f(20));
+    }
+    let mut request = peek_request(1, u(1), 19);
+    request.options.target_replica = Some(ReplicaId(3));
+    let error = controller::lock(&h.core.shared()).prepare_peek(request).unwrap_err();
+    assert_eq!(error, controller::PeekError::ReplicaMissing(ReplicaId(3)));
+    let error = controller::lock(&h.core.shared()).prepare_peek(peek_request(2, u(2), 19)).unwrap_err();
+    assert!(matches!(error, controller::PeekError::CollectionMissing(_)), "got {error:?}");
+    let error = controller::lock(&h.core.shared()).prepare_peek(peek_request(3, u(1), 3)).unwrap_err();
+    assert!(matches!(error, controller::PeekError::SinceViolation { .. }), "got {error:?}");
+    assert!(held_at(&h, 19), "no hold was taken");
+}
+
+#[test]
 fn a_replica_added_while_a_peek_is_pending_is_asked_too_and_awaited() {
     let mut h = two_replicas();
     h.core.peek(peek_request(1, u(1), 4)).unwrap();
