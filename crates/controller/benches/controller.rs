@@ -530,7 +530,8 @@ fn bench_peeks() {
         let mut latencies = PeekLatencies::default();
         for round in 0..50u64 {
             let keys = 500 + round * 200..500 + round * 200 + 100;
-            let (c, in_task, _) = tokio::spawn(point_peeks(controller, index, keys.clone())).await.expect("task");
+            let (c, in_task, _) =
+                tokio::spawn(point_peeks(controller, index, keys.clone())).await.expect("task");
             let (c, blocking, _) = point_peeks(c, index, keys.end..keys.end + 100).await;
             controller = c;
             latencies.in_task.extend(in_task);

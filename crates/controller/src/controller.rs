@@ -598,7 +598,8 @@ impl ComputeController {
         match target {
             PeekTarget::Index { id } => {
                 // Checked and held here, not in the instance task: a peek does not wait for a reply.
-                let prepared = lock(&handle.shared).prepare_peek(PeekRequest { uuid, id, timestamp, options })?;
+                let prepared =
+                    lock(&handle.shared).prepare_peek(PeekRequest { uuid, id, timestamp, options })?;
                 handle
                     .commands
                     .send(InstanceCommand::Peek { prepared, result: result_tx })

@@ -931,7 +931,8 @@ impl<T: Timestamp> InstanceCore<T> {
         let target_gone = target_replica.filter(|replica| !self.replicas.contains_key(replica));
         if target_gone.is_none() {
             for replica in &targets {
-                self.outputs.push_back(InstanceOutput::Command { replica: *replica, command: command.clone() });
+                self.outputs
+                    .push_back(InstanceOutput::Command { replica: *replica, command: command.clone() });
             }
         }
         let timeout = timeout_ms.or(self.config.default_peek_timeout_ms);

@@ -44,7 +44,12 @@ impl Echo {
         let (addr, server) = echo_server(request, response);
         let stream = TcpStream::connect(addr).expect("connect");
         stream.set_nodelay(true).expect("nodelay");
-        Echo { stream: Some(stream), server: Some(server), outbound: vec![1u8; request], inbound: vec![0u8; response] }
+        Echo {
+            stream: Some(stream),
+            server: Some(server),
+            outbound: vec![1u8; request],
+            inbound: vec![0u8; response],
+        }
     }
 
     /// `count` round trips, each timed, in order.

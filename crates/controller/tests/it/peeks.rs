@@ -131,7 +131,10 @@ fn a_peek_prepared_for_a_replica_dropped_before_it_starts_fails_at_once_and_lets
         "got {:?}",
         h.peek_results.get(&PeekId(1))
     );
-    assert!(!h.commands[&ReplicaId(1)].iter().any(|c| matches!(c, ComputeCommand::Peek(_))), "nobody is asked");
+    assert!(
+        !h.commands[&ReplicaId(1)].iter().any(|c| matches!(c, ComputeCommand::Peek(_))),
+        "nobody is asked"
+    );
     assert_eq!(h.core.pending_peek_count(), 0);
     assert!(held_at(&h, 19), "the hold is released: since {:?}", h.since(u(1)));
 }
