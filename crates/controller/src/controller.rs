@@ -3,9 +3,10 @@
 //! Each instance runs in its own task that owns an [`InstanceCore`] and the [`ReplicaClient`]s of the
 //! instance's replicas. The handle talks to the task over a channel; cheap reads (frontiers), hold
 //! acquisition and a peek's checks and hold go straight to the instance's [`SharedState`] behind a mutex
-//! and never wait behind a busy task (a peek then goes to the task without waiting for a reply). Storage is reached through the [`StorageCollections`] trait: the handle asks it for import
-//! frontiers (to select an as-of) and holds (handed to the core), answers storage peeks from snapshots,
-//! and writes introspection updates into storage collections. Each instance task also watches storage's
+//! and never wait behind a busy task (a peek then goes to the task without waiting for a reply). Storage
+//! is reached through the [`StorageCollections`] trait: the handle asks it for import frontiers (to
+//! select an as-of) and holds (handed to the core), answers storage peeks from snapshots, and writes
+//! introspection updates into storage collections. Each instance task also watches storage's
 //! frontiers and feeds them to its core, whose materialized views take their upper from their targets'.
 //! It hands its core's introspection updates to the writer task once per tick
 //! ([`ControllerConfig::tick_interval_ms`]), not after every event, so a peek's path has no third task.
