@@ -764,6 +764,59 @@ async fn a_peek_answered_by_the_fast_replica_holds_the_index_until_the_slow_one_
 }
 
 // -------------------------------------------------------------------------------------------------
+// A peek while its instance task is busy
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peek_is_accepted_or_refused_at_once_while_its_instance_task_is_busy_and_answered_after() {
+    let storage = new_storage();
+    let mut table = Table::create(&storage, u(1)).await;
+    table.advance(&storage, 5).await;
+    let replica = start_replica(&storage, any_port());
+    let controller = {
+        let mut controller = new_controller(&storage, false).await;
+        controller.add_replica(INSTANCE, R1, at(replica.local_addr())).await.expect("add replica");
+        let index = index_on_storage(table.id, u(11), 0);
+        controller.create_dataflow(INSTANCE, no_as_of(index)).await.expect("create index");
+        controller
+    };
+    wait_for_uppers(&controller, &[u(11)], 5).await;
+    let (since, _) = frontiers_of(&controller, u(11));
+    let time = *since.as_option().expect("a live index");
+
+    let busy_ms = 1_000;
+    let (busy_done, (accepted, refused)) = tokio::join!(
+        // The instance task runs this on its own thread and can do nothing else meanwhile.
+        controller.inspect(INSTANCE, move |_| std::thread::sleep(Duration::from_millis(busy_ms))),
+        async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let limit = Duration::from_millis(busy_ms / 4);
+            let options = PeekOptions::default();
+            let accepted = tokio::time::timeout(
+                limit,
+                controller.peek(INSTANCE, PeekTarget::Index { id: u(11) }, time, options.clone()),
+            )
+            .await;
+            let refused = tokio::time::timeout(
+                limit,
+                controller.peek(INSTANCE, PeekTarget::Index { id: u(99) }, 0, options),
+            )
+            .await;
+            (accepted, refused)
+        }
+    );
+    busy_done.expect("instance");
+    let handle = accepted.expect("the peek returns without waiting for the busy task").expect("accepted");
+    let refused = refused.expect("a refusal does not wait for the busy task either");
+    assert!(matches!(refused, Err(controller::PeekError::CollectionMissing(_))), "got {refused:?}");
+    // The index follows its upper (lag 0), so the peek's time becomes complete with the next write.
+    table.advance(&storage, 1).await;
+    assert_eq!(rows_of(handle.result().await).expect("rows"), table.contents_at(time));
+
+    drop(controller);
+    stop(replica).await;
+}
+
+// -------------------------------------------------------------------------------------------------
 // Introspection
 
 /// The rows of an introspection collection at its latest complete time, read with a storage peek.
