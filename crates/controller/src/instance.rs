@@ -912,7 +912,9 @@ impl<T: Timestamp> InstanceCore<T> {
             timeout_ms,
             hold,
         } = prepared;
+        let target_gone = target_replica.filter(|replica| !self.replicas.contains_key(replica));
         let targets: BTreeSet<ReplicaId> = match target_replica {
+            _ if target_gone.is_some() => BTreeSet::new(),
             Some(replica) => BTreeSet::from([replica]),
             None => self.replicas.keys().copied().collect(),
         };
@@ -928,12 +930,8 @@ impl<T: Timestamp> InstanceCore<T> {
         if target_replica.is_none() {
             self.history.push(&command).expect("peek ids are unique");
         }
-        let target_gone = target_replica.filter(|replica| !self.replicas.contains_key(replica));
-        if target_gone.is_none() {
-            for replica in &targets {
-                self.outputs
-                    .push_back(InstanceOutput::Command { replica: *replica, command: command.clone() });
-            }
+        for replica in &targets {
+            self.outputs.push_back(InstanceOutput::Command { replica: *replica, command: command.clone() });
         }
         let timeout = timeout_ms.or(self.config.default_peek_timeout_ms);
         self.max_peek_id = self.max_peek_id.max(Some(uuid));
@@ -942,7 +940,7 @@ impl<T: Timestamp> InstanceCore<T> {
             PendingPeek {
                 collection: id,
                 hold: Some(hold),
-                outstanding: if target_gone.is_some() { BTreeSet::new() } else { targets },
+                outstanding: targets,
                 answered: false,
                 finishing,
                 target_replica,

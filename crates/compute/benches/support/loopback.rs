@@ -4,9 +4,6 @@
 //! **What it measures:** `request` bytes out and `response` bytes back over a loopback connection with
 //! `TCP_NODELAY`, answered by a thread that does nothing else: the cost of the network path alone.
 
-// Each bench that includes this file uses part of it.
-#![allow(dead_code)]
-
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
@@ -76,6 +73,8 @@ impl Drop for Echo {
 }
 
 /// Round trips of `request` bytes out and `response` bytes back over loopback TCP, sorted.
+// The controller's bench interleaves its round trips with what they are the baseline of ([`Echo`]).
+#[allow(dead_code)]
 pub fn echo_latencies(request: usize, response: usize, warmup: usize, measured: usize) -> Vec<Duration> {
     let mut echo = Echo::start(request, response);
     echo.round_trips(warmup);

@@ -5,9 +5,9 @@
 //! checks what the controller and the replicas make of them: the compaction chain, a replica restart with
 //! rehydration and an exactly-once subscribe, a storage server restart under both (over `storage::Client`s,
 //! which re-register their holds and resume their listens), a controller restart that running replicas
-//! reconcile, the
-//! peek hold with two replicas (one slowed by a pausable TCP proxy, [`Proxy`]), a peek while its instance
-//! task is busy, and introspection in storage. Waits poll with a bounded number of short sleeps and fail with what they last saw.
+//! reconcile, the peek hold with two replicas (one slowed by a pausable TCP proxy, [`Proxy`]), a peek
+//! while its instance task is busy, and introspection in storage. Waits poll with a bounded number of
+//! short sleeps and fail with what they last saw.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
