@@ -653,7 +653,7 @@ pub(crate) fn finish_rows(
             size = size.saturating_add((row.byte_len() as u64).saturating_mul(count.get()));
         }
         if size > max {
-            return PeekResponse::Error(format!("result exceeds max size of {max} bytes"));
+            return PeekResponse::ResultTooLarge { size_bytes: size, max_bytes: max };
         }
     }
     PeekResponse::Rows(counted)

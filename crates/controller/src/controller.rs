@@ -625,13 +625,7 @@ impl ComputeController {
                 tokio::spawn(async move {
                     let response = storage_peek(&*storage, id, timestamp, options).await;
                     drop(hold);
-                    let outcome = match &response {
-                        PeekResponse::Rows(rows) => {
-                            PeekOutcome::Rows(rows.iter().map(|(_, n)| n.get()).sum())
-                        }
-                        PeekResponse::Error(e) => PeekOutcome::Error(e.clone()),
-                        PeekResponse::Canceled => PeekOutcome::Canceled,
-                    };
+                    let outcome = PeekOutcome::of(&response);
                     let _ = responses.send(ComputeControllerResponse::PeekNotification(PeekNotification {
                         uuid,
                         instance,

@@ -976,11 +976,7 @@ impl<T: Timestamp> InstanceCore<T> {
             other => other,
         };
         let duration_ms = self.now_ms.saturating_sub(peek.started_ms);
-        let outcome = match &response {
-            PeekResponse::Rows(rows) => PeekOutcome::Rows(rows.iter().map(|(_, n)| n.get()).sum()),
-            PeekResponse::Error(e) => PeekOutcome::Error(e.clone()),
-            PeekResponse::Canceled => PeekOutcome::Canceled,
-        };
+        let outcome = PeekOutcome::of(&response);
         if peek.target_replica.is_none() {
             self.history.retire_peek(uuid);
         }

@@ -2,7 +2,7 @@
 //! [`PeekNotification`].
 
 use frontiers::{Antichain, Timestamp};
-use protocol::{CopyToResponse, GlobalId, InstanceId, PeekId, ReplicaId, SubscribeResponse};
+use protocol::{CopyToResponse, GlobalId, InstanceId, PeekId, PeekResponse, ReplicaId, SubscribeResponse};
 
 /// A response from the compute controller, delivered by `ComputeController::process`.
 #[derive(Debug, Clone, PartialEq)]
@@ -43,6 +43,20 @@ pub enum PeekOutcome {
     Error(String),
     /// The peek was cancelled (by the caller, a timeout, or because no replica could answer).
     Canceled,
+}
+
+impl PeekOutcome {
+    /// The outcome a peek's answer amounts to.
+    pub fn of(response: &PeekResponse) -> PeekOutcome {
+        match response {
+            PeekResponse::Rows(rows) => PeekOutcome::Rows(rows.iter().map(|(_, n)| n.get()).sum()),
+            PeekResponse::Error(e) => PeekOutcome::Error(e.clone()),
+            PeekResponse::Canceled => PeekOutcome::Canceled,
+            PeekResponse::ResultTooLarge { size_bytes, max_bytes } => PeekOutcome::Error(format!(
+                "result of {size_bytes} bytes exceeds the maximum of {max_bytes} bytes"
+            )),
+        }
+    }
 }
 
 /// A summary of one finished peek.

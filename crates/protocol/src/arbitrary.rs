@@ -248,6 +248,8 @@ pub fn response() -> impl Strategy<Value = ComputeResponse<u64>> {
         }),
         ".{0,20}".prop_map(PeekResponse::Error),
         Just(PeekResponse::Canceled),
+        (any::<u64>(), any::<u64>())
+            .prop_map(|(size_bytes, max_bytes)| PeekResponse::ResultTooLarge { size_bytes, max_bytes }),
     ];
     let subscribe = prop_oneof![
         (

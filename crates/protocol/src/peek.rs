@@ -142,12 +142,21 @@ pub enum PeekResponse {
     Error(String),
     /// The peek was cancelled before it was answered.
     Canceled,
+    /// The result exists but is too large to send: its size exceeds the `max_result_size_bytes` parameter
+    /// or the connection's maximum frame. Large results do not have a path of their own yet; the caller
+    /// gets this instead of a connection that cannot carry the answer.
+    ResultTooLarge {
+        /// The result's size in bytes (rows' encoded bytes times multiplicity, or the encoded frame).
+        size_bytes: u64,
+        /// The limit it exceeds.
+        max_bytes: u64,
+    },
 }
 
 impl PeekResponse {
     /// Combines the answers of the processes of one replica: the union of rows (equal rows from different
-    /// parts are consolidated into one entry); an error from any part wins; `Canceled` if any part was
-    /// cancelled and none failed.
+    /// parts are consolidated into one entry); an error from any part wins (the first in order, a
+    /// too-large part counting as an error); `Canceled` if any part was cancelled and none failed.
     ///
     /// # Examples
     /// ```
@@ -166,6 +175,7 @@ impl PeekResponse {
             match part {
                 PeekResponse::Rows(part) => rows.extend(part),
                 PeekResponse::Error(error) => return PeekResponse::Error(error),
+                too_large @ PeekResponse::ResultTooLarge { .. } => return too_large,
                 PeekResponse::Canceled => canceled = true,
             }
         }

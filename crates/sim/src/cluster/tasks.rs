@@ -537,6 +537,9 @@ async fn peek_index(
         PeekResponse::Rows(rows) => Ok(Peeked::Rows(rows, started.elapsed())),
         PeekResponse::Error(e) => Err(format!("peek of {id} at {time} failed: {e}")),
         PeekResponse::Canceled => Err(format!("peek of {id} at {time} was canceled")),
+        PeekResponse::ResultTooLarge { size_bytes, max_bytes } => {
+            Err(format!("peek of {id} at {time}: result of {size_bytes} bytes exceeds {max_bytes}"))
+        }
     }
 }
 
