@@ -1,110 +1,50 @@
-//! [`ComputeController`]: the public, async face of the controller, and the tokio task of each instance.
+//! [`ComputeController`]: the public, async face of the controller.
 //!
-//! Each instance runs in its own task that owns an [`InstanceCore`] and the [`ReplicaClient`]s of the
-//! instance's replicas. The handle talks to the task over a channel; cheap reads (frontiers), hold
-//! acquisition and a peek's checks and hold go straight to the instance's [`SharedState`] behind a mutex
+//! Each instance runs in its own task (`instance_task.rs`) that owns an [`InstanceCore`]; the
+//! controller keeps a handle on it and talks to it over a channel. Cheap reads (frontiers), hold
+//! acquisition and a peek's checks and hold go straight to the instance's [`SharedState`](crate::SharedState) behind a mutex
 //! and never wait behind a busy task (a peek then goes to the task without waiting for a reply). Storage
-//! is reached through the [`StorageCollections`] trait: the handle asks it for import frontiers (to
-//! select an as-of) and holds (handed to the core), answers storage peeks from snapshots, and writes
-//! introspection updates into storage collections. Each instance task also watches storage's
-//! frontiers and feeds them to its core, whose materialized views take their upper from their targets'.
-//! It hands its core's introspection updates to the writer task once per tick
-//! ([`ControllerConfig::tick_interval_ms`]), not after every event, so a peek's path has no third task.
+//! is reached through the [`StorageCollections`] trait: the API asks it for import frontiers (to select
+//! an as-of) and holds (handed to the core), answers storage peeks from snapshots (`storage_peek.rs`),
+//! and writes introspection into storage collections (`introspection_writer.rs`).
 //!
-//! **Boundary:** this file is I/O and plumbing. Every decision about holds, compaction, peeks and
-//! subscribes is the core's (`instance.rs`), which the simulator drives without this shell.
+//! **Boundary:** I/O and plumbing. Every decision about holds, compaction, peeks and subscribes is the
+//! core's (`instance.rs`), which the simulator drives without this shell.
+//!
+//! **Tests:** end to end against real in-process replicas in `tests/it/e2e.rs`, `tests/it/faults.rs`,
+//! `tests/it/orchestrators.rs` and `tests/it/materialized_views.rs`; every error only this API produces
+//! in `tests/it/api_errors.rs`.
 
 use std::collections::BTreeMap;
-use std::num::NonZeroU64;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::task::JoinHandle;
-use tracing::{Instrument, debug, error, info_span, warn};
+use tracing::{Instrument, debug, info_span, warn};
 
-use frontiers::{Antichain, PartialOrder, ReadHold, ReadPolicy};
+use frontiers::{Antichain, ReadHold, ReadPolicy};
 use protocol::{
-    DataflowDescription, Diff, GlobalId, InstanceId, PeekId, PeekResponse, PeekTarget, ReplicaId, Row,
-    SinkConnection,
+    DataflowDescription, GlobalId, InstanceId, PeekId, PeekResponse, PeekTarget, ReplicaId, SinkConnection,
 };
-use replica_client::{Backoff, ReplicaClient, ReplicaClientConfig, ReplicaCoreConfig, ReplicaEvent};
-use storage::{AppendError, AppendRequest, HoldError, StorageCollections, StorageReadHold};
+use storage::{HoldError, StorageCollections};
 
 use crate::as_of::{ImportFrontiers, select_as_of};
+use crate::clock::{Timestamp, wallclock_ms};
+use crate::config::{ComputeInstanceConfig, ControllerConfig, ReplicaLocation};
 use crate::error::{
     CancelPeekError, CollectionDropError, CollectionLookupError, CollectionMissing, DataflowCreationError,
     InstanceCreationError, InstanceDropError, InstanceMissing, PeekError, ReadPolicyError,
     ReplicaCreationError, ReplicaDropError,
 };
-use crate::instance::{
-    CollectionFrontiers, InstanceCore, InstanceCoreConfig, InstanceOutput, PeekOptions, PeekRequest,
-    PreparedPeek, SharedHandle, lock,
-};
+use crate::instance::{CollectionFrontiers, InstanceCore, PeekOptions, PeekRequest, lock};
+use crate::instance_task::{InstanceCommand, InstanceHandle, IntrospectionUpdates, request, run_instance};
 use crate::introspection::IntrospectionKind;
+use crate::introspection_writer::write_introspection;
 use crate::orchestrator::{Orchestrator, ReplicaSpec};
 use crate::response::{ComputeControllerResponse, PeekNotification, PeekOutcome};
-
-/// The time type of the controller's shell: milliseconds since the Unix epoch.
-pub type Timestamp = u64;
-
-/// The controller's configuration. `instance`, `replica_backoff` and `hydration_concurrency` are the
-/// defaults of [`ComputeController::default_instance_config`]; each instance runs with the
-/// [`ComputeInstanceConfig`] given to [`create_instance`](ComputeController::create_instance).
-#[derive(Debug, Clone)]
-pub struct ControllerConfig {
-    /// Default per-instance tunables (read policy, peek timeout, introspection interval).
-    pub instance: InstanceCoreConfig<Timestamp>,
-    /// Default reconnection backoff for replica clients.
-    pub replica_backoff: Backoff,
-    /// Default sequential hydration limit for new replicas (`None`: unlimited).
-    pub hydration_concurrency: Option<usize>,
-    /// How often each instance task ticks (timeouts, lag), in milliseconds.
-    pub tick_interval_ms: u64,
-    /// Whether to write introspection into storage collections (see `IntrospectionKind`).
-    pub introspection: bool,
-}
-
-impl Default for ControllerConfig {
-    fn default() -> Self {
-        ControllerConfig {
-            instance: InstanceCoreConfig::default(),
-            replica_backoff: Backoff::default(),
-            hydration_concurrency: None,
-            tick_interval_ms: 50,
-            introspection: true,
-        }
-    }
-}
-
-/// How one compute instance runs ([`ComputeController::create_instance`]).
-#[derive(Debug, Clone)]
-pub struct ComputeInstanceConfig {
-    /// The instance's default index read policy, peek timeout and introspection interval.
-    pub core: InstanceCoreConfig<Timestamp>,
-    /// How its replicas' clients back off between connection attempts.
-    pub replica_backoff: Backoff,
-    /// How many dataflows each of its replicas hydrates at once (`None`: all).
-    pub hydration_concurrency: Option<usize>,
-}
-
-/// Where a replica runs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ReplicaLocation {
-    /// Already running somewhere: one controller address per process.
-    Unmanaged {
-        /// The addresses.
-        addresses: Vec<String>,
-    },
-    /// Started by the controller's orchestrator.
-    Managed {
-        /// Timely workers per process.
-        workers: usize,
-        /// Processes.
-        processes: usize,
-    },
-}
+use crate::storage_peek::storage_peek;
 
 /// A pending peek: await [`PeekHandle::result`].
 #[derive(Debug)]
@@ -119,62 +59,6 @@ impl PeekHandle {
     pub async fn result(self) -> PeekResponse {
         self.result.await.unwrap_or_else(|_| PeekResponse::Error("the instance was dropped".to_string()))
     }
-}
-
-type Reply<T> = oneshot::Sender<T>;
-
-/// Introspection differences on their way to storage.
-type IntrospectionUpdates = Vec<(IntrospectionKind, Row, Diff)>;
-
-enum InstanceCommand {
-    AddReplica {
-        replica: ReplicaId,
-        addresses: Vec<String>,
-        reply: Reply<Result<(), ReplicaCreationError>>,
-    },
-    DropReplica {
-        replica: ReplicaId,
-        reply: Reply<Result<(), ReplicaDropError>>,
-    },
-    CreateDataflow {
-        desc: DataflowDescription<Timestamp>,
-        holds: BTreeMap<GlobalId, StorageReadHold>,
-        /// The storage uppers of its materialized views' targets, read just before: fed to the core first,
-        /// so the views follow storage from their creation even if the frontier watch is behind.
-        target_uppers: Vec<(GlobalId, Antichain<Timestamp>)>,
-        reply: Reply<Result<(), DataflowCreationError>>,
-    },
-    DropCollections {
-        ids: Vec<GlobalId>,
-        reply: Reply<Result<(), CollectionDropError>>,
-    },
-    SetReadPolicy {
-        policies: Vec<(GlobalId, ReadPolicy<Timestamp>)>,
-        reply: Reply<Result<(), ReadPolicyError>>,
-    },
-    Peek {
-        prepared: PreparedPeek<Timestamp>,
-        result: Reply<PeekResponse>,
-    },
-    CancelPeek {
-        uuid: PeekId,
-        reply: Reply<Result<(), CancelPeekError>>,
-    },
-    AllowWrites {
-        reply: Reply<()>,
-    },
-    Inspect(Inspector),
-}
-
-/// A closure run on an instance's core inside its task.
-type Inspector = Box<dyn FnOnce(&InstanceCore<Timestamp>) + Send>;
-
-struct InstanceHandle {
-    id: InstanceId,
-    commands: mpsc::UnboundedSender<InstanceCommand>,
-    shared: SharedHandle<Timestamp>,
-    task: JoinHandle<()>,
-    managed: BTreeMap<ReplicaId, ReplicaSpec>,
 }
 
 /// The compute controller. See the crate documentation.
@@ -196,15 +80,6 @@ impl std::fmt::Debug for ComputeController {
             .field("instances", &self.instances.keys().collect::<Vec<_>>())
             .finish_non_exhaustive()
     }
-}
-
-/// Milliseconds since the Unix epoch: the controller shell's clock (the core never reads it).
-#[allow(clippy::disallowed_methods)]
-pub fn wallclock_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 impl ComputeController {
@@ -681,365 +556,6 @@ impl Drop for ComputeController {
         }
         if let Some(task) = &self.introspection_task {
             task.abort();
-        }
-    }
-}
-
-/// Sends a command to an instance task and waits for its reply.
-async fn request<R>(
-    handle: &InstanceHandle,
-    make: impl FnOnce(Reply<R>) -> InstanceCommand,
-) -> Result<R, InstanceMissing> {
-    let (tx, rx) = oneshot::channel();
-    handle.commands.send(make(tx)).map_err(|_| InstanceMissing(handle.id))?;
-    rx.await.map_err(|_| InstanceMissing(handle.id))
-}
-
-async fn storage_peek(
-    storage: &dyn StorageCollections,
-    id: GlobalId,
-    timestamp: Timestamp,
-    options: PeekOptions,
-) -> PeekResponse {
-    let rows = match storage.snapshot(id, timestamp).await {
-        Ok(rows) => rows,
-        Err(e) => return PeekResponse::Error(e.to_string()),
-    };
-    let mut out: BTreeMap<Row, Diff> = BTreeMap::new();
-    for (row, diff) in rows {
-        let row = match &options.map_filter_project {
-            None => Some(row),
-            Some(mfp) => match mfp.apply(&row) {
-                Ok(row) => row,
-                Err(e) => return PeekResponse::Error(e.to_string()),
-            },
-        };
-        if let Some(row) = row {
-            *out.entry(row).or_insert(0) += diff;
-        }
-    }
-    let mut rows = Vec::with_capacity(out.len());
-    for (row, diff) in out {
-        match diff {
-            0 => {}
-            d if d < 0 => return PeekResponse::Error(format!("negative multiplicity {d} for {row}")),
-            d => rows.push((row, NonZeroU64::new(d as u64).expect("positive"))),
-        }
-    }
-    PeekResponse::Rows(options.finishing.finish(rows))
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn run_instance(
-    mut core: InstanceCore<Timestamp>,
-    mut commands: mpsc::UnboundedReceiver<InstanceCommand>,
-    wake: Arc<Notify>,
-    storage: Arc<dyn StorageCollections>,
-    responses: mpsc::UnboundedSender<ComputeControllerResponse>,
-    introspection: Option<mpsc::UnboundedSender<IntrospectionUpdates>>,
-    config: ComputeInstanceConfig,
-    tick_interval_ms: u64,
-) {
-    let (events_tx, mut events) = mpsc::unbounded_channel::<(ReplicaId, ReplicaEvent<Timestamp>)>();
-    // Storage frontier changes, for the core's materialized views (see `InstanceCore::storage_upper`).
-    let (frontiers_tx, mut storage_frontiers) = mpsc::unbounded_channel();
-    let _watch = AbortOnDrop(tokio::spawn(
-        watch_storage_frontiers(storage, frontiers_tx).instrument(tracing::Span::current()),
-    ));
-    let mut clients: BTreeMap<ReplicaId, ReplicaClient<Timestamp>> = BTreeMap::new();
-    let mut peek_results: BTreeMap<PeekId, Reply<PeekResponse>> = BTreeMap::new();
-    let mut tick = tokio::time::interval(Duration::from_millis(tick_interval_ms.max(1)));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        let mut ticked = false;
-        tokio::select! {
-            biased;
-            command = commands.recv() => {
-                let Some(command) = command else { break };
-                core.advance_clock(wallclock_ms());
-                match command {
-                    InstanceCommand::AddReplica { replica, addresses, reply } => {
-                        let result = core.add_replica(replica).map(|history| {
-                            let mut client_config = ReplicaClientConfig::new(replica, addresses);
-                            client_config.core = ReplicaCoreConfig {
-                                replica_id: replica,
-                                processes: client_config.core.processes,
-                                backoff: config.replica_backoff,
-                                hydration_concurrency: config.hydration_concurrency,
-                            };
-                            clients.insert(replica, ReplicaClient::spawn(client_config, history, events_tx.clone()));
-                        });
-                        let _ = reply.send(result);
-                    }
-                    InstanceCommand::DropReplica { replica, reply } => {
-                        let result = core.drop_replica(replica);
-                        if let Some(client) = clients.remove(&replica) {
-                            client.shutdown().await;
-                        }
-                        let _ = reply.send(result);
-                    }
-                    InstanceCommand::CreateDataflow { desc, holds, target_uppers, reply } => {
-                        for (target, upper) in target_uppers {
-                            core.storage_upper(target, upper);
-                        }
-                        let _ = reply.send(core.create_dataflow(desc, holds));
-                    }
-                    InstanceCommand::DropCollections { ids, reply } => {
-                        let _ = reply.send(core.drop_collections(&ids));
-                    }
-                    InstanceCommand::SetReadPolicy { policies, reply } => {
-                        let _ = reply.send(core.set_read_policy(policies));
-                    }
-                    InstanceCommand::Peek { prepared, result } => {
-                        peek_results.insert(prepared.uuid(), result);
-                        core.install_peek(prepared);
-                    }
-                    InstanceCommand::CancelPeek { uuid, reply } => {
-                        let _ = reply.send(core.cancel_peek(uuid));
-                    }
-                    InstanceCommand::AllowWrites { reply } => {
-                        core.allow_writes();
-                        let _ = reply.send(());
-                    }
-                    InstanceCommand::Inspect(f) => f(&core),
-                }
-            }
-            Some((replica, event)) = events.recv() => {
-                core.advance_clock(wallclock_ms());
-                core.handle_replica_event(replica, event);
-            }
-            Some((id, frontiers)) = storage_frontiers.recv() => match frontiers {
-                Some(frontiers) => core.storage_upper(id, frontiers.upper),
-                None => core.storage_collection_dropped(id),
-            },
-            _ = wake.notified() => core.process_holds(),
-            _ = tick.tick() => {
-                core.tick(wallclock_ms());
-                ticked = true;
-            }
-        }
-        while let Some(output) = core.poll() {
-            match output {
-                InstanceOutput::Command { replica, command } => {
-                    if let Some(client) = clients.get(&replica)
-                        && client.send(command).is_err()
-                    {
-                        error!(%replica, "replica client task ended");
-                    }
-                }
-                InstanceOutput::DisconnectReplica { replica, reason } => {
-                    if let Some(client) = clients.get(&replica) {
-                        let _ = client.disconnect(reason);
-                    }
-                }
-                InstanceOutput::Response(response) => {
-                    let _ = responses.send(response);
-                }
-                InstanceOutput::PeekResult { uuid, response } => {
-                    if let Some(tx) = peek_results.remove(&uuid) {
-                        let _ = tx.send(response);
-                    } else {
-                        debug!(%uuid, "peek result without a waiting caller");
-                    }
-                }
-            }
-        }
-        // Once per tick, not per event: waking the writer task for every peek's histogram update would
-        // put a third task on every peek's path (measured: 7–10 µs of its p50).
-        if ticked {
-            flush_introspection(&mut core, introspection.as_ref());
-        }
-    }
-    flush_introspection(&mut core, introspection.as_ref());
-}
-
-/// Hands the introspection updates the core accumulated to the writer task (or drops them when
-/// introspection is off).
-fn flush_introspection(
-    core: &mut InstanceCore<Timestamp>,
-    introspection: Option<&mpsc::UnboundedSender<IntrospectionUpdates>>,
-) {
-    let updates = core.drain_introspection();
-    if let Some(tx) = introspection
-        && !updates.is_empty()
-    {
-        let _ = tx.send(updates);
-    }
-}
-
-/// One introspection collection as its writer sees it.
-#[derive(Debug, Default)]
-struct IntrospectionTarget {
-    /// The collection's upper as last written or read; `None`: unknown (at start, or after someone else
-    /// wrote), so the collection is reconciled before the next append.
-    upper: Option<Antichain<u64>>,
-    /// The rows the controller wants there: every update received so far, consolidated.
-    desired: BTreeMap<Row, Diff>,
-    /// What the next append writes.
-    pending: Vec<(Row, Diff)>,
-}
-
-impl IntrospectionTarget {
-    fn receive(&mut self, row: Row, diff: Diff) {
-        let count = self.desired.entry(row.clone()).or_insert(0);
-        *count += diff;
-        if *count == 0 {
-            self.desired.remove(&row);
-        }
-        self.pending.push((row, diff));
-    }
-
-    /// Learns the upper of collection `id` and sets the pending updates to what turns its current contents
-    /// into the desired rows: rows another writer (an earlier controller) left there are retracted.
-    async fn reconcile(&mut self, storage: &dyn StorageCollections, id: GlobalId) -> Result<(), String> {
-        let upper = storage.frontiers(id).await.map_err(|e| e.to_string())?.upper;
-        let mut correction = self.desired.clone();
-        if let Some(time) = upper.as_option().and_then(|t| t.checked_sub(1)) {
-            for (row, diff) in storage.snapshot(id, time).await.map_err(|e| e.to_string())? {
-                *correction.entry(row).or_insert(0) -= diff;
-            }
-        }
-        self.pending = correction.into_iter().filter(|(_, diff)| *diff != 0).collect();
-        self.upper = Some(upper);
-        Ok(())
-    }
-}
-
-/// Aborts a task when dropped: the instance task's helpers end with it (also when it is aborted).
-struct AbortOnDrop(JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-/// Sends every storage frontier change to `tx` (first the current frontiers of every collection), for as
-/// long as `tx`'s receiver lives. A watch that fails or ends (a storage server restart, say) is
-/// re-established after a backoff, which doubles up to two seconds and resets once a watch delivers; the
-/// new watch starts again from every collection's current frontiers, which the core dedups.
-async fn watch_storage_frontiers(
-    storage: Arc<dyn StorageCollections>,
-    tx: mpsc::UnboundedSender<(GlobalId, Option<storage::CollectionFrontiers>)>,
-) {
-    const INITIAL_BACKOFF: Duration = Duration::from_millis(50);
-    const MAX_BACKOFF: Duration = Duration::from_secs(2);
-    let mut backoff = INITIAL_BACKOFF;
-    loop {
-        match storage.watch_frontiers().await {
-            Ok(mut watch) => loop {
-                match watch.next().await {
-                    Ok(change) => {
-                        backoff = INITIAL_BACKOFF;
-                        if tx.send(change).is_err() {
-                            return;
-                        }
-                    }
-                    Err(e) => {
-                        warn!(error = %e, ?backoff, "storage frontier watch ended; re-establishing it");
-                        break;
-                    }
-                }
-            },
-            Err(e) => warn!(error = %e, ?backoff, "cannot watch storage frontiers; retrying"),
-        }
-        if tx.is_closed() {
-            return;
-        }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(MAX_BACKOFF);
-    }
-}
-
-/// Appends introspection updates to their storage collections every `interval`, at the wall-clock time,
-/// advancing every introspection collection's upper even when nothing changed.
-///
-/// The controller owns these collections: before its first append to one (and again after an append
-/// finds that someone else wrote to it), the writer reads the collection's contents and writes the
-/// difference to the rows it wants, so rows an earlier controller left behind are retracted. A collection
-/// whose upper or contents cannot be read is skipped for that round and keeps its pending updates.
-async fn write_introspection(
-    storage: Arc<dyn StorageCollections>,
-    mut rx: mpsc::UnboundedReceiver<IntrospectionUpdates>,
-    interval: Duration,
-) {
-    let mut targets: BTreeMap<IntrospectionKind, IntrospectionTarget> =
-        IntrospectionKind::ALL.iter().map(|kind| (*kind, IntrospectionTarget::default())).collect();
-    let mut ticker = tokio::time::interval(interval);
-    loop {
-        tokio::select! {
-            batch = rx.recv() => match batch {
-                Some(batch) => {
-                    for (kind, row, diff) in batch {
-                        targets.get_mut(&kind).expect("every kind has a target").receive(row, diff);
-                    }
-                }
-                None => return,
-            },
-            _ = ticker.tick() => {
-                for (kind, target) in &mut targets {
-                    let id = kind.default_id();
-                    if target.upper.is_none()
-                        && let Err(error) = target.reconcile(&*storage, id).await
-                    {
-                        warn!(%id, %error, "introspection collection unavailable");
-                    }
-                }
-                let now = wallclock_ms();
-                let time = targets
-                    .values()
-                    .filter_map(|t| t.upper.as_ref()?.as_option().copied())
-                    .max()
-                    .unwrap_or(0)
-                    .max(now);
-                // Only collections with a known, open upper are written; the others keep their updates.
-                let written: Vec<IntrospectionKind> = targets
-                    .iter()
-                    .filter(|(_, t)| {
-                        let at = Antichain::from_elem(time);
-                        t.upper.as_ref().is_some_and(|u| PartialOrder::less_equal(u, &at))
-                    })
-                    .map(|(kind, _)| *kind)
-                    .collect();
-                if written.is_empty() {
-                    continue;
-                }
-                let requests: Vec<AppendRequest> = written
-                    .iter()
-                    .map(|kind| {
-                        let target = &targets[kind];
-                        AppendRequest {
-                            id: kind.default_id(),
-                            updates: target
-                                .pending
-                                .iter()
-                                .map(|(row, diff)| (row.clone(), time, *diff))
-                                .collect(),
-                            expected_upper: target.upper.clone().expect("filtered"),
-                            new_upper: Antichain::from_elem(time + 1),
-                        }
-                    })
-                    .collect();
-                match storage.append(requests).await {
-                    Ok(()) => {
-                        for kind in written {
-                            let target = targets.get_mut(&kind).expect("listed");
-                            target.pending.clear();
-                            target.upper = Some(Antichain::from_elem(time + 1));
-                        }
-                    }
-                    Err(AppendError::UpperMismatch { id, .. }) => {
-                        // Someone else wrote: reconcile that collection with what is there now.
-                        warn!(%id, "introspection collection written by someone else; reconciling");
-                        for (kind, target) in &mut targets {
-                            if kind.default_id() == id {
-                                target.upper = None;
-                            }
-                        }
-                    }
-                    Err(e) => warn!(error = %e, "introspection append failed; retrying"),
-                }
-            }
         }
     }
 }
