@@ -9,8 +9,9 @@
 //! The target's upper is read here only to choose the as-of; afterwards the instance follows it (the
 //! view's upper is its target's storage upper, see `InstanceCore::storage_upper`).
 //!
-//! **Invariant:** every as-of returned is beyond every import's since and before `until` (tested below and
-//! in `tests/it/as_of.rs`).
+//! **Invariant:** every as-of returned is beyond every import's since and before `until` (tested below;
+//! through the API in `tests/it/api_errors.rs` (no valid as-of) and `tests/it/e2e.rs` (an as-of chosen
+//! again after a since overtook it)).
 
 use std::collections::BTreeMap;
 

@@ -14,7 +14,9 @@
 //! - [`as_of`]: choosing the as-of of a new dataflow from its imports' sinces and uppers.
 //!
 //! **What this is not.** No I/O, no async runtime, no protocol: a service may depend on this crate alone.
-//! The only dependency is timely (its `progress` and `order` modules).
+//! It depends on no other crate of the workspace; outside it on timely (its `progress` and `order`
+//! modules), `indexmap` and `smallvec` (the hold accounting's map and inline vectors), `serde` and
+//! `thiserror`.
 //!
 //! **Invariants.**
 //! - A collection's `since` is the meet of its outstanding holds and never regresses ([`ReadHolds`] asserts

@@ -15,7 +15,7 @@
 //! State is per connection: [`ResponseMerger::reset`] forgets everything (frontiers are never carried
 //! across connections).
 //!
-//! **Tests:** unit tests below; `tests/it/merge.rs` drives two processes answering in different orders.
+//! **Tests:** unit tests below; `tests/it/core.rs` drives two processes answering a peek in either order.
 
 use std::collections::BTreeMap;
 

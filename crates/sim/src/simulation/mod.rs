@@ -3,7 +3,8 @@
 //! DESIGN §5's invariants and an oracle.
 //!
 //! Entry points: [`run_seed`] (one seed) and the `sim simulate` command (`cargo xtask sim`).
-//! **Tests:** `tests/it/simulation.rs` (a fixed range, determinism by trace hash, the planted bug).
+//! **Tests:** `tests/it/main.rs` (determinism by trace hash, runs with faults); the seed ranges and the
+//! planted bug in `cargo xtask sim` (`xtask/src/sim.rs`).
 
 mod checks;
 mod model;
