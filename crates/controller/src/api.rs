@@ -16,8 +16,7 @@
 //! in `tests/it/api_errors.rs`.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -25,17 +24,16 @@ use tokio::task::JoinHandle;
 use tracing::{Instrument, debug, info_span, warn};
 
 use frontiers::{Antichain, ReadHold, ReadPolicy};
-use protocol::{
-    DataflowDescription, GlobalId, InstanceId, PeekId, PeekResponse, PeekTarget, ReplicaId, SinkConnection,
-};
+use protocol::frame::DEFAULT_MAX_FRAME_BYTES;
+use protocol::{DataflowDescription, GlobalId, InstanceId, PeekId, PeekTarget, ReplicaId, SinkConnection};
 use storage::{HoldError, StorageCollections};
 
-use crate::as_of::{ImportFrontiers, select_as_of};
+use crate::as_of::{AsOfSelectionError, ImportFrontiers, select_as_of};
 use crate::clock::{Timestamp, wallclock_ms};
 use crate::config::{ComputeInstanceConfig, ControllerConfig, ReplicaLocation};
 use crate::error::{
     CancelPeekError, CollectionDropError, CollectionLookupError, CollectionMissing, DataflowCreationError,
-    InstanceCreationError, InstanceDropError, InstanceMissing, PeekError, ReadPolicyError,
+    InstanceCreationError, InstanceDropError, InstanceMissing, PeekError, PeekFailure, ReadPolicyError,
     ReplicaCreationError, ReplicaDropError,
 };
 use crate::instance::{CollectionFrontiers, InstanceCore, PeekOptions, PeekRequest, lock};
@@ -43,21 +41,21 @@ use crate::instance_task::{InstanceCommand, InstanceHandle, IntrospectionUpdates
 use crate::introspection::IntrospectionKind;
 use crate::introspection_writer::write_introspection;
 use crate::orchestrator::{Orchestrator, ReplicaSpec};
-use crate::response::{ComputeControllerResponse, PeekNotification, PeekOutcome};
-use crate::storage_peek::storage_peek;
+use crate::response::{ComputeControllerResponse, PeekResult};
+use crate::storage_peek::{StoragePeek, run_storage_peek};
 
 /// A pending peek: await [`PeekHandle::result`].
 #[derive(Debug)]
 pub struct PeekHandle {
-    /// The peek's id (for `cancel_peek`).
+    /// The peek's id (for `cancel_peek`), unique within its instance.
     pub uuid: PeekId,
-    result: oneshot::Receiver<PeekResponse>,
+    result: oneshot::Receiver<PeekResult>,
 }
 
 impl PeekHandle {
-    /// The peek's answer.
-    pub async fn result(self) -> PeekResponse {
-        self.result.await.unwrap_or_else(|_| PeekResponse::Error("the instance was dropped".to_string()))
+    /// The peek's result: its rows, or why it has none. Every peek ends, at the latest at its timeout.
+    pub async fn result(self) -> PeekResult {
+        self.result.await.unwrap_or(Err(PeekFailure::InstanceDropped))
     }
 }
 
@@ -70,7 +68,6 @@ pub struct ComputeController {
     responses_rx: mpsc::UnboundedReceiver<ComputeControllerResponse>,
     introspection_tx: Option<mpsc::UnboundedSender<IntrospectionUpdates>>,
     introspection_task: Option<JoinHandle<()>>,
-    next_peek: AtomicU64,
     config: ControllerConfig,
 }
 
@@ -112,7 +109,6 @@ impl ComputeController {
             responses_rx,
             introspection_tx,
             introspection_task,
-            next_peek: AtomicU64::new(1),
             config,
         })
     }
@@ -144,6 +140,13 @@ impl ComputeController {
         if self.instances.contains_key(&id) {
             return Err(InstanceCreationError::InstanceExists(id));
         }
+        if config.core.max_command_bytes > DEFAULT_MAX_FRAME_BYTES {
+            return Err(InstanceCreationError::CommandLimitAboveFrameLimit {
+                max_command_bytes: config.core.max_command_bytes,
+                max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
+            });
+        }
+        let peek_timeout_ms = config.core.default_peek_timeout_ms;
         let wake = Arc::new(Notify::new());
         let notify = Arc::clone(&wake);
         let core =
@@ -163,7 +166,18 @@ impl ComputeController {
             )
             .instrument(info_span!("instance", instance = %id)),
         );
-        self.instances.insert(id, InstanceHandle { id, commands, shared, task, managed: BTreeMap::new() });
+        self.instances.insert(
+            id,
+            InstanceHandle {
+                id,
+                commands,
+                shared,
+                task,
+                managed: BTreeMap::new(),
+                peek_timeout_ms,
+                storage_peeks: Arc::new(Mutex::new(BTreeMap::new())),
+            },
+        );
         Ok(())
     }
 
@@ -282,9 +296,12 @@ impl ComputeController {
                 frontiers.insert(*id, ImportFrontiers { since: f.since, upper: f.upper });
             }
         }
-        select_as_of(desc, &frontiers).map_err(|e| DataflowCreationError::NoValidAsOf {
-            name: desc.debug_name.clone(),
-            reason: e.to_string(),
+        select_as_of(desc, &frontiers).map_err(|e| match e {
+            AsOfSelectionError::TargetSealed(target) => sealed_target(desc, target),
+            other => DataflowCreationError::NoValidAsOf {
+                name: desc.debug_name.clone(),
+                reason: other.to_string(),
+            },
         })
     }
 
@@ -333,6 +350,10 @@ impl ComputeController {
                         }
                     },
                     Err(e) => return Err(DataflowCreationError::Storage(e.to_string())),
+                }
+                // With or without an as-of: the same error `select_as_of` gives.
+                if self.storage_frontiers(*target).await?.upper.is_empty() {
+                    return Err(sealed_target(&desc, *target));
                 }
             }
         }
@@ -460,7 +481,12 @@ impl ComputeController {
     }
 
     /// Reads a collection at `timestamp`: an index of `instance` (answered by its replicas, the first
-    /// answer wins) or a storage collection (answered from a storage snapshot).
+    /// answer wins) or a storage collection (answered from a storage snapshot by the controller).
+    ///
+    /// Every peek ends ([`PeekHandle::result`]): with its rows, or a [`PeekFailure`], at the latest after
+    /// its timeout (`options.timeout_ms`, else the instance's `default_peek_timeout_ms`). A storage peek
+    /// honours the timeout and the map/filter/project and finishing; literal constraints and a target
+    /// replica apply to index peeks only and are refused for storage.
     pub async fn peek(
         &self,
         instance: InstanceId,
@@ -469,55 +495,90 @@ impl ComputeController {
         options: PeekOptions,
     ) -> Result<PeekHandle, PeekError> {
         let handle = self.instance(instance)?;
-        let uuid = PeekId(self.next_peek.fetch_add(1, Ordering::Relaxed));
         let (result_tx, result_rx) = oneshot::channel();
-        match target {
+        let uuid = match target {
             PeekTarget::Index { id } => {
                 // Checked and held here, not in the instance task: a peek does not wait for a reply.
-                let prepared =
-                    lock(&handle.shared).prepare_peek(PeekRequest { uuid, id, timestamp, options })?;
+                let prepared = {
+                    let mut shared = lock(&handle.shared);
+                    let uuid = shared.next_peek_id();
+                    shared.prepare_peek(PeekRequest { uuid, id, timestamp, options })?
+                };
+                let uuid = prepared.uuid();
                 handle
                     .commands
                     .send(InstanceCommand::Peek { prepared, result: result_tx })
                     .map_err(|_| InstanceMissing(handle.id))?;
+                uuid
             }
             PeekTarget::Storage { id } => {
-                let hold =
-                    self.storage.acquire_read_hold(id, Antichain::from_elem(timestamp)).await.map_err(
-                        |e| match e {
-                            HoldError::CollectionMissing(id) => {
-                                PeekError::CollectionMissing(CollectionMissing(id))
-                            }
-                            HoldError::BeforeSince { id, since, .. } => {
-                                PeekError::SinceViolation { id, since, timestamp }
-                            }
-                            other => PeekError::Storage(other.to_string()),
-                        },
-                    )?;
-                let storage = Arc::clone(&self.storage);
-                let responses = self.responses_tx.clone();
-                let started = wallclock_ms();
-                tokio::spawn(async move {
-                    let response = storage_peek(&*storage, id, timestamp, options).await;
-                    drop(hold);
-                    let outcome = PeekOutcome::of(&response);
-                    let _ = responses.send(ComputeControllerResponse::PeekNotification(PeekNotification {
-                        uuid,
-                        instance,
-                        replica: None,
-                        outcome,
-                        duration_ms: wallclock_ms().saturating_sub(started),
-                    }));
-                    let _ = result_tx.send(response);
-                });
+                self.peek_storage(handle, id, timestamp, options, result_tx).await?
             }
-        }
+        };
         Ok(PeekHandle { uuid, result: result_rx })
     }
 
-    /// Cancels a pending index peek: its caller gets `Canceled`.
+    /// Starts a peek of storage collection `id`: checks its options, takes its hold and spawns the task
+    /// that answers it ([`run_storage_peek`]), which `cancel_peek` can reach until it ends.
+    async fn peek_storage(
+        &self,
+        handle: &InstanceHandle,
+        id: GlobalId,
+        timestamp: Timestamp,
+        options: PeekOptions,
+        result: oneshot::Sender<PeekResult>,
+    ) -> Result<PeekId, PeekError> {
+        if options.literal_constraints.is_some() {
+            return Err(PeekError::LiteralConstraintsOnStorage(id));
+        }
+        if options.target_replica.is_some() {
+            return Err(PeekError::TargetReplicaOnStorage(id));
+        }
+        let hold = self.storage.acquire_read_hold(id, Antichain::from_elem(timestamp)).await.map_err(
+            |e| match e {
+                HoldError::CollectionMissing(id) => PeekError::CollectionMissing(CollectionMissing(id)),
+                HoldError::BeforeSince { id, since, .. } => {
+                    PeekError::SinceViolation { id, since, timestamp }
+                }
+                other => PeekError::Storage(other.to_string()),
+            },
+        )?;
+        let uuid = lock(&handle.shared).issue_peek_id();
+        let (cancel_tx, cancel) = oneshot::channel();
+        handle.storage_peeks.lock().expect("storage peeks poisoned").insert(uuid, cancel_tx);
+        let peek = StoragePeek {
+            uuid,
+            instance: handle.id,
+            id,
+            timestamp,
+            timeout_ms: options.timeout_ms.unwrap_or(handle.peek_timeout_ms),
+            options,
+            hold,
+            started_ms: wallclock_ms(),
+        };
+        tokio::spawn(run_storage_peek(
+            Arc::clone(&self.storage),
+            peek,
+            cancel,
+            Arc::downgrade(&handle.storage_peeks),
+            self.responses_tx.clone(),
+            result,
+        ));
+        Ok(uuid)
+    }
+
+    /// Cancels a pending peek: its caller gets [`PeekFailure::Canceled`]. An index peek's hold stays
+    /// until its replicas answered the cancellation (at the latest until its deadline); a storage peek's
+    /// goes at once. A peek that already ended is [`CancelPeekError::PeekFinished`], an id the instance
+    /// never issued [`CancelPeekError::PeekUnknown`].
     pub async fn cancel_peek(&self, instance: InstanceId, uuid: PeekId) -> Result<(), CancelPeekError> {
         let handle = self.instance(instance)?;
+        // A storage peek in flight: taking its entry decides the race with its answer (see
+        // `run_storage_peek`), and the signal wakes it.
+        if let Some(cancel) = handle.storage_peeks.lock().expect("storage peeks poisoned").remove(&uuid) {
+            let _ = cancel.send(());
+            return Ok(());
+        }
         request(handle, |reply| InstanceCommand::CancelPeek { uuid, reply }).await?
     }
 
@@ -558,4 +619,15 @@ impl Drop for ComputeController {
             task.abort();
         }
     }
+}
+
+/// The error for a materialized view of `desc` writing into sealed storage collection `target`.
+fn sealed_target(desc: &DataflowDescription<Timestamp>, target: GlobalId) -> DataflowCreationError {
+    let id = desc
+        .sink_exports
+        .iter()
+        .find(|(_, sink)| matches!(sink.connection, SinkConnection::MaterializedView { target: t } if t == target))
+        .map(|(id, _)| *id)
+        .expect("only a materialized view's target can be sealed");
+    DataflowCreationError::SinkTargetSealed { id, target }
 }

@@ -38,6 +38,10 @@ pub enum AsOfSelectionError {
     /// An import is fully compacted: nothing is readable.
     #[error("import {0} is fully compacted")]
     ImportCompacted(GlobalId),
+    /// A materialized view's target is sealed (its upper is the empty frontier): the view could write
+    /// nothing at any as-of.
+    #[error("materialized view target {0} is sealed")]
+    TargetSealed(GlobalId),
     /// A materialized view's target has data that the inputs can no longer reproduce.
     #[error(
         "materialized view target {target} is written up to {upper}, but the inputs are compacted to {since}"
@@ -101,6 +105,9 @@ pub fn select_as_of<T: Timestamp>(
     for sink in desc.sink_exports.values() {
         if let SinkConnection::MaterializedView { target } = &sink.connection {
             let f = frontiers.get(target).ok_or(AsOfSelectionError::MissingFrontiers(*target))?;
+            if f.upper.is_empty() {
+                return Err(AsOfSelectionError::TargetSealed(*target));
+            }
             let written = !f.upper.less_equal(&T::minimum());
             if written {
                 let bound = step_back(&f.upper.borrow());
@@ -218,6 +225,17 @@ mod tests {
                 imports.into_iter().map(|(id, f)| (GlobalId::User(id), f)).collect();
             assert_eq!(select_as_of(&dataflow(mv), &frontiers), expected, "{name}");
         }
+        let sealed = ImportFrontiers { since: Antichain::from_elem(0), upper: Antichain::new() };
+        let frontiers = BTreeMap::from([
+            (GlobalId::User(1), f(5, 20)),
+            (GlobalId::User(2), f(8, 30)),
+            (GlobalId::User(9), sealed),
+        ]);
+        assert_eq!(
+            select_as_of(&dataflow(true), &frontiers),
+            Err(AsOfSelectionError::TargetSealed(GlobalId::User(9))),
+            "a sealed target refuses the view rather than giving it an empty as-of"
+        );
         let missing = select_as_of(&dataflow(false), &BTreeMap::from([(GlobalId::User(1), f(0, 1))]));
         assert_eq!(missing, Err(AsOfSelectionError::MissingFrontiers(GlobalId::User(2))));
         let compacted = ImportFrontiers { since: Antichain::new(), upper: Antichain::new() };

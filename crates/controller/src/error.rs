@@ -4,13 +4,17 @@
 //! Every variant here is a *caller* error or an environment failure (storage, orchestrator). A broken
 //! internal invariant is an `assert!`, never one of these.
 //!
+//! [`PeekFailure`] is not an operation's error but how a peek that was accepted ended without rows.
+//!
 //! **Tests.** Each variant is produced by some test. Those the instance core decides (`Invalid`,
-//! `CollectionExists`, `SinceViolation`, `ReplicaExists`, `NotAnIndex`, `PeekMissing`, ...) are in
-//! `tests/it/errors.rs`, against the synchronous `InstanceCore`. Those only the async
-//! [`ComputeController`](crate::ComputeController) produces (`InstanceExists`, every `InstanceMissing`,
-//! `NoProcesses`, `Orchestrator`, `NoValidAsOf`, `BadSinkTarget`, every `Storage`, and all of
-//! [`CollectionLookupError`]) are in `tests/it/api_errors.rs`, each followed by a check that the failed
-//! call changed nothing.
+//! `CollectionExists`, `SinceViolation`, `ReplicaExists`, `NotAnIndex`, `CommandTooLarge`,
+//! `PeekUnknown`, `PeekFinished`, the index peek's [`PeekFailure`]s, ...) are in `tests/it/errors.rs`,
+//! against the synchronous `InstanceCore`. Those only the async
+//! [`ComputeController`](crate::ComputeController) produces (`InstanceExists`,
+//! `CommandLimitAboveFrameLimit`, every `InstanceMissing`, `NoProcesses`, `Orchestrator`, `NoValidAsOf`,
+//! `BadSinkTarget`, `SinkTargetSealed`, the storage peek's errors and failures, every `Storage`, and all
+//! of [`CollectionLookupError`]) are in `tests/it/api_errors.rs`, each followed by a check that the
+//! failed call changed nothing.
 
 use frontiers::{Antichain, Timestamp};
 use protocol::{DataflowValidationError, GlobalId, InstanceId, PeekId, ReplicaId};
@@ -31,6 +35,17 @@ pub enum InstanceCreationError {
     /// An instance with this id exists.
     #[error("instance {0} already exists")]
     InstanceExists(InstanceId),
+    /// The configuration's `max_command_bytes` is above the maximum frame of a replica connection, so a
+    /// command the instance accepted could still not be sent.
+    #[error(
+        "max_command_bytes {max_command_bytes} exceeds the replica connection's maximum frame of {max_frame_bytes} bytes"
+    )]
+    CommandLimitAboveFrameLimit {
+        /// The configured limit.
+        max_command_bytes: usize,
+        /// The connection's maximum frame (`protocol::frame::DEFAULT_MAX_FRAME_BYTES`).
+        max_frame_bytes: usize,
+    },
 }
 
 /// Failure of [`drop_instance`](crate::ComputeController::drop_instance).
@@ -118,6 +133,25 @@ pub enum DataflowCreationError<T: Timestamp = u64> {
         /// What is wrong.
         reason: String,
     },
+    /// A materialized view's target storage collection is sealed (its upper is the empty frontier):
+    /// nothing can be written there any more, at any as-of. Both `select_as_of` and `create_dataflow`
+    /// (with or without an as-of) refuse such a view with this error.
+    #[error("materialized view {id}: target {target} is sealed; nothing more can be written to it")]
+    SinkTargetSealed {
+        /// The export.
+        id: GlobalId,
+        /// The storage collection.
+        target: GlobalId,
+    },
+    /// The dataflow's `CreateDataflow` command would not fit in one frame of the instance's replica
+    /// connections (`max_command_bytes`). Nothing was recorded or sent.
+    #[error("the dataflow's command is {size_bytes} bytes, over the limit of {max_bytes} bytes")]
+    CommandTooLarge {
+        /// The encoded command's size.
+        size_bytes: u64,
+        /// The limit.
+        max_bytes: u64,
+    },
     /// The storage layer failed.
     #[error("storage error: {0}")]
     Storage(String),
@@ -196,6 +230,23 @@ pub enum PeekError<T: Timestamp = u64> {
         /// The type error.
         reason: String,
     },
+    /// The peek's `Peek` command would not fit in one frame of the instance's replica connections
+    /// (`max_command_bytes`: huge literal constraints or map/filter/project). Nothing was held or sent.
+    #[error("the peek's command is {size_bytes} bytes, over the limit of {max_bytes} bytes")]
+    CommandTooLarge {
+        /// The encoded command's size.
+        size_bytes: u64,
+        /// The limit.
+        max_bytes: u64,
+    },
+    /// A storage peek with literal constraints: they look up an index's key, and a storage collection
+    /// has none.
+    #[error("peek of storage collection {0}: literal constraints apply to index peeks only")]
+    LiteralConstraintsOnStorage(GlobalId),
+    /// A storage peek with a target replica: storage peeks are answered by the controller from
+    /// storage, never by a replica.
+    #[error("peek of storage collection {0}: a target replica applies to index peeks only")]
+    TargetReplicaOnStorage(GlobalId),
     /// The storage layer failed (storage peeks).
     #[error("storage error: {0}")]
     Storage(String),
@@ -207,7 +258,54 @@ pub enum CancelPeekError {
     /// No such instance.
     #[error(transparent)]
     InstanceMissing(#[from] InstanceMissing),
-    /// The peek is not pending (unknown, already answered, or already cancelled).
-    #[error("peek {0} is not pending")]
-    PeekMissing(PeekId),
+    /// The instance never issued this peek id.
+    #[error("peek {0} is unknown")]
+    PeekUnknown(PeekId),
+    /// The peek was issued but has already ended (answered with rows or a failure, timed out, or
+    /// cancelled before): its caller has its result, and nothing changed.
+    #[error("peek {0} has already ended")]
+    PeekFinished(PeekId),
+}
+
+/// Why a peek ended without rows: the error half of a [`PeekResult`](crate::PeekResult), delivered to
+/// the peek's caller ([`PeekHandle::result`](crate::PeekHandle::result)) and in its
+/// [`PeekNotification`](crate::PeekNotification). Every peek ends, with rows or with one of these.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PeekFailure {
+    /// The peek's target replica, or the last replica that owed it an answer, was dropped first.
+    #[error("replica {0} was dropped before it answered")]
+    ReplicaDropped(ReplicaId),
+    /// No answer within the peek's timeout (its own `timeout_ms`, else the instance's
+    /// `default_peek_timeout_ms`). Its hold is released and its replicas are told to cancel it.
+    #[error("no answer within {after_ms} ms")]
+    TimedOut {
+        /// The timeout that passed.
+        after_ms: u64,
+    },
+    /// The caller cancelled it ([`cancel_peek`](crate::ComputeController::cancel_peek)).
+    #[error("canceled")]
+    Canceled,
+    /// A replica answered that it cancelled the peek although nobody asked it to.
+    #[error("replica {0} canceled the peek")]
+    ReplicaCanceled(ReplicaId),
+    /// The instance was dropped while the peek was pending.
+    #[error("the instance was dropped")]
+    InstanceDropped,
+    /// The result exists but is too large to send (the replica's `max_result_size_bytes` or its
+    /// connection's maximum frame).
+    #[error("the result of {size_bytes} bytes exceeds the maximum of {max_bytes} bytes")]
+    ResultTooLarge {
+        /// The result's size.
+        size_bytes: u64,
+        /// The limit it exceeds.
+        max_bytes: u64,
+    },
+    /// The answer could not be computed: the replica's error (a data error in the collection, such as a
+    /// division by zero), or for a storage peek the map/filter/project's error or a negative
+    /// multiplicity in storage.
+    #[error("{0}")]
+    Evaluation(String),
+    /// A storage peek's snapshot failed.
+    #[error("storage error: {0}")]
+    Storage(String),
 }

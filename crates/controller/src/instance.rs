@@ -72,6 +72,7 @@ use tracing::{debug, error, warn};
 
 use frontiers::antichain::step_back;
 use frontiers::{Antichain, PartialOrder, ReadHold, ReadHolds, ReadPolicy, SinceChange, Timestamp};
+use protocol::frame::{DEFAULT_MAX_FRAME_BYTES, bincode_options, encode_frame};
 use protocol::{
     ComputeCommand, ComputeResponse, CopyToResponse, DataflowDescription, Datum, Diff, FrontiersResponse,
     GlobalId, InstanceId, MapFilterProject, Peek, PeekId, PeekResponse, PeekTarget, RelationType, ReplicaId,
@@ -80,11 +81,11 @@ use protocol::{
 use replica_client::{CommandHistory, ReplicaEvent, ReplicaStatus};
 
 use crate::error::{
-    CancelPeekError, CollectionDropError, CollectionMissing, DataflowCreationError, PeekError,
+    CancelPeekError, CollectionDropError, CollectionMissing, DataflowCreationError, PeekError, PeekFailure,
     ReadPolicyError, ReplicaCreationError, ReplicaDropError,
 };
 use crate::introspection::{IntrospectionKind, IntrospectionState, peek_duration_bucket_ms};
-use crate::response::{ComputeControllerResponse, PeekNotification, PeekOutcome};
+use crate::response::{ComputeControllerResponse, PeekNotification, PeekOutcome, PeekResult};
 
 /// A compute collection's frontiers as seen by readers of the shared state.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,6 +112,11 @@ pub struct CollectionFrontiers<T> {
 #[derive(Debug)]
 pub struct SharedState<T: Timestamp> {
     holds: ReadHolds<GlobalId, T, Collection<T>>,
+    /// The largest encoded command the instance sends ([`InstanceCoreConfig::max_command_bytes`], at most
+    /// the replica connection's maximum frame).
+    max_command_bytes: usize,
+    /// Every peek id issued through this state is below this one (see [`SharedState::issue_peek_id`]).
+    next_peek_id: PeekId,
 }
 
 impl<T: Timestamp> SharedState<T> {
@@ -165,6 +171,18 @@ impl<T: Timestamp> SharedState<T> {
         map_filter_project
             .typ(&collection.typ)
             .map_err(|e| PeekError::InvalidMapFilterProject { id, reason: e.to_string() })?;
+        // Replicas get the partial finishing; the controller applies the full one to the union.
+        let command = ComputeCommand::Peek(Peek {
+            uuid,
+            target: PeekTarget::Index { id },
+            timestamp,
+            literal_constraints,
+            map_filter_project,
+            finishing: finishing.partial(),
+        });
+        check_command_size(&command, self.max_command_bytes)
+            .map_err(|(size_bytes, max_bytes)| PeekError::CommandTooLarge { size_bytes, max_bytes })?;
+        let ComputeCommand::Peek(peek) = command else { unreachable!("built as a peek above") };
         let hold = self.holds.acquire(&id, Antichain::from_elem(timestamp)).map_err(|e| match e {
             frontiers::AcquireError::CollectionMissing(id) => {
                 PeekError::CollectionMissing(CollectionMissing(id))
@@ -173,17 +191,27 @@ impl<T: Timestamp> SharedState<T> {
                 PeekError::SinceViolation { id, since, timestamp }
             }
         })?;
-        Ok(PreparedPeek {
-            uuid,
-            id,
-            timestamp,
-            literal_constraints,
-            map_filter_project,
-            finishing,
-            target_replica,
-            timeout_ms,
-            hold,
-        })
+        self.next_peek_id = self.next_peek_id.max(PeekId(uuid.0 + 1));
+        Ok(PreparedPeek { peek, finishing, target_replica, timeout_ms, hold })
+    }
+
+    /// The id the next peek should get: above every peek id issued so far.
+    pub fn next_peek_id(&self) -> PeekId {
+        self.next_peek_id
+    }
+
+    /// Issues a peek id that never reaches [`prepare_peek`](Self::prepare_peek) (the controller's storage
+    /// peeks), so that [`InstanceCore::cancel_peek`] knows it was issued.
+    pub fn issue_peek_id(&mut self) -> PeekId {
+        let uuid = self.next_peek_id;
+        self.next_peek_id = PeekId(uuid.0 + 1);
+        uuid
+    }
+
+    /// Whether `uuid` was issued: by [`issue_peek_id`](Self::issue_peek_id), or given to a successful
+    /// [`prepare_peek`](Self::prepare_peek).
+    pub fn was_issued(&self, uuid: PeekId) -> bool {
+        uuid < self.next_peek_id
     }
 
     /// The number of collections with state (live, or dropped and waiting to be removed).
@@ -226,18 +254,26 @@ pub enum CollectionKind {
 pub struct InstanceCoreConfig<T> {
     /// The read policy of an index until `set_read_policy` says otherwise.
     pub default_index_policy: ReadPolicy<T>,
-    /// The peek timeout when a peek does not set one (`None`: no timeout).
-    pub default_peek_timeout_ms: Option<u64>,
+    /// How long a peek waits for an answer when it does not set its own `timeout_ms` (30 s by
+    /// default). Every peek ends: at its timeout an unanswered peek fails with
+    /// [`PeekFailure::TimedOut`], and any peek stops waiting for replicas that still owe an answer.
+    pub default_peek_timeout_ms: u64,
     /// How often the frontier and wall-clock lag introspection rows are refreshed, in milliseconds.
     pub introspection_interval_ms: u64,
+    /// The largest encoded command (`CreateDataflow`, `Peek`) the instance accepts, in bytes: one
+    /// whose frame would be larger is refused with a `CommandTooLarge` error before it is recorded or
+    /// sent. At most the replica connection's maximum frame ([`DEFAULT_MAX_FRAME_BYTES`], the default);
+    /// the core never lets a larger command through, and `create_instance` refuses a larger setting.
+    pub max_command_bytes: usize,
 }
 
 impl<T: Timestamp> Default for InstanceCoreConfig<T> {
     fn default() -> Self {
         InstanceCoreConfig {
             default_index_policy: ReadPolicy::LagWriteFrontier { lag_ms: 1_000, granularity_ms: 1_000 },
-            default_peek_timeout_ms: None,
+            default_peek_timeout_ms: 30_000,
             introspection_interval_ms: 1_000,
+            max_command_bytes: DEFAULT_MAX_FRAME_BYTES,
         }
     }
 }
@@ -266,7 +302,7 @@ pub struct PeekOptions {
     pub finishing: RowSetFinishing,
     /// Only this replica answers, if set (index peeks).
     pub target_replica: Option<ReplicaId>,
-    /// Fail the peek after this long, if set (else the instance default).
+    /// How long to wait for an answer, if set (else the instance's `default_peek_timeout_ms`).
     pub timeout_ms: Option<u64>,
 }
 
@@ -274,11 +310,9 @@ pub struct PeekOptions {
 /// time. Only `prepare_peek` makes one, so a peek reaches [`InstanceCore::install_peek`] checked and held.
 #[derive(Debug)]
 pub struct PreparedPeek<T: Timestamp> {
-    uuid: PeekId,
-    id: GlobalId,
-    timestamp: T,
-    literal_constraints: Option<Vec<Row>>,
-    map_filter_project: MapFilterProject,
+    /// The command the replicas get (with the partial finishing), measured against the command limit.
+    peek: Peek<T>,
+    /// The full finishing, applied to the answer.
     finishing: RowSetFinishing,
     target_replica: Option<ReplicaId>,
     timeout_ms: Option<u64>,
@@ -288,7 +322,23 @@ pub struct PreparedPeek<T: Timestamp> {
 impl<T: Timestamp> PreparedPeek<T> {
     /// The peek's id.
     pub fn uuid(&self) -> PeekId {
-        self.uuid
+        self.peek.uuid
+    }
+}
+
+/// Checks that `command`'s frame fits in `max_bytes` (and in a replica connection's maximum frame) by
+/// encoding it as the replica client will; on failure returns its exact size and the limit.
+fn check_command_size<T: Timestamp>(command: &ComputeCommand<T>, max_bytes: usize) -> Result<(), (u64, u64)> {
+    let max_bytes = max_bytes.min(DEFAULT_MAX_FRAME_BYTES);
+    let mut frame = Vec::new();
+    match encode_frame(command, max_bytes, &mut frame) {
+        Ok(()) => Ok(()),
+        Err(_) => {
+            // The encoder stops at the limit; the size comes from a walk that writes nothing.
+            use bincode::Options;
+            let size_bytes = bincode_options().serialized_size(command).unwrap_or(u64::MAX);
+            Err((size_bytes, max_bytes as u64))
+        }
     }
 }
 
@@ -315,8 +365,8 @@ pub enum InstanceOutput<T: Timestamp> {
     PeekResult {
         /// The peek.
         uuid: PeekId,
-        /// The rows (finished), error, or cancellation.
-        response: PeekResponse,
+        /// The rows (finished), or why there are none.
+        result: PeekResult,
     },
 }
 
@@ -329,7 +379,10 @@ struct ReplicaCollection<T: Timestamp> {
     /// The write frontier changed since its introspection row was last written (the pair is then listed
     /// in `InstanceCore::stale_frontier_rows`).
     frontier_row_stale: bool,
-    /// This replica has reported the dropped collection gone (or cannot report anything about it).
+    /// This replica will say nothing more that matters about the collection, which is dropped or fully
+    /// compacted: it reported it closed (`[]`) on this connection (before or after the drop: a replica
+    /// reports a closed collection's drop with nothing more), or it is not connected, or the collection
+    /// was fully compacted before this connection began (a replay leaves it out or closes it at once).
     dropped: bool,
     /// When the write frontier first passed the as-of on this connection.
     hydrated_at_ms: Option<u64>,
@@ -423,20 +476,29 @@ struct Collection<T: Timestamp> {
     until: Antichain<T>,
     /// Subscribes and copy-tos: the stream ended or the result was delivered.
     finished: bool,
+    /// The since reached the empty frontier: the history no longer rebuilds this collection, so a
+    /// connection that begins later never reports on it. Live collections get here only as finished
+    /// sinks (see [`InstanceCore::apply_policy`]).
+    fully_compacted: bool,
 }
 
 #[derive(Debug)]
 struct PendingPeek<T: Timestamp> {
     collection: GlobalId,
-    /// Released when `outstanding` empties (not before: DESIGN §5.3).
+    /// Released when `outstanding` empties (not before: DESIGN §5.3), at the latest at `deadline_ms`.
     hold: Option<ReadHold<GlobalId, T>>,
-    /// Replicas that were sent the peek and have neither answered nor been dropped.
+    /// Replicas that were sent the peek and have neither answered nor been dropped (nor outlived the
+    /// deadline).
     outstanding: BTreeSet<ReplicaId>,
     answered: bool,
     finishing: RowSetFinishing,
     target_replica: Option<ReplicaId>,
     started_ms: u64,
-    deadline_ms: Option<u64>,
+    /// The peek's timeout.
+    timeout_ms: u64,
+    /// `started_ms + timeout_ms`: an unanswered peek fails with `TimedOut` here, and no peek waits for
+    /// its replicas beyond it.
+    deadline_ms: u64,
 }
 
 #[derive(Debug)]
@@ -502,7 +564,12 @@ impl<T: Timestamp> InstanceCore<T> {
         notify: Arc<dyn Fn() + Send + Sync>,
         now_ms: u64,
     ) -> Self {
-        let shared = SharedState { holds: ReadHolds::with_attachments(notify) };
+        let max_command_bytes = config.max_command_bytes.min(DEFAULT_MAX_FRAME_BYTES);
+        let shared = SharedState {
+            holds: ReadHolds::with_attachments(notify),
+            max_command_bytes,
+            next_peek_id: PeekId(1),
+        };
         InstanceCore {
             id,
             config,
@@ -574,7 +641,8 @@ impl<T: Timestamp> InstanceCore<T> {
                     write_frontier: None,
                     input_holds,
                     hydrated_at_ms: None,
-                    dropped: collection.dropped,
+                    // Its first connection is replayed without what is dropped or fully compacted.
+                    dropped: collection.dropped || collection.fully_compacted,
                     frontier_row_stale: false,
                 },
             );
@@ -612,7 +680,7 @@ impl<T: Timestamp> InstanceCore<T> {
             let peek = self.peeks.get_mut(&uuid).expect("listed");
             peek.outstanding.remove(&replica);
             if !peek.answered && (peek.target_replica == Some(replica) || peek.outstanding.is_empty()) {
-                self.answer_peek(uuid, PeekResponse::Error(format!("replica {replica} was dropped")), None);
+                self.answer_peek(uuid, Err(PeekFailure::ReplicaDropped(replica)), None);
             }
             self.maybe_finish_peek(uuid);
         }
@@ -669,10 +737,16 @@ impl<T: Timestamp> InstanceCore<T> {
         if let Some(id) = desc.export_ids().find(|id| lock(&self.shared).holds.contains(id)) {
             return Err(DataflowCreationError::CollectionExists(id));
         }
-        // Storage imports: the caller's holds must cover the as-of.
+        let command = ComputeCommand::CreateDataflow(desc);
+        check_command_size(&command, self.config.max_command_bytes).map_err(|(size_bytes, max_bytes)| {
+            DataflowCreationError::CommandTooLarge { size_bytes, max_bytes }
+        })?;
+        let ComputeCommand::CreateDataflow(desc) = command else { unreachable!("built as a dataflow above") };
+        // Storage imports: the caller's holds must cover the as-of. Each is moved up to the as-of: the
+        // dataflow reads nothing before it, and its since may never move (a fixed read policy).
         let mut import_holds = Vec::new();
         for id in desc.source_imports.keys() {
-            let hold = storage_holds.remove(id).ok_or(DataflowCreationError::CollectionMissing(*id))?;
+            let mut hold = storage_holds.remove(id).ok_or(DataflowCreationError::CollectionMissing(*id))?;
             if !PartialOrder::less_equal(hold.since(), &as_of) {
                 return Err(DataflowCreationError::SinceViolation {
                     id: *id,
@@ -680,6 +754,7 @@ impl<T: Timestamp> InstanceCore<T> {
                     as_of,
                 });
             }
+            hold.try_downgrade(as_of.clone()).expect("checked: the as-of is beyond the hold");
             import_holds.push(hold);
         }
         // Index imports: live collections of this instance, held at the as-of.
@@ -769,6 +844,7 @@ impl<T: Timestamp> InstanceCore<T> {
                     forwarded: as_of.clone(),
                     until: desc.until.clone(),
                     finished: false,
+                    fully_compacted: false,
                 })
                 .expect("export ids are new");
             if upper_from_storage {
@@ -794,6 +870,10 @@ impl<T: Timestamp> InstanceCore<T> {
             self.drop_collection(*id);
         }
         self.process_holds();
+        // A collection compacted away before (a finished sink) has no since change left to trigger this.
+        for id in ids {
+            self.maybe_remove(*id);
+        }
         Ok(())
     }
 
@@ -806,7 +886,9 @@ impl<T: Timestamp> InstanceCore<T> {
         collection.implied_hold.release();
         for (replica, state) in collection.per_replica.iter_mut() {
             // A replica that is not connected replays without this dataflow: it will never report on it.
-            if !connected.contains(replica) {
+            // One that reported the collection closed on this connection reports its drop with nothing.
+            let closed = state.write_frontier.as_ref().is_some_and(|f| f.is_empty());
+            if !connected.contains(replica) || closed {
                 state.dropped = true;
             }
         }
@@ -866,6 +948,10 @@ impl<T: Timestamp> InstanceCore<T> {
 
     /// Moves the implied hold to where the collection's policy (or sink progress) allows, if that is
     /// forward.
+    ///
+    /// A sink that is done (a materialized view whose upper is closed, a subscribe whose stream ended)
+    /// needs nothing more from its inputs: its implied hold is released, so with no caller holding it
+    /// the sink compacts away and releases its import holds, without waiting for the user's drop.
     fn apply_policy(collection: &mut Collection<T>) {
         if collection.dropped {
             return;
@@ -873,12 +959,16 @@ impl<T: Timestamp> InstanceCore<T> {
         let target = match collection.kind {
             CollectionKind::Index => collection.read_policy.frontier(collection.write_frontier.borrow()),
             CollectionKind::MaterializedView { .. } => step_back(&collection.write_frontier.borrow()),
+            CollectionKind::Subscribe if collection.finished => Antichain::new(),
             CollectionKind::Subscribe => step_back(&collection.forwarded.borrow()),
             CollectionKind::CopyTo => return,
         };
         if target.is_empty() {
-            // A closed collection under a lag policy may be compacted completely; the controller keeps
-            // its own hold at the last readable time instead, so the collection stays peekable.
+            if collection.kind != CollectionKind::Index {
+                collection.implied_hold.release();
+            }
+            // A closed index under a lag policy may be compacted completely; the controller keeps its own
+            // hold at the last readable time instead, so the index stays peekable.
             return;
         }
         if PartialOrder::less_equal(collection.implied_hold.since(), &target) {
@@ -901,30 +991,13 @@ impl<T: Timestamp> InstanceCore<T> {
     /// If its target replica was dropped after the peek was prepared (a `drop_replica` that was sent but
     /// not awaited), the peek fails at once as it would have had it come first.
     pub fn install_peek(&mut self, prepared: PreparedPeek<T>) {
-        let PreparedPeek {
-            uuid,
-            id,
-            timestamp,
-            literal_constraints,
-            map_filter_project,
-            finishing,
-            target_replica,
-            timeout_ms,
-            hold,
-        } = prepared;
+        let PreparedPeek { peek, finishing, target_replica, timeout_ms, hold } = prepared;
+        let (uuid, id) = (peek.uuid, peek.target.id());
         let target_gone = target_replica.filter(|replica| !self.replicas.contains_key(replica));
         let targets: BTreeSet<ReplicaId> = match target_replica {
             _ if target_gone.is_some() => BTreeSet::new(),
             Some(replica) => BTreeSet::from([replica]),
             None => self.replicas.keys().copied().collect(),
-        };
-        let peek = Peek {
-            uuid,
-            target: PeekTarget::Index { id },
-            timestamp,
-            literal_constraints,
-            map_filter_project,
-            finishing: finishing.partial(),
         };
         let command = ComputeCommand::Peek(peek);
         if target_replica.is_none() {
@@ -933,7 +1006,7 @@ impl<T: Timestamp> InstanceCore<T> {
         for replica in &targets {
             self.outputs.push_back(InstanceOutput::Command { replica: *replica, command: command.clone() });
         }
-        let timeout = timeout_ms.or(self.config.default_peek_timeout_ms);
+        let timeout_ms = timeout_ms.unwrap_or(self.config.default_peek_timeout_ms);
         self.max_peek_id = self.max_peek_id.max(Some(uuid));
         self.peeks.insert(
             uuid,
@@ -945,38 +1018,55 @@ impl<T: Timestamp> InstanceCore<T> {
                 finishing,
                 target_replica,
                 started_ms: self.now_ms,
-                deadline_ms: timeout.map(|t| self.now_ms.saturating_add(t)),
+                timeout_ms,
+                deadline_ms: self.now_ms.saturating_add(timeout_ms),
             },
         );
         if let Some(replica) = target_gone {
-            self.answer_peek(uuid, PeekResponse::Error(format!("replica {replica} was dropped")), None);
+            self.answer_peek(uuid, Err(PeekFailure::ReplicaDropped(replica)), None);
             self.maybe_finish_peek(uuid);
             self.process_holds();
         }
     }
 
-    /// Cancels a pending peek: its caller gets `Canceled` now; its hold stays until every replica answered.
+    /// Cancels a pending peek: its caller gets [`PeekFailure::Canceled`] now; its hold stays until every
+    /// replica answered (at the latest until the peek's deadline).
+    ///
+    /// An id never issued through the shared state ([`SharedState::was_issued`]) is
+    /// [`PeekUnknown`](CancelPeekError::PeekUnknown); one that was issued and is no longer waiting for its
+    /// answer (answered, failed, timed out or cancelled) is [`PeekFinished`](CancelPeekError::PeekFinished).
     pub fn cancel_peek(&mut self, uuid: PeekId) -> Result<(), CancelPeekError> {
         match self.peeks.get(&uuid) {
             Some(peek) if !peek.answered => {}
-            _ => return Err(CancelPeekError::PeekMissing(uuid)),
+            Some(_) => return Err(CancelPeekError::PeekFinished(uuid)),
+            None if lock(&self.shared).was_issued(uuid) => return Err(CancelPeekError::PeekFinished(uuid)),
+            None => return Err(CancelPeekError::PeekUnknown(uuid)),
         }
-        self.answer_peek(uuid, PeekResponse::Canceled, None);
+        self.answer_peek(uuid, Err(PeekFailure::Canceled), None);
         self.maybe_finish_peek(uuid);
         Ok(())
     }
 
-    /// Delivers a peek's answer (once) and cancels it on the replicas still working on it.
-    fn answer_peek(&mut self, uuid: PeekId, response: PeekResponse, replica: Option<ReplicaId>) {
+    /// What a replica's answer means for the peek's caller (rows still to be finished).
+    fn peek_result(response: PeekResponse, replica: ReplicaId) -> PeekResult {
+        match response {
+            PeekResponse::Rows(rows) => Ok(rows),
+            PeekResponse::Error(error) => Err(PeekFailure::Evaluation(error)),
+            PeekResponse::Canceled => Err(PeekFailure::ReplicaCanceled(replica)),
+            PeekResponse::ResultTooLarge { size_bytes, max_bytes } => {
+                Err(PeekFailure::ResultTooLarge { size_bytes, max_bytes })
+            }
+        }
+    }
+
+    /// Delivers a peek's result (once) and cancels it on the replicas still working on it.
+    fn answer_peek(&mut self, uuid: PeekId, result: PeekResult, replica: Option<ReplicaId>) {
         let peek = self.peeks.get_mut(&uuid).expect("answering a pending peek");
         assert!(!peek.answered, "peek {uuid} answered twice");
         peek.answered = true;
-        let response = match response {
-            PeekResponse::Rows(rows) => PeekResponse::Rows(peek.finishing.finish(rows)),
-            other => other,
-        };
+        let result = result.map(|rows| peek.finishing.finish(rows));
         let duration_ms = self.now_ms.saturating_sub(peek.started_ms);
-        let outcome = PeekOutcome::of(&response);
+        let outcome = PeekOutcome::of(&result);
         if peek.target_replica.is_none() {
             self.history.retire_peek(uuid);
         }
@@ -988,7 +1078,7 @@ impl<T: Timestamp> InstanceCore<T> {
                 command: ComputeCommand::CancelPeek { uuid },
             });
         }
-        self.outputs.push_back(InstanceOutput::PeekResult { uuid, response });
+        self.outputs.push_back(InstanceOutput::PeekResult { uuid, result });
         self.outputs.push_back(InstanceOutput::Response(ComputeControllerResponse::PeekNotification(
             PeekNotification { uuid, instance: self.id, replica, outcome, duration_ms },
         )));
@@ -1063,7 +1153,7 @@ impl<T: Timestamp> InstanceCore<T> {
                     state.write_frontier = None;
                     state.hydrated_at_ms = None;
                     state.input_holds = fresh;
-                    if collection.dropped {
+                    if collection.dropped || collection.fully_compacted {
                         state.dropped = true;
                     }
                 }
@@ -1207,7 +1297,17 @@ impl<T: Timestamp> InstanceCore<T> {
             ComputeResponse::CopyToResponse { id, response } => self.handle_copy_to(id, response),
             ComputeResponse::Status(status) => debug!(%replica, ?status, "replica status"),
             ComputeResponse::CommandRejected { command, reason } => {
-                error!(%replica, %command, %reason, "replica rejected a command the controller sent");
+                // The replica keeps serving everything else, and a reconnect would replay the same
+                // command: it stays connected, and the user hears of it.
+                warn!(%replica, %command, %reason, "replica rejected a command the controller sent");
+                self.outputs.push_back(InstanceOutput::Response(
+                    ComputeControllerResponse::CommandRejected {
+                        instance: self.id,
+                        replica,
+                        command,
+                        reason,
+                    },
+                ));
             }
             ComputeResponse::Hello { .. } | ComputeResponse::HelloRefused { .. } => {
                 self.disconnect(replica, "handshake response outside the handshake".to_string());
@@ -1322,7 +1422,7 @@ impl<T: Timestamp> InstanceCore<T> {
             return;
         }
         if !peek.answered {
-            self.answer_peek(uuid, response, Some(replica));
+            self.answer_peek(uuid, Self::peek_result(response, replica), Some(replica));
         }
         self.maybe_finish_peek(uuid);
     }
@@ -1459,16 +1559,7 @@ impl<T: Timestamp> InstanceCore<T> {
     /// Advances the core's clock: peek timeouts and wall-clock lag introspection.
     pub fn tick(&mut self, now_ms: u64) {
         self.now_ms = self.now_ms.max(now_ms);
-        let expired: Vec<PeekId> = self
-            .peeks
-            .iter()
-            .filter(|(_, p)| !p.answered && p.deadline_ms.is_some_and(|d| d <= self.now_ms))
-            .map(|(uuid, _)| *uuid)
-            .collect();
-        for uuid in expired {
-            self.answer_peek(uuid, PeekResponse::Error("peek timed out".to_string()), None);
-            self.maybe_finish_peek(uuid);
-        }
+        self.expire_peeks();
         if self.now_ms.saturating_sub(self.last_lag_refresh_ms) >= self.config.introspection_interval_ms {
             self.last_lag_refresh_ms = self.now_ms;
             self.refresh_frontier_rows();
@@ -1476,6 +1567,27 @@ impl<T: Timestamp> InstanceCore<T> {
             self.catch_up_history();
         }
         self.process_holds();
+    }
+
+    /// Ends every peek whose deadline passed: an unanswered one fails with `TimedOut` (its replicas are
+    /// told to cancel it), and no peek waits any longer for replicas that still owe an answer, so its
+    /// hold goes now. A late answer is then ignored like any answer to a finished peek.
+    fn expire_peeks(&mut self) {
+        let expired: Vec<PeekId> =
+            self.peeks.iter().filter(|(_, p)| p.deadline_ms <= self.now_ms).map(|(uuid, _)| *uuid).collect();
+        for uuid in expired {
+            let peek = self.peeks.get_mut(&uuid).expect("listed");
+            if !peek.answered {
+                let after_ms = peek.timeout_ms;
+                self.answer_peek(uuid, Err(PeekFailure::TimedOut { after_ms }), None);
+            }
+            let peek = self.peeks.get_mut(&uuid).expect("still pending");
+            if !peek.outstanding.is_empty() {
+                debug!(%uuid, outstanding = ?peek.outstanding, "peek deadline passed; no longer waiting for replicas");
+                peek.outstanding.clear();
+            }
+            self.maybe_finish_peek(uuid);
+        }
     }
 
     /// Writes the frontier introspection row of every (collection, replica) whose write frontier changed
@@ -1555,6 +1667,7 @@ impl<T: Timestamp> InstanceCore<T> {
                     hold.try_downgrade(new.clone()).expect("import holds never run ahead of the since");
                 }
                 let last = new.is_empty();
+                collection.fully_compacted = last;
                 let newly_behind = !last && !collection.history_behind;
                 // The last compaction may remove the dataflow from the history: that is recorded now.
                 collection.history_behind = !last;

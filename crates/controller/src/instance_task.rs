@@ -16,7 +16,7 @@
 //! **Tests:** end to end in `tests/it/e2e.rs`, `tests/it/faults.rs` and `tests/it/api_errors.rs`.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -24,7 +24,7 @@ use tokio::task::JoinHandle;
 use tracing::{Instrument, debug, error};
 
 use frontiers::{Antichain, ReadPolicy};
-use protocol::{DataflowDescription, Diff, GlobalId, InstanceId, PeekId, PeekResponse, ReplicaId, Row};
+use protocol::{DataflowDescription, Diff, GlobalId, InstanceId, PeekId, ReplicaId, Row};
 use replica_client::{ReplicaClient, ReplicaClientConfig, ReplicaCoreConfig, ReplicaEvent};
 use storage::{StorageCollections, StorageReadHold};
 
@@ -37,7 +37,7 @@ use crate::error::{
 use crate::instance::{InstanceCore, InstanceOutput, PreparedPeek, SharedHandle};
 use crate::introspection::IntrospectionKind;
 use crate::orchestrator::ReplicaSpec;
-use crate::response::ComputeControllerResponse;
+use crate::response::{ComputeControllerResponse, PeekResult};
 use crate::storage_watch::watch_storage_frontiers;
 
 /// Where an instance task sends a command's reply.
@@ -75,7 +75,7 @@ pub(crate) enum InstanceCommand {
     },
     Peek {
         prepared: PreparedPeek<Timestamp>,
-        result: Reply<PeekResponse>,
+        result: Reply<PeekResult>,
     },
     CancelPeek {
         uuid: PeekId,
@@ -98,7 +98,19 @@ pub(crate) struct InstanceHandle {
     pub(crate) task: JoinHandle<()>,
     /// The replicas its orchestrator started, to stop with them.
     pub(crate) managed: BTreeMap<ReplicaId, ReplicaSpec>,
+    /// The instance's default peek timeout (for storage peeks; the core applies it to index peeks).
+    pub(crate) peek_timeout_ms: u64,
+    /// The storage peeks in flight, for `cancel_peek`. Dropped with the handle, which ends them with
+    /// `InstanceDropped`.
+    pub(crate) storage_peeks: StoragePeeks,
 }
+
+/// The storage peeks of an instance in flight: the signal that cancels each. An entry goes when its
+/// peek ends or is cancelled; the map holds at most one per storage peek its callers are waiting for.
+pub(crate) type StoragePeeks = Arc<StoragePeeksMap>;
+
+/// What [`StoragePeeks`] shares.
+pub(crate) type StoragePeeksMap = Mutex<BTreeMap<PeekId, oneshot::Sender<()>>>;
 
 /// Sends a command to an instance task and waits for its reply.
 pub(crate) async fn request<R>(
@@ -128,7 +140,7 @@ pub(crate) async fn run_instance(
         watch_storage_frontiers(storage, frontiers_tx).instrument(tracing::Span::current()),
     ));
     let mut clients: BTreeMap<ReplicaId, ReplicaClient<Timestamp>> = BTreeMap::new();
-    let mut peek_results: BTreeMap<PeekId, Reply<PeekResponse>> = BTreeMap::new();
+    let mut peek_results: BTreeMap<PeekId, Reply<PeekResult>> = BTreeMap::new();
     let mut tick = tokio::time::interval(Duration::from_millis(tick_interval_ms.max(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -216,9 +228,9 @@ pub(crate) async fn run_instance(
                 InstanceOutput::Response(response) => {
                     let _ = responses.send(response);
                 }
-                InstanceOutput::PeekResult { uuid, response } => {
+                InstanceOutput::PeekResult { uuid, result } => {
                     if let Some(tx) = peek_results.remove(&uuid) {
-                        let _ = tx.send(response);
+                        let _ = tx.send(result);
                     } else {
                         debug!(%uuid, "peek result without a waiting caller");
                     }

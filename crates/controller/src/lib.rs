@@ -62,7 +62,7 @@ pub use clock::{Timestamp, wallclock_ms};
 pub use config::{ComputeInstanceConfig, ControllerConfig, ReplicaLocation};
 pub use error::{
     CancelPeekError, CollectionDropError, CollectionLookupError, CollectionMissing, DataflowCreationError,
-    InstanceCreationError, InstanceDropError, InstanceMissing, PeekError, ReadPolicyError,
+    InstanceCreationError, InstanceDropError, InstanceMissing, PeekError, PeekFailure, ReadPolicyError,
     ReplicaCreationError, ReplicaDropError,
 };
 pub use instance::{
@@ -74,4 +74,4 @@ pub use orchestrator::{
     InProcessOrchestrator, Launcher, Orchestrator, ProcessEvent, ProcessOrchestrator,
     ProcessOrchestratorConfig, ReplicaSpec, RunningReplica,
 };
-pub use response::{ComputeControllerResponse, PeekNotification, PeekOutcome};
+pub use response::{ComputeControllerResponse, PeekNotification, PeekOutcome, PeekResult};

@@ -1,8 +1,19 @@
-//! What the controller tells its user: [`ComputeControllerResponse`] and the peek summary
-//! [`PeekNotification`].
+//! What the controller tells its user: [`ComputeControllerResponse`], the peek summary
+//! [`PeekNotification`], and a peek's result ([`PeekResult`]).
+//!
+//! **Tests:** `tests/it/peeks.rs` (notifications and results), `tests/it/errors.rs` (every
+//! [`PeekFailure`] and `CommandRejected`), `tests/it/sinks.rs` (subscribe and copy-to responses).
+
+use std::num::NonZeroU64;
 
 use frontiers::{Antichain, Timestamp};
-use protocol::{CopyToResponse, GlobalId, InstanceId, PeekId, PeekResponse, ReplicaId, SubscribeResponse};
+use protocol::{CopyToResponse, GlobalId, InstanceId, PeekId, ReplicaId, Row, SubscribeResponse};
+
+use crate::error::PeekFailure;
+
+/// What a peek delivers to its caller: its rows, finished (ordered, offset and limit applied), each with
+/// its multiplicity; or why it has none.
+pub type PeekResult = Result<Vec<(Row, NonZeroU64)>, PeekFailure>;
 
 /// A response from the compute controller, delivered by `ComputeController::process`.
 #[derive(Debug, Clone, PartialEq)]
@@ -32,6 +43,21 @@ pub enum ComputeControllerResponse<T: Timestamp = u64> {
         /// The new upper.
         upper: Antichain<T>,
     },
+    /// A replica refused a command the controller sent it (`ComputeResponse::CommandRejected`): its
+    /// state now differs from what the controller asked for (a dataflow it did not build, a peek it
+    /// will not answer, ...). The controller keeps the replica connected (it serves everything else, and
+    /// a reconnect would replay the same command) and tells the user, who may drop the collection or
+    /// the replica. A peek the replica does not answer ends at its timeout.
+    CommandRejected {
+        /// The instance.
+        instance: InstanceId,
+        /// The replica.
+        replica: ReplicaId,
+        /// The rejected command's name.
+        command: String,
+        /// The replica's reason.
+        reason: String,
+    },
 }
 
 /// How a peek ended.
@@ -39,22 +65,16 @@ pub enum ComputeControllerResponse<T: Timestamp = u64> {
 pub enum PeekOutcome {
     /// Rows were returned (this many, counting multiplicity).
     Rows(u64),
-    /// The peek failed.
-    Error(String),
-    /// The peek was cancelled (by the caller, a timeout, or because no replica could answer).
-    Canceled,
+    /// The peek ended without rows.
+    Failed(PeekFailure),
 }
 
 impl PeekOutcome {
-    /// The outcome a peek's answer amounts to.
-    pub fn of(response: &PeekResponse) -> PeekOutcome {
-        match response {
-            PeekResponse::Rows(rows) => PeekOutcome::Rows(rows.iter().map(|(_, n)| n.get()).sum()),
-            PeekResponse::Error(e) => PeekOutcome::Error(e.clone()),
-            PeekResponse::Canceled => PeekOutcome::Canceled,
-            PeekResponse::ResultTooLarge { size_bytes, max_bytes } => PeekOutcome::Error(format!(
-                "result of {size_bytes} bytes exceeds the maximum of {max_bytes} bytes"
-            )),
+    /// The outcome a peek's result amounts to.
+    pub fn of(result: &PeekResult) -> PeekOutcome {
+        match result {
+            Ok(rows) => PeekOutcome::Rows(rows.iter().map(|(_, n)| n.get()).sum()),
+            Err(failure) => PeekOutcome::Failed(failure.clone()),
         }
     }
 }

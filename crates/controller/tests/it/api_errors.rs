@@ -1,6 +1,9 @@
 //! The errors of the async `ComputeController` API that only its shell produces: a missing or existing
-//! instance, replicas that cannot be started, dataflows without a valid as-of or with a bad materialized
-//! view target, and a failing storage layer. (`errors.rs` covers the variants the instance core produces.)
+//! instance, replicas that cannot be started, dataflows without a valid as-of or with a bad or sealed
+//! materialized view target, commands over the instance's limit, storage peeks' refused options and the
+//! ways a peek ends without rows that only the shell decides (a storage peek's timeout, cancellation and
+//! storage failure, an instance dropped under a pending peek), and a failing storage layer.
+//! (`errors.rs` covers the variants the instance core produces.)
 //!
 //! Each test asserts the exact variant, then that the failed call changed nothing: the instance keeps its
 //! replicas and collections with the same frontiers, and no storage read hold was left behind. Every table
@@ -16,12 +19,12 @@ use compute::ReplicaHandle;
 use controller::{
     AsOfSelectionError, CancelPeekError, CollectionDropError, CollectionLookupError, CollectionMissing,
     ComputeController, DataflowCreationError, InstanceCreationError, InstanceDropError, InstanceMissing,
-    Orchestrator, PeekError, PeekOptions, ReadPolicyError, ReplicaCreationError, ReplicaDropError,
-    ReplicaLocation, ReplicaSpec,
+    Orchestrator, PeekError, PeekFailure, PeekOptions, PeekResult, ReadPolicyError, ReplicaCreationError,
+    ReplicaDropError, ReplicaLocation, ReplicaSpec,
 };
 use frontiers::{Antichain, ReadPolicy};
 use protocol::{
-    ColumnType, Diff, GlobalId, InstanceId, PeekId, PeekResponse, PeekTarget, RelationDesc, ReplicaId, Row,
+    ColumnType, Diff, GlobalId, InstanceId, PeekId, PeekTarget, Plan, RelationDesc, ReplicaId, Row,
     ScalarType, SinkConnection, SourceImport,
 };
 use storage::{
@@ -30,8 +33,8 @@ use storage::{
 };
 
 use crate::harness::{
-    SteppedTable as Table, any_port, controller_config, desc, eventually, f, index_on_storage, lag, no_as_of,
-    sink_on_storage, start_replica, u,
+    SteppedTable as Table, any_port, controller_config, desc, eventually, f, index_on_storage, kv, lag,
+    no_as_of, sink_on_storage, start_replica, u,
 };
 
 const INSTANCE: InstanceId = InstanceId(1);
@@ -82,9 +85,9 @@ async fn collection_count(controller: &ComputeController) -> usize {
     controller.inspect(INSTANCE, |core| core.collection_count()).await.expect("instance")
 }
 
-fn rows_of(response: PeekResponse) -> BTreeMap<Row, u64> {
-    match response {
-        PeekResponse::Rows(rows) => rows.into_iter().map(|(row, count)| (row, count.get())).collect(),
+fn rows_of(result: PeekResult) -> BTreeMap<Row, u64> {
+    match result {
+        Ok(rows) => rows.into_iter().map(|(row, count)| (row, count.get())).collect(),
         other => panic!("peek did not return rows: {other:?}"),
     }
 }
@@ -508,6 +511,7 @@ enum Fault {
     ListCollections,
     Frontiers(GlobalId),
     AcquireReadHold(GlobalId),
+    Snapshot(GlobalId),
 }
 
 /// An `InProcess` store whose chosen calls fail with `Disconnected` while their fault is set.
@@ -563,6 +567,9 @@ impl StorageCollections for FlakyStorage {
         self.inner.set_read_policy(id, policy)
     }
     fn snapshot(&self, id: GlobalId, as_of: u64) -> BoxFuture<'_, Result<Vec<(Row, Diff)>, ReadError>> {
+        if self.fails(Fault::Snapshot(id)) {
+            return Box::pin(std::future::ready(Err(ReadError::Disconnected)));
+        }
         self.inner.snapshot(id, as_of)
     }
     fn listen(&self, id: GlobalId, as_of: u64) -> BoxFuture<'_, Result<Listen, ReadError>> {
@@ -618,6 +625,13 @@ async fn storage_failures_surface_as_storage_errors_and_leave_no_hold_behind() {
             .err(),
         Some(PeekError::Storage(HoldError::Disconnected.to_string()))
     );
+    // A storage peek whose snapshot fails ends with a storage failure and lets go of its hold.
+    storage.set(&[Fault::Snapshot(first.id)]);
+    let peek = controller
+        .peek(INSTANCE, PeekTarget::Storage { id: first.id }, first.upper, PeekOptions::default())
+        .await
+        .expect("the hold is taken");
+    assert_eq!(peek.result().await, Err(PeekFailure::Storage(ReadError::Disconnected.to_string())));
 
     // Nothing changed: no collection, and no hold left on either table (the first's was released).
     storage.set(&[]);
@@ -642,4 +656,218 @@ async fn storage_failures_surface_as_storage_errors_and_leave_no_hold_behind() {
         controller.create_dataflow(INSTANCE, df).await.expect("create dataflow");
     }
     assert_eq!(collection_count(&controller).await, 2);
+}
+
+// -------------------------------------------------------------------------------------------------
+// Sealed targets, command limits and peeks
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_materialized_view_into_a_sealed_target_fails_with_sink_target_sealed_with_or_without_an_as_of() {
+    let storage = Arc::new(InProcess::in_memory(StoreConfig::default()));
+    let mut input = Table::create(&storage, u(1)).await;
+    input.advance_to(&storage, 5).await;
+    let mut target = Table::create(&storage, u(2)).await;
+    target.advance_to(&storage, 3).await;
+    let seal = AppendRequest {
+        id: target.id,
+        updates: Vec::new(),
+        expected_upper: f(3),
+        new_upper: Antichain::new(),
+    };
+    storage.append(vec![seal]).await.expect("seal the target");
+    let controller = controller_on(Arc::clone(&storage) as _, None).await;
+    let view = u(11);
+    let df = sink_on_storage(input.id, view, SinkConnection::MaterializedView { target: target.id }, 4);
+    let sealed = Err(DataflowCreationError::SinkTargetSealed { id: view, target: target.id });
+
+    assert_eq!(controller.select_as_of(INSTANCE, &no_as_of(df.clone())).await, sealed, "select_as_of");
+    assert_eq!(controller.create_dataflow(INSTANCE, no_as_of(df.clone())).await, sealed, "as-of chosen");
+    assert_eq!(controller.create_dataflow(INSTANCE, df).await, sealed, "as-of given");
+
+    // Nothing changed: no collection and no hold on the input.
+    assert_eq!(collection_count(&controller).await, 0);
+    assert_unheld(&storage, &mut input).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_whose_command_limit_exceeds_a_frame_fails_with_command_limit_above_frame_limit() {
+    let storage = Arc::new(InProcess::in_memory(StoreConfig::default()));
+    let mut controller = controller_on(Arc::clone(&storage) as _, None).await;
+    let mut config = controller.default_instance_config();
+    config.core.max_command_bytes = protocol::frame::DEFAULT_MAX_FRAME_BYTES + 1;
+    assert_eq!(
+        controller.create_instance(InstanceId(2), config.clone()),
+        Err(InstanceCreationError::CommandLimitAboveFrameLimit {
+            max_command_bytes: protocol::frame::DEFAULT_MAX_FRAME_BYTES + 1,
+            max_frame_bytes: protocol::frame::DEFAULT_MAX_FRAME_BYTES,
+        })
+    );
+    assert_eq!(
+        controller.drop_instance(InstanceId(2)).await,
+        Err(InstanceDropError::InstanceMissing(InstanceMissing(InstanceId(2)))),
+        "not created"
+    );
+    config.core.max_command_bytes = protocol::frame::DEFAULT_MAX_FRAME_BYTES;
+    controller.create_instance(InstanceId(2), config).expect("the frame limit itself is fine");
+}
+
+/// An index over `table` whose plan carries `rows` constant rows besides it (a dataflow description that
+/// grows with `rows`).
+fn index_with_constant(table: GlobalId, index: GlobalId, rows: i64) -> protocol::DataflowDescription<u64> {
+    let mut df = no_as_of(index_on_storage(table, index, 0));
+    let constant = Plan::Constant {
+        rows: (0..rows).map(|i| (kv(i as u64, i as u64), 1)).collect(),
+        typ: desc().typ().clone(),
+    };
+    let build = &mut df.objects_to_build[0];
+    build.plan = Plan::Union { inputs: vec![build.plan.clone(), constant] };
+    df
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_over_the_instances_limit_fail_with_command_too_large_and_change_nothing() {
+    let storage = Arc::new(InProcess::in_memory(StoreConfig::default()));
+    let mut table = Table::create(&storage, u(1)).await;
+    table.advance_to(&storage, 5).await;
+    let mut controller = ComputeController::new(Arc::clone(&storage) as _, None, controller_config(false))
+        .await
+        .expect("controller");
+    let mut config = controller.default_instance_config();
+    config.core.max_command_bytes = 4 << 10;
+    controller.create_instance(INSTANCE, config).expect("instance");
+    let index = u(11);
+    controller
+        .create_dataflow(INSTANCE, index_with_constant(table.id, index, 10))
+        .await
+        .expect("a small one");
+    let since = controller.collection_frontiers(INSTANCE, index).expect("index").since;
+
+    let error = controller.create_dataflow(INSTANCE, index_with_constant(table.id, u(12), 1_000)).await;
+    assert!(
+        matches!(error, Err(DataflowCreationError::CommandTooLarge { size_bytes, max_bytes: 4096 }) if size_bytes > 4096),
+        "got {error:?}"
+    );
+    let huge_lookup = PeekOptions {
+        literal_constraints: Some((0..1_000).map(|i| Row::pack([protocol::Datum::Int64(i)])).collect()),
+        ..Default::default()
+    };
+    let error = controller
+        .peek(
+            INSTANCE,
+            PeekTarget::Index { id: index },
+            since.as_option().copied().expect("open"),
+            huge_lookup,
+        )
+        .await;
+    assert!(
+        matches!(error, Err(PeekError::CommandTooLarge { size_bytes, max_bytes: 4096 }) if size_bytes > 4096),
+        "got {error:?}"
+    );
+
+    // Nothing changed: one collection, no peek pending, and no hold on the table beyond the index's.
+    assert_eq!(collection_count(&controller).await, 1);
+    assert_eq!(controller.inspect(INSTANCE, |core| core.pending_peek_count()).await, Ok(0));
+    assert_eq!(
+        controller.cancel_peek(INSTANCE, PeekId(1)).await,
+        Err(CancelPeekError::PeekUnknown(PeekId(1))),
+        "no id used"
+    );
+    controller.drop_collections(INSTANCE, vec![index]).await.expect("drop the index");
+    assert_unheld(&storage, &mut table).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storage_peek_with_literal_constraints_or_a_target_replica_fails_and_takes_no_hold() {
+    let storage = Arc::new(InProcess::in_memory(StoreConfig::default()));
+    let mut table = Table::create(&storage, u(1)).await;
+    table.advance_to(&storage, 5).await;
+    let controller = controller_on(Arc::clone(&storage) as _, None).await;
+    let target = PeekTarget::Storage { id: table.id };
+    let lookup = PeekOptions {
+        literal_constraints: Some(vec![Row::pack([protocol::Datum::Int64(1)])]),
+        ..Default::default()
+    };
+    assert_eq!(
+        controller.peek(INSTANCE, target, 4, lookup).await.err(),
+        Some(PeekError::LiteralConstraintsOnStorage(table.id))
+    );
+    let targeted = PeekOptions { target_replica: Some(R1), ..Default::default() };
+    assert_eq!(
+        controller.peek(INSTANCE, target, 4, targeted).await.err(),
+        Some(PeekError::TargetReplicaOnStorage(table.id))
+    );
+    assert_unheld(&storage, &mut table).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storage_peek_ends_at_its_timeout_on_cancel_or_with_its_instance_and_lets_go_of_its_hold() {
+    let storage = Arc::new(InProcess::in_memory(StoreConfig::default()));
+    let mut table = Table::create(&storage, u(1)).await;
+    table.advance_to(&storage, 5).await;
+    let mut controller = controller_on(Arc::clone(&storage) as _, None).await;
+    let target = PeekTarget::Storage { id: table.id };
+    // Every peek reads a time storage has not reached: its snapshot waits.
+    let later = 1_000;
+
+    let timed = PeekOptions { timeout_ms: Some(100), ..Default::default() };
+    let peek = controller.peek(INSTANCE, target, later, timed).await.expect("accepted");
+    assert_eq!(peek.result().await, Err(PeekFailure::TimedOut { after_ms: 100 }));
+    let next = peek_uuid_after(&controller).await;
+    assert_eq!(
+        controller.cancel_peek(INSTANCE, next).await,
+        Err(CancelPeekError::PeekUnknown(next)),
+        "an id not issued yet"
+    );
+
+    let peek = controller.peek(INSTANCE, target, later, PeekOptions::default()).await.expect("accepted");
+    let uuid = peek.uuid;
+    assert_eq!(controller.cancel_peek(INSTANCE, uuid).await, Ok(()));
+    assert_eq!(peek.result().await, Err(PeekFailure::Canceled));
+    assert_eq!(controller.cancel_peek(INSTANCE, uuid).await, Err(CancelPeekError::PeekFinished(uuid)));
+    assert_unheld(&storage, &mut table).await;
+
+    let peek = controller.peek(INSTANCE, target, later, PeekOptions::default()).await.expect("accepted");
+    controller.drop_instance(INSTANCE).await.expect("drop the instance");
+    assert_eq!(peek.result().await, Err(PeekFailure::InstanceDropped));
+    assert_unheld(&storage, &mut table).await;
+}
+
+/// The id the instance would give its next peek (the ids of one instance count up from 1).
+async fn peek_uuid_after(controller: &ComputeController) -> PeekId {
+    controller
+        .inspect(INSTANCE, |core| controller::lock(&core.shared()).next_peek_id())
+        .await
+        .expect("instance")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_index_peek_no_replica_answers_ends_at_its_timeout_or_with_its_instance() {
+    let storage = Arc::new(InProcess::in_memory(StoreConfig::default()));
+    let mut table = Table::create(&storage, u(1)).await;
+    table.advance_to(&storage, 5).await;
+    // No replica: nobody will ever answer.
+    let mut controller = controller_on(Arc::clone(&storage) as _, None).await;
+    let index = u(11);
+    let as_of = controller
+        .create_dataflow(INSTANCE, no_as_of(index_on_storage(table.id, index, 0)))
+        .await
+        .expect("index");
+    let time = as_of.as_option().copied().expect("open");
+    let target = PeekTarget::Index { id: index };
+
+    let timed = PeekOptions { timeout_ms: Some(100), ..Default::default() };
+    let peek = controller.peek(INSTANCE, target, time, timed).await.expect("accepted");
+    let uuid = peek.uuid;
+    assert_eq!(peek.result().await, Err(PeekFailure::TimedOut { after_ms: 100 }));
+    assert_eq!(
+        controller.inspect(INSTANCE, |core| core.pending_peek_count()).await,
+        Ok(0),
+        "its hold is gone"
+    );
+    assert_eq!(controller.cancel_peek(INSTANCE, uuid).await, Err(CancelPeekError::PeekFinished(uuid)));
+
+    let peek = controller.peek(INSTANCE, target, time, PeekOptions::default()).await.expect("accepted");
+    controller.drop_instance(INSTANCE).await.expect("drop the instance");
+    assert_eq!(peek.result().await, Err(PeekFailure::InstanceDropped));
+    assert_unheld(&storage, &mut table).await;
 }

@@ -122,3 +122,64 @@ fn a_disconnected_replica_does_not_keep_a_dropped_collection_alive() {
     h.report(ReplicaId(1), u(3), frontiers::Antichain::new());
     assert_eq!(h.core.collection_count(), 2, "r2 will replay without u3: nothing more to wait for");
 }
+
+#[test]
+fn a_dataflows_hold_on_a_storage_input_starts_at_its_as_of_even_under_a_fixed_read_policy() {
+    // The caller took its storage hold at 0, below the as-of 5; the index's since never moves.
+    let mut h = Harness::with_policy(ReadPolicy::ValidFrom(f(5)));
+    h.create_storage(s(1));
+    h.add_replica(ReplicaId(1));
+    let hold = h.storage.acquire(&s(1), f(0)).unwrap();
+    h.core
+        .create_dataflow(index_on_storage(s(1), u(1), 5), std::collections::BTreeMap::from([(s(1), hold)]))
+        .unwrap();
+    h.drain();
+    h.release_storage_policy(s(1));
+    h.report(ReplicaId(1), u(1), f(10));
+    assert_eq!(h.since(u(1)), f(5), "the policy keeps the index at its as-of");
+    assert_eq!(h.storage_since(s(1)), f(5), "storage is held at the as-of, not where the hold was taken");
+}
+
+/// One index on storage `s(1)`, reported closed (`[]`) by both replicas, as a replica reports an index on
+/// a sealed table.
+fn closed_index() -> Harness {
+    let mut h = Harness::new();
+    h.create_storage(s(1));
+    h.add_replica(ReplicaId(1));
+    h.add_replica(ReplicaId(2));
+    h.create(index_on_storage(s(1), u(1), 0)).unwrap();
+    h.release_storage_policy(s(1));
+    h
+}
+
+#[test]
+fn a_collection_reported_closed_is_removed_after_its_drop_whichever_came_first() {
+    // The report first: the replicas say nothing more when the drop comes.
+    let mut h = closed_index();
+    for r in [ReplicaId(1), ReplicaId(2)] {
+        h.report(r, u(1), frontiers::Antichain::new());
+    }
+    h.core.drop_collections(&[u(1)]).unwrap();
+    h.drain();
+    assert_eq!(h.core.collection_count(), 0, "{}", h.core.describe_collection(u(1)));
+    assert!(h.storage_since(s(1)).is_empty(), "its holds went with it");
+
+    // The drop first, then the reports.
+    let mut h = closed_index();
+    h.core.drop_collections(&[u(1)]).unwrap();
+    h.drain();
+    assert_eq!(h.core.collection_count(), 1, "the replicas may still report on it");
+    for r in [ReplicaId(1), ReplicaId(2)] {
+        h.report(r, u(1), frontiers::Antichain::new());
+    }
+    assert_eq!(h.core.collection_count(), 0);
+
+    // Each replica in its own order.
+    let mut h = closed_index();
+    h.report(ReplicaId(1), u(1), frontiers::Antichain::new());
+    h.core.drop_collections(&[u(1)]).unwrap();
+    h.drain();
+    assert_eq!(h.core.collection_count(), 1, "replica 2 may still report on it");
+    h.report(ReplicaId(2), u(1), frontiers::Antichain::new());
+    assert_eq!(h.core.collection_count(), 0);
+}

@@ -17,12 +17,12 @@ use std::time::Duration;
 use compute::ReplicaHandle;
 use controller::{
     ComputeController, ComputeControllerResponse, ComputeInstanceConfig, InstanceCoreConfig,
-    IntrospectionKind, PeekOptions, ReplicaLocation,
+    IntrospectionKind, PeekOptions, PeekResult, ReplicaLocation,
 };
 use frontiers::{Antichain, PartialOrder};
 use protocol::{
-    Datum, Diff, GlobalId, InstanceId, PeekId, PeekResponse, PeekTarget, ReplicaId, Row, SinkConnection,
-    SubscribeBatch, SubscribeResponse,
+    Datum, Diff, GlobalId, InstanceId, PeekId, PeekTarget, ReplicaId, Row, SinkConnection, SubscribeBatch,
+    SubscribeResponse,
 };
 use storage::{AppendRequest, InProcess, StorageCollections, StoreConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -110,9 +110,9 @@ impl Table {
     }
 }
 
-fn rows_of(response: PeekResponse) -> Result<BTreeMap<Row, u64>, String> {
-    match response {
-        PeekResponse::Rows(rows) => {
+fn rows_of(result: PeekResult) -> Result<BTreeMap<Row, u64>, String> {
+    match result {
+        Ok(rows) => {
             let mut out = BTreeMap::new();
             for (row, count) in rows {
                 *out.entry(row).or_default() += count.get();
@@ -1086,6 +1086,46 @@ async fn an_introspection_collection_whose_upper_is_unknown_keeps_its_updates_un
     })
     .await;
 
+    drop(controller);
+    stop(replica).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_index_on_a_sealed_table_is_removed_once_dropped_after_its_replica_reported_it_closed() {
+    let storage = new_storage();
+    let mut table = Table::create(&storage, u(1)).await;
+    table.advance(&storage, 3).await;
+    let replica = start_replica(&storage, any_port());
+    let mut controller = new_controller(&storage, false).await;
+    controller.add_replica(INSTANCE, R1, at(replica.local_addr())).await.expect("add replica");
+    let index = u(11);
+    controller
+        .create_dataflow(INSTANCE, no_as_of(index_on_storage(table.id, index, 0)))
+        .await
+        .expect("index");
+    let seal = AppendRequest {
+        id: table.id,
+        updates: Vec::new(),
+        expected_upper: f(3),
+        new_upper: Antichain::new(),
+    };
+    storage.append(vec![seal]).await.expect("seal the table");
+    eventually("the replica reports the index closed", async || {
+        let reported = controller.inspect(INSTANCE, move |core| core.replica_write_frontier(R1, index)).await;
+        match reported.map_err(|e| e.to_string())? {
+            Some(upper) if upper.is_empty() => Ok(()),
+            other => Err(format!("reported {other:?}")),
+        }
+    })
+    .await;
+    // The replica says nothing more about a closed index when it is dropped.
+    controller.drop_collections(INSTANCE, vec![index]).await.expect("drop the index");
+    eventually("the dropped index's state goes away", async || {
+        let count =
+            controller.inspect(INSTANCE, |core| core.collection_count()).await.map_err(|e| e.to_string())?;
+        if count == 0 { Ok(()) } else { Err(format!("{count} collections")) }
+    })
+    .await;
     drop(controller);
     stop(replica).await;
 }

@@ -156,7 +156,7 @@ async fn peek_rows(
         .await
         .map_err(|e| e.to_string())?;
     match handle.result().await {
-        protocol::PeekResponse::Rows(rows) => Ok(rows.into_iter().map(|(row, n)| (row, n.get())).collect()),
+        Ok(rows) => Ok(rows.into_iter().map(|(row, n)| (row, n.get())).collect()),
         other => Err(format!("{other:?}")),
     }
 }

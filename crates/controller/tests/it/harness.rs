@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use controller::{
     ComputeControllerResponse, InstanceCore, InstanceCoreConfig, InstanceOutput, IntrospectionKind,
-    PeekOptions, PeekRequest, lock,
+    PeekOptions, PeekRequest, PeekResult, lock,
 };
 use frontiers::{Antichain, ReadHold, ReadHolds, ReadPolicy};
 use protocol::{
@@ -101,7 +101,7 @@ pub struct Harness {
     pub storage_policy: BTreeMap<GlobalId, ReadHold<GlobalId, u64>>,
     pub commands: BTreeMap<ReplicaId, Vec<ComputeCommand<u64>>>,
     pub responses: Vec<ComputeControllerResponse<u64>>,
-    pub peek_results: BTreeMap<PeekId, PeekResponse>,
+    pub peek_results: BTreeMap<PeekId, PeekResult>,
     pub disconnects: Vec<(ReplicaId, String)>,
 }
 
@@ -111,7 +111,10 @@ impl Harness {
     }
 
     pub fn with_policy(policy: ReadPolicy<u64>) -> Self {
-        let config = InstanceCoreConfig { default_index_policy: policy, ..Default::default() };
+        Self::with_config(InstanceCoreConfig { default_index_policy: policy, ..Default::default() })
+    }
+
+    pub fn with_config(config: InstanceCoreConfig<u64>) -> Self {
         Harness {
             core: InstanceCore::new(InstanceId(1), config, Arc::new(|| {}), 0),
             storage: ReadHolds::new(),
@@ -186,8 +189,8 @@ impl Harness {
                     self.disconnects.push((replica, reason))
                 }
                 InstanceOutput::Response(r) => self.responses.push(r),
-                InstanceOutput::PeekResult { uuid, response } => {
-                    assert!(self.peek_results.insert(uuid, response).is_none(), "peek {uuid} answered twice");
+                InstanceOutput::PeekResult { uuid, result } => {
+                    assert!(self.peek_results.insert(uuid, result).is_none(), "peek {uuid} answered twice");
                 }
             }
         }
@@ -252,8 +255,9 @@ pub fn controller_config(introspection: bool) -> controller::ControllerConfig {
     controller::ControllerConfig {
         instance: InstanceCoreConfig {
             default_index_policy: lag(1),
-            default_peek_timeout_ms: None,
+            default_peek_timeout_ms: 30_000,
             introspection_interval_ms: 20,
+            max_command_bytes: protocol::frame::DEFAULT_MAX_FRAME_BYTES,
         },
         replica_backoff: replica_client::Backoff { initial_ms: 10, max_ms: 100 },
         hydration_concurrency: None,

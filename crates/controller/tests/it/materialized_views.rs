@@ -237,3 +237,21 @@ async fn a_materialized_views_upper_is_what_its_target_holds_durably_and_is_read
     drop(controller);
     tokio::task::spawn_blocking(move || replica.shutdown()).await.expect("replica shutdown");
 }
+
+#[test]
+fn a_materialized_view_whose_upper_closed_lets_go_of_its_inputs_before_it_is_dropped() {
+    let mut h = view_into_s9();
+    h.release_storage_policy(s(1));
+    storage_upper(&mut h, s(9), 5);
+    assert_eq!(h.storage_since(s(1)), f(0), "a running view holds its input");
+    // Its target is sealed: the view has written everything it ever will.
+    h.core.storage_upper(s(9), Antichain::new());
+    h.drain();
+    assert_eq!(h.compaction(R1, u(1)), Some(Antichain::new()), "the replica may drop the dataflow");
+    h.report(R1, u(1), Antichain::new());
+    assert!(h.storage_since(s(1)).is_empty(), "nothing holds the input any more");
+    assert!(h.core.contains_collection(u(1)), "the view lives until the user drops it");
+    h.core.drop_collections(&[u(1)]).unwrap();
+    h.drain();
+    assert_eq!(h.core.collection_count(), 0);
+}

@@ -18,7 +18,7 @@ use controller::{
     ComputeController, InProcessOrchestrator, Launcher, Orchestrator, PeekOptions, ReplicaLocation,
     ReplicaSpec, RunningReplica,
 };
-use protocol::{GlobalId, InstanceId, PeekResponse, PeekTarget, ReplicaId, Row};
+use protocol::{GlobalId, InstanceId, PeekTarget, ReplicaId, Row};
 use storage::{InProcess, StorageCollections, StoreConfig};
 
 use crate::harness::{
@@ -130,7 +130,7 @@ async fn assert_the_index_answers(controller: &ComputeController, table: &Table,
         .expect("peek accepted");
     let response =
         tokio::time::timeout(Duration::from_secs(10), handle.result()).await.expect("peek answered");
-    let PeekResponse::Rows(rows) = response else { panic!("peek did not return rows: {response:?}") };
+    let Ok(rows) = response else { panic!("peek did not return rows: {response:?}") };
     let got: BTreeMap<Row, u64> = rows.into_iter().map(|(row, count)| (row, count.get())).collect();
     assert_eq!(got, table.contents_at(time), "the peek at {time}");
 }

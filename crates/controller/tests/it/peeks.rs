@@ -3,13 +3,18 @@
 
 use std::num::NonZeroU64;
 
-use controller::{ComputeControllerResponse, PeekOutcome};
+use controller::{ComputeControllerResponse, PeekFailure, PeekOutcome, PeekResult};
 use protocol::{ComputeCommand, Datum, PeekId, PeekResponse, ReplicaId, Row};
 
 use crate::harness::{Harness, f, index_on_storage, peek_request, s, u};
 
 fn rows(i: i64) -> PeekResponse {
     PeekResponse::Rows(vec![(Row::pack([Datum::Int64(i), Datum::Int64(0)]), NonZeroU64::new(1).unwrap())])
+}
+
+/// What the caller of a peek answered with [`rows`]`(i)` gets.
+fn rows_result(i: i64) -> PeekResult {
+    Ok(vec![(Row::pack([Datum::Int64(i), Datum::Int64(0)]), NonZeroU64::new(1).unwrap())])
 }
 
 fn two_replicas() -> Harness {
@@ -41,7 +46,7 @@ fn the_peek_hold_stays_until_the_slow_replica_answers() {
     }
     assert!(held_at(&h, 4));
     h.answer(ReplicaId(1), 1, rows(1));
-    assert_eq!(h.peek_results[&PeekId(1)], rows(1), "the first answer wins");
+    assert_eq!(h.peek_results[&PeekId(1)], rows_result(1), "the first answer wins");
     assert!(h.commands[&ReplicaId(2)].contains(&ComputeCommand::CancelPeek { uuid: PeekId(1) }));
     assert!(held_at(&h, 4), "the slow replica may still be reading at 4");
     h.answer(ReplicaId(2), 1, PeekResponse::Canceled);
@@ -62,7 +67,7 @@ fn a_cancelled_peek_keeps_its_hold_until_every_replica_answered() {
     h.core.peek(peek_request(1, u(1), 4)).unwrap();
     h.core.cancel_peek(PeekId(1)).unwrap();
     h.drain();
-    assert_eq!(h.peek_results[&PeekId(1)], PeekResponse::Canceled);
+    assert_eq!(h.peek_results[&PeekId(1)], Err(PeekFailure::Canceled));
     for r in [ReplicaId(1), ReplicaId(2)] {
         h.report(r, u(1), f(20));
         assert!(h.commands[&r].contains(&ComputeCommand::CancelPeek { uuid: PeekId(1) }));
@@ -71,7 +76,7 @@ fn a_cancelled_peek_keeps_its_hold_until_every_replica_answered() {
     assert!(held_at(&h, 4));
     h.answer(ReplicaId(2), 1, rows(2));
     assert!(held_at(&h, 19));
-    assert_eq!(h.peek_results[&PeekId(1)], PeekResponse::Canceled, "a late answer changes nothing");
+    assert_eq!(h.peek_results[&PeekId(1)], Err(PeekFailure::Canceled), "a late answer changes nothing");
 }
 
 #[test]
@@ -107,7 +112,7 @@ fn a_peek_targeted_at_a_replica_that_is_then_dropped_fails_and_lets_go() {
     assert!(held_at(&h, 4));
     h.core.drop_replica(ReplicaId(2)).unwrap();
     h.drain();
-    assert!(matches!(&h.peek_results[&PeekId(1)], PeekResponse::Error(e) if e.contains("dropped")));
+    assert_eq!(h.peek_results[&PeekId(1)], Err(PeekFailure::ReplicaDropped(ReplicaId(2))));
     assert!(held_at(&h, 19));
 }
 
@@ -126,11 +131,7 @@ fn a_peek_prepared_for_a_replica_dropped_before_it_starts_fails_at_once_and_lets
     h.core.drop_replica(ReplicaId(2)).unwrap();
     h.core.install_peek(prepared);
     h.drain();
-    assert!(
-        matches!(&h.peek_results[&PeekId(1)], PeekResponse::Error(e) if e.contains("replica r2 was dropped")),
-        "got {:?}",
-        h.peek_results.get(&PeekId(1))
-    );
+    assert_eq!(h.peek_results[&PeekId(1)], Err(PeekFailure::ReplicaDropped(ReplicaId(2))));
     assert!(
         !h.commands[&ReplicaId(1)].iter().any(|c| matches!(c, ComputeCommand::Peek(_))),
         "nobody is asked"
@@ -171,21 +172,67 @@ fn a_replica_added_while_a_peek_is_pending_is_asked_too_and_awaited() {
 }
 
 #[test]
-fn a_peek_times_out_with_an_error_and_still_waits_for_its_replicas() {
+fn a_peek_that_times_out_fails_with_timed_out_cancels_at_its_replicas_and_releases_its_hold() {
     let mut h = two_replicas();
     let mut request = peek_request(1, u(1), 4);
     request.options.timeout_ms = Some(100);
     h.core.peek(request).unwrap();
-    h.core.tick(50);
+    for r in [ReplicaId(1), ReplicaId(2)] {
+        h.report(r, u(1), f(20));
+    }
+    h.core.tick(99);
     h.drain();
     assert!(h.peek_results.is_empty());
-    h.core.tick(101);
+    assert!(held_at(&h, 4));
+    h.core.tick(100);
     h.drain();
-    assert!(matches!(&h.peek_results[&PeekId(1)], PeekResponse::Error(e) if e.contains("timed out")));
-    assert_eq!(h.core.pending_peek_count(), 1);
+    assert_eq!(h.peek_results[&PeekId(1)], Err(PeekFailure::TimedOut { after_ms: 100 }));
+    for r in [ReplicaId(1), ReplicaId(2)] {
+        assert!(
+            h.commands[&r].contains(&ComputeCommand::CancelPeek { uuid: PeekId(1) }),
+            "{r} told to cancel"
+        );
+    }
+    assert_eq!(h.core.pending_peek_count(), 0, "nobody is waited for past the deadline");
+    assert!(held_at(&h, 19), "the hold is released: since {:?}", h.since(u(1)));
     h.answer(ReplicaId(1), 1, PeekResponse::Canceled);
-    h.answer(ReplicaId(2), 1, PeekResponse::Canceled);
+    h.answer(ReplicaId(2), 1, rows(1));
+    assert!(h.disconnects.is_empty(), "late answers to a finished peek are ignored");
+}
+
+#[test]
+fn a_peek_without_its_own_timeout_ends_at_the_instance_default() {
+    let mut h = two_replicas();
+    h.core.peek(peek_request(1, u(1), 4)).unwrap();
+    let default_ms = controller::InstanceCoreConfig::<u64>::default().default_peek_timeout_ms;
+    h.core.tick(default_ms - 1);
+    h.drain();
+    assert!(h.peek_results.is_empty());
+    h.core.tick(default_ms);
+    h.drain();
+    assert_eq!(h.peek_results[&PeekId(1)], Err(PeekFailure::TimedOut { after_ms: default_ms }));
     assert_eq!(h.core.pending_peek_count(), 0);
+}
+
+#[test]
+fn an_answered_peek_stops_waiting_for_a_silent_replica_at_its_deadline() {
+    let mut h = two_replicas();
+    let mut request = peek_request(1, u(1), 4);
+    request.options.timeout_ms = Some(100);
+    h.core.peek(request).unwrap();
+    for r in [ReplicaId(1), ReplicaId(2)] {
+        h.report(r, u(1), f(20));
+    }
+    h.answer(ReplicaId(1), 1, rows(1));
+    assert_eq!(h.peek_results[&PeekId(1)], rows_result(1));
+    h.core.tick(99);
+    h.drain();
+    assert!(held_at(&h, 4), "replica 2 may still be reading until the deadline");
+    h.core.tick(100);
+    h.drain();
+    assert_eq!(h.core.pending_peek_count(), 0);
+    assert!(held_at(&h, 19), "the hold is released: since {:?}", h.since(u(1)));
+    assert_eq!(h.peek_results[&PeekId(1)], rows_result(1), "the caller's answer stays the first one");
 }
 
 #[test]
@@ -211,7 +258,7 @@ fn peek_results_get_the_full_finishing_applied_by_the_controller() {
     );
     h.answer(ReplicaId(1), 1, all);
     match &h.peek_results[&PeekId(1)] {
-        PeekResponse::Rows(rows) => {
+        Ok(rows) => {
             let keys: Vec<Datum<'_>> = rows.iter().map(|(r, _)| r.get(0).unwrap()).collect();
             assert_eq!(keys, vec![Datum::Int64(4), Datum::Int64(3)]);
         }

@@ -167,3 +167,58 @@ fn allow_writes_is_sent_once_and_replayed_to_replicas_added_later() {
     let history = h.core.add_replica(ReplicaId(2)).unwrap();
     assert!(history.replay().iter().any(|c| matches!(c, protocol::ComputeCommand::AllowWrites)));
 }
+
+/// Whether `replica` was sent `AllowCompaction` to `[]` for `u(1)` (the end of the collection).
+fn compacted_away(h: &Harness, replica: ReplicaId) -> bool {
+    h.compaction(replica, u(1)) == Some(Antichain::new())
+}
+
+#[test]
+fn a_finished_subscribe_lets_go_of_its_inputs_before_it_is_dropped_and_goes_away_once_dropped() {
+    let mut h = subscribe();
+    h.release_storage_policy(s(1));
+    h.respond(ReplicaId(1), batch(0, 3, vec![(1, row(1), 1)]));
+    assert_eq!(h.storage_since(s(1)), f(0), "a running subscribe holds its input");
+    // The stream ends (an until, a sealed input): nothing more will be delivered.
+    h.respond(
+        ReplicaId(1),
+        ComputeResponse::SubscribeResponse {
+            id: u(1),
+            response: SubscribeResponse::Batch(SubscribeBatch {
+                lower: f(3),
+                upper: Antichain::new(),
+                updates: Ok(vec![]),
+            }),
+        },
+    );
+    for r in [ReplicaId(1), ReplicaId(2)] {
+        assert!(compacted_away(&h, r), "{r} may drop the dataflow");
+        h.report(r, u(1), Antichain::new());
+    }
+    assert!(h.storage_since(s(1)).is_empty(), "nothing holds the input any more");
+    assert!(h.core.contains_collection(u(1)), "the subscribe lives until the user drops it");
+    h.core.drop_collections(&[u(1)]).unwrap();
+    h.drain();
+    assert_eq!(h.core.collection_count(), 0, "{}", h.core.describe_collection(u(1)));
+}
+
+#[test]
+fn a_finished_subscribe_is_removed_on_its_drop_even_if_a_replica_reconnected_or_joined_in_between() {
+    let mut h = subscribe();
+    h.respond(ReplicaId(1), batch(0, 3, vec![]));
+    let error = SubscribeBatch { lower: f(3), upper: f(4), updates: Err("division by zero".to_string()) };
+    h.respond(
+        ReplicaId(1),
+        ComputeResponse::SubscribeResponse { id: u(1), response: SubscribeResponse::Batch(error) },
+    );
+    assert!(compacted_away(&h, ReplicaId(1)), "an errored stream is finished too");
+    // Replica 2 reconnects (its replay leaves the compacted subscribe out) and replica 3 joins: neither
+    // will ever report on it.
+    h.status(ReplicaId(2), replica_client::ReplicaStatus::Failed { reason: "gone".into(), retry_in_ms: 10 });
+    h.status(ReplicaId(2), replica_client::ReplicaStatus::Ready);
+    h.add_replica(ReplicaId(3));
+    h.report(ReplicaId(1), u(1), Antichain::new());
+    h.core.drop_collections(&[u(1)]).unwrap();
+    h.drain();
+    assert_eq!(h.core.collection_count(), 0, "{}", h.core.describe_collection(u(1)));
+}

@@ -30,9 +30,7 @@ use controller::{
 };
 use frontiers::Antichain;
 use protocol::reference::Multiset;
-use protocol::{
-    Datum, GlobalId, InstanceId, PeekResponse, PeekTarget, ReplicaId, Row, RowSetFinishing, SubscribeResponse,
-};
+use protocol::{Datum, GlobalId, InstanceId, PeekTarget, ReplicaId, Row, RowSetFinishing, SubscribeResponse};
 use storage::{Client, StorageCollections, SystemClock, TableWriter, TableWriterConfig};
 
 use crate::cluster::oracle::{Oracle, WriteLog, canonical, describe_difference, finish};
@@ -534,12 +532,8 @@ async fn peek_index(
         "peek answered"
     );
     match response {
-        PeekResponse::Rows(rows) => Ok(Peeked::Rows(rows, started.elapsed())),
-        PeekResponse::Error(e) => Err(format!("peek of {id} at {time} failed: {e}")),
-        PeekResponse::Canceled => Err(format!("peek of {id} at {time} was canceled")),
-        PeekResponse::ResultTooLarge { size_bytes, max_bytes } => {
-            Err(format!("peek of {id} at {time}: result of {size_bytes} bytes exceeds {max_bytes}"))
-        }
+        Ok(rows) => Ok(Peeked::Rows(rows, started.elapsed())),
+        Err(failure) => Err(format!("peek of {id} at {time} failed: {failure}")),
     }
 }
 
@@ -724,8 +718,8 @@ async fn check_mv_once(ctx: &Ctx) -> anyhow::Result<Option<u64>> {
         Err(e) => bail!("storage peek refused: {e}"),
     };
     let rows = match handle.result().await {
-        PeekResponse::Rows(rows) => rows,
-        other => bail!("storage peek at {time} failed: {other:?}"),
+        Ok(rows) => rows,
+        Err(failure) => bail!("storage peek at {time} failed: {failure}"),
     };
     let spec = PeekSpec {
         kind: PeekKind::StatusSummary,
@@ -1267,8 +1261,8 @@ async fn read_introspection(ctx: &Ctx) {
                     .ok()?
             };
             match handle.result().await {
-                PeekResponse::Rows(rows) => Some(rows),
-                _ => None,
+                Ok(rows) => Some(rows),
+                Err(_) => None,
             }
         }
         .await;

@@ -1,10 +1,9 @@
 //! Checking what the controller delivers against the [`Oracle`]: peek results ([`PeekExpectation`]) and
 //! subscribe streams ([`SubscribeTracker`]). Shared by the deterministic world and the real-compute mode.
 
+use controller::{PeekFailure, PeekResult};
 use protocol::reference::Multiset;
-use protocol::{
-    GlobalId, MapFilterProject, PeekId, PeekResponse, ReplicaId, Row, RowSetFinishing, SubscribeResponse,
-};
+use protocol::{GlobalId, MapFilterProject, PeekId, ReplicaId, Row, RowSetFinishing, SubscribeResponse};
 
 use super::oracle::{EvalFailure, Oracle, peek_rows};
 
@@ -33,13 +32,13 @@ pub struct PeekExpectation {
 
 impl PeekExpectation {
     /// Compares a delivered answer with the oracle's (DESIGN §5.6).
-    pub fn check(&self, uuid: PeekId, oracle: &Oracle, response: &PeekResponse) -> Result<(), String> {
+    pub fn check(&self, uuid: PeekId, oracle: &Oracle, response: &PeekResult) -> Result<(), String> {
         match response {
-            PeekResponse::Canceled if self.cancelled => return Ok(()),
-            PeekResponse::Canceled => {
+            Err(PeekFailure::Canceled) if self.cancelled => return Ok(()),
+            Err(PeekFailure::Canceled) => {
                 return Err(format!("peek {uuid} was cancelled, but not by the workload"));
             }
-            PeekResponse::Error(e) if e.contains("dropped") && self.target.is_some() => return Ok(()),
+            Err(PeekFailure::ReplicaDropped(replica)) if self.target == Some(*replica) => return Ok(()),
             _ => {}
         }
         let expected = match oracle.export_contents(self.id, self.timestamp) {
@@ -52,8 +51,8 @@ impl PeekExpectation {
             }
         };
         let ok = match (response, &expected) {
-            (PeekResponse::Rows(rows), Ok(expected_rows)) => rows == expected_rows,
-            (PeekResponse::Error(_), Err(_)) => true,
+            (Ok(rows), Ok(expected_rows)) => rows == expected_rows,
+            (Err(PeekFailure::Evaluation(_)), Err(_)) => true,
             _ => false,
         };
         if ok {

@@ -25,8 +25,8 @@ use frontiers::{Antichain, ReadHold, ReadPolicy};
 use protocol::arbitrary::{Choices, plan_of};
 use protocol::{
     BuildDesc, ColumnOrder, ColumnType, ComputeCommand, ComputeResponse, DataflowDescription, Datum,
-    GlobalId, IndexExport, IndexImport, InstanceId, MapFilterProject, PeekId, PeekResponse, RelationDesc,
-    RelationType, ReplicaId, Row, RowSetFinishing, ScalarType, SinkConnection, SinkExport, SourceImport,
+    GlobalId, IndexExport, IndexImport, InstanceId, MapFilterProject, PeekId, RelationDesc, RelationType,
+    ReplicaId, Row, RowSetFinishing, ScalarType, SinkConnection, SinkExport, SourceImport,
 };
 use replica_client::{Backoff, CommandHistory, ReplicaCore, ReplicaCoreConfig, ReplicaEvent, ReplicaOutput};
 use storage::core::Store;
@@ -34,7 +34,7 @@ use storage::{AppendRequest, HoldSession};
 
 use controller::{
     ComputeControllerResponse, ImportFrontiers, InstanceCore, InstanceCoreConfig, InstanceOutput,
-    PeekOptions, PeekRequest, select_as_of,
+    PeekOptions, PeekRequest, PeekResult, select_as_of,
 };
 
 use super::checks::{PeekExpectation, SubscribeTracker};
@@ -213,8 +213,9 @@ impl World {
             ReadPolicy::LagWriteFrontier { lag_ms: rng.range(0, 50), granularity_ms: rng.range(0, 10) };
         let instance_config = InstanceCoreConfig {
             default_index_policy: policy,
-            default_peek_timeout_ms: None,
             introspection_interval_ms: 100,
+            // The default peek timeout (30 s) is longer than any run: no peek times out here.
+            ..InstanceCoreConfig::default()
         };
         let mut world = World {
             seed,
@@ -440,7 +441,7 @@ impl World {
                         }
                     }
                     InstanceOutput::Response(response) => self.observe_response(response),
-                    InstanceOutput::PeekResult { uuid, response } => self.check_peek(uuid, response),
+                    InstanceOutput::PeekResult { uuid, result } => self.check_peek(uuid, result),
                 }
             }
             let ids: Vec<ReplicaId> = self.replicas.keys().copied().collect();
@@ -1004,7 +1005,7 @@ impl World {
     // ---------------------------------------------------------------------------------------------
     // Checks
 
-    fn check_peek(&mut self, uuid: PeekId, response: PeekResponse) {
+    fn check_peek(&mut self, uuid: PeekId, response: PeekResult) {
         let Some(expectation) = self.peeks.remove(&uuid) else {
             self.violations.push(format!("result for unknown peek {uuid}"));
             return;
