@@ -733,6 +733,13 @@ impl Core {
         }
         match peek.target {
             PeekTarget::Storage { id } => {
+                // A key lookup needs an index's key: a storage collection has none. Every process says so.
+                if peek.literal_constraints.is_some() {
+                    let reason = "literal constraints apply to index peeks only";
+                    let response = PeekResponse::Error(format!("storage peek of {id}: {reason}"));
+                    self.send(ComputeResponse::PeekResponse { uuid, response });
+                    return;
+                }
                 // The whole snapshot is this replica's answer: only process 0 reads it.
                 if self.topology.process != 0 {
                     self.send(ComputeResponse::PeekResponse {

@@ -385,7 +385,7 @@ fn an_unscheduled_dataflow_does_no_work_and_a_pending_peek_can_be_cancelled() {
 }
 
 #[test]
-fn storage_peeks_read_a_snapshot_and_apply_the_finishing() {
+fn storage_peeks_read_a_snapshot_apply_the_finishing_and_refuse_a_key_lookup() {
     let storage = new_storage();
     let replica = Replica::start(Shape::TwoProcesses, storage.clone());
     let mut controller = TestController::connect(&replica.addrs());
@@ -413,6 +413,15 @@ fn storage_peeks_read_a_snapshot_and_apply_the_finishing() {
         rows.iter().map(|(r, _)| r.clone()).collect::<Vec<_>>(),
         vec![int_row(&[1, 24]), int_row(&[0, 23])]
     );
+    // A storage collection has no key to look up: the lookup is refused, not answered with every row.
+    let lookup = controller.peek_with(
+        PeekTarget::Storage { id: source },
+        2,
+        Some(vec![int_row(&[1])]),
+        protocol::MapFilterProject::new(2),
+        finishing,
+    );
+    assert!(matches!(&lookup, PeekResponse::Error(e) if e.contains("literal constraints")), "{lookup:?}");
     controller.close();
     let _ = Arc::clone(&storage);
 }
