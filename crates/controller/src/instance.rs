@@ -32,9 +32,21 @@
 //!    upper never regresses.
 //! 2. Every import hold of a collection is at or before the collection's since.
 //! 3. A pending peek holds its collection at its time until every replica it was sent to has answered,
-//!    been cancelled and answered, or been dropped.
+//!    been cancelled and answered, or been dropped, and no longer than its deadline (its timeout after it
+//!    started): there an unanswered peek fails with `TimedOut` and is cancelled at its replicas, and no
+//!    peek waits any longer for a replica (a late answer is ignored; a replica checks the since when it
+//!    answers, so it errs rather than read compacted data).
 //! 4. A collection's state (and every hold it owns) goes away once it is dropped, fully compacted, and
-//!    every connected replica has reported it dropped; nothing outlives it.
+//!    no connected replica can still report on it: each reported it closed (`[]`, before or after the
+//!    drop), or connected after it was compacted away. Nothing outlives it.
+//!
+//! # Peeks
+//!
+//! Every peek ends with a [`PeekResult`]: its rows, or a [`PeekFailure`] (the replica's error or
+//! oversized result, a dropped replica, a timeout, a cancellation). A peek's `Peek` command, like a
+//! dataflow's `CreateDataflow`, is measured against the instance's `max_command_bytes` before anything is
+//! recorded, held or sent: a larger one is refused with `CommandTooLarge`. A `CommandRejected` from a
+//! replica reaches the user as [`ComputeControllerResponse::CommandRejected`]; the replica stays.
 //!
 //! # Materialized views
 //!
@@ -54,6 +66,15 @@
 //! Per-replica frontiers, hydration and per-replica input holds follow the replicas' reports in every case.
 //! A dropped view's upper no longer moves.
 //!
+//! # Finished sinks
+//!
+//! A materialized view whose upper is closed (`[]`: its target is sealed, or its replicas finished) and a
+//! subscribe whose stream ended (closed, cut at its `until`, or failed) need nothing more from their
+//! inputs: their implied hold is released at once, so unless a caller holds them they compact away, their
+//! import holds go, and replicas are told to drop them (`AllowCompaction` to `[]`). Their state waits for
+//! the user's drop. A dataflow's storage import holds start at its as-of, whatever the caller's holds were
+//! (they may be earlier), so a dataflow never holds storage below what it reads.
+//!
 //! # Subscribes
 //!
 //! Each time range is forwarded once, whichever replica reports it first; a batch overlapping what was
@@ -61,8 +82,8 @@
 //! compute past it (the protocol lets it ignore `until`), but the controller delivers nothing at or
 //! beyond it, and the batch that reaches it is delivered with upper `[]`, which closes the stream.
 //!
-//! **Tests:** `tests/it/` (compaction chain, peek holds, replica drop, faulty replicas, sinks, errors),
-//! and the simulator.
+//! **Tests:** `tests/it/` (compaction chain and removal, peek holds and deadlines, replica drop, faulty
+//! replicas, sinks and finished sinks, errors and peek failures), and the simulator.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -368,6 +389,15 @@ pub enum InstanceOutput<T: Timestamp> {
         /// The rows (finished), or why there are none.
         result: PeekResult,
     },
+}
+
+/// One export of a dataflow being created, as [`InstanceCore::create_export`] needs it.
+struct Export<'a, T> {
+    id: GlobalId,
+    kind: CollectionKind,
+    typ: RelationType,
+    as_of: &'a Antichain<T>,
+    until: &'a Antichain<T>,
 }
 
 /// One replica's view of one collection. `repr(C)`, in the order a frontier report reads the fields.
@@ -730,7 +760,7 @@ impl<T: Timestamp> InstanceCore<T> {
     pub fn create_dataflow(
         &mut self,
         desc: DataflowDescription<T>,
-        mut storage_holds: BTreeMap<GlobalId, ReadHold<GlobalId, T>>,
+        storage_holds: BTreeMap<GlobalId, ReadHold<GlobalId, T>>,
     ) -> Result<(), DataflowCreationError<T>> {
         desc.validate().map_err(DataflowCreationError::Invalid)?;
         let as_of = desc.as_of.clone().expect("validated");
@@ -742,16 +772,57 @@ impl<T: Timestamp> InstanceCore<T> {
             DataflowCreationError::CommandTooLarge { size_bytes, max_bytes }
         })?;
         let ComputeCommand::CreateDataflow(desc) = command else { unreachable!("built as a dataflow above") };
-        // Storage imports: the caller's holds must cover the as-of. Each is moved up to the as-of: the
-        // dataflow reads nothing before it, and its since may never move (a fixed read policy).
+        let import_holds = self.take_import_holds(&desc, storage_holds, &as_of)?;
+        let storage_imports = desc.source_imports.len();
+        // Exports: one collection each, with its own copies of the import holds.
+        let exports: Vec<(GlobalId, CollectionKind, GlobalId)> = desc
+            .index_exports
+            .iter()
+            .map(|(id, e)| (*id, CollectionKind::Index, e.on_id))
+            .chain(desc.sink_exports.iter().map(|(id, s)| {
+                let kind = match &s.connection {
+                    SinkConnection::MaterializedView { target } => {
+                        CollectionKind::MaterializedView { target: *target }
+                    }
+                    SinkConnection::Subscribe { .. } => CollectionKind::Subscribe,
+                    SinkConnection::CopyTo { .. } => CollectionKind::CopyTo,
+                };
+                (*id, kind, s.from)
+            }))
+            .collect();
+        for (id, kind, object) in exports {
+            let typ = desc.object_type(object).expect("validated dataflows type-check");
+            let export = Export { id, kind, typ, as_of: &as_of, until: &desc.until };
+            self.create_export(export, &import_holds, storage_imports);
+        }
+        drop(import_holds);
+        let schedule = desc.export_ids().next().expect("validated dataflows export something");
+        let exports: Vec<GlobalId> = desc.export_ids().collect();
+        self.broadcast(ComputeCommand::CreateDataflow(desc));
+        self.broadcast(ComputeCommand::Schedule(schedule));
+        self.introspect_new_collections(&exports);
+        self.process_holds();
+        Ok(())
+    }
+
+    /// The holds a new dataflow keeps on its imports, storage imports first: the caller's storage holds,
+    /// which must cover the as-of, each moved up to the as-of (the dataflow reads nothing before it, and
+    /// its since may never move, under a fixed read policy); then new holds at the as-of on its index
+    /// imports, live indexes of this instance. On error every hold taken is released.
+    fn take_import_holds(
+        &self,
+        desc: &DataflowDescription<T>,
+        mut storage_holds: BTreeMap<GlobalId, ReadHold<GlobalId, T>>,
+        as_of: &Antichain<T>,
+    ) -> Result<Vec<ReadHold<GlobalId, T>>, DataflowCreationError<T>> {
         let mut import_holds = Vec::new();
         for id in desc.source_imports.keys() {
             let mut hold = storage_holds.remove(id).ok_or(DataflowCreationError::CollectionMissing(*id))?;
-            if !PartialOrder::less_equal(hold.since(), &as_of) {
+            if !PartialOrder::less_equal(hold.since(), as_of) {
                 return Err(DataflowCreationError::SinceViolation {
                     id: *id,
                     since: hold.since().clone(),
-                    as_of,
+                    as_of: as_of.clone(),
                 });
             }
             hold.try_downgrade(as_of.clone()).expect("checked: the as-of is beyond the hold");
@@ -776,89 +847,70 @@ impl<T: Timestamp> InstanceCore<T> {
                 import_holds.push(hold);
             }
         }
-        let storage_imports = desc.source_imports.len();
-        // Exports: one collection each, with its own copies of the import holds.
-        let exports: Vec<(GlobalId, CollectionKind, GlobalId)> = desc
-            .index_exports
-            .iter()
-            .map(|(id, e)| (*id, CollectionKind::Index, e.on_id))
-            .chain(desc.sink_exports.iter().map(|(id, s)| {
-                let kind = match &s.connection {
-                    SinkConnection::MaterializedView { target } => {
-                        CollectionKind::MaterializedView { target: *target }
-                    }
-                    SinkConnection::Subscribe { .. } => CollectionKind::Subscribe,
-                    SinkConnection::CopyTo { .. } => CollectionKind::CopyTo,
-                };
-                (*id, kind, s.from)
-            }))
-            .collect();
-        for (id, kind, object) in exports {
-            let typ = desc.object_type(object).expect("validated dataflows type-check");
-            let mut per_replica = ReplicaMap::default();
-            for (replica, _) in self.replicas.iter() {
-                per_replica.insert(
-                    *replica,
-                    ReplicaCollection {
-                        write_frontier: None,
-                        input_holds: import_holds[..storage_imports]
-                            .iter()
-                            .map(ReadHold::clone_hold)
-                            .collect(),
-                        hydrated_at_ms: None,
-                        dropped: false,
-                        frontier_row_stale: false,
-                    },
-                );
-            }
-            let read_policy = self.config.default_index_policy.clone();
-            let created_ms = self.now_ms;
-            // A materialized view into a storage collection whose upper is known follows that upper from
-            // the start, also while it is below the as-of (an empty target: nothing is readable there yet).
-            let storage_upper = match &kind {
-                CollectionKind::MaterializedView { target } => {
-                    self.materialized_views.entry(*target).or_default().push(id);
-                    self.storage_uppers.get(target)
-                }
-                _ => None,
-            };
-            let upper_from_storage = storage_upper.is_some();
-            let write_frontier = storage_upper.cloned().unwrap_or_else(|| as_of.clone());
-            let mut shared = lock(&self.shared);
-            shared
-                .holds
-                .create_with(id, as_of.clone(), |implied_hold| Collection {
-                    kind,
-                    typ,
-                    as_of: as_of.clone(),
-                    write_frontier,
-                    read_policy,
-                    implied_hold,
-                    import_holds: import_holds.iter().map(ReadHold::clone_hold).collect(),
-                    storage_imports,
+        Ok(import_holds)
+    }
+
+    /// Creates the collection of one export of a new dataflow, with its own copies of the dataflow's
+    /// import holds (the first `storage_imports` are on storage).
+    fn create_export(
+        &mut self,
+        export: Export<'_, T>,
+        import_holds: &[ReadHold<GlobalId, T>],
+        storage_imports: usize,
+    ) {
+        let Export { id, kind, typ, as_of, until } = export;
+        let mut per_replica = ReplicaMap::default();
+        for (replica, _) in self.replicas.iter() {
+            per_replica.insert(
+                *replica,
+                ReplicaCollection {
+                    write_frontier: None,
+                    input_holds: import_holds[..storage_imports].iter().map(ReadHold::clone_hold).collect(),
+                    hydrated_at_ms: None,
                     dropped: false,
-                    history_behind: false,
-                    upper_from_storage,
-                    created_ms,
-                    per_replica,
-                    forwarded: as_of.clone(),
-                    until: desc.until.clone(),
-                    finished: false,
-                    fully_compacted: false,
-                })
-                .expect("export ids are new");
-            if upper_from_storage {
-                Self::apply_policy(shared.holds.attachment_mut(&id).expect("just created"));
-            }
+                    frontier_row_stale: false,
+                },
+            );
         }
-        drop(import_holds);
-        let schedule = desc.export_ids().next().expect("validated dataflows export something");
-        let exports: Vec<GlobalId> = desc.export_ids().collect();
-        self.broadcast(ComputeCommand::CreateDataflow(desc));
-        self.broadcast(ComputeCommand::Schedule(schedule));
-        self.introspect_new_collections(&exports);
-        self.process_holds();
-        Ok(())
+        let read_policy = self.config.default_index_policy.clone();
+        let created_ms = self.now_ms;
+        // A materialized view into a storage collection whose upper is known follows that upper from
+        // the start, also while it is below the as-of (an empty target: nothing is readable there yet).
+        let storage_upper = match &kind {
+            CollectionKind::MaterializedView { target } => {
+                self.materialized_views.entry(*target).or_default().push(id);
+                self.storage_uppers.get(target)
+            }
+            _ => None,
+        };
+        let upper_from_storage = storage_upper.is_some();
+        let write_frontier = storage_upper.cloned().unwrap_or_else(|| as_of.clone());
+        let mut shared = lock(&self.shared);
+        shared
+            .holds
+            .create_with(id, as_of.clone(), |implied_hold| Collection {
+                kind,
+                typ,
+                as_of: as_of.clone(),
+                write_frontier,
+                read_policy,
+                implied_hold,
+                import_holds: import_holds.iter().map(ReadHold::clone_hold).collect(),
+                storage_imports,
+                dropped: false,
+                history_behind: false,
+                upper_from_storage,
+                created_ms,
+                per_replica,
+                forwarded: as_of.clone(),
+                until: until.clone(),
+                finished: false,
+                fully_compacted: false,
+            })
+            .expect("export ids are new");
+        if upper_from_storage {
+            Self::apply_policy(shared.holds.attachment_mut(&id).expect("just created"));
+        }
     }
 
     /// Drops collections. All ids must name live collections, else nothing is dropped.

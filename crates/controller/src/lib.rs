@@ -19,10 +19,12 @@
 //! **Invariants** (DESIGN §5 1–4 and 7, checked by [`InstanceCore::check_invariants`] after every
 //! simulator step): a collection's since is the meet of its holds and never regresses; an import hold
 //! is never ahead of its collection's since; a peek's hold lives until every replica it was sent to has
-//! answered or been dropped; a collection's state goes away only once it is dropped, fully compacted and
-//! no connected replica can report on it; the history a new replica is replayed holds no dropped and fully
-//! compacted dataflow. Nothing a caller or replica sends panics the controller: bad input is a typed
-//! error (see [Errors](#errors)), a faulty replica is disconnected.
+//! answered or been dropped, and at most until the peek's deadline; a collection's state goes away only
+//! once it is dropped, fully compacted and no connected replica can report on it; the history a new
+//! replica is replayed holds no dropped and fully compacted dataflow. Every peek ends, with rows or a typed
+//! [`PeekFailure`]. Nothing a caller or replica sends panics the controller: bad input is a typed error
+//! (see [Errors](#errors)) that changes nothing, a command too large for a replica connection's frame is
+//! refused before it is recorded, and a faulty replica is disconnected.
 //!
 //! **Modules.** `api` ([`ComputeController`], [`PeekHandle`]), `config` ([`ControllerConfig`],
 //! [`ComputeInstanceConfig`], [`ReplicaLocation`]), `clock` ([`Timestamp`], [`wallclock_ms`]),
