@@ -2,8 +2,9 @@
 //!
 //! Each instance runs in its own task (`instance_task.rs`) that owns an [`InstanceCore`]; the
 //! controller keeps a handle on it and talks to it over a channel. Cheap reads (frontiers), hold
-//! acquisition and a peek's checks and hold go straight to the instance's [`SharedState`](crate::SharedState) behind a mutex
-//! and never wait behind a busy task (a peek then goes to the task without waiting for a reply). Storage
+//! acquisition and a peek's checks and hold go straight to the instance's
+//! [`SharedState`](crate::SharedState) behind a mutex and never wait behind a busy task (a peek then
+//! goes to the task without waiting for a reply). Storage
 //! is reached through the [`StorageCollections`] trait: the API asks it for import frontiers (to select
 //! an as-of) and holds (handed to the core), answers storage peeks from snapshots (`storage_peek.rs`),
 //! and writes introspection into storage collections (`introspection_writer.rs`).
@@ -626,7 +627,7 @@ fn sealed_target(desc: &DataflowDescription<Timestamp>, target: GlobalId) -> Dat
     let id = desc
         .sink_exports
         .iter()
-        .find(|(_, sink)| matches!(sink.connection, SinkConnection::MaterializedView { target: t } if t == target))
+        .find(|(_, sink)| sink.connection == SinkConnection::MaterializedView { target })
         .map(|(id, _)| *id)
         .expect("only a materialized view's target can be sealed");
     DataflowCreationError::SinkTargetSealed { id, target }

@@ -11,8 +11,9 @@ use crate::clock::Timestamp;
 use crate::instance::InstanceCoreConfig;
 
 /// The controller's configuration. `instance`, `replica_backoff` and `hydration_concurrency` are the
-/// defaults of [`ComputeController::default_instance_config`](crate::ComputeController::default_instance_config); each instance runs with the
-/// [`ComputeInstanceConfig`] given to [`create_instance`](crate::ComputeController::create_instance).
+/// defaults of [`default_instance_config`](crate::ComputeController::default_instance_config); each
+/// instance runs with the [`ComputeInstanceConfig`] given to
+/// [`create_instance`](crate::ComputeController::create_instance).
 #[derive(Debug, Clone)]
 pub struct ControllerConfig {
     /// Default per-instance tunables (read policy, peek timeout, introspection interval).
@@ -39,7 +40,7 @@ impl Default for ControllerConfig {
     }
 }
 
-/// How one compute instance runs ([`ComputeController::create_instance`](crate::ComputeController::create_instance)).
+/// How one compute instance runs ([`create_instance`](crate::ComputeController::create_instance)).
 #[derive(Debug, Clone)]
 pub struct ComputeInstanceConfig {
     /// The instance's default index read policy, peek timeout and introspection interval.

@@ -1635,7 +1635,8 @@ impl<T: Timestamp> InstanceCore<T> {
             }
             let peek = self.peeks.get_mut(&uuid).expect("still pending");
             if !peek.outstanding.is_empty() {
-                debug!(%uuid, outstanding = ?peek.outstanding, "peek deadline passed; no longer waiting for replicas");
+                let outstanding = &peek.outstanding;
+                debug!(%uuid, ?outstanding, "peek deadline passed; no longer waiting for replicas");
                 peek.outstanding.clear();
             }
             self.maybe_finish_peek(uuid);

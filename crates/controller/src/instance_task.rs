@@ -7,7 +7,8 @@
 //! peek's checks and hold go straight to the instance's shared state instead (see `api.rs`). The task
 //! also runs the instance's storage frontier watch (`storage_watch.rs`), whose changes feed the core's
 //! materialized views, and hands the core's introspection updates to the writer task
-//! (`introspection_writer.rs`) once per tick ([`ControllerConfig::tick_interval_ms`](crate::ControllerConfig::tick_interval_ms)), not after every
+//! (`introspection_writer.rs`) once per tick
+//! ([`ControllerConfig::tick_interval_ms`](crate::ControllerConfig::tick_interval_ms)), not after every
 //! event, so a peek's path has no third task.
 //!
 //! **Boundary:** I/O and plumbing only: every decision about holds, compaction, peeks and subscribes is

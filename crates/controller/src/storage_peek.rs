@@ -61,7 +61,9 @@ pub(crate) async fn run_storage_peek(
             Ok(()) => Err(PeekFailure::Canceled),
             Err(_) => Err(PeekFailure::InstanceDropped),
         },
-        () = tokio::time::sleep(Duration::from_millis(timeout_ms)) => Err(PeekFailure::TimedOut { after_ms: timeout_ms }),
+        () = tokio::time::sleep(Duration::from_millis(timeout_ms)) => {
+            Err(PeekFailure::TimedOut { after_ms: timeout_ms })
+        }
         result = storage_peek(&*storage, id, timestamp, options) => result,
     };
     drop(cancel);

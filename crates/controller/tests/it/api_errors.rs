@@ -744,7 +744,10 @@ async fn commands_over_the_instances_limit_fail_with_command_too_large_and_chang
 
     let error = controller.create_dataflow(INSTANCE, index_with_constant(table.id, u(12), 1_000)).await;
     assert!(
-        matches!(error, Err(DataflowCreationError::CommandTooLarge { size_bytes, max_bytes: 4096 }) if size_bytes > 4096),
+        matches!(
+            error,
+            Err(DataflowCreationError::CommandTooLarge { size_bytes, max_bytes: 4096 }) if size_bytes > 4096
+        ),
         "got {error:?}"
     );
     let huge_lookup = PeekOptions {

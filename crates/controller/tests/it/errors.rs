@@ -166,7 +166,10 @@ fn a_command_over_the_frame_limit_is_refused_before_it_is_recorded_or_sent_and_t
     let history_before = h.core.history_len();
     let error = h.create(constant_index(u(5), 1_000)).unwrap_err();
     assert!(
-        matches!(error, DataflowCreationError::CommandTooLarge { size_bytes, max_bytes: 4096 } if size_bytes > 4096),
+        matches!(
+            error,
+            DataflowCreationError::CommandTooLarge { size_bytes, max_bytes: 4096 } if size_bytes > 4096
+        ),
         "got {error:?}"
     );
     assert!(!h.core.contains_collection(u(5)));
