@@ -1260,10 +1260,7 @@ async fn read_introspection(ctx: &Ctx) {
                     .await
                     .ok()?
             };
-            match handle.result().await {
-                Ok(rows) => Some(rows),
-                Err(_) => None,
-            }
+            handle.result().await.ok()
         }
         .await;
         let statuses: Vec<String> = rows
