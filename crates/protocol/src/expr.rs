@@ -119,6 +119,10 @@ pub enum EvalError {
     /// Integer arithmetic overflowed 64 bits.
     #[error("integer out of range")]
     Int64OutOfRange,
+    /// A multiplicity that must be an `i64` is not: a row of a result, or the number of rows of a
+    /// `Reduce` or `TopK` group (inside a plan multiplicities are exact; see `plan.rs`).
+    #[error("multiplicity out of range")]
+    MultiplicityOutOfRange,
     /// The expression did not fit its input (it should have been rejected by type checking).
     #[error("internal error evaluating expression: {0}")]
     Internal(String),
