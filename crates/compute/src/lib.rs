@@ -38,6 +38,7 @@
 //! socket. Benchmarks in `benches/compute.rs`.
 
 mod core;
+mod diff;
 mod messages;
 mod operators;
 mod render;
