@@ -295,11 +295,6 @@ fn check_case(
             import_ids.iter().zip(&contents).map(|(id, c)| (*id, consolidate(c.iter().cloned()))).collect();
         let expected = evaluate_dataflow(&df, &inputs).map(|mut out| out.remove(&index).unwrap_or_default());
         let actual = controller.peek(PeekTarget::Index { id: index }, time, None, arity);
-        if let Err(e) = &expected {
-            eprintln!("TEMPDEBUG expected error {e:?}");
-        } else {
-            eprintln!("TEMPDEBUG ok");
-        }
         check_answer(&expected, &actual, &format!("full scan at {time}"))?;
         // Key lookups: the keys of some expected rows, plus one that may match nothing.
         if let Ok(rows) = &expected {
