@@ -24,6 +24,7 @@ use storage::InProcess;
 
 use crate::harness::{
     Replica, Shape, TestController, append, create_collection, new_storage, proptest_cases, proptest_config,
+    rows_of,
 };
 
 /// One generated case: the imports' schemas, the generator's choices, and per time the updates of each
@@ -572,4 +573,71 @@ fn self_joins_whose_multiplicities_leave_i64_match_the_reference_at_every_time()
     run_against_reference(Shape::TwoWorkers, proptest_cases(4), overflow_case(), |case| {
         kv_dataflow(&overflow_plans()[case.choices[0] as usize])
     });
+}
+
+// The three places `protocol`'s `plan.rs` says the IR departs from SQL, on the replica: a global reduce
+// over an empty input has no row; a key lookup of NULL finds the rows whose key is NULL; float division by
+// zero gives infinities and NaN, not an error. Each answer also equals the reference's.
+#[test]
+fn the_replica_departs_from_sql_where_the_ir_says() {
+    let desc = RelationDesc::new([
+        ("k", ColumnType::new(ScalarType::Int64, true)),
+        ("x", ColumnType::new(ScalarType::Float64, true)),
+    ]);
+    let (empty, table) = (GlobalId::User(1), GlobalId::User(2));
+    let storage = new_storage();
+    create_collection(&storage, empty, desc.clone());
+    create_collection(&storage, table, desc.clone());
+    let row = |k: Option<i64>, x: f64| Row::pack([k.map_or(Datum::Null, Datum::Int64), Datum::float64(x)]);
+    let rows = vec![(row(None, 1.0), 1), (row(Some(1), -1.0), 1), (row(Some(2), 0.0), 2)];
+    append(&storage, empty, vec![], 1);
+    append(&storage, table, rows.iter().map(|(r, d)| (r.clone(), 0, *d)).collect(), 1);
+    let replica =
+        Replica::start(Shape::TwoWorkers, Arc::clone(&storage) as Arc<dyn storage::StorageCollections>);
+    let mut controller = TestController::connect(&replica.addrs());
+
+    let dataflow = |name: &str, import: GlobalId, plan: Plan, index: u64| {
+        let mut df = DataflowDescription::new(name.to_string());
+        df.source_imports.insert(import, SourceImport { desc: desc.clone() });
+        df.objects_to_build.push(BuildDesc { id: GlobalId::Transient(index), plan });
+        df.index_exports
+            .insert(GlobalId::User(index), IndexExport { on_id: GlobalId::Transient(index), key: vec![0] });
+        df.as_of = Some(Antichain::from_elem(0));
+        df
+    };
+    let inputs = BTreeMap::from([(empty, Multiset::new()), (table, consolidate(rows.iter().cloned()))]);
+    let expected = |df: &DataflowDescription<u64>, index: u64| {
+        evaluate_dataflow(df, &inputs).expect("no error").remove(&GlobalId::User(index)).unwrap_or_default()
+    };
+
+    let aggregates = vec![
+        AggregateExpr { func: AggregateFunc::Count, column: 1 },
+        AggregateExpr { func: AggregateFunc::Sum, column: 1 },
+    ];
+    let global = Plan::Reduce { input: Box::new(Plan::Get { id: empty }), group_key: vec![], aggregates };
+    let global = dataflow("global", empty, global, 10);
+    controller.create_dataflow(global.clone());
+    let answer = rows_of(controller.peek(PeekTarget::Index { id: GlobalId::User(10) }, 0, None, 2));
+    assert!(answer.is_empty(), "a global reduce over nothing: {answer:?}");
+    assert_eq!(answer, expected(&global, 10));
+
+    let by_zero =
+        ScalarExpr::column(1).call_binary(BinaryFunc::Div, ScalarExpr::literal(Datum::float64(0.0)));
+    let divided = Plan::Map { input: Box::new(Plan::Get { id: table }), exprs: vec![by_zero] };
+    let divided = dataflow("divided", table, divided, 11);
+    controller.create_dataflow(divided.clone());
+    let index = PeekTarget::Index { id: GlobalId::User(11) };
+    let all = rows_of(controller.peek(index, 0, None, 3));
+    assert_eq!(all, expected(&divided, 11));
+    let quotients: Vec<Datum<'_>> = all.keys().map(|r| r.unpack()[2]).collect();
+    assert!(quotients.contains(&Datum::float64(f64::INFINITY)), "{quotients:?}");
+    assert!(quotients.contains(&Datum::float64(f64::NEG_INFINITY)), "{quotients:?}");
+    assert!(quotients.contains(&Datum::float64(f64::NAN)), "{quotients:?}");
+    let null_key = rows_of(controller.peek(index, 0, Some(vec![Row::pack([Datum::Null])]), 3));
+    let with_null: Vec<&Row> = null_key.keys().collect();
+    assert_eq!(
+        with_null,
+        vec![&Row::pack([Datum::Null, Datum::float64(1.0), Datum::float64(f64::INFINITY)])]
+    );
+    controller.close();
 }
