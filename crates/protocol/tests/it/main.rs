@@ -2,4 +2,5 @@
 //! the handshake, and `validate` against generated valid and broken dataflows.
 
 mod frames;
+mod sqlite;
 mod validate;
