@@ -205,7 +205,9 @@ mod tests {
     #[test]
     fn conversions_check_the_range_of_i64() {
         let max = i128::from(i64::MAX);
-        let cases: Vec<(CheckedDiff, Option<i64>, Option<u64>, bool, bool)> = vec![
+        // (diff, to_i64, to_count, is_negative, is_positive)
+        type Case = (CheckedDiff, Option<i64>, Option<u64>, bool, bool);
+        let cases: Vec<Case> = vec![
             (d(0), Some(0), Some(0), false, false),
             (d(5), Some(5), Some(5), false, true),
             (d(-5), Some(-5), None, true, false),

@@ -1,8 +1,9 @@
 //! Rendering: turns the plan IR of a [`DataflowDescription`] into differential operators over [`Row`].
 //!
-//! **What this is.** [`render_object`] renders one [`Plan`] into a pair of collections: the *oks* (the
+//! **What this is.** [`render_plan`] renders one [`Plan`] into a pair of collections: the *oks* (the
 //! rows of the plan) and, pushed into [`RenderContext::errs`], the *errors* its operators produced. Every
-//! collection is a `VecCollection<'s, u64, Row, i64>`. Arrangements appear only where an operator needs
+//! collection is a `VecCollection<'s, u64, Row, CheckedDiff>` (see `diff.rs`: exact 128-bit
+//! multiplicities, so sums and join products never wrap). Arrangements appear only where an operator needs
 //! one (join inputs, reduce-like operators) and at index exports (built by the worker, not here).
 //!
 //! **What this is not.** It does not own traces, inputs or sinks: the worker (`worker.rs`) creates the
@@ -26,6 +27,13 @@
 //!   earlier form, and `controller.hydration_peak_rss_sum` with concurrency 1 rose to 572 MiB from 477–489);
 //! - `Threshold` keeps positive multiplicities; `Negate`, `Union` and `ArrangeBy` are what they say.
 //!
+//! **Multiplicities.** Exact inside the dataflow; checked against `i64` where the IR observes them: a
+//! `Reduce` or `TopK` group with more rows than an `i64` counts is an error of that group ([`check_group`],
+//! and in the count path the count itself), a row an index holds beyond `i64` is an error of the peek that
+//! reads it (`worker.rs`), a sink's update beyond `i64` an error of the sink ([`checked_updates`]). A
+//! multiplicity that left 128 bits is `CheckedDiff::OVERFLOW`, which every one of these places treats as an
+//! error too (and `Distinct`/`Threshold` as well), so no answer is computed from it.
+//!
 //! **Errors.** A data error becomes an update of the error collection: a row
 //! `[Text(message), Bytes(row that caused it)]` with the multiplicity of the row that caused it. The message
 //! names the operator (a per-dataflow operator number), so errors of different rows or operators never
@@ -34,7 +42,8 @@
 //! the error itself already makes the answer an error).
 //!
 //! **Tests.** `tests/it/operators.rs` checks every operator against the reference on random inputs and
-//! update sequences with 1 and 2 workers and 2 processes.
+//! update sequences with 1 and 2 workers and 2 processes, multiplicities beyond `i64` included;
+//! `tests/it/sqlite.rs` checks random plans against SQLite.
 
 use std::collections::BTreeMap;
 
@@ -62,6 +71,8 @@ pub(crate) type Diff = protocol::Diff;
 pub(crate) type Coll<'s> = VecCollection<'s, Time, Row, CheckedDiff>;
 /// The updates of a collection, as timely sends them.
 pub(crate) type Updates = Vec<(Row, Time, CheckedDiff)>;
+/// Updates as the protocol carries them (`i64` multiplicities): what enters and leaves a dataflow.
+pub(crate) type ProtocolUpdates = Vec<(Row, Time, Diff)>;
 /// An input of rows.
 pub(crate) type RowInput = differential_dataflow::input::InputSession<Time, Row, CheckedDiff>;
 /// The trace of an index export: `(key, full row)`.
@@ -83,7 +94,7 @@ pub(crate) struct RenderContext<'s> {
     pub constants: Vec<(Vec<(Row, Diff)>, Coll<'s>)>,
     /// Makes a new empty input collection for a constant (the worker owns the input handle).
     pub new_constant: Box<dyn FnMut() -> Coll<'s> + 's>,
-    /// The arity of every import and object (see [`arities`]).
+    /// The arity of every import and object (from [`types`]).
     pub arities: BTreeMap<GlobalId, usize>,
     /// The type of every import and object (see [`types`]).
     pub types: BTreeMap<GlobalId, RelationType>,
@@ -567,7 +578,7 @@ pub(crate) fn apply_row_ops(
 pub(crate) fn checked_updates(
     mut updates: Updates,
     mut errors: Updates,
-) -> (Vec<(Row, Time, Diff)>, Vec<(Row, Time, Diff)>) {
+) -> (ProtocolUpdates, ProtocolUpdates) {
     differential_dataflow::consolidation::consolidate_updates(&mut updates);
     let mut rows = Vec::with_capacity(updates.len());
     for (row, time, diff) in updates {
@@ -1033,7 +1044,7 @@ mod tests {
 
     /// Runs [`check_non_negative`] on one worker over `steps` (each: updates, then the input's new
     /// frontier, stepping until the check has caught up); returns its error rows' updates, consolidated.
-    fn errors_of(steps: Vec<(Vec<(Row, Time, Diff)>, Time)>) -> Vec<(Row, Time, Diff)> {
+    fn errors_of(steps: Vec<(ProtocolUpdates, Time)>) -> ProtocolUpdates {
         let seen: Arc<Mutex<Updates>> = Arc::default();
         let sink = Arc::clone(&seen);
         timely::execute_directly(move |worker| {
@@ -1066,7 +1077,7 @@ mod tests {
     }
 
     /// `count` copies of each of the rows `0..10` at `time`.
-    fn copies(count: i64, time: Time) -> Vec<(Row, Time, Diff)> {
+    fn copies(count: i64, time: Time) -> ProtocolUpdates {
         (0..count).map(|i| (row(i % 10), time, 1)).collect()
     }
 

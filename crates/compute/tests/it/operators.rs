@@ -134,12 +134,11 @@ fn rows_bound(plan: &Plan, bounds: &BTreeMap<GlobalId, u128>) -> u128 {
     fold_bound(plan, bounds, &|rows| rows.len() as u128)
 }
 
+/// Bounds a constant's rows.
+type ConstantBound = dyn Fn(&[(Row, Diff)]) -> u128;
+
 /// A bound that joins multiply, unions add and every other operator keeps; `constant` bounds a constant.
-fn fold_bound(
-    plan: &Plan,
-    bounds: &BTreeMap<GlobalId, u128>,
-    constant: &dyn Fn(&[(Row, Diff)]) -> u128,
-) -> u128 {
+fn fold_bound(plan: &Plan, bounds: &BTreeMap<GlobalId, u128>, constant: &ConstantBound) -> u128 {
     match plan {
         Plan::Get { id } => bounds.get(id).copied().unwrap_or(0),
         Plan::Constant { rows, .. } => constant(rows),
@@ -589,7 +588,7 @@ fn the_replica_departs_from_sql_where_the_ir_says() {
     create_collection(&storage, empty, desc.clone());
     create_collection(&storage, table, desc.clone());
     let row = |k: Option<i64>, x: f64| Row::pack([k.map_or(Datum::Null, Datum::Int64), Datum::float64(x)]);
-    let rows = vec![(row(None, 1.0), 1), (row(Some(1), -1.0), 1), (row(Some(2), 0.0), 2)];
+    let rows = [(row(None, 1.0), 1), (row(Some(1), -1.0), 1), (row(Some(2), 0.0), 2)];
     append(&storage, empty, vec![], 1);
     append(&storage, table, rows.iter().map(|(r, d)| (r.clone(), 0, *d)).collect(), 1);
     let replica =

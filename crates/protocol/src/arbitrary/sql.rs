@@ -19,8 +19,8 @@
 //! [`sql_semantics`]: each rule is a function the SQL text is rendered through, with a comment saying
 //! what differs and why the rewrite makes the two agree.
 //!
-//! **Reproducing.** Seeds come from [`seeds`]: `0..PROPTEST_CASES` (256 if unset), or the one seed in
-//! `SQLITE_ORACLE_SEED`. A mismatch report ([`mismatch`]) names the seed, the time, the plan, the SQL and
+//! **Reproducing.** Seeds come from [`seeds`]: `0..cases` (from `PROPTEST_CASES`), or the one seed in
+//! `SQLITE_ORACLE_SEED`; a case is a pure function of its seed. A mismatch report ([`mismatch`]) names the seed, the time, the plan, the SQL and
 //! both answers.
 
 use std::collections::BTreeMap;
@@ -39,13 +39,13 @@ use crate::{
     SourceImport, UnaryFunc,
 };
 
-/// The seeds a test runs: `SQLITE_ORACLE_SEED` alone if set, else `0..PROPTEST_CASES` (default 256).
-pub fn seeds() -> Vec<u64> {
+/// The seeds a test runs: the one in `SQLITE_ORACLE_SEED` if set, else `0..cases` (a test takes `cases`
+/// from `PROPTEST_CASES` the way its crate's other property tests do).
+pub fn seeds(cases: u32) -> Vec<u64> {
     if let Some(seed) = std::env::var("SQLITE_ORACLE_SEED").ok().and_then(|s| s.parse().ok()) {
         return vec![seed];
     }
-    let cases = std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse::<u64>().ok()).unwrap_or(256);
-    (0..cases).collect()
+    (0..u64::from(cases)).collect()
 }
 
 /// The random choices of one case, from its seed.

@@ -9,12 +9,12 @@
 //! # Independence
 //!
 //! The reference shares **no evaluation code** with the replica. It uses [`Row`] and [`Datum`](crate::Datum) only as
-//! containers (decoding a row into its own [`value::Value`]s and packing values back), and `Row`'s
+//! containers (decoding a row into its own `Value`s (`value.rs`) and packing values back), and `Row`'s
 //! `Eq`/`Ord` only as the key of the maps that consolidate multisets (identity of rows, never an
 //! ordering of values). Everything that computes is its own, written from the IR's documentation:
-//! scalar expressions ([`scalar`]: not `ScalarExpr::eval`), the ordering of values and rows ([`order`]:
-//! not `compare_datums` or `Datum`'s `Ord`), aggregates ([`aggregate`]: not `AggregateFunc::eval`),
-//! ranking and slicing ([`finish`]: not `slice_ranked` or `RowSetFinishing::finish`), and a peek's
+//! scalar expressions (`scalar.rs`: not `ScalarExpr::eval`), the ordering of values and rows (`order.rs`:
+//! not `compare_datums` or `Datum`'s `Ord`), aggregates (`aggregate.rs`: not `AggregateFunc::eval`),
+//! ranking and slicing (`finish.rs`: not `slice_ranked` or `RowSetFinishing::finish`), and a peek's
 //! map/filter/project ([`map_filter_project`]: not `MapFilterProject::apply`). It does call the IR's
 //! *structure* (the enums it matches on, `Plan`'s fields) and nothing else.
 //!
@@ -395,10 +395,13 @@ fn class_matches(class: &[usize], columns: &[Value<'_>]) -> bool {
     !first.is_null() && class.iter().all(|c| columns.get(*c).is_some_and(|v| order::same(v, first)))
 }
 
+/// A row of a group: the row, its values and its multiplicity.
+type GroupRow<'a> = (&'a Row, Vec<Value<'a>>, i128);
+
 /// The rows of `bag` grouped by the values of `key` (missing columns read as `NULL`), each group's rows
 /// in the order of their encodings, with their values.
-fn groups<'a>(bag: &'a Bag, key: &[usize]) -> BTreeMap<Row, Vec<(&'a Row, Vec<Value<'a>>, i128)>> {
-    let mut groups: BTreeMap<Row, Vec<(&Row, Vec<Value<'_>>, i128)>> = BTreeMap::new();
+fn groups<'a>(bag: &'a Bag, key: &[usize]) -> BTreeMap<Row, Vec<GroupRow<'a>>> {
+    let mut groups: BTreeMap<Row, Vec<GroupRow<'_>>> = BTreeMap::new();
     for (row, multiplicity) in bag {
         let columns = values(row);
         let key_values: Vec<Value<'_>> =
@@ -409,7 +412,7 @@ fn groups<'a>(bag: &'a Bag, key: &[usize]) -> BTreeMap<Row, Vec<(&'a Row, Vec<Va
 }
 
 /// Checks the multiplicities of a group: none negative, and their total an `i64`.
-fn check_group(rows: &[(&Row, Vec<Value<'_>>, i128)], operator: &str) -> Result<(), EvalError> {
+fn check_group(rows: &[GroupRow<'_>], operator: &str) -> Result<(), EvalError> {
     if let Some((row, _, multiplicity)) = rows.iter().find(|(_, _, m)| *m < 0) {
         return Err(negative(row, *multiplicity, operator));
     }

@@ -79,7 +79,8 @@ fn check_case(case: &SqlCase, seen: &mut Seen) -> Result<(), String> {
 
 #[test]
 fn the_reference_interpreter_agrees_with_sqlite_on_random_plans_tables_and_updates() {
-    let seeds = sql::seeds();
+    // As many cases as the crate's other property tests run (`PROPTEST_CASES`, else proptest's default).
+    let seeds = sql::seeds(proptest::test_runner::Config::default().cases);
     let mut seen = Seen::default();
     for seed in &seeds {
         let case = SqlCase::generate(*seed);
