@@ -3,5 +3,6 @@
 //! against SQLite on random plans, tables and updates (`sqlite`).
 
 mod frames;
+mod reference;
 mod sqlite;
 mod validate;
