@@ -300,20 +300,22 @@ fn render_count<'s>(
             Ok(packer.finish())
         })
     };
-    let results = match column {
-        Some(column) if nullable => input
-            .explode(move |row| {
-                let non_null = i64::from(row.iter().nth(column).is_some_and(|d| !d.is_null()));
-                Some((project_row(&row, &group_key), (CheckedDiff::ONE, CheckedDiff::from(non_null))))
-            })
-            .count_core::<CheckedDiff>()
-            .flat_map(move |(key, (rows, non_null))| output(key, rows, non_null)),
-        _ => input
-            .map(move |row| project_row(&row, &group_key))
-            .count_core::<CheckedDiff>()
-            .flat_map(move |(key, rows)| output(key, rows, rows)),
+    // The counts become rows or errors in one pass.
+    let (oks, errs) = match column {
+        Some(column) if nullable => {
+            let counts = input
+                .explode(move |row| {
+                    let non_null = i64::from(row.iter().nth(column).is_some_and(|d| !d.is_null()));
+                    Some((project_row(&row, &group_key), (CheckedDiff::ONE, CheckedDiff::from(non_null))))
+                })
+                .count_core::<CheckedDiff>();
+            split_results(counts, "Reduce", move |(key, (rows, non_null))| output(key, rows, non_null))
+        }
+        _ => {
+            let counts = input.map(move |row| project_row(&row, &group_key)).count_core::<CheckedDiff>();
+            split_results(counts, "Reduce", move |(key, rows)| output(key, rows, rows))
+        }
     };
-    let (oks, errs) = map_results(results, "Reduce");
     ctx.errs.push(errs);
     oks
 }
@@ -842,6 +844,19 @@ fn map_results<'s>(
     input: VecCollection<'s, Time, Result<Row, Row>, CheckedDiff>,
     name: &str,
 ) -> (Coll<'s>, Coll<'s>) {
+    split_results(input, name, Some)
+}
+
+/// Turns each record of `input` into an ok row, an error row or nothing, in one pass.
+fn split_results<'s, D, L>(
+    input: VecCollection<'s, Time, D, CheckedDiff>,
+    name: &str,
+    mut logic: L,
+) -> (Coll<'s>, Coll<'s>)
+where
+    D: Clone + 'static,
+    L: FnMut(D) -> Option<Result<Row, Row>> + 'static,
+{
     let stream = input.inner;
     let mut builder = OperatorBuilder::new(format!("{name}: split"), stream.scope());
     let mut input = builder.new_input(stream, Pipeline);
@@ -857,10 +872,11 @@ fn map_results<'s>(
             input.for_each(|cap, data| {
                 let mut ok_session = oks.session(&cap);
                 let mut err_session = errs.session(&cap);
-                for (result, time, diff) in data.drain(..) {
-                    match result {
-                        Ok(row) => ok_session.give((row, time, diff)),
-                        Err(error) => err_session.give((error, time, diff)),
+                for (record, time, diff) in data.drain(..) {
+                    match logic(record) {
+                        Some(Ok(row)) => ok_session.give((row, time, diff)),
+                        Some(Err(error)) => err_session.give((error, time, diff)),
+                        None => {}
                     }
                 }
             });
