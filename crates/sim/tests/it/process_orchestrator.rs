@@ -203,8 +203,9 @@ fn send_until_closed(address: &str, commands: Vec<protocol::ComputeCommand>) {
     }
 }
 
-/// The commands of a controller that installs an index whose multiplicities overflow `i64`: a constant
-/// row with multiplicity `i64::MAX`, joined with itself.
+/// The commands of a controller that installs an index named for the replica's fault injection, so that
+/// building it panics a worker (its multiplicities, a constant row `i64::MAX` times joined with itself,
+/// overflow `i64`, which is only an error).
 fn panicking_index() -> Vec<protocol::ComputeCommand> {
     use protocol::{
         BuildDesc, ColumnType, ComputeCommand, DataflowDescription, Datum, GlobalId, IndexExport,
