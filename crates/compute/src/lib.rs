@@ -12,6 +12,7 @@
 //!   reconnect, catalog, peek routing, merging of worker reports, storage listens and appends);
 //! - `worker`: the timely worker loop (build, schedule, compact, drop; peeks; reports);
 //! - `render`: the plan IR as differential operators over `Row`, with a per-dataflow error collection;
+//! - `diff`: the multiplicity of an update inside a dataflow;
 //! - `operators`: the schedule gate and the sink operator;
 //! - `messages`: core ↔ worker messages.
 //!
@@ -29,15 +30,18 @@
 //!   the core, which closes the connection and the listener ([`ReplicaHandle::failed`] says why;
 //!   `compute-replica` exits non-zero, so its orchestrator restarts it and the controller replays).
 //!
-//! **Known limit.** Multiplicities are `i64`. A dataflow whose multiplicities overflow (products of
-//! joins of huge multiplicities) panics its worker in builds with overflow checks (the stop above) and
-//! wraps without them (release builds): its answers are then wrong, with no error.
+//! **Multiplicities** inside a dataflow are exact 128-bit integers (`diff::CheckedDiff`) with a sticky
+//! overflow; where one is observed (a reduce-like operator, a peek, a sink) it must be the protocol's
+//! `i64`, else the answer is an error, as `protocol`'s `plan.rs` specifies. An overflow never wraps and
+//! never panics, in release builds as in debug ones.
 //!
 //! **Tests.** `tests/it/` (one integration binary): operators against `protocol::reference` with proptest
-//! (1 and 2 workers, 2 processes), exports, imports, sinks, reconnect and bad input, all through the
-//! socket. Benchmarks in `benches/compute.rs`.
+//! (1 and 2 workers, 2 processes; multiplicities beyond `i64` included), random plans against SQLite,
+//! exports, imports, sinks, reconnect and bad input, all through the socket. Benchmarks in
+//! `benches/compute.rs`.
 
 mod core;
+mod diff;
 mod messages;
 mod operators;
 mod render;

@@ -26,7 +26,7 @@ use timely::scheduling::Activator;
 
 use protocol::Row;
 
-use crate::render::{Coll, Diff, Time, Updates};
+use crate::render::{CheckedDiff, Coll, Time, Updates};
 
 /// Shared between a dataflow's gates and the worker: whether the dataflow is scheduled.
 #[derive(Default)]
@@ -61,7 +61,7 @@ pub(crate) fn gate<'s>(input: Coll<'s>, gate: Rc<Gate>, as_of: Time) -> Coll<'s>
     let scope = input.scope();
     input
         .inner
-        .unary_frontier::<timely::container::CapacityContainerBuilder<Vec<(Row, Time, Diff)>>, _, _, _>(
+        .unary_frontier::<timely::container::CapacityContainerBuilder<Updates>, _, _, _>(
             Pipeline,
             "ScheduleGate",
             move |mut capability: Capability<Time>, info| {
@@ -109,10 +109,10 @@ pub(crate) enum SinkKind {
 /// What a sink operator produced since the worker last drained it.
 #[derive(Debug, Default)]
 pub(crate) struct SinkBuffer {
-    /// Row updates.
-    pub updates: Vec<(Row, Time, Diff)>,
+    /// Row updates (the worker checks their multiplicities when it forwards them).
+    pub updates: Updates,
     /// Error updates.
-    pub errors: Vec<(Row, Time, Diff)>,
+    pub errors: Updates,
     /// The sink's input frontier.
     pub frontier: Antichain<Time>,
     /// Whether `frontier` moved since the last drain.
@@ -134,7 +134,7 @@ pub(crate) fn sink<'s>(
         ..SinkBuffer::default()
     }));
     let combined = oks.map(Ok::<Row, Row>).concat(errs.map(Err::<Row, Row>));
-    let route = move |(result, _, _): &(Result<Row, Row>, Time, Diff)| -> u64 {
+    let route = move |(result, _, _): &(Result<Row, Row>, Time, CheckedDiff)| -> u64 {
         match kind {
             SinkKind::MaterializedView => 0,
             _ => match result {

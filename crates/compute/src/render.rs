@@ -1,8 +1,9 @@
 //! Rendering: turns the plan IR of a [`DataflowDescription`] into differential operators over [`Row`].
 //!
-//! **What this is.** [`render_object`] renders one [`Plan`] into a pair of collections: the *oks* (the
+//! **What this is.** [`render_plan`] renders one [`Plan`] into a pair of collections: the *oks* (the
 //! rows of the plan) and, pushed into [`RenderContext::errs`], the *errors* its operators produced. Every
-//! collection is a `VecCollection<'s, u64, Row, i64>`. Arrangements appear only where an operator needs
+//! collection is a `VecCollection<'s, u64, Row, CheckedDiff>` (see `diff.rs`: exact 128-bit
+//! multiplicities, so sums and join products never wrap). Arrangements appear only where an operator needs
 //! one (join inputs, reduce-like operators) and at index exports (built by the worker, not here).
 //!
 //! **What this is not.** It does not own traces, inputs or sinks: the worker (`worker.rs`) creates the
@@ -26,6 +27,13 @@
 //!   earlier form, and `controller.hydration_peak_rss_sum` with concurrency 1 rose to 572 MiB from 477–489);
 //! - `Threshold` keeps positive multiplicities; `Negate`, `Union` and `ArrangeBy` are what they say.
 //!
+//! **Multiplicities.** Exact inside the dataflow; checked against `i64` where the IR observes them: a
+//! `Reduce` or `TopK` group with more rows than an `i64` counts is an error of that group ([`check_group`],
+//! and in the count path the count itself), a row an index holds beyond `i64` is an error of the peek that
+//! reads it (`worker.rs`), a sink's update beyond `i64` an error of the sink ([`checked_updates`]). A
+//! multiplicity that left 128 bits is `CheckedDiff::OVERFLOW`, which every one of these places treats as an
+//! error too (and `Distinct`/`Threshold` as well), so no answer is computed from it.
+//!
 //! **Errors.** A data error becomes an update of the error collection: a row
 //! `[Text(message), Bytes(row that caused it)]` with the multiplicity of the row that caused it. The message
 //! names the operator (a per-dataflow operator number), so errors of different rows or operators never
@@ -34,10 +42,12 @@
 //! the error itself already makes the answer an error).
 //!
 //! **Tests.** `tests/it/operators.rs` checks every operator against the reference on random inputs and
-//! update sequences with 1 and 2 workers and 2 processes.
+//! update sequences with 1 and 2 workers and 2 processes, multiplicities beyond `i64` included;
+//! `tests/it/sqlite.rs` checks random plans against SQLite.
 
 use std::collections::BTreeMap;
 
+use differential_dataflow::difference::{IsZero, Semigroup};
 use differential_dataflow::operators::arrange::{Arranged, TraceAgent};
 use differential_dataflow::trace::implementations::{KeySpine, ValSpine};
 use differential_dataflow::{AsCollection, VecCollection};
@@ -46,6 +56,7 @@ use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::OutputBuilder;
 use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
 
+pub(crate) use crate::diff::CheckedDiff;
 use protocol::{
     AggregateExpr, AggregateFunc, DataflowDescription, Datum, EvalError, GlobalId, Plan, RelationType, Row,
     RowPacker, RowRef, ScalarExpr, compare_datums,
@@ -53,18 +64,21 @@ use protocol::{
 
 /// The time of every collection.
 pub(crate) type Time = u64;
-/// The multiplicity type of every collection.
-pub(crate) type Diff = i64;
+/// The multiplicity of an update where it enters or leaves a dataflow (storage, constants, peeks,
+/// sinks): the protocol's.
+pub(crate) type Diff = protocol::Diff;
 /// A collection of rows.
-pub(crate) type Coll<'s> = VecCollection<'s, Time, Row, Diff>;
+pub(crate) type Coll<'s> = VecCollection<'s, Time, Row, CheckedDiff>;
 /// The updates of a collection, as timely sends them.
-pub(crate) type Updates = Vec<(Row, Time, Diff)>;
+pub(crate) type Updates = Vec<(Row, Time, CheckedDiff)>;
+/// Updates as the protocol carries them (`i64` multiplicities): what enters and leaves a dataflow.
+pub(crate) type ProtocolUpdates = Vec<(Row, Time, Diff)>;
 /// An input of rows.
-pub(crate) type RowInput = differential_dataflow::input::InputSession<Time, Row, Diff>;
+pub(crate) type RowInput = differential_dataflow::input::InputSession<Time, Row, CheckedDiff>;
 /// The trace of an index export: `(key, full row)`.
-pub(crate) type OkTrace = TraceAgent<ValSpine<Row, Row, Time, Diff>>;
+pub(crate) type OkTrace = TraceAgent<ValSpine<Row, Row, Time, CheckedDiff>>;
 /// The trace of a dataflow's errors (a full copy on every worker).
-pub(crate) type ErrTrace = TraceAgent<KeySpine<Row, Time, Diff>>;
+pub(crate) type ErrTrace = TraceAgent<KeySpine<Row, Time, CheckedDiff>>;
 /// An arranged index.
 pub(crate) type OkArranged<'s> = Arranged<'s, OkTrace>;
 
@@ -80,7 +94,7 @@ pub(crate) struct RenderContext<'s> {
     pub constants: Vec<(Vec<(Row, Diff)>, Coll<'s>)>,
     /// Makes a new empty input collection for a constant (the worker owns the input handle).
     pub new_constant: Box<dyn FnMut() -> Coll<'s> + 's>,
-    /// The arity of every import and object (see [`arities`]).
+    /// The arity of every import and object (from [`types`]).
     pub arities: BTreeMap<GlobalId, usize>,
     /// The type of every import and object (see [`types`]).
     pub types: BTreeMap<GlobalId, RelationType>,
@@ -193,20 +207,31 @@ pub(crate) fn render_plan<'s>(plan: &Plan, ctx: &mut RenderContext<'s>) -> Coll<
             let operator = ctx.operator();
             let keyed = input.map(|row| (row, Row::EMPTY));
             reduce_rows(keyed, "Distinct", ctx, move |row, values, out| {
-                let diff = values.iter().map(|(_, d)| *d).sum::<Diff>();
-                if diff < 0 {
-                    out.push((Err(negative_error(operator, "Distinct", row.as_row_ref(), diff)), 1));
-                } else if diff > 0 {
-                    out.push((Ok(row.clone()), 1));
+                let diff = CheckedDiff::sum(values.iter().map(|(_, d)| d));
+                if diff.is_overflow() {
+                    out.push((Err(overflow_error(operator, "Distinct", row.as_row_ref())), CheckedDiff::ONE));
+                } else if diff.is_negative() {
+                    out.push((
+                        Err(negative_error(operator, "Distinct", row.as_row_ref(), diff)),
+                        CheckedDiff::ONE,
+                    ));
+                } else if diff.is_positive() {
+                    out.push((Ok(row.clone()), CheckedDiff::ONE));
                 }
             })
         }
         Plan::Threshold { input } => {
             let input = render_plan(input, ctx);
+            let operator = ctx.operator();
             let keyed = input.map(|row| (row, Row::EMPTY));
             reduce_rows(keyed, "Threshold", ctx, move |row, values, out| {
-                let diff = values.iter().map(|(_, d)| *d).sum::<Diff>();
-                if diff > 0 {
+                let diff = CheckedDiff::sum(values.iter().map(|(_, d)| d));
+                if diff.is_overflow() {
+                    out.push((
+                        Err(overflow_error(operator, "Threshold", row.as_row_ref())),
+                        CheckedDiff::ONE,
+                    ));
+                } else if diff.is_positive() {
                     out.push((Ok(row.clone()), diff));
                 }
             })
@@ -224,18 +249,20 @@ pub(crate) fn render_plan<'s>(plan: &Plan, ctx: &mut RenderContext<'s>) -> Coll<
             let order_key = order_key.clone();
             let (limit, offset) = (*limit, *offset);
             let keyed = input.map(move |row| (project_row(&row, &group_key), row));
-            reduce_rows(keyed, "TopK", ctx, move |_key, values, out| {
-                if let Some((row, diff)) = values.iter().find(|(_, d)| *d < 0) {
-                    out.push((Err(negative_error(operator, "TopK", *row, *diff)), 1));
+            reduce_rows(keyed, "TopK", ctx, move |key, values, out| {
+                if let Some(error) = check_group(operator, "TopK", key, values) {
+                    out.push((Err(error), CheckedDiff::ONE));
                     return;
                 }
-                let mut ranked: Vec<(Vec<Datum<'_>>, RowRef<'_>, Diff)> =
-                    values.iter().map(|(row, diff)| (row.unpack(), *row, *diff)).collect();
+                let mut ranked: Vec<(Vec<Datum<'_>>, RowRef<'_>, u64)> = values
+                    .iter()
+                    .map(|(row, diff)| (row.unpack(), *row, diff.to_count().expect("checked group")))
+                    .collect();
                 ranked.sort_by(|(a, _, _), (b, _, _)| compare_datums(&order_key, a, b));
-                // Negative multiplicities were rejected above.
-                let ranked = ranked.into_iter().map(|(_, row, diff)| (row, diff as u64));
+                let ranked = ranked.into_iter().map(|(_, row, count)| (row, count));
                 for (row, count) in protocol::slice_ranked(ranked, offset, limit) {
-                    out.push((Ok(row.to_row()), count as Diff));
+                    let count = i64::try_from(count).expect("at most a checked group's total");
+                    out.push((Ok(row.to_row()), CheckedDiff::from(count)));
                 }
             })
         }
@@ -258,30 +285,39 @@ fn render_count<'s>(
     ctx: &mut RenderContext<'s>,
 ) -> Coll<'s> {
     ctx.errs.push(check_non_negative(input.clone(), operator, "Reduce"));
-    let output = move |key: Row, rows: Diff, non_null: Diff| {
+    let output = move |key: Row, rows: CheckedDiff, non_null: CheckedDiff| -> Option<Result<Row, Row>> {
         // A group whose rows do not add up to a positive count has a negative row: an error, above.
+        // One whose count is not an i64 (or overflowed) is an error here.
+        let (Some(rows), Some(non_null)) = (rows.to_i64(), non_null.to_i64()) else {
+            return Some(Err(out_of_range_error(operator, "Reduce", key.as_row_ref())));
+        };
         (rows > 0).then(|| {
             let mut packer = RowPacker::new();
             packer.extend_by_row(&key);
             if column.is_some() {
                 packer.push(Datum::Int64(non_null));
             }
-            packer.finish()
+            Ok(packer.finish())
         })
     };
-    match column {
-        Some(column) if nullable => input
-            .explode(move |row| {
-                let non_null = i64::from(row.iter().nth(column).is_some_and(|d| !d.is_null()));
-                Some((project_row(&row, &group_key), (1i64, non_null)))
-            })
-            .count_core::<Diff>()
-            .flat_map(move |(key, (rows, non_null))| output(key, rows, non_null)),
-        _ => input
-            .map(move |row| project_row(&row, &group_key))
-            .count_core::<Diff>()
-            .flat_map(move |(key, rows)| output(key, rows, rows)),
-    }
+    // The counts become rows or errors in one pass.
+    let (oks, errs) = match column {
+        Some(column) if nullable => {
+            let counts = input
+                .explode(move |row| {
+                    let non_null = i64::from(row.iter().nth(column).is_some_and(|d| !d.is_null()));
+                    Some((project_row(&row, &group_key), (CheckedDiff::ONE, CheckedDiff::from(non_null))))
+                })
+                .count_core::<CheckedDiff>();
+            split_results(counts, "Reduce", move |(key, (rows, non_null))| output(key, rows, non_null))
+        }
+        _ => {
+            let counts = input.map(move |row| project_row(&row, &group_key)).count_core::<CheckedDiff>();
+            split_results(counts, "Reduce", move |(key, rows)| output(key, rows, rows))
+        }
+    };
+    ctx.errs.push(errs);
+    oks
 }
 
 /// Below this many updates [`check_non_negative`] does not bother consolidating what it keeps.
@@ -303,7 +339,7 @@ pub(crate) fn check_non_negative<'s>(input: Coll<'s>, operator: u64, name: &'sta
     use timely::dataflow::channels::pact::Exchange;
     use timely::dataflow::operators::Operator;
 
-    let route = |(row, _, _): &(Row, Time, Diff)| row.hashed();
+    let route = |(row, _, _): &(Row, Time, CheckedDiff)| row.hashed();
     input
         .inner
         .unary_frontier::<timely::container::CapacityContainerBuilder<Updates>, _, _, _>(
@@ -314,12 +350,12 @@ pub(crate) fn check_non_negative<'s>(input: Coll<'s>, operator: u64, name: &'sta
                 move |(input, frontier), output| {
                     input.for_each(|cap, data| {
                         if let CheckState::Positive { updates, .. } = &mut state
-                            && data.iter().any(|(_, _, diff)| *diff < 0)
+                            && data.iter().any(|(_, _, diff)| diff.is_negative())
                         {
                             // The first negative update: from now on, the exact check. What was kept is
                             // applied in time order like any update; it is all positive, so it changes
                             // no sign and needs no capability.
-                            let mut pending: BTreeMap<Time, Vec<(Row, Diff)>> = BTreeMap::new();
+                            let mut pending: BTreeMap<Time, Vec<(Row, CheckedDiff)>> = BTreeMap::new();
                             for (row, time, diff) in updates.drain(..) {
                                 pending.entry(time).or_default().push((row, diff));
                             }
@@ -375,31 +411,33 @@ pub(crate) fn check_non_negative<'s>(input: Coll<'s>, operator: u64, name: &'sta
                                 if frontier.less_equal(&time) {
                                     break;
                                 }
-                                let mut changes: Vec<(Row, Time, Diff)> = Vec::new();
+                                let mut changes: Vec<(Row, Time, CheckedDiff)> = Vec::new();
                                 for (row, diff) in entry.remove() {
                                     // One hash lookup per update; an error row only when the sign changes.
                                     match counts.entry(row) {
                                         Entry::Occupied(mut entry) => {
                                             let old = *entry.get();
-                                            let new = old + diff;
-                                            if (old < 0) != (new < 0) {
+                                            let mut new = old;
+                                            new.plus_equals(&diff);
+                                            if old.is_negative() != new.is_negative() {
+                                                let sign: i8 = if new.is_negative() { 1 } else { -1 };
                                                 changes.push((
                                                     error(entry.key()),
                                                     time,
-                                                    if new < 0 { 1 } else { -1 },
+                                                    CheckedDiff::from(sign),
                                                 ));
                                             }
-                                            if new == 0 {
+                                            if new.is_zero() {
                                                 entry.remove();
                                             } else {
                                                 *entry.get_mut() = new;
                                             }
                                         }
                                         Entry::Vacant(entry) => {
-                                            if diff < 0 {
-                                                changes.push((error(entry.key()), time, 1));
+                                            if diff.is_negative() {
+                                                changes.push((error(entry.key()), time, CheckedDiff::ONE));
                                             }
-                                            if diff != 0 {
+                                            if !diff.is_zero() {
                                                 entry.insert(diff);
                                             }
                                         }
@@ -433,7 +471,7 @@ pub(crate) fn check_non_negative<'s>(input: Coll<'s>, operator: u64, name: &'sta
 }
 
 /// Accumulated multiplicities of rows.
-type RowCounts = std::collections::HashMap<Row, Diff, std::hash::BuildHasherDefault<RowHasher>>;
+type RowCounts = std::collections::HashMap<Row, CheckedDiff, std::hash::BuildHasherDefault<RowHasher>>;
 
 /// The state of [`check_non_negative`] on one worker.
 enum CheckState {
@@ -447,7 +485,7 @@ enum CheckState {
     /// The exact check.
     Exact {
         counts: RowCounts,
-        pending: BTreeMap<Time, Vec<(Row, Diff)>>,
+        pending: BTreeMap<Time, Vec<(Row, CheckedDiff)>>,
         held: Option<timely::dataflow::operators::Capability<Time>>,
     },
 }
@@ -535,6 +573,31 @@ pub(crate) fn apply_row_ops(
     Ok(Some(packer.finish_and_reuse()))
 }
 
+/// Consolidates a sink's updates and checks their multiplicities against the protocol's `i64`: an update
+/// whose multiplicity is not one (or overflowed) becomes an error update (at its time, once) in `errors`
+/// instead, which the sink reports as the dataflow's error. Errors are consolidated and converted the
+/// same way (an error multiplicity beyond `i64` is still an error: it counts once).
+pub(crate) fn checked_updates(
+    mut updates: Updates,
+    mut errors: Updates,
+) -> (ProtocolUpdates, ProtocolUpdates) {
+    differential_dataflow::consolidation::consolidate_updates(&mut updates);
+    let mut rows = Vec::with_capacity(updates.len());
+    for (row, time, diff) in updates {
+        match diff.to_i64() {
+            Some(diff) => rows.push((row, time, diff)),
+            None => {
+                let message = format!("sink: the multiplicity {diff} of row {row} is not an i64");
+                errors.push((error_row(&message, row.as_row_ref()), time, CheckedDiff::ONE));
+            }
+        }
+    }
+    differential_dataflow::consolidation::consolidate_updates(&mut errors);
+    let errors =
+        errors.into_iter().map(|(error, time, diff)| (error, time, diff.to_i64().unwrap_or(1))).collect();
+    (rows, errors)
+}
+
 /// The error row for `message` caused by `row`.
 pub(crate) fn error_row(message: &str, row: RowRef<'_>) -> Row {
     Row::pack([Datum::Text(message), Datum::Bytes(row.as_bytes())])
@@ -548,8 +611,33 @@ pub(crate) fn error_message(error: &Row) -> String {
     }
 }
 
-fn negative_error(operator: u64, name: &str, row: RowRef<'_>, diff: Diff) -> Row {
+fn negative_error(operator: u64, name: &str, row: RowRef<'_>, diff: CheckedDiff) -> Row {
     error_row(&format!("{name}: negative multiplicity {diff} for row {row} (operator {operator})"), row)
+}
+
+/// The error of a group (`key`) whose number of rows is not an `i64`.
+fn out_of_range_error(operator: u64, name: &str, key: RowRef<'_>) -> Row {
+    let message = format!("{name}: group {key} has more rows than an i64 counts (operator {operator})");
+    error_row(&message, key)
+}
+
+/// The error of a row whose multiplicity overflowed the replica's 128 bits.
+fn overflow_error(operator: u64, name: &str, row: RowRef<'_>) -> Row {
+    let message = format!("{name}: the multiplicity of row {row} overflowed 128 bits (operator {operator})");
+    error_row(&message, row)
+}
+
+/// The error of a `Reduce` or `TopK` group (`key`, its rows `values`), if it has one: a row whose
+/// multiplicity overflowed, a negative row, or more rows than an `i64` counts.
+fn check_group(operator: u64, name: &str, key: &Row, values: &[(RowRef<'_>, CheckedDiff)]) -> Option<Row> {
+    if let Some((row, _)) = values.iter().find(|(_, d)| d.is_overflow()) {
+        return Some(overflow_error(operator, name, *row));
+    }
+    if let Some((row, diff)) = values.iter().find(|(_, d)| d.is_negative()) {
+        return Some(negative_error(operator, name, *row, *diff));
+    }
+    let total = CheckedDiff::sum(values.iter().map(|(_, d)| d));
+    total.to_i64().is_none().then(|| out_of_range_error(operator, name, key.as_row_ref()))
 }
 
 /// The row of the given columns of `row` (missing columns are `NULL`, as in the reference).
@@ -587,12 +675,12 @@ pub(crate) fn map_rows<'s, L>(input: Coll<'s>, name: &str, mut logic: L) -> (Col
 where
     L: FnMut(&Row, &mut RowPacker) -> Result<Option<Row>, Row> + 'static,
 {
-    let stream: Stream<'s, Time, Vec<(Row, Time, Diff)>> = input.inner;
+    let stream: Stream<'s, Time, Vec<(Row, Time, CheckedDiff)>> = input.inner;
     let mut builder = OperatorBuilder::new(name.to_owned(), stream.scope());
     let mut input = builder.new_input(stream, Pipeline);
     builder.set_notify_for(0, timely::progress::operate::FrontierInterest::Never);
-    let (ok_output, ok_stream) = builder.new_output::<Vec<(Row, Time, Diff)>>();
-    let (err_output, err_stream) = builder.new_output::<Vec<(Row, Time, Diff)>>();
+    let (ok_output, ok_stream) = builder.new_output::<Vec<(Row, Time, CheckedDiff)>>();
+    let (err_output, err_stream) = builder.new_output::<Vec<(Row, Time, CheckedDiff)>>();
     let mut ok_output = OutputBuilder::from(ok_output);
     let mut err_output = OutputBuilder::from(err_output);
     builder.build(move |_| {
@@ -623,20 +711,20 @@ where
 /// each: a reduce keeps every distinct input row for as long as it lives, so this is most of what a
 /// hydrated `Reduce`, `Distinct` or `TopK` holds (`controller.hydration_peak_rss_sum`).
 fn reduce_rows<'s, L>(
-    keyed: VecCollection<'s, Time, (Row, Row), Diff>,
+    keyed: VecCollection<'s, Time, (Row, Row), CheckedDiff>,
     name: &str,
     ctx: &mut RenderContext<'s>,
     logic: L,
 ) -> Coll<'s>
 where
-    L: FnMut(&Row, &[(RowRef<'_>, Diff)], &mut Vec<(Result<Row, Row>, Diff)>) + 'static,
+    L: FnMut(&Row, &[(RowRef<'_>, CheckedDiff)], &mut Vec<(Result<Row, Row>, CheckedDiff)>) + 'static,
 {
     use differential_dataflow::trace::implementations::{ValBuilder, ValSpine};
     type Results = Result<Row, Row>;
 
     let reduced = keyed
         .arrange_named::<SlabBatcher, SlabSpine>(&format!("Arrange: {name}"), SlabBatcher::new)
-        .reduce_abelian::<_, ValBuilder<Row, Results, Time, Diff>, ValSpine<Row, Results, Time, Diff>, Vec<Row>, _>(
+        .reduce_abelian::<_, ValBuilder<Row, Results, Time, CheckedDiff>, ValSpine<Row, Results, Time, CheckedDiff>, Vec<Row>, _>(
             name,
             logic,
             |buffer, key, updates| {
@@ -656,17 +744,22 @@ mod slab {
     use differential_dataflow::trace::implementations::BatchContainer;
     use protocol::{Row, RowRef};
 
-    use super::{Diff, Time};
+    use super::{CheckedDiff, Time};
 
     /// The layout of a reduce's input arrangement: keys as `Row`s (one per group), values in a [`RowSlab`].
-    pub(crate) type SlabLayout =
-        (Vec<Row>, RowSlab, Vec<Time>, Vec<Diff>, differential_dataflow::trace::implementations::OffsetList);
-    pub(crate) type SlabUpdates = Vec<((Row, Row), Time, Diff)>;
+    pub(crate) type SlabLayout = (
+        Vec<Row>,
+        RowSlab,
+        Vec<Time>,
+        Vec<CheckedDiff>,
+        differential_dataflow::trace::implementations::OffsetList,
+    );
+    pub(crate) type SlabUpdates = Vec<((Row, Row), Time, CheckedDiff)>;
     pub(crate) type SlabBuilder =
         differential_dataflow::trace::implementations::ord_neu::OrdValBuilder<SlabLayout, SlabUpdates>;
     pub(crate) type SlabBatcher = differential_dataflow::batcher::merge::MergeBatcher<
         differential_dataflow::batcher::merge::chunker::ContainerChunker<SlabUpdates>,
-        differential_dataflow::batcher::merge::vec::VecMerger<(Row, Row), Time, Diff>,
+        differential_dataflow::batcher::merge::vec::VecMerger<(Row, Row), Time, CheckedDiff>,
         SlabBuilder,
     >;
     pub(crate) type SlabSpine = differential_dataflow::trace::implementations::spine_fueled::Spine<
@@ -748,15 +841,28 @@ use slab::{SlabBatcher, SlabSpine};
 
 /// Splits a collection of results into oks and errors.
 fn map_results<'s>(
-    input: VecCollection<'s, Time, Result<Row, Row>, Diff>,
+    input: VecCollection<'s, Time, Result<Row, Row>, CheckedDiff>,
     name: &str,
 ) -> (Coll<'s>, Coll<'s>) {
+    split_results(input, name, Some)
+}
+
+/// Turns each record of `input` into an ok row, an error row or nothing, in one pass.
+fn split_results<'s, D, L>(
+    input: VecCollection<'s, Time, D, CheckedDiff>,
+    name: &str,
+    mut logic: L,
+) -> (Coll<'s>, Coll<'s>)
+where
+    D: Clone + 'static,
+    L: FnMut(D) -> Option<Result<Row, Row>> + 'static,
+{
     let stream = input.inner;
     let mut builder = OperatorBuilder::new(format!("{name}: split"), stream.scope());
     let mut input = builder.new_input(stream, Pipeline);
     builder.set_notify_for(0, timely::progress::operate::FrontierInterest::Never);
-    let (ok_output, ok_stream) = builder.new_output::<Vec<(Row, Time, Diff)>>();
-    let (err_output, err_stream) = builder.new_output::<Vec<(Row, Time, Diff)>>();
+    let (ok_output, ok_stream) = builder.new_output::<Vec<(Row, Time, CheckedDiff)>>();
+    let (err_output, err_stream) = builder.new_output::<Vec<(Row, Time, CheckedDiff)>>();
     let mut ok_output = OutputBuilder::from(ok_output);
     let mut err_output = OutputBuilder::from(err_output);
     builder.build(move |_| {
@@ -766,10 +872,11 @@ fn map_results<'s>(
             input.for_each(|cap, data| {
                 let mut ok_session = oks.session(&cap);
                 let mut err_session = errs.session(&cap);
-                for (result, time, diff) in data.drain(..) {
-                    match result {
-                        Ok(row) => ok_session.give((row, time, diff)),
-                        Err(error) => err_session.give((error, time, diff)),
+                for (record, time, diff) in data.drain(..) {
+                    match logic(record) {
+                        Some(Ok(row)) => ok_session.give((row, time, diff)),
+                        Some(Err(error)) => err_session.give((error, time, diff)),
+                        None => {}
                     }
                 }
             });
@@ -784,29 +891,31 @@ fn reduce_group(
     operator: u64,
     aggregates: &[AggregateExpr],
     key: &Row,
-    values: &[(RowRef<'_>, Diff)],
-    out: &mut Vec<(Result<Row, Row>, Diff)>,
+    values: &[(RowRef<'_>, CheckedDiff)],
+    out: &mut Vec<(Result<Row, Row>, CheckedDiff)>,
 ) {
-    if let Some((row, diff)) = values.iter().find(|(_, d)| *d < 0) {
-        out.push((Err(negative_error(operator, "Reduce", *row, *diff)), 1));
+    if let Some(error) = check_group(operator, "Reduce", key, values) {
+        out.push((Err(error), CheckedDiff::ONE));
         return;
     }
     let mut packer = RowPacker::new();
     packer.extend_by_row(key);
     for aggregate in aggregates {
         let column = aggregate.column;
-        // `nth` walks the row's encoding without allocating.
-        let datums = values.iter().map(|(row, diff)| (row.iter().nth(column).unwrap_or(Datum::Null), *diff));
+        // `nth` walks the row's encoding without allocating. A checked group's multiplicities are i64s.
+        let datums = values.iter().map(|(row, diff)| {
+            (row.iter().nth(column).unwrap_or(Datum::Null), diff.to_i64().expect("checked group"))
+        });
         match aggregate.func.eval(datums) {
             Ok(datum) => packer.push(datum),
             Err(error) => {
                 let message = format!("{error} (operator {operator}: Reduce {:?})", aggregate.func);
-                out.push((Err(error_row(&message, key.as_row_ref())), 1));
+                out.push((Err(error_row(&message, key.as_row_ref())), CheckedDiff::ONE));
                 return;
             }
         }
     }
-    out.push((Ok(packer.finish()), 1));
+    out.push((Ok(packer.finish()), CheckedDiff::ONE));
 }
 
 /// Renders an n-ary equi-join as a chain of binary joins.
@@ -930,8 +1039,8 @@ pub(crate) fn arrange_errors<'s>(errs: Coll<'s>) -> Arranged<'s, ErrTrace> {
     differential_dataflow::operators::arrange::arrangement::arrange_core::<
         _,
         _,
-        KeyBatcher<Row, Time, Diff>,
-        KeySpine<Row, Time, Diff>,
+        KeyBatcher<Row, Time, CheckedDiff>,
+        KeySpine<Row, Time, CheckedDiff>,
     >(broadcast.inner, Pipeline, "Errors", KeyBatcher::new)
 }
 
@@ -951,7 +1060,7 @@ mod tests {
 
     /// Runs [`check_non_negative`] on one worker over `steps` (each: updates, then the input's new
     /// frontier, stepping until the check has caught up); returns its error rows' updates, consolidated.
-    fn errors_of(steps: Vec<(Updates, Time)>) -> Updates {
+    fn errors_of(steps: Vec<(ProtocolUpdates, Time)>) -> ProtocolUpdates {
         let seen: Arc<Mutex<Updates>> = Arc::default();
         let sink = Arc::clone(&seen);
         timely::execute_directly(move |worker| {
@@ -965,7 +1074,7 @@ mod tests {
             });
             for (updates, frontier) in steps {
                 for (row, time, diff) in updates {
-                    input.update_at(row, time, diff);
+                    input.update_at(row, time, CheckedDiff::from(diff));
                 }
                 input.advance_to(frontier);
                 input.flush();
@@ -976,7 +1085,7 @@ mod tests {
         });
         let mut errors = std::mem::take(&mut *seen.lock().expect("one worker"));
         differential_dataflow::consolidation::consolidate_updates(&mut errors);
-        errors
+        errors.into_iter().map(|(row, time, diff)| (row, time, diff.to_i64().expect("small"))).collect()
     }
 
     fn row(k: i64) -> Row {
@@ -984,7 +1093,7 @@ mod tests {
     }
 
     /// `count` copies of each of the rows `0..10` at `time`.
-    fn copies(count: i64, time: Time) -> Updates {
+    fn copies(count: i64, time: Time) -> ProtocolUpdates {
         (0..count).map(|i| (row(i % 10), time, 1)).collect()
     }
 

@@ -28,6 +28,7 @@ use std::sync::mpsc::{Receiver, TryRecvError};
 use std::time::Duration;
 
 use differential_dataflow::Hashable;
+use differential_dataflow::difference::{IsZero, Semigroup};
 use differential_dataflow::input::InputSession;
 use differential_dataflow::operators::arrange::agent::ShutdownButton;
 use differential_dataflow::trace::cursor::cursor_list;
@@ -44,9 +45,12 @@ use protocol::{DataflowDescription, GlobalId, PeekResponse, Row, RowPacker, Sink
 use crate::messages::{DataflowKey, FeedCredit, FromWorker, ToWorker, WorkerPeek};
 use crate::operators::{Gate, SinkBuffer, SinkKind, gate, sink};
 use crate::render::{
-    Coll, Diff, ErrTrace, OkTrace, RenderContext, RowInput, Time, arrange_errors, arrange_index,
-    error_message, render_objects, types,
+    CheckedDiff, Coll, Diff, ErrTrace, OkTrace, RenderContext, RowInput, Time, arrange_errors, arrange_index,
+    checked_updates, error_message, render_objects, types,
 };
+
+/// The name of a dataflow whose building panics its worker in debug builds (see `build`).
+const PANIC_FOR_TESTS: &str = "compute test: a worker panics building this dataflow";
 
 /// How long an idle worker parks (it is woken earlier by any message or timely event).
 const IDLE_PARK: Duration = Duration::from_millis(10);
@@ -60,7 +64,7 @@ struct WorkerDataflow {
     /// The dataflow's as-of (a single time: timestamps are totally ordered).
     as_of: Time,
     /// Inputs of storage imports, fed from the process's listens.
-    sources: BTreeMap<GlobalId, InputSession<Time, Row, Diff>>,
+    sources: BTreeMap<GlobalId, RowInput>,
     /// Inputs of constants, filled when scheduled.
     constants: Vec<(Vec<(Row, Diff)>, RowInput)>,
     /// Opens the gates on index imports when scheduled.
@@ -163,7 +167,7 @@ impl WorkerState {
                     for (rows, mut input) in dataflow.constants.drain(..) {
                         if first_worker {
                             for (row, diff) in rows {
-                                input.update_at(row, dataflow.as_of, diff);
+                                input.update_at(row, dataflow.as_of, CheckedDiff::from(diff));
                             }
                         }
                         input.close();
@@ -218,7 +222,7 @@ impl WorkerState {
                         if time < floor && time > dataflow.as_of {
                             warn!(%import, time, floor, "storage update behind the listen's progress; advanced");
                         }
-                        input.update_at(row, time.max(floor), diff);
+                        input.update_at(row, time.max(floor), CheckedDiff::from(diff));
                     }
                 }
                 // Returned to the feed once the next step has taken the updates into the dataflow.
@@ -254,6 +258,11 @@ impl WorkerState {
 
     /// Builds a dataflow. The core has validated it and checked that its index imports exist here.
     fn build(&mut self, worker: &mut Worker, key: DataflowKey, desc: &DataflowDescription<Time>) {
+        // Fault injection, debug builds only: nothing a controller sends panics a worker, yet the tests
+        // of what a worker's panic does to its process (`tests/it/bad_input.rs`) need one.
+        if cfg!(debug_assertions) && desc.debug_name == PANIC_FOR_TESTS {
+            panic!("{PANIC_FOR_TESTS}");
+        }
         let as_of_frontier = desc.as_of.clone().expect("validated dataflow has an as_of");
         let as_of = *as_of_frontier.as_option().expect("validated dataflow has a non-empty as_of");
         let timely_index = worker.next_dataflow_index();
@@ -265,7 +274,7 @@ impl WorkerState {
         let mut import_buttons = Vec::new();
         let mut new_indexes = Vec::new();
         let mut new_sinks = Vec::new();
-        let constants: Rc<RefCell<Vec<InputSession<Time, Row, Diff>>>> = Rc::new(RefCell::new(Vec::new()));
+        let constants: Rc<RefCell<Vec<RowInput>>> = Rc::new(RefCell::new(Vec::new()));
         let indexes = &mut self.indexes;
         let constant_rows = worker.dataflow_named::<Time, _, _>(&desc.debug_name, |scope| {
             let mut collections: BTreeMap<GlobalId, Coll<'_>> = BTreeMap::new();
@@ -491,10 +500,8 @@ impl WorkerState {
                 .unwrap_or_default();
             if buffer.frontier_changed || !buffer.updates.is_empty() || !buffer.errors.is_empty() {
                 buffer.frontier_changed = false;
-                let mut updates = std::mem::take(&mut buffer.updates);
-                differential_dataflow::consolidation::consolidate_updates(&mut updates);
-                let mut errors = std::mem::take(&mut buffer.errors);
-                differential_dataflow::consolidation::consolidate_updates(&mut errors);
+                let (updates, errors) =
+                    checked_updates(std::mem::take(&mut buffer.updates), std::mem::take(&mut buffer.errors));
                 let _ = self.responses.send(FromWorker::Sink {
                     worker: self.local_index,
                     id: *id,
@@ -522,7 +529,7 @@ impl WorkerState {
 /// Makes empty inputs for a dataflow's constants; the worker fills them when the dataflow is scheduled.
 fn constant_maker<'s>(
     scope: timely::dataflow::Scope<'s, Time>,
-    constants: Rc<RefCell<Vec<InputSession<Time, Row, Diff>>>>,
+    constants: Rc<RefCell<Vec<RowInput>>>,
     as_of: Time,
 ) -> Box<dyn FnMut() -> Coll<'s> + 's> {
     Box::new(move || {
@@ -546,16 +553,16 @@ fn first_error(trace: &mut ErrTrace, upper: &Antichain<Time>, time: Time) -> Opt
     let batches = trace.batches_through(upper.borrow())?;
     let (mut cursor, storage) = cursor_list(batches);
     while let Some(error) = cursor.get_key(&storage) {
-        let mut sum: Diff = 0;
+        let mut sum = CheckedDiff::ZERO;
         while cursor.val_valid(&storage) {
             cursor.map_times(&storage, |t, d| {
                 if *t <= time {
-                    sum += *d;
+                    sum.plus_equals(d);
                 }
             });
             cursor.step_val(&storage);
         }
-        if sum != 0 {
+        if !sum.is_zero() {
             return Some(error_message(error));
         }
         cursor.step_key(&storage);
@@ -599,12 +606,25 @@ fn read_rows(trace: &mut OkTrace, upper: &Antichain<Time>, peek: &WorkerPeek) ->
             }
         }
         while let Some(row) = cursor.get_val(&storage) {
-            let mut sum: Diff = 0;
-            cursor.map_times(&storage, |t: &Time, d: &Diff| {
+            let mut sum = CheckedDiff::ZERO;
+            cursor.map_times(&storage, |t: &Time, d: &CheckedDiff| {
                 if *t <= time {
-                    sum += *d;
+                    sum.plus_equals(d);
                 }
             });
+            // The protocol's multiplicities are i64s: one beyond (or an overflow) is an error.
+            let sum = match sum.to_i64() {
+                Some(sum) => sum,
+                None => {
+                    if error.is_none() {
+                        error = Some(format!(
+                            "index {} holds row {row} with multiplicity {sum}, not an i64",
+                            peek.id
+                        ));
+                    }
+                    0
+                }
+            };
             if sum < 0 && error.is_none() {
                 error = Some(format!("index {} holds row {row} with negative multiplicity {sum}", peek.id));
             }
@@ -633,13 +653,19 @@ fn read_rows(trace: &mut OkTrace, upper: &Antichain<Time>, peek: &WorkerPeek) ->
 
 /// Consolidates `(row, count)` pairs, applies the partial finishing and the size limit.
 pub(crate) fn finish_rows(
-    mut rows: Vec<(Row, Diff)>,
+    rows: Vec<(Row, Diff)>,
     finishing: &protocol::RowSetFinishing,
     max_result_size_bytes: Option<u64>,
 ) -> PeekResponse {
-    differential_dataflow::consolidation::consolidate(&mut rows);
-    let mut counted = Vec::with_capacity(rows.len());
-    for (row, count) in rows {
+    // Rows the map/filter/project made equal add up exactly; their sum must be an i64 again.
+    let mut checked: Vec<(Row, CheckedDiff)> =
+        rows.into_iter().map(|(row, count)| (row, CheckedDiff::from(count))).collect();
+    differential_dataflow::consolidation::consolidate(&mut checked);
+    let mut counted = Vec::with_capacity(checked.len());
+    for (row, count) in checked {
+        let Some(count) = count.to_i64() else {
+            return PeekResponse::Error(format!("row {row} has multiplicity {count}, not an i64"));
+        };
         match u64::try_from(count).ok().and_then(NonZeroU64::new) {
             Some(count) => counted.push((row, count)),
             None if count == 0 => {}

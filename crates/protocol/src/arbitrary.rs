@@ -5,10 +5,15 @@
 //! - [`valid_dataflow`]: a dataflow description that validates, built by a type-directed generator driven
 //!   by a vector of choices (so proptest shrinks it by shrinking the choices);
 //! - [`Breakage`] / [`broken_dataflow`]: a valid dataflow with one known defect, and the error
-//!   `validate` must report for it.
+//!   `validate` must report for it;
+//! - [`sql`] (feature `sqlite`): random plans with the SQL that computes the same relation, over random
+//!   tables and updates, and SQLite to answer it: a differential oracle for the plan IR.
 //!
 //! **Invariant:** every dataflow from [`valid_dataflow`] passes `validate`; every one from
 //! [`broken_dataflow`] fails it with exactly the paired error (both property-tested in `tests/it`).
+
+#[cfg(feature = "sqlite")]
+pub mod sql;
 
 use std::collections::BTreeMap;
 use std::num::NonZeroU64;

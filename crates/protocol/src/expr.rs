@@ -5,8 +5,11 @@
 //! `else` branch when the condition is `NULL`. There are no implicit casts: both operands of an arithmetic
 //! or comparison function have the same scalar type.
 //!
-//! Evaluation never panics. Data errors (division by zero, integer overflow) are [`EvalError`]s, which the
-//! replica turns into error rows that peeks surface as errors. An expression that does not type-check
+//! Evaluation never panics. Data errors (integer division by zero, integer overflow) are [`EvalError`]s,
+//! which the replica turns into error rows that peeks surface as errors. Float arithmetic is IEEE 754:
+//! division by zero gives an infinity or NaN, not an error (where the IR departs from SQL: `plan.rs`).
+//! Floats are canonical: `-0.0` is `0.0` and there is one NaN, equal to itself and greater than every
+//! number. An expression that does not type-check
 //! against its input is rejected by [`ScalarExpr::typ`] before it is ever sent; should one be evaluated
 //! anyway, evaluation returns [`EvalError::Internal`] rather than panicking.
 
@@ -34,9 +37,10 @@ pub enum BinaryFunc {
     Sub,
     /// `*` on integers or floats.
     Mul,
-    /// `/` on integers (truncating) or floats; integer division by zero is an error.
+    /// `/` on integers (truncating toward zero) or floats; integer division by zero is an error,
+    /// float division by zero is `+inf`, `-inf` or NaN (IEEE 754, unlike SQL engines).
     Div,
-    /// `%` on integers; by zero is an error.
+    /// `%` on integers, with the sign of the dividend; by zero is an error; `i64::MIN % -1` is `0`.
     Mod,
     /// `=`.
     Eq,
@@ -119,6 +123,10 @@ pub enum EvalError {
     /// Integer arithmetic overflowed 64 bits.
     #[error("integer out of range")]
     Int64OutOfRange,
+    /// A multiplicity that must be an `i64` is not: a row of a result, or the number of rows of a
+    /// `Reduce` or `TopK` group (inside a plan multiplicities are exact; see `plan.rs`).
+    #[error("multiplicity out of range")]
+    MultiplicityOutOfRange,
     /// The expression did not fit its input (it should have been rejected by type checking).
     #[error("internal error evaluating expression: {0}")]
     Internal(String),
@@ -378,7 +386,8 @@ fn eval_binary<'a>(func: BinaryFunc, a: Datum<'a>, b: Datum<'a>) -> Result<Datum
                 Div if y == 0 => return Err(EvalError::DivisionByZero),
                 Div => x.checked_div(y),
                 Mod if y == 0 => return Err(EvalError::DivisionByZero),
-                Mod => x.checked_rem(y),
+                // Exact: only `i64::MIN % -1` wraps, and its exact value is 0.
+                Mod => Some(x.wrapping_rem(y)),
                 _ => return Err(EvalError::Internal(format!("{func:?} of integers"))),
             };
             result.map(Datum::Int64).ok_or(EvalError::Int64OutOfRange)
@@ -613,8 +622,19 @@ mod tests {
     }
 
     #[test]
-    fn float_division_by_zero_is_infinity_not_an_error() {
-        let expr = lit(Datum::float64(1.0)).call_binary(Div, lit(Datum::float64(0.0)));
-        assert_eq!(expr.eval(&[]).unwrap(), Datum::float64(f64::INFINITY));
+    fn float_division_by_zero_is_an_infinity_or_nan_not_an_error() {
+        let divide = |x: f64| lit(Datum::float64(x)).call_binary(Div, lit(Datum::float64(0.0)));
+        assert_eq!(divide(1.0).eval(&[]).unwrap(), Datum::float64(f64::INFINITY));
+        assert_eq!(divide(-2.5).eval(&[]).unwrap(), Datum::float64(f64::NEG_INFINITY));
+        let zero_by_zero = divide(0.0);
+        let nan = zero_by_zero.eval(&[]).unwrap();
+        assert!(matches!(nan, Datum::Float64(x) if x.get().is_nan()), "{nan:?}");
+        assert_eq!(nan, Datum::float64(f64::NAN), "one NaN, equal to itself");
+    }
+
+    #[test]
+    fn the_remainder_of_the_least_integer_by_minus_one_is_zero() {
+        let expr = lit(Datum::Int64(i64::MIN)).call_binary(Mod, lit(Datum::Int64(-1)));
+        assert_eq!(expr.eval(&[]).unwrap(), Datum::Int64(0));
     }
 }

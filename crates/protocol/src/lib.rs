@@ -60,8 +60,9 @@
 //!
 //! Doctests state each function's contract. Property tests (`tests/it/`): every message round-trips; any
 //! byte string decodes without panicking; `validate` accepts every generated valid dataflow and rejects
-//! generated broken ones with the expected error. Strategies for other crates' tests live in
-//! [`arbitrary`] (feature `proptest`).
+//! generated broken ones with the expected error; the reference interpreter ([`mod@reference`]) agrees with
+//! SQLite on random plans, tables and updates. Strategies for other crates' tests live in [`arbitrary`]
+//! (feature `proptest`; its SQLite oracle, `arbitrary::sql`, with feature `sqlite`).
 
 #![forbid(missing_docs)]
 

@@ -1,5 +1,7 @@
-//! The plan IR: the operators a dataflow is built from ([`Plan`]), with typing ([`Plan::typ`]) and the
-//! reference semantics of aggregates ([`AggregateFunc::eval`]) and orderings ([`ColumnOrder`]).
+//! The plan IR: the operators a dataflow is built from ([`Plan`]), with typing ([`Plan::typ`]), the
+//! aggregates' evaluation ([`AggregateFunc::eval`]) and orderings ([`ColumnOrder`]). The replica uses
+//! these functions; the reference interpreter (`crate::reference`) implements the same semantics on its
+//! own, from these docs.
 //!
 //! Every relation is a multiset of rows (a collection of `(row, time, diff)` updates). Operators:
 //!
@@ -22,6 +24,71 @@
 //! A negative accumulated multiplicity reaching `Reduce`, `Distinct` or `TopK` is a data error, reported
 //! through the dataflow's error collection. Aggregates follow SQL: `count(c)` counts non-null values,
 //! `sum`/`min`/`max` ignore nulls and are `NULL` over no non-null values.
+//!
+//! **Orderings.** `TopK` and a peek's finishing rank rows by their [`ColumnOrder`]s, then break ties by
+//! the whole row (column by column, ascending, `NULL` first), so a ranking is total and deterministic.
+//! Floats order numerically with `-0.0 == 0.0` and one NaN, equal to itself and above every number.
+//!
+//! # Multiplicities
+//!
+//! A multiplicity is exact inside a plan: unions add, `Negate` negates and joins multiply without
+//! overflowing, so an intermediate result may hold a row more than `i64::MAX` times. It must be an `i64`
+//! where it is *observed*: the number of rows of a `Reduce` or `TopK` group, and every row of what a
+//! dataflow exports (an index's contents, a sink's output). Beyond that, the answer is an error
+//! ([`EvalError::MultiplicityOutOfRange`], through the dataflow's error collection or the peek that reads
+//! the row), never a wrapped count. Implementations compute exactly in 128 bits; beyond that (products of
+//! several join inputs' multiplicities near `2^63`) is an error too.
+//!
+//! ```
+//! use std::collections::BTreeMap;
+//! use protocol::{Datum, EvalError, GlobalId, Plan, Row};
+//! use protocol::reference::{consolidate, evaluate};
+//! let inputs = BTreeMap::from([(GlobalId::User(1), consolidate([(Row::pack([Datum::Int64(1)]), i64::MAX)]))]);
+//! let get = || Plan::get(GlobalId::User(1));
+//! let twice = Plan::Union { inputs: vec![get(), get()] };
+//! assert_eq!(evaluate(&twice, &inputs), Err(EvalError::MultiplicityOutOfRange));
+//! let back = Plan::Union { inputs: vec![twice.clone(), Plan::Negate { input: Box::new(get()) }] };
+//! assert_eq!(evaluate(&back, &inputs).unwrap(), inputs[&GlobalId::User(1)]);
+//! ```
+//!
+//! # Where the IR departs from SQL
+//!
+//! Each of these is asserted below and in `compute/tests/it/operators.rs` (on the replica), and encoded
+//! in the SQLite differential test (`protocol::arbitrary::sql`'s `sql_semantics`).
+//!
+//! - **A global `Reduce` over nothing has no row.** A `Reduce` has one row per group of its input, also
+//!   with an empty `group_key`: over an empty input it is empty, where SQL's `SELECT count(*), sum(x)
+//!   FROM empty` has one row `(0, NULL)`.
+//! - **Key lookups match by identity.** A peek's `literal_constraints` (and an index's key) find the rows
+//!   whose key columns *are* the given values, so a `NULL` in a key finds the rows with `NULL` there,
+//!   where SQL's `=` finds none. `Join` is SQL's: its equivalence columns must be non-null.
+//! - **Float division by zero is not an error.** `x / 0.0` is `+inf` or `-inf`, and `0.0 / 0.0` is NaN
+//!   (IEEE 754), where SQL engines err or give `NULL`. Integer division by zero is an error.
+//! - **Integer overflow is an error**, in arithmetic and in sums (SQLite silently switches to floats in
+//!   arithmetic); `i64::MIN % -1` is `0`, as it is mathematically.
+//! - **Multiplicities** have no SQL counterpart: see above.
+//!
+//! ```
+//! use std::collections::BTreeMap;
+//! use protocol::{AggregateExpr, AggregateFunc, BinaryFunc, Datum, GlobalId, Plan, ScalarExpr};
+//! use protocol::reference::{Multiset, evaluate};
+//! // A global count and sum over an empty input: no row.
+//! let inputs = BTreeMap::from([(GlobalId::User(1), Multiset::new())]);
+//! let global = Plan::Reduce {
+//!     input: Box::new(Plan::get(GlobalId::User(1))),
+//!     group_key: vec![],
+//!     aggregates: vec![
+//!         AggregateExpr { func: AggregateFunc::Count, column: 0 },
+//!         AggregateExpr { func: AggregateFunc::Sum, column: 0 },
+//!     ],
+//! };
+//! assert!(evaluate(&global, &inputs).unwrap().is_empty());
+//! // Float division by zero.
+//! let divide = |x: f64| ScalarExpr::literal(Datum::float64(x)).call_binary(BinaryFunc::Div, ScalarExpr::literal(Datum::float64(0.0)));
+//! assert_eq!(divide(1.0).eval(&[]).unwrap(), Datum::float64(f64::INFINITY));
+//! assert_eq!(divide(-1.0).eval(&[]).unwrap(), Datum::float64(f64::NEG_INFINITY));
+//! assert!(matches!(divide(0.0).eval(&[]).unwrap(), Datum::Float64(x) if x.get().is_nan()));
+//! ```
 
 use std::cmp::Ordering;
 
@@ -75,9 +142,8 @@ impl AggregateFunc {
         }
     }
 
-    /// The reference semantics: the aggregate of `values` (a group's values with their accumulated
-    /// multiplicities). Every implementation (the replica's operators, the simulator's oracle) must agree
-    /// with this function.
+    /// The aggregate of `values` (a group's values with their accumulated multiplicities), as the replica
+    /// computes it. The reference interpreter has its own implementation of the same rules.
     ///
     /// Errors on a negative multiplicity, and on integer overflow of a count or of the exact sum (an
     /// integer sum errs when its result is out of range, whatever the order of its terms: the replica
@@ -290,7 +356,8 @@ pub enum Plan {
         /// Classes of columns (indexes into the concatenation) that must be equal and non-null.
         equivalences: Vec<Vec<usize>>,
     },
-    /// Grouped aggregation.
+    /// Grouped aggregation: one row per group of the input (none over an empty input, also with an
+    /// empty `group_key`: unlike SQL's global aggregates, see the module docs).
     Reduce {
         /// The input.
         input: Box<Plan>,

@@ -1,7 +1,8 @@
 //! The compute replica's integration tests: real replicas (1 worker, 2 workers, 2 timely processes) on an
 //! embedded storage, driven over real sockets by a small blocking test controller (`harness`).
 //!
-//! Modules: `operators` (every plan operator against `protocol::reference`, proptest), `exports` (multiple
+//! Modules: `operators` (every plan operator against `protocol::reference`, proptest, multiplicities beyond
+//! `i64` included), `sqlite` (random plans against SQLite after every batch of updates), `exports` (multiple
 //! exports, import chains, materialized views with two replicas, subscribes, copy-to), `reconnect`
 //! (reconciliation without rehydration), `bad_input` (wrong stages, garbage, unknown ids, peeks before the
 //! since). Proptest case counts come from `PROPTEST_CASES` (see `harness::proptest_cases`).
@@ -14,3 +15,4 @@ mod exports;
 mod harness;
 mod operators;
 mod reconnect;
+mod sqlite;

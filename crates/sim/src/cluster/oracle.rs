@@ -294,7 +294,7 @@ pub fn finish(contents: &Multiset, spec: &PeekSpec) -> Result<Vec<(Row, NonZeroU
         let count = count.ok_or_else(|| format!("the oracle holds {row} with multiplicity {diff}"))?;
         rows.push((row, count));
     }
-    Ok(canonical(spec.finishing.finish(rows), spec))
+    Ok(canonical(protocol::reference::finish(&spec.finishing, rows), spec))
 }
 
 /// Rows in a canonical order for comparison: unordered answers sorted by row.

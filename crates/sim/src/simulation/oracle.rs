@@ -72,7 +72,7 @@ pub fn peek_rows(
         }
         rows.push((row, NonZeroU64::new(diff as u64).expect("consolidated")));
     }
-    Ok(finishing.finish(rows))
+    Ok(protocol::reference::finish(finishing, rows))
 }
 
 /// Cached evaluations: `(collection, time)` to contents. Contents at a complete time never change, so an
