@@ -6,7 +6,9 @@ use protocol::{
     GlobalId, MapFilterProject, PeekId, PeekResponse, ReplicaId, Row, RowSetFinishing, SubscribeResponse,
 };
 
-use super::oracle::{EvalFailure, Oracle, peek_rows};
+use super::oracle::{EvalFailure, Oracle};
+use super::peek::peek_rows;
+use super::violation::{Invariant, Violation};
 
 /// What a peek asked, to compute the answer it should get.
 #[derive(Debug)]
@@ -33,11 +35,14 @@ pub struct PeekExpectation {
 
 impl PeekExpectation {
     /// Compares a delivered answer with the oracle's (DESIGN §5.6).
-    pub fn check(&self, uuid: PeekId, oracle: &Oracle, response: &PeekResponse) -> Result<(), String> {
+    pub fn check(&self, uuid: PeekId, oracle: &Oracle, response: &PeekResponse) -> Result<(), Violation> {
         match response {
             PeekResponse::Canceled if self.cancelled => return Ok(()),
             PeekResponse::Canceled => {
-                return Err(format!("peek {uuid} was cancelled, but not by the workload"));
+                return Err(Violation::new(
+                    Invariant::Protocol,
+                    format!("peek {uuid} was cancelled, but not by the workload"),
+                ));
             }
             PeekResponse::Error(e) if e.contains("dropped") && self.target.is_some() => return Ok(()),
             _ => {}
@@ -48,7 +53,10 @@ impl PeekExpectation {
             }
             Err(EvalFailure::Data(e)) => Err(e),
             Err(EvalFailure::Unavailable(e)) => {
-                return Err(format!("oracle cannot evaluate {}: {e}", self.id));
+                return Err(Violation::new(
+                    Invariant::Results,
+                    format!("oracle cannot evaluate {}: {e}", self.id),
+                ));
             }
         };
         let ok = match (response, &expected) {
@@ -59,9 +67,12 @@ impl PeekExpectation {
         if ok {
             Ok(())
         } else {
-            Err(format!(
-                "invariant 6: peek {uuid} of {} at {} returned {response:?}, the oracle says {expected:?}",
-                self.id, self.timestamp
+            Err(Violation::new(
+                Invariant::Results,
+                format!(
+                    "peek {uuid} of {} at {} returned {response:?}, the oracle says {expected:?}",
+                    self.id, self.timestamp
+                ),
             ))
         }
     }
@@ -88,6 +99,17 @@ impl SubscribeTracker {
     /// accumulate to the oracle's contents at `upper - 1` (each time range once: nothing duplicated or
     /// missing). Returns whether a batch was checked.
     pub fn observe(
+        &mut self,
+        id: GlobalId,
+        oracle: &Oracle,
+        response: SubscribeResponse<u64>,
+        now: u64,
+    ) -> Result<bool, Violation> {
+        self.observe_batch(id, oracle, response, now)
+            .map_err(|message| Violation::new(Invariant::Results, message))
+    }
+
+    fn observe_batch(
         &mut self,
         id: GlobalId,
         oracle: &Oracle,
@@ -152,10 +174,12 @@ impl SubscribeTracker {
         match oracle.export_contents(id, upper - 1) {
             Ok(expected) if *expected == *accumulated => Ok(true),
             Ok(expected) => Err(format!(
-                "invariant 6: subscribe {id} up to {upper} accumulates to {accumulated:?}, the oracle says {expected:?}"
+                "subscribe {id} up to {upper} accumulates to {accumulated:?}, the oracle says {expected:?}"
             )),
             Err(EvalFailure::Data(_)) => Ok(true),
-            Err(EvalFailure::Unavailable(e)) => Err(format!("oracle: {e}")),
+            Err(EvalFailure::Unavailable(e)) => {
+                Err(format!("subscribe {id}: the oracle cannot evaluate: {e}"))
+            }
         }
     }
 }

@@ -6,14 +6,19 @@
 //! **Tests:** `tests/it/simulation.rs` (a fixed range, determinism by trace hash, the planted bug).
 
 mod checks;
+mod evaluation;
 mod model;
 mod oracle;
+mod peek;
 mod real;
 mod rng;
+mod trace;
+mod violation;
 mod world;
 
 pub use real::{RealConfig, run_real};
 pub use rng::Rng;
+pub use violation::{Invariant, Violation};
 pub use world::{Outcome, SimConfig, World};
 
 /// Runs one seed with the default phases.

@@ -1,5 +1,5 @@
-//! A model replica process: the compute protocol's semantics with a naive evaluator, fast enough to run
-//! thousands of seeds.
+//! A model replica process: the compute protocol's semantics over naive evaluation, fast enough to run
+//! thousands of seeds, computing every result itself from what storage holds.
 //!
 //! Each process of a model replica keeps its installed dataflows (lost on a crash, kept across a
 //! disconnect), speaks the protocol stages (Hello, replay, `InitializationComplete` with reconciliation),
@@ -7,48 +7,66 @@
 //! a *slow* replica lags behind the clock), answers peeks and emits subscribe batches for the rows it owns
 //! (rows are partitioned across processes by a stable hash), and reports frontiers once per change.
 //!
-//! It reads its inputs from the real storage core, which compacts as the controller's holds allow. So when
-//! the controller lets go of history a replica still needs, the model cannot read it: that is recorded as
-//! a violation (and is how the planted peek-hold bug is caught). Answering a peek at a time before the
-//! replica's own compaction frontier is a violation of DESIGN §5.3 and recorded too.
+//! **How it computes.** Like a real replica, and from the same sources. A dataflow hydrates by reading a
+//! snapshot of each storage import at its as-of from the storage core ([`Store::snapshot`]) and the state of
+//! each index import from the arrangement of the upstream dataflow installed on the same process; it then
+//! follows its inputs: the storage updates in `[upper, target)` ([`Store::updates_between`]) and the
+//! upstream's changes. At every time some input changed it evaluates its plan with the reference
+//! interpreter (`protocol::reference::evaluate_dataflow`) and records each export's state in that export's
+//! [`Trace`] (its arrangement). Peeks read the trace at their time, subscribes emit its changes, and
+//! downstream dataflows follow it. A trace compacts as far as `AllowCompaction` allows and no dataflow or
+//! subscribe of the process still reads (as a real arrangement is held by the dataflows importing it).
+//! Nothing comes from the oracle: the model and the oracle share only the reference interpreter and what
+//! a peek means (`peek.rs`).
 //!
-//! **Not modelled:** materialized views and copy-to (the real replica's tests cover them).
+//! **What it checks.** The storage core compacts as the controller's holds allow, so when the controller
+//! lets go of history a replica still needs, the model cannot read it: a snapshot before the since, or
+//! updates from a time before it, is recorded as an [`Invariant::ImportHolds`] violation (as is an index
+//! import the process does not have, or has compacted past a dataflow's as-of). Answering a peek at a time
+//! before the process's own compaction frontier is an [`Invariant::PeekHolds`] violation; a compaction
+//! that moves backwards is [`Invariant::Frontiers`]; a command in the wrong stage is
+//! [`Invariant::Protocol`].
+//!
+//! **Not modelled:** materialized views and copy-to (the real replica's tests cover them), `until`.
+//! **Tests:** `trace.rs` (the arrangement); the whole through the simulator (`tests/it/`).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::rc::Rc;
 use std::sync::Arc;
 
 use frontiers::Antichain;
-use protocol::reference::{Multiset, consolidate};
+use protocol::reference::{Multiset, consolidate, evaluate_dataflow};
 use protocol::{
-    ComputeCommand, ComputeResponse, DataflowDescription, FrontiersResponse, GlobalId, PROTOCOL_VERSION,
-    Peek, PeekId, PeekResponse, PeekTarget, Row, SinkConnection, SubscribeBatch, SubscribeResponse,
+    ComputeCommand, ComputeResponse, DataflowDescription, Diff, FrontiersResponse, GlobalId,
+    PROTOCOL_VERSION, Peek, PeekId, PeekResponse, PeekTarget, ReplicaId, Row, SinkConnection, SubscribeBatch,
+    SubscribeResponse,
 };
 use storage::core::Store;
+use storage::{HoldSession, StorageReadHold};
 
-use super::oracle::{EvalFailure, Oracle, owner, peek_rows};
+use super::evaluation::{Contents, Evaluations, Fingerprint, Key, Output, describe};
+use super::peek::{owner, peek_rows};
+use super::trace::{Trace, add, difference};
+use super::violation::{Invariant, Violation};
 
 /// What a model process needs from the world to do its work.
 pub struct Context<'a> {
-    /// The storage layer.
-    pub store: &'a Store,
+    /// The storage layer (the synchronous core the world drives).
+    pub store: &'a mut Store,
     /// The simulated clock, in milliseconds.
     pub now: u64,
+    /// Storage restarted and its clients are not back yet: no holds can be taken (reads go on: the
+    /// restarted store holds the sinces of the crash for a grace period).
+    pub storage_down: bool,
     /// Where violations of the design's invariants are recorded.
-    pub violations: &'a mut Vec<String>,
-    /// The contents of every collection at every complete time (see the oracle's module doc).
-    pub oracle: &'a Oracle,
+    pub violations: &'a mut Vec<Violation>,
+    /// The evaluation memo every process shares.
+    pub evaluations: &'a mut Evaluations,
 }
 
 impl Context<'_> {
-    /// An export's contents at `time` as a replica reads them: every storage collection its dataflow
-    /// imports must still be readable there (else the controller let go of history the replica needs).
-    fn read(&mut self, id: GlobalId, time: u64) -> Result<std::rc::Rc<Multiset>, EvalFailure> {
-        for source in self.oracle.direct_sources(id) {
-            if let Err(e) = self.store.check_readable(source, time) {
-                return Err(EvalFailure::Unavailable(format!("cannot read {source} at {time}: {e}")));
-            }
-        }
-        self.oracle.export_contents(id, time)
+    fn violation(&mut self, invariant: Invariant, message: String) {
+        self.violations.push(Violation::new(invariant, message));
     }
 }
 
@@ -64,21 +82,96 @@ struct SubscribeState {
     started: bool,
     /// The upper of the last emitted batch.
     emitted: u64,
-    /// The full contents at `emitted - 1` (for computing changes).
-    last: Multiset,
+    /// The contents at `emitted - 1` (what the updates emitted so far add up to, with the snapshot).
+    last: Option<Rc<Contents>>,
     /// An error ended the stream: nothing more is emitted.
     failed: bool,
 }
 
-#[derive(Debug, Clone)]
+/// What a hydrated dataflow holds: its inputs as of `upper - 1`, and each export's arrangement.
+#[derive(Debug, Default)]
+struct Computed {
+    /// Each storage import's rows, kept up to date update by update: the reference interpreter's input
+    /// map (index imports join it only for the length of an evaluation).
+    inputs: BTreeMap<GlobalId, Multiset>,
+    /// The fingerprint of each storage import's rows, kept with them.
+    fingerprints: BTreeMap<GlobalId, Fingerprint>,
+    /// Each index import's state: the upstream trace's, shared.
+    indexes: BTreeMap<GlobalId, Output>,
+    /// Every export's arrangement.
+    traces: BTreeMap<GlobalId, Trace>,
+}
+
+impl Computed {
+    /// Takes a storage import's whole contents.
+    fn set_storage(&mut self, id: GlobalId, rows: Multiset) {
+        self.fingerprints.insert(id, Fingerprint::of(&rows));
+        self.inputs.insert(id, rows);
+    }
+
+    /// Adds `diff` copies of `row` to a storage import.
+    fn update_storage(&mut self, id: GlobalId, row: &Row, diff: Diff) {
+        add(self.inputs.entry(id).or_default(), row, diff);
+        self.fingerprints.entry(id).or_default().add(row, diff);
+    }
+
+    /// Evaluates the dataflow on the current inputs: every export's state (memoized by content).
+    fn evaluate(
+        &mut self,
+        dataflow: &Installed,
+        evaluations: &mut Evaluations,
+    ) -> Rc<BTreeMap<GlobalId, Output>> {
+        let mut inputs: Vec<(GlobalId, Fingerprint)> =
+            self.fingerprints.iter().map(|(id, f)| (*id, *f)).collect();
+        let mut errors = Vec::new();
+        for (id, state) in &self.indexes {
+            match state {
+                Ok(contents) => inputs.push((*id, contents.fingerprint)),
+                Err(error) => errors.push((*id, error.clone())),
+            }
+        }
+        inputs.sort();
+        let key = Key { dataflow: dataflow.fingerprint, inputs, errors };
+        let (rows, indexes) = (&mut self.inputs, &self.indexes);
+        evaluations.evaluate(key, &dataflow.desc, || {
+            for (id, state) in indexes {
+                if let Ok(contents) = state {
+                    rows.insert(*id, contents.rows.clone());
+                }
+            }
+            let outputs = evaluate_dataflow(&dataflow.desc, rows).map_err(|e| e.to_string());
+            for id in indexes.keys() {
+                rows.remove(id);
+            }
+            outputs
+        })
+    }
+}
+
+/// A change to one input of a dataflow at one time.
+enum InputChange {
+    /// A storage update.
+    Storage(GlobalId, Row, Diff),
+    /// An upstream index's new state.
+    Index(GlobalId, Output),
+}
+
+#[derive(Debug)]
 struct Installed {
     desc: Arc<DataflowDescription<u64>>,
+    /// What the description computes, for the evaluation memo.
+    fingerprint: Fingerprint,
     as_of: u64,
     scheduled: bool,
     /// Everything before this time is computed.
     upper: u64,
     exports: BTreeMap<GlobalId, ExportState>,
     subscribes: BTreeMap<GlobalId, SubscribeState>,
+    /// The process's own holds on the storage imports, at `upper` (acquired at the as-of when scheduled,
+    /// as a real replica's storage feed does); `None` until scheduled.
+    storage_holds: Option<BTreeMap<GlobalId, StorageReadHold>>,
+    /// `None` until the dataflow hydrates (its first advance).
+    computed: Option<Computed>,
 }
 
 impl Installed {
@@ -98,23 +191,36 @@ impl Installed {
                         with_snapshot,
                         started: false,
                         emitted: as_of,
-                        last: Multiset::new(),
+                        last: None,
                         failed: false,
                     },
                 )),
                 _ => None,
             })
             .collect();
-        Installed { desc, as_of, scheduled: false, upper: as_of, exports, subscribes }
+        Installed {
+            fingerprint: describe(&desc),
+            desc,
+            as_of,
+            scheduled: false,
+            upper: as_of,
+            exports,
+            subscribes,
+            storage_holds: None,
+            computed: None,
+        }
     }
 
     /// Whether a running `self` can stand in for a freshly replayed `other` (DESIGN: reconciliation).
+    /// Only a dataflow that started (scheduled, so holding its storage imports from its own progress)
+    /// is kept: one not yet scheduled would start from its earlier as-of, which the controller, having
+    /// replayed a later one, no longer holds.
     fn compatible_with(&self, other: &DataflowDescription<u64>) -> bool {
         let mut mine = (*self.desc).clone();
         mine.as_of = other.as_of.clone();
         let later = other.as_of.as_ref().and_then(|a| a.as_option().copied()).unwrap_or(0) >= self.as_of;
         // Subscribes are never kept: a kept subscribe could not re-emit what the old connection lost.
-        mine == *other && later && self.subscribes.is_empty()
+        mine == *other && later && self.subscribes.is_empty() && self.storage_holds.is_some()
     }
 }
 
@@ -138,9 +244,12 @@ struct Connection {
 /// One process of a model replica.
 #[derive(Debug)]
 pub struct ModelProcess {
+    replica: ReplicaId,
     process: usize,
     processes: usize,
     alive: bool,
+    /// The process's storage client's holds (re-registered by the world after a storage restart).
+    session: HoldSession,
     installed: BTreeMap<GlobalId, Installed>,
     connection: Option<Connection>,
     /// A slow replica computes only up to `now - lag_ms`.
@@ -152,12 +261,14 @@ pub struct ModelProcess {
 }
 
 impl ModelProcess {
-    /// Process `process` of a replica of `processes`.
-    pub fn new(process: usize, processes: usize) -> Self {
+    /// Process `process` of `replica`, which has `processes`.
+    pub fn new(replica: ReplicaId, process: usize, processes: usize) -> Self {
         ModelProcess {
+            replica,
             process,
             processes,
             alive: true,
+            session: HoldSession::new(),
             installed: BTreeMap::new(),
             connection: None,
             lag_ms: 0,
@@ -171,11 +282,23 @@ impl ModelProcess {
         self.alive
     }
 
-    /// Crashes: all state is lost; connections fail until [`restart`](Self::restart).
+    /// Crashes: all state is lost (its storage holds are released); connections fail until
+    /// [`restart`](Self::restart).
     pub fn crash(&mut self) {
         self.alive = false;
         self.installed.clear();
         self.connection = None;
+        self.session = HoldSession::new();
+    }
+
+    /// The process's storage holds, as its storage client keeps them.
+    pub fn session(&self) -> &HoldSession {
+        &self.session
+    }
+
+    /// `replica process N`, for messages.
+    fn name(&self) -> String {
+        format!("{} process {}", self.replica, self.process)
     }
 
     /// Comes back with no state.
@@ -207,6 +330,23 @@ impl ModelProcess {
             .collect()
     }
 
+    /// The peeks this process has received on connection `epoch` and not answered yet: `(uuid, time)`.
+    pub fn pending_peeks(&self, epoch: u64) -> Vec<(PeekId, u64)> {
+        self.connection
+            .iter()
+            .filter(|c| c.epoch == epoch)
+            .flat_map(|c| c.peeks.values().map(|p| (p.uuid, p.timestamp)))
+            .collect()
+    }
+
+    /// The number of rows of each computed export's latest state (for keeping the workload small).
+    pub fn export_rows(&self) -> impl Iterator<Item = (GlobalId, usize)> + '_ {
+        self.installed
+            .values()
+            .filter_map(|d| d.computed.as_ref())
+            .flat_map(|c| c.traces.iter().map(|(id, trace)| (*id, trace.latest_rows())))
+    }
+
     /// Handles a command of connection `epoch`; returns the responses it causes at once.
     pub fn receive(
         &mut self,
@@ -228,12 +368,18 @@ impl ModelProcess {
                 connection.stage = Stage::Live;
                 let staged = std::mem::take(&mut connection.staged);
                 let mut installed = BTreeMap::new();
+                let mut kept_exports: BTreeSet<GlobalId> = BTreeSet::new();
+                // In key order, so upstreams are decided before their importers.
                 for (key, fresh) in staged {
-                    let kept = self.installed.remove(&key).filter(|old| old.compatible_with(&fresh.desc));
+                    let kept = self.installed.remove(&key).filter(|old| {
+                        old.compatible_with(&fresh.desc)
+                            && old.desc.index_imports.keys().all(|id| kept_exports.contains(id))
+                    });
                     let dataflow = match kept {
                         Some(mut old) => {
                             old.exports = fresh.exports;
                             old.scheduled |= fresh.scheduled;
+                            kept_exports.extend(old.desc.export_ids());
                             old
                         }
                         None => {
@@ -264,13 +410,18 @@ impl ModelProcess {
                     }
                     ComputeCommand::AllowCompaction { id, frontier } => {
                         let Some(df) = target.values_mut().find(|d| d.exports.contains_key(&id)) else {
-                            ctx.violations
-                                .push(format!("AllowCompaction for {id}, which the replica does not have"));
+                            ctx.violation(
+                                Invariant::Protocol,
+                                format!("AllowCompaction for {id}, which the replica does not have"),
+                            );
                             return out;
                         };
                         let export = df.exports.get_mut(&id).expect("found");
                         if !frontiers::PartialOrder::less_equal(&export.since, &frontier) {
-                            ctx.violations.push(format!("compaction of {id} regressed to {frontier:?}"));
+                            ctx.violation(
+                                Invariant::Frontiers,
+                                format!("compaction of {id} regressed to {frontier:?}"),
+                            );
                         }
                         export.since = frontier.clone();
                         if frontier.is_empty() && !export.dropped {
@@ -309,14 +460,15 @@ impl ModelProcess {
                         }
                     }
                     ComputeCommand::UpdateConfiguration(_) | ComputeCommand::AllowWrites => {}
-                    other => ctx.violations.push(format!(
-                        "replica got {} in stage {:?}",
-                        other.name(),
-                        connection.stage
-                    )),
+                    other => ctx.violation(
+                        Invariant::Protocol,
+                        format!("replica got {} in stage {:?}", other.name(), connection.stage),
+                    ),
                 }
             }
-            (stage, other) => ctx.violations.push(format!("replica got {} in stage {stage:?}", other.name())),
+            (stage, other) => {
+                ctx.violation(Invariant::Protocol, format!("replica got {} in stage {stage:?}", other.name()))
+            }
         }
         if let Some(connection) = self.connection.as_mut() {
             for id in closed {
@@ -392,14 +544,25 @@ impl ModelProcess {
         };
         let since = &dataflow.exports[&id].since;
         if !since.less_equal(&peek.timestamp) {
-            ctx.violations.push(format!(
-                "invariant 3: replica process {} answers peek {} on {id} at {} after compacting to {since:?}",
-                self.process, peek.uuid, peek.timestamp
-            ));
+            ctx.violation(
+                Invariant::PeekHolds,
+                format!(
+                    "{} answers peek {} on {id} at {} after compacting to {since:?}",
+                    self.name(),
+                    peek.uuid,
+                    peek.timestamp
+                ),
+            );
             return PeekResponse::Error(format!("peek at {} is before the since {since:?}", peek.timestamp));
         }
-        match ctx.read(id, peek.timestamp) {
+        // Ready means `timestamp < upper`, and the since is at or after the as-of: the dataflow hydrated,
+        // and its trace is compacted no further than the since.
+        let computed = dataflow.computed.as_ref().expect("a peek below the upper of a hydrated dataflow");
+        let state =
+            computed.traces[&id].read(peek.timestamp).expect("traces compact no further than the since");
+        match state {
             Ok(contents) => {
+                let contents = &contents.rows;
                 let key = dataflow.desc.index_exports.get(&id).map(|e| e.key.clone()).unwrap_or_default();
                 match peek_rows(
                     &contents,
@@ -413,16 +576,12 @@ impl ModelProcess {
                     Err(e) => PeekResponse::Error(e),
                 }
             }
-            Err(EvalFailure::Data(e)) => PeekResponse::Error(e),
-            Err(EvalFailure::Unavailable(e)) => {
-                ctx.violations
-                    .push(format!("replica cannot answer peek {} at {}: {e}", peek.uuid, peek.timestamp));
-                PeekResponse::Error(e)
-            }
+            Err(e) => PeekResponse::Error(e.clone()),
         }
     }
 
-    /// Advances every scheduled dataflow as far as its inputs allow, emitting subscribe batches on the way.
+    /// Advances every scheduled dataflow as far as its inputs allow, emitting subscribe batches on the way,
+    /// then compacts the arrangements.
     fn advance(&mut self, ctx: &mut Context<'_>, out: &mut Vec<ComputeResponse<u64>>) {
         let live = self.connection.as_ref().is_some_and(|c| c.stage == Stage::Live);
         let cap = ctx.now.saturating_sub(self.lag_ms);
@@ -430,89 +589,277 @@ impl ModelProcess {
         // because they are created first and ids grow).
         let keys: Vec<GlobalId> = self.installed.keys().copied().collect();
         for key in keys {
-            let dataflow = &self.installed[&key];
-            if !dataflow.scheduled {
+            if !self.installed[&key].scheduled {
                 continue;
             }
+            if self.installed[&key].storage_holds.is_none() {
+                if ctx.storage_down {
+                    continue; // The storage client waits for the server.
+                }
+                if !self.hold_storage(key, ctx) {
+                    return;
+                }
+            }
+            let dataflow = &self.installed[&key];
             let mut target = cap;
             for id in dataflow.desc.source_imports.keys() {
                 let upper = ctx.store.frontiers(*id).and_then(|f| f.upper.as_option().copied()).unwrap_or(0);
                 target = target.min(upper);
             }
             for id in dataflow.desc.index_imports.keys() {
-                let upstream = self.installed.values().find(|d| d.exports.contains_key(id)).map(|d| d.upper);
-                target = target.min(upstream.unwrap_or(0));
+                match self.installed.values().find(|d| d.exports.contains_key(id)) {
+                    Some(upstream) => target = target.min(upstream.upper),
+                    None => {
+                        ctx.violation(
+                            Invariant::ImportHolds,
+                            format!(
+                                "{}: dataflow {key} imports index {id}, which the process does not have",
+                                self.name()
+                            ),
+                        );
+                        return;
+                    }
+                }
             }
             if target <= dataflow.upper {
                 continue;
             }
             let from = dataflow.upper;
-            if live && !dataflow.subscribes.is_empty() {
-                self.emit_subscribes(key, from, target, ctx, out);
+            if !self.compute(key, target, ctx) {
+                return;
             }
-            self.installed.get_mut(&key).expect("present").upper = target;
+            if live && !self.installed[&key].subscribes.is_empty() {
+                self.emit_subscribes(key, target, out);
+            }
+            let dataflow = self.installed.get_mut(&key).expect("present");
+            assert!(dataflow.upper == from, "computed from {from}");
+            dataflow.upper = target;
+            // Storage is read from the upper on: the process's own holds follow it.
+            for hold in dataflow.storage_holds.iter_mut().flat_map(|holds| holds.values_mut()) {
+                hold.try_downgrade(Antichain::from_elem(target)).expect("the upper only advances");
+            }
         }
+        self.compact();
     }
 
-    fn emit_subscribes(
-        &mut self,
-        key: GlobalId,
+    /// Takes the process's own holds on the storage imports of a dataflow just scheduled, at its as-of.
+    /// Returns false (with a violation recorded) if storage no longer holds the as-of: the controller let
+    /// go of history a dataflow it installed needs.
+    fn hold_storage(&mut self, key: GlobalId, ctx: &mut Context<'_>) -> bool {
+        let name = self.name();
+        let dataflow = self.installed.get_mut(&key).expect("present");
+        let mut holds = BTreeMap::new();
+        for id in dataflow.desc.source_imports.keys() {
+            let hold = ctx
+                .store
+                .acquire_read_hold(*id, Antichain::from_elem(dataflow.upper))
+                .and_then(|hold| self.session.wrap(hold, self.session.generation(), None));
+            match hold {
+                Ok(hold) => {
+                    holds.insert(*id, hold);
+                }
+                Err(e) => {
+                    ctx.violation(
+                        Invariant::ImportHolds,
+                        format!(
+                            "{name} cannot hold storage import {id} of dataflow {key} at {}: {e}",
+                            dataflow.upper
+                        ),
+                    );
+                    return false;
+                }
+            }
+        }
+        dataflow.storage_holds = Some(holds);
+        true
+    }
+
+    /// Computes dataflow `key` from its upper to `target`: hydrates it first if it has not yet, then
+    /// evaluates it at every time in between at which an input changed. Returns false (with a violation
+    /// recorded) if an input could not be read.
+    fn compute(&mut self, key: GlobalId, target: u64, ctx: &mut Context<'_>) -> bool {
+        // Taken out while it changes (no dataflow imports itself, so its upstreams stay readable).
+        let taken = self.installed.get_mut(&key).expect("present").computed.take();
+        let dataflow = &self.installed[&key];
+        let (mut computed, lower) = match taken {
+            Some(computed) => (computed, dataflow.upper),
+            None => match self.hydrate(dataflow, ctx) {
+                Some(computed) => (computed, dataflow.as_of + 1),
+                None => return false,
+            },
+        };
+        let Some(changes) = self.input_changes(dataflow, lower, target, ctx) else {
+            // Put back what was computed before; a hydration that cannot go on is not kept.
+            if lower == dataflow.upper {
+                self.installed.get_mut(&key).expect("present").computed = Some(computed);
+            }
+            return false;
+        };
+        for (time, changes) in changes {
+            for change in changes {
+                match change {
+                    InputChange::Storage(id, row, diff) => computed.update_storage(id, &row, diff),
+                    InputChange::Index(id, state) => {
+                        computed.indexes.insert(id, state);
+                    }
+                }
+            }
+            let outputs = computed.evaluate(dataflow, ctx.evaluations);
+            for (id, output) in outputs.iter() {
+                computed.traces.get_mut(id).expect("a trace per export").push(time, output.clone());
+            }
+        }
+        self.installed.get_mut(&key).expect("present").computed = Some(computed);
+        true
+    }
+
+    /// The first computation of a dataflow, at its as-of: storage snapshots and upstream states there.
+    fn hydrate(&self, dataflow: &Installed, ctx: &mut Context<'_>) -> Option<Computed> {
+        let as_of = dataflow.as_of;
+        let mut computed = Computed::default();
+        for id in dataflow.desc.source_imports.keys() {
+            match ctx.store.snapshot(*id, as_of) {
+                Ok(rows) => computed.set_storage(*id, consolidate(rows)),
+                Err(e) => {
+                    ctx.violation(
+                        Invariant::ImportHolds,
+                        format!("{} cannot hydrate a dataflow at its as-of {as_of}: {e}", self.name()),
+                    );
+                    return None;
+                }
+            }
+        }
+        for id in dataflow.desc.index_imports.keys() {
+            let trace = self.upstream_trace(*id);
+            match trace.and_then(|t| t.read(as_of)) {
+                Some(state) => {
+                    computed.indexes.insert(*id, state.clone());
+                }
+                None => {
+                    ctx.violation(
+                        Invariant::ImportHolds,
+                        format!(
+                            "{} cannot hydrate a dataflow at its as-of {as_of}: index {id} is {}",
+                            self.name(),
+                            match trace {
+                                Some(t) => format!("compacted to {}", t.compacted()),
+                                None => "not hydrated".to_string(),
+                            }
+                        ),
+                    );
+                    return None;
+                }
+            }
+        }
+        let outputs = computed.evaluate(dataflow, ctx.evaluations);
+        for (id, output) in outputs.iter() {
+            computed.traces.insert(*id, Trace::new(as_of, output.clone()));
+        }
+        Some(computed)
+    }
+
+    /// The arrangement of index `id` on this process, if a hydrated dataflow exports it.
+    fn upstream_trace(&self, id: GlobalId) -> Option<&Trace> {
+        self.installed.values().find_map(|d| d.computed.as_ref().and_then(|c| c.traces.get(&id)))
+    }
+
+    /// Every change to the dataflow's inputs at times in `[lower, upper)`, by time: storage updates read
+    /// from the store, upstream changes from their traces. `None` (with a violation) if storage no longer
+    /// holds that history.
+    fn input_changes(
+        &self,
+        dataflow: &Installed,
         lower: u64,
         upper: u64,
         ctx: &mut Context<'_>,
-        out: &mut Vec<ComputeResponse<u64>>,
-    ) {
-        let mut times: BTreeSet<u64> = BTreeSet::new();
-        for id in self.installed[&key].subscribes.keys() {
-            times.extend(ctx.oracle.change_times(*id, lower, upper));
+    ) -> Option<BTreeMap<u64, Vec<InputChange>>> {
+        let mut changes: BTreeMap<u64, Vec<InputChange>> = BTreeMap::new();
+        if lower >= upper {
+            return Some(changes);
         }
+        for id in dataflow.desc.source_imports.keys() {
+            match ctx.store.updates_between(*id, lower, &Antichain::from_elem(upper)) {
+                Ok(updates) => {
+                    for (row, time, diff) in updates {
+                        changes.entry(time).or_default().push(InputChange::Storage(*id, row, diff));
+                    }
+                }
+                Err(e) => {
+                    ctx.violation(
+                        Invariant::ImportHolds,
+                        format!(
+                            "{} cannot read storage from {lower} to compute up to {upper}: {e}",
+                            self.name()
+                        ),
+                    );
+                    return None;
+                }
+            }
+        }
+        for id in dataflow.desc.index_imports.keys() {
+            // The upstream advanced first (it was created first); its trace is held at this dataflow's upper.
+            let Some(trace) = self.upstream_trace(*id) else {
+                ctx.violation(
+                    Invariant::ImportHolds,
+                    format!("{} reads index {id} from {lower}, before it hydrated", self.name()),
+                );
+                return None;
+            };
+            for (time, state) in trace.changes(lower, upper) {
+                changes.entry(time).or_default().push(InputChange::Index(*id, state.clone()));
+            }
+        }
+        Some(changes)
+    }
+
+    /// Emits one batch per subscribe of dataflow `key`, from what it emitted so far to `upper`.
+    fn emit_subscribes(&mut self, key: GlobalId, upper: u64, out: &mut Vec<ComputeResponse<u64>>) {
         let (process, processes) = (self.process, self.processes);
         let dataflow = self.installed.get_mut(&key).expect("present");
         let as_of = dataflow.as_of;
-        let export_sinces: BTreeMap<GlobalId, Antichain<u64>> =
-            dataflow.exports.iter().map(|(id, e)| (*id, e.since.clone())).collect();
+        let computed = dataflow.computed.as_ref().expect("computed before emitting");
         for (id, sub) in dataflow.subscribes.iter_mut() {
             if sub.failed {
                 continue;
             }
-            let mut updates: Vec<(u64, Row, i64)> = Vec::new();
+            let trace = &computed.traces[id];
+            let mut updates: Vec<(u64, Row, Diff)> = Vec::new();
             let mut error = None;
-            let mut evaluation_times: Vec<u64> =
-                times.iter().copied().filter(|t| *t >= lower && *t < upper).collect();
+            let mut emit = |time: u64, state: &Output, last: &mut Option<Rc<Contents>>| match state {
+                Ok(contents) => {
+                    let empty = Multiset::new();
+                    let before = last.as_ref().map_or(&empty, |c| &c.rows);
+                    for (row, diff) in difference(&contents.rows, before) {
+                        if owner(&row, processes) == process {
+                            updates.push((time, row, diff));
+                        }
+                    }
+                    *last = Some(Rc::clone(contents));
+                    true
+                }
+                Err(e) => {
+                    error = Some(e.clone());
+                    false
+                }
+            };
+            let mut start = sub.emitted;
+            let mut going = true;
             if !sub.started {
-                evaluation_times.retain(|t| *t > as_of);
-                evaluation_times.insert(0, as_of);
+                sub.started = true;
+                start = as_of + 1;
+                let state = trace.read(as_of).expect("a subscribe's trace is held at what it emitted");
+                going = match state {
+                    // Without a snapshot the stream starts from the contents at the as-of, unsent.
+                    Ok(contents) if !sub.with_snapshot => {
+                        sub.last = Some(Rc::clone(contents));
+                        true
+                    }
+                    state => emit(as_of, state, &mut sub.last),
+                };
             }
-            for time in evaluation_times {
-                match ctx.read(*id, time) {
-                    Ok(contents) => {
-                        let contents = (*contents).clone();
-                        let first = !sub.started;
-                        sub.started = true;
-                        if first && !sub.with_snapshot {
-                            sub.last = contents;
-                            continue;
-                        }
-                        let mut changes: Vec<(Row, i64)> =
-                            contents.iter().map(|(r, d)| (r.clone(), *d)).collect();
-                        changes.extend(sub.last.iter().map(|(r, d)| (r.clone(), -*d)));
-                        for (row, diff) in consolidate(changes) {
-                            if owner(&row, processes) == process {
-                                updates.push((time, row, diff));
-                            }
-                        }
-                        sub.last = contents;
-                    }
-                    Err(EvalFailure::Data(e)) => {
-                        error = Some(e);
-                        break;
-                    }
-                    Err(EvalFailure::Unavailable(e)) => {
-                        ctx.violations.push(format!(
-                            "subscribe {id} on process {process} (as_of {as_of}, emitted {}, started {}, since {:?}) cannot evaluate at {time}: {e}",
-                            sub.emitted, sub.started, export_sinces.get(id)
-                        ));
-                        error = Some(e);
+            if going {
+                for (time, state) in trace.changes(start, upper) {
+                    if !emit(time, state, &mut sub.last) {
                         break;
                     }
                 }
@@ -531,6 +878,35 @@ impl ModelProcess {
                 id: *id,
                 response: SubscribeResponse::Batch(batch),
             });
+        }
+    }
+
+    /// Compacts every arrangement as far as `AllowCompaction` allows and no reader on this process needs:
+    /// a dataflow importing it reads from its own upper, a subscribe emits from what it emitted, and nothing
+    /// is compacted past the last time its own dataflow computed.
+    fn compact(&mut self) {
+        let mut readers: BTreeMap<GlobalId, u64> = BTreeMap::new();
+        for dataflow in self.installed.values() {
+            for id in dataflow.desc.index_imports.keys() {
+                let reader = readers.entry(*id).or_insert(u64::MAX);
+                *reader = (*reader).min(dataflow.upper);
+            }
+        }
+        for dataflow in self.installed.values_mut() {
+            let Some(computed) = dataflow.computed.as_mut() else { continue };
+            for (id, trace) in computed.traces.iter_mut() {
+                let allowed = dataflow.exports[id].since.as_option().copied().unwrap_or(u64::MAX);
+                // The state at `upper - 1` is the last one computed: compacting further would merge it
+                // with states not yet computed.
+                let mut frontier = allowed.min(dataflow.upper - 1);
+                if let Some(reader) = readers.get(id) {
+                    frontier = frontier.min(*reader);
+                }
+                if let Some(sub) = dataflow.subscribes.get(id) {
+                    frontier = frontier.min(sub.emitted);
+                }
+                trace.compact(frontier);
+            }
         }
     }
 }

@@ -38,9 +38,11 @@ use controller::{
 };
 
 use super::checks::{PeekExpectation, SubscribeTracker};
+use super::evaluation::Evaluations;
 use super::model::{Context, ModelProcess};
 use super::oracle::Oracle;
 use super::rng::Rng;
+use super::violation::{Invariant, Violation};
 
 /// How long each phase of a run lasts, in simulated milliseconds.
 #[derive(Debug, Clone, Copy)]
@@ -74,8 +76,13 @@ pub struct Outcome {
     pub faults: u64,
     /// Storage restarts among the faults.
     pub storage_restarts: u64,
+    /// Dataflow evaluations the model replicas ran (each process computes its own results; processes
+    /// computing the same dataflow on the same inputs share one evaluation).
+    pub model_evaluations: u64,
+    /// Evaluations a model process took from the memo another process filled.
+    pub model_memo_hits: u64,
     /// The first violation, with the step it happened at.
-    pub violation: Option<(u64, String)>,
+    pub violation: Option<(u64, Violation)>,
 }
 
 const START_MS: u64 = 100_000;
@@ -167,6 +174,9 @@ pub struct World {
     next_id: u64,
     exports: BTreeMap<GlobalId, ExportKind>,
     peeks: BTreeMap<PeekId, PeekExpectation>,
+    /// Every peek issued and not yet finished (some replica owes an answer, or the controller still has
+    /// it): its collection and time, for [`World::check_peek_holds`].
+    issued: BTreeMap<PeekId, (GlobalId, u64)>,
     next_peek: u64,
     subscribes: BTreeMap<GlobalId, SubscribeTracker>,
     user_holds: Vec<(u64, ReadHold<GlobalId, u64>)>,
@@ -176,7 +186,9 @@ pub struct World {
     /// A storage restart in progress: when the clients are back (their holds re-registered), and when
     /// the restarted store's recovery grace ends.
     storage_restart: Option<StorageRestart>,
-    violations: Vec<String>,
+    violations: Vec<Violation>,
+    /// The model replicas' shared evaluation memo.
+    evaluations: Evaluations,
     trace: u64,
     faults: u64,
     storage_restarts: u64,
@@ -231,12 +243,14 @@ impl World {
             next_id: 1,
             exports: BTreeMap::new(),
             peeks: BTreeMap::new(),
+            issued: BTreeMap::new(),
             next_peek: 1,
             subscribes: BTreeMap::new(),
             user_holds: Vec::new(),
             session: HoldSession::new(),
             storage_restart: None,
             violations: Vec::new(),
+            evaluations: Evaluations::default(),
             trace: 0xcbf2_9ce4_8422_2325,
             faults: 0,
             storage_restarts: 0,
@@ -284,11 +298,13 @@ impl World {
             batches_checked: self.batches_checked,
             faults: self.faults,
             storage_restarts: self.storage_restarts,
+            model_evaluations: self.evaluations.evaluated,
+            model_memo_hits: self.evaluations.hits,
             violation: self.violations.first().map(|v| {
                 let mut v = v.clone();
                 if std::env::var_os("SIM_DEBUG").is_some() {
                     for id in self.exports.keys() {
-                        v.push_str(&format!("\n  {}", self.instance.describe_collection(*id)));
+                        v.message.push_str(&format!("\n  {}", self.instance.describe_collection(*id)));
                     }
                 }
                 (self.now - START_MS, v)
@@ -322,11 +338,14 @@ impl World {
         self.instance.process_holds();
         self.store.process_holds();
         self.pump();
-        if let Err(violation) = self.instance.check_invariants() {
-            self.violations.push(format!("controller invariant: {violation}"));
-        }
+        // The world's own checks first: a violation they see is reported as its own kind, not as the
+        // controller's self-check that may notice the same fault.
+        self.check_peek_holds();
         self.check_storage_holds();
         self.check_history_bound();
+        if let Err(violation) = self.instance.check_invariants() {
+            self.violation(Invariant::ControllerSelfCheck, violation);
+        }
     }
 
     // ---------------------------------------------------------------------------------------------
@@ -357,11 +376,13 @@ impl World {
                     if sim.link != Some(epoch) || !sim.processes[process].is_alive() {
                         continue;
                     }
+                    let storage_down = self.storage_restart.is_some_and(|restart| !restart.restored);
                     let mut ctx = Context {
-                        store: &self.store,
+                        store: &mut self.store,
                         now: self.now,
+                        storage_down,
                         violations: &mut self.violations,
-                        oracle: &self.oracle,
+                        evaluations: &mut self.evaluations,
                     };
                     let responses = sim.processes[process].receive(epoch, command, &mut ctx);
                     for response in responses {
@@ -393,13 +414,15 @@ impl World {
         for replica in ids {
             let sim = self.replicas.get_mut(&replica).expect("listed");
             let epoch = sim.link;
+            let storage_down = self.storage_restart.is_some_and(|restart| !restart.restored);
             let mut outgoing = Vec::new();
             for (process, model) in sim.processes.iter_mut().enumerate() {
                 let mut ctx = Context {
-                    store: &self.store,
+                    store: &mut self.store,
                     now: self.now,
+                    storage_down,
                     violations: &mut self.violations,
-                    oracle: &self.oracle,
+                    evaluations: &mut self.evaluations,
                 };
                 for response in model.step(&mut ctx) {
                     outgoing.push((process, response));
@@ -429,8 +452,10 @@ impl World {
                         if let Some(sim) = self.replicas.get_mut(&replica)
                             && let Err(e) = sim.core.send(command)
                         {
-                            self.violations
-                                .push(format!("replica history rejected a controller command: {e}"));
+                            self.violations.push(Violation::new(
+                                Invariant::Protocol,
+                                format!("replica history rejected a controller command: {e}"),
+                            ));
                         }
                     }
                     InstanceOutput::DisconnectReplica { replica, reason } => {
@@ -521,7 +546,7 @@ impl World {
         core.tick(self.now);
         let sim = SimReplica {
             core,
-            processes: (0..processes).map(|p| ModelProcess::new(p, processes)).collect(),
+            processes: (0..processes).map(|p| ModelProcess::new(replica, p, processes)).collect(),
             link: None,
             down_until: None,
             delay_max: 3,
@@ -600,14 +625,19 @@ impl World {
         let mut store = match Store::from_checkpoint(checkpoint, Arc::new(|| {})) {
             Ok(store) => store,
             Err(e) => {
-                self.violations.push(format!("a checkpoint of the live store does not load: {e}"));
+                self.violation(
+                    Invariant::Protocol,
+                    format!("a checkpoint of the live store does not load: {e}"),
+                );
                 return;
             }
         };
         store.set_default_read_policy(STORAGE_POLICY);
         store.hold_for_recovery();
         self.store = store;
-        self.session.disconnect();
+        for (_, session) in self.sessions() {
+            session.disconnect();
+        }
         let back = self.now + self.rng.range(1, 100);
         let grace_over = back + self.rng.range(0, 200);
         self.storage_restart = Some(StorageRestart { back, grace_over, restored: false });
@@ -618,15 +648,20 @@ impl World {
     fn recover_storage(&mut self, finish: bool) {
         let Some(restart) = self.storage_restart else { return };
         if (finish || restart.back <= self.now) && !restart.restored {
-            let generation = self.session.generation();
-            for (id, frontier) in self.session.to_restore() {
-                match self.store.acquire_read_hold(id, frontier) {
-                    Ok(hold) => self.session.restore(hold, generation),
-                    Err(e) => {
-                        self.session.lose(id, &e);
-                        self.violations.push(format!(
-                            "storage restart: the hold on {id} could not be re-registered: {e}"
-                        ));
+            for (client, session) in self.sessions() {
+                let generation = session.generation();
+                for (id, frontier) in session.to_restore() {
+                    match self.store.acquire_read_hold(id, frontier) {
+                        Ok(hold) => session.restore(hold, generation),
+                        Err(e) => {
+                            session.lose(id, &e);
+                            self.violations.push(Violation::new(
+                                Invariant::Frontiers,
+                                format!(
+                                    "storage restart: {client}'s hold on {id} could not be re-registered: {e}"
+                                ),
+                            ));
+                        }
                     }
                 }
             }
@@ -643,20 +678,37 @@ impl World {
         self.storage_restart.is_some_and(|restart| !restart.restored)
     }
 
-    /// DESIGN §5 for storage: while the client is connected, no collection's since is beyond a hold it
-    /// keeps (across restarts too: the restarted store must not have compacted past a re-registered hold).
+    /// Every storage client's hold session, named: the controller's, then each model process's.
+    fn sessions(&self) -> Vec<(String, HoldSession)> {
+        let mut sessions = vec![("the controller".to_string(), self.session.clone())];
+        for (replica, sim) in &self.replicas {
+            for (process, model) in sim.processes.iter().enumerate() {
+                sessions.push((format!("{replica} process {process}"), model.session().clone()));
+            }
+        }
+        sessions
+    }
+
+    /// DESIGN §5.1 for storage: while the clients are connected, no collection's since is beyond a hold
+    /// one of them keeps (the controller's, or a replica process's own), across restarts too: the
+    /// restarted store must not have compacted past a re-registered hold.
     fn check_storage_holds(&mut self) {
         if self.storage_down() {
             return;
         }
-        for (id, _) in &self.tables {
-            let held = self.session.held(*id);
-            let Some(frontiers) = self.store.frontiers(*id) else { continue };
-            if !held.is_empty() && !frontiers::PartialOrder::less_equal(&frontiers.since, &held) {
-                self.violations.push(format!(
-                    "storage since of {id} is {:?}, beyond the controller's hold at {held:?}",
-                    frontiers.since
-                ));
+        for (client, session) in self.sessions() {
+            for (id, _) in &self.tables {
+                let held = session.held(*id);
+                let Some(frontiers) = self.store.frontiers(*id) else { continue };
+                if !held.is_empty() && !frontiers::PartialOrder::less_equal(&frontiers.since, &held) {
+                    self.violations.push(Violation::new(
+                        Invariant::Frontiers,
+                        format!(
+                            "storage since of {id} is {:?}, beyond {client}'s hold at {held:?}",
+                            frontiers.since
+                        ),
+                    ));
+                }
             }
         }
     }
@@ -718,7 +770,7 @@ impl World {
             });
         }
         if let Err(e) = self.store.append(requests) {
-            self.violations.push(format!("storage append failed: {e}"));
+            self.violation(Invariant::Protocol, format!("storage append failed: {e}"));
         }
     }
 
@@ -834,8 +886,10 @@ impl World {
                     holds.insert(*id, hold);
                 }
                 Err(e) => {
-                    self.violations
-                        .push(format!("storage refused a hold at the selected as-of {as_of:?}: {e}"));
+                    self.violation(
+                        Invariant::Protocol,
+                        format!("storage refused a hold at the selected as-of {as_of:?}: {e}"),
+                    );
                     return;
                 }
             }
@@ -856,7 +910,8 @@ impl World {
                     }
                 }
             }
-            Err(e) => self.violations.push(format!("a dataflow with a selected as-of was refused: {e}")),
+            Err(e) => self
+                .violation(Invariant::Protocol, format!("a dataflow with a selected as-of was refused: {e}")),
         }
         self.pump();
     }
@@ -867,13 +922,23 @@ impl World {
         self.drop_export_id(id);
     }
 
-    /// Drops exports that have grown past [`MAX_LIVE_EXPORT_ROWS`] (as the oracle saw them): they would
-    /// cost every later step an evaluation of that size, and a seed would run for minutes.
+    /// Drops exports that have grown past [`MAX_LIVE_EXPORT_ROWS`] on some model process: they would
+    /// cost every later change an evaluation of that size on every process, and a seed would run for
+    /// minutes.
     fn drop_oversized_exports(&mut self) {
+        let mut largest: BTreeMap<GlobalId, usize> = BTreeMap::new();
+        for sim in self.replicas.values() {
+            for process in &sim.processes {
+                for (id, rows) in process.export_rows() {
+                    let entry = largest.entry(id).or_default();
+                    *entry = (*entry).max(rows);
+                }
+            }
+        }
         let oversized: Vec<GlobalId> = self
             .exports
             .keys()
-            .filter(|id| self.oracle.rows_seen(**id) > MAX_LIVE_EXPORT_ROWS)
+            .filter(|id| largest.get(id).is_some_and(|rows| *rows > MAX_LIVE_EXPORT_ROWS))
             .copied()
             .collect();
         for id in oversized {
@@ -886,7 +951,7 @@ impl World {
             Ok(()) => {
                 self.exports.remove(&id);
             }
-            Err(e) => self.violations.push(format!("dropping live {id} failed: {e}")),
+            Err(e) => self.violation(Invariant::Protocol, format!("dropping live {id} failed: {e}")),
         }
         self.pump();
     }
@@ -905,7 +970,7 @@ impl World {
             _ => ReadPolicy::LagWriteFrontier { lag_ms: 1, granularity_ms: 0 },
         };
         if let Err(e) = self.instance.set_read_policy(vec![(id, policy)]) {
-            self.violations.push(format!("set_read_policy on live {id} failed: {e}"));
+            self.violation(Invariant::Protocol, format!("set_read_policy on live {id} failed: {e}"));
         }
     }
 
@@ -981,6 +1046,7 @@ impl World {
         };
         match self.instance.peek(request) {
             Ok(()) => {
+                self.issued.insert(uuid, (id, timestamp));
                 self.peeks.insert(
                     uuid,
                     PeekExpectation {
@@ -996,7 +1062,9 @@ impl World {
                     },
                 );
             }
-            Err(e) => self.violations.push(format!("a peek at a readable time was refused: {e}")),
+            Err(e) => {
+                self.violation(Invariant::Protocol, format!("a peek at a readable time was refused: {e}"))
+            }
         }
         self.pump();
     }
@@ -1004,9 +1072,74 @@ impl World {
     // ---------------------------------------------------------------------------------------------
     // Checks
 
+    fn violation(&mut self, invariant: Invariant, message: String) {
+        self.violations.push(Violation::new(invariant, message));
+    }
+
+    /// DESIGN §5.3 from the replicas' side: while a replica still owes the answer to a peek at `t` (its
+    /// model process has the peek and has not answered, the command or the answer is on the wire, or its
+    /// command history will replay the peek), the controller keeps the peek's hold at or before `t`.
+    /// Who owes an answer is the world's own knowledge, not the controller's bookkeeping; the controller
+    /// is asked only where its hold is ([`InstanceCore::peek_holds`]).
+    fn check_peek_holds(&mut self) {
+        if self.issued.is_empty() {
+            return;
+        }
+        let holds: BTreeMap<PeekId, Option<Antichain<u64>>> =
+            self.instance.peek_holds().into_iter().map(|(uuid, _, hold, _)| (uuid, hold)).collect();
+        let mut owed: BTreeMap<PeekId, ReplicaId> = BTreeMap::new();
+        for (replica, sim) in &self.replicas {
+            for (uuid, _) in &self.issued {
+                if sim.core.history().contains_peek(*uuid) {
+                    owed.insert(*uuid, *replica);
+                }
+            }
+            if let Some(epoch) = sim.link {
+                for process in &sim.processes {
+                    for (uuid, _) in process.pending_peeks(epoch) {
+                        owed.insert(uuid, *replica);
+                    }
+                }
+            }
+        }
+        for message in self.network.values() {
+            let (replica, epoch, uuid) = match message {
+                Message::ToReplica { replica, epoch, command: ComputeCommand::Peek(peek), .. } => {
+                    (*replica, *epoch, peek.uuid)
+                }
+                Message::ToController {
+                    replica,
+                    epoch,
+                    response: ComputeResponse::PeekResponse { uuid, .. },
+                    ..
+                } => (*replica, *epoch, *uuid),
+                _ => continue,
+            };
+            if self.replicas.get(&replica).is_some_and(|sim| sim.link == Some(epoch)) {
+                owed.insert(uuid, replica);
+            }
+        }
+        for (uuid, replica) in &owed {
+            let Some((id, time)) = self.issued.get(uuid).copied() else { continue };
+            let held = match holds.get(uuid) {
+                Some(Some(hold)) if hold.less_equal(&time) => continue,
+                Some(Some(hold)) => format!("its hold is at {hold:?}"),
+                Some(None) => "it released its hold".to_string(),
+                None => "it forgot the peek".to_string(),
+            };
+            self.violation(
+                Invariant::PeekHolds,
+                format!("{replica} still owes the answer to peek {uuid} of {id} at {time}, but {held}"),
+            );
+            return;
+        }
+        // A peek nobody owes an answer any more and the controller forgot is finished.
+        self.issued.retain(|uuid, _| owed.contains_key(uuid) || holds.contains_key(uuid));
+    }
+
     fn check_peek(&mut self, uuid: PeekId, response: PeekResponse) {
         let Some(expectation) = self.peeks.remove(&uuid) else {
-            self.violations.push(format!("result for unknown peek {uuid}"));
+            self.violation(Invariant::Protocol, format!("result for unknown peek {uuid}"));
             return;
         };
         self.peeks_checked += 1;
@@ -1031,8 +1164,9 @@ impl World {
         for (replica, sim) in &self.replicas {
             let len = sim.core.history().len();
             if len > bound {
-                self.violations.push(format!(
-                    "invariant 7: {replica}'s history has {len} commands for {live} collections"
+                self.violations.push(Violation::new(
+                    Invariant::HistoryBound,
+                    format!("{replica}'s history has {len} commands for {live} collections"),
                 ));
             }
         }
@@ -1041,14 +1175,16 @@ impl World {
     fn check_liveness(&mut self, marks: BTreeMap<GlobalId, u64>) {
         for (replica, sim) in &self.replicas {
             if !sim.core.is_live() {
-                self.violations
-                    .push(format!("liveness: {replica} is not connected after the faults stopped"));
+                self.violations.push(Violation::new(
+                    Invariant::Liveness,
+                    format!("{replica} is not connected after the faults stopped"),
+                ));
             }
         }
         let stuck: Vec<PeekId> =
             self.peeks.iter().filter(|(_, p)| p.issued_ms + 1_000 < self.now).map(|(id, _)| *id).collect();
         if !stuck.is_empty() {
-            self.violations.push(format!("liveness: peeks {stuck:?} never completed"));
+            self.violation(Invariant::Liveness, format!("peeks {stuck:?} never completed"));
         }
         let target = marks.values().copied().min().unwrap_or(0);
         let live: BTreeSet<GlobalId> = self.exports.keys().copied().collect();
@@ -1058,7 +1194,10 @@ impl World {
             if let Some(f) = self.instance.collection_frontiers(*id)
                 && f.upper.as_option().is_some_and(|u| *u < target)
             {
-                self.violations.push(format!("liveness: {id} is at {:?}, storage was at {target}", f.upper));
+                self.violations.push(Violation::new(
+                    Invariant::Liveness,
+                    format!("{id} is at {:?}, storage was at {target}", f.upper),
+                ));
             }
         }
         // Invariant 5: every connected replica has installed exactly the live dataflows.
@@ -1066,8 +1205,11 @@ impl World {
             for (process, model) in sim.processes.iter().enumerate() {
                 let installed = model.installed_exports();
                 if installed != installed_expected {
-                    self.violations.push(format!(
-                        "invariant 5: {replica} process {process} has {installed:?} installed, the live state is {installed_expected:?}"
+                    self.violations.push(Violation::new(
+                        Invariant::InstalledState,
+                        format!(
+                            "{replica} process {process} has {installed:?} installed, the live state is {installed_expected:?}"
+                        ),
                     ));
                 }
             }
