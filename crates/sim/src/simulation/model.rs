@@ -565,7 +565,7 @@ impl ModelProcess {
                 let contents = &contents.rows;
                 let key = dataflow.desc.index_exports.get(&id).map(|e| e.key.clone()).unwrap_or_default();
                 match peek_rows(
-                    &contents,
+                    contents,
                     &key,
                     peek.literal_constraints.as_deref(),
                     &peek.map_filter_project,

@@ -51,11 +51,15 @@ pub struct SimConfig {
     pub fault_ms: u64,
     /// Faults stopped: everything must catch up.
     pub liveness_ms: u64,
+    /// A test of the simulator itself: from this many simulated milliseconds into the run, every append
+    /// writes one row more to storage than the oracle records (a storage layer that invents data). The
+    /// model replicas compute from storage, so the oracle comparison must fail. `None` in every real run.
+    pub unrecorded_rows_from_ms: Option<u64>,
 }
 
 impl Default for SimConfig {
     fn default() -> Self {
-        SimConfig { fault_ms: 1_500, liveness_ms: 1_000 }
+        SimConfig { fault_ms: 1_500, liveness_ms: 1_000, unrecorded_rows_from_ms: None }
     }
 }
 
@@ -762,6 +766,9 @@ impl World {
                 updates.push((row, self.now, diff));
             }
             self.oracle.record_append(id, &updates, self.now + 1);
+            if self.config.unrecorded_rows_from_ms.is_some_and(|from| self.now >= START_MS + from) {
+                updates.push((random_row(&mut self.rng, &desc), self.now, 1));
+            }
             requests.push(AppendRequest {
                 id,
                 updates,
@@ -1078,9 +1085,10 @@ impl World {
 
     /// DESIGN §5.3 from the replicas' side: while a replica still owes the answer to a peek at `t` (its
     /// model process has the peek and has not answered, the command or the answer is on the wire, or its
-    /// command history will replay the peek), the controller keeps the peek's hold at or before `t`.
-    /// Who owes an answer is the world's own knowledge, not the controller's bookkeeping; the controller
-    /// is asked only where its hold is ([`InstanceCore::peek_holds`]).
+    /// command history will replay the peek), the controller keeps the peek's hold at or before `t`, and
+    /// the collection's since with it. Who owes an answer is the world's own knowledge, not the
+    /// controller's bookkeeping; the controller is asked where its hold is ([`InstanceCore::peek_holds`])
+    /// and what the collection's since is.
     fn check_peek_holds(&mut self) {
         if self.issued.is_empty() {
             return;
@@ -1089,7 +1097,7 @@ impl World {
             self.instance.peek_holds().into_iter().map(|(uuid, _, hold, _)| (uuid, hold)).collect();
         let mut owed: BTreeMap<PeekId, ReplicaId> = BTreeMap::new();
         for (replica, sim) in &self.replicas {
-            for (uuid, _) in &self.issued {
+            for uuid in self.issued.keys() {
                 if sim.core.history().contains_peek(*uuid) {
                     owed.insert(*uuid, *replica);
                 }
@@ -1121,11 +1129,13 @@ impl World {
         }
         for (uuid, replica) in &owed {
             let Some((id, time)) = self.issued.get(uuid).copied() else { continue };
-            let held = match holds.get(uuid) {
-                Some(Some(hold)) if hold.less_equal(&time) => continue,
-                Some(Some(hold)) => format!("its hold is at {hold:?}"),
-                Some(None) => "it released its hold".to_string(),
-                None => "it forgot the peek".to_string(),
+            let since = self.instance.collection_frontiers(id).map(|f| f.since);
+            let held = match (holds.get(uuid), since) {
+                (_, Some(since)) if !since.less_equal(&time) => format!("the since of {id} is {since:?}"),
+                (Some(Some(hold)), _) if hold.less_equal(&time) => continue,
+                (Some(Some(hold)), _) => format!("its hold is at {hold:?}"),
+                (Some(None), _) => "it released its hold".to_string(),
+                (None, _) => "it forgot the peek".to_string(),
             };
             self.violation(
                 Invariant::PeekHolds,
