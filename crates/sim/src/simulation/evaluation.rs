@@ -1,12 +1,12 @@
 //! Evaluating a dataflow on its inputs for the model replicas, memoized by content: [`Evaluations`].
 //!
-//! **What this is.** Every process of every model replica evaluates each of its dataflows at every time an
-//! input changed, with the reference interpreter. Processes that run the same dataflow over the same inputs
+//! **What this is.** Every process of every model replica evaluates its dataflows at the times something
+//! reads them, with the reference interpreter. Processes that run the same dataflow over the same inputs
 //! compute the same outputs, so the world keeps one memo for all of them, keyed by *what is evaluated*: a
 //! fingerprint of the dataflow description (without its as-of, which does not change what it computes) and
 //! of every input's contents (and of any input's error). A hit returns the outputs computed for exactly that
 //! content; nothing is keyed by time, collection or process, so nothing needs invalidating (entries go only
-//! to bound memory, oldest first). Outputs are shared (`Rc`) with the traces that keep them.
+//! to bound memory, oldest first). Outputs are shared (`Rc`) with the dataflows that keep them.
 //!
 //! **Fingerprints** ([`Fingerprint`]) are order-independent sums of a 128-bit hash of each row times its
 //! multiplicity, so a process keeps its inputs' fingerprints up to date change by change. Two different
@@ -103,7 +103,8 @@ pub struct Key {
     pub errors: Vec<(GlobalId, String)>,
 }
 
-/// The most output rows the memo keeps (shared with traces, so mostly not extra memory).
+/// The most output rows the memo keeps (shared with the dataflows' evaluated states, so mostly not extra
+/// memory).
 const MEMO_ROWS: usize = 1 << 19;
 
 /// The memo. See the module documentation.

@@ -7,28 +7,36 @@
 //! a *slow* replica lags behind the clock), answers peeks and emits subscribe batches for the rows it owns
 //! (rows are partitioned across processes by a stable hash), and reports frontiers once per change.
 //!
-//! **How it computes.** Like a real replica, and from the same sources. A dataflow hydrates by reading a
-//! snapshot of each storage import at its as-of from the storage core ([`Store::snapshot`]) and the state of
-//! each index import from the arrangement of the upstream dataflow installed on the same process; it then
-//! follows its inputs: the storage updates in `[upper, target)` ([`Store::updates_between`]) and the
-//! upstream's changes. At every time some input changed it evaluates its plan with the reference
-//! interpreter (`protocol::reference::evaluate_dataflow`) and records each export's state in that export's
-//! [`Trace`] (its arrangement). Peeks read the trace at their time, subscribes emit its changes, and
-//! downstream dataflows follow it. A trace compacts as far as `AllowCompaction` allows and no dataflow or
-//! subscribe of the process still reads (as a real arrangement is held by the dataflows importing it).
-//! Nothing comes from the oracle: the model and the oracle share only the reference interpreter and what
-//! a peek means (`peek.rs`).
+//! **How it computes.** From the same sources as a real replica. When a dataflow is scheduled the process
+//! takes its own storage read holds on the dataflow's storage imports at the as-of (as a real replica's
+//! storage feed does) and moves them with the dataflow's upper. It hydrates from a snapshot of each
+//! storage import at the as-of, read from the storage core ([`Store::snapshot`]), and then follows its
+//! inputs: the storage updates in `[upper, target)` ([`Store::updates_between`]) and the change times of
+//! the upstream dataflows on the same process that its index imports come from, all kept in the
+//! dataflow's [`Computed`] history. A state is evaluated when something reads it (a peek at its time, a
+//! subscribe emitting its change times, a downstream dataflow evaluated at the same time) with the
+//! reference interpreter (`protocol::reference::evaluate_dataflow`) on the inputs recorded for that
+//! time and the upstream states then, through the world's evaluation memo (`evaluation.rs`, keyed by the
+//! content of what is evaluated). A dataflow's history compacts as far as `AllowCompaction` allows and no
+//! dataflow or subscribe on the process still reads it (as a real arrangement is held by the dataflows
+//! importing it). Nothing comes from the oracle: the model and the oracle share only the reference
+//! interpreter and what a peek means (`peek.rs`).
 //!
 //! **What it checks.** The storage core compacts as the controller's holds allow, so when the controller
-//! lets go of history a replica still needs, the model cannot read it: a snapshot before the since, or
-//! updates from a time before it, is recorded as an [`Invariant::ImportHolds`] violation (as is an index
-//! import the process does not have, or has compacted past a dataflow's as-of). Answering a peek at a time
-//! before the process's own compaction frontier is an [`Invariant::PeekHolds`] violation; a compaction
-//! that moves backwards is [`Invariant::Frontiers`]; a command in the wrong stage is
-//! [`Invariant::Protocol`].
+//! lets go of history a replica needs, the model cannot read or hold it: a hold or snapshot at the as-of
+//! of a dataflow it was just given, or updates from its upper on, refused by storage, is recorded as an
+//! [`Invariant::ImportHolds`] violation (as is an index import the process does not have, or has
+//! compacted past a dataflow's as-of). Answering a peek at a time before the process's own compaction
+//! frontier is an [`Invariant::PeekHolds`] violation; a compaction that moves backwards is
+//! [`Invariant::Frontiers`]; a command in the wrong stage is [`Invariant::Protocol`].
+//!
+//! **Reconciliation** keeps a running dataflow across a reconnect when the replay creates the same one
+//! with an as-of no earlier, its index imports are kept too, it has no subscribe, and it was scheduled
+//! (holds its storage imports from its own progress): one not yet scheduled would start from its earlier
+//! as-of, which the controller no longer holds once it replayed a later one.
 //!
 //! **Not modelled:** materialized views and copy-to (the real replica's tests cover them), `until`.
-//! **Tests:** `trace.rs` (the arrangement); the whole through the simulator (`tests/it/`).
+//! **Tests:** `dataflow.rs` (the input history); the whole through the simulator (`tests/it/`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
@@ -44,9 +52,9 @@ use protocol::{
 use storage::core::Store;
 use storage::{HoldSession, StorageReadHold};
 
+use super::dataflow::{Computed, Outputs, difference};
 use super::evaluation::{Contents, Evaluations, Fingerprint, Key, Output, describe};
 use super::peek::{owner, peek_rows};
-use super::trace::{Trace, add, difference};
 use super::violation::{Invariant, Violation};
 
 /// What a model process needs from the world to do its work.
@@ -88,73 +96,8 @@ struct SubscribeState {
     failed: bool,
 }
 
-/// What a hydrated dataflow holds: its inputs as of `upper - 1`, and each export's arrangement.
-#[derive(Debug, Default)]
-struct Computed {
-    /// Each storage import's rows, kept up to date update by update: the reference interpreter's input
-    /// map (index imports join it only for the length of an evaluation).
-    inputs: BTreeMap<GlobalId, Multiset>,
-    /// The fingerprint of each storage import's rows, kept with them.
-    fingerprints: BTreeMap<GlobalId, Fingerprint>,
-    /// Each index import's state: the upstream trace's, shared.
-    indexes: BTreeMap<GlobalId, Output>,
-    /// Every export's arrangement.
-    traces: BTreeMap<GlobalId, Trace>,
-}
-
-impl Computed {
-    /// Takes a storage import's whole contents.
-    fn set_storage(&mut self, id: GlobalId, rows: Multiset) {
-        self.fingerprints.insert(id, Fingerprint::of(&rows));
-        self.inputs.insert(id, rows);
-    }
-
-    /// Adds `diff` copies of `row` to a storage import.
-    fn update_storage(&mut self, id: GlobalId, row: &Row, diff: Diff) {
-        add(self.inputs.entry(id).or_default(), row, diff);
-        self.fingerprints.entry(id).or_default().add(row, diff);
-    }
-
-    /// Evaluates the dataflow on the current inputs: every export's state (memoized by content).
-    fn evaluate(
-        &mut self,
-        dataflow: &Installed,
-        evaluations: &mut Evaluations,
-    ) -> Rc<BTreeMap<GlobalId, Output>> {
-        let mut inputs: Vec<(GlobalId, Fingerprint)> =
-            self.fingerprints.iter().map(|(id, f)| (*id, *f)).collect();
-        let mut errors = Vec::new();
-        for (id, state) in &self.indexes {
-            match state {
-                Ok(contents) => inputs.push((*id, contents.fingerprint)),
-                Err(error) => errors.push((*id, error.clone())),
-            }
-        }
-        inputs.sort();
-        let key = Key { dataflow: dataflow.fingerprint, inputs, errors };
-        let (rows, indexes) = (&mut self.inputs, &self.indexes);
-        evaluations.evaluate(key, &dataflow.desc, || {
-            for (id, state) in indexes {
-                if let Ok(contents) = state {
-                    rows.insert(*id, contents.rows.clone());
-                }
-            }
-            let outputs = evaluate_dataflow(&dataflow.desc, rows).map_err(|e| e.to_string());
-            for id in indexes.keys() {
-                rows.remove(id);
-            }
-            outputs
-        })
-    }
-}
-
-/// A change to one input of a dataflow at one time.
-enum InputChange {
-    /// A storage update.
-    Storage(GlobalId, Row, Diff),
-    /// An upstream index's new state.
-    Index(GlobalId, Output),
-}
+/// The storage updates at every time an input of a dataflow changed (none where only an upstream did).
+type InputChanges = BTreeMap<u64, Vec<(GlobalId, Row, Diff)>>;
 
 #[derive(Debug)]
 struct Installed {
@@ -339,12 +282,12 @@ impl ModelProcess {
             .collect()
     }
 
-    /// The number of rows of each computed export's latest state (for keeping the workload small).
+    /// The number of rows of each export in the newest state this process evaluated (for keeping the
+    /// workload small).
     pub fn export_rows(&self) -> impl Iterator<Item = (GlobalId, usize)> + '_ {
-        self.installed
-            .values()
-            .filter_map(|d| d.computed.as_ref())
-            .flat_map(|c| c.traces.iter().map(|(id, trace)| (*id, trace.latest_rows())))
+        self.installed.values().flat_map(|d| {
+            d.exports.keys().map(move |id| (*id, d.computed.as_ref().map_or(0, |c| c.latest_rows(*id))))
+        })
     }
 
     /// Handles a command of connection `epoch`; returns the responses it causes at once.
@@ -534,14 +477,16 @@ impl ModelProcess {
         out
     }
 
-    fn answer(&self, peek: &Peek<u64>, ctx: &mut Context<'_>) -> PeekResponse {
+    fn answer(&mut self, peek: &Peek<u64>, ctx: &mut Context<'_>) -> PeekResponse {
         let PeekTarget::Index { id } = peek.target else {
             return PeekResponse::Error("the model answers index peeks only".to_string());
         };
-        let Some(dataflow) = self.installed.values().find(|d| d.exports.get(&id).is_some_and(|e| !e.dropped))
+        let Some((key, dataflow)) =
+            self.installed.iter().find(|(_, d)| d.exports.get(&id).is_some_and(|e| !e.dropped))
         else {
             return PeekResponse::Error(format!("collection {id} is not installed"));
         };
+        let key = *key;
         let since = &dataflow.exports[&id].since;
         if !since.less_equal(&peek.timestamp) {
             ctx.violation(
@@ -555,33 +500,40 @@ impl ModelProcess {
             );
             return PeekResponse::Error(format!("peek at {} is before the since {since:?}", peek.timestamp));
         }
-        // Ready means `timestamp < upper`, and the since is at or after the as-of: the dataflow hydrated,
-        // and its trace is compacted no further than the since.
-        let computed = dataflow.computed.as_ref().expect("a peek below the upper of a hydrated dataflow");
-        let state =
-            computed.traces[&id].read(peek.timestamp).expect("traces compact no further than the since");
-        match state {
-            Ok(contents) => {
-                let contents = &contents.rows;
-                let key = dataflow.desc.index_exports.get(&id).map(|e| e.key.clone()).unwrap_or_default();
-                match peek_rows(
-                    contents,
-                    &key,
-                    peek.literal_constraints.as_deref(),
-                    &peek.map_filter_project,
-                    &peek.finishing,
-                    Some((self.process, self.processes)),
-                ) {
-                    Ok(rows) => PeekResponse::Rows(rows),
-                    Err(e) => PeekResponse::Error(e),
-                }
+        let key_columns = dataflow.desc.index_exports.get(&id).map(|e| e.key.clone()).unwrap_or_default();
+        // Ready means `timestamp < upper`: the dataflow hydrated, and it keeps its inputs from no later
+        // than the since.
+        let outputs = match self.state_at(key, peek.timestamp, ctx) {
+            Ok(outputs) => outputs,
+            Err(e) => {
+                ctx.violation(
+                    Invariant::PeekHolds,
+                    format!(
+                        "{} cannot answer peek {} on {id} at {}: {e}",
+                        self.name(),
+                        peek.uuid,
+                        peek.timestamp
+                    ),
+                );
+                return PeekResponse::Error(e);
             }
+        };
+        match &outputs[&id] {
+            Ok(contents) => match peek_rows(
+                &contents.rows,
+                &key_columns,
+                peek.literal_constraints.as_deref(),
+                &peek.map_filter_project,
+                &peek.finishing,
+                Some((self.process, self.processes)),
+            ) {
+                Ok(rows) => PeekResponse::Rows(rows),
+                Err(e) => PeekResponse::Error(e),
+            },
             Err(e) => PeekResponse::Error(e.clone()),
         }
     }
 
-    /// Advances every scheduled dataflow as far as its inputs allow, emitting subscribe batches on the way,
-    /// then compacts the arrangements.
     fn advance(&mut self, ctx: &mut Context<'_>, out: &mut Vec<ComputeResponse<u64>>) {
         let live = self.connection.as_ref().is_some_and(|c| c.stage == Stage::Live);
         let cap = ctx.now.saturating_sub(self.lag_ms);
@@ -629,7 +581,7 @@ impl ModelProcess {
                 return;
             }
             if live && !self.installed[&key].subscribes.is_empty() {
-                self.emit_subscribes(key, target, out);
+                self.emit_subscribes(key, target, ctx, out);
             }
             let dataflow = self.installed.get_mut(&key).expect("present");
             assert!(dataflow.upper == from, "computed from {from}");
@@ -674,52 +626,46 @@ impl ModelProcess {
         true
     }
 
-    /// Computes dataflow `key` from its upper to `target`: hydrates it first if it has not yet, then
-    /// evaluates it at every time in between at which an input changed. Returns false (with a violation
-    /// recorded) if an input could not be read.
+    /// Advances dataflow `key` from its upper to `target`: hydrates it first if it has not yet (storage
+    /// snapshots at the as-of), then records every time in between at which an input changed (the storage
+    /// updates, read from the store; the upstream indexes' change times). Nothing is evaluated here: states
+    /// are evaluated when read ([`Self::state_at`]). Returns false (with a violation recorded) if an input
+    /// could not be read.
     fn compute(&mut self, key: GlobalId, target: u64, ctx: &mut Context<'_>) -> bool {
-        // Taken out while it changes (no dataflow imports itself, so its upstreams stay readable).
-        let taken = self.installed.get_mut(&key).expect("present").computed.take();
         let dataflow = &self.installed[&key];
-        let (mut computed, lower) = match taken {
-            Some(computed) => (computed, dataflow.upper),
+        let lower = match &dataflow.computed {
+            Some(_) => dataflow.upper,
+            None => dataflow.as_of + 1,
+        };
+        let hydrated = match &dataflow.computed {
+            Some(_) => None,
             None => match self.hydrate(dataflow, ctx) {
-                Some(computed) => (computed, dataflow.as_of + 1),
+                Some(computed) => Some(computed),
                 None => return false,
             },
         };
-        let Some(changes) = self.input_changes(dataflow, lower, target, ctx) else {
-            // Put back what was computed before; a hydration that cannot go on is not kept.
-            if lower == dataflow.upper {
-                self.installed.get_mut(&key).expect("present").computed = Some(computed);
-            }
-            return false;
-        };
-        for (time, changes) in changes {
-            for change in changes {
-                match change {
-                    InputChange::Storage(id, row, diff) => computed.update_storage(id, &row, diff),
-                    InputChange::Index(id, state) => {
-                        computed.indexes.insert(id, state);
-                    }
-                }
-            }
-            let outputs = computed.evaluate(dataflow, ctx.evaluations);
-            for (id, output) in outputs.iter() {
-                computed.traces.get_mut(id).expect("a trace per export").push(time, output.clone());
-            }
+        let Some(changes) = self.input_changes(dataflow, lower, target, ctx) else { return false };
+        let dataflow = self.installed.get_mut(&key).expect("present");
+        if let Some(computed) = hydrated {
+            dataflow.computed = Some(computed);
         }
-        self.installed.get_mut(&key).expect("present").computed = Some(computed);
+        let computed = dataflow.computed.as_mut().expect("hydrated");
+        for (time, updates) in changes {
+            computed.record(time, updates);
+        }
         true
     }
 
-    /// The first computation of a dataflow, at its as-of: storage snapshots and upstream states there.
+    /// The first computation of a dataflow, at its as-of: storage snapshots there. Its index imports must
+    /// be hydrated on this process and readable at the as-of.
     fn hydrate(&self, dataflow: &Installed, ctx: &mut Context<'_>) -> Option<Computed> {
         let as_of = dataflow.as_of;
-        let mut computed = Computed::default();
+        let mut storage = BTreeMap::new();
         for id in dataflow.desc.source_imports.keys() {
             match ctx.store.snapshot(*id, as_of) {
-                Ok(rows) => computed.set_storage(*id, consolidate(rows)),
+                Ok(rows) => {
+                    storage.insert(*id, consolidate(rows));
+                }
                 Err(e) => {
                     ctx.violation(
                         Invariant::ImportHolds,
@@ -730,50 +676,42 @@ impl ModelProcess {
             }
         }
         for id in dataflow.desc.index_imports.keys() {
-            let trace = self.upstream_trace(*id);
-            match trace.and_then(|t| t.read(as_of)) {
-                Some(state) => {
-                    computed.indexes.insert(*id, state.clone());
-                }
-                None => {
-                    ctx.violation(
-                        Invariant::ImportHolds,
-                        format!(
-                            "{} cannot hydrate a dataflow at its as-of {as_of}: index {id} is {}",
-                            self.name(),
-                            match trace {
-                                Some(t) => format!("compacted to {}", t.compacted()),
-                                None => "not hydrated".to_string(),
-                            }
-                        ),
-                    );
-                    return None;
-                }
+            let base_time =
+                self.upstream(*id).and_then(|(_, d)| d.computed.as_ref()).map(Computed::base_time);
+            if base_time.is_none_or(|base_time| base_time > as_of) {
+                ctx.violation(
+                    Invariant::ImportHolds,
+                    format!(
+                        "{} cannot hydrate a dataflow at its as-of {as_of}: index {id} is {}",
+                        self.name(),
+                        match base_time {
+                            Some(base_time) => format!("compacted to {base_time}"),
+                            None => "not hydrated".to_string(),
+                        }
+                    ),
+                );
+                return None;
             }
         }
-        let outputs = computed.evaluate(dataflow, ctx.evaluations);
-        for (id, output) in outputs.iter() {
-            computed.traces.insert(*id, Trace::new(as_of, output.clone()));
-        }
-        Some(computed)
+        Some(Computed::hydrate(as_of, storage))
     }
 
-    /// The arrangement of index `id` on this process, if a hydrated dataflow exports it.
-    fn upstream_trace(&self, id: GlobalId) -> Option<&Trace> {
-        self.installed.values().find_map(|d| d.computed.as_ref().and_then(|c| c.traces.get(&id)))
+    /// The installed dataflow exporting index `id`, with its key.
+    fn upstream(&self, id: GlobalId) -> Option<(GlobalId, &Installed)> {
+        self.installed.iter().find(|(_, d)| d.exports.contains_key(&id)).map(|(key, d)| (*key, d))
     }
 
-    /// Every change to the dataflow's inputs at times in `[lower, upper)`, by time: storage updates read
-    /// from the store, upstream changes from their traces. `None` (with a violation) if storage no longer
-    /// holds that history.
+    /// Every time in `[lower, upper)` at which an input of the dataflow changed, with the storage updates
+    /// at that time (read from the store) and an entry for each time an upstream index changed. `None`
+    /// (with a violation) if storage no longer holds that history.
     fn input_changes(
         &self,
         dataflow: &Installed,
         lower: u64,
         upper: u64,
         ctx: &mut Context<'_>,
-    ) -> Option<BTreeMap<u64, Vec<InputChange>>> {
-        let mut changes: BTreeMap<u64, Vec<InputChange>> = BTreeMap::new();
+    ) -> Option<InputChanges> {
+        let mut changes = InputChanges::new();
         if lower >= upper {
             return Some(changes);
         }
@@ -781,7 +719,7 @@ impl ModelProcess {
             match ctx.store.updates_between(*id, lower, &Antichain::from_elem(upper)) {
                 Ok(updates) => {
                     for (row, time, diff) in updates {
-                        changes.entry(time).or_default().push(InputChange::Storage(*id, row, diff));
+                        changes.entry(time).or_default().push((*id, row, diff));
                     }
                 }
                 Err(e) => {
@@ -797,73 +735,143 @@ impl ModelProcess {
             }
         }
         for id in dataflow.desc.index_imports.keys() {
-            // The upstream advanced first (it was created first); its trace is held at this dataflow's upper.
-            let Some(trace) = self.upstream_trace(*id) else {
+            // The upstream advanced first (it was created first) and keeps its history from this
+            // dataflow's base on.
+            let Some(upstream) = self.upstream(*id).and_then(|(_, d)| d.computed.as_ref()) else {
                 ctx.violation(
                     Invariant::ImportHolds,
                     format!("{} reads index {id} from {lower}, before it hydrated", self.name()),
                 );
                 return None;
             };
-            for (time, state) in trace.changes(lower, upper) {
-                changes.entry(time).or_default().push(InputChange::Index(*id, state.clone()));
+            assert!(upstream.base_time() <= lower, "an upstream compacted past its importer's upper");
+            for time in upstream.change_times(lower, upper) {
+                changes.entry(time).or_default();
             }
         }
         Some(changes)
     }
 
-    /// Emits one batch per subscribe of dataflow `key`, from what it emitted so far to `upper`.
-    fn emit_subscribes(&mut self, key: GlobalId, upper: u64, out: &mut Vec<ComputeResponse<u64>>) {
-        let (process, processes) = (self.process, self.processes);
-        let dataflow = self.installed.get_mut(&key).expect("present");
+    /// Every export's state of dataflow `key` at `time`: evaluated (through the memo) from the storage
+    /// inputs this process recorded and the upstream indexes' states at the same time, or taken from what
+    /// was evaluated before. An error names what is not available (history compacted, an index missing).
+    fn state_at(&mut self, key: GlobalId, time: u64, ctx: &mut Context<'_>) -> Result<Outputs, String> {
+        let dataflow = &self.installed[&key];
+        let computed =
+            dataflow.computed.as_ref().ok_or_else(|| format!("dataflow {key} has not hydrated"))?;
+        let at = computed
+            .time_of(time)
+            .ok_or_else(|| format!("dataflow {key} keeps its inputs from {} on", computed.base_time()))?;
+        if let Some(outputs) = computed.cached(at) {
+            return Ok(outputs);
+        }
+        let imports: Vec<GlobalId> = dataflow.desc.index_imports.keys().copied().collect();
+        let mut indexes: BTreeMap<GlobalId, Output> = BTreeMap::new();
+        for id in imports {
+            let (upstream, _) = self.upstream(id).ok_or_else(|| format!("index {id} is not installed"))?;
+            let outputs = self.state_at(upstream, at, ctx).map_err(|e| format!("index {id}: {e}"))?;
+            indexes.insert(id, outputs[&id].clone());
+        }
+        let dataflow = &self.installed[&key];
+        let computed = dataflow.computed.as_ref().expect("checked above");
+        let mut inputs: Vec<(GlobalId, Fingerprint)> =
+            computed.fingerprints_at(at).iter().map(|(id, f)| (*id, *f)).collect();
+        let mut errors = Vec::new();
+        for (id, state) in &indexes {
+            match state {
+                Ok(contents) => inputs.push((*id, contents.fingerprint)),
+                Err(error) => errors.push((*id, error.clone())),
+            }
+        }
+        inputs.sort();
+        let memo_key = Key { dataflow: dataflow.fingerprint, inputs, errors };
+        let outputs = ctx.evaluations.evaluate(memo_key, &dataflow.desc, || {
+            let mut rows = computed.rows_at(at).into_owned();
+            for (id, state) in &indexes {
+                if let Ok(contents) = state {
+                    rows.insert(*id, contents.rows.clone());
+                }
+            }
+            evaluate_dataflow(&dataflow.desc, &rows).map_err(|e| e.to_string())
+        });
+        self.installed
+            .get_mut(&key)
+            .expect("present")
+            .computed
+            .as_mut()
+            .expect("hydrated")
+            .cache(at, Rc::clone(&outputs));
+        Ok(outputs)
+    }
+
+    /// Emits one batch per subscribe of dataflow `key`, from what it emitted so far to `upper`: the
+    /// difference between the states at consecutive change times (the whole state at the as-of first,
+    /// with a snapshot).
+    fn emit_subscribes(
+        &mut self,
+        key: GlobalId,
+        upper: u64,
+        ctx: &mut Context<'_>,
+        out: &mut Vec<ComputeResponse<u64>>,
+    ) {
+        let dataflow = &self.installed[&key];
         let as_of = dataflow.as_of;
         let computed = dataflow.computed.as_ref().expect("computed before emitting");
+        let mut times: BTreeSet<u64> = BTreeSet::new();
+        for sub in dataflow.subscribes.values().filter(|s| !s.failed) {
+            if !sub.started {
+                times.insert(as_of);
+            }
+            times.extend(computed.change_times(if sub.started { sub.emitted } else { as_of + 1 }, upper));
+        }
+        let mut states: BTreeMap<u64, Outputs> = BTreeMap::new();
+        for time in times {
+            match self.state_at(key, time, ctx) {
+                Ok(outputs) => {
+                    states.insert(time, outputs);
+                }
+                Err(e) => {
+                    let name = self.name();
+                    ctx.violation(
+                        Invariant::ImportHolds,
+                        format!("{name} cannot emit a subscribe at {time}: {e}"),
+                    );
+                    return;
+                }
+            }
+        }
+        let (process, processes) = (self.process, self.processes);
+        let dataflow = self.installed.get_mut(&key).expect("present");
         for (id, sub) in dataflow.subscribes.iter_mut() {
             if sub.failed {
                 continue;
             }
-            let trace = &computed.traces[id];
             let mut updates: Vec<(u64, Row, Diff)> = Vec::new();
             let mut error = None;
-            let mut emit = |time: u64, state: &Output, last: &mut Option<Rc<Contents>>| match state {
-                Ok(contents) => {
-                    let empty = Multiset::new();
-                    let before = last.as_ref().map_or(&empty, |c| &c.rows);
-                    for (row, diff) in difference(&contents.rows, before) {
-                        if owner(&row, processes) == process {
-                            updates.push((time, row, diff));
+            let start = if sub.started { sub.emitted } else { as_of };
+            for (time, outputs) in states.range(start..upper) {
+                match &outputs[id] {
+                    // Without a snapshot the stream starts from the contents at the as-of, unsent.
+                    Ok(contents) if *time == as_of && !sub.started && !sub.with_snapshot => {}
+                    Ok(contents) => {
+                        let empty = Multiset::new();
+                        let before = sub.last.as_ref().map_or(&empty, |c| &c.rows);
+                        for (row, diff) in difference(&contents.rows, before) {
+                            if owner(&row, processes) == process {
+                                updates.push((*time, row, diff));
+                            }
                         }
                     }
-                    *last = Some(Rc::clone(contents));
-                    true
-                }
-                Err(e) => {
-                    error = Some(e.clone());
-                    false
-                }
-            };
-            let mut start = sub.emitted;
-            let mut going = true;
-            if !sub.started {
-                sub.started = true;
-                start = as_of + 1;
-                let state = trace.read(as_of).expect("a subscribe's trace is held at what it emitted");
-                going = match state {
-                    // Without a snapshot the stream starts from the contents at the as-of, unsent.
-                    Ok(contents) if !sub.with_snapshot => {
-                        sub.last = Some(Rc::clone(contents));
-                        true
-                    }
-                    state => emit(as_of, state, &mut sub.last),
-                };
-            }
-            if going {
-                for (time, state) in trace.changes(start, upper) {
-                    if !emit(time, state, &mut sub.last) {
+                    Err(e) => {
+                        error = Some(e.clone());
                         break;
                     }
                 }
+                if let Ok(contents) = &outputs[id] {
+                    sub.last = Some(Rc::clone(contents));
+                }
             }
+            sub.started = true;
             sub.failed = error.is_some();
             let batch = SubscribeBatch {
                 lower: Antichain::from_elem(sub.emitted),
@@ -881,31 +889,34 @@ impl ModelProcess {
         }
     }
 
-    /// Compacts every arrangement as far as `AllowCompaction` allows and no reader on this process needs:
-    /// a dataflow importing it reads from its own upper, a subscribe emits from what it emitted, and nothing
-    /// is compacted past the last time its own dataflow computed.
+    /// Compacts every dataflow's input history as far as `AllowCompaction` allows for all its exports and
+    /// no reader on this process needs: a dataflow importing one of its indexes reads from its own base
+    /// (or, not hydrated yet, from its as-of), a subscribe emits from what it emitted, and nothing is
+    /// compacted past the last time the dataflow recorded.
     fn compact(&mut self) {
         let mut readers: BTreeMap<GlobalId, u64> = BTreeMap::new();
         for dataflow in self.installed.values() {
+            let from = dataflow.computed.as_ref().map_or(dataflow.upper, Computed::base_time);
             for id in dataflow.desc.index_imports.keys() {
                 let reader = readers.entry(*id).or_insert(u64::MAX);
-                *reader = (*reader).min(dataflow.upper);
+                *reader = (*reader).min(from);
             }
         }
         for dataflow in self.installed.values_mut() {
-            let Some(computed) = dataflow.computed.as_mut() else { continue };
-            for (id, trace) in computed.traces.iter_mut() {
-                let allowed = dataflow.exports[id].since.as_option().copied().unwrap_or(u64::MAX);
-                // The state at `upper - 1` is the last one computed: compacting further would merge it
-                // with states not yet computed.
-                let mut frontier = allowed.min(dataflow.upper - 1);
+            // Inputs at `upper - 1` are the last recorded: compacting further would merge them with
+            // changes not recorded yet.
+            let mut frontier = dataflow.upper.saturating_sub(1);
+            for (id, export) in &dataflow.exports {
+                frontier = frontier.min(export.since.as_option().copied().unwrap_or(u64::MAX));
                 if let Some(reader) = readers.get(id) {
                     frontier = frontier.min(*reader);
                 }
-                if let Some(sub) = dataflow.subscribes.get(id) {
-                    frontier = frontier.min(sub.emitted);
-                }
-                trace.compact(frontier);
+            }
+            for sub in dataflow.subscribes.values().filter(|s| !s.failed) {
+                frontier = frontier.min(if sub.started { sub.emitted } else { dataflow.as_of });
+            }
+            if let Some(computed) = dataflow.computed.as_mut() {
+                computed.compact(frontier);
             }
         }
     }
