@@ -9,7 +9,7 @@
 //! **What this is not.** Not part of the product and depended on by no crate. It has no dependencies
 //! beyond `anyhow` and `serde_json` (no xshell, no clap): it is built first on every fresh clone.
 //!
-//! **Tests.** Table-driven unit tests at the bottom of [`flags`], [`tidy`], [`bench`], [`sim`] (the
+//! **Tests.** Table-driven unit tests at the bottom of [`flags`], [`tidy`], [`bench`](mod@bench), [`sim`] (the
 //! simulator's summary checks), [`cluster`] (the cluster report checks) and [`test_suite`];
 //! `tidy::tests::the_repository_passes_tidy` runs every check over this checkout.
 

@@ -12,11 +12,14 @@
 //! delay spikes, frontier regressions, replicas added and dropped, storage restarts) and a **liveness
 //! phase** (faults stop; every replica must reconnect and catch up and every peek must complete). A
 //! storage restart rebuilds the [`Store`] from its checkpoint with recovery holds, drops every client hold
-//! on it, and has the controller's storage holds re-registered through a [`HoldSession`] (the code the
-//! network client runs) when the clients come back. After every step the world checks DESIGN §5's
-//! invariants ([`InstanceCore::check_invariants`], the model replicas' own checks, no storage since beyond
-//! a hold the controller keeps), and
-//! every peek result and subscribe batch is compared with the [`Oracle`].
+//! on it, and has the controller's and every model process's storage holds re-registered through their
+//! [`HoldSession`]s (the code the network client runs) when the clients come back. After every step the
+//! world checks DESIGN §5's invariants, its own checks first so that a violation is reported as its own
+//! kind: the model replicas' checks (recorded as they happen), a peek's hold kept while a replica owes
+//! the answer ([`World::check_peek_holds`]), no storage since beyond a hold a client keeps, the command
+//! history bounded, and then the controller's own [`InstanceCore::check_invariants`]. Every peek result
+//! and subscribe batch is compared with the [`Oracle`]; after the faults stop, liveness and the installed
+//! state are checked. Each violation is a typed [`Violation`]; the run stops at the first step with one.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
