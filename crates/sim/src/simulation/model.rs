@@ -96,6 +96,59 @@ struct SubscribeState {
     failed: bool,
 }
 
+impl SubscribeState {
+    /// The batch from what was emitted so far to `upper`, from the dataflow's states at its change times
+    /// (`states`; the one at the as-of too if the stream has not started), with the updates of the rows
+    /// `part = (process, processes)` owns: the differences between consecutive states (the whole state at
+    /// the as-of first, with a snapshot). An error state ends the stream.
+    fn next_batch(
+        &mut self,
+        id: GlobalId,
+        as_of: u64,
+        upper: u64,
+        states: &BTreeMap<u64, Outputs>,
+        (process, processes): (usize, usize),
+    ) -> SubscribeBatch<u64> {
+        let mut updates: Vec<(u64, Row, Diff)> = Vec::new();
+        let mut error = None;
+        let start = if self.started { self.emitted } else { as_of };
+        for (time, outputs) in states.range(start..upper) {
+            match &outputs[&id] {
+                // Without a snapshot the stream starts from the contents at the as-of, unsent.
+                Ok(_) if *time == as_of && !self.started && !self.with_snapshot => {}
+                Ok(contents) => {
+                    let empty = Multiset::new();
+                    let before = self.last.as_ref().map_or(&empty, |c| &c.rows);
+                    for (row, diff) in difference(&contents.rows, before) {
+                        if owner(&row, processes) == process {
+                            updates.push((*time, row, diff));
+                        }
+                    }
+                }
+                Err(e) => {
+                    error = Some(e.clone());
+                    break;
+                }
+            }
+            if let Ok(contents) = &outputs[&id] {
+                self.last = Some(Rc::clone(contents));
+            }
+        }
+        self.started = true;
+        self.failed = error.is_some();
+        let batch = SubscribeBatch {
+            lower: Antichain::from_elem(self.emitted),
+            upper: if error.is_some() { Antichain::new() } else { Antichain::from_elem(upper) },
+            updates: match error {
+                Some(e) => Err(e),
+                None => Ok(updates),
+            },
+        };
+        self.emitted = upper;
+        batch
+    }
+}
+
 /// The storage updates at every time an input of a dataflow changed (none where only an upstream did).
 type InputChanges = BTreeMap<u64, Vec<(GlobalId, Row, Diff)>>;
 
@@ -840,48 +893,10 @@ impl ModelProcess {
                 }
             }
         }
-        let (process, processes) = (self.process, self.processes);
+        let part = (self.process, self.processes);
         let dataflow = self.installed.get_mut(&key).expect("present");
-        for (id, sub) in dataflow.subscribes.iter_mut() {
-            if sub.failed {
-                continue;
-            }
-            let mut updates: Vec<(u64, Row, Diff)> = Vec::new();
-            let mut error = None;
-            let start = if sub.started { sub.emitted } else { as_of };
-            for (time, outputs) in states.range(start..upper) {
-                match &outputs[id] {
-                    // Without a snapshot the stream starts from the contents at the as-of, unsent.
-                    Ok(contents) if *time == as_of && !sub.started && !sub.with_snapshot => {}
-                    Ok(contents) => {
-                        let empty = Multiset::new();
-                        let before = sub.last.as_ref().map_or(&empty, |c| &c.rows);
-                        for (row, diff) in difference(&contents.rows, before) {
-                            if owner(&row, processes) == process {
-                                updates.push((*time, row, diff));
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        error = Some(e.clone());
-                        break;
-                    }
-                }
-                if let Ok(contents) = &outputs[id] {
-                    sub.last = Some(Rc::clone(contents));
-                }
-            }
-            sub.started = true;
-            sub.failed = error.is_some();
-            let batch = SubscribeBatch {
-                lower: Antichain::from_elem(sub.emitted),
-                upper: if error.is_some() { Antichain::new() } else { Antichain::from_elem(upper) },
-                updates: match error {
-                    Some(e) => Err(e),
-                    None => Ok(updates),
-                },
-            };
-            sub.emitted = upper;
+        for (id, sub) in dataflow.subscribes.iter_mut().filter(|(_, s)| !s.failed) {
+            let batch = sub.next_batch(*id, as_of, upper, &states, part);
             out.push(ComputeResponse::SubscribeResponse {
                 id: *id,
                 response: SubscribeResponse::Batch(batch),
