@@ -363,29 +363,7 @@ impl ModelProcess {
             (Stage::Replay, ComputeCommand::InitializationComplete) => {
                 connection.stage = Stage::Live;
                 let staged = std::mem::take(&mut connection.staged);
-                let mut installed = BTreeMap::new();
-                let mut kept_exports: BTreeSet<GlobalId> = BTreeSet::new();
-                // In key order, so upstreams are decided before their importers.
-                for (key, fresh) in staged {
-                    let kept = self.installed.remove(&key).filter(|old| {
-                        old.compatible_with(&fresh.desc)
-                            && old.desc.index_imports.keys().all(|id| kept_exports.contains(id))
-                    });
-                    let dataflow = match kept {
-                        Some(mut old) => {
-                            old.exports = fresh.exports;
-                            old.scheduled |= fresh.scheduled;
-                            kept_exports.extend(old.desc.export_ids());
-                            old
-                        }
-                        None => {
-                            self.built += 1;
-                            fresh
-                        }
-                    };
-                    installed.insert(key, dataflow);
-                }
-                self.installed = installed;
+                self.reconcile(staged);
             }
             (Stage::Replay | Stage::Live, command) => {
                 let replay = connection.stage == Stage::Replay;
@@ -472,6 +450,34 @@ impl ModelProcess {
             }
         }
         out
+    }
+
+    /// Replaces the installed dataflows with the replayed ones, keeping each running one that can stand
+    /// in for its replayed twin (see the module documentation).
+    fn reconcile(&mut self, staged: BTreeMap<GlobalId, Installed>) {
+        let mut installed = BTreeMap::new();
+        let mut kept_exports: BTreeSet<GlobalId> = BTreeSet::new();
+        // In key order, so upstreams are decided before their importers.
+        for (key, fresh) in staged {
+            let kept = self.installed.remove(&key).filter(|old| {
+                old.compatible_with(&fresh.desc)
+                    && old.desc.index_imports.keys().all(|id| kept_exports.contains(id))
+            });
+            let dataflow = match kept {
+                Some(mut old) => {
+                    old.exports = fresh.exports;
+                    old.scheduled |= fresh.scheduled;
+                    kept_exports.extend(old.desc.export_ids());
+                    old
+                }
+                None => {
+                    self.built += 1;
+                    fresh
+                }
+            };
+            installed.insert(key, dataflow);
+        }
+        self.installed = installed;
     }
 
     /// Computes: advances uppers, answers peeks, emits subscribe batches and changed frontiers.
