@@ -37,9 +37,10 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use frontiers::{Antichain, PartialOrder};
+use protocol::frame::FrameError;
 use protocol::{
     ComputeCommand, ComputeParameters, ComputeResponse, CopyToResponse, DataflowDescription, Datum,
     FrontiersResponse, GlobalId, InstanceConfig, Peek, PeekId, PeekResponse, PeekTarget, Row, SinkConnection,
@@ -50,19 +51,52 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
+use transport::Frame;
 
-use crate::messages::{DataflowKey, FeedBudget, FromWorker, ToWorker, WorkerPeek, WorkerTx};
+use crate::messages::{DataflowKey, FeedBudget, FromWorker, PeekSeq, ToWorker, WorkerPeek, WorkerTx};
 use crate::render::{Diff, Time, error_message};
 use crate::worker::{finish_rows, key_owner, row_owner};
 
-/// What the connection tasks send the core.
+/// What the core sends a connection task.
 #[derive(Debug)]
 pub(crate) enum Outgoing {
-    /// A response to write.
-    Response(ComputeResponse),
+    /// A response, encoded (the core encodes, so that it decides what becomes of a response that does
+    /// not fit a frame; see [`Core::send`]).
+    Frame(Frame),
     /// Close the connection after writing what came before.
     Close,
 }
+
+/// The sending side of a connection's queue of [`Outgoing`] frames, with the count of bytes queued and not
+/// yet written (the connection task subtracts what it wrote).
+#[derive(Debug, Clone)]
+pub(crate) struct Outbox {
+    tx: UnboundedSender<Outgoing>,
+    queued_bytes: Arc<AtomicUsize>,
+}
+
+impl Outbox {
+    /// An outbox for `tx` and the connection task's byte counter.
+    pub fn new(tx: UnboundedSender<Outgoing>, queued_bytes: Arc<AtomicUsize>) -> Self {
+        Outbox { tx, queued_bytes }
+    }
+
+    fn close(&self) {
+        let _ = self.tx.send(Outgoing::Close);
+    }
+}
+
+/// Why [`Core::run`] returned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum CoreExit {
+    /// Told to shut down.
+    Shutdown,
+    /// The process cannot serve any more (a worker or timely failed): it stops, and says why.
+    Failed(String),
+}
+
+/// Error messages in responses that would not fit a frame are cut to this many bytes.
+const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 
 /// An event for the core.
 #[derive(Debug)]
@@ -72,7 +106,7 @@ pub(crate) enum CoreEvent {
         /// The connection.
         conn: u64,
         /// Where its responses go.
-        out: UnboundedSender<Outgoing>,
+        out: Outbox,
     },
     /// A command on a connection.
     Command {
@@ -126,7 +160,7 @@ enum Stage {
 #[derive(Debug)]
 struct Connection {
     id: u64,
-    out: UnboundedSender<Outgoing>,
+    out: Outbox,
     stage: Stage,
     replay: Vec<ComputeCommand>,
 }
@@ -195,6 +229,8 @@ struct MvBatch {
 
 #[derive(Debug)]
 struct CorePeek {
+    /// This routing's number; workers' answers carry it.
+    seq: PeekSeq,
     waiting: BTreeSet<usize>,
     parts: Vec<PeekResponse>,
     peek: Peek,
@@ -217,6 +253,23 @@ pub(crate) struct Core {
     peeks: HashMap<PeekId, CorePeek>,
     storage_peeks: HashMap<PeekId, JoinHandle<()>>,
     built: Arc<AtomicU64>,
+    limits: CoreLimits,
+    /// The process's idle merge effort, read by every arrangement's merge rule
+    /// (`worker::install_idle_merge`).
+    idle_merge_effort: Arc<AtomicUsize>,
+    next_peek_seq: PeekSeq,
+    /// Fault injection for tests of the process's failure path (see `server.rs`).
+    panic_on_connect: bool,
+}
+
+/// The bounds a core applies to its connection.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CoreLimits {
+    /// The largest frame written (and read) on a controller connection.
+    pub max_frame_bytes: usize,
+    /// Bytes of responses queued for a connection and not yet written beyond which the connection is
+    /// closed (the controller does not read its responses).
+    pub max_queued_bytes: usize,
 }
 
 impl std::fmt::Debug for Core {
@@ -233,6 +286,8 @@ impl Core {
         storage: Arc<dyn StorageCollections>,
         events: UnboundedSender<CoreEvent>,
         built: Arc<AtomicU64>,
+        limits: CoreLimits,
+        idle_merge_effort: Arc<AtomicUsize>,
     ) -> Self {
         let (allow_writes, _) = watch::channel(false);
         Core {
@@ -250,19 +305,29 @@ impl Core {
             peeks: HashMap::new(),
             storage_peeks: HashMap::new(),
             built,
+            limits,
+            idle_merge_effort,
+            next_peek_seq: 0,
+            panic_on_connect: false,
         }
     }
 
-    /// Runs until shut down.
+    /// Makes the core panic when a controller connection becomes active: a fault injected by tests of
+    /// what the process does when its I/O thread panics.
+    pub fn inject_panic_on_connect(&mut self) {
+        self.panic_on_connect = true;
+    }
+
+    /// Runs until shut down, or until the process cannot serve any more.
     pub async fn run(
         mut self,
         mut events: UnboundedReceiver<CoreEvent>,
         mut reports: UnboundedReceiver<FromWorker>,
-    ) -> Option<String> {
-        let failure = loop {
+    ) -> CoreExit {
+        let exit = loop {
             tokio::select! {
                 event = events.recv() => match event {
-                    Some(CoreEvent::Shutdown) | None => break None,
+                    Some(CoreEvent::Shutdown) | None => break CoreExit::Shutdown,
                     Some(event) => self.handle_event(event).await,
                 },
                 report = reports.recv() => match report {
@@ -272,15 +337,20 @@ impl Core {
                         // would answer from now on could be trusted: close the connection and stop, and
                         // let the orchestrator restart the process (the controller replays to it).
                         error!(worker, %message, "a timely worker panicked; the replica stops");
-                        break Some(format!("worker {worker} panicked: {message}"));
+                        break CoreExit::Failed(format!("worker {worker} panicked: {message}"));
+                    }
+                    Some(FromWorker::TimelyFailed { message }) => {
+                        error!(%message, "timely failed; the replica stops");
+                        break CoreExit::Failed(message);
                     }
                     Some(report) => self.handle_report(report),
-                    None => break None,
+                    // Every worker and the timely thread are gone without having said why.
+                    None => break CoreExit::Failed("the timely workers are gone".to_string()),
                 },
             }
         };
         if let Some(conn) = self.active.take() {
-            let _ = conn.out.send(Outgoing::Close);
+            conn.out.close();
         }
         for dataflow in self.dataflows.values() {
             for task in &dataflow.tasks {
@@ -291,7 +361,7 @@ impl Core {
             task.abort();
         }
         self.broadcast(|| ToWorker::Shutdown);
-        failure
+        exit
     }
 
     fn broadcast(&self, message: impl Fn() -> ToWorker) {
@@ -302,24 +372,117 @@ impl Core {
         }
     }
 
-    fn send(&self, response: ComputeResponse) {
-        if let Some(conn) = &self.active {
-            let _ = conn.out.send(Outgoing::Response(response));
+    /// Encodes `response` and queues it on the active connection (if any).
+    ///
+    /// **A response that does not fit a frame** is never skipped:
+    /// - a peek's rows become `PeekResponse::ResultTooLarge` (with the encoded size and the frame limit);
+    /// - a subscribe batch ends the subscribe: an error batch from the batch's lower with the empty upper,
+    ///   the way a subscribe whose dataflow errs ends, so its consumer sees the error at the first time
+    ///   range it misses (nothing after it is sent);
+    /// - an error message (of a peek, a copy-to or a rejected command) is cut to [`MAX_MESSAGE_BYTES`];
+    /// - anything else is an internal error: logged, and the connection is closed, so the controller
+    ///   reconnects and rehydrates.
+    ///
+    /// A connection with more than `max_queued_bytes` not yet written is closed the same way.
+    fn send(&mut self, response: ComputeResponse) {
+        if self.active.is_none() {
+            return;
+        }
+        let frame = match Frame::encode(&response, self.limits.max_frame_bytes) {
+            Ok(frame) => frame,
+            Err(FrameError::TooLarge { len, max }) => {
+                let name = response.name();
+                let Some(substitute) = self.fit(response, len, max) else {
+                    let reason = format!("a {name} response of {len} bytes is over the frame limit of {max}");
+                    return self.close_unsendable(name, &reason);
+                };
+                match Frame::encode(&substitute, self.limits.max_frame_bytes) {
+                    Ok(frame) => frame,
+                    Err(error) => return self.close_unsendable(substitute.name(), &error.to_string()),
+                }
+            }
+            Err(error) => return self.close_unsendable(response.name(), &error.to_string()),
+        };
+        let conn = self.active.as_ref().expect("checked above");
+        let queued = conn.out.queued_bytes.fetch_add(frame.len(), Ordering::AcqRel) + frame.len();
+        if queued > self.limits.max_queued_bytes {
+            warn!(
+                conn = conn.id,
+                queued,
+                max = self.limits.max_queued_bytes,
+                "the controller does not read its responses; closing the connection"
+            );
+            self.close_active();
+            return;
+        }
+        let _ = conn.out.tx.send(Outgoing::Frame(frame));
+    }
+
+    /// The stand-in for a response over the frame limit, if it has one (see [`Self::send`]).
+    fn fit(&mut self, response: ComputeResponse, len: usize, max: usize) -> Option<ComputeResponse> {
+        let cut = |message: String| {
+            let mut end = MAX_MESSAGE_BYTES.min(message.len());
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            format!("{} [cut from {} bytes]", &message[..end], message.len())
+        };
+        let substitute = match response {
+            ComputeResponse::PeekResponse { uuid, response: PeekResponse::Error(message) } => {
+                ComputeResponse::PeekResponse { uuid, response: PeekResponse::Error(cut(message)) }
+            }
+            ComputeResponse::PeekResponse { uuid, .. } => {
+                warn!(%uuid, size_bytes = len, max_bytes = max, "a peek result is over the frame limit");
+                let response = PeekResponse::ResultTooLarge { size_bytes: len as u64, max_bytes: max as u64 };
+                ComputeResponse::PeekResponse { uuid, response }
+            }
+            ComputeResponse::SubscribeResponse { id, response: SubscribeResponse::Batch(batch) } => {
+                let collection = self.collections.get_mut(&id);
+                assert!(collection.is_some(), "subscribe {id} sends a batch while it exists");
+                if let Some(collection) = collection {
+                    collection.sink.done = true;
+                }
+                warn!(%id, size_bytes = len, max_bytes = max, "a subscribe batch is over the frame limit; the subscribe ends");
+                let updates = Err(format!(
+                    "the subscribe's changes in [{:?}, {:?}) are {len} bytes, over the frame limit of {max} bytes: \
+                     the subscribe ends here",
+                    batch.lower.elements(),
+                    batch.upper.elements()
+                ));
+                let batch = SubscribeBatch { lower: batch.lower, upper: Antichain::new(), updates };
+                ComputeResponse::SubscribeResponse { id, response: SubscribeResponse::Batch(batch) }
+            }
+            ComputeResponse::CopyToResponse { id, response: CopyToResponse::Error(message) } => {
+                ComputeResponse::CopyToResponse { id, response: CopyToResponse::Error(cut(message)) }
+            }
+            ComputeResponse::CommandRejected { command, reason } => {
+                ComputeResponse::CommandRejected { command: cut(command), reason: cut(reason) }
+            }
+            _ => return None,
+        };
+        Some(substitute)
+    }
+
+    /// Closes the active connection because a response cannot be sent: an internal error (the controller
+    /// reconnects and rehydrates).
+    fn close_unsendable(&mut self, response: &str, reason: &str) {
+        error!(response, %reason, "a response cannot be sent; closing the connection");
+        self.close_active();
+    }
+
+    fn close_active(&mut self) {
+        if let Some(conn) = self.active.take() {
+            conn.out.close();
         }
     }
 
     fn reject_and_close(&mut self, command: &str, reason: String) {
         warn!(command, %reason, "rejecting command and closing the connection");
-        if let Some(conn) = self.active.take() {
-            let _ = conn.out.send(Outgoing::Response(ComputeResponse::CommandRejected {
-                command: command.to_string(),
-                reason,
-            }));
-            let _ = conn.out.send(Outgoing::Close);
-        }
+        self.send(ComputeResponse::CommandRejected { command: command.to_string(), reason });
+        self.close_active();
     }
 
-    fn reject(&self, command: &str, reason: String) {
+    fn reject(&mut self, command: &str, reason: String) {
         warn!(command, %reason, "rejecting command");
         self.send(ComputeResponse::CommandRejected { command: command.to_string(), reason });
     }
@@ -327,9 +490,10 @@ impl Core {
     async fn handle_event(&mut self, event: CoreEvent) {
         match event {
             CoreEvent::Connected { conn, out } => {
+                assert!(!self.panic_on_connect, "injected fault: the I/O thread panics on connect");
                 if let Some(old) = self.active.take() {
                     info!(old = old.id, new = conn, "controller connection replaced");
-                    let _ = old.out.send(Outgoing::Close);
+                    old.out.close();
                 }
                 // Peeks of the previous connection are forgotten (the controller re-sends what it wants).
                 for (uuid, _) in self.peeks.drain() {
@@ -480,8 +644,11 @@ impl Core {
                 unreachable!("stage commands are handled by the stage machine")
             }
             ComputeCommand::UpdateConfiguration(parameters) => {
-                self.parameters.update(parameters.clone());
-                self.broadcast(|| ToWorker::Configure(parameters.clone()));
+                if let Some(effort) = parameters.idle_merge_effort {
+                    let effort = usize::try_from(effort).unwrap_or(usize::MAX);
+                    self.idle_merge_effort.store(effort, Ordering::Relaxed);
+                }
+                self.parameters.update(parameters);
             }
             ComputeCommand::CreateDataflow(desc) => {
                 if let Err(reason) = self.create_dataflow(desc).await {
@@ -815,9 +982,12 @@ impl Core {
                     }
                 }
                 let max_result_size_bytes = self.parameters.max_result_size_bytes;
+                let seq = self.next_peek_seq;
+                self.next_peek_seq += 1;
                 for (local, keys) in &routed {
                     let message = ToWorker::Peek(WorkerPeek {
                         uuid,
+                        seq,
                         id,
                         timestamp: peek.timestamp,
                         keys: keys.clone(),
@@ -830,6 +1000,7 @@ impl Core {
                 self.peeks.insert(
                     uuid,
                     CorePeek {
+                        seq,
                         waiting: routed.keys().copied().collect(),
                         parts: Vec::new(),
                         peek,
@@ -842,9 +1013,10 @@ impl Core {
 
     fn handle_report(&mut self, report: FromWorker) {
         match report {
-            FromWorker::Peek { worker, uuid, response } => {
+            FromWorker::Peek { worker, uuid, seq, response } => {
                 let Some(pending) = self.peeks.get_mut(&uuid) else { return };
-                if !pending.waiting.remove(&worker) {
+                // An answer to an earlier routing of the same uuid (cancelled by a reconnect) is stale.
+                if pending.seq != seq || !pending.waiting.remove(&worker) {
                     return;
                 }
                 pending.parts.push(response);
@@ -861,15 +1033,23 @@ impl Core {
                     self.send(ComputeResponse::PeekResponse { uuid, response });
                 }
             }
-            FromWorker::Frontiers { worker, id, write, input } => {
+            FromWorker::Frontiers { worker, dataflow, id, write, input } => {
                 let Some(collection) = self.collections.get_mut(&id) else { return };
+                if collection.dataflow != dataflow {
+                    // From a dataflow that was dropped and rebuilt under the same export id: its
+                    // frontiers say nothing about the new one's.
+                    debug!(%id, dataflow, current = collection.dataflow, "stale frontier report ignored");
+                    return;
+                }
                 collection.worker_frontiers[worker] = Some((write, input));
                 self.report_frontiers(id);
             }
-            FromWorker::Sink { worker, id, updates, errors, frontier } => {
-                self.merge_sink(worker, id, updates, errors, frontier);
+            FromWorker::Sink { worker, dataflow, id, updates, errors, frontier } => {
+                if self.collections.get(&id).is_some_and(|c| c.dataflow == dataflow) {
+                    self.merge_sink(worker, id, updates, errors, frontier);
+                }
             }
-            FromWorker::Failed { .. } => unreachable!("handled by run"),
+            FromWorker::Failed { .. } | FromWorker::TimelyFailed { .. } => unreachable!("handled by run"),
         }
     }
 

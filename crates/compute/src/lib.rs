@@ -37,6 +37,7 @@
 //! (1 and 2 workers, 2 processes), exports, imports, sinks, reconnect and bad input, all through the
 //! socket. Benchmarks in `benches/compute.rs`.
 
+mod cluster;
 mod core;
 mod messages;
 mod operators;
@@ -44,4 +45,7 @@ mod render;
 mod server;
 mod worker;
 
-pub use server::{ReplicaConfig, ReplicaHandle, ReplicaServer, StartError};
+pub use server::{
+    DEFAULT_CLUSTER_CONNECT_TIMEOUT_MS, DEFAULT_IDLE_MERGE_EFFORT, FAULT_ENV, FAULT_IO_PANIC_ON_CONNECT,
+    ReplicaConfig, ReplicaHandle, ReplicaServer, StartError,
+};

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
 use std::time::Duration;
 
-use compute::{ReplicaConfig, ReplicaHandle, ReplicaServer};
+use compute::{ReplicaConfig, ReplicaHandle, ReplicaServer, StartError};
 use frontiers::{Antichain, PartialOrder, ReadPolicy};
 use protocol::frame::{DEFAULT_MAX_FRAME_BYTES, read_frame, write_frame};
 use protocol::{
@@ -81,9 +81,12 @@ pub enum Shape {
     TwoProcesses,
 }
 
-/// A free loopback port (bound and released; good enough for tests).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+/// `n` distinct free loopback addresses (bound together, then released: another socket may take one
+/// before it is bound again, which the caller must handle).
+pub fn free_addresses(n: usize) -> Vec<String> {
+    let listeners: Vec<std::net::TcpListener> =
+        (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind")).collect();
+    listeners.iter().map(|l| l.local_addr().expect("addr").to_string()).collect()
 }
 
 /// A replica: one handle per process.
@@ -105,29 +108,46 @@ pub fn init_logging() {
 impl Replica {
     /// Starts a replica of the given shape on `storage`.
     pub fn start(shape: Shape, storage: Arc<dyn StorageCollections>) -> Replica {
+        Self::start_with(shape, storage, |config| config)
+    }
+
+    /// Starts a replica of the given shape on `storage`, each process's configuration changed by
+    /// `configure`.
+    ///
+    /// The timely ports of a two-process replica are probed free and then bound by the processes: if
+    /// another socket took one meanwhile, the start fails with `StartError::ClusterBind` (never a
+    /// half-started replica), and this tries again with other ports.
+    pub fn start_with(
+        shape: Shape,
+        storage: Arc<dyn StorageCollections>,
+        configure: impl Fn(ReplicaConfig) -> ReplicaConfig,
+    ) -> Replica {
         init_logging();
         let listen: SocketAddr = "127.0.0.1:0".parse().expect("address");
         let processes = match shape {
             Shape::OneWorker | Shape::TwoWorkers => {
                 let workers = if shape == Shape::OneWorker { 1 } else { 2 };
-                let config =
-                    ReplicaConfig { listen, workers, process: 0, timely_addresses: Vec::new(), storage };
+                let config = configure(ReplicaConfig::new(listen, workers, storage));
                 vec![ReplicaServer::start(config).expect("start replica")]
             }
             Shape::TwoProcesses => {
-                let addresses: Vec<String> = (0..2).map(|_| format!("127.0.0.1:{}", free_port())).collect();
-                (0..2)
-                    .map(|process| {
-                        let config = ReplicaConfig {
-                            listen,
-                            workers: 1,
-                            process,
-                            timely_addresses: addresses.clone(),
-                            storage: Arc::clone(&storage),
-                        };
-                        ReplicaServer::start(config).expect("start replica process")
-                    })
-                    .collect()
+                let mut attempts = 0;
+                loop {
+                    attempts += 1;
+                    let addresses = free_addresses(2);
+                    let started: Result<Vec<ReplicaHandle>, StartError> = (0..2)
+                        .map(|process| {
+                            let config = ReplicaConfig::new(listen, 1, Arc::clone(&storage))
+                                .in_cluster(process, addresses.clone());
+                            ReplicaServer::start(configure(config))
+                        })
+                        .collect();
+                    match started {
+                        Ok(processes) => break processes,
+                        Err(StartError::ClusterBind { .. }) if attempts < 5 => continue,
+                        Err(e) => panic!("start replica process: {e}"),
+                    }
+                }
             }
         };
         Replica { processes }
