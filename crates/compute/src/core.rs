@@ -360,7 +360,12 @@ impl Core {
         for task in self.storage_peeks.values() {
             task.abort();
         }
-        self.broadcast(|| ToWorker::Shutdown);
+        // After a failure the workers are stopped by the server, once it has cut the cluster's sockets:
+        // stopped cleanly first, they would tell the other processes' timely a clean goodbye, and those
+        // would wait forever for the rest of a computation this process no longer does.
+        if exit == CoreExit::Shutdown {
+            self.broadcast(|| ToWorker::Shutdown);
+        }
         exit
     }
 
@@ -392,10 +397,19 @@ impl Core {
             Ok(frame) => frame,
             Err(FrameError::TooLarge { len, max }) => {
                 let name = response.name();
-                let Some(substitute) = self.fit(response, len, max) else {
+                let Some(substitute) = fit_response(response, len, max) else {
                     let reason = format!("a {name} response of {len} bytes is over the frame limit of {max}");
                     return self.close_unsendable(name, &reason);
                 };
+                if let ComputeResponse::SubscribeResponse { id, .. } = &substitute {
+                    // The error batch ends the subscribe: nothing more is sent for it.
+                    let collection = self.collections.get_mut(id);
+                    assert!(collection.is_some(), "subscribe {id} sends a batch while it exists");
+                    if let Some(collection) = collection {
+                        collection.sink.done = true;
+                    }
+                    warn!(%id, size_bytes = len, max_bytes = max, "a subscribe batch is over the frame limit; the subscribe ends");
+                }
                 match Frame::encode(&substitute, self.limits.max_frame_bytes) {
                     Ok(frame) => frame,
                     Err(error) => return self.close_unsendable(substitute.name(), &error.to_string()),
@@ -416,51 +430,6 @@ impl Core {
             return;
         }
         let _ = conn.out.tx.send(Outgoing::Frame(frame));
-    }
-
-    /// The stand-in for a response over the frame limit, if it has one (see [`Self::send`]).
-    fn fit(&mut self, response: ComputeResponse, len: usize, max: usize) -> Option<ComputeResponse> {
-        let cut = |message: String| {
-            let mut end = MAX_MESSAGE_BYTES.min(message.len());
-            while !message.is_char_boundary(end) {
-                end -= 1;
-            }
-            format!("{} [cut from {} bytes]", &message[..end], message.len())
-        };
-        let substitute = match response {
-            ComputeResponse::PeekResponse { uuid, response: PeekResponse::Error(message) } => {
-                ComputeResponse::PeekResponse { uuid, response: PeekResponse::Error(cut(message)) }
-            }
-            ComputeResponse::PeekResponse { uuid, .. } => {
-                warn!(%uuid, size_bytes = len, max_bytes = max, "a peek result is over the frame limit");
-                let response = PeekResponse::ResultTooLarge { size_bytes: len as u64, max_bytes: max as u64 };
-                ComputeResponse::PeekResponse { uuid, response }
-            }
-            ComputeResponse::SubscribeResponse { id, response: SubscribeResponse::Batch(batch) } => {
-                let collection = self.collections.get_mut(&id);
-                assert!(collection.is_some(), "subscribe {id} sends a batch while it exists");
-                if let Some(collection) = collection {
-                    collection.sink.done = true;
-                }
-                warn!(%id, size_bytes = len, max_bytes = max, "a subscribe batch is over the frame limit; the subscribe ends");
-                let updates = Err(format!(
-                    "the subscribe's changes in [{:?}, {:?}) are {len} bytes, over the frame limit of {max} bytes: \
-                     the subscribe ends here",
-                    batch.lower.elements(),
-                    batch.upper.elements()
-                ));
-                let batch = SubscribeBatch { lower: batch.lower, upper: Antichain::new(), updates };
-                ComputeResponse::SubscribeResponse { id, response: SubscribeResponse::Batch(batch) }
-            }
-            ComputeResponse::CopyToResponse { id, response: CopyToResponse::Error(message) } => {
-                ComputeResponse::CopyToResponse { id, response: CopyToResponse::Error(cut(message)) }
-            }
-            ComputeResponse::CommandRejected { command, reason } => {
-                ComputeResponse::CommandRejected { command: cut(command), reason: cut(reason) }
-            }
-            _ => return None,
-        };
-        Some(substitute)
     }
 
     /// Closes the active connection because a response cannot be sent: an internal error (the controller
@@ -1122,9 +1091,17 @@ impl Core {
         frontier: Antichain<Time>,
     ) {
         let process = self.topology.process;
+        let normal = self.active.as_ref().is_some_and(|c| c.stage == Stage::Normal);
         let Some(collection) = self.collections.get_mut(&id) else { return };
         let sink = &mut collection.sink;
         if sink.done {
+            return;
+        }
+        if !normal && matches!(collection.kind, ExportKind::Subscribe | ExportKind::CopyTo { .. }) {
+            // Its connection is gone (none is active, or a new one is replaying its history): its
+            // output has no consumer any more, and reconciliation rebuilds it from the replay.
+            debug!(%id, "the connection of a subscribe or copy-to is gone; it stops");
+            sink.done = true;
             return;
         }
         if matches!(collection.kind, ExportKind::CopyTo { .. }) {
@@ -1214,6 +1191,54 @@ impl Core {
         };
         self.send(ComputeResponse::CopyToResponse { id, response });
     }
+}
+
+/// The stand-in for a response of `len` bytes over the frame limit `max`, if it has one (see
+/// [`Core::send`]): a peek's rows become `ResultTooLarge`; a subscribe batch becomes the error batch that
+/// ends the subscribe (the caller marks the subscribe done); error messages are cut to
+/// [`MAX_MESSAGE_BYTES`] (or half the frame, if less). Anything else has none.
+fn fit_response(response: ComputeResponse, len: usize, max: usize) -> Option<ComputeResponse> {
+    let limit = MAX_MESSAGE_BYTES.min(max / 2);
+    let cut = |message: String| {
+        if message.len() <= limit {
+            return message;
+        }
+        let note = format!(" [cut from {} bytes]", message.len());
+        let mut end = limit.saturating_sub(note.len());
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        let mut cut = message;
+        cut.truncate(end);
+        cut + &note
+    };
+    let substitute = match response {
+        ComputeResponse::PeekResponse { uuid, response: PeekResponse::Error(message) } => {
+            ComputeResponse::PeekResponse { uuid, response: PeekResponse::Error(cut(message)) }
+        }
+        ComputeResponse::PeekResponse { uuid, response: PeekResponse::Rows(_) } => {
+            let response = PeekResponse::ResultTooLarge { size_bytes: len as u64, max_bytes: max as u64 };
+            ComputeResponse::PeekResponse { uuid, response }
+        }
+        ComputeResponse::SubscribeResponse { id, response: SubscribeResponse::Batch(batch) } => {
+            let updates = Err(format!(
+                "the subscribe's changes in [{:?}, {:?}) are {len} bytes, over the frame limit of {max} bytes: \
+                 the subscribe ends here",
+                batch.lower.elements(),
+                batch.upper.elements()
+            ));
+            let batch = SubscribeBatch { lower: batch.lower, upper: Antichain::new(), updates };
+            ComputeResponse::SubscribeResponse { id, response: SubscribeResponse::Batch(batch) }
+        }
+        ComputeResponse::CopyToResponse { id, response: CopyToResponse::Error(message) } => {
+            ComputeResponse::CopyToResponse { id, response: CopyToResponse::Error(cut(message)) }
+        }
+        ComputeResponse::CommandRejected { command, reason } => {
+            ComputeResponse::CommandRejected { command: cut(command), reason: cut(reason) }
+        }
+        _ => return None,
+    };
+    Some(substitute)
 }
 
 impl CoreCollection {
@@ -1481,7 +1506,77 @@ mod tests {
     use storage::{InProcess, StorageCollections, StoreConfig};
     use tokio::sync::{mpsc, watch};
 
-    use super::{MvBatch, append_materialized_view};
+    use super::{MAX_MESSAGE_BYTES, MvBatch, append_materialized_view, fit_response};
+
+    #[test]
+    fn a_response_over_the_frame_limit_gets_its_stand_in_or_none() {
+        use std::num::NonZeroU64;
+
+        use protocol::{
+            ComputeResponse, CopyToResponse, FrontiersResponse, PeekId, PeekResponse, StatusResponse,
+            SubscribeBatch, SubscribeResponse,
+        };
+
+        let (len, max) = (1 << 20, 1 << 16);
+        let uuid = PeekId(7);
+        let id = GlobalId::User(3);
+        let long = "é".repeat(200_000);
+        let row = Row::pack([Datum::Int64(1)]);
+        let rows = PeekResponse::Rows(vec![(row.clone(), NonZeroU64::new(1).expect("one"))]);
+        let batch = SubscribeBatch {
+            lower: Antichain::from_elem(5),
+            upper: Antichain::from_elem(9),
+            updates: Ok(vec![(5, row, 1)]),
+        };
+        let fitted = |response| fit_response(response, len, max);
+
+        let peek = fitted(ComputeResponse::PeekResponse { uuid, response: rows });
+        let too_large = PeekResponse::ResultTooLarge { size_bytes: len as u64, max_bytes: max as u64 };
+        assert_eq!(peek, Some(ComputeResponse::PeekResponse { uuid, response: too_large }));
+
+        match fitted(ComputeResponse::SubscribeResponse { id, response: SubscribeResponse::Batch(batch) }) {
+            Some(ComputeResponse::SubscribeResponse { id: got, response: SubscribeResponse::Batch(b) }) => {
+                assert_eq!(got, id);
+                assert_eq!(b.lower, Antichain::from_elem(5), "the error starts where the batch started");
+                assert!(b.upper.is_empty(), "the error batch ends the subscribe");
+                assert!(b.updates.expect_err("an error").contains("over the frame limit"));
+            }
+            other => panic!("expected an error batch, got {other:?}"),
+        }
+
+        let cut_ok = |message: &str| {
+            message.len() <= MAX_MESSAGE_BYTES.min(max / 2) && message.ends_with(&format!("[cut from {} bytes]", long.len()))
+        };
+        match fitted(ComputeResponse::PeekResponse { uuid, response: PeekResponse::Error(long.clone()) }) {
+            Some(ComputeResponse::PeekResponse { response: PeekResponse::Error(message), .. }) => {
+                assert!(cut_ok(&message), "{} bytes", message.len())
+            }
+            other => panic!("expected a cut error, got {other:?}"),
+        }
+        match fitted(ComputeResponse::CopyToResponse { id, response: CopyToResponse::Error(long.clone()) }) {
+            Some(ComputeResponse::CopyToResponse { response: CopyToResponse::Error(message), .. }) => {
+                assert!(cut_ok(&message))
+            }
+            other => panic!("expected a cut error, got {other:?}"),
+        }
+        match fitted(ComputeResponse::CommandRejected { command: "Peek".into(), reason: long.clone() }) {
+            Some(ComputeResponse::CommandRejected { command, reason }) => {
+                assert_eq!(command, "Peek", "a short field is kept whole");
+                assert!(cut_ok(&reason));
+            }
+            other => panic!("expected a cut rejection, got {other:?}"),
+        }
+
+        // No stand-in: the connection closes.
+        for response in [
+            ComputeResponse::Frontiers { id, frontiers: FrontiersResponse::default() },
+            ComputeResponse::Status(StatusResponse::Hydration { id, hydrated: true }),
+            ComputeResponse::SubscribeResponse { id, response: SubscribeResponse::DroppedAt(Antichain::new()) },
+            ComputeResponse::Hello { version: 1, nonce: 1 },
+        ] {
+            assert_eq!(fitted(response), None);
+        }
+    }
 
     #[tokio::test]
     async fn a_materialized_view_whose_target_was_dropped_stops_appending() {

@@ -269,6 +269,9 @@ impl ReplicaServer {
             max_frame_bytes,
             max_queued_bytes: max_frame_bytes.saturating_mul(4).max(64 << 20),
         };
+        // Kept by the I/O thread beyond the core (which a panic drops), so that the workers stop only
+        // after a failed process has cut its cluster sockets (see `Core::run`).
+        let workers_after_core = senders.clone();
         let mut core = Core::new(
             topology,
             senders,
@@ -303,6 +306,10 @@ impl ReplicaServer {
                     error!(%message, "the replica process failed and stopped serving");
                     cut.cut();
                 }
+                for worker in &workers_after_core {
+                    let _ = worker.send(ToWorker::Shutdown);
+                }
+                drop(workers_after_core);
                 state_tx.send_replace(state);
             })
             .map_err(StartError::Threads)?;
@@ -438,21 +445,18 @@ fn run_timely(start: TimelyStart) {
     let _ = reports.send(FromWorker::TimelyFailed { message });
 }
 
-/// Starts the workers and waits for them; the first worker thread to end is reported, since workers end
-/// only when the core tells them to or is gone.
+/// Starts the workers and waits for them; the first worker thread to end is reported (to a core that is
+/// gone already after a shutdown), since workers end only when the core tells them to or is gone.
 fn supervise_timely(start: TimelyStart) -> Result<(), String> {
     let reports = start.reports.clone();
     let process = start.process;
     let guards = start_workers(start)?;
-    let mut reported = false;
-    while !guards.guards().iter().all(|g| g.is_finished()) {
-        if !reported && let Some(worker) = guards.guards().iter().position(|g| g.is_finished()) {
-            reported = true;
-            let message = format!("timely worker thread {worker} of process {process} ended");
-            let _ = reports.send(FromWorker::TimelyFailed { message });
-        }
+    while !guards.guards().iter().any(|g| g.is_finished()) {
         std::thread::sleep(Duration::from_millis(20));
     }
+    let worker = guards.guards().iter().position(|g| g.is_finished()).expect("one has finished");
+    let message = format!("timely worker thread {worker} of process {process} ended");
+    let _ = reports.send(FromWorker::TimelyFailed { message });
     for (worker, result) in guards.join().into_iter().enumerate() {
         if let Err(e) = result {
             warn!(worker, error = %e, "timely worker failed");

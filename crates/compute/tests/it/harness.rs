@@ -565,3 +565,75 @@ pub fn rows_of(response: PeekResponse) -> protocol::reference::Multiset {
         other => panic!("expected rows, got {other:?}"),
     }
 }
+
+/// A storage that panics when asked for the frontiers of `poisoned`, and is `inner` otherwise: a bug in a
+/// dependency that runs on the replica's I/O thread (a dataflow importing `poisoned` asks for them).
+#[derive(Debug)]
+pub struct PanickingStorage {
+    /// Where everything else goes.
+    pub inner: Arc<InProcess>,
+    /// The collection whose frontiers panic.
+    pub poisoned: GlobalId,
+}
+
+impl StorageCollections for PanickingStorage {
+    fn create_collection(
+        &self,
+        id: GlobalId,
+        desc: RelationDesc,
+    ) -> storage::BoxFuture<'_, Result<(), storage::CreateError>> {
+        self.inner.create_collection(id, desc)
+    }
+
+    fn drop_collection(&self, id: GlobalId) -> storage::BoxFuture<'_, Result<(), storage::DropError>> {
+        self.inner.drop_collection(id)
+    }
+
+    fn list_collections(&self) -> storage::BoxFuture<'_, Result<Vec<(GlobalId, RelationDesc)>, storage::ReadError>> {
+        self.inner.list_collections()
+    }
+
+    fn frontiers(&self, id: GlobalId) -> storage::BoxFuture<'_, Result<storage::CollectionFrontiers, storage::ReadError>> {
+        assert_ne!(id, self.poisoned, "the test storage panics on the frontiers of {id}");
+        self.inner.frontiers(id)
+    }
+
+    fn append(&self, requests: Vec<AppendRequest>) -> storage::BoxFuture<'_, Result<(), storage::AppendError>> {
+        self.inner.append(requests)
+    }
+
+    fn acquire_read_hold(
+        &self,
+        id: GlobalId,
+        frontier: Antichain<u64>,
+    ) -> storage::BoxFuture<'_, Result<storage::StorageReadHold, storage::HoldError>> {
+        self.inner.acquire_read_hold(id, frontier)
+    }
+
+    fn set_read_policy(
+        &self,
+        id: GlobalId,
+        policy: ReadPolicy<u64>,
+    ) -> storage::BoxFuture<'_, Result<(), storage::HoldError>> {
+        self.inner.set_read_policy(id, policy)
+    }
+
+    fn snapshot(&self, id: GlobalId, as_of: u64) -> storage::BoxFuture<'_, Result<Vec<(Row, Diff)>, storage::ReadError>> {
+        self.inner.snapshot(id, as_of)
+    }
+
+    fn listen(&self, id: GlobalId, as_of: u64) -> storage::BoxFuture<'_, Result<storage::Listen, storage::ReadError>> {
+        self.inner.listen(id, as_of)
+    }
+
+    fn watch_frontiers(&self) -> storage::BoxFuture<'_, Result<storage::FrontierWatch, storage::ReadError>> {
+        self.inner.watch_frontiers()
+    }
+}
+
+/// Waits (up to [`TIMEOUT`]) for a process to fail and returns why; panics if it does not.
+pub fn wait_failed(process: &ReplicaHandle) -> String {
+    block_on(async {
+        tokio::time::timeout(TIMEOUT, process.failed()).await.expect("the process fails within the timeout")
+    })
+}
