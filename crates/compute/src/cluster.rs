@@ -84,12 +84,10 @@ impl Handshake {
     }
 
     fn decode(bytes: &[u8; HANDSHAKE_BYTES]) -> Result<Handshake, String> {
-        let word = |range: std::ops::Range<usize>| {
-            u64::from_le_bytes(bytes[range].try_into().expect("eight bytes"))
-        };
-        let half = |range: std::ops::Range<usize>| {
-            u32::from_le_bytes(bytes[range].try_into().expect("four bytes"))
-        };
+        let word =
+            |range: std::ops::Range<usize>| u64::from_le_bytes(bytes[range].try_into().expect("eight bytes"));
+        let half =
+            |range: std::ops::Range<usize>| u32::from_le_bytes(bytes[range].try_into().expect("four bytes"));
         if bytes[..8] != MAGIC {
             return Err("not a timely cluster handshake".to_string());
         }
@@ -229,14 +227,21 @@ impl ClusterListener {
             .map_err(|e| e.to_string())?
             .next()
             .ok_or_else(|| format!("{} resolves to no address", self.addresses[peer]))?;
-        let mut socket = TcpStream::connect_timeout(&address, HANDSHAKE_TIMEOUT).map_err(|e| e.to_string())?;
+        let mut socket =
+            TcpStream::connect_timeout(&address, HANDSHAKE_TIMEOUT).map_err(|e| e.to_string())?;
         socket.set_nodelay(true).map_err(|e| e.to_string())?;
         socket.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(|e| e.to_string())?;
         socket.set_write_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(|e| e.to_string())?;
-        let hello = Handshake { kind: Kind::Hello, cluster: self.cluster, from: self.process as u64, to: peer as u64 };
+        let hello = Handshake {
+            kind: Kind::Hello,
+            cluster: self.cluster,
+            from: self.process as u64,
+            to: peer as u64,
+        };
         socket.write_all(&hello.encode()).map_err(|e| e.to_string())?;
         let answer = read_handshake(&mut socket)?;
-        let expected = Handshake { kind: Kind::Ack, cluster: self.cluster, from: peer as u64, to: self.process as u64 };
+        let expected =
+            Handshake { kind: Kind::Ack, cluster: self.cluster, from: peer as u64, to: self.process as u64 };
         if answer != expected {
             // Our own hello back means the connection looped to itself.
             return Err(format!("unexpected answer {answer:?}"));
@@ -279,7 +284,11 @@ impl ClusterListener {
     }
 
     /// Checks an accepted connection's handshake and answers it: the peer's index and the socket.
-    fn admit(&self, mut socket: TcpStream, slots: &[Option<TcpStream>]) -> Result<(usize, TcpStream), String> {
+    fn admit(
+        &self,
+        mut socket: TcpStream,
+        slots: &[Option<TcpStream>],
+    ) -> Result<(usize, TcpStream), String> {
         socket.set_nonblocking(false).map_err(|e| e.to_string())?;
         socket.set_nodelay(true).map_err(|e| e.to_string())?;
         socket.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(|e| e.to_string())?;
@@ -295,7 +304,8 @@ impl ClusterListener {
         if slots[from - self.process - 1].is_some() {
             return Err(format!("process {from} is already connected"));
         }
-        let ack = Handshake { kind: Kind::Ack, cluster: self.cluster, from: self.process as u64, to: hello.from };
+        let ack =
+            Handshake { kind: Kind::Ack, cluster: self.cluster, from: self.process as u64, to: hello.from };
         socket.write_all(&ack.encode()).map_err(|e| e.to_string())?;
         Ok((from, socket))
     }

@@ -68,21 +68,33 @@ pub(crate) enum Outgoing {
 }
 
 /// The sending side of a connection's queue of [`Outgoing`] frames, with the count of bytes queued and not
-/// yet written (the connection task subtracts what it wrote).
+/// yet written (the connection task subtracts what it wrote), and a switch that drops the connection at
+/// once, without writing what is queued.
 #[derive(Debug, Clone)]
 pub(crate) struct Outbox {
     tx: UnboundedSender<Outgoing>,
     queued_bytes: Arc<AtomicUsize>,
+    abort: Arc<watch::Sender<bool>>,
 }
 
 impl Outbox {
-    /// An outbox for `tx` and the connection task's byte counter.
-    pub fn new(tx: UnboundedSender<Outgoing>, queued_bytes: Arc<AtomicUsize>) -> Self {
-        Outbox { tx, queued_bytes }
+    /// An outbox for `tx`, the connection task's byte counter and its abort switch.
+    pub fn new(
+        tx: UnboundedSender<Outgoing>,
+        queued_bytes: Arc<AtomicUsize>,
+        abort: watch::Sender<bool>,
+    ) -> Self {
+        Outbox { tx, queued_bytes, abort: Arc::new(abort) }
     }
 
+    /// Closes the connection after what is queued is written.
     fn close(&self) {
         let _ = self.tx.send(Outgoing::Close);
+    }
+
+    /// Drops the connection now (a write waiting for the peer is abandoned).
+    fn abort(&self) {
+        self.abort.send_replace(true);
     }
 }
 
@@ -268,7 +280,7 @@ pub(crate) struct CoreLimits {
     /// The largest frame written (and read) on a controller connection.
     pub max_frame_bytes: usize,
     /// Bytes of responses queued for a connection and not yet written beyond which the connection is
-    /// closed (the controller does not read its responses).
+    /// dropped (the controller does not read its responses).
     pub max_queued_bytes: usize,
 }
 
@@ -424,9 +436,10 @@ impl Core {
                 conn = conn.id,
                 queued,
                 max = self.limits.max_queued_bytes,
-                "the controller does not read its responses; closing the connection"
+                "the controller does not read its responses; dropping the connection"
             );
-            self.close_active();
+            conn.out.abort();
+            self.active = None;
             return;
         }
         let _ = conn.out.tx.send(Outgoing::Frame(frame));
@@ -435,8 +448,10 @@ impl Core {
     /// Closes the active connection because a response cannot be sent: an internal error (the controller
     /// reconnects and rehydrates).
     fn close_unsendable(&mut self, response: &str, reason: &str) {
-        error!(response, %reason, "a response cannot be sent; closing the connection");
-        self.close_active();
+        error!(response, %reason, "a response cannot be sent; dropping the connection");
+        if let Some(conn) = self.active.take() {
+            conn.out.abort();
+        }
     }
 
     fn close_active(&mut self) {
@@ -1545,7 +1560,8 @@ mod tests {
         }
 
         let cut_ok = |message: &str| {
-            message.len() <= MAX_MESSAGE_BYTES.min(max / 2) && message.ends_with(&format!("[cut from {} bytes]", long.len()))
+            message.len() <= MAX_MESSAGE_BYTES.min(max / 2)
+                && message.ends_with(&format!("[cut from {} bytes]", long.len()))
         };
         match fitted(ComputeResponse::PeekResponse { uuid, response: PeekResponse::Error(long.clone()) }) {
             Some(ComputeResponse::PeekResponse { response: PeekResponse::Error(message), .. }) => {
@@ -1571,7 +1587,10 @@ mod tests {
         for response in [
             ComputeResponse::Frontiers { id, frontiers: FrontiersResponse::default() },
             ComputeResponse::Status(StatusResponse::Hydration { id, hydrated: true }),
-            ComputeResponse::SubscribeResponse { id, response: SubscribeResponse::DroppedAt(Antichain::new()) },
+            ComputeResponse::SubscribeResponse {
+                id,
+                response: SubscribeResponse::DroppedAt(Antichain::new()),
+            },
             ComputeResponse::Hello { version: 1, nonce: 1 },
         ] {
             assert_eq!(fitted(response), None);

@@ -47,5 +47,5 @@ mod worker;
 
 pub use server::{
     DEFAULT_CLUSTER_CONNECT_TIMEOUT_MS, DEFAULT_IDLE_MERGE_EFFORT, FAULT_ENV, FAULT_IO_PANIC_ON_CONNECT,
-    ReplicaConfig, ReplicaHandle, ReplicaServer, StartError,
+    QUEUED_FRAMES, ReplicaConfig, ReplicaHandle, ReplicaLimits, ReplicaServer, StartError,
 };

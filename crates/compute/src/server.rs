@@ -68,6 +68,10 @@ pub const DEFAULT_CLUSTER_CONNECT_TIMEOUT_MS: u64 = 60_000;
 /// How long a stopping process waits for its connections to write what is queued before it closes them.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
+/// A connection may have this many maximum frames' worth of responses queued and not yet written; beyond
+/// that the controller is not reading, and the connection is dropped (it reconnects and rehydrates).
+pub const QUEUED_FRAMES: usize = 4;
+
 /// The environment variable that injects a fault, in debug builds only (tests of the failure paths of a
 /// `compute-replica` process, which cannot reach its threads otherwise).
 pub const FAULT_ENV: &str = "COMPUTE_REPLICA_FAULT";
@@ -93,28 +97,34 @@ pub struct ReplicaConfig {
     pub timely_addresses: Vec<String>,
     /// The storage layer (embedded or a client).
     pub storage: Arc<dyn StorageCollections>,
+}
+
+/// The limits and timeouts of a replica process ([`ReplicaServer::start_with`]); the defaults suit
+/// production and most tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplicaLimits {
     /// The largest frame read from or written to a controller connection. It must not exceed the
     /// controller's own limit (`ReplicaClientConfig::max_frame_bytes`), or answers that fit here are
-    /// refused there.
+    /// refused there. Default [`DEFAULT_MAX_FRAME_BYTES`].
     pub max_frame_bytes: usize,
     /// How long the processes of a multi-process replica wait for each other at start-up before the
-    /// process fails.
+    /// process fails. Default [`DEFAULT_CLUSTER_CONNECT_TIMEOUT_MS`].
     pub cluster_connect_timeout_ms: u64,
 }
 
-impl ReplicaConfig {
-    /// A single-process replica with `workers` workers listening on `listen`, with the default frame limit
-    /// ([`DEFAULT_MAX_FRAME_BYTES`]) and cluster timeout.
-    pub fn new(listen: SocketAddr, workers: usize, storage: Arc<dyn StorageCollections>) -> Self {
-        ReplicaConfig {
-            listen,
-            workers,
-            process: 0,
-            timely_addresses: Vec::new(),
-            storage,
+impl Default for ReplicaLimits {
+    fn default() -> Self {
+        ReplicaLimits {
             max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
             cluster_connect_timeout_ms: DEFAULT_CLUSTER_CONNECT_TIMEOUT_MS,
         }
+    }
+}
+
+impl ReplicaConfig {
+    /// A single-process replica with `workers` workers listening on `listen`.
+    pub fn new(listen: SocketAddr, workers: usize, storage: Arc<dyn StorageCollections>) -> Self {
+        ReplicaConfig { listen, workers, process: 0, timely_addresses: Vec::new(), storage }
     }
 
     /// The same, as process `process` of a replica whose processes' timely addresses are `addresses`.
@@ -190,19 +200,17 @@ struct TimelyStart {
 }
 
 impl ReplicaServer {
-    /// Starts one replica process: binds the listener (and the cluster port of a multi-process replica),
-    /// starts the tokio thread and the timely thread. Returns once the ports are bound (a cluster's
-    /// processes connect to each other in the background).
+    /// Starts one replica process with the default [`ReplicaLimits`]: binds the listener (and the cluster
+    /// port of a multi-process replica), starts the tokio thread and the timely thread. Returns once the
+    /// ports are bound (a cluster's processes connect to each other in the background).
     pub fn start(config: ReplicaConfig) -> Result<ReplicaHandle, StartError> {
-        let ReplicaConfig {
-            listen,
-            workers,
-            process,
-            timely_addresses,
-            storage,
-            max_frame_bytes,
-            cluster_connect_timeout_ms,
-        } = config;
+        Self::start_with(config, ReplicaLimits::default())
+    }
+
+    /// [`Self::start`] with other limits.
+    pub fn start_with(config: ReplicaConfig, limits: ReplicaLimits) -> Result<ReplicaHandle, StartError> {
+        let ReplicaConfig { listen, workers, process, timely_addresses, storage } = config;
+        let ReplicaLimits { max_frame_bytes, cluster_connect_timeout_ms } = limits;
         if workers == 0 {
             return Err(StartError::InvalidConfig("at least one worker is needed".to_string()));
         }
@@ -265,10 +273,8 @@ impl ReplicaServer {
             .enable_all()
             .build()
             .map_err(StartError::Threads)?;
-        let limits = CoreLimits {
-            max_frame_bytes,
-            max_queued_bytes: max_frame_bytes.saturating_mul(4).max(64 << 20),
-        };
+        let limits =
+            CoreLimits { max_frame_bytes, max_queued_bytes: max_frame_bytes.saturating_mul(QUEUED_FRAMES) };
         // Kept by the I/O thread beyond the core (which a panic drops), so that the workers stop only
         // after a failed process has cut its cluster sockets (see `Core::run`).
         let workers_after_core = senders.clone();
@@ -291,16 +297,24 @@ impl ReplicaServer {
             .name(format!("compute-io-{process}"))
             .spawn(move || {
                 let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    runtime.block_on(serve(listener, core, events_rx, reports_rx, accept_events, max_frame_bytes))
+                    runtime.block_on(serve(
+                        listener,
+                        core,
+                        events_rx,
+                        reports_rx,
+                        accept_events,
+                        max_frame_bytes,
+                    ))
                 }));
                 // Closes the listener and every connection, also those a panic left open.
                 drop(runtime);
                 let state = match outcome {
                     Ok(CoreExit::Shutdown) => ProcessState::Stopped,
                     Ok(CoreExit::Failed(message)) => ProcessState::Failed(message),
-                    Err(panic) => {
-                        ProcessState::Failed(format!("the I/O thread panicked: {}", panic_message(panic.as_ref())))
-                    }
+                    Err(panic) => ProcessState::Failed(format!(
+                        "the I/O thread panicked: {}",
+                        panic_message(panic.as_ref())
+                    )),
                 };
                 if let ProcessState::Failed(message) = &state {
                     error!(%message, "the replica process failed and stopped serving");
@@ -467,8 +481,16 @@ fn supervise_timely(start: TimelyStart) -> Result<(), String> {
 
 /// Connects the cluster (if any) and starts the worker threads.
 fn start_workers(start: TimelyStart) -> Result<WorkerGuards<()>, String> {
-    let TimelyStart { process, workers, worker_config, cluster, connect_timeout, receivers, threads, reports } =
-        start;
+    let TimelyStart {
+        process,
+        workers,
+        worker_config,
+        cluster,
+        connect_timeout,
+        receivers,
+        threads,
+        reports,
+    } = start;
     let first = process * workers;
     let receivers = Arc::new(Mutex::new(receivers));
     let threads = Arc::new(threads);
@@ -493,15 +515,18 @@ fn start_workers(start: TimelyStart) -> Result<WorkerGuards<()>, String> {
     };
     match cluster {
         None => {
-            let config =
-                timely::Config { communication: timely::CommunicationConfig::Process(workers), worker: worker_config };
+            let config = timely::Config {
+                communication: timely::CommunicationConfig::Process(workers),
+                worker: worker_config,
+            };
             timely::execute(config, body).map_err(|e| format!("timely did not start: {e}"))
         }
         Some(cluster) => {
             let sockets = cluster.listener.connect(connect_timeout, &cluster.cut)?;
             debug!(process, "every process of the cluster is connected");
             let hooks = Hooks::default();
-            let allocators = ProcessBuilder::new_typed_vector(workers, hooks.refill.clone(), hooks.spill.clone());
+            let allocators =
+                ProcessBuilder::new_typed_vector(workers, hooks.refill.clone(), hooks.spill.clone());
             let (builders, communication) =
                 initialize_networking_from_sockets(allocators, sockets, process, workers, hooks)
                     .map_err(|e| format!("cannot start timely's communication threads: {e}"))?;
@@ -540,12 +565,18 @@ async fn accept_loop(
     }
     drop(listener);
     // The core closed the active connection; give it a moment to write what is queued.
-    let _ = tokio::time::timeout(CLOSE_GRACE, async { while connections.join_next().await.is_some() {} }).await;
+    let _ =
+        tokio::time::timeout(CLOSE_GRACE, async { while connections.join_next().await.is_some() {} }).await;
     connections.shutdown().await;
 }
 
 /// Serves one controller connection: the Hello here, everything after it through the core.
-async fn serve_connection(stream: TcpStream, conn: u64, events: UnboundedSender<CoreEvent>, max_frame_bytes: usize) {
+async fn serve_connection(
+    stream: TcpStream,
+    conn: u64,
+    events: UnboundedSender<CoreEvent>,
+    max_frame_bytes: usize,
+) {
     let (reader, writer) = stream.into_split();
     let mut input = FramedRead::new(reader, max_frame_bytes);
     let mut output = FramedWrite::new(writer, max_frame_bytes);
@@ -557,12 +588,20 @@ async fn serve_connection(stream: TcpStream, conn: u64, events: UnboundedSender<
     // and not yet written (`queued_bytes`).
     let (out_tx, mut out_rx) = unbounded_channel::<Outgoing>();
     let queued_bytes = Arc::new(AtomicUsize::new(0));
-    let out = Outbox::new(out_tx, Arc::clone(&queued_bytes));
+    let (abort_tx, mut abort) = watch::channel(false);
+    let out = Outbox::new(out_tx, Arc::clone(&queued_bytes), abort_tx);
     if events.send(CoreEvent::Connected { conn, out }).is_err() {
         return;
     }
+    let mut aborted = false;
+    let mut abort_while_writing = abort.clone();
     loop {
         tokio::select! {
+            // The core dropped the connection: no more writing (the peer may not be reading).
+            () = dropped(&mut abort) => {
+                aborted = true;
+                break;
+            }
             outgoing = out_rx.recv() => {
                 // Coalesce whatever is queued into one write.
                 let mut next = outgoing;
@@ -587,7 +626,14 @@ async fn serve_connection(stream: TcpStream, conn: u64, events: UnboundedSender<
                         break;
                     }
                 }
-                if output.flush().await.is_err() {
+                let flushed = tokio::select! {
+                    flushed = output.flush() => flushed.is_ok(),
+                    () = dropped(&mut abort_while_writing) => {
+                        aborted = true;
+                        false
+                    }
+                };
+                if !flushed {
                     break;
                 }
                 queued_bytes.fetch_sub(written, Ordering::AcqRel);
@@ -610,8 +656,19 @@ async fn serve_connection(stream: TcpStream, conn: u64, events: UnboundedSender<
             },
         }
     }
-    let _ = output.shutdown().await;
+    if !aborted {
+        let _ = output.shutdown().await;
+    }
+    drop(output);
     let _ = events.send(CoreEvent::Disconnected { conn });
+}
+
+/// Completes once the core drops the connection (its `Outbox::abort`); never if the core lets go of the
+/// connection otherwise (a close after what is queued, or the core is gone: the queue's end says so).
+async fn dropped(abort: &mut watch::Receiver<bool>) {
+    if abort.wait_for(|abort| *abort).await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }
 
 /// Reads and answers the Hello; false if the connection is to be closed.
@@ -636,7 +693,9 @@ async fn hello(
             reason: "the first command on a connection must be Hello".to_string(),
         },
         Err(FrameError::Closed | FrameError::Io(_)) => return false,
-        Err(e) => ComputeResponse::CommandRejected { command: "<undecodable>".to_string(), reason: e.to_string() },
+        Err(e) => {
+            ComputeResponse::CommandRejected { command: "<undecodable>".to_string(), reason: e.to_string() }
+        }
     };
     let _ = output.send(&refusal).await;
     false

@@ -729,7 +729,8 @@ mod tests {
         let mut config = timely::WorkerConfig::default();
         let shared = Arc::new(AtomicUsize::new(effort));
         install_idle_merge(&mut config, Arc::clone(&shared));
-        let timely_config = timely::Config { communication: timely::CommunicationConfig::Thread, worker: config };
+        let timely_config =
+            timely::Config { communication: timely::CommunicationConfig::Thread, worker: config };
         let guards = timely::execute(timely_config, move |worker| {
             let mut input: InputSession<u64, (u64, u64), isize> = InputSession::new();
             let probe = ProbeHandle::new();

@@ -590,7 +590,6 @@ impl<T: Timestamp> InstanceCore<T> {
             .push(&ComputeCommand::CreateInstance(protocol::InstanceConfig {
                 instance_id: self.id,
                 replica_id: replica,
-                logging: protocol::LoggingConfig { interval_ms: self.config.introspection_interval_ms },
             }))
             .expect("CreateInstance is always recordable");
         self.set_replica_status_row(replica, "connecting", None);

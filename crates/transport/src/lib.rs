@@ -115,7 +115,11 @@ pub struct FramedRead<R> {
 impl<R: AsyncRead + Unpin> FramedRead<R> {
     /// Reads frames of at most `max_frame_bytes` from `reader`.
     pub fn new(reader: R, max_frame_bytes: usize) -> Self {
-        FramedRead { reader, decoder: FrameDecoder::new(max_frame_bytes), chunk: vec![0; READ_CHUNK_BYTES].into() }
+        FramedRead {
+            reader,
+            decoder: FrameDecoder::new(max_frame_bytes),
+            chunk: vec![0; READ_CHUNK_BYTES].into(),
+        }
     }
 
     /// The largest frame accepted.

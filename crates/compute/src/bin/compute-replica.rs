@@ -93,8 +93,8 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let config =
-        ReplicaConfig::new(args.listen, args.workers, Arc::new(client)).in_cluster(args.process, args.addresses);
+    let config = ReplicaConfig::new(args.listen, args.workers, Arc::new(client))
+        .in_cluster(args.process, args.addresses);
     let handle = match ReplicaServer::start(config) {
         Ok(handle) => handle,
         Err(e) => {

@@ -7,7 +7,7 @@ use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::Duration;
 
-use compute::{ReplicaConfig, ReplicaServer, StartError};
+use compute::{ReplicaConfig, ReplicaLimits, ReplicaServer, StartError};
 use protocol::{GlobalId, PeekTarget, Plan};
 use storage::StorageCollections;
 
@@ -51,8 +51,11 @@ fn strangers_on_a_cluster_port_during_start_up_are_refused_and_the_replica_still
     // What timely's own start-up took for process 1 (its index, eight bytes), then gone; garbage; and a
     // connection that says nothing and closes.
     let mut strangers = Vec::new();
-    for bytes in [1u64.to_be_bytes().to_vec(), b"GET / HTTP/1.1\r\nHost: x\r\n\r\n and some more bytes".to_vec(), Vec::new()]
-    {
+    for bytes in [
+        1u64.to_be_bytes().to_vec(),
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n and some more bytes".to_vec(),
+        Vec::new(),
+    ] {
         let mut stranger = TcpStream::connect(port).expect("the cluster port accepts");
         stranger.write_all(&bytes).expect("write");
         strangers.push(stranger);
@@ -71,7 +74,9 @@ fn a_process_whose_cluster_port_is_taken_does_not_start() {
     let addresses = vec![taken.local_addr().expect("addr").to_string(), free_addresses(1).remove(0)];
     let config = ReplicaConfig::new(listen(), 1, storage).in_cluster(0, addresses);
     match ReplicaServer::start(config) {
-        Err(StartError::ClusterBind { address, .. }) => assert_eq!(address, taken.local_addr().unwrap().to_string()),
+        Err(StartError::ClusterBind { address, .. }) => {
+            assert_eq!(address, taken.local_addr().unwrap().to_string())
+        }
         Ok(_) => panic!("a process started on a cluster port that is taken"),
         Err(other) => panic!("expected ClusterBind, got {other}"),
     }
@@ -82,12 +87,13 @@ fn a_process_whose_peers_never_come_fails_after_the_timeout_and_closes_its_liste
     let storage = new_storage();
     for process in [0, 1] {
         let addresses = free_addresses(2);
-        let mut config = ReplicaConfig::new(listen(), 1, Arc::clone(&storage) as Arc<dyn StorageCollections>)
+        let config = ReplicaConfig::new(listen(), 1, Arc::clone(&storage) as Arc<dyn StorageCollections>)
             .in_cluster(process, addresses);
-        config.cluster_connect_timeout_ms = 300;
-        let alone = ReplicaServer::start(config).expect("starts");
+        let limits = ReplicaLimits { cluster_connect_timeout_ms: 300, ..ReplicaLimits::default() };
+        let alone = ReplicaServer::start_with(config, limits).expect("starts");
         let failure = wait_failed(&alone);
-        let expected = if process == 0 { "waited in vain for processes [1]" } else { "could not connect to process 0" };
+        let expected =
+            if process == 0 { "waited in vain for processes [1]" } else { "could not connect to process 0" };
         assert!(failure.contains(expected), "process {process}: {failure}");
         assert!(TcpStream::connect(alone.local_addr()).is_err(), "process {process}'s listener is closed");
         alone.shutdown();
@@ -101,7 +107,8 @@ fn a_process_whose_peers_never_come_fails_after_the_timeout_and_closes_its_liste
 fn a_loop_of_two_process_start_ups_answers_every_time() {
     let (storage, source) = storage_with_two_rows();
     for _ in 0..25 {
-        let replica = Replica::start(Shape::TwoProcesses, Arc::clone(&storage) as Arc<dyn StorageCollections>);
+        let replica =
+            Replica::start(Shape::TwoProcesses, Arc::clone(&storage) as Arc<dyn StorageCollections>);
         assert_answers(&replica, source);
     }
 }
@@ -119,7 +126,10 @@ fn a_replica_whose_io_thread_panics_says_why_and_closes_its_listener() {
     controller.wait_closed();
     let process = &replica.processes[0];
     let failure = wait_failed(process);
-    assert!(failure.contains("the I/O thread panicked") && failure.contains("panics on the frontiers"), "{failure}");
+    assert!(
+        failure.contains("the I/O thread panicked") && failure.contains("panics on the frontiers"),
+        "{failure}"
+    );
     assert_eq!(process.failure(), Some(failure));
     assert!(TcpStream::connect(process.local_addr()).is_err(), "the listener is closed");
     let _ = source;
@@ -136,7 +146,7 @@ fn when_one_process_of_a_replica_fails_the_other_fails_too() {
         if config.process == 0 {
             config.storage = Arc::clone(&panicking);
         }
-        config
+        (config, ReplicaLimits::default())
     });
     let mut controller = TestController::connect(&replica.addrs());
     let index = GlobalId::User(10);

@@ -13,13 +13,13 @@ use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
 use std::time::Duration;
 
-use compute::{ReplicaConfig, ReplicaHandle, ReplicaServer, StartError};
+use compute::{ReplicaConfig, ReplicaHandle, ReplicaLimits, ReplicaServer, StartError};
 use frontiers::{Antichain, PartialOrder, ReadPolicy};
 use protocol::frame::{DEFAULT_MAX_FRAME_BYTES, read_frame, write_frame};
 use protocol::{
     ComputeCommand, ComputeResponse, DataflowDescription, Diff, GlobalId, InstanceConfig, InstanceId,
-    LoggingConfig, MapFilterProject, PROTOCOL_VERSION, Peek, PeekId, PeekResponse, PeekTarget, RelationDesc,
-    ReplicaId, Row, RowSetFinishing, SubscribeBatch, SubscribeResponse,
+    MapFilterProject, PROTOCOL_VERSION, Peek, PeekId, PeekResponse, PeekTarget, RelationDesc, ReplicaId, Row,
+    RowSetFinishing, SubscribeBatch, SubscribeResponse,
 };
 use storage::{AppendRequest, InProcess, StorageCollections, StoreConfig};
 
@@ -108,11 +108,11 @@ pub fn init_logging() {
 impl Replica {
     /// Starts a replica of the given shape on `storage`.
     pub fn start(shape: Shape, storage: Arc<dyn StorageCollections>) -> Replica {
-        Self::start_with(shape, storage, |config| config)
+        Self::start_with(shape, storage, |config| (config, ReplicaLimits::default()))
     }
 
-    /// Starts a replica of the given shape on `storage`, each process's configuration changed by
-    /// `configure`.
+    /// Starts a replica of the given shape on `storage`, each process's configuration changed (and its
+    /// limits chosen) by `configure`.
     ///
     /// The timely ports of a two-process replica are probed free and then bound by the processes: if
     /// another socket took one meanwhile, the start fails with `StartError::ClusterBind` (never a
@@ -120,15 +120,15 @@ impl Replica {
     pub fn start_with(
         shape: Shape,
         storage: Arc<dyn StorageCollections>,
-        configure: impl Fn(ReplicaConfig) -> ReplicaConfig,
+        configure: impl Fn(ReplicaConfig) -> (ReplicaConfig, ReplicaLimits),
     ) -> Replica {
         init_logging();
         let listen: SocketAddr = "127.0.0.1:0".parse().expect("address");
         let processes = match shape {
             Shape::OneWorker | Shape::TwoWorkers => {
                 let workers = if shape == Shape::OneWorker { 1 } else { 2 };
-                let config = configure(ReplicaConfig::new(listen, workers, storage));
-                vec![ReplicaServer::start(config).expect("start replica")]
+                let (config, limits) = configure(ReplicaConfig::new(listen, workers, storage));
+                vec![ReplicaServer::start_with(config, limits).expect("start replica")]
             }
             Shape::TwoProcesses => {
                 let mut attempts = 0;
@@ -139,7 +139,8 @@ impl Replica {
                         .map(|process| {
                             let config = ReplicaConfig::new(listen, 1, Arc::clone(&storage))
                                 .in_cluster(process, addresses.clone());
-                            ReplicaServer::start(configure(config))
+                            let (config, limits) = configure(config);
+                            ReplicaServer::start_with(config, limits)
                         })
                         .collect();
                     match started {
@@ -279,7 +280,6 @@ impl TestController {
         controller.send(ComputeCommand::CreateInstance(InstanceConfig {
             instance_id: InstanceId(1),
             replica_id: ReplicaId(1),
-            logging: LoggingConfig::default(),
         }));
         for command in replay {
             controller.send(command);
@@ -589,16 +589,24 @@ impl StorageCollections for PanickingStorage {
         self.inner.drop_collection(id)
     }
 
-    fn list_collections(&self) -> storage::BoxFuture<'_, Result<Vec<(GlobalId, RelationDesc)>, storage::ReadError>> {
+    fn list_collections(
+        &self,
+    ) -> storage::BoxFuture<'_, Result<Vec<(GlobalId, RelationDesc)>, storage::ReadError>> {
         self.inner.list_collections()
     }
 
-    fn frontiers(&self, id: GlobalId) -> storage::BoxFuture<'_, Result<storage::CollectionFrontiers, storage::ReadError>> {
+    fn frontiers(
+        &self,
+        id: GlobalId,
+    ) -> storage::BoxFuture<'_, Result<storage::CollectionFrontiers, storage::ReadError>> {
         assert_ne!(id, self.poisoned, "the test storage panics on the frontiers of {id}");
         self.inner.frontiers(id)
     }
 
-    fn append(&self, requests: Vec<AppendRequest>) -> storage::BoxFuture<'_, Result<(), storage::AppendError>> {
+    fn append(
+        &self,
+        requests: Vec<AppendRequest>,
+    ) -> storage::BoxFuture<'_, Result<(), storage::AppendError>> {
         self.inner.append(requests)
     }
 
@@ -618,11 +626,19 @@ impl StorageCollections for PanickingStorage {
         self.inner.set_read_policy(id, policy)
     }
 
-    fn snapshot(&self, id: GlobalId, as_of: u64) -> storage::BoxFuture<'_, Result<Vec<(Row, Diff)>, storage::ReadError>> {
+    fn snapshot(
+        &self,
+        id: GlobalId,
+        as_of: u64,
+    ) -> storage::BoxFuture<'_, Result<Vec<(Row, Diff)>, storage::ReadError>> {
         self.inner.snapshot(id, as_of)
     }
 
-    fn listen(&self, id: GlobalId, as_of: u64) -> storage::BoxFuture<'_, Result<storage::Listen, storage::ReadError>> {
+    fn listen(
+        &self,
+        id: GlobalId,
+        as_of: u64,
+    ) -> storage::BoxFuture<'_, Result<storage::Listen, storage::ReadError>> {
         self.inner.listen(id, as_of)
     }
 

@@ -15,5 +15,6 @@ mod bad_input;
 mod cluster;
 mod exports;
 mod harness;
+mod limits;
 mod operators;
 mod reconnect;

@@ -113,7 +113,8 @@ fn many_reconnects_that_rebuild_dataflows_never_mix_reports_of_the_old_dataflow_
         };
         let peek = protocol::PeekId(1_000);
         for round in 0..100i64 {
-            let readable = *block_on(storage.frontiers(source)).expect("frontiers").upper.as_option().expect("open") - 1;
+            let readable =
+                *block_on(storage.frontiers(source)).expect("frontiers").upper.as_option().expect("open") - 1;
             let peek_at = |timestamp| {
                 ComputeCommand::Peek(protocol::Peek {
                     uuid: peek,
@@ -125,7 +126,14 @@ fn many_reconnects_that_rebuild_dataflows_never_mix_reports_of_the_old_dataflow_
                 })
             };
             let replay = vec![
-                ComputeCommand::CreateDataflow(index_dataflow("index", source, filtered(-round), index, vec![0], 0)),
+                ComputeCommand::CreateDataflow(index_dataflow(
+                    "index",
+                    source,
+                    filtered(-round),
+                    index,
+                    vec![0],
+                    0,
+                )),
                 ComputeCommand::Schedule(index),
                 ComputeCommand::CreateDataflow(sink_dataflow(
                     "subscribe",
@@ -168,7 +176,11 @@ fn many_reconnects_that_rebuild_dataflows_never_mix_reports_of_the_old_dataflow_
                     Some(SubscribeResponse::Batch(batch)) => batch.lower.clone(),
                     other => panic!("round {round}: the subscribe starts with {other:?}"),
                 };
-                assert_eq!(first, Antichain::from_elem(0), "round {round}: the first batch starts at the as-of");
+                assert_eq!(
+                    first,
+                    Antichain::from_elem(0),
+                    "round {round}: the first batch starts at the as-of"
+                );
             }
             let batches = controller.subscribe_batches(subscribe);
             let upper = *batches.last().expect("a batch").upper.as_option().expect("open");

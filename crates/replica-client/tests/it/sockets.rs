@@ -8,7 +8,7 @@ use std::time::Duration;
 use frontiers::Antichain;
 use protocol::frame::{FrameDecoder, encode_frame};
 use protocol::{
-    ComputeCommand, ComputeResponse, FrontiersResponse, GlobalId, InstanceConfig, InstanceId, LoggingConfig,
+    ComputeCommand, ComputeResponse, FrontiersResponse, GlobalId, InstanceConfig, InstanceId,
     PROTOCOL_VERSION, ReplicaId,
 };
 use replica_client::{
@@ -179,7 +179,6 @@ fn setup_commands(client: &ReplicaClient<u64>) {
         .send(ComputeCommand::CreateInstance(InstanceConfig {
             instance_id: InstanceId(1),
             replica_id: ReplicaId(3),
-            logging: LoggingConfig::default(),
         }))
         .unwrap();
     client.send(ComputeCommand::CreateDataflow(dataflow("kept", 1, 2, 5))).unwrap();

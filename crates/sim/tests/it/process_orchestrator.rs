@@ -208,7 +208,7 @@ fn send_until_closed(address: &str, commands: Vec<protocol::ComputeCommand>) {
 fn overflowing_index() -> Vec<protocol::ComputeCommand> {
     use protocol::{
         BuildDesc, ColumnType, ComputeCommand, DataflowDescription, Datum, GlobalId, IndexExport,
-        InstanceConfig, LoggingConfig, Plan, RelationType, Row, ScalarType,
+        InstanceConfig, Plan, RelationType, Row, ScalarType,
     };
     let typ = RelationType::new(vec![ColumnType::new(ScalarType::Int64, false)]);
     let huge = Plan::Constant { rows: vec![(Row::pack([Datum::Int64(1)]), i64::MAX)], typ };
@@ -222,11 +222,7 @@ fn overflowing_index() -> Vec<protocol::ComputeCommand> {
     dataflow.index_exports.insert(index, IndexExport { on_id: object, key: vec![0] });
     dataflow.as_of = Some(frontiers::Antichain::from_elem(0));
     vec![
-        ComputeCommand::CreateInstance(InstanceConfig {
-            instance_id: INSTANCE,
-            replica_id: ReplicaId(3),
-            logging: LoggingConfig::default(),
-        }),
+        ComputeCommand::CreateInstance(InstanceConfig { instance_id: INSTANCE, replica_id: ReplicaId(3) }),
         ComputeCommand::InitializationComplete,
         ComputeCommand::CreateDataflow(dataflow),
         ComputeCommand::Schedule(index),
