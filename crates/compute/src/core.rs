@@ -132,6 +132,15 @@ pub(crate) enum CoreEvent {
         /// The connection.
         conn: u64,
     },
+    /// A storage import of a dataflow can no longer be read (its hold or listen failed).
+    ImportFailed {
+        /// The dataflow.
+        key: DataflowKey,
+        /// The storage collection.
+        import: GlobalId,
+        /// Why.
+        error: String,
+    },
     /// A storage peek finished.
     StoragePeek {
         /// The peek.
@@ -190,6 +199,9 @@ struct CoreDataflow {
     scheduled: bool,
     /// Storage listens and appenders.
     tasks: Vec<JoinHandle<()>>,
+    /// Why the dataflow cannot make progress any more (a storage import failed): its peeks and sinks end
+    /// with this error.
+    failed: Option<String>,
 }
 
 #[derive(Debug)]
@@ -506,6 +518,7 @@ impl Core {
                     self.handle_command(command).await;
                 }
             }
+            CoreEvent::ImportFailed { key, import, error } => self.import_failed(key, import, error),
             CoreEvent::StoragePeek { uuid, response } => {
                 if self.storage_peeks.remove(&uuid).is_some() {
                     self.send(ComputeResponse::PeekResponse { uuid, response });
@@ -591,7 +604,9 @@ impl Core {
                 .export_ids()
                 .all(|id| dataflow.exports.contains(&id) || dropped_in_replay.contains(&id));
             let matching = replayed.iter().any(|desc| same_dataflow(&dataflow.desc, desc));
-            if !streams && imports_kept && exports_intact && matching {
+            // A dataflow whose storage import failed is built again: storage may be back.
+            let healthy = dataflow.failed.is_none();
+            if !streams && imports_kept && exports_intact && matching && healthy {
                 kept.insert(*key);
                 kept_exports.extend(dataflow.desc.export_ids());
             }
@@ -790,12 +805,61 @@ impl Core {
                 importers: 0,
                 scheduled: false,
                 tasks,
+                failed: None,
             },
         );
         self.built.fetch_add(1, Ordering::Relaxed);
         info!(key, name = %desc.debug_name, as_of, "creating dataflow");
         self.broadcast(|| ToWorker::Build { key, desc: Arc::clone(&desc) });
         Ok(())
+    }
+
+    /// A storage import of dataflow `key` failed: the dataflow can make no more progress, so whoever waits
+    /// on it gets the error instead of waiting forever: its indexes' pending and later peeks, its
+    /// subscribes (an error batch that ends them) and copy-tos. A materialized view stops appending.
+    fn import_failed(&mut self, key: DataflowKey, import: GlobalId, error: String) {
+        let Some(dataflow) = self.dataflows.get_mut(&key) else { return };
+        if dataflow.failed.is_some() {
+            return;
+        }
+        warn!(key, %import, %error, name = %dataflow.desc.debug_name, "a storage import failed; the dataflow stops");
+        let message = format!("dataflow {} stopped: {error}", dataflow.desc.debug_name);
+        dataflow.failed = Some(message.clone());
+        for task in dataflow.tasks.drain(..) {
+            task.abort();
+        }
+        let exports: Vec<GlobalId> = dataflow.exports.iter().copied().collect();
+        let pending: Vec<PeekId> = self
+            .peeks
+            .iter()
+            .filter(|(_, p)| matches!(p.peek.target, PeekTarget::Index { id } if exports.contains(&id)))
+            .map(|(uuid, _)| *uuid)
+            .collect();
+        for uuid in pending {
+            self.peeks.remove(&uuid);
+            self.broadcast(|| ToWorker::CancelPeek { uuid });
+            self.send(ComputeResponse::PeekResponse { uuid, response: PeekResponse::Error(message.clone()) });
+        }
+        for id in exports {
+            let Some(collection) = self.collections.get_mut(&id) else { continue };
+            if collection.sink.done {
+                continue;
+            }
+            let response = match &collection.kind {
+                ExportKind::Subscribe => {
+                    let lower = collection.sink.lower.clone();
+                    let batch =
+                        SubscribeBatch { lower, upper: Antichain::new(), updates: Err(message.clone()) };
+                    ComputeResponse::SubscribeResponse { id, response: SubscribeResponse::Batch(batch) }
+                }
+                ExportKind::CopyTo { .. } => {
+                    ComputeResponse::CopyToResponse { id, response: CopyToResponse::Error(message.clone()) }
+                }
+                ExportKind::Index | ExportKind::MaterializedView { .. } => continue,
+            };
+            collection.sink.done = true;
+            self.send(response);
+        }
     }
 
     fn schedule(&mut self, key: DataflowKey) {
@@ -806,6 +870,7 @@ impl Core {
         dataflow.scheduled = true;
         for import in dataflow.desc.source_imports.keys() {
             let task = tokio::spawn(feed_source(
+                self.events.clone(),
                 Arc::clone(&self.storage),
                 *import,
                 dataflow.as_of,
@@ -930,6 +995,11 @@ impl Core {
                 if !matches!(collection.kind, ExportKind::Index) {
                     let response = PeekResponse::Error(format!("{id} is not an index"));
                     self.send(ComputeResponse::PeekResponse { uuid, response });
+                    return;
+                }
+                if let Some(failed) = self.dataflows.get(&collection.dataflow).and_then(|d| d.failed.clone())
+                {
+                    self.send(ComputeResponse::PeekResponse { uuid, response: PeekResponse::Error(failed) });
                     return;
                 }
                 if !collection.since.less_equal(&peek.timestamp) {
@@ -1353,6 +1423,7 @@ const FEED_UPDATES_IN_FLIGHT: usize = 1 << 16;
 /// Reads a storage import from `as_of` on and feeds each local worker the rows it owns, no faster than
 /// the workers ingest them.
 async fn feed_source(
+    events: UnboundedSender<CoreEvent>,
     storage: Arc<dyn StorageCollections>,
     id: GlobalId,
     as_of: Time,
@@ -1360,19 +1431,16 @@ async fn feed_source(
     workers: Vec<WorkerTx>,
     topology: Topology,
 ) {
+    let failed = |error: String| {
+        let _ = events.send(CoreEvent::ImportFailed { key, import: id, error });
+    };
     let mut hold = match storage.acquire_read_hold(id, Antichain::from_elem(as_of)).await {
         Ok(hold) => hold,
-        Err(e) => {
-            error!(%id, as_of, error = %e, "cannot hold storage import; the dataflow will not progress");
-            return;
-        }
+        Err(e) => return failed(format!("cannot hold storage import {id} at {as_of}: {e}")),
     };
     let mut listen = match storage.listen(id, as_of).await {
         Ok(listen) => listen,
-        Err(e) => {
-            error!(%id, as_of, error = %e, "cannot listen to storage import; the dataflow will not progress");
-            return;
-        }
+        Err(e) => return failed(format!("cannot listen to storage import {id} from {as_of}: {e}")),
     };
     let budget = Arc::new(FeedBudget::default());
     loop {
@@ -1410,10 +1478,7 @@ async fn feed_source(
                     debug!(%id, "storage hold could not move forward");
                 }
             }
-            Err(e) => {
-                error!(%id, error = %e, "storage listen failed; the dataflow stops progressing");
-                return;
-            }
+            Err(e) => return failed(format!("the listen to storage import {id} failed: {e}")),
         }
     }
 }

@@ -12,8 +12,8 @@ use protocol::{GlobalId, PeekTarget, Plan};
 use storage::StorageCollections;
 
 use crate::harness::{
-    PanickingStorage, Replica, Shape, TestController, append, create_collection, free_addresses,
-    index_dataflow, int_row, kv_desc, new_storage, rows_of, wait_failed,
+    FaultyStorage, Replica, Shape, TestController, append, create_collection, free_addresses, index_dataflow,
+    int_row, kv_desc, new_storage, rows_of, wait_failed,
 };
 
 fn listen() -> std::net::SocketAddr {
@@ -118,7 +118,7 @@ fn a_replica_whose_io_thread_panics_says_why_and_closes_its_listener() {
     let (inner, source) = storage_with_two_rows();
     let poisoned = GlobalId::User(2);
     create_collection(&inner, poisoned, kv_desc());
-    let storage = Arc::new(PanickingStorage { inner, poisoned });
+    let storage = Arc::new(FaultyStorage { inner, panics: Some(poisoned), listen_fails: None });
     let replica = Replica::start(Shape::TwoWorkers, storage);
     let mut controller = TestController::connect(&replica.addrs());
     let index = GlobalId::User(10);
@@ -141,7 +141,7 @@ fn when_one_process_of_a_replica_fails_the_other_fails_too() {
     let poisoned = GlobalId::User(2);
     create_collection(&inner, poisoned, kv_desc());
     let panicking: Arc<dyn StorageCollections> =
-        Arc::new(PanickingStorage { inner: Arc::clone(&inner), poisoned });
+        Arc::new(FaultyStorage { inner: Arc::clone(&inner), panics: Some(poisoned), listen_fails: None });
     let replica = Replica::start_with(Shape::TwoProcesses, inner, |mut config| {
         if config.process == 0 {
             config.storage = Arc::clone(&panicking);

@@ -566,17 +566,20 @@ pub fn rows_of(response: PeekResponse) -> protocol::reference::Multiset {
     }
 }
 
-/// A storage that panics when asked for the frontiers of `poisoned`, and is `inner` otherwise: a bug in a
-/// dependency that runs on the replica's I/O thread (a dataflow importing `poisoned` asks for them).
+/// A storage with faults, `inner` otherwise: it panics when asked for the frontiers of `panics` (a bug in a
+/// dependency that runs on the replica's I/O thread: a dataflow importing it asks for them), and a listen
+/// to `listen_fails` fails.
 #[derive(Debug)]
-pub struct PanickingStorage {
+pub struct FaultyStorage {
     /// Where everything else goes.
     pub inner: Arc<InProcess>,
     /// The collection whose frontiers panic.
-    pub poisoned: GlobalId,
+    pub panics: Option<GlobalId>,
+    /// The collection whose listens fail.
+    pub listen_fails: Option<GlobalId>,
 }
 
-impl StorageCollections for PanickingStorage {
+impl StorageCollections for FaultyStorage {
     fn create_collection(
         &self,
         id: GlobalId,
@@ -599,7 +602,7 @@ impl StorageCollections for PanickingStorage {
         &self,
         id: GlobalId,
     ) -> storage::BoxFuture<'_, Result<storage::CollectionFrontiers, storage::ReadError>> {
-        assert_ne!(id, self.poisoned, "the test storage panics on the frontiers of {id}");
+        assert_ne!(Some(id), self.panics, "the test storage panics on the frontiers of {id}");
         self.inner.frontiers(id)
     }
 
@@ -639,6 +642,9 @@ impl StorageCollections for PanickingStorage {
         id: GlobalId,
         as_of: u64,
     ) -> storage::BoxFuture<'_, Result<storage::Listen, storage::ReadError>> {
+        if Some(id) == self.listen_fails {
+            return Box::pin(async move { Err(storage::ReadError::CollectionDropped(id)) });
+        }
         self.inner.listen(id, as_of)
     }
 

@@ -1,6 +1,7 @@
 //! Limits on the wire: a peek result over the frame limit is answered `ResultTooLarge`, a subscribe batch
 //! over it ends the subscribe with an error, a controller that does not read its responses is dropped once
-//! more than the queue limit waits, and `UpdateConfiguration.idle_merge_effort` is applied.
+//! more than the queue limit waits, a dataflow whose storage import fails answers with the error instead
+//! of leaving its readers waiting, and `UpdateConfiguration.idle_merge_effort` is applied.
 
 use std::io::ErrorKind;
 use std::sync::Arc;
@@ -16,8 +17,8 @@ use protocol::{
 use storage::{InProcess, StorageCollections};
 
 use crate::harness::{
-    RawConnection, Replica, Shape, TestController, append, create_collection, index_dataflow, int_row,
-    kv_desc, new_storage, rows_of, sink_dataflow,
+    FaultyStorage, RawConnection, Replica, Shape, TestController, append, create_collection, index_dataflow,
+    int_row, kv_desc, new_storage, rows_of, sink_dataflow,
 };
 
 /// A storage collection with `rows` rows `(i, 10 i)` at time 0, complete through time 0.
@@ -156,7 +157,7 @@ fn a_controller_that_does_not_read_is_dropped_once_its_queued_responses_pass_the
         other => panic!("expected the replica to drop the connection, got {other} after {answers} answers"),
     }
     assert!(answers < PEEKS, "all {answers} answers were queued: the queue has no limit");
-    assert!(QUEUED_FRAMES * MAX < 1 << 20, "the limit under test is small");
+    const { assert!(QUEUED_FRAMES * MAX < 1 << 20, "the limit under test is small") };
     // The replica serves the next controller.
     let mut controller = TestController::connect(&replica.addrs());
     controller.create_dataflow(index_dataflow("index", source, Plan::get(source), index, vec![0], 0));
@@ -180,5 +181,42 @@ fn update_configuration_sets_the_idle_merge_effort_every_arrangement_reads() {
         let _ = controller.peek(PeekTarget::Index { id: GlobalId::User(99) }, 0, None, 2);
         assert_eq!(process.idle_merge_effort(), effort as usize, "an unset field leaves the value");
     }
+    controller.close();
+}
+
+#[test]
+fn a_dataflow_whose_storage_import_fails_answers_its_peeks_and_subscribes_with_the_error() {
+    let (inner, source) = source_with_rows(10);
+    let failing = GlobalId::User(2);
+    create_collection(&inner, failing, kv_desc());
+    let storage = Arc::new(FaultyStorage { inner, panics: None, listen_fails: Some(failing) });
+    let replica = Replica::start(Shape::TwoWorkers, storage);
+    let mut controller = TestController::connect(&replica.addrs());
+    let (index, subscribe, healthy) = (GlobalId::User(10), GlobalId::User(20), GlobalId::User(30));
+    let connection = SinkConnection::Subscribe { with_snapshot: true };
+    controller.create_dataflow(index_dataflow("index", failing, Plan::get(failing), index, vec![0], 0));
+    controller.create_dataflow(sink_dataflow(
+        "subscribe",
+        failing,
+        Plan::get(failing),
+        subscribe,
+        connection,
+        0,
+    ));
+    controller.create_dataflow(index_dataflow("healthy", source, Plan::get(source), healthy, vec![0], 0));
+    match controller.peek(PeekTarget::Index { id: index }, 0, None, 2) {
+        PeekResponse::Error(error) => assert!(error.contains("stopped") && error.contains("u2"), "{error}"),
+        other => panic!("expected the import's error, got {other:?}"),
+    }
+    controller.wait_until("the subscribe's error", |c| !c.subscribe_responses(0, subscribe).is_empty());
+    match &controller.subscribe_responses(0, subscribe)[..] {
+        [SubscribeResponse::Batch(batch)] => {
+            assert!(batch.upper.is_empty());
+            assert!(batch.updates.as_ref().expect_err("an error").contains("u2"));
+        }
+        other => panic!("expected one error batch, got {other:?}"),
+    }
+    // Other dataflows are not affected.
+    assert_eq!(rows_of(controller.peek(PeekTarget::Index { id: healthy }, 0, None, 2)).len(), 10);
     controller.close();
 }
