@@ -14,6 +14,15 @@
 //!   copy-to export (those stream to the connection that asked, so they are rebuilt from the replayed
 //!   as-of), and none of its exports was dropped unless the replay drops it too. Everything else running is
 //!   dropped (importers first), then the replay is executed, skipping kept dataflows' creations.
+//! - **Reports.** Workers' reports name their dataflow (a [`DataflowKey`], never reused) and peeks their
+//!   routing ([`PeekSeq`]): a report of a dataflow that was dropped and rebuilt under the same export ids,
+//!   or an answer to an earlier peek under the same uuid, is ignored. Sinks of a connection that is gone
+//!   (none is active, or a new one is replaying) stop: their output has no consumer, and reconciliation
+//!   rebuilds them.
+//! - **Responses.** The core encodes every response ([`Core::send`]); what does not fit a frame gets its
+//!   stand-in or closes the connection, and a connection with too much queued is dropped.
+//! - **Failed imports.** When a storage import's hold or listen fails, its dataflow stops: its pending and
+//!   later peeks, subscribes and copy-tos are answered with the error.
 //! - **Merging.** Frontiers are the meet over the process's workers and are sent only on change; peek
 //!   answers are the union of the parts of the workers the peek was routed to; a subscribe batch
 //!   `[lower, upper)` is sent once every local worker's sink frontier passed `upper`; copy-to row counts are
@@ -31,8 +40,8 @@
 //! peek is answered exactly once per connection. A dataflow is dropped only after every dataflow
 //! importing from it was dropped.
 //!
-//! **Tests.** Through the socket, in `tests/it` (reconnect, bad input, peeks, sinks); the appender's stop
-//! on a dropped target in `mod tests`.
+//! **Tests.** Through the socket, in `tests/it` (reconnect, bad input, peeks, sinks, limits); the
+//! appender's stop on a dropped target and the stand-ins of oversized responses in `mod tests`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
