@@ -31,6 +31,15 @@ pub enum CreateError {
     /// The durable log could not be written; nothing was created.
     #[error("i/o error: {0}")]
     Io(String),
+    /// The request (its schema) does not fit a frame of the storage protocol (between a
+    /// networked client and its server only; nothing was created).
+    #[error("a create request of {bytes} bytes is over the storage frame limit of {max_bytes} bytes")]
+    TooLarge {
+        /// Its encoded size.
+        bytes: u64,
+        /// The frame limit.
+        max_bytes: u64,
+    },
     /// The connection to the storage server is gone (or the store was shut down).
     #[error("disconnected from storage")]
     Disconnected,
@@ -104,6 +113,15 @@ pub enum AppendError {
     /// consistent: later appends succeed once the disk recovers, or fail with this error again.
     #[error("i/o error: {0}")]
     Io(String),
+    /// The request (its updates) does not fit a frame of the storage protocol (between a
+    /// networked client and its server only; nothing was appended).
+    #[error("an append request of {bytes} bytes is over the storage frame limit of {max_bytes} bytes")]
+    TooLarge {
+        /// Its encoded size.
+        bytes: u64,
+        /// The frame limit.
+        max_bytes: u64,
+    },
     /// The connection to the storage server is gone (or the store was shut down). Whether the append took
     /// effect is unknown; read the upper to find out.
     #[error("disconnected from storage")]
@@ -140,6 +158,16 @@ pub enum ReadError {
     /// The collection was dropped while it was being read (a listen, or a snapshot that was waiting).
     #[error("collection {0} was dropped")]
     CollectionDropped(GlobalId),
+    /// The answer (a snapshot, a listen's next event, the list of collections) does not fit a frame of
+    /// the storage protocol (between a networked client and its server only; nothing was lost: read less
+    /// at once, or in process). A listen ends with it.
+    #[error("an answer of {bytes} bytes is over the storage frame limit of {max_bytes} bytes")]
+    TooLarge {
+        /// Its encoded size.
+        bytes: u64,
+        /// The frame limit.
+        max_bytes: u64,
+    },
     /// The connection to the storage server is gone (or the store was shut down).
     #[error("disconnected from storage")]
     Disconnected,
@@ -163,6 +191,15 @@ pub enum HoldError {
         since: Antichain<u64>,
         /// The frontier asked for.
         requested: Antichain<u64>,
+    },
+    /// The request (its policy) does not fit a frame of the storage protocol (between a
+    /// networked client and its server only; nothing was changed).
+    #[error("a read policy of {bytes} bytes is over the storage frame limit of {max_bytes} bytes")]
+    TooLarge {
+        /// Its encoded size.
+        bytes: u64,
+        /// The frame limit.
+        max_bytes: u64,
     },
     /// The connection to the storage server is gone (or the store was shut down).
     #[error("disconnected from storage")]

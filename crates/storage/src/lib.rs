@@ -50,7 +50,7 @@ pub mod wire;
 pub use api::{
     AppendRequest, BoxFuture, CollectionFrontiers, ListenEvent, StorageCollections, StorageReadHold,
 };
-pub use client::{Client, ClientConfig, ConnectError};
+pub use client::{Client, ClientConfig, ConnectError, MIN_FRAME_BYTES};
 pub use error::{AppendError, CreateError, DropError, HoldError, ReadError};
 pub use inprocess::{CheckpointError, InProcess, StoreConfig};
 pub use listen::{FrontierWatch, Listen};

@@ -129,6 +129,7 @@ impl LocalListen {
                     HoldError::CollectionMissing(id) => ReadError::CollectionMissing(id),
                     HoldError::BeforeSince { id, since, .. } => ReadError::BeforeSince { id, since, as_of },
                     HoldError::Disconnected => ReadError::Disconnected,
+                    HoldError::TooLarge { bytes, max_bytes } => ReadError::TooLarge { bytes, max_bytes },
                 })?;
             let signal = state.signals.get(&id).map(watch::Sender::subscribe);
             let signal = signal.unwrap_or_else(|| panic!("collection {id} exists but has no signal"));
