@@ -24,11 +24,11 @@ use frontiers::Antichain;
 
 use crate::{
     AggregateExpr, AggregateFunc, BinaryFunc, BuildDesc, ColumnOrder, ColumnType, ComputeCommand,
-    ComputeParameters, ComputeResponse, CopyToResponse, DataflowDescription, DataflowValidationError, Datum,
-    Diff, ExprTypeError, FrontiersResponse, GlobalId, IndexExport, InstanceConfig, InstanceId,
-    MapFilterProject, Peek, PeekId, PeekResponse, PeekTarget, Plan, PlanError, RelationDesc, RelationType,
-    ReplicaId, Row, RowSetFinishing, ScalarExpr, ScalarType, SinkConnection, SinkExport, SourceImport,
-    StatusResponse, SubscribeBatch, SubscribeResponse, UnaryFunc,
+    ComputeParameters, ComputeResponse, ControllerEpoch, CopyToResponse, DataflowDescription,
+    DataflowValidationError, Datum, Diff, ExprTypeError, FrontiersResponse, GlobalId, IndexExport,
+    InstanceConfig, InstanceId, MapFilterProject, Peek, PeekId, PeekResponse, PeekTarget, Plan, PlanError,
+    RelationDesc, RelationType, ReplicaId, Row, RowSetFinishing, ScalarExpr, ScalarType, SinkConnection,
+    SinkExport, SourceImport, StatusResponse, SubscribeBatch, SubscribeResponse, UnaryFunc,
 };
 
 /// An owned [`Datum`], for strategies and test models.
@@ -197,7 +197,11 @@ fn rows() -> impl Strategy<Value = Vec<Row>> {
 /// An arbitrary command (a valid dataflow inside `CreateDataflow`; other fields arbitrary).
 pub fn command() -> impl Strategy<Value = ComputeCommand<u64>> {
     prop_oneof![
-        (any::<u32>(), any::<u64>()).prop_map(|(version, nonce)| ComputeCommand::Hello { version, nonce }),
+        (any::<u32>(), any::<u64>(), any::<u64>(), any::<u64>()).prop_map(
+            |(version, nonce, epoch, session)| {
+                ComputeCommand::Hello { version, nonce, epoch: ControllerEpoch(epoch), session }
+            }
+        ),
         (any::<u64>(), any::<u64>()).prop_map(|(i, r)| {
             ComputeCommand::CreateInstance(InstanceConfig {
                 instance_id: InstanceId(i),
@@ -280,6 +284,7 @@ pub fn response() -> impl Strategy<Value = ComputeResponse<u64>> {
         (any::<u32>(), any::<u64>()).prop_map(|(version, nonce)| ComputeResponse::Hello { version, nonce }),
         (any::<u32>(), ".{0,20}")
             .prop_map(|(version, reason)| ComputeResponse::HelloRefused { version, reason }),
+        any::<u64>().prop_map(|epoch| ComputeResponse::Fenced { current: ControllerEpoch(epoch) }),
         (
             global_id(),
             prop::option::of(frontier()),

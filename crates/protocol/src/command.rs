@@ -9,14 +9,19 @@ use serde::{Deserialize, Serialize};
 use frontiers::{Antichain, Timestamp};
 
 use crate::dataflow::DataflowDescription;
-use crate::id::{GlobalId, InstanceId, PeekId, ReplicaId};
+use crate::id::{ControllerEpoch, GlobalId, InstanceId, PeekId, ReplicaId};
 use crate::peek::Peek;
 
 /// The version of this protocol. A replica refuses a `Hello` with any other version.
 ///
 /// Version 3: `InstanceConfig` lost its `logging` (a status interval no replica honoured); oversized
 /// responses have their documented stand-ins (`ComputeResponse`'s documentation).
-pub const PROTOCOL_VERSION: u32 = 3;
+///
+/// Version 4: connections are authenticated before the `Hello` (`transport`'s handshake, optionally
+/// inside TLS); `Hello` carries the controller's `epoch` and `session` (fencing), answered
+/// `ComputeResponse::Fenced` when another controller may not be replaced; a zero-length frame is a
+/// keepalive (`frame`).
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// A command from the controller to a replica process.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -24,14 +29,25 @@ pub const PROTOCOL_VERSION: u32 = 3;
 pub enum ComputeCommand<T = u64> {
     /// Opens the connection.
     ///
-    /// *Precondition:* first command on every connection. *Obligation:* if `version` equals the
-    /// replica's [`PROTOCOL_VERSION`], answer `ComputeResponse::Hello` with the same nonce; otherwise answer
-    /// `ComputeResponse::HelloRefused` naming both versions and close the connection.
+    /// *Precondition:* first command on every connection, sent once the connection is authenticated.
+    /// *Obligation:* if `version` differs from the replica's [`PROTOCOL_VERSION`], answer
+    /// `ComputeResponse::HelloRefused` naming both versions and close the connection. Otherwise fence:
+    /// the connection takes over from the active one (which is closed) if `epoch` is higher than every
+    /// epoch the replica has served, or equal to the highest with the same `session` (the same controller
+    /// reconnecting), or equal to the highest while no connection is active; then answer
+    /// `ComputeResponse::Hello` with the same nonce. Otherwise (a lower epoch, or the highest epoch of
+    /// another session while that session's connection is active) answer `ComputeResponse::Fenced` and
+    /// close this connection only: the active one is untouched.
     Hello {
         /// The sender's [`PROTOCOL_VERSION`].
         version: u32,
         /// Echoed back, so the controller can match the answer to this connection attempt.
         nonce: u64,
+        /// The controller's epoch (see [`ControllerEpoch`]).
+        epoch: ControllerEpoch,
+        /// Drawn by a controller once for its lifetime, the same on each of its connections to a replica:
+        /// tells a reconnect of the controller holding an epoch from another controller claiming it.
+        session: u64,
     },
     /// Configures the replica for an instance.
     ///

@@ -6,6 +6,13 @@
 //! length, so garbage, oversize or truncated input is a [`FrameError`], never a panic and never an
 //! allocation beyond the maximum.
 //!
+//! **Keepalives.** A frame with an empty payload ([`KEEPALIVE_FRAME`]) carries no message: it tells the
+//! peer the connection is alive while there is nothing to say (an idle controller connection may be quiet
+//! for hours). No message encodes to zero bytes (every message is an enum with a tag; [`encode_frame`]
+//! refuses one that would), so the two never mix. [`FrameDecoder`] and [`read_frame`] skip keepalives
+//! (the decoder counts them, [`FrameDecoder::keepalives`], for readers with an idle timeout);
+//! [`decode_frame`] alone, which decodes one frame from a byte slice, reports one as a decode error.
+//!
 //! The codec is transport-agnostic: [`FrameDecoder`] accepts bytes from any source (a tokio socket, a
 //! simulated network); [`write_frame`] / [`read_frame`] serve blocking `std::io` streams.
 
@@ -16,12 +23,16 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::command::PROTOCOL_VERSION;
+use crate::id::ControllerEpoch;
 
 /// The default maximum frame size: 256 MiB.
 pub const DEFAULT_MAX_FRAME_BYTES: usize = 256 << 20;
 
 /// The length of a frame header.
 pub const FRAME_HEADER_BYTES: usize = 4;
+
+/// A keepalive: a frame with an empty payload (see the module documentation).
+pub const KEEPALIVE_FRAME: [u8; FRAME_HEADER_BYTES] = [0; FRAME_HEADER_BYTES];
 
 /// A [`FrameDecoder`] keeps at most this much buffer capacity once it has no bytes left to decode.
 pub const RETAINED_DECODER_BYTES: usize = 1 << 20;
@@ -99,6 +110,10 @@ pub fn encode_frame<M: Serialize>(
         return Err(error);
     }
     let len = out.len() - start - FRAME_HEADER_BYTES;
+    if len == 0 {
+        out.truncate(start);
+        return Err(FrameError::Encode("a message of zero bytes would read as a keepalive".to_string()));
+    }
     if len > max_frame_bytes || u32::try_from(len).is_err() {
         out.truncate(start);
         return Err(FrameError::TooLarge { len, max: max_frame_bytes });
@@ -186,12 +201,13 @@ pub struct FrameDecoder {
     buffer: Vec<u8>,
     start: usize,
     max_frame_bytes: usize,
+    keepalives: u64,
 }
 
 impl FrameDecoder {
     /// A decoder that refuses frames over `max_frame_bytes`.
     pub fn new(max_frame_bytes: usize) -> Self {
-        FrameDecoder { buffer: Vec::new(), start: 0, max_frame_bytes }
+        FrameDecoder { buffer: Vec::new(), start: 0, max_frame_bytes, keepalives: 0 }
     }
 
     /// The largest frame this decoder accepts.
@@ -235,9 +251,32 @@ impl FrameDecoder {
         Ok(n)
     }
 
-    /// The next complete message, if one has arrived. After an error the stream is unusable (the framing
-    /// is lost); the caller closes the connection.
+    /// How many keepalive frames the decoder has skipped so far.
+    ///
+    /// # Examples
+    /// ```
+    /// use protocol::frame::{FrameDecoder, KEEPALIVE_FRAME, encode_frame};
+    /// let mut decoder = FrameDecoder::new(64);
+    /// decoder.push(&KEEPALIVE_FRAME);
+    /// assert_eq!(decoder.next_message::<u8>().unwrap(), None);
+    /// assert_eq!(decoder.keepalives(), 1);
+    /// let mut wire = KEEPALIVE_FRAME.to_vec();
+    /// encode_frame(&7u8, 64, &mut wire).unwrap();
+    /// decoder.push(&wire);
+    /// assert_eq!(decoder.next_message::<u8>().unwrap(), Some(7));
+    /// assert_eq!(decoder.keepalives(), 2);
+    /// ```
+    pub fn keepalives(&self) -> u64 {
+        self.keepalives
+    }
+
+    /// The next complete message, if one has arrived, skipping keepalives. After an error the stream is
+    /// unusable (the framing is lost); the caller closes the connection.
     pub fn next_message<M: DeserializeOwned>(&mut self) -> Result<Option<M>, FrameError> {
+        while self.buffer[self.start..].starts_with(&KEEPALIVE_FRAME) {
+            self.start += FRAME_HEADER_BYTES;
+            self.keepalives += 1;
+        }
         match decode_frame(&self.buffer[self.start..], self.max_frame_bytes)? {
             None => {
                 if self.start > 0 && self.start * 2 > self.buffer.len() {
@@ -285,7 +324,8 @@ pub fn write_frame<W: Write, M: Serialize>(
     Ok(())
 }
 
-/// Reads one frame from a blocking stream. [`FrameError::Closed`] at a clean end of stream between frames.
+/// Reads one message from a blocking stream, skipping keepalives. [`FrameError::Closed`] at a clean end of
+/// stream between frames.
 ///
 /// # Examples
 /// ```
@@ -302,13 +342,15 @@ pub fn read_frame<R: Read, M: DeserializeOwned>(
     reader: &mut R,
     max_frame_bytes: usize,
 ) -> Result<M, FrameError> {
-    let mut header = [0u8; FRAME_HEADER_BYTES];
-    let got = read_full(reader, &mut header)?;
-    if got == 0 {
-        return Err(FrameError::Closed);
-    }
-    if got < FRAME_HEADER_BYTES {
-        return Err(FrameError::Truncated { expected: FRAME_HEADER_BYTES, got });
+    let mut header = KEEPALIVE_FRAME;
+    while header == KEEPALIVE_FRAME {
+        let got = read_full(reader, &mut header)?;
+        if got == 0 {
+            return Err(FrameError::Closed);
+        }
+        if got < FRAME_HEADER_BYTES {
+            return Err(FrameError::Truncated { expected: FRAME_HEADER_BYTES, got });
+        }
     }
     let len = u32::from_le_bytes(header) as usize;
     if len > max_frame_bytes {
@@ -365,6 +407,14 @@ pub enum HandshakeError {
         /// Its reason.
         reason: String,
     },
+    /// The replica refused us: another controller holds it (see `ComputeCommand::Hello`).
+    #[error("fenced: the replica serves controller epoch {current}, ours is {ours}")]
+    Fenced {
+        /// Our epoch.
+        ours: ControllerEpoch,
+        /// The highest epoch the replica has served.
+        current: ControllerEpoch,
+    },
     /// The peer sent something other than a handshake answer.
     #[error("expected a handshake answer, got {0}")]
     Unexpected(String),
@@ -390,19 +440,29 @@ pub fn check_version(theirs: u32) -> Result<(), HandshakeError> {
     }
 }
 
-/// Checks the answer to our `Hello { version, nonce }`.
+/// Checks the answer to our `Hello { version, nonce, epoch, .. }`.
 ///
 /// # Examples
 /// ```
-/// use protocol::{ComputeResponse, PROTOCOL_VERSION};
+/// use protocol::{ComputeResponse, ControllerEpoch, PROTOCOL_VERSION};
 /// use protocol::frame::{HandshakeError, check_hello_answer};
+/// let ours = ControllerEpoch(2);
 /// let ok: ComputeResponse = ComputeResponse::Hello { version: PROTOCOL_VERSION, nonce: 7 };
-/// assert!(check_hello_answer(&ok, 7).is_ok());
-/// assert_eq!(check_hello_answer(&ok, 8), Err(HandshakeError::NonceMismatch { sent: 8, got: 7 }));
+/// assert!(check_hello_answer(&ok, 7, ours).is_ok());
+/// assert_eq!(check_hello_answer(&ok, 8, ours), Err(HandshakeError::NonceMismatch { sent: 8, got: 7 }));
 /// let refused: ComputeResponse = ComputeResponse::HelloRefused { version: 9, reason: "old".into() };
-/// assert!(matches!(check_hello_answer(&refused, 7), Err(HandshakeError::Refused { version: 9, .. })));
+/// assert!(matches!(check_hello_answer(&refused, 7, ours), Err(HandshakeError::Refused { version: 9, .. })));
+/// let fenced: ComputeResponse = ComputeResponse::Fenced { current: ControllerEpoch(3) };
+/// assert_eq!(
+///     check_hello_answer(&fenced, 7, ours),
+///     Err(HandshakeError::Fenced { ours, current: ControllerEpoch(3) })
+/// );
 /// ```
-pub fn check_hello_answer<T>(answer: &crate::ComputeResponse<T>, nonce: u64) -> Result<(), HandshakeError> {
+pub fn check_hello_answer<T>(
+    answer: &crate::ComputeResponse<T>,
+    nonce: u64,
+    epoch: ControllerEpoch,
+) -> Result<(), HandshakeError> {
     match answer {
         crate::ComputeResponse::Hello { version, nonce: got } => {
             check_version(*version)?;
@@ -413,6 +473,9 @@ pub fn check_hello_answer<T>(answer: &crate::ComputeResponse<T>, nonce: u64) -> 
         }
         crate::ComputeResponse::HelloRefused { version, reason } => {
             Err(HandshakeError::Refused { version: *version, reason: reason.clone() })
+        }
+        crate::ComputeResponse::Fenced { current } => {
+            Err(HandshakeError::Fenced { ours: epoch, current: *current })
         }
         other => Err(HandshakeError::Unexpected(other.name().to_string())),
     }

@@ -127,3 +127,20 @@ numeric_id!(
     "peek-",
     "peek"
 );
+numeric_id!(
+    /// The epoch of a controller: fencing for replicas. A replica serves one controller connection at a
+    /// time and lets a new one take over only if its epoch is higher than every epoch the replica has
+    /// served, or equal to it from the same controller session (its reconnect). Whoever runs controllers
+    /// raises the epoch whenever a controller takes over from another (see `Hello`).
+    ///
+    /// # Examples
+    /// ```
+    /// use protocol::ControllerEpoch;
+    /// assert_eq!(ControllerEpoch(3).to_string(), "epoch-3");
+    /// assert_eq!("epoch-3".parse::<ControllerEpoch>().unwrap(), ControllerEpoch(3));
+    /// assert!(ControllerEpoch(2) < ControllerEpoch(3));
+    /// ```
+    ControllerEpoch,
+    "epoch-",
+    "controller epoch"
+);

@@ -14,10 +14,16 @@
 //!
 //! ## Stages (per connection)
 //!
-//! 1. **Hello.** The controller sends `Hello { version, nonce }`. The replica answers
-//!    `ComputeResponse::Hello` with the same nonce if `version == PROTOCOL_VERSION`, otherwise
-//!    `HelloRefused` (naming both versions) and closes. Nothing else is valid before `Hello`; a replica
-//!    receiving anything else first answers `CommandRejected` and closes.
+//! 0. **Authentication** (below this crate: `transport`'s handshake, inside TLS unless both sides were
+//!    told `--insecure`). Nothing of this protocol flows before it, and a replica says nothing about
+//!    itself to a peer that has not proved itself.
+//! 1. **Hello.** The controller sends `Hello { version, nonce, epoch, session }`. The replica answers
+//!    `HelloRefused` (naming both versions) and closes if `version != PROTOCOL_VERSION`; `Fenced` and
+//!    closes if another controller holds the replica (a higher epoch, or the same epoch from another
+//!    session while connected: `ComputeCommand::Hello` states the rule), leaving that controller's
+//!    connection untouched; otherwise `ComputeResponse::Hello` with the same nonce, and the connection
+//!    replaces the active one. Nothing else is valid before `Hello`; a replica receiving anything else
+//!    first answers `CommandRejected` and closes.
 //! 2. **CreateInstance.** Exactly once, next.
 //! 3. **Replay.** The controller replays its *compacted command history*: the commands that rebuild the
 //!    live state (dataflows not yet dropped, their latest `AllowCompaction`, their `Schedule`, pending
@@ -48,8 +54,8 @@
 //!
 //! ## Wire format
 //!
-//! Length-prefixed `bincode` frames with a maximum size; see [`frame`]. Nothing that does not fit a frame
-//! is dropped silently:
+//! Length-prefixed `bincode` frames with a maximum size; an empty frame is a keepalive; see [`frame`].
+//! Nothing that does not fit a frame is dropped silently:
 //! - a command that does not fit is refused by its sender before it is recorded or sent (the replica
 //!   client's `send` returns an error; the controller refuses such commands at its API);
 //! - a response that does not fit has a stand-in: a peek's rows become `PeekResponse::ResultTooLarge`
@@ -94,7 +100,7 @@ pub use dataflow::{
     SinkExport, SourceImport,
 };
 pub use expr::{BinaryFunc, EvalError, ExprTypeError, MapFilterProject, ScalarExpr, UnaryFunc};
-pub use id::{GlobalId, InstanceId, ParseIdError, PeekId, ReplicaId};
+pub use id::{ControllerEpoch, GlobalId, InstanceId, ParseIdError, PeekId, ReplicaId};
 pub use peek::{Peek, PeekResponse, PeekTarget, RowSetFinishing};
 pub use plan::{AggregateExpr, AggregateFunc, ColumnOrder, Plan, PlanError, compare_datums, slice_ranked};
 pub use response::{

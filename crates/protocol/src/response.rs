@@ -7,7 +7,7 @@ use frontiers::antichain::is_antichain;
 use frontiers::{Antichain, Timestamp};
 
 use crate::Diff;
-use crate::id::{GlobalId, PeekId};
+use crate::id::{ControllerEpoch, GlobalId, PeekId};
 use crate::peek::PeekResponse;
 use crate::row::Row;
 
@@ -28,6 +28,15 @@ pub enum ComputeResponse<T = u64> {
         version: u32,
         /// A human-readable reason.
         reason: String,
+    },
+    /// Refuses a `Hello` from a controller that may not take over (see `ComputeCommand::Hello`); the
+    /// replica closes the connection after sending it and keeps serving its active connection.
+    ///
+    /// *Receiver:* this controller has been superseded (or another one holds its epoch); it must not
+    /// expect to serve this replica again unless the replica restarts.
+    Fenced {
+        /// The highest epoch the replica has served.
+        current: ControllerEpoch,
     },
     /// The frontiers of a compute collection moved. Each frontier only moves forward within one connection;
     /// `None` means unchanged. The empty write frontier after `AllowCompaction([])` means "dropped", and it
@@ -81,6 +90,7 @@ impl<T> ComputeResponse<T> {
         match self {
             ComputeResponse::Hello { .. } => "Hello",
             ComputeResponse::HelloRefused { .. } => "HelloRefused",
+            ComputeResponse::Fenced { .. } => "Fenced",
             ComputeResponse::Frontiers { .. } => "Frontiers",
             ComputeResponse::PeekResponse { .. } => "PeekResponse",
             ComputeResponse::SubscribeResponse { .. } => "SubscribeResponse",

@@ -1,48 +1,91 @@
-//! Framed tokio connections: the one place the workspace's socket shells read and write
-//! `protocol::frame` frames.
+//! Framed tokio connections, secured: the one place the workspace's socket shells read and write
+//! `protocol::frame` frames, authenticate their peers and set up TLS.
 //!
-//! **What this is.** [`FramedRead`] turns any `AsyncRead` (a TCP read half today; a TLS stream later) into
-//! a stream of decoded messages; [`FramedWrite`] encodes messages (or writes pre-encoded [`Frame`]s) into
-//! a bounded batch and writes it to any `AsyncWrite`. The replica (`compute`'s server), the controller's
-//! replica client (`replica-client`), and the storage server and client (`storage`) all use these two
-//! types instead of their own read and write loops.
+//! **What this is.** [`FramedRead`] turns any `AsyncRead` (a TCP read half, a TLS stream's) into a stream
+//! of decoded messages; [`FramedWrite`] encodes messages (or writes pre-encoded [`Frame`]s) into a bounded
+//! batch and writes it to any `AsyncWrite`. The replica (`compute`'s server), the controller's replica
+//! client (`replica-client`), and the storage server and client (`storage`) all use these two types
+//! instead of their own read and write loops, and secure every connection with the same two calls:
+//! - [`ServerSecurity::accept`] / [`ClientSecurity::connect`] (`security`): TLS (`tls`, rustls) unless
+//!   explicitly insecure, then authentication (`auth`: an HMAC challenge-response over a
+//!   [`SharedSecret`], `secret`), returning the framed halves;
+//! - `auth`'s blocking drivers serve blocking sockets (the timely cluster's ports, test clients);
+//! - `certs` (feature `certs`) makes throwaway certificate authorities for tests and the cluster scenario.
 //!
-//! **What this is not.** No protocol: which messages flow, what a handshake says and what to do with a
-//! message that cannot be sent are the shells' decisions. This crate only reports them as errors
-//! ([`protocol::frame::FrameError`]), never skips a message and never logs on a caller's behalf.
+//! **What this is not.** No protocol: which messages flow after authentication, what a handshake says
+//! and what to do with a message that cannot be sent are the shells' decisions. This crate only reports
+//! them as errors ([`protocol::frame::FrameError`], [`AuthError`]), never skips a message and never logs
+//! on a caller's behalf. Timeouts, connection caps and fencing are the shells' too (they know their
+//! peers); this crate gives them what they need: an adjustable frame limit and keepalives.
 //!
 //! **Limits.** Every buffer is bounded, and each bound is a parameter or a constant named here:
 //! - a frame larger than the connection's `max_frame_bytes` is refused on both sides: on the way out
 //!   [`FramedWrite::encode`] returns `TooLarge` (with the frame's real size) and writes nothing; on the
 //!   way in the length header is checked before the payload is buffered, so a peer cannot make us
-//!   allocate more than one maximum frame plus one read chunk ([`READ_CHUNK_BYTES`]);
-//! - the limit can change during a connection ([`FramedRead::set_max_frame_bytes`]): a small one until the
-//!   peer is trusted, the full one after;
+//!   allocate more than one maximum frame plus one read chunk (at most [`READ_CHUNK_BYTES`], less for
+//!   small limits);
+//! - the limit can change during a connection ([`FramedRead::set_max_frame_bytes`],
+//!   [`FramedWrite::set_max_frame_bytes`]): [`PRE_AUTH_MAX_FRAME_BYTES`] until the peer has
+//!   authenticated, the full one after;
 //! - a writer batches frames until [`FramedWrite::batch_full`] (`batch_bytes`, default
 //!   [`DEFAULT_BATCH_BYTES`]); after each flush both sides give back capacity above their retention
 //!   bound, so one large frame does not pin its memory for the life of the connection.
 //!
-//! **Designed for what comes next** (authentication, TLS and connection bounds, issue 19): both types are
-//! generic over the stream, so a TLS stream (or a stream that counts bytes) plugs in unchanged; the
-//! frame limit is per connection and adjustable, for a small pre-authentication limit; reading is
-//! cancellation-safe, so a shell can race a read against a handshake or idle timeout.
+//! **Keepalives.** [`FramedWrite::push_keepalive`] writes an empty frame; readers skip them
+//! ([`FramedRead::recv`]) or report them ([`FramedRead::recv_or_keepalive`]) to a shell with an idle
+//! timeout, so a quiet but live connection is told from a dead one.
 //!
 //! **Invariants.** A message is either written whole or reported as an error, never dropped; a frame is
 //! decoded only once all its bytes arrived; after an error the stream's framing is lost and the shell
-//! closes the connection.
+//! closes the connection. Reading is cancellation-safe, so a shell can race a read against a handshake or
+//! idle timeout. Secrets never appear in `Debug` output or errors.
 //!
 //! **Tests.** `tests/it/` (over in-memory duplex streams and real sockets): round trips under arbitrary
-//! chunking, garbage, oversize and truncated input, the retention bounds, and cancellation safety.
+//! chunking, garbage, oversize and truncated input, keepalives, the retention bounds, cancellation
+//! safety, and TLS and authentication (`tests/it/security.rs`: wrong secrets, replays, wrong CAs and
+//! names, client certificates); the exchange's steps in `auth`'s unit tests.
+
+mod auth;
+#[cfg(feature = "certs")]
+pub mod certs;
+mod secret;
+mod security;
+mod tls;
+
+pub use auth::{
+    AUTH_VERSION, Acceptor, AcceptorMessage, AuthError, AuthParams, Challenge, Connector, ConnectorMessage,
+    PRE_AUTH_MAX_FRAME_BYTES, Proof, Refusal, Role, Step, Transcript, accept_blocking, connect_blocking,
+};
+pub use secret::{MIN_SECRET_BYTES, SECRET_ENV, SecretError, SharedSecret};
+pub use security::{ClientSecurity, Secured, SecurityError, ServerSecurity};
+pub use tls::{
+    EXPORTER_LABEL, SecureReadHalf, SecureWriteHalf, TlsClientConfig, TlsConfigError, TlsServerConfig,
+};
 
 use std::io;
 
-use protocol::frame::{FRAME_HEADER_BYTES, FrameDecoder, FrameError, encode_frame};
+use protocol::frame::{FRAME_HEADER_BYTES, FrameDecoder, FrameError, KEEPALIVE_FRAME, encode_frame};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-/// How many bytes a [`FramedRead`] asks its stream for at once (the size of its read buffer).
+/// How many bytes a [`FramedRead`] asks its stream for at once (the size of its read buffer), at most: a
+/// reader whose frame limit is smaller reads in chunks of one maximum frame.
 pub const READ_CHUNK_BYTES: usize = 64 * 1024;
+
+/// The read chunk of a reader whose limit is `max_frame_bytes`.
+fn chunk_bytes(max_frame_bytes: usize) -> usize {
+    max_frame_bytes.saturating_add(FRAME_HEADER_BYTES).min(READ_CHUNK_BYTES)
+}
+
+/// What [`FramedRead::recv_or_keepalive`] received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Received<M> {
+    /// A message.
+    Message(M),
+    /// One or more keepalives, and no message yet.
+    Keepalive,
+}
 
 /// How many bytes a [`FramedWrite`] batches before [`FramedWrite::batch_full`] says to flush.
 pub const DEFAULT_BATCH_BYTES: usize = 1 << 20;
@@ -118,7 +161,7 @@ impl<R: AsyncRead + Unpin> FramedRead<R> {
         FramedRead {
             reader,
             decoder: FrameDecoder::new(max_frame_bytes),
-            chunk: vec![0; READ_CHUNK_BYTES].into(),
+            chunk: vec![0; chunk_bytes(max_frame_bytes)].into(),
         }
     }
 
@@ -130,6 +173,9 @@ impl<R: AsyncRead + Unpin> FramedRead<R> {
     /// Changes the largest frame accepted from now on (see [`FrameDecoder::set_max_frame_bytes`]).
     pub fn set_max_frame_bytes(&mut self, max_frame_bytes: usize) {
         self.decoder.set_max_frame_bytes(max_frame_bytes);
+        if self.chunk.len() != chunk_bytes(max_frame_bytes) {
+            self.chunk = vec![0; chunk_bytes(max_frame_bytes)].into();
+        }
     }
 
     /// The next message among the bytes already received, without reading.
@@ -144,8 +190,22 @@ impl<R: AsyncRead + Unpin> FramedRead<R> {
     /// decoder before the next await, so a cancelled `recv` loses nothing (use it in `select!`).
     pub async fn recv<M: DeserializeOwned>(&mut self) -> Result<M, FrameError> {
         loop {
-            if let Some(message) = self.decoder.next_message()? {
+            if let Received::Message(message) = self.recv_or_keepalive().await? {
                 return Ok(message);
+            }
+        }
+    }
+
+    /// The next message, or [`Received::Keepalive`] if keepalives arrived and no message yet (for a shell
+    /// that closes idle connections). Otherwise as [`Self::recv`], and as cancellation-safe.
+    pub async fn recv_or_keepalive<M: DeserializeOwned>(&mut self) -> Result<Received<M>, FrameError> {
+        loop {
+            let keepalives = self.decoder.keepalives();
+            if let Some(message) = self.decoder.next_message()? {
+                return Ok(Received::Message(message));
+            }
+            if self.decoder.keepalives() != keepalives {
+                return Ok(Received::Keepalive);
             }
             let n = self.reader.read(&mut self.chunk).await?;
             if n == 0 {
@@ -198,6 +258,16 @@ impl<W: AsyncWrite + Unpin> FramedWrite<W> {
         self.max_frame_bytes
     }
 
+    /// Changes the largest frame written from now on (a small limit until the peer is authenticated).
+    pub fn set_max_frame_bytes(&mut self, max_frame_bytes: usize) {
+        self.max_frame_bytes = max_frame_bytes;
+    }
+
+    /// Appends a keepalive (an empty frame, which readers skip) to the batch.
+    pub fn push_keepalive(&mut self) {
+        self.buffer.extend_from_slice(&KEEPALIVE_FRAME);
+    }
+
     /// Appends `message` as one frame to the batch. On an error (the message is over the frame limit, or
     /// cannot be encoded) nothing is appended and the caller decides what becomes of the message.
     pub fn encode<M: Serialize>(&mut self, message: &M) -> Result<(), FrameError> {
@@ -237,6 +307,8 @@ impl<W: AsyncWrite + Unpin> FramedWrite<W> {
         if !self.buffer.is_empty() {
             self.writer.write_all(&self.buffer).await?;
             self.buffer.clear();
+            // A TLS stream may keep the last records it encrypted until flushed.
+            self.writer.flush().await?;
         }
         if self.buffer.capacity() > RETAINED_WRITE_BYTES.max(2 * self.batch_bytes) {
             self.buffer = Vec::new();

@@ -228,3 +228,34 @@ fn a_pre_encoded_frame_goes_to_several_connections_over_real_sockets() {
         assert_eq!(received, vec![(7, "to all".to_string()), (7, "to all".to_string())]);
     });
 }
+
+mod security;
+
+#[test]
+fn keepalives_are_skipped_by_recv_and_reported_by_recv_or_keepalive() {
+    runtime().block_on(async {
+        let (client, server) = duplex(1024);
+        let mut out = FramedWrite::new(client, 64);
+        let mut input = FramedRead::new(server, 64);
+        out.push_keepalive();
+        out.flush().await.unwrap();
+        assert_eq!(input.recv_or_keepalive::<u32>().await.unwrap(), transport::Received::Keepalive);
+        // Keepalives between messages that arrive together are passed over.
+        out.encode(&7u32).unwrap();
+        out.push_keepalive();
+        out.push_keepalive();
+        out.encode(&8u32).unwrap();
+        out.flush().await.unwrap();
+        assert_eq!(input.recv_or_keepalive::<u32>().await.unwrap(), transport::Received::Message(7));
+        assert_eq!(input.recv_or_keepalive::<u32>().await.unwrap(), transport::Received::Message(8));
+        out.push_keepalive();
+        out.flush().await.unwrap();
+        out.encode(&9u32).unwrap();
+        out.flush().await.unwrap();
+        assert_eq!(input.recv::<u32>().await.unwrap(), 9, "recv skips keepalives");
+        out.push_keepalive();
+        out.shutdown().await.unwrap();
+        assert_eq!(input.recv_or_keepalive::<u32>().await.unwrap(), transport::Received::Keepalive);
+        assert!(matches!(input.recv::<u32>().await, Err(FrameError::Closed)));
+    });
+}
