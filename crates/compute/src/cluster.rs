@@ -7,41 +7,59 @@
 //! "MergeQueue poisoned"), retries with one-second sleeps, prints to stdout, and waits forever for a peer
 //! that never comes. Here:
 //!
-//! - [`ClusterListener::bind`] binds this process's address when the replica starts, so a port that is
-//!   taken is a start error (`compute-replica` exits non-zero), not a silent half-start;
+//! - [`ClusterListener::bind`] binds this process's address when the replica starts (exactly the address
+//!   it is given, so a loopback address is reachable from this machine only), so a port that is taken is
+//!   a start error (`compute-replica` exits non-zero), not a silent half-start;
 //! - [`ClusterListener::connect`] connects to every lower-indexed process and accepts every
-//!   higher-indexed one (timely's convention), each with a fixed-size handshake ([`Handshake`]) that names
-//!   the cluster (a hash of the address list, so a process of another replica is refused), the two
-//!   processes and the direction. A connection that does not complete a valid handshake in time is closed
-//!   and logged, and the wait goes on; a connection that reaches a listener which is not a peer (or loops
-//!   back to itself, which loopback TCP allows when a port is free) is retried. The whole start-up has a
-//!   deadline; missing peers then are an error naming them;
+//!   higher-indexed one (timely's convention). Each connection first *authenticates*: `transport`'s
+//!   challenge-response over the replica's shared secret (both ends prove it, with fresh challenges, so
+//!   a recorded exchange cannot be replayed; the service named in the proofs is this cluster's id), then
+//!   *identifies* with a fixed-size handshake ([`Handshake`]) that names the cluster (a hash of the
+//!   address list, so a process of another replica is refused), the two processes and the direction.
+//!   Accepted connections are admitted concurrently, at most [`MAX_ADMITTING`] at once beyond the
+//!   peers (the oldest closed to make room), each within [`HANDSHAKE_TIMEOUT`]: a stranger that connects
+//!   and says nothing holds up nobody. A connection that fails either step is closed and logged, and the
+//!   wait goes on; a connection that reaches a listener which is not a peer (or loops back to itself,
+//!   which loopback TCP allows when a port is free) is retried. The whole start-up has a deadline;
+//!   missing peers then are an error naming them. The listener closes once every peer is connected;
 //! - [`Cut`] closes the sockets when the process fails, so that every peer's timely threads fail too
 //!   (their reads end without timely's clean-shutdown message) instead of waiting forever for a process
 //!   that has stopped answering.
 //!
-//! **What this is not.** Authentication: the handshake identifies, it does not prove (the shared-secret
-//! proof of issue 19 belongs in [`Handshake`]). Nothing after the handshake: the sockets are timely's.
+//! **What protects the connections, and what does not** (ARCHITECTURE.md says it too): only processes
+//! holding the secret get in, and only while the cluster starts (the port is closed after). After the
+//! handshakes the sockets are timely's: plain TCP, neither encrypted nor authenticated per message
+//! (timely takes `std::net::TcpStream`s). An attacker on the network path between two processes can
+//! read the data they exchange and inject into or cut their streams (which fails the replica: its
+//! orchestrator restarts it); an attacker off the path can, during a start-up, connect and be refused,
+//! or hold up to [`MAX_ADMITTING`] admission slots, each for [`HANDSHAKE_TIMEOUT`] at most. Run the
+//! processes of one replica on one machine (loopback) or a trusted network.
 //!
-//! **Invariants.** Every returned socket completed a handshake for this cluster and this pair of processes;
-//! the slot of this process is `None`; each peer is connected exactly once.
+//! **What this is not.** Nothing after the handshakes: the sockets are timely's.
 //!
-//! **Tests.** `tests/it/cluster.rs` (strangers on the port, a port taken, a peer that never comes, a
-//! start-up stress loop, and a process failure reaching its peer); the handshake's encoding in
-//! `mod tests` below.
+//! **Invariants.** Every returned socket completed an authenticated handshake for this cluster and this
+//! pair of processes; the slot of this process is `None`; each peer is connected exactly once.
+//!
+//! **Tests.** `tests/it/cluster.rs` (strangers on the port, a wrong secret, a port taken, a peer that
+//! never comes, a start-up stress loop, and a process failure reaching its peer); the handshake's
+//! encoding in `mod tests` below.
 
+use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
+use transport::{AuthParams, SharedSecret, accept_blocking, connect_blocking};
 
 /// How long one handshake (after the TCP connection) may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
 /// The pause between connection attempts to a peer that is not there yet.
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
+/// How many accepted connections may be in their handshakes at once beyond the peers still expected.
+pub(crate) const MAX_ADMITTING: usize = 8;
 
 /// The first bytes of every handshake.
 const MAGIC: [u8; 8] = *b"ccr-tmly";
@@ -156,15 +174,28 @@ pub(crate) struct ClusterListener {
     addresses: Vec<String>,
     process: usize,
     cluster: u64,
+    /// The secret every process of the replica proves; the name its proofs cover.
+    secret: SharedSecret,
+    service: String,
 }
 
 impl ClusterListener {
-    /// Binds this process's address among `addresses`.
-    pub(crate) fn bind(addresses: Vec<String>, process: usize) -> io::Result<ClusterListener> {
+    /// Binds this process's address among `addresses`. Every process of the replica must be given the
+    /// same `secret`.
+    pub(crate) fn bind(
+        addresses: Vec<String>,
+        process: usize,
+        secret: SharedSecret,
+    ) -> io::Result<ClusterListener> {
         let listener = TcpListener::bind(addresses[process].as_str())?;
         listener.set_nonblocking(true)?;
         let cluster = cluster_id(&addresses);
-        Ok(ClusterListener { listener, addresses, process, cluster })
+        let service = format!("timely-cluster/{cluster:016x}");
+        Ok(ClusterListener { listener, addresses, process, cluster, secret, service })
+    }
+
+    fn auth_params(&self) -> AuthParams<'_> {
+        AuthParams { secret: Some(&self.secret), service: &self.service, binding: b"" }
     }
 
     /// The bound address.
@@ -232,6 +263,7 @@ impl ClusterListener {
         socket.set_nodelay(true).map_err(|e| e.to_string())?;
         socket.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(|e| e.to_string())?;
         socket.set_write_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(|e| e.to_string())?;
+        connect_blocking(&mut socket, self.auth_params()).map_err(|e| format!("authentication: {e}"))?;
         let hello = Handshake {
             kind: Kind::Hello,
             cluster: self.cluster,
@@ -249,50 +281,90 @@ impl ClusterListener {
         Ok(socket)
     }
 
-    /// Accepts processes `self.process + 1..`, in any order.
+    /// Accepts processes `self.process + 1..`, in any order, admitting connections concurrently (see the
+    /// module documentation).
     fn accept_higher(&self, deadline: Instant) -> Result<Vec<TcpStream>, String> {
         let processes = self.addresses.len();
-        let mut slots: Vec<Option<TcpStream>> = (self.process + 1..processes).map(|_| None).collect();
-        while slots.iter().any(Option::is_none) {
-            match self.listener.accept() {
-                Ok((socket, peer_address)) => match self.admit(socket, &slots) {
-                    Ok((from, socket)) => slots[from - self.process - 1] = Some(socket),
-                    Err(reason) => {
-                        warn!(process = self.process, %peer_address, %reason, "refused a connection on the cluster port");
-                    }
-                },
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    #[allow(clippy::disallowed_methods)]
-                    if Instant::now() >= deadline {
-                        let missing: Vec<usize> = slots
-                            .iter()
-                            .enumerate()
-                            .filter(|(_, s)| s.is_none())
-                            .map(|(i, _)| i + self.process + 1)
-                            .collect();
-                        return Err(format!(
-                            "process {} waited in vain for processes {missing:?} to connect",
-                            self.process
-                        ));
-                    }
-                    std::thread::sleep(Duration::from_millis(10));
+        let slots: Mutex<Vec<Option<TcpStream>>> =
+            Mutex::new((self.process + 1..processes).map(|_| None).collect());
+        let max_admitting = processes - self.process - 1 + MAX_ADMITTING;
+        // Clones of the sockets being admitted (to close them), by admission number: oldest first.
+        let mut admitting: BTreeMap<u64, TcpStream> = BTreeMap::new();
+        let (finished_tx, finished) = mpsc::channel::<u64>();
+        let outcome = std::thread::scope(|scope| {
+            let mut next = 0u64;
+            let outcome = loop {
+                for done in finished.try_iter() {
+                    admitting.remove(&done);
                 }
-                Err(e) => return Err(format!("accepting on the cluster port failed: {e}")),
+                if slots.lock().expect("slots lock").iter().all(Option::is_some) {
+                    break Ok(());
+                }
+                match self.listener.accept() {
+                    Ok((socket, peer_address)) => {
+                        let Ok(clone) = socket.try_clone() else { continue };
+                        if admitting.len() >= max_admitting
+                            && let Some((_, oldest)) = admitting.pop_first()
+                        {
+                            warn!(
+                                process = self.process,
+                                max_admitting,
+                                "too many connections in their handshakes on the cluster port; closing the oldest"
+                            );
+                            let _ = oldest.shutdown(std::net::Shutdown::Both);
+                        }
+                        next += 1;
+                        admitting.insert(next, clone);
+                        let (slots, finished_tx, id) = (&slots, finished_tx.clone(), next);
+                        scope.spawn(move || {
+                            if let Err(reason) = self.admit(socket, slots) {
+                                warn!(process = self.process, %peer_address, %reason, "refused a connection on the cluster port");
+                            }
+                            let _ = finished_tx.send(id);
+                        });
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        #[allow(clippy::disallowed_methods)]
+                        if Instant::now() >= deadline {
+                            break Err(self.missing(&slots));
+                        }
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    Err(e) => break Err(format!("accepting on the cluster port failed: {e}")),
+                }
+            };
+            // Whatever is still in its handshake is not needed: end it, so the scope's threads end.
+            for socket in admitting.values() {
+                let _ = socket.shutdown(std::net::Shutdown::Both);
             }
-        }
+            outcome
+        });
+        outcome?;
+        let slots = slots.into_inner().expect("slots lock");
         Ok(slots.into_iter().map(|s| s.expect("every slot filled")).collect())
     }
 
-    /// Checks an accepted connection's handshake and answers it: the peer's index and the socket.
-    fn admit(
-        &self,
-        mut socket: TcpStream,
-        slots: &[Option<TcpStream>],
-    ) -> Result<(usize, TcpStream), String> {
+    /// The error naming the processes that never connected.
+    fn missing(&self, slots: &Mutex<Vec<Option<TcpStream>>>) -> String {
+        let missing: Vec<usize> = slots
+            .lock()
+            .expect("slots lock")
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.is_none())
+            .map(|(i, _)| i + self.process + 1)
+            .collect();
+        format!("process {} waited in vain for processes {missing:?} to connect", self.process)
+    }
+
+    /// Authenticates an accepted connection, checks its handshake, and answers it if its process's slot
+    /// is free, filling the slot (under the slots' lock, so that a peer is acknowledged exactly once).
+    fn admit(&self, mut socket: TcpStream, slots: &Mutex<Vec<Option<TcpStream>>>) -> Result<(), String> {
         socket.set_nonblocking(false).map_err(|e| e.to_string())?;
         socket.set_nodelay(true).map_err(|e| e.to_string())?;
         socket.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(|e| e.to_string())?;
         socket.set_write_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(|e| e.to_string())?;
+        accept_blocking(&mut socket, self.auth_params()).map_err(|e| format!("authentication: {e}"))?;
         let hello = read_handshake(&mut socket)?;
         if hello.kind != Kind::Hello || hello.cluster != self.cluster || hello.to != self.process as u64 {
             return Err(format!("a handshake for another cluster or process: {hello:?}"));
@@ -301,13 +373,16 @@ impl ClusterListener {
         if from <= self.process || from >= self.addresses.len() {
             return Err(format!("process {from} does not connect to process {}", self.process));
         }
-        if slots[from - self.process - 1].is_some() {
+        let mut slots = slots.lock().expect("slots lock");
+        let slot = &mut slots[from - self.process - 1];
+        if slot.is_some() {
             return Err(format!("process {from} is already connected"));
         }
         let ack =
             Handshake { kind: Kind::Ack, cluster: self.cluster, from: self.process as u64, to: hello.from };
         socket.write_all(&ack.encode()).map_err(|e| e.to_string())?;
-        Ok((from, socket))
+        *slot = Some(socket);
+        Ok(())
     }
 }
 

@@ -5,8 +5,10 @@
 //! merging of its workers' reports. It receives [`CoreEvent`]s (connection events and commands, storage
 //! results) and [`FromWorker`] reports, and it sends [`ToWorker`] messages and [`ComputeResponse`]s.
 //!
-//! - **Stages.** Hello is checked by the connection task (`server.rs`); a connection becomes active here
-//!   only after a valid Hello, replacing the previous one. Then `CreateInstance` (exactly once), the
+//! - **Stages.** Authentication and the Hello's version are checked by the connection task
+//!   (`server.rs`); a connection becomes active here if its controller may take over ([`Fence`]), which
+//!   answers its Hello and replaces the previous connection, or is answered `Fenced` and closed (the
+//!   active one untouched). Then `CreateInstance` (exactly once), the
 //!   replayed history (buffered), `InitializationComplete` (reconciliation, see below), then normal
 //!   commands. A command in the wrong stage is answered with `CommandRejected` and the connection is closed.
 //! - **Reconciliation.** A running dataflow is kept (no rehydration) if the replay creates an identical one
@@ -51,9 +53,9 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use frontiers::{Antichain, PartialOrder};
 use protocol::frame::FrameError;
 use protocol::{
-    ComputeCommand, ComputeParameters, ComputeResponse, CopyToResponse, DataflowDescription, Datum,
-    FrontiersResponse, GlobalId, InstanceConfig, Peek, PeekId, PeekResponse, PeekTarget, Row, SinkConnection,
-    StatusResponse, SubscribeBatch, SubscribeResponse,
+    ComputeCommand, ComputeParameters, ComputeResponse, ControllerEpoch, CopyToResponse, DataflowDescription,
+    Datum, FrontiersResponse, GlobalId, InstanceConfig, PROTOCOL_VERSION, Peek, PeekId, PeekResponse,
+    PeekTarget, Row, SinkConnection, StatusResponse, SubscribeBatch, SubscribeResponse,
 };
 use storage::{AppendError, AppendRequest, ListenEvent, StorageCollections};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
@@ -62,6 +64,7 @@ use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
 use transport::Frame;
 
+use crate::fence::Fence;
 use crate::messages::{DataflowKey, FeedBudget, FromWorker, PeekSeq, ToWorker, WorkerPeek, WorkerTx};
 use crate::render::{Diff, Time, error_message};
 use crate::worker::{finish_rows, key_owner, row_owner};
@@ -107,6 +110,26 @@ impl Outbox {
     }
 }
 
+/// What a controller's Hello says, for the core to answer it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ControllerHello {
+    /// Echoed in the answer.
+    pub nonce: u64,
+    /// The controller's epoch.
+    pub epoch: ControllerEpoch,
+    /// The controller's session.
+    pub session: u64,
+}
+
+/// Answers a connection whose controller may not take over with `Fenced`, and closes it.
+fn refuse_fenced(out: &Outbox, current: ControllerEpoch, max_frame_bytes: usize) {
+    let fenced: ComputeResponse = ComputeResponse::Fenced { current };
+    let frame = Frame::encode(&fenced, max_frame_bytes).expect("a Fenced answer fits any frame limit");
+    out.queued_bytes.fetch_add(frame.len(), Ordering::AcqRel);
+    let _ = out.tx.send(Outgoing::Frame(frame));
+    out.close();
+}
+
 /// Why [`Core::run`] returned.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum CoreExit {
@@ -122,12 +145,15 @@ const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 /// An event for the core.
 #[derive(Debug)]
 pub(crate) enum CoreEvent {
-    /// A connection passed its Hello and becomes the active one.
+    /// A connection authenticated and said a Hello of our version: it becomes the active one if its
+    /// controller may take over.
     Connected {
         /// The connection.
         conn: u64,
         /// Where its responses go.
         out: Outbox,
+        /// What its Hello said.
+        hello: ControllerHello,
     },
     /// A command on a connection.
     Command {
@@ -277,6 +303,8 @@ pub(crate) struct Core {
     storage: Arc<dyn StorageCollections>,
     events: UnboundedSender<CoreEvent>,
     active: Option<Connection>,
+    /// Which controllers may take over.
+    fence: Fence,
     instance: Option<InstanceConfig>,
     parameters: ComputeParameters,
     allow_writes: watch::Sender<bool>,
@@ -329,6 +357,7 @@ impl Core {
             storage,
             events,
             active: None,
+            fence: Fence::default(),
             instance: None,
             parameters: ComputeParameters::default(),
             allow_writes,
@@ -494,7 +523,12 @@ impl Core {
 
     async fn handle_event(&mut self, event: CoreEvent) {
         match event {
-            CoreEvent::Connected { conn, out } => {
+            CoreEvent::Connected { conn, out, hello } => {
+                if let Err(current) = self.fence.admit(hello.epoch, hello.session, self.active.is_some()) {
+                    warn!(conn, epoch = %hello.epoch, %current, "refusing a controller that may not take over");
+                    refuse_fenced(&out, current, self.limits.max_frame_bytes);
+                    return;
+                }
                 assert!(!self.panic_on_connect, "injected fault: the I/O thread panics on connect");
                 if let Some(old) = self.active.take() {
                     info!(old = old.id, new = conn, "controller connection replaced");
@@ -515,6 +549,8 @@ impl Core {
                 }
                 self.active =
                     Some(Connection { id: conn, out, stage: Stage::AwaitCreateInstance, replay: Vec::new() });
+                info!(conn, epoch = %hello.epoch, "controller connected");
+                self.send(ComputeResponse::Hello { version: PROTOCOL_VERSION, nonce: hello.nonce });
             }
             CoreEvent::Disconnected { conn } => {
                 if self.active.as_ref().is_some_and(|c| c.id == conn) {

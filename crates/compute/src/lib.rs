@@ -53,8 +53,10 @@
 //! `benches/compute.rs`.
 
 mod cluster;
+mod connection;
 mod core;
 mod diff;
+mod fence;
 mod messages;
 mod operators;
 mod render;
@@ -62,6 +64,9 @@ mod server;
 mod worker;
 
 pub use server::{
-    DEFAULT_CLUSTER_CONNECT_TIMEOUT_MS, DEFAULT_IDLE_MERGE_EFFORT, FAULT_ENV, FAULT_IO_PANIC_ON_CONNECT,
-    QUEUED_FRAMES, ReplicaConfig, ReplicaHandle, ReplicaLimits, ReplicaServer, StartError,
+    DEFAULT_CLUSTER_CONNECT_TIMEOUT_MS, DEFAULT_HANDSHAKE_TIMEOUT_MS, DEFAULT_IDLE_MERGE_EFFORT,
+    DEFAULT_IDLE_TIMEOUT_MS, DEFAULT_KEEPALIVE_INTERVAL_MS, DEFAULT_MAX_PENDING_CONNECTIONS, FAULT_ENV,
+    FAULT_IO_PANIC_ON_CONNECT, QUEUED_FRAMES, ReplicaConfig, ReplicaHandle, ReplicaLimits, ReplicaServer,
+    StartError,
 };
+pub use transport::{ServerSecurity, SharedSecret};

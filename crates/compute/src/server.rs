@@ -6,12 +6,10 @@
 //! - one thread (`compute-timely`) connects a multi-process replica's processes to each other
 //!   ([`crate::cluster`]), starts the timely workers (`workers` threads) and watches them.
 //!
-//! A connection task reads and writes frames through `transport` ([`FramedRead`], [`FramedWrite`], with
-//! the configured frame limit), checks the Hello itself (version mismatch: `HelloRefused` and close;
-//! anything else first: `CommandRejected` and close; undecodable or oversize frames: `CommandRejected`
-//! naming the decode error, and close), then hands the connection to the core, which makes it the active
-//! one (replacing any previous one). The core encodes responses itself (it decides what becomes of one
-//! that does not fit a frame); the task writes them in batches and counts what is queued.
+//! Controller connections are `connection`'s: each is secured ([`ReplicaConfig::security`]: TLS unless
+//! insecure, then a shared secret's challenge-response or client certificates), bounded
+//! ([`ReplicaLimits`]: unauthenticated connections, handshake and idle timeouts, frame limits) and handed
+//! to the core after its Hello; the core admits it (fencing) and encodes every response.
 //!
 //! **Failing loudly.** The process stops serving, closes its connection and listener, and says why
 //! ([`ReplicaHandle::failed`]; `compute-replica` then exits non-zero for its orchestrator to restart it)
@@ -40,21 +38,19 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::{JoinHandle, Thread};
 use std::time::Duration;
 
-use protocol::frame::{DEFAULT_MAX_FRAME_BYTES, FrameError, check_version};
-use protocol::{ComputeCommand, ComputeResponse, PROTOCOL_VERSION};
+use protocol::frame::DEFAULT_MAX_FRAME_BYTES;
 use storage::StorageCollections;
 use timely::communication::allocator::zero_copy::initialize::initialize_networking_from_sockets;
 use timely::communication::allocator::{AllocatorBuilder, ProcessBuilder};
 use timely::communication::{Hooks, WorkerGuards};
-use tokio::net::TcpStream;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 use tokio::sync::{oneshot, watch};
-use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn};
-use transport::{FramedRead, FramedWrite};
+use transport::{PRE_AUTH_MAX_FRAME_BYTES, ServerSecurity};
 
 use crate::cluster::{Cluster, ClusterListener, Cut};
-use crate::core::{Core, CoreEvent, CoreExit, CoreLimits, Outbox, Outgoing, Topology};
+use crate::connection::{ConnectionConfig, accept_loop};
+use crate::core::{Core, CoreEvent, CoreExit, CoreLimits, Topology};
 use crate::messages::{FromWorker, ToWorker, WorkerTx};
 use crate::worker::{install_idle_merge, run_worker};
 
@@ -64,9 +60,6 @@ pub const DEFAULT_IDLE_MERGE_EFFORT: usize = 1_000;
 
 /// How long, by default, the processes of a multi-process replica wait for each other when they start.
 pub const DEFAULT_CLUSTER_CONNECT_TIMEOUT_MS: u64 = 60_000;
-
-/// How long a stopping process waits for its connections to write what is queued before it closes them.
-const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// A connection may have this many maximum frames' worth of responses queued and not yet written; beyond
 /// that the controller is not reading, and the connection is dropped (it reconnects and rehydrates).
@@ -97,6 +90,9 @@ pub struct ReplicaConfig {
     pub timely_addresses: Vec<String>,
     /// The storage layer (embedded or a client).
     pub storage: Arc<dyn StorageCollections>,
+    /// How controller connections are secured and authenticated (TLS, a shared secret, client
+    /// certificates), and the secret that authenticates the cluster's processes to each other.
+    pub security: ServerSecurity,
 }
 
 /// The limits and timeouts of a replica process ([`ReplicaServer::start_with`]); the defaults suit
@@ -110,21 +106,69 @@ pub struct ReplicaLimits {
     /// How long the processes of a multi-process replica wait for each other at start-up before the
     /// process fails. Default [`DEFAULT_CLUSTER_CONNECT_TIMEOUT_MS`].
     pub cluster_connect_timeout_ms: u64,
+    /// How long a new connection may take to set up TLS, authenticate and say Hello. Default
+    /// [`DEFAULT_HANDSHAKE_TIMEOUT_MS`].
+    pub handshake_timeout_ms: u64,
+    /// A connection from which nothing arrived (not even a keepalive) for this long is closed. It must
+    /// be well above the controller's keepalive interval (`ReplicaClientConfig::keepalive_interval_ms`).
+    /// Default [`DEFAULT_IDLE_TIMEOUT_MS`].
+    pub idle_timeout_ms: u64,
+    /// The process writes a keepalive after this long without writing, so its controller can tell it
+    /// from a vanished one. Default [`DEFAULT_KEEPALIVE_INTERVAL_MS`].
+    pub keepalive_interval_ms: u64,
+    /// How many connections may be unauthenticated at once; at the limit the oldest of them is closed to
+    /// make room (the active controller connection is not among them). Default
+    /// [`DEFAULT_MAX_PENDING_CONNECTIONS`].
+    pub max_pending_connections: usize,
 }
+
+/// How long, by default, a connection may take to set up TLS, authenticate and say Hello.
+pub const DEFAULT_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+/// How long, by default, a connection may stay silent before it is closed.
+pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 60_000;
+/// How long, by default, a process stays silent on a connection before it writes a keepalive.
+pub const DEFAULT_KEEPALIVE_INTERVAL_MS: u64 = 10_000;
+/// How many unauthenticated connections a process keeps at most, by default.
+pub const DEFAULT_MAX_PENDING_CONNECTIONS: usize = 64;
 
 impl Default for ReplicaLimits {
     fn default() -> Self {
         ReplicaLimits {
             max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
             cluster_connect_timeout_ms: DEFAULT_CLUSTER_CONNECT_TIMEOUT_MS,
+            handshake_timeout_ms: DEFAULT_HANDSHAKE_TIMEOUT_MS,
+            idle_timeout_ms: DEFAULT_IDLE_TIMEOUT_MS,
+            keepalive_interval_ms: DEFAULT_KEEPALIVE_INTERVAL_MS,
+            max_pending_connections: DEFAULT_MAX_PENDING_CONNECTIONS,
         }
     }
 }
 
+impl ReplicaLimits {
+    /// Refuses limits the process cannot work with.
+    fn check(&self) -> Result<(), StartError> {
+        let invalid = |reason: String| Err(StartError::InvalidConfig(reason));
+        if self.max_frame_bytes < PRE_AUTH_MAX_FRAME_BYTES {
+            return invalid(format!("a frame limit below {PRE_AUTH_MAX_FRAME_BYTES} bytes"));
+        }
+        let timeouts = [self.handshake_timeout_ms, self.idle_timeout_ms, self.keepalive_interval_ms];
+        if timeouts.contains(&0) || self.max_pending_connections == 0 {
+            return invalid("a zero timeout, keepalive interval or pending-connection limit".to_string());
+        }
+        Ok(())
+    }
+}
+
 impl ReplicaConfig {
-    /// A single-process replica with `workers` workers listening on `listen`.
-    pub fn new(listen: SocketAddr, workers: usize, storage: Arc<dyn StorageCollections>) -> Self {
-        ReplicaConfig { listen, workers, process: 0, timely_addresses: Vec::new(), storage }
+    /// A single-process replica with `workers` workers listening on `listen`, its connections secured
+    /// with `security`.
+    pub fn new(
+        listen: SocketAddr,
+        workers: usize,
+        storage: Arc<dyn StorageCollections>,
+        security: ServerSecurity,
+    ) -> Self {
+        ReplicaConfig { listen, workers, process: 0, timely_addresses: Vec::new(), storage, security }
     }
 
     /// The same, as process `process` of a replica whose processes' timely addresses are `addresses`.
@@ -209,8 +253,9 @@ impl ReplicaServer {
 
     /// [`Self::start`] with other limits.
     pub fn start_with(config: ReplicaConfig, limits: ReplicaLimits) -> Result<ReplicaHandle, StartError> {
-        let ReplicaConfig { listen, workers, process, timely_addresses, storage } = config;
-        let ReplicaLimits { max_frame_bytes, cluster_connect_timeout_ms } = limits;
+        let ReplicaConfig { listen, workers, process, timely_addresses, storage, security } = config;
+        limits.check()?;
+        let max_frame_bytes = limits.max_frame_bytes;
         if workers == 0 {
             return Err(StartError::InvalidConfig("at least one worker is needed".to_string()));
         }
@@ -223,7 +268,13 @@ impl ReplicaServer {
         let cut = Arc::new(Cut::default());
         let cluster = if processes > 1 {
             let address = timely_addresses[process].clone();
-            let listener = ClusterListener::bind(timely_addresses, process)
+            let Some(secret) = security.secret().cloned() else {
+                return Err(StartError::InvalidConfig(
+                    "a multi-process replica needs a shared secret: its processes authenticate each other with it"
+                        .to_string(),
+                ));
+            };
+            let listener = ClusterListener::bind(timely_addresses, process, secret)
                 .map_err(|source| StartError::ClusterBind { address, source })?;
             Some(Cluster { listener, cut: Arc::clone(&cut) })
         } else {
@@ -259,7 +310,7 @@ impl ReplicaServer {
             workers,
             worker_config,
             cluster,
-            connect_timeout: Duration::from_millis(cluster_connect_timeout_ms),
+            connect_timeout: Duration::from_millis(limits.cluster_connect_timeout_ms),
             receivers,
             threads,
             reports: reports_tx,
@@ -273,7 +324,7 @@ impl ReplicaServer {
             .enable_all()
             .build()
             .map_err(StartError::Threads)?;
-        let limits =
+        let core_limits =
             CoreLimits { max_frame_bytes, max_queued_bytes: max_frame_bytes.saturating_mul(QUEUED_FRAMES) };
         // Kept by the I/O thread beyond the core (which a panic drops), so that the workers stop only
         // after a failed process has cut its cluster sockets (see `Core::run`).
@@ -284,7 +335,7 @@ impl ReplicaServer {
             storage,
             events_tx.clone(),
             Arc::clone(&built),
-            limits,
+            core_limits,
             Arc::clone(&idle_merge_effort),
         );
         if injected_fault().as_deref() == Some(FAULT_IO_PANIC_ON_CONNECT) {
@@ -292,19 +343,20 @@ impl ReplicaServer {
             core.inject_panic_on_connect();
         }
         let accept_events = events_tx.clone();
+        let connections = ConnectionConfig {
+            security,
+            max_frame_bytes,
+            handshake_timeout: Duration::from_millis(limits.handshake_timeout_ms),
+            idle_timeout: Duration::from_millis(limits.idle_timeout_ms),
+            keepalive_interval: Duration::from_millis(limits.keepalive_interval_ms),
+            max_pending: limits.max_pending_connections,
+        };
         let (state_tx, state) = watch::channel(ProcessState::Running);
         let io_thread = std::thread::Builder::new()
             .name(format!("compute-io-{process}"))
             .spawn(move || {
                 let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    runtime.block_on(serve(
-                        listener,
-                        core,
-                        events_rx,
-                        reports_rx,
-                        accept_events,
-                        max_frame_bytes,
-                    ))
+                    runtime.block_on(serve(listener, core, events_rx, reports_rx, accept_events, connections))
                 }));
                 // Closes the listener and every connection, also those a panic left open.
                 drop(runtime);
@@ -431,14 +483,14 @@ async fn serve(
     events: UnboundedReceiver<CoreEvent>,
     reports: UnboundedReceiver<FromWorker>,
     accept_events: UnboundedSender<CoreEvent>,
-    max_frame_bytes: usize,
+    connections: ConnectionConfig,
 ) -> CoreExit {
     let listener = match tokio::net::TcpListener::from_std(listener) {
         Ok(listener) => listener,
         Err(e) => return CoreExit::Failed(format!("cannot register the listener: {e}")),
     };
     let (stop, stopped) = oneshot::channel();
-    let accept = tokio::spawn(accept_loop(listener, accept_events, max_frame_bytes, stopped));
+    let accept = tokio::spawn(accept_loop(listener, accept_events, Arc::new(connections), stopped));
     let exit = core.run(events, reports).await;
     let _ = stop.send(());
     let _ = accept.await;
@@ -535,168 +587,4 @@ fn start_workers(start: TimelyStart) -> Result<WorkerGuards<()>, String> {
                 .map_err(|e| format!("timely did not start: {e}"))
         }
     }
-}
-
-async fn accept_loop(
-    listener: tokio::net::TcpListener,
-    events: UnboundedSender<CoreEvent>,
-    max_frame_bytes: usize,
-    mut stop: oneshot::Receiver<()>,
-) {
-    let mut connections = JoinSet::new();
-    let mut next_conn = 0u64;
-    loop {
-        tokio::select! {
-            _ = &mut stop => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    next_conn += 1;
-                    debug!(conn = next_conn, %peer, "accepted connection");
-                    let _ = stream.set_nodelay(true);
-                    connections.spawn(serve_connection(stream, next_conn, events.clone(), max_frame_bytes));
-                }
-                Err(e) => {
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            },
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
-        }
-    }
-    drop(listener);
-    // The core closed the active connection; give it a moment to write what is queued.
-    let _ =
-        tokio::time::timeout(CLOSE_GRACE, async { while connections.join_next().await.is_some() {} }).await;
-    connections.shutdown().await;
-}
-
-/// Serves one controller connection: the Hello here, everything after it through the core.
-async fn serve_connection(
-    stream: TcpStream,
-    conn: u64,
-    events: UnboundedSender<CoreEvent>,
-    max_frame_bytes: usize,
-) {
-    let (reader, writer) = stream.into_split();
-    let mut input = FramedRead::new(reader, max_frame_bytes);
-    let mut output = FramedWrite::new(writer, max_frame_bytes);
-    if !hello(&mut input, &mut output, conn).await {
-        let _ = output.shutdown().await;
-        return;
-    }
-    // Unbounded, but bounded in bytes: the core closes the connection when more than its limit is queued
-    // and not yet written (`queued_bytes`).
-    let (out_tx, mut out_rx) = unbounded_channel::<Outgoing>();
-    let queued_bytes = Arc::new(AtomicUsize::new(0));
-    let (abort_tx, mut abort) = watch::channel(false);
-    let out = Outbox::new(out_tx, Arc::clone(&queued_bytes), abort_tx);
-    if events.send(CoreEvent::Connected { conn, out }).is_err() {
-        return;
-    }
-    let mut aborted = false;
-    let mut abort_while_writing = abort.clone();
-    loop {
-        tokio::select! {
-            // The core dropped the connection: no more writing (the peer may not be reading).
-            () = dropped(&mut abort) => {
-                aborted = true;
-                break;
-            }
-            outgoing = out_rx.recv() => {
-                // Coalesce whatever is queued into one write.
-                let mut next = outgoing;
-                let mut closing = false;
-                let mut written = 0;
-                loop {
-                    match next {
-                        Some(Outgoing::Frame(frame)) => {
-                            written += frame.len();
-                            output.push(&frame);
-                        }
-                        Some(Outgoing::Close) | None => {
-                            closing = true;
-                            break;
-                        }
-                    }
-                    if output.batch_full() {
-                        break;
-                    }
-                    next = out_rx.try_recv().ok();
-                    if next.is_none() {
-                        break;
-                    }
-                }
-                let flushed = tokio::select! {
-                    flushed = output.flush() => flushed.is_ok(),
-                    () = dropped(&mut abort_while_writing) => {
-                        aborted = true;
-                        false
-                    }
-                };
-                if !flushed {
-                    break;
-                }
-                queued_bytes.fetch_sub(written, Ordering::AcqRel);
-                if closing {
-                    break;
-                }
-            }
-            command = input.recv::<ComputeCommand>() => match command {
-                Ok(command) => {
-                    let _ = events.send(CoreEvent::Command { conn, command });
-                }
-                Err(FrameError::Closed | FrameError::Io(_)) => break,
-                Err(e) => {
-                    warn!(conn, error = %e, "undecodable frame; closing the connection");
-                    let rejected: ComputeResponse =
-                        ComputeResponse::CommandRejected { command: "<undecodable>".to_string(), reason: e.to_string() };
-                    let _ = output.send(&rejected).await;
-                    break;
-                }
-            },
-        }
-    }
-    if !aborted {
-        let _ = output.shutdown().await;
-    }
-    drop(output);
-    let _ = events.send(CoreEvent::Disconnected { conn });
-}
-
-/// Completes once the core drops the connection (its `Outbox::abort`); never if the core lets go of the
-/// connection otherwise (a close after what is queued, or the core is gone: the queue's end says so).
-async fn dropped(abort: &mut watch::Receiver<bool>) {
-    if abort.wait_for(|abort| *abort).await.is_err() {
-        std::future::pending::<()>().await;
-    }
-}
-
-/// Reads and answers the Hello; false if the connection is to be closed.
-async fn hello(
-    input: &mut FramedRead<tokio::net::tcp::OwnedReadHalf>,
-    output: &mut FramedWrite<tokio::net::tcp::OwnedWriteHalf>,
-    conn: u64,
-) -> bool {
-    let refusal: ComputeResponse = match input.recv::<ComputeCommand>().await {
-        Ok(ComputeCommand::Hello { version, nonce }) => match check_version(version) {
-            Ok(()) => {
-                let hello: ComputeResponse = ComputeResponse::Hello { version: PROTOCOL_VERSION, nonce };
-                return output.send(&hello).await.is_ok();
-            }
-            Err(e) => {
-                info!(conn, version, "refusing a controller of another protocol version");
-                ComputeResponse::HelloRefused { version: PROTOCOL_VERSION, reason: e.to_string() }
-            }
-        },
-        Ok(other) => ComputeResponse::CommandRejected {
-            command: other.name().to_string(),
-            reason: "the first command on a connection must be Hello".to_string(),
-        },
-        Err(FrameError::Closed | FrameError::Io(_)) => return false,
-        Err(e) => {
-            ComputeResponse::CommandRejected { command: "<undecodable>".to_string(), reason: e.to_string() }
-        }
-    };
-    let _ = output.send(&refusal).await;
-    false
 }

@@ -23,6 +23,10 @@ use crate::peek::Peek;
 /// keepalive (`frame`).
 pub const PROTOCOL_VERSION: u32 = 4;
 
+/// The service a controller connection's authentication proofs name (`transport`'s challenge-response),
+/// so that a proof made for another kind of port never passes here.
+pub const AUTH_SERVICE: &str = "compute";
+
 /// A command from the controller to a replica process.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(bound = "T: Timestamp")]

@@ -94,7 +94,7 @@ mod row;
 #[cfg(any(test, feature = "proptest"))]
 pub mod arbitrary;
 
-pub use command::{ComputeCommand, ComputeParameters, InstanceConfig, PROTOCOL_VERSION};
+pub use command::{AUTH_SERVICE, ComputeCommand, ComputeParameters, InstanceConfig, PROTOCOL_VERSION};
 pub use dataflow::{
     BuildDesc, DataflowDescription, DataflowValidationError, IndexExport, IndexImport, SinkConnection,
     SinkExport, SourceImport,

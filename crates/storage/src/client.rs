@@ -55,10 +55,9 @@ use frontiers::{Antichain, ChangeBatch, ReadHold, ReadPolicy};
 use protocol::frame::{FrameError, encoded_len};
 use protocol::{Diff, GlobalId, RelationDesc, Row};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::AbortHandle;
-use transport::{FramedRead, FramedWrite};
+use transport::{ClientSecurity, FramedRead, FramedWrite, SecureReadHalf, SecureWriteHalf};
 
 use crate::api::{
     AppendRequest, BoxFuture, CollectionFrontiers, ListenEvent, StorageCollections, StorageReadHold,
@@ -66,9 +65,11 @@ use crate::api::{
 use crate::error::{AppendError, CreateError, DropError, HoldError, ReadError};
 use crate::listen::{FrontierWatch, Listen};
 use crate::session::HoldSession;
-use crate::wire::{MAX_FRAME_BYTES, Reply, STORAGE_PROTOCOL_VERSION, StorageRequest, StorageResponse};
+use crate::wire::{
+    AUTH_SERVICE, MAX_FRAME_BYTES, Reply, STORAGE_PROTOCOL_VERSION, StorageRequest, StorageResponse,
+};
 
-/// How long [`Client::connect`] waits for the server's answer to its handshake.
+/// How long [`Client::connect`] waits for TLS, authentication, and the server's answer to its handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The first and the longest pause between reconnect attempts.
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
@@ -83,6 +84,9 @@ pub enum ConnectError {
     /// The server refused the handshake or answered something else.
     #[error("storage handshake failed: {0}")]
     Handshake(String),
+    /// TLS or authentication failed (a certificate not trusted, another secret).
+    #[error("cannot secure the storage connection: {0}")]
+    Auth(#[from] transport::AuthError),
     /// The configuration cannot work (a frame limit below [`MIN_FRAME_BYTES`]).
     #[error("invalid storage client configuration: {0}")]
     InvalidConfig(String),
@@ -101,9 +105,12 @@ enum CallError {
     TooLarge { bytes: u64, max_bytes: u64 },
 }
 
-/// How a [`Client`] deals with a lost connection.
+/// How a [`Client`] secures its connections and deals with a lost one.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
+    /// TLS (the server's certificate is checked for the IP address connected to, unless the TLS
+    /// configuration names a server) and the shared secret.
+    pub security: ClientSecurity,
     /// How long to keep trying to reconnect after the connection is lost before giving up for good
     /// (every call then fails with `Disconnected`). Zero: do not reconnect. Default 60 s.
     pub reconnect_timeout: Duration,
@@ -112,9 +119,14 @@ pub struct ClientConfig {
     pub max_frame_bytes: usize,
 }
 
-impl Default for ClientConfig {
-    fn default() -> Self {
-        ClientConfig { reconnect_timeout: Duration::from_secs(60), max_frame_bytes: MAX_FRAME_BYTES }
+impl ClientConfig {
+    /// Connections secured with `security`; the default reconnect timeout and frame limit.
+    pub fn new(security: ClientSecurity) -> Self {
+        ClientConfig {
+            security,
+            reconnect_timeout: Duration::from_secs(60),
+            max_frame_bytes: MAX_FRAME_BYTES,
+        }
     }
 }
 
@@ -306,9 +318,13 @@ impl fmt::Debug for Client {
 }
 
 impl Client {
-    /// Connects to the server at `addr` and performs the handshake, with the default [`ClientConfig`].
-    pub async fn connect(addr: impl tokio::net::ToSocketAddrs) -> Result<Client, ConnectError> {
-        Self::connect_with(addr, ClientConfig::default()).await
+    /// Connects to the server at `addr` with connections secured by `security`, and performs the
+    /// handshake; otherwise the default [`ClientConfig`].
+    pub async fn connect(
+        addr: impl tokio::net::ToSocketAddrs,
+        security: ClientSecurity,
+    ) -> Result<Client, ConnectError> {
+        Self::connect_with(addr, ClientConfig::new(security)).await
     }
 
     /// Connects to the server at `addr` and performs the handshake. Later reconnects go to the address
@@ -324,7 +340,7 @@ impl Client {
             )));
         }
         let (ended_tx, ended_rx) = mpsc::unbounded_channel();
-        let (conn, peer) = open(addr, 0, config.max_frame_bytes, ended_tx.clone()).await?;
+        let (conn, peer) = open(addr, 0, &config, ended_tx.clone()).await?;
         let handle = Arc::new(ClientHandle {
             peer,
             link: watch::Sender::new(Link::Up(conn)),
@@ -371,15 +387,23 @@ impl Client {
 async fn open(
     addr: impl tokio::net::ToSocketAddrs,
     generation: u64,
-    max_frame_bytes: usize,
+    config: &ClientConfig,
     ended: mpsc::UnboundedSender<u64>,
 ) -> Result<(Arc<Conn>, SocketAddr), ConnectError> {
+    let max_frame_bytes = config.max_frame_bytes;
     let stream = TcpStream::connect(addr).await?;
     stream.set_nodelay(true)?;
     let peer = stream.peer_addr()?;
-    let (read_half, write_half) = stream.into_split();
-    let mut input = FramedRead::new(read_half, max_frame_bytes);
-    let mut output = FramedWrite::new(write_half, max_frame_bytes);
+    let address = peer.to_string();
+    let secured = config.security.connect(stream, &address, AUTH_SERVICE);
+    let (mut input, mut output) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, secured).await {
+        Ok(secured) => secured?,
+        Err(_) => {
+            return Err(ConnectError::Handshake("TLS and authentication did not finish in time".into()));
+        }
+    };
+    input.set_max_frame_bytes(max_frame_bytes);
+    output.set_max_frame_bytes(max_frame_bytes);
     let hello = StorageRequest::Hello { version: STORAGE_PROTOCOL_VERSION };
     output.send(&hello).await.map_err(|e| ConnectError::Handshake(e.to_string()))?;
     let answer = match tokio::time::timeout(HANDSHAKE_TIMEOUT, input.recv::<StorageResponse>()).await {
@@ -442,7 +466,7 @@ async fn supervise(
             let Some(handle) = client.upgrade() else { return };
             let generation = handle.session.disconnect();
             drop(handle);
-            match open(addr, generation, config.max_frame_bytes, ended_tx.clone()).await {
+            match open(addr, generation, &config, ended_tx.clone()).await {
                 Ok((conn, _)) => {
                     let Some(handle) = client.upgrade() else { return };
                     if restore_holds(&handle.session, &conn).await {
@@ -489,7 +513,7 @@ async fn restore_holds(session: &HoldSession, conn: &Conn) -> bool {
 /// (callers check the variable-sized ones before they queue them) or a failed write closes the connection,
 /// so that every caller waiting on it gets `Disconnected` rather than wait.
 async fn write_loop(
-    mut output: FramedWrite<OwnedWriteHalf>,
+    mut output: FramedWrite<SecureWriteHalf>,
     mut rx: mpsc::UnboundedReceiver<StorageRequest>,
     conn: Weak<Conn>,
 ) {
@@ -516,7 +540,7 @@ async fn write_loop(
     }
 }
 
-async fn read_loop(mut input: FramedRead<OwnedReadHalf>, conn: Weak<Conn>, generation: u64) {
+async fn read_loop(mut input: FramedRead<SecureReadHalf>, conn: Weak<Conn>, generation: u64) {
     let end = loop {
         match input.recv::<StorageResponse>().await {
             Ok(StorageResponse::Reply { request, reply }) => {

@@ -1,6 +1,10 @@
 //! The storage wire protocol: [`StorageRequest`] (client to server) and [`StorageResponse`] (server to
 //! client), carried in `protocol::frame` frames (length-prefixed bincode with a maximum size).
 //!
+//! **Authentication first.** Before any of these messages, the connection is secured and authenticated
+//! (`transport`: TLS unless both ends were told `--insecure`, then a shared secret's challenge-response
+//! naming [`AUTH_SERVICE`]); a peer that fails it never reaches the conversation.
+//!
 //! **Conversation.** The client opens with `Hello { version }`; the server answers `Hello` or
 //! `HelloRefused` (and closes). Then every request that carries a `request` number is answered by exactly
 //! one `Reply` with that number, in any order (requests run concurrently on the server). Requests without a
@@ -34,7 +38,13 @@ use crate::api::{AppendRequest, CollectionFrontiers, ListenEvent};
 use crate::error::{AppendError, CreateError, DropError, HoldError, ReadError};
 
 /// The version of this protocol; a server refuses clients that speak another.
-pub const STORAGE_PROTOCOL_VERSION: u32 = 2;
+///
+/// Version 3: connections authenticate before the `Hello` (see the module documentation).
+pub const STORAGE_PROTOCOL_VERSION: u32 = 3;
+
+/// The service a storage connection's authentication proofs name, so that a proof made for another kind
+/// of port never passes here.
+pub const AUTH_SERVICE: &str = "storage";
 
 /// The largest frame either side sends or accepts.
 pub const MAX_FRAME_BYTES: usize = protocol::frame::DEFAULT_MAX_FRAME_BYTES;

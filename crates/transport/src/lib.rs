@@ -10,7 +10,8 @@
 //!   explicitly insecure, then authentication (`auth`: an HMAC challenge-response over a
 //!   [`SharedSecret`], `secret`), returning the framed halves;
 //! - `auth`'s blocking drivers serve blocking sockets (the timely cluster's ports, test clients);
-//! - `certs` (feature `certs`) makes throwaway certificate authorities for tests and the cluster scenario.
+//! - `certs` (feature `certs`) makes throwaway certificate authorities for tests and the cluster scenario;
+//! - [`SecurityFlags`] (`flags`): the binaries' shared `--tls-*`, `--insecure` and `--secret-file` flags.
 //!
 //! **What this is not.** No protocol: which messages flow after authentication, what a handshake says
 //! and what to do with a message that cannot be sent are the shells' decisions. This crate only reports
@@ -48,6 +49,7 @@
 mod auth;
 #[cfg(feature = "certs")]
 pub mod certs;
+mod flags;
 mod secret;
 mod security;
 mod tls;
@@ -56,6 +58,7 @@ pub use auth::{
     AUTH_VERSION, Acceptor, AcceptorMessage, AuthError, AuthParams, Challenge, Connector, ConnectorMessage,
     PRE_AUTH_MAX_FRAME_BYTES, Proof, Refusal, Role, Step, Transcript, accept_blocking, connect_blocking,
 };
+pub use flags::SecurityFlags;
 pub use secret::{MIN_SECRET_BYTES, SECRET_ENV, SecretError, SharedSecret};
 pub use security::{ClientSecurity, Secured, SecurityError, ServerSecurity};
 pub use tls::{

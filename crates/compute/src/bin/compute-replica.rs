@@ -2,7 +2,17 @@
 //!
 //! ```text
 //! compute-replica --listen ADDR --workers N --storage ADDR [--process I --addresses A0,A1,...]
+//!     (--tls-cert FILE --tls-key FILE --tls-ca FILE [--tls-client-ca FILE] | --insecure)
+//!     [--secret-file FILE]
 //! ```
+//!
+//! **Security** (`transport::SecurityFlags`): TLS on the controller port with `--tls-cert`/`--tls-key`,
+//! and to the storage server with `--tls-ca` (the CA its certificate chains to); `--insecure` for plain
+//! TCP on both, which must be asked for. The shared secret comes from `--secret-file` or the
+//! environment variable `CCR_SHARED_SECRET`, never from a flag's value (`ps` shows those). Controllers
+//! prove the secret, or present a certificate chaining to `--tls-client-ca` (then the secret is
+//! optional for them); the storage connection and the processes of a multi-process replica always use
+//! the secret.
 //!
 //! A thin wrapper: it connects a `storage::Client` to the storage server and calls
 //! `compute::ReplicaServer::start`, then runs until interrupted (Ctrl-C / SIGINT: exit status 0) or until
@@ -22,6 +32,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use compute::{ReplicaConfig, ReplicaServer};
+use transport::SecurityFlags;
 
 #[derive(Debug)]
 struct Args {
@@ -30,10 +41,11 @@ struct Args {
     storage: String,
     process: usize,
     addresses: Vec<String>,
+    security: SecurityFlags,
 }
 
-const USAGE: &str =
-    "usage: compute-replica --listen ADDR --workers N --storage ADDR [--process I --addresses A0,A1,...]";
+const USAGE: &str = "usage: compute-replica --listen ADDR --workers N --storage ADDR [--process I --addresses A0,A1,...] \
+(--tls-cert FILE --tls-key FILE --tls-ca FILE [--tls-client-ca FILE] | --insecure) [--secret-file FILE]";
 
 fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
     let mut listen = None;
@@ -41,8 +53,12 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
     let mut storage = None;
     let mut process = 0;
     let mut addresses = Vec::new();
+    let mut security = SecurityFlags::default();
     while let Some(flag) = args.next() {
         let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
+        if security.parse(&flag, &mut value)? {
+            continue;
+        }
         match flag.as_str() {
             "--listen" => listen = Some(value()?.parse().map_err(|e| format!("--listen: {e}"))?),
             "--workers" => workers = value()?.parse().map_err(|e| format!("--workers: {e}"))?,
@@ -61,6 +77,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
         storage: storage.ok_or_else(|| format!("--storage is required\n{USAGE}"))?,
         process,
         addresses,
+        security,
     })
 }
 
@@ -86,14 +103,21 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let client = match runtime.block_on(storage::Client::connect(args.storage.as_str())) {
+    let (server_security, storage_security) = match (args.security.server(), args.security.client()) {
+        (Ok(server), Ok(client)) => (server, client),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("{e}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let client = match runtime.block_on(storage::Client::connect(args.storage.as_str(), storage_security)) {
         Ok(client) => client,
         Err(e) => {
             eprintln!("cannot connect to storage at {}: {e}", args.storage);
             return ExitCode::FAILURE;
         }
     };
-    let config = ReplicaConfig::new(args.listen, args.workers, Arc::new(client))
+    let config = ReplicaConfig::new(args.listen, args.workers, Arc::new(client), server_security)
         .in_cluster(args.process, args.addresses);
     let handle = match ReplicaServer::start(config) {
         Ok(handle) => handle,

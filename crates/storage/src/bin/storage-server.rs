@@ -1,7 +1,9 @@
 //! The `storage-server` binary: serves a durable storage directory over TCP.
 //!
-//! Usage: `storage-server --data-dir DIR --listen ADDR`. Prints `listening on ADDR` (the bound address,
-//! useful with port 0) once it accepts connections. SIGTERM or ctrl-c stop accepting, close the
+//! Usage: `storage-server --data-dir DIR --listen ADDR` and the security flags of
+//! `transport::SecurityFlags` (TLS with `--tls-cert`/`--tls-key`, or `--insecure`; the shared secret
+//! from `--secret-file` or `CCR_SHARED_SECRET`). Prints `listening on ADDR` (the bound address, useful
+//! with port 0) once it accepts connections. SIGTERM or ctrl-c stop accepting, close the
 //! connections (releasing their holds), flush and close the log, and exit 0. Logs go to stderr through
 //! `tracing` (`RUST_LOG` filters them, default `info`).
 //!
@@ -16,27 +18,35 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use storage::{InProcess, Server, StoreConfig};
+use transport::{SecurityFlags, ServerSecurity};
 
 struct Args {
     data_dir: PathBuf,
     listen: String,
+    security: ServerSecurity,
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut data_dir = None;
     let mut listen = None;
+    let mut security = SecurityFlags::default();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--data-dir" => data_dir = Some(PathBuf::from(args.next().ok_or("--data-dir needs a value")?)),
             "--listen" => listen = Some(args.next().ok_or("--listen needs a value")?),
             "--help" | "-h" => return Err(String::new()),
-            other => return Err(format!("unknown argument {other:?}")),
+            other => {
+                if !security.parse(other, || args.next().ok_or(format!("{other} needs a value")))? {
+                    return Err(format!("unknown argument {other:?}"));
+                }
+            }
         }
     }
     Ok(Args {
         data_dir: data_dir.ok_or("--data-dir is required")?,
         listen: listen.ok_or("--listen is required")?,
+        security: security.server()?,
     })
 }
 
@@ -77,7 +87,7 @@ async fn main() -> ExitCode {
             if !message.is_empty() {
                 eprintln!("storage-server: {message}");
             }
-            eprintln!("usage: storage-server --data-dir DIR --listen ADDR");
+            eprintln!("usage: storage-server --data-dir DIR --listen ADDR {}", SecurityFlags::USAGE);
             return ExitCode::from(2);
         }
     };
@@ -94,7 +104,7 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let server = match Server::bind(&args.listen, store.clone()).await {
+    let server = match Server::bind(&args.listen, store.clone(), args.security.clone()).await {
         Ok(server) => server,
         Err(error) => {
             eprintln!("storage-server: cannot listen on {}: {error}", args.listen);
