@@ -90,6 +90,11 @@ fn load(storage: &InProcess, id: GlobalId, desc: RelationDesc, epochs: &[Vec<(Ro
     });
 }
 
+/// The shared secret of the benchmark's replica and controller (plain TCP: this measures the replica).
+fn bench_secret() -> transport::SharedSecret {
+    transport::SharedSecret::new(b"the compute benchmark's shared secret".to_vec()).expect("secret")
+}
+
 /// A minimal blocking controller connection.
 struct Controller {
     stream: TcpStream,
@@ -97,10 +102,19 @@ struct Controller {
 
 impl Controller {
     fn connect(addr: SocketAddr) -> Controller {
-        let stream = TcpStream::connect(addr).expect("connect");
+        let mut stream = TcpStream::connect(addr).expect("connect");
         stream.set_nodelay(true).expect("nodelay");
+        let secret = bench_secret();
+        let params =
+            transport::AuthParams { secret: Some(&secret), service: protocol::AUTH_SERVICE, binding: &[] };
+        transport::connect_blocking(&mut stream, params).expect("authenticate");
         let mut controller = Controller { stream };
-        controller.send(&ComputeCommand::Hello { version: PROTOCOL_VERSION, nonce: 1 });
+        controller.send(&ComputeCommand::Hello {
+            version: PROTOCOL_VERSION,
+            nonce: 1,
+            epoch: protocol::ControllerEpoch(1),
+            session: 1,
+        });
         let hello = controller.recv();
         assert!(matches!(hello, ComputeResponse::Hello { .. }), "{hello:?}");
         controller.send(&ComputeCommand::CreateInstance(InstanceConfig {
@@ -140,6 +154,7 @@ fn start_replica(storage: Arc<InProcess>, workers: usize) -> compute::ReplicaHan
         process: 0,
         timely_addresses: Vec::new(),
         storage,
+        security: transport::ServerSecurity::insecure(bench_secret()),
     })
     .expect("start replica")
 }

@@ -52,12 +52,6 @@ impl Fence {
             }
         }
     }
-
-    /// The highest epoch served, if any.
-    #[cfg(test)]
-    pub fn highest(&self) -> Option<ControllerEpoch> {
-        self.highest.map(|(epoch, _)| epoch)
-    }
 }
 
 #[cfg(test)]

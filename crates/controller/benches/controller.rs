@@ -44,9 +44,15 @@
 //!   `controller.hydration_time_<workload>` is the time until all 8 hydrated, 1 against 8. The bench
 //!   builds `compute-replica` in release first (`$CARGO build --release`), a no-op when it is fresh.
 //!
+//! - `controller.peek_tls_p50` / `_p99` / `_throughput`: point peeks on a 100k-key index through a
+//!   controller whose replica connection is TLS (with the shared secret), against the same through a
+//!   controller connected over plain TCP (with the secret, `--insecure`), the baseline, measured in turns
+//!   in the same run (`bench_tls`). The other peek figures above are over plain TCP with the secret.
+//!   The hydration figures run the replica processes with TLS, as the orchestrator does by default.
+//!
 //! Prints `bench <name>: <value> <unit> (baseline <value> <unit>, ratio <r>)`. Run with
 //! `cargo xtask bench controller` or `cargo bench -p controller --bench controller`;
-//! `CONTROLLER_BENCH=frontiers|churn|peek|hydration` runs one part. Not a test: it asserts only the
+//! `CONTROLLER_BENCH=frontiers|churn|peek|tls|hydration` runs one part. Not a test: it asserts only the
 //! correctness of the results it waits for.
 
 // A benchmark reports on stdout; `cargo xtask bench` reads it from there.
@@ -68,8 +74,10 @@ use std::time::{Duration, Instant};
 
 use compute::{ReplicaConfig, ReplicaServer};
 use controller::{
-    ComputeController, ControllerConfig, InstanceCore, InstanceCoreConfig, PeekOptions, PeekRequest,
-    ProcessOrchestrator, ProcessOrchestratorConfig, ReplicaLocation, lock,
+    ClientSecurity, ComputeController, ControllerConfig, ControllerEpoch, InstanceCore, InstanceCoreConfig,
+    PeekOptions, PeekRequest, ProcessOrchestrator, ProcessOrchestratorConfig, ReplicaLocation,
+    ReplicaProcessSecurity, ReplicaTlsFiles, ServerSecurity, SharedSecret, TlsClientConfig, TlsServerConfig,
+    lock,
 };
 use frontiers::{Antichain, ReadHold, ReadHolds, ReadPolicy};
 use protocol::frame::{DEFAULT_MAX_FRAME_BYTES, encode_frame};
@@ -92,6 +100,53 @@ use loopback::{Echo, echo_server};
 
 const INSTANCE: InstanceId = InstanceId(1);
 const REPLICA: ReplicaId = ReplicaId(1);
+
+/// The benchmark's throwaway CA, server certificate (for `127.0.0.1`) and shared secret.
+struct BenchPki {
+    _dir: tempfile::TempDir,
+    files: transport::certs::PkiFiles,
+    secret: SharedSecret,
+}
+
+impl BenchPki {
+    fn new() -> BenchPki {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let files = transport::certs::write_throwaway_pki(dir.path(), &["127.0.0.1"]).expect("certificates");
+        BenchPki { _dir: dir, files, secret: SharedSecret::generate().expect("a shared secret") }
+    }
+
+    /// A server's security: TLS and the secret, or (`tls` false) plain TCP and the secret.
+    fn server(&self, tls: bool) -> ServerSecurity {
+        if !tls {
+            return ServerSecurity::insecure(self.secret.clone());
+        }
+        let config = TlsServerConfig::from_pem_files(&self.files.server_cert, &self.files.server_key, None)
+            .expect("the server certificate loads");
+        ServerSecurity::tls(config, Some(self.secret.clone())).expect("authenticated")
+    }
+
+    /// A client's security, matching [`Self::server`].
+    fn client(&self, tls: bool) -> ClientSecurity {
+        if !tls {
+            return ClientSecurity::insecure(self.secret.clone());
+        }
+        let config = TlsClientConfig::from_pem_files(&self.files.ca, None).expect("the CA loads");
+        ClientSecurity::tls(config, Some(self.secret.clone())).expect("authenticated")
+    }
+
+    /// How orchestrated replica processes run: TLS and the secret.
+    fn replica_processes(&self) -> ReplicaProcessSecurity {
+        ReplicaProcessSecurity {
+            tls: Some(ReplicaTlsFiles {
+                cert: self.files.server_cert.clone(),
+                key: self.files.server_key.clone(),
+                ca: self.files.ca.clone(),
+                client_ca: None,
+            }),
+            secret: Some(self.secret.clone()),
+        }
+    }
+}
 
 fn f(t: u64) -> Antichain<u64> {
     Antichain::from_elem(t)
@@ -482,7 +537,7 @@ fn peek_frame_sizes(index: GlobalId, response: PeekResponse) -> (usize, usize) {
     (request, buffer.len())
 }
 
-fn bench_peeks() {
+fn bench_peeks(pki: &BenchPki) {
     let runtime = runtime();
     let storage = Arc::new(InProcess::in_memory(StoreConfig::default()));
     let source = GlobalId::User(1);
@@ -498,13 +553,19 @@ fn bench_peeks() {
         process: 0,
         timely_addresses: Vec::new(),
         storage: Arc::clone(&storage) as Arc<dyn StorageCollections>,
+        security: pki.server(false),
     })
     .expect("start replica");
     let index = GlobalId::User(2);
     let (latencies, frame_bytes, throughput) = runtime.block_on(async {
         let storage: Arc<dyn StorageCollections> = Arc::clone(&storage) as _;
-        let mut controller =
-            ComputeController::new(storage, None, ControllerConfig::default()).await.expect("controller");
+        let mut controller = ComputeController::new(
+            storage,
+            None,
+            ControllerConfig::new(ControllerEpoch(1), pki.client(false)),
+        )
+        .await
+        .expect("controller");
         controller.create_instance(INSTANCE, controller.default_instance_config()).expect("instance");
         let addresses = vec![replica.local_addr().to_string()];
         controller
@@ -520,7 +581,8 @@ fn bench_peeks() {
         println!("  (1M-key index hydrated in {:.2} s)", hydration.elapsed().as_secs_f64());
 
         // Warm-up, from a task; its last answer gives the frame sizes of the loopback baseline.
-        let (c, _, response) = tokio::spawn(point_peeks(controller, index, 0..500)).await.expect("task");
+        let (c, _, response) =
+            tokio::spawn(point_peeks(controller, index, 0..500, KEYS)).await.expect("task");
         controller = c;
         let (request_bytes, response_bytes) = peek_frame_sizes(index, response);
         let mut echo = Echo::start(request_bytes, response_bytes);
@@ -531,8 +593,8 @@ fn bench_peeks() {
         for round in 0..50u64 {
             let keys = 500 + round * 200..500 + round * 200 + 100;
             let (c, in_task, _) =
-                tokio::spawn(point_peeks(controller, index, keys.clone())).await.expect("task");
-            let (c, blocking, _) = point_peeks(c, index, keys.end..keys.end + 100).await;
+                tokio::spawn(point_peeks(controller, index, keys.clone(), KEYS)).await.expect("task");
+            let (c, blocking, _) = point_peeks(c, index, keys.end..keys.end + 100, KEYS).await;
             controller = c;
             latencies.in_task.extend(in_task);
             latencies.blocking.extend(blocking);
@@ -598,6 +660,128 @@ fn bench_peeks() {
     }
 }
 
+/// Keys of the index [`bench_tls`] peeks.
+const TLS_KEYS: u64 = 100_000;
+
+/// `controller.peek_tls_*`: the same point peeks (one at a time, and up to 256 in flight) through two
+/// controllers to two in-process replicas on one storage, one connected with TLS and the shared secret,
+/// the other over plain TCP with the secret (`--insecure`), the baseline. Latency blocks of 100 and
+/// throughput runs of 10,000 alternate between the two, so both see the same load on the host.
+fn bench_tls(pki: &BenchPki) {
+    let runtime = runtime();
+    let storage = Arc::new(InProcess::in_memory(StoreConfig::default()));
+    let source = GlobalId::User(1);
+    runtime.block_on(async {
+        storage.create_collection(source, kv_desc()).await.expect("create");
+        let updates = (0..TLS_KEYS as i64).map(|k| (int_row(&[k, 3 * k]), 0, 1)).collect();
+        let request = AppendRequest { id: source, updates, expected_upper: f(0), new_upper: f(1) };
+        storage.append(vec![request]).await.expect("append");
+    });
+    // [plain, TLS]
+    let replicas: Vec<compute::ReplicaHandle> = [false, true]
+        .into_iter()
+        .map(|tls| {
+            ReplicaServer::start(ReplicaConfig::new(
+                "127.0.0.1:0".parse().expect("address"),
+                1,
+                Arc::clone(&storage) as Arc<dyn StorageCollections>,
+                pki.server(tls),
+            ))
+            .expect("start replica")
+        })
+        .collect();
+    let index = GlobalId::User(2);
+    let (latencies, throughputs) = runtime.block_on(async {
+        let mut controllers = Vec::new();
+        for (tls, replica) in [false, true].into_iter().zip(&replicas) {
+            let storage: Arc<dyn StorageCollections> = Arc::clone(&storage) as _;
+            let config = ControllerConfig::new(ControllerEpoch(1), pki.client(tls));
+            let mut controller = ComputeController::new(storage, None, config).await.expect("controller");
+            controller.create_instance(INSTANCE, controller.default_instance_config()).expect("instance");
+            let addresses = vec![replica.local_addr().to_string()];
+            let location = ReplicaLocation::Unmanaged { addresses };
+            controller.add_replica(INSTANCE, REPLICA, location).await.expect("add");
+            controller.create_dataflow(INSTANCE, index_on(source, index, None)).await.expect("index");
+            wait_until("the index hydrates", Duration::from_secs(300), || {
+                controller.collection_frontiers(INSTANCE, index).is_ok_and(|f| !f.upper.less_equal(&0))
+            })
+            .await;
+            let (c, _, _) =
+                tokio::spawn(point_peeks(controller, index, 0..500, TLS_KEYS)).await.expect("task");
+            controllers.push(Some(c));
+        }
+        let mut latencies = [Vec::new(), Vec::new()];
+        for round in 0..40u64 {
+            for (slot, latencies) in controllers.iter_mut().zip(&mut latencies) {
+                let controller = slot.take().expect("a controller");
+                let keys = 500 + round * 100..600 + round * 100;
+                let (c, block, _) =
+                    tokio::spawn(point_peeks(controller, index, keys, TLS_KEYS)).await.expect("task");
+                latencies.extend(block);
+                *slot = Some(c);
+            }
+        }
+        let mut throughputs = [0f64, 0f64];
+        for _ in 0..3 {
+            for (slot, best) in controllers.iter_mut().zip(&mut throughputs) {
+                let controller = slot.as_mut().expect("a controller");
+                *best = best.max(windowed_peeks(controller, index, 256, 10_000).await);
+            }
+        }
+        (latencies, throughputs)
+    });
+    for replica in replicas {
+        replica.shutdown();
+    }
+    let [mut plain, mut tls] = latencies;
+    plain.sort();
+    tls.sort();
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    for (name, p) in [("p50", 0.5), ("p99", 0.99)] {
+        let (t, b) = (us(percentile(&tls, p)), us(percentile(&plain, p)));
+        report(&format!("controller.peek_tls_{name}"), t, "us", b, "us (plain TCP)", t / b);
+    }
+    let [plain_rate, tls_rate] = throughputs;
+    report(
+        "controller.peek_tls_throughput",
+        tls_rate,
+        "peeks/s",
+        plain_rate,
+        "peeks/s (plain TCP)",
+        tls_rate / plain_rate,
+    );
+}
+
+/// Peeks per second of `count` point peeks with up to `window` in flight, each checked.
+async fn windowed_peeks(
+    controller: &mut ComputeController,
+    index: GlobalId,
+    window: usize,
+    count: u64,
+) -> f64 {
+    let mut in_flight = VecDeque::with_capacity(window);
+    let start = Instant::now();
+    for i in 0..count {
+        if in_flight.len() == window {
+            check_point_answer(in_flight.pop_front().expect("full")).await;
+        }
+        let key = (i * 104_729) % TLS_KEYS;
+        let handle = controller
+            .peek(INSTANCE, PeekTarget::Index { id: index }, 0, point_options(key))
+            .await
+            .expect("peek");
+        in_flight.push_back(handle);
+        if i % 64 == 0 {
+            while controller.try_process().is_some() {}
+        }
+    }
+    for handle in in_flight.drain(..) {
+        check_point_answer(handle).await;
+    }
+    while controller.try_process().is_some() {}
+    count as f64 / start.elapsed().as_secs_f64()
+}
+
 /// Point-peek latencies, in blocks taken in turns.
 #[derive(Default)]
 struct PeekLatencies {
@@ -616,11 +800,12 @@ async fn point_peeks(
     mut controller: ComputeController,
     index: GlobalId,
     keys: std::ops::Range<u64>,
+    key_space: u64,
 ) -> (ComputeController, Vec<Duration>, PeekResponse) {
     let mut latencies = Vec::with_capacity(keys.clone().count());
     let mut last = None;
     for i in keys {
-        let key = (i * 7_919) % KEYS;
+        let key = (i * 7_919) % key_space;
         let start = Instant::now();
         let handle = controller
             .peek(INSTANCE, PeekTarget::Index { id: index }, 0, point_options(key))
@@ -776,11 +961,12 @@ async fn hydrate(
     instance: InstanceId,
     heavy: Heavy,
     concurrency: usize,
+    security: &ClientSecurity,
 ) -> (u64, Duration) {
     let config = ControllerConfig {
         hydration_concurrency: Some(concurrency),
         introspection: false,
-        ..ControllerConfig::default()
+        ..ControllerConfig::new(ControllerEpoch(1), security.clone())
     };
     let storage: Arc<dyn StorageCollections> = Arc::clone(storage) as _;
     let orchestrator_dyn: Arc<dyn controller::Orchestrator> = Arc::clone(orchestrator) as _;
@@ -809,7 +995,7 @@ async fn hydrate(
     (peak, elapsed)
 }
 
-fn bench_hydration() {
+fn bench_hydration(pki: &BenchPki) {
     let binary = replica_binary();
     let runtime = runtime();
     let store = InProcess::in_memory(StoreConfig::default());
@@ -820,7 +1006,8 @@ fn bench_hydration() {
         let updates = (0..HYDRATION_ROWS as i64).map(|k| (int_row(&[k, k.wrapping_mul(31)]), 0, 1)).collect();
         let request = AppendRequest { id: source, updates, expected_upper: f(0), new_upper: f(1) };
         storage.append(vec![request]).await.expect("append");
-        let server = storage::Server::bind("127.0.0.1:0", store).await.expect("storage server");
+        let server =
+            storage::Server::bind("127.0.0.1:0", store, pki.server(true)).await.expect("storage server");
         let storage_address = server.local_addr().expect("address").to_string();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let serving = tokio::spawn(server.serve(async move {
@@ -829,18 +1016,20 @@ fn bench_hydration() {
         let (orchestrator, _events) = ProcessOrchestrator::new(ProcessOrchestratorConfig {
             binary,
             storage_address,
+            security: pki.replica_processes(),
             initial_backoff_ms: 100,
             max_backoff_ms: 1_000,
             env: vec![("RUST_LOG".to_string(), "warn".to_string())],
             log_dir: None,
         });
         let orchestrator = Arc::new(orchestrator);
+        let client = pki.client(true);
         let mut figures = Vec::new();
         let mut instance = 0;
         for heavy in [Heavy::Count, Heavy::Sum, Heavy::Filter] {
             let mut run = |concurrency| {
                 instance += 1;
-                hydrate(&storage, &orchestrator, source, InstanceId(instance), heavy, concurrency)
+                hydrate(&storage, &orchestrator, source, InstanceId(instance), heavy, concurrency, &client)
             };
             // Peak RSS depends on how the listens' reads interleave: the median of a few runs each,
             // the two settings alternating.
@@ -894,10 +1083,14 @@ fn main() {
     if run("churn") {
         bench_churn();
     }
+    let pki = BenchPki::new();
     if run("peek") {
-        bench_peeks();
+        bench_peeks(&pki);
+    }
+    if run("tls") {
+        bench_tls(&pki);
     }
     if run("hydration") {
-        bench_hydration();
+        bench_hydration(&pki);
     }
 }

@@ -38,7 +38,9 @@ use crate::error::{
     ReplicaCreationError, ReplicaDropError,
 };
 use crate::instance::{CollectionFrontiers, InstanceCore, PeekOptions, PeekRequest, lock};
-use crate::instance_task::{InstanceCommand, InstanceHandle, IntrospectionUpdates, request, run_instance};
+use crate::instance_task::{
+    InstanceCommand, InstanceHandle, IntrospectionUpdates, ReplicaConnections, request, run_instance,
+};
 use crate::introspection::IntrospectionKind;
 use crate::introspection_writer::write_introspection;
 use crate::orchestrator::{Orchestrator, ReplicaSpec};
@@ -70,6 +72,9 @@ pub struct ComputeController {
     introspection_tx: Option<mpsc::UnboundedSender<IntrospectionUpdates>>,
     introspection_task: Option<JoinHandle<()>>,
     config: ControllerConfig,
+    /// Drawn once: the same on every connection to a replica, so a reconnect is told from another
+    /// controller of the same epoch (`protocol::ComputeCommand::Hello`).
+    session: u64,
 }
 
 impl std::fmt::Debug for ComputeController {
@@ -111,6 +116,7 @@ impl ComputeController {
             introspection_tx,
             introspection_task,
             config,
+            session: replica_client::new_session(),
         })
     }
 
@@ -164,6 +170,11 @@ impl ComputeController {
                 self.introspection_tx.clone(),
                 config,
                 self.config.tick_interval_ms,
+                ReplicaConnections {
+                    epoch: self.config.epoch,
+                    session: self.session,
+                    security: self.config.replica_security.clone(),
+                },
             )
             .instrument(info_span!("instance", instance = %id)),
         );

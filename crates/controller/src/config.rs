@@ -5,7 +5,8 @@
 //! **Tests:** the settings are exercised by the end-to-end tests (`tests/it/e2e.rs`,
 //! `tests/it/orchestrators.rs`), which build their configuration in `tests/it/harness.rs`.
 
-use replica_client::Backoff;
+use protocol::ControllerEpoch;
+use replica_client::{Backoff, ClientSecurity};
 
 use crate::clock::Timestamp;
 use crate::instance::InstanceCoreConfig;
@@ -14,8 +15,24 @@ use crate::instance::InstanceCoreConfig;
 /// defaults of [`default_instance_config`](crate::ComputeController::default_instance_config); each
 /// instance runs with the [`ComputeInstanceConfig`] given to
 /// [`create_instance`](crate::ComputeController::create_instance).
+///
+/// **Epoch.** Replicas serve one controller at a time and let another take over only with a higher
+/// `epoch` (fencing: `protocol::ComputeCommand::Hello`). The controller does not choose its epoch: the
+/// service that embeds it does, from its own durable state, raising it whenever a controller takes over
+/// from another (e.g. a counter in its catalog, incremented and persisted before the new controller
+/// starts; `sim cluster` passes 1). A controller restarted with the same epoch gets its replicas back
+/// once its predecessor's connections are gone; one with a lower epoch never does (its replicas report
+/// `ReplicaStatus::Fenced`).
+///
+/// **Security.** `replica_security` secures every connection to a replica (`transport`: TLS with the
+/// replicas' CA, or explicitly insecure; the shared secret or a client certificate). There is no
+/// default: [`ControllerConfig::new`] takes it.
 #[derive(Debug, Clone)]
 pub struct ControllerConfig {
+    /// The controller's epoch (see above).
+    pub epoch: ControllerEpoch,
+    /// How connections to replicas are secured.
+    pub replica_security: ClientSecurity,
     /// Default per-instance tunables (read policy, peek timeout, introspection interval).
     pub instance: InstanceCoreConfig<Timestamp>,
     /// Default reconnection backoff for replica clients.
@@ -28,9 +45,13 @@ pub struct ControllerConfig {
     pub introspection: bool,
 }
 
-impl Default for ControllerConfig {
-    fn default() -> Self {
+impl ControllerConfig {
+    /// The default configuration of a controller of `epoch` whose replica connections are secured with
+    /// `replica_security`.
+    pub fn new(epoch: ControllerEpoch, replica_security: ClientSecurity) -> Self {
         ControllerConfig {
+            epoch,
+            replica_security,
             instance: InstanceCoreConfig::default(),
             replica_backoff: Backoff::default(),
             hydration_concurrency: None,

@@ -1233,6 +1233,10 @@ impl<T: Timestamp> InstanceCore<T> {
             ReplicaStatus::Failed { reason, .. } => {
                 self.set_replica_status_row(replica, "failed", Some(reason))
             }
+            ReplicaStatus::Fenced { current, .. } => {
+                let reason = format!("another controller holds the replica (epoch {current})");
+                self.set_replica_status_row(replica, "fenced", Some(&reason))
+            }
             // Whether it is hydrated is the core's own judgement (the hydration rows), not the client's.
             ReplicaStatus::Hydrating | ReplicaStatus::Ready => self.refresh_replica_status(replica),
         }
@@ -1352,7 +1356,9 @@ impl<T: Timestamp> InstanceCore<T> {
                     },
                 ));
             }
-            ComputeResponse::Hello { .. } | ComputeResponse::HelloRefused { .. } => {
+            ComputeResponse::Hello { .. }
+            | ComputeResponse::HelloRefused { .. }
+            | ComputeResponse::Fenced { .. } => {
                 self.disconnect(replica, "handshake response outside the handshake".to_string());
             }
         }

@@ -26,7 +26,9 @@ use tracing::{Instrument, debug, error};
 
 use frontiers::{Antichain, ReadPolicy};
 use protocol::{DataflowDescription, Diff, GlobalId, InstanceId, PeekId, ReplicaId, Row};
-use replica_client::{ReplicaClient, ReplicaClientConfig, ReplicaCoreConfig, ReplicaEvent, SendError};
+use replica_client::{
+    ClientSecurity, ReplicaClient, ReplicaClientConfig, ReplicaCoreConfig, ReplicaEvent, SendError,
+};
 use storage::{StorageCollections, StorageReadHold};
 
 use crate::clock::{Timestamp, wallclock_ms};
@@ -124,6 +126,19 @@ pub(crate) async fn request<R>(
 }
 
 #[allow(clippy::too_many_arguments)]
+/// How an instance's replica clients connect: the controller's epoch and session, and the security of
+/// the connections.
+#[derive(Debug, Clone)]
+pub(crate) struct ReplicaConnections {
+    /// The controller's epoch (`ControllerConfig::epoch`).
+    pub epoch: protocol::ControllerEpoch,
+    /// The controller's session, drawn once when it starts.
+    pub session: u64,
+    /// `ControllerConfig::replica_security`.
+    pub security: ClientSecurity,
+}
+
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn run_instance(
     mut core: InstanceCore<Timestamp>,
     mut commands: mpsc::UnboundedReceiver<InstanceCommand>,
@@ -133,6 +148,7 @@ pub(crate) async fn run_instance(
     introspection: Option<mpsc::UnboundedSender<IntrospectionUpdates>>,
     config: ComputeInstanceConfig,
     tick_interval_ms: u64,
+    connections: ReplicaConnections,
 ) {
     let (events_tx, mut events) = mpsc::unbounded_channel::<(ReplicaId, ReplicaEvent<Timestamp>)>();
     // Storage frontier changes, for the core's materialized views (see `InstanceCore::storage_upper`).
@@ -154,12 +170,15 @@ pub(crate) async fn run_instance(
                 match command {
                     InstanceCommand::AddReplica { replica, addresses, reply } => {
                         let result = core.add_replica(replica).map(|history| {
-                            let mut client_config = ReplicaClientConfig::new(replica, addresses);
+                            let mut client_config =
+                                ReplicaClientConfig::new(replica, addresses, connections.security.clone());
                             client_config.core = ReplicaCoreConfig {
                                 replica_id: replica,
                                 processes: client_config.core.processes,
                                 backoff: config.replica_backoff,
                                 hydration_concurrency: config.hydration_concurrency,
+                                epoch: connections.epoch,
+                                session: connections.session,
                             };
                             clients.insert(replica, ReplicaClient::spawn(client_config, history, events_tx.clone()));
                         });

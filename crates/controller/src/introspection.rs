@@ -16,13 +16,16 @@
 //!     failure);
 //!   - `failed`: the last attempt failed or the connection was lost; `reason` says why, and the next
 //!     attempt follows (back to `connecting`);
+//!   - `fenced`: the replica refused this controller because another one holds it (a higher controller
+//!     epoch, or the same epoch from another controller); `reason` names the replica's epoch, and the
+//!     next attempt follows after backoff;
 //!   - `hydrating`: connected for the first time, and some live collection is not hydrated on it yet;
 //!   - `rehydrating`: connected again after an earlier connection was lost, and some live collection is
 //!     not hydrated on this connection yet;
 //!   - `connected`: connected, and every live collection is hydrated on this connection. A collection
 //!     created later turns it back to `hydrating` (or `rehydrating`) until that one hydrates too.
 //!
-//!   `reason` is NULL except for `failed`.
+//!   `reason` is NULL except for `failed` and `fenced`.
 //! - **`compute_hydration`** has a row for every replica and live collection of the instance, from the
 //!   moment both exist: `hydrated = false` with `hydration_time_ms` NULL until the replica's write
 //!   frontier for the collection passes the collection's as-of on its current connection; then `true`

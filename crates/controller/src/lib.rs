@@ -74,6 +74,8 @@ pub use instance::{
 pub use introspection::{IntrospectionKind, IntrospectionState, peek_duration_bucket_ms};
 pub use orchestrator::{
     InProcessOrchestrator, Launcher, Orchestrator, ProcessEvent, ProcessOrchestrator,
-    ProcessOrchestratorConfig, ReplicaSpec, RunningReplica,
+    ProcessOrchestratorConfig, ReplicaProcessSecurity, ReplicaSpec, ReplicaTlsFiles, RunningReplica,
 };
+pub use protocol::ControllerEpoch;
 pub use response::{ComputeControllerResponse, PeekNotification, PeekOutcome, PeekResult};
+pub use transport::{ClientSecurity, ServerSecurity, SharedSecret, TlsClientConfig, TlsServerConfig};

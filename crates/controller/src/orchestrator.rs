@@ -30,6 +30,7 @@ use tracing::{info, warn};
 
 use protocol::{InstanceId, ReplicaId};
 use storage::BoxFuture;
+use transport::{SECRET_ENV, SharedSecret};
 
 /// What an orchestrator is asked to run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -179,6 +180,69 @@ impl Drop for InProcessOrchestrator {
     }
 }
 
+/// How a [`ProcessOrchestrator`]'s replica processes secure their controller port, their storage
+/// connection and (multi-process replicas) their cluster ports: `compute-replica`'s security flags.
+#[derive(Debug, Clone)]
+pub struct ReplicaProcessSecurity {
+    /// TLS on the controller port and to storage; `None`: plain TCP (`--insecure`).
+    pub tls: Option<ReplicaTlsFiles>,
+    /// The shared secret, handed to the children in their environment (`transport::SECRET_ENV`), never
+    /// on their command line. Required with plain TCP, for the storage connection, and by multi-process
+    /// replicas; with TLS and client certificates (`ReplicaTlsFiles::client_ca`) controllers may do
+    /// without.
+    pub secret: Option<SharedSecret>,
+}
+
+/// A replica process's TLS files (PEM).
+#[derive(Debug, Clone)]
+pub struct ReplicaTlsFiles {
+    /// Its certificate chain (`--tls-cert`), valid for the loopback address it listens on.
+    pub cert: PathBuf,
+    /// Its private key (`--tls-key`).
+    pub key: PathBuf,
+    /// The CA the storage server's certificate chains to (`--tls-ca`).
+    pub ca: PathBuf,
+    /// If set, controllers must present a certificate chaining to this CA (`--tls-client-ca`).
+    pub client_ca: Option<PathBuf>,
+}
+
+impl ReplicaProcessSecurity {
+    /// Adds the flags and environment to a child's command.
+    fn apply(&self, command: &mut Command) {
+        match &self.tls {
+            Some(tls) => {
+                command
+                    .arg("--tls-cert")
+                    .arg(&tls.cert)
+                    .arg("--tls-key")
+                    .arg(&tls.key)
+                    .arg("--tls-ca")
+                    .arg(&tls.ca);
+                if let Some(client_ca) = &tls.client_ca {
+                    command.arg("--tls-client-ca").arg(client_ca);
+                }
+            }
+            None => {
+                command.arg("--insecure");
+            }
+        }
+        match &self.secret {
+            Some(secret) => {
+                #[cfg(unix)]
+                command.env(
+                    SECRET_ENV,
+                    <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(secret.expose()),
+                );
+                #[cfg(not(unix))]
+                command.env(SECRET_ENV, String::from_utf8_lossy(secret.expose()).into_owned());
+            }
+            None => {
+                command.env_remove(SECRET_ENV);
+            }
+        }
+    }
+}
+
 /// How a [`ProcessOrchestrator`] runs `compute-replica`.
 ///
 /// **Backoff.** A replica's `n`th crash in a row waits `initial_backoff_ms * 2^(n-1)`, at most
@@ -193,6 +257,8 @@ pub struct ProcessOrchestratorConfig {
     pub binary: PathBuf,
     /// The storage server every replica reads from and writes to.
     pub storage_address: String,
+    /// How the replicas secure their connections.
+    pub security: ReplicaProcessSecurity,
     /// The first restart's delay, in milliseconds (doubling with each crash in a row, up to
     /// `max_backoff_ms`).
     pub initial_backoff_ms: u64,
@@ -265,6 +331,7 @@ fn spawn_processes(
         for (key, value) in &config.env {
             command.env(key, value);
         }
+        config.security.apply(&mut command);
         match &config.log_dir {
             Some(dir) => {
                 let name = format!("{}-{}-p{process}.log", replica.spec.instance, replica.spec.replica);
@@ -483,6 +550,7 @@ mod tests {
         ProcessOrchestratorConfig {
             binary: PathBuf::from("compute-replica"),
             storage_address: "127.0.0.1:1".to_string(),
+            security: ReplicaProcessSecurity { tls: None, secret: None },
             initial_backoff_ms,
             max_backoff_ms,
             env: Vec::new(),

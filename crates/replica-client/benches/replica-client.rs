@@ -169,6 +169,8 @@ fn connected_core(history: CommandHistory<u64>, hydration_concurrency: Option<us
         processes: 1,
         backoff: Backoff::default(),
         hydration_concurrency,
+        epoch: protocol::ControllerEpoch(1),
+        session: 1,
     };
     let mut core = ReplicaCore::new(config, history);
     core.tick(0);

@@ -5,8 +5,15 @@
 //! and draws the backoff jitter, which the core itself never does. Everything the owner needs comes out of
 //! the `events` channel as [`ReplicaEvent`]s tagged with the replica id.
 //!
-//! Frames go through `transport` ([`FramedRead`], [`FramedWrite`]) with the configured frame limit. A
-//! command is encoded once per send and written to every process.
+//! **Connections** are secured with the configured [`ClientSecurity`] (`transport`: TLS, the replica's
+//! certificate checked for the host of its address, unless explicitly insecure; then the shared
+//! secret's challenge-response, in which the replica proves the secret too, or a client certificate),
+//! all within `connect_timeout_ms`. Frames go through `transport` ([`FramedRead`], [`FramedWrite`]) with
+//! the configured frame limit once authenticated. A command is encoded once per send and written to every
+//! process. While there is nothing to send, each connection writes a keepalive every
+//! `keepalive_interval_ms` (a replica closes connections that stay silent longer than its idle
+//! timeout); a connection from which nothing arrived for `idle_timeout_ms` (a replica writes keepalives
+//! too) is lost, and the client reconnects.
 //!
 //! **Commands over the frame limit.** [`ReplicaClient::send`] refuses a command that does not fit a frame
 //! with [`COMMAND_HEADROOM_BYTES`] to spare ([`check_command_size`]), before the history records it: the
@@ -26,11 +33,13 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{Instrument, debug, error, info, info_span, warn};
-use transport::{Frame, FramedRead, FramedWrite};
+use transport::{
+    ClientSecurity, Frame, FramedRead, FramedWrite, Received, SecureReadHalf, SecureWriteHalf, Secured,
+};
 
 use frontiers::Timestamp;
 use protocol::frame::{DEFAULT_MAX_FRAME_BYTES, FrameError, encoded_len};
-use protocol::{ComputeCommand, ComputeResponse, ReplicaId};
+use protocol::{AUTH_SERVICE, ComputeCommand, ComputeResponse, ControllerEpoch, ReplicaId};
 
 use crate::core::{ReplicaCore, ReplicaCoreConfig, ReplicaOutput, ReplicaStatus};
 use crate::history::CommandHistory;
@@ -42,27 +51,67 @@ pub struct ReplicaClientConfig {
     pub core: ReplicaCoreConfig,
     /// One address per process, in process order.
     pub addresses: Vec<String>,
-    /// How long a connection attempt to all processes may take, in milliseconds.
+    /// How connections are secured: TLS (the replica's certificate checked) or explicitly insecure, and
+    /// the shared secret or a client certificate.
+    pub security: ClientSecurity,
+    /// How long a connection attempt to all processes (TCP, TLS, authentication) may take, in
+    /// milliseconds.
     pub connect_timeout_ms: u64,
     /// The largest frame accepted from or sent to the replica.
     pub max_frame_bytes: usize,
+    /// A connection with nothing to send writes a keepalive this often, in milliseconds. It must be well
+    /// below the replica's idle timeout (`compute::ReplicaLimits::idle_timeout_ms`, 60 s by default).
+    pub keepalive_interval_ms: u64,
+    /// A connection from which nothing arrived (not even a keepalive) for this long is lost, in
+    /// milliseconds. It must be well above the replica's keepalive interval (10 s by default).
+    pub idle_timeout_ms: u64,
 }
 
+/// The default [`ReplicaClientConfig::keepalive_interval_ms`].
+pub const DEFAULT_KEEPALIVE_INTERVAL_MS: u64 = 10_000;
+/// The default [`ReplicaClientConfig::idle_timeout_ms`].
+pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 60_000;
+
 impl ReplicaClientConfig {
-    /// A configuration with default backoff, timeouts and frame limit.
-    pub fn new(replica_id: ReplicaId, addresses: Vec<String>) -> Self {
+    /// A configuration with default backoff, timeouts and frame limit, connections secured with
+    /// `security`, controller epoch 0 and a new session ([`new_session`]).
+    pub fn new(replica_id: ReplicaId, addresses: Vec<String>, security: ClientSecurity) -> Self {
         ReplicaClientConfig {
             core: ReplicaCoreConfig {
                 replica_id,
                 processes: addresses.len().max(1),
                 backoff: crate::Backoff::default(),
                 hydration_concurrency: None,
+                epoch: ControllerEpoch(0),
+                session: new_session(),
             },
             addresses,
+            security,
             connect_timeout_ms: 5_000,
             max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
+            keepalive_interval_ms: DEFAULT_KEEPALIVE_INTERVAL_MS,
+            idle_timeout_ms: DEFAULT_IDLE_TIMEOUT_MS,
         }
     }
+}
+
+/// A new controller session number (`ComputeCommand::Hello`'s `session`): random from the operating
+/// system, or, should that fail, mixed from the clock, the process id and a counter. It needs to be
+/// unique, not secret.
+// The shell owns the clock and randomness; the core never sees either.
+#[allow(clippy::disallowed_methods)]
+pub fn new_session() -> u64 {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let mut bytes = [0u8; 8];
+    if getrandom::fill(&mut bytes).is_ok() {
+        return u64::from_le_bytes(bytes);
+    }
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let count = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    (nanos ^ (u64::from(std::process::id()) << 32) ^ count.wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1
 }
 
 /// What a replica client tells its owner.
@@ -130,7 +179,7 @@ pub enum SendError {
 enum Input<T: Timestamp> {
     Command(ComputeCommand<T>),
     Disconnect(String),
-    Connected { epoch: u64, streams: Vec<TcpStream> },
+    Connected { epoch: u64, streams: Vec<Secured> },
     ConnectFailed { epoch: u64, reason: String },
     Received { epoch: u64, process: usize, result: Result<ComputeResponse<T>, String> },
 }
@@ -262,11 +311,13 @@ async fn run<T: Timestamp>(
             match output {
                 ReplicaOutput::Connect { epoch } => {
                     connection = None;
-                    let addresses = config.addresses.clone();
+                    let (addresses, security) = (config.addresses.clone(), config.security.clone());
                     let inputs = inputs.clone();
                     let timeout = Duration::from_millis(config.connect_timeout_ms);
+                    let max_frame_bytes = config.max_frame_bytes;
                     tokio::spawn(async move {
-                        let input = match tokio::time::timeout(timeout, connect_all(&addresses)).await {
+                        let connecting = connect_all(&addresses, &security, max_frame_bytes);
+                        let input = match tokio::time::timeout(timeout, connecting).await {
                             Ok(Ok(streams)) => Input::Connected { epoch, streams },
                             Ok(Err(reason)) => Input::ConnectFailed { epoch, reason },
                             Err(_) => {
@@ -303,6 +354,9 @@ async fn run<T: Timestamp>(
                         ReplicaStatus::Failed { reason, retry_in_ms } => {
                             warn!(%reason, retry_in_ms, "replica failed")
                         }
+                        ReplicaStatus::Fenced { epoch, current, retry_in_ms } => {
+                            warn!(%epoch, %current, retry_in_ms, "another controller holds the replica")
+                        }
                         other => info!(status = ?other, "replica status"),
                     }
                     if events.send((replica_id, ReplicaEvent::Status(status))).is_err() {
@@ -338,7 +392,7 @@ async fn run<T: Timestamp>(
                     continue;
                 }
                 debug!(epoch, "connected to every process");
-                connection = Some(start_io(epoch, streams, config.max_frame_bytes, inputs.clone()));
+                connection = Some(start_io(epoch, streams, &config, inputs.clone()));
                 core.connected(epoch);
             }
             Input::ConnectFailed { epoch, reason } => core.connect_failed(epoch, now(), &reason, jitter()),
@@ -355,61 +409,69 @@ async fn run<T: Timestamp>(
     }
 }
 
-async fn connect_all(addresses: &[String]) -> Result<Vec<TcpStream>, String> {
+/// Connects to every process: TCP, then TLS and authentication; the framed halves, at the full frame limit.
+async fn connect_all(
+    addresses: &[String],
+    security: &ClientSecurity,
+    max_frame_bytes: usize,
+) -> Result<Vec<Secured>, String> {
     let mut streams = Vec::with_capacity(addresses.len());
     for address in addresses {
         let stream = TcpStream::connect(address).await.map_err(|e| format!("{address}: {e}"))?;
         stream.set_nodelay(true).map_err(|e| format!("{address}: {e}"))?;
-        streams.push(stream);
+        let (mut input, mut output) =
+            security.connect(stream, address, AUTH_SERVICE).await.map_err(|e| format!("{address}: {e}"))?;
+        input.set_max_frame_bytes(max_frame_bytes);
+        output.set_max_frame_bytes(max_frame_bytes);
+        streams.push((input, output));
     }
     Ok(streams)
 }
 
 fn start_io<T: Timestamp>(
     epoch: u64,
-    streams: Vec<TcpStream>,
-    max_frame_bytes: usize,
+    streams: Vec<Secured>,
+    config: &ReplicaClientConfig,
     inputs: mpsc::UnboundedSender<Input<T>>,
 ) -> Connection {
+    let keepalive = Duration::from_millis(config.keepalive_interval_ms.max(1));
+    let idle = Duration::from_millis(config.idle_timeout_ms.max(1));
     let mut writers = Vec::new();
     let mut tasks = Vec::new();
-    for (process, stream) in streams.into_iter().enumerate() {
-        let (read, write) = stream.into_split();
+    for (process, (input, output)) in streams.into_iter().enumerate() {
         // Unbounded: the commands of one epoch, each sent once (see `ReplicaClient::spawn`).
         let (writer, frames) = mpsc::unbounded_channel::<Arc<Frame>>();
         writers.push(writer);
-        tasks.push(tokio::spawn(write_frames(
-            epoch,
-            process,
-            FramedWrite::new(write, max_frame_bytes),
-            frames,
-            inputs.clone(),
-        )));
-        tasks.push(tokio::spawn(read_responses(
-            epoch,
-            process,
-            FramedRead::new(read, max_frame_bytes),
-            inputs.clone(),
-        )));
+        let lost = inputs.clone();
+        tasks.push(tokio::spawn(write_frames(epoch, process, output, frames, lost, keepalive)));
+        tasks.push(tokio::spawn(read_responses(epoch, process, input, inputs.clone(), idle)));
     }
     Connection { epoch, writers, tasks }
 }
 
-/// Writes one process's frames, coalescing what is queued into one write; reports a failed write.
+/// Writes one process's frames, coalescing what is queued into one write, and a keepalive whenever
+/// nothing was written for `keepalive`; reports a failed write.
 async fn write_frames<T: Timestamp>(
     epoch: u64,
     process: usize,
-    mut output: FramedWrite<tokio::net::tcp::OwnedWriteHalf>,
+    mut output: FramedWrite<SecureWriteHalf>,
     mut frames: mpsc::UnboundedReceiver<Arc<Frame>>,
     lost: mpsc::UnboundedSender<Input<T>>,
+    keepalive: Duration,
 ) {
-    while let Some(frame) = frames.recv().await {
-        output.push(&frame);
-        while !output.batch_full() {
-            match frames.try_recv() {
-                Ok(frame) => output.push(&frame),
-                Err(_) => break,
+    loop {
+        tokio::select! {
+            frame = frames.recv() => {
+                let Some(frame) = frame else { return };
+                output.push(&frame);
+                while !output.batch_full() {
+                    match frames.try_recv() {
+                        Ok(frame) => output.push(&frame),
+                        Err(_) => break,
+                    }
+                }
             }
+            () = tokio::time::sleep(keepalive) => output.push_keepalive(),
         }
         if let Err(e) = output.flush().await {
             let _ = lost.send(Input::Received { epoch, process, result: Err(format!("write failed: {e}")) });
@@ -418,19 +480,23 @@ async fn write_frames<T: Timestamp>(
     }
 }
 
-/// Reads one process's responses until the connection ends or breaks, and says why.
+/// Reads one process's responses until the connection ends, breaks or stays silent for `idle`, and says
+/// why.
 async fn read_responses<T: Timestamp>(
     epoch: u64,
     process: usize,
-    mut input: FramedRead<tokio::net::tcp::OwnedReadHalf>,
+    mut input: FramedRead<SecureReadHalf>,
     received: mpsc::UnboundedSender<Input<T>>,
+    idle: Duration,
 ) {
     loop {
-        let result = match input.recv::<ComputeResponse<T>>().await {
-            Ok(response) => Ok(response),
-            Err(FrameError::Closed) => Err("closed by the replica".to_string()),
-            Err(FrameError::Io(e)) => Err(format!("read failed: {e}")),
-            Err(e) => Err(e.to_string()),
+        let result = match tokio::time::timeout(idle, input.recv_or_keepalive::<ComputeResponse<T>>()).await {
+            Ok(Ok(Received::Keepalive)) => continue,
+            Ok(Ok(Received::Message(response))) => Ok(response),
+            Ok(Err(FrameError::Closed)) => Err("closed by the replica".to_string()),
+            Ok(Err(FrameError::Io(e))) => Err(format!("read failed: {e}")),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("nothing from the replica for {} ms", idle.as_millis())),
         };
         let failed = result.is_err();
         if received.send(Input::Received { epoch, process, result }).is_err() || failed {

@@ -19,6 +19,11 @@
 //! so the hydration limit applies again) and sends `InitializationComplete`. Merge state and hydration
 //! progress are per epoch and reset on every new connection: frontiers are never carried across.
 //!
+//! **Fencing.** The Hello carries the controller's epoch and session ([`ReplicaCoreConfig`]); a replica
+//! that another controller holds answers `Fenced`, which is reported as [`ReplicaStatus::Fenced`] and
+//! retried after backoff like a failure (the replica may restart and forget, or the other controller of
+//! the same epoch may go), never as a protocol violation.
+//!
 //! **Protocol violations** (the connection is dropped and the replica rehydrated after backoff): a
 //! handshake answer that does not match, a response the merger rejects (a regressing frontier, a peek
 //! answered twice, a gap in a subscribe, an unknown process), and a response naming a collection this
@@ -35,10 +40,10 @@
 use std::collections::{BTreeSet, VecDeque};
 
 use frontiers::Timestamp;
-use protocol::frame::check_hello_answer;
+use protocol::frame::{HandshakeError, check_hello_answer};
 use protocol::{
-    ComputeCommand, ComputeResponse, GlobalId, PROTOCOL_VERSION, PeekId, PeekResponse, ReplicaId,
-    StatusResponse,
+    ComputeCommand, ComputeResponse, ControllerEpoch, GlobalId, PROTOCOL_VERSION, PeekId, PeekResponse,
+    ReplicaId, StatusResponse,
 };
 
 use crate::history::{CommandHistory, HistoryError};
@@ -93,6 +98,11 @@ pub struct ReplicaCoreConfig {
     pub backoff: Backoff,
     /// The initial hydration limit (`None`: unlimited); `UpdateConfiguration` changes it.
     pub hydration_concurrency: Option<usize>,
+    /// The controller's epoch, sent in every Hello: a replica lets this controller take over only if it
+    /// is higher than any it served (see `ComputeCommand::Hello`).
+    pub epoch: ControllerEpoch,
+    /// The controller's session, the same on every connection of this core (see `ComputeCommand::Hello`).
+    pub session: u64,
 }
 
 /// The replica's connection status, as reported to the owner.
@@ -112,6 +122,16 @@ pub enum ReplicaStatus {
         /// What went wrong.
         reason: String,
         /// When the next attempt starts, in milliseconds from the failure.
+        retry_in_ms: u64,
+    },
+    /// The replica refused this controller: another one holds it (a higher epoch, or this epoch from
+    /// another session). The next attempt is due in `retry_in_ms`; it gets in only if that changes.
+    Fenced {
+        /// This controller's epoch.
+        epoch: ControllerEpoch,
+        /// The highest epoch the replica has served.
+        current: ControllerEpoch,
+        /// When the next attempt starts, in milliseconds from the refusal.
         retry_in_ms: u64,
     },
 }
@@ -289,9 +309,15 @@ impl<T: Timestamp> ReplicaCore<T> {
         }
         let nonce = (self.config.replica_id.0 << 32) ^ epoch;
         self.connection = Connection::Handshaking { nonce, answered: vec![false; self.config.processes] };
+        let (controller_epoch, session) = (self.config.epoch, self.config.session);
         self.outputs.push_back(ReplicaOutput::Send {
             epoch,
-            command: ComputeCommand::Hello { version: PROTOCOL_VERSION, nonce },
+            command: ComputeCommand::Hello {
+                version: PROTOCOL_VERSION,
+                nonce,
+                epoch: controller_epoch,
+                session,
+            },
         });
     }
 
@@ -339,13 +365,17 @@ impl<T: Timestamp> ReplicaCore<T> {
         }
         match &mut self.connection {
             Connection::Handshaking { nonce, answered } => {
-                if let Err(error) = check_hello_answer(&response, *nonce) {
-                    self.violation(
-                        now_ms,
-                        format!("handshake with process {process} failed: {error}"),
-                        jitter,
-                    );
-                    return;
+                match check_hello_answer(&response, *nonce, self.config.epoch) {
+                    Ok(()) => {}
+                    Err(HandshakeError::Fenced { current, .. }) => {
+                        self.fenced(now_ms, current, jitter);
+                        return;
+                    }
+                    Err(error) => {
+                        let reason = format!("handshake with process {process} failed: {error}");
+                        self.violation(now_ms, reason, jitter);
+                        return;
+                    }
                 }
                 if process >= answered.len() {
                     self.violation(now_ms, format!("handshake from unknown process {process}"), jitter);
@@ -434,7 +464,19 @@ impl<T: Timestamp> ReplicaCore<T> {
         self.fail(now_ms, format!("protocol violation: {reason}"), jitter);
     }
 
+    /// A process answered our Hello with `Fenced`: drop the connection, retry after backoff.
+    fn fenced(&mut self, now_ms: u64, current: ControllerEpoch, jitter: f64) {
+        let reason = format!("fenced: the replica serves controller epoch {current}");
+        self.outputs.push_back(ReplicaOutput::Disconnect { epoch: self.epoch, reason });
+        let epoch = self.config.epoch;
+        self.fail_with(now_ms, jitter, |retry_in_ms| ReplicaStatus::Fenced { epoch, current, retry_in_ms });
+    }
+
     fn fail(&mut self, now_ms: u64, reason: String, jitter: f64) {
+        self.fail_with(now_ms, jitter, |retry_in_ms| ReplicaStatus::Failed { reason, retry_in_ms });
+    }
+
+    fn fail_with(&mut self, now_ms: u64, jitter: f64, status: impl FnOnce(u64) -> ReplicaStatus) {
         // Peeks cancelled while on the wire were retired from the history; their answer is lost with the
         // connection, so answer them here. Peeks still in the history are replayed.
         let orphaned: Vec<PeekId> =
@@ -449,7 +491,7 @@ impl<T: Timestamp> ReplicaCore<T> {
         self.failures = self.failures.saturating_add(1);
         let retry_in_ms = self.config.backoff.delay_ms(self.failures, jitter);
         self.connection = Connection::Idle { retry_at_ms: now_ms.saturating_add(retry_in_ms) };
-        self.set_status(ReplicaStatus::Failed { reason, retry_in_ms });
+        self.set_status(status(retry_in_ms));
     }
 
     fn update_live_status(&mut self) {
@@ -477,6 +519,7 @@ fn response_collection<T>(response: &ComputeResponse<T>) -> Option<GlobalId> {
         | ComputeResponse::Status(StatusResponse::Hydration { id, .. }) => Some(*id),
         ComputeResponse::Hello { .. }
         | ComputeResponse::HelloRefused { .. }
+        | ComputeResponse::Fenced { .. }
         | ComputeResponse::PeekResponse { .. }
         | ComputeResponse::CommandRejected { .. } => None,
     }

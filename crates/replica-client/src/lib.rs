@@ -30,10 +30,12 @@ mod hydration;
 mod merge;
 
 pub use client::{
-    COMMAND_HEADROOM_BYTES, ClientGone, CommandTooLarge, ReplicaClient, ReplicaClientConfig, ReplicaEvent,
-    SendError, check_command_size,
+    COMMAND_HEADROOM_BYTES, ClientGone, CommandTooLarge, DEFAULT_IDLE_TIMEOUT_MS,
+    DEFAULT_KEEPALIVE_INTERVAL_MS, ReplicaClient, ReplicaClientConfig, ReplicaEvent, SendError,
+    check_command_size, new_session,
 };
 pub use core::{Backoff, ReplicaCore, ReplicaCoreConfig, ReplicaOutput, ReplicaStatus};
 pub use history::{CommandHistory, HistoryError};
 pub use hydration::{HydrationGate, HydrationState};
 pub use merge::{MergeError, ResponseMerger};
+pub use transport::ClientSecurity;

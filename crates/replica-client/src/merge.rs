@@ -302,7 +302,8 @@ impl<T: Timestamp> ResponseMerger<T> {
             }
             other @ (ComputeResponse::CommandRejected { .. }
             | ComputeResponse::Hello { .. }
-            | ComputeResponse::HelloRefused { .. }) => out.push(other),
+            | ComputeResponse::HelloRefused { .. }
+            | ComputeResponse::Fenced { .. }) => out.push(other),
         }
         Ok(out)
     }

@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use frontiers::{Antichain, ReadPolicy};
 use protocol::{ColumnType, Datum, GlobalId, RelationDesc, Row, ScalarType};
 use storage::{AppendRequest, Client, InProcess, ListenEvent, Server, StorageCollections, StoreConfig};
+use transport::{ClientSecurity, ServerSecurity, SharedSecret};
 
 /// How long each throughput measurement runs.
 const RUN: Duration = Duration::from_secs(3);
@@ -141,14 +142,14 @@ async fn bench_listen_fanout() {
     const ROWS_PER_BATCH: u64 = 100;
     let dir = tempfile::tempdir().unwrap();
     let store = InProcess::open(dir.path(), StoreConfig::default()).unwrap();
-    let server = Server::bind("127.0.0.1:0", store.clone()).await.unwrap();
+    let server = Server::bind("127.0.0.1:0", store.clone(), server_security()).await.unwrap();
     let addr = server.local_addr().unwrap();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let serving = tokio::spawn(server.serve(async move {
         let _ = stop_rx.await;
     }));
     let id = GlobalId::User(1);
-    let writer = Client::connect(addr).await.unwrap();
+    let writer = Client::connect(addr, client_security()).await.unwrap();
     writer.create_collection(id, desc()).await.unwrap();
     writer.set_read_policy(id, ReadPolicy::LagWriteFrontier { lag_ms: 10, granularity_ms: 0 }).await.unwrap();
 
@@ -156,7 +157,7 @@ async fn bench_listen_fanout() {
     let sent: Arc<Mutex<Vec<Instant>>> = Arc::new(Mutex::new(Vec::new()));
     let mut listeners = Vec::new();
     for _ in 0..LISTENERS {
-        let client = Client::connect(addr).await.unwrap();
+        let client = Client::connect(addr, client_security()).await.unwrap();
         let mut listen = client.listen(id, 0).await.unwrap();
         let sent = Arc::clone(&sent);
         listeners.push(tokio::spawn(async move {
@@ -296,4 +297,17 @@ fn main() {
             bench_restart().await;
         }
     });
+}
+
+/// The benchmark's shared secret (plain TCP: this measures the store and its protocol).
+fn secret() -> SharedSecret {
+    SharedSecret::new(b"the storage benchmark's shared secret".to_vec()).expect("secret")
+}
+
+fn server_security() -> ServerSecurity {
+    ServerSecurity::insecure(secret())
+}
+
+fn client_security() -> ClientSecurity {
+    ClientSecurity::insecure(secret())
 }

@@ -9,8 +9,8 @@ use protocol::{
 };
 
 use crate::harness::{
-    RawConnection, Replica, Shape, TestController, append, block_on, create_collection, index_dataflow,
-    int_row, kv_desc, new_storage, rows_of,
+    RawConnection, Replica, Shape, TestController, append, block_on, create_collection, hello,
+    index_dataflow, int_row, kv_desc, new_storage, rows_of,
 };
 
 fn create_instance() -> ComputeCommand {
@@ -43,7 +43,7 @@ fn a_command_before_hello_is_rejected_and_the_connection_closed() {
 fn a_hello_of_another_version_is_refused_and_the_connection_closed() {
     let replica = Replica::start(Shape::OneWorker, new_storage());
     let mut raw = RawConnection::connect(replica.addrs()[0]);
-    raw.send(&ComputeCommand::Hello { version: PROTOCOL_VERSION + 1, nonce: 3 });
+    raw.send(&hello(PROTOCOL_VERSION + 1, 3));
     let response = raw.recv();
     assert!(
         matches!(&response, Some(ComputeResponse::HelloRefused { version, .. }) if *version == PROTOCOL_VERSION),
@@ -56,12 +56,9 @@ fn a_hello_of_another_version_is_refused_and_the_connection_closed() {
 #[test]
 fn commands_in_the_wrong_stage_are_rejected_and_the_connection_closed() {
     let replica = Replica::start(Shape::OneWorker, new_storage());
-    for wrong in [
-        ComputeCommand::InitializationComplete,
-        ComputeCommand::Hello { version: PROTOCOL_VERSION, nonce: 1 },
-    ] {
+    for wrong in [ComputeCommand::InitializationComplete, hello(PROTOCOL_VERSION, 1)] {
         let mut raw = RawConnection::connect(replica.addrs()[0]);
-        raw.send(&ComputeCommand::Hello { version: PROTOCOL_VERSION, nonce: 1 });
+        raw.send(&hello(PROTOCOL_VERSION, 1));
         assert!(matches!(raw.recv(), Some(ComputeResponse::Hello { nonce: 1, .. })));
         raw.send(&wrong);
         let response = raw.recv_until(|r| matches!(r, ComputeResponse::CommandRejected { .. }));
@@ -70,7 +67,7 @@ fn commands_in_the_wrong_stage_are_rejected_and_the_connection_closed() {
     }
     // A second CreateInstance after initialization.
     let mut raw = RawConnection::connect(replica.addrs()[0]);
-    raw.send(&ComputeCommand::Hello { version: PROTOCOL_VERSION, nonce: 1 });
+    raw.send(&hello(PROTOCOL_VERSION, 1));
     raw.send(&create_instance());
     raw.send(&ComputeCommand::InitializationComplete);
     raw.send(&create_instance());
@@ -103,7 +100,7 @@ fn garbage_and_oversize_frames_close_the_connection_and_the_replica_keeps_servin
         assert_eq!(raw.recv(), None);
         // ... and after it.
         let mut raw = RawConnection::connect(replica.addrs()[0]);
-        raw.send(&ComputeCommand::Hello { version: PROTOCOL_VERSION, nonce: 2 });
+        raw.send(&hello(PROTOCOL_VERSION, 2));
         raw.send(&create_instance());
         raw.send(&ComputeCommand::InitializationComplete);
         raw.send_bytes(&bytes);

@@ -13,7 +13,7 @@ use storage::StorageCollections;
 
 use crate::harness::{
     FaultyStorage, Replica, Shape, TestController, append, create_collection, free_addresses, index_dataflow,
-    int_row, kv_desc, new_storage, rows_of, wait_failed,
+    int_row, kv_desc, new_storage, rows_of, test_security, wait_failed,
 };
 
 fn listen() -> std::net::SocketAddr {
@@ -43,7 +43,7 @@ fn strangers_on_a_cluster_port_during_start_up_are_refused_and_the_replica_still
     let (storage, source) = storage_with_two_rows();
     let addresses = free_addresses(2);
     let config = |process| {
-        ReplicaConfig::new(listen(), 1, Arc::clone(&storage) as Arc<dyn StorageCollections>)
+        ReplicaConfig::new(listen(), 1, Arc::clone(&storage) as Arc<dyn StorageCollections>, test_security())
             .in_cluster(process, addresses.clone())
     };
     let first = ReplicaServer::start(config(0)).expect("process 0 starts");
@@ -72,7 +72,7 @@ fn a_process_whose_cluster_port_is_taken_does_not_start() {
     let storage = new_storage();
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addresses = vec![taken.local_addr().expect("addr").to_string(), free_addresses(1).remove(0)];
-    let config = ReplicaConfig::new(listen(), 1, storage).in_cluster(0, addresses);
+    let config = ReplicaConfig::new(listen(), 1, storage, test_security()).in_cluster(0, addresses);
     match ReplicaServer::start(config) {
         Err(StartError::ClusterBind { address, .. }) => {
             assert_eq!(address, taken.local_addr().unwrap().to_string())
@@ -87,8 +87,13 @@ fn a_process_whose_peers_never_come_fails_after_the_timeout_and_closes_its_liste
     let storage = new_storage();
     for process in [0, 1] {
         let addresses = free_addresses(2);
-        let config = ReplicaConfig::new(listen(), 1, Arc::clone(&storage) as Arc<dyn StorageCollections>)
-            .in_cluster(process, addresses);
+        let config = ReplicaConfig::new(
+            listen(),
+            1,
+            Arc::clone(&storage) as Arc<dyn StorageCollections>,
+            test_security(),
+        )
+        .in_cluster(process, addresses);
         let limits = ReplicaLimits { cluster_connect_timeout_ms: 300, ..ReplicaLimits::default() };
         let alone = ReplicaServer::start_with(config, limits).expect("starts");
         let failure = wait_failed(&alone);

@@ -17,11 +17,12 @@ use compute::{ReplicaConfig, ReplicaHandle, ReplicaLimits, ReplicaServer, StartE
 use frontiers::{Antichain, PartialOrder, ReadPolicy};
 use protocol::frame::{DEFAULT_MAX_FRAME_BYTES, read_frame, write_frame};
 use protocol::{
-    ComputeCommand, ComputeResponse, DataflowDescription, Diff, GlobalId, InstanceConfig, InstanceId,
-    MapFilterProject, PROTOCOL_VERSION, Peek, PeekId, PeekResponse, PeekTarget, RelationDesc, ReplicaId, Row,
-    RowSetFinishing, SubscribeBatch, SubscribeResponse,
+    AUTH_SERVICE, ComputeCommand, ComputeResponse, ControllerEpoch, DataflowDescription, Diff, GlobalId,
+    InstanceConfig, InstanceId, MapFilterProject, PROTOCOL_VERSION, Peek, PeekId, PeekResponse, PeekTarget,
+    RelationDesc, ReplicaId, Row, RowSetFinishing, SubscribeBatch, SubscribeResponse,
 };
 use storage::{AppendRequest, InProcess, StorageCollections, StoreConfig};
+use transport::{AuthParams, ServerSecurity, SharedSecret, connect_blocking};
 
 /// How long a test waits for any one expected response before failing.
 pub const TIMEOUT: Duration = Duration::from_secs(60);
@@ -40,6 +41,36 @@ pub fn proptest_config(cases: u32) -> proptest::test_runner::Config {
         failure_persistence: None,
         ..proptest::test_runner::Config::default()
     }
+}
+
+/// The shared secret of the replicas under test and their test controllers.
+pub fn test_secret() -> SharedSecret {
+    SharedSecret::new(b"the compute integration tests' shared secret".to_vec()).expect("a long enough secret")
+}
+
+/// How the replicas under test secure their port: plain TCP and the test secret (TLS is covered by
+/// `transport`'s tests and the adversarial suite).
+pub fn test_security() -> ServerSecurity {
+    ServerSecurity::insecure(test_secret())
+}
+
+/// The epoch of every test controller.
+pub const TEST_EPOCH: ControllerEpoch = ControllerEpoch(1);
+
+/// The session of every test controller: they all count as one controller reconnecting, so a new one
+/// replaces the last (as before fencing) instead of being fenced.
+pub const TEST_SESSION: u64 = 0x7e57;
+
+/// A Hello of `version` and `nonce` from the test controller.
+pub fn hello(version: u32, nonce: u64) -> ComputeCommand {
+    ComputeCommand::Hello { version, nonce, epoch: TEST_EPOCH, session: TEST_SESSION }
+}
+
+/// Authenticates a blocking test connection with the test secret (plain TCP).
+pub fn authenticate(stream: &mut TcpStream) {
+    let secret = test_secret();
+    let params = AuthParams { secret: Some(&secret), service: AUTH_SERVICE, binding: &[] };
+    connect_blocking(stream, params).expect("authenticate with the test secret");
 }
 
 /// An embedded in-memory storage whose collections never compact on their own.
@@ -127,7 +158,8 @@ impl Replica {
         let processes = match shape {
             Shape::OneWorker | Shape::TwoWorkers => {
                 let workers = if shape == Shape::OneWorker { 1 } else { 2 };
-                let (config, limits) = configure(ReplicaConfig::new(listen, workers, storage));
+                let (config, limits) =
+                    configure(ReplicaConfig::new(listen, workers, storage, test_security()));
                 vec![ReplicaServer::start_with(config, limits).expect("start replica")]
             }
             Shape::TwoProcesses => {
@@ -137,7 +169,7 @@ impl Replica {
                     let addresses = free_addresses(2);
                     let started: Result<Vec<ReplicaHandle>, StartError> = (0..2)
                         .map(|process| {
-                            let config = ReplicaConfig::new(listen, 1, Arc::clone(&storage))
+                            let config = ReplicaConfig::new(listen, 1, Arc::clone(&storage), test_security())
                                 .in_cluster(process, addresses.clone());
                             let (config, limits) = configure(config);
                             ReplicaServer::start_with(config, limits)
@@ -183,11 +215,12 @@ pub struct RawConnection {
 }
 
 impl RawConnection {
-    /// Connects.
+    /// Connects and authenticates (the frames that follow are the protocol's).
     pub fn connect(addr: SocketAddr) -> RawConnection {
-        let stream = TcpStream::connect(addr).expect("connect");
+        let mut stream = TcpStream::connect(addr).expect("connect");
         stream.set_read_timeout(Some(TIMEOUT)).expect("timeout");
         stream.set_nodelay(true).expect("nodelay");
+        authenticate(&mut stream);
         RawConnection { stream }
     }
 
@@ -245,12 +278,8 @@ impl TestController {
         for (process, addr) in addrs.iter().enumerate() {
             let mut stream = TcpStream::connect(addr).expect("connect");
             stream.set_nodelay(true).expect("nodelay");
-            write_frame(
-                &mut stream,
-                &ComputeCommand::<u64>::Hello { version: PROTOCOL_VERSION, nonce: 7 },
-                DEFAULT_MAX_FRAME_BYTES,
-            )
-            .expect("hello");
+            authenticate(&mut stream);
+            write_frame(&mut stream, &hello(PROTOCOL_VERSION, 7), DEFAULT_MAX_FRAME_BYTES).expect("hello");
             let answer: ComputeResponse =
                 read_frame(&mut stream, DEFAULT_MAX_FRAME_BYTES).expect("hello answer");
             assert_eq!(answer, ComputeResponse::Hello { version: PROTOCOL_VERSION, nonce: 7 });

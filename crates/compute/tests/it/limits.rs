@@ -17,8 +17,8 @@ use protocol::{
 use storage::{InProcess, StorageCollections};
 
 use crate::harness::{
-    FaultyStorage, RawConnection, Replica, Shape, TestController, append, create_collection, index_dataflow,
-    int_row, kv_desc, new_storage, rows_of, sink_dataflow,
+    FaultyStorage, RawConnection, Replica, Shape, TestController, append, create_collection, hello,
+    index_dataflow, int_row, kv_desc, new_storage, rows_of, sink_dataflow,
 };
 
 /// A storage collection with `rows` rows `(i, 10 i)` at time 0, complete through time 0.
@@ -108,7 +108,7 @@ fn a_controller_that_does_not_read_is_dropped_once_its_queued_responses_pass_the
     let replica = Replica::start_with(Shape::OneWorker, storage, with_frame_limit(MAX));
     let mut connection = RawConnection::connect(replica.addrs()[0]);
     connection.stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
-    connection.send(&ComputeCommand::Hello { version: PROTOCOL_VERSION, nonce: 1 });
+    connection.send(&hello(PROTOCOL_VERSION, 1));
     assert!(matches!(connection.recv(), Some(ComputeResponse::Hello { .. })));
     let index = GlobalId::User(10);
     let setup = [

@@ -419,7 +419,9 @@ async fn serve_storage(
     stop: tokio::sync::oneshot::Receiver<()>,
 ) -> (InProcess, SocketAddr, tokio::task::JoinHandle<()>) {
     let store = InProcess::open(dir, StoreConfig::default()).expect("open the store");
-    let server = storage::Server::bind(addr, store.clone()).await.expect("bind the storage server");
+    let server = storage::Server::bind(addr, store.clone(), crate::harness::replica_security())
+        .await
+        .expect("bind the storage server");
     let addr = server.local_addr().expect("address");
     let shut = store.clone();
     let serving = tokio::spawn(async move {
@@ -434,8 +436,12 @@ async fn a_storage_server_restart_loses_no_hold_and_no_update_of_the_controller_
     let dir = tempfile::tempdir().expect("temporary directory");
     let (stop_storage, stopped) = tokio::sync::oneshot::channel();
     let (store, addr, serving) = serve_storage(dir.path(), any_port(), stopped).await;
-    let controller_client = storage::Client::connect(addr).await.expect("controller's storage client");
-    let replica_client = storage::Client::connect(addr).await.expect("replica's storage client");
+    let controller_client = storage::Client::connect(addr, crate::harness::controller_security())
+        .await
+        .expect("controller's storage client");
+    let replica_client = storage::Client::connect(addr, crate::harness::controller_security())
+        .await
+        .expect("replica's storage client");
     let mut table = Table::create(&store, u(1)).await;
     table.advance(&store, 5).await;
     let replica = start_replica_on(Arc::new(replica_client.clone()), any_port());

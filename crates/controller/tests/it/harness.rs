@@ -249,10 +249,50 @@ pub fn any_port() -> std::net::SocketAddr {
     "127.0.0.1:0".parse().expect("address")
 }
 
+/// The tests' throwaway CA, the replicas' certificate (for `127.0.0.1`) and the shared secret, made once
+/// per test binary in a directory that lives as long as it.
+fn pki() -> &'static (tempfile::TempDir, transport::certs::PkiFiles, transport::SharedSecret) {
+    static PKI: std::sync::OnceLock<(
+        tempfile::TempDir,
+        transport::certs::PkiFiles,
+        transport::SharedSecret,
+    )> = std::sync::OnceLock::new();
+    PKI.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let files = transport::certs::write_throwaway_pki(dir.path(), &["127.0.0.1", "localhost"])
+            .expect("throwaway certificates");
+        let secret = transport::SharedSecret::generate().expect("a shared secret");
+        (dir, files, secret)
+    })
+}
+
+/// How the replicas (and storage servers) under test secure their port: TLS and the shared secret.
+pub fn replica_security() -> transport::ServerSecurity {
+    let (_, files, secret) = pki();
+    let tls = transport::TlsServerConfig::from_pem_files(&files.server_cert, &files.server_key, None)
+        .expect("the server certificate loads");
+    transport::ServerSecurity::tls(tls, Some(secret.clone())).expect("authenticated")
+}
+
+/// How the controllers (and storage clients) under test connect: the replicas' CA and the shared secret.
+pub fn controller_security() -> transport::ClientSecurity {
+    let (_, files, secret) = pki();
+    let tls = transport::TlsClientConfig::from_pem_files(&files.ca, None).expect("the CA loads");
+    transport::ClientSecurity::tls(tls, Some(secret.clone())).expect("authenticated")
+}
+
+/// The PEM files of [`replica_security`] and [`controller_security`], and their secret.
+pub fn pki_files() -> (&'static transport::certs::PkiFiles, &'static transport::SharedSecret) {
+    let (_, files, secret) = pki();
+    (files, secret)
+}
+
 /// A controller configuration with short timers: indexes lag their upper by 1, replicas reconnect after
 /// 10 to 100 ms, the instance ticks every 10 ms and refreshes introspection every 20 ms.
 pub fn controller_config(introspection: bool) -> controller::ControllerConfig {
     controller::ControllerConfig {
+        epoch: controller::ControllerEpoch(1),
+        replica_security: controller_security(),
         instance: InstanceCoreConfig {
             default_index_policy: lag(1),
             default_peek_timeout_ms: 30_000,
@@ -285,6 +325,7 @@ pub fn start_replica_on(
         process: 0,
         timely_addresses: Vec::new(),
         storage,
+        security: crate::harness::replica_security(),
     })
     .expect("start replica")
 }

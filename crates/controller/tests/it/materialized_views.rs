@@ -182,6 +182,7 @@ async fn a_materialized_views_upper_is_what_its_target_holds_durably_and_is_read
         process: 0,
         timely_addresses: Vec::new(),
         storage: Arc::clone(&storage) as _,
+        security: crate::harness::replica_security(),
     })
     .expect("start replica");
     let config = controller_config(false);

@@ -86,6 +86,7 @@ fn launcher(storage: &Arc<InProcess>, log: &Arc<LaunchLog>) -> Launcher {
             process: 0,
             timely_addresses: Vec::new(),
             storage: Arc::clone(&storage) as Arc<dyn StorageCollections>,
+            security: crate::harness::replica_security(),
         })
         .map_err(|e| e.to_string())?;
         log.addresses.lock().expect("launch log").insert(key, handle.local_addr());
@@ -237,6 +238,7 @@ async fn two_concurrent_ensures_of_one_replica_keep_the_first_and_stop_the_other
                 process: 0,
                 timely_addresses: Vec::new(),
                 storage: Arc::clone(&storage) as Arc<dyn StorageCollections>,
+                security: crate::harness::replica_security(),
             })
             .map_err(|e| e.to_string())?;
             log.launched.fetch_add(1, Ordering::SeqCst);

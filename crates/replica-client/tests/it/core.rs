@@ -5,9 +5,9 @@ use std::num::NonZeroU64;
 
 use frontiers::Antichain;
 use protocol::{
-    ComputeCommand, ComputeResponse, CopyToResponse, Datum, FrontiersResponse, GlobalId, InstanceConfig,
-    InstanceId, MapFilterProject, PROTOCOL_VERSION, Peek, PeekId, PeekResponse, PeekTarget, ReplicaId, Row,
-    RowSetFinishing, StatusResponse, SubscribeResponse,
+    ComputeCommand, ComputeResponse, ControllerEpoch, CopyToResponse, Datum, FrontiersResponse, GlobalId,
+    InstanceConfig, InstanceId, MapFilterProject, PROTOCOL_VERSION, Peek, PeekId, PeekResponse, PeekTarget,
+    ReplicaId, Row, RowSetFinishing, StatusResponse, SubscribeResponse,
 };
 use replica_client::{Backoff, CommandHistory, ReplicaCore, ReplicaCoreConfig, ReplicaOutput, ReplicaStatus};
 
@@ -31,6 +31,8 @@ impl Harness {
             processes,
             backoff: Backoff { initial_ms: 100, max_ms: 1_000 },
             hydration_concurrency: None,
+            epoch: ControllerEpoch(2),
+            session: 11,
         };
         let mut harness = Harness {
             core: ReplicaCore::new(config, CommandHistory::new()),

@@ -167,7 +167,10 @@ fn misuse_of_the_history_is_a_typed_error_and_changes_nothing() {
     history.push(&ComputeCommand::CreateDataflow(dataflow("a", 1, 1, 5))).unwrap();
     let before = history.replay();
     let cases: Vec<(ComputeCommand<u64>, HistoryError)> = vec![
-        (ComputeCommand::Hello { version: 1, nonce: 1 }, HistoryError::ConnectionCommand("Hello")),
+        (
+            ComputeCommand::Hello { version: 1, nonce: 1, epoch: protocol::ControllerEpoch(1), session: 1 },
+            HistoryError::ConnectionCommand("Hello"),
+        ),
         (ComputeCommand::InitializationComplete, HistoryError::ConnectionCommand("InitializationComplete")),
         (
             ComputeCommand::CreateDataflow(dataflow("b", 1, 1, 5)),

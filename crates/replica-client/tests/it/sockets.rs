@@ -7,19 +7,20 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use frontiers::Antichain;
-use protocol::frame::{FrameDecoder, encode_frame};
+use protocol::frame::encode_frame;
 use protocol::{
-    ComputeCommand, ComputeResponse, FrontiersResponse, GlobalId, InstanceConfig, InstanceId,
+    AUTH_SERVICE, ComputeCommand, ComputeResponse, FrontiersResponse, GlobalId, InstanceConfig, InstanceId,
     PROTOCOL_VERSION, ReplicaId,
 };
 use replica_client::{
     Backoff, COMMAND_HEADROOM_BYTES, CommandHistory, CommandTooLarge, ReplicaClient, ReplicaClientConfig,
     ReplicaEvent, ReplicaStatus, SendError,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use transport::{ClientSecurity, FramedRead, SecureReadHalf, SecureWriteHalf, ServerSecurity, SharedSecret};
 
 use crate::model::{ModelReplica, dataflow};
 
@@ -83,19 +84,40 @@ impl Drop for Handlers {
     }
 }
 
-async fn send(stream: &mut TcpStream, response: ComputeResponse<u64>) -> std::io::Result<()> {
-    let mut frame = Vec::new();
-    encode_frame(&response, 1 << 20, &mut frame).unwrap();
-    stream.write_all(&frame).await
+/// The shared secret of the fake processes and their clients (plain TCP: these tests are about the
+/// client's connection handling, not about TLS, which `transport`'s and `compute`'s tests cover).
+fn secret() -> SharedSecret {
+    SharedSecret::new(b"the replica-client socket tests' shared secret".to_vec()).unwrap()
 }
 
-async fn serve(mut stream: TcpStream, behaviour: Behaviour, installed: Arc<Mutex<ModelReplica>>) {
-    let mut decoder = FrameDecoder::new(1 << 20);
-    let mut chunk = vec![0u8; 4096];
+async fn send(stream: &mut SecureWriteHalf, response: ComputeResponse<u64>) -> std::io::Result<()> {
+    let mut frame = Vec::new();
+    encode_frame(&response, 1 << 20, &mut frame).unwrap();
+    stream.write_all(&frame).await?;
+    stream.flush().await
+}
+
+async fn serve(stream: TcpStream, behaviour: Behaviour, installed: Arc<Mutex<ModelReplica>>) {
+    let Ok((mut input, output)) = ServerSecurity::insecure(secret()).accept(stream, AUTH_SERVICE).await
+    else {
+        return;
+    };
+    input.set_max_frame_bytes(1 << 20);
+    let mut stream = output.into_inner();
+    serve_commands(&mut input, &mut stream, behaviour, installed).await;
+}
+
+async fn serve_commands(
+    input: &mut FramedRead<SecureReadHalf>,
+    stream: &mut SecureWriteHalf,
+    behaviour: Behaviour,
+    installed: Arc<Mutex<ModelReplica>>,
+) {
     let mut pending = ModelReplica::default();
     let mut initialized = false;
     loop {
-        while let Ok(Some(command)) = decoder.next_message::<ComputeCommand<u64>>() {
+        let Ok(command) = input.recv::<ComputeCommand<u64>>().await else { return };
+        {
             match &command {
                 ComputeCommand::Hello { nonce, .. } => {
                     let version = if behaviour == Behaviour::WrongVersion {
@@ -103,11 +125,12 @@ async fn serve(mut stream: TcpStream, behaviour: Behaviour, installed: Arc<Mutex
                     } else {
                         PROTOCOL_VERSION
                     };
-                    if send(&mut stream, ComputeResponse::Hello { version, nonce: *nonce }).await.is_err() {
+                    if send(stream, ComputeResponse::Hello { version, nonce: *nonce }).await.is_err() {
                         return;
                     }
                     if behaviour == Behaviour::GarbageOnce {
                         let _ = stream.write_all(&[0xff; 16]).await;
+                        let _ = stream.flush().await;
                     }
                 }
                 ComputeCommand::InitializationComplete => {
@@ -126,8 +149,7 @@ async fn serve(mut stream: TcpStream, behaviour: Behaviour, installed: Arc<Mutex
                                 write_frontier: Some(Antichain::from_elem(upper)),
                                 ..Default::default()
                             };
-                            if send(&mut stream, ComputeResponse::Frontiers { id, frontiers }).await.is_err()
-                            {
+                            if send(stream, ComputeResponse::Frontiers { id, frontiers }).await.is_err() {
                                 return;
                             }
                         }
@@ -135,17 +157,13 @@ async fn serve(mut stream: TcpStream, behaviour: Behaviour, installed: Arc<Mutex
                 }
             }
         }
-        match stream.read(&mut chunk).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => decoder.push(&chunk[..n]),
-        }
     }
 }
 
 fn client(
     addresses: Vec<String>,
 ) -> (ReplicaClient<u64>, mpsc::UnboundedReceiver<(ReplicaId, ReplicaEvent<u64>)>) {
-    let mut config = ReplicaClientConfig::new(ReplicaId(3), addresses);
+    let mut config = ReplicaClientConfig::new(ReplicaId(3), addresses, ClientSecurity::insecure(secret()));
     config.core.backoff = Backoff { initial_ms: 10, max_ms: 50 };
     config.connect_timeout_ms = 1_000;
     let (events, rx) = mpsc::unbounded_channel();
@@ -251,7 +269,11 @@ async fn garbage_from_the_socket_closes_the_connection_with_an_error_and_the_cli
 #[tokio::test]
 async fn a_command_over_the_frame_limit_is_refused_at_send_and_never_reaches_the_replica() {
     let process = FakeProcess::start("127.0.0.1:0", Behaviour::Normal).await;
-    let mut config = ReplicaClientConfig::new(ReplicaId(3), vec![process.address.clone()]);
+    let mut config = ReplicaClientConfig::new(
+        ReplicaId(3),
+        vec![process.address.clone()],
+        ClientSecurity::insecure(secret()),
+    );
     config.core.backoff = Backoff { initial_ms: 10, max_ms: 50 };
     config.max_frame_bytes = 4 << 10;
     let (events, mut rx) = mpsc::unbounded_channel();

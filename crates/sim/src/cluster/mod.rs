@@ -41,6 +41,7 @@
 mod oracle;
 pub mod processes;
 mod report;
+pub mod security;
 mod tasks;
 mod workload;
 
@@ -57,6 +58,7 @@ use protocol::ReplicaId;
 
 use crate::cluster::processes::{Layout, StorageServer};
 use crate::cluster::report::{Outcome, ReplicaReport, Report, Stats, Ui, lock};
+use crate::cluster::security::ClusterSecurity;
 
 /// The scenario's clock. It runs real processes in real time, so unlike the simulator it reads the wall
 /// clock; every read goes through here.
@@ -90,11 +92,13 @@ pub struct ClusterArgs {
     pub seed: u64,
     /// Print the report as JSON.
     pub json: bool,
+    /// Plain TCP instead of TLS (still with a shared secret).
+    pub insecure: bool,
 }
 
 /// The usage line.
 pub const USAGE: &str = "usage: sim cluster [--duration SECS] [--rate ROWS_PER_SEC] [--replicas N] [--processes N] \
-[--workers N] [--peekers N] [--peek-interval-ms MS] [--kills N] [--recreations N] [--seed S] [--json]";
+[--workers N] [--peekers N] [--peek-interval-ms MS] [--kills N] [--recreations N] [--seed S] [--json] [--insecure]";
 
 impl ClusterArgs {
     /// Parses the arguments after `cluster`.
@@ -111,6 +115,7 @@ impl ClusterArgs {
             recreations: 3,
             seed: wallclock_seed(),
             json: false,
+            insecure: false,
         };
         let mut iter = args.iter();
         while let Some(arg) = iter.next() {
@@ -135,6 +140,7 @@ impl ClusterArgs {
                 "--recreations" => parsed.recreations = value()?.parse().context("--recreations")?,
                 "--seed" => parsed.seed = value()?.parse().context("--seed")?,
                 "--json" => parsed.json = true,
+                "--insecure" => parsed.insecure = true,
                 "--help" | "-h" => bail!("{USAGE}"),
                 other => bail!("unknown argument {other:?}\n{USAGE}"),
             }
@@ -274,9 +280,12 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<ExitCode> {
     // The children log to files: no colour codes.
     let env = vec![("RUST_LOG".to_string(), child_log), ("NO_COLOR".to_string(), "1".to_string())];
 
+    let security = ClusterSecurity::generate(&layout.data_dir.join("security"), args.insecure)?;
+    let client_security = security.client()?;
     let mut children = Children { orchestrator: None, replicas: Vec::new(), storage: None };
     let stats = Arc::new(Stats::default());
-    let storage = StorageServer::start(&binaries.storage_server, &layout, &env)?;
+    let storage =
+        StorageServer::start(&binaries.storage_server, &layout, &env, &security.storage_server_args())?;
     let storage_address = storage.address.clone();
     info!(address = %storage_address, pid = storage.pid(), "storage server listening");
     lock(&stats.child_pids).insert(storage.pid());
@@ -284,6 +293,7 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<ExitCode> {
     let (orchestrator, process_events) = ProcessOrchestrator::new(ProcessOrchestratorConfig {
         binary: binaries.compute_replica.clone(),
         storage_address: storage_address.clone(),
+        security: security.replicas(),
         initial_backoff_ms: 100,
         max_backoff_ms: 2_000,
         env,
@@ -292,7 +302,11 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<ExitCode> {
     let orchestrator = Arc::new(orchestrator);
     children.orchestrator = Some(Arc::clone(&orchestrator));
     children.replicas = args.replica_specs().into_iter().map(|(r, _)| r).collect();
-    ui.say(&format!("storage server on {storage_address}; logs in {}", layout.log_dir().display()));
+    ui.say(&format!(
+        "storage server on {storage_address}; connections secured with {}; logs in {}",
+        security.describe(),
+        layout.log_dir().display()
+    ));
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -303,7 +317,7 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<ExitCode> {
         let (args, stats, ui, orchestrator) = (args.clone(), Arc::clone(&stats), Arc::clone(&ui), Arc::clone(&orchestrator));
         async move {
             tokio::select! {
-                result = tasks::scenario(args, storage_address, orchestrator, process_events, stats, ui) => result.map(|()| false),
+                result = tasks::scenario(args, storage_address, client_security, orchestrator, process_events, stats, ui) => result.map(|()| false),
                 signal = interrupted() => {
                     info!(signal, "interrupted");
                     Ok(true)

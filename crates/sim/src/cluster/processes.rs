@@ -160,9 +160,14 @@ pub struct StorageServer {
 }
 
 impl StorageServer {
-    /// Starts `storage-server` on a free loopback port and waits (up to 30 s) until it listens. Its stderr
-    /// goes to `storage-server.log` in the log directory.
-    pub fn start(binary: &Path, layout: &Layout, env: &[(String, String)]) -> anyhow::Result<StorageServer> {
+    /// Starts `storage-server` on a free loopback port with the security flags `security_args` and waits
+    /// (up to 30 s) until it listens. Its stderr goes to `storage-server.log` in the log directory.
+    pub fn start(
+        binary: &Path,
+        layout: &Layout,
+        env: &[(String, String)],
+        security_args: &[std::ffi::OsString],
+    ) -> anyhow::Result<StorageServer> {
         let log = std::fs::File::create(layout.log_dir().join("storage-server.log"))
             .context("cannot create the storage server's log")?;
         let mut command = Command::new(binary);
@@ -170,6 +175,7 @@ impl StorageServer {
             .arg("--data-dir")
             .arg(layout.storage_dir())
             .args(["--listen", "127.0.0.1:0"])
+            .args(security_args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log);

@@ -25,8 +25,8 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use controller::{
-    ComputeController, ComputeControllerResponse, ControllerConfig, IntrospectionKind, PeekError,
-    PeekOptions, ProcessEvent, ProcessOrchestrator, wallclock_ms,
+    ClientSecurity, ComputeController, ComputeControllerResponse, ControllerConfig, ControllerEpoch,
+    IntrospectionKind, PeekError, PeekOptions, ProcessEvent, ProcessOrchestrator, wallclock_ms,
 };
 use frontiers::Antichain;
 use protocol::reference::Multiset;
@@ -154,14 +154,16 @@ fn by_table(updates: &[Update]) -> Vec<(GlobalId, Vec<(Row, i64)>)> {
 pub async fn scenario(
     args: ClusterArgs,
     storage_address: String,
+    security: ClientSecurity,
     orchestrator: Arc<ProcessOrchestrator>,
     mut process_events: mpsc::UnboundedReceiver<ProcessEvent>,
     stats: Arc<Stats>,
     ui: Arc<Ui>,
 ) -> anyhow::Result<()> {
     // Storage: the tables, the materialized view's collection, and the initial load.
-    let client =
-        Client::connect(storage_address.as_str()).await.context("cannot connect to the storage server")?;
+    let client = Client::connect(storage_address.as_str(), security.clone())
+        .await
+        .context("cannot connect to the storage server")?;
     let storage: Arc<dyn StorageCollections> = Arc::new(client);
     for table in Table::ALL {
         storage
@@ -194,7 +196,8 @@ pub async fn scenario(
     ));
 
     // The controller, the instance and its replicas.
-    let config = ControllerConfig::default();
+    // The only controller of its replicas: epoch 1.
+    let config = ControllerConfig::new(ControllerEpoch(1), security);
     let mut controller = ComputeController::new(
         Arc::clone(&storage),
         Some(Arc::clone(&orchestrator) as Arc<dyn controller::Orchestrator>),

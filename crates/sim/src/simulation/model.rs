@@ -355,7 +355,7 @@ impl ModelProcess {
         let mut closed = Vec::new();
         let Some(connection) = self.connection.as_mut().filter(|c| c.epoch == epoch) else { return out };
         match (connection.stage, command) {
-            (Stage::AwaitHello, ComputeCommand::Hello { version, nonce }) => {
+            (Stage::AwaitHello, ComputeCommand::Hello { version, nonce, .. }) => {
                 out.push(ComputeResponse::Hello { version: PROTOCOL_VERSION.min(version), nonce });
                 connection.stage = Stage::AwaitInstance;
             }

@@ -24,7 +24,8 @@ use protocol::{
 use storage::{AppendRequest, InProcess, StorageCollections, StoreConfig};
 
 use controller::{
-    ComputeController, ComputeControllerResponse, ControllerConfig, PeekOptions, ReplicaLocation,
+    ClientSecurity, ComputeController, ComputeControllerResponse, ControllerConfig, ControllerEpoch,
+    PeekOptions, ReplicaLocation, ServerSecurity, SharedSecret,
 };
 
 use super::checks::{PeekExpectation, SubscribeTracker};
@@ -53,13 +54,20 @@ struct Replica {
     handle: Option<compute::ReplicaHandle>,
 }
 
-fn start_replica(address: SocketAddr, storage: &Arc<InProcess>) -> anyhow::Result<compute::ReplicaHandle> {
+fn start_replica(
+    address: SocketAddr,
+    storage: &Arc<InProcess>,
+    secret: &SharedSecret,
+) -> anyhow::Result<compute::ReplicaHandle> {
     let config = compute::ReplicaConfig {
         listen: address,
         workers: 1,
         process: 0,
         timely_addresses: Vec::new(),
         storage: Arc::clone(storage) as Arc<dyn StorageCollections>,
+        // Plain TCP on loopback with a secret drawn for the run: this mode checks the controller's
+        // logic against real replicas; `sim cluster` runs with TLS.
+        security: ServerSecurity::insecure(secret.clone()),
     };
     compute::ReplicaServer::start(config).map_err(|e| anyhow!("cannot start a replica on {address}: {e}"))
 }
@@ -84,15 +92,19 @@ async fn run(seed: u64, config: RealConfig) -> anyhow::Result<Outcome> {
         dyn_storage.create_collection(id, desc.clone()).await?;
         tables.push((id, desc));
     }
-    let controller_config =
-        ControllerConfig { introspection: false, tick_interval_ms: 20, ..Default::default() };
+    let secret = SharedSecret::generate().map_err(|e| anyhow!("cannot draw a shared secret: {e}"))?;
+    let controller_config = ControllerConfig {
+        introspection: false,
+        tick_interval_ms: 20,
+        ..ControllerConfig::new(ControllerEpoch(1), ClientSecurity::insecure(secret.clone()))
+    };
     let mut controller = ComputeController::new(Arc::clone(&dyn_storage), None, controller_config)
         .await
         .map_err(|e| anyhow!(e))?;
     controller.create_instance(INSTANCE, controller.default_instance_config())?;
     let mut replicas: BTreeMap<ReplicaId, Replica> = BTreeMap::new();
     for r in 1..=2 {
-        let handle = start_replica("127.0.0.1:0".parse()?, &storage)?;
+        let handle = start_replica("127.0.0.1:0".parse()?, &storage, &secret)?;
         let address = handle.local_addr();
         controller
             .add_replica(
@@ -210,7 +222,7 @@ async fn run(seed: u64, config: RealConfig) -> anyhow::Result<Outcome> {
                 tokio::task::spawn_blocking(move || handle.shutdown()).await?;
             }
             tokio::time::sleep(Duration::from_millis(rng.range(10, 200))).await;
-            replica.handle = Some(start_replica(replica.address, &storage)?);
+            replica.handle = Some(start_replica(replica.address, &storage, &secret)?);
         }
 
         if rng.chance(0.01) && !indexes.is_empty() {

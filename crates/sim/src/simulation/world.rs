@@ -549,6 +549,9 @@ impl World {
             } else {
                 None
             },
+            // One controller: the model replica does not fence (the real one does, tested in `compute`).
+            epoch: protocol::ControllerEpoch(1),
+            session: 1,
         };
         let mut core = ReplicaCore::new(config, history);
         core.tick(self.now);

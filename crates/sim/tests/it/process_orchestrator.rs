@@ -7,14 +7,17 @@
 //! These tests live here, not in the controller crate, because only `sim` can build the binary: the
 //! cluster scenario's `binaries` helper (`sim::cluster::processes`) runs `cargo build` for
 //! the profile of the running executable, a no-op when the binaries are fresh. The storage server runs in
-//! this process (`storage::Server` over an in-memory store). Every wait is bounded.
+//! this process (`storage::Server` over an in-memory store). Every connection is secured as in the cluster
+//! scenario (TLS with a throwaway CA and a shared secret, `sim::cluster::security`). Every wait is bounded.
 
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use controller::{Orchestrator, ProcessEvent, ProcessOrchestrator, ProcessOrchestratorConfig, ReplicaSpec};
 use protocol::{InstanceId, ReplicaId};
 use sim::cluster::processes;
+use sim::cluster::security::ClusterSecurity;
 use storage::{InProcess, StoreConfig};
 use tokio::sync::mpsc::UnboundedReceiver;
 
@@ -36,9 +39,21 @@ async fn compute_replica() -> PathBuf {
     .expect("build task")
 }
 
+/// The tests' certificates and secret (made once, in a directory that lives as long as the tests).
+fn security() -> &'static ClusterSecurity {
+    static SECURITY: OnceLock<(tempfile::TempDir, ClusterSecurity)> = OnceLock::new();
+    let (_, security) = SECURITY.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let security = ClusterSecurity::generate(&dir.path().join("security"), false).expect("certificates");
+        (dir, security)
+    });
+    security
+}
+
 /// A storage server on a free loopback port, serving until the test's runtime ends.
 async fn storage_server() -> String {
-    let server = storage::Server::bind("127.0.0.1:0", InProcess::in_memory(StoreConfig::default()))
+    let store = InProcess::in_memory(StoreConfig::default());
+    let server = storage::Server::bind("127.0.0.1:0", store, security().server().expect("server security"))
         .await
         .expect("bind the storage server");
     let address = server.local_addr().expect("storage address").to_string();
@@ -57,6 +72,7 @@ async fn orchestrator_with_env(
     let config = ProcessOrchestratorConfig {
         binary: compute_replica().await,
         storage_address: storage_server().await,
+        security: security().replicas(),
         initial_backoff_ms: INITIAL_BACKOFF_MS,
         max_backoff_ms: MAX_BACKOFF_MS,
         env: [vec![("RUST_LOG".to_string(), "warn".to_string())], env].concat(),
@@ -187,28 +203,31 @@ async fn a_two_process_replica_reports_both_pids_and_restarts_both_when_one_is_k
     }
 }
 
-/// Sends `commands` to the replica at `address` after the handshake, on a blocking socket that stays open
-/// until the replica closes it; returns once it has (or panics after 10 s).
-fn send_until_closed(address: &str, commands: Vec<protocol::ComputeCommand>) {
-    use protocol::frame::{DEFAULT_MAX_FRAME_BYTES, read_frame, write_frame};
-    let mut stream = std::net::TcpStream::connect(address).expect("connect");
-    stream.set_read_timeout(Some(Duration::from_secs(10))).expect("read timeout");
-    let hello = protocol::ComputeCommand::<u64>::Hello { version: protocol::PROTOCOL_VERSION, nonce: 1 };
-    write_frame(&mut stream, &hello, DEFAULT_MAX_FRAME_BYTES).expect("hello");
+/// Sends `commands` to the replica at `address` after the handshake (TLS, the secret, the Hello), on a
+/// connection that stays open until the replica closes it; returns once it has (or panics after 10 s).
+async fn send_until_closed(address: &str, commands: Vec<protocol::ComputeCommand>) {
+    use protocol::frame::DEFAULT_MAX_FRAME_BYTES;
+    let client = security().client().expect("client security");
+    let stream = tokio::net::TcpStream::connect(address).await.expect("connect");
+    let (mut input, mut output) =
+        client.connect(stream, address, protocol::AUTH_SERVICE).await.expect("authenticated");
+    input.set_max_frame_bytes(DEFAULT_MAX_FRAME_BYTES);
+    output.set_max_frame_bytes(DEFAULT_MAX_FRAME_BYTES);
+    let hello = protocol::ComputeCommand::<u64>::Hello {
+        version: protocol::PROTOCOL_VERSION,
+        nonce: 1,
+        epoch: protocol::ControllerEpoch(1),
+        session: 1,
+    };
+    // Writes may fail once the replica is gone; the wait below is what the test checks.
+    let _ = output.send(&hello).await;
     for command in &commands {
-        write_frame(&mut stream, command, DEFAULT_MAX_FRAME_BYTES).expect("command");
+        let _ = output.send(command).await;
     }
-    loop {
-        match read_frame::<_, protocol::ComputeResponse>(&mut stream, DEFAULT_MAX_FRAME_BYTES) {
-            Ok(_) => {}
-            Err(protocol::frame::FrameError::Io(e))
-                if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
-            {
-                panic!("the replica did not close the connection within 10 s")
-            }
-            Err(_) => return,
-        }
-    }
+    let closed = async { while input.recv::<protocol::ComputeResponse>().await.is_ok() {} };
+    tokio::time::timeout(Duration::from_secs(10), closed)
+        .await
+        .expect("the replica closes the connection within 10 s");
 }
 
 /// The commands of a controller that installs an index named for the replica's fault injection, so that
@@ -259,9 +278,7 @@ async fn a_replica_whose_worker_panics_exits_with_a_failure_status_and_is_restar
         return;
     }
     let address = addresses[0].clone();
-    tokio::task::spawn_blocking(move || send_until_closed(&address, panicking_index()))
-        .await
-        .expect("client task");
+    send_until_closed(&address, panicking_index()).await;
     match next_event(&mut events).await {
         ProcessEvent::Crashed { replica: r, status, restart_in_ms, .. } if r == replica => {
             assert!(status.contains("exit status: 1"), "{status}");
@@ -295,7 +312,7 @@ async fn a_replica_whose_io_thread_panics_exits_with_a_failure_status_and_is_res
         return;
     }
     let address = addresses[0].clone();
-    tokio::task::spawn_blocking(move || send_until_closed(&address, Vec::new())).await.expect("client task");
+    send_until_closed(&address, Vec::new()).await;
     match next_event(&mut events).await {
         ProcessEvent::Crashed { replica: r, status, restart_in_ms, .. } if r == replica => {
             assert!(status.contains("exit status: 1"), "{status}");

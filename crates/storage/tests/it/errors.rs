@@ -16,6 +16,7 @@ use storage::{
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::client_security;
 use crate::*;
 
 fn short_timeout() -> StoreConfig {
@@ -142,7 +143,8 @@ async fn the_embedded_store_reports_every_validation_error() {
 #[tokio::test]
 async fn a_client_reports_every_validation_error_over_tcp() {
     let addr = serve(InProcess::in_memory(short_timeout())).await;
-    every_validation_error_is_reported(Arc::new(Client::connect(addr).await.unwrap())).await;
+    every_validation_error_is_reported(Arc::new(Client::connect(addr, client_security()).await.unwrap()))
+        .await;
 }
 
 #[tokio::test]
@@ -197,7 +199,7 @@ async fn every_call_on_a_shut_down_store_reports_disconnected() {
 async fn every_call_on_a_closed_client_reports_disconnected() {
     let store = memory_store();
     let addr = serve(store.clone()).await;
-    let client = Client::connect(addr).await.unwrap();
+    let client = Client::connect(addr, client_security()).await.unwrap();
     let id = user(1);
     client.create_collection(id, int_desc()).await.unwrap();
     let mut listen = client.listen(id, 0).await.unwrap();
@@ -243,7 +245,7 @@ async fn a_client_reports_a_reply_that_does_not_match_its_request_as_a_protocol_
             decoder.push(&chunk[..n]);
         }
     });
-    let client = Client::connect(addr).await.unwrap();
+    let client = Client::connect(addr, client_security()).await.unwrap();
     assert!(matches!(client.snapshot(user(1), 0).await, Err(ReadError::Protocol(_))));
 }
 
@@ -330,7 +332,7 @@ async fn an_io_error_reaches_a_remote_client_as_an_append_error() {
     let dir = tempfile::tempdir().unwrap();
     let faults = IoFaults::new();
     let store = durable_store(dir.path(), &faults).await;
-    let client = Client::connect(serve(store.clone()).await).await.unwrap();
+    let client = Client::connect(serve(store.clone()).await, client_security()).await.unwrap();
     let id = user(1);
     client.create_collection(id, int_desc()).await.unwrap();
     faults.fail_syncs(1);

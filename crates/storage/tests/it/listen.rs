@@ -9,6 +9,7 @@ use frontiers::ReadPolicy;
 use protocol::{Diff, Row};
 use storage::{Client, CollectionFrontiers, Listen, ListenEvent, StorageCollections};
 
+use crate::client_security;
 use crate::*;
 
 /// Reads events until `Progress(upper)`; checks the listen invariants on the way and returns the updates.
@@ -100,7 +101,10 @@ async fn an_embedded_listen_delivers_the_snapshot_then_every_append() {
 #[tokio::test]
 async fn a_remote_listen_delivers_the_snapshot_then_every_append() {
     let addr = serve(memory_store()).await;
-    listens_deliver_the_snapshot_then_every_append(Arc::new(Client::connect(addr).await.unwrap())).await;
+    listens_deliver_the_snapshot_then_every_append(Arc::new(
+        Client::connect(addr, client_security()).await.unwrap(),
+    ))
+    .await;
 }
 
 async fn a_lagging_listener_catches_up_from_the_store(storage: Arc<dyn StorageCollections>) {
@@ -163,7 +167,10 @@ async fn an_embedded_lagging_listener_catches_up_from_the_store() {
 #[tokio::test]
 async fn a_remote_lagging_listener_catches_up_from_the_store() {
     let addr = serve(memory_store()).await;
-    a_lagging_listener_catches_up_from_the_store(Arc::new(Client::connect(addr).await.unwrap())).await;
+    a_lagging_listener_catches_up_from_the_store(Arc::new(
+        Client::connect(addr, client_security()).await.unwrap(),
+    ))
+    .await;
 }
 
 #[tokio::test]
@@ -240,5 +247,8 @@ async fn an_embedded_watch_reports_every_collection_then_every_change() {
 #[tokio::test]
 async fn a_remote_watch_reports_every_collection_then_every_change() {
     let addr = serve(memory_store()).await;
-    a_watch_reports_every_collection_then_every_change(Arc::new(Client::connect(addr).await.unwrap())).await;
+    a_watch_reports_every_collection_then_every_change(Arc::new(
+        Client::connect(addr, client_security()).await.unwrap(),
+    ))
+    .await;
 }

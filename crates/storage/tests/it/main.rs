@@ -21,6 +21,22 @@ use frontiers::Antichain;
 use protocol::{ColumnType, Datum, GlobalId, RelationDesc, Row, ScalarType};
 use storage::{AppendRequest, InProcess, Server, StoreConfig};
 
+/// The shared secret of the storage servers and clients under test.
+pub fn test_secret() -> transport::SharedSecret {
+    transport::SharedSecret::new(b"the storage integration tests' shared secret".to_vec()).expect("secret")
+}
+
+/// How the servers under test secure their port: plain TCP and the test secret (TLS is covered by
+/// `transport`'s tests).
+pub fn server_security() -> transport::ServerSecurity {
+    transport::ServerSecurity::insecure(test_secret())
+}
+
+/// How the clients under test connect: plain TCP and the test secret.
+pub fn client_security() -> transport::ClientSecurity {
+    transport::ClientSecurity::insecure(test_secret())
+}
+
 /// A one-column `(x: Int64)` schema.
 pub fn int_desc() -> RelationDesc {
     RelationDesc::new([("x", ColumnType::new(ScalarType::Int64, false))])
@@ -53,7 +69,7 @@ pub fn memory_store() -> InProcess {
 
 /// Serves `store` on a free loopback port; returns its address. The server runs until the runtime ends.
 pub async fn serve(store: InProcess) -> std::net::SocketAddr {
-    let server = Server::bind("127.0.0.1:0", store).await.expect("bind");
+    let server = Server::bind("127.0.0.1:0", store, server_security()).await.expect("bind");
     let addr = server.local_addr().expect("local addr");
     tokio::spawn(server.serve(std::future::pending()));
     addr

@@ -16,6 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::*;
+use crate::{client_security, server_security};
 
 async fn wait_for_since(storage: &dyn StorageCollections, id: GlobalId, since: u64) -> CollectionFrontiers {
     for _ in 0..1_000 {
@@ -37,7 +38,7 @@ async fn many_clients_append_and_listen_concurrently() {
     let mut tasks = Vec::new();
     for w in 0..writers {
         tasks.push(tokio::spawn(async move {
-            let client = Client::connect(addr).await.unwrap();
+            let client = Client::connect(addr, client_security()).await.unwrap();
             let id = user(w);
             client.create_collection(id, int_desc()).await.unwrap();
             let mut listen = client.listen(id, 0).await.unwrap();
@@ -70,7 +71,7 @@ async fn a_client_that_disconnects_releases_its_holds() {
     store.create_collection(id, int_desc()).await.unwrap();
     store.set_read_policy(id, ReadPolicy::LagWriteFrontier { lag_ms: 0, granularity_ms: 0 }).await.unwrap();
 
-    let client = Client::connect(addr).await.unwrap();
+    let client = Client::connect(addr, client_security()).await.unwrap();
     let mut hold = client.acquire_read_hold(id, at(0)).await.unwrap();
     let second = client.acquire_read_hold(id, at(0)).await.unwrap();
     let copy = second.clone_hold();
@@ -86,7 +87,7 @@ async fn a_client_that_disconnects_releases_its_holds() {
     wait_for_since(&store, id, 4).await;
 
     // A client that goes away without releasing: the server releases for it.
-    let leaker = Client::connect(addr).await.unwrap();
+    let leaker = Client::connect(addr, client_security()).await.unwrap();
     let leaked = leaker.acquire_read_hold(id, at(5)).await.unwrap();
     hold.release();
     wait_for_since(&store, id, 5).await;
@@ -102,7 +103,7 @@ async fn garbage_from_one_client_closes_only_that_connection() {
     let store = memory_store();
     let addr = serve(store.clone()).await;
     let id = user(1);
-    let good = Client::connect(addr).await.unwrap();
+    let good = Client::connect(addr, client_security()).await.unwrap();
     good.create_collection(id, int_desc()).await.unwrap();
     let held = good.acquire_read_hold(id, at(0)).await.unwrap();
 
@@ -229,7 +230,8 @@ async fn the_server_binary_serves_shuts_down_on_sigterm_and_restarts_with_its_da
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
         let addr = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("unexpected {line:?}"));
-        let client: Arc<dyn StorageCollections> = Arc::new(Client::connect(addr).await.unwrap());
+        let client: Arc<dyn StorageCollections> =
+            Arc::new(Client::connect(addr, client_security()).await.unwrap());
         client.create_collection(id, int_desc()).await.unwrap();
         client
             .append(vec![append(id, vec![(int_row(round as i64), round, 1)], round, round + 1)])
@@ -253,7 +255,7 @@ async fn serve_durable(
     stop: tokio::sync::oneshot::Receiver<()>,
 ) -> (std::net::SocketAddr, storage::InProcess, tokio::task::JoinHandle<()>) {
     let store = storage::InProcess::open(dir, config).unwrap();
-    let server = storage::Server::bind(addr, store.clone()).await.unwrap();
+    let server = storage::Server::bind(addr, store.clone(), server_security()).await.unwrap();
     let addr = server.local_addr().unwrap();
     let shut = store.clone();
     let task = tokio::spawn(async move {
@@ -290,7 +292,7 @@ async fn durable_setup() -> DurableSetup {
     let (addr, _, serving) =
         serve_durable(dir.path(), "127.0.0.1:0".parse().unwrap(), storage::StoreConfig::default(), stopped)
             .await;
-    let client = Client::connect(addr).await.unwrap();
+    let client = Client::connect(addr, client_security()).await.unwrap();
     let id = user(1);
     client.create_collection(id, int_desc()).await.unwrap();
     client.set_read_policy(id, ReadPolicy::LagWriteFrontier { lag_ms: 0, granularity_ms: 0 }).await.unwrap();
@@ -373,7 +375,7 @@ async fn holds_the_restarted_server_compacted_past_are_reported_lost() {
     .unwrap();
     store.append(vec![append(id, vec![], 3, 10)]).await.unwrap();
     wait_for_since(&store, id, 10).await;
-    let server = storage::Server::bind(addr, store.clone()).await.unwrap();
+    let server = storage::Server::bind(addr, store.clone(), server_security()).await.unwrap();
     tokio::spawn(server.serve(std::future::pending()));
     wait_connected(&client).await;
     assert_eq!(client.lost_holds(), 1);
@@ -393,8 +395,10 @@ async fn a_client_gives_up_after_its_reconnect_timeout_and_then_fails_every_call
     let (addr, _, serving) =
         serve_durable(dir.path(), "127.0.0.1:0".parse().unwrap(), storage::StoreConfig::default(), stopped)
             .await;
-    let config =
-        storage::ClientConfig { reconnect_timeout: Duration::from_millis(200), ..Default::default() };
+    let config = storage::ClientConfig {
+        reconnect_timeout: Duration::from_millis(200),
+        ..storage::ClientConfig::new(client_security())
+    };
     let client = Client::connect_with(addr, config).await.unwrap();
     let id = user(1);
     client.create_collection(id, int_desc()).await.unwrap();
@@ -418,13 +422,13 @@ async fn a_client_gives_up_after_its_reconnect_timeout_and_then_fails_every_call
 
 /// A server and a client with a small frame limit.
 async fn small_frames(store: storage::InProcess, max_frame_bytes: usize) -> Client {
-    let server = storage::Server::bind("127.0.0.1:0", store)
+    let server = storage::Server::bind("127.0.0.1:0", store, server_security())
         .await
         .expect("bind")
         .with_max_frame_bytes(max_frame_bytes);
     let addr = server.local_addr().expect("local addr");
     tokio::spawn(server.serve(std::future::pending()));
-    let config = storage::ClientConfig { max_frame_bytes, ..Default::default() };
+    let config = storage::ClientConfig { max_frame_bytes, ..storage::ClientConfig::new(client_security()) };
     Client::connect_with(addr, config).await.expect("connect")
 }
 
@@ -477,7 +481,9 @@ async fn requests_and_answers_over_the_frame_limit_are_typed_errors_and_the_conn
 #[tokio::test]
 async fn a_client_refuses_a_frame_limit_below_the_minimum() {
     let addr = serve(memory_store()).await;
-    let config =
-        storage::ClientConfig { max_frame_bytes: storage::MIN_FRAME_BYTES - 1, ..Default::default() };
+    let config = storage::ClientConfig {
+        max_frame_bytes: storage::MIN_FRAME_BYTES - 1,
+        ..storage::ClientConfig::new(client_security())
+    };
     assert!(matches!(Client::connect_with(addr, config).await, Err(storage::ConnectError::InvalidConfig(_))));
 }
