@@ -46,7 +46,10 @@
 //! oversized result, a dropped replica, a timeout, a cancellation). A peek's `Peek` command, like a
 //! dataflow's `CreateDataflow`, is measured against the instance's `max_command_bytes` before anything is
 //! recorded, held or sent: a larger one is refused with `CommandTooLarge`. A `CommandRejected` from a
-//! replica reaches the user as [`ComputeControllerResponse::CommandRejected`]; the replica stays.
+//! replica reaches the user as [`ComputeControllerResponse::CommandRejected`]; the replica stays. A
+//! replica that another controller holds (`ReplicaStatus::Fenced`, final) reaches the user as
+//! [`ComputeControllerResponse::ReplicaFenced`] and as the `fenced` status row; the replica stays added,
+//! unserved, until the user drops it.
 //!
 //! # Materialized views
 //!
@@ -1233,9 +1236,16 @@ impl<T: Timestamp> InstanceCore<T> {
             ReplicaStatus::Failed { reason, .. } => {
                 self.set_replica_status_row(replica, "failed", Some(reason))
             }
-            ReplicaStatus::Fenced { current, .. } => {
+            ReplicaStatus::Fenced { epoch, current } => {
                 let reason = format!("another controller holds the replica (epoch {current})");
-                self.set_replica_status_row(replica, "fenced", Some(&reason))
+                self.set_replica_status_row(replica, "fenced", Some(&reason));
+                warn!(%replica, %epoch, %current, "fenced by another controller: the replica is not served");
+                self.outputs.push_back(InstanceOutput::Response(ComputeControllerResponse::ReplicaFenced {
+                    instance: self.id,
+                    replica,
+                    epoch: *epoch,
+                    current: *current,
+                }));
             }
             // Whether it is hydrated is the core's own judgement (the hydration rows), not the client's.
             ReplicaStatus::Hydrating | ReplicaStatus::Ready => self.refresh_replica_status(replica),

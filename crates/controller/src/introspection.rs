@@ -17,8 +17,8 @@
 //!   - `failed`: the last attempt failed or the connection was lost; `reason` says why, and the next
 //!     attempt follows (back to `connecting`);
 //!   - `fenced`: the replica refused this controller because another one holds it (a higher controller
-//!     epoch, or the same epoch from another controller); `reason` names the replica's epoch, and the
-//!     next attempt follows after backoff;
+//!     epoch, or the same epoch from another controller); `reason` names the replica's epoch. Final: no
+//!     further attempt (see `ComputeControllerResponse::ReplicaFenced`);
 //!   - `hydrating`: connected for the first time, and some live collection is not hydrated on it yet;
 //!   - `rehydrating`: connected again after an earlier connection was lost, and some live collection is
 //!     not hydrated on this connection yet;

@@ -58,6 +58,20 @@ pub enum ComputeControllerResponse<T: Timestamp = u64> {
         /// The replica's reason.
         reason: String,
     },
+    /// A replica refused this controller because another one holds it: a higher controller epoch
+    /// (this controller has been superseded), or this epoch from another controller. Final: the
+    /// controller does not connect to the replica again (no retry loop); the replica stays added and
+    /// unserved until the user drops it (re-adding it tries again). Its status row says `fenced`.
+    ReplicaFenced {
+        /// The instance.
+        instance: InstanceId,
+        /// The replica.
+        replica: ReplicaId,
+        /// This controller's epoch (`ControllerConfig::epoch`).
+        epoch: protocol::ControllerEpoch,
+        /// The highest epoch the replica has served.
+        current: protocol::ControllerEpoch,
+    },
 }
 
 /// How a peek ended.

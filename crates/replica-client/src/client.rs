@@ -354,9 +354,11 @@ async fn run<T: Timestamp>(
                         ReplicaStatus::Failed { reason, retry_in_ms } => {
                             warn!(%reason, retry_in_ms, "replica failed")
                         }
-                        ReplicaStatus::Fenced { epoch, current, retry_in_ms } => {
-                            warn!(%epoch, %current, retry_in_ms, "another controller holds the replica")
-                        }
+                        ReplicaStatus::Fenced { epoch, current } => warn!(
+                            %epoch,
+                            %current,
+                            "another controller holds the replica: fenced, not connecting again"
+                        ),
                         other => info!(status = ?other, "replica status"),
                     }
                     if events.send((replica_id, ReplicaEvent::Status(status))).is_err() {

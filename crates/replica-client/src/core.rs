@@ -20,9 +20,11 @@
 //! progress are per epoch and reset on every new connection: frontiers are never carried across.
 //!
 //! **Fencing.** The Hello carries the controller's epoch and session ([`ReplicaCoreConfig`]); a replica
-//! that another controller holds answers `Fenced`, which is reported as [`ReplicaStatus::Fenced`] and
-//! retried after backoff like a failure (the replica may restart and forget, or the other controller of
-//! the same epoch may go), never as a protocol violation.
+//! that another controller holds (a higher epoch, or this epoch from another session) answers `Fenced`.
+//! That is final for this core: it reports [`ReplicaStatus::Fenced`] once, drops the connection and
+//! never connects again (a superseded controller must not keep knocking; the owner tells its user, who
+//! may drop the replica, or re-add it once the other controller is gone). It is not a protocol
+//! violation.
 //!
 //! **Protocol violations** (the connection is dropped and the replica rehydrated after backoff): a
 //! handshake answer that does not match, a response the merger rejects (a regressing frontier, a peek
@@ -125,14 +127,12 @@ pub enum ReplicaStatus {
         retry_in_ms: u64,
     },
     /// The replica refused this controller: another one holds it (a higher epoch, or this epoch from
-    /// another session). The next attempt is due in `retry_in_ms`; it gets in only if that changes.
+    /// another session). Final: the core does not connect again.
     Fenced {
         /// This controller's epoch.
         epoch: ControllerEpoch,
         /// The highest epoch the replica has served.
         current: ControllerEpoch,
-        /// When the next attempt starts, in milliseconds from the refusal.
-        retry_in_ms: u64,
     },
 }
 
@@ -176,6 +176,8 @@ enum Connection {
         answered: Vec<bool>,
     },
     Live,
+    /// The replica refused this controller (`Fenced`): no connection, ever again.
+    Fenced,
 }
 
 /// One replica's connection logic. See the module documentation.
@@ -331,7 +333,11 @@ impl<T: Timestamp> ReplicaCore<T> {
 
     /// The connection of `epoch` broke (any process). `jitter` in `[0, 1]` scales the backoff.
     pub fn connection_lost(&mut self, epoch: u64, now_ms: u64, reason: &str, jitter: f64) {
-        if epoch != self.epoch || matches!(self.connection, Connection::Idle { .. } | Connection::Connecting)
+        if epoch != self.epoch
+            || matches!(
+                self.connection,
+                Connection::Idle { .. } | Connection::Connecting | Connection::Fenced
+            )
         {
             return;
         }
@@ -341,7 +347,7 @@ impl<T: Timestamp> ReplicaCore<T> {
     /// The owner found the replica faulty (e.g. a frontier regression it detected): drop the connection and
     /// reconnect after backoff, which rehydrates the replica from the history.
     pub fn disconnect(&mut self, now_ms: u64, reason: &str, jitter: f64) {
-        if matches!(self.connection, Connection::Idle { .. }) {
+        if matches!(self.connection, Connection::Idle { .. } | Connection::Fenced) {
             return;
         }
         self.violation(now_ms, reason.to_string(), jitter);
@@ -368,7 +374,7 @@ impl<T: Timestamp> ReplicaCore<T> {
                 match check_hello_answer(&response, *nonce, self.config.epoch) {
                     Ok(()) => {}
                     Err(HandshakeError::Fenced { current, .. }) => {
-                        self.fenced(now_ms, current, jitter);
+                        self.fenced(current);
                         return;
                     }
                     Err(error) => {
@@ -403,7 +409,7 @@ impl<T: Timestamp> ReplicaCore<T> {
                 }
                 Err(error) => self.violation(now_ms, error.to_string(), jitter),
             },
-            Connection::Idle { .. } | Connection::Connecting => {}
+            Connection::Idle { .. } | Connection::Connecting | Connection::Fenced => {}
         }
     }
 
@@ -464,21 +470,26 @@ impl<T: Timestamp> ReplicaCore<T> {
         self.fail(now_ms, format!("protocol violation: {reason}"), jitter);
     }
 
-    /// A process answered our Hello with `Fenced`: drop the connection, retry after backoff.
-    fn fenced(&mut self, now_ms: u64, current: ControllerEpoch, jitter: f64) {
+    /// A process answered our Hello with `Fenced`: drop the connection, for good.
+    fn fenced(&mut self, current: ControllerEpoch) {
         let reason = format!("fenced: the replica serves controller epoch {current}");
         self.outputs.push_back(ReplicaOutput::Disconnect { epoch: self.epoch, reason });
-        let epoch = self.config.epoch;
-        self.fail_with(now_ms, jitter, |retry_in_ms| ReplicaStatus::Fenced { epoch, current, retry_in_ms });
+        self.answer_orphaned_peeks();
+        self.connection = Connection::Fenced;
+        self.set_status(ReplicaStatus::Fenced { epoch: self.config.epoch, current });
     }
 
     fn fail(&mut self, now_ms: u64, reason: String, jitter: f64) {
-        self.fail_with(now_ms, jitter, |retry_in_ms| ReplicaStatus::Failed { reason, retry_in_ms });
+        self.answer_orphaned_peeks();
+        self.failures = self.failures.saturating_add(1);
+        let retry_in_ms = self.config.backoff.delay_ms(self.failures, jitter);
+        self.connection = Connection::Idle { retry_at_ms: now_ms.saturating_add(retry_in_ms) };
+        self.set_status(ReplicaStatus::Failed { reason, retry_in_ms });
     }
 
-    fn fail_with(&mut self, now_ms: u64, jitter: f64, status: impl FnOnce(u64) -> ReplicaStatus) {
-        // Peeks cancelled while on the wire were retired from the history; their answer is lost with the
-        // connection, so answer them here. Peeks still in the history are replayed.
+    /// The connection is gone: peeks cancelled while on the wire were retired from the history, and their
+    /// answer is lost with it, so answer them here. Peeks still in the history are replayed.
+    fn answer_orphaned_peeks(&mut self) {
         let orphaned: Vec<PeekId> =
             self.in_flight_peeks.iter().copied().filter(|uuid| !self.history.contains_peek(*uuid)).collect();
         for uuid in orphaned {
@@ -488,10 +499,6 @@ impl<T: Timestamp> ReplicaCore<T> {
             }));
         }
         self.in_flight_peeks.clear();
-        self.failures = self.failures.saturating_add(1);
-        let retry_in_ms = self.config.backoff.delay_ms(self.failures, jitter);
-        self.connection = Connection::Idle { retry_at_ms: now_ms.saturating_add(retry_in_ms) };
-        self.set_status(status(retry_in_ms));
     }
 
     fn update_live_status(&mut self) {

@@ -222,7 +222,8 @@ async fn a_client_reports_a_reply_that_does_not_match_its_request_as_a_protocol_
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
-        let (mut socket, _) = listener.accept().await.unwrap();
+        let (socket, _) = listener.accept().await.unwrap();
+        let mut socket = crate::accept_authenticated(socket).await;
         let mut decoder = FrameDecoder::new(MAX_FRAME_BYTES);
         let mut chunk = vec![0u8; 4096];
         loop {

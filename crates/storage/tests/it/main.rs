@@ -21,9 +21,56 @@ use frontiers::Antichain;
 use protocol::{ColumnType, Datum, GlobalId, RelationDesc, Row, ScalarType};
 use storage::{AppendRequest, InProcess, Server, StoreConfig};
 
+/// The bytes of [`test_secret`] (for a child's environment).
+pub const TEST_SECRET: &str = "the storage integration tests' shared secret";
+
 /// The shared secret of the storage servers and clients under test.
 pub fn test_secret() -> transport::SharedSecret {
-    transport::SharedSecret::new(b"the storage integration tests' shared secret".to_vec()).expect("secret")
+    transport::SharedSecret::new(TEST_SECRET.as_bytes().to_vec()).expect("secret")
+}
+
+/// A raw TCP connection to a storage server that has passed the authentication (plain TCP, the test
+/// secret): what follows is the storage protocol's, starting with its Hello.
+pub async fn authenticated(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let stream = socket.into_std().expect("a std socket");
+    stream.set_nonblocking(false).expect("blocking");
+    let stream = tokio::task::spawn_blocking(move || {
+        let mut stream = stream;
+        let secret = test_secret();
+        let params = transport::AuthParams {
+            secret: Some(&secret),
+            service: storage::wire::AUTH_SERVICE,
+            binding: &[],
+        };
+        transport::connect_blocking(&mut stream, params).expect("authenticated");
+        stream
+    })
+    .await
+    .expect("the authentication task");
+    stream.set_nonblocking(true).expect("non-blocking");
+    tokio::net::TcpStream::from_std(stream).expect("a tokio socket")
+}
+
+/// The server's side of [`authenticated`]: authenticates an accepted raw connection.
+pub async fn accept_authenticated(socket: tokio::net::TcpStream) -> tokio::net::TcpStream {
+    let stream = socket.into_std().expect("a std socket");
+    stream.set_nonblocking(false).expect("blocking");
+    let stream = tokio::task::spawn_blocking(move || {
+        let mut stream = stream;
+        let secret = test_secret();
+        let params = transport::AuthParams {
+            secret: Some(&secret),
+            service: storage::wire::AUTH_SERVICE,
+            binding: &[],
+        };
+        transport::accept_blocking(&mut stream, params).expect("the client authenticates");
+        stream
+    })
+    .await
+    .expect("the authentication task");
+    stream.set_nonblocking(true).expect("non-blocking");
+    tokio::net::TcpStream::from_std(stream).expect("a tokio socket")
 }
 
 /// How the servers under test secure their port: plain TCP and the test secret (TLS is covered by

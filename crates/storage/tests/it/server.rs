@@ -117,8 +117,15 @@ async fn garbage_from_one_client_closes_only_that_connection() {
         }),
         ("a truncated frame", vec![10, 0, 0, 0, 1]),
     ];
-    for (what, bytes) in cases {
-        let mut socket = TcpStream::connect(addr).await.unwrap();
+    // Before the authentication (refused by it) and after it (by the storage protocol).
+    let cases =
+        cases.into_iter().flat_map(|(what, bytes)| [(what, bytes.clone(), false), (what, bytes, true)]);
+    for (what, bytes, authenticate) in cases {
+        let mut socket = if authenticate {
+            crate::authenticated(addr).await
+        } else {
+            TcpStream::connect(addr).await.unwrap()
+        };
         socket.write_all(&bytes).await.unwrap();
         socket.shutdown().await.unwrap();
         let mut rest = Vec::new();
@@ -140,7 +147,7 @@ async fn garbage_from_one_client_closes_only_that_connection() {
 }
 
 async fn raw_connection(addr: std::net::SocketAddr) -> (TcpStream, FrameDecoder) {
-    let mut socket = TcpStream::connect(addr).await.unwrap();
+    let mut socket = crate::authenticated(addr).await;
     send(&mut socket, &StorageRequest::Hello { version: STORAGE_PROTOCOL_VERSION }).await;
     let mut decoder = FrameDecoder::new(MAX_FRAME_BYTES);
     assert_eq!(
@@ -222,7 +229,8 @@ async fn the_server_binary_serves_shuts_down_on_sigterm_and_restarts_with_its_da
     let id = user(1);
     for round in 0..2u64 {
         let mut child = Command::new(env!("CARGO_BIN_EXE_storage-server"))
-            .args(["--data-dir", dir.path().to_str().unwrap(), "--listen", "127.0.0.1:0"])
+            .args(["--data-dir", dir.path().to_str().unwrap(), "--listen", "127.0.0.1:0", "--insecure"])
+            .env(transport::SECRET_ENV, crate::TEST_SECRET)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
