@@ -170,7 +170,23 @@ impl ClientSecurity {
         address: &str,
         service: &str,
     ) -> Result<Secured, AuthError> {
-        let (read, write, binding) = match &self.tls {
+        let (read, write, binding) = self.connect_without_authentication(stream, address).await?;
+        let mut input = FramedRead::new(read, PRE_AUTH_MAX_FRAME_BYTES);
+        let mut output = FramedWrite::new(write, PRE_AUTH_MAX_FRAME_BYTES);
+        let params = AuthParams { secret: self.secret.as_ref(), service, binding: &binding };
+        auth::connect(&mut input, &mut output, params).await?;
+        Ok((input, output))
+    }
+
+    /// The first half of [`Self::connect`]: TLS (unless insecure), and not the authentication. The raw
+    /// halves and the session's binding (empty without TLS) for the exchange's proofs. For adversarial
+    /// tests that speak (or garble) the exchange themselves; a client always calls [`Self::connect`].
+    pub async fn connect_without_authentication(
+        &self,
+        stream: TcpStream,
+        address: &str,
+    ) -> Result<(SecureReadHalf, SecureWriteHalf, Vec<u8>), AuthError> {
+        Ok(match &self.tls {
             None => {
                 let (read, write) = split_plain(stream);
                 (read, write, Vec::new())
@@ -184,12 +200,7 @@ impl ClientSecurity {
                 let (read, write) = split_tls(stream.into());
                 (read, write, binding)
             }
-        };
-        let mut input = FramedRead::new(read, PRE_AUTH_MAX_FRAME_BYTES);
-        let mut output = FramedWrite::new(write, PRE_AUTH_MAX_FRAME_BYTES);
-        let params = AuthParams { secret: self.secret.as_ref(), service, binding: &binding };
-        auth::connect(&mut input, &mut output, params).await?;
-        Ok((input, output))
+        })
     }
 }
 

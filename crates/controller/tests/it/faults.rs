@@ -4,6 +4,9 @@
 //! exist. The controller must reject the forged response without applying
 //! it, drop the connection, reconnect after backoff, replay its history, and serve again. Waits poll with a
 //! bounded number of short sleeps.
+//!
+//! The connection is plain TCP with the shared secret (`--insecure`): the proxy is a man in the middle,
+//! which TLS keeps out (`security.rs`); it passes the authentication exchange through untouched.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -19,9 +22,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Mutex, mpsc};
 
-use crate::harness::{
-    any_port, controller_config, desc, eventually, f, index_on_storage, kv, s, start_replica, u,
-};
+use crate::harness::{any_port, controller_config, desc, eventually, f, index_on_storage, kv, s, u};
 
 const INSTANCE: InstanceId = InstanceId(1);
 const R1: ReplicaId = ReplicaId(1);
@@ -100,6 +101,8 @@ async fn forward_responses(
     let mut buffer = vec![0u8; 64 * 1024];
     let mut frame = Vec::new();
     let mut forged = forged.lock().await;
+    // The replica's two messages of the authentication exchange (its challenge, its verdict) come first.
+    let mut exchange_frames = 2;
     loop {
         let read = tokio::select! {
             read = from.read(&mut buffer) => read,
@@ -117,7 +120,19 @@ async fn forward_responses(
             Ok(n) => n,
         };
         decoder.push(&buffer[..n]);
-        while let Ok(Some(response)) = decoder.next_message::<ComputeResponse>() {
+        while exchange_frames > 0
+            && let Ok(Some(message)) = decoder.next_message::<transport::AcceptorMessage>()
+        {
+            exchange_frames -= 1;
+            frame.clear();
+            encode_frame(&message, DEFAULT_MAX_FRAME_BYTES, &mut frame).expect("encode");
+            if to.write_all(&frame).await.is_err() {
+                return;
+            }
+        }
+        while exchange_frames == 0
+            && let Ok(Some(response)) = decoder.next_message::<ComputeResponse>()
+        {
             frame.clear();
             encode_frame(&response, DEFAULT_MAX_FRAME_BYTES, &mut frame).expect("encode");
             if to.write_all(&frame).await.is_err() {
@@ -172,10 +187,20 @@ async fn a_replica_reporting_a_regressed_frontier_or_an_unknown_collection_is_di
         .await
         .expect("policy");
     let mut upper = write(&storage, table, 0, 5).await;
-    let replica = start_replica(&storage, any_port());
+    let secret = transport::SharedSecret::generate().expect("a secret");
+    let replica = compute::ReplicaServer::start(compute::ReplicaConfig::new(
+        any_port(),
+        1,
+        Arc::clone(&storage) as Arc<dyn StorageCollections>,
+        transport::ServerSecurity::insecure(secret.clone()),
+    ))
+    .expect("start replica");
     let proxy = ForgingProxy::start(replica.local_addr()).await;
 
-    let config = controller_config(false);
+    let config = controller::ControllerConfig {
+        replica_security: transport::ClientSecurity::insecure(secret),
+        ..controller_config(false)
+    };
     let mut controller =
         ComputeController::new(Arc::clone(&storage) as _, None, config).await.expect("controller");
     controller.create_instance(INSTANCE, controller.default_instance_config()).expect("instance");

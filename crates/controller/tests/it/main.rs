@@ -6,7 +6,8 @@
 //! produces, each shown to change nothing (`api_errors`), and a replica the controller finds faulty being
 //! disconnected, reconnected and serving again (`faults`). Introspection as the core writes it, with exact
 //! values (`introspection`), and as it reaches storage (`e2e`). Materialized views whose upper is their
-//! target's durable storage upper, in the core and end to end (`materialized_views`).
+//! target's durable storage upper, in the core and end to end (`materialized_views`). Controllers that
+//! do not belong (a lower or equal epoch, a wrong secret, an untrusted CA) over TLS (`security`).
 
 mod api_errors;
 mod chain;
@@ -19,4 +20,5 @@ mod materialized_views;
 mod orchestrators;
 mod peeks;
 mod replicas;
+mod security;
 mod sinks;
