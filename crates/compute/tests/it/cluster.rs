@@ -68,6 +68,42 @@ fn strangers_on_a_cluster_port_during_start_up_are_refused_and_the_replica_still
 }
 
 #[test]
+fn processes_that_do_not_share_the_secret_never_form_a_cluster() {
+    let storage = new_storage();
+    let addresses = free_addresses(2);
+    let limits = ReplicaLimits { cluster_connect_timeout_ms: 1_000, ..ReplicaLimits::default() };
+    let secrets = [
+        test_security(),
+        compute::ServerSecurity::insecure(
+            compute::SharedSecret::new(b"a secret the other process does not hold".to_vec()).expect("secret"),
+        ),
+    ];
+    let processes: Vec<_> = secrets
+        .into_iter()
+        .enumerate()
+        .map(|(process, security)| {
+            let config = ReplicaConfig::new(
+                listen(),
+                1,
+                Arc::clone(&storage) as Arc<dyn StorageCollections>,
+                security,
+            )
+            .in_cluster(process, addresses.clone());
+            ReplicaServer::start_with(config, limits).expect("starts")
+        })
+        .collect();
+    for (process, handle) in processes.iter().enumerate() {
+        let failure = wait_failed(handle);
+        let expected =
+            if process == 0 { "waited in vain for processes [1]" } else { "could not connect to process 0" };
+        assert!(failure.contains(expected), "process {process}: {failure}");
+    }
+    for handle in processes {
+        handle.shutdown();
+    }
+}
+
+#[test]
 fn a_process_whose_cluster_port_is_taken_does_not_start() {
     let storage = new_storage();
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");

@@ -282,7 +282,6 @@ pub fn controller_security() -> transport::ClientSecurity {
 }
 
 /// The PEM files of [`replica_security`] and [`controller_security`], and their secret.
-#[allow(dead_code)] // used by some modules only
 pub fn pki_files() -> (&'static transport::certs::PkiFiles, &'static transport::SharedSecret) {
     let (_, files, secret) = pki();
     (files, secret)
