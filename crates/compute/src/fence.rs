@@ -63,7 +63,8 @@ mod tests {
         let e = ControllerEpoch;
         // (served so far: epoch and session, the newcomer's epoch and session, a connection active,
         //  admitted or refused with the highest epoch)
-        let table: [(Option<(u64, u64)>, (u64, u64), bool, Result<(), u64>); 9] = [
+        type Case = (Option<(u64, u64)>, (u64, u64), bool, Result<(), u64>);
+        let table: [Case; 9] = [
             (None, (0, 1), false, Ok(())),
             (Some((3, 1)), (4, 2), true, Ok(())),
             (Some((3, 1)), (4, 2), false, Ok(())),

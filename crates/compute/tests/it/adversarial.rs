@@ -383,7 +383,8 @@ async fn wrong_and_missing_proofs_and_replayed_handshakes_are_refused_without_re
         }
         (hello, proof, verdict)
     }
-    let cases: [(&str, Box<dyn Fn(&Transcript<'_>) -> ConnectorMessage>, Refusal); 3] = [
+    type MakeProof<'a> = Box<dyn Fn(&Transcript<'_>) -> ConnectorMessage + 'a>;
+    let cases: [(&str, MakeProof<'_>, Refusal); 3] = [
         (
             "a wrong proof",
             Box::new(|t| ConnectorMessage::Proof(Some(t.prove(&wrong, Role::Connector)))),
