@@ -35,16 +35,20 @@
 //! (`cargo bench -p storage --bench storage`).
 
 mod api;
+pub mod blob;
 mod client;
 mod commit;
+pub mod consensus;
 pub mod core;
 pub mod durable;
 mod error;
+pub mod external;
 mod inprocess;
 mod listen;
 mod server;
 mod session;
 mod table_writer;
+mod url;
 pub mod wire;
 
 pub use api::{
@@ -56,4 +60,5 @@ pub use inprocess::{CheckpointError, InProcess, StoreConfig};
 pub use listen::{FrontierWatch, Listen};
 pub use server::Server;
 pub use session::HoldSession;
+pub use url::UrlError;
 pub use table_writer::{Clock, ManualClock, SystemClock, TableWriteError, TableWriter, TableWriterConfig};
