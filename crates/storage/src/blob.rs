@@ -146,7 +146,8 @@ impl std::str::FromStr for BlobConfig {
     /// Parses a `--blob` URL (see the module documentation).
     fn from_str(url: &str) -> Result<Self, UrlError> {
         let mut split = SplitUrl::parse(url, "blob")?;
-        let invalid = |reason: &str| UrlError::Invalid { what: "blob", url: url.to_owned(), reason: reason.into() };
+        let invalid =
+            |reason: &str| UrlError::Invalid { what: "blob", url: url.to_owned(), reason: reason.into() };
         let timeout = match split.take("timeout_ms") {
             None => Duration::from_secs(30),
             Some(ms) => Duration::from_millis(ms.parse().map_err(|_| invalid("timeout_ms is not a number"))?),
@@ -161,7 +162,11 @@ impl std::str::FromStr for BlobConfig {
             "mem" => BlobKind::Memory { name: (!split.rest.is_empty()).then(|| split.rest.clone()) },
             "s3" => {
                 if !cfg!(feature = "s3") {
-                    return Err(UrlError::FeatureDisabled { url: url.to_owned(), backend: "S3", feature: "s3" });
+                    return Err(UrlError::FeatureDisabled {
+                        url: url.to_owned(),
+                        backend: "S3",
+                        feature: "s3",
+                    });
                 }
                 let (bucket, prefix) = split.rest.split_once('/').unwrap_or((&split.rest, ""));
                 if bucket.is_empty() {
@@ -273,7 +278,10 @@ struct ObjectStoreBlob {
 
 impl fmt::Debug for ObjectStoreBlob {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ObjectStoreBlob").field("kind", &self.kind).field("store", &self.store.to_string()).finish()
+        f.debug_struct("ObjectStoreBlob")
+            .field("kind", &self.kind)
+            .field("store", &self.store.to_string())
+            .finish()
     }
 }
 
@@ -292,8 +300,13 @@ impl ObjectStoreBlob {
         match tokio::time::timeout(self.timeout, op).await {
             Ok(result) => Ok(result),
             Err(_) => {
-                let message = format!("{} blob {what} of {key:?} timed out after {:?}", self.kind, self.timeout);
-                Err(if write { ExternalError::Indeterminate(message) } else { ExternalError::Determinate(message) })
+                let message =
+                    format!("{} blob {what} of {key:?} timed out after {:?}", self.kind, self.timeout);
+                Err(if write {
+                    ExternalError::Indeterminate(message)
+                } else {
+                    ExternalError::Determinate(message)
+                })
             }
         }
     }
@@ -307,7 +320,9 @@ impl Blob for ObjectStoreBlob {
             match self.bounded("get", key, false, op).await? {
                 Ok(bytes) => Ok(Some(bytes)),
                 Err(object_store::Error::NotFound { .. }) => Ok(None),
-                Err(error) => Err(ExternalError::Determinate(format!("{} blob get of {key:?}: {error}", self.kind))),
+                Err(error) => {
+                    Err(ExternalError::Determinate(format!("{} blob get of {key:?}: {error}", self.kind)))
+                }
             }
         })
     }
@@ -330,9 +345,10 @@ impl Blob for ObjectStoreBlob {
             let location = path(key)?;
             match self.bounded("delete", key, true, self.store.delete(&location)).await? {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-                Err(error) => {
-                    Err(ExternalError::Indeterminate(format!("{} blob delete of {key:?}: {error}", self.kind)))
-                }
+                Err(error) => Err(ExternalError::Indeterminate(format!(
+                    "{} blob delete of {key:?}: {error}",
+                    self.kind
+                ))),
             }
         })
     }
@@ -351,7 +367,9 @@ impl Blob for ObjectStoreBlob {
                     })
                     .collect()),
                 Err(object_store::Error::NotFound { .. }) => Ok(Vec::new()),
-                Err(error) => Err(ExternalError::Determinate(format!("{} blob list of {dir:?}: {error}", self.kind))),
+                Err(error) => {
+                    Err(ExternalError::Determinate(format!("{} blob list of {dir:?}: {error}", self.kind)))
+                }
             }
         })
     }
@@ -371,7 +389,8 @@ mod tests {
         assert_eq!(config.timeout, Duration::from_millis(50));
         assert_eq!("mem://".parse::<BlobConfig>().unwrap().kind, BlobKind::Memory { name: None });
         let s3: Result<BlobConfig, _> =
-            "s3://bucket/some/prefix/?endpoint=http://127.0.0.1:9000&access_key_id=k&secret_access_key=s".parse();
+            "s3://bucket/some/prefix/?endpoint=http://127.0.0.1:9000&access_key_id=k&secret_access_key=s"
+                .parse();
         if cfg!(feature = "s3") {
             let BlobKind::S3(s3) = s3.unwrap().kind else { panic!("not s3") };
             assert_eq!(s3.bucket, "bucket");

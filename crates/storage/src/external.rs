@@ -126,7 +126,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_retry_loop_backs_off_and_stops_at_its_budget() {
-        let mut retry = Retry::new(Duration::from_millis(10), Duration::from_millis(40), Duration::from_millis(100));
+        let mut retry =
+            Retry::new(Duration::from_millis(10), Duration::from_millis(40), Duration::from_millis(100));
         let mut sleeps = 0;
         while retry.wait().await {
             sleeps += 1;

@@ -46,7 +46,10 @@ pub mod external;
 mod inprocess;
 mod listen;
 mod server;
+#[cfg(feature = "services")]
+pub mod services;
 mod session;
+pub mod shard;
 mod table_writer;
 mod url;
 pub mod wire;
@@ -60,5 +63,6 @@ pub use inprocess::{CheckpointError, InProcess, StoreConfig};
 pub use listen::{FrontierWatch, Listen};
 pub use server::Server;
 pub use session::HoldSession;
-pub use url::UrlError;
+pub use shard::{ShardCollections, ShardConfig, ShardOpenError, ShardStats};
 pub use table_writer::{Clock, ManualClock, SystemClock, TableWriteError, TableWriter, TableWriterConfig};
+pub use url::UrlError;

@@ -137,7 +137,8 @@ mod tests {
 
     #[test]
     fn urls_split_into_scheme_rest_and_decoded_parameters() {
-        let url = SplitUrl::parse("S3://bucket/a/b?endpoint=http%3A%2F%2F127.0.0.1%3A9000&region=x", "blob").unwrap();
+        let url = SplitUrl::parse("S3://bucket/a/b?endpoint=http%3A%2F%2F127.0.0.1%3A9000&region=x", "blob")
+            .unwrap();
         assert_eq!(url.scheme, "s3");
         assert_eq!(url.rest, "bucket/a/b");
         assert_eq!(url.params["endpoint"], "http://127.0.0.1:9000");
@@ -159,6 +160,8 @@ mod tests {
             assert!(error.contains(expected), "{input}: {error}");
         }
         let url = SplitUrl::parse("file:///x?unknown=1", "blob").unwrap();
-        assert!(url.finish("blob", "file:///x?unknown=1").unwrap_err().to_string().contains("unknown parameter"));
+        assert!(
+            url.finish("blob", "file:///x?unknown=1").unwrap_err().to_string().contains("unknown parameter")
+        );
     }
 }

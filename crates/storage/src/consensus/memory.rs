@@ -84,7 +84,9 @@ impl Consensus for MemoryConsensus {
                 versions.retain(|v| v.seqno >= below);
                 Ok((before - versions.len()) as u64)
             }
-            _ => Err(ExternalError::Determinate(format!("cannot truncate {key:?} below {below}: beyond its head"))),
+            _ => Err(ExternalError::Determinate(format!(
+                "cannot truncate {key:?} below {below}: beyond its head"
+            ))),
         };
         Box::pin(std::future::ready(result))
     }

@@ -133,7 +133,10 @@ pub(crate) fn check_ops(ops: &mut [CasOp]) -> Result<(), ExternalError> {
     ops.sort_by(|a, b| a.key.cmp(&b.key));
     for pair in ops.windows(2) {
         if pair[0].key == pair[1].key {
-            return Err(ExternalError::Determinate(format!("key {:?} is set twice in one transaction", pair[0].key)));
+            return Err(ExternalError::Determinate(format!(
+                "key {:?} is set twice in one transaction",
+                pair[0].key
+            )));
         }
     }
     for op in ops.iter() {
@@ -219,8 +222,11 @@ impl std::str::FromStr for ConsensusConfig {
     /// Parses a `--consensus` URL (see the module documentation).
     fn from_str(url: &str) -> Result<Self, UrlError> {
         let mut split = SplitUrl::parse(url, "consensus")?;
-        let invalid =
-            |reason: &str| UrlError::Invalid { what: "consensus", url: url.to_owned(), reason: reason.into() };
+        let invalid = |reason: &str| UrlError::Invalid {
+            what: "consensus",
+            url: url.to_owned(),
+            reason: reason.into(),
+        };
         let timeout = match split.take("timeout_ms") {
             None => Duration::from_secs(10),
             Some(ms) => Duration::from_millis(ms.parse().map_err(|_| invalid("timeout_ms is not a number"))?),
@@ -274,7 +280,10 @@ impl std::str::FromStr for ConsensusConfig {
 impl ConsensusConfig {
     /// A SQLite file, default timeout.
     pub fn sqlite(path: impl Into<PathBuf>) -> Self {
-        ConsensusConfig { kind: ConsensusKind::Sqlite { path: path.into() }, timeout: Duration::from_secs(10) }
+        ConsensusConfig {
+            kind: ConsensusKind::Sqlite { path: path.into() },
+            timeout: Duration::from_secs(10),
+        }
     }
 
     /// A fresh in-memory store, default timeout.
@@ -285,7 +294,9 @@ impl ConsensusConfig {
     /// Opens the store, creating its tables if needed.
     pub async fn open(&self) -> Result<Arc<dyn Consensus>, ConsensusOpenError> {
         match &self.kind {
-            ConsensusKind::Sqlite { path } => Ok(Arc::new(sqlite::SqliteConsensus::open(path, self.timeout).await?)),
+            ConsensusKind::Sqlite { path } => {
+                Ok(Arc::new(sqlite::SqliteConsensus::open(path, self.timeout).await?))
+            }
             ConsensusKind::Memory { name } => Ok(memory::MemoryConsensus::open(name.as_deref())),
             #[cfg(feature = "postgres")]
             ConsensusKind::Postgres { url, connections } => {

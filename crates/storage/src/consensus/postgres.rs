@@ -101,7 +101,8 @@ fn determinate(what: &str, error: tokio_postgres::Error) -> ExternalError {
 }
 
 fn seqno_of(value: i64) -> Result<SeqNo, ExternalError> {
-    SeqNo::try_from(value).map_err(|_| ExternalError::Corrupt(format!("negative seqno {value} in the postgres store")))
+    SeqNo::try_from(value)
+        .map_err(|_| ExternalError::Corrupt(format!("negative seqno {value} in the postgres store")))
 }
 
 async fn connect(config: &tokio_postgres::Config, timeout: Duration) -> Result<Client, ExternalError> {
@@ -109,7 +110,9 @@ async fn connect(config: &tokio_postgres::Config, timeout: Duration) -> Result<C
     let (client, connection) = match tokio::time::timeout(timeout, connecting).await {
         Ok(Ok(pair)) => pair,
         Ok(Err(error)) => return Err(determinate("connect", error)),
-        Err(_) => return Err(ExternalError::Determinate(format!("postgres connect timed out after {timeout:?}"))),
+        Err(_) => {
+            return Err(ExternalError::Determinate(format!("postgres connect timed out after {timeout:?}")));
+        }
     };
     tokio::spawn(async move {
         if let Err(error) = connection.await {
@@ -127,7 +130,9 @@ async fn prepare(client: Client, notify: bool) -> Result<Pooled, tokio_postgres:
                  LEFT JOIN consensus c ON c.key = h.key AND c.seqno = h.seqno WHERE h.key = $1",
             )
             .await?,
-        move_head: client.prepare("UPDATE consensus_heads SET seqno = $3 WHERE key = $1 AND seqno = $2").await?,
+        move_head: client
+            .prepare("UPDATE consensus_heads SET seqno = $3 WHERE key = $1 AND seqno = $2")
+            .await?,
         new_head: client
             .prepare("INSERT INTO consensus_heads (key, seqno) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING")
             .await?,
@@ -137,7 +142,9 @@ async fn prepare(client: Client, notify: bool) -> Result<Pooled, tokio_postgres:
             false => None,
         },
         scan: client
-            .prepare("SELECT seqno, data FROM consensus WHERE key = $1 AND seqno >= $2 ORDER BY seqno LIMIT $3")
+            .prepare(
+                "SELECT seqno, data FROM consensus WHERE key = $1 AND seqno >= $2 ORDER BY seqno LIMIT $3",
+            )
             .await?,
         list: client.prepare("SELECT key, seqno FROM consensus_heads ORDER BY key").await?,
         client,
@@ -147,7 +154,8 @@ async fn prepare(client: Client, notify: bool) -> Result<Pooled, tokio_postgres:
 impl Shared {
     /// A pooled connection and the permit that bounds the pool.
     async fn pooled(&self) -> Result<(Pooled, OwnedSemaphorePermit), ExternalError> {
-        let permit = Arc::clone(&self.permits).acquire_owned().await.expect("the pool's semaphore is never closed");
+        let permit =
+            Arc::clone(&self.permits).acquire_owned().await.expect("the pool's semaphore is never closed");
         loop {
             let idle = self.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop();
             match idle {
@@ -177,7 +185,11 @@ impl Shared {
             Ok(result) => result,
             Err(_) => {
                 let message = format!("postgres call timed out after {:?}", self.timeout);
-                return Err(if write { ExternalError::Indeterminate(message) } else { ExternalError::Determinate(message) });
+                return Err(if write {
+                    ExternalError::Indeterminate(message)
+                } else {
+                    ExternalError::Determinate(message)
+                });
             }
         };
         if result.is_ok() {
@@ -189,7 +201,11 @@ impl Shared {
 }
 
 impl PostgresConsensus {
-    pub(crate) async fn open(url: &str, connections: usize, timeout: Duration) -> Result<Self, ConsensusOpenError> {
+    pub(crate) async fn open(
+        url: &str,
+        connections: usize,
+        timeout: Duration,
+    ) -> Result<Self, ConsensusOpenError> {
         let config: tokio_postgres::Config =
             url.parse().map_err(|e| ConsensusOpenError::Backend(format!("invalid postgres URL: {e}")))?;
         let backend = |e: ExternalError| ConsensusOpenError::Backend(e.to_string());
@@ -274,7 +290,8 @@ async fn listen(shared: Arc<Shared>, changes: broadcast::Sender<String>) {
 impl Consensus for PostgresConsensus {
     fn head<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<VersionedData>, ExternalError>> {
         Box::pin(self.shared.call(false, async move |pooled: &mut Pooled| {
-            let row = pooled.client.query_opt(&pooled.head, &[&key]).await.map_err(|e| determinate("head", e))?;
+            let row =
+                pooled.client.query_opt(&pooled.head, &[&key]).await.map_err(|e| determinate("head", e))?;
             let Some(row) = row else { return Ok(None) };
             let seqno: i64 = row.get(0);
             match row.get::<_, Option<Vec<u8>>>(1) {
@@ -333,11 +350,17 @@ impl Consensus for PostgresConsensus {
         Box::pin(self.shared.call(false, async move |pooled: &mut Pooled| {
             let from = i64::try_from(from).unwrap_or(i64::MAX);
             let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-            let rows =
-                pooled.client.query(&pooled.scan, &[&key, &from, &limit]).await.map_err(|e| determinate("scan", e))?;
+            let rows = pooled
+                .client
+                .query(&pooled.scan, &[&key, &from, &limit])
+                .await
+                .map_err(|e| determinate("scan", e))?;
             rows.iter()
                 .map(|row| {
-                    Ok(VersionedData { seqno: seqno_of(row.get(0))?, data: Bytes::from(row.get::<_, Vec<u8>>(1)) })
+                    Ok(VersionedData {
+                        seqno: seqno_of(row.get(0))?,
+                        data: Bytes::from(row.get::<_, Vec<u8>>(1)),
+                    })
                 })
                 .collect()
         }))
@@ -345,7 +368,9 @@ impl Consensus for PostgresConsensus {
 
     fn truncate<'a>(&'a self, key: &'a str, below: SeqNo) -> BoxFuture<'a, Result<u64, ExternalError>> {
         Box::pin(self.shared.call(true, async move |pooled: &mut Pooled| {
-            let beyond = || ExternalError::Determinate(format!("cannot truncate {key:?} below {below}: beyond its head"));
+            let beyond = || {
+                ExternalError::Determinate(format!("cannot truncate {key:?} below {below}: beyond its head"))
+            };
             let below = i64::try_from(below).map_err(|_| beyond())?;
             // One statement: the head check and the delete see the same snapshot.
             let deleted = pooled

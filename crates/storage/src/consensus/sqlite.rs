@@ -65,7 +65,10 @@ fn open_connection(path: &Path, timeout: Duration) -> Result<Connection, Externa
     // `journal_mode` answers with the mode now in effect.
     let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |row| row.get(0)).map_err(open)?;
     if !mode.eq_ignore_ascii_case("wal") {
-        return Err(ExternalError::Determinate(format!("cannot switch {} to WAL mode (it is {mode})", path.display())));
+        return Err(ExternalError::Determinate(format!(
+            "cannot switch {} to WAL mode (it is {mode})",
+            path.display()
+        )));
     }
     conn.pragma_update(None, "synchronous", "FULL").map_err(open)?;
     Ok(conn)
@@ -75,7 +78,12 @@ fn open_connection(path: &Path, timeout: Duration) -> Result<Connection, Externa
 fn commit_failure_is_determinate(error: &rusqlite::Error) -> bool {
     matches!(
         error.sqlite_error_code(),
-        Some(ErrorCode::DiskFull | ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked | ErrorCode::OutOfMemory)
+        Some(
+            ErrorCode::DiskFull
+                | ErrorCode::DatabaseBusy
+                | ErrorCode::DatabaseLocked
+                | ErrorCode::OutOfMemory
+        )
     )
 }
 
@@ -84,7 +92,8 @@ fn determinate(what: &str, error: rusqlite::Error) -> ExternalError {
 }
 
 fn seqno_of(value: i64) -> Result<SeqNo, ExternalError> {
-    SeqNo::try_from(value).map_err(|_| ExternalError::Corrupt(format!("negative seqno {value} in the sqlite store")))
+    SeqNo::try_from(value)
+        .map_err(|_| ExternalError::Corrupt(format!("negative seqno {value} in the sqlite store")))
 }
 
 impl SqliteConsensus {
@@ -119,8 +128,10 @@ impl SqliteConsensus {
     ) -> Result<T, ExternalError> {
         // The permit moves into the blocking task, so a caller that stops waiting does not free its
         // connection slot before the work is done.
-        let permit =
-            Arc::clone(&self.pool.permits).acquire_owned().await.expect("the pool's semaphore is never closed");
+        let permit = Arc::clone(&self.pool.permits)
+            .acquire_owned()
+            .await
+            .expect("the pool's semaphore is never closed");
         let pool = Arc::clone(&self.pool);
         let task = tokio::task::spawn_blocking(move || {
             let _permit = permit;
@@ -155,10 +166,12 @@ fn head(conn: &mut Connection, key: &str) -> Result<Option<VersionedData>, Exter
         .map_err(|e| determinate("head", e))?;
     match row {
         None => Ok(None),
-        Some((seqno, Some(data))) => Ok(Some(VersionedData { seqno: seqno_of(seqno)?, data: Bytes::from(data) })),
-        Some((seqno, None)) => {
-            Err(ExternalError::Corrupt(format!("version {seqno} of {key:?}, its head, is missing from the sqlite store")))
+        Some((seqno, Some(data))) => {
+            Ok(Some(VersionedData { seqno: seqno_of(seqno)?, data: Bytes::from(data) }))
         }
+        Some((seqno, None)) => Err(ExternalError::Corrupt(format!(
+            "version {seqno} of {key:?}, its head, is missing from the sqlite store"
+        ))),
     }
 }
 
@@ -194,8 +207,9 @@ fn compare_and_set(conn: &mut Connection, ops: &[CasOp]) -> Result<CasOutcome, E
 }
 
 fn truncate(conn: &mut Connection, key: &str, below: SeqNo) -> Result<u64, ExternalError> {
-    let below_sql = i64::try_from(below)
-        .map_err(|_| ExternalError::Determinate(format!("cannot truncate {key:?} below {below}: beyond its head")))?;
+    let below_sql = i64::try_from(below).map_err(|_| {
+        ExternalError::Determinate(format!("cannot truncate {key:?} below {below}: beyond its head"))
+    })?;
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(|e| determinate("begin", e))?;
@@ -204,7 +218,9 @@ fn truncate(conn: &mut Connection, key: &str, below: SeqNo) -> Result<u64, Exter
         .optional()
         .map_err(|e| determinate("truncate", e))?;
     if head.is_none_or(|head| head < below_sql) {
-        return Err(ExternalError::Determinate(format!("cannot truncate {key:?} below {below}: beyond its head")));
+        return Err(ExternalError::Determinate(format!(
+            "cannot truncate {key:?} below {below}: beyond its head"
+        )));
     }
     let deleted = tx
         .execute("DELETE FROM consensus WHERE key = ?1 AND seqno < ?2", params![key, below_sql])
