@@ -700,8 +700,9 @@ mod tests {
             s.hold_reader(&reader, false, &at(3), 0, 100),
             Err(Refusal::BeforeSince { since: at(10) })
         );
-        let s = s.append(&input(10, 20, vec![], 2)).unwrap();
         let s = s.hold_reader(&reader, false, &at(12), 0, 100).unwrap();
+        assert_eq!(s.since, at(10), "the policy holds at 10");
+        let s = s.append(&input(10, 20, vec![], 2)).unwrap();
         assert_eq!(s.since, at(12), "the reader is behind the policy's hold at 20");
         // Moving back is allowed down to the since, never below.
         let s = s.hold_reader(&reader, false, &at(12), 0, 100).unwrap();
@@ -743,6 +744,10 @@ mod tests {
             let i = i as u64;
             s = s.append(&input(i, i + 1, vec![part(&format!("p{i}"), size)], u128::from(i))).unwrap();
         }
+        // A reader reading version 6 (the one it registered in).
+        let reader = ReaderId("leased-1".into());
+        let s = s.hold_reader(&reader, false, &at(0), 0, 100).unwrap();
+        assert_eq!(s.gc_floor(), 6);
         assert_eq!(s.compaction_request(8), None);
         let request = s.compaction_request(2).unwrap();
         // Sizes 8 4 2 1 1: the newest balanced pair is (1, 1).
@@ -750,19 +755,16 @@ mod tests {
         let merged = Batch { lower: at(3), upper: at(5), parts: vec![part("m", 2)], count_bound: 2 };
         let s2 = s.apply_merge(&request, Some(merged)).unwrap();
         assert_eq!(s2.batches.len(), 4);
-        assert_eq!(
-            s2.retired.iter().map(|r| (r.seqno, r.part.key.as_str())).collect::<Vec<_>>(),
-            [(6, "p3"), (6, "p4")]
-        );
+        let retired: Vec<_> = s2.retired.iter().map(|r| (r.seqno, r.part.key.as_str())).collect();
+        assert_eq!(retired, [(7, "p3"), (7, "p4")]);
         assert_eq!(s2.apply_merge(&request, None), Err(Refusal::MergeStale), "the inputs are gone");
-        // Garbage collection: nothing is collectable before the floor passes the retiring version.
-        let reader = ReaderId("leased-1".into());
-        let s3 = s2.hold_reader(&reader, false, &at(0), 0, 100).unwrap();
-        let s3 = s3.heartbeat(&reader, 0, 5).unwrap();
-        assert_eq!(s3.gc_floor(), 5);
-        assert!(s3.collectable(s3.gc_floor()).is_empty());
-        let s4 = s3.heartbeat(&reader, 0, 8).unwrap();
-        assert_eq!(s4.collectable(s4.gc_floor()).len(), 2);
+        // Version 6 still references the retired parts, and the reader may read it.
+        assert!(s2.collectable(s2.gc_floor()).is_empty());
+        let s3 = s2.heartbeat(&reader, 0, 7).unwrap();
+        assert_eq!(s3.gc_floor(), 7);
+        assert_eq!(s3.collectable(s3.gc_floor()).len(), 2);
+        let s4 = s3.heartbeat(&reader, 0, 2).unwrap();
+        assert_eq!(s4.gc_floor(), 7, "a reader's version hold never moves back");
         let keys: BTreeSet<String> = ["p3".to_owned(), "p4".to_owned()].into();
         let s5 = s4.forget_retired(&keys).unwrap();
         assert!(s5.retired.is_empty());
