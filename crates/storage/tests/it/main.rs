@@ -6,10 +6,16 @@
 //! - `durability`: torn tails at every byte offset, injected I/O faults, and a child process SIGKILLed
 //!   mid-append at random moments;
 //! - `server`: many clients over real TCP, holds released on disconnect, garbage from a client;
-//! - `table_writer`: the table writer with a manual clock.
+//! - `table_writer`: the table writer with a manual clock;
+//! - `backends`: the backends the shard tests run on (in-memory; local files + SQLite; S3 + PostgreSQL,
+//!   started by `storage::services`);
+//! - `blob`, `consensus`: the conformance suites of the two engine traits, on every backend.
 //!
 //! Helpers shared by the modules live here.
 
+mod backends;
+mod blob;
+mod consensus;
 mod durability;
 mod errors;
 mod listen;
