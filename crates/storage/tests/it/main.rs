@@ -9,7 +9,9 @@
 //! - `table_writer`: the table writer with a manual clock;
 //! - `backends`: the backends the shard tests run on (in-memory; local files + SQLite; S3 + PostgreSQL,
 //!   started by `storage::services`);
-//! - `blob`, `consensus`: the conformance suites of the two engine traits, on every backend.
+//! - `blob`, `consensus`: the conformance suites of the two engine traits, on every backend;
+//! - `shards`: the `StorageCollections` behaviours on shards, on every backend (reusing `errors` and
+//!   `listen` scenarios), with fault injection from `flaky`.
 //!
 //! Helpers shared by the modules live here.
 
@@ -18,9 +20,11 @@ mod blob;
 mod consensus;
 mod durability;
 mod errors;
+mod flaky;
 mod listen;
 mod model;
 mod server;
+mod shards;
 mod table_writer;
 
 use frontiers::Antichain;
