@@ -11,7 +11,8 @@
 //!   started by `storage::services`);
 //! - `blob`, `consensus`: the conformance suites of the two engine traits, on every backend;
 //! - `shards`: the `StorageCollections` behaviours on shards, on every backend (reusing `errors` and
-//!   `listen` scenarios), with fault injection from `flaky`.
+//!   `listen` scenarios), with fault injection from `flaky`;
+//! - `shard_model`: a property test of the shard state machine's synchronous core against a naive model.
 //!
 //! Helpers shared by the modules live here.
 
@@ -24,6 +25,7 @@ mod flaky;
 mod listen;
 mod model;
 mod server;
+mod shard_model;
 mod shards;
 mod table_writer;
 
