@@ -539,15 +539,25 @@ impl ShardState {
         Ok(next.finish(self))
     }
 
-    /// What compaction should merge next, if anything: with more than `max_batches` batches, the newest
-    /// adjacent pair whose older batch is at most twice the newer (so sizes grow geometrically with age and
-    /// every update is rewritten a logarithmic number of times), else the adjacent pair with the fewest
-    /// updates.
+    /// What compaction should merge next, if anything. First, the batches entirely below the since (they
+    /// consolidate completely): all of them into one, once the newer ones hold at least half as many
+    /// updates as the oldest (so the oldest is rewritten geometrically rarely). Then, with more than
+    /// `max_batches` batches, the newest adjacent pair whose older batch is at most twice the newer (so
+    /// sizes grow with age and every update is rewritten a logarithmic number of times), else the
+    /// adjacent pair with the fewest updates.
     pub fn compaction_request(&self, max_batches: usize) -> Option<MergeRequest> {
-        if self.dropped || self.batches.len() <= max_batches.max(1) {
+        if self.dropped || self.batches.len() < 2 {
             return None;
         }
         let sizes: Vec<u64> = self.batches.iter().map(Batch::updates).collect();
+        let below_since =
+            self.batches.iter().take_while(|b| PartialOrder::less_equal(&b.upper, &self.since)).count();
+        if below_since >= 2 && sizes[1..below_since].iter().sum::<u64>() * 2 >= sizes[0] {
+            return Some(MergeRequest { inputs: self.batches[..below_since].to_vec(), since: self.since.clone() });
+        }
+        if self.batches.len() <= max_batches.max(1) {
+            return None;
+        }
         let balanced = (0..sizes.len() - 1).rev().find(|&i| sizes[i] <= sizes[i + 1].saturating_mul(2));
         let i = balanced.unwrap_or_else(|| {
             (0..sizes.len() - 1).min_by_key(|&i| sizes[i] + sizes[i + 1]).expect("at least two batches")
@@ -755,6 +765,10 @@ mod tests {
         let merged = Batch { lower: at(3), upper: at(5), parts: vec![part("m", 2)], count_bound: 2 };
         let s2 = s.apply_merge(&request, Some(merged)).unwrap();
         assert_eq!(s2.batches.len(), 4);
+        // Once the since passes the first three (8, 4, 2 updates), they are merged as one.
+        let all_below = s2.set_policy(ReadPolicy::ValidFrom(at(3))).unwrap().release_reader(&reader).unwrap();
+        let below = all_below.compaction_request(100).unwrap();
+        assert_eq!((below.inputs.len(), below.lower(), below.upper()), (3, &at(0), &at(3)));
         let retired: Vec<_> = s2.retired.iter().map(|r| (r.seqno, r.part.key.as_str())).collect();
         assert_eq!(retired, [(7, "p3"), (7, "p4")]);
         assert_eq!(s2.apply_merge(&request, None), Err(Refusal::MergeStale), "the inputs are gone");

@@ -12,6 +12,8 @@
 //! - `blob`, `consensus`: the conformance suites of the two engine traits, on every backend;
 //! - `shards`: the `StorageCollections` behaviours on shards, on every backend (reusing `errors` and
 //!   `listen` scenarios), with fault injection from `flaky`;
+//! - `faults`: the shard engine's faults (SIGKILLed writers, a PostgreSQL outage, racing writer
+//!   processes, damage by hand, a full disk, huge collections, space under churn);
 //! - `shard_model`: a property test of the shard state machine's synchronous core against a naive model.
 //!
 //! Helpers shared by the modules live here.
@@ -21,6 +23,7 @@ mod blob;
 mod consensus;
 mod durability;
 mod errors;
+mod faults;
 mod flaky;
 mod listen;
 mod model;
