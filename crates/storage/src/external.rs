@@ -126,7 +126,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_retry_loop_backs_off_and_stops_at_its_budget() {
-        let mut retry = Retry::new(Duration::from_millis(1), Duration::from_millis(4), Duration::from_millis(10));
+        let mut retry =
+            Retry::new(Duration::from_millis(1), Duration::from_millis(4), Duration::from_millis(10));
         let mut sleeps = 0;
         while retry.wait().await {
             sleeps += 1;

@@ -457,7 +457,7 @@ impl Inner {
     }
 
     /// Heartbeats this process's leased reader of `id` with the oldest version it is reading.
-    async fn heartbeat(&self, id: GlobalId) {
+    pub(crate) async fn heartbeat(&self, id: GlobalId) {
         let registration = self.with_entry(id, |e| Arc::clone(&e.registration));
         let _registering = registration.lock().await;
         let (registered, reading) =
@@ -499,6 +499,16 @@ impl Inner {
             }
             Err(error) => tracing::debug!(%id, ?error, "heartbeat failed; will retry"),
         }
+    }
+
+    /// How many versions this process's leased reader of `id` holds back beyond the ones its reads use
+    /// (`None` if it is not registered).
+    pub(crate) fn reader_lag(&self, id: GlobalId, head: SeqNo) -> Option<u64> {
+        self.with_entry(id, |e| {
+            let held = e.leased_seqno?;
+            let needed = e.reads.values().min().copied().unwrap_or(head);
+            Some(needed.saturating_sub(held))
+        })
     }
 
     /// Registers the version a read of `id` will use; returns the state and the guard that keeps it.

@@ -2,9 +2,10 @@
 //! it uses (and on demand through [`super::ShardCollections::maintain`]).
 //!
 //! **What a pass does**, per shard: expires leased readers and writers whose leases ran out; merges
-//! batches while the state asks for it ([`ShardState::compaction_request`]): reads the inputs' parts,
-//! consolidates them with times advanced to the since ([`super::part::merge_runs`]), writes the result and
-//! commits it iff the inputs are still there (else deletes what it wrote); deletes the retired parts that
+//! batches while the state asks for it ([`ShardState::compaction_request`]): streams the inputs' parts
+//! through a k-way merge that consolidates them with times advanced to the since
+//! ([`super::read::MergeStream`], the same advancement as [`super::part::merge_runs`]), writes the result
+//! part by part and commits it iff the inputs are still there (else deletes what it wrote); deletes the retired parts that
 //! no version from the oldest held one ([`ShardState::gc_floor`]) references, forgets them in the state and
 //! truncates the consensus versions below that floor; and, when a sweep is due, deletes parts in the
 //! shard's blob directory that no state knows and that are older than the grace period (left by failed or
@@ -31,12 +32,15 @@ use crate::shard::blob_dir;
 use crate::shard::collections::{Inner, read_error_of};
 use crate::shard::consensus_key;
 use crate::shard::machine::{Change, MachineError};
-use crate::shard::part::merge_runs;
-use crate::shard::read::read_error;
-use crate::shard::state::{Batch, MergeRequest, Refusal, ShardState};
+use crate::shard::part::{Update, encode_part, encoded_len};
+use crate::shard::read::MergeStream;
+use crate::shard::state::{Batch, MergeRequest, PartRef, Refusal, ShardState};
 
 /// The most merges one pass commits per shard (the next pass continues).
 const MERGES_PER_PASS: usize = 8;
+
+/// A pass heartbeats this process's leased reader early when its version hold lags this far behind.
+const VERSION_LAG_BEFORE_HEARTBEAT: u64 = 16;
 
 /// What one maintenance pass did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -105,6 +109,19 @@ pub(crate) async fn maintain(inner: &Arc<Inner>, id: GlobalId, sweep: bool) -> R
             .map_err(|e| read_error_of(id, e))?
             .ok_or(ReadError::CollectionMissing(id))?;
     }
+    // This process's own version hold lags between heartbeats (and the merges above just read older
+    // versions); move it up now if that holds back garbage collection by more than a few versions.
+    if inner.reader_lag(id, state.seqno).is_some_and(|lag| lag > VERSION_LAG_BEFORE_HEARTBEAT)
+        || report.merges > 0
+    {
+        inner.heartbeat(id).await;
+        state = inner
+            .machine
+            .fetch(id)
+            .await
+            .map_err(|e| read_error_of(id, e))?
+            .ok_or(ReadError::CollectionMissing(id))?;
+    }
     collect_garbage(inner, &state, &mut report).await?;
     if sweep {
         report.leaked_deleted = sweep_leaked(inner, id).await?;
@@ -112,29 +129,29 @@ pub(crate) async fn maintain(inner: &Arc<Inner>, id: GlobalId, sweep: bool) -> R
     Ok(report)
 }
 
-/// Runs one merge; `false` if its inputs were gone when it tried to commit.
+/// Runs one merge, streaming (one part per input and one output part in memory); `false` if its inputs
+/// were gone when it tried to commit.
 async fn merge(inner: &Arc<Inner>, id: GlobalId, request: &MergeRequest) -> Result<bool, ReadError> {
     let (_, guard) = inner.begin_read(id, None).await?;
-    let mut runs = Vec::with_capacity(request.inputs.len());
-    for batch in &request.inputs {
-        let mut run = Vec::new();
-        for part in &batch.parts {
-            let updates = inner.machine.read_part(part).await.map_err(|e| read_error(id, e))?;
-            run.extend(updates);
+    let machine = Arc::clone(&inner.machine);
+    let (since, upper) = (request.since.clone(), request.upper().clone());
+    let mut stream = MergeStream::new(id, Arc::clone(&machine), &request.inputs, since, upper);
+    let mut parts = Vec::new();
+    let written = write_merged(inner, id, &mut stream, &mut parts).await;
+    let count_bound = match written {
+        Ok(count_bound) => count_bound,
+        Err(error) => {
+            machine.delete_parts(parts.into_iter().map(|p| p.key).collect()).await;
+            return Err(error);
         }
-        runs.push(run);
-    }
-    let run = merge_runs(runs, &request.since, request.upper());
-    let count_bound = run.count_bound;
-    let parts = inner.write_run(id, run.updates).await.map_err(|e| read_error_of(id, e))?;
+    };
     let output = (!parts.is_empty()).then(|| Batch {
         lower: request.lower().clone(),
         upper: request.upper().clone(),
         parts: parts.clone(),
         count_bound,
     });
-    let result = inner
-        .machine
+    let result = machine
         .update(id, |state, _| {
             let state = state.ok_or(MachineError::Missing)?;
             Ok(Change::Write(vec![state.apply_merge(request, output.clone())?], ()))
@@ -143,11 +160,11 @@ async fn merge(inner: &Arc<Inner>, id: GlobalId, request: &MergeRequest) -> Resu
     drop(guard);
     match result {
         Ok(_) => {
-            inner.machine.counters.merges.fetch_add(1, Ordering::Relaxed);
+            machine.counters.merges.fetch_add(1, Ordering::Relaxed);
             Ok(true)
         }
         Err(MachineError::Refused(Refusal::MergeStale)) => {
-            inner.machine.delete_parts(parts.into_iter().map(|p| p.key).collect()).await;
+            machine.delete_parts(parts.into_iter().map(|p| p.key).collect()).await;
             Ok(false)
         }
         // Whether it committed is unknown: the sweep deletes the parts if it did not.
@@ -155,10 +172,47 @@ async fn merge(inner: &Arc<Inner>, id: GlobalId, request: &MergeRequest) -> Resu
             Err(ReadError::Unavailable(message))
         }
         Err(error) => {
-            inner.machine.delete_parts(parts.into_iter().map(|p| p.key).collect()).await;
+            machine.delete_parts(parts.into_iter().map(|p| p.key).collect()).await;
             Err(read_error_of(id, error))
         }
     }
+}
+
+/// Writes the merged run as parts of about the target size (into `parts`, also on failure); returns its
+/// count bound.
+async fn write_merged(
+    inner: &Arc<Inner>,
+    id: GlobalId,
+    stream: &mut MergeStream,
+    parts: &mut Vec<PartRef>,
+) -> Result<u64, ReadError> {
+    let target = inner.config.part_target_bytes;
+    let mut chunk: Vec<Update> = Vec::new();
+    let mut bytes = 0;
+    let (mut bound, mut row_sum): (u128, u128) = (0, 0);
+    let mut last_row = None;
+    loop {
+        let next = stream.next().await?;
+        if (next.is_none() || bytes >= target) && !chunk.is_empty() {
+            let encoded = encode_part(&chunk);
+            let written = inner.machine.write_part(id, encoded, chunk.len() as u64).await;
+            parts.push(written.map_err(|e| read_error_of(id, e))?);
+            chunk.clear();
+            bytes = 0;
+        }
+        let Some(update) = next else { break };
+        if last_row.as_ref() != Some(&update.0) {
+            bound = bound.max(row_sum);
+            row_sum = 0;
+            last_row = Some(update.0.clone());
+        }
+        row_sum += u128::from(update.2.unsigned_abs());
+        bytes += encoded_len(&update);
+        chunk.push(update);
+    }
+    bound = bound.max(row_sum);
+    assert!(bound <= i64::MAX as u128, "a merge never raises the count bound past i64");
+    Ok(bound as u64)
 }
 
 /// Deletes the retired parts below the GC floor, forgets them, and truncates the versions below it.
@@ -170,6 +224,7 @@ async fn collect_garbage(
     let id = state.id;
     let floor = state.gc_floor();
     let collectable = state.collectable(floor);
+    tracing::debug!(%id, floor, seqno = state.seqno, retired = state.retired.len(), collectable = collectable.len(), "garbage collection");
     if !collectable.is_empty() {
         let keys: BTreeSet<String> = collectable.iter().map(|p| p.key.clone()).collect();
         for key in &keys {

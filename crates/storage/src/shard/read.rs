@@ -1,5 +1,6 @@
-//! Streaming reads of a shard's batches: [`SnapshotStream`] (the consolidated contents at `as_of`) and
-//! [`RangeStream`] (the updates at times in `[lower, upper)`), both reading one part per batch at a time.
+//! Streaming reads of a shard's batches: [`SnapshotStream`] (the consolidated contents at `as_of`),
+//! [`RangeStream`] (the updates at times in `[lower, upper)`) and [`MergeStream`] (compaction's merged
+//! run), all reading one part per batch at a time.
 //!
 //! **What this is.** A snapshot is a k-way merge of the batches' runs (each sorted by `(row, time)`),
 //! summing per row the diffs at times `<= as_of`: memory is one decoded part per batch plus the part being
@@ -190,6 +191,69 @@ impl SnapshotStream {
     /// The most part bytes this stream held at once so far.
     pub fn peak_buffered_bytes(&self) -> u64 {
         self.peak_buffered_bytes
+    }
+}
+
+/// The merged, consolidated run of consecutive batches with times advanced for a compaction frontier
+/// ([`crate::shard::part::advance`]), in `(row, time)` order, reading one part per batch at a time.
+/// Advancing is monotone in time, so each input run stays sorted and a k-way merge suffices.
+pub struct MergeStream {
+    id: GlobalId,
+    machine: Arc<Machine>,
+    cursors: Vec<Cursor>,
+    since: Antichain<u64>,
+    upper: Antichain<u64>,
+}
+
+impl std::fmt::Debug for MergeStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MergeStream")
+            .field("id", &self.id)
+            .field("inputs", &self.cursors.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl MergeStream {
+    /// The merge of `batches` (consecutive) advanced for `since`, ending at `upper`.
+    pub(crate) fn new(
+        id: GlobalId,
+        machine: Arc<Machine>,
+        batches: &[Batch],
+        since: Antichain<u64>,
+        upper: Antichain<u64>,
+    ) -> Self {
+        MergeStream { id, machine, cursors: batches.iter().map(Cursor::new).collect(), since, upper }
+    }
+
+    /// The next consolidated update, or `None` at the end.
+    pub async fn next(&mut self) -> Result<Option<Update>, ReadError> {
+        let advance = |t: u64| crate::shard::part::advance(t, &self.since, &self.upper);
+        loop {
+            let mut smallest: Option<(Row, u64)> = None;
+            for cursor in &mut self.cursors {
+                if let Some((row, time, _)) = cursor.peek(self.id, &self.machine).await? {
+                    let time = advance(*time);
+                    if smallest.as_ref().is_none_or(|(r, t)| (row, time) < (r, *t)) {
+                        smallest = Some((row.clone(), time));
+                    }
+                }
+            }
+            let Some((row, time)) = smallest else { return Ok(None) };
+            let mut sum: Diff = 0;
+            for cursor in &mut self.cursors {
+                while let Some((r, t, diff)) = cursor.peek(self.id, &self.machine).await? {
+                    if *r != row || advance(*t) != time {
+                        break;
+                    }
+                    sum = sum.checked_add(*diff).expect("the shard's count bound rules out overflow");
+                    cursor.position += 1;
+                }
+            }
+            if sum != 0 {
+                return Ok(Some((row, time, sum)));
+            }
+        }
     }
 }
 

@@ -541,10 +541,11 @@ impl ShardState {
 
     /// What compaction should merge next, if anything. First, the batches entirely below the since (they
     /// consolidate completely): all of them into one, once the newer ones hold at least half as many
-    /// updates as the oldest (so the oldest is rewritten geometrically rarely). Then, with more than
-    /// `max_batches` batches, the newest adjacent pair whose older batch is at most twice the newer (so
-    /// sizes grow with age and every update is rewritten a logarithmic number of times), else the
-    /// adjacent pair with the fewest updates.
+    /// updates as the oldest. Then, with more than `max_batches` batches, the longest run of newest
+    /// batches whose oldest holds at most twice the updates of the rest of the run (else the last two).
+    /// Either way a batch is rewritten only once the data merged into it is a good fraction of its size,
+    /// so every update is rewritten a bounded number of times on average, and one merge absorbs any
+    /// number of small batches.
     pub fn compaction_request(&self, max_batches: usize) -> Option<MergeRequest> {
         if self.dropped || self.batches.len() < 2 {
             return None;
@@ -553,16 +554,19 @@ impl ShardState {
         let below_since =
             self.batches.iter().take_while(|b| PartialOrder::less_equal(&b.upper, &self.since)).count();
         if below_since >= 2 && sizes[1..below_since].iter().sum::<u64>() * 2 >= sizes[0] {
-            return Some(MergeRequest { inputs: self.batches[..below_since].to_vec(), since: self.since.clone() });
+            return Some(MergeRequest {
+                inputs: self.batches[..below_since].to_vec(),
+                since: self.since.clone(),
+            });
         }
         if self.batches.len() <= max_batches.max(1) {
             return None;
         }
-        let balanced = (0..sizes.len() - 1).rev().find(|&i| sizes[i] <= sizes[i + 1].saturating_mul(2));
-        let i = balanced.unwrap_or_else(|| {
-            (0..sizes.len() - 1).min_by_key(|&i| sizes[i] + sizes[i + 1]).expect("at least two batches")
-        });
-        Some(MergeRequest { inputs: self.batches[i..i + 2].to_vec(), since: self.since.clone() })
+        let n = sizes.len();
+        let start = (0..n - 1)
+            .find(|&i| sizes[i + 1..].iter().sum::<u64>().saturating_mul(2) >= sizes[i])
+            .unwrap_or(n - 2);
+        Some(MergeRequest { inputs: self.batches[start..].to_vec(), since: self.since.clone() })
     }
 
     /// Replaces a merge's inputs with its output (`None`: they consolidated to nothing). Refused if the
@@ -760,26 +764,27 @@ mod tests {
         assert_eq!(s.gc_floor(), 6);
         assert_eq!(s.compaction_request(8), None);
         let request = s.compaction_request(2).unwrap();
-        // Sizes 8 4 2 1 1: the newest balanced pair is (1, 1).
-        assert_eq!(request.lower(), &at(3));
-        let merged = Batch { lower: at(3), upper: at(5), parts: vec![part("m", 2)], count_bound: 2 };
+        // Sizes 8 4 2 1 1: 2 is at most twice 1 + 1, 4 is more than twice 2 + 1 + 1.
+        assert_eq!(request.lower(), &at(2));
+        assert_eq!(request.inputs.len(), 3);
+        let merged = Batch { lower: at(2), upper: at(5), parts: vec![part("m", 2)], count_bound: 2 };
         let s2 = s.apply_merge(&request, Some(merged)).unwrap();
-        assert_eq!(s2.batches.len(), 4);
-        // Once the since passes the first three (8, 4, 2 updates), they are merged as one.
-        let all_below = s2.set_policy(ReadPolicy::ValidFrom(at(3))).unwrap().release_reader(&reader).unwrap();
+        assert_eq!(s2.batches.len(), 3);
+        // Once the since passes all three (8, 4, 2 updates), they are merged as one.
+        let all_below = s2.set_policy(ReadPolicy::ValidFrom(at(5))).unwrap().release_reader(&reader).unwrap();
         let below = all_below.compaction_request(100).unwrap();
-        assert_eq!((below.inputs.len(), below.lower(), below.upper()), (3, &at(0), &at(3)));
+        assert_eq!((below.inputs.len(), below.lower(), below.upper()), (3, &at(0), &at(5)));
         let retired: Vec<_> = s2.retired.iter().map(|r| (r.seqno, r.part.key.as_str())).collect();
-        assert_eq!(retired, [(7, "p3"), (7, "p4")]);
+        assert_eq!(retired, [(7, "p2"), (7, "p3"), (7, "p4")]);
         assert_eq!(s2.apply_merge(&request, None), Err(Refusal::MergeStale), "the inputs are gone");
         // Version 6 still references the retired parts, and the reader may read it.
         assert!(s2.collectable(s2.gc_floor()).is_empty());
         let s3 = s2.heartbeat(&reader, 0, 7).unwrap();
         assert_eq!(s3.gc_floor(), 7);
-        assert_eq!(s3.collectable(s3.gc_floor()).len(), 2);
+        assert_eq!(s3.collectable(s3.gc_floor()).len(), 3);
         let s4 = s3.heartbeat(&reader, 0, 2).unwrap();
         assert_eq!(s4.gc_floor(), 7, "a reader's version hold never moves back");
-        let keys: BTreeSet<String> = ["p3".to_owned(), "p4".to_owned()].into();
+        let keys: BTreeSet<String> = ["p2".to_owned(), "p3".to_owned(), "p4".to_owned()].into();
         let s5 = s4.forget_retired(&keys).unwrap();
         assert!(s5.retired.is_empty());
         assert!(s5.forget_retired(&keys).is_none());

@@ -23,9 +23,14 @@ async fn the_blob_contract_holds(blob: Arc<dyn Blob>) {
     assert_eq!(blob.get("a/b/large").await.unwrap(), Some(large));
     blob.set("ab/x", Bytes::from_static(&[0, 255, 0])).await.unwrap();
 
-    let keys = |metas: Vec<storage::blob::BlobMeta>| metas.into_iter().map(|m| m.key).collect::<BTreeSet<_>>();
+    let keys =
+        |metas: Vec<storage::blob::BlobMeta>| metas.into_iter().map(|m| m.key).collect::<BTreeSet<_>>();
     let listed = keys(blob.list("a").await.unwrap());
-    assert_eq!(listed, ["a/b/large", "a/empty", "a/one"].map(String::from).into(), "a directory, not a prefix");
+    assert_eq!(
+        listed,
+        ["a/b/large", "a/empty", "a/one"].map(String::from).into(),
+        "a directory, not a prefix"
+    );
     let sizes: Vec<u64> = blob.list("a/b").await.unwrap().into_iter().map(|m| m.size_bytes).collect();
     assert_eq!(sizes, [3 << 20]);
     assert!(blob.list("nothing").await.unwrap().is_empty());

@@ -115,7 +115,10 @@ async fn postgres_pushes_every_committed_key_to_other_opens_and_the_others_have_
         let received = tokio::time::timeout(Duration::from_secs(10), async {
             loop {
                 let next = seqno.map_or(0, |s| s + 1);
-                assert_eq!(writer.compare_and_set("pushed", seqno, version(next, b"p")).await.unwrap(), CasOutcome::Committed);
+                assert_eq!(
+                    writer.compare_and_set("pushed", seqno, version(next, b"p")).await.unwrap(),
+                    CasOutcome::Committed
+                );
                 seqno = Some(next);
                 if let Ok(Ok(key)) = tokio::time::timeout(Duration::from_millis(200), changes.recv()).await {
                     return key;
@@ -126,7 +129,10 @@ async fn postgres_pushes_every_committed_key_to_other_opens_and_the_others_have_
         .expect("no notification within 10 s");
         assert_eq!(received, "pushed");
         // A mismatch commits nothing and announces nothing.
-        assert_eq!(writer.compare_and_set("pushed", None, version(0, b"x")).await.unwrap(), CasOutcome::Mismatch);
+        assert_eq!(
+            writer.compare_and_set("pushed", None, version(0, b"x")).await.unwrap(),
+            CasOutcome::Mismatch
+        );
         let next = seqno.unwrap() + 1;
         writer.compare_and_set("other", None, version(0, b"o")).await.unwrap();
         writer.compare_and_set("pushed", seqno, version(next, b"p")).await.unwrap();

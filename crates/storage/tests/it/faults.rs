@@ -83,7 +83,7 @@ impl XorShift {
 
 /// The configuration of the crash children: compaction busy, so kills land in merges too.
 fn crash_config() -> ShardConfig {
-    ShardConfig { maintenance_interval: Duration::from_millis(20), max_batches: 2, ..quick_config() }
+    ShardConfig { maintenance_interval: Duration::from_millis(50), max_batches: 3, ..quick_config() }
 }
 
 /// Re-executes this binary as a child running `role` on `stores`.
@@ -110,12 +110,19 @@ fn ack(file: &fs::File, line: String) {
 /// The children's body: runs only when a parent test set the environment.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fault_child_runs_its_role_when_asked_to() {
-    let (Ok(role), Ok(blob), Ok(consensus), Ok(acks)) =
-        (std::env::var(CHILD_ROLE), std::env::var(CHILD_BLOB), std::env::var(CHILD_CONSENSUS), std::env::var(CHILD_ACKS))
-    else {
+    let (Ok(role), Ok(blob), Ok(consensus), Ok(acks)) = (
+        std::env::var(CHILD_ROLE),
+        std::env::var(CHILD_BLOB),
+        std::env::var(CHILD_CONSENSUS),
+        std::env::var(CHILD_ACKS),
+    ) else {
         return;
     };
     let writer: u64 = std::env::var(CHILD_WRITER).unwrap().parse().unwrap();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .try_init();
     let storage = ShardCollections::open(&blob.parse().unwrap(), &consensus.parse().unwrap(), crash_config())
         .await
         .expect("the child opens the stores");
@@ -142,8 +149,9 @@ async fn crash_writer(storage: ShardCollections, acks: Arc<fs::File>) {
             let mut seq = *storage.frontiers(a).await.unwrap().upper.as_option().unwrap();
             loop {
                 let rows: Vec<_> = (0..ROWS_PER_APPEND).map(|p| (crash_row(w, seq, p), seq, 1)).collect();
-                let result =
-                    storage.append(vec![append(a, rows.clone(), seq, seq + 1), append(b, rows, seq, seq + 1)]).await;
+                let result = storage
+                    .append(vec![append(a, rows.clone(), seq, seq + 1), append(b, rows, seq, seq + 1)])
+                    .await;
                 if let Err(error) = result {
                     let _ = failures.send(format!("writer {w}: {error}")).await;
                     return;
@@ -194,7 +202,10 @@ async fn check_after_crash(
     for w in 0..WRITERS {
         let (a, b) = pair(w);
         let (Ok(fa), Ok(fb)) = (storage.frontiers(a).await, storage.frontiers(b).await) else {
-            assert!(acked.get(&w).is_none_or(BTreeSet::is_empty), "{context}: writer {w} lost its collections");
+            assert!(
+                acked.get(&w).is_none_or(BTreeSet::is_empty),
+                "{context}: writer {w} lost its collections"
+            );
             continue;
         };
         let upper = *fa.upper.as_option().unwrap();
@@ -203,7 +214,10 @@ async fn check_after_crash(
         assert!(upper >= previous, "{context}: upper of writer {w} regressed from {previous} to {upper}");
         last_uppers.insert(w, upper);
         if let Some(max_acked) = acked.get(&w).and_then(|s| s.last()) {
-            assert!(*max_acked < upper, "{context}: acknowledged seq {max_acked} of writer {w} is missing (upper {upper})");
+            assert!(
+                *max_acked < upper,
+                "{context}: acknowledged seq {max_acked} of writer {w} is missing (upper {upper})"
+            );
         }
         if upper == 0 {
             continue;
@@ -211,9 +225,8 @@ async fn check_after_crash(
         let contents_a = storage.snapshot(a, upper - 1).await.unwrap();
         let contents_b = storage.snapshot(b, upper - 1).await.unwrap();
         assert_eq!(contents_a, contents_b, "{context}: writer {w}'s collections differ");
-        let mut expected: Vec<(Row, i64)> = (0..upper)
-            .flat_map(|seq| (0..ROWS_PER_APPEND).map(move |p| (crash_row(w, seq, p), 1)))
-            .collect();
+        let mut expected: Vec<(Row, i64)> =
+            (0..upper).flat_map(|seq| (0..ROWS_PER_APPEND).map(move |p| (crash_row(w, seq, p), 1))).collect();
         expected.sort();
         assert_eq!(contents_a, expected, "{context}: writer {w} has a gap, a duplicate or a half append");
     }
@@ -243,7 +256,11 @@ async fn sigkill_writers(stores: Stores) {
         storage.shutdown().await;
     }
     let total: usize = acked.values().map(BTreeSet::len).sum();
-    assert!(total >= 60, "{:?} seed {seed:#x}: only {total} appends were acknowledged in {KILLS} runs", stores.backend);
+    assert!(
+        total >= 60,
+        "{:?} seed {seed:#x}: only {total} appends were acknowledged in {KILLS} runs",
+        stores.backend
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -285,7 +302,9 @@ async fn two_writer_processes_racing_on_one_shard_win_each_interval_once() {
                             by_time.entry(time).or_default().push((row, diff));
                         }
                     }
-                    ListenEvent::Progress(frontier) => done = frontier.as_option().is_none_or(|u| *u >= upper),
+                    ListenEvent::Progress(frontier) => {
+                        done = frontier.as_option().is_none_or(|u| *u >= upper)
+                    }
                 }
             }
             by_time
@@ -296,10 +315,19 @@ async fn two_writer_processes_racing_on_one_shard_win_each_interval_once() {
                 let words: Vec<u64> = line.split(' ').skip(1).map(|x| x.parse().unwrap()).collect();
                 let mine = Row::pack([Datum::Int64(w as i64)]);
                 if line.starts_with("won") {
-                    assert_eq!(contents.get(&words[0]), Some(&vec![(mine, 1)]), "{backend:?}: writer {w} won {}", words[0]);
+                    assert_eq!(
+                        contents.get(&words[0]),
+                        Some(&vec![(mine, 1)]),
+                        "{backend:?}: writer {w} won {}",
+                        words[0]
+                    );
                 } else {
                     losses += 1;
-                    assert!(contents.get(&words[0]).is_some_and(|rows| rows[0].0 != mine), "{backend:?}: writer {w} lost {}", words[0]);
+                    assert!(
+                        contents.get(&words[0]).is_some_and(|rows| rows[0].0 != mine),
+                        "{backend:?}: writer {w} lost {}",
+                        words[0]
+                    );
                 }
             }
         }
@@ -336,7 +364,9 @@ async fn a_postgres_outage_stalls_appends_and_listens_which_then_resume_exactly_
     let mut progress = 0;
     let mut outage_done = false;
     while progress < 400 {
-        let event = tokio::time::timeout(Duration::from_secs(30), listen.next()).await.expect("listen stalled for good");
+        let event = tokio::time::timeout(Duration::from_secs(30), listen.next())
+            .await
+            .expect("listen stalled for good");
         match event.unwrap() {
             ListenEvent::Updates(updates) => delivered.extend(updates),
             ListenEvent::Progress(frontier) => progress = *frontier.as_option().unwrap(),
@@ -385,12 +415,18 @@ async fn tamper_with_consensus(stores: &Stores, key: &str, seqno: u64, data: Opt
                         rusqlite::params![key, seqno, data],
                     )
                     .unwrap(),
-                None => conn.execute("DELETE FROM consensus WHERE key = ?1 AND seqno = ?2", rusqlite::params![key, seqno]).unwrap(),
+                None => conn
+                    .execute(
+                        "DELETE FROM consensus WHERE key = ?1 AND seqno = ?2",
+                        rusqlite::params![key, seqno],
+                    )
+                    .unwrap(),
             };
             true
         }
         Backend::Remote => {
-            let (client, connection) = tokio_postgres::connect(&stores.consensus_url, tokio_postgres::NoTls).await.unwrap();
+            let (client, connection) =
+                tokio_postgres::connect(&stores.consensus_url, tokio_postgres::NoTls).await.unwrap();
             tokio::spawn(connection);
             let seqno = seqno as i64;
             match data {
@@ -402,7 +438,10 @@ async fn tamper_with_consensus(stores: &Stores, key: &str, seqno: u64, data: Opt
                     )
                     .await
                     .unwrap(),
-                None => client.execute("DELETE FROM consensus WHERE key = $1 AND seqno = $2", &[&key, &seqno]).await.unwrap(),
+                None => client
+                    .execute("DELETE FROM consensus WHERE key = $1 AND seqno = $2", &[&key, &seqno])
+                    .await
+                    .unwrap(),
             };
             true
         }
@@ -429,11 +468,17 @@ async fn damage_is_reported_by_name(stores: Stores) {
     for bit in bits {
         let original = flip(&storage, &part.key, bit).await;
         let error = storage.snapshot(id, 5).await.unwrap_err();
-        assert!(matches!(&error, ReadError::Corrupt { id: got, what } if *got == id && what.contains(&part.key)), "bit {bit}: {error:?}");
+        assert!(
+            matches!(&error, ReadError::Corrupt { id: got, what } if *got == id && what.contains(&part.key)),
+            "bit {bit}: {error:?}"
+        );
         let mut listen = storage.listen(id, 5).await.unwrap();
         assert!(matches!(listen.next().await, Err(ReadError::Corrupt { .. })));
         let compaction = storage.maintain(id, false).await;
-        assert!(matches!(&compaction, Err(ReadError::Corrupt { what, .. }) if what.contains(&part.key)), "{compaction:?}");
+        assert!(
+            matches!(&compaction, Err(ReadError::Corrupt { what, .. }) if what.contains(&part.key)),
+            "{compaction:?}"
+        );
         let after = storage.state(id).await.unwrap().unwrap();
         let still_there = after.batches.iter().flat_map(|b| &b.parts).any(|p| p.key == part.key);
         assert!(still_there, "compaction did not merge the damaged part away");
@@ -444,7 +489,10 @@ async fn damage_is_reported_by_name(stores: Stores) {
     let original = storage.blob().get(&part.key).await.unwrap().unwrap();
     storage.blob().delete(&part.key).await.unwrap();
     let error = storage.snapshot(id, 5).await.unwrap_err();
-    assert!(matches!(&error, ReadError::Corrupt { what, .. } if what.contains("missing") && what.contains(&part.key)), "{error:?}");
+    assert!(
+        matches!(&error, ReadError::Corrupt { what, .. } if what.contains("missing") && what.contains(&part.key)),
+        "{error:?}"
+    );
     storage.blob().set(&part.key, original).await.unwrap();
 
     // The head state version, damaged or deleted by hand (once this process's background hold changes,
@@ -479,10 +527,16 @@ async fn damage_is_reported_by_name(stores: Stores) {
         let fresh = stores.open(config.clone()).await;
         for process in [&fresh, &storage] {
             let error = process.frontiers(id).await.unwrap_err();
-            assert!(matches!(&error, ReadError::Corrupt { what, .. } if what.contains("missing")), "{error:?}");
+            assert!(
+                matches!(&error, ReadError::Corrupt { what, .. } if what.contains("missing")),
+                "{error:?}"
+            );
         }
         let error = fresh.append(vec![append(id, vec![], 6, 7)]).await.unwrap_err();
-        assert!(matches!(error, AppendError::Corrupt { .. }), "no append lands on an older version: {error:?}");
+        assert!(
+            matches!(error, AppendError::Corrupt { .. }),
+            "no append lands on an older version: {error:?}"
+        );
         tamper_with_consensus(&stores, &key, head.seqno, Some(head.data.to_vec())).await;
     }
     // Nothing acknowledged disappeared, and the upper never went back.
@@ -536,7 +590,9 @@ fn dir_bytes(dir: &Path) -> u64 {
     let Ok(entries) = fs::read_dir(dir) else { return 0 };
     entries
         .flatten()
-        .map(|e| if e.path().is_dir() { dir_bytes(&e.path()) } else { e.metadata().map(|m| m.len()).unwrap_or(0) })
+        .map(|e| {
+            if e.path().is_dir() { dir_bytes(&e.path()) } else { e.metadata().map(|m| m.len()).unwrap_or(0) }
+        })
         .sum()
 }
 
@@ -582,15 +638,22 @@ async fn a_full_disk_fails_appends_clearly_and_they_resume_when_space_returns() 
     // Space returns: appends resume from the upper the store has.
     fs::remove_file(&filler).unwrap();
     let upper = *storage.frontiers(id).await.unwrap().upper.as_option().unwrap();
-    assert!(upper == t || (upper == t + 1 && matches!(failure, AppendError::Indeterminate(_))), "upper {upper}, t {t}");
+    assert!(
+        upper == t || (upper == t + 1 && matches!(failure, AppendError::Indeterminate(_))),
+        "upper {upper}, t {t}"
+    );
     storage.append(vec![append(id, vec![(int_row(-1), upper, 1)], upper, upper + 1)]).await.unwrap();
     // Parts of failed appends are collected: afterwards the directory holds only what a state knows.
     let report = storage.maintain(id, true).await.unwrap();
     let state = storage.state(id).await.unwrap().unwrap();
-    let listed: BTreeSet<String> = storage.blob().list("u1").await.unwrap().into_iter().map(|m| m.key).collect();
+    let listed: BTreeSet<String> =
+        storage.blob().list("u1").await.unwrap().into_iter().map(|m| m.key).collect();
     let known: BTreeSet<String> = state.known_keys().into_iter().map(String::from).collect();
     assert_eq!(listed, known, "no part is left behind (sweep deleted {})", report.leaked_deleted);
-    assert!(dir_bytes(&root.join("blob")) <= state.live_bytes() + state.retired.iter().map(|r| r.part.bytes).sum::<u64>());
+    assert!(
+        dir_bytes(&root.join("blob"))
+            <= state.live_bytes() + state.retired.iter().map(|r| r.part.bytes).sum::<u64>()
+    );
     assert_eq!(storage.snapshot(id, upper).await.unwrap().len() as u64, upper * 2_000 + 1);
 }
 
@@ -607,7 +670,10 @@ async fn snapshots_and_listens_of_a_huge_collection_stream_in_bounded_parts() {
     };
     let storage = stores.open(config).await;
     let id = user(1);
-    let desc = RelationDesc::new([("k", ColumnType::new(ScalarType::Int64, false)), ("pad", ColumnType::new(ScalarType::Text, false))]);
+    let desc = RelationDesc::new([
+        ("k", ColumnType::new(ScalarType::Int64, false)),
+        ("pad", ColumnType::new(ScalarType::Text, false)),
+    ]);
     storage.create_collection(id, desc).await.unwrap();
     let pad = "p".repeat(80);
     let rows = |range: std::ops::Range<i64>, t: u64| -> Vec<(Row, u64, i64)> {
@@ -615,7 +681,10 @@ async fn snapshots_and_listens_of_a_huge_collection_stream_in_bounded_parts() {
     };
     const ROWS: i64 = 120_000;
     for (t, chunk) in (0..ROWS).step_by(20_000).enumerate() {
-        storage.append(vec![append(id, rows(chunk..chunk + 20_000, t as u64), t as u64, t as u64 + 1)]).await.unwrap();
+        storage
+            .append(vec![append(id, rows(chunk..chunk + 20_000, t as u64), t as u64, t as u64 + 1)])
+            .await
+            .unwrap();
     }
     storage.maintain(id, false).await.unwrap();
     let state = storage.state(id).await.unwrap().unwrap();
@@ -636,7 +705,11 @@ async fn snapshots_and_listens_of_a_huge_collection_stream_in_bounded_parts() {
     // One part per batch and one prefetched: never the collection.
     let bound = state.batches.len() as u64 * 2 * (PART as u64 + 4096);
     assert!(stream.peak_buffered_bytes() <= bound, "peak {} > bound {bound}", stream.peak_buffered_bytes());
-    assert!(stream.peak_buffered_bytes() * 10 < total_bytes, "peak {} of {total_bytes}", stream.peak_buffered_bytes());
+    assert!(
+        stream.peak_buffered_bytes() * 10 < total_bytes,
+        "peak {} of {total_bytes}",
+        stream.peak_buffered_bytes()
+    );
     // A listen delivers the same snapshot in events of about the chunk size.
     let mut listen = storage.listen(id, 5).await.unwrap();
     let mut listened = 0;
@@ -659,7 +732,11 @@ async fn snapshots_and_listens_of_a_huge_collection_stream_in_bounded_parts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn churn_with_the_since_following_the_upper_keeps_space_near_the_consolidated_size() {
     let stores = Stores::new(Backend::Embedded, &mut None).unwrap();
-    let config = ShardConfig { background_maintenance: false, reader_lease: Duration::from_millis(200), ..quick_config() };
+    let config = ShardConfig {
+        background_maintenance: false,
+        reader_lease: Duration::from_millis(200),
+        ..quick_config()
+    };
     let storage = stores.open(config).await;
     let id = user(1);
     storage.create_collection(id, int_desc()).await.unwrap();
@@ -688,7 +765,13 @@ async fn churn_with_the_since_following_the_upper_keeps_space_near_the_consolida
     let state = storage.state(id).await.unwrap().unwrap();
     let stored = dir_bytes(Path::new(stores.blob_url.strip_prefix("file://").unwrap()));
     let consolidated = storage::shard::part::encode_part(
-        &storage.snapshot(id, 499).await.unwrap().into_iter().map(|(row, diff)| (row, 498, diff)).collect::<Vec<_>>(),
+        &storage
+            .snapshot(id, 499)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(row, diff)| (row, 498, diff))
+            .collect::<Vec<_>>(),
     )
     .len() as u64;
     assert!(

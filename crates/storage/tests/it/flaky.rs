@@ -65,7 +65,12 @@ impl Consensus for FlakyConsensus {
         })
     }
 
-    fn scan<'a>(&'a self, key: &'a str, from: SeqNo, limit: usize) -> BoxFuture<'a, Result<Vec<VersionedData>, ExternalError>> {
+    fn scan<'a>(
+        &'a self,
+        key: &'a str,
+        from: SeqNo,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<VersionedData>, ExternalError>> {
         Box::pin(async move {
             self.faults.check_down()?;
             self.inner.scan(key, from, limit).await

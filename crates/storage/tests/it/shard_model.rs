@@ -39,7 +39,8 @@ enum Op {
 fn op() -> impl Strategy<Value = Op> {
     let policy = prop_oneof![
         (0u64..40).prop_map(|t| ReadPolicy::ValidFrom(at(t))),
-        (0u64..6, 0u64..4).prop_map(|(lag_ms, granularity_ms)| ReadPolicy::LagWriteFrontier { lag_ms, granularity_ms }),
+        (0u64..6, 0u64..4)
+            .prop_map(|(lag_ms, granularity_ms)| ReadPolicy::LagWriteFrontier { lag_ms, granularity_ms }),
         Just(ReadPolicy::NoPolicy),
     ];
     prop_oneof![
@@ -91,7 +92,11 @@ struct Harness {
 }
 
 impl Harness {
-    fn write(&mut self, updates: Vec<(Row, u64, Diff)>, target_bytes: usize) -> Vec<storage::shard::state::PartRef> {
+    fn write(
+        &mut self,
+        updates: Vec<(Row, u64, Diff)>,
+        target_bytes: usize,
+    ) -> Vec<storage::shard::state::PartRef> {
         let mut parts = Vec::new();
         for chunk in split_run(updates, target_bytes) {
             let key = format!("u1/{}", self.next_key);
@@ -178,14 +183,19 @@ fn apply(h: &mut Harness, m: &mut Model, op: Op) -> Result<(), TestCaseError> {
         }
         Op::Hold { reader, offset } => {
             let frontier = at(m.since() + offset);
-            let next = h.state.hold_reader(&reader_id(reader), false, &frontier, 0, u64::MAX).expect("beyond the since");
+            let next = h
+                .state
+                .hold_reader(&reader_id(reader), false, &frontier, 0, u64::MAX)
+                .expect("beyond the since");
             h.state = next;
-            let held = m.readers[reader].map_or(m.since() + offset, |current| current.min(m.since() + offset));
+            let held =
+                m.readers[reader].map_or(m.since() + offset, |current| current.min(m.since() + offset));
             m.readers[reader] = Some(held);
         }
         Op::Advance { reader, delta } => {
             if let Some(current) = m.readers[reader] {
-                if let Some(next) = h.state.advance_reader(&reader_id(reader), &at(current + delta)).unwrap() {
+                if let Some(next) = h.state.advance_reader(&reader_id(reader), &at(current + delta)).unwrap()
+                {
                     h.state = next;
                 }
                 m.readers[reader] = Some(current + delta);
@@ -261,7 +271,10 @@ fn check(h: &Harness, m: &Model, previous_since: &Antichain<u64>) -> Result<(), 
     for (row, _, diff) in stored.iter().flatten() {
         *row_sums.entry(row).or_default() += u128::from(diff.unsigned_abs());
     }
-    prop_assert!(row_sums.values().all(|sum| *sum <= state.count_bound()), "the count bound covers every row");
+    prop_assert!(
+        row_sums.values().all(|sum| *sum <= state.count_bound()),
+        "the count bound covers every row"
+    );
     let known: BTreeSet<&str> = state.known_keys();
     let stored_keys: BTreeSet<&str> = h.blob.keys().map(String::as_str).collect();
     prop_assert_eq!(known, stored_keys, "the blob holds exactly the live and retired parts");

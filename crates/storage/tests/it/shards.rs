@@ -24,8 +24,10 @@ async fn open(stores: &Stores) -> Arc<dyn StorageCollections> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shards_report_every_validation_error_on_every_backend() {
-    on_every_backend(async |stores| crate::errors::every_validation_error_is_reported(open(&stores).await).await)
-        .await;
+    on_every_backend(async |stores| {
+        crate::errors::every_validation_error_is_reported(open(&stores).await).await
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -84,7 +86,10 @@ async fn a_dropped_shard_listen_releases_its_hold_on_every_backend() {
         let storage = open(&stores).await;
         let id = user(1);
         storage.create_collection(id, int_desc()).await.unwrap();
-        storage.set_read_policy(id, ReadPolicy::LagWriteFrontier { lag_ms: 0, granularity_ms: 0 }).await.unwrap();
+        storage
+            .set_read_policy(id, ReadPolicy::LagWriteFrontier { lag_ms: 0, granularity_ms: 0 })
+            .await
+            .unwrap();
         let mut listen = storage.listen(id, 0).await.unwrap();
         storage.append(vec![append(id, vec![(int_row(1), 4, 1)], 0, 10)]).await.unwrap();
         assert_eq!(storage.frontiers(id).await.unwrap().since, at(0));
@@ -110,7 +115,10 @@ async fn two_processes_share_collections_holds_and_listens_on_every_backend() {
         for t in 0..20u64 {
             a.append(vec![append(id, vec![(int_row(t as i64), t, 1)], t, t + 1)]).await.unwrap();
         }
-        assert_eq!(a.frontiers(id).await.unwrap(), storage::CollectionFrontiers { since: at(0), upper: at(20) });
+        assert_eq!(
+            a.frontiers(id).await.unwrap(),
+            storage::CollectionFrontiers { since: at(0), upper: at(20) }
+        );
         let mut seen = Vec::new();
         while seen.len() < 20 {
             match tokio::time::timeout(Duration::from_secs(10), listen.next()).await.unwrap().unwrap() {
@@ -132,7 +140,12 @@ async fn two_processes_share_collections_holds_and_listens_on_every_backend() {
             other => panic!("exactly one append wins: {other:?}"),
         }
         drop((hold, listen));
-        crate::listen::wait_for_since(&a, id, a.frontiers(id).await.unwrap().upper.as_option().copied().unwrap()).await;
+        crate::listen::wait_for_since(
+            &a,
+            id,
+            a.frontiers(id).await.unwrap().upper.as_option().copied().unwrap(),
+        )
+        .await;
     })
     .await;
 }
@@ -147,7 +160,10 @@ async fn critical_holds_survive_a_restart_and_leased_holds_expire_on_every_backe
         let _keeper = stores.open(ShardConfig { background_maintenance: false, ..quick_config() }).await;
         let controller = stores.open(critical.clone()).await;
         controller.create_collection(id, int_desc()).await.unwrap();
-        controller.set_read_policy(id, ReadPolicy::LagWriteFrontier { lag_ms: 0, granularity_ms: 0 }).await.unwrap();
+        controller
+            .set_read_policy(id, ReadPolicy::LagWriteFrontier { lag_ms: 0, granularity_ms: 0 })
+            .await
+            .unwrap();
         controller.append(vec![append(id, vec![], 0, 5)]).await.unwrap();
         let hold = controller.acquire_read_hold(id, at(5)).await.unwrap();
         // A crash: the process goes away without releasing anything.
@@ -180,7 +196,8 @@ async fn critical_holds_survive_a_restart_and_leased_holds_expire_on_every_backe
 async fn flaky_process(stores: &Stores, config: ShardConfig) -> (ShardCollections, Arc<Faults>, Arc<Faults>) {
     let consensus_faults = Arc::new(Faults::default());
     let blob_faults = Arc::new(Faults::default());
-    let consensus = Arc::new(FlakyConsensus { inner: stores.consensus().await, faults: Arc::clone(&consensus_faults) });
+    let consensus =
+        Arc::new(FlakyConsensus { inner: stores.consensus().await, faults: Arc::clone(&consensus_faults) });
     let blob = Arc::new(FlakyBlob { inner: stores.blob().await, faults: Arc::clone(&blob_faults) });
     (ShardCollections::from_stores(blob, consensus, config), consensus_faults, blob_faults)
 }
@@ -200,7 +217,10 @@ async fn appends_retried_after_lost_replies_are_applied_exactly_once_on_every_ba
         consensus.fail_writes.store(1, std::sync::atomic::Ordering::SeqCst);
         consensus.lose_replies.store(1, std::sync::atomic::Ordering::SeqCst);
         storage
-            .append(vec![append(a, vec![(int_row(2), 1, 1)], 1, 2), append(b, vec![(int_row(3), 0, 1)], 0, 2)])
+            .append(vec![
+                append(a, vec![(int_row(2), 1, 1)], 1, 2),
+                append(b, vec![(int_row(3), 0, 1)], 0, 2),
+            ])
             .await
             .unwrap();
         // A blob write that fails, and one whose reply is lost (its part is garbage, not data).
@@ -209,7 +229,10 @@ async fn appends_retried_after_lost_replies_are_applied_exactly_once_on_every_ba
         storage.append(vec![append(a, vec![(int_row(4), 2, 1)], 2, 3)]).await.unwrap();
         assert_eq!(storage.frontiers(a).await.unwrap().upper, at(3));
         assert_eq!(storage.frontiers(b).await.unwrap().upper, at(2));
-        assert_eq!(storage.snapshot(a, 2).await.unwrap(), vec![(int_row(1), 1), (int_row(2), 1), (int_row(4), 1)]);
+        assert_eq!(
+            storage.snapshot(a, 2).await.unwrap(),
+            vec![(int_row(1), 1), (int_row(2), 1), (int_row(4), 1)]
+        );
         assert_eq!(storage.snapshot(b, 1).await.unwrap(), vec![(int_row(3), 1)]);
         // Every batch was recorded once.
         let state = storage.state(a).await.unwrap().unwrap();
@@ -272,7 +295,10 @@ async fn bad_input_is_refused_with_a_typed_error_and_changes_nothing_on_every_ba
         ];
         for updates in cases {
             let result = storage.append(vec![append(id, updates, 1, 3)]).await;
-            assert!(matches!(result, Err(AppendError::DiffOverflow { id: got, .. }) if got == id), "{result:?}");
+            assert!(
+                matches!(result, Err(AppendError::DiffOverflow { id: got, .. }) if got == id),
+                "{result:?}"
+            );
         }
         let wide = Row::pack([Datum::Int64(1), Datum::Int64(2)]);
         assert!(matches!(
@@ -283,12 +309,18 @@ async fn bad_input_is_refused_with_a_typed_error_and_changes_nothing_on_every_ba
         let other = user(2);
         storage.create_collection(other, int_desc()).await.unwrap();
         let result = storage
-            .append(vec![append(other, vec![(int_row(5), 0, 1)], 0, 1), append(id, vec![(int_row(1), 1, 5)], 1, 2)])
+            .append(vec![
+                append(other, vec![(int_row(5), 0, 1)], 0, 1),
+                append(id, vec![(int_row(1), 1, 5)], 1, 2),
+            ])
             .await;
         assert!(matches!(result, Err(AppendError::DiffOverflow { .. })), "{result:?}");
         assert_eq!(storage.frontiers(other).await.unwrap().upper, at(0));
         let after = storage.state(id).await.unwrap().unwrap();
-        assert_eq!((after.upper.clone(), after.batches.clone()), (before.upper.clone(), before.batches.clone()));
+        assert_eq!(
+            (after.upper.clone(), after.batches.clone()),
+            (before.upper.clone(), before.batches.clone())
+        );
         assert_eq!(storage.blob().list("u1").await.unwrap().len(), parts_before, "no part was written");
         assert!(storage.blob().list("u2").await.unwrap().is_empty(), "no part was left behind");
         // The bound is conservative: a retraction is refused too while it could overflow some sum (the
