@@ -154,16 +154,10 @@ fn postgres_bin() -> Result<PathBuf, ServiceError> {
 }
 
 /// How to run the throwaway PostgreSQL server.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PostgresOptions {
     /// Whether the server fsyncs its log (off makes tests faster; on for benchmarks).
     pub fsync: bool,
-}
-
-impl Default for PostgresOptions {
-    fn default() -> Self {
-        PostgresOptions { fsync: false }
-    }
 }
 
 /// A throwaway PostgreSQL server; see the module documentation.

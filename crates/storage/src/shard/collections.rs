@@ -150,10 +150,10 @@ pub(crate) struct ReadGuard {
 
 impl Drop for ReadGuard {
     fn drop(&mut self) {
-        if let Some(inner) = self.inner.upgrade() {
-            if let Some(entry) = inner.lock().get_mut(&self.id) {
-                entry.reads.remove(&self.read);
-            }
+        if let Some(inner) = self.inner.upgrade()
+            && let Some(entry) = inner.lock().get_mut(&self.id)
+        {
+            entry.reads.remove(&self.read);
         }
     }
 }
@@ -166,10 +166,10 @@ pub(crate) struct WaitGuard {
 
 impl Drop for WaitGuard {
     fn drop(&mut self) {
-        if let Some(inner) = self.inner.upgrade() {
-            if let Some(entry) = inner.lock().get_mut(&self.id) {
-                entry.waiters -= 1;
-            }
+        if let Some(inner) = self.inner.upgrade()
+            && let Some(entry) = inner.lock().get_mut(&self.id)
+        {
+            entry.waiters -= 1;
         }
     }
 }
@@ -384,13 +384,12 @@ impl Inner {
         {
             let mut shards = self.lock();
             let entry = shards.entry(id).or_default();
-            if let Some(registered) = &entry.registered {
-                if !registered.is_empty()
-                    && !frontier.is_empty()
-                    && PartialOrder::less_equal(registered, &frontier)
-                {
-                    return Ok(self.local_hold(entry, id, frontier));
-                }
+            if let Some(registered) = &entry.registered
+                && !registered.is_empty()
+                && !frontier.is_empty()
+                && PartialOrder::less_equal(registered, &frontier)
+            {
+                return Ok(self.local_hold(entry, id, frontier));
             }
         }
         let (reader, critical) = (self.hold_reader.clone(), self.critical);
@@ -656,12 +655,11 @@ impl Inner {
 
     /// What a read that failed on damage should report: the drop, if the shard was dropped meanwhile.
     pub(crate) async fn explain(&self, id: GlobalId, error: ReadError) -> ReadError {
-        if let ReadError::Corrupt { .. } = &error {
-            if let Ok(Some(state)) = self.machine.fetch(id).await {
-                if state.dropped {
-                    return ReadError::CollectionDropped(id);
-                }
-            }
+        if let ReadError::Corrupt { .. } = &error
+            && let Ok(Some(state)) = self.machine.fetch(id).await
+            && state.dropped
+        {
+            return ReadError::CollectionDropped(id);
         }
         error
     }
@@ -979,10 +977,10 @@ async fn forward_changes(weak: Weak<Inner>, mut changes: tokio::sync::broadcast:
         let Some(inner) = weak.upgrade() else { return };
         match received {
             Ok(key) => {
-                if let Some(id) = id_of_key(&key) {
-                    if let Some(entry) = inner.lock().get(&id) {
-                        entry.poke.notify_one();
-                    }
+                if let Some(id) = id_of_key(&key)
+                    && let Some(entry) = inner.lock().get(&id)
+                {
+                    entry.poke.notify_one();
                 }
             }
             Err(RecvError::Lagged(_)) => {

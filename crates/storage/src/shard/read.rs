@@ -72,10 +72,10 @@ impl Cursor {
     }
 
     fn start_prefetch(&mut self, machine: &Arc<Machine>) {
-        if self.prefetch.is_none() {
-            if let Some(part) = self.parts.pop_front() {
-                self.prefetch = Some((part.bytes, spawn_fetch(machine, part)));
-            }
+        if self.prefetch.is_none()
+            && let Some(part) = self.parts.pop_front()
+        {
+            self.prefetch = Some((part.bytes, spawn_fetch(machine, part)));
         }
     }
 
@@ -161,10 +161,10 @@ impl SnapshotStream {
         loop {
             let mut smallest: Option<Row> = None;
             for cursor in &mut self.cursors {
-                if let Some((row, _, _)) = cursor.peek(self.id, &self.machine).await? {
-                    if smallest.as_ref().is_none_or(|s| row < s) {
-                        smallest = Some(row.clone());
-                    }
+                if let Some((row, _, _)) = cursor.peek(self.id, &self.machine).await?
+                    && smallest.as_ref().is_none_or(|s| row < s)
+                {
+                    smallest = Some(row.clone());
                 }
             }
             let buffered = self.cursors.iter().map(Cursor::buffered_bytes).sum();
