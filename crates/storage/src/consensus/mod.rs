@@ -11,7 +11,8 @@
 //! - `sqlite:///path/file.db`: one SQLite file (the embedded default) that every process on the machine
 //!   can share: WAL mode, `synchronous=FULL`, a busy timeout, `BEGIN IMMEDIATE` for compare-and-set;
 //! - `postgres://user@host:port/db` (cargo feature `postgres`): PostgreSQL, or CockroachDB (detected; no
-//!   push channel there). Changes are announced with `NOTIFY` and pushed to [`Consensus::changes`];
+//!   push channel there). Changes are announced with `NOTIFY` and pushed to [`Consensus::changes`]
+//!   (`?listen=false` turns the receiving side off; `?connections=N` sizes the pool);
 //! - `mem://` or `mem://NAME`: in memory, a named one shared within the process.
 //!
 //! Both SQL backends keep a second table with each key's head seqno, written in the same transaction: a
@@ -165,6 +166,9 @@ pub enum ConsensusKind {
         url: String,
         /// Connections in the pool. URL parameter `connections`; default 4.
         connections: usize,
+        /// Whether to `LISTEN` for changes (the push channel). URL parameter `listen`; default true.
+        /// Writers announce their changes either way.
+        listen: bool,
     },
     /// In memory; `Some(name)` is shared within the process.
     Memory {
@@ -177,10 +181,11 @@ impl fmt::Debug for ConsensusKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ConsensusKind::Sqlite { path } => f.debug_struct("Sqlite").field("path", path).finish(),
-            ConsensusKind::Postgres { url, connections } => f
+            ConsensusKind::Postgres { url, connections, listen } => f
                 .debug_struct("Postgres")
                 .field("url", &redact_password(url))
                 .field("connections", connections)
+                .field("listen", listen)
                 .finish(),
             ConsensusKind::Memory { name } => f.debug_struct("Memory").field("name", name).finish(),
         }
@@ -253,6 +258,11 @@ impl std::str::FromStr for ConsensusConfig {
                         _ => return Err(invalid("connections must be a number from 1 to 64")),
                     },
                 };
+                let listen = match split.take("listen").as_deref() {
+                    None | Some("true") => true,
+                    Some("false") => false,
+                    Some(_) => return Err(invalid("listen must be true or false")),
+                };
                 // The rest of the parameters are tokio-postgres's (sslmode, application_name, ...).
                 let query: Vec<String> = split.params.iter().map(|(k, v)| format!("{k}={v}")).collect();
                 split.params.clear();
@@ -260,7 +270,7 @@ impl std::str::FromStr for ConsensusConfig {
                 if !query.is_empty() {
                     pg_url = format!("{pg_url}?{}", query.join("&"));
                 }
-                ConsensusKind::Postgres { url: pg_url, connections }
+                ConsensusKind::Postgres { url: pg_url, connections, listen }
             }
             "mem" => ConsensusKind::Memory { name: (!split.rest.is_empty()).then(|| split.rest.clone()) },
             other => {
@@ -299,9 +309,9 @@ impl ConsensusConfig {
             }
             ConsensusKind::Memory { name } => Ok(memory::MemoryConsensus::open(name.as_deref())),
             #[cfg(feature = "postgres")]
-            ConsensusKind::Postgres { url, connections } => {
-                Ok(Arc::new(postgres::PostgresConsensus::open(url, *connections, self.timeout).await?))
-            }
+            ConsensusKind::Postgres { url, connections, listen } => Ok(Arc::new(
+                postgres::PostgresConsensus::open(url, *connections, *listen, self.timeout).await?,
+            )),
             #[cfg(not(feature = "postgres"))]
             ConsensusKind::Postgres { .. } => Err(ConsensusOpenError::Backend(
                 "the PostgreSQL backend is not compiled in (cargo feature `postgres`)".into(),
@@ -329,7 +339,8 @@ mod tests {
                 config.kind,
                 ConsensusKind::Postgres {
                     url: "postgres://postgres:secret@127.0.0.1:5432/db?application_name=x".into(),
-                    connections: 2
+                    connections: 2,
+                    listen: true,
                 }
             );
             assert!(!format!("{config:?}").contains("secret"), "{config:?}");
@@ -345,6 +356,7 @@ mod tests {
             ("sqlite://", "needs a file"),
             ("sqlite:///x?journal=off", "unknown parameter \"journal\""),
             ("postgres://h/db?connections=0", "connections must be"),
+            ("postgres://h/db?listen=maybe", "listen must be"),
         ];
         for (url, expected) in cases {
             let error = url.parse::<ConsensusConfig>().unwrap_err().to_string();

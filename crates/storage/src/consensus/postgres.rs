@@ -204,6 +204,7 @@ impl PostgresConsensus {
     pub(crate) async fn open(
         url: &str,
         connections: usize,
+        listen_for_changes: bool,
         timeout: Duration,
     ) -> Result<Self, ConsensusOpenError> {
         let config: tokio_postgres::Config =
@@ -230,7 +231,7 @@ impl PostgresConsensus {
             permits: Arc::new(Semaphore::new(connections)),
             notify,
         });
-        let (changes, listener) = if notify {
+        let (changes, listener) = if notify && listen_for_changes {
             let (tx, _) = broadcast::channel(CHANGES_CAPACITY);
             let listener = tokio::spawn(listen(Arc::clone(&shared), tx.clone()));
             (Some(tx), Some(listener))
