@@ -1122,6 +1122,7 @@ impl StorageCollections for ShardCollections {
             let mut rows = Vec::new();
             loop {
                 match stream.next_chunk(usize::MAX).await {
+                    Ok(Some(chunk)) if rows.is_empty() => rows = chunk,
                     Ok(Some(chunk)) => rows.extend(chunk),
                     Ok(None) => return Ok(rows),
                     Err(error) => return Err(self.inner.explain(id, error).await),

@@ -79,6 +79,18 @@ impl Cursor {
         }
     }
 
+    /// The next update without loading anything (call [`peek`](Self::peek) first).
+    fn head(&self) -> Option<&Update> {
+        self.current.get(self.position)
+    }
+
+    /// Moves the next update out (it must exist).
+    fn take(&mut self) -> Update {
+        let update = std::mem::take(&mut self.current[self.position]);
+        self.position += 1;
+        update
+    }
+
     /// The next update, loading the next part when the current one is used up; `None` at the end.
     async fn peek(&mut self, id: GlobalId, machine: &Arc<Machine>) -> Result<Option<&Update>, ReadError> {
         while self.position == self.current.len() {
@@ -156,21 +168,24 @@ impl SnapshotStream {
         Ok((!chunk.is_empty()).then_some(chunk))
     }
 
-    /// The next row with a non-zero count.
+    /// The next row with a non-zero count. Rows are moved out of the decoded parts, never copied.
     async fn next_row(&mut self) -> Result<Option<(Row, Diff)>, ReadError> {
         loop {
-            let mut smallest: Option<Row> = None;
-            for cursor in &mut self.cursors {
-                if let Some((row, _, _)) = cursor.peek(self.id, &self.machine).await?
-                    && smallest.as_ref().is_none_or(|s| row < s)
-                {
-                    smallest = Some(row.clone());
+            let mut smallest: Option<usize> = None;
+            for i in 0..self.cursors.len() {
+                if self.cursors[i].peek(self.id, &self.machine).await?.is_none() {
+                    continue;
+                }
+                let row = &self.cursors[i].head().expect("peeked").0;
+                if smallest.is_none_or(|s| *row < self.cursors[s].head().expect("peeked").0) {
+                    smallest = Some(i);
                 }
             }
             let buffered = self.cursors.iter().map(Cursor::buffered_bytes).sum();
             self.peak_buffered_bytes = self.peak_buffered_bytes.max(buffered);
-            let Some(row) = smallest else { return Ok(None) };
-            let mut count: Diff = 0;
+            let Some(first) = smallest else { return Ok(None) };
+            let (row, time, diff) = self.cursors[first].take();
+            let mut count: Diff = if time <= self.as_of { diff } else { 0 };
             for cursor in &mut self.cursors {
                 while let Some((r, time, diff)) = cursor.peek(self.id, &self.machine).await? {
                     if *r != row {
