@@ -571,7 +571,10 @@ impl Inner {
         });
         if start {
             let task = tokio::spawn(poll_shard(Arc::downgrade(self), id));
-            self.tasks.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(task.abort_handle());
+            let mut tasks = self.tasks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            // Pollers end when nobody waits; their handles go with them (the list stays bounded).
+            tasks.retain(|task| !task.is_finished());
+            tasks.push(task.abort_handle());
         }
         WaitGuard { inner: Arc::downgrade(self), id }
     }

@@ -55,6 +55,20 @@ async fn a_shard_watch_reports_every_collection_then_every_change_on_every_backe
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_table_writer_writes_at_clock_timestamps_on_shards_on_every_backend() {
+    on_every_backend(async |stores| {
+        crate::table_writer::writes_land_at_clock_timestamps_on(open(&stores).await).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_table_writer_retries_when_another_process_moved_an_upper_on_every_backend() {
+    on_every_backend(async |stores| crate::table_writer::a_writer_retries_on(open(&stores).await).await)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshots_wait_for_their_time_and_report_a_drop_on_every_backend() {
     on_every_backend(async |stores| {
         let config = ShardConfig { snapshot_timeout: Duration::from_secs(10), ..quick_config() };
