@@ -128,9 +128,19 @@ impl Default for ShardConfig {
 
 const STATE_MAGIC: &[u8; 4] = b"SHS1";
 
-/// Encodes a state for consensus: `SHS1`, the CRC-32 of the payload, the payload (bincode).
+/// The most bytes a decoded state may claim (a corrupt length is refused, not allocated).
+const MAX_STATE_BYTES: u64 = 64 << 20;
+
+/// bincode with variable-length integers (states are rewritten by every change: small matters).
+fn state_codec() -> impl bincode::Options {
+    use bincode::Options;
+    bincode::DefaultOptions::new().with_varint_encoding().with_limit(MAX_STATE_BYTES)
+}
+
+/// Encodes a state for consensus: `SHS1`, the CRC-32 of the payload, the payload (bincode, varints).
 pub fn encode_state(state: &ShardState) -> Bytes {
-    let payload = bincode::serialize(state).expect("a shard state always serializes");
+    use bincode::Options;
+    let payload = state_codec().serialize(state).expect("a shard state always serializes");
     let mut out = BytesMut::with_capacity(8 + payload.len());
     out.put_slice(STATE_MAGIC);
     out.put_u32_le(crc32fast::hash(&payload));
@@ -149,8 +159,8 @@ pub fn decode_state(id: GlobalId, seqno: u64, bytes: &[u8]) -> Result<ShardState
     if crc != crc32fast::hash(&bytes[8..]) {
         return Err(what("checksum mismatch"));
     }
-    let state: ShardState =
-        bincode::deserialize(&bytes[8..]).map_err(|e| what(&format!("undecodable: {e}")))?;
+    let state: ShardState = bincode::Options::deserialize(state_codec(), &bytes[8..])
+        .map_err(|e| what(&format!("undecodable: {e}")))?;
     if state.id != id || state.seqno != seqno {
         return Err(what(&format!("it claims to be version {} of {}", state.seqno, state.id)));
     }

@@ -763,28 +763,34 @@ mod tests {
         let s = s.hold_reader(&reader, false, &at(0), 0, 100).unwrap();
         assert_eq!(s.gc_floor(), 6);
         assert_eq!(s.compaction_request(8), None);
+        // Once the since passes the first three (8, 4, 2 updates), they are merged as one.
+        let below_since =
+            s.set_policy(ReadPolicy::ValidFrom(at(3))).unwrap().release_reader(&reader).unwrap();
+        let below = below_since.compaction_request(100).unwrap();
+        assert_eq!((below.inputs.len(), below.lower(), below.upper()), (3, &at(0), &at(3)));
+        // Too many batches: sizes 8 4 2 1 1, and everything after the 8 holds as many updates as it, so the
+        // whole run is merged; with 64 16 2 1 1 only the newest three are.
         let request = s.compaction_request(2).unwrap();
-        // Sizes 8 4 2 1 1: 2 is at most twice 1 + 1, 4 is more than twice 2 + 1 + 1.
-        assert_eq!(request.lower(), &at(2));
-        assert_eq!(request.inputs.len(), 3);
-        let merged = Batch { lower: at(2), upper: at(5), parts: vec![part("m", 2)], count_bound: 2 };
+        assert_eq!((request.inputs.len(), request.lower()), (5, &at(0)));
+        let mut skewed = s.clone();
+        skewed.batches[0].parts[0].updates = 64;
+        skewed.batches[1].parts[0].updates = 16;
+        let newest = skewed.compaction_request(2).unwrap();
+        assert_eq!((newest.inputs.len(), newest.lower()), (3, &at(2)));
+        let merged = Batch { lower: at(0), upper: at(5), parts: vec![part("m", 16)], count_bound: 16 };
         let s2 = s.apply_merge(&request, Some(merged)).unwrap();
-        assert_eq!(s2.batches.len(), 3);
-        // Once the since passes all three (8, 4, 2 updates), they are merged as one.
-        let all_below = s2.set_policy(ReadPolicy::ValidFrom(at(5))).unwrap().release_reader(&reader).unwrap();
-        let below = all_below.compaction_request(100).unwrap();
-        assert_eq!((below.inputs.len(), below.lower(), below.upper()), (3, &at(0), &at(5)));
+        assert_eq!(s2.batches.len(), 1);
         let retired: Vec<_> = s2.retired.iter().map(|r| (r.seqno, r.part.key.as_str())).collect();
-        assert_eq!(retired, [(7, "p2"), (7, "p3"), (7, "p4")]);
+        assert_eq!(retired, [(7, "p0"), (7, "p1"), (7, "p2"), (7, "p3"), (7, "p4")]);
         assert_eq!(s2.apply_merge(&request, None), Err(Refusal::MergeStale), "the inputs are gone");
         // Version 6 still references the retired parts, and the reader may read it.
         assert!(s2.collectable(s2.gc_floor()).is_empty());
         let s3 = s2.heartbeat(&reader, 0, 7).unwrap();
         assert_eq!(s3.gc_floor(), 7);
-        assert_eq!(s3.collectable(s3.gc_floor()).len(), 3);
+        assert_eq!(s3.collectable(s3.gc_floor()).len(), 5);
         let s4 = s3.heartbeat(&reader, 0, 2).unwrap();
         assert_eq!(s4.gc_floor(), 7, "a reader's version hold never moves back");
-        let keys: BTreeSet<String> = ["p2".to_owned(), "p3".to_owned(), "p4".to_owned()].into();
+        let keys: BTreeSet<String> = (0..5).map(|i| format!("p{i}")).collect();
         let s5 = s4.forget_retired(&keys).unwrap();
         assert!(s5.retired.is_empty());
         assert!(s5.forget_retired(&keys).is_none());
