@@ -96,6 +96,8 @@ pub(crate) struct Entry {
     pub(crate) poke: Arc<Notify>,
     /// Listens and snapshots waiting for the shard to change.
     waiters: usize,
+    /// The versions below this were truncated by this process's maintenance.
+    truncated_below: SeqNo,
     poller_running: bool,
 }
 
@@ -289,10 +291,11 @@ impl ShardCollections {
         &self.inner.machine.consensus
     }
 
-    /// Runs one maintenance pass over `id` now (what the background does periodically): expire leases,
-    /// compact, collect garbage, and, if `sweep`, delete leaked parts.
+    /// Runs one thorough maintenance pass over `id` now (what the background does periodically, except
+    /// that it collects every part it can right away): expire leases, compact, collect garbage, truncate
+    /// versions, and, if `sweep`, delete leaked parts.
     pub async fn maintain(&self, id: GlobalId, sweep: bool) -> Result<maintenance::Report, ReadError> {
-        maintenance::maintain(&self.inner, id, sweep).await
+        maintenance::maintain(&self.inner, id, sweep, true).await
     }
 
     /// A streaming snapshot of `id` at `as_of` (see [`SnapshotStream`]); waits like
@@ -508,6 +511,17 @@ impl Inner {
             let needed = e.reads.values().min().copied().unwrap_or(head);
             Some(needed.saturating_sub(held))
         })
+    }
+
+    /// Whether enough versions below `floor` piled up since this process last truncated `id` to truncate
+    /// again (truncating is a write; doing it in bulk keeps it off the appends' way).
+    pub(crate) fn truncation_due(&self, id: GlobalId, floor: SeqNo, backlog: u64) -> bool {
+        self.with_entry(id, |e| floor.saturating_sub(e.truncated_below) >= backlog)
+    }
+
+    /// Records that `id`'s versions below `floor` are truncated.
+    pub(crate) fn note_truncated(&self, id: GlobalId, floor: SeqNo) {
+        self.with_entry(id, |e| e.truncated_below = e.truncated_below.max(floor));
     }
 
     /// Registers the version a read of `id` will use; returns the state and the guard that keeps it.

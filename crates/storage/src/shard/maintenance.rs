@@ -42,6 +42,9 @@ const MERGES_PER_PASS: usize = 8;
 /// A pass heartbeats this process's leased reader early when its version hold lags this far behind.
 const VERSION_LAG_BEFORE_HEARTBEAT: u64 = 16;
 
+/// A pass truncates a shard's consensus versions once this many below the floor piled up.
+const TRUNCATION_BACKLOG: u64 = 32;
+
 /// What one maintenance pass did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Report {
@@ -75,15 +78,23 @@ pub(crate) async fn background(weak: Weak<Inner>) {
             last_sweep_ms = now;
         }
         for id in inner.known_ids() {
-            if let Err(error) = maintain(&inner, id, sweep).await {
+            if let Err(error) = maintain(&inner, id, sweep, false).await {
                 tracing::debug!(%id, %error, "maintenance pass failed");
             }
         }
     }
 }
 
-/// One maintenance pass over `id`; see the module documentation.
-pub(crate) async fn maintain(inner: &Arc<Inner>, id: GlobalId, sweep: bool) -> Result<Report, ReadError> {
+/// One maintenance pass over `id`; see the module documentation. A `thorough` pass (an explicit call)
+/// also moves this process's version hold up however little it lags, so that everything collectable now is
+/// collected; a background pass does that only once it lags by more than a few versions (each move is a
+/// write that appends would otherwise queue behind).
+pub(crate) async fn maintain(
+    inner: &Arc<Inner>,
+    id: GlobalId,
+    sweep: bool,
+    thorough: bool,
+) -> Result<Report, ReadError> {
     let mut report = Report::default();
     let now = now_ms();
     let result = inner
@@ -109,8 +120,8 @@ pub(crate) async fn maintain(inner: &Arc<Inner>, id: GlobalId, sweep: bool) -> R
             .map_err(|e| read_error_of(id, e))?
             .ok_or(ReadError::CollectionMissing(id))?;
     }
-    // This process's own version hold lags between heartbeats (and the merges above just read older
-    // versions); move it up now if that holds back garbage collection by more than a few versions.
+    // This process's own version hold lags between heartbeats; move it up now if that holds back garbage
+    // collection (of the parts the merges above retired, say) by more than a few versions.
     if inner.reader_lag(id, state.seqno).is_some_and(|lag| lag > VERSION_LAG_BEFORE_HEARTBEAT)
         || report.merges > 0
     {
@@ -122,7 +133,7 @@ pub(crate) async fn maintain(inner: &Arc<Inner>, id: GlobalId, sweep: bool) -> R
             .map_err(|e| read_error_of(id, e))?
             .ok_or(ReadError::CollectionMissing(id))?;
     }
-    collect_garbage(inner, &state, &mut report).await?;
+    collect_garbage(inner, &state, thorough, &mut report).await?;
     if sweep {
         report.leaked_deleted = sweep_leaked(inner, id).await?;
     }
@@ -219,6 +230,7 @@ async fn write_merged(
 async fn collect_garbage(
     inner: &Arc<Inner>,
     state: &ShardState,
+    thorough: bool,
     report: &mut Report,
 ) -> Result<(), ReadError> {
     let id = state.id;
@@ -246,9 +258,11 @@ async fn collect_garbage(
             .await
             .map_err(|e| read_error_of(id, e))?;
     }
-    if floor > 0 {
+    let backlog = if thorough { 1 } else { TRUNCATION_BACKLOG };
+    if floor > 0 && inner.truncation_due(id, floor, backlog) {
         match inner.machine.consensus.truncate(&consensus_key(id), floor).await {
             Ok(deleted) => {
+                inner.note_truncated(id, floor);
                 inner.machine.counters.versions_truncated.fetch_add(deleted, Ordering::Relaxed);
                 report.versions_truncated += deleted;
             }
