@@ -1509,12 +1509,16 @@ impl<T: Timestamp> InstanceCore<T> {
         if collection.forwarded.is_empty() {
             collection.finished = true;
         }
-        Self::apply_policy(collection);
-        drop(shared);
         self.outputs.push_back(InstanceOutput::Response(ComputeControllerResponse::SubscribeResponse {
             id,
             response: SubscribeResponse::Batch(SubscribeBatch { lower, upper, updates }),
         }));
+        if collection.finished {
+            // The stream is closed (its end, an `until`, an error): the subscribe will write nothing
+            // more, so its upper is the empty frontier, whatever the replicas report from now on.
+            Self::advance_upper(&mut self.outputs, self.id, id, collection, &Antichain::new());
+        }
+        Self::apply_policy(collection);
     }
 
     fn handle_copy_to(&mut self, id: GlobalId, response: CopyToResponse) {
