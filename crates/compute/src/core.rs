@@ -10,10 +10,14 @@
 //!   replayed history (buffered), `InitializationComplete` (reconciliation, see below), then normal
 //!   commands. A command in the wrong stage is answered with `CommandRejected` and the connection is closed.
 //! - **Reconciliation.** A running dataflow is kept (no rehydration) if the replay creates an identical one
-//!   (only the as-of may be later), all its index imports come from kept dataflows, it has no subscribe or
-//!   copy-to export (those stream to the connection that asked, so they are rebuilt from the replayed
-//!   as-of), and none of its exports was dropped unless the replay drops it too. Everything else running is
-//!   dropped (importers first), then the replay is executed, skipping kept dataflows' creations.
+//!   (only the as-of may be later), it was scheduled, all its index imports come from kept dataflows, it
+//!   has no subscribe or copy-to export (those stream to the connection that asked, so they are rebuilt
+//!   from the replayed as-of), its storage imports did not fail, and none of its exports was dropped
+//!   unless the replay drops it too. A dataflow never scheduled holds nothing in storage yet and would
+//!   start from its earlier as-of, which the controller no longer holds once it replayed a later one: it
+//!   is rebuilt at the replayed as-of (the simulator's model replica follows the same rule). Everything
+//!   else running is dropped (importers first), then the replay is executed, skipping kept dataflows'
+//!   creations.
 //! - **Reports.** Workers' reports name their dataflow (a [`DataflowKey`], never reused) and peeks their
 //!   routing ([`PeekSeq`]): a report of a dataflow that was dropped and rebuilt under the same export ids,
 //!   or an answer to an earlier peek under the same uuid, is ignored. Sinks of a connection that is gone
@@ -615,7 +619,10 @@ impl Core {
             let matching = replayed.iter().any(|desc| same_dataflow(&dataflow.desc, desc));
             // A dataflow whose storage import failed is built again: storage may be back.
             let healthy = dataflow.failed.is_none();
-            if !streams && imports_kept && exports_intact && matching && healthy {
+            // One never scheduled holds nothing in storage: kept, it would start from its earlier as-of,
+            // which the controller stopped holding when it replayed a later one.
+            let started = dataflow.scheduled;
+            if !streams && imports_kept && exports_intact && matching && healthy && started {
                 kept.insert(*key);
                 kept_exports.extend(dataflow.desc.export_ids());
             }
@@ -636,7 +643,8 @@ impl Core {
                 ComputeCommand::CreateDataflow(desc)
                     if desc.export_ids().next().is_some_and(|id| kept_exports.contains(&id)) =>
                 {
-                    // Kept: the running dataflow serves it (its as-of may be earlier, which is fine).
+                    // Kept: the running dataflow serves it (its as-of may be earlier: it was scheduled, so its
+                    // storage feeds hold their imports from where they got to, not from the as-of).
                     continue;
                 }
                 _ => self.execute(command).await,
