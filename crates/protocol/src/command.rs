@@ -16,7 +16,8 @@ use crate::peek::Peek;
 ///
 /// Version 3: `InstanceConfig` lost its `logging` (a status interval no replica honoured); oversized
 /// responses have their documented stand-ins (`ComputeResponse`'s documentation).
-pub const PROTOCOL_VERSION: u32 = 3;
+/// Version 4: `StatusResponse::Failed`, an export that can make no more progress and why.
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// A command from the controller to a replica process.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
