@@ -46,7 +46,9 @@
 //! oversized result, a dropped replica, a timeout, a cancellation). A peek's `Peek` command, like a
 //! dataflow's `CreateDataflow`, is measured against the instance's `max_command_bytes` before anything is
 //! recorded, held or sent: a larger one is refused with `CommandTooLarge`. A `CommandRejected` from a
-//! replica reaches the user as [`ComputeControllerResponse::CommandRejected`]; the replica stays.
+//! replica reaches the user as [`ComputeControllerResponse::CommandRejected`], and a replica's report
+//! that an export can make no more progress (`StatusResponse::Failed`) as
+//! [`ComputeControllerResponse::ExportFailed`]; the replica stays.
 //!
 //! # Materialized views
 //!
@@ -97,7 +99,7 @@ use protocol::frame::DEFAULT_MAX_FRAME_BYTES;
 use protocol::{
     ComputeCommand, ComputeResponse, CopyToResponse, DataflowDescription, Datum, Diff, FrontiersResponse,
     GlobalId, InstanceId, MapFilterProject, Peek, PeekId, PeekResponse, PeekTarget, RelationType, ReplicaId,
-    Row, RowSetFinishing, SinkConnection, SubscribeBatch, SubscribeResponse,
+    Row, RowSetFinishing, SinkConnection, StatusResponse, SubscribeBatch, SubscribeResponse,
 };
 use replica_client::{CommandHistory, ReplicaEvent, ReplicaStatus};
 
@@ -1338,7 +1340,12 @@ impl<T: Timestamp> InstanceCore<T> {
                 self.handle_subscribe(replica, id, response)
             }
             ComputeResponse::CopyToResponse { id, response } => self.handle_copy_to(id, response),
-            ComputeResponse::Status(status) => debug!(%replica, ?status, "replica status"),
+            ComputeResponse::Status(StatusResponse::Failed { id, error }) => {
+                self.handle_export_failed(replica, id, error)
+            }
+            ComputeResponse::Status(status @ StatusResponse::Hydration { .. }) => {
+                debug!(%replica, ?status, "replica status")
+            }
             ComputeResponse::CommandRejected { command, reason } => {
                 // The replica keeps serving everything else, and a reconnect would replay the same
                 // command: it stays connected, and the user hears of it.
@@ -1356,6 +1363,23 @@ impl<T: Timestamp> InstanceCore<T> {
                 self.disconnect(replica, "handshake response outside the handshake".to_string());
             }
         }
+    }
+
+    /// A replica says export `id` can make no more progress there, for a reason a reconnect would not
+    /// cure: the replica stays, and the user hears of it (unless the export was dropped meanwhile).
+    fn handle_export_failed(&mut self, replica: ReplicaId, id: GlobalId, error: String) {
+        let live = lock(&self.shared).holds.attachment(&id).is_some_and(|c| !c.dropped);
+        if !live {
+            debug!(%replica, %id, %error, "failure of a dropped export");
+            return;
+        }
+        warn!(%replica, %id, %error, "an export can make no more progress on a replica");
+        self.outputs.push_back(InstanceOutput::Response(ComputeControllerResponse::ExportFailed {
+            instance: self.id,
+            replica,
+            id,
+            error,
+        }));
     }
 
     fn disconnect(&mut self, replica: ReplicaId, reason: String) {

@@ -224,6 +224,11 @@ pub(crate) async fn run_instance(
                         Err(SendError::TooLarge(too_large)) => {
                             error!(%replica, %too_large, "invariant: a command the core admitted does not fit a frame")
                         }
+                        // The core sends each replica what its own history template holds, with peek ids
+                        // unique per instance: the replica's history can refuse nothing it sends.
+                        Err(SendError::Rejected(rejected)) => {
+                            error!(%replica, %rejected, "invariant: the replica's history refuses a command the core issued (unique peek ids, live exports, forward compactions)")
+                        }
                     }
                 }
                 InstanceOutput::DisconnectReplica { replica, reason } => {
