@@ -42,18 +42,21 @@ pub struct Layer {
 pub const LAYERS: &[Layer] = &[
     Layer { krate: "frontiers", deps: &[], extra_dev_deps: &[] },
     Layer { krate: "protocol", deps: &["frontiers"], extra_dev_deps: &[] },
-    Layer { krate: "storage", deps: &["protocol", "frontiers"], extra_dev_deps: &[] },
-    Layer { krate: "compute", deps: &["protocol", "frontiers", "storage"], extra_dev_deps: &[] },
+    // A process's metrics (DESIGN §10): series that remove themselves and the `/metrics` endpoint. It knows
+    // no other workspace crate; every process crate uses it.
+    Layer { krate: "telemetry", deps: &[], extra_dev_deps: &[] },
+    Layer { krate: "storage", deps: &["protocol", "frontiers", "telemetry"], extra_dev_deps: &[] },
+    Layer { krate: "compute", deps: &["protocol", "frontiers", "storage", "telemetry"], extra_dev_deps: &[] },
     Layer { krate: "replica-client", deps: &["protocol", "frontiers"], extra_dev_deps: &[] },
     Layer {
         krate: "controller",
-        deps: &["frontiers", "protocol", "storage", "replica-client"],
+        deps: &["frontiers", "protocol", "storage", "replica-client", "telemetry"],
         // The controller's tests run against real, in-process replicas.
         extra_dev_deps: &["compute"],
     },
     Layer {
         krate: "sim",
-        deps: &["frontiers", "protocol", "storage", "compute", "replica-client", "controller"],
+        deps: &["frontiers", "protocol", "storage", "compute", "replica-client", "controller", "telemetry"],
         extra_dev_deps: &[],
     },
     Layer { krate: "xtask", deps: &[], extra_dev_deps: &[] },
