@@ -1,6 +1,9 @@
 //! Integration tests of `telemetry`: [`Series`] removal and the [`MetricsServer`] over real loopback
 //! sockets (its answers, its connection limit, its deadlines and its header limit).
 
+// The deadline tests measure real time: nothing here is simulated.
+#![allow(clippy::disallowed_methods)]
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
