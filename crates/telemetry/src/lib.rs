@@ -28,7 +28,7 @@ mod text;
 #[cfg(feature = "http")]
 mod http;
 
-pub use series::Series;
+pub use series::{Family, Series};
 pub use text::encode_text;
 
 #[cfg(feature = "http")]

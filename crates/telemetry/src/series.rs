@@ -5,6 +5,32 @@ use std::ops::Deref;
 
 use prometheus::core::{MetricVec, MetricVecBuilder};
 
+/// A labelled metric family: what a [`Series`] belongs to. Implemented for every `MetricVec`
+/// (`IntCounterVec`, `IntGaugeVec`, `GaugeVec`, `HistogramVec`, ...), so that a series' type can be named
+/// after its family: `Series<IntCounterVec>`.
+pub trait Family: Clone {
+    /// The metric of one series.
+    type Metric;
+
+    /// The series with `labels`, created if it does not exist yet.
+    fn series(&self, labels: &[&str]) -> prometheus::Result<Self::Metric>;
+
+    /// Removes the series with `labels`.
+    fn remove(&self, labels: &[&str]) -> prometheus::Result<()>;
+}
+
+impl<B: MetricVecBuilder> Family for MetricVec<B> {
+    type Metric = B::M;
+
+    fn series(&self, labels: &[&str]) -> prometheus::Result<B::M> {
+        self.get_metric_with_label_values(labels)
+    }
+
+    fn remove(&self, labels: &[&str]) -> prometheus::Result<()> {
+        self.remove_label_values(labels)
+    }
+}
+
 /// One series of a labelled metric family (an `IntCounterVec`, `HistogramVec`, ...): a handle to update it,
 /// and the label values to remove it with when dropped.
 ///
@@ -27,22 +53,22 @@ use prometheus::core::{MetricVec, MetricVecBuilder};
 /// drop(series);
 /// assert!(!telemetry::encode_text(&registry).contains("owner=\"a\""));
 /// ```
-pub struct Series<B: MetricVecBuilder> {
-    family: MetricVec<B>,
+pub struct Series<F: Family> {
+    family: F,
     labels: Box<[String]>,
-    metric: B::M,
+    metric: F::Metric,
 }
 
-impl<B: MetricVecBuilder> Series<B> {
+impl<F: Family> Series<F> {
     /// The series of `family` with `labels` (in the order the family declared its label names), created
     /// if it does not exist yet.
     ///
     /// # Panics
     /// If the number of values differs from the family's label names: a bug at the call site, where both
     /// are written down.
-    pub fn new(family: &MetricVec<B>, labels: &[&str]) -> Self {
+    pub fn new(family: &F, labels: &[&str]) -> Self {
         let metric = family
-            .get_metric_with_label_values(labels)
+            .series(labels)
             .unwrap_or_else(|e| panic!("labels {labels:?} do not fit their metric family: {e}"));
         Series { family: family.clone(), labels: labels.iter().map(|l| (*l).to_owned()).collect(), metric }
     }
@@ -53,23 +79,23 @@ impl<B: MetricVecBuilder> Series<B> {
     }
 }
 
-impl<B: MetricVecBuilder> Deref for Series<B> {
-    type Target = B::M;
+impl<F: Family> Deref for Series<F> {
+    type Target = F::Metric;
 
-    fn deref(&self) -> &B::M {
+    fn deref(&self) -> &F::Metric {
         &self.metric
     }
 }
 
-impl<B: MetricVecBuilder> Drop for Series<B> {
+impl<F: Family> Drop for Series<F> {
     fn drop(&mut self) {
         let labels: Vec<&str> = self.labels.iter().map(String::as_str).collect();
         // Already gone only if someone else removed it, which an owner of the series never does.
-        let _ = self.family.remove_label_values(&labels);
+        let _ = self.family.remove(&labels);
     }
 }
 
-impl<B: MetricVecBuilder> fmt::Debug for Series<B> {
+impl<F: Family> fmt::Debug for Series<F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Series").field("labels", &self.labels).finish_non_exhaustive()
     }
