@@ -53,8 +53,10 @@ mod instance;
 mod instance_task;
 mod introspection;
 mod introspection_writer;
+mod metrics;
 mod orchestrator;
 mod response;
+mod status;
 mod storage_peek;
 mod storage_watch;
 
@@ -63,7 +65,8 @@ pub use as_of::{AsOfSelectionError, ImportFrontiers, select_as_of};
 pub use clock::{Timestamp, wallclock_ms};
 pub use config::{ComputeInstanceConfig, ControllerConfig, ReplicaLocation};
 pub use error::{
-    CancelPeekError, CollectionDropError, CollectionLookupError, CollectionMissing, DataflowCreationError,
+    CancelPeekError, CollectionDropError, CollectionLookupError, CollectionMissing, CollectionStatusError,
+    DataflowCreationError,
     InstanceCreationError, InstanceDropError, InstanceMissing, PeekError, PeekFailure, ReadPolicyError,
     ReplicaCreationError, ReplicaDropError,
 };
@@ -71,9 +74,11 @@ pub use instance::{
     CollectionFrontiers, CollectionKind, InstanceCore, InstanceCoreConfig, InstanceOutput, PeekOptions,
     PeekRequest, PreparedPeek, SharedHandle, SharedState, lock,
 };
-pub use introspection::{IntrospectionKind, IntrospectionState, peek_duration_bucket_ms};
+pub use introspection::{IntrospectionKind, IntrospectionState, ReplicaHealth, peek_duration_bucket_ms};
+pub use metrics::{ControllerMetrics, InstanceMetrics, PeekRecorder};
 pub use orchestrator::{
     InProcessOrchestrator, Launcher, Orchestrator, ProcessEvent, ProcessOrchestrator,
     ProcessOrchestratorConfig, ReplicaSpec, RunningReplica,
 };
 pub use response::{ComputeControllerResponse, PeekNotification, PeekOutcome, PeekResult};
+pub use status::{LagMinute, ReplicaHydration, ReplicaLag};
