@@ -1327,7 +1327,9 @@ impl<T: Timestamp> InstanceCore<T> {
             }
         }
         match &status {
-            ReplicaStatus::Connecting { .. } => self.set_replica_status_row(replica, ReplicaHealth::Connecting),
+            ReplicaStatus::Connecting { .. } => {
+                self.set_replica_status_row(replica, ReplicaHealth::Connecting)
+            }
             ReplicaStatus::Failed { reason, .. } => {
                 self.set_replica_status_row(replica, ReplicaHealth::Failed { reason: reason.clone() })
             }
@@ -2014,10 +2016,11 @@ impl<T: Timestamp> InstanceCore<T> {
                     None => 0,
                 }),
                 history: Vec::new(),
-                current_minute: self.lag_minute.max_lag_ms.get(&(id, *replica)).map(|max| LagMinuteMax {
-                    minute_ms: self.lag_minute.start_ms,
-                    max_lag_ms: *max,
-                }),
+                current_minute: self
+                    .lag_minute
+                    .max_lag_ms
+                    .get(&(id, *replica))
+                    .map(|max| LagMinuteMax { minute_ms: self.lag_minute.start_ms, max_lag_ms: *max }),
             })
             .collect();
         drop(shared);

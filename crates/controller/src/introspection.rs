@@ -307,7 +307,8 @@ impl IntrospectionState {
         minute_ms: u64,
         max_lag_ms: u64,
     ) {
-        let (instance, replica_name, collection) = (instance.to_string(), replica.to_string(), id.to_string());
+        let (instance, replica_name, collection) =
+            (instance.to_string(), replica.to_string(), id.to_string());
         let row = Row::pack([
             Datum::Text(&instance),
             Datum::Text(&replica_name),
@@ -321,8 +322,12 @@ impl IntrospectionState {
 
     /// Removes the lag history of collection `id` (dropped).
     pub fn remove_lag_history(&mut self, id: GlobalId) {
-        let doomed: Vec<(GlobalId, ReplicaId, u64)> =
-            self.history_rows.range((id, ReplicaId(0), 0)..).take_while(|((c, _, _), _)| *c == id).map(|(k, _)| *k).collect();
+        let doomed: Vec<(GlobalId, ReplicaId, u64)> = self
+            .history_rows
+            .range((id, ReplicaId(0), 0)..)
+            .take_while(|((c, _, _), _)| *c == id)
+            .map(|(k, _)| *k)
+            .collect();
         for key in doomed {
             if let Some(old) = self.history_rows.remove(&key) {
                 self.pending.push((IntrospectionKind::WallclockLagHistory, old, -1));

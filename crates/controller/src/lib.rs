@@ -66,9 +66,8 @@ pub use clock::{Timestamp, wallclock_ms};
 pub use config::{ComputeInstanceConfig, ControllerConfig, ReplicaLocation};
 pub use error::{
     CancelPeekError, CollectionDropError, CollectionLookupError, CollectionMissing, CollectionStatusError,
-    DataflowCreationError,
-    InstanceCreationError, InstanceDropError, InstanceMissing, PeekError, PeekFailure, ReadPolicyError,
-    ReplicaCreationError, ReplicaDropError,
+    DataflowCreationError, InstanceCreationError, InstanceDropError, InstanceMissing, PeekError, PeekFailure,
+    ReadPolicyError, ReplicaCreationError, ReplicaDropError,
 };
 pub use instance::{
     CollectionFrontiers, CollectionKind, InstanceCore, InstanceCoreConfig, InstanceOutput, PeekOptions,

@@ -42,8 +42,7 @@ use std::time::Duration;
 
 use bincode::Options;
 use prometheus::{
-    GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
-    Registry,
+    GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
 };
 use telemetry::Series;
 
@@ -167,7 +166,12 @@ impl fmt::Debug for ControllerMetrics {
 }
 
 /// A counter family: `name` with `labels`.
-fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntCounterVec> {
+fn counter(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<IntCounterVec> {
     let family = IntCounterVec::new(Opts::new(name, help), labels)?;
     registry.register(Box::new(family.clone()))?;
     Ok(family)
@@ -564,7 +568,10 @@ impl InstanceMetrics {
     pub(crate) fn hydrated(&mut self, id: GlobalId, replica: ReplicaId, hydration_ms: u64) {
         let Some(collection) = self.collections.get_mut(&id) else { return };
         let series = collection.hydration_time.entry(replica).or_insert_with(|| {
-            Series::new(&self.families.hydration_time, &[&self.instance, &replica.to_string(), &id.to_string()])
+            Series::new(
+                &self.families.hydration_time,
+                &[&self.instance, &replica.to_string(), &id.to_string()],
+            )
         });
         series.set(hydration_ms as f64 / 1_000.0);
     }
