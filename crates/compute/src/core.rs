@@ -52,6 +52,7 @@ use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
 
 use crate::messages::{DataflowKey, FeedBudget, FromWorker, ToWorker, WorkerPeek, WorkerTx};
+use crate::metrics::{ReplicaMetrics, StorageReadLag};
 use crate::render::{Diff, Time, error_message};
 use crate::worker::{finish_rows, key_owner, row_owner};
 
@@ -217,6 +218,7 @@ pub(crate) struct Core {
     peeks: HashMap<PeekId, CorePeek>,
     storage_peeks: HashMap<PeekId, JoinHandle<()>>,
     built: Arc<AtomicU64>,
+    metrics: ReplicaMetrics,
 }
 
 impl std::fmt::Debug for Core {
@@ -233,6 +235,7 @@ impl Core {
         storage: Arc<dyn StorageCollections>,
         events: UnboundedSender<CoreEvent>,
         built: Arc<AtomicU64>,
+        metrics: ReplicaMetrics,
     ) -> Self {
         let (allow_writes, _) = watch::channel(false);
         Core {
@@ -250,6 +253,7 @@ impl Core {
             peeks: HashMap::new(),
             storage_peeks: HashMap::new(),
             built,
+            metrics,
         }
     }
 
@@ -661,6 +665,7 @@ impl Core {
                 key,
                 self.workers.clone(),
                 self.topology,
+                self.metrics.storage_read_lag(*import),
             ));
             dataflow.tasks.push(task);
         }
@@ -1146,6 +1151,7 @@ async fn feed_source(
     key: DataflowKey,
     workers: Vec<WorkerTx>,
     topology: Topology,
+    read_lag: StorageReadLag,
 ) {
     let mut hold = match storage.acquire_read_hold(id, Antichain::from_elem(as_of)).await {
         Ok(hold) => hold,
@@ -1186,6 +1192,7 @@ async fn feed_source(
                 }
             }
             Ok(ListenEvent::Progress(frontier)) => {
+                read_lag.progress(&frontier);
                 for worker in &workers {
                     let _ =
                         worker.send(ToWorker::SourceProgress { key, import: id, frontier: frontier.clone() });

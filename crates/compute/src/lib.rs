@@ -43,9 +43,11 @@
 mod core;
 mod diff;
 mod messages;
+mod metrics;
 mod operators;
 mod render;
 mod server;
 mod worker;
 
+pub use metrics::ReplicaMetrics;
 pub use server::{ReplicaConfig, ReplicaHandle, ReplicaServer, StartError};

@@ -26,6 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 
+use prometheus::Registry;
 use protocol::frame::{DEFAULT_MAX_FRAME_BYTES, FrameDecoder, check_version, encode_frame};
 use protocol::{ComputeCommand, ComputeResponse, PROTOCOL_VERSION};
 use storage::StorageCollections;
@@ -36,6 +37,7 @@ use tracing::{debug, info, warn};
 
 use crate::core::{Core, CoreEvent, Outgoing, Topology};
 use crate::messages::{FromWorker, ToWorker, WorkerTx};
+use crate::metrics::ReplicaMetrics;
 use crate::worker::run_worker;
 
 /// Merge effort differential spends on idle arrangements (fixed at start: timely's worker configuration
@@ -74,6 +76,9 @@ pub enum StartError {
     /// A thread or the async runtime could not be started.
     #[error("cannot start the replica's threads: {0}")]
     Threads(std::io::Error),
+    /// The replica's metrics could not be registered (the registry has them already).
+    #[error("cannot register the replica's metrics: {0}")]
+    Metrics(prometheus::Error),
 }
 
 /// Starts replica processes.
@@ -90,12 +95,39 @@ pub struct ReplicaHandle {
     built: Arc<AtomicU64>,
     /// Why the process stopped on its own (a worker panicked), once it has.
     failure: tokio::sync::watch::Receiver<Option<String>>,
+    /// The registry the replica's metrics are in, and those metrics (unregistered at shutdown).
+    registry: Registry,
+    metrics: ReplicaMetrics,
 }
 
 impl ReplicaServer {
     /// Starts one replica process: binds the listener, starts the tokio thread and the timely workers.
     /// Returns once the listener is bound (a cluster's timely connections are made in the background).
+    /// Its metrics go to a registry of its own ([`ReplicaHandle::registry`]).
     pub fn start(config: ReplicaConfig) -> Result<ReplicaHandle, StartError> {
+        Self::start_with_registry(config, Registry::new())
+    }
+
+    /// [`start`](Self::start), with the replica's metrics (see the `metrics` module) in `registry`: the
+    /// process's, which `compute-replica --metrics-addr` serves. One replica per registry; its families
+    /// leave the registry when it shuts down.
+    pub fn start_with_registry(
+        config: ReplicaConfig,
+        registry: Registry,
+    ) -> Result<ReplicaHandle, StartError> {
+        let metrics = ReplicaMetrics::register(&registry).map_err(StartError::Metrics)?;
+        let started = Self::start_threads(config, registry.clone(), metrics.clone());
+        if started.is_err() {
+            metrics.unregister(&registry);
+        }
+        started
+    }
+
+    fn start_threads(
+        config: ReplicaConfig,
+        registry: Registry,
+        metrics: ReplicaMetrics,
+    ) -> Result<ReplicaHandle, StartError> {
         let ReplicaConfig { listen, workers, process, timely_addresses, storage } = config;
         if workers == 0 {
             return Err(StartError::InvalidConfig("at least one worker is needed".to_string()));
@@ -146,6 +178,7 @@ impl ReplicaServer {
         let timely_config = timely::Config { communication, worker: worker_config };
         let receivers = Arc::new(Mutex::new(receivers));
         let threads = Arc::new(threads);
+        let worker_metrics = metrics.clone();
         let timely_thread = std::thread::Builder::new()
             .name(format!("compute-timely-{process}"))
             .spawn(move || {
@@ -157,8 +190,9 @@ impl ReplicaServer {
                         .expect("each worker takes its receiver once");
                     let _ = threads[local].set(std::thread::current());
                     let reports = reports_tx.clone();
+                    let metrics = worker_metrics.worker(worker.index(), local == 0);
                     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        run_worker(worker, local, rx, reports)
+                        run_worker(worker, local, rx, reports, metrics)
                     }));
                     if let Err(panic) = outcome {
                         // The core stops the process: a replica missing a worker answers nothing. The
@@ -186,7 +220,8 @@ impl ReplicaServer {
             .enable_all()
             .build()
             .map_err(StartError::Threads)?;
-        let core = Core::new(topology, senders, storage, events_tx.clone(), Arc::clone(&built));
+        let core =
+            Core::new(topology, senders, storage, events_tx.clone(), Arc::clone(&built), metrics.clone());
         let accept_events = events_tx.clone();
         let (failure_tx, failure) = tokio::sync::watch::channel(None);
         let io_thread = std::thread::Builder::new()
@@ -217,6 +252,8 @@ impl ReplicaServer {
             timely_thread: Some(timely_thread),
             built,
             failure,
+            registry,
+            metrics,
         })
     }
 }
@@ -225,6 +262,12 @@ impl ReplicaHandle {
     /// The address the replica listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The registry the replica's metrics are in (see the `metrics` module): what a process serves at
+    /// its `/metrics` endpoint.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
     }
 
     /// How many dataflows this process has built since it started (for tests of reconciliation: a kept
@@ -267,6 +310,7 @@ impl ReplicaHandle {
         if let Some(thread) = self.timely_thread.take() {
             let _ = thread.join();
         }
+        self.metrics.unregister(&self.registry);
     }
 }
 

@@ -6,7 +6,8 @@
 //!   an instance, a replica or a collection owns its series, so when the object goes away its series go
 //!   too: nothing stale is left in the exposition. A `Series` is also the handle hot paths update: labels
 //!   are formatted once, when it is made, and an update is one atomic operation, never a registry lock.
-//! - [`encode_text`]: a registry in Prometheus' text exposition format (version 0.0.4).
+//! - [`encode_text`]: a registry in Prometheus' text exposition format (version 0.0.4); [`parse_text`]
+//!   reads it back into [`Sample`]s, for tests and tools.
 //! - [`MetricsServer`] (feature `http`): `GET /metrics` over HTTP/1 on tokio, the one endpoint every
 //!   binary of the workspace serves (`compute-replica --metrics-addr`, `sim cluster`), with a bound on
 //!   connections, a deadline on each, and a limit on request headers. [`scrape`] is its blocking client for
@@ -29,7 +30,7 @@ mod text;
 mod http;
 
 pub use series::{Family, Series};
-pub use text::encode_text;
+pub use text::{Sample, encode_text, parse_text, sample_value};
 
 #[cfg(feature = "http")]
 pub use http::{MetricsServer, MetricsServerConfig, Scraped, scrape};

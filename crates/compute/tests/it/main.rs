@@ -5,7 +5,8 @@
 //! `i64` included), `sqlite` (random plans against SQLite after every batch of updates), `exports` (multiple
 //! exports, import chains, materialized views with two replicas, subscribes, copy-to), `reconnect`
 //! (reconciliation without rehydration), `bad_input` (wrong stages, garbage, unknown ids, peeks before the
-//! since). Proptest case counts come from `PROPTEST_CASES` (see `harness::proptest_cases`).
+//! since), `metrics` (the replica's Prometheus metrics). Proptest case counts come from `PROPTEST_CASES`
+//! (see `harness::proptest_cases`).
 
 // Tests wait for answers with wall-clock timeouts; they are not simulated code.
 #![allow(clippy::disallowed_methods)]
@@ -13,6 +14,7 @@
 mod bad_input;
 mod exports;
 mod harness;
+mod metrics;
 mod operators;
 mod reconnect;
 mod sqlite;

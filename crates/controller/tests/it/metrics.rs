@@ -3,7 +3,6 @@
 //! instance (nothing stale is left in the exposition); tallies that reach the registry when the instance
 //! ticks; the status gauge and reconnects; one controller per registry.
 
-use std::collections::BTreeMap;
 use std::num::NonZeroU64;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,48 +17,14 @@ use crate::harness::{Harness, controller_config, f, index_on_storage, kv, peek_r
 const R1: ReplicaId = ReplicaId(1);
 const R2: ReplicaId = ReplicaId(2);
 
-/// One sample of the exposition: the metric's name, its labels and its value.
-#[derive(Debug)]
-struct Sample {
-    name: String,
-    labels: BTreeMap<String, String>,
-    value: f64,
-}
-
-/// The samples of a text exposition (comments skipped).
-fn samples(registry: &prometheus::Registry) -> Vec<Sample> {
-    let text = telemetry::encode_text(registry);
-    text.lines()
-        .filter(|line| !line.starts_with('#') && !line.is_empty())
-        .map(|line| {
-            let (series, value) = line.rsplit_once(' ').expect("a sample line ends with its value");
-            let (name, labels) = match series.split_once('{') {
-                Some((name, labels)) => (name, labels.trim_end_matches('}')),
-                None => (series, ""),
-            };
-            let labels = labels
-                .split(',')
-                .filter(|pair| !pair.is_empty())
-                .map(|pair| {
-                    let (key, value) = pair.split_once('=').expect("label=\"value\"");
-                    (key.to_string(), value.trim_matches('"').to_string())
-                })
-                .collect();
-            Sample { name: name.to_string(), labels, value: value.parse().expect("a number") }
-        })
-        .collect()
+/// The samples of the registry's exposition.
+fn samples(registry: &prometheus::Registry) -> Vec<telemetry::Sample> {
+    telemetry::parse_text(&telemetry::encode_text(registry)).expect("the exposition parses")
 }
 
 /// The value of the one sample of `name` whose labels include `labels`.
 fn value(registry: &prometheus::Registry, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let matching: Vec<Sample> = samples(registry)
-        .into_iter()
-        .filter(|s| {
-            s.name == name && labels.iter().all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
-        })
-        .collect();
-    assert!(matching.len() <= 1, "{name} {labels:?} matches several samples: {matching:?}");
-    matching.first().map(|s| s.value)
+    telemetry::sample_value(&samples(registry), name, labels)
 }
 
 /// Whether any sample has label `key` with `value`.
