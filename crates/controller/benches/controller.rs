@@ -833,6 +833,7 @@ fn bench_hydration() {
             max_backoff_ms: 1_000,
             env: vec![("RUST_LOG".to_string(), "warn".to_string())],
             log_dir: None,
+            metrics: false,
         });
         let orchestrator = Arc::new(orchestrator);
         let mut figures = Vec::new();

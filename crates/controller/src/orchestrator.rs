@@ -203,12 +203,17 @@ pub struct ProcessOrchestratorConfig {
     pub env: Vec<(String, String)>,
     /// Where the children's stderr goes (inherited when `None`).
     pub log_dir: Option<PathBuf>,
+    /// Whether every replica process serves its metrics (`compute-replica --metrics-addr`), each on a
+    /// loopback port of its own that it keeps across restarts ([`ProcessOrchestrator::metrics_addresses`]).
+    pub metrics: bool,
 }
 
 struct ManagedReplica {
     spec: ReplicaSpec,
     controller_ports: Vec<u16>,
     timely_ports: Vec<u16>,
+    /// One per process when the orchestrator serves metrics, else empty.
+    metrics_ports: Vec<u16>,
     children: Vec<Child>,
     /// Crashes (and failed restarts) in a row; see [`next_failures`].
     failures: u32,
@@ -256,6 +261,9 @@ fn spawn_processes(
             .stdout(Stdio::null());
         if replica.spec.processes > 1 {
             command.arg("--process").arg(process.to_string()).arg("--addresses").arg(timely.join(","));
+        }
+        if let Some(port) = replica.metrics_ports.get(process) {
+            command.arg("--metrics-addr").arg(format!("127.0.0.1:{port}"));
         }
         for (key, value) in &config.env {
             command.env(key, value);
@@ -384,6 +392,19 @@ impl ProcessOrchestrator {
             .map(|m| m.children.iter().map(Child::id).collect())
             .unwrap_or_default()
     }
+
+    /// Where each process of a replica serves its metrics (`http://ADDR/metrics`), in process order; empty
+    /// if the orchestrator serves none ([`ProcessOrchestratorConfig::metrics`]) or does not run the replica.
+    pub fn metrics_addresses(&self, instance: InstanceId, replica: ReplicaId) -> Vec<std::net::SocketAddr> {
+        self.replicas
+            .lock()
+            .expect("orchestrator lock")
+            .get(&(instance, replica))
+            .map(|m| {
+                m.metrics_ports.iter().map(|p| std::net::SocketAddr::from(([127, 0, 0, 1], *p))).collect()
+            })
+            .unwrap_or_default()
+    }
 }
 
 /// The count of failures in a row once a replica whose processes ran for `ran_for_ms` since their last
@@ -414,10 +435,15 @@ impl Orchestrator for ProcessOrchestrator {
             }
             let controller_ports = (0..spec.processes).map(|_| free_port()).collect::<Result<Vec<_>, _>>()?;
             let timely_ports = (0..spec.processes).map(|_| free_port()).collect::<Result<Vec<_>, _>>()?;
+            let metrics_ports = match self.config.metrics {
+                true => (0..spec.processes).map(|_| free_port()).collect::<Result<Vec<_>, _>>()?,
+                false => Vec::new(),
+            };
             let mut managed = ManagedReplica {
                 spec: spec.clone(),
                 controller_ports,
                 timely_ports,
+                metrics_ports,
                 children: Vec::new(),
                 failures: 0,
                 started_at: std::time::Instant::now(),
@@ -477,6 +503,7 @@ mod tests {
             max_backoff_ms,
             env: Vec::new(),
             log_dir: None,
+            metrics: false,
         }
     }
 

@@ -53,6 +53,7 @@ async fn orchestrator() -> (ProcessOrchestrator, UnboundedReceiver<ProcessEvent>
         max_backoff_ms: MAX_BACKOFF_MS,
         env: vec![("RUST_LOG".to_string(), "warn".to_string())],
         log_dir: None,
+        metrics: false,
     };
     ProcessOrchestrator::new(config)
 }
