@@ -197,7 +197,7 @@ pub fn check_screenshot(shot: &Screenshot, (width, height): (u32, u32)) -> anyho
 }
 
 /// The size [`check_report`] renders a report page at: wide enough for a chart, tall enough for all four.
-pub const REPORT_SCREENSHOT: (u32, u32) = (1000, 1900);
+pub const REPORT_SCREENSHOT: (u32, u32) = (1000, 2200);
 
 /// Checks a `sim cluster --report` directory: every `metrics/*.prom` passes `promtool check metrics`, and
 /// `report.html` renders in Chromium ([`check_screenshot`]) into `report.png`. Returns a line per check.

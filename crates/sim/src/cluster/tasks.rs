@@ -1059,6 +1059,10 @@ async fn scrape_metrics(ctx: &Ctx, controller: std::net::SocketAddr, dir: &std::
     }
     let dir = dir.to_path_buf();
     let scraped = tokio::task::spawn_blocking(move || -> anyhow::Result<usize> {
+        // Scrapes of an earlier run (of replicas this one may not have) would be checked as this run's.
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).with_context(|| format!("cannot empty {}", dir.display()))?;
+        }
         std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
         for (name, addr) in &targets {
             let page = telemetry::scrape(*addr, "/metrics", PATIENCE)
