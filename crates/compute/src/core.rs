@@ -49,7 +49,7 @@ use storage::{AppendError, AppendRequest, ListenEvent, StorageCollections};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tracing::{debug, error, info, warn};
+use tracing::{Instrument, debug, error, info, warn};
 
 use crate::messages::{DataflowKey, FeedBudget, FromWorker, ToWorker, WorkerPeek, WorkerTx};
 use crate::metrics::{ReplicaMetrics, StorageReadLag};
@@ -389,6 +389,9 @@ impl Core {
                     self.reject_and_close(name, reason);
                     return;
                 }
+                tracing::Span::current()
+                    .record("instance", tracing::field::display(config.instance_id))
+                    .record("replica", tracing::field::display(config.replica_id));
                 info!(instance = %config.instance_id, replica = %config.replica_id, "instance configured");
                 self.instance = Some(config);
                 if let Some(conn) = self.active.as_mut() {
@@ -617,13 +620,15 @@ impl Core {
                     // Every update is funnelled to global worker 0, so its process appends for the replica.
                     let appender = if self.topology.local(0).is_some() {
                         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-                        tasks.push(tokio::spawn(append_materialized_view(
+                        let appending = append_materialized_view(
                             Arc::clone(&self.storage),
                             *target,
                             as_of,
                             rx,
                             self.allow_writes.subscribe(),
-                        )));
+                        );
+                        let span = tracing::info_span!("appender", collection = %id, target = %target);
+                        tasks.push(tokio::spawn(appending.instrument(span)));
                         Some(tx)
                     } else {
                         None
@@ -646,7 +651,8 @@ impl Core {
             },
         );
         self.built.fetch_add(1, Ordering::Relaxed);
-        info!(key, name = %desc.debug_name, as_of, "creating dataflow");
+        let exports: Vec<String> = desc.export_ids().map(|id| id.to_string()).collect();
+        info!(key, name = %desc.debug_name, as_of, ?exports, "creating dataflow");
         self.broadcast(|| ToWorker::Build { key, desc: Arc::clone(&desc) });
         Ok(())
     }
@@ -658,15 +664,18 @@ impl Core {
         }
         dataflow.scheduled = true;
         for import in dataflow.desc.source_imports.keys() {
-            let task = tokio::spawn(feed_source(
-                Arc::clone(&self.storage),
-                *import,
-                dataflow.as_of,
-                key,
-                self.workers.clone(),
-                self.topology,
-                self.metrics.storage_read_lag(*import),
-            ));
+            let task = tokio::spawn(
+                feed_source(
+                    Arc::clone(&self.storage),
+                    *import,
+                    dataflow.as_of,
+                    key,
+                    self.workers.clone(),
+                    self.topology,
+                    self.metrics.storage_read_lag(*import),
+                )
+                .instrument(tracing::info_span!("feed", collection = %import, dataflow = key)),
+            );
             dataflow.tasks.push(task);
         }
         self.broadcast(|| ToWorker::Schedule { key });
@@ -719,7 +728,8 @@ impl Core {
         for task in &dataflow.tasks {
             task.abort();
         }
-        info!(key, name = %dataflow.desc.debug_name, "dropping dataflow");
+        let exports: Vec<String> = dataflow.desc.export_ids().map(|id| id.to_string()).collect();
+        info!(key, name = %dataflow.desc.debug_name, ?exports, "dropping dataflow");
         self.broadcast(|| ToWorker::DropDataflow { key });
         for exporter in dataflow.imports_from {
             if let Some(exporter_dataflow) = self.dataflows.get_mut(&exporter) {

@@ -33,7 +33,7 @@ use storage::StorageCollections;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::core::{Core, CoreEvent, Outgoing, Topology};
 use crate::messages::{FromWorker, ToWorker, WorkerTx};
@@ -191,6 +191,7 @@ impl ReplicaServer {
                     let _ = threads[local].set(std::thread::current());
                     let reports = reports_tx.clone();
                     let metrics = worker_metrics.worker(worker.index(), local == 0);
+                    let _span = info_span!("worker", process, worker = worker.index()).entered();
                     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                         run_worker(worker, local, rx, reports, metrics)
                     }));
@@ -224,10 +225,14 @@ impl ReplicaServer {
             Core::new(topology, senders, storage, events_tx.clone(), Arc::clone(&built), metrics.clone());
         let accept_events = events_tx.clone();
         let (failure_tx, failure) = tokio::sync::watch::channel(None);
+        // Every log line of the process's core carries its instance and replica (recorded when the
+        // controller says them, in `CreateInstance`) and its process.
+        let span =
+            info_span!("replica", instance = tracing::field::Empty, replica = tracing::field::Empty, process);
         let io_thread = std::thread::Builder::new()
             .name(format!("compute-io-{process}"))
             .spawn(move || {
-                runtime.block_on(async move {
+                let served = async move {
                     let listener = match tokio::net::TcpListener::from_std(listener) {
                         Ok(listener) => listener,
                         Err(e) => {
@@ -241,7 +246,8 @@ impl ReplicaServer {
                     if failed.is_some() {
                         let _ = failure_tx.send(failed);
                     }
-                });
+                };
+                runtime.block_on(served.instrument(span));
             })
             .map_err(StartError::Threads)?;
         info!(%local_addr, workers, process, processes, "replica started");

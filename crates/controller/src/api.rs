@@ -405,7 +405,7 @@ impl ComputeController {
                 Err(DataflowCreationError::SinceViolation { id, since, as_of })
                     if attempt < AS_OF_ATTEMPTS =>
                 {
-                    debug!(%id, ?since, ?as_of, attempt, "a since moved past the chosen as-of; choosing again");
+                    debug!(collection = %id, ?since, ?as_of, attempt, "a since moved past the chosen as-of; choosing again");
                     attempt += 1;
                 }
                 result => return result,
@@ -438,7 +438,9 @@ impl ComputeController {
                 // Best effort: the instance's frontier watch feeds the upper anyway.
                 match self.storage.frontiers(*target).await {
                     Ok(f) => target_uppers.push((*target, f.upper)),
-                    Err(e) => debug!(%target, error = %e, "materialized view target's upper unknown"),
+                    Err(e) => {
+                        debug!(collection = %target, error = %e, "materialized view target's upper unknown")
+                    }
                 }
             }
         }
@@ -592,14 +594,16 @@ impl ComputeController {
             started_ms: wallclock_ms(),
             recorder: handle.peek_recorder.clone().zip(started),
         };
-        tokio::spawn(run_storage_peek(
+        let span = info_span!("storage_peek", instance = %handle.id, collection = %id, peek = %uuid);
+        let answering = run_storage_peek(
             Arc::clone(&self.storage),
             peek,
             cancel,
             Arc::downgrade(&handle.storage_peeks),
             self.responses_tx.clone(),
             result,
-        ));
+        );
+        tokio::spawn(answering.instrument(span));
         Ok(uuid)
     }
 

@@ -1481,7 +1481,7 @@ impl<T: Timestamp> InstanceCore<T> {
         let mut shared = lock(&self.shared);
         let Some((since, collection)) = shared.holds.since_and_attachment_mut(&id) else {
             // A collection removed after every connected replica reported it dropped; late news.
-            debug!(%replica, %id, "frontiers of a removed collection");
+            debug!(%replica, collection = %id, "frontiers of a removed collection");
             return;
         };
         // Every cache line of the entry that this update reads is a miss at 10,000 collections. One
@@ -1601,7 +1601,7 @@ impl<T: Timestamp> InstanceCore<T> {
             return; // Nothing new.
         }
         if !PartialOrder::less_equal(&batch.lower, &collection.forwarded) {
-            error!(%replica, %id, lower = ?batch.lower, forwarded = ?collection.forwarded, "subscribe batch leaves a gap");
+            error!(%replica, collection = %id, lower = ?batch.lower, forwarded = ?collection.forwarded, "subscribe batch leaves a gap");
             return;
         }
         // A subscribe with an `until` ends there: nothing at or beyond it is delivered, and the batch
@@ -1659,7 +1659,7 @@ impl<T: Timestamp> InstanceCore<T> {
     pub fn storage_upper(&mut self, id: GlobalId, upper: Antichain<T>) {
         if let Some(known) = self.storage_uppers.get(&id) {
             if !PartialOrder::less_equal(known, &upper) {
-                debug!(%id, ?known, ?upper, "storage upper regressed; ignored");
+                debug!(collection = %id, ?known, ?upper, "storage upper regressed; ignored");
                 return;
             }
             if *known == upper {

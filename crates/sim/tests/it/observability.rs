@@ -1,7 +1,8 @@
 //! Observability with real tools: a `compute-replica` process started with `--metrics-addr` (by the
 //! process orchestrator, as `sim cluster` starts them) and a controller whose registry is served as
 //! `sim cluster` serves it are scraped over HTTP while they run, and `promtool check metrics` accepts both
-//! expositions; a dropped collection leaves no series at the controller's endpoint. And the report page,
+//! expositions; a dropped collection leaves no series at the controller's endpoint; the replica's log lines
+//! about a dataflow carry its instance, replica and exports (its `tracing` span). And the report page,
 //! rendered in headless Chromium: its screenshot has the size asked for, the fault marks and the status
 //! bands (`sim::tools::check_screenshot`). The tools are installed from Debian's packages where missing
 //! (`sim::tools::ensure_tool`); a test that cannot get them fails, it never skips.
@@ -110,13 +111,16 @@ async fn a_running_replica_process_and_the_controller_serve_metrics_promtool_acc
     };
     storage.append(vec![append]).await.expect("append");
 
+    let log_dir =
+        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("observability-logs-{}", std::process::id()));
+    std::fs::create_dir_all(&log_dir).expect("log directory");
     let (orchestrator, _events) = ProcessOrchestrator::new(ProcessOrchestratorConfig {
         binary,
         storage_address,
         initial_backoff_ms: 100,
         max_backoff_ms: 1_000,
-        env: vec![("RUST_LOG".to_string(), "warn".to_string())],
-        log_dir: None,
+        env: vec![("RUST_LOG".to_string(), "info".to_string()), ("NO_COLOR".to_string(), "1".to_string())],
+        log_dir: Some(log_dir.clone()),
         metrics: true,
     });
     let orchestrator = Arc::new(orchestrator);
@@ -183,6 +187,14 @@ async fn a_running_replica_process_and_the_controller_serve_metrics_promtool_acc
 
     controller.drop_replica(INSTANCE, REPLICA).await.expect("drop replica");
     drop(controller);
+
+    // The replica's log: what it says about a dataflow names the instance, the replica and the exports.
+    let log = std::fs::read_to_string(log_dir.join("i1-r1-p0.log")).expect("the replica's log");
+    let created = log.lines().find(|line| line.contains("creating dataflow")).expect("a dataflow created");
+    for needle in ["instance=i1", "replica=r1", "process=0", "exports=[\"u2\"]"] {
+        assert!(created.contains(needle), "{needle} missing from {created}");
+    }
+    std::fs::remove_dir_all(&log_dir).expect("clean up the logs");
 }
 
 #[test]
