@@ -2,15 +2,16 @@
 //! registry), what each timely worker updates ([`WorkerTelemetry`]) and what each storage feed updates
 //! ([`StorageReadLag`]).
 //!
-//! | metric | type | labels | what |
-//! |---|---|---|---|
-//! | `compute_replica_dataflows` | gauge | | dataflows installed in this process |
-//! | `compute_replica_arrangement_records` | gauge | worker | updates held in the worker's arrangements (differential's batch, merge and drop events) |
-//! | `compute_replica_arrangement_batches` | gauge | worker | batches held in the worker's arrangements |
-//! | `compute_replica_worker_step_seconds` | histogram | worker | one pass of the worker's loop that stepped its dataflows rather than parked: the messages it took, compaction, peeks, reports and the timely step |
-//! | `compute_replica_peeks_queued` | gauge | worker | peeks the worker holds until their time is complete |
-//! | `compute_replica_peeks_answered_total` | counter | worker | peeks the worker answered (rows or error) |
-//! | `compute_replica_storage_read_lag_seconds` | gauge | collection | now minus the progress of this process's reads of a storage collection (its listens), set at each progress |
+//! - `compute_replica_dataflows` (gauge): dataflows installed in this process
+//! - `compute_replica_arrangement_records` (gauge; worker): updates held in the worker's arrangements
+//!   (differential's batch, merge and drop events)
+//! - `compute_replica_arrangement_batches` (gauge; worker): batches held in the worker's arrangements
+//! - `compute_replica_worker_step_seconds` (histogram; worker): one pass of the worker's loop that stepped
+//!   its dataflows rather than parked: the messages it took, compaction, peeks, reports and the timely step
+//! - `compute_replica_peeks_queued` (gauge; worker): peeks the worker holds until their time is complete
+//! - `compute_replica_peeks_answered_total` (counter; worker): peeks the worker answered (rows or error)
+//! - `compute_replica_storage_read_lag_seconds` (gauge; collection): now minus the progress of this process's
+//!   reads of a storage collection (its listens), set at each progress
 //!
 //! `worker` is the global worker index within the replica. Worker series live as long as the process
 //! (the replica's families are unregistered when it shuts down); a storage collection's read lag series

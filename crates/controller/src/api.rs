@@ -405,7 +405,8 @@ impl ComputeController {
                 Err(DataflowCreationError::SinceViolation { id, since, as_of })
                     if attempt < AS_OF_ATTEMPTS =>
                 {
-                    debug!(collection = %id, ?since, ?as_of, attempt, "a since moved past the chosen as-of; choosing again");
+                    let why = "a since moved past the chosen as-of; choosing again";
+                    debug!(collection = %id, ?since, ?as_of, attempt, "{why}");
                     attempt += 1;
                 }
                 result => return result,

@@ -648,7 +648,8 @@ impl<T: Timestamp> InstanceCore<T> {
         }
     }
 
-    /// The core with Prometheus metrics ([`ControllerMetrics::instance`](crate::ControllerMetrics::instance)):
+    /// The core with Prometheus metrics
+    /// ([`ControllerMetrics::instance`](crate::ControllerMetrics::instance)):
     /// series for its replicas and live collections, updated as it goes (see the `metrics` module). Without
     /// this the core keeps none (the simulator, and benchmarks' baselines).
     pub fn with_metrics(mut self, mut metrics: InstanceMetrics) -> Self {
@@ -1601,7 +1602,8 @@ impl<T: Timestamp> InstanceCore<T> {
             return; // Nothing new.
         }
         if !PartialOrder::less_equal(&batch.lower, &collection.forwarded) {
-            error!(%replica, collection = %id, lower = ?batch.lower, forwarded = ?collection.forwarded, "subscribe batch leaves a gap");
+            let (lower, forwarded) = (&batch.lower, &collection.forwarded);
+            error!(%replica, collection = %id, ?lower, ?forwarded, "subscribe batch leaves a gap");
             return;
         }
         // A subscribe with an `until` ends there: nothing at or beyond it is delivered, and the batch

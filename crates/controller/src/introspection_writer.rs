@@ -141,7 +141,8 @@ pub(crate) async fn write_introspection(
                     }
                     Err(AppendError::UpperMismatch { id, .. }) => {
                         // Someone else wrote: reconcile that collection with what is there now.
-                        warn!(collection = %id, "introspection collection written by someone else; reconciling");
+                        let why = "introspection collection written by someone else; reconciling";
+                        warn!(collection = %id, "{why}");
                         for (kind, target) in &mut targets {
                             if kind.default_id() == id {
                                 target.upper = None;

@@ -31,8 +31,10 @@
 //! `instance` ([`InstanceCore`] and the state it shares with the API, [`SharedState`]), `instance_task`
 //! (the tokio task around a core), `storage_watch` (storage frontiers for materialized views),
 //! `storage_peek` (peeks answered from storage), `introspection` and `introspection_writer`
-//! ([`IntrospectionKind`] relations and their writer), `as_of`, `orchestrator`, `response`
-//! ([`ComputeControllerResponse`]) and `error`.
+//! ([`IntrospectionKind`] relations and their writer), `metrics` ([`ControllerMetrics`], the Prometheus
+//! families, and each instance's [`InstanceMetrics`]), `status` (the answers of
+//! [`ComputeController::hydration_status`] and [`ComputeController::wallclock_lag`]), `as_of`,
+//! `orchestrator`, `response` ([`ComputeControllerResponse`]) and `error`.
 //!
 //! # Errors
 //!
@@ -40,7 +42,8 @@
 //! `tests/it/errors.rs`, the async API's in `tests/it/api_errors.rs`.
 //!
 //! **Tests.** `tests/it/` (one binary): the core driven by synthetic replica events (`chain`, `peeks`,
-//! `replicas`, `sinks`, `materialized_views`, `introspection`, `errors`) and the async controller against
+//! `replicas`, `sinks`, `materialized_views`, `introspection`, `metrics`, `errors`) and the async controller
+//! against
 //! real in-process replicas (`e2e`, `faults`, `orchestrators`, `api_errors`); unit tests beside
 //! `as_of` and `orchestrator`; benchmarks in `benches/controller.rs` (`cargo xtask bench controller`).
 

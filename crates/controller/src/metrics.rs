@@ -2,24 +2,34 @@
 //! controller in the registry the embedding service gives it, or in the controller's own), and the
 //! per-instance [`InstanceMetrics`] an [`InstanceCore`](crate::InstanceCore) owns.
 //!
-//! | metric | type | labels | what |
-//! |---|---|---|---|
-//! | `compute_controller_commands_total` | counter | instance, replica, command | commands the instance issued to the replica's client (replays of the history on a reconnect not included) |
-//! | `compute_controller_command_bytes_total` | counter | instance, replica, command | their encoded frame bytes |
-//! | `compute_controller_responses_total` | counter | instance, replica, response | responses received from the replica (merged over its processes) |
-//! | `compute_controller_replica_status` | gauge | instance, replica, status | 1 for the replica's current status (`connecting`, `failed`, `hydrating`, `rehydrating`, `connected`), 0 for the others |
-//! | `compute_controller_replica_reconnects_total` | counter | instance, replica | connections after the first |
-//! | `compute_controller_replica_unhydrated_collections` | gauge | instance, replica | live collections not hydrated on the replica's current connection |
-//! | `compute_controller_hydration_time_seconds` | gauge | instance, replica, collection | how long the collection took to hydrate on the replica's current connection (no series until it has) |
-//! | `compute_controller_wallclock_lag_seconds` | histogram | instance, collection | now minus the collection's upper, observed once per introspection interval |
-//! | `compute_controller_peeks_total` | counter | instance, outcome | finished peeks (index and storage) by outcome: `rows`, `error`, `canceled`, `timed_out` |
-//! | `compute_controller_peek_duration_seconds` | histogram | instance | from the `peek` call to its result |
-//! | `compute_controller_pending_peeks` | gauge | instance | peeks that hold their collection (answered or not, while a replica owes an answer) |
-//! | `compute_controller_subscribes` | gauge | instance | live subscribes whose stream has not ended |
-//! | `compute_controller_subscribe_updates_total` | counter | instance | subscribe updates delivered |
-//! | `compute_controller_history_commands` | gauge | instance | commands in the history a new replica is replayed |
-//! | `compute_controller_collections` | gauge | instance | collections with state (live, or dropped and still held) |
-//! | `compute_controller_read_holds` | gauge | instance, kind | read holds the instance keeps: `import` (dataflows on their inputs), `replica_input` (per replica on storage inputs), `peek` |
+//! - `compute_controller_commands_total` (counter; instance, replica, command): commands the instance issued
+//!   to the replica's client (replays of the history on a reconnect not included)
+//! - `compute_controller_command_bytes_total` (counter; instance, replica, command): their encoded frame
+//!   bytes
+//! - `compute_controller_responses_total` (counter; instance, replica, response): responses received from the
+//!   replica (merged over its processes)
+//! - `compute_controller_replica_status` (gauge; instance, replica, status): 1 for the replica's current
+//!   status (`connecting`, `failed`, `hydrating`, `rehydrating`, `connected`), 0 for the others
+//! - `compute_controller_replica_reconnects_total` (counter; instance, replica): connections after the first
+//! - `compute_controller_replica_unhydrated_collections` (gauge; instance, replica): live collections not
+//!   hydrated on the replica's current connection
+//! - `compute_controller_hydration_time_seconds` (gauge; instance, replica, collection): how long the
+//!   collection took to hydrate on the replica's current connection (no series until it has)
+//! - `compute_controller_wallclock_lag_seconds` (histogram; instance, collection): now minus the collection's
+//!   upper, observed once per introspection interval
+//! - `compute_controller_peeks_total` (counter; instance, outcome): finished peeks (index and storage) by
+//!   outcome: `rows`, `error`, `canceled`, `timed_out`
+//! - `compute_controller_peek_duration_seconds` (histogram; instance): from the `peek` call to its result
+//! - `compute_controller_pending_peeks` (gauge; instance): peeks that hold their collection (answered or not,
+//!   while a replica owes an answer)
+//! - `compute_controller_subscribes` (gauge; instance): live subscribes whose stream has not ended
+//! - `compute_controller_subscribe_updates_total` (counter; instance): subscribe updates delivered
+//! - `compute_controller_history_commands` (gauge; instance): commands in the history a new replica is
+//!   replayed
+//! - `compute_controller_collections` (gauge; instance): collections with state (live, or dropped and still
+//!   held)
+//! - `compute_controller_read_holds` (gauge; instance, kind): read holds the instance keeps: `import`
+//!   (dataflows on their inputs), `replica_input` (per replica on storage inputs), `peek`
 //!
 //! **Series go with their objects.** An [`InstanceMetrics`] owns the [`Series`] of its instance, of each
 //! replica and of each live collection; when the replica is dropped, the collection dropped (by the user)
@@ -307,7 +317,8 @@ impl ControllerMetrics {
         })
     }
 
-    /// The metrics of instance `id`, for its core ([`InstanceCore::with_metrics`](crate::InstanceCore::with_metrics)).
+    /// The metrics of instance `id`, for its core
+    /// ([`InstanceCore::with_metrics`](crate::InstanceCore::with_metrics)).
     pub fn instance(&self, id: InstanceId) -> InstanceMetrics {
         let instance = id.to_string();
         let one = |family: &IntGaugeVec| Series::new(family, &[&instance]);

@@ -1,6 +1,7 @@
 //! What the controller answers about a collection's progress on each replica: its hydration
-//! ([`ReplicaHydration`], from [`ComputeController::hydration_status`](crate::ComputeController::hydration_status))
-//! and its wall-clock lag now and per minute ([`ReplicaLag`], from
+//! ([`ReplicaHydration`], from
+//! [`ComputeController::hydration_status`](crate::ComputeController::hydration_status)) and its wall-clock
+//! lag now and per minute ([`ReplicaLag`], from
 //! [`ComputeController::wallclock_lag`](crate::ComputeController::wallclock_lag)). The same facts are in the
 //! introspection relations `compute_hydration`, `compute_wallclock_lag` and
 //! `compute_wallclock_lag_history` (see `introspection.rs`), and in the Prometheus metrics

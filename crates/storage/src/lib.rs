@@ -12,7 +12,8 @@
 //! Layers, bottom up: [`core`] (synchronous, deterministic, I/O-free: the simulator drives it directly),
 //! [`durable`] (write-ahead log, checkpoints, recovery), [`InProcess`] (the async shell, with a pipelined
 //! group-committer and syncer thread), [`Server`] / [`Client`] ([`wire`] protocol over `protocol::frame`
-//! frames), and [`TableWriter`] (a service's `INSERT` at clock timestamps).
+//! frames), and [`TableWriter`] (a service's `INSERT` at clock timestamps). [`StorageMetrics`] is the
+//! engine's Prometheus families, for the engine to update where its events happen.
 //!
 //! **What this is not.** Nothing here knows compute or the controller.
 //!

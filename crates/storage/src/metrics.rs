@@ -2,20 +2,22 @@
 //! their rows and bytes, compare-and-set conflicts, the latency of every Blob and Consensus operation,
 //! compaction and garbage collection, and lease expiries.
 //!
-//! | metric | type | labels | what |
-//! |---|---|---|---|
-//! | `storage_appends_total` | counter | outcome | appends by outcome: `committed`, `upper_mismatch` (another writer was first), `failed` |
-//! | `storage_append_rows_total` | counter | | updates in committed appends |
-//! | `storage_append_bytes_total` | counter | | encoded bytes of committed appends (the blob parts written) |
-//! | `storage_cas_conflicts_total` | counter | | consensus compare-and-sets that found another version than expected |
-//! | `storage_blob_operation_seconds` | histogram | op, outcome | `get`, `set`, `delete`, `list`; `ok` or `error` |
-//! | `storage_consensus_operation_seconds` | histogram | op, outcome | `head`, `compare_and_set`, `scan`, `truncate`, `list_keys`; `ok` or `error` |
-//! | `storage_compactions_total` | counter | | compactions committed |
-//! | `storage_compaction_batches_merged_total` | counter | | batches those compactions merged |
-//! | `storage_compaction_bytes_written_total` | counter | | bytes of the parts they wrote |
-//! | `storage_gc_parts_deleted_total` | counter | | blob parts garbage collection deleted |
-//! | `storage_gc_versions_truncated_total` | counter | | consensus versions it truncated |
-//! | `storage_lease_expiries_total` | counter | kind | leases of `reader`s and `writer`s that expired |
+//! - `storage_appends_total` (counter; outcome): appends by outcome: `committed`, `upper_mismatch` (another
+//!   writer was first), `failed`
+//! - `storage_append_rows_total` (counter): updates in committed appends
+//! - `storage_append_bytes_total` (counter): encoded bytes of committed appends (the blob parts written)
+//! - `storage_cas_conflicts_total` (counter): consensus compare-and-sets that found another version than
+//!   expected
+//! - `storage_blob_operation_seconds` (histogram; op, outcome): `get`, `set`, `delete`, `list`; `ok` or
+//!   `error`
+//! - `storage_consensus_operation_seconds` (histogram; op, outcome): `head`, `compare_and_set`, `scan`,
+//!   `truncate`, `list_keys`; `ok` or `error`
+//! - `storage_compactions_total` (counter): compactions committed
+//! - `storage_compaction_batches_merged_total` (counter): batches those compactions merged
+//! - `storage_compaction_bytes_written_total` (counter): bytes of the parts they wrote
+//! - `storage_gc_parts_deleted_total` (counter): blob parts garbage collection deleted
+//! - `storage_gc_versions_truncated_total` (counter): consensus versions it truncated
+//! - `storage_lease_expiries_total` (counter; kind): leases of `reader`s and `writer`s that expired
 //!
 //! **What this is not.** It measures nothing by itself: the engine calls its methods where the events
 //! happen (an append's commit, each engine operation, a compaction). Every series is made when the

@@ -112,7 +112,8 @@ async fn accept(listener: TcpListener, registry: Registry, config: MetricsServer
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
-                        debug!(%peer, max = config.max_connections, "metrics connection refused: too many open");
+                        let max = config.max_connections;
+                        debug!(%peer, max, "metrics connection refused: too many open");
                         drop(stream);
                         continue;
                     };
