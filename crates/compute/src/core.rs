@@ -67,10 +67,11 @@ use storage::{AppendError, AppendRequest, ListenEvent, ReadError, StorageCollect
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tracing::{debug, error, info, warn};
+use tracing::{Instrument, debug, error, info, warn};
 use transport::Frame;
 
 use crate::messages::{DataflowKey, FeedBudget, FromWorker, PeekSeq, ToWorker, WorkerPeek, WorkerTx};
+use crate::metrics::{ReplicaMetrics, StorageReadLag};
 use crate::render::{Diff, Time, error_message};
 use crate::worker::{finish_rows, key_owner, row_owner};
 
@@ -315,6 +316,17 @@ pub(crate) struct Core {
     next_peek_seq: PeekSeq,
     /// Fault injection for tests of the process's failure path (see `server.rs`).
     panic_on_connect: bool,
+    metrics: ReplicaMetrics,
+}
+
+/// What the core shares with the rest of its process.
+pub(crate) struct CoreShared {
+    /// Dataflows built since the process started (read by `ReplicaHandle::dataflows_built`).
+    pub built: Arc<AtomicU64>,
+    /// The idle merge effort every arrangement's merge rule reads (`worker::install_idle_merge`).
+    pub idle_merge_effort: Arc<AtomicUsize>,
+    /// The replica's metrics.
+    pub metrics: ReplicaMetrics,
 }
 
 /// The bounds a core applies to its connection.
@@ -340,10 +352,10 @@ impl Core {
         workers: Vec<WorkerTx>,
         storage: Arc<dyn StorageCollections>,
         events: UnboundedSender<CoreEvent>,
-        built: Arc<AtomicU64>,
         limits: CoreLimits,
-        idle_merge_effort: Arc<AtomicUsize>,
+        shared: CoreShared,
     ) -> Self {
+        let CoreShared { built, idle_merge_effort, metrics } = shared;
         let (allow_writes, _) = watch::channel(false);
         Core {
             topology,
@@ -364,6 +376,7 @@ impl Core {
             idle_merge_effort,
             next_peek_seq: 0,
             panic_on_connect: false,
+            metrics,
         }
     }
 
@@ -578,6 +591,9 @@ impl Core {
                     self.reject_and_close(name, reason);
                     return;
                 }
+                tracing::Span::current()
+                    .record("instance", tracing::field::display(config.instance_id))
+                    .record("replica", tracing::field::display(config.replica_id));
                 info!(instance = %config.instance_id, replica = %config.replica_id, "instance configured");
                 self.instance = Some(config);
                 if let Some(conn) = self.active.as_mut() {
@@ -818,14 +834,16 @@ impl Core {
                     let appender = if self.topology.local(0).is_some() {
                         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
                         let report = FailureReport { events: self.events.clone(), key, id: *id };
-                        tasks.push(tokio::spawn(append_materialized_view(
+                        let appending = append_materialized_view(
                             Arc::clone(&self.storage),
                             *target,
                             as_of,
                             rx,
                             self.allow_writes.subscribe(),
                             report,
-                        )));
+                        );
+                        let span = tracing::info_span!("appender", collection = %id, target = %target);
+                        tasks.push(tokio::spawn(appending.instrument(span)));
                         Some(tx)
                     } else {
                         None
@@ -849,7 +867,8 @@ impl Core {
             },
         );
         self.built.fetch_add(1, Ordering::Relaxed);
-        info!(key, name = %desc.debug_name, as_of, "creating dataflow");
+        let exports: Vec<String> = desc.export_ids().map(|id| id.to_string()).collect();
+        info!(key, name = %desc.debug_name, as_of, ?exports, "creating dataflow");
         self.broadcast(|| ToWorker::Build { key, desc: Arc::clone(&desc) });
         Ok(())
     }
@@ -935,15 +954,21 @@ impl Core {
         }
         dataflow.scheduled = true;
         for import in dataflow.desc.source_imports.keys() {
-            let task = tokio::spawn(feed_source(
-                self.events.clone(),
-                Arc::clone(&self.storage),
-                *import,
-                dataflow.as_of,
-                key,
-                self.workers.clone(),
-                self.topology,
-            ));
+            let task = tokio::spawn(
+                feed_source(
+                    Arc::clone(&self.storage),
+                    *import,
+                    dataflow.as_of,
+                    FeedTarget {
+                        events: self.events.clone(),
+                        key,
+                        workers: self.workers.clone(),
+                        topology: self.topology,
+                    },
+                    self.metrics.storage_read_lag(*import),
+                )
+                .instrument(tracing::info_span!("feed", collection = %import, dataflow = key)),
+            );
             dataflow.tasks.push(task);
         }
         self.broadcast(|| ToWorker::Schedule { key });
@@ -996,7 +1021,8 @@ impl Core {
         for task in &dataflow.tasks {
             task.abort();
         }
-        info!(key, name = %dataflow.desc.debug_name, "dropping dataflow");
+        let exports: Vec<String> = dataflow.desc.export_ids().map(|id| id.to_string()).collect();
+        info!(key, name = %dataflow.desc.debug_name, ?exports, "dropping dataflow");
         self.broadcast(|| ToWorker::DropDataflow { key });
         for exporter in dataflow.imports_from {
             if let Some(exporter_dataflow) = self.dataflows.get_mut(&exporter) {
@@ -1495,17 +1521,24 @@ pub(crate) fn csv_line(row: &Row) -> String {
 /// reads on (about 4 MiB of small rows; a listen event adds at most about 1 MiB more).
 const FEED_UPDATES_IN_FLIGHT: usize = 1 << 16;
 
-/// Reads a storage import from `as_of` on and feeds each local worker the rows it owns, no faster than
-/// the workers ingest them.
-async fn feed_source(
+/// Where a storage feed sends what it reads: the dataflow's local workers, and the core if it fails.
+struct FeedTarget {
     events: UnboundedSender<CoreEvent>,
-    storage: Arc<dyn StorageCollections>,
-    id: GlobalId,
-    as_of: Time,
     key: DataflowKey,
     workers: Vec<WorkerTx>,
     topology: Topology,
+}
+
+/// Reads a storage import from `as_of` on and feeds each local worker the rows it owns, no faster than
+/// the workers ingest them.
+async fn feed_source(
+    storage: Arc<dyn StorageCollections>,
+    id: GlobalId,
+    as_of: Time,
+    target: FeedTarget,
+    read_lag: StorageReadLag,
 ) {
+    let FeedTarget { events, key, workers, topology } = target;
     let failed = |error: String| {
         let _ = events.send(CoreEvent::ImportFailed { key, import: id, error });
     };
@@ -1542,6 +1575,7 @@ async fn feed_source(
                 }
             }
             Ok(ListenEvent::Progress(frontier)) => {
+                read_lag.progress(&frontier);
                 for worker in &workers {
                     let _ =
                         worker.send(ToWorker::SourceProgress { key, import: id, frontier: frontier.clone() });
