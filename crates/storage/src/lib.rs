@@ -16,8 +16,8 @@
 //! The storage server's layers, bottom up: [`core`] (synchronous, deterministic, I/O-free: the simulator
 //! drives it directly), [`durable`] (write-ahead log, checkpoints, recovery), [`InProcess`] (the async shell,
 //! with a pipelined group-committer and syncer thread), [`Server`] / [`Client`] ([`wire`] protocol over
-//! `protocol::frame` frames); and [`TableWriter`] (a service's `INSERT` at clock timestamps, on any engine). [`StorageMetrics`] is
-//! the engine's Prometheus families (see `metrics.rs` for which engine updates them).
+//! `protocol::frame` frames); and [`TableWriter`] (a service's `INSERT` at clock timestamps, on any engine).
+//! [`StorageMetrics`] is the shard engine's Prometheus families ([`ShardConfig::metrics`]).
 //!
 //! **What this is not.** Nothing here knows compute or the controller.
 //!

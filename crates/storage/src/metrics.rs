@@ -19,12 +19,15 @@
 //! - `storage_gc_versions_truncated_total` (counter): consensus versions it truncated
 //! - `storage_lease_expiries_total` (counter; kind): leases of `reader`s and `writer`s that expired
 //!
-//! **What this is not.** It measures nothing by itself: the engine calls its methods where the events
-//! happen (an append's commit, each engine operation, a compaction). Every series is made when the
+//! **What this is not.** It measures nothing by itself: the shard engine calls its methods where the
+//! events happen (an append's outcome, each Blob and Consensus operation through `shard::metered`, a
+//! compaction, garbage collection, an expired lease), given them by `ShardConfig::metrics`. The storage
+//! server's embedded engine records none. Every series is made when the
 //! families are registered, so a call formats no label and takes no lock: it is one or two atomic
 //! operations.
 //!
-//! **Tests:** `mod tests` below (each method reaches its series).
+//! **Tests:** `mod tests` below (each method reaches its series); `tests/it/shard_metrics.rs` (the
+//! engine's events reach them).
 
 use std::fmt;
 use std::time::Duration;

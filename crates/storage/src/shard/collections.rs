@@ -32,6 +32,7 @@ use crate::consensus::{Consensus, ConsensusConfig, ConsensusOpenError, SeqNo};
 use crate::error::{AppendError, CreateError, DropError, HoldError, ReadError};
 use crate::external::{now_ms, random_id};
 use crate::listen::{FrontierWatch, Listen};
+use crate::metrics::{AppendOutcome, StorageMetrics};
 use crate::shard::listen::{ShardListen, ShardWatch};
 use crate::shard::machine::{Change, Machine, MachineError};
 use crate::shard::part::{Run, consolidate_run, encode_part, split_run};
@@ -226,7 +227,11 @@ impl ShardCollections {
         consensus: Arc<dyn Consensus>,
         config: ShardConfig,
     ) -> ShardCollections {
-        let machine = Arc::new(Machine::new(blob, consensus, config.retry_budget));
+        let metrics = match &config.metrics {
+            Some(metrics) => metrics.clone(),
+            None => StorageMetrics::unregistered().expect("the engine's metric families are well-formed"),
+        };
+        let machine = Arc::new(Machine::new(blob, consensus, config.retry_budget, metrics));
         let leased = ReaderId(format!("leased-{:032x}", random_id()));
         let (hold_reader, critical) = match &config.critical_reader {
             Some(name) => (ReaderId(format!("critical-{name}")), true),
@@ -679,12 +684,34 @@ impl Inner {
     }
 
     async fn append(self: &Arc<Self>, requests: Vec<AppendRequest>) -> Result<(), AppendError> {
+        let metrics = &self.machine.metrics;
+        match self.append_counted(requests).await {
+            Ok((rows, bytes)) => {
+                metrics.append(AppendOutcome::Committed, rows, bytes);
+                Ok(())
+            }
+            Err(error) => {
+                let outcome = match error {
+                    AppendError::UpperMismatch { .. } => AppendOutcome::UpperMismatch,
+                    _ => AppendOutcome::Failed,
+                };
+                metrics.append(outcome, 0, 0);
+                Err(error)
+            }
+        }
+    }
+
+    /// [`append`](Self::append), answering the updates and part bytes it committed.
+    async fn append_counted(
+        self: &Arc<Self>,
+        requests: Vec<AppendRequest>,
+    ) -> Result<(u64, u64), AppendError> {
         if self.is_closed() {
             return Err(AppendError::Disconnected);
         }
         let plans = plan_appends(requests)?;
         if plans.is_empty() {
-            return Ok(());
+            return Ok((0, 0));
         }
         let ids: Vec<GlobalId> = plans.keys().copied().collect();
         let locks: Vec<_> = ids.iter().map(|id| self.with_entry(*id, |e| Arc::clone(&e.appending))).collect();
@@ -707,6 +734,7 @@ impl Inner {
         }
         let mut inputs = BTreeMap::new();
         let mut written = Vec::new();
+        let (mut rows, mut bytes) = (0u64, 0u64);
         let token = IdempotencyToken(random_id());
         for (id, (plan, run)) in prepared {
             let parts = match self.write_run(id, run.updates).await {
@@ -717,6 +745,8 @@ impl Inner {
                 }
             };
             written.extend(parts.iter().map(|p| p.key.clone()));
+            rows += parts.iter().map(|p| p.updates).sum::<u64>();
+            bytes += parts.iter().map(|p| p.bytes).sum::<u64>();
             let input = AppendInput {
                 writer: self.writer.clone(),
                 token,
@@ -735,7 +765,7 @@ impl Inner {
             Err(AppendError::Indeterminate(_)) => {}
             Err(_) => self.machine.delete_parts(written).await,
         }
-        result
+        result.map(|()| (rows, bytes))
     }
 
     pub(crate) async fn write_run(

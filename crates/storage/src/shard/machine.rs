@@ -25,6 +25,8 @@ use tokio::sync::watch;
 use crate::blob::Blob;
 use crate::consensus::{CasOp, CasOutcome, Consensus, VersionedData};
 use crate::external::{ExternalError, Retry, random_id};
+use crate::metrics::StorageMetrics;
+use crate::shard::metered::{MeteredBlob, MeteredConsensus};
 use crate::shard::part::{PartError, Update, decode_part};
 use crate::shard::state::{PartRef, Refusal, ShardState};
 use crate::shard::{blob_dir, consensus_key, decode_state, encode_state};
@@ -94,6 +96,9 @@ pub struct Machine {
     retry_budget: Duration,
     latest: Mutex<BTreeMap<GlobalId, watch::Sender<Option<Arc<ShardState>>>>>,
     pub(crate) counters: Counters,
+    /// The process's storage metrics (appends, compaction, garbage collection, lease expiries; the
+    /// stores' operations are timed by the metered wrappers).
+    pub(crate) metrics: StorageMetrics,
 }
 
 fn unavailable(error: &ExternalError, indeterminate: bool) -> MachineError {
@@ -101,14 +106,21 @@ fn unavailable(error: &ExternalError, indeterminate: bool) -> MachineError {
 }
 
 impl Machine {
-    /// A machine over `blob` and `consensus`, retrying failures for up to `retry_budget`.
-    pub fn new(blob: Arc<dyn Blob>, consensus: Arc<dyn Consensus>, retry_budget: Duration) -> Self {
+    /// A machine over `blob` and `consensus`, retrying failures for up to `retry_budget`, with every
+    /// operation on them timed into `metrics` ([`MeteredBlob`], [`MeteredConsensus`]).
+    pub fn new(
+        blob: Arc<dyn Blob>,
+        consensus: Arc<dyn Consensus>,
+        retry_budget: Duration,
+        metrics: StorageMetrics,
+    ) -> Self {
         Machine {
-            blob,
-            consensus,
+            blob: Arc::new(MeteredBlob::new(blob, metrics.clone())),
+            consensus: Arc::new(MeteredConsensus::new(consensus, metrics.clone())),
             retry_budget,
             latest: Mutex::new(BTreeMap::new()),
             counters: Counters::default(),
+            metrics,
         }
     }
 

@@ -28,6 +28,7 @@ use protocol::GlobalId;
 
 use crate::error::ReadError;
 use crate::external::now_ms;
+use crate::metrics::LeaseKind;
 use crate::shard::blob_dir;
 use crate::shard::collections::{Inner, read_error_of};
 use crate::shard::consensus_key;
@@ -99,13 +100,23 @@ pub(crate) async fn maintain(
     let now = now_ms();
     let result = inner
         .machine
-        .update(id, |state, _| match state.and_then(|s| s.expire(now)) {
-            Some(next) => Ok(Change::Write(vec![next], true)),
-            None => Ok(Change::Keep(false)),
+        .update(id, |state, _| match state.and_then(|s| s.expire(now).map(|next| (s, next))) {
+            Some((state, next)) => {
+                let readers = state.readers.len() - next.readers.len();
+                let writers = state.writers.len() - next.writers.len();
+                Ok(Change::Write(vec![next], (readers, writers)))
+            }
+            None => Ok(Change::Keep((0, 0))),
         })
         .await;
-    let (state, expired) = result.map_err(|e| read_error_of(id, e))?;
-    report.expired = expired;
+    let (state, (readers, writers)) = result.map_err(|e| read_error_of(id, e))?;
+    for _ in 0..readers {
+        inner.machine.metrics.lease_expired(LeaseKind::Reader);
+    }
+    for _ in 0..writers {
+        inner.machine.metrics.lease_expired(LeaseKind::Writer);
+    }
+    report.expired = readers + writers > 0;
     let Some(mut state) = state else { return Err(ReadError::CollectionMissing(id)) };
     for _ in 0..MERGES_PER_PASS {
         let Some(request) = state.compaction_request(inner.config.max_batches) else { break };
@@ -172,6 +183,8 @@ async fn merge(inner: &Arc<Inner>, id: GlobalId, request: &MergeRequest) -> Resu
     match result {
         Ok(_) => {
             machine.counters.merges.fetch_add(1, Ordering::Relaxed);
+            let written = output.as_ref().map_or(0, |batch| batch.parts.iter().map(|p| p.bytes).sum());
+            machine.metrics.compaction(request.inputs.len() as u64, written);
             Ok(true)
         }
         Err(MachineError::Refused(Refusal::MergeStale)) => {
@@ -248,6 +261,7 @@ async fn collect_garbage(
                 .map_err(|e| ReadError::Unavailable(e.message().to_owned()))?;
         }
         inner.machine.counters.parts_deleted.fetch_add(keys.len() as u64, Ordering::Relaxed);
+        inner.machine.metrics.garbage_collected(keys.len() as u64, 0);
         report.parts_deleted += keys.len();
         inner
             .machine
@@ -264,6 +278,7 @@ async fn collect_garbage(
             Ok(deleted) => {
                 inner.note_truncated(id, floor);
                 inner.machine.counters.versions_truncated.fetch_add(deleted, Ordering::Relaxed);
+                inner.machine.metrics.garbage_collected(0, deleted);
                 report.versions_truncated += deleted;
             }
             Err(error) => {

@@ -40,6 +40,7 @@ pub mod collections;
 mod listen;
 pub mod machine;
 pub mod maintenance;
+pub mod metered;
 pub mod part;
 pub mod read;
 pub mod state;
@@ -53,6 +54,7 @@ use protocol::GlobalId;
 pub use collections::{ShardCollections, ShardOpenError, ShardStats};
 pub use listen::{ShardListen, ShardWatch};
 
+use crate::metrics::StorageMetrics;
 use crate::shard::state::ShardState;
 
 /// The consensus key of a shard.
@@ -103,6 +105,9 @@ pub struct ShardConfig {
     pub leaked_part_grace: Duration,
     /// How often maintenance lists a shard's blob directory for such parts. Default 5 min.
     pub sweep_interval: Duration,
+    /// Where the engine's metrics go (the process's registry: [`StorageMetrics::register`]). Default
+    /// `None`: a set of its own that no registry exports.
+    pub metrics: Option<StorageMetrics>,
 }
 
 impl Default for ShardConfig {
@@ -122,6 +127,7 @@ impl Default for ShardConfig {
             max_batches: 4,
             leaked_part_grace: Duration::from_secs(600),
             sweep_interval: Duration::from_secs(300),
+            metrics: None,
         }
     }
 }

@@ -28,6 +28,7 @@ mod flaky;
 mod listen;
 mod model;
 mod server;
+mod shard_metrics;
 mod shard_model;
 mod shards;
 mod table_writer;
