@@ -63,8 +63,6 @@
 #![allow(clippy::print_stdout)]
 // A benchmark measures wall-clock time; clippy.toml's clock rule is for simulated code.
 #![allow(clippy::disallowed_methods)]
-// The counting global allocator implements `GlobalAlloc`, an unsafe trait; it only forwards to `System`.
-#![allow(unsafe_code)]
 
 use std::collections::VecDeque;
 use std::hint::black_box;
@@ -92,13 +90,13 @@ use protocol::{
 use replica_client::{ReplicaEvent, ReplicaStatus};
 use storage::{AppendRequest, InProcess, StorageCollections, StoreConfig};
 
-#[path = "../../replica-client/benches/support/counting_alloc.rs"]
-mod counting_alloc;
-#[path = "../../compute/benches/support/loopback.rs"]
-mod loopback;
+use test_support::XorShift;
+use test_support::counting_alloc::{CountingAlloc, live_bytes};
+use test_support::loopback::{Echo, echo_server};
 
-use counting_alloc::live_bytes;
-use loopback::{Echo, echo_server};
+/// Counts live bytes for the memory figures (`test_support::counting_alloc`).
+#[global_allocator]
+static GLOBAL: CountingAlloc = CountingAlloc;
 
 const INSTANCE: InstanceId = InstanceId(1);
 const REPLICA: ReplicaId = ReplicaId(1);
@@ -245,20 +243,6 @@ impl Drop for StorageThread {
     }
 }
 
-/// Marsaglia's xorshift64: deterministic, no `rand` dependency.
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-}
-
 const FRONTIER_UPDATES: u64 = 100_000;
 /// Frontier updates per collection per introspection interval (e.g. a replica reporting progress every
 /// 100 ms, introspection refreshed every second): the rate at which the timed loop calls `tick`.
@@ -302,7 +286,7 @@ impl FrontierRun {
             collections,
             order,
             uppers: vec![1u64; collections as usize],
-            rng: XorShift(0x9E37_79B9_7F4A_7C15),
+            rng: XorShift::new(0x9E37_79B9_7F4A_7C15),
             turn: 0,
             updates: 0,
             now_ms: 0,
@@ -781,10 +765,7 @@ fn median_run(mut runs: Vec<(u64, Duration)>) -> (u64, Duration) {
 
 /// A process's peak resident set (`VmHWM`), in bytes.
 fn peak_rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/<pid>/status");
-    let line = status.lines().find(|l| l.starts_with("VmHWM:")).expect("VmHWM");
-    let kib: u64 = line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).expect("VmHWM in kB");
-    kib * 1024
+    test_support::memory::peak_rss_bytes(pid).expect("/proc/<pid>/status has VmHWM")
 }
 
 /// Hydrates the heavy dataflows on a fresh replica process with `concurrency`; returns its peak RSS and

@@ -34,6 +34,7 @@ use storage::{AppendError, ListenEvent, ReadError, ShardCollections, ShardConfig
 
 use crate::backends::{Backend, Services, Stores, quick_config};
 use crate::*;
+use test_support::XorShift;
 
 const CHILD_ROLE: &str = "STORAGE_FAULT_CHILD_ROLE";
 const CHILD_BLOB: &str = "STORAGE_FAULT_CHILD_BLOB";
@@ -65,20 +66,6 @@ fn crash_row(writer: u64, seq: u64, part: i64) -> Row {
 /// Collections `A_w` and `B_w` of writer `w`.
 fn pair(writer: u64) -> (GlobalId, GlobalId) {
     (user(2 * writer), user(2 * writer + 1))
-}
-
-/// Marsaglia's xorshift64, for kill delays and damage positions.
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
 }
 
 /// The configuration of the crash children: compaction busy, so kills land in merges too.
@@ -235,7 +222,7 @@ async fn check_after_crash(
 async fn sigkill_writers(stores: Stores) {
     let base = tempfile::tempdir().unwrap();
     let seed = 0x9e37_79b9_7f4a_7c15 ^ u64::from(std::process::id());
-    let mut rng = XorShift(seed);
+    let mut rng = XorShift::new(seed);
     let mut acked: BTreeMap<u64, BTreeSet<u64>> = BTreeMap::new();
     let mut last_uppers = BTreeMap::new();
     for run in 0..KILLS {
@@ -462,7 +449,7 @@ async fn damage_is_reported_by_name(stores: Stores) {
     assert_eq!(good.len(), 300);
     let state = storage.state(id).await.unwrap().unwrap();
     let part = state.batches[2].parts[0].clone();
-    let mut rng = XorShift(0x5eed ^ u64::from(std::process::id()));
+    let mut rng = XorShift::new(0x5eed ^ u64::from(std::process::id()));
     // A flipped bit anywhere: header, middle, last byte.
     let bits = [0, 37, rng.next() as usize % (part.bytes as usize * 8), part.bytes as usize * 8 - 1];
     for bit in bits {

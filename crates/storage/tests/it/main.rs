@@ -75,7 +75,8 @@ pub async fn serve(store: InProcess) -> std::net::SocketAddr {
     addr
 }
 
-/// The proptest configuration: `PROPTEST_CASES` decides the number of cases (STYLE, "proptest pitfall").
+/// The proptest configuration: `PROPTEST_CASES` decides the number of cases (STYLE, "proptest pitfall"),
+/// through the workspace's one definition (`test-support`).
 pub fn proptest_config() -> proptest::test_runner::Config {
-    proptest::test_runner::Config::default()
+    test_support::proptest_config(test_support::proptest_cases(1))
 }
