@@ -3,7 +3,7 @@
 //! | step     | runs |
 //! |----------|------|
 //! | `fmt`    | `cargo fmt --all -- --check` |
-//! | `clippy` | `cargo clippy --workspace --all-targets --locked -- -D warnings` |
+//! | `clippy` | `cargo clippy --workspace --all-targets --locked -- -D warnings`, then storage's default build (`-p storage --lib`) |
 //! | `tidy`   | [`crate::tidy::check`], in process (`cargo test -p xtask` runs it too) |
 //! | `test`   | `cargo nextest run --workspace --locked --no-fail-fast`, or without nextest `cargo test --workspace --lib --bins --tests --locked`, with `PROPTEST_CASES` |
 //! | `doc`    | `cargo test --workspace --doc --locked` (nextest and `--all-targets` skip doctests) |
@@ -154,7 +154,13 @@ fn run_step(step: Step, root: &Path, mode: &Mode) -> anyhow::Result<()> {
             "--",
             "-D",
             "warnings",
-        ])),
+        ]))
+        // The tests build storage with every backend (its dev-dependencies); this lints its default build.
+        .and_then(|()| {
+            cmd::run(
+                cmd::cargo().args(["clippy", "-p", "storage", "--lib", "--locked", "--", "-D", "warnings"]),
+            )
+        }),
         Step::Tidy => tidy::check(root),
         Step::Test => {
             let mut command = cmd::cargo();

@@ -40,23 +40,50 @@ pub struct Layer {
 
 /// DESIGN §4's table of allowed edges between workspace crates. Change it only together with DESIGN.md.
 pub const LAYERS: &[Layer] = &[
-    Layer { krate: "frontiers", deps: &[], extra_dev_deps: &[] },
+    Layer { krate: "frontiers", deps: &[], extra_dev_deps: &["test-support"] },
     Layer { krate: "protocol", deps: &["frontiers"], extra_dev_deps: &[] },
+    // A process's metrics (DESIGN §10): series that remove themselves and the `/metrics` endpoint. It knows
+    // no other workspace crate; every process crate uses it.
+    Layer { krate: "telemetry", deps: &[], extra_dev_deps: &[] },
+    // What tests and benchmarks share (a seeded RNG, loopback baselines, an allocation counter, process
+    // memory, proptest settings): a dev-dependency only, knowing no workspace crate.
+    Layer { krate: "test-support", deps: &[], extra_dev_deps: &[] },
     // Framed tokio connections over `protocol::frame` (later TLS, authentication and connection bounds):
     // the async half `protocol` must not have, shared by every socket shell.
     Layer { krate: "transport", deps: &["protocol"], extra_dev_deps: &[] },
-    Layer { krate: "storage", deps: &["protocol", "frontiers", "transport"], extra_dev_deps: &[] },
-    Layer { krate: "compute", deps: &["protocol", "frontiers", "storage", "transport"], extra_dev_deps: &[] },
-    Layer { krate: "replica-client", deps: &["protocol", "frontiers", "transport"], extra_dev_deps: &[] },
+    Layer {
+        krate: "storage",
+        deps: &["protocol", "frontiers", "transport", "telemetry"],
+        extra_dev_deps: &["test-support"],
+    },
+    Layer {
+        krate: "compute",
+        deps: &["protocol", "frontiers", "storage", "transport", "telemetry"],
+        extra_dev_deps: &["test-support"],
+    },
+    Layer {
+        krate: "replica-client",
+        deps: &["protocol", "frontiers", "transport"],
+        extra_dev_deps: &["test-support"],
+    },
     Layer {
         krate: "controller",
-        deps: &["frontiers", "protocol", "transport", "storage", "replica-client"],
+        deps: &["frontiers", "protocol", "transport", "storage", "replica-client", "telemetry"],
         // The controller's tests run against real, in-process replicas.
-        extra_dev_deps: &["compute"],
+        extra_dev_deps: &["compute", "test-support"],
     },
     Layer {
         krate: "sim",
-        deps: &["frontiers", "protocol", "transport", "storage", "compute", "replica-client", "controller"],
+        deps: &[
+            "frontiers",
+            "protocol",
+            "transport",
+            "storage",
+            "compute",
+            "replica-client",
+            "controller",
+            "telemetry",
+        ],
         extra_dev_deps: &[],
     },
     Layer { krate: "xtask", deps: &[], extra_dev_deps: &[] },

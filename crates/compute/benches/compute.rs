@@ -34,10 +34,7 @@ use storage::{AppendRequest, InProcess, StorageCollections, StoreConfig};
 use timely::dataflow::ProbeHandle;
 use timely::dataflow::operators::Probe;
 
-#[path = "support/loopback.rs"]
-mod loopback;
-
-use loopback::echo_latencies;
+use test_support::loopback::echo_latencies;
 
 const UPDATES: usize = 1_000_000;
 const EPOCHS: u64 = 10;

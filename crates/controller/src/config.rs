@@ -5,6 +5,7 @@
 //! **Tests:** the settings are exercised by the end-to-end tests (`tests/it/e2e.rs`,
 //! `tests/it/orchestrators.rs`), which build their configuration in `tests/it/harness.rs`.
 
+use prometheus::Registry;
 use protocol::ControllerEpoch;
 use replica_client::{Backoff, ClientSecurity};
 
@@ -43,6 +44,11 @@ pub struct ControllerConfig {
     pub tick_interval_ms: u64,
     /// Whether to write introspection into storage collections (see `IntrospectionKind`).
     pub introspection: bool,
+    /// Where the controller registers its Prometheus metrics (see `ControllerMetrics`): the embedding
+    /// service's registry, or by default one of the controller's own, which
+    /// [`ComputeController::metrics_registry`](crate::ComputeController::metrics_registry) hands out for the
+    /// service to serve. `None`: no metrics.
+    pub metrics: Option<Registry>,
 }
 
 impl ControllerConfig {
@@ -57,6 +63,7 @@ impl ControllerConfig {
             hydration_concurrency: None,
             tick_interval_ms: 50,
             introspection: true,
+            metrics: Some(Registry::new()),
         }
     }
 }

@@ -21,6 +21,7 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use frontiers::{Antichain, ReadHold, ReadHolds};
+use test_support::XorShift;
 
 /// Outstanding holds per collection, besides the one a cycle takes.
 const HOLDS_PER_COLLECTION: u64 = 8;
@@ -32,20 +33,6 @@ const RUNS: usize = 5;
 const PROCESS_EVERY: u64 = 64;
 /// DESIGN §6: the 10k-collection cost is at most this multiple of the 100-collection cost.
 const RATIO_BAR: f64 = 2.0;
-
-/// Marsaglia's xorshift64: deterministic, no `rand` dependency.
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-}
 
 /// `collections` collections, collection `c` with holds at `c % 8 + 10 j` for `j` in `0..8`; its since is
 /// `c % 8`, and the cycles' holds (at 1,000 and later) never move it.
@@ -66,7 +53,7 @@ fn setup(collections: u64) -> (ReadHolds<u64, u64>, Vec<ReadHold<u64, u64>>) {
 /// One run: the time of `CYCLES` cycles (setup excluded).
 fn run(collections: u64) -> Duration {
     let (mut holds, held) = setup(collections);
-    let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);
+    let mut rng = XorShift::new(0x9E37_79B9_7F4A_7C15);
     let start = Instant::now();
     for cycle in 0..CYCLES {
         let r = rng.next();

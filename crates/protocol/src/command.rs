@@ -17,11 +17,12 @@ use crate::peek::Peek;
 /// Version 3: `InstanceConfig` lost its `logging` (a status interval no replica honoured); oversized
 /// responses have their documented stand-ins (`ComputeResponse`'s documentation).
 ///
-/// Version 4: connections are authenticated before the `Hello` (`transport`'s handshake, optionally
+/// Version 5: connections are authenticated before the `Hello` (`transport`'s handshake, optionally
 /// inside TLS); `Hello` carries the controller's `epoch` and `session` (fencing), answered
 /// `ComputeResponse::Fenced` when another controller may not be replaced; a zero-length frame is a
-/// keepalive (`frame`).
-pub const PROTOCOL_VERSION: u32 = 4;
+/// keepalive (`frame`). Version 4: `StatusResponse::Failed`, an export that can make no more progress
+/// and why.
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// The service a controller connection's authentication proofs name (`transport`'s challenge-response),
 /// so that a proof made for another kind of port never passes here.
@@ -61,7 +62,9 @@ pub enum ComputeCommand<T = u64> {
     /// Ends the replay of the command history that follows `CreateInstance`.
     ///
     /// *Obligation:* reconcile: keep every dataflow identical to one already running (no rehydration),
-    /// drop the rest of what the previous connection installed, build what is new. Peeks pending from the
+    /// drop the rest of what the previous connection installed, build what is new. A replayed as-of may
+    /// be later than the running dataflow's; the controller holds the imports only from the replayed one,
+    /// so a dataflow that has not yet started reading them (never scheduled) is rebuilt, not kept. Peeks pending from the
     /// previous connection are forgotten (their controller re-sends the ones it still wants).
     InitializationComplete,
     /// Changes tunables. Unset fields leave the current value.

@@ -23,8 +23,6 @@
 #![allow(clippy::print_stdout)]
 // A benchmark measures wall-clock time; clippy.toml's clock rule is for simulated code.
 #![allow(clippy::disallowed_methods)]
-// The counting global allocator implements `GlobalAlloc`, an unsafe trait; it only forwards to `System`.
-#![allow(unsafe_code)]
 
 use std::hint::black_box;
 use std::num::NonZeroU64;
@@ -39,10 +37,11 @@ use protocol::{
 };
 use replica_client::{Backoff, CommandHistory, ReplicaCore, ReplicaCoreConfig, ReplicaOutput};
 
-#[path = "support/counting_alloc.rs"]
-mod counting_alloc;
+use test_support::counting_alloc::{CountingAlloc, live_bytes};
 
-use counting_alloc::live_bytes;
+/// Counts live bytes for the memory figures (`test_support::counting_alloc`).
+#[global_allocator]
+static GLOBAL: CountingAlloc = CountingAlloc;
 
 const CYCLES: u64 = 100_000;
 /// Dataflows that live through the whole churn benchmark.

@@ -27,21 +27,9 @@ use transport::{AuthParams, ServerSecurity, SharedSecret, connect_blocking};
 /// How long a test waits for any one expected response before failing.
 pub const TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Proptest cases for an expensive property: `max(4, PROPTEST_CASES / divisor)` (PROPTEST_CASES
-/// defaults to 256, as in proptest itself), so `PROPTEST_CASES` still scales every property.
-pub fn proptest_cases(divisor: u32) -> u32 {
-    let cases = std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse::<u32>().ok()).unwrap_or(256);
-    (cases / divisor).max(4)
-}
-
-/// A proptest config with `cases` cases and everything else from the environment.
-pub fn proptest_config(cases: u32) -> proptest::test_runner::Config {
-    proptest::test_runner::Config {
-        cases,
-        failure_persistence: None,
-        ..proptest::test_runner::Config::default()
-    }
-}
+/// Proptest cases for an expensive property (`max(4, PROPTEST_CASES / divisor)`) and the configuration
+/// with them: the workspace's one definition, in `test-support`.
+pub use test_support::{proptest_cases, proptest_config};
 
 /// The shared secret of the replicas under test and their test controllers.
 pub fn test_secret() -> SharedSecret {

@@ -8,8 +8,10 @@
 //! stages, garbage, unknown ids, peeks before the since), `limits` (responses over the frame limit, a
 //! controller that does not read), `adversarial` (attacks on a running `compute-replica` process with TLS and
 //! a secret: bad frames before and after authentication, wrong proofs, replays, fencing, idle and buffering
-//! connections, each with the legitimate controller still served and memory bounded), `cluster` (multi-process start-up and failure: strangers on a cluster
-//! port, a taken port, a missing peer, a loop of start-ups, an I/O thread that panics). Proptest case counts come from `PROPTEST_CASES` (see `harness::proptest_cases`).
+//! connections, each with the legitimate controller still served and memory bounded), `cluster`
+//! (multi-process start-up and failure: strangers on a cluster port, processes without a shared secret, a
+//! taken port, a missing peer, a loop of start-ups, an I/O thread that panics), `metrics` (the replica's
+//! Prometheus metrics). Proptest case counts come from `PROPTEST_CASES` (see `harness::proptest_cases`).
 
 // Tests wait for answers with wall-clock timeouts; they are not simulated code.
 #![allow(clippy::disallowed_methods)]
@@ -20,6 +22,7 @@ mod cluster;
 mod exports;
 mod harness;
 mod limits;
+mod metrics;
 mod operators;
 mod reconnect;
 mod sqlite;

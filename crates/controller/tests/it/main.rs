@@ -17,6 +17,7 @@ mod faults;
 mod harness;
 mod introspection;
 mod materialized_views;
+mod metrics;
 mod orchestrators;
 mod peeks;
 mod replicas;

@@ -38,14 +38,18 @@
 //! violation and on fewer checks than its stated minimums (`xtask/src/cluster.rs`), and by hand with
 //! `cargo run --release -p sim -- cluster`.
 
+pub mod html;
 mod oracle;
 pub mod processes;
 mod report;
 pub mod security;
 mod tasks;
+pub mod timeline;
 mod workload;
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -92,13 +96,18 @@ pub struct ClusterArgs {
     pub seed: u64,
     /// Print the report as JSON.
     pub json: bool,
+    /// Where the controller serves its metrics (`/metrics`); port 0 picks a free one.
+    pub metrics_addr: SocketAddr,
+    /// Where to write the report page with charts and the metrics scraped at the end (`html.rs`).
+    pub report: Option<PathBuf>,
     /// Plain TCP instead of TLS (still with a shared secret).
     pub insecure: bool,
 }
 
 /// The usage line.
 pub const USAGE: &str = "usage: sim cluster [--duration SECS] [--rate ROWS_PER_SEC] [--replicas N] [--processes N] \
-[--workers N] [--peekers N] [--peek-interval-ms MS] [--kills N] [--recreations N] [--seed S] [--json] [--insecure]";
+[--workers N] [--peekers N] [--peek-interval-ms MS] [--kills N] [--recreations N] [--seed S] [--json] \
+[--metrics-addr ADDR] [--report DIR] [--insecure]";
 
 impl ClusterArgs {
     /// Parses the arguments after `cluster`.
@@ -115,6 +124,8 @@ impl ClusterArgs {
             recreations: 3,
             seed: wallclock_seed(),
             json: false,
+            metrics_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            report: None,
             insecure: false,
         };
         let mut iter = args.iter();
@@ -140,6 +151,8 @@ impl ClusterArgs {
                 "--recreations" => parsed.recreations = value()?.parse().context("--recreations")?,
                 "--seed" => parsed.seed = value()?.parse().context("--seed")?,
                 "--json" => parsed.json = true,
+                "--metrics-addr" => parsed.metrics_addr = value()?.parse().context("--metrics-addr")?,
+                "--report" => parsed.report = Some(PathBuf::from(value()?)),
                 "--insecure" => parsed.insecure = true,
                 "--help" | "-h" => bail!("{USAGE}"),
                 other => bail!("unknown argument {other:?}\n{USAGE}"),
@@ -298,6 +311,7 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<ExitCode> {
         max_backoff_ms: 2_000,
         env,
         log_dir: Some(layout.log_dir()),
+        metrics: true,
     });
     let orchestrator = Arc::new(orchestrator);
     children.orchestrator = Some(Arc::clone(&orchestrator));
@@ -353,6 +367,10 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<ExitCode> {
         Err(e) => (Outcome::Error, Some(format!("{e:#}"))),
     };
     let report = Report::new(&stats, outcome, error, args.seed, args.rate, replicas);
+    if let Some(dir) = &args.report {
+        let page = html::write_report(dir, &lock(&stats.timeline), &report)?;
+        ui.say(&format!("report page: {}", page.display()));
+    }
     if args.json {
         let json = serde_json::to_string_pretty(&report).context("cannot render the report")?;
         #[allow(clippy::print_stdout)] // The report is the command's output.

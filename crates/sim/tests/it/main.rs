@@ -4,8 +4,10 @@
 //! seed ranges themselves run in `cargo xtask sim` (and in the `sim` step of `cargo xtask test-suite`, which
 //! also checks that the planted peek-hold bug is found as a `peek-holds` violation). Also the controller's
 //! process orchestrator with real `compute-replica` processes (`process_orchestrator`), here because only
-//! `sim` can build that binary.
+//! `sim` can build that binary; the metrics endpoints of a replica process and of the controller checked
+//! with `promtool`, and the report page rendered in headless Chromium (`observability`).
 
+mod observability;
 mod process_orchestrator;
 
 use sim::simulation::{Invariant, SimConfig, run_seed_with};

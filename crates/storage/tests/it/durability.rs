@@ -21,6 +21,7 @@ use storage::durable::{DataDir, IoFaults, OpenError};
 use storage::{InProcess, StorageCollections, StoreConfig};
 
 use crate::*;
+use test_support::XorShift;
 
 const CHILD_DIR: &str = "STORAGE_CRASH_CHILD_DIR";
 const CHILD_ACKS: &str = "STORAGE_CRASH_CHILD_ACKS";
@@ -100,20 +101,6 @@ async fn a_child_process_appends_until_it_is_killed_when_asked_to() {
     panic!("a child writer failed: {failure:?}");
 }
 
-/// Marsaglia's xorshift64, for kill delays.
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-}
-
 fn read_acks(path: &Path, acked: &mut BTreeMap<u64, BTreeSet<u64>>) {
     let Ok(text) = fs::read_to_string(path) else {
         return;
@@ -132,7 +119,7 @@ async fn sigkilled_appends_lose_nothing_acknowledged_and_apply_nothing_by_half()
     let base = tempfile::tempdir().unwrap();
     let data = base.path().join("data");
     let seed = 0x9e37_79b9_7f4a_7c15 ^ u64::from(std::process::id());
-    let mut rng = XorShift(seed);
+    let mut rng = XorShift::new(seed);
     let mut acked: BTreeMap<u64, BTreeSet<u64>> = BTreeMap::new();
     let mut last_uppers: BTreeMap<u64, u64> = BTreeMap::new();
     let mut total_acks = 0usize;

@@ -1,8 +1,11 @@
 //! Loopback TCP round trips, the baseline of the benchmarks that measure peeks over a socket
-//! (`compute` and `controller`): each includes this file with `#[path]`.
+//! (`compute` and `controller`).
 //!
 //! **What it measures:** `request` bytes out and `response` bytes back over a loopback connection with
 //! `TCP_NODELAY`, answered by a thread that does nothing else: the cost of the network path alone.
+
+// A benchmark baseline measures wall-clock latency: the clock is read for that alone.
+#![allow(clippy::disallowed_methods)]
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -28,6 +31,7 @@ pub fn echo_server(request: usize, response: usize) -> (std::net::SocketAddr, st
 
 /// A client of an [`echo_server`], to measure round trips in blocks (interleaved with what they are the
 /// baseline of, so both see the same load on the host).
+#[derive(Debug)]
 pub struct Echo {
     stream: Option<TcpStream>,
     server: Option<std::thread::JoinHandle<()>>,
@@ -73,8 +77,6 @@ impl Drop for Echo {
 }
 
 /// Round trips of `request` bytes out and `response` bytes back over loopback TCP, sorted.
-// The controller's bench interleaves its round trips with what they are the baseline of ([`Echo`]).
-#[allow(dead_code)]
 pub fn echo_latencies(request: usize, response: usize, warmup: usize, measured: usize) -> Vec<Duration> {
     let mut echo = Echo::start(request, response);
     echo.round_trips(warmup);

@@ -1,21 +1,26 @@
 //! A global allocator that counts the bytes currently allocated, for the benchmarks that measure memory
-//! after churn (`replica-client` and `controller`): each includes this file with `#[path]` and reads
-//! [`live_bytes`]. Not a library: a bench binary's global allocator is its own choice.
+//! after churn (`replica-client` and `controller`): a bench binary installs [`CountingAlloc`] as its
+//! `#[global_allocator]` (its own choice: nothing here installs it) and reads [`live_bytes`].
 //!
 //! **Invariant:** every method forwards to `System` with the caller's arguments unchanged; the counter is
 //! a side effect only, so what it measures is what the bench allocated.
 
+// `GlobalAlloc` is an unsafe trait; the implementation only forwards to `System` (see the invariant).
+#![allow(unsafe_code)]
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicIsize, Ordering};
 
-/// Counts the bytes currently allocated through it.
-struct Counting;
+/// Counts the bytes currently allocated through it; install it with
+/// `#[global_allocator] static GLOBAL: CountingAlloc = CountingAlloc;`.
+#[derive(Debug)]
+pub struct CountingAlloc;
 
 static LIVE_BYTES: AtomicIsize = AtomicIsize::new(0);
 
 // SAFETY: every method forwards to `System` with the caller's arguments unchanged; the counter is a side
 // effect only.
-unsafe impl GlobalAlloc for Counting {
+unsafe impl GlobalAlloc for CountingAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         // SAFETY: forwarded as is.
         let ptr = unsafe { System.alloc(layout) };
@@ -50,10 +55,7 @@ unsafe impl GlobalAlloc for Counting {
     }
 }
 
-#[global_allocator]
-static GLOBAL: Counting = Counting;
-
-/// The bytes allocated and not yet freed.
+/// The bytes allocated through [`CountingAlloc`] and not yet freed (0 where it is not installed).
 pub fn live_bytes() -> isize {
     LIVE_BYTES.load(Ordering::Relaxed)
 }
