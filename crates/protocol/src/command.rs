@@ -13,7 +13,7 @@ use crate::id::{GlobalId, InstanceId, PeekId, ReplicaId};
 use crate::peek::Peek;
 
 /// The version of this protocol. A replica refuses a `Hello` with any other version.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// A command from the controller to a replica process.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

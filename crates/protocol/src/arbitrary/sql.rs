@@ -754,6 +754,8 @@ pub mod sql_semantics {
     pub fn aggregate(func: AggregateFunc, column: &str, scalar_type: ScalarType) -> String {
         match (func, scalar_type) {
             (AggregateFunc::Count, _) => format!("count({column})"),
+            (AggregateFunc::CountRows, _) => "count(*)".to_string(),
+            (AggregateFunc::Avg, _) => format!("avg({column})"),
             (AggregateFunc::Sum, ScalarType::Int64) => {
                 format!("ir_int(sum({column} >> 32) * 4294967296 + sum({column} & 4294967295))")
             }
