@@ -706,6 +706,33 @@ impl ScalarExpr {
         }
     }
 
+    /// Calls `f` on every column reference of the expression, which it may rewrite.
+    ///
+    /// # Examples
+    /// ```
+    /// use protocol::{BinaryFunc, ScalarExpr};
+    /// let mut expr = ScalarExpr::column(0).call_binary(BinaryFunc::Add, ScalarExpr::column(2));
+    /// expr.visit_columns_mut(&mut |c| *c += 10);
+    /// assert_eq!(expr, ScalarExpr::column(10).call_binary(BinaryFunc::Add, ScalarExpr::column(12)));
+    /// ```
+    pub fn visit_columns_mut(&mut self, f: &mut dyn FnMut(&mut usize)) {
+        match self {
+            ScalarExpr::Column(column) => f(column),
+            ScalarExpr::Literal(..) => {}
+            ScalarExpr::CallUnary { expr, .. } | ScalarExpr::Like { expr, .. } => expr.visit_columns_mut(f),
+            ScalarExpr::CallBinary { expr1, expr2, .. } => {
+                expr1.visit_columns_mut(f);
+                expr2.visit_columns_mut(f);
+            }
+            ScalarExpr::CallVariadic { exprs, .. } => exprs.iter_mut().for_each(|e| e.visit_columns_mut(f)),
+            ScalarExpr::If { cond, then, els } => {
+                cond.visit_columns_mut(f);
+                then.visit_columns_mut(f);
+                els.visit_columns_mut(f);
+            }
+        }
+    }
+
     /// Whether the expression references no column (so it has the same value for every row).
     pub fn is_literal(&self) -> bool {
         matches!(self, ScalarExpr::Literal(..))

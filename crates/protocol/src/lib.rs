@@ -71,6 +71,7 @@ mod dataflow;
 mod expr;
 pub mod frame;
 mod id;
+pub mod joins;
 mod peek;
 mod plan;
 pub mod reference;

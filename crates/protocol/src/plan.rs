@@ -641,6 +641,11 @@ impl Plan {
                 check_columns("Reduce", group_key, typ.arity())?;
                 let mut output: Vec<ColumnType> = group_key.iter().map(|c| typ.column_types[*c]).collect();
                 for aggregate in aggregates {
+                    if aggregate.func == AggregateFunc::CountRows {
+                        // `count(*)` reads no column.
+                        output.push(ColumnType::new(ScalarType::Int64, false));
+                        continue;
+                    }
                     check_columns("Reduce", &[aggregate.column], typ.arity())?;
                     let input_type = typ.column_types[aggregate.column];
                     let column = aggregate
