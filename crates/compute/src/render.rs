@@ -181,16 +181,19 @@ pub(crate) fn render_plan<'s>(plan: &Plan, ctx: &mut RenderContext<'s>) -> Coll<
         Plan::Join { inputs, equivalences } => render_join(inputs, equivalences, ctx),
         Plan::Reduce { input, group_key, aggregates }
             if aggregates.len() <= 1
-                && aggregates.iter().all(|a| matches!(a.func, AggregateFunc::Count | AggregateFunc::CountRows)) =>
+                && aggregates
+                    .iter()
+                    .all(|a| matches!(a.func, AggregateFunc::Count | AggregateFunc::CountRows)) =>
         {
             // A count of a column that is never NULL counts rows: a plain count, like a hand-written one;
             // so does `count(*)`, which reads no column.
             let column = aggregates.first().map(|a| a.column);
             let count_rows = aggregates.first().is_some_and(|a| a.func == AggregateFunc::CountRows);
-            let nullable = !count_rows && column.is_some_and(|column| {
-                let typ = input.typ(&|id| ctx.types.get(&id).cloned());
-                typ.map_or(true, |typ| typ.column_types.get(column).is_none_or(|c| c.nullable))
-            });
+            let nullable = !count_rows
+                && column.is_some_and(|column| {
+                    let typ = input.typ(&|id| ctx.types.get(&id).cloned());
+                    typ.map_or(true, |typ| typ.column_types.get(column).is_none_or(|c| c.nullable))
+                });
             let input = render_plan(input, ctx);
             let operator = ctx.operator();
             render_count(input, group_key.clone(), column, nullable, operator, ctx)

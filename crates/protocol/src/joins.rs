@@ -150,7 +150,8 @@ pub fn semi_join(
 ) -> Plan {
     let arity = left_type.arity();
     let correlated = correlation_columns(arity, on, residual);
-    let position = |column: usize| correlated.iter().position(|c| *c == column).expect("a correlation column");
+    let position =
+        |column: usize| correlated.iter().position(|c| *c == column).expect("a correlation column");
     // The distinct correlation values, and those of them that match a right row.
     let distinct = Plan::Distinct {
         input: Box::new(Plan::Project { input: Box::new(left.clone()), outputs: correlated.clone() }),
@@ -160,7 +161,8 @@ pub fn semi_join(
         .iter()
         .map(|predicate| {
             let mut predicate = predicate.clone();
-            predicate.visit_columns_mut(&mut |c| *c = if *c < arity { position(*c) } else { *c - arity + width });
+            predicate
+                .visit_columns_mut(&mut |c| *c = if *c < arity { position(*c) } else { *c - arity + width });
             predicate
         })
         .collect();
@@ -308,7 +310,10 @@ mod tests {
     use crate::row::Row;
 
     fn typ() -> RelationType {
-        RelationType::new(vec![ColumnType::new(ScalarType::Int64, true), ColumnType::new(ScalarType::Int64, true)])
+        RelationType::new(vec![
+            ColumnType::new(ScalarType::Int64, true),
+            ColumnType::new(ScalarType::Int64, true),
+        ])
     }
 
     fn row(values: &[Option<i64>]) -> Row {

@@ -112,7 +112,8 @@ mod tests {
     #[test]
     fn decimal_arithmetic_follows_the_documented_rules() {
         use BinaryFunc::*;
-        let cases: Vec<(BinaryFunc, (i128, u32), (i128, u32), Result<&str, EvalError>)> = vec![
+        type Case = (BinaryFunc, (i128, u32), (i128, u32), Result<&'static str, EvalError>);
+        let cases: Vec<Case> = vec![
             (Add, (150, 2), (5, 1), Ok("2")),
             (Sub, (1, 28), (1, 0), Ok("-0.9999999999999999999999999999")),
             (Mul, (15, 1), (15, 1), Ok("2.25")),
