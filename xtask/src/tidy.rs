@@ -52,8 +52,15 @@ pub const LAYERS: &[Layer] = &[
         extra_dev_deps: &["compute"],
     },
     Layer {
+        // TPC-H's data, queries and SQLite oracle, and a runner that drives a replica through the
+        // controller (so the tests, the benchmark and the cluster scenario share it).
+        krate: "tpch",
+        deps: &["frontiers", "protocol", "storage", "compute", "controller"],
+        extra_dev_deps: &[],
+    },
+    Layer {
         krate: "sim",
-        deps: &["frontiers", "protocol", "storage", "compute", "replica-client", "controller"],
+        deps: &["frontiers", "protocol", "storage", "compute", "replica-client", "controller", "tpch"],
         extra_dev_deps: &[],
     },
     Layer { krate: "xtask", deps: &[], extra_dev_deps: &[] },

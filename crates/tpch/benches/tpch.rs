@@ -1,0 +1,3 @@
+//! `cargo xtask bench tpch`: TPC-H hydration and refresh maintenance against SQLite recomputation.
+
+fn main() {}
