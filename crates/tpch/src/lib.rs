@@ -27,5 +27,5 @@ pub mod sqlite;
 
 pub use data::{Data, Refresh};
 pub use queries::{Query, all};
-pub use runner::{RunError, Runner};
+pub use runner::{ReplicaKind, RunError, Runner};
 pub use schema::{Catalog, TABLES, Table};

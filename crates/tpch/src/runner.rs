@@ -8,10 +8,14 @@
 //! complete at `t` and [`Runner::peek`] reads it there.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use controller::{ComputeController, ControllerConfig, InstanceCoreConfig, PeekOptions, ReplicaLocation};
+use controller::{
+    ComputeController, ControllerConfig, InstanceCoreConfig, PeekOptions, ProcessOrchestrator,
+    ProcessOrchestratorConfig, ReplicaLocation,
+};
 use frontiers::{Antichain, ReadPolicy};
 use protocol::{GlobalId, InstanceId, PeekTarget, ReplicaId, Row};
 use storage::{AppendRequest, InProcess, StorageCollections, StoreConfig};
@@ -54,21 +58,51 @@ pub enum RunError {
     },
 }
 
+/// Where the replica runs.
+#[derive(Debug, Clone)]
+pub enum ReplicaKind {
+    /// In this process (threads), reading storage directly.
+    InProcess {
+        /// Timely workers.
+        workers: usize,
+    },
+    /// A `compute-replica` process started by the controller's process orchestrator, reading storage
+    /// through a storage server this runner serves on loopback (so its memory is its own, measurable).
+    Process {
+        /// The `compute-replica` binary.
+        binary: PathBuf,
+        /// Timely workers.
+        workers: usize,
+    },
+}
+
+/// The replica and what keeps it running.
+#[derive(Debug)]
+enum Replica {
+    InProcess(compute::ReplicaHandle),
+    Process {
+        orchestrator: Arc<ProcessOrchestrator>,
+        stop_server: tokio::sync::oneshot::Sender<()>,
+        server: tokio::task::JoinHandle<std::io::Result<()>>,
+    },
+}
+
 /// Storage, a controller and one replica, with the TPC-H tables.
 #[derive(Debug)]
 pub struct Runner {
     storage: Arc<InProcess>,
     controller: ComputeController,
-    replica: Option<compute::ReplicaHandle>,
+    replica: Option<Replica>,
     catalog: Catalog,
     /// The next time to write at (every table's upper).
     time: u64,
 }
 
 impl Runner {
-    /// Starts an in-memory storage layer, a controller and a replica of `workers` timely workers.
-    pub async fn start(catalog: Catalog, workers: usize) -> Result<Runner, RunError> {
-        let storage = Arc::new(InProcess::in_memory(StoreConfig::default()));
+    /// Starts an in-memory storage layer, a controller and a replica.
+    pub async fn start(catalog: Catalog, kind: ReplicaKind) -> Result<Runner, RunError> {
+        let store = InProcess::in_memory(StoreConfig::default());
+        let storage = Arc::new(store.clone());
         let config = ControllerConfig {
             instance: InstanceCoreConfig {
                 // Indexes keep one time of history: a peek reads the latest complete time.
@@ -80,28 +114,78 @@ impl Runner {
             introspection: false,
             ..ControllerConfig::default()
         };
-        let mut controller = ComputeController::new(Arc::clone(&storage) as _, None, config)
+        let controller_error = |e: String| RunError::Controller(e);
+        let (replica, orchestrator) = match &kind {
+            ReplicaKind::InProcess { workers } => {
+                let listen: SocketAddr = "127.0.0.1:0".parse().expect("an address");
+                let handle = compute::ReplicaServer::start(compute::ReplicaConfig {
+                    listen,
+                    workers: *workers,
+                    process: 0,
+                    timely_addresses: Vec::new(),
+                    storage: Arc::clone(&storage) as Arc<dyn StorageCollections>,
+                })
+                .map_err(|e| controller_error(format!("replica: {e}")))?;
+                (Replica::InProcess(handle), None)
+            }
+            ReplicaKind::Process { binary, .. } => {
+                let server = storage::Server::bind("127.0.0.1:0", store)
+                    .await
+                    .map_err(|e| RunError::Storage(format!("storage server: {e}")))?;
+                let storage_address = server
+                    .local_addr()
+                    .map_err(|e| RunError::Storage(format!("storage server: {e}")))?
+                    .to_string();
+                let (stop_server, stopped) = tokio::sync::oneshot::channel::<()>();
+                let server = tokio::spawn(server.serve(async move {
+                    let _ = stopped.await;
+                }));
+                let (orchestrator, _events) = ProcessOrchestrator::new(ProcessOrchestratorConfig {
+                    binary: binary.clone(),
+                    storage_address,
+                    initial_backoff_ms: 100,
+                    max_backoff_ms: 1_000,
+                    env: vec![("RUST_LOG".to_string(), "warn".to_string())],
+                    log_dir: None,
+                });
+                let orchestrator = Arc::new(orchestrator);
+                let replica =
+                    Replica::Process { orchestrator: Arc::clone(&orchestrator), stop_server, server };
+                (replica, Some(orchestrator))
+            }
+        };
+        let orchestrator = orchestrator.map(|o| o as Arc<dyn controller::Orchestrator>);
+        let mut controller = ComputeController::new(Arc::clone(&storage) as _, orchestrator, config)
             .await
-            .map_err(RunError::Controller)?;
+            .map_err(controller_error)?;
         let instance_config = controller.default_instance_config();
-        controller
-            .create_instance(INSTANCE, instance_config)
-            .map_err(|e| RunError::Controller(e.to_string()))?;
-        let listen: SocketAddr = "127.0.0.1:0".parse().expect("an address");
-        let replica = compute::ReplicaServer::start(compute::ReplicaConfig {
-            listen,
-            workers,
-            process: 0,
-            timely_addresses: Vec::new(),
-            storage: Arc::clone(&storage) as Arc<dyn StorageCollections>,
-        })
-        .map_err(|e| RunError::Controller(format!("replica: {e}")))?;
-        let location = ReplicaLocation::Unmanaged { addresses: vec![replica.local_addr().to_string()] };
+        controller.create_instance(INSTANCE, instance_config).map_err(|e| controller_error(e.to_string()))?;
+        let location = match (&kind, &replica) {
+            (_, Replica::InProcess(handle)) => {
+                ReplicaLocation::Unmanaged { addresses: vec![handle.local_addr().to_string()] }
+            }
+            (ReplicaKind::Process { workers, .. }, _) => {
+                ReplicaLocation::Managed { workers: *workers, processes: 1 }
+            }
+            (ReplicaKind::InProcess { .. }, _) => {
+                unreachable!("an in-process kind has an in-process replica")
+            }
+        };
         controller
             .add_replica(INSTANCE, REPLICA, location)
             .await
-            .map_err(|e| RunError::Controller(e.to_string()))?;
+            .map_err(|e| controller_error(e.to_string()))?;
         Ok(Runner { storage, controller, replica: Some(replica), catalog, time: 0 })
+    }
+
+    /// The replica's process id, if it runs in a process of its own.
+    pub fn replica_pid(&self) -> Option<u32> {
+        match &self.replica {
+            Some(Replica::Process { orchestrator, .. }) => {
+                orchestrator.pids(INSTANCE, REPLICA).first().copied()
+            }
+            _ => None,
+        }
     }
 
     /// The storage layer.
@@ -129,15 +213,30 @@ impl Runner {
         self.append(updates).await
     }
 
-    /// Installs the queries' dataflows (as of time 0).
+    /// Installs the queries' dataflows, as of the freshest time their inputs allow (the controller's
+    /// `select_as_of`).
     pub async fn install(&self, queries: &[Query]) -> Result<(), RunError> {
         for query in queries {
+            let mut dataflow = query.dataflow.clone();
+            dataflow.as_of = None;
             self.controller
-                .create_dataflow(INSTANCE, query.dataflow.clone())
+                .create_dataflow(INSTANCE, dataflow)
                 .await
                 .map_err(|e| RunError::Controller(format!("query {}: {e}", query.number)))?;
         }
         Ok(())
+    }
+
+    /// Drops the queries' indexes (and so their dataflows).
+    pub async fn uninstall(&self, queries: &[Query]) -> Result<(), RunError> {
+        let ids: Vec<GlobalId> = queries.iter().map(|q| q.index).collect();
+        self.controller.drop_collections(INSTANCE, ids).await.map_err(|e| RunError::Controller(e.to_string()))
+    }
+
+    /// The time of the latest write (the tables are complete up to and including it).
+    pub fn latest_time(&self) -> u64 {
+        assert!(self.time > 0, "the tables are loaded");
+        self.time - 1
     }
 
     /// Appends a refresh batch at the next time, which it returns.
@@ -214,10 +313,19 @@ impl Runner {
         Ok(rows.into_iter().flat_map(|(row, count)| std::iter::repeat_n(row, count.get() as usize)).collect())
     }
 
-    /// Stops the replica and the controller.
+    /// Stops the replica, the controller and the storage server.
     pub async fn shutdown(mut self) {
-        if let Some(replica) = self.replica.take() {
-            let _ = tokio::task::spawn_blocking(move || replica.shutdown()).await;
+        match self.replica.take() {
+            Some(Replica::InProcess(handle)) => {
+                let _ = tokio::task::spawn_blocking(move || handle.shutdown()).await;
+            }
+            Some(Replica::Process { stop_server, server, .. }) => {
+                // Dropping the replica stops its process; then the server it read from.
+                let _ = self.controller.drop_replica(INSTANCE, REPLICA).await;
+                let _ = stop_server.send(());
+                let _ = server.await;
+            }
+            None => {}
         }
     }
 }

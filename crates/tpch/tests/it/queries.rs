@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use tpch::sqlite::{Oracle, semantics};
-use tpch::{Catalog, Data, Query, Runner};
+use tpch::{Catalog, Data, Query, ReplicaKind, Runner};
 
 fn scale_factor() -> f64 {
     std::env::var("TPCH_SCALE_FACTOR").ok().and_then(|s| s.parse().ok()).unwrap_or(0.01)
@@ -60,7 +60,7 @@ async fn the_22_queries_agree_with_sqlite_after_hydration_and_after_every_refres
     let mut oracle = Oracle::load(&data).expect("SQLite loads the data");
     let catalog = Catalog { base: 0 };
     let queries = tpch::all(catalog, 0);
-    let mut runner = Runner::start(catalog, 2).await.expect("runner");
+    let mut runner = Runner::start(catalog, ReplicaKind::InProcess { workers: 2 }).await.expect("runner");
     runner.load(&data).await.expect("load");
     runner.install(&queries).await.expect("install");
     let limit = Duration::from_secs(600);
