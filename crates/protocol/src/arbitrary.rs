@@ -507,9 +507,14 @@ pub fn plan_of(
             if typ.arity() > 0 {
                 for _ in 0..choices.pick(3) {
                     let column = choices.pick(typ.arity());
-                    let func =
-                        [AggregateFunc::Count, AggregateFunc::Sum, AggregateFunc::Min, AggregateFunc::Max]
-                            [choices.pick(4)];
+                    let func = [
+                        AggregateFunc::Count,
+                        AggregateFunc::Sum,
+                        AggregateFunc::Min,
+                        AggregateFunc::Max,
+                        AggregateFunc::CountRows,
+                        AggregateFunc::Avg,
+                    ][choices.pick(6)];
                     let func = if func.output_type(typ.column_types[column]).is_some() {
                         func
                     } else {

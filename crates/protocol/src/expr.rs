@@ -973,9 +973,17 @@ fn eval_binary<'a>(func: BinaryFunc, a: Datum<'a>, b: Datum<'a>) -> Result<Datum
     }
 }
 
-/// `x func y` for two decimals (`+ - * /`, see [`BinaryFunc`]): the replica's, shared with
-/// [`crate::AggregateFunc::eval`]'s `avg`.
-pub(crate) fn decimal_arithmetic(func: BinaryFunc, x: Decimal, y: Decimal) -> Result<Decimal, EvalError> {
+/// `x func y` for two decimals (`+ - * /`, see [`BinaryFunc`]): the IR's own decimal arithmetic, which
+/// [`ScalarExpr::eval`] and [`crate::AggregateFunc::eval`]'s `avg` use (and a replica that accumulates an
+/// `avg` itself must use too).
+///
+/// # Examples
+/// ```
+/// use protocol::{BinaryFunc, Decimal, decimal_arithmetic};
+/// let (two, three) = (Decimal::new(2, 0).unwrap(), Decimal::new(3, 0).unwrap());
+/// assert_eq!(decimal_arithmetic(BinaryFunc::Div, two, three).unwrap().to_string(), "0.666667");
+/// ```
+pub fn decimal_arithmetic(func: BinaryFunc, x: Decimal, y: Decimal) -> Result<Decimal, EvalError> {
     decimal::arithmetic(func, x, y)
 }
 

@@ -88,7 +88,7 @@ pub use dataflow::{
 };
 pub use expr::{
     BinaryFunc, EvalError, ExprTypeError, LikePattern, MapFilterProject, ScalarExpr, UnaryFunc, VariadicFunc,
-    days_from_civil,
+    days_from_civil, decimal_arithmetic,
 };
 pub use id::{GlobalId, InstanceId, ParseIdError, PeekId, ReplicaId};
 pub use peek::{Peek, PeekResponse, PeekTarget, RowSetFinishing};

@@ -106,7 +106,7 @@ async fn maintain(
 async fn bench_time(binary: PathBuf) {
     let sf: f64 = env("TPCH_BENCH_SCALE_FACTOR", 0.1);
     let refreshes: usize = env("TPCH_BENCH_REFRESHES", 3);
-    let catalog = Catalog { base: 0 };
+    let catalog = Catalog::new(0);
     let queries = tpch::all(catalog, 0);
     let data = Data::generate(sf, refreshes * (queries.len() + 1));
     println!(
@@ -159,7 +159,7 @@ async fn bench_time(binary: PathBuf) {
 async fn bench_memory(binary: PathBuf) {
     let scale_factors: String = env("TPCH_BENCH_RSS_SCALE_FACTORS", "0.01,0.1".to_string());
     for sf in scale_factors.split(',').filter_map(|s| s.trim().parse::<f64>().ok()) {
-        let catalog = Catalog { base: 0 };
+        let catalog = Catalog::new(0);
         let queries = tpch::all(catalog, 0);
         let data = Data::generate(sf, 0);
         let mut runner = Runner::start(catalog, ReplicaKind::Process { binary: binary.clone(), workers: 1 })

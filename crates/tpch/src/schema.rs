@@ -179,28 +179,36 @@ impl Table {
     }
 }
 
-/// The ids of the tables and the queries' objects: tables are `User(base + 1..=8)`, query `n`'s index
-/// `User(base + 100 + n)` and its objects `Transient(base + 1000 * n + i)`.
+/// The ids of the tables and the queries' objects: tables are `User(tables + 1..=8)`, query `n`'s index
+/// `User(views + 100 + n)` and its objects `Transient(views + 1000 * n + i)`. A second set of views over
+/// the same tables (a recreated dataflow) takes another `views` base.
 #[derive(Debug, Clone, Copy)]
 pub struct Catalog {
-    /// The first id.
-    pub base: u64,
+    /// The base of the tables' ids.
+    pub tables: u64,
+    /// The base of the views' ids.
+    pub views: u64,
 }
 
 impl Catalog {
+    /// Tables and views from one base.
+    pub fn new(base: u64) -> Catalog {
+        Catalog { tables: base, views: base }
+    }
+
     /// The id of a table.
     pub fn table(self, table: Table) -> GlobalId {
         let index = TABLES.iter().position(|t| *t == table).expect("every table is listed");
-        GlobalId::User(self.base + 1 + index as u64)
+        GlobalId::User(self.tables + 1 + index as u64)
     }
 
     /// The id of query `number`'s index.
     pub fn index(self, number: usize) -> GlobalId {
-        GlobalId::User(self.base + 100 + number as u64)
+        GlobalId::User(self.views + 100 + number as u64)
     }
 
     /// The id of query `number`'s `object`-th built object.
     pub fn object(self, number: usize, object: usize) -> GlobalId {
-        GlobalId::Transient(self.base + 1_000 * number as u64 + object as u64)
+        GlobalId::Transient(self.views + 1_000 * number as u64 + object as u64)
     }
 }

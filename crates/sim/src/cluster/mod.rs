@@ -37,6 +37,7 @@ mod oracle;
 pub mod processes;
 mod report;
 mod tasks;
+mod tpch;
 mod workload;
 
 use std::collections::BTreeMap;
@@ -85,11 +86,25 @@ pub struct ClusterArgs {
     pub seed: u64,
     /// Print the report as JSON.
     pub json: bool,
+    /// What the replicas maintain.
+    pub workload: Workload,
+    /// The TPC-H scale factor (`--workload tpch`).
+    pub scale_factor: f64,
+}
+
+/// The scenario's workload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Workload {
+    /// The generated orders tables with six dataflows, subscribes and a materialized view (`tasks.rs`).
+    Orders,
+    /// The 22 TPC-H views, checked against SQLite after every refresh batch (`tpch.rs`).
+    Tpch,
 }
 
 /// The usage line.
 pub const USAGE: &str = "usage: sim cluster [--duration SECS] [--rate ROWS_PER_SEC] [--replicas N] [--processes N] \
-[--workers N] [--peekers N] [--peek-interval-ms MS] [--kills N] [--recreations N] [--seed S] [--json]";
+[--workers N] [--peekers N] [--peek-interval-ms MS] [--kills N] [--recreations N] [--seed S] [--json] \
+[--workload orders|tpch] [--scale-factor SF]";
 
 impl ClusterArgs {
     /// Parses the arguments after `cluster`.
@@ -106,6 +121,8 @@ impl ClusterArgs {
             recreations: 3,
             seed: wallclock_seed(),
             json: false,
+            workload: Workload::Orders,
+            scale_factor: 0.01,
         };
         let mut iter = args.iter();
         while let Some(arg) = iter.next() {
@@ -130,6 +147,20 @@ impl ClusterArgs {
                 "--recreations" => parsed.recreations = value()?.parse().context("--recreations")?,
                 "--seed" => parsed.seed = value()?.parse().context("--seed")?,
                 "--json" => parsed.json = true,
+                "--workload" => {
+                    parsed.workload = match value()?.as_str() {
+                        "orders" => Workload::Orders,
+                        "tpch" => Workload::Tpch,
+                        other => bail!("unknown workload {other:?} (orders or tpch)\n{USAGE}"),
+                    }
+                }
+                "--scale-factor" => {
+                    let sf: f64 = value()?.parse().context("--scale-factor")?;
+                    if !(sf > 0.0 && sf <= 10.0) {
+                        bail!("--scale-factor must be in (0, 10]");
+                    }
+                    parsed.scale_factor = sf;
+                }
                 "--help" | "-h" => bail!("{USAGE}"),
                 other => bail!("unknown argument {other:?}\n{USAGE}"),
             }
@@ -269,10 +300,21 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<ExitCode> {
         .build()
         .context("cannot start the async runtime")?;
     let result = runtime.block_on({
-        let (args, stats, ui, orchestrator) = (args.clone(), Arc::clone(&stats), Arc::clone(&ui), Arc::clone(&orchestrator));
+        let (args, stats, ui, orchestrator) =
+            (args.clone(), Arc::clone(&stats), Arc::clone(&ui), Arc::clone(&orchestrator));
         async move {
+            let scenario = async move {
+                match args.workload {
+                    Workload::Orders => {
+                        tasks::scenario(args, storage_address, orchestrator, process_events, stats, ui).await
+                    }
+                    Workload::Tpch => {
+                        tpch::scenario(args, storage_address, orchestrator, process_events, stats, ui).await
+                    }
+                }
+            };
             tokio::select! {
-                result = tasks::scenario(args, storage_address, orchestrator, process_events, stats, ui) => result.map(|()| false),
+                result = scenario => result.map(|()| false),
                 _ = tokio::signal::ctrl_c() => Ok(true),
             }
         }

@@ -17,7 +17,7 @@ fn refreshes() -> usize {
 
 #[test]
 fn every_query_dataflow_validates() {
-    for query in tpch::all(Catalog { base: 0 }, 0) {
+    for query in tpch::all(Catalog::new(0), 0) {
         assert_eq!(query.dataflow.validate(), Ok(()), "query {}", query.number);
         let typ = query.dataflow.object_type(query.dataflow.index_exports[&query.index].on_id);
         assert_eq!(typ.as_ref(), Some(&query.typ), "query {}'s declared type", query.number);
@@ -58,7 +58,7 @@ async fn the_22_queries_agree_with_sqlite_after_hydration_and_after_every_refres
     let (scale_factor, refreshes) = (scale_factor(), refreshes());
     let data = Data::generate(scale_factor, refreshes);
     let mut oracle = Oracle::load(&data).expect("SQLite loads the data");
-    let catalog = Catalog { base: 0 };
+    let catalog = Catalog::new(0);
     let queries = tpch::all(catalog, 0);
     let mut runner = Runner::start(catalog, ReplicaKind::InProcess { workers: 2 }).await.expect("runner");
     runner.load(&data).await.expect("load");
