@@ -23,7 +23,7 @@
 //!
 //! A negative accumulated multiplicity reaching `Reduce`, `Distinct` or `TopK` is a data error, reported
 //! through the dataflow's error collection. Aggregates follow SQL: `count(c)` counts non-null values,
-//! `sum`/`min`/`max` ignore nulls and are `NULL` over no non-null values.
+//! `count(*)` rows, `sum`/`avg`/`min`/`max` ignore nulls and are `NULL` over no non-null values.
 //!
 //! **Orderings.** `TopK` and a peek's finishing rank rows by their [`ColumnOrder`]s, then break ties by
 //! the whole row (column by column, ascending, `NULL` first), so a ranking is total and deterministic.
@@ -53,8 +53,8 @@
 //!
 //! # Where the IR departs from SQL
 //!
-//! Each of these is asserted below and in `compute/tests/it/operators.rs` (on the replica), and encoded
-//! in the SQLite differential test (`protocol::arbitrary::sql`'s `sql_semantics`).
+//! Each of these is asserted below, in `expr.rs`'s tests and in `compute/tests/it/operators.rs` (on the
+//! replica), and encoded in the SQLite differential test (`protocol::arbitrary::sql`'s `sql_semantics`).
 //!
 //! - **A global `Reduce` over nothing has no row.** A `Reduce` has one row per group of its input, also
 //!   with an empty `group_key`: over an empty input it is empty, where SQL's `SELECT count(*), sum(x)
@@ -67,6 +67,18 @@
 //! - **Integer overflow is an error**, in arithmetic and in sums (SQLite silently switches to floats in
 //!   arithmetic); `i64::MIN % -1` is `0`, as it is mathematically.
 //! - **Multiplicities** have no SQL counterpart: see above.
+//! - **Decimals** are SQL's `NUMERIC` with the scale in the type (`ScalarType::Decimal`) and a precision of
+//!   28 digits (96 bits): `+`/`-` take the larger scale, `*` the sum; a result that is not a decimal is an
+//!   error, as is an exact intermediate beyond 128 bits. Division (and `avg`) rounds half away from zero
+//!   to the *values'* larger scale plus 6 (SQL leaves it to the implementation; PostgreSQL also derives it
+//!   from the values). Values are canonical (`1.50` is `1.5`): the type's scale is not the value's.
+//! - **No implicit casts**, except that decimals of different scales meet (comparisons, `IF`, `COALESCE`).
+//!   `Cast` converts between numbers and between dates and timestamps; there are no casts to or from text.
+//! - **Intervals** keep months, days and milliseconds apart and order field by field (SQL compares them
+//!   as if a month were 30 days). Date arithmetic outside the years 1 to 9999 is an error.
+//! - **`LIKE`** has no escape character (PostgreSQL's default is `\`); patterns are literals.
+//! - **Outer, semi and anti joins** are lowerings (`crate::joins`); an anti-join is `NOT EXISTS`, which is
+//!   SQL's `NOT IN` only where the compared columns are non-null.
 //!
 //! ```
 //! use std::collections::BTreeMap;

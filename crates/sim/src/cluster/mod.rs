@@ -17,6 +17,11 @@
 //! full), and the report (`report.rs`). Logs go to `target/cluster-data/logs/` (`RUST_LOG` sends this
 //! process's to stderr instead and sets the children's filter).
 //!
+//! **Workloads.** `--workload orders` (the default) is the generated orders tables above (`tasks.rs`,
+//! `workload.rs`); `--workload tpch` loads TPC-H at `--scale-factor` and runs the same kills and
+//! recreations on the 22 TPC-H views, every answer compared with SQLite after every refresh batch
+//! (`tpch.rs`).
+//!
 //! **Checks** (each failure is a named violation; any violation makes the exit code non-zero): every
 //! peek's rows equal the oracle's at the peek's time (`oracle.rs`); subscribe batches are contiguous, cover
 //! each time range once, and accumulate to the oracle at each batch's upper; the materialized view's
