@@ -353,6 +353,12 @@ impl QueryBuilder {
         Rel { plan: Plan::get(id), names, typ }
     }
 
+    /// The named columns of a table (a planner's projection pushdown: joins and reduces then arrange only
+    /// what the query reads).
+    pub fn scan(&mut self, table: Table, columns: &[&str]) -> Rel {
+        self.table(table).project(columns)
+    }
+
     /// Builds `rel` as an object of the dataflow and returns a `Get` of it, so that it is computed once
     /// however many times it is read.
     pub fn bind(&mut self, rel: Rel) -> Rel {

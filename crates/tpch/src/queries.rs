@@ -128,15 +128,29 @@ limit 100";
 /// Query 2 ([`Q2`]): the correlated minimum is a `Reduce` per part over the European offers, joined back.
 pub fn q2(catalog: Catalog, as_of: u64) -> Query {
     let mut b = QueryBuilder::new(catalog, 2);
-    let region = b.table(Table::Region).filter(|r| vec![r.c("r_name").is(text("EUROPE"))]);
+    let region =
+        b.scan(Table::Region, &["r_regionkey", "r_name"]).filter(|r| vec![r.c("r_name").is(text("EUROPE"))]);
     let european = region
-        .join(b.table(Table::Nation), &[("r_regionkey", "n_regionkey")])
-        .join(b.table(Table::Supplier), &[("n_nationkey", "s_nationkey")])
-        .join(b.table(Table::PartSupp), &[("s_suppkey", "ps_suppkey")]);
+        .join(
+            b.scan(Table::Nation, &["n_nationkey", "n_name", "n_regionkey"]),
+            &[("r_regionkey", "n_regionkey")],
+        )
+        .join(
+            b.scan(
+                Table::Supplier,
+                &["s_suppkey", "s_name", "s_address", "s_nationkey", "s_phone", "s_acctbal", "s_comment"],
+            ),
+            &[("n_nationkey", "s_nationkey")],
+        )
+        .join(
+            b.scan(Table::PartSupp, &["ps_partkey", "ps_suppkey", "ps_supplycost"]),
+            &[("s_suppkey", "ps_suppkey")],
+        );
     let european = b.bind(european);
     let cheapest = european.clone().reduce(&["ps_partkey"], &[("min_cost", Min, "ps_supplycost")]);
-    let parts =
-        b.table(Table::Part).filter(|p| vec![p.c("p_size").is(int(15)), p.c("p_type").like("%BRASS")]);
+    let parts = b
+        .scan(Table::Part, &["p_partkey", "p_mfgr", "p_size", "p_type"])
+        .filter(|p| vec![p.c("p_size").is(int(15)), p.c("p_type").like("%BRASS")]);
     let result = parts
         .join(european, &[("p_partkey", "ps_partkey")])
         .join(
@@ -170,9 +184,15 @@ limit 10";
 /// Query 3 ([`Q3`]).
 pub fn q3(catalog: Catalog, as_of: u64) -> Query {
     let mut b = QueryBuilder::new(catalog, 3);
-    let customer = b.table(Table::Customer).filter(|c| vec![c.c("c_mktsegment").is(text("BUILDING"))]);
-    let orders = b.table(Table::Orders).filter(|o| vec![o.c("o_orderdate").below(date("1995-03-15"))]);
-    let lineitem = b.table(Table::LineItem).filter(|l| vec![l.c("l_shipdate").above(date("1995-03-15"))]);
+    let customer = b
+        .scan(Table::Customer, &["c_custkey", "c_mktsegment"])
+        .filter(|c| vec![c.c("c_mktsegment").is(text("BUILDING"))]);
+    let orders = b
+        .scan(Table::Orders, &["o_orderkey", "o_custkey", "o_orderdate", "o_shippriority"])
+        .filter(|o| vec![o.c("o_orderdate").below(date("1995-03-15"))]);
+    let lineitem = b
+        .scan(Table::LineItem, &["l_orderkey", "l_extendedprice", "l_discount", "l_shipdate"])
+        .filter(|l| vec![l.c("l_shipdate").above(date("1995-03-15"))]);
     let result = customer
         .join(orders, &[("c_custkey", "o_custkey")])
         .join(lineitem, &[("o_orderkey", "l_orderkey")])
@@ -194,14 +214,16 @@ order by o_orderpriority";
 /// Query 4 ([`Q4`]): `EXISTS` as a semi-join.
 pub fn q4(catalog: Catalog, as_of: u64) -> Query {
     let mut b = QueryBuilder::new(catalog, 4);
-    let orders = b.table(Table::Orders).filter(|o| {
+    let orders = b.scan(Table::Orders, &["o_orderkey", "o_orderdate", "o_orderpriority"]).filter(|o| {
         vec![
             o.c("o_orderdate").at_least(date("1993-07-01")),
             o.c("o_orderdate").below(date("1993-07-01").plus(months(3))),
         ]
     });
     let orders = b.bind(orders);
-    let late = b.table(Table::LineItem).filter(|l| vec![l.c("l_commitdate").below(l.c("l_receiptdate"))]);
+    let late = b
+        .scan(Table::LineItem, &["l_orderkey", "l_commitdate", "l_receiptdate"])
+        .filter(|l| vec![l.c("l_commitdate").below(l.c("l_receiptdate"))]);
     let late = b.bind(late);
     let result = orders
         .semi_join(&late, &[("o_orderkey", "l_orderkey")], |_| vec![])
@@ -222,7 +244,7 @@ order by revenue desc";
 /// Query 5 ([`Q5`]).
 pub fn q5(catalog: Catalog, as_of: u64) -> Query {
     let mut b = QueryBuilder::new(catalog, 5);
-    let orders = b.table(Table::Orders).filter(|o| {
+    let orders = b.scan(Table::Orders, &["o_orderkey", "o_custkey", "o_orderdate"]).filter(|o| {
         vec![
             o.c("o_orderdate").at_least(date("1994-01-01")),
             o.c("o_orderdate").below(date("1994-01-01").plus(years(1))),
@@ -231,11 +253,20 @@ pub fn q5(catalog: Catalog, as_of: u64) -> Query {
     let result = b
         .table(Table::Region)
         .filter(|r| vec![r.c("r_name").is(text("ASIA"))])
-        .join(b.table(Table::Nation), &[("r_regionkey", "n_regionkey")])
-        .join(b.table(Table::Supplier), &[("n_nationkey", "s_nationkey")])
-        .join(b.table(Table::LineItem), &[("s_suppkey", "l_suppkey")])
+        .join(
+            b.scan(Table::Nation, &["n_nationkey", "n_name", "n_regionkey"]),
+            &[("r_regionkey", "n_regionkey")],
+        )
+        .join(b.scan(Table::Supplier, &["s_suppkey", "s_nationkey"]), &[("n_nationkey", "s_nationkey")])
+        .join(
+            b.scan(Table::LineItem, &["l_orderkey", "l_suppkey", "l_extendedprice", "l_discount"]),
+            &[("s_suppkey", "l_suppkey")],
+        )
         .join(orders, &[("l_orderkey", "o_orderkey")])
-        .join(b.table(Table::Customer), &[("o_custkey", "c_custkey"), ("s_nationkey", "c_nationkey")])
+        .join(
+            b.scan(Table::Customer, &["c_custkey", "c_nationkey"]),
+            &[("o_custkey", "c_custkey"), ("s_nationkey", "c_nationkey")],
+        )
         .map(|r| vec![("volume", disc_price(r))])
         .reduce(&["n_name"], &[("revenue", Sum, "volume")]);
     query(b, Q5, result, &[("revenue", true)], None, as_of)
@@ -287,7 +318,7 @@ order by supp_nation, cust_nation, l_year";
 pub fn q7(catalog: Catalog, as_of: u64) -> Query {
     let mut b = QueryBuilder::new(catalog, 7);
     let two = |b: &mut QueryBuilder, prefix: &str| {
-        b.table(Table::Nation)
+        b.scan(Table::Nation, &["n_nationkey", "n_name"])
             .filter(|n| vec![in_texts(n, "n_name", &["FRANCE", "GERMANY"])])
             .prefixed(prefix)
     };
@@ -296,10 +327,10 @@ pub fn q7(catalog: Catalog, as_of: u64) -> Query {
         .table(Table::LineItem)
         .filter(|l| vec![l.c("l_shipdate").between(date("1995-01-01"), date("1996-12-31"))]);
     let result = n1
-        .join(b.table(Table::Supplier), &[("n1_n_nationkey", "s_nationkey")])
+        .join(b.scan(Table::Supplier, &["s_suppkey", "s_nationkey"]), &[("n1_n_nationkey", "s_nationkey")])
         .join(lineitem, &[("s_suppkey", "l_suppkey")])
-        .join(b.table(Table::Orders), &[("l_orderkey", "o_orderkey")])
-        .join(b.table(Table::Customer), &[("o_custkey", "c_custkey")])
+        .join(b.scan(Table::Orders, &["o_orderkey", "o_custkey"]), &[("l_orderkey", "o_orderkey")])
+        .join(b.scan(Table::Customer, &["c_custkey", "c_nationkey"]), &[("o_custkey", "c_custkey")])
         .join(n2, &[("c_nationkey", "n2_n_nationkey")])
         .filter(|r| {
             let pair = |a: &str, c: &str| r.c("n1_n_name").is(text(a)).and(r.c("n2_n_name").is(text(c)));
@@ -329,21 +360,32 @@ order by o_year";
 /// Query 8 ([`Q8`]).
 pub fn q8(catalog: Catalog, as_of: u64) -> Query {
     let mut b = QueryBuilder::new(catalog, 8);
-    let part = b.table(Table::Part).filter(|p| vec![p.c("p_type").is(text("ECONOMY ANODIZED STEEL"))]);
+    let part = b
+        .scan(Table::Part, &["p_partkey", "p_type"])
+        .filter(|p| vec![p.c("p_type").is(text("ECONOMY ANODIZED STEEL"))]);
     let orders = b
         .table(Table::Orders)
         .filter(|o| vec![o.c("o_orderdate").between(date("1995-01-01"), date("1996-12-31"))]);
-    let america = b
-        .table(Table::Region)
-        .filter(|r| vec![r.c("r_name").is(text("AMERICA"))])
-        .join(b.table(Table::Nation).prefixed("n1_"), &[("r_regionkey", "n1_n_regionkey")]);
+    let america = b.table(Table::Region).filter(|r| vec![r.c("r_name").is(text("AMERICA"))]).join(
+        b.scan(Table::Nation, &["n_nationkey", "n_name", "n_regionkey"]).prefixed("n1_"),
+        &[("r_regionkey", "n1_n_regionkey")],
+    );
     let result = part
-        .join(b.table(Table::LineItem), &[("p_partkey", "l_partkey")])
+        .join(
+            b.scan(
+                Table::LineItem,
+                &["l_orderkey", "l_partkey", "l_suppkey", "l_extendedprice", "l_discount"],
+            ),
+            &[("p_partkey", "l_partkey")],
+        )
         .join(orders, &[("l_orderkey", "o_orderkey")])
-        .join(b.table(Table::Customer), &[("o_custkey", "c_custkey")])
+        .join(b.scan(Table::Customer, &["c_custkey", "c_nationkey"]), &[("o_custkey", "c_custkey")])
         .join(america, &[("c_nationkey", "n1_n_nationkey")])
-        .join(b.table(Table::Supplier), &[("l_suppkey", "s_suppkey")])
-        .join(b.table(Table::Nation).prefixed("n2_"), &[("s_nationkey", "n2_n_nationkey")])
+        .join(b.scan(Table::Supplier, &["s_suppkey", "s_nationkey"]), &[("l_suppkey", "s_suppkey")])
+        .join(
+            b.scan(Table::Nation, &["n_nationkey", "n_name", "n_regionkey"]).prefixed("n2_"),
+            &[("s_nationkey", "n2_n_nationkey")],
+        )
         .map(|r| vec![("o_year", year(r, "o_orderdate")), ("volume", disc_price(r))])
         .map(|r| {
             let brazil = r.c("n2_n_name").is(text("BRAZIL"));
@@ -372,13 +414,22 @@ order by nation, o_year desc";
 /// Query 9 ([`Q9`]).
 pub fn q9(catalog: Catalog, as_of: u64) -> Query {
     let mut b = QueryBuilder::new(catalog, 9);
-    let part = b.table(Table::Part).filter(|p| vec![p.c("p_name").like("%green%")]);
+    let part = b.scan(Table::Part, &["p_partkey", "p_name"]).filter(|p| vec![p.c("p_name").like("%green%")]);
     let result = part
-        .join(b.table(Table::LineItem), &[("p_partkey", "l_partkey")])
-        .join(b.table(Table::PartSupp), &[("l_partkey", "ps_partkey"), ("l_suppkey", "ps_suppkey")])
-        .join(b.table(Table::Supplier), &[("l_suppkey", "s_suppkey")])
-        .join(b.table(Table::Nation), &[("s_nationkey", "n_nationkey")])
-        .join(b.table(Table::Orders), &[("l_orderkey", "o_orderkey")])
+        .join(
+            b.scan(
+                Table::LineItem,
+                &["l_orderkey", "l_partkey", "l_suppkey", "l_quantity", "l_extendedprice", "l_discount"],
+            ),
+            &[("p_partkey", "l_partkey")],
+        )
+        .join(
+            b.scan(Table::PartSupp, &["ps_partkey", "ps_suppkey", "ps_supplycost"]),
+            &[("l_partkey", "ps_partkey"), ("l_suppkey", "ps_suppkey")],
+        )
+        .join(b.scan(Table::Supplier, &["s_suppkey", "s_nationkey"]), &[("l_suppkey", "s_suppkey")])
+        .join(b.scan(Table::Nation, &["n_nationkey", "n_name"]), &[("s_nationkey", "n_nationkey")])
+        .join(b.scan(Table::Orders, &["o_orderkey", "o_orderdate"]), &[("l_orderkey", "o_orderkey")])
         .map(|r| {
             let cost = r.c("ps_supplycost").times(r.c("l_quantity"));
             vec![("o_year", year(r, "o_orderdate")), ("amount", disc_price(r).minus(cost))]
@@ -401,17 +452,25 @@ limit 20";
 /// Query 10 ([`Q10`]).
 pub fn q10(catalog: Catalog, as_of: u64) -> Query {
     let mut b = QueryBuilder::new(catalog, 10);
-    let orders = b.table(Table::Orders).filter(|o| {
+    let orders = b.scan(Table::Orders, &["o_orderkey", "o_custkey", "o_orderdate"]).filter(|o| {
         vec![
             o.c("o_orderdate").at_least(date("1993-10-01")),
             o.c("o_orderdate").below(date("1993-10-01").plus(months(3))),
         ]
     });
-    let lineitem = b.table(Table::LineItem).filter(|l| vec![l.c("l_returnflag").is(text("R"))]);
+    let lineitem = b
+        .scan(Table::LineItem, &["l_orderkey", "l_returnflag", "l_extendedprice", "l_discount"])
+        .filter(|l| vec![l.c("l_returnflag").is(text("R"))]);
     let result = orders
         .join(lineitem, &[("o_orderkey", "l_orderkey")])
-        .join(b.table(Table::Customer), &[("o_custkey", "c_custkey")])
-        .join(b.table(Table::Nation), &[("c_nationkey", "n_nationkey")])
+        .join(
+            b.scan(
+                Table::Customer,
+                &["c_custkey", "c_name", "c_address", "c_nationkey", "c_phone", "c_acctbal", "c_comment"],
+            ),
+            &[("o_custkey", "c_custkey")],
+        )
+        .join(b.scan(Table::Nation, &["n_nationkey", "n_name"]), &[("c_nationkey", "n_nationkey")])
         .map(|r| vec![("volume", disc_price(r))])
         .reduce(
             &["c_custkey", "c_name", "c_acctbal", "c_phone", "n_name", "c_address", "c_comment"],
@@ -448,8 +507,11 @@ pub fn q11(catalog: Catalog, as_of: u64) -> Query {
     let german = b
         .table(Table::Nation)
         .filter(|n| vec![n.c("n_name").is(text("GERMANY"))])
-        .join(b.table(Table::Supplier), &[("n_nationkey", "s_nationkey")])
-        .join(b.table(Table::PartSupp), &[("s_suppkey", "ps_suppkey")])
+        .join(b.scan(Table::Supplier, &["s_suppkey", "s_nationkey"]), &[("n_nationkey", "s_nationkey")])
+        .join(
+            b.scan(Table::PartSupp, &["ps_partkey", "ps_suppkey", "ps_availqty", "ps_supplycost"]),
+            &[("s_suppkey", "ps_suppkey")],
+        )
         .map(|r| vec![("value", r.c("ps_supplycost").times(decimal_of(r.c("ps_availqty"))))]);
     let german = b.bind(german);
     let threshold = german
@@ -480,17 +542,19 @@ order by l_shipmode";
 /// Query 12 ([`Q12`]).
 pub fn q12(catalog: Catalog, as_of: u64) -> Query {
     let mut b = QueryBuilder::new(catalog, 12);
-    let lineitem = b.table(Table::LineItem).filter(|l| {
-        vec![
-            in_texts(l, "l_shipmode", &["MAIL", "SHIP"]),
-            l.c("l_commitdate").below(l.c("l_receiptdate")),
-            l.c("l_shipdate").below(l.c("l_commitdate")),
-            l.c("l_receiptdate").at_least(date("1994-01-01")),
-            l.c("l_receiptdate").below(date("1994-01-01").plus(years(1))),
-        ]
-    });
+    let lineitem = b
+        .scan(Table::LineItem, &["l_orderkey", "l_shipmode", "l_commitdate", "l_receiptdate", "l_shipdate"])
+        .filter(|l| {
+            vec![
+                in_texts(l, "l_shipmode", &["MAIL", "SHIP"]),
+                l.c("l_commitdate").below(l.c("l_receiptdate")),
+                l.c("l_shipdate").below(l.c("l_commitdate")),
+                l.c("l_receiptdate").at_least(date("1994-01-01")),
+                l.c("l_receiptdate").below(date("1994-01-01").plus(years(1))),
+            ]
+        });
     let result = lineitem
-        .join(b.table(Table::Orders), &[("l_orderkey", "o_orderkey")])
+        .join(b.scan(Table::Orders, &["o_orderkey", "o_orderpriority"]), &[("l_orderkey", "o_orderkey")])
         .map(|r| {
             let urgent =
                 r.c("o_orderpriority").is(text("1-URGENT")).or(r.c("o_orderpriority").is(text("2-HIGH")));
@@ -521,7 +585,7 @@ order by custdist desc, c_count desc";
 /// Query 13 ([`Q13`]): a left join (`protocol::joins::left_join`), counted twice.
 pub fn q13(catalog: Catalog, as_of: u64) -> Query {
     let mut b = QueryBuilder::new(catalog, 13);
-    let customer = b.table(Table::Customer).project(&["c_custkey"]);
+    let customer = b.scan(Table::Customer, &["c_custkey"]);
     let customer = b.bind(customer);
     let orders = b
         .table(Table::Orders)
@@ -545,14 +609,15 @@ where l_partkey = p_partkey and l_shipdate >= '1995-09-01' and l_shipdate < date
 /// Query 14 ([`Q14`]).
 pub fn q14(catalog: Catalog, as_of: u64) -> Query {
     let mut b = QueryBuilder::new(catalog, 14);
-    let lineitem = b.table(Table::LineItem).filter(|l| {
-        vec![
-            l.c("l_shipdate").at_least(date("1995-09-01")),
-            l.c("l_shipdate").below(date("1995-09-01").plus(months(1))),
-        ]
-    });
+    let lineitem =
+        b.scan(Table::LineItem, &["l_partkey", "l_shipdate", "l_extendedprice", "l_discount"]).filter(|l| {
+            vec![
+                l.c("l_shipdate").at_least(date("1995-09-01")),
+                l.c("l_shipdate").below(date("1995-09-01").plus(months(1))),
+            ]
+        });
     let result = lineitem
-        .join(b.table(Table::Part), &[("l_partkey", "p_partkey")])
+        .join(b.scan(Table::Part, &["p_partkey", "p_type"]), &[("l_partkey", "p_partkey")])
         .map(|r| vec![("volume", disc_price(r))])
         .map(|r| {
             vec![("promo", ScalarExpr::case(vec![(r.c("p_type").like("PROMO%"), r.c("volume"))], dec("0")))]
@@ -612,7 +677,7 @@ order by supplier_cnt desc, p_brand, p_type, p_size";
 /// `Distinct` then a count.
 pub fn q16(catalog: Catalog, as_of: u64) -> Query {
     let mut b = QueryBuilder::new(catalog, 16);
-    let part = b.table(Table::Part).filter(|p| {
+    let part = b.scan(Table::Part, &["p_partkey", "p_brand", "p_type", "p_size"]).filter(|p| {
         let sizes = [49, 14, 23, 45, 19, 3, 36, 9].iter().map(|s| int(*s)).collect();
         vec![
             p.c("p_brand").isnt(text("Brand#45")),
@@ -620,7 +685,8 @@ pub fn q16(catalog: Catalog, as_of: u64) -> Query {
             p.c("p_size").in_list(sizes),
         ]
     });
-    let offers = part.join(b.table(Table::PartSupp), &[("p_partkey", "ps_partkey")]);
+    let offers =
+        part.join(b.scan(Table::PartSupp, &["ps_partkey", "ps_suppkey"]), &[("p_partkey", "ps_partkey")]);
     let offers = b.bind(offers);
     let complaints = b
         .table(Table::Supplier)
@@ -649,7 +715,10 @@ pub fn q17(catalog: Catalog, as_of: u64) -> Query {
     let part = b
         .table(Table::Part)
         .filter(|p| vec![p.c("p_brand").is(text("Brand#23")), p.c("p_container").is(text("MED BOX"))]);
-    let items = part.join(b.table(Table::LineItem), &[("p_partkey", "l_partkey")]);
+    let items = part.join(
+        b.scan(Table::LineItem, &["l_partkey", "l_quantity", "l_extendedprice"]),
+        &[("p_partkey", "l_partkey")],
+    );
     let items = b.bind(items);
     let average = items
         .clone()
@@ -679,7 +748,7 @@ limit 100";
 /// Query 18 ([`Q18`]): `IN` over a grouped subquery as a semi-join.
 pub fn q18(catalog: Catalog, as_of: u64) -> Query {
     let mut b = QueryBuilder::new(catalog, 18);
-    let lineitem = b.table(Table::LineItem);
+    let lineitem = b.scan(Table::LineItem, &["l_orderkey", "l_quantity"]);
     let lineitem = b.bind(lineitem);
     let large = lineitem
         .clone()
@@ -688,11 +757,11 @@ pub fn q18(catalog: Catalog, as_of: u64) -> Query {
         .project(&["l_orderkey"])
         .prefixed("big_");
     let large = b.bind(large);
-    let orders = b.table(Table::Orders);
+    let orders = b.scan(Table::Orders, &["o_orderkey", "o_custkey", "o_orderdate", "o_totalprice"]);
     let orders = b.bind(orders);
     let result = orders
         .semi_join(&large, &[("o_orderkey", "big_l_orderkey")], |_| vec![])
-        .join(b.table(Table::Customer), &[("o_custkey", "c_custkey")])
+        .join(b.scan(Table::Customer, &["c_custkey", "c_name"]), &[("o_custkey", "c_custkey")])
         .join(lineitem, &[("o_orderkey", "l_orderkey")])
         .reduce(
             &["c_name", "c_custkey", "o_orderkey", "o_orderdate", "o_totalprice"],
@@ -718,14 +787,22 @@ where (p_partkey = l_partkey and p_brand = 'Brand#12' and p_container in ('SM CA
 /// Query 19 ([`Q19`]): the join key common to the three disjuncts is the join's; the rest a filter.
 pub fn q19(catalog: Catalog, as_of: u64) -> Query {
     let mut b = QueryBuilder::new(catalog, 19);
-    let lineitem = b.table(Table::LineItem).filter(|l| {
-        vec![
-            in_texts(l, "l_shipmode", &["AIR", "AIR REG"]),
-            l.c("l_shipinstruct").is(text("DELIVER IN PERSON")),
-        ]
-    });
+    let lineitem = b
+        .scan(
+            Table::LineItem,
+            &["l_partkey", "l_quantity", "l_extendedprice", "l_discount", "l_shipmode", "l_shipinstruct"],
+        )
+        .filter(|l| {
+            vec![
+                in_texts(l, "l_shipmode", &["AIR", "AIR REG"]),
+                l.c("l_shipinstruct").is(text("DELIVER IN PERSON")),
+            ]
+        });
     let result = lineitem
-        .join(b.table(Table::Part), &[("l_partkey", "p_partkey")])
+        .join(
+            b.scan(Table::Part, &["p_partkey", "p_brand", "p_size", "p_container"]),
+            &[("l_partkey", "p_partkey")],
+        )
         .filter(|r| {
             let case = |brand: &str, containers: &[&str], low: &str, high: &str, size: i64| {
                 r.c("p_brand")
@@ -764,9 +841,12 @@ order by s_name";
 /// items has a `NULL` sum, which no quantity exceeds, as the join drops it).
 pub fn q20(catalog: Catalog, as_of: u64) -> Query {
     let mut b = QueryBuilder::new(catalog, 20);
-    let forest = b.table(Table::Part).filter(|p| vec![p.c("p_name").like("forest%")]).project(&["p_partkey"]);
+    let forest = b
+        .scan(Table::Part, &["p_partkey", "p_name"])
+        .filter(|p| vec![p.c("p_name").like("forest%")])
+        .project(&["p_partkey"]);
     let forest = b.bind(forest);
-    let partsupp = b.table(Table::PartSupp);
+    let partsupp = b.scan(Table::PartSupp, &["ps_partkey", "ps_suppkey", "ps_availqty"]);
     let partsupp = b.bind(partsupp);
     let shipped = b
         .table(Table::LineItem)
@@ -783,10 +863,10 @@ pub fn q20(catalog: Catalog, as_of: u64) -> Query {
         .filter(|r| vec![decimal_of(r.c("ps_availqty")).above(dec("0.5").times(r.c("shipped")))])
         .project(&["ps_suppkey"]);
     let candidates = b.bind(candidates);
-    let canadian = b
-        .table(Table::Nation)
-        .filter(|n| vec![n.c("n_name").is(text("CANADA"))])
-        .join(b.table(Table::Supplier), &[("n_nationkey", "s_nationkey")]);
+    let canadian = b.table(Table::Nation).filter(|n| vec![n.c("n_name").is(text("CANADA"))]).join(
+        b.scan(Table::Supplier, &["s_suppkey", "s_name", "s_address", "s_nationkey"]),
+        &[("n_nationkey", "s_nationkey")],
+    );
     let canadian = b.bind(canadian);
     let result = canadian
         .semi_join(&candidates, &[("s_suppkey", "ps_suppkey")], |_| vec![])
@@ -812,18 +892,21 @@ limit 100";
 /// Query 21 ([`Q21`]): `EXISTS` and `NOT EXISTS` with a residual `<>`, as a semi- and an anti-join.
 pub fn q21(catalog: Catalog, as_of: u64) -> Query {
     let mut b = QueryBuilder::new(catalog, 21);
-    let lineitem =
-        b.table(Table::LineItem).project(&["l_orderkey", "l_suppkey", "l_receiptdate", "l_commitdate"]);
+    let lineitem = b.scan(Table::LineItem, &["l_orderkey", "l_suppkey", "l_receiptdate", "l_commitdate"]);
     let lineitem = b.bind(lineitem);
     let late = lineitem.clone().filter(|l| vec![l.c("l_receiptdate").above(l.c("l_commitdate"))]);
     let late = b.bind(late);
     let waiting = b
         .table(Table::Nation)
         .filter(|n| vec![n.c("n_name").is(text("SAUDI ARABIA"))])
-        .join(b.table(Table::Supplier), &[("n_nationkey", "s_nationkey")])
+        .join(
+            b.scan(Table::Supplier, &["s_suppkey", "s_name", "s_nationkey"]),
+            &[("n_nationkey", "s_nationkey")],
+        )
         .join(late.clone(), &[("s_suppkey", "l_suppkey")])
         .join(
-            b.table(Table::Orders).filter(|o| vec![o.c("o_orderstatus").is(text("F"))]),
+            b.scan(Table::Orders, &["o_orderkey", "o_orderstatus"])
+                .filter(|o| vec![o.c("o_orderstatus").is(text("F"))]),
             &[("l_orderkey", "o_orderkey")],
         )
         .project(&["s_name", "l_orderkey", "l_suppkey"]);
@@ -869,7 +952,7 @@ pub fn q22(catalog: Catalog, as_of: u64) -> Query {
         .clone()
         .filter(|c| vec![c.c("c_acctbal").above(dec("0.00"))])
         .reduce(&[], &[("avg_balance", Avg, "c_acctbal")]);
-    let orders = b.table(Table::Orders).project(&["o_custkey"]);
+    let orders = b.scan(Table::Orders, &["o_custkey"]);
     let orders = b.bind(orders);
     let rich = customer.cross(average).filter(|r| vec![r.c("c_acctbal").above(r.c("avg_balance"))]);
     let rich = b.bind(rich);
