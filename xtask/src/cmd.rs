@@ -3,7 +3,8 @@
 //!
 //! Not a shell abstraction: plain `std::process::Command`, so that xtask needs no dependency to build.
 
-use std::process::{Command, Stdio};
+use std::io::{BufRead, BufReader};
+use std::process::{Command, ExitStatus, Stdio};
 
 use anyhow::{Context, bail};
 
@@ -45,6 +46,34 @@ pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
         bail!("`{line}` failed ({status})");
     }
     Ok(())
+}
+
+/// Echoes `cmd` as `$ <command line>` and runs it with stdin and stderr inherited and stdout passed through
+/// line by line as it comes (so a long run shows its progress) and also collected. Returns the exit status
+/// and the collected stdout; the caller decides what a failure means (it may want the output either way).
+pub fn run_capturing(cmd: &mut Command) -> anyhow::Result<(ExitStatus, String)> {
+    let line = display(cmd);
+    println!("$ {line}");
+    let mut child = cmd.stdout(Stdio::piped()).spawn().with_context(|| format!("cannot start `{line}`"))?;
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let mut collected = String::new();
+    for text in BufReader::new(stdout).lines() {
+        match text {
+            Ok(text) => {
+                println!("{text}");
+                collected.push_str(&text);
+                collected.push('\n');
+            }
+            Err(error) => {
+                // Not UTF-8, or the pipe broke: stop reading, but still reap the child.
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("cannot read the output of `{line}`: {error}");
+            }
+        }
+    }
+    let status = child.wait().with_context(|| format!("cannot wait for `{line}`"))?;
+    Ok((status, collected))
 }
 
 /// Whether `cmd` runs and exits successfully, with its output discarded (for probing tools).

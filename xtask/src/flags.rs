@@ -16,8 +16,9 @@ usage: cargo xtask <task> [flags]
 
 tasks:
   test-suite (alias: ci) [--quick] [--only STEP[,STEP...]]... [--proptest-cases N]
-      Runs the steps fmt, clippy, tidy, test, doc, sim in this order and stops at the first failure.
-      Full mode: PROPTEST_CASES=1024 and sim seeds 0..1000; --quick: 64 cases and seeds 0..32.
+      Runs the steps fmt, clippy, tidy, test, doc, sim, cluster in this order and stops at the first
+      failure. Full mode: PROPTEST_CASES=1024 and sim seeds 0..1000; --quick: 64 cases and seeds 0..32.
+      The cluster step is a 20 s `sim cluster` run in both modes.
   tidy
       Checks //! docs, the crate dependency table of DESIGN §4, and banned constructs.
   bench [GROUP...]
@@ -194,6 +195,8 @@ mod tests {
             ("ci --quick", suite(true, &[], None)),
             ("ci --only fmt --only=tidy,test", suite(false, &[Step::Fmt, Step::Tidy, Step::Test], None)),
             ("ci --only fmt,fmt", suite(false, &[Step::Fmt], None)),
+            ("ci --only cluster", suite(false, &[Step::Cluster], None)),
+            ("ci --quick --only sim,cluster", suite(true, &[Step::Sim, Step::Cluster], None)),
             ("ci --proptest-cases 7 --quick", suite(true, &[], Some(7))),
             ("ci --proptest-cases=9", suite(false, &[], Some(9))),
             ("tidy", Task::Tidy),

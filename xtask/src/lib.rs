@@ -9,7 +9,8 @@
 //! **What this is not.** Not part of the product and depended on by no crate. It has no dependencies
 //! beyond `anyhow` and `serde_json` (no xshell, no clap): it is built first on every fresh clone.
 //!
-//! **Tests.** Table-driven unit tests at the bottom of [`flags`], [`tidy`] and [`bench`];
+//! **Tests.** Table-driven unit tests at the bottom of [`flags`], [`tidy`], [`bench`](mod@bench), [`sim`] (the
+//! simulator's summary checks), [`cluster`] (the cluster report checks) and [`test_suite`];
 //! `tidy::tests::the_repository_passes_tidy` runs every check over this checkout.
 
 // xtask is a command-line tool: printing is its interface.
@@ -18,6 +19,7 @@
 #![allow(clippy::disallowed_methods)]
 
 pub mod bench;
+pub mod cluster;
 pub mod cmd;
 pub mod flags;
 pub mod sim;

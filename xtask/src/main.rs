@@ -35,6 +35,8 @@ fn run() -> anyhow::Result<()> {
         Task::TestSuite(flags) => xtask::test_suite::run(&flags),
         Task::Tidy => xtask::tidy::check(&root),
         Task::Bench { groups } => xtask::bench::run(&root, &groups),
-        Task::Sim { seeds } => xtask::sim::run(&root, &seeds, xtask::sim::Profile::Release),
+        Task::Sim { seeds } => {
+            xtask::sim::run(&seeds, xtask::sim::Profile::Release, xtask::sim::Minimums::NONE)
+        }
     }
 }

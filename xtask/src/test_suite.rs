@@ -3,13 +3,16 @@
 //! | step     | runs |
 //! |----------|------|
 //! | `fmt`    | `cargo fmt --all -- --check` |
-//! | `clippy` | `cargo clippy --workspace --all-targets --locked -- -D warnings` |
+//! | `clippy` | `cargo clippy --workspace --all-targets --locked -- -D warnings`, then storage's default build (`-p storage --lib`) |
 //! | `tidy`   | [`crate::tidy::check`], in process (`cargo test -p xtask` runs it too) |
 //! | `test`   | `cargo nextest run --workspace --locked --no-fail-fast`, or without nextest `cargo test --workspace --lib --bins --tests --locked`, with `PROPTEST_CASES` |
 //! | `doc`    | `cargo test --workspace --doc --locked` (nextest and `--all-targets` skip doctests) |
-//! | `sim`    | the simulator on seeds `0..N` ([`crate::sim`], dev profile), or skipped while `crates/sim` has none |
+//! | `sim`    | the simulator on seeds `0..N` ([`crate::sim`], dev profile), its summary checked (every seed ran, peeks and subscribe batches compared); then the planted peek-hold bug, which seeds `0..32` must catch as a `peek-holds` violation |
+//! | `cluster`| a 20 s `sim cluster` run ([`crate::cluster`], dev profile), failed on any violation and on fewer checks than its stated minimums |
 //!
 //! Modes: full (CI) is `PROPTEST_CASES=1024` and seeds `0..1000`; `--quick` is 64 cases and seeds `0..32`.
+//! The cluster step is the same in both (its length is what makes it meaningful).
+//! No step is ever reported as skipped: a step that cannot do its work fails.
 //! "If `cargo xtask test-suite` passes locally, CI is green": `.ci/run` runs exactly this.
 //!
 //! Not here: what each check checks (that is clippy's, tidy's, the tests' business).
@@ -22,7 +25,7 @@ use anyhow::bail;
 
 use crate::flags::TestSuiteFlags;
 use crate::sim::{self, Seeds};
-use crate::{cmd, project_root, tidy};
+use crate::{cluster, cmd, project_root, tidy};
 
 /// One step of the suite. The order of the variants is the order the steps run in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -37,13 +40,16 @@ pub enum Step {
     Test,
     /// Doctests.
     Doc,
-    /// The deterministic simulator on a fixed seed range.
+    /// The deterministic simulator on a fixed seed range, and the planted bug.
     Sim,
+    /// A short run of the cluster scenario on real processes.
+    Cluster,
 }
 
 impl Step {
     /// Every step, in the order the suite runs them.
-    pub const ALL: [Step; 6] = [Step::Fmt, Step::Clippy, Step::Tidy, Step::Test, Step::Doc, Step::Sim];
+    pub const ALL: [Step; 7] =
+        [Step::Fmt, Step::Clippy, Step::Tidy, Step::Test, Step::Doc, Step::Sim, Step::Cluster];
 
     /// The step's name on the command line and in the output.
     pub fn name(self) -> &'static str {
@@ -54,6 +60,7 @@ impl Step {
             Step::Test => "test",
             Step::Doc => "doc",
             Step::Sim => "sim",
+            Step::Cluster => "cluster",
         }
     }
 
@@ -78,12 +85,6 @@ impl Mode {
         let (cases, seeds) = if flags.quick { (64, 0..32) } else { (1024, 0..1000) };
         Mode { proptest_cases: flags.proptest_cases.unwrap_or(cases), sim_seeds: seeds }
     }
-}
-
-/// How a step ended, when it did not fail.
-enum Done {
-    Ok,
-    Skipped(String),
 }
 
 /// Runs the steps `flags` select, in suite order, and fails at the first failing step.
@@ -114,19 +115,14 @@ pub fn run(flags: &TestSuiteFlags) -> anyhow::Result<()> {
         let start = Instant::now();
         let result = run_step(step, &root, &mode);
         let elapsed = start.elapsed();
-        let (outcome, skipped) = match result {
-            Ok(Done::Ok) => ("ok".to_owned(), false),
-            Ok(Done::Skipped(reason)) => (format!("skipped ({reason})"), true),
+        let outcome = match result {
+            Ok(()) => "ok".to_owned(),
             Err(error) => {
                 failure = Some((step, error));
-                ("FAILED".to_owned(), false)
+                "FAILED".to_owned()
             }
         };
-        if skipped {
-            println!("step {} ... {outcome}", step.name());
-        } else {
-            println!("step {} ... {outcome} ({})", step.name(), seconds(elapsed));
-        }
+        println!("step {} ... {outcome} ({})", step.name(), seconds(elapsed));
         rows.push((step, outcome, Some(elapsed)));
     }
 
@@ -147,8 +143,8 @@ fn seconds(elapsed: Duration) -> String {
     format!("{:.1} s", elapsed.as_secs_f64())
 }
 
-fn run_step(step: Step, root: &Path, mode: &Mode) -> anyhow::Result<Done> {
-    let result = match step {
+fn run_step(step: Step, root: &Path, mode: &Mode) -> anyhow::Result<()> {
+    match step {
         Step::Fmt => cmd::run(cmd::cargo().args(["fmt", "--all", "--", "--check"])),
         Step::Clippy => cmd::run(cmd::cargo().args([
             "clippy",
@@ -158,7 +154,13 @@ fn run_step(step: Step, root: &Path, mode: &Mode) -> anyhow::Result<Done> {
             "--",
             "-D",
             "warnings",
-        ])),
+        ]))
+        // The tests build storage with every backend (its dev-dependencies); this lints its default build.
+        .and_then(|()| {
+            cmd::run(
+                cmd::cargo().args(["clippy", "-p", "storage", "--lib", "--locked", "--", "-D", "warnings"]),
+            )
+        }),
         Step::Tidy => tidy::check(root),
         Step::Test => {
             let mut command = cmd::cargo();
@@ -176,15 +178,13 @@ fn run_step(step: Step, root: &Path, mode: &Mode) -> anyhow::Result<Done> {
                 .env("PROPTEST_CASES", mode.proptest_cases.to_string()),
         ),
         Step::Sim => {
-            if !sim::available(root) {
-                return Ok(Done::Skipped("crates/sim has no simulator yet".into()));
-            }
-            sim::run(root, &Some(Seeds::Range(mode.sim_seeds.clone())), sim::Profile::Dev)?;
+            let seeds = Some(Seeds::Range(mode.sim_seeds.clone()));
+            sim::run(&seeds, sim::Profile::Dev, sim::Minimums::SWEEP)?;
             // The quick range must catch the planted peek-hold bug, whatever the mode.
             sim::run_planted(0..32)
         }
-    };
-    result.map(|()| Done::Ok)
+        Step::Cluster => cluster::run(),
+    }
 }
 
 #[cfg(test)]
@@ -198,6 +198,21 @@ mod tests {
         }
         assert!(Step::ALL.windows(2).all(|pair| pair[0] < pair[1]));
         assert_eq!(Step::from_name("lint"), None);
+        // The cluster run comes last: it needs the binaries the test step built.
+        assert_eq!(Step::ALL.last(), Some(&Step::Cluster));
+        assert_eq!(Step::from_name("cluster"), Some(Step::Cluster));
+    }
+
+    #[test]
+    fn the_module_doc_table_lists_every_step_in_order() {
+        let doc = include_str!("test_suite.rs");
+        let rows: Vec<&str> = doc
+            .lines()
+            .filter_map(|line| line.strip_prefix("//! | `"))
+            .filter_map(|rest| rest.split_once('`').map(|(name, _)| name))
+            .collect();
+        let names: Vec<&str> = Step::ALL.iter().map(|s| s.name()).collect();
+        assert_eq!(rows, names);
     }
 
     #[test]

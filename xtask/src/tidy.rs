@@ -42,12 +42,15 @@ pub struct Layer {
 pub const LAYERS: &[Layer] = &[
     Layer { krate: "frontiers", deps: &[], extra_dev_deps: &[] },
     Layer { krate: "protocol", deps: &["frontiers"], extra_dev_deps: &[] },
-    Layer { krate: "storage", deps: &["protocol", "frontiers"], extra_dev_deps: &[] },
-    Layer { krate: "compute", deps: &["protocol", "frontiers", "storage"], extra_dev_deps: &[] },
-    Layer { krate: "replica-client", deps: &["protocol", "frontiers"], extra_dev_deps: &[] },
+    // Framed tokio connections over `protocol::frame` (later TLS, authentication and connection bounds):
+    // the async half `protocol` must not have, shared by every socket shell.
+    Layer { krate: "transport", deps: &["protocol"], extra_dev_deps: &[] },
+    Layer { krate: "storage", deps: &["protocol", "frontiers", "transport"], extra_dev_deps: &[] },
+    Layer { krate: "compute", deps: &["protocol", "frontiers", "storage", "transport"], extra_dev_deps: &[] },
+    Layer { krate: "replica-client", deps: &["protocol", "frontiers", "transport"], extra_dev_deps: &[] },
     Layer {
         krate: "controller",
-        deps: &["frontiers", "protocol", "storage", "replica-client"],
+        deps: &["frontiers", "protocol", "transport", "storage", "replica-client"],
         // The controller's tests run against real, in-process replicas.
         extra_dev_deps: &["compute"],
     },
@@ -60,7 +63,16 @@ pub const LAYERS: &[Layer] = &[
     },
     Layer {
         krate: "sim",
-        deps: &["frontiers", "protocol", "storage", "compute", "replica-client", "controller", "tpch"],
+        deps: &[
+            "frontiers",
+            "protocol",
+            "transport",
+            "storage",
+            "compute",
+            "replica-client",
+            "controller",
+            "tpch",
+        ],
         extra_dev_deps: &[],
     },
     Layer { krate: "xtask", deps: &[], extra_dev_deps: &[] },

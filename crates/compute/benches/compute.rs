@@ -26,9 +26,9 @@ use frontiers::{Antichain, ReadPolicy};
 use protocol::frame::{DEFAULT_MAX_FRAME_BYTES, encode_frame, read_frame, write_frame};
 use protocol::{
     AggregateExpr, AggregateFunc, BuildDesc, ColumnType, ComputeCommand, ComputeResponse,
-    DataflowDescription, Datum, GlobalId, IndexExport, InstanceConfig, InstanceId, LoggingConfig,
-    MapFilterProject, PROTOCOL_VERSION, Peek, PeekId, PeekResponse, PeekTarget, Plan, RelationDesc,
-    ReplicaId, Row, RowPacker, RowSetFinishing, ScalarType, SourceImport,
+    DataflowDescription, Datum, GlobalId, IndexExport, InstanceConfig, InstanceId, MapFilterProject,
+    PROTOCOL_VERSION, Peek, PeekId, PeekResponse, PeekTarget, Plan, RelationDesc, ReplicaId, Row, RowPacker,
+    RowSetFinishing, ScalarType, SourceImport,
 };
 use storage::{AppendRequest, InProcess, StorageCollections, StoreConfig};
 use timely::dataflow::ProbeHandle;
@@ -106,7 +106,6 @@ impl Controller {
         controller.send(&ComputeCommand::CreateInstance(InstanceConfig {
             instance_id: InstanceId(1),
             replica_id: ReplicaId(1),
-            logging: LoggingConfig::default(),
         }));
         controller.send(&ComputeCommand::InitializationComplete);
         controller

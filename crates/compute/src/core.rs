@@ -14,6 +14,15 @@
 //!   copy-to export (those stream to the connection that asked, so they are rebuilt from the replayed
 //!   as-of), and none of its exports was dropped unless the replay drops it too. Everything else running is
 //!   dropped (importers first), then the replay is executed, skipping kept dataflows' creations.
+//! - **Reports.** Workers' reports name their dataflow (a [`DataflowKey`], never reused) and peeks their
+//!   routing ([`PeekSeq`]): a report of a dataflow that was dropped and rebuilt under the same export ids,
+//!   or an answer to an earlier peek under the same uuid, is ignored. Sinks of a connection that is gone
+//!   (none is active, or a new one is replaying) stop: their output has no consumer, and reconciliation
+//!   rebuilds them.
+//! - **Responses.** The core encodes every response ([`Core::send`]); what does not fit a frame gets its
+//!   stand-in or closes the connection, and a connection with too much queued is dropped.
+//! - **Failed imports.** When a storage import's hold or listen fails, its dataflow stops: its pending and
+//!   later peeks, subscribes and copy-tos are answered with the error.
 //! - **Merging.** Frontiers are the meet over the process's workers and are sent only on change; peek
 //!   answers are the union of the parts of the workers the peek was routed to; a subscribe batch
 //!   `[lower, upper)` is sent once every local worker's sink frontier passed `upper`; copy-to row counts are
@@ -31,15 +40,16 @@
 //! peek is answered exactly once per connection. A dataflow is dropped only after every dataflow
 //! importing from it was dropped.
 //!
-//! **Tests.** Through the socket, in `tests/it` (reconnect, bad input, peeks, sinks); the appender's stop
-//! on a dropped target in `mod tests`.
+//! **Tests.** Through the socket, in `tests/it` (reconnect, bad input, peeks, sinks, limits); the
+//! appender's stop on a dropped target and the stand-ins of oversized responses in `mod tests`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use frontiers::{Antichain, PartialOrder};
+use protocol::frame::FrameError;
 use protocol::{
     ComputeCommand, ComputeParameters, ComputeResponse, CopyToResponse, DataflowDescription, Datum,
     FrontiersResponse, GlobalId, InstanceConfig, Peek, PeekId, PeekResponse, PeekTarget, Row, SinkConnection,
@@ -50,19 +60,64 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
+use transport::Frame;
 
-use crate::messages::{DataflowKey, FeedBudget, FromWorker, ToWorker, WorkerPeek, WorkerTx};
+use crate::messages::{DataflowKey, FeedBudget, FromWorker, PeekSeq, ToWorker, WorkerPeek, WorkerTx};
 use crate::render::{Diff, Time, error_message};
 use crate::worker::{finish_rows, key_owner, row_owner};
 
-/// What the connection tasks send the core.
+/// What the core sends a connection task.
 #[derive(Debug)]
 pub(crate) enum Outgoing {
-    /// A response to write.
-    Response(ComputeResponse),
+    /// A response, encoded (the core encodes, so that it decides what becomes of a response that does
+    /// not fit a frame; see [`Core::send`]).
+    Frame(Frame),
     /// Close the connection after writing what came before.
     Close,
 }
+
+/// The sending side of a connection's queue of [`Outgoing`] frames, with the count of bytes queued and not
+/// yet written (the connection task subtracts what it wrote), and a switch that drops the connection at
+/// once, without writing what is queued.
+#[derive(Debug, Clone)]
+pub(crate) struct Outbox {
+    tx: UnboundedSender<Outgoing>,
+    queued_bytes: Arc<AtomicUsize>,
+    abort: Arc<watch::Sender<bool>>,
+}
+
+impl Outbox {
+    /// An outbox for `tx`, the connection task's byte counter and its abort switch.
+    pub fn new(
+        tx: UnboundedSender<Outgoing>,
+        queued_bytes: Arc<AtomicUsize>,
+        abort: watch::Sender<bool>,
+    ) -> Self {
+        Outbox { tx, queued_bytes, abort: Arc::new(abort) }
+    }
+
+    /// Closes the connection after what is queued is written.
+    fn close(&self) {
+        let _ = self.tx.send(Outgoing::Close);
+    }
+
+    /// Drops the connection now (a write waiting for the peer is abandoned).
+    fn abort(&self) {
+        self.abort.send_replace(true);
+    }
+}
+
+/// Why [`Core::run`] returned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum CoreExit {
+    /// Told to shut down.
+    Shutdown,
+    /// The process cannot serve any more (a worker or timely failed): it stops, and says why.
+    Failed(String),
+}
+
+/// Error messages in responses that would not fit a frame are cut to this many bytes.
+const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 
 /// An event for the core.
 #[derive(Debug)]
@@ -72,7 +127,7 @@ pub(crate) enum CoreEvent {
         /// The connection.
         conn: u64,
         /// Where its responses go.
-        out: UnboundedSender<Outgoing>,
+        out: Outbox,
     },
     /// A command on a connection.
     Command {
@@ -85,6 +140,15 @@ pub(crate) enum CoreEvent {
     Disconnected {
         /// The connection.
         conn: u64,
+    },
+    /// A storage import of a dataflow can no longer be read (its hold or listen failed).
+    ImportFailed {
+        /// The dataflow.
+        key: DataflowKey,
+        /// The storage collection.
+        import: GlobalId,
+        /// Why.
+        error: String,
     },
     /// A storage peek finished.
     StoragePeek {
@@ -126,7 +190,7 @@ enum Stage {
 #[derive(Debug)]
 struct Connection {
     id: u64,
-    out: UnboundedSender<Outgoing>,
+    out: Outbox,
     stage: Stage,
     replay: Vec<ComputeCommand>,
 }
@@ -144,6 +208,9 @@ struct CoreDataflow {
     scheduled: bool,
     /// Storage listens and appenders.
     tasks: Vec<JoinHandle<()>>,
+    /// Why the dataflow cannot make progress any more (a storage import failed): its peeks and sinks end
+    /// with this error.
+    failed: Option<String>,
 }
 
 #[derive(Debug)]
@@ -195,6 +262,8 @@ struct MvBatch {
 
 #[derive(Debug)]
 struct CorePeek {
+    /// This routing's number; workers' answers carry it.
+    seq: PeekSeq,
     waiting: BTreeSet<usize>,
     parts: Vec<PeekResponse>,
     peek: Peek,
@@ -217,6 +286,23 @@ pub(crate) struct Core {
     peeks: HashMap<PeekId, CorePeek>,
     storage_peeks: HashMap<PeekId, JoinHandle<()>>,
     built: Arc<AtomicU64>,
+    limits: CoreLimits,
+    /// The process's idle merge effort, read by every arrangement's merge rule
+    /// (`worker::install_idle_merge`).
+    idle_merge_effort: Arc<AtomicUsize>,
+    next_peek_seq: PeekSeq,
+    /// Fault injection for tests of the process's failure path (see `server.rs`).
+    panic_on_connect: bool,
+}
+
+/// The bounds a core applies to its connection.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CoreLimits {
+    /// The largest frame written (and read) on a controller connection.
+    pub max_frame_bytes: usize,
+    /// Bytes of responses queued for a connection and not yet written beyond which the connection is
+    /// dropped (the controller does not read its responses).
+    pub max_queued_bytes: usize,
 }
 
 impl std::fmt::Debug for Core {
@@ -233,6 +319,8 @@ impl Core {
         storage: Arc<dyn StorageCollections>,
         events: UnboundedSender<CoreEvent>,
         built: Arc<AtomicU64>,
+        limits: CoreLimits,
+        idle_merge_effort: Arc<AtomicUsize>,
     ) -> Self {
         let (allow_writes, _) = watch::channel(false);
         Core {
@@ -250,19 +338,29 @@ impl Core {
             peeks: HashMap::new(),
             storage_peeks: HashMap::new(),
             built,
+            limits,
+            idle_merge_effort,
+            next_peek_seq: 0,
+            panic_on_connect: false,
         }
     }
 
-    /// Runs until shut down.
+    /// Makes the core panic when a controller connection becomes active: a fault injected by tests of
+    /// what the process does when its I/O thread panics.
+    pub fn inject_panic_on_connect(&mut self) {
+        self.panic_on_connect = true;
+    }
+
+    /// Runs until shut down, or until the process cannot serve any more.
     pub async fn run(
         mut self,
         mut events: UnboundedReceiver<CoreEvent>,
         mut reports: UnboundedReceiver<FromWorker>,
-    ) -> Option<String> {
-        let failure = loop {
+    ) -> CoreExit {
+        let exit = loop {
             tokio::select! {
                 event = events.recv() => match event {
-                    Some(CoreEvent::Shutdown) | None => break None,
+                    Some(CoreEvent::Shutdown) | None => break CoreExit::Shutdown,
                     Some(event) => self.handle_event(event).await,
                 },
                 report = reports.recv() => match report {
@@ -272,15 +370,20 @@ impl Core {
                         // would answer from now on could be trusted: close the connection and stop, and
                         // let the orchestrator restart the process (the controller replays to it).
                         error!(worker, %message, "a timely worker panicked; the replica stops");
-                        break Some(format!("worker {worker} panicked: {message}"));
+                        break CoreExit::Failed(format!("worker {worker} panicked: {message}"));
+                    }
+                    Some(FromWorker::TimelyFailed { message }) => {
+                        error!(%message, "timely failed; the replica stops");
+                        break CoreExit::Failed(message);
                     }
                     Some(report) => self.handle_report(report),
-                    None => break None,
+                    // Every worker and the timely thread are gone without having said why.
+                    None => break CoreExit::Failed("the timely workers are gone".to_string()),
                 },
             }
         };
         if let Some(conn) = self.active.take() {
-            let _ = conn.out.send(Outgoing::Close);
+            conn.out.close();
         }
         for dataflow in self.dataflows.values() {
             for task in &dataflow.tasks {
@@ -290,8 +393,13 @@ impl Core {
         for task in self.storage_peeks.values() {
             task.abort();
         }
-        self.broadcast(|| ToWorker::Shutdown);
-        failure
+        // After a failure the workers are stopped by the server, once it has cut the cluster's sockets:
+        // stopped cleanly first, they would tell the other processes' timely a clean goodbye, and those
+        // would wait forever for the rest of a computation this process no longer does.
+        if exit == CoreExit::Shutdown {
+            self.broadcast(|| ToWorker::Shutdown);
+        }
+        exit
     }
 
     fn broadcast(&self, message: impl Fn() -> ToWorker) {
@@ -302,24 +410,84 @@ impl Core {
         }
     }
 
-    fn send(&self, response: ComputeResponse) {
-        if let Some(conn) = &self.active {
-            let _ = conn.out.send(Outgoing::Response(response));
+    /// Encodes `response` and queues it on the active connection (if any).
+    ///
+    /// **A response that does not fit a frame** is never skipped:
+    /// - a peek's rows become `PeekResponse::ResultTooLarge` (with the encoded size and the frame limit);
+    /// - a subscribe batch ends the subscribe: an error batch from the batch's lower with the empty upper,
+    ///   the way a subscribe whose dataflow errs ends, so its consumer sees the error at the first time
+    ///   range it misses (nothing after it is sent);
+    /// - an error message (of a peek, a copy-to or a rejected command) is cut to [`MAX_MESSAGE_BYTES`];
+    /// - anything else is an internal error: logged, and the connection is closed, so the controller
+    ///   reconnects and rehydrates.
+    ///
+    /// A connection with more than `max_queued_bytes` not yet written is closed the same way.
+    fn send(&mut self, response: ComputeResponse) {
+        if self.active.is_none() {
+            return;
+        }
+        let frame = match Frame::encode(&response, self.limits.max_frame_bytes) {
+            Ok(frame) => frame,
+            Err(FrameError::TooLarge { len, max }) => {
+                let name = response.name();
+                let Some(substitute) = fit_response(response, len, max) else {
+                    let reason = format!("a {name} response of {len} bytes is over the frame limit of {max}");
+                    return self.close_unsendable(name, &reason);
+                };
+                if let ComputeResponse::SubscribeResponse { id, .. } = &substitute {
+                    // The error batch ends the subscribe: nothing more is sent for it.
+                    let collection = self.collections.get_mut(id);
+                    assert!(collection.is_some(), "subscribe {id} sends a batch while it exists");
+                    if let Some(collection) = collection {
+                        collection.sink.done = true;
+                    }
+                    warn!(%id, size_bytes = len, max_bytes = max, "a subscribe batch is over the frame limit; the subscribe ends");
+                }
+                match Frame::encode(&substitute, self.limits.max_frame_bytes) {
+                    Ok(frame) => frame,
+                    Err(error) => return self.close_unsendable(substitute.name(), &error.to_string()),
+                }
+            }
+            Err(error) => return self.close_unsendable(response.name(), &error.to_string()),
+        };
+        let conn = self.active.as_ref().expect("checked above");
+        let queued = conn.out.queued_bytes.fetch_add(frame.len(), Ordering::AcqRel) + frame.len();
+        if queued > self.limits.max_queued_bytes {
+            warn!(
+                conn = conn.id,
+                queued,
+                max = self.limits.max_queued_bytes,
+                "the controller does not read its responses; dropping the connection"
+            );
+            conn.out.abort();
+            self.active = None;
+            return;
+        }
+        let _ = conn.out.tx.send(Outgoing::Frame(frame));
+    }
+
+    /// Closes the active connection because a response cannot be sent: an internal error (the controller
+    /// reconnects and rehydrates).
+    fn close_unsendable(&mut self, response: &str, reason: &str) {
+        error!(response, %reason, "a response cannot be sent; dropping the connection");
+        if let Some(conn) = self.active.take() {
+            conn.out.abort();
+        }
+    }
+
+    fn close_active(&mut self) {
+        if let Some(conn) = self.active.take() {
+            conn.out.close();
         }
     }
 
     fn reject_and_close(&mut self, command: &str, reason: String) {
         warn!(command, %reason, "rejecting command and closing the connection");
-        if let Some(conn) = self.active.take() {
-            let _ = conn.out.send(Outgoing::Response(ComputeResponse::CommandRejected {
-                command: command.to_string(),
-                reason,
-            }));
-            let _ = conn.out.send(Outgoing::Close);
-        }
+        self.send(ComputeResponse::CommandRejected { command: command.to_string(), reason });
+        self.close_active();
     }
 
-    fn reject(&self, command: &str, reason: String) {
+    fn reject(&mut self, command: &str, reason: String) {
         warn!(command, %reason, "rejecting command");
         self.send(ComputeResponse::CommandRejected { command: command.to_string(), reason });
     }
@@ -327,9 +495,10 @@ impl Core {
     async fn handle_event(&mut self, event: CoreEvent) {
         match event {
             CoreEvent::Connected { conn, out } => {
+                assert!(!self.panic_on_connect, "injected fault: the I/O thread panics on connect");
                 if let Some(old) = self.active.take() {
                     info!(old = old.id, new = conn, "controller connection replaced");
-                    let _ = old.out.send(Outgoing::Close);
+                    old.out.close();
                 }
                 // Peeks of the previous connection are forgotten (the controller re-sends what it wants).
                 for (uuid, _) in self.peeks.drain() {
@@ -358,6 +527,7 @@ impl Core {
                     self.handle_command(command).await;
                 }
             }
+            CoreEvent::ImportFailed { key, import, error } => self.import_failed(key, import, error),
             CoreEvent::StoragePeek { uuid, response } => {
                 if self.storage_peeks.remove(&uuid).is_some() {
                     self.send(ComputeResponse::PeekResponse { uuid, response });
@@ -443,7 +613,9 @@ impl Core {
                 .export_ids()
                 .all(|id| dataflow.exports.contains(&id) || dropped_in_replay.contains(&id));
             let matching = replayed.iter().any(|desc| same_dataflow(&dataflow.desc, desc));
-            if !streams && imports_kept && exports_intact && matching {
+            // A dataflow whose storage import failed is built again: storage may be back.
+            let healthy = dataflow.failed.is_none();
+            if !streams && imports_kept && exports_intact && matching && healthy {
                 kept.insert(*key);
                 kept_exports.extend(dataflow.desc.export_ids());
             }
@@ -480,8 +652,11 @@ impl Core {
                 unreachable!("stage commands are handled by the stage machine")
             }
             ComputeCommand::UpdateConfiguration(parameters) => {
-                self.parameters.update(parameters.clone());
-                self.broadcast(|| ToWorker::Configure(parameters.clone()));
+                if let Some(effort) = parameters.idle_merge_effort {
+                    let effort = usize::try_from(effort).unwrap_or(usize::MAX);
+                    self.idle_merge_effort.store(effort, Ordering::Relaxed);
+                }
+                self.parameters.update(parameters);
             }
             ComputeCommand::CreateDataflow(desc) => {
                 if let Err(reason) = self.create_dataflow(desc).await {
@@ -639,12 +814,61 @@ impl Core {
                 importers: 0,
                 scheduled: false,
                 tasks,
+                failed: None,
             },
         );
         self.built.fetch_add(1, Ordering::Relaxed);
         info!(key, name = %desc.debug_name, as_of, "creating dataflow");
         self.broadcast(|| ToWorker::Build { key, desc: Arc::clone(&desc) });
         Ok(())
+    }
+
+    /// A storage import of dataflow `key` failed: the dataflow can make no more progress, so whoever waits
+    /// on it gets the error instead of waiting forever: its indexes' pending and later peeks, its
+    /// subscribes (an error batch that ends them) and copy-tos. A materialized view stops appending.
+    fn import_failed(&mut self, key: DataflowKey, import: GlobalId, error: String) {
+        let Some(dataflow) = self.dataflows.get_mut(&key) else { return };
+        if dataflow.failed.is_some() {
+            return;
+        }
+        warn!(key, %import, %error, name = %dataflow.desc.debug_name, "a storage import failed; the dataflow stops");
+        let message = format!("dataflow {} stopped: {error}", dataflow.desc.debug_name);
+        dataflow.failed = Some(message.clone());
+        for task in dataflow.tasks.drain(..) {
+            task.abort();
+        }
+        let exports: Vec<GlobalId> = dataflow.exports.iter().copied().collect();
+        let pending: Vec<PeekId> = self
+            .peeks
+            .iter()
+            .filter(|(_, p)| matches!(p.peek.target, PeekTarget::Index { id } if exports.contains(&id)))
+            .map(|(uuid, _)| *uuid)
+            .collect();
+        for uuid in pending {
+            self.peeks.remove(&uuid);
+            self.broadcast(|| ToWorker::CancelPeek { uuid });
+            self.send(ComputeResponse::PeekResponse { uuid, response: PeekResponse::Error(message.clone()) });
+        }
+        for id in exports {
+            let Some(collection) = self.collections.get_mut(&id) else { continue };
+            if collection.sink.done {
+                continue;
+            }
+            let response = match &collection.kind {
+                ExportKind::Subscribe => {
+                    let lower = collection.sink.lower.clone();
+                    let batch =
+                        SubscribeBatch { lower, upper: Antichain::new(), updates: Err(message.clone()) };
+                    ComputeResponse::SubscribeResponse { id, response: SubscribeResponse::Batch(batch) }
+                }
+                ExportKind::CopyTo { .. } => {
+                    ComputeResponse::CopyToResponse { id, response: CopyToResponse::Error(message.clone()) }
+                }
+                ExportKind::Index | ExportKind::MaterializedView { .. } => continue,
+            };
+            collection.sink.done = true;
+            self.send(response);
+        }
     }
 
     fn schedule(&mut self, key: DataflowKey) {
@@ -655,6 +879,7 @@ impl Core {
         dataflow.scheduled = true;
         for import in dataflow.desc.source_imports.keys() {
             let task = tokio::spawn(feed_source(
+                self.events.clone(),
                 Arc::clone(&self.storage),
                 *import,
                 dataflow.as_of,
@@ -788,6 +1013,11 @@ impl Core {
                     self.send(ComputeResponse::PeekResponse { uuid, response });
                     return;
                 }
+                if let Some(failed) = self.dataflows.get(&collection.dataflow).and_then(|d| d.failed.clone())
+                {
+                    self.send(ComputeResponse::PeekResponse { uuid, response: PeekResponse::Error(failed) });
+                    return;
+                }
                 if !collection.since.less_equal(&peek.timestamp) {
                     let response = PeekResponse::Error(format!(
                         "peek of {id} at {} is before its since {:?}",
@@ -822,9 +1052,12 @@ impl Core {
                     }
                 }
                 let max_result_size_bytes = self.parameters.max_result_size_bytes;
+                let seq = self.next_peek_seq;
+                self.next_peek_seq += 1;
                 for (local, keys) in &routed {
                     let message = ToWorker::Peek(WorkerPeek {
                         uuid,
+                        seq,
                         id,
                         timestamp: peek.timestamp,
                         keys: keys.clone(),
@@ -837,6 +1070,7 @@ impl Core {
                 self.peeks.insert(
                     uuid,
                     CorePeek {
+                        seq,
                         waiting: routed.keys().copied().collect(),
                         parts: Vec::new(),
                         peek,
@@ -849,9 +1083,10 @@ impl Core {
 
     fn handle_report(&mut self, report: FromWorker) {
         match report {
-            FromWorker::Peek { worker, uuid, response } => {
+            FromWorker::Peek { worker, uuid, seq, response } => {
                 let Some(pending) = self.peeks.get_mut(&uuid) else { return };
-                if !pending.waiting.remove(&worker) {
+                // An answer to an earlier routing of the same uuid (cancelled by a reconnect) is stale.
+                if pending.seq != seq || !pending.waiting.remove(&worker) {
                     return;
                 }
                 pending.parts.push(response);
@@ -868,15 +1103,23 @@ impl Core {
                     self.send(ComputeResponse::PeekResponse { uuid, response });
                 }
             }
-            FromWorker::Frontiers { worker, id, write, input } => {
+            FromWorker::Frontiers { worker, dataflow, id, write, input } => {
                 let Some(collection) = self.collections.get_mut(&id) else { return };
+                if collection.dataflow != dataflow {
+                    // From a dataflow that was dropped and rebuilt under the same export id: its
+                    // frontiers say nothing about the new one's.
+                    debug!(%id, dataflow, current = collection.dataflow, "stale frontier report ignored");
+                    return;
+                }
                 collection.worker_frontiers[worker] = Some((write, input));
                 self.report_frontiers(id);
             }
-            FromWorker::Sink { worker, id, updates, errors, frontier } => {
-                self.merge_sink(worker, id, updates, errors, frontier);
+            FromWorker::Sink { worker, dataflow, id, updates, errors, frontier } => {
+                if self.collections.get(&id).is_some_and(|c| c.dataflow == dataflow) {
+                    self.merge_sink(worker, id, updates, errors, frontier);
+                }
             }
-            FromWorker::Failed { .. } => unreachable!("handled by run"),
+            FromWorker::Failed { .. } | FromWorker::TimelyFailed { .. } => unreachable!("handled by run"),
         }
     }
 
@@ -949,9 +1192,17 @@ impl Core {
         frontier: Antichain<Time>,
     ) {
         let process = self.topology.process;
+        let normal = self.active.as_ref().is_some_and(|c| c.stage == Stage::Normal);
         let Some(collection) = self.collections.get_mut(&id) else { return };
         let sink = &mut collection.sink;
         if sink.done {
+            return;
+        }
+        if !normal && matches!(collection.kind, ExportKind::Subscribe | ExportKind::CopyTo { .. }) {
+            // Its connection is gone (none is active, or a new one is replaying its history): its
+            // output has no consumer any more, and reconciliation rebuilds it from the replay.
+            debug!(%id, "the connection of a subscribe or copy-to is gone; it stops");
+            sink.done = true;
             return;
         }
         if matches!(collection.kind, ExportKind::CopyTo { .. }) {
@@ -1041,6 +1292,54 @@ impl Core {
         };
         self.send(ComputeResponse::CopyToResponse { id, response });
     }
+}
+
+/// The stand-in for a response of `len` bytes over the frame limit `max`, if it has one (see
+/// [`Core::send`]): a peek's rows become `ResultTooLarge`; a subscribe batch becomes the error batch that
+/// ends the subscribe (the caller marks the subscribe done); error messages are cut to
+/// [`MAX_MESSAGE_BYTES`] (or half the frame, if less). Anything else has none.
+fn fit_response(response: ComputeResponse, len: usize, max: usize) -> Option<ComputeResponse> {
+    let limit = MAX_MESSAGE_BYTES.min(max / 2);
+    let cut = |message: String| {
+        if message.len() <= limit {
+            return message;
+        }
+        let note = format!(" [cut from {} bytes]", message.len());
+        let mut end = limit.saturating_sub(note.len());
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        let mut cut = message;
+        cut.truncate(end);
+        cut + &note
+    };
+    let substitute = match response {
+        ComputeResponse::PeekResponse { uuid, response: PeekResponse::Error(message) } => {
+            ComputeResponse::PeekResponse { uuid, response: PeekResponse::Error(cut(message)) }
+        }
+        ComputeResponse::PeekResponse { uuid, response: PeekResponse::Rows(_) } => {
+            let response = PeekResponse::ResultTooLarge { size_bytes: len as u64, max_bytes: max as u64 };
+            ComputeResponse::PeekResponse { uuid, response }
+        }
+        ComputeResponse::SubscribeResponse { id, response: SubscribeResponse::Batch(batch) } => {
+            let updates = Err(format!(
+                "the subscribe's changes in [{:?}, {:?}) are {len} bytes, over the frame limit of {max} bytes: \
+                 the subscribe ends here",
+                batch.lower.elements(),
+                batch.upper.elements()
+            ));
+            let batch = SubscribeBatch { lower: batch.lower, upper: Antichain::new(), updates };
+            ComputeResponse::SubscribeResponse { id, response: SubscribeResponse::Batch(batch) }
+        }
+        ComputeResponse::CopyToResponse { id, response: CopyToResponse::Error(message) } => {
+            ComputeResponse::CopyToResponse { id, response: CopyToResponse::Error(cut(message)) }
+        }
+        ComputeResponse::CommandRejected { command, reason } => {
+            ComputeResponse::CommandRejected { command: cut(command), reason: cut(reason) }
+        }
+        _ => return None,
+    };
+    Some(substitute)
 }
 
 impl CoreCollection {
@@ -1140,6 +1439,7 @@ const FEED_UPDATES_IN_FLIGHT: usize = 1 << 16;
 /// Reads a storage import from `as_of` on and feeds each local worker the rows it owns, no faster than
 /// the workers ingest them.
 async fn feed_source(
+    events: UnboundedSender<CoreEvent>,
     storage: Arc<dyn StorageCollections>,
     id: GlobalId,
     as_of: Time,
@@ -1147,19 +1447,16 @@ async fn feed_source(
     workers: Vec<WorkerTx>,
     topology: Topology,
 ) {
+    let failed = |error: String| {
+        let _ = events.send(CoreEvent::ImportFailed { key, import: id, error });
+    };
     let mut hold = match storage.acquire_read_hold(id, Antichain::from_elem(as_of)).await {
         Ok(hold) => hold,
-        Err(e) => {
-            error!(%id, as_of, error = %e, "cannot hold storage import; the dataflow will not progress");
-            return;
-        }
+        Err(e) => return failed(format!("cannot hold storage import {id} at {as_of}: {e}")),
     };
     let mut listen = match storage.listen(id, as_of).await {
         Ok(listen) => listen,
-        Err(e) => {
-            error!(%id, as_of, error = %e, "cannot listen to storage import; the dataflow will not progress");
-            return;
-        }
+        Err(e) => return failed(format!("cannot listen to storage import {id} from {as_of}: {e}")),
     };
     let budget = Arc::new(FeedBudget::default());
     loop {
@@ -1197,10 +1494,7 @@ async fn feed_source(
                     debug!(%id, "storage hold could not move forward");
                 }
             }
-            Err(e) => {
-                error!(%id, error = %e, "storage listen failed; the dataflow stops progressing");
-                return;
-            }
+            Err(e) => return failed(format!("the listen to storage import {id} failed: {e}")),
         }
     }
 }
@@ -1308,7 +1602,81 @@ mod tests {
     use storage::{InProcess, StorageCollections, StoreConfig};
     use tokio::sync::{mpsc, watch};
 
-    use super::{MvBatch, append_materialized_view};
+    use super::{MAX_MESSAGE_BYTES, MvBatch, append_materialized_view, fit_response};
+
+    #[test]
+    fn a_response_over_the_frame_limit_gets_its_stand_in_or_none() {
+        use std::num::NonZeroU64;
+
+        use protocol::{
+            ComputeResponse, CopyToResponse, FrontiersResponse, PeekId, PeekResponse, StatusResponse,
+            SubscribeBatch, SubscribeResponse,
+        };
+
+        let (len, max) = (1 << 20, 1 << 16);
+        let uuid = PeekId(7);
+        let id = GlobalId::User(3);
+        let long = "é".repeat(200_000);
+        let row = Row::pack([Datum::Int64(1)]);
+        let rows = PeekResponse::Rows(vec![(row.clone(), NonZeroU64::new(1).expect("one"))]);
+        let batch = SubscribeBatch {
+            lower: Antichain::from_elem(5),
+            upper: Antichain::from_elem(9),
+            updates: Ok(vec![(5, row, 1)]),
+        };
+        let fitted = |response| fit_response(response, len, max);
+
+        let peek = fitted(ComputeResponse::PeekResponse { uuid, response: rows });
+        let too_large = PeekResponse::ResultTooLarge { size_bytes: len as u64, max_bytes: max as u64 };
+        assert_eq!(peek, Some(ComputeResponse::PeekResponse { uuid, response: too_large }));
+
+        match fitted(ComputeResponse::SubscribeResponse { id, response: SubscribeResponse::Batch(batch) }) {
+            Some(ComputeResponse::SubscribeResponse { id: got, response: SubscribeResponse::Batch(b) }) => {
+                assert_eq!(got, id);
+                assert_eq!(b.lower, Antichain::from_elem(5), "the error starts where the batch started");
+                assert!(b.upper.is_empty(), "the error batch ends the subscribe");
+                assert!(b.updates.expect_err("an error").contains("over the frame limit"));
+            }
+            other => panic!("expected an error batch, got {other:?}"),
+        }
+
+        let cut_ok = |message: &str| {
+            message.len() <= MAX_MESSAGE_BYTES.min(max / 2)
+                && message.ends_with(&format!("[cut from {} bytes]", long.len()))
+        };
+        match fitted(ComputeResponse::PeekResponse { uuid, response: PeekResponse::Error(long.clone()) }) {
+            Some(ComputeResponse::PeekResponse { response: PeekResponse::Error(message), .. }) => {
+                assert!(cut_ok(&message), "{} bytes", message.len())
+            }
+            other => panic!("expected a cut error, got {other:?}"),
+        }
+        match fitted(ComputeResponse::CopyToResponse { id, response: CopyToResponse::Error(long.clone()) }) {
+            Some(ComputeResponse::CopyToResponse { response: CopyToResponse::Error(message), .. }) => {
+                assert!(cut_ok(&message))
+            }
+            other => panic!("expected a cut error, got {other:?}"),
+        }
+        match fitted(ComputeResponse::CommandRejected { command: "Peek".into(), reason: long.clone() }) {
+            Some(ComputeResponse::CommandRejected { command, reason }) => {
+                assert_eq!(command, "Peek", "a short field is kept whole");
+                assert!(cut_ok(&reason));
+            }
+            other => panic!("expected a cut rejection, got {other:?}"),
+        }
+
+        // No stand-in: the connection closes.
+        for response in [
+            ComputeResponse::Frontiers { id, frontiers: FrontiersResponse::default() },
+            ComputeResponse::Status(StatusResponse::Hydration { id, hydrated: true }),
+            ComputeResponse::SubscribeResponse {
+                id,
+                response: SubscribeResponse::DroppedAt(Antichain::new()),
+            },
+            ComputeResponse::Hello { version: 1, nonce: 1 },
+        ] {
+            assert_eq!(fitted(response), None);
+        }
+    }
 
     #[tokio::test]
     async fn a_materialized_view_whose_target_was_dropped_stops_appending() {

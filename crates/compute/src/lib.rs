@@ -7,7 +7,10 @@
 //! workers' share: frontiers (meet over its workers), peek rows, subscribe batches, copy-to row counts.
 //!
 //! Architecture (details in each module):
-//! - `server`: threads, listener and connection tasks (frames, the Hello);
+//! - `server`: threads, listener and connection tasks (frames through `transport`, the Hello), and how the
+//!   process fails loudly;
+//! - `cluster`: the connections between the processes of a multi-process replica (bound at start, a
+//!   handshake per pair, cut when the process fails), handed to timely;
 //! - `core`: the per-process protocol state machine on the tokio thread (stages, reconciliation on
 //!   reconnect, catalog, peek routing, merging of worker reports, storage listens and appends);
 //! - `worker`: the timely worker loop (build, schedule, compact, drop; peeks; reports);
@@ -26,8 +29,15 @@
 //! - A dataflow's answer is an error exactly when `protocol::reference` errs on the same inputs.
 //! - Nothing the controller sends makes the process panic: bad input is answered with `CommandRejected` or
 //!   `PeekResponse::Error`, or closes that connection only.
-//! - If dataflow code panics anyway, the process does not linger half-alive: the worker's panic stops
-//!   the core, which closes the connection and the listener ([`ReplicaHandle::failed`] says why;
+//! - No response is dropped: one over the frame limit has its stand-in (`ResultTooLarge`, an error batch
+//!   that ends a subscribe, a cut message) or closes the connection; a connection whose controller does
+//!   not read is dropped once [`QUEUED_FRAMES`] frames' worth wait. A dataflow whose storage import fails
+//!   answers its peeks and sinks with the error.
+//! - Reports of workers name the dataflow (and peek routing) they come from, so after a reconnect that
+//!   rebuilds a dataflow under the same export ids nothing of the old one reaches the new one.
+//! - The process does not linger half-alive: when a worker panics, timely does not start (the cluster's
+//!   processes did not all connect), a worker thread ends unasked (a peer went away), or the I/O thread
+//!   panics, it closes its connection, listener and cluster sockets ([`ReplicaHandle::failed`] says why;
 //!   `compute-replica` exits non-zero, so its orchestrator restarts it and the controller replays).
 //!
 //! **Multiplicities** inside a dataflow are exact 128-bit integers (`diff::CheckedDiff`) with a sticky
@@ -37,9 +47,12 @@
 //!
 //! **Tests.** `tests/it/` (one integration binary): operators against `protocol::reference` with proptest
 //! (1 and 2 workers, 2 processes; multiplicities beyond `i64` included), random plans against SQLite,
-//! exports, imports, sinks, reconnect and bad input, all through the socket. Benchmarks in
+//! exports, imports, sinks, reconnect (also many reconnects rebuilding dataflows), bad input, limits
+//! (responses over the frame limit, a controller that does not read, a failing import) and cluster
+//! start-up and failure, all through the socket. Benchmarks in
 //! `benches/compute.rs`.
 
+mod cluster;
 mod core;
 mod diff;
 mod messages;
@@ -48,4 +61,7 @@ mod render;
 mod server;
 mod worker;
 
-pub use server::{ReplicaConfig, ReplicaHandle, ReplicaServer, StartError};
+pub use server::{
+    DEFAULT_CLUSTER_CONNECT_TIMEOUT_MS, DEFAULT_IDLE_MERGE_EFFORT, FAULT_ENV, FAULT_IO_PANIC_ON_CONNECT,
+    QUEUED_FRAMES, ReplicaConfig, ReplicaHandle, ReplicaLimits, ReplicaServer, StartError,
+};

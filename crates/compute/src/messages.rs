@@ -13,7 +13,9 @@
 //! yet ingested: each `SourceUpdates` carries a [`FeedCredit`] that returns its updates to the budget when
 //! the message is dropped, whether the worker ingested it or threw it away. Every local worker receives the
 //! same sequence of `Build`/`Schedule`/`Drop*` messages, so all workers of all processes build the same
-//! dataflows in the same order. Dataflow keys are never reused within a process.
+//! dataflows in the same order. Dataflow keys and peek sequence numbers are never reused within a process,
+//! and every report of a worker names the dataflow (or peek routing) it comes from, so a report that was
+//! in flight when its dataflow was dropped and rebuilt under the same export ids never reaches the new one.
 
 use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -23,14 +25,17 @@ use std::thread::Thread;
 
 use frontiers::Antichain;
 use protocol::RowSetFinishing;
-use protocol::{
-    ComputeParameters, DataflowDescription, GlobalId, MapFilterProject, PeekId, PeekResponse, Row,
-};
+use protocol::{DataflowDescription, GlobalId, MapFilterProject, PeekId, PeekResponse, Row};
 
 use crate::render::{Diff, Time};
 
-/// Identifies a dataflow within one process (assigned in command order, never reused).
+/// Identifies a dataflow within one process (assigned in command order, never reused). A rebuilt
+/// dataflow (reconciliation after a reconnect) gets a new key under the same export ids, so workers'
+/// reports carry the key and the core ignores those of a dataflow it has dropped.
 pub(crate) type DataflowKey = u64;
+
+/// Numbers the peeks the core routes to workers (never reused within a process).
+pub(crate) type PeekSeq = u64;
 
 /// A message to one worker.
 #[derive(Debug)]
@@ -91,8 +96,6 @@ pub(crate) enum ToWorker {
         /// The new frontier (empty: closed).
         frontier: Antichain<Time>,
     },
-    /// New tunables.
-    Configure(ComputeParameters),
     /// Stop: drop every dataflow and return.
     Shutdown,
 }
@@ -102,6 +105,10 @@ pub(crate) enum ToWorker {
 pub(crate) struct WorkerPeek {
     /// The peek.
     pub uuid: PeekId,
+    /// Which routing of the peek this is: the core numbers each peek it routes, so an answer to a
+    /// cancelled earlier peek with the same uuid (a controller's replay re-sends pending peeks) is never
+    /// taken for the answer to the new one.
+    pub seq: PeekSeq,
     /// The index read.
     pub id: GlobalId,
     /// The time read.
@@ -123,6 +130,8 @@ pub(crate) enum FromWorker {
     Frontiers {
         /// The worker (index within the process).
         worker: usize,
+        /// The dataflow the export belongs to on this worker.
+        dataflow: DataflowKey,
         /// The export.
         id: GlobalId,
         /// Its write frontier on this worker.
@@ -136,6 +145,8 @@ pub(crate) enum FromWorker {
         worker: usize,
         /// The peek.
         uuid: PeekId,
+        /// The routing it answers ([`WorkerPeek::seq`]).
+        seq: PeekSeq,
         /// Its part of the answer.
         response: PeekResponse,
     },
@@ -144,6 +155,8 @@ pub(crate) enum FromWorker {
     Sink {
         /// The worker (index within the process).
         worker: usize,
+        /// The dataflow the sink belongs to on this worker.
+        dataflow: DataflowKey,
         /// The sink export.
         id: GlobalId,
         /// Consolidated row updates.
@@ -158,6 +171,12 @@ pub(crate) enum FromWorker {
         /// The worker (index within the process).
         worker: usize,
         /// The panic's message.
+        message: String,
+    },
+    /// Timely itself failed: it did not start (the cluster's processes did not all connect), or a worker
+    /// thread ended without being told to, or its communication threads died. The process stops.
+    TimelyFailed {
+        /// What happened.
         message: String,
     },
 }

@@ -3,44 +3,86 @@
 //! **What this is.** The threads of one replica process and the socket shell around the core:
 //! - one thread (`compute-io`) runs a current-thread tokio runtime with the listener, the connection tasks
 //!   and the [`Core`](crate::core::Core) (protocol state, merging, storage I/O);
-//! - one thread (`compute-timely`) runs `timely::execute` with `workers` worker threads (a
-//!   `Config::process`, or a `Cluster` when `timely_addresses` has more than one address) and then joins
-//!   them.
+//! - one thread (`compute-timely`) connects a multi-process replica's processes to each other
+//!   ([`crate::cluster`]), starts the timely workers (`workers` threads) and watches them.
 //!
-//! A connection task reads length-prefixed frames (`protocol::frame`), checks the Hello itself (version
-//! mismatch: `HelloRefused` and close; anything else first: `CommandRejected` and close; undecodable or
-//! oversize frames: `CommandRejected` naming the decode error, and close), then hands the connection to
-//! the core, which makes it the active one (replacing any previous one).
+//! A connection task reads and writes frames through `transport` ([`FramedRead`], [`FramedWrite`], with
+//! the configured frame limit), checks the Hello itself (version mismatch: `HelloRefused` and close;
+//! anything else first: `CommandRejected` and close; undecodable or oversize frames: `CommandRejected`
+//! naming the decode error, and close), then hands the connection to the core, which makes it the active
+//! one (replacing any previous one). The core encodes responses itself (it decides what becomes of one
+//! that does not fit a frame); the task writes them in batches and counts what is queued.
+//!
+//! **Failing loudly.** The process stops serving, closes its connection and listener, and says why
+//! ([`ReplicaHandle::failed`]; `compute-replica` then exits non-zero for its orchestrator to restart it)
+//! when a worker panics, when timely does not start (the cluster's processes did not all connect in time),
+//! when a timely worker thread ends without being told to (its communication threads died: a peer
+//! process went away), when every worker is gone, or when the I/O thread itself panics. A failed process
+//! of a cluster closes its cluster sockets, so its peers fail the same way rather than wait for it.
+//!
+//! **Fault injection.** In debug builds only, [`FAULT_ENV`] set to [`FAULT_IO_PANIC_ON_CONNECT`] makes
+//! the I/O thread panic when a controller connects, so that tests can check that a `compute-replica`
+//! process whose I/O thread panics exits non-zero. Release builds ignore it.
 //!
 //! **What this is not.** No protocol decisions after the Hello (the core's) and no dataflow code.
 //!
 //! **Invariants.** [`ReplicaHandle::shutdown`] (or dropping the handle) stops the listener, the core and
-//! every worker, and joins all threads; no thread outlives the handle. A multi-process replica's timely
-//! cluster start-up blocks the timely thread (not `start`) until every peer is there; timely prints
-//! connection progress to stdout while it waits.
+//! every worker, and joins all threads; no thread outlives the handle. A process's cluster port is bound
+//! by `start`, so a port that is taken is a [`StartError`], never a process half-started.
 //!
-//! **Tests.** `tests/it/` starts replicas in-process with this API (1 and 2 workers, 2 processes).
+//! **Tests.** `tests/it/` starts replicas in-process with this API (1 and 2 workers, 2 processes);
+//! `tests/it/cluster.rs` has the start-up and failure cases.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::thread::JoinHandle;
+use std::thread::{JoinHandle, Thread};
+use std::time::Duration;
 
-use protocol::frame::{DEFAULT_MAX_FRAME_BYTES, FrameDecoder, check_version, encode_frame};
+use protocol::frame::{DEFAULT_MAX_FRAME_BYTES, FrameError, check_version};
 use protocol::{ComputeCommand, ComputeResponse, PROTOCOL_VERSION};
 use storage::StorageCollections;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use timely::communication::allocator::zero_copy::initialize::initialize_networking_from_sockets;
+use timely::communication::allocator::{AllocatorBuilder, ProcessBuilder};
+use timely::communication::{Hooks, WorkerGuards};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
-use tracing::{debug, info, warn};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinSet;
+use tracing::{debug, error, info, warn};
+use transport::{FramedRead, FramedWrite};
 
-use crate::core::{Core, CoreEvent, Outgoing, Topology};
+use crate::cluster::{Cluster, ClusterListener, Cut};
+use crate::core::{Core, CoreEvent, CoreExit, CoreLimits, Outbox, Outgoing, Topology};
 use crate::messages::{FromWorker, ToWorker, WorkerTx};
-use crate::worker::run_worker;
+use crate::worker::{install_idle_merge, run_worker};
 
-/// Merge effort differential spends on idle arrangements (fixed at start: timely's worker configuration
-/// cannot change while the workers run, so `UpdateConfiguration.idle_merge_effort` is not applied).
-const IDLE_MERGE_EFFORT: isize = 1_000;
+/// The merge effort differential spends on idle arrangements when a replica starts
+/// (`UpdateConfiguration.idle_merge_effort` changes it while it runs; 0 turns idle merging off).
+pub const DEFAULT_IDLE_MERGE_EFFORT: usize = 1_000;
+
+/// How long, by default, the processes of a multi-process replica wait for each other when they start.
+pub const DEFAULT_CLUSTER_CONNECT_TIMEOUT_MS: u64 = 60_000;
+
+/// How long a stopping process waits for its connections to write what is queued before it closes them.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// A connection may have this many maximum frames' worth of responses queued and not yet written; beyond
+/// that the controller is not reading, and the connection is dropped (it reconnects and rehydrates).
+pub const QUEUED_FRAMES: usize = 4;
+
+/// The environment variable that injects a fault, in debug builds only (tests of the failure paths of a
+/// `compute-replica` process, which cannot reach its threads otherwise).
+pub const FAULT_ENV: &str = "COMPUTE_REPLICA_FAULT";
+
+/// [`FAULT_ENV`]'s value that makes the I/O thread panic when a controller connection becomes active.
+pub const FAULT_IO_PANIC_ON_CONNECT: &str = "io-panic-on-connect";
+
+/// The fault to inject: [`FAULT_ENV`]'s value in a debug build, nothing in a release build.
+fn injected_fault() -> Option<String> {
+    if cfg!(debug_assertions) { std::env::var(FAULT_ENV).ok() } else { None }
+}
 
 /// The configuration of one replica process.
 #[derive(Debug, Clone)]
@@ -57,6 +99,42 @@ pub struct ReplicaConfig {
     pub storage: Arc<dyn StorageCollections>,
 }
 
+/// The limits and timeouts of a replica process ([`ReplicaServer::start_with`]); the defaults suit
+/// production and most tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplicaLimits {
+    /// The largest frame read from or written to a controller connection. It must not exceed the
+    /// controller's own limit (`ReplicaClientConfig::max_frame_bytes`), or answers that fit here are
+    /// refused there. Default [`DEFAULT_MAX_FRAME_BYTES`].
+    pub max_frame_bytes: usize,
+    /// How long the processes of a multi-process replica wait for each other at start-up before the
+    /// process fails. Default [`DEFAULT_CLUSTER_CONNECT_TIMEOUT_MS`].
+    pub cluster_connect_timeout_ms: u64,
+}
+
+impl Default for ReplicaLimits {
+    fn default() -> Self {
+        ReplicaLimits {
+            max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
+            cluster_connect_timeout_ms: DEFAULT_CLUSTER_CONNECT_TIMEOUT_MS,
+        }
+    }
+}
+
+impl ReplicaConfig {
+    /// A single-process replica with `workers` workers listening on `listen`.
+    pub fn new(listen: SocketAddr, workers: usize, storage: Arc<dyn StorageCollections>) -> Self {
+        ReplicaConfig { listen, workers, process: 0, timely_addresses: Vec::new(), storage }
+    }
+
+    /// The same, as process `process` of a replica whose processes' timely addresses are `addresses`.
+    pub fn in_cluster(mut self, process: usize, addresses: Vec<String>) -> Self {
+        self.process = process;
+        self.timely_addresses = addresses;
+        self
+    }
+}
+
 /// Why a replica could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -71,6 +149,14 @@ pub enum StartError {
         /// The error.
         source: std::io::Error,
     },
+    /// This process's timely address (the cluster port) could not be bound.
+    #[error("cannot bind the cluster address {address}: {source}")]
+    ClusterBind {
+        /// The address.
+        address: String,
+        /// The error.
+        source: std::io::Error,
+    },
     /// A thread or the async runtime could not be started.
     #[error("cannot start the replica's threads: {0}")]
     Threads(std::io::Error),
@@ -80,23 +166,51 @@ pub enum StartError {
 #[derive(Debug)]
 pub struct ReplicaServer;
 
+/// Whether a process serves, stopped when told to, or failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum ProcessState {
+    Running,
+    Stopped,
+    Failed(String),
+}
+
 /// A running replica process. Dropping it shuts it down.
 #[derive(Debug)]
 pub struct ReplicaHandle {
     local_addr: SocketAddr,
+    cluster_addr: Option<SocketAddr>,
     events: UnboundedSender<CoreEvent>,
     io_thread: Option<JoinHandle<()>>,
     timely_thread: Option<JoinHandle<()>>,
     built: Arc<AtomicU64>,
-    /// Why the process stopped on its own (a worker panicked), once it has.
-    failure: tokio::sync::watch::Receiver<Option<String>>,
+    idle_merge_effort: Arc<AtomicUsize>,
+    state: watch::Receiver<ProcessState>,
+}
+
+/// What the timely thread needs to start the workers.
+struct TimelyStart {
+    process: usize,
+    workers: usize,
+    worker_config: timely::WorkerConfig,
+    cluster: Option<Cluster>,
+    connect_timeout: Duration,
+    receivers: Vec<Option<Receiver<ToWorker>>>,
+    threads: Vec<Arc<OnceLock<Thread>>>,
+    reports: UnboundedSender<FromWorker>,
 }
 
 impl ReplicaServer {
-    /// Starts one replica process: binds the listener, starts the tokio thread and the timely workers.
-    /// Returns once the listener is bound (a cluster's timely connections are made in the background).
+    /// Starts one replica process with the default [`ReplicaLimits`]: binds the listener (and the cluster
+    /// port of a multi-process replica), starts the tokio thread and the timely thread. Returns once the
+    /// ports are bound (a cluster's processes connect to each other in the background).
     pub fn start(config: ReplicaConfig) -> Result<ReplicaHandle, StartError> {
+        Self::start_with(config, ReplicaLimits::default())
+    }
+
+    /// [`Self::start`] with other limits.
+    pub fn start_with(config: ReplicaConfig, limits: ReplicaLimits) -> Result<ReplicaHandle, StartError> {
         let ReplicaConfig { listen, workers, process, timely_addresses, storage } = config;
+        let ReplicaLimits { max_frame_bytes, cluster_connect_timeout_ms } = limits;
         if workers == 0 {
             return Err(StartError::InvalidConfig("at least one worker is needed".to_string()));
         }
@@ -106,6 +220,16 @@ impl ReplicaServer {
                 "process {process} is not among the {processes} timely addresses"
             )));
         }
+        let cut = Arc::new(Cut::default());
+        let cluster = if processes > 1 {
+            let address = timely_addresses[process].clone();
+            let listener = ClusterListener::bind(timely_addresses, process)
+                .map_err(|source| StartError::ClusterBind { address, source })?;
+            Some(Cluster { listener, cut: Arc::clone(&cut) })
+        } else {
+            None
+        };
+        let cluster_addr = cluster.as_ref().and_then(|c| c.listener.local_addr().ok());
         let listener = std::net::TcpListener::bind(listen)
             .map_err(|source| StartError::Bind { addr: listen, source })?;
         listener.set_nonblocking(true).map_err(|source| StartError::Bind { addr: listen, source })?;
@@ -113,6 +237,8 @@ impl ReplicaServer {
         let topology = Topology { process, workers, peers: workers * processes };
 
         let (events_tx, events_rx) = unbounded_channel::<CoreEvent>();
+        // Unbounded: what workers report is bounded by what they were sent (peeks, dataflows) and by the
+        // core, which reads it on the same thread that feeds them.
         let (reports_tx, reports_rx) = unbounded_channel::<FromWorker>();
         let mut senders = Vec::with_capacity(workers);
         let mut receivers = Vec::with_capacity(workers);
@@ -125,98 +251,92 @@ impl ReplicaServer {
             threads.push(thread);
         }
         let built = Arc::new(AtomicU64::new(0));
-
-        // Idle arrangements keep merging their batches, so peeks read few batches.
+        let idle_merge_effort = Arc::new(AtomicUsize::new(DEFAULT_IDLE_MERGE_EFFORT));
         let mut worker_config = timely::WorkerConfig::default();
-        differential_dataflow::configure(
-            &mut worker_config,
-            &differential_dataflow::Config { idle_merge_effort: Some(IDLE_MERGE_EFFORT) },
-        );
-        let communication = if processes > 1 {
-            timely::CommunicationConfig::Cluster {
-                threads: workers,
-                process,
-                addresses: timely_addresses,
-                report: false,
-                zerocopy: false,
-            }
-        } else {
-            timely::CommunicationConfig::Process(workers)
+        install_idle_merge(&mut worker_config, Arc::clone(&idle_merge_effort));
+        let start = TimelyStart {
+            process,
+            workers,
+            worker_config,
+            cluster,
+            connect_timeout: Duration::from_millis(cluster_connect_timeout_ms),
+            receivers,
+            threads,
+            reports: reports_tx,
         };
-        let timely_config = timely::Config { communication, worker: worker_config };
-        let receivers = Arc::new(Mutex::new(receivers));
-        let threads = Arc::new(threads);
         let timely_thread = std::thread::Builder::new()
             .name(format!("compute-timely-{process}"))
-            .spawn(move || {
-                let first = process * workers;
-                let result = timely::execute(timely_config, move |worker| {
-                    let local = worker.index() - first;
-                    let rx = receivers.lock().expect("receiver lock is never poisoned")[local]
-                        .take()
-                        .expect("each worker takes its receiver once");
-                    let _ = threads[local].set(std::thread::current());
-                    let reports = reports_tx.clone();
-                    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        run_worker(worker, local, rx, reports)
-                    }));
-                    if let Err(panic) = outcome {
-                        // The core stops the process: a replica missing a worker answers nothing. The
-                        // panic goes on, so that timely does not step this worker's broken dataflows
-                        // (it would park forever waiting for them to finish).
-                        let message = panic_message(panic.as_ref());
-                        let _ = reports_tx.send(FromWorker::Failed { worker: local, message });
-                        std::panic::resume_unwind(panic);
-                    }
-                });
-                match result {
-                    Ok(guards) => {
-                        for result in guards.join() {
-                            if let Err(e) = result {
-                                warn!(error = %e, "timely worker failed");
-                            }
-                        }
-                    }
-                    Err(e) => warn!(error = %e, "timely did not start"),
-                }
-            })
+            .spawn(move || run_timely(start))
             .map_err(StartError::Threads)?;
 
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(StartError::Threads)?;
-        let core = Core::new(topology, senders, storage, events_tx.clone(), Arc::clone(&built));
+        let limits =
+            CoreLimits { max_frame_bytes, max_queued_bytes: max_frame_bytes.saturating_mul(QUEUED_FRAMES) };
+        // Kept by the I/O thread beyond the core (which a panic drops), so that the workers stop only
+        // after a failed process has cut its cluster sockets (see `Core::run`).
+        let workers_after_core = senders.clone();
+        let mut core = Core::new(
+            topology,
+            senders,
+            storage,
+            events_tx.clone(),
+            Arc::clone(&built),
+            limits,
+            Arc::clone(&idle_merge_effort),
+        );
+        if injected_fault().as_deref() == Some(FAULT_IO_PANIC_ON_CONNECT) {
+            warn!("fault injected: the I/O thread will panic when a controller connects");
+            core.inject_panic_on_connect();
+        }
         let accept_events = events_tx.clone();
-        let (failure_tx, failure) = tokio::sync::watch::channel(None);
+        let (state_tx, state) = watch::channel(ProcessState::Running);
         let io_thread = std::thread::Builder::new()
             .name(format!("compute-io-{process}"))
             .spawn(move || {
-                runtime.block_on(async move {
-                    let listener = match tokio::net::TcpListener::from_std(listener) {
-                        Ok(listener) => listener,
-                        Err(e) => {
-                            warn!(error = %e, "cannot register the listener");
-                            return;
-                        }
-                    };
-                    let accept = tokio::spawn(accept_loop(listener, accept_events));
-                    let failed = core.run(events_rx, reports_rx).await;
-                    accept.abort();
-                    if failed.is_some() {
-                        let _ = failure_tx.send(failed);
-                    }
-                });
+                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    runtime.block_on(serve(
+                        listener,
+                        core,
+                        events_rx,
+                        reports_rx,
+                        accept_events,
+                        max_frame_bytes,
+                    ))
+                }));
+                // Closes the listener and every connection, also those a panic left open.
+                drop(runtime);
+                let state = match outcome {
+                    Ok(CoreExit::Shutdown) => ProcessState::Stopped,
+                    Ok(CoreExit::Failed(message)) => ProcessState::Failed(message),
+                    Err(panic) => ProcessState::Failed(format!(
+                        "the I/O thread panicked: {}",
+                        panic_message(panic.as_ref())
+                    )),
+                };
+                if let ProcessState::Failed(message) = &state {
+                    error!(%message, "the replica process failed and stopped serving");
+                    cut.cut();
+                }
+                for worker in &workers_after_core {
+                    let _ = worker.send(ToWorker::Shutdown);
+                }
+                drop(workers_after_core);
+                state_tx.send_replace(state);
             })
             .map_err(StartError::Threads)?;
         info!(%local_addr, workers, process, processes, "replica started");
         Ok(ReplicaHandle {
             local_addr,
+            cluster_addr,
             events: events_tx,
             io_thread: Some(io_thread),
             timely_thread: Some(timely_thread),
             built,
-            failure,
+            idle_merge_effort,
+            state,
         })
     }
 }
@@ -227,27 +347,45 @@ impl ReplicaHandle {
         self.local_addr
     }
 
+    /// The bound cluster (timely) address of a process of a multi-process replica.
+    pub fn cluster_addr(&self) -> Option<SocketAddr> {
+        self.cluster_addr
+    }
+
     /// How many dataflows this process has built since it started (for tests of reconciliation: a kept
     /// dataflow is not built again).
     pub fn dataflows_built(&self) -> u64 {
         self.built.load(Ordering::Relaxed)
     }
 
-    /// Why the process stopped serving on its own, if it has: a timely worker panicked (dataflow code
-    /// hit a bug, or a multiplicity overflowed in a build with overflow checks). It then closed its
-    /// connection and its listener; only [`Self::shutdown`] is left to do.
+    /// The idle merge effort in force (the last `UpdateConfiguration.idle_merge_effort`, or
+    /// [`DEFAULT_IDLE_MERGE_EFFORT`]).
+    pub fn idle_merge_effort(&self) -> usize {
+        self.idle_merge_effort.load(Ordering::Relaxed)
+    }
+
+    /// Why the process stopped serving on its own, if it has (see the module documentation for when).
+    /// It then closed its connection and its listener; only [`Self::shutdown`] is left to do.
     pub fn failure(&self) -> Option<String> {
-        self.failure.borrow().clone()
+        match &*self.state.borrow() {
+            ProcessState::Failed(message) => Some(message.clone()),
+            ProcessState::Running | ProcessState::Stopped => None,
+        }
     }
 
     /// Waits until the process stops serving on its own (see [`Self::failure`]) and returns why. Pending
-    /// forever while it runs normally.
+    /// forever while it runs normally, and after it was shut down.
     pub async fn failed(&self) -> String {
-        let mut failure = self.failure.clone();
-        match failure.wait_for(Option::is_some).await {
-            Ok(message) => message.clone().expect("waited for Some"),
-            // The io thread ended without a failure (a shutdown): nothing more will come.
-            Err(_) => std::future::pending().await,
+        let mut state = self.state.clone();
+        match state.wait_for(|s| *s != ProcessState::Running).await {
+            Ok(state) => match &*state {
+                ProcessState::Failed(message) => message.clone(),
+                ProcessState::Stopped => std::future::pending().await,
+                ProcessState::Running => unreachable!("waited for a change"),
+            },
+            // The I/O thread records how it ended before it ends, even when it panics; only an abort
+            // gets here, and then the process is gone anyway.
+            Err(_) => "the I/O thread ended without saying why".to_string(),
         }
     }
 
@@ -285,171 +423,280 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
-async fn accept_loop(listener: tokio::net::TcpListener, events: UnboundedSender<CoreEvent>) {
-    let mut next_conn = 0u64;
-    loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                next_conn += 1;
-                debug!(conn = next_conn, %peer, "accepted connection");
-                let _ = stream.set_nodelay(true);
-                tokio::spawn(serve_connection(stream, next_conn, events.clone()));
-            }
-            Err(e) => {
-                warn!(error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-            }
+/// The I/O thread's work: accepts connections and runs the core until it exits, then lets the connections
+/// write what is queued (within [`CLOSE_GRACE`]).
+async fn serve(
+    listener: std::net::TcpListener,
+    core: Core,
+    events: UnboundedReceiver<CoreEvent>,
+    reports: UnboundedReceiver<FromWorker>,
+    accept_events: UnboundedSender<CoreEvent>,
+    max_frame_bytes: usize,
+) -> CoreExit {
+    let listener = match tokio::net::TcpListener::from_std(listener) {
+        Ok(listener) => listener,
+        Err(e) => return CoreExit::Failed(format!("cannot register the listener: {e}")),
+    };
+    let (stop, stopped) = oneshot::channel();
+    let accept = tokio::spawn(accept_loop(listener, accept_events, max_frame_bytes, stopped));
+    let exit = core.run(events, reports).await;
+    let _ = stop.send(());
+    let _ = accept.await;
+    exit
+}
+
+/// The timely thread: starts the workers and reports to the core if timely fails in any way (see the module
+/// documentation). Nothing is reported after a shutdown: the core is gone then.
+fn run_timely(start: TimelyStart) {
+    let reports = start.reports.clone();
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| supervise_timely(start)));
+    let message = match outcome {
+        Ok(Ok(())) => return,
+        Ok(Err(message)) => message,
+        Err(panic) => format!("timely's threads failed: {}", panic_message(panic.as_ref())),
+    };
+    warn!(%message, "timely failed");
+    let _ = reports.send(FromWorker::TimelyFailed { message });
+}
+
+/// Starts the workers and waits for them; the first worker thread to end is reported (to a core that is
+/// gone already after a shutdown), since workers end only when the core tells them to or is gone.
+fn supervise_timely(start: TimelyStart) -> Result<(), String> {
+    let reports = start.reports.clone();
+    let process = start.process;
+    let guards = start_workers(start)?;
+    while !guards.guards().iter().any(|g| g.is_finished()) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let worker = guards.guards().iter().position(|g| g.is_finished()).expect("one has finished");
+    let message = format!("timely worker thread {worker} of process {process} ended");
+    let _ = reports.send(FromWorker::TimelyFailed { message });
+    for (worker, result) in guards.join().into_iter().enumerate() {
+        if let Err(e) = result {
+            warn!(worker, error = %e, "timely worker failed");
+        }
+    }
+    Ok(())
+}
+
+/// Connects the cluster (if any) and starts the worker threads.
+fn start_workers(start: TimelyStart) -> Result<WorkerGuards<()>, String> {
+    let TimelyStart {
+        process,
+        workers,
+        worker_config,
+        cluster,
+        connect_timeout,
+        receivers,
+        threads,
+        reports,
+    } = start;
+    let first = process * workers;
+    let receivers = Arc::new(Mutex::new(receivers));
+    let threads = Arc::new(threads);
+    let body = move |worker: &mut timely::worker::Worker| {
+        let local = worker.index() - first;
+        let rx = receivers.lock().expect("receiver lock is never poisoned")[local]
+            .take()
+            .expect("each worker takes its receiver once");
+        let _ = threads[local].set(std::thread::current());
+        let worker_reports = reports.clone();
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            run_worker(worker, local, rx, worker_reports)
+        }));
+        if let Err(panic) = outcome {
+            // The core stops the process: a replica missing a worker answers nothing. The panic goes on,
+            // so that timely does not step this worker's broken dataflows (it would park forever waiting
+            // for them to finish).
+            let message = panic_message(panic.as_ref());
+            let _ = reports.send(FromWorker::Failed { worker: local, message });
+            std::panic::resume_unwind(panic);
+        }
+    };
+    match cluster {
+        None => {
+            let config = timely::Config {
+                communication: timely::CommunicationConfig::Process(workers),
+                worker: worker_config,
+            };
+            timely::execute(config, body).map_err(|e| format!("timely did not start: {e}"))
+        }
+        Some(cluster) => {
+            let sockets = cluster.listener.connect(connect_timeout, &cluster.cut)?;
+            debug!(process, "every process of the cluster is connected");
+            let hooks = Hooks::default();
+            let allocators =
+                ProcessBuilder::new_typed_vector(workers, hooks.refill.clone(), hooks.spill.clone());
+            let (builders, communication) =
+                initialize_networking_from_sockets(allocators, sockets, process, workers, hooks)
+                    .map_err(|e| format!("cannot start timely's communication threads: {e}"))?;
+            let builders = builders.into_iter().map(AllocatorBuilder::Tcp).collect();
+            timely::execute::execute_from(builders, Box::new(communication), worker_config, body)
+                .map_err(|e| format!("timely did not start: {e}"))
         }
     }
 }
 
-/// Writes one response frame.
-async fn write_response(stream: &mut TcpStream, response: &ComputeResponse, buffer: &mut Vec<u8>) -> bool {
-    buffer.clear();
-    if let Err(e) = encode_frame(response, DEFAULT_MAX_FRAME_BYTES, buffer) {
-        warn!(error = %e, response = response.name(), "cannot encode a response");
-        return true;
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    events: UnboundedSender<CoreEvent>,
+    max_frame_bytes: usize,
+    mut stop: oneshot::Receiver<()>,
+) {
+    let mut connections = JoinSet::new();
+    let mut next_conn = 0u64;
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    next_conn += 1;
+                    debug!(conn = next_conn, %peer, "accepted connection");
+                    let _ = stream.set_nodelay(true);
+                    connections.spawn(serve_connection(stream, next_conn, events.clone(), max_frame_bytes));
+                }
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
     }
-    stream.write_all(buffer).await.is_ok()
+    drop(listener);
+    // The core closed the active connection; give it a moment to write what is queued.
+    let _ =
+        tokio::time::timeout(CLOSE_GRACE, async { while connections.join_next().await.is_some() {} }).await;
+    connections.shutdown().await;
 }
 
 /// Serves one controller connection: the Hello here, everything after it through the core.
-async fn serve_connection(mut stream: TcpStream, conn: u64, events: UnboundedSender<CoreEvent>) {
-    let mut decoder = FrameDecoder::new(DEFAULT_MAX_FRAME_BYTES);
-    let mut read_buffer = vec![0u8; 64 * 1024];
-    let mut write_buffer = Vec::new();
-    // The Hello.
-    let first = loop {
-        match decoder.next_message::<ComputeCommand>() {
-            Ok(Some(command)) => break Ok(command),
-            Ok(None) => {}
-            Err(e) => break Err(e.to_string()),
-        }
-        match stream.read(&mut read_buffer).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => decoder.push(&read_buffer[..n]),
-        }
-    };
-    match first {
-        Ok(ComputeCommand::Hello { version, nonce }) => match check_version(version) {
-            Ok(()) => {
-                let hello = ComputeResponse::Hello { version: PROTOCOL_VERSION, nonce };
-                if !write_response(&mut stream, &hello, &mut write_buffer).await {
-                    return;
-                }
-            }
-            Err(e) => {
-                info!(conn, version, "refusing a controller of another protocol version");
-                let refused =
-                    ComputeResponse::HelloRefused { version: PROTOCOL_VERSION, reason: e.to_string() };
-                write_response(&mut stream, &refused, &mut write_buffer).await;
-                return;
-            }
-        },
-        Ok(other) => {
-            let rejected: ComputeResponse = ComputeResponse::CommandRejected {
-                command: other.name().to_string(),
-                reason: "the first command on a connection must be Hello".to_string(),
-            };
-            write_response(&mut stream, &rejected, &mut write_buffer).await;
-            return;
-        }
-        Err(reason) => {
-            let rejected: ComputeResponse =
-                ComputeResponse::CommandRejected { command: "<undecodable>".to_string(), reason };
-            write_response(&mut stream, &rejected, &mut write_buffer).await;
-            return;
-        }
-    }
-    let (out_tx, mut out_rx) = unbounded_channel::<Outgoing>();
-    if events.send(CoreEvent::Connected { conn, out: out_tx }).is_err() {
+async fn serve_connection(
+    stream: TcpStream,
+    conn: u64,
+    events: UnboundedSender<CoreEvent>,
+    max_frame_bytes: usize,
+) {
+    let (reader, writer) = stream.into_split();
+    let mut input = FramedRead::new(reader, max_frame_bytes);
+    let mut output = FramedWrite::new(writer, max_frame_bytes);
+    if !hello(&mut input, &mut output, conn).await {
+        let _ = output.shutdown().await;
         return;
     }
-    // Commands that arrived with the Hello.
-    let mut pending_error: Option<String> = None;
+    // Unbounded, but bounded in bytes: the core closes the connection when more than its limit is queued
+    // and not yet written (`queued_bytes`).
+    let (out_tx, mut out_rx) = unbounded_channel::<Outgoing>();
+    let queued_bytes = Arc::new(AtomicUsize::new(0));
+    let (abort_tx, mut abort) = watch::channel(false);
+    let out = Outbox::new(out_tx, Arc::clone(&queued_bytes), abort_tx);
+    if events.send(CoreEvent::Connected { conn, out }).is_err() {
+        return;
+    }
+    let mut aborted = false;
+    let mut abort_while_writing = abort.clone();
     loop {
-        match decoder.next_message::<ComputeCommand>() {
-            Ok(Some(command)) => {
-                let _ = events.send(CoreEvent::Command { conn, command });
-            }
-            Ok(None) => break,
-            Err(e) => {
-                pending_error = Some(e.to_string());
+        tokio::select! {
+            // The core dropped the connection: no more writing (the peer may not be reading).
+            () = dropped(&mut abort) => {
+                aborted = true;
                 break;
             }
-        }
-    }
-    let (mut reader, mut writer) = stream.into_split();
-    let mut closing = pending_error.is_some();
-    if let Some(reason) = pending_error {
-        let rejected: ComputeResponse =
-            ComputeResponse::CommandRejected { command: "<undecodable>".to_string(), reason };
-        write_buffer.clear();
-        if encode_frame(&rejected, DEFAULT_MAX_FRAME_BYTES, &mut write_buffer).is_ok() {
-            let _ = writer.write_all(&write_buffer).await;
-        }
-    }
-    while !closing {
-        tokio::select! {
             outgoing = out_rx.recv() => {
-                let mut next = outgoing;
-                write_buffer.clear();
                 // Coalesce whatever is queued into one write.
+                let mut next = outgoing;
+                let mut closing = false;
+                let mut written = 0;
                 loop {
                     match next {
-                        Some(Outgoing::Response(response)) => {
-                            if let Err(e) = encode_frame(&response, DEFAULT_MAX_FRAME_BYTES, &mut write_buffer) {
-                                warn!(error = %e, response = response.name(), "cannot encode a response");
-                            }
+                        Some(Outgoing::Frame(frame)) => {
+                            written += frame.len();
+                            output.push(&frame);
                         }
                         Some(Outgoing::Close) | None => {
                             closing = true;
                             break;
                         }
                     }
-                    if write_buffer.len() > 1 << 20 {
+                    if output.batch_full() {
                         break;
                     }
-                    match out_rx.try_recv() {
-                        Ok(more) => next = Some(more),
-                        Err(_) => break,
+                    next = out_rx.try_recv().ok();
+                    if next.is_none() {
+                        break;
                     }
                 }
-                if !write_buffer.is_empty() && writer.write_all(&write_buffer).await.is_err() {
+                let flushed = tokio::select! {
+                    flushed = output.flush() => flushed.is_ok(),
+                    () = dropped(&mut abort_while_writing) => {
+                        aborted = true;
+                        false
+                    }
+                };
+                if !flushed {
+                    break;
+                }
+                queued_bytes.fetch_sub(written, Ordering::AcqRel);
+                if closing {
                     break;
                 }
             }
-            read = reader.read(&mut read_buffer) => {
-                match read {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        decoder.push(&read_buffer[..n]);
-                        loop {
-                            match decoder.next_message::<ComputeCommand>() {
-                                Ok(Some(command)) => {
-                                    let _ = events.send(CoreEvent::Command { conn, command });
-                                }
-                                Ok(None) => break,
-                                Err(e) => {
-                                    warn!(conn, error = %e, "undecodable frame; closing the connection");
-                                    let rejected: ComputeResponse = ComputeResponse::CommandRejected {
-                                        command: "<undecodable>".to_string(),
-                                        reason: e.to_string(),
-                                    };
-                                    write_buffer.clear();
-                                    if encode_frame(&rejected, DEFAULT_MAX_FRAME_BYTES, &mut write_buffer).is_ok() {
-                                        let _ = writer.write_all(&write_buffer).await;
-                                    }
-                                    closing = true;
-                                    break;
-                                }
-                            }
-                        }
-                    }
+            command = input.recv::<ComputeCommand>() => match command {
+                Ok(command) => {
+                    let _ = events.send(CoreEvent::Command { conn, command });
                 }
-            }
+                Err(FrameError::Closed | FrameError::Io(_)) => break,
+                Err(e) => {
+                    warn!(conn, error = %e, "undecodable frame; closing the connection");
+                    let rejected: ComputeResponse =
+                        ComputeResponse::CommandRejected { command: "<undecodable>".to_string(), reason: e.to_string() };
+                    let _ = output.send(&rejected).await;
+                    break;
+                }
+            },
         }
     }
-    let _ = writer.shutdown().await;
+    if !aborted {
+        let _ = output.shutdown().await;
+    }
+    drop(output);
     let _ = events.send(CoreEvent::Disconnected { conn });
+}
+
+/// Completes once the core drops the connection (its `Outbox::abort`); never if the core lets go of the
+/// connection otherwise (a close after what is queued, or the core is gone: the queue's end says so).
+async fn dropped(abort: &mut watch::Receiver<bool>) {
+    if abort.wait_for(|abort| *abort).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Reads and answers the Hello; false if the connection is to be closed.
+async fn hello(
+    input: &mut FramedRead<tokio::net::tcp::OwnedReadHalf>,
+    output: &mut FramedWrite<tokio::net::tcp::OwnedWriteHalf>,
+    conn: u64,
+) -> bool {
+    let refusal: ComputeResponse = match input.recv::<ComputeCommand>().await {
+        Ok(ComputeCommand::Hello { version, nonce }) => match check_version(version) {
+            Ok(()) => {
+                let hello: ComputeResponse = ComputeResponse::Hello { version: PROTOCOL_VERSION, nonce };
+                return output.send(&hello).await.is_ok();
+            }
+            Err(e) => {
+                info!(conn, version, "refusing a controller of another protocol version");
+                ComputeResponse::HelloRefused { version: PROTOCOL_VERSION, reason: e.to_string() }
+            }
+        },
+        Ok(other) => ComputeResponse::CommandRejected {
+            command: other.name().to_string(),
+            reason: "the first command on a connection must be Hello".to_string(),
+        },
+        Err(FrameError::Closed | FrameError::Io(_)) => return false,
+        Err(e) => {
+            ComputeResponse::CommandRejected { command: "<undecodable>".to_string(), reason: e.to_string() }
+        }
+    };
+    let _ = output.send(&refusal).await;
+    false
 }

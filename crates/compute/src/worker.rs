@@ -24,6 +24,8 @@ use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::num::NonZeroU64;
 use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::time::Duration;
 
@@ -32,7 +34,7 @@ use differential_dataflow::difference::{IsZero, Semigroup};
 use differential_dataflow::input::InputSession;
 use differential_dataflow::operators::arrange::agent::ShutdownButton;
 use differential_dataflow::trace::cursor::cursor_list;
-use differential_dataflow::trace::{Cursor, TraceReader};
+use differential_dataflow::trace::{Cursor, ExertionLogic, TraceReader};
 use timely::dataflow::ProbeHandle;
 use timely::dataflow::operators::CapabilitySet;
 use timely::progress::Antichain;
@@ -202,6 +204,7 @@ impl WorkerState {
                         let _ = self.responses.send(FromWorker::Peek {
                             worker: self.local_index,
                             uuid: peek.uuid,
+                            seq: peek.seq,
                             response,
                         });
                         false
@@ -245,11 +248,6 @@ impl WorkerState {
                             }
                         }
                     }
-                }
-            }
-            ToWorker::Configure(parameters) => {
-                if let Some(effort) = parameters.idle_merge_effort {
-                    debug!(effort, "idle merge effort is fixed when the replica starts; ignored");
                 }
             }
             ToWorker::Shutdown => unreachable!("handled by the loop"),
@@ -444,6 +442,7 @@ impl WorkerState {
                 let _ = self.responses.send(FromWorker::Peek {
                     worker: self.local_index,
                     uuid: peek.uuid,
+                    seq: peek.seq,
                     response,
                 });
                 false
@@ -477,7 +476,7 @@ impl WorkerState {
         Some(read_rows(&mut index.ok, &ok_upper, peek))
     }
 
-    /// Sends frontier changes and sink output.
+    /// Sends frontier changes and sink output, each naming the dataflow it comes from.
     fn report(&mut self) {
         let mut messages = Vec::new();
         for (id, index) in self.indexes.iter_mut() {
@@ -489,7 +488,7 @@ impl WorkerState {
                 .get(&index.dataflow)
                 .map(|d| d.input_probe.with_frontier(|f| f.to_owned()))
                 .unwrap_or_default();
-            messages.push((*id, write, input));
+            messages.push((*id, index.dataflow, write, input));
         }
         for (id, sink) in self.sinks.iter() {
             let mut buffer = sink.buffer.borrow_mut();
@@ -504,23 +503,29 @@ impl WorkerState {
                     checked_updates(std::mem::take(&mut buffer.updates), std::mem::take(&mut buffer.errors));
                 let _ = self.responses.send(FromWorker::Sink {
                     worker: self.local_index,
+                    dataflow: sink.dataflow,
                     id: *id,
                     updates,
                     errors,
                     frontier: buffer.frontier.clone(),
                 });
             }
-            messages.push((*id, buffer.frontier.clone(), input));
+            messages.push((*id, sink.dataflow, buffer.frontier.clone(), input));
         }
-        for (id, write, input) in messages {
+        for (id, dataflow, write, input) in messages {
             let changed = match self.reported.get(&id) {
                 Some((w, i)) => *w != write || *i != input,
                 None => true,
             };
             if changed {
                 self.reported.insert(id, (write.clone(), input.clone()));
-                let _ =
-                    self.responses.send(FromWorker::Frontiers { worker: self.local_index, id, write, input });
+                let _ = self.responses.send(FromWorker::Frontiers {
+                    worker: self.local_index,
+                    dataflow,
+                    id,
+                    write,
+                    input,
+                });
             }
         }
     }
@@ -696,4 +701,118 @@ pub(crate) fn key_owner(key: &Row, peers: usize) -> usize {
 /// Which worker (global index) ingests a storage update: by the hash of the row.
 pub(crate) fn row_owner(row: &Row, peers: usize) -> usize {
     key_owner(row, peers)
+}
+
+/// Installs the idle-merge rule in a worker configuration: differential asks every arrangement built
+/// with this configuration, each time the arrangement's operator runs, how much merge work to do beyond
+/// what new updates pay for. The answer reads `effort` each time (the process's
+/// `UpdateConfiguration.idle_merge_effort`), so a new value reaches every arrangement, old or new, the
+/// next time its operator runs (an update or a frontier change on its input; an arrangement that still
+/// has merging to do keeps itself scheduled). 0 turns idle merging off.
+///
+/// The rule is differential's own (`differential_dataflow::configure`, which fixes the effort when the
+/// workers start): spend `effort` while some level of the spine holds two batches being merged, or more
+/// than one level holds data, so idle arrangements end as one batch and peeks read few batches.
+pub(crate) fn install_idle_merge(config: &mut timely::WorkerConfig, effort: Arc<AtomicUsize>) {
+    let logic: ExertionLogic = Arc::new(move |levels: &[(usize, usize, usize)]| {
+        let effort = effort.load(Ordering::Relaxed);
+        if effort == 0 {
+            return None;
+        }
+        let mut non_empty = 0;
+        for (_level, batches, length) in levels {
+            if *batches > 1 {
+                return Some(effort);
+            }
+            if *length > 0 {
+                non_empty += 1;
+            }
+            if non_empty > 1 {
+                return Some(effort);
+            }
+        }
+        None
+    });
+    config.set::<ExertionLogic>("differential/default_exert_logic".to_string(), logic);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use differential_dataflow::input::InputSession;
+    use differential_dataflow::trace::TraceReader;
+    use timely::dataflow::ProbeHandle;
+    use timely::dataflow::operators::Probe;
+
+    use super::install_idle_merge;
+
+    /// Runs one worker with the idle-merge rule at `effort`: inserts 64 updates at 64 times, then steps
+    /// idly; after half the steps sets the effort to `later` and sends one more update. Returns the
+    /// arrangement's batch counts after each half.
+    fn batch_counts(effort: usize, later: usize) -> (usize, usize) {
+        let mut config = timely::WorkerConfig::default();
+        let shared = Arc::new(AtomicUsize::new(effort));
+        install_idle_merge(&mut config, Arc::clone(&shared));
+        let timely_config =
+            timely::Config { communication: timely::CommunicationConfig::Thread, worker: config };
+        let guards = timely::execute(timely_config, move |worker| {
+            let mut input: InputSession<u64, (u64, u64), isize> = InputSession::new();
+            let probe = ProbeHandle::new();
+            let mut trace = worker.dataflow::<u64, _, _>(|scope| {
+                let arranged = input.to_collection(scope).arrange_by_key();
+                arranged.stream.clone().probe_with(&probe);
+                arranged.trace
+            });
+            // Batches holding updates (a spine also keeps empty spans).
+            let count = |trace: &mut differential_dataflow::operators::arrange::TraceAgent<_>| {
+                let mut batches = 0;
+                trace.map_spans(|span| batches += usize::from(span.has_updates()));
+                batches
+            };
+            for time in 0..64u64 {
+                input.update_at((time, time), time, 1);
+                input.advance_to(time + 1);
+                input.flush();
+                while probe.less_than(input.time()) {
+                    worker.step();
+                }
+                // As the replica's workers do (`WorkerState::compact`): batches below the physical
+                // compaction frontier are merged.
+                let frontier = [time + 1];
+                trace.set_logical_compaction(timely::progress::frontier::AntichainRef::new(&frontier));
+                trace.set_physical_compaction(timely::progress::frontier::AntichainRef::new(&frontier));
+            }
+            for _ in 0..500 {
+                worker.step();
+            }
+            let first = count(&mut trace);
+            shared.store(later, Ordering::Relaxed);
+            input.update_at((1000, 0), 64, 1);
+            input.advance_to(65);
+            input.flush();
+            for _ in 0..500 {
+                worker.step();
+            }
+            let frontier = [65];
+            trace.set_logical_compaction(timely::progress::frontier::AntichainRef::new(&frontier));
+            trace.set_physical_compaction(timely::progress::frontier::AntichainRef::new(&frontier));
+            for _ in 0..500 {
+                worker.step();
+            }
+            (first, count(&mut trace))
+        })
+        .expect("timely starts");
+        guards.join().pop().expect("one worker").expect("the worker does not panic")
+    }
+
+    #[test]
+    fn idle_merging_follows_the_effort_set_at_runtime() {
+        let (off, on) = batch_counts(0, 1_000);
+        assert!(off > 2, "without idle merging the spine keeps several batches: {off}");
+        assert!(on <= 2, "with idle merging switched on at runtime it merges down: {on}");
+        let (on_from_start, _) = batch_counts(1_000, 1_000);
+        assert!(on_from_start <= 2, "idle merging from the start merges down: {on_from_start}");
+    }
 }

@@ -93,7 +93,7 @@ use tracing::{debug, error, warn};
 
 use frontiers::antichain::step_back;
 use frontiers::{Antichain, PartialOrder, ReadHold, ReadHolds, ReadPolicy, SinceChange, Timestamp};
-use protocol::frame::{DEFAULT_MAX_FRAME_BYTES, bincode_options, encode_frame};
+use protocol::frame::DEFAULT_MAX_FRAME_BYTES;
 use protocol::{
     ComputeCommand, ComputeResponse, CopyToResponse, DataflowDescription, Datum, Diff, FrontiersResponse,
     GlobalId, InstanceId, MapFilterProject, Peek, PeekId, PeekResponse, PeekTarget, RelationType, ReplicaId,
@@ -347,20 +347,12 @@ impl<T: Timestamp> PreparedPeek<T> {
     }
 }
 
-/// Checks that `command`'s frame fits in `max_bytes` (and in a replica connection's maximum frame) by
-/// encoding it as the replica client will; on failure returns its exact size and the limit.
+/// Checks that `command` fits in `max_bytes` by the rule the replica client applies to every command it
+/// sends ([`replica_client::check_command_size`]: the encoded size, measured without encoding, plus a
+/// little headroom); on failure returns its size and the limit.
 fn check_command_size<T: Timestamp>(command: &ComputeCommand<T>, max_bytes: usize) -> Result<(), (u64, u64)> {
-    let max_bytes = max_bytes.min(DEFAULT_MAX_FRAME_BYTES);
-    let mut frame = Vec::new();
-    match encode_frame(command, max_bytes, &mut frame) {
-        Ok(()) => Ok(()),
-        Err(_) => {
-            // The encoder stops at the limit; the size comes from a walk that writes nothing.
-            use bincode::Options;
-            let size_bytes = bincode_options().serialized_size(command).unwrap_or(u64::MAX);
-            Err((size_bytes, max_bytes as u64))
-        }
-    }
+    replica_client::check_command_size(command, max_bytes)
+        .map_err(|too_large| (too_large.len, too_large.max as u64))
 }
 
 /// What the core asks its shell to do or deliver.
@@ -688,7 +680,6 @@ impl<T: Timestamp> InstanceCore<T> {
             .push(&ComputeCommand::CreateInstance(protocol::InstanceConfig {
                 instance_id: self.id,
                 replica_id: replica,
-                logging: protocol::LoggingConfig { interval_ms: self.config.introspection_interval_ms },
             }))
             .expect("CreateInstance is always recordable");
         self.set_replica_status_row(replica, "connecting", None);
@@ -1518,12 +1509,16 @@ impl<T: Timestamp> InstanceCore<T> {
         if collection.forwarded.is_empty() {
             collection.finished = true;
         }
-        Self::apply_policy(collection);
-        drop(shared);
         self.outputs.push_back(InstanceOutput::Response(ComputeControllerResponse::SubscribeResponse {
             id,
             response: SubscribeResponse::Batch(SubscribeBatch { lower, upper, updates }),
         }));
+        if collection.finished {
+            // The stream is closed (its end, an `until`, an error): the subscribe will write nothing
+            // more, so its upper is the empty frontier, whatever the replicas report from now on.
+            Self::advance_upper(&mut self.outputs, self.id, id, collection, &Antichain::new());
+        }
+        Self::apply_policy(collection);
     }
 
     fn handle_copy_to(&mut self, id: GlobalId, response: CopyToResponse) {

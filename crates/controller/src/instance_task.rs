@@ -26,7 +26,7 @@ use tracing::{Instrument, debug, error};
 
 use frontiers::{Antichain, ReadPolicy};
 use protocol::{DataflowDescription, Diff, GlobalId, InstanceId, PeekId, ReplicaId, Row};
-use replica_client::{ReplicaClient, ReplicaClientConfig, ReplicaCoreConfig, ReplicaEvent};
+use replica_client::{ReplicaClient, ReplicaClientConfig, ReplicaCoreConfig, ReplicaEvent, SendError};
 use storage::{StorageCollections, StorageReadHold};
 
 use crate::clock::{Timestamp, wallclock_ms};
@@ -215,10 +215,15 @@ pub(crate) async fn run_instance(
         while let Some(output) = core.poll() {
             match output {
                 InstanceOutput::Command { replica, command } => {
-                    if let Some(client) = clients.get(&replica)
-                        && client.send(command).is_err()
-                    {
-                        error!(%replica, "replica client task ended");
+                    let Some(client) = clients.get(&replica) else { continue };
+                    match client.send(command) {
+                        Ok(()) => {}
+                        Err(SendError::Gone(_)) => error!(%replica, "replica client task ended"),
+                        // The core measured every command that can grow (dataflows, peeks) against the
+                        // same rule before it recorded it; anything else is small.
+                        Err(SendError::TooLarge(too_large)) => {
+                            error!(%replica, %too_large, "invariant: a command the core admitted does not fit a frame")
+                        }
                     }
                 }
                 InstanceOutput::DisconnectReplica { replica, reason } => {

@@ -232,9 +232,14 @@ impl fmt::Debug for ProcessOrchestrator {
     }
 }
 
-fn free_port() -> Result<u16, String> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("no free port: {e}"))?;
-    listener.local_addr().map(|a| a.port()).map_err(|e| e.to_string())
+/// `n` distinct free loopback ports: probed together (so no two are the same), then released for the
+/// children to bind. Another socket may take one in between; the child then fails to start (exits
+/// non-zero) and is restarted, on fresh timely ports.
+fn free_ports(n: usize) -> Result<Vec<u16>, String> {
+    let probes = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("no free port: {e}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    probes.iter().map(|l| l.local_addr().map(|a| a.port()).map_err(|e| e.to_string())).collect()
 }
 
 fn spawn_processes(
@@ -321,6 +326,11 @@ impl ProcessOrchestrator {
                                     continue;
                                 }
                                 managed.restart_at = None;
+                                // The timely ports are the replica's own business (only the controller
+                                // ports must stay): fresh ones, in case another socket took one.
+                                if let Ok(ports) = free_ports(managed.spec.processes) {
+                                    managed.timely_ports = ports;
+                                }
                                 match spawn_processes(&config, managed) {
                                     Ok(children) => {
                                         let pids = children.iter().map(Child::id).collect();
@@ -412,8 +422,8 @@ impl Orchestrator for ProcessOrchestrator {
             if spec.processes == 0 || spec.workers == 0 {
                 return Err("a replica needs at least one process and one worker".to_string());
             }
-            let controller_ports = (0..spec.processes).map(|_| free_port()).collect::<Result<Vec<_>, _>>()?;
-            let timely_ports = (0..spec.processes).map(|_| free_port()).collect::<Result<Vec<_>, _>>()?;
+            let mut controller_ports = free_ports(2 * spec.processes)?;
+            let timely_ports = controller_ports.split_off(spec.processes);
             let mut managed = ManagedReplica {
                 spec: spec.clone(),
                 controller_ports,

@@ -25,7 +25,7 @@ use frontiers::Antichain;
 use crate::{
     AggregateExpr, AggregateFunc, BinaryFunc, BuildDesc, ColumnOrder, ColumnType, ComputeCommand,
     ComputeParameters, ComputeResponse, CopyToResponse, DataflowDescription, DataflowValidationError, Datum,
-    Diff, ExprTypeError, FrontiersResponse, GlobalId, IndexExport, InstanceConfig, InstanceId, LoggingConfig,
+    Diff, ExprTypeError, FrontiersResponse, GlobalId, IndexExport, InstanceConfig, InstanceId,
     MapFilterProject, Peek, PeekId, PeekResponse, PeekTarget, Plan, PlanError, RelationDesc, RelationType,
     ReplicaId, Row, RowSetFinishing, ScalarExpr, ScalarType, SinkConnection, SinkExport, SourceImport,
     StatusResponse, SubscribeBatch, SubscribeResponse, UnaryFunc,
@@ -232,11 +232,10 @@ fn rows() -> impl Strategy<Value = Vec<Row>> {
 pub fn command() -> impl Strategy<Value = ComputeCommand<u64>> {
     prop_oneof![
         (any::<u32>(), any::<u64>()).prop_map(|(version, nonce)| ComputeCommand::Hello { version, nonce }),
-        (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(i, r, interval_ms)| {
+        (any::<u64>(), any::<u64>()).prop_map(|(i, r)| {
             ComputeCommand::CreateInstance(InstanceConfig {
                 instance_id: InstanceId(i),
                 replica_id: ReplicaId(r),
-                logging: LoggingConfig { interval_ms },
             })
         }),
         Just(ComputeCommand::InitializationComplete),

@@ -13,7 +13,14 @@ use crate::id::{GlobalId, InstanceId, PeekId, ReplicaId};
 use crate::peek::Peek;
 
 /// The version of this protocol. A replica refuses a `Hello` with any other version.
-pub const PROTOCOL_VERSION: u32 = 3;
+///
+/// Version 3: `InstanceConfig` lost its `logging` (a status interval no replica honoured); oversized
+/// responses have their documented stand-ins (`ComputeResponse`'s documentation).
+///
+/// Version 5: datums for exact decimals, dates and intervals, and the scalar functions, casts, `count(*)`
+/// and `avg` of the TPC-H slice (issue 23). (Version 4 is another branch's `Hello` change; numbers are
+/// settled when the branches meet.)
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// A command from the controller to a replica process.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -116,21 +123,6 @@ pub struct InstanceConfig {
     pub instance_id: InstanceId,
     /// The replica's id within the instance.
     pub replica_id: ReplicaId,
-    /// Logging and status reporting.
-    pub logging: LoggingConfig,
-}
-
-/// How often a replica reports status.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LoggingConfig {
-    /// Minimum interval between `Status` reports for one dataflow, in milliseconds.
-    pub interval_ms: u64,
-}
-
-impl Default for LoggingConfig {
-    fn default() -> Self {
-        LoggingConfig { interval_ms: 1_000 }
-    }
 }
 
 /// Tunables, sent with `UpdateConfiguration`. `None` leaves a value unchanged.
@@ -139,9 +131,12 @@ pub struct ComputeParameters {
     /// How many dataflows may hydrate at once on a replica (enforced by the replica client, which holds
     /// back `Schedule` commands).
     pub hydration_concurrency: Option<usize>,
-    /// The largest peek result a replica returns, in bytes of encoded rows; larger results are an error.
+    /// The largest peek result a replica returns, in bytes of encoded rows; larger results are answered
+    /// `PeekResponse::ResultTooLarge`.
     pub max_result_size_bytes: Option<u64>,
-    /// Merge effort differential spends on idle arrangements (`idle_merge_effort`).
+    /// How much merge work differential spends on idle arrangements, per scheduling of an arrangement's
+    /// operator, until its batches are merged (0: none; the replica starts with 1,000). Applies to every
+    /// arrangement, existing ones included, from the next time its operator runs.
     pub idle_merge_effort: Option<u64>,
 }
 

@@ -23,6 +23,9 @@ pub const DEFAULT_MAX_FRAME_BYTES: usize = 256 << 20;
 /// The length of a frame header.
 pub const FRAME_HEADER_BYTES: usize = 4;
 
+/// A [`FrameDecoder`] keeps at most this much buffer capacity once it has no bytes left to decode.
+pub const RETAINED_DECODER_BYTES: usize = 1 << 20;
+
 /// The bincode configuration every frame uses.
 pub fn bincode_options() -> impl Options + Copy {
     bincode::DefaultOptions::new().with_varint_encoding().with_little_endian().reject_trailing_bytes()
@@ -84,9 +87,11 @@ pub fn encode_frame<M: Serialize>(
         .with_limit(max_frame_bytes as u64)
         .serialize_into(&mut *out, message)
         .map_err(|e| match *e {
-            bincode::ErrorKind::SizeLimit => {
-                FrameError::TooLarge { len: max_frame_bytes + 1, max: max_frame_bytes }
-            }
+            // Only on this (rare) path is the whole message measured, to say how large it is.
+            bincode::ErrorKind::SizeLimit => FrameError::TooLarge {
+                len: usize::try_from(encoded_len(message)).unwrap_or(usize::MAX),
+                max: max_frame_bytes,
+            },
             other => FrameError::Encode(other.to_string()),
         });
     if let Err(error) = result {
@@ -100,6 +105,21 @@ pub fn encode_frame<M: Serialize>(
     }
     out[start..start + FRAME_HEADER_BYTES].copy_from_slice(&(len as u32).to_le_bytes());
     Ok(())
+}
+
+/// The length of `message`'s frame payload (without the header), measured without encoding it: one pass
+/// over the message, no allocation. `u64::MAX` if the message cannot be encoded at all.
+///
+/// # Examples
+/// ```
+/// use protocol::frame::{FRAME_HEADER_BYTES, encode_frame, encoded_len};
+/// let message = ("a row".to_string(), vec![1u64, 2, 3]);
+/// let mut buf = Vec::new();
+/// encode_frame(&message, 1024, &mut buf).unwrap();
+/// assert_eq!(encoded_len(&message) as usize, buf.len() - FRAME_HEADER_BYTES);
+/// ```
+pub fn encoded_len<M: Serialize>(message: &M) -> u64 {
+    bincode_options().serialized_size(message).unwrap_or(u64::MAX)
 }
 
 /// Decodes the frame at the start of `bytes`: `Ok(None)` if more bytes are needed, otherwise the message and
@@ -141,6 +161,11 @@ fn decode_payload<M: DeserializeOwned>(payload: &[u8]) -> Result<M, FrameError> 
 
 /// An incremental decoder: push bytes as they arrive, pop messages as they complete.
 ///
+/// Its buffer holds at most one partial frame (checked against the maximum as soon as its header is
+/// there) plus what was pushed after it; once it has been drained, capacity above
+/// [`RETAINED_DECODER_BYTES`] is given back, so one large frame does not pin its memory for the life of
+/// the connection.
+///
 /// # Examples
 /// ```
 /// use protocol::frame::{FrameDecoder, encode_frame};
@@ -169,13 +194,37 @@ impl FrameDecoder {
         FrameDecoder { buffer: Vec::new(), start: 0, max_frame_bytes }
     }
 
+    /// The largest frame this decoder accepts.
+    pub fn max_frame_bytes(&self) -> usize {
+        self.max_frame_bytes
+    }
+
+    /// Changes the largest frame accepted from now on (e.g. a small limit until a peer has authenticated,
+    /// the full one after). A frame already partly buffered is checked against the new limit.
+    pub fn set_max_frame_bytes(&mut self, max_frame_bytes: usize) {
+        self.max_frame_bytes = max_frame_bytes;
+    }
+
     /// Appends received bytes.
     pub fn push(&mut self, bytes: &[u8]) {
         if self.start > 0 && self.start == self.buffer.len() {
             self.buffer.clear();
             self.start = 0;
         }
+        self.release_capacity();
         self.buffer.extend_from_slice(bytes);
+    }
+
+    /// Gives back capacity above [`RETAINED_DECODER_BYTES`] once nothing is buffered.
+    fn release_capacity(&mut self) {
+        if self.buffer.is_empty() && self.buffer.capacity() > RETAINED_DECODER_BYTES {
+            self.buffer = Vec::new();
+        }
+    }
+
+    /// The bytes of memory the decoder's buffer holds on to (for tests of its bounds).
+    pub fn capacity_bytes(&self) -> usize {
+        self.buffer.capacity()
     }
 
     /// Reads once from `reader` into the buffer; returns the bytes read (0 at end of stream).
@@ -194,6 +243,7 @@ impl FrameDecoder {
                 if self.start > 0 && self.start * 2 > self.buffer.len() {
                     self.buffer.drain(..self.start);
                     self.start = 0;
+                    self.release_capacity();
                 }
                 Ok(None)
             }

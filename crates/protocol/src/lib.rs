@@ -48,7 +48,15 @@
 //!
 //! ## Wire format
 //!
-//! Length-prefixed `bincode` frames with a maximum size; see [`frame`].
+//! Length-prefixed `bincode` frames with a maximum size; see [`frame`]. Nothing that does not fit a frame
+//! is dropped silently:
+//! - a command that does not fit is refused by its sender before it is recorded or sent (the replica
+//!   client's `send` returns an error; the controller refuses such commands at its API);
+//! - a response that does not fit has a stand-in: a peek's rows become `PeekResponse::ResultTooLarge`
+//!   (with the encoded size and the limit); a subscribe batch becomes an error batch from its `lower` with
+//!   the empty `upper`, which ends the subscribe where its consumer would have missed changes; an error
+//!   message (of a peek, a copy-to, a rejected command) is cut; anything else closes the connection, and
+//!   the controller reconnects and replays.
 //!
 //! # Invariants
 //!
@@ -81,7 +89,7 @@ mod row;
 #[cfg(any(test, feature = "proptest"))]
 pub mod arbitrary;
 
-pub use command::{ComputeCommand, ComputeParameters, InstanceConfig, LoggingConfig, PROTOCOL_VERSION};
+pub use command::{ComputeCommand, ComputeParameters, InstanceConfig, PROTOCOL_VERSION};
 pub use dataflow::{
     BuildDesc, DataflowDescription, DataflowValidationError, IndexExport, IndexImport, SinkConnection,
     SinkExport, SourceImport,

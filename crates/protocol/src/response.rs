@@ -62,7 +62,8 @@ pub enum ComputeResponse<T = u64> {
         /// The result (this process's share of the row count).
         response: CopyToResponse,
     },
-    /// Hydration status of an export.
+    /// Hydration status of an export. Only hydration: the replica reports no operator-level status
+    /// (timely's operator logging is not collected).
     Status(StatusResponse),
     /// A command the replica could not accept (a dataflow that fails validation, a command in the wrong
     /// stage, an unknown id). The replica keeps serving everything else.
@@ -213,7 +214,7 @@ pub enum CopyToResponse {
     Dropped,
 }
 
-/// Status of an export.
+/// Status of an export: its hydration, nothing else (no operator status is collected or sent).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum StatusResponse {
     /// An export finished hydrating (its upper passed the dataflow's as-of), or started over.

@@ -33,9 +33,9 @@ use std::time::{Duration, Instant};
 use frontiers::Antichain;
 use protocol::{
     BuildDesc, ColumnType, ComputeCommand, ComputeParameters, ComputeResponse, DataflowDescription, Datum,
-    FrontiersResponse, GlobalId, IndexExport, InstanceConfig, InstanceId, LoggingConfig, MapFilterProject,
-    PROTOCOL_VERSION, Peek, PeekId, PeekResponse, PeekTarget, Plan, RelationDesc, ReplicaId, Row,
-    RowSetFinishing, ScalarType, SourceImport,
+    FrontiersResponse, GlobalId, IndexExport, InstanceConfig, InstanceId, MapFilterProject, PROTOCOL_VERSION,
+    Peek, PeekId, PeekResponse, PeekTarget, Plan, RelationDesc, ReplicaId, Row, RowSetFinishing, ScalarType,
+    SourceImport,
 };
 use replica_client::{Backoff, CommandHistory, ReplicaCore, ReplicaCoreConfig, ReplicaOutput};
 
@@ -79,11 +79,7 @@ fn peek(uuid: u64, id: u64) -> Peek<u64> {
 }
 
 fn create_instance() -> ComputeCommand<u64> {
-    ComputeCommand::CreateInstance(InstanceConfig {
-        instance_id: InstanceId(1),
-        replica_id: ReplicaId(1),
-        logging: LoggingConfig::default(),
-    })
+    ComputeCommand::CreateInstance(InstanceConfig { instance_id: InstanceId(1), replica_id: ReplicaId(1) })
 }
 
 /// The live state every churn benchmark starts from (its baseline): the instance, a configuration, a few

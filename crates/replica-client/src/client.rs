@@ -5,21 +5,31 @@
 //! and draws the backoff jitter, which the core itself never does. Everything the owner needs comes out of
 //! the `events` channel as [`ReplicaEvent`]s tagged with the replica id.
 //!
+//! Frames go through `transport` ([`FramedRead`], [`FramedWrite`]) with the configured frame limit. A
+//! command is encoded once per send and written to every process.
+//!
+//! **Commands over the frame limit.** [`ReplicaClient::send`] refuses a command that does not fit a frame
+//! with [`COMMAND_HEADROOM_BYTES`] to spare ([`check_command_size`]), before the history records it: the
+//! caller gets [`SendError::TooLarge`] and nothing reaches the replica (the controller refuses such
+//! commands at its API with the same check). The headroom covers what compaction can add to a recorded
+//! command before a replay (a later as-of or compaction frontier is a few more varint bytes), so a command
+//! the client accepted always fits; encoding one that does not is a broken invariant and panics.
+//!
 //! **Boundary:** no protocol logic lives here; a bug in what is sent or merged is a bug in the core.
 //! **Tests:** `tests/it/sockets.rs` runs it against fake replica processes over real sockets (restart,
-//! version mismatch, garbage).
+//! version mismatch, garbage, a command over the frame limit).
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{Instrument, debug, error, info, info_span, warn};
+use transport::{Frame, FramedRead, FramedWrite};
 
 use frontiers::Timestamp;
-use protocol::frame::{DEFAULT_MAX_FRAME_BYTES, FrameDecoder, encode_frame};
+use protocol::frame::{DEFAULT_MAX_FRAME_BYTES, FrameError, encoded_len};
 use protocol::{ComputeCommand, ComputeResponse, ReplicaId};
 
 use crate::core::{ReplicaCore, ReplicaCoreConfig, ReplicaOutput, ReplicaStatus};
@@ -69,6 +79,54 @@ pub enum ReplicaEvent<T: Timestamp> {
 #[error("replica client {0} is gone")]
 pub struct ClientGone(pub ReplicaId);
 
+/// How many bytes below the frame limit a command must stay to be accepted (see the module documentation).
+pub const COMMAND_HEADROOM_BYTES: usize = 64;
+
+/// A command too large to send: its encoded size with [`COMMAND_HEADROOM_BYTES`] is over the frame limit.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("a {command} command of {len} bytes does not fit the frame limit of {max} bytes ({headroom} bytes kept spare)", headroom = COMMAND_HEADROOM_BYTES)]
+pub struct CommandTooLarge {
+    /// The command's name.
+    pub command: &'static str,
+    /// Its encoded size.
+    pub len: u64,
+    /// The frame limit.
+    pub max: usize,
+}
+
+/// Whether `command` fits a frame of `max_frame_bytes` with [`COMMAND_HEADROOM_BYTES`] to spare: the rule
+/// [`ReplicaClient::send`] applies, for callers that refuse commands before deciding to send them.
+///
+/// # Examples
+/// ```
+/// use protocol::{ComputeCommand, GlobalId};
+/// use replica_client::check_command_size;
+/// let command: ComputeCommand<u64> = ComputeCommand::Schedule(GlobalId::User(1));
+/// assert!(check_command_size(&command, 1 << 20).is_ok());
+/// assert!(check_command_size(&command, 8).is_err());
+/// ```
+pub fn check_command_size<T: Timestamp>(
+    command: &ComputeCommand<T>,
+    max_frame_bytes: usize,
+) -> Result<(), CommandTooLarge> {
+    let len = encoded_len(command);
+    if len.saturating_add(COMMAND_HEADROOM_BYTES as u64) > max_frame_bytes as u64 {
+        return Err(CommandTooLarge { command: command.name(), len, max: max_frame_bytes });
+    }
+    Ok(())
+}
+
+/// Why [`ReplicaClient::send`] refused a command.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    /// The client's task is gone.
+    #[error(transparent)]
+    Gone(#[from] ClientGone),
+    /// The command does not fit a frame; nothing was recorded or sent.
+    #[error(transparent)]
+    TooLarge(#[from] CommandTooLarge),
+}
+
 enum Input<T: Timestamp> {
     Command(ComputeCommand<T>),
     Disconnect(String),
@@ -81,6 +139,7 @@ enum Input<T: Timestamp> {
 #[derive(Debug)]
 pub struct ReplicaClient<T: Timestamp> {
     replica_id: ReplicaId,
+    max_frame_bytes: usize,
     inputs: mpsc::UnboundedSender<Input<T>>,
     task: JoinHandle<()>,
 }
@@ -106,10 +165,13 @@ impl<T: Timestamp> ReplicaClient<T> {
         events: mpsc::UnboundedSender<(ReplicaId, ReplicaEvent<T>)>,
     ) -> Self {
         let replica_id = config.core.replica_id;
+        let max_frame_bytes = config.max_frame_bytes;
+        // Unbounded: what the owner sends is bounded by what it decided to send (and recorded in its own
+        // history); responses are bounded by what the replica answers to it.
         let (inputs, rx) = mpsc::unbounded_channel();
         let span = info_span!("replica", %replica_id);
         let task = tokio::spawn(run(config, history, rx, inputs.clone(), events).instrument(span));
-        ReplicaClient { replica_id, inputs, task }
+        ReplicaClient { replica_id, max_frame_bytes, inputs, task }
     }
 
     /// The replica's id.
@@ -117,9 +179,12 @@ impl<T: Timestamp> ReplicaClient<T> {
         self.replica_id
     }
 
-    /// Sends a command (recorded in the history; forwarded when connected).
-    pub fn send(&self, command: ComputeCommand<T>) -> Result<(), ClientGone> {
-        self.inputs.send(Input::Command(command)).map_err(|_| ClientGone(self.replica_id))
+    /// Sends a command (recorded in the history; forwarded when connected). A command that does not fit
+    /// a frame ([`check_command_size`]) is refused and neither recorded nor sent.
+    pub fn send(&self, command: ComputeCommand<T>) -> Result<(), SendError> {
+        check_command_size(&command, self.max_frame_bytes)?;
+        self.inputs.send(Input::Command(command)).map_err(|_| ClientGone(self.replica_id))?;
+        Ok(())
     }
 
     /// Drops the current connection because the owner found the replica faulty; the client reconnects
@@ -145,7 +210,7 @@ impl<T: Timestamp> Drop for ReplicaClient<T> {
 /// The live I/O of one epoch.
 struct Connection {
     epoch: u64,
-    writers: Vec<mpsc::UnboundedSender<Arc<Vec<u8>>>>,
+    writers: Vec<mpsc::UnboundedSender<Arc<Frame>>>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -213,12 +278,11 @@ async fn run<T: Timestamp>(
                 }
                 ReplicaOutput::Send { epoch, command } => {
                     let Some(conn) = connection.as_ref().filter(|c| c.epoch == epoch) else { continue };
-                    let mut frame = Vec::new();
-                    if let Err(e) = encode_frame(&command, config.max_frame_bytes, &mut frame) {
-                        error!(command = command.name(), error = %e, "cannot encode command");
-                        continue;
-                    }
-                    let frame = Arc::new(frame);
+                    let frame = match Frame::encode(&command, config.max_frame_bytes) {
+                        Ok(frame) => Arc::new(frame),
+                        // `send` accepted only commands that fit with room for what compaction adds.
+                        Err(e) => panic!("a recorded {} command cannot be encoded: {e}", command.name()),
+                    };
                     for writer in &conn.writers {
                         let _ = writer.send(Arc::clone(&frame));
                     }
@@ -310,73 +374,67 @@ fn start_io<T: Timestamp>(
     let mut writers = Vec::new();
     let mut tasks = Vec::new();
     for (process, stream) in streams.into_iter().enumerate() {
-        let (mut read, mut write) = stream.into_split();
-        let (writer, mut frames) = mpsc::unbounded_channel::<Arc<Vec<u8>>>();
+        let (read, write) = stream.into_split();
+        // Unbounded: the commands of one epoch, each sent once (see `ReplicaClient::spawn`).
+        let (writer, frames) = mpsc::unbounded_channel::<Arc<Frame>>();
         writers.push(writer);
-        let lost = inputs.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut buffer = Vec::new();
-            while let Some(frame) = frames.recv().await {
-                buffer.clear();
-                buffer.extend_from_slice(&frame);
-                // Coalesce whatever else is queued into one write.
-                while let Ok(more) = frames.try_recv() {
-                    buffer.extend_from_slice(&more);
-                }
-                if let Err(e) = write.write_all(&buffer).await {
-                    let _ = lost.send(Input::Received {
-                        epoch,
-                        process,
-                        result: Err(format!("write failed: {e}")),
-                    });
-                    return;
-                }
-            }
-        }));
-        let received = inputs.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut decoder = FrameDecoder::new(max_frame_bytes);
-            let mut chunk = vec![0u8; 64 * 1024];
-            loop {
-                loop {
-                    match decoder.next_message::<ComputeResponse<T>>() {
-                        Ok(Some(response)) => {
-                            if received
-                                .send(Input::Received { epoch, process, result: Ok(response) })
-                                .is_err()
-                            {
-                                return;
-                            }
-                        }
-                        Ok(None) => break,
-                        Err(e) => {
-                            let _ =
-                                received.send(Input::Received { epoch, process, result: Err(e.to_string()) });
-                            return;
-                        }
-                    }
-                }
-                match read.read(&mut chunk).await {
-                    Ok(0) => {
-                        let reason = match decoder.finish() {
-                            Ok(()) => "closed by the replica".to_string(),
-                            Err(e) => e.to_string(),
-                        };
-                        let _ = received.send(Input::Received { epoch, process, result: Err(reason) });
-                        return;
-                    }
-                    Ok(n) => decoder.push(&chunk[..n]),
-                    Err(e) => {
-                        let _ = received.send(Input::Received {
-                            epoch,
-                            process,
-                            result: Err(format!("read failed: {e}")),
-                        });
-                        return;
-                    }
-                }
-            }
-        }));
+        tasks.push(tokio::spawn(write_frames(
+            epoch,
+            process,
+            FramedWrite::new(write, max_frame_bytes),
+            frames,
+            inputs.clone(),
+        )));
+        tasks.push(tokio::spawn(read_responses(
+            epoch,
+            process,
+            FramedRead::new(read, max_frame_bytes),
+            inputs.clone(),
+        )));
     }
     Connection { epoch, writers, tasks }
+}
+
+/// Writes one process's frames, coalescing what is queued into one write; reports a failed write.
+async fn write_frames<T: Timestamp>(
+    epoch: u64,
+    process: usize,
+    mut output: FramedWrite<tokio::net::tcp::OwnedWriteHalf>,
+    mut frames: mpsc::UnboundedReceiver<Arc<Frame>>,
+    lost: mpsc::UnboundedSender<Input<T>>,
+) {
+    while let Some(frame) = frames.recv().await {
+        output.push(&frame);
+        while !output.batch_full() {
+            match frames.try_recv() {
+                Ok(frame) => output.push(&frame),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = output.flush().await {
+            let _ = lost.send(Input::Received { epoch, process, result: Err(format!("write failed: {e}")) });
+            return;
+        }
+    }
+}
+
+/// Reads one process's responses until the connection ends or breaks, and says why.
+async fn read_responses<T: Timestamp>(
+    epoch: u64,
+    process: usize,
+    mut input: FramedRead<tokio::net::tcp::OwnedReadHalf>,
+    received: mpsc::UnboundedSender<Input<T>>,
+) {
+    loop {
+        let result = match input.recv::<ComputeResponse<T>>().await {
+            Ok(response) => Ok(response),
+            Err(FrameError::Closed) => Err("closed by the replica".to_string()),
+            Err(FrameError::Io(e)) => Err(format!("read failed: {e}")),
+            Err(e) => Err(e.to_string()),
+        };
+        let failed = result.is_err();
+        if received.send(Input::Received { epoch, process, result }).is_err() || failed {
+            return;
+        }
+    }
 }

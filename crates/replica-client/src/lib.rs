@@ -29,7 +29,10 @@ mod history;
 mod hydration;
 mod merge;
 
-pub use client::{ClientGone, ReplicaClient, ReplicaClientConfig, ReplicaEvent};
+pub use client::{
+    COMMAND_HEADROOM_BYTES, ClientGone, CommandTooLarge, ReplicaClient, ReplicaClientConfig, ReplicaEvent,
+    SendError, check_command_size,
+};
 pub use core::{Backoff, ReplicaCore, ReplicaCoreConfig, ReplicaOutput, ReplicaStatus};
 pub use history::{CommandHistory, HistoryError};
 pub use hydration::{HydrationGate, HydrationState};

@@ -13,6 +13,10 @@
 //!   (churn over about 10k live rows), first replaying the log, then after a checkpoint (ratio: after /
 //!   before).
 //!
+//! - `storage.shard_*`: the shard engine on local files + SQLite and on S3 + PostgreSQL (appends against
+//!   the engines' floor, listen latency with and without the push channel, a 1M-row snapshot against a raw
+//!   blob read, space after compaction); see `benches/shards/mod.rs`.
+//!
 //! **What it is not.** Not a criterion bench (`harness = false`) and not simulated code, so it reads the
 //! wall clock. Run it in release (`cargo bench` does). Data lives in a temporary directory on the same
 //! filesystem as `std::env::temp_dir()`.
@@ -29,6 +33,8 @@ use std::time::{Duration, Instant};
 use frontiers::{Antichain, ReadPolicy};
 use protocol::{ColumnType, Datum, GlobalId, RelationDesc, Row, ScalarType};
 use storage::{AppendRequest, Client, InProcess, ListenEvent, Server, StorageCollections, StoreConfig};
+
+mod shards;
 
 /// How long each throughput measurement runs.
 const RUN: Duration = Duration::from_secs(3);
@@ -295,5 +301,6 @@ fn main() {
         if wants("restart") {
             bench_restart().await;
         }
+        shards::run(&wants).await;
     });
 }

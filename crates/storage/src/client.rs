@@ -23,6 +23,13 @@
 //! - a frontier watch re-opens and reports every collection's current frontiers again (repeating some);
 //!   a collection dropped while the client was away is not reported as dropped.
 //!
+//! **Frames.** Requests and replies go through `transport` with [`ClientConfig::max_frame_bytes`] (the
+//! server's must match). A create, an append or a read policy over the limit fails at once with its
+//! operation's `TooLarge` error and nothing is sent; every other request has a small fixed size that fits
+//! [`MIN_FRAME_BYTES`], the smallest limit a client accepts. A reply over the limit arrives as
+//! `ReadError::TooLarge` (the server's stand-in); a request that cannot be written closes the connection,
+//! so its callers get `Disconnected` rather than wait.
+//!
 //! **What this is not.** No retry of a request that was in flight; no failover between servers.
 //!
 //! **Invariants.** A reply whose caller has gone away is discarded, except a granted read hold, which is
@@ -45,13 +52,13 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use frontiers::{Antichain, ChangeBatch, ReadHold, ReadPolicy};
-use protocol::frame::{FrameDecoder, encode_frame};
+use protocol::frame::{FrameError, encoded_len};
 use protocol::{Diff, GlobalId, RelationDesc, Row};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::AbortHandle;
+use transport::{FramedRead, FramedWrite};
 
 use crate::api::{
     AppendRequest, BoxFuture, CollectionFrontiers, ListenEvent, StorageCollections, StorageReadHold,
@@ -76,6 +83,22 @@ pub enum ConnectError {
     /// The server refused the handshake or answered something else.
     #[error("storage handshake failed: {0}")]
     Handshake(String),
+    /// The configuration cannot work (a frame limit below [`MIN_FRAME_BYTES`]).
+    #[error("invalid storage client configuration: {0}")]
+    InvalidConfig(String),
+}
+
+/// The smallest frame limit a client accepts: every request but a create, an append and a read policy
+/// has a small fixed size and always fits it; those three are checked before they are sent.
+pub const MIN_FRAME_BYTES: usize = 4 << 10;
+
+/// Why a call did not get its reply.
+#[derive(Debug)]
+enum CallError {
+    /// The client is closed, or the connection broke with the request in flight.
+    Disconnected,
+    /// The request does not fit a frame; it was not sent.
+    TooLarge { bytes: u64, max_bytes: u64 },
 }
 
 /// How a [`Client`] deals with a lost connection.
@@ -84,11 +107,14 @@ pub struct ClientConfig {
     /// How long to keep trying to reconnect after the connection is lost before giving up for good
     /// (every call then fails with `Disconnected`). Zero: do not reconnect. Default 60 s.
     pub reconnect_timeout: Duration,
+    /// The largest frame sent or accepted; the server's must be the same (`Server::with_max_frame_bytes`).
+    /// At least [`MIN_FRAME_BYTES`]. Default [`MAX_FRAME_BYTES`].
+    pub max_frame_bytes: usize,
 }
 
 impl Default for ClientConfig {
     fn default() -> Self {
-        ClientConfig { reconnect_timeout: Duration::from_secs(60) }
+        ClientConfig { reconnect_timeout: Duration::from_secs(60), max_frame_bytes: MAX_FRAME_BYTES }
     }
 }
 
@@ -102,6 +128,7 @@ struct Waiter {
 /// One TCP connection: what its tasks and the callers share.
 struct Conn {
     out: mpsc::UnboundedSender<StorageRequest>,
+    max_frame_bytes: usize,
     /// Callers waiting for a reply; `None` once the connection is gone.
     pending: Mutex<Option<HashMap<u64, Waiter>>>,
     next_request: AtomicU64,
@@ -139,6 +166,18 @@ impl Conn {
         Some((request, rx))
     }
 
+    /// Whether `message` fits a frame; if not, forgets its waiter (`request`), since it is not sent.
+    fn check_size(&self, request: u64, message: &StorageRequest) -> Result<(), CallError> {
+        let bytes = encoded_len(message);
+        if bytes <= self.max_frame_bytes as u64 {
+            return Ok(());
+        }
+        if let Some(pending) = self.pending.lock().expect("pending lock").as_mut() {
+            pending.remove(&request);
+        }
+        Err(CallError::TooLarge { bytes, max_bytes: self.max_frame_bytes as u64 })
+    }
+
     /// Sends `make(request number)` and returns the receiver of its reply; `None` when disconnected.
     fn start(&self, make: impl FnOnce(u64) -> StorageRequest) -> Option<oneshot::Receiver<Reply>> {
         self.start_with(None, make)
@@ -150,7 +189,10 @@ impl Conn {
         make: impl FnOnce(u64) -> StorageRequest,
     ) -> Option<oneshot::Receiver<Reply>> {
         let (request, rx) = self.register(hold)?;
-        if self.out.send(make(request)).is_err() {
+        let message = make(request);
+        let fits = self.check_size(request, &message);
+        assert!(fits.is_ok(), "a {message:?} does not fit the smallest frame limit");
+        if self.out.send(message).is_err() {
             self.close();
             return None;
         }
@@ -226,18 +268,21 @@ impl ClientHandle {
     }
 
     /// Sends the request `make` builds over the current connection (waiting for one) and awaits its reply;
-    /// `None` if the client is closed or the connection broke with the request in flight.
-    async fn call(&self, make: impl FnOnce(u64) -> StorageRequest) -> Option<Reply> {
+    /// `Disconnected` if the client is closed or the connection broke with the request in flight,
+    /// `TooLarge` (and nothing sent) if the request does not fit a frame.
+    async fn call(&self, make: impl FnOnce(u64) -> StorageRequest) -> Result<Reply, CallError> {
         loop {
-            let conn = self.current().await?;
+            let conn = self.current().await.ok_or(CallError::Disconnected)?;
             // Registering fails only if the connection broke since `current`: nothing was sent; try the
             // next one.
             let Some((request, rx)) = conn.register(None) else { continue };
-            if conn.out.send(make(request)).is_err() {
+            let message = make(request);
+            conn.check_size(request, &message)?;
+            if conn.out.send(message).is_err() {
                 conn.close();
-                return None;
+                return Err(CallError::Disconnected);
             }
-            return rx.await.ok();
+            return rx.await.map_err(|_| CallError::Disconnected);
         }
     }
 }
@@ -272,8 +317,14 @@ impl Client {
         addr: impl tokio::net::ToSocketAddrs,
         config: ClientConfig,
     ) -> Result<Client, ConnectError> {
+        if config.max_frame_bytes < MIN_FRAME_BYTES {
+            return Err(ConnectError::InvalidConfig(format!(
+                "a frame limit of {} bytes is below the minimum of {MIN_FRAME_BYTES}",
+                config.max_frame_bytes
+            )));
+        }
         let (ended_tx, ended_rx) = mpsc::unbounded_channel();
-        let (conn, peer) = open(addr, 0, ended_tx.clone()).await?;
+        let (conn, peer) = open(addr, 0, config.max_frame_bytes, ended_tx.clone()).await?;
         let handle = Arc::new(ClientHandle {
             peer,
             link: watch::Sender::new(Link::Up(conn)),
@@ -310,7 +361,7 @@ impl Client {
         self.handle.session.lost()
     }
 
-    async fn call(&self, make: impl FnOnce(u64) -> StorageRequest) -> Option<Reply> {
+    async fn call(&self, make: impl FnOnce(u64) -> StorageRequest) -> Result<Reply, CallError> {
         self.handle.call(make).await
     }
 }
@@ -320,34 +371,24 @@ impl Client {
 async fn open(
     addr: impl tokio::net::ToSocketAddrs,
     generation: u64,
+    max_frame_bytes: usize,
     ended: mpsc::UnboundedSender<u64>,
 ) -> Result<(Arc<Conn>, SocketAddr), ConnectError> {
     let stream = TcpStream::connect(addr).await?;
     stream.set_nodelay(true)?;
     let peer = stream.peer_addr()?;
-    let (mut read_half, mut write_half) = stream.into_split();
-    let mut buffer = Vec::new();
-    encode_frame(&StorageRequest::Hello { version: STORAGE_PROTOCOL_VERSION }, MAX_FRAME_BYTES, &mut buffer)
-        .map_err(|e| ConnectError::Handshake(e.to_string()))?;
-    write_half.write_all(&buffer).await?;
-    let mut decoder = FrameDecoder::new(MAX_FRAME_BYTES);
-    let mut chunk = vec![0u8; 4096];
-    let handshake = async {
-        loop {
-            match decoder.next_message::<StorageResponse>() {
-                Ok(Some(answer)) => return Ok(answer),
-                Ok(None) => {}
-                Err(error) => return Err(ConnectError::Handshake(error.to_string())),
-            }
-            let n = read_half.read(&mut chunk).await?;
-            if n == 0 {
-                return Err(ConnectError::Handshake("the server closed the connection".into()));
-            }
-            decoder.push(&chunk[..n]);
+    let (read_half, write_half) = stream.into_split();
+    let mut input = FramedRead::new(read_half, max_frame_bytes);
+    let mut output = FramedWrite::new(write_half, max_frame_bytes);
+    let hello = StorageRequest::Hello { version: STORAGE_PROTOCOL_VERSION };
+    output.send(&hello).await.map_err(|e| ConnectError::Handshake(e.to_string()))?;
+    let answer = match tokio::time::timeout(HANDSHAKE_TIMEOUT, input.recv::<StorageResponse>()).await {
+        Ok(Ok(answer)) => answer,
+        Ok(Err(FrameError::Closed)) => {
+            return Err(ConnectError::Handshake("the server closed the connection".into()));
         }
-    };
-    let answer = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
-        Ok(answer) => answer?,
+        Ok(Err(FrameError::Io(error))) => return Err(ConnectError::Io(error)),
+        Ok(Err(error)) => return Err(ConnectError::Handshake(error.to_string())),
         Err(_) => return Err(ConnectError::Handshake("the server did not answer the handshake".into())),
     };
     match answer {
@@ -357,18 +398,19 @@ async fn open(
         }
         other => return Err(ConnectError::Handshake(format!("unexpected answer {other:?}"))),
     }
+    // Unbounded: its callers bound it by awaiting their answers (see the module documentation).
     let (out, out_rx) = mpsc::unbounded_channel();
     let conn = Arc::new(Conn {
         out,
+        max_frame_bytes,
         pending: Mutex::new(Some(HashMap::new())),
         next_request: AtomicU64::new(0),
         generation,
         tasks: Mutex::new(Vec::new()),
         ended,
     });
-    let writer = tokio::spawn(write_loop(write_half, out_rx)).abort_handle();
-    let reader =
-        tokio::spawn(read_loop(read_half, decoder, Arc::downgrade(&conn), generation)).abort_handle();
+    let writer = tokio::spawn(write_loop(output, out_rx, Arc::downgrade(&conn))).abort_handle();
+    let reader = tokio::spawn(read_loop(input, Arc::downgrade(&conn), generation)).abort_handle();
     conn.tasks.lock().expect("tasks lock").extend([writer, reader]);
     Ok((conn, peer))
 }
@@ -400,7 +442,7 @@ async fn supervise(
             let Some(handle) = client.upgrade() else { return };
             let generation = handle.session.disconnect();
             drop(handle);
-            match open(addr, generation, ended_tx.clone()).await {
+            match open(addr, generation, config.max_frame_bytes, ended_tx.clone()).await {
                 Ok((conn, _)) => {
                     let Some(handle) = client.upgrade() else { return };
                     if restore_holds(&handle.session, &conn).await {
@@ -443,44 +485,46 @@ async fn restore_holds(session: &HoldSession, conn: &Conn) -> bool {
     true
 }
 
-async fn write_loop(mut socket: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<StorageRequest>) {
-    let mut buffer = Vec::new();
-    while let Some(message) = rx.recv().await {
-        buffer.clear();
+/// Writes the queued requests, coalescing what is queued into one write. A request that cannot be encoded
+/// (callers check the variable-sized ones before they queue them) or a failed write closes the connection,
+/// so that every caller waiting on it gets `Disconnected` rather than wait.
+async fn write_loop(
+    mut output: FramedWrite<OwnedWriteHalf>,
+    mut rx: mpsc::UnboundedReceiver<StorageRequest>,
+    conn: Weak<Conn>,
+) {
+    let failure = 'write: loop {
+        let Some(message) = rx.recv().await else { return };
         let mut next = Some(message);
         while let Some(message) = next.take() {
-            if let Err(error) = encode_frame(&message, MAX_FRAME_BYTES, &mut buffer) {
+            if let Err(error) = output.encode(&message) {
                 tracing::error!(%error, "cannot encode a storage request; closing the connection");
-                return;
+                break 'write error.to_string();
             }
-            if buffer.len() < (1 << 20) {
+            if !output.batch_full() {
                 next = rx.try_recv().ok();
             }
         }
-        if let Err(error) = socket.write_all(&buffer).await {
+        if let Err(error) = output.flush().await {
             tracing::debug!(%error, "storage connection write failed");
-            return;
+            break error.to_string();
         }
+    };
+    tracing::info!(reason = %failure, "storage connection lost");
+    if let Some(conn) = conn.upgrade() {
+        conn.close();
     }
 }
 
-async fn read_loop(mut socket: OwnedReadHalf, mut decoder: FrameDecoder, conn: Weak<Conn>, generation: u64) {
-    let mut chunk = vec![0u8; 64 * 1024];
-    let end = 'read: loop {
-        loop {
-            match decoder.next_message::<StorageResponse>() {
-                Ok(Some(StorageResponse::Reply { request, reply })) => {
-                    let Some(conn) = conn.upgrade() else { break 'read "closed".to_string() };
-                    deliver(&conn, request, reply);
-                }
-                Ok(Some(other)) => break 'read format!("unexpected message {other:?}"),
-                Ok(None) => break,
-                Err(error) => break 'read error.to_string(),
+async fn read_loop(mut input: FramedRead<OwnedReadHalf>, conn: Weak<Conn>, generation: u64) {
+    let end = loop {
+        match input.recv::<StorageResponse>().await {
+            Ok(StorageResponse::Reply { request, reply }) => {
+                let Some(conn) = conn.upgrade() else { break "closed".to_string() };
+                deliver(&conn, request, reply);
             }
-        }
-        match socket.read(&mut chunk).await {
-            Ok(0) => break "the server closed the connection".to_string(),
-            Ok(n) => decoder.push(&chunk[..n]),
+            Ok(other) => break format!("unexpected message {other:?}"),
+            Err(FrameError::Closed) => break "the server closed the connection".to_string(),
             Err(error) => break error.to_string(),
         }
     };
@@ -812,12 +856,24 @@ impl RemoteWatch {
     }
 }
 
+/// The error of a read whose call failed or got a reply of another kind.
+fn read_error(call: Result<Reply, CallError>) -> ReadError {
+    match call {
+        Ok(other) => ReadError::Protocol(format!("unexpected reply {other:?}")),
+        Err(CallError::Disconnected) => ReadError::Disconnected,
+        Err(CallError::TooLarge { .. }) => unreachable!("a read request fits the smallest frame"),
+    }
+}
+
 impl StorageCollections for Client {
     fn create_collection(&self, id: GlobalId, desc: RelationDesc) -> BoxFuture<'_, Result<(), CreateError>> {
         Box::pin(async move {
             match self.call(|request| StorageRequest::CreateCollection { request, id, desc }).await {
-                Some(Reply::Created(result)) => result,
-                _ => Err(CreateError::Disconnected),
+                Ok(Reply::Created(result)) => result,
+                Err(CallError::TooLarge { bytes, max_bytes }) => {
+                    Err(CreateError::TooLarge { bytes, max_bytes })
+                }
+                Ok(_) | Err(CallError::Disconnected) => Err(CreateError::Disconnected),
             }
         })
     }
@@ -825,8 +881,9 @@ impl StorageCollections for Client {
     fn drop_collection(&self, id: GlobalId) -> BoxFuture<'_, Result<(), DropError>> {
         Box::pin(async move {
             match self.call(|request| StorageRequest::DropCollection { request, id }).await {
-                Some(Reply::Dropped(result)) => result,
-                _ => Err(DropError::Disconnected),
+                Ok(Reply::Dropped(result)) => result,
+                Err(CallError::TooLarge { .. }) => unreachable!("a drop request fits the smallest frame"),
+                Ok(_) | Err(CallError::Disconnected) => Err(DropError::Disconnected),
             }
         })
     }
@@ -834,9 +891,8 @@ impl StorageCollections for Client {
     fn list_collections(&self) -> BoxFuture<'_, Result<Vec<(GlobalId, RelationDesc)>, ReadError>> {
         Box::pin(async move {
             match self.call(|request| StorageRequest::ListCollections { request }).await {
-                Some(Reply::Collections(result)) => result,
-                Some(other) => Err(ReadError::Protocol(format!("unexpected reply {other:?}"))),
-                None => Err(ReadError::Disconnected),
+                Ok(Reply::Collections(result)) => result,
+                other => Err(read_error(other)),
             }
         })
     }
@@ -844,9 +900,8 @@ impl StorageCollections for Client {
     fn frontiers(&self, id: GlobalId) -> BoxFuture<'_, Result<CollectionFrontiers, ReadError>> {
         Box::pin(async move {
             match self.call(|request| StorageRequest::Frontiers { request, id }).await {
-                Some(Reply::Frontiers(result)) => result,
-                Some(other) => Err(ReadError::Protocol(format!("unexpected reply {other:?}"))),
-                None => Err(ReadError::Disconnected),
+                Ok(Reply::Frontiers(result)) => result,
+                other => Err(read_error(other)),
             }
         })
     }
@@ -854,8 +909,11 @@ impl StorageCollections for Client {
     fn append(&self, requests: Vec<AppendRequest>) -> BoxFuture<'_, Result<(), AppendError>> {
         Box::pin(async move {
             match self.call(|request| StorageRequest::Append { request, requests }).await {
-                Some(Reply::Appended(result)) => result,
-                _ => Err(AppendError::Disconnected),
+                Ok(Reply::Appended(result)) => result,
+                Err(CallError::TooLarge { bytes, max_bytes }) => {
+                    Err(AppendError::TooLarge { bytes, max_bytes })
+                }
+                Ok(_) | Err(CallError::Disconnected) => Err(AppendError::Disconnected),
             }
         })
     }
@@ -887,8 +945,11 @@ impl StorageCollections for Client {
     fn set_read_policy(&self, id: GlobalId, policy: ReadPolicy<u64>) -> BoxFuture<'_, Result<(), HoldError>> {
         Box::pin(async move {
             match self.call(|request| StorageRequest::SetReadPolicy { request, id, policy }).await {
-                Some(Reply::PolicySet(result)) => result,
-                _ => Err(HoldError::Disconnected),
+                Ok(Reply::PolicySet(result)) => result,
+                Err(CallError::TooLarge { bytes, max_bytes }) => {
+                    Err(HoldError::TooLarge { bytes, max_bytes })
+                }
+                Ok(_) | Err(CallError::Disconnected) => Err(HoldError::Disconnected),
             }
         })
     }
@@ -896,9 +957,8 @@ impl StorageCollections for Client {
     fn snapshot(&self, id: GlobalId, as_of: u64) -> BoxFuture<'_, Result<Vec<(Row, Diff)>, ReadError>> {
         Box::pin(async move {
             match self.call(|request| StorageRequest::Snapshot { request, id, as_of }).await {
-                Some(Reply::Snapshot(result)) => result,
-                Some(other) => Err(ReadError::Protocol(format!("unexpected reply {other:?}"))),
-                None => Err(ReadError::Disconnected),
+                Ok(Reply::Snapshot(result)) => result,
+                other => Err(read_error(other)),
             }
         })
     }

@@ -28,9 +28,18 @@ pub enum CreateError {
     /// dropped collection may still be outstanding.
     #[error("collection {0} was dropped; its id cannot be reused")]
     AlreadyDropped(GlobalId),
-    /// The durable log could not be written; nothing was created.
+    /// The durable log (or the shard engine's storage) could not be written; nothing was created.
     #[error("i/o error: {0}")]
     Io(String),
+    /// The request (its schema) does not fit a frame of the storage protocol (between a
+    /// networked client and its server only; nothing was created).
+    #[error("a create request of {bytes} bytes is over the storage frame limit of {max_bytes} bytes")]
+    TooLarge {
+        /// Its encoded size.
+        bytes: u64,
+        /// The frame limit.
+        max_bytes: u64,
+    },
     /// The connection to the storage server is gone (or the store was shut down).
     #[error("disconnected from storage")]
     Disconnected,
@@ -42,7 +51,7 @@ pub enum DropError {
     /// No collection with this id exists.
     #[error("collection {0} is missing")]
     CollectionMissing(GlobalId),
-    /// The durable log could not be written; nothing was dropped.
+    /// The durable log (or the shard engine's storage) could not be written; nothing was dropped.
     #[error("i/o error: {0}")]
     Io(String),
     /// The connection to the storage server is gone (or the store was shut down).
@@ -104,10 +113,41 @@ pub enum AppendError {
     /// consistent: later appends succeed once the disk recovers, or fail with this error again.
     #[error("i/o error: {0}")]
     Io(String),
+    /// The request (its updates) does not fit a frame of the storage protocol (between a
+    /// networked client and its server only; nothing was appended).
+    #[error("an append request of {bytes} bytes is over the storage frame limit of {max_bytes} bytes")]
+    TooLarge {
+        /// Its encoded size.
+        bytes: u64,
+        /// The frame limit.
+        max_bytes: u64,
+    },
     /// The connection to the storage server is gone (or the store was shut down). Whether the append took
     /// effect is unknown; read the upper to find out.
     #[error("disconnected from storage")]
     Disconnected,
+    /// The updates' multiplicities overflow `i64`, within the append or against the counts the collection
+    /// already holds (the shard engine keeps a bound on every row's count, see `storage::shard`). Nothing
+    /// was appended.
+    #[error("append to {id}: the multiplicity of row {row} overflows")]
+    DiffOverflow {
+        /// The collection.
+        id: GlobalId,
+        /// A row whose count would overflow, printed.
+        row: String,
+    },
+    /// The storage engines failed for longer than the retry budget, and the append may have taken effect
+    /// (its last attempt's outcome is unknown). Read the upper to find out.
+    #[error("append outcome unknown: {0}")]
+    Indeterminate(String),
+    /// The collection's stored state is damaged; nothing was appended.
+    #[error("append to {id}: stored state is damaged: {what}")]
+    Corrupt {
+        /// The collection.
+        id: GlobalId,
+        /// What is damaged (the consensus key and version, or the blob key).
+        what: String,
+    },
 }
 
 /// Why a read (`snapshot`, `listen`, `frontiers`, `list_collections`, `watch_frontiers`) failed.
@@ -140,12 +180,48 @@ pub enum ReadError {
     /// The collection was dropped while it was being read (a listen, or a snapshot that was waiting).
     #[error("collection {0} was dropped")]
     CollectionDropped(GlobalId),
+    /// The answer (a snapshot, a listen's next event, the list of collections) does not fit a frame of
+    /// the storage protocol (between a networked client and its server only; nothing was lost: read less
+    /// at once, or in process). A listen ends with it.
+    #[error("an answer of {bytes} bytes is over the storage frame limit of {max_bytes} bytes")]
+    TooLarge {
+        /// Its encoded size.
+        bytes: u64,
+        /// The frame limit.
+        max_bytes: u64,
+    },
     /// The connection to the storage server is gone (or the store was shut down).
     #[error("disconnected from storage")]
     Disconnected,
     /// The server answered something the protocol does not allow.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// Stored data is damaged: a batch part is missing or fails its checksum, or a state version is
+    /// missing or corrupt. Nothing is skipped silently: the read fails.
+    #[error("cannot read {id}: stored data is damaged: {what}")]
+    Corrupt {
+        /// The collection.
+        id: GlobalId,
+        /// What is damaged (the blob key or the consensus key and version) and how.
+        what: String,
+    },
+    /// The storage engines (blob store, consensus database) failed for longer than the retry budget.
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl ReadError {
+    /// The read error a failure to hold `as_of` for a read (a snapshot's or a listen's own hold) amounts to.
+    pub fn from_hold(error: HoldError, as_of: u64) -> ReadError {
+        match error {
+            HoldError::CollectionMissing(id) => ReadError::CollectionMissing(id),
+            HoldError::BeforeSince { id, since, .. } => ReadError::BeforeSince { id, since, as_of },
+            HoldError::Disconnected => ReadError::Disconnected,
+            HoldError::TooLarge { bytes, max_bytes } => ReadError::TooLarge { bytes, max_bytes },
+            HoldError::Unavailable(message) => ReadError::Unavailable(message),
+            HoldError::Corrupt { id, what } => ReadError::Corrupt { id, what },
+        }
+    }
 }
 
 /// Why `acquire_read_hold` or `set_read_policy` failed.
@@ -164,9 +240,29 @@ pub enum HoldError {
         /// The frontier asked for.
         requested: Antichain<u64>,
     },
+    /// The request (its policy) does not fit a frame of the storage protocol (between a
+    /// networked client and its server only; nothing was changed).
+    #[error("a read policy of {bytes} bytes is over the storage frame limit of {max_bytes} bytes")]
+    TooLarge {
+        /// Its encoded size.
+        bytes: u64,
+        /// The frame limit.
+        max_bytes: u64,
+    },
     /// The connection to the storage server is gone (or the store was shut down).
     #[error("disconnected from storage")]
     Disconnected,
+    /// The storage engines failed for longer than the retry budget; no hold was taken.
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+    /// The collection's stored state is damaged; no hold was taken.
+    #[error("cannot hold {id}: stored state is damaged: {what}")]
+    Corrupt {
+        /// The collection.
+        id: GlobalId,
+        /// What is damaged.
+        what: String,
+    },
 }
 
 /// Serde's mirror of [`RowTypeError`] (which `protocol` does not make serialisable), so that

@@ -5,14 +5,18 @@
 //! back to, and whose compaction the controller holds back (DESIGN §2, §4). Everything speaks the object-safe
 //! [`StorageCollections`] trait, implemented by
 //!
-//! - [`InProcess`]: the embedded store, in memory ([`InProcess::in_memory`]) or durable in a data directory
-//!   ([`InProcess::open`]);
+//! - [`ShardCollections`]: collections as shards on a [`blob::Blob`] store and a [`consensus::Consensus`]
+//!   database, read and written directly by every process that reaches both (DESIGN §9; see [`shard`]).
+//!   Backends by URL: local files, S3 (feature `s3`) or memory; SQLite, PostgreSQL (feature `postgres`) or
+//!   memory. `storage::services` (feature `services`) starts a throwaway PostgreSQL and S3 server;
+//! - [`InProcess`]: the storage server's embedded store, in memory ([`InProcess::in_memory`]) or durable in a
+//!   data directory ([`InProcess::open`]);
 //! - [`Client`]: a connection to a [`Server`] (binary `storage-server --data-dir DIR --listen ADDR`).
 //!
-//! Layers, bottom up: [`core`] (synchronous, deterministic, I/O-free: the simulator drives it directly),
-//! [`durable`] (write-ahead log, checkpoints, recovery), [`InProcess`] (the async shell, with a pipelined
-//! group-committer and syncer thread), [`Server`] / [`Client`] ([`wire`] protocol over `protocol::frame`
-//! frames), and [`TableWriter`] (a service's `INSERT` at clock timestamps).
+//! The storage server's layers, bottom up: [`core`] (synchronous, deterministic, I/O-free: the simulator
+//! drives it directly), [`durable`] (write-ahead log, checkpoints, recovery), [`InProcess`] (the async shell,
+//! with a pipelined group-committer and syncer thread), [`Server`] / [`Client`] ([`wire`] protocol over
+//! `protocol::frame` frames); and [`TableWriter`] (a service's `INSERT` at clock timestamps, on any engine).
 //!
 //! **What this is not.** Nothing here knows compute or the controller.
 //!
@@ -31,29 +35,39 @@
 //!
 //! **Tests.** Unit tests next to the code; integration tests in `tests/it/` (errors, a property test of the
 //! core against a naive model, durability with SIGKILLed child processes and torn tails, server and client
-//! over real TCP, listens, the table writer). Benchmarks in `benches/storage.rs`
-//! (`cargo bench -p storage --bench storage`).
+//! over real TCP, listens, the table writer; for shards: the engine traits' conformance suites, the
+//! `StorageCollections` behaviours and the faults on every backend, a property test of the shard state
+//! machine). Benchmarks in `benches/storage.rs` (`cargo xtask bench storage`).
 
 mod api;
+pub mod blob;
 mod client;
 mod commit;
+pub mod consensus;
 pub mod core;
 pub mod durable;
 mod error;
+pub mod external;
 mod inprocess;
 mod listen;
 mod server;
+#[cfg(feature = "services")]
+pub mod services;
 mod session;
+pub mod shard;
 mod table_writer;
+mod url;
 pub mod wire;
 
 pub use api::{
     AppendRequest, BoxFuture, CollectionFrontiers, ListenEvent, StorageCollections, StorageReadHold,
 };
-pub use client::{Client, ClientConfig, ConnectError};
+pub use client::{Client, ClientConfig, ConnectError, MIN_FRAME_BYTES};
 pub use error::{AppendError, CreateError, DropError, HoldError, ReadError};
 pub use inprocess::{CheckpointError, InProcess, StoreConfig};
 pub use listen::{FrontierWatch, Listen};
 pub use server::Server;
 pub use session::HoldSession;
+pub use shard::{ShardCollections, ShardConfig, ShardOpenError, ShardStats};
 pub use table_writer::{Clock, ManualClock, SystemClock, TableWriteError, TableWriter, TableWriterConfig};
+pub use url::UrlError;

@@ -14,7 +14,11 @@
 //! (always sent, possibly empty), then alternating non-empty `Updates` and `Progress` with strictly
 //! advancing frontiers; every update's time is beyond the previous `Progress` and before the next one.
 //!
-//! **Tests.** `tests/it/listen.rs` (in-process and over TCP, including a lagging listener).
+//! A listen or watch on shards ([`crate::shard::ShardCollections`]) is a third kind, documented in
+//! `shard/listen.rs`.
+//!
+//! **Tests.** `tests/it/listen.rs` (in-process and over TCP, including a lagging listener; on shards in
+//! `tests/it/shards.rs`).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
@@ -26,8 +30,9 @@ use tokio::sync::watch;
 
 use crate::api::{CollectionFrontiers, ListenEvent, StorageReadHold};
 use crate::client::{RemoteListen, RemoteWatch};
-use crate::error::{HoldError, ReadError};
+use crate::error::ReadError;
 use crate::inprocess::{Shared, WatcherEntry};
+use crate::shard::{ShardListen, ShardWatch};
 
 /// A stream of a collection's changes; see [`crate::StorageCollections::listen`].
 pub struct Listen {
@@ -37,6 +42,7 @@ pub struct Listen {
 enum ListenInner {
     Local(LocalListen),
     Remote(RemoteListen),
+    Shard(Box<ShardListen>),
 }
 
 impl fmt::Debug for Listen {
@@ -44,6 +50,7 @@ impl fmt::Debug for Listen {
         let (kind, id, as_of) = match &self.inner {
             ListenInner::Local(l) => ("local", l.id, l.as_of),
             ListenInner::Remote(r) => ("remote", r.id(), r.as_of()),
+            ListenInner::Shard(s) => ("shard", s.id(), s.as_of()),
         };
         f.debug_struct("Listen").field("kind", &kind).field("id", &id).field("as_of", &as_of).finish()
     }
@@ -58,12 +65,17 @@ impl Listen {
         Listen { inner: ListenInner::Remote(listen) }
     }
 
+    pub(crate) fn shard(listen: ShardListen) -> Self {
+        Listen { inner: ListenInner::Shard(Box::new(listen)) }
+    }
+
     /// The next event: waits until there is one. [`ReadError::CollectionDropped`] once the collection is
     /// dropped, [`ReadError::Disconnected`] once the store or server is gone; both are final.
     pub async fn next(&mut self) -> Result<ListenEvent, ReadError> {
         match &mut self.inner {
             ListenInner::Local(listen) => listen.next().await,
             ListenInner::Remote(listen) => listen.next().await,
+            ListenInner::Shard(listen) => listen.next().await,
         }
     }
 
@@ -72,6 +84,7 @@ impl Listen {
         match &mut self.inner {
             ListenInner::Local(listen) => listen.poll_ready(),
             ListenInner::Remote(listen) => listen.try_next(),
+            ListenInner::Shard(listen) => listen.try_next(),
         }
     }
 
@@ -80,6 +93,7 @@ impl Listen {
         match &self.inner {
             ListenInner::Local(listen) => listen.id,
             ListenInner::Remote(listen) => listen.id(),
+            ListenInner::Shard(listen) => listen.id(),
         }
     }
 
@@ -88,6 +102,7 @@ impl Listen {
         match &self.inner {
             ListenInner::Local(listen) => listen.as_of,
             ListenInner::Remote(listen) => listen.as_of(),
+            ListenInner::Shard(listen) => listen.as_of(),
         }
     }
 }
@@ -124,12 +139,10 @@ impl LocalListen {
             if state.shut_down {
                 return Err(ReadError::Disconnected);
             }
-            let hold =
-                state.store.acquire_read_hold(id, Antichain::from_elem(as_of)).map_err(|e| match e {
-                    HoldError::CollectionMissing(id) => ReadError::CollectionMissing(id),
-                    HoldError::BeforeSince { id, since, .. } => ReadError::BeforeSince { id, since, as_of },
-                    HoldError::Disconnected => ReadError::Disconnected,
-                })?;
+            let hold = state
+                .store
+                .acquire_read_hold(id, Antichain::from_elem(as_of))
+                .map_err(|e| ReadError::from_hold(e, as_of))?;
             let signal = state.signals.get(&id).map(watch::Sender::subscribe);
             let signal = signal.unwrap_or_else(|| panic!("collection {id} exists but has no signal"));
             (hold, signal)
@@ -269,6 +282,7 @@ pub struct FrontierWatch {
 enum WatchInner {
     Local(LocalWatch),
     Remote(RemoteWatch),
+    Shard(Box<ShardWatch>),
 }
 
 impl fmt::Debug for FrontierWatch {
@@ -276,6 +290,7 @@ impl fmt::Debug for FrontierWatch {
         let kind = match &self.inner {
             WatchInner::Local(_) => "local",
             WatchInner::Remote(_) => "remote",
+            WatchInner::Shard(_) => "shard",
         };
         f.debug_struct("FrontierWatch").field("kind", &kind).finish_non_exhaustive()
     }
@@ -290,12 +305,17 @@ impl FrontierWatch {
         FrontierWatch { inner: WatchInner::Remote(watch) }
     }
 
+    pub(crate) fn shard(watch: ShardWatch) -> Self {
+        FrontierWatch { inner: WatchInner::Shard(Box::new(watch)) }
+    }
+
     /// The next change: a collection's current frontiers, or `None` once it is dropped. Waits until there
     /// is one. [`ReadError::Disconnected`] once the store or server is gone.
     pub async fn next(&mut self) -> Result<(GlobalId, Option<CollectionFrontiers>), ReadError> {
         match &mut self.inner {
             WatchInner::Local(watch) => watch.next().await,
             WatchInner::Remote(watch) => watch.next().await,
+            WatchInner::Shard(watch) => watch.next().await,
         }
     }
 
@@ -304,6 +324,7 @@ impl FrontierWatch {
         match &mut self.inner {
             WatchInner::Local(watch) => watch.poll_ready(),
             WatchInner::Remote(watch) => watch.try_next(),
+            WatchInner::Shard(watch) => watch.try_next(),
         }
     }
 }

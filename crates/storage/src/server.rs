@@ -2,7 +2,10 @@
 //!
 //! **Per connection** a reader loop decodes frames and dispatches them; a writer task encodes answers from a
 //! bounded queue (a client that does not read its answers stops the reader, which stops reading its
-//! requests: backpressure, not buffering). Requests that may wait (appends, snapshots, listen and watch
+//! requests: backpressure, not buffering). Both go through `transport` with the server's frame limit. An
+//! answer over the limit becomes its kind's `ReadError::TooLarge` ([`Reply::too_large`]); one that has no
+//! stand-in, or cannot be encoded at all, ends the connection (logged), which fails every request of the
+//! client in flight on it, rather than leave one waiting. Requests that may wait (appends, snapshots, listen and watch
 //! pulls) run as tasks owned by the connection; hold operations run inline, in order. The connection owns,
 //! per collection, a `MutableAntichain` of the client's hold frontiers and one real `ReadHold` kept at that
 //! antichain's frontier (released when it empties).
@@ -24,8 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use frontiers::{Antichain, MutableAntichain};
 use protocol::GlobalId;
-use protocol::frame::{FrameDecoder, encode_frame};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use protocol::frame::FrameError;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream, ToSocketAddrs};
 use tokio::sync::mpsc;
@@ -36,6 +38,7 @@ use crate::error::ReadError;
 use crate::inprocess::InProcess;
 use crate::listen::{FrontierWatch, Listen};
 use crate::wire::{MAX_FRAME_BYTES, Reply, STORAGE_PROTOCOL_VERSION, StorageRequest, StorageResponse};
+use transport::{FramedRead, FramedWrite};
 
 /// Answers a connection may have queued for its writer before its reader stops reading.
 const OUTGOING_QUEUE: usize = 256;
@@ -47,13 +50,21 @@ const PULL_BUDGET_BYTES: usize = 8 << 20;
 pub struct Server {
     listener: TcpListener,
     store: InProcess,
+    max_frame_bytes: usize,
 }
 
 impl Server {
     /// Binds `addr` (use port 0 for any free port).
     pub async fn bind(addr: impl ToSocketAddrs, store: InProcess) -> io::Result<Server> {
         let listener = TcpListener::bind(addr).await?;
-        Ok(Server { listener, store })
+        Ok(Server { listener, store, max_frame_bytes: MAX_FRAME_BYTES })
+    }
+
+    /// The same server with another frame limit (default [`MAX_FRAME_BYTES`]); its clients must use the
+    /// same (`ClientConfig::max_frame_bytes`).
+    pub fn with_max_frame_bytes(mut self, max_frame_bytes: usize) -> Server {
+        self.max_frame_bytes = max_frame_bytes;
+        self
     }
 
     /// The address it listens on.
@@ -85,7 +96,7 @@ impl Server {
                     };
                     let connection = next_connection.fetch_add(1, Ordering::Relaxed);
                     let store = self.store.clone();
-                    connections.spawn(serve_connection(stream, peer, connection, store));
+                    connections.spawn(serve_connection(stream, peer, connection, store, self.max_frame_bytes));
                 }
                 Some(_) = connections.join_next(), if !connections.is_empty() => {}
             }
@@ -108,6 +119,8 @@ enum ConnectionEnd {
     Io(#[from] io::Error),
     #[error("protocol violation: {0}")]
     Protocol(String),
+    #[error("an answer cannot be sent: {0}")]
+    Unsendable(String),
 }
 
 /// The connection's holds on one collection.
@@ -133,7 +146,13 @@ struct Connection {
     tasks: JoinSet<()>,
 }
 
-async fn serve_connection(stream: TcpStream, peer: SocketAddr, connection: u64, store: InProcess) {
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    connection: u64,
+    store: InProcess,
+    max_frame_bytes: usize,
+) {
     let _ = stream.set_nodelay(true);
     let span = tracing::info_span!("storage_connection", connection, %peer);
     let _entered = span.enter();
@@ -141,7 +160,7 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, connection: u64, 
     tracing::debug!(connection, %peer, "storage client connected");
     let (read_half, write_half) = stream.into_split();
     let (out, out_rx) = mpsc::channel(OUTGOING_QUEUE);
-    let writer = tokio::spawn(write_loop(write_half, out_rx));
+    let mut writer = tokio::spawn(write_loop(FramedWrite::new(write_half, max_frame_bytes), out_rx));
     let mut state = Connection {
         store,
         connection,
@@ -151,87 +170,113 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, connection: u64, 
         watches: HashMap::new(),
         tasks: JoinSet::new(),
     };
-    let end = state.read_loop(read_half).await;
+    let input = FramedRead::new(read_half, max_frame_bytes);
+    // The writer ends early only when an answer cannot be sent: the connection ends with it.
+    let (end, writer_done) = tokio::select! {
+        end = state.read_loop(input) => (end, false),
+        written = &mut writer => match written {
+            Ok(Err(end)) => (end, true),
+            Ok(Ok(())) | Err(_) => (ConnectionEnd::Closed, true),
+        },
+    };
     let holds = state.holds.len();
     // Dropping the state releases the holds, ends listens and watches, and aborts the tasks.
     drop(state);
     match end {
         ConnectionEnd::Closed => tracing::info!(connection, %peer, holds, "storage client disconnected"),
+        ConnectionEnd::Unsendable(_) => {
+            tracing::error!(connection, %peer, holds, error = %end, "closing storage connection")
+        }
         end => tracing::warn!(connection, %peer, holds, error = %end, "closing storage connection"),
     }
     // The writer ends once every sender is gone (the tasks are aborted); let it flush what it has.
-    let _ = writer.await;
+    if !writer_done {
+        let _ = writer.await;
+    }
 }
 
-async fn write_loop(mut socket: OwnedWriteHalf, mut rx: mpsc::Receiver<StorageResponse>) {
-    let mut buffer = Vec::new();
+/// Writes the answers queued on `rx`, coalescing what is queued into one write. Ends when every sender is
+/// gone, when the client is gone, or with `Unsendable` when an answer cannot be sent (see the module
+/// documentation).
+async fn write_loop(
+    mut output: FramedWrite<OwnedWriteHalf>,
+    mut rx: mpsc::Receiver<StorageResponse>,
+) -> Result<(), ConnectionEnd> {
     while let Some(message) = rx.recv().await {
-        buffer.clear();
         let mut next = Some(message);
         while let Some(message) = next.take() {
-            if let Err(error) = encode_frame(&message, MAX_FRAME_BYTES, &mut buffer) {
-                tracing::error!(%error, "cannot encode a storage response");
-                return;
-            }
-            if buffer.len() < (1 << 20) {
+            encode_answer(&mut output, &message)?;
+            if !output.batch_full() {
                 next = rx.try_recv().ok();
             }
         }
-        if socket.write_all(&buffer).await.is_err() {
-            return;
+        if output.flush().await.is_err() {
+            return Ok(());
         }
     }
-    let _ = socket.shutdown().await;
+    let _ = output.shutdown().await;
+    Ok(())
+}
+
+/// Appends `message` to the batch, or its stand-in if it is over the frame limit.
+fn encode_answer(
+    output: &mut FramedWrite<OwnedWriteHalf>,
+    message: &StorageResponse,
+) -> Result<(), ConnectionEnd> {
+    let (len, max) = match output.encode(message) {
+        Ok(()) => return Ok(()),
+        Err(FrameError::TooLarge { len, max }) => (len, max),
+        Err(error) => return Err(ConnectionEnd::Unsendable(error.to_string())),
+    };
+    let StorageResponse::Reply { request, reply } = message else {
+        return Err(ConnectionEnd::Unsendable(format!("a handshake answer of {len} bytes")));
+    };
+    let Some(stand_in) = reply.too_large(len as u64, max as u64) else {
+        return Err(ConnectionEnd::Unsendable(format!(
+            "a reply of {len} bytes is over the frame limit of {max}"
+        )));
+    };
+    tracing::warn!(request, len, max, "a reply is over the frame limit; answering TooLarge");
+    output
+        .encode(&StorageResponse::Reply { request: *request, reply: stand_in })
+        .map_err(|error| ConnectionEnd::Unsendable(error.to_string()))
 }
 
 impl Connection {
-    async fn read_loop(&mut self, mut socket: OwnedReadHalf) -> ConnectionEnd {
-        let mut decoder = FrameDecoder::new(MAX_FRAME_BYTES);
-        let mut chunk = vec![0u8; 64 * 1024];
+    async fn read_loop(&mut self, mut input: FramedRead<OwnedReadHalf>) -> ConnectionEnd {
         let mut greeted = false;
         loop {
-            loop {
-                let message = match decoder.next_message::<StorageRequest>() {
-                    Ok(Some(message)) => message,
-                    Ok(None) => break,
+            let message = tokio::select! {
+                message = input.recv::<StorageRequest>() => match message {
+                    Ok(message) => message,
+                    Err(FrameError::Closed) => return ConnectionEnd::Closed,
+                    Err(FrameError::Io(error)) => return ConnectionEnd::Io(error),
                     Err(error) => return ConnectionEnd::Protocol(error.to_string()),
-                };
-                if !greeted {
-                    match message {
-                        StorageRequest::Hello { version } if version == STORAGE_PROTOCOL_VERSION => {
-                            greeted = true;
-                            let hello = StorageResponse::Hello { version: STORAGE_PROTOCOL_VERSION };
-                            if self.out.send(hello).await.is_err() {
-                                return ConnectionEnd::Closed;
-                            }
-                            continue;
+                },
+                Some(_) = self.tasks.join_next(), if !self.tasks.is_empty() => continue,
+            };
+            if !greeted {
+                match message {
+                    StorageRequest::Hello { version } if version == STORAGE_PROTOCOL_VERSION => {
+                        greeted = true;
+                        let hello = StorageResponse::Hello { version: STORAGE_PROTOCOL_VERSION };
+                        if self.out.send(hello).await.is_err() {
+                            return ConnectionEnd::Closed;
                         }
-                        StorageRequest::Hello { version } => {
-                            let reason = format!("this server speaks version {STORAGE_PROTOCOL_VERSION}");
-                            let refused =
-                                StorageResponse::HelloRefused { version: STORAGE_PROTOCOL_VERSION, reason };
-                            let _ = self.out.send(refused).await;
-                            return ConnectionEnd::Protocol(format!("client speaks version {version}"));
-                        }
-                        _ => return ConnectionEnd::Protocol("the first message must be Hello".into()),
+                        continue;
                     }
-                }
-                if let Err(end) = self.handle(message).await {
-                    return end;
+                    StorageRequest::Hello { version } => {
+                        let reason = format!("this server speaks version {STORAGE_PROTOCOL_VERSION}");
+                        let refused =
+                            StorageResponse::HelloRefused { version: STORAGE_PROTOCOL_VERSION, reason };
+                        let _ = self.out.send(refused).await;
+                        return ConnectionEnd::Protocol(format!("client speaks version {version}"));
+                    }
+                    _ => return ConnectionEnd::Protocol("the first message must be Hello".into()),
                 }
             }
-            tokio::select! {
-                read = socket.read(&mut chunk) => match read {
-                    Ok(0) => {
-                        return match decoder.finish() {
-                            Ok(()) => ConnectionEnd::Closed,
-                            Err(error) => ConnectionEnd::Protocol(error.to_string()),
-                        };
-                    }
-                    Ok(n) => decoder.push(&chunk[..n]),
-                    Err(error) => return ConnectionEnd::Io(error),
-                },
-                Some(_) = self.tasks.join_next(), if !self.tasks.is_empty() => {}
+            if let Err(end) = self.handle(message).await {
+                return end;
             }
         }
     }

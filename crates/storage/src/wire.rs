@@ -18,6 +18,10 @@
 //! when it has consumed the previous answer, so neither side buffers more than one answer per listen.
 //! Listen and watch numbers are chosen by the client and must be fresh for the connection.
 //!
+//! **Too large.** A request over the frame limit is refused by the client before it is sent, with the
+//! operation's `TooLarge` error; a reply over it is replaced by the same kind of reply carrying
+//! [`ReadError::TooLarge`] ([`Reply::too_large`]); anything else that does not fit closes the connection.
+//!
 //! **What this is not:** the transport ([`crate::Server`], [`crate::Client`]).
 //!
 //! **Tests.** `tests/it/server.rs` speaks this protocol through `Client`, and also sends garbage.
@@ -210,6 +214,23 @@ pub enum Reply {
     Watching(Result<(), ReadError>),
     /// To `WatchNext`: at least one change, or the watch's final error.
     WatchEvents(Result<Vec<(GlobalId, Option<CollectionFrontiers>)>, ReadError>),
+}
+
+impl Reply {
+    /// The stand-in for this reply when it is `bytes` long, over the frame limit `max_bytes`: the same kind
+    /// of reply with [`ReadError::TooLarge`], for the replies whose size the data decides (a snapshot, a
+    /// listen's or a watch's events, the list of collections). `None` for the others, which are small
+    /// (the server closes the connection if one ever does not fit).
+    pub fn too_large(&self, bytes: u64, max_bytes: u64) -> Option<Reply> {
+        let error = ReadError::TooLarge { bytes, max_bytes };
+        match self {
+            Reply::Snapshot(Ok(_)) => Some(Reply::Snapshot(Err(error))),
+            Reply::ListenEvents(Ok(_)) => Some(Reply::ListenEvents(Err(error))),
+            Reply::WatchEvents(Ok(_)) => Some(Reply::WatchEvents(Err(error))),
+            Reply::Collections(Ok(_)) => Some(Reply::Collections(Err(error))),
+            _ => None,
+        }
+    }
 }
 
 fn check_frontier(what: &str, frontier: &Antichain<u64>) -> Result<(), String> {

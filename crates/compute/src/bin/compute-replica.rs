@@ -5,9 +5,14 @@
 //! ```
 //!
 //! A thin wrapper: it connects a `storage::Client` to the storage server and calls
-//! `compute::ReplicaServer::start`, then runs until interrupted (Ctrl-C / SIGINT). It prints the address it
-//! listens on as `listening on ADDR` (useful with port 0). It is not where any replica logic lives; see the
-//! `compute` library. Tested by the multi-process tests in `tests/it` that spawn it.
+//! `compute::ReplicaServer::start`, then runs until interrupted (Ctrl-C / SIGINT: exit status 0) or until
+//! the process fails (a worker panicked, timely failed, the I/O thread panicked: see
+//! `compute::ReplicaHandle::failed`), when it exits with status 1 at once, without waiting for the other
+//! processes of its replica (their cluster connections close with it, so they fail too), for its
+//! orchestrator to restart the replica. It prints the address it listens on as `listening on ADDR`
+//! (useful with port 0). It is not where any replica logic lives; see the `compute` library. Tested by the
+//! `sim` crate's `tests/it/process_orchestrator.rs`, which runs it under the process orchestrator (a
+//! worker panic and an injected I/O-thread panic, `compute::FAULT_ENV`, each exit with status 1).
 
 // The binary talks to a person on its terminal (usage errors, the address it listens on).
 #![allow(clippy::print_stdout, clippy::print_stderr)]
@@ -88,13 +93,8 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let config = ReplicaConfig {
-        listen: args.listen,
-        workers: args.workers,
-        process: args.process,
-        timely_addresses: args.addresses,
-        storage: Arc::new(client),
-    };
+    let config = ReplicaConfig::new(args.listen, args.workers, Arc::new(client))
+        .in_cluster(args.process, args.addresses);
     let handle = match ReplicaServer::start(config) {
         Ok(handle) => handle,
         Err(e) => {
@@ -109,13 +109,16 @@ fn main() -> ExitCode {
             failure = handle.failed() => Some(failure),
         }
     });
-    handle.shutdown();
     match failure {
-        None => ExitCode::SUCCESS,
+        None => {
+            handle.shutdown();
+            ExitCode::SUCCESS
+        }
         Some(failure) => {
-            // The orchestrator restarts the process; the controller replays its commands to it.
+            // The orchestrator restarts the process; the controller replays its commands to it. No
+            // shutdown: joining timely's threads would wait for the other processes of the replica.
             eprintln!("replica failed: {failure}");
-            ExitCode::FAILURE
+            std::process::exit(1)
         }
     }
 }

@@ -5,7 +5,7 @@
 use frontiers::Antichain;
 use protocol::{
     ComputeCommand, ComputeParameters, ComputeResponse, DataflowDescription, GlobalId, IndexImport,
-    InstanceConfig, InstanceId, LoggingConfig, PROTOCOL_VERSION, PeekResponse, PeekTarget, Plan, ReplicaId,
+    InstanceConfig, InstanceId, PROTOCOL_VERSION, PeekResponse, PeekTarget, Plan, ReplicaId,
 };
 
 use crate::harness::{
@@ -14,11 +14,7 @@ use crate::harness::{
 };
 
 fn create_instance() -> ComputeCommand {
-    ComputeCommand::CreateInstance(InstanceConfig {
-        instance_id: InstanceId(1),
-        replica_id: ReplicaId(1),
-        logging: LoggingConfig::default(),
-    })
+    ComputeCommand::CreateInstance(InstanceConfig { instance_id: InstanceId(1), replica_id: ReplicaId(1) })
 }
 
 /// The replica still answers a fresh controller.

@@ -13,13 +13,13 @@ use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
 use std::time::Duration;
 
-use compute::{ReplicaConfig, ReplicaHandle, ReplicaServer};
+use compute::{ReplicaConfig, ReplicaHandle, ReplicaLimits, ReplicaServer, StartError};
 use frontiers::{Antichain, PartialOrder, ReadPolicy};
 use protocol::frame::{DEFAULT_MAX_FRAME_BYTES, read_frame, write_frame};
 use protocol::{
     ComputeCommand, ComputeResponse, DataflowDescription, Diff, GlobalId, InstanceConfig, InstanceId,
-    LoggingConfig, MapFilterProject, PROTOCOL_VERSION, Peek, PeekId, PeekResponse, PeekTarget, RelationDesc,
-    ReplicaId, Row, RowSetFinishing, SubscribeBatch, SubscribeResponse,
+    MapFilterProject, PROTOCOL_VERSION, Peek, PeekId, PeekResponse, PeekTarget, RelationDesc, ReplicaId, Row,
+    RowSetFinishing, SubscribeBatch, SubscribeResponse,
 };
 use storage::{AppendRequest, InProcess, StorageCollections, StoreConfig};
 
@@ -81,9 +81,12 @@ pub enum Shape {
     TwoProcesses,
 }
 
-/// A free loopback port (bound and released; good enough for tests).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+/// `n` distinct free loopback addresses (bound together, then released: another socket may take one
+/// before it is bound again, which the caller must handle).
+pub fn free_addresses(n: usize) -> Vec<String> {
+    let listeners: Vec<std::net::TcpListener> =
+        (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind")).collect();
+    listeners.iter().map(|l| l.local_addr().expect("addr").to_string()).collect()
 }
 
 /// A replica: one handle per process.
@@ -105,29 +108,47 @@ pub fn init_logging() {
 impl Replica {
     /// Starts a replica of the given shape on `storage`.
     pub fn start(shape: Shape, storage: Arc<dyn StorageCollections>) -> Replica {
+        Self::start_with(shape, storage, |config| (config, ReplicaLimits::default()))
+    }
+
+    /// Starts a replica of the given shape on `storage`, each process's configuration changed (and its
+    /// limits chosen) by `configure`.
+    ///
+    /// The timely ports of a two-process replica are probed free and then bound by the processes: if
+    /// another socket took one meanwhile, the start fails with `StartError::ClusterBind` (never a
+    /// half-started replica), and this tries again with other ports.
+    pub fn start_with(
+        shape: Shape,
+        storage: Arc<dyn StorageCollections>,
+        configure: impl Fn(ReplicaConfig) -> (ReplicaConfig, ReplicaLimits),
+    ) -> Replica {
         init_logging();
         let listen: SocketAddr = "127.0.0.1:0".parse().expect("address");
         let processes = match shape {
             Shape::OneWorker | Shape::TwoWorkers => {
                 let workers = if shape == Shape::OneWorker { 1 } else { 2 };
-                let config =
-                    ReplicaConfig { listen, workers, process: 0, timely_addresses: Vec::new(), storage };
-                vec![ReplicaServer::start(config).expect("start replica")]
+                let (config, limits) = configure(ReplicaConfig::new(listen, workers, storage));
+                vec![ReplicaServer::start_with(config, limits).expect("start replica")]
             }
             Shape::TwoProcesses => {
-                let addresses: Vec<String> = (0..2).map(|_| format!("127.0.0.1:{}", free_port())).collect();
-                (0..2)
-                    .map(|process| {
-                        let config = ReplicaConfig {
-                            listen,
-                            workers: 1,
-                            process,
-                            timely_addresses: addresses.clone(),
-                            storage: Arc::clone(&storage),
-                        };
-                        ReplicaServer::start(config).expect("start replica process")
-                    })
-                    .collect()
+                let mut attempts = 0;
+                loop {
+                    attempts += 1;
+                    let addresses = free_addresses(2);
+                    let started: Result<Vec<ReplicaHandle>, StartError> = (0..2)
+                        .map(|process| {
+                            let config = ReplicaConfig::new(listen, 1, Arc::clone(&storage))
+                                .in_cluster(process, addresses.clone());
+                            let (config, limits) = configure(config);
+                            ReplicaServer::start_with(config, limits)
+                        })
+                        .collect();
+                    match started {
+                        Ok(processes) => break processes,
+                        Err(StartError::ClusterBind { .. }) if attempts < 5 => continue,
+                        Err(e) => panic!("start replica process: {e}"),
+                    }
+                }
             }
         };
         Replica { processes }
@@ -259,7 +280,6 @@ impl TestController {
         controller.send(ComputeCommand::CreateInstance(InstanceConfig {
             instance_id: InstanceId(1),
             replica_id: ReplicaId(1),
-            logging: LoggingConfig::default(),
         }));
         for command in replay {
             controller.send(command);
@@ -544,4 +564,98 @@ pub fn rows_of(response: PeekResponse) -> protocol::reference::Multiset {
         PeekResponse::Rows(rows) => rows.into_iter().map(|(r, n)| (r, n.get() as Diff)).collect(),
         other => panic!("expected rows, got {other:?}"),
     }
+}
+
+/// A storage with faults, `inner` otherwise: it panics when asked for the frontiers of `panics` (a bug in a
+/// dependency that runs on the replica's I/O thread: a dataflow importing it asks for them), and a listen
+/// to `listen_fails` fails.
+#[derive(Debug)]
+pub struct FaultyStorage {
+    /// Where everything else goes.
+    pub inner: Arc<InProcess>,
+    /// The collection whose frontiers panic.
+    pub panics: Option<GlobalId>,
+    /// The collection whose listens fail.
+    pub listen_fails: Option<GlobalId>,
+}
+
+impl StorageCollections for FaultyStorage {
+    fn create_collection(
+        &self,
+        id: GlobalId,
+        desc: RelationDesc,
+    ) -> storage::BoxFuture<'_, Result<(), storage::CreateError>> {
+        self.inner.create_collection(id, desc)
+    }
+
+    fn drop_collection(&self, id: GlobalId) -> storage::BoxFuture<'_, Result<(), storage::DropError>> {
+        self.inner.drop_collection(id)
+    }
+
+    fn list_collections(
+        &self,
+    ) -> storage::BoxFuture<'_, Result<Vec<(GlobalId, RelationDesc)>, storage::ReadError>> {
+        self.inner.list_collections()
+    }
+
+    fn frontiers(
+        &self,
+        id: GlobalId,
+    ) -> storage::BoxFuture<'_, Result<storage::CollectionFrontiers, storage::ReadError>> {
+        assert_ne!(Some(id), self.panics, "the test storage panics on the frontiers of {id}");
+        self.inner.frontiers(id)
+    }
+
+    fn append(
+        &self,
+        requests: Vec<AppendRequest>,
+    ) -> storage::BoxFuture<'_, Result<(), storage::AppendError>> {
+        self.inner.append(requests)
+    }
+
+    fn acquire_read_hold(
+        &self,
+        id: GlobalId,
+        frontier: Antichain<u64>,
+    ) -> storage::BoxFuture<'_, Result<storage::StorageReadHold, storage::HoldError>> {
+        self.inner.acquire_read_hold(id, frontier)
+    }
+
+    fn set_read_policy(
+        &self,
+        id: GlobalId,
+        policy: ReadPolicy<u64>,
+    ) -> storage::BoxFuture<'_, Result<(), storage::HoldError>> {
+        self.inner.set_read_policy(id, policy)
+    }
+
+    fn snapshot(
+        &self,
+        id: GlobalId,
+        as_of: u64,
+    ) -> storage::BoxFuture<'_, Result<Vec<(Row, Diff)>, storage::ReadError>> {
+        self.inner.snapshot(id, as_of)
+    }
+
+    fn listen(
+        &self,
+        id: GlobalId,
+        as_of: u64,
+    ) -> storage::BoxFuture<'_, Result<storage::Listen, storage::ReadError>> {
+        if Some(id) == self.listen_fails {
+            return Box::pin(async move { Err(storage::ReadError::CollectionDropped(id)) });
+        }
+        self.inner.listen(id, as_of)
+    }
+
+    fn watch_frontiers(&self) -> storage::BoxFuture<'_, Result<storage::FrontierWatch, storage::ReadError>> {
+        self.inner.watch_frontiers()
+    }
+}
+
+/// Waits (up to [`TIMEOUT`]) for a process to fail and returns why; panics if it does not.
+pub fn wait_failed(process: &ReplicaHandle) -> String {
+    block_on(async {
+        tokio::time::timeout(TIMEOUT, process.failed()).await.expect("the process fails within the timeout")
+    })
 }

@@ -197,6 +197,7 @@ fn a_finished_subscribe_lets_go_of_its_inputs_before_it_is_dropped_and_goes_away
     }
     assert!(h.storage_since(s(1)).is_empty(), "nothing holds the input any more");
     assert!(h.core.contains_collection(u(1)), "the subscribe lives until the user drops it");
+    assert_eq!(h.core.collection_frontiers(u(1)).unwrap().upper, Antichain::new(), "it writes nothing more");
     h.core.drop_collections(&[u(1)]).unwrap();
     h.drain();
     assert_eq!(h.core.collection_count(), 0, "{}", h.core.describe_collection(u(1)));
@@ -212,6 +213,12 @@ fn a_finished_subscribe_is_removed_on_its_drop_even_if_a_replica_reconnected_or_
         ComputeResponse::SubscribeResponse { id: u(1), response: SubscribeResponse::Batch(error) },
     );
     assert!(compacted_away(&h, ReplicaId(1)), "an errored stream is finished too");
+    h.report(ReplicaId(2), u(1), f(2));
+    assert_eq!(
+        h.core.collection_frontiers(u(1)).unwrap().upper,
+        Antichain::new(),
+        "an errored stream writes nothing more, whatever a replica reports after it"
+    );
     // Replica 2 reconnects (its replay leaves the compacted subscribe out) and replica 3 joins: neither
     // will ever report on it.
     h.status(ReplicaId(2), replica_client::ReplicaStatus::Failed { reason: "gone".into(), retry_in_ms: 10 });

@@ -6,8 +6,8 @@ use std::num::NonZeroU64;
 use frontiers::Antichain;
 use protocol::{
     ComputeCommand, ComputeResponse, CopyToResponse, Datum, FrontiersResponse, GlobalId, InstanceConfig,
-    InstanceId, LoggingConfig, MapFilterProject, PROTOCOL_VERSION, Peek, PeekId, PeekResponse, PeekTarget,
-    ReplicaId, Row, RowSetFinishing, StatusResponse, SubscribeResponse,
+    InstanceId, MapFilterProject, PROTOCOL_VERSION, Peek, PeekId, PeekResponse, PeekTarget, ReplicaId, Row,
+    RowSetFinishing, StatusResponse, SubscribeResponse,
 };
 use replica_client::{Backoff, CommandHistory, ReplicaCore, ReplicaCoreConfig, ReplicaOutput, ReplicaStatus};
 
@@ -125,11 +125,7 @@ fn write_frontier(id: u64, t: u64) -> ComputeResponse<u64> {
 }
 
 fn instance() -> ComputeCommand<u64> {
-    ComputeCommand::CreateInstance(InstanceConfig {
-        instance_id: InstanceId(1),
-        replica_id: ReplicaId(7),
-        logging: LoggingConfig::default(),
-    })
+    ComputeCommand::CreateInstance(InstanceConfig { instance_id: InstanceId(1), replica_id: ReplicaId(7) })
 }
 
 #[test]

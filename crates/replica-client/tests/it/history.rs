@@ -6,8 +6,8 @@ use std::collections::BTreeSet;
 use frontiers::Antichain;
 use proptest::prelude::*;
 use protocol::{
-    ComputeCommand, ComputeParameters, GlobalId, InstanceConfig, InstanceId, LoggingConfig, MapFilterProject,
-    Peek, PeekId, PeekTarget, ReplicaId, RowSetFinishing,
+    ComputeCommand, ComputeParameters, GlobalId, InstanceConfig, InstanceId, MapFilterProject, Peek, PeekId,
+    PeekTarget, ReplicaId, RowSetFinishing,
 };
 use replica_client::CommandHistory;
 
@@ -61,7 +61,7 @@ proptest! {
             full.apply(&command);
         };
         record(&mut history, &mut full, ComputeCommand::CreateInstance(InstanceConfig {
-            instance_id: InstanceId(1), replica_id: ReplicaId(1), logging: LoggingConfig::default(),
+            instance_id: InstanceId(1), replica_id: ReplicaId(1),
         }));
         let mut next_id = 0u64;
         let mut next_peek = 0u64;

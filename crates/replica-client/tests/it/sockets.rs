@@ -1,6 +1,7 @@
 //! The tokio client against fake replica processes over real sockets: a process killed and restarted
 //! (reconnect, replay, state matches), a replica speaking another protocol version (refused with a clear
-//! error), and garbage from the socket (connection closed with an error, then a reconnect).
+//! error), garbage from the socket (connection closed with an error, then a reconnect), and a command over
+//! the frame limit (refused at `send`, never recorded or sent).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -8,11 +9,12 @@ use std::time::Duration;
 use frontiers::Antichain;
 use protocol::frame::{FrameDecoder, encode_frame};
 use protocol::{
-    ComputeCommand, ComputeResponse, FrontiersResponse, GlobalId, InstanceConfig, InstanceId, LoggingConfig,
+    ComputeCommand, ComputeResponse, FrontiersResponse, GlobalId, InstanceConfig, InstanceId,
     PROTOCOL_VERSION, ReplicaId,
 };
 use replica_client::{
-    Backoff, CommandHistory, ReplicaClient, ReplicaClientConfig, ReplicaEvent, ReplicaStatus,
+    Backoff, COMMAND_HEADROOM_BYTES, CommandHistory, CommandTooLarge, ReplicaClient, ReplicaClientConfig,
+    ReplicaEvent, ReplicaStatus, SendError,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -179,7 +181,6 @@ fn setup_commands(client: &ReplicaClient<u64>) {
         .send(ComputeCommand::CreateInstance(InstanceConfig {
             instance_id: InstanceId(1),
             replica_id: ReplicaId(3),
-            logging: LoggingConfig::default(),
         }))
         .unwrap();
     client.send(ComputeCommand::CreateDataflow(dataflow("kept", 1, 2, 5))).unwrap();
@@ -244,5 +245,36 @@ async fn garbage_from_the_socket_closes_the_connection_with_an_error_and_the_cli
     assert!(failure.contains("undecodable") || failure.contains("exceeds"), "{failure}");
     assert_eq!(*process.connections.lock().unwrap(), 2);
     assert_eq!(process.installed.lock().unwrap().dataflows.len(), 1);
+    client.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_command_over_the_frame_limit_is_refused_at_send_and_never_reaches_the_replica() {
+    let process = FakeProcess::start("127.0.0.1:0", Behaviour::Normal).await;
+    let mut config = ReplicaClientConfig::new(ReplicaId(3), vec![process.address.clone()]);
+    config.core.backoff = Backoff { initial_ms: 10, max_ms: 50 };
+    config.max_frame_bytes = 4 << 10;
+    let (events, mut rx) = mpsc::unbounded_channel();
+    let client = ReplicaClient::spawn(config, CommandHistory::new(), events);
+    setup_commands(&client);
+    // A constant of a few hundred rows does not fit 4 KiB.
+    let mut huge = dataflow("huge", 30, 1, 5);
+    let typ = protocol::RelationType::new(vec![protocol::ColumnType::new(protocol::ScalarType::Text, false)]);
+    let rows =
+        (0..500).map(|i| (protocol::Row::pack([protocol::Datum::Text(&format!("row {i}"))]), 1)).collect();
+    huge.objects_to_build[0].plan = protocol::Plan::Constant { rows, typ };
+    let refused = client.send(ComputeCommand::CreateDataflow(huge));
+    match refused {
+        Err(SendError::TooLarge(CommandTooLarge { command, len, max })) => {
+            assert_eq!((command, max), ("CreateDataflow", 4 << 10));
+            assert!(len + COMMAND_HEADROOM_BYTES as u64 > max as u64, "{len}");
+        }
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+    // The client goes on, and the replica holds exactly what was accepted.
+    wait_for(&mut rx, |s| *s == ReplicaStatus::Ready).await;
+    client.send(ComputeCommand::Schedule(GlobalId::User(1))).expect("a small command is accepted");
+    let installed = process.installed.lock().unwrap().clone();
+    assert_eq!(installed.dataflows.len(), 1, "only the kept dataflow: {installed:?}");
     client.shutdown().await;
 }

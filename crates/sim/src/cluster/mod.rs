@@ -31,12 +31,17 @@
 //!
 //! **Cleanup.** The orchestrator kills the replicas when dropped and `processes::StorageServer` kills the
 //! storage server when dropped; both are owned by [`run`] outside the async runtime, so every way out
-//! (the end, an error, a panic, Ctrl-C) drops them, after the runtime and with it the controller.
+//! (the end, an error, a panic, Ctrl-C, SIGTERM, SIGHUP) drops them, after the runtime and with it the
+//! controller. Then every child process the run started (recorded as it started) is checked gone in
+//! `/proc`: one still running is a violation. (A SIGKILL of `sim` itself cannot be handled: its children
+//! then outlive it.)
 //!
 //! **Not here:** the deterministic simulation (`crate::simulation`). This is real time on real processes:
 //! it reads the wall clock (through `now`) and is not reproducible beyond its workload seed.
 //! **Tests:** `oracle.rs` (the oracle against the reference interpreter), `report.rs` (arithmetic); the
-//! scenario itself is run by hand or in CI with `cargo run --release -p sim -- cluster`.
+//! scenario itself runs for 20 s in the `cluster` step of `cargo xtask test-suite`, which fails it on any
+//! violation and on fewer checks than its stated minimums (`xtask/src/cluster.rs`), and by hand with
+//! `cargo run --release -p sim -- cluster`.
 
 mod oracle;
 pub mod processes;
@@ -57,7 +62,7 @@ use controller::{Orchestrator, ProcessOrchestrator, ProcessOrchestratorConfig};
 use protocol::ReplicaId;
 
 use crate::cluster::processes::{Layout, StorageServer};
-use crate::cluster::report::{Outcome, ReplicaReport, Report, Stats, Ui};
+use crate::cluster::report::{Outcome, ReplicaReport, Report, Stats, Ui, lock};
 
 /// The scenario's clock. It runs real processes in real time, so unlike the simulator it reads the wall
 /// clock; every read goes through here.
@@ -260,6 +265,31 @@ fn init_tracing(layout: &Layout) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Resolves when the scenario is asked to stop: Ctrl-C (SIGINT), SIGTERM (`kill`, `timeout`, a CI runner
+/// cancelling) or SIGHUP (the terminal went away). Returns the signal's name.
+async fn interrupted() -> &'static str {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut hangup)) = (signal(SignalKind::terminate()), signal(SignalKind::hangup()))
+        else {
+            // Without those handlers Ctrl-C still works.
+            let _ = tokio::signal::ctrl_c().await;
+            return "SIGINT";
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => "SIGINT",
+            _ = term.recv() => "SIGTERM",
+            _ = hangup.recv() => "SIGHUP",
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+        "Ctrl-C"
+    }
+}
+
 /// Runs the scenario; the exit code is non-zero on any violation, error or interruption.
 pub fn run(args: ClusterArgs) -> anyhow::Result<ExitCode> {
     let ui = Arc::new(Ui::new());
@@ -281,9 +311,11 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<ExitCode> {
     let env = vec![("RUST_LOG".to_string(), child_log), ("NO_COLOR".to_string(), "1".to_string())];
 
     let mut children = Children { orchestrator: None, replicas: Vec::new(), storage: None };
+    let stats = Arc::new(Stats::default());
     let storage = StorageServer::start(&binaries.storage_server, &layout, &env)?;
     let storage_address = storage.address.clone();
     info!(address = %storage_address, pid = storage.pid(), "storage server listening");
+    lock(&stats.child_pids).insert(storage.pid());
     children.storage = Some(storage);
     let (orchestrator, process_events) = ProcessOrchestrator::new(ProcessOrchestratorConfig {
         binary: binaries.compute_replica.clone(),
@@ -298,7 +330,6 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<ExitCode> {
     children.replicas = args.replica_specs().into_iter().map(|(r, _)| r).collect();
     ui.say(&format!("storage server on {storage_address}; logs in {}", layout.log_dir().display()));
 
-    let stats = Arc::new(Stats::default());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -320,15 +351,26 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<ExitCode> {
             };
             tokio::select! {
                 result = scenario => result.map(|()| false),
-                _ = tokio::signal::ctrl_c() => Ok(true),
+                signal = interrupted() => {
+                    info!(signal, "interrupted");
+                    Ok(true)
+                }
             }
         }
     });
     ui.clear();
     // Stop every task (and with them the controller and its replica clients) before the processes go.
     runtime.shutdown_timeout(Duration::from_secs(5));
+    for replica in &children.replicas {
+        lock(&stats.child_pids).extend(orchestrator.pids(tasks::INSTANCE, *replica));
+    }
     drop(orchestrator);
     drop(children);
+    // Every child must be gone now, whatever the way out was.
+    let started: Vec<u32> = lock(&stats.child_pids).iter().copied().collect();
+    for pid in processes::running_children(&started) {
+        stats.violation(format!("child process {pid} still runs after the scenario's cleanup"));
+    }
 
     let replicas = args
         .replica_specs()

@@ -8,7 +8,8 @@
 //! every path out of the scenario (normal end, error, panic, Ctrl-C).
 //!
 //! **What this is not.** Replica processes are the controller's `ProcessOrchestrator`'s; only
-//! [`kill_processes`] touches them, to inject a crash.
+//! [`kill_processes`] touches them, to inject a crash, and [`running_children`] looks at them after the
+//! cleanup.
 //!
 //! **Tests:** exercised by running the scenario (`sim cluster`), and [`binaries`] by `tests/it/process_orchestrator.rs`,
 //! which builds `compute-replica` with it.
@@ -216,6 +217,25 @@ impl Drop for StorageServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The processes among `pids` that still run as children of this process (read from `/proc`; a pid
+/// reused by an unrelated process has another parent, and a zombie has exited). Empty where `/proc` is
+/// not (the check is then not made; the scenario runs on Linux).
+pub fn running_children(pids: &[u32]) -> Vec<u32> {
+    let me = std::process::id();
+    pids.iter()
+        .copied()
+        .filter(|pid| {
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+            // `pid (command) state ppid ...`; the command may hold spaces and parentheses.
+            let Some((_, rest)) = stat.rsplit_once(')') else { return false };
+            let mut fields = rest.split_whitespace();
+            let state = fields.next();
+            let parent = fields.next().and_then(|p| p.parse::<u32>().ok());
+            parent == Some(me) && state != Some("Z") && state != Some("X")
+        })
+        .collect()
 }
 
 /// Sends SIGKILL to `pids` with `kill -9` (no libc dependency).

@@ -13,7 +13,7 @@
 // This module is the scenario's user interface: printing is its job.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::io::{IsTerminal, Write};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -155,6 +155,9 @@ pub struct Stats {
     pub recreations: Mutex<Vec<Recreation>>,
     /// Replica status rows read back from introspection at the end.
     pub introspection: Mutex<Vec<String>>,
+    /// Every child process the scenario started (the storage server, every replica process, restarts
+    /// included), to verify at the end that none is left.
+    pub child_pids: Mutex<BTreeSet<u32>>,
     violation_count: AtomicU64,
     violations: Mutex<Vec<String>>,
 }
@@ -183,6 +186,7 @@ impl Default for Stats {
             fresh_hydration: Mutex::new(None),
             recreations: Mutex::default(),
             introspection: Mutex::default(),
+            child_pids: Mutex::default(),
             violation_count: AtomicU64::new(0),
             violations: Mutex::default(),
         }
@@ -437,6 +441,9 @@ pub struct Report {
     pub final_checks: u64,
     /// Replica status rows read back from the introspection collection at the end.
     pub introspection: Vec<String>,
+    /// Child processes started during the run, each verified gone after the cleanup (one still running
+    /// is a violation).
+    pub child_processes: u64,
     /// Violations (at most 20 described).
     pub violation_count: u64,
     /// Their descriptions.
@@ -499,6 +506,7 @@ impl Report {
             },
             final_checks: stats.final_checks.load(Ordering::SeqCst),
             introspection: lock(&stats.introspection).clone(),
+            child_processes: lock(&stats.child_pids).len() as u64,
             violation_count,
             violations: lock(&stats.violations).clone(),
         }
@@ -611,6 +619,10 @@ impl Report {
         if !self.introspection.is_empty() {
             println!("  introspection     {}", self.introspection.join(", "));
         }
+        println!(
+            "  cleanup           {} child processes started, each checked gone after the cleanup",
+            self.child_processes
+        );
         if let Some(error) = &self.error {
             println!("  error             {error}");
         }

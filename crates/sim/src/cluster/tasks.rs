@@ -403,6 +403,7 @@ async fn pump(ctx: Arc<Ctx>, subscribe: mpsc::UnboundedSender<SubscribeResponse>
 fn on_process_event(ctx: &Ctx, event: ProcessEvent) {
     match event {
         ProcessEvent::Running { replica, pids, .. } => {
+            lock(&ctx.stats.child_pids).extend(pids.iter().copied());
             let restarted = lock(&ctx.restarts).insert(replica, now()).is_some();
             if restarted {
                 let pids: Vec<String> = pids.iter().map(u32::to_string).collect();

@@ -5,7 +5,9 @@ use controller::{PeekFailure, PeekResult};
 use protocol::reference::Multiset;
 use protocol::{GlobalId, MapFilterProject, PeekId, ReplicaId, Row, RowSetFinishing, SubscribeResponse};
 
-use super::oracle::{EvalFailure, Oracle, peek_rows};
+use super::oracle::{EvalFailure, Oracle};
+use super::peek::peek_rows;
+use super::violation::{Invariant, Violation};
 
 /// What a peek asked, to compute the answer it should get.
 #[derive(Debug)]
@@ -32,11 +34,14 @@ pub struct PeekExpectation {
 
 impl PeekExpectation {
     /// Compares a delivered answer with the oracle's (DESIGN §5.6).
-    pub fn check(&self, uuid: PeekId, oracle: &Oracle, response: &PeekResult) -> Result<(), String> {
+    pub fn check(&self, uuid: PeekId, oracle: &Oracle, response: &PeekResult) -> Result<(), Violation> {
         match response {
             Err(PeekFailure::Canceled) if self.cancelled => return Ok(()),
             Err(PeekFailure::Canceled) => {
-                return Err(format!("peek {uuid} was cancelled, but not by the workload"));
+                return Err(Violation::new(
+                    Invariant::Protocol,
+                    format!("peek {uuid} was cancelled, but not by the workload"),
+                ));
             }
             Err(PeekFailure::ReplicaDropped(replica)) if self.target == Some(*replica) => return Ok(()),
             _ => {}
@@ -47,7 +52,10 @@ impl PeekExpectation {
             }
             Err(EvalFailure::Data(e)) => Err(e),
             Err(EvalFailure::Unavailable(e)) => {
-                return Err(format!("oracle cannot evaluate {}: {e}", self.id));
+                return Err(Violation::new(
+                    Invariant::Results,
+                    format!("oracle cannot evaluate {}: {e}", self.id),
+                ));
             }
         };
         let ok = match (response, &expected) {
@@ -58,9 +66,12 @@ impl PeekExpectation {
         if ok {
             Ok(())
         } else {
-            Err(format!(
-                "invariant 6: peek {uuid} of {} at {} returned {response:?}, the oracle says {expected:?}",
-                self.id, self.timestamp
+            Err(Violation::new(
+                Invariant::Results,
+                format!(
+                    "peek {uuid} of {} at {} returned {response:?}, the oracle says {expected:?}",
+                    self.id, self.timestamp
+                ),
             ))
         }
     }
@@ -87,6 +98,17 @@ impl SubscribeTracker {
     /// accumulate to the oracle's contents at `upper - 1` (each time range once: nothing duplicated or
     /// missing). Returns whether a batch was checked.
     pub fn observe(
+        &mut self,
+        id: GlobalId,
+        oracle: &Oracle,
+        response: SubscribeResponse<u64>,
+        now: u64,
+    ) -> Result<bool, Violation> {
+        self.observe_batch(id, oracle, response, now)
+            .map_err(|message| Violation::new(Invariant::Results, message))
+    }
+
+    fn observe_batch(
         &mut self,
         id: GlobalId,
         oracle: &Oracle,
@@ -151,10 +173,12 @@ impl SubscribeTracker {
         match oracle.export_contents(id, upper - 1) {
             Ok(expected) if *expected == *accumulated => Ok(true),
             Ok(expected) => Err(format!(
-                "invariant 6: subscribe {id} up to {upper} accumulates to {accumulated:?}, the oracle says {expected:?}"
+                "subscribe {id} up to {upper} accumulates to {accumulated:?}, the oracle says {expected:?}"
             )),
             Err(EvalFailure::Data(_)) => Ok(true),
-            Err(EvalFailure::Unavailable(e)) => Err(format!("oracle: {e}")),
+            Err(EvalFailure::Unavailable(e)) => {
+                Err(format!("subscribe {id}: the oracle cannot evaluate: {e}"))
+            }
         }
     }
 }

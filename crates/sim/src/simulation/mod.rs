@@ -2,19 +2,31 @@
 //! against model replicas, simulated network and time, with faults; every step is checked against
 //! DESIGN §5's invariants and an oracle.
 //!
+//! Pieces: `world.rs` (the executor, the workload, the faults and the world's checks), `model.rs` and
+//! `dataflow.rs` (model replica processes, computing from storage), `evaluation.rs` (their shared
+//! evaluation memo), `oracle.rs` (the full history and its evaluation), `checks.rs` (peek and subscribe
+//! results against the oracle), `peek.rs` (what a peek means, shared by model and oracle),
+//! `violation.rs` (typed violations), `real.rs` (`--real-compute`: the real stack, same oracle).
+//!
 //! Entry points: [`run_seed`] (one seed) and the `sim simulate` command (`cargo xtask sim`).
-//! **Tests:** `tests/it/main.rs` (determinism by trace hash, runs with faults); the seed ranges and the
-//! planted bug in `cargo xtask sim` (`xtask/src/sim.rs`).
+//! **Tests:** `tests/it/main.rs` (determinism by trace hash, a run checking peeks and subscribes, storage
+//! that invents rows caught, storage restarts, the real stack); unit tests in `dataflow.rs`,
+//! `evaluation.rs`, `violation.rs`; the seed ranges and the planted bug in `cargo xtask sim`.
 
 mod checks;
+mod dataflow;
+mod evaluation;
 mod model;
 mod oracle;
+mod peek;
 mod real;
 mod rng;
+mod violation;
 mod world;
 
 pub use real::{RealConfig, run_real};
 pub use rng::Rng;
+pub use violation::{Invariant, Violation};
 pub use world::{Outcome, SimConfig, World};
 
 /// Runs one seed with the default phases.

@@ -1,5 +1,5 @@
-//! A model replica process: the compute protocol's semantics with a naive evaluator, fast enough to run
-//! thousands of seeds.
+//! A model replica process: the compute protocol's semantics over naive evaluation, fast enough to run
+//! thousands of seeds, computing every result itself from what storage holds.
 //!
 //! Each process of a model replica keeps its installed dataflows (lost on a crash, kept across a
 //! disconnect), speaks the protocol stages (Hello, replay, `InitializationComplete` with reconciliation),
@@ -7,48 +7,74 @@
 //! a *slow* replica lags behind the clock), answers peeks and emits subscribe batches for the rows it owns
 //! (rows are partitioned across processes by a stable hash), and reports frontiers once per change.
 //!
-//! It reads its inputs from the real storage core, which compacts as the controller's holds allow. So when
-//! the controller lets go of history a replica still needs, the model cannot read it: that is recorded as
-//! a violation (and is how the planted peek-hold bug is caught). Answering a peek at a time before the
-//! replica's own compaction frontier is a violation of DESIGN §5.3 and recorded too.
+//! **How it computes.** From the same sources as a real replica. When a dataflow is scheduled the process
+//! takes its own storage read holds on the dataflow's storage imports at the as-of (as a real replica's
+//! storage feed does) and moves them with the dataflow's upper. It hydrates from a snapshot of each
+//! storage import at the as-of, read from the storage core ([`Store::snapshot`]), and then follows its
+//! inputs: the storage updates in `[upper, target)` ([`Store::updates_between`]) and the change times of
+//! the upstream dataflows on the same process that its index imports come from, all kept in the
+//! dataflow's [`Computed`] history. A state is evaluated when something reads it (a peek at its time, a
+//! subscribe emitting its change times, a downstream dataflow evaluated at the same time) with the
+//! reference interpreter (`protocol::reference::evaluate_dataflow`) on the inputs recorded for that
+//! time and the upstream states then, through the world's evaluation memo (`evaluation.rs`, keyed by the
+//! content of what is evaluated). A dataflow's history compacts as far as `AllowCompaction` allows and no
+//! dataflow or subscribe on the process still reads it (as a real arrangement is held by the dataflows
+//! importing it). Nothing comes from the oracle: the model and the oracle share only the reference
+//! interpreter and what a peek means (`peek.rs`).
 //!
-//! **Not modelled:** materialized views and copy-to (the real replica's tests cover them).
+//! **What it checks.** The storage core compacts as the controller's holds allow, so when the controller
+//! lets go of history a replica needs, the model cannot read or hold it: a hold or snapshot at the as-of
+//! of a dataflow it was just given, or updates from its upper on, refused by storage, is recorded as an
+//! [`Invariant::ImportHolds`] violation (as is an index import the process does not have, or has
+//! compacted past a dataflow's as-of). Answering a peek at a time before the process's own compaction
+//! frontier is an [`Invariant::PeekHolds`] violation; a compaction that moves backwards is
+//! [`Invariant::Frontiers`]; a command in the wrong stage is [`Invariant::Protocol`].
+//!
+//! **Reconciliation** keeps a running dataflow across a reconnect when the replay creates the same one
+//! with an as-of no earlier, its index imports are kept too, it has no subscribe, and it was scheduled
+//! (holds its storage imports from its own progress): one not yet scheduled would start from its earlier
+//! as-of, which the controller no longer holds once it replayed a later one.
+//!
+//! **Not modelled:** materialized views and copy-to (the real replica's tests cover them), `until`.
+//! **Tests:** `dataflow.rs` (the input history); the whole through the simulator (`tests/it/`).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::rc::Rc;
 use std::sync::Arc;
 
 use frontiers::Antichain;
-use protocol::reference::{Multiset, consolidate};
+use protocol::reference::{Multiset, consolidate, evaluate_dataflow};
 use protocol::{
-    ComputeCommand, ComputeResponse, DataflowDescription, FrontiersResponse, GlobalId, PROTOCOL_VERSION,
-    Peek, PeekId, PeekResponse, PeekTarget, Row, SinkConnection, SubscribeBatch, SubscribeResponse,
+    ComputeCommand, ComputeResponse, DataflowDescription, Diff, FrontiersResponse, GlobalId,
+    PROTOCOL_VERSION, Peek, PeekId, PeekResponse, PeekTarget, ReplicaId, Row, SinkConnection, SubscribeBatch,
+    SubscribeResponse,
 };
 use storage::core::Store;
+use storage::{HoldSession, StorageReadHold};
 
-use super::oracle::{EvalFailure, Oracle, owner, peek_rows};
+use super::dataflow::{Computed, Outputs, difference};
+use super::evaluation::{Contents, Evaluations, Fingerprint, Key, Output, describe};
+use super::peek::{owner, peek_rows};
+use super::violation::{Invariant, Violation};
 
 /// What a model process needs from the world to do its work.
 pub struct Context<'a> {
-    /// The storage layer.
-    pub store: &'a Store,
+    /// The storage layer (the synchronous core the world drives).
+    pub store: &'a mut Store,
     /// The simulated clock, in milliseconds.
     pub now: u64,
+    /// Storage restarted and its clients are not back yet: no holds can be taken (reads go on: the
+    /// restarted store holds the sinces of the crash for a grace period).
+    pub storage_down: bool,
     /// Where violations of the design's invariants are recorded.
-    pub violations: &'a mut Vec<String>,
-    /// The contents of every collection at every complete time (see the oracle's module doc).
-    pub oracle: &'a Oracle,
+    pub violations: &'a mut Vec<Violation>,
+    /// The evaluation memo every process shares.
+    pub evaluations: &'a mut Evaluations,
 }
 
 impl Context<'_> {
-    /// An export's contents at `time` as a replica reads them: every storage collection its dataflow
-    /// imports must still be readable there (else the controller let go of history the replica needs).
-    fn read(&mut self, id: GlobalId, time: u64) -> Result<std::rc::Rc<Multiset>, EvalFailure> {
-        for source in self.oracle.direct_sources(id) {
-            if let Err(e) = self.store.check_readable(source, time) {
-                return Err(EvalFailure::Unavailable(format!("cannot read {source} at {time}: {e}")));
-            }
-        }
-        self.oracle.export_contents(id, time)
+    fn violation(&mut self, invariant: Invariant, message: String) {
+        self.violations.push(Violation::new(invariant, message));
     }
 }
 
@@ -64,21 +90,84 @@ struct SubscribeState {
     started: bool,
     /// The upper of the last emitted batch.
     emitted: u64,
-    /// The full contents at `emitted - 1` (for computing changes).
-    last: Multiset,
+    /// The contents at `emitted - 1` (what the updates emitted so far add up to, with the snapshot).
+    last: Option<Rc<Contents>>,
     /// An error ended the stream: nothing more is emitted.
     failed: bool,
 }
 
-#[derive(Debug, Clone)]
+impl SubscribeState {
+    /// The batch from what was emitted so far to `upper`, from the dataflow's states at its change times
+    /// (`states`; the one at the as-of too if the stream has not started), with the updates of the rows
+    /// `part = (process, processes)` owns: the differences between consecutive states (the whole state at
+    /// the as-of first, with a snapshot). An error state ends the stream.
+    fn next_batch(
+        &mut self,
+        id: GlobalId,
+        as_of: u64,
+        upper: u64,
+        states: &BTreeMap<u64, Outputs>,
+        (process, processes): (usize, usize),
+    ) -> SubscribeBatch<u64> {
+        let mut updates: Vec<(u64, Row, Diff)> = Vec::new();
+        let mut error = None;
+        let start = if self.started { self.emitted } else { as_of };
+        for (time, outputs) in states.range(start..upper) {
+            match &outputs[&id] {
+                // Without a snapshot the stream starts from the contents at the as-of, unsent.
+                Ok(_) if *time == as_of && !self.started && !self.with_snapshot => {}
+                Ok(contents) => {
+                    let empty = Multiset::new();
+                    let before = self.last.as_ref().map_or(&empty, |c| &c.rows);
+                    for (row, diff) in difference(&contents.rows, before) {
+                        if owner(&row, processes) == process {
+                            updates.push((*time, row, diff));
+                        }
+                    }
+                }
+                Err(e) => {
+                    error = Some(e.clone());
+                    break;
+                }
+            }
+            if let Ok(contents) = &outputs[&id] {
+                self.last = Some(Rc::clone(contents));
+            }
+        }
+        self.started = true;
+        self.failed = error.is_some();
+        let batch = SubscribeBatch {
+            lower: Antichain::from_elem(self.emitted),
+            upper: if error.is_some() { Antichain::new() } else { Antichain::from_elem(upper) },
+            updates: match error {
+                Some(e) => Err(e),
+                None => Ok(updates),
+            },
+        };
+        self.emitted = upper;
+        batch
+    }
+}
+
+/// The storage updates at every time an input of a dataflow changed (none where only an upstream did).
+type InputChanges = BTreeMap<u64, Vec<(GlobalId, Row, Diff)>>;
+
+#[derive(Debug)]
 struct Installed {
     desc: Arc<DataflowDescription<u64>>,
+    /// What the description computes, for the evaluation memo.
+    fingerprint: Fingerprint,
     as_of: u64,
     scheduled: bool,
     /// Everything before this time is computed.
     upper: u64,
     exports: BTreeMap<GlobalId, ExportState>,
     subscribes: BTreeMap<GlobalId, SubscribeState>,
+    /// The process's own holds on the storage imports, at `upper` (acquired at the as-of when scheduled,
+    /// as a real replica's storage feed does); `None` until scheduled.
+    storage_holds: Option<BTreeMap<GlobalId, StorageReadHold>>,
+    /// `None` until the dataflow hydrates (its first advance).
+    computed: Option<Computed>,
 }
 
 impl Installed {
@@ -98,23 +187,36 @@ impl Installed {
                         with_snapshot,
                         started: false,
                         emitted: as_of,
-                        last: Multiset::new(),
+                        last: None,
                         failed: false,
                     },
                 )),
                 _ => None,
             })
             .collect();
-        Installed { desc, as_of, scheduled: false, upper: as_of, exports, subscribes }
+        Installed {
+            fingerprint: describe(&desc),
+            desc,
+            as_of,
+            scheduled: false,
+            upper: as_of,
+            exports,
+            subscribes,
+            storage_holds: None,
+            computed: None,
+        }
     }
 
     /// Whether a running `self` can stand in for a freshly replayed `other` (DESIGN: reconciliation).
+    /// Only a dataflow that started (scheduled, so holding its storage imports from its own progress)
+    /// is kept: one not yet scheduled would start from its earlier as-of, which the controller, having
+    /// replayed a later one, no longer holds.
     fn compatible_with(&self, other: &DataflowDescription<u64>) -> bool {
         let mut mine = (*self.desc).clone();
         mine.as_of = other.as_of.clone();
         let later = other.as_of.as_ref().and_then(|a| a.as_option().copied()).unwrap_or(0) >= self.as_of;
         // Subscribes are never kept: a kept subscribe could not re-emit what the old connection lost.
-        mine == *other && later && self.subscribes.is_empty()
+        mine == *other && later && self.subscribes.is_empty() && self.storage_holds.is_some()
     }
 }
 
@@ -138,9 +240,12 @@ struct Connection {
 /// One process of a model replica.
 #[derive(Debug)]
 pub struct ModelProcess {
+    replica: ReplicaId,
     process: usize,
     processes: usize,
     alive: bool,
+    /// The process's storage client's holds (re-registered by the world after a storage restart).
+    session: HoldSession,
     installed: BTreeMap<GlobalId, Installed>,
     connection: Option<Connection>,
     /// A slow replica computes only up to `now - lag_ms`.
@@ -152,12 +257,14 @@ pub struct ModelProcess {
 }
 
 impl ModelProcess {
-    /// Process `process` of a replica of `processes`.
-    pub fn new(process: usize, processes: usize) -> Self {
+    /// Process `process` of `replica`, which has `processes`.
+    pub fn new(replica: ReplicaId, process: usize, processes: usize) -> Self {
         ModelProcess {
+            replica,
             process,
             processes,
             alive: true,
+            session: HoldSession::new(),
             installed: BTreeMap::new(),
             connection: None,
             lag_ms: 0,
@@ -171,11 +278,23 @@ impl ModelProcess {
         self.alive
     }
 
-    /// Crashes: all state is lost; connections fail until [`restart`](Self::restart).
+    /// Crashes: all state is lost (its storage holds are released); connections fail until
+    /// [`restart`](Self::restart).
     pub fn crash(&mut self) {
         self.alive = false;
         self.installed.clear();
         self.connection = None;
+        self.session = HoldSession::new();
+    }
+
+    /// The process's storage holds, as its storage client keeps them.
+    pub fn session(&self) -> &HoldSession {
+        &self.session
+    }
+
+    /// `replica process N`, for messages.
+    fn name(&self) -> String {
+        format!("{} process {}", self.replica, self.process)
     }
 
     /// Comes back with no state.
@@ -207,6 +326,23 @@ impl ModelProcess {
             .collect()
     }
 
+    /// The peeks this process has received on connection `epoch` and not answered yet: `(uuid, time)`.
+    pub fn pending_peeks(&self, epoch: u64) -> Vec<(PeekId, u64)> {
+        self.connection
+            .iter()
+            .filter(|c| c.epoch == epoch)
+            .flat_map(|c| c.peeks.values().map(|p| (p.uuid, p.timestamp)))
+            .collect()
+    }
+
+    /// The number of rows of each export in the newest state this process evaluated (for keeping the
+    /// workload small).
+    pub fn export_rows(&self) -> impl Iterator<Item = (GlobalId, usize)> + '_ {
+        self.installed.values().flat_map(|d| {
+            d.exports.keys().map(move |id| (*id, d.computed.as_ref().map_or(0, |c| c.latest_rows(*id))))
+        })
+    }
+
     /// Handles a command of connection `epoch`; returns the responses it causes at once.
     pub fn receive(
         &mut self,
@@ -227,23 +363,7 @@ impl ModelProcess {
             (Stage::Replay, ComputeCommand::InitializationComplete) => {
                 connection.stage = Stage::Live;
                 let staged = std::mem::take(&mut connection.staged);
-                let mut installed = BTreeMap::new();
-                for (key, fresh) in staged {
-                    let kept = self.installed.remove(&key).filter(|old| old.compatible_with(&fresh.desc));
-                    let dataflow = match kept {
-                        Some(mut old) => {
-                            old.exports = fresh.exports;
-                            old.scheduled |= fresh.scheduled;
-                            old
-                        }
-                        None => {
-                            self.built += 1;
-                            fresh
-                        }
-                    };
-                    installed.insert(key, dataflow);
-                }
-                self.installed = installed;
+                self.reconcile(staged);
             }
             (Stage::Replay | Stage::Live, command) => {
                 let replay = connection.stage == Stage::Replay;
@@ -264,13 +384,18 @@ impl ModelProcess {
                     }
                     ComputeCommand::AllowCompaction { id, frontier } => {
                         let Some(df) = target.values_mut().find(|d| d.exports.contains_key(&id)) else {
-                            ctx.violations
-                                .push(format!("AllowCompaction for {id}, which the replica does not have"));
+                            ctx.violation(
+                                Invariant::Protocol,
+                                format!("AllowCompaction for {id}, which the replica does not have"),
+                            );
                             return out;
                         };
                         let export = df.exports.get_mut(&id).expect("found");
                         if !frontiers::PartialOrder::less_equal(&export.since, &frontier) {
-                            ctx.violations.push(format!("compaction of {id} regressed to {frontier:?}"));
+                            ctx.violation(
+                                Invariant::Frontiers,
+                                format!("compaction of {id} regressed to {frontier:?}"),
+                            );
                         }
                         export.since = frontier.clone();
                         if frontier.is_empty() && !export.dropped {
@@ -309,14 +434,15 @@ impl ModelProcess {
                         }
                     }
                     ComputeCommand::UpdateConfiguration(_) | ComputeCommand::AllowWrites => {}
-                    other => ctx.violations.push(format!(
-                        "replica got {} in stage {:?}",
-                        other.name(),
-                        connection.stage
-                    )),
+                    other => ctx.violation(
+                        Invariant::Protocol,
+                        format!("replica got {} in stage {:?}", other.name(), connection.stage),
+                    ),
                 }
             }
-            (stage, other) => ctx.violations.push(format!("replica got {} in stage {stage:?}", other.name())),
+            (stage, other) => {
+                ctx.violation(Invariant::Protocol, format!("replica got {} in stage {stage:?}", other.name()))
+            }
         }
         if let Some(connection) = self.connection.as_mut() {
             for id in closed {
@@ -324,6 +450,34 @@ impl ModelProcess {
             }
         }
         out
+    }
+
+    /// Replaces the installed dataflows with the replayed ones, keeping each running one that can stand
+    /// in for its replayed twin (see the module documentation).
+    fn reconcile(&mut self, staged: BTreeMap<GlobalId, Installed>) {
+        let mut installed = BTreeMap::new();
+        let mut kept_exports: BTreeSet<GlobalId> = BTreeSet::new();
+        // In key order, so upstreams are decided before their importers.
+        for (key, fresh) in staged {
+            let kept = self.installed.remove(&key).filter(|old| {
+                old.compatible_with(&fresh.desc)
+                    && old.desc.index_imports.keys().all(|id| kept_exports.contains(id))
+            });
+            let dataflow = match kept {
+                Some(mut old) => {
+                    old.exports = fresh.exports;
+                    old.scheduled |= fresh.scheduled;
+                    kept_exports.extend(old.desc.export_ids());
+                    old
+                }
+                None => {
+                    self.built += 1;
+                    fresh
+                }
+            };
+            installed.insert(key, dataflow);
+        }
+        self.installed = installed;
     }
 
     /// Computes: advances uppers, answers peeks, emits subscribe batches and changed frontiers.
@@ -382,47 +536,63 @@ impl ModelProcess {
         out
     }
 
-    fn answer(&self, peek: &Peek<u64>, ctx: &mut Context<'_>) -> PeekResponse {
+    fn answer(&mut self, peek: &Peek<u64>, ctx: &mut Context<'_>) -> PeekResponse {
         let PeekTarget::Index { id } = peek.target else {
             return PeekResponse::Error("the model answers index peeks only".to_string());
         };
-        let Some(dataflow) = self.installed.values().find(|d| d.exports.get(&id).is_some_and(|e| !e.dropped))
+        let Some((key, dataflow)) =
+            self.installed.iter().find(|(_, d)| d.exports.get(&id).is_some_and(|e| !e.dropped))
         else {
             return PeekResponse::Error(format!("collection {id} is not installed"));
         };
+        let key = *key;
         let since = &dataflow.exports[&id].since;
         if !since.less_equal(&peek.timestamp) {
-            ctx.violations.push(format!(
-                "invariant 3: replica process {} answers peek {} on {id} at {} after compacting to {since:?}",
-                self.process, peek.uuid, peek.timestamp
-            ));
+            ctx.violation(
+                Invariant::PeekHolds,
+                format!(
+                    "{} answers peek {} on {id} at {} after compacting to {since:?}",
+                    self.name(),
+                    peek.uuid,
+                    peek.timestamp
+                ),
+            );
             return PeekResponse::Error(format!("peek at {} is before the since {since:?}", peek.timestamp));
         }
-        match ctx.read(id, peek.timestamp) {
-            Ok(contents) => {
-                let key = dataflow.desc.index_exports.get(&id).map(|e| e.key.clone()).unwrap_or_default();
-                match peek_rows(
-                    &contents,
-                    &key,
-                    peek.literal_constraints.as_deref(),
-                    &peek.map_filter_project,
-                    &peek.finishing,
-                    Some((self.process, self.processes)),
-                ) {
-                    Ok(rows) => PeekResponse::Rows(rows),
-                    Err(e) => PeekResponse::Error(e),
-                }
+        let key_columns = dataflow.desc.index_exports.get(&id).map(|e| e.key.clone()).unwrap_or_default();
+        // Ready means `timestamp < upper`: the dataflow hydrated, and it keeps its inputs from no later
+        // than the since.
+        let outputs = match self.state_at(key, peek.timestamp, ctx) {
+            Ok(outputs) => outputs,
+            Err(e) => {
+                ctx.violation(
+                    Invariant::PeekHolds,
+                    format!(
+                        "{} cannot answer peek {} on {id} at {}: {e}",
+                        self.name(),
+                        peek.uuid,
+                        peek.timestamp
+                    ),
+                );
+                return PeekResponse::Error(e);
             }
-            Err(EvalFailure::Data(e)) => PeekResponse::Error(e),
-            Err(EvalFailure::Unavailable(e)) => {
-                ctx.violations
-                    .push(format!("replica cannot answer peek {} at {}: {e}", peek.uuid, peek.timestamp));
-                PeekResponse::Error(e)
-            }
+        };
+        match &outputs[&id] {
+            Ok(contents) => match peek_rows(
+                &contents.rows,
+                &key_columns,
+                peek.literal_constraints.as_deref(),
+                &peek.map_filter_project,
+                &peek.finishing,
+                Some((self.process, self.processes)),
+            ) {
+                Ok(rows) => PeekResponse::Rows(rows),
+                Err(e) => PeekResponse::Error(e),
+            },
+            Err(e) => PeekResponse::Error(e.clone()),
         }
     }
 
-    /// Advances every scheduled dataflow as far as its inputs allow, emitting subscribe batches on the way.
     fn advance(&mut self, ctx: &mut Context<'_>, out: &mut Vec<ComputeResponse<u64>>) {
         let live = self.connection.as_ref().is_some_and(|c| c.stage == Stage::Live);
         let cap = ctx.now.saturating_sub(self.lag_ms);
@@ -430,107 +600,345 @@ impl ModelProcess {
         // because they are created first and ids grow).
         let keys: Vec<GlobalId> = self.installed.keys().copied().collect();
         for key in keys {
-            let dataflow = &self.installed[&key];
-            if !dataflow.scheduled {
+            if !self.installed[&key].scheduled {
                 continue;
             }
+            if self.installed[&key].storage_holds.is_none() {
+                if ctx.storage_down {
+                    continue; // The storage client waits for the server.
+                }
+                if !self.hold_storage(key, ctx) {
+                    return;
+                }
+            }
+            let dataflow = &self.installed[&key];
             let mut target = cap;
             for id in dataflow.desc.source_imports.keys() {
                 let upper = ctx.store.frontiers(*id).and_then(|f| f.upper.as_option().copied()).unwrap_or(0);
                 target = target.min(upper);
             }
             for id in dataflow.desc.index_imports.keys() {
-                let upstream = self.installed.values().find(|d| d.exports.contains_key(id)).map(|d| d.upper);
-                target = target.min(upstream.unwrap_or(0));
+                match self.installed.values().find(|d| d.exports.contains_key(id)) {
+                    Some(upstream) => target = target.min(upstream.upper),
+                    None => {
+                        ctx.violation(
+                            Invariant::ImportHolds,
+                            format!(
+                                "{}: dataflow {key} imports index {id}, which the process does not have",
+                                self.name()
+                            ),
+                        );
+                        return;
+                    }
+                }
             }
             if target <= dataflow.upper {
                 continue;
             }
             let from = dataflow.upper;
-            if live && !dataflow.subscribes.is_empty() {
-                self.emit_subscribes(key, from, target, ctx, out);
+            if !self.compute(key, target, ctx) {
+                return;
             }
-            self.installed.get_mut(&key).expect("present").upper = target;
+            if live && !self.installed[&key].subscribes.is_empty() {
+                self.emit_subscribes(key, target, ctx, out);
+            }
+            let dataflow = self.installed.get_mut(&key).expect("present");
+            assert!(dataflow.upper == from, "computed from {from}");
+            dataflow.upper = target;
+            // Storage is read from the upper on: the process's own holds follow it.
+            for hold in dataflow.storage_holds.iter_mut().flat_map(|holds| holds.values_mut()) {
+                hold.try_downgrade(Antichain::from_elem(target)).expect("the upper only advances");
+            }
         }
+        self.compact();
     }
 
+    /// Takes the process's own holds on the storage imports of a dataflow just scheduled, at its as-of.
+    /// Returns false (with a violation recorded) if storage no longer holds the as-of: the controller let
+    /// go of history a dataflow it installed needs.
+    fn hold_storage(&mut self, key: GlobalId, ctx: &mut Context<'_>) -> bool {
+        let name = self.name();
+        let dataflow = self.installed.get_mut(&key).expect("present");
+        let mut holds = BTreeMap::new();
+        for id in dataflow.desc.source_imports.keys() {
+            let hold = ctx
+                .store
+                .acquire_read_hold(*id, Antichain::from_elem(dataflow.upper))
+                .and_then(|hold| self.session.wrap(hold, self.session.generation(), None));
+            match hold {
+                Ok(hold) => {
+                    holds.insert(*id, hold);
+                }
+                Err(e) => {
+                    ctx.violation(
+                        Invariant::ImportHolds,
+                        format!(
+                            "{name} cannot hold storage import {id} of dataflow {key} at {}: {e}",
+                            dataflow.upper
+                        ),
+                    );
+                    return false;
+                }
+            }
+        }
+        dataflow.storage_holds = Some(holds);
+        true
+    }
+
+    /// Advances dataflow `key` from its upper to `target`: hydrates it first if it has not yet (storage
+    /// snapshots at the as-of), then records every time in between at which an input changed (the storage
+    /// updates, read from the store; the upstream indexes' change times). Nothing is evaluated here: states
+    /// are evaluated when read ([`Self::state_at`]). Returns false (with a violation recorded) if an input
+    /// could not be read.
+    fn compute(&mut self, key: GlobalId, target: u64, ctx: &mut Context<'_>) -> bool {
+        let dataflow = &self.installed[&key];
+        let lower = match &dataflow.computed {
+            Some(_) => dataflow.upper,
+            None => dataflow.as_of + 1,
+        };
+        let hydrated = match &dataflow.computed {
+            Some(_) => None,
+            None => match self.hydrate(dataflow, ctx) {
+                Some(computed) => Some(computed),
+                None => return false,
+            },
+        };
+        let Some(changes) = self.input_changes(dataflow, lower, target, ctx) else { return false };
+        let dataflow = self.installed.get_mut(&key).expect("present");
+        if let Some(computed) = hydrated {
+            dataflow.computed = Some(computed);
+        }
+        let computed = dataflow.computed.as_mut().expect("hydrated");
+        for (time, updates) in changes {
+            computed.record(time, updates);
+        }
+        true
+    }
+
+    /// The first computation of a dataflow, at its as-of: storage snapshots there. Its index imports must
+    /// be hydrated on this process and readable at the as-of.
+    fn hydrate(&self, dataflow: &Installed, ctx: &mut Context<'_>) -> Option<Computed> {
+        let as_of = dataflow.as_of;
+        let mut storage = BTreeMap::new();
+        for id in dataflow.desc.source_imports.keys() {
+            match ctx.store.snapshot(*id, as_of) {
+                Ok(rows) => {
+                    storage.insert(*id, consolidate(rows));
+                }
+                Err(e) => {
+                    ctx.violation(
+                        Invariant::ImportHolds,
+                        format!("{} cannot hydrate a dataflow at its as-of {as_of}: {e}", self.name()),
+                    );
+                    return None;
+                }
+            }
+        }
+        for id in dataflow.desc.index_imports.keys() {
+            let base_time =
+                self.upstream(*id).and_then(|(_, d)| d.computed.as_ref()).map(Computed::base_time);
+            if base_time.is_none_or(|base_time| base_time > as_of) {
+                ctx.violation(
+                    Invariant::ImportHolds,
+                    format!(
+                        "{} cannot hydrate a dataflow at its as-of {as_of}: index {id} is {}",
+                        self.name(),
+                        match base_time {
+                            Some(base_time) => format!("compacted to {base_time}"),
+                            None => "not hydrated".to_string(),
+                        }
+                    ),
+                );
+                return None;
+            }
+        }
+        Some(Computed::hydrate(as_of, storage))
+    }
+
+    /// The installed dataflow exporting index `id`, with its key.
+    fn upstream(&self, id: GlobalId) -> Option<(GlobalId, &Installed)> {
+        self.installed.iter().find(|(_, d)| d.exports.contains_key(&id)).map(|(key, d)| (*key, d))
+    }
+
+    /// Every time in `[lower, upper)` at which an input of the dataflow changed, with the storage updates
+    /// at that time (read from the store) and an entry for each time an upstream index changed. `None`
+    /// (with a violation) if storage no longer holds that history.
+    fn input_changes(
+        &self,
+        dataflow: &Installed,
+        lower: u64,
+        upper: u64,
+        ctx: &mut Context<'_>,
+    ) -> Option<InputChanges> {
+        let mut changes = InputChanges::new();
+        if lower >= upper {
+            return Some(changes);
+        }
+        for id in dataflow.desc.source_imports.keys() {
+            match ctx.store.updates_between(*id, lower, &Antichain::from_elem(upper)) {
+                Ok(updates) => {
+                    for (row, time, diff) in updates {
+                        changes.entry(time).or_default().push((*id, row, diff));
+                    }
+                }
+                Err(e) => {
+                    ctx.violation(
+                        Invariant::ImportHolds,
+                        format!(
+                            "{} cannot read storage from {lower} to compute up to {upper}: {e}",
+                            self.name()
+                        ),
+                    );
+                    return None;
+                }
+            }
+        }
+        for id in dataflow.desc.index_imports.keys() {
+            // The upstream advanced first (it was created first) and keeps its history from this
+            // dataflow's base on.
+            let Some(upstream) = self.upstream(*id).and_then(|(_, d)| d.computed.as_ref()) else {
+                ctx.violation(
+                    Invariant::ImportHolds,
+                    format!("{} reads index {id} from {lower}, before it hydrated", self.name()),
+                );
+                return None;
+            };
+            assert!(upstream.base_time() <= lower, "an upstream compacted past its importer's upper");
+            for time in upstream.change_times(lower, upper) {
+                changes.entry(time).or_default();
+            }
+        }
+        Some(changes)
+    }
+
+    /// Every export's state of dataflow `key` at `time`: evaluated (through the memo) from the storage
+    /// inputs this process recorded and the upstream indexes' states at the same time, or taken from what
+    /// was evaluated before. An error names what is not available (history compacted, an index missing).
+    fn state_at(&mut self, key: GlobalId, time: u64, ctx: &mut Context<'_>) -> Result<Outputs, String> {
+        let dataflow = &self.installed[&key];
+        let computed =
+            dataflow.computed.as_ref().ok_or_else(|| format!("dataflow {key} has not hydrated"))?;
+        let at = computed
+            .time_of(time)
+            .ok_or_else(|| format!("dataflow {key} keeps its inputs from {} on", computed.base_time()))?;
+        if let Some(outputs) = computed.cached(at) {
+            return Ok(outputs);
+        }
+        let imports: Vec<GlobalId> = dataflow.desc.index_imports.keys().copied().collect();
+        let mut indexes: BTreeMap<GlobalId, Output> = BTreeMap::new();
+        for id in imports {
+            let (upstream, _) = self.upstream(id).ok_or_else(|| format!("index {id} is not installed"))?;
+            let outputs = self.state_at(upstream, at, ctx).map_err(|e| format!("index {id}: {e}"))?;
+            indexes.insert(id, outputs[&id].clone());
+        }
+        let dataflow = &self.installed[&key];
+        let computed = dataflow.computed.as_ref().expect("checked above");
+        let mut inputs: Vec<(GlobalId, Fingerprint)> =
+            computed.fingerprints_at(at).iter().map(|(id, f)| (*id, *f)).collect();
+        let mut errors = Vec::new();
+        for (id, state) in &indexes {
+            match state {
+                Ok(contents) => inputs.push((*id, contents.fingerprint)),
+                Err(error) => errors.push((*id, error.clone())),
+            }
+        }
+        inputs.sort();
+        let memo_key = Key { dataflow: dataflow.fingerprint, inputs, errors };
+        let outputs = ctx.evaluations.evaluate(memo_key, &dataflow.desc, || {
+            let mut rows = computed.rows_at(at).into_owned();
+            for (id, state) in &indexes {
+                if let Ok(contents) = state {
+                    rows.insert(*id, contents.rows.clone());
+                }
+            }
+            evaluate_dataflow(&dataflow.desc, &rows).map_err(|e| e.to_string())
+        });
+        self.installed
+            .get_mut(&key)
+            .expect("present")
+            .computed
+            .as_mut()
+            .expect("hydrated")
+            .cache(at, Rc::clone(&outputs));
+        Ok(outputs)
+    }
+
+    /// Emits one batch per subscribe of dataflow `key`, from what it emitted so far to `upper`: the
+    /// difference between the states at consecutive change times (the whole state at the as-of first,
+    /// with a snapshot).
     fn emit_subscribes(
         &mut self,
         key: GlobalId,
-        lower: u64,
         upper: u64,
         ctx: &mut Context<'_>,
         out: &mut Vec<ComputeResponse<u64>>,
     ) {
-        let mut times: BTreeSet<u64> = BTreeSet::new();
-        for id in self.installed[&key].subscribes.keys() {
-            times.extend(ctx.oracle.change_times(*id, lower, upper));
-        }
-        let (process, processes) = (self.process, self.processes);
-        let dataflow = self.installed.get_mut(&key).expect("present");
+        let dataflow = &self.installed[&key];
         let as_of = dataflow.as_of;
-        let export_sinces: BTreeMap<GlobalId, Antichain<u64>> =
-            dataflow.exports.iter().map(|(id, e)| (*id, e.since.clone())).collect();
-        for (id, sub) in dataflow.subscribes.iter_mut() {
-            if sub.failed {
-                continue;
-            }
-            let mut updates: Vec<(u64, Row, i64)> = Vec::new();
-            let mut error = None;
-            let mut evaluation_times: Vec<u64> =
-                times.iter().copied().filter(|t| *t >= lower && *t < upper).collect();
+        let computed = dataflow.computed.as_ref().expect("computed before emitting");
+        let mut times: BTreeSet<u64> = BTreeSet::new();
+        for sub in dataflow.subscribes.values().filter(|s| !s.failed) {
             if !sub.started {
-                evaluation_times.retain(|t| *t > as_of);
-                evaluation_times.insert(0, as_of);
+                times.insert(as_of);
             }
-            for time in evaluation_times {
-                match ctx.read(*id, time) {
-                    Ok(contents) => {
-                        let contents = (*contents).clone();
-                        let first = !sub.started;
-                        sub.started = true;
-                        if first && !sub.with_snapshot {
-                            sub.last = contents;
-                            continue;
-                        }
-                        let mut changes: Vec<(Row, i64)> =
-                            contents.iter().map(|(r, d)| (r.clone(), *d)).collect();
-                        changes.extend(sub.last.iter().map(|(r, d)| (r.clone(), -*d)));
-                        for (row, diff) in consolidate(changes) {
-                            if owner(&row, processes) == process {
-                                updates.push((time, row, diff));
-                            }
-                        }
-                        sub.last = contents;
-                    }
-                    Err(EvalFailure::Data(e)) => {
-                        error = Some(e);
-                        break;
-                    }
-                    Err(EvalFailure::Unavailable(e)) => {
-                        ctx.violations.push(format!(
-                            "subscribe {id} on process {process} (as_of {as_of}, emitted {}, started {}, since {:?}) cannot evaluate at {time}: {e}",
-                            sub.emitted, sub.started, export_sinces.get(id)
-                        ));
-                        error = Some(e);
-                        break;
-                    }
+            times.extend(computed.change_times(if sub.started { sub.emitted } else { as_of + 1 }, upper));
+        }
+        let mut states: BTreeMap<u64, Outputs> = BTreeMap::new();
+        for time in times {
+            match self.state_at(key, time, ctx) {
+                Ok(outputs) => {
+                    states.insert(time, outputs);
+                }
+                Err(e) => {
+                    let name = self.name();
+                    ctx.violation(
+                        Invariant::ImportHolds,
+                        format!("{name} cannot emit a subscribe at {time}: {e}"),
+                    );
+                    return;
                 }
             }
-            sub.failed = error.is_some();
-            let batch = SubscribeBatch {
-                lower: Antichain::from_elem(sub.emitted),
-                upper: if error.is_some() { Antichain::new() } else { Antichain::from_elem(upper) },
-                updates: match error {
-                    Some(e) => Err(e),
-                    None => Ok(updates),
-                },
-            };
-            sub.emitted = upper;
+        }
+        let part = (self.process, self.processes);
+        let dataflow = self.installed.get_mut(&key).expect("present");
+        for (id, sub) in dataflow.subscribes.iter_mut().filter(|(_, s)| !s.failed) {
+            let batch = sub.next_batch(*id, as_of, upper, &states, part);
             out.push(ComputeResponse::SubscribeResponse {
                 id: *id,
                 response: SubscribeResponse::Batch(batch),
             });
+        }
+    }
+
+    /// Compacts every dataflow's input history as far as `AllowCompaction` allows for all its exports and
+    /// no reader on this process needs: a dataflow importing one of its indexes reads from its own base
+    /// (or, not hydrated yet, from its as-of), a subscribe emits from what it emitted, and nothing is
+    /// compacted past the last time the dataflow recorded.
+    fn compact(&mut self) {
+        let mut readers: BTreeMap<GlobalId, u64> = BTreeMap::new();
+        for dataflow in self.installed.values() {
+            let from = dataflow.computed.as_ref().map_or(dataflow.upper, Computed::base_time);
+            for id in dataflow.desc.index_imports.keys() {
+                let reader = readers.entry(*id).or_insert(u64::MAX);
+                *reader = (*reader).min(from);
+            }
+        }
+        for dataflow in self.installed.values_mut() {
+            // Inputs at `upper - 1` are the last recorded: compacting further would merge them with
+            // changes not recorded yet.
+            let mut frontier = dataflow.upper.saturating_sub(1);
+            for (id, export) in &dataflow.exports {
+                frontier = frontier.min(export.since.as_option().copied().unwrap_or(u64::MAX));
+                if let Some(reader) = readers.get(id) {
+                    frontier = frontier.min(*reader);
+                }
+            }
+            for sub in dataflow.subscribes.values().filter(|s| !s.failed) {
+                frontier = frontier.min(if sub.started { sub.emitted } else { dataflow.as_of });
+            }
+            if let Some(computed) = dataflow.computed.as_mut() {
+                computed.compact(frontier);
+            }
         }
     }
 }

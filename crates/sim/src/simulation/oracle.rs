@@ -1,23 +1,19 @@
 //! The oracle: what every peek and subscribe *should* return, computed from the full, never-compacted
-//! history of every storage collection with the reference interpreter (`protocol::reference`).
+//! history of every storage collection (its own log of every append, kept for the whole run) and every
+//! dataflow the workload created, with the reference interpreter (`protocol::reference`).
 //!
-//! The model replicas check, before every read, that the *storage layer* (which compacts as the
-//! controller's holds allow) can still serve the time they read at; only then do they take the contents
-//! from the oracle's cache (so thousands of seeds stay fast). A hold released too early therefore shows
-//! up as an unreadable storage time, a violation. The replicas' own bookkeeping (compaction frontiers,
-//! partitioning of rows across processes, finishing) is theirs.
-//!
-//! [`peek_rows`] is shared: the oracle differs from a replica in where the data comes from, not in what
-//! a peek means.
+//! **What it shares with the model replicas** (`model.rs`): the reference interpreter and what a peek
+//! means (`peek.rs`); nothing else. The models compute from what the storage core holds (compacted as the
+//! controller's holds allow) and from the dataflows the controller installed on them, each process on its
+//! own; the oracle never reads storage and is never read by a model.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
-use std::num::NonZeroU64;
 use std::rc::Rc;
 use std::sync::Arc;
 
-use protocol::reference::{Multiset, consolidate, evaluate_dataflow, map_filter_project};
-use protocol::{DataflowDescription, Datum, Diff, GlobalId, MapFilterProject, Row, RowSetFinishing};
+use protocol::reference::{Multiset, consolidate, evaluate_dataflow};
+use protocol::{DataflowDescription, Diff, GlobalId, Row};
 
 /// Why a collection could not be evaluated.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,53 +22,6 @@ pub enum EvalFailure {
     Data(String),
     /// The data needed is not available (compacted storage, unknown import): a bug somewhere.
     Unavailable(String),
-}
-
-/// Which process of a multi-process replica owns a row (a stable hash, the same in every run).
-pub fn owner(row: &Row, processes: usize) -> usize {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in row.as_bytes() {
-        hash ^= u64::from(*byte);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    (hash % processes as u64) as usize
-}
-
-/// A peek's rows from a collection's contents: key lookup, map/filter/project, finishing; only the rows
-/// `part` owns when it is `Some((process, processes))`.
-pub fn peek_rows(
-    contents: &Multiset,
-    key: &[usize],
-    constraints: Option<&[Row]>,
-    mfp: &MapFilterProject,
-    finishing: &RowSetFinishing,
-    part: Option<(usize, usize)>,
-) -> Result<Vec<(Row, NonZeroU64)>, String> {
-    let mut selected = Multiset::new();
-    for (row, diff) in contents {
-        if let Some((process, processes)) = part
-            && owner(row, processes) != process
-        {
-            continue;
-        }
-        if let Some(constraints) = constraints {
-            let datums = row.unpack();
-            let row_key = Row::pack(key.iter().map(|c| datums.get(*c).copied().unwrap_or(Datum::Null)));
-            if !constraints.contains(&row_key) {
-                continue;
-            }
-        }
-        selected.insert(row.clone(), *diff);
-    }
-    let mapped = map_filter_project(mfp, &selected).map_err(|e| e.to_string())?;
-    let mut rows = Vec::with_capacity(mapped.len());
-    for (row, diff) in mapped {
-        if diff < 0 {
-            return Err(format!("negative multiplicity {diff} for {row}"));
-        }
-        rows.push((row, NonZeroU64::new(diff as u64).expect("consolidated")));
-    }
-    Ok(protocol::reference::finish(finishing, rows))
 }
 
 /// Cached evaluations: `(collection, time)` to contents. Contents at a complete time never change, so an
@@ -111,8 +60,6 @@ pub struct Oracle {
     /// Export id → its dataflow (ids are never reused within a run).
     pub dataflows: BTreeMap<GlobalId, Arc<DataflowDescription<u64>>>,
     cache: RefCell<Cache>,
-    /// The most rows each export has had in an evaluation so far.
-    rows_seen: RefCell<BTreeMap<GlobalId, usize>>,
 }
 
 impl Oracle {
@@ -174,19 +121,9 @@ impl Oracle {
             }
             Err(e) => Err(e.to_string()),
         };
-        if let Ok(contents) = &result {
-            let mut rows_seen = self.rows_seen.borrow_mut();
-            let seen = rows_seen.entry(id).or_default();
-            *seen = (*seen).max(contents.len());
-        }
         // Every export of the dataflow was computed; cache this one (the others are cheap to redo).
         self.cache.borrow_mut().insert((id, time), result.clone());
         result.map_err(EvalFailure::Data)
-    }
-
-    /// The most rows an export has had in any evaluation so far (0 if never evaluated).
-    pub fn rows_seen(&self, id: GlobalId) -> usize {
-        self.rows_seen.borrow().get(&id).copied().unwrap_or(0)
     }
 
     /// The number of rows of a dataflow's largest export at `time`, evaluated without recording the
@@ -223,27 +160,6 @@ impl Oracle {
     /// The last change time at or before `time` (0 if none): every collection has the same contents there.
     fn canonical(&self, time: u64) -> u64 {
         self.change_times.range(..=time).next_back().copied().unwrap_or(0)
-    }
-
-    /// The storage collections an export's own dataflow imports (index imports are the replica's own
-    /// arrangements and need no storage).
-    pub fn direct_sources(&self, id: GlobalId) -> Vec<GlobalId> {
-        self.dataflows.get(&id).map(|d| d.source_imports.keys().copied().collect()).unwrap_or_default()
-    }
-
-    /// The times in `[lower, upper)` at which any storage collection `id` depends on changed.
-    pub fn change_times(&self, id: GlobalId, lower: u64, upper: u64) -> Vec<u64> {
-        let mut times: Vec<u64> = self
-            .sources(id)
-            .iter()
-            .filter_map(|s| self.log.get(s))
-            .flatten()
-            .map(|(_, t, _)| *t)
-            .filter(|t| *t >= lower && *t < upper)
-            .collect();
-        times.sort_unstable();
-        times.dedup();
-        times
     }
 
     /// The storage collections an export reads, through any chain of index imports.

@@ -30,6 +30,7 @@ use controller::{
 use super::checks::{PeekExpectation, SubscribeTracker};
 use super::oracle::Oracle;
 use super::rng::Rng;
+use super::violation::{Invariant, Violation};
 use super::world::{Outcome, random_row, table_desc};
 
 /// How long a real-compute run lasts, in wall-clock milliseconds of workload.
@@ -109,7 +110,7 @@ async fn run(seed: u64, config: RealConfig) -> anyhow::Result<Outcome> {
     let mut subscribes: BTreeMap<GlobalId, SubscribeTracker> = BTreeMap::new();
     let (mut peeks_checked, mut batches_checked, mut faults) = (0u64, 0u64, 0u64);
     let started = std::time::Instant::now();
-    let mut violation: Option<String> = None;
+    let mut violation: Option<Violation> = None;
 
     while started.elapsed() < Duration::from_millis(config.duration_ms) && violation.is_none() {
         // Append to every table at the next time.
@@ -243,7 +244,10 @@ async fn run(seed: u64, config: RealConfig) -> anyhow::Result<Outcome> {
                     break;
                 }
                 if std::time::Instant::now() > deadline {
-                    violation = Some(format!("liveness: {id} stuck at {upper:?}, storage is at {time}"));
+                    violation = Some(Violation::new(
+                        Invariant::Liveness,
+                        format!("{id} stuck at {upper:?}, storage is at {time}"),
+                    ));
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -265,6 +269,9 @@ async fn run(seed: u64, config: RealConfig) -> anyhow::Result<Outcome> {
         faults,
         // Storage is embedded here (no server to restart); restarts run in the model mode.
         storage_restarts: 0,
+        // The real replicas compute; no model runs here.
+        model_evaluations: 0,
+        model_memo_hits: 0,
         violation: violation.map(|v| (time, v)),
     })
 }

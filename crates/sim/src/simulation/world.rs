@@ -12,11 +12,14 @@
 //! delay spikes, frontier regressions, replicas added and dropped, storage restarts) and a **liveness
 //! phase** (faults stop; every replica must reconnect and catch up and every peek must complete). A
 //! storage restart rebuilds the [`Store`] from its checkpoint with recovery holds, drops every client hold
-//! on it, and has the controller's storage holds re-registered through a [`HoldSession`] (the code the
-//! network client runs) when the clients come back. After every step the world checks DESIGN §5's
-//! invariants ([`InstanceCore::check_invariants`], the model replicas' own checks, no storage since beyond
-//! a hold the controller keeps), and
-//! every peek result and subscribe batch is compared with the [`Oracle`].
+//! on it, and has the controller's and every model process's storage holds re-registered through their
+//! [`HoldSession`]s (the code the network client runs) when the clients come back. After every step the
+//! world checks DESIGN §5's invariants, its own checks first so that a violation is reported as its own
+//! kind: the model replicas' checks (recorded as they happen), a peek's hold kept while a replica owes
+//! the answer ([`World::check_peek_holds`]), no storage since beyond a hold a client keeps, the command
+//! history bounded, and then the controller's own [`InstanceCore::check_invariants`]. Every peek result
+//! and subscribe batch is compared with the [`Oracle`]; after the faults stop, liveness and the installed
+//! state are checked. Each violation is a typed [`Violation`]; the run stops at the first step with one.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -38,9 +41,11 @@ use controller::{
 };
 
 use super::checks::{PeekExpectation, SubscribeTracker};
+use super::evaluation::Evaluations;
 use super::model::{Context, ModelProcess};
 use super::oracle::Oracle;
 use super::rng::Rng;
+use super::violation::{Invariant, Violation};
 
 /// How long each phase of a run lasts, in simulated milliseconds.
 #[derive(Debug, Clone, Copy)]
@@ -49,11 +54,15 @@ pub struct SimConfig {
     pub fault_ms: u64,
     /// Faults stopped: everything must catch up.
     pub liveness_ms: u64,
+    /// A test of the simulator itself: from this many simulated milliseconds into the run, every append
+    /// writes one row more to storage than the oracle records (a storage layer that invents data). The
+    /// model replicas compute from storage, so the oracle comparison must fail. `None` in every real run.
+    pub unrecorded_rows_from_ms: Option<u64>,
 }
 
 impl Default for SimConfig {
     fn default() -> Self {
-        SimConfig { fault_ms: 1_500, liveness_ms: 1_000 }
+        SimConfig { fault_ms: 1_500, liveness_ms: 1_000, unrecorded_rows_from_ms: None }
     }
 }
 
@@ -74,8 +83,13 @@ pub struct Outcome {
     pub faults: u64,
     /// Storage restarts among the faults.
     pub storage_restarts: u64,
+    /// Dataflow evaluations the model replicas ran (each process computes its own results; processes
+    /// computing the same dataflow on the same inputs share one evaluation).
+    pub model_evaluations: u64,
+    /// Evaluations a model process took from the memo another process filled.
+    pub model_memo_hits: u64,
     /// The first violation, with the step it happened at.
-    pub violation: Option<(u64, String)>,
+    pub violation: Option<(u64, Violation)>,
 }
 
 const START_MS: u64 = 100_000;
@@ -167,6 +181,9 @@ pub struct World {
     next_id: u64,
     exports: BTreeMap<GlobalId, ExportKind>,
     peeks: BTreeMap<PeekId, PeekExpectation>,
+    /// Every peek issued and not yet finished (some replica owes an answer, or the controller still has
+    /// it): its collection and time, for [`World::check_peek_holds`].
+    issued: BTreeMap<PeekId, (GlobalId, u64)>,
     next_peek: u64,
     subscribes: BTreeMap<GlobalId, SubscribeTracker>,
     user_holds: Vec<(u64, ReadHold<GlobalId, u64>)>,
@@ -176,7 +193,9 @@ pub struct World {
     /// A storage restart in progress: when the clients are back (their holds re-registered), and when
     /// the restarted store's recovery grace ends.
     storage_restart: Option<StorageRestart>,
-    violations: Vec<String>,
+    violations: Vec<Violation>,
+    /// The model replicas' shared evaluation memo.
+    evaluations: Evaluations,
     trace: u64,
     faults: u64,
     storage_restarts: u64,
@@ -232,12 +251,14 @@ impl World {
             next_id: 1,
             exports: BTreeMap::new(),
             peeks: BTreeMap::new(),
+            issued: BTreeMap::new(),
             next_peek: 1,
             subscribes: BTreeMap::new(),
             user_holds: Vec::new(),
             session: HoldSession::new(),
             storage_restart: None,
             violations: Vec::new(),
+            evaluations: Evaluations::default(),
             trace: 0xcbf2_9ce4_8422_2325,
             faults: 0,
             storage_restarts: 0,
@@ -285,11 +306,13 @@ impl World {
             batches_checked: self.batches_checked,
             faults: self.faults,
             storage_restarts: self.storage_restarts,
+            model_evaluations: self.evaluations.evaluated,
+            model_memo_hits: self.evaluations.hits,
             violation: self.violations.first().map(|v| {
                 let mut v = v.clone();
                 if std::env::var_os("SIM_DEBUG").is_some() {
                     for id in self.exports.keys() {
-                        v.push_str(&format!("\n  {}", self.instance.describe_collection(*id)));
+                        v.message.push_str(&format!("\n  {}", self.instance.describe_collection(*id)));
                     }
                 }
                 (self.now - START_MS, v)
@@ -323,11 +346,14 @@ impl World {
         self.instance.process_holds();
         self.store.process_holds();
         self.pump();
-        if let Err(violation) = self.instance.check_invariants() {
-            self.violations.push(format!("controller invariant: {violation}"));
-        }
+        // The world's own checks first: a violation they see is reported as its own kind, not as the
+        // controller's self-check that may notice the same fault.
+        self.check_peek_holds();
         self.check_storage_holds();
         self.check_history_bound();
+        if let Err(violation) = self.instance.check_invariants() {
+            self.violation(Invariant::ControllerSelfCheck, violation);
+        }
     }
 
     // ---------------------------------------------------------------------------------------------
@@ -358,11 +384,13 @@ impl World {
                     if sim.link != Some(epoch) || !sim.processes[process].is_alive() {
                         continue;
                     }
+                    let storage_down = self.storage_restart.is_some_and(|restart| !restart.restored);
                     let mut ctx = Context {
-                        store: &self.store,
+                        store: &mut self.store,
                         now: self.now,
+                        storage_down,
                         violations: &mut self.violations,
-                        oracle: &self.oracle,
+                        evaluations: &mut self.evaluations,
                     };
                     let responses = sim.processes[process].receive(epoch, command, &mut ctx);
                     for response in responses {
@@ -394,13 +422,15 @@ impl World {
         for replica in ids {
             let sim = self.replicas.get_mut(&replica).expect("listed");
             let epoch = sim.link;
+            let storage_down = self.storage_restart.is_some_and(|restart| !restart.restored);
             let mut outgoing = Vec::new();
             for (process, model) in sim.processes.iter_mut().enumerate() {
                 let mut ctx = Context {
-                    store: &self.store,
+                    store: &mut self.store,
                     now: self.now,
+                    storage_down,
                     violations: &mut self.violations,
-                    oracle: &self.oracle,
+                    evaluations: &mut self.evaluations,
                 };
                 for response in model.step(&mut ctx) {
                     outgoing.push((process, response));
@@ -430,8 +460,10 @@ impl World {
                         if let Some(sim) = self.replicas.get_mut(&replica)
                             && let Err(e) = sim.core.send(command)
                         {
-                            self.violations
-                                .push(format!("replica history rejected a controller command: {e}"));
+                            self.violations.push(Violation::new(
+                                Invariant::Protocol,
+                                format!("replica history rejected a controller command: {e}"),
+                            ));
                         }
                     }
                     InstanceOutput::DisconnectReplica { replica, reason } => {
@@ -522,7 +554,7 @@ impl World {
         core.tick(self.now);
         let sim = SimReplica {
             core,
-            processes: (0..processes).map(|p| ModelProcess::new(p, processes)).collect(),
+            processes: (0..processes).map(|p| ModelProcess::new(replica, p, processes)).collect(),
             link: None,
             down_until: None,
             delay_max: 3,
@@ -601,14 +633,19 @@ impl World {
         let mut store = match Store::from_checkpoint(checkpoint, Arc::new(|| {})) {
             Ok(store) => store,
             Err(e) => {
-                self.violations.push(format!("a checkpoint of the live store does not load: {e}"));
+                self.violation(
+                    Invariant::Protocol,
+                    format!("a checkpoint of the live store does not load: {e}"),
+                );
                 return;
             }
         };
         store.set_default_read_policy(STORAGE_POLICY);
         store.hold_for_recovery();
         self.store = store;
-        self.session.disconnect();
+        for (_, session) in self.sessions() {
+            session.disconnect();
+        }
         let back = self.now + self.rng.range(1, 100);
         let grace_over = back + self.rng.range(0, 200);
         self.storage_restart = Some(StorageRestart { back, grace_over, restored: false });
@@ -619,15 +656,20 @@ impl World {
     fn recover_storage(&mut self, finish: bool) {
         let Some(restart) = self.storage_restart else { return };
         if (finish || restart.back <= self.now) && !restart.restored {
-            let generation = self.session.generation();
-            for (id, frontier) in self.session.to_restore() {
-                match self.store.acquire_read_hold(id, frontier) {
-                    Ok(hold) => self.session.restore(hold, generation),
-                    Err(e) => {
-                        self.session.lose(id, &e);
-                        self.violations.push(format!(
-                            "storage restart: the hold on {id} could not be re-registered: {e}"
-                        ));
+            for (client, session) in self.sessions() {
+                let generation = session.generation();
+                for (id, frontier) in session.to_restore() {
+                    match self.store.acquire_read_hold(id, frontier) {
+                        Ok(hold) => session.restore(hold, generation),
+                        Err(e) => {
+                            session.lose(id, &e);
+                            self.violations.push(Violation::new(
+                                Invariant::Frontiers,
+                                format!(
+                                    "storage restart: {client}'s hold on {id} could not be re-registered: {e}"
+                                ),
+                            ));
+                        }
                     }
                 }
             }
@@ -644,20 +686,37 @@ impl World {
         self.storage_restart.is_some_and(|restart| !restart.restored)
     }
 
-    /// DESIGN §5 for storage: while the client is connected, no collection's since is beyond a hold it
-    /// keeps (across restarts too: the restarted store must not have compacted past a re-registered hold).
+    /// Every storage client's hold session, named: the controller's, then each model process's.
+    fn sessions(&self) -> Vec<(String, HoldSession)> {
+        let mut sessions = vec![("the controller".to_string(), self.session.clone())];
+        for (replica, sim) in &self.replicas {
+            for (process, model) in sim.processes.iter().enumerate() {
+                sessions.push((format!("{replica} process {process}"), model.session().clone()));
+            }
+        }
+        sessions
+    }
+
+    /// DESIGN §5.1 for storage: while the clients are connected, no collection's since is beyond a hold
+    /// one of them keeps (the controller's, or a replica process's own), across restarts too: the
+    /// restarted store must not have compacted past a re-registered hold.
     fn check_storage_holds(&mut self) {
         if self.storage_down() {
             return;
         }
-        for (id, _) in &self.tables {
-            let held = self.session.held(*id);
-            let Some(frontiers) = self.store.frontiers(*id) else { continue };
-            if !held.is_empty() && !frontiers::PartialOrder::less_equal(&frontiers.since, &held) {
-                self.violations.push(format!(
-                    "storage since of {id} is {:?}, beyond the controller's hold at {held:?}",
-                    frontiers.since
-                ));
+        for (client, session) in self.sessions() {
+            for (id, _) in &self.tables {
+                let held = session.held(*id);
+                let Some(frontiers) = self.store.frontiers(*id) else { continue };
+                if !held.is_empty() && !frontiers::PartialOrder::less_equal(&frontiers.since, &held) {
+                    self.violations.push(Violation::new(
+                        Invariant::Frontiers,
+                        format!(
+                            "storage since of {id} is {:?}, beyond {client}'s hold at {held:?}",
+                            frontiers.since
+                        ),
+                    ));
+                }
             }
         }
     }
@@ -711,6 +770,9 @@ impl World {
                 updates.push((row, self.now, diff));
             }
             self.oracle.record_append(id, &updates, self.now + 1);
+            if self.config.unrecorded_rows_from_ms.is_some_and(|from| self.now >= START_MS + from) {
+                updates.push((random_row(&mut self.rng, &desc), self.now, 1));
+            }
             requests.push(AppendRequest {
                 id,
                 updates,
@@ -719,7 +781,7 @@ impl World {
             });
         }
         if let Err(e) = self.store.append(requests) {
-            self.violations.push(format!("storage append failed: {e}"));
+            self.violation(Invariant::Protocol, format!("storage append failed: {e}"));
         }
     }
 
@@ -835,8 +897,10 @@ impl World {
                     holds.insert(*id, hold);
                 }
                 Err(e) => {
-                    self.violations
-                        .push(format!("storage refused a hold at the selected as-of {as_of:?}: {e}"));
+                    self.violation(
+                        Invariant::Protocol,
+                        format!("storage refused a hold at the selected as-of {as_of:?}: {e}"),
+                    );
                     return;
                 }
             }
@@ -857,7 +921,8 @@ impl World {
                     }
                 }
             }
-            Err(e) => self.violations.push(format!("a dataflow with a selected as-of was refused: {e}")),
+            Err(e) => self
+                .violation(Invariant::Protocol, format!("a dataflow with a selected as-of was refused: {e}")),
         }
         self.pump();
     }
@@ -868,13 +933,23 @@ impl World {
         self.drop_export_id(id);
     }
 
-    /// Drops exports that have grown past [`MAX_LIVE_EXPORT_ROWS`] (as the oracle saw them): they would
-    /// cost every later step an evaluation of that size, and a seed would run for minutes.
+    /// Drops exports that have grown past [`MAX_LIVE_EXPORT_ROWS`] on some model process: they would
+    /// cost every later change an evaluation of that size on every process, and a seed would run for
+    /// minutes.
     fn drop_oversized_exports(&mut self) {
+        let mut largest: BTreeMap<GlobalId, usize> = BTreeMap::new();
+        for sim in self.replicas.values() {
+            for process in &sim.processes {
+                for (id, rows) in process.export_rows() {
+                    let entry = largest.entry(id).or_default();
+                    *entry = (*entry).max(rows);
+                }
+            }
+        }
         let oversized: Vec<GlobalId> = self
             .exports
             .keys()
-            .filter(|id| self.oracle.rows_seen(**id) > MAX_LIVE_EXPORT_ROWS)
+            .filter(|id| largest.get(id).is_some_and(|rows| *rows > MAX_LIVE_EXPORT_ROWS))
             .copied()
             .collect();
         for id in oversized {
@@ -887,7 +962,7 @@ impl World {
             Ok(()) => {
                 self.exports.remove(&id);
             }
-            Err(e) => self.violations.push(format!("dropping live {id} failed: {e}")),
+            Err(e) => self.violation(Invariant::Protocol, format!("dropping live {id} failed: {e}")),
         }
         self.pump();
     }
@@ -906,7 +981,7 @@ impl World {
             _ => ReadPolicy::LagWriteFrontier { lag_ms: 1, granularity_ms: 0 },
         };
         if let Err(e) = self.instance.set_read_policy(vec![(id, policy)]) {
-            self.violations.push(format!("set_read_policy on live {id} failed: {e}"));
+            self.violation(Invariant::Protocol, format!("set_read_policy on live {id} failed: {e}"));
         }
     }
 
@@ -982,6 +1057,7 @@ impl World {
         };
         match self.instance.peek(request) {
             Ok(()) => {
+                self.issued.insert(uuid, (id, timestamp));
                 self.peeks.insert(
                     uuid,
                     PeekExpectation {
@@ -997,7 +1073,9 @@ impl World {
                     },
                 );
             }
-            Err(e) => self.violations.push(format!("a peek at a readable time was refused: {e}")),
+            Err(e) => {
+                self.violation(Invariant::Protocol, format!("a peek at a readable time was refused: {e}"))
+            }
         }
         self.pump();
     }
@@ -1005,9 +1083,77 @@ impl World {
     // ---------------------------------------------------------------------------------------------
     // Checks
 
+    fn violation(&mut self, invariant: Invariant, message: String) {
+        self.violations.push(Violation::new(invariant, message));
+    }
+
+    /// DESIGN §5.3 from the replicas' side: while a replica still owes the answer to a peek at `t` (its
+    /// model process has the peek and has not answered, the command or the answer is on the wire, or its
+    /// command history will replay the peek), the controller keeps the peek's hold at or before `t`, and
+    /// the collection's since with it. Who owes an answer is the world's own knowledge, not the
+    /// controller's bookkeeping; the controller is asked where its hold is ([`InstanceCore::peek_holds`])
+    /// and what the collection's since is.
+    fn check_peek_holds(&mut self) {
+        if self.issued.is_empty() {
+            return;
+        }
+        let holds: BTreeMap<PeekId, Option<Antichain<u64>>> =
+            self.instance.peek_holds().into_iter().map(|(uuid, _, hold, _)| (uuid, hold)).collect();
+        let mut owed: BTreeMap<PeekId, ReplicaId> = BTreeMap::new();
+        for (replica, sim) in &self.replicas {
+            for uuid in self.issued.keys() {
+                if sim.core.history().contains_peek(*uuid) {
+                    owed.insert(*uuid, *replica);
+                }
+            }
+            if let Some(epoch) = sim.link {
+                for process in &sim.processes {
+                    for (uuid, _) in process.pending_peeks(epoch) {
+                        owed.insert(uuid, *replica);
+                    }
+                }
+            }
+        }
+        for message in self.network.values() {
+            let (replica, epoch, uuid) = match message {
+                Message::ToReplica { replica, epoch, command: ComputeCommand::Peek(peek), .. } => {
+                    (*replica, *epoch, peek.uuid)
+                }
+                Message::ToController {
+                    replica,
+                    epoch,
+                    response: ComputeResponse::PeekResponse { uuid, .. },
+                    ..
+                } => (*replica, *epoch, *uuid),
+                _ => continue,
+            };
+            if self.replicas.get(&replica).is_some_and(|sim| sim.link == Some(epoch)) {
+                owed.insert(uuid, replica);
+            }
+        }
+        for (uuid, replica) in &owed {
+            let Some((id, time)) = self.issued.get(uuid).copied() else { continue };
+            let since = self.instance.collection_frontiers(id).map(|f| f.since);
+            let held = match (holds.get(uuid), since) {
+                (_, Some(since)) if !since.less_equal(&time) => format!("the since of {id} is {since:?}"),
+                (Some(Some(hold)), _) if hold.less_equal(&time) => continue,
+                (Some(Some(hold)), _) => format!("its hold is at {hold:?}"),
+                (Some(None), _) => "it released its hold".to_string(),
+                (None, _) => "it forgot the peek".to_string(),
+            };
+            self.violation(
+                Invariant::PeekHolds,
+                format!("{replica} still owes the answer to peek {uuid} of {id} at {time}, but {held}"),
+            );
+            return;
+        }
+        // A peek nobody owes an answer any more and the controller forgot is finished.
+        self.issued.retain(|uuid, _| owed.contains_key(uuid) || holds.contains_key(uuid));
+    }
+
     fn check_peek(&mut self, uuid: PeekId, response: PeekResult) {
         let Some(expectation) = self.peeks.remove(&uuid) else {
-            self.violations.push(format!("result for unknown peek {uuid}"));
+            self.violation(Invariant::Protocol, format!("result for unknown peek {uuid}"));
             return;
         };
         self.peeks_checked += 1;
@@ -1032,8 +1178,9 @@ impl World {
         for (replica, sim) in &self.replicas {
             let len = sim.core.history().len();
             if len > bound {
-                self.violations.push(format!(
-                    "invariant 7: {replica}'s history has {len} commands for {live} collections"
+                self.violations.push(Violation::new(
+                    Invariant::HistoryBound,
+                    format!("{replica}'s history has {len} commands for {live} collections"),
                 ));
             }
         }
@@ -1042,14 +1189,16 @@ impl World {
     fn check_liveness(&mut self, marks: BTreeMap<GlobalId, u64>) {
         for (replica, sim) in &self.replicas {
             if !sim.core.is_live() {
-                self.violations
-                    .push(format!("liveness: {replica} is not connected after the faults stopped"));
+                self.violations.push(Violation::new(
+                    Invariant::Liveness,
+                    format!("{replica} is not connected after the faults stopped"),
+                ));
             }
         }
         let stuck: Vec<PeekId> =
             self.peeks.iter().filter(|(_, p)| p.issued_ms + 1_000 < self.now).map(|(id, _)| *id).collect();
         if !stuck.is_empty() {
-            self.violations.push(format!("liveness: peeks {stuck:?} never completed"));
+            self.violation(Invariant::Liveness, format!("peeks {stuck:?} never completed"));
         }
         let target = marks.values().copied().min().unwrap_or(0);
         let live: BTreeSet<GlobalId> = self.exports.keys().copied().collect();
@@ -1059,7 +1208,10 @@ impl World {
             if let Some(f) = self.instance.collection_frontiers(*id)
                 && f.upper.as_option().is_some_and(|u| *u < target)
             {
-                self.violations.push(format!("liveness: {id} is at {:?}, storage was at {target}", f.upper));
+                self.violations.push(Violation::new(
+                    Invariant::Liveness,
+                    format!("{id} is at {:?}, storage was at {target}", f.upper),
+                ));
             }
         }
         // Invariant 5: every connected replica has installed exactly the live dataflows.
@@ -1067,8 +1219,11 @@ impl World {
             for (process, model) in sim.processes.iter().enumerate() {
                 let installed = model.installed_exports();
                 if installed != installed_expected {
-                    self.violations.push(format!(
-                        "invariant 5: {replica} process {process} has {installed:?} installed, the live state is {installed_expected:?}"
+                    self.violations.push(Violation::new(
+                        Invariant::InstalledState,
+                        format!(
+                            "{replica} process {process} has {installed:?} installed, the live state is {installed_expected:?}"
+                        ),
                     ));
                 }
             }

@@ -1,22 +1,24 @@
-//! Integration tests of the simulator: determinism (the same seed gives the same trace), and a run
-//! passing its invariant and oracle checks. The seed ranges themselves run in `cargo xtask sim` (and in the
-//! `sim` step of `cargo xtask test-suite`, which also checks that the planted peek-hold bug is found). Also
-//! the controller's process orchestrator with real `compute-replica` processes (`process_orchestrator`),
-//! here because only `sim` can build that binary.
+//! Integration tests of the simulator: determinism (the same seed gives the same trace), a run passing its
+//! invariant and oracle checks while checking peeks and subscribe batches, the model replicas computing
+//! from storage (a storage layer that invents rows is caught), and the real stack against the oracle. The
+//! seed ranges themselves run in `cargo xtask sim` (and in the `sim` step of `cargo xtask test-suite`, which
+//! also checks that the planted peek-hold bug is found as a `peek-holds` violation). Also the controller's
+//! process orchestrator with real `compute-replica` processes (`process_orchestrator`), here because only
+//! `sim` can build that binary.
 
 mod process_orchestrator;
 
-use sim::simulation::{SimConfig, run_seed_with};
+use sim::simulation::{Invariant, SimConfig, run_seed_with};
 
 #[test]
 fn the_same_seed_gives_the_same_trace() {
-    let config = SimConfig { fault_ms: 800, liveness_ms: 600 };
+    let config = SimConfig { fault_ms: 800, liveness_ms: 600, ..SimConfig::default() };
     for seed in [3, 11] {
         let (a, b) = (run_seed_with(seed, config), run_seed_with(seed, config));
         assert_eq!(a.trace_hash, b.trace_hash, "seed {seed}");
         assert_eq!(
-            (a.steps, a.peeks_checked, a.batches_checked),
-            (b.steps, b.peeks_checked, b.batches_checked)
+            (a.steps, a.peeks_checked, a.batches_checked, a.model_evaluations),
+            (b.steps, b.peeks_checked, b.batches_checked, b.model_evaluations)
         );
     }
     assert_ne!(run_seed_with(3, config).trace_hash, run_seed_with(4, config).trace_hash);
@@ -26,14 +28,38 @@ fn the_same_seed_gives_the_same_trace() {
 fn a_run_with_faults_checks_peeks_and_subscribes_and_finds_no_violation() {
     let outcome = run_seed_with(7, SimConfig::default());
     assert_eq!(outcome.violation, None);
-    assert!(outcome.peeks_checked > 0);
+    assert!(outcome.peeks_checked > 0, "no peek was checked");
+    assert!(outcome.batches_checked > 0, "no subscribe batch was checked");
     assert!(outcome.faults > 0);
+    assert!(outcome.model_evaluations > 0, "the model replicas computed nothing");
+}
+
+#[test]
+fn model_replicas_answer_from_what_storage_holds_so_rows_the_oracle_never_saw_are_caught() {
+    // From 300 ms in, every append writes a row to storage that the oracle does not record. The model
+    // replicas compute from storage, so what they answer differs from the oracle's evaluation of its own
+    // log. (Were the models to take their answers from the oracle, every seed would pass.)
+    let config = SimConfig { unrecorded_rows_from_ms: Some(300), ..SimConfig::default() };
+    let mut caught = 0;
+    for seed in 0..4 {
+        let outcome = run_seed_with(seed, config);
+        if let Some((_, violation)) = outcome.violation {
+            assert_eq!(violation.invariant, Invariant::Results, "seed {seed}: {violation}");
+            caught += 1;
+        }
+    }
+    assert_eq!(caught, 4, "only {caught} of 4 seeds noticed rows the oracle never saw");
+    // And the same seeds pass when storage holds exactly what the oracle saw.
+    for seed in 0..4 {
+        assert_eq!(run_seed_with(seed, SimConfig::default()).violation, None, "seed {seed}");
+    }
 }
 
 #[test]
 fn the_controller_keeps_its_storage_holds_across_storage_restarts() {
-    // A storage restart loses every client's holds on the server; the controller's come back through its
-    // hold session, and the world checks after every step that no storage since passed one of them.
+    // A storage restart loses every client's holds on the server; the controller's (and each replica
+    // process's) come back through their hold sessions, and the world checks after every step that no
+    // storage since passed one of them.
     let mut restarts = 0;
     for seed in 0..8 {
         let outcome = run_seed_with(seed, SimConfig::default());

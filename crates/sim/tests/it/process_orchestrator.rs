@@ -1,7 +1,8 @@
 //! The controller's `ProcessOrchestrator` with real `compute-replica` processes on loopback: the events it
 //! reports, the restart of a killed replica on the same address with a doubling backoff that starts over
 //! once the replica ran stably, a two-process replica restarted as a whole, a replica whose worker panics
-//! exiting on its own to be restarted, and dropping a replica killing its processes.
+//! or whose I/O thread panics exiting on its own to be restarted, and dropping a replica killing its
+//! processes.
 //!
 //! These tests live here, not in the controller crate, because only `sim` can build the binary: the
 //! cluster scenario's `binaries` helper (`sim::cluster::processes`) runs `cargo build` for
@@ -46,12 +47,19 @@ async fn storage_server() -> String {
 }
 
 async fn orchestrator() -> (ProcessOrchestrator, UnboundedReceiver<ProcessEvent>) {
+    orchestrator_with_env(Vec::new()).await
+}
+
+/// An orchestrator whose children get `env` besides `RUST_LOG`.
+async fn orchestrator_with_env(
+    env: Vec<(String, String)>,
+) -> (ProcessOrchestrator, UnboundedReceiver<ProcessEvent>) {
     let config = ProcessOrchestratorConfig {
         binary: compute_replica().await,
         storage_address: storage_server().await,
         initial_backoff_ms: INITIAL_BACKOFF_MS,
         max_backoff_ms: MAX_BACKOFF_MS,
-        env: vec![("RUST_LOG".to_string(), "warn".to_string())],
+        env: [vec![("RUST_LOG".to_string(), "warn".to_string())], env].concat(),
         log_dir: None,
     };
     ProcessOrchestrator::new(config)
@@ -209,7 +217,7 @@ fn send_until_closed(address: &str, commands: Vec<protocol::ComputeCommand>) {
 fn panicking_index() -> Vec<protocol::ComputeCommand> {
     use protocol::{
         BuildDesc, ColumnType, ComputeCommand, DataflowDescription, Datum, GlobalId, IndexExport,
-        InstanceConfig, LoggingConfig, Plan, RelationType, Row, ScalarType,
+        InstanceConfig, Plan, RelationType, Row, ScalarType,
     };
     let typ = RelationType::new(vec![ColumnType::new(ScalarType::Int64, false)]);
     let huge = Plan::Constant { rows: vec![(Row::pack([Datum::Int64(1)]), i64::MAX)], typ };
@@ -224,11 +232,7 @@ fn panicking_index() -> Vec<protocol::ComputeCommand> {
     dataflow.index_exports.insert(index, IndexExport { on_id: object, key: vec![0] });
     dataflow.as_of = Some(frontiers::Antichain::from_elem(0));
     vec![
-        ComputeCommand::CreateInstance(InstanceConfig {
-            instance_id: INSTANCE,
-            replica_id: ReplicaId(3),
-            logging: LoggingConfig::default(),
-        }),
+        ComputeCommand::CreateInstance(InstanceConfig { instance_id: INSTANCE, replica_id: ReplicaId(3) }),
         ComputeCommand::InitializationComplete,
         ComputeCommand::CreateDataflow(dataflow),
         ComputeCommand::Schedule(index),
@@ -265,6 +269,41 @@ async fn a_replica_whose_worker_panics_exits_with_a_failure_status_and_is_restar
         }
         other => panic!("expected {replica} crashed, got {other:?}"),
     }
+    let restarted = running(&mut events, replica).await;
+    assert_ne!(restarted, pids);
+    wait_until_listening(&addresses[0]).await;
+    orchestrator.drop_replica(INSTANCE, replica).await.expect("drop replica");
+}
+
+// A process whose I/O thread panics has lost its connection handling: it must not linger with its
+// listener closed, but exit with a failure status for the orchestrator to restart it. The panic is
+// injected (`compute::FAULT_ENV`, honoured by debug builds only; these binaries are built with the
+// test's profile).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_whose_io_thread_panics_exits_with_a_failure_status_and_is_restarted() {
+    let fault = (compute::FAULT_ENV.to_string(), compute::FAULT_IO_PANIC_ON_CONNECT.to_string());
+    let (orchestrator, mut events) = orchestrator_with_env(vec![fault]).await;
+    let replica = ReplicaId(4);
+    let spec = ReplicaSpec { instance: INSTANCE, replica, workers: 1, processes: 1 };
+    let addresses = orchestrator.ensure_replica(spec).await.expect("ensure replica");
+    let pids = running(&mut events, replica).await;
+    wait_until_listening(&addresses[0]).await;
+    if !cfg!(debug_assertions) {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(alive(pids[0]), "a release build ignores the injected fault");
+        orchestrator.drop_replica(INSTANCE, replica).await.expect("drop replica");
+        return;
+    }
+    let address = addresses[0].clone();
+    tokio::task::spawn_blocking(move || send_until_closed(&address, Vec::new())).await.expect("client task");
+    match next_event(&mut events).await {
+        ProcessEvent::Crashed { replica: r, status, restart_in_ms, .. } if r == replica => {
+            assert!(status.contains("exit status: 1"), "{status}");
+            assert_eq!(restart_in_ms, INITIAL_BACKOFF_MS);
+        }
+        other => panic!("expected {replica} crashed, got {other:?}"),
+    }
+    assert!(!alive(pids[0]), "the process whose I/O thread panicked is gone");
     let restarted = running(&mut events, replica).await;
     assert_ne!(restarted, pids);
     wait_until_listening(&addresses[0]).await;

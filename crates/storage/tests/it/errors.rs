@@ -23,7 +23,7 @@ fn short_timeout() -> StoreConfig {
 }
 
 /// The error cases that need no fault injection, against any implementation.
-async fn every_validation_error_is_reported(storage: Arc<dyn StorageCollections>) {
+pub(crate) async fn every_validation_error_is_reported(storage: Arc<dyn StorageCollections>) {
     let id = user(1);
     let other = user(2);
     storage.create_collection(id, int_desc()).await.unwrap();

@@ -45,7 +45,7 @@ async fn read_until(
     }
 }
 
-async fn listens_deliver_the_snapshot_then_every_append(storage: Arc<dyn StorageCollections>) {
+pub(crate) async fn listens_deliver_the_snapshot_then_every_append(storage: Arc<dyn StorageCollections>) {
     let id = user(1);
     storage.create_collection(id, int_desc()).await.unwrap();
     storage
@@ -103,7 +103,7 @@ async fn a_remote_listen_delivers_the_snapshot_then_every_append() {
     listens_deliver_the_snapshot_then_every_append(Arc::new(Client::connect(addr).await.unwrap())).await;
 }
 
-async fn a_lagging_listener_catches_up_from_the_store(storage: Arc<dyn StorageCollections>) {
+pub(crate) async fn a_lagging_listener_catches_up_from_the_store(storage: Arc<dyn StorageCollections>) {
     let id = user(1);
     storage.create_collection(id, int_desc()).await.unwrap();
     // The policy alone would compact up to the upper.
@@ -140,7 +140,7 @@ async fn a_lagging_listener_catches_up_from_the_store(storage: Arc<dyn StorageCo
     drop(listen);
 }
 
-async fn wait_for_since(
+pub(crate) async fn wait_for_since(
     storage: &dyn StorageCollections,
     id: protocol::GlobalId,
     since: u64,
@@ -204,7 +204,7 @@ async fn next(watch: &mut storage::FrontierWatch) -> (protocol::GlobalId, Option
     tokio::time::timeout(Duration::from_secs(10), watch.next()).await.expect("watch stalled").unwrap()
 }
 
-async fn a_watch_reports_every_collection_then_every_change(storage: Arc<dyn StorageCollections>) {
+pub(crate) async fn a_watch_reports_every_collection_then_every_change(storage: Arc<dyn StorageCollections>) {
     let (a, b) = (user(1), user(2));
     storage.create_collection(a, int_desc()).await.unwrap();
     let mut watch = storage.watch_frontiers().await.unwrap();

@@ -6,15 +6,30 @@
 //! - `durability`: torn tails at every byte offset, injected I/O faults, and a child process SIGKILLed
 //!   mid-append at random moments;
 //! - `server`: many clients over real TCP, holds released on disconnect, garbage from a client;
-//! - `table_writer`: the table writer with a manual clock.
+//! - `table_writer`: the table writer with a manual clock;
+//! - `backends`: the backends the shard tests run on (in-memory; local files + SQLite; S3 + PostgreSQL,
+//!   started by `storage::services`);
+//! - `blob`, `consensus`: the conformance suites of the two engine traits, on every backend;
+//! - `shards`: the `StorageCollections` behaviours on shards, on every backend (reusing `errors` and
+//!   `listen` scenarios), with fault injection from `flaky`;
+//! - `faults`: the shard engine's faults (SIGKILLed writers, a PostgreSQL outage, racing writer
+//!   processes, damage by hand, a full disk, huge collections, space under churn);
+//! - `shard_model`: a property test of the shard state machine's synchronous core against a naive model.
 //!
 //! Helpers shared by the modules live here.
 
+mod backends;
+mod blob;
+mod consensus;
 mod durability;
 mod errors;
+mod faults;
+mod flaky;
 mod listen;
 mod model;
 mod server;
+mod shard_model;
+mod shards;
 mod table_writer;
 
 use frontiers::Antichain;

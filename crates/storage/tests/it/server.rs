@@ -393,7 +393,8 @@ async fn a_client_gives_up_after_its_reconnect_timeout_and_then_fails_every_call
     let (addr, _, serving) =
         serve_durable(dir.path(), "127.0.0.1:0".parse().unwrap(), storage::StoreConfig::default(), stopped)
             .await;
-    let config = storage::ClientConfig { reconnect_timeout: Duration::from_millis(200) };
+    let config =
+        storage::ClientConfig { reconnect_timeout: Duration::from_millis(200), ..Default::default() };
     let client = Client::connect_with(addr, config).await.unwrap();
     let id = user(1);
     client.create_collection(id, int_desc()).await.unwrap();
@@ -413,4 +414,70 @@ async fn a_client_gives_up_after_its_reconnect_timeout_and_then_fails_every_call
         }
     }
     assert!(!client.is_connected());
+}
+
+/// A server and a client with a small frame limit.
+async fn small_frames(store: storage::InProcess, max_frame_bytes: usize) -> Client {
+    let server = storage::Server::bind("127.0.0.1:0", store)
+        .await
+        .expect("bind")
+        .with_max_frame_bytes(max_frame_bytes);
+    let addr = server.local_addr().expect("local addr");
+    tokio::spawn(server.serve(std::future::pending()));
+    let config = storage::ClientConfig { max_frame_bytes, ..Default::default() };
+    Client::connect_with(addr, config).await.expect("connect")
+}
+
+#[tokio::test]
+async fn requests_and_answers_over_the_frame_limit_are_typed_errors_and_the_connection_serves_on() {
+    const MAX: usize = 8 << 10;
+    let store = memory_store();
+    let client = small_frames(store.clone(), MAX).await;
+    let id = user(1);
+    client.create_collection(id, int_desc()).await.unwrap();
+    // An append over the limit is refused before it is sent: nothing changes.
+    let rows: Vec<_> = (0..2_000).map(|i| (int_row(i), 0, 1)).collect();
+    match client.append(vec![append(id, rows.clone(), 0, 1)]).await {
+        Err(storage::AppendError::TooLarge { bytes, max_bytes }) => {
+            assert_eq!(max_bytes, MAX as u64);
+            assert!(bytes > MAX as u64, "{bytes}");
+        }
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+    assert_eq!(client.frontiers(id).await.unwrap().upper, at(0), "nothing was appended");
+    // Written in process, the same rows make a snapshot and a listen's first event over the limit.
+    store.append(vec![append(id, rows, 0, 1)]).await.unwrap();
+    match client.snapshot(id, 0).await {
+        Err(storage::ReadError::TooLarge { bytes, max_bytes }) => assert!(bytes > max_bytes, "{bytes}"),
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+    let mut listen = client.listen(id, 0).await.unwrap();
+    match tokio::time::timeout(Duration::from_secs(10), listen.next()).await.expect("an answer") {
+        Err(storage::ReadError::TooLarge { .. }) => {}
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+    // The connection is still up and serves small requests.
+    assert!(client.is_connected());
+    client.append(vec![append(id, vec![(int_row(-1), 1, 1)], 1, 2)]).await.unwrap();
+    assert_eq!(client.frontiers(id).await.unwrap().upper, at(2));
+    // A read policy and a schema over the limit.
+    let policy = ReadPolicy::Multiple(vec![ReadPolicy::ValidFrom(at(0)); 5_000]);
+    assert!(matches!(client.set_read_policy(id, policy).await, Err(storage::HoldError::TooLarge { .. })));
+    let columns: Vec<(String, protocol::ColumnType)> = (0..1_000)
+        .map(|i| (format!("column {i}"), protocol::ColumnType::new(protocol::ScalarType::Int64, false)))
+        .collect();
+    let wide = protocol::RelationDesc::new(columns.iter().map(|(n, t)| (n.as_str(), *t)));
+    assert!(matches!(
+        client.create_collection(user(2), wide).await,
+        Err(storage::CreateError::TooLarge { .. })
+    ));
+    assert!(client.is_connected());
+}
+
+#[tokio::test]
+async fn a_client_refuses_a_frame_limit_below_the_minimum() {
+    let addr = serve(memory_store()).await;
+    let config =
+        storage::ClientConfig { max_frame_bytes: storage::MIN_FRAME_BYTES - 1, ..Default::default() };
+    assert!(matches!(Client::connect_with(addr, config).await, Err(storage::ConnectError::InvalidConfig(_))));
 }

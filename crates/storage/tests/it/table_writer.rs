@@ -15,7 +15,14 @@ async fn setup(
     clock: &ManualClock,
     config: TableWriterConfig,
 ) -> (Arc<dyn StorageCollections>, Arc<TableWriter>) {
-    let storage: Arc<dyn StorageCollections> = Arc::new(memory_store());
+    setup_on(Arc::new(memory_store()), clock, config).await
+}
+
+async fn setup_on(
+    storage: Arc<dyn StorageCollections>,
+    clock: &ManualClock,
+    config: TableWriterConfig,
+) -> (Arc<dyn StorageCollections>, Arc<TableWriter>) {
     for n in 1..=3 {
         storage.create_collection(user(n), int_desc()).await.unwrap();
     }
@@ -28,8 +35,13 @@ async fn setup(
 
 #[tokio::test]
 async fn writes_land_at_clock_timestamps_and_advance_every_table_together() {
+    writes_land_at_clock_timestamps_on(Arc::new(memory_store())).await;
+}
+
+/// The scenario of the test above on any storage (`shards.rs` runs it on shards).
+pub(crate) async fn writes_land_at_clock_timestamps_on(storage: Arc<dyn StorageCollections>) {
     let clock = ManualClock::new(1_000);
-    let (storage, writer) = setup(&clock, TableWriterConfig::default()).await;
+    let (storage, writer) = setup_on(storage, &clock, TableWriterConfig::default()).await;
     assert_eq!(writer.insert(user(1), vec![int_row(1), int_row(2)]).await.unwrap(), 1_000);
     for n in 1..=3 {
         assert_eq!(storage.frontiers(user(n)).await.unwrap().upper, at(1_001), "table {n}");
@@ -66,8 +78,13 @@ async fn writes_land_at_clock_timestamps_and_advance_every_table_together() {
 
 #[tokio::test]
 async fn a_writer_retries_when_another_writer_moved_an_upper() {
+    a_writer_retries_on(Arc::new(memory_store())).await;
+}
+
+/// The scenario of the test above on any storage (`shards.rs` runs it on shards).
+pub(crate) async fn a_writer_retries_on(storage: Arc<dyn StorageCollections>) {
     let clock = ManualClock::new(10);
-    let (storage, writer) = setup(&clock, TableWriterConfig::default()).await;
+    let (storage, writer) = setup_on(storage, &clock, TableWriterConfig::default()).await;
     writer.insert(user(1), vec![int_row(1)]).await.unwrap();
     // Someone else advances table 2.
     storage.append(vec![append(user(2), vec![], 11, 15)]).await.unwrap();

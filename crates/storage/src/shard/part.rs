@@ -1,0 +1,307 @@
+//! Batch parts: the encoding of the updates a shard keeps in [`crate::blob`], and the pure functions over
+//! runs of updates (consolidation, merging with time advancement, splitting into parts).
+//!
+//! **Format** (version 1). `SHP1`, then the CRC-32 of everything after it, then the number of updates,
+//! then per update the row's length, the row's encoding, the time and the diff (little-endian). Updates are
+//! sorted by `(row, time)`, consolidated (one entry per `(row, time)`, no zero diffs). A part is checked
+//! on every read against the [`PartRef`] in the shard state (size and CRC-32 of the whole part) and against
+//! its own header, and every row is validated: a flipped bit anywhere, a truncated or swapped part, or a
+//! missing one is a [`PartError`] naming the key, never skipped data.
+//!
+//! **Compaction.** [`merge_runs`] merges the runs of consecutive batches into one, advancing each time `t`
+//! to `max(t, c)` with `c = min(since, upper) - 1` (the largest time below both the shard's since and the
+//! merged batch's upper). Readers are unaffected: a snapshot at `as_of >= since` includes `t` iff it
+//! includes the advanced time (`c < as_of`), and a listener that delivered everything before `p >= since`
+//! filters `t < p` iff it filters the advanced time; times stay inside the batch's range.
+//!
+//! **Tests.** Unit tests below; the shard model test (`tests/it/shard_model.rs`) and the fault tests.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use frontiers::Antichain;
+use protocol::{Diff, Row};
+
+use crate::shard::state::PartRef;
+
+/// One update.
+pub type Update = (Row, u64, Diff);
+
+const MAGIC: &[u8; 4] = b"SHP1";
+const HEADER_BYTES: usize = 4 + 4 + 8;
+
+/// A run of updates: sorted by `(row, time)`, consolidated, with its count bound (the largest sum of
+/// `|diff|` over one row's updates).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Run {
+    /// The updates.
+    pub updates: Vec<Update>,
+    /// The count bound.
+    pub count_bound: u64,
+}
+
+/// Why updates could not be made into a run: some row's multiplicities overflow `i64`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Overflow {
+    /// The row, printed.
+    pub row: String,
+}
+
+/// Sorts and consolidates `updates` into a run; refuses if a `(row, time)`'s diffs, or the sum of a row's
+/// `|diff|`s, overflow `i64`.
+pub fn consolidate_run(mut updates: Vec<Update>) -> Result<Run, Overflow> {
+    updates.sort_unstable_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+    let mut out: Vec<Update> = Vec::with_capacity(updates.len());
+    for (row, time, diff) in updates {
+        match out.last_mut() {
+            Some(last) if last.0 == row && last.1 == time => {
+                last.2 = last.2.checked_add(diff).ok_or_else(|| Overflow { row: row.to_string() })?;
+            }
+            _ => out.push((row, time, diff)),
+        }
+    }
+    out.retain(|u| u.2 != 0);
+    let count_bound = count_bound(&out).ok_or_else(|| Overflow { row: largest_row(&out) })?;
+    Ok(Run { updates: out, count_bound })
+}
+
+/// The largest sum of `|diff|` over one row's updates of a sorted run; `None` if it exceeds `i64::MAX`.
+fn count_bound(sorted: &[Update]) -> Option<u64> {
+    let mut bound: u128 = 0;
+    let mut i = 0;
+    while i < sorted.len() {
+        let mut sum: u128 = 0;
+        let mut j = i;
+        while j < sorted.len() && sorted[j].0 == sorted[i].0 {
+            sum += u128::from(sorted[j].2.unsigned_abs());
+            j += 1;
+        }
+        bound = bound.max(sum);
+        i = j;
+    }
+    (bound <= i64::MAX as u128).then_some(bound as u64)
+}
+
+fn largest_row(sorted: &[Update]) -> String {
+    sorted.iter().max_by_key(|u| u.2.unsigned_abs()).map(|u| u.0.to_string()).unwrap_or_default()
+}
+
+/// The time compaction advances `time` to in a merged batch ending at `upper`, for the shard's `since`.
+pub fn advance(time: u64, since: &Antichain<u64>, upper: &Antichain<u64>) -> u64 {
+    let bound = match (since.as_option(), upper.as_option()) {
+        (Some(s), Some(u)) => (*s).min(*u),
+        (Some(s), None) => *s,
+        (None, Some(u)) => *u,
+        (None, None) => u64::MAX,
+    };
+    time.max(bound.saturating_sub(1))
+}
+
+/// Merges the runs of consecutive batches into one run ending at `upper`, advancing times for `since`
+/// (see the module documentation). The shard's count bound guarantees no overflow, which is asserted.
+pub fn merge_runs(runs: Vec<Vec<Update>>, since: &Antichain<u64>, upper: &Antichain<u64>) -> Run {
+    let total = runs.iter().map(Vec::len).sum();
+    let mut all = Vec::with_capacity(total);
+    for run in runs {
+        all.extend(run.into_iter().map(|(row, time, diff)| (row, advance(time, since, upper), diff)));
+    }
+    consolidate_run(all).unwrap_or_else(|overflow| {
+        panic!("the shard's count bound rules out overflow in a merge, but row {} overflowed", overflow.row)
+    })
+}
+
+/// The encoded size of one update.
+pub fn encoded_len(update: &Update) -> usize {
+    4 + update.0.byte_len() + 16
+}
+
+/// Splits a run into chunks of about `target_bytes` encoded bytes each (at least one update each).
+pub fn split_run(updates: Vec<Update>, target_bytes: usize) -> Vec<Vec<Update>> {
+    let mut chunks = Vec::new();
+    let mut chunk = Vec::new();
+    let mut bytes = 0;
+    for update in updates {
+        bytes += encoded_len(&update);
+        chunk.push(update);
+        if bytes >= target_bytes {
+            chunks.push(std::mem::take(&mut chunk));
+            bytes = 0;
+        }
+    }
+    if !chunk.is_empty() {
+        chunks.push(chunk);
+    }
+    chunks
+}
+
+/// Encodes a sorted, consolidated chunk of a run.
+pub fn encode_part(updates: &[Update]) -> Bytes {
+    let body: usize = updates.iter().map(encoded_len).sum();
+    let mut out = BytesMut::with_capacity(HEADER_BYTES + body);
+    out.put_slice(MAGIC);
+    out.put_u32_le(0);
+    out.put_u64_le(updates.len() as u64);
+    for (row, time, diff) in updates {
+        let len = u32::try_from(row.byte_len()).expect("a row is far smaller than 4 GiB");
+        out.put_u32_le(len);
+        out.put_slice(row.as_bytes());
+        out.put_u64_le(*time);
+        out.put_i64_le(*diff);
+    }
+    let crc = crc32fast::hash(&out[8..]);
+    out[4..8].copy_from_slice(&crc.to_le_bytes());
+    out.freeze()
+}
+
+/// The [`PartRef`] of an encoded part stored at `key`.
+pub fn part_ref(key: String, bytes: &Bytes, updates: u64) -> PartRef {
+    PartRef { key, bytes: bytes.len() as u64, updates, checksum: crc32fast::hash(bytes) }
+}
+
+/// Why a part could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PartError {
+    /// The blob has no such key.
+    #[error("part {key} is missing from the blob store")]
+    Missing {
+        /// The key.
+        key: String,
+    },
+    /// The bytes are not what the state recorded, or do not decode.
+    #[error("part {key} is corrupt: {detail}")]
+    Corrupt {
+        /// The key.
+        key: String,
+        /// What is wrong.
+        detail: String,
+    },
+}
+
+/// Decodes and checks a part against its [`PartRef`] (see the module documentation).
+pub fn decode_part(part: &PartRef, bytes: &[u8]) -> Result<Vec<Update>, PartError> {
+    let corrupt = |detail: String| PartError::Corrupt { key: part.key.clone(), detail };
+    if bytes.len() as u64 != part.bytes {
+        return Err(corrupt(format!("{} bytes, the state records {}", bytes.len(), part.bytes)));
+    }
+    let checksum = crc32fast::hash(bytes);
+    if checksum != part.checksum {
+        return Err(corrupt(format!("checksum {checksum:08x}, the state records {:08x}", part.checksum)));
+    }
+    if bytes.len() < HEADER_BYTES || &bytes[..4] != MAGIC {
+        return Err(corrupt("not a part (bad header)".into()));
+    }
+    let embedded = u32::from_le_bytes(bytes[4..8].try_into().expect("four bytes"));
+    if embedded != crc32fast::hash(&bytes[8..]) {
+        return Err(corrupt("its own checksum does not match".into()));
+    }
+    let count = u64::from_le_bytes(bytes[8..16].try_into().expect("eight bytes"));
+    if count != part.updates {
+        return Err(corrupt(format!("{count} updates, the state records {}", part.updates)));
+    }
+    let mut updates = Vec::with_capacity(usize::try_from(count).unwrap_or(0).min(bytes.len() / 20));
+    let mut at = HEADER_BYTES;
+    let mut take = |n: usize| -> Result<&[u8], PartError> {
+        let slice = bytes.get(at..at + n).ok_or_else(|| corrupt("truncated".into()))?;
+        at += n;
+        Ok(slice)
+    };
+    for _ in 0..count {
+        let len = u32::from_le_bytes(take(4)?.try_into().expect("four bytes")) as usize;
+        let row = Row::from_bytes(take(len)?).map_err(|e| corrupt(format!("bad row: {e}")))?;
+        let time = u64::from_le_bytes(take(8)?.try_into().expect("eight bytes"));
+        let diff = i64::from_le_bytes(take(8)?.try_into().expect("eight bytes"));
+        if diff == 0 {
+            return Err(corrupt("a zero diff".into()));
+        }
+        if let Some(last) = updates.last() {
+            let (last_row, last_time, _): &Update = last;
+            if (last_row, *last_time) >= (&row, time) {
+                return Err(corrupt("updates out of order".into()));
+            }
+        }
+        updates.push((row, time, diff));
+    }
+    if at != bytes.len() {
+        return Err(corrupt("trailing bytes".into()));
+    }
+    Ok(updates)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::Datum;
+
+    fn row(x: i64) -> Row {
+        Row::pack([Datum::Int64(x)])
+    }
+
+    #[test]
+    fn consolidation_sorts_sums_drops_zeros_and_bounds_counts() {
+        let run = consolidate_run(vec![
+            (row(2), 1, 1),
+            (row(1), 5, 3),
+            (row(2), 1, 1),
+            (row(1), 4, -1),
+            (row(3), 0, 1),
+            (row(3), 0, -1),
+        ])
+        .unwrap();
+        assert_eq!(run.updates, vec![(row(1), 4, -1), (row(1), 5, 3), (row(2), 1, 2)]);
+        assert_eq!(run.count_bound, 4);
+    }
+
+    #[test]
+    fn overflowing_multiplicities_are_refused() {
+        let cases = [
+            vec![(row(1), 0, i64::MAX), (row(1), 0, 1)],
+            vec![(row(1), 0, i64::MAX), (row(1), 1, 1)],
+            vec![(row(1), 0, i64::MIN), (row(1), 1, -1)],
+        ];
+        for case in cases {
+            assert_eq!(consolidate_run(case), Err(Overflow { row: row(1).to_string() }));
+        }
+        assert!(consolidate_run(vec![(row(1), 0, i64::MAX), (row(2), 0, i64::MAX)]).is_ok());
+    }
+
+    #[test]
+    fn merging_advances_times_below_the_since_and_keeps_them_inside_the_batch() {
+        let since = Antichain::from_elem(10);
+        assert_eq!(advance(3, &since, &Antichain::from_elem(20)), 9);
+        assert_eq!(advance(15, &since, &Antichain::from_elem(20)), 15);
+        assert_eq!(advance(3, &since, &Antichain::from_elem(6)), 5, "capped below the batch's upper");
+        assert_eq!(advance(3, &Antichain::from_elem(0), &Antichain::from_elem(6)), 3);
+        let run = merge_runs(
+            vec![vec![(row(1), 1, 1), (row(2), 2, 1)], vec![(row(1), 7, 1), (row(2), 12, -1)]],
+            &since,
+            &Antichain::from_elem(20),
+        );
+        assert_eq!(run.updates, vec![(row(1), 9, 2), (row(2), 9, 1), (row(2), 12, -1)]);
+    }
+
+    #[test]
+    fn parts_round_trip_and_every_flipped_bit_is_detected() {
+        let updates = vec![(row(1), 3, 2), (row(5), 1, -1), (row(5), 4, 7)];
+        let bytes = encode_part(&updates);
+        let part = part_ref("u1/p".into(), &bytes, 3);
+        assert_eq!(decode_part(&part, &bytes).unwrap(), updates);
+        for bit in 0..bytes.len() * 8 {
+            let mut flipped = bytes.to_vec();
+            flipped[bit / 8] ^= 1 << (bit % 8);
+            assert!(matches!(decode_part(&part, &flipped), Err(PartError::Corrupt { .. })), "bit {bit}");
+        }
+        assert!(decode_part(&part, &bytes[..bytes.len() - 1]).is_err());
+        let mut bad_header = part.clone();
+        bad_header.updates = 2;
+        assert!(decode_part(&bad_header, &bytes).is_err());
+    }
+
+    #[test]
+    fn a_run_splits_into_parts_of_about_the_target_size() {
+        let updates: Vec<Update> = (0..100).map(|x| (row(x), 0, 1)).collect();
+        let one = encoded_len(&updates[0]);
+        let chunks = split_run(updates.clone(), one * 10);
+        assert_eq!(chunks.len(), 10);
+        assert_eq!(chunks.concat(), updates);
+        assert_eq!(split_run(updates, usize::MAX).len(), 1);
+        assert!(split_run(Vec::new(), 10).is_empty());
+    }
+}

@@ -1,0 +1,146 @@
+//! The `Consensus` conformance suite, run against every backend: in-memory, SQLite and PostgreSQL 15.
+//! It checks the contract of `storage::consensus`: compare-and-set appends `expected + 1` iff the head is
+//! `expected`; the multi-key form commits all keys or none; invalid requests are determinate errors;
+//! scan, truncate (never the head) and list; racing compare-and-sets from two independent opens of the
+//! same store (two processes' worth of connections) lose no increment and apply none twice; and
+//! PostgreSQL pushes every committed key to the other open's change channel.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use storage::consensus::{CasOp, CasOutcome, Consensus, VersionedData};
+use storage::external::ExternalError;
+
+use crate::backends::{Backend, on_every_backend};
+
+fn version(seqno: u64, data: &'static [u8]) -> VersionedData {
+    VersionedData { seqno, data: Bytes::from_static(data) }
+}
+
+fn op(key: &str, expected: Option<u64>, seqno: u64) -> CasOp {
+    CasOp { key: key.into(), expected, new: version(seqno, b"multi") }
+}
+
+async fn the_consensus_contract_holds(consensus: Arc<dyn Consensus>) {
+    let c = &*consensus;
+    assert_eq!(c.head("k").await.unwrap(), None);
+    assert_eq!(c.compare_and_set("k", None, version(0, b"\0zero\0")).await.unwrap(), CasOutcome::Committed);
+    assert_eq!(c.head("k").await.unwrap(), Some(version(0, b"\0zero\0")));
+    assert_eq!(c.compare_and_set("k", None, version(0, b"again")).await.unwrap(), CasOutcome::Mismatch);
+    assert_eq!(c.compare_and_set("k", Some(0), version(1, b"one")).await.unwrap(), CasOutcome::Committed);
+    assert_eq!(c.compare_and_set("k", Some(0), version(1, b"late")).await.unwrap(), CasOutcome::Mismatch);
+    assert_eq!(c.head("k").await.unwrap(), Some(version(1, b"one")));
+    for (expected, seqno) in [(Some(1), 3), (Some(1), 1), (None, 1)] {
+        let result = c.compare_and_set("k", expected, version(seqno, b"bad")).await;
+        assert!(matches!(result, Err(ExternalError::Determinate(_))), "{expected:?} -> {seqno}: {result:?}");
+    }
+
+    // Multi-key: one stale expectation and nothing changes; then all at once.
+    let stale = vec![op("x", None, 0), op("k", Some(0), 1)];
+    assert_eq!(c.compare_and_set_multi(stale).await.unwrap(), CasOutcome::Mismatch);
+    assert_eq!(c.head("x").await.unwrap(), None);
+    assert_eq!(c.head("k").await.unwrap(), Some(version(1, b"one")));
+    let twice = vec![op("x", None, 0), op("x", None, 0)];
+    assert!(matches!(c.compare_and_set_multi(twice).await, Err(ExternalError::Determinate(_))));
+    let both = vec![op("x", None, 0), op("k", Some(1), 2)];
+    assert_eq!(c.compare_and_set_multi(both).await.unwrap(), CasOutcome::Committed);
+    assert_eq!(c.head("x").await.unwrap(), Some(version(0, b"multi")));
+    assert_eq!(c.head("k").await.unwrap().unwrap().seqno, 2);
+
+    // Scan, truncate, list.
+    let seqnos = |versions: Vec<VersionedData>| versions.into_iter().map(|v| v.seqno).collect::<Vec<_>>();
+    assert_eq!(seqnos(c.scan("k", 0, 10).await.unwrap()), [0, 1, 2]);
+    assert_eq!(seqnos(c.scan("k", 1, 1).await.unwrap()), [1]);
+    assert!(c.scan("missing", 0, 10).await.unwrap().is_empty());
+    assert_eq!(c.truncate("k", 2).await.unwrap(), 2);
+    assert_eq!(seqnos(c.scan("k", 0, 10).await.unwrap()), [2]);
+    assert!(matches!(c.truncate("k", 3).await, Err(ExternalError::Determinate(_))), "never the head");
+    assert!(c.truncate("missing", 1).await.is_err());
+    assert_eq!(c.truncate("k", 2).await.unwrap(), 0);
+    assert_eq!(c.head("k").await.unwrap().unwrap().seqno, 2);
+    assert_eq!(c.list_keys().await.unwrap(), vec![("k".to_owned(), 2), ("x".to_owned(), 0)]);
+}
+
+/// Eight tasks on each of two opens increment one key 25 times each, by compare-and-set.
+async fn racing_increments_are_each_applied_once(a: Arc<dyn Consensus>, b: Arc<dyn Consensus>) {
+    let mut tasks = Vec::new();
+    for task in 0..16 {
+        let consensus = if task % 2 == 0 { Arc::clone(&a) } else { Arc::clone(&b) };
+        tasks.push(tokio::spawn(async move {
+            let mut wins = 0;
+            let mut mismatches = 0;
+            while wins < 25 {
+                let head = consensus.head("race").await.unwrap().map(|v| v.seqno);
+                let next = head.map_or(0, |s| s + 1);
+                match consensus.compare_and_set("race", head, version(next, b"i")).await {
+                    Ok(CasOutcome::Committed) => wins += 1,
+                    Ok(CasOutcome::Mismatch) => mismatches += 1,
+                    // A busy database is a determinate failure: try again.
+                    Err(ExternalError::Determinate(_)) => mismatches += 1,
+                    Err(error) => panic!("{error}"),
+                }
+            }
+            mismatches
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert_eq!(a.head("race").await.unwrap().unwrap().seqno, 16 * 25 - 1, "every win is one version");
+    assert_eq!(a.scan("race", 0, 1_000).await.unwrap().len(), 16 * 25);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_consensus_backend_meets_the_consensus_contract() {
+    on_every_backend(async |stores| {
+        the_consensus_contract_holds(stores.consensus().await).await;
+        let (a, b) = (stores.consensus().await, stores.consensus().await);
+        racing_increments_are_each_applied_once(a, b).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_pushes_every_committed_key_to_other_opens_and_the_others_have_no_push_channel() {
+    on_every_backend(async |stores| {
+        let listener = stores.consensus().await;
+        let writer = stores.consensus().await;
+        let Some(mut changes) = listener.changes() else {
+            assert_ne!(stores.backend, Backend::Remote, "PostgreSQL has a push channel");
+            return;
+        };
+        // The listener connects in the background: keep writing until its first notification arrives.
+        let mut seqno = None;
+        let received = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let next = seqno.map_or(0, |s| s + 1);
+                assert_eq!(
+                    writer.compare_and_set("pushed", seqno, version(next, b"p")).await.unwrap(),
+                    CasOutcome::Committed
+                );
+                seqno = Some(next);
+                if let Ok(Ok(key)) = tokio::time::timeout(Duration::from_millis(200), changes.recv()).await {
+                    return key;
+                }
+            }
+        })
+        .await
+        .expect("no notification within 10 s");
+        assert_eq!(received, "pushed");
+        // A mismatch commits nothing and announces nothing.
+        assert_eq!(
+            writer.compare_and_set("pushed", None, version(0, b"x")).await.unwrap(),
+            CasOutcome::Mismatch
+        );
+        let next = seqno.unwrap() + 1;
+        writer.compare_and_set("other", None, version(0, b"o")).await.unwrap();
+        writer.compare_and_set("pushed", seqno, version(next, b"p")).await.unwrap();
+        let mut keys = Vec::new();
+        while keys.last().map(String::as_str) != Some("pushed") || !keys.iter().any(|k| k == "other") {
+            keys.push(tokio::time::timeout(Duration::from_secs(5), changes.recv()).await.unwrap().unwrap());
+        }
+        assert!(keys.iter().all(|k| k == "pushed" || k == "other"), "{keys:?}");
+    })
+    .await;
+}

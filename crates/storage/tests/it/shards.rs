@@ -1,0 +1,373 @@
+//! The `StorageCollections` behaviours on shards, on every backend (in-memory; local files + SQLite;
+//! S3 + PostgreSQL): the same scenarios `errors.rs` and `listen.rs` run against the embedded store and
+//! the TCP client, plus what only shards have: several processes on the same stores, critical holds that
+//! survive a restart and leased ones that expire, appends retried after lost replies applied exactly
+//! once (also atomically across collections), and bad input refused with nothing changed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use frontiers::{Antichain, ReadPolicy};
+use protocol::{Datum, Row};
+use storage::{
+    AppendError, CreateError, DropError, HoldError, ListenEvent, ReadError, ShardCollections, ShardConfig,
+    StorageCollections,
+};
+
+use crate::backends::{Stores, on_every_backend, quick_config};
+use crate::flaky::{Faults, FlakyBlob, FlakyConsensus};
+use crate::*;
+
+async fn open(stores: &Stores) -> Arc<dyn StorageCollections> {
+    Arc::new(stores.open(quick_config()).await)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shards_report_every_validation_error_on_every_backend() {
+    on_every_backend(async |stores| {
+        crate::errors::every_validation_error_is_reported(open(&stores).await).await
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shard_listens_deliver_the_snapshot_then_every_append_on_every_backend() {
+    on_every_backend(async |stores| {
+        crate::listen::listens_deliver_the_snapshot_then_every_append(open(&stores).await).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_shard_listener_catches_up_from_storage_on_every_backend() {
+    on_every_backend(async |stores| {
+        crate::listen::a_lagging_listener_catches_up_from_the_store(open(&stores).await).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_watch_reports_every_collection_then_every_change_on_every_backend() {
+    on_every_backend(async |stores| {
+        crate::listen::a_watch_reports_every_collection_then_every_change(open(&stores).await).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_table_writer_writes_at_clock_timestamps_on_shards_on_every_backend() {
+    on_every_backend(async |stores| {
+        crate::table_writer::writes_land_at_clock_timestamps_on(open(&stores).await).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_table_writer_retries_when_another_process_moved_an_upper_on_every_backend() {
+    on_every_backend(async |stores| crate::table_writer::a_writer_retries_on(open(&stores).await).await)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_wait_for_their_time_and_report_a_drop_on_every_backend() {
+    on_every_backend(async |stores| {
+        let config = ShardConfig { snapshot_timeout: Duration::from_secs(10), ..quick_config() };
+        let storage = stores.open(config).await;
+        let id = user(1);
+        storage.create_collection(id, int_desc()).await.unwrap();
+        let waiter = {
+            let storage = storage.clone();
+            tokio::spawn(async move { storage.snapshot(id, 3).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        storage.append(vec![append(id, vec![(int_row(1), 3, 1)], 0, 4)]).await.unwrap();
+        assert_eq!(waiter.await.unwrap().unwrap(), vec![(int_row(1), 1)]);
+
+        let waiter = {
+            let storage = storage.clone();
+            tokio::spawn(async move { storage.snapshot(id, 9).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        storage.drop_collection(id).await.unwrap();
+        assert_eq!(waiter.await.unwrap(), Err(ReadError::CollectionDropped(id)));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_shard_listen_releases_its_hold_on_every_backend() {
+    on_every_backend(async |stores| {
+        let storage = open(&stores).await;
+        let id = user(1);
+        storage.create_collection(id, int_desc()).await.unwrap();
+        storage
+            .set_read_policy(id, ReadPolicy::LagWriteFrontier { lag_ms: 0, granularity_ms: 0 })
+            .await
+            .unwrap();
+        let mut listen = storage.listen(id, 0).await.unwrap();
+        storage.append(vec![append(id, vec![(int_row(1), 4, 1)], 0, 10)]).await.unwrap();
+        assert_eq!(storage.frontiers(id).await.unwrap().since, at(0));
+        assert_eq!(listen.next().await.unwrap(), ListenEvent::Updates(vec![]));
+        drop(listen);
+        crate::listen::wait_for_since(&*storage, id, 10).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_share_collections_holds_and_listens_on_every_backend() {
+    on_every_backend(async |stores| {
+        let a = stores.open(quick_config()).await;
+        let b = stores.open(quick_config()).await;
+        let id = user(1);
+        a.create_collection(id, int_desc()).await.unwrap();
+        assert_eq!(b.list_collections().await.unwrap(), vec![(id, int_desc())]);
+        b.set_read_policy(id, ReadPolicy::LagWriteFrontier { lag_ms: 0, granularity_ms: 0 }).await.unwrap();
+        // B's hold keeps A's appends readable from 0.
+        let hold = b.acquire_read_hold(id, at(0)).await.unwrap();
+        let mut listen = b.listen(id, 0).await.unwrap();
+        for t in 0..20u64 {
+            a.append(vec![append(id, vec![(int_row(t as i64), t, 1)], t, t + 1)]).await.unwrap();
+        }
+        assert_eq!(
+            a.frontiers(id).await.unwrap(),
+            storage::CollectionFrontiers { since: at(0), upper: at(20) }
+        );
+        let mut seen = Vec::new();
+        while seen.len() < 20 {
+            match tokio::time::timeout(Duration::from_secs(10), listen.next()).await.unwrap().unwrap() {
+                ListenEvent::Updates(updates) => seen.extend(updates),
+                ListenEvent::Progress(_) => {}
+            }
+        }
+        seen.sort_by_key(|u| u.1);
+        assert_eq!(seen, (0..20u64).map(|t| (int_row(t as i64), t, 1)).collect::<Vec<_>>());
+        assert_eq!(a.snapshot(id, 0).await.unwrap(), vec![(int_row(0), 1)]);
+        // Racing compare-and-append: exactly one wins, the loser learns the upper.
+        let (ra, rb) = tokio::join!(
+            a.append(vec![append(id, vec![(int_row(100), 20, 1)], 20, 21)]),
+            b.append(vec![append(id, vec![(int_row(200), 20, 1)], 20, 22)]),
+        );
+        match (ra, rb) {
+            (Ok(()), Err(AppendError::UpperMismatch { current, .. })) => assert_eq!(current, at(21)),
+            (Err(AppendError::UpperMismatch { current, .. }), Ok(())) => assert_eq!(current, at(22)),
+            other => panic!("exactly one append wins: {other:?}"),
+        }
+        drop((hold, listen));
+        crate::listen::wait_for_since(
+            &a,
+            id,
+            a.frontiers(id).await.unwrap().upper.as_option().copied().unwrap(),
+        )
+        .await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn critical_holds_survive_a_restart_and_leased_holds_expire_on_every_backend() {
+    on_every_backend(async |stores| {
+        let id = user(1);
+        let critical = ShardConfig { critical_reader: Some("controller".into()), ..quick_config() };
+        let leased = ShardConfig { reader_lease: Duration::from_millis(300), ..quick_config() };
+        // Keeps in-memory stores alive across the "crashes" (they live while some process has them open).
+        let _keeper = stores.open(ShardConfig { background_maintenance: false, ..quick_config() }).await;
+        let controller = stores.open(critical.clone()).await;
+        controller.create_collection(id, int_desc()).await.unwrap();
+        controller
+            .set_read_policy(id, ReadPolicy::LagWriteFrontier { lag_ms: 0, granularity_ms: 0 })
+            .await
+            .unwrap();
+        controller.append(vec![append(id, vec![], 0, 5)]).await.unwrap();
+        let hold = controller.acquire_read_hold(id, at(5)).await.unwrap();
+        // A crash: the process goes away without releasing anything.
+        std::mem::forget(hold);
+        drop(controller);
+
+        let replica = stores.open(leased.clone()).await;
+        let replica_hold = replica.acquire_read_hold(id, at(7)).await;
+        assert!(replica_hold.is_ok(), "{replica_hold:?}");
+        replica.append(vec![append(id, vec![], 5, 50)]).await.unwrap();
+        assert_eq!(replica.frontiers(id).await.unwrap().since, at(5), "the critical hold survived the crash");
+        // The restarted controller can hold at 5 again, then move on.
+        let controller = stores.open(critical).await;
+        let mut hold = controller.acquire_read_hold(id, at(5)).await.unwrap();
+        hold.try_downgrade(at(8)).unwrap();
+        crate::listen::wait_for_since(&controller, id, 7).await;
+        // The replica crashes: its leased hold at 7 expires once nobody heartbeats it, and the since moves.
+        std::mem::forget(replica_hold);
+        drop(replica);
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        controller.maintain(id, false).await.unwrap();
+        assert_eq!(controller.frontiers(id).await.unwrap().since, at(8));
+        drop(hold);
+        crate::listen::wait_for_since(&controller, id, 50).await;
+    })
+    .await;
+}
+
+/// A process whose stores are wrapped in fault injection.
+async fn flaky_process(stores: &Stores, config: ShardConfig) -> (ShardCollections, Arc<Faults>, Arc<Faults>) {
+    let consensus_faults = Arc::new(Faults::default());
+    let blob_faults = Arc::new(Faults::default());
+    let consensus =
+        Arc::new(FlakyConsensus { inner: stores.consensus().await, faults: Arc::clone(&consensus_faults) });
+    let blob = Arc::new(FlakyBlob { inner: stores.blob().await, faults: Arc::clone(&blob_faults) });
+    (ShardCollections::from_stores(blob, consensus, config), consensus_faults, blob_faults)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_retried_after_lost_replies_are_applied_exactly_once_on_every_backend() {
+    on_every_backend(async |stores| {
+        let (storage, consensus, blob) = flaky_process(&stores, quick_config()).await;
+        let (a, b) = (user(1), user(2));
+        for id in [a, b] {
+            storage.create_collection(id, int_desc()).await.unwrap();
+        }
+        // The compare-and-set commits, its reply is lost: the retry finds the token and stops.
+        consensus.lose_replies.store(1, std::sync::atomic::Ordering::SeqCst);
+        storage.append(vec![append(a, vec![(int_row(1), 0, 1)], 0, 1)]).await.unwrap();
+        // Atomic across collections, with a refused attempt and then a lost reply.
+        consensus.fail_writes.store(1, std::sync::atomic::Ordering::SeqCst);
+        consensus.lose_replies.store(1, std::sync::atomic::Ordering::SeqCst);
+        storage
+            .append(vec![
+                append(a, vec![(int_row(2), 1, 1)], 1, 2),
+                append(b, vec![(int_row(3), 0, 1)], 0, 2),
+            ])
+            .await
+            .unwrap();
+        // A blob write that fails, and one whose reply is lost (its part is garbage, not data).
+        blob.fail_writes.store(1, std::sync::atomic::Ordering::SeqCst);
+        blob.lose_replies.store(1, std::sync::atomic::Ordering::SeqCst);
+        storage.append(vec![append(a, vec![(int_row(4), 2, 1)], 2, 3)]).await.unwrap();
+        assert_eq!(storage.frontiers(a).await.unwrap().upper, at(3));
+        assert_eq!(storage.frontiers(b).await.unwrap().upper, at(2));
+        assert_eq!(
+            storage.snapshot(a, 2).await.unwrap(),
+            vec![(int_row(1), 1), (int_row(2), 1), (int_row(4), 1)]
+        );
+        assert_eq!(storage.snapshot(b, 1).await.unwrap(), vec![(int_row(3), 1)]);
+        // Every batch was recorded once.
+        let state = storage.state(a).await.unwrap().unwrap();
+        assert_eq!(state.batches.iter().map(|b| b.updates()).sum::<u64>(), 3);
+        let retries = storage.stats().retries;
+        assert!(retries >= 4, "{retries} retries");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_longer_than_the_retry_budget_fails_with_the_outcome_stated() {
+    on_every_backend(async |stores| {
+        let config = ShardConfig { retry_budget: Duration::from_millis(300), ..quick_config() };
+        let (storage, consensus, blob) = flaky_process(&stores, config).await;
+        let id = user(1);
+        storage.create_collection(id, int_desc()).await.unwrap();
+        // The blob store is down: nothing was appended, and it says so.
+        blob.down.store(true, std::sync::atomic::Ordering::SeqCst);
+        let result = storage.append(vec![append(id, vec![(int_row(1), 0, 1)], 0, 1)]).await;
+        assert!(matches!(&result, Err(AppendError::Io(m)) if m.contains("outage")), "{result:?}");
+        blob.down.store(false, std::sync::atomic::Ordering::SeqCst);
+        // Every compare-and-set loses its reply: the outcome is unknown, and the error says so.
+        consensus.lose_replies.store(u32::MAX, std::sync::atomic::Ordering::SeqCst);
+        let result = storage.append(vec![append(id, vec![(int_row(1), 0, 1)], 0, 1)]).await;
+        assert!(matches!(result, Ok(()) | Err(AppendError::Indeterminate(_))), "{result:?}");
+        consensus.lose_replies.store(0, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(storage.frontiers(id).await.unwrap().upper, at(1), "it was applied, once");
+        assert_eq!(storage.snapshot(id, 0).await.unwrap(), vec![(int_row(1), 1)]);
+        // Reads during an outage fail with `Unavailable` once the budget is spent; so does a hold that
+        // needs the stored state (one covered by a hold this process registered before is local).
+        let unheld = user(3);
+        storage.create_collection(unheld, int_desc()).await.unwrap();
+        consensus.down.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(matches!(storage.frontiers(id).await, Err(ReadError::Unavailable(_))));
+        assert!(matches!(storage.acquire_read_hold(unheld, at(0)).await, Err(HoldError::Unavailable(_))));
+        assert!(matches!(storage.create_collection(user(2), int_desc()).await, Err(CreateError::Io(_))));
+        assert!(matches!(storage.drop_collection(id).await, Err(DropError::Io(_))));
+        consensus.down.store(false, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(storage.frontiers(id).await.unwrap().upper, at(1));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_with_a_typed_error_and_changes_nothing_on_every_backend() {
+    on_every_backend(async |stores| {
+        let storage = stores.open(quick_config()).await;
+        let id = user(1);
+        storage.create_collection(id, int_desc()).await.unwrap();
+        storage.append(vec![append(id, vec![(int_row(1), 0, i64::MAX - 1)], 0, 1)]).await.unwrap();
+        let before = storage.state(id).await.unwrap().unwrap();
+        let parts_before = storage.blob().list("u1").await.unwrap().len();
+        let cases = [
+            // Within the batch.
+            vec![(int_row(2), 1, i64::MAX), (int_row(2), 1, 1)],
+            vec![(int_row(2), 1, i64::MIN), (int_row(2), 2, -1)],
+            // Against the stored counts.
+            vec![(int_row(1), 1, 2)],
+        ];
+        for updates in cases {
+            let result = storage.append(vec![append(id, updates, 1, 3)]).await;
+            assert!(
+                matches!(result, Err(AppendError::DiffOverflow { id: got, .. }) if got == id),
+                "{result:?}"
+            );
+        }
+        let wide = Row::pack([Datum::Int64(1), Datum::Int64(2)]);
+        assert!(matches!(
+            storage.append(vec![append(id, vec![(wide, 1, 1)], 1, 2)]).await,
+            Err(AppendError::RowType { .. })
+        ));
+        // An atomic append with one bad collection changes neither.
+        let other = user(2);
+        storage.create_collection(other, int_desc()).await.unwrap();
+        let result = storage
+            .append(vec![
+                append(other, vec![(int_row(5), 0, 1)], 0, 1),
+                append(id, vec![(int_row(1), 1, 5)], 1, 2),
+            ])
+            .await;
+        assert!(matches!(result, Err(AppendError::DiffOverflow { .. })), "{result:?}");
+        assert_eq!(storage.frontiers(other).await.unwrap().upper, at(0));
+        let after = storage.state(id).await.unwrap().unwrap();
+        assert_eq!(
+            (after.upper.clone(), after.batches.clone()),
+            (before.upper.clone(), before.batches.clone())
+        );
+        assert_eq!(storage.blob().list("u1").await.unwrap().len(), parts_before, "no part was written");
+        assert!(storage.blob().list("u2").await.unwrap().is_empty(), "no part was left behind");
+        // The bound is conservative: a retraction is refused too while it could overflow some sum (the
+        // bound adds |diff|s), one that keeps the bound within i64 is not.
+        let refused = storage.append(vec![append(id, vec![(int_row(1), 1, -(i64::MAX - 1))], 1, 2)]).await;
+        assert!(matches!(refused, Err(AppendError::DiffOverflow { .. })), "{refused:?}");
+        storage.append(vec![append(id, vec![(int_row(1), 1, -1)], 1, 2)]).await.unwrap();
+        assert_eq!(storage.snapshot(id, 1).await.unwrap(), vec![(int_row(1), i64::MAX - 2)]);
+        let _ = Antichain::<u64>::new();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_call_on_a_shut_down_process_reports_disconnected() {
+    on_every_backend(async |stores| {
+        let storage = stores.open(quick_config()).await;
+        let id = user(1);
+        storage.create_collection(id, int_desc()).await.unwrap();
+        let mut listen = storage.listen(id, 0).await.unwrap();
+        storage.shutdown().await;
+        assert_eq!(storage.create_collection(user(2), int_desc()).await, Err(CreateError::Disconnected));
+        assert_eq!(storage.drop_collection(id).await, Err(DropError::Disconnected));
+        assert_eq!(storage.append(vec![append(id, vec![], 0, 1)]).await, Err(AppendError::Disconnected));
+        assert_eq!(storage.snapshot(id, 0).await, Err(ReadError::Disconnected));
+        assert_eq!(storage.frontiers(id).await, Err(ReadError::Disconnected));
+        assert_eq!(storage.acquire_read_hold(id, at(0)).await.unwrap_err(), HoldError::Disconnected);
+        assert_eq!(storage.set_read_policy(id, ReadPolicy::NoPolicy).await, Err(HoldError::Disconnected));
+        assert_eq!(listen.next().await, Err(ReadError::Disconnected));
+        assert!(matches!(storage.watch_frontiers().await, Err(ReadError::Disconnected)));
+        // Another process on the same stores is unaffected.
+        let other = stores.open(quick_config()).await;
+        assert_eq!(other.frontiers(id).await.unwrap().upper, at(0));
+    })
+    .await;
+}
