@@ -7,6 +7,12 @@
 //! profile, which finds them up to date) with a fixed seed and shape ([`ARGS`]), and reads its `--json`
 //! report from stdout. Its event lines go to stderr as they happen.
 //!
+//! **What it also checks.** The run writes its report page and the metrics it scraped from every process at
+//! its end into [`REPORT_DIR`] (`--report`); then `sim check-report` validates every scrape with
+//! `promtool check metrics` and renders the page in headless Chromium, checking the screenshot
+//! (`sim::tools`; the tools are installed from Debian's packages where missing, and the step fails if
+//! they cannot be). The page and its screenshot stay there for people to look at.
+//!
 //! **What it requires** ([`check_report`]): outcome `passed` with no violation (which covers the
 //! scenario's own checks: every peek against the oracle, subscribe batches contiguous and equal to the
 //! oracle, the materialized view, the replica kill and rehydration, the dataflow recreations, catching up
@@ -29,8 +35,23 @@ use crate::cmd;
 /// The scenario's arguments: about 20 s of workload, the default shape (two replicas, the second of two
 /// processes, so a multi-process replica is exercised; one kill and three recreations at this length), a
 /// fixed seed so a failure can be rerun, and the JSON report.
-pub const ARGS: &[&str] =
-    &["cluster", "--duration", "20", "--seed", "1", "--replicas", "2", "--processes", "2", "--json"];
+pub const ARGS: &[&str] = &[
+    "cluster",
+    "--duration",
+    "20",
+    "--seed",
+    "1",
+    "--replicas",
+    "2",
+    "--processes",
+    "2",
+    "--json",
+    "--report",
+    REPORT_DIR,
+];
+
+/// Where the run writes its report page and scraped metrics, relative to the project root.
+pub const REPORT_DIR: &str = "target/cluster-report";
 
 /// Peeks checked against the oracle, at least. Two peek loops issue one every few milliseconds: a 20 s
 /// run on a loaded 2-core machine checked about 8,000; 500 still allows a machine several times slower,
@@ -61,7 +82,9 @@ pub fn run() -> anyhow::Result<()> {
     if !status.success() {
         bail!("`sim cluster` exited with {status} although its report passes");
     }
-    Ok(())
+    let mut check = cmd::cargo();
+    check.args(["run", "--package", "sim", "--locked", "--", "check-report", REPORT_DIR]);
+    cmd::run(&mut check).context("the report's metrics or page did not pass promtool and chromium")
 }
 
 fn number(report: &Value, pointer: &str) -> anyhow::Result<u64> {

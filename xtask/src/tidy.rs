@@ -42,15 +42,26 @@ pub struct Layer {
 pub const LAYERS: &[Layer] = &[
     Layer { krate: "frontiers", deps: &[], extra_dev_deps: &[] },
     Layer { krate: "protocol", deps: &["frontiers"], extra_dev_deps: &[] },
+    // A process's metrics (DESIGN §10): series that remove themselves and the `/metrics` endpoint. It knows
+    // no other workspace crate; every process crate uses it.
+    Layer { krate: "telemetry", deps: &[], extra_dev_deps: &[] },
     // Framed tokio connections over `protocol::frame` (later TLS, authentication and connection bounds):
     // the async half `protocol` must not have, shared by every socket shell.
     Layer { krate: "transport", deps: &["protocol"], extra_dev_deps: &[] },
-    Layer { krate: "storage", deps: &["protocol", "frontiers", "transport"], extra_dev_deps: &[] },
-    Layer { krate: "compute", deps: &["protocol", "frontiers", "storage", "transport"], extra_dev_deps: &[] },
+    Layer {
+        krate: "storage",
+        deps: &["protocol", "frontiers", "transport", "telemetry"],
+        extra_dev_deps: &[],
+    },
+    Layer {
+        krate: "compute",
+        deps: &["protocol", "frontiers", "storage", "transport", "telemetry"],
+        extra_dev_deps: &[],
+    },
     Layer { krate: "replica-client", deps: &["protocol", "frontiers", "transport"], extra_dev_deps: &[] },
     Layer {
         krate: "controller",
-        deps: &["frontiers", "protocol", "transport", "storage", "replica-client"],
+        deps: &["frontiers", "protocol", "transport", "storage", "replica-client", "telemetry"],
         // The controller's tests run against real, in-process replicas.
         extra_dev_deps: &["compute"],
     },
@@ -72,6 +83,7 @@ pub const LAYERS: &[Layer] = &[
             "replica-client",
             "controller",
             "tpch",
+            "telemetry",
         ],
         extra_dev_deps: &[],
     },

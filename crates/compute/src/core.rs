@@ -10,10 +10,14 @@
 //!   replayed history (buffered), `InitializationComplete` (reconciliation, see below), then normal
 //!   commands. A command in the wrong stage is answered with `CommandRejected` and the connection is closed.
 //! - **Reconciliation.** A running dataflow is kept (no rehydration) if the replay creates an identical one
-//!   (only the as-of may be later), all its index imports come from kept dataflows, it has no subscribe or
-//!   copy-to export (those stream to the connection that asked, so they are rebuilt from the replayed
-//!   as-of), and none of its exports was dropped unless the replay drops it too. Everything else running is
-//!   dropped (importers first), then the replay is executed, skipping kept dataflows' creations.
+//!   (only the as-of may be later), it was scheduled, all its index imports come from kept dataflows, it
+//!   has no subscribe or copy-to export (those stream to the connection that asked, so they are rebuilt
+//!   from the replayed as-of), its storage imports did not fail, and none of its exports was dropped
+//!   unless the replay drops it too. A dataflow never scheduled holds nothing in storage yet and would
+//!   start from its earlier as-of, which the controller no longer holds once it replayed a later one: it
+//!   is rebuilt at the replayed as-of (the simulator's model replica follows the same rule). Everything
+//!   else running is dropped (importers first), then the replay is executed, skipping kept dataflows'
+//!   creations.
 //! - **Reports.** Workers' reports name their dataflow (a [`DataflowKey`], never reused) and peeks their
 //!   routing ([`PeekSeq`]): a report of a dataflow that was dropped and rebuilt under the same export ids,
 //!   or an answer to an earlier peek under the same uuid, is ignored. Sinks of a connection that is gone
@@ -32,7 +36,10 @@
 //!   (`row_owner`, so across processes every update is ingested once) and advances its input to the listen's
 //!   progress, under a storage read hold at the as-of that follows the progress. Materialized views append
 //!   with compare-and-append once `AllowWrites` arrived; on `UpperMismatch` they skip to the current upper;
-//!   once the target is gone (dropped) they stop appending.
+//!   a transient storage failure is retried with a bounded backoff; one retrying cannot cure (the target
+//!   dropped, an append storage refuses, a multiplicity beyond `i64`, an error in the view's data) stops
+//!   the view and is reported as `StatusResponse::Failed`, as is an index or view whose storage import
+//!   failed. A dataflow with a failed export is rebuilt on the next connection, not kept.
 //!
 //! **What this is not.** No timely code (the workers') and no socket code (the server's).
 //!
@@ -41,7 +48,8 @@
 //! importing from it was dropped.
 //!
 //! **Tests.** Through the socket, in `tests/it` (reconnect, bad input, peeks, sinks, limits); the
-//! appender's stop on a dropped target and the stand-ins of oversized responses in `mod tests`.
+//! appender's failures (each reported) and retries, and the stand-ins of oversized responses in
+//! `mod tests`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
@@ -55,14 +63,15 @@ use protocol::{
     FrontiersResponse, GlobalId, InstanceConfig, Peek, PeekId, PeekResponse, PeekTarget, Row, SinkConnection,
     StatusResponse, SubscribeBatch, SubscribeResponse,
 };
-use storage::{AppendError, AppendRequest, ListenEvent, StorageCollections};
+use storage::{AppendError, AppendRequest, ListenEvent, ReadError, StorageCollections};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tracing::{debug, error, info, warn};
+use tracing::{Instrument, debug, error, info, warn};
 use transport::Frame;
 
 use crate::messages::{DataflowKey, FeedBudget, FromWorker, PeekSeq, ToWorker, WorkerPeek, WorkerTx};
+use crate::metrics::{ReplicaMetrics, StorageReadLag};
 use crate::render::{Diff, Time, error_message};
 use crate::worker::{finish_rows, key_owner, row_owner};
 
@@ -150,6 +159,16 @@ pub(crate) enum CoreEvent {
         /// Why.
         error: String,
     },
+    /// An export can make no more progress, for a reason retrying will not cure (a materialized view's
+    /// appender stopped).
+    ExportFailed {
+        /// The dataflow.
+        key: DataflowKey,
+        /// The export.
+        id: GlobalId,
+        /// Why.
+        error: String,
+    },
     /// A storage peek finished.
     StoragePeek {
         /// The peek.
@@ -234,6 +253,9 @@ struct CoreCollection {
     reported: Option<(Antichain<Time>, Antichain<Time>)>,
     hydrated: bool,
     hydration_reported: bool,
+    /// It can make no more progress (reported as `StatusResponse::Failed`); the next reconnect rebuilds
+    /// its dataflow.
+    failed: bool,
     sink: SinkMerge,
 }
 
@@ -257,7 +279,8 @@ struct MvBatch {
     lower: Antichain<Time>,
     upper: Antichain<Time>,
     updates: Vec<(Row, Time, Diff)>,
-    errors: bool,
+    /// The first error of the view's data in the batch's range, if it has any.
+    error: Option<String>,
 }
 
 #[derive(Debug)]
@@ -293,6 +316,17 @@ pub(crate) struct Core {
     next_peek_seq: PeekSeq,
     /// Fault injection for tests of the process's failure path (see `server.rs`).
     panic_on_connect: bool,
+    metrics: ReplicaMetrics,
+}
+
+/// What the core shares with the rest of its process.
+pub(crate) struct CoreShared {
+    /// Dataflows built since the process started (read by `ReplicaHandle::dataflows_built`).
+    pub built: Arc<AtomicU64>,
+    /// The idle merge effort every arrangement's merge rule reads (`worker::install_idle_merge`).
+    pub idle_merge_effort: Arc<AtomicUsize>,
+    /// The replica's metrics.
+    pub metrics: ReplicaMetrics,
 }
 
 /// The bounds a core applies to its connection.
@@ -318,10 +352,10 @@ impl Core {
         workers: Vec<WorkerTx>,
         storage: Arc<dyn StorageCollections>,
         events: UnboundedSender<CoreEvent>,
-        built: Arc<AtomicU64>,
         limits: CoreLimits,
-        idle_merge_effort: Arc<AtomicUsize>,
+        shared: CoreShared,
     ) -> Self {
+        let CoreShared { built, idle_merge_effort, metrics } = shared;
         let (allow_writes, _) = watch::channel(false);
         Core {
             topology,
@@ -342,6 +376,7 @@ impl Core {
             idle_merge_effort,
             next_peek_seq: 0,
             panic_on_connect: false,
+            metrics,
         }
     }
 
@@ -528,6 +563,7 @@ impl Core {
                 }
             }
             CoreEvent::ImportFailed { key, import, error } => self.import_failed(key, import, error),
+            CoreEvent::ExportFailed { key, id, error } => self.export_failed(key, id, error),
             CoreEvent::StoragePeek { uuid, response } => {
                 if self.storage_peeks.remove(&uuid).is_some() {
                     self.send(ComputeResponse::PeekResponse { uuid, response });
@@ -555,6 +591,9 @@ impl Core {
                     self.reject_and_close(name, reason);
                     return;
                 }
+                tracing::Span::current()
+                    .record("instance", tracing::field::display(config.instance_id))
+                    .record("replica", tracing::field::display(config.replica_id));
                 info!(instance = %config.instance_id, replica = %config.replica_id, "instance configured");
                 self.instance = Some(config);
                 if let Some(conn) = self.active.as_mut() {
@@ -613,9 +652,14 @@ impl Core {
                 .export_ids()
                 .all(|id| dataflow.exports.contains(&id) || dropped_in_replay.contains(&id));
             let matching = replayed.iter().any(|desc| same_dataflow(&dataflow.desc, desc));
-            // A dataflow whose storage import failed is built again: storage may be back.
-            let healthy = dataflow.failed.is_none();
-            if !streams && imports_kept && exports_intact && matching && healthy {
+            // A dataflow whose storage import failed, or one of whose exports cannot make progress, is
+            // built again: storage may be back, and a failure that persists is reported afresh.
+            let healthy = dataflow.failed.is_none()
+                && dataflow.exports.iter().all(|id| self.collections.get(id).is_none_or(|c| !c.failed));
+            // One never scheduled holds nothing in storage: kept, it would start from its earlier as-of,
+            // which the controller stopped holding when it replayed a later one.
+            let started = dataflow.scheduled;
+            if !streams && imports_kept && exports_intact && matching && healthy && started {
                 kept.insert(*key);
                 kept_exports.extend(dataflow.desc.export_ids());
             }
@@ -636,7 +680,8 @@ impl Core {
                 ComputeCommand::CreateDataflow(desc)
                     if desc.export_ids().next().is_some_and(|id| kept_exports.contains(&id)) =>
                 {
-                    // Kept: the running dataflow serves it (its as-of may be earlier, which is fine).
+                    // Kept: the running dataflow serves it (its as-of may be earlier: it was scheduled, so its
+                    // storage feeds hold their imports from where they got to, not from the as-of).
                     continue;
                 }
                 _ => self.execute(command).await,
@@ -788,13 +833,17 @@ impl Core {
                     // Every update is funnelled to global worker 0, so its process appends for the replica.
                     let appender = if self.topology.local(0).is_some() {
                         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-                        tasks.push(tokio::spawn(append_materialized_view(
+                        let report = FailureReport { events: self.events.clone(), key, id: *id };
+                        let appending = append_materialized_view(
                             Arc::clone(&self.storage),
                             *target,
                             as_of,
                             rx,
                             self.allow_writes.subscribe(),
-                        )));
+                            report,
+                        );
+                        let span = tracing::info_span!("appender", collection = %id, target = %target);
+                        tasks.push(tokio::spawn(appending.instrument(span)));
                         Some(tx)
                     } else {
                         None
@@ -818,14 +867,17 @@ impl Core {
             },
         );
         self.built.fetch_add(1, Ordering::Relaxed);
-        info!(key, name = %desc.debug_name, as_of, "creating dataflow");
+        let exports: Vec<String> = desc.export_ids().map(|id| id.to_string()).collect();
+        info!(key, name = %desc.debug_name, as_of, ?exports, "creating dataflow");
         self.broadcast(|| ToWorker::Build { key, desc: Arc::clone(&desc) });
         Ok(())
     }
 
     /// A storage import of dataflow `key` failed: the dataflow can make no more progress, so whoever waits
     /// on it gets the error instead of waiting forever: its indexes' pending and later peeks, its
-    /// subscribes (an error batch that ends them) and copy-tos. A materialized view stops appending.
+    /// subscribes (an error batch that ends them) and copy-tos; its indexes and materialized views (which
+    /// stop appending) are reported failed (`StatusResponse::Failed`). While a new connection replays,
+    /// nothing is sent: reconciliation rebuilds the dataflow.
     fn import_failed(&mut self, key: DataflowKey, import: GlobalId, error: String) {
         let Some(dataflow) = self.dataflows.get_mut(&key) else { return };
         if dataflow.failed.is_some() {
@@ -849,9 +901,10 @@ impl Core {
             self.broadcast(|| ToWorker::CancelPeek { uuid });
             self.send(ComputeResponse::PeekResponse { uuid, response: PeekResponse::Error(message.clone()) });
         }
+        let normal = self.active.as_ref().is_some_and(|c| c.stage == Stage::Normal);
         for id in exports {
             let Some(collection) = self.collections.get_mut(&id) else { continue };
-            if collection.sink.done {
+            if collection.sink.done || collection.failed {
                 continue;
             }
             let response = match &collection.kind {
@@ -864,10 +917,33 @@ impl Core {
                 ExportKind::CopyTo { .. } => {
                     ComputeResponse::CopyToResponse { id, response: CopyToResponse::Error(message.clone()) }
                 }
-                ExportKind::Index | ExportKind::MaterializedView { .. } => continue,
+                ExportKind::Index | ExportKind::MaterializedView { .. } => {
+                    ComputeResponse::Status(StatusResponse::Failed { id, error: message.clone() })
+                }
             };
             collection.sink.done = true;
-            self.send(response);
+            collection.failed = true;
+            if normal {
+                self.send(response);
+            }
+        }
+    }
+
+    /// Export `id` of dataflow `key` can make no more progress (its materialized view's appender stopped
+    /// for good): the controller hears why, once (`StatusResponse::Failed`), and the next reconnect
+    /// rebuilds the dataflow. A report of a dataflow since dropped (and maybe rebuilt under the same
+    /// id) is ignored; while a new connection replays, the failure is only recorded (reconciliation
+    /// rebuilds the dataflow).
+    fn export_failed(&mut self, key: DataflowKey, id: GlobalId, error: String) {
+        let normal = self.active.as_ref().is_some_and(|c| c.stage == Stage::Normal);
+        let Some(collection) = self.collections.get_mut(&id) else { return };
+        if collection.dataflow != key || collection.failed {
+            return;
+        }
+        collection.failed = true;
+        warn!(%id, key, %error, "an export can make no more progress");
+        if normal {
+            self.send(ComputeResponse::Status(StatusResponse::Failed { id, error }));
         }
     }
 
@@ -878,15 +954,21 @@ impl Core {
         }
         dataflow.scheduled = true;
         for import in dataflow.desc.source_imports.keys() {
-            let task = tokio::spawn(feed_source(
-                self.events.clone(),
-                Arc::clone(&self.storage),
-                *import,
-                dataflow.as_of,
-                key,
-                self.workers.clone(),
-                self.topology,
-            ));
+            let task = tokio::spawn(
+                feed_source(
+                    Arc::clone(&self.storage),
+                    *import,
+                    dataflow.as_of,
+                    FeedTarget {
+                        events: self.events.clone(),
+                        key,
+                        workers: self.workers.clone(),
+                        topology: self.topology,
+                    },
+                    self.metrics.storage_read_lag(*import),
+                )
+                .instrument(tracing::info_span!("feed", collection = %import, dataflow = key)),
+            );
             dataflow.tasks.push(task);
         }
         self.broadcast(|| ToWorker::Schedule { key });
@@ -939,7 +1021,8 @@ impl Core {
         for task in &dataflow.tasks {
             task.abort();
         }
-        info!(key, name = %dataflow.desc.debug_name, "dropping dataflow");
+        let exports: Vec<String> = dataflow.desc.export_ids().map(|id| id.to_string()).collect();
+        info!(key, name = %dataflow.desc.debug_name, ?exports, "dropping dataflow");
         self.broadcast(|| ToWorker::DropDataflow { key });
         for exporter in dataflow.imports_from {
             if let Some(exporter_dataflow) = self.dataflows.get_mut(&exporter) {
@@ -1248,11 +1331,12 @@ impl Core {
             }
             ExportKind::MaterializedView { appender } => {
                 if let Some(appender) = appender {
+                    // Fails only once the appender stopped, and it reported why (`export_failed`).
                     let _ = appender.send(MvBatch {
                         lower,
                         upper,
                         updates: batch,
-                        errors: !batch_errors.is_empty(),
+                        error: batch_errors.first().map(|(error, _, _)| error_message(error)),
                     });
                 } else {
                     debug_assert!(
@@ -1353,6 +1437,7 @@ impl CoreCollection {
             reported: None,
             hydrated: false,
             hydration_reported: false,
+            failed: false,
             sink: SinkMerge {
                 worker_frontiers: vec![Antichain::from_elem(0); workers],
                 per_worker: vec![Vec::new(); workers],
@@ -1436,17 +1521,24 @@ pub(crate) fn csv_line(row: &Row) -> String {
 /// reads on (about 4 MiB of small rows; a listen event adds at most about 1 MiB more).
 const FEED_UPDATES_IN_FLIGHT: usize = 1 << 16;
 
-/// Reads a storage import from `as_of` on and feeds each local worker the rows it owns, no faster than
-/// the workers ingest them.
-async fn feed_source(
+/// Where a storage feed sends what it reads: the dataflow's local workers, and the core if it fails.
+struct FeedTarget {
     events: UnboundedSender<CoreEvent>,
-    storage: Arc<dyn StorageCollections>,
-    id: GlobalId,
-    as_of: Time,
     key: DataflowKey,
     workers: Vec<WorkerTx>,
     topology: Topology,
+}
+
+/// Reads a storage import from `as_of` on and feeds each local worker the rows it owns, no faster than
+/// the workers ingest them.
+async fn feed_source(
+    storage: Arc<dyn StorageCollections>,
+    id: GlobalId,
+    as_of: Time,
+    target: FeedTarget,
+    read_lag: StorageReadLag,
 ) {
+    let FeedTarget { events, key, workers, topology } = target;
     let failed = |error: String| {
         let _ = events.send(CoreEvent::ImportFailed { key, import: id, error });
     };
@@ -1483,6 +1575,7 @@ async fn feed_source(
                 }
             }
             Ok(ListenEvent::Progress(frontier)) => {
+                read_lag.progress(&frontier);
                 for worker in &workers {
                     let _ =
                         worker.send(ToWorker::SourceProgress { key, import: id, frontier: frontier.clone() });
@@ -1499,97 +1592,244 @@ async fn feed_source(
     }
 }
 
-/// Appends a materialized view's batches to storage with compare-and-append, once writes are allowed.
+/// The first delay before a materialized view's appender retries a transient storage failure; it
+/// doubles with each failure in a row, up to [`APPEND_RETRY_MAX_MS`].
+const APPEND_RETRY_INITIAL_MS: u64 = 50;
+/// The longest delay between two attempts of a materialized view's appender.
+const APPEND_RETRY_MAX_MS: u64 = 5_000;
+
+/// Where a task tells the core that an export can make no more progress.
+#[derive(Debug)]
+struct FailureReport {
+    events: UnboundedSender<CoreEvent>,
+    key: DataflowKey,
+    id: GlobalId,
+}
+
+/// Appends a materialized view's batches to storage with compare-and-append, once writes are allowed,
+/// until its dataflow goes.
+///
+/// A failure that retrying cannot cure stops it and is reported to the core (`CoreEvent::ExportFailed`,
+/// which the controller hears as `StatusResponse::Failed`): the target was dropped, storage refused the
+/// append (a row that does not match the target, a request over its frame limit), a multiplicity left
+/// `i64`, the view's data has an error, the target cannot be read. A transient one (storage unreachable,
+/// its log not writable) is retried with a bounded backoff ([`RetryBackoff`]), logged.
 async fn append_materialized_view(
     storage: Arc<dyn StorageCollections>,
     target: GlobalId,
     as_of: Time,
-    mut batches: UnboundedReceiver<MvBatch>,
-    mut allow_writes: watch::Receiver<bool>,
+    batches: UnboundedReceiver<MvBatch>,
+    allow_writes: watch::Receiver<bool>,
+    report: FailureReport,
 ) {
-    if allow_writes.wait_for(|allowed| *allowed).await.is_err() {
-        return;
-    }
-    let mut upper = match storage.frontiers(target).await {
-        Ok(frontiers) => frontiers.upper,
-        Err(e) => {
-            error!(%target, error = %e, "materialized view target unavailable");
-            return;
-        }
+    let appender = ViewAppender {
+        storage,
+        target,
+        as_of,
+        upper: Antichain::from_elem(0),
+        pending: Vec::new(),
+        pending_upper: Antichain::from_elem(as_of),
+        reconciled: false,
+        retry: RetryBackoff::default(),
     };
-    let mut pending: Vec<(Row, Time, Diff)> = Vec::new();
-    let mut pending_upper: Antichain<Time> = Antichain::from_elem(as_of);
-    let mut first = true;
-    while let Some(batch) = batches.recv().await {
-        let mut batch = Some(batch);
-        while let Some(next) = batch.take().or_else(|| batches.try_recv().ok()) {
-            if next.errors {
-                warn!(%target, "materialized view has errors; it stops advancing");
-                return;
-            }
-            debug_assert!(PartialOrder::less_equal(&next.lower, &pending_upper) || first);
-            pending.extend(next.updates);
-            pending_upper = next.upper;
+    if let Err(error) = appender.run(batches, allow_writes).await {
+        warn!(%target, id = %report.id, %error, "the materialized view stops appending");
+        // Fails only once the core is gone, and with it whoever would hear of it.
+        let _ = report.events.send(CoreEvent::ExportFailed { key: report.key, id: report.id, error });
+    }
+}
+
+/// The state of one materialized view's appender (see [`append_materialized_view`]).
+struct ViewAppender {
+    storage: Arc<dyn StorageCollections>,
+    target: GlobalId,
+    as_of: Time,
+    /// The target's upper as last seen: where the next append starts.
+    upper: Antichain<Time>,
+    /// Updates received and not yet written, and the upper they complete.
+    pending: Vec<(Row, Time, Diff)>,
+    pending_upper: Antichain<Time>,
+    /// Whether what the target held before the view's as-of has been taken into account.
+    reconciled: bool,
+    retry: RetryBackoff,
+}
+
+impl ViewAppender {
+    /// Appends until the batches end (`Ok`) or a failure retrying cannot cure (`Err`, why).
+    async fn run(
+        mut self,
+        mut batches: UnboundedReceiver<MvBatch>,
+        mut allow_writes: watch::Receiver<bool>,
+    ) -> Result<(), String> {
+        if allow_writes.wait_for(|allowed| *allowed).await.is_err() {
+            return Ok(()); // The core is gone.
         }
-        loop {
-            if !PartialOrder::less_than(&upper, &pending_upper) {
-                // Someone (another replica) already wrote this range: everything pending is there.
-                pending.clear();
-                break;
+        self.upper = self.read_upper().await?;
+        while let Some(batch) = batches.recv().await {
+            let mut batch = Some(batch);
+            while let Some(next) = batch.take().or_else(|| batches.try_recv().ok()) {
+                if let Some(error) = next.error {
+                    return Err(format!("the view's data has an error: {error}"));
+                }
+                debug_assert!(PartialOrder::less_equal(&next.lower, &self.pending_upper) || !self.reconciled);
+                self.pending.extend(next.updates);
+                self.pending_upper = next.upper;
             }
-            if first {
-                first = false;
-                // A gap between the collection's upper and our as-of: what is there must become our snapshot.
-                if let Some(current) = upper.as_option().copied()
-                    && current < as_of
-                    && current > 0
-                {
-                    match storage.snapshot(target, current - 1).await {
-                        Ok(existing) => {
-                            pending.extend(existing.into_iter().map(|(row, diff)| (row, as_of, -diff)));
-                        }
-                        Err(e) => {
-                            error!(%target, error = %e, "cannot read the view's current contents; it stops advancing");
-                            return;
-                        }
-                    }
+            self.write_pending().await?;
+        }
+        Ok(())
+    }
+
+    /// The target's upper, retrying while storage is unreachable.
+    async fn read_upper(&mut self) -> Result<Antichain<Time>, String> {
+        loop {
+            match self.storage.frontiers(self.target).await {
+                Ok(frontiers) => {
+                    self.retry.reset();
+                    return Ok(frontiers.upper);
+                }
+                Err(error @ ReadError::Disconnected) => {
+                    self.retry.wait(self.target, "reading the target's upper", &error).await
+                }
+                Err(ReadError::CollectionMissing(_) | ReadError::CollectionDropped(_)) => {
+                    return Err(format!("its target {} was dropped", self.target));
+                }
+                Err(error) => {
+                    return Err(format!("cannot read the upper of its target {}: {error}", self.target));
                 }
             }
-            let lower = upper.as_option().copied().unwrap_or(Time::MAX);
-            let mut updates: Vec<(Row, Time, Diff)> = pending
-                .iter()
-                .filter(|(_, t, _)| *t >= lower)
-                .map(|(r, t, d)| (r.clone(), (*t).max(lower), *d))
-                .collect();
-            differential_dataflow::consolidation::consolidate_updates(&mut updates);
+        }
+    }
+
+    /// Writes what is pending up to `pending_upper`, or finds it written by another replica.
+    async fn write_pending(&mut self) -> Result<(), String> {
+        loop {
+            if !PartialOrder::less_than(&self.upper, &self.pending_upper) {
+                // Someone (another replica) already wrote this range: everything pending is there.
+                self.pending.clear();
+                return Ok(());
+            }
+            if !self.reconciled {
+                self.take_in_existing().await?;
+            }
+            let lower = self.upper.as_option().copied().unwrap_or(Time::MAX);
+            let updates = consolidate_checked(self.pending.iter().filter(|(_, t, _)| *t >= lower).cloned())?;
             let request = AppendRequest {
-                id: target,
+                id: self.target,
                 updates,
-                expected_upper: upper.clone(),
-                new_upper: pending_upper.clone(),
+                expected_upper: self.upper.clone(),
+                new_upper: self.pending_upper.clone(),
             };
-            match storage.append(vec![request]).await {
+            match self.storage.append(vec![request]).await {
                 Ok(()) => {
-                    upper = pending_upper.clone();
-                    pending.clear();
-                    break;
+                    self.retry.reset();
+                    self.upper = self.pending_upper.clone();
+                    self.pending.clear();
+                    return Ok(());
                 }
                 Err(AppendError::UpperMismatch { current, .. }) => {
-                    debug!(%target, ?current, "another writer appended first; skipping ahead");
-                    upper = current;
+                    debug!(target = %self.target, ?current, "another writer appended first; skipping ahead");
+                    self.upper = current;
+                }
+                Err(error @ (AppendError::Disconnected | AppendError::Io(_))) => {
+                    self.retry.wait(self.target, "appending", &error).await
                 }
                 Err(AppendError::CollectionMissing(_)) => {
-                    // Storage never reuses an id: a dropped target stays dropped, and retrying would
-                    // only hammer storage (and the log) for as long as the view lives.
-                    warn!(%target, "the materialized view's target was dropped; it stops appending");
-                    return;
+                    // Storage never reuses an id: a dropped target stays dropped.
+                    return Err(format!("its target {} was dropped", self.target));
                 }
-                Err(e) => {
-                    warn!(%target, error = %e, "append failed; retrying");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                }
+                Err(error) => return Err(format!("storage refused its append: {error}")),
             }
         }
+    }
+
+    /// Before the first append: what the target holds below the view's as-of (written before the view
+    /// existed) is retracted at the as-of, so from there the target holds exactly the view.
+    async fn take_in_existing(&mut self) -> Result<(), String> {
+        let Some(current) = self.upper.as_option().copied().filter(|c| *c < self.as_of && *c > 0) else {
+            self.reconciled = true;
+            return Ok(());
+        };
+        let existing = loop {
+            match self.storage.snapshot(self.target, current - 1).await {
+                Ok(existing) => break existing,
+                Err(error @ ReadError::Disconnected) => {
+                    self.retry.wait(self.target, "reading the target's contents", &error).await
+                }
+                Err(error) => {
+                    return Err(format!("cannot read what its target {} holds: {error}", self.target));
+                }
+            }
+        };
+        self.retry.reset();
+        for (row, diff) in existing {
+            let Some(retraction) = diff.checked_neg() else {
+                return Err(format!("its target holds row {row} {diff} times: the retraction leaves i64"));
+            };
+            self.pending.push((row, self.as_of, retraction));
+        }
+        self.reconciled = true;
+        Ok(())
+    }
+}
+
+/// `updates` consolidated (one update per row and time, none zero), summed exactly: a multiplicity that
+/// leaves `i64` (storage's multiplicities) is an error, never a wrap or a panic.
+fn consolidate_checked(
+    updates: impl Iterator<Item = (Row, Time, Diff)>,
+) -> Result<Vec<(Row, Time, Diff)>, String> {
+    let mut updates: Vec<(Row, Time, Diff)> = updates.collect();
+    updates.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+    let mut sums: Vec<(Row, Time, i128)> = Vec::with_capacity(updates.len());
+    for (row, time, diff) in updates {
+        match sums.last_mut() {
+            // At most 2^64 summands of at most 2^63 each: an `i128` sum is exact.
+            Some((last, at, sum)) if *last == row && *at == time => *sum += i128::from(diff),
+            _ => sums.push((row, time, i128::from(diff))),
+        }
+    }
+    let mut consolidated = Vec::with_capacity(sums.len());
+    for (row, time, sum) in sums {
+        match Diff::try_from(sum) {
+            Ok(0) => {}
+            Ok(diff) => consolidated.push((row, time, diff)),
+            Err(_) => return Err(format!("the multiplicity {sum} of row {row} at {time} leaves i64")),
+        }
+    }
+    Ok(consolidated)
+}
+
+/// A bounded exponential backoff for transient storage failures: [`APPEND_RETRY_INITIAL_MS`] after the
+/// first failure in a row, doubling with each further one, never more than [`APPEND_RETRY_MAX_MS`].
+#[derive(Debug, Default)]
+struct RetryBackoff {
+    /// Failures in a row.
+    failures: u32,
+}
+
+impl RetryBackoff {
+    /// The delay after `failures` failures in a row (at least one).
+    fn delay_ms(failures: u32) -> u64 {
+        let doublings = failures.saturating_sub(1).min(32);
+        APPEND_RETRY_INITIAL_MS.saturating_mul(1 << doublings).min(APPEND_RETRY_MAX_MS)
+    }
+
+    /// Logs a transient failure of `operation` and waits before the next attempt.
+    async fn wait(
+        &mut self,
+        target: GlobalId,
+        operation: &'static str,
+        error: &(dyn std::fmt::Display + Sync),
+    ) {
+        self.failures = self.failures.saturating_add(1);
+        let delay_ms = Self::delay_ms(self.failures);
+        warn!(%target, operation, %error, attempt = self.failures, delay_ms, "storage unavailable to a materialized view; retrying");
+        tokio::time::sleep(std::time::Duration::from_millis(delay_ms)).await;
+    }
+
+    /// Forgets the failures: the last attempt succeeded.
+    fn reset(&mut self) {
+        self.failures = 0;
     }
 }
 
@@ -1597,12 +1837,20 @@ async fn append_materialized_view(
 mod tests {
     use std::sync::Arc;
 
-    use frontiers::Antichain;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use frontiers::{Antichain, ReadPolicy};
     use protocol::{ColumnType, Datum, GlobalId, RelationDesc, Row, ScalarType};
-    use storage::{InProcess, StorageCollections, StoreConfig};
+    use storage::{
+        AppendError, AppendRequest, BoxFuture, CollectionFrontiers, CreateError, DropError, FrontierWatch,
+        HoldError, InProcess, Listen, ReadError, StorageCollections, StorageReadHold, StoreConfig,
+    };
     use tokio::sync::{mpsc, watch};
 
-    use super::{MAX_MESSAGE_BYTES, MvBatch, append_materialized_view, fit_response};
+    use super::{
+        CoreEvent, FailureReport, MAX_MESSAGE_BYTES, MvBatch, RetryBackoff, append_materialized_view,
+        fit_response,
+    };
 
     #[test]
     fn a_response_over_the_frame_limit_gets_its_stand_in_or_none() {
@@ -1678,44 +1926,222 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_materialized_view_whose_target_was_dropped_stops_appending() {
-        let storage = Arc::new(InProcess::in_memory(StoreConfig::default()));
-        let target = GlobalId::User(1);
+    /// In-memory storage whose first `unreachable_appends` appends fail with `Disconnected`; it counts
+    /// every append.
+    #[derive(Debug)]
+    struct FlakyStorage {
+        inner: InProcess,
+        unreachable_appends: AtomicUsize,
+        appends: AtomicUsize,
+    }
+
+    impl FlakyStorage {
+        fn new(unreachable_appends: usize) -> Arc<FlakyStorage> {
+            Arc::new(FlakyStorage {
+                inner: InProcess::in_memory(StoreConfig::default()),
+                unreachable_appends: AtomicUsize::new(unreachable_appends),
+                appends: AtomicUsize::new(0),
+            })
+        }
+    }
+
+    impl StorageCollections for FlakyStorage {
+        fn create_collection(
+            &self,
+            id: GlobalId,
+            desc: RelationDesc,
+        ) -> BoxFuture<'_, Result<(), CreateError>> {
+            self.inner.create_collection(id, desc)
+        }
+        fn drop_collection(&self, id: GlobalId) -> BoxFuture<'_, Result<(), DropError>> {
+            self.inner.drop_collection(id)
+        }
+        fn list_collections(&self) -> BoxFuture<'_, Result<Vec<(GlobalId, RelationDesc)>, ReadError>> {
+            self.inner.list_collections()
+        }
+        fn frontiers(&self, id: GlobalId) -> BoxFuture<'_, Result<CollectionFrontiers, ReadError>> {
+            self.inner.frontiers(id)
+        }
+        fn append(&self, requests: Vec<AppendRequest>) -> BoxFuture<'_, Result<(), AppendError>> {
+            self.appends.fetch_add(1, Ordering::SeqCst);
+            let unreachable =
+                self.unreachable_appends
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+            if unreachable.is_ok() {
+                return Box::pin(async { Err(AppendError::Disconnected) });
+            }
+            self.inner.append(requests)
+        }
+        fn acquire_read_hold(
+            &self,
+            id: GlobalId,
+            frontier: Antichain<u64>,
+        ) -> BoxFuture<'_, Result<StorageReadHold, HoldError>> {
+            self.inner.acquire_read_hold(id, frontier)
+        }
+        fn set_read_policy(
+            &self,
+            id: GlobalId,
+            policy: ReadPolicy<u64>,
+        ) -> BoxFuture<'_, Result<(), HoldError>> {
+            self.inner.set_read_policy(id, policy)
+        }
+        fn snapshot(&self, id: GlobalId, as_of: u64) -> BoxFuture<'_, Result<Vec<(Row, i64)>, ReadError>> {
+            self.inner.snapshot(id, as_of)
+        }
+        fn listen(&self, id: GlobalId, as_of: u64) -> BoxFuture<'_, Result<Listen, ReadError>> {
+            self.inner.listen(id, as_of)
+        }
+        fn watch_frontiers(&self) -> BoxFuture<'_, Result<FrontierWatch, ReadError>> {
+            self.inner.watch_frontiers()
+        }
+    }
+
+    /// A view's appender at as-of 0 into `target` (created with one `int64` column), writes allowed.
+    struct Appender {
+        batches: mpsc::UnboundedSender<MvBatch>,
+        events: mpsc::UnboundedReceiver<CoreEvent>,
+        task: tokio::task::JoinHandle<()>,
+        target: GlobalId,
+        _allow_writes: watch::Sender<bool>,
+    }
+
+    const VIEW: GlobalId = GlobalId::User(100);
+    const KEY: u64 = 7;
+
+    async fn start_appender(storage: Arc<dyn StorageCollections>, target: GlobalId) -> Appender {
         let desc = RelationDesc::new([("a", ColumnType::new(ScalarType::Int64, false))]);
         storage.create_collection(target, desc).await.expect("create the target");
         let (batches, batches_rx) = mpsc::unbounded_channel();
-        let (_allow_writes, allow_writes_rx) = watch::channel(true);
-        let appender = tokio::spawn(append_materialized_view(
-            Arc::clone(&storage) as Arc<dyn StorageCollections>,
-            target,
-            0,
-            batches_rx,
-            allow_writes_rx,
-        ));
-        let batch = |lower: u64, upper: u64| MvBatch {
+        let (allow_writes, allow_writes_rx) = watch::channel(true);
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let report = FailureReport { events: events_tx, key: KEY, id: VIEW };
+        let task =
+            tokio::spawn(append_materialized_view(storage, target, 0, batches_rx, allow_writes_rx, report));
+        Appender { batches, events, task, target, _allow_writes: allow_writes }
+    }
+
+    fn batch(lower: u64, upper: u64, updates: &[(Row, u64, i64)]) -> MvBatch {
+        MvBatch {
             lower: Antichain::from_elem(lower),
             upper: Antichain::from_elem(upper),
-            updates: vec![(Row::pack([Datum::Int64(lower as i64)]), lower, 1)],
-            errors: false,
-        };
-        batches.send(batch(0, 1)).expect("the appender runs");
-        let upper = |storage: Arc<InProcess>| async move {
-            storage.frontiers(target).await.expect("frontiers").upper
-        };
-        for _ in 0..500 {
-            if upper(Arc::clone(&storage)).await != Antichain::from_elem(0) {
-                break;
+            updates: updates.to_vec(),
+            error: None,
+        }
+    }
+
+    fn int(value: i64) -> Row {
+        Row::pack([Datum::Int64(value)])
+    }
+
+    /// Waits (up to 10 s) until the target's upper is `upper`.
+    async fn wait_upper(storage: &dyn StorageCollections, target: GlobalId, upper: u64) {
+        for _ in 0..1_000 {
+            if storage.frontiers(target).await.expect("frontiers").upper == Antichain::from_elem(upper) {
+                return;
             }
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
-        assert_eq!(upper(Arc::clone(&storage)).await, Antichain::from_elem(1), "the first batch is written");
+        panic!("the upper of {target} never reached {upper}");
+    }
 
-        storage.drop_collection(target).await.expect("drop the target");
-        let _ = batches.send(batch(1, 2));
-        tokio::time::timeout(std::time::Duration::from_secs(5), appender)
-            .await
-            .expect("the appender stops once its target is gone")
-            .expect("the appender does not panic");
+    impl Appender {
+        /// The failure the appender reported (within 10 s); it has stopped.
+        async fn failure(mut self) -> String {
+            let event = tokio::time::timeout(std::time::Duration::from_secs(10), self.events.recv())
+                .await
+                .expect("the appender reports its failure");
+            let error = match event {
+                Some(CoreEvent::ExportFailed { key, id, error }) => {
+                    assert_eq!((key, id), (KEY, VIEW), "the report names the view's dataflow and export");
+                    error
+                }
+                other => panic!("expected ExportFailed, got {other:?}"),
+            };
+            tokio::time::timeout(std::time::Duration::from_secs(5), self.task)
+                .await
+                .expect("the appender stops")
+                .expect("the appender does not panic");
+            error
+        }
+    }
+
+    #[tokio::test]
+    async fn a_materialized_view_whose_target_was_dropped_stops_appending_and_says_so() {
+        let storage = Arc::new(InProcess::in_memory(StoreConfig::default()));
+        let appender =
+            start_appender(Arc::clone(&storage) as Arc<dyn StorageCollections>, GlobalId::User(1)).await;
+        appender.batches.send(batch(0, 1, &[(int(0), 0, 1)])).expect("the appender runs");
+        wait_upper(&*storage, appender.target, 1).await;
+
+        storage.drop_collection(appender.target).await.expect("drop the target");
+        let _ = appender.batches.send(batch(1, 2, &[(int(1), 1, 1)]));
+        let error = appender.failure().await;
+        assert!(error.contains("target u1 was dropped"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_materialized_view_whose_rows_do_not_match_its_target_stops_and_says_why() {
+        let storage = Arc::new(InProcess::in_memory(StoreConfig::default()));
+        let appender =
+            start_appender(Arc::clone(&storage) as Arc<dyn StorageCollections>, GlobalId::User(1)).await;
+        let text = Row::pack([Datum::Text("not an int64")]);
+        appender.batches.send(batch(0, 1, &[(text, 0, 1)])).expect("the appender runs");
+        let error = appender.failure().await;
+        assert!(error.contains("storage refused its append") && error.contains("schema"), "{error}");
+        let upper = storage.frontiers(GlobalId::User(1)).await.expect("frontiers").upper;
+        assert_eq!(upper, Antichain::from_elem(0), "nothing was written");
+    }
+
+    #[tokio::test]
+    async fn a_materialized_view_whose_multiplicity_leaves_i64_stops_and_says_so_but_one_that_returns_writes()
+    {
+        let storage = Arc::new(InProcess::in_memory(StoreConfig::default()));
+        let shared = Arc::clone(&storage) as Arc<dyn StorageCollections>;
+        // Summed in the order given, MAX + 1 wraps (or panics); the exact sum is MAX.
+        let returns = start_appender(Arc::clone(&shared), GlobalId::User(1)).await;
+        let updates = [(int(1), 0, i64::MAX), (int(1), 0, 1), (int(1), 0, -1)];
+        returns.batches.send(batch(0, 1, &updates)).expect("the appender runs");
+        wait_upper(&*storage, returns.target, 1).await;
+        let written = storage.snapshot(returns.target, 0).await.expect("snapshot");
+        assert_eq!(written, vec![(int(1), i64::MAX)]);
+
+        let leaves = start_appender(shared, GlobalId::User(2)).await;
+        leaves
+            .batches
+            .send(batch(0, 1, &[(int(1), 0, i64::MAX), (int(1), 0, 1)]))
+            .expect("the appender runs");
+        let error = leaves.failure().await;
+        assert!(error.contains("leaves i64"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_materialized_view_with_an_error_in_its_data_stops_and_says_which() {
+        let storage = Arc::new(InProcess::in_memory(StoreConfig::default()));
+        let appender = start_appender(storage as Arc<dyn StorageCollections>, GlobalId::User(1)).await;
+        let mut failing = batch(0, 1, &[]);
+        failing.error = Some("division by zero".to_string());
+        appender.batches.send(failing).expect("the appender runs");
+        let error = appender.failure().await;
+        assert!(error.contains("division by zero"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_materialized_view_retries_while_storage_is_unreachable_and_then_writes() {
+        let storage = FlakyStorage::new(3);
+        let mut appender =
+            start_appender(Arc::clone(&storage) as Arc<dyn StorageCollections>, GlobalId::User(1)).await;
+        appender.batches.send(batch(0, 1, &[(int(1), 0, 1)])).expect("the appender runs");
+        wait_upper(&*storage, appender.target, 1).await;
+        assert_eq!(storage.appends.load(Ordering::SeqCst), 4, "three refused attempts, then the append");
+        assert!(appender.events.try_recv().is_err(), "nothing is reported for a transient failure");
+        assert!(!appender.task.is_finished(), "the appender goes on");
+    }
+
+    #[test]
+    fn the_appenders_retry_delay_doubles_from_50_ms_up_to_5_s() {
+        for (failures, delay_ms) in [(1, 50), (2, 100), (3, 200), (7, 3_200), (8, 5_000), (1_000, 5_000)] {
+            assert_eq!(RetryBackoff::delay_ms(failures), delay_ms, "after {failures} failures");
+        }
     }
 }

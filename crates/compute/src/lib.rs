@@ -17,7 +17,9 @@
 //! - `render`: the plan IR as differential operators over `Row`, with a per-dataflow error collection;
 //! - `diff`: the multiplicity of an update inside a dataflow;
 //! - `operators`: the schedule gate and the sink operator;
-//! - `messages`: core ↔ worker messages.
+//! - `messages`: core ↔ worker messages;
+//! - `metrics`: the replica's Prometheus families ([`ReplicaMetrics`]), in the registry
+//!   [`ReplicaServer::start_with_registry`] is given ([`ReplicaHandle::registry`]).
 //!
 //! **What this is not.** It does not know the controller: it only speaks the protocol. It does not store
 //! data durably: imports and materialized views go through a [`storage::StorageCollections`].
@@ -56,11 +58,13 @@ mod cluster;
 mod core;
 mod diff;
 mod messages;
+mod metrics;
 mod operators;
 mod render;
 mod server;
 mod worker;
 
+pub use metrics::ReplicaMetrics;
 pub use server::{
     DEFAULT_CLUSTER_CONNECT_TIMEOUT_MS, DEFAULT_IDLE_MERGE_EFFORT, FAULT_ENV, FAULT_IO_PANIC_ON_CONNECT,
     QUEUED_FRAMES, ReplicaConfig, ReplicaHandle, ReplicaLimits, ReplicaServer, StartError,

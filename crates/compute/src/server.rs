@@ -40,6 +40,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::{JoinHandle, Thread};
 use std::time::Duration;
 
+use prometheus::Registry;
 use protocol::frame::{DEFAULT_MAX_FRAME_BYTES, FrameError, check_version};
 use protocol::{ComputeCommand, ComputeResponse, PROTOCOL_VERSION};
 use storage::StorageCollections;
@@ -50,12 +51,13 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinSet;
-use tracing::{debug, error, info, warn};
+use tracing::{Instrument, debug, error, info, info_span, warn};
 use transport::{FramedRead, FramedWrite};
 
 use crate::cluster::{Cluster, ClusterListener, Cut};
-use crate::core::{Core, CoreEvent, CoreExit, CoreLimits, Outbox, Outgoing, Topology};
+use crate::core::{Core, CoreEvent, CoreExit, CoreLimits, CoreShared, Outbox, Outgoing, Topology};
 use crate::messages::{FromWorker, ToWorker, WorkerTx};
+use crate::metrics::ReplicaMetrics;
 use crate::worker::{install_idle_merge, run_worker};
 
 /// The merge effort differential spends on idle arrangements when a replica starts
@@ -160,6 +162,9 @@ pub enum StartError {
     /// A thread or the async runtime could not be started.
     #[error("cannot start the replica's threads: {0}")]
     Threads(std::io::Error),
+    /// The replica's metrics could not be registered (the registry has them already).
+    #[error("cannot register the replica's metrics: {0}")]
+    Metrics(prometheus::Error),
 }
 
 /// Starts replica processes.
@@ -185,6 +190,9 @@ pub struct ReplicaHandle {
     built: Arc<AtomicU64>,
     idle_merge_effort: Arc<AtomicUsize>,
     state: watch::Receiver<ProcessState>,
+    /// The registry the replica's metrics are in, and those metrics (unregistered at shutdown).
+    registry: Registry,
+    metrics: ReplicaMetrics,
 }
 
 /// What the timely thread needs to start the workers.
@@ -197,6 +205,7 @@ struct TimelyStart {
     receivers: Vec<Option<Receiver<ToWorker>>>,
     threads: Vec<Arc<OnceLock<Thread>>>,
     reports: UnboundedSender<FromWorker>,
+    metrics: ReplicaMetrics,
 }
 
 impl ReplicaServer {
@@ -207,8 +216,42 @@ impl ReplicaServer {
         Self::start_with(config, ReplicaLimits::default())
     }
 
-    /// [`Self::start`] with other limits.
+    /// [`Self::start`] with other limits. Its metrics go to a registry of its own
+    /// ([`ReplicaHandle::registry`]).
     pub fn start_with(config: ReplicaConfig, limits: ReplicaLimits) -> Result<ReplicaHandle, StartError> {
+        Self::start_with_limits_and_registry(config, limits, Registry::new())
+    }
+
+    /// [`start`](Self::start), with the replica's metrics (see the `metrics` module) in `registry`: the
+    /// process's, which `compute-replica --metrics-addr` serves. One replica per registry; its families
+    /// leave the registry when it shuts down.
+    pub fn start_with_registry(
+        config: ReplicaConfig,
+        registry: Registry,
+    ) -> Result<ReplicaHandle, StartError> {
+        Self::start_with_limits_and_registry(config, ReplicaLimits::default(), registry)
+    }
+
+    /// [`start_with`](Self::start_with) and [`start_with_registry`](Self::start_with_registry) at once.
+    pub fn start_with_limits_and_registry(
+        config: ReplicaConfig,
+        limits: ReplicaLimits,
+        registry: Registry,
+    ) -> Result<ReplicaHandle, StartError> {
+        let metrics = ReplicaMetrics::register(&registry).map_err(StartError::Metrics)?;
+        let started = Self::start_threads(config, limits, registry.clone(), metrics.clone());
+        if started.is_err() {
+            metrics.unregister(&registry);
+        }
+        started
+    }
+
+    fn start_threads(
+        config: ReplicaConfig,
+        limits: ReplicaLimits,
+        registry: Registry,
+        metrics: ReplicaMetrics,
+    ) -> Result<ReplicaHandle, StartError> {
         let ReplicaConfig { listen, workers, process, timely_addresses, storage } = config;
         let ReplicaLimits { max_frame_bytes, cluster_connect_timeout_ms } = limits;
         if workers == 0 {
@@ -263,6 +306,7 @@ impl ReplicaServer {
             receivers,
             threads,
             reports: reports_tx,
+            metrics: metrics.clone(),
         };
         let timely_thread = std::thread::Builder::new()
             .name(format!("compute-timely-{process}"))
@@ -283,9 +327,12 @@ impl ReplicaServer {
             senders,
             storage,
             events_tx.clone(),
-            Arc::clone(&built),
             limits,
-            Arc::clone(&idle_merge_effort),
+            CoreShared {
+                built: Arc::clone(&built),
+                idle_merge_effort: Arc::clone(&idle_merge_effort),
+                metrics: metrics.clone(),
+            },
         );
         if injected_fault().as_deref() == Some(FAULT_IO_PANIC_ON_CONNECT) {
             warn!("fault injected: the I/O thread will panic when a controller connects");
@@ -293,18 +340,18 @@ impl ReplicaServer {
         }
         let accept_events = events_tx.clone();
         let (state_tx, state) = watch::channel(ProcessState::Running);
+        // Every log line of the process's core carries its instance and replica (recorded when the
+        // controller says them, in `CreateInstance`) and its process.
+        let span =
+            info_span!("replica", instance = tracing::field::Empty, replica = tracing::field::Empty, process);
         let io_thread = std::thread::Builder::new()
             .name(format!("compute-io-{process}"))
             .spawn(move || {
                 let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    runtime.block_on(serve(
-                        listener,
-                        core,
-                        events_rx,
-                        reports_rx,
-                        accept_events,
-                        max_frame_bytes,
-                    ))
+                    runtime.block_on(
+                        serve(listener, core, events_rx, reports_rx, accept_events, max_frame_bytes)
+                            .instrument(span),
+                    )
                 }));
                 // Closes the listener and every connection, also those a panic left open.
                 drop(runtime);
@@ -337,6 +384,8 @@ impl ReplicaServer {
             built,
             idle_merge_effort,
             state,
+            registry,
+            metrics,
         })
     }
 }
@@ -345,6 +394,12 @@ impl ReplicaHandle {
     /// The address the replica listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The registry the replica's metrics are in (see the `metrics` module): what a process serves at
+    /// its `/metrics` endpoint.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
     }
 
     /// The bound cluster (timely) address of a process of a multi-process replica.
@@ -405,6 +460,7 @@ impl ReplicaHandle {
         if let Some(thread) = self.timely_thread.take() {
             let _ = thread.join();
         }
+        self.metrics.unregister(&self.registry);
     }
 }
 
@@ -490,6 +546,7 @@ fn start_workers(start: TimelyStart) -> Result<WorkerGuards<()>, String> {
         receivers,
         threads,
         reports,
+        metrics,
     } = start;
     let first = process * workers;
     let receivers = Arc::new(Mutex::new(receivers));
@@ -501,8 +558,10 @@ fn start_workers(start: TimelyStart) -> Result<WorkerGuards<()>, String> {
             .expect("each worker takes its receiver once");
         let _ = threads[local].set(std::thread::current());
         let worker_reports = reports.clone();
+        let metrics = metrics.worker(worker.index(), local == 0);
+        let _span = info_span!("worker", process, worker = worker.index()).entered();
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            run_worker(worker, local, rx, worker_reports)
+            run_worker(worker, local, rx, worker_reports, metrics)
         }));
         if let Err(panic) = outcome {
             // The core stops the process: a replica missing a worker answers nothing. The panic goes on,

@@ -45,6 +45,7 @@ use tracing::{debug, warn};
 use protocol::{DataflowDescription, GlobalId, PeekResponse, Row, RowPacker, SinkConnection};
 
 use crate::messages::{DataflowKey, FeedCredit, FromWorker, ToWorker, WorkerPeek};
+use crate::metrics::{WorkerMetrics, WorkerTelemetry};
 use crate::operators::{Gate, SinkBuffer, SinkKind, gate, sink};
 use crate::render::{
     CheckedDiff, Coll, Diff, ErrTrace, OkTrace, RenderContext, RowInput, Time, arrange_errors, arrange_index,
@@ -109,6 +110,8 @@ struct WorkerState {
     reported: BTreeMap<GlobalId, (Antichain<Time>, Antichain<Time>)>,
     /// Credits of the storage updates ingested since the last step; returned to their feeds after it.
     credits: Vec<FeedCredit>,
+    /// The worker's metrics (`metrics.rs`).
+    telemetry: WorkerTelemetry,
 }
 
 /// The body of a worker thread. Returns when told to shut down or when the core is gone.
@@ -117,7 +120,9 @@ pub(crate) fn run_worker(
     local_index: usize,
     commands: Receiver<ToWorker>,
     responses: UnboundedSender<FromWorker>,
+    metrics: WorkerMetrics,
 ) {
+    let telemetry = WorkerTelemetry::install(worker, metrics);
     let mut state = WorkerState {
         local_index,
         responses,
@@ -127,8 +132,10 @@ pub(crate) fn run_worker(
         peeks: Vec::new(),
         reported: BTreeMap::new(),
         credits: Vec::new(),
+        telemetry,
     };
     'outer: loop {
+        let pass = state.telemetry.start_pass();
         loop {
             match commands.try_recv() {
                 Ok(ToWorker::Shutdown) | Err(TryRecvError::Disconnected) => break 'outer,
@@ -142,6 +149,7 @@ pub(crate) fn run_worker(
         let park = if state.peeks.is_empty() { IDLE_PARK } else { PEEK_PARK };
         worker.step_or_park(Some(park));
         state.credits.clear();
+        state.telemetry.end_pass(pass, state.peeks.len(), state.dataflows.len());
     }
     // Tear down: importers before exporters (reverse creation order), so no import is sealed by a drop.
     state.peeks.clear();
@@ -159,7 +167,9 @@ pub(crate) fn run_worker(
 impl WorkerState {
     fn handle(&mut self, worker: &mut Worker, message: ToWorker) {
         match message {
-            ToWorker::Build { key, desc } => self.build(worker, key, &desc),
+            ToWorker::Build { key, desc } => {
+                self.telemetry.parks().building(worker, |worker| self.build(worker, key, &desc))
+            }
             ToWorker::Schedule { key } => {
                 if let Some(dataflow) = self.dataflows.get_mut(&key)
                     && !dataflow.gate.is_open()
@@ -198,6 +208,7 @@ impl WorkerState {
                     }
                 }
                 self.reported.remove(&id);
+                let queued = self.peeks.len();
                 self.peeks.retain(|peek| {
                     if peek.id == id {
                         let response = PeekResponse::Error(format!("index {id} was dropped"));
@@ -212,6 +223,7 @@ impl WorkerState {
                         true
                     }
                 });
+                self.telemetry.peeks_answered(queued - self.peeks.len());
             }
             ToWorker::DropDataflow { key } => self.drop_dataflow(worker, key),
             ToWorker::Peek(peek) => self.peeks.push(peek),
@@ -437,6 +449,7 @@ impl WorkerState {
             return;
         }
         let mut pending = std::mem::take(&mut self.peeks);
+        let queued = pending.len();
         pending.retain(|peek| match self.try_answer(peek) {
             Some(response) => {
                 let _ = self.responses.send(FromWorker::Peek {
@@ -449,6 +462,7 @@ impl WorkerState {
             }
             None => true,
         });
+        self.telemetry.peeks_answered(queued - pending.len());
         self.peeks = pending;
     }
 

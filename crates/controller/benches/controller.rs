@@ -44,9 +44,19 @@
 //!   `controller.hydration_time_<workload>` is the time until all 8 hydrated, 1 against 8. The bench
 //!   builds `compute-replica` in release first (`$CARGO build --release`), a no-op when it is fresh.
 //!
+//! - `controller.metrics_frontier_updates_10k`: what the Prometheus metrics (`metrics.rs`) cost a frontier
+//!   update: updates per second through an `InstanceCore` with 10,000 indexes and metrics
+//!   (`InstanceCore::with_metrics`), against the same core without; random updates, an introspection
+//!   interval (the metrics' flush, gauges and lag histograms included) every 10 updates per collection,
+//!   as in `frontier_update_10k`. Best of 15 rounds each, the two alternating. Bar: ratio at least 0.95.
+//! - `controller.metrics_peek_throughput`: pipelined point peeks per second (up to 256 in flight) through a
+//!   controller with metrics (a peek's outcome, duration and command and response counts) against one
+//!   without, each with its own in-process replica and a 100,000-key index; best of 6 rounds of 20,000
+//!   peeks each, the two alternating. Bar: ratio at least 0.95.
+//!
 //! Prints `bench <name>: <value> <unit> (baseline <value> <unit>, ratio <r>)`. Run with
 //! `cargo xtask bench controller` or `cargo bench -p controller --bench controller`;
-//! `CONTROLLER_BENCH=frontiers|churn|peek|hydration` runs one part. Not a test: it asserts only the
+//! `CONTROLLER_BENCH=frontiers|churn|peek|hydration|metrics` runs one part. Not a test: it asserts only the
 //! correctness of the results it waits for.
 
 // A benchmark reports on stdout; `cargo xtask bench` reads it from there.
@@ -68,8 +78,8 @@ use std::time::{Duration, Instant};
 
 use compute::{ReplicaConfig, ReplicaServer};
 use controller::{
-    ComputeController, ControllerConfig, InstanceCore, InstanceCoreConfig, PeekOptions, PeekRequest,
-    ProcessOrchestrator, ProcessOrchestratorConfig, ReplicaLocation, lock,
+    ComputeController, ControllerConfig, ControllerMetrics, InstanceCore, InstanceCoreConfig, PeekOptions,
+    PeekRequest, ProcessOrchestrator, ProcessOrchestratorConfig, ReplicaLocation, lock,
 };
 use frontiers::{Antichain, ReadHold, ReadHolds, ReadPolicy};
 use protocol::frame::{DEFAULT_MAX_FRAME_BYTES, encode_frame};
@@ -150,6 +160,13 @@ impl Core {
         let mut this = Core { core, storage, storage_policies: Vec::new() };
         this.drain();
         this
+    }
+
+    /// The same core keeping Prometheus metrics, in a registry of its own.
+    fn with_metrics(self) -> Core {
+        let metrics = ControllerMetrics::register(&prometheus::Registry::new()).expect("a fresh registry");
+        let Core { core, storage, storage_policies } = self;
+        Core { core: core.with_metrics(metrics.instance(INSTANCE)), storage, storage_policies }
     }
 
     fn create_storage(&mut self, id: GlobalId) {
@@ -271,7 +288,10 @@ struct FrontierRun {
 
 impl FrontierRun {
     fn new(collections: u64, order: UpdateOrder) -> FrontierRun {
-        let mut core = Core::new();
+        Self::with_core(Core::new(), collections, order)
+    }
+
+    fn with_core(mut core: Core, collections: u64, order: UpdateOrder) -> FrontierRun {
         for n in 0..collections {
             core.create_storage(GlobalId::System(n));
             core.create(index_on(GlobalId::System(n), GlobalId::User(n), Some(0)));
@@ -833,6 +853,7 @@ fn bench_hydration() {
             max_backoff_ms: 1_000,
             env: vec![("RUST_LOG".to_string(), "warn".to_string())],
             log_dir: None,
+            metrics: false,
         });
         let orchestrator = Arc::new(orchestrator);
         let mut figures = Vec::new();
@@ -885,6 +906,122 @@ fn bench_hydration() {
     }
 }
 
+// -------------------------------------------------------------------------------------------------
+// What metrics cost
+
+fn bench_metrics() {
+    // Frontier updates: the same core with and without metrics, rounds alternating.
+    let mut with = FrontierRun::with_core(Core::new().with_metrics(), 10_000, UpdateOrder::Random);
+    let mut without = FrontierRun::new(10_000, UpdateOrder::Random);
+    let (mut with_best, mut without_best) = (Duration::MAX, Duration::MAX);
+    for _ in 0..FRONTIER_ROUNDS {
+        with_best = with_best.min(with.round());
+        without_best = without_best.min(without.round());
+    }
+    assert!(with.core.core.metrics().is_some() && without.core.core.metrics().is_none());
+    let per_second = |d: Duration| 1.0 / d.as_secs_f64();
+    let (on, off) = (per_second(with_best), per_second(without_best));
+    report("controller.metrics_frontier_updates_10k", on, "updates/s", off, "updates/s", on / off);
+    if on / off < 0.95 {
+        println!(
+            "  WARNING: frontier updates with metrics run at {:.3}x those without (bar: 0.95x)",
+            on / off
+        );
+    }
+    drop((with, without));
+
+    // Peeks: two controllers, one with metrics, each with its own replica and index.
+    let runtime = runtime();
+    let storage = Arc::new(InProcess::in_memory(StoreConfig::default()));
+    let source = GlobalId::User(1);
+    let keys = 100_000u64;
+    runtime.block_on(async {
+        storage.create_collection(source, kv_desc()).await.expect("create");
+        let updates = (0..keys as i64).map(|k| (int_row(&[k, 3 * k]), 0, 1)).collect();
+        let request = AppendRequest { id: source, updates, expected_upper: f(0), new_upper: f(1) };
+        storage.append(vec![request]).await.expect("append");
+    });
+    let start_replica = || {
+        ReplicaServer::start(ReplicaConfig {
+            listen: "127.0.0.1:0".parse().expect("address"),
+            workers: 1,
+            process: 0,
+            timely_addresses: Vec::new(),
+            storage: Arc::clone(&storage) as Arc<dyn StorageCollections>,
+        })
+        .expect("start replica")
+    };
+    let replicas = [start_replica(), start_replica()];
+    let index = GlobalId::User(2);
+    let (on, off) = runtime.block_on(async {
+        let mut controllers = Vec::new();
+        for (replica, metrics) in replicas.iter().zip([true, false]) {
+            let config = ControllerConfig {
+                metrics: metrics.then(prometheus::Registry::new),
+                ..ControllerConfig::default()
+            };
+            let storage: Arc<dyn StorageCollections> = Arc::clone(&storage) as _;
+            let mut controller = ComputeController::new(storage, None, config).await.expect("controller");
+            controller.create_instance(INSTANCE, controller.default_instance_config()).expect("instance");
+            let addresses = vec![replica.local_addr().to_string()];
+            let location = ReplicaLocation::Unmanaged { addresses };
+            controller.add_replica(INSTANCE, REPLICA, location).await.expect("add");
+            controller.create_dataflow(INSTANCE, index_on(source, index, None)).await.expect("create index");
+            wait_until("the index hydrates", Duration::from_secs(300), || {
+                controller.collection_frontiers(INSTANCE, index).is_ok_and(|f| !f.upper.less_equal(&0))
+            })
+            .await;
+            pipelined_peeks(&mut controller, index, keys, 2_000, 256).await;
+            controllers.push(controller);
+        }
+        let (mut on, mut off) = (0.0f64, 0.0f64);
+        for _ in 0..6 {
+            on = on.max(pipelined_peeks(&mut controllers[0], index, keys, 20_000, 256).await);
+            off = off.max(pipelined_peeks(&mut controllers[1], index, keys, 20_000, 256).await);
+        }
+        assert!(controllers[0].metrics_registry().is_some() && controllers[1].metrics_registry().is_none());
+        (on, off)
+    });
+    for replica in replicas {
+        replica.shutdown();
+    }
+    report("controller.metrics_peek_throughput", on, "peeks/s", off, "peeks/s", on / off);
+    if on / off < 0.95 {
+        println!("  WARNING: peeks with metrics run at {:.3}x those without (bar: 0.95x)", on / off);
+    }
+}
+
+/// `count` point peeks of `keys` keys with up to `window` in flight, each answer checked; peeks per second.
+async fn pipelined_peeks(
+    controller: &mut ComputeController,
+    index: GlobalId,
+    keys: u64,
+    count: u64,
+    window: usize,
+) -> f64 {
+    let mut in_flight = VecDeque::with_capacity(window);
+    let start = Instant::now();
+    for i in 0..count {
+        if in_flight.len() == window {
+            check_point_answer(in_flight.pop_front().expect("full")).await;
+        }
+        let key = (i * 104_729) % keys;
+        let handle = controller
+            .peek(INSTANCE, PeekTarget::Index { id: index }, 0, point_options(key))
+            .await
+            .expect("peek");
+        in_flight.push_back(handle);
+        if i % 64 == 0 {
+            while controller.try_process().is_some() {}
+        }
+    }
+    for handle in in_flight.drain(..) {
+        check_point_answer(handle).await;
+    }
+    while controller.try_process().is_some() {}
+    count as f64 / start.elapsed().as_secs_f64()
+}
+
 fn main() {
     let only = std::env::var("CONTROLLER_BENCH").ok();
     let run = |name: &str| only.as_deref().is_none_or(|only| only == name);
@@ -899,5 +1036,8 @@ fn main() {
     }
     if run("hydration") {
         bench_hydration();
+    }
+    if run("metrics") {
+        bench_metrics();
     }
 }

@@ -18,7 +18,9 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use prometheus::Registry;
 
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -33,16 +35,18 @@ use crate::as_of::{AsOfSelectionError, ImportFrontiers, select_as_of};
 use crate::clock::{Timestamp, wallclock_ms};
 use crate::config::{ComputeInstanceConfig, ControllerConfig, ReplicaLocation};
 use crate::error::{
-    CancelPeekError, CollectionDropError, CollectionLookupError, CollectionMissing, DataflowCreationError,
-    InstanceCreationError, InstanceDropError, InstanceMissing, PeekError, PeekFailure, ReadPolicyError,
-    ReplicaCreationError, ReplicaDropError,
+    CancelPeekError, CollectionDropError, CollectionLookupError, CollectionMissing, CollectionStatusError,
+    DataflowCreationError, InstanceCreationError, InstanceDropError, InstanceMissing, PeekError, PeekFailure,
+    ReadPolicyError, ReplicaCreationError, ReplicaDropError,
 };
 use crate::instance::{CollectionFrontiers, InstanceCore, PeekOptions, PeekRequest, lock};
 use crate::instance_task::{InstanceCommand, InstanceHandle, IntrospectionUpdates, request, run_instance};
-use crate::introspection::IntrospectionKind;
+use crate::introspection::{IntrospectionKind, ReplicaHealth};
 use crate::introspection_writer::write_introspection;
+use crate::metrics::ControllerMetrics;
 use crate::orchestrator::{Orchestrator, ReplicaSpec};
 use crate::response::{ComputeControllerResponse, PeekResult};
+use crate::status::{ReplicaHydration, ReplicaLag};
 use crate::storage_peek::{StoragePeek, run_storage_peek};
 
 /// A pending peek: await [`PeekHandle::result`].
@@ -69,6 +73,7 @@ pub struct ComputeController {
     responses_rx: mpsc::UnboundedReceiver<ComputeControllerResponse>,
     introspection_tx: Option<mpsc::UnboundedSender<IntrospectionUpdates>>,
     introspection_task: Option<JoinHandle<()>>,
+    metrics: Option<ControllerMetrics>,
     config: ControllerConfig,
 }
 
@@ -82,13 +87,22 @@ impl std::fmt::Debug for ComputeController {
 
 impl ComputeController {
     /// A controller over `storage`, starting managed replicas with `orchestrator` (if any). With
-    /// introspection enabled, creates the introspection collections in storage.
+    /// introspection enabled, creates the introspection collections in storage. With metrics
+    /// ([`ControllerConfig::metrics`]), registers its families in that registry, which must not have
+    /// them yet (one controller per registry).
     pub async fn new(
         storage: Arc<dyn StorageCollections>,
         orchestrator: Option<Arc<dyn Orchestrator>>,
         config: ControllerConfig,
     ) -> Result<Self, String> {
         let (responses_tx, responses_rx) = mpsc::unbounded_channel();
+        let metrics = match &config.metrics {
+            Some(registry) => Some(
+                ControllerMetrics::register(registry)
+                    .map_err(|e| format!("cannot register the controller's metrics: {e}"))?,
+            ),
+            None => None,
+        };
         let (mut introspection_tx, mut introspection_task) = (None, None);
         if config.introspection {
             for kind in IntrospectionKind::ALL {
@@ -110,8 +124,16 @@ impl ComputeController {
             responses_rx,
             introspection_tx,
             introspection_task,
+            metrics,
             config,
         })
+    }
+
+    /// The registry the controller's metrics are in (`None` if it keeps none): what the embedding
+    /// service serves at its `/metrics` endpoint (for example with `telemetry::MetricsServer`). The
+    /// families and what they count are in the crate's `metrics` module documentation.
+    pub fn metrics_registry(&self) -> Option<&Registry> {
+        self.config.metrics.as_ref()
     }
 
     /// The storage layer the controller uses.
@@ -150,8 +172,14 @@ impl ComputeController {
         let peek_timeout_ms = config.core.default_peek_timeout_ms;
         let wake = Arc::new(Notify::new());
         let notify = Arc::clone(&wake);
-        let core =
+        let mut core =
             InstanceCore::new(id, config.core.clone(), Arc::new(move || notify.notify_one()), wallclock_ms());
+        let mut peek_recorder = None;
+        if let Some(metrics) = &self.metrics {
+            let instance_metrics = metrics.instance(id);
+            peek_recorder = Some(instance_metrics.peek_recorder());
+            core = core.with_metrics(instance_metrics);
+        }
         let shared = core.shared();
         let (commands, rx) = mpsc::unbounded_channel();
         let task = tokio::spawn(
@@ -164,6 +192,7 @@ impl ComputeController {
                 self.introspection_tx.clone(),
                 config,
                 self.config.tick_interval_ms,
+                peek_recorder.clone(),
             )
             .instrument(info_span!("instance", instance = %id)),
         );
@@ -177,6 +206,7 @@ impl ComputeController {
                 managed: BTreeMap::new(),
                 peek_timeout_ms,
                 storage_peeks: Arc::new(Mutex::new(BTreeMap::new())),
+                peek_recorder,
             },
         );
         Ok(())
@@ -375,7 +405,8 @@ impl ComputeController {
                 Err(DataflowCreationError::SinceViolation { id, since, as_of })
                     if attempt < AS_OF_ATTEMPTS =>
                 {
-                    debug!(%id, ?since, ?as_of, attempt, "a since moved past the chosen as-of; choosing again");
+                    let why = "a since moved past the chosen as-of; choosing again";
+                    debug!(collection = %id, ?since, ?as_of, attempt, "{why}");
                     attempt += 1;
                 }
                 result => return result,
@@ -408,7 +439,9 @@ impl ComputeController {
                 // Best effort: the instance's frontier watch feeds the upper anyway.
                 match self.storage.frontiers(*target).await {
                     Ok(f) => target_uppers.push((*target, f.upper)),
-                    Err(e) => debug!(%target, error = %e, "materialized view target's upper unknown"),
+                    Err(e) => {
+                        debug!(collection = %target, error = %e, "materialized view target's upper unknown")
+                    }
                 }
             }
         }
@@ -497,6 +530,9 @@ impl ComputeController {
     ) -> Result<PeekHandle, PeekError> {
         let handle = self.instance(instance)?;
         let (result_tx, result_rx) = oneshot::channel();
+        // The shell's clock, for the peek duration metric (only when it is kept).
+        #[allow(clippy::disallowed_methods)]
+        let started = handle.peek_recorder.as_ref().map(|_| Instant::now());
         let uuid = match target {
             PeekTarget::Index { id } => {
                 // Checked and held here, not in the instance task: a peek does not wait for a reply.
@@ -508,12 +544,12 @@ impl ComputeController {
                 let uuid = prepared.uuid();
                 handle
                     .commands
-                    .send(InstanceCommand::Peek { prepared, result: result_tx })
+                    .send(InstanceCommand::Peek { prepared, result: result_tx, started })
                     .map_err(|_| InstanceMissing(handle.id))?;
                 uuid
             }
             PeekTarget::Storage { id } => {
-                self.peek_storage(handle, id, timestamp, options, result_tx).await?
+                self.peek_storage(handle, id, timestamp, options, result_tx, started).await?
             }
         };
         Ok(PeekHandle { uuid, result: result_rx })
@@ -528,6 +564,7 @@ impl ComputeController {
         timestamp: Timestamp,
         options: PeekOptions,
         result: oneshot::Sender<PeekResult>,
+        started: Option<Instant>,
     ) -> Result<PeekId, PeekError> {
         if options.literal_constraints.is_some() {
             return Err(PeekError::LiteralConstraintsOnStorage(id));
@@ -556,15 +593,18 @@ impl ComputeController {
             options,
             hold,
             started_ms: wallclock_ms(),
+            recorder: handle.peek_recorder.clone().zip(started),
         };
-        tokio::spawn(run_storage_peek(
+        let span = info_span!("storage_peek", instance = %handle.id, collection = %id, peek = %uuid);
+        let answering = run_storage_peek(
             Arc::clone(&self.storage),
             peek,
             cancel,
             Arc::downgrade(&handle.storage_peeks),
             self.responses_tx.clone(),
             result,
-        ));
+        );
+        tokio::spawn(answering.instrument(span));
         Ok(uuid)
     }
 
@@ -591,6 +631,42 @@ impl ComputeController {
     /// The next response if one is ready.
     pub fn try_process(&mut self) -> Option<ComputeControllerResponse> {
         self.responses_rx.try_recv().ok()
+    }
+
+    /// Whether each replica of live collection `id` hydrated it on its current connection, since when and
+    /// how long it took ([`ReplicaHydration`], by replica). What the `compute_hydration` relation says, at
+    /// millisecond precision and with the start of each hydration.
+    pub async fn hydration_status(
+        &self,
+        instance: InstanceId,
+        id: GlobalId,
+    ) -> Result<Vec<ReplicaHydration>, CollectionStatusError> {
+        self.inspect(instance, move |core| core.hydration_status(id))
+            .await?
+            .ok_or(CollectionStatusError::CollectionMissing(CollectionMissing(id)))
+    }
+
+    /// The wall-clock lag of live collection `id` on each replica (now minus the upper it reported, in
+    /// milliseconds of the controller's clock), and its largest lag per minute over the instance's
+    /// `wallclock_lag_history_minutes` ([`ReplicaLag`], by replica). What the `compute_wallclock_lag` and
+    /// `compute_wallclock_lag_history` relations say, at millisecond precision.
+    pub async fn wallclock_lag(
+        &self,
+        instance: InstanceId,
+        id: GlobalId,
+    ) -> Result<Vec<ReplicaLag>, CollectionStatusError> {
+        self.inspect(instance, move |core| core.wallclock_lag(id))
+            .await?
+            .ok_or(CollectionStatusError::CollectionMissing(CollectionMissing(id)))
+    }
+
+    /// Every replica of `instance` with its status ([`ReplicaHealth`]), by replica: what the
+    /// `compute_replica_status` relation says.
+    pub async fn replica_statuses(
+        &self,
+        instance: InstanceId,
+    ) -> Result<Vec<(ReplicaId, ReplicaHealth)>, InstanceMissing> {
+        self.inspect(instance, |core| core.replica_healths()).await
     }
 
     /// Runs `f` on the instance's core, in its task (for tests and diagnostics).

@@ -5,6 +5,7 @@
 //! **Tests:** the settings are exercised by the end-to-end tests (`tests/it/e2e.rs`,
 //! `tests/it/orchestrators.rs`), which build their configuration in `tests/it/harness.rs`.
 
+use prometheus::Registry;
 use replica_client::Backoff;
 
 use crate::clock::Timestamp;
@@ -26,6 +27,11 @@ pub struct ControllerConfig {
     pub tick_interval_ms: u64,
     /// Whether to write introspection into storage collections (see `IntrospectionKind`).
     pub introspection: bool,
+    /// Where the controller registers its Prometheus metrics (see `ControllerMetrics`): the embedding
+    /// service's registry, or by default one of the controller's own, which
+    /// [`ComputeController::metrics_registry`](crate::ComputeController::metrics_registry) hands out for the
+    /// service to serve. `None`: no metrics.
+    pub metrics: Option<Registry>,
 }
 
 impl Default for ControllerConfig {
@@ -36,6 +42,7 @@ impl Default for ControllerConfig {
             hydration_concurrency: None,
             tick_interval_ms: 50,
             introspection: true,
+            metrics: Some(Registry::new()),
         }
     }
 }

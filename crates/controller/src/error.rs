@@ -197,6 +197,18 @@ pub enum CollectionLookupError {
     Storage(String),
 }
 
+/// Failure of [`hydration_status`](crate::ComputeController::hydration_status) and
+/// [`wallclock_lag`](crate::ComputeController::wallclock_lag).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CollectionStatusError {
+    /// No such instance.
+    #[error(transparent)]
+    InstanceMissing(#[from] InstanceMissing),
+    /// No such live compute collection in the instance (storage collections have no replicas).
+    #[error(transparent)]
+    CollectionMissing(#[from] CollectionMissing),
+}
+
 /// Failure of [`peek`](crate::ComputeController::peek).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PeekError<T: Timestamp = u64> {

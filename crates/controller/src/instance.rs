@@ -46,7 +46,9 @@
 //! oversized result, a dropped replica, a timeout, a cancellation). A peek's `Peek` command, like a
 //! dataflow's `CreateDataflow`, is measured against the instance's `max_command_bytes` before anything is
 //! recorded, held or sent: a larger one is refused with `CommandTooLarge`. A `CommandRejected` from a
-//! replica reaches the user as [`ComputeControllerResponse::CommandRejected`]; the replica stays.
+//! replica reaches the user as [`ComputeControllerResponse::CommandRejected`], and a replica's report
+//! that an export can make no more progress (`StatusResponse::Failed`) as
+//! [`ComputeControllerResponse::ExportFailed`]; the replica stays.
 //!
 //! # Materialized views
 //!
@@ -97,7 +99,7 @@ use protocol::frame::DEFAULT_MAX_FRAME_BYTES;
 use protocol::{
     ComputeCommand, ComputeResponse, CopyToResponse, DataflowDescription, Datum, Diff, FrontiersResponse,
     GlobalId, InstanceId, MapFilterProject, Peek, PeekId, PeekResponse, PeekTarget, RelationType, ReplicaId,
-    Row, RowSetFinishing, SinkConnection, SubscribeBatch, SubscribeResponse,
+    Row, RowSetFinishing, SinkConnection, StatusResponse, SubscribeBatch, SubscribeResponse,
 };
 use replica_client::{CommandHistory, ReplicaEvent, ReplicaStatus};
 
@@ -105,8 +107,10 @@ use crate::error::{
     CancelPeekError, CollectionDropError, CollectionMissing, DataflowCreationError, PeekError, PeekFailure,
     ReadPolicyError, ReplicaCreationError, ReplicaDropError,
 };
-use crate::introspection::{IntrospectionKind, IntrospectionState, peek_duration_bucket_ms};
+use crate::introspection::{IntrospectionKind, IntrospectionState, ReplicaHealth, peek_duration_bucket_ms};
+use crate::metrics::{CollectionCounts, InstanceGauges, InstanceMetrics};
 use crate::response::{ComputeControllerResponse, PeekNotification, PeekOutcome, PeekResult};
+use crate::status::{LagMinute as LagMinuteMax, ReplicaHydration, ReplicaLag};
 
 /// A compute collection's frontiers as seen by readers of the shared state.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -281,6 +285,9 @@ pub struct InstanceCoreConfig<T> {
     pub default_peek_timeout_ms: u64,
     /// How often the frontier and wall-clock lag introspection rows are refreshed, in milliseconds.
     pub introspection_interval_ms: u64,
+    /// How many minutes of wall-clock lag history (`compute_wallclock_lag_history`, and
+    /// [`InstanceCore::wallclock_lag`]) the instance keeps per replica and collection (60 by default).
+    pub wallclock_lag_history_minutes: u64,
     /// The largest encoded command (`CreateDataflow`, `Peek`) the instance accepts, in bytes: one
     /// whose frame would be larger is refused with a `CommandTooLarge` error before it is recorded or
     /// sent. At most the replica connection's maximum frame ([`DEFAULT_MAX_FRAME_BYTES`], the default);
@@ -294,6 +301,7 @@ impl<T: Timestamp> Default for InstanceCoreConfig<T> {
             default_index_policy: ReadPolicy::LagWriteFrontier { lag_ms: 1_000, granularity_ms: 1_000 },
             default_peek_timeout_ms: 30_000,
             introspection_interval_ms: 1_000,
+            wallclock_lag_history_minutes: 60,
             max_command_bytes: DEFAULT_MAX_FRAME_BYTES,
         }
     }
@@ -535,6 +543,8 @@ struct Replica {
     /// The live collections not hydrated on the current connection (kept as a count, so that a hydration
     /// does not scan every collection to tell whether the replica is done).
     unhydrated: usize,
+    /// Its status, as its `compute_replica_status` row says.
+    health: ReplicaHealth,
 }
 
 /// One compute instance's state machine. See the module documentation.
@@ -575,7 +585,23 @@ pub struct InstanceCore<T: Timestamp> {
     /// compaction had moved on): hydration on that connection is judged against this as-of, not the
     /// original. Removed once hydrated, and with the collection or the replica.
     replayed_as_ofs: BTreeMap<(GlobalId, ReplicaId), Antichain<T>>,
+    /// The wall-clock lag of the current minute, for `compute_wallclock_lag_history`.
+    lag_minute: LagMinute,
+    /// Prometheus metrics, when the shell asked for them ([`with_metrics`](Self::with_metrics)).
+    metrics: Option<InstanceMetrics>,
 }
+
+/// The largest wall-clock lag of each (collection, replica) in the minute under way; written to
+/// `compute_wallclock_lag_history` once the minute is over.
+#[derive(Debug, Default)]
+struct LagMinute {
+    /// The minute's start, in milliseconds since the epoch.
+    start_ms: u64,
+    max_lag_ms: BTreeMap<(GlobalId, ReplicaId), u64>,
+}
+
+/// A minute, in milliseconds.
+const MINUTE_MS: u64 = 60_000;
 
 impl<T: Timestamp> InstanceCore<T> {
     /// An empty instance. `notify` is called whenever a hold changes from outside (a caller dropped or
@@ -611,7 +637,31 @@ impl<T: Timestamp> InstanceCore<T> {
             storage_uppers: BTreeMap::new(),
             materialized_views: BTreeMap::new(),
             replayed_as_ofs: BTreeMap::new(),
+            lag_minute: LagMinute { start_ms: now_ms - now_ms % MINUTE_MS, max_lag_ms: BTreeMap::new() },
+            metrics: None,
         }
+    }
+
+    /// The core with Prometheus metrics
+    /// ([`ControllerMetrics::instance`](crate::ControllerMetrics::instance)):
+    /// series for its replicas and live collections, updated as it goes (see the `metrics` module). Without
+    /// this the core keeps none (the simulator, and benchmarks' baselines).
+    pub fn with_metrics(mut self, mut metrics: InstanceMetrics) -> Self {
+        for replica in self.replicas.keys() {
+            metrics.replica_added(*replica);
+        }
+        for (id, collection) in lock(&self.shared).holds.attachments() {
+            if !collection.dropped {
+                metrics.collection_created(*id);
+            }
+        }
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// The core's metrics, if it keeps any.
+    pub fn metrics(&self) -> Option<&InstanceMetrics> {
+        self.metrics.as_ref()
     }
 
     /// The instance's id.
@@ -626,7 +676,19 @@ impl<T: Timestamp> InstanceCore<T> {
 
     /// The next output.
     pub fn poll(&mut self) -> Option<InstanceOutput<T>> {
-        self.outputs.pop_front()
+        let output = self.outputs.pop_front();
+        // Every command and response leaves through here: counted once each.
+        if let (Some(metrics), Some(output)) = (&mut self.metrics, &output) {
+            match output {
+                InstanceOutput::Command { replica, command } => metrics.command(*replica, command),
+                InstanceOutput::Response(ComputeControllerResponse::SubscribeResponse {
+                    response: SubscribeResponse::Batch(SubscribeBatch { updates: Ok(updates), .. }),
+                    ..
+                }) => metrics.subscribe_updates(updates.len()),
+                _ => {}
+            }
+        }
+        output
     }
 
     /// Introspection updates accumulated since the last call.
@@ -650,8 +712,17 @@ impl<T: Timestamp> InstanceCore<T> {
         }
         self.replicas.insert(
             replica,
-            Replica { connected: false, connections: 0, connected_ms: self.now_ms, unhydrated: 0 },
+            Replica {
+                connected: false,
+                connections: 0,
+                connected_ms: self.now_ms,
+                unhydrated: 0,
+                health: ReplicaHealth::Connecting,
+            },
         );
+        if let Some(metrics) = &mut self.metrics {
+            metrics.replica_added(replica);
+        }
         for (_, collection) in lock(&self.shared).holds.attachments_mut() {
             let input_holds = collection.import_holds[..collection.storage_imports]
                 .iter()
@@ -682,7 +753,7 @@ impl<T: Timestamp> InstanceCore<T> {
                 replica_id: replica,
             }))
             .expect("CreateInstance is always recordable");
-        self.set_replica_status_row(replica, "connecting", None);
+        self.set_replica_status_row(replica, ReplicaHealth::Connecting);
         self.reset_hydration_rows(replica);
         Ok(history)
     }
@@ -715,6 +786,10 @@ impl<T: Timestamp> InstanceCore<T> {
             &[Datum::Text(&self.id.to_string()), Datum::Text(&replica.to_string())],
         );
         self.peek_histogram.retain(|(r, _), _| *r != replica);
+        self.lag_minute.max_lag_ms.retain(|(_, r), _| *r != replica);
+        if let Some(metrics) = &mut self.metrics {
+            metrics.replica_dropped(replica);
+        }
         for id in self.collection_ids() {
             self.maybe_remove(id);
         }
@@ -901,6 +976,10 @@ impl<T: Timestamp> InstanceCore<T> {
             .expect("export ids are new");
         if upper_from_storage {
             Self::apply_policy(shared.holds.attachment_mut(&id).expect("just created"));
+        }
+        drop(shared);
+        if let Some(metrics) = &mut self.metrics {
+            metrics.collection_created(id);
         }
     }
 
@@ -1171,7 +1250,12 @@ impl<T: Timestamp> InstanceCore<T> {
         }
         match event {
             ReplicaEvent::Status(status) => self.handle_status(replica, status),
-            ReplicaEvent::Response(response) => self.handle_response(replica, response),
+            ReplicaEvent::Response(response) => {
+                if let Some(metrics) = &mut self.metrics {
+                    metrics.response(replica, &response);
+                }
+                self.handle_response(replica, response)
+            }
         }
         self.process_holds();
     }
@@ -1206,11 +1290,19 @@ impl<T: Timestamp> InstanceCore<T> {
             }
             // It rehydrates everything on its next connection.
             self.reset_hydration_rows(replica);
+            if let Some(metrics) = &mut self.metrics {
+                metrics.replica_disconnected(replica);
+            }
         }
         if connected && !was_connected {
             let state = self.replicas.get_mut(&replica).expect("checked");
             state.connections = state.connections.saturating_add(1);
             state.connected_ms = self.now_ms;
+            if state.connections > 1
+                && let Some(metrics) = &mut self.metrics
+            {
+                metrics.replica_reconnected(replica);
+            }
             // The connection was replayed the client's history, which has every compaction sent: each
             // dataflow at its compacted as-of. The template catches up to it first.
             self.catch_up_history();
@@ -1229,9 +1321,11 @@ impl<T: Timestamp> InstanceCore<T> {
             }
         }
         match &status {
-            ReplicaStatus::Connecting { .. } => self.set_replica_status_row(replica, "connecting", None),
+            ReplicaStatus::Connecting { .. } => {
+                self.set_replica_status_row(replica, ReplicaHealth::Connecting)
+            }
             ReplicaStatus::Failed { reason, .. } => {
-                self.set_replica_status_row(replica, "failed", Some(reason))
+                self.set_replica_status_row(replica, ReplicaHealth::Failed { reason: reason.clone() })
             }
             // Whether it is hydrated is the core's own judgement (the hydration rows), not the client's.
             ReplicaStatus::Hydrating | ReplicaStatus::Ready => self.refresh_replica_status(replica),
@@ -1249,11 +1343,11 @@ impl<T: Timestamp> InstanceCore<T> {
         let first_connection = state.connections <= 1;
         let all_hydrated = state.unhydrated == 0;
         let status = match (all_hydrated, first_connection) {
-            (true, _) => "connected",
-            (false, true) => "hydrating",
-            (false, false) => "rehydrating",
+            (true, _) => ReplicaHealth::Connected,
+            (false, true) => ReplicaHealth::Hydrating,
+            (false, false) => ReplicaHealth::Rehydrating,
         };
-        self.set_replica_status_row(replica, status, None);
+        self.set_replica_status_row(replica, status);
     }
 
     /// Sets the hydration rows of `replica` to not hydrated, for every live collection (a new replica, or
@@ -1317,15 +1411,29 @@ impl<T: Timestamp> InstanceCore<T> {
             }
             self.refresh_replica_status(replica);
         }
+        self.introspection.remove_lag_history(id);
+        self.lag_minute.max_lag_ms.retain(|(c, _), _| *c != id);
+        if let Some(metrics) = &mut self.metrics {
+            metrics.collection_dropped(id);
+        }
     }
 
-    fn set_replica_status_row(&mut self, replica: ReplicaId, status: &str, reason: Option<&str>) {
-        let reason = reason.map(Datum::Text).unwrap_or(Datum::Null);
+    fn set_replica_status_row(&mut self, replica: ReplicaId, health: ReplicaHealth) {
+        let reason = match &health {
+            ReplicaHealth::Failed { reason } => Datum::Text(reason),
+            _ => Datum::Null,
+        };
         self.introspection.set(
             IntrospectionKind::ReplicaStatus,
             &[Datum::Text(&self.id.to_string()), Datum::Text(&replica.to_string())],
-            Some(&[Datum::Text(status), reason]),
+            Some(&[Datum::Text(health.name()), reason]),
         );
+        if let Some(metrics) = &mut self.metrics {
+            metrics.replica_status(replica, &health);
+        }
+        if let Some(state) = self.replicas.get_mut(&replica) {
+            state.health = health;
+        }
     }
 
     fn handle_response(&mut self, replica: ReplicaId, response: ComputeResponse<T>) {
@@ -1338,7 +1446,12 @@ impl<T: Timestamp> InstanceCore<T> {
                 self.handle_subscribe(replica, id, response)
             }
             ComputeResponse::CopyToResponse { id, response } => self.handle_copy_to(id, response),
-            ComputeResponse::Status(status) => debug!(%replica, ?status, "replica status"),
+            ComputeResponse::Status(StatusResponse::Failed { id, error }) => {
+                self.handle_export_failed(replica, id, error)
+            }
+            ComputeResponse::Status(status @ StatusResponse::Hydration { .. }) => {
+                debug!(%replica, ?status, "replica status")
+            }
             ComputeResponse::CommandRejected { command, reason } => {
                 // The replica keeps serving everything else, and a reconnect would replay the same
                 // command: it stays connected, and the user hears of it.
@@ -1358,6 +1471,23 @@ impl<T: Timestamp> InstanceCore<T> {
         }
     }
 
+    /// A replica says export `id` can make no more progress there, for a reason a reconnect would not
+    /// cure: the replica stays, and the user hears of it (unless the export was dropped meanwhile).
+    fn handle_export_failed(&mut self, replica: ReplicaId, id: GlobalId, error: String) {
+        let live = lock(&self.shared).holds.attachment(&id).is_some_and(|c| !c.dropped);
+        if !live {
+            debug!(%replica, %id, %error, "failure of a dropped export");
+            return;
+        }
+        warn!(%replica, %id, %error, "an export can make no more progress on a replica");
+        self.outputs.push_back(InstanceOutput::Response(ComputeControllerResponse::ExportFailed {
+            instance: self.id,
+            replica,
+            id,
+            error,
+        }));
+    }
+
     fn disconnect(&mut self, replica: ReplicaId, reason: String) {
         warn!(%replica, %reason, "faulty replica: disconnecting it");
         self.outputs.push_back(InstanceOutput::DisconnectReplica { replica, reason });
@@ -1367,7 +1497,7 @@ impl<T: Timestamp> InstanceCore<T> {
         let mut shared = lock(&self.shared);
         let Some((since, collection)) = shared.holds.since_and_attachment_mut(&id) else {
             // A collection removed after every connected replica reported it dropped; late news.
-            debug!(%replica, %id, "frontiers of a removed collection");
+            debug!(%replica, collection = %id, "frontiers of a removed collection");
             return;
         };
         // Every cache line of the entry that this update reads is a miss at 10,000 collections. One
@@ -1434,6 +1564,9 @@ impl<T: Timestamp> InstanceCore<T> {
             if let Some(state) = self.replicas.get_mut(&replica) {
                 state.unhydrated -= 1;
             }
+            if let (Some(metrics), Some(ms)) = (&mut self.metrics, hydration_ms) {
+                metrics.hydrated(id, replica, ms);
+            }
             self.introspection.set_for_collection(
                 IntrospectionKind::Hydration,
                 self.id,
@@ -1484,7 +1617,8 @@ impl<T: Timestamp> InstanceCore<T> {
             return; // Nothing new.
         }
         if !PartialOrder::less_equal(&batch.lower, &collection.forwarded) {
-            error!(%replica, %id, lower = ?batch.lower, forwarded = ?collection.forwarded, "subscribe batch leaves a gap");
+            let (lower, forwarded) = (&batch.lower, &collection.forwarded);
+            error!(%replica, collection = %id, ?lower, ?forwarded, "subscribe batch leaves a gap");
             return;
         }
         // A subscribe with an `until` ends there: nothing at or beyond it is delivered, and the batch
@@ -1546,7 +1680,7 @@ impl<T: Timestamp> InstanceCore<T> {
     pub fn storage_upper(&mut self, id: GlobalId, upper: Antichain<T>) {
         if let Some(known) = self.storage_uppers.get(&id) {
             if !PartialOrder::less_equal(known, &upper) {
-                debug!(%id, ?known, ?upper, "storage upper regressed; ignored");
+                debug!(collection = %id, ?known, ?upper, "storage upper regressed; ignored");
                 return;
             }
             if *known == upper {
@@ -1614,6 +1748,22 @@ impl<T: Timestamp> InstanceCore<T> {
             self.catch_up_history();
         }
         self.process_holds();
+        self.refresh_metrics();
+    }
+
+    /// Sets the metrics' instance and replica gauges and flushes their tallies (every tick: cheap, a
+    /// handful of values per replica).
+    fn refresh_metrics(&mut self) {
+        let Some(metrics) = &mut self.metrics else { return };
+        for (replica, state) in &self.replicas {
+            metrics.unhydrated(*replica, state.unhydrated);
+        }
+        let collections = lock(&self.shared).len();
+        metrics.refresh(InstanceGauges {
+            pending_peeks: self.peeks.len(),
+            history_commands: self.history.len(),
+            collections,
+        });
     }
 
     /// Ends every peek whose deadline passed: an unanswered one fails with `TimedOut` (its replicas are
@@ -1670,32 +1820,73 @@ impl<T: Timestamp> InstanceCore<T> {
     }
 
     /// Writes the wall-clock lag row of every (live collection, replica) with a write frontier on the
-    /// current connection: the clock minus the upper, rounded down to whole seconds (0 once closed).
+    /// current connection: the clock minus the upper, rounded down to whole seconds (0 once closed). Keeps
+    /// the largest lag of the minute for `compute_wallclock_lag_history` and writes the last minute's once
+    /// a new one began. With metrics, observes each live collection's lag (of its upper, the join over
+    /// replicas) and counts its subscribes and holds, in the same walk.
     fn refresh_wallclock_lag(&mut self) {
         // Read out under the lock, packed into rows after it (see `refresh_frontier_rows`).
         let mut lags = Vec::new();
+        let mut collection_lags = Vec::new();
+        let mut counts = CollectionCounts::default();
+        let lag_of = |frontier: &Antichain<T>| match frontier.elements().first() {
+            Some(upper) => self.now_ms.saturating_sub(upper.to_wallclock_ms()),
+            None => 0,
+        };
         for (id, collection) in lock(&self.shared).holds.attachments() {
+            counts.import_holds += collection.import_holds.len();
             if collection.dropped {
                 continue;
             }
+            if collection.kind == CollectionKind::Subscribe && !collection.finished {
+                counts.subscribes += 1;
+            }
+            if self.metrics.is_some() && !collection.write_frontier.is_empty() {
+                collection_lags.push((*id, lag_of(&collection.write_frontier)));
+            }
             for (replica, state) in collection.per_replica.iter() {
+                counts.replica_input_holds += state.input_holds.len();
                 let Some(frontier) = &state.write_frontier else { continue };
-                let lag_ms = match frontier.elements().first() {
-                    Some(upper) => self.now_ms.saturating_sub(upper.to_wallclock_ms()),
-                    None => 0,
-                };
-                lags.push((*id, *replica, (lag_ms / 1_000 * 1_000) as i64));
+                lags.push((*id, *replica, lag_of(frontier)));
             }
         }
-        for (id, replica, lag_s) in lags {
+        counts.peek_holds = self.peeks.values().filter(|p| p.hold.is_some()).count();
+        let minute_ms = self.now_ms - self.now_ms % MINUTE_MS;
+        if minute_ms > self.lag_minute.start_ms {
+            self.close_lag_minute(minute_ms);
+        }
+        for (id, replica, lag_ms) in lags {
+            let max = self.lag_minute.max_lag_ms.entry((id, replica)).or_insert(0);
+            *max = (*max).max(lag_ms);
             self.introspection.set_for_collection(
                 IntrospectionKind::WallclockLag,
                 self.id,
                 replica,
                 id,
-                Some(&[Datum::Int64(lag_s)]),
+                Some(&[Datum::Int64((lag_ms / 1_000 * 1_000) as i64)]),
             );
         }
+        if let Some(metrics) = &mut self.metrics {
+            for (id, lag_ms) in collection_lags {
+                metrics.wallclock_lag(id, lag_ms);
+            }
+            metrics.collection_counts(counts);
+        }
+    }
+
+    /// Writes the lag history rows of the minute that ended, starts the minute beginning at `minute_ms`,
+    /// and retracts the rows older than the instance keeps.
+    fn close_lag_minute(&mut self, minute_ms: u64) {
+        assert!(minute_ms > self.lag_minute.start_ms, "minutes only move forward");
+        let ended = std::mem::replace(
+            &mut self.lag_minute,
+            LagMinute { start_ms: minute_ms, max_lag_ms: BTreeMap::new() },
+        );
+        for ((id, replica), max_lag_ms) in ended.max_lag_ms {
+            self.introspection.set_lag_history(self.id, replica, id, ended.start_ms, max_lag_ms);
+        }
+        let kept_ms = self.config.wallclock_lag_history_minutes.saturating_mul(MINUTE_MS);
+        self.introspection.expire_lag_history(minute_ms.saturating_sub(kept_ms));
     }
 
     /// Applies hold changes (from inside and outside the core) until nothing moves: sends
@@ -1792,6 +1983,74 @@ impl<T: Timestamp> InstanceCore<T> {
         let shared = lock(&self.shared);
         let (since, collection) = shared.holds.since_and_attachment(&id)?;
         Some(CollectionFrontiers { since: since.to_owned(), upper: collection.write_frontier.clone() })
+    }
+
+    /// A replica's status, as its `compute_replica_status` row says; `None` for a replica the instance
+    /// does not have.
+    pub fn replica_health(&self, replica: ReplicaId) -> Option<&ReplicaHealth> {
+        self.replicas.get(&replica).map(|r| &r.health)
+    }
+
+    /// Every replica's status, by replica.
+    pub fn replica_healths(&self) -> Vec<(ReplicaId, ReplicaHealth)> {
+        self.replicas.iter().map(|(id, r)| (*id, r.health.clone())).collect()
+    }
+
+    /// The hydration of live collection `id` on every replica, by replica ([`ReplicaHydration`]); `None`
+    /// if `id` is not a live collection.
+    pub fn hydration_status(&self, id: GlobalId) -> Option<Vec<ReplicaHydration>> {
+        let shared = lock(&self.shared);
+        let collection = shared.holds.attachment(&id).filter(|c| !c.dropped)?;
+        let statuses = collection
+            .per_replica
+            .iter()
+            .map(|(replica, state)| {
+                let connection = self.replicas.get(replica).filter(|r| r.connected);
+                let since_ms = connection.map(|r| r.connected_ms.max(collection.created_ms));
+                ReplicaHydration {
+                    replica: *replica,
+                    hydrated: state.hydrated_at_ms.is_some(),
+                    hydrating_since_ms: since_ms,
+                    hydrated_at_ms: state.hydrated_at_ms,
+                    hydration_time_ms: state
+                        .hydrated_at_ms
+                        .zip(since_ms)
+                        .map(|(at, since)| at.saturating_sub(since)),
+                }
+            })
+            .collect();
+        Some(statuses)
+    }
+
+    /// The wall-clock lag of live collection `id` on every replica, now and per minute, by replica
+    /// ([`ReplicaLag`]); `None` if `id` is not a live collection. "Now" is the core's clock.
+    pub fn wallclock_lag(&self, id: GlobalId) -> Option<Vec<ReplicaLag>> {
+        let shared = lock(&self.shared);
+        let collection = shared.holds.attachment(&id).filter(|c| !c.dropped)?;
+        let mut lags: Vec<ReplicaLag> = collection
+            .per_replica
+            .iter()
+            .map(|(replica, state)| ReplicaLag {
+                replica: *replica,
+                lag_ms: state.write_frontier.as_ref().map(|f| match f.elements().first() {
+                    Some(upper) => self.now_ms.saturating_sub(upper.to_wallclock_ms()),
+                    None => 0,
+                }),
+                history: Vec::new(),
+                current_minute: self
+                    .lag_minute
+                    .max_lag_ms
+                    .get(&(id, *replica))
+                    .map(|max| LagMinuteMax { minute_ms: self.lag_minute.start_ms, max_lag_ms: *max }),
+            })
+            .collect();
+        drop(shared);
+        for (replica, minute_ms, max_lag_ms) in self.introspection.lag_history(id) {
+            if let Some(lag) = lags.iter_mut().find(|l| l.replica == replica) {
+                lag.history.push(LagMinuteMax { minute_ms, max_lag_ms });
+            }
+        }
+        Some(lags)
     }
 
     /// A replica's write frontier for a collection, as reported on its current connection.

@@ -18,7 +18,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -37,6 +37,7 @@ use crate::error::{
 };
 use crate::instance::{InstanceCore, InstanceOutput, PreparedPeek, SharedHandle};
 use crate::introspection::IntrospectionKind;
+use crate::metrics::PeekRecorder;
 use crate::orchestrator::ReplicaSpec;
 use crate::response::{ComputeControllerResponse, PeekResult};
 use crate::storage_watch::watch_storage_frontiers;
@@ -77,6 +78,8 @@ pub(crate) enum InstanceCommand {
     Peek {
         prepared: PreparedPeek<Timestamp>,
         result: Reply<PeekResult>,
+        /// When the caller asked, if peek durations are measured.
+        started: Option<Instant>,
     },
     CancelPeek {
         uuid: PeekId,
@@ -104,6 +107,8 @@ pub(crate) struct InstanceHandle {
     /// The storage peeks in flight, for `cancel_peek`. Dropped with the handle, which ends them with
     /// `InstanceDropped`.
     pub(crate) storage_peeks: StoragePeeks,
+    /// Records finished peeks in the instance's metrics, if it keeps any.
+    pub(crate) peek_recorder: Option<PeekRecorder>,
 }
 
 /// The storage peeks of an instance in flight: the signal that cancels each. An entry goes when its
@@ -133,6 +138,7 @@ pub(crate) async fn run_instance(
     introspection: Option<mpsc::UnboundedSender<IntrospectionUpdates>>,
     config: ComputeInstanceConfig,
     tick_interval_ms: u64,
+    peek_recorder: Option<PeekRecorder>,
 ) {
     let (events_tx, mut events) = mpsc::unbounded_channel::<(ReplicaId, ReplicaEvent<Timestamp>)>();
     // Storage frontier changes, for the core's materialized views (see `InstanceCore::storage_upper`).
@@ -141,7 +147,7 @@ pub(crate) async fn run_instance(
         watch_storage_frontiers(storage, frontiers_tx).instrument(tracing::Span::current()),
     ));
     let mut clients: BTreeMap<ReplicaId, ReplicaClient<Timestamp>> = BTreeMap::new();
-    let mut peek_results: BTreeMap<PeekId, Reply<PeekResult>> = BTreeMap::new();
+    let mut peek_results: BTreeMap<PeekId, (Reply<PeekResult>, Option<Instant>)> = BTreeMap::new();
     let mut tick = tokio::time::interval(Duration::from_millis(tick_interval_ms.max(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -184,8 +190,8 @@ pub(crate) async fn run_instance(
                     InstanceCommand::SetReadPolicy { policies, reply } => {
                         let _ = reply.send(core.set_read_policy(policies));
                     }
-                    InstanceCommand::Peek { prepared, result } => {
-                        peek_results.insert(prepared.uuid(), result);
+                    InstanceCommand::Peek { prepared, result, started } => {
+                        peek_results.insert(prepared.uuid(), (result, started));
                         core.install_peek(prepared);
                     }
                     InstanceCommand::CancelPeek { uuid, reply } => {
@@ -224,6 +230,11 @@ pub(crate) async fn run_instance(
                         Err(SendError::TooLarge(too_large)) => {
                             error!(%replica, %too_large, "invariant: a command the core admitted does not fit a frame")
                         }
+                        // The core sends each replica what its own history template holds, with peek ids
+                        // unique per instance: the replica's history can refuse nothing it sends.
+                        Err(SendError::Rejected(rejected)) => {
+                            error!(%replica, %rejected, "invariant: the replica's history refuses a command the core issued (unique peek ids, live exports, forward compactions)")
+                        }
                     }
                 }
                 InstanceOutput::DisconnectReplica { replica, reason } => {
@@ -235,7 +246,10 @@ pub(crate) async fn run_instance(
                     let _ = responses.send(response);
                 }
                 InstanceOutput::PeekResult { uuid, result } => {
-                    if let Some(tx) = peek_results.remove(&uuid) {
+                    if let Some((tx, started)) = peek_results.remove(&uuid) {
+                        if let (Some(recorder), Some(started)) = (&peek_recorder, started) {
+                            recorder.record(&result, started.elapsed());
+                        }
                         let _ = tx.send(result);
                     } else {
                         debug!(%uuid, "peek result without a waiting caller");

@@ -8,6 +8,7 @@
 //! | `compute_peek_durations` | instance, replica, bucket_upper_ms (powers of two), count |
 //! | `compute_replica_status` | instance, replica, status, reason |
 //! | `compute_wallclock_lag` | instance, replica, collection, lag_ms (now minus upper, whole seconds) |
+//! | `compute_wallclock_lag_history` | instance, replica, collection, occurred_at (the minute), max_lag_ms |
 //!
 //! What the values mean:
 //!
@@ -32,6 +33,11 @@
 //!   collection the replica has reported a write frontier for. `lag_ms` is the core's clock minus the
 //!   upper (both in milliseconds), rounded down to whole seconds; 0 for a closed upper (nothing is
 //!   left to write).
+//! - **`compute_wallclock_lag_history`** keeps, per replica and live collection, the largest `lag_ms` of
+//!   each minute (`occurred_at`, the minute's start, in milliseconds since the epoch) in which the
+//!   collection had a lag row: a row appears once its minute is over, and goes once it is older than the
+//!   instance's `wallclock_lag_history_minutes` (or with its collection or replica). The reference
+//!   system's `mz_wallclock_lag_history`, bucketed the same way.
 //! - **`compute_peek_durations`** counts the peeks each replica answered first, by duration bucket:
 //!   `bucket_upper_ms` is the smallest power of two greater than the duration in milliseconds
 //!   ([`peek_duration_bucket_ms`]; 0 ms is in bucket 1, 1 ms in 2, 2–3 ms in 4, 4–7 ms in 8).
@@ -68,16 +74,19 @@ pub enum IntrospectionKind {
     ReplicaStatus,
     /// Per replica and collection: now minus the upper.
     WallclockLag,
+    /// Per replica, collection and minute: the largest lag of the minute.
+    WallclockLagHistory,
 }
 
 impl IntrospectionKind {
     /// Every relation, in a fixed order.
-    pub const ALL: [IntrospectionKind; 5] = [
+    pub const ALL: [IntrospectionKind; 6] = [
         IntrospectionKind::Frontiers,
         IntrospectionKind::Hydration,
         IntrospectionKind::PeekDurations,
         IntrospectionKind::ReplicaStatus,
         IntrospectionKind::WallclockLag,
+        IntrospectionKind::WallclockLagHistory,
     ];
 
     /// The relation's name.
@@ -88,6 +97,7 @@ impl IntrospectionKind {
             IntrospectionKind::PeekDurations => "compute_peek_durations",
             IntrospectionKind::ReplicaStatus => "compute_replica_status",
             IntrospectionKind::WallclockLag => "compute_wallclock_lag",
+            IntrospectionKind::WallclockLagHistory => "compute_wallclock_lag_history",
         }
     }
 
@@ -138,6 +148,12 @@ impl IntrospectionKind {
             IntrospectionKind::WallclockLag => {
                 desc = desc.with_column("collection", text).with_column("lag_ms", int);
             }
+            IntrospectionKind::WallclockLagHistory => {
+                desc = desc
+                    .with_column("collection", text)
+                    .with_column("occurred_at", ColumnType::new(ScalarType::Timestamp, false))
+                    .with_column("max_lag_ms", int);
+            }
         }
         desc
     }
@@ -158,6 +174,45 @@ pub fn peek_duration_bucket_ms(duration_ms: u64) -> u64 {
     (duration_ms + 1).next_power_of_two()
 }
 
+/// A replica's status as the instance judges it: the `status` (and `reason`) of its
+/// `compute_replica_status` row, and of `compute_controller_replica_status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplicaHealth {
+    /// No connection: a first attempt under way, or the next one after a failure.
+    Connecting,
+    /// The last attempt failed or the connection was lost; the next attempt follows.
+    Failed {
+        /// Why.
+        reason: String,
+    },
+    /// Connected for the first time, and some live collection is not hydrated on it yet.
+    Hydrating,
+    /// Connected again after a lost connection, and some live collection is not hydrated on it yet.
+    Rehydrating,
+    /// Connected, and every live collection is hydrated on this connection.
+    Connected,
+}
+
+impl ReplicaHealth {
+    /// The status's name, as introspection and the metrics spell it.
+    ///
+    /// # Examples
+    /// ```
+    /// use controller::ReplicaHealth;
+    /// assert_eq!(ReplicaHealth::Rehydrating.name(), "rehydrating");
+    /// assert_eq!(ReplicaHealth::Failed { reason: "gone".into() }.name(), "failed");
+    /// ```
+    pub fn name(&self) -> &'static str {
+        match self {
+            ReplicaHealth::Connecting => "connecting",
+            ReplicaHealth::Failed { .. } => "failed",
+            ReplicaHealth::Hydrating => "hydrating",
+            ReplicaHealth::Rehydrating => "rehydrating",
+            ReplicaHealth::Connected => "connected",
+        }
+    }
+}
+
 /// The current introspection rows, by relation and key, and the differences not yet written.
 #[derive(Debug, Default)]
 pub struct IntrospectionState {
@@ -166,6 +221,10 @@ pub struct IntrospectionState {
     /// wall-clock lag), keyed by the ids rather than by the packed key columns: refreshing 10,000
     /// collections' rows every interval then compares small inline keys, not heap-allocated rows.
     collection_rows: BTreeMap<(IntrospectionKind, GlobalId, ReplicaId), Row>,
+    /// The rows of `compute_wallclock_lag_history`, by collection, replica and minute (its start in
+    /// milliseconds), so that a collection's or an expired minute's rows are found without a scan of
+    /// everything.
+    history_rows: BTreeMap<(GlobalId, ReplicaId, u64), Row>,
     pending: Vec<(IntrospectionKind, Row, Diff)>,
 }
 
@@ -226,7 +285,7 @@ impl IntrospectionState {
         replace(&mut self.collection_rows, &mut self.pending, kind, (kind, id, replica), new);
     }
 
-    /// Removes every per-collection row of `replica` (a dropped replica).
+    /// Removes every per-collection row of `replica` (a dropped replica), its lag history included.
     pub fn remove_replica_collections(&mut self, replica: ReplicaId) {
         let doomed: Vec<(IntrospectionKind, GlobalId, ReplicaId)> =
             self.collection_rows.keys().filter(|(_, _, r)| *r == replica).copied().collect();
@@ -235,6 +294,77 @@ impl IntrospectionState {
                 self.pending.push((key.0, old, -1));
             }
         }
+        self.remove_history_where(|(_, r, _)| *r == replica);
+    }
+
+    /// Writes the `compute_wallclock_lag_history` row of collection `id` on `replica` for the minute
+    /// starting at `minute_ms`: its largest lag, `max_lag_ms`.
+    pub fn set_lag_history(
+        &mut self,
+        instance: InstanceId,
+        replica: ReplicaId,
+        id: GlobalId,
+        minute_ms: u64,
+        max_lag_ms: u64,
+    ) {
+        let (instance, replica_name, collection) =
+            (instance.to_string(), replica.to_string(), id.to_string());
+        let row = Row::pack([
+            Datum::Text(&instance),
+            Datum::Text(&replica_name),
+            Datum::Text(&collection),
+            Datum::Timestamp(minute_ms),
+            Datum::Int64(max_lag_ms as i64),
+        ]);
+        let kind = IntrospectionKind::WallclockLagHistory;
+        replace(&mut self.history_rows, &mut self.pending, kind, (id, replica, minute_ms), Some(row));
+    }
+
+    /// Removes the lag history of collection `id` (dropped).
+    pub fn remove_lag_history(&mut self, id: GlobalId) {
+        let doomed: Vec<(GlobalId, ReplicaId, u64)> = self
+            .history_rows
+            .range((id, ReplicaId(0), 0)..)
+            .take_while(|((c, _, _), _)| *c == id)
+            .map(|(k, _)| *k)
+            .collect();
+        for key in doomed {
+            if let Some(old) = self.history_rows.remove(&key) {
+                self.pending.push((IntrospectionKind::WallclockLagHistory, old, -1));
+            }
+        }
+    }
+
+    /// Removes the lag history of every minute that started before `before_ms`.
+    pub fn expire_lag_history(&mut self, before_ms: u64) {
+        self.remove_history_where(|(_, _, minute_ms)| *minute_ms < before_ms);
+    }
+
+    fn remove_history_where(&mut self, doomed: impl Fn(&(GlobalId, ReplicaId, u64)) -> bool) {
+        let pending = &mut self.pending;
+        self.history_rows.retain(|key, row| {
+            if doomed(key) {
+                pending.push((IntrospectionKind::WallclockLagHistory, row.clone(), -1));
+                false
+            } else {
+                true
+            }
+        });
+    }
+
+    /// The lag history of collection `id`: `(replica, minute_ms, max_lag_ms)`, by replica and minute.
+    pub fn lag_history(&self, id: GlobalId) -> Vec<(ReplicaId, u64, u64)> {
+        self.history_rows
+            .range((id, ReplicaId(0), 0)..)
+            .take_while(|((c, _, _), _)| *c == id)
+            .map(|((_, replica, minute_ms), row)| {
+                let max_lag_ms = match row.iter().nth(4) {
+                    Some(Datum::Int64(lag)) => lag as u64,
+                    other => unreachable!("a lag history row ends with its lag, not {other:?}"),
+                };
+                (*replica, *minute_ms, max_lag_ms)
+            })
+            .collect()
     }
 
     /// Removes every row whose key starts with `prefix` (a dropped replica or collection).
@@ -270,7 +400,9 @@ impl IntrospectionState {
     /// Every current row of a relation, sorted: what its storage collection holds once the
     /// differences drained so far are written.
     pub fn rows(&self, kind: IntrospectionKind) -> Vec<Row> {
-        let mut rows: Vec<Row> = if kind.is_per_collection() {
+        let mut rows: Vec<Row> = if kind == IntrospectionKind::WallclockLagHistory {
+            self.history_rows.values().cloned().collect()
+        } else if kind.is_per_collection() {
             self.collection_rows
                 .iter()
                 .filter(|((k, _, _), _)| *k == kind)
@@ -290,12 +422,12 @@ impl IntrospectionState {
 
     /// The number of current rows.
     pub fn len(&self) -> usize {
-        self.rows.len() + self.collection_rows.len()
+        self.rows.len() + self.collection_rows.len() + self.history_rows.len()
     }
 
     /// Whether there are no rows.
     pub fn is_empty(&self) -> bool {
-        self.rows.is_empty() && self.collection_rows.is_empty()
+        self.rows.is_empty() && self.collection_rows.is_empty() && self.history_rows.is_empty()
     }
 }
 

@@ -93,7 +93,7 @@ pub(crate) async fn write_introspection(
                     if target.upper.is_none()
                         && let Err(error) = target.reconcile(&*storage, id).await
                     {
-                        warn!(%id, %error, "introspection collection unavailable");
+                        warn!(collection = %id, %error, "introspection collection unavailable");
                     }
                 }
                 let now = wallclock_ms();
@@ -141,7 +141,8 @@ pub(crate) async fn write_introspection(
                     }
                     Err(AppendError::UpperMismatch { id, .. }) => {
                         // Someone else wrote: reconcile that collection with what is there now.
-                        warn!(%id, "introspection collection written by someone else; reconciling");
+                        let why = "introspection collection written by someone else; reconciling";
+                        warn!(collection = %id, "{why}");
                         for (kind, target) in &mut targets {
                             if kind.default_id() == id {
                                 target.upper = None;

@@ -31,8 +31,10 @@
 //! `instance` ([`InstanceCore`] and the state it shares with the API, [`SharedState`]), `instance_task`
 //! (the tokio task around a core), `storage_watch` (storage frontiers for materialized views),
 //! `storage_peek` (peeks answered from storage), `introspection` and `introspection_writer`
-//! ([`IntrospectionKind`] relations and their writer), `as_of`, `orchestrator`, `response`
-//! ([`ComputeControllerResponse`]) and `error`.
+//! ([`IntrospectionKind`] relations and their writer), `metrics` ([`ControllerMetrics`], the Prometheus
+//! families, and each instance's [`InstanceMetrics`]), `status` (the answers of
+//! [`ComputeController::hydration_status`] and [`ComputeController::wallclock_lag`]), `as_of`,
+//! `orchestrator`, `response` ([`ComputeControllerResponse`]) and `error`.
 //!
 //! # Errors
 //!
@@ -40,7 +42,8 @@
 //! `tests/it/errors.rs`, the async API's in `tests/it/api_errors.rs`.
 //!
 //! **Tests.** `tests/it/` (one binary): the core driven by synthetic replica events (`chain`, `peeks`,
-//! `replicas`, `sinks`, `materialized_views`, `introspection`, `errors`) and the async controller against
+//! `replicas`, `sinks`, `materialized_views`, `introspection`, `metrics`, `errors`) and the async controller
+//! against
 //! real in-process replicas (`e2e`, `faults`, `orchestrators`, `api_errors`); unit tests beside
 //! `as_of` and `orchestrator`; benchmarks in `benches/controller.rs` (`cargo xtask bench controller`).
 
@@ -53,8 +56,10 @@ mod instance;
 mod instance_task;
 mod introspection;
 mod introspection_writer;
+mod metrics;
 mod orchestrator;
 mod response;
+mod status;
 mod storage_peek;
 mod storage_watch;
 
@@ -63,17 +68,19 @@ pub use as_of::{AsOfSelectionError, ImportFrontiers, select_as_of};
 pub use clock::{Timestamp, wallclock_ms};
 pub use config::{ComputeInstanceConfig, ControllerConfig, ReplicaLocation};
 pub use error::{
-    CancelPeekError, CollectionDropError, CollectionLookupError, CollectionMissing, DataflowCreationError,
-    InstanceCreationError, InstanceDropError, InstanceMissing, PeekError, PeekFailure, ReadPolicyError,
-    ReplicaCreationError, ReplicaDropError,
+    CancelPeekError, CollectionDropError, CollectionLookupError, CollectionMissing, CollectionStatusError,
+    DataflowCreationError, InstanceCreationError, InstanceDropError, InstanceMissing, PeekError, PeekFailure,
+    ReadPolicyError, ReplicaCreationError, ReplicaDropError,
 };
 pub use instance::{
     CollectionFrontiers, CollectionKind, InstanceCore, InstanceCoreConfig, InstanceOutput, PeekOptions,
     PeekRequest, PreparedPeek, SharedHandle, SharedState, lock,
 };
-pub use introspection::{IntrospectionKind, IntrospectionState, peek_duration_bucket_ms};
+pub use introspection::{IntrospectionKind, IntrospectionState, ReplicaHealth, peek_duration_bucket_ms};
+pub use metrics::{ControllerMetrics, InstanceMetrics, PeekRecorder};
 pub use orchestrator::{
     InProcessOrchestrator, Launcher, Orchestrator, ProcessEvent, ProcessOrchestrator,
     ProcessOrchestratorConfig, ReplicaSpec, RunningReplica,
 };
 pub use response::{ComputeControllerResponse, PeekNotification, PeekOutcome, PeekResult};
+pub use status::{LagMinute, ReplicaHydration, ReplicaLag};

@@ -203,12 +203,17 @@ pub struct ProcessOrchestratorConfig {
     pub env: Vec<(String, String)>,
     /// Where the children's stderr goes (inherited when `None`).
     pub log_dir: Option<PathBuf>,
+    /// Whether every replica process serves its metrics (`compute-replica --metrics-addr`), each on a
+    /// loopback port of its own that it keeps across restarts ([`ProcessOrchestrator::metrics_addresses`]).
+    pub metrics: bool,
 }
 
 struct ManagedReplica {
     spec: ReplicaSpec,
     controller_ports: Vec<u16>,
     timely_ports: Vec<u16>,
+    /// One per process when the orchestrator serves metrics, else empty.
+    metrics_ports: Vec<u16>,
     children: Vec<Child>,
     /// Crashes (and failed restarts) in a row; see [`next_failures`].
     failures: u32,
@@ -261,6 +266,9 @@ fn spawn_processes(
             .stdout(Stdio::null());
         if replica.spec.processes > 1 {
             command.arg("--process").arg(process.to_string()).arg("--addresses").arg(timely.join(","));
+        }
+        if let Some(port) = replica.metrics_ports.get(process) {
+            command.arg("--metrics-addr").arg(format!("127.0.0.1:{port}"));
         }
         for (key, value) in &config.env {
             command.env(key, value);
@@ -394,6 +402,19 @@ impl ProcessOrchestrator {
             .map(|m| m.children.iter().map(Child::id).collect())
             .unwrap_or_default()
     }
+
+    /// Where each process of a replica serves its metrics (`http://ADDR/metrics`), in process order; empty
+    /// if the orchestrator serves none ([`ProcessOrchestratorConfig::metrics`]) or does not run the replica.
+    pub fn metrics_addresses(&self, instance: InstanceId, replica: ReplicaId) -> Vec<std::net::SocketAddr> {
+        self.replicas
+            .lock()
+            .expect("orchestrator lock")
+            .get(&(instance, replica))
+            .map(|m| {
+                m.metrics_ports.iter().map(|p| std::net::SocketAddr::from(([127, 0, 0, 1], *p))).collect()
+            })
+            .unwrap_or_default()
+    }
 }
 
 /// The count of failures in a row once a replica whose processes ran for `ran_for_ms` since their last
@@ -422,12 +443,16 @@ impl Orchestrator for ProcessOrchestrator {
             if spec.processes == 0 || spec.workers == 0 {
                 return Err("a replica needs at least one process and one worker".to_string());
             }
-            let mut controller_ports = free_ports(2 * spec.processes)?;
-            let timely_ports = controller_ports.split_off(spec.processes);
+            // All probed together, so all distinct (see `free_ports`).
+            let with_metrics = if self.config.metrics { 3 } else { 2 };
+            let mut controller_ports = free_ports(with_metrics * spec.processes)?;
+            let mut timely_ports = controller_ports.split_off(spec.processes);
+            let metrics_ports = timely_ports.split_off(spec.processes);
             let mut managed = ManagedReplica {
                 spec: spec.clone(),
                 controller_ports,
                 timely_ports,
+                metrics_ports,
                 children: Vec::new(),
                 failures: 0,
                 started_at: std::time::Instant::now(),
@@ -487,6 +512,7 @@ mod tests {
             max_backoff_ms,
             env: Vec::new(),
             log_dir: None,
+            metrics: false,
         }
     }
 

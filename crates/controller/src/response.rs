@@ -2,7 +2,7 @@
 //! [`PeekNotification`], and a peek's result ([`PeekResult`]).
 //!
 //! **Tests:** `tests/it/peeks.rs` (notifications and results), `tests/it/errors.rs` (every
-//! [`PeekFailure`] and `CommandRejected`), `tests/it/sinks.rs` (subscribe and copy-to responses).
+//! [`PeekFailure`], `CommandRejected` and `ExportFailed`), `tests/it/sinks.rs` (subscribe and copy-to responses).
 
 use std::num::NonZeroU64;
 
@@ -57,6 +57,22 @@ pub enum ComputeControllerResponse<T: Timestamp = u64> {
         command: String,
         /// The replica's reason.
         reason: String,
+    },
+    /// A replica reported that an export can make no more progress there
+    /// (`StatusResponse::Failed`): a materialized view that cannot write its target (dropped, rows that
+    /// do not match it, a multiplicity beyond `i64`, errors in its data), or an index or view whose
+    /// storage import failed. Its upper stops where it is on that replica; retrying would not help, so
+    /// the replica stays connected and the user hears why (and may drop the export). A reconnect
+    /// rebuilds the export and reports again if the cause persists.
+    ExportFailed {
+        /// The instance.
+        instance: InstanceId,
+        /// The replica.
+        replica: ReplicaId,
+        /// The export.
+        id: GlobalId,
+        /// The replica's reason.
+        error: String,
     },
 }
 

@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 use std::num::NonZeroU64;
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -24,6 +24,7 @@ use crate::clock::{Timestamp, wallclock_ms};
 use crate::error::PeekFailure;
 use crate::instance::PeekOptions;
 use crate::instance_task::{StoragePeeks, StoragePeeksMap};
+use crate::metrics::PeekRecorder;
 use crate::response::{ComputeControllerResponse, PeekNotification, PeekOutcome, PeekResult};
 
 /// A storage peek that passed the API's checks and holds its collection at its time.
@@ -38,6 +39,8 @@ pub(crate) struct StoragePeek {
     pub(crate) options: PeekOptions,
     pub(crate) hold: StorageReadHold,
     pub(crate) started_ms: u64,
+    /// The instance's peek metrics and when the caller asked, if durations are measured.
+    pub(crate) recorder: Option<(PeekRecorder, Instant)>,
 }
 
 /// Answers a storage peek: the snapshot, unless `cancel` fires or the timeout passes first. Then
@@ -54,7 +57,7 @@ pub(crate) async fn run_storage_peek(
     responses: mpsc::UnboundedSender<ComputeControllerResponse>,
     result_tx: oneshot::Sender<PeekResult>,
 ) {
-    let StoragePeek { uuid, instance, id, timestamp, timeout_ms, options, hold, started_ms } = peek;
+    let StoragePeek { uuid, instance, id, timestamp, timeout_ms, options, hold, started_ms, recorder } = peek;
     let outcome = tokio::select! {
         biased;
         signal = &mut cancel => match signal {
@@ -75,6 +78,9 @@ pub(crate) async fn run_storage_peek(
         },
     };
     drop(hold);
+    if let Some((recorder, started)) = recorder {
+        recorder.record(&result, started.elapsed());
+    }
     let _ = responses.send(ComputeControllerResponse::PeekNotification(PeekNotification {
         uuid,
         instance,

@@ -341,6 +341,8 @@ pub fn response() -> impl Strategy<Value = ComputeResponse<u64>> {
             .prop_map(|(id, response)| ComputeResponse::CopyToResponse { id, response }),
         (global_id(), any::<bool>())
             .prop_map(|(id, hydrated)| ComputeResponse::Status(StatusResponse::Hydration { id, hydrated })),
+        (global_id(), ".{0,20}")
+            .prop_map(|(id, error)| ComputeResponse::Status(StatusResponse::Failed { id, error })),
         (".{0,10}", ".{0,20}")
             .prop_map(|(command, reason)| ComputeResponse::CommandRejected { command, reason }),
     ]

@@ -16,10 +16,10 @@ use crate::peek::Peek;
 ///
 /// Version 3: `InstanceConfig` lost its `logging` (a status interval no replica honoured); oversized
 /// responses have their documented stand-ins (`ComputeResponse`'s documentation).
+/// Version 4: `StatusResponse::Failed`, an export that can make no more progress and why.
 ///
 /// Version 5: datums for exact decimals, dates and intervals, and the scalar functions, casts, `count(*)`
-/// and `avg` of the TPC-H slice (issue 23). (Version 4 is another branch's `Hello` change; numbers are
-/// settled when the branches meet.)
+/// and `avg` of the TPC-H slice (issue 23). (Numbers are settled when the branches meet.)
 pub const PROTOCOL_VERSION: u32 = 5;
 
 /// A command from the controller to a replica process.
@@ -45,7 +45,9 @@ pub enum ComputeCommand<T = u64> {
     /// Ends the replay of the command history that follows `CreateInstance`.
     ///
     /// *Obligation:* reconcile: keep every dataflow identical to one already running (no rehydration),
-    /// drop the rest of what the previous connection installed, build what is new. Peeks pending from the
+    /// drop the rest of what the previous connection installed, build what is new. A replayed as-of may
+    /// be later than the running dataflow's; the controller holds the imports only from the replayed one,
+    /// so a dataflow that has not yet started reading them (never scheduled) is rebuilt, not kept. Peeks pending from the
     /// previous connection are forgotten (their controller re-sends the ones it still wants).
     InitializationComplete,
     /// Changes tunables. Unset fields leave the current value.

@@ -62,8 +62,8 @@ pub enum ComputeResponse<T = u64> {
         /// The result (this process's share of the row count).
         response: CopyToResponse,
     },
-    /// Hydration status of an export. Only hydration: the replica reports no operator-level status
-    /// (timely's operator logging is not collected).
+    /// The status of an export: its hydration, or its failure (see [`StatusResponse`]). No
+    /// operator-level status: timely's operator logging is not collected.
     Status(StatusResponse),
     /// A command the replica could not accept (a dataflow that fails validation, a command in the wrong
     /// stage, an unknown id). The replica keeps serving everything else.
@@ -214,7 +214,8 @@ pub enum CopyToResponse {
     Dropped,
 }
 
-/// Status of an export: its hydration, nothing else (no operator status is collected or sent).
+/// Status of an export: its hydration, or why it can make no more progress (no operator status is
+/// collected or sent).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum StatusResponse {
     /// An export finished hydrating (its upper passed the dataflow's as-of), or started over.
@@ -223,5 +224,23 @@ pub enum StatusResponse {
         id: GlobalId,
         /// Whether it is hydrated.
         hydrated: bool,
+    },
+    /// The export can make no more progress on this replica, for a reason retrying will not cure: a
+    /// materialized view that cannot write to its target (the target was dropped, a row does not match
+    /// its description, storage refused the append, a multiplicity left `i64`, the view's data has
+    /// errors), or an index or materialized view whose storage import can no longer be read. Its
+    /// upper stays where it is (its peeks, if an index, are answered with the error).
+    ///
+    /// *Sender:* at most once per export per connection, from each process that saw it, only after
+    /// `InitializationComplete`; a transient failure (storage unreachable) is retried with a bounded
+    /// backoff instead. On the next connection the replica rebuilds the export's dataflow rather than
+    /// keep it (reconciliation), so the failure is reported again if it persists. Subscribes and
+    /// copy-tos report their failures in their own responses instead. *Receiver:* the replica stays
+    /// connected (a reconnect would not help); tell the user, who may drop the export.
+    Failed {
+        /// The export.
+        id: GlobalId,
+        /// Why, for people.
+        error: String,
     },
 }

@@ -1,9 +1,16 @@
 //! [`ReplicaClient`]: the tokio shell around a [`ReplicaCore`].
 //!
-//! One task per replica owns the core. It turns the core's outputs into I/O (TCP connections to every
+//! One task per replica drives the core. It turns the core's outputs into I/O (TCP connections to every
 //! process, one writer and one reader task per process) and I/O back into core inputs; it reads the clock
 //! and draws the backoff jitter, which the core itself never does. Everything the owner needs comes out of
 //! the `events` channel as [`ReplicaEvent`]s tagged with the replica id.
+//!
+//! **Commands the history refuses.** [`ReplicaClient::send`] hands a command to the core on the
+//! caller's thread (the core sits behind a mutex the task shares, held only for the core's own
+//! synchronous calls), so a command the [`CommandHistory`] refuses (a duplicate peek id, an export that
+//! exists, an unknown collection, a compaction that moves back) comes back as
+//! [`SendError::Rejected`] before anything is recorded or sent; the task is then woken to carry out
+//! what the core asked for.
 //!
 //! Frames go through `transport` ([`FramedRead`], [`FramedWrite`]) with the configured frame limit. A
 //! command is encoded once per send and written to every process.
@@ -19,13 +26,13 @@
 //! **Tests:** `tests/it/sockets.rs` runs it against fake replica processes over real sockets (restart,
 //! version mismatch, garbage, a command over the frame limit).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
-use tracing::{Instrument, debug, error, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 use transport::{Frame, FramedRead, FramedWrite};
 
 use frontiers::Timestamp;
@@ -33,7 +40,7 @@ use protocol::frame::{DEFAULT_MAX_FRAME_BYTES, FrameError, encoded_len};
 use protocol::{ComputeCommand, ComputeResponse, ReplicaId};
 
 use crate::core::{ReplicaCore, ReplicaCoreConfig, ReplicaOutput, ReplicaStatus};
-use crate::history::CommandHistory;
+use crate::history::{CommandHistory, HistoryError};
 
 /// How to reach a replica.
 #[derive(Debug, Clone)]
@@ -125,10 +132,22 @@ pub enum SendError {
     /// The command does not fit a frame; nothing was recorded or sent.
     #[error(transparent)]
     TooLarge(#[from] CommandTooLarge),
+    /// The command history refuses the command (it contradicts what was sent before: a bug in the
+    /// sender); nothing was recorded or sent.
+    #[error("the replica's command history refuses it: {0}")]
+    Rejected(#[from] HistoryError),
+}
+
+/// The core, shared by the handle (which hands it commands) and the task (which drives it).
+type SharedCore<T> = Arc<Mutex<ReplicaCore<T>>>;
+
+/// Locks the core. A panic inside the core (a broken invariant) ends the task, so a poisoned lock is
+/// only ever seen by a handle whose task is gone; it reports that rather than panic the owner.
+fn lock<T: Timestamp>(core: &Mutex<ReplicaCore<T>>) -> MutexGuard<'_, ReplicaCore<T>> {
+    core.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 enum Input<T: Timestamp> {
-    Command(ComputeCommand<T>),
     Disconnect(String),
     Connected { epoch: u64, streams: Vec<TcpStream> },
     ConnectFailed { epoch: u64, reason: String },
@@ -140,6 +159,9 @@ enum Input<T: Timestamp> {
 pub struct ReplicaClient<T: Timestamp> {
     replica_id: ReplicaId,
     max_frame_bytes: usize,
+    core: SharedCore<T>,
+    /// Wakes the task when `send` gave the core something to do.
+    wake: Arc<Notify>,
     inputs: mpsc::UnboundedSender<Input<T>>,
     task: JoinHandle<()>,
 }
@@ -147,7 +169,6 @@ pub struct ReplicaClient<T: Timestamp> {
 impl<T: Timestamp> std::fmt::Debug for Input<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Input::Command(c) => write!(f, "Command({})", c.name()),
             Input::Disconnect(reason) => write!(f, "Disconnect({reason})"),
             Input::Connected { epoch, .. } => write!(f, "Connected({epoch})"),
             Input::ConnectFailed { epoch, reason } => write!(f, "ConnectFailed({epoch}, {reason})"),
@@ -169,9 +190,12 @@ impl<T: Timestamp> ReplicaClient<T> {
         // Unbounded: what the owner sends is bounded by what it decided to send (and recorded in its own
         // history); responses are bounded by what the replica answers to it.
         let (inputs, rx) = mpsc::unbounded_channel();
+        let core = Arc::new(Mutex::new(ReplicaCore::new(config.core.clone(), history)));
+        let wake = Arc::new(Notify::new());
         let span = info_span!("replica", %replica_id);
-        let task = tokio::spawn(run(config, history, rx, inputs.clone(), events).instrument(span));
-        ReplicaClient { replica_id, max_frame_bytes, inputs, task }
+        let shared = Shared { core: Arc::clone(&core), wake: Arc::clone(&wake) };
+        let task = tokio::spawn(run(config, shared, rx, inputs.clone(), events).instrument(span));
+        ReplicaClient { replica_id, max_frame_bytes, core, wake, inputs, task }
     }
 
     /// The replica's id.
@@ -180,10 +204,15 @@ impl<T: Timestamp> ReplicaClient<T> {
     }
 
     /// Sends a command (recorded in the history; forwarded when connected). A command that does not fit
-    /// a frame ([`check_command_size`]) is refused and neither recorded nor sent.
+    /// a frame ([`check_command_size`]) or that the history refuses ([`SendError::Rejected`]) is
+    /// neither recorded nor sent.
     pub fn send(&self, command: ComputeCommand<T>) -> Result<(), SendError> {
         check_command_size(&command, self.max_frame_bytes)?;
-        self.inputs.send(Input::Command(command)).map_err(|_| ClientGone(self.replica_id))?;
+        if self.inputs.is_closed() {
+            return Err(ClientGone(self.replica_id).into());
+        }
+        lock(&self.core).send(command)?;
+        self.wake.notify_one();
         Ok(())
     }
 
@@ -244,9 +273,15 @@ fn jitter_source(replica_id: ReplicaId) -> impl FnMut() -> f64 {
     }
 }
 
+/// What the task shares with the handle: the core and the handle's wake-up.
+struct Shared<T: Timestamp> {
+    core: SharedCore<T>,
+    wake: Arc<Notify>,
+}
+
 async fn run<T: Timestamp>(
     config: ReplicaClientConfig,
-    history: CommandHistory<T>,
+    shared: Shared<T>,
     mut rx: mpsc::UnboundedReceiver<Input<T>>,
     inputs: mpsc::UnboundedSender<Input<T>>,
     events: mpsc::UnboundedSender<(ReplicaId, ReplicaEvent<T>)>,
@@ -254,11 +289,15 @@ async fn run<T: Timestamp>(
     let replica_id = config.core.replica_id;
     let mut now = clock();
     let mut jitter = jitter_source(replica_id);
-    let mut core = ReplicaCore::new(config.core.clone(), history);
+    let Shared { core, wake } = shared;
     let mut connection: Option<Connection> = None;
-    core.tick(now());
+    lock(&core).tick(now());
     loop {
-        while let Some(output) = core.poll() {
+        let outputs: Vec<ReplicaOutput<T>> = {
+            let mut core = lock(&core);
+            std::iter::from_fn(|| core.poll()).collect()
+        };
+        for output in outputs {
             match output {
                 ReplicaOutput::Connect { epoch } => {
                     connection = None;
@@ -311,27 +350,20 @@ async fn run<T: Timestamp>(
                 }
             }
         }
-        let timer = core.next_timer_ms().map(|at| at.saturating_sub(now()));
-        let input = match timer {
-            Some(delay_ms) => {
-                tokio::select! {
-                    input = rx.recv() => input,
-                    _ = tokio::time::sleep(Duration::from_millis(delay_ms)) => {
-                        core.tick(now());
-                        continue;
-                    }
-                }
+        let timer = lock(&core).next_timer_ms().map(|at| at.saturating_sub(now()));
+        let input = tokio::select! {
+            input = rx.recv() => input,
+            // `send` handed the core a command: carry out its outputs.
+            () = wake.notified() => continue,
+            () = tokio::time::sleep(Duration::from_millis(timer.unwrap_or(0))), if timer.is_some() => {
+                lock(&core).tick(now());
+                continue;
             }
-            None => rx.recv().await,
         };
         let Some(input) = input else { return };
+        let mut locked = lock(&core);
+        let core = &mut *locked;
         match input {
-            Input::Command(command) => {
-                let name = command.name();
-                if let Err(e) = core.send(command) {
-                    error!(command = name, error = %e, "controller sent a command the history rejects");
-                }
-            }
             Input::Disconnect(reason) => core.disconnect(now(), &reason, jitter()),
             Input::Connected { epoch, streams } => {
                 if epoch != core.epoch() {

@@ -474,7 +474,9 @@ fn response_collection<T>(response: &ComputeResponse<T>) -> Option<GlobalId> {
         ComputeResponse::Frontiers { id, .. }
         | ComputeResponse::SubscribeResponse { id, .. }
         | ComputeResponse::CopyToResponse { id, .. }
-        | ComputeResponse::Status(StatusResponse::Hydration { id, .. }) => Some(*id),
+        | ComputeResponse::Status(StatusResponse::Hydration { id, .. } | StatusResponse::Failed { id, .. }) => {
+            Some(*id)
+        }
         ComputeResponse::Hello { .. }
         | ComputeResponse::HelloRefused { .. }
         | ComputeResponse::PeekResponse { .. }

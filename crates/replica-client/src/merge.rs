@@ -10,14 +10,16 @@
 //!   has reached `upper` (the meet of their uppers), so each time range is complete when emitted;
 //!   `DroppedAt` once every process has dropped it; an error batch from any process at once;
 //! - **copy-to**: row counts summed once all processes answered (any error or drop wins);
-//! - **hydration status**: hydrated once every process says so.
+//! - **hydration status**: hydrated once every process says so;
+//! - **failure status** (`StatusResponse::Failed`): the first process's at once (an export that cannot
+//!   progress on one process cannot progress on the replica), later ones for the same export dropped.
 //!
 //! State is per connection: [`ResponseMerger::reset`] forgets everything (frontiers are never carried
 //! across connections).
 //!
 //! **Tests:** unit tests below; `tests/it/core.rs` drives two processes answering a peek in either order.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use frontiers::antichain::meet_all;
 use frontiers::{Antichain, PartialOrder, Timestamp};
@@ -108,6 +110,8 @@ pub struct ResponseMerger<T: Timestamp> {
     subscribes: BTreeMap<GlobalId, SubscribeState<T>>,
     copy_tos: BTreeMap<GlobalId, Vec<Option<CopyToResponse>>>,
     hydration: BTreeMap<GlobalId, (Vec<Option<bool>>, Option<bool>)>,
+    /// Exports whose failure was emitted.
+    failed: BTreeSet<GlobalId>,
 }
 
 impl<T: Timestamp> ResponseMerger<T> {
@@ -121,6 +125,7 @@ impl<T: Timestamp> ResponseMerger<T> {
             subscribes: BTreeMap::new(),
             copy_tos: BTreeMap::new(),
             hydration: BTreeMap::new(),
+            failed: BTreeSet::new(),
         }
     }
 
@@ -140,6 +145,7 @@ impl<T: Timestamp> ResponseMerger<T> {
         self.subscribes.remove(&id);
         self.copy_tos.remove(&id);
         self.hydration.remove(&id);
+        self.failed.remove(&id);
     }
 
     /// Takes one process's response; returns the merged responses it completes.
@@ -300,6 +306,11 @@ impl<T: Timestamp> ResponseMerger<T> {
                     }
                 }
             }
+            ComputeResponse::Status(StatusResponse::Failed { id, error }) => {
+                if self.failed.insert(id) {
+                    out.push(ComputeResponse::Status(StatusResponse::Failed { id, error }));
+                }
+            }
             other @ (ComputeResponse::CommandRejected { .. }
             | ComputeResponse::Hello { .. }
             | ComputeResponse::HelloRefused { .. }) => out.push(other),
@@ -369,6 +380,31 @@ mod tests {
         assert_eq!(merger.receive(1, write(1, 3)).unwrap(), vec![write(1, 3)]);
         assert!(merger.receive(0, write(1, 7)).unwrap().is_empty(), "meet unchanged");
         assert_eq!(merger.receive(1, write(1, 9)).unwrap(), vec![write(1, 7)]);
+    }
+
+    #[test]
+    fn an_exports_failure_is_forwarded_from_the_first_process_once_per_connection() {
+        let failed = |id: u64, error: &str| {
+            ComputeResponse::<u64>::Status(StatusResponse::Failed {
+                id: GlobalId::User(id),
+                error: error.to_string(),
+            })
+        };
+        let mut merger = ResponseMerger::<u64>::new(2);
+        assert_eq!(
+            merger.receive(1, failed(1, "target dropped")).unwrap(),
+            vec![failed(1, "target dropped")]
+        );
+        assert!(merger.receive(0, failed(1, "target dropped")).unwrap().is_empty(), "once");
+        assert_eq!(merger.receive(0, failed(2, "import failed")).unwrap(), vec![failed(2, "import failed")]);
+        merger.reset();
+        assert_eq!(
+            merger.receive(0, failed(1, "again")).unwrap(),
+            vec![failed(1, "again")],
+            "per connection"
+        );
+        merger.forget_collection(GlobalId::User(1));
+        assert_eq!(merger.receive(1, failed(1, "rebuilt")).unwrap(), vec![failed(1, "rebuilt")]);
     }
 
     #[test]

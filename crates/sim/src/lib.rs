@@ -7,6 +7,8 @@
 //! - [`cluster`]: the cluster scenario (`sim cluster`, the README's main command): the storage server and
 //!   compute replicas as real processes on loopback, the controller in this process, a generated
 //!   workload, a replica crash and a dataflow recreation, every result checked against an oracle.
+//! - [`tools`]: Prometheus' `promtool` and headless Chromium, checking the metrics every process serves
+//!   and the report page `sim cluster --report` writes (`sim check-report DIR`).
 //!
 //! **What this is not.** A library anyone depends on (the tidy check keeps it at the top of the graph).
 //! `anyhow` is allowed here.
@@ -15,3 +17,4 @@
 
 pub mod cluster;
 pub mod simulation;
+pub mod tools;

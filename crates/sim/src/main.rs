@@ -1,5 +1,6 @@
 //! The `sim` binary: `sim simulate --seed S | --seeds A..B` (deterministic simulation; what
-//! `cargo xtask sim` runs) and `sim cluster` (the end-to-end scenario on real processes).
+//! `cargo xtask sim` runs), `sim cluster` (the end-to-end scenario on real processes) and
+//! `sim check-report DIR` (promtool and Chromium on what `sim cluster --report DIR` wrote; `sim::tools`).
 //!
 //! `simulate` prints the seed (or range) first, a line per failing seed with its violation's kind, and
 //! last a machine-readable line `summary {json}` (see [`summary`]) that `cargo xtask` checks: how many
@@ -262,9 +263,17 @@ fn main() -> anyhow::Result<ExitCode> {
     match args.first().map(String::as_str) {
         Some("simulate") => simulate(&args[1..]),
         Some("cluster") => sim::cluster::run(sim::cluster::ClusterArgs::parse(&args[1..])?),
+        Some("check-report") => {
+            let [dir] = &args[1..] else { bail!("usage: sim check-report DIR") };
+            for line in sim::tools::check_report(std::path::Path::new(dir))? {
+                println!("{line}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         _ => {
             println!(
-                "usage: sim simulate (--seed S | --seeds A..B) | sim cluster [options; see sim cluster --help]"
+                "usage: sim simulate (--seed S | --seeds A..B) | sim cluster [options; see sim cluster --help] \
+                 | sim check-report DIR"
             );
             Ok(ExitCode::FAILURE)
         }

@@ -16,7 +16,8 @@
 //! The storage server's layers, bottom up: [`core`] (synchronous, deterministic, I/O-free: the simulator
 //! drives it directly), [`durable`] (write-ahead log, checkpoints, recovery), [`InProcess`] (the async shell,
 //! with a pipelined group-committer and syncer thread), [`Server`] / [`Client`] ([`wire`] protocol over
-//! `protocol::frame` frames); and [`TableWriter`] (a service's `INSERT` at clock timestamps, on any engine).
+//! `protocol::frame` frames); and [`TableWriter`] (a service's `INSERT` at clock timestamps, on any engine). [`StorageMetrics`] is
+//! the engine's Prometheus families (see `metrics.rs` for which engine updates them).
 //!
 //! **What this is not.** Nothing here knows compute or the controller.
 //!
@@ -50,6 +51,7 @@ mod error;
 pub mod external;
 mod inprocess;
 mod listen;
+mod metrics;
 mod server;
 #[cfg(feature = "services")]
 pub mod services;
@@ -66,6 +68,7 @@ pub use client::{Client, ClientConfig, ConnectError, MIN_FRAME_BYTES};
 pub use error::{AppendError, CreateError, DropError, HoldError, ReadError};
 pub use inprocess::{CheckpointError, InProcess, StoreConfig};
 pub use listen::{FrontierWatch, Listen};
+pub use metrics::{AppendOutcome, BlobOp, ConsensusOp, LeaseKind, StorageMetrics};
 pub use server::Server;
 pub use session::HoldSession;
 pub use shard::{ShardCollections, ShardConfig, ShardOpenError, ShardStats};

@@ -147,6 +147,7 @@ impl Runner {
                     max_backoff_ms: 1_000,
                     env: vec![("RUST_LOG".to_string(), "warn".to_string())],
                     log_dir: None,
+                    metrics: false,
                 });
                 let orchestrator = Arc::new(orchestrator);
                 let replica =

@@ -541,3 +541,52 @@ fn a_materialized_view_created_after_allow_writes_writes() {
     assert_eq!(snapshot, consolidate([(int_row(&[1, 1]), 1)]));
     controller.close();
 }
+
+/// A materialized view whose target is dropped can never write again: the replica says so
+/// (`StatusResponse::Failed`, naming the view and why) instead of only stopping its upper, and a new
+/// connection's replay rebuilds the view rather than keep the failed one, which then refuses the
+/// missing target.
+#[test]
+fn a_materialized_view_whose_target_is_dropped_reports_itself_failed_and_is_rebuilt_on_reconnect() {
+    let storage = new_storage();
+    let (source, target, view) = (GlobalId::User(1), GlobalId::User(2), GlobalId::User(3));
+    create_collection(&storage, source, kv_desc());
+    create_collection(&storage, target, kv_desc());
+    let replica = Replica::start(Shape::OneWorker, storage.clone());
+    let mut controller = TestController::connect(&replica.addrs());
+    controller.send(ComputeCommand::AllowWrites);
+    let df =
+        sink_dataflow("mv", source, Plan::get(source), view, SinkConnection::MaterializedView { target }, 0);
+    controller.create_dataflow(df.clone());
+    append(&storage, source, vec![(int_row(&[1, 1]), 0, 1)], 3);
+    wait_storage_upper_beyond(&storage, target, 2);
+    assert!(!block_on(storage.frontiers(target)).expect("frontiers").upper.less_equal(&2), "the view writes");
+
+    block_on(storage.drop_collection(target)).expect("drop the target");
+    append(&storage, source, vec![(int_row(&[2, 2]), 3, 1)], 5);
+    controller.wait_until("the view's failure", |c| {
+        c.other.iter().any(
+            |(_, r)| matches!(r, ComputeResponse::Status(StatusResponse::Failed { id, .. }) if *id == view),
+        )
+    });
+    let failures: Vec<&String> = controller
+        .other
+        .iter()
+        .filter_map(|(_, r)| match r {
+            ComputeResponse::Status(StatusResponse::Failed { id, error }) if *id == view => Some(error),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(failures.len(), 1, "reported once: {failures:?}");
+    assert!(failures[0].contains("target u2 was dropped"), "{}", failures[0]);
+    controller.close();
+
+    // Not kept: rebuilt from the replay, whose creation is refused (the target is gone).
+    let replay =
+        vec![ComputeCommand::AllowWrites, ComputeCommand::CreateDataflow(df), ComputeCommand::Schedule(view)];
+    let mut second = TestController::connect_with_replay(&replica.addrs(), replay);
+    second.wait_until("the replayed view's refusal", |c| {
+        c.other.iter().any(|(_, r)| matches!(r, ComputeResponse::CommandRejected { command, reason } if command == "CreateDataflow" && reason.contains("u2")))
+    });
+    second.close();
+}

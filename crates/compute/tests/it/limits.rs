@@ -1,7 +1,7 @@
 //! Limits on the wire: a peek result over the frame limit is answered `ResultTooLarge`, a subscribe batch
 //! over it ends the subscribe with an error, a controller that does not read its responses is dropped once
 //! more than the queue limit waits, a dataflow whose storage import fails answers with the error instead
-//! of leaving its readers waiting, and `UpdateConfiguration.idle_merge_effort` is applied.
+//! of leaving its readers waiting (and reports its index and view failed), and `UpdateConfiguration.idle_merge_effort` is applied.
 
 use std::io::ErrorKind;
 use std::sync::Arc;
@@ -12,7 +12,7 @@ use protocol::frame::{DEFAULT_MAX_FRAME_BYTES, FrameError, read_frame, write_fra
 use protocol::{
     ComputeCommand, ComputeParameters, ComputeResponse, GlobalId, InstanceConfig, InstanceId,
     MapFilterProject, PROTOCOL_VERSION, Peek, PeekId, PeekResponse, PeekTarget, Plan, ReplicaId,
-    RowSetFinishing, SinkConnection, SubscribeResponse,
+    RowSetFinishing, SinkConnection, StatusResponse, SubscribeResponse,
 };
 use storage::{InProcess, StorageCollections};
 
@@ -185,10 +185,13 @@ fn update_configuration_sets_the_idle_merge_effort_every_arrangement_reads() {
 }
 
 #[test]
-fn a_dataflow_whose_storage_import_fails_answers_its_peeks_and_subscribes_with_the_error() {
+fn a_dataflow_whose_storage_import_fails_answers_its_peeks_and_subscribes_with_the_error_and_reports_its_index_and_view_failed()
+ {
     let (inner, source) = source_with_rows(10);
     let failing = GlobalId::User(2);
     create_collection(&inner, failing, kv_desc());
+    let (view, target) = (GlobalId::User(40), GlobalId::User(41));
+    create_collection(&inner, target, kv_desc());
     let storage = Arc::new(FaultyStorage { inner, panics: None, listen_fails: Some(failing) });
     let replica = Replica::start(Shape::TwoWorkers, storage);
     let mut controller = TestController::connect(&replica.addrs());
@@ -203,6 +206,8 @@ fn a_dataflow_whose_storage_import_fails_answers_its_peeks_and_subscribes_with_t
         connection,
         0,
     ));
+    let connection = SinkConnection::MaterializedView { target };
+    controller.create_dataflow(sink_dataflow("view", failing, Plan::get(failing), view, connection, 0));
     controller.create_dataflow(index_dataflow("healthy", source, Plan::get(source), healthy, vec![0], 0));
     match controller.peek(PeekTarget::Index { id: index }, 0, None, 2) {
         PeekResponse::Error(error) => assert!(error.contains("stopped") && error.contains("u2"), "{error}"),
@@ -215,6 +220,15 @@ fn a_dataflow_whose_storage_import_fails_answers_its_peeks_and_subscribes_with_t
             assert!(batch.updates.as_ref().expect_err("an error").contains("u2"));
         }
         other => panic!("expected one error batch, got {other:?}"),
+    }
+    // The index and the view, whose uppers stop, are reported failed with the import's error.
+    for export in [index, view] {
+        controller.wait_until(&format!("{export} reported failed"), |c| {
+            c.other.iter().any(|(_, r)| {
+                matches!(r, ComputeResponse::Status(StatusResponse::Failed { id, error })
+                    if *id == export && error.contains("u2"))
+            })
+        });
     }
     // Other dataflows are not affected.
     assert_eq!(rows_of(controller.peek(PeekTarget::Index { id: healthy }, 0, None, 2)).len(), 10);

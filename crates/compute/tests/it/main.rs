@@ -7,7 +7,7 @@
 //! (reconciliation without rehydration, and many reconnects rebuilding dataflows), `bad_input` (wrong
 //! stages, garbage, unknown ids, peeks before the since), `limits` (responses over the frame limit, a
 //! controller that does not read), `cluster` (multi-process start-up and failure: strangers on a cluster
-//! port, a taken port, a missing peer, a loop of start-ups, an I/O thread that panics). Proptest case counts come from `PROPTEST_CASES` (see `harness::proptest_cases`).
+//! port, a taken port, a missing peer, a loop of start-ups, an I/O thread that panics), `metrics` (the replica's Prometheus metrics). Proptest case counts come from `PROPTEST_CASES` (see `harness::proptest_cases`).
 
 // Tests wait for answers with wall-clock timeouts; they are not simulated code.
 #![allow(clippy::disallowed_methods)]
@@ -17,6 +17,7 @@ mod cluster;
 mod exports;
 mod harness;
 mod limits;
+mod metrics;
 mod operators;
 mod reconnect;
 mod sqlite;

@@ -214,3 +214,61 @@ fn many_reconnects_that_rebuild_dataflows_never_mix_reports_of_the_old_dataflow_
         assert!(replica.processes.iter().all(|p| p.failure().is_none()), "{shape:?}: no process failed");
     }
 }
+
+/// A dataflow created and never scheduled (the controller's hydration gate held its `Schedule` back)
+/// holds nothing in storage. When a new connection replays it at a later as-of, after storage compacted
+/// past its first one, the replica rebuilds it at the replayed as-of instead of keeping it with its
+/// earlier one, whose storage hold would fail once it is scheduled: it hydrates and answers. (Kept, it
+/// answered every peek with "cannot hold storage import ... its since is ...".)
+#[test]
+fn a_dataflow_never_scheduled_is_rebuilt_at_the_replayed_as_of_once_storage_compacted_past_its_first() {
+    use frontiers::ReadPolicy;
+    use storage::StorageCollections;
+
+    use crate::harness::block_on;
+
+    for shape in [Shape::OneWorker, Shape::TwoProcesses] {
+        let storage = new_storage();
+        let replica = Replica::start(shape, storage.clone());
+        let source = GlobalId::User(1);
+        let index = GlobalId::User(10);
+        create_collection(&storage, source, kv_desc());
+        for time in 0..5 {
+            append(&storage, source, vec![(int_row(&[time as i64, 1]), time, 1)], time + 1);
+        }
+        let unscheduled = index_dataflow("unscheduled", source, Plan::get(source), index, vec![0], 0);
+        let mut first = TestController::connect(&replica.addrs());
+        first.send(ComputeCommand::CreateDataflow(unscheduled.clone()));
+        // Created on every process (each reports the export's frontiers) before the connection goes.
+        let processes = first.processes();
+        first.wait_until("the unscheduled dataflow's frontiers", |c| {
+            (0..processes).all(|p| c.frontiers[p].contains_key(&index))
+        });
+        first.close();
+        let built = replica.dataflows_built();
+
+        // The controller let go of the earlier as-of: storage compacts past it.
+        block_on(storage.set_read_policy(source, ReadPolicy::ValidFrom(Antichain::from_elem(3))))
+            .expect("read policy");
+        let since = block_on(storage.frontiers(source)).expect("frontiers").since;
+        assert_eq!(since, Antichain::from_elem(3), "storage compacted past the first as-of");
+
+        let mut replayed = unscheduled.clone();
+        replayed.as_of = Some(Antichain::from_elem(3));
+        let replay = vec![ComputeCommand::CreateDataflow(replayed), ComputeCommand::Schedule(index)];
+        let mut second = TestController::connect_with_replay(&replica.addrs(), replay);
+        let answer = second.peek(PeekTarget::Index { id: index }, 3, None, 2);
+        assert!(
+            matches!(&answer, PeekResponse::Rows(_)),
+            "{shape:?}: the replayed dataflow answers at its as-of: {answer:?}"
+        );
+        assert_eq!(rows_of(answer).len(), 4, "{shape:?}: the rows at times 0..=3");
+        second.wait_frontier_beyond(index, 3);
+        assert_eq!(
+            replica.dataflows_built(),
+            built + processes as u64,
+            "{shape:?}: the unscheduled dataflow was rebuilt, not kept"
+        );
+        second.close();
+    }
+}

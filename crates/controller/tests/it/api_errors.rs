@@ -18,9 +18,9 @@ use std::sync::{Arc, Mutex};
 use compute::ReplicaHandle;
 use controller::{
     AsOfSelectionError, CancelPeekError, CollectionDropError, CollectionLookupError, CollectionMissing,
-    ComputeController, DataflowCreationError, InstanceCreationError, InstanceDropError, InstanceMissing,
-    Orchestrator, PeekError, PeekFailure, PeekOptions, PeekResult, ReadPolicyError, ReplicaCreationError,
-    ReplicaDropError, ReplicaLocation, ReplicaSpec,
+    CollectionStatusError, ComputeController, DataflowCreationError, InstanceCreationError,
+    InstanceDropError, InstanceMissing, Orchestrator, PeekError, PeekFailure, PeekOptions, PeekResult,
+    ReadPolicyError, ReplicaCreationError, ReplicaDropError, ReplicaLocation, ReplicaSpec,
 };
 use frontiers::{Antichain, ReadPolicy};
 use protocol::{
@@ -197,6 +197,15 @@ async fn assert_every_operation_fails_with_instance_missing(
         Err(CancelPeekError::InstanceMissing(missing.clone()))
     );
     assert_eq!(controller.allow_writes(id).await, Err(missing.clone()));
+    assert_eq!(
+        controller.hydration_status(id, index).await,
+        Err(CollectionStatusError::InstanceMissing(missing.clone()))
+    );
+    assert_eq!(
+        controller.wallclock_lag(id, index).await,
+        Err(CollectionStatusError::InstanceMissing(missing.clone()))
+    );
+    assert_eq!(controller.replica_statuses(id).await, Err(missing.clone()));
     assert_eq!(controller.inspect(id, |core| core.collection_count()).await, Err(missing));
 }
 
@@ -480,6 +489,13 @@ async fn looking_up_a_collection_neither_the_instance_nor_storage_has_fails_with
         assert_eq!(controller.acquire_read_hold(INSTANCE, id).await.err(), Some(missing.clone()));
         assert_eq!(controller.collection_frontiers(INSTANCE, id), Err(missing));
     }
+    // Hydration and lag are per replica: compute collections only, live ones.
+    for id in [unknown, dropped, table.id] {
+        let missing = CollectionStatusError::CollectionMissing(CollectionMissing(id));
+        assert_eq!(controller.hydration_status(INSTANCE, id).await, Err(missing.clone()));
+        assert_eq!(controller.wallclock_lag(INSTANCE, id).await, Err(missing));
+    }
+    assert_eq!(controller.hydration_status(INSTANCE, index).await, Ok(Vec::new()), "no replicas");
     // `collection_frontiers` knows compute collections only; `acquire_read_hold` falls back to storage.
     assert_eq!(
         controller.collection_frontiers(INSTANCE, table.id),

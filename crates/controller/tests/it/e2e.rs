@@ -892,6 +892,29 @@ async fn introspection_collections_in_storage_describe_the_replica_and_its_colle
         .await;
     }
 
+    // The same facts through the API, and in the metrics.
+    let hydration = controller.hydration_status(INSTANCE, index).await.expect("a live index");
+    assert_eq!(hydration.len(), 1);
+    assert_eq!((hydration[0].replica, hydration[0].hydrated), (R1, true));
+    let since = hydration[0].hydrating_since_ms.expect("connected");
+    assert_eq!(hydration[0].hydration_time_ms, hydration[0].hydrated_at_ms.map(|at| at - since));
+    let lags = controller.wallclock_lag(INSTANCE, index).await.expect("a live index");
+    // The table's times are small numbers, so the lag is about the clock's whole value.
+    assert!(lags[0].lag_ms.is_some_and(|lag| lag > 1_000_000), "{lags:?}");
+    assert_eq!(
+        controller.replica_statuses(INSTANCE).await.expect("instance"),
+        vec![(R1, controller::ReplicaHealth::Connected)]
+    );
+    let registry = controller.metrics_registry().expect("metrics on").clone();
+    eventually("the index's lag is observed", async || {
+        let text = telemetry::encode_text(&registry);
+        let line = format!(
+            "compute_controller_wallclock_lag_seconds_count{{collection=\"{index}\",instance=\"{INSTANCE}\"}}"
+        );
+        if text.contains(&line) { Ok(()) } else { Err(text) }
+    })
+    .await;
+
     drop(controller);
     stop(replica).await;
 }

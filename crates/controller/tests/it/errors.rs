@@ -245,6 +245,34 @@ fn a_command_a_replica_rejects_reaches_the_user_and_the_replica_stays() {
 }
 
 #[test]
+fn an_export_a_replica_reports_failed_reaches_the_user_and_the_replica_stays() {
+    let mut h = setup();
+    let failed = |id: GlobalId| {
+        ComputeResponse::Status(protocol::StatusResponse::Failed { id, error: "target dropped".to_string() })
+    };
+    h.respond(ReplicaId(1), failed(u(2)));
+    assert!(h.responses.contains(&ComputeControllerResponse::ExportFailed {
+        instance: h.core.id(),
+        replica: ReplicaId(1),
+        id: u(2),
+        error: "target dropped".to_string(),
+    }));
+    assert!(h.disconnects.is_empty(), "a reconnect would not help: the replica stays");
+
+    // Late news of a dropped export is not the user's any more.
+    h.core.drop_collections(&[u(1)]).unwrap();
+    h.drain();
+    h.respond(ReplicaId(1), failed(u(1)));
+    assert!(
+        !h.responses
+            .iter()
+            .any(|r| matches!(r, ComputeControllerResponse::ExportFailed { id, .. } if *id == u(1))),
+        "{:?}",
+        h.responses
+    );
+}
+
+#[test]
 fn replica_errors_are_typed() {
     let mut h = setup();
     assert_eq!(

@@ -126,6 +126,18 @@ impl Harness {
         }
     }
 
+    /// A harness whose core keeps metrics ([`InstanceCore::with_metrics`]) in a registry of its own;
+    /// indexes lag their upper by 1, so the time before the upper is readable.
+    pub fn with_metrics() -> (Self, prometheus::Registry) {
+        let registry = prometheus::Registry::new();
+        let metrics = controller::ControllerMetrics::register(&registry).expect("a fresh registry");
+        let mut h = Self::with_policy(lag(1));
+        let config = InstanceCoreConfig { default_index_policy: lag(1), ..Default::default() };
+        let core = InstanceCore::new(InstanceId(1), config, Arc::new(|| {}), 0);
+        h.core = core.with_metrics(metrics.instance(InstanceId(1)));
+        (h, registry)
+    }
+
     pub fn create_storage(&mut self, id: GlobalId) {
         let hold = self.storage.create(id, f(0)).unwrap();
         self.storage_policy.insert(id, hold);
@@ -250,19 +262,22 @@ pub fn any_port() -> std::net::SocketAddr {
 }
 
 /// A controller configuration with short timers: indexes lag their upper by 1, replicas reconnect after
-/// 10 to 100 ms, the instance ticks every 10 ms and refreshes introspection every 20 ms.
+/// 10 to 100 ms, the instance ticks every 10 ms and refreshes introspection every 20 ms; metrics in a
+/// registry of the controller's own.
 pub fn controller_config(introspection: bool) -> controller::ControllerConfig {
     controller::ControllerConfig {
         instance: InstanceCoreConfig {
             default_index_policy: lag(1),
             default_peek_timeout_ms: 30_000,
             introspection_interval_ms: 20,
+            wallclock_lag_history_minutes: 60,
             max_command_bytes: protocol::frame::DEFAULT_MAX_FRAME_BYTES,
         },
         replica_backoff: replica_client::Backoff { initial_ms: 10, max_ms: 100 },
         hydration_concurrency: None,
         tick_interval_ms: 10,
         introspection,
+        metrics: Some(prometheus::Registry::new()),
     }
 }
 

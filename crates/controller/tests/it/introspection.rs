@@ -363,3 +363,130 @@ fn a_reconnected_replica_is_hydrated_only_past_the_compacted_as_of_it_was_replay
         vec![status_row(R1, "connected", None)]
     );
 }
+
+fn history_row(replica: ReplicaId, id: GlobalId, minute_ms: u64, max_lag_ms: i64) -> Row {
+    let (instance, replica, id) = (instance(), replica.to_string(), id.to_string());
+    Row::pack([
+        Datum::Text(&instance),
+        Datum::Text(&replica),
+        Datum::Text(&id),
+        Datum::Timestamp(minute_ms),
+        Datum::Int64(max_lag_ms),
+    ])
+}
+
+#[test]
+fn the_lag_history_keeps_each_minutes_largest_lag_once_the_minute_is_over_and_forgets_old_minutes() {
+    let config = controller::InstanceCoreConfig {
+        default_index_policy: frontiers::ReadPolicy::LagWriteFrontier { lag_ms: 0, granularity_ms: 0 },
+        wallclock_lag_history_minutes: 2,
+        ..Default::default()
+    };
+    let mut h = Harness::with_config(config);
+    h.create_storage(s(1));
+    h.add_replica(R1);
+    h.add_replica(R2);
+    h.create(index_on_storage(s(1), u(1), 0)).unwrap();
+    h.report(R1, u(1), f(1_000));
+    h.report(R2, u(1), f(1_000));
+    // Minute 0: lags 2,000 then 9,000 on R1 (R2 follows later).
+    h.core.tick(3_000);
+    h.core.tick(10_000);
+    h.report(R1, u(1), f(9_500));
+    h.core.tick(11_000);
+    assert_eq!(h.introspection_rows(IntrospectionKind::WallclockLagHistory), vec![], "minute 0 is not over");
+    let lags = h.core.wallclock_lag(u(1)).unwrap();
+    assert_eq!(lags[0].lag_ms, Some(1_500), "now minus R1's upper");
+    assert_eq!(lags[0].current_minute, Some(controller::LagMinute { minute_ms: 0, max_lag_ms: 9_000 }));
+    assert_eq!(lags[1].current_minute, Some(controller::LagMinute { minute_ms: 0, max_lag_ms: 10_000 }));
+    assert!(lags.iter().all(|l| l.history.is_empty()));
+
+    // Minute 1 begins: minute 0 is written, its largest lag per replica.
+    h.report(R1, u(1), f(60_000));
+    h.report(R2, u(1), f(60_000));
+    h.core.tick(61_000);
+    assert_eq!(
+        h.introspection_rows(IntrospectionKind::WallclockLagHistory),
+        vec![history_row(R1, u(1), 0, 9_000), history_row(R2, u(1), 0, 10_000)]
+    );
+    let lags = h.core.wallclock_lag(u(1)).unwrap();
+    assert_eq!(lags[0].history, vec![controller::LagMinute { minute_ms: 0, max_lag_ms: 9_000 }]);
+    assert_eq!(lags[0].current_minute, Some(controller::LagMinute { minute_ms: 60_000, max_lag_ms: 1_000 }));
+
+    // Minutes 2 and 3 (no refresh in minute 2, so it has no row): with two minutes kept, minute 0 goes
+    // once minute 3 begins.
+    h.core.tick(121_000);
+    assert_eq!(h.introspection_rows(IntrospectionKind::WallclockLagHistory).len(), 4, "minutes 0 and 1");
+    h.core.tick(181_000);
+    assert_eq!(
+        h.introspection_rows(IntrospectionKind::WallclockLagHistory),
+        vec![
+            history_row(R1, u(1), 60_000, 1_000),
+            history_row(R1, u(1), 120_000, 61_000),
+            history_row(R2, u(1), 60_000, 1_000),
+            history_row(R2, u(1), 120_000, 61_000),
+        ]
+    );
+
+    // A dropped replica's history goes, and a dropped collection's.
+    h.core.drop_replica(R2).unwrap();
+    h.drain();
+    assert_eq!(h.introspection_rows(IntrospectionKind::WallclockLagHistory).len(), 2);
+    h.core.drop_collections(&[u(1)]).unwrap();
+    h.drain();
+    assert_eq!(h.introspection_rows(IntrospectionKind::WallclockLagHistory), vec![]);
+    assert_eq!(h.core.wallclock_lag(u(1)), None, "not a live collection");
+    h.core.tick(241_000);
+    assert_eq!(
+        h.introspection_rows(IntrospectionKind::WallclockLagHistory),
+        vec![],
+        "and nothing comes back"
+    );
+}
+
+#[test]
+fn hydration_status_says_since_when_each_replica_hydrates_and_how_long_it_took() {
+    let mut h = Harness::new();
+    h.create_storage(s(1));
+    at(&mut h, 100);
+    h.add_replica(R1);
+    at(&mut h, 200);
+    h.create(index_on_storage(s(1), u(1), 5)).unwrap();
+    at(&mut h, 1_200);
+    h.report(R1, u(1), f(6));
+    h.core.add_replica(R2).unwrap();
+    let status = h.core.hydration_status(u(1)).unwrap();
+    assert_eq!(
+        status,
+        vec![
+            controller::ReplicaHydration {
+                replica: R1,
+                hydrated: true,
+                hydrating_since_ms: Some(200),
+                hydrated_at_ms: Some(1_200),
+                hydration_time_ms: Some(1_000),
+            },
+            controller::ReplicaHydration {
+                replica: R2,
+                hydrated: false,
+                hydrating_since_ms: None,
+                hydrated_at_ms: None,
+                hydration_time_ms: None,
+            },
+        ]
+    );
+    // R2 connects at 1,500 and hydrates at 1,800 (past the as-of it was replayed at: the index's since,
+    // 6 by then): its time counts from its connection.
+    at(&mut h, 1_500);
+    h.status(R2, ReplicaStatus::Ready);
+    assert_eq!(h.core.replica_health(R2), Some(&controller::ReplicaHealth::Hydrating));
+    at(&mut h, 1_800);
+    h.report(R2, u(1), f(7));
+    assert_eq!(h.core.replica_health(R2), Some(&controller::ReplicaHealth::Connected));
+    let r2 = h.core.hydration_status(u(1)).unwrap().remove(1);
+    assert_eq!(
+        (r2.hydrating_since_ms, r2.hydrated_at_ms, r2.hydration_time_ms),
+        (Some(1_500), Some(1_800), Some(300))
+    );
+    assert_eq!(h.core.hydration_status(u(9)), None);
+}

@@ -16,6 +16,7 @@ mod faults;
 mod harness;
 mod introspection;
 mod materialized_views;
+mod metrics;
 mod orchestrators;
 mod peeks;
 mod replicas;

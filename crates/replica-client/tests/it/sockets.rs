@@ -1,7 +1,8 @@
 //! The tokio client against fake replica processes over real sockets: a process killed and restarted
 //! (reconnect, replay, state matches), a replica speaking another protocol version (refused with a clear
-//! error), garbage from the socket (connection closed with an error, then a reconnect), and a command over
-//! the frame limit (refused at `send`, never recorded or sent).
+//! error), garbage from the socket (connection closed with an error, then a reconnect), a command over
+//! the frame limit and commands the history refuses (refused at `send` with a typed error, never
+//! recorded or sent).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -38,6 +39,8 @@ struct FakeProcess {
     address: String,
     installed: Arc<Mutex<ModelReplica>>,
     connections: Arc<Mutex<usize>>,
+    /// Every command received, on any connection, in order.
+    received: Arc<Mutex<Vec<ComputeCommand<u64>>>>,
     task: JoinHandle<()>,
 }
 
@@ -47,7 +50,8 @@ impl FakeProcess {
         let address = listener.local_addr().unwrap().to_string();
         let installed = Arc::new(Mutex::new(ModelReplica::default()));
         let connections = Arc::new(Mutex::new(0));
-        let (state, count) = (Arc::clone(&installed), Arc::clone(&connections));
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let (state, count, log) = (Arc::clone(&installed), Arc::clone(&connections), Arc::clone(&received));
         let task = tokio::spawn(async move {
             let mut handlers = Handlers(Vec::new());
             while let Ok((stream, _)) = listener.accept().await {
@@ -58,10 +62,10 @@ impl FakeProcess {
                 };
                 let behaviour =
                     if behaviour == Behaviour::GarbageOnce && n > 1 { Behaviour::Normal } else { behaviour };
-                handlers.0.push(tokio::spawn(serve(stream, behaviour, Arc::clone(&state))));
+                handlers.0.push(tokio::spawn(serve(stream, behaviour, Arc::clone(&state), Arc::clone(&log))));
             }
         });
-        FakeProcess { address, installed, connections, task }
+        FakeProcess { address, installed, connections, received, task }
     }
 
     /// Kills the process: the listener and every connection go away.
@@ -89,13 +93,19 @@ async fn send(stream: &mut TcpStream, response: ComputeResponse<u64>) -> std::io
     stream.write_all(&frame).await
 }
 
-async fn serve(mut stream: TcpStream, behaviour: Behaviour, installed: Arc<Mutex<ModelReplica>>) {
+async fn serve(
+    mut stream: TcpStream,
+    behaviour: Behaviour,
+    installed: Arc<Mutex<ModelReplica>>,
+    received: Arc<Mutex<Vec<ComputeCommand<u64>>>>,
+) {
     let mut decoder = FrameDecoder::new(1 << 20);
     let mut chunk = vec![0u8; 4096];
     let mut pending = ModelReplica::default();
     let mut initialized = false;
     loop {
         while let Ok(Some(command)) = decoder.next_message::<ComputeCommand<u64>>() {
+            received.lock().unwrap().push(command.clone());
             match &command {
                 ComputeCommand::Hello { nonce, .. } => {
                     let version = if behaviour == Behaviour::WrongVersion {
@@ -276,5 +286,80 @@ async fn a_command_over_the_frame_limit_is_refused_at_send_and_never_reaches_the
     client.send(ComputeCommand::Schedule(GlobalId::User(1))).expect("a small command is accepted");
     let installed = process.installed.lock().unwrap().clone();
     assert_eq!(installed.dataflows.len(), 1, "only the kept dataflow: {installed:?}");
+    client.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_command_the_history_refuses_is_a_typed_error_at_send_and_never_reaches_the_replica() {
+    use protocol::{MapFilterProject, Peek, PeekId, PeekTarget, RowSetFinishing};
+    use replica_client::HistoryError;
+
+    let process = FakeProcess::start("127.0.0.1:0", Behaviour::Normal).await;
+    let (client, mut rx) = client(vec![process.address.clone()]);
+    setup_commands(&client);
+    wait_for(&mut rx, |s| *s == ReplicaStatus::Ready).await;
+    let peek = |uuid: u64| {
+        ComputeCommand::Peek(Peek {
+            uuid: PeekId(uuid),
+            target: PeekTarget::Index { id: GlobalId::User(1) },
+            timestamp: 5,
+            literal_constraints: None,
+            map_filter_project: MapFilterProject::new(1),
+            finishing: RowSetFinishing::unordered(),
+        })
+    };
+    client.send(peek(1)).expect("a new peek is accepted");
+    let refused = [
+        (peek(1), HistoryError::DuplicatePeek(PeekId(1))),
+        (ComputeCommand::Schedule(GlobalId::User(99)), HistoryError::UnknownCollection(GlobalId::User(99))),
+        (
+            ComputeCommand::CreateDataflow(dataflow("again", 1, 1, 5)),
+            HistoryError::DuplicateExport(GlobalId::User(1)),
+        ),
+        (
+            ComputeCommand::AllowCompaction { id: GlobalId::User(1), frontier: Antichain::from_elem(2) },
+            HistoryError::CompactionRegressed {
+                id: GlobalId::User(1),
+                current: format!("{:?}", Antichain::from_elem(5u64)),
+                requested: format!("{:?}", Antichain::from_elem(2u64)),
+            },
+        ),
+        (ComputeCommand::InitializationComplete, HistoryError::ConnectionCommand("InitializationComplete")),
+    ];
+    for (command, expected) in refused {
+        let name = command.name();
+        assert_eq!(client.send(command), Err(SendError::Rejected(expected)), "{name}");
+    }
+    // A command accepted after them arrives; none of the refused ones did.
+    client.send(peek(2)).expect("the client goes on");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let peeks_received = || -> Vec<u64> {
+        let received = process.received.lock().unwrap();
+        received
+            .iter()
+            .filter_map(|c| match c {
+                ComputeCommand::Peek(p) => Some(p.uuid.0),
+                _ => None,
+            })
+            .collect()
+    };
+    while !peeks_received().contains(&2) {
+        assert!(tokio::time::Instant::now() < deadline, "the accepted peek never arrived");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(peeks_received(), vec![1, 2], "each peek once, nothing else");
+    let received = process.received.lock().unwrap().clone();
+    let after_replay =
+        received.iter().rposition(|c| matches!(c, ComputeCommand::InitializationComplete)).expect("init");
+    assert!(
+        received[after_replay + 1..].iter().all(|c| matches!(c, ComputeCommand::Peek(_))),
+        "only the peeks followed the replay: {:?}",
+        received[after_replay + 1..].iter().map(ComputeCommand::name).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        received.iter().filter(|c| matches!(c, ComputeCommand::InitializationComplete)).count(),
+        1,
+        "InitializationComplete only from the client's own handshake"
+    );
     client.shutdown().await;
 }

@@ -43,14 +43,18 @@
 //! violation and on fewer checks than its stated minimums (`xtask/src/cluster.rs`), and by hand with
 //! `cargo run --release -p sim -- cluster`.
 
+pub mod html;
 mod oracle;
 pub mod processes;
 mod report;
 mod tasks;
+pub mod timeline;
 mod tpch;
 mod workload;
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -100,6 +104,10 @@ pub struct ClusterArgs {
     pub workload: Workload,
     /// The TPC-H scale factor (`--workload tpch`).
     pub scale_factor: f64,
+    /// Where the controller serves its metrics (`/metrics`); port 0 picks a free one.
+    pub metrics_addr: SocketAddr,
+    /// Where to write the report page with charts and the metrics scraped at the end (`html.rs`).
+    pub report: Option<PathBuf>,
 }
 
 /// The scenario's workload.
@@ -114,7 +122,7 @@ pub enum Workload {
 /// The usage line.
 pub const USAGE: &str = "usage: sim cluster [--duration SECS] [--rate ROWS_PER_SEC] [--replicas N] [--processes N] \
 [--workers N] [--peekers N] [--peek-interval-ms MS] [--kills N] [--recreations N] [--seed S] [--json] \
-[--workload orders|tpch] [--scale-factor SF]";
+[--metrics-addr ADDR] [--report DIR] [--workload orders|tpch] [--scale-factor SF]";
 
 impl ClusterArgs {
     /// Parses the arguments after `cluster`.
@@ -133,7 +141,10 @@ impl ClusterArgs {
             json: false,
             workload: Workload::Orders,
             scale_factor: 0.01,
+            metrics_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            report: None,
         };
+        let mut metrics_addr_given = false;
         let mut iter = args.iter();
         while let Some(arg) = iter.next() {
             let mut value = || iter.next().ok_or_else(|| anyhow!("{arg} needs a value\n{USAGE}"));
@@ -171,12 +182,22 @@ impl ClusterArgs {
                     }
                     parsed.scale_factor = sf;
                 }
+                "--metrics-addr" => {
+                    parsed.metrics_addr = value()?.parse().context("--metrics-addr")?;
+                    metrics_addr_given = true;
+                }
+                "--report" => parsed.report = Some(PathBuf::from(value()?)),
                 "--help" | "-h" => bail!("{USAGE}"),
                 other => bail!("unknown argument {other:?}\n{USAGE}"),
             }
         }
         if parsed.replicas == 0 || parsed.processes == 0 || parsed.workers == 0 {
             bail!("--replicas, --processes and --workers must be at least 1");
+        }
+        if parsed.workload == Workload::Tpch && (metrics_addr_given || parsed.report.is_some()) {
+            bail!(
+                "--metrics-addr and --report are not built for --workload tpch (its scenario serves no metrics)"
+            );
         }
         Ok(parsed)
     }
@@ -324,6 +345,7 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<ExitCode> {
         max_backoff_ms: 2_000,
         env,
         log_dir: Some(layout.log_dir()),
+        metrics: true,
     });
     let orchestrator = Arc::new(orchestrator);
     children.orchestrator = Some(Arc::clone(&orchestrator));
@@ -386,6 +408,10 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<ExitCode> {
         Err(e) => (Outcome::Error, Some(format!("{e:#}"))),
     };
     let report = Report::new(&stats, outcome, error, args.seed, args.rate, replicas);
+    if let Some(dir) = &args.report {
+        let page = html::write_report(dir, &lock(&stats.timeline), &report)?;
+        ui.say(&format!("report page: {}", page.display()));
+    }
     if args.json {
         let json = serde_json::to_string_pretty(&report).context("cannot render the report")?;
         #[allow(clippy::print_stdout)] // The report is the command's output.

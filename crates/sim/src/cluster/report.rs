@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::cluster::now;
+use crate::cluster::timeline::Timeline;
 
 /// Latency samples in microseconds, with percentiles.
 #[derive(Debug, Default, Clone)]
@@ -158,6 +159,8 @@ pub struct Stats {
     /// Every child process the scenario started (the storage server, every replica process, restarts
     /// included), to verify at the end that none is left.
     pub child_pids: Mutex<BTreeSet<u32>>,
+    /// What the run sampled each second, and its faults, for `--report` (`timeline.rs`).
+    pub timeline: Mutex<Timeline>,
     violation_count: AtomicU64,
     violations: Mutex<Vec<String>>,
 }
@@ -187,6 +190,7 @@ impl Default for Stats {
             recreations: Mutex::default(),
             introspection: Mutex::default(),
             child_pids: Mutex::default(),
+            timeline: Mutex::default(),
             violation_count: AtomicU64::new(0),
             violations: Mutex::default(),
         }

@@ -35,6 +35,7 @@ use storage::{Client, StorageCollections, SystemClock, TableWriter, TableWriterC
 
 use crate::cluster::oracle::{Oracle, WriteLog, canonical, describe_difference, finish};
 use crate::cluster::report::{Recreation, Rehydration, Stats, Ui, bar, lock, thousands};
+use crate::cluster::timeline::{FaultKind, TimelineSample};
 use crate::cluster::workload::{self, Generator, PeekKind, PeekSpec, Table, Update};
 use crate::cluster::{AsOfs, ClusterArgs, now};
 use crate::simulation::Rng;
@@ -214,6 +215,7 @@ pub async fn scenario(
             .await
             .with_context(|| format!("cannot start replica {replica}"))?;
     }
+    let metrics_server = serve_metrics(&args, &controller, &orchestrator, &ui).await?;
     let mut as_ofs = AsOfs::new();
     for desc in workload::initial_dataflows() {
         let exports: Vec<GlobalId> = desc.export_ids().collect();
@@ -265,6 +267,10 @@ pub async fn scenario(
     let writer_task = tokio::spawn(write(Arc::clone(&ctx), writer, generator));
 
     let outcome = run_phases(&ctx, &mut rng).await;
+    if let Some(dir) = &ctx.args.report {
+        scrape_metrics(&ctx, metrics_server.local_addr(), &dir.join("metrics")).await;
+    }
+    drop(metrics_server);
 
     // Whatever happened, stop everything this function started.
     ctx.stop.send_replace(true);
@@ -298,6 +304,7 @@ async fn run_phases(ctx: &Arc<Ctx>, rng: &mut Rng) -> anyhow::Result<()> {
     }
     tasks.push(tokio::spawn(check_materialized_view(Arc::clone(ctx))));
     let display = tokio::spawn(display(Arc::clone(ctx)));
+    tasks.push(tokio::spawn(sample(Arc::clone(ctx))));
     let faults = tokio::spawn(faults(Arc::clone(ctx)));
 
     ctx.sleep(ctx.args.duration).await;
@@ -827,6 +834,7 @@ async fn kill_and_rehydrate(ctx: &Ctx, replica: ReplicaId) {
         return;
     }
     let killed = now();
+    lock(&ctx.stats.timeline).fault(killed_at_s, FaultKind::Kill, replica.to_string());
     let pid_list: Vec<String> = pids.iter().map(u32::to_string).collect();
     ctx.ui.event(
         &ctx.stats,
@@ -936,6 +944,7 @@ async fn recreate(ctx: &Ctx, generation: u64) {
     let Some(old) = *current else { return };
     let new = workload::status_summary_id(generation);
     let dropped = now();
+    lock(&ctx.stats.timeline).fault(ctx.stats.elapsed_s(), FaultKind::Recreation, format!("{old} as {new}"));
     if let Err(e) = ctx.controller.lock().await.drop_collections(INSTANCE, vec![old]).await {
         ctx.stats.violation(format!("cannot drop {old}: {e}"));
         return;
@@ -1010,6 +1019,110 @@ async fn recreate(ctx: &Ctx, generation: u64) {
         hydrated_ms: hydrated.map(ms),
         state_removed_ms: removed.map(ms),
     });
+}
+
+// -------------------------------------------------------------------------------------------------
+// Metrics and the timeline
+
+/// Serves the controller's metrics at `--metrics-addr` and says where every endpoint of the run is
+/// (the controller's, and each replica process's, which the orchestrator gave a port).
+async fn serve_metrics(
+    args: &ClusterArgs,
+    controller: &ComputeController,
+    orchestrator: &ProcessOrchestrator,
+    ui: &Ui,
+) -> anyhow::Result<telemetry::MetricsServer> {
+    let registry = controller.metrics_registry().cloned().context("the controller keeps no metrics")?;
+    let server = telemetry::MetricsServer::bind(args.metrics_addr, registry)
+        .await
+        .with_context(|| format!("cannot serve metrics on {}", args.metrics_addr))?;
+    let mut endpoints = vec![format!("controller {}", server.url())];
+    for (replica, _) in args.replica_specs() {
+        for (process, addr) in orchestrator.metrics_addresses(INSTANCE, replica).iter().enumerate() {
+            endpoints.push(format!("{replica} process {process} http://{addr}/metrics"));
+        }
+    }
+    ui.say(&format!("metrics: {}", endpoints.join(", ")));
+    info!(endpoints = ?endpoints, "metrics endpoints");
+    Ok(server)
+}
+
+/// Scrapes every metrics endpoint of the run (the controller's at `controller`, every replica process's)
+/// into `dir` (`controller.prom`, `<replica>-p<process>.prom`): what `promtool check metrics` reads. A
+/// failed scrape is a violation.
+async fn scrape_metrics(ctx: &Ctx, controller: std::net::SocketAddr, dir: &std::path::Path) {
+    let mut targets = vec![("controller".to_string(), controller)];
+    for (replica, _) in ctx.args.replica_specs() {
+        for (process, addr) in ctx.orchestrator.metrics_addresses(INSTANCE, replica).into_iter().enumerate() {
+            targets.push((format!("{replica}-p{process}"), addr));
+        }
+    }
+    let dir = dir.to_path_buf();
+    let scraped = tokio::task::spawn_blocking(move || -> anyhow::Result<usize> {
+        // Scrapes of an earlier run (of replicas this one may not have) would be checked as this run's.
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).with_context(|| format!("cannot empty {}", dir.display()))?;
+        }
+        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        for (name, addr) in &targets {
+            let page = telemetry::scrape(*addr, "/metrics", PATIENCE)
+                .with_context(|| format!("cannot scrape {name} at {addr}"))?;
+            if page.status != 200 {
+                bail!("{name} at {addr} answered {}", page.status);
+            }
+            std::fs::write(dir.join(format!("{name}.prom")), page.body).context("cannot write a scrape")?;
+        }
+        Ok(targets.len())
+    })
+    .await;
+    match scraped {
+        Ok(Ok(count)) => info!(count, "metrics endpoints scraped"),
+        Ok(Err(e)) => ctx.stats.violation(format!("metrics: {e:#}")),
+        Err(e) => ctx.stats.violation(format!("the scrape task failed: {e}")),
+    }
+}
+
+/// Samples the timeline once a second during the timed run (`timeline.rs`): peek latency over the last
+/// second, rows written since the last sample, each live export's wall-clock lag on its slowest replica
+/// and each replica's status, both from the controller.
+async fn sample(ctx: Arc<Ctx>) {
+    let mut rows_before = ctx.stats.rows_written.load(Ordering::Relaxed);
+    let mut before = now();
+    while !ctx.sleep(Duration::from_secs(1)).await {
+        let exports: Vec<GlobalId> = ctx.live_exports().into_keys().collect();
+        let (mut lag_s, mut status) = (BTreeMap::new(), BTreeMap::new());
+        {
+            let controller = ctx.controller.lock().await;
+            for id in exports {
+                let slowest = controller
+                    .wallclock_lag(INSTANCE, id)
+                    .await
+                    .ok()
+                    .and_then(|replicas| replicas.iter().filter_map(|r| r.lag_ms).max());
+                if let Some(lag_ms) = slowest {
+                    lag_s.insert(id.to_string(), lag_ms as f64 / 1_000.0);
+                }
+            }
+            for (replica, health) in controller.replica_statuses(INSTANCE).await.unwrap_or_default() {
+                status.insert(replica.to_string(), health.name().to_string());
+            }
+        }
+        let rows = ctx.stats.rows_written.load(Ordering::Relaxed);
+        let seconds = before.elapsed().as_secs_f64().max(0.001);
+        let rows_per_s = rows.saturating_sub(rows_before) as f64 / seconds;
+        (rows_before, before) = (rows, now());
+        // Latencies are positive: a 0 means no peek finished in the last second.
+        let (p50, p99) = ctx.stats.recent_percentiles(Duration::from_secs(1));
+        let ms = |micros: u64| (micros > 0).then(|| micros as f64 / 1_000.0);
+        lock(&ctx.stats.timeline).sample(TimelineSample {
+            at_s: ctx.stats.elapsed_s(),
+            peek_p50_ms: ms(p50),
+            peek_p99_ms: ms(p99),
+            rows_per_s,
+            lag_s,
+            status,
+        });
+    }
 }
 
 // -------------------------------------------------------------------------------------------------
@@ -1209,6 +1322,7 @@ async fn fresh_replica(ctx: &Ctx) {
     lock(&ctx.replica_state).insert(replica, "hydrating".to_string());
     let last = ctx.latest_write();
     let added_at_s = ctx.stats.elapsed_s();
+    lock(&ctx.stats.timeline).fault(added_at_s, FaultKind::FreshReplica, replica.to_string());
     let started = now();
     let location = controller::ReplicaLocation::Managed { workers: ctx.args.workers, processes };
     if let Err(e) = ctx.controller.lock().await.add_replica(INSTANCE, replica, location).await {

@@ -61,6 +61,7 @@ async fn orchestrator_with_env(
         max_backoff_ms: MAX_BACKOFF_MS,
         env: [vec![("RUST_LOG".to_string(), "warn".to_string())], env].concat(),
         log_dir: None,
+        metrics: false,
     };
     ProcessOrchestrator::new(config)
 }
