@@ -17,6 +17,11 @@
 //! full), and the report (`report.rs`). Logs go to `target/cluster-data/logs/` (`RUST_LOG` sends this
 //! process's to stderr instead and sets the children's filter).
 //!
+//! **Workloads.** `--workload orders` (the default) is the generated orders tables above (`tasks.rs`,
+//! `workload.rs`); `--workload tpch` loads TPC-H at `--scale-factor` and runs the same kills and
+//! recreations on the 22 TPC-H views, every answer compared with SQLite after every refresh batch
+//! (`tpch.rs`).
+//!
 //! **Checks** (each failure is a named violation; any violation makes the exit code non-zero): every
 //! peek's rows equal the oracle's at the peek's time (`oracle.rs`); subscribe batches are contiguous, cover
 //! each time range once, and accumulate to the oracle at each batch's upper; the materialized view's
@@ -44,6 +49,7 @@ pub mod processes;
 mod report;
 mod tasks;
 pub mod timeline;
+mod tpch;
 mod workload;
 
 use std::collections::BTreeMap;
@@ -94,16 +100,29 @@ pub struct ClusterArgs {
     pub seed: u64,
     /// Print the report as JSON.
     pub json: bool,
+    /// What the replicas maintain.
+    pub workload: Workload,
+    /// The TPC-H scale factor (`--workload tpch`).
+    pub scale_factor: f64,
     /// Where the controller serves its metrics (`/metrics`); port 0 picks a free one.
     pub metrics_addr: SocketAddr,
     /// Where to write the report page with charts and the metrics scraped at the end (`html.rs`).
     pub report: Option<PathBuf>,
 }
 
+/// The scenario's workload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Workload {
+    /// The generated orders tables with six dataflows, subscribes and a materialized view (`tasks.rs`).
+    Orders,
+    /// The 22 TPC-H views, checked against SQLite after every refresh batch (`tpch.rs`).
+    Tpch,
+}
+
 /// The usage line.
 pub const USAGE: &str = "usage: sim cluster [--duration SECS] [--rate ROWS_PER_SEC] [--replicas N] [--processes N] \
 [--workers N] [--peekers N] [--peek-interval-ms MS] [--kills N] [--recreations N] [--seed S] [--json] \
-[--metrics-addr ADDR] [--report DIR]";
+[--metrics-addr ADDR] [--report DIR] [--workload orders|tpch] [--scale-factor SF]";
 
 impl ClusterArgs {
     /// Parses the arguments after `cluster`.
@@ -120,9 +139,12 @@ impl ClusterArgs {
             recreations: 3,
             seed: wallclock_seed(),
             json: false,
+            workload: Workload::Orders,
+            scale_factor: 0.01,
             metrics_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             report: None,
         };
+        let mut metrics_addr_given = false;
         let mut iter = args.iter();
         while let Some(arg) = iter.next() {
             let mut value = || iter.next().ok_or_else(|| anyhow!("{arg} needs a value\n{USAGE}"));
@@ -146,7 +168,24 @@ impl ClusterArgs {
                 "--recreations" => parsed.recreations = value()?.parse().context("--recreations")?,
                 "--seed" => parsed.seed = value()?.parse().context("--seed")?,
                 "--json" => parsed.json = true,
-                "--metrics-addr" => parsed.metrics_addr = value()?.parse().context("--metrics-addr")?,
+                "--workload" => {
+                    parsed.workload = match value()?.as_str() {
+                        "orders" => Workload::Orders,
+                        "tpch" => Workload::Tpch,
+                        other => bail!("unknown workload {other:?} (orders or tpch)\n{USAGE}"),
+                    }
+                }
+                "--scale-factor" => {
+                    let sf: f64 = value()?.parse().context("--scale-factor")?;
+                    if !(sf > 0.0 && sf <= 10.0) {
+                        bail!("--scale-factor must be in (0, 10]");
+                    }
+                    parsed.scale_factor = sf;
+                }
+                "--metrics-addr" => {
+                    parsed.metrics_addr = value()?.parse().context("--metrics-addr")?;
+                    metrics_addr_given = true;
+                }
                 "--report" => parsed.report = Some(PathBuf::from(value()?)),
                 "--help" | "-h" => bail!("{USAGE}"),
                 other => bail!("unknown argument {other:?}\n{USAGE}"),
@@ -154,6 +193,11 @@ impl ClusterArgs {
         }
         if parsed.replicas == 0 || parsed.processes == 0 || parsed.workers == 0 {
             bail!("--replicas, --processes and --workers must be at least 1");
+        }
+        if parsed.workload == Workload::Tpch && (metrics_addr_given || parsed.report.is_some()) {
+            bail!(
+                "--metrics-addr and --report are not built for --workload tpch (its scenario serves no metrics)"
+            );
         }
         Ok(parsed)
     }
@@ -314,10 +358,21 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<ExitCode> {
         .build()
         .context("cannot start the async runtime")?;
     let result = runtime.block_on({
-        let (args, stats, ui, orchestrator) = (args.clone(), Arc::clone(&stats), Arc::clone(&ui), Arc::clone(&orchestrator));
+        let (args, stats, ui, orchestrator) =
+            (args.clone(), Arc::clone(&stats), Arc::clone(&ui), Arc::clone(&orchestrator));
         async move {
+            let scenario = async move {
+                match args.workload {
+                    Workload::Orders => {
+                        tasks::scenario(args, storage_address, orchestrator, process_events, stats, ui).await
+                    }
+                    Workload::Tpch => {
+                        tpch::scenario(args, storage_address, orchestrator, process_events, stats, ui).await
+                    }
+                }
+            };
             tokio::select! {
-                result = tasks::scenario(args, storage_address, orchestrator, process_events, stats, ui) => result.map(|()| false),
+                result = scenario => result.map(|()| false),
                 signal = interrupted() => {
                     info!(signal, "interrupted");
                     Ok(true)

@@ -80,3 +80,15 @@ fn the_real_stack_agrees_with_the_oracle_under_replica_restarts() {
         assert!(outcome.peeks_checked > 0, "seed {seed} checked no peeks");
     }
 }
+
+#[test]
+fn the_tpch_workload_refuses_the_metrics_and_report_options_it_does_not_honour() {
+    use sim::cluster::ClusterArgs;
+    let args = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    assert!(ClusterArgs::parse(&args(&["--workload", "tpch"])).is_ok());
+    for extra in [["--report", "/tmp/r"], ["--metrics-addr", "127.0.0.1:0"]] {
+        let error = ClusterArgs::parse(&args(&["--workload", "tpch", extra[0], extra[1]])).unwrap_err();
+        assert!(error.to_string().contains("not built for --workload tpch"), "{error}");
+        assert!(ClusterArgs::parse(&args(&extra)).is_ok(), "{extra:?} with the orders workload");
+    }
+}
