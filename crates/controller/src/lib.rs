@@ -80,7 +80,7 @@ pub use introspection::{IntrospectionKind, IntrospectionState, ReplicaHealth, pe
 pub use metrics::{ControllerMetrics, InstanceMetrics, PeekRecorder};
 pub use orchestrator::{
     InProcessOrchestrator, Launcher, Orchestrator, ProcessEvent, ProcessOrchestrator,
-    ProcessOrchestratorConfig, ReplicaSpec, RunningReplica,
+    ProcessOrchestratorConfig, ReplicaSpec, ReplicaStorage, RunningReplica,
 };
 pub use response::{ComputeControllerResponse, PeekNotification, PeekOutcome, PeekResult};
 pub use status::{LagMinute, ReplicaHydration, ReplicaLag};

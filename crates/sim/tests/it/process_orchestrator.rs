@@ -12,7 +12,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use controller::{Orchestrator, ProcessEvent, ProcessOrchestrator, ProcessOrchestratorConfig, ReplicaSpec};
+use controller::{
+    Orchestrator, ProcessEvent, ProcessOrchestrator, ProcessOrchestratorConfig, ReplicaSpec, ReplicaStorage,
+};
 use protocol::{InstanceId, ReplicaId};
 use sim::cluster::processes;
 use storage::{InProcess, StoreConfig};
@@ -56,7 +58,7 @@ async fn orchestrator_with_env(
 ) -> (ProcessOrchestrator, UnboundedReceiver<ProcessEvent>) {
     let config = ProcessOrchestratorConfig {
         binary: compute_replica().await,
-        storage_address: storage_server().await,
+        storage: ReplicaStorage::Server(storage_server().await),
         initial_backoff_ms: INITIAL_BACKOFF_MS,
         max_backoff_ms: MAX_BACKOFF_MS,
         env: [vec![("RUST_LOG".to_string(), "warn".to_string())], env].concat(),
