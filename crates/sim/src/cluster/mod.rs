@@ -4,15 +4,16 @@
 //!
 //! **What runs.** This process as the controller (`ComputeController` with a `ProcessOrchestrator`) and
 //! the table writer, and `--replicas` replicas of one instance as `compute-replica` processes; every
-//! second replica is a timely cluster of `--processes` processes. Storage ([`StorageMode`]) is either a
-//! `storage-server` child that every process talks to (`--storage server`), or shards that every process
-//! opens itself from the same two URLs: the controller (a critical reader), the table writer and every
-//! replica process (leased readers; the replicas get the URLs through their environment,
-//! `controller::ReplicaStorage`). The shards are the embedded stores in the data directory
-//! (`--storage embedded`: `blob/` and `consensus.db`), any URLs (`--blob`, `--consensus`), or a throwaway
-//! PostgreSQL and `moto_server` the run starts and stops (`--services local`). Data and logs go to
-//! `target/cluster-data/` (`--data-dir`), emptied each run. `cargo run -p sim` builds only `sim`, so the
-//! scenario first builds the two binaries with the same profile (`processes.rs`).
+//! second replica is a timely cluster of `--processes` processes. Storage ([`StorageMode`]) is either
+//! shards that every process opens itself from the same two URLs (the default), or a `storage-server`
+//! child that every process talks to (`--storage server`). On shards, the controller (a critical
+//! reader), the table writer and every replica process (leased readers; the replicas get the URLs
+//! through their environment, `controller::ReplicaStorage`) each open the stores: the embedded ones in
+//! the data directory (`--storage embedded`, the default: `blob/` and `consensus.db`), any URLs
+//! (`--blob`, `--consensus`), or a throwaway PostgreSQL and `moto_server` the run starts and stops
+//! (`--services local`). Data and logs go to `target/cluster-data/` (`--data-dir`), emptied each run.
+//! `cargo run -p sim` builds only `sim`, so the scenario first builds the two binaries with the same
+//! profile (`processes.rs`).
 //!
 //! **Phases.** Setup (tables, an initial load, replicas, six dataflows), hydration (a progress bar until
 //! every export is hydrated on every replica), the timed run (`--duration`: table changes at `--rate`
@@ -112,7 +113,8 @@ pub struct ClusterArgs {
     pub data_dir: Option<PathBuf>,
 }
 
-/// Where the scenario keeps its collections (`--storage`, `--blob`/`--consensus`, `--services`).
+/// Where the scenario keeps its collections (`--storage`, `--blob`/`--consensus`, `--services`; default
+/// [`DEFAULT_STORAGE`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StorageMode {
     /// A `storage-server` child process that every other process talks to (`--storage server`).
@@ -133,8 +135,9 @@ pub enum StorageMode {
     LocalServices,
 }
 
-/// The default of `--storage`.
-pub const DEFAULT_STORAGE: StorageMode = StorageMode::Server;
+/// The default: the embedded shards (DESIGN §9), which pass the same checks as the storage server (their
+/// frontier lag is higher: listens poll the consensus head every 100 ms).
+pub const DEFAULT_STORAGE: StorageMode = StorageMode::Embedded;
 
 /// The usage line.
 pub const USAGE: &str =
@@ -144,9 +147,9 @@ pub const USAGE: &str =
 [--storage server|embedded | --blob URL --consensus URL | --services local]
 
 Storage (one of):
-  --storage server     a storage-server child process that every other process talks to (the default)
   --storage embedded   shards on DATA_DIR/blob and the SQLite file DATA_DIR/consensus.db, opened by every
-                       process (the controller, the table writer, every replica process)
+                       process (the controller, the table writer, every replica process); the default
+  --storage server     a storage-server child process that every other process talks to
   --blob URL --consensus URL
                        shards at these URLs, opened by every process: blob file:///DIR or
                        s3://BUCKET/PREFIX?endpoint=URL&..., consensus sqlite:///FILE or postgres://...;
@@ -575,7 +578,7 @@ mod tests {
 
     #[test]
     fn each_storage_flag_chooses_its_mode() {
-        assert_eq!(parse(&[]).unwrap().storage, DEFAULT_STORAGE);
+        assert_eq!(parse(&[]).unwrap().storage, StorageMode::Embedded);
         assert_eq!(parse(&["--storage", "server"]).unwrap().storage, StorageMode::Server);
         assert_eq!(parse(&["--storage", "embedded"]).unwrap().storage, StorageMode::Embedded);
         assert_eq!(parse(&["--services", "local"]).unwrap().storage, StorageMode::LocalServices);
