@@ -236,10 +236,12 @@ impl ReplicaStorage {
         Ok(ReplicaStorage::Shards { blob: blob.to_owned(), consensus: consensus.to_owned() })
     }
 
-    /// Points `command` at this storage (and clears the URL variables it may have inherited, which would
-    /// conflict with `--storage`).
+    /// Points `command` at this storage (and clears the shard variables it may have inherited, which
+    /// `compute-replica` refuses with `--storage`; the config's `env` may set them again).
     fn apply(&self, command: &mut Command) {
-        command.env_remove(BLOB_URL_ENV).env_remove(CONSENSUS_URL_ENV);
+        for key in [BLOB_URL_ENV, CONSENSUS_URL_ENV, SHARD_POLL_INTERVAL_ENV] {
+            command.env_remove(key);
+        }
         match self {
             ReplicaStorage::Server(address) => {
                 command.arg("--storage").arg(address);
@@ -255,6 +257,8 @@ impl ReplicaStorage {
 pub const BLOB_URL_ENV: &str = "COMPUTE_BLOB_URL";
 /// The environment variable `compute-replica` reads its `--consensus` URL from.
 pub const CONSENSUS_URL_ENV: &str = "COMPUTE_CONSENSUS_URL";
+/// The environment variable `compute-replica` reads its `--shard-poll-interval-ms` from.
+pub const SHARD_POLL_INTERVAL_ENV: &str = "COMPUTE_SHARD_POLL_INTERVAL_MS";
 
 impl fmt::Debug for ReplicaStorage {
     /// The shards' URLs are not shown: they may carry credentials.
@@ -640,6 +644,7 @@ mod tests {
         // URLs inherited from the orchestrator's own environment would conflict with `--storage`.
         assert_eq!(env_of(&command, BLOB_URL_ENV), Some(None));
         assert_eq!(env_of(&command, CONSENSUS_URL_ENV), Some(None));
+        assert_eq!(env_of(&command, SHARD_POLL_INTERVAL_ENV), Some(None));
 
         let shards = ReplicaStorage::shards("file:///secret/blob", "sqlite:///secret/consensus.db").unwrap();
         let mut command = Command::new("compute-replica");

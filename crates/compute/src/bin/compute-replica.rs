@@ -67,6 +67,17 @@ struct Args {
     #[arg(long, value_name = "URL", env = "COMPUTE_CONSENSUS_URL", requires = "blob")]
     consensus: Option<ConsensusConfig>,
 
+    /// How often, in milliseconds, this process polls the consensus store for changes of the shards it
+    /// listens to when no push channel (PostgreSQL `NOTIFY`) told it first. Only with `--blob`. Default:
+    /// the shard engine's (`storage::ShardConfig`), 100 ms.
+    #[arg(
+        long,
+        value_name = "MS",
+        env = "COMPUTE_SHARD_POLL_INTERVAL_MS",
+        value_parser = clap::value_parser!(u64).range(1..=60_000)
+    )]
+    shard_poll_interval_ms: Option<u64>,
+
     /// This process's index in a multi-process replica (0-based; needs `--addresses`).
     #[arg(long, value_name = "I", default_value_t = 0, requires = "addresses")]
     process: usize,
@@ -92,6 +103,14 @@ fn at_least_one(value: &str) -> Result<usize, String> {
 impl Args {
     /// The checks clap's attributes cannot express.
     fn validate(&self) -> Result<(), String> {
+        // Checked here: clap's `requires` does not fire for an argument whose target is in a satisfied group.
+        if self.shard_poll_interval_ms.is_some() && self.blob.is_none() {
+            return Err(
+                "--shard-poll-interval-ms applies to the shards only: it needs --blob and --consensus \
+                        (or their environment variables), not --storage"
+                    .to_string(),
+            );
+        }
         if !self.addresses.is_empty() && self.process >= self.addresses.len() {
             return Err(format!(
                 "--process {} is out of range: --addresses names {} process(es)",
@@ -106,14 +125,20 @@ impl Args {
 /// Where storage is, as the flags said.
 enum StorageLocation {
     Server(String),
-    Shards(BlobConfig, ConsensusConfig),
+    Shards(BlobConfig, ConsensusConfig, ShardConfig),
 }
 
 impl Args {
     fn storage_location(&self) -> StorageLocation {
         match (&self.storage, &self.blob, &self.consensus) {
             (Some(address), None, None) => StorageLocation::Server(address.clone()),
-            (None, Some(blob), Some(consensus)) => StorageLocation::Shards(blob.clone(), consensus.clone()),
+            (None, Some(blob), Some(consensus)) => {
+                let mut config = ShardConfig::default();
+                if let Some(ms) = self.shard_poll_interval_ms {
+                    config.poll_interval = std::time::Duration::from_millis(ms);
+                }
+                StorageLocation::Shards(blob.clone(), consensus.clone(), config)
+            }
             // clap's group and `requires`/`conflicts_with` make every other combination a usage error.
             other => unreachable!("clap accepted an invalid storage location: {other:?}"),
         }
@@ -133,9 +158,9 @@ fn open_storage(
                 .map_err(|e| format!("cannot connect to storage at {address}: {e}"))?;
             Ok((Arc::new(client), None))
         }
-        StorageLocation::Shards(blob, consensus) => {
+        StorageLocation::Shards(blob, consensus, config) => {
             let shards = runtime
-                .block_on(ShardCollections::open(blob, consensus, ShardConfig::default()))
+                .block_on(ShardCollections::open(blob, consensus, config.clone()))
                 .map_err(|e| format!("cannot open the shards: {e}"))?;
             tracing::info!(?blob, ?consensus, "opened the shards");
             Ok((Arc::new(shards.clone()), Some(shards)))

@@ -113,6 +113,11 @@ pub struct ClusterArgs {
     pub data_dir: Option<PathBuf>,
 }
 
+/// How often every process of the scenario polls the consensus head of a shard it listens to, when no
+/// push channel told it first (the shard engine's default is 100 ms; the embedded stores have none, so
+/// this bounds how soon a replica sees a write, and with it the frontier lag).
+pub const SHARD_POLL_INTERVAL_MS: u64 = 20;
+
 /// Where the scenario keeps its collections (`--storage`, `--blob`/`--consensus`, `--services`; default
 /// [`DEFAULT_STORAGE`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -479,12 +484,16 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<ExitCode> {
     let child_log =
         std::env::var("RUST_LOG").ok().filter(|f| !f.is_empty()).unwrap_or_else(|| "info".to_string());
     // The children log to files: no colour codes.
-    let env = vec![("RUST_LOG".to_string(), child_log), ("NO_COLOR".to_string(), "1".to_string())];
+    let mut env = vec![("RUST_LOG".to_string(), child_log), ("NO_COLOR".to_string(), "1".to_string())];
 
     let mut children = Children { orchestrator: None, replicas: Vec::new(), storage: None, services: None };
     let stats = Arc::new(Stats::default());
     let (scenario_storage, replica_storage, storage_described) =
         start_storage(&args, &layout, &binaries.storage_server, &env, &stats, &mut children, &ui)?;
+    if matches!(replica_storage, controller::ReplicaStorage::Shards { .. }) {
+        // `compute-replica --shard-poll-interval-ms`, through the environment like the URLs.
+        env.push((controller::SHARD_POLL_INTERVAL_ENV.to_string(), SHARD_POLL_INTERVAL_MS.to_string()));
+    }
     let (orchestrator, process_events) = ProcessOrchestrator::new(ProcessOrchestratorConfig {
         binary: binaries.compute_replica.clone(),
         storage: replica_storage,

@@ -184,12 +184,14 @@ async fn open_storage(storage: &ScenarioStorage) -> anyhow::Result<Opened> {
             Ok((Arc::clone(&client), client, Vec::new()))
         }
         ScenarioStorage::Shards { blob, consensus } => {
-            let config =
-                ShardConfig { critical_reader: Some("controller".to_string()), ..Default::default() };
-            let controller = ShardCollections::open(blob, consensus, config)
+            let poll_interval = Duration::from_millis(crate::cluster::SHARD_POLL_INTERVAL_MS);
+            let config = ShardConfig { poll_interval, ..ShardConfig::default() };
+            let controller_config =
+                ShardConfig { critical_reader: Some("controller".to_string()), ..config.clone() };
+            let controller = ShardCollections::open(blob, consensus, controller_config)
                 .await
                 .context("the controller cannot open the shards")?;
-            let writer = ShardCollections::open(blob, consensus, ShardConfig::default())
+            let writer = ShardCollections::open(blob, consensus, config)
                 .await
                 .context("the table writer cannot open the shards")?;
             for id in Table::ALL.iter().map(|t| t.id()).chain([workload::STATUS_REVENUE]) {

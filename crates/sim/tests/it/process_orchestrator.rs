@@ -317,7 +317,12 @@ async fn a_replica_whose_io_thread_panics_exits_with_a_failure_status_and_is_res
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compute_replica_refuses_missing_conflicting_or_malformed_storage_flags_with_status_2() {
     let binary = compute_replica().await;
-    let cases: [(&[&str], &str); 6] = [
+    let cases: [(&[&str], &str); 8] = [
+        (&["--storage", "127.0.0.1:1", "--shard-poll-interval-ms", "5"], "applies to the shards only"),
+        (
+            &["--blob", "file:///b", "--consensus", "sqlite:///c", "--shard-poll-interval-ms", "0"],
+            "not in 1..=60000",
+        ),
         (&[], "<--storage <ADDR>|--blob <URL>>"),
         (
             &["--storage", "127.0.0.1:1", "--blob", "file:///b", "--consensus", "sqlite:///c"],
@@ -337,6 +342,7 @@ async fn compute_replica_refuses_missing_conflicting_or_malformed_storage_flags_
             .args(flags)
             .env_remove("COMPUTE_BLOB_URL")
             .env_remove("COMPUTE_CONSENSUS_URL")
+            .env_remove("COMPUTE_SHARD_POLL_INTERVAL_MS")
             .output()
             .await
             .expect("compute-replica runs");
