@@ -1,7 +1,8 @@
 //! `compute-replica`: one process of a compute replica, as a standalone program.
 //!
 //! ```text
-//! compute-replica --listen ADDR [--workers N] (--storage ADDR | --blob URL --consensus URL)
+//! compute-replica --listen ADDR [--workers N]
+//!                 (--storage ADDR | --blob URL --consensus URL [--shard-poll-interval-ms MS])
 //!                 [--process I --addresses A0,A1,...] [--metrics-addr ADDR]
 //! ```
 //!
