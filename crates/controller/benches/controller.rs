@@ -829,7 +829,7 @@ fn bench_hydration() {
         }));
         let (orchestrator, _events) = ProcessOrchestrator::new(ProcessOrchestratorConfig {
             binary,
-            storage_address,
+            storage: controller::ReplicaStorage::Server(storage_address),
             initial_backoff_ms: 100,
             max_backoff_ms: 1_000,
             env: vec![("RUST_LOG".to_string(), "warn".to_string())],

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use controller::{
     ComputeController, ControllerConfig, InstanceCoreConfig, PeekOptions, ProcessOrchestrator,
-    ProcessOrchestratorConfig, ReplicaLocation,
+    ProcessOrchestratorConfig, ReplicaLocation, ReplicaStorage,
 };
 use frontiers::{Antichain, ReadPolicy};
 use protocol::{GlobalId, InstanceId, PeekTarget, ReplicaId, Row};
@@ -142,7 +142,7 @@ impl Runner {
                 }));
                 let (orchestrator, _events) = ProcessOrchestrator::new(ProcessOrchestratorConfig {
                     binary: binary.clone(),
-                    storage_address,
+                    storage: ReplicaStorage::Server(storage_address),
                     initial_backoff_ms: 100,
                     max_backoff_ms: 1_000,
                     env: vec![("RUST_LOG".to_string(), "warn".to_string())],

@@ -1,21 +1,27 @@
 //! `compute-replica`: one process of a compute replica, as a standalone program.
 //!
 //! ```text
-//! compute-replica --listen ADDR --workers N --storage ADDR [--process I --addresses A0,A1,...]
-//!                 [--metrics-addr ADDR]
+//! compute-replica --listen ADDR [--workers N]
+//!                 (--storage ADDR | --blob URL --consensus URL [--shard-poll-interval-ms MS])
+//!                 [--process I --addresses A0,A1,...] [--metrics-addr ADDR]
 //! ```
 //!
-//! A thin wrapper: it connects a `storage::Client` to the storage server and calls
-//! `compute::ReplicaServer::start_with_registry` with the process's Prometheus registry, then runs until
-//! interrupted (Ctrl-C / SIGINT: exit status 0) or until the process fails (a worker panicked, timely
-//! failed, the I/O thread panicked: see `compute::ReplicaHandle::failed`), when it exits with status 1 at
-//! once, without waiting for the other processes of its replica (their cluster connections close with it,
-//! so they fail too), for its orchestrator to restart the replica. It prints the address it listens on as
-//! `listening on ADDR` (useful with port 0). With `--metrics-addr` it serves the registry at
+//! A thin wrapper. It reaches storage one of two ways: through the storage server (`--storage`: a
+//! `storage::Client`), or by opening the shards itself (`--blob` and `--consensus`, or the environment
+//! variables `COMPUTE_BLOB_URL` and `COMPUTE_CONSENSUS_URL`: a `storage::ShardCollections` with a leased
+//! reader, the URL syntax of DESIGN §9, `storage::blob` and `storage::consensus`). Then it calls
+//! `compute::ReplicaServer::start_with_registry` with the process's Prometheus registry and runs until
+//! interrupted (Ctrl-C / SIGINT: exit status 0, after releasing its shard readers) or until the process
+//! fails (a worker panicked, timely failed, the I/O thread panicked: see `compute::ReplicaHandle::failed`),
+//! when it exits with status 1 at once, without waiting for the other processes of its replica (their
+//! cluster connections close with it, so they fail too), for its orchestrator to restart the replica. Bad
+//! flags exit with status 2 and clap's message (`--help` explains every flag). It prints the address it
+//! listens on as `listening on ADDR` (useful with port 0). With `--metrics-addr` it serves the registry at
 //! `http://ADDR/metrics` (`telemetry::MetricsServer`) and prints `metrics on http://ADDR/metrics`. It is not
 //! where any replica logic lives; see the `compute` library. Tested by the `sim` crate's `tests/it/`, which
 //! runs it under the process orchestrator (a worker panic and an injected I/O-thread panic,
-//! `compute::FAULT_ENV`, each exit with status 1) and scrapes its metrics and checks them with `promtool`.
+//! `compute::FAULT_ENV`, each exit with status 1; the flags' validation; a replica on shards) and scrapes
+//! its metrics and checks them with `promtool`.
 
 // The binary talks to a person on its terminal (usage errors, the address it listens on).
 #![allow(clippy::print_stdout, clippy::print_stderr)]
@@ -24,56 +30,151 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use clap::{ArgGroup, Parser};
 use compute::{ReplicaConfig, ReplicaServer};
+use storage::blob::BlobConfig;
+use storage::consensus::ConsensusConfig;
+use storage::{ShardCollections, ShardConfig, StorageCollections};
 
-#[derive(Debug)]
+/// One process of a compute replica: it listens for the controller, runs the dataflows on timely
+/// workers, and reads and writes storage either through the storage server (`--storage`) or by opening
+/// the shards itself (`--blob` and `--consensus`).
+#[derive(Debug, Parser)]
+#[command(name = "compute-replica", version)]
+#[command(after_help = "Exit status: 0 after Ctrl-C, 1 when the replica fails (a worker panicked; its \
+orchestrator restarts it) or cannot start, 2 for bad flags. RUST_LOG sets the log filter (default info).")]
+#[command(group(ArgGroup::new("storage-location").required(true).args(["storage", "blob"])))]
 struct Args {
+    /// The address the controller connects to (port 0 picks a free one; printed as `listening on ADDR`).
+    #[arg(long, value_name = "ADDR")]
     listen: SocketAddr,
+
+    /// Timely worker threads in this process.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = at_least_one)]
     workers: usize,
-    storage: String,
+
+    /// The storage server's address (`storage-server`). Either this, or `--blob` with `--consensus`.
+    #[arg(long, value_name = "ADDR", conflicts_with_all = ["blob", "consensus"])]
+    storage: Option<String>,
+
+    /// The blob store of the shards: `file:///DIR`, `s3://BUCKET/PREFIX?endpoint=URL&region=R&...` or
+    /// `mem://NAME` (within this process only). Needs `--consensus`; every process of the system must name
+    /// the same store.
+    #[arg(long, value_name = "URL", env = "COMPUTE_BLOB_URL", requires = "consensus")]
+    blob: Option<BlobConfig>,
+
+    /// The consensus store of the shards: `sqlite:///FILE`, `postgres://USER@HOST:PORT/DB` or
+    /// `mem://NAME` (within this process only). Needs `--blob`.
+    #[arg(long, value_name = "URL", env = "COMPUTE_CONSENSUS_URL", requires = "blob")]
+    consensus: Option<ConsensusConfig>,
+
+    /// How often, in milliseconds, this process polls the consensus store for changes of the shards it
+    /// listens to when no push channel (PostgreSQL `NOTIFY`) told it first. Only with `--blob`. Default:
+    /// the shard engine's (`storage::ShardConfig`), 100 ms.
+    #[arg(
+        long,
+        value_name = "MS",
+        env = "COMPUTE_SHARD_POLL_INTERVAL_MS",
+        value_parser = clap::value_parser!(u64).range(1..=60_000)
+    )]
+    shard_poll_interval_ms: Option<u64>,
+
+    /// This process's index in a multi-process replica (0-based; needs `--addresses`).
+    #[arg(long, value_name = "I", default_value_t = 0, requires = "addresses")]
     process: usize,
+
+    /// The timely addresses of every process of the replica, in process order, comma-separated (a
+    /// multi-process replica; this process listens on the one at `--process`).
+    #[arg(long, value_name = "A0,A1,...", value_delimiter = ',')]
     addresses: Vec<String>,
+
+    /// Serve this process's metrics at `http://ADDR/metrics` (Prometheus text format).
+    #[arg(long, value_name = "ADDR")]
     metrics_addr: Option<SocketAddr>,
 }
 
-const USAGE: &str = "usage: compute-replica --listen ADDR --workers N --storage ADDR \
-[--process I --addresses A0,A1,...] [--metrics-addr ADDR]";
+fn at_least_one(value: &str) -> Result<usize, String> {
+    match value.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        Ok(_) => Err("must be at least 1".to_string()),
+        Err(e) => Err(e.to_string()),
+    }
+}
 
-fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
-    let mut listen = None;
-    let mut workers = 1;
-    let mut storage = None;
-    let mut process = 0;
-    let mut addresses = Vec::new();
-    let mut metrics_addr = None;
-    while let Some(flag) = args.next() {
-        let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
-        match flag.as_str() {
-            "--listen" => listen = Some(value()?.parse().map_err(|e| format!("--listen: {e}"))?),
-            "--workers" => workers = value()?.parse().map_err(|e| format!("--workers: {e}"))?,
-            "--storage" => storage = Some(value()?),
-            "--process" => process = value()?.parse().map_err(|e| format!("--process: {e}"))?,
-            "--addresses" => {
-                addresses = value()?.split(',').filter(|a| !a.is_empty()).map(str::to_string).collect()
+impl Args {
+    /// The checks clap's attributes cannot express.
+    fn validate(&self) -> Result<(), String> {
+        // Checked here: clap's `requires` does not fire for an argument whose target is in a satisfied group.
+        if self.shard_poll_interval_ms.is_some() && self.blob.is_none() {
+            return Err(
+                "--shard-poll-interval-ms applies to the shards only: it needs --blob and --consensus \
+                        (or their environment variables), not --storage"
+                    .to_string(),
+            );
+        }
+        if !self.addresses.is_empty() && self.process >= self.addresses.len() {
+            return Err(format!(
+                "--process {} is out of range: --addresses names {} process(es)",
+                self.process,
+                self.addresses.len()
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Where storage is, as the flags said.
+enum StorageLocation {
+    Server(String),
+    Shards(BlobConfig, ConsensusConfig, ShardConfig),
+}
+
+impl Args {
+    fn storage_location(&self) -> StorageLocation {
+        match (&self.storage, &self.blob, &self.consensus) {
+            (Some(address), None, None) => StorageLocation::Server(address.clone()),
+            (None, Some(blob), Some(consensus)) => {
+                let mut config = ShardConfig::default();
+                if let Some(ms) = self.shard_poll_interval_ms {
+                    config.poll_interval = std::time::Duration::from_millis(ms);
+                }
+                StorageLocation::Shards(blob.clone(), consensus.clone(), config)
             }
-            "--metrics-addr" => {
-                metrics_addr = Some(value()?.parse().map_err(|e| format!("--metrics-addr: {e}"))?)
-            }
-            "--help" | "-h" => return Err(USAGE.to_string()),
-            other => return Err(format!("unknown argument {other}\n{USAGE}")),
+            // clap's group and `requires`/`conflicts_with` make every other combination a usage error.
+            other => unreachable!("clap accepted an invalid storage location: {other:?}"),
         }
     }
-    Ok(Args {
-        listen: listen.ok_or_else(|| format!("--listen is required\n{USAGE}"))?,
-        workers,
-        storage: storage.ok_or_else(|| format!("--storage is required\n{USAGE}"))?,
-        process,
-        addresses,
-        metrics_addr,
-    })
+}
+
+/// Connects to the storage server or opens the shards. Runs on `runtime`, which the engine's background
+/// tasks then live on.
+fn open_storage(
+    runtime: &tokio::runtime::Runtime,
+    location: &StorageLocation,
+) -> Result<(Arc<dyn StorageCollections>, Option<ShardCollections>), String> {
+    match location {
+        StorageLocation::Server(address) => {
+            let client = runtime
+                .block_on(storage::Client::connect(address.as_str()))
+                .map_err(|e| format!("cannot connect to storage at {address}: {e}"))?;
+            Ok((Arc::new(client), None))
+        }
+        StorageLocation::Shards(blob, consensus, config) => {
+            let shards = runtime
+                .block_on(ShardCollections::open(blob, consensus, config.clone()))
+                .map_err(|e| format!("cannot open the shards: {e}"))?;
+            tracing::info!(?blob, ?consensus, "opened the shards");
+            Ok((Arc::new(shards.clone()), Some(shards)))
+        }
+    }
 }
 
 fn main() -> ExitCode {
+    let args = Args::parse();
+    if let Err(message) = args.validate() {
+        eprintln!("error: {message}");
+        return ExitCode::from(2);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -81,13 +182,6 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let args = match parse_args(std::env::args().skip(1)) {
-        Ok(args) => args,
-        Err(message) => {
-            eprintln!("{message}");
-            return ExitCode::from(2);
-        }
-    };
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -95,15 +189,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let client = match runtime.block_on(storage::Client::connect(args.storage.as_str())) {
-        Ok(client) => client,
-        Err(e) => {
-            eprintln!("cannot connect to storage at {}: {e}", args.storage);
+    let (storage, shards) = match open_storage(&runtime, &args.storage_location()) {
+        Ok(opened) => opened,
+        Err(message) => {
+            eprintln!("{message}");
             return ExitCode::FAILURE;
         }
     };
-    let config = ReplicaConfig::new(args.listen, args.workers, Arc::new(client))
-        .in_cluster(args.process, args.addresses);
+    let config =
+        ReplicaConfig::new(args.listen, args.workers, storage).in_cluster(args.process, args.addresses);
     // The process's registry: the replica's metrics, served at `--metrics-addr`.
     let registry = prometheus::Registry::new();
     let handle = match ReplicaServer::start_with_registry(config, registry.clone()) {
@@ -137,6 +231,10 @@ fn main() -> ExitCode {
     match failure {
         None => {
             handle.shutdown();
+            if let Some(shards) = shards {
+                // Release the leased readers now rather than leaving them to expire.
+                runtime.block_on(shards.shutdown());
+            }
             ExitCode::SUCCESS
         }
         Some(failure) => {

@@ -25,12 +25,12 @@ use controller::{
 };
 use frontiers::{Antichain, ReadPolicy};
 use protocol::{GlobalId, PeekTarget, ReplicaId, Row};
-use storage::{AppendRequest, Client, StorageCollections};
+use storage::{AppendRequest, StorageCollections};
 use tpch::sqlite::{Oracle, semantics};
 use tpch::{Catalog, Data, Query, Refresh, TABLES};
 
 use crate::cluster::report::{Recreation, Rehydration, Stats, Ui, lock};
-use crate::cluster::tasks::INSTANCE;
+use crate::cluster::tasks::{INSTANCE, ScenarioStorage, open_storage};
 use crate::cluster::{ClusterArgs, now};
 
 /// How long a check waits for an answer (through a replica's restart and rehydration).
@@ -54,15 +54,32 @@ struct Ctx {
 /// The scenario on the TPC-H views (see the module documentation).
 pub async fn scenario(
     args: ClusterArgs,
-    storage_address: String,
+    storage: ScenarioStorage,
+    orchestrator: Arc<ProcessOrchestrator>,
+    process_events: mpsc::UnboundedReceiver<ProcessEvent>,
+    stats: Arc<Stats>,
+    ui: Arc<Ui>,
+) -> anyhow::Result<()> {
+    let catalog = Catalog::new(0);
+    let fresh: Vec<GlobalId> = TABLES.iter().map(|table| catalog.table(*table)).collect();
+    // The controller and the loader share the controller's engine (the loader writes from its process).
+    let (storage, _, shards) = open_storage(&storage, &fresh).await?;
+    let result = scenario_on(args, storage, orchestrator, process_events, stats, ui).await;
+    for engine in shards {
+        // Releases the leased readers rather than leaving them to expire.
+        engine.shutdown().await;
+    }
+    result
+}
+
+async fn scenario_on(
+    args: ClusterArgs,
+    storage: Arc<dyn StorageCollections>,
     orchestrator: Arc<ProcessOrchestrator>,
     mut process_events: mpsc::UnboundedReceiver<ProcessEvent>,
     stats: Arc<Stats>,
     ui: Arc<Ui>,
 ) -> anyhow::Result<()> {
-    let client =
-        Client::connect(storage_address.as_str()).await.context("cannot connect to the storage server")?;
-    let storage: Arc<dyn StorageCollections> = Arc::new(client);
     // About one refresh batch a second, and some to spare.
     let batches = (args.duration.as_secs() as usize + 10).min(tpch::data::SLICES as usize / 2);
     let data = Data::generate(args.scale_factor, batches);

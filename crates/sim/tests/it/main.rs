@@ -7,6 +7,7 @@
 //! `sim` can build that binary; the metrics endpoints of a replica process and of the controller checked
 //! with `promtool`, and the report page rendered in headless Chromium (`observability`).
 
+mod cluster;
 mod observability;
 mod process_orchestrator;
 

@@ -116,7 +116,7 @@ async fn a_running_replica_process_and_the_controller_serve_metrics_promtool_acc
     std::fs::create_dir_all(&log_dir).expect("log directory");
     let (orchestrator, _events) = ProcessOrchestrator::new(ProcessOrchestratorConfig {
         binary,
-        storage_address,
+        storage: controller::ReplicaStorage::Server(storage_address),
         initial_backoff_ms: 100,
         max_backoff_ms: 1_000,
         env: vec![("RUST_LOG".to_string(), "info".to_string()), ("NO_COLOR".to_string(), "1".to_string())],
