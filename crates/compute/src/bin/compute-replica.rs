@@ -146,11 +146,13 @@ impl Args {
     }
 }
 
-/// Connects to the storage server or opens the shards. Runs on `runtime`, which the engine's background
-/// tasks then live on.
+/// Connects to the storage server or opens the shards, whose engine records its metrics
+/// (`storage::StorageMetrics`) in the process's `registry`. Runs on `runtime`, which the engine's
+/// background tasks then live on.
 fn open_storage(
     runtime: &tokio::runtime::Runtime,
     location: &StorageLocation,
+    registry: &prometheus::Registry,
 ) -> Result<(Arc<dyn StorageCollections>, Option<ShardCollections>), String> {
     match location {
         StorageLocation::Server(address) => {
@@ -160,8 +162,11 @@ fn open_storage(
             Ok((Arc::new(client), None))
         }
         StorageLocation::Shards(blob, consensus, config) => {
+            let metrics = storage::StorageMetrics::register(registry)
+                .map_err(|e| format!("cannot register the storage engine's metrics: {e}"))?;
+            let config = ShardConfig { metrics: Some(metrics), ..config.clone() };
             let shards = runtime
-                .block_on(ShardCollections::open(blob, consensus, config.clone()))
+                .block_on(ShardCollections::open(blob, consensus, config))
                 .map_err(|e| format!("cannot open the shards: {e}"))?;
             tracing::info!(?blob, ?consensus, "opened the shards");
             Ok((Arc::new(shards.clone()), Some(shards)))
@@ -189,7 +194,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let (storage, shards) = match open_storage(&runtime, &args.storage_location()) {
+    // The process's registry: the replica's metrics and, on shards, the storage engine's, served at
+    // `--metrics-addr`.
+    let registry = prometheus::Registry::new();
+    let (storage, shards) = match open_storage(&runtime, &args.storage_location(), &registry) {
         Ok(opened) => opened,
         Err(message) => {
             eprintln!("{message}");
@@ -198,8 +206,6 @@ fn main() -> ExitCode {
     };
     let config =
         ReplicaConfig::new(args.listen, args.workers, storage).in_cluster(args.process, args.addresses);
-    // The process's registry: the replica's metrics, served at `--metrics-addr`.
-    let registry = prometheus::Registry::new();
     let handle = match ReplicaServer::start_with_registry(config, registry.clone()) {
         Ok(handle) => handle,
         Err(e) => {

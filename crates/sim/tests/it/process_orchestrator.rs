@@ -362,7 +362,7 @@ async fn compute_replica_refuses_missing_conflicting_or_malformed_storage_flags_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replica_on_shards_gets_its_urls_from_the_orchestrator_and_opens_them() {
+async fn a_replica_on_shards_gets_its_urls_from_the_orchestrator_opens_them_and_serves_the_engines_metrics() {
     let dir = tempfile::tempdir().expect("temporary directory");
     let blob = format!("file://{}", dir.path().join("blob").display());
     let consensus = format!("sqlite://{}", dir.path().join("consensus.db").display());
@@ -373,11 +373,12 @@ async fn a_replica_on_shards_gets_its_urls_from_the_orchestrator_and_opens_them(
         max_backoff_ms: MAX_BACKOFF_MS,
         env: vec![("RUST_LOG".to_string(), "warn".to_string())],
         log_dir: None,
-        metrics: false,
+        metrics: true,
     });
     let replica = ReplicaId(1);
     let spec = ReplicaSpec { instance: INSTANCE, replica, workers: 1, processes: 1 };
     let addresses = orchestrator.ensure_replica(spec).await.expect("started");
+    let metrics_addr = *orchestrator.metrics_addresses(INSTANCE, replica).first().expect("a metrics address");
     running(&mut events, replica).await;
     // It listens (so it opened both stores: it only starts its server after that) ...
     let address = addresses[0].clone();
@@ -395,5 +396,19 @@ async fn a_replica_on_shards_gets_its_urls_from_the_orchestrator_and_opens_them(
     // It runs (a store it could not open would have made it exit, reported as a crash).
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(events.try_recv().is_err(), "the replica on shards crashed");
+    // Its shard engine records into the process's registry (what each event adds is storage's
+    // `shard_metrics` test; an idle replica has done no storage operation yet).
+    let page =
+        tokio::task::spawn_blocking(move || telemetry::scrape(metrics_addr, "/metrics", EVENT_TIMEOUT))
+            .await
+            .expect("scrape task")
+            .expect("the replica serves its metrics");
+    let samples = telemetry::parse_text(&page.body).expect("the exposition parses");
+    for family in
+        ["storage_appends_total", "storage_consensus_operation_seconds_count", "storage_cas_conflicts_total"]
+    {
+        assert!(samples.iter().any(|s| s.name == family), "no {family}:\n{}", page.body);
+    }
+    assert!(page.body.contains("compute_replica_dataflows"), "the replica's own metrics are there too");
     orchestrator.drop_replica(INSTANCE, replica).await.expect("dropped");
 }
