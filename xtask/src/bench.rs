@@ -36,6 +36,7 @@ pub const GROUPS: &[Group] = &[
     Group { name: "compute", krate: "compute" },
     Group { name: "replica-client", krate: "replica-client" },
     Group { name: "controller", krate: "controller" },
+    Group { name: "tpch", krate: "tpch" },
 ];
 
 /// One collected `bench ...` line, split into its fields (kept as printed).

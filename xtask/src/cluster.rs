@@ -1,6 +1,8 @@
-//! The `cluster` step of `cargo xtask test-suite`: a short run of the cluster scenario (`sim cluster`: a
-//! storage server and compute replicas as real processes, the controller in `sim`, a live workload checked
-//! against an oracle), failed on any violation and on too few checks.
+//! The `cluster` step of `cargo xtask test-suite`: a short run of the cluster scenario (`sim cluster`:
+//! compute replicas as real processes, the controller in `sim`, all on the embedded shards (the default
+//! storage: blob files and a SQLite consensus that every process opens), a live workload checked against an
+//! oracle), failed on any violation and on too few checks. The short runs on PostgreSQL + S3 are in `sim`'s
+//! `tests/it/cluster.rs`, part of the `test` step.
 //!
 //! **What it runs.** `cargo run -p sim -- cluster` in the dev profile (the `test` step already compiled
 //! `sim`, `compute-replica` and `storage-server` there; `sim cluster` builds the latter two with its own
@@ -58,9 +60,10 @@ pub const REPORT_DIR: &str = "target/cluster-report";
 /// while a peek path that stalls for most of the run fails.
 pub const MIN_PEEKS: u64 = 500;
 
-/// Subscribe batches checked against the oracle, at least. The writer appends every 20 ms, so the
-/// subscribe delivers about 50 batches a second (about 1,000 in 20 s measured); 100 means it kept
-/// flowing for a good part of the run, through the replica kill.
+/// Subscribe batches checked against the oracle, at least. The writer appends every 20 ms, so on the
+/// storage server the subscribe delivers about 50 batches a second (about 1,000 in 20 s measured); on the
+/// embedded shards, whose listens poll every 100 ms, about 430 in 20 s; 100 means it kept flowing for a
+/// good part of the run, through the replica kill.
 pub const MIN_SUBSCRIBE_BATCHES: u64 = 100;
 
 /// Materialized-view contents read from storage and checked, at least. The checker reads about five

@@ -73,6 +73,13 @@ pub const LAYERS: &[Layer] = &[
         extra_dev_deps: &["compute", "test-support"],
     },
     Layer {
+        // TPC-H's data, queries and SQLite oracle, and a runner that drives a replica through the
+        // controller (so the tests, the benchmark and the cluster scenario share it).
+        krate: "tpch",
+        deps: &["frontiers", "protocol", "transport", "storage", "compute", "controller"],
+        extra_dev_deps: &[],
+    },
+    Layer {
         krate: "sim",
         deps: &[
             "frontiers",
@@ -82,6 +89,7 @@ pub const LAYERS: &[Layer] = &[
             "compute",
             "replica-client",
             "controller",
+            "tpch",
             "telemetry",
         ],
         extra_dev_deps: &[],

@@ -62,6 +62,16 @@ impl CheckedDiff {
         }
     }
 
+    /// An exact value (`OVERFLOW` for `i128::MIN`, which stands for it): an accumulated sum's term.
+    pub(crate) fn from_i128(value: i128) -> CheckedDiff {
+        CheckedDiff::checked(Some(value))
+    }
+
+    /// The value, if it did not overflow.
+    pub(crate) fn to_i128(self) -> Option<i128> {
+        (!self.is_overflow()).then(|| self.value())
+    }
+
     /// Whether this is the sticky overflow.
     pub(crate) fn is_overflow(self) -> bool {
         self == CheckedDiff::OVERFLOW

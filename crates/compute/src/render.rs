@@ -59,7 +59,7 @@ use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
 pub(crate) use crate::diff::CheckedDiff;
 use protocol::{
     AggregateExpr, AggregateFunc, DataflowDescription, Datum, EvalError, GlobalId, Plan, RelationType, Row,
-    RowPacker, RowRef, ScalarExpr, compare_datums,
+    RowPacker, RowRef, ScalarExpr, ScalarType, compare_datums,
 };
 
 /// The time of every collection.
@@ -180,17 +180,31 @@ pub(crate) fn render_plan<'s>(plan: &Plan, ctx: &mut RenderContext<'s>) -> Coll<
         }
         Plan::Join { inputs, equivalences } => render_join(inputs, equivalences, ctx),
         Plan::Reduce { input, group_key, aggregates }
-            if aggregates.len() <= 1 && aggregates.iter().all(|a| a.func == AggregateFunc::Count) =>
+            if aggregates.len() <= 1
+                && aggregates
+                    .iter()
+                    .all(|a| matches!(a.func, AggregateFunc::Count | AggregateFunc::CountRows)) =>
         {
-            // A count of a column that is never NULL counts rows: a plain count, like a hand-written one.
+            // A count of a column that is never NULL counts rows: a plain count, like a hand-written one;
+            // so does `count(*)`, which reads no column.
             let column = aggregates.first().map(|a| a.column);
-            let nullable = column.is_some_and(|column| {
-                let typ = input.typ(&|id| ctx.types.get(&id).cloned());
-                typ.map_or(true, |typ| typ.column_types.get(column).is_none_or(|c| c.nullable))
-            });
+            let count_rows = aggregates.first().is_some_and(|a| a.func == AggregateFunc::CountRows);
+            let nullable = !count_rows
+                && column.is_some_and(|column| {
+                    let typ = input.typ(&|id| ctx.types.get(&id).cloned());
+                    typ.map_or(true, |typ| typ.column_types.get(column).is_none_or(|c| c.nullable))
+                });
             let input = render_plan(input, ctx);
             let operator = ctx.operator();
             render_count(input, group_key.clone(), column, nullable, operator, ctx)
+        }
+        Plan::Reduce { input: reduce_input, group_key, aggregates }
+            if accumulable(reduce_input, aggregates, ctx).is_some() =>
+        {
+            let accumulated = accumulable(reduce_input, aggregates, ctx).expect("checked by the guard");
+            let input = render_plan(reduce_input, ctx);
+            let operator = ctx.operator();
+            render_accumulable(input, group_key.clone(), accumulated, operator, ctx)
         }
         Plan::Reduce { input, group_key, aggregates } => {
             let input = render_plan(input, ctx);
@@ -316,6 +330,184 @@ fn render_count<'s>(
             split_results(counts, "Reduce", move |(key, rows)| output(key, rows, rows))
         }
     };
+    ctx.errs.push(errs);
+    oks
+}
+
+/// How one aggregate of an accumulable `Reduce` is kept (see [`render_accumulable`]).
+#[derive(Debug, Clone, Copy)]
+enum Accumulated {
+    /// `count(column)`: the non-null values.
+    Count { column: usize },
+    /// `count(*)`: the rows.
+    CountRows,
+    /// `sum` of integers: the exact sum and the non-null values.
+    SumInt { column: usize },
+    /// `sum` of decimals of a type of scale `scale`: the exact sum of the mantissas at that scale, and the
+    /// non-null values.
+    SumDecimal { column: usize, scale: u8 },
+    /// `avg` of integers or decimals (`scale` 0 for integers): as `SumDecimal`, divided at the end.
+    Avg { column: usize, scale: u8 },
+}
+
+impl Accumulated {
+    /// How many accumulators it takes.
+    fn width(self) -> usize {
+        match self {
+            Accumulated::CountRows => 0,
+            Accumulated::Count { .. } => 1,
+            _ => 2,
+        }
+    }
+}
+
+/// The aggregates of a `Reduce` as [`Accumulated`]s, if every one accumulates exactly (counts, and sums
+/// and averages of integers and decimals: not floats, whose sum depends on its order, nor `min`/`max`).
+fn accumulable(
+    input: &Plan,
+    aggregates: &[AggregateExpr],
+    ctx: &RenderContext<'_>,
+) -> Option<Vec<Accumulated>> {
+    if aggregates.is_empty() {
+        return None;
+    }
+    let typ = input.typ(&|id| ctx.types.get(&id).cloned()).ok()?;
+    aggregates
+        .iter()
+        .map(|aggregate| {
+            let column = aggregate.column;
+            let scalar = typ.column_types.get(column).map(|c| c.scalar_type);
+            match (aggregate.func, scalar) {
+                (AggregateFunc::CountRows, _) => Some(Accumulated::CountRows),
+                (AggregateFunc::Count, Some(_)) => Some(Accumulated::Count { column }),
+                (AggregateFunc::Sum, Some(ScalarType::Int64)) => Some(Accumulated::SumInt { column }),
+                (AggregateFunc::Sum, Some(ScalarType::Decimal { scale })) => {
+                    Some(Accumulated::SumDecimal { column, scale })
+                }
+                (AggregateFunc::Avg, Some(ScalarType::Int64)) => Some(Accumulated::Avg { column, scale: 0 }),
+                (AggregateFunc::Avg, Some(ScalarType::Decimal { scale })) => {
+                    Some(Accumulated::Avg { column, scale })
+                }
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+/// The accumulators of one input row: its count (one), then each aggregate's ([`Accumulated::width`]).
+fn accumulators(row: &Row, accumulated: &[Accumulated]) -> Vec<CheckedDiff> {
+    let datums: Vec<Datum<'_>> = row.iter().collect();
+    let mut out = Vec::with_capacity(1 + 2 * accumulated.len());
+    out.push(CheckedDiff::ONE);
+    let present = |column: usize| datums.get(column).is_some_and(|d| !d.is_null());
+    for aggregate in accumulated {
+        match *aggregate {
+            Accumulated::CountRows => {}
+            Accumulated::Count { column } => out.push(CheckedDiff::from(i64::from(present(column)))),
+            Accumulated::SumInt { column } => {
+                let value = match datums.get(column) {
+                    Some(Datum::Int64(i)) => i128::from(*i),
+                    _ => 0,
+                };
+                out.push(CheckedDiff::from_i128(value));
+                out.push(CheckedDiff::from(i64::from(present(column))));
+            }
+            Accumulated::SumDecimal { column, scale } | Accumulated::Avg { column, scale } => {
+                let mantissa = match datums.get(column) {
+                    // A value of the column has at most the type's scale: exact at that scale (beyond 128
+                    // bits is an overflow, which makes the group's answer an error).
+                    Some(Datum::Decimal(d)) => 10i128
+                        .checked_pow(u32::from(scale.saturating_sub(d.scale())))
+                        .and_then(|factor| d.mantissa().checked_mul(factor))
+                        .map_or(CheckedDiff::OVERFLOW, CheckedDiff::from_i128),
+                    Some(Datum::Int64(i)) => CheckedDiff::from_i128(i128::from(*i)),
+                    _ => CheckedDiff::ZERO,
+                };
+                out.push(mantissa);
+                out.push(CheckedDiff::from(i64::from(present(column))));
+            }
+        }
+    }
+    out
+}
+
+/// The datum of one accumulated aggregate from its accumulators (`rows` the group's row count), or the
+/// IR's error for it.
+fn accumulated_datum(
+    aggregate: Accumulated,
+    rows: i64,
+    values: &[CheckedDiff],
+) -> Result<Datum<'static>, EvalError> {
+    let int = |d: CheckedDiff| d.to_i64().ok_or(EvalError::Int64OutOfRange);
+    let decimal = |d: CheckedDiff, scale: u8| {
+        d.to_i128().and_then(|m| protocol::Decimal::new(m, scale)).ok_or(EvalError::DecimalOutOfRange)
+    };
+    Ok(match aggregate {
+        Accumulated::CountRows => Datum::Int64(rows),
+        Accumulated::Count { .. } => Datum::Int64(int(values[0])?),
+        _ if values[1].is_zero() => Datum::Null,
+        Accumulated::SumInt { .. } => Datum::Int64(int(values[0])?),
+        Accumulated::SumDecimal { scale, .. } => Datum::Decimal(decimal(values[0], scale)?),
+        Accumulated::Avg { scale, .. } => {
+            let count =
+                protocol::Decimal::new(i128::from(int(values[1])?), 0).ok_or(EvalError::DecimalOutOfRange)?;
+            Datum::Decimal(protocol::decimal_arithmetic(
+                protocol::BinaryFunc::Div,
+                decimal(values[0], scale)?,
+                count,
+            )?)
+        }
+    })
+}
+
+/// A `Reduce` whose aggregates all accumulate exactly ([`accumulable`]): each group is kept as the sums
+/// of its rows' accumulators (a count, exact sums, counts of non-null values), maintained with constant
+/// work per update and time like a count (differential's `count` over a vector of [`CheckedDiff`]s), not
+/// by re-reading every row of a group as the general reduce does. The reference's condition that no row
+/// of a group be negative is checked per row by [`check_non_negative`], as for a count; a group whose
+/// count, an integer sum or a count of values is not an `i64`, or whose decimal sum is not a decimal, is
+/// an error, as `AggregateFunc::eval` says.
+fn render_accumulable<'s>(
+    input: Coll<'s>,
+    group_key: Vec<usize>,
+    accumulated: Vec<Accumulated>,
+    operator: u64,
+    ctx: &mut RenderContext<'s>,
+) -> Coll<'s> {
+    ctx.errs.push(check_non_negative(input.clone(), operator, "Reduce"));
+    let explode = accumulated.clone();
+    let sums = input
+        .explode(move |row| Some((project_row(&row, &group_key), accumulators(&row, &explode))))
+        .count_core::<CheckedDiff>();
+    let (oks, errs) = split_results(sums, "Reduce", move |(key, values): (Row, Vec<CheckedDiff>)| {
+        let rows = values.first().copied().unwrap_or(CheckedDiff::ZERO);
+        let Some(count) = rows.to_i64() else {
+            return Some(Err(out_of_range_error(operator, "Reduce", key.as_row_ref())));
+        };
+        if count <= 0 {
+            // None: an empty group; negative: a negative row, an error of `check_non_negative`.
+            return None;
+        }
+        let mut packer = RowPacker::new();
+        packer.extend_by_row(&key);
+        let mut offset = 1;
+        for aggregate in &accumulated {
+            let width = aggregate.width();
+            let mut slots = [CheckedDiff::ZERO; 2];
+            for (slot, value) in slots.iter_mut().zip(values.iter().skip(offset).take(width)) {
+                *slot = *value;
+            }
+            offset += width;
+            match accumulated_datum(*aggregate, count, &slots) {
+                Ok(datum) => packer.push(datum),
+                Err(error) => {
+                    let message = format!("{error} (operator {operator}: Reduce {aggregate:?})");
+                    return Some(Err(error_row(&message, key.as_row_ref())));
+                }
+            }
+        }
+        Some(Ok(packer.finish()))
+    });
     ctx.errs.push(errs);
     oks
 }

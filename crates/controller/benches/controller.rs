@@ -1015,7 +1015,7 @@ fn bench_hydration(pki: &BenchPki) {
         }));
         let (orchestrator, _events) = ProcessOrchestrator::new(ProcessOrchestratorConfig {
             binary,
-            storage_address,
+            storage: controller::ReplicaStorage::Server(storage_address),
             security: pki.replica_processes(),
             initial_backoff_ms: 100,
             max_backoff_ms: 1_000,

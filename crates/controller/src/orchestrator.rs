@@ -10,6 +10,8 @@
 //!   processes together (a timely cluster cannot take back one lost process), on the same ports so the
 //!   replica client simply reconnects, and reports every status change. The backoff doubles with each
 //!   crash in a row and starts over once a replica has run stably (see [`ProcessOrchestratorConfig`]).
+//!   Its processes reach storage through the storage server or open the shards themselves
+//!   ([`ReplicaStorage`]).
 //!
 //! **Boundary:** an orchestrator only runs processes and says where they listen; connecting, replaying
 //! and hydrating are the replica client's job.
@@ -255,8 +257,8 @@ impl ReplicaProcessSecurity {
 pub struct ProcessOrchestratorConfig {
     /// The `compute-replica` binary.
     pub binary: PathBuf,
-    /// The storage server every replica reads from and writes to.
-    pub storage_address: String,
+    /// Where every replica reads from and writes to.
+    pub storage: ReplicaStorage,
     /// How the replicas secure their connections.
     pub security: ReplicaProcessSecurity,
     /// The first restart's delay, in milliseconds (doubling with each crash in a row, up to
@@ -272,6 +274,66 @@ pub struct ProcessOrchestratorConfig {
     /// Whether every replica process serves its metrics (`compute-replica --metrics-addr`), each on a
     /// loopback port of its own that it keeps across restarts ([`ProcessOrchestrator::metrics_addresses`]).
     pub metrics: bool,
+}
+
+/// Where a [`ProcessOrchestrator`]'s replica processes find storage.
+#[derive(Clone, PartialEq, Eq)]
+pub enum ReplicaStorage {
+    /// The storage server at this address (`compute-replica --storage ADDR`).
+    Server(String),
+    /// The shards, which every process opens itself from these URLs (DESIGN §9). They reach the child
+    /// through its environment (`COMPUTE_BLOB_URL`, `COMPUTE_CONSENSUS_URL`, which `compute-replica` reads
+    /// as `--blob` and `--consensus`), not its command line, which any user can list: the URLs may carry
+    /// credentials. Build it with [`ReplicaStorage::shards`], which checks both URLs.
+    Shards {
+        /// The `--blob` URL.
+        blob: String,
+        /// The `--consensus` URL.
+        consensus: String,
+    },
+}
+
+impl ReplicaStorage {
+    /// The shards at `blob` and `consensus`, refused here (not by every child, in a restart loop) when
+    /// either URL does not parse.
+    pub fn shards(blob: &str, consensus: &str) -> Result<ReplicaStorage, storage::UrlError> {
+        blob.parse::<storage::blob::BlobConfig>()?;
+        consensus.parse::<storage::consensus::ConsensusConfig>()?;
+        Ok(ReplicaStorage::Shards { blob: blob.to_owned(), consensus: consensus.to_owned() })
+    }
+
+    /// Points `command` at this storage (and clears the shard variables it may have inherited, which
+    /// `compute-replica` refuses with `--storage`; the config's `env` may set them again).
+    fn apply(&self, command: &mut Command) {
+        for key in [BLOB_URL_ENV, CONSENSUS_URL_ENV, SHARD_POLL_INTERVAL_ENV] {
+            command.env_remove(key);
+        }
+        match self {
+            ReplicaStorage::Server(address) => {
+                command.arg("--storage").arg(address);
+            }
+            ReplicaStorage::Shards { blob, consensus } => {
+                command.env(BLOB_URL_ENV, blob).env(CONSENSUS_URL_ENV, consensus);
+            }
+        }
+    }
+}
+
+/// The environment variable `compute-replica` reads its `--blob` URL from.
+pub const BLOB_URL_ENV: &str = "COMPUTE_BLOB_URL";
+/// The environment variable `compute-replica` reads its `--consensus` URL from.
+pub const CONSENSUS_URL_ENV: &str = "COMPUTE_CONSENSUS_URL";
+/// The environment variable `compute-replica` reads its `--shard-poll-interval-ms` from.
+pub const SHARD_POLL_INTERVAL_ENV: &str = "COMPUTE_SHARD_POLL_INTERVAL_MS";
+
+impl fmt::Debug for ReplicaStorage {
+    /// The shards' URLs are not shown: they may carry credentials.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ReplicaStorage::Server(address) => f.debug_tuple("Server").field(address).finish(),
+            ReplicaStorage::Shards { .. } => f.debug_struct("Shards").finish_non_exhaustive(),
+        }
+    }
 }
 
 struct ManagedReplica {
@@ -326,10 +388,9 @@ fn spawn_processes(
             .arg(format!("127.0.0.1:{port}"))
             .arg("--workers")
             .arg(replica.spec.workers.to_string())
-            .arg("--storage")
-            .arg(&config.storage_address)
             .stdin(Stdio::null())
             .stdout(Stdio::null());
+        config.storage.apply(&mut command);
         if replica.spec.processes > 1 {
             command.arg("--process").arg(process.to_string()).arg("--addresses").arg(timely.join(","));
         }
@@ -574,7 +635,7 @@ mod tests {
     fn config(initial_backoff_ms: u64, max_backoff_ms: u64) -> ProcessOrchestratorConfig {
         ProcessOrchestratorConfig {
             binary: PathBuf::from("compute-replica"),
-            storage_address: "127.0.0.1:1".to_string(),
+            storage: ReplicaStorage::Server("127.0.0.1:1".to_string()),
             security: ReplicaProcessSecurity { tls: None, secret: None },
             initial_backoff_ms,
             max_backoff_ms,
@@ -635,5 +696,46 @@ mod tests {
             })
             .collect();
         assert_eq!(delays, [200, 400, 800]);
+    }
+
+    fn env_of(command: &Command, key: &str) -> Option<Option<String>> {
+        command.get_envs().find(|(k, _)| *k == key).map(|(_, v)| v.map(|v| v.to_string_lossy().into_owned()))
+    }
+
+    #[test]
+    fn replica_processes_get_the_server_address_or_the_shard_urls_through_their_environment() {
+        let server = ReplicaStorage::Server("127.0.0.1:7".to_string());
+        let mut command = Command::new("compute-replica");
+        server.apply(&mut command);
+        let args: Vec<String> = command.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        assert_eq!(args, ["--storage", "127.0.0.1:7"]);
+        // URLs inherited from the orchestrator's own environment would conflict with `--storage`.
+        assert_eq!(env_of(&command, BLOB_URL_ENV), Some(None));
+        assert_eq!(env_of(&command, CONSENSUS_URL_ENV), Some(None));
+        assert_eq!(env_of(&command, SHARD_POLL_INTERVAL_ENV), Some(None));
+
+        let shards = ReplicaStorage::shards("file:///secret/blob", "sqlite:///secret/consensus.db").unwrap();
+        let mut command = Command::new("compute-replica");
+        shards.apply(&mut command);
+        assert_eq!(command.get_args().count(), 0, "the URLs stay off the command line");
+        assert_eq!(env_of(&command, BLOB_URL_ENV), Some(Some("file:///secret/blob".to_string())));
+        assert_eq!(
+            env_of(&command, CONSENSUS_URL_ENV),
+            Some(Some("sqlite:///secret/consensus.db".to_string()))
+        );
+        assert!(!format!("{shards:?}").contains("secret"), "{shards:?}");
+    }
+
+    #[test]
+    fn shard_urls_that_do_not_parse_are_refused_before_any_process_starts() {
+        let cases = [
+            ("/no/scheme", "sqlite:///c.db", "not a URL"),
+            ("file:///b", "ftp://host/c", "unknown consensus scheme"),
+            ("file:///b?bogus=1", "sqlite:///c.db", "unknown parameter"),
+        ];
+        for (blob, consensus, expected) in cases {
+            let error = ReplicaStorage::shards(blob, consensus).unwrap_err().to_string();
+            assert!(error.contains(expected), "{blob} {consensus}: {error}");
+        }
     }
 }

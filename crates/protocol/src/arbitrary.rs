@@ -48,6 +48,12 @@ pub enum OwnedDatum {
     Bytes(Vec<u8>),
     /// A timestamp.
     Timestamp(u64),
+    /// A decimal.
+    Decimal(crate::Decimal),
+    /// A date.
+    Date(i32),
+    /// An interval.
+    Interval(crate::Interval),
 }
 
 impl From<Datum<'_>> for OwnedDatum {
@@ -60,6 +66,9 @@ impl From<Datum<'_>> for OwnedDatum {
             Datum::Text(s) => OwnedDatum::Text(s.to_string()),
             Datum::Bytes(b) => OwnedDatum::Bytes(b.to_vec()),
             Datum::Timestamp(t) => OwnedDatum::Timestamp(t),
+            Datum::Decimal(d) => OwnedDatum::Decimal(d),
+            Datum::Date(d) => OwnedDatum::Date(d),
+            Datum::Interval(i) => OwnedDatum::Interval(i),
         }
     }
 }
@@ -75,6 +84,9 @@ impl OwnedDatum {
             OwnedDatum::Text(s) => Datum::Text(s),
             OwnedDatum::Bytes(b) => Datum::Bytes(b),
             OwnedDatum::Timestamp(t) => Datum::Timestamp(*t),
+            OwnedDatum::Decimal(d) => Datum::Decimal(*d),
+            OwnedDatum::Date(d) => Datum::Date(*d),
+            OwnedDatum::Interval(i) => Datum::Interval(*i),
         }
     }
 }
@@ -94,7 +106,19 @@ pub fn owned_datum() -> impl Strategy<Value = OwnedDatum> {
         ".{0,12}".prop_map(OwnedDatum::Text),
         prop::collection::vec(any::<u8>(), 0..40).prop_map(OwnedDatum::Bytes),
         any::<u64>().prop_map(OwnedDatum::Timestamp),
+        decimal(),
+        any::<i32>().prop_map(OwnedDatum::Date),
+        (any::<i32>(), any::<i32>(), any::<i64>())
+            .prop_map(|(months, days, ms)| OwnedDatum::Interval(crate::Interval { months, days, ms })),
     ]
+}
+
+/// Any decimal: a mantissa of up to 96 bits and a scale up to 28.
+fn decimal() -> impl Strategy<Value = OwnedDatum> {
+    (any::<i128>(), 0u8..=28).prop_map(|(mantissa, scale)| {
+        let mantissa = mantissa % (1i128 << 96);
+        OwnedDatum::Decimal(crate::Decimal::new(mantissa, scale).expect("below 2^96"))
+    })
 }
 
 /// A non-null datum of `scalar_type`, from a small domain (so joins and groups find matches).
@@ -108,6 +132,13 @@ pub fn datum_of(scalar_type: ScalarType) -> BoxedStrategy<OwnedDatum> {
         ScalarType::Text => "[a-d]{0,3}".prop_map(OwnedDatum::Text).boxed(),
         ScalarType::Bytes => prop::collection::vec(0u8..4, 0..3).prop_map(OwnedDatum::Bytes).boxed(),
         ScalarType::Timestamp => (0u64..10).prop_map(OwnedDatum::Timestamp).boxed(),
+        ScalarType::Decimal { scale } => (-40i128..40)
+            .prop_map(move |m| OwnedDatum::Decimal(crate::Decimal::new(m * 5, scale.min(2)).expect("small")))
+            .boxed(),
+        ScalarType::Date => (10_000i32..10_010).prop_map(OwnedDatum::Date).boxed(),
+        ScalarType::Interval => {
+            (-2i32..3).prop_map(|d| OwnedDatum::Interval(crate::Interval::days(d))).boxed()
+        }
     }
 }
 
@@ -136,6 +167,9 @@ pub fn scalar_type() -> impl Strategy<Value = ScalarType> {
         Just(ScalarType::Text),
         Just(ScalarType::Bytes),
         Just(ScalarType::Timestamp),
+        (0u8..4).prop_map(|scale| ScalarType::Decimal { scale }),
+        Just(ScalarType::Date),
+        Just(ScalarType::Interval),
     ]
 }
 
@@ -357,6 +391,11 @@ fn literal_of(choices: &mut Choices, scalar_type: ScalarType) -> ScalarExpr {
         ScalarType::Text => OwnedDatum::Text(["a", "b", ""][choices.pick(3)].to_string()),
         ScalarType::Bytes => OwnedDatum::Bytes(vec![choices.pick(3) as u8]),
         ScalarType::Timestamp => OwnedDatum::Timestamp(choices.pick(5) as u64),
+        ScalarType::Decimal { scale } => OwnedDatum::Decimal(
+            crate::Decimal::new(choices.pick(9) as i128 - 4, scale.min(1)).expect("small"),
+        ),
+        ScalarType::Date => OwnedDatum::Date(10_000 + choices.pick(5) as i32),
+        ScalarType::Interval => OwnedDatum::Interval(crate::Interval::months(choices.pick(3) as i32)),
     };
     ScalarExpr::literal(datum.as_datum())
 }
@@ -474,9 +513,14 @@ pub fn plan_of(
             if typ.arity() > 0 {
                 for _ in 0..choices.pick(3) {
                     let column = choices.pick(typ.arity());
-                    let func =
-                        [AggregateFunc::Count, AggregateFunc::Sum, AggregateFunc::Min, AggregateFunc::Max]
-                            [choices.pick(4)];
+                    let func = [
+                        AggregateFunc::Count,
+                        AggregateFunc::Sum,
+                        AggregateFunc::Min,
+                        AggregateFunc::Max,
+                        AggregateFunc::CountRows,
+                        AggregateFunc::Avg,
+                    ][choices.pick(6)];
                     let func = if func.output_type(typ.column_types[column]).is_some() {
                         func
                     } else {

@@ -16,13 +16,16 @@ use crate::peek::Peek;
 ///
 /// Version 3: `InstanceConfig` lost its `logging` (a status interval no replica honoured); oversized
 /// responses have their documented stand-ins (`ComputeResponse`'s documentation).
+/// Version 4: `StatusResponse::Failed`, an export that can make no more progress and why.
 ///
-/// Version 5: connections are authenticated before the `Hello` (`transport`'s handshake, optionally
+/// Version 5: datums for exact decimals, dates and intervals, and the scalar functions, casts, `count(*)`
+/// and `avg` of the TPC-H slice (issue 23).
+///
+/// Version 6: connections are authenticated before the `Hello` (`transport`'s handshake, optionally
 /// inside TLS); `Hello` carries the controller's `epoch` and `session` (fencing), answered
 /// `ComputeResponse::Fenced` when another controller may not be replaced; a zero-length frame is a
-/// keepalive (`frame`). Version 4: `StatusResponse::Failed`, an export that can make no more progress
-/// and why.
-pub const PROTOCOL_VERSION: u32 = 5;
+/// keepalive (`frame`).
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// The service a controller connection's authentication proofs name (`transport`'s challenge-response),
 /// so that a proof made for another kind of port never passes here.

@@ -85,6 +85,7 @@ mod dataflow;
 mod expr;
 pub mod frame;
 mod id;
+pub mod joins;
 mod peek;
 mod plan;
 pub mod reference;
@@ -99,7 +100,10 @@ pub use dataflow::{
     BuildDesc, DataflowDescription, DataflowValidationError, IndexExport, IndexImport, SinkConnection,
     SinkExport, SourceImport,
 };
-pub use expr::{BinaryFunc, EvalError, ExprTypeError, MapFilterProject, ScalarExpr, UnaryFunc};
+pub use expr::{
+    BinaryFunc, EvalError, ExprTypeError, LikePattern, MapFilterProject, ScalarExpr, UnaryFunc, VariadicFunc,
+    days_from_civil, decimal_arithmetic,
+};
 pub use id::{ControllerEpoch, GlobalId, InstanceId, ParseIdError, PeekId, ReplicaId};
 pub use peek::{Peek, PeekResponse, PeekTarget, RowSetFinishing};
 pub use plan::{AggregateExpr, AggregateFunc, ColumnOrder, Plan, PlanError, compare_datums, slice_ranked};
@@ -108,8 +112,8 @@ pub use response::{
     SubscribeResponse,
 };
 pub use row::{
-    ColumnType, Datum, DatumIter, F64, ROW_INLINE_BYTES, RelationDesc, RelationType, Row, RowDecodeError,
-    RowPacker, RowRef, RowTypeError, ScalarType,
+    ColumnType, Datum, DatumIter, Decimal, F64, Interval, MAX_DECIMAL_SCALE, ROW_INLINE_BYTES, RelationDesc,
+    RelationType, Row, RowDecodeError, RowPacker, RowRef, RowTypeError, ScalarType, format_date,
 };
 
 /// The multiplicity change of an update: `+1` inserts a row once, `-1` retracts it.

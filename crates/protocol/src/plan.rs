@@ -23,7 +23,7 @@
 //!
 //! A negative accumulated multiplicity reaching `Reduce`, `Distinct` or `TopK` is a data error, reported
 //! through the dataflow's error collection. Aggregates follow SQL: `count(c)` counts non-null values,
-//! `sum`/`min`/`max` ignore nulls and are `NULL` over no non-null values.
+//! `count(*)` rows, `sum`/`avg`/`min`/`max` ignore nulls and are `NULL` over no non-null values.
 //!
 //! **Orderings.** `TopK` and a peek's finishing rank rows by their [`ColumnOrder`]s, then break ties by
 //! the whole row (column by column, ascending, `NULL` first), so a ranking is total and deterministic.
@@ -53,8 +53,8 @@
 //!
 //! # Where the IR departs from SQL
 //!
-//! Each of these is asserted below and in `compute/tests/it/operators.rs` (on the replica), and encoded
-//! in the SQLite differential test (`protocol::arbitrary::sql`'s `sql_semantics`).
+//! Each of these is asserted below, in `expr.rs`'s tests and in `compute/tests/it/operators.rs` (on the
+//! replica), and encoded in the SQLite differential test (`protocol::arbitrary::sql`'s `sql_semantics`).
 //!
 //! - **A global `Reduce` over nothing has no row.** A `Reduce` has one row per group of its input, also
 //!   with an empty `group_key`: over an empty input it is empty, where SQL's `SELECT count(*), sum(x)
@@ -67,6 +67,18 @@
 //! - **Integer overflow is an error**, in arithmetic and in sums (SQLite silently switches to floats in
 //!   arithmetic); `i64::MIN % -1` is `0`, as it is mathematically.
 //! - **Multiplicities** have no SQL counterpart: see above.
+//! - **Decimals** are SQL's `NUMERIC` with the scale in the type (`ScalarType::Decimal`) and a precision of
+//!   28 digits (96 bits): `+`/`-` take the larger scale, `*` the sum; a result that is not a decimal is an
+//!   error, as is an exact intermediate beyond 128 bits. Division (and `avg`) rounds half away from zero
+//!   to the *values'* larger scale plus 6 (SQL leaves it to the implementation; PostgreSQL also derives it
+//!   from the values). Values are canonical (`1.50` is `1.5`): the type's scale is not the value's.
+//! - **No implicit casts**, except that decimals of different scales meet (comparisons, `IF`, `COALESCE`).
+//!   `Cast` converts between numbers and between dates and timestamps; there are no casts to or from text.
+//! - **Intervals** keep months, days and milliseconds apart and order field by field (SQL compares them
+//!   as if a month were 30 days). Date arithmetic outside the years 1 to 9999 is an error.
+//! - **`LIKE`** has no escape character (PostgreSQL's default is `\`); patterns are literals.
+//! - **Outer, semi and anti joins** are lowerings (`crate::joins`); an anti-join is `NOT EXISTS`, which is
+//!   SQL's `NOT IN` only where the compared columns are non-null.
 //!
 //! ```
 //! use std::collections::BTreeMap;
@@ -104,12 +116,22 @@ use crate::row::{ColumnType, Datum, RelationType, Row, RowTypeError, ScalarType}
 pub enum AggregateFunc {
     /// The number of non-null values (with multiplicity).
     Count,
-    /// The sum of non-null integer or float values (with multiplicity).
+    /// The sum of non-null integer, float or decimal values (with multiplicity). A decimal sum is exact,
+    /// of the column's type (its scale).
     Sum,
     /// The least non-null value.
     Min,
     /// The greatest non-null value.
     Max,
+    /// `count(*)`: the number of rows (with multiplicity), `NULL`s included. Its [`AggregateExpr`]'s
+    /// `column` is not read (nor checked by validation).
+    CountRows,
+    /// `avg(x)`: the sum of the non-null values divided by their number, `NULL` over none. Of a float
+    /// column, a float (the sum divided by the count as floats); of a decimal column, the exact sum
+    /// divided by the count with the IR's decimal division (`BinaryFunc::Div`: rounded half away from
+    /// zero to the sum's scale plus 6), so of type scale `s + 6` (at most 28); of an integer column, the
+    /// same as of a decimal of scale 0.
+    Avg,
 }
 
 /// One aggregate: a function of one input column.
@@ -131,13 +153,29 @@ impl AggregateFunc {
     /// assert_eq!(AggregateFunc::Count.output_type(text), Some(ColumnType::new(ScalarType::Int64, false)));
     /// assert_eq!(AggregateFunc::Max.output_type(text), Some(text));
     /// assert_eq!(AggregateFunc::Sum.output_type(text), None);
+    /// let cents = ColumnType::new(ScalarType::Decimal { scale: 2 }, false);
+    /// assert_eq!(AggregateFunc::Avg.output_type(cents), Some(ColumnType::new(ScalarType::Decimal { scale: 8 }, false)));
     /// ```
     pub fn output_type(self, input: ColumnType) -> Option<ColumnType> {
         match self {
-            AggregateFunc::Count => Some(ColumnType::new(ScalarType::Int64, false)),
-            AggregateFunc::Sum => {
-                matches!(input.scalar_type, ScalarType::Int64 | ScalarType::Float64).then_some(input)
+            AggregateFunc::Count | AggregateFunc::CountRows => {
+                Some(ColumnType::new(ScalarType::Int64, false))
             }
+            AggregateFunc::Sum => matches!(
+                input.scalar_type,
+                ScalarType::Int64 | ScalarType::Float64 | ScalarType::Decimal { .. }
+            )
+            .then_some(input),
+            AggregateFunc::Avg => match input.scalar_type {
+                ScalarType::Float64 => Some(input),
+                ScalarType::Int64 => {
+                    Some(ColumnType::new(ScalarType::Decimal { scale: avg_scale(0) }, input.nullable))
+                }
+                ScalarType::Decimal { scale } => {
+                    Some(ColumnType::new(ScalarType::Decimal { scale: avg_scale(scale) }, input.nullable))
+                }
+                _ => None,
+            },
             AggregateFunc::Min | AggregateFunc::Max => Some(input),
         }
     }
@@ -163,12 +201,15 @@ impl AggregateFunc {
     where
         I: IntoIterator<Item = (Datum<'a>, Diff)>,
     {
+        let mut rows: i64 = 0;
         let mut count: i64 = 0;
         // Exact: a term is at most 2^126 in magnitude, so only a sum of astronomically many extreme terms
         // can leave i128 (and then errs like an out-of-range result).
         let mut int_sum: i128 = 0;
         let mut float_sum: f64 = 0.0;
         let mut any_float = false;
+        // A decimal sum: the exact sum of mantissas at the largest scale seen.
+        let mut decimal_sum: Option<(i128, u8)> = None;
         let mut best: Option<Datum<'a>> = None;
         for (datum, diff) in values {
             if diff < 0 {
@@ -176,37 +217,78 @@ impl AggregateFunc {
                     "negative multiplicity {diff} for {datum} in {self:?}"
                 )));
             }
+            rows = rows.checked_add(diff).ok_or(EvalError::Int64OutOfRange)?;
             if diff == 0 || datum.is_null() {
                 continue;
             }
             count = count.checked_add(diff).ok_or(EvalError::Int64OutOfRange)?;
             match (self, datum) {
-                (AggregateFunc::Sum, Datum::Int64(i)) => {
+                (AggregateFunc::Sum | AggregateFunc::Avg, Datum::Int64(i)) => {
                     let term = i128::from(i) * i128::from(diff);
                     int_sum = int_sum.checked_add(term).ok_or(EvalError::Int64OutOfRange)?;
                 }
-                (AggregateFunc::Sum, Datum::Float64(x)) => {
+                (AggregateFunc::Sum | AggregateFunc::Avg, Datum::Float64(x)) => {
                     any_float = true;
                     float_sum += x.get() * diff as f64;
                 }
-                (AggregateFunc::Sum, other) => {
-                    return Err(EvalError::Internal(format!("Sum of {other:?}")));
+                (AggregateFunc::Sum | AggregateFunc::Avg, Datum::Decimal(d)) => {
+                    decimal_sum = Some(add_decimal_term(decimal_sum, d, diff)?);
+                }
+                (AggregateFunc::Sum | AggregateFunc::Avg, other) => {
+                    return Err(EvalError::Internal(format!("{self:?} of {other:?}")));
                 }
                 (AggregateFunc::Min, datum) => best = Some(best.map_or(datum, |b| b.min(datum))),
                 (AggregateFunc::Max, datum) => best = Some(best.map_or(datum, |b| b.max(datum))),
-                (AggregateFunc::Count, _) => {}
+                (AggregateFunc::Count | AggregateFunc::CountRows, _) => {}
             }
         }
+        let decimal = |(mantissa, scale): (i128, u8)| {
+            crate::row::Decimal::new(mantissa, scale).ok_or(EvalError::DecimalOutOfRange)
+        };
         Ok(match self {
             AggregateFunc::Count => Datum::Int64(count),
-            AggregateFunc::Sum if count == 0 => Datum::Null,
+            AggregateFunc::CountRows => Datum::Int64(rows),
+            AggregateFunc::Sum | AggregateFunc::Avg if count == 0 => Datum::Null,
             AggregateFunc::Sum if any_float => Datum::float64(float_sum),
-            AggregateFunc::Sum => {
-                Datum::Int64(i64::try_from(int_sum).map_err(|_| EvalError::Int64OutOfRange)?)
+            AggregateFunc::Sum => match decimal_sum {
+                Some(sum) => Datum::Decimal(decimal(sum)?),
+                None => Datum::Int64(i64::try_from(int_sum).map_err(|_| EvalError::Int64OutOfRange)?),
+            },
+            AggregateFunc::Avg if any_float => Datum::float64(float_sum / count as f64),
+            AggregateFunc::Avg => {
+                let (mantissa, scale) = decimal_sum.unwrap_or((int_sum, 0));
+                let sum = decimal((mantissa, scale))?;
+                let divisor = crate::row::Decimal::new(i128::from(count), 0).expect("an i64 is a decimal");
+                Datum::Decimal(crate::expr::decimal_arithmetic(crate::expr::BinaryFunc::Div, sum, divisor)?)
             }
             AggregateFunc::Min | AggregateFunc::Max => best.unwrap_or(Datum::Null),
         })
     }
+}
+
+/// The scale of `avg` of a decimal of scale `scale` (see [`AggregateFunc::Avg`]).
+fn avg_scale(scale: u8) -> u8 {
+    (scale + 6).min(crate::row::MAX_DECIMAL_SCALE)
+}
+
+/// Adds `d * diff` to an exact decimal sum `(mantissa, scale)`.
+fn add_decimal_term(
+    sum: Option<(i128, u8)>,
+    d: crate::row::Decimal,
+    diff: Diff,
+) -> Result<(i128, u8), EvalError> {
+    let (mut mantissa, mut scale) = sum.unwrap_or((0, 0));
+    let out_of_range = || EvalError::DecimalOutOfRange;
+    let mut term = d.mantissa().checked_mul(i128::from(diff)).ok_or_else(out_of_range)?;
+    if d.scale() > scale {
+        let factor = 10i128.checked_pow(u32::from(d.scale() - scale)).ok_or_else(out_of_range)?;
+        mantissa = mantissa.checked_mul(factor).ok_or_else(out_of_range)?;
+        scale = d.scale();
+    } else {
+        let factor = 10i128.checked_pow(u32::from(scale - d.scale())).ok_or_else(out_of_range)?;
+        term = term.checked_mul(factor).ok_or_else(out_of_range)?;
+    }
+    Ok((mantissa.checked_add(term).ok_or_else(out_of_range)?, scale))
 }
 
 /// One key of an ordering: a column, its direction, and where `NULL`s go.
@@ -571,6 +653,11 @@ impl Plan {
                 check_columns("Reduce", group_key, typ.arity())?;
                 let mut output: Vec<ColumnType> = group_key.iter().map(|c| typ.column_types[*c]).collect();
                 for aggregate in aggregates {
+                    if aggregate.func == AggregateFunc::CountRows {
+                        // `count(*)` reads no column.
+                        output.push(ColumnType::new(ScalarType::Int64, false));
+                        continue;
+                    }
                     check_columns("Reduce", &[aggregate.column], typ.arity())?;
                     let input_type = typ.column_types[aggregate.column];
                     let column = aggregate

@@ -2,10 +2,16 @@
 //! [`RelationType`] and [`RelationDesc`].
 //!
 //! A [`Row`] is a compact byte encoding of a sequence of datums: one tag byte per datum, then a fixed
-//! 8-byte payload for numbers and timestamps, or a varint length and the bytes for text and byte strings.
+//! 8-byte payload for numbers and timestamps, or a varint length and the bytes for text and byte strings;
+//! a date is 4 bytes (days since 1970-01-01), an interval 16 (months, days, milliseconds), a decimal a
+//! scale byte and its mantissa as a zigzag varint (a price of `12345.67` takes 6 bytes in all).
 //! Small rows (up to 24 bytes) live inline without a heap allocation. Equality, ordering and hashing are on
 //! the bytes, which is consistent (equal datums encode to equal bytes: floats are canonicalised) but is not
 //! the SQL order of the values; ordering by value is [`Datum`]'s `Ord`, used by `ORDER BY` and top-k.
+//!
+//! Decimals ([`Decimal`]) are canonical like floats: no trailing zeros in the mantissa (`1.50` is stored
+//! as `1.5`), so equal values encode to equal bytes; the scale SQL gives a decimal column is its type's
+//! ([`ScalarType::Decimal`]), not the value's.
 //!
 //! **Invariant:** every `Row` holds a valid encoding. Rows are built only by [`RowPacker`] / [`Row::pack`]
 //! or decoded with validation ([`Row::from_bytes`], and serde deserialisation), so iterating a row never
@@ -69,6 +75,147 @@ impl std::hash::Hash for F64 {
     }
 }
 
+/// The largest scale (digits after the point) of a [`Decimal`], and of a [`ScalarType::Decimal`].
+pub const MAX_DECIMAL_SCALE: u8 = 28;
+
+/// An exact decimal number: a 96-bit integer mantissa and a scale of at most [`MAX_DECIMAL_SCALE`] (so
+/// at most 28 significant digits), kept canonical (no trailing zeros: `1.50` is `1.5`), so that equal
+/// numbers are equal values and encode to equal bytes. Ordered numerically.
+///
+/// The arithmetic of the plan IR on decimals (its scale rules and errors) is in `expr.rs`; this type only
+/// holds values.
+///
+/// # Examples
+/// ```
+/// use protocol::Decimal;
+/// let price = Decimal::new(123_450, 2).unwrap();
+/// assert_eq!(price.to_string(), "1234.5");
+/// assert_eq!((price.mantissa(), price.scale()), (12_345, 1));
+/// assert_eq!(price, "1234.50".parse().unwrap());
+/// assert!(Decimal::new(1, 29).is_none());
+/// assert!(Decimal::new(1 << 100, 0).is_none());
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Decimal(rust_decimal::Decimal);
+
+impl Decimal {
+    /// Zero.
+    pub const ZERO: Decimal = Decimal(rust_decimal::Decimal::ZERO);
+
+    /// `mantissa * 10^-scale`, or `None` if its canonical form (trailing zeros after the point removed)
+    /// needs more than 96 bits of mantissa or a scale beyond [`MAX_DECIMAL_SCALE`].
+    pub fn new(mantissa: i128, scale: u8) -> Option<Decimal> {
+        let (mut mantissa, mut scale) = (mantissa, scale);
+        while scale > 0 && mantissa % 10 == 0 {
+            mantissa /= 10;
+            scale -= 1;
+        }
+        if scale > MAX_DECIMAL_SCALE {
+            return None;
+        }
+        rust_decimal::Decimal::try_from_i128_with_scale(mantissa, u32::from(scale))
+            .ok()
+            .map(Decimal::canonical)
+    }
+
+    /// The canonical form of a `rust_decimal` value (trailing zeros removed).
+    pub fn canonical(value: rust_decimal::Decimal) -> Decimal {
+        Decimal(value.normalize())
+    }
+
+    /// The value as a `rust_decimal` (canonical).
+    pub fn get(self) -> rust_decimal::Decimal {
+        self.0
+    }
+
+    /// The mantissa of the canonical form.
+    pub fn mantissa(self) -> i128 {
+        self.0.mantissa()
+    }
+
+    /// The scale of the canonical form (the digits after the point, without trailing zeros).
+    pub fn scale(self) -> u8 {
+        u8::try_from(self.0.scale()).expect("a scale is at most 28")
+    }
+}
+
+impl fmt::Display for Decimal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl std::str::FromStr for Decimal {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        rust_decimal::Decimal::from_str_exact(s).map(Decimal::canonical).map_err(|e| e.to_string())
+    }
+}
+
+/// A span of time for date arithmetic: months, days and milliseconds, kept apart as SQL keeps them (a
+/// month has no fixed number of days). Ordered field by field (months, then days, then milliseconds),
+/// which is not SQL's order of intervals (`plan.rs` lists the IR's departures from SQL).
+///
+/// # Examples
+/// ```
+/// use protocol::Interval;
+/// let quarter = Interval::months(3);
+/// assert_eq!(quarter.to_string(), "3 months");
+/// assert_eq!(Interval::days(-90).to_string(), "-90 days");
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+pub struct Interval {
+    /// Whole months.
+    pub months: i32,
+    /// Whole days.
+    pub days: i32,
+    /// Milliseconds.
+    pub ms: i64,
+}
+
+impl Interval {
+    /// An interval of `months` months.
+    pub fn months(months: i32) -> Interval {
+        Interval { months, days: 0, ms: 0 }
+    }
+
+    /// An interval of `days` days.
+    pub fn days(days: i32) -> Interval {
+        Interval { months: 0, days, ms: 0 }
+    }
+}
+
+impl fmt::Display for Interval {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut parts = Vec::new();
+        if self.months != 0 {
+            parts.push(format!("{} months", self.months));
+        }
+        if self.days != 0 {
+            parts.push(format!("{} days", self.days));
+        }
+        if self.ms != 0 || parts.is_empty() {
+            parts.push(format!("{} ms", self.ms));
+        }
+        write!(f, "{}", parts.join(" "))
+    }
+}
+
+/// Formats a date (days since 1970-01-01) as `YYYY-MM-DD` (the proleptic Gregorian calendar).
+///
+/// # Examples
+/// ```
+/// use protocol::format_date;
+/// assert_eq!(format_date(0), "1970-01-01");
+/// assert_eq!(format_date(10_561), "1998-12-01");
+/// assert_eq!(format_date(-1), "1969-12-31");
+/// ```
+pub fn format_date(days: i32) -> String {
+    let (year, month, day) = crate::expr::civil_from_days(days);
+    format!("{year:04}-{month:02}-{day:02}")
+}
+
 /// One value of a row. Borrowed from the row (or expression) it came from.
 ///
 /// The derived order (by variant, then by value) is the value order used for sorting; SQL's placement of
@@ -89,6 +236,12 @@ pub enum Datum<'a> {
     Bytes(&'a [u8]),
     /// A timestamp in milliseconds since the Unix epoch.
     Timestamp(u64),
+    /// An exact decimal (canonical: see [`Decimal`]).
+    Decimal(Decimal),
+    /// A date: days since 1970-01-01.
+    Date(i32),
+    /// A span of time for date arithmetic.
+    Interval(Interval),
 }
 
 impl Datum<'_> {
@@ -103,7 +256,7 @@ impl Datum<'_> {
         matches!(self, Datum::Null)
     }
 
-    /// The scalar type of a non-null datum.
+    /// The scalar type of a non-null datum (a decimal's is that of its canonical scale).
     ///
     /// # Examples
     /// ```
@@ -120,6 +273,9 @@ impl Datum<'_> {
             Datum::Text(_) => Some(ScalarType::Text),
             Datum::Bytes(_) => Some(ScalarType::Bytes),
             Datum::Timestamp(_) => Some(ScalarType::Timestamp),
+            Datum::Decimal(d) => Some(ScalarType::Decimal { scale: d.scale() }),
+            Datum::Date(_) => Some(ScalarType::Date),
+            Datum::Interval(_) => Some(ScalarType::Interval),
         }
     }
 
@@ -131,11 +287,16 @@ impl Datum<'_> {
     /// assert!(Datum::Int64(1).is_instance_of(&ColumnType::new(ScalarType::Int64, false)));
     /// assert!(!Datum::Null.is_instance_of(&ColumnType::new(ScalarType::Int64, false)));
     /// assert!(Datum::Null.is_instance_of(&ColumnType::new(ScalarType::Int64, true)));
+    /// let cents = ColumnType::new(ScalarType::Decimal { scale: 2 }, false);
+    /// assert!(Datum::Decimal("1.5".parse().unwrap()).is_instance_of(&cents));
+    /// assert!(!Datum::Decimal("1.505".parse().unwrap()).is_instance_of(&cents));
     /// ```
     pub fn is_instance_of(&self, typ: &ColumnType) -> bool {
-        match self.scalar_type() {
-            None => typ.nullable,
-            Some(scalar) => scalar == typ.scalar_type,
+        match (self, typ.scalar_type) {
+            (Datum::Null, _) => typ.nullable,
+            // A decimal fits a decimal column of at least its canonical scale.
+            (Datum::Decimal(d), ScalarType::Decimal { scale }) => d.scale() <= scale,
+            (datum, scalar) => datum.scalar_type() == Some(scalar),
         }
     }
 
@@ -164,6 +325,9 @@ impl fmt::Display for Datum<'_> {
                 b.iter().try_for_each(|byte| write!(f, "{byte:02x}"))
             }
             Datum::Timestamp(t) => write!(f, "{t}"),
+            Datum::Decimal(d) => write!(f, "{d}"),
+            Datum::Date(d) => write!(f, "{}", format_date(*d)),
+            Datum::Interval(i) => write!(f, "{i}"),
         }
     }
 }
@@ -176,6 +340,9 @@ const TAG_FLOAT64: u8 = 4;
 const TAG_TEXT: u8 = 5;
 const TAG_BYTES: u8 = 6;
 const TAG_TIMESTAMP: u8 = 7;
+const TAG_DECIMAL: u8 = 8;
+const TAG_DATE: u8 = 9;
+const TAG_INTERVAL: u8 = 10;
 
 /// The inline capacity of a row: rows up to this many bytes need no heap allocation.
 pub const ROW_INLINE_BYTES: usize = 24;
@@ -445,6 +612,12 @@ pub enum RowDecodeError {
         /// Where the datum started.
         offset: usize,
     },
+    /// A decimal beyond 96 bits or scale 28, or not in canonical form (trailing zeros).
+    #[error("decimal datum at byte {offset} is out of range or not canonical")]
+    InvalidDecimal {
+        /// Where the datum started.
+        offset: usize,
+    },
 }
 
 fn read_fixed(bytes: &[u8], offset: usize) -> Result<[u8; 8], RowDecodeError> {
@@ -467,6 +640,49 @@ fn read_varint(bytes: &[u8], start: usize, offset: usize) -> Result<(usize, usiz
         }
     }
     Err(RowDecodeError::Truncated { offset })
+}
+
+/// Reads a varint of up to 128 bits (a decimal's zigzag mantissa).
+fn read_varint128(bytes: &[u8], start: usize, offset: usize) -> Result<(u128, usize), RowDecodeError> {
+    let mut value: u128 = 0;
+    let mut position = start;
+    for shift in (0..128).step_by(7) {
+        let byte = *bytes.get(position).ok_or(RowDecodeError::Truncated { offset })?;
+        value |= u128::from(byte & 0x7f) << shift;
+        position += 1;
+        if byte & 0x80 == 0 {
+            return Ok((value, position));
+        }
+    }
+    Err(RowDecodeError::InvalidDecimal { offset })
+}
+
+fn write_varint128(out: &mut SmallVec<[u8; ROW_INLINE_BYTES]>, mut value: u128) {
+    loop {
+        let byte = (value & 0x7f) as u8;
+        value >>= 7;
+        if value == 0 {
+            out.push(byte);
+            return;
+        }
+        out.push(byte | 0x80);
+    }
+}
+
+/// Decodes a decimal's payload (scale byte, zigzag varint mantissa) at `offset + 1`, checking that it is
+/// in range and canonical.
+fn decode_decimal(bytes: &[u8], offset: usize) -> Result<(Datum<'_>, usize), RowDecodeError> {
+    let invalid = RowDecodeError::InvalidDecimal { offset };
+    let scale = *bytes.get(offset + 1).ok_or(RowDecodeError::Truncated { offset })?;
+    let (zigzag, end) = read_varint128(bytes, offset + 2, offset)?;
+    let mantissa = ((zigzag >> 1) as i128) ^ -((zigzag & 1) as i128);
+    // No trailing zero after the point (an integer keeps its zeros; zero has scale 0).
+    let canonical = scale == 0 || mantissa % 10 != 0;
+    let decimal = Decimal::new(mantissa, scale).ok_or(invalid.clone())?;
+    if !canonical || decimal.mantissa() != mantissa {
+        return Err(invalid);
+    }
+    Ok((Datum::Decimal(decimal), end))
 }
 
 fn write_varint(out: &mut SmallVec<[u8; ROW_INLINE_BYTES]>, mut value: usize) {
@@ -497,6 +713,19 @@ fn decode_datum(bytes: &[u8], offset: usize) -> Result<(Datum<'_>, usize), RowDe
             Ok((Datum::Float64(F64(value)), offset + 9))
         }
         TAG_TIMESTAMP => Ok((Datum::Timestamp(u64::from_le_bytes(read_fixed(bytes, offset)?)), offset + 9)),
+        TAG_DECIMAL => decode_decimal(bytes, offset),
+        TAG_DATE => {
+            let payload = bytes.get(offset + 1..offset + 5).ok_or(RowDecodeError::Truncated { offset })?;
+            let days = i32::from_le_bytes(payload.try_into().expect("four bytes"));
+            Ok((Datum::Date(days), offset + 5))
+        }
+        TAG_INTERVAL => {
+            let payload = bytes.get(offset + 1..offset + 17).ok_or(RowDecodeError::Truncated { offset })?;
+            let months = i32::from_le_bytes(payload[0..4].try_into().expect("four bytes"));
+            let days = i32::from_le_bytes(payload[4..8].try_into().expect("four bytes"));
+            let ms = i64::from_le_bytes(payload[8..16].try_into().expect("eight bytes"));
+            Ok((Datum::Interval(Interval { months, days, ms }), offset + 17))
+        }
         TAG_TEXT | TAG_BYTES => {
             let (len, start) = read_varint(bytes, offset + 1, offset)?;
             let end = start.checked_add(len).ok_or(RowDecodeError::Truncated { offset })?;
@@ -575,6 +804,23 @@ impl RowPacker {
                 self.data.push(TAG_TIMESTAMP);
                 self.data.extend_from_slice(&t.to_le_bytes());
             }
+            Datum::Decimal(d) => {
+                self.data.push(TAG_DECIMAL);
+                // Canonical by construction: a `Decimal` has no trailing zeros.
+                self.data.push(d.scale());
+                let mantissa = d.mantissa();
+                write_varint128(&mut self.data, ((mantissa << 1) ^ (mantissa >> 127)) as u128);
+            }
+            Datum::Date(days) => {
+                self.data.push(TAG_DATE);
+                self.data.extend_from_slice(&days.to_le_bytes());
+            }
+            Datum::Interval(i) => {
+                self.data.push(TAG_INTERVAL);
+                self.data.extend_from_slice(&i.months.to_le_bytes());
+                self.data.extend_from_slice(&i.days.to_le_bytes());
+                self.data.extend_from_slice(&i.ms.to_le_bytes());
+            }
             Datum::Text(s) => {
                 self.data.push(TAG_TEXT);
                 write_varint(&mut self.data, s.len());
@@ -642,6 +888,17 @@ pub enum ScalarType {
     Bytes,
     /// [`Datum::Timestamp`].
     Timestamp,
+    /// [`Datum::Decimal`] with at most `scale` digits after the point. The scale is part of the type: the
+    /// arithmetic of `expr.rs` derives the result's from the operands' (SQL's `NUMERIC(p, s)`; the
+    /// precision is the implementation's, 28 digits).
+    Decimal {
+        /// Digits after the point, at most [`MAX_DECIMAL_SCALE`].
+        scale: u8,
+    },
+    /// [`Datum::Date`].
+    Date,
+    /// [`Datum::Interval`].
+    Interval,
 }
 
 /// The type of a column: a scalar type and whether `NULL` may appear.
@@ -835,10 +1092,45 @@ mod tests {
                 },
                 RowDecodeError::NonCanonicalFloat { offset: 0 },
             ),
+            // 1.0: a trailing zero after the point.
+            (vec![TAG_DECIMAL, 1, 20], RowDecodeError::InvalidDecimal { offset: 0 }),
+            // 0.00: zero with a scale.
+            (vec![TAG_DECIMAL, 2, 0], RowDecodeError::InvalidDecimal { offset: 0 }),
+            // A scale beyond 28.
+            (vec![TAG_DECIMAL, 29, 2], RowDecodeError::InvalidDecimal { offset: 0 }),
+            // A mantissa of 2^100 (zigzag 2^101): beyond 96 bits.
+            (
+                {
+                    let mut v = vec![TAG_DECIMAL, 0];
+                    let mut value: u128 = 1 << 101;
+                    while value >= 0x80 {
+                        v.push((value as u8) | 0x80);
+                        value >>= 7;
+                    }
+                    v.push(value as u8);
+                    v
+                },
+                RowDecodeError::InvalidDecimal { offset: 0 },
+            ),
+            (vec![TAG_DECIMAL, 1], RowDecodeError::Truncated { offset: 0 }),
+            (vec![TAG_DATE, 1, 2], RowDecodeError::Truncated { offset: 0 }),
+            (vec![TAG_INTERVAL, 1, 2, 3, 4, 5, 6, 7, 8], RowDecodeError::Truncated { offset: 0 }),
         ];
         for (bytes, expected) in cases {
             assert_eq!(Row::from_bytes(&bytes), Err(expected), "{bytes:?}");
         }
+    }
+
+    #[test]
+    fn decimals_encode_compactly_and_canonically() {
+        let price: Decimal = "12345.60".parse().unwrap();
+        let row = Row::pack([Datum::Decimal(price)]);
+        assert_eq!(row.byte_len(), 5, "tag, scale and a 3-byte mantissa");
+        assert_eq!(Row::pack([Datum::Decimal("12345.67".parse().unwrap())]).byte_len(), 6);
+        assert_eq!(row, Row::pack([Datum::Decimal("12345.6".parse().unwrap())]));
+        assert_eq!(row.unpack(), vec![Datum::Decimal(price)]);
+        let date = Row::pack([Datum::Date(10_561)]);
+        assert_eq!(date.to_string(), "(1998-12-01)");
     }
 
     #[test]

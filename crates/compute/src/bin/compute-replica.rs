@@ -1,9 +1,11 @@
 //! `compute-replica`: one process of a compute replica, as a standalone program.
 //!
 //! ```text
-//! compute-replica --listen ADDR --workers N --storage ADDR [--process I --addresses A0,A1,...]
-//!     (--tls-cert FILE --tls-key FILE --tls-ca FILE [--tls-client-ca FILE] | --insecure)
-//!     [--secret-file FILE] [--metrics-addr ADDR]
+//! compute-replica --listen ADDR [--workers N]
+//!                 (--storage ADDR | --blob URL --consensus URL [--shard-poll-interval-ms MS])
+//!                 [--process I --addresses A0,A1,...] [--metrics-addr ADDR]
+//!                 (--tls-cert FILE --tls-key FILE [--tls-ca FILE] [--tls-client-ca FILE] | --insecure)
+//!                 [--secret-file FILE]
 //! ```
 //!
 //! **Security** (`transport::SecurityFlags`): TLS on the controller port with `--tls-cert`/`--tls-key`,
@@ -11,86 +13,224 @@
 //! TCP on both, which must be asked for. The shared secret comes from `--secret-file` or the
 //! environment variable `CCR_SHARED_SECRET`, never from a flag's value (`ps` shows those). Controllers
 //! prove the secret, or present a certificate chaining to `--tls-client-ca` (then the secret is
-//! optional for them); the storage connection and the processes of a multi-process replica always use
-//! the secret.
+//! optional for them); the storage server connection and the processes of a multi-process replica always
+//! use the secret. The shards (`--blob`/`--consensus`) are reached with the stores' own credentials.
 //!
-//! A thin wrapper: it connects a `storage::Client` to the storage server and calls
-//! `compute::ReplicaServer::start_with_registry` with the process's Prometheus registry, then runs until
-//! interrupted (Ctrl-C / SIGINT: exit status 0) or until the process fails (a worker panicked, timely
-//! failed, the I/O thread panicked: see `compute::ReplicaHandle::failed`), when it exits with status 1 at
-//! once, without waiting for the other processes of its replica (their cluster connections close with it,
-//! so they fail too), for its orchestrator to restart the replica. It prints the address it listens on as
-//! `listening on ADDR` (useful with port 0). With `--metrics-addr` it serves the registry at
+//! A thin wrapper. It reaches storage one of two ways: through the storage server (`--storage`: a
+//! `storage::Client`), or by opening the shards itself (`--blob` and `--consensus`, or the environment
+//! variables `COMPUTE_BLOB_URL` and `COMPUTE_CONSENSUS_URL`: a `storage::ShardCollections` with a leased
+//! reader, the URL syntax of DESIGN §9, `storage::blob` and `storage::consensus`). Then it calls
+//! `compute::ReplicaServer::start_with_registry` with the process's Prometheus registry and runs until
+//! interrupted (Ctrl-C / SIGINT: exit status 0, after releasing its shard readers) or until the process
+//! fails (a worker panicked, timely failed, the I/O thread panicked: see `compute::ReplicaHandle::failed`),
+//! when it exits with status 1 at once, without waiting for the other processes of its replica (their
+//! cluster connections close with it, so they fail too), for its orchestrator to restart the replica. Bad
+//! flags exit with status 2 and clap's message (`--help` explains every flag). It prints the address it
+//! listens on as `listening on ADDR` (useful with port 0). With `--metrics-addr` it serves the registry at
 //! `http://ADDR/metrics` (`telemetry::MetricsServer`) and prints `metrics on http://ADDR/metrics`. It is not
 //! where any replica logic lives; see the `compute` library. Tested by the `sim` crate's `tests/it/`, which
 //! runs it under the process orchestrator (a worker panic and an injected I/O-thread panic,
-//! `compute::FAULT_ENV`, each exit with status 1) and scrapes its metrics and checks them with `promtool`.
+//! `compute::FAULT_ENV`, each exit with status 1; the flags' validation; a replica on shards) and scrapes
+//! its metrics and checks them with `promtool`.
 
 // The binary talks to a person on its terminal (usage errors, the address it listens on).
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use clap::{ArgGroup, Parser};
 use compute::{ReplicaConfig, ReplicaServer};
+use storage::blob::BlobConfig;
+use storage::consensus::ConsensusConfig;
+use storage::{ShardCollections, ShardConfig, StorageCollections};
 use transport::SecurityFlags;
 
-#[derive(Debug)]
+/// One process of a compute replica: it listens for the controller, runs the dataflows on timely
+/// workers, and reads and writes storage either through the storage server (`--storage`) or by opening
+/// the shards itself (`--blob` and `--consensus`).
+#[derive(Debug, Parser)]
+#[command(name = "compute-replica", version)]
+#[command(after_help = "Exit status: 0 after Ctrl-C, 1 when the replica fails (a worker panicked; its \
+orchestrator restarts it) or cannot start, 2 for bad flags. RUST_LOG sets the log filter (default info).")]
+#[command(group(ArgGroup::new("storage-location").required(true).args(["storage", "blob"])))]
 struct Args {
+    /// The address the controller connects to (port 0 picks a free one; printed as `listening on ADDR`).
+    #[arg(long, value_name = "ADDR")]
     listen: SocketAddr,
+
+    /// Timely worker threads in this process.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = at_least_one)]
     workers: usize,
-    storage: String,
+
+    /// The storage server's address (`storage-server`). Either this, or `--blob` with `--consensus`.
+    #[arg(long, value_name = "ADDR", conflicts_with_all = ["blob", "consensus"])]
+    storage: Option<String>,
+
+    /// The blob store of the shards: `file:///DIR`, `s3://BUCKET/PREFIX?endpoint=URL&region=R&...` or
+    /// `mem://NAME` (within this process only). Needs `--consensus`; every process of the system must name
+    /// the same store.
+    #[arg(long, value_name = "URL", env = "COMPUTE_BLOB_URL", requires = "consensus")]
+    blob: Option<BlobConfig>,
+
+    /// The consensus store of the shards: `sqlite:///FILE`, `postgres://USER@HOST:PORT/DB` or
+    /// `mem://NAME` (within this process only). Needs `--blob`.
+    #[arg(long, value_name = "URL", env = "COMPUTE_CONSENSUS_URL", requires = "blob")]
+    consensus: Option<ConsensusConfig>,
+
+    /// How often, in milliseconds, this process polls the consensus store for changes of the shards it
+    /// listens to when no push channel (PostgreSQL `NOTIFY`) told it first. Only with `--blob`. Default:
+    /// the shard engine's (`storage::ShardConfig`), 100 ms.
+    #[arg(
+        long,
+        value_name = "MS",
+        env = "COMPUTE_SHARD_POLL_INTERVAL_MS",
+        value_parser = clap::value_parser!(u64).range(1..=60_000)
+    )]
+    shard_poll_interval_ms: Option<u64>,
+
+    /// This process's index in a multi-process replica (0-based; needs `--addresses`).
+    #[arg(long, value_name = "I", default_value_t = 0, requires = "addresses")]
     process: usize,
+
+    /// The timely addresses of every process of the replica, in process order, comma-separated (a
+    /// multi-process replica; this process listens on the one at `--process`).
+    #[arg(long, value_name = "A0,A1,...", value_delimiter = ',')]
     addresses: Vec<String>,
-    security: SecurityFlags,
+
+    /// Serve this process's metrics at `http://ADDR/metrics` (Prometheus text format).
+    #[arg(long, value_name = "ADDR")]
     metrics_addr: Option<SocketAddr>,
+
+    /// This process's TLS certificate (PEM) on the controller port; with `--tls-key`.
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+
+    /// The private key (PEM) of `--tls-cert`.
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+
+    /// The CA (PEM) the storage server's certificate chains to (`--storage` over TLS).
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+
+    /// A CA (PEM): controllers presenting a certificate that chains to it need not prove the secret.
+    #[arg(long, value_name = "FILE")]
+    tls_client_ca: Option<PathBuf>,
+
+    /// The file holding the shared secret (else the environment variable `CCR_SHARED_SECRET`; never a
+    /// flag's value, which `ps` would show).
+    #[arg(long, value_name = "FILE")]
+    secret_file: Option<PathBuf>,
+
+    /// Plain TCP on every connection instead of TLS (must be asked for; the secret is still proved).
+    #[arg(long)]
+    insecure: bool,
 }
 
-const USAGE: &str = "usage: compute-replica --listen ADDR --workers N --storage ADDR [--process I --addresses A0,A1,...] \
-(--tls-cert FILE --tls-key FILE --tls-ca FILE [--tls-client-ca FILE] | --insecure) [--secret-file FILE] \
-[--metrics-addr ADDR]";
+fn at_least_one(value: &str) -> Result<usize, String> {
+    match value.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        Ok(_) => Err("must be at least 1".to_string()),
+        Err(e) => Err(e.to_string()),
+    }
+}
 
-fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
-    let mut listen = None;
-    let mut workers = 1;
-    let mut storage = None;
-    let mut process = 0;
-    let mut addresses = Vec::new();
-    let mut security = SecurityFlags::default();
-    let mut metrics_addr = None;
-    while let Some(flag) = args.next() {
-        let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
-        if security.parse(&flag, &mut value)? {
-            continue;
-        }
-        match flag.as_str() {
-            "--listen" => listen = Some(value()?.parse().map_err(|e| format!("--listen: {e}"))?),
-            "--workers" => workers = value()?.parse().map_err(|e| format!("--workers: {e}"))?,
-            "--storage" => storage = Some(value()?),
-            "--process" => process = value()?.parse().map_err(|e| format!("--process: {e}"))?,
-            "--addresses" => {
-                addresses = value()?.split(',').filter(|a| !a.is_empty()).map(str::to_string).collect()
-            }
-            "--metrics-addr" => {
-                metrics_addr = Some(value()?.parse().map_err(|e| format!("--metrics-addr: {e}"))?)
-            }
-            "--help" | "-h" => return Err(USAGE.to_string()),
-            other => return Err(format!("unknown argument {other}\n{USAGE}")),
+impl Args {
+    /// The security flags, for `transport` to turn into connection settings.
+    fn security(&self) -> SecurityFlags {
+        SecurityFlags {
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
+            tls_ca: self.tls_ca.clone(),
+            tls_client_ca: self.tls_client_ca.clone(),
+            secret_file: self.secret_file.clone(),
+            insecure: self.insecure,
         }
     }
-    Ok(Args {
-        listen: listen.ok_or_else(|| format!("--listen is required\n{USAGE}"))?,
-        workers,
-        storage: storage.ok_or_else(|| format!("--storage is required\n{USAGE}"))?,
-        process,
-        addresses,
-        security,
-        metrics_addr,
-    })
+
+    /// The checks clap's attributes cannot express.
+    fn validate(&self) -> Result<(), String> {
+        // Checked here: clap's `requires` does not fire for an argument whose target is in a satisfied group.
+        if self.shard_poll_interval_ms.is_some() && self.blob.is_none() {
+            return Err(
+                "--shard-poll-interval-ms applies to the shards only: it needs --blob and --consensus \
+                        (or their environment variables), not --storage"
+                    .to_string(),
+            );
+        }
+        if !self.addresses.is_empty() && self.process >= self.addresses.len() {
+            return Err(format!(
+                "--process {} is out of range: --addresses names {} process(es)",
+                self.process,
+                self.addresses.len()
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Where storage is, as the flags said.
+enum StorageLocation {
+    Server(String),
+    Shards(BlobConfig, ConsensusConfig, ShardConfig),
+}
+
+impl Args {
+    fn storage_location(&self) -> StorageLocation {
+        match (&self.storage, &self.blob, &self.consensus) {
+            (Some(address), None, None) => StorageLocation::Server(address.clone()),
+            (None, Some(blob), Some(consensus)) => {
+                let mut config = ShardConfig::default();
+                if let Some(ms) = self.shard_poll_interval_ms {
+                    config.poll_interval = std::time::Duration::from_millis(ms);
+                }
+                StorageLocation::Shards(blob.clone(), consensus.clone(), config)
+            }
+            // clap's group and `requires`/`conflicts_with` make every other combination a usage error.
+            other => unreachable!("clap accepted an invalid storage location: {other:?}"),
+        }
+    }
+}
+
+/// Connects to the storage server or opens the shards, whose engine records its metrics
+/// (`storage::StorageMetrics`) in the process's `registry`. Runs on `runtime`, which the engine's
+/// background tasks then live on.
+fn open_storage(
+    runtime: &tokio::runtime::Runtime,
+    location: &StorageLocation,
+    security: &SecurityFlags,
+    registry: &prometheus::Registry,
+) -> Result<(Arc<dyn StorageCollections>, Option<ShardCollections>), String> {
+    match location {
+        StorageLocation::Server(address) => {
+            let client_security = security.client()?;
+            let client = runtime
+                .block_on(storage::Client::connect(address.as_str(), client_security))
+                .map_err(|e| format!("cannot connect to storage at {address}: {e}"))?;
+            Ok((Arc::new(client), None))
+        }
+        StorageLocation::Shards(blob, consensus, config) => {
+            let metrics = storage::StorageMetrics::register(registry)
+                .map_err(|e| format!("cannot register the storage engine's metrics: {e}"))?;
+            let config = ShardConfig { metrics: Some(metrics), ..config.clone() };
+            let shards = runtime
+                .block_on(ShardCollections::open(blob, consensus, config))
+                .map_err(|e| format!("cannot open the shards: {e}"))?;
+            tracing::info!(?blob, ?consensus, "opened the shards");
+            Ok((Arc::new(shards.clone()), Some(shards)))
+        }
+    }
 }
 
 fn main() -> ExitCode {
+    let args = Args::parse();
+    if let Err(message) = args.validate() {
+        eprintln!("error: {message}");
+        return ExitCode::from(2);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -98,13 +238,6 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let args = match parse_args(std::env::args().skip(1)) {
-        Ok(args) => args,
-        Err(message) => {
-            eprintln!("{message}");
-            return ExitCode::from(2);
-        }
-    };
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -112,24 +245,26 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let (server_security, storage_security) = match (args.security.server(), args.security.client()) {
-        (Ok(server), Ok(client)) => (server, client),
-        (Err(e), _) | (_, Err(e)) => {
-            eprintln!("{e}\n{USAGE}");
+    // The process's registry: the replica's metrics and, on shards, the storage engine's, served at
+    // `--metrics-addr`.
+    let registry = prometheus::Registry::new();
+    let security = args.security();
+    let server_security = match security.server() {
+        Ok(server) => server,
+        Err(message) => {
+            eprintln!("error: {message}");
             return ExitCode::from(2);
         }
     };
-    let client = match runtime.block_on(storage::Client::connect(args.storage.as_str(), storage_security)) {
-        Ok(client) => client,
-        Err(e) => {
-            eprintln!("cannot connect to storage at {}: {e}", args.storage);
+    let (storage, shards) = match open_storage(&runtime, &args.storage_location(), &security, &registry) {
+        Ok(opened) => opened,
+        Err(message) => {
+            eprintln!("{message}");
             return ExitCode::FAILURE;
         }
     };
-    let config = ReplicaConfig::new(args.listen, args.workers, Arc::new(client), server_security)
+    let config = ReplicaConfig::new(args.listen, args.workers, storage, server_security)
         .in_cluster(args.process, args.addresses);
-    // The process's registry: the replica's metrics, served at `--metrics-addr`.
-    let registry = prometheus::Registry::new();
     let handle = match ReplicaServer::start_with_registry(config, registry.clone()) {
         Ok(handle) => handle,
         Err(e) => {
@@ -161,6 +296,10 @@ fn main() -> ExitCode {
     match failure {
         None => {
             handle.shutdown();
+            if let Some(shards) = shards {
+                // Release the leased readers now rather than leaving them to expire.
+                runtime.block_on(shards.shutdown());
+            }
             ExitCode::SUCCESS
         }
         Some(failure) => {

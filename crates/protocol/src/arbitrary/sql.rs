@@ -6,14 +6,24 @@
 //! `compute/tests/it/sqlite.rs` (the replica, incrementally, through a real socket).
 //!
 //! **What the plans cover.** Filters over arithmetic, comparisons, `AND`/`OR`/`NOT`, `IS NULL` and `IF`;
-//! maps and projections; joins of two and three inputs (equi-joins and cross joins); reduces with
-//! `count`/`sum`/`min`/`max`, grouped and global; distinct; union; negate and threshold (as `EXCEPT
+//! decimals (`+ - * /`, negation, `abs`, `round`, casts from integers and to integers, `sum`, `avg`,
+//! `min`, `max`, comparisons), dates (plus and minus days and months, `extract`, comparisons,
+//! `BETWEEN`), `CASE` with several branches, `COALESCE`, `NULLIF`, `IN (list)`, `BETWEEN`, `LIKE` and
+//! `NOT LIKE`, `substring`, casts of integers to floats; maps and projections; joins of two and three
+//! inputs (equi-joins and cross joins); left, right, full, semi (`EXISTS`) and anti (`NOT EXISTS`)
+//! joins through `protocol::joins`, with an equality and a residual; reduces with `count`, `count(*)`,
+//! `sum`, `avg`, `min` and `max`, grouped and global; distinct; union; negate and threshold (as `EXCEPT
 //! ALL`); top-k with ordering, limit and offset; `ArrangeBy`; a peek's order, limit and offset and key
 //! lookups; `NULL`s in every nullable column; integers at the edges of `i64`; float division by zero.
+//! [`CONSTRUCTS`] names them; the tests assert each was generated.
 //!
 //! **What it does not cover.** Negative multiplicities other than through `EXCEPT ALL` (SQL has none),
 //! multiplicities beyond `i64` (SQL has none: `compute/tests/it/operators.rs` checks them against the
-//! reference), float arithmetic on infinities and NaN (SQLite has no NaN), timestamps and byte strings.
+//! reference), float arithmetic on infinities and NaN (SQLite has no NaN), timestamps, intervals as
+//! columns and byte strings; decimals with many digits or of large magnitude, and decimal division
+//! below the top of a plan (SQLite computes decimals in doubles: `sql_semantics::decimal_value`); `avg`
+//! of integers; `IN` lists and `BETWEEN` bounds that are not columns or literals (SQLite may skip
+//! evaluating them).
 //!
 //! Where the IR's semantics legitimately differ from SQL's, the difference is encoded in one place,
 //! [`sql_semantics`]: each rule is a function the SQL text is rendered through, with a comment saying
@@ -34,10 +44,37 @@ use rusqlite::types::ValueRef;
 use super::{OwnedDatum, pack_owned};
 use crate::reference::Multiset;
 use crate::{
-    AggregateExpr, AggregateFunc, BinaryFunc, BuildDesc, ColumnOrder, ColumnType, DataflowDescription, Diff,
-    GlobalId, IndexExport, Plan, RelationDesc, RelationType, Row, RowSetFinishing, ScalarExpr, ScalarType,
-    SourceImport, UnaryFunc,
+    AggregateExpr, AggregateFunc, BinaryFunc, BuildDesc, ColumnOrder, ColumnType, DataflowDescription, Datum,
+    Diff, GlobalId, IndexExport, Plan, RelationDesc, RelationType, Row, RowSetFinishing, ScalarExpr,
+    ScalarType, SourceImport, UnaryFunc, VariadicFunc,
 };
+
+/// Names of the IR's constructs the generator covers, as they appear in a plan's `Debug` text (tests
+/// assert that their cases generate each).
+pub const CONSTRUCTS: &[&str] = &[
+    "Decimal",
+    "Date(",
+    "Interval",
+    "Cast(",
+    "Abs",
+    "Round(",
+    "ExtractYear",
+    "ExtractMonth",
+    "ExtractDay",
+    "Like",
+    "Coalesce",
+    "NullIf",
+    "In,",
+    "Substring",
+    "CountRows",
+    "Avg",
+    "Negate",
+    "Threshold",
+    "TopK",
+    "Join",
+    "Reduce",
+    "Distinct",
+];
 
 /// The seeds a test runs: the one in `SQLITE_ORACLE_SEED` if set, else `0..cases` (a test takes `cases`
 /// from `PROPTEST_CASES` the way its crate's other property tests do).
@@ -74,8 +111,15 @@ impl Pick {
     }
 }
 
-/// The tables every case has: `t0`, `t1`, `t2`, each `(k int not null, a int, s text, f real)`.
+/// The tables every case has: `t0`, `t1`, `t2`, each `(k int not null, a int, s text, f real,
+/// d decimal(_, 2), t date)`.
 pub const TABLES: usize = 3;
+
+/// The columns of every table.
+const COLUMNS: [&str; 6] = ["k", "a", "s", "f", "d", "t"];
+
+/// The scale of the tables' decimal column `d`.
+const DECIMAL_SCALE: u8 = 2;
 
 fn table_desc() -> RelationDesc {
     RelationDesc::new([
@@ -83,7 +127,31 @@ fn table_desc() -> RelationDesc {
         ("a", ColumnType::new(ScalarType::Int64, true)),
         ("s", ColumnType::new(ScalarType::Text, true)),
         ("f", ColumnType::new(ScalarType::Float64, true)),
+        ("d", ColumnType::new(ScalarType::Decimal { scale: DECIMAL_SCALE }, true)),
+        ("t", ColumnType::new(ScalarType::Date, true)),
     ])
+}
+
+/// The type of a plan over the tables (every generated plan is well-typed).
+fn typ_of(plan: &Plan) -> RelationType {
+    let tables = |id: GlobalId| matches!(id, GlobalId::User(1..=3)).then(|| table_desc().typ().clone());
+    plan.typ(&tables).expect("generated plans are well-typed")
+}
+
+/// The decimals of the tables and literals: multiples of a quarter, which doubles hold exactly, so
+/// SQLite's floating-point arithmetic on them is exact too (see [`sql_semantics::decimal_value`]).
+const DECIMALS: [&str; 6] = ["-1.25", "0", "0.5", "2.75", "10.25", "3"];
+
+/// The dates of the tables and literals (month ends and a leap day, for month arithmetic).
+const DATES: [(i32, u32, u32); 6] =
+    [(1994, 1, 31), (1995, 8, 31), (1995, 3, 15), (1996, 2, 29), (1997, 5, 31), (1998, 12, 1)];
+
+fn decimal_datum(text: &str) -> OwnedDatum {
+    OwnedDatum::Decimal(text.parse().expect("a decimal"))
+}
+
+fn date_datum((year, month, day): (i32, u32, u32)) -> OwnedDatum {
+    OwnedDatum::Date(crate::days_from_civil(year, month, day))
 }
 
 /// One generated case.
@@ -225,7 +293,11 @@ fn table_row(pick: &mut Pick) -> Row {
     let s = nullable(pick, s);
     let f = OwnedDatum::Float64(crate::F64::new(pick.of(&[-1.5, 0.5, 2.0, 0.0])));
     let f = nullable(pick, f);
-    pack_owned(&[k, a, s, f])
+    let d = decimal_datum(pick.of(&DECIMALS));
+    let d = nullable(pick, d);
+    let t = date_datum(pick.of(&DATES));
+    let t = nullable(pick, t);
+    pack_owned(&[k, a, s, f, d, t])
 }
 
 /// Three to five batches: the first inserts rows into every table, later ones insert and delete.
@@ -274,11 +346,12 @@ impl Builder {
             let table = self.pick.below(TABLES);
             return self.scan(table);
         }
-        match self.pick.below(9) {
+        match self.pick.below(10) {
             0 | 1 => {
                 let input = self.relation(depth - 1);
                 self.filter(input)
             }
+            9 => self.outer_join(depth - 1),
             2 => {
                 let input = self.relation(depth - 1);
                 self.map_project(input)
@@ -308,7 +381,8 @@ impl Builder {
     }
 
     fn scan(&mut self, table: usize) -> Relation {
-        let cte = self.add_cte(format!("SELECT k AS c0, a AS c1, s AS c2, f AS c3 FROM t{table}"), 4);
+        let columns: Vec<String> = COLUMNS.iter().enumerate().map(|(i, c)| format!("{c} AS c{i}")).collect();
+        let cte = self.add_cte(format!("SELECT {} FROM t{table}", columns.join(", ")), COLUMNS.len());
         let plan = Plan::Get { id: table_id(table, 0) };
         Relation { plan, typ: table_desc().typ().clone(), cte, is_table: true }
     }
@@ -328,8 +402,14 @@ impl Builder {
         let mut exprs = Vec::new();
         let mut columns: Vec<String> = (0..arity).map(|c| format!("c{c}")).collect();
         for _ in 0..1 + self.pick.below(2) {
-            let want =
-                self.pick.of(&[ScalarType::Int64, ScalarType::Int64, ScalarType::Bool, ScalarType::Text]);
+            let want = self.pick.of(&[
+                ScalarType::Int64,
+                ScalarType::Int64,
+                ScalarType::Bool,
+                ScalarType::Text,
+                ScalarType::Decimal { scale: DECIMAL_SCALE },
+                ScalarType::Date,
+            ]);
             // Each expression reads the input's columns only: SQL cannot read a sibling's alias.
             let (expr, sql) = self.expr(&input.typ, want, 2);
             let column = expr.typ(&input.typ).expect("generated expressions are well-typed");
@@ -401,6 +481,57 @@ impl Builder {
         Relation { plan, typ, cte, is_table: false }
     }
 
+    /// A left, right, full, semi or anti join of two inputs (`protocol::joins`' lowerings against SQL's
+    /// own joins), on an equality of two columns of one type where there are such, and sometimes a
+    /// residual `<>` of two other columns.
+    fn outer_join(&mut self, depth: usize) -> Relation {
+        let (left, right) = (self.relation(depth.min(1)), self.relation(depth.min(1)));
+        let (l, r) = (left.typ.arity(), right.typ.arity());
+        let pair = |pick: &mut Pick| {
+            let column = pick.below(l);
+            let wanted = left.typ.column_types[column].scalar_type;
+            let matching: Vec<usize> =
+                (0..r).filter(|c| right.typ.column_types[*c].scalar_type == wanted).collect();
+            (!matching.is_empty()).then(|| (column, matching[pick.below(matching.len())]))
+        };
+        let on: Vec<(usize, usize)> = pair(&mut self.pick).into_iter().collect();
+        let residual_pair = if self.pick.one_in(2) { pair(&mut self.pick) } else { None };
+        let residual: Vec<ScalarExpr> =
+            residual_pair.iter().map(|(a, b)| crate::joins::not_equal(*a, l + *b)).collect();
+        let mut conditions: Vec<String> = on.iter().map(|(a, b)| format!("x.c{a} = y.c{b}")).collect();
+        conditions.extend(residual_pair.iter().map(|(a, b)| format!("x.c{a} <> y.c{b}")));
+        let condition = if conditions.is_empty() { "1".to_string() } else { conditions.join(" AND ") };
+        let (lt, rt) = (&left.typ, &right.typ);
+        let (kind, plan) = match self.pick.below(5) {
+            0 => ("LEFT", crate::joins::left_join(&left.plan, lt, &right.plan, rt, &on, &residual)),
+            1 => ("RIGHT", crate::joins::right_join(&left.plan, lt, &right.plan, rt, &on, &residual)),
+            2 => ("FULL", crate::joins::full_join(&left.plan, lt, &right.plan, rt, &on, &residual)),
+            3 => ("EXISTS", crate::joins::semi_join(&left.plan, lt, &right.plan, rt, &on, &residual)),
+            _ => ("NOT EXISTS", crate::joins::anti_join(&left.plan, lt, &right.plan, rt, &on, &residual)),
+        };
+        let left_columns: Vec<String> = (0..l).map(|c| format!("x.c{c} AS c{c}")).collect();
+        let select = if kind.ends_with("EXISTS") {
+            format!(
+                "SELECT {} FROM {} AS x WHERE {kind} (SELECT 1 FROM {} AS y WHERE {condition})",
+                left_columns.join(", "),
+                left.cte,
+                right.cte
+            )
+        } else {
+            let right_columns = (0..r).map(|c| format!("y.c{c} AS c{}", l + c));
+            let columns: Vec<String> = left_columns.into_iter().chain(right_columns).collect();
+            format!(
+                "SELECT {} FROM {} AS x {kind} JOIN {} AS y ON {condition}",
+                columns.join(", "),
+                left.cte,
+                right.cte
+            )
+        };
+        let typ = typ_of(&plan);
+        let cte = self.add_cte(select, typ.arity());
+        Relation { plan, typ, cte, is_table: false }
+    }
+
     fn reduce(&mut self, input: Relation) -> Relation {
         let arity = input.typ.arity();
         let mut group_key: Vec<usize> = (0..self.pick.below(3)).map(|_| self.pick.below(arity)).collect();
@@ -413,8 +544,20 @@ impl Builder {
                 AggregateFunc::Sum,
                 AggregateFunc::Min,
                 AggregateFunc::Max,
+                AggregateFunc::CountRows,
+                AggregateFunc::Avg,
             ]);
-            let func = if func.output_type(input.typ.column_types[column]).is_some() {
+            let column_type = input.typ.column_types[column].scalar_type;
+            // `avg` of integers is not compared (SQLite averages them as doubles, inexact at the edges
+            // of `i64`), nor of decimals with more digits than `sql_semantics::decimal_average` reads.
+            let avg_covered = match column_type {
+                ScalarType::Float64 => true,
+                ScalarType::Decimal { scale } => scale <= 4,
+                _ => false,
+            };
+            let func = if func.output_type(input.typ.column_types[column]).is_some()
+                && (func != AggregateFunc::Avg || avg_covered)
+            {
                 func
             } else {
                 AggregateFunc::Count
@@ -526,13 +669,46 @@ impl Builder {
         Relation { plan, typ: input.typ, cte, is_table: false }
     }
 
+    /// The relation with one more column: an expression of a type the scans' columns do not exercise
+    /// much otherwise (dates, decimals, text functions).
+    fn mapped(&mut self, input: Relation) -> Relation {
+        let want = self.pick.of(&[
+            ScalarType::Date,
+            ScalarType::Decimal { scale: DECIMAL_SCALE },
+            ScalarType::Text,
+            ScalarType::Int64,
+        ]);
+        let (expr, sql) = self.expr(&input.typ, want, 2);
+        let mut typ = input.typ.clone();
+        typ.column_types.push(expr.typ(&input.typ).expect("generated expressions are well-typed"));
+        let select = format!("SELECT *, {sql} AS c{} FROM {}", input.typ.arity(), input.cte);
+        let cte = self.add_cte(select, typ.arity());
+        let plan = Plan::Map { input: Box::new(input.plan), exprs: vec![expr] };
+        Relation { plan, typ, cte, is_table: false }
+    }
+
     /// The result: the relation, sometimes with a float division of two of its float columns appended
     /// (at the top only: its infinities and NaN must not meet SQLite's arithmetic, see
     /// [`sql_semantics::float_division`]).
     fn top(&mut self, input: Relation) -> Relation {
+        let input = if self.pick.one_in(2) { self.mapped(input) } else { input };
         let floats: Vec<usize> = (0..input.typ.arity())
             .filter(|c| input.typ.column_types[*c].scalar_type == ScalarType::Float64)
             .collect();
+        let decimals: Vec<usize> = (0..input.typ.arity())
+            .filter(|c| matches!(input.typ.column_types[*c].scalar_type, ScalarType::Decimal { scale } if scale <= 4))
+            .collect();
+        if !decimals.is_empty() && self.pick.one_in(3) {
+            let (x, y) = (self.pick.of(&decimals), self.pick.of(&decimals));
+            let expr = ScalarExpr::column(x).call_binary(BinaryFunc::Div, ScalarExpr::column(y));
+            let sql = sql_semantics::decimal_division(&format!("c{x}"), &format!("c{y}"));
+            let mut typ = input.typ.clone();
+            typ.column_types.push(expr.typ(&input.typ).expect("decimals divide"));
+            let select = format!("SELECT *, {sql} AS c{} FROM {}", input.typ.arity(), input.cte);
+            let cte = self.add_cte(select, typ.arity());
+            let plan = Plan::Map { input: Box::new(input.plan), exprs: vec![expr] };
+            return Relation { plan, typ, cte, is_table: false };
+        }
         if floats.is_empty() || !self.pick.one_in(2) {
             return input;
         }
@@ -575,47 +751,48 @@ impl Builder {
             }
             ScalarType::Float64 => OwnedDatum::Float64(crate::F64::new(self.pick.of(&[0.5, -1.5, 2.0, 0.0]))),
             ScalarType::Text => OwnedDatum::Text(self.pick.of(&["a", "b", ""]).to_string()),
+            ScalarType::Decimal { .. } => {
+                let datum = decimal_datum(self.pick.of(&DECIMALS));
+                let sql = sql_semantics::literal(&datum);
+                let OwnedDatum::Decimal(d) = datum else { unreachable!("a decimal") };
+                return (ScalarExpr::decimal(&d.to_string(), DECIMAL_SCALE), sql);
+            }
+            ScalarType::Date => date_datum(self.pick.of(&DATES)),
             _ => OwnedDatum::Bool(self.pick.one_in(2)),
         };
         let sql = sql_semantics::literal(&datum);
         (ScalarExpr::literal(datum.as_datum()), sql)
     }
 
-    /// A well-typed expression over `input` of type `want`, and its SQL.
+    /// A column of `input` whose type is `want` (any decimal for a decimal), or a literal.
+    fn leaf(&mut self, input: &RelationType, want: ScalarType) -> Expr {
+        let fits = |c: &ColumnType| match (c.scalar_type, want) {
+            (ScalarType::Decimal { .. }, ScalarType::Decimal { .. }) => true,
+            (have, want) => have == want,
+        };
+        let columns: Vec<usize> = (0..input.arity()).filter(|c| fits(&input.column_types[*c])).collect();
+        if !columns.is_empty() && !self.pick.one_in(4) {
+            let column = self.pick.of(&columns);
+            return (ScalarExpr::column(column), format!("c{column}"));
+        }
+        self.literal(want)
+    }
+
+    /// A well-typed expression over `input` of type `want` (any scale for a decimal), and its SQL.
     fn expr(&mut self, input: &RelationType, want: ScalarType, depth: usize) -> Expr {
-        let columns: Vec<usize> =
-            (0..input.arity()).filter(|c| input.column_types[*c].scalar_type == want).collect();
         if depth == 0 || self.pick.one_in(3) {
-            if !columns.is_empty() && !self.pick.one_in(4) {
-                let column = self.pick.of(&columns);
-                return (ScalarExpr::column(column), format!("c{column}"));
-            }
-            return self.literal(want);
+            return self.leaf(input, want);
         }
         if self.pick.one_in(6) {
-            let (cond, cond_sql) = self.expr(input, ScalarType::Bool, depth - 1);
-            let (then, then_sql) = self.expr(input, want, depth - 1);
-            let (els, els_sql) = self.expr(input, want, depth - 1);
-            let sql = format!("(CASE WHEN {cond_sql} THEN {then_sql} ELSE {els_sql} END)");
-            return (cond.if_then_else(then, els), sql);
+            return self.conditional(input, want, depth);
         }
         match want {
-            ScalarType::Int64 => {
-                let (a, a_sql) = self.expr(input, want, depth - 1);
-                if self.pick.one_in(6) {
-                    return (a.call_unary(UnaryFunc::Neg), sql_semantics::integer_negation(&a_sql));
-                }
-                let func = self.pick.of(&[
-                    BinaryFunc::Add,
-                    BinaryFunc::Sub,
-                    BinaryFunc::Mul,
-                    BinaryFunc::Div,
-                    BinaryFunc::Mod,
-                ]);
-                let (b, b_sql) = self.expr(input, want, depth - 1);
-                (a.call_binary(func, b), sql_semantics::integer_arithmetic(func, &a_sql, &b_sql))
-            }
+            ScalarType::Int64 => self.integer(input, depth),
             ScalarType::Float64 => {
+                if self.pick.one_in(4) {
+                    let (a, a_sql) = self.expr(input, ScalarType::Int64, depth - 1);
+                    return (a.cast(ScalarType::Float64), format!("CAST({a_sql} AS REAL)"));
+                }
                 let (a, a_sql) = self.expr(input, want, depth - 1);
                 let func = self.pick.of(&[BinaryFunc::Add, BinaryFunc::Sub, BinaryFunc::Mul]);
                 let (b, b_sql) = self.expr(input, want, depth - 1);
@@ -626,13 +803,174 @@ impl Builder {
                 };
                 (a.call_binary(func, b), format!("({a_sql} {operator} {b_sql})"))
             }
+            ScalarType::Decimal { .. } => self.decimal(input, depth),
+            ScalarType::Date => self.date(input, depth),
+            ScalarType::Text => {
+                let (a, a_sql) = self.expr(input, want, depth - 1);
+                if self.pick.one_in(2) {
+                    let (b, b_sql) = self.leaf(input, want);
+                    let exprs = vec![a, b];
+                    return (
+                        ScalarExpr::call_variadic(VariadicFunc::Coalesce, exprs),
+                        format!("coalesce({a_sql}, {b_sql})"),
+                    );
+                }
+                let (start, length) = (self.pick.below(4) as i64 - 1, self.pick.below(4) as i64);
+                let exprs = vec![
+                    a,
+                    ScalarExpr::literal(Datum::Int64(start)),
+                    ScalarExpr::literal(Datum::Int64(length)),
+                ];
+                (
+                    ScalarExpr::call_variadic(VariadicFunc::Substring, exprs),
+                    sql_semantics::substring(&a_sql, start, length),
+                )
+            }
             ScalarType::Bool => self.predicate(input, depth),
-            _ => self.literal(want),
+            _ => self.leaf(input, want),
         }
     }
 
+    /// `IF`, a `CASE` of two branches (the IR's lowering to `If`s), `COALESCE` or `NULLIF`, of type
+    /// `want`.
+    fn conditional(&mut self, input: &RelationType, want: ScalarType, depth: usize) -> Expr {
+        match self.pick.below(4) {
+            0 => {
+                let (cond, cond_sql) = self.expr(input, ScalarType::Bool, depth - 1);
+                let (then, then_sql) = self.expr(input, want, depth - 1);
+                let (els, els_sql) = self.expr(input, want, depth - 1);
+                let sql = format!("(CASE WHEN {cond_sql} THEN {then_sql} ELSE {els_sql} END)");
+                (cond.if_then_else(then, els), sql)
+            }
+            1 => {
+                let (c1, c1_sql) = self.expr(input, ScalarType::Bool, depth - 1);
+                let (v1, v1_sql) = self.expr(input, want, depth - 1);
+                let (c2, c2_sql) = self.expr(input, ScalarType::Bool, depth - 1);
+                let (v2, v2_sql) = self.expr(input, want, depth - 1);
+                let (els, els_sql) = self.leaf(input, want);
+                let sql = format!(
+                    "(CASE WHEN {c1_sql} THEN {v1_sql} WHEN {c2_sql} THEN {v2_sql} ELSE {els_sql} END)"
+                );
+                (ScalarExpr::case(vec![(c1, v1), (c2, v2)], els), sql)
+            }
+            2 => {
+                let (a, a_sql) = self.expr(input, want, depth - 1);
+                let (b, b_sql) = self.expr(input, want, depth - 1);
+                let (c, c_sql) = self.leaf(input, want);
+                let exprs = vec![a, b, c];
+                (
+                    ScalarExpr::call_variadic(VariadicFunc::Coalesce, exprs),
+                    format!("coalesce({a_sql}, {b_sql}, {c_sql})"),
+                )
+            }
+            _ => {
+                let (a, a_sql) = self.expr(input, want, depth - 1);
+                let (b, b_sql) = self.expr(input, want, depth - 1);
+                (a.call_binary(BinaryFunc::NullIf, b), format!("nullif({a_sql}, {b_sql})"))
+            }
+        }
+    }
+
+    fn integer(&mut self, input: &RelationType, depth: usize) -> Expr {
+        let want = ScalarType::Int64;
+        match self.pick.below(8) {
+            0 => {
+                let (a, a_sql) = self.expr(input, want, depth - 1);
+                (a.call_unary(UnaryFunc::Neg), sql_semantics::integer_negation(&a_sql))
+            }
+            1 => {
+                let (a, a_sql) = self.expr(input, want, depth - 1);
+                (a.call_unary(UnaryFunc::Abs), format!("abs({a_sql})"))
+            }
+            2 => {
+                let func =
+                    self.pick.of(&[UnaryFunc::ExtractYear, UnaryFunc::ExtractMonth, UnaryFunc::ExtractDay]);
+                let (a, a_sql) = self.expr(input, ScalarType::Date, depth - 1);
+                (a.call_unary(func), sql_semantics::extract(func, &a_sql))
+            }
+            3 => {
+                let (a, a_sql) = self.expr(input, ScalarType::Decimal { scale: DECIMAL_SCALE }, depth - 1);
+                (a.cast(ScalarType::Int64), sql_semantics::decimal_to_integer(&a_sql))
+            }
+            _ => {
+                let (a, a_sql) = self.expr(input, want, depth - 1);
+                let func = self.pick.of(&[
+                    BinaryFunc::Add,
+                    BinaryFunc::Sub,
+                    BinaryFunc::Mul,
+                    BinaryFunc::Div,
+                    BinaryFunc::Mod,
+                ]);
+                let (b, b_sql) = self.expr(input, want, depth - 1);
+                (a.call_binary(func, b), sql_semantics::integer_arithmetic(func, &a_sql, &b_sql))
+            }
+        }
+    }
+
+    /// A decimal expression: sums and differences, products of leaves (so values keep few digits, see
+    /// [`sql_semantics::decimal_value`]), negation, `abs`, `round`, casts of small integers.
+    fn decimal(&mut self, input: &RelationType, depth: usize) -> Expr {
+        let want = ScalarType::Decimal { scale: DECIMAL_SCALE };
+        match self.pick.below(6) {
+            0 | 1 => {
+                let (a, a_sql) = self.expr(input, want, depth - 1);
+                let (b, b_sql) = self.expr(input, want, depth - 1);
+                let (func, operator) = self.pick.of(&[(BinaryFunc::Add, "+"), (BinaryFunc::Sub, "-")]);
+                (a.call_binary(func, b), format!("({a_sql} {operator} {b_sql})"))
+            }
+            2 => {
+                let (a, a_sql) = self.leaf(input, want);
+                let (b, b_sql) = self.leaf(input, want);
+                (a.call_binary(BinaryFunc::Mul, b), format!("({a_sql} * {b_sql})"))
+            }
+            3 => {
+                let (a, a_sql) = self.expr(input, want, depth - 1);
+                if self.pick.one_in(2) {
+                    (a.call_unary(UnaryFunc::Neg), format!("(-{a_sql})"))
+                } else {
+                    (a.call_unary(UnaryFunc::Abs), format!("abs({a_sql})"))
+                }
+            }
+            4 => {
+                let (a, a_sql) = self.leaf(input, want);
+                let scale = self.pick.below(2) as u8;
+                (a.call_unary(UnaryFunc::Round(scale)), format!("round({a_sql}, {scale})"))
+            }
+            _ => {
+                // A small integer (integers reach the edges of i64, beyond what doubles hold exactly).
+                let (a, a_sql) = self.leaf(input, ScalarType::Int64);
+                let small = a.call_binary(BinaryFunc::Mod, ScalarExpr::literal(Datum::Int64(7)));
+                let small_sql = sql_semantics::integer_arithmetic(BinaryFunc::Mod, &a_sql, "7");
+                (
+                    small.cast(ScalarType::Decimal { scale: DECIMAL_SCALE }),
+                    format!("CAST({small_sql} AS REAL)"),
+                )
+            }
+        }
+    }
+
+    /// A date expression: a date plus or minus days or months.
+    fn date(&mut self, input: &RelationType, depth: usize) -> Expr {
+        let (a, a_sql) = self.expr(input, ScalarType::Date, depth - 1);
+        let amount = self.pick.below(50) as i32 - 20;
+        let (interval, sql) = if self.pick.one_in(2) {
+            (crate::Interval::months(amount / 4), sql_semantics::add_months(&a_sql, amount / 4))
+        } else {
+            (crate::Interval::days(amount * 7), sql_semantics::add_days(&a_sql, amount * 7))
+        };
+        let func = if self.pick.one_in(2) { BinaryFunc::Add } else { BinaryFunc::Sub };
+        let interval = if func == BinaryFunc::Sub {
+            crate::Interval { months: -interval.months, days: -interval.days, ms: 0 }
+        } else {
+            interval
+        };
+        // `a - (-x)` in the IR is `a + x` in SQL: the SQL was written for `a + interval`, so the IR
+        // subtracts the negated interval.
+        (a.call_binary(func, ScalarExpr::literal(Datum::Interval(interval))), sql)
+    }
+
     fn predicate(&mut self, input: &RelationType, depth: usize) -> Expr {
-        match self.pick.below(5) {
+        match self.pick.below(8) {
             0 | 1 => {
                 let operand = self.pick.of(&[
                     ScalarType::Int64,
@@ -640,6 +978,8 @@ impl Builder {
                     ScalarType::Text,
                     ScalarType::Float64,
                     ScalarType::Bool,
+                    ScalarType::Decimal { scale: DECIMAL_SCALE },
+                    ScalarType::Date,
                 ]);
                 let (a, a_sql) = self.expr(input, operand, depth - 1);
                 let (b, b_sql) = self.expr(input, operand, depth - 1);
@@ -663,8 +1003,40 @@ impl Builder {
                 let (a, a_sql) = self.expr(input, ScalarType::Bool, depth - 1);
                 (a.call_unary(UnaryFunc::Not), format!("(NOT {a_sql})"))
             }
+            4 => {
+                let (a, a_sql) = self.expr(input, ScalarType::Text, depth - 1);
+                let pattern = self.pick.of(&["%a%", "a_", "_", "%", "b%", "", "%c"]);
+                let negated = self.pick.one_in(3);
+                let like = if negated { a.not_like(pattern) } else { a.like(pattern) };
+                (like, sql_semantics::like(&a_sql, pattern, negated))
+            }
+            5 => {
+                // Leaves only: SQLite may stop evaluating a list early, the IR evaluates every item.
+                let operand =
+                    self.pick.of(&[ScalarType::Int64, ScalarType::Text, ScalarType::Decimal { scale: 2 }]);
+                let (a, a_sql) = self.leaf(input, operand);
+                let items: Vec<Expr> =
+                    (0..1 + self.pick.below(3)).map(|_| self.leaf(input, operand)).collect();
+                let sql = items.iter().map(|(_, sql)| sql.clone()).collect::<Vec<_>>().join(", ");
+                (a.in_list(items.into_iter().map(|(e, _)| e).collect()), format!("({a_sql} IN ({sql}))"))
+            }
+            6 => {
+                // SQL's own BETWEEN against the IR's lowering (leaves: neither evaluates a bound it
+                // does not need, and leaves have no errors to skip).
+                let operand =
+                    self.pick.of(&[ScalarType::Int64, ScalarType::Date, ScalarType::Decimal { scale: 2 }]);
+                let (x, x_sql) = self.leaf(input, operand);
+                let (low, low_sql) = self.leaf(input, operand);
+                let (high, high_sql) = self.leaf(input, operand);
+                (x.between(low, high), format!("({x_sql} BETWEEN {low_sql} AND {high_sql})"))
+            }
             _ => {
-                let operand = self.pick.of(&[ScalarType::Int64, ScalarType::Text, ScalarType::Float64]);
+                let operand = self.pick.of(&[
+                    ScalarType::Int64,
+                    ScalarType::Text,
+                    ScalarType::Float64,
+                    ScalarType::Decimal { scale: DECIMAL_SCALE },
+                ]);
                 let (a, a_sql) = self.expr(input, operand, depth - 1);
                 (a.call_unary(UnaryFunc::IsNull), format!("({a_sql} IS NULL)"))
             }
@@ -690,8 +1062,104 @@ pub mod sql_semantics {
             // `{:?}` keeps a decimal point, so SQLite reads a real.
             OwnedDatum::Float64(x) => format!("({:?})", x.get()),
             OwnedDatum::Text(s) => format!("'{}'", s.replace('\'', "''")),
+            OwnedDatum::Decimal(d) => format!("({:?})", decimal_value(*d)),
+            OwnedDatum::Date(days) => format!("'{}'", crate::format_date(*days)),
             other => unreachable!("the generator makes no {other:?}"),
         }
+    }
+
+    /// SQLite has no exact decimal type: decimals are doubles there. The generator keeps decimals to
+    /// multiples of a quarter (and their products, sums and differences) of small magnitude, which
+    /// doubles hold exactly, so SQLite's `+ - *`, `sum` and comparisons are exact on them; what comes
+    /// back is read at its column's scale ([`datum`]). Division rounds, differently: see
+    /// [`decimal_division`].
+    pub fn decimal_value(d: crate::Decimal) -> f64 {
+        d.to_string().parse().expect("a decimal's text is a float's")
+    }
+
+    /// The canonical scale (digits after the point, without trailing zeros) of a decimal held as a
+    /// double with at most 8 of them.
+    fn decimal_scale(x: &str) -> String {
+        let mut cases = String::from("CASE");
+        for digits in (1..=8).rev() {
+            // The last `9 - digits` of the value's 8 fractional digits are all zero: at most `digits - 1`.
+            let modulus = 10i64.pow(9 - digits);
+            write!(
+                cases,
+                " WHEN CAST(round(abs({x}) * 100000000) AS INTEGER) % {modulus} != 0 THEN {digits}"
+            )
+            .expect("a string");
+        }
+        cases.push_str(" ELSE 0 END");
+        cases
+    }
+
+    /// Decimal division rounds the exact quotient half away from zero to the larger of the two values'
+    /// canonical scales plus 6; SQLite divides doubles. `round()` of SQLite's quotient to that scale
+    /// gives the same decimal wherever the exact quotient is not within a double's error of a rounding
+    /// boundary, which for the generator's small operands (a quarter's multiples over small integers)
+    /// it never is. Division by zero is an error in the IR, `NULL` in SQLite: `ir_fail`.
+    pub fn decimal_division(a: &str, b: &str) -> String {
+        format!(
+            "(CASE WHEN ({a} IS NULL) + ({b} IS NULL) > 0 THEN NULL WHEN {b} = 0 THEN ir_fail('division by zero') \
+             ELSE round(CAST({a} AS REAL) / {b}, max({}, {}) + 6) END)",
+            decimal_scale(a),
+            decimal_scale(b)
+        )
+    }
+
+    /// `avg` of decimals is their exact sum divided by their count with the IR's decimal division; SQLite
+    /// averages doubles (exact sums here, see [`decimal_value`]): rounded as [`decimal_division`] does.
+    pub fn decimal_average(column: &str) -> String {
+        format!("round(avg({column}), {} + 6)", decimal_scale(&format!("sum({column})")))
+    }
+
+    /// A date plus `months` months: the IR (and SQL) clamps the day to the last of the resulting month;
+    /// SQLite's `date(x, '+1 months')` overflows into the next month instead (January 31 plus a month is
+    /// March 3), so the result is the earlier of that and the last day of the resulting month. Dates are
+    /// ISO text in SQLite, which orders as the dates do.
+    pub fn add_months(date: &str, months: i32) -> String {
+        format!(
+            "min(date({date}, '{months:+} months'), date({date}, 'start of month', '{:+} months', '-1 days'))",
+            months + 1
+        )
+    }
+
+    /// A date plus `days` days.
+    pub fn add_days(date: &str, days: i32) -> String {
+        format!("date({date}, '{days:+} days')")
+    }
+
+    /// `extract(field FROM date)`: SQLite's `strftime`, as an integer.
+    pub fn extract(func: crate::UnaryFunc, date: &str) -> String {
+        let format = match func {
+            crate::UnaryFunc::ExtractYear => "%Y",
+            crate::UnaryFunc::ExtractMonth => "%m",
+            _ => "%d",
+        };
+        format!("CAST(strftime('{format}', {date}) AS INTEGER)")
+    }
+
+    /// SQL's `substring(x FROM start FOR length)` counts positions below 1 as characters that are not
+    /// there; SQLite's `substr` counts a negative start from the end. With `start` and `length`
+    /// literals, the SQLite arguments that take the same characters are computed here.
+    pub fn substring(text: &str, start: i64, length: i64) -> String {
+        let first = start.max(1);
+        let count = (start + length - first).max(0);
+        format!("substr({text}, {first}, {count})")
+    }
+
+    /// A cast of a decimal to an integer rounds half away from zero in the IR; SQLite's `CAST` truncates
+    /// (its `round` rounds half away from zero).
+    pub fn decimal_to_integer(x: &str) -> String {
+        format!("CAST(round({x}) AS INTEGER)")
+    }
+
+    /// `LIKE` is case-sensitive in the IR (and SQL); SQLite's is not for ASCII letters unless
+    /// `PRAGMA case_sensitive_like` is on, which [`Sqlite::open`] sets.
+    pub fn like(x: &str, pattern: &str, negated: bool) -> String {
+        let not = if negated { "NOT " } else { "" };
+        format!("({x} {not}LIKE '{}')", pattern.replace('\'', "''"))
     }
 
     /// Integer arithmetic: where the IR errs, SQLite does not.
@@ -754,6 +1222,9 @@ pub mod sql_semantics {
     pub fn aggregate(func: AggregateFunc, column: &str, scalar_type: ScalarType) -> String {
         match (func, scalar_type) {
             (AggregateFunc::Count, _) => format!("count({column})"),
+            (AggregateFunc::CountRows, _) => "count(*)".to_string(),
+            (AggregateFunc::Avg, ScalarType::Decimal { .. }) => decimal_average(column),
+            (AggregateFunc::Avg, _) => format!("avg({column})"),
             (AggregateFunc::Sum, ScalarType::Int64) => {
                 format!("ir_int(sum({column} >> 32) * 4294967296 + sum({column} & 4294967295))")
             }
@@ -846,6 +1317,8 @@ pub mod sql_semantics {
             OwnedDatum::Float64(x) if x.get().is_nan() => Value::Text("NaN".to_string()),
             OwnedDatum::Float64(x) => Value::Real(x.get()),
             OwnedDatum::Text(s) => Value::Text(s.clone()),
+            OwnedDatum::Decimal(d) => Value::Real(decimal_value(*d)),
+            OwnedDatum::Date(days) => Value::Text(crate::format_date(*days)),
             other => unreachable!("the generator makes no {other:?}"),
         }
     }
@@ -863,6 +1336,25 @@ pub mod sql_semantics {
             (ValueRef::Text(b"NaN"), ScalarType::Float64) => OwnedDatum::Float64(crate::F64::new(f64::NAN)),
             (ValueRef::Text(text), ScalarType::Text) => {
                 OwnedDatum::Text(String::from_utf8(text.to_vec()).map_err(|e| e.to_string())?)
+            }
+            // A decimal comes back as a double (or an integer): read at the column's scale.
+            (ValueRef::Real(x), ScalarType::Decimal { scale }) => {
+                let text = format!("{x:.*}", usize::from(scale));
+                OwnedDatum::Decimal(text.parse().map_err(|e| format!("{text}: {e}"))?)
+            }
+            (ValueRef::Integer(i), ScalarType::Decimal { .. }) => {
+                OwnedDatum::Decimal(crate::Decimal::new(i128::from(i), 0).ok_or("a decimal")?)
+            }
+            (ValueRef::Text(text), ScalarType::Date) => {
+                let text = std::str::from_utf8(text).map_err(|e| e.to_string())?;
+                let parts: Vec<&str> = text.split('-').collect();
+                let number = |i: usize| parts.get(i).and_then(|p| p.parse::<i64>().ok());
+                match (parts.len(), number(0), number(1), number(2)) {
+                    (3, Some(y), Some(m), Some(d)) => {
+                        OwnedDatum::Date(crate::days_from_civil(y as i32, m as u32, d as u32))
+                    }
+                    _ => return Err(format!("SQLite returned {text:?} for a date")),
+                }
             }
             (value, scalar_type) => {
                 return Err(format!("SQLite returned {value:?} for a {scalar_type:?} column"));
@@ -888,12 +1380,18 @@ impl Sqlite {
         use rusqlite::functions::FunctionFlags;
         let connection = rusqlite::Connection::open_in_memory().map_err(sql_error)?;
         for table in 0..TABLES {
-            let create = format!("CREATE TABLE t{table} (k INTEGER NOT NULL, a INTEGER, s TEXT, f REAL)");
+            // Decimals as doubles and dates as ISO text: see `sql_semantics::decimal_value` and
+            // `sql_semantics::add_months`.
+            let create = format!(
+                "CREATE TABLE t{table} (k INTEGER NOT NULL, a INTEGER, s TEXT, f REAL, d REAL, t TEXT)"
+            );
             connection.execute(&create, []).map_err(sql_error)?;
         }
         // Not `SQLITE_DETERMINISTIC`: SQLite evaluates a deterministic function of constants once, up
         // front, even inside a `CASE` branch no row takes, and these must fail only where the IR does.
         let flags = FunctionFlags::SQLITE_UTF8;
+        // See `sql_semantics::like`.
+        connection.execute_batch("PRAGMA case_sensitive_like = ON").map_err(sql_error)?;
         connection
             .create_scalar_function("ir_int", 1, flags, |context| match context.get_raw(0) {
                 ValueRef::Real(_) => Err(rusqlite::Error::UserFunctionError("integer out of range".into())),
@@ -916,7 +1414,7 @@ impl Sqlite {
             let values: Vec<rusqlite::types::Value> =
                 row.iter().map(|d| sql_semantics::parameter(&OwnedDatum::from(d))).collect();
             if *diff > 0 {
-                let insert = format!("INSERT INTO t{table} VALUES (?1, ?2, ?3, ?4)");
+                let insert = format!("INSERT INTO t{table} VALUES (?1, ?2, ?3, ?4, ?5, ?6)");
                 for _ in 0..*diff {
                     self.connection
                         .execute(&insert, rusqlite::params_from_iter(values.iter()))
@@ -925,7 +1423,7 @@ impl Sqlite {
             } else {
                 let delete = format!(
                     "DELETE FROM t{table} WHERE rowid IN (SELECT rowid FROM t{table} WHERE k IS ?1 AND a IS ?2 \
-                     AND s IS ?3 AND f IS ?4 LIMIT {})",
+                     AND s IS ?3 AND f IS ?4 AND d IS ?5 AND t IS ?6 LIMIT {})",
                     diff.unsigned_abs()
                 );
                 let deleted = self

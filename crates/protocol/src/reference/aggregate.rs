@@ -8,12 +8,18 @@
 //!   encodings, starting from `0.0` (float addition is not associative, so the order is part of the
 //!   definition: it is the order in which an arrangement of the rows holds them);
 //! - `min`/`max` are the least/greatest non-null value (by [`super::order::compare_values`]);
-//! - `sum`, `min` and `max` over no non-null value are `NULL`; `count` is then `0`.
+//! - a decimal `sum` is exact, an error if it is not a decimal (nor an intermediate within 128 bits);
+//! - `count(*)` (`CountRows`) is the sum of every row's multiplicity, `NULL`s included;
+//! - `avg` of floats is their `sum` over their count; of integers or decimals, their exact sum divided
+//!   by their count with the IR's decimal division (`super::decimals`);
+//! - `sum`, `avg`, `min` and `max` over no non-null value are `NULL`; `count` is then `0`.
 
 use std::cmp::Ordering;
 
+use super::decimals;
 use super::order::compare_values;
 use super::value::{Value, float};
+use crate::expr::BinaryFunc;
 use crate::expr::EvalError;
 use crate::plan::AggregateFunc;
 
@@ -29,10 +35,53 @@ pub(crate) fn aggregate<'a>(
             let count: i128 = non_null.iter().map(|(_, m)| m).sum();
             i64::try_from(count).map(Value::Int).map_err(|_| EvalError::Int64OutOfRange)
         }
+        AggregateFunc::CountRows => {
+            let rows: i128 = values.iter().map(|(_, m)| m).sum();
+            i64::try_from(rows).map(Value::Int).map_err(|_| EvalError::Int64OutOfRange)
+        }
         AggregateFunc::Sum => sum(&non_null),
+        AggregateFunc::Avg => average(&non_null),
         AggregateFunc::Min => Ok(extreme(&non_null, Ordering::Less)),
         AggregateFunc::Max => Ok(extreme(&non_null, Ordering::Greater)),
     }
+}
+
+/// `avg`: `NULL` over nothing; of floats, their sum over their count as floats; of integers and
+/// decimals, their exact sum (as a decimal) divided by their count with the IR's decimal division.
+fn average<'a>(non_null: &[(Value<'a>, i128)]) -> Result<Value<'a>, EvalError> {
+    if non_null.is_empty() {
+        return Ok(Value::Null);
+    }
+    let count: i128 = non_null.iter().map(|(_, m)| m).sum();
+    if non_null.iter().all(|(v, _)| matches!(v, Value::Float(_))) {
+        let Value::Float(total) = sum(non_null)? else { unreachable!("a float sum") };
+        return Ok(Value::Float(float(total / count as f64)));
+    }
+    let (mantissa, scale) = exact_sum(non_null)?;
+    // The sum must be a decimal itself before it is divided.
+    let Value::Decimal(mantissa, scale) = decimals::decimal(mantissa, scale)? else {
+        unreachable!("a decimal")
+    };
+    decimals::arithmetic(BinaryFunc::Div, mantissa, scale, count, 0)
+}
+
+/// The exact sum of integer or decimal values (with multiplicities) as `(mantissa, scale)` at the
+/// largest scale among them.
+fn exact_sum(non_null: &[(Value<'_>, i128)]) -> Result<(i128, u32), EvalError> {
+    let scale =
+        non_null.iter().map(|(v, _)| if let Value::Decimal(_, s) = v { *s } else { 0 }).max().unwrap_or(0);
+    let mut total: i128 = 0;
+    for (value, multiplicity) in non_null {
+        let (mantissa, own) = match value {
+            Value::Int(i) => (i128::from(*i), 0),
+            Value::Decimal(m, s) => (*m, *s),
+            other => return Err(EvalError::Internal(format!("reference: exact sum of {}", other.kind()))),
+        };
+        let aligned = mantissa.checked_mul(10i128.pow(scale - own)).ok_or(EvalError::DecimalOutOfRange)?;
+        let term = aligned.checked_mul(*multiplicity).ok_or(EvalError::DecimalOutOfRange)?;
+        total = total.checked_add(term).ok_or(EvalError::DecimalOutOfRange)?;
+    }
+    Ok((total, scale))
 }
 
 fn sum<'a>(non_null: &[(Value<'a>, i128)]) -> Result<Value<'a>, EvalError> {
@@ -49,6 +98,10 @@ fn sum<'a>(non_null: &[(Value<'a>, i128)]) -> Result<Value<'a>, EvalError> {
             exact = exact.checked_add(term).ok_or(EvalError::Int64OutOfRange)?;
         }
         return i64::try_from(exact).map(Value::Int).map_err(|_| EvalError::Int64OutOfRange);
+    }
+    if non_null.iter().all(|(v, _)| matches!(v, Value::Decimal(..))) {
+        let (mantissa, scale) = exact_sum(non_null)?;
+        return decimals::decimal(mantissa, scale);
     }
     if non_null.iter().all(|(v, _)| matches!(v, Value::Float(_))) {
         let mut total = 0.0f64;

@@ -46,6 +46,8 @@
 //! against it.
 
 mod aggregate;
+mod dates;
+mod decimals;
 mod finish;
 mod order;
 mod scalar;

@@ -1,6 +1,8 @@
 //! The reference's own ordering of values and rows, written from the IR's documentation:
 //!
-//! - values of one type compare by value: `false < true`; integers and timestamps numerically; floats
+//! - values of one type compare by value: `false < true`; integers, dates, timestamps and decimals
+//!   numerically (decimals of different scales too); intervals by months, then days, then milliseconds;
+//!   floats
 //!   numerically with `0.0 == -0.0`, NaN equal to itself and greater than every other float; text by its
 //!   UTF-8 bytes; byte strings lexicographically;
 //! - `NULL` is less than every value in the *tie-break* order ([`compare_rows`]); in an ordering key its
@@ -45,6 +47,9 @@ fn rank(value: &Value<'_>) -> u8 {
         Value::Text(_) => 4,
         Value::Bytes(_) => 5,
         Value::Timestamp(_) => 6,
+        Value::Decimal(..) => 7,
+        Value::Date(_) => 8,
+        Value::Interval(..) => 9,
     }
 }
 
@@ -57,8 +62,21 @@ pub(crate) fn compare_values(a: &Value<'_>, b: &Value<'_>) -> Ordering {
         (Value::Text(x), Value::Text(y)) => compare_bytes(x.as_bytes(), y.as_bytes()),
         (Value::Bytes(x), Value::Bytes(y)) => compare_bytes(x, y),
         (Value::Timestamp(x), Value::Timestamp(y)) => x.cmp(y),
+        (Value::Decimal(m, s), Value::Decimal(n, t)) => compare_decimals(*m, *s, *n, *t),
+        (Value::Date(x), Value::Date(y)) => x.cmp(y),
+        (Value::Interval(a, b, c), Value::Interval(x, y, z)) => (a, b, c).cmp(&(x, y, z)),
         (a, b) => rank(a).cmp(&rank(b)),
     }
+}
+
+/// Compares two decimals by value: each split into its integer part and its fraction in units of
+/// `10^-28` (both with the number's sign, so the pairs order as the numbers do).
+pub(crate) fn compare_decimals(m: i128, s: u32, n: i128, t: u32) -> Ordering {
+    let split = |mantissa: i128, scale: u32| {
+        let unit = 10i128.pow(scale);
+        (mantissa / unit, (mantissa % unit) * 10i128.pow(28 - scale.min(28)))
+    };
+    split(m, s).cmp(&split(n, t))
 }
 
 /// Lexicographic comparison of byte strings, written out: the first differing byte decides, else the

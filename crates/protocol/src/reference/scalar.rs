@@ -19,7 +19,9 @@ use std::cmp::Ordering;
 
 use super::order::compare_values;
 use super::value::{Value, float, values};
-use crate::expr::{BinaryFunc, EvalError, ScalarExpr, UnaryFunc};
+use super::{dates, decimals};
+use crate::expr::{BinaryFunc, EvalError, ScalarExpr, UnaryFunc, VariadicFunc};
+use crate::row::ScalarType;
 
 /// Evaluates `expr` over the values of one row.
 pub(crate) fn eval<'a>(expr: &'a ScalarExpr, row: &[Value<'a>]) -> Result<Value<'a>, EvalError> {
@@ -63,6 +65,17 @@ pub(crate) fn eval<'a>(expr: &'a ScalarExpr, row: &[Value<'a>]) -> Result<Value<
                 (l, r) => Err(ill_typed("Or", &[l, r])),
             }
         }
+        ScalarExpr::CallBinary { func: BinaryFunc::NullIf, expr1, expr2 } => {
+            let left = eval(expr1, row)?;
+            let right = eval(expr2, row)?;
+            if left.is_null() || right.is_null() {
+                return Ok(left);
+            }
+            match binary(BinaryFunc::Eq, left, right)? {
+                Value::Bool(true) => Ok(Value::Null),
+                _ => Ok(left),
+            }
+        }
         ScalarExpr::CallBinary { func, expr1, expr2 } => {
             let left = eval(expr1, row)?;
             let right = eval(expr2, row)?;
@@ -76,7 +89,102 @@ pub(crate) fn eval<'a>(expr: &'a ScalarExpr, row: &[Value<'a>]) -> Result<Value<
             Value::Bool(false) | Value::Null => eval(els, row),
             other => Err(ill_typed("If", &[other])),
         },
+        ScalarExpr::Like { expr, pattern } => match eval(expr, row)? {
+            Value::Null => Ok(Value::Null),
+            Value::Text(text) => Ok(Value::Bool(like(text, pattern.pattern()))),
+            other => Err(ill_typed("Like", &[other])),
+        },
+        ScalarExpr::CallVariadic { func: VariadicFunc::Coalesce, exprs } => {
+            for expr in exprs {
+                let value = eval(expr, row)?;
+                if !value.is_null() {
+                    return Ok(value);
+                }
+            }
+            Ok(Value::Null)
+        }
+        ScalarExpr::CallVariadic { func: VariadicFunc::In, exprs } => {
+            let arguments = exprs.iter().map(|e| eval(e, row)).collect::<Result<Vec<_>, _>>()?;
+            let Some((needle, list)) = arguments.split_first() else {
+                return Err(ill_typed("In", &[]));
+            };
+            if needle.is_null() {
+                return Ok(Value::Null);
+            }
+            let mut any_null = false;
+            for item in list {
+                if item.is_null() {
+                    any_null = true;
+                } else if matches!(binary(BinaryFunc::Eq, *needle, *item)?, Value::Bool(true)) {
+                    return Ok(Value::Bool(true));
+                }
+            }
+            Ok(if any_null { Value::Null } else { Value::Bool(false) })
+        }
+        ScalarExpr::CallVariadic { func: VariadicFunc::Substring, exprs } => {
+            let arguments = exprs.iter().map(|e| eval(e, row)).collect::<Result<Vec<_>, _>>()?;
+            if arguments.iter().any(Value::is_null) {
+                return Ok(Value::Null);
+            }
+            match arguments.as_slice() {
+                [Value::Text(text), Value::Int(start)] => Ok(Value::Text(substring(text, *start, None)?)),
+                [Value::Text(text), Value::Int(start), Value::Int(length)] => {
+                    Ok(Value::Text(substring(text, *start, Some(*length))?))
+                }
+                other => Err(ill_typed("Substring", other)),
+            }
+        }
     }
+}
+
+/// `LIKE`, by dynamic programming over prefixes: `matched[j]` says whether the text's first `i`
+/// characters match the pattern's first `j`. `%` matches any run, `_` one character, anything else
+/// itself.
+fn like(text: &str, pattern: &str) -> bool {
+    let text: Vec<char> = text.chars().collect();
+    let pattern: Vec<char> = pattern.chars().collect();
+    // Row 0: the empty text matches a pattern prefix of only `%`s.
+    let mut matched: Vec<bool> = vec![false; pattern.len() + 1];
+    matched[0] = true;
+    for j in 1..=pattern.len() {
+        matched[j] = matched[j - 1] && pattern[j - 1] == '%';
+    }
+    for c in &text {
+        let mut next = vec![false; pattern.len() + 1];
+        for j in 1..=pattern.len() {
+            next[j] = match pattern[j - 1] {
+                // `%` takes nothing (next[j - 1]) or this character too (matched[j]).
+                '%' => next[j - 1] || matched[j],
+                '_' => matched[j - 1],
+                p => matched[j - 1] && p == *c,
+            };
+        }
+        matched = next;
+    }
+    matched[pattern.len()]
+}
+
+/// `substring(text FROM start FOR length)`: the characters at positions (from 1) `start` to
+/// `start + length - 1` that exist; without a length, to the end.
+fn substring(text: &str, start: i64, length: Option<i64>) -> Result<&str, EvalError> {
+    if length.is_some_and(|l| l < 0) {
+        return Err(EvalError::NegativeSubstringLength);
+    }
+    let mut first_byte = None;
+    let mut end_byte = text.len();
+    for (index, (byte, _)) in text.char_indices().enumerate() {
+        let position = index as i128 + 1;
+        let wanted = position >= i128::from(start)
+            && length.is_none_or(|l| position < i128::from(start) + i128::from(l));
+        if wanted && first_byte.is_none() {
+            first_byte = Some(byte);
+        }
+        if !wanted && first_byte.is_some() {
+            end_byte = byte;
+            break;
+        }
+    }
+    Ok(first_byte.map_or("", |first| &text[first..end_byte]))
 }
 
 fn ill_typed(func: &str, arguments: &[Value<'_>]) -> EvalError {
@@ -88,6 +196,31 @@ fn unary(func: UnaryFunc, argument: Value<'_>) -> Result<Value<'_>, EvalError> {
     match (func, argument) {
         (UnaryFunc::IsNull, argument) => Ok(Value::Bool(argument.is_null())),
         (_, Value::Null) => Ok(Value::Null),
+        (UnaryFunc::Neg, Value::Decimal(m, s)) => Ok(Value::Decimal(-m, s)),
+        (UnaryFunc::Abs, Value::Int(i)) => {
+            if i == i64::MIN {
+                Err(EvalError::Int64OutOfRange)
+            } else {
+                Ok(Value::Int(if i < 0 { -i } else { i }))
+            }
+        }
+        (UnaryFunc::Abs, Value::Float(x)) => Ok(Value::Float(float(if x < 0.0 { -x } else { x }))),
+        (UnaryFunc::Abs, Value::Decimal(m, s)) => Ok(Value::Decimal(if m < 0 { -m } else { m }, s)),
+        (UnaryFunc::Round(scale), Value::Decimal(m, s)) => Ok(decimals::round(m, s, u32::from(scale))),
+        (UnaryFunc::ExtractYear | UnaryFunc::ExtractMonth | UnaryFunc::ExtractDay, value) => {
+            let day = match value {
+                Value::Date(day) => i64::from(day),
+                Value::Timestamp(ms) => (ms / dates::DAY_MS) as i64,
+                other => return Err(ill_typed(&format!("{func:?}"), &[other])),
+            };
+            let (year, month, day) = dates::civil(day);
+            Ok(Value::Int(match func {
+                UnaryFunc::ExtractYear => year,
+                UnaryFunc::ExtractMonth => month,
+                _ => day,
+            }))
+        }
+        (UnaryFunc::Cast(target), value) => cast(value, target),
         (UnaryFunc::Not, Value::Bool(b)) => Ok(Value::Bool(!b)),
         (UnaryFunc::Neg, Value::Int(i)) => {
             if i == i64::MIN {
@@ -105,6 +238,7 @@ fn unary(func: UnaryFunc, argument: Value<'_>) -> Result<Value<'_>, EvalError> {
 fn binary<'a>(func: BinaryFunc, left: Value<'a>, right: Value<'a>) -> Result<Value<'a>, EvalError> {
     use BinaryFunc::*;
     let comparison = |accept: fn(Ordering) -> bool| {
+        // Values of one kind compare (decimals of any scales among them).
         if std::mem::discriminant(&left) != std::mem::discriminant(&right) {
             return Err(ill_typed(&format!("{func:?}"), &[left, right]));
         }
@@ -129,9 +263,69 @@ fn binary<'a>(func: BinaryFunc, left: Value<'a>, right: Value<'a>) -> Result<Val
                 };
                 Ok(Value::Float(float(result)))
             }
+            (Value::Decimal(m, s), Value::Decimal(n, t)) => decimals::arithmetic(func, m, s, n, t),
+            (Value::Date(day), Value::Interval(months, days, ms)) if matches!(func, Add | Sub) => {
+                let sign = if func == Sub { -1 } else { 1 };
+                let shifted = dates::add(i64::from(day) * dates::DAY_MS as i64, sign, months, days, ms)?;
+                // The date of the result's midnight.
+                Ok(Value::Date(
+                    i32::try_from(shifted.div_euclid(dates::DAY_MS as i64))
+                        .map_err(|_| EvalError::DateOutOfRange)?,
+                ))
+            }
+            (Value::Timestamp(t), Value::Interval(months, days, ms)) if matches!(func, Add | Sub) => {
+                let sign = if func == Sub { -1 } else { 1 };
+                let start = i64::try_from(t).map_err(|_| EvalError::DateOutOfRange)?;
+                let shifted = dates::add(start, sign, months, days, ms)?;
+                u64::try_from(shifted).map(Value::Timestamp).map_err(|_| EvalError::DateOutOfRange)
+            }
+            (Value::Date(x), Value::Date(y)) if func == Sub => Ok(Value::Int(i64::from(x) - i64::from(y))),
             _ => Err(ill_typed(&format!("{func:?}"), &[left, right])),
         },
-        And | Or => Err(EvalError::Internal("reference: And/Or are evaluated lazily above".to_string())),
+        And | Or | NullIf => {
+            Err(EvalError::Internal("reference: And, Or and NullIf are evaluated above".to_string()))
+        }
+    }
+}
+
+/// `CAST(value AS target)` of a non-null value, as `UnaryFunc::Cast` documents it.
+fn cast(value: Value<'_>, target: ScalarType) -> Result<Value<'_>, EvalError> {
+    match (value, target) {
+        (Value::Int(i), ScalarType::Float64) => Ok(Value::Float(float(i as f64))),
+        (Value::Int(i), ScalarType::Decimal { .. }) => Ok(Value::Decimal(i128::from(i), 0)),
+        (Value::Decimal(m, s), ScalarType::Decimal { scale }) => Ok(decimals::round(m, s, u32::from(scale))),
+        (Value::Decimal(m, s), ScalarType::Int64) => match decimals::round(m, s, 0) {
+            Value::Decimal(integer, _) => {
+                i64::try_from(integer).map(Value::Int).map_err(|_| EvalError::Int64OutOfRange)
+            }
+            other => Err(ill_typed("Cast", &[other])),
+        },
+        (Value::Decimal(m, s), ScalarType::Float64) => {
+            // The nearest float to the decimal's exact value: the standard library's parsing of its
+            // digits rounds correctly.
+            let text = decimals::format(m, s);
+            text.parse::<f64>().map(|x| Value::Float(float(x))).map_err(|_| EvalError::InvalidCast(text))
+        }
+        (Value::Date(day), ScalarType::Timestamp) => u64::try_from(i64::from(day) * dates::DAY_MS as i64)
+            .map(Value::Timestamp)
+            .map_err(|_| EvalError::DateOutOfRange),
+        (Value::Timestamp(ms), ScalarType::Date) => {
+            i32::try_from(ms / dates::DAY_MS).map(Value::Date).map_err(|_| EvalError::DateOutOfRange)
+        }
+        (value, target) => {
+            let same = matches!(
+                (value, target),
+                (Value::Bool(_), ScalarType::Bool)
+                    | (Value::Int(_), ScalarType::Int64)
+                    | (Value::Float(_), ScalarType::Float64)
+                    | (Value::Text(_), ScalarType::Text)
+                    | (Value::Bytes(_), ScalarType::Bytes)
+                    | (Value::Timestamp(_), ScalarType::Timestamp)
+                    | (Value::Date(_), ScalarType::Date)
+                    | (Value::Interval(..), ScalarType::Interval)
+            );
+            if same { Ok(value) } else { Err(ill_typed(&format!("Cast to {target:?}"), &[value])) }
+        }
     }
 }
 

@@ -3,9 +3,11 @@
 //! or computes is used.
 //!
 //! The data model, as the reference reads it from the IR's documentation: a float is never `-0.0` (it
-//! is `0.0`) and there is one NaN; the reference canonicalises every float it computes ([`float`]).
+//! is `0.0`) and there is one NaN; the reference canonicalises every float it computes ([`float`]). A
+//! decimal is a mantissa and a scale, canonical (no trailing zeros after the point) once packed into a
+//! row, with at most 28 digits after the point and a mantissa below `2^96` ([`is_decimal`]).
 
-use crate::row::{Datum, Row, RowPacker};
+use crate::row::{Datum, Decimal, Interval, Row, RowPacker};
 
 /// One value of a row, borrowed from the row or expression it came from.
 #[derive(Clone, Copy, Debug)]
@@ -24,6 +26,12 @@ pub(crate) enum Value<'a> {
     Bytes(&'a [u8]),
     /// A timestamp in milliseconds.
     Timestamp(u64),
+    /// A decimal: `mantissa * 10^-scale` (not necessarily canonical: [`row`] makes it so).
+    Decimal(i128, u32),
+    /// A date: days since 1970-01-01.
+    Date(i32),
+    /// An interval: months, days, milliseconds.
+    Interval(i32, i32, i64),
 }
 
 impl<'a> Value<'a> {
@@ -42,6 +50,9 @@ impl<'a> Value<'a> {
             Value::Text(_) => "text",
             Value::Bytes(_) => "bytes",
             Value::Timestamp(_) => "timestamp",
+            Value::Decimal(..) => "decimal",
+            Value::Date(_) => "date",
+            Value::Interval(..) => "interval",
         }
     }
 
@@ -54,6 +65,9 @@ impl<'a> Value<'a> {
             Datum::Text(s) => Value::Text(s),
             Datum::Bytes(b) => Value::Bytes(b),
             Datum::Timestamp(t) => Value::Timestamp(t),
+            Datum::Decimal(d) => Value::Decimal(d.mantissa(), u32::from(d.scale())),
+            Datum::Date(d) => Value::Date(d),
+            Datum::Interval(i) => Value::Interval(i.months, i.days, i.ms),
         }
     }
 
@@ -66,8 +80,35 @@ impl<'a> Value<'a> {
             Value::Text(s) => Datum::Text(s),
             Value::Bytes(b) => Datum::Bytes(b),
             Value::Timestamp(t) => Datum::Timestamp(t),
+            Value::Decimal(mantissa, scale) => {
+                let (mantissa, scale) = canonical_decimal(mantissa, scale);
+                let scale =
+                    u8::try_from(scale).expect("the reference checks decimals' range where it makes them");
+                Datum::Decimal(
+                    Decimal::new(mantissa, scale)
+                        .expect("the reference checks decimals' range where it makes them"),
+                )
+            }
+            Value::Date(d) => Datum::Date(d),
+            Value::Interval(months, days, ms) => Datum::Interval(Interval { months, days, ms }),
         }
     }
+}
+
+/// A decimal without trailing zeros after the point.
+pub(crate) fn canonical_decimal(mut mantissa: i128, mut scale: u32) -> (i128, u32) {
+    while scale > 0 && mantissa % 10 == 0 {
+        mantissa /= 10;
+        scale -= 1;
+    }
+    (mantissa, scale)
+}
+
+/// Whether `mantissa * 10^-scale` is a decimal of the data model: canonically, at most 28 digits after
+/// the point and a mantissa below `2^96` in magnitude.
+pub(crate) fn is_decimal(mantissa: i128, scale: u32) -> bool {
+    let (mantissa, scale) = canonical_decimal(mantissa, scale);
+    scale <= 28 && mantissa.unsigned_abs() < (1u128 << 96)
 }
 
 /// The canonical form of a float: `0.0` for both zeros, one NaN.

@@ -82,8 +82,15 @@ fn the_reference_interpreter_agrees_with_sqlite_on_random_plans_tables_and_updat
     // As many cases as the crate's other property tests run (`PROPTEST_CASES`, else proptest's default).
     let seeds = sql::seeds(proptest::test_runner::Config::default().cases);
     let mut seen = Seen::default();
+    let mut constructs: std::collections::BTreeMap<&str, usize> = std::collections::BTreeMap::new();
     for seed in &seeds {
         let case = SqlCase::generate(*seed);
+        let plan = format!("{:?}", case.plan);
+        for construct in sql::CONSTRUCTS {
+            if plan.contains(construct) {
+                *constructs.entry(construct).or_default() += 1;
+            }
+        }
         if let Err(report) = check_case(&case, &mut seen) {
             panic!("{report}");
         }
@@ -97,5 +104,10 @@ fn the_reference_interpreter_agrees_with_sqlite_on_random_plans_tables_and_updat
             seen.errors,
             seen.finished
         );
+    }
+    if seeds.len() >= 256 {
+        // Every construct of the IR the generator covers was generated (and so compared).
+        let missing: Vec<&&str> = sql::CONSTRUCTS.iter().filter(|c| !constructs.contains_key(*c)).collect();
+        assert!(missing.is_empty(), "never generated: {missing:?}; generated: {constructs:?}");
     }
 }

@@ -2,11 +2,18 @@
 //! processes on loopback, under a generated workload, with a replica crash and a dataflow recreation,
 //! every result checked against an oracle.
 //!
-//! **What runs.** A `storage-server` child (data in `target/cluster-data/`, emptied each run), this
-//! process as the controller (`ComputeController` with a `ProcessOrchestrator`), and `--replicas` replicas
-//! of one instance as `compute-replica` processes; every second replica is a timely cluster of
-//! `--processes` processes. `cargo run -p sim` builds only `sim`, so the scenario first builds the two
-//! binaries with the same profile (`processes.rs`).
+//! **What runs.** This process as the controller (`ComputeController` with a `ProcessOrchestrator`) and
+//! the table writer, and `--replicas` replicas of one instance as `compute-replica` processes; every
+//! second replica is a timely cluster of `--processes` processes. Storage ([`StorageMode`]) is either
+//! shards that every process opens itself from the same two URLs (the default), or a `storage-server`
+//! child that every process talks to (`--storage server`). On shards, the controller (a critical
+//! reader), the table writer and every replica process (leased readers; the replicas get the URLs
+//! through their environment, `controller::ReplicaStorage`) each open the stores: the embedded ones in
+//! the data directory (`--storage embedded`, the default: `blob/` and `consensus.db`), any URLs
+//! (`--blob`, `--consensus`), or a throwaway PostgreSQL and `moto_server` the run starts and stops
+//! (`--services local`). Data and logs go to `target/cluster-data/` (`--data-dir`), emptied each run.
+//! `cargo run -p sim` builds only `sim`, so the scenario first builds the two binaries with the same
+//! profile (`processes.rs`).
 //!
 //! **Phases.** Setup (tables, an initial load, replicas, six dataflows), hydration (a progress bar until
 //! every export is hydrated on every replica), the timed run (`--duration`: table changes at `--rate`
@@ -17,6 +24,11 @@
 //! full), and the report (`report.rs`). Logs go to `target/cluster-data/logs/` (`RUST_LOG` sends this
 //! process's to stderr instead and sets the children's filter).
 //!
+//! **Workloads.** `--workload orders` (the default) is the generated orders tables above (`tasks.rs`,
+//! `workload.rs`); `--workload tpch` loads TPC-H at `--scale-factor` and runs the same kills and
+//! recreations on the 22 TPC-H views, every answer compared with SQLite after every refresh batch
+//! (`tpch.rs`).
+//!
 //! **Checks** (each failure is a named violation; any violation makes the exit code non-zero): every
 //! peek's rows equal the oracle's at the peek's time (`oracle.rs`); subscribe batches are contiguous, cover
 //! each time range once, and accumulate to the oracle at each batch's upper; the materialized view's
@@ -24,8 +36,9 @@
 //! crash; a dropped dataflow's state goes away; a dropped replica's processes are gone; every collection
 //! catches up after the writes stop.
 //!
-//! **Cleanup.** The orchestrator kills the replicas when dropped and `processes::StorageServer` kills the
-//! storage server when dropped; both are owned by [`run`] outside the async runtime, so every way out
+//! **Cleanup.** The orchestrator kills the replicas when dropped, `processes::StorageServer` kills the
+//! storage server when dropped, and the local services stop when dropped (`storage::services`); all are
+//! owned by [`run`] outside the async runtime, so every way out
 //! (the end, an error, a panic, Ctrl-C, SIGTERM, SIGHUP) drops them, after the runtime and with it the
 //! controller. Then every child process the run started (recorded as it started) is checked gone in
 //! `/proc`: one still running is a violation. (A SIGKILL of `sim` itself cannot be handled: its children
@@ -34,7 +47,8 @@
 //! **Not here:** the deterministic simulation (`crate::simulation`). This is real time on real processes:
 //! it reads the wall clock (through `now`) and is not reproducible beyond its workload seed.
 //! **Tests:** `oracle.rs` (the oracle against the reference interpreter), `report.rs` (arithmetic); the
-//! scenario itself runs for 20 s in the `cluster` step of `cargo xtask test-suite`, which fails it on any
+//! flags' validation below; `tests/it/cluster.rs` runs the scenario for 6 s on the embedded shards and on
+//! PostgreSQL + S3; the scenario itself runs for 20 s in the `cluster` step of `cargo xtask test-suite`, which fails it on any
 //! violation and on fewer checks than its stated minimums (`xtask/src/cluster.rs`), and by hand with
 //! `cargo run --release -p sim -- cluster`.
 
@@ -45,6 +59,7 @@ mod report;
 pub mod security;
 mod tasks;
 pub mod timeline;
+mod tpch;
 mod workload;
 
 use std::collections::BTreeMap;
@@ -96,18 +111,80 @@ pub struct ClusterArgs {
     pub seed: u64,
     /// Print the report as JSON.
     pub json: bool,
+    /// What the replicas maintain.
+    pub workload: Workload,
+    /// The TPC-H scale factor (`--workload tpch`).
+    pub scale_factor: f64,
     /// Where the controller serves its metrics (`/metrics`); port 0 picks a free one.
     pub metrics_addr: SocketAddr,
     /// Where to write the report page with charts and the metrics scraped at the end (`html.rs`).
     pub report: Option<PathBuf>,
     /// Plain TCP instead of TLS (still with a shared secret).
     pub insecure: bool,
+    /// Where the collections live.
+    pub storage: StorageMode,
+    /// The data directory (emptied at the start); `None`: `target/cluster-data`.
+    pub data_dir: Option<PathBuf>,
 }
 
+/// The scenario's workload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Workload {
+    /// The generated orders tables with six dataflows, subscribes and a materialized view (`tasks.rs`).
+    Orders,
+    /// The 22 TPC-H views, checked against SQLite after every refresh batch (`tpch.rs`).
+    Tpch,
+}
+
+/// How often every process of the scenario polls the consensus head of a shard it listens to, when no
+/// push channel told it first (the shard engine's default is 100 ms; the embedded stores have none, so
+/// this bounds how soon a replica sees a write, and with it the frontier lag).
+pub const SHARD_POLL_INTERVAL_MS: u64 = 20;
+
+/// Where the scenario keeps its collections (`--storage`, `--blob`/`--consensus`, `--services`; default
+/// [`DEFAULT_STORAGE`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StorageMode {
+    /// A `storage-server` child process that every other process talks to (`--storage server`).
+    Server,
+    /// Shards on a blob directory and a SQLite consensus file in the data directory (`blob/`,
+    /// `consensus.db`), which every process opens itself (`--storage embedded`).
+    Embedded,
+    /// Shards at these URLs, which every process opens itself (`--blob URL --consensus URL`). The stores
+    /// must not hold the scenario's collections yet.
+    Urls {
+        /// The `--blob` URL.
+        blob: String,
+        /// The `--consensus` URL.
+        consensus: String,
+    },
+    /// Shards on a throwaway PostgreSQL server and `moto_server` (S3) that the run starts on loopback and
+    /// stops on every way out (`--services local`; `storage::services`).
+    LocalServices,
+}
+
+/// The default: the embedded shards (DESIGN §9), which pass the same checks as the storage server (their
+/// frontier lag is higher: listens poll the consensus head every 100 ms).
+pub const DEFAULT_STORAGE: StorageMode = StorageMode::Embedded;
+
 /// The usage line.
-pub const USAGE: &str = "usage: sim cluster [--duration SECS] [--rate ROWS_PER_SEC] [--replicas N] [--processes N] \
+pub const USAGE: &str =
+    "usage: sim cluster [--duration SECS] [--rate ROWS_PER_SEC] [--replicas N] [--processes N] \
 [--workers N] [--peekers N] [--peek-interval-ms MS] [--kills N] [--recreations N] [--seed S] [--json] \
-[--metrics-addr ADDR] [--report DIR] [--insecure]";
+[--metrics-addr ADDR] [--report DIR] [--workload orders|tpch] [--scale-factor SF] [--data-dir DIR] \
+[--storage server|embedded | --blob URL --consensus URL | --services local] [--insecure]
+
+Storage (one of):
+  --storage embedded   shards on DATA_DIR/blob and the SQLite file DATA_DIR/consensus.db, opened by every
+                       process (the controller, the table writer, every replica process); the default
+  --storage server     a storage-server child process that every other process talks to
+  --blob URL --consensus URL
+                       shards at these URLs, opened by every process: blob file:///DIR or
+                       s3://BUCKET/PREFIX?endpoint=URL&..., consensus sqlite:///FILE or postgres://...;
+                       the stores must not hold the scenario's collections from an earlier run
+  --services local     shards on a throwaway PostgreSQL and moto_server (S3) started on loopback for the
+                       run and stopped on every way out
+  --data-dir DIR       the scenario's files (emptied at the start; default target/cluster-data)";
 
 impl ClusterArgs {
     /// Parses the arguments after `cluster`.
@@ -124,10 +201,16 @@ impl ClusterArgs {
             recreations: 3,
             seed: wallclock_seed(),
             json: false,
+            workload: Workload::Orders,
+            scale_factor: 0.01,
             metrics_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             report: None,
             insecure: false,
+            storage: DEFAULT_STORAGE,
+            data_dir: None,
         };
+        let mut metrics_addr_given = false;
+        let (mut mode, mut blob, mut consensus, mut services) = (None, None, None, None);
         let mut iter = args.iter();
         while let Some(arg) = iter.next() {
             let mut value = || iter.next().ok_or_else(|| anyhow!("{arg} needs a value\n{USAGE}"));
@@ -151,9 +234,31 @@ impl ClusterArgs {
                 "--recreations" => parsed.recreations = value()?.parse().context("--recreations")?,
                 "--seed" => parsed.seed = value()?.parse().context("--seed")?,
                 "--json" => parsed.json = true,
-                "--metrics-addr" => parsed.metrics_addr = value()?.parse().context("--metrics-addr")?,
+                "--workload" => {
+                    parsed.workload = match value()?.as_str() {
+                        "orders" => Workload::Orders,
+                        "tpch" => Workload::Tpch,
+                        other => bail!("unknown workload {other:?} (orders or tpch)\n{USAGE}"),
+                    }
+                }
+                "--scale-factor" => {
+                    let sf: f64 = value()?.parse().context("--scale-factor")?;
+                    if !(sf > 0.0 && sf <= 10.0) {
+                        bail!("--scale-factor must be in (0, 10]");
+                    }
+                    parsed.scale_factor = sf;
+                }
+                "--metrics-addr" => {
+                    parsed.metrics_addr = value()?.parse().context("--metrics-addr")?;
+                    metrics_addr_given = true;
+                }
                 "--report" => parsed.report = Some(PathBuf::from(value()?)),
                 "--insecure" => parsed.insecure = true,
+                "--data-dir" => parsed.data_dir = Some(PathBuf::from(value()?)),
+                "--storage" => mode = Some(value()?.clone()),
+                "--blob" => blob = Some(value()?.clone()),
+                "--consensus" => consensus = Some(value()?.clone()),
+                "--services" => services = Some(value()?.clone()),
                 "--help" | "-h" => bail!("{USAGE}"),
                 other => bail!("unknown argument {other:?}\n{USAGE}"),
             }
@@ -161,6 +266,12 @@ impl ClusterArgs {
         if parsed.replicas == 0 || parsed.processes == 0 || parsed.workers == 0 {
             bail!("--replicas, --processes and --workers must be at least 1");
         }
+        if parsed.workload == Workload::Tpch && (metrics_addr_given || parsed.report.is_some()) {
+            bail!(
+                "--metrics-addr and --report are not built for --workload tpch (its scenario serves no metrics)"
+            );
+        }
+        parsed.storage = storage_mode(mode, blob, consensus, services)?;
         Ok(parsed)
     }
 
@@ -184,6 +295,44 @@ impl ClusterArgs {
     }
 }
 
+/// The storage mode the flags name; at most one way is allowed, and URLs are checked here.
+fn storage_mode(
+    mode: Option<String>,
+    blob: Option<String>,
+    consensus: Option<String>,
+    services: Option<String>,
+) -> anyhow::Result<StorageMode> {
+    let ways = usize::from(mode.is_some())
+        + usize::from(blob.is_some() || consensus.is_some())
+        + usize::from(services.is_some());
+    if ways > 1 {
+        bail!("--storage, --blob/--consensus and --services each choose the storage: give one of them");
+    }
+    if let Some(services) = services {
+        return match services.as_str() {
+            "local" => Ok(StorageMode::LocalServices),
+            other => bail!("--services {other:?}: the only value is `local`"),
+        };
+    }
+    if let Some(mode) = mode {
+        return match mode.as_str() {
+            "server" => Ok(StorageMode::Server),
+            "embedded" => Ok(StorageMode::Embedded),
+            other => bail!("--storage {other:?}: expected `server` or `embedded`"),
+        };
+    }
+    match (blob, consensus) {
+        (None, None) => Ok(DEFAULT_STORAGE),
+        (Some(blob), Some(consensus)) => {
+            // Refused here, with the reason, rather than by every process later.
+            controller::ReplicaStorage::shards(&blob, &consensus).map_err(|e| anyhow!("{e}"))?;
+            Ok(StorageMode::Urls { blob, consensus })
+        }
+        (Some(_), None) => bail!("--blob needs --consensus"),
+        (None, Some(_)) => bail!("--consensus needs --blob"),
+    }
+}
+
 /// A seed from the clock, for runs that do not name one.
 #[allow(clippy::disallowed_methods)]
 fn wallclock_seed() -> u64 {
@@ -194,11 +343,36 @@ fn wallclock_seed() -> u64 {
 }
 
 /// Everything the scenario started, killed in order when dropped: the replicas (through the
-/// orchestrator's own `Drop`), then the storage server.
+/// orchestrator's own `Drop`), then the storage server or the local services.
 struct Children {
     orchestrator: Option<Arc<ProcessOrchestrator>>,
     replicas: Vec<ReplicaId>,
     storage: Option<StorageServer>,
+    services: Option<LocalServices>,
+}
+
+/// The throwaway PostgreSQL server and `moto_server` of `--services local`; each stops when dropped.
+#[derive(Debug)]
+struct LocalServices {
+    _postgres: storage::services::Postgres,
+    _moto: storage::services::Moto,
+    blob: String,
+    consensus: String,
+}
+
+impl LocalServices {
+    /// Starts both (blocking: `initdb`, and the first time a Python venv for moto) with a database and
+    /// a bucket for the run.
+    fn start(say: &dyn Fn(&str)) -> anyhow::Result<LocalServices> {
+        use storage::services::{Moto, Postgres, PostgresOptions};
+        say("starting a throwaway PostgreSQL server and moto_server (S3) on loopback");
+        let postgres = Postgres::start(PostgresOptions::default()).context("cannot start PostgreSQL")?;
+        postgres.create_database("cluster").context("cannot create the consensus database")?;
+        let moto = Moto::start().context("cannot start moto_server")?;
+        moto.create_bucket("cluster").context("cannot create the blob bucket")?;
+        let (blob, consensus) = (moto.blob_url("cluster", "shards"), postgres.url("cluster"));
+        Ok(LocalServices { _postgres: postgres, _moto: moto, blob, consensus })
+    }
 }
 
 impl Drop for Children {
@@ -221,6 +395,82 @@ impl Drop for Children {
             }
         }
         self.storage.take();
+        self.services.take();
+    }
+}
+
+/// Starts what `args.storage` needs (into `children`, so every way out stops it) and says where the
+/// scenario's processes find storage, and how to describe it in the report.
+// The run's parts it starts or records into, each its own: a struct would only rename them.
+#[allow(clippy::too_many_arguments)]
+fn start_storage(
+    args: &ClusterArgs,
+    layout: &Layout,
+    storage_server: &std::path::Path,
+    env: &[(String, String)],
+    security: &ClusterSecurity,
+    stats: &Stats,
+    children: &mut Children,
+    ui: &Ui,
+) -> anyhow::Result<(tasks::ScenarioStorage, controller::ReplicaStorage, String)> {
+    let (blob, consensus) = match &args.storage {
+        StorageMode::Server => {
+            let server = StorageServer::start(storage_server, layout, env, &security.storage_server_args())?;
+            let address = server.address.clone();
+            info!(%address, pid = server.pid(), "storage server listening");
+            lock(&stats.child_pids).insert(server.pid());
+            children.storage = Some(server);
+            ui.say(&format!(
+                "storage server on {address}; connections secured with {}; logs in {}",
+                security.describe(),
+                layout.log_dir().display()
+            ));
+            let described = "storage-server".to_string();
+            return Ok((
+                tasks::ScenarioStorage::Server(address.clone()),
+                controller::ReplicaStorage::Server(address),
+                described,
+            ));
+        }
+        StorageMode::Embedded => (
+            format!("file://{}", layout.data_dir.join("blob").display()),
+            format!("sqlite://{}", layout.data_dir.join("consensus.db").display()),
+        ),
+        StorageMode::Urls { blob, consensus } => (blob.clone(), consensus.clone()),
+        StorageMode::LocalServices => {
+            let services = LocalServices::start(&|message| ui.say(message))?;
+            let urls = (services.blob.clone(), services.consensus.clone());
+            children.services = Some(services);
+            urls
+        }
+    };
+    let replicas = controller::ReplicaStorage::shards(&blob, &consensus).map_err(|e| anyhow!("{e}"))?;
+    let blob: storage::blob::BlobConfig = blob.parse().map_err(|e| anyhow!("{e}"))?;
+    let consensus: storage::consensus::ConsensusConfig = consensus.parse().map_err(|e| anyhow!("{e}"))?;
+    let described = format!("shards (blob {}, consensus {})", blob_kind(&blob), consensus_kind(&consensus));
+    ui.say(&format!(
+        "every process opens the {described}; controller connections secured with {}; logs in {}",
+        security.describe(),
+        layout.log_dir().display()
+    ));
+    Ok((tasks::ScenarioStorage::Shards { blob, consensus }, replicas, described))
+}
+
+/// The blob store's kind, without its credentials.
+fn blob_kind(blob: &storage::blob::BlobConfig) -> String {
+    match &blob.kind {
+        storage::blob::BlobKind::File { root } => format!("file {}", root.display()),
+        storage::blob::BlobKind::Memory { .. } => "mem".to_string(),
+        storage::blob::BlobKind::S3(s3) => format!("s3 bucket {}", s3.bucket),
+    }
+}
+
+/// The consensus store's kind, without its credentials.
+fn consensus_kind(consensus: &storage::consensus::ConsensusConfig) -> String {
+    match &consensus.kind {
+        storage::consensus::ConsensusKind::Sqlite { path } => format!("sqlite {}", path.display()),
+        storage::consensus::ConsensusKind::Postgres { .. } => "postgres".to_string(),
+        storage::consensus::ConsensusKind::Memory { .. } => "mem".to_string(),
     }
 }
 
@@ -276,7 +526,11 @@ async fn interrupted() -> &'static str {
 /// Runs the scenario; the exit code is non-zero on any violation, error or interruption.
 pub fn run(args: ClusterArgs) -> anyhow::Result<ExitCode> {
     let ui = Arc::new(Ui::new());
-    let layout = Layout::of_current_exe()?;
+    let mut layout = Layout::of_current_exe()?;
+    if let Some(dir) = &args.data_dir {
+        layout.data_dir =
+            std::path::absolute(dir).with_context(|| format!("--data-dir {}", dir.display()))?;
+    }
     layout.fresh_data_dir()?;
     init_tracing(&layout)?;
     ui.say(&format!(
@@ -291,21 +545,21 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<ExitCode> {
     let child_log =
         std::env::var("RUST_LOG").ok().filter(|f| !f.is_empty()).unwrap_or_else(|| "info".to_string());
     // The children log to files: no colour codes.
-    let env = vec![("RUST_LOG".to_string(), child_log), ("NO_COLOR".to_string(), "1".to_string())];
+    let mut env = vec![("RUST_LOG".to_string(), child_log), ("NO_COLOR".to_string(), "1".to_string())];
 
     let security = ClusterSecurity::generate(&layout.data_dir.join("security"), args.insecure)?;
     let client_security = security.client()?;
-    let mut children = Children { orchestrator: None, replicas: Vec::new(), storage: None };
+    let mut children = Children { orchestrator: None, replicas: Vec::new(), storage: None, services: None };
     let stats = Arc::new(Stats::default());
-    let storage =
-        StorageServer::start(&binaries.storage_server, &layout, &env, &security.storage_server_args())?;
-    let storage_address = storage.address.clone();
-    info!(address = %storage_address, pid = storage.pid(), "storage server listening");
-    lock(&stats.child_pids).insert(storage.pid());
-    children.storage = Some(storage);
+    let (scenario_storage, replica_storage, storage_described) =
+        start_storage(&args, &layout, &binaries.storage_server, &env, &security, &stats, &mut children, &ui)?;
+    if matches!(replica_storage, controller::ReplicaStorage::Shards { .. }) {
+        // `compute-replica --shard-poll-interval-ms`, through the environment like the URLs.
+        env.push((controller::SHARD_POLL_INTERVAL_ENV.to_string(), SHARD_POLL_INTERVAL_MS.to_string()));
+    }
     let (orchestrator, process_events) = ProcessOrchestrator::new(ProcessOrchestratorConfig {
         binary: binaries.compute_replica.clone(),
-        storage_address: storage_address.clone(),
+        storage: replica_storage,
         security: security.replicas(),
         initial_backoff_ms: 100,
         max_backoff_ms: 2_000,
@@ -316,11 +570,6 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<ExitCode> {
     let orchestrator = Arc::new(orchestrator);
     children.orchestrator = Some(Arc::clone(&orchestrator));
     children.replicas = args.replica_specs().into_iter().map(|(r, _)| r).collect();
-    ui.say(&format!(
-        "storage server on {storage_address}; connections secured with {}; logs in {}",
-        security.describe(),
-        layout.log_dir().display()
-    ));
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -328,10 +577,39 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<ExitCode> {
         .build()
         .context("cannot start the async runtime")?;
     let result = runtime.block_on({
-        let (args, stats, ui, orchestrator) = (args.clone(), Arc::clone(&stats), Arc::clone(&ui), Arc::clone(&orchestrator));
+        let (args, stats, ui, orchestrator) =
+            (args.clone(), Arc::clone(&stats), Arc::clone(&ui), Arc::clone(&orchestrator));
         async move {
+            let scenario = async move {
+                match args.workload {
+                    Workload::Orders => {
+                        tasks::scenario(
+                            args,
+                            scenario_storage,
+                            client_security,
+                            orchestrator,
+                            process_events,
+                            stats,
+                            ui,
+                        )
+                        .await
+                    }
+                    Workload::Tpch => {
+                        tpch::scenario(
+                            args,
+                            scenario_storage,
+                            client_security,
+                            orchestrator,
+                            process_events,
+                            stats,
+                            ui,
+                        )
+                        .await
+                    }
+                }
+            };
             tokio::select! {
-                result = tasks::scenario(args, storage_address, client_security, orchestrator, process_events, stats, ui) => result.map(|()| false),
+                result = scenario => result.map(|()| false),
                 signal = interrupted() => {
                     info!(signal, "interrupted");
                     Ok(true)
@@ -366,7 +644,8 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<ExitCode> {
         }
         Err(e) => (Outcome::Error, Some(format!("{e:#}"))),
     };
-    let report = Report::new(&stats, outcome, error, args.seed, args.rate, replicas);
+    let report =
+        Report::new(&stats, outcome, error, args.seed, args.rate, replicas).with_storage(storage_described);
     if let Some(dir) = &args.report {
         let page = html::write_report(dir, &lock(&stats.timeline), &report)?;
         ui.say(&format!("report page: {}", page.display()));
@@ -390,3 +669,44 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<ExitCode> {
 /// The as-of of every live export, by id (an export is hydrated on a replica once that replica's write
 /// frontier passed it).
 type AsOfs = BTreeMap<protocol::GlobalId, u64>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> anyhow::Result<ClusterArgs> {
+        ClusterArgs::parse(&args.iter().map(|a| a.to_string()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn each_storage_flag_chooses_its_mode() {
+        assert_eq!(parse(&[]).unwrap().storage, StorageMode::Embedded);
+        assert_eq!(parse(&["--storage", "server"]).unwrap().storage, StorageMode::Server);
+        assert_eq!(parse(&["--storage", "embedded"]).unwrap().storage, StorageMode::Embedded);
+        assert_eq!(parse(&["--services", "local"]).unwrap().storage, StorageMode::LocalServices);
+        let urls = parse(&["--blob", "file:///d/blob", "--consensus", "sqlite:///d/c.db"]).unwrap();
+        let expected =
+            StorageMode::Urls { blob: "file:///d/blob".into(), consensus: "sqlite:///d/c.db".into() };
+        assert_eq!(urls.storage, expected);
+    }
+
+    #[test]
+    fn conflicting_incomplete_or_malformed_storage_flags_are_refused_with_the_reason() {
+        let cases: [(&[&str], &str); 7] = [
+            (&["--storage", "server", "--services", "local"], "give one of them"),
+            (
+                &["--storage", "embedded", "--blob", "file:///b", "--consensus", "sqlite:///c"],
+                "give one of them",
+            ),
+            (&["--blob", "file:///b"], "--blob needs --consensus"),
+            (&["--consensus", "sqlite:///c"], "--consensus needs --blob"),
+            (&["--storage", "wal"], "expected `server` or `embedded`"),
+            (&["--services", "remote"], "the only value is `local`"),
+            (&["--blob", "ftp://b", "--consensus", "sqlite:///c"], "unknown blob scheme"),
+        ];
+        for (args, expected) in cases {
+            let error = format!("{:#}", parse(args).unwrap_err());
+            assert!(error.contains(expected), "{args:?}: {error}");
+        }
+    }
+}

@@ -412,6 +412,9 @@ pub struct Report {
     pub duration_s: f64,
     /// The workload's seed.
     pub seed: u64,
+    /// Where the collections lived: `storage-server`, or `shards (blob KIND, consensus KIND)` (no
+    /// credentials).
+    pub storage: String,
     /// Target rate, rows per second.
     pub target_rate: u64,
     /// The replicas.
@@ -455,6 +458,12 @@ pub struct Report {
 }
 
 impl Report {
+    /// The report with where the collections lived (see [`Report::storage`]).
+    pub fn with_storage(mut self, storage: String) -> Report {
+        self.storage = storage;
+        self
+    }
+
     /// The report of a run from its stats.
     pub fn new(
         stats: &Stats,
@@ -478,6 +487,7 @@ impl Report {
             error,
             duration_s,
             seed,
+            storage: String::new(),
             target_rate,
             replicas,
             rows_loaded: stats.rows_loaded.load(Ordering::SeqCst),
@@ -551,6 +561,7 @@ impl Report {
             thousands(self.appends),
             thousands(self.rows_loaded)
         );
+        println!("  storage           {}", self.storage);
         println!("  hydration         every dataflow on every replica in {}", ms(self.hydration_ms));
         println!(
             "  peeks             {} checked ({:.0}/s), {} skipped while an index was not yet readable",

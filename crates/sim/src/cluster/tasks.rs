@@ -31,7 +31,11 @@ use controller::{
 use frontiers::Antichain;
 use protocol::reference::Multiset;
 use protocol::{Datum, GlobalId, InstanceId, PeekTarget, ReplicaId, Row, RowSetFinishing, SubscribeResponse};
-use storage::{Client, StorageCollections, SystemClock, TableWriter, TableWriterConfig};
+use storage::blob::BlobConfig;
+use storage::consensus::ConsensusConfig;
+use storage::{
+    Client, ShardCollections, ShardConfig, StorageCollections, SystemClock, TableWriter, TableWriterConfig,
+};
 
 use crate::cluster::oracle::{Oracle, WriteLog, canonical, describe_difference, finish};
 use crate::cluster::report::{Recreation, Rehydration, Stats, Ui, bar, lock, thousands};
@@ -151,10 +155,90 @@ fn by_table(updates: &[Update]) -> Vec<(GlobalId, Vec<(Row, i64)>)> {
     grouped.into_iter().collect()
 }
 
+/// Where this process finds storage.
+#[derive(Debug, Clone)]
+pub enum ScenarioStorage {
+    /// The storage server at this address: the controller and the table writer share one client.
+    Server(String),
+    /// The shards: the controller and the table writer each open them, as separate processes would (the
+    /// controller's holds are a critical reader, `critical-controller`; the writer's a leased one).
+    Shards {
+        /// The blob store.
+        blob: BlobConfig,
+        /// The consensus store.
+        consensus: ConsensusConfig,
+    },
+}
+
+/// The controller's storage, the table writer's, and the shard engines to shut down at the end.
+pub(crate) type Opened = (Arc<dyn StorageCollections>, Arc<dyn StorageCollections>, Vec<ShardCollections>);
+
+/// Connects to the storage server or opens the shards (twice); shards must not hold any of `fresh` yet
+/// (the scenario's collections: a store used by an earlier run would contradict the oracle).
+pub(crate) async fn open_storage(
+    storage: &ScenarioStorage,
+    fresh: &[GlobalId],
+    security: &ClientSecurity,
+) -> anyhow::Result<Opened> {
+    match storage {
+        ScenarioStorage::Server(address) => {
+            let client = Client::connect(address.as_str(), security.clone())
+                .await
+                .context("cannot connect to the storage server")?;
+            let client: Arc<dyn StorageCollections> = Arc::new(client);
+            Ok((Arc::clone(&client), client, Vec::new()))
+        }
+        ScenarioStorage::Shards { blob, consensus } => {
+            let poll_interval = Duration::from_millis(crate::cluster::SHARD_POLL_INTERVAL_MS);
+            let config = ShardConfig { poll_interval, ..ShardConfig::default() };
+            let controller_config =
+                ShardConfig { critical_reader: Some("controller".to_string()), ..config.clone() };
+            let controller = ShardCollections::open(blob, consensus, controller_config)
+                .await
+                .context("the controller cannot open the shards")?;
+            let writer = ShardCollections::open(blob, consensus, config)
+                .await
+                .context("the table writer cannot open the shards")?;
+            for &id in fresh {
+                let existing = controller.state(id).await.context("cannot read the shards")?;
+                if existing.is_some() {
+                    bail!(
+                        "the shard stores already hold collection {id} from an earlier run: point --blob and \
+                         --consensus at empty stores"
+                    );
+                }
+            }
+            Ok((Arc::new(controller.clone()), Arc::new(writer.clone()), vec![controller, writer]))
+        }
+    }
+}
+
 /// The whole scenario after its processes exist: setup, hydration, the timed run, the end checks.
 pub async fn scenario(
     args: ClusterArgs,
-    storage_address: String,
+    storage: ScenarioStorage,
+    security: ClientSecurity,
+    orchestrator: Arc<ProcessOrchestrator>,
+    process_events: mpsc::UnboundedReceiver<ProcessEvent>,
+    stats: Arc<Stats>,
+    ui: Arc<Ui>,
+) -> anyhow::Result<()> {
+    let fresh: Vec<GlobalId> = Table::ALL.iter().map(|t| t.id()).chain([workload::STATUS_REVENUE]).collect();
+    let (storage, writer_storage, shards) = open_storage(&storage, &fresh, &security).await?;
+    let result =
+        scenario_on(args, storage, writer_storage, security, orchestrator, process_events, stats, ui).await;
+    for engine in shards {
+        // Releases the leased readers rather than leaving them to expire.
+        engine.shutdown().await;
+    }
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn scenario_on(
+    args: ClusterArgs,
+    storage: Arc<dyn StorageCollections>,
+    writer_storage: Arc<dyn StorageCollections>,
     security: ClientSecurity,
     orchestrator: Arc<ProcessOrchestrator>,
     mut process_events: mpsc::UnboundedReceiver<ProcessEvent>,
@@ -162,10 +246,6 @@ pub async fn scenario(
     ui: Arc<Ui>,
 ) -> anyhow::Result<()> {
     // Storage: the tables, the materialized view's collection, and the initial load.
-    let client = Client::connect(storage_address.as_str(), security.clone())
-        .await
-        .context("cannot connect to the storage server")?;
-    let storage: Arc<dyn StorageCollections> = Arc::new(client);
     for table in Table::ALL {
         storage
             .create_collection(table.id(), table.desc())
@@ -177,7 +257,7 @@ pub async fn scenario(
         .await
         .context("cannot create the materialized view's collection")?;
     let writer =
-        Arc::new(TableWriter::new(Arc::clone(&storage), Arc::new(SystemClock), TableWriterConfig::default()));
+        Arc::new(TableWriter::new(writer_storage, Arc::new(SystemClock), TableWriterConfig::default()));
     for table in Table::ALL {
         writer.register(table.id()).await.context("cannot register a table")?;
     }

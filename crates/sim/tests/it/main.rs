@@ -7,6 +7,7 @@
 //! `sim` can build that binary; the metrics endpoints of a replica process and of the controller checked
 //! with `promtool`, and the report page rendered in headless Chromium (`observability`).
 
+mod cluster;
 mod observability;
 mod process_orchestrator;
 
@@ -78,5 +79,17 @@ fn the_real_stack_agrees_with_the_oracle_under_replica_restarts() {
         let outcome = run_real(seed, RealConfig { duration_ms: 3_000 }).expect("the run completes");
         assert_eq!(outcome.violation, None, "seed {seed}");
         assert!(outcome.peeks_checked > 0, "seed {seed} checked no peeks");
+    }
+}
+
+#[test]
+fn the_tpch_workload_refuses_the_metrics_and_report_options_it_does_not_honour() {
+    use sim::cluster::ClusterArgs;
+    let args = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    assert!(ClusterArgs::parse(&args(&["--workload", "tpch"])).is_ok());
+    for extra in [["--report", "/tmp/r"], ["--metrics-addr", "127.0.0.1:0"]] {
+        let error = ClusterArgs::parse(&args(&["--workload", "tpch", extra[0], extra[1]])).unwrap_err();
+        assert!(error.to_string().contains("not built for --workload tpch"), "{error}");
+        assert!(ClusterArgs::parse(&args(&extra)).is_ok(), "{extra:?} with the orders workload");
     }
 }

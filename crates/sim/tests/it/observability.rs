@@ -124,7 +124,7 @@ async fn a_running_replica_process_and_the_controller_serve_metrics_promtool_acc
     std::fs::create_dir_all(&log_dir).expect("log directory");
     let (orchestrator, _events) = ProcessOrchestrator::new(ProcessOrchestratorConfig {
         binary,
-        storage_address,
+        storage: controller::ReplicaStorage::Server(storage_address),
         security: security.replicas(),
         initial_backoff_ms: 100,
         max_backoff_ms: 1_000,

@@ -2,7 +2,8 @@
 //! reports, the restart of a killed replica on the same address with a doubling backoff that starts over
 //! once the replica ran stably, a two-process replica restarted as a whole, a replica whose worker panics
 //! or whose I/O thread panics exiting on its own to be restarted, and dropping a replica killing its
-//! processes.
+//! processes. Also `compute-replica`'s flags (bad ones exit with status 2 and say why) and a replica that
+//! opens the shards from the URLs the orchestrator gives it.
 //!
 //! These tests live here, not in the controller crate, because only `sim` can build the binary: the
 //! cluster scenario's `binaries` helper (`sim::cluster::processes`) runs `cargo build` for
@@ -14,7 +15,9 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use controller::{Orchestrator, ProcessEvent, ProcessOrchestrator, ProcessOrchestratorConfig, ReplicaSpec};
+use controller::{
+    Orchestrator, ProcessEvent, ProcessOrchestrator, ProcessOrchestratorConfig, ReplicaSpec, ReplicaStorage,
+};
 use protocol::{InstanceId, ReplicaId};
 use sim::cluster::processes;
 use sim::cluster::security::ClusterSecurity;
@@ -71,7 +74,7 @@ async fn orchestrator_with_env(
 ) -> (ProcessOrchestrator, UnboundedReceiver<ProcessEvent>) {
     let config = ProcessOrchestratorConfig {
         binary: compute_replica().await,
-        storage_address: storage_server().await,
+        storage: ReplicaStorage::Server(storage_server().await),
         security: security().replicas(),
         initial_backoff_ms: INITIAL_BACKOFF_MS,
         max_backoff_ms: MAX_BACKOFF_MS,
@@ -326,4 +329,104 @@ async fn a_replica_whose_io_thread_panics_exits_with_a_failure_status_and_is_res
     assert_ne!(restarted, pids);
     wait_until_listening(&addresses[0]).await;
     orchestrator.drop_replica(INSTANCE, replica).await.expect("drop replica");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compute_replica_refuses_missing_conflicting_or_malformed_storage_flags_with_status_2() {
+    let binary = compute_replica().await;
+    let cases: [(&[&str], &str); 8] = [
+        (&["--storage", "127.0.0.1:1", "--shard-poll-interval-ms", "5"], "applies to the shards only"),
+        (
+            &["--blob", "file:///b", "--consensus", "sqlite:///c", "--shard-poll-interval-ms", "0"],
+            "not in 1..=60000",
+        ),
+        (&[], "<--storage <ADDR>|--blob <URL>>"),
+        (
+            &["--storage", "127.0.0.1:1", "--blob", "file:///b", "--consensus", "sqlite:///c"],
+            "cannot be used with",
+        ),
+        (&["--blob", "file:///b"], "--consensus <URL>"),
+        (&["--blob", "ftp://b", "--consensus", "sqlite:///c"], "unknown blob scheme \"ftp\""),
+        (&["--storage", "127.0.0.1:1", "--workers", "0"], "must be at least 1"),
+        (
+            &["--storage", "127.0.0.1:1", "--process", "2", "--addresses", "a:1,b:2"],
+            "--process 2 is out of range",
+        ),
+    ];
+    for (flags, expected) in cases {
+        let output = tokio::process::Command::new(&binary)
+            .args(["--listen", "127.0.0.1:0"])
+            .args(flags)
+            .env_remove("COMPUTE_BLOB_URL")
+            .env_remove("COMPUTE_CONSENSUS_URL")
+            .env_remove("COMPUTE_SHARD_POLL_INTERVAL_MS")
+            .output()
+            .await
+            .expect("compute-replica runs");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{flags:?}: {stderr}");
+        assert!(stderr.contains(expected), "{flags:?}: {stderr}");
+    }
+    // The environment counts as the flags: a URL inherited there conflicts with `--storage` too.
+    let output = tokio::process::Command::new(&binary)
+        .args(["--listen", "127.0.0.1:0", "--storage", "127.0.0.1:1"])
+        .env("COMPUTE_BLOB_URL", "file:///b")
+        .env("COMPUTE_CONSENSUS_URL", "sqlite:///c")
+        .output()
+        .await
+        .expect("compute-replica runs");
+    assert_eq!(output.status.code(), Some(2), "{}", String::from_utf8_lossy(&output.stderr));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_on_shards_gets_its_urls_from_the_orchestrator_opens_them_and_serves_the_engines_metrics() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let blob = format!("file://{}", dir.path().join("blob").display());
+    let consensus = format!("sqlite://{}", dir.path().join("consensus.db").display());
+    let (orchestrator, mut events) = ProcessOrchestrator::new(ProcessOrchestratorConfig {
+        binary: compute_replica().await,
+        storage: ReplicaStorage::shards(&blob, &consensus).expect("valid URLs"),
+        initial_backoff_ms: INITIAL_BACKOFF_MS,
+        max_backoff_ms: MAX_BACKOFF_MS,
+        env: vec![("RUST_LOG".to_string(), "warn".to_string())],
+        log_dir: None,
+        metrics: true,
+        security: security().replicas(),
+    });
+    let replica = ReplicaId(1);
+    let spec = ReplicaSpec { instance: INSTANCE, replica, workers: 1, processes: 1 };
+    let addresses = orchestrator.ensure_replica(spec).await.expect("started");
+    let metrics_addr = *orchestrator.metrics_addresses(INSTANCE, replica).first().expect("a metrics address");
+    running(&mut events, replica).await;
+    // It listens (so it opened both stores: it only starts its server after that) ...
+    let address = addresses[0].clone();
+    let connected = tokio::time::timeout(EVENT_TIMEOUT, async {
+        loop {
+            if tokio::net::TcpStream::connect(&address).await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    connected.await.expect("the replica listens");
+    // ... and it opened the very stores it was given: the SQLite file exists now.
+    assert!(dir.path().join("consensus.db").is_file());
+    // It runs (a store it could not open would have made it exit, reported as a crash).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(events.try_recv().is_err(), "the replica on shards crashed");
+    // Its shard engine records into the process's registry (what each event adds is storage's
+    // `shard_metrics` test; an idle replica has done no storage operation yet).
+    let page =
+        tokio::task::spawn_blocking(move || telemetry::scrape(metrics_addr, "/metrics", EVENT_TIMEOUT))
+            .await
+            .expect("scrape task")
+            .expect("the replica serves its metrics");
+    let samples = telemetry::parse_text(&page.body).expect("the exposition parses");
+    for family in
+        ["storage_appends_total", "storage_consensus_operation_seconds_count", "storage_cas_conflicts_total"]
+    {
+        assert!(samples.iter().any(|s| s.name == family), "no {family}:\n{}", page.body);
+    }
+    assert!(page.body.contains("compute_replica_dataflows"), "the replica's own metrics are there too");
+    orchestrator.drop_replica(INSTANCE, replica).await.expect("dropped");
 }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use frontiers::ReadPolicy;
-use protocol::{ColumnType, Datum, RelationDesc, Row, ScalarType};
+use protocol::Row;
 use storage::core::Store;
 use storage::durable::wal::{LogRecordRef, encode_record};
 use storage::durable::{DataDir, IoFaults, OpenError};
@@ -29,22 +29,9 @@ const WRITERS: u64 = 4;
 const ROWS_PER_APPEND: i64 = 3;
 const KILLS: usize = 22;
 
-fn crash_desc() -> RelationDesc {
-    RelationDesc::new([
-        ("writer", ColumnType::new(ScalarType::Int64, false)),
-        ("seq", ColumnType::new(ScalarType::Int64, false)),
-        ("part", ColumnType::new(ScalarType::Int64, false)),
-        ("pad", ColumnType::new(ScalarType::Text, false)),
-    ])
-}
-
+/// A row of the crash tests' writers, padded (see `crate::crash_row`).
 fn crash_row(writer: u64, seq: u64, part: i64) -> Row {
-    Row::pack([
-        Datum::Int64(writer as i64),
-        Datum::Int64(seq as i64),
-        Datum::Int64(part),
-        Datum::Text("padding padding padding padding padding padding padding padding"),
-    ])
+    crate::crash_row(writer, seq, part, "padding padding padding padding padding padding padding padding")
 }
 
 fn crash_config() -> StoreConfig {

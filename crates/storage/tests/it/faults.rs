@@ -45,22 +45,9 @@ const KILLS: usize = 22;
 const WRITERS: u64 = 3;
 const ROWS_PER_APPEND: i64 = 3;
 
-fn crash_desc() -> RelationDesc {
-    RelationDesc::new([
-        ("writer", ColumnType::new(ScalarType::Int64, false)),
-        ("seq", ColumnType::new(ScalarType::Int64, false)),
-        ("part", ColumnType::new(ScalarType::Int64, false)),
-        ("pad", ColumnType::new(ScalarType::Text, false)),
-    ])
-}
-
+/// A row of the crash tests' writers, padded (see `crate::crash_row`).
 fn crash_row(writer: u64, seq: u64, part: i64) -> Row {
-    Row::pack([
-        Datum::Int64(writer as i64),
-        Datum::Int64(seq as i64),
-        Datum::Int64(part),
-        Datum::Text("padding padding padding padding padding padding"),
-    ])
+    crate::crash_row(writer, seq, part, "padding padding padding padding padding padding")
 }
 
 /// Collections `A_w` and `B_w` of writer `w`.

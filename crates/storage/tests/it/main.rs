@@ -110,6 +110,22 @@ pub fn int_row(x: i64) -> Row {
     Row::pack([Datum::Int64(x)])
 }
 
+/// The collections the crash tests' writer processes append to (`durability.rs`, `faults.rs`): a
+/// writer, its sequence number, a part of the append and padding.
+pub fn crash_desc() -> RelationDesc {
+    RelationDesc::new([
+        ("writer", ColumnType::new(ScalarType::Int64, false)),
+        ("seq", ColumnType::new(ScalarType::Int64, false)),
+        ("part", ColumnType::new(ScalarType::Int64, false)),
+        ("pad", ColumnType::new(ScalarType::Text, false)),
+    ])
+}
+
+/// A row of [`crash_desc`].
+pub fn crash_row(writer: u64, seq: u64, part: i64, pad: &'static str) -> Row {
+    Row::pack([Datum::Int64(writer as i64), Datum::Int64(seq as i64), Datum::Int64(part), Datum::Text(pad)])
+}
+
 /// `u{n}`.
 pub fn user(n: u64) -> GlobalId {
     GlobalId::User(n)

@@ -1,0 +1,119 @@
+//! Short runs of the cluster scenario (`sim cluster`, the `sim` binary as a child process) on shards that
+//! every process opens itself: the embedded stores (a blob directory and a SQLite file), and PostgreSQL +
+//! S3 (`moto_server`) started by `storage::services` for the test. Each run (6 s, one replica killed and
+//! restarted, a fresh replica added and dropped, one dataflow recreated) must pass with 0 violations,
+//! having checked peeks, subscribe batches and materialized-view contents against the oracle and compared
+//! every index in full at the end; and the stores must hold the shards (the run did not quietly use
+//! something else). A service that cannot start fails the test under `CI=true`; elsewhere the test says
+//! why and skips (the storage tests' rule).
+//!
+//! The full-length run is the `cluster` step of `cargo xtask test-suite`; this only shows the wiring.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use serde_json::Value;
+use storage::services::{Moto, Postgres, PostgresOptions, ServiceError, services_required};
+
+/// Runs `sim cluster` for a few seconds with `storage_flags` and a data directory of its own; returns the
+/// report.
+fn run_cluster(data_dir: &Path, storage_flags: &[&str]) -> Value {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_sim"));
+    command
+        .args(["cluster", "--duration", "6", "--seed", "1", "--replicas", "2", "--processes", "2", "--json"])
+        .args(["--kills", "1", "--recreations", "1", "--data-dir"])
+        .arg(data_dir)
+        .args(storage_flags)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit());
+    let output = command.output().expect("sim runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let report: Value = serde_json::from_str(&stdout).unwrap_or_else(|e| {
+        panic!("sim cluster ({}) printed no JSON report ({e}): {stdout}", output.status);
+    });
+    assert!(output.status.success(), "sim cluster exited with {}: {report:#}", output.status);
+    report
+}
+
+fn number(report: &Value, pointer: &str) -> u64 {
+    report.pointer(pointer).and_then(Value::as_u64).unwrap_or_else(|| panic!("no {pointer} in {report:#}"))
+}
+
+/// The checks every run must pass, whatever the backend.
+fn assert_checked(report: &Value) {
+    assert_eq!(report["outcome"], "passed", "{report:#}");
+    assert_eq!(number(report, "/violation_count"), 0, "{report:#}");
+    assert!(number(report, "/peeks/checked") > 0, "no peek was checked: {report:#}");
+    assert!(number(report, "/peeks/materialized_view_checked") > 0, "no view check: {report:#}");
+    assert!(number(report, "/subscribe_batches") > 0, "no subscribe batch: {report:#}");
+    // Five indexes on each of the two replicas, and the materialized view.
+    assert_eq!(number(report, "/final_checks"), 11, "{report:#}");
+    assert!(number(report, "/rows_written") > 0, "{report:#}");
+}
+
+/// Files under `dir`, recursively.
+fn files_under(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries.flatten().map(|e| if e.path().is_dir() { files_under(&e.path()) } else { 1 }).sum()
+}
+
+#[test]
+fn a_short_cluster_run_on_the_embedded_shards_passes_its_checks() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let data_dir = dir.path().join("cluster");
+    let report = run_cluster(&data_dir, &["--storage", "embedded"]);
+    assert_checked(&report);
+    let storage = report["storage"].as_str().expect("the report says where storage was");
+    assert!(storage.starts_with("shards (blob file") && storage.contains("consensus sqlite"), "{storage}");
+    // Every process wrote to and read from these stores, and no storage server ran.
+    assert!(data_dir.join("consensus.db").is_file(), "no SQLite consensus in {}", data_dir.display());
+    assert!(files_under(&data_dir.join("blob")) > 0, "no blob parts in {}", data_dir.display());
+    assert!(!data_dir.join("logs/storage-server.log").exists(), "a storage server was started");
+}
+
+/// `Ok(service)`, or (outside CI) `None` after saying why the run is skipped; under CI a failure.
+fn require<T>(what: &str, result: Result<T, ServiceError>) -> Option<T> {
+    match result {
+        Ok(service) => Some(service),
+        Err(error) if services_required() => panic!("CI=true and {what} cannot start: {error}"),
+        Err(error) => {
+            // Tests may print: this is how a developer learns that the backend was not exercised.
+            #[allow(clippy::print_stderr)]
+            {
+                eprintln!("SKIPPED the cluster run on {what}: {error}");
+            }
+            None
+        }
+    }
+}
+
+#[test]
+fn a_short_cluster_run_on_postgres_and_s3_passes_its_checks() {
+    let Some(postgres) = require("PostgreSQL", Postgres::start(PostgresOptions::default())) else { return };
+    let Some(moto) = require("S3 (moto_server)", Moto::start()) else { return };
+    postgres.create_database("cluster").expect("create the consensus database");
+    moto.create_bucket("cluster").expect("create the bucket");
+    let (blob, consensus) = (moto.blob_url("cluster", "run"), postgres.url("cluster"));
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let report = run_cluster(&dir.path().join("cluster"), &["--blob", &blob, "--consensus", &consensus]);
+    assert_checked(&report);
+    let storage = report["storage"].as_str().expect("the report says where storage was");
+    assert_eq!(storage, "shards (blob s3 bucket cluster, consensus postgres)");
+
+    // A second run on the same stores is refused: they hold the first run's collections, which would
+    // contradict the oracle.
+    let mut again = Command::new(env!("CARGO_BIN_EXE_sim"));
+    again
+        .args(["cluster", "--duration", "1", "--json", "--data-dir"])
+        .arg(dir.path().join("again"))
+        .args(["--blob", &blob, "--consensus", &consensus])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null());
+    let output = again.output().expect("sim runs");
+    assert!(!output.status.success());
+    let report: Value = serde_json::from_slice(&output.stdout).expect("a JSON report");
+    assert_eq!(report["outcome"], "error", "{report:#}");
+    let error = report["error"].as_str().unwrap_or_default();
+    assert!(error.contains("already hold collection"), "{report:#}");
+}
