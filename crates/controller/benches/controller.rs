@@ -728,7 +728,7 @@ fn bench_tls(pki: &BenchPki) {
         for _ in 0..3 {
             for (slot, best) in controllers.iter_mut().zip(&mut throughputs) {
                 let controller = slot.as_mut().expect("a controller");
-                *best = best.max(windowed_peeks(controller, index, 256, 10_000).await);
+                *best = best.max(pipelined_peeks(controller, index, TLS_KEYS, 10_000, 256).await);
             }
         }
         (latencies, throughputs)
@@ -753,36 +753,6 @@ fn bench_tls(pki: &BenchPki) {
         "peeks/s (plain TCP)",
         tls_rate / plain_rate,
     );
-}
-
-/// Peeks per second of `count` point peeks with up to `window` in flight, each checked.
-async fn windowed_peeks(
-    controller: &mut ComputeController,
-    index: GlobalId,
-    window: usize,
-    count: u64,
-) -> f64 {
-    let mut in_flight = VecDeque::with_capacity(window);
-    let start = Instant::now();
-    for i in 0..count {
-        if in_flight.len() == window {
-            check_point_answer(in_flight.pop_front().expect("full")).await;
-        }
-        let key = (i * 104_729) % TLS_KEYS;
-        let handle = controller
-            .peek(INSTANCE, PeekTarget::Index { id: index }, 0, point_options(key))
-            .await
-            .expect("peek");
-        in_flight.push_back(handle);
-        if i % 64 == 0 {
-            while controller.try_process().is_some() {}
-        }
-    }
-    for handle in in_flight.drain(..) {
-        check_point_answer(handle).await;
-    }
-    while controller.try_process().is_some() {}
-    count as f64 / start.elapsed().as_secs_f64()
 }
 
 /// Point-peek latencies, in blocks taken in turns.

@@ -49,27 +49,20 @@ pub fn test_secret() -> transport::SharedSecret {
 /// secret): what follows is the storage protocol's, starting with its Hello.
 pub async fn authenticated(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
     let socket = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let stream = socket.into_std().expect("a std socket");
-    stream.set_nonblocking(false).expect("blocking");
-    let stream = tokio::task::spawn_blocking(move || {
-        let mut stream = stream;
-        let secret = test_secret();
-        let params = transport::AuthParams {
-            secret: Some(&secret),
-            service: storage::wire::AUTH_SERVICE,
-            binding: &[],
-        };
-        transport::connect_blocking(&mut stream, params).expect("authenticated");
-        stream
-    })
-    .await
-    .expect("the authentication task");
-    stream.set_nonblocking(true).expect("non-blocking");
-    tokio::net::TcpStream::from_std(stream).expect("a tokio socket")
+    authenticate(socket, transport::connect_blocking).await
 }
 
 /// The server's side of [`authenticated`]: authenticates an accepted raw connection.
 pub async fn accept_authenticated(socket: tokio::net::TcpStream) -> tokio::net::TcpStream {
+    authenticate(socket, transport::accept_blocking).await
+}
+
+/// Runs one side of the authentication (`transport::connect_blocking` or `accept_blocking`) with the
+/// test secret on `socket`, off the runtime's threads, and hands the socket back.
+async fn authenticate(
+    socket: tokio::net::TcpStream,
+    side: fn(&mut std::net::TcpStream, transport::AuthParams<'_>) -> Result<(), transport::AuthError>,
+) -> tokio::net::TcpStream {
     let stream = socket.into_std().expect("a std socket");
     stream.set_nonblocking(false).expect("blocking");
     let stream = tokio::task::spawn_blocking(move || {
@@ -80,7 +73,7 @@ pub async fn accept_authenticated(socket: tokio::net::TcpStream) -> tokio::net::
             service: storage::wire::AUTH_SERVICE,
             binding: &[],
         };
-        transport::accept_blocking(&mut stream, params).expect("the client authenticates");
+        side(&mut stream, params).expect("the authentication succeeds");
         stream
     })
     .await
