@@ -267,6 +267,7 @@ impl Committer {
             Op::Synced { batch, result, log_bytes_since_checkpoint } => {
                 self.log_bytes_since_checkpoint = log_bytes_since_checkpoint;
                 self.resolve(batch, result);
+                self.checkpoint_if_due();
             }
             op => self.queue.push_back(op),
         }
@@ -311,7 +312,22 @@ impl Committer {
         }
     }
 
-    /// Nothing to do: log since changes without waiting for an fsync, and checkpoint if it is time.
+    /// Queues an automatic checkpoint once the log has grown past the threshold since the last one. This
+    /// happens as soon as a commit reports the size, not only when the store is idle: a store under a
+    /// steady stream of appends is never idle, and its log (and the replay after a restart) would grow
+    /// without bound. The checkpoint is a barrier, so it waits for the batches in flight; its write runs on
+    /// its own thread.
+    fn checkpoint_if_due(&mut self) {
+        if self.syncer.is_some()
+            && !self.checkpoint_queued
+            && self.log_bytes_since_checkpoint >= self.checkpoint_after
+        {
+            self.checkpoint_queued = true;
+            self.queue.push_back(Op::Checkpoint { reply: None });
+        }
+    }
+
+    /// Nothing to do: log since changes without waiting for an fsync.
     fn idle(&mut self) {
         if !self.deferred_sinces.is_empty() {
             match self.syncer.as_ref() {
@@ -322,14 +338,6 @@ impl Committer {
                 }
                 None => self.deferred_sinces.clear(),
             }
-        }
-        if self.syncer.is_some()
-            && !self.checkpoint_queued
-            && self.log_bytes_since_checkpoint >= self.checkpoint_after
-        {
-            self.checkpoint_queued = true;
-            self.queue.push_back(Op::Checkpoint { reply: None });
-            self.pump();
         }
     }
 

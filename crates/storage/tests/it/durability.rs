@@ -332,6 +332,42 @@ async fn checkpoints_bound_what_a_restart_replays() {
 }
 
 #[tokio::test]
+async fn a_store_that_is_never_idle_still_checkpoints() {
+    // A writer that keeps 16 appends outstanding: the committer always has the next one waiting, so a
+    // checkpoint that waited for an idle moment might never come. Each append logs well under 200 bytes,
+    // so with a 4 KiB threshold a checkpoint is due at least every 4 KiB + 16 * 200 bytes of log.
+    const APPENDS: u64 = 2_000;
+    const WINDOW: usize = 16;
+    let threshold: u64 = 4 << 10;
+    let dir = tempfile::tempdir().unwrap();
+    let config = StoreConfig { checkpoint_after_log_bytes: threshold, ..StoreConfig::default() };
+    let id = user(1);
+    let store = InProcess::open(dir.path(), config.clone()).unwrap();
+    store.create_collection(id, int_desc()).await.unwrap();
+    let mut outstanding: futures::stream::FuturesOrdered<_> = futures::stream::FuturesOrdered::new();
+    for t in 0..APPENDS {
+        if outstanding.len() == WINDOW {
+            let result: Result<(), storage::AppendError> =
+                futures::StreamExt::next(&mut outstanding).await.unwrap();
+            result.unwrap();
+        }
+        outstanding.push_back(store.append(vec![append(id, vec![(int_row(t as i64), t, 1)], t, t + 1)]));
+    }
+    while let Some(result) = futures::StreamExt::next(&mut outstanding).await {
+        result.unwrap();
+    }
+    let stats = store.durability_stats().unwrap();
+    let due = stats.bytes / (threshold + WINDOW as u64 * 200);
+    assert!(stats.checkpoints >= due, "{stats:?}: at least {due} checkpoints were due");
+    store.shutdown().await;
+    let store = InProcess::open(dir.path(), config).unwrap();
+    let report = store.recovery_report().unwrap().clone();
+    assert!(report.records_replayed < 200, "{report:?}");
+    assert_eq!(store.snapshot(id, APPENDS - 1).await.unwrap().len(), APPENDS as usize);
+    store.shutdown().await;
+}
+
+#[tokio::test]
 async fn damage_that_would_lose_acknowledged_data_refuses_to_open() {
     let dir = tempfile::tempdir().unwrap();
     let id = user(1);
