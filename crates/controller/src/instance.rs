@@ -1633,8 +1633,15 @@ impl<T: Timestamp> InstanceCore<T> {
             return; // Nothing new.
         }
         if !PartialOrder::less_equal(&batch.lower, &collection.forwarded) {
-            let (lower, forwarded) = (&batch.lower, &collection.forwarded);
-            error!(%replica, collection = %id, ?lower, ?forwarded, "subscribe batch leaves a gap");
+            // A replica starts a subscribe at most at its replayed as-of, which the subscribe's hold keeps
+            // at or before what was forwarded: a batch beyond it skipped updates. The replica is faulty;
+            // it reconnects and starts again, and the other replicas keep the stream going meanwhile.
+            let reason = format!(
+                "subscribe batch of {id} starts at {:?}, beyond {:?} forwarded",
+                batch.lower, collection.forwarded
+            );
+            drop(shared);
+            self.disconnect(replica, reason);
             return;
         }
         // A subscribe with an `until` ends there: nothing at or beyond it is delivered, and the batch

@@ -66,6 +66,23 @@ fn subscribe_time_ranges_are_forwarded_once_whatever_the_replica_count() {
 }
 
 #[test]
+fn a_subscribe_batch_that_leaves_a_gap_gets_its_replica_disconnected_and_the_stream_continues_without_it() {
+    let mut h = subscribe();
+    h.respond(ReplicaId(1), batch(0, 3, vec![(0, row(1), 1)]));
+    // Replica 2 skips [3, 5): forwarding this would lose the updates in between.
+    h.respond(ReplicaId(2), batch(5, 7, vec![(6, row(6), 1)]));
+    assert_eq!(h.disconnects.len(), 1);
+    assert_eq!(h.disconnects[0].0, ReplicaId(2));
+    assert!(h.disconnects[0].1.contains("beyond"), "{}", h.disconnects[0].1);
+    // Nothing of the gapped batch was forwarded; replica 1 continues the stream where it stood.
+    h.respond(ReplicaId(1), batch(3, 7, vec![(4, row(4), 1), (6, row(6), 1)]));
+    assert_eq!(
+        forwarded(&h),
+        vec![(f(0), f(3), vec![(0, row(1), 1)]), (f(3), f(7), vec![(4, row(4), 1), (6, row(6), 1)])]
+    );
+}
+
+#[test]
 fn a_subscribe_with_an_until_closes_its_stream_there_and_delivers_nothing_at_or_beyond_it() {
     let mut h = Harness::new();
     h.create_storage(s(1));
