@@ -94,7 +94,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use smallvec::SmallVec;
-use tracing::{debug, error, warn};
+use tracing::{debug, warn};
 
 use frontiers::antichain::step_back;
 use frontiers::{Antichain, PartialOrder, ReadHold, ReadHolds, ReadPolicy, SinceChange, Timestamp};
