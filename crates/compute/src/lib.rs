@@ -11,8 +11,11 @@
 //!   process fails loudly;
 //! - `cluster`: the connections between the processes of a multi-process replica (bound at start, a
 //!   handshake per pair, cut when the process fails), handed to timely;
-//! - `core`: the per-process protocol state machine on the tokio thread (stages, reconciliation on
-//!   reconnect, catalog, peek routing, merging of worker reports, storage listens and appends);
+//! - `core`: the per-process protocol state machine on the tokio thread: stages (`core/mod.rs`),
+//!   responses and their stand-ins (`responses`), reconciliation on reconnect (`reconcile`), the catalog
+//!   of dataflows and collections with their frontiers (`catalog`), peek routing (`peeks`), merging of
+//!   sink output (`sinks`), copy-to files (`copy_to`), storage listens (`feeds`) and materialized-view
+//!   appends (`appender`);
 //! - `worker`: the timely worker loop (build, schedule, compact, drop; peeks; reports);
 //! - `render`: the plan IR as differential operators over `Row`, with a per-dataflow error collection;
 //! - `diff`: the multiplicity of an update inside a dataflow;

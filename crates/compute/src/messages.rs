@@ -1,4 +1,4 @@
-//! Messages between a process's controller-facing core (`core.rs`, on the tokio thread) and its timely
+//! Messages between a process's controller-facing core (`core/`, on the tokio thread) and its timely
 //! workers (`worker.rs`).
 //!
 //! **What this is.** [`ToWorker`]: everything a worker is told, in one ordered channel per worker, so a

@@ -8,7 +8,7 @@
 //! waits for the park timeout (the notes measured 10 ms per peek otherwise).
 //!
 //! **What this is not.** It makes no protocol decisions: validation, reconciliation, routing of peeks and
-//! storage I/O are the core's (`core.rs`). A worker trusts its messages and asserts what it relies on.
+//! storage I/O are the core's (`core/`). A worker trusts its messages and asserts what it relies on.
 //!
 //! **Invariants.**
 //! - An index export's trace is compacted (logically and physically) to its allowed since *clamped to the
