@@ -46,7 +46,7 @@ mod reconcile;
 mod responses;
 mod sinks;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
@@ -197,9 +197,9 @@ pub(crate) struct Core {
     /// Their exports (`catalog.rs`).
     collections: BTreeMap<GlobalId, CoreCollection>,
     /// Index peeks routed to workers and waiting for their parts (`peeks.rs`).
-    peeks: HashMap<PeekId, CorePeek>,
+    peeks: BTreeMap<PeekId, CorePeek>,
     /// Storage peeks being read (`peeks.rs`).
-    storage_peeks: HashMap<PeekId, JoinHandle<()>>,
+    storage_peeks: BTreeMap<PeekId, JoinHandle<()>>,
     built: Arc<AtomicU64>,
     limits: CoreLimits,
     /// The process's idle merge effort, read by every arrangement's merge rule
@@ -263,8 +263,8 @@ impl Core {
             next_key: 0,
             dataflows: BTreeMap::new(),
             collections: BTreeMap::new(),
-            peeks: HashMap::new(),
-            storage_peeks: HashMap::new(),
+            peeks: BTreeMap::new(),
+            storage_peeks: BTreeMap::new(),
             built,
             limits,
             idle_merge_effort,

@@ -218,12 +218,12 @@ impl Core {
 
     /// A new connection: the previous one's peeks are forgotten (the controller re-sends what it wants).
     pub(super) fn forget_peeks(&mut self) {
-        for (uuid, _) in self.peeks.drain() {
+        for (uuid, _) in std::mem::take(&mut self.peeks) {
             for worker in &self.workers {
                 let _ = worker.send(ToWorker::CancelPeek { uuid });
             }
         }
-        for (_, task) in self.storage_peeks.drain() {
+        for (_, task) in std::mem::take(&mut self.storage_peeks) {
             task.abort();
         }
     }
