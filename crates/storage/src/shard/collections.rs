@@ -732,16 +732,23 @@ impl Inner {
             let run = validate(id, state.as_deref(), &plan)?;
             prepared.insert(id, (plan, run));
         }
+        // Every shard's parts are written at once: each blob put waits for its fsyncs, and an append to
+        // several collections would otherwise wait for them one after another.
+        let token = IdempotencyToken(random_id());
+        let writes = prepared.into_iter().map(|(id, (plan, run))| async move {
+            let parts = self.write_run(id, run.updates).await;
+            (id, plan, run.count_bound, parts)
+        });
         let mut inputs = BTreeMap::new();
         let mut written = Vec::new();
+        let mut failed = None;
         let (mut rows, mut bytes) = (0u64, 0u64);
-        let token = IdempotencyToken(random_id());
-        for (id, (plan, run)) in prepared {
-            let parts = match self.write_run(id, run.updates).await {
+        for (id, plan, count_bound, parts) in futures::future::join_all(writes).await {
+            let parts = match parts {
                 Ok(parts) => parts,
                 Err(error) => {
-                    self.machine.delete_parts(written).await;
-                    return Err(append_error_of(id, error));
+                    failed.get_or_insert((id, error));
+                    continue;
                 }
             };
             written.extend(parts.iter().map(|p| p.key.clone()));
@@ -753,11 +760,15 @@ impl Inner {
                 lower: plan.lower,
                 upper: plan.upper,
                 parts,
-                count_bound: run.count_bound,
+                count_bound,
                 now_ms: now_ms(),
                 writer_lease_ms: duration_ms(self.config.writer_lease),
             };
             inputs.insert(id, input);
+        }
+        if let Some((id, error)) = failed {
+            self.machine.delete_parts(written).await;
+            return Err(append_error_of(id, error));
         }
         let result = self.commit_appends(&ids, &inputs).await;
         match &result {
