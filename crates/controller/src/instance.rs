@@ -83,9 +83,11 @@
 //! # Subscribes
 //!
 //! Each time range is forwarded once, whichever replica reports it first; a batch overlapping what was
-//! already forwarded is cut to the new part. A dataflow's `until` ends its subscribe: the replica may
-//! compute past it (the protocol lets it ignore `until`), but the controller delivers nothing at or
-//! beyond it, and the batch that reaches it is delivered with upper `[]`, which closes the stream.
+//! already forwarded is cut to the new part; a batch that starts beyond it (a gap: updates skipped) gets
+//! its replica disconnected, like a regressed frontier, and is not forwarded. A dataflow's `until` ends
+//! its subscribe: the replica may compute past it (the protocol lets it ignore `until`), but the
+//! controller delivers nothing at or beyond it, and the batch that reaches it is delivered with upper
+//! `[]`, which closes the stream.
 //!
 //! **Tests:** `tests/it/` (compaction chain and removal, peek holds and deadlines, replica drop, faulty
 //! replicas, sinks and finished sinks, errors and peek failures), and the simulator.
