@@ -262,6 +262,10 @@ fn main() -> anyhow::Result<ExitCode> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("simulate") => simulate(&args[1..]),
+        Some("cluster") if args[1..].iter().any(|a| a == "--help" || a == "-h") => {
+            println!("{}", sim::cluster::USAGE);
+            Ok(ExitCode::SUCCESS)
+        }
         Some("cluster") => sim::cluster::run(sim::cluster::ClusterArgs::parse(&args[1..])?),
         Some("check-report") => {
             let [dir] = &args[1..] else { bail!("usage: sim check-report DIR") };

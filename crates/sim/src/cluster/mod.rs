@@ -164,7 +164,8 @@ pub enum StorageMode {
 }
 
 /// The default: the embedded shards (DESIGN §9), which pass the same checks as the storage server (their
-/// frontier lag is higher: listens poll the consensus head every 100 ms).
+/// frontier lag is higher: every append waits for its blob files' and the SQLite log's fsyncs, and
+/// listens in other processes poll the consensus head every [`SHARD_POLL_INTERVAL_MS`]).
 pub const DEFAULT_STORAGE: StorageMode = StorageMode::Embedded;
 
 /// The usage line.

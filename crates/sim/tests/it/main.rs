@@ -14,6 +14,23 @@ mod process_orchestrator;
 use sim::simulation::{Invariant, SimConfig, run_seed_with};
 
 #[test]
+fn sim_cluster_help_prints_every_flag_and_exits_0_and_an_unknown_flag_exits_non_zero_naming_it() {
+    let sim =
+        |args: &[&str]| std::process::Command::new(env!("CARGO_BIN_EXE_sim")).args(args).output().unwrap();
+    let help = sim(&["cluster", "--help"]);
+    assert!(help.status.success(), "{help:?}");
+    let usage = String::from_utf8(help.stdout).unwrap();
+    for flag in
+        ["--duration", "--rate", "--storage", "--services", "--blob", "--consensus", "--insecure", "--report"]
+    {
+        assert!(usage.contains(flag), "{flag} missing from:\n{usage}");
+    }
+    let wrong = sim(&["cluster", "--no-such-flag"]);
+    assert!(!wrong.status.success());
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("--no-such-flag"));
+}
+
+#[test]
 fn the_same_seed_gives_the_same_trace() {
     let config = SimConfig { fault_ms: 800, liveness_ms: 600, ..SimConfig::default() };
     for seed in [3, 11] {
