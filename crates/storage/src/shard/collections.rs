@@ -685,6 +685,7 @@ impl Inner {
 
     async fn append(self: &Arc<Self>, requests: Vec<AppendRequest>) -> Result<(), AppendError> {
         let metrics = &self.machine.metrics;
+        let _in_flight = metrics.append_started();
         match self.append_counted(requests).await {
             Ok((rows, bytes)) => {
                 metrics.append(AppendOutcome::Committed, rows, bytes);
@@ -806,6 +807,11 @@ impl Inner {
                         match state.applied(writer, input.token) {
                             Some(true) => return Ok(Change::Keep(Ok(()))),
                             Some(false) => {}
+                            // An applied attempt left an entry with its token that only expiry removes:
+                            // while the lease cannot have run out (with half of it to spare for another
+                            // process's clock), no entry means no attempt was applied (a writer's first
+                            // append to a shard, retried through an outage).
+                            None if !lease_may_have_run_out(input) => {}
                             None => {
                                 let message =
                                     "the writer's entry is gone; the append may have been applied".into();
@@ -853,6 +859,13 @@ impl Inner {
             }
         }
     }
+}
+
+/// Whether the writer entry an applied attempt of `input` would have made may have expired since: more
+/// than half its lease has passed on this process's clock (the other half covers the clock of the process
+/// that expires it).
+fn lease_may_have_run_out(input: &AppendInput) -> bool {
+    now_ms().saturating_sub(input.now_ms) >= input.writer_lease_ms / 2
 }
 
 fn duration_ms(duration: Duration) -> u64 {
