@@ -1,6 +1,20 @@
 //! The cluster scenario's tasks: setup, the table writer, the response pump, the peek loops, the subscribe
-//! and materialized-view checkers, the fault schedule (replica kills, dataflow recreation), the live
-//! display, and the final checks.
+//! and materialized-view checkers, the fault schedule (replica kills, dataflow recreation, storage
+//! outages), the live display, and the final checks.
+//!
+//! **Kills land on view appends.** A replica's process 0 appends the materialized view; before a kill the
+//! scenario reads that process's `storage_appends_in_flight` gauge until an append is in flight (for up to
+//! a second, or half an outage) and then SIGKILLs the replica, recording the reading. During a storage
+//! outage the append is stuck on the stopped store, so that kill certainly lands mid-append; otherwise it
+//! lands within the few milliseconds between the reading and the signal. Lost or doubled rows of the view
+//! would show in the next comparison of its collection with the oracle (every 200 ms, and in full at the
+//! end).
+//!
+//! **Outages** (`outage.rs`): the store is taken down for `--outage-secs`; meanwhile peeks keep being
+//! checked (indexes are answered from the replicas' arrangements) and counted, and one replica is killed
+//! as above. After the store is back, the table writer's appends, the subscribe and the view's reads must
+//! each resume within `PATIENCE` (else a violation); the oracle comparisons, unchanged, find anything lost
+//! or doubled. Peek latencies are kept apart for peeks that overlapped an outage.
 //!
 //! **Sharing.** The controller sits behind a tokio mutex: `process` needs `&mut`, peeks need `&`, so the
 //! pump drains responses with `try_process` every couple of milliseconds and releases it in between. The
@@ -38,7 +52,8 @@ use storage::{
 };
 
 use crate::cluster::oracle::{Oracle, WriteLog, canonical, describe_difference, finish};
-use crate::cluster::report::{Recreation, Rehydration, Stats, Ui, bar, lock, thousands};
+use crate::cluster::outage::{LocalServices, OutageKind};
+use crate::cluster::report::{OutageReport, Recreation, Rehydration, Stats, Ui, bar, lock, thousands};
 use crate::cluster::timeline::{FaultKind, TimelineSample};
 use crate::cluster::workload::{self, Generator, PeekKind, PeekSpec, Table, Update};
 use crate::cluster::{AsOfs, ClusterArgs, now};
@@ -69,6 +84,8 @@ struct Ctx {
     args: ClusterArgs,
     controller: tokio::sync::Mutex<ComputeController>,
     storage: Arc<dyn StorageCollections>,
+    /// The local services, which outages take down (`--services local`).
+    services: Option<Arc<LocalServices>>,
     orchestrator: Arc<ProcessOrchestrator>,
     truth: Mutex<Truth>,
     /// The write log's upper.
@@ -214,9 +231,12 @@ pub(crate) async fn open_storage(
 }
 
 /// The whole scenario after its processes exist: setup, hydration, the timed run, the end checks.
+// The run's parts, each its own: a struct would only rename them.
+#[allow(clippy::too_many_arguments)]
 pub async fn scenario(
     args: ClusterArgs,
     storage: ScenarioStorage,
+    services: Option<Arc<LocalServices>>,
     security: ClientSecurity,
     orchestrator: Arc<ProcessOrchestrator>,
     process_events: mpsc::UnboundedReceiver<ProcessEvent>,
@@ -225,8 +245,8 @@ pub async fn scenario(
 ) -> anyhow::Result<()> {
     let fresh: Vec<GlobalId> = Table::ALL.iter().map(|t| t.id()).chain([workload::STATUS_REVENUE]).collect();
     let (storage, writer_storage, shards) = open_storage(&storage, &fresh, &security).await?;
-    let result =
-        scenario_on(args, storage, writer_storage, security, orchestrator, process_events, stats, ui).await;
+    let parts = Parts { storage, writer_storage, services, security, orchestrator, stats, ui };
+    let result = scenario_on(args, parts, process_events).await;
     for engine in shards {
         // Releases the leased readers rather than leaving them to expire.
         engine.shutdown().await;
@@ -234,17 +254,27 @@ pub async fn scenario(
     result
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn scenario_on(
-    args: ClusterArgs,
+/// What [`scenario_on`] runs on.
+struct Parts {
     storage: Arc<dyn StorageCollections>,
     writer_storage: Arc<dyn StorageCollections>,
+    services: Option<Arc<LocalServices>>,
     security: ClientSecurity,
     orchestrator: Arc<ProcessOrchestrator>,
-    mut process_events: mpsc::UnboundedReceiver<ProcessEvent>,
     stats: Arc<Stats>,
     ui: Arc<Ui>,
+}
+
+async fn scenario_on(
+    args: ClusterArgs,
+    parts: Parts,
+    mut process_events: mpsc::UnboundedReceiver<ProcessEvent>,
 ) -> anyhow::Result<()> {
+    let Parts { storage, writer_storage, services, security, orchestrator, stats, ui } = parts;
+    assert!(
+        args.outage_count() == 0 || services.is_some(),
+        "outages are refused where the scenario did not start the services"
+    );
     // Storage: the tables, the materialized view's collection, and the initial load.
     for table in Table::ALL {
         storage
@@ -316,6 +346,7 @@ async fn scenario_on(
         args: args.clone(),
         controller: tokio::sync::Mutex::new(controller),
         storage,
+        services,
         orchestrator,
         truth: Mutex::new(truth),
         log_upper,
@@ -374,12 +405,13 @@ async fn run_phases(ctx: &Arc<Ctx>, rng: &mut Rng) -> anyhow::Result<()> {
     hydrate(ctx).await?;
     *lock(&ctx.stats.started) = Some(now());
     ctx.ui.say(&format!(
-        "running for {:.0} s: {} rows/s into 3 tables, {} peek loops, {} replica crash(es), {} dataflow recreation(s)",
+        "running for {:.0} s: {} rows/s into 3 tables, {} peek loops, {} replica crash(es), {} dataflow recreation(s), {} storage outage(s)",
         ctx.args.duration.as_secs_f64(),
         ctx.args.rate,
         ctx.args.peekers,
         ctx.args.kill_count(),
-        ctx.args.recreations
+        ctx.args.recreations,
+        ctx.args.outage_count()
     ));
     let mut tasks: Vec<JoinHandle<()>> = Vec::new();
     for _ in 0..ctx.args.peekers {
@@ -694,11 +726,13 @@ async fn peek_loop(ctx: Arc<Ctx>, mut rng: Rng) {
             continue;
         }
         let what = format!("{} ({id})", kind.name());
+        let outages = ctx.stats.outage_marker();
         match peek_index(&ctx, id, time, &spec, None, Duration::from_secs(30)).await {
             Ok(Peeked::Rows(rows, latency)) => {
                 drop(guard);
+                let during_outage = ctx.stats.overlapped_outage(outages);
                 if check_rows(&ctx, &what, time, &spec, rows).await {
-                    ctx.stats.peek(kind.name(), fresh, latency);
+                    ctx.stats.peek(kind.name(), fresh, latency, during_outage);
                 }
             }
             Ok(Peeked::Unreadable) => {
@@ -852,6 +886,8 @@ enum Fault {
     Recreate,
     /// Add a fresh replica, time its hydration, drop it: the baseline for rehydration.
     FreshReplica,
+    /// Take a store down for `--outage-secs` (`outage.rs`).
+    Outage(OutageKind),
 }
 
 /// The fault schedule: kills and recreations spread over the run, alternating, never overlapping.
@@ -882,6 +918,12 @@ fn schedule(args: &ClusterArgs) -> Vec<(f64, Fault)> {
             kills -= 1;
         }
     }
+    // Outages spread among the others.
+    let outages = args.outage_count();
+    for i in (0..outages).rev() {
+        let at = ((i + 1) * (faults.len() + 1)).div_ceil(outages + 1).min(faults.len());
+        faults.insert(at, Fault::Outage(OutageKind::nth(i)));
+    }
     let n = faults.len() as f64;
     faults.into_iter().enumerate().map(|(i, f)| (0.15 + 0.7 * (i as f64 + 0.5) / n, f)).collect()
 }
@@ -895,7 +937,11 @@ async fn faults(ctx: Arc<Ctx>) {
             return;
         }
         match fault {
-            Fault::Kill(replica) => kill_and_rehydrate(&ctx, replica).await,
+            Fault::Kill(replica) => {
+                let in_flight = aim_at_view_append(&ctx, replica, Duration::from_secs(1)).await;
+                kill_and_rehydrate(&ctx, replica, in_flight, false).await
+            }
+            Fault::Outage(kind) => outage(&ctx, kind).await,
             Fault::Recreate => {
                 generation += 1;
                 recreate(&ctx, generation).await;
@@ -907,7 +953,8 @@ async fn faults(ctx: Arc<Ctx>) {
 
 /// SIGKILLs every process of `replica`, then measures: the orchestrator's restart, a peek targeted at the
 /// replica at the latest time written before the kill, and every collection on it passing that time.
-async fn kill_and_rehydrate(ctx: &Ctx, replica: ReplicaId) {
+/// `in_flight` is what [`aim_at_view_append`] read just before; `during_outage`, whether a store is down.
+async fn kill_and_rehydrate(ctx: &Ctx, replica: ReplicaId, in_flight: Option<u64>, during_outage: bool) {
     let pids = ctx.orchestrator.pids(INSTANCE, replica);
     let processes = pids.len();
     let kill_time = ctx.latest_write();
@@ -931,6 +978,8 @@ async fn kill_and_rehydrate(ctx: &Ctx, replica: ReplicaId) {
         restarted_ms: None,
         answered_peek_ms: None,
         caught_up_ms: None,
+        view_appends_in_flight: in_flight,
+        during_outage,
     };
 
     // The replica must answer a peek at the kill time itself (the peek waits through its restart), and
@@ -971,6 +1020,139 @@ async fn kill_and_rehydrate(ctx: &Ctx, replica: ReplicaId) {
         )),
     }
     lock(&ctx.stats.rehydrations).push(record);
+}
+
+/// Reads the `storage_appends_in_flight` gauge of `replica`'s process 0 (the one that appends the
+/// materialized view) until it shows an append in flight, for up to `within`; returns the last reading
+/// (`None`: none could be read).
+async fn aim_at_view_append(ctx: &Ctx, replica: ReplicaId, within: Duration) -> Option<u64> {
+    let address = *ctx.orchestrator.metrics_addresses(INSTANCE, replica).first()?;
+    let started = now();
+    let mut last = None;
+    loop {
+        let reading = tokio::task::spawn_blocking(move || appends_in_flight(address)).await.ok().flatten();
+        last = reading.or(last);
+        if reading.is_some_and(|n| n > 0) || started.elapsed() >= within {
+            return last;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// The `storage_appends_in_flight` gauge of the metrics endpoint at `address`.
+fn appends_in_flight(address: std::net::SocketAddr) -> Option<u64> {
+    let page = telemetry::scrape(address, "/metrics", Duration::from_secs(1)).ok()?;
+    if page.status != 200 {
+        return None;
+    }
+    let samples = telemetry::parse_text(&page.body).ok()?;
+    telemetry::sample_value(&samples, "storage_appends_in_flight", &[]).map(|value| value as u64)
+}
+
+/// Takes the store of `kind` away, or brings it back, on a blocking thread.
+async fn switch_store(services: &Arc<LocalServices>, kind: OutageKind, down: bool) -> anyhow::Result<()> {
+    let services = Arc::clone(services);
+    tokio::task::spawn_blocking(move || if down { services.take_down(kind) } else { services.bring_back(kind) })
+        .await
+        .map_err(|e| anyhow!("the service task failed: {e}"))?
+}
+
+/// How long after `since` `advanced` first held (polled every 5 ms, for up to `PATIENCE`).
+async fn resumed<F: Future<Output = bool>>(since: Instant, advanced: impl Fn() -> F) -> Option<Duration> {
+    while since.elapsed() < PATIENCE {
+        if advanced().await {
+            return Some(since.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    None
+}
+
+/// Peeks, table appends and subscribe batches checked so far.
+fn progress_counts(stats: &Stats) -> [u64; 3] {
+    [&stats.peeks, &stats.appends, &stats.subscribe_batches].map(|c| c.load(Ordering::SeqCst))
+}
+
+/// One storage outage (`outage.rs`): the store of `kind` is taken down for `--outage-secs`, and a replica
+/// is killed while its view append is stuck on it; then the store is brought back and the table writer's
+/// appends, the subscribe and the materialized view's appends must each resume.
+async fn outage(ctx: &Ctx, kind: OutageKind) {
+    let services = Arc::clone(ctx.services.as_ref().expect("outages only run on local services"));
+    let (fault, target) = match kind {
+        OutageKind::Consensus => (FaultKind::ConsensusOutage, "postgres"),
+        OutageKind::Blob => (FaultKind::BlobOutage, "moto_server"),
+    };
+    let started_at_s = ctx.stats.elapsed_s();
+    let mark = lock(&ctx.stats.timeline).fault(started_at_s, fault, target);
+    ctx.stats.set_outage(true);
+    if let Err(e) = switch_store(&services, kind, true).await {
+        ctx.stats.violation(format!("cannot take the {} store down: {e:#}", kind.name()));
+        ctx.stats.set_outage(false);
+        lock(&ctx.stats.timeline).end_fault(mark, ctx.stats.elapsed_s());
+        return;
+    }
+    let down = now();
+    let before = progress_counts(&ctx.stats);
+    ctx.ui.event(&ctx.stats, &format!("{} outage: {}", kind.name(), kind.action()));
+    let victim = schedule(&ctx.args)
+        .into_iter()
+        .find_map(|(_, fault)| if let Fault::Kill(replica) = fault { Some(replica) } else { None })
+        .unwrap_or(ReplicaId(1));
+    let kill = async {
+        let in_flight = aim_at_view_append(ctx, victim, ctx.args.outage_duration / 2).await;
+        kill_and_rehydrate(ctx, victim, in_flight, true).await;
+    };
+    let restore = async {
+        tokio::time::sleep(ctx.args.outage_duration.saturating_sub(down.elapsed())).await;
+        let during = progress_counts(&ctx.stats);
+        let back = switch_store(&services, kind, false).await;
+        let ended_at_s = ctx.stats.elapsed_s();
+        let rows_written_at_end = ctx.stats.rows_written.load(Ordering::SeqCst);
+        ctx.stats.set_outage(false);
+        lock(&ctx.stats.timeline).end_fault(mark, ended_at_s);
+        if let Err(e) = back {
+            ctx.stats.violation(format!("cannot bring the {} store back: {e:#}", kind.name()));
+            return;
+        }
+        ctx.ui.event(&ctx.stats, &format!("{} store back after {:.1} s", kind.name(), down.elapsed().as_secs_f64()));
+        let back = now();
+        let (log_upper, subscribe_upper) =
+            (*ctx.log_upper.borrow(), ctx.subscribe_upper.load(Ordering::SeqCst));
+        let view_upper = async || {
+            ctx.storage.frontiers(workload::STATUS_REVENUE).await.ok().and_then(|f| first(&f.upper))
+        };
+        let view_before = view_upper().await;
+        let (appends, subscribe, view) = tokio::join!(
+            resumed(back, || async { *ctx.log_upper.borrow() > log_upper }),
+            resumed(back, || async { ctx.subscribe_upper.load(Ordering::SeqCst) > subscribe_upper }),
+            resumed(back, || async { view_upper().await > view_before }),
+        );
+        for (what, resumed) in [("table appends", appends), ("the subscribe", subscribe), ("the view's appends", view)] {
+            if resumed.is_none() {
+                ctx.stats.violation(format!(
+                    "{what} did not resume within {} s of the {} store's return",
+                    PATIENCE.as_secs(),
+                    kind.name()
+                ));
+            }
+        }
+        lock(&ctx.stats.outages).push(OutageReport {
+            kind,
+            action: kind.action().to_string(),
+            started_at_s,
+            ended_at_s,
+            peeks_answered: during[0] - before[0],
+            appends_during: during[1] - before[1],
+            subscribe_batches_during: during[2] - before[2],
+            appends_resumed_ms: appends.map(ms),
+            subscribe_resumed_ms: subscribe.map(ms),
+            view_resumed_ms: view.map(ms),
+            rows_written_after: 0,
+            rows_written_at_end,
+            killed: Some(victim.to_string()),
+        });
+    };
+    tokio::join!(kill, restore);
 }
 
 /// How long after `since` `replica` answered a peek targeted at it at `time` (checked against the oracle).
@@ -1392,7 +1574,7 @@ async fn fresh_replica(ctx: &Ctx) {
             Fault::Kill(replica) => {
                 ctx.args.replica_specs().into_iter().find(|(r, _)| *r == replica).map(|(_, p)| p)
             }
-            Fault::Recreate | Fault::FreshReplica => None,
+            Fault::Recreate | Fault::FreshReplica | Fault::Outage(_) => None,
         })
         .unwrap_or(1);
     let replica = ReplicaId(ctx.args.replicas as u64 + 1);
@@ -1434,6 +1616,8 @@ async fn fresh_replica(ctx: &Ctx) {
         restarted_ms: None,
         answered_peek_ms: answered.map(ms),
         caught_up_ms: caught_up.map(ms),
+        view_appends_in_flight: None,
+        during_outage: false,
     });
     lock(&ctx.replica_state).remove(&replica);
     ctx.ui.event(&ctx.stats, &format!(
