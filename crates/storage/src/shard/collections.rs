@@ -210,14 +210,25 @@ fn live(state: Option<&ShardState>) -> Result<&ShardState, MachineError> {
 }
 
 impl ShardCollections {
-    /// Opens the stores and starts the background tasks. Must be called within a tokio runtime.
+    /// Opens the stores and starts the background tasks. Must be called within a tokio runtime. A
+    /// consensus server that cannot be reached is tried again within `config.retry_budget` (a process
+    /// started during an outage waits for the store, like every operation); one that refuses is not.
     pub async fn open(
         blob: &BlobConfig,
         consensus: &ConsensusConfig,
         config: ShardConfig,
     ) -> Result<ShardCollections, ShardOpenError> {
         let blob = blob.open()?;
-        let consensus = consensus.open().await?;
+        let mut retry =
+            crate::external::Retry::new(Duration::from_millis(10), Duration::from_millis(500), config.retry_budget);
+        let consensus = loop {
+            match consensus.open().await {
+                Err(ConsensusOpenError::Unreachable(error)) if retry.wait().await => {
+                    tracing::debug!(%error, "the consensus store is unreachable; opening it again");
+                }
+                opened => break opened?,
+            }
+        };
         Ok(Self::from_stores(blob, consensus, config))
     }
 

@@ -5,7 +5,8 @@
 //!   writes the same rows to two collections atomically), uppers never regress;
 //! - PostgreSQL stopped, or `moto_server` paused (SIGSTOP), for two seconds under a writer and a listener
 //!   in another engine: appends wait and resume, each applied exactly once, and the listen resumes with no
-//!   gap and no duplicate;
+//!   gap and no duplicate; a process opening the shards while PostgreSQL is down waits for it (within the
+//!   retry budget), and one that PostgreSQL refuses (no such database) is told at once;
 //! - two writer processes racing compare-and-append on one shard: exactly one wins each interval, the
 //!   loser gets the current upper;
 //! - damage by hand (every backend that can be reached by hand): a bit flipped anywhere in a part, a part
@@ -399,6 +400,35 @@ async fn a_postgres_outage_stalls_appends_and_listens_which_then_resume_exactly_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_blob_server_stalls_appends_and_listens_which_then_resume_exactly_once() {
     appends_and_listens_survive(Outage::Blob).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opening_the_shards_while_postgres_is_down_waits_for_it_and_a_refusal_is_not_retried() {
+    let Some(mut services) = Services::start() else { return };
+    let (blob_url, consensus_url) = services.fresh();
+    let blob: storage::blob::BlobConfig = blob_url.parse().unwrap();
+    let consensus: storage::consensus::ConsensusConfig = consensus_url.parse().unwrap();
+    services.postgres.stop().unwrap();
+    // Down for longer than the budget: unreachable, said so.
+    let short = ShardConfig { retry_budget: Duration::from_millis(300), ..quick_config() };
+    let refused = ShardCollections::open(&blob, &consensus, short).await.map(|_| ()).unwrap_err();
+    assert!(refused.to_string().contains("unreachable"), "{refused}");
+    // Back within the budget: the open waits for it.
+    let opening = tokio::spawn({
+        let (blob, consensus) = (blob.clone(), consensus.clone());
+        async move { ShardCollections::open(&blob, &consensus, quick_config()).await }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!opening.is_finished(), "the open waits for the server");
+    services.postgres.start_again().unwrap();
+    let storage = tokio::time::timeout(Duration::from_secs(20), opening).await.unwrap().unwrap().unwrap();
+    storage.create_collection(user(1), int_desc()).await.unwrap();
+    // A server that answers with a refusal (no such database) is not waited for.
+    let missing: storage::consensus::ConsensusConfig = services.postgres.url("no_such_db").parse().unwrap();
+    let started = std::time::Instant::now();
+    let refused = ShardCollections::open(&blob, &missing, quick_config()).await.map(|_| ()).unwrap_err();
+    assert!(!refused.to_string().contains("unreachable"), "{refused}");
+    assert!(started.elapsed() < Duration::from_secs(5), "retried a refusal for {:?}", started.elapsed());
 }
 
 /// Flips `bit` of the blob at `key` (through the blob API, so on every backend).
