@@ -189,6 +189,8 @@ pub struct Stats {
     outages_begun: AtomicU64,
     /// Storage outages, as they ended.
     pub outages: Mutex<Vec<OutageReport>>,
+    /// Replica processes that exited other than by the scenario's SIGKILLs.
+    pub replica_exits: AtomicU64,
     /// Recent peek latencies for the live display: `(when, microseconds)`.
     recent: Mutex<VecDeque<(Instant, u64)>>,
     /// Peeks checked per kind.
@@ -235,6 +237,7 @@ impl Default for Stats {
             outage_active: AtomicBool::new(false),
             outages_begun: AtomicU64::new(0),
             outages: Mutex::default(),
+            replica_exits: AtomicU64::new(0),
             recent: Mutex::default(),
             by_kind: Mutex::default(),
             frontier_lag: Mutex::default(),
@@ -536,6 +539,10 @@ pub struct Report {
     /// Child processes started during the run, each verified gone after the cleanup (one still running
     /// is a violation).
     pub child_processes: u64,
+    /// Replica processes that exited other than by the scenario's SIGKILLs (e.g. on a storage error; the
+    /// orchestrator restarts them; the other processes of a killed multi-process replica may exit first
+    /// when their peers die).
+    pub replica_exits: u64,
     /// Violations (at most 20 described).
     pub violation_count: u64,
     /// Their descriptions.
@@ -622,6 +629,7 @@ impl Report {
             final_checks: stats.final_checks.load(Ordering::SeqCst),
             introspection: lock(&stats.introspection).clone(),
             child_processes: lock(&stats.child_pids).len() as u64,
+            replica_exits: stats.replica_exits.load(Ordering::SeqCst),
             violation_count,
             violations: lock(&stats.violations).clone(),
         }
@@ -768,8 +776,8 @@ impl Report {
             println!("  introspection     {}", self.introspection.join(", "));
         }
         println!(
-            "  cleanup           {} child processes started, each checked gone after the cleanup",
-            self.child_processes
+            "  cleanup           {} child processes started, each checked gone after the cleanup; {} replica exit(s) other than the scenario's kills",
+            self.child_processes, self.replica_exits
         );
         if let Some(error) = &self.error {
             println!("  error             {error}");

@@ -17,7 +17,9 @@
 //! or doubled. Peek latencies are kept apart for peeks that overlapped an outage.
 //!
 //! **Sharing.** The controller sits behind a tokio mutex: `process` needs `&mut`, peeks need `&`, so the
-//! pump drains responses with `try_process` every couple of milliseconds and releases it in between. The
+//! pump drains responses with `try_process` every couple of milliseconds and releases it in between. No
+//! task waits for storage with it locked during the timed run: a storage peek's hold is taken first, so
+//! the controller's is local (a stopped store would otherwise stall every peek). The
 //! oracle and the write log sit together behind one std mutex ([`Truth`]), never held across an await.
 //! A `watch` of the log's upper lets a check wait until the log covers its time: a replica can see a write
 //! a moment before the writer task has logged it.
@@ -537,6 +539,9 @@ fn on_process_event(ctx: &Ctx, event: ProcessEvent) {
             }
         }
         ProcessEvent::Crashed { replica, status, restart_in_ms, .. } => {
+            if !status.contains("SIGKILL") {
+                ctx.stats.replica_exits.fetch_add(1, Ordering::Relaxed);
+            }
             ctx.ui
                 .event(&ctx.stats, &format!("{replica} exited ({status}); restarting in {restart_in_ms} ms"));
             lock(&ctx.replica_state).insert(replica, "down".to_string());
@@ -826,6 +831,14 @@ async fn check_mv_once(ctx: &Ctx) -> anyhow::Result<Option<u64>> {
     if upper == 0 || time < as_of || time < since {
         return Ok(None);
     }
+    // This process's own hold at `time`, taken before the controller is locked: the controller's storage
+    // peek then takes its hold locally. Without it the peek could wait for a stopped consensus store with
+    // the controller locked, and every index peek behind it (a storage outage stalled them all).
+    let hold = match ctx.storage.acquire_read_hold(workload::STATUS_REVENUE, Antichain::from_elem(time)).await {
+        Ok(hold) => hold,
+        Err(storage::HoldError::BeforeSince { .. }) => return Ok(None),
+        Err(e) => bail!("cannot hold the materialized view at {time}: {e}"),
+    };
     let handle = {
         let controller = ctx.controller.lock().await;
         controller
@@ -837,6 +850,7 @@ async fn check_mv_once(ctx: &Ctx) -> anyhow::Result<Option<u64>> {
             )
             .await
     };
+    drop(hold);
     let handle = match handle {
         Ok(handle) => handle,
         Err(PeekError::SinceViolation { .. }) => return Ok(None),

@@ -185,6 +185,8 @@ fn a_consensus_outage_stalls_appends_while_peeks_are_answered_and_loses_nothing(
     let killed = rehydrations.iter().find(|r| r["during_outage"] == true).expect("a kill in the outage");
     assert!(number(killed, "/view_appends_in_flight") >= 1, "{killed:#}");
     assert!(killed["caught_up_ms"].is_u64(), "{killed:#}");
+    // Restarted while the store was down, it waited for the store rather than exiting on it.
+    assert_eq!(number(&report, "/replica_exits"), 0, "{report:#}");
 
     // The outage is marked on the report page, with its end.
     let page = std::fs::read_to_string(page_dir.join("report.html")).expect("the report page");
