@@ -746,7 +746,10 @@ mod tests {
                 &["--blob", "file:///b", "--consensus", "sqlite:///c", "--outages", "1"],
                 "were not started by the scenario",
             ),
-            (&["--services", "local", "--workload", "tpch", "--outages", "1"], "not built for --workload tpch"),
+            (
+                &["--services", "local", "--workload", "tpch", "--outages", "1"],
+                "not built for --workload tpch",
+            ),
             (&["--services", "local", "--outage-secs", "25"], "retries for 30 s"),
         ];
         for (args, expected) in cases {

@@ -4,15 +4,16 @@
 //!
 //! **Kills land on view appends.** A replica's process 0 appends the materialized view; before a kill the
 //! scenario reads that process's `storage_appends_in_flight` gauge until an append is in flight (for up to
-//! a second, or half an outage) and then SIGKILLs the replica, recording the reading. During a storage
-//! outage the append is stuck on the stopped store, so that kill certainly lands mid-append; otherwise it
-//! lands within the few milliseconds between the reading and the signal. Lost or doubled rows of the view
+//! a second) and then SIGKILLs the replica, recording the reading (the report's `view_appends_in_flight`;
+//! 0 when none was seen in time). During a storage outage it kills whichever replica has an append in
+//! flight (looking for half the outage): that append is stuck on the stopped store, so the kill lands
+//! mid-append; otherwise the kill lands within the few milliseconds between the reading and the signal. Lost or doubled rows of the view
 //! would show in the next comparison of its collection with the oracle (every 200 ms, and in full at the
 //! end).
 //!
-//! **Outages** (`outage.rs`): the store is taken down for `--outage-secs`; meanwhile peeks keep being
-//! checked (indexes are answered from the replicas' arrangements) and counted, and one replica is killed
-//! as above. After the store is back, the table writer's appends, the subscribe and the view's reads must
+//! **Outages** (`outage.rs`): the store is taken down for `--outage-secs`; meanwhile peeks at the indexes'
+//! readable times keep being checked (answered from the replicas' arrangements) and counted (peeks at the
+//! latest write pause: its data may be in the stopped store), and one replica is killed as above. After the store is back, the table writer's appends, the subscribe and the view's reads must
 //! each resume within `PATIENCE` (else a violation); the oracle comparisons, unchanged, find anything lost
 //! or doubled. Peek latencies are kept apart for peeks that overlapped an outage.
 //!
@@ -693,8 +694,10 @@ async fn peek_loop(ctx: Arc<Ctx>, mut rng: Rng) {
     let interval = Duration::from_millis(ctx.args.peek_interval_ms);
     while !ctx.stopping() {
         let kind = PeekKind::pick(&mut rng);
-        // One in ten peeks asks for the latest written time, waiting for the dataflow to get there.
-        let fresh = rng.chance(0.1);
+        // One in ten peeks asks for the latest written time, waiting for the dataflow to get there; not
+        // during a storage outage, where the latest write's data may sit in the stopped store until it
+        // returns (such a peek would measure the outage, and hold up its loop's index peeks).
+        let fresh = rng.chance(0.1) && !ctx.stats.outage_marker().0;
         let customers = ctx.customers.load(Ordering::Relaxed).max(1);
         let customer = rng.range(1, customers as u64 + 5) as i64;
         let spec = PeekSpec::new(kind, customer);
@@ -834,7 +837,8 @@ async fn check_mv_once(ctx: &Ctx) -> anyhow::Result<Option<u64>> {
     // This process's own hold at `time`, taken before the controller is locked: the controller's storage
     // peek then takes its hold locally. Without it the peek could wait for a stopped consensus store with
     // the controller locked, and every index peek behind it (a storage outage stalled them all).
-    let hold = match ctx.storage.acquire_read_hold(workload::STATUS_REVENUE, Antichain::from_elem(time)).await {
+    let hold = match ctx.storage.acquire_read_hold(workload::STATUS_REVENUE, Antichain::from_elem(time)).await
+    {
         Ok(hold) => hold,
         Err(storage::HoldError::BeforeSince { .. }) => return Ok(None),
         Err(e) => bail!("cannot hold the materialized view at {time}: {e}"),
@@ -1053,6 +1057,33 @@ async fn aim_at_view_append(ctx: &Ctx, replica: ReplicaId, within: Duration) -> 
     }
 }
 
+/// [`aim_at_view_append`] over several replicas: the first of `candidates` whose process 0 shows an
+/// append in flight within `within`, with its reading; else the first candidate and its last reading.
+async fn aim_at_any_view_append(
+    ctx: &Ctx,
+    candidates: &[ReplicaId],
+    within: Duration,
+) -> (ReplicaId, Option<u64>) {
+    assert!(!candidates.is_empty(), "a replica to kill");
+    let started = now();
+    let mut first_reading = None;
+    loop {
+        for (i, replica) in candidates.iter().enumerate() {
+            let reading = aim_at_view_append(ctx, *replica, Duration::ZERO).await;
+            if i == 0 {
+                first_reading = reading.or(first_reading);
+            }
+            if reading.is_some_and(|n| n > 0) {
+                return (*replica, reading);
+            }
+        }
+        if started.elapsed() >= within {
+            return (candidates[0], first_reading);
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 /// The `storage_appends_in_flight` gauge of the metrics endpoint at `address`.
 fn appends_in_flight(address: std::net::SocketAddr) -> Option<u64> {
     let page = telemetry::scrape(address, "/metrics", Duration::from_secs(1)).ok()?;
@@ -1066,9 +1097,11 @@ fn appends_in_flight(address: std::net::SocketAddr) -> Option<u64> {
 /// Takes the store of `kind` away, or brings it back, on a blocking thread.
 async fn switch_store(services: &Arc<LocalServices>, kind: OutageKind, down: bool) -> anyhow::Result<()> {
     let services = Arc::clone(services);
-    tokio::task::spawn_blocking(move || if down { services.take_down(kind) } else { services.bring_back(kind) })
-        .await
-        .map_err(|e| anyhow!("the service task failed: {e}"))?
+    tokio::task::spawn_blocking(
+        move || if down { services.take_down(kind) } else { services.bring_back(kind) },
+    )
+    .await
+    .map_err(|e| anyhow!("the service task failed: {e}"))?
 }
 
 /// How long after `since` `advanced` first held (polled every 5 ms, for up to `PATIENCE`).
@@ -1108,13 +1141,19 @@ async fn outage(ctx: &Ctx, kind: OutageKind) {
     let down = now();
     let before = progress_counts(&ctx.stats);
     ctx.ui.event(&ctx.stats, &format!("{} outage: {}", kind.name(), kind.action()));
-    let victim = schedule(&ctx.args)
+    // The replica whose view append is stuck on the store (the first the schedule kills, if both are).
+    let scheduled = schedule(&ctx.args)
         .into_iter()
         .find_map(|(_, fault)| if let Fault::Kill(replica) = fault { Some(replica) } else { None })
         .unwrap_or(ReplicaId(1));
+    let mut candidates: Vec<ReplicaId> = ctx.args.replica_specs().into_iter().map(|(r, _)| r).collect();
+    candidates.sort_by_key(|r| *r != scheduled);
+    let victim = std::sync::OnceLock::new();
     let kill = async {
-        let in_flight = aim_at_view_append(ctx, victim, ctx.args.outage_duration / 2).await;
-        kill_and_rehydrate(ctx, victim, in_flight, true).await;
+        let (replica, in_flight) =
+            aim_at_any_view_append(ctx, &candidates, ctx.args.outage_duration / 2).await;
+        let _ = victim.set(replica);
+        kill_and_rehydrate(ctx, replica, in_flight, true).await;
     };
     let restore = async {
         tokio::time::sleep(ctx.args.outage_duration.saturating_sub(down.elapsed())).await;
@@ -1128,20 +1167,24 @@ async fn outage(ctx: &Ctx, kind: OutageKind) {
             ctx.stats.violation(format!("cannot bring the {} store back: {e:#}", kind.name()));
             return;
         }
-        ctx.ui.event(&ctx.stats, &format!("{} store back after {:.1} s", kind.name(), down.elapsed().as_secs_f64()));
+        ctx.ui.event(
+            &ctx.stats,
+            &format!("{} store back after {:.1} s", kind.name(), down.elapsed().as_secs_f64()),
+        );
         let back = now();
         let (log_upper, subscribe_upper) =
             (*ctx.log_upper.borrow(), ctx.subscribe_upper.load(Ordering::SeqCst));
-        let view_upper = async || {
-            ctx.storage.frontiers(workload::STATUS_REVENUE).await.ok().and_then(|f| first(&f.upper))
-        };
+        let view_upper =
+            async || ctx.storage.frontiers(workload::STATUS_REVENUE).await.ok().and_then(|f| first(&f.upper));
         let view_before = view_upper().await;
         let (appends, subscribe, view) = tokio::join!(
             resumed(back, || async { *ctx.log_upper.borrow() > log_upper }),
             resumed(back, || async { ctx.subscribe_upper.load(Ordering::SeqCst) > subscribe_upper }),
             resumed(back, || async { view_upper().await > view_before }),
         );
-        for (what, resumed) in [("table appends", appends), ("the subscribe", subscribe), ("the view's appends", view)] {
+        for (what, resumed) in
+            [("table appends", appends), ("the subscribe", subscribe), ("the view's appends", view)]
+        {
             if resumed.is_none() {
                 ctx.stats.violation(format!(
                     "{what} did not resume within {} s of the {} store's return",
@@ -1163,7 +1206,7 @@ async fn outage(ctx: &Ctx, kind: OutageKind) {
             view_resumed_ms: view.map(ms),
             rows_written_after: 0,
             rows_written_at_end,
-            killed: Some(victim.to_string()),
+            killed: victim.get().map(ReplicaId::to_string),
         });
     };
     tokio::join!(kill, restore);

@@ -125,8 +125,25 @@ fn a_short_cluster_run_on_postgres_and_s3_passes_its_checks() {
 /// The outage run's flags: the scenario starts PostgreSQL and moto_server itself and stops PostgreSQL for
 /// two seconds halfway through, killing replica r1 while its view append is stuck.
 const OUTAGE_FLAGS: &[&str] = &[
-    "--services", "local", "--outages", "1", "--outage-secs", "2", "--duration", "8", "--kills", "0",
-    "--recreations", "0", "--seed", "3", "--replicas", "2", "--processes", "2", "--json",
+    "--services",
+    "local",
+    "--outages",
+    "1",
+    "--outage-secs",
+    "2",
+    "--duration",
+    "8",
+    "--kills",
+    "0",
+    "--recreations",
+    "0",
+    "--seed",
+    "3",
+    "--replicas",
+    "2",
+    "--processes",
+    "2",
+    "--json",
 ];
 
 /// The fewest peeks the outage must see answered: two peek loops at a peek every few milliseconds

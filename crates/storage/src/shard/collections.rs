@@ -219,8 +219,11 @@ impl ShardCollections {
         config: ShardConfig,
     ) -> Result<ShardCollections, ShardOpenError> {
         let blob = blob.open()?;
-        let mut retry =
-            crate::external::Retry::new(Duration::from_millis(10), Duration::from_millis(500), config.retry_budget);
+        let mut retry = crate::external::Retry::new(
+            Duration::from_millis(10),
+            Duration::from_millis(500),
+            config.retry_budget,
+        );
         let consensus = loop {
             match consensus.open().await {
                 Err(ConsensusOpenError::Unreachable(error)) if retry.wait().await => {

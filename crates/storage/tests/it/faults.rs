@@ -329,6 +329,8 @@ enum Outage {
 /// A writer appends 400 intervals while a listener in another engine reads them; after the 100th the
 /// `outage` lasts two seconds. Every append is applied exactly once and the listen delivers each once,
 /// in order, with no gap.
+// Real services in real time: the monotonic clock measures how long an append waited.
+#[allow(clippy::disallowed_methods)]
 async fn appends_and_listens_survive(outage: Outage) {
     let Some(mut services) = Services::start() else { return };
     let (blob_url, consensus_url) = services.fresh();
@@ -403,6 +405,8 @@ async fn a_paused_blob_server_stalls_appends_and_listens_which_then_resume_exact
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// Real services in real time: the monotonic clock bounds how long a refusal took.
+#[allow(clippy::disallowed_methods)]
 async fn opening_the_shards_while_postgres_is_down_waits_for_it_and_a_refusal_is_not_retried() {
     let Some(mut services) = Services::start() else { return };
     let (blob_url, consensus_url) = services.fresh();

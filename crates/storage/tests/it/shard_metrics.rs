@@ -108,7 +108,8 @@ async fn an_append_waiting_through_a_consensus_outage_counts_as_in_flight_until_
     use std::sync::atomic::Ordering;
     let stores = Stores::new(Backend::Embedded, &mut None).expect("the embedded backend needs no service");
     let registry = Registry::new();
-    let config = ShardConfig { metrics: Some(StorageMetrics::register(&registry).unwrap()), ..quick_config() };
+    let config =
+        ShardConfig { metrics: Some(StorageMetrics::register(&registry).unwrap()), ..quick_config() };
     let faults = std::sync::Arc::new(crate::flaky::Faults::default());
     let consensus = std::sync::Arc::new(crate::flaky::FlakyConsensus {
         inner: stores.consensus().await,
