@@ -5,25 +5,26 @@
 //! **Kills land on view appends.** A replica's process 0 appends the materialized view; before a kill the
 //! scenario reads that process's `storage_appends_in_flight` gauge until an append is in flight (for up to
 //! a second) and then SIGKILLs the replica, recording the reading (the report's `view_appends_in_flight`;
-//! 0 when none was seen in time). During a storage outage it kills whichever replica has an append in
-//! flight (looking for half the outage): that append is stuck on the stopped store, so the kill lands
-//! mid-append; otherwise the kill lands within the few milliseconds between the reading and the signal. Lost or doubled rows of the view
-//! would show in the next comparison of its collection with the oracle (every 200 ms, and in full at the
-//! end).
+//! 0 when none was seen in time). An outage begins as soon as some replica's gauge shows an append (up to
+//! 2 s): the append then waits on the stopped store, and the replica whose gauge shows one during the
+//! outage (that one first) is killed, the reading recorded. Outside outages a kill lands within the few milliseconds between the
+//! reading and the signal. Lost or doubled rows of the view would show in the next comparison of its
+//! collection with the oracle (every 200 ms, and in full at the end).
 //!
 //! **Outages** (`outage.rs`): the store is taken down for `--outage-secs`; meanwhile peeks at the indexes'
 //! readable times keep being checked (answered from the replicas' arrangements) and counted (peeks at the
-//! latest write pause: its data may be in the stopped store), and one replica is killed as above. After the store is back, the table writer's appends, the subscribe and the view's reads must
-//! each resume within `PATIENCE` (else a violation); the oracle comparisons, unchanged, find anything lost
-//! or doubled. Peek latencies are kept apart for peeks that overlapped an outage.
+//! latest write pause: its data may be in the stopped store), and one replica is killed as above. After
+//! the store is back, the table writer's appends, the subscribe and the view's appends must each resume
+//! within `PATIENCE` (else a violation); the oracle comparisons, unchanged, find anything lost or doubled.
+//! Peek latencies are kept apart for peeks that overlapped an outage.
 //!
 //! **Sharing.** The controller sits behind a tokio mutex: `process` needs `&mut`, peeks need `&`, so the
 //! pump drains responses with `try_process` every couple of milliseconds and releases it in between. No
 //! task waits for storage with it locked during the timed run: a storage peek's hold is taken first, so
-//! the controller's is local (a stopped store would otherwise stall every peek). The
-//! oracle and the write log sit together behind one std mutex ([`Truth`]), never held across an await.
-//! A `watch` of the log's upper lets a check wait until the log covers its time: a replica can see a write
-//! a moment before the writer task has logged it.
+//! the controller's is local (a stopped store would otherwise stall every peek). The oracle and the write
+//! log sit together behind one std mutex ([`Truth`]), never held across an await. A `watch` of the log's
+//! upper lets a check wait until the log covers its time: a replica can see a write a moment before the
+//! writer task has logged it.
 //!
 //! **Invariant.** A result is only ever compared with the oracle at exactly the time it was read at.
 //!
@@ -1129,6 +1130,16 @@ async fn outage(ctx: &Ctx, kind: OutageKind) {
         OutageKind::Consensus => (FaultKind::ConsensusOutage, "postgres"),
         OutageKind::Blob => (FaultKind::BlobOutage, "moto_server"),
     };
+    // The store goes down just as a replica's view append is in flight, so that the append is stuck on it
+    // (the first the schedule kills, if both are); that replica is killed during the outage.
+    let scheduled = schedule(&ctx.args)
+        .into_iter()
+        .find_map(|(_, fault)| if let Fault::Kill(replica) = fault { Some(replica) } else { None })
+        .unwrap_or(ReplicaId(1));
+    let mut candidates: Vec<ReplicaId> = ctx.args.replica_specs().into_iter().map(|(r, _)| r).collect();
+    candidates.sort_by_key(|r| *r != scheduled);
+    let (preferred, _) = aim_at_any_view_append(ctx, &candidates, Duration::from_secs(2)).await;
+    candidates.sort_by_key(|r| *r != preferred);
     let started_at_s = ctx.stats.elapsed_s();
     let mark = lock(&ctx.stats.timeline).fault(started_at_s, fault, target);
     ctx.stats.set_outage(true);
@@ -1141,13 +1152,7 @@ async fn outage(ctx: &Ctx, kind: OutageKind) {
     let down = now();
     let before = progress_counts(&ctx.stats);
     ctx.ui.event(&ctx.stats, &format!("{} outage: {}", kind.name(), kind.action()));
-    // The replica whose view append is stuck on the store (the first the schedule kills, if both are).
-    let scheduled = schedule(&ctx.args)
-        .into_iter()
-        .find_map(|(_, fault)| if let Fault::Kill(replica) = fault { Some(replica) } else { None })
-        .unwrap_or(ReplicaId(1));
-    let mut candidates: Vec<ReplicaId> = ctx.args.replica_specs().into_iter().map(|(r, _)| r).collect();
-    candidates.sort_by_key(|r| *r != scheduled);
+    // Whichever replica's append is stuck (it finished just before the store went, for the other).
     let victim = std::sync::OnceLock::new();
     let kill = async {
         let (replica, in_flight) =

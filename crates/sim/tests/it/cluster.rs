@@ -9,7 +9,8 @@
 //!
 //! A third run (8 s on `--services local`) stops PostgreSQL for two seconds halfway: it must pass with 0
 //! violations, having answered peeks during the outage, resumed appends, the subscribe and the view after
-//! it, killed a replica whose view append was in flight, and marked the outage on the report page.
+//! it, killed a replica during it (aimed at an in-flight view append), and marked the outage on the report
+//! page.
 //!
 //! The full-length run is the `cluster` step of `cargo xtask test-suite`; this only shows the wiring.
 
@@ -123,7 +124,7 @@ fn a_short_cluster_run_on_postgres_and_s3_passes_its_checks() {
 }
 
 /// The outage run's flags: the scenario starts PostgreSQL and moto_server itself and stops PostgreSQL for
-/// two seconds halfway through, killing replica r1 while its view append is stuck.
+/// two seconds halfway through, killing a replica while its view append is stuck.
 const OUTAGE_FLAGS: &[&str] = &[
     "--services",
     "local",
@@ -197,10 +198,12 @@ fn a_consensus_outage_stalls_appends_while_peeks_are_answered_and_loses_nothing(
     assert!(during >= MIN_PEEKS_DURING_OUTAGE, "{report:#}");
     assert!(number(&report, "/peeks/outside_outages_latency_ms/count") > 0, "{report:#}");
 
-    // The replica killed during the outage had its view append in flight, and came back.
+    // A replica was killed during the outage, its view-append gauge read just before (an append is in
+    // flight in most runs, not all: the scenario aims, it cannot force one), and came back.
     let rehydrations = report["rehydrations"].as_array().expect("a rehydrations list");
     let killed = rehydrations.iter().find(|r| r["during_outage"] == true).expect("a kill in the outage");
-    assert!(number(killed, "/view_appends_in_flight") >= 1, "{killed:#}");
+    assert!(killed["view_appends_in_flight"].is_u64(), "the gauge was not read: {killed:#}");
+    assert_eq!(outage["killed"], killed["replica"], "{report:#}");
     assert!(killed["caught_up_ms"].is_u64(), "{killed:#}");
     // Restarted while the store was down, it waited for the store rather than exiting on it.
     assert_eq!(number(&report, "/replica_exits"), 0, "{report:#}");
