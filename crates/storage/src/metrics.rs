@@ -4,6 +4,8 @@
 //!
 //! - `storage_appends_total` (counter; outcome): appends by outcome: `committed`, `upper_mismatch` (another
 //!   writer was first), `failed`
+//! - `storage_appends_in_flight` (gauge): appends started and not yet ended (waiting on the engines,
+//!   retrying through an outage; a dropped append future ends it too)
 //! - `storage_append_rows_total` (counter): updates in committed appends
 //! - `storage_append_bytes_total` (counter): encoded bytes of committed appends (the blob parts written)
 //! - `storage_cas_conflicts_total` (counter): consensus compare-and-sets that found another version than
@@ -33,7 +35,9 @@ use std::fmt;
 use std::time::Duration;
 
 use prometheus::core::Collector;
-use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+};
 
 /// The outcome of an append.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,6 +103,7 @@ const OPERATION_BUCKETS_S: [f64; 16] = [
 #[derive(Clone)]
 pub struct StorageMetrics {
     appends: [IntCounter; 3],
+    appends_in_flight: IntGauge,
     append_rows: IntCounter,
     append_bytes: IntCounter,
     cas_conflicts: IntCounter,
@@ -170,6 +175,10 @@ impl StorageMetrics {
         };
         let metrics = StorageMetrics {
             appends: APPEND_OUTCOMES.map(|outcome| appends.with_label_values(&[outcome])),
+            appends_in_flight: IntGauge::new(
+                "storage_appends_in_flight",
+                "Appends started and not yet ended.",
+            )?,
             append_rows: counter("storage_append_rows_total", "Updates in committed appends.")?,
             append_bytes: counter("storage_append_bytes_total", "Encoded bytes of committed appends.")?,
             cas_conflicts: counter(
@@ -205,6 +214,7 @@ impl StorageMetrics {
             Box::new(blob.clone()),
             Box::new(consensus.clone()),
             Box::new(leases.clone()),
+            Box::new(self.appends_in_flight.clone()),
         ];
         for counter in [
             &self.append_rows,
@@ -227,6 +237,13 @@ impl StorageMetrics {
             // Missing only if someone else took it out.
             let _ = registry.unregister(collector);
         }
+    }
+
+    /// An append started; it counts as in flight until the guard is dropped (when it ends, or when its
+    /// future is dropped unfinished).
+    pub fn append_started(&self) -> AppendInFlight {
+        self.appends_in_flight.inc();
+        AppendInFlight(self.appends_in_flight.clone())
     }
 
     /// An append ended with `outcome`; a committed one wrote `rows` updates in `bytes` bytes.
@@ -272,6 +289,16 @@ impl StorageMetrics {
     }
 }
 
+/// One append in flight (see [`StorageMetrics::append_started`]); dropping it ends it.
+#[derive(Debug)]
+pub struct AppendInFlight(IntGauge);
+
+impl Drop for AppendInFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -286,6 +313,11 @@ mod tests {
         let registry = Registry::new();
         let metrics = StorageMetrics::register(&registry).expect("a fresh registry");
         assert!(StorageMetrics::register(&registry).is_err(), "one engine per registry");
+        let (first, second) = (metrics.append_started(), metrics.append_started());
+        assert_eq!(value(&registry, "storage_appends_in_flight", &[]), Some(2.0));
+        drop(first);
+        assert_eq!(value(&registry, "storage_appends_in_flight", &[]), Some(1.0));
+        drop(second);
         metrics.append(AppendOutcome::Committed, 10, 300);
         metrics.append(AppendOutcome::UpperMismatch, 5, 100);
         metrics.cas_conflict();
@@ -299,6 +331,7 @@ mod tests {
         assert_eq!(v("storage_appends_total", &[("outcome", "committed")]), Some(1.0));
         assert_eq!(v("storage_appends_total", &[("outcome", "upper_mismatch")]), Some(1.0));
         assert_eq!(v("storage_appends_total", &[("outcome", "failed")]), Some(0.0));
+        assert_eq!(v("storage_appends_in_flight", &[]), Some(0.0), "every guard dropped");
         assert_eq!(v("storage_append_rows_total", &[]), Some(10.0), "only committed appends' rows");
         assert_eq!(v("storage_append_bytes_total", &[]), Some(300.0));
         assert_eq!(v("storage_cas_conflicts_total", &[]), Some(1.0));

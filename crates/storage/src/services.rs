@@ -9,7 +9,9 @@
 //! deletes the directory. [`Moto::start`] runs `moto_server` from a Python venv that it creates and
 //! installs (`moto[server]` from PyPI) the first time, cached under the target directory
 //! (`target/services/moto-venv`, or `$STORAGE_SERVICES_DIR/moto-venv`), guarded by a file lock so that
-//! parallel test processes install it once; dropping it kills the server.
+//! parallel test processes install it once; [`Moto::pause`] and [`Moto::resume`] freeze and thaw the
+//! server (SIGSTOP, SIGCONT: connections stay open and requests hang, the blob outage of `sim cluster`);
+//! dropping it kills the server (paused or not).
 //!
 //! **Missing services.** Every start returns a [`ServiceError`] saying what is missing and how to get it
 //! (`apt-get install -y postgresql`, `python3-venv`). [`services_required`] says whether the caller must
@@ -339,6 +341,7 @@ pub struct Moto {
     venv: PathBuf,
     port: u16,
     log: PathBuf,
+    paused: bool,
 }
 
 /// The access key every [`Moto`] URL uses (moto accepts any).
@@ -360,7 +363,7 @@ impl Moto {
             .stderr(err_file)
             .spawn()
             .map_err(|e| ServiceError::Command { command: "moto_server".into(), output: e.to_string() })?;
-        let mut moto = Moto { child, venv, port, log };
+        let mut moto = Moto { child, venv, port, log, paused: false };
         let timeout = Duration::from_secs(30);
         if !wait_for_port(port, timeout) {
             return Err(ServiceError::Timeout {
@@ -398,6 +401,40 @@ impl Moto {
         Ok(())
     }
 
+    /// Freezes the server (SIGSTOP): it keeps its port and connections but answers nothing until
+    /// [`resume`](Self::resume)d, so requests hang (or time out) rather than fail.
+    pub fn pause(&mut self) -> Result<(), ServiceError> {
+        assert!(!self.paused, "moto_server is already paused");
+        self.signal("-STOP")?;
+        self.paused = true;
+        Ok(())
+    }
+
+    /// Thaws a [`pause`](Self::pause)d server (SIGCONT); the requests it held are answered.
+    pub fn resume(&mut self) -> Result<(), ServiceError> {
+        assert!(self.paused, "moto_server is not paused");
+        self.signal("-CONT")?;
+        self.paused = false;
+        Ok(())
+    }
+
+    /// Whether the server is paused.
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    /// Sends `signal` to the server with `kill` (no libc dependency).
+    fn signal(&mut self, signal: &str) -> Result<(), ServiceError> {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            return Err(ServiceError::Command {
+                command: format!("kill {signal} moto_server"),
+                output: format!("moto_server has exited ({status}): {}", read_tail(&self.log)),
+            });
+        }
+        run(Command::new("kill").arg(signal).arg(self.child.id().to_string()))?;
+        Ok(())
+    }
+
     /// A `--blob` URL for `prefix` in `bucket` on this server.
     pub fn blob_url(&self, bucket: &str, prefix: &str) -> String {
         format!(
@@ -409,6 +446,7 @@ impl Moto {
 
 impl Drop for Moto {
     fn drop(&mut self) {
+        // SIGKILL ends a stopped process too.
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = fs::remove_file(&self.log);

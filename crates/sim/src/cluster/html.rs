@@ -1,7 +1,7 @@
 //! `sim cluster --report DIR`: the run as a page people can look at. [`write_report`] writes
 //! `DIR/report.html` (a summary, the faults, and four charts over the timed run: peek latency
 //! percentiles, wall-clock lag per collection, rows written per second and replica status, every one with
-//! the injected faults marked as red dashed lines on its time axis) and `DIR/report.json` (the report and
+//! the injected faults marked as red dashed lines on its time axis, an outage as a shaded span to its end) and `DIR/report.json` (the report and
 //! the timeline). The charts are SVG drawn by `plotters` and inlined, so the page needs no other file and
 //! no script.
 //!
@@ -161,12 +161,13 @@ fn faults(html: &mut String, faults: &[FaultMark]) {
         html.push_str("<p>none</p>\n");
         return;
     }
-    html.push_str("<table><tr><th>at</th><th>fault</th><th>target</th></tr>\n");
+    html.push_str("<table><tr><th>at</th><th>until</th><th>fault</th><th>target</th></tr>\n");
     for fault in faults {
         let _ = writeln!(
             html,
-            "<tr class=\"fault\"><td>{:.1} s</td><td>{}</td><td>{}</td></tr>",
+            "<tr class=\"fault\"><td>{:.1} s</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             fault.at_s,
+            fault.until_s.map_or(String::new(), |until| format!("{until:.1} s")),
             fault.kind.name(),
             escape(&fault.target)
         );
@@ -194,7 +195,8 @@ fn plot<T, E: std::fmt::Debug>(result: Result<T, E>) -> anyhow::Result<T> {
     result.map_err(|e| anyhow!("cannot draw a chart: {e:?}"))
 }
 
-/// Draws the faults as dashed vertical lines with their names, over `y` from `low` to `high`.
+/// Draws the faults as dashed vertical lines with their names, over `y` from `low` to `high`; one that
+/// lasts (an outage) also shades its span.
 fn draw_faults<DB: DrawingBackend>(
     chart: &mut ChartContext<
         '_,
@@ -205,6 +207,10 @@ fn draw_faults<DB: DrawingBackend>(
     (low, high): (f64, f64),
 ) -> anyhow::Result<()> {
     for fault in faults {
+        if let Some(until) = fault.until_s {
+            let span = Rectangle::new([(fault.at_s, low), (until, high)], FAULT.mix(0.12).filled());
+            plot(chart.draw_series(std::iter::once(span)))?;
+        }
         let line = vec![(fault.at_s, low), (fault.at_s, high)];
         plot(chart.draw_series(DashedLineSeries::new(line, 6, 4, FAULT.stroke_width(2))))?;
         let label = format!("{} {}", fault.kind.name(), fault.target);
@@ -316,7 +322,8 @@ fn legend<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>) -> anyhow::Result<(
 }
 
 /// A made-up run of ten seconds (two collections, two replicas, one of them killed at 4 s and
-/// rehydrating until 7 s, a recreation at 7 s, a collection name that needs escaping): what the tests
+/// rehydrating until 7 s, a recreation at 7 s, a consensus outage from 8 s to 9.5 s, a collection name
+/// that needs escaping): what the tests
 /// render, and what [`write_example`] shows of the page's layout without a cluster run.
 pub fn example_timeline() -> Timeline {
     let mut timeline = Timeline::default();
@@ -341,6 +348,8 @@ pub fn example_timeline() -> Timeline {
     }
     timeline.fault(4.0, FaultKind::Kill, "r2");
     timeline.fault(7.0, FaultKind::Recreation, "u3");
+    let outage = timeline.fault(8.0, FaultKind::ConsensusOutage, "postgres");
+    timeline.end_fault(outage, 9.5);
     timeline
 }
 
@@ -369,6 +378,8 @@ mod tests {
         // Every chart carries every fault's label.
         assert_eq!(html.matches("kill r2").count(), 4);
         assert_eq!(html.matches("recreate u3").count(), 4);
+        assert_eq!(html.matches("consensus outage postgres").count(), 4);
+        assert!(html.contains("<td>9.5 s</td><td>consensus outage</td>"), "the outage's end is listed");
         assert!(html.contains("u2&lt;&amp;&gt;") && !html.contains("u2<&>"), "names are escaped");
         assert!(html.contains("rgb(220,30,30)") || html.contains("#DC1E1E"), "the fault colour is drawn");
     }

@@ -19,7 +19,9 @@
 //! every export is hydrated on every replica), the timed run (`--duration`: table changes at `--rate`
 //! rows/s, peeks every few milliseconds, subscribe and materialized-view checks, and on a schedule: kill a
 //! replica's processes with SIGKILL and measure its rehydration, add a fresh replica of the same shape as
-//! the baseline for it (then drop it), drop and recreate a dataflow), then the end (writes stop; every
+//! the baseline for it (then drop it), drop and recreate a dataflow, and with `--services local` take a
+//! store away for a few seconds (`outage.rs`: PostgreSQL stopped, `moto_server` paused) while a replica is
+//! killed mid-way through a view append), then the end (writes stop; every
 //! collection must catch up; every index on every replica and the materialized view are compared in
 //! full), and the report (`report.rs`). Logs go to `target/cluster-data/logs/` (`RUST_LOG` sends this
 //! process's to stderr instead and sets the children's filter).
@@ -34,7 +36,8 @@
 //! each time range once, and accumulate to the oracle at each batch's upper; the materialized view's
 //! storage collection equals the oracle; a killed replica comes back and answers at the time of its
 //! crash; a dropped dataflow's state goes away; a dropped replica's processes are gone; every collection
-//! catches up after the writes stop.
+//! catches up after the writes stop; after a storage outage the table writer's appends, the subscribe and
+//! the view's appends resume (peeks answered during it are counted, and their latency reported apart).
 //!
 //! **Cleanup.** The orchestrator kills the replicas when dropped, `processes::StorageServer` kills the
 //! storage server when dropped, and the local services stop when dropped (`storage::services`); all are
@@ -48,12 +51,13 @@
 //! it reads the wall clock (through `now`) and is not reproducible beyond its workload seed.
 //! **Tests:** `oracle.rs` (the oracle against the reference interpreter), `report.rs` (arithmetic); the
 //! flags' validation below; `tests/it/cluster.rs` runs the scenario for 6 s on the embedded shards and on
-//! PostgreSQL + S3; the scenario itself runs for 20 s in the `cluster` step of `cargo xtask test-suite`, which fails it on any
+//! PostgreSQL + S3, and for 8 s on `--services local` with a PostgreSQL outage; the scenario itself runs for 20 s in the `cluster` step of `cargo xtask test-suite`, which fails it on any
 //! violation and on fewer checks than its stated minimums (`xtask/src/cluster.rs`), and by hand with
 //! `cargo run --release -p sim -- cluster`.
 
 pub mod html;
 mod oracle;
+pub mod outage;
 pub mod processes;
 mod report;
 pub mod security;
@@ -75,6 +79,7 @@ use tracing::info;
 use controller::{Orchestrator, ProcessOrchestrator, ProcessOrchestratorConfig};
 use protocol::ReplicaId;
 
+use crate::cluster::outage::LocalServices;
 use crate::cluster::processes::{Layout, StorageServer};
 use crate::cluster::report::{Outcome, ReplicaReport, Report, Stats, Ui, lock};
 use crate::cluster::security::ClusterSecurity;
@@ -107,6 +112,10 @@ pub struct ClusterArgs {
     pub kills: Option<usize>,
     /// Drops and recreations of a dataflow.
     pub recreations: usize,
+    /// Storage outages to inject (`None`: the default of [`ClusterArgs::outage_count`]).
+    pub outages: Option<usize>,
+    /// How long each outage lasts.
+    pub outage_duration: Duration,
     /// The workload's seed.
     pub seed: u64,
     /// Print the report as JSON.
@@ -171,7 +180,8 @@ pub const DEFAULT_STORAGE: StorageMode = StorageMode::Embedded;
 /// The usage line.
 pub const USAGE: &str =
     "usage: sim cluster [--duration SECS] [--rate ROWS_PER_SEC] [--replicas N] [--processes N] \
-[--workers N] [--peekers N] [--peek-interval-ms MS] [--kills N] [--recreations N] [--seed S] [--json] \
+[--workers N] [--peekers N] [--peek-interval-ms MS] [--kills N] [--recreations N] [--outages N] \
+[--outage-secs S] [--seed S] [--json] \
 [--metrics-addr ADDR] [--report DIR] [--workload orders|tpch] [--scale-factor SF] [--data-dir DIR] \
 [--storage server|embedded | --blob URL --consensus URL | --services local] [--insecure]
 
@@ -185,7 +195,13 @@ Storage (one of):
                        the stores must not hold the scenario's collections from an earlier run
   --services local     shards on a throwaway PostgreSQL and moto_server (S3) started on loopback for the
                        run and stopped on every way out
-  --data-dir DIR       the scenario's files (emptied at the start; default target/cluster-data)";
+  --data-dir DIR       the scenario's files (emptied at the start; default target/cluster-data)
+
+Storage outages (only with --services local; refused with the reason elsewhere):
+  --outages N          stop PostgreSQL / pause moto_server N times, alternating, consensus first (default
+                       with --services local: 1, or 2 in runs of 30 s or more); a replica is killed during
+                       each while its materialized-view append is stuck
+  --outage-secs S      each outage's length (default 3, at most 20)";
 
 impl ClusterArgs {
     /// Parses the arguments after `cluster`.
@@ -200,6 +216,8 @@ impl ClusterArgs {
             peek_interval_ms: 2,
             kills: None,
             recreations: 3,
+            outages: None,
+            outage_duration: Duration::from_secs(3),
             seed: wallclock_seed(),
             json: false,
             workload: Workload::Orders,
@@ -233,6 +251,17 @@ impl ClusterArgs {
                 }
                 "--kills" => parsed.kills = Some(value()?.parse().context("--kills")?),
                 "--recreations" => parsed.recreations = value()?.parse().context("--recreations")?,
+                "--outages" => parsed.outages = Some(value()?.parse().context("--outages")?),
+                "--outage-secs" => {
+                    let secs: f64 = value()?.trim_end_matches('s').parse().context("--outage-secs")?;
+                    if !(secs > 0.0 && secs <= MAX_OUTAGE_SECS) {
+                        bail!(
+                            "--outage-secs must be in (0, {MAX_OUTAGE_SECS}]: the storage engine retries for 30 s \
+                             before an operation fails, and the scenario's outages are the kind it rides out"
+                        );
+                    }
+                    parsed.outage_duration = Duration::from_secs_f64(secs);
+                }
                 "--seed" => parsed.seed = value()?.parse().context("--seed")?,
                 "--json" => parsed.json = true,
                 "--workload" => {
@@ -273,6 +302,14 @@ impl ClusterArgs {
             );
         }
         parsed.storage = storage_mode(mode, blob, consensus, services)?;
+        if let Some(n @ 1..) = parsed.outages {
+            if let Some(why) = outage::unsupported(&parsed.storage) {
+                bail!("--outages {n}: {why}");
+            }
+            if parsed.workload == Workload::Tpch {
+                bail!("--outages is not built for --workload tpch (only the orders workload injects them)");
+            }
+        }
         Ok(parsed)
     }
 
@@ -294,7 +331,22 @@ impl ClusterArgs {
             1
         })
     }
+
+    /// How many storage outages to inject: as asked, else one on `--services local` with the orders
+    /// workload (two, one of each kind, in runs of 30 s or more), else none (see `outage::unsupported`).
+    pub fn outage_count(&self) -> usize {
+        self.outages.unwrap_or(
+            if self.storage == StorageMode::LocalServices && self.workload == Workload::Orders {
+                if self.duration >= Duration::from_secs(30) { 2 } else { 1 }
+            } else {
+                0
+            },
+        )
+    }
 }
+
+/// The longest outage `--outage-secs` accepts (the shard engine's retry budget is 30 s).
+pub const MAX_OUTAGE_SECS: f64 = 20.0;
 
 /// The storage mode the flags name; at most one way is allowed, and URLs are checked here.
 fn storage_mode(
@@ -349,31 +401,7 @@ struct Children {
     orchestrator: Option<Arc<ProcessOrchestrator>>,
     replicas: Vec<ReplicaId>,
     storage: Option<StorageServer>,
-    services: Option<LocalServices>,
-}
-
-/// The throwaway PostgreSQL server and `moto_server` of `--services local`; each stops when dropped.
-#[derive(Debug)]
-struct LocalServices {
-    _postgres: storage::services::Postgres,
-    _moto: storage::services::Moto,
-    blob: String,
-    consensus: String,
-}
-
-impl LocalServices {
-    /// Starts both (blocking: `initdb`, and the first time a Python venv for moto) with a database and
-    /// a bucket for the run.
-    fn start(say: &dyn Fn(&str)) -> anyhow::Result<LocalServices> {
-        use storage::services::{Moto, Postgres, PostgresOptions};
-        say("starting a throwaway PostgreSQL server and moto_server (S3) on loopback");
-        let postgres = Postgres::start(PostgresOptions::default()).context("cannot start PostgreSQL")?;
-        postgres.create_database("cluster").context("cannot create the consensus database")?;
-        let moto = Moto::start().context("cannot start moto_server")?;
-        moto.create_bucket("cluster").context("cannot create the blob bucket")?;
-        let (blob, consensus) = (moto.blob_url("cluster", "shards"), postgres.url("cluster"));
-        Ok(LocalServices { _postgres: postgres, _moto: moto, blob, consensus })
-    }
+    services: Option<Arc<LocalServices>>,
 }
 
 impl Drop for Children {
@@ -441,7 +469,7 @@ fn start_storage(
         StorageMode::LocalServices => {
             let services = LocalServices::start(&|message| ui.say(message))?;
             let urls = (services.blob.clone(), services.consensus.clone());
-            children.services = Some(services);
+            children.services = Some(Arc::new(services));
             urls
         }
     };
@@ -558,6 +586,7 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<ExitCode> {
         // `compute-replica --shard-poll-interval-ms`, through the environment like the URLs.
         env.push((controller::SHARD_POLL_INTERVAL_ENV.to_string(), SHARD_POLL_INTERVAL_MS.to_string()));
     }
+    let services = children.services.clone();
     let (orchestrator, process_events) = ProcessOrchestrator::new(ProcessOrchestratorConfig {
         binary: binaries.compute_replica.clone(),
         storage: replica_storage,
@@ -587,6 +616,7 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<ExitCode> {
                         tasks::scenario(
                             args,
                             scenario_storage,
+                            services,
                             client_security,
                             orchestrator,
                             process_events,
@@ -645,8 +675,20 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<ExitCode> {
         }
         Err(e) => (Outcome::Error, Some(format!("{e:#}"))),
     };
-    let report =
-        Report::new(&stats, outcome, error, args.seed, args.rate, replicas).with_storage(storage_described);
+    let outage_injection = if args.outage_count() > 0 {
+        format!(
+            "{} of {:.1} s each, alternating, consensus first: {}; {}",
+            args.outage_count(),
+            args.outage_duration.as_secs_f64(),
+            outage::OutageKind::Consensus.action(),
+            outage::OutageKind::Blob.action()
+        )
+    } else {
+        outage::not_injected(&args.storage)
+    };
+    let report = Report::new(&stats, outcome, error, args.seed, args.rate, replicas)
+        .with_storage(storage_described)
+        .with_outage_injection(outage_injection);
     if let Some(dir) = &args.report {
         let page = html::write_report(dir, &lock(&stats.timeline), &report)?;
         ui.say(&format!("report page: {}", page.display()));
@@ -689,6 +731,32 @@ mod tests {
         let expected =
             StorageMode::Urls { blob: "file:///d/blob".into(), consensus: "sqlite:///d/c.db".into() };
         assert_eq!(urls.storage, expected);
+    }
+
+    #[test]
+    fn outages_default_on_for_local_services_only_and_are_refused_with_the_reason_elsewhere() {
+        assert_eq!(parse(&["--services", "local", "--duration", "10"]).unwrap().outage_count(), 1);
+        assert_eq!(parse(&["--services", "local", "--duration", "60"]).unwrap().outage_count(), 2);
+        assert_eq!(parse(&["--services", "local", "--outages", "0"]).unwrap().outage_count(), 0);
+        assert_eq!(parse(&[]).unwrap().outage_count(), 0, "the embedded default has no server to stop");
+        assert_eq!(parse(&["--outages", "0"]).unwrap().outage_count(), 0);
+        let cases: [(&[&str], &str); 5] = [
+            (&["--outages", "1"], "there is no server to stop"),
+            (&["--storage", "server", "--outages", "2"], "keeps the data in its one process"),
+            (
+                &["--blob", "file:///b", "--consensus", "sqlite:///c", "--outages", "1"],
+                "were not started by the scenario",
+            ),
+            (
+                &["--services", "local", "--workload", "tpch", "--outages", "1"],
+                "not built for --workload tpch",
+            ),
+            (&["--services", "local", "--outage-secs", "25"], "retries for 30 s"),
+        ];
+        for (args, expected) in cases {
+            let error = format!("{:#}", parse(args).unwrap_err());
+            assert!(error.contains(expected), "{args:?}: {error}");
+        }
     }
 
     #[test]

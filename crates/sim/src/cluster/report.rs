@@ -16,12 +16,13 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::io::{IsTerminal, Write};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
 use crate::cluster::now;
+use crate::cluster::outage::OutageKind;
 use crate::cluster::timeline::Timeline;
 
 /// Latency samples in microseconds, with percentiles.
@@ -96,6 +97,44 @@ pub struct Rehydration {
     pub answered_peek_ms: Option<u64>,
     /// From the kill until every collection on it had passed that time again.
     pub caught_up_ms: Option<u64>,
+    /// Appends in flight in the process that appends its materialized view (process 0), read from its
+    /// `storage_appends_in_flight` gauge just before the SIGKILL (`None`: not read, e.g. the fresh
+    /// replica).
+    pub view_appends_in_flight: Option<u64>,
+    /// Whether it was killed during a storage outage.
+    pub during_outage: bool,
+}
+
+/// One storage outage (`outage.rs`) and what the scenario saw through it.
+#[derive(Debug, Clone, Serialize)]
+pub struct OutageReport {
+    /// Which store.
+    pub kind: OutageKind,
+    /// What was done to it.
+    pub action: String,
+    /// When it was taken down, seconds into the run.
+    pub started_at_s: f64,
+    /// When it was back (accepting requests again), seconds into the run.
+    pub ended_at_s: f64,
+    /// Peeks checked against the oracle that were answered while the store was down.
+    pub peeks_answered: u64,
+    /// Table appends acknowledged while it was down.
+    pub appends_during: u64,
+    /// Subscribe batches checked while it was down.
+    pub subscribe_batches_during: u64,
+    /// From the store's return until the table writer's next acknowledged append.
+    pub appends_resumed_ms: Option<u64>,
+    /// From the store's return until the next checked subscribe batch.
+    pub subscribe_resumed_ms: Option<u64>,
+    /// From the store's return until the materialized view's storage upper advanced (its appends resumed).
+    pub view_resumed_ms: Option<u64>,
+    /// Table rows written after it ended (to the end of the run).
+    pub rows_written_after: u64,
+    /// `rows_written` when it ended.
+    #[serde(skip)]
+    pub rows_written_at_end: u64,
+    /// The replica killed during it while its view append was stuck, if one was.
+    pub killed: Option<String>,
 }
 
 /// One drop and recreation of a dataflow.
@@ -140,6 +179,18 @@ pub struct Stats {
     pub latency: Mutex<Samples>,
     /// Latency of peeks at the latest written time (waiting for the dataflow to catch up), microseconds.
     pub fresh_latency: Mutex<Samples>,
+    /// `latency`'s peeks that overlapped a storage outage, microseconds.
+    pub outage_latency: Mutex<Samples>,
+    /// `latency`'s peeks that did not, microseconds.
+    pub steady_latency: Mutex<Samples>,
+    /// Whether a storage outage is going on (from just before the store is taken down until it is back).
+    outage_active: AtomicBool,
+    /// Storage outages begun.
+    outages_begun: AtomicU64,
+    /// Storage outages, as they ended.
+    pub outages: Mutex<Vec<OutageReport>>,
+    /// Replica processes that exited other than by the scenario's SIGKILLs.
+    pub replica_exits: AtomicU64,
     /// Recent peek latencies for the live display: `(when, microseconds)`.
     recent: Mutex<VecDeque<(Instant, u64)>>,
     /// Peeks checked per kind.
@@ -181,6 +232,12 @@ impl Default for Stats {
             final_checks: AtomicU64::new(0),
             latency: Mutex::default(),
             fresh_latency: Mutex::default(),
+            outage_latency: Mutex::default(),
+            steady_latency: Mutex::default(),
+            outage_active: AtomicBool::new(false),
+            outages_begun: AtomicU64::new(0),
+            outages: Mutex::default(),
+            replica_exits: AtomicU64::new(0),
             recent: Mutex::default(),
             by_kind: Mutex::default(),
             frontier_lag: Mutex::default(),
@@ -218,14 +275,37 @@ impl Stats {
         self.violation_count.load(Ordering::SeqCst)
     }
 
-    /// Records a checked peek.
-    pub fn peek(&self, kind: &'static str, fresh: bool, latency: Duration) {
+    /// A storage outage begins (`true`) or ends (`false`).
+    pub fn set_outage(&self, active: bool) {
+        if active {
+            self.outages_begun.fetch_add(1, Ordering::SeqCst);
+        }
+        let was = self.outage_active.swap(active, Ordering::SeqCst);
+        assert_ne!(was, active, "outages neither nest nor end twice");
+    }
+
+    /// Where outages stand, to take before an operation and give to [`overlapped_outage`](Self::overlapped_outage)
+    /// after it.
+    pub fn outage_marker(&self) -> (bool, u64) {
+        (self.outage_active.load(Ordering::SeqCst), self.outages_begun.load(Ordering::SeqCst))
+    }
+
+    /// Whether an operation that began at `marker` overlapped an outage: one was going on then, is now, or
+    /// began in between.
+    pub fn overlapped_outage(&self, (active, begun): (bool, u64)) -> bool {
+        let (now_active, now_begun) = self.outage_marker();
+        active || now_active || now_begun != begun
+    }
+
+    /// Records a checked peek (`during_outage`: it overlapped a storage outage).
+    pub fn peek(&self, kind: &'static str, fresh: bool, latency: Duration, during_outage: bool) {
         let micros = latency.as_micros() as u64;
         self.peeks.fetch_add(1, Ordering::Relaxed);
         if fresh {
             lock(&self.fresh_latency).push(micros);
         } else {
             lock(&self.latency).push(micros);
+            lock(if during_outage { &self.outage_latency } else { &self.steady_latency }).push(micros);
             let mut recent = lock(&self.recent);
             recent.push_back((now(), micros));
             while recent.len() > 20_000 {
@@ -393,6 +473,10 @@ pub struct PeekReport {
     pub latency_ms: LatencySummary,
     /// Peeks at the latest written time (includes waiting for the dataflow), milliseconds.
     pub fresh_latency_ms: LatencySummary,
+    /// `latency_ms`'s peeks that overlapped a storage outage.
+    pub during_outages_latency_ms: LatencySummary,
+    /// `latency_ms`'s peeks that did not.
+    pub outside_outages_latency_ms: LatencySummary,
     /// Checked per kind.
     pub by_kind: BTreeMap<String, u64>,
     /// Not issued: the index had no readable time yet.
@@ -415,6 +499,10 @@ pub struct Report {
     /// Where the collections lived: `storage-server`, or `shards (blob KIND, consensus KIND)` (no
     /// credentials).
     pub storage: String,
+    /// Which storage outages the run injected, or why none (`outage.rs`).
+    pub outage_injection: String,
+    /// The storage outages.
+    pub outages: Vec<OutageReport>,
     /// Target rate, rows per second.
     pub target_rate: u64,
     /// The replicas.
@@ -451,6 +539,10 @@ pub struct Report {
     /// Child processes started during the run, each verified gone after the cleanup (one still running
     /// is a violation).
     pub child_processes: u64,
+    /// Replica processes that exited other than by the scenario's SIGKILLs (e.g. on a storage error; the
+    /// orchestrator restarts them; the other processes of a killed multi-process replica may exit first
+    /// when their peers die).
+    pub replica_exits: u64,
     /// Violations (at most 20 described).
     pub violation_count: u64,
     /// Their descriptions.
@@ -461,6 +553,12 @@ impl Report {
     /// The report with where the collections lived (see [`Report::storage`]).
     pub fn with_storage(mut self, storage: String) -> Report {
         self.storage = storage;
+        self
+    }
+
+    /// The report with what it says about outages (see [`Report::outage_injection`]).
+    pub fn with_outage_injection(mut self, injection: String) -> Report {
+        self.outage_injection = injection;
         self
     }
 
@@ -488,6 +586,14 @@ impl Report {
             duration_s,
             seed,
             storage: String::new(),
+            outage_injection: String::new(),
+            outages: lock(&stats.outages)
+                .iter()
+                .map(|o| OutageReport {
+                    rows_written_after: rows_written.saturating_sub(o.rows_written_at_end),
+                    ..o.clone()
+                })
+                .collect(),
             target_rate,
             replicas,
             rows_loaded: stats.rows_loaded.load(Ordering::SeqCst),
@@ -500,6 +606,8 @@ impl Report {
                 per_second: per_second(peeks),
                 latency_ms: lock(&stats.latency).summary_ms(),
                 fresh_latency_ms: lock(&stats.fresh_latency).summary_ms(),
+                during_outages_latency_ms: lock(&stats.outage_latency).summary_ms(),
+                outside_outages_latency_ms: lock(&stats.steady_latency).summary_ms(),
                 by_kind: lock(&stats.by_kind).iter().map(|(k, v)| (k.to_string(), *v)).collect(),
                 skipped: stats.peeks_skipped.load(Ordering::SeqCst),
                 materialized_view_checked: stats.storage_peeks.load(Ordering::SeqCst),
@@ -521,6 +629,7 @@ impl Report {
             final_checks: stats.final_checks.load(Ordering::SeqCst),
             introspection: lock(&stats.introspection).clone(),
             child_processes: lock(&stats.child_pids).len() as u64,
+            replica_exits: stats.replica_exits.load(Ordering::SeqCst),
             violation_count,
             violations: lock(&stats.violations).clone(),
         }
@@ -575,6 +684,18 @@ impl Report {
             lat(&self.peeks.fresh_latency_ms),
             thousands(self.peeks.fresh_latency_ms.count)
         );
+        if !self.outages.is_empty() {
+            println!(
+                "    in outages      {} ({} peeks)",
+                lat(&self.peeks.during_outages_latency_ms),
+                thousands(self.peeks.during_outages_latency_ms.count)
+            );
+            println!(
+                "    outside them    {} ({} peeks)",
+                lat(&self.peeks.outside_outages_latency_ms),
+                thousands(self.peeks.outside_outages_latency_ms.count)
+            );
+        }
         let kinds: Vec<String> =
             self.peeks.by_kind.iter().map(|(k, v)| format!("{k} {}", thousands(*v))).collect();
         println!("    by kind         {}", kinds.join(", "));
@@ -591,13 +712,33 @@ impl Report {
             "  frontier lag      p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms (now minus the slowest index's upper)",
             self.frontier_lag_ms.p50, self.frontier_lag_ms.p99, self.frontier_lag_ms.max
         );
+        println!("  storage outages   {}", self.outage_injection);
+        for o in &self.outages {
+            println!(
+                "  outage            {} from {:.1} s to {:.1} s ({}): {} peeks answered, {} appends, {} subscribe batches during it; after it appends resumed in {}, the subscribe in {}, the view's appends in {}; {} rows written after it{}",
+                o.kind.name(),
+                o.started_at_s,
+                o.ended_at_s,
+                o.action,
+                thousands(o.peeks_answered),
+                thousands(o.appends_during),
+                thousands(o.subscribe_batches_during),
+                ms(o.appends_resumed_ms),
+                ms(o.subscribe_resumed_ms),
+                ms(o.view_resumed_ms),
+                thousands(o.rows_written_after),
+                o.killed.as_ref().map_or(String::new(), |r| format!("; {r} killed during it")),
+            );
+        }
         for r in &self.rehydrations {
             println!(
-                "  rehydration       {} ({} process{}) killed at {:.1} s: restarted after {}, answered a peek at the kill time after {}, caught up after {}",
+                "  rehydration       {} ({} process{}) killed at {:.1} s{} with {} view append(s) in flight: restarted after {}, answered a peek at the kill time after {}, caught up after {}",
                 r.replica,
                 r.processes,
                 if r.processes == 1 { "" } else { "es" },
                 r.killed_at_s,
+                if r.during_outage { " (in an outage)" } else { "" },
+                r.view_appends_in_flight.map_or("?".to_string(), |n| n.to_string()),
                 ms(r.restarted_ms),
                 ms(r.answered_peek_ms),
                 ms(r.caught_up_ms)
@@ -635,8 +776,8 @@ impl Report {
             println!("  introspection     {}", self.introspection.join(", "));
         }
         println!(
-            "  cleanup           {} child processes started, each checked gone after the cleanup",
-            self.child_processes
+            "  cleanup           {} child processes started, each checked gone after the cleanup; {} replica exit(s) other than the scenario's kills",
+            self.child_processes, self.replica_exits
         );
         if let Some(error) = &self.error {
             println!("  error             {error}");

@@ -1,12 +1,30 @@
 //! The cluster scenario's tasks: setup, the table writer, the response pump, the peek loops, the subscribe
-//! and materialized-view checkers, the fault schedule (replica kills, dataflow recreation), the live
-//! display, and the final checks.
+//! and materialized-view checkers, the fault schedule (replica kills, dataflow recreation, storage
+//! outages), the live display, and the final checks.
+//!
+//! **Kills land on view appends.** A replica's process 0 appends the materialized view; before a kill the
+//! scenario reads that process's `storage_appends_in_flight` gauge until an append is in flight (for up to
+//! a second) and then SIGKILLs the replica, recording the reading (the report's `view_appends_in_flight`;
+//! 0 when none was seen in time). An outage begins as soon as some replica's gauge shows an append (up to
+//! 2 s): the append then waits on the stopped store, and the replica whose gauge shows one during the
+//! outage (that one first) is killed, the reading recorded. Outside outages a kill lands within the few milliseconds between the
+//! reading and the signal. Lost or doubled rows of the view would show in the next comparison of its
+//! collection with the oracle (every 200 ms, and in full at the end).
+//!
+//! **Outages** (`outage.rs`): the store is taken down for `--outage-secs`; meanwhile peeks at the indexes'
+//! readable times keep being checked (answered from the replicas' arrangements) and counted (peeks at the
+//! latest write pause: its data may be in the stopped store), and one replica is killed as above. After
+//! the store is back, the table writer's appends, the subscribe and the view's appends must each resume
+//! within `PATIENCE` (else a violation); the oracle comparisons, unchanged, find anything lost or doubled.
+//! Peek latencies are kept apart for peeks that overlapped an outage.
 //!
 //! **Sharing.** The controller sits behind a tokio mutex: `process` needs `&mut`, peeks need `&`, so the
-//! pump drains responses with `try_process` every couple of milliseconds and releases it in between. The
-//! oracle and the write log sit together behind one std mutex ([`Truth`]), never held across an await.
-//! A `watch` of the log's upper lets a check wait until the log covers its time: a replica can see a write
-//! a moment before the writer task has logged it.
+//! pump drains responses with `try_process` every couple of milliseconds and releases it in between. No
+//! task waits for storage with it locked during the timed run: a storage peek's hold is taken first, so
+//! the controller's is local (a stopped store would otherwise stall every peek). The oracle and the write
+//! log sit together behind one std mutex ([`Truth`]), never held across an await. A `watch` of the log's
+//! upper lets a check wait until the log covers its time: a replica can see a write a moment before the
+//! writer task has logged it.
 //!
 //! **Invariant.** A result is only ever compared with the oracle at exactly the time it was read at.
 //!
@@ -38,7 +56,8 @@ use storage::{
 };
 
 use crate::cluster::oracle::{Oracle, WriteLog, canonical, describe_difference, finish};
-use crate::cluster::report::{Recreation, Rehydration, Stats, Ui, bar, lock, thousands};
+use crate::cluster::outage::{LocalServices, OutageKind};
+use crate::cluster::report::{OutageReport, Recreation, Rehydration, Stats, Ui, bar, lock, thousands};
 use crate::cluster::timeline::{FaultKind, TimelineSample};
 use crate::cluster::workload::{self, Generator, PeekKind, PeekSpec, Table, Update};
 use crate::cluster::{AsOfs, ClusterArgs, now};
@@ -69,6 +88,8 @@ struct Ctx {
     args: ClusterArgs,
     controller: tokio::sync::Mutex<ComputeController>,
     storage: Arc<dyn StorageCollections>,
+    /// The local services, which outages take down (`--services local`).
+    services: Option<Arc<LocalServices>>,
     orchestrator: Arc<ProcessOrchestrator>,
     truth: Mutex<Truth>,
     /// The write log's upper.
@@ -214,9 +235,12 @@ pub(crate) async fn open_storage(
 }
 
 /// The whole scenario after its processes exist: setup, hydration, the timed run, the end checks.
+// The run's parts, each its own: a struct would only rename them.
+#[allow(clippy::too_many_arguments)]
 pub async fn scenario(
     args: ClusterArgs,
     storage: ScenarioStorage,
+    services: Option<Arc<LocalServices>>,
     security: ClientSecurity,
     orchestrator: Arc<ProcessOrchestrator>,
     process_events: mpsc::UnboundedReceiver<ProcessEvent>,
@@ -225,8 +249,8 @@ pub async fn scenario(
 ) -> anyhow::Result<()> {
     let fresh: Vec<GlobalId> = Table::ALL.iter().map(|t| t.id()).chain([workload::STATUS_REVENUE]).collect();
     let (storage, writer_storage, shards) = open_storage(&storage, &fresh, &security).await?;
-    let result =
-        scenario_on(args, storage, writer_storage, security, orchestrator, process_events, stats, ui).await;
+    let parts = Parts { storage, writer_storage, services, security, orchestrator, stats, ui };
+    let result = scenario_on(args, parts, process_events).await;
     for engine in shards {
         // Releases the leased readers rather than leaving them to expire.
         engine.shutdown().await;
@@ -234,17 +258,27 @@ pub async fn scenario(
     result
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn scenario_on(
-    args: ClusterArgs,
+/// What [`scenario_on`] runs on.
+struct Parts {
     storage: Arc<dyn StorageCollections>,
     writer_storage: Arc<dyn StorageCollections>,
+    services: Option<Arc<LocalServices>>,
     security: ClientSecurity,
     orchestrator: Arc<ProcessOrchestrator>,
-    mut process_events: mpsc::UnboundedReceiver<ProcessEvent>,
     stats: Arc<Stats>,
     ui: Arc<Ui>,
+}
+
+async fn scenario_on(
+    args: ClusterArgs,
+    parts: Parts,
+    mut process_events: mpsc::UnboundedReceiver<ProcessEvent>,
 ) -> anyhow::Result<()> {
+    let Parts { storage, writer_storage, services, security, orchestrator, stats, ui } = parts;
+    assert!(
+        args.outage_count() == 0 || services.is_some(),
+        "outages are refused where the scenario did not start the services"
+    );
     // Storage: the tables, the materialized view's collection, and the initial load.
     for table in Table::ALL {
         storage
@@ -316,6 +350,7 @@ async fn scenario_on(
         args: args.clone(),
         controller: tokio::sync::Mutex::new(controller),
         storage,
+        services,
         orchestrator,
         truth: Mutex::new(truth),
         log_upper,
@@ -374,12 +409,13 @@ async fn run_phases(ctx: &Arc<Ctx>, rng: &mut Rng) -> anyhow::Result<()> {
     hydrate(ctx).await?;
     *lock(&ctx.stats.started) = Some(now());
     ctx.ui.say(&format!(
-        "running for {:.0} s: {} rows/s into 3 tables, {} peek loops, {} replica crash(es), {} dataflow recreation(s)",
+        "running for {:.0} s: {} rows/s into 3 tables, {} peek loops, {} replica crash(es), {} dataflow recreation(s), {} storage outage(s)",
         ctx.args.duration.as_secs_f64(),
         ctx.args.rate,
         ctx.args.peekers,
         ctx.args.kill_count(),
-        ctx.args.recreations
+        ctx.args.recreations,
+        ctx.args.outage_count()
     ));
     let mut tasks: Vec<JoinHandle<()>> = Vec::new();
     for _ in 0..ctx.args.peekers {
@@ -505,6 +541,9 @@ fn on_process_event(ctx: &Ctx, event: ProcessEvent) {
             }
         }
         ProcessEvent::Crashed { replica, status, restart_in_ms, .. } => {
+            if !status.contains("SIGKILL") {
+                ctx.stats.replica_exits.fetch_add(1, Ordering::Relaxed);
+            }
             ctx.ui
                 .event(&ctx.stats, &format!("{replica} exited ({status}); restarting in {restart_in_ms} ms"));
             lock(&ctx.replica_state).insert(replica, "down".to_string());
@@ -656,8 +695,10 @@ async fn peek_loop(ctx: Arc<Ctx>, mut rng: Rng) {
     let interval = Duration::from_millis(ctx.args.peek_interval_ms);
     while !ctx.stopping() {
         let kind = PeekKind::pick(&mut rng);
-        // One in ten peeks asks for the latest written time, waiting for the dataflow to get there.
-        let fresh = rng.chance(0.1);
+        // One in ten peeks asks for the latest written time, waiting for the dataflow to get there; not
+        // during a storage outage, where the latest write's data may sit in the stopped store until it
+        // returns (such a peek would measure the outage, and hold up its loop's index peeks).
+        let fresh = rng.chance(0.1) && !ctx.stats.outage_marker().0;
         let customers = ctx.customers.load(Ordering::Relaxed).max(1);
         let customer = rng.range(1, customers as u64 + 5) as i64;
         let spec = PeekSpec::new(kind, customer);
@@ -694,11 +735,13 @@ async fn peek_loop(ctx: Arc<Ctx>, mut rng: Rng) {
             continue;
         }
         let what = format!("{} ({id})", kind.name());
+        let outages = ctx.stats.outage_marker();
         match peek_index(&ctx, id, time, &spec, None, Duration::from_secs(30)).await {
             Ok(Peeked::Rows(rows, latency)) => {
                 drop(guard);
+                let during_outage = ctx.stats.overlapped_outage(outages);
                 if check_rows(&ctx, &what, time, &spec, rows).await {
-                    ctx.stats.peek(kind.name(), fresh, latency);
+                    ctx.stats.peek(kind.name(), fresh, latency, during_outage);
                 }
             }
             Ok(Peeked::Unreadable) => {
@@ -792,6 +835,15 @@ async fn check_mv_once(ctx: &Ctx) -> anyhow::Result<Option<u64>> {
     if upper == 0 || time < as_of || time < since {
         return Ok(None);
     }
+    // This process's own hold at `time`, taken before the controller is locked: the controller's storage
+    // peek then takes its hold locally. Without it the peek could wait for a stopped consensus store with
+    // the controller locked, and every index peek behind it (a storage outage stalled them all).
+    let hold = match ctx.storage.acquire_read_hold(workload::STATUS_REVENUE, Antichain::from_elem(time)).await
+    {
+        Ok(hold) => hold,
+        Err(storage::HoldError::BeforeSince { .. }) => return Ok(None),
+        Err(e) => bail!("cannot hold the materialized view at {time}: {e}"),
+    };
     let handle = {
         let controller = ctx.controller.lock().await;
         controller
@@ -803,6 +855,7 @@ async fn check_mv_once(ctx: &Ctx) -> anyhow::Result<Option<u64>> {
             )
             .await
     };
+    drop(hold);
     let handle = match handle {
         Ok(handle) => handle,
         Err(PeekError::SinceViolation { .. }) => return Ok(None),
@@ -852,6 +905,8 @@ enum Fault {
     Recreate,
     /// Add a fresh replica, time its hydration, drop it: the baseline for rehydration.
     FreshReplica,
+    /// Take a store down for `--outage-secs` (`outage.rs`).
+    Outage(OutageKind),
 }
 
 /// The fault schedule: kills and recreations spread over the run, alternating, never overlapping.
@@ -882,6 +937,12 @@ fn schedule(args: &ClusterArgs) -> Vec<(f64, Fault)> {
             kills -= 1;
         }
     }
+    // Outages spread among the others.
+    let outages = args.outage_count();
+    for i in (0..outages).rev() {
+        let at = ((i + 1) * (faults.len() + 1)).div_ceil(outages + 1).min(faults.len());
+        faults.insert(at, Fault::Outage(OutageKind::nth(i)));
+    }
     let n = faults.len() as f64;
     faults.into_iter().enumerate().map(|(i, f)| (0.15 + 0.7 * (i as f64 + 0.5) / n, f)).collect()
 }
@@ -895,7 +956,11 @@ async fn faults(ctx: Arc<Ctx>) {
             return;
         }
         match fault {
-            Fault::Kill(replica) => kill_and_rehydrate(&ctx, replica).await,
+            Fault::Kill(replica) => {
+                let in_flight = aim_at_view_append(&ctx, replica, Duration::from_secs(1)).await;
+                kill_and_rehydrate(&ctx, replica, in_flight, false).await
+            }
+            Fault::Outage(kind) => outage(&ctx, kind).await,
             Fault::Recreate => {
                 generation += 1;
                 recreate(&ctx, generation).await;
@@ -907,7 +972,8 @@ async fn faults(ctx: Arc<Ctx>) {
 
 /// SIGKILLs every process of `replica`, then measures: the orchestrator's restart, a peek targeted at the
 /// replica at the latest time written before the kill, and every collection on it passing that time.
-async fn kill_and_rehydrate(ctx: &Ctx, replica: ReplicaId) {
+/// `in_flight` is what [`aim_at_view_append`] read just before; `during_outage`, whether a store is down.
+async fn kill_and_rehydrate(ctx: &Ctx, replica: ReplicaId, in_flight: Option<u64>, during_outage: bool) {
     let pids = ctx.orchestrator.pids(INSTANCE, replica);
     let processes = pids.len();
     let kill_time = ctx.latest_write();
@@ -931,6 +997,8 @@ async fn kill_and_rehydrate(ctx: &Ctx, replica: ReplicaId) {
         restarted_ms: None,
         answered_peek_ms: None,
         caught_up_ms: None,
+        view_appends_in_flight: in_flight,
+        during_outage,
     };
 
     // The replica must answer a peek at the kill time itself (the peek waits through its restart), and
@@ -971,6 +1039,182 @@ async fn kill_and_rehydrate(ctx: &Ctx, replica: ReplicaId) {
         )),
     }
     lock(&ctx.stats.rehydrations).push(record);
+}
+
+/// Reads the `storage_appends_in_flight` gauge of `replica`'s process 0 (the one that appends the
+/// materialized view) until it shows an append in flight, for up to `within`; returns the last reading
+/// (`None`: none could be read).
+async fn aim_at_view_append(ctx: &Ctx, replica: ReplicaId, within: Duration) -> Option<u64> {
+    let address = *ctx.orchestrator.metrics_addresses(INSTANCE, replica).first()?;
+    let started = now();
+    let mut last = None;
+    loop {
+        let reading = tokio::task::spawn_blocking(move || appends_in_flight(address)).await.ok().flatten();
+        last = reading.or(last);
+        if reading.is_some_and(|n| n > 0) || started.elapsed() >= within {
+            return last;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// [`aim_at_view_append`] over several replicas: the first of `candidates` whose process 0 shows an
+/// append in flight within `within`, with its reading; else the first candidate and its last reading.
+async fn aim_at_any_view_append(
+    ctx: &Ctx,
+    candidates: &[ReplicaId],
+    within: Duration,
+) -> (ReplicaId, Option<u64>) {
+    assert!(!candidates.is_empty(), "a replica to kill");
+    let started = now();
+    let mut first_reading = None;
+    loop {
+        for (i, replica) in candidates.iter().enumerate() {
+            let reading = aim_at_view_append(ctx, *replica, Duration::ZERO).await;
+            if i == 0 {
+                first_reading = reading.or(first_reading);
+            }
+            if reading.is_some_and(|n| n > 0) {
+                return (*replica, reading);
+            }
+        }
+        if started.elapsed() >= within {
+            return (candidates[0], first_reading);
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// The `storage_appends_in_flight` gauge of the metrics endpoint at `address`.
+fn appends_in_flight(address: std::net::SocketAddr) -> Option<u64> {
+    let page = telemetry::scrape(address, "/metrics", Duration::from_secs(1)).ok()?;
+    if page.status != 200 {
+        return None;
+    }
+    let samples = telemetry::parse_text(&page.body).ok()?;
+    telemetry::sample_value(&samples, "storage_appends_in_flight", &[]).map(|value| value as u64)
+}
+
+/// Takes the store of `kind` away, or brings it back, on a blocking thread.
+async fn switch_store(services: &Arc<LocalServices>, kind: OutageKind, down: bool) -> anyhow::Result<()> {
+    let services = Arc::clone(services);
+    tokio::task::spawn_blocking(
+        move || if down { services.take_down(kind) } else { services.bring_back(kind) },
+    )
+    .await
+    .map_err(|e| anyhow!("the service task failed: {e}"))?
+}
+
+/// How long after `since` `advanced` first held (polled every 5 ms, for up to `PATIENCE`).
+async fn resumed<F: Future<Output = bool>>(since: Instant, advanced: impl Fn() -> F) -> Option<Duration> {
+    while since.elapsed() < PATIENCE {
+        if advanced().await {
+            return Some(since.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    None
+}
+
+/// Peeks, table appends and subscribe batches checked so far.
+fn progress_counts(stats: &Stats) -> [u64; 3] {
+    [&stats.peeks, &stats.appends, &stats.subscribe_batches].map(|c| c.load(Ordering::SeqCst))
+}
+
+/// One storage outage (`outage.rs`): the store of `kind` is taken down for `--outage-secs`, and a replica
+/// is killed while its view append is stuck on it; then the store is brought back and the table writer's
+/// appends, the subscribe and the materialized view's appends must each resume.
+async fn outage(ctx: &Ctx, kind: OutageKind) {
+    let services = Arc::clone(ctx.services.as_ref().expect("outages only run on local services"));
+    let (fault, target) = match kind {
+        OutageKind::Consensus => (FaultKind::ConsensusOutage, "postgres"),
+        OutageKind::Blob => (FaultKind::BlobOutage, "moto_server"),
+    };
+    // The store goes down just as a replica's view append is in flight, so that the append is stuck on it
+    // (the first the schedule kills, if both are); that replica is killed during the outage.
+    let scheduled = schedule(&ctx.args)
+        .into_iter()
+        .find_map(|(_, fault)| if let Fault::Kill(replica) = fault { Some(replica) } else { None })
+        .unwrap_or(ReplicaId(1));
+    let mut candidates: Vec<ReplicaId> = ctx.args.replica_specs().into_iter().map(|(r, _)| r).collect();
+    candidates.sort_by_key(|r| *r != scheduled);
+    let (preferred, _) = aim_at_any_view_append(ctx, &candidates, Duration::from_secs(2)).await;
+    candidates.sort_by_key(|r| *r != preferred);
+    let started_at_s = ctx.stats.elapsed_s();
+    let mark = lock(&ctx.stats.timeline).fault(started_at_s, fault, target);
+    ctx.stats.set_outage(true);
+    if let Err(e) = switch_store(&services, kind, true).await {
+        ctx.stats.violation(format!("cannot take the {} store down: {e:#}", kind.name()));
+        ctx.stats.set_outage(false);
+        lock(&ctx.stats.timeline).end_fault(mark, ctx.stats.elapsed_s());
+        return;
+    }
+    let down = now();
+    let before = progress_counts(&ctx.stats);
+    ctx.ui.event(&ctx.stats, &format!("{} outage: {}", kind.name(), kind.action()));
+    // Whichever replica's append is stuck (it finished just before the store went, for the other).
+    let victim = std::sync::OnceLock::new();
+    let kill = async {
+        let (replica, in_flight) =
+            aim_at_any_view_append(ctx, &candidates, ctx.args.outage_duration / 2).await;
+        let _ = victim.set(replica);
+        kill_and_rehydrate(ctx, replica, in_flight, true).await;
+    };
+    let restore = async {
+        tokio::time::sleep(ctx.args.outage_duration.saturating_sub(down.elapsed())).await;
+        let during = progress_counts(&ctx.stats);
+        let back = switch_store(&services, kind, false).await;
+        let ended_at_s = ctx.stats.elapsed_s();
+        let rows_written_at_end = ctx.stats.rows_written.load(Ordering::SeqCst);
+        ctx.stats.set_outage(false);
+        lock(&ctx.stats.timeline).end_fault(mark, ended_at_s);
+        if let Err(e) = back {
+            ctx.stats.violation(format!("cannot bring the {} store back: {e:#}", kind.name()));
+            return;
+        }
+        ctx.ui.event(
+            &ctx.stats,
+            &format!("{} store back after {:.1} s", kind.name(), down.elapsed().as_secs_f64()),
+        );
+        let back = now();
+        let (log_upper, subscribe_upper) =
+            (*ctx.log_upper.borrow(), ctx.subscribe_upper.load(Ordering::SeqCst));
+        let view_upper =
+            async || ctx.storage.frontiers(workload::STATUS_REVENUE).await.ok().and_then(|f| first(&f.upper));
+        let view_before = view_upper().await;
+        let (appends, subscribe, view) = tokio::join!(
+            resumed(back, || async { *ctx.log_upper.borrow() > log_upper }),
+            resumed(back, || async { ctx.subscribe_upper.load(Ordering::SeqCst) > subscribe_upper }),
+            resumed(back, || async { view_upper().await > view_before }),
+        );
+        for (what, resumed) in
+            [("table appends", appends), ("the subscribe", subscribe), ("the view's appends", view)]
+        {
+            if resumed.is_none() {
+                ctx.stats.violation(format!(
+                    "{what} did not resume within {} s of the {} store's return",
+                    PATIENCE.as_secs(),
+                    kind.name()
+                ));
+            }
+        }
+        lock(&ctx.stats.outages).push(OutageReport {
+            kind,
+            action: kind.action().to_string(),
+            started_at_s,
+            ended_at_s,
+            peeks_answered: during[0] - before[0],
+            appends_during: during[1] - before[1],
+            subscribe_batches_during: during[2] - before[2],
+            appends_resumed_ms: appends.map(ms),
+            subscribe_resumed_ms: subscribe.map(ms),
+            view_resumed_ms: view.map(ms),
+            rows_written_after: 0,
+            rows_written_at_end,
+            killed: victim.get().map(ReplicaId::to_string),
+        });
+    };
+    tokio::join!(kill, restore);
 }
 
 /// How long after `since` `replica` answered a peek targeted at it at `time` (checked against the oracle).
@@ -1392,7 +1636,7 @@ async fn fresh_replica(ctx: &Ctx) {
             Fault::Kill(replica) => {
                 ctx.args.replica_specs().into_iter().find(|(r, _)| *r == replica).map(|(_, p)| p)
             }
-            Fault::Recreate | Fault::FreshReplica => None,
+            Fault::Recreate | Fault::FreshReplica | Fault::Outage(_) => None,
         })
         .unwrap_or(1);
     let replica = ReplicaId(ctx.args.replicas as u64 + 1);
@@ -1434,6 +1678,8 @@ async fn fresh_replica(ctx: &Ctx) {
         restarted_ms: None,
         answered_peek_ms: answered.map(ms),
         caught_up_ms: caught_up.map(ms),
+        view_appends_in_flight: None,
+        during_outage: false,
     });
     lock(&ctx.replica_state).remove(&replica);
     ctx.ui.event(&ctx.stats, &format!(

@@ -20,6 +20,10 @@ pub enum FaultKind {
     Recreation,
     /// A fresh replica added (and later dropped): the rehydration baseline.
     FreshReplica,
+    /// The consensus store (PostgreSQL) stopped, until the mark's `until_s` (`outage.rs`).
+    ConsensusOutage,
+    /// The blob store (`moto_server`) paused, until the mark's `until_s`.
+    BlobOutage,
 }
 
 impl FaultKind {
@@ -29,6 +33,8 @@ impl FaultKind {
             FaultKind::Kill => "kill",
             FaultKind::Recreation => "recreate",
             FaultKind::FreshReplica => "fresh replica",
+            FaultKind::ConsensusOutage => "consensus outage",
+            FaultKind::BlobOutage => "blob outage",
         }
     }
 }
@@ -40,8 +46,11 @@ pub struct FaultMark {
     pub at_s: f64,
     /// What kind.
     pub kind: FaultKind,
-    /// What it hit (a replica, a dataflow).
+    /// What it hit (a replica, a dataflow, a store).
     pub target: String,
+    /// When a fault that lasts (an outage) ended, seconds into the timed run; `None` for an instant one
+    /// (or one still going on).
+    pub until_s: Option<f64>,
 }
 
 /// What was sampled at one moment.
@@ -79,15 +88,23 @@ impl Timeline {
         self.samples.push(sample);
     }
 
-    /// Marks a fault injected at `at_s`.
-    pub fn fault(&mut self, at_s: f64, kind: FaultKind, target: impl Into<String>) {
-        self.faults.push(FaultMark { at_s, kind, target: target.into() });
+    /// Marks a fault injected at `at_s`; returns its index (for [`end_fault`](Self::end_fault)).
+    pub fn fault(&mut self, at_s: f64, kind: FaultKind, target: impl Into<String>) -> usize {
+        self.faults.push(FaultMark { at_s, kind, target: target.into(), until_s: None });
+        self.faults.len() - 1
+    }
+
+    /// Marks the fault at `index` (one that lasts) as ended at `until_s`.
+    pub fn end_fault(&mut self, index: usize, until_s: f64) {
+        let mark = &mut self.faults[index];
+        assert!(mark.until_s.is_none() && until_s >= mark.at_s, "a fault ends once, after it began");
+        mark.until_s = Some(until_s);
     }
 
     /// The last time anything happened, in seconds (at least 1, so an axis is never empty).
     pub fn end_s(&self) -> f64 {
         let sampled = self.samples.last().map_or(0.0, |s| s.at_s);
-        let faulted = self.faults.iter().map(|f| f.at_s).fold(0.0, f64::max);
+        let faulted = self.faults.iter().map(|f| f.until_s.unwrap_or(f.at_s)).fold(0.0, f64::max);
         sampled.max(faulted).max(1.0)
     }
 }

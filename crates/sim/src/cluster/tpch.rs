@@ -235,7 +235,7 @@ impl Ctx {
                 return false;
             }
         };
-        self.stats.peek("tpch", true, start.elapsed());
+        self.stats.peek("tpch", true, start.elapsed(), false);
         let expected = match self.oracle.query(query.sql) {
             Ok(expected) => expected,
             Err(e) => {
@@ -264,6 +264,9 @@ impl Ctx {
             restarted_ms: None,
             answered_peek_ms: None,
             caught_up_ms: None,
+            // The TPC-H views are indexes: no materialized view is appended.
+            view_appends_in_flight: None,
+            during_outage: false,
         };
         if let Err(e) = crate::cluster::processes::kill_processes(&pids) {
             self.stats.violation(format!("cannot kill {replica}: {e:#}"));

@@ -217,6 +217,12 @@ pub enum ConsensusOpenError {
     /// The database could not be opened or its tables created.
     #[error("cannot open the consensus store: {0}")]
     Backend(String),
+    /// The server could not be reached (refused, timed out, or the connection closed while opening): it
+    /// may be down for a while, and opening again may succeed (`ShardCollections::open` retries within
+    /// its budget). A server that answers with a refusal (no such database, a wrong password) is
+    /// [`Backend`](Self::Backend).
+    #[error("the consensus store is unreachable: {0}")]
+    Unreachable(String),
 }
 
 const SCHEMES: &str = "sqlite, postgres, mem";

@@ -105,13 +105,35 @@ fn seqno_of(value: i64) -> Result<SeqNo, ExternalError> {
         .map_err(|_| ExternalError::Corrupt(format!("negative seqno {value} in the postgres store")))
 }
 
-async fn connect(config: &tokio_postgres::Config, timeout: Duration) -> Result<Client, ExternalError> {
+/// Whether a failed call means the server could not be reached (down, or the connection closed), rather
+/// than the server answering with a refusal (a wrong database, user or password; an SQL error).
+fn unreachable(error: &tokio_postgres::Error) -> bool {
+    error.as_db_error().is_none()
+}
+
+/// A failed connection attempt: the error, and whether the server could not be reached at all.
+struct ConnectFailure {
+    error: ExternalError,
+    unreachable: bool,
+}
+
+impl From<ConnectFailure> for ExternalError {
+    fn from(failure: ConnectFailure) -> ExternalError {
+        failure.error
+    }
+}
+
+async fn connect(config: &tokio_postgres::Config, timeout: Duration) -> Result<Client, ConnectFailure> {
     let connecting = config.connect(NoTls);
     let (client, connection) = match tokio::time::timeout(timeout, connecting).await {
         Ok(Ok(pair)) => pair,
-        Ok(Err(error)) => return Err(determinate("connect", error)),
+        Ok(Err(error)) => {
+            let unreachable = unreachable(&error);
+            return Err(ConnectFailure { error: determinate("connect", error), unreachable });
+        }
         Err(_) => {
-            return Err(ExternalError::Determinate(format!("postgres connect timed out after {timeout:?}")));
+            let error = ExternalError::Determinate(format!("postgres connect timed out after {timeout:?}"));
+            return Err(ConnectFailure { error, unreachable: true });
         }
     };
     tokio::spawn(async move {
@@ -209,20 +231,20 @@ impl PostgresConsensus {
     ) -> Result<Self, ConsensusOpenError> {
         let config: tokio_postgres::Config =
             url.parse().map_err(|e| ConsensusOpenError::Backend(format!("invalid postgres URL: {e}")))?;
-        let backend = |e: ExternalError| ConsensusOpenError::Backend(e.to_string());
-        let client = connect(&config, timeout).await.map_err(backend)?;
-        let version: String = client
-            .query_one("SELECT version()", &[])
-            .await
-            .map_err(|e| ConsensusOpenError::Backend(format!("postgres version(): {e}")))?
-            .get(0);
+        let client = connect(&config, timeout).await.map_err(|failure| match failure.unreachable {
+            true => ConsensusOpenError::Unreachable(failure.error.to_string()),
+            false => ConsensusOpenError::Backend(failure.error.to_string()),
+        })?;
+        let failed = |what: &str, e: tokio_postgres::Error| match unreachable(&e) {
+            true => ConsensusOpenError::Unreachable(format!("postgres {what}: {e}")),
+            false => ConsensusOpenError::Backend(format!("postgres {what}: {e}")),
+        };
+        let version: String =
+            client.query_one("SELECT version()", &[]).await.map_err(|e| failed("version()", e))?.get(0);
         let notify = !version.contains("CockroachDB");
         // Concurrent `CREATE TABLE IF NOT EXISTS` can race in the catalog; one retry settles it.
         if client.batch_execute(SCHEMA).await.is_err() {
-            client
-                .batch_execute(SCHEMA)
-                .await
-                .map_err(|e| ConsensusOpenError::Backend(format!("postgres schema: {e}")))?;
+            client.batch_execute(SCHEMA).await.map_err(|e| failed("schema", e))?;
         }
         let shared = Arc::new(Shared {
             config,

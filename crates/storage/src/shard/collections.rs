@@ -210,14 +210,28 @@ fn live(state: Option<&ShardState>) -> Result<&ShardState, MachineError> {
 }
 
 impl ShardCollections {
-    /// Opens the stores and starts the background tasks. Must be called within a tokio runtime.
+    /// Opens the stores and starts the background tasks. Must be called within a tokio runtime. A
+    /// consensus server that cannot be reached is tried again within `config.retry_budget` (a process
+    /// started during an outage waits for the store, like every operation); one that refuses is not.
     pub async fn open(
         blob: &BlobConfig,
         consensus: &ConsensusConfig,
         config: ShardConfig,
     ) -> Result<ShardCollections, ShardOpenError> {
         let blob = blob.open()?;
-        let consensus = consensus.open().await?;
+        let mut retry = crate::external::Retry::new(
+            Duration::from_millis(10),
+            Duration::from_millis(500),
+            config.retry_budget,
+        );
+        let consensus = loop {
+            match consensus.open().await {
+                Err(ConsensusOpenError::Unreachable(error)) if retry.wait().await => {
+                    tracing::debug!(%error, "the consensus store is unreachable; opening it again");
+                }
+                opened => break opened?,
+            }
+        };
         Ok(Self::from_stores(blob, consensus, config))
     }
 
@@ -685,6 +699,7 @@ impl Inner {
 
     async fn append(self: &Arc<Self>, requests: Vec<AppendRequest>) -> Result<(), AppendError> {
         let metrics = &self.machine.metrics;
+        let _in_flight = metrics.append_started();
         match self.append_counted(requests).await {
             Ok((rows, bytes)) => {
                 metrics.append(AppendOutcome::Committed, rows, bytes);
@@ -817,6 +832,11 @@ impl Inner {
                         match state.applied(writer, input.token) {
                             Some(true) => return Ok(Change::Keep(Ok(()))),
                             Some(false) => {}
+                            // An applied attempt left an entry with its token that only expiry removes:
+                            // while the lease cannot have run out (with half of it to spare for another
+                            // process's clock), no entry means no attempt was applied (a writer's first
+                            // append to a shard, retried through an outage).
+                            None if !lease_may_have_run_out(input) => {}
                             None => {
                                 let message =
                                     "the writer's entry is gone; the append may have been applied".into();
@@ -864,6 +884,13 @@ impl Inner {
             }
         }
     }
+}
+
+/// Whether the writer entry an applied attempt of `input` would have made may have expired since: more
+/// than half its lease has passed on this process's clock (the other half covers the clock of the process
+/// that expires it).
+fn lease_may_have_run_out(input: &AppendInput) -> bool {
+    now_ms().saturating_sub(input.now_ms) >= input.writer_lease_ms / 2
 }
 
 fn duration_ms(duration: Duration) -> u64 {

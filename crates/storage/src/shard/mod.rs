@@ -12,7 +12,9 @@
 //! - **append** writes the batch's parts to blob, then compare-and-sets every named shard's state in one
 //!   multi-key transaction iff each upper is still the expected one. It carries an idempotency token: a
 //!   retry after an indeterminate failure first checks whether the token is already recorded, so an append
-//!   is applied once, never twice, never lost. Parts of a failed append are deleted.
+//!   is applied once, never twice, never lost. A writer with no entry at all (its first append to the
+//!   shard) was not applied while its lease cannot have expired (less than half of it passed): the retry
+//!   goes ahead rather than reporting an unknown outcome. Parts of a failed append are deleted.
 //! - **holds**: the process's [`ReadHold`](frontiers::ReadHold)s are counted locally; one registered
 //!   reader per shard holds their meet. By default it is *leased* (it expires when the process stops
 //!   heartbeating); [`ShardConfig::critical_reader`] makes it *critical* (it survives restarts). Every

@@ -3,8 +3,10 @@
 //! - a writer process SIGKILLed at random moments during appends, 22 times on local files + SQLite and on
 //!   S3 + PostgreSQL: every acknowledged append is present after restart, none is there by half (each
 //!   writes the same rows to two collections atomically), uppers never regress;
-//! - PostgreSQL stopped for two seconds under a writer and a listener in another process: appends wait
-//!   and resume, each applied exactly once, and the listen resumes with no gap and no duplicate;
+//! - PostgreSQL stopped, or `moto_server` paused (SIGSTOP), for two seconds under a writer and a listener
+//!   in another engine: appends wait and resume, each applied exactly once, and the listen resumes with no
+//!   gap and no duplicate; a process opening the shards while PostgreSQL is down waits for it (within the
+//!   retry budget), and one that PostgreSQL refuses (no such database) is told at once;
 //! - two writer processes racing compare-and-append on one shard: exactly one wins each interval, the
 //!   loser gets the current upper;
 //! - damage by hand (every backend that can be reached by hand): a bit flipped anywhere in a part, a part
@@ -315,8 +317,21 @@ async fn two_writer_processes_racing_on_one_shard_win_each_interval_once() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_postgres_outage_stalls_appends_and_listens_which_then_resume_exactly_once() {
+/// Which service an outage test takes away.
+#[derive(Debug, Clone, Copy)]
+enum Outage {
+    /// PostgreSQL stopped (fast shutdown) and started again on its port and data.
+    Consensus,
+    /// `moto_server` paused (SIGSTOP) and resumed: requests hang rather than fail.
+    Blob,
+}
+
+/// A writer appends 400 intervals while a listener in another engine reads them; after the 100th the
+/// `outage` lasts two seconds. Every append is applied exactly once and the listen delivers each once,
+/// in order, with no gap.
+// Real services in real time: the monotonic clock measures how long an append waited.
+#[allow(clippy::disallowed_methods)]
+async fn appends_and_listens_survive(outage: Outage) {
     let Some(mut services) = Services::start() else { return };
     let (blob_url, consensus_url) = services.fresh();
     let (blob, consensus) = (blob_url.parse().unwrap(), consensus_url.parse().unwrap());
@@ -328,10 +343,14 @@ async fn a_postgres_outage_stalls_appends_and_listens_which_then_resume_exactly_
     let appends = tokio::spawn({
         let writer = writer.clone();
         async move {
+            let mut longest = Duration::ZERO;
             for t in 0..400u64 {
+                let started = std::time::Instant::now();
                 writer.append(vec![append(id, vec![(int_row(t as i64), t, 1)], t, t + 1)]).await.unwrap();
+                longest = longest.max(started.elapsed());
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
+            longest
         }
     });
     let mut delivered: Vec<(Row, u64, i64)> = Vec::new();
@@ -347,12 +366,18 @@ async fn a_postgres_outage_stalls_appends_and_listens_which_then_resume_exactly_
         }
         if progress >= 100 && !outage_done {
             outage_done = true;
-            services.postgres.stop().unwrap();
+            match outage {
+                Outage::Consensus => services.postgres.stop().unwrap(),
+                Outage::Blob => services.moto.pause().unwrap(),
+            }
             tokio::time::sleep(Duration::from_secs(2)).await;
-            services.postgres.start_again().unwrap();
+            match outage {
+                Outage::Consensus => services.postgres.start_again().unwrap(),
+                Outage::Blob => services.moto.resume().unwrap(),
+            }
         }
     }
-    appends.await.unwrap();
+    let longest_append = appends.await.unwrap();
     let expected: Vec<_> = (0..400u64).map(|t| (int_row(t as i64), t, 1)).collect();
     assert_eq!(delivered.len(), 400, "no gap and no duplicate");
     assert_eq!(delivered, expected);
@@ -360,7 +385,54 @@ async fn a_postgres_outage_stalls_appends_and_listens_which_then_resume_exactly_
     let snapshot = writer.snapshot(id, 399).await.unwrap();
     assert_eq!(snapshot.len(), 400, "every append applied exactly once");
     assert!(snapshot.iter().all(|(_, diff)| *diff == 1));
-    assert!(writer.stats().retries > 0, "the outage was felt");
+    // The outage was felt: an append waited through it (a stopped PostgreSQL fails calls, which are
+    // retried; a paused moto_server holds them).
+    assert!(longest_append >= Duration::from_secs(1), "{outage:?}: longest append {longest_append:?}");
+    if let Outage::Consensus = outage {
+        assert!(writer.stats().retries > 0, "the outage was retried through");
+    }
+    assert!(!services.moto.is_paused());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_outage_stalls_appends_and_listens_which_then_resume_exactly_once() {
+    appends_and_listens_survive(Outage::Consensus).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_blob_server_stalls_appends_and_listens_which_then_resume_exactly_once() {
+    appends_and_listens_survive(Outage::Blob).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// Real services in real time: the monotonic clock bounds how long a refusal took.
+#[allow(clippy::disallowed_methods)]
+async fn opening_the_shards_while_postgres_is_down_waits_for_it_and_a_refusal_is_not_retried() {
+    let Some(mut services) = Services::start() else { return };
+    let (blob_url, consensus_url) = services.fresh();
+    let blob: storage::blob::BlobConfig = blob_url.parse().unwrap();
+    let consensus: storage::consensus::ConsensusConfig = consensus_url.parse().unwrap();
+    services.postgres.stop().unwrap();
+    // Down for longer than the budget: unreachable, said so.
+    let short = ShardConfig { retry_budget: Duration::from_millis(300), ..quick_config() };
+    let refused = ShardCollections::open(&blob, &consensus, short).await.map(|_| ()).unwrap_err();
+    assert!(refused.to_string().contains("unreachable"), "{refused}");
+    // Back within the budget: the open waits for it.
+    let opening = tokio::spawn({
+        let (blob, consensus) = (blob.clone(), consensus.clone());
+        async move { ShardCollections::open(&blob, &consensus, quick_config()).await }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!opening.is_finished(), "the open waits for the server");
+    services.postgres.start_again().unwrap();
+    let storage = tokio::time::timeout(Duration::from_secs(20), opening).await.unwrap().unwrap().unwrap();
+    storage.create_collection(user(1), int_desc()).await.unwrap();
+    // A server that answers with a refusal (no such database) is not waited for.
+    let missing: storage::consensus::ConsensusConfig = services.postgres.url("no_such_db").parse().unwrap();
+    let started = std::time::Instant::now();
+    let refused = ShardCollections::open(&blob, &missing, quick_config()).await.map(|_| ()).unwrap_err();
+    assert!(!refused.to_string().contains("unreachable"), "{refused}");
+    assert!(started.elapsed() < Duration::from_secs(5), "retried a refusal for {:?}", started.elapsed());
 }
 
 /// Flips `bit` of the blob at `key` (through the blob API, so on every backend).

@@ -2,7 +2,8 @@
 //! back from the text exposition of the process's registry after real work on the embedded backend
 //! (local files + SQLite): appends by outcome with their rows and bytes, every Blob and Consensus
 //! operation timed, compaction, garbage collection and an expired writer lease; and a compare-and-set conflict
-//! counted by the metered consensus on its own.
+//! counted by the metered consensus on its own; an append waiting through a consensus outage counted in
+//! flight until it ends (or is dropped).
 //!
 //! What this checks: that each event reaches its series with the right amount. What it does not: the
 //! latencies' values (only that operations were observed).
@@ -100,4 +101,44 @@ async fn the_metered_consensus_counts_a_compare_and_set_that_found_another_versi
         )
     };
     assert_eq!((cas("ok"), cas("error")), (2.0, 0.0), "a mismatch is an answer, not an error");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_waiting_through_a_consensus_outage_counts_as_in_flight_until_it_ends() {
+    use std::sync::atomic::Ordering;
+    let stores = Stores::new(Backend::Embedded, &mut None).expect("the embedded backend needs no service");
+    let registry = Registry::new();
+    let config =
+        ShardConfig { metrics: Some(StorageMetrics::register(&registry).unwrap()), ..quick_config() };
+    let faults = std::sync::Arc::new(crate::flaky::Faults::default());
+    let consensus = std::sync::Arc::new(crate::flaky::FlakyConsensus {
+        inner: stores.consensus().await,
+        faults: std::sync::Arc::clone(&faults),
+    });
+    let storage = storage::ShardCollections::from_stores(stores.blob().await, consensus, config);
+    let id = user(1);
+    storage.create_collection(id, int_desc()).await.unwrap();
+    assert_eq!(value(&registry, "storage_appends_in_flight", &[]), 0.0);
+    faults.down.store(true, Ordering::SeqCst);
+    let appending = tokio::spawn({
+        let storage = storage.clone();
+        async move { storage.append(vec![append(id, vec![(int_row(1), 0, 1)], 0, 1)]).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(value(&registry, "storage_appends_in_flight", &[]), 1.0, "retrying through the outage");
+    faults.down.store(false, Ordering::SeqCst);
+    appending.await.unwrap().unwrap();
+    assert_eq!(value(&registry, "storage_appends_in_flight", &[]), 0.0);
+    // An append whose future is dropped unfinished ends too.
+    faults.down.store(true, Ordering::SeqCst);
+    let abandoned = tokio::spawn({
+        let storage = storage.clone();
+        async move { storage.append(vec![append(id, vec![(int_row(2), 1, 1)], 1, 2)]).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(value(&registry, "storage_appends_in_flight", &[]), 1.0);
+    abandoned.abort();
+    let _ = abandoned.await;
+    assert_eq!(value(&registry, "storage_appends_in_flight", &[]), 0.0);
+    faults.down.store(false, Ordering::SeqCst);
 }

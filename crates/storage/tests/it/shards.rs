@@ -14,7 +14,7 @@ use storage::{
     StorageCollections,
 };
 
-use crate::backends::{Stores, on_every_backend, quick_config};
+use crate::backends::{Backend, Stores, on_every_backend, quick_config};
 use crate::flaky::{Faults, FlakyBlob, FlakyConsensus};
 use crate::*;
 
@@ -255,6 +255,43 @@ async fn appends_retried_after_lost_replies_are_applied_exactly_once_on_every_ba
         assert!(retries >= 4, "{retries} retries");
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writers_first_append_retried_through_an_outage_is_applied_once_not_called_indeterminate() {
+    use std::sync::atomic::Ordering;
+    let stores = Stores::new(Backend::Embedded, &mut None).expect("the embedded backend needs no service");
+    // Every call fails indeterminately while the store is down: the first attempt may have been applied.
+    let (storage, consensus, _) = flaky_process(&stores, quick_config()).await;
+    let id = user(1);
+    storage.create_collection(id, int_desc()).await.unwrap();
+    let outage = |faults: Arc<Faults>| async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        faults.down.store(false, Ordering::SeqCst);
+    };
+    consensus.down.store(true, Ordering::SeqCst);
+    let (result, ()) = tokio::join!(
+        storage.append(vec![append(id, vec![(int_row(1), 0, 1)], 0, 1)]),
+        outage(Arc::clone(&consensus)),
+    );
+    // No entry of this writer after the outage, and its lease cannot have run out: nothing was applied,
+    // so the append goes ahead, once.
+    result.expect("applied after the outage");
+    assert_eq!(storage.snapshot(id, 0).await.unwrap(), vec![(int_row(1), 1)]);
+    assert_eq!(storage.frontiers(id).await.unwrap().upper, at(1));
+
+    // With a lease that may have run out during the retries, a missing entry could be an applied
+    // attempt's, expired: the outcome is unknown, and the error says so.
+    let config = ShardConfig { writer_lease: Duration::from_millis(100), ..quick_config() };
+    let (short, consensus, _) = flaky_process(&stores, config).await;
+    let other = user(2);
+    short.create_collection(other, int_desc()).await.unwrap();
+    consensus.down.store(true, Ordering::SeqCst);
+    let (result, ()) = tokio::join!(
+        short.append(vec![append(other, vec![(int_row(2), 0, 1)], 0, 1)]),
+        outage(Arc::clone(&consensus)),
+    );
+    assert!(matches!(result, Err(AppendError::Indeterminate(_))), "{result:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
