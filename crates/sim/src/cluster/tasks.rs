@@ -12,8 +12,10 @@
 //! collection with the oracle (every 200 ms, and in full at the end).
 //!
 //! **Outages** (`outage.rs`): the store is taken down for `--outage-secs`; meanwhile peeks at the indexes'
-//! readable times keep being checked (answered from the replicas' arrangements) and counted (peeks at the
-//! latest write pause: its data may be in the stopped store), and one replica is killed as above. After
+//! readable times keep being checked and counted, though not required: during a consensus outage some runs
+//! answer hundreds and others only a few, so something on the peek path still waits on the stopped store
+//! (not found yet). Peeks at the latest write pause (its data may be in the stopped store), and one
+//! replica is killed as above. After
 //! the store is back, the table writer's appends, the subscribe and the view's appends must each resume
 //! within `PATIENCE` (else a violation); the oracle comparisons, unchanged, find anything lost or doubled.
 //! Peek latencies are kept apart for peeks that overlapped an outage.
