@@ -82,7 +82,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use compute::{ReplicaConfig, ReplicaServer};
+use compute::{ReplicaConfig, ReplicaHandle, ReplicaServer};
 use controller::{
     ClientSecurity, ComputeController, ControllerConfig, ControllerEpoch, ControllerMetrics, InstanceCore,
     InstanceCoreConfig, PeekOptions, PeekRequest, ProcessOrchestrator, ProcessOrchestratorConfig,
@@ -564,27 +564,10 @@ fn bench_peeks(pki: &BenchPki) {
     .expect("start replica");
     let index = GlobalId::User(2);
     let (latencies, frame_bytes, throughput) = runtime.block_on(async {
-        let storage: Arc<dyn StorageCollections> = Arc::clone(&storage) as _;
-        let mut controller = ComputeController::new(
-            storage,
-            None,
-            ControllerConfig::new(ControllerEpoch(1), pki.client(false)),
-        )
-        .await
-        .expect("controller");
-        controller.create_instance(INSTANCE, controller.default_instance_config()).expect("instance");
-        let addresses = vec![replica.local_addr().to_string()];
-        controller
-            .add_replica(INSTANCE, REPLICA, ReplicaLocation::Unmanaged { addresses })
-            .await
-            .expect("add");
-        let hydration = Instant::now();
-        controller.create_dataflow(INSTANCE, index_on(source, index, None)).await.expect("create index");
-        wait_until("the 1M-key index hydrates", Duration::from_secs(300), || {
-            controller.collection_frontiers(INSTANCE, index).is_ok_and(|f| !f.upper.less_equal(&0))
-        })
-        .await;
-        println!("  (1M-key index hydrated in {:.2} s)", hydration.elapsed().as_secs_f64());
+        let config = ControllerConfig::new(ControllerEpoch(1), pki.client(false));
+        let (mut controller, hydration) =
+            controller_with_index(Arc::clone(&storage) as _, config, &replica, source, index).await;
+        println!("  (1M-key index hydrated in {:.2} s)", hydration.as_secs_f64());
 
         // Warm-up, from a task; its last answer gives the frame sizes of the loopback baseline.
         let (c, _, response) =
@@ -700,18 +683,9 @@ fn bench_tls(pki: &BenchPki) {
     let (latencies, throughputs) = runtime.block_on(async {
         let mut controllers = Vec::new();
         for (tls, replica) in [false, true].into_iter().zip(&replicas) {
-            let storage: Arc<dyn StorageCollections> = Arc::clone(&storage) as _;
             let config = ControllerConfig::new(ControllerEpoch(1), pki.client(tls));
-            let mut controller = ComputeController::new(storage, None, config).await.expect("controller");
-            controller.create_instance(INSTANCE, controller.default_instance_config()).expect("instance");
-            let addresses = vec![replica.local_addr().to_string()];
-            let location = ReplicaLocation::Unmanaged { addresses };
-            controller.add_replica(INSTANCE, REPLICA, location).await.expect("add");
-            controller.create_dataflow(INSTANCE, index_on(source, index, None)).await.expect("index");
-            wait_until("the index hydrates", Duration::from_secs(300), || {
-                controller.collection_frontiers(INSTANCE, index).is_ok_and(|f| !f.upper.less_equal(&0))
-            })
-            .await;
+            let (controller, _) =
+                controller_with_index(Arc::clone(&storage) as _, config, replica, source, index).await;
             let (c, _, _) =
                 tokio::spawn(point_peeks(controller, index, 0..500, TLS_KEYS)).await.expect("task");
             controllers.push(Some(c));
@@ -1118,17 +1092,8 @@ fn bench_metrics(pki: &BenchPki) {
                 metrics: metrics.then(prometheus::Registry::new),
                 ..ControllerConfig::new(ControllerEpoch(1), pki.client(false))
             };
-            let storage: Arc<dyn StorageCollections> = Arc::clone(&storage) as _;
-            let mut controller = ComputeController::new(storage, None, config).await.expect("controller");
-            controller.create_instance(INSTANCE, controller.default_instance_config()).expect("instance");
-            let addresses = vec![replica.local_addr().to_string()];
-            let location = ReplicaLocation::Unmanaged { addresses };
-            controller.add_replica(INSTANCE, REPLICA, location).await.expect("add");
-            controller.create_dataflow(INSTANCE, index_on(source, index, None)).await.expect("create index");
-            wait_until("the index hydrates", Duration::from_secs(300), || {
-                controller.collection_frontiers(INSTANCE, index).is_ok_and(|f| !f.upper.less_equal(&0))
-            })
-            .await;
+            let (mut controller, _) =
+                controller_with_index(Arc::clone(&storage) as _, config, replica, source, index).await;
             pipelined_peeks(&mut controller, index, keys, 2_000, 256).await;
             controllers.push(controller);
         }
@@ -1167,6 +1132,29 @@ fn median(values: &mut [f64]) -> f64 {
     assert!(!values.is_empty(), "the median of nothing");
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
+}
+
+/// A controller with instance `INSTANCE`, `replica` as its unmanaged replica `REPLICA`, and an index
+/// `index` on storage collection `source` that has hydrated; with the time from creating the index until
+/// it did.
+async fn controller_with_index(
+    storage: Arc<dyn StorageCollections>,
+    config: ControllerConfig,
+    replica: &ReplicaHandle,
+    source: GlobalId,
+    index: GlobalId,
+) -> (ComputeController, Duration) {
+    let mut controller = ComputeController::new(storage, None, config).await.expect("controller");
+    controller.create_instance(INSTANCE, controller.default_instance_config()).expect("instance");
+    let addresses = vec![replica.local_addr().to_string()];
+    controller.add_replica(INSTANCE, REPLICA, ReplicaLocation::Unmanaged { addresses }).await.expect("add");
+    let hydration = Instant::now();
+    controller.create_dataflow(INSTANCE, index_on(source, index, None)).await.expect("create index");
+    wait_until("the index hydrates", Duration::from_secs(300), || {
+        controller.collection_frontiers(INSTANCE, index).is_ok_and(|f| !f.upper.less_equal(&0))
+    })
+    .await;
+    (controller, hydration.elapsed())
 }
 
 /// `count` point peeks of `keys` keys with up to `window` in flight, each answer checked; peeks per second.
