@@ -77,7 +77,7 @@ pub const LAYERS: &[Layer] = &[
         // controller (so the tests, the benchmark and the cluster scenario share it).
         krate: "tpch",
         deps: &["frontiers", "protocol", "transport", "storage", "compute", "controller"],
-        extra_dev_deps: &[],
+        extra_dev_deps: &["test-support"],
     },
     Layer {
         krate: "sim",

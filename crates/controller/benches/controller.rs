@@ -100,9 +100,9 @@ use protocol::{
 use replica_client::{ReplicaEvent, ReplicaStatus};
 use storage::{AppendRequest, InProcess, StorageCollections, StoreConfig};
 
-use test_support::XorShift;
 use test_support::counting_alloc::{CountingAlloc, live_bytes};
 use test_support::loopback::{Echo, echo_server};
+use test_support::{XorShift, median};
 
 /// Counts live bytes for the memory figures (`test_support::counting_alloc`).
 #[global_allocator]
@@ -1126,13 +1126,6 @@ fn bench_metrics(pki: &BenchPki) {
 
 /// Rounds of the metrics benchmark; odd, so the median is one of them.
 const METRICS_ROUNDS: usize = 31;
-
-/// The median of `values` (sorted in place).
-fn median(values: &mut [f64]) -> f64 {
-    assert!(!values.is_empty(), "the median of nothing");
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
-}
 
 /// A controller with instance `INSTANCE`, `replica` as its unmanaged replica `REPLICA`, and an index
 /// `index` on storage collection `source` that has hydrated; with the time from creating the index until

@@ -1,6 +1,6 @@
 //! What the workspace's tests and benchmarks share, written once: a seeded [`XorShift`] generator,
 //! loopback TCP round trips as a network baseline ([`loopback`]), a global allocator that counts live
-//! bytes ([`counting_alloc`]), a process's resident memory from `/proc` ([`memory`]), and the proptest
+//! bytes ([`counting_alloc`]), a process's resident memory from `/proc` ([`memory`]), [`median`], and the proptest
 //! settings every property test takes from `PROPTEST_CASES` ([`proptest_cases`], [`proptest_config`]).
 //!
 //! **What this is not.** Nothing here is used by a library or a binary of the system: it is a
@@ -59,9 +59,25 @@ pub fn proptest_config(cases: u32) -> proptest::test_runner::Config {
     }
 }
 
+/// The median of `values` (sorted in place): the middle one, the upper middle for an even count. For
+/// benchmarks' repeated runs and paired ratios. Panics on an empty slice or on values without an order
+/// (a NaN).
+pub fn median<T: Copy + PartialOrd>(values: &mut [T]) -> T {
+    assert!(!values.is_empty(), "the median of nothing");
+    values.sort_by(|a, b| a.partial_cmp(b).expect("values with an order (no NaN)"));
+    values[values.len() / 2]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_median_is_the_middle_value_whatever_the_order() {
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&mut [4, 1, 3, 2]), 3);
+        assert_eq!(median(&mut [std::time::Duration::from_millis(7)]), std::time::Duration::from_millis(7));
+    }
 
     #[test]
     fn xorshift_is_a_function_of_its_seed_and_never_sticks_at_zero() {

@@ -52,19 +52,6 @@ fn report(name: &str, value: f64, unit: &str, baseline: f64, baseline_unit: &str
     println!("bench {name}: {value:.3} {unit} (baseline {baseline:.3} {baseline_unit}, ratio {ratio:.4})");
 }
 
-fn median(mut values: Vec<Duration>) -> Duration {
-    values.sort();
-    values[values.len() / 2]
-}
-
-/// A process's `VmHWM` or `VmRSS`, in bytes.
-fn memory_bytes(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/<pid>/status");
-    let line = status.lines().find(|l| l.starts_with(field)).expect("the field");
-    let kib: u64 = line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).expect("kB");
-    kib * 1024
-}
-
 /// Checks every query's answer at `time` against SQLite's and returns SQLite's time to compute them.
 async fn check(runner: &Runner, oracle: &Oracle, queries: &[Query], time: u64) -> Duration {
     let mut sqlite = Duration::ZERO;
@@ -100,7 +87,7 @@ async fn maintain(
         oracle.apply(&batch).expect("SQLite applies the batch");
         theirs.push(check(runner, oracle, queries, time).await);
     }
-    (median(ours), median(theirs))
+    (test_support::median(&mut ours), test_support::median(&mut theirs))
 }
 
 async fn bench_time(binary: PathBuf) {
@@ -172,7 +159,8 @@ async fn bench_memory(binary: PathBuf) {
         runner.install(&queries).await.expect("install");
         runner.wait_until_complete(&queries, runner.latest_time(), LIMIT).await.expect("hydrated");
         let pid = runner.replica_pid().expect("a replica process");
-        let (peak, resident) = (memory_bytes(pid, "VmHWM:"), memory_bytes(pid, "VmRSS:"));
+        let peak = test_support::memory::peak_rss_bytes(pid).expect("/proc/<pid>/status has VmHWM");
+        let resident = test_support::memory::rss_bytes(pid).expect("/proc/<pid>/status has VmRSS");
         let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
         let data_bytes = data.encoded_bytes() as u64;
         report(&format!("tpch.replica_peak_rss_sf{sf}"), mib(peak), "MiB", mib(data_bytes), "MiB");
