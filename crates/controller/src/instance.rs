@@ -113,7 +113,7 @@ use crate::error::{
     ReadPolicyError, ReplicaCreationError, ReplicaDropError,
 };
 use crate::introspection::{IntrospectionKind, IntrospectionState, ReplicaHealth, peek_duration_bucket_ms};
-use crate::metrics::{CollectionCounts, InstanceGauges, InstanceMetrics};
+use crate::metrics::{CollectionCounts, InstanceGauges, InstanceMetrics, LagSeries};
 use crate::response::{ComputeControllerResponse, PeekNotification, PeekOutcome, PeekResult};
 use crate::status::{LagMinute as LagMinuteMax, ReplicaHydration, ReplicaLag};
 
@@ -515,6 +515,9 @@ struct Collection<T: Timestamp> {
     /// connection that begins later never reports on it. Live collections get here only as finished
     /// sinks (see [`InstanceCore::apply_policy`]).
     fully_compacted: bool,
+    /// With metrics: the live collection's wall-clock lag histogram, from its first observation until
+    /// it is dropped (see `metrics::LagSeries`).
+    lag_series: Option<LagSeries>,
 }
 
 #[derive(Debug)]
@@ -608,6 +611,22 @@ struct LagMinute {
 /// A minute, in milliseconds.
 const MINUTE_MS: u64 = 60_000;
 
+/// The collections' lag series live in the shared state, which the controller's handle on the instance
+/// may keep after the core is gone: they go with the core, so a dropped instance leaves no series.
+impl<T: Timestamp> Drop for InstanceCore<T> {
+    fn drop(&mut self) {
+        if self.metrics.is_none() {
+            return;
+        }
+        // Not `lock`: a drop while unwinding from a poisoning panic must not panic again.
+        if let Ok(mut shared) = self.shared.lock() {
+            for (_, collection) in shared.holds.attachments_mut() {
+                collection.lag_series = None;
+            }
+        }
+    }
+}
+
 impl<T: Timestamp> InstanceCore<T> {
     /// An empty instance. `notify` is called whenever a hold changes from outside (a caller dropped or
     /// downgraded a [`ReadHold`]), so the owner can wake up and [`process_holds`](Self::process_holds).
@@ -654,11 +673,6 @@ impl<T: Timestamp> InstanceCore<T> {
     pub fn with_metrics(mut self, mut metrics: InstanceMetrics) -> Self {
         for replica in self.replicas.keys() {
             metrics.replica_added(*replica);
-        }
-        for (id, collection) in lock(&self.shared).holds.attachments() {
-            if !collection.dropped {
-                metrics.collection_created(*id);
-            }
         }
         self.metrics = Some(metrics);
         self
@@ -977,15 +991,13 @@ impl<T: Timestamp> InstanceCore<T> {
                 until: until.clone(),
                 finished: false,
                 fully_compacted: false,
+                lag_series: None,
             })
             .expect("export ids are new");
         if upper_from_storage {
             Self::apply_policy(shared.holds.attachment_mut(&id).expect("just created"));
         }
         drop(shared);
-        if let Some(metrics) = &mut self.metrics {
-            metrics.collection_created(id);
-        }
     }
 
     /// Drops collections. All ids must name live collections, else nothing is dropped.
@@ -1431,6 +1443,9 @@ impl<T: Timestamp> InstanceCore<T> {
         self.lag_minute.max_lag_ms.retain(|(c, _), _| *c != id);
         if let Some(metrics) = &mut self.metrics {
             metrics.collection_dropped(id);
+            if let Some(collection) = lock(&self.shared).holds.attachment_mut(&id) {
+                collection.lag_series = None;
+            }
         }
     }
 
@@ -1852,13 +1867,14 @@ impl<T: Timestamp> InstanceCore<T> {
     fn refresh_wallclock_lag(&mut self) {
         // Read out under the lock, packed into rows after it (see `refresh_frontier_rows`).
         let mut lags = Vec::new();
-        let mut collection_lags = Vec::new();
         let mut counts = CollectionCounts::default();
+        let now_ms = self.now_ms;
         let lag_of = |frontier: &Antichain<T>| match frontier.elements().first() {
-            Some(upper) => self.now_ms.saturating_sub(upper.to_wallclock_ms()),
+            Some(upper) => now_ms.saturating_sub(upper.to_wallclock_ms()),
             None => 0,
         };
-        for (id, collection) in lock(&self.shared).holds.attachments() {
+        let metrics = self.metrics.as_ref();
+        for (id, collection) in lock(&self.shared).holds.attachments_mut() {
             counts.import_holds += collection.import_holds.len();
             if collection.dropped {
                 continue;
@@ -1866,8 +1882,11 @@ impl<T: Timestamp> InstanceCore<T> {
             if collection.kind == CollectionKind::Subscribe && !collection.finished {
                 counts.subscribes += 1;
             }
-            if self.metrics.is_some() && !collection.write_frontier.is_empty() {
-                collection_lags.push((*id, lag_of(&collection.write_frontier)));
+            if let Some(metrics) = metrics
+                && !collection.write_frontier.is_empty()
+            {
+                let series = collection.lag_series.get_or_insert_with(|| metrics.lag_series(*id));
+                series.observe(lag_of(&collection.write_frontier));
             }
             for (replica, state) in collection.per_replica.iter() {
                 counts.replica_input_holds += state.input_holds.len();
@@ -1892,9 +1911,6 @@ impl<T: Timestamp> InstanceCore<T> {
             );
         }
         if let Some(metrics) = &mut self.metrics {
-            for (id, lag_ms) in collection_lags {
-                metrics.wallclock_lag(id, lag_ms);
-            }
             metrics.collection_counts(counts);
         }
     }

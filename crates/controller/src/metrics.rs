@@ -32,14 +32,17 @@
 //!   (dataflows on their inputs), `replica_input` (per replica on storage inputs), `peek`
 //!
 //! **Series go with their objects.** An [`InstanceMetrics`] owns the [`Series`] of its instance, of each
-//! replica and of each live collection; when the replica is dropped, the collection dropped (by the user)
-//! or the instance's core dropped, the series are removed from the registry. Nothing stale is exposed.
+//! replica and of each live collection's hydration times; a collection's lag histogram lives in the
+//! core's state of that collection (`LagSeries`, made at its first observation). When the replica is
+//! dropped, the collection dropped (by the user) or the instance's core dropped, the series are removed
+//! from the registry. Nothing stale is exposed.
 //!
 //! **Cost on hot paths.** A frontier report or a command costs plain additions to per-replica tallies
 //! (no atomic operation, no label formatting, no lock), flushed into the registry on every tick of the
 //! instance ([`InstanceCore::tick`](crate::InstanceCore::tick)); a command's bytes are its exact encoded
 //! size, measured without encoding it. Per-collection values (lag, gauges) are refreshed once per
-//! introspection interval. A peek's outcome and duration are two atomic updates of handles made when the
+//! introspection interval, in the walk over the collections the introspection does anyway (no lookup
+//! per collection). A peek's outcome and duration are two atomic updates of handles made when the
 //! instance was created ([`PeekRecorder`]). `cargo xtask bench controller` measures the peek throughput
 //! and the cost of a frontier update with metrics against without (`controller.metrics_*`).
 //!
@@ -337,7 +340,7 @@ impl ControllerMetrics {
             read_holds: HOLD_KINDS.map(|kind| Series::new(&self.read_holds, &[&instance, kind])),
             peeks,
             replicas: BTreeMap::new(),
-            collections: BTreeMap::new(),
+            hydration_times: BTreeMap::new(),
             families: self.clone(),
             instance,
         }
@@ -411,11 +414,23 @@ struct ReplicaMetrics {
     unhydrated: Series<IntGaugeVec>,
 }
 
-/// One live collection's series.
-struct CollectionMetrics {
-    wallclock_lag: Series<HistogramVec>,
-    /// Per replica, once hydrated on its current connection.
-    hydration_time: BTreeMap<ReplicaId, Series<GaugeVec>>,
+/// One live collection's wall-clock lag histogram. The core keeps it in the collection's own state
+/// (made at the collection's first observation), so the observation once per interval needs no lookup
+/// and touches no memory the walk over the collections does not reach anyway; it goes from the registry
+/// when the core drops it (the collection dropped by the user, or the core itself).
+pub(crate) struct LagSeries(Series<HistogramVec>);
+
+impl LagSeries {
+    /// Observes a lag of `lag_ms`.
+    pub(crate) fn observe(&self, lag_ms: u64) {
+        self.0.observe(lag_ms as f64 / 1_000.0);
+    }
+}
+
+impl fmt::Debug for LagSeries {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("LagSeries").field(&self.0.labels()).finish()
+    }
 }
 
 /// An instance's peek series, owned by its [`InstanceMetrics`].
@@ -466,7 +481,8 @@ pub struct InstanceMetrics {
     read_holds: [Series<IntGaugeVec>; 3],
     peeks: PeekSeries,
     replicas: BTreeMap<ReplicaId, ReplicaMetrics>,
-    collections: BTreeMap<GlobalId, CollectionMetrics>,
+    /// Per live collection that hydrated somewhere, per replica it hydrated on (current connection).
+    hydration_times: BTreeMap<GlobalId, BTreeMap<ReplicaId, Series<GaugeVec>>>,
 }
 
 impl fmt::Debug for InstanceMetrics {
@@ -474,7 +490,7 @@ impl fmt::Debug for InstanceMetrics {
         f.debug_struct("InstanceMetrics")
             .field("instance", &self.instance)
             .field("replicas", &self.replicas.keys().collect::<Vec<_>>())
-            .field("collections", &self.collections.len())
+            .field("hydrated_collections", &self.hydration_times.len())
             .finish_non_exhaustive()
     }
 }
@@ -529,9 +545,10 @@ impl InstanceMetrics {
 
     /// The replica lost its connection: its hydration times were of that connection.
     pub(crate) fn replica_disconnected(&mut self, replica: ReplicaId) {
-        for collection in self.collections.values_mut() {
-            collection.hydration_time.remove(&replica);
+        for replicas in self.hydration_times.values_mut() {
+            replicas.remove(&replica);
         }
+        self.hydration_times.retain(|_, replicas| !replicas.is_empty());
     }
 
     pub(crate) fn replica_reconnected(&mut self, replica: ReplicaId) {
@@ -569,31 +586,25 @@ impl InstanceMetrics {
         self.subscribe_updates.pending += updates as u64;
     }
 
-    pub(crate) fn collection_created(&mut self, id: GlobalId) {
-        let wallclock_lag = Series::new(&self.families.wallclock_lag, &[&self.instance, &id.to_string()]);
-        self.collections.insert(id, CollectionMetrics { wallclock_lag, hydration_time: BTreeMap::new() });
+    /// The lag histogram of live collection `id`, for the core to keep in the collection's state.
+    pub(crate) fn lag_series(&self, id: GlobalId) -> LagSeries {
+        LagSeries(Series::new(&self.families.wallclock_lag, &[&self.instance, &id.to_string()]))
     }
 
-    /// The user dropped `id`: every series of it goes.
+    /// The user dropped `id`: its hydration times go (its lag series goes with the core's state of it).
     pub(crate) fn collection_dropped(&mut self, id: GlobalId) {
-        self.collections.remove(&id);
+        self.hydration_times.remove(&id);
     }
 
+    /// Live collection `id` hydrated on `replica`'s current connection in `hydration_ms`.
     pub(crate) fn hydrated(&mut self, id: GlobalId, replica: ReplicaId, hydration_ms: u64) {
-        let Some(collection) = self.collections.get_mut(&id) else { return };
-        let series = collection.hydration_time.entry(replica).or_insert_with(|| {
+        let series = self.hydration_times.entry(id).or_default().entry(replica).or_insert_with(|| {
             Series::new(
                 &self.families.hydration_time,
                 &[&self.instance, &replica.to_string(), &id.to_string()],
             )
         });
         series.set(hydration_ms as f64 / 1_000.0);
-    }
-
-    pub(crate) fn wallclock_lag(&mut self, id: GlobalId, lag_ms: u64) {
-        if let Some(collection) = self.collections.get(&id) {
-            collection.wallclock_lag.observe(lag_ms as f64 / 1_000.0);
-        }
     }
 
     /// The replica's count of live collections not hydrated on its current connection.

@@ -124,6 +124,25 @@ fn a_dropped_collection_leaves_no_series_and_the_others_stay() {
 }
 
 #[test]
+fn a_dropped_core_takes_its_collections_lag_series_along_while_its_shared_state_lives_on() {
+    let (mut h, registry) = Harness::with_metrics();
+    h.create_storage(s(1));
+    h.add_replica(R1);
+    h.create(index_on_storage(s(1), u(1), 0)).unwrap();
+    h.report(R1, u(1), f(1));
+    h.core.tick(1_000);
+    let lag_count =
+        || value(&registry, "compute_controller_wallclock_lag_seconds_count", &[("collection", "u1")]);
+    assert_eq!(lag_count(), Some(1.0));
+    // The controller's handle on an instance keeps the shared state; the core's series go with the core.
+    let shared = h.core.shared();
+    drop(h);
+    assert!(!mentions(&registry, "collection", "u1"), "{}", telemetry::encode_text(&registry));
+    assert_eq!(lag_count(), None);
+    drop(shared);
+}
+
+#[test]
 fn a_dropped_replica_leaves_no_series_and_a_lost_connection_loses_its_hydration_times() {
     let (mut h, registry) = Harness::with_metrics();
     h.create_storage(s(1));
