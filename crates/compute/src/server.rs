@@ -122,6 +122,11 @@ pub struct ReplicaLimits {
     /// make room (the active controller connection is not among them). Default
     /// [`DEFAULT_MAX_PENDING_CONNECTIONS`].
     pub max_pending_connections: usize,
+    /// How many bytes of a materialized view's updates its appender may hold that are not yet written
+    /// to storage (while writes are not allowed yet, or storage is unreachable); beyond it the view fails
+    /// (`StatusResponse::Failed`, saying so) instead of growing without bound. Default
+    /// [`DEFAULT_MAX_VIEW_BACKLOG_BYTES`].
+    pub max_view_backlog_bytes: u64,
 }
 
 /// How long, by default, a connection may take to set up TLS, authenticate and say Hello.
@@ -132,6 +137,8 @@ pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 60_000;
 pub const DEFAULT_KEEPALIVE_INTERVAL_MS: u64 = 10_000;
 /// How many unauthenticated connections a process keeps at most, by default.
 pub const DEFAULT_MAX_PENDING_CONNECTIONS: usize = 64;
+/// How many bytes of updates, by default, a materialized view's appender holds unwritten at most (1 GiB).
+pub const DEFAULT_MAX_VIEW_BACKLOG_BYTES: u64 = 1 << 30;
 
 impl Default for ReplicaLimits {
     fn default() -> Self {
@@ -142,6 +149,7 @@ impl Default for ReplicaLimits {
             idle_timeout_ms: DEFAULT_IDLE_TIMEOUT_MS,
             keepalive_interval_ms: DEFAULT_KEEPALIVE_INTERVAL_MS,
             max_pending_connections: DEFAULT_MAX_PENDING_CONNECTIONS,
+            max_view_backlog_bytes: DEFAULT_MAX_VIEW_BACKLOG_BYTES,
         }
     }
 }
@@ -154,8 +162,11 @@ impl ReplicaLimits {
             return invalid(format!("a frame limit below {PRE_AUTH_MAX_FRAME_BYTES} bytes"));
         }
         let timeouts = [self.handshake_timeout_ms, self.idle_timeout_ms, self.keepalive_interval_ms];
-        if timeouts.contains(&0) || self.max_pending_connections == 0 {
-            return invalid("a zero timeout, keepalive interval or pending-connection limit".to_string());
+        if timeouts.contains(&0) || self.max_pending_connections == 0 || self.max_view_backlog_bytes == 0 {
+            return invalid(
+                "a zero timeout, keepalive interval, pending-connection limit or view backlog limit"
+                    .to_string(),
+            );
         }
         Ok(())
     }
@@ -368,8 +379,11 @@ impl ReplicaServer {
             .enable_all()
             .build()
             .map_err(StartError::Threads)?;
-        let core_limits =
-            CoreLimits { max_frame_bytes, max_queued_bytes: max_frame_bytes.saturating_mul(QUEUED_FRAMES) };
+        let core_limits = CoreLimits {
+            max_frame_bytes,
+            max_queued_bytes: max_frame_bytes.saturating_mul(QUEUED_FRAMES),
+            max_view_backlog_bytes: limits.max_view_backlog_bytes,
+        };
         // Kept by the I/O thread beyond the core (which a panic drops), so that the workers stop only
         // after a failed process has cut its cluster sockets (see `Core::run`).
         let workers_after_core = senders.clone();

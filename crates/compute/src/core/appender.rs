@@ -9,7 +9,10 @@
 //! writable) is retried with a bounded backoff ([`RetryBackoff`]), logged; a failure that retrying cannot
 //! cure (the target dropped, an append storage refuses, a multiplicity beyond `i64`, an error in the
 //! view's data) stops the appender and is reported to the core as `CoreEvent::ExportFailed`, which the
-//! controller hears as `StatusResponse::Failed`.
+//! controller hears as `StatusResponse::Failed`. Batches are taken in as they arrive, also while the
+//! appender waits for `AllowWrites` or for storage to return; what it holds unwritten is bounded by
+//! `ReplicaLimits::max_view_backlog_bytes` (1 GiB by default), beyond which the view fails the same way,
+//! saying so, rather than growing without bound.
 //!
 //! **What this is not.** It does not merge the workers' output (the core's sink merging does) and does
 //! not decide when a view is dropped (its task is aborted with its dataflow).
@@ -19,7 +22,8 @@
 //! the appender is reported once, and a transient one never is.
 //!
 //! **Tests.** `mod tests` below: each failure that stops the appender is reported, retries while storage
-//! is unreachable, the backoff's delays. Through the socket in `tests/it/exports.rs`.
+//! is unreachable (batches taken in meanwhile, nothing lost or doubled), the backlog before `AllowWrites`
+//! written in one append, the backlog limit before writes and during an outage, the backoff's delays. Through the socket in `tests/it/exports.rs`.
 
 use std::sync::Arc;
 
@@ -73,12 +77,15 @@ pub(super) fn spawn_appender(
     as_of: Time,
     allow_writes: watch::Receiver<bool>,
     report: FailureReport,
+    max_backlog_bytes: u64,
 ) -> (UnboundedSender<MvBatch>, JoinHandle<()>) {
-    // Unbounded, and nothing bounds it yet: the appender takes every batch waiting before each append,
-    // but before `AllowWrites` and while storage stays unreachable the view's batches queue here.
+    // Unbounded as a channel, bounded by what the appender holds: it takes every batch as it arrives,
+    // also while it waits for `AllowWrites` or for storage to come back, and fails the view once what it
+    // holds unwritten passes `max_backlog_bytes`.
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let span = tracing::info_span!("appender", collection = %report.id, target = %target);
-    let appending = append_materialized_view(storage, target, as_of, rx, allow_writes, report);
+    let appending =
+        append_materialized_view(storage, target, as_of, rx, allow_writes, report, max_backlog_bytes);
     (tx, tokio::spawn(appending.instrument(span)))
 }
 
@@ -89,7 +96,9 @@ pub(super) fn spawn_appender(
 /// which the controller hears as `StatusResponse::Failed`): the target was dropped, storage refused the
 /// append (a row that does not match the target, a request over its frame limit), a multiplicity left
 /// `i64`, the view's data has an error, the target cannot be read. A transient one (storage unreachable,
-/// its log not writable) is retried with a bounded backoff ([`RetryBackoff`]), logged.
+/// its log not writable) is retried with a bounded backoff ([`RetryBackoff`]), logged. Batches that
+/// arrive meanwhile are taken in; if what the appender then holds unwritten passes `max_backlog_bytes`
+/// the view fails, saying so.
 async fn append_materialized_view(
     storage: Arc<dyn StorageCollections>,
     target: GlobalId,
@@ -97,18 +106,23 @@ async fn append_materialized_view(
     batches: UnboundedReceiver<MvBatch>,
     allow_writes: watch::Receiver<bool>,
     report: FailureReport,
+    max_backlog_bytes: u64,
 ) {
     let appender = ViewAppender {
         storage,
         target,
         as_of,
+        batches,
+        batches_ended: false,
         upper: Antichain::from_elem(0),
         pending: Vec::new(),
         pending_upper: Antichain::from_elem(as_of),
+        backlog_bytes: 0,
+        max_backlog_bytes,
         reconciled: false,
         retry: RetryBackoff::default(),
     };
-    if let Err(error) = appender.run(batches, allow_writes).await {
+    if let Err(error) = appender.run(allow_writes).await {
         warn!(%target, id = %report.id, %error, "the materialized view stops appending");
         // Fails only once the core is gone, and with it whoever would hear of it.
         let _ = report.events.send(CoreEvent::ExportFailed { key: report.key, id: report.id, error });
@@ -120,11 +134,18 @@ struct ViewAppender {
     storage: Arc<dyn StorageCollections>,
     target: GlobalId,
     as_of: Time,
+    /// The view's batches, from the core's sink merging.
+    batches: UnboundedReceiver<MvBatch>,
+    /// The core let go of the sender (the dataflow is going): no batch comes any more.
+    batches_ended: bool,
     /// The target's upper as last seen: where the next append starts.
     upper: Antichain<Time>,
     /// Updates received and not yet written, and the upper they complete.
     pending: Vec<(Row, Time, Diff)>,
     pending_upper: Antichain<Time>,
+    /// The memory `pending` holds, about ([`update_bytes`]); at most `max_backlog_bytes`.
+    backlog_bytes: u64,
+    max_backlog_bytes: u64,
     /// Whether what the target held before the view's as-of has been taken into account.
     reconciled: bool,
     retry: RetryBackoff,
@@ -132,28 +153,89 @@ struct ViewAppender {
 
 impl ViewAppender {
     /// Appends until the batches end (`Ok`) or a failure retrying cannot cure (`Err`, why).
-    async fn run(
-        mut self,
-        mut batches: UnboundedReceiver<MvBatch>,
-        mut allow_writes: watch::Receiver<bool>,
-    ) -> Result<(), String> {
-        if allow_writes.wait_for(|allowed| *allowed).await.is_err() {
-            return Ok(()); // The core is gone.
+    async fn run(mut self, mut allow_writes: watch::Receiver<bool>) -> Result<(), String> {
+        // Until writes are allowed, batches are taken in (and counted against the backlog limit).
+        loop {
+            tokio::select! {
+                allowed = allow_writes.wait_for(|allowed| *allowed) => {
+                    if allowed.is_err() {
+                        return Ok(()); // The core is gone.
+                    }
+                    break;
+                }
+                batch = self.batches.recv(), if !self.batches_ended => self.take_in(batch)?,
+            }
         }
         self.upper = self.read_upper().await?;
-        while let Some(batch) = batches.recv().await {
-            let mut batch = Some(batch);
-            while let Some(next) = batch.take().or_else(|| batches.try_recv().ok()) {
-                if let Some(error) = next.error {
-                    return Err(format!("the view's data has an error: {error}"));
-                }
-                debug_assert!(PartialOrder::less_equal(&next.lower, &self.pending_upper) || !self.reconciled);
-                self.pending.extend(next.updates);
-                self.pending_upper = next.upper;
+        if self.pending_upper != Antichain::from_elem(self.as_of) {
+            self.write_pending().await?;
+        }
+        loop {
+            let batch = self.batches.recv().await;
+            if batch.is_none() {
+                return Ok(());
+            }
+            self.take_in(batch)?;
+            while let Ok(next) = self.batches.try_recv() {
+                self.take_in(Some(next))?;
             }
             self.write_pending().await?;
         }
+    }
+
+    /// Takes in the next batch (`None`: the batches ended): its updates join what is pending, unless
+    /// the view's data has an error or the backlog passes its limit.
+    fn take_in(&mut self, batch: Option<MvBatch>) -> Result<(), String> {
+        let Some(batch) = batch else {
+            self.batches_ended = true;
+            return Ok(());
+        };
+        if let Some(error) = batch.error {
+            return Err(format!("the view's data has an error: {error}"));
+        }
+        debug_assert!(PartialOrder::less_equal(&batch.lower, &self.pending_upper) || !self.reconciled);
+        self.hold(batch.updates)?;
+        self.pending_upper = batch.upper;
         Ok(())
+    }
+
+    /// Adds `updates` to what is pending, counting them against the backlog limit.
+    fn hold(&mut self, updates: Vec<(Row, Time, Diff)>) -> Result<(), String> {
+        let bytes: u64 = updates.iter().map(update_bytes).sum();
+        self.backlog_bytes = self.backlog_bytes.saturating_add(bytes);
+        self.pending.extend(updates);
+        if self.backlog_bytes > self.max_backlog_bytes {
+            return Err(format!(
+                "it holds {} bytes of updates not yet written to storage, beyond its limit of {} bytes \
+                 (writes not allowed yet, or storage unreachable, for too long)",
+                self.backlog_bytes, self.max_backlog_bytes
+            ));
+        }
+        Ok(())
+    }
+
+    /// Everything pending is in the target.
+    fn written(&mut self) {
+        self.pending.clear();
+        self.backlog_bytes = 0;
+    }
+
+    /// Logs a transient failure of `operation` and waits before the next attempt, taking in the
+    /// batches that arrive meanwhile.
+    async fn retry_later(
+        &mut self,
+        operation: &'static str,
+        error: &(dyn std::fmt::Display + Sync),
+    ) -> Result<(), String> {
+        let delay = self.retry.failed(self.target, operation, error);
+        let sleep = tokio::time::sleep(delay);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                () = &mut sleep => return Ok(()),
+                batch = self.batches.recv(), if !self.batches_ended => self.take_in(batch)?,
+            }
+        }
     }
 
     /// The target's upper, retrying while storage is unreachable.
@@ -165,7 +247,7 @@ impl ViewAppender {
                     return Ok(frontiers.upper);
                 }
                 Err(error @ ReadError::Disconnected) => {
-                    self.retry.wait(self.target, "reading the target's upper", &error).await
+                    self.retry_later("reading the target's upper", &error).await?
                 }
                 Err(ReadError::CollectionMissing(_) | ReadError::CollectionDropped(_)) => {
                     return Err(format!("its target {} was dropped", self.target));
@@ -182,7 +264,7 @@ impl ViewAppender {
         loop {
             if !PartialOrder::less_than(&self.upper, &self.pending_upper) {
                 // Someone (another replica) already wrote this range: everything pending is there.
-                self.pending.clear();
+                self.written();
                 return Ok(());
             }
             if !self.reconciled {
@@ -200,7 +282,7 @@ impl ViewAppender {
                 Ok(()) => {
                     self.retry.reset();
                     self.upper = self.pending_upper.clone();
-                    self.pending.clear();
+                    self.written();
                     return Ok(());
                 }
                 Err(AppendError::UpperMismatch { current, .. }) => {
@@ -208,7 +290,7 @@ impl ViewAppender {
                     self.upper = current;
                 }
                 Err(error @ (AppendError::Disconnected | AppendError::Io(_))) => {
-                    self.retry.wait(self.target, "appending", &error).await
+                    self.retry_later("appending", &error).await?
                 }
                 Err(AppendError::CollectionMissing(_)) => {
                     // Storage never reuses an id: a dropped target stays dropped.
@@ -230,7 +312,7 @@ impl ViewAppender {
             match self.storage.snapshot(self.target, current - 1).await {
                 Ok(existing) => break existing,
                 Err(error @ ReadError::Disconnected) => {
-                    self.retry.wait(self.target, "reading the target's contents", &error).await
+                    self.retry_later("reading the target's contents", &error).await?
                 }
                 Err(error) => {
                     return Err(format!("cannot read what its target {} holds: {error}", self.target));
@@ -238,15 +320,22 @@ impl ViewAppender {
             }
         };
         self.retry.reset();
+        let mut retractions = Vec::with_capacity(existing.len());
         for (row, diff) in existing {
             let Some(retraction) = diff.checked_neg() else {
                 return Err(format!("its target holds row {row} {diff} times: the retraction leaves i64"));
             };
-            self.pending.push((row, self.as_of, retraction));
+            retractions.push((row, self.as_of, retraction));
         }
+        self.hold(retractions)?;
         self.reconciled = true;
         Ok(())
     }
+}
+
+/// The memory an update pending in an appender takes, about: the tuple and the row's bytes.
+fn update_bytes(update: &(Row, Time, Diff)) -> u64 {
+    (std::mem::size_of::<(Row, Time, Diff)>() + update.0.byte_len()) as u64
 }
 
 /// `updates` consolidated (one update per row and time, none zero), summed exactly: a multiplicity that
@@ -290,17 +379,17 @@ impl RetryBackoff {
         APPEND_RETRY_INITIAL_MS.saturating_mul(1 << doublings).min(APPEND_RETRY_MAX_MS)
     }
 
-    /// Logs a transient failure of `operation` and waits before the next attempt.
-    async fn wait(
+    /// Counts and logs a transient failure of `operation`: how long to wait before the next attempt.
+    fn failed(
         &mut self,
         target: GlobalId,
         operation: &'static str,
         error: &(dyn std::fmt::Display + Sync),
-    ) {
+    ) -> std::time::Duration {
         self.failures = self.failures.saturating_add(1);
         let delay_ms = Self::delay_ms(self.failures);
         warn!(%target, operation, %error, attempt = self.failures, delay_ms, "storage unavailable to a materialized view; retrying");
-        tokio::time::sleep(std::time::Duration::from_millis(delay_ms)).await;
+        std::time::Duration::from_millis(delay_ms)
     }
 
     /// Forgets the failures: the last attempt succeeded.
@@ -403,22 +492,39 @@ mod tests {
         events: mpsc::UnboundedReceiver<CoreEvent>,
         task: tokio::task::JoinHandle<()>,
         target: GlobalId,
-        _allow_writes: watch::Sender<bool>,
+        allow_writes: watch::Sender<bool>,
     }
 
     const VIEW: GlobalId = GlobalId::User(100);
     const KEY: u64 = 7;
 
     async fn start_appender(storage: Arc<dyn StorageCollections>, target: GlobalId) -> Appender {
+        start_appender_with(storage, target, true, crate::server::DEFAULT_MAX_VIEW_BACKLOG_BYTES).await
+    }
+
+    /// The appender, writes allowed or not yet, holding at most `max_backlog_bytes` unwritten.
+    async fn start_appender_with(
+        storage: Arc<dyn StorageCollections>,
+        target: GlobalId,
+        writes_allowed: bool,
+        max_backlog_bytes: u64,
+    ) -> Appender {
         let desc = RelationDesc::new([("a", ColumnType::new(ScalarType::Int64, false))]);
         storage.create_collection(target, desc).await.expect("create the target");
         let (batches, batches_rx) = mpsc::unbounded_channel();
-        let (allow_writes, allow_writes_rx) = watch::channel(true);
+        let (allow_writes, allow_writes_rx) = watch::channel(writes_allowed);
         let (events_tx, events) = mpsc::unbounded_channel();
         let report = FailureReport { events: events_tx, key: KEY, id: VIEW };
-        let task =
-            tokio::spawn(append_materialized_view(storage, target, 0, batches_rx, allow_writes_rx, report));
-        Appender { batches, events, task, target, _allow_writes: allow_writes }
+        let appending = append_materialized_view(
+            storage,
+            target,
+            0,
+            batches_rx,
+            allow_writes_rx,
+            report,
+            max_backlog_bytes,
+        );
+        Appender { batches, events, task: tokio::spawn(appending), target, allow_writes }
     }
 
     fn batch(lower: u64, upper: u64, updates: &[(Row, u64, i64)]) -> MvBatch {
@@ -536,6 +642,96 @@ mod tests {
         assert_eq!(storage.appends.load(Ordering::SeqCst), 4, "three refused attempts, then the append");
         assert!(appender.events.try_recv().is_err(), "nothing is reported for a transient failure");
         assert!(!appender.task.is_finished(), "the appender goes on");
+    }
+
+    /// `n` batches of one update each, `[t, t + 1)` for `t` in `0..n`.
+    fn send_batches(appender: &Appender, n: u64) {
+        for t in 0..n {
+            let _ = appender.batches.send(batch(t, t + 1, &[(int(t as i64), t, 1)]));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_materialized_view_takes_in_its_batches_before_writes_are_allowed_and_then_writes_them_in_one_append()
+     {
+        let storage = FlakyStorage::new(0);
+        let appender = start_appender_with(
+            Arc::clone(&storage) as Arc<dyn StorageCollections>,
+            GlobalId::User(1),
+            false,
+            1 << 20,
+        )
+        .await;
+        send_batches(&appender, 50);
+        // (That the batches are taken in while waiting, not left in the channel, is what the next test's
+        // limit shows.)
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert_eq!(storage.appends.load(Ordering::SeqCst), 0, "nothing is written before AllowWrites");
+        appender.allow_writes.send(true).expect("the appender runs");
+        wait_upper(&*storage, appender.target, 50).await;
+        assert_eq!(storage.appends.load(Ordering::SeqCst), 1, "the backlog goes in one append");
+        let written = storage.snapshot(appender.target, 49).await.expect("snapshot");
+        assert_eq!(written.len(), 50, "every batch's update is written: {written:?}");
+    }
+
+    #[tokio::test]
+    async fn a_materialized_view_whose_backlog_passes_its_limit_before_writes_are_allowed_fails_and_says_so()
+    {
+        let storage = FlakyStorage::new(0);
+        // About 40 bytes an update: 50 of them pass 1 KiB.
+        let appender = start_appender_with(
+            Arc::clone(&storage) as Arc<dyn StorageCollections>,
+            GlobalId::User(1),
+            false,
+            1_024,
+        )
+        .await;
+        send_batches(&appender, 50);
+        let error = appender.failure().await;
+        assert!(error.contains("beyond its limit of 1024 bytes"), "{error}");
+        assert_eq!(storage.appends.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn a_materialized_view_whose_storage_stays_unreachable_takes_in_batches_until_its_backlog_limit_and_then_fails()
+     {
+        let storage = FlakyStorage::new(usize::MAX);
+        let appender = start_appender_with(
+            Arc::clone(&storage) as Arc<dyn StorageCollections>,
+            GlobalId::User(1),
+            true,
+            1_024,
+        )
+        .await;
+        send_batches(&appender, 1);
+        // The first append fails; the batches that arrive during the backoff are taken in and counted.
+        while storage.appends.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        for t in 1..50 {
+            let _ = appender.batches.send(batch(t, t + 1, &[(int(t as i64), t, 1)]));
+        }
+        let error = appender.failure().await;
+        assert!(error.contains("not yet written to storage, beyond its limit of 1024 bytes"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_materialized_view_takes_in_batches_while_storage_is_unreachable_and_writes_them_all_when_it_returns()
+     {
+        let storage = FlakyStorage::new(2);
+        let appender =
+            start_appender(Arc::clone(&storage) as Arc<dyn StorageCollections>, GlobalId::User(1)).await;
+        send_batches(&appender, 1);
+        while storage.appends.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        for t in 1..20 {
+            let _ = appender.batches.send(batch(t, t + 1, &[(int(t as i64), t, 1)]));
+        }
+        wait_upper(&*storage, appender.target, 20).await;
+        let written = storage.snapshot(appender.target, 19).await.expect("snapshot");
+        assert_eq!(written.len(), 20, "nothing lost: {written:?}");
+        assert!(written.iter().all(|(_, diff)| *diff == 1), "nothing doubled: {written:?}");
     }
 
     #[test]

@@ -245,6 +245,7 @@ impl Core {
                             as_of,
                             self.allow_writes.subscribe(),
                             report,
+                            self.limits.max_view_backlog_bytes,
                         );
                         tasks.push(task);
                         Some(tx)

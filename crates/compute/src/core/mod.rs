@@ -230,6 +230,8 @@ pub(crate) struct CoreLimits {
     /// Bytes of responses queued for a connection and not yet written beyond which the connection is
     /// dropped (the controller does not read its responses).
     pub max_queued_bytes: usize,
+    /// Bytes of a materialized view's updates its appender may hold unwritten (`appender.rs`).
+    pub max_view_backlog_bytes: u64,
 }
 
 impl std::fmt::Debug for Core {
