@@ -394,7 +394,7 @@ impl Core {
                     response: SubscribeResponse::DroppedAt(collection.sink.lower.clone()),
                 });
             }
-            ExportKind::CopyTo { .. } if !collection.sink.done => {
+            ExportKind::CopyTo { .. } if !collection.sink.done || collection.sink.writing => {
                 self.send(ComputeResponse::CopyToResponse { id, response: CopyToResponse::Dropped });
             }
             _ => {}

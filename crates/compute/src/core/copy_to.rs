@@ -5,23 +5,31 @@
 //! `AllowWrites` arrived ([`Core::write_ready_copy_tos`]), each process writes one file per local worker,
 //! `part-{process}-{worker}.csv`, into the copy-to's directory, and answers with its row count (the
 //! controller sums the processes'). An error in the snapshot, a negative multiplicity or a failed write
-//! is answered as `CopyToResponse::Error`.
+//! is answered as `CopyToResponse::Error`. The files are written on a blocking-pool thread, streamed
+//! line by line (never the whole file in memory), so the core goes on serving its connection and
+//! workers meanwhile; the answer comes back as `CoreEvent::CopyToWritten`. A copy-to dropped while
+//! its files are written is answered `Dropped` at once; what was written stays (the write is not
+//! undone).
 //!
 //! **What this is not.** Not a storage write: the files are local to the process, outside `storage`.
 //!
-//! **Invariants.** A copy-to is answered at most once (its merge is then `done`), and never before
-//! `AllowWrites`; a row is written as many times as its multiplicity.
+//! **Invariants.** A copy-to is answered exactly once (`done`, and `writing` until its files are written
+//! or it is dropped), and never before `AllowWrites`; a row is written as many times as its multiplicity.
 //!
 //! **Tests.** [`csv_line`] in `mod tests`; the files and answers through the socket in
 //! `tests/it/exports.rs` (written only after `AllowWrites`, a dropped copy-to answers `Dropped`).
 
 use std::fmt::Write as _;
+use std::io::Write as _;
 
 use frontiers::Antichain;
 use protocol::{ComputeResponse, CopyToResponse, Datum, GlobalId, Row};
 
-use super::Core;
+use tracing::debug;
+
 use super::catalog::ExportKind;
+use super::{Core, CoreEvent};
+use crate::messages::DataflowKey;
 use crate::render::{Diff, Time, error_message};
 
 impl Core {
@@ -62,46 +70,72 @@ impl Core {
         }
     }
 
-    /// Writes a finished copy-to's files (one per local worker) and answers with the row count.
+    /// Starts writing a finished copy-to's files (one per local worker) off the core's thread; the row
+    /// count (or the error) comes back as `CoreEvent::CopyToWritten`.
     fn write_copy_to(&mut self, id: GlobalId) {
         let process = self.topology.process;
         let Some(collection) = self.collections.get_mut(&id) else { return };
         let ExportKind::CopyTo { directory } = &collection.kind else { return };
+        let directory = directory.clone();
         let sink = &mut collection.sink;
+        assert!(!sink.done && !sink.writing, "copy-to {id} is written once");
         sink.done = true;
-        let response = match write_csv_files(directory, process, &mut sink.per_worker) {
-            Ok(count) => CopyToResponse::RowCount(count),
-            Err(e) => CopyToResponse::Error(e),
-        };
-        self.send(ComputeResponse::CopyToResponse { id, response });
+        sink.writing = true;
+        let per_worker = std::mem::take(&mut sink.per_worker);
+        let key = collection.dataflow;
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            let written =
+                tokio::task::spawn_blocking(move || write_csv_files(&directory, process, per_worker)).await;
+            let response = match written {
+                Ok(Ok(count)) => CopyToResponse::RowCount(count),
+                Ok(Err(e)) => CopyToResponse::Error(e),
+                Err(e) => CopyToResponse::Error(format!("writing the files failed: {e}")),
+            };
+            // Fails only once the core is gone, and with it whoever would hear of it.
+            let _ = events.send(CoreEvent::CopyToWritten { key, id, response });
+        });
+    }
+
+    /// Copy-to `id` of dataflow `key` has its files written (or not): its answer, unless it was dropped
+    /// meanwhile (and answered `Dropped` then).
+    pub(super) fn copy_to_written(&mut self, key: DataflowKey, id: GlobalId, response: CopyToResponse) {
+        match self.collections.get_mut(&id) {
+            Some(collection) if collection.dataflow == key && collection.sink.writing => {
+                collection.sink.writing = false;
+                self.send(ComputeResponse::CopyToResponse { id, response });
+            }
+            _ => debug!(%id, ?response, "a copy-to's files were written after it was dropped"),
+        }
     }
 }
 
-/// Writes one CSV file per local worker; returns the number of rows written (with multiplicity).
+/// Writes one CSV file per local worker, line by line; returns the number of rows written (with
+/// multiplicity).
 fn write_csv_files(
     directory: &str,
     process: usize,
-    per_worker: &mut [Vec<(Row, Time, Diff)>],
+    per_worker: Vec<Vec<(Row, Time, Diff)>>,
 ) -> Result<u64, String> {
     std::fs::create_dir_all(directory).map_err(|e| format!("creating {directory}: {e}"))?;
     let mut total = 0u64;
-    for (worker, rows) in per_worker.iter_mut().enumerate() {
-        let mut updates: Vec<(Row, Diff)> =
-            std::mem::take(rows).into_iter().map(|(r, _, d)| (r, d)).collect();
+    for (worker, rows) in per_worker.into_iter().enumerate() {
+        let mut updates: Vec<(Row, Diff)> = rows.into_iter().map(|(r, _, d)| (r, d)).collect();
         differential_dataflow::consolidation::consolidate(&mut updates);
-        let mut text = String::new();
+        if let Some((row, diff)) = updates.iter().find(|(_, diff)| *diff < 0) {
+            return Err(format!("row {row} has negative multiplicity {diff}"));
+        }
+        let path = std::path::Path::new(directory).join(format!("part-{process}-{worker}.csv"));
+        let failed = |e: std::io::Error| format!("writing {}: {e}", path.display());
+        let mut file = std::io::BufWriter::new(std::fs::File::create(&path).map_err(failed)?);
         for (row, diff) in &updates {
-            if *diff < 0 {
-                return Err(format!("row {row} has negative multiplicity {diff}"));
-            }
             let line = csv_line(row);
             for _ in 0..*diff {
-                text.push_str(&line);
+                file.write_all(line.as_bytes()).map_err(failed)?;
                 total += 1;
             }
         }
-        let path = std::path::Path::new(directory).join(format!("part-{process}-{worker}.csv"));
-        std::fs::write(&path, text).map_err(|e| format!("writing {}: {e}", path.display()))?;
+        file.flush().map_err(failed)?;
     }
     Ok(total)
 }

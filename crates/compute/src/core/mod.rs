@@ -51,8 +51,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use protocol::{
-    ComputeCommand, ComputeParameters, ComputeResponse, ControllerEpoch, GlobalId, InstanceConfig,
-    PROTOCOL_VERSION, PeekId, PeekResponse,
+    ComputeCommand, ComputeParameters, ComputeResponse, ControllerEpoch, CopyToResponse, GlobalId,
+    InstanceConfig, PROTOCOL_VERSION, PeekId, PeekResponse,
 };
 use storage::StorageCollections;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
@@ -130,6 +130,15 @@ pub(crate) enum CoreEvent {
         id: GlobalId,
         /// Why.
         error: String,
+    },
+    /// A copy-to's files were written (or failed to be), off the core's thread (`copy_to.rs`).
+    CopyToWritten {
+        /// The copy-to's dataflow (a copy-to rebuilt on a new connection is another one).
+        key: DataflowKey,
+        /// The copy-to.
+        id: GlobalId,
+        /// Its answer: the rows written, or why not.
+        response: CopyToResponse,
     },
     /// A storage peek finished.
     StoragePeek {
@@ -357,6 +366,7 @@ impl Core {
             }
             CoreEvent::ImportFailed { key, import, error } => self.import_failed(key, import, error),
             CoreEvent::ExportFailed { key, id, error } => self.export_failed(key, id, error),
+            CoreEvent::CopyToWritten { key, id, response } => self.copy_to_written(key, id, response),
             CoreEvent::StoragePeek { uuid, response } => self.storage_peek_answered(uuid, response),
             CoreEvent::Shutdown => unreachable!("handled by run"),
         }

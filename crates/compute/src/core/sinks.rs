@@ -46,6 +46,9 @@ pub(super) struct SinkMerge {
     pub done: bool,
     /// Copy-to: the rows are complete and wait for `AllowWrites`.
     pub ready: bool,
+    /// Copy-to: its files are being written off the core's thread (`done` is set too); the answer
+    /// comes with `CoreEvent::CopyToWritten`, or as `Dropped` if the copy-to is dropped first.
+    pub writing: bool,
 }
 
 /// A range `[lower, upper)` every local worker's sink has passed, with its updates and errors,
