@@ -43,8 +43,13 @@
 //!   Bar: ratio at most 0.5. Three workloads, because the ratio depends on how a dataflow's hydration peak
 //!   compares with the state it keeps afterwards: `count` (`k % m` counted into about 100 groups),
 //!   `sum` (the same through the general reduce) and `filter` (a scan into a 100-row index).
-//!   `controller.hydration_time_<workload>` is the time until all 8 hydrated, 1 against 8. The bench
-//!   builds `compute-replica` in release first (`$CARGO build --release`), a no-op when it is fresh.
+//!   `controller.hydration_time_<workload>` is the time until all 8 hydrated, 1 against 8. The same runs
+//!   again with the replicas reading the embedded shards (blob files and a SQLite consensus in a
+//!   temporary directory, which each replica process opens itself, DESIGN §9) instead of the server:
+//!   `..._shards` (peak RSS, 1 against 8), and `controller.hydration_time_<workload>_shards_vs_server` /
+//!   `hydration_peak_rss_<workload>_shards_vs_server` (all 8 at once, shards against server; no bar,
+//!   reported). The bench builds `compute-replica` in release first (`$CARGO build --release`), a no-op
+//!   when it is fresh.
 //!
 //! - `controller.metrics_frontier_updates_10k`: what the Prometheus metrics (`metrics.rs`) cost a frontier
 //!   update: updates per second through an `InstanceCore` with 10,000 indexes and metrics
@@ -912,7 +917,7 @@ fn peak_rss_bytes(pid: u32) -> u64 {
 /// Hydrates the heavy dataflows on a fresh replica process with `concurrency`; returns its peak RSS and
 /// the time until every dataflow had hydrated.
 async fn hydrate(
-    storage: &Arc<InProcess>,
+    storage: &Arc<dyn StorageCollections>,
     orchestrator: &Arc<ProcessOrchestrator>,
     source: GlobalId,
     instance: InstanceId,
@@ -925,7 +930,7 @@ async fn hydrate(
         introspection: false,
         ..ControllerConfig::new(ControllerEpoch(1), security.clone())
     };
-    let storage: Arc<dyn StorageCollections> = Arc::clone(storage) as _;
+    let storage = Arc::clone(storage);
     let orchestrator_dyn: Arc<dyn controller::Orchestrator> = Arc::clone(orchestrator) as _;
     let mut controller =
         ComputeController::new(storage, Some(orchestrator_dyn), config).await.expect("controller");
@@ -952,17 +957,67 @@ async fn hydrate(
     (peak, elapsed)
 }
 
+/// A replica-process orchestrator for the hydration runs, its replicas reading `storage`.
+fn hydration_orchestrator(
+    binary: &std::path::Path,
+    storage: controller::ReplicaStorage,
+    pki: &BenchPki,
+) -> Arc<ProcessOrchestrator> {
+    let (orchestrator, _events) = ProcessOrchestrator::new(ProcessOrchestratorConfig {
+        binary: binary.to_path_buf(),
+        storage,
+        security: pki.replica_processes(),
+        initial_backoff_ms: 100,
+        max_backoff_ms: 1_000,
+        env: vec![("RUST_LOG".to_string(), "warn".to_string())],
+        log_dir: None,
+        metrics: false,
+    });
+    Arc::new(orchestrator)
+}
+
+/// The hydration source's 1M rows, appended to `source` in `storage` (created here).
+async fn load_hydration_source(storage: &dyn StorageCollections, source: GlobalId) {
+    storage.create_collection(source, kv_desc()).await.expect("create");
+    let updates = (0..HYDRATION_ROWS as i64).map(|k| (int_row(&[k, k.wrapping_mul(31)]), 0, 1)).collect();
+    let request = AppendRequest { id: source, updates, expected_upper: f(0), new_upper: f(1) };
+    storage.append(vec![request]).await.expect("append");
+}
+
+/// The median (by peak RSS) of `HYDRATION_RUNS` runs per setting, per workload.
+type HydrationFigures = Vec<(Heavy, (u64, Duration), (u64, Duration))>;
+
 fn bench_hydration(pki: &BenchPki) {
     let binary = replica_binary();
     let runtime = runtime();
-    let store = InProcess::in_memory(StoreConfig::default());
-    let storage = Arc::new(store.clone());
     let source = GlobalId::User(1);
-    let figures = runtime.block_on(async {
-        storage.create_collection(source, kv_desc()).await.expect("create");
-        let updates = (0..HYDRATION_ROWS as i64).map(|k| (int_row(&[k, k.wrapping_mul(31)]), 0, 1)).collect();
-        let request = AppendRequest { id: source, updates, expected_upper: f(0), new_upper: f(1) };
-        storage.append(vec![request]).await.expect("append");
+    let client = pki.client(true);
+    let mut instance = 0;
+    // The same runs for every workload: 1 dataflow hydrating at a time, then all 8 at once.
+    let mut runs = async |storage: &Arc<dyn StorageCollections>, orchestrator: &Arc<ProcessOrchestrator>| {
+        let mut figures = HydrationFigures::new();
+        for heavy in [Heavy::Count, Heavy::Sum, Heavy::Filter] {
+            // Peak RSS depends on how the listens' reads interleave: the median of a few runs each,
+            // the two settings alternating.
+            let (mut ones, mut alls) = (Vec::new(), Vec::new());
+            for _ in 0..HYDRATION_RUNS {
+                for (concurrency, runs) in [(1, &mut ones), (HEAVY_DATAFLOWS as usize, &mut alls)] {
+                    instance += 1;
+                    let instance = InstanceId(instance);
+                    runs.push(
+                        hydrate(storage, orchestrator, source, instance, heavy, concurrency, &client).await,
+                    );
+                }
+            }
+            figures.push((heavy, median_run(ones), median_run(alls)));
+        }
+        figures
+    };
+    let (server_figures, shard_figures) = runtime.block_on(async {
+        // Today's storage server, in this process, over an in-memory store.
+        let store = InProcess::in_memory(StoreConfig::default());
+        let storage: Arc<dyn StorageCollections> = Arc::new(store.clone());
+        load_hydration_source(&*storage, source).await;
         let server =
             storage::Server::bind("127.0.0.1:0", store, pki.server(true)).await.expect("storage server");
         let storage_address = server.local_addr().expect("address").to_string();
@@ -970,57 +1025,56 @@ fn bench_hydration(pki: &BenchPki) {
         let serving = tokio::spawn(server.serve(async move {
             let _ = stopped.await;
         }));
-        let (orchestrator, _events) = ProcessOrchestrator::new(ProcessOrchestratorConfig {
-            binary,
-            storage: controller::ReplicaStorage::Server(storage_address),
-            security: pki.replica_processes(),
-            initial_backoff_ms: 100,
-            max_backoff_ms: 1_000,
-            env: vec![("RUST_LOG".to_string(), "warn".to_string())],
-            log_dir: None,
-            metrics: false,
-        });
-        let orchestrator = Arc::new(orchestrator);
-        let client = pki.client(true);
-        let mut figures = Vec::new();
-        let mut instance = 0;
-        for heavy in [Heavy::Count, Heavy::Sum, Heavy::Filter] {
-            let mut run = |concurrency| {
-                instance += 1;
-                hydrate(&storage, &orchestrator, source, InstanceId(instance), heavy, concurrency, &client)
-            };
-            // Peak RSS depends on how the listens' reads interleave: the median of a few runs each,
-            // the two settings alternating.
-            let (mut ones, mut alls) = (Vec::new(), Vec::new());
-            for _ in 0..HYDRATION_RUNS {
-                ones.push(run(1).await);
-                alls.push(run(HEAVY_DATAFLOWS as usize).await);
-            }
-            figures.push((heavy, median_run(ones), median_run(alls)));
-        }
+        let orchestrator =
+            hydration_orchestrator(&binary, controller::ReplicaStorage::Server(storage_address), pki);
+        let server_figures = runs(&storage, &orchestrator).await;
         let _ = stop.send(());
         let _ = serving.await;
-        figures
+
+        // The embedded shards every process opens itself: blob files and a SQLite consensus.
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let blob = format!("file://{}", dir.path().join("blob").display());
+        let consensus = format!("sqlite://{}", dir.path().join("consensus.db").display());
+        let shards = storage::ShardCollections::open(
+            &blob.parse().expect("blob url"),
+            &consensus.parse().expect("consensus url"),
+            storage::ShardConfig { critical_reader: Some("controller".to_string()), ..Default::default() },
+        )
+        .await
+        .expect("open the shards");
+        let storage: Arc<dyn StorageCollections> = Arc::new(shards.clone());
+        load_hydration_source(&*storage, source).await;
+        let replicas = controller::ReplicaStorage::shards(&blob, &consensus).expect("shard urls");
+        let orchestrator = hydration_orchestrator(&binary, replicas, pki);
+        let shard_figures = runs(&storage, &orchestrator).await;
+        drop(shards);
+        (server_figures, shard_figures)
     });
+    report_hydration(&server_figures, &shard_figures);
+}
+
+fn report_hydration(server_figures: &HydrationFigures, shard_figures: &HydrationFigures) {
     let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
     let secs = |d: Duration| d.as_secs_f64();
-    for (heavy, (peak_1, time_1), (peak_8, time_8)) in figures {
+    for ((heavy, (peak_1, time_1), (peak_8, time_8)), (_, (shard_peak_1, _), (shard_peak_8, shard_time_8))) in
+        server_figures.iter().zip(shard_figures)
+    {
         let name = format!("{heavy:?}").to_lowercase();
-        let ratio = peak_1 as f64 / peak_8 as f64;
+        let ratio = *peak_1 as f64 / *peak_8 as f64;
         report(
             &format!("controller.hydration_peak_rss_{name}"),
-            mib(peak_1),
+            mib(*peak_1),
             "MiB",
-            mib(peak_8),
+            mib(*peak_8),
             "MiB",
             ratio,
         );
-        let time_ratio = secs(time_1) / secs(time_8);
+        let time_ratio = secs(*time_1) / secs(*time_8);
         report(
             &format!("controller.hydration_time_{name}"),
-            secs(time_1),
+            secs(*time_1),
             "s",
-            secs(time_8),
+            secs(*time_8),
             "s",
             time_ratio,
         );
@@ -1029,6 +1083,32 @@ fn bench_hydration(pki: &BenchPki) {
                 "  WARNING: {name}: peak RSS with hydration concurrency 1 is {ratio:.2}x that with 8 (bar: 0.5x)"
             );
         }
+        let shard_ratio = *shard_peak_1 as f64 / *shard_peak_8 as f64;
+        report(
+            &format!("controller.hydration_peak_rss_{name}_shards"),
+            mib(*shard_peak_1),
+            "MiB",
+            mib(*shard_peak_8),
+            "MiB",
+            shard_ratio,
+        );
+        // Shards against the server, all 8 dataflows at once: time and peak RSS.
+        report(
+            &format!("controller.hydration_time_{name}_shards_vs_server"),
+            secs(*shard_time_8),
+            "s",
+            secs(*time_8),
+            "s",
+            secs(*shard_time_8) / secs(*time_8),
+        );
+        report(
+            &format!("controller.hydration_peak_rss_{name}_shards_vs_server"),
+            mib(*shard_peak_8),
+            "MiB",
+            mib(*peak_8),
+            "MiB",
+            *shard_peak_8 as f64 / *peak_8 as f64,
+        );
     }
 }
 
