@@ -83,6 +83,8 @@ pub(crate) struct Entry {
     holds: MutableAntichain<u64>,
     /// The hold reader's since in the stored state, as this process last set it; `None`: not registered.
     registered: Option<Antichain<u64>>,
+    /// Where a move of the hold reader in flight (`sync_holds`) takes it, until it lands or fails.
+    moving_to: Option<Antichain<u64>>,
     holds_dirty: bool,
     /// The leased reader's seqno in the stored state; `None`: not registered.
     leased_seqno: Option<SeqNo>,
@@ -100,6 +102,18 @@ pub(crate) struct Entry {
     /// The versions below this were truncated by this process's maintenance.
     truncated_below: SeqNo,
     poller_running: bool,
+}
+
+impl Entry {
+    /// Whether a local hold at `frontier` is covered by the stored hold reader: registered at or before
+    /// it, and still so once a move of the reader in flight lands. Such a hold needs no store operation,
+    /// so it does not wait for a move (or a store outage that holds one up).
+    fn covers(&self, frontier: &Antichain<u64>) -> bool {
+        let at_or_before = |since: &Antichain<u64>| {
+            !since.is_empty() && !frontier.is_empty() && PartialOrder::less_equal(since, frontier)
+        };
+        self.registered.as_ref().is_some_and(at_or_before) && self.moving_to.as_ref().is_none_or(at_or_before)
+    }
 }
 
 pub(crate) struct Inner {
@@ -401,18 +415,20 @@ impl Inner {
         if self.is_closed() {
             return Err(HoldError::Disconnected);
         }
+        // A hold the registered reader covers is local: it does not wait for the reader's registration
+        // lock, which a move or heartbeat stalled by an unreachable store may hold for a long time.
+        let covered = |this: &Self, frontier: Antichain<u64>| {
+            let mut shards = this.lock();
+            let entry = shards.entry(id).or_default();
+            entry.covers(&frontier).then(|| self.local_hold(entry, id, frontier))
+        };
+        if let Some(hold) = covered(self, frontier.clone()) {
+            return Ok(hold);
+        }
         let registration = self.with_entry(id, |e| Arc::clone(&e.registration));
         let _registering = registration.lock().await;
-        {
-            let mut shards = self.lock();
-            let entry = shards.entry(id).or_default();
-            if let Some(registered) = &entry.registered
-                && !registered.is_empty()
-                && !frontier.is_empty()
-                && PartialOrder::less_equal(registered, &frontier)
-            {
-                return Ok(self.local_hold(entry, id, frontier));
-            }
+        if let Some(hold) = covered(self, frontier.clone()) {
+            return Ok(hold);
         }
         let (reader, critical) = (self.hold_reader.clone(), self.critical);
         let lease_ms = duration_ms(self.config.reader_lease);
@@ -430,6 +446,8 @@ impl Inner {
         let mut shards = self.lock();
         let entry = shards.entry(id).or_default();
         entry.registered = Some(registered.since.clone());
+        // The stored reader is where the state just written says.
+        entry.moving_to = None;
         if let ReaderKind::Leased { seqno, .. } = registered.kind {
             entry.leased_seqno.get_or_insert(seqno);
         }
@@ -440,14 +458,17 @@ impl Inner {
     async fn sync_holds(&self, id: GlobalId) {
         let registration = self.with_entry(id, |e| Arc::clone(&e.registration));
         let _registering = registration.lock().await;
-        let (target, registered) = self.with_entry(id, |e| {
+        let target = self.with_entry(id, |e| {
             e.holds_dirty = false;
-            (e.holds.frontier().to_owned(), e.registered.clone())
+            let target = e.holds.frontier().to_owned();
+            let moving = e.registered.as_ref().is_some_and(|registered| *registered != target);
+            moving.then(|| {
+                // From here a local hold is taken only if the move leaves it covered (`Entry::covers`).
+                e.moving_to = Some(target.clone());
+                target
+            })
         });
-        let Some(registered) = registered else { return };
-        if registered == target {
-            return;
-        }
+        let Some(target) = target else { return };
         let reader = self.hold_reader.clone();
         let release = target.is_empty() && self.critical;
         let result = self
@@ -466,11 +487,19 @@ impl Inner {
             })
             .await;
         match result {
-            Ok(_) => self.with_entry(id, |e| e.registered = (!target.is_empty()).then(|| target.clone())),
+            Ok(_) => self.with_entry(id, |e| {
+                e.moving_to = None;
+                e.registered = (!target.is_empty()).then(|| target.clone());
+            }),
             Err(MachineError::Refused(Refusal::ReaderMissing | Refusal::Dropped) | MachineError::Missing) => {
-                self.with_entry(id, |e| e.registered = None);
+                self.with_entry(id, |e| {
+                    e.moving_to = None;
+                    e.registered = None;
+                });
             }
             Err(error) => {
+                // The move may have landed (an indeterminate failure): `moving_to` stays, so a local
+                // hold is taken only where the reader is, either way, until the stored state is known.
                 tracing::debug!(%id, ?error, "cannot move this process's reader; will retry");
                 self.with_entry(id, |e| e.holds_dirty = true);
             }

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use frontiers::{Antichain, ReadPolicy};
+use frontiers::{Antichain, PartialOrder, ReadPolicy};
 use protocol::{Datum, Row};
 use storage::{
     AppendError, CreateError, DropError, HoldError, ListenEvent, ReadError, ShardCollections, ShardConfig,
@@ -407,4 +407,38 @@ async fn every_call_on_a_shut_down_process_reports_disconnected() {
         assert_eq!(other.frontiers(id).await.unwrap().upper, at(0));
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_the_registered_reader_covers_is_taken_while_a_move_of_the_reader_waits_for_an_unreachable_store()
+ {
+    use std::sync::atomic::Ordering;
+    let stores = Stores::new(Backend::Embedded, &mut None).expect("the embedded backend needs no service");
+    let config = ShardConfig { retry_budget: Duration::from_secs(30), ..quick_config() };
+    let (storage, consensus, _) = flaky_process(&stores, config).await;
+    let id = user(1);
+    storage.create_collection(id, int_desc()).await.unwrap();
+    storage.append(vec![append(id, vec![(int_row(1), 0, 1)], 0, 10)]).await.unwrap();
+    let first = storage.acquire_read_hold(id, at(2)).await.unwrap();
+    let _second = storage.acquire_read_hold(id, at(5)).await.unwrap();
+
+    // The store goes away; the first hold goes: this process's reader starts to move from 2 to 5 and
+    // waits for the store, holding its registration.
+    consensus.down.store(true, Ordering::SeqCst);
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // At 7 a hold is covered whether the move lands or not: taken at once, without the store.
+    let covered = tokio::time::timeout(Duration::from_secs(2), storage.acquire_read_hold(id, at(7))).await;
+    assert!(matches!(covered, Ok(Ok(_))), "a covered hold waits for the store: {covered:?}");
+    // At 3 it is not (the move in flight takes the reader past it): that one waits for the store.
+    let uncovered =
+        tokio::time::timeout(Duration::from_millis(500), storage.acquire_read_hold(id, at(3))).await;
+    assert!(uncovered.is_err(), "a hold the move would leave behind was taken locally: {uncovered:?}");
+
+    // Once the store is back, the hold at 3 moves the reader back, and the stored since says so.
+    consensus.down.store(false, Ordering::SeqCst);
+    let _third = storage.acquire_read_hold(id, at(3)).await.unwrap();
+    let since = storage.frontiers(id).await.unwrap().since;
+    assert!(PartialOrder::less_equal(&since, &at(3)), "the stored since {since:?} is past a hold at 3");
 }
