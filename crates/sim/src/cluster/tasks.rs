@@ -88,7 +88,10 @@ struct Truth {
 /// What every task shares.
 struct Ctx {
     args: ClusterArgs,
-    controller: tokio::sync::Mutex<ComputeController>,
+    /// Shared, as the controller's API allows: `&self` calls (peeks, dataflows, inspections) take a
+    /// read lock and run side by side, so one waiting for storage (a dataflow created during a storage
+    /// outage) holds up no peek; the few `&mut self` calls take the write lock.
+    controller: tokio::sync::RwLock<ComputeController>,
     storage: Arc<dyn StorageCollections>,
     /// The local services, which outages take down (`--services local`).
     services: Option<Arc<LocalServices>>,
@@ -350,7 +353,7 @@ async fn scenario_on(
     }
     let ctx = Arc::new(Ctx {
         args: args.clone(),
-        controller: tokio::sync::Mutex::new(controller),
+        controller: tokio::sync::RwLock::new(controller),
         storage,
         services,
         orchestrator,
@@ -517,7 +520,9 @@ async fn write_at_rate(ctx: &Ctx, writer: &TableWriter, mut generator: Generator
 async fn pump(ctx: Arc<Ctx>, subscribe: mpsc::UnboundedSender<SubscribeResponse>) {
     loop {
         tokio::time::sleep(Duration::from_millis(2)).await;
-        let mut controller = ctx.controller.lock().await;
+        // Not `write().await`: queued behind a reader that waits for storage, it would queue every
+        // later reader (peeks) behind itself. Responses wait in the controller's channel meanwhile.
+        let Ok(mut controller) = ctx.controller.try_write() else { continue };
         while let Some(response) = controller.try_process() {
             if let ComputeControllerResponse::SubscribeResponse { id, response } = response
                 && id == workload::NATION_SUBSCRIBE
@@ -564,7 +569,7 @@ async fn hydrated_pairs(
 ) -> anyhow::Result<(usize, usize)> {
     let total = replicas.len() * exports.len();
     let (replicas, exports) = (replicas.to_vec(), exports.clone());
-    let controller = ctx.controller.lock().await;
+    let controller = ctx.controller.read().await;
     let count = controller
         .inspect(INSTANCE, move |core| {
             let mut done = 0;
@@ -645,7 +650,7 @@ async fn peek_index(
     };
     let started = now();
     let (handle, locked, submitted) = {
-        let controller = ctx.controller.lock().await;
+        let controller = ctx.controller.read().await;
         let locked = started.elapsed();
         let handle = controller.peek(INSTANCE, PeekTarget::Index { id }, time, options).await;
         (handle, locked, started.elapsed())
@@ -718,7 +723,7 @@ async fn peek_loop(ctx: Arc<Ctx>, mut rng: Rng) {
             },
             other => other.index(workload::status_summary_id(0)),
         };
-        let frontiers = ctx.controller.lock().await.collection_frontiers(INSTANCE, id);
+        let frontiers = ctx.controller.read().await.collection_frontiers(INSTANCE, id);
         let frontiers = match frontiers {
             Ok(frontiers) => frontiers,
             Err(e) => {
@@ -868,7 +873,7 @@ async fn check_mv_once(ctx: &Ctx) -> anyhow::Result<Option<u64>> {
         Err(e) => bail!("cannot hold the materialized view at {time}: {e}"),
     };
     let handle = {
-        let controller = ctx.controller.lock().await;
+        let controller = ctx.controller.read().await;
         controller
             .peek(
                 INSTANCE,
@@ -1268,7 +1273,7 @@ async fn caught_up(ctx: &Ctx, replica: ReplicaId, time: u64, since: Instant) -> 
     while since.elapsed() < PATIENCE {
         let ids: Vec<GlobalId> = exports.keys().copied().collect();
         let states = {
-            let controller = ctx.controller.lock().await;
+            let controller = ctx.controller.read().await;
             controller
                 .inspect(INSTANCE, move |core| {
                     ids.iter()
@@ -1295,13 +1300,13 @@ async fn recreate(ctx: &Ctx, generation: u64) {
     let new = workload::status_summary_id(generation);
     let dropped = now();
     lock(&ctx.stats.timeline).fault(ctx.stats.elapsed_s(), FaultKind::Recreation, format!("{old} as {new}"));
-    if let Err(e) = ctx.controller.lock().await.drop_collections(INSTANCE, vec![old]).await {
+    if let Err(e) = ctx.controller.read().await.drop_collections(INSTANCE, vec![old]).await {
         ctx.stats.violation(format!("cannot drop {old}: {e}"));
         return;
     }
     lock(&ctx.as_ofs).remove(&old);
     let created = now();
-    let as_of = ctx.controller.lock().await.create_dataflow(INSTANCE, workload::status_summary(new)).await;
+    let as_of = ctx.controller.read().await.create_dataflow(INSTANCE, workload::status_summary(new)).await;
     let as_of = match as_of.map(|a| first(&a)) {
         Ok(Some(as_of)) => as_of,
         other => {
@@ -1313,7 +1318,7 @@ async fn recreate(ctx: &Ctx, generation: u64) {
     lock(&ctx.as_ofs).insert(new, as_of);
     let hydration = async {
         while created.elapsed() < PATIENCE {
-            let frontiers = ctx.controller.lock().await.collection_frontiers(INSTANCE, new);
+            let frontiers = ctx.controller.read().await.collection_frontiers(INSTANCE, new);
             if frontiers.ok().and_then(|f| first(&f.upper)).is_some_and(|u| u > as_of) {
                 return Some(created.elapsed());
             }
@@ -1326,7 +1331,7 @@ async fn recreate(ctx: &Ctx, generation: u64) {
         while dropped.elapsed() < PATIENCE {
             let gone = ctx
                 .controller
-                .lock()
+                .read()
                 .await
                 .inspect(INSTANCE, move |core| core.collection_frontiers(old).is_none())
                 .await;
@@ -1348,7 +1353,7 @@ async fn recreate(ctx: &Ctx, generation: u64) {
     }
     if removed.is_none() {
         let state =
-            ctx.controller.lock().await.inspect(INSTANCE, move |core| core.describe_collection(old)).await;
+            ctx.controller.read().await.inspect(INSTANCE, move |core| core.describe_collection(old)).await;
         ctx.stats.violation(format!(
             "the dropped index {old} still has controller state {} s later: {}",
             PATIENCE.as_secs(),
@@ -1442,7 +1447,7 @@ async fn sample(ctx: Arc<Ctx>) {
         let exports: Vec<GlobalId> = ctx.live_exports().into_keys().collect();
         let (mut lag_s, mut status) = (BTreeMap::new(), BTreeMap::new());
         {
-            let controller = ctx.controller.lock().await;
+            let controller = ctx.controller.read().await;
             for id in exports {
                 let slowest = controller
                     .wallclock_lag(INSTANCE, id)
@@ -1490,7 +1495,7 @@ async fn display(ctx: Arc<Ctx>) {
             .collect();
         let (mut slowest_upper, mut slowest_since) = (u64::MAX, u64::MAX);
         {
-            let controller = ctx.controller.lock().await;
+            let controller = ctx.controller.read().await;
             for id in &indexes {
                 if let Ok(f) = controller.collection_frontiers(INSTANCE, *id) {
                     slowest_upper = slowest_upper.min(first(&f.upper).unwrap_or(u64::MAX));
@@ -1554,7 +1559,7 @@ async fn final_checks(ctx: &Ctx) -> anyhow::Result<()> {
     loop {
         let mut behind: Vec<String> = Vec::new();
         {
-            let controller = ctx.controller.lock().await;
+            let controller = ctx.controller.read().await;
             for id in exports.keys() {
                 let upper = controller.collection_frontiers(INSTANCE, *id).ok().and_then(|f| first(&f.upper));
                 if upper.is_none_or(|u| u <= last) {
@@ -1675,13 +1680,13 @@ async fn fresh_replica(ctx: &Ctx) {
     lock(&ctx.stats.timeline).fault(added_at_s, FaultKind::FreshReplica, replica.to_string());
     let started = now();
     let location = controller::ReplicaLocation::Managed { workers: ctx.args.workers, processes };
-    if let Err(e) = ctx.controller.lock().await.add_replica(INSTANCE, replica, location).await {
+    if let Err(e) = ctx.controller.write().await.add_replica(INSTANCE, replica, location).await {
         ctx.stats.violation(format!("cannot add the fresh replica {replica}: {e}"));
         return;
     }
     let (answered, caught_up) =
         tokio::join!(answer_at(ctx, replica, last, started), caught_up(ctx, replica, last, started));
-    if let Err(e) = ctx.controller.lock().await.drop_replica(INSTANCE, replica).await {
+    if let Err(e) = ctx.controller.write().await.drop_replica(INSTANCE, replica).await {
         ctx.stats.violation(format!("cannot drop the fresh replica {replica}: {e}"));
     }
     let leftover = ctx.orchestrator.pids(INSTANCE, replica);
@@ -1721,7 +1726,7 @@ async fn read_introspection(ctx: &Ctx) {
             let frontiers = ctx.storage.frontiers(id).await.ok()?;
             let time = first(&frontiers.upper)?.checked_sub(1)?;
             let handle = {
-                let controller = ctx.controller.lock().await;
+                let controller = ctx.controller.read().await;
                 controller
                     .peek(INSTANCE, PeekTarget::Storage { id }, time, PeekOptions::default())
                     .await

@@ -105,10 +105,18 @@ fn seqno_of(value: i64) -> Result<SeqNo, ExternalError> {
         .map_err(|_| ExternalError::Corrupt(format!("negative seqno {value} in the postgres store")))
 }
 
-/// Whether a failed call means the server could not be reached (down, or the connection closed), rather
-/// than the server answering with a refusal (a wrong database, user or password; an SQL error).
+/// Whether a failed call means the server could not be reached (down, starting up or shutting down, or
+/// the connection closed), rather than the server answering with a refusal (a wrong database, user or
+/// password; an SQL error).
 fn unreachable(error: &tokio_postgres::Error) -> bool {
-    error.as_db_error().is_none()
+    use tokio_postgres::error::SqlState;
+    match error.as_db_error() {
+        None => true,
+        // A server starting up, shutting down or in recovery answers, but cannot serve yet: as good as
+        // unreachable for a moment (a restart after an outage passes through these).
+        Some(db) => [SqlState::CANNOT_CONNECT_NOW, SqlState::ADMIN_SHUTDOWN, SqlState::CRASH_SHUTDOWN]
+            .contains(db.code()),
+    }
 }
 
 /// A failed connection attempt: the error, and whether the server could not be reached at all.
