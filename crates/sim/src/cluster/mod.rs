@@ -56,6 +56,7 @@
 //! `cargo run --release -p sim -- cluster`.
 
 pub mod html;
+pub mod netns;
 mod oracle;
 pub mod outage;
 pub mod processes;
@@ -134,6 +135,12 @@ pub struct ClusterArgs {
     pub storage: StorageMode,
     /// The data directory (emptied at the start); `None`: `target/cluster-data`.
     pub data_dir: Option<PathBuf>,
+    /// The services and every replica process in network namespaces of their own (`netns.rs`).
+    pub netns: bool,
+    /// Link cuts to inject (`None`: the default of [`ClusterArgs::link_cut_count`]).
+    pub link_cuts: Option<usize>,
+    /// How long each link cut lasts.
+    pub link_cut_duration: Duration,
 }
 
 /// The scenario's workload.
@@ -183,7 +190,8 @@ pub const USAGE: &str =
 [--workers N] [--peekers N] [--peek-interval-ms MS] [--kills N] [--recreations N] [--outages N] \
 [--outage-secs S] [--seed S] [--json] \
 [--metrics-addr ADDR] [--report DIR] [--workload orders|tpch] [--scale-factor SF] [--data-dir DIR] \
-[--storage server|embedded | --blob URL --consensus URL | --services local] [--insecure]
+[--storage server|embedded | --blob URL --consensus URL | --services local] [--insecure] \
+[--netns] [--link-cuts N] [--link-cut-secs S]
 
 Storage (one of):
   --storage embedded   shards on DATA_DIR/blob and the SQLite file DATA_DIR/consensus.db, opened by every
@@ -201,7 +209,14 @@ Storage outages (only with --services local; refused with the reason elsewhere):
   --outages N          stop PostgreSQL / pause moto_server N times, alternating, consensus first (default
                        with --services local: 1, or 2 in runs of 30 s or more); a replica is killed during
                        each while its materialized-view append is stuck
-  --outage-secs S      each outage's length (default 3, at most 20)";
+  --outage-secs S      each outage's length (default 3, at most 20)
+
+Separate hosts (only with --services local; needs root and iproute2):
+  --netns              the services and every replica process each in a network namespace of its own, on a
+                       bridge in 198.18.N.0/24 with this process (the controller); all removed at the end
+  --link-cuts N        take every link of one replica down N times (default with --netns: 1); peeks go on
+                       on the other replicas, and the replica must catch up after its links are back
+  --link-cut-secs S    each cut's length (default 4, at most 20)";
 
 impl ClusterArgs {
     /// Parses the arguments after `cluster`.
@@ -227,6 +242,9 @@ impl ClusterArgs {
             insecure: false,
             storage: DEFAULT_STORAGE,
             data_dir: None,
+            netns: false,
+            link_cuts: None,
+            link_cut_duration: Duration::from_secs(4),
         };
         let mut metrics_addr_given = false;
         let (mut mode, mut blob, mut consensus, mut services) = (None, None, None, None);
@@ -289,6 +307,18 @@ impl ClusterArgs {
                 "--blob" => blob = Some(value()?.clone()),
                 "--consensus" => consensus = Some(value()?.clone()),
                 "--services" => services = Some(value()?.clone()),
+                "--netns" => parsed.netns = true,
+                "--link-cuts" => parsed.link_cuts = Some(value()?.parse().context("--link-cuts")?),
+                "--link-cut-secs" => {
+                    let secs: f64 = value()?.trim_end_matches('s').parse().context("--link-cut-secs")?;
+                    if !(secs > 0.0 && secs <= MAX_OUTAGE_SECS) {
+                        bail!(
+                            "--link-cut-secs must be in (0, {MAX_OUTAGE_SECS}]: a cut replica's storage requests \
+                             are retried for 30 s before they fail"
+                        );
+                    }
+                    parsed.link_cut_duration = Duration::from_secs_f64(secs);
+                }
                 "--help" | "-h" => bail!("{USAGE}"),
                 other => bail!("unknown argument {other:?}\n{USAGE}"),
             }
@@ -310,6 +340,23 @@ impl ClusterArgs {
                 bail!("--outages is not built for --workload tpch (only the orders workload injects them)");
             }
         }
+        if parsed.netns {
+            if parsed.storage != StorageMode::LocalServices {
+                bail!(
+                    "--netns needs --services local: the scenario starts PostgreSQL and moto_server in a namespace \
+                     of their own, so that storage crosses the network too (embedded stores are files, and \
+                     --storage server or --blob/--consensus name servers it does not place)"
+                );
+            }
+            if parsed.workload == Workload::Tpch {
+                bail!("--netns is not built for --workload tpch (only the orders workload runs on it)");
+            }
+        }
+        if let Some(n @ 1..) = parsed.link_cuts
+            && !parsed.netns
+        {
+            bail!("--link-cuts {n} needs --netns: on loopback there is no link to cut");
+        }
         Ok(parsed)
     }
 
@@ -330,6 +377,11 @@ impl ClusterArgs {
         } else {
             1
         })
+    }
+
+    /// How many link cuts to inject: as asked, else one with `--netns`, else none.
+    pub fn link_cut_count(&self) -> usize {
+        self.link_cuts.unwrap_or(usize::from(self.netns))
     }
 
     /// How many storage outages to inject: as asked, else one on `--services local` with the orders
@@ -402,6 +454,8 @@ struct Children {
     replicas: Vec<ReplicaId>,
     storage: Option<StorageServer>,
     services: Option<Arc<LocalServices>>,
+    /// Torn down last, once nothing runs in its namespaces.
+    network: Option<Arc<netns::Network>>,
 }
 
 impl Drop for Children {
@@ -425,6 +479,9 @@ impl Drop for Children {
         }
         self.storage.take();
         self.services.take();
+        if let Some(network) = self.network.take() {
+            network.teardown();
+        }
     }
 }
 
@@ -467,7 +524,8 @@ fn start_storage(
         ),
         StorageMode::Urls { blob, consensus } => (blob.clone(), consensus.clone()),
         StorageMode::LocalServices => {
-            let services = LocalServices::start(&|message| ui.say(message))?;
+            let host = children.network.as_ref().map(|n| n.services_host());
+            let services = LocalServices::start(host, &|message| ui.say(message))?;
             let urls = (services.blob.clone(), services.consensus.clone());
             children.services = Some(Arc::new(services));
             urls
@@ -576,9 +634,17 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<ExitCode> {
     // The children log to files: no colour codes.
     let mut env = vec![("RUST_LOG".to_string(), child_log), ("NO_COLOR".to_string(), "1".to_string())];
 
-    let security = ClusterSecurity::generate(&layout.data_dir.join("security"), args.insecure)?;
+    let mut children =
+        Children { orchestrator: None, replicas: Vec::new(), storage: None, services: None, network: None };
+    if args.netns {
+        let network = netns::Network::create()?;
+        ui.say(&network.describe());
+        children.network = Some(network);
+    }
+    let hosts: Vec<std::net::IpAddr> =
+        children.network.iter().flat_map(|n| n.addresses()).map(Into::into).collect();
+    let security = ClusterSecurity::generate_for(&layout.data_dir.join("security"), args.insecure, &hosts)?;
     let client_security = security.client()?;
-    let mut children = Children { orchestrator: None, replicas: Vec::new(), storage: None, services: None };
     let stats = Arc::new(Stats::default());
     let (scenario_storage, replica_storage, storage_described) =
         start_storage(&args, &layout, &binaries.storage_server, &env, &security, &stats, &mut children, &ui)?;
@@ -587,7 +653,12 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<ExitCode> {
         env.push((controller::SHARD_POLL_INTERVAL_ENV.to_string(), SHARD_POLL_INTERVAL_MS.to_string()));
     }
     let services = children.services.clone();
-    let (orchestrator, process_events) = ProcessOrchestrator::new(ProcessOrchestratorConfig {
+    let network = children.network.clone();
+    let hosts: Arc<dyn controller::ProcessHosts> = match &network {
+        Some(network) => Arc::new(netns::NetnsHosts(Arc::clone(network))),
+        None => Arc::new(controller::LoopbackHosts),
+    };
+    let orchestrator_config = ProcessOrchestratorConfig {
         binary: binaries.compute_replica.clone(),
         storage: replica_storage,
         security: security.replicas(),
@@ -596,7 +667,8 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<ExitCode> {
         env,
         log_dir: Some(layout.log_dir()),
         metrics: true,
-    });
+    };
+    let (orchestrator, process_events) = ProcessOrchestrator::with_hosts(orchestrator_config, hosts);
     let orchestrator = Arc::new(orchestrator);
     children.orchestrator = Some(Arc::clone(&orchestrator));
     children.replicas = args.replica_specs().into_iter().map(|(r, _)| r).collect();
@@ -617,6 +689,7 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<ExitCode> {
                             args,
                             scenario_storage,
                             services,
+                            network,
                             client_security,
                             orchestrator,
                             process_events,
@@ -655,11 +728,18 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<ExitCode> {
         lock(&stats.child_pids).extend(orchestrator.pids(tasks::INSTANCE, *replica));
     }
     drop(orchestrator);
+    let network = children.network.clone();
     drop(children);
-    // Every child must be gone now, whatever the way out was.
+    // Every child must be gone now, whatever the way out was, and every namespace and link.
     let started: Vec<u32> = lock(&stats.child_pids).iter().copied().collect();
     for pid in processes::running_children(&started) {
         stats.violation(format!("child process {pid} still runs after the scenario's cleanup"));
+    }
+    let network_described = network.as_ref().map_or("loopback".to_string(), |n| n.describe());
+    if let Some(network) = network {
+        for left in network.leftovers() {
+            stats.violation(format!("{left} is still there after the scenario's cleanup"));
+        }
     }
 
     let replicas = args
@@ -686,9 +766,21 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<ExitCode> {
     } else {
         outage::not_injected(&args.storage)
     };
+    let link_cut_injection = if args.link_cut_count() > 0 {
+        format!(
+            "{} of {:.1} s each: every link of one replica taken down (ip link set down) and brought back",
+            args.link_cut_count(),
+            args.link_cut_duration.as_secs_f64()
+        )
+    } else if args.netns {
+        "none asked for (--link-cuts 0)".to_string()
+    } else {
+        "not injected: the processes share this host's loopback (use --netns)".to_string()
+    };
     let report = Report::new(&stats, outcome, error, args.seed, args.rate, replicas)
         .with_storage(storage_described)
-        .with_outage_injection(outage_injection);
+        .with_outage_injection(outage_injection)
+        .with_network(network_described, link_cut_injection);
     if let Some(dir) = &args.report {
         let page = html::write_report(dir, &lock(&stats.timeline), &report)?;
         ui.say(&format!("report page: {}", page.display()));
