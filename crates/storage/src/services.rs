@@ -16,7 +16,8 @@
 //! **Where they listen.** On `127.0.0.1` by default; [`Postgres::start_on`] and [`Moto::start_on`] take a
 //! [`ServiceHost`] instead: an address and, optionally, a network namespace the server runs in (through
 //! `ip netns exec`, which replaces itself with the server, so the child's pid is the server's). Ports are
-//! probed free on this host's loopback; inside a fresh namespace every port is free.
+//! probed free on this host's loopback; inside a fresh namespace every port is free. PostgreSQL off
+//! loopback also trusts clients of its own subnet (`samenet` in `pg_hba.conf`).
 //!
 //! **Missing services.** Every start returns a [`ServiceError`] saying what is missing and how to get it
 //! (`apt-get install -y postgresql`, `python3-venv`). [`services_required`] says whether the caller must
@@ -231,6 +232,15 @@ impl Postgres {
             "postgres",
             "--no-sync",
         ]))?;
+        if !server.host.address.is_loopback() {
+            // initdb trusts loopback only; clients on the host's own subnet connect from elsewhere.
+            let hba = data.join("pg_hba.conf");
+            let mut text = fs::read_to_string(&hba)
+                .map_err(|e| ServiceError::Io(format!("cannot read {}: {e}", hba.display())))?;
+            text.push_str("\nhost all all samenet trust\n");
+            fs::write(&hba, text)
+                .map_err(|e| ServiceError::Io(format!("cannot write {}: {e}", hba.display())))?;
+        }
         server.start_again()?;
         Ok(server)
     }
