@@ -79,8 +79,8 @@ pub use instance::{
 pub use introspection::{IntrospectionKind, IntrospectionState, ReplicaHealth, peek_duration_bucket_ms};
 pub use metrics::{ControllerMetrics, InstanceMetrics, PeekRecorder};
 pub use orchestrator::{
-    BLOB_URL_ENV, CONSENSUS_URL_ENV, InProcessOrchestrator, Launcher, LoopbackHosts, Orchestrator,
-    ProcessEvent, ProcessHost, ProcessHosts, ProcessOrchestrator, ProcessOrchestratorConfig,
+    BLOB_URL_ENV, CONSENSUS_URL_ENV, InProcessOrchestrator, KEEPALIVE_INTERVAL_ENV, Launcher, LoopbackHosts,
+    Orchestrator, ProcessEvent, ProcessHost, ProcessHosts, ProcessOrchestrator, ProcessOrchestratorConfig,
     ReplicaProcessSecurity, ReplicaSpec, ReplicaStorage, ReplicaTlsFiles, RunningReplica,
     SHARD_POLL_INTERVAL_ENV,
 };

@@ -325,6 +325,8 @@ impl ReplicaStorage {
 pub const BLOB_URL_ENV: &str = "COMPUTE_BLOB_URL";
 /// The environment variable `compute-replica` reads its `--consensus` URL from.
 pub const CONSENSUS_URL_ENV: &str = "COMPUTE_CONSENSUS_URL";
+/// The environment variable `compute-replica` reads its `--keepalive-interval-ms` from.
+pub const KEEPALIVE_INTERVAL_ENV: &str = "COMPUTE_KEEPALIVE_INTERVAL_MS";
 /// The environment variable `compute-replica` reads its `--shard-poll-interval-ms` from.
 pub const SHARD_POLL_INTERVAL_ENV: &str = "COMPUTE_SHARD_POLL_INTERVAL_MS";
 

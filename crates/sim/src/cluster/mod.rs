@@ -652,6 +652,10 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<ExitCode> {
         // `compute-replica --shard-poll-interval-ms`, through the environment like the URLs.
         env.push((controller::SHARD_POLL_INTERVAL_ENV.to_string(), SHARD_POLL_INTERVAL_MS.to_string()));
     }
+    if args.netns {
+        // `compute-replica --keepalive-interval-ms`: well below the controller's idle timeout.
+        env.push((controller::KEEPALIVE_INTERVAL_ENV.to_string(), netns::KEEPALIVE_INTERVAL_MS.to_string()));
+    }
     let services = children.services.clone();
     let network = children.network.clone();
     let hosts: Arc<dyn controller::ProcessHosts> = match &network {

@@ -21,7 +21,10 @@
 //!
 //! **A link cut** ([`Network::cut`]) takes the bridge side of every veth of one replica down: its
 //! processes' packets (to the controller, to storage, between its own processes) are dropped silently,
-//! and connections stall rather than fail; [`Network::restore`] brings them up again.
+//! and connections stall rather than fail; [`Network::restore`] brings them up again. With `--netns` the
+//! controller gives up a replica connection silent for [`IDLE_TIMEOUT_MS`] (every side writes a keepalive
+//! every [`KEEPALIVE_INTERVAL_MS`]), so a cut longer than that ends in a reconnection once the links are
+//! back; a shorter one is ridden out by TCP on the same connection.
 //!
 //! **Cleanup.** [`Network::teardown`] deletes every namespace the run made and the bridge (a veth goes
 //! with its namespace); [`run`](crate::cluster::run) calls it after the replica processes and the
@@ -46,6 +49,14 @@ use tracing::{info, warn};
 use controller::{ProcessHost, ProcessHosts};
 use protocol::{InstanceId, ReplicaId};
 use storage::services::ServiceHost;
+
+/// How often, with `--netns`, a replica process and the controller write a keepalive on a quiet
+/// connection, in milliseconds (`compute-replica --keepalive-interval-ms`,
+/// `ControllerConfig::replica_keepalive_interval_ms`).
+pub const KEEPALIVE_INTERVAL_MS: u64 = 500;
+/// How long, with `--netns`, the controller waits on a silent replica connection before it gives it up
+/// and reconnects, in milliseconds (`ControllerConfig::replica_idle_timeout_ms`): five keepalives.
+pub const IDLE_TIMEOUT_MS: u64 = 2_500;
 
 /// The first two octets of every address (198.18.0.0/16, half of the RFC 2544 range).
 const PREFIX: [u8; 2] = [198, 18];

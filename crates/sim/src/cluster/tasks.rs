@@ -329,7 +329,12 @@ async fn scenario_on(
 
     // The controller, the instance and its replicas.
     // The only controller of its replicas: epoch 1.
-    let config = ControllerConfig::new(ControllerEpoch(1), security);
+    let mut config = ControllerConfig::new(ControllerEpoch(1), security);
+    if args.netns {
+        // A replica cut off the network goes silent: noticed after a few keepalives (`netns.rs`).
+        config.replica_keepalive_interval_ms = crate::cluster::netns::KEEPALIVE_INTERVAL_MS;
+        config.replica_idle_timeout_ms = crate::cluster::netns::IDLE_TIMEOUT_MS;
+    }
     let mut controller = ComputeController::new(
         Arc::clone(&storage),
         Some(Arc::clone(&orchestrator) as Arc<dyn controller::Orchestrator>),
