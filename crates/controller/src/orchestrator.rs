@@ -838,6 +838,8 @@ mod tests {
     }
 
     #[test]
+    // The replica's start time is a field like any other here; nothing reads it.
+    #[allow(clippy::disallowed_methods)]
     fn each_process_listens_runs_and_meets_its_peers_on_the_host_it_was_given() {
         let host = |last: u8| ProcessHost {
             address: std::net::IpAddr::from([198, 18, 0, last]),

@@ -21,7 +21,8 @@
 //! replica's processes with SIGKILL and measure its rehydration, add a fresh replica of the same shape as
 //! the baseline for it (then drop it), drop and recreate a dataflow, and with `--services local` take a
 //! store away for a few seconds (`outage.rs`: PostgreSQL stopped, `moto_server` paused) while a replica is
-//! killed mid-way through a view append), then the end (writes stop; every
+//! killed mid-way through a view append, and with `--netns` cut one replica's links for a few seconds
+//! (`netns.rs`)), then the end (writes stop; every
 //! collection must catch up; every index on every replica and the materialized view are compared in
 //! full), and the report (`report.rs`). Logs go to `target/cluster-data/logs/` (`RUST_LOG` sends this
 //! process's to stderr instead and sets the children's filter).
@@ -39,8 +40,13 @@
 //! catches up after the writes stop; after a storage outage the table writer's appends, the subscribe and
 //! the view's appends resume (peeks answered during it are counted, and their latency reported apart).
 //!
+//! **Separate hosts.** `--netns` (with `--services local`) runs the services and each replica process in a
+//! network namespace of its own, joined by a bridge to this process (`netns.rs`), so that every connection
+//! crosses a link; `--link-cuts` cuts one replica's. Elsewhere every process shares this host's loopback.
+//!
 //! **Cleanup.** The orchestrator kills the replicas when dropped, `processes::StorageServer` kills the
-//! storage server when dropped, and the local services stop when dropped (`storage::services`); all are
+//! storage server when dropped, and the local services stop when dropped (`storage::services`), then
+//! `--netns`'s namespaces and bridge are deleted (and checked gone: a leftover is a violation); all are
 //! owned by [`run`] outside the async runtime, so every way out
 //! (the end, an error, a panic, Ctrl-C, SIGTERM, SIGHUP) drops them, after the runtime and with it the
 //! controller. Then every child process the run started (recorded as it started) is checked gone in
@@ -51,7 +57,8 @@
 //! it reads the wall clock (through `now`) and is not reproducible beyond its workload seed.
 //! **Tests:** `oracle.rs` (the oracle against the reference interpreter), `report.rs` (arithmetic); the
 //! flags' validation below; `tests/it/cluster.rs` runs the scenario for 6 s on the embedded shards and on
-//! PostgreSQL + S3, and for 8 s on `--services local` with a PostgreSQL outage; the scenario itself runs for 20 s in the `cluster` step of `cargo xtask test-suite`, which fails it on any
+//! PostgreSQL + S3, for 8 s on `--services local` with a PostgreSQL outage, and for 8 s with `--netns` and a
+//! link cut; the scenario itself runs for 20 s in the `cluster` step of `cargo xtask test-suite`, which fails it on any
 //! violation and on fewer checks than its stated minimums (`xtask/src/cluster.rs`), and by hand with
 //! `cargo run --release -p sim -- cluster`.
 
@@ -848,6 +855,43 @@ mod tests {
                 "not built for --workload tpch",
             ),
             (&["--services", "local", "--outage-secs", "25"], "retries for 30 s"),
+        ];
+        for (args, expected) in cases {
+            let error = format!("{:#}", parse(args).unwrap_err());
+            assert!(error.contains(expected), "{args:?}: {error}");
+        }
+    }
+
+    #[test]
+    fn netns_needs_local_services_and_link_cuts_need_netns_and_each_refusal_says_why() {
+        let netns = parse(&["--services", "local", "--netns"]).unwrap();
+        assert!(netns.netns);
+        assert_eq!(netns.link_cut_count(), 1, "one cut by default with --netns");
+        assert_eq!(netns.link_cut_duration, Duration::from_secs(4));
+        let flags = ["--services", "local", "--netns", "--link-cuts", "3", "--link-cut-secs", "2.5"];
+        let cuts = parse(&flags).unwrap();
+        assert_eq!((cuts.link_cut_count(), cuts.link_cut_duration), (3, Duration::from_millis(2_500)));
+        assert_eq!(
+            parse(&["--services", "local", "--netns", "--link-cuts", "0"]).unwrap().link_cut_count(),
+            0
+        );
+        assert_eq!(parse(&[]).unwrap().link_cut_count(), 0, "no links to cut on loopback");
+        let cases: [(&[&str], &str); 6] = [
+            (&["--netns"], "--netns needs --services local"),
+            (&["--storage", "server", "--netns"], "--netns needs --services local"),
+            (
+                &["--blob", "file:///b", "--consensus", "sqlite:///c", "--netns"],
+                "--netns needs --services local",
+            ),
+            (
+                &["--services", "local", "--netns", "--workload", "tpch", "--outages", "0"],
+                "not built for --workload tpch",
+            ),
+            (&["--services", "local", "--link-cuts", "1"], "--link-cuts 1 needs --netns"),
+            (
+                &["--services", "local", "--netns", "--link-cut-secs", "30"],
+                "--link-cut-secs must be in (0, 20]",
+            ),
         ];
         for (args, expected) in cases {
             let error = format!("{:#}", parse(args).unwrap_err());
