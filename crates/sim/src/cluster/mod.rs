@@ -62,6 +62,7 @@
 //! violation and on fewer checks than its stated minimums (`xtask/src/cluster.rs`), and by hand with
 //! `cargo run --release -p sim -- cluster`.
 
+pub mod flags;
 pub mod html;
 pub mod netns;
 mod oracle;
@@ -87,6 +88,7 @@ use tracing::info;
 use controller::{Orchestrator, ProcessOrchestrator, ProcessOrchestratorConfig};
 use protocol::ReplicaId;
 
+pub use crate::cluster::flags::ClusterFlags;
 use crate::cluster::outage::LocalServices;
 use crate::cluster::processes::{Layout, StorageServer};
 use crate::cluster::report::{Outcome, ReplicaReport, Report, Stats, Ui, lock};
@@ -191,180 +193,107 @@ pub enum StorageMode {
 /// listens in other processes poll the consensus head every [`SHARD_POLL_INTERVAL_MS`]).
 pub const DEFAULT_STORAGE: StorageMode = StorageMode::Embedded;
 
-/// The usage line.
-pub const USAGE: &str =
-    "usage: sim cluster [--duration SECS] [--rate ROWS_PER_SEC] [--replicas N] [--processes N] \
-[--workers N] [--peekers N] [--peek-interval-ms MS] [--kills N] [--recreations N] [--outages N] \
-[--outage-secs S] [--seed S] [--json] \
-[--metrics-addr ADDR] [--report DIR] [--workload orders|tpch] [--scale-factor SF] [--data-dir DIR] \
-[--storage server|embedded | --blob URL --consensus URL | --services local] [--insecure] \
-[--netns] [--link-cuts N] [--link-cut-secs S]
-
-Storage (one of):
-  --storage embedded   shards on DATA_DIR/blob and the SQLite file DATA_DIR/consensus.db, opened by every
-                       process (the controller, the table writer, every replica process); the default
-  --storage server     a storage-server child process that every other process talks to
-  --blob URL --consensus URL
-                       shards at these URLs, opened by every process: blob file:///DIR or
-                       s3://BUCKET/PREFIX?endpoint=URL&..., consensus sqlite:///FILE or postgres://...;
-                       the stores must not hold the scenario's collections from an earlier run
-  --services local     shards on a throwaway PostgreSQL and moto_server (S3) started on loopback for the
-                       run and stopped on every way out
-  --data-dir DIR       the scenario's files (emptied at the start; default target/cluster-data)
-
-Storage outages (only with --services local; refused with the reason elsewhere):
-  --outages N          stop PostgreSQL / pause moto_server N times, alternating, consensus first (default
-                       with --services local: 1, or 2 in runs of 30 s or more); a replica is killed during
-                       each while its materialized-view append is stuck
-  --outage-secs S      each outage's length (default 3, at most 20)
-
-Separate hosts (only with --services local; needs root and iproute2):
-  --netns              the services and every replica process each in a network namespace of its own, on a
-                       bridge in 198.18.N.0/24 with this process (the controller); all removed at the end
-  --link-cuts N        take every link of one replica down N times (default with --netns: 1); peeks go on
-                       on the other replicas, and the replica must catch up after its links are back
-  --link-cut-secs S    each cut's length (default 4, at most 20)";
-
 impl ClusterArgs {
-    /// Parses the arguments after `cluster`.
+    /// Parses the arguments after `cluster` (as `sim` does, through [`ClusterFlags`]); `--help` and
+    /// clap's own refusals come back as errors with clap's message.
     pub fn parse(args: &[String]) -> anyhow::Result<ClusterArgs> {
-        let mut parsed = ClusterArgs {
-            duration: Duration::from_secs(60),
-            rate: 2_000,
-            replicas: 2,
-            processes: 2,
-            workers: 1,
-            peekers: 2,
-            peek_interval_ms: 2,
-            kills: None,
-            recreations: 3,
-            outages: None,
-            outage_duration: Duration::from_secs(3),
-            seed: wallclock_seed(),
-            json: false,
-            workload: Workload::Orders,
-            scale_factor: 0.01,
-            metrics_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            report: None,
-            insecure: false,
-            storage: DEFAULT_STORAGE,
-            data_dir: None,
-            netns: false,
-            link_cuts: None,
-            link_cut_duration: Duration::from_secs(4),
+        #[derive(clap::Parser)]
+        #[command(name = "sim cluster")]
+        struct Command {
+            #[command(flatten)]
+            flags: ClusterFlags,
+        }
+        let command = <Command as clap::Parser>::try_parse_from(
+            std::iter::once("cluster").chain(args.iter().map(String::as_str)),
+        )?;
+        ClusterArgs::from_flags(command.flags)
+    }
+
+    /// Checks how the flags combine and makes the scenario's options; refuses, with the reason, a
+    /// combination the scenario cannot honour.
+    pub fn from_flags(flags: ClusterFlags) -> anyhow::Result<ClusterArgs> {
+        let workload = match flags.workload.as_str() {
+            "orders" => Workload::Orders,
+            "tpch" => Workload::Tpch,
+            other => bail!("unknown workload {other:?} (orders or tpch)"),
         };
-        let mut metrics_addr_given = false;
-        let (mut mode, mut blob, mut consensus, mut services) = (None, None, None, None);
-        let mut iter = args.iter();
-        while let Some(arg) = iter.next() {
-            let mut value = || iter.next().ok_or_else(|| anyhow!("{arg} needs a value\n{USAGE}"));
-            match arg.as_str() {
-                "--duration" => {
-                    let secs: f64 = value()?.trim_end_matches('s').parse().context("--duration")?;
-                    if !(secs > 0.0 && secs.is_finite()) {
-                        bail!("--duration must be positive");
-                    }
-                    parsed.duration = Duration::from_secs_f64(secs);
-                }
-                "--rate" => parsed.rate = value()?.parse().context("--rate")?,
-                "--replicas" => parsed.replicas = value()?.parse().context("--replicas")?,
-                "--processes" => parsed.processes = value()?.parse().context("--processes")?,
-                "--workers" => parsed.workers = value()?.parse().context("--workers")?,
-                "--peekers" => parsed.peekers = value()?.parse().context("--peekers")?,
-                "--peek-interval-ms" => {
-                    parsed.peek_interval_ms = value()?.parse().context("--peek-interval-ms")?
-                }
-                "--kills" => parsed.kills = Some(value()?.parse().context("--kills")?),
-                "--recreations" => parsed.recreations = value()?.parse().context("--recreations")?,
-                "--outages" => parsed.outages = Some(value()?.parse().context("--outages")?),
-                "--outage-secs" => {
-                    let secs: f64 = value()?.trim_end_matches('s').parse().context("--outage-secs")?;
-                    if !(secs > 0.0 && secs <= MAX_OUTAGE_SECS) {
-                        bail!(
-                            "--outage-secs must be in (0, {MAX_OUTAGE_SECS}]: the storage engine retries for 30 s \
-                             before an operation fails, and the scenario's outages are the kind it rides out"
-                        );
-                    }
-                    parsed.outage_duration = Duration::from_secs_f64(secs);
-                }
-                "--seed" => parsed.seed = value()?.parse().context("--seed")?,
-                "--json" => parsed.json = true,
-                "--workload" => {
-                    parsed.workload = match value()?.as_str() {
-                        "orders" => Workload::Orders,
-                        "tpch" => Workload::Tpch,
-                        other => bail!("unknown workload {other:?} (orders or tpch)\n{USAGE}"),
-                    }
-                }
-                "--scale-factor" => {
-                    let sf: f64 = value()?.parse().context("--scale-factor")?;
-                    if !(sf > 0.0 && sf <= 10.0) {
-                        bail!("--scale-factor must be in (0, 10]");
-                    }
-                    parsed.scale_factor = sf;
-                }
-                "--metrics-addr" => {
-                    parsed.metrics_addr = value()?.parse().context("--metrics-addr")?;
-                    metrics_addr_given = true;
-                }
-                "--report" => parsed.report = Some(PathBuf::from(value()?)),
-                "--insecure" => parsed.insecure = true,
-                "--data-dir" => parsed.data_dir = Some(PathBuf::from(value()?)),
-                "--storage" => mode = Some(value()?.clone()),
-                "--blob" => blob = Some(value()?.clone()),
-                "--consensus" => consensus = Some(value()?.clone()),
-                "--services" => services = Some(value()?.clone()),
-                "--netns" => parsed.netns = true,
-                "--link-cuts" => parsed.link_cuts = Some(value()?.parse().context("--link-cuts")?),
-                "--link-cut-secs" => {
-                    let secs: f64 = value()?.trim_end_matches('s').parse().context("--link-cut-secs")?;
-                    if !(secs > 0.0 && secs <= MAX_OUTAGE_SECS) {
-                        bail!(
-                            "--link-cut-secs must be in (0, {MAX_OUTAGE_SECS}]: a cut replica's storage requests \
-                             are retried for 30 s before they fail"
-                        );
-                    }
-                    parsed.link_cut_duration = Duration::from_secs_f64(secs);
-                }
-                "--help" | "-h" => bail!("{USAGE}"),
-                other => bail!("unknown argument {other:?}\n{USAGE}"),
+        if !(flags.scale_factor > 0.0 && flags.scale_factor <= 10.0) {
+            bail!("--scale-factor must be in (0, 10]");
+        }
+        for (flag, length) in [("--outage-secs", flags.outage_secs), ("--link-cut-secs", flags.link_cut_secs)]
+        {
+            if length.as_secs_f64() > MAX_OUTAGE_SECS {
+                bail!(
+                    "{flag} must be in (0, {MAX_OUTAGE_SECS}]: the storage engine retries for 30 s before an \
+                     operation fails, and the scenario's faults are the kind it rides out"
+                );
             }
         }
+        let parsed = ClusterArgs {
+            duration: flags.duration,
+            rate: flags.rate,
+            replicas: flags.replicas,
+            processes: flags.processes,
+            workers: flags.workers,
+            peekers: flags.peekers,
+            peek_interval_ms: flags.peek_interval_ms,
+            kills: flags.kills,
+            recreations: flags.recreations,
+            outages: flags.outages,
+            outage_duration: flags.outage_secs,
+            seed: flags.seed.unwrap_or_else(wallclock_seed),
+            json: flags.json,
+            workload,
+            scale_factor: flags.scale_factor,
+            metrics_addr: flags.metrics_addr.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0))),
+            report: flags.report,
+            insecure: flags.insecure,
+            storage: storage_mode(flags.storage, flags.blob, flags.consensus, flags.services)?,
+            data_dir: flags.data_dir,
+            netns: flags.netns,
+            link_cuts: flags.link_cuts,
+            link_cut_duration: flags.link_cut_secs,
+        };
         if parsed.replicas == 0 || parsed.processes == 0 || parsed.workers == 0 {
             bail!("--replicas, --processes and --workers must be at least 1");
         }
-        if parsed.workload == Workload::Tpch && (metrics_addr_given || parsed.report.is_some()) {
+        if parsed.workload == Workload::Tpch && (flags.metrics_addr.is_some() || parsed.report.is_some()) {
             bail!(
                 "--metrics-addr and --report are not built for --workload tpch (its scenario serves no metrics)"
             );
         }
-        parsed.storage = storage_mode(mode, blob, consensus, services)?;
-        if let Some(n @ 1..) = parsed.outages {
-            if let Some(why) = outage::unsupported(&parsed.storage) {
+        parsed.check_faults()?;
+        Ok(parsed)
+    }
+
+    /// Refuses outages and link cuts where they cannot be injected, and `--netns` where it cannot run.
+    fn check_faults(&self) -> anyhow::Result<()> {
+        if let Some(n @ 1..) = self.outages {
+            if let Some(why) = outage::unsupported(&self.storage) {
                 bail!("--outages {n}: {why}");
             }
-            if parsed.workload == Workload::Tpch {
+            if self.workload == Workload::Tpch {
                 bail!("--outages is not built for --workload tpch (only the orders workload injects them)");
             }
         }
-        if parsed.netns {
-            if parsed.storage != StorageMode::LocalServices {
+        if self.netns {
+            if self.storage != StorageMode::LocalServices {
                 bail!(
                     "--netns needs --services local: the scenario starts PostgreSQL and moto_server in a namespace \
                      of their own, so that storage crosses the network too (embedded stores are files, and \
                      --storage server or --blob/--consensus name servers it does not place)"
                 );
             }
-            if parsed.workload == Workload::Tpch {
+            if self.workload == Workload::Tpch {
                 bail!("--netns is not built for --workload tpch (only the orders workload runs on it)");
             }
         }
-        if let Some(n @ 1..) = parsed.link_cuts
-            && !parsed.netns
+        if let Some(n @ 1..) = self.link_cuts
+            && !self.netns
         {
             bail!("--link-cuts {n} needs --netns: on loopback there is no link to cut");
         }
-        Ok(parsed)
+        Ok(())
     }
 
     /// The processes of replica `index` (1-based): every second replica is a multi-process cluster.
