@@ -1276,11 +1276,7 @@ async fn link_cut(ctx: &Ctx, replica: ReplicaId) {
     let network = Arc::clone(ctx.network.as_ref().expect("link cuts only run with --netns"));
     let started_at_s = ctx.stats.elapsed_s();
     let mark = lock(&ctx.stats.timeline).fault(started_at_s, FaultKind::LinkCut, replica.to_string());
-    let cut = {
-        let network = Arc::clone(&network);
-        tokio::task::spawn_blocking(move || network.cut(INSTANCE, replica)).await
-    };
-    let links = match cut.map_err(|e| anyhow!("{e}")).and_then(|r| r) {
+    let links = match switch_links(&network, replica, false).await {
         Ok(links) => links,
         Err(e) => {
             ctx.stats.violation(format!("cannot cut the links of {replica}: {e:#}"));
@@ -1299,46 +1295,16 @@ async fn link_cut(ctx: &Ctx, replica: ReplicaId) {
     let restore = async {
         tokio::time::sleep(ctx.args.link_cut_duration.saturating_sub(down.elapsed())).await;
         let during = progress_counts(&ctx.stats);
-        let restored = {
-            let network = Arc::clone(&network);
-            tokio::task::spawn_blocking(move || network.restore(INSTANCE, replica)).await
-        };
+        let restored = switch_links(&network, replica, true).await;
         let ended_at_s = ctx.stats.elapsed_s();
         lock(&ctx.stats.timeline).end_fault(mark, ended_at_s);
-        if let Err(e) = restored.map_err(|e| anyhow!("{e}")).and_then(|r| r) {
+        if let Err(e) = restored {
             ctx.stats.violation(format!("cannot restore the links of {replica}: {e:#}"));
             watching.store(false, Ordering::SeqCst);
             return;
         }
-        let back = now();
-        let time = ctx.latest_write();
-        ctx.ui.event(
-            &ctx.stats,
-            &format!(
-                "restored the links of {replica} after {:.1} s, at time {time}",
-                down.elapsed().as_secs_f64()
-            ),
-        );
-        let (answered, caught) =
-            tokio::join!(answer_at(ctx, replica, time, back), caught_up_past(ctx, replica, time, back));
+        let (answered, caught) = after_restore(ctx, replica, down).await;
         watching.store(false, Ordering::SeqCst);
-        if caught.is_none() {
-            ctx.stats.violation(format!(
-                "{replica} did not catch up to time {time} within {} s of its links' restore",
-                PATIENCE.as_secs()
-            ));
-        } else {
-            lock(&ctx.replica_state).insert(replica, "ready".to_string());
-        }
-        ctx.ui.event(
-            &ctx.stats,
-            &format!(
-                "{replica} back: {}, answered at the restore time after {}, every collection past it after {}",
-                if reset.load(Ordering::SeqCst) { "reconnected" } else { "same connection" },
-                answered.map_or("-".to_string(), |a| format!("{:.2} s", a.as_secs_f64())),
-                caught.map_or("-".to_string(), |a| format!("{:.2} s", a.as_secs_f64())),
-            ),
-        );
         lock(&ctx.stats.link_cuts).push(LinkCutReport {
             replica: replica.to_string(),
             links,
@@ -1354,6 +1320,65 @@ async fn link_cut(ctx: &Ctx, replica: ReplicaId) {
     tokio::join!(watcher, restore);
 }
 
+/// Takes `replica`'s links down or brings them up, on a blocking thread; returns how many.
+async fn switch_links(network: &Arc<Network>, replica: ReplicaId, up: bool) -> anyhow::Result<usize> {
+    let network = Arc::clone(network);
+    tokio::task::spawn_blocking(move || {
+        if up { network.restore(INSTANCE, replica) } else { network.cut(INSTANCE, replica) }
+    })
+    .await
+    .map_err(|e| anyhow!("the network task failed: {e}"))?
+}
+
+/// Once `replica`'s links are back (they went down at `down`): how long until it answered a peek at the
+/// latest time written before the restore, and until every collection on it passed that time (a
+/// violation if it does not within `PATIENCE`).
+async fn after_restore(ctx: &Ctx, replica: ReplicaId, down: Instant) -> (Option<Duration>, Option<Duration>) {
+    let back = now();
+    let time = ctx.latest_write();
+    ctx.ui.event(
+        &ctx.stats,
+        &format!(
+            "restored the links of {replica} after {:.1} s, at time {time}",
+            down.elapsed().as_secs_f64()
+        ),
+    );
+    let (answered, caught) =
+        tokio::join!(answer_at(ctx, replica, time, back), caught_up_past(ctx, replica, time, back));
+    match caught {
+        Some(_) => {
+            lock(&ctx.replica_state).insert(replica, "ready".to_string());
+        }
+        None => ctx.stats.violation(format!(
+            "{replica} did not catch up to time {time} within {} s of its links' restore",
+            PATIENCE.as_secs()
+        )),
+    }
+    let secs = |d: Option<Duration>| d.map_or("-".to_string(), |d| format!("{:.2} s", d.as_secs_f64()));
+    ctx.ui.event(
+        &ctx.stats,
+        &format!(
+            "{replica} back: answered at the restore time after {}, every collection past it after {}",
+            secs(answered),
+            secs(caught)
+        ),
+    );
+    (answered, caught)
+}
+
+/// The controller's write frontier of each of `ids` on `replica` (`None` for one it has not heard of on
+/// the replica's current connection); `None` if the instance cannot be inspected.
+async fn replica_frontiers(ctx: &Ctx, replica: ReplicaId, ids: &[GlobalId]) -> Option<Vec<Option<u64>>> {
+    let ids = ids.to_vec();
+    let controller = ctx.controller.lock().await;
+    controller
+        .inspect(INSTANCE, move |core| {
+            ids.iter().map(|id| core.replica_write_frontier(replica, *id).and_then(|f| first(&f))).collect()
+        })
+        .await
+        .ok()
+}
+
 /// Sets `reset` once any live export's write frontier on `replica` is unknown to the controller (a new
 /// connection, not yet reported), polling every 5 ms while `watching`.
 async fn watch_for_reset(
@@ -1364,18 +1389,7 @@ async fn watch_for_reset(
 ) {
     let ids: Vec<GlobalId> = ctx.live_exports().keys().copied().collect();
     while watching.load(Ordering::SeqCst) && !reset.load(Ordering::SeqCst) {
-        let ids = ids.clone();
-        let states = {
-            let controller = ctx.controller.lock().await;
-            controller
-                .inspect(INSTANCE, move |core| {
-                    ids.iter()
-                        .map(|id| core.replica_write_frontier(replica, *id).and_then(|f| first(&f)))
-                        .collect::<Vec<_>>()
-                })
-                .await
-        };
-        if states.is_ok_and(|states| states.iter().any(Option::is_none)) {
+        if replica_frontiers(ctx, replica, &ids).await.is_some_and(|f| f.iter().any(Option::is_none)) {
             reset.store(true, Ordering::SeqCst);
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -1387,18 +1401,7 @@ async fn watch_for_reset(
 async fn caught_up_past(ctx: &Ctx, replica: ReplicaId, time: u64, since: Instant) -> Option<Duration> {
     let ids: Vec<GlobalId> = ctx.live_exports().keys().copied().collect();
     while since.elapsed() < PATIENCE {
-        let ids = ids.clone();
-        let states = {
-            let controller = ctx.controller.lock().await;
-            controller
-                .inspect(INSTANCE, move |core| {
-                    ids.iter()
-                        .map(|id| core.replica_write_frontier(replica, *id).and_then(|f| first(&f)))
-                        .collect::<Vec<_>>()
-                })
-                .await
-        };
-        if states.ok()?.iter().all(|s| s.is_some_and(|t| t > time)) {
+        if replica_frontiers(ctx, replica, &ids).await?.iter().all(|f| f.is_some_and(|t| t > time)) {
             return Some(since.elapsed());
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
