@@ -26,8 +26,8 @@
 //! every [`KEEPALIVE_INTERVAL_MS`]), so a cut longer than that ends in a reconnection once the links are
 //! back; a shorter one is ridden out by TCP on the same connection.
 //!
-//! **Cleanup.** [`Network::teardown`] deletes every namespace the run made and the bridge (a veth goes
-//! with its namespace); [`run`](crate::cluster::run) calls it after the replica processes and the
+//! **Cleanup.** [`Network::teardown`] deletes every veth and namespace the run made and the bridge (a
+//! veth is deleted itself: the kernel frees a deleted namespace's interfaces only later); [`run`](crate::cluster::run) calls it after the replica processes and the
 //! services are gone, on every way out, and `Drop` calls it too (after a panic). A run that was killed
 //! with SIGKILL leaves its namespaces behind: [`Network::create`] deletes those of any `PID` that no
 //! longer runs `sim` (killing the processes still in them first), before it makes its own.
@@ -89,8 +89,8 @@ pub struct Network {
 struct State {
     /// The next host's last octet.
     next: u8,
-    /// Every namespace made and not deleted yet.
-    namespaces: Vec<String>,
+    /// Every host made (or begun) and not deleted yet.
+    hosts: Vec<Host>,
     /// The hosts of each replica's processes, in process order.
     replicas: BTreeMap<(InstanceId, ReplicaId), Vec<Host>>,
     /// Whether [`Network::teardown`] ran.
@@ -177,6 +177,20 @@ fn delete_namespace(name: &str, kill: bool) -> anyhow::Result<()> {
     ip(&["netns", "del", name]).map(|_| ())
 }
 
+/// Deletes `host`: its veth first (the kernel frees a deleted namespace, and the veth inside it, only
+/// later, in the background), then its namespace. Failures are logged; [`Network::leftovers`] finds what
+/// is left.
+fn delete_host(host: &Host) {
+    if links().is_ok_and(|links| links.contains(&host.veth))
+        && let Err(error) = ip(&["link", "del", &host.veth])
+    {
+        warn!(veth = %host.veth, error = %format!("{error:#}"), "cannot delete a veth");
+    }
+    if let Err(error) = delete_namespace(&host.netns, false) {
+        warn!(netns = %host.netns, error = %format!("{error:#}"), "cannot delete a namespace");
+    }
+}
+
 /// Deletes what runs that no longer exist left behind.
 fn clean_stale() -> anyhow::Result<()> {
     for name in namespaces()? {
@@ -186,9 +200,10 @@ fn clean_stale() -> anyhow::Result<()> {
         }
     }
     for name in links()? {
-        if name.starts_with("snb") && owner(&name).is_some_and(|pid| !runs_sim(pid)) {
-            warn!(link = %name, "deleting a bridge left by a run that is gone");
-            ip(&["link", "del", &name])?;
+        if owner(&name).is_some_and(|pid| !runs_sim(pid)) {
+            warn!(link = %name, "deleting a link left by a run that is gone");
+            // A veth whose peer's namespace went first is gone already.
+            let _ = ip(&["link", "del", &name]);
         }
     }
     Ok(())
@@ -272,11 +287,11 @@ impl Network {
         ServiceHost { address: self.services.address, netns: Some(self.services.netns.clone()) }
     }
 
-    /// Makes `host`'s namespace and veth, recording the namespace for [`teardown`](Self::teardown).
+    /// Makes `host`'s namespace and veth, recording the host for [`teardown`](Self::teardown).
     fn make_host(&self, host: &Host) -> anyhow::Result<()> {
         ip(&["netns", "add", &host.netns])
             .context("network namespaces are not available here (needs root and iproute2)")?;
-        lock(&self.state).namespaces.push(host.netns.clone());
+        lock(&self.state).hosts.push(host.clone());
         ip(&["link", "add", &host.veth, "type", "veth", "peer", "name", "eth0", "netns", &host.netns])?;
         ip(&["link", "set", &host.veth, "master", &self.bridge, "up"])?;
         ip(&["-n", &host.netns, "addr", "add", &format!("{}/24", host.address), "dev", "eth0"])?;
@@ -333,16 +348,14 @@ impl Network {
     /// Deletes every namespace this run made and its bridge; idempotent. Call it once the processes in
     /// them are gone (a process still inside keeps its namespace alive, unnamed, until it exits).
     pub fn teardown(&self) {
-        let namespaces = {
+        let hosts = {
             let mut state = lock(&self.state);
             state.torn_down = true;
             state.replicas.clear();
-            std::mem::take(&mut state.namespaces)
+            std::mem::take(&mut state.hosts)
         };
-        for name in namespaces {
-            if let Err(error) = delete_namespace(&name, false) {
-                warn!(netns = %name, error = %format!("{error:#}"), "cannot delete a namespace");
-            }
+        for host in hosts {
+            delete_host(&host);
         }
         if links().is_ok_and(|links| links.contains(&self.bridge))
             && let Err(error) = ip(&["link", "del", &self.bridge])
@@ -388,13 +401,11 @@ impl ProcessHosts for NetnsHosts {
         let hosts = {
             let mut state = lock(&self.0.state);
             let hosts = state.replicas.remove(&(instance, replica)).unwrap_or_default();
-            state.namespaces.retain(|name| !hosts.iter().any(|h| &h.netns == name));
+            state.hosts.retain(|made| !hosts.iter().any(|h| h.netns == made.netns));
             hosts
         };
         for host in hosts {
-            if let Err(error) = delete_namespace(&host.netns, false) {
-                warn!(netns = %host.netns, error = %format!("{error:#}"), "cannot delete a replica's namespace");
-            }
+            delete_host(&host);
         }
     }
 }
