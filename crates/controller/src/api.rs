@@ -202,6 +202,8 @@ impl ComputeController {
                     epoch: self.config.epoch,
                     session: self.session,
                     security: self.config.replica_security.clone(),
+                    keepalive_interval_ms: self.config.replica_keepalive_interval_ms,
+                    idle_timeout_ms: self.config.replica_idle_timeout_ms,
                 },
                 peek_recorder.clone(),
             )

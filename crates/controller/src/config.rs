@@ -28,6 +28,13 @@ use crate::instance::InstanceCoreConfig;
 /// **Security.** `replica_security` secures every connection to a replica (`transport`: TLS with the
 /// replicas' CA, or explicitly insecure; the shared secret or a client certificate). There is no
 /// default: [`ControllerConfig::new`] takes it.
+///
+/// **Silent replicas.** A connection to a replica writes a keepalive every
+/// `replica_keepalive_interval_ms` while it has nothing to send, and is given up (then made again) when
+/// nothing arrived on it for `replica_idle_timeout_ms`: that is how a replica cut off the network is
+/// noticed. The idle timeout must stay well above the replicas' own keepalive interval
+/// (`compute-replica --keepalive-interval-ms`, 10 s by default), or quiet replicas are reconnected for
+/// nothing.
 #[derive(Debug, Clone)]
 pub struct ControllerConfig {
     /// The controller's epoch (see above).
@@ -42,6 +49,10 @@ pub struct ControllerConfig {
     pub hydration_concurrency: Option<usize>,
     /// How often each instance task ticks (timeouts, lag), in milliseconds.
     pub tick_interval_ms: u64,
+    /// A replica connection with nothing to send writes a keepalive this often, in milliseconds.
+    pub replica_keepalive_interval_ms: u64,
+    /// A replica connection on which nothing arrived for this long is given up, in milliseconds.
+    pub replica_idle_timeout_ms: u64,
     /// Whether to write introspection into storage collections (see `IntrospectionKind`).
     pub introspection: bool,
     /// Where the controller registers its Prometheus metrics (see `ControllerMetrics`): the embedding
@@ -62,6 +73,8 @@ impl ControllerConfig {
             replica_backoff: Backoff::default(),
             hydration_concurrency: None,
             tick_interval_ms: 50,
+            replica_keepalive_interval_ms: replica_client::DEFAULT_KEEPALIVE_INTERVAL_MS,
+            replica_idle_timeout_ms: replica_client::DEFAULT_IDLE_TIMEOUT_MS,
             introspection: true,
             metrics: Some(Registry::new()),
         }

@@ -141,6 +141,10 @@ pub(crate) struct ReplicaConnections {
     pub session: u64,
     /// `ControllerConfig::replica_security`.
     pub security: ClientSecurity,
+    /// `ControllerConfig::replica_keepalive_interval_ms`.
+    pub keepalive_interval_ms: u64,
+    /// `ControllerConfig::replica_idle_timeout_ms`.
+    pub idle_timeout_ms: u64,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -178,6 +182,8 @@ pub(crate) async fn run_instance(
                         let result = core.add_replica(replica).map(|history| {
                             let mut client_config =
                                 ReplicaClientConfig::new(replica, addresses, connections.security.clone());
+                            client_config.keepalive_interval_ms = connections.keepalive_interval_ms;
+                            client_config.idle_timeout_ms = connections.idle_timeout_ms;
                             client_config.core = ReplicaCoreConfig {
                                 replica_id: replica,
                                 processes: client_config.core.processes,

@@ -79,9 +79,10 @@ pub use instance::{
 pub use introspection::{IntrospectionKind, IntrospectionState, ReplicaHealth, peek_duration_bucket_ms};
 pub use metrics::{ControllerMetrics, InstanceMetrics, PeekRecorder};
 pub use orchestrator::{
-    BLOB_URL_ENV, CONSENSUS_URL_ENV, InProcessOrchestrator, Launcher, Orchestrator, ProcessEvent,
-    ProcessOrchestrator, ProcessOrchestratorConfig, ReplicaProcessSecurity, ReplicaSpec, ReplicaStorage,
-    ReplicaTlsFiles, RunningReplica, SHARD_POLL_INTERVAL_ENV,
+    BLOB_URL_ENV, CONSENSUS_URL_ENV, InProcessOrchestrator, KEEPALIVE_INTERVAL_ENV, Launcher, LoopbackHosts,
+    Orchestrator, ProcessEvent, ProcessHost, ProcessHosts, ProcessOrchestrator, ProcessOrchestratorConfig,
+    ReplicaProcessSecurity, ReplicaSpec, ReplicaStorage, ReplicaTlsFiles, RunningReplica,
+    SHARD_POLL_INTERVAL_ENV,
 };
 pub use protocol::ControllerEpoch;
 pub use response::{ComputeControllerResponse, PeekNotification, PeekOutcome, PeekResult};

@@ -11,7 +11,9 @@
 //!   replica client simply reconnects, and reports every status change. The backoff doubles with each
 //!   crash in a row and starts over once a replica has run stably (see [`ProcessOrchestratorConfig`]).
 //!   Its processes reach storage through the storage server or open the shards themselves
-//!   ([`ReplicaStorage`]).
+//!   ([`ReplicaStorage`]). They run on this host's loopback, or each on a host of its own that a
+//!   [`ProcessHosts`] provides (an address and a command prefix, e.g. `ip netns exec NAME`; `sim cluster
+//!   --netns`), which a replica keeps across restarts and gives back when it is dropped.
 //!
 //! **Boundary:** an orchestrator only runs processes and says where they listen; connecting, replaying
 //! and hydrating are the replica client's job.
@@ -323,6 +325,8 @@ impl ReplicaStorage {
 pub const BLOB_URL_ENV: &str = "COMPUTE_BLOB_URL";
 /// The environment variable `compute-replica` reads its `--consensus` URL from.
 pub const CONSENSUS_URL_ENV: &str = "COMPUTE_CONSENSUS_URL";
+/// The environment variable `compute-replica` reads its `--keepalive-interval-ms` from.
+pub const KEEPALIVE_INTERVAL_ENV: &str = "COMPUTE_KEEPALIVE_INTERVAL_MS";
 /// The environment variable `compute-replica` reads its `--shard-poll-interval-ms` from.
 pub const SHARD_POLL_INTERVAL_ENV: &str = "COMPUTE_SHARD_POLL_INTERVAL_MS";
 
@@ -336,8 +340,50 @@ impl fmt::Debug for ReplicaStorage {
     }
 }
 
+/// Where one replica process runs: the address it listens on (controller, timely and metrics ports)
+/// and the command prefix that starts a program there (empty: this host).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessHost {
+    /// The process's address, which its listeners bind and its peers and the controller connect to.
+    pub address: std::net::IpAddr,
+    /// Prepended to the `compute-replica` command line (e.g. `["ip", "netns", "exec", "NAME"]`); the
+    /// prefix must run the program in place (`exec`), so that the child's pid is the replica process's.
+    pub prefix: Vec<std::ffi::OsString>,
+}
+
+impl ProcessHost {
+    /// This host's loopback, `127.0.0.1`, with no prefix.
+    pub fn loopback() -> ProcessHost {
+        ProcessHost { address: std::net::IpAddr::from([127, 0, 0, 1]), prefix: Vec::new() }
+    }
+}
+
+/// Provides the hosts of a [`ProcessOrchestrator`]'s replica processes (see
+/// [`ProcessOrchestrator::with_hosts`]). A replica gets its hosts once, when it is first started, keeps
+/// them across restarts, and gives them back when it is dropped (or the orchestrator is).
+pub trait ProcessHosts: Send + Sync + fmt::Debug {
+    /// The host of process `process` (0-based) of `replica`; an error refuses to start the replica.
+    fn host(&self, instance: InstanceId, replica: ReplicaId, process: usize) -> Result<ProcessHost, String>;
+    /// The replica is gone (its processes killed and reaped): its hosts may be taken down.
+    fn release(&self, instance: InstanceId, replica: ReplicaId);
+}
+
+/// Every process on this host's loopback: [`ProcessOrchestrator::new`]'s hosts.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LoopbackHosts;
+
+impl ProcessHosts for LoopbackHosts {
+    fn host(&self, _: InstanceId, _: ReplicaId, _: usize) -> Result<ProcessHost, String> {
+        Ok(ProcessHost::loopback())
+    }
+
+    fn release(&self, _: InstanceId, _: ReplicaId) {}
+}
+
 struct ManagedReplica {
     spec: ReplicaSpec,
+    /// One per process, kept across restarts.
+    hosts: Vec<ProcessHost>,
     controller_ports: Vec<u16>,
     timely_ports: Vec<u16>,
     /// One per process when the orchestrator serves metrics, else empty.
@@ -350,9 +396,21 @@ struct ManagedReplica {
     restart_at: Option<std::time::Instant>,
 }
 
+impl ManagedReplica {
+    /// Where the controller reaches each process, in process order.
+    fn controller_addresses(&self) -> Vec<String> {
+        self.hosts
+            .iter()
+            .zip(&self.controller_ports)
+            .map(|(host, port)| std::net::SocketAddr::new(host.address, *port).to_string())
+            .collect()
+    }
+}
+
 /// Replicas as local processes. See the module documentation.
 pub struct ProcessOrchestrator {
     config: ProcessOrchestratorConfig,
+    hosts: Arc<dyn ProcessHosts>,
     replicas: Arc<Mutex<BTreeMap<(InstanceId, ReplicaId), ManagedReplica>>>,
     events: mpsc::UnboundedSender<ProcessEvent>,
     supervisor: Option<std::thread::JoinHandle<()>>,
@@ -375,32 +433,48 @@ fn free_ports(n: usize) -> Result<Vec<u16>, String> {
     probes.iter().map(|l| l.local_addr().map(|a| a.port()).map_err(|e| e.to_string())).collect()
 }
 
+/// The command line of process `process` of `replica`, on its host.
+fn process_command(config: &ProcessOrchestratorConfig, replica: &ManagedReplica, process: usize) -> Command {
+    let at = |host: &ProcessHost, port: u16| std::net::SocketAddr::new(host.address, port).to_string();
+    let host = &replica.hosts[process];
+    let mut command = match host.prefix.split_first() {
+        Some((program, args)) => {
+            let mut command = Command::new(program);
+            command.args(args).arg(&config.binary);
+            command
+        }
+        None => Command::new(&config.binary),
+    };
+    command
+        .arg("--listen")
+        .arg(at(host, replica.controller_ports[process]))
+        .arg("--workers")
+        .arg(replica.spec.workers.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    config.storage.apply(&mut command);
+    if replica.spec.processes > 1 {
+        let timely: Vec<String> =
+            replica.hosts.iter().zip(&replica.timely_ports).map(|(host, port)| at(host, *port)).collect();
+        command.arg("--process").arg(process.to_string()).arg("--addresses").arg(timely.join(","));
+    }
+    if let Some(port) = replica.metrics_ports.get(process) {
+        command.arg("--metrics-addr").arg(at(host, *port));
+    }
+    for (key, value) in &config.env {
+        command.env(key, value);
+    }
+    config.security.apply(&mut command);
+    command
+}
+
 fn spawn_processes(
     config: &ProcessOrchestratorConfig,
     replica: &ManagedReplica,
 ) -> Result<Vec<Child>, String> {
-    let timely: Vec<String> = replica.timely_ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
     let mut children = Vec::new();
-    for (process, port) in replica.controller_ports.iter().enumerate() {
-        let mut command = Command::new(&config.binary);
-        command
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--workers")
-            .arg(replica.spec.workers.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null());
-        config.storage.apply(&mut command);
-        if replica.spec.processes > 1 {
-            command.arg("--process").arg(process.to_string()).arg("--addresses").arg(timely.join(","));
-        }
-        if let Some(port) = replica.metrics_ports.get(process) {
-            command.arg("--metrics-addr").arg(format!("127.0.0.1:{port}"));
-        }
-        for (key, value) in &config.env {
-            command.env(key, value);
-        }
-        config.security.apply(&mut command);
+    for process in 0..replica.controller_ports.len() {
+        let mut command = process_command(config, replica, process);
         match &config.log_dir {
             Some(dir) => {
                 let name = format!("{}-{}-p{process}.log", replica.spec.instance, replica.spec.replica);
@@ -440,10 +514,20 @@ fn kill_all(children: &mut Vec<Child>) {
 }
 
 impl ProcessOrchestrator {
-    /// An orchestrator and the stream of its process events.
+    /// An orchestrator whose replica processes run on this host's loopback ([`LoopbackHosts`]), and the
+    /// stream of its process events.
+    pub fn new(config: ProcessOrchestratorConfig) -> (Self, mpsc::UnboundedReceiver<ProcessEvent>) {
+        Self::with_hosts(config, Arc::new(LoopbackHosts))
+    }
+
+    /// An orchestrator whose replica processes run on the hosts `hosts` provides, and the stream of its
+    /// process events.
     // The supervisor measures real time between restarts: processes are not simulated.
     #[allow(clippy::disallowed_methods)]
-    pub fn new(config: ProcessOrchestratorConfig) -> (Self, mpsc::UnboundedReceiver<ProcessEvent>) {
+    pub fn with_hosts(
+        config: ProcessOrchestratorConfig,
+        hosts: Arc<dyn ProcessHosts>,
+    ) -> (Self, mpsc::UnboundedReceiver<ProcessEvent>) {
         let (events, rx) = mpsc::unbounded_channel();
         let replicas: Arc<Mutex<BTreeMap<(InstanceId, ReplicaId), ManagedReplica>>> = Arc::default();
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -518,7 +602,7 @@ impl ProcessOrchestrator {
                 })
                 .expect("spawn supervisor thread")
         };
-        (ProcessOrchestrator { config, replicas, events, supervisor: Some(supervisor), stop }, rx)
+        (ProcessOrchestrator { config, hosts, replicas, events, supervisor: Some(supervisor), stop }, rx)
     }
 
     /// The operating-system process ids of a running replica (empty while it restarts).
@@ -539,7 +623,11 @@ impl ProcessOrchestrator {
             .expect("orchestrator lock")
             .get(&(instance, replica))
             .map(|m| {
-                m.metrics_ports.iter().map(|p| std::net::SocketAddr::from(([127, 0, 0, 1], *p))).collect()
+                m.hosts
+                    .iter()
+                    .zip(&m.metrics_ports)
+                    .map(|(h, p)| std::net::SocketAddr::new(h.address, *p))
+                    .collect()
             })
             .unwrap_or_default()
     }
@@ -566,7 +654,7 @@ impl Orchestrator for ProcessOrchestrator {
             let key = (spec.instance, spec.replica);
             let mut replicas = self.replicas.lock().expect("orchestrator lock");
             if let Some(managed) = replicas.get(&key) {
-                return Ok(managed.controller_ports.iter().map(|p| format!("127.0.0.1:{p}")).collect());
+                return Ok(managed.controller_addresses());
             }
             if spec.processes == 0 || spec.workers == 0 {
                 return Err("a replica needs at least one process and one worker".to_string());
@@ -576,8 +664,19 @@ impl Orchestrator for ProcessOrchestrator {
             let mut controller_ports = free_ports(with_metrics * spec.processes)?;
             let mut timely_ports = controller_ports.split_off(spec.processes);
             let metrics_ports = timely_ports.split_off(spec.processes);
+            let hosts = (0..spec.processes)
+                .map(|process| self.hosts.host(spec.instance, spec.replica, process))
+                .collect::<Result<Vec<_>, _>>();
+            let hosts = match hosts {
+                Ok(hosts) => hosts,
+                Err(e) => {
+                    self.hosts.release(spec.instance, spec.replica);
+                    return Err(format!("no host for replica {}: {e}", spec.replica));
+                }
+            };
             let mut managed = ManagedReplica {
                 spec: spec.clone(),
+                hosts,
                 controller_ports,
                 timely_ports,
                 metrics_ports,
@@ -586,10 +685,16 @@ impl Orchestrator for ProcessOrchestrator {
                 started_at: std::time::Instant::now(),
                 restart_at: None,
             };
-            managed.children = spawn_processes(&self.config, &managed)?;
+            managed.children = match spawn_processes(&self.config, &managed) {
+                Ok(children) => children,
+                Err(e) => {
+                    self.hosts.release(spec.instance, spec.replica);
+                    return Err(e);
+                }
+            };
             managed.started_at = std::time::Instant::now();
             let pids = managed.children.iter().map(Child::id).collect();
-            let addresses = managed.controller_ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+            let addresses = managed.controller_addresses();
             replicas.insert(key, managed);
             let _ = self.events.send(ProcessEvent::Running {
                 instance: spec.instance,
@@ -606,6 +711,7 @@ impl Orchestrator for ProcessOrchestrator {
             match removed {
                 Some(mut managed) => {
                     kill_all(&mut managed.children);
+                    self.hosts.release(instance, replica);
                     Ok(())
                 }
                 None => Err(format!("replica {replica} of instance {instance} is not running")),
@@ -621,8 +727,9 @@ impl Drop for ProcessOrchestrator {
             let _ = supervisor.join();
         }
         if let Ok(mut replicas) = self.replicas.lock() {
-            for (_, mut managed) in std::mem::take(&mut *replicas) {
+            for ((instance, replica), mut managed) in std::mem::take(&mut *replicas) {
                 kill_all(&mut managed.children);
+                self.hosts.release(instance, replica);
             }
         }
     }
@@ -724,6 +831,47 @@ mod tests {
             Some(Some("sqlite:///secret/consensus.db".to_string()))
         );
         assert!(!format!("{shards:?}").contains("secret"), "{shards:?}");
+    }
+
+    fn args_of(command: &Command) -> Vec<String> {
+        command.get_args().map(|a| a.to_string_lossy().into_owned()).collect()
+    }
+
+    #[test]
+    // The replica's start time is a field like any other here; nothing reads it.
+    #[allow(clippy::disallowed_methods)]
+    fn each_process_listens_runs_and_meets_its_peers_on_the_host_it_was_given() {
+        let host = |last: u8| ProcessHost {
+            address: std::net::IpAddr::from([198, 18, 0, last]),
+            prefix: vec!["ip".into(), "netns".into(), "exec".into(), format!("ns{last}").into()],
+        };
+        let replica = ManagedReplica {
+            spec: ReplicaSpec { instance: InstanceId(1), replica: ReplicaId(2), workers: 1, processes: 2 },
+            hosts: vec![host(10), host(11)],
+            controller_ports: vec![7000, 7001],
+            timely_ports: vec![7100, 7101],
+            metrics_ports: vec![7200, 7201],
+            children: Vec::new(),
+            failures: 0,
+            started_at: std::time::Instant::now(),
+            restart_at: None,
+        };
+        let command = process_command(&config(100, 2_000), &replica, 1);
+        assert_eq!(command.get_program(), "ip");
+        let args = args_of(&command);
+        assert_eq!(args[..4], ["netns", "exec", "ns11", "compute-replica"]);
+        let flag = |name: &str| args.iter().position(|a| a == name).map(|i| args[i + 1].clone());
+        assert_eq!(flag("--listen").as_deref(), Some("198.18.0.11:7001"));
+        assert_eq!(flag("--metrics-addr").as_deref(), Some("198.18.0.11:7201"));
+        assert_eq!(flag("--addresses").as_deref(), Some("198.18.0.10:7100,198.18.0.11:7101"));
+        assert_eq!(flag("--process").as_deref(), Some("1"));
+        assert_eq!(replica.controller_addresses(), ["198.18.0.10:7000", "198.18.0.11:7001"]);
+
+        // On loopback: the binary itself, on 127.0.0.1.
+        let local = ManagedReplica { hosts: vec![ProcessHost::loopback(); 2], ..replica };
+        let command = process_command(&config(100, 2_000), &local, 0);
+        assert_eq!(command.get_program(), "compute-replica");
+        assert_eq!(args_of(&command)[..2], ["--listen", "127.0.0.1:7000"]);
     }
 
     #[test]

@@ -2,6 +2,9 @@
 //! `cargo xtask sim` runs), `sim cluster` (the end-to-end scenario on real processes) and
 //! `sim check-report DIR` (promtool and Chromium on what `sim cluster --report DIR` wrote; `sim::tools`).
 //!
+//! The command line is clap's (`sim --help`, `sim SUBCOMMAND --help` explain every flag; bad flags exit
+//! with status 2 and clap's message); `sim cluster`'s flags are `cluster::ClusterFlags`.
+//!
 //! `simulate` prints the seed (or range) first, a line per failing seed with its violation's kind, and
 //! last a machine-readable line `summary {json}` (see [`summary`]) that `cargo xtask` checks: how many
 //! seeds ran, how many peeks and subscribe batches were compared with the oracle, and which seeds failed
@@ -17,20 +20,79 @@ use std::process::ExitCode;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use anyhow::{Context, anyhow, bail};
+use clap::{ArgGroup, Parser};
 
 use sim::simulation::{Invariant, Outcome, RealConfig, SimConfig, run_real, run_seed_with};
 
-const USAGE: &str = "usage: sim simulate (--seed S | --seeds A..B) [--fault-ms N] [--liveness-ms N] [--jobs N] \
-[--expect-violation KIND[,KIND...]] [--real-compute | --real-ms N] [-v]";
-
-fn parse_range(value: &str) -> anyhow::Result<Range<u64>> {
-    let (a, b) = value.split_once("..").ok_or_else(|| anyhow!("expected A..B, got {value:?}"))?;
-    let (a, b): (u64, u64) = (a.parse().context("range start")?, b.parse().context("range end")?);
+/// A range of seeds, `A..B` (non-empty).
+fn seed_range(value: &str) -> Result<Range<u64>, String> {
+    let (a, b) = value.split_once("..").ok_or_else(|| format!("expected A..B, got {value:?}"))?;
+    let a: u64 = a.parse().map_err(|e| format!("range start {a:?}: {e}"))?;
+    let b: u64 = b.parse().map_err(|e| format!("range end {b:?}: {e}"))?;
     if a >= b {
-        bail!("empty seed range {value}");
+        return Err(format!("empty seed range {value}"));
     }
     Ok(a..b)
+}
+
+/// A violation kind's name (`--expect-violation`).
+fn violation_kind(name: &str) -> Result<Invariant, String> {
+    Invariant::from_name(name).ok_or_else(|| {
+        let known: Vec<&str> = Invariant::ALL.iter().map(|k| k.name()).collect();
+        format!("unknown violation kind {name:?} (kinds: {})", known.join(", "))
+    })
+}
+
+/// The simulator of the compute controller: deterministic simulation, the end-to-end cluster scenario, and
+/// the check of its report.
+#[derive(Debug, Parser)]
+#[command(name = "sim")]
+enum Command {
+    /// Deterministic simulation of seeds (what `cargo xtask sim` runs); prints a `summary {json}` line last.
+    Simulate(SimulateFlags),
+    /// The end-to-end scenario on real processes: controller, replicas, storage, a live workload checked
+    /// against an oracle, injected faults, and a report.
+    Cluster(sim::cluster::ClusterFlags),
+    /// Checks what `sim cluster --report DIR` wrote: the metrics with promtool, the page in headless
+    /// Chromium (installing Debian's packages where missing).
+    CheckReport {
+        /// The report directory.
+        dir: std::path::PathBuf,
+    },
+}
+
+/// The flags of `sim simulate`.
+#[derive(Debug, Clone, clap::Args)]
+#[command(group(ArgGroup::new("seeds-to-run").required(true).args(["seed", "seeds"])))]
+struct SimulateFlags {
+    /// Simulate this one seed.
+    #[arg(long, value_name = "S")]
+    seed: Option<u64>,
+    /// Simulate the seeds A..B (B excluded), on every core.
+    #[arg(long, value_name = "A..B", value_parser = seed_range)]
+    seeds: Option<Range<u64>>,
+    /// How long the workload-and-faults phase lasts, in simulated milliseconds.
+    #[arg(long, value_name = "N")]
+    fault_ms: Option<u64>,
+    /// How long the phase after the faults lasts, in simulated milliseconds: everything must catch up in it.
+    #[arg(long, value_name = "N")]
+    liveness_ms: Option<u64>,
+    /// Threads to run seeds on (default: every core).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    jobs: Option<u64>,
+    /// The sweep passes only if some seed fails and every failing seed failed with one of these kinds (a
+    /// planted bug must be caught as itself).
+    #[arg(long, value_name = "KIND[,KIND...]", value_delimiter = ',', value_parser = violation_kind)]
+    expect_violation: Option<Vec<Invariant>>,
+    /// Run each seed on the real stack (replica threads, storage, the controller) for 6 s.
+    #[arg(long, conflicts_with = "real_ms")]
+    real_compute: bool,
+    /// Run each seed on the real stack for N milliseconds (workload and faults).
+    #[arg(long, value_name = "N")]
+    real_ms: Option<u64>,
+    /// Print every seed's counts, not only a single seed's.
+    #[arg(long, short)]
+    verbose: bool,
 }
 
 /// The options of `sim simulate`.
@@ -44,50 +106,35 @@ struct Options {
     expected: Option<Vec<Invariant>>,
 }
 
-fn parse_options(args: &[String]) -> anyhow::Result<Options> {
-    let mut seeds: Option<Range<u64>> = None;
-    let mut options = Options {
-        seeds: 0..1,
-        config: SimConfig::default(),
-        verbose: false,
-        real: None,
-        jobs: None,
-        expected: None,
-    };
-    let mut iter = args.iter();
-    while let Some(arg) = iter.next() {
-        let mut value = || iter.next().ok_or_else(|| anyhow!("{arg} needs a value"));
-        match arg.as_str() {
-            "--seed" => {
-                let seed: u64 = value()?.parse().context("--seed")?;
-                seeds = Some(seed..seed + 1);
-            }
-            "--seeds" => seeds = Some(parse_range(value()?)?),
-            "--fault-ms" => options.config.fault_ms = value()?.parse().context("--fault-ms")?,
-            "--liveness-ms" => options.config.liveness_ms = value()?.parse().context("--liveness-ms")?,
-            "--verbose" | "-v" => options.verbose = true,
-            "--real-compute" => options.real = Some(RealConfig::default()),
-            "--real-ms" => {
-                options.real = Some(RealConfig { duration_ms: value()?.parse().context("--real-ms")? })
-            }
-            "--jobs" => options.jobs = Some(value()?.parse().context("--jobs")?),
-            "--expect-violation" => {
-                let kinds = value()?
-                    .split(',')
-                    .map(|name| {
-                        Invariant::from_name(name).ok_or_else(|| {
-                            let known: Vec<&str> = Invariant::ALL.iter().map(|k| k.name()).collect();
-                            anyhow!("unknown violation kind {name:?} (kinds: {})", known.join(", "))
-                        })
-                    })
-                    .collect::<anyhow::Result<Vec<_>>>()?;
-                options.expected = Some(kinds);
-            }
-            other => bail!("unknown argument {other:?}; {USAGE}"),
+impl Options {
+    fn from_flags(flags: SimulateFlags) -> Options {
+        let seeds = match (flags.seed, flags.seeds) {
+            (Some(seed), None) => seed..seed + 1,
+            (None, Some(range)) => range,
+            // clap's group makes exactly one of them required.
+            other => unreachable!("clap accepted seeds {other:?}"),
+        };
+        let mut config = SimConfig::default();
+        if let Some(ms) = flags.fault_ms {
+            config.fault_ms = ms;
+        }
+        if let Some(ms) = flags.liveness_ms {
+            config.liveness_ms = ms;
+        }
+        let real = match (flags.real_compute, flags.real_ms) {
+            (_, Some(duration_ms)) => Some(RealConfig { duration_ms }),
+            (true, None) => Some(RealConfig::default()),
+            (false, None) => None,
+        };
+        Options {
+            seeds,
+            config,
+            verbose: flags.verbose,
+            real,
+            jobs: flags.jobs.map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
+            expected: flags.expect_violation,
         }
     }
-    options.seeds = seeds.ok_or_else(|| anyhow!("simulate needs --seed S or --seeds A..B; {USAGE}"))?;
-    Ok(options)
 }
 
 /// Runs every seed of `options` on `jobs` threads; unless `run_all`, stops handing out seeds after the
@@ -221,8 +268,7 @@ fn report(options: &Options, results: &[(u64, Option<Outcome>)]) -> bool {
     }
 }
 
-fn simulate(args: &[String]) -> anyhow::Result<ExitCode> {
-    let options = parse_options(args)?;
+fn simulate(options: Options) -> anyhow::Result<ExitCode> {
     let single = options.seeds.end - options.seeds.start == 1;
     if single {
         println!("seed {}", options.seeds.start);
@@ -259,27 +305,57 @@ fn simulate(args: &[String]) -> anyhow::Result<ExitCode> {
 }
 
 fn main() -> anyhow::Result<ExitCode> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
-        Some("simulate") => simulate(&args[1..]),
-        Some("cluster") if args[1..].iter().any(|a| a == "--help" || a == "-h") => {
-            println!("{}", sim::cluster::USAGE);
-            Ok(ExitCode::SUCCESS)
-        }
-        Some("cluster") => sim::cluster::run(sim::cluster::ClusterArgs::parse(&args[1..])?),
-        Some("check-report") => {
-            let [dir] = &args[1..] else { bail!("usage: sim check-report DIR") };
-            for line in sim::tools::check_report(std::path::Path::new(dir))? {
+    match Command::parse() {
+        Command::Simulate(flags) => simulate(Options::from_flags(flags)),
+        Command::Cluster(flags) => sim::cluster::run(sim::cluster::ClusterArgs::from_flags(flags)?),
+        Command::CheckReport { dir } => {
+            for line in sim::tools::check_report(&dir)? {
                 println!("{line}");
             }
             Ok(ExitCode::SUCCESS)
         }
-        _ => {
-            println!(
-                "usage: sim simulate (--seed S | --seeds A..B) | sim cluster [options; see sim cluster --help] \
-                 | sim check-report DIR"
-            );
-            Ok(ExitCode::FAILURE)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Command, clap::Error> {
+        Command::try_parse_from(std::iter::once("sim").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn simulate_takes_one_seed_or_a_range_and_the_kinds_a_planted_bug_must_cause() {
+        Command::command().debug_assert();
+        let Ok(Command::Simulate(flags)) =
+            parse(&["simulate", "--seeds", "3..10", "--expect-violation", "peek-holds"])
+        else {
+            panic!("simulate parses");
+        };
+        let options = Options::from_flags(flags);
+        assert_eq!(options.seeds, 3..10);
+        assert_eq!(options.expected, Some(vec![Invariant::from_name("peek-holds").expect("a kind")]));
+        let Ok(Command::Simulate(flags)) = parse(&["simulate", "--seed=42", "--real-ms", "100", "-v"]) else {
+            panic!("simulate parses");
+        };
+        let options = Options::from_flags(flags);
+        assert_eq!(
+            (options.seeds, options.real.map(|r| r.duration_ms), options.verbose),
+            (42..43, Some(100), true)
+        );
+        let cases: [(&[&str], &str); 5] = [
+            (&["simulate"], "--seed"),
+            (&["simulate", "--seed", "1", "--seeds", "1..2"], "cannot be used with"),
+            (&["simulate", "--seeds", "5..3"], "empty seed range"),
+            (&["simulate", "--seeds", "5"], "expected A..B"),
+            (&["simulate", "--seed", "1", "--expect-violation", "nonsense"], "unknown violation kind"),
+        ];
+        for (args, expected) in cases {
+            let error = parse(args).expect_err("refused").to_string();
+            assert!(error.contains(expected), "{args:?}: {error}");
         }
     }
 }

@@ -13,6 +13,12 @@
 //! server (SIGSTOP, SIGCONT: connections stay open and requests hang, the blob outage of `sim cluster`);
 //! dropping it kills the server (paused or not).
 //!
+//! **Where they listen.** On `127.0.0.1` by default; [`Postgres::start_on`] and [`Moto::start_on`] take a
+//! [`ServiceHost`] instead: an address and, optionally, a network namespace the server runs in (through
+//! `ip netns exec`, which replaces itself with the server, so the child's pid is the server's). Ports are
+//! probed free on this host's loopback; inside a fresh namespace every port is free. PostgreSQL off
+//! loopback also trusts clients of its own subnet (`samenet` in `pg_hba.conf`).
+//!
 //! **Missing services.** Every start returns a [`ServiceError`] saying what is missing and how to get it
 //! (`apt-get install -y postgresql`, `python3-venv`). [`services_required`] says whether the caller must
 //! fail on it (`CI=true`) rather than skip: under CI a missing service fails the run, never silently.
@@ -68,6 +74,34 @@ pub enum ServiceError {
     Io(String),
 }
 
+/// Where a service listens: an address and the network namespace it runs in (`None`: this one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceHost {
+    /// The address the server binds and clients connect to.
+    pub address: Ipv4Addr,
+    /// The network namespace (`ip netns` name) the server runs in.
+    pub netns: Option<String>,
+}
+
+impl ServiceHost {
+    /// `127.0.0.1` in this namespace.
+    pub fn loopback() -> ServiceHost {
+        ServiceHost { address: Ipv4Addr::LOCALHOST, netns: None }
+    }
+
+    /// A command running `program` on this host.
+    fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        match &self.netns {
+            Some(netns) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", netns]).arg(program);
+                command
+            }
+            None => Command::new(program),
+        }
+    }
+}
+
 /// Whether a missing service must fail the caller: `CI` is set to `true` (or `1`).
 pub fn services_required() -> bool {
     std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
@@ -111,8 +145,8 @@ fn is_root() -> bool {
     Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 
-fn wait_for_port(port: u16, timeout: Duration) -> bool {
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+fn wait_for_port(address: Ipv4Addr, port: u16, timeout: Duration) -> bool {
+    let addr = SocketAddr::from((address, port));
     let step = Duration::from_millis(50);
     let mut waited = Duration::ZERO;
     while waited < timeout {
@@ -165,6 +199,7 @@ pub struct PostgresOptions {
 /// A throwaway PostgreSQL server; see the module documentation.
 #[derive(Debug)]
 pub struct Postgres {
+    host: ServiceHost,
     dir: PathBuf,
     bin: PathBuf,
     port: u16,
@@ -176,10 +211,16 @@ pub struct Postgres {
 impl Postgres {
     /// Creates a cluster in a fresh temporary directory and starts it on a free loopback port.
     pub fn start(options: PostgresOptions) -> Result<Postgres, ServiceError> {
+        Postgres::start_on(options, ServiceHost::loopback())
+    }
+
+    /// [`start`](Self::start), listening on `host` (see the module documentation).
+    pub fn start_on(options: PostgresOptions, host: ServiceHost) -> Result<Postgres, ServiceError> {
         let bin = postgres_bin()?;
         let dir = scratch_dir("storage-postgres")?;
         let as_postgres_user = is_root();
-        let mut server = Postgres { dir, bin, port: free_port()?, options, as_postgres_user, running: false };
+        let port = free_port()?;
+        let mut server = Postgres { host, dir, bin, port, options, as_postgres_user, running: false };
         if as_postgres_user {
             run(Command::new("chown").args(["-R", "postgres"]).arg(&server.dir))?;
         }
@@ -191,6 +232,15 @@ impl Postgres {
             "postgres",
             "--no-sync",
         ]))?;
+        if !server.host.address.is_loopback() {
+            // initdb trusts loopback only; clients on the host's own subnet connect from elsewhere.
+            let hba = data.join("pg_hba.conf");
+            let mut text = fs::read_to_string(&hba)
+                .map_err(|e| ServiceError::Io(format!("cannot read {}: {e}", hba.display())))?;
+            text.push_str("\nhost all all samenet trust\n");
+            fs::write(&hba, text)
+                .map_err(|e| ServiceError::Io(format!("cannot write {}: {e}", hba.display())))?;
+        }
         server.start_again()?;
         Ok(server)
     }
@@ -198,11 +248,11 @@ impl Postgres {
     fn pg_command(&self, program: &str) -> Command {
         let path = self.bin.join(program);
         if self.as_postgres_user {
-            let mut command = Command::new("runuser");
+            let mut command = self.host.command("runuser");
             command.args(["-u", "postgres", "--"]).arg(path);
             command
         } else {
-            Command::new(path)
+            self.host.command(path)
         }
     }
 
@@ -210,9 +260,10 @@ impl Postgres {
     pub fn start_again(&mut self) -> Result<(), ServiceError> {
         assert!(!self.running, "the postgres server is already running");
         let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync={} -c max_connections=200",
+            "-p {} -k {} -c listen_addresses={} -c fsync={} -c max_connections=200",
             self.port,
             self.dir.display(),
+            self.host.address,
             if self.options.fsync { "on" } else { "off" }
         );
         let log = self.dir.join("log");
@@ -253,7 +304,7 @@ impl Postgres {
 
     /// A URL for database `db` (see [`create_database`](Self::create_database)).
     pub fn url(&self, db: &str) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+        format!("postgres://postgres@{}:{}/{db}", self.host.address, self.port)
     }
 
     /// Creates database `name` (letters, digits and `_`).
@@ -261,18 +312,9 @@ impl Postgres {
         assert!(name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'), "database name {name:?}");
         let psql = if self.bin.join("psql").exists() { self.bin.join("psql") } else { PathBuf::from("psql") };
         run(Command::new(psql)
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-U",
-                "postgres",
-                "-d",
-                "postgres",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-q",
-                "-p",
-            ])
+            .arg("-h")
+            .arg(self.host.address.to_string())
+            .args(["-U", "postgres", "-d", "postgres", "-v", "ON_ERROR_STOP=1", "-q", "-p"])
             .arg(self.port.to_string())
             .args(["-c", &format!("CREATE DATABASE {name}")]))?;
         Ok(())
@@ -337,6 +379,7 @@ pub fn moto_venv() -> Result<PathBuf, ServiceError> {
 /// A throwaway `moto_server` (an S3-compatible server); see the module documentation.
 #[derive(Debug)]
 pub struct Moto {
+    host: ServiceHost,
     child: Child,
     venv: PathBuf,
     port: u16,
@@ -350,22 +393,29 @@ pub const MOTO_ACCESS_KEY: &str = "testing";
 impl Moto {
     /// Starts `moto_server` on a free loopback port (creating its venv first if needed).
     pub fn start() -> Result<Moto, ServiceError> {
+        Moto::start_on(ServiceHost::loopback())
+    }
+
+    /// [`start`](Self::start), listening on `host` (see the module documentation).
+    pub fn start_on(host: ServiceHost) -> Result<Moto, ServiceError> {
         let venv = moto_venv()?;
         let port = free_port()?;
         let log = std::env::temp_dir().join(format!("storage-moto-{:x}.log", random_id()));
         let log_file =
             fs::File::create(&log).map_err(|e| ServiceError::Io(format!("{}: {e}", log.display())))?;
         let err_file = log_file.try_clone().map_err(|e| ServiceError::Io(e.to_string()))?;
-        let child = Command::new(venv.join("bin/moto_server"))
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        let child = host
+            .command(venv.join("bin/moto_server"))
+            .args(["-H", &host.address.to_string(), "-p", &port.to_string()])
             .stdin(Stdio::null())
             .stdout(log_file)
             .stderr(err_file)
             .spawn()
             .map_err(|e| ServiceError::Command { command: "moto_server".into(), output: e.to_string() })?;
-        let mut moto = Moto { child, venv, port, log, paused: false };
+        let address = host.address;
+        let mut moto = Moto { host, child, venv, port, log, paused: false };
         let timeout = Duration::from_secs(30);
-        if !wait_for_port(port, timeout) {
+        if !wait_for_port(address, port, timeout) {
             return Err(ServiceError::Timeout {
                 what: "moto_server".into(),
                 timeout_ms: timeout.as_millis() as u64,
@@ -381,9 +431,9 @@ impl Moto {
         Ok(moto)
     }
 
-    /// The server's endpoint, `http://127.0.0.1:PORT`.
+    /// The server's endpoint, `http://ADDRESS:PORT` (`127.0.0.1` unless started on another host).
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("http://{}:{}", self.host.address, self.port)
     }
 
     /// Creates bucket `name` (through boto3, which `moto[server]` brings along).

@@ -3,7 +3,7 @@
 //! ```text
 //! compute-replica --listen ADDR [--workers N]
 //!                 (--storage ADDR | --blob URL --consensus URL [--shard-poll-interval-ms MS])
-//!                 [--process I --addresses A0,A1,...] [--metrics-addr ADDR]
+//!                 [--process I --addresses A0,A1,...] [--metrics-addr ADDR] [--keepalive-interval-ms MS]
 //!                 (--tls-cert FILE --tls-key FILE [--tls-ca FILE] [--tls-client-ca FILE] | --insecure)
 //!                 [--secret-file FILE]
 //! ```
@@ -90,6 +90,17 @@ struct Args {
         value_parser = clap::value_parser!(u64).range(1..=60_000)
     )]
     shard_poll_interval_ms: Option<u64>,
+
+    /// How long, in milliseconds, this process stays silent on a controller connection before it writes a
+    /// keepalive, so that its controller can tell it from a vanished one. Keep it well below the
+    /// controller's idle timeout. Default: 10000.
+    #[arg(
+        long,
+        value_name = "MS",
+        env = "COMPUTE_KEEPALIVE_INTERVAL_MS",
+        value_parser = clap::value_parser!(u64).range(1..=600_000)
+    )]
+    keepalive_interval_ms: Option<u64>,
 
     /// This process's index in a multi-process replica (0-based; needs `--addresses`).
     #[arg(long, value_name = "I", default_value_t = 0, requires = "addresses")]
@@ -265,7 +276,11 @@ fn main() -> ExitCode {
     };
     let config = ReplicaConfig::new(args.listen, args.workers, storage, server_security)
         .in_cluster(args.process, args.addresses);
-    let handle = match ReplicaServer::start_with_registry(config, registry.clone()) {
+    let mut limits = compute::ReplicaLimits::default();
+    if let Some(ms) = args.keepalive_interval_ms {
+        limits.keepalive_interval_ms = ms;
+    }
+    let handle = match ReplicaServer::start_with_limits_and_registry(config, limits, registry.clone()) {
         Ok(handle) => handle,
         Err(e) => {
             eprintln!("cannot start the replica: {e}");

@@ -316,6 +316,8 @@ pub fn controller_config(introspection: bool) -> controller::ControllerConfig {
         replica_backoff: replica_client::Backoff { initial_ms: 10, max_ms: 100 },
         hydration_concurrency: None,
         tick_interval_ms: 10,
+        replica_keepalive_interval_ms: replica_client::DEFAULT_KEEPALIVE_INTERVAL_MS,
+        replica_idle_timeout_ms: replica_client::DEFAULT_IDLE_TIMEOUT_MS,
         introspection,
         metrics: Some(prometheus::Registry::new()),
     }

@@ -322,9 +322,9 @@ fn legend<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>) -> anyhow::Result<(
 }
 
 /// A made-up run of ten seconds (two collections, two replicas, one of them killed at 4 s and
-/// rehydrating until 7 s, a recreation at 7 s, a consensus outage from 8 s to 9.5 s, a collection name
-/// that needs escaping): what the tests
-/// render, and what [`write_example`] shows of the page's layout without a cluster run.
+/// rehydrating until 7 s, r1's links cut from 5 s to 6.5 s, a recreation at 7 s, a consensus outage from
+/// 8 s to 9.5 s, a collection name that needs escaping): what the tests render, and what
+/// [`write_example`] shows of the page's layout without a cluster run.
 pub fn example_timeline() -> Timeline {
     let mut timeline = Timeline::default();
     for second in 0..=10 {
@@ -347,6 +347,8 @@ pub fn example_timeline() -> Timeline {
         });
     }
     timeline.fault(4.0, FaultKind::Kill, "r2");
+    let cut = timeline.fault(5.0, FaultKind::LinkCut, "r1");
+    timeline.end_fault(cut, 6.5);
     timeline.fault(7.0, FaultKind::Recreation, "u3");
     let outage = timeline.fault(8.0, FaultKind::ConsensusOutage, "postgres");
     timeline.end_fault(outage, 9.5);
@@ -379,6 +381,8 @@ mod tests {
         assert_eq!(html.matches("kill r2").count(), 4);
         assert_eq!(html.matches("recreate u3").count(), 4);
         assert_eq!(html.matches("consensus outage postgres").count(), 4);
+        assert_eq!(html.matches("link cut r1").count(), 4);
+        assert!(html.contains("<td>6.5 s</td><td>link cut</td>"), "the cut's end is listed");
         assert!(html.contains("<td>9.5 s</td><td>consensus outage</td>"), "the outage's end is listed");
         assert!(html.contains("u2&lt;&amp;&gt;") && !html.contains("u2<&>"), "names are escaped");
         assert!(html.contains("rgb(220,30,30)") || html.contains("#DC1E1E"), "the fault colour is drawn");

@@ -21,7 +21,8 @@
 //! replica's processes with SIGKILL and measure its rehydration, add a fresh replica of the same shape as
 //! the baseline for it (then drop it), drop and recreate a dataflow, and with `--services local` take a
 //! store away for a few seconds (`outage.rs`: PostgreSQL stopped, `moto_server` paused) while a replica is
-//! killed mid-way through a view append), then the end (writes stop; every
+//! killed mid-way through a view append, and with `--netns` cut one replica's links for a few seconds
+//! (`netns.rs`)), then the end (writes stop; every
 //! collection must catch up; every index on every replica and the materialized view are compared in
 //! full), and the report (`report.rs`). Logs go to `target/cluster-data/logs/` (`RUST_LOG` sends this
 //! process's to stderr instead and sets the children's filter).
@@ -39,8 +40,13 @@
 //! catches up after the writes stop; after a storage outage the table writer's appends, the subscribe and
 //! the view's appends resume (peeks answered during it are counted, and their latency reported apart).
 //!
+//! **Separate hosts.** `--netns` (with `--services local`) runs the services and each replica process in a
+//! network namespace of its own, joined by a bridge to this process (`netns.rs`), so that every connection
+//! crosses a link; `--link-cuts` cuts one replica's. Elsewhere every process shares this host's loopback.
+//!
 //! **Cleanup.** The orchestrator kills the replicas when dropped, `processes::StorageServer` kills the
-//! storage server when dropped, and the local services stop when dropped (`storage::services`); all are
+//! storage server when dropped, and the local services stop when dropped (`storage::services`), then
+//! `--netns`'s namespaces and bridge are deleted (and checked gone: a leftover is a violation); all are
 //! owned by [`run`] outside the async runtime, so every way out
 //! (the end, an error, a panic, Ctrl-C, SIGTERM, SIGHUP) drops them, after the runtime and with it the
 //! controller. Then every child process the run started (recorded as it started) is checked gone in
@@ -51,11 +57,14 @@
 //! it reads the wall clock (through `now`) and is not reproducible beyond its workload seed.
 //! **Tests:** `oracle.rs` (the oracle against the reference interpreter), `report.rs` (arithmetic); the
 //! flags' validation below; `tests/it/cluster.rs` runs the scenario for 6 s on the embedded shards and on
-//! PostgreSQL + S3, and for 8 s on `--services local` with a PostgreSQL outage; the scenario itself runs for 20 s in the `cluster` step of `cargo xtask test-suite`, which fails it on any
+//! PostgreSQL + S3, for 8 s on `--services local` with a PostgreSQL outage, and for 8 s with `--netns` and a
+//! link cut; the scenario itself runs for 20 s in the `cluster` step of `cargo xtask test-suite`, which fails it on any
 //! violation and on fewer checks than its stated minimums (`xtask/src/cluster.rs`), and by hand with
 //! `cargo run --release -p sim -- cluster`.
 
+pub mod flags;
 pub mod html;
+pub mod netns;
 mod oracle;
 pub mod outage;
 pub mod processes;
@@ -79,6 +88,7 @@ use tracing::info;
 use controller::{Orchestrator, ProcessOrchestrator, ProcessOrchestratorConfig};
 use protocol::ReplicaId;
 
+pub use crate::cluster::flags::ClusterFlags;
 use crate::cluster::outage::LocalServices;
 use crate::cluster::processes::{Layout, StorageServer};
 use crate::cluster::report::{Outcome, ReplicaReport, Report, Stats, Ui, lock};
@@ -134,6 +144,12 @@ pub struct ClusterArgs {
     pub storage: StorageMode,
     /// The data directory (emptied at the start); `None`: `target/cluster-data`.
     pub data_dir: Option<PathBuf>,
+    /// The services and every replica process in network namespaces of their own (`netns.rs`).
+    pub netns: bool,
+    /// Link cuts to inject (`None`: the default of [`ClusterArgs::link_cut_count`]).
+    pub link_cuts: Option<usize>,
+    /// How long each link cut lasts.
+    pub link_cut_duration: Duration,
 }
 
 /// The scenario's workload.
@@ -177,140 +193,107 @@ pub enum StorageMode {
 /// listens in other processes poll the consensus head every [`SHARD_POLL_INTERVAL_MS`]).
 pub const DEFAULT_STORAGE: StorageMode = StorageMode::Embedded;
 
-/// The usage line.
-pub const USAGE: &str =
-    "usage: sim cluster [--duration SECS] [--rate ROWS_PER_SEC] [--replicas N] [--processes N] \
-[--workers N] [--peekers N] [--peek-interval-ms MS] [--kills N] [--recreations N] [--outages N] \
-[--outage-secs S] [--seed S] [--json] \
-[--metrics-addr ADDR] [--report DIR] [--workload orders|tpch] [--scale-factor SF] [--data-dir DIR] \
-[--storage server|embedded | --blob URL --consensus URL | --services local] [--insecure]
-
-Storage (one of):
-  --storage embedded   shards on DATA_DIR/blob and the SQLite file DATA_DIR/consensus.db, opened by every
-                       process (the controller, the table writer, every replica process); the default
-  --storage server     a storage-server child process that every other process talks to
-  --blob URL --consensus URL
-                       shards at these URLs, opened by every process: blob file:///DIR or
-                       s3://BUCKET/PREFIX?endpoint=URL&..., consensus sqlite:///FILE or postgres://...;
-                       the stores must not hold the scenario's collections from an earlier run
-  --services local     shards on a throwaway PostgreSQL and moto_server (S3) started on loopback for the
-                       run and stopped on every way out
-  --data-dir DIR       the scenario's files (emptied at the start; default target/cluster-data)
-
-Storage outages (only with --services local; refused with the reason elsewhere):
-  --outages N          stop PostgreSQL / pause moto_server N times, alternating, consensus first (default
-                       with --services local: 1, or 2 in runs of 30 s or more); a replica is killed during
-                       each while its materialized-view append is stuck
-  --outage-secs S      each outage's length (default 3, at most 20)";
-
 impl ClusterArgs {
-    /// Parses the arguments after `cluster`.
+    /// Parses the arguments after `cluster` (as `sim` does, through [`ClusterFlags`]); `--help` and
+    /// clap's own refusals come back as errors with clap's message.
     pub fn parse(args: &[String]) -> anyhow::Result<ClusterArgs> {
-        let mut parsed = ClusterArgs {
-            duration: Duration::from_secs(60),
-            rate: 2_000,
-            replicas: 2,
-            processes: 2,
-            workers: 1,
-            peekers: 2,
-            peek_interval_ms: 2,
-            kills: None,
-            recreations: 3,
-            outages: None,
-            outage_duration: Duration::from_secs(3),
-            seed: wallclock_seed(),
-            json: false,
-            workload: Workload::Orders,
-            scale_factor: 0.01,
-            metrics_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            report: None,
-            insecure: false,
-            storage: DEFAULT_STORAGE,
-            data_dir: None,
+        #[derive(clap::Parser)]
+        #[command(name = "sim cluster")]
+        struct Command {
+            #[command(flatten)]
+            flags: ClusterFlags,
+        }
+        let command = <Command as clap::Parser>::try_parse_from(
+            std::iter::once("cluster").chain(args.iter().map(String::as_str)),
+        )?;
+        ClusterArgs::from_flags(command.flags)
+    }
+
+    /// Checks how the flags combine and makes the scenario's options; refuses, with the reason, a
+    /// combination the scenario cannot honour.
+    pub fn from_flags(flags: ClusterFlags) -> anyhow::Result<ClusterArgs> {
+        let workload = match flags.workload.as_str() {
+            "orders" => Workload::Orders,
+            "tpch" => Workload::Tpch,
+            other => bail!("unknown workload {other:?} (orders or tpch)"),
         };
-        let mut metrics_addr_given = false;
-        let (mut mode, mut blob, mut consensus, mut services) = (None, None, None, None);
-        let mut iter = args.iter();
-        while let Some(arg) = iter.next() {
-            let mut value = || iter.next().ok_or_else(|| anyhow!("{arg} needs a value\n{USAGE}"));
-            match arg.as_str() {
-                "--duration" => {
-                    let secs: f64 = value()?.trim_end_matches('s').parse().context("--duration")?;
-                    if !(secs > 0.0 && secs.is_finite()) {
-                        bail!("--duration must be positive");
-                    }
-                    parsed.duration = Duration::from_secs_f64(secs);
-                }
-                "--rate" => parsed.rate = value()?.parse().context("--rate")?,
-                "--replicas" => parsed.replicas = value()?.parse().context("--replicas")?,
-                "--processes" => parsed.processes = value()?.parse().context("--processes")?,
-                "--workers" => parsed.workers = value()?.parse().context("--workers")?,
-                "--peekers" => parsed.peekers = value()?.parse().context("--peekers")?,
-                "--peek-interval-ms" => {
-                    parsed.peek_interval_ms = value()?.parse().context("--peek-interval-ms")?
-                }
-                "--kills" => parsed.kills = Some(value()?.parse().context("--kills")?),
-                "--recreations" => parsed.recreations = value()?.parse().context("--recreations")?,
-                "--outages" => parsed.outages = Some(value()?.parse().context("--outages")?),
-                "--outage-secs" => {
-                    let secs: f64 = value()?.trim_end_matches('s').parse().context("--outage-secs")?;
-                    if !(secs > 0.0 && secs <= MAX_OUTAGE_SECS) {
-                        bail!(
-                            "--outage-secs must be in (0, {MAX_OUTAGE_SECS}]: the storage engine retries for 30 s \
-                             before an operation fails, and the scenario's outages are the kind it rides out"
-                        );
-                    }
-                    parsed.outage_duration = Duration::from_secs_f64(secs);
-                }
-                "--seed" => parsed.seed = value()?.parse().context("--seed")?,
-                "--json" => parsed.json = true,
-                "--workload" => {
-                    parsed.workload = match value()?.as_str() {
-                        "orders" => Workload::Orders,
-                        "tpch" => Workload::Tpch,
-                        other => bail!("unknown workload {other:?} (orders or tpch)\n{USAGE}"),
-                    }
-                }
-                "--scale-factor" => {
-                    let sf: f64 = value()?.parse().context("--scale-factor")?;
-                    if !(sf > 0.0 && sf <= 10.0) {
-                        bail!("--scale-factor must be in (0, 10]");
-                    }
-                    parsed.scale_factor = sf;
-                }
-                "--metrics-addr" => {
-                    parsed.metrics_addr = value()?.parse().context("--metrics-addr")?;
-                    metrics_addr_given = true;
-                }
-                "--report" => parsed.report = Some(PathBuf::from(value()?)),
-                "--insecure" => parsed.insecure = true,
-                "--data-dir" => parsed.data_dir = Some(PathBuf::from(value()?)),
-                "--storage" => mode = Some(value()?.clone()),
-                "--blob" => blob = Some(value()?.clone()),
-                "--consensus" => consensus = Some(value()?.clone()),
-                "--services" => services = Some(value()?.clone()),
-                "--help" | "-h" => bail!("{USAGE}"),
-                other => bail!("unknown argument {other:?}\n{USAGE}"),
+        if !(flags.scale_factor > 0.0 && flags.scale_factor <= 10.0) {
+            bail!("--scale-factor must be in (0, 10]");
+        }
+        for (flag, length) in [("--outage-secs", flags.outage_secs), ("--link-cut-secs", flags.link_cut_secs)]
+        {
+            if length.as_secs_f64() > MAX_OUTAGE_SECS {
+                bail!(
+                    "{flag} must be in (0, {MAX_OUTAGE_SECS}]: the storage engine retries for 30 s before an \
+                     operation fails, and the scenario's faults are the kind it rides out"
+                );
             }
         }
+        let parsed = ClusterArgs {
+            duration: flags.duration,
+            rate: flags.rate,
+            replicas: flags.replicas,
+            processes: flags.processes,
+            workers: flags.workers,
+            peekers: flags.peekers,
+            peek_interval_ms: flags.peek_interval_ms,
+            kills: flags.kills,
+            recreations: flags.recreations,
+            outages: flags.outages,
+            outage_duration: flags.outage_secs,
+            seed: flags.seed.unwrap_or_else(wallclock_seed),
+            json: flags.json,
+            workload,
+            scale_factor: flags.scale_factor,
+            metrics_addr: flags.metrics_addr.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0))),
+            report: flags.report,
+            insecure: flags.insecure,
+            storage: storage_mode(flags.storage, flags.blob, flags.consensus, flags.services)?,
+            data_dir: flags.data_dir,
+            netns: flags.netns,
+            link_cuts: flags.link_cuts,
+            link_cut_duration: flags.link_cut_secs,
+        };
         if parsed.replicas == 0 || parsed.processes == 0 || parsed.workers == 0 {
             bail!("--replicas, --processes and --workers must be at least 1");
         }
-        if parsed.workload == Workload::Tpch && (metrics_addr_given || parsed.report.is_some()) {
+        if parsed.workload == Workload::Tpch && (flags.metrics_addr.is_some() || parsed.report.is_some()) {
             bail!(
                 "--metrics-addr and --report are not built for --workload tpch (its scenario serves no metrics)"
             );
         }
-        parsed.storage = storage_mode(mode, blob, consensus, services)?;
-        if let Some(n @ 1..) = parsed.outages {
-            if let Some(why) = outage::unsupported(&parsed.storage) {
+        parsed.check_faults()?;
+        Ok(parsed)
+    }
+
+    /// Refuses outages and link cuts where they cannot be injected, and `--netns` where it cannot run.
+    fn check_faults(&self) -> anyhow::Result<()> {
+        if let Some(n @ 1..) = self.outages {
+            if let Some(why) = outage::unsupported(&self.storage) {
                 bail!("--outages {n}: {why}");
             }
-            if parsed.workload == Workload::Tpch {
+            if self.workload == Workload::Tpch {
                 bail!("--outages is not built for --workload tpch (only the orders workload injects them)");
             }
         }
-        Ok(parsed)
+        if self.netns {
+            if self.storage != StorageMode::LocalServices {
+                bail!(
+                    "--netns needs --services local: the scenario starts PostgreSQL and moto_server in a namespace \
+                     of their own, so that storage crosses the network too (embedded stores are files, and \
+                     --storage server or --blob/--consensus name servers it does not place)"
+                );
+            }
+            if self.workload == Workload::Tpch {
+                bail!("--netns is not built for --workload tpch (only the orders workload runs on it)");
+            }
+        }
+        if let Some(n @ 1..) = self.link_cuts
+            && !self.netns
+        {
+            bail!("--link-cuts {n} needs --netns: on loopback there is no link to cut");
+        }
+        Ok(())
     }
 
     /// The processes of replica `index` (1-based): every second replica is a multi-process cluster.
@@ -330,6 +313,11 @@ impl ClusterArgs {
         } else {
             1
         })
+    }
+
+    /// How many link cuts to inject: as asked, else one with `--netns`, else none.
+    pub fn link_cut_count(&self) -> usize {
+        self.link_cuts.unwrap_or(usize::from(self.netns))
     }
 
     /// How many storage outages to inject: as asked, else one on `--services local` with the orders
@@ -402,6 +390,8 @@ struct Children {
     replicas: Vec<ReplicaId>,
     storage: Option<StorageServer>,
     services: Option<Arc<LocalServices>>,
+    /// Torn down last, once nothing runs in its namespaces.
+    network: Option<Arc<netns::Network>>,
 }
 
 impl Drop for Children {
@@ -425,6 +415,9 @@ impl Drop for Children {
         }
         self.storage.take();
         self.services.take();
+        if let Some(network) = self.network.take() {
+            network.teardown();
+        }
     }
 }
 
@@ -467,7 +460,8 @@ fn start_storage(
         ),
         StorageMode::Urls { blob, consensus } => (blob.clone(), consensus.clone()),
         StorageMode::LocalServices => {
-            let services = LocalServices::start(&|message| ui.say(message))?;
+            let host = children.network.as_ref().map(|n| n.services_host());
+            let services = LocalServices::start(host, &|message| ui.say(message))?;
             let urls = (services.blob.clone(), services.consensus.clone());
             children.services = Some(Arc::new(services));
             urls
@@ -576,9 +570,17 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<ExitCode> {
     // The children log to files: no colour codes.
     let mut env = vec![("RUST_LOG".to_string(), child_log), ("NO_COLOR".to_string(), "1".to_string())];
 
-    let security = ClusterSecurity::generate(&layout.data_dir.join("security"), args.insecure)?;
+    let mut children =
+        Children { orchestrator: None, replicas: Vec::new(), storage: None, services: None, network: None };
+    if args.netns {
+        let network = netns::Network::create()?;
+        ui.say(&network.describe());
+        children.network = Some(network);
+    }
+    let hosts: Vec<std::net::IpAddr> =
+        children.network.iter().flat_map(|n| n.addresses()).map(Into::into).collect();
+    let security = ClusterSecurity::generate_for(&layout.data_dir.join("security"), args.insecure, &hosts)?;
     let client_security = security.client()?;
-    let mut children = Children { orchestrator: None, replicas: Vec::new(), storage: None, services: None };
     let stats = Arc::new(Stats::default());
     let (scenario_storage, replica_storage, storage_described) =
         start_storage(&args, &layout, &binaries.storage_server, &env, &security, &stats, &mut children, &ui)?;
@@ -586,8 +588,17 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<ExitCode> {
         // `compute-replica --shard-poll-interval-ms`, through the environment like the URLs.
         env.push((controller::SHARD_POLL_INTERVAL_ENV.to_string(), SHARD_POLL_INTERVAL_MS.to_string()));
     }
+    if args.netns {
+        // `compute-replica --keepalive-interval-ms`: well below the controller's idle timeout.
+        env.push((controller::KEEPALIVE_INTERVAL_ENV.to_string(), netns::KEEPALIVE_INTERVAL_MS.to_string()));
+    }
     let services = children.services.clone();
-    let (orchestrator, process_events) = ProcessOrchestrator::new(ProcessOrchestratorConfig {
+    let network = children.network.clone();
+    let hosts: Arc<dyn controller::ProcessHosts> = match &network {
+        Some(network) => Arc::new(netns::NetnsHosts(Arc::clone(network))),
+        None => Arc::new(controller::LoopbackHosts),
+    };
+    let orchestrator_config = ProcessOrchestratorConfig {
         binary: binaries.compute_replica.clone(),
         storage: replica_storage,
         security: security.replicas(),
@@ -596,7 +607,8 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<ExitCode> {
         env,
         log_dir: Some(layout.log_dir()),
         metrics: true,
-    });
+    };
+    let (orchestrator, process_events) = ProcessOrchestrator::with_hosts(orchestrator_config, hosts);
     let orchestrator = Arc::new(orchestrator);
     children.orchestrator = Some(Arc::clone(&orchestrator));
     children.replicas = args.replica_specs().into_iter().map(|(r, _)| r).collect();
@@ -617,6 +629,7 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<ExitCode> {
                             args,
                             scenario_storage,
                             services,
+                            network,
                             client_security,
                             orchestrator,
                             process_events,
@@ -655,11 +668,18 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<ExitCode> {
         lock(&stats.child_pids).extend(orchestrator.pids(tasks::INSTANCE, *replica));
     }
     drop(orchestrator);
+    let network = children.network.clone();
     drop(children);
-    // Every child must be gone now, whatever the way out was.
+    // Every child must be gone now, whatever the way out was, and every namespace and link.
     let started: Vec<u32> = lock(&stats.child_pids).iter().copied().collect();
     for pid in processes::running_children(&started) {
         stats.violation(format!("child process {pid} still runs after the scenario's cleanup"));
+    }
+    let network_described = network.as_ref().map_or("loopback".to_string(), |n| n.describe());
+    if let Some(network) = network {
+        for left in network.leftovers() {
+            stats.violation(format!("{left} is still there after the scenario's cleanup"));
+        }
     }
 
     let replicas = args
@@ -686,9 +706,21 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<ExitCode> {
     } else {
         outage::not_injected(&args.storage)
     };
+    let link_cut_injection = if args.link_cut_count() > 0 {
+        format!(
+            "{} of {:.1} s each: every link of one replica taken down (ip link set down) and brought back",
+            args.link_cut_count(),
+            args.link_cut_duration.as_secs_f64()
+        )
+    } else if args.netns {
+        "none asked for (--link-cuts 0)".to_string()
+    } else {
+        "not injected: the processes share this host's loopback (use --netns)".to_string()
+    };
     let report = Report::new(&stats, outcome, error, args.seed, args.rate, replicas)
         .with_storage(storage_described)
-        .with_outage_injection(outage_injection);
+        .with_outage_injection(outage_injection)
+        .with_network(network_described, link_cut_injection);
     if let Some(dir) = &args.report {
         let page = html::write_report(dir, &lock(&stats.timeline), &report)?;
         ui.say(&format!("report page: {}", page.display()));
@@ -752,6 +784,43 @@ mod tests {
                 "not built for --workload tpch",
             ),
             (&["--services", "local", "--outage-secs", "25"], "retries for 30 s"),
+        ];
+        for (args, expected) in cases {
+            let error = format!("{:#}", parse(args).unwrap_err());
+            assert!(error.contains(expected), "{args:?}: {error}");
+        }
+    }
+
+    #[test]
+    fn netns_needs_local_services_and_link_cuts_need_netns_and_each_refusal_says_why() {
+        let netns = parse(&["--services", "local", "--netns"]).unwrap();
+        assert!(netns.netns);
+        assert_eq!(netns.link_cut_count(), 1, "one cut by default with --netns");
+        assert_eq!(netns.link_cut_duration, Duration::from_secs(4));
+        let flags = ["--services", "local", "--netns", "--link-cuts", "3", "--link-cut-secs", "2.5"];
+        let cuts = parse(&flags).unwrap();
+        assert_eq!((cuts.link_cut_count(), cuts.link_cut_duration), (3, Duration::from_millis(2_500)));
+        assert_eq!(
+            parse(&["--services", "local", "--netns", "--link-cuts", "0"]).unwrap().link_cut_count(),
+            0
+        );
+        assert_eq!(parse(&[]).unwrap().link_cut_count(), 0, "no links to cut on loopback");
+        let cases: [(&[&str], &str); 6] = [
+            (&["--netns"], "--netns needs --services local"),
+            (&["--storage", "server", "--netns"], "--netns needs --services local"),
+            (
+                &["--blob", "file:///b", "--consensus", "sqlite:///c", "--netns"],
+                "--netns needs --services local",
+            ),
+            (
+                &["--services", "local", "--netns", "--workload", "tpch", "--outages", "0"],
+                "not built for --workload tpch",
+            ),
+            (&["--services", "local", "--link-cuts", "1"], "--link-cuts 1 needs --netns"),
+            (
+                &["--services", "local", "--netns", "--link-cut-secs", "30"],
+                "--link-cut-secs must be in (0, 20]",
+            ),
         ];
         for (args, expected) in cases {
             let error = format!("{:#}", parse(args).unwrap_err());

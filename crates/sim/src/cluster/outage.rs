@@ -26,7 +26,7 @@ use std::sync::Mutex;
 use anyhow::{Context, anyhow};
 use serde::Serialize;
 
-use storage::services::{Moto, Postgres, PostgresOptions};
+use storage::services::{Moto, Postgres, PostgresOptions, ServiceHost};
 
 use crate::cluster::StorageMode;
 
@@ -105,12 +105,18 @@ pub struct LocalServices {
 
 impl LocalServices {
     /// Starts both (blocking: `initdb`, and the first time a Python venv for moto) with a database and
-    /// a bucket for the run.
-    pub fn start(say: &dyn Fn(&str)) -> anyhow::Result<LocalServices> {
-        say("starting a throwaway PostgreSQL server and moto_server (S3) on loopback");
-        let postgres = Postgres::start(PostgresOptions::default()).context("cannot start PostgreSQL")?;
+    /// a bucket for the run, on `host` (`None`: loopback; `--netns`: the services' namespace).
+    pub fn start(host: Option<ServiceHost>, say: &dyn Fn(&str)) -> anyhow::Result<LocalServices> {
+        let host = host.unwrap_or_else(ServiceHost::loopback);
+        say(&format!(
+            "starting a throwaway PostgreSQL server and moto_server (S3) on {}{}",
+            host.address,
+            host.netns.as_ref().map_or(String::new(), |ns| format!(" in the network namespace {ns}"))
+        ));
+        let postgres = Postgres::start_on(PostgresOptions::default(), host.clone())
+            .context("cannot start PostgreSQL")?;
         postgres.create_database("cluster").context("cannot create the consensus database")?;
-        let moto = Moto::start().context("cannot start moto_server")?;
+        let moto = Moto::start_on(host).context("cannot start moto_server")?;
         moto.create_bucket("cluster").context("cannot create the blob bucket")?;
         let (blob, consensus) = (moto.blob_url("cluster", "shards"), postgres.url("cluster"));
         Ok(LocalServices { postgres: Mutex::new(postgres), moto: Mutex::new(moto), blob, consensus })

@@ -137,6 +137,32 @@ pub struct OutageReport {
     pub killed: Option<String>,
 }
 
+/// One cut of a replica's links (`--netns`, `netns.rs`) and what the scenario saw through it.
+#[derive(Debug, Clone, Serialize)]
+pub struct LinkCutReport {
+    /// The replica cut off.
+    pub replica: String,
+    /// Its links taken down (one per process).
+    pub links: usize,
+    /// When they went down, seconds into the run.
+    pub started_at_s: f64,
+    /// When they were up again, seconds into the run.
+    pub ended_at_s: f64,
+    /// Peeks (not targeted) checked against the oracle while the links were down: answered by the other
+    /// replicas, the victim being unreachable.
+    pub peeks_answered: u64,
+    /// Table appends acknowledged while they were down.
+    pub appends_during: u64,
+    /// Whether the controller dropped its connection to the replica and made a new one (its frontiers
+    /// reset) between the cut and the catch-up; without it the connection outlived the cut.
+    pub reconnected: bool,
+    /// From the restore until the replica answered a peek targeted at it at the latest time written
+    /// before the restore.
+    pub answered_peek_ms: Option<u64>,
+    /// From the restore until every collection on it had passed that time.
+    pub caught_up_ms: Option<u64>,
+}
+
 /// One drop and recreation of a dataflow.
 #[derive(Debug, Clone, Serialize)]
 pub struct Recreation {
@@ -189,6 +215,8 @@ pub struct Stats {
     outages_begun: AtomicU64,
     /// Storage outages, as they ended.
     pub outages: Mutex<Vec<OutageReport>>,
+    /// Link cuts, as they ended.
+    pub link_cuts: Mutex<Vec<LinkCutReport>>,
     /// Replica processes that exited other than by the scenario's SIGKILLs.
     pub replica_exits: AtomicU64,
     /// Recent peek latencies for the live display: `(when, microseconds)`.
@@ -237,6 +265,7 @@ impl Default for Stats {
             outage_active: AtomicBool::new(false),
             outages_begun: AtomicU64::new(0),
             outages: Mutex::default(),
+            link_cuts: Mutex::default(),
             replica_exits: AtomicU64::new(0),
             recent: Mutex::default(),
             by_kind: Mutex::default(),
@@ -503,6 +532,12 @@ pub struct Report {
     pub outage_injection: String,
     /// The storage outages.
     pub outages: Vec<OutageReport>,
+    /// Where the processes ran: `loopback`, or the network namespaces of `--netns` (`netns.rs`).
+    pub network: String,
+    /// Which link cuts the run injected, or why none.
+    pub link_cut_injection: String,
+    /// The link cuts.
+    pub link_cuts: Vec<LinkCutReport>,
     /// Target rate, rows per second.
     pub target_rate: u64,
     /// The replicas.
@@ -562,6 +597,14 @@ impl Report {
         self
     }
 
+    /// The report with where the processes ran and what it says about link cuts (see [`Report::network`],
+    /// [`Report::link_cut_injection`]).
+    pub fn with_network(mut self, network: String, link_cut_injection: String) -> Report {
+        self.network = network;
+        self.link_cut_injection = link_cut_injection;
+        self
+    }
+
     /// The report of a run from its stats.
     pub fn new(
         stats: &Stats,
@@ -587,6 +630,9 @@ impl Report {
             seed,
             storage: String::new(),
             outage_injection: String::new(),
+            network: "loopback".to_string(),
+            link_cut_injection: String::new(),
+            link_cuts: lock(&stats.link_cuts).clone(),
             outages: lock(&stats.outages)
                 .iter()
                 .map(|o| OutageReport {
@@ -728,6 +774,23 @@ impl Report {
                 ms(o.view_resumed_ms),
                 thousands(o.rows_written_after),
                 o.killed.as_ref().map_or(String::new(), |r| format!("; {r} killed during it")),
+            );
+        }
+        println!("  network           {}", self.network);
+        println!("  link cuts         {}", self.link_cut_injection);
+        for c in &self.link_cuts {
+            println!(
+                "  link cut          {} ({} link{}) from {:.1} s to {:.1} s: {} peeks answered by the other replicas, {} appends during it; after it {}, answered a peek at the restore time after {}, caught up after {}",
+                c.replica,
+                c.links,
+                if c.links == 1 { "" } else { "s" },
+                c.started_at_s,
+                c.ended_at_s,
+                thousands(c.peeks_answered),
+                thousands(c.appends_during),
+                if c.reconnected { "reconnected" } else { "the same connection went on" },
+                ms(c.answered_peek_ms),
+                ms(c.caught_up_ms)
             );
         }
         for r in &self.rehydrations {

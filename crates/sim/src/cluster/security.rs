@@ -2,7 +2,8 @@
 //! replicas and controller → storage server, between a replica's processes), made fresh for each run, or
 //! plain TCP with the secret under `--insecure`.
 //!
-//! **What is made.** A throwaway CA and a server certificate for `127.0.0.1` and `localhost`
+//! **What is made.** A throwaway CA and a server certificate for `127.0.0.1` and `localhost` (and, with
+//! `--netns`, every address of the run's subnet)
 //! (`transport::certs`), which every server (the storage server, every replica process) presents and
 //! every client checks, and a random shared secret, all written to `security/` in the run's data directory
 //! (keys and the secret readable by their owner only). The storage server reads the secret from its file
@@ -36,15 +37,29 @@ pub struct ClusterSecurity {
 impl ClusterSecurity {
     /// Makes the run's secret and (unless `insecure`) certificates in `dir`, which must not exist yet.
     pub fn generate(dir: &Path, insecure: bool) -> anyhow::Result<ClusterSecurity> {
+        ClusterSecurity::generate_for(dir, insecure, &[])
+    }
+
+    /// [`generate`](Self::generate), with a server certificate that names `hosts` too (the addresses of
+    /// `--netns`'s namespaces, where the replica processes listen).
+    pub fn generate_for(
+        dir: &Path,
+        insecure: bool,
+        hosts: &[std::net::IpAddr],
+    ) -> anyhow::Result<ClusterSecurity> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let secret = SharedSecret::generate().map_err(|e| anyhow!("cannot draw a shared secret: {e}"))?;
         let secret_file = dir.join("secret");
         secret.write_to_file(&secret_file).map_err(|e| anyhow!("{e}"))?;
+        let names: Vec<String> = ["127.0.0.1".to_string(), "localhost".to_string()]
+            .into_iter()
+            .chain(hosts.iter().map(|h| h.to_string()))
+            .collect();
         let tls = if insecure {
             None
         } else {
             Some(
-                write_throwaway_pki(dir, &["127.0.0.1", "localhost"])
+                write_throwaway_pki(dir, &names.iter().map(String::as_str).collect::<Vec<_>>())
                     .map_err(|e| anyhow!("cannot make the run's certificates: {e}"))?,
             )
         };

@@ -20,6 +20,13 @@
 //! within `PATIENCE` (else a violation); the oracle comparisons, unchanged, find anything lost or doubled.
 //! Peek latencies are kept apart for peeks that overlapped an outage.
 //!
+//! **Link cuts** (`--netns`, `netns.rs`): every link of one replica (the multi-process one first) is
+//! taken down for `--link-cut-secs` and brought back. Meanwhile peeks (untargeted) keep being checked: the
+//! victim being unreachable, the other replicas answer them, and their count is reported. After the
+//! restore the victim must answer a peek targeted at it at the latest time written before the restore,
+//! and every collection on it must pass that time, within `PATIENCE` (else a violation); whether the
+//! controller reconnected (the replica's frontiers reset) or the same connection went on is reported.
+//!
 //! **Sharing.** The controller sits behind a tokio mutex: `process` needs `&mut`, peeks need `&`, so the
 //! pump drains responses with `try_process` every couple of milliseconds and releases it in between. No
 //! task waits for storage with it locked during the timed run: a storage peek's hold is taken first, so
@@ -57,9 +64,12 @@ use storage::{
     Client, ShardCollections, ShardConfig, StorageCollections, SystemClock, TableWriter, TableWriterConfig,
 };
 
+use crate::cluster::netns::Network;
 use crate::cluster::oracle::{Oracle, WriteLog, canonical, describe_difference, finish};
 use crate::cluster::outage::{LocalServices, OutageKind};
-use crate::cluster::report::{OutageReport, Recreation, Rehydration, Stats, Ui, bar, lock, thousands};
+use crate::cluster::report::{
+    LinkCutReport, OutageReport, Recreation, Rehydration, Stats, Ui, bar, lock, thousands,
+};
 use crate::cluster::timeline::{FaultKind, TimelineSample};
 use crate::cluster::workload::{self, Generator, PeekKind, PeekSpec, Table, Update};
 use crate::cluster::{AsOfs, ClusterArgs, now};
@@ -95,6 +105,8 @@ struct Ctx {
     storage: Arc<dyn StorageCollections>,
     /// The local services, which outages take down (`--services local`).
     services: Option<Arc<LocalServices>>,
+    /// The network namespaces, whose links cuts take down (`--netns`).
+    network: Option<Arc<Network>>,
     orchestrator: Arc<ProcessOrchestrator>,
     truth: Mutex<Truth>,
     /// The write log's upper.
@@ -246,6 +258,7 @@ pub async fn scenario(
     args: ClusterArgs,
     storage: ScenarioStorage,
     services: Option<Arc<LocalServices>>,
+    network: Option<Arc<Network>>,
     security: ClientSecurity,
     orchestrator: Arc<ProcessOrchestrator>,
     process_events: mpsc::UnboundedReceiver<ProcessEvent>,
@@ -254,7 +267,7 @@ pub async fn scenario(
 ) -> anyhow::Result<()> {
     let fresh: Vec<GlobalId> = Table::ALL.iter().map(|t| t.id()).chain([workload::STATUS_REVENUE]).collect();
     let (storage, writer_storage, shards) = open_storage(&storage, &fresh, &security).await?;
-    let parts = Parts { storage, writer_storage, services, security, orchestrator, stats, ui };
+    let parts = Parts { storage, writer_storage, services, network, security, orchestrator, stats, ui };
     let result = scenario_on(args, parts, process_events).await;
     for engine in shards {
         // Releases the leased readers rather than leaving them to expire.
@@ -268,6 +281,7 @@ struct Parts {
     storage: Arc<dyn StorageCollections>,
     writer_storage: Arc<dyn StorageCollections>,
     services: Option<Arc<LocalServices>>,
+    network: Option<Arc<Network>>,
     security: ClientSecurity,
     orchestrator: Arc<ProcessOrchestrator>,
     stats: Arc<Stats>,
@@ -279,11 +293,12 @@ async fn scenario_on(
     parts: Parts,
     mut process_events: mpsc::UnboundedReceiver<ProcessEvent>,
 ) -> anyhow::Result<()> {
-    let Parts { storage, writer_storage, services, security, orchestrator, stats, ui } = parts;
+    let Parts { storage, writer_storage, services, network, security, orchestrator, stats, ui } = parts;
     assert!(
         args.outage_count() == 0 || services.is_some(),
         "outages are refused where the scenario did not start the services"
     );
+    assert!(args.link_cut_count() == 0 || network.is_some(), "link cuts are refused without --netns");
     // Storage: the tables, the materialized view's collection, and the initial load.
     for table in Table::ALL {
         storage
@@ -317,7 +332,12 @@ async fn scenario_on(
 
     // The controller, the instance and its replicas.
     // The only controller of its replicas: epoch 1.
-    let config = ControllerConfig::new(ControllerEpoch(1), security);
+    let mut config = ControllerConfig::new(ControllerEpoch(1), security);
+    if args.netns {
+        // A replica cut off the network goes silent: noticed after a few keepalives (`netns.rs`).
+        config.replica_keepalive_interval_ms = crate::cluster::netns::KEEPALIVE_INTERVAL_MS;
+        config.replica_idle_timeout_ms = crate::cluster::netns::IDLE_TIMEOUT_MS;
+    }
     let mut controller = ComputeController::new(
         Arc::clone(&storage),
         Some(Arc::clone(&orchestrator) as Arc<dyn controller::Orchestrator>),
@@ -356,6 +376,7 @@ async fn scenario_on(
         controller: tokio::sync::RwLock::new(controller),
         storage,
         services,
+        network,
         orchestrator,
         truth: Mutex::new(truth),
         log_upper,
@@ -414,13 +435,14 @@ async fn run_phases(ctx: &Arc<Ctx>, rng: &mut Rng) -> anyhow::Result<()> {
     hydrate(ctx).await?;
     *lock(&ctx.stats.started) = Some(now());
     ctx.ui.say(&format!(
-        "running for {:.0} s: {} rows/s into 3 tables, {} peek loops, {} replica crash(es), {} dataflow recreation(s), {} storage outage(s)",
+        "running for {:.0} s: {} rows/s into 3 tables, {} peek loops, {} replica crash(es), {} dataflow recreation(s), {} storage outage(s), {} link cut(s)",
         ctx.args.duration.as_secs_f64(),
         ctx.args.rate,
         ctx.args.peekers,
         ctx.args.kill_count(),
         ctx.args.recreations,
-        ctx.args.outage_count()
+        ctx.args.outage_count(),
+        ctx.args.link_cut_count()
     ));
     let mut tasks: Vec<JoinHandle<()>> = Vec::new();
     for _ in 0..ctx.args.peekers {
@@ -935,6 +957,8 @@ enum Fault {
     FreshReplica,
     /// Take a store down for `--outage-secs` (`outage.rs`).
     Outage(OutageKind),
+    /// Take a replica's links down for `--link-cut-secs` (`netns.rs`).
+    LinkCut(ReplicaId),
 }
 
 /// The fault schedule: kills and recreations spread over the run, alternating, never overlapping.
@@ -965,11 +989,16 @@ fn schedule(args: &ClusterArgs) -> Vec<(f64, Fault)> {
             kills -= 1;
         }
     }
-    // Outages spread among the others.
+    // Outages spread among the others, then link cuts (their victims in the same order as the kills').
     let outages = args.outage_count();
     for i in (0..outages).rev() {
         let at = ((i + 1) * (faults.len() + 1)).div_ceil(outages + 1).min(faults.len());
         faults.insert(at, Fault::Outage(OutageKind::nth(i)));
+    }
+    let cuts = args.link_cut_count();
+    for i in (0..cuts).rev() {
+        let at = ((i + 1) * (faults.len() + 1)).div_ceil(cuts + 1).min(faults.len());
+        faults.insert(at, Fault::LinkCut(victims[i % victims.len()]));
     }
     let n = faults.len() as f64;
     faults.into_iter().enumerate().map(|(i, f)| (0.15 + 0.7 * (i as f64 + 0.5) / n, f)).collect()
@@ -989,6 +1018,7 @@ async fn faults(ctx: Arc<Ctx>) {
                 kill_and_rehydrate(&ctx, replica, in_flight, false).await
             }
             Fault::Outage(kind) => outage(&ctx, kind).await,
+            Fault::LinkCut(replica) => link_cut(&ctx, replica).await,
             Fault::Recreate => {
                 generation += 1;
                 recreate(&ctx, generation).await;
@@ -1243,6 +1273,145 @@ async fn outage(ctx: &Ctx, kind: OutageKind) {
         });
     };
     tokio::join!(kill, restore);
+}
+
+/// Takes down the links of every process of `replica` for `--link-cut-secs` and brings them back; then
+/// the replica must answer a peek at the latest time written before the restore and catch up past it.
+async fn link_cut(ctx: &Ctx, replica: ReplicaId) {
+    let network = Arc::clone(ctx.network.as_ref().expect("link cuts only run with --netns"));
+    let started_at_s = ctx.stats.elapsed_s();
+    let mark = lock(&ctx.stats.timeline).fault(started_at_s, FaultKind::LinkCut, replica.to_string());
+    let links = match switch_links(&network, replica, false).await {
+        Ok(links) => links,
+        Err(e) => {
+            ctx.stats.violation(format!("cannot cut the links of {replica}: {e:#}"));
+            lock(&ctx.stats.timeline).end_fault(mark, ctx.stats.elapsed_s());
+            return;
+        }
+    };
+    let down = now();
+    lock(&ctx.replica_state).insert(replica, "cut off".to_string());
+    ctx.ui.event(&ctx.stats, &format!("cut the {links} link(s) of {replica} (ip link set down)"));
+    let before = progress_counts(&ctx.stats);
+    // Watches the replica's frontiers from the cut on: a reset means the controller reconnected.
+    let reset = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watching = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let watcher = watch_for_reset(ctx, replica, Arc::clone(&reset), Arc::clone(&watching));
+    let restore = async {
+        tokio::time::sleep(ctx.args.link_cut_duration.saturating_sub(down.elapsed())).await;
+        let during = progress_counts(&ctx.stats);
+        let restored = switch_links(&network, replica, true).await;
+        let ended_at_s = ctx.stats.elapsed_s();
+        lock(&ctx.stats.timeline).end_fault(mark, ended_at_s);
+        if let Err(e) = restored {
+            ctx.stats.violation(format!("cannot restore the links of {replica}: {e:#}"));
+            watching.store(false, Ordering::SeqCst);
+            return;
+        }
+        let (answered, caught) = after_restore(ctx, replica, down).await;
+        watching.store(false, Ordering::SeqCst);
+        lock(&ctx.stats.link_cuts).push(LinkCutReport {
+            replica: replica.to_string(),
+            links,
+            started_at_s,
+            ended_at_s,
+            peeks_answered: during[0] - before[0],
+            appends_during: during[1] - before[1],
+            reconnected: reset.load(Ordering::SeqCst),
+            answered_peek_ms: answered.map(ms),
+            caught_up_ms: caught.map(ms),
+        });
+    };
+    tokio::join!(watcher, restore);
+}
+
+/// Takes `replica`'s links down or brings them up, on a blocking thread; returns how many.
+async fn switch_links(network: &Arc<Network>, replica: ReplicaId, up: bool) -> anyhow::Result<usize> {
+    let network = Arc::clone(network);
+    tokio::task::spawn_blocking(move || {
+        if up { network.restore(INSTANCE, replica) } else { network.cut(INSTANCE, replica) }
+    })
+    .await
+    .map_err(|e| anyhow!("the network task failed: {e}"))?
+}
+
+/// Once `replica`'s links are back (they went down at `down`): how long until it answered a peek at the
+/// latest time written before the restore, and until every collection on it passed that time (a
+/// violation if it does not within `PATIENCE`).
+async fn after_restore(ctx: &Ctx, replica: ReplicaId, down: Instant) -> (Option<Duration>, Option<Duration>) {
+    let back = now();
+    let time = ctx.latest_write();
+    ctx.ui.event(
+        &ctx.stats,
+        &format!(
+            "restored the links of {replica} after {:.1} s, at time {time}",
+            down.elapsed().as_secs_f64()
+        ),
+    );
+    let (answered, caught) =
+        tokio::join!(answer_at(ctx, replica, time, back), caught_up_past(ctx, replica, time, back));
+    match caught {
+        Some(_) => {
+            lock(&ctx.replica_state).insert(replica, "ready".to_string());
+        }
+        None => ctx.stats.violation(format!(
+            "{replica} did not catch up to time {time} within {} s of its links' restore",
+            PATIENCE.as_secs()
+        )),
+    }
+    let secs = |d: Option<Duration>| d.map_or("-".to_string(), |d| format!("{:.2} s", d.as_secs_f64()));
+    ctx.ui.event(
+        &ctx.stats,
+        &format!(
+            "{replica} back: answered at the restore time after {}, every collection past it after {}",
+            secs(answered),
+            secs(caught)
+        ),
+    );
+    (answered, caught)
+}
+
+/// The controller's write frontier of each of `ids` on `replica` (`None` for one it has not heard of on
+/// the replica's current connection); `None` if the instance cannot be inspected.
+async fn replica_frontiers(ctx: &Ctx, replica: ReplicaId, ids: &[GlobalId]) -> Option<Vec<Option<u64>>> {
+    let ids = ids.to_vec();
+    let controller = ctx.controller.lock().await;
+    controller
+        .inspect(INSTANCE, move |core| {
+            ids.iter().map(|id| core.replica_write_frontier(replica, *id).and_then(|f| first(&f))).collect()
+        })
+        .await
+        .ok()
+}
+
+/// Sets `reset` once any live export's write frontier on `replica` is unknown to the controller (a new
+/// connection, not yet reported), polling every 5 ms while `watching`.
+async fn watch_for_reset(
+    ctx: &Ctx,
+    replica: ReplicaId,
+    reset: Arc<std::sync::atomic::AtomicBool>,
+    watching: Arc<std::sync::atomic::AtomicBool>,
+) {
+    let ids: Vec<GlobalId> = ctx.live_exports().keys().copied().collect();
+    while watching.load(Ordering::SeqCst) && !reset.load(Ordering::SeqCst) {
+        if replica_frontiers(ctx, replica, &ids).await.is_some_and(|f| f.iter().any(Option::is_none)) {
+            reset.store(true, Ordering::SeqCst);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// How long after `since` every live export's write frontier on `replica` passed `time` (no reset
+/// needed, unlike [`caught_up`]).
+async fn caught_up_past(ctx: &Ctx, replica: ReplicaId, time: u64, since: Instant) -> Option<Duration> {
+    let ids: Vec<GlobalId> = ctx.live_exports().keys().copied().collect();
+    while since.elapsed() < PATIENCE {
+        if replica_frontiers(ctx, replica, &ids).await?.iter().all(|f| f.is_some_and(|t| t > time)) {
+            return Some(since.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    None
 }
 
 /// How long after `since` `replica` answered a peek targeted at it at `time` (checked against the oracle).
@@ -1664,7 +1833,7 @@ async fn fresh_replica(ctx: &Ctx) {
             Fault::Kill(replica) => {
                 ctx.args.replica_specs().into_iter().find(|(r, _)| *r == replica).map(|(_, p)| p)
             }
-            Fault::Recreate | Fault::FreshReplica | Fault::Outage(_) => None,
+            Fault::Recreate | Fault::FreshReplica | Fault::Outage(_) | Fault::LinkCut(_) => None,
         })
         .unwrap_or(1);
     let replica = ReplicaId(ctx.args.replicas as u64 + 1);

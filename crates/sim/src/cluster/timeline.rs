@@ -24,6 +24,8 @@ pub enum FaultKind {
     ConsensusOutage,
     /// The blob store (`moto_server`) paused, until the mark's `until_s`.
     BlobOutage,
+    /// A replica's links taken down (`--netns`, `netns.rs`), until the mark's `until_s`.
+    LinkCut,
 }
 
 impl FaultKind {
@@ -35,6 +37,7 @@ impl FaultKind {
             FaultKind::FreshReplica => "fresh replica",
             FaultKind::ConsensusOutage => "consensus outage",
             FaultKind::BlobOutage => "blob outage",
+            FaultKind::LinkCut => "link cut",
         }
     }
 }

@@ -12,6 +12,14 @@
 //! it, killed a replica during it (aimed at an in-flight view append), and marked the outage on the report
 //! page.
 //!
+//! A fourth run (8 s, `--services local --netns`) puts the services and each replica process in a network
+//! namespace of its own and cuts the links of the two-process replica for four seconds: it must pass with
+//! 0 violations, peeks answered (by the other replica) during the cut, the controller reconnecting to the
+//! victim (silent past its idle timeout), the victim answering a peek targeted at it and catching up after
+//! the restore, the cut marked on the report page, and every namespace, veth
+//! and bridge gone at the end. Where network namespaces cannot be made, the test says why and skips, or
+//! fails under `CI=true`.
+//!
 //! The full-length run is the `cluster` step of `cargo xtask test-suite`; this only shows the wiring.
 
 use std::path::Path;
@@ -214,4 +222,118 @@ fn a_consensus_outage_stalls_appends_and_loses_nothing_and_every_kind_of_write_r
     let faults = json.pointer("/timeline/faults").and_then(Value::as_array).expect("faults");
     let mark = faults.iter().find(|f| f["kind"] == "consensus_outage").expect("the outage's mark");
     assert!(mark["until_s"].as_f64() > mark["at_s"].as_f64(), "{mark:#}");
+}
+
+/// The link-cut run's flags: the services and each replica process in a network namespace of their own,
+/// and every link of one replica (`r2`, two processes) down for four seconds halfway through.
+const LINK_CUT_FLAGS: &[&str] = &[
+    "--services",
+    "local",
+    "--netns",
+    "--link-cuts",
+    "1",
+    "--link-cut-secs",
+    "4",
+    "--outages",
+    "0",
+    "--kills",
+    "0",
+    "--recreations",
+    "0",
+    "--duration",
+    "8",
+    "--seed",
+    "5",
+    "--replicas",
+    "2",
+    "--processes",
+    "2",
+    "--json",
+];
+
+/// The names `ip` lists that a run with process id `pid` made (`netns.rs`'s naming).
+fn network_leftovers(pid: u32) -> Vec<String> {
+    let list = |args: &[&str]| {
+        Command::new("ip").args(args).output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+    };
+    let (namespaces, links) =
+        (list(&["netns", "list"]).unwrap_or_default(), list(&["-o", "link"]).unwrap_or_default());
+    let prefixes = [format!("sn-{pid}-"), format!("snb{pid}:"), format!("snv{pid}.")];
+    namespaces
+        .lines()
+        .chain(links.lines())
+        .filter(|line| prefixes.iter().any(|p| line.contains(p.as_str())))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn a_replica_cut_off_the_network_for_seconds_catches_up_after_while_the_other_answers_every_peek() {
+    if let Err(why) = sim::cluster::netns::available() {
+        let missing: Result<(), ServiceError> = Err(ServiceError::Io(format!("network namespaces: {why}")));
+        require("network namespaces (ip netns)", missing);
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let page_dir = dir.path().join("page");
+    let child = Command::new(env!("CARGO_BIN_EXE_sim"))
+        .arg("cluster")
+        .args(LINK_CUT_FLAGS)
+        .arg("--data-dir")
+        .arg(dir.path().join("cluster"))
+        .arg("--report")
+        .arg(&page_dir)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("sim runs");
+    let pid = child.id();
+    let output = child.wait_with_output().expect("sim runs");
+    let (stdout, stderr) = (String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    if stderr.contains("cannot start PostgreSQL") || stderr.contains("cannot start moto_server") {
+        let missing: Result<(), ServiceError> = Err(ServiceError::Io(stderr.to_string()));
+        require("the services of --services local", missing);
+        return;
+    }
+    let report: Value = serde_json::from_str(&stdout).unwrap_or_else(|e| {
+        panic!("sim cluster ({}) printed no JSON report ({e}): {stdout}\n{stderr}", output.status)
+    });
+    assert!(output.status.success(), "sim cluster exited with {}: {report:#}\n{stderr}", output.status);
+    assert_eq!(report["outcome"], "passed", "{report:#}");
+    assert_eq!(number(&report, "/violation_count"), 0, "{report:#}");
+    assert_eq!(number(&report, "/final_checks"), 11, "{report:#}");
+    let network = report["network"].as_str().expect("the report says where the processes ran");
+    assert!(network.starts_with("network namespaces on the bridge"), "{network}");
+
+    let cuts = report["link_cuts"].as_array().expect("a link_cuts list");
+    assert_eq!(cuts.len(), 1, "{report:#}");
+    let cut = &cuts[0];
+    // The multi-process replica, both of its processes' links.
+    assert_eq!(cut["replica"], "r2", "{cut:#}");
+    assert_eq!(number(cut, "/links"), 2, "{cut:#}");
+    assert!(cut["ended_at_s"].as_f64() >= cut["started_at_s"].as_f64().map(|s| s + 4.0), "{cut:#}");
+    // While r2 was unreachable, r1 answered peeks (each checked against the oracle).
+    assert!(number(cut, "/peeks_answered") > 0, "no peek answered during the cut: {cut:#}");
+    // After the restore, r2 answered a peek targeted at it and caught up past the restore time.
+    assert!(cut["answered_peek_ms"].is_u64(), "{cut:#}");
+    assert!(cut["caught_up_ms"].is_u64(), "{cut:#}");
+    // Silent for longer than the controller's idle timeout (2.5 s), the connection was given up and made
+    // again once the links were back.
+    assert_eq!(cut["reconnected"], true, "{cut:#}");
+    assert_eq!(number(&report, "/replica_exits"), 0, "{report:#}");
+
+    // The cut is marked on the report page, with its end.
+    let json: Value = serde_json::from_str(&std::fs::read_to_string(page_dir.join("report.json")).unwrap())
+        .expect("report.json parses");
+    let faults = json.pointer("/timeline/faults").and_then(Value::as_array).expect("faults");
+    let mark = faults.iter().find(|f| f["kind"] == "link_cut").expect("the cut's mark");
+    assert_eq!(mark["target"], "r2");
+    assert!(mark["until_s"].as_f64() > mark["at_s"].as_f64(), "{mark:#}");
+    let page = std::fs::read_to_string(page_dir.join("report.html")).expect("the report page");
+    assert!(page.contains("link cut r2"), "the charts mark the cut");
+
+    // Every namespace, veth and the bridge are gone.
+    assert_eq!(network_leftovers(pid), Vec::<String>::new(), "left behind by sim cluster (pid {pid})");
 }
