@@ -1375,7 +1375,7 @@ async fn after_restore(ctx: &Ctx, replica: ReplicaId, down: Instant) -> (Option<
 /// the replica's current connection); `None` if the instance cannot be inspected.
 async fn replica_frontiers(ctx: &Ctx, replica: ReplicaId, ids: &[GlobalId]) -> Option<Vec<Option<u64>>> {
     let ids = ids.to_vec();
-    let controller = ctx.controller.lock().await;
+    let controller = ctx.controller.read().await;
     controller
         .inspect(INSTANCE, move |core| {
             ids.iter().map(|id| core.replica_write_frontier(replica, *id).and_then(|f| first(&f))).collect()
