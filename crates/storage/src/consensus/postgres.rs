@@ -237,8 +237,17 @@ impl PostgresConsensus {
         listen_for_changes: bool,
         timeout: Duration,
     ) -> Result<Self, ConsensusOpenError> {
-        let config: tokio_postgres::Config =
+        let mut config: tokio_postgres::Config =
             url.parse().map_err(|e| ConsensusOpenError::Backend(format!("invalid postgres URL: {e}")))?;
+        // A process that vanishes mid-transaction (killed, or its host cut off the network) would keep
+        // its row locks, and every writer of that shard would wait, until the server notices the dead
+        // client (TCP keepalive: hours). The server ends such a transaction after the call timeout.
+        let options = format!(
+            "{} -c idle_in_transaction_session_timeout={}",
+            config.get_options().unwrap_or_default(),
+            timeout.as_millis().max(1)
+        );
+        config.options(options.trim_start());
         let client = connect(&config, timeout).await.map_err(|failure| match failure.unreachable {
             true => ConsensusOpenError::Unreachable(failure.error.to_string()),
             false => ConsensusOpenError::Backend(failure.error.to_string()),
