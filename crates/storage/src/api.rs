@@ -12,8 +12,11 @@
 //!
 //! **Tests.** `tests/it/` runs the same scenarios against `InProcess` and against `Client` over TCP.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
+
+use futures::stream::{BoxStream, Stream, StreamExt};
 
 use frontiers::{Antichain, ReadHold, ReadPolicy};
 use protocol::{Diff, GlobalId, RelationDesc, Row};
@@ -108,6 +111,33 @@ pub trait StorageCollections: Send + Sync + std::fmt::Debug {
     /// the snapshot timeout (30 s by default), then errors with [`ReadError::NotYetReadable`].
     fn snapshot(&self, id: GlobalId, as_of: u64) -> BoxFuture<'_, Result<Vec<(Row, Diff)>, ReadError>>;
 
+    /// The same contents as [`snapshot`](Self::snapshot), with the same errors and the same wait, handed
+    /// out in chunks of about `chunk_bytes` (see [`SnapshotChunks`]): every row once, with its non-zero
+    /// count. The contents are those at `as_of` however the since moves while the stream lives (the shard
+    /// engine holds `as_of` until the stream is dropped), and a reader that stops early holds no more than
+    /// the chunks it took and what the implementation reads ahead.
+    ///
+    /// The provided implementation reads the snapshot part of a [`listen`](Self::listen) (which every
+    /// implementation here streams: the embedded store from memory, the client over the connection with
+    /// flow control) once the upper is past `as_of`; before that it waits in `snapshot` and hands out that
+    /// answer in chunks. The shard engine overrides it with its own part-by-part stream.
+    fn snapshot_stream(
+        &self,
+        id: GlobalId,
+        as_of: u64,
+        chunk_bytes: usize,
+    ) -> BoxFuture<'_, Result<SnapshotChunks, ReadError>> {
+        Box::pin(async move {
+            let frontiers = self.frontiers(id).await?;
+            if frontiers.upper.less_equal(&as_of) {
+                let rows = self.snapshot(id, as_of).await?;
+                return Ok(SnapshotChunks::from_rows(rows, chunk_bytes));
+            }
+            let listen = self.listen(id, as_of).await?;
+            Ok(SnapshotChunks::from_listen(listen, as_of, chunk_bytes))
+        })
+    }
+
     /// A stream of the collection's changes from `as_of` on: first the snapshot at `as_of` (waiting, without
     /// a timeout, for `as_of` to become complete), then `Progress(upper)`, then for every append its updates
     /// followed by `Progress(new upper)`. The listen holds the collection at what it has delivered, so a
@@ -117,4 +147,104 @@ pub trait StorageCollections: Send + Sync + std::fmt::Debug {
     /// A stream of frontier changes: first the current frontiers of every collection, then every change
     /// (`None` once a collection is dropped). Changes to one collection may be coalesced.
     fn watch_frontiers(&self) -> BoxFuture<'_, Result<FrontierWatch, ReadError>>;
+}
+
+/// A snapshot handed out chunk by chunk ([`StorageCollections::snapshot_stream`]).
+///
+/// **Invariants.** No chunk is empty, and a chunk ends with the row that brings it to the stream's
+/// `chunk_bytes` (rows' encoded bytes plus 16 per row), so it exceeds that by one row at most; after an
+/// error or the end,
+/// [`next_chunk`](Self::next_chunk) keeps answering `Ok(None)`. Dropping the stream releases what keeps
+/// `as_of` readable.
+pub struct SnapshotChunks {
+    inner: BoxStream<'static, Result<Vec<(Row, Diff)>, ReadError>>,
+    chunk_bytes: usize,
+    /// Rows received in a larger piece than `chunk_bytes`, handed out in later chunks.
+    pending: VecDeque<(Row, Diff)>,
+    done: bool,
+}
+
+impl std::fmt::Debug for SnapshotChunks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SnapshotChunks")
+            .field("chunk_bytes", &self.chunk_bytes)
+            .field("pending", &self.pending.len())
+            .field("done", &self.done)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The size a row counts for in a chunk.
+fn chunk_size(row: &Row) -> usize {
+    row.byte_len() + 16
+}
+
+impl SnapshotChunks {
+    /// Chunks out of `stream` (pieces of any size, re-cut to `chunk_bytes`; empty pieces are skipped).
+    pub fn new(
+        stream: impl Stream<Item = Result<Vec<(Row, Diff)>, ReadError>> + Send + 'static,
+        chunk_bytes: usize,
+    ) -> Self {
+        SnapshotChunks { inner: stream.boxed(), chunk_bytes, pending: VecDeque::new(), done: false }
+    }
+
+    /// Chunks of a snapshot already read whole.
+    pub fn from_rows(rows: Vec<(Row, Diff)>, chunk_bytes: usize) -> Self {
+        SnapshotChunks::new(futures::stream::iter([Ok(rows)]), chunk_bytes)
+    }
+
+    /// The snapshot part of a listen at `as_of`, in chunks: its updates at `as_of`, up to the first
+    /// progress or the first update beyond `as_of` (a listen that started late may go on without a progress
+    /// in between).
+    pub fn from_listen(listen: crate::listen::Listen, as_of: u64, chunk_bytes: usize) -> Self {
+        let stream = futures::stream::unfold(Some(listen), move |listen| async move {
+            let mut listen = listen?;
+            match listen.next().await {
+                Ok(ListenEvent::Updates(updates)) => {
+                    let beyond = updates.iter().any(|(_, time, _)| *time > as_of);
+                    let rows = updates
+                        .into_iter()
+                        .filter(|(_, time, _)| *time <= as_of)
+                        .map(|(row, _, diff)| (row, diff));
+                    Some((Ok(rows.collect()), (!beyond).then_some(listen)))
+                }
+                Ok(ListenEvent::Progress(_)) => None,
+                Err(error) => Some((Err(error), None)),
+            }
+        });
+        SnapshotChunks::new(stream, chunk_bytes)
+    }
+
+    /// The next chunk, or `None` at the end.
+    pub async fn next_chunk(&mut self) -> Result<Option<Vec<(Row, Diff)>>, ReadError> {
+        while self.pending.is_empty() && !self.done {
+            match self.inner.next().await {
+                Some(Ok(rows)) if rows.is_empty() => {}
+                Some(Ok(rows)) => {
+                    // A piece that is already a chunk passes through; a larger one is cut.
+                    let before_last: usize =
+                        rows[..rows.len() - 1].iter().map(|(row, _)| chunk_size(row)).sum();
+                    if before_last < self.chunk_bytes {
+                        return Ok(Some(rows));
+                    }
+                    self.pending.extend(rows);
+                }
+                Some(Err(error)) => {
+                    self.done = true;
+                    return Err(error);
+                }
+                None => self.done = true,
+            }
+        }
+        let mut chunk = Vec::new();
+        let mut bytes = 0;
+        while let Some((row, diff)) = self.pending.pop_front() {
+            bytes += chunk_size(&row);
+            chunk.push((row, diff));
+            if bytes >= self.chunk_bytes {
+                break;
+            }
+        }
+        Ok((!chunk.is_empty()).then_some(chunk))
+    }
 }

@@ -62,7 +62,8 @@ mod url;
 pub mod wire;
 
 pub use api::{
-    AppendRequest, BoxFuture, CollectionFrontiers, ListenEvent, StorageCollections, StorageReadHold,
+    AppendRequest, BoxFuture, CollectionFrontiers, ListenEvent, SnapshotChunks, StorageCollections,
+    StorageReadHold,
 };
 pub use client::{Client, ClientConfig, ConnectError, MIN_FRAME_BYTES};
 pub use error::{AppendError, CreateError, DropError, HoldError, ReadError};

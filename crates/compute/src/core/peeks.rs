@@ -7,7 +7,9 @@
 //! carry; the answer is the union of the parts of the workers it was routed to, finished (order, limit,
 //! offset, projection, size limit) once all are in. A storage peek is read by process 0 alone (the whole
 //! snapshot is the replica's answer; the others answer with no rows), in a task that reports back with
-//! `CoreEvent::StoragePeek`. A peek of an index whose dataflow stopped, of an unknown id, of something
+//! `CoreEvent::StoragePeek`; it reads the snapshot as a stream of chunks (`snapshot_stream`) and keeps
+//! only what the answer can still need (`StoragePeekRows`: with a limit, the first `offset + limit`
+//! rows in the finishing's order; without one, it stops reading once the answer exceeds the size limit). A peek of an index whose dataflow stopped, of an unknown id, of something
 //! that is not an index, or before the index's since is answered with an error at once.
 //!
 //! **What this is not.** No timely code: the workers read their arrangements (`worker.rs`). The peek's
@@ -20,13 +22,14 @@
 //!
 //! **Tests.** Through the socket, in `tests/it` (`bad_input.rs`: peeks of unknown ids, before the since,
 //! over the size limit; `operators.rs` and `sqlite.rs`: answers against the references; `limits.rs`:
-//! results over the frame limit, a failing import; `reconnect.rs`).
+//! results over the frame limit, a failing import; `reconnect.rs`); the storage peek's streaming in the
+//! unit tests below.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use protocol::{ComputeResponse, GlobalId, Peek, PeekId, PeekResponse, PeekTarget, Row};
-use storage::StorageCollections;
+use protocol::{ComputeResponse, GlobalId, Peek, PeekId, PeekResponse, PeekTarget, Row, RowSetFinishing};
+use storage::{SnapshotChunks, StorageCollections};
 
 use super::catalog::ExportKind;
 use super::{Core, CoreEvent};
@@ -245,25 +248,240 @@ impl Core {
     }
 }
 
+/// The row bytes a storage peek asks for per chunk of its snapshot.
+const STORAGE_PEEK_CHUNK_BYTES: usize = 1 << 20;
+
+/// A storage peek with a limit trims what it keeps once it holds this many rows (or twice what the last
+/// trim kept, whichever is more).
+const STORAGE_PEEK_TRIM_ROWS: usize = 4096;
+
 /// Process 0's answer to a storage peek: the snapshot of `id` at the peek's time through its
-/// map/filter/project, finished.
+/// map/filter/project, finished; read chunk by chunk (see [`answer_storage_peek`]).
 async fn read_storage_peek(
     storage: &dyn StorageCollections,
     id: GlobalId,
     peek: &Peek,
     max_result_size_bytes: Option<u64>,
 ) -> PeekResponse {
-    let rows = match storage.snapshot(id, peek.timestamp).await {
-        Ok(rows) => rows,
-        Err(e) => return PeekResponse::Error(format!("storage peek of {id}: {e}")),
-    };
-    let mut out = Vec::new();
-    for (row, diff) in rows {
-        match peek.map_filter_project.apply(&row) {
-            Ok(Some(row)) => out.push((row, diff)),
-            Ok(None) => {}
-            Err(e) => return PeekResponse::Error(format!("peek map/filter/project: {e}")),
+    match storage.snapshot_stream(id, peek.timestamp, STORAGE_PEEK_CHUNK_BYTES).await {
+        Ok(chunks) => answer_storage_peek(chunks, id, peek, max_result_size_bytes).await,
+        Err(e) => PeekResponse::Error(format!("storage peek of {id}: {e}")),
+    }
+}
+
+/// Reads a storage peek's snapshot chunk by chunk through its map/filter/project into a
+/// [`StoragePeekRows`], which keeps only what the answer can still need; stops at the first error, and
+/// once the answer is known to exceed `max_result_size_bytes`.
+async fn answer_storage_peek(
+    mut chunks: SnapshotChunks,
+    id: GlobalId,
+    peek: &Peek,
+    max_result_size_bytes: Option<u64>,
+) -> PeekResponse {
+    let mut rows = StoragePeekRows::new(&peek.finishing, max_result_size_bytes);
+    loop {
+        let chunk = match chunks.next_chunk().await {
+            Ok(Some(chunk)) => chunk,
+            Ok(None) => return rows.finish(),
+            Err(e) => return PeekResponse::Error(format!("storage peek of {id}: {e}")),
+        };
+        for (row, diff) in chunk {
+            match peek.map_filter_project.apply(&row) {
+                Ok(Some(row)) => rows.push(row, diff),
+                Ok(None) => {}
+                Err(e) => return PeekResponse::Error(format!("peek map/filter/project: {e}")),
+            }
+        }
+        if let Some(answer) = rows.known_answer() {
+            return answer;
         }
     }
-    finish_rows(out, &peek.finishing, max_result_size_bytes)
+}
+
+/// What a storage peek keeps of the rows read so far.
+///
+/// While every count read is positive, counts only add up: a row ranked past the finishing's
+/// `offset + limit` among the rows kept stays past it whatever comes later, so with a limit the rows are
+/// trimmed to that prefix (consolidated, in the finishing's order) whenever they pile up; and without a
+/// limit or offset the answer's size only grows, so once it exceeds the size limit the answer is
+/// [`PeekResponse::ResultTooLarge`] (with the size read so far) without reading on. Once a negative count
+/// is read neither shortcut holds, and everything is kept (as before streaming).
+#[derive(Debug)]
+struct StoragePeekRows<'a> {
+    finishing: &'a RowSetFinishing,
+    max_result_size_bytes: Option<u64>,
+    rows: Vec<(Row, Diff)>,
+    /// Trim when `rows` reaches this many.
+    trim_at: usize,
+    /// Whether a negative count was read.
+    negative: bool,
+    /// Encoded bytes times count of every row read (the answer's size while no count was negative).
+    size_bytes: u64,
+    /// The most rows held at once (tests).
+    peak_rows: usize,
+}
+
+impl<'a> StoragePeekRows<'a> {
+    fn new(finishing: &'a RowSetFinishing, max_result_size_bytes: Option<u64>) -> Self {
+        StoragePeekRows {
+            finishing,
+            max_result_size_bytes,
+            rows: Vec::new(),
+            trim_at: STORAGE_PEEK_TRIM_ROWS,
+            negative: false,
+            size_bytes: 0,
+            peak_rows: 0,
+        }
+    }
+
+    fn push(&mut self, row: Row, diff: Diff) {
+        match u64::try_from(diff) {
+            Ok(count) => {
+                let bytes = (row.byte_len() as u64).saturating_mul(count);
+                self.size_bytes = self.size_bytes.saturating_add(bytes);
+            }
+            Err(_) => self.negative = true,
+        }
+        self.rows.push((row, diff));
+        self.peak_rows = self.peak_rows.max(self.rows.len());
+    }
+
+    /// The answer, if it is known before the rest is read (over the size limit, or an error trimming
+    /// found); trims the rows kept with a limit.
+    fn known_answer(&mut self) -> Option<PeekResponse> {
+        if self.negative {
+            return None;
+        }
+        if let Some(max) = self.max_result_size_bytes
+            && self.finishing.limit.is_none()
+            && self.finishing.offset == 0
+            && self.size_bytes > max
+        {
+            return Some(PeekResponse::ResultTooLarge { size_bytes: self.size_bytes, max_bytes: max });
+        }
+        if self.finishing.limit.is_some() && self.rows.len() >= self.trim_at {
+            let rows = std::mem::take(&mut self.rows);
+            match finish_rows(rows, &self.finishing.partial(), None) {
+                PeekResponse::Rows(kept) => {
+                    let count =
+                        |c: std::num::NonZeroU64| Diff::try_from(c.get()).expect("a consolidated i64 count");
+                    self.rows = kept.into_iter().map(|(row, c)| (row, count(c))).collect();
+                    self.trim_at = STORAGE_PEEK_TRIM_ROWS.max(2 * self.rows.len());
+                }
+                // Counts only add up from here: an overflow stays an overflow.
+                other => return Some(other),
+            }
+        }
+        None
+    }
+
+    fn finish(self) -> PeekResponse {
+        finish_rows(self.rows, self.finishing, self.max_result_size_bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::num::NonZeroU64;
+    use std::time::Duration;
+
+    use protocol::{ColumnOrder, Datum, MapFilterProject, PeekId};
+
+    use super::*;
+
+    fn row(k: i64) -> Row {
+        Row::pack([Datum::Int64(k), Datum::Int64(k % 7)])
+    }
+
+    fn one(k: i64) -> Row {
+        Row::pack([Datum::Int64(k)])
+    }
+
+    fn peek(map_filter_project: MapFilterProject, finishing: RowSetFinishing) -> Peek {
+        Peek {
+            uuid: PeekId(1),
+            target: PeekTarget::Storage { id: GlobalId::User(1) },
+            timestamp: 0,
+            literal_constraints: None,
+            map_filter_project,
+            finishing,
+        }
+    }
+
+    /// Rows `0..n` (see [`row`]) in pieces of 1000.
+    fn chunks(n: i64) -> SnapshotChunks {
+        let pieces: Vec<_> =
+            (0..n).step_by(1000).map(|k| Ok((k..(k + 1000).min(n)).map(|k| (row(k), 1)).collect())).collect();
+        SnapshotChunks::new(futures::stream::iter(pieces), 1 << 20)
+    }
+
+    fn count(n: u64) -> NonZeroU64 {
+        NonZeroU64::new(n).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_storage_peek_without_a_limit_stops_reading_an_endless_snapshot_at_the_size_limit() {
+        let endless = futures::stream::iter((0i64..).map(|k| Ok(vec![(row(k), 1)])));
+        let chunks = SnapshotChunks::new(endless, 1 << 20);
+        let peek = peek(MapFilterProject::new(2), RowSetFinishing::unordered());
+        let answer = tokio::time::timeout(
+            Duration::from_secs(30),
+            answer_storage_peek(chunks, GlobalId::User(1), &peek, Some(10_000)),
+        )
+        .await
+        .expect("the peek stops reading once the answer is over the limit");
+        match answer {
+            PeekResponse::ResultTooLarge { size_bytes, max_bytes } => {
+                assert_eq!(max_bytes, 10_000);
+                assert!(size_bytes > 10_000 && size_bytes < 10_100, "{size_bytes}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_storage_peek_with_a_limit_over_a_bigger_collection_answers_its_first_rows() {
+        let descending = RowSetFinishing { order_by: vec![ColumnOrder::desc(0)], limit: Some(3), offset: 2 };
+        let answer = answer_storage_peek(
+            chunks(100_000),
+            GlobalId::User(1),
+            &peek(MapFilterProject::new(2), descending),
+            None,
+        )
+        .await;
+        // A replica answers the first `offset + limit` rows; the controller skips the offset.
+        let expected: Vec<_> = (99_995..100_000).rev().map(|k| (row(k), count(1))).collect();
+        assert_eq!(answer, PeekResponse::Rows(expected));
+        // Rows the projection makes equal add up before the limit: 14_285 rows have `k % 7 == 6`.
+        let values = MapFilterProject::new(2).project([1]);
+        let finishing =
+            RowSetFinishing { order_by: vec![ColumnOrder::desc(0)], limit: Some(14_290), offset: 1 };
+        let answer =
+            answer_storage_peek(chunks(100_000), GlobalId::User(1), &peek(values, finishing), None).await;
+        assert_eq!(answer, PeekResponse::Rows(vec![(one(6), count(14_285)), (one(5), count(6))]));
+    }
+
+    #[test]
+    fn a_storage_peek_with_a_limit_holds_a_bounded_number_of_rows_and_keeps_all_after_a_negative_count() {
+        let finishing = RowSetFinishing { order_by: vec![ColumnOrder::asc(0)], limit: Some(10), offset: 0 };
+        let mut rows = StoragePeekRows::new(&finishing, None);
+        for k in (0..200_000).rev() {
+            rows.push(row(k), 1);
+            if k % 1000 == 0 {
+                assert!(rows.known_answer().is_none());
+            }
+        }
+        assert!(rows.peak_rows <= STORAGE_PEEK_TRIM_ROWS + 1000, "peak {}", rows.peak_rows);
+        let expected: Vec<_> = (0..10).map(|k| (row(k), count(1))).collect();
+        assert_eq!(rows.finish(), PeekResponse::Rows(expected));
+
+        let mut rows = StoragePeekRows::new(&finishing, Some(1));
+        rows.push(row(1), -1);
+        for k in 0..10_000 {
+            rows.push(row(k), 1);
+        }
+        assert!(rows.known_answer().is_none(), "no shortcut after a negative count");
+        assert_eq!(rows.rows.len(), 10_001, "everything is kept");
+        assert!(matches!(rows.finish(), PeekResponse::ResultTooLarge { .. }));
+    }
 }

@@ -26,7 +26,9 @@ use protocol::{Diff, GlobalId, RelationDesc, Row};
 use tokio::sync::{Notify, watch};
 use tokio::task::AbortHandle;
 
-use crate::api::{AppendRequest, BoxFuture, CollectionFrontiers, StorageCollections, StorageReadHold};
+use crate::api::{
+    AppendRequest, BoxFuture, CollectionFrontiers, SnapshotChunks, StorageCollections, StorageReadHold,
+};
 use crate::blob::{Blob, BlobConfig, BlobOpenError};
 use crate::consensus::{Consensus, ConsensusConfig, ConsensusOpenError, SeqNo};
 use crate::error::{AppendError, CreateError, DropError, HoldError, ReadError};
@@ -1239,6 +1241,30 @@ impl StorageCollections for ShardCollections {
                     Err(error) => return Err(self.inner.explain(id, error).await),
                 }
             }
+        })
+    }
+
+    fn snapshot_stream(
+        &self,
+        id: GlobalId,
+        as_of: u64,
+        chunk_bytes: usize,
+    ) -> BoxFuture<'_, Result<SnapshotChunks, ReadError>> {
+        Box::pin(async move {
+            let stream = self.inner.snapshot_stream(id, as_of).await?;
+            let inner = Arc::clone(&self.inner);
+            let chunks = futures::stream::unfold(Some(stream), move |stream| {
+                let inner = Arc::clone(&inner);
+                async move {
+                    let mut stream = stream?;
+                    match stream.next_chunk(chunk_bytes).await {
+                        Ok(Some(chunk)) => Some((Ok(chunk), Some(stream))),
+                        Ok(None) => None,
+                        Err(error) => Some((Err(inner.explain(id, error).await), None)),
+                    }
+                }
+            });
+            Ok(SnapshotChunks::new(chunks, chunk_bytes))
         })
     }
 

@@ -3,9 +3,10 @@
 //! run), all reading one part per batch at a time.
 //!
 //! **What this is.** A snapshot is a k-way merge of the batches' runs (each sorted by `(row, time)`),
-//! summing per row the diffs at times `<= as_of`: memory is one decoded part per batch plus the part being
-//! prefetched, whatever the size of the collection. A range read visits the batches overlapping the range
-//! in order, one part at a time. Both take the state version they read from as given, with the caller
+//! summing per row the diffs at times `<= as_of`: memory is one decoded part per batch plus the
+//! [`SNAPSHOT_PREFETCH_PARTS`] parts per batch being fetched and decoded ahead (on their own tasks, so
+//! decoding runs in parallel with the merge), whatever the size of the collection. A range read visits the
+//! batches overlapping the range in order, one part at a time. Both take the state version they read from as given, with the caller
 //! holding that version for garbage collection and the collection's since at or before the times read
 //! (see [`super::ShardCollections`]). [`SnapshotStream::peak_buffered_bytes`] reports the most part bytes
 //! held at once (the bound the huge-collection test asserts).
@@ -51,20 +52,28 @@ async fn join(id: GlobalId, fetch: Fetch) -> Result<Vec<Update>, ReadError> {
     }
 }
 
-/// One batch's run, read part by part with the next part prefetched.
+/// How many parts a snapshot's cursor keeps fetching (and decoding, each on its own task) ahead of the
+/// part it is merging: with two, decoding runs in parallel with the merge and with itself.
+pub const SNAPSHOT_PREFETCH_PARTS: usize = 2;
+
+/// One batch's run, read part by part with up to `depth` next parts fetched and decoded ahead.
 struct Cursor {
     parts: VecDeque<PartRef>,
-    prefetch: Option<(u64, Fetch)>,
+    /// The parts being fetched, in order, each with its size and number of updates.
+    prefetch: VecDeque<(u64, u64, Fetch)>,
+    depth: usize,
     current: Vec<Update>,
     current_bytes: u64,
     position: usize,
 }
 
 impl Cursor {
-    fn new(batch: &Batch) -> Self {
+    fn new(batch: &Batch, depth: usize) -> Self {
+        assert!(depth >= 1, "a cursor fetches at least the next part");
         Cursor {
             parts: batch.parts.iter().cloned().collect(),
-            prefetch: None,
+            prefetch: VecDeque::new(),
+            depth,
             current: Vec::new(),
             current_bytes: 0,
             position: 0,
@@ -72,14 +81,14 @@ impl Cursor {
     }
 
     fn start_prefetch(&mut self, machine: &Arc<Machine>) {
-        if self.prefetch.is_none()
+        while self.prefetch.len() < self.depth
             && let Some(part) = self.parts.pop_front()
         {
-            self.prefetch = Some((part.bytes, spawn_fetch(machine, part)));
+            self.prefetch.push_back((part.bytes, part.updates, spawn_fetch(machine, part)));
         }
     }
 
-    /// The next update without loading anything (call [`peek`](Self::peek) first).
+    /// The next update without loading anything (`None` when the current part is used up).
     fn head(&self) -> Option<&Update> {
         self.current.get(self.position)
     }
@@ -91,43 +100,64 @@ impl Cursor {
         update
     }
 
-    /// The next update, loading the next part when the current one is used up; `None` at the end.
-    async fn peek(&mut self, id: GlobalId, machine: &Arc<Machine>) -> Result<Option<&Update>, ReadError> {
+    /// Loads the next part when the current one is used up; `false` at the end of the run.
+    async fn load(&mut self, id: GlobalId, machine: &Arc<Machine>) -> Result<bool, ReadError> {
         while self.position == self.current.len() {
             self.start_prefetch(machine);
-            let Some((bytes, fetch)) = self.prefetch.take() else {
+            let Some((bytes, _, fetch)) = self.prefetch.pop_front() else {
                 self.current = Vec::new();
                 self.current_bytes = 0;
                 self.position = 0;
-                return Ok(None);
+                return Ok(false);
             };
             self.current = join(id, fetch).await?;
             self.current_bytes = bytes;
             self.position = 0;
             self.start_prefetch(machine);
         }
+        Ok(true)
+    }
+
+    /// The next update, loading the next part when the current one is used up; `None` at the end.
+    async fn peek(&mut self, id: GlobalId, machine: &Arc<Machine>) -> Result<Option<&Update>, ReadError> {
+        self.load(id, machine).await?;
         Ok(self.current.get(self.position))
     }
 
     fn buffered_bytes(&self) -> u64 {
-        self.current_bytes + self.prefetch.as_ref().map_or(0, |(bytes, _)| *bytes)
+        self.current_bytes + self.prefetch.iter().map(|(bytes, _, _)| *bytes).sum::<u64>()
+    }
+
+    /// The updates not yet taken (an upper bound on the rows still to come from this run).
+    fn remaining_updates(&self) -> u64 {
+        let parts: u64 = self.parts.iter().map(|p| p.updates).sum();
+        let fetching: u64 = self.prefetch.iter().map(|(_, updates, _)| *updates).sum();
+        parts + fetching + (self.current.len() - self.position) as u64
     }
 }
 
 impl Drop for Cursor {
     fn drop(&mut self) {
-        if let Some((_, fetch)) = self.prefetch.take() {
+        for (_, _, fetch) in self.prefetch.drain(..) {
             fetch.abort();
         }
     }
 }
 
 /// The consolidated contents of a shard at `as_of`, in row order, in chunks; see the module documentation.
+///
+/// The merge runs in two layers: an asynchronous one that loads the next part of every cursor whose part
+/// is used up (parts are fetched and decoded ahead on their own tasks), and a synchronous one
+/// ([`merge_loaded`](Self::merge_loaded)) that merges the loaded parts without awaiting until one of them
+/// is used up. A row whose updates continue into a cursor's next part stays `pending` across the two.
 pub struct SnapshotStream {
     id: GlobalId,
     machine: Arc<Machine>,
     as_of: u64,
+    /// The runs not yet finished (a finished one is dropped).
     cursors: Vec<Cursor>,
+    /// The row being summed, with its count at `as_of` so far.
+    pending: Option<(Row, Diff)>,
     peak_buffered_bytes: u64,
     /// Whatever keeps the read valid (the caller's hold and version hold); dropped with the stream.
     _guard: Box<dyn Send + Sync>,
@@ -142,6 +172,14 @@ impl std::fmt::Debug for SnapshotStream {
     }
 }
 
+/// Why [`SnapshotStream::merge_loaded`] stopped.
+enum Stop {
+    /// The chunk reached its size.
+    Full,
+    /// A cursor's part is used up: load the next one.
+    Load,
+}
+
 impl SnapshotStream {
     /// A snapshot of `batches` (a state's) at `as_of`.
     pub(crate) fn new(
@@ -151,59 +189,89 @@ impl SnapshotStream {
         as_of: u64,
         guard: Box<dyn Send + Sync>,
     ) -> Self {
-        let cursors = batches.iter().filter(|b| b.lower.less_equal(&as_of)).map(Cursor::new).collect();
-        SnapshotStream { id, machine, as_of, cursors, peak_buffered_bytes: 0, _guard: guard }
+        let cursors = batches
+            .iter()
+            .filter(|b| b.lower.less_equal(&as_of))
+            .map(|b| Cursor::new(b, SNAPSHOT_PREFETCH_PARTS))
+            .collect();
+        SnapshotStream { id, machine, as_of, cursors, pending: None, peak_buffered_bytes: 0, _guard: guard }
     }
 
-    /// The next rows (about `chunk_bytes` of them), or `None` at the end. Every row appears once, with its
-    /// total count at `as_of` (never zero).
+    /// The next rows (about `chunk_bytes` of them, counting each row's bytes plus 16), or `None` at the
+    /// end. Every row appears once, with its total count at `as_of` (never zero).
     pub async fn next_chunk(&mut self, chunk_bytes: usize) -> Result<Option<Vec<(Row, Diff)>>, ReadError> {
-        let mut chunk = Vec::new();
+        let remaining: u64 = self.cursors.iter().map(Cursor::remaining_updates).sum();
+        let capacity = usize::try_from(remaining).unwrap_or(usize::MAX).min(chunk_bytes / 16 + 1);
+        let mut chunk = Vec::with_capacity(capacity + usize::from(self.pending.is_some()));
         let mut bytes = 0;
-        while bytes < chunk_bytes {
-            let Some(row) = self.next_row().await? else { break };
-            bytes += row.0.byte_len() + 16;
-            chunk.push(row);
+        loop {
+            for cursor in &mut self.cursors {
+                cursor.load(self.id, &self.machine).await?;
+            }
+            let buffered = self.cursors.iter().map(Cursor::buffered_bytes).sum();
+            self.peak_buffered_bytes = self.peak_buffered_bytes.max(buffered);
+            self.cursors.retain(|c| c.head().is_some());
+            if self.cursors.is_empty() {
+                if let Some((row, count)) = self.pending.take()
+                    && count != 0
+                {
+                    chunk.push((row, count));
+                }
+                break;
+            }
+            if let Stop::Full = self.merge_loaded(&mut chunk, &mut bytes, chunk_bytes) {
+                break;
+            }
         }
         Ok((!chunk.is_empty()).then_some(chunk))
     }
 
-    /// The next row with a non-zero count. Rows are moved out of the decoded parts, never copied.
-    async fn next_row(&mut self) -> Result<Option<(Row, Diff)>, ReadError> {
+    /// Merges the loaded parts into `chunk` until it holds `chunk_bytes` or a cursor's part is used up.
+    /// Every cursor has a loaded update on entry. Rows are moved out of the decoded parts, never copied.
+    fn merge_loaded(&mut self, chunk: &mut Vec<(Row, Diff)>, bytes: &mut usize, chunk_bytes: usize) -> Stop {
+        debug_assert!(self.cursors.iter().all(|c| c.head().is_some()), "every cursor is loaded");
+        let as_of = self.as_of;
         loop {
-            let mut smallest: Option<usize> = None;
-            for i in 0..self.cursors.len() {
-                if self.cursors[i].peek(self.id, &self.machine).await?.is_none() {
-                    continue;
-                }
-                let row = &self.cursors[i].head().expect("peeked").0;
-                if smallest.is_none_or(|s| *row < self.cursors[s].head().expect("peeked").0) {
-                    smallest = Some(i);
-                }
-            }
-            let buffered = self.cursors.iter().map(Cursor::buffered_bytes).sum();
-            self.peak_buffered_bytes = self.peak_buffered_bytes.max(buffered);
-            let Some(first) = smallest else { return Ok(None) };
-            let (row, time, diff) = self.cursors[first].take();
-            let mut count: Diff = if time <= self.as_of { diff } else { 0 };
-            for cursor in &mut self.cursors {
-                while let Some((r, time, diff)) = cursor.peek(self.id, &self.machine).await? {
-                    if *r != row {
-                        break;
+            if let Some((row, mut count)) = self.pending.take() {
+                for cursor in &mut self.cursors {
+                    while let Some((r, time, diff)) = cursor.head() {
+                        if *r != row {
+                            break;
+                        }
+                        if *time <= as_of {
+                            count =
+                                count.checked_add(*diff).expect("the shard's count bound rules out overflow");
+                        }
+                        cursor.position += 1;
                     }
-                    if *time <= self.as_of {
-                        count = count.checked_add(*diff).expect("the shard's count bound rules out overflow");
+                    if cursor.head().is_none() {
+                        // The row may continue in this cursor's next part.
+                        self.pending = Some((row, count));
+                        return Stop::Load;
                     }
-                    cursor.position += 1;
+                }
+                if count != 0 {
+                    *bytes += row.byte_len() + 16;
+                    chunk.push((row, count));
+                    if *bytes >= chunk_bytes {
+                        return Stop::Full;
+                    }
                 }
             }
-            if count != 0 {
-                return Ok(Some((row, count)));
+            let mut smallest = 0;
+            for i in 1..self.cursors.len() {
+                if self.cursors[i].head().expect("loaded").0
+                    < self.cursors[smallest].head().expect("loaded").0
+                {
+                    smallest = i;
+                }
             }
+            let (row, time, diff) = self.cursors[smallest].take();
+            self.pending = Some((row, if time <= as_of { diff } else { 0 }));
         }
     }
 
-    /// The most part bytes this stream held at once so far.
+    /// The most part bytes this stream held at once so far (loaded parts and parts being fetched).
     pub fn peak_buffered_bytes(&self) -> u64 {
         self.peak_buffered_bytes
     }
@@ -238,7 +306,13 @@ impl MergeStream {
         since: Antichain<u64>,
         upper: Antichain<u64>,
     ) -> Self {
-        MergeStream { id, machine, cursors: batches.iter().map(Cursor::new).collect(), since, upper }
+        MergeStream {
+            id,
+            machine,
+            cursors: batches.iter().map(|b| Cursor::new(b, 1)).collect(),
+            since,
+            upper,
+        }
     }
 
     /// The next consolidated update, or `None` at the end.

@@ -1,13 +1,14 @@
 //! Listens and frontier watches, in process and over TCP: event order, fan-out to many listeners, a lagging
 //! listener that catches up from the store (not from a queue) while holding the since back, listens that
-//! wait for their `as_of`, and watches that report creates, frontier moves and drops.
+//! wait for their `as_of`, and watches that report creates, frontier moves and drops; snapshot streams
+//! (chunk sizes, the hold on `as_of` while a stream lives, errors), which `shards.rs` runs on shards too.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use frontiers::ReadPolicy;
 use protocol::{Diff, Row};
-use storage::{Client, CollectionFrontiers, Listen, ListenEvent, StorageCollections};
+use storage::{Client, CollectionFrontiers, Listen, ListenEvent, ReadError, StorageCollections};
 
 use crate::client_security;
 use crate::*;
@@ -251,4 +252,58 @@ async fn a_remote_watch_reports_every_collection_then_every_change() {
         Client::connect(addr, client_security()).await.unwrap(),
     ))
     .await;
+}
+
+/// A snapshot stream hands out exactly the snapshot, in chunks that end with the row reaching the size
+/// asked for, also when the since moves past its `as_of` meanwhile (`holds_as_of`: the since stays at
+/// `as_of` while the stream lives), and reports a time before the since as the snapshot does.
+pub(crate) async fn snapshot_streams_hand_out_the_snapshot_in_bounded_chunks(
+    storage: Arc<dyn StorageCollections>,
+    holds_as_of: bool,
+) {
+    let id = user(1);
+    storage.create_collection(id, int_desc()).await.unwrap();
+    storage.set_read_policy(id, ReadPolicy::ValidFrom(at(1))).await.unwrap();
+    storage.append(vec![append(id, (0..500).map(|x| (int_row(x), 0, 1)).collect(), 0, 1)]).await.unwrap();
+    storage.append(vec![append(id, (0..100).map(|x| (int_row(x), 1, -1)).collect(), 1, 2)]).await.unwrap();
+    let expected: Vec<(Row, Diff)> = (100..500).map(|x| (int_row(x), 1)).collect();
+    let mut expected_sorted = expected.clone();
+    expected_sorted.sort();
+    assert_eq!(storage.snapshot(id, 1).await.unwrap(), expected_sorted);
+    let chunk_bytes = 100;
+    let mut stream = storage.snapshot_stream(id, 1, chunk_bytes).await.unwrap();
+    // The policy moves on while the stream lives.
+    storage.set_read_policy(id, ReadPolicy::LagWriteFrontier { lag_ms: 0, granularity_ms: 0 }).await.unwrap();
+    storage.append(vec![append(id, vec![(int_row(7), 2, 1)], 2, 5)]).await.unwrap();
+    let mut rows = Vec::new();
+    while let Some(chunk) = stream.next_chunk().await.unwrap() {
+        assert!(!chunk.is_empty());
+        let sizes: Vec<usize> = chunk.iter().map(|(row, _)| row.byte_len() + 16).collect();
+        assert!(sizes[..sizes.len() - 1].iter().sum::<usize>() < chunk_bytes, "chunk of {sizes:?}");
+        rows.extend(chunk);
+        if holds_as_of {
+            assert_eq!(storage.frontiers(id).await.unwrap().since, at(1), "the stream holds its as_of");
+        }
+    }
+    assert_eq!(stream.next_chunk().await.unwrap(), None, "the end stays the end");
+    rows.sort();
+    assert_eq!(rows, expected_sorted);
+    drop(stream);
+    wait_for_since(&*storage, id, 5).await;
+    match storage.snapshot_stream(id, 1, chunk_bytes).await {
+        Err(ReadError::BeforeSince { id: error_id, .. }) => assert_eq!(error_id, id),
+        other => panic!("a stream before the since: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn an_embedded_snapshot_stream_hands_out_the_snapshot_in_bounded_chunks() {
+    snapshot_streams_hand_out_the_snapshot_in_bounded_chunks(Arc::new(memory_store()), false).await;
+}
+
+#[tokio::test]
+async fn a_remote_snapshot_stream_hands_out_the_snapshot_in_bounded_chunks() {
+    let addr = serve(memory_store()).await;
+    let client = Client::connect(addr, client_security()).await.unwrap();
+    snapshot_streams_hand_out_the_snapshot_in_bounded_chunks(Arc::new(client), false).await;
 }

@@ -11,6 +11,10 @@
 //! listener at any readable position reads from the parts equals the model's updates from there on (per
 //! time, consolidated); the count bound covers every row; the blob holds exactly the live and the retired
 //! parts; and an append retried with its token is never applied twice.
+//!
+//! A second property test runs the real engine (`ShardCollections` on in-memory stores) with parts of one
+//! to three updates, so a row's updates span parts and batches: the snapshot stream at every readable
+//! time, in chunks of any size, before and after compaction, equals the naive sum of the appended updates.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -297,5 +301,72 @@ proptest! {
             prop_assert!(h.state.seqno >= previous_seqno);
             check(&h, &m, &previous_since)?;
         }
+    }
+}
+
+/// A collection's appends for the snapshot stream test: per append, updates `(x, time offset, diff)`.
+type Appends = Vec<(Vec<(i64, u64, Diff)>, u64)>;
+
+fn appends() -> impl Strategy<Value = Appends> {
+    let append = (prop::collection::vec((0i64..12, 0u64..3, -2i64..3), 0..12), 1u64..4);
+    prop::collection::vec(append, 1..10)
+}
+
+/// Appends `appends` to a shard with tiny parts (one to three updates each, so a row's updates span
+/// parts and batches), optionally compacts, and checks the snapshot stream at every readable time, in
+/// chunks of `chunk_bytes`, against the naive sum of the appended updates; returns nothing on success.
+async fn snapshot_stream_matches_the_naive_sum(appends: Appends, compact: bool, chunk_bytes: usize) {
+    use storage::{ShardCollections, ShardConfig, StorageCollections};
+    let config =
+        ShardConfig { part_target_bytes: 40, background_maintenance: false, ..ShardConfig::default() };
+    let blob = "mem://".parse().unwrap();
+    let consensus = "mem://".parse().unwrap();
+    let storage = ShardCollections::open(&blob, &consensus, config).await.unwrap();
+    let id = GlobalId::User(1);
+    storage.create_collection(id, int_desc()).await.unwrap();
+    storage.set_read_policy(id, ReadPolicy::ValidFrom(at(0))).await.unwrap();
+    let mut all = Vec::new();
+    let mut upper = 0;
+    for (updates, advance) in appends {
+        let updates: Vec<(Row, u64, Diff)> = updates
+            .into_iter()
+            .filter(|u| u.2 != 0)
+            .map(|(x, dt, d)| (int_row(x), upper + dt.min(advance - 1), d))
+            .collect();
+        all.extend(updates.iter().cloned());
+        storage.append(vec![append(id, updates, upper, upper + advance)]).await.unwrap();
+        upper += advance;
+    }
+    if compact {
+        storage.set_read_policy(id, ReadPolicy::ValidFrom(at(upper / 2))).await.unwrap();
+        while storage.maintain(id, false).await.unwrap().merges > 0 {}
+    }
+    let since = storage.frontiers(id).await.unwrap().since.as_option().copied().unwrap();
+    for t in since..upper {
+        let expected = consolidated(all.iter().filter(|u| u.1 <= t).map(|u| (u.0.clone(), u.2)));
+        let mut stream = storage.snapshot_stream(id, t).await.unwrap();
+        let mut actual = Vec::new();
+        while let Some(chunk) = stream.next_chunk(chunk_bytes).await.unwrap() {
+            assert!(!chunk.is_empty(), "no empty chunks");
+            actual.extend(chunk);
+        }
+        assert!(actual.windows(2).all(|w| w[0].0 < w[1].0), "rows in order, each once: {actual:?}");
+        assert_eq!(actual, expected, "snapshot at {t}");
+        assert_eq!(storage.snapshot(id, t).await.unwrap(), expected, "snapshot at {t}");
+    }
+    storage.shutdown().await;
+}
+
+proptest! {
+    #![proptest_config(proptest_config())]
+
+    #[test]
+    fn a_snapshot_stream_over_many_batches_of_tiny_parts_equals_the_naive_sum(
+        appends in appends(),
+        compact in any::<bool>(),
+        chunk_bytes in prop_oneof![Just(1usize), 1usize..200, Just(usize::MAX)],
+    ) {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        runtime.block_on(snapshot_stream_matches_the_naive_sum(appends, compact, chunk_bytes));
     }
 }

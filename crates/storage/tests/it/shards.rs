@@ -95,6 +95,15 @@ async fn snapshots_wait_for_their_time_and_report_a_drop_on_every_backend() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shard_snapshot_streams_hand_out_the_snapshot_in_bounded_chunks_on_every_backend() {
+    on_every_backend(async |stores| {
+        crate::listen::snapshot_streams_hand_out_the_snapshot_in_bounded_chunks(open(&stores).await, true)
+            .await
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_shard_listen_releases_its_hold_on_every_backend() {
     on_every_backend(async |stores| {
         let storage = open(&stores).await;
