@@ -155,10 +155,12 @@ const OUTAGE_FLAGS: &[&str] = &[
     "--json",
 ];
 
-// Not asserted: how many index peeks are answered during the outage. Two peek loops answer over a thousand
-// in two seconds when the indexes are served from the replicas' arrangements, and some runs do; others a few
-// dozen, with a p99 as long as the outage (not explained yet). The report's `peeks_answered` and
-// `during_outages_latency_ms` show it.
+// Index peeks go on during the outage, served from the replicas' arrangements: two peek loops answer about
+// a thousand in its two seconds (972–1,100 measured on a loaded machine); a stall for the whole outage
+// answers a few dozen. Two causes of such stalls were found and fixed: the scenario serialized every
+// controller call behind one lock, so a storage peek waiting for the store held up every index peek (now
+// a read-write lock, as the controller's `&self` API allows), and a read hold the registered reader already
+// covered still waited for the reader's registration, which a move of the reader stalled by the outage held.
 
 #[test]
 fn a_consensus_outage_stalls_appends_and_loses_nothing_and_every_kind_of_write_resumes_after_it() {
@@ -195,7 +197,8 @@ fn a_consensus_outage_stalls_appends_and_loses_nothing_and_every_kind_of_write_r
     assert_eq!(outages.len(), 1, "{report:#}");
     let outage = &outages[0];
     assert_eq!(outage["kind"], "consensus");
-    assert!(outage["peeks_answered"].is_u64(), "{outage:#}");
+    let answered = number(outage, "/peeks_answered");
+    assert!(answered >= 100, "index peeks stalled in the outage: {answered} answered: {outage:#}");
     // Appends wait for the store: at most one acknowledged after it went (its commit came just before).
     assert!(number(outage, "/appends_during") <= 1, "appends went on without consensus: {outage:#}");
     for resumed in ["appends_resumed_ms", "subscribe_resumed_ms", "view_resumed_ms"] {
