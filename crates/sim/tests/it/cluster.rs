@@ -162,22 +162,28 @@ const OUTAGE_FLAGS: &[&str] = &[
 // a read-write lock, as the controller's `&self` API allows), and a read hold the registered reader already
 // covered still waited for the reader's registration, which a move of the reader stalled by the outage held.
 
+/// `sim cluster` with `flags`, its data in `dir/cluster` and its report page in `page_dir`, no input and
+/// the default log level.
+fn scenario(flags: &[&str], dir: &std::path::Path, page_dir: &std::path::Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_sim"));
+    command
+        .arg("cluster")
+        .args(flags)
+        .arg("--data-dir")
+        .arg(dir.join("cluster"))
+        .arg("--report")
+        .arg(page_dir)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null());
+    command
+}
+
 #[test]
 fn a_consensus_outage_stalls_appends_and_loses_nothing_and_every_kind_of_write_resumes_after_it() {
     let dir = tempfile::tempdir().expect("temporary directory");
     let page_dir = dir.path().join("page");
-    let output = Command::new(env!("CARGO_BIN_EXE_sim"))
-        .arg("cluster")
-        .args(OUTAGE_FLAGS)
-        .arg("--data-dir")
-        .arg(dir.path().join("cluster"))
-        .arg("--report")
-        .arg(&page_dir)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("sim runs");
+    let output =
+        scenario(OUTAGE_FLAGS, dir.path(), &page_dir).stderr(Stdio::inherit()).output().expect("sim runs");
     let stdout = String::from_utf8_lossy(&output.stdout);
     let report: Value = serde_json::from_str(&stdout)
         .unwrap_or_else(|e| panic!("sim cluster ({}) printed no JSON report ({e}): {stdout}", output.status));
@@ -279,15 +285,7 @@ fn a_replica_cut_off_the_network_for_seconds_catches_up_after_while_the_other_an
     }
     let dir = tempfile::tempdir().expect("temporary directory");
     let page_dir = dir.path().join("page");
-    let child = Command::new(env!("CARGO_BIN_EXE_sim"))
-        .arg("cluster")
-        .args(LINK_CUT_FLAGS)
-        .arg("--data-dir")
-        .arg(dir.path().join("cluster"))
-        .arg("--report")
-        .arg(&page_dir)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
+    let child = scenario(LINK_CUT_FLAGS, dir.path(), &page_dir)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
