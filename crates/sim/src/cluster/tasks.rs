@@ -7,13 +7,13 @@
 //! a second) and then SIGKILLs the replica, recording the reading (the report's `view_appends_in_flight`;
 //! 0 when none was seen in time). An outage begins as soon as some replica's gauge shows an append (up to
 //! 2 s): the append then waits on the stopped store, and the replica whose gauge shows one during the
-//! outage (that one first) is killed, the reading recorded. Outside outages a kill lands within the few milliseconds between the
-//! reading and the signal. Lost or doubled rows of the view would show in the next comparison of its
+//! outage (that one first) is killed, the reading recorded. Outside outages a kill lands within the few
+//! milliseconds between the reading and the signal. Lost or doubled rows of the view would show in the next comparison of its
 //! collection with the oracle (every 200 ms, and in full at the end).
 //!
 //! **Outages** (`outage.rs`): the store is taken down for `--outage-secs`; meanwhile peeks at the indexes'
-//! readable times keep being checked and counted, though not required (some runs answer over a thousand in
-//! two seconds, others a few dozen). A result the write log does not cover yet (the replicas read a write
+//! readable times keep being answered from the replicas' arrangements, checked and counted (the report's
+//! `peeks_answered`; the suite's outage test requires some). A result the write log does not cover yet (the replicas read a write
 //! whose acknowledgement the writer still waits for) is checked on its own task, so the loop goes on. Peeks
 //! at the latest write pause (its data may be in the stopped store), and one replica is killed as above. After
 //! the store is back, the table writer's appends, the subscribe and the view's appends must each resume
@@ -27,10 +27,11 @@
 //! and every collection on it must pass that time, within `PATIENCE` (else a violation); whether the
 //! controller reconnected (the replica's frontiers reset) or the same connection went on is reported.
 //!
-//! **Sharing.** The controller sits behind a tokio mutex: `process` needs `&mut`, peeks need `&`, so the
-//! pump drains responses with `try_process` every couple of milliseconds and releases it in between. No
-//! task waits for storage with it locked during the timed run: a storage peek's hold is taken first, so
-//! the controller's is local (a stopped store would otherwise stall every peek). The oracle and the write
+//! **Sharing.** The controller sits behind a tokio read-write lock: its `&self` calls (peeks, dataflows,
+//! inspections) share the read lock, so one that waits for storage (a dataflow created, or a storage
+//! peek, while a store is down) holds up no index peek; `try_process` and replica changes need `&mut`.
+//! The pump takes the write lock only with `try_write`, every couple of milliseconds: queued behind a
+//! reader that waits for storage, it would queue every later reader behind itself. The oracle and the write
 //! log sit together behind one std mutex ([`Truth`]), never held across an await. A `watch` of the log's
 //! upper lets a check wait until the log covers its time: a replica can see a write a moment before the
 //! writer task has logged it.
@@ -885,9 +886,8 @@ async fn check_mv_once(ctx: &Ctx) -> anyhow::Result<Option<u64>> {
     if upper == 0 || time < as_of || time < since {
         return Ok(None);
     }
-    // This process's own hold at `time`, taken before the controller is locked: the controller's storage
-    // peek then takes its hold locally. Without it the peek could wait for a stopped consensus store with
-    // the controller locked, and every index peek behind it (a storage outage stalled them all).
+    // This process's own hold at `time`, taken first: the controller's storage peek then takes its hold
+    // locally (the shards' registered reader covers it), not through a consensus store that may be down.
     let hold = match ctx.storage.acquire_read_hold(workload::STATUS_REVENUE, Antichain::from_elem(time)).await
     {
         Ok(hold) => hold,
@@ -1063,15 +1063,8 @@ async fn kill_and_rehydrate(ctx: &Ctx, replica: ReplicaId, in_flight: Option<u64
     // catch up: restarted after the kill, its connection reset (seen at least once), and every export's
     // write frontier on it beyond the kill time.
     let watch = async {
-        let restarted = async {
-            while killed.elapsed() < PATIENCE {
-                if lock(&ctx.restarts).get(&replica).is_some_and(|at| *at > killed) {
-                    return Some(killed.elapsed());
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            None
-        };
+        let restarted =
+            first_held(killed, || async { lock(&ctx.restarts).get(&replica).is_some_and(|at| *at > killed) });
         tokio::join!(restarted, caught_up(ctx, replica, kill_time, killed))
     };
     let peek = answer_at(ctx, replica, kill_time, killed);
@@ -1163,10 +1156,11 @@ async fn switch_store(services: &Arc<LocalServices>, kind: OutageKind, down: boo
     .map_err(|e| anyhow!("the service task failed: {e}"))?
 }
 
-/// How long after `since` `advanced` first held (polled every 5 ms, for up to `PATIENCE`).
-async fn resumed<F: Future<Output = bool>>(since: Instant, advanced: impl Fn() -> F) -> Option<Duration> {
+/// How long after `since` `holds` first held (polled every 5 ms, for up to `PATIENCE`); `None` if it did
+/// not within it.
+async fn first_held<F: Future<Output = bool>>(since: Instant, holds: impl Fn() -> F) -> Option<Duration> {
     while since.elapsed() < PATIENCE {
-        if advanced().await {
+        if holds().await {
             return Some(since.elapsed());
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -1241,9 +1235,9 @@ async fn outage(ctx: &Ctx, kind: OutageKind) {
             async || ctx.storage.frontiers(workload::STATUS_REVENUE).await.ok().and_then(|f| first(&f.upper));
         let view_before = view_upper().await;
         let (appends, subscribe, view) = tokio::join!(
-            resumed(back, || async { *ctx.log_upper.borrow() > log_upper }),
-            resumed(back, || async { ctx.subscribe_upper.load(Ordering::SeqCst) > subscribe_upper }),
-            resumed(back, || async { view_upper().await > view_before }),
+            first_held(back, || async { *ctx.log_upper.borrow() > log_upper }),
+            first_held(back, || async { ctx.subscribe_upper.load(Ordering::SeqCst) > subscribe_upper }),
+            first_held(back, || async { view_upper().await > view_before }),
         );
         for (what, resumed) in
             [("table appends", appends), ("the subscribe", subscribe), ("the view's appends", view)]
@@ -1405,13 +1399,11 @@ async fn watch_for_reset(
 /// needed, unlike [`caught_up`]).
 async fn caught_up_past(ctx: &Ctx, replica: ReplicaId, time: u64, since: Instant) -> Option<Duration> {
     let ids: Vec<GlobalId> = ctx.live_exports().keys().copied().collect();
-    while since.elapsed() < PATIENCE {
-        if replica_frontiers(ctx, replica, &ids).await?.iter().all(|f| f.is_some_and(|t| t > time)) {
-            return Some(since.elapsed());
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    None
+    first_held(since, || async {
+        let frontiers = replica_frontiers(ctx, replica, &ids).await;
+        frontiers.is_some_and(|f| f.iter().all(|f| f.is_some_and(|t| t > time)))
+    })
+    .await
 }
 
 /// How long after `since` `replica` answered a peek targeted at it at `time` (checked against the oracle).
@@ -1485,32 +1477,20 @@ async fn recreate(ctx: &Ctx, generation: u64) {
         }
     };
     lock(&ctx.as_ofs).insert(new, as_of);
-    let hydration = async {
-        while created.elapsed() < PATIENCE {
-            let frontiers = ctx.controller.read().await.collection_frontiers(INSTANCE, new);
-            if frontiers.ok().and_then(|f| first(&f.upper)).is_some_and(|u| u > as_of) {
-                return Some(created.elapsed());
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        None
-    };
+    let hydration = first_held(created, || async {
+        let frontiers = ctx.controller.read().await.collection_frontiers(INSTANCE, new);
+        frontiers.ok().and_then(|f| first(&f.upper)).is_some_and(|u| u > as_of)
+    });
     // The dropped index's state (holds, history) must go away once no replica reports on it any more.
-    let removal = async {
-        while dropped.elapsed() < PATIENCE {
-            let gone = ctx
-                .controller
-                .read()
-                .await
-                .inspect(INSTANCE, move |core| core.collection_frontiers(old).is_none())
-                .await;
-            if gone.unwrap_or(false) {
-                return Some(dropped.elapsed());
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        None
-    };
+    let removal = first_held(dropped, || async {
+        let gone = ctx
+            .controller
+            .read()
+            .await
+            .inspect(INSTANCE, move |core| core.collection_frontiers(old).is_none())
+            .await;
+        gone.unwrap_or(false)
+    });
     let (hydrated, removed) = tokio::join!(hydration, removal);
     *current = Some(new);
     drop(current);
