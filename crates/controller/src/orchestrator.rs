@@ -397,13 +397,18 @@ struct ManagedReplica {
 }
 
 impl ManagedReplica {
-    /// Where the controller reaches each process, in process order.
-    fn controller_addresses(&self) -> Vec<String> {
+    /// Each process's `ports` entry on its host's address, in process order.
+    fn addresses(&self, ports: &[u16]) -> Vec<std::net::SocketAddr> {
         self.hosts
             .iter()
-            .zip(&self.controller_ports)
-            .map(|(host, port)| std::net::SocketAddr::new(host.address, *port).to_string())
+            .zip(ports)
+            .map(|(host, port)| std::net::SocketAddr::new(host.address, *port))
             .collect()
+    }
+
+    /// Where the controller reaches each process, in process order.
+    fn controller_addresses(&self) -> Vec<String> {
+        self.addresses(&self.controller_ports).iter().map(ToString::to_string).collect()
     }
 }
 
@@ -435,8 +440,8 @@ fn free_ports(n: usize) -> Result<Vec<u16>, String> {
 
 /// The command line of process `process` of `replica`, on its host.
 fn process_command(config: &ProcessOrchestratorConfig, replica: &ManagedReplica, process: usize) -> Command {
-    let at = |host: &ProcessHost, port: u16| std::net::SocketAddr::new(host.address, port).to_string();
     let host = &replica.hosts[process];
+    let at = |port: u16| std::net::SocketAddr::new(host.address, port).to_string();
     let mut command = match host.prefix.split_first() {
         Some((program, args)) => {
             let mut command = Command::new(program);
@@ -447,7 +452,7 @@ fn process_command(config: &ProcessOrchestratorConfig, replica: &ManagedReplica,
     };
     command
         .arg("--listen")
-        .arg(at(host, replica.controller_ports[process]))
+        .arg(at(replica.controller_ports[process]))
         .arg("--workers")
         .arg(replica.spec.workers.to_string())
         .stdin(Stdio::null())
@@ -455,11 +460,11 @@ fn process_command(config: &ProcessOrchestratorConfig, replica: &ManagedReplica,
     config.storage.apply(&mut command);
     if replica.spec.processes > 1 {
         let timely: Vec<String> =
-            replica.hosts.iter().zip(&replica.timely_ports).map(|(host, port)| at(host, *port)).collect();
+            replica.addresses(&replica.timely_ports).iter().map(ToString::to_string).collect();
         command.arg("--process").arg(process.to_string()).arg("--addresses").arg(timely.join(","));
     }
     if let Some(port) = replica.metrics_ports.get(process) {
-        command.arg("--metrics-addr").arg(at(host, *port));
+        command.arg("--metrics-addr").arg(at(*port));
     }
     for (key, value) in &config.env {
         command.env(key, value);
@@ -622,13 +627,7 @@ impl ProcessOrchestrator {
             .lock()
             .expect("orchestrator lock")
             .get(&(instance, replica))
-            .map(|m| {
-                m.hosts
-                    .iter()
-                    .zip(&m.metrics_ports)
-                    .map(|(h, p)| std::net::SocketAddr::new(h.address, *p))
-                    .collect()
-            })
+            .map(|m| m.addresses(&m.metrics_ports))
             .unwrap_or_default()
     }
 }
