@@ -644,10 +644,17 @@ mod tests {
         assert!(!appender.task.is_finished(), "the appender goes on");
     }
 
-    /// `n` batches of one update each, `[t, t + 1)` for `t` in `0..n`.
-    fn send_batches(appender: &Appender, n: u64) {
-        for t in 0..n {
+    /// A batch of one update for each `t` in `times`, `[t, t + 1)`.
+    fn send_batches(appender: &Appender, times: std::ops::Range<u64>) {
+        for t in times {
             let _ = appender.batches.send(batch(t, t + 1, &[(int(t as i64), t, 1)]));
+        }
+    }
+
+    /// Waits until the appender tried its first append.
+    async fn first_attempt(storage: &FlakyStorage) {
+        while storage.appends.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
     }
 
@@ -662,7 +669,7 @@ mod tests {
             1 << 20,
         )
         .await;
-        send_batches(&appender, 50);
+        send_batches(&appender, 0..50);
         // (That the batches are taken in while waiting, not left in the channel, is what the next test's
         // limit shows.)
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -686,7 +693,7 @@ mod tests {
             1_024,
         )
         .await;
-        send_batches(&appender, 50);
+        send_batches(&appender, 0..50);
         let error = appender.failure().await;
         assert!(error.contains("beyond its limit of 1024 bytes"), "{error}");
         assert_eq!(storage.appends.load(Ordering::SeqCst), 0);
@@ -703,14 +710,10 @@ mod tests {
             1_024,
         )
         .await;
-        send_batches(&appender, 1);
+        send_batches(&appender, 0..1);
         // The first append fails; the batches that arrive during the backoff are taken in and counted.
-        while storage.appends.load(Ordering::SeqCst) == 0 {
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
-        for t in 1..50 {
-            let _ = appender.batches.send(batch(t, t + 1, &[(int(t as i64), t, 1)]));
-        }
+        first_attempt(&storage).await;
+        send_batches(&appender, 1..50);
         let error = appender.failure().await;
         assert!(error.contains("not yet written to storage, beyond its limit of 1024 bytes"), "{error}");
     }
@@ -721,13 +724,9 @@ mod tests {
         let storage = FlakyStorage::new(2);
         let appender =
             start_appender(Arc::clone(&storage) as Arc<dyn StorageCollections>, GlobalId::User(1)).await;
-        send_batches(&appender, 1);
-        while storage.appends.load(Ordering::SeqCst) == 0 {
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
-        for t in 1..20 {
-            let _ = appender.batches.send(batch(t, t + 1, &[(int(t as i64), t, 1)]));
-        }
+        send_batches(&appender, 0..1);
+        first_attempt(&storage).await;
+        send_batches(&appender, 1..20);
         wait_upper(&*storage, appender.target, 20).await;
         let written = storage.snapshot(appender.target, 19).await.expect("snapshot");
         assert_eq!(written.len(), 20, "nothing lost: {written:?}");
