@@ -1231,16 +1231,17 @@ impl StorageCollections for ShardCollections {
 
     fn snapshot(&self, id: GlobalId, as_of: u64) -> BoxFuture<'_, Result<Vec<(Row, Diff)>, ReadError>> {
         Box::pin(async move {
-            let mut stream = self.inner.snapshot_stream(id, as_of).await?;
+            // One chunk with no size limit: the whole snapshot, read the one way `snapshot_stream` reads.
+            let mut chunks = StorageCollections::snapshot_stream(self, id, as_of, usize::MAX).await?;
             let mut rows = Vec::new();
-            loop {
-                match stream.next_chunk(usize::MAX).await {
-                    Ok(Some(chunk)) if rows.is_empty() => rows = chunk,
-                    Ok(Some(chunk)) => rows.extend(chunk),
-                    Ok(None) => return Ok(rows),
-                    Err(error) => return Err(self.inner.explain(id, error).await),
+            while let Some(chunk) = chunks.next_chunk().await? {
+                if rows.is_empty() {
+                    rows = chunk;
+                } else {
+                    rows.extend(chunk);
                 }
             }
+            Ok(rows)
         })
     }
 
