@@ -9,8 +9,9 @@
 //! snapshot is the replica's answer; the others answer with no rows), in a task that reports back with
 //! `CoreEvent::StoragePeek`; it reads the snapshot as a stream of chunks (`snapshot_stream`) and keeps
 //! only what the answer can still need (`StoragePeekRows`: with a limit, the first `offset + limit`
-//! rows in the finishing's order; without one, it stops reading once the answer exceeds the size limit). A peek of an index whose dataflow stopped, of an unknown id, of something
-//! that is not an index, or before the index's since is answered with an error at once.
+//! rows in the finishing's order; without one, it stops reading once the answer exceeds the size
+//! limit). A peek of an index whose dataflow stopped, of an unknown id, of something that is not an
+//! index, or before the index's since is answered with an error at once.
 //!
 //! **What this is not.** No timely code: the workers read their arrangements (`worker.rs`). The peek's
 //! finishing is `worker::finish_rows`, shared with the workers.

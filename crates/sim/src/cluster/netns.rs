@@ -27,8 +27,8 @@
 //! back; a shorter one is ridden out by TCP on the same connection.
 //!
 //! **Cleanup.** [`Network::teardown`] deletes every veth and namespace the run made and the bridge (a
-//! veth is deleted itself: the kernel frees a deleted namespace's interfaces only later); [`run`](crate::cluster::run) calls it after the replica processes and the
-//! services are gone, on every way out, and `Drop` calls it too (after a panic). A run that was killed
+//! veth is deleted itself: the kernel frees a deleted namespace's interfaces only later);
+//! [`run`](crate::cluster::run) calls it after the replica processes and the services are gone, on every way out, and `Drop` calls it too (after a panic). A run that was killed
 //! with SIGKILL leaves its namespaces behind: [`Network::create`] deletes those of any `PID` that no
 //! longer runs `sim` (killing the processes still in them first), before it makes its own.
 //! [`Network::leftovers`] lists what is left of this run, which the scenario reports as a violation.

@@ -6,8 +6,7 @@
 //! sorted by `(row, time)`, consolidated (one entry per `(row, time)`, no zero diffs). A part is checked
 //! on every read against the [`PartRef`] in the shard state (size and CRC-32 of the whole part, computed
 //! once per read) and against its own header, and every row is validated: a flipped bit anywhere, a
-//! truncated or swapped part, or a
-//! missing one is a [`PartError`] naming the key, never skipped data.
+//! truncated or swapped part, or a missing one is a [`PartError`] naming the key, never skipped data.
 //!
 //! **Compaction.** [`merge_runs`] merges the runs of consecutive batches into one, advancing each time `t`
 //! to `max(t, c)` with `c = min(since, upper) - 1` (the largest time below both the shard's since and the

@@ -5,11 +5,11 @@
 //! **What this is.** A snapshot is a k-way merge of the batches' runs (each sorted by `(row, time)`),
 //! summing per row the diffs at times `<= as_of`: memory is one decoded part per batch plus the
 //! [`SNAPSHOT_PREFETCH_PARTS`] parts per batch being fetched and decoded ahead (on their own tasks, so
-//! decoding runs in parallel with the merge), whatever the size of the collection. A range read visits the
-//! batches overlapping the range in order, one part at a time. Both take the state version they read from as given, with the caller
-//! holding that version for garbage collection and the collection's since at or before the times read
-//! (see [`super::ShardCollections`]). [`SnapshotStream::peak_buffered_bytes`] reports the most part bytes
-//! held at once (the bound the huge-collection test asserts).
+//! decoding runs in parallel with the merge), whatever the size of the collection. A range read visits
+//! the batches overlapping the range in order, one part at a time. Both take the state version they read
+//! from as given, with the caller holding that version for garbage collection and the collection's since
+//! at or before the times read (see [`super::ShardCollections`]). [`SnapshotStream::peak_buffered_bytes`]
+//! reports the most part bytes held at once (the bound the huge-collection test asserts).
 //!
 //! **Errors.** A missing or corrupt part ends the stream with [`ReadError::Corrupt`] naming the collection
 //! and the key (or [`ReadError::CollectionDropped`] if the shard was dropped meanwhile, which the caller
