@@ -173,7 +173,7 @@ fn sweep(options: &Options, jobs: usize, run_all: bool) -> Vec<(u64, Option<Outc
 ///
 /// Fields: `seeds` (requested), `ran` (seeds that finished, with or without a violation), `panicked`
 /// (seeds), `failed` (seeds with a violation: `seed`, `step`, `kind`), `violations` (count per kind),
-/// `peeks_checked`, `batches_checked`, `faults`, `storage_restarts`, `model_evaluations` (summed over the
+/// `peeks_checked`, `batches_checked`, `faults`, `storage_outages`, `lost_replies` (storage compare-and-sets whose reply was lost), `model_evaluations` (summed over the
 /// seeds that finished), `expected` (the `--expect-violation` kinds, or null), and `ok` (the verdict the
 /// exit code gives).
 fn summary(options: &Options, results: &[(u64, Option<Outcome>)], ok: bool) -> serde_json::Value {
@@ -199,7 +199,8 @@ fn summary(options: &Options, results: &[(u64, Option<Outcome>)], ok: bool) -> s
         "peeks_checked": sum(|o| o.peeks_checked),
         "batches_checked": sum(|o| o.batches_checked),
         "faults": sum(|o| o.faults),
-        "storage_restarts": sum(|o| o.storage_restarts),
+        "storage_outages": sum(|o| o.storage_outages),
+        "lost_replies": sum(|o| o.storage.lost_replies),
         "model_evaluations": sum(|o| o.model_evaluations),
         "expected": options.expected.as_ref().map(|kinds| kinds.iter().map(|k| k.name()).collect::<Vec<_>>()),
         "ok": ok,
@@ -223,12 +224,13 @@ fn report(options: &Options, results: &[(u64, Option<Outcome>)]) -> bool {
         };
         if options.verbose || single {
             println!(
-                "seed {seed}: {} steps, {} peeks and {} subscribe batches checked, {} faults ({} storage restarts), {} model evaluations ({} memo hits), trace {:016x}",
+                "seed {seed}: {} steps, {} peeks and {} subscribe batches checked, {} faults ({} storage outages), {} lost storage replies, {} model evaluations ({} memo hits), trace {:016x}",
                 outcome.steps,
                 outcome.peeks_checked,
                 outcome.batches_checked,
                 outcome.faults,
-                outcome.storage_restarts,
+                outcome.storage_outages,
+                outcome.storage.lost_replies,
                 outcome.model_evaluations,
                 outcome.model_memo_hits,
                 outcome.trace_hash
@@ -291,12 +293,13 @@ fn simulate(options: Options) -> anyhow::Result<ExitCode> {
     if ok && options.expected.is_none() {
         let finished: Vec<&Outcome> = results.iter().filter_map(|(_, o)| o.as_ref()).collect();
         println!(
-            "{} seeds ok: {} peeks and {} subscribe batches checked against the oracle, {} faults injected ({} of them storage restarts) ({:.1} s)",
+            "{} seeds ok: {} peeks and {} subscribe batches checked against the oracle, {} faults injected ({} of them storage outages), {} lost storage replies ({:.1} s)",
             results.len(),
             finished.iter().map(|o| o.peeks_checked).sum::<u64>(),
             finished.iter().map(|o| o.batches_checked).sum::<u64>(),
             finished.iter().map(|o| o.faults).sum::<u64>(),
-            finished.iter().map(|o| o.storage_restarts).sum::<u64>(),
+            finished.iter().map(|o| o.storage_outages).sum::<u64>(),
+            finished.iter().map(|o| o.storage.lost_replies).sum::<u64>(),
             started.elapsed().as_secs_f64()
         );
     }

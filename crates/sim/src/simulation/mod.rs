@@ -21,11 +21,13 @@ mod oracle;
 mod peek;
 mod real;
 mod rng;
+mod storage;
 mod violation;
 mod world;
 
 pub use real::{RealConfig, run_real};
 pub use rng::Rng;
+pub use storage::StorageStats;
 pub use violation::{Invariant, Violation};
 pub use world::{Outcome, SimConfig, World};
 

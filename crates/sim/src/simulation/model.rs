@@ -10,8 +10,8 @@
 //! **How it computes.** From the same sources as a real replica. When a dataflow is scheduled the process
 //! takes its own storage read holds on the dataflow's storage imports at the as-of (as a real replica's
 //! storage feed does) and moves them with the dataflow's upper. It hydrates from a snapshot of each
-//! storage import at the as-of, read from the storage core ([`Store::snapshot`]), and then follows its
-//! inputs: the storage updates in `[upper, target)` ([`Store::updates_between`]) and the change times of
+//! storage import at the as-of, read from the simulated shards ([`SimStorage::snapshot`]), and then
+//! follows its inputs: the storage updates in `[upper, target)` ([`SimStorage::updates_between`]) and the change times of
 //! the upstream dataflows on the same process that its index imports come from, all kept in the
 //! dataflow's [`Computed`] history. A state is evaluated when something reads it (a peek at its time, a
 //! subscribe emitting its change times, a downstream dataflow evaluated at the same time) with the
@@ -22,7 +22,11 @@
 //! importing it). Nothing comes from the oracle: the model and the oracle share only the reference
 //! interpreter and what a peek means (`peek.rs`).
 //!
-//! **What it checks.** The storage core compacts as the controller's holds allow, so when the controller
+//! While storage is down (an outage of the consensus or the blob store) a process neither takes holds nor
+//! reads: its dataflows stall and catch up when storage is back; peeks at times it computed are still
+//! answered.
+//!
+//! **What it checks.** Storage compacts as the controller's holds allow, so when the controller
 //! lets go of history a replica needs, the model cannot read or hold it: a hold or snapshot at the as-of
 //! of a dataflow it was just given, or updates from its upper on, refused by storage, is recorded as an
 //! [`Invariant::ImportHolds`] violation (as is an index import the process does not have, or has
@@ -49,27 +53,33 @@ use protocol::{
     PROTOCOL_VERSION, Peek, PeekId, PeekResponse, PeekTarget, ReplicaId, Row, SinkConnection, SubscribeBatch,
     SubscribeResponse,
 };
-use storage::core::Store;
-use storage::{HoldSession, StorageReadHold};
+use storage::StorageReadHold;
 
 use super::dataflow::{Computed, Outputs, difference};
+use super::storage::{ClientId, SimStorage};
 use super::evaluation::{Contents, Evaluations, Fingerprint, Key, Output, describe};
 use super::peek::{owner, peek_rows};
 use super::violation::{Invariant, Violation};
 
 /// What a model process needs from the world to do its work.
 pub struct Context<'a> {
-    /// The storage layer (the synchronous core the world drives).
-    pub store: &'a mut Store,
+    /// The storage layer (the shards the world simulates).
+    pub store: &'a mut SimStorage,
     /// The simulated clock, in milliseconds.
     pub now: u64,
-    /// Storage restarted and its clients are not back yet: no holds can be taken (reads go on: the
-    /// restarted store holds the sinces of the crash for a grace period).
-    pub storage_down: bool,
     /// Where violations of the design's invariants are recorded.
     pub violations: &'a mut Vec<Violation>,
     /// The evaluation memo every process shares.
     pub evaluations: &'a mut Evaluations,
+}
+
+/// Whether a process could take its storage holds for a dataflow.
+enum Held {
+    Yes,
+    /// Storage is down: try again at a later step.
+    Later,
+    /// Refused (a violation is recorded).
+    Refused,
 }
 
 impl Context<'_> {
@@ -244,8 +254,8 @@ pub struct ModelProcess {
     process: usize,
     processes: usize,
     alive: bool,
-    /// The process's storage client's holds (re-registered by the world after a storage restart).
-    session: HoldSession,
+    /// The process's storage client (a leased reader; a new one after each crash).
+    client: ClientId,
     installed: BTreeMap<GlobalId, Installed>,
     connection: Option<Connection>,
     /// A slow replica computes only up to `now - lag_ms`.
@@ -258,13 +268,13 @@ pub struct ModelProcess {
 
 impl ModelProcess {
     /// Process `process` of `replica`, which has `processes`.
-    pub fn new(replica: ReplicaId, process: usize, processes: usize) -> Self {
+    pub fn new(replica: ReplicaId, process: usize, processes: usize, client: ClientId) -> Self {
         ModelProcess {
             replica,
             process,
             processes,
             alive: true,
-            session: HoldSession::new(),
+            client,
             installed: BTreeMap::new(),
             connection: None,
             lag_ms: 0,
@@ -278,18 +288,19 @@ impl ModelProcess {
         self.alive
     }
 
-    /// Crashes: all state is lost (its storage holds are released); connections fail until
-    /// [`restart`](Self::restart).
-    pub fn crash(&mut self) {
+    /// Crashes: all state is lost (its storage holds with it); connections fail until
+    /// [`restart`](Self::restart). It comes back as storage client `client` (the world tells storage
+    /// that the old one crashed).
+    pub fn crash(&mut self, client: ClientId) {
         self.alive = false;
         self.installed.clear();
         self.connection = None;
-        self.session = HoldSession::new();
+        self.client = client;
     }
 
-    /// The process's storage holds, as its storage client keeps them.
-    pub fn session(&self) -> &HoldSession {
-        &self.session
+    /// The process's storage client.
+    pub fn client(&self) -> &ClientId {
+        &self.client
     }
 
     /// `replica process N`, for messages.
@@ -604,17 +615,17 @@ impl ModelProcess {
                 continue;
             }
             if self.installed[&key].storage_holds.is_none() {
-                if ctx.storage_down {
-                    continue; // The storage client waits for the server.
-                }
-                if !self.hold_storage(key, ctx) {
-                    return;
+                match self.hold_storage(key, ctx) {
+                    Held::Yes => {}
+                    Held::Later => continue, // Storage is down: the process tries again.
+                    Held::Refused => return,
                 }
             }
             let dataflow = &self.installed[&key];
             let mut target = cap;
             for id in dataflow.desc.source_imports.keys() {
-                let upper = ctx.store.frontiers(*id).and_then(|f| f.upper.as_option().copied()).unwrap_or(0);
+                // Storage down: no progress from this input until it is back.
+                let upper = ctx.store.frontiers(*id).ok().and_then(|f| f.upper.as_option().copied()).unwrap_or(0);
                 target = target.min(upper);
             }
             for id in dataflow.desc.index_imports.keys() {
@@ -654,21 +665,19 @@ impl ModelProcess {
     }
 
     /// Takes the process's own holds on the storage imports of a dataflow just scheduled, at its as-of.
-    /// Returns false (with a violation recorded) if storage no longer holds the as-of: the controller let
-    /// go of history a dataflow it installed needs.
-    fn hold_storage(&mut self, key: GlobalId, ctx: &mut Context<'_>) -> bool {
+    /// [`Held::Refused`] (with a violation recorded) if storage no longer holds the as-of: the controller
+    /// let go of history a dataflow it installed needs; [`Held::Later`] while storage is down.
+    fn hold_storage(&mut self, key: GlobalId, ctx: &mut Context<'_>) -> Held {
         let name = self.name();
         let dataflow = self.installed.get_mut(&key).expect("present");
         let mut holds = BTreeMap::new();
         for id in dataflow.desc.source_imports.keys() {
-            let hold = ctx
-                .store
-                .acquire_read_hold(*id, Antichain::from_elem(dataflow.upper))
-                .and_then(|hold| self.session.wrap(hold, self.session.generation(), None));
+            let hold = ctx.store.acquire_read_hold(&self.client, *id, Antichain::from_elem(dataflow.upper));
             match hold {
                 Ok(hold) => {
                     holds.insert(*id, hold);
                 }
+                Err(e) if e.is_unavailable() => return Held::Later,
                 Err(e) => {
                     ctx.violation(
                         Invariant::ImportHolds,
@@ -677,12 +686,12 @@ impl ModelProcess {
                             dataflow.upper
                         ),
                     );
-                    return false;
+                    return Held::Refused;
                 }
             }
         }
         dataflow.storage_holds = Some(holds);
-        true
+        Held::Yes
     }
 
     /// Advances dataflow `key` from its upper to `target`: hydrates it first if it has not yet (storage
@@ -725,6 +734,7 @@ impl ModelProcess {
                 Ok(rows) => {
                     storage.insert(*id, consolidate(rows));
                 }
+                Err(e) if e.is_unavailable() => return None, // Storage is down: hydrate later.
                 Err(e) => {
                     ctx.violation(
                         Invariant::ImportHolds,
@@ -781,6 +791,7 @@ impl ModelProcess {
                         changes.entry(time).or_default().push((*id, row, diff));
                     }
                 }
+                Err(e) if e.is_unavailable() => return None, // Storage is down: read later.
                 Err(e) => {
                     ctx.violation(
                         Invariant::ImportHolds,

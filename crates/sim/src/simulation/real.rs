@@ -279,8 +279,9 @@ async fn run(seed: u64, config: RealConfig) -> anyhow::Result<Outcome> {
         peeks_checked,
         batches_checked,
         faults,
-        // Storage is embedded here (no server to restart); restarts run in the model mode.
-        storage_restarts: 0,
+        // Storage is embedded and fault-free here; outages and lost replies run in the model mode.
+        storage_outages: 0,
+        storage: Default::default(),
         // The real replicas compute; no model runs here.
         model_evaluations: 0,
         model_memo_hits: 0,

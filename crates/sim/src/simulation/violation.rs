@@ -35,6 +35,9 @@ pub enum Invariant {
     /// Not in §5: after the faults stopped, a replica did not reconnect, a collection did not catch up
     /// with storage, or a peek never completed.
     Liveness,
+    /// DESIGN §9: what storage holds (read from the shards' blob parts) differs from what the table
+    /// writer had acknowledged: an append lost, applied twice, or half applied; or stored data damaged.
+    StorageContents,
     /// Not in §5: a party broke the protocol or the API (a command in the wrong stage, an answer to an
     /// unknown peek, a valid request refused, storage failing a valid operation).
     Protocol,
@@ -42,7 +45,7 @@ pub enum Invariant {
 
 impl Invariant {
     /// Every kind, in declaration order.
-    pub const ALL: [Invariant; 9] = [
+    pub const ALL: [Invariant; 10] = [
         Invariant::Frontiers,
         Invariant::ImportHolds,
         Invariant::PeekHolds,
@@ -50,6 +53,7 @@ impl Invariant {
         Invariant::Results,
         Invariant::HistoryBound,
         Invariant::ControllerSelfCheck,
+        Invariant::StorageContents,
         Invariant::Liveness,
         Invariant::Protocol,
     ];
@@ -64,6 +68,7 @@ impl Invariant {
             Invariant::Results => "results",
             Invariant::HistoryBound => "history-bound",
             Invariant::ControllerSelfCheck => "controller-self-check",
+            Invariant::StorageContents => "storage-contents",
             Invariant::Liveness => "liveness",
             Invariant::Protocol => "protocol",
         }
@@ -84,6 +89,7 @@ impl Invariant {
             Invariant::Results => "§5.6",
             Invariant::HistoryBound => "§5.7",
             Invariant::ControllerSelfCheck => "§5.2-4",
+            Invariant::StorageContents => "§9",
             Invariant::Liveness | Invariant::Protocol => "-",
         }
     }

@@ -32,8 +32,7 @@ use protocol::{
     ReplicaId, Row, RowSetFinishing, ScalarType, SinkConnection, SinkExport, SourceImport,
 };
 use replica_client::{Backoff, CommandHistory, ReplicaCore, ReplicaCoreConfig, ReplicaEvent, ReplicaOutput};
-use storage::core::Store;
-use storage::{AppendRequest, HoldSession};
+use storage::AppendRequest;
 
 use controller::{
     ComputeControllerResponse, ImportFrontiers, InstanceCore, InstanceCoreConfig, InstanceOutput,
@@ -45,6 +44,7 @@ use super::evaluation::Evaluations;
 use super::model::{Context, ModelProcess};
 use super::oracle::Oracle;
 use super::rng::Rng;
+use super::storage::{ClientId, SimStorage, StorageStats};
 use super::violation::{Invariant, Violation};
 
 /// How long each phase of a run lasts, in simulated milliseconds.
@@ -58,11 +58,20 @@ pub struct SimConfig {
     /// writes one row more to storage than the oracle records (a storage layer that invents data). The
     /// model replicas compute from storage, so the oracle comparison must fail. `None` in every real run.
     pub unrecorded_rows_from_ms: Option<u64>,
+    /// A test of the simulator itself: a table writer that, after a lost reply, appends again at the
+    /// shard's current upper instead of asking its idempotency token (so an append applied before the
+    /// reply was lost is applied twice). The contents check must catch it. `false` in every real run.
+    pub rebase_after_lost_reply: bool,
 }
 
 impl Default for SimConfig {
     fn default() -> Self {
-        SimConfig { fault_ms: 1_500, liveness_ms: 1_000, unrecorded_rows_from_ms: None }
+        SimConfig {
+            fault_ms: 1_500,
+            liveness_ms: 1_000,
+            unrecorded_rows_from_ms: None,
+            rebase_after_lost_reply: false,
+        }
     }
 }
 
@@ -81,8 +90,10 @@ pub struct Outcome {
     pub batches_checked: u64,
     /// Faults injected.
     pub faults: u64,
-    /// Storage restarts among the faults.
-    pub storage_restarts: u64,
+    /// Storage outages among the faults.
+    pub storage_outages: u64,
+    /// What the simulated storage did (lost replies, merges, parts collected, readers expired).
+    pub storage: StorageStats,
     /// Dataflow evaluations the model replicas ran (each process computes its own results; processes
     /// computing the same dataflow on the same inputs share one evaluation).
     pub model_evaluations: u64,
@@ -117,17 +128,6 @@ struct SimReplica {
     down_until: Option<u64>,
     /// Largest network delay to and from this replica.
     delay_max: u64,
-}
-
-/// A storage restart in progress.
-#[derive(Debug, Clone, Copy)]
-struct StorageRestart {
-    /// When the clients reconnect and re-register their holds.
-    back: u64,
-    /// When the restarted store's recovery grace ends.
-    grace_over: u64,
-    /// Whether the clients have re-registered.
-    restored: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -169,8 +169,14 @@ pub struct World {
     config: SimConfig,
     rng: Rng,
     now: u64,
-    store: Store,
+    store: SimStorage,
     oracle: Oracle,
+    /// What the table writer had acknowledged, per table: the world's own record, compared with what
+    /// storage holds after every acknowledgement.
+    ledger: BTreeMap<GlobalId, Vec<(Row, u64, i64)>>,
+    /// The tables' upper as the writer last had it acknowledged.
+    written_upper: u64,
+    next_client: u64,
     instance: InstanceCore<u64>,
     replicas: BTreeMap<ReplicaId, SimReplica>,
     next_replica: u64,
@@ -187,18 +193,13 @@ pub struct World {
     next_peek: u64,
     subscribes: BTreeMap<GlobalId, SubscribeTracker>,
     user_holds: Vec<(u64, ReadHold<GlobalId, u64>)>,
-    /// The storage client's holds (the controller's storage import holds), kept across storage restarts
-    /// as the network client keeps them.
-    session: HoldSession,
-    /// A storage restart in progress: when the clients are back (their holds re-registered), and when
-    /// the restarted store's recovery grace ends.
-    storage_restart: Option<StorageRestart>,
+    /// The controller's storage client (a critical reader: its holds outlive any outage).
+    controller_client: ClientId,
     violations: Vec<Violation>,
     /// The model replicas' shared evaluation memo.
     evaluations: Evaluations,
     trace: u64,
     faults: u64,
-    storage_restarts: u64,
     peeks_checked: u64,
     batches_checked: u64,
 }
@@ -236,12 +237,17 @@ impl World {
             // The default peek timeout (30 s) is longer than any run: no peek times out here.
             ..InstanceCoreConfig::default()
         };
+        let mut store = SimStorage::new(rng.fork(), STORAGE_POLICY, START_MS, config.rebase_after_lost_reply);
+        let controller_client = store.new_client("controller", true);
         let mut world = World {
             seed,
             config,
             instance: InstanceCore::new(INSTANCE, instance_config, Arc::new(|| {}), START_MS),
-            store: Store::new(),
+            store,
             oracle: Oracle::default(),
+            ledger: BTreeMap::new(),
+            written_upper: 0,
+            next_client: 1,
             replicas: BTreeMap::new(),
             next_replica: 1,
             network: BTreeMap::new(),
@@ -255,23 +261,20 @@ impl World {
             next_peek: 1,
             subscribes: BTreeMap::new(),
             user_holds: Vec::new(),
-            session: HoldSession::new(),
-            storage_restart: None,
+            controller_client,
             violations: Vec::new(),
             evaluations: Evaluations::default(),
             trace: 0xcbf2_9ce4_8422_2325,
             faults: 0,
-            storage_restarts: 0,
             peeks_checked: 0,
             batches_checked: 0,
             now: START_MS,
             rng,
         };
-        world.store.set_default_read_policy(STORAGE_POLICY);
         for t in 0..world.rng.range(1, 3) {
             let id = GlobalId::System(t + 1);
             let desc = table_desc(world.rng.range(1, 3) as usize);
-            world.store.create_collection(id, desc.clone()).expect("fresh table");
+            world.store.create_collection(id, desc.clone());
             world.tables.push((id, desc));
         }
         world.append_to_tables();
@@ -298,6 +301,16 @@ impl World {
         if self.violations.is_empty() {
             self.check_liveness(liveness_marks.unwrap_or_default());
         }
+        if self.violations.is_empty() {
+            match self.store.unreferenced_parts() {
+                Ok(leaked) if leaked.is_empty() => {}
+                Ok(leaked) => self.violation(
+                    Invariant::StorageContents,
+                    format!("{} blob parts no shard references: {:?}", leaked.len(), &leaked[..leaked.len().min(3)]),
+                ),
+                Err(e) => self.violation(Invariant::StorageContents, e),
+            }
+        }
         Outcome {
             seed: self.seed,
             steps: self.now - START_MS,
@@ -305,7 +318,8 @@ impl World {
             peeks_checked: self.peeks_checked,
             batches_checked: self.batches_checked,
             faults: self.faults,
-            storage_restarts: self.storage_restarts,
+            storage_outages: self.store.stats().outages,
+            storage: self.store.stats(),
             model_evaluations: self.evaluations.evaluated,
             model_memo_hits: self.evaluations.hits,
             violation: self.violations.first().map(|v| {
@@ -322,7 +336,9 @@ impl World {
 
     fn step(&mut self, faults_on: bool) {
         self.now += 1;
+        self.store.set_now(self.now);
         self.deliver();
+        self.drive_storage();
         if self.now.is_multiple_of(10) {
             self.append_to_tables();
         }
@@ -331,7 +347,6 @@ impl World {
             self.faults();
         }
         self.restart_crashed();
-        self.recover_storage(false);
         self.step_models();
         for replica in self.replicas.values_mut() {
             replica.core.tick(self.now);
@@ -345,6 +360,9 @@ impl World {
         self.user_holds.retain(|(until, _)| *until > self.now);
         self.instance.process_holds();
         self.store.process_holds();
+        for problem in self.store.maintain() {
+            self.violation(Invariant::StorageContents, problem);
+        }
         self.pump();
         // The world's own checks first: a violation they see is reported as its own kind, not as the
         // controller's self-check that may notice the same fault.
@@ -384,11 +402,9 @@ impl World {
                     if sim.link != Some(epoch) || !sim.processes[process].is_alive() {
                         continue;
                     }
-                    let storage_down = self.storage_restart.is_some_and(|restart| !restart.restored);
                     let mut ctx = Context {
                         store: &mut self.store,
                         now: self.now,
-                        storage_down,
                         violations: &mut self.violations,
                         evaluations: &mut self.evaluations,
                     };
@@ -422,13 +438,11 @@ impl World {
         for replica in ids {
             let sim = self.replicas.get_mut(&replica).expect("listed");
             let epoch = sim.link;
-            let storage_down = self.storage_restart.is_some_and(|restart| !restart.restored);
             let mut outgoing = Vec::new();
             for (process, model) in sim.processes.iter_mut().enumerate() {
                 let mut ctx = Context {
                     store: &mut self.store,
                     now: self.now,
-                    storage_down,
                     violations: &mut self.violations,
                     evaluations: &mut self.evaluations,
                 };
@@ -555,9 +569,15 @@ impl World {
         };
         let mut core = ReplicaCore::new(config, history);
         core.tick(self.now);
+        let processes = (0..processes)
+            .map(|p| {
+                let client = self.new_process_client(replica, p);
+                ModelProcess::new(replica, p, processes, client)
+            })
+            .collect();
         let sim = SimReplica {
             core,
-            processes: (0..processes).map(|p| ModelProcess::new(replica, p, processes)).collect(),
+            processes,
             link: None,
             down_until: None,
             delay_max: 3,
@@ -567,8 +587,11 @@ impl World {
     }
 
     fn faults(&mut self) {
-        if self.storage_restart.is_none() && self.rng.chance(0.001) {
-            self.restart_storage();
+        if !self.store.in_outage() && self.rng.chance(0.001) {
+            self.faults += 1;
+            let consensus = self.rng.chance(0.5);
+            let until = self.now + self.rng.range(20, 300);
+            self.store.start_outage(consensus, until);
         }
         if self.replicas.is_empty() || !self.rng.chance(0.004) {
             return;
@@ -591,10 +614,8 @@ impl World {
             1 => {
                 // Crash: the state is gone; the replica is down for a while.
                 let down = self.rng.range(20, 300);
+                self.crash_processes(replica);
                 let sim = self.replicas.get_mut(&replica).expect("present");
-                for process in &mut sim.processes {
-                    process.crash();
-                }
                 sim.down_until = Some(self.now + down);
                 if let Some(epoch) = sim.link.take() {
                     sim.core.connection_lost(epoch, self.now, "simulated crash", jitter);
@@ -617,6 +638,8 @@ impl World {
             }
             5 if self.replicas.len() > 1 => {
                 self.instance.drop_replica(replica).expect("present");
+                // Its processes are gone as a crash takes them: their leased readers expire.
+                self.crash_processes(replica);
                 self.replicas.remove(&replica);
                 self.pump();
             }
@@ -625,99 +648,91 @@ impl World {
         }
     }
 
-    /// The storage server restarts: it recovers from its durable state (everything acknowledged, the sinces
-    /// as of the crash) and holds every collection there for a grace period; every client's holds died with
-    /// its connection. The clients reconnect after a while and re-register their holds through their
-    /// [`HoldSession`]s. (The model replicas read the store directly, so their reads are not interrupted.)
-    fn restart_storage(&mut self) {
-        self.faults += 1;
-        self.storage_restarts += 1;
-        let checkpoint = self.store.to_checkpoint();
-        let mut store = match Store::from_checkpoint(checkpoint, Arc::new(|| {})) {
-            Ok(store) => store,
-            Err(e) => {
-                self.violation(
-                    Invariant::Protocol,
-                    format!("a checkpoint of the live store does not load: {e}"),
-                );
-                return;
-            }
-        };
-        store.set_default_read_policy(STORAGE_POLICY);
-        store.hold_for_recovery();
-        self.store = store;
-        for (_, session) in self.sessions() {
-            session.disconnect();
-        }
-        let back = self.now + self.rng.range(1, 100);
-        let grace_over = back + self.rng.range(0, 200);
-        self.storage_restart = Some(StorageRestart { back, grace_over, restored: false });
+    /// A fresh storage client (a leased reader) for process `process` of `replica`.
+    fn new_process_client(&mut self, replica: ReplicaId, process: usize) -> ClientId {
+        let name = format!("{replica}-p{process}-{}", self.next_client);
+        self.next_client += 1;
+        self.store.new_client(&name, false)
     }
 
-    /// Moves a storage restart along: the clients come back at their time (or now, if `finish`), and the
-    /// grace ends at its time (or now).
-    fn recover_storage(&mut self, finish: bool) {
-        let Some(restart) = self.storage_restart else { return };
-        if (finish || restart.back <= self.now) && !restart.restored {
-            for (client, session) in self.sessions() {
-                let generation = session.generation();
-                for (id, frontier) in session.to_restore() {
-                    match self.store.acquire_read_hold(id, frontier) {
-                        Ok(hold) => session.restore(hold, generation),
-                        Err(e) => {
-                            session.lose(id, &e);
-                            self.violations.push(Violation::new(
-                                Invariant::Frontiers,
-                                format!(
-                                    "storage restart: {client}'s hold on {id} could not be re-registered: {e}"
-                                ),
-                            ));
-                        }
-                    }
+    /// Crashes every process of `replica`: state and holds gone; storage is not told (their leased
+    /// readers expire).
+    fn crash_processes(&mut self, replica: ReplicaId) {
+        let count = self.replicas[&replica].processes.len();
+        for process in 0..count {
+            let client = self.new_process_client(replica, process);
+            let model = &mut self.replicas.get_mut(&replica).expect("present").processes[process];
+            self.store.crash_client(model.client());
+            model.crash(client);
+        }
+    }
+
+    /// Moves the table writer's pending append along; on its acknowledgement, records it in the ledger
+    /// and compares what storage holds with the ledger.
+    fn drive_storage(&mut self) {
+        match self.store.drive_append() {
+            None => {}
+            Some(Err(e)) => self.violation(Invariant::StorageContents, format!("an append failed: {e}")),
+            Some(Ok(requests)) => {
+                for request in requests {
+                    let upper = request.new_upper.as_option().copied().expect("tables are not closed");
+                    self.written_upper = upper;
+                    self.ledger.entry(request.id).or_default().extend(request.updates);
+                    self.check_contents(request.id, upper - 1);
                 }
             }
-            self.storage_restart = Some(StorageRestart { restored: true, ..restart });
-        }
-        if finish || restart.grace_over <= self.now {
-            self.store.end_recovery();
-            self.storage_restart = None;
         }
     }
 
-    /// Whether storage is unreachable (restarted, clients not yet back).
-    fn storage_down(&self) -> bool {
-        self.storage_restart.is_some_and(|restart| !restart.restored)
-    }
-
-    /// Every storage client's hold session, named: the controller's, then each model process's.
-    fn sessions(&self) -> Vec<(String, HoldSession)> {
-        let mut sessions = vec![("the controller".to_string(), self.session.clone())];
-        for (replica, sim) in &self.replicas {
-            for (process, model) in sim.processes.iter().enumerate() {
-                sessions.push((format!("{replica} process {process}"), model.session().clone()));
+    /// DESIGN §9: storage holds, at `time`, exactly what the writer had acknowledged up to it: each
+    /// append once, none lost. Storage's side is read from the blob parts its head references; the
+    /// ledger's side is summed here.
+    fn check_contents(&mut self, id: GlobalId, time: u64) {
+        let mut expected: BTreeMap<Row, i64> = BTreeMap::new();
+        for (row, t, diff) in self.ledger.get(&id).into_iter().flatten() {
+            if *t <= time {
+                *expected.entry(row.clone()).or_default() += diff;
             }
         }
-        sessions
+        expected.retain(|_, diff| *diff != 0);
+        match self.store.contents(id, time) {
+            Ok(held) if held == expected => {}
+            Ok(held) => {
+                let differ: Vec<String> = expected
+                    .keys()
+                    .chain(held.keys())
+                    .collect::<BTreeSet<_>>()
+                    .into_iter()
+                    .filter(|row| expected.get(*row) != held.get(*row))
+                    .take(3)
+                    .map(|row| format!("{row}: acknowledged {:?}, stored {:?}", expected.get(row), held.get(row)))
+                    .collect();
+                self.violation(
+                    Invariant::StorageContents,
+                    format!("{id} at {time} differs from what was acknowledged: {}", differ.join("; ")),
+                );
+            }
+            Err(e) => self.violation(Invariant::StorageContents, format!("{id} cannot be read: {e}")),
+        }
     }
 
-    /// DESIGN §5.1 for storage: while the clients are connected, no collection's since is beyond a hold
-    /// one of them keeps (the controller's, or a replica process's own), across restarts too: the
-    /// restarted store must not have compacted past a re-registered hold.
+    /// DESIGN §5.1 for storage: no collection's since is beyond a hold a live client keeps (the
+    /// controller's, or a replica process's own), through outages and lost replies too.
     fn check_storage_holds(&mut self) {
-        if self.storage_down() {
-            return;
-        }
-        for (client, session) in self.sessions() {
+        for client in self.store.live_clients() {
             for (id, _) in &self.tables {
-                let held = session.held(*id);
-                let Some(frontiers) = self.store.frontiers(*id) else { continue };
-                if !held.is_empty() && !frontiers::PartialOrder::less_equal(&frontiers.since, &held) {
+                let (held, _) = self.store.held(&client, *id);
+                let since = match self.store.observe(*id) {
+                    Ok(state) => state.since,
+                    Err(e) => {
+                        self.violations.push(Violation::new(Invariant::StorageContents, e));
+                        return;
+                    }
+                };
+                if !held.is_empty() && !frontiers::PartialOrder::less_equal(&since, &held) {
                     self.violations.push(Violation::new(
                         Invariant::Frontiers,
-                        format!(
-                            "storage since of {id} is {:?}, beyond {client}'s hold at {held:?}",
-                            frontiers.since
-                        ),
+                        format!("storage since of {id} is {since:?}, beyond {client:?}'s hold at {held:?}"),
                     ));
                 }
             }
@@ -746,26 +761,28 @@ impl World {
         if self.replicas.is_empty() {
             self.add_replica();
         }
-        self.recover_storage(true);
+        self.store.end_outages();
     }
 
     // ---------------------------------------------------------------------------------------------
     // Workload
 
+    /// The upper of table `id` as the world sees it (ignoring outages).
     fn storage_upper(&self, id: GlobalId) -> u64 {
-        self.store.frontiers(id).and_then(|f| f.upper.as_option().copied()).unwrap_or(0)
+        self.store.observe(id).ok().and_then(|s| s.upper.as_option().copied()).unwrap_or(0)
     }
 
+    /// The table writer: one append at a time, at the upper its last acknowledgement left.
     fn append_to_tables(&mut self) {
-        if self.storage_down() {
+        if self.store.append_pending() {
+            return;
+        }
+        let upper = self.written_upper;
+        if upper > self.now {
             return;
         }
         let mut requests = Vec::new();
         for (id, desc) in self.tables.clone() {
-            let upper = self.storage_upper(id);
-            if upper > self.now {
-                continue;
-            }
             let mut updates = Vec::new();
             for _ in 0..self.rng.below(4) {
                 let row = random_row(&mut self.rng, &desc);
@@ -783,9 +800,7 @@ impl World {
                 new_upper: Antichain::from_elem(self.now + 1),
             });
         }
-        if let Err(e) = self.store.append(requests) {
-            self.violation(Invariant::Protocol, format!("storage append failed: {e}"));
-        }
+        self.store.start_append(requests);
     }
 
     fn fresh_id(&mut self) -> GlobalId {
@@ -827,9 +842,6 @@ impl World {
     }
 
     fn create_dataflow(&mut self) {
-        if self.storage_down() {
-            return; // The controller cannot take storage holds (the shell would wait or fail).
-        }
         let (table, table_desc) = self.rng.pick(&self.tables).cloned().expect("tables exist");
         let upstream = if self.rng.chance(0.4) { self.rng.pick(&self.live_indexes()).copied() } else { None };
         let mut df = DataflowDescription::new(format!("df{}", self.next_id));
@@ -876,7 +888,8 @@ impl World {
         // Select the as-of as the controller shell would, from current frontiers.
         let mut frontiers = BTreeMap::new();
         for id in df.source_imports.keys() {
-            let f = self.store.frontiers(*id).expect("table exists");
+            // Storage down: the shell would wait (or fail the request); the workload moves on.
+            let Ok(f) = self.store.frontiers(*id) else { return };
             frontiers.insert(*id, ImportFrontiers { since: f.since, upper: f.upper });
         }
         for id in df.index_imports.keys() {
@@ -894,11 +907,11 @@ impl World {
         }
         let mut holds = BTreeMap::new();
         for id in df.source_imports.keys() {
-            let granted = self.store.acquire_read_hold(*id, as_of.clone());
-            match granted.and_then(|hold| self.session.wrap(hold, self.session.generation(), None)) {
+            match self.store.acquire_read_hold(&self.controller_client, *id, as_of.clone()) {
                 Ok(hold) => {
                     holds.insert(*id, hold);
                 }
+                Err(e) if e.is_unavailable() => return,
                 Err(e) => {
                     self.violation(
                         Invariant::Protocol,
