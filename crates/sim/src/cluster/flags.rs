@@ -147,6 +147,11 @@ pub struct ClusterFlags {
     #[arg(long, value_name = "N", help_heading = "Separate hosts")]
     pub link_cuts: Option<usize>,
 
+    /// Listens in every process poll the consensus head only: the PostgreSQL push channel
+    /// (LISTEN/NOTIFY) off, to measure what it buys (only with a PostgreSQL consensus).
+    #[arg(long)]
+    pub no_push: bool,
+
     /// Each link cut's length, in seconds, at most 20.
     #[arg(long, value_name = "S", default_value = "4", value_parser = seconds, help_heading = "Separate hosts")]
     pub link_cut_secs: Duration,

@@ -150,6 +150,8 @@ pub struct ClusterArgs {
     pub link_cuts: Option<usize>,
     /// How long each link cut lasts.
     pub link_cut_duration: Duration,
+    /// The consensus push channel off (`--no-push`; PostgreSQL only).
+    pub no_push: bool,
 }
 
 /// The scenario's workload.
@@ -253,6 +255,7 @@ impl ClusterArgs {
             netns: flags.netns,
             link_cuts: flags.link_cuts,
             link_cut_duration: flags.link_cut_secs,
+            no_push: flags.no_push,
         };
         if parsed.replicas == 0 || parsed.processes == 0 || parsed.workers == 0 {
             bail!("--replicas, --processes and --workers must be at least 1");
@@ -287,6 +290,17 @@ impl ClusterArgs {
             if self.workload == Workload::Tpch {
                 bail!("--netns is not built for --workload tpch (only the orders workload runs on it)");
             }
+        }
+        let postgres = match &self.storage {
+            StorageMode::LocalServices => true,
+            StorageMode::Urls { consensus, .. } => consensus.starts_with("postgres"),
+            StorageMode::Server | StorageMode::Embedded => false,
+        };
+        if self.no_push && !postgres {
+            bail!(
+                "--no-push needs a PostgreSQL consensus (--services local or --consensus postgres://...): only \
+                 there do listens have a push channel to turn off (SQLite's is within one process only)"
+            );
         }
         if let Some(n @ 1..) = self.link_cuts
             && !self.netns
@@ -466,6 +480,12 @@ fn start_storage(
             children.services = Some(Arc::new(services));
             urls
         }
+    };
+    let consensus = if args.no_push {
+        let separator = if consensus.contains('?') { '&' } else { '?' };
+        format!("{consensus}{separator}listen=false")
+    } else {
+        consensus
     };
     let replicas = controller::ReplicaStorage::shards(&blob, &consensus).map_err(|e| anyhow!("{e}"))?;
     let blob: storage::blob::BlobConfig = blob.parse().map_err(|e| anyhow!("{e}"))?;
@@ -825,6 +845,23 @@ mod tests {
         for (args, expected) in cases {
             let error = format!("{:#}", parse(args).unwrap_err());
             assert!(error.contains(expected), "{args:?}: {error}");
+        }
+    }
+
+    #[test]
+    fn no_push_is_taken_with_a_postgres_consensus_only_and_refused_elsewhere_with_the_reason() {
+        assert!(parse(&["--services", "local", "--no-push"]).unwrap().no_push);
+        let urls = ["--blob", "file:///b", "--consensus", "postgres://u@h/db", "--no-push"];
+        assert!(parse(&urls).unwrap().no_push);
+        assert!(!parse(&["--services", "local"]).unwrap().no_push);
+        let cases: [&[&str]; 3] = [
+            &["--no-push"],
+            &["--storage", "server", "--no-push"],
+            &["--blob", "file:///b", "--consensus", "sqlite:///c", "--no-push"],
+        ];
+        for args in cases {
+            let error = format!("{:#}", parse(args).unwrap_err());
+            assert!(error.contains("--no-push needs a PostgreSQL consensus"), "{args:?}: {error}");
         }
     }
 

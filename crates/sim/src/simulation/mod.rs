@@ -6,11 +6,13 @@
 //! `dataflow.rs` (model replica processes, computing from storage), `evaluation.rs` (their shared
 //! evaluation memo), `oracle.rs` (the full history and its evaluation), `checks.rs` (peek and subscribe
 //! results against the oracle), `peek.rs` (what a peek means, shared by model and oracle),
+//! `storage.rs` (the tables as shards over simulated blob and consensus, with their faults),
 //! `violation.rs` (typed violations), `real.rs` (`--real-compute`: the real stack, same oracle).
 //!
 //! Entry points: [`run_seed`] (one seed) and the `sim simulate` command (`cargo xtask sim`).
 //! **Tests:** `tests/it/main.rs` (determinism by trace hash, a run checking peeks and subscribes, storage
-//! that invents rows caught, storage restarts, the real stack); unit tests in `dataflow.rs`,
+//! that invents rows caught, storage outages and lost replies survived, a writer that duplicates appends caught,
+//! the real stack); unit tests in `dataflow.rs`,
 //! `evaluation.rs`, `violation.rs`; the seed ranges and the planted bug in `cargo xtask sim`.
 
 mod checks;

@@ -11,8 +11,9 @@
 //! takes its own storage read holds on the dataflow's storage imports at the as-of (as a real replica's
 //! storage feed does) and moves them with the dataflow's upper. It hydrates from a snapshot of each
 //! storage import at the as-of, read from the simulated shards ([`SimStorage::snapshot`]), and then
-//! follows its inputs: the storage updates in `[upper, target)` ([`SimStorage::updates_between`]) and the change times of
-//! the upstream dataflows on the same process that its index imports come from, all kept in the
+//! follows its inputs: the storage updates in `[upper, target)` ([`SimStorage::updates_between`]) and
+//! the change times of the upstream dataflows on the same process that its index imports come from, all
+//! kept in the
 //! dataflow's [`Computed`] history. A state is evaluated when something reads it (a peek at its time, a
 //! subscribe emitting its change times, a downstream dataflow evaluated at the same time) with the
 //! reference interpreter (`protocol::reference::evaluate_dataflow`) on the inputs recorded for that
@@ -56,9 +57,9 @@ use protocol::{
 use storage::StorageReadHold;
 
 use super::dataflow::{Computed, Outputs, difference};
-use super::storage::{ClientId, SimStorage};
 use super::evaluation::{Contents, Evaluations, Fingerprint, Key, Output, describe};
 use super::peek::{owner, peek_rows};
+use super::storage::{ClientId, SimStorage};
 use super::violation::{Invariant, Violation};
 
 /// What a model process needs from the world to do its work.
@@ -625,7 +626,8 @@ impl ModelProcess {
             let mut target = cap;
             for id in dataflow.desc.source_imports.keys() {
                 // Storage down: no progress from this input until it is back.
-                let upper = ctx.store.frontiers(*id).ok().and_then(|f| f.upper.as_option().copied()).unwrap_or(0);
+                let upper =
+                    ctx.store.frontiers(*id).ok().and_then(|f| f.upper.as_option().copied()).unwrap_or(0);
                 target = target.min(upper);
             }
             for id in dataflow.desc.index_imports.keys() {

@@ -100,7 +100,9 @@ enum Commit {
     /// The consensus was down: nothing was applied.
     Unavailable,
     /// The reply was lost: the caller cannot tell whether it was `applied` (only the counters look).
-    Lost { applied: bool },
+    Lost {
+        applied: bool,
+    },
 }
 
 /// An append the table writer has not had acknowledged yet.
@@ -114,6 +116,9 @@ struct Pending {
     maybe_applied: bool,
     next_attempt_ms: u64,
 }
+
+/// A change one of a client's holds sent: which client, which collection, what changed.
+type HoldChange = (ClientId, GlobalId, ChangeBatch<u64>);
 
 /// One client's holds.
 struct Client {
@@ -167,7 +172,7 @@ pub struct SimStorage {
     pending: Option<Pending>,
     clients: BTreeMap<ClientId, Client>,
     /// Hold changes sent by the clients' [`ReadHold`]s, applied by [`SimStorage::process_holds`].
-    changes: Arc<Mutex<Vec<(ClientId, GlobalId, ChangeBatch<u64>)>>>,
+    changes: Arc<Mutex<Vec<HoldChange>>>,
     last_maintenance: u64,
     /// A test of the contents check: after a lost reply, append again at the shard's current upper
     /// instead of asking the token (a writer that duplicates appends).
@@ -352,7 +357,9 @@ impl SimStorage {
             let applied: BTreeSet<Option<bool>> =
                 heads.iter().map(|h| h.applied(&self.writer, pending.token)).collect();
             if applied.len() > 1 {
-                return Some(Err(format!("an atomic append is applied to some of its shards only: {applied:?}")));
+                return Some(Err(format!(
+                    "an atomic append is applied to some of its shards only: {applied:?}"
+                )));
             }
             if applied.contains(&Some(true)) {
                 self.stats.found_applied += 1;
@@ -406,15 +413,21 @@ impl SimStorage {
                 pending.maybe_applied = true;
                 if self.rebase_after_lost_reply {
                     // The planted writer starts over with fresh parts (dropping those nothing references).
-                    let written: Vec<PartRef> =
-                        pending.parts.take().into_iter().flat_map(|p| p.into_values()).flat_map(|(p, _)| p).collect();
+                    let written: Vec<PartRef> = pending
+                        .parts
+                        .take()
+                        .into_iter()
+                        .flat_map(|p| p.into_values())
+                        .flat_map(|(p, _)| p)
+                        .collect();
                     let known: BTreeSet<String> = pending
                         .requests
                         .iter()
                         .filter_map(|r| self.heads.get(&r.id))
                         .flat_map(|state| state.known_keys().into_iter().map(str::to_string))
                         .collect();
-                    let orphans: Vec<PartRef> = written.into_iter().filter(|p| !known.contains(&p.key)).collect();
+                    let orphans: Vec<PartRef> =
+                        written.into_iter().filter(|p| !known.contains(&p.key)).collect();
                     self.delete_parts(orphans.iter());
                 }
                 None
@@ -529,8 +542,7 @@ impl SimStorage {
     /// Registers a client: `critical` for the controller, leased for a model process.
     pub fn new_client(&mut self, name: &str, critical: bool) -> ClientId {
         let id = ClientId(name.to_string());
-        let reader =
-            ReaderId(if critical { format!("critical-{name}") } else { format!("leased-{name}") });
+        let reader = ReaderId(if critical { format!("critical-{name}") } else { format!("leased-{name}") });
         let client =
             Client { reader, critical, alive: true, counts: BTreeMap::new(), registered: BTreeMap::new() };
         assert!(self.clients.insert(id.clone(), client).is_none(), "client {name} registered twice");
@@ -556,15 +568,18 @@ impl SimStorage {
     ) -> Result<StorageReadHold, StorageFailure> {
         let c = self.clients.get(client).expect("registered client");
         assert!(c.alive, "a crashed client takes no holds");
-        let covered = c.registered.get(&id).is_some_and(|r| {
-            !r.is_empty() && !frontier.is_empty() && PartialOrder::less_equal(r, &frontier)
-        });
+        let covered = c
+            .registered
+            .get(&id)
+            .is_some_and(|r| !r.is_empty() && !frontier.is_empty() && PartialOrder::less_equal(r, &frontier));
         if !covered {
             let (reader, critical) = (c.reader.clone(), c.critical);
             let head = self.head(id)?.clone();
             let next = head.hold_reader(&reader, critical, &frontier, self.now, LEASE_MS).map_err(|r| {
                 StorageFailure::Hold(match r {
-                    Refusal::BeforeSince { since } => HoldError::BeforeSince { id, since, requested: frontier.clone() },
+                    Refusal::BeforeSince { since } => {
+                        HoldError::BeforeSince { id, since, requested: frontier.clone() }
+                    }
                     _ => HoldError::CollectionMissing(id),
                 })
             })?;
@@ -582,7 +597,10 @@ impl SimStorage {
             }
         }
         let c = self.clients.get_mut(client).expect("registered");
-        c.counts.entry(id).or_insert_with(MutableAntichain::new).update_iter(frontier.iter().map(|t| (*t, 1)));
+        c.counts
+            .entry(id)
+            .or_default()
+            .update_iter(frontier.iter().map(|t| (*t, 1)));
         let changes = Arc::clone(&self.changes);
         let owner = client.clone();
         let tx = Arc::new(move |id: &GlobalId, batch: ChangeBatch<u64>| {
@@ -598,7 +616,7 @@ impl SimStorage {
         let changes = std::mem::take(&mut *self.changes.lock().expect("not poisoned"));
         for (client, id, mut batch) in changes {
             if let Some(c) = self.clients.get_mut(&client).filter(|c| c.alive) {
-                c.counts.entry(id).or_insert_with(MutableAntichain::new).update_iter(batch.drain());
+                c.counts.entry(id).or_default().update_iter(batch.drain());
             }
         }
     }
@@ -670,7 +688,9 @@ impl SimStorage {
             return Ok(());
         };
         if !meet.is_empty() && !PartialOrder::less_equal(&registered, &meet) {
-            return Err(format!("{client:?} holds {id} at {meet:?}, before its reader's since {registered:?}"));
+            return Err(format!(
+                "{client:?} holds {id} at {meet:?}, before its reader's since {registered:?}"
+            ));
         }
         let next = if meet.is_empty() {
             state.release_reader(&reader)

@@ -1,7 +1,8 @@
 //! The simulated world: one seed drives everything.
 //!
 //! The world runs the **unmodified** synchronous cores (the controller's [`InstanceCore`], one
-//! [`ReplicaCore`] per replica, the storage [`Store`]) and replaces everything asynchronous: replicas are
+//! [`ReplicaCore`] per replica, the shard engine's pure state machine in [`SimStorage`]) and replaces
+//! everything asynchronous: replicas are
 //! [`ModelProcess`]es, the network is a priority queue of messages with random delays (FIFO per link, so
 //! messages to different replicas reorder freely), and time is a counter advanced one millisecond per step.
 //! This is our own tiny executor rather than turmoil or madsim: the cores are synchronous state machines,
@@ -9,17 +10,21 @@
 //! reproducible and thousands of seeds a minute fast.
 //!
 //! A run has a **fault phase** (workload plus faults: disconnects, crashes and restarts, slow replicas,
-//! delay spikes, frontier regressions, replicas added and dropped, storage restarts) and a **liveness
-//! phase** (faults stop; every replica must reconnect and catch up and every peek must complete). A
-//! storage restart rebuilds the [`Store`] from its checkpoint with recovery holds, drops every client hold
-//! on it, and has the controller's and every model process's storage holds re-registered through their
-//! [`HoldSession`]s (the code the network client runs) when the clients come back. After every step the
-//! world checks DESIGN §5's invariants, its own checks first so that a violation is reported as its own
-//! kind: the model replicas' checks (recorded as they happen), a peek's hold kept while a replica owes
-//! the answer ([`World::check_peek_holds`]), no storage since beyond a hold a client keeps, the command
-//! history bounded, and then the controller's own [`InstanceCore::check_invariants`]. Every peek result
-//! and subscribe batch is compared with the [`Oracle`]; after the faults stop, liveness and the installed
-//! state are checked. Each violation is a typed [`Violation`]; the run stops at the first step with one.
+//! delay spikes, frontier regressions, replicas added and dropped, outages of the consensus or the blob
+//! store; throughout, lost replies to storage compare-and-sets and storage latency) and a **liveness
+//! phase** (faults stop; every replica must reconnect and catch up and every peek must complete). The
+//! tables are shards ([`SimStorage`]): the table writer appends one batch at a time and retries through
+//! outages and lost replies with its idempotency token; the controller holds through a critical reader,
+//! each model process through a leased one that expires after a crash. After every step the world
+//! checks DESIGN §5's invariants, its own checks first so that a violation is reported as its own kind:
+//! the model replicas' checks (recorded as they happen), a peek's hold kept while a replica owes the
+//! answer ([`World::check_peek_holds`]), no storage since beyond a hold a live client keeps, the command
+//! history bounded, and then the controller's own [`InstanceCore::check_invariants`]. After every
+//! acknowledged append, what storage holds (decoded from the blob parts the shard's head references) is
+//! compared with the world's own ledger of acknowledged appends; at the end, no blob part may be left
+//! that no shard references. Every peek result and subscribe batch is compared with the [`Oracle`];
+//! after the faults stop, liveness and the installed state are checked. Each violation is a typed
+//! [`Violation`]; the run stops at the first step with one.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -306,7 +311,11 @@ impl World {
                 Ok(leaked) if leaked.is_empty() => {}
                 Ok(leaked) => self.violation(
                     Invariant::StorageContents,
-                    format!("{} blob parts no shard references: {:?}", leaked.len(), &leaked[..leaked.len().min(3)]),
+                    format!(
+                        "{} blob parts no shard references: {:?}",
+                        leaked.len(),
+                        &leaked[..leaked.len().min(3)]
+                    ),
                 ),
                 Err(e) => self.violation(Invariant::StorageContents, e),
             }
@@ -575,13 +584,7 @@ impl World {
                 ModelProcess::new(replica, p, processes, client)
             })
             .collect();
-        let sim = SimReplica {
-            core,
-            processes,
-            link: None,
-            down_until: None,
-            delay_max: 3,
-        };
+        let sim = SimReplica { core, processes, link: None, down_until: None, delay_max: 3 };
         self.replicas.insert(replica, sim);
         self.pump();
     }
@@ -705,7 +708,9 @@ impl World {
                     .into_iter()
                     .filter(|row| expected.get(*row) != held.get(*row))
                     .take(3)
-                    .map(|row| format!("{row}: acknowledged {:?}, stored {:?}", expected.get(row), held.get(row)))
+                    .map(|row| {
+                        format!("{row}: acknowledged {:?}, stored {:?}", expected.get(row), held.get(row))
+                    })
                     .collect();
                 self.violation(
                     Invariant::StorageContents,

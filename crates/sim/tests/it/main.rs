@@ -98,7 +98,10 @@ fn holds_and_appends_survive_storage_outages_lost_replies_compaction_and_lease_e
         totals.readers_expired += s.readers_expired;
     }
     assert!(outages > 0, "no seed had a storage outage");
-    assert!(totals.appends_applied_unacknowledged > 0, "no append was applied with its reply lost: {totals:?}");
+    assert!(
+        totals.appends_applied_unacknowledged > 0,
+        "no append was applied with its reply lost: {totals:?}"
+    );
     assert_eq!(
         totals.found_applied, totals.appends_applied_unacknowledged,
         "every append applied with its reply lost is found by its token, and no other"
