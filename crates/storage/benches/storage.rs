@@ -6,9 +6,6 @@
 //!   collection per writer) with 1, 8 and 64 concurrent writers, against a baseline measured in the same run
 //!   in the same directory: plain sequential `write` + `fsync` of the same number of bytes with the same
 //!   number of fsyncs (the physical limit of that cadence). The goal is a ratio of at least 0.5.
-//! - `storage.listen_fanout_*`: one writer and eight listeners, each on its own TCP connection to a server
-//!   in this process; rows per second each listener receives (baseline: the rows per second the writer
-//!   appended) and the p50/p99 latency from calling `append` to a listener seeing the `Progress` past it.
 //! - `storage.restart_1m_rows_*`: the time to reopen a store whose log holds 1M updates of 100-byte rows
 //!   (churn over about 10k live rows), first replaying the log, then after a checkpoint (ratio: after /
 //!   before).
@@ -27,13 +24,11 @@
 #![allow(clippy::disallowed_methods)]
 
 use std::io::Write;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use frontiers::{Antichain, ReadPolicy};
 use protocol::{ColumnType, Datum, GlobalId, RelationDesc, Row, ScalarType};
-use storage::{AppendRequest, Client, InProcess, ListenEvent, Server, StorageCollections, StoreConfig};
-use transport::{ClientSecurity, ServerSecurity, SharedSecret};
+use storage::{AppendRequest, InProcess, StorageCollections, StoreConfig};
 
 mod shards;
 
@@ -143,107 +138,6 @@ async fn bench_appends() {
     }
 }
 
-async fn bench_listen_fanout() {
-    const LISTENERS: usize = 8;
-    const ROWS_PER_BATCH: u64 = 100;
-    let dir = tempfile::tempdir().unwrap();
-    let store = InProcess::open(dir.path(), StoreConfig::default()).unwrap();
-    let server = Server::bind("127.0.0.1:0", store.clone(), server_security()).await.unwrap();
-    let addr = server.local_addr().unwrap();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let serving = tokio::spawn(server.serve(async move {
-        let _ = stop_rx.await;
-    }));
-    let id = GlobalId::User(1);
-    let writer = Client::connect(addr, client_security()).await.unwrap();
-    writer.create_collection(id, desc()).await.unwrap();
-    writer.set_read_policy(id, ReadPolicy::LagWriteFrontier { lag_ms: 10, granularity_ms: 0 }).await.unwrap();
-
-    // sent[t]: when the append of time t was called.
-    let sent: Arc<Mutex<Vec<Instant>>> = Arc::new(Mutex::new(Vec::new()));
-    let mut listeners = Vec::new();
-    for _ in 0..LISTENERS {
-        let client = Client::connect(addr, client_security()).await.unwrap();
-        let mut listen = client.listen(id, 0).await.unwrap();
-        let sent = Arc::clone(&sent);
-        listeners.push(tokio::spawn(async move {
-            let _client = client;
-            let mut rows = 0u64;
-            let mut latencies = Vec::new();
-            let mut delivered = 0u64;
-            loop {
-                match listen.next().await {
-                    Ok(ListenEvent::Updates(updates)) => rows += updates.len() as u64,
-                    Ok(ListenEvent::Progress(frontier)) => {
-                        let Some(upper) = frontier.as_option().copied() else { break };
-                        let now = Instant::now();
-                        let sent = sent.lock().unwrap();
-                        for t in delivered.max(1)..upper.min(sent.len() as u64 + 1) {
-                            latencies.push(now - sent[(t - 1) as usize]);
-                        }
-                        delivered = upper;
-                    }
-                    Err(_) => break,
-                }
-            }
-            (rows, latencies)
-        }));
-    }
-    // Time 0 holds nothing; the writer's appends are at times 1, 2, ...
-    writer.append(vec![append(id, vec![], 0, 1)]).await.unwrap();
-    let start = Instant::now();
-    let mut t = 1u64;
-    while start.elapsed() < RUN {
-        let rows = (0..ROWS_PER_BATCH).map(|i| (row(0, t * ROWS_PER_BATCH + i), t, 1)).collect();
-        sent.lock().unwrap().push(Instant::now());
-        writer.append(vec![append(id, rows, t, t + 1)]).await.unwrap();
-        t += 1;
-    }
-    let write_elapsed = start.elapsed().as_secs_f64();
-    // Close the collection so every listener ends after the last append.
-    writer
-        .append(vec![AppendRequest {
-            id,
-            updates: vec![],
-            expected_upper: Antichain::from_elem(t),
-            new_upper: Antichain::new(),
-        }])
-        .await
-        .unwrap();
-    let mut total_rows = 0;
-    let mut latencies = Vec::new();
-    let mut last_done = Duration::ZERO;
-    for listener in listeners {
-        let (rows, mut l) = listener.await.unwrap();
-        total_rows += rows;
-        latencies.append(&mut l);
-        last_done = last_done.max(start.elapsed());
-    }
-    let appended = (t - 1) * ROWS_PER_BATCH;
-    let writer_rate = appended as f64 / write_elapsed;
-    let per_listener = total_rows as f64 / LISTENERS as f64 / last_done.as_secs_f64();
-    latencies.sort();
-    let percentile = |p: f64| latencies[((latencies.len() as f64 - 1.0) * p) as usize].as_secs_f64() * 1e6;
-    print_line(
-        "storage.listen_fanout_rows_per_listener",
-        per_listener,
-        "rows/s",
-        Some((writer_rate, "rows/s")),
-    );
-    print_line(
-        "storage.listen_fanout_rows_total",
-        total_rows as f64 / last_done.as_secs_f64(),
-        "rows/s",
-        None,
-    );
-    print_line("storage.listen_fanout_p50", percentile(0.5), "us", None);
-    print_line("storage.listen_fanout_p99", percentile(0.99), "us", None);
-    assert_eq!(total_rows, appended * LISTENERS as u64, "every listener receives every row");
-    let _ = stop_tx.send(());
-    serving.await.unwrap().unwrap();
-    store.shutdown().await;
-}
-
 async fn bench_restart() {
     const UPDATES: u64 = 1_000_000;
     const PER_APPEND: u64 = 1_000;
@@ -296,9 +190,6 @@ fn main() {
         if wants("append") {
             bench_appends().await;
         }
-        if wants("listen") {
-            bench_listen_fanout().await;
-        }
         if wants("restart") {
             bench_restart().await;
         }
@@ -306,15 +197,3 @@ fn main() {
     });
 }
 
-/// The benchmark's shared secret (plain TCP: this measures the store and its protocol).
-fn secret() -> SharedSecret {
-    SharedSecret::new(b"the storage benchmark's shared secret".to_vec()).expect("secret")
-}
-
-fn server_security() -> ServerSecurity {
-    ServerSecurity::insecure(secret())
-}
-
-fn client_security() -> ClientSecurity {
-    ClientSecurity::insecure(secret())
-}

@@ -1,16 +1,15 @@
 //! The public storage API: the [`StorageCollections`] trait and the plain data types it speaks.
 //!
-//! **What this is.** The contract every storage implementation meets: the embedded store
-//! ([`crate::InProcess`]), the network client ([`crate::Client`]), and anything a service plugs in instead.
-//! **What this is not:** an implementation; the semantics are stated here and implemented by the core
-//! ([`crate::core::Store`]) and the shells around it.
+//! **What this is.** The contract every storage implementation meets: the shards
+//! ([`crate::ShardCollections`]), the embedded store ([`crate::InProcess`]), and anything a service plugs in
+//! instead. **What this is not:** an implementation; the semantics are stated here.
 //!
 //! **Semantics in brief** (DESIGN §2). A collection has a `since` and an `upper`; a time `t` is readable iff
 //! `since <= t < upper`. `append` is compare-and-append over one or more collections, atomic across all of
 //! them, and durable before it returns `Ok`. `since` is the meet of every outstanding read hold, including
 //! the one the collection's own [`ReadPolicy`] keeps. Reads before `since` are errors, never stale data.
 //!
-//! **Tests.** `tests/it/` runs the same scenarios against `InProcess` and against `Client` over TCP.
+//! **Tests.** `tests/it/` runs the same scenarios against `InProcess` and against the shards on every backend.
 
 use std::collections::VecDeque;
 use std::future::Future;

@@ -365,8 +365,8 @@ impl Store {
     }
 
     /// After a restart: holds every collection at its since until [`end_recovery`](Self::end_recovery),
-    /// so that the clients of the store before the restart, whose holds died with their connections, can
-    /// re-register them ([`crate::HoldSession`]). The durable layer calls it before it replays the log
+    /// so that the users of the store before the restart, whose holds died with them, can take them
+    /// again. The durable layer calls it before it replays the log
     /// (and again after each replayed create), and each replayed since record moves the hold to the
     /// logged since ([`advance_policy_hold`](Self::advance_policy_hold)): the recovered since is then the
     /// since at the crash, the meet of every hold of that moment, so at or before each client's hold.

@@ -3,12 +3,11 @@
 //!
 //! **What this is.** [`CreateError`], [`DropError`], [`AppendError`], [`ReadError`] and [`HoldError`], shared
 //! by the synchronous core ([`crate::core::Store`]), the in-process handle ([`crate::InProcess`]) and the
-//! network client ([`crate::Client`]). They are `Serialize`/`Deserialize` because the server sends them to
-//! clients unchanged. **What this is not:** a place for broken invariants; those are `assert!`s where they
+//! shards ([`crate::ShardCollections`]). They are `Serialize`/`Deserialize` because replicas report them
+//! to the controller unchanged. **What this is not:** a place for broken invariants; those are `assert!`s where they
 //! are checked.
 //!
-//! **Tests.** Every variant is produced by a test in `tests/it/errors.rs` (and the server/client tests send
-//! them over the wire).
+//! **Tests.** Every variant is produced by a test in `tests/it/errors.rs`.
 
 use frontiers::Antichain;
 use protocol::{ColumnType, GlobalId, RowTypeError};

@@ -10,7 +10,7 @@
 //! dropped `ReadHold`, a downgrade) wake the committer, which applies them, compacts, and logs the new
 //! sinces with its next commit.
 //!
-//! **What this is not.** No sockets ([`crate::server`] serves an `InProcess` over TCP) and no decisions
+//! **What this is not.** No sockets and no decisions
 //! about data: validation and compaction are the core's.
 //!
 //! **Invariants.** The state lock is never held across an `.await` or an fsync. Every change to a
@@ -54,8 +54,8 @@ pub struct StoreConfig {
     /// A listen splits its updates into events of at most about this many row bytes. Default 1 MiB.
     pub listen_chunk_bytes: usize,
     /// After a durable store reopens, how long it keeps every collection at its recovered since so that
-    /// the clients it had before can re-register their read holds ([`crate::Client`] does so as it
-    /// reconnects; see [`Store::hold_for_recovery`]). Default 30 s.
+    /// the users it had before can take their read holds again (see [`Store::hold_for_recovery`]).
+    /// Default 30 s.
     pub recovery_grace: Duration,
     /// Injected I/O failures (tests only).
     pub faults: IoFaults,
@@ -217,13 +217,6 @@ impl InProcess {
         Ok(opened)
     }
 
-    /// Holds every collection at its current since until [`end_recovery`](Self::end_recovery), as a
-    /// reopened store does for its grace period ([`Store::hold_for_recovery`]). The server calls it as it
-    /// stops, before the connections (and with them their clients' holds) go.
-    pub fn hold_sinces(&self) {
-        self.shared().lock().store.hold_for_recovery();
-    }
-
     /// Ends the recovery grace now (see [`StoreConfig::recovery_grace`]): the holds kept for clients that
     /// have not come back are released. Returns how many.
     pub fn end_recovery(&self) -> usize {
@@ -245,12 +238,6 @@ impl InProcess {
         let stats = Arc::new(Mutex::new(data_dir.as_ref().map(DataDir::stats)));
         crate::commit::spawn(Arc::clone(&shared), data_dir, rx, ops.clone(), wake, Arc::clone(&stats));
         InProcess { handle: Arc::new(Handle { shared, ops, stats, recovery }) }
-    }
-
-    /// A listen resumed at `from`: no snapshot, the updates at times at or beyond `from` (see
-    /// [`crate::Client`]'s reconnect).
-    pub(crate) fn listen_from(&self, id: GlobalId, from: u64) -> Result<Listen, ReadError> {
-        LocalListen::resume(Arc::clone(self.shared()), id, from).map(Listen::local)
     }
 
     pub(crate) fn shared(&self) -> &Arc<Shared> {

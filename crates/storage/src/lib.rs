@@ -1,5 +1,5 @@
 //! The storage layer: durable collections with `since` and `upper`, compare-and-append, read holds,
-//! snapshots and listens; embedded, or served over TCP.
+//! snapshots and listens, on shards that every process opens itself.
 //!
 //! **What this is.** The storage that compute dataflows read their sources from and write materialized views
 //! back to, and whose compaction the controller holds back (DESIGN §2, §4). Everything speaks the object-safe
@@ -9,22 +9,17 @@
 //!   database, read and written directly by every process that reaches both (DESIGN §9; see [`shard`]).
 //!   Backends by URL: local files, S3 (feature `s3`) or memory; SQLite, PostgreSQL (feature `postgres`) or
 //!   memory. `storage::services` (feature `services`) starts a throwaway PostgreSQL and S3 server;
-//! - [`InProcess`]: the storage server's embedded store, in memory ([`InProcess::in_memory`]) or durable in a
-//!   data directory ([`InProcess::open`]);
-//! - [`Client`]: a connection to a [`Server`] (binary `storage-server --data-dir DIR --listen ADDR`).
+//! - [`InProcess`]: an embedded store in one process, in memory ([`InProcess::in_memory`]: what the other
+//!   crates' tests and benchmarks run on) or durable in a data directory ([`InProcess::open`]).
 //!
-//! The storage server's layers, bottom up: [`core`] (synchronous, deterministic, I/O-free: the simulator
-//! drives it directly), [`durable`] (write-ahead log, checkpoints, recovery), [`InProcess`] (the async shell,
-//! with a pipelined group-committer and syncer thread), [`Server`] / [`Client`] ([`wire`] protocol over
-//! `protocol::frame` frames); and [`TableWriter`] (a service's `INSERT` at clock timestamps, on any engine).
+//! [`InProcess`]'s layers, bottom up: [`core`] (synchronous, deterministic, I/O-free), [`durable`]
+//! (write-ahead log, checkpoints, recovery), [`InProcess`] (the async shell, with a pipelined
+//! group-committer and syncer thread). [`TableWriter`] is a service's `INSERT` at clock timestamps, on any
+//! engine. (The storage server that served an `InProcess` over TCP is retired: every process opens the
+//! shards itself.)
 //! [`StorageMetrics`] is the shard engine's Prometheus families ([`ShardConfig::metrics`]).
 //!
 //! **What this is not.** Nothing here knows compute or the controller.
-//!
-//! **Restarts.** A server restart is survivable: the reopened store holds every collection at the since of
-//! the crash for [`StoreConfig::recovery_grace`] ([`core::Store::hold_for_recovery`]), and the [`Client`]
-//! reconnects, re-registers its read holds through its [`HoldSession`] and resumes its listens where they
-//! were (see [`Client`]'s module documentation).
 //!
 //! **Invariants.** For every collection `since` is the meet of its outstanding holds (including its read
 //! policy's) and never regresses; `upper` never regresses, also across restarts; an append is visible only
@@ -35,14 +30,12 @@
 //! [`ReadError::NotYetReadable`]. A listen waits without a timeout.
 //!
 //! **Tests.** Unit tests next to the code; integration tests in `tests/it/` (errors, a property test of the
-//! core against a naive model, durability with SIGKILLed child processes and torn tails, server and client
-//! over real TCP, listens, the table writer; for shards: the engine traits' conformance suites, the
+//! core against a naive model, durability with SIGKILLed child processes and torn tails, listens, the table writer; for shards: the engine traits' conformance suites, the
 //! `StorageCollections` behaviours and the faults on every backend, a property test of the shard state
 //! machine). Benchmarks in `benches/storage.rs` (`cargo xtask bench storage`).
 
 mod api;
 pub mod blob;
-mod client;
 mod commit;
 pub mod consensus;
 pub mod core;
@@ -52,26 +45,20 @@ pub mod external;
 mod inprocess;
 mod listen;
 mod metrics;
-mod server;
 #[cfg(feature = "services")]
 pub mod services;
-mod session;
 pub mod shard;
 mod table_writer;
 mod url;
-pub mod wire;
 
 pub use api::{
     AppendRequest, BoxFuture, CollectionFrontiers, ListenEvent, SnapshotChunks, StorageCollections,
     StorageReadHold,
 };
-pub use client::{Client, ClientConfig, ConnectError, MIN_FRAME_BYTES};
 pub use error::{AppendError, CreateError, DropError, HoldError, ReadError};
 pub use inprocess::{CheckpointError, InProcess, StoreConfig};
 pub use listen::{FrontierWatch, Listen};
 pub use metrics::{AppendOutcome, BlobOp, ConsensusOp, LeaseKind, StorageMetrics};
-pub use server::Server;
-pub use session::HoldSession;
 pub use shard::{ShardCollections, ShardConfig, ShardOpenError, ShardStats};
 pub use table_writer::{Clock, ManualClock, SystemClock, TableWriteError, TableWriter, TableWriterConfig};
 pub use url::UrlError;

@@ -1,23 +1,21 @@
 //! [`Listen`] (a collection's change stream) and [`FrontierWatch`] (every collection's frontier changes),
-//! for both the embedded store and the network client.
+//! for the embedded store and the shards.
 //!
 //! **Backpressure by pulling.** A local listen keeps no queue that the store fills: each call to
 //! [`Listen::next`] that finds its small buffer empty reads the updates in `[delivered upper, current
 //! upper)` straight from the store, so a slow listener costs nothing while it is slow and then catches up in
 //! one larger read. The listen holds a read hold at what it has delivered, so those updates are still there
 //! at full resolution. A frontier watch keeps a set of dirty collection ids (bounded by the number of
-//! collections, not the number of changes) and reads the current frontiers when it is polled. Over the
-//! network the client asks for the next events only when its buffer is empty ([`crate::client`]), so the
-//! same bound holds end to end.
+//! collections, not the number of changes) and reads the current frontiers when it is polled.
 //!
 //! **Invariants.** A listen's events are, in order: the snapshot at `as_of` as `Updates` at time `as_of`
 //! (always sent, possibly empty), then alternating non-empty `Updates` and `Progress` with strictly
 //! advancing frontiers; every update's time is beyond the previous `Progress` and before the next one.
 //!
-//! A listen or watch on shards ([`crate::shard::ShardCollections`]) is a third kind, documented in
+//! A listen or watch on shards ([`crate::shard::ShardCollections`]) is the other kind, documented in
 //! `shard/listen.rs`.
 //!
-//! **Tests.** `tests/it/listen.rs` (in-process and over TCP, including a lagging listener; on shards in
+//! **Tests.** `tests/it/listen.rs` (in-process, including a lagging listener; on shards in
 //! `tests/it/shards.rs`).
 
 use std::collections::{BTreeMap, VecDeque};
@@ -29,7 +27,6 @@ use protocol::{Diff, GlobalId, Row};
 use tokio::sync::watch;
 
 use crate::api::{CollectionFrontiers, ListenEvent, StorageReadHold};
-use crate::client::{RemoteListen, RemoteWatch};
 use crate::error::ReadError;
 use crate::inprocess::{Shared, WatcherEntry};
 use crate::shard::{ShardListen, ShardWatch};
@@ -41,7 +38,6 @@ pub struct Listen {
 
 enum ListenInner {
     Local(LocalListen),
-    Remote(RemoteListen),
     Shard(Box<ShardListen>),
 }
 
@@ -49,7 +45,6 @@ impl fmt::Debug for Listen {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (kind, id, as_of) = match &self.inner {
             ListenInner::Local(l) => ("local", l.id, l.as_of),
-            ListenInner::Remote(r) => ("remote", r.id(), r.as_of()),
             ListenInner::Shard(s) => ("shard", s.id(), s.as_of()),
         };
         f.debug_struct("Listen").field("kind", &kind).field("id", &id).field("as_of", &as_of).finish()
@@ -61,10 +56,6 @@ impl Listen {
         Listen { inner: ListenInner::Local(listen) }
     }
 
-    pub(crate) fn remote(listen: RemoteListen) -> Self {
-        Listen { inner: ListenInner::Remote(listen) }
-    }
-
     pub(crate) fn shard(listen: ShardListen) -> Self {
         Listen { inner: ListenInner::Shard(Box::new(listen)) }
     }
@@ -74,7 +65,6 @@ impl Listen {
     pub async fn next(&mut self) -> Result<ListenEvent, ReadError> {
         match &mut self.inner {
             ListenInner::Local(listen) => listen.next().await,
-            ListenInner::Remote(listen) => listen.next().await,
             ListenInner::Shard(listen) => listen.next().await,
         }
     }
@@ -83,7 +73,6 @@ impl Listen {
     pub fn try_next(&mut self) -> Option<Result<ListenEvent, ReadError>> {
         match &mut self.inner {
             ListenInner::Local(listen) => listen.poll_ready(),
-            ListenInner::Remote(listen) => listen.try_next(),
             ListenInner::Shard(listen) => listen.try_next(),
         }
     }
@@ -92,7 +81,6 @@ impl Listen {
     pub fn id(&self) -> GlobalId {
         match &self.inner {
             ListenInner::Local(listen) => listen.id,
-            ListenInner::Remote(listen) => listen.id(),
             ListenInner::Shard(listen) => listen.id(),
         }
     }
@@ -101,7 +89,6 @@ impl Listen {
     pub fn as_of(&self) -> u64 {
         match &self.inner {
             ListenInner::Local(listen) => listen.as_of,
-            ListenInner::Remote(listen) => listen.as_of(),
             ListenInner::Shard(listen) => listen.as_of(),
         }
     }
@@ -124,16 +111,6 @@ pub(crate) struct LocalListen {
 
 impl LocalListen {
     pub(crate) fn new(shared: Arc<Shared>, id: GlobalId, as_of: u64) -> Result<Self, ReadError> {
-        Self::start(shared, id, as_of, false)
-    }
-
-    /// Resumes a listen whose consumer has every update at a time before `from` (a client reconnecting
-    /// after a restart): no snapshot; the first events are the updates at times at or beyond `from`.
-    pub(crate) fn resume(shared: Arc<Shared>, id: GlobalId, from: u64) -> Result<Self, ReadError> {
-        Self::start(shared, id, from, true)
-    }
-
-    fn start(shared: Arc<Shared>, id: GlobalId, as_of: u64, resume: bool) -> Result<Self, ReadError> {
         let (hold, signal) = {
             let mut state = shared.lock();
             if state.shut_down {
@@ -152,7 +129,7 @@ impl LocalListen {
             id,
             as_of,
             hold,
-            delivered: resume.then(|| Antichain::from_elem(as_of)),
+            delivered: None,
             pending: VecDeque::new(),
             signal,
             finished: None,
@@ -281,7 +258,6 @@ pub struct FrontierWatch {
 
 enum WatchInner {
     Local(LocalWatch),
-    Remote(RemoteWatch),
     Shard(Box<ShardWatch>),
 }
 
@@ -289,7 +265,6 @@ impl fmt::Debug for FrontierWatch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let kind = match &self.inner {
             WatchInner::Local(_) => "local",
-            WatchInner::Remote(_) => "remote",
             WatchInner::Shard(_) => "shard",
         };
         f.debug_struct("FrontierWatch").field("kind", &kind).finish_non_exhaustive()
@@ -301,10 +276,6 @@ impl FrontierWatch {
         FrontierWatch { inner: WatchInner::Local(watch) }
     }
 
-    pub(crate) fn remote(watch: RemoteWatch) -> Self {
-        FrontierWatch { inner: WatchInner::Remote(watch) }
-    }
-
     pub(crate) fn shard(watch: ShardWatch) -> Self {
         FrontierWatch { inner: WatchInner::Shard(Box::new(watch)) }
     }
@@ -314,7 +285,6 @@ impl FrontierWatch {
     pub async fn next(&mut self) -> Result<(GlobalId, Option<CollectionFrontiers>), ReadError> {
         match &mut self.inner {
             WatchInner::Local(watch) => watch.next().await,
-            WatchInner::Remote(watch) => watch.next().await,
             WatchInner::Shard(watch) => watch.next().await,
         }
     }
@@ -323,7 +293,6 @@ impl FrontierWatch {
     pub fn try_next(&mut self) -> Option<Result<(GlobalId, Option<CollectionFrontiers>), ReadError>> {
         match &mut self.inner {
             WatchInner::Local(watch) => watch.poll_ready(),
-            WatchInner::Remote(watch) => watch.try_next(),
             WatchInner::Shard(watch) => watch.try_next(),
         }
     }

@@ -1,22 +1,18 @@
-//! Every error case of the storage API, asserted: against the embedded store and, through the same
-//! function, against a `Client` over TCP (errors cross the wire unchanged). Injected I/O faults stand in for
+//! Every error case of the storage API, asserted: against the embedded store (and, through the same
+//! function, against the shards in `shards.rs`). Injected I/O faults stand in for
 //! a full disk (the tests run as root, where an unwritable directory is still writable).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use frontiers::{DowngradeError, ReadPolicy};
-use protocol::frame::{FrameDecoder, encode_frame};
 use protocol::{ColumnType, Datum, Row, ScalarType};
 use storage::durable::IoFaults;
-use storage::wire::{MAX_FRAME_BYTES, Reply, StorageRequest, StorageResponse};
 use storage::{
-    AppendError, Client, CreateError, DropError, HoldError, InProcess, ListenEvent, ReadError,
+    AppendError, CreateError, DropError, HoldError, InProcess, ListenEvent, ReadError,
     StorageCollections, StoreConfig,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::client_security;
 use crate::*;
 
 fn short_timeout() -> StoreConfig {
@@ -141,13 +137,6 @@ async fn the_embedded_store_reports_every_validation_error() {
 }
 
 #[tokio::test]
-async fn a_client_reports_every_validation_error_over_tcp() {
-    let addr = serve(InProcess::in_memory(short_timeout())).await;
-    every_validation_error_is_reported(Arc::new(Client::connect(addr, client_security()).await.unwrap()))
-        .await;
-}
-
-#[tokio::test]
 async fn a_snapshot_waiting_for_its_time_returns_once_the_upper_passes_it() {
     let store = memory_store();
     let id = user(1);
@@ -193,61 +182,6 @@ async fn every_call_on_a_shut_down_store_reports_disconnected() {
     assert_eq!(store.set_read_policy(id, ReadPolicy::NoPolicy).await, Err(HoldError::Disconnected));
     assert_eq!(listen.next().await, Err(ReadError::Disconnected));
     assert_eq!(watch.next().await, Err(ReadError::Disconnected));
-}
-
-#[tokio::test]
-async fn every_call_on_a_closed_client_reports_disconnected() {
-    let store = memory_store();
-    let addr = serve(store.clone()).await;
-    let client = Client::connect(addr, client_security()).await.unwrap();
-    let id = user(1);
-    client.create_collection(id, int_desc()).await.unwrap();
-    let mut listen = client.listen(id, 0).await.unwrap();
-    client.close();
-    assert_eq!(client.create_collection(user(2), int_desc()).await, Err(CreateError::Disconnected));
-    assert_eq!(client.drop_collection(id).await, Err(DropError::Disconnected));
-    assert_eq!(client.append(vec![append(id, vec![], 0, 1)]).await, Err(AppendError::Disconnected));
-    assert_eq!(client.snapshot(id, 0).await, Err(ReadError::Disconnected));
-    assert_eq!(client.acquire_read_hold(id, at(0)).await.unwrap_err(), HoldError::Disconnected);
-    assert_eq!(client.set_read_policy(id, ReadPolicy::NoPolicy).await, Err(HoldError::Disconnected));
-    assert_eq!(listen.next().await, Err(ReadError::Disconnected));
-    assert!(matches!(client.watch_frontiers().await, Err(ReadError::Disconnected)));
-    // The server is unaffected.
-    assert_eq!(store.frontiers(id).await.unwrap().upper, at(0));
-}
-
-#[tokio::test]
-async fn a_client_reports_a_reply_that_does_not_match_its_request_as_a_protocol_error() {
-    // A fake server: greets, then answers every request with a `Created` reply.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let (socket, _) = listener.accept().await.unwrap();
-        let mut socket = crate::accept_authenticated(socket).await;
-        let mut decoder = FrameDecoder::new(MAX_FRAME_BYTES);
-        let mut chunk = vec![0u8; 4096];
-        loop {
-            while let Some(request) = decoder.next_message::<StorageRequest>().unwrap() {
-                let answer = match request {
-                    StorageRequest::Hello { version } => StorageResponse::Hello { version },
-                    StorageRequest::Snapshot { request, .. } => {
-                        StorageResponse::Reply { request, reply: Reply::Created(Ok(())) }
-                    }
-                    other => panic!("unexpected {other:?}"),
-                };
-                let mut out = Vec::new();
-                encode_frame(&answer, MAX_FRAME_BYTES, &mut out).unwrap();
-                socket.write_all(&out).await.unwrap();
-            }
-            let n = socket.read(&mut chunk).await.unwrap();
-            if n == 0 {
-                return;
-            }
-            decoder.push(&chunk[..n]);
-        }
-    });
-    let client = Client::connect(addr, client_security()).await.unwrap();
-    assert!(matches!(client.snapshot(user(1), 0).await, Err(ReadError::Protocol(_))));
 }
 
 async fn durable_store(dir: &std::path::Path, faults: &IoFaults) -> InProcess {
@@ -325,20 +259,6 @@ async fn a_log_that_cannot_be_rolled_back_fails_every_later_append_cleanly() {
     assert_eq!(store.frontiers(id).await.unwrap().upper, at(1));
     store.append(vec![append(id, vec![(int_row(5), 1, 1)], 1, 2)]).await.unwrap();
     assert_eq!(store.snapshot(id, 1).await.unwrap(), vec![(int_row(1), 1), (int_row(5), 1)]);
-    store.shutdown().await;
-}
-
-#[tokio::test]
-async fn an_io_error_reaches_a_remote_client_as_an_append_error() {
-    let dir = tempfile::tempdir().unwrap();
-    let faults = IoFaults::new();
-    let store = durable_store(dir.path(), &faults).await;
-    let client = Client::connect(serve(store.clone()).await, client_security()).await.unwrap();
-    let id = user(1);
-    client.create_collection(id, int_desc()).await.unwrap();
-    faults.fail_syncs(1);
-    assert!(matches!(client.append(vec![append(id, vec![], 0, 1)]).await, Err(AppendError::Io(_))));
-    client.append(vec![append(id, vec![], 0, 1)]).await.unwrap();
     store.shutdown().await;
 }
 

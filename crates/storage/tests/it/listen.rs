@@ -1,4 +1,4 @@
-//! Listens and frontier watches, in process and over TCP: event order, fan-out to many listeners, a lagging
+//! Listens and frontier watches, in process: event order, fan-out to many listeners, a lagging
 //! listener that catches up from the store (not from a queue) while holding the since back, listens that
 //! wait for their `as_of`, and watches that report creates, frontier moves and drops; snapshot streams
 //! (chunk sizes, the hold on `as_of` while a stream lives, errors), which `shards.rs` runs on shards too.
@@ -8,9 +8,8 @@ use std::time::Duration;
 
 use frontiers::ReadPolicy;
 use protocol::{Diff, Row};
-use storage::{Client, CollectionFrontiers, Listen, ListenEvent, ReadError, StorageCollections};
+use storage::{CollectionFrontiers, Listen, ListenEvent, ReadError, StorageCollections};
 
-use crate::client_security;
 use crate::*;
 
 /// Reads events until `Progress(upper)`; checks the listen invariants on the way and returns the updates.
@@ -99,15 +98,6 @@ async fn an_embedded_listen_delivers_the_snapshot_then_every_append() {
     listens_deliver_the_snapshot_then_every_append(Arc::new(memory_store())).await;
 }
 
-#[tokio::test]
-async fn a_remote_listen_delivers_the_snapshot_then_every_append() {
-    let addr = serve(memory_store()).await;
-    listens_deliver_the_snapshot_then_every_append(Arc::new(
-        Client::connect(addr, client_security()).await.unwrap(),
-    ))
-    .await;
-}
-
 pub(crate) async fn a_lagging_listener_catches_up_from_the_store(storage: Arc<dyn StorageCollections>) {
     let id = user(1);
     storage.create_collection(id, int_desc()).await.unwrap();
@@ -163,15 +153,6 @@ pub(crate) async fn wait_for_since(
 #[tokio::test]
 async fn an_embedded_lagging_listener_catches_up_from_the_store() {
     a_lagging_listener_catches_up_from_the_store(Arc::new(memory_store())).await;
-}
-
-#[tokio::test]
-async fn a_remote_lagging_listener_catches_up_from_the_store() {
-    let addr = serve(memory_store()).await;
-    a_lagging_listener_catches_up_from_the_store(Arc::new(
-        Client::connect(addr, client_security()).await.unwrap(),
-    ))
-    .await;
 }
 
 #[tokio::test]
@@ -245,15 +226,6 @@ async fn an_embedded_watch_reports_every_collection_then_every_change() {
     a_watch_reports_every_collection_then_every_change(Arc::new(memory_store())).await;
 }
 
-#[tokio::test]
-async fn a_remote_watch_reports_every_collection_then_every_change() {
-    let addr = serve(memory_store()).await;
-    a_watch_reports_every_collection_then_every_change(Arc::new(
-        Client::connect(addr, client_security()).await.unwrap(),
-    ))
-    .await;
-}
-
 /// A snapshot stream hands out exactly the snapshot, in chunks that end with the row reaching the size
 /// asked for, also when the since moves past its `as_of` meanwhile (`holds_as_of`: the since stays at
 /// `as_of` while the stream lives), and reports a time before the since as the snapshot does.
@@ -301,9 +273,3 @@ async fn an_embedded_snapshot_stream_hands_out_the_snapshot_in_bounded_chunks() 
     snapshot_streams_hand_out_the_snapshot_in_bounded_chunks(Arc::new(memory_store()), false).await;
 }
 
-#[tokio::test]
-async fn a_remote_snapshot_stream_hands_out_the_snapshot_in_bounded_chunks() {
-    let addr = serve(memory_store()).await;
-    let client = Client::connect(addr, client_security()).await.unwrap();
-    snapshot_streams_hand_out_the_snapshot_in_bounded_chunks(Arc::new(client), false).await;
-}

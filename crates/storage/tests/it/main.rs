@@ -1,11 +1,10 @@
 //! The storage crate's integration tests: one binary, one module per area.
 //!
-//! - `errors`: every error case of the API, asserted, against the embedded store and over TCP;
+//! - `errors`: every error case of the API, asserted, against the embedded store;
 //! - `model`: a property test of the synchronous core against a naive model (a list of every update);
 //! - `listen`: listens and frontier watches, including lagging listeners and drops;
 //! - `durability`: torn tails at every byte offset, injected I/O faults, and a child process SIGKILLed
 //!   mid-append at random moments;
-//! - `server`: many clients over real TCP, holds released on disconnect, garbage from a client;
 //! - `table_writer`: the table writer with a manual clock;
 //! - `backends`: the backends the shard tests run on (in-memory; local files + SQLite; S3 + PostgreSQL,
 //!   started by `storage::services`);
@@ -27,7 +26,6 @@ mod faults;
 mod flaky;
 mod listen;
 mod model;
-mod server;
 mod shard_metrics;
 mod shard_model;
 mod shards;
@@ -35,63 +33,7 @@ mod table_writer;
 
 use frontiers::Antichain;
 use protocol::{ColumnType, Datum, GlobalId, RelationDesc, Row, ScalarType};
-use storage::{AppendRequest, InProcess, Server, StoreConfig};
-
-/// The bytes of [`test_secret`] (for a child's environment).
-pub const TEST_SECRET: &str = "the storage integration tests' shared secret";
-
-/// The shared secret of the storage servers and clients under test.
-pub fn test_secret() -> transport::SharedSecret {
-    transport::SharedSecret::new(TEST_SECRET.as_bytes().to_vec()).expect("secret")
-}
-
-/// A raw TCP connection to a storage server that has passed the authentication (plain TCP, the test
-/// secret): what follows is the storage protocol's, starting with its Hello.
-pub async fn authenticated(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
-    let socket = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    authenticate(socket, transport::connect_blocking).await
-}
-
-/// The server's side of [`authenticated`]: authenticates an accepted raw connection.
-pub async fn accept_authenticated(socket: tokio::net::TcpStream) -> tokio::net::TcpStream {
-    authenticate(socket, transport::accept_blocking).await
-}
-
-/// Runs one side of the authentication (`transport::connect_blocking` or `accept_blocking`) with the
-/// test secret on `socket`, off the runtime's threads, and hands the socket back.
-async fn authenticate(
-    socket: tokio::net::TcpStream,
-    side: fn(&mut std::net::TcpStream, transport::AuthParams<'_>) -> Result<(), transport::AuthError>,
-) -> tokio::net::TcpStream {
-    let stream = socket.into_std().expect("a std socket");
-    stream.set_nonblocking(false).expect("blocking");
-    let stream = tokio::task::spawn_blocking(move || {
-        let mut stream = stream;
-        let secret = test_secret();
-        let params = transport::AuthParams {
-            secret: Some(&secret),
-            service: storage::wire::AUTH_SERVICE,
-            binding: &[],
-        };
-        side(&mut stream, params).expect("the authentication succeeds");
-        stream
-    })
-    .await
-    .expect("the authentication task");
-    stream.set_nonblocking(true).expect("non-blocking");
-    tokio::net::TcpStream::from_std(stream).expect("a tokio socket")
-}
-
-/// How the servers under test secure their port: plain TCP and the test secret (TLS is covered by
-/// `transport`'s tests).
-pub fn server_security() -> transport::ServerSecurity {
-    transport::ServerSecurity::insecure(test_secret())
-}
-
-/// How the clients under test connect: plain TCP and the test secret.
-pub fn client_security() -> transport::ClientSecurity {
-    transport::ClientSecurity::insecure(test_secret())
-}
+use storage::{AppendRequest, InProcess, StoreConfig};
 
 /// A one-column `(x: Int64)` schema.
 pub fn int_desc() -> RelationDesc {
@@ -137,14 +79,6 @@ pub fn append(id: GlobalId, updates: Vec<(Row, u64, i64)>, lower: u64, upper: u6
 /// A store in memory with the default configuration.
 pub fn memory_store() -> InProcess {
     InProcess::in_memory(StoreConfig::default())
-}
-
-/// Serves `store` on a free loopback port; returns its address. The server runs until the runtime ends.
-pub async fn serve(store: InProcess) -> std::net::SocketAddr {
-    let server = Server::bind("127.0.0.1:0", store, server_security()).await.expect("bind");
-    let addr = server.local_addr().expect("local addr");
-    tokio::spawn(server.serve(std::future::pending()));
-    addr
 }
 
 /// The proptest configuration: `PROPTEST_CASES` decides the number of cases (STYLE, "proptest pitfall"),
