@@ -5,8 +5,8 @@
 //! `tests/it/cluster.rs`, part of the `test` step.
 //!
 //! **What it runs.** `cargo run -p sim -- cluster` in the dev profile (the `test` step already compiled
-//! `sim`, `compute-replica` and `storage-server` there; `sim cluster` builds the latter two with its own
-//! profile, which finds them up to date) with a fixed seed and shape ([`ARGS`]), and reads its `--json`
+//! `sim` and `compute-replica` there; `sim cluster` builds the latter with its own profile, which finds
+//! it up to date) with a fixed seed and shape ([`ARGS`]), and reads its `--json`
 //! report from stdout. Its event lines go to stderr as they happen.
 //!
 //! **What it also checks.** The run writes its report page and the metrics it scraped from every process at
@@ -60,9 +60,8 @@ pub const REPORT_DIR: &str = "target/cluster-report";
 /// while a peek path that stalls for most of the run fails.
 pub const MIN_PEEKS: u64 = 500;
 
-/// Subscribe batches checked against the oracle, at least. The writer appends every 20 ms, so on the
-/// storage server the subscribe delivers about 50 batches a second (about 1,000 in 20 s measured); on the
-/// embedded shards, whose listens poll every 100 ms, about 430 in 20 s; 100 means it kept flowing for a
+/// Subscribe batches checked against the oracle, at least. The writer appends every 20 ms; on the
+/// embedded shards, whose listens poll every 20 ms, the subscribe delivered about 430 in 20 s; 100 means it kept flowing for a
 /// good part of the run, through the replica kill.
 pub const MIN_SUBSCRIBE_BATCHES: u64 = 100;
 

@@ -37,18 +37,14 @@
 //!   allocator) against the baseline after 0 cycles. Bar: ratio 1. `..._vs_10k` compares the bytes with
 //!   those after 10,000 cycles, once every structure has reached its working size: no growth.
 //! - `controller.hydration_peak_rss_<workload>`: the peak RSS (`VmHWM`) of a `compute-replica` process,
-//!   started by the `ProcessOrchestrator` against a storage server, hydrating 8 heavy dataflows over a
-//!   1M-row table with `hydration_concurrency` 1, against the same with 8 (a fresh process each; the
+//!   started by the `ProcessOrchestrator` on the embedded shards (blob files and a SQLite consensus in a
+//!   temporary directory, which each replica process opens itself, DESIGN §9), hydrating 8 heavy dataflows
+//!   over a 1M-row table with `hydration_concurrency` 1, against the same with 8 (a fresh process each; the
 //!   median of 3 runs of each, alternating, as the peak depends on how the listens' reads interleave).
 //!   Bar: ratio at most 0.5. Three workloads, because the ratio depends on how a dataflow's hydration peak
 //!   compares with the state it keeps afterwards: `count` (`k % m` counted into about 100 groups),
 //!   `sum` (the same through the general reduce) and `filter` (a scan into a 100-row index).
-//!   `controller.hydration_time_<workload>` is the time until all 8 hydrated, 1 against 8. The same runs
-//!   again with the replicas reading the embedded shards (blob files and a SQLite consensus in a
-//!   temporary directory, which each replica process opens itself, DESIGN §9) instead of the server:
-//!   `..._shards` (peak RSS, 1 against 8), and `controller.hydration_time_<workload>_shards_vs_server` /
-//!   `hydration_peak_rss_<workload>_shards_vs_server` (all 8 at once, shards against server; no bar,
-//!   reported). The bench builds `compute-replica` in release first (`$CARGO build --release`), a no-op
+//!   `controller.hydration_time_<workload>` is the time until all 8 hydrated, 1 against 8. The bench builds `compute-replica` in release first (`$CARGO build --release`), a no-op
 //!   when it is fresh.
 //!
 //! - `controller.metrics_frontier_updates_10k`: what the Prometheus metrics (`metrics.rs`) cost a frontier
@@ -158,7 +154,6 @@ impl BenchPki {
             tls: Some(ReplicaTlsFiles {
                 cert: self.files.server_cert.clone(),
                 key: self.files.server_key.clone(),
-                ca: self.files.ca.clone(),
                 client_ca: None,
             }),
             secret: Some(self.secret.clone()),
@@ -1013,24 +1008,7 @@ fn bench_hydration(pki: &BenchPki) {
         }
         figures
     };
-    let (server_figures, shard_figures) = runtime.block_on(async {
-        // Today's storage server, in this process, over an in-memory store.
-        let store = InProcess::in_memory(StoreConfig::default());
-        let storage: Arc<dyn StorageCollections> = Arc::new(store.clone());
-        load_hydration_source(&*storage, source).await;
-        let server =
-            storage::Server::bind("127.0.0.1:0", store, pki.server(true)).await.expect("storage server");
-        let storage_address = server.local_addr().expect("address").to_string();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let serving = tokio::spawn(server.serve(async move {
-            let _ = stopped.await;
-        }));
-        let orchestrator =
-            hydration_orchestrator(&binary, controller::ReplicaStorage::Server(storage_address), pki);
-        let server_figures = runs(&storage, &orchestrator).await;
-        let _ = stop.send(());
-        let _ = serving.await;
-
+    let figures = runtime.block_on(async {
         // The embedded shards every process opens itself: blob files and a SQLite consensus.
         let dir = tempfile::tempdir().expect("a temporary directory");
         let blob = format!("file://{}", dir.path().join("blob").display());
@@ -1046,19 +1024,17 @@ fn bench_hydration(pki: &BenchPki) {
         load_hydration_source(&*storage, source).await;
         let replicas = controller::ReplicaStorage::shards(&blob, &consensus).expect("shard urls");
         let orchestrator = hydration_orchestrator(&binary, replicas, pki);
-        let shard_figures = runs(&storage, &orchestrator).await;
+        let figures = runs(&storage, &orchestrator).await;
         drop(shards);
-        (server_figures, shard_figures)
+        figures
     });
-    report_hydration(&server_figures, &shard_figures);
+    report_hydration(&figures);
 }
 
-fn report_hydration(server_figures: &HydrationFigures, shard_figures: &HydrationFigures) {
+fn report_hydration(figures: &HydrationFigures) {
     let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
     let secs = |d: Duration| d.as_secs_f64();
-    for ((heavy, (peak_1, time_1), (peak_8, time_8)), (_, (shard_peak_1, _), (shard_peak_8, shard_time_8))) in
-        server_figures.iter().zip(shard_figures)
-    {
+    for (heavy, (peak_1, time_1), (peak_8, time_8)) in figures {
         let name = format!("{heavy:?}").to_lowercase();
         let ratio = *peak_1 as f64 / *peak_8 as f64;
         report(
@@ -1083,32 +1059,6 @@ fn report_hydration(server_figures: &HydrationFigures, shard_figures: &Hydration
                 "  WARNING: {name}: peak RSS with hydration concurrency 1 is {ratio:.2}x that with 8 (bar: 0.5x)"
             );
         }
-        let shard_ratio = *shard_peak_1 as f64 / *shard_peak_8 as f64;
-        report(
-            &format!("controller.hydration_peak_rss_{name}_shards"),
-            mib(*shard_peak_1),
-            "MiB",
-            mib(*shard_peak_8),
-            "MiB",
-            shard_ratio,
-        );
-        // Shards against the server, all 8 dataflows at once: time and peak RSS.
-        report(
-            &format!("controller.hydration_time_{name}_shards_vs_server"),
-            secs(*shard_time_8),
-            "s",
-            secs(*time_8),
-            "s",
-            secs(*shard_time_8) / secs(*time_8),
-        );
-        report(
-            &format!("controller.hydration_peak_rss_{name}_shards_vs_server"),
-            mib(*shard_peak_8),
-            "MiB",
-            mib(*peak_8),
-            "MiB",
-            *shard_peak_8 as f64 / *peak_8 as f64,
-        );
     }
 }
 

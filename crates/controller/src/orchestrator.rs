@@ -10,8 +10,7 @@
 //!   processes together (a timely cluster cannot take back one lost process), on the same ports so the
 //!   replica client simply reconnects, and reports every status change. The backoff doubles with each
 //!   crash in a row and starts over once a replica has run stably (see [`ProcessOrchestratorConfig`]).
-//!   Its processes reach storage through the storage server or open the shards themselves
-//!   ([`ReplicaStorage`]). They run on this host's loopback, or each on a host of its own that a
+//!   Its processes open the shards themselves ([`ReplicaStorage`]). They run on this host's loopback, or each on a host of its own that a
 //!   [`ProcessHosts`] provides (an address and a command prefix, e.g. `ip netns exec NAME`; `sim cluster
 //!   --netns`), which a replica keeps across restarts and gives back when it is dropped.
 //!
@@ -204,8 +203,6 @@ pub struct ReplicaTlsFiles {
     pub cert: PathBuf,
     /// Its private key (`--tls-key`).
     pub key: PathBuf,
-    /// The CA the storage server's certificate chains to (`--tls-ca`).
-    pub ca: PathBuf,
     /// If set, controllers must present a certificate chaining to this CA (`--tls-client-ca`).
     pub client_ca: Option<PathBuf>,
 }
@@ -215,13 +212,7 @@ impl ReplicaProcessSecurity {
     fn apply(&self, command: &mut Command) {
         match &self.tls {
             Some(tls) => {
-                command
-                    .arg("--tls-cert")
-                    .arg(&tls.cert)
-                    .arg("--tls-key")
-                    .arg(&tls.key)
-                    .arg("--tls-ca")
-                    .arg(&tls.ca);
+                command.arg("--tls-cert").arg(&tls.cert).arg("--tls-key").arg(&tls.key);
                 if let Some(client_ca) = &tls.client_ca {
                     command.arg("--tls-client-ca").arg(client_ca);
                 }
@@ -281,8 +272,6 @@ pub struct ProcessOrchestratorConfig {
 /// Where a [`ProcessOrchestrator`]'s replica processes find storage.
 #[derive(Clone, PartialEq, Eq)]
 pub enum ReplicaStorage {
-    /// The storage server at this address (`compute-replica --storage ADDR`).
-    Server(String),
     /// The shards, which every process opens itself from these URLs (DESIGN §9). They reach the child
     /// through its environment (`COMPUTE_BLOB_URL`, `COMPUTE_CONSENSUS_URL`, which `compute-replica` reads
     /// as `--blob` and `--consensus`), not its command line, which any user can list: the URLs may carry
@@ -304,16 +293,13 @@ impl ReplicaStorage {
         Ok(ReplicaStorage::Shards { blob: blob.to_owned(), consensus: consensus.to_owned() })
     }
 
-    /// Points `command` at this storage (and clears the shard variables it may have inherited, which
-    /// `compute-replica` refuses with `--storage`; the config's `env` may set them again).
+    /// Points `command` at this storage (and clears the shard variables it may have inherited; the
+    /// config's `env` may set them again).
     fn apply(&self, command: &mut Command) {
         for key in [BLOB_URL_ENV, CONSENSUS_URL_ENV, SHARD_POLL_INTERVAL_ENV] {
             command.env_remove(key);
         }
         match self {
-            ReplicaStorage::Server(address) => {
-                command.arg("--storage").arg(address);
-            }
             ReplicaStorage::Shards { blob, consensus } => {
                 command.env(BLOB_URL_ENV, blob).env(CONSENSUS_URL_ENV, consensus);
             }
@@ -334,7 +320,6 @@ impl fmt::Debug for ReplicaStorage {
     /// The shards' URLs are not shown: they may carry credentials.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ReplicaStorage::Server(address) => f.debug_tuple("Server").field(address).finish(),
             ReplicaStorage::Shards { .. } => f.debug_struct("Shards").finish_non_exhaustive(),
         }
     }
@@ -741,7 +726,7 @@ mod tests {
     fn config(initial_backoff_ms: u64, max_backoff_ms: u64) -> ProcessOrchestratorConfig {
         ProcessOrchestratorConfig {
             binary: PathBuf::from("compute-replica"),
-            storage: ReplicaStorage::Server("127.0.0.1:1".to_string()),
+            storage: ReplicaStorage::shards("file:///b", "sqlite:///c").expect("valid URLs"),
             security: ReplicaProcessSecurity { tls: None, secret: None },
             initial_backoff_ms,
             max_backoff_ms,
@@ -809,20 +794,13 @@ mod tests {
     }
 
     #[test]
-    fn replica_processes_get_the_server_address_or_the_shard_urls_through_their_environment() {
-        let server = ReplicaStorage::Server("127.0.0.1:7".to_string());
-        let mut command = Command::new("compute-replica");
-        server.apply(&mut command);
-        let args: Vec<String> = command.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
-        assert_eq!(args, ["--storage", "127.0.0.1:7"]);
-        // URLs inherited from the orchestrator's own environment would conflict with `--storage`.
-        assert_eq!(env_of(&command, BLOB_URL_ENV), Some(None));
-        assert_eq!(env_of(&command, CONSENSUS_URL_ENV), Some(None));
-        assert_eq!(env_of(&command, SHARD_POLL_INTERVAL_ENV), Some(None));
-
+    fn replica_processes_get_the_shard_urls_through_their_environment_and_nothing_inherited() {
         let shards = ReplicaStorage::shards("file:///secret/blob", "sqlite:///secret/consensus.db").unwrap();
         let mut command = Command::new("compute-replica");
+        // A poll interval inherited from the orchestrator's own environment is cleared.
+        command.env(SHARD_POLL_INTERVAL_ENV, "5");
         shards.apply(&mut command);
+        assert_eq!(env_of(&command, SHARD_POLL_INTERVAL_ENV), Some(None));
         assert_eq!(command.get_args().count(), 0, "the URLs stay off the command line");
         assert_eq!(env_of(&command, BLOB_URL_ENV), Some(Some("file:///secret/blob".to_string())));
         assert_eq!(

@@ -3,7 +3,7 @@
 //! uppers (`InstanceCore::storage_upper`).
 //!
 //! **Tests:** `tests/it/materialized_views.rs` (a view's upper is its target's durable upper, end to
-//! end) and `tests/it/e2e.rs` (the watch survives a storage server restart).
+//! end) and `tests/it/e2e.rs`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +15,7 @@ use protocol::GlobalId;
 use storage::StorageCollections;
 
 /// Sends every storage frontier change to `tx` (first the current frontiers of every collection), for as
-/// long as `tx`'s receiver lives. A watch that fails or ends (a storage server restart, say) is
+/// long as `tx`'s receiver lives. A watch that fails or ends (its storage shut down, say) is
 /// re-established after a backoff, which doubles up to two seconds and resets once a watch delivers; the
 /// new watch starts again from every collection's current frontiers, which the core dedups.
 pub(crate) async fn watch_storage_frontiers(

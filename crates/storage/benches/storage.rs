@@ -196,4 +196,3 @@ fn main() {
         shards::run(&wants).await;
     });
 }
-

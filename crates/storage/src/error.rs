@@ -39,7 +39,7 @@ pub enum CreateError {
         /// The frame limit.
         max_bytes: u64,
     },
-    /// The connection to the storage server is gone (or the store was shut down).
+    /// The store was shut down (or a remote store is unreachable for good).
     #[error("disconnected from storage")]
     Disconnected,
 }
@@ -53,7 +53,7 @@ pub enum DropError {
     /// The durable log (or the shard engine's storage) could not be written; nothing was dropped.
     #[error("i/o error: {0}")]
     Io(String),
-    /// The connection to the storage server is gone (or the store was shut down).
+    /// The store was shut down (or a remote store is unreachable for good).
     #[error("disconnected from storage")]
     Disconnected,
 }
@@ -121,7 +121,7 @@ pub enum AppendError {
         /// The frame limit.
         max_bytes: u64,
     },
-    /// The connection to the storage server is gone (or the store was shut down). Whether the append took
+    /// The store was shut down (or a remote store is unreachable for good). Whether the append took
     /// effect is unknown; read the upper to find out.
     #[error("disconnected from storage")]
     Disconnected,
@@ -189,7 +189,7 @@ pub enum ReadError {
         /// The frame limit.
         max_bytes: u64,
     },
-    /// The connection to the storage server is gone (or the store was shut down).
+    /// The store was shut down (or a remote store is unreachable for good).
     #[error("disconnected from storage")]
     Disconnected,
     /// The server answered something the protocol does not allow.
@@ -248,7 +248,7 @@ pub enum HoldError {
         /// The frame limit.
         max_bytes: u64,
     },
-    /// The connection to the storage server is gone (or the store was shut down).
+    /// The store was shut down (or a remote store is unreachable for good).
     #[error("disconnected from storage")]
     Disconnected,
     /// The storage engines failed for longer than the retry budget; no hold was taken.

@@ -66,8 +66,9 @@ pub enum ReplicaKind {
         /// Timely workers.
         workers: usize,
     },
-    /// A `compute-replica` process started by the controller's process orchestrator, reading storage
-    /// through a storage server this runner serves on loopback (so its memory is its own, measurable).
+    /// A `compute-replica` process started by the controller's process orchestrator (so its memory is its
+    /// own, measurable), reading the shards this runner keeps in a temporary directory (blob files and a
+    /// SQLite consensus) as every process does, DESIGN §9.
     Process {
         /// The `compute-replica` binary.
         binary: PathBuf,
@@ -82,15 +83,16 @@ enum Replica {
     InProcess(compute::ReplicaHandle),
     Process {
         orchestrator: Arc<ProcessOrchestrator>,
-        stop_server: tokio::sync::oneshot::Sender<()>,
-        server: tokio::task::JoinHandle<std::io::Result<()>>,
+        /// The runner's own handle on the shards (shut down last) and their directory.
+        shards: storage::ShardCollections,
+        _dir: tempfile::TempDir,
     },
 }
 
 /// Storage, a controller and one replica, with the TPC-H tables.
 #[derive(Debug)]
 pub struct Runner {
-    storage: Arc<InProcess>,
+    storage: Arc<dyn StorageCollections>,
     controller: ComputeController,
     replica: Option<Replica>,
     catalog: Catalog,
@@ -99,10 +101,9 @@ pub struct Runner {
 }
 
 impl Runner {
-    /// Starts an in-memory storage layer, a controller and a replica.
+    /// Starts a storage layer (in memory for an in-process replica, shards for a replica process), a
+    /// controller and a replica.
     pub async fn start(catalog: Catalog, kind: ReplicaKind) -> Result<Runner, RunError> {
-        let store = InProcess::in_memory(StoreConfig::default());
-        let storage = Arc::new(store.clone());
         // Loopback only: plain TCP, with a throwaway shared secret every connection proves.
         let secret = transport::SharedSecret::generate().map_err(|e| RunError::Controller(e.to_string()))?;
         let config = ControllerConfig {
@@ -120,36 +121,43 @@ impl Runner {
             )
         };
         let controller_error = |e: String| RunError::Controller(e);
-        let (replica, orchestrator) = match &kind {
+        let (storage, replica, orchestrator) = match &kind {
             ReplicaKind::InProcess { workers } => {
+                let storage: Arc<dyn StorageCollections> =
+                    Arc::new(InProcess::in_memory(StoreConfig::default()));
                 let listen: SocketAddr = "127.0.0.1:0".parse().expect("an address");
                 let handle = compute::ReplicaServer::start(compute::ReplicaConfig {
                     listen,
                     workers: *workers,
                     process: 0,
                     timely_addresses: Vec::new(),
-                    storage: Arc::clone(&storage) as Arc<dyn StorageCollections>,
+                    storage: Arc::clone(&storage),
                     security: transport::ServerSecurity::insecure(secret.clone()),
                 })
                 .map_err(|e| controller_error(format!("replica: {e}")))?;
-                (Replica::InProcess(handle), None)
+                (storage, Replica::InProcess(handle), None)
             }
             ReplicaKind::Process { binary, .. } => {
-                let server_security = transport::ServerSecurity::insecure(secret.clone());
-                let server = storage::Server::bind("127.0.0.1:0", store, server_security)
+                let storage_error = |e: String| RunError::Storage(format!("shards: {e}"));
+                let dir = tempfile::tempdir().map_err(|e| storage_error(e.to_string()))?;
+                let blob = format!("file://{}", dir.path().join("blob").display());
+                let consensus = format!("sqlite://{}", dir.path().join("consensus.db").display());
+                let replicas =
+                    ReplicaStorage::shards(&blob, &consensus).map_err(|e| storage_error(e.to_string()))?;
+                let config = storage::ShardConfig {
+                    critical_reader: Some("controller".to_string()),
+                    ..Default::default()
+                };
+                let blob = blob.parse().map_err(|e: storage::UrlError| storage_error(e.to_string()))?;
+                let consensus =
+                    consensus.parse().map_err(|e: storage::UrlError| storage_error(e.to_string()))?;
+                let shards = storage::ShardCollections::open(&blob, &consensus, config)
                     .await
-                    .map_err(|e| RunError::Storage(format!("storage server: {e}")))?;
-                let storage_address = server
-                    .local_addr()
-                    .map_err(|e| RunError::Storage(format!("storage server: {e}")))?
-                    .to_string();
-                let (stop_server, stopped) = tokio::sync::oneshot::channel::<()>();
-                let server = tokio::spawn(server.serve(async move {
-                    let _ = stopped.await;
-                }));
+                    .map_err(|e| storage_error(e.to_string()))?;
+                let storage: Arc<dyn StorageCollections> = Arc::new(shards.clone());
                 let (orchestrator, _events) = ProcessOrchestrator::new(ProcessOrchestratorConfig {
                     binary: binary.clone(),
-                    storage: ReplicaStorage::Server(storage_address),
+                    storage: replicas,
                     initial_backoff_ms: 100,
                     max_backoff_ms: 1_000,
                     env: vec![("RUST_LOG".to_string(), "warn".to_string())],
@@ -158,9 +166,8 @@ impl Runner {
                     security: controller::ReplicaProcessSecurity { tls: None, secret: Some(secret.clone()) },
                 });
                 let orchestrator = Arc::new(orchestrator);
-                let replica =
-                    Replica::Process { orchestrator: Arc::clone(&orchestrator), stop_server, server };
-                (replica, Some(orchestrator))
+                let replica = Replica::Process { orchestrator: Arc::clone(&orchestrator), shards, _dir: dir };
+                (storage, replica, Some(orchestrator))
             }
         };
         let orchestrator = orchestrator.map(|o| o as Arc<dyn controller::Orchestrator>);
@@ -198,7 +205,7 @@ impl Runner {
     }
 
     /// The storage layer.
-    pub fn storage(&self) -> &Arc<InProcess> {
+    pub fn storage(&self) -> &Arc<dyn StorageCollections> {
         &self.storage
     }
 
@@ -322,17 +329,16 @@ impl Runner {
         Ok(rows.into_iter().flat_map(|(row, count)| std::iter::repeat_n(row, count.get() as usize)).collect())
     }
 
-    /// Stops the replica, the controller and the storage server.
+    /// Stops the replica and the controller, and releases the shards' readers.
     pub async fn shutdown(mut self) {
         match self.replica.take() {
             Some(Replica::InProcess(handle)) => {
                 let _ = tokio::task::spawn_blocking(move || handle.shutdown()).await;
             }
-            Some(Replica::Process { stop_server, server, .. }) => {
-                // Dropping the replica stops its process; then the server it read from.
+            Some(Replica::Process { shards, .. }) => {
+                // Dropping the replica stops its process; then this process's readers go.
                 let _ = self.controller.drop_replica(INSTANCE, REPLICA).await;
-                let _ = stop_server.send(());
-                let _ = server.await;
+                shards.shutdown().await;
             }
             None => {}
         }

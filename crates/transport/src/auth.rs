@@ -92,7 +92,7 @@ pub enum Role {
     /// The end that opened the connection (a controller, a storage client, a higher-indexed cluster
     /// process).
     Connector,
-    /// The end that accepted it (a replica, a storage server, a lower-indexed cluster process).
+    /// The end that accepted it (a replica, a lower-indexed cluster process).
     Acceptor,
 }
 

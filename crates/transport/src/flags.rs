@@ -1,5 +1,5 @@
-//! [`SecurityFlags`]: the security flags the workspace's binaries (`compute-replica`, `storage-server`)
-//! share, and how they become a [`ServerSecurity`] or a [`ClientSecurity`].
+//! [`SecurityFlags`]: the security flags the workspace's binary (`compute-replica`) takes, and how they
+//! become a [`ServerSecurity`] or a [`ClientSecurity`].
 //!
 //! ```text
 //! --tls-cert FILE --tls-key FILE   this process's certificate chain and key (PEM): TLS on its port

@@ -4,7 +4,7 @@
 //! **What this is.** [`FramedRead`] turns any `AsyncRead` (a TCP read half, a TLS stream's) into a stream
 //! of decoded messages; [`FramedWrite`] encodes messages (or writes pre-encoded [`Frame`]s) into a bounded
 //! batch and writes it to any `AsyncWrite`. The replica (`compute`'s server), the controller's replica
-//! client (`replica-client`), and the storage server and client (`storage`) all use these two types
+//! client (`replica-client`) and the processes of a multi-process replica all use these two types
 //! instead of their own read and write loops, and secure every connection with the same two calls:
 //! - [`ServerSecurity::accept`] / [`ClientSecurity::connect`] (`security`): TLS (`tls`, rustls) unless
 //!   explicitly insecure, then authentication (`auth`: an HMAC challenge-response over a

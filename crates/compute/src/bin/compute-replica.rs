@@ -2,24 +2,21 @@
 //!
 //! ```text
 //! compute-replica --listen ADDR [--workers N]
-//!                 (--storage ADDR | --blob URL --consensus URL [--shard-poll-interval-ms MS])
+//!                 --blob URL --consensus URL [--shard-poll-interval-ms MS]
 //!                 [--process I --addresses A0,A1,...] [--metrics-addr ADDR] [--keepalive-interval-ms MS]
-//!                 (--tls-cert FILE --tls-key FILE [--tls-ca FILE] [--tls-client-ca FILE] | --insecure)
+//!                 (--tls-cert FILE --tls-key FILE [--tls-client-ca FILE] | --insecure)
 //!                 [--secret-file FILE]
 //! ```
 //!
-//! **Security** (`transport::SecurityFlags`): TLS on the controller port with `--tls-cert`/`--tls-key`,
-//! and to the storage server with `--tls-ca` (the CA its certificate chains to); `--insecure` for plain
-//! TCP on both, which must be asked for. The shared secret comes from `--secret-file` or the
+//! **Security** (`transport::SecurityFlags`): TLS on the controller port with `--tls-cert`/`--tls-key`;
+//! `--insecure` for plain TCP, which must be asked for. The shared secret comes from `--secret-file` or the
 //! environment variable `CCR_SHARED_SECRET`, never from a flag's value (`ps` shows those). Controllers
 //! prove the secret, or present a certificate chaining to `--tls-client-ca` (then the secret is
-//! optional for them); the storage server connection and the processes of a multi-process replica always
-//! use the secret. The shards (`--blob`/`--consensus`) are reached with the stores' own credentials.
+//! optional for them); the processes of a multi-process replica always use the secret. The shards (`--blob`/`--consensus`) are reached with the stores' own credentials.
 //!
-//! A thin wrapper. It reaches storage one of two ways: through the storage server (`--storage`: a
-//! `storage::Client`), or by opening the shards itself (`--blob` and `--consensus`, or the environment
-//! variables `COMPUTE_BLOB_URL` and `COMPUTE_CONSENSUS_URL`: a `storage::ShardCollections` with a leased
-//! reader, the URL syntax of DESIGN §9, `storage::blob` and `storage::consensus`). Then it calls
+//! A thin wrapper. It reaches storage by opening the shards itself (`--blob` and `--consensus`, or the
+//! environment variables `COMPUTE_BLOB_URL` and `COMPUTE_CONSENSUS_URL`: a `storage::ShardCollections`
+//! with a leased reader, the URL syntax of DESIGN §9, `storage::blob` and `storage::consensus`). Then it calls
 //! `compute::ReplicaServer::start_with_registry` with the process's Prometheus registry and runs until
 //! interrupted (Ctrl-C / SIGINT: exit status 0, after releasing its shard readers) or until the process
 //! fails (a worker panicked, timely failed, the I/O thread panicked: see `compute::ReplicaHandle::failed`),
@@ -41,7 +38,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::{ArgGroup, Parser};
+use clap::Parser;
 use compute::{ReplicaConfig, ReplicaServer};
 use storage::blob::BlobConfig;
 use storage::consensus::ConsensusConfig;
@@ -49,13 +46,11 @@ use storage::{ShardCollections, ShardConfig, StorageCollections};
 use transport::SecurityFlags;
 
 /// One process of a compute replica: it listens for the controller, runs the dataflows on timely
-/// workers, and reads and writes storage either through the storage server (`--storage`) or by opening
-/// the shards itself (`--blob` and `--consensus`).
+/// workers, and reads and writes storage by opening the shards itself (`--blob` and `--consensus`).
 #[derive(Debug, Parser)]
 #[command(name = "compute-replica", version)]
 #[command(after_help = "Exit status: 0 after Ctrl-C, 1 when the replica fails (a worker panicked; its \
 orchestrator restarts it) or cannot start, 2 for bad flags. RUST_LOG sets the log filter (default info).")]
-#[command(group(ArgGroup::new("storage-location").required(true).args(["storage", "blob"])))]
 struct Args {
     /// The address the controller connects to (port 0 picks a free one; printed as `listening on ADDR`).
     #[arg(long, value_name = "ADDR")]
@@ -65,23 +60,18 @@ struct Args {
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = at_least_one)]
     workers: usize,
 
-    /// The storage server's address (`storage-server`). Either this, or `--blob` with `--consensus`.
-    #[arg(long, value_name = "ADDR", conflicts_with_all = ["blob", "consensus"])]
-    storage: Option<String>,
-
     /// The blob store of the shards: `file:///DIR`, `s3://BUCKET/PREFIX?endpoint=URL&region=R&...` or
-    /// `mem://NAME` (within this process only). Needs `--consensus`; every process of the system must name
-    /// the same store.
-    #[arg(long, value_name = "URL", env = "COMPUTE_BLOB_URL", requires = "consensus")]
-    blob: Option<BlobConfig>,
+    /// `mem://NAME` (within this process only). Every process of the system must name the same store.
+    #[arg(long, value_name = "URL", env = "COMPUTE_BLOB_URL")]
+    blob: BlobConfig,
 
     /// The consensus store of the shards: `sqlite:///FILE`, `postgres://USER@HOST:PORT/DB` or
-    /// `mem://NAME` (within this process only). Needs `--blob`.
-    #[arg(long, value_name = "URL", env = "COMPUTE_CONSENSUS_URL", requires = "blob")]
-    consensus: Option<ConsensusConfig>,
+    /// `mem://NAME` (within this process only).
+    #[arg(long, value_name = "URL", env = "COMPUTE_CONSENSUS_URL")]
+    consensus: ConsensusConfig,
 
     /// How often, in milliseconds, this process polls the consensus store for changes of the shards it
-    /// listens to when no push channel (PostgreSQL `NOTIFY`) told it first. Only with `--blob`. Default:
+    /// listens to when no push channel (PostgreSQL `NOTIFY`) told it first. Default:
     /// the shard engine's (`storage::ShardConfig`), 100 ms.
     #[arg(
         long,
@@ -123,10 +113,6 @@ struct Args {
     #[arg(long, value_name = "FILE")]
     tls_key: Option<PathBuf>,
 
-    /// The CA (PEM) the storage server's certificate chains to (`--storage` over TLS).
-    #[arg(long, value_name = "FILE")]
-    tls_ca: Option<PathBuf>,
-
     /// A CA (PEM): controllers presenting a certificate that chains to it need not prove the secret.
     #[arg(long, value_name = "FILE")]
     tls_client_ca: Option<PathBuf>,
@@ -155,7 +141,8 @@ impl Args {
         SecurityFlags {
             tls_cert: self.tls_cert.clone(),
             tls_key: self.tls_key.clone(),
-            tls_ca: self.tls_ca.clone(),
+            // The process connects to nothing that presents a certificate: its peers prove the secret.
+            tls_ca: None,
             tls_client_ca: self.tls_client_ca.clone(),
             secret_file: self.secret_file.clone(),
             insecure: self.insecure,
@@ -164,14 +151,6 @@ impl Args {
 
     /// The checks clap's attributes cannot express.
     fn validate(&self) -> Result<(), String> {
-        // Checked here: clap's `requires` does not fire for an argument whose target is in a satisfied group.
-        if self.shard_poll_interval_ms.is_some() && self.blob.is_none() {
-            return Err(
-                "--shard-poll-interval-ms applies to the shards only: it needs --blob and --consensus \
-                        (or their environment variables), not --storage"
-                    .to_string(),
-            );
-        }
         if !self.addresses.is_empty() && self.process >= self.addresses.len() {
             return Err(format!(
                 "--process {} is out of range: --addresses names {} process(es)",
@@ -183,57 +162,26 @@ impl Args {
     }
 }
 
-/// Where storage is, as the flags said.
-enum StorageLocation {
-    Server(String),
-    Shards(BlobConfig, ConsensusConfig, ShardConfig),
-}
-
-impl Args {
-    fn storage_location(&self) -> StorageLocation {
-        match (&self.storage, &self.blob, &self.consensus) {
-            (Some(address), None, None) => StorageLocation::Server(address.clone()),
-            (None, Some(blob), Some(consensus)) => {
-                let mut config = ShardConfig::default();
-                if let Some(ms) = self.shard_poll_interval_ms {
-                    config.poll_interval = std::time::Duration::from_millis(ms);
-                }
-                StorageLocation::Shards(blob.clone(), consensus.clone(), config)
-            }
-            // clap's group and `requires`/`conflicts_with` make every other combination a usage error.
-            other => unreachable!("clap accepted an invalid storage location: {other:?}"),
-        }
-    }
-}
-
-/// Connects to the storage server or opens the shards, whose engine records its metrics
-/// (`storage::StorageMetrics`) in the process's `registry`. Runs on `runtime`, which the engine's
-/// background tasks then live on.
+/// Opens the shards, whose engine records its metrics (`storage::StorageMetrics`) in the process's
+/// `registry`. Runs on `runtime`, which the engine's background tasks then live on.
 fn open_storage(
     runtime: &tokio::runtime::Runtime,
-    location: &StorageLocation,
-    security: &SecurityFlags,
+    args: &Args,
     registry: &prometheus::Registry,
-) -> Result<(Arc<dyn StorageCollections>, Option<ShardCollections>), String> {
-    match location {
-        StorageLocation::Server(address) => {
-            let client_security = security.client()?;
-            let client = runtime
-                .block_on(storage::Client::connect(address.as_str(), client_security))
-                .map_err(|e| format!("cannot connect to storage at {address}: {e}"))?;
-            Ok((Arc::new(client), None))
-        }
-        StorageLocation::Shards(blob, consensus, config) => {
-            let metrics = storage::StorageMetrics::register(registry)
-                .map_err(|e| format!("cannot register the storage engine's metrics: {e}"))?;
-            let config = ShardConfig { metrics: Some(metrics), ..config.clone() };
-            let shards = runtime
-                .block_on(ShardCollections::open(blob, consensus, config))
-                .map_err(|e| format!("cannot open the shards: {e}"))?;
-            tracing::info!(?blob, ?consensus, "opened the shards");
-            Ok((Arc::new(shards.clone()), Some(shards)))
-        }
+) -> Result<ShardCollections, String> {
+    let mut config = ShardConfig::default();
+    if let Some(ms) = args.shard_poll_interval_ms {
+        config.poll_interval = std::time::Duration::from_millis(ms);
     }
+    let metrics = storage::StorageMetrics::register(registry)
+        .map_err(|e| format!("cannot register the storage engine's metrics: {e}"))?;
+    let config = ShardConfig { metrics: Some(metrics), ..config };
+    let (blob, consensus) = (&args.blob, &args.consensus);
+    let shards = runtime
+        .block_on(ShardCollections::open(blob, consensus, config))
+        .map_err(|e| format!("cannot open the shards: {e}"))?;
+    tracing::info!(?blob, ?consensus, "opened the shards");
+    Ok(shards)
 }
 
 fn main() -> ExitCode {
@@ -267,13 +215,14 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let (storage, shards) = match open_storage(&runtime, &args.storage_location(), &security, &registry) {
-        Ok(opened) => opened,
+    let shards = match open_storage(&runtime, &args, &registry) {
+        Ok(shards) => shards,
         Err(message) => {
             eprintln!("{message}");
             return ExitCode::FAILURE;
         }
     };
+    let storage: Arc<dyn StorageCollections> = Arc::new(shards.clone());
     let config = ReplicaConfig::new(args.listen, args.workers, storage, server_security)
         .in_cluster(args.process, args.addresses);
     let mut limits = compute::ReplicaLimits::default();
@@ -311,10 +260,8 @@ fn main() -> ExitCode {
     match failure {
         None => {
             handle.shutdown();
-            if let Some(shards) = shards {
-                // Release the leased readers now rather than leaving them to expire.
-                runtime.block_on(shards.shutdown());
-            }
+            // Release the leased readers now rather than leaving them to expire.
+            runtime.block_on(shards.shutdown());
             ExitCode::SUCCESS
         }
         Some(failure) => {

@@ -1,5 +1,5 @@
 //! Attacks on a running `compute-replica` process (the binary, with TLS and a shared secret, its storage
-//! an in-process storage server with the same certificates): garbage, oversize and truncated frames before
+//! shards in a temporary directory): garbage, oversize and truncated frames before
 //! and after the authentication, wrong and missing proofs, a replayed handshake, controllers of a lower,
 //! equal and higher epoch, 500 idle connections, and connections that try to make the replica buffer as
 //! much as they can. Each test asserts the refusal it expects, that the legitimate controller is still
@@ -22,14 +22,13 @@ use protocol::{
     AUTH_SERVICE, ComputeCommand, ComputeResponse, ControllerEpoch, GlobalId, InstanceConfig, InstanceId,
     MapFilterProject, PROTOCOL_VERSION, Peek, PeekId, PeekResponse, PeekTarget, ReplicaId, RowSetFinishing,
 };
-use storage::{InProcess, StoreConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use transport::certs::{PkiFiles, write_throwaway_pki};
 use transport::{
     AUTH_VERSION, AcceptorMessage, AuthError, AuthParams, ClientSecurity, Connector, ConnectorMessage,
     FramedRead, FramedWrite, PRE_AUTH_MAX_FRAME_BYTES, Refusal, Role, SECRET_ENV, SecureReadHalf,
-    SecureWriteHalf, ServerSecurity, SharedSecret, TlsClientConfig, TlsServerConfig, Transcript,
+    SecureWriteHalf, SharedSecret, TlsClientConfig, Transcript,
 };
 
 /// The replica's resident memory may grow at most this much during an attack.
@@ -53,7 +52,6 @@ struct Target {
     stderr: PathBuf,
     files: PkiFiles,
     _dir: tempfile::TempDir,
-    _storage: tokio::task::JoinHandle<()>,
 }
 
 fn secret() -> SharedSecret {
@@ -61,27 +59,19 @@ fn secret() -> SharedSecret {
 }
 
 impl Target {
-    /// Starts a storage server in this process and a replica process on it, both with TLS and the secret.
+    /// Starts a replica process with TLS and the secret, on shards in a temporary directory.
     async fn start() -> Target {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let files = write_throwaway_pki(dir.path(), &["127.0.0.1"]).expect("certificates");
-        let tls = TlsServerConfig::from_pem_files(&files.server_cert, &files.server_key, None).expect("tls");
-        let security = ServerSecurity::tls(tls, Some(secret())).expect("security");
-        let store = InProcess::in_memory(StoreConfig::default());
-        let server = storage::Server::bind("127.0.0.1:0", store, security).await.expect("storage server");
-        let storage_address = server.local_addr().expect("address").to_string();
-        let storage = tokio::spawn(async move {
-            let _ = server.serve(std::future::pending()).await;
-        });
+        let blob = format!("file://{}", dir.path().join("blob").display());
+        let consensus = format!("sqlite://{}", dir.path().join("consensus.db").display());
         let stderr = dir.path().join("replica.log");
         let mut child = Command::new(env!("CARGO_BIN_EXE_compute-replica"))
-            .args(["--listen", "127.0.0.1:0", "--workers", "1", "--storage", &storage_address])
+            .args(["--listen", "127.0.0.1:0", "--workers", "1", "--blob", &blob, "--consensus", &consensus])
             .arg("--tls-cert")
             .arg(&files.server_cert)
             .arg("--tls-key")
             .arg(&files.server_key)
-            .arg("--tls-ca")
-            .arg(&files.ca)
             .env(SECRET_ENV, SECRET)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -99,7 +89,7 @@ impl Target {
         .expect("the replica's first line");
         let address =
             line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("{line:?}")).to_string();
-        Target { child, address, stderr, files, _dir: dir, _storage: storage }
+        Target { child, address, stderr, files, _dir: dir }
     }
 
     fn client(&self, secret: Option<SharedSecret>) -> ClientSecurity {

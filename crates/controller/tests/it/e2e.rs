@@ -3,8 +3,7 @@
 //!
 //! Each test writes a table through storage, keeps the updates it wrote as the oracle ([`Table`]), and
 //! checks what the controller and the replicas make of them: the compaction chain, a replica restart with
-//! rehydration and an exactly-once subscribe, a storage server restart under both (over `storage::Client`s,
-//! which re-register their holds and resume their listens), a controller restart that running replicas
+//! rehydration and an exactly-once subscribe, a controller restart that running replicas
 //! reconcile, the peek hold with two replicas (one slowed by a pausable TCP proxy, [`Proxy`]), a peek
 //! while its instance task is busy, and introspection in storage. Waits poll with a bounded number of
 //! short sleeps and fail with what they last saw.
@@ -32,7 +31,7 @@ use tokio::task::JoinSet;
 
 use crate::harness::{
     FrontiersHooked, any_port, controller_config, desc, eventually, f, index_on_index, index_on_storage, kv,
-    lag, no_as_of, sink_on_storage, start_replica, start_replica_on, u,
+    lag, no_as_of, sink_on_storage, start_replica, u,
 };
 
 const INSTANCE: InstanceId = InstanceId(1);
@@ -405,89 +404,6 @@ async fn a_restarted_replica_rehydrates_the_live_dataflows_answers_peeks_and_the
     assert_eq!(log.consolidated(), log.expected(&table), "no duplicated or missing subscribe rows");
     assert_eq!(peek_index(&controller, index, 19).await, table.contents_at(19), "peek at the latest time");
 
-    drop(controller);
-    stop(replica).await;
-}
-
-// -------------------------------------------------------------------------------------------------
-// Storage restart
-
-/// A durable store in `dir` served on `addr` until `stop` fires (then the store is shut down too).
-async fn serve_storage(
-    dir: &std::path::Path,
-    addr: SocketAddr,
-    stop: tokio::sync::oneshot::Receiver<()>,
-) -> (InProcess, SocketAddr, tokio::task::JoinHandle<()>) {
-    let store = InProcess::open(dir, StoreConfig::default()).expect("open the store");
-    let server = storage::Server::bind(addr, store.clone(), crate::harness::replica_security())
-        .await
-        .expect("bind the storage server");
-    let addr = server.local_addr().expect("address");
-    let shut = store.clone();
-    let serving = tokio::spawn(async move {
-        server.serve(async { drop(stop.await) }).await.expect("serve");
-        shut.shutdown().await;
-    });
-    (store, addr, serving)
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_storage_server_restart_loses_no_hold_and_no_update_of_the_controller_and_its_replica() {
-    let dir = tempfile::tempdir().expect("temporary directory");
-    let (stop_storage, stopped) = tokio::sync::oneshot::channel();
-    let (store, addr, serving) = serve_storage(dir.path(), any_port(), stopped).await;
-    let controller_client = storage::Client::connect(addr, crate::harness::controller_security())
-        .await
-        .expect("controller's storage client");
-    let replica_client = storage::Client::connect(addr, crate::harness::controller_security())
-        .await
-        .expect("replica's storage client");
-    let mut table = Table::create(&store, u(1)).await;
-    table.advance(&store, 5).await;
-    let replica = start_replica_on(Arc::new(replica_client.clone()), any_port());
-    let mut controller = new_controller_on(Arc::new(controller_client.clone()), false).await;
-    controller.add_replica(INSTANCE, R1, at(replica.local_addr())).await.expect("add replica");
-    let (index, subscribe) = (u(11), u(12));
-    let as_of = index_and_subscribe(&controller, &table, index, subscribe).await;
-    let mut log = SubscribeLog::new(subscribe, &as_of);
-    // A caller's hold, to look back at after the restart.
-    let held = controller.acquire_read_hold(INSTANCE, index).await.expect("hold on the index");
-    let held_at = held.since().as_option().copied().expect("a since");
-    table.advance(&store, 5).await;
-    wait_for_uppers(&controller, &[index], 10).await;
-
-    // The storage server stops (its clients' connections, and with them their holds, go) and a new one
-    // recovers the same data on the same address.
-    stop_storage.send(()).expect("server running");
-    serving.await.expect("server stopped");
-    drop(store);
-    let (_stop, stopped) = tokio::sync::oneshot::channel();
-    let (store, _, _serving) = serve_storage(dir.path(), addr, stopped).await;
-    eventually("both storage clients reconnect", async || {
-        if controller_client.is_connected() && replica_client.is_connected() {
-            Ok(())
-        } else {
-            Err("not yet".to_string())
-        }
-    })
-    .await;
-    // From now on only the re-registered holds keep the table's history (its own policy keeps none).
-    store.end_recovery();
-    assert_eq!((controller_client.lost_holds(), replica_client.lost_holds()), (0, 0));
-    table.advance(&store, 5).await;
-    wait_for_uppers(&controller, &[index], 15).await;
-    log.wait_until_forwarded(&mut controller, 15).await;
-    assert_eq!(log.consolidated(), log.expected(&table), "no duplicated or missing subscribe rows");
-    assert_eq!(peek_index(&controller, index, 14).await, table.contents_at(14), "peek at the latest time");
-    assert_eq!(peek_index(&controller, index, held_at).await, table.contents_at(held_at), "peek at the hold");
-    let since = storage_since(&store, table.id).await;
-    assert!(
-        PartialOrder::less_equal(&since, &f(held_at)),
-        "storage compacted to {since:?}, past the controller's hold at {held_at}"
-    );
-    assert_eq!(replica.dataflows_built(), 2, "nothing was rebuilt");
-
-    drop(held);
     drop(controller);
     stop(replica).await;
 }

@@ -278,7 +278,7 @@ fn pki() -> &'static (tempfile::TempDir, transport::certs::PkiFiles, transport::
     })
 }
 
-/// How the replicas (and storage servers) under test secure their port: TLS and the shared secret.
+/// How the replicas under test secure their port: TLS and the shared secret.
 pub fn replica_security() -> transport::ServerSecurity {
     let (_, files, secret) = pki();
     let tls = transport::TlsServerConfig::from_pem_files(&files.server_cert, &files.server_key, None)

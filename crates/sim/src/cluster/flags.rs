@@ -107,10 +107,9 @@ pub struct ClusterFlags {
     #[arg(long)]
     pub insecure: bool,
 
-    /// Storage, one way of: `embedded` (the default: shards on DATA_DIR/blob and the SQLite file
-    /// DATA_DIR/consensus.db, opened by every process) or `server` (a storage-server child that every
-    /// other process talks to).
-    #[arg(long, value_name = "server|embedded", help_heading = "Storage (one of)")]
+    /// Storage: `embedded` (the default: shards on DATA_DIR/blob and the SQLite file
+    /// DATA_DIR/consensus.db, opened by every process).
+    #[arg(long, value_name = "embedded", help_heading = "Storage (one of)")]
     pub storage: Option<String>,
 
     /// Shards at these URLs, opened by every process: file:///DIR or s3://BUCKET/PREFIX?endpoint=URL&...

@@ -4,15 +4,14 @@
 //!
 //! **What runs.** This process as the controller (`ComputeController` with a `ProcessOrchestrator`) and
 //! the table writer, and `--replicas` replicas of one instance as `compute-replica` processes; every
-//! second replica is a timely cluster of `--processes` processes. Storage ([`StorageMode`]) is either
-//! shards that every process opens itself from the same two URLs (the default), or a `storage-server`
-//! child that every process talks to (`--storage server`). On shards, the controller (a critical
-//! reader), the table writer and every replica process (leased readers; the replicas get the URLs
-//! through their environment, `controller::ReplicaStorage`) each open the stores: the embedded ones in
+//! second replica is a timely cluster of `--processes` processes. Storage ([`StorageMode`]) is shards
+//! that every process opens itself from the same two URLs: the controller (a critical reader), the
+//! table writer and every replica process (leased readers; the replicas get the URLs through their
+//! environment, `controller::ReplicaStorage`) each open the stores: the embedded ones in
 //! the data directory (`--storage embedded`, the default: `blob/` and `consensus.db`), any URLs
 //! (`--blob`, `--consensus`), or a throwaway PostgreSQL and `moto_server` the run starts and stops
 //! (`--services local`). Data and logs go to `target/cluster-data/` (`--data-dir`), emptied each run.
-//! `cargo run -p sim` builds only `sim`, so the scenario first builds the two binaries with the same
+//! `cargo run -p sim` builds only `sim`, so the scenario first builds `compute-replica` with the same
 //! profile (`processes.rs`).
 //!
 //! **Phases.** Setup (tables, an initial load, replicas, six dataflows), hydration (a progress bar until
@@ -44,8 +43,7 @@
 //! network namespace of its own, joined by a bridge to this process (`netns.rs`), so that every connection
 //! crosses a link; `--link-cuts` cuts one replica's. Elsewhere every process shares this host's loopback.
 //!
-//! **Cleanup.** The orchestrator kills the replicas when dropped, `processes::StorageServer` kills the
-//! storage server when dropped, and the local services stop when dropped (`storage::services`), then
+//! **Cleanup.** The orchestrator kills the replicas when dropped, and the local services stop when dropped (`storage::services`), then
 //! `--netns`'s namespaces and bridge are deleted (and checked gone: a leftover is a violation); all are
 //! owned by [`run`] outside the async runtime, so every way out
 //! (the end, an error, a panic, Ctrl-C, SIGTERM, SIGHUP) drops them, after the runtime and with it the
@@ -90,7 +88,7 @@ use protocol::ReplicaId;
 
 pub use crate::cluster::flags::ClusterFlags;
 use crate::cluster::outage::LocalServices;
-use crate::cluster::processes::{Layout, StorageServer};
+use crate::cluster::processes::Layout;
 use crate::cluster::report::{Outcome, ReplicaReport, Report, Stats, Ui, lock};
 use crate::cluster::security::ClusterSecurity;
 
@@ -172,8 +170,6 @@ pub const SHARD_POLL_INTERVAL_MS: u64 = 20;
 /// [`DEFAULT_STORAGE`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StorageMode {
-    /// A `storage-server` child process that every other process talks to (`--storage server`).
-    Server,
     /// Shards on a blob directory and a SQLite consensus file in the data directory (`blob/`,
     /// `consensus.db`), which every process opens itself (`--storage embedded`).
     Embedded,
@@ -190,9 +186,8 @@ pub enum StorageMode {
     LocalServices,
 }
 
-/// The default: the embedded shards (DESIGN §9), which pass the same checks as the storage server (their
-/// frontier lag is higher: every append waits for its blob files' and the SQLite log's fsyncs, and
-/// listens in other processes poll the consensus head every [`SHARD_POLL_INTERVAL_MS`]).
+/// The default: the embedded shards (DESIGN §9): blob files and a SQLite consensus in the data directory
+/// (listens in other processes poll the consensus head every [`SHARD_POLL_INTERVAL_MS`]).
 pub const DEFAULT_STORAGE: StorageMode = StorageMode::Embedded;
 
 impl ClusterArgs {
@@ -284,7 +279,7 @@ impl ClusterArgs {
                 bail!(
                     "--netns needs --services local: the scenario starts PostgreSQL and moto_server in a namespace \
                      of their own, so that storage crosses the network too (embedded stores are files, and \
-                     --storage server or --blob/--consensus name servers it does not place)"
+                     --blob/--consensus name servers it does not place)"
                 );
             }
             if self.workload == Workload::Tpch {
@@ -294,7 +289,7 @@ impl ClusterArgs {
         let postgres = match &self.storage {
             StorageMode::LocalServices => true,
             StorageMode::Urls { consensus, .. } => consensus.starts_with("postgres"),
-            StorageMode::Server | StorageMode::Embedded => false,
+            StorageMode::Embedded => false,
         };
         if self.no_push && !postgres {
             bail!(
@@ -371,9 +366,12 @@ fn storage_mode(
     }
     if let Some(mode) = mode {
         return match mode.as_str() {
-            "server" => Ok(StorageMode::Server),
             "embedded" => Ok(StorageMode::Embedded),
-            other => bail!("--storage {other:?}: expected `server` or `embedded`"),
+            "server" => bail!(
+                "--storage server: the storage server is retired; every process opens the shards itself \
+                 (--storage embedded, --blob/--consensus or --services local)"
+            ),
+            other => bail!("--storage {other:?}: expected `embedded`"),
         };
     }
     match (blob, consensus) {
@@ -398,11 +396,10 @@ fn wallclock_seed() -> u64 {
 }
 
 /// Everything the scenario started, killed in order when dropped: the replicas (through the
-/// orchestrator's own `Drop`), then the storage server or the local services.
+/// orchestrator's own `Drop`), then the local services.
 struct Children {
     orchestrator: Option<Arc<ProcessOrchestrator>>,
     replicas: Vec<ReplicaId>,
-    storage: Option<StorageServer>,
     services: Option<Arc<LocalServices>>,
     /// Torn down last, once nothing runs in its namespaces.
     network: Option<Arc<netns::Network>>,
@@ -427,7 +424,6 @@ impl Drop for Children {
                 }
             }
         }
-        self.storage.take();
         self.services.take();
         if let Some(network) = self.network.take() {
             network.teardown();
@@ -437,37 +433,14 @@ impl Drop for Children {
 
 /// Starts what `args.storage` needs (into `children`, so every way out stops it) and says where the
 /// scenario's processes find storage, and how to describe it in the report.
-// The run's parts it starts or records into, each its own: a struct would only rename them.
-#[allow(clippy::too_many_arguments)]
 fn start_storage(
     args: &ClusterArgs,
     layout: &Layout,
-    storage_server: &std::path::Path,
-    env: &[(String, String)],
     security: &ClusterSecurity,
-    stats: &Stats,
     children: &mut Children,
     ui: &Ui,
 ) -> anyhow::Result<(tasks::ScenarioStorage, controller::ReplicaStorage, String)> {
     let (blob, consensus) = match &args.storage {
-        StorageMode::Server => {
-            let server = StorageServer::start(storage_server, layout, env, &security.storage_server_args())?;
-            let address = server.address.clone();
-            info!(%address, pid = server.pid(), "storage server listening");
-            lock(&stats.child_pids).insert(server.pid());
-            children.storage = Some(server);
-            ui.say(&format!(
-                "storage server on {address}; connections secured with {}; logs in {}",
-                security.describe(),
-                layout.log_dir().display()
-            ));
-            let described = "storage-server".to_string();
-            return Ok((
-                tasks::ScenarioStorage::Server(address.clone()),
-                controller::ReplicaStorage::Server(address),
-                described,
-            ));
-        }
         StorageMode::Embedded => (
             format!("file://{}", layout.data_dir.join("blob").display()),
             format!("sqlite://{}", layout.data_dir.join("consensus.db").display()),
@@ -590,8 +563,7 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<ExitCode> {
     // The children log to files: no colour codes.
     let mut env = vec![("RUST_LOG".to_string(), child_log), ("NO_COLOR".to_string(), "1".to_string())];
 
-    let mut children =
-        Children { orchestrator: None, replicas: Vec::new(), storage: None, services: None, network: None };
+    let mut children = Children { orchestrator: None, replicas: Vec::new(), services: None, network: None };
     if args.netns {
         let network = netns::Network::create()?;
         ui.say(&network.describe());
@@ -603,11 +575,9 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<ExitCode> {
     let client_security = security.client()?;
     let stats = Arc::new(Stats::default());
     let (scenario_storage, replica_storage, storage_described) =
-        start_storage(&args, &layout, &binaries.storage_server, &env, &security, &stats, &mut children, &ui)?;
-    if matches!(replica_storage, controller::ReplicaStorage::Shards { .. }) {
-        // `compute-replica --shard-poll-interval-ms`, through the environment like the URLs.
-        env.push((controller::SHARD_POLL_INTERVAL_ENV.to_string(), SHARD_POLL_INTERVAL_MS.to_string()));
-    }
+        start_storage(&args, &layout, &security, &mut children, &ui)?;
+    // `compute-replica --shard-poll-interval-ms`, through the environment like the URLs.
+    env.push((controller::SHARD_POLL_INTERVAL_ENV.to_string(), SHARD_POLL_INTERVAL_MS.to_string()));
     if args.netns {
         // `compute-replica --keepalive-interval-ms`: well below the controller's idle timeout.
         env.push((controller::KEEPALIVE_INTERVAL_ENV.to_string(), netns::KEEPALIVE_INTERVAL_MS.to_string()));
@@ -776,7 +746,6 @@ mod tests {
     #[test]
     fn each_storage_flag_chooses_its_mode() {
         assert_eq!(parse(&[]).unwrap().storage, StorageMode::Embedded);
-        assert_eq!(parse(&["--storage", "server"]).unwrap().storage, StorageMode::Server);
         assert_eq!(parse(&["--storage", "embedded"]).unwrap().storage, StorageMode::Embedded);
         assert_eq!(parse(&["--services", "local"]).unwrap().storage, StorageMode::LocalServices);
         let urls = parse(&["--blob", "file:///d/blob", "--consensus", "sqlite:///d/c.db"]).unwrap();
@@ -792,9 +761,8 @@ mod tests {
         assert_eq!(parse(&["--services", "local", "--outages", "0"]).unwrap().outage_count(), 0);
         assert_eq!(parse(&[]).unwrap().outage_count(), 0, "the embedded default has no server to stop");
         assert_eq!(parse(&["--outages", "0"]).unwrap().outage_count(), 0);
-        let cases: [(&[&str], &str); 5] = [
+        let cases: [(&[&str], &str); 4] = [
             (&["--outages", "1"], "there is no server to stop"),
-            (&["--storage", "server", "--outages", "2"], "keeps the data in its one process"),
             (
                 &["--blob", "file:///b", "--consensus", "sqlite:///c", "--outages", "1"],
                 "were not started by the scenario",
@@ -827,7 +795,7 @@ mod tests {
         assert_eq!(parse(&[]).unwrap().link_cut_count(), 0, "no links to cut on loopback");
         let cases: [(&[&str], &str); 6] = [
             (&["--netns"], "--netns needs --services local"),
-            (&["--storage", "server", "--netns"], "--netns needs --services local"),
+            (&["--storage", "embedded", "--netns"], "--netns needs --services local"),
             (
                 &["--blob", "file:///b", "--consensus", "sqlite:///c", "--netns"],
                 "--netns needs --services local",
@@ -856,7 +824,7 @@ mod tests {
         assert!(!parse(&["--services", "local"]).unwrap().no_push);
         let cases: [&[&str]; 3] = [
             &["--no-push"],
-            &["--storage", "server", "--no-push"],
+            &["--storage", "embedded", "--no-push"],
             &["--blob", "file:///b", "--consensus", "sqlite:///c", "--no-push"],
         ];
         for args in cases {
@@ -867,15 +835,16 @@ mod tests {
 
     #[test]
     fn conflicting_incomplete_or_malformed_storage_flags_are_refused_with_the_reason() {
-        let cases: [(&[&str], &str); 7] = [
-            (&["--storage", "server", "--services", "local"], "give one of them"),
+        let cases: [(&[&str], &str); 8] = [
+            (&["--storage", "embedded", "--services", "local"], "give one of them"),
+            (&["--storage", "server"], "the storage server is retired"),
             (
                 &["--storage", "embedded", "--blob", "file:///b", "--consensus", "sqlite:///c"],
                 "give one of them",
             ),
             (&["--blob", "file:///b"], "--blob needs --consensus"),
             (&["--consensus", "sqlite:///c"], "--consensus needs --blob"),
-            (&["--storage", "wal"], "expected `server` or `embedded`"),
+            (&["--storage", "wal"], "expected `embedded`"),
             (&["--services", "remote"], "the only value is `local`"),
             (&["--blob", "ftp://b", "--consensus", "sqlite:///c"], "unknown blob scheme"),
         ];

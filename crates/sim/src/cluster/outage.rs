@@ -12,8 +12,7 @@
 //! **Where it cannot be done** ([`unsupported`]): the embedded default is a SQLite file and a blob
 //! directory that every process opens in-process: there is no server to stop, and an "outage" would be the
 //! file system failing (storage's `tests/it/faults.rs` fills a disk instead); `--blob`/`--consensus` URLs
-//! name servers the scenario did not start and must not stop; `--storage server` is one process whose loss
-//! is a different fault (it holds the data). `--outages` with any of them is refused with that reason;
+//! name servers the scenario did not start and must not stop. `--outages` with either is refused with that reason;
 //! nothing is faked.
 //!
 //! **Invariant.** Every outage ends: both services are brought back before the outage's task returns, and
@@ -73,10 +72,6 @@ pub fn unsupported(storage: &StorageMode) -> Option<&'static str> {
         ),
         StorageMode::Urls { .. } => Some(
             "the stores at --blob/--consensus were not started by the scenario, which will not stop them \
-             (use --services local)",
-        ),
-        StorageMode::Server => Some(
-            "--storage server keeps the data in its one process: stopping it is not an outage of a store \
              (use --services local)",
         ),
     }
@@ -156,7 +151,6 @@ mod tests {
         assert_eq!(unsupported(&StorageMode::LocalServices), None);
         for mode in [
             StorageMode::Embedded,
-            StorageMode::Server,
             StorageMode::Urls { blob: "file:///b".into(), consensus: "sqlite:///c".into() },
         ] {
             let why = unsupported(&mode).expect("refused");

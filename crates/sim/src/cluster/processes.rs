@@ -1,11 +1,9 @@
 //! The cluster scenario's operating-system side: finding (or building) the binaries it runs, its data
-//! directory, the storage server child process, and killing replica processes.
+//! directory, and killing replica processes.
 //!
 //! **What this is.** `cargo run -p sim` builds only `sim`, so [`binaries`] runs
-//! `$CARGO build --locked --bin compute-replica --bin storage-server` with the profile and target directory
-//! of the running executable (cargo decides whether anything needs rebuilding), then finds both next to it.
-//! [`StorageServer`] owns the `storage-server` child: it is killed and reaped when the value is dropped, on
-//! every path out of the scenario (normal end, error, panic, Ctrl-C).
+//! `$CARGO build --locked --bin compute-replica` with the profile and target directory of the running
+//! executable (cargo decides whether anything needs rebuilding), then finds it next to it.
 //!
 //! **What this is not.** Replica processes are the controller's `ProcessOrchestrator`'s; only
 //! [`kill_processes`] touches them, to inject a crash, and [`running_children`] looks at them after the
@@ -14,17 +12,15 @@
 //! **Tests:** exercised by running the scenario (`sim cluster`), and [`binaries`] by `tests/it/process_orchestrator.rs`,
 //! which builds `compute-replica` with it.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::process::{Command, Stdio};
 
 use anyhow::{Context, bail};
 
 /// Where the scenario's files go and where its binaries are.
 #[derive(Debug, Clone)]
 pub struct Layout {
-    /// The directory holding `sim`, `compute-replica` and `storage-server` (e.g. `target/release`).
+    /// The directory holding `sim` and `compute-replica` (e.g. `target/release`).
     pub profile_dir: PathBuf,
     /// The cargo target directory (e.g. `target`).
     pub target_dir: PathBuf,
@@ -48,12 +44,7 @@ impl Layout {
         Ok(Layout { profile_dir, target_dir, profile, data_dir })
     }
 
-    /// The storage server's data directory.
-    pub fn storage_dir(&self) -> PathBuf {
-        self.data_dir.join("storage")
-    }
-
-    /// Where logs go (the replicas', the storage server's, and `sim`'s own).
+    /// Where logs go (the replicas' and `sim`'s own).
     pub fn log_dir(&self) -> PathBuf {
         self.data_dir.join("logs")
     }
@@ -64,9 +55,8 @@ impl Layout {
             std::fs::remove_dir_all(&self.data_dir)
                 .with_context(|| format!("cannot remove {}", self.data_dir.display()))?;
         }
-        for dir in [self.storage_dir(), self.log_dir()] {
-            std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        }
+        let dir = self.log_dir();
+        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
         Ok(())
     }
 
@@ -75,31 +65,26 @@ impl Layout {
     }
 }
 
-/// The two binaries the scenario spawns.
+/// The binary the scenario spawns.
 #[derive(Debug, Clone)]
 pub struct Binaries {
     /// `compute-replica`.
     pub compute_replica: PathBuf,
-    /// `storage-server`.
-    pub storage_server: PathBuf,
 }
 
-/// Builds `compute-replica` and `storage-server` with the running executable's profile (cargo reuses
-/// them when they are up to date) and returns their paths. `say` reports what is happening.
+/// Builds `compute-replica` with the running executable's profile (cargo reuses it when it is up to
+/// date) and returns its path. `say` reports what is happening.
 pub fn binaries(layout: &Layout, say: &dyn Fn(&str)) -> anyhow::Result<Binaries> {
-    let found = Binaries {
-        compute_replica: layout.binary("compute-replica"),
-        storage_server: layout.binary("storage-server"),
-    };
+    let found = Binaries { compute_replica: layout.binary("compute-replica") };
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../Cargo.toml");
-    let both_exist = found.compute_replica.exists() && found.storage_server.exists();
+    let exists = found.compute_replica.exists();
     if !manifest.exists() {
-        if both_exist {
-            say("the workspace is not where sim was built; using the binaries next to it");
+        if exists {
+            say("the workspace is not where sim was built; using the compute-replica next to it");
             return Ok(found);
         }
         bail!(
-            "cannot build compute-replica and storage-server: no workspace at {} and no binaries in {}",
+            "cannot build compute-replica: no workspace at {} and no binary in {}",
             manifest.display(),
             layout.profile_dir.display()
         );
@@ -111,7 +96,7 @@ pub fn binaries(layout: &Layout, say: &dyn Fn(&str)) -> anyhow::Result<Binaries>
         .arg("--locked")
         .arg("--manifest-path")
         .arg(&manifest)
-        .args(["--bin", "compute-replica", "--bin", "storage-server"])
+        .args(["--bin", "compute-replica"])
         .env("CARGO_TARGET_DIR", &layout.target_dir)
         .stdin(Stdio::null())
         .stdout(Stdio::null());
@@ -129,100 +114,22 @@ pub fn binaries(layout: &Layout, say: &dyn Fn(&str)) -> anyhow::Result<Binaries>
         "release" => " --release".to_string(),
         other => format!(" --profile {other}"),
     };
-    say(&format!(
-        "building compute-replica and storage-server (cargo build{profile_flag} --locked --bin compute-replica --bin storage-server)"
-    ));
+    say(&format!("building compute-replica (cargo build{profile_flag} --locked --bin compute-replica)"));
     let status = command.status().with_context(|| format!("cannot run {}", cargo.to_string_lossy()))?;
     if !status.success() {
-        if both_exist {
+        if exists {
             say(&format!(
-                "cargo build failed ({status}); using the binaries already in {}",
+                "cargo build failed ({status}); using the compute-replica already in {}",
                 layout.profile_dir.display()
             ));
             return Ok(found);
         }
-        bail!("cargo build of compute-replica and storage-server failed ({status})");
+        bail!("cargo build of compute-replica failed ({status})");
     }
-    for path in [&found.compute_replica, &found.storage_server] {
-        if !path.exists() {
-            bail!("cargo built, but {} does not exist", path.display());
-        }
+    if !found.compute_replica.exists() {
+        bail!("cargo built, but {} does not exist", found.compute_replica.display());
     }
     Ok(found)
-}
-
-/// The `storage-server` child process. Killed and reaped on drop.
-#[derive(Debug)]
-pub struct StorageServer {
-    child: Child,
-    /// The address it listens on.
-    pub address: String,
-}
-
-impl StorageServer {
-    /// Starts `storage-server` on a free loopback port with the security flags `security_args` and waits
-    /// (up to 30 s) until it listens. Its stderr goes to `storage-server.log` in the log directory.
-    pub fn start(
-        binary: &Path,
-        layout: &Layout,
-        env: &[(String, String)],
-        security_args: &[std::ffi::OsString],
-    ) -> anyhow::Result<StorageServer> {
-        let log = std::fs::File::create(layout.log_dir().join("storage-server.log"))
-            .context("cannot create the storage server's log")?;
-        let mut command = Command::new(binary);
-        command
-            .arg("--data-dir")
-            .arg(layout.storage_dir())
-            .args(["--listen", "127.0.0.1:0"])
-            .args(security_args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log);
-        for (key, value) in env {
-            command.env(key, value);
-        }
-        let mut child = command.spawn().with_context(|| format!("cannot start {}", binary.display()))?;
-        let stdout = child.stdout.take().expect("stdout is piped");
-        // The guard owns the child from here on: every error path below kills it.
-        let mut server = StorageServer { child, address: String::new() };
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::Builder::new()
-            .name("storage-server-stdout".into())
-            .spawn(move || {
-                let mut lines = BufReader::new(stdout).lines();
-                let first = lines.next();
-                let _ = tx.send(first);
-                // Keep draining so the server never blocks on a full pipe.
-                for _ in lines {}
-            })
-            .context("cannot spawn a thread")?;
-        let line = match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(Some(Ok(line))) => line,
-            Ok(_) => bail!(
-                "storage-server exited before listening; see {}",
-                layout.log_dir().join("storage-server.log").display()
-            ),
-            Err(_) => bail!("storage-server did not start listening within 30 s"),
-        };
-        let Some(address) = line.strip_prefix("listening on ") else {
-            bail!("unexpected first line from storage-server: {line:?}");
-        };
-        server.address = address.trim().to_string();
-        Ok(server)
-    }
-
-    /// The child's process id.
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-impl Drop for StorageServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// The processes among `pids` that still run as children of this process (read from `/proc`; a pid

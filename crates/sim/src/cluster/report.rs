@@ -235,8 +235,7 @@ pub struct Stats {
     pub recreations: Mutex<Vec<Recreation>>,
     /// Replica status rows read back from introspection at the end.
     pub introspection: Mutex<Vec<String>>,
-    /// Every child process the scenario started (the storage server, every replica process, restarts
-    /// included), to verify at the end that none is left.
+    /// Every child process the scenario started (every replica process, restarts included), to verify at the end that none is left.
     pub child_pids: Mutex<BTreeSet<u32>>,
     /// What the run sampled each second, and its faults, for `--report` (`timeline.rs`).
     pub timeline: Mutex<Timeline>,
@@ -525,8 +524,7 @@ pub struct Report {
     pub duration_s: f64,
     /// The workload's seed.
     pub seed: u64,
-    /// Where the collections lived: `storage-server`, or `shards (blob KIND, consensus KIND)` (no
-    /// credentials).
+    /// Where the collections lived: `shards (blob KIND, consensus KIND)` (no credentials).
     pub storage: String,
     /// Which storage outages the run injected, or why none (`outage.rs`).
     pub outage_injection: String,

@@ -1,35 +1,29 @@
-//! The scenario's security: TLS and a shared secret on every connection (controller → replicas,
-//! replicas and controller → storage server, between a replica's processes), made fresh for each run, or
+//! The scenario's security: TLS and a shared secret on every connection (controller → replicas, between
+//! a replica's processes), made fresh for each run, or
 //! plain TCP with the secret under `--insecure`.
 //!
 //! **What is made.** A throwaway CA and a server certificate for `127.0.0.1` and `localhost` (and, with
 //! `--netns`, every address of the run's subnet)
-//! (`transport::certs`), which every server (the storage server, every replica process) presents and
-//! every client checks, and a random shared secret, all written to `security/` in the run's data directory
-//! (keys and the secret readable by their owner only). The storage server reads the secret from its file
-//! (`--secret-file`), the replicas from their environment (`ReplicaProcessSecurity`); it never appears on a
-//! command line.
+//! (`transport::certs`), which every replica process presents and the controller checks, written to
+//! `security/` in the run's data directory (keys readable by their owner only), and a random shared
+//! secret, which the replicas read from their environment (`ReplicaProcessSecurity`); it never appears on
+//! a command line.
 //!
 //! **What this is not.** A way to run production: a deployment brings its own certificates (see the
 //! README).
 //!
 //! **Tests.** The scenario's own run in `cargo xtask test-suite` (with TLS); `--insecure` by hand.
 
-use std::ffi::OsString;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context, anyhow};
-use controller::{
-    ClientSecurity, ReplicaProcessSecurity, ReplicaTlsFiles, ServerSecurity, SharedSecret, TlsClientConfig,
-    TlsServerConfig,
-};
+use controller::{ClientSecurity, ReplicaProcessSecurity, ReplicaTlsFiles, SharedSecret, TlsClientConfig};
 use transport::certs::{PkiFiles, write_throwaway_pki};
 
 /// The run's certificates and secret. See the module documentation.
 #[derive(Debug)]
 pub struct ClusterSecurity {
     secret: SharedSecret,
-    secret_file: PathBuf,
     /// `None` under `--insecure`.
     tls: Option<PkiFiles>,
 }
@@ -49,8 +43,6 @@ impl ClusterSecurity {
     ) -> anyhow::Result<ClusterSecurity> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let secret = SharedSecret::generate().map_err(|e| anyhow!("cannot draw a shared secret: {e}"))?;
-        let secret_file = dir.join("secret");
-        secret.write_to_file(&secret_file).map_err(|e| anyhow!("{e}"))?;
         let names: Vec<String> = ["127.0.0.1".to_string(), "localhost".to_string()]
             .into_iter()
             .chain(hosts.iter().map(|h| h.to_string()))
@@ -63,7 +55,7 @@ impl ClusterSecurity {
                     .map_err(|e| anyhow!("cannot make the run's certificates: {e}"))?,
             )
         };
-        Ok(ClusterSecurity { secret, secret_file, tls })
+        Ok(ClusterSecurity { secret, tls })
     }
 
     /// `"TLS and a shared secret"` or `"plain TCP and a shared secret (--insecure)"`.
@@ -74,47 +66,19 @@ impl ClusterSecurity {
         }
     }
 
-    /// The storage server's security flags.
-    pub fn storage_server_args(&self) -> Vec<OsString> {
-        let mut args: Vec<OsString> = match &self.tls {
-            Some(files) => vec![
-                "--tls-cert".into(),
-                files.server_cert.clone().into(),
-                "--tls-key".into(),
-                files.server_key.clone().into(),
-            ],
-            None => vec!["--insecure".into()],
-        };
-        args.extend(["--secret-file".into(), self.secret_file.clone().into()]);
-        args
-    }
-
     /// How the orchestrator starts the replica processes.
     pub fn replicas(&self) -> ReplicaProcessSecurity {
         ReplicaProcessSecurity {
             tls: self.tls.as_ref().map(|files| ReplicaTlsFiles {
                 cert: files.server_cert.clone(),
                 key: files.server_key.clone(),
-                ca: files.ca.clone(),
                 client_ca: None,
             }),
             secret: Some(self.secret.clone()),
         }
     }
 
-    /// How a storage server in this process secures its port (tests that run it in-process).
-    pub fn server(&self) -> anyhow::Result<ServerSecurity> {
-        match &self.tls {
-            Some(files) => {
-                let tls = TlsServerConfig::from_pem_files(&files.server_cert, &files.server_key, None)
-                    .map_err(|e| anyhow!("cannot load the run's server certificate: {e}"))?;
-                ServerSecurity::tls(tls, Some(self.secret.clone())).map_err(|e| anyhow!("{e}"))
-            }
-            None => Ok(ServerSecurity::insecure(self.secret.clone())),
-        }
-    }
-
-    /// How this process (the controller, and its storage client) connects.
+    /// How this process (the controller) connects to the replicas.
     pub fn client(&self) -> anyhow::Result<ClientSecurity> {
         match &self.tls {
             Some(files) => {

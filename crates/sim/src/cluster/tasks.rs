@@ -62,7 +62,7 @@ use protocol::{Datum, GlobalId, InstanceId, PeekTarget, ReplicaId, Row, RowSetFi
 use storage::blob::BlobConfig;
 use storage::consensus::ConsensusConfig;
 use storage::{
-    Client, ShardCollections, ShardConfig, StorageCollections, SystemClock, TableWriter, TableWriterConfig,
+    ShardCollections, ShardConfig, StorageCollections, SystemClock, TableWriter, TableWriterConfig,
 };
 
 use crate::cluster::netns::Network;
@@ -197,8 +197,6 @@ fn by_table(updates: &[Update]) -> Vec<(GlobalId, Vec<(Row, i64)>)> {
 /// Where this process finds storage.
 #[derive(Debug, Clone)]
 pub enum ScenarioStorage {
-    /// The storage server at this address: the controller and the table writer share one client.
-    Server(String),
     /// The shards: the controller and the table writer each open them, as separate processes would (the
     /// controller's holds are a critical reader, `critical-controller`; the writer's a leased one).
     Shards {
@@ -212,21 +210,10 @@ pub enum ScenarioStorage {
 /// The controller's storage, the table writer's, and the shard engines to shut down at the end.
 pub(crate) type Opened = (Arc<dyn StorageCollections>, Arc<dyn StorageCollections>, Vec<ShardCollections>);
 
-/// Connects to the storage server or opens the shards (twice); shards must not hold any of `fresh` yet
+/// Opens the shards (twice: for the controller and for the table writer); they must not hold any of `fresh` yet
 /// (the scenario's collections: a store used by an earlier run would contradict the oracle).
-pub(crate) async fn open_storage(
-    storage: &ScenarioStorage,
-    fresh: &[GlobalId],
-    security: &ClientSecurity,
-) -> anyhow::Result<Opened> {
+pub(crate) async fn open_storage(storage: &ScenarioStorage, fresh: &[GlobalId]) -> anyhow::Result<Opened> {
     match storage {
-        ScenarioStorage::Server(address) => {
-            let client = Client::connect(address.as_str(), security.clone())
-                .await
-                .context("cannot connect to the storage server")?;
-            let client: Arc<dyn StorageCollections> = Arc::new(client);
-            Ok((Arc::clone(&client), client, Vec::new()))
-        }
         ScenarioStorage::Shards { blob, consensus } => {
             let poll_interval = Duration::from_millis(crate::cluster::SHARD_POLL_INTERVAL_MS);
             let config = ShardConfig { poll_interval, ..ShardConfig::default() };
@@ -267,7 +254,7 @@ pub async fn scenario(
     ui: Arc<Ui>,
 ) -> anyhow::Result<()> {
     let fresh: Vec<GlobalId> = Table::ALL.iter().map(|t| t.id()).chain([workload::STATUS_REVENUE]).collect();
-    let (storage, writer_storage, shards) = open_storage(&storage, &fresh, &security).await?;
+    let (storage, writer_storage, shards) = open_storage(&storage, &fresh).await?;
     let parts = Parts { storage, writer_storage, services, network, security, orchestrator, stats, ui };
     let result = scenario_on(args, parts, process_events).await;
     for engine in shards {

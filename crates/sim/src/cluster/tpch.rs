@@ -64,7 +64,7 @@ pub async fn scenario(
     let catalog = Catalog::new(0);
     let fresh: Vec<GlobalId> = TABLES.iter().map(|table| catalog.table(*table)).collect();
     // The controller and the loader share the controller's engine (the loader writes from its process).
-    let (storage, _, shards) = open_storage(&storage, &fresh, &security).await?;
+    let (storage, _, shards) = open_storage(&storage, &fresh).await?;
     let result = scenario_on(args, storage, security, orchestrator, process_events, stats, ui).await;
     for engine in shards {
         // Releases the leased readers rather than leaving them to expire.

@@ -597,10 +597,7 @@ impl SimStorage {
             }
         }
         let c = self.clients.get_mut(client).expect("registered");
-        c.counts
-            .entry(id)
-            .or_default()
-            .update_iter(frontier.iter().map(|t| (*t, 1)));
+        c.counts.entry(id).or_default().update_iter(frontier.iter().map(|t| (*t, 1)));
         let changes = Arc::clone(&self.changes);
         let owner = client.clone();
         let tx = Arc::new(move |id: &GlobalId, batch: ChangeBatch<u64>| {

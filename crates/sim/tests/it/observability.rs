@@ -24,7 +24,7 @@ use protocol::{
 use sim::cluster::processes;
 use sim::cluster::security::ClusterSecurity;
 use sim::tools;
-use storage::{AppendRequest, InProcess, StorageCollections, StoreConfig};
+use storage::{AppendRequest, StorageCollections};
 use telemetry::{Sample, parse_text, sample_value};
 
 const INSTANCE: InstanceId = InstanceId(1);
@@ -97,18 +97,21 @@ async fn a_running_replica_process_and_the_controller_serve_metrics_promtool_acc
     })
     .await
     .expect("build task");
-    let store = InProcess::in_memory(StoreConfig::default());
     // Secured as in the cluster scenario: TLS with a throwaway CA and a shared secret.
     let security_dir = tempfile::tempdir().expect("a temporary directory");
     let security =
         ClusterSecurity::generate(&security_dir.path().join("security"), false).expect("certificates");
-    let server =
-        storage::Server::bind("127.0.0.1:0", store.clone(), security.server().expect("server security"))
-            .await
-            .expect("storage server");
-    let storage_address = server.local_addr().expect("address").to_string();
-    tokio::spawn(server.serve(std::future::pending()));
-    let storage: Arc<dyn StorageCollections> = Arc::new(store);
+    // Shards in a temporary directory, which this process (the controller) and the replica open.
+    let blob = format!("file://{}", security_dir.path().join("blob").display());
+    let consensus = format!("sqlite://{}", security_dir.path().join("consensus.db").display());
+    let shards = storage::ShardCollections::open(
+        &blob.parse().expect("blob url"),
+        &consensus.parse().expect("consensus url"),
+        storage::ShardConfig { critical_reader: Some("controller".to_string()), ..Default::default() },
+    )
+    .await
+    .expect("open the shards");
+    let storage: Arc<dyn StorageCollections> = Arc::new(shards);
     storage.create_collection(TABLE, kv_desc()).await.expect("table");
     let updates = (0..50).map(|k| (Row::pack([Datum::Int64(k), Datum::Int64(k)]), 0, 1)).collect();
     let append = AppendRequest {
@@ -124,7 +127,7 @@ async fn a_running_replica_process_and_the_controller_serve_metrics_promtool_acc
     std::fs::create_dir_all(&log_dir).expect("log directory");
     let (orchestrator, _events) = ProcessOrchestrator::new(ProcessOrchestratorConfig {
         binary,
-        storage: controller::ReplicaStorage::Server(storage_address),
+        storage: controller::ReplicaStorage::shards(&blob, &consensus).expect("shard urls"),
         security: security.replicas(),
         initial_backoff_ms: 100,
         max_backoff_ms: 1_000,

@@ -7,8 +7,8 @@
 //!
 //! These tests live here, not in the controller crate, because only `sim` can build the binary: the
 //! cluster scenario's `binaries` helper (`sim::cluster::processes`) runs `cargo build` for
-//! the profile of the running executable, a no-op when the binaries are fresh. The storage server runs in
-//! this process (`storage::Server` over an in-memory store). Every connection is secured as in the cluster
+//! the profile of the running executable, a no-op when the binaries are fresh. The replicas open shards in
+//! a temporary directory (blob files and a SQLite consensus). Every connection is secured as in the cluster
 //! scenario (TLS with a throwaway CA and a shared secret, `sim::cluster::security`). Every wait is bounded.
 
 use std::path::{Path, PathBuf};
@@ -21,7 +21,6 @@ use controller::{
 use protocol::{InstanceId, ReplicaId};
 use sim::cluster::processes;
 use sim::cluster::security::ClusterSecurity;
-use storage::{InProcess, StoreConfig};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 const INSTANCE: InstanceId = InstanceId(1);
@@ -53,15 +52,14 @@ fn security() -> &'static ClusterSecurity {
     security
 }
 
-/// A storage server on a free loopback port, serving until the test's runtime ends.
-async fn storage_server() -> String {
-    let store = InProcess::in_memory(StoreConfig::default());
-    let server = storage::Server::bind("127.0.0.1:0", store, security().server().expect("server security"))
-        .await
-        .expect("bind the storage server");
-    let address = server.local_addr().expect("storage address").to_string();
-    tokio::spawn(server.serve(std::future::pending()));
-    address
+/// Shards in a temporary directory that lives as long as the tests (the replicas here create nothing in
+/// them; they only open them).
+fn shards() -> ReplicaStorage {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    let dir = DIR.get_or_init(|| tempfile::tempdir().expect("a temporary directory"));
+    let blob = format!("file://{}", dir.path().join("blob").display());
+    let consensus = format!("sqlite://{}", dir.path().join("consensus.db").display());
+    ReplicaStorage::shards(&blob, &consensus).expect("valid URLs")
 }
 
 async fn orchestrator() -> (ProcessOrchestrator, UnboundedReceiver<ProcessEvent>) {
@@ -74,7 +72,7 @@ async fn orchestrator_with_env(
 ) -> (ProcessOrchestrator, UnboundedReceiver<ProcessEvent>) {
     let config = ProcessOrchestratorConfig {
         binary: compute_replica().await,
-        storage: ReplicaStorage::Server(storage_server().await),
+        storage: shards(),
         security: security().replicas(),
         initial_backoff_ms: INITIAL_BACKOFF_MS,
         max_backoff_ms: MAX_BACKOFF_MS,
@@ -334,29 +332,22 @@ async fn a_replica_whose_io_thread_panics_exits_with_a_failure_status_and_is_res
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compute_replica_refuses_missing_conflicting_or_malformed_storage_flags_with_status_2() {
     let binary = compute_replica().await;
-    let cases: [(&[&str], &str); 8] = [
-        (&["--storage", "127.0.0.1:1", "--shard-poll-interval-ms", "5"], "applies to the shards only"),
-        (
-            &["--blob", "file:///b", "--consensus", "sqlite:///c", "--shard-poll-interval-ms", "0"],
-            "not in 1..=60000",
-        ),
-        (&[], "<--storage <ADDR>|--blob <URL>>"),
-        (
-            &["--storage", "127.0.0.1:1", "--blob", "file:///b", "--consensus", "sqlite:///c"],
-            "cannot be used with",
-        ),
-        (&["--blob", "file:///b"], "--consensus <URL>"),
-        (&["--blob", "ftp://b", "--consensus", "sqlite:///c"], "unknown blob scheme \"ftp\""),
-        (&["--storage", "127.0.0.1:1", "--workers", "0"], "must be at least 1"),
-        (
-            &["--storage", "127.0.0.1:1", "--process", "2", "--addresses", "a:1,b:2"],
-            "--process 2 is out of range",
-        ),
+    let shards = ["--blob", "file:///b", "--consensus", "sqlite:///c"];
+    let with_shards = |more: &[&'static str]| -> Vec<&'static str> { [&shards[..], more].concat() };
+    let cases: [(Vec<&str>, &str); 7] = [
+        (with_shards(&["--shard-poll-interval-ms", "0"]), "not in 1..=60000"),
+        (vec![], "--blob <URL>"),
+        (vec!["--blob", "file:///b"], "--consensus <URL>"),
+        (vec!["--blob", "ftp://b", "--consensus", "sqlite:///c"], "unknown blob scheme \"ftp\""),
+        (with_shards(&["--workers", "0"]), "must be at least 1"),
+        (with_shards(&["--process", "2", "--addresses", "a:1,b:2"]), "--process 2 is out of range"),
+        // The storage server is retired: its flag is refused, not ignored.
+        (with_shards(&["--storage", "127.0.0.1:1"]), "unexpected argument '--storage'"),
     ];
     for (flags, expected) in cases {
         let output = tokio::process::Command::new(&binary)
             .args(["--listen", "127.0.0.1:0"])
-            .args(flags)
+            .args(&flags)
             .env_remove("COMPUTE_BLOB_URL")
             .env_remove("COMPUTE_CONSENSUS_URL")
             .env_remove("COMPUTE_SHARD_POLL_INTERVAL_MS")
@@ -367,15 +358,6 @@ async fn compute_replica_refuses_missing_conflicting_or_malformed_storage_flags_
         assert_eq!(output.status.code(), Some(2), "{flags:?}: {stderr}");
         assert!(stderr.contains(expected), "{flags:?}: {stderr}");
     }
-    // The environment counts as the flags: a URL inherited there conflicts with `--storage` too.
-    let output = tokio::process::Command::new(&binary)
-        .args(["--listen", "127.0.0.1:0", "--storage", "127.0.0.1:1"])
-        .env("COMPUTE_BLOB_URL", "file:///b")
-        .env("COMPUTE_CONSENSUS_URL", "sqlite:///c")
-        .output()
-        .await
-        .expect("compute-replica runs");
-    assert_eq!(output.status.code(), Some(2), "{}", String::from_utf8_lossy(&output.stderr));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

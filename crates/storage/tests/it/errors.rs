@@ -9,8 +9,8 @@ use frontiers::{DowngradeError, ReadPolicy};
 use protocol::{ColumnType, Datum, Row, ScalarType};
 use storage::durable::IoFaults;
 use storage::{
-    AppendError, CreateError, DropError, HoldError, InProcess, ListenEvent, ReadError,
-    StorageCollections, StoreConfig,
+    AppendError, CreateError, DropError, HoldError, InProcess, ListenEvent, ReadError, StorageCollections,
+    StoreConfig,
 };
 
 use crate::*;

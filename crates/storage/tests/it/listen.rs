@@ -272,4 +272,3 @@ pub(crate) async fn snapshot_streams_hand_out_the_snapshot_in_bounded_chunks(
 async fn an_embedded_snapshot_stream_hands_out_the_snapshot_in_bounded_chunks() {
     snapshot_streams_hand_out_the_snapshot_in_bounded_chunks(Arc::new(memory_store()), false).await;
 }
-
