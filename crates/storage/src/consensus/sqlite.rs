@@ -1,21 +1,23 @@
 //! The SQLite [`Consensus`]: the embedded default, one database file that every process on the machine
 //! can share.
 //!
-//! **How.** Two tables: `consensus (key, seqno, data)` with every retained version, and
-//! `consensus_heads (key, seqno)` with each key's head, written in the same transaction (so a head version
-//! deleted by hand is detected, see the parent module). WAL mode, so readers do not block the writer;
-//! `synchronous=FULL`, so a committed version survives a power failure; a busy timeout, so processes
-//! queue for the write lock instead of failing at once; `BEGIN IMMEDIATE` for every write, so a
-//! compare-and-set takes the write lock before it reads the heads it compares. Calls run on tokio's
-//! blocking pool over a small pool of connections (at most [`MAX_CONNECTIONS`]).
+//! **How.** Two tables: `consensus (key, seqno, data)` with every retained version, and `consensus_heads
+//! (key, seqno)` with each key's head, written in the same transaction (so a head version deleted by hand is
+//! detected, see the parent module). WAL mode, so readers do not block the writer; `synchronous=FULL`, so a
+//! committed version survives a power failure; a busy handler that retries every millisecond or less up to
+//! the configured timeout, so processes queue for the write lock instead of failing at once, and take it soon
+//! after it is free (SQLite's own busy timeout sleeps up to 100 ms between tries, which made compare-and-sets
+//! across processes wait tens of milliseconds); `BEGIN IMMEDIATE` for every write, so a compare-and-set takes
+//! the write lock before it reads the heads it compares. Calls run on tokio's blocking pool over a small pool
+//! of connections (at most [`MAX_CONNECTIONS`]).
 //!
 //! **Group commit.** A process's compare-and-sets queue up and one committer task at a time takes them
 //! (up to [`MAX_GROUP`]) into one transaction, each in its own savepoint: a request whose heads do not
 //! match (or whose statements fail) is rolled back alone and answered with its own outcome, the others
 //! commit together with one `COMMIT` (one log sync). Requests are applied in queue order, so one that
 //! follows another on the same key sees it, as if they had run one after the other. Without it, the
-//! process's own connections queue for the write lock in SQLite's busy handler, which sleeps between
-//! tries (up to 100 ms) while the lock may be free; with it, the process holds the lock once per group.
+//! process's own connections would take turns at the write lock, one transaction and one log sync each;
+//! with it, the process holds the lock once per group.
 //! A failed `COMMIT` fails every request of the group alike (determinate or not, as below).
 //!
 //! **Errors.** A failed `COMMIT` is determinate when SQLite reports that it did not write (full disk,
@@ -25,9 +27,10 @@
 //! **Tests.** The conformance suite in `tests/it/consensus.rs`, including several processes' worth of
 //! connections racing on one file.
 
+use std::cell::Cell;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior, params};
@@ -85,10 +88,59 @@ pub(crate) struct SqliteConsensus {
     group: Arc<Mutex<Group>>,
 }
 
-fn open_connection(path: &Path, timeout: Duration) -> Result<Connection, ExternalError> {
+/// The pauses between tries for a lock another process holds, by try (the last one repeats).
+const BUSY_PAUSES: [Duration; 4] = [
+    Duration::from_micros(100),
+    Duration::from_micros(250),
+    Duration::from_micros(500),
+    Duration::from_millis(1),
+];
+
+std::thread_local! {
+    /// When the call running on this thread stops waiting for a lock (set by [`with_connection`]).
+    static BUSY_DEADLINE: Cell<Option<Instant>> = const { Cell::new(None) };
+}
+
+/// Sets this thread's [`BUSY_DEADLINE`] for one call; clears it when dropped.
+struct BusyDeadline;
+
+impl BusyDeadline {
+    // The busy timeout is wall-clock time by definition (it bounds how long a real process waits).
+    #[allow(clippy::disallowed_methods)]
+    fn start(timeout: Duration) -> BusyDeadline {
+        BUSY_DEADLINE.with(|deadline| deadline.set(Some(Instant::now() + timeout)));
+        BusyDeadline
+    }
+}
+
+impl Drop for BusyDeadline {
+    fn drop(&mut self) {
+        BUSY_DEADLINE.with(|deadline| deadline.set(None));
+    }
+}
+
+/// The busy handler: waits a short pause and tries again until the call's deadline (no deadline: gives
+/// up at once). SQLite's own (`busy_timeout`) sleeps up to 100 ms between tries, so a compare-and-set that
+/// found the lock taken waits far longer than the other process holds it.
+// See `BusyDeadline::start`.
+#[allow(clippy::disallowed_methods)]
+fn wait_for_lock(tries: i32) -> bool {
+    let Some(deadline) = BUSY_DEADLINE.with(Cell::get) else {
+        return false;
+    };
+    let now = Instant::now();
+    if now >= deadline {
+        return false;
+    }
+    let index = usize::try_from(tries).unwrap_or(0).min(BUSY_PAUSES.len() - 1);
+    std::thread::sleep(BUSY_PAUSES[index].min(deadline - now));
+    true
+}
+
+fn open_connection(path: &Path) -> Result<Connection, ExternalError> {
     let open = |e| determinate(&format!("open {}", path.display()), e);
-    let conn = Connection::open(path).map_err(open)?;
-    conn.busy_timeout(timeout).map_err(open)?;
+    let mut conn = Connection::open(path).map_err(open)?;
+    conn.busy_handler(Some(wait_for_lock)).map_err(open)?;
     // `journal_mode` answers with the mode now in effect.
     let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |row| row.get(0)).map_err(open)?;
     if !mode.eq_ignore_ascii_case("wal") {
@@ -226,10 +278,11 @@ async fn with_connection<T: Send + 'static>(
     let pool = Arc::clone(pool);
     let task = tokio::task::spawn_blocking(move || {
         let _permit = permit;
+        let _deadline = BusyDeadline::start(pool.timeout);
         let idle = pool.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop();
         let mut conn = match idle {
             Some(conn) => conn,
-            None => open_connection(&pool.path, pool.timeout)?,
+            None => open_connection(&pool.path)?,
         };
         let result = work(&mut conn);
         if result.is_ok() {

@@ -88,6 +88,9 @@ pub(crate) struct Entry {
     /// Where a move of the hold reader in flight (`sync_holds`) takes it, until it lands or fails.
     moving_to: Option<Antichain<u64>>,
     holds_dirty: bool,
+    /// The hold reader is not moved again before this (a move writes a state version; see
+    /// [`ShardConfig::hold_sync_interval`]); `None`: at once.
+    hold_sync_after: Option<tokio::time::Instant>,
     /// The leased reader's seqno in the stored state; `None`: not registered.
     leased_seqno: Option<SeqNo>,
     /// Reads in progress: read id → the version it reads (or a floor below it while it starts).
@@ -471,6 +474,7 @@ impl Inner {
             })
         });
         let Some(target) = target else { return };
+        let started = tokio::time::Instant::now();
         let reader = self.hold_reader.clone();
         let release = target.is_empty() && self.critical;
         let result = self
@@ -492,6 +496,7 @@ impl Inner {
             Ok(_) => self.with_entry(id, |e| {
                 e.moving_to = None;
                 e.registered = (!target.is_empty()).then(|| target.clone());
+                e.hold_sync_after = Some(started + self.config.hold_sync_interval);
             }),
             Err(MachineError::Refused(Refusal::ReaderMissing | Refusal::Dropped) | MachineError::Missing) => {
                 self.with_entry(id, |e| {
@@ -503,7 +508,11 @@ impl Inner {
                 // The move may have landed (an indeterminate failure): `moving_to` stays, so a local
                 // hold is taken only where the reader is, either way, until the stored state is known.
                 tracing::debug!(%id, ?error, "cannot move this process's reader; will retry");
-                self.with_entry(id, |e| e.holds_dirty = true);
+                let retry_at = tokio::time::Instant::now() + self.config.poll_interval;
+                self.with_entry(id, |e| {
+                    e.holds_dirty = true;
+                    e.hold_sync_after = Some(retry_at);
+                });
             }
         }
     }
@@ -1024,26 +1033,41 @@ fn validate(id: GlobalId, state: Option<&ShardState>, plan: &Plan) -> Result<Run
     Ok(run)
 }
 
-/// Moves this process's hold readers to the meet of its local holds whenever they change.
+/// Moves this process's hold readers to the meet of its local holds whenever they change, each shard's at
+/// most once per [`ShardConfig::hold_sync_interval`] (a failed move is retried after the poll interval).
 async fn sync_holds_task(weak: Weak<Inner>) {
     loop {
         let Some(inner) = weak.upgrade() else { return };
         let changed = Arc::clone(&inner.holds_changed);
         let notified = changed.notified();
-        let dirty: Vec<GlobalId> =
-            inner.lock().iter().filter(|(_, e)| e.holds_dirty).map(|(id, _)| *id).collect();
-        for id in dirty {
+        let (due, _) = holds_due(&inner, tokio::time::Instant::now());
+        for id in due {
             inner.sync_holds(id).await;
         }
-        let retry_after = inner.config.poll_interval;
-        let still_dirty = inner.lock().values().any(|e| e.holds_dirty);
+        let (due, next) = holds_due(&inner, tokio::time::Instant::now());
         drop(inner);
-        if still_dirty {
-            tokio::time::sleep(retry_after).await;
-        } else {
-            notified.await;
+        if due.is_empty() {
+            match next {
+                Some(at) => {
+                    let _ = tokio::time::timeout_at(at, notified).await;
+                }
+                None => notified.await,
+            }
         }
     }
+}
+
+/// The shards whose hold reader is due to move at `now`, and when the next one not yet due will be.
+fn holds_due(inner: &Inner, now: tokio::time::Instant) -> (Vec<GlobalId>, Option<tokio::time::Instant>) {
+    let mut due = Vec::new();
+    let mut next: Option<tokio::time::Instant> = None;
+    for (id, entry) in inner.lock().iter().filter(|(_, e)| e.holds_dirty) {
+        match entry.hold_sync_after.filter(|after| *after > now) {
+            Some(after) => next = Some(next.map_or(after, |n| n.min(after))),
+            None => due.push(*id),
+        }
+    }
+    (due, next)
 }
 
 /// Heartbeats this process's leased readers every quarter of their lease.

@@ -15,11 +15,13 @@
 //!   is applied once, never twice, never lost. A writer with no entry at all (its first append to the
 //!   shard) was not applied while its lease cannot have expired (less than half of it passed): the retry
 //!   goes ahead rather than reporting an unknown outcome. Parts of a failed append are deleted.
-//! - **holds**: the process's [`ReadHold`](frontiers::ReadHold)s are counted locally; one registered
-//!   reader per shard holds their meet. By default it is *leased* (it expires when the process stops
+//! - **holds**: the process's [`ReadHold`](frontiers::ReadHold)s are counted locally; one registered reader
+//!   per shard holds their meet, moved forward at most once per [`ShardConfig::hold_sync_interval`] (each
+//!   move is a state version that concurrent appends of other processes would have to retry after; holding a
+//!   little longer is always safe). By default it is *leased* (it expires when the process stops
 //!   heartbeating); [`ShardConfig::critical_reader`] makes it *critical* (it survives restarts). Every
-//!   process also keeps a leased reader that heartbeats the oldest state version it is reading, which
-//!   garbage collection respects.
+//!   process also keeps a leased reader that heartbeats the oldest state version it is reading, which garbage
+//!   collection respects.
 //! - **snapshot** and **listen** stream the parts (one part per batch in memory at a time, see [`read`]);
 //!   listens wait on one poller per shard per process, which polls the consensus head and is woken early
 //!   by the backend's push channel (PostgreSQL `NOTIFY`) and by commits of this process.
@@ -90,6 +92,10 @@ pub struct ShardConfig {
     pub snapshot_timeout: Duration,
     /// How often a listen polls the consensus head when nothing pushed a change. Default 100 ms.
     pub poll_interval: Duration,
+    /// The least time between two moves of this process's hold reader of one shard as its holds advance
+    /// (every move writes a state version, which every other writer of the shard then has to wait for and
+    /// retry after); a hold that needs the reader moved back still moves it at once. Default 1 s.
+    pub hold_sync_interval: Duration,
     /// The target size of a batch part. Default 1 MiB.
     pub part_target_bytes: usize,
     /// A listen's events carry about this many row bytes at most. Default 1 MiB.
@@ -121,6 +127,7 @@ impl Default for ShardConfig {
             retry_budget: Duration::from_secs(30),
             snapshot_timeout: Duration::from_secs(30),
             poll_interval: Duration::from_millis(100),
+            hold_sync_interval: Duration::from_secs(1),
             part_target_bytes: 1 << 20,
             listen_chunk_bytes: 1 << 20,
             default_read_policy: crate::core::default_read_policy(),

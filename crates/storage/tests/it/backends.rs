@@ -154,6 +154,7 @@ pub fn quick_config() -> ShardConfig {
     ShardConfig {
         snapshot_timeout: std::time::Duration::from_millis(200),
         poll_interval: std::time::Duration::from_millis(20),
+        hold_sync_interval: std::time::Duration::from_millis(20),
         maintenance_interval: std::time::Duration::from_millis(50),
         ..ShardConfig::default()
     }

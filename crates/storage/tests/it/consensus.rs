@@ -2,8 +2,9 @@
 //! It checks the contract of `storage::consensus`: compare-and-set appends `expected + 1` iff the head is
 //! `expected`; the multi-key form commits all keys or none; invalid requests are determinate errors;
 //! scan, truncate (never the head) and list; racing compare-and-sets from two independent opens of the
-//! same store (two processes' worth of connections) lose no increment and apply none twice; and
-//! PostgreSQL pushes every committed key to the other open's change channel.
+//! same store (two processes' worth of connections) lose no increment and apply none twice;
+//! PostgreSQL pushes every committed key to the other open's change channel; and a SQLite
+//! compare-and-set waits for a write lock another connection holds, up to the store's timeout.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -143,4 +144,50 @@ async fn postgres_pushes_every_committed_key_to_other_opens_and_the_others_have_
         assert!(keys.iter().all(|k| k == "pushed" || k == "other"), "{keys:?}");
     })
     .await;
+}
+
+/// Takes SQLite's write lock on `path` from a connection of its own (as another process would), answers
+/// once it has it, and keeps it for `hold`.
+fn hold_the_write_lock(path: std::path::PathBuf, hold: Duration) -> std::thread::JoinHandle<()> {
+    let (taken, wait) = std::sync::mpsc::channel();
+    let holder = std::thread::spawn(move || {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+        taken.send(()).unwrap();
+        std::thread::sleep(hold);
+        conn.execute_batch("COMMIT").unwrap();
+    });
+    wait.recv().unwrap();
+    holder
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sqlite_compare_and_set_waits_while_another_process_holds_the_write_lock_and_then_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("consensus.db");
+    let url = format!("sqlite://{}?timeout_ms=10000", path.display());
+    let consensus = url.parse::<storage::consensus::ConsensusConfig>().unwrap().open().await.unwrap();
+    let holder = hold_the_write_lock(path, Duration::from_millis(300));
+    let outcome = consensus.compare_and_set("k", None, version(0, b"after the lock")).await;
+    assert_eq!(outcome.unwrap(), CasOutcome::Committed);
+    holder.join().unwrap();
+    assert_eq!(consensus.head("k").await.unwrap(), Some(version(0, b"after the lock")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sqlite_compare_and_set_gives_up_at_its_timeout_when_another_process_keeps_the_write_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("consensus.db");
+    let url = format!("sqlite://{}?timeout_ms=200", path.display());
+    let consensus = url.parse::<storage::consensus::ConsensusConfig>().unwrap().open().await.unwrap();
+    let holder = hold_the_write_lock(path, Duration::from_secs(3));
+    let attempt = tokio::time::timeout(
+        Duration::from_secs(2),
+        consensus.compare_and_set("k", None, version(0, b"never")),
+    )
+    .await
+    .expect("the busy wait ends at the store's timeout, long before the lock is released");
+    assert!(matches!(attempt, Err(ExternalError::Determinate(_))), "{attempt:?}");
+    holder.join().unwrap();
+    assert_eq!(consensus.head("k").await.unwrap(), None);
 }

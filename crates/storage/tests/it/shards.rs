@@ -1,7 +1,8 @@
 //! The `StorageCollections` behaviours on shards, on every backend (in-memory; local files + SQLite;
 //! S3 + PostgreSQL): the same scenarios `errors.rs` and `listen.rs` run against the embedded store and
 //! the TCP client, plus what only shards have: several processes on the same stores, critical holds that
-//! survive a restart and leased ones that expire, appends retried after lost replies applied exactly
+//! survive a restart and leased ones that expire, hold readers moved at most once per hold sync interval,
+//! appends retried after lost replies applied exactly
 //! once (also atomically across collections), and bad input refused with nothing changed.
 
 use std::sync::Arc;
@@ -119,6 +120,46 @@ async fn a_dropped_shard_listen_releases_its_hold_on_every_backend() {
         assert_eq!(listen.next().await.unwrap(), ListenEvent::Updates(vec![]));
         drop(listen);
         crate::listen::wait_for_since(&*storage, id, 10).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_moves_its_hold_reader_at_most_once_per_hold_sync_interval_on_every_backend() {
+    on_every_backend(async |stores| {
+        let interval = Duration::from_millis(700);
+        let config =
+            ShardConfig { hold_sync_interval: interval, background_maintenance: false, ..quick_config() };
+        let storage = stores.open(config).await;
+        let id = user(1);
+        storage.create_collection(id, int_desc()).await.unwrap();
+        storage
+            .set_read_policy(id, ReadPolicy::LagWriteFrontier { lag_ms: 0, granularity_ms: 0 })
+            .await
+            .unwrap();
+        let mut hold = storage.acquire_read_hold(id, at(0)).await.unwrap();
+        storage.append(vec![append(id, vec![(int_row(1), 0, 1)], 0, 100)]).await.unwrap();
+        let before = storage.stats().commits;
+        let started = tokio::time::Instant::now();
+        for t in 1..=40 {
+            hold.try_downgrade(at(t)).unwrap();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let since = storage.frontiers(id).await.unwrap().since;
+        // Every move is a commit of this process (no appends, no maintenance meanwhile).
+        let moves = storage.stats().commits - before;
+        let elapsed = started.elapsed();
+        let periods = u64::try_from(elapsed.as_millis() / interval.as_millis()).unwrap();
+        assert!(
+            moves <= 1 + periods,
+            "{moves} moves of the hold reader in {elapsed:?} (interval {interval:?})"
+        );
+        if elapsed < interval {
+            assert_ne!(since, at(40), "the last move waits for the interval");
+        }
+        // The last move is not lost: it lands once the interval has passed.
+        crate::listen::wait_for_since(&storage, id, 40).await;
+        drop(hold);
     })
     .await;
 }
