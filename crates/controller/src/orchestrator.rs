@@ -307,7 +307,7 @@ impl ReplicaStorage {
     /// Points `command` at this storage (and clears the shard variables it may have inherited, which
     /// `compute-replica` refuses with `--storage`; the config's `env` may set them again).
     fn apply(&self, command: &mut Command) {
-        for key in [BLOB_URL_ENV, CONSENSUS_URL_ENV, SHARD_POLL_INTERVAL_ENV] {
+        for key in [BLOB_URL_ENV, CONSENSUS_URL_ENV, SHARD_POLL_INTERVAL_ENV, SHARD_PART_CACHE_ENV] {
             command.env_remove(key);
         }
         match self {
@@ -329,6 +329,8 @@ pub const CONSENSUS_URL_ENV: &str = "COMPUTE_CONSENSUS_URL";
 pub const KEEPALIVE_INTERVAL_ENV: &str = "COMPUTE_KEEPALIVE_INTERVAL_MS";
 /// The environment variable `compute-replica` reads its `--shard-poll-interval-ms` from.
 pub const SHARD_POLL_INTERVAL_ENV: &str = "COMPUTE_SHARD_POLL_INTERVAL_MS";
+/// The environment variable `compute-replica` reads its `--shard-part-cache-bytes` from.
+pub const SHARD_PART_CACHE_ENV: &str = "COMPUTE_SHARD_PART_CACHE_BYTES";
 
 impl fmt::Debug for ReplicaStorage {
     /// The shards' URLs are not shown: they may carry credentials.
@@ -819,6 +821,7 @@ mod tests {
         assert_eq!(env_of(&command, BLOB_URL_ENV), Some(None));
         assert_eq!(env_of(&command, CONSENSUS_URL_ENV), Some(None));
         assert_eq!(env_of(&command, SHARD_POLL_INTERVAL_ENV), Some(None));
+        assert_eq!(env_of(&command, SHARD_PART_CACHE_ENV), Some(None));
 
         let shards = ReplicaStorage::shards("file:///secret/blob", "sqlite:///secret/consensus.db").unwrap();
         let mut command = Command::new("compute-replica");

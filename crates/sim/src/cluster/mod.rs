@@ -150,6 +150,8 @@ pub struct ClusterArgs {
     pub link_cuts: Option<usize>,
     /// How long each link cut lasts.
     pub link_cut_duration: Duration,
+    /// The replica processes' part cache in bytes (`None`: the engine's default; 0: off).
+    pub shard_part_cache_bytes: Option<u64>,
 }
 
 /// The scenario's workload.
@@ -253,6 +255,7 @@ impl ClusterArgs {
             netns: flags.netns,
             link_cuts: flags.link_cuts,
             link_cut_duration: flags.link_cut_secs,
+            shard_part_cache_bytes: flags.shard_part_cache_bytes,
         };
         if parsed.replicas == 0 || parsed.processes == 0 || parsed.workers == 0 {
             bail!("--replicas, --processes and --workers must be at least 1");
@@ -587,6 +590,11 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<ExitCode> {
     if matches!(replica_storage, controller::ReplicaStorage::Shards { .. }) {
         // `compute-replica --shard-poll-interval-ms`, through the environment like the URLs.
         env.push((controller::SHARD_POLL_INTERVAL_ENV.to_string(), SHARD_POLL_INTERVAL_MS.to_string()));
+        if let Some(bytes) = args.shard_part_cache_bytes {
+            env.push((controller::SHARD_PART_CACHE_ENV.to_string(), bytes.to_string()));
+        }
+    } else if args.shard_part_cache_bytes.is_some() {
+        bail!("--shard-part-cache-bytes applies to shards only, not to --storage server");
     }
     if args.netns {
         // `compute-replica --keepalive-interval-ms`: well below the controller's idle timeout.
