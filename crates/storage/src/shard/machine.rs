@@ -1,5 +1,5 @@
 //! [`Machine`]: the compare-and-set retry loop around the pure shard state ([`super::state`]), and the
-//! blob calls of the shard engine with their retries.
+//! blob calls of the shard engine with their retries (through the process's part cache, [`super::cache`]).
 //!
 //! **What this is.** [`Machine::update_many`] reads the heads of some shards (from its cache first),
 //! asks a pure function for their next versions, and compare-and-sets them all at once. On a mismatch it

@@ -22,7 +22,9 @@
 //!   garbage collection respects.
 //! - **snapshot** and **listen** stream the parts (one part per batch in memory at a time, see [`read`]);
 //!   listens wait on one poller per shard per process, which polls the consensus head and is woken early
-//!   by the backend's push channel (PostgreSQL `NOTIFY`) and by commits of this process.
+//!   by the backend's push channel (PostgreSQL `NOTIFY`) and by commits of this process. Every part read
+//!   goes through the process's part cache ([`cache`], bounded by [`ShardConfig::part_cache_bytes`]), so
+//!   the readers of one part in a process (listens, snapshots, compaction) fetch it once.
 //! - **compaction and GC** ([`maintenance`]) run in the background of every process: merge batches,
 //!   delete retired parts no reader can reach, truncate old consensus versions, expire leases, and sweep
 //!   parts that failed appends left behind.
@@ -35,8 +37,8 @@
 //! **What this is not.** Not the storage server: nothing here listens on a socket.
 //!
 //! **Tests.** Unit tests in each module; `tests/it/`: the `StorageCollections` behaviours on every backend
-//! (`shards.rs`), the model test (`shard_model.rs`), the conformance suites (`blob.rs`, `consensus.rs`)
-//! and the faults (`faults.rs`).
+//! (`shards.rs`), the model test (`shard_model.rs`), the conformance suites (`blob.rs`, `consensus.rs`),
+//! the faults (`faults.rs`) and the part cache (`part_cache.rs`).
 
 pub mod cache;
 pub mod collections;
