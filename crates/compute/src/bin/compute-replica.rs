@@ -191,6 +191,13 @@ impl Args {
                     .to_string(),
             );
         }
+        if let Some(bytes) = self.shard_part_cache_bytes {
+            let config = ShardConfig {
+                part_cache_bytes: usize::try_from(bytes).unwrap_or(usize::MAX),
+                ..ShardConfig::default()
+            };
+            config.validate().map_err(|e| format!("--shard-part-cache-bytes {bytes}: {e}"))?;
+        }
         if !self.addresses.is_empty() && self.process >= self.addresses.len() {
             return Err(format!(
                 "--process {} is out of range: --addresses names {} process(es)",

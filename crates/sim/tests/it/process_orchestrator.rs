@@ -334,8 +334,13 @@ async fn a_replica_whose_io_thread_panics_exits_with_a_failure_status_and_is_res
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compute_replica_refuses_missing_conflicting_or_malformed_storage_flags_with_status_2() {
     let binary = compute_replica().await;
-    let cases: [(&[&str], &str); 8] = [
+    let cases: [(&[&str], &str); 10] = [
         (&["--storage", "127.0.0.1:1", "--shard-poll-interval-ms", "5"], "applies to the shards only"),
+        (&["--storage", "127.0.0.1:1", "--shard-part-cache-bytes", "0"], "applies to the shards only"),
+        (
+            &["--blob", "file:///b", "--consensus", "sqlite:///c", "--shard-part-cache-bytes", "1000"],
+            "the cache could not keep a part",
+        ),
         (
             &["--blob", "file:///b", "--consensus", "sqlite:///c", "--shard-poll-interval-ms", "0"],
             "not in 1..=60000",
@@ -360,6 +365,7 @@ async fn compute_replica_refuses_missing_conflicting_or_malformed_storage_flags_
             .env_remove("COMPUTE_BLOB_URL")
             .env_remove("COMPUTE_CONSENSUS_URL")
             .env_remove("COMPUTE_SHARD_POLL_INTERVAL_MS")
+            .env_remove("COMPUTE_SHARD_PART_CACHE_BYTES")
             .output()
             .await
             .expect("compute-replica runs");
