@@ -58,7 +58,7 @@ pub use api::{
 pub use error::{AppendError, CreateError, DropError, HoldError, ReadError};
 pub use inprocess::{CheckpointError, InProcess, StoreConfig};
 pub use listen::{FrontierWatch, Listen};
-pub use metrics::{AppendOutcome, BlobOp, ConsensusOp, LeaseKind, StorageMetrics};
-pub use shard::{ShardCollections, ShardConfig, ShardOpenError, ShardStats};
+pub use metrics::{AppendOutcome, BlobOp, ConsensusOp, LeaseKind, PartCacheRead, PartReader, StorageMetrics};
+pub use shard::{PartCacheStats, ShardCollections, ShardConfig, ShardOpenError, ShardStats};
 pub use table_writer::{Clock, ManualClock, SystemClock, TableWriteError, TableWriter, TableWriterConfig};
 pub use url::UrlError;

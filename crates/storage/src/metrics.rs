@@ -20,6 +20,15 @@
 //! - `storage_gc_parts_deleted_total` (counter): blob parts garbage collection deleted
 //! - `storage_gc_versions_truncated_total` (counter): consensus versions it truncated
 //! - `storage_lease_expiries_total` (counter; kind): leases of `reader`s and `writer`s that expired
+//! - `storage_part_reads_total` (counter; reader): parts the engine read (through the part cache, if
+//!   on), by who read them: `snapshot` (snapshots, storage peeks, the first read of a listen), `listen` (a
+//!   listen's updates after its snapshot), `compaction` (merge inputs)
+//! - `storage_part_cache_reads_total` (counter; outcome): part reads through the process's part cache
+//!   (`shard::cache`): `hit` (answered from memory), `join` (waited for another reader's fetch of the same
+//!   part), `miss` (fetched from the blob store)
+//! - `storage_part_cache_evictions_total` (counter): parts the cache evicted to stay within its bound
+//! - `storage_part_cache_bytes` (gauge): bytes of the parts the cache keeps
+//! - `storage_part_cache_parts` (gauge): parts the cache keeps
 //!
 //! **What this is not.** It measures nothing by itself: the shard engine calls its methods where the
 //! events happen (an append's outcome, each Blob and Consensus operation through `shard::metered`, a
@@ -78,6 +87,28 @@ pub enum ConsensusOp {
     ListKeys,
 }
 
+/// Who read a part.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PartReader {
+    /// A snapshot (also a storage peek's, and a listen's first read).
+    Snapshot,
+    /// A listen, after its snapshot.
+    Listen,
+    /// Compaction (a merge's inputs).
+    Compaction,
+}
+
+/// How the part cache answered a read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PartCacheRead {
+    /// From memory.
+    Hit,
+    /// By waiting for another reader's fetch of the same part.
+    Join,
+    /// By fetching from the blob store.
+    Miss,
+}
+
 /// Whose lease expired.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LeaseKind {
@@ -92,6 +123,8 @@ const BLOB_OPS: [&str; 4] = ["get", "set", "delete", "list"];
 const CONSENSUS_OPS: [&str; 5] = ["head", "compare_and_set", "scan", "truncate", "list_keys"];
 const OUTCOMES: [&str; 2] = ["ok", "error"];
 const LEASE_KINDS: [&str; 2] = ["reader", "writer"];
+const PART_CACHE_READS: [&str; 3] = ["hit", "join", "miss"];
+const PART_READERS: [&str; 3] = ["snapshot", "listen", "compaction"];
 
 /// Engine operation latencies: 100 µs to 30 s.
 const OPERATION_BUCKETS_S: [f64; 16] = [
@@ -116,6 +149,11 @@ pub struct StorageMetrics {
     gc_parts: IntCounter,
     gc_versions: IntCounter,
     lease_expiries: [IntCounter; 2],
+    part_reads: [IntCounter; 3],
+    part_cache_reads: [IntCounter; 3],
+    part_cache_evictions: IntCounter,
+    part_cache_bytes: IntGauge,
+    part_cache_parts: IntGauge,
     families: Families,
 }
 
@@ -126,6 +164,8 @@ struct Families {
     blob: HistogramVec,
     consensus: HistogramVec,
     leases: IntCounterVec,
+    part_reads: IntCounterVec,
+    part_cache_reads: IntCounterVec,
 }
 
 impl fmt::Debug for StorageMetrics {
@@ -170,6 +210,14 @@ impl StorageMetrics {
             Opts::new("storage_lease_expiries_total", "Expired leases by kind."),
             &["kind"],
         )?;
+        let part_reads = IntCounterVec::new(
+            Opts::new("storage_part_reads_total", "Parts the engine read, by reader."),
+            &["reader"],
+        )?;
+        let part_cache_reads = IntCounterVec::new(
+            Opts::new("storage_part_cache_reads_total", "Part reads through the part cache by outcome."),
+            &["outcome"],
+        )?;
         let by_outcome = |family: &HistogramVec, op: &str| {
             OUTCOMES.map(|outcome| family.with_label_values(&[op, outcome]))
         };
@@ -202,19 +250,34 @@ impl StorageMetrics {
                 "Consensus versions garbage collection truncated.",
             )?,
             lease_expiries: LEASE_KINDS.map(|kind| leases.with_label_values(&[kind])),
-            families: Families { appends, blob, consensus, leases },
+            part_reads: PART_READERS.map(|reader| part_reads.with_label_values(&[reader])),
+            part_cache_reads: PART_CACHE_READS.map(|outcome| part_cache_reads.with_label_values(&[outcome])),
+            part_cache_evictions: counter(
+                "storage_part_cache_evictions_total",
+                "Parts the part cache evicted to stay within its bound.",
+            )?,
+            part_cache_bytes: IntGauge::new(
+                "storage_part_cache_bytes",
+                "Bytes of the parts the part cache keeps.",
+            )?,
+            part_cache_parts: IntGauge::new("storage_part_cache_parts", "Parts the part cache keeps.")?,
+            families: Families { appends, blob, consensus, leases, part_reads, part_cache_reads },
         };
         Ok(metrics)
     }
 
     fn collectors(&self) -> Vec<Box<dyn Collector>> {
-        let Families { appends, blob, consensus, leases } = &self.families;
+        let Families { appends, blob, consensus, leases, part_reads, part_cache_reads } = &self.families;
         let mut collectors: Vec<Box<dyn Collector>> = vec![
             Box::new(appends.clone()),
             Box::new(blob.clone()),
             Box::new(consensus.clone()),
             Box::new(leases.clone()),
+            Box::new(part_reads.clone()),
+            Box::new(part_cache_reads.clone()),
             Box::new(self.appends_in_flight.clone()),
+            Box::new(self.part_cache_bytes.clone()),
+            Box::new(self.part_cache_parts.clone()),
         ];
         for counter in [
             &self.append_rows,
@@ -225,6 +288,7 @@ impl StorageMetrics {
             &self.compaction_bytes,
             &self.gc_parts,
             &self.gc_versions,
+            &self.part_cache_evictions,
         ] {
             collectors.push(Box::new(counter.clone()));
         }
@@ -287,6 +351,27 @@ impl StorageMetrics {
     pub fn lease_expired(&self, kind: LeaseKind) {
         self.lease_expiries[kind as usize].inc();
     }
+
+    /// The engine read a part for `reader`.
+    pub fn part_read(&self, reader: PartReader) {
+        self.part_reads[reader as usize].inc();
+    }
+
+    /// The part cache answered a read.
+    pub fn part_cache_read(&self, read: PartCacheRead) {
+        self.part_cache_reads[read as usize].inc();
+    }
+
+    /// The part cache evicted a part.
+    pub fn part_cache_eviction(&self) {
+        self.part_cache_evictions.inc();
+    }
+
+    /// The part cache now keeps `parts` parts of `bytes` bytes.
+    pub fn part_cache_kept(&self, bytes: u64, parts: u64) {
+        self.part_cache_bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        self.part_cache_parts.set(i64::try_from(parts).unwrap_or(i64::MAX));
+    }
 }
 
 /// One append in flight (see [`StorageMetrics::append_started`]); dropping it ends it.
@@ -327,6 +412,12 @@ mod tests {
         metrics.compaction(4, 2_000);
         metrics.garbage_collected(3, 7);
         metrics.lease_expired(LeaseKind::Writer);
+        metrics.part_read(PartReader::Listen);
+        metrics.part_cache_read(PartCacheRead::Hit);
+        metrics.part_cache_read(PartCacheRead::Hit);
+        metrics.part_cache_read(PartCacheRead::Miss);
+        metrics.part_cache_eviction();
+        metrics.part_cache_kept(4_096, 3);
         let v = |name, labels: &[(&str, &str)]| value(&registry, name, labels);
         assert_eq!(v("storage_appends_total", &[("outcome", "committed")]), Some(1.0));
         assert_eq!(v("storage_appends_total", &[("outcome", "upper_mismatch")]), Some(1.0));
@@ -355,6 +446,13 @@ mod tests {
         assert_eq!(v("storage_gc_versions_truncated_total", &[]), Some(7.0));
         assert_eq!(v("storage_lease_expiries_total", &[("kind", "writer")]), Some(1.0));
         assert_eq!(v("storage_lease_expiries_total", &[("kind", "reader")]), Some(0.0));
+        let by = |reader| v("storage_part_reads_total", &[("reader", reader)]);
+        assert_eq!((by("snapshot"), by("listen"), by("compaction")), (Some(0.0), Some(1.0), Some(0.0)));
+        let reads = |outcome| v("storage_part_cache_reads_total", &[("outcome", outcome)]);
+        assert_eq!((reads("hit"), reads("join"), reads("miss")), (Some(2.0), Some(0.0), Some(1.0)));
+        assert_eq!(v("storage_part_cache_evictions_total", &[]), Some(1.0));
+        assert_eq!(v("storage_part_cache_bytes", &[]), Some(4_096.0));
+        assert_eq!(v("storage_part_cache_parts", &[]), Some(3.0));
         metrics.unregister(&registry);
         assert!(registry.gather().is_empty());
         StorageMetrics::register(&registry).expect("registrable again");

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! compute-replica --listen ADDR [--workers N]
-//!                 --blob URL --consensus URL [--shard-poll-interval-ms MS]
+//!                 --blob URL --consensus URL [--shard-poll-interval-ms MS] [--shard-part-cache-bytes BYTES]
 //!                 [--process I --addresses A0,A1,...] [--metrics-addr ADDR] [--keepalive-interval-ms MS]
 //!                 (--tls-cert FILE --tls-key FILE [--tls-client-ca FILE] | --insecure)
 //!                 [--secret-file FILE]
@@ -81,6 +81,17 @@ struct Args {
     )]
     shard_poll_interval_ms: Option<u64>,
 
+    /// The most bytes of blob parts this process keeps in memory, shared by all its readers of a part
+    /// (listens, snapshots, compaction); 0 turns the cache off. Only with `--blob`. Default: the shard
+    /// engine's (`storage::ShardConfig`), 64 MiB.
+    #[arg(
+        long,
+        value_name = "BYTES",
+        env = "COMPUTE_SHARD_PART_CACHE_BYTES",
+        value_parser = clap::value_parser!(u64).range(0..=(64u64 << 30))
+    )]
+    shard_part_cache_bytes: Option<u64>,
+
     /// How long, in milliseconds, this process stays silent on a controller connection before it writes a
     /// keepalive, so that its controller can tell it from a vanished one. Keep it well below the
     /// controller's idle timeout. Default: 10000.
@@ -151,6 +162,13 @@ impl Args {
 
     /// The checks clap's attributes cannot express.
     fn validate(&self) -> Result<(), String> {
+        if let Some(bytes) = self.shard_part_cache_bytes {
+            let config = ShardConfig {
+                part_cache_bytes: usize::try_from(bytes).unwrap_or(usize::MAX),
+                ..ShardConfig::default()
+            };
+            config.validate().map_err(|e| format!("--shard-part-cache-bytes {bytes}: {e}"))?;
+        }
         if !self.addresses.is_empty() && self.process >= self.addresses.len() {
             return Err(format!(
                 "--process {} is out of range: --addresses names {} process(es)",
@@ -172,6 +190,9 @@ fn open_storage(
     let mut config = ShardConfig::default();
     if let Some(ms) = args.shard_poll_interval_ms {
         config.poll_interval = std::time::Duration::from_millis(ms);
+    }
+    if let Some(bytes) = args.shard_part_cache_bytes {
+        config.part_cache_bytes = usize::try_from(bytes).unwrap_or(usize::MAX);
     }
     let metrics = storage::StorageMetrics::register(registry)
         .map_err(|e| format!("cannot register the storage engine's metrics: {e}"))?;

@@ -126,6 +126,11 @@ pub struct ClusterFlags {
     #[arg(long, value_name = "local", help_heading = "Storage (one of)")]
     pub services: Option<String>,
 
+    /// The part cache of every replica process, in bytes (`compute-replica --shard-part-cache-bytes`; 0
+    /// turns it off, to compare). Only with shards. Default: the engine's, 64 MiB.
+    #[arg(long, value_name = "BYTES", help_heading = "Storage (one of)")]
+    pub shard_part_cache_bytes: Option<u64>,
+
     /// Stop PostgreSQL / pause moto_server N times, alternating, consensus first, a replica killed during
     /// each while its view append is stuck (only with --services local; default there: 1, or 2 in runs of
     /// 30 s or more).

@@ -150,6 +150,8 @@ pub struct ClusterArgs {
     pub link_cut_duration: Duration,
     /// The consensus push channel off (`--no-push`; PostgreSQL only).
     pub no_push: bool,
+    /// The replica processes' part cache in bytes (`None`: the engine's default; 0: off).
+    pub shard_part_cache_bytes: Option<u64>,
 }
 
 /// The scenario's workload.
@@ -251,6 +253,7 @@ impl ClusterArgs {
             link_cuts: flags.link_cuts,
             link_cut_duration: flags.link_cut_secs,
             no_push: flags.no_push,
+            shard_part_cache_bytes: flags.shard_part_cache_bytes,
         };
         if parsed.replicas == 0 || parsed.processes == 0 || parsed.workers == 0 {
             bail!("--replicas, --processes and --workers must be at least 1");
@@ -578,6 +581,9 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<ExitCode> {
         start_storage(&args, &layout, &security, &mut children, &ui)?;
     // `compute-replica --shard-poll-interval-ms`, through the environment like the URLs.
     env.push((controller::SHARD_POLL_INTERVAL_ENV.to_string(), SHARD_POLL_INTERVAL_MS.to_string()));
+    if let Some(bytes) = args.shard_part_cache_bytes {
+        env.push((controller::SHARD_PART_CACHE_ENV.to_string(), bytes.to_string()));
+    }
     if args.netns {
         // `compute-replica --keepalive-interval-ms`: well below the controller's idle timeout.
         env.push((controller::KEEPALIVE_INTERVAL_ENV.to_string(), netns::KEEPALIVE_INTERVAL_MS.to_string()));

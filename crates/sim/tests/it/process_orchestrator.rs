@@ -334,8 +334,9 @@ async fn compute_replica_refuses_missing_conflicting_or_malformed_storage_flags_
     let binary = compute_replica().await;
     let shards = ["--blob", "file:///b", "--consensus", "sqlite:///c"];
     let with_shards = |more: &[&'static str]| -> Vec<&'static str> { [&shards[..], more].concat() };
-    let cases: [(Vec<&str>, &str); 7] = [
+    let cases: [(Vec<&str>, &str); 8] = [
         (with_shards(&["--shard-poll-interval-ms", "0"]), "not in 1..=60000"),
+        (with_shards(&["--shard-part-cache-bytes", "1000"]), "the cache could not keep a part"),
         (vec![], "--blob <URL>"),
         (vec!["--blob", "file:///b"], "--consensus <URL>"),
         (vec!["--blob", "ftp://b", "--consensus", "sqlite:///c"], "unknown blob scheme \"ftp\""),
@@ -351,6 +352,7 @@ async fn compute_replica_refuses_missing_conflicting_or_malformed_storage_flags_
             .env_remove("COMPUTE_BLOB_URL")
             .env_remove("COMPUTE_CONSENSUS_URL")
             .env_remove("COMPUTE_SHARD_POLL_INTERVAL_MS")
+            .env_remove("COMPUTE_SHARD_PART_CACHE_BYTES")
             .output()
             .await
             .expect("compute-replica runs");

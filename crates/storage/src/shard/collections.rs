@@ -53,6 +53,9 @@ pub enum ShardOpenError {
     /// The consensus store could not be opened.
     #[error(transparent)]
     Consensus(#[from] ConsensusOpenError),
+    /// The configuration has a setting the engine cannot honour ([`ShardConfig::validate`]).
+    #[error("invalid shard configuration: {0}")]
+    Config(String),
 }
 
 /// A snapshot of a process's shard engine counters.
@@ -76,6 +79,8 @@ pub struct ShardStats {
     pub versions_truncated: u64,
     /// Holds lost to an expired lease.
     pub holds_lost: u64,
+    /// The part cache's counters (`None`: it is off).
+    pub part_cache: Option<crate::shard::PartCacheStats>,
 }
 
 /// The process's bookkeeping for one shard.
@@ -237,6 +242,7 @@ impl ShardCollections {
         consensus: &ConsensusConfig,
         config: ShardConfig,
     ) -> Result<ShardCollections, ShardOpenError> {
+        config.validate().map_err(ShardOpenError::Config)?;
         let blob = blob.open()?;
         let mut retry = crate::external::Retry::new(
             Duration::from_millis(10),
@@ -251,20 +257,23 @@ impl ShardCollections {
                 opened => break opened?,
             }
         };
-        Ok(Self::from_stores(blob, consensus, config))
+        Self::from_stores(blob, consensus, config)
     }
 
-    /// A process's engine over stores already open. Must be called within a tokio runtime.
+    /// A process's engine over stores already open. Must be called within a tokio runtime. Fails only
+    /// for a configuration the engine cannot honour ([`ShardConfig::validate`]).
     pub fn from_stores(
         blob: Arc<dyn Blob>,
         consensus: Arc<dyn Consensus>,
         config: ShardConfig,
-    ) -> ShardCollections {
+    ) -> Result<ShardCollections, ShardOpenError> {
+        config.validate().map_err(ShardOpenError::Config)?;
         let metrics = match &config.metrics {
             Some(metrics) => metrics.clone(),
             None => StorageMetrics::unregistered().expect("the engine's metric families are well-formed"),
         };
-        let machine = Arc::new(Machine::new(blob, consensus, config.retry_budget, metrics));
+        let machine =
+            Arc::new(Machine::new(blob, consensus, config.retry_budget, config.part_cache_bytes, metrics));
         let leased = ReaderId(format!("leased-{:032x}", random_id()));
         let (hold_reader, critical) = match &config.critical_reader {
             Some(name) => (ReaderId(format!("critical-{name}")), true),
@@ -294,7 +303,7 @@ impl ShardCollections {
             tasks.push(tokio::spawn(forward_changes(Arc::downgrade(&inner), changes)).abort_handle());
         }
         inner.tasks.lock().unwrap_or_else(std::sync::PoisonError::into_inner).extend(tasks);
-        ShardCollections { inner }
+        Ok(ShardCollections { inner })
     }
 
     /// The process's counters.
@@ -311,6 +320,7 @@ impl ShardCollections {
             merges: get(&c.merges),
             versions_truncated: get(&c.versions_truncated),
             holds_lost: get(&c.holds_lost),
+            part_cache: self.inner.machine.part_cache_stats(),
         }
     }
 

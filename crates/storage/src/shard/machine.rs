@@ -1,5 +1,5 @@
 //! [`Machine`]: the compare-and-set retry loop around the pure shard state ([`super::state`]), and the
-//! blob calls of the shard engine with their retries.
+//! blob calls of the shard engine with their retries (through the process's part cache, [`super::cache`]).
 //!
 //! **What this is.** [`Machine::update_many`] reads the heads of some shards (from its cache first),
 //! asks a pure function for their next versions, and compare-and-sets them all at once. On a mismatch it
@@ -25,7 +25,8 @@ use tokio::sync::watch;
 use crate::blob::Blob;
 use crate::consensus::{CasOp, CasOutcome, Consensus, VersionedData};
 use crate::external::{ExternalError, Retry, random_id};
-use crate::metrics::StorageMetrics;
+use crate::metrics::{PartReader, StorageMetrics};
+use crate::shard::cache::{CachedBlob, PartCacheStats};
 use crate::shard::metered::{MeteredBlob, MeteredConsensus};
 use crate::shard::part::{PartError, Update, decode_part};
 use crate::shard::state::{PartRef, Refusal, ShardState};
@@ -91,7 +92,9 @@ pub struct Counters {
 /// The shard engine's connection to its two stores; see the module documentation.
 #[derive(Debug)]
 pub struct Machine {
+    /// The blob store: the part cache over the metered store, or the metered store if the cache is off.
     pub(crate) blob: Arc<dyn Blob>,
+    part_cache: Option<Arc<CachedBlob>>,
     pub(crate) consensus: Arc<dyn Consensus>,
     retry_budget: Duration,
     latest: Mutex<BTreeMap<GlobalId, watch::Sender<Option<Arc<ShardState>>>>>,
@@ -107,21 +110,35 @@ fn unavailable(error: &ExternalError, indeterminate: bool) -> MachineError {
 
 impl Machine {
     /// A machine over `blob` and `consensus`, retrying failures for up to `retry_budget`, with every
-    /// operation on them timed into `metrics` ([`MeteredBlob`], [`MeteredConsensus`]).
+    /// operation on them timed into `metrics` ([`MeteredBlob`], [`MeteredConsensus`]), and parts read
+    /// through a cache of `part_cache_bytes` ([`CachedBlob`]; none if `0`).
     pub fn new(
         blob: Arc<dyn Blob>,
         consensus: Arc<dyn Consensus>,
         retry_budget: Duration,
+        part_cache_bytes: usize,
         metrics: StorageMetrics,
     ) -> Self {
+        let metered: Arc<dyn Blob> = Arc::new(MeteredBlob::new(blob, metrics.clone()));
+        let part_cache = (part_cache_bytes > 0)
+            .then(|| Arc::new(CachedBlob::new(Arc::clone(&metered), part_cache_bytes, metrics.clone())));
         Machine {
-            blob: Arc::new(MeteredBlob::new(blob, metrics.clone())),
+            blob: match &part_cache {
+                Some(cache) => Arc::clone(cache) as Arc<dyn Blob>,
+                None => metered,
+            },
+            part_cache,
             consensus: Arc::new(MeteredConsensus::new(consensus, metrics.clone())),
             retry_budget,
             latest: Mutex::new(BTreeMap::new()),
             counters: Counters::default(),
             metrics,
         }
+    }
+
+    /// The part cache's counters (`None`: it is off).
+    pub fn part_cache_stats(&self) -> Option<PartCacheStats> {
+        self.part_cache.as_ref().map(|cache| cache.stats())
     }
 
     fn retry(&self) -> Retry {
@@ -323,12 +340,22 @@ impl Machine {
         }
     }
 
-    /// Reads and checks a part (retrying failed reads within the budget).
-    pub async fn read_part(&self, part: &PartRef) -> Result<Vec<Update>, ReadPartError> {
+    /// Reads and checks a part (retrying failed reads within the budget), through the part cache: every
+    /// read checks the bytes against `part`, and a kept value that fails the check is forgotten.
+    /// `reader` says who reads, for the metrics.
+    pub async fn read_part(&self, part: &PartRef, reader: PartReader) -> Result<Vec<Update>, ReadPartError> {
+        self.metrics.part_read(reader);
         let mut retry = self.retry();
         loop {
             match self.blob.get(&part.key).await {
-                Ok(Some(bytes)) => return decode_part(part, &bytes).map_err(ReadPartError::Damaged),
+                Ok(Some(bytes)) => {
+                    return decode_part(part, &bytes).map_err(|damage| {
+                        if let Some(cache) = &self.part_cache {
+                            cache.forget(&part.key);
+                        }
+                        ReadPartError::Damaged(damage)
+                    });
+                }
                 Ok(None) => return Err(ReadPartError::Damaged(PartError::Missing { key: part.key.clone() })),
                 Err(error) => {
                     self.counters.retries.fetch_add(1, Ordering::Relaxed);

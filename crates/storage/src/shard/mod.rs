@@ -24,7 +24,9 @@
 //!   collection respects.
 //! - **snapshot** and **listen** stream the parts (one part per batch in memory at a time, see [`read`]);
 //!   listens wait on one poller per shard per process, which polls the consensus head and is woken early
-//!   by the backend's push channel (PostgreSQL `NOTIFY`) and by commits of this process.
+//!   by the backend's push channel (PostgreSQL `NOTIFY`) and by commits of this process. Every part read
+//!   goes through the process's part cache ([`cache`], bounded by [`ShardConfig::part_cache_bytes`]), so
+//!   the readers of one part in a process (listens, snapshots, compaction) fetch it once.
 //! - **compaction and GC** ([`maintenance`]) run in the background of every process: merge batches,
 //!   delete retired parts no reader can reach, truncate old consensus versions, expire leases, and sweep
 //!   parts that failed appends left behind.
@@ -37,9 +39,10 @@
 //! **What this is not.** Not the storage server: nothing here listens on a socket.
 //!
 //! **Tests.** Unit tests in each module; `tests/it/`: the `StorageCollections` behaviours on every backend
-//! (`shards.rs`), the model test (`shard_model.rs`), the conformance suites (`blob.rs`, `consensus.rs`)
-//! and the faults (`faults.rs`).
+//! (`shards.rs`), the model test (`shard_model.rs`), the conformance suites (`blob.rs`, `consensus.rs`),
+//! the faults (`faults.rs`) and the part cache (`part_cache.rs`).
 
+pub mod cache;
 pub mod collections;
 mod listen;
 pub mod machine;
@@ -55,6 +58,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use frontiers::ReadPolicy;
 use protocol::GlobalId;
 
+pub use cache::PartCacheStats;
 pub use collections::{ShardCollections, ShardOpenError, ShardStats};
 pub use listen::{ShardListen, ShardWatch};
 
@@ -98,6 +102,10 @@ pub struct ShardConfig {
     pub hold_sync_interval: Duration,
     /// The target size of a batch part. Default 1 MiB.
     pub part_target_bytes: usize,
+    /// The most bytes of parts the process keeps in memory ([`cache`]), shared by all its readers of a
+    /// part (listens, snapshots, compaction); `0` turns the cache off (every read fetches). Otherwise at
+    /// least `part_target_bytes`. Default [`DEFAULT_PART_CACHE_BYTES`].
+    pub part_cache_bytes: usize,
     /// A listen's events carry about this many row bytes at most. Default 1 MiB.
     pub listen_chunk_bytes: usize,
     /// The read policy of new collections. Default [`crate::core::default_read_policy`].
@@ -129,6 +137,7 @@ impl Default for ShardConfig {
             poll_interval: Duration::from_millis(100),
             hold_sync_interval: Duration::from_secs(1),
             part_target_bytes: 1 << 20,
+            part_cache_bytes: DEFAULT_PART_CACHE_BYTES,
             listen_chunk_bytes: 1 << 20,
             default_read_policy: crate::core::default_read_policy(),
             background_maintenance: true,
@@ -138,6 +147,26 @@ impl Default for ShardConfig {
             sweep_interval: Duration::from_secs(300),
             metrics: None,
         }
+    }
+}
+
+/// The default bound of the part cache: 64 MiB (64 parts of the default target size).
+pub const DEFAULT_PART_CACHE_BYTES: usize = 64 << 20;
+
+impl ShardConfig {
+    /// Refuses settings the engine cannot honour; the error says which and why.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.part_target_bytes == 0 {
+            return Err("part_target_bytes must be at least 1".into());
+        }
+        if self.part_cache_bytes != 0 && self.part_cache_bytes < self.part_target_bytes {
+            return Err(format!(
+                "part_cache_bytes {} is below part_target_bytes {}: the cache could not keep a part \
+                 (0 turns it off)",
+                self.part_cache_bytes, self.part_target_bytes
+            ));
+        }
+        Ok(())
     }
 }
 

@@ -26,6 +26,7 @@ use protocol::{Diff, GlobalId, Row};
 use tokio::task::JoinHandle;
 
 use crate::error::ReadError;
+use crate::metrics::PartReader;
 use crate::shard::machine::{Machine, ReadPartError};
 use crate::shard::part::{Update, encoded_len};
 use crate::shard::state::{Batch, PartRef};
@@ -40,9 +41,9 @@ pub(crate) fn read_error(id: GlobalId, error: ReadPartError) -> ReadError {
 
 type Fetch = JoinHandle<Result<Vec<Update>, ReadPartError>>;
 
-fn spawn_fetch(machine: &Arc<Machine>, part: PartRef) -> Fetch {
+fn spawn_fetch(machine: &Arc<Machine>, part: PartRef, reader: PartReader) -> Fetch {
     let machine = Arc::clone(machine);
-    tokio::spawn(async move { machine.read_part(&part).await })
+    tokio::spawn(async move { machine.read_part(&part, reader).await })
 }
 
 async fn join(id: GlobalId, fetch: Fetch) -> Result<Vec<Update>, ReadError> {
@@ -62,18 +63,20 @@ struct Cursor {
     /// The parts being fetched, in order, each with its size and number of updates.
     prefetch: VecDeque<(u64, u64, Fetch)>,
     depth: usize,
+    reader: PartReader,
     current: Vec<Update>,
     current_bytes: u64,
     position: usize,
 }
 
 impl Cursor {
-    fn new(batch: &Batch, depth: usize) -> Self {
+    fn new(batch: &Batch, depth: usize, reader: PartReader) -> Self {
         assert!(depth >= 1, "a cursor fetches at least the next part");
         Cursor {
             parts: batch.parts.iter().cloned().collect(),
             prefetch: VecDeque::new(),
             depth,
+            reader,
             current: Vec::new(),
             current_bytes: 0,
             position: 0,
@@ -84,7 +87,7 @@ impl Cursor {
         while self.prefetch.len() < self.depth
             && let Some(part) = self.parts.pop_front()
         {
-            self.prefetch.push_back((part.bytes, part.updates, spawn_fetch(machine, part)));
+            self.prefetch.push_back((part.bytes, part.updates, spawn_fetch(machine, part, self.reader)));
         }
     }
 
@@ -192,7 +195,7 @@ impl SnapshotStream {
         let cursors = batches
             .iter()
             .filter(|b| b.lower.less_equal(&as_of))
-            .map(|b| Cursor::new(b, SNAPSHOT_PREFETCH_PARTS))
+            .map(|b| Cursor::new(b, SNAPSHOT_PREFETCH_PARTS, PartReader::Snapshot))
             .collect();
         SnapshotStream { id, machine, as_of, cursors, pending: None, peak_buffered_bytes: 0, _guard: guard }
     }
@@ -309,7 +312,7 @@ impl MergeStream {
         MergeStream {
             id,
             machine,
-            cursors: batches.iter().map(|b| Cursor::new(b, 1)).collect(),
+            cursors: batches.iter().map(|b| Cursor::new(b, 1, PartReader::Compaction)).collect(),
             since,
             upper,
         }
@@ -402,12 +405,12 @@ impl RangeStream {
             let fetch = match self.prefetch.take() {
                 Some(fetch) => fetch,
                 None => match self.parts.pop_front() {
-                    Some(part) => spawn_fetch(&self.machine, part),
+                    Some(part) => spawn_fetch(&self.machine, part, PartReader::Listen),
                     None => break,
                 },
             };
             if let Some(next) = self.parts.pop_front() {
-                self.prefetch = Some(spawn_fetch(&self.machine, next));
+                self.prefetch = Some(spawn_fetch(&self.machine, next, PartReader::Listen));
             }
             let mut updates = join(self.id, fetch).await?;
             updates.retain(|(_, time, _)| *time >= self.lower && !self.upper.less_equal(time));

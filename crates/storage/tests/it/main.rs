@@ -13,6 +13,8 @@
 //!   `listen` scenarios), with fault injection from `flaky`;
 //! - `faults`: the shard engine's faults (SIGKILLed writers, a PostgreSQL outage, racing writer
 //!   processes, damage by hand, a full disk, huge collections, space under churn);
+//! - `part_cache`: the process's part cache through the engine (one fetch per part for concurrent readers,
+//!   the bound, damage still reported);
 //! - `shard_model`: a property test of the shard state machine's synchronous core against a naive model.
 //!
 //! Helpers shared by the modules live here.
@@ -26,6 +28,7 @@ mod faults;
 mod flaky;
 mod listen;
 mod model;
+mod part_cache;
 mod shard_metrics;
 mod shard_model;
 mod shards;

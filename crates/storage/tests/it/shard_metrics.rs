@@ -115,7 +115,7 @@ async fn an_append_waiting_through_a_consensus_outage_counts_as_in_flight_until_
         inner: stores.consensus().await,
         faults: std::sync::Arc::clone(&faults),
     });
-    let storage = storage::ShardCollections::from_stores(stores.blob().await, consensus, config);
+    let storage = storage::ShardCollections::from_stores(stores.blob().await, consensus, config).unwrap();
     let id = user(1);
     storage.create_collection(id, int_desc()).await.unwrap();
     assert_eq!(value(&registry, "storage_appends_in_flight", &[]), 0.0);

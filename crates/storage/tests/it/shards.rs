@@ -263,7 +263,7 @@ async fn flaky_process(stores: &Stores, config: ShardConfig) -> (ShardCollection
     let consensus =
         Arc::new(FlakyConsensus { inner: stores.consensus().await, faults: Arc::clone(&consensus_faults) });
     let blob = Arc::new(FlakyBlob { inner: stores.blob().await, faults: Arc::clone(&blob_faults) });
-    (ShardCollections::from_stores(blob, consensus, config), consensus_faults, blob_faults)
+    (ShardCollections::from_stores(blob, consensus, config).unwrap(), consensus_faults, blob_faults)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
