@@ -1011,8 +1011,7 @@ fn bench_hydration(pki: &BenchPki) {
     let figures = runtime.block_on(async {
         // The embedded shards every process opens itself: blob files and a SQLite consensus.
         let dir = tempfile::tempdir().expect("a temporary directory");
-        let blob = format!("file://{}", dir.path().join("blob").display());
-        let consensus = format!("sqlite://{}", dir.path().join("consensus.db").display());
+        let (blob, consensus) = storage::embedded_urls(dir.path());
         let shards = storage::ShardCollections::open(
             &blob.parse().expect("blob url"),
             &consensus.parse().expect("consensus url"),

@@ -59,6 +59,6 @@ pub use error::{AppendError, CreateError, DropError, HoldError, ReadError};
 pub use inprocess::{CheckpointError, InProcess, StoreConfig};
 pub use listen::{FrontierWatch, Listen};
 pub use metrics::{AppendOutcome, BlobOp, ConsensusOp, LeaseKind, PartCacheRead, PartReader, StorageMetrics};
-pub use shard::{PartCacheStats, ShardCollections, ShardConfig, ShardOpenError, ShardStats};
+pub use shard::{PartCacheStats, ShardCollections, ShardConfig, ShardOpenError, ShardStats, embedded_urls};
 pub use table_writer::{Clock, ManualClock, SystemClock, TableWriteError, TableWriter, TableWriterConfig};
 pub use url::UrlError;

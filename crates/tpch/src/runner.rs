@@ -140,8 +140,7 @@ impl Runner {
             ReplicaKind::Process { binary, .. } => {
                 let storage_error = |e: String| RunError::Storage(format!("shards: {e}"));
                 let dir = tempfile::tempdir().map_err(|e| storage_error(e.to_string()))?;
-                let blob = format!("file://{}", dir.path().join("blob").display());
-                let consensus = format!("sqlite://{}", dir.path().join("consensus.db").display());
+                let (blob, consensus) = storage::embedded_urls(dir.path());
                 let replicas =
                     ReplicaStorage::shards(&blob, &consensus).map_err(|e| storage_error(e.to_string()))?;
                 let config = storage::ShardConfig {

@@ -63,8 +63,7 @@ impl Target {
     async fn start() -> Target {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let files = write_throwaway_pki(dir.path(), &["127.0.0.1"]).expect("certificates");
-        let blob = format!("file://{}", dir.path().join("blob").display());
-        let consensus = format!("sqlite://{}", dir.path().join("consensus.db").display());
+        let (blob, consensus) = storage::embedded_urls(dir.path());
         let stderr = dir.path().join("replica.log");
         let mut child = Command::new(env!("CARGO_BIN_EXE_compute-replica"))
             .args(["--listen", "127.0.0.1:0", "--workers", "1", "--blob", &blob, "--consensus", &consensus])

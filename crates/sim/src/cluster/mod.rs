@@ -444,10 +444,7 @@ fn start_storage(
     ui: &Ui,
 ) -> anyhow::Result<(tasks::ScenarioStorage, controller::ReplicaStorage, String)> {
     let (blob, consensus) = match &args.storage {
-        StorageMode::Embedded => (
-            format!("file://{}", layout.data_dir.join("blob").display()),
-            format!("sqlite://{}", layout.data_dir.join("consensus.db").display()),
-        ),
+        StorageMode::Embedded => storage::embedded_urls(&layout.data_dir),
         StorageMode::Urls { blob, consensus } => (blob.clone(), consensus.clone()),
         StorageMode::LocalServices => {
             let host = children.network.as_ref().map(|n| n.services_host());

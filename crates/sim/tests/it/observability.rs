@@ -102,8 +102,7 @@ async fn a_running_replica_process_and_the_controller_serve_metrics_promtool_acc
     let security =
         ClusterSecurity::generate(&security_dir.path().join("security"), false).expect("certificates");
     // Shards in a temporary directory, which this process (the controller) and the replica open.
-    let blob = format!("file://{}", security_dir.path().join("blob").display());
-    let consensus = format!("sqlite://{}", security_dir.path().join("consensus.db").display());
+    let (blob, consensus) = storage::embedded_urls(security_dir.path());
     let shards = storage::ShardCollections::open(
         &blob.parse().expect("blob url"),
         &consensus.parse().expect("consensus url"),

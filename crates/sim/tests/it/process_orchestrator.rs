@@ -57,8 +57,7 @@ fn security() -> &'static ClusterSecurity {
 fn shards() -> ReplicaStorage {
     static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
     let dir = DIR.get_or_init(|| tempfile::tempdir().expect("a temporary directory"));
-    let blob = format!("file://{}", dir.path().join("blob").display());
-    let consensus = format!("sqlite://{}", dir.path().join("consensus.db").display());
+    let (blob, consensus) = storage::embedded_urls(dir.path());
     ReplicaStorage::shards(&blob, &consensus).expect("valid URLs")
 }
 
@@ -365,8 +364,7 @@ async fn compute_replica_refuses_missing_conflicting_or_malformed_storage_flags_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_on_shards_gets_its_urls_from_the_orchestrator_opens_them_and_serves_the_engines_metrics() {
     let dir = tempfile::tempdir().expect("temporary directory");
-    let blob = format!("file://{}", dir.path().join("blob").display());
-    let consensus = format!("sqlite://{}", dir.path().join("consensus.db").display());
+    let (blob, consensus) = storage::embedded_urls(dir.path());
     let (orchestrator, mut events) = ProcessOrchestrator::new(ProcessOrchestratorConfig {
         binary: compute_replica().await,
         storage: ReplicaStorage::shards(&blob, &consensus).expect("valid URLs"),

@@ -78,12 +78,8 @@ impl Remote {
 
 fn embedded() -> Place {
     let dir = tempfile::tempdir().unwrap();
-    Place {
-        name: "embedded",
-        blob: format!("file://{}", dir.path().join("blob").display()),
-        consensus: format!("sqlite://{}", dir.path().join("consensus.db").display()),
-        _dir: Some(dir),
-    }
+    let (blob, consensus) = storage::embedded_urls(dir.path());
+    Place { name: "embedded", blob, consensus, _dir: Some(dir) }
 }
 
 impl Place {

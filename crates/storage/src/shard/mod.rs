@@ -80,6 +80,19 @@ pub fn blob_dir(id: GlobalId) -> String {
     id.to_string()
 }
 
+/// The URLs of the embedded stores in `dir` (the default of DESIGN §9): blob files under `dir/blob` and the
+/// SQLite consensus file `dir/consensus.db`, which every process on the machine can open.
+///
+/// ```
+/// let (blob, consensus) = storage::embedded_urls(std::path::Path::new("/data"));
+/// assert_eq!((blob.as_str(), consensus.as_str()), ("file:///data/blob", "sqlite:///data/consensus.db"));
+/// ```
+pub fn embedded_urls(dir: &std::path::Path) -> (String, String) {
+    let blob = format!("file://{}", dir.join("blob").display());
+    let consensus = format!("sqlite://{}", dir.join("consensus.db").display());
+    (blob, consensus)
+}
+
 /// How a process uses the shard engine.
 #[derive(Debug, Clone)]
 pub struct ShardConfig {

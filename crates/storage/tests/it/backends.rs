@@ -97,13 +97,8 @@ impl Stores {
             }
             Backend::Embedded => {
                 let dir = tempfile::tempdir().unwrap();
-                Some(Stores {
-                    backend,
-                    blob_url: format!("file://{}", dir.path().join("blob").display()),
-                    consensus_url: format!("sqlite://{}", dir.path().join("consensus.db").display()),
-                    _dir: Some(dir),
-                    _services: None,
-                })
+                let (blob_url, consensus_url) = storage::embedded_urls(dir.path());
+                Some(Stores { backend, blob_url, consensus_url, _dir: Some(dir), _services: None })
             }
             Backend::Remote => {
                 let services = services.get_or_insert_with(|| Services::start().map(Arc::new)).clone()?;
