@@ -79,10 +79,9 @@ fn a_short_cluster_run_on_the_embedded_shards_passes_its_checks() {
     assert_checked(&report);
     let storage = report["storage"].as_str().expect("the report says where storage was");
     assert!(storage.starts_with("shards (blob file") && storage.contains("consensus sqlite"), "{storage}");
-    // Every process wrote to and read from these stores, and no storage server ran.
+    // Every process wrote to and read from these stores.
     assert!(data_dir.join("consensus.db").is_file(), "no SQLite consensus in {}", data_dir.display());
     assert!(files_under(&data_dir.join("blob")) > 0, "no blob parts in {}", data_dir.display());
-    assert!(!data_dir.join("logs/storage-server.log").exists(), "a storage server was started");
 }
 
 /// `Ok(service)`, or (outside CI) `None` after saying why the run is skipped; under CI a failure.
