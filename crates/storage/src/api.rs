@@ -24,8 +24,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{AppendError, CreateError, DropError, HoldError, ReadError};
 use crate::listen::{FrontierWatch, Listen};
 
-/// A read hold on a storage collection. Dropping it releases it (also across the network: the server
-/// releases every hold of a connection that closes).
+/// A read hold on a storage collection. Dropping it releases it.
 pub type StorageReadHold = ReadHold<GlobalId, u64>;
 
 /// A boxed, sendable future: what the object-safe [`StorageCollections`] methods return.
@@ -116,9 +115,8 @@ pub trait StorageCollections: Send + Sync + std::fmt::Debug {
     /// engine holds `as_of` until the stream is dropped), and a reader that stops early holds no more than
     /// the chunks it took and what the implementation reads ahead.
     ///
-    /// The provided implementation reads the snapshot part of a [`listen`](Self::listen) (which every
-    /// implementation here streams: the embedded store from memory, the client over the connection with
-    /// flow control) once the upper is past `as_of`; before that it waits in `snapshot` and hands out that
+    /// The provided implementation reads the snapshot part of a [`listen`](Self::listen) (which the
+    /// embedded store streams from memory) once the upper is past `as_of`; before that it waits in `snapshot` and hands out that
     /// answer in chunks. The shard engine overrides it with its own part-by-part stream.
     fn snapshot_stream(
         &self,

@@ -3,18 +3,16 @@
 //!
 //! **What this is.** [`CreateError`], [`DropError`], [`AppendError`], [`ReadError`] and [`HoldError`], shared
 //! by the synchronous core ([`crate::core::Store`]), the in-process handle ([`crate::InProcess`]) and the
-//! shards ([`crate::ShardCollections`]). They are `Serialize`/`Deserialize` because replicas report them
-//! to the controller unchanged. **What this is not:** a place for broken invariants; those are `assert!`s where they
-//! are checked.
+//! shards ([`crate::ShardCollections`]). **What this is not:** a place for broken invariants; those are
+//! `assert!`s where they are checked.
 //!
 //! **Tests.** Every variant is produced by a test in `tests/it/errors.rs`.
 
 use frontiers::Antichain;
-use protocol::{ColumnType, GlobalId, RowTypeError};
-use serde::{Deserialize, Serialize};
+use protocol::{GlobalId, RowTypeError};
 
 /// Why `create_collection` failed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CreateError {
     /// A collection with this id exists with a different `RelationDesc`. (Creating it again with the same
     /// desc is a successful no-op.)
@@ -30,22 +28,13 @@ pub enum CreateError {
     /// The durable log (or the shard engine's storage) could not be written; nothing was created.
     #[error("i/o error: {0}")]
     Io(String),
-    /// The request (its schema) does not fit a frame of the storage protocol (between a
-    /// networked client and its server only; nothing was created).
-    #[error("a create request of {bytes} bytes is over the storage frame limit of {max_bytes} bytes")]
-    TooLarge {
-        /// Its encoded size.
-        bytes: u64,
-        /// The frame limit.
-        max_bytes: u64,
-    },
     /// The store was shut down (or a remote store is unreachable for good).
     #[error("disconnected from storage")]
     Disconnected,
 }
 
 /// Why `drop_collection` failed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DropError {
     /// No collection with this id exists.
     #[error("collection {0} is missing")]
@@ -59,7 +48,7 @@ pub enum DropError {
 }
 
 /// Why `append` failed. An append that fails changes nothing, in any of the collections it names.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AppendError {
     /// No collection with this id exists.
     #[error("collection {0} is missing")]
@@ -105,22 +94,12 @@ pub enum AppendError {
         /// The offending row, printed.
         row: String,
         /// What is wrong with it.
-        #[serde(with = "RowTypeErrorDef")]
         error: RowTypeError,
     },
     /// The durable log could not be written (disk full, say). Nothing was appended, and the store stays
     /// consistent: later appends succeed once the disk recovers, or fail with this error again.
     #[error("i/o error: {0}")]
     Io(String),
-    /// The request (its updates) does not fit a frame of the storage protocol (between a
-    /// networked client and its server only; nothing was appended).
-    #[error("an append request of {bytes} bytes is over the storage frame limit of {max_bytes} bytes")]
-    TooLarge {
-        /// Its encoded size.
-        bytes: u64,
-        /// The frame limit.
-        max_bytes: u64,
-    },
     /// The store was shut down (or a remote store is unreachable for good). Whether the append took
     /// effect is unknown; read the upper to find out.
     #[error("disconnected from storage")]
@@ -150,7 +129,7 @@ pub enum AppendError {
 }
 
 /// Why a read (`snapshot`, `listen`, `frontiers`, `list_collections`, `watch_frontiers`) failed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ReadError {
     /// No collection with this id exists.
     #[error("collection {0} is missing")]
@@ -179,22 +158,9 @@ pub enum ReadError {
     /// The collection was dropped while it was being read (a listen, or a snapshot that was waiting).
     #[error("collection {0} was dropped")]
     CollectionDropped(GlobalId),
-    /// The answer (a snapshot, a listen's next event, the list of collections) does not fit a frame of
-    /// the storage protocol (between a networked client and its server only; nothing was lost: read less
-    /// at once, or in process). A listen ends with it.
-    #[error("an answer of {bytes} bytes is over the storage frame limit of {max_bytes} bytes")]
-    TooLarge {
-        /// Its encoded size.
-        bytes: u64,
-        /// The frame limit.
-        max_bytes: u64,
-    },
     /// The store was shut down (or a remote store is unreachable for good).
     #[error("disconnected from storage")]
     Disconnected,
-    /// The server answered something the protocol does not allow.
-    #[error("protocol error: {0}")]
-    Protocol(String),
     /// Stored data is damaged: a batch part is missing or fails its checksum, or a state version is
     /// missing or corrupt. Nothing is skipped silently: the read fails.
     #[error("cannot read {id}: stored data is damaged: {what}")]
@@ -216,7 +182,6 @@ impl ReadError {
             HoldError::CollectionMissing(id) => ReadError::CollectionMissing(id),
             HoldError::BeforeSince { id, since, .. } => ReadError::BeforeSince { id, since, as_of },
             HoldError::Disconnected => ReadError::Disconnected,
-            HoldError::TooLarge { bytes, max_bytes } => ReadError::TooLarge { bytes, max_bytes },
             HoldError::Unavailable(message) => ReadError::Unavailable(message),
             HoldError::Corrupt { id, what } => ReadError::Corrupt { id, what },
         }
@@ -224,7 +189,7 @@ impl ReadError {
 }
 
 /// Why `acquire_read_hold` or `set_read_policy` failed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HoldError {
     /// No collection with this id exists.
     #[error("collection {0} is missing")]
@@ -238,15 +203,6 @@ pub enum HoldError {
         since: Antichain<u64>,
         /// The frontier asked for.
         requested: Antichain<u64>,
-    },
-    /// The request (its policy) does not fit a frame of the storage protocol (between a
-    /// networked client and its server only; nothing was changed).
-    #[error("a read policy of {bytes} bytes is over the storage frame limit of {max_bytes} bytes")]
-    TooLarge {
-        /// Its encoded size.
-        bytes: u64,
-        /// The frame limit.
-        max_bytes: u64,
     },
     /// The store was shut down (or a remote store is unreachable for good).
     #[error("disconnected from storage")]
@@ -262,13 +218,4 @@ pub enum HoldError {
         /// What is damaged.
         what: String,
     },
-}
-
-/// Serde's mirror of [`RowTypeError`] (which `protocol` does not make serialisable), so that
-/// [`AppendError::RowType`] can cross the wire.
-#[derive(Serialize, Deserialize)]
-#[serde(remote = "RowTypeError")]
-enum RowTypeErrorDef {
-    Arity { expected: usize, found: usize },
-    Column { column: usize, expected: ColumnType, found: String },
 }
