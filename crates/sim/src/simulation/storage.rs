@@ -273,6 +273,17 @@ impl SimStorage {
         decode_state(id, *seqno, bytes)
     }
 
+    /// The head state of `id` as its last commit stored it (decoded from the stored bytes then),
+    /// ignoring outages: what maintenance starts from.
+    fn current(&self, id: GlobalId) -> Result<ShardState, String> {
+        self.heads.get(&id).cloned().ok_or_else(|| format!("{id} has no shard"))
+    }
+
+    /// The since of `id`'s head, ignoring outages (the world's hold check); `None` for no such shard.
+    pub fn since(&self, id: GlobalId) -> Option<&Antichain<u64>> {
+        self.heads.get(&id).map(|state| &state.since)
+    }
+
     /// The head state of `id` as a client reads it.
     fn head(&self, id: GlobalId) -> Result<&ShardState, StorageFailure> {
         if !self.consensus_up() {
@@ -618,12 +629,10 @@ impl SimStorage {
         }
     }
 
-    /// The meet of `client`'s outstanding holds on `id` (empty: none), and whether the client is alive.
-    pub fn held(&self, client: &ClientId, id: GlobalId) -> (Antichain<u64>, bool) {
-        match self.clients.get(client) {
-            Some(c) => (c.counts.get(&id).map(|m| m.frontier().to_owned()).unwrap_or_default(), c.alive),
-            None => (Antichain::new(), false),
-        }
+    /// The meet of `client`'s outstanding holds on `id` (empty: none, or no such client).
+    pub fn held(&self, client: &ClientId, id: GlobalId) -> Antichain<u64> {
+        let counts = self.clients.get(client).and_then(|c| c.counts.get(&id));
+        counts.map(|m| m.frontier().to_owned()).unwrap_or_default()
     }
 
     /// The live clients.
@@ -656,7 +665,7 @@ impl SimStorage {
         for client in clients {
             self.sync_reader(&client, id)?;
         }
-        let state = self.observe(id)?;
+        let state = self.current(id)?;
         if let Some(next) = state.expire(self.now) {
             let expired = state.readers.len() - next.readers.len();
             if matches!(self.commit(vec![next]), Commit::Done) {
@@ -676,7 +685,7 @@ impl SimStorage {
         let meet = c.counts.get(&id).map(|m| m.frontier().to_owned()).unwrap_or_default();
         let reader = c.reader.clone();
         let critical = c.critical;
-        let state = self.observe(id)?;
+        let state = self.current(id)?;
         let Some(registered) = state.readers.get(&reader).map(|r| r.since.clone()) else {
             self.clients.get_mut(client).expect("live").registered.remove(&id);
             if !meet.is_empty() {
@@ -723,7 +732,7 @@ impl SimStorage {
 
     /// One compaction merge of `id`, if its state asks for one.
     fn compact(&mut self, id: GlobalId) -> Result<(), String> {
-        let state = self.observe(id)?;
+        let state = self.current(id)?;
         let Some(request) = state.compaction_request(MAX_BATCHES) else { return Ok(()) };
         let mut runs = Vec::new();
         for batch in &request.inputs {
@@ -752,7 +761,7 @@ impl SimStorage {
             Commit::Unavailable => self.delete_parts(written.iter()),
             Commit::Lost { .. } => {
                 // Applied or not: the head says. Parts it does not reference are garbage now.
-                let head = self.observe(id)?;
+                let head = self.current(id)?;
                 let known = head.known_keys();
                 let orphans: Vec<PartRef> =
                     written.iter().filter(|p| !known.contains(p.key.as_str())).cloned().collect();
@@ -764,7 +773,7 @@ impl SimStorage {
 
     /// Deletes the retired parts no reader can reach and the versions before the oldest one read.
     fn collect_garbage(&mut self, id: GlobalId) -> Result<(), String> {
-        let state = self.observe(id)?;
+        let state = self.current(id)?;
         let floor = state.gc_floor();
         let collectable = state.collectable(floor);
         if !collectable.is_empty() {
@@ -772,7 +781,7 @@ impl SimStorage {
             let next = state.forget_retired(&keys).expect("collectable parts are retired");
             // Whatever the reply said, the head tells whether they are forgotten: delete those that are.
             let _ = self.commit(vec![next]);
-            let head = self.observe(id)?;
+            let head = self.current(id)?;
             let known = head.known_keys();
             let forgotten: Vec<PartRef> =
                 collectable.into_iter().filter(|p| !known.contains(p.key.as_str())).collect();

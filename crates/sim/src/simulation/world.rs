@@ -726,15 +726,13 @@ impl World {
     fn check_storage_holds(&mut self) {
         for client in self.store.live_clients() {
             for (id, _) in &self.tables {
-                let (held, _) = self.store.held(&client, *id);
-                let since = match self.store.observe(*id) {
-                    Ok(state) => state.since,
-                    Err(e) => {
-                        self.violations.push(Violation::new(Invariant::StorageContents, e));
-                        return;
-                    }
+                let held = self.store.held(&client, *id);
+                let Some(since) = self.store.since(*id) else {
+                    self.violations
+                        .push(Violation::new(Invariant::StorageContents, format!("{id} has no shard")));
+                    return;
                 };
-                if !held.is_empty() && !frontiers::PartialOrder::less_equal(&since, &held) {
+                if !held.is_empty() && !frontiers::PartialOrder::less_equal(since, &held) {
                     self.violations.push(Violation::new(
                         Invariant::Frontiers,
                         format!("storage since of {id} is {since:?}, beyond {client:?}'s hold at {held:?}"),
