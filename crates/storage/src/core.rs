@@ -4,9 +4,9 @@
 //! compare-and-append ([`Store::append`], atomic over several collections), read-hold accounting (a
 //! [`ReadHolds`] plus one hold per collection kept by its [`ReadPolicy`]), physical compaction, snapshots
 //! ([`Store::snapshot`], which never waits) and a pull-style read of the updates in `[lower, upper)` for
-//! listeners ([`Store::updates_between`]). The durable layer ([`crate::durable`]) logs the operations and
-//! replays them into a `Store`; the async shell ([`crate::InProcess`]) serves it; the simulator drives it
-//! directly. **What this is not:** no tokio, no clock, no randomness, no files. The only outward call is the
+//! listeners ([`Store::updates_between`]). The async shell ([`crate::InProcess`]) serves it.
+//!
+//! **What this is not.** No tokio, no clock, no randomness, no files. The only outward call is the
 //! hold-change notification the owner may install ([`Store::with_notify`]), which must not block.
 //!
 //! **Contents.** A collection keeps `base`, the updates at times before its since, advanced to the since and
@@ -28,7 +28,6 @@ use std::sync::Arc;
 
 use frontiers::{Antichain, PartialOrder, ReadHolds, ReadPolicy, SinceChange};
 use protocol::{Diff, GlobalId, RelationDesc, Row};
-use serde::{Deserialize, Serialize};
 
 use crate::api::{AppendRequest, CollectionFrontiers, StorageReadHold};
 use crate::error::{AppendError, CreateError, DropError, HoldError, ReadError};
@@ -67,48 +66,12 @@ struct Collection {
     compacted_to: Antichain<u64>,
 }
 
-/// A checkpoint of one collection: everything [`Store::from_checkpoint`] needs to rebuild it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CollectionCheckpoint {
-    /// The collection.
-    pub id: GlobalId,
-    /// Its schema.
-    pub desc: RelationDesc,
-    /// Its since (the contents are compacted to it).
-    pub since: Antichain<u64>,
-    /// Its upper.
-    pub upper: Antichain<u64>,
-    /// Its read policy.
-    pub policy: ReadPolicy<u64>,
-    /// The updates before the since, at the since, consolidated.
-    pub base: Vec<(Row, Diff)>,
-    /// The updates at or beyond the since, consolidated per time.
-    pub history: Vec<(u64, Vec<(Row, Diff)>)>,
-}
-
-/// A checkpoint of a whole [`Store`] (see [`Store::to_checkpoint`]).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
-pub struct StoreCheckpoint {
-    /// Every live collection, in id order.
-    pub collections: Vec<CollectionCheckpoint>,
-    /// Every dropped id (ids are never reused).
-    pub dropped: Vec<GlobalId>,
-}
-
-/// Why a checkpoint could not be loaded: it contradicts itself (the file was damaged or forged).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("inconsistent checkpoint: {0}")]
-pub struct CheckpointError(pub String);
-
 /// The core store. See the module documentation.
 pub struct Store {
     collections: BTreeMap<GlobalId, Collection>,
     dropped: BTreeSet<GlobalId>,
     holds: ReadHolds<GlobalId, u64>,
     default_policy: ReadPolicy<u64>,
-    /// While recovering from a restart: one hold per collection at its recovered since (see
-    /// [`Store::hold_for_recovery`]).
-    recovery_holds: BTreeMap<GlobalId, StorageReadHold>,
 }
 
 impl fmt::Debug for Store {
@@ -142,7 +105,6 @@ impl Store {
             dropped: BTreeSet::new(),
             holds: ReadHolds::with_notify(notify),
             default_policy: default_read_policy(),
-            recovery_holds: BTreeMap::new(),
         }
     }
 
@@ -176,7 +138,7 @@ impl Store {
 
     /// Whether [`create_collection`](Self::create_collection) would succeed, without changing anything:
     /// `Ok(true)` if it would create, `Ok(false)` if the collection exists with this desc.
-    pub fn check_create(&self, id: GlobalId, desc: &RelationDesc) -> Result<bool, CreateError> {
+    fn check_create(&self, id: GlobalId, desc: &RelationDesc) -> Result<bool, CreateError> {
         if self.dropped.contains(&id) {
             return Err(CreateError::AlreadyDropped(id));
         }
@@ -193,7 +155,6 @@ impl Store {
         if self.collections.remove(&id).is_none() {
             return Err(DropError::CollectionMissing(id));
         }
-        self.recovery_holds.remove(&id);
         self.holds.remove(&id);
         self.dropped.insert(id);
         Ok(())
@@ -239,15 +200,9 @@ impl Store {
         self.holds.since(&id).map(|s| s.to_owned()).unwrap_or_default()
     }
 
-    /// Validates `requests` as one atomic append, given `pending`: the uppers that earlier, validated but
-    /// not yet applied appends will leave behind (the durable layer's group commit validates a whole batch
-    /// before any of it is applied). On success `pending` gains the new uppers of these requests; on error
-    /// it is unchanged and the error is the first request's problem.
-    pub fn validate_append(
-        &self,
-        requests: &[AppendRequest],
-        pending: &mut BTreeMap<GlobalId, Antichain<u64>>,
-    ) -> Result<(), AppendError> {
+    /// Validates `requests` as one atomic append (a later request on the same collection continues from
+    /// the upper an earlier one leaves behind); the error is the first request's problem.
+    fn validate_append(&self, requests: &[AppendRequest]) -> Result<(), AppendError> {
         let mut local: BTreeMap<GlobalId, Antichain<u64>> = BTreeMap::new();
         for request in requests {
             let id = request.id;
@@ -269,7 +224,7 @@ impl Store {
                     });
                 }
             }
-            let current = local.get(&id).or_else(|| pending.get(&id)).unwrap_or(&collection.upper);
+            let current = local.get(&id).unwrap_or(&collection.upper);
             if current != expected {
                 return Err(AppendError::UpperMismatch {
                     id,
@@ -284,7 +239,6 @@ impl Store {
             }
             local.insert(id, new.clone());
         }
-        pending.extend(local);
         Ok(())
     }
 
@@ -292,13 +246,13 @@ impl Store {
     /// Returns the ids whose upper moved, in order. Since changes that follow (the policy holds move with the
     /// upper) are applied by the next [`process_holds`](Self::process_holds).
     pub fn append(&mut self, requests: Vec<AppendRequest>) -> Result<Vec<GlobalId>, AppendError> {
-        self.validate_append(&requests, &mut BTreeMap::new())?;
+        self.validate_append(&requests)?;
         Ok(self.apply_validated_append(requests))
     }
 
     /// Applies an append that [`validate_append`](Self::validate_append) accepted against the current
     /// state (and nothing changed in between). Asserts the uppers still match.
-    pub fn apply_validated_append(&mut self, requests: Vec<AppendRequest>) -> Vec<GlobalId> {
+    fn apply_validated_append(&mut self, requests: Vec<AppendRequest>) -> Vec<GlobalId> {
         let mut changed = BTreeSet::new();
         for request in requests {
             let id = request.id;
@@ -345,64 +299,6 @@ impl Store {
         collection.policy = policy;
         collection.follow_policy();
         Ok(())
-    }
-
-    /// Recovery only: moves the collection's since forward to at least `since` (a since recorded in the
-    /// log), by moving its policy's hold and its recovery hold (see
-    /// [`hold_for_recovery`](Self::hold_for_recovery)). Has an effect only while those are the only
-    /// holds, as during recovery.
-    pub fn advance_policy_hold(&mut self, id: GlobalId, since: &Antichain<u64>) {
-        if let Some(collection) = self.collections.get_mut(&id) {
-            let holds = std::iter::once(&mut collection.policy_hold).chain(self.recovery_holds.get_mut(&id));
-            for hold in holds {
-                let target = frontiers::antichain::join(&hold.since().borrow(), &since.borrow());
-                let target = frontiers::antichain::meet(&target.borrow(), &collection.upper.borrow());
-                if target != *hold.since() && !target.is_empty() {
-                    let _ = hold.try_downgrade(target);
-                }
-            }
-        }
-    }
-
-    /// After a restart: holds every collection at its since until [`end_recovery`](Self::end_recovery),
-    /// so that the users of the store before the restart, whose holds died with them, can take them
-    /// again. The durable layer calls it before it replays the log
-    /// (and again after each replayed create), and each replayed since record moves the hold to the
-    /// logged since ([`advance_policy_hold`](Self::advance_policy_hold)): the recovered since is then the
-    /// since at the crash, the meet of every hold of that moment, so at or before each client's hold.
-    /// Without it the read policies would move the sinces with the replayed uppers, past the clients'
-    /// holds. Collections already held are left alone.
-    pub fn hold_for_recovery(&mut self) {
-        let ids: Vec<GlobalId> = self.collections.keys().copied().collect();
-        for id in ids {
-            self.hold_for_recovery_of(id);
-        }
-    }
-
-    /// [`hold_for_recovery`](Self::hold_for_recovery) for one collection (the durable layer calls it for
-    /// each collection whose create it replays).
-    pub fn hold_for_recovery_of(&mut self, id: GlobalId) {
-        let since = self.since_of(id);
-        if !self.collections.contains_key(&id) || self.recovery_holds.contains_key(&id) || since.is_empty() {
-            return;
-        }
-        let hold = self
-            .acquire_read_hold(id, since)
-            .unwrap_or_else(|error| panic!("a hold at the since of a live collection is valid: {error}"));
-        self.recovery_holds.insert(id, hold);
-    }
-
-    /// Releases the holds [`hold_for_recovery`](Self::hold_for_recovery) took (the grace period for
-    /// clients to come back is over); returns how many.
-    pub fn end_recovery(&mut self) -> usize {
-        let released = self.recovery_holds.len();
-        self.recovery_holds.clear();
-        released
-    }
-
-    /// Whether recovery holds are outstanding.
-    pub fn in_recovery(&self) -> bool {
-        !self.recovery_holds.is_empty()
     }
 
     /// Applies every hold change sent since the last call, compacts the collections whose since moved, and
@@ -493,78 +389,6 @@ impl Store {
     /// The number of hold changes received for collections no longer accounted (dropped).
     pub fn stray_hold_changes(&self) -> u64 {
         self.holds.stray_changes()
-    }
-
-    /// A copy of the whole state, for a durable checkpoint. Call it after
-    /// [`process_holds`](Self::process_holds) so that the contents are compacted to the sinces it records.
-    pub fn to_checkpoint(&self) -> StoreCheckpoint {
-        let collections = self
-            .collections
-            .iter()
-            .map(|(id, c)| CollectionCheckpoint {
-                id: *id,
-                desc: c.desc.clone(),
-                since: c.compacted_to.clone(),
-                upper: c.upper.clone(),
-                policy: c.policy.clone(),
-                base: c.base.iter().map(|(row, diff)| (row.clone(), *diff)).collect(),
-                history: c.history.iter().map(|(time, batch)| (*time, batch.clone())).collect(),
-            })
-            .collect();
-        StoreCheckpoint { collections, dropped: self.dropped.iter().copied().collect() }
-    }
-
-    /// Rebuilds a store from a checkpoint. Its holds are the policies' holds, at the recorded sinces.
-    pub fn from_checkpoint(
-        checkpoint: StoreCheckpoint,
-        notify: Arc<dyn Fn() + Send + Sync>,
-    ) -> Result<Store, CheckpointError> {
-        let mut store = Store::with_notify(notify);
-        store.dropped = checkpoint.dropped.into_iter().collect();
-        for c in checkpoint.collections {
-            let id = c.id;
-            let err = |what: &str| CheckpointError(format!("collection {id}: {what}"));
-            if store.dropped.contains(&id) || store.collections.contains_key(&id) {
-                return Err(err("listed twice, or also as dropped"));
-            }
-            if c.since.is_empty() || c.since.len() > 1 || c.upper.len() > 1 {
-                return Err(err("malformed frontier"));
-            }
-            if !PartialOrder::less_equal(&c.since, &c.upper) {
-                return Err(err("since beyond upper"));
-            }
-            let since = c.since.clone();
-            let policy_hold = store.holds.create(id, since.clone()).map_err(|e| err(&e.to_string()))?;
-            let mut base = BTreeMap::new();
-            for (row, diff) in c.base {
-                if diff == 0 || base.insert(row, diff).is_some() {
-                    return Err(err("base not consolidated"));
-                }
-            }
-            let mut history = BTreeMap::new();
-            let mut history_len = 0;
-            for (time, batch) in c.history {
-                if !since.less_equal(&time) || c.upper.less_equal(&time) {
-                    return Err(err("history outside [since, upper)"));
-                }
-                history_len += batch.len();
-                if history.insert(time, batch).is_some() {
-                    return Err(err("history time listed twice"));
-                }
-            }
-            let collection = Collection {
-                desc: c.desc,
-                upper: c.upper,
-                policy: c.policy,
-                policy_hold,
-                base,
-                history,
-                history_len,
-                compacted_to: since,
-            };
-            store.collections.insert(id, collection);
-        }
-        Ok(store)
     }
 }
 
@@ -719,23 +543,5 @@ mod tests {
         assert_eq!(store.snapshot(id, 9).unwrap(), vec![(row(1), 20), (row(2), 1)]);
         assert!(matches!(store.snapshot(id, 8), Err(ReadError::BeforeSince { .. })));
         assert!(matches!(store.snapshot(id, 10), Err(ReadError::NotYetReadable { .. })));
-    }
-
-    #[test]
-    fn a_checkpoint_round_trips_the_state() {
-        let mut store = Store::new();
-        let id = GlobalId::User(1);
-        store.create_collection(id, desc()).unwrap();
-        store.create_collection(GlobalId::User(2), desc()).unwrap();
-        store.drop_collection(GlobalId::User(2)).unwrap();
-        store.append(vec![append(id, vec![(row(1), 0, 1), (row(2), 3, 1)], 0, 5)]).unwrap();
-        store.set_read_policy(id, ReadPolicy::ValidFrom(Antichain::from_elem(2))).unwrap();
-        store.process_holds();
-        let checkpoint = store.to_checkpoint();
-        let restored = Store::from_checkpoint(checkpoint.clone(), Arc::new(|| {})).unwrap();
-        assert_eq!(restored.to_checkpoint(), checkpoint);
-        assert_eq!(restored.frontiers(id), store.frontiers(id));
-        assert_eq!(restored.snapshot(id, 4).unwrap(), store.snapshot(id, 4).unwrap());
-        assert!(restored.is_dropped(GlobalId::User(2)));
     }
 }

@@ -1,40 +1,34 @@
-//! [`InProcess`]: the embedded store behind an `Arc`-shared handle, implementing [`StorageCollections`].
+//! [`InProcess`]: the embedded in-memory store behind an `Arc`-shared handle, implementing
+//! [`StorageCollections`].
 //!
-//! **What this is.** The async shell around the synchronous core ([`Store`]) and, when durable, a
-//! [`DataDir`]. Every mutation that is logged (create, drop, append, read policy, since changes) goes
-//! through the committer ([`crate::commit`]): it validates each group of queued operations against the
-//! core, has the group's records written and fsynced once (group commit, pipelined with the next group's
-//! validation), and only then applies them and answers their callers. So an append is acknowledged only once
-//! it is durable, concurrent appends share one fsync, and readers never see data that a crash could take
-//! back. Reads (snapshot, listen, frontiers) and hold acquisition lock the core directly. Hold changes (a
-//! dropped `ReadHold`, a downgrade) wake the committer, which applies them, compacts, and logs the new
-//! sinces with its next commit.
+//! **What this is.** The async shell around the synchronous core ([`Store`]): every call locks the core,
+//! applies its change and answers. Nothing survives the process; it is what the other crates' tests and
+//! benchmarks run on, where storage is not what they test. Hold changes (a dropped `ReadHold`, a downgrade)
+//! arrive from whatever thread drops the hold; they wake a small thread (`storage-holds`) that applies them
+//! and compacts, and every mutating call applies them too before it answers.
 //!
-//! **What this is not.** No sockets and no decisions
-//! about data: validation and compaction are the core's.
+//! **What this is not.** Not durable (the write-ahead log that once made it so is retired: every process
+//! keeps its data in shards, [`crate::ShardCollections`]), no sockets, and no decisions about data:
+//! validation and compaction are the core's.
 //!
-//! **Invariants.** The state lock is never held across an `.await` or an fsync. Every change to a
-//! collection's frontiers or contents bumps its signal and marks it dirty for every frontier watcher, under
-//! the same lock, so waiters never miss a change.
+//! **Invariants.** The state lock is never held across an `.await`. Every change to a collection's frontiers
+//! or contents bumps its signal and marks it dirty for every frontier watcher, under the same lock, so
+//! waiters never miss a change. After [`InProcess::shutdown`] every call fails with `Disconnected`.
 //!
-//! **Tests.** `tests/it/` (errors, listen, holds, durability) through the public API.
+//! **Tests.** `tests/it/` (errors, listen, the core's model) through the public API.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
-use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use frontiers::{Antichain, ReadPolicy};
 use protocol::{Diff, GlobalId, RelationDesc, Row};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 
 use crate::api::{AppendRequest, BoxFuture, CollectionFrontiers, StorageCollections, StorageReadHold};
-use crate::commit::Op;
-use crate::core::Store;
-use crate::durable::{DataDir, DurabilityStats, IoFaults, OpenError, RecoveryReport};
+use crate::core::{Created, Store};
 use crate::error::{AppendError, CreateError, DropError, HoldError, ReadError};
 use crate::listen::{FrontierWatch, Listen, LocalListen, LocalWatch};
 
@@ -46,19 +40,8 @@ pub struct StoreConfig {
     pub snapshot_timeout: Duration,
     /// The read policy of new collections. Default [`crate::core::default_read_policy`].
     pub default_read_policy: ReadPolicy<u64>,
-    /// Durable stores start a checkpoint once this many bytes were logged since the last one. Default
-    /// 64 MiB.
-    pub checkpoint_after_log_bytes: u64,
-    /// The most operations one group commit takes. Default 4,096.
-    pub max_group_ops: usize,
     /// A listen splits its updates into events of at most about this many row bytes. Default 1 MiB.
     pub listen_chunk_bytes: usize,
-    /// After a durable store reopens, how long it keeps every collection at its recovered since so that
-    /// the users it had before can take their read holds again (see [`Store::hold_for_recovery`]).
-    /// Default 30 s.
-    pub recovery_grace: Duration,
-    /// Injected I/O failures (tests only).
-    pub faults: IoFaults,
 }
 
 impl Default for StoreConfig {
@@ -66,27 +49,9 @@ impl Default for StoreConfig {
         StoreConfig {
             snapshot_timeout: Duration::from_secs(30),
             default_read_policy: crate::core::default_read_policy(),
-            checkpoint_after_log_bytes: 64 << 20,
-            max_group_ops: 4_096,
             listen_chunk_bytes: 1 << 20,
-            recovery_grace: Duration::from_secs(30),
-            faults: IoFaults::default(),
         }
     }
-}
-
-/// Why [`InProcess::checkpoint`] failed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum CheckpointError {
-    /// The store keeps no data directory.
-    #[error("an in-memory store has nothing to checkpoint")]
-    InMemory,
-    /// Writing the checkpoint failed; the previous checkpoint and the log are intact.
-    #[error("i/o error: {0}")]
-    Io(String),
-    /// The store was shut down.
-    #[error("the store was shut down")]
-    Disconnected,
 }
 
 /// A frontier watcher's pending work.
@@ -124,14 +89,11 @@ impl State {
         self.signals.remove(&id);
     }
 
-    pub(crate) fn process_holds(&mut self) -> Vec<(GlobalId, Antichain<u64>)> {
-        let changes = self.store.process_holds();
-        let mut sinces = Vec::with_capacity(changes.len());
-        for change in changes {
+    /// Applies the hold changes that are waiting (compacting), and signals the collections whose since moved.
+    pub(crate) fn process_holds(&mut self) {
+        for change in self.store.process_holds() {
             self.note_changed(change.id);
-            sinces.push((change.id, change.new));
         }
-        sinces
     }
 }
 
@@ -152,17 +114,23 @@ impl Shared {
     }
 }
 
+/// What wakes the `storage-holds` thread.
+enum HoldsWake {
+    /// A read hold changed.
+    Changed,
+    /// The store shut down.
+    Stop,
+}
+
 struct Handle {
     shared: Arc<Shared>,
-    ops: mpsc::Sender<Op>,
-    stats: Arc<Mutex<Option<DurabilityStats>>>,
-    recovery: Option<RecoveryReport>,
+    holds: mpsc::Sender<HoldsWake>,
 }
 
 impl Drop for Handle {
     fn drop(&mut self) {
-        // The committer flushes and exits; nobody waits for it.
-        let _ = self.ops.send(Op::Shutdown { reply: None });
+        // The thread exits; nobody waits for it.
+        let _ = self.holds.send(HoldsWake::Stop);
     }
 }
 
@@ -174,7 +142,7 @@ pub struct InProcess {
 
 impl fmt::Debug for InProcess {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("InProcess").field("durable", &self.handle.recovery.is_some()).finish_non_exhaustive()
+        f.debug_struct("InProcess").finish_non_exhaustive()
     }
 }
 
@@ -182,102 +150,65 @@ impl InProcess {
     /// A store that keeps everything in memory (nothing survives the process). Appends are acknowledged
     /// as soon as they are applied.
     pub fn in_memory(config: StoreConfig) -> InProcess {
-        let (ops, rx) = mpsc::channel();
-        let wake = Arc::new(AtomicBool::new(false));
-        let mut store = Store::with_notify(wake_callback(&ops, &wake));
+        let (holds, wakes) = mpsc::channel();
+        let notify = holds.clone();
+        let mut store = Store::with_notify(Arc::new(move || {
+            // Only fails once the thread is gone, after a shutdown: nothing is left to compact then.
+            let _ = notify.send(HoldsWake::Changed);
+        }));
         store.set_default_read_policy(config.default_read_policy.clone());
-        Self::start(store, None, None, config, ops, rx, wake)
-    }
-
-    /// Opens (or creates) a durable store in `dir`, recovering its state. Blocking: it reads the whole
-    /// checkpoint and log tail. One process per directory.
-    pub fn open(dir: impl AsRef<Path>, config: StoreConfig) -> Result<InProcess, OpenError> {
-        let (ops, rx) = mpsc::channel();
-        let wake = Arc::new(AtomicBool::new(false));
-        let (data_dir, mut store, report) =
-            DataDir::open(dir.as_ref(), config.faults.clone(), wake_callback(&ops, &wake))?;
-        store.set_default_read_policy(config.default_read_policy.clone());
-        let grace = config.recovery_grace;
-        let opened = Self::start(store, Some(data_dir), Some(report), config, ops, rx, wake);
-        let shared = Arc::downgrade(opened.shared());
-        let spawned = std::thread::Builder::new().name("storage-recovery".into()).spawn(move || {
-            std::thread::sleep(grace);
-            if let Some(shared) = shared.upgrade() {
-                let released = shared.lock().store.end_recovery();
-                tracing::info!(
-                    released,
-                    "storage recovery grace over: compaction follows the read holds again"
-                );
-            }
-        });
-        if let Err(error) = spawned {
-            // Without the timer the recovery holds stay until `end_recovery`: history is kept, nothing lost.
-            tracing::warn!(%error, "cannot spawn the recovery grace timer");
-        }
-        Ok(opened)
-    }
-
-    /// Ends the recovery grace now (see [`StoreConfig::recovery_grace`]): the holds kept for clients that
-    /// have not come back are released. Returns how many.
-    pub fn end_recovery(&self) -> usize {
-        self.shared().lock().store.end_recovery()
-    }
-
-    fn start(
-        store: Store,
-        data_dir: Option<DataDir>,
-        recovery: Option<RecoveryReport>,
-        config: StoreConfig,
-        ops: mpsc::Sender<Op>,
-        rx: mpsc::Receiver<Op>,
-        wake: Arc<AtomicBool>,
-    ) -> InProcess {
-        let signals = store.ids().into_iter().map(|id| (id, watch::Sender::new(()))).collect();
-        let state = State { store, signals, watchers: BTreeMap::new(), next_watcher: 0, shut_down: false };
+        let state = State {
+            store,
+            signals: HashMap::new(),
+            watchers: BTreeMap::new(),
+            next_watcher: 0,
+            shut_down: false,
+        };
         let shared = Arc::new(Shared { state: Mutex::new(state), config });
-        let stats = Arc::new(Mutex::new(data_dir.as_ref().map(DataDir::stats)));
-        crate::commit::spawn(Arc::clone(&shared), data_dir, rx, ops.clone(), wake, Arc::clone(&stats));
-        InProcess { handle: Arc::new(Handle { shared, ops, stats, recovery }) }
+        let weak = Arc::downgrade(&shared);
+        let spawned = std::thread::Builder::new()
+            .name("storage-holds".into())
+            .spawn(move || process_holds(&weak, &wakes));
+        if let Err(error) = spawned {
+            // Hold changes are still applied by the next mutating call; only idle compaction waits.
+            tracing::warn!(%error, "cannot spawn the storage-holds thread");
+        }
+        InProcess { handle: Arc::new(Handle { shared, holds }) }
     }
 
     pub(crate) fn shared(&self) -> &Arc<Shared> {
         &self.handle.shared
     }
 
-    /// What recovery found, for a durable store.
-    pub fn recovery_report(&self) -> Option<&RecoveryReport> {
-        self.handle.recovery.as_ref()
-    }
-
-    /// The log's counters as of the last commit, for a durable store.
-    pub fn durability_stats(&self) -> Option<DurabilityStats> {
-        *self.handle.stats.lock().expect("stats lock")
-    }
-
-    /// Runs `f` on the core, under the state lock (for inspection: tests, the simulator, benchmarks).
+    /// Runs `f` on the core, under the state lock (for inspection: tests and benchmarks).
     pub fn with_core<R>(&self, f: impl FnOnce(&Store) -> R) -> R {
         f(&self.handle.shared.lock().store)
     }
 
-    /// Writes a checkpoint now and waits for it (normally they happen on their own, see
-    /// [`StoreConfig::checkpoint_after_log_bytes`]).
-    pub async fn checkpoint(&self) -> Result<(), CheckpointError> {
-        let (reply, rx) = oneshot::channel();
-        self.send(Op::Checkpoint { reply: Some(reply) });
-        rx.await.unwrap_or(Err(CheckpointError::Disconnected))
-    }
-
-    /// Flushes and closes the log and stops the store: later calls fail with `Disconnected`, listens and
-    /// frontier watches end with `Disconnected`. Returns once the log is closed.
+    /// Stops the store: later calls fail with `Disconnected`, listens and frontier watches end with
+    /// `Disconnected`.
     pub async fn shutdown(&self) {
-        let (reply, rx) = oneshot::channel();
-        self.send(Op::Shutdown { reply: Some(reply) });
-        let _ = rx.await;
+        let mut state = self.shared().lock();
+        state.shut_down = true;
+        state.signals.clear();
+        for watcher in state.watchers.values_mut() {
+            watcher.signal.send_replace(());
+        }
+        drop(state);
+        let _ = self.handle.holds.send(HoldsWake::Stop);
+        tracing::info!("storage shut down");
     }
 
-    fn send(&self, op: Op) {
-        // A closed channel drops `op`, and with it the reply sender: the caller sees `Disconnected`.
-        let _ = self.handle.ops.send(op);
+    /// Runs `change` on the state unless the store shut down (then `disconnected`), and applies the hold
+    /// changes that are waiting, so the sinces it leaves behind are current.
+    fn mutate<T, E>(&self, disconnected: E, change: impl FnOnce(&mut State) -> Result<T, E>) -> Result<T, E> {
+        let mut state = self.shared().lock();
+        if state.shut_down {
+            return Err(disconnected);
+        }
+        let result = change(&mut state);
+        state.process_holds();
+        result
     }
 
     async fn snapshot_inner(&self, id: GlobalId, as_of: u64) -> Result<Vec<(Row, Diff)>, ReadError> {
@@ -318,30 +249,50 @@ impl InProcess {
     }
 }
 
-fn wake_callback(ops: &mpsc::Sender<Op>, wake: &Arc<AtomicBool>) -> Arc<dyn Fn() + Send + Sync> {
-    let ops = ops.clone();
-    let wake = Arc::clone(wake);
-    Arc::new(move || {
-        if !wake.swap(true, Ordering::SeqCst) {
-            let _ = ops.send(Op::Wake);
+/// The `storage-holds` thread: applies hold changes (and so compacts) as they arrive, until the store stops
+/// or is gone.
+fn process_holds(shared: &Weak<Shared>, wakes: &mpsc::Receiver<HoldsWake>) {
+    while let Ok(HoldsWake::Changed) = wakes.recv() {
+        // Coalesce a burst of changes into one pass.
+        while let Ok(wake) = wakes.try_recv() {
+            if let HoldsWake::Stop = wake {
+                return;
+            }
         }
-    })
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let Ok(mut state) = shared.state_lock_for_drop() else {
+            // Poisoned by a panic elsewhere: that panic reports the broken invariant.
+            return;
+        };
+        if state.shut_down {
+            return;
+        }
+        state.process_holds();
+    }
 }
 
 impl StorageCollections for InProcess {
     fn create_collection(&self, id: GlobalId, desc: RelationDesc) -> BoxFuture<'_, Result<(), CreateError>> {
         Box::pin(async move {
-            let (reply, rx) = oneshot::channel();
-            self.send(Op::Create { id, desc, reply });
-            rx.await.unwrap_or(Err(CreateError::Disconnected))
+            self.mutate(CreateError::Disconnected, |state| {
+                if let Created::New = state.store.create_collection(id, desc)? {
+                    state.signals.insert(id, watch::Sender::new(()));
+                    state.note_changed(id);
+                }
+                Ok(())
+            })
         })
     }
 
     fn drop_collection(&self, id: GlobalId) -> BoxFuture<'_, Result<(), DropError>> {
         Box::pin(async move {
-            let (reply, rx) = oneshot::channel();
-            self.send(Op::Drop { id, reply });
-            rx.await.unwrap_or(Err(DropError::Disconnected))
+            self.mutate(DropError::Disconnected, |state| {
+                state.store.drop_collection(id)?;
+                state.note_dropped(id);
+                Ok(())
+            })
         })
     }
 
@@ -367,9 +318,12 @@ impl StorageCollections for InProcess {
 
     fn append(&self, requests: Vec<AppendRequest>) -> BoxFuture<'_, Result<(), AppendError>> {
         Box::pin(async move {
-            let (reply, rx) = oneshot::channel();
-            self.send(Op::Append { requests, reply });
-            rx.await.unwrap_or(Err(AppendError::Disconnected))
+            self.mutate(AppendError::Disconnected, |state| {
+                for id in state.store.append(requests)? {
+                    state.note_changed(id);
+                }
+                Ok(())
+            })
         })
     }
 
@@ -389,9 +343,7 @@ impl StorageCollections for InProcess {
 
     fn set_read_policy(&self, id: GlobalId, policy: ReadPolicy<u64>) -> BoxFuture<'_, Result<(), HoldError>> {
         Box::pin(async move {
-            let (reply, rx) = oneshot::channel();
-            self.send(Op::Policy { id, policy, reply });
-            rx.await.unwrap_or(Err(HoldError::Disconnected))
+            self.mutate(HoldError::Disconnected, |state| state.store.set_read_policy(id, policy))
         })
     }
 

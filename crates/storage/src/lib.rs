@@ -9,14 +9,13 @@
 //!   database, read and written directly by every process that reaches both (DESIGN §9; see [`shard`]).
 //!   Backends by URL: local files, S3 (feature `s3`) or memory; SQLite, PostgreSQL (feature `postgres`) or
 //!   memory. `storage::services` (feature `services`) starts a throwaway PostgreSQL and S3 server;
-//! - [`InProcess`]: an embedded store in one process, in memory ([`InProcess::in_memory`]: what the other
-//!   crates' tests and benchmarks run on) or durable in a data directory ([`InProcess::open`]).
+//! - [`InProcess`]: an embedded store in one process's memory ([`InProcess::in_memory`]): what the other
+//!   crates' tests and benchmarks run on where storage is not what they test. Its layers: [`core`]
+//!   (synchronous, deterministic, I/O-free) under [`InProcess`] (the async shell).
 //!
-//! [`InProcess`]'s layers, bottom up: [`core`] (synchronous, deterministic, I/O-free), [`durable`]
-//! (write-ahead log, checkpoints, recovery), [`InProcess`] (the async shell, with a pipelined
-//! group-committer and syncer thread). [`TableWriter`] is a service's `INSERT` at clock timestamps, on any
-//! engine. (The storage server that served an `InProcess` over TCP is retired: every process opens the
-//! shards itself.)
+//! [`TableWriter`] is a service's `INSERT` at clock timestamps, on any engine. (The storage server that
+//! served an `InProcess` over TCP, and the write-ahead log that made it durable, are retired: every process
+//! opens the shards itself.)
 //! [`StorageMetrics`] is the shard engine's Prometheus families ([`ShardConfig::metrics`]).
 //!
 //! **What this is not.** Nothing here knows compute or the controller.
@@ -30,16 +29,14 @@
 //! [`ReadError::NotYetReadable`]. A listen waits without a timeout.
 //!
 //! **Tests.** Unit tests next to the code; integration tests in `tests/it/` (errors, a property test of the
-//! core against a naive model, durability with SIGKILLed child processes and torn tails, listens, the table writer; for shards: the engine traits' conformance suites, the
+//! core against a naive model, listens, the table writer; for shards: the engine traits' conformance suites, the
 //! `StorageCollections` behaviours and the faults on every backend, a property test of the shard state
 //! machine). Benchmarks in `benches/storage.rs` (`cargo xtask bench storage`).
 
 mod api;
 pub mod blob;
-mod commit;
 pub mod consensus;
 pub mod core;
-pub mod durable;
 mod error;
 pub mod external;
 mod inprocess;
@@ -56,7 +53,7 @@ pub use api::{
     StorageReadHold,
 };
 pub use error::{AppendError, CreateError, DropError, HoldError, ReadError};
-pub use inprocess::{CheckpointError, InProcess, StoreConfig};
+pub use inprocess::{InProcess, StoreConfig};
 pub use listen::{FrontierWatch, Listen};
 pub use metrics::{AppendOutcome, BlobOp, ConsensusOp, LeaseKind, PartCacheRead, PartReader, StorageMetrics};
 pub use shard::{PartCacheStats, ShardCollections, ShardConfig, ShardOpenError, ShardStats, embedded_urls};

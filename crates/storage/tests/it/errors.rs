@@ -1,13 +1,12 @@
 //! Every error case of the storage API, asserted: against the embedded store (and, through the same
-//! function, against the shards in `shards.rs`). Injected I/O faults stand in for
-//! a full disk (the tests run as root, where an unwritable directory is still writable).
+//! function, against the shards in `shards.rs`). The shards' I/O faults (a full disk, outages) are in
+//! `faults.rs` and `shards.rs`.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use frontiers::{DowngradeError, ReadPolicy};
 use protocol::{ColumnType, Datum, Row, ScalarType};
-use storage::durable::IoFaults;
 use storage::{
     AppendError, CreateError, DropError, HoldError, InProcess, ListenEvent, ReadError, StorageCollections,
     StoreConfig,
@@ -182,140 +181,4 @@ async fn every_call_on_a_shut_down_store_reports_disconnected() {
     assert_eq!(store.set_read_policy(id, ReadPolicy::NoPolicy).await, Err(HoldError::Disconnected));
     assert_eq!(listen.next().await, Err(ReadError::Disconnected));
     assert_eq!(watch.next().await, Err(ReadError::Disconnected));
-}
-
-async fn durable_store(dir: &std::path::Path, faults: &IoFaults) -> InProcess {
-    let config = StoreConfig { faults: faults.clone(), ..StoreConfig::default() };
-    InProcess::open(dir, config).unwrap()
-}
-
-#[tokio::test]
-async fn a_failed_log_write_fails_the_operation_and_leaves_the_store_consistent() {
-    let dir = tempfile::tempdir().unwrap();
-    let faults = IoFaults::new();
-    let store = durable_store(dir.path(), &faults).await;
-    let id = user(1);
-    store.create_collection(id, int_desc()).await.unwrap();
-    store.append(vec![append(id, vec![(int_row(1), 0, 1)], 0, 1)]).await.unwrap();
-
-    // A disk that fills up mid-write: the append fails, nothing changes.
-    faults.fail_writes(1);
-    let failed = store.append(vec![append(id, vec![(int_row(2), 1, 1)], 1, 2)]).await;
-    assert!(
-        matches!(failed, Err(AppendError::Io(ref message)) if message.contains("no space")),
-        "{failed:?}"
-    );
-    assert_eq!(store.frontiers(id).await.unwrap().upper, at(1));
-    // An fsync that fails: same.
-    faults.fail_syncs(1);
-    assert!(matches!(
-        store.append(vec![append(id, vec![(int_row(3), 1, 1)], 1, 2)]).await,
-        Err(AppendError::Io(_))
-    ));
-    faults.fail_writes(1);
-    assert!(matches!(store.create_collection(user(2), int_desc()).await, Err(CreateError::Io(_))));
-    assert!(matches!(store.frontiers(user(2)).await, Err(ReadError::CollectionMissing(_))));
-    faults.fail_writes(1);
-    assert!(matches!(store.drop_collection(id).await, Err(DropError::Io(_))));
-
-    // Once the disk recovers, appends work again, from the unchanged upper.
-    store.append(vec![append(id, vec![(int_row(4), 1, 1)], 1, 2)]).await.unwrap();
-    assert_eq!(store.snapshot(id, 1).await.unwrap(), vec![(int_row(1), 1), (int_row(4), 1)]);
-    store.shutdown().await;
-
-    // And a restart sees exactly the acknowledged appends: the failed ones were rolled back.
-    let store = durable_store(dir.path(), &IoFaults::new()).await;
-    assert_eq!(store.frontiers(id).await.unwrap().upper, at(2));
-    assert_eq!(store.snapshot(id, 1).await.unwrap(), vec![(int_row(1), 1), (int_row(4), 1)]);
-    assert!(matches!(store.frontiers(user(2)).await, Err(ReadError::CollectionMissing(_))));
-    store.shutdown().await;
-}
-
-#[tokio::test]
-async fn a_log_that_cannot_be_rolled_back_fails_every_later_append_cleanly() {
-    let dir = tempfile::tempdir().unwrap();
-    let faults = IoFaults::new();
-    let store = durable_store(dir.path(), &faults).await;
-    let id = user(1);
-    store.create_collection(id, int_desc()).await.unwrap();
-    store.append(vec![append(id, vec![(int_row(1), 0, 1)], 0, 1)]).await.unwrap();
-    faults.fail_writes(1);
-    faults.fail_truncates(1);
-    assert!(matches!(
-        store.append(vec![append(id, vec![(int_row(2), 1, 1)], 1, 2)]).await,
-        Err(AppendError::Io(_))
-    ));
-    for _ in 0..3 {
-        assert!(matches!(
-            store.append(vec![append(id, vec![(int_row(3), 1, 1)], 1, 2)]).await,
-            Err(AppendError::Io(_))
-        ));
-    }
-    assert_eq!(store.frontiers(id).await.unwrap().upper, at(1));
-    store.shutdown().await;
-    // The half-written batch is a torn tail, which recovery cuts off.
-    let store = durable_store(dir.path(), &IoFaults::new()).await;
-    assert!(store.recovery_report().unwrap().truncated_bytes > 0);
-    assert_eq!(store.frontiers(id).await.unwrap().upper, at(1));
-    store.append(vec![append(id, vec![(int_row(5), 1, 1)], 1, 2)]).await.unwrap();
-    assert_eq!(store.snapshot(id, 1).await.unwrap(), vec![(int_row(1), 1), (int_row(5), 1)]);
-    store.shutdown().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_appends_through_a_failed_commit_keep_exactly_the_acknowledged_ones() {
-    let dir = tempfile::tempdir().unwrap();
-    let faults = IoFaults::new();
-    let store = durable_store(dir.path(), &faults).await;
-    let writers = 16u64;
-    for w in 0..writers {
-        store.create_collection(user(w), int_desc()).await.unwrap();
-    }
-    let mut tasks = Vec::new();
-    for w in 0..writers {
-        let store = store.clone();
-        tasks.push(tokio::spawn(async move {
-            let id = user(w);
-            let mut acknowledged = Vec::new();
-            let mut failures = 0;
-            for attempt in 0..60i64 {
-                let upper = *store.frontiers(id).await.unwrap().upper.as_option().unwrap();
-                match store
-                    .append(vec![append(id, vec![(int_row(attempt), upper, 1)], upper, upper + 1)])
-                    .await
-                {
-                    Ok(()) => acknowledged.push((int_row(attempt), 1)),
-                    Err(AppendError::Io(_)) => failures += 1,
-                    Err(other) => panic!("writer {w}: {other:?}"),
-                }
-            }
-            (acknowledged, failures)
-        }));
-    }
-    let mut failed = 0;
-    for round in 0..6 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        if round % 2 == 0 { faults.fail_writes(1) } else { faults.fail_syncs(1) }
-    }
-    let mut expected = Vec::new();
-    for task in tasks {
-        let (acknowledged, failures) = task.await.unwrap();
-        failed += failures;
-        expected.push(acknowledged);
-    }
-    let check = |store: InProcess, expected: Vec<Vec<(Row, i64)>>| async move {
-        for (w, mut rows) in expected.into_iter().enumerate() {
-            let id = user(w as u64);
-            let upper = *store.frontiers(id).await.unwrap().upper.as_option().unwrap();
-            assert_eq!(upper as usize, rows.len(), "writer {w}: one time per acknowledged append");
-            rows.sort();
-            let contents = if upper == 0 { vec![] } else { store.snapshot(id, upper - 1).await.unwrap() };
-            assert_eq!(contents, rows, "writer {w}");
-        }
-        store.shutdown().await;
-    };
-    check(store, expected.clone()).await;
-    check(durable_store(dir.path(), &IoFaults::new()).await, expected).await;
-    // Not asserted: whether the faults hit a commit depends on timing; the invariants hold either way.
-    let _ = failed;
 }

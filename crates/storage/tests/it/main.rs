@@ -3,8 +3,6 @@
 //! - `errors`: every error case of the API, asserted, against the embedded store;
 //! - `model`: a property test of the synchronous core against a naive model (a list of every update);
 //! - `listen`: listens and frontier watches, including lagging listeners and drops;
-//! - `durability`: torn tails at every byte offset, injected I/O faults, and a child process SIGKILLed
-//!   mid-append at random moments;
 //! - `table_writer`: the table writer with a manual clock;
 //! - `backends`: the backends the shard tests run on (in-memory; local files + SQLite; S3 + PostgreSQL,
 //!   started by `storage::services`);
@@ -22,7 +20,6 @@
 mod backends;
 mod blob;
 mod consensus;
-mod durability;
 mod errors;
 mod faults;
 mod flaky;
@@ -48,7 +45,7 @@ pub fn int_row(x: i64) -> Row {
     Row::pack([Datum::Int64(x)])
 }
 
-/// The collections the crash tests' writer processes append to (`durability.rs`, `faults.rs`): a
+/// The collections the crash tests' writer processes append to (`faults.rs`): a
 /// writer, its sequence number, a part of the append and padding.
 pub fn crash_desc() -> RelationDesc {
     RelationDesc::new([
