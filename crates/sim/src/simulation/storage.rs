@@ -5,7 +5,8 @@
 //! ([`ShardState`]) is stored, encoded, as versions of a consensus key, changed only by compare-and-set
 //! of the version the **unmodified** pure transitions compute (append with its idempotency token, reader
 //! registration, heartbeats, lease expiry, compaction merges, garbage collection); its data lives in blob
-//! parts written and checksummed by `storage::shard::part`. What the shell around those transitions does
+//! parts written and checksummed by `storage::shard::part`, or, for a small append (per seed: never, up to
+//! 512 bytes, or up to 4 KiB), inline in the state, as the engine carries them. What the shell around those transitions does
 //! in the real engine (`storage::shard::machine`, async over tokio) is done here, synchronously, by the
 //! world's steps: the table writer's retry loop, each client's one registered reader at the meet of its
 //! holds, and the background maintenance. Reads decode the parts of the current head.
@@ -19,7 +20,7 @@
 //!
 //! **The checks it enables.** The world keeps its own ledger of what the writer had acknowledged and
 //! compares it, after every acknowledged append, with what storage holds ([`SimStorage::contents`], read
-//! from the blob parts the head references): an append applied twice or lost is a
+//! from the blob and inline parts the head references): an append applied twice or lost is a
 //! [`storage-contents`](super::Invariant::StorageContents) violation. The ledger shares no code with the
 //! engine. [`SimStorage::held`] and [`SimStorage::observe`] give the world what each client holds and
 //! the shard's since, for the hold check.
@@ -38,7 +39,7 @@ use bytes::Bytes;
 use frontiers::{Antichain, ChangeBatch, MutableAntichain, PartialOrder, ReadHold, ReadPolicy};
 use protocol::{Diff, GlobalId, RelationDesc, Row};
 use storage::shard::part::{
-    Update, consolidate_run, decode_part, encode_part, merge_runs, part_ref, split_run,
+    Update, consolidate_run, decode_part, encode_part, inline_part_ref, merge_runs, part_ref, split_run,
 };
 use storage::shard::state::{
     AppendInput, Batch, IdempotencyToken, PartRef, ReaderId, Refusal, ShardState, WriterId,
@@ -57,6 +58,8 @@ const MAINTENANCE_MS: u64 = 20;
 const MAX_BATCHES: usize = 4;
 /// The target size of a compacted part (small, so merges write several parts).
 const PART_TARGET_BYTES: usize = 512;
+/// The most inline bytes a shard's state carries (small, so appends also overflow it to the blob store).
+const MAX_INLINE_BYTES: u64 = 8 << 10;
 
 /// A storage client: the controller (a critical reader) or one incarnation of a model process (a
 /// leased reader).
@@ -149,6 +152,8 @@ pub struct StorageStats {
     pub parts_collected: u64,
     /// Leased readers expired.
     pub readers_expired: u64,
+    /// Append parts carried inline in the state (no blob put).
+    pub inline_parts: u64,
 }
 
 /// The simulated storage. See the module documentation.
@@ -164,6 +169,9 @@ pub struct SimStorage {
     now: u64,
     lost_reply_chance: f64,
     latency_ms: u64,
+    /// An append's part at most this big goes inline in the state (0: never), the engine's
+    /// `ShardConfig::inline_part_bytes`; the state carries at most [`MAX_INLINE_BYTES`] of them.
+    inline_part_bytes: usize,
     consensus_down_until: u64,
     blob_down_until: u64,
     writer: WriterId,
@@ -191,6 +199,7 @@ impl SimStorage {
     pub fn new(mut rng: Rng, policy: ReadPolicy<u64>, now: u64, rebase_after_lost_reply: bool) -> Self {
         let lost_reply_chance = rng.below(4) as f64 * 0.04;
         let latency_ms = rng.range(1, 5);
+        let inline_part_bytes = [0, 512, 4096][rng.below(3) as usize];
         SimStorage {
             consensus: BTreeMap::new(),
             heads: BTreeMap::new(),
@@ -201,6 +210,7 @@ impl SimStorage {
             now,
             lost_reply_chance,
             latency_ms,
+            inline_part_bytes,
             consensus_down_until: 0,
             blob_down_until: 0,
             writer: WriterId("writer-tables".to_string()),
@@ -456,10 +466,24 @@ impl SimStorage {
                 continue;
             }
             let run = consolidate_run(request.updates).map_err(|o| format!("overflow in {}", o.row))?;
-            let part = self.put_part(request.id, &run.updates);
+            let part = self.append_part(request.id, &run.updates);
             parts.insert(request.id, (vec![part], run.count_bound));
         }
         Ok(parts)
+    }
+
+    /// An append's part: inline in the state when it is small enough and the head has room for it (the
+    /// engine's rule, `ShardCollections::append`), else in the blob store.
+    fn append_part(&mut self, id: GlobalId, updates: &[Update]) -> PartRef {
+        let bytes = encode_part(updates);
+        let carried = self.heads.get(&id).map_or(0, ShardState::inline_bytes);
+        if bytes.len() <= self.inline_part_bytes && carried + bytes.len() as u64 <= MAX_INLINE_BYTES {
+            let key = format!("{}/inline-{}", blob_dir(id), self.next_part);
+            self.next_part += 1;
+            self.stats.inline_parts += 1;
+            return inline_part_ref(key, &bytes, updates.len() as u64);
+        }
+        self.put_part(id, updates)
     }
 
     fn put_part(&mut self, id: GlobalId, updates: &[Update]) -> PartRef {
@@ -494,9 +518,12 @@ impl SimStorage {
         }
         let mut out = Vec::new();
         for part in state.batches.iter().flat_map(|b| &b.parts) {
-            let bytes = self.blob.get(&part.key).ok_or_else(|| {
-                StorageFailure::Corrupt(format!("part {} of {} is missing", part.key, state.id))
-            })?;
+            let bytes = match &part.inline {
+                Some(inline) => inline.as_slice(),
+                None => self.blob.get(&part.key).ok_or_else(|| {
+                    StorageFailure::Corrupt(format!("part {} of {} is missing", part.key, state.id))
+                })?,
+            };
             out.extend(decode_part(part, bytes).map_err(|e| StorageFailure::Corrupt(e.to_string()))?);
         }
         Ok(out)

@@ -79,7 +79,8 @@ fn model_replicas_answer_from_what_storage_holds_so_rows_the_oracle_never_saw_ar
 fn holds_and_appends_survive_storage_outages_lost_replies_compaction_and_lease_expiry() {
     // The tables are shards over the simulated blob store and consensus. Outages stall appends,
     // reads and new holds; lost replies leave the writer to find out from its idempotency token;
-    // compaction and garbage collection run throughout; crashed replica processes' leased readers
+    // compaction and garbage collection run throughout (small appends inline in the state, on some
+    // seeds); crashed replica processes' leased readers
     // expire. The world checks after every step that no since passed a live client's hold, after
     // every acknowledged append that storage holds exactly what was acknowledged, and at the end that
     // no blob part leaked.
@@ -96,6 +97,7 @@ fn holds_and_appends_survive_storage_outages_lost_replies_compaction_and_lease_e
         totals.merges += s.merges;
         totals.parts_collected += s.parts_collected;
         totals.readers_expired += s.readers_expired;
+        totals.inline_parts += s.inline_parts;
     }
     assert!(outages > 0, "no seed had a storage outage");
     assert!(
@@ -108,6 +110,7 @@ fn holds_and_appends_survive_storage_outages_lost_replies_compaction_and_lease_e
     );
     assert!(totals.merges > 0 && totals.parts_collected > 0, "no compaction or collection: {totals:?}");
     assert!(totals.readers_expired > 0, "no crashed process's reader expired: {totals:?}");
+    assert!(totals.inline_parts > 0, "no append went inline in the state: {totals:?}");
 }
 
 #[test]

@@ -37,12 +37,12 @@ use crate::listen::{FrontierWatch, Listen};
 use crate::metrics::{AppendOutcome, StorageMetrics};
 use crate::shard::listen::{ShardListen, ShardWatch};
 use crate::shard::machine::{Change, Machine, MachineError};
-use crate::shard::part::{Run, consolidate_run, encode_part, split_run};
+use crate::shard::part::{Run, consolidate_run, encode_part, encoded_len, inline_part_ref, split_run};
 use crate::shard::read::{RangeStream, SnapshotStream};
 use crate::shard::state::{
     AppendInput, IdempotencyToken, PartRef, ReaderId, ReaderKind, Refusal, ShardState, WriterId,
 };
-use crate::shard::{ShardConfig, id_of_key, maintenance};
+use crate::shard::{ShardConfig, blob_dir, id_of_key, maintenance};
 
 /// Why [`ShardCollections::open`] failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -67,8 +67,10 @@ pub struct ShardStats {
     pub conflicts: u64,
     /// Engine failures retried.
     pub retries: u64,
-    /// Parts written.
+    /// Parts written to the blob store.
     pub parts_written: u64,
+    /// Parts of appends carried inline in a state instead ([`ShardConfig::inline_part_bytes`]).
+    pub inline_parts: u64,
     /// Bytes of parts written.
     pub bytes_written: u64,
     /// Parts deleted.
@@ -315,6 +317,7 @@ impl ShardCollections {
             conflicts: get(&c.conflicts),
             retries: get(&c.retries),
             parts_written: get(&c.parts_written),
+            inline_parts: get(&c.inline_parts),
             bytes_written: get(&c.bytes_written),
             parts_deleted: get(&c.parts_deleted),
             merges: get(&c.merges),
@@ -795,13 +798,20 @@ impl Inner {
                 other => other,
             };
             let run = validate(id, state.as_deref(), &plan)?;
-            prepared.insert(id, (plan, run));
+            let inline_room = state.as_deref().map_or(0, |s| {
+                let carried = usize::try_from(s.inline_bytes()).unwrap_or(usize::MAX);
+                self.config.max_inline_bytes.saturating_sub(carried)
+            });
+            prepared.insert(id, (plan, run, inline_room));
         }
         // Every shard's parts are written at once: each blob put waits for its fsyncs, and an append to
         // several collections would otherwise wait for them one after another.
         let token = IdempotencyToken(random_id());
-        let writes = prepared.into_iter().map(|(id, (plan, run))| async move {
-            let parts = self.write_run(id, run.updates).await;
+        let writes = prepared.into_iter().map(|(id, (plan, run, inline_room))| async move {
+            let parts = match self.inline_part(id, &run.updates, inline_room) {
+                Some(part) => Ok(vec![part]),
+                None => self.write_run(id, run.updates).await,
+            };
             (id, plan, run.count_bound, parts)
         });
         let mut inputs = BTreeMap::new();
@@ -816,7 +826,7 @@ impl Inner {
                     continue;
                 }
             };
-            written.extend(parts.iter().map(|p| p.key.clone()));
+            written.extend(parts.iter().filter(|p| !p.is_inline()).map(|p| p.key.clone()));
             rows += parts.iter().map(|p| p.updates).sum::<u64>();
             bytes += parts.iter().map(|p| p.bytes).sum::<u64>();
             let input = AppendInput {
@@ -842,6 +852,27 @@ impl Inner {
             Err(_) => self.machine.delete_parts(written).await,
         }
         result.map(|()| (rows, bytes))
+    }
+
+    /// The run as one inline part if it encodes to at most [`ShardConfig::inline_part_bytes`] and fits
+    /// in `room` (what the state may still carry); `None`: write it to the blob store.
+    fn inline_part(
+        &self,
+        id: GlobalId,
+        updates: &[crate::shard::part::Update],
+        room: usize,
+    ) -> Option<PartRef> {
+        let limit = self.config.inline_part_bytes.min(room);
+        if updates.is_empty() || updates.iter().map(encoded_len).sum::<usize>() > limit {
+            return None;
+        }
+        let bytes = encode_part(updates);
+        if bytes.len() > limit {
+            return None;
+        }
+        self.machine.counters.inline_parts.fetch_add(1, Ordering::Relaxed);
+        let key = format!("{}/inline-{:032x}", blob_dir(id), random_id());
+        Some(inline_part_ref(key, &bytes, updates.len() as u64))
     }
 
     pub(crate) async fn write_run(

@@ -75,8 +75,10 @@ pub struct Counters {
     pub conflicts: AtomicU64,
     /// Engine failures retried.
     pub retries: AtomicU64,
-    /// Parts written.
+    /// Parts written to the blob store.
     pub parts_written: AtomicU64,
+    /// Parts carried inline in a state instead (not counted in `parts_written` or `bytes_written`).
+    pub inline_parts: AtomicU64,
     /// Bytes of parts written.
     pub bytes_written: AtomicU64,
     /// Parts deleted (garbage collection, failed appends and merges, leaked parts).
@@ -345,6 +347,9 @@ impl Machine {
     /// `reader` says who reads, for the metrics.
     pub async fn read_part(&self, part: &PartRef, reader: PartReader) -> Result<Vec<Update>, ReadPartError> {
         self.metrics.part_read(reader);
+        if let Some(bytes) = &part.inline {
+            return decode_part(part, bytes).map_err(ReadPartError::Damaged);
+        }
         let mut retry = self.retry();
         loop {
             match self.blob.get(&part.key).await {

@@ -115,6 +115,15 @@ pub struct ShardConfig {
     pub hold_sync_interval: Duration,
     /// The target size of a batch part. Default 1 MiB.
     pub part_target_bytes: usize,
+    /// An append whose run of a shard encodes to at most this many bytes is carried *inline* in the
+    /// shard's state instead of being written to the blob store first: one compare-and-set instead of a
+    /// blob put (with its fsyncs or round trip) and then a compare-and-set. `0` turns inline parts off.
+    /// Default 4 KiB; at most [`MAX_INLINE_BYTES_LIMIT`].
+    pub inline_part_bytes: usize,
+    /// The most inline bytes a shard's state carries: an append that would take it past this goes to the
+    /// blob store, and compaction moves inline parts into blob parts as it merges. (Writers racing on one
+    /// shard may each add one inline part past it.) Default 64 KiB; at most [`MAX_INLINE_BYTES_LIMIT`].
+    pub max_inline_bytes: usize,
     /// The most bytes of parts the process keeps in memory ([`cache`]), shared by all its readers of a
     /// part (listens, snapshots, compaction); `0` turns the cache off (every read fetches). Otherwise at
     /// least `part_target_bytes`. Default [`DEFAULT_PART_CACHE_BYTES`].
@@ -150,6 +159,8 @@ impl Default for ShardConfig {
             poll_interval: Duration::from_millis(100),
             hold_sync_interval: Duration::from_secs(1),
             part_target_bytes: 1 << 20,
+            inline_part_bytes: 4 << 10,
+            max_inline_bytes: 64 << 10,
             part_cache_bytes: DEFAULT_PART_CACHE_BYTES,
             listen_chunk_bytes: 1 << 20,
             default_read_policy: crate::core::default_read_policy(),
@@ -163,6 +174,10 @@ impl Default for ShardConfig {
     }
 }
 
+/// The largest [`ShardConfig::max_inline_bytes`] (and [`ShardConfig::inline_part_bytes`]) the engine
+/// accepts: every state version is written whole, so inline data is rewritten by every change.
+pub const MAX_INLINE_BYTES_LIMIT: usize = 1 << 20;
+
 /// The default bound of the part cache: 64 MiB (64 parts of the default target size).
 pub const DEFAULT_PART_CACHE_BYTES: usize = 64 << 20;
 
@@ -171,6 +186,18 @@ impl ShardConfig {
     pub fn validate(&self) -> Result<(), String> {
         if self.part_target_bytes == 0 {
             return Err("part_target_bytes must be at least 1".into());
+        }
+        if self.max_inline_bytes > MAX_INLINE_BYTES_LIMIT {
+            return Err(format!(
+                "max_inline_bytes {} is above {MAX_INLINE_BYTES_LIMIT}: every state version carries them",
+                self.max_inline_bytes
+            ));
+        }
+        if self.inline_part_bytes > self.max_inline_bytes {
+            return Err(format!(
+                "inline_part_bytes {} is above max_inline_bytes {}: no such part could be inline",
+                self.inline_part_bytes, self.max_inline_bytes
+            ));
         }
         if self.part_cache_bytes != 0 && self.part_cache_bytes < self.part_target_bytes {
             return Err(format!(

@@ -153,7 +153,12 @@ pub fn encode_part(updates: &[Update]) -> Bytes {
 
 /// The [`PartRef`] of an encoded part stored at `key`.
 pub fn part_ref(key: String, bytes: &Bytes, updates: u64) -> PartRef {
-    PartRef { key, bytes: bytes.len() as u64, updates, checksum: crc32fast::hash(bytes) }
+    PartRef { key, bytes: bytes.len() as u64, updates, checksum: crc32fast::hash(bytes), inline: None }
+}
+
+/// The [`PartRef`] of an encoded part carried inline in the state under the name `key`.
+pub fn inline_part_ref(key: String, bytes: &Bytes, updates: u64) -> PartRef {
+    PartRef { inline: Some(bytes.to_vec()), ..part_ref(key, bytes, updates) }
 }
 
 /// Why a part could not be read.

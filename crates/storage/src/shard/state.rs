@@ -42,10 +42,11 @@ pub struct WriterId(pub String);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct IdempotencyToken(pub u128);
 
-/// One blob part of a batch: a sorted, consolidated run of updates (see [`super::part`]).
+/// One part of a batch: a sorted, consolidated run of updates (see [`super::part`]), in the blob store or,
+/// for a small append, inline in the state itself.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PartRef {
-    /// Its blob key (never reused).
+    /// Its blob key (never reused). An inline part's key names it in errors; no blob holds it.
     pub key: String,
     /// Its size in bytes.
     pub bytes: u64,
@@ -53,6 +54,18 @@ pub struct PartRef {
     pub updates: u64,
     /// The CRC-32 of its bytes.
     pub checksum: u32,
+    /// The encoded part itself when it lives in the state (an *inline* part: an append small enough
+    /// that writing it to the blob store would cost more than carrying it in the state; see
+    /// `ShardConfig::inline_part_bytes`). Its checksum is checked on every read like a blob part's.
+    /// Inline parts are never retired: nothing needs deleting when a merge or a drop removes them.
+    pub inline: Option<Vec<u8>>,
+}
+
+impl PartRef {
+    /// Whether the part lives in the state rather than the blob store.
+    pub fn is_inline(&self) -> bool {
+        self.inline.is_some()
+    }
 }
 
 /// The data of the shard's updates at times in `[lower, upper)`: one sorted, consolidated run split over
@@ -127,6 +140,11 @@ pub struct Retired {
     pub seqno: SeqNo,
     /// The part.
     pub part: PartRef,
+}
+
+/// The blob parts among `parts`, retired at `seqno` (inline parts have nothing to delete).
+fn retire(seqno: SeqNo, parts: Vec<PartRef>) -> impl Iterator<Item = Retired> {
+    parts.into_iter().filter(|part| !part.is_inline()).map(move |part| Retired { seqno, part })
 }
 
 /// A request to merge `inputs`, consecutive batches of the state, consolidating their times up to
@@ -530,7 +548,7 @@ impl ShardState {
         let mut next = self.next();
         let seqno = next.seqno;
         for batch in std::mem::take(&mut next.batches) {
-            next.retired.extend(batch.parts.into_iter().map(|part| Retired { seqno, part }));
+            next.retired.extend(retire(seqno, batch.parts));
         }
         next.readers.clear();
         next.writers.clear();
@@ -589,7 +607,7 @@ impl ShardState {
         let seqno = next.seqno;
         let removed: Vec<Batch> = next.batches.splice(start..start + n, output).collect();
         for batch in removed {
-            next.retired.extend(batch.parts.into_iter().map(|part| Retired { seqno, part }));
+            next.retired.extend(retire(seqno, batch.parts));
         }
         Ok(next.finish(self))
     }
@@ -618,10 +636,15 @@ impl ShardState {
         Some(next.finish(self))
     }
 
-    /// Every part key this version references or has retired.
+    /// Every blob key this version references or has retired (inline parts have none).
     pub fn known_keys(&self) -> BTreeSet<&str> {
-        let live = self.batches.iter().flat_map(|b| b.parts.iter());
+        let live = self.batches.iter().flat_map(|b| b.parts.iter()).filter(|p| !p.is_inline());
         live.chain(self.retired.iter().map(|r| &r.part)).map(|p| p.key.as_str()).collect()
+    }
+
+    /// The bytes of the live batches' inline parts (what the state carries besides metadata).
+    pub fn inline_bytes(&self) -> u64 {
+        self.batches.iter().flat_map(|b| &b.parts).filter(|p| p.is_inline()).map(|p| p.bytes).sum()
     }
 
     /// The bytes of the live batches' parts.
@@ -645,7 +668,7 @@ mod tests {
     }
 
     fn part(key: &str, updates: u64) -> PartRef {
-        PartRef { key: key.into(), bytes: updates * 10, updates, checksum: 0 }
+        PartRef { key: key.into(), bytes: updates * 10, updates, checksum: 0, inline: None }
     }
 
     fn input(lower: u64, upper: u64, parts: Vec<PartRef>, token: u128) -> AppendInput {

@@ -144,8 +144,15 @@ where
     }
 }
 
-/// The shard configuration the behaviour tests use: quick polls and short waits.
+/// The shard configuration the behaviour tests use: quick polls and short waits, and every part in the
+/// blob store (their small appends would otherwise ride inline in the state and never reach the blob
+/// faults and damage they test); [`inline_config`] is the engine's default in that respect.
 pub fn quick_config() -> ShardConfig {
+    ShardConfig { inline_part_bytes: 0, ..inline_config() }
+}
+
+/// [`quick_config`] with small appends inline in the state (the engine's default).
+pub fn inline_config() -> ShardConfig {
     ShardConfig {
         snapshot_timeout: std::time::Duration::from_millis(200),
         poll_interval: std::time::Duration::from_millis(20),

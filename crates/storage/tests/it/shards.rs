@@ -492,3 +492,113 @@ async fn a_hold_the_registered_reader_covers_is_taken_while_a_move_of_the_reader
     let since = storage.frontiers(id).await.unwrap().since;
     assert!(PartialOrder::less_equal(&since, &at(3)), "the stored since {since:?} is past a hold at 3");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_appends_ride_inline_in_the_state_within_its_bound_and_merges_move_them_to_blob_parts_on_every_backend()
+ {
+    on_every_backend(async |stores| {
+        let config = ShardConfig {
+            inline_part_bytes: 256,
+            max_inline_bytes: 1_024,
+            background_maintenance: false,
+            max_batches: 1,
+            ..crate::backends::inline_config()
+        };
+        let writer = stores.open(config.clone()).await;
+        let reader = stores.open(config).await;
+        let id = user(1);
+        writer.create_collection(id, int_desc()).await.unwrap();
+        writer.set_read_policy(id, ReadPolicy::ValidFrom(at(0))).await.unwrap();
+        let mut listen = reader.listen(id, 0).await.unwrap();
+        // One-row appends go inline until the state carries the bound; then they go to the blob store.
+        let mut t = 0u64;
+        while writer.stats().parts_written == 0 {
+            assert!(t < 200, "the state's inline bytes never reached their bound");
+            writer.append(vec![append(id, vec![(int_row(t as i64), t, 1)], t, t + 1)]).await.unwrap();
+            let state = writer.state(id).await.unwrap().unwrap();
+            assert!(state.inline_bytes() <= 1_024, "{} inline bytes", state.inline_bytes());
+            t += 1;
+        }
+        let inline = writer.stats().inline_parts;
+        assert!(inline >= 4, "{inline} inline parts before the bound");
+        assert_eq!(writer.stats().parts_written, 1, "only the append past the bound went to the blob store");
+        // A run over `inline_part_bytes` goes to the blob store whatever room the state has.
+        let big: Vec<_> = (0..100).map(|x| (int_row(1_000 + x), t, 1)).collect();
+        writer.append(vec![append(id, big, t, t + 1)]).await.unwrap();
+        assert_eq!(writer.stats().parts_written, 2);
+        t += 1;
+        // Another process reads the inline parts from the state: its listen and its snapshot.
+        let mut expected: Vec<(Row, i64)> = (0..t as i64 - 1).map(|x| (int_row(x), 1)).collect();
+        expected.extend((0..100).map(|x| (int_row(1_000 + x), 1)));
+        expected.sort();
+        assert_eq!(reader.snapshot(id, t - 1).await.unwrap(), expected);
+        let mut delivered = Vec::new();
+        while delivered.len() < expected.len() {
+            match tokio::time::timeout(Duration::from_secs(10), listen.next()).await.unwrap().unwrap() {
+                ListenEvent::Updates(updates) => {
+                    delivered.extend(updates.into_iter().map(|(r, _, d)| (r, d)))
+                }
+                ListenEvent::Progress(_) => {}
+            }
+        }
+        delivered.sort();
+        assert_eq!(delivered, expected);
+        // Compaction merges the inline parts into blob parts; it retires no inline part (nothing to
+        // delete) and the contents stay the same.
+        let mut merges = 0;
+        loop {
+            let report = writer.maintain(id, false).await.unwrap();
+            merges += report.merges;
+            if report.merges == 0 {
+                break;
+            }
+        }
+        assert!(merges > 0, "nothing merged");
+        let state = writer.state(id).await.unwrap().unwrap();
+        assert_eq!(state.inline_bytes(), 0, "merged parts live in the blob store");
+        assert!(state.retired.iter().all(|r| !r.part.is_inline()), "an inline part was retired");
+        assert_eq!(reader.snapshot(id, t - 1).await.unwrap(), expected);
+        writer.shutdown().await;
+        reader.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_appends_commit_and_read_while_the_blob_store_is_down_on_every_backend() {
+    on_every_backend(async |stores| {
+        let (storage, _consensus, blob) = flaky_process(&stores, crate::backends::inline_config()).await;
+        let id = user(1);
+        storage.create_collection(id, int_desc()).await.unwrap();
+        // The blob store is down (every call fails): inline appends and reads of them never call it.
+        blob.down.store(true, std::sync::atomic::Ordering::SeqCst);
+        for t in 0..5u64 {
+            storage.append(vec![append(id, vec![(int_row(t as i64), t, 1)], t, t + 1)]).await.unwrap();
+        }
+        assert_eq!(storage.stats().inline_parts, 5);
+        assert_eq!(storage.stats().parts_written, 0);
+        let expected: Vec<_> = (0..5).map(|x| (int_row(x), 1)).collect();
+        assert_eq!(storage.snapshot(id, 4).await.unwrap(), expected);
+        storage.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn inline_settings_the_engine_cannot_honour_are_refused() {
+    let stores = crate::backends::Stores::new(Backend::Memory, &mut None).expect("memory stores");
+    for (config, needle) in [
+        (
+            ShardConfig { inline_part_bytes: 8_192, max_inline_bytes: 4_096, ..ShardConfig::default() },
+            "inline_part_bytes 8192",
+        ),
+        (ShardConfig { max_inline_bytes: 2 << 20, ..ShardConfig::default() }, "max_inline_bytes 2097152"),
+    ] {
+        let refused = ShardCollections::open(&stores.blob_config(), &stores.consensus_config(), config).await;
+        assert!(
+            matches!(&refused, Err(storage::ShardOpenError::Config(m)) if m.contains(needle)),
+            "{:?}",
+            refused.map(|_| ())
+        );
+    }
+}
