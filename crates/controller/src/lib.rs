@@ -82,7 +82,7 @@ pub use orchestrator::{
     BLOB_URL_ENV, CONSENSUS_URL_ENV, InProcessOrchestrator, KEEPALIVE_INTERVAL_ENV, Launcher, LoopbackHosts,
     Orchestrator, ProcessEvent, ProcessHost, ProcessHosts, ProcessOrchestrator, ProcessOrchestratorConfig,
     ReplicaProcessSecurity, ReplicaSpec, ReplicaStorage, ReplicaTlsFiles, RunningReplica,
-    SHARD_PART_CACHE_ENV, SHARD_POLL_INTERVAL_ENV,
+    SHARD_INLINE_PART_ENV, SHARD_PART_CACHE_ENV, SHARD_POLL_INTERVAL_ENV,
 };
 pub use protocol::ControllerEpoch;
 pub use response::{ComputeControllerResponse, PeekNotification, PeekOutcome, PeekResult};

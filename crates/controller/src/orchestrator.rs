@@ -296,7 +296,13 @@ impl ReplicaStorage {
     /// Points `command` at this storage (and clears the shard variables it may have inherited; the
     /// config's `env` may set them again).
     fn apply(&self, command: &mut Command) {
-        for key in [BLOB_URL_ENV, CONSENSUS_URL_ENV, SHARD_POLL_INTERVAL_ENV, SHARD_PART_CACHE_ENV] {
+        for key in [
+            BLOB_URL_ENV,
+            CONSENSUS_URL_ENV,
+            SHARD_POLL_INTERVAL_ENV,
+            SHARD_PART_CACHE_ENV,
+            SHARD_INLINE_PART_ENV,
+        ] {
             command.env_remove(key);
         }
         match self {
@@ -317,6 +323,8 @@ pub const KEEPALIVE_INTERVAL_ENV: &str = "COMPUTE_KEEPALIVE_INTERVAL_MS";
 pub const SHARD_POLL_INTERVAL_ENV: &str = "COMPUTE_SHARD_POLL_INTERVAL_MS";
 /// The environment variable `compute-replica` reads its `--shard-part-cache-bytes` from.
 pub const SHARD_PART_CACHE_ENV: &str = "COMPUTE_SHARD_PART_CACHE_BYTES";
+/// The environment variable `compute-replica` reads its `--shard-inline-part-bytes` from.
+pub const SHARD_INLINE_PART_ENV: &str = "COMPUTE_SHARD_INLINE_PART_BYTES";
 
 impl fmt::Debug for ReplicaStorage {
     /// The shards' URLs are not shown: they may carry credentials.
@@ -799,11 +807,15 @@ mod tests {
     fn replica_processes_get_the_shard_urls_through_their_environment_and_nothing_inherited() {
         let shards = ReplicaStorage::shards("file:///secret/blob", "sqlite:///secret/consensus.db").unwrap();
         let mut command = Command::new("compute-replica");
-        // A poll interval or part cache size inherited from the orchestrator's own environment is cleared.
-        command.env(SHARD_POLL_INTERVAL_ENV, "5").env(SHARD_PART_CACHE_ENV, "0");
+        // A poll interval, part cache size or inline bound inherited from the orchestrator's own environment is cleared.
+        command
+            .env(SHARD_POLL_INTERVAL_ENV, "5")
+            .env(SHARD_PART_CACHE_ENV, "0")
+            .env(SHARD_INLINE_PART_ENV, "0");
         shards.apply(&mut command);
         assert_eq!(env_of(&command, SHARD_POLL_INTERVAL_ENV), Some(None));
         assert_eq!(env_of(&command, SHARD_PART_CACHE_ENV), Some(None));
+        assert_eq!(env_of(&command, SHARD_INLINE_PART_ENV), Some(None));
         assert_eq!(command.get_args().count(), 0, "the URLs stay off the command line");
         assert_eq!(env_of(&command, BLOB_URL_ENV), Some(Some("file:///secret/blob".to_string())));
         assert_eq!(

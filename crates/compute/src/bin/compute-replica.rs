@@ -3,6 +3,7 @@
 //! ```text
 //! compute-replica --listen ADDR [--workers N]
 //!                 --blob URL --consensus URL [--shard-poll-interval-ms MS] [--shard-part-cache-bytes BYTES]
+//!                 [--shard-inline-part-bytes BYTES]
 //!                 [--process I --addresses A0,A1,...] [--metrics-addr ADDR] [--keepalive-interval-ms MS]
 //!                 (--tls-cert FILE --tls-key FILE [--tls-client-ca FILE] | --insecure)
 //!                 [--secret-file FILE]
@@ -92,6 +93,17 @@ struct Args {
     )]
     shard_part_cache_bytes: Option<u64>,
 
+    /// An append's run of a shard that encodes to at most this many bytes is carried inline in the
+    /// shard's state (one compare-and-set, no blob put); 0 turns that off. Default: the shard engine's
+    /// (`storage::ShardConfig`), 4 KiB.
+    #[arg(
+        long,
+        value_name = "BYTES",
+        env = "COMPUTE_SHARD_INLINE_PART_BYTES",
+        value_parser = clap::value_parser!(u64).range(0..=(storage::shard::MAX_INLINE_BYTES_LIMIT as u64))
+    )]
+    shard_inline_part_bytes: Option<u64>,
+
     /// How long, in milliseconds, this process stays silent on a controller connection before it writes a
     /// keepalive, so that its controller can tell it from a vanished one. Keep it well below the
     /// controller's idle timeout. Default: 10000.
@@ -169,6 +181,10 @@ impl Args {
             };
             config.validate().map_err(|e| format!("--shard-part-cache-bytes {bytes}: {e}"))?;
         }
+        if let Some(bytes) = self.shard_inline_part_bytes {
+            let config = ShardConfig { inline_part_bytes: bytes as usize, ..ShardConfig::default() };
+            config.validate().map_err(|e| format!("--shard-inline-part-bytes {bytes}: {e}"))?;
+        }
         if !self.addresses.is_empty() && self.process >= self.addresses.len() {
             return Err(format!(
                 "--process {} is out of range: --addresses names {} process(es)",
@@ -193,6 +209,10 @@ fn open_storage(
     }
     if let Some(bytes) = args.shard_part_cache_bytes {
         config.part_cache_bytes = usize::try_from(bytes).unwrap_or(usize::MAX);
+    }
+    if let Some(bytes) = args.shard_inline_part_bytes {
+        // At most `MAX_INLINE_BYTES_LIMIT` (clap's range): it fits.
+        config.inline_part_bytes = bytes as usize;
     }
     let metrics = storage::StorageMetrics::register(registry)
         .map_err(|e| format!("cannot register the storage engine's metrics: {e}"))?;

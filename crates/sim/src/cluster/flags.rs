@@ -131,6 +131,17 @@ pub struct ClusterFlags {
     #[arg(long, value_name = "BYTES", help_heading = "Storage (one of)")]
     pub shard_part_cache_bytes: Option<u64>,
 
+    /// Appends whose run of a shard encodes to at most this many bytes ride inline in the shard's state
+    /// (one compare-and-set, no blob put), in every process (`compute-replica --shard-inline-part-bytes`,
+    /// the controller and the table writer); 0 turns that off, to compare. Default: the engine's, 4 KiB.
+    #[arg(
+        long,
+        value_name = "BYTES",
+        help_heading = "Storage (one of)",
+        value_parser = clap::value_parser!(u64).range(0..=(storage::shard::MAX_INLINE_BYTES_LIMIT as u64))
+    )]
+    pub shard_inline_part_bytes: Option<u64>,
+
     /// Stop PostgreSQL / pause moto_server N times, alternating, consensus first, a replica killed during
     /// each while its view append is stuck (only with --services local; default there: 1, or 2 in runs of
     /// 30 s or more).

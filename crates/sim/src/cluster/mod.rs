@@ -152,6 +152,8 @@ pub struct ClusterArgs {
     pub no_push: bool,
     /// The replica processes' part cache in bytes (`None`: the engine's default; 0: off).
     pub shard_part_cache_bytes: Option<u64>,
+    /// Every process's inline part bound in bytes (`None`: the engine's default; 0: off).
+    pub shard_inline_part_bytes: Option<u64>,
 }
 
 /// The scenario's workload.
@@ -254,6 +256,7 @@ impl ClusterArgs {
             link_cut_duration: flags.link_cut_secs,
             no_push: flags.no_push,
             shard_part_cache_bytes: flags.shard_part_cache_bytes,
+            shard_inline_part_bytes: flags.shard_inline_part_bytes,
         };
         if parsed.replicas == 0 || parsed.processes == 0 || parsed.workers == 0 {
             bail!("--replicas, --processes and --workers must be at least 1");
@@ -469,7 +472,8 @@ fn start_storage(
         security.describe(),
         layout.log_dir().display()
     ));
-    Ok((tasks::ScenarioStorage::Shards { blob, consensus }, replicas, described))
+    let inline_part_bytes = args.shard_inline_part_bytes.map(|bytes| bytes as usize);
+    Ok((tasks::ScenarioStorage::Shards { blob, consensus, inline_part_bytes }, replicas, described))
 }
 
 /// The blob store's kind, without its credentials.
@@ -580,6 +584,9 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<ExitCode> {
     env.push((controller::SHARD_POLL_INTERVAL_ENV.to_string(), SHARD_POLL_INTERVAL_MS.to_string()));
     if let Some(bytes) = args.shard_part_cache_bytes {
         env.push((controller::SHARD_PART_CACHE_ENV.to_string(), bytes.to_string()));
+    }
+    if let Some(bytes) = args.shard_inline_part_bytes {
+        env.push((controller::SHARD_INLINE_PART_ENV.to_string(), bytes.to_string()));
     }
     if args.netns {
         // `compute-replica --keepalive-interval-ms`: well below the controller's idle timeout.

@@ -204,6 +204,8 @@ pub enum ScenarioStorage {
         blob: BlobConfig,
         /// The consensus store.
         consensus: ConsensusConfig,
+        /// `ShardConfig::inline_part_bytes` (`None`: the engine's default).
+        inline_part_bytes: Option<usize>,
     },
 }
 
@@ -214,9 +216,11 @@ pub(crate) type Opened = (Arc<dyn StorageCollections>, Arc<dyn StorageCollection
 /// (the scenario's collections: a store used by an earlier run would contradict the oracle).
 pub(crate) async fn open_storage(storage: &ScenarioStorage, fresh: &[GlobalId]) -> anyhow::Result<Opened> {
     match storage {
-        ScenarioStorage::Shards { blob, consensus } => {
+        ScenarioStorage::Shards { blob, consensus, inline_part_bytes } => {
             let poll_interval = Duration::from_millis(crate::cluster::SHARD_POLL_INTERVAL_MS);
-            let config = ShardConfig { poll_interval, ..ShardConfig::default() };
+            let defaults = ShardConfig::default();
+            let inline_part_bytes = inline_part_bytes.unwrap_or(defaults.inline_part_bytes);
+            let config = ShardConfig { poll_interval, inline_part_bytes, ..defaults };
             let controller_config =
                 ShardConfig { critical_reader: Some("controller".to_string()), ..config.clone() };
             let controller = ShardCollections::open(blob, consensus, controller_config)

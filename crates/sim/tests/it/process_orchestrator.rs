@@ -333,9 +333,11 @@ async fn compute_replica_refuses_missing_conflicting_or_malformed_storage_flags_
     let binary = compute_replica().await;
     let shards = ["--blob", "file:///b", "--consensus", "sqlite:///c"];
     let with_shards = |more: &[&'static str]| -> Vec<&'static str> { [&shards[..], more].concat() };
-    let cases: [(Vec<&str>, &str); 8] = [
+    let cases: [(Vec<&str>, &str); 10] = [
         (with_shards(&["--shard-poll-interval-ms", "0"]), "not in 1..=60000"),
         (with_shards(&["--shard-part-cache-bytes", "1000"]), "the cache could not keep a part"),
+        (with_shards(&["--shard-inline-part-bytes", "100000"]), "above max_inline_bytes 65536"),
+        (with_shards(&["--shard-inline-part-bytes", "2000000"]), "not in 0..=1048576"),
         (vec![], "--blob <URL>"),
         (vec!["--blob", "file:///b"], "--consensus <URL>"),
         (vec!["--blob", "ftp://b", "--consensus", "sqlite:///c"], "unknown blob scheme \"ftp\""),
@@ -352,6 +354,7 @@ async fn compute_replica_refuses_missing_conflicting_or_malformed_storage_flags_
             .env_remove("COMPUTE_CONSENSUS_URL")
             .env_remove("COMPUTE_SHARD_POLL_INTERVAL_MS")
             .env_remove("COMPUTE_SHARD_PART_CACHE_BYTES")
+            .env_remove("COMPUTE_SHARD_INLINE_PART_BYTES")
             .output()
             .await
             .expect("compute-replica runs");
