@@ -175,52 +175,150 @@ pub enum PartError {
     },
 }
 
+/// A part whose size, checksum and header were checked, read update by update without copying.
+struct RawPart<'a> {
+    key: &'a str,
+    bytes: &'a [u8],
+    at: usize,
+    left: u64,
+}
+
+impl<'a> RawPart<'a> {
+    /// Checks `bytes` against `part` (size, CRC-32 of the whole part, header, number of updates).
+    fn open(part: &'a PartRef, bytes: &'a [u8]) -> Result<Self, PartError> {
+        let corrupt = |detail: String| PartError::Corrupt { key: part.key.clone(), detail };
+        if bytes.len() as u64 != part.bytes {
+            return Err(corrupt(format!("{} bytes, the state records {}", bytes.len(), part.bytes)));
+        }
+        let checksum = crc32fast::hash(bytes);
+        if checksum != part.checksum {
+            return Err(corrupt(format!("checksum {checksum:08x}, the state records {:08x}", part.checksum)));
+        }
+        if bytes.len() < HEADER_BYTES || bytes[..3] != MAGIC[..3] {
+            return Err(corrupt("not a part (bad header)".into()));
+        }
+        if bytes[3] != MAGIC[3] {
+            return Err(corrupt(format!("unknown part format version {:?}", char::from(bytes[3]))));
+        }
+        // The embedded checksum is not recomputed: the bytes equal the ones written (checksum of the whole
+        // part above), and the writer computed it over them. It serves tools reading a part without its
+        // state.
+        let count = u64::from_le_bytes(bytes[8..16].try_into().expect("eight bytes"));
+        if count != part.updates {
+            return Err(corrupt(format!("{count} updates, the state records {}", part.updates)));
+        }
+        if count > (bytes.len() / 20) as u64 {
+            return Err(corrupt(format!("{count} updates cannot fit in {} bytes", bytes.len())));
+        }
+        Ok(RawPart { key: &part.key, bytes, at: HEADER_BYTES, left: count })
+    }
+
+    /// At most this many updates are left (allocation hint).
+    fn len(&self) -> usize {
+        usize::try_from(self.left).expect("bounded by the part's size")
+    }
+
+    fn corrupt(&self, detail: &str) -> PartError {
+        PartError::Corrupt { key: self.key.to_owned(), detail: detail.to_owned() }
+    }
+
+    /// The next update (row encoding, time, diff; the diff is never zero), or `None` after the last, when
+    /// the part must also end.
+    fn next(&mut self) -> Result<Option<(&'a [u8], u64, Diff)>, PartError> {
+        if self.left == 0 {
+            if self.at != self.bytes.len() {
+                return Err(self.corrupt("trailing bytes"));
+            }
+            return Ok(None);
+        }
+        self.left -= 1;
+        let bytes = self.bytes;
+        let at = self.at;
+        let len_bytes = bytes.get(at..at + 4).ok_or_else(|| self.corrupt("truncated"))?;
+        let len = u32::from_le_bytes(len_bytes.try_into().expect("four bytes")) as usize;
+        let start = at + 4;
+        let end = start
+            .checked_add(len)
+            .and_then(|e| e.checked_add(16))
+            .ok_or_else(|| self.corrupt("truncated"))?;
+        let entry = bytes.get(start..end).ok_or_else(|| self.corrupt("truncated"))?;
+        self.at = end;
+        let (row, tail) = entry.split_at(len);
+        let time = u64::from_le_bytes(tail[..8].try_into().expect("eight bytes"));
+        let diff = i64::from_le_bytes(tail[8..].try_into().expect("eight bytes"));
+        if diff == 0 {
+            return Err(self.corrupt("a zero diff"));
+        }
+        Ok(Some((row, time, diff)))
+    }
+}
+
+/// A row from a part: validated like every decoded row ([`Row::from_bytes`]).
+fn row_of(raw: &RawPart<'_>, bytes: &[u8]) -> Result<Row, PartError> {
+    Row::from_bytes(bytes).map_err(|e| raw.corrupt(&format!("bad row: {e}")))
+}
+
 /// Decodes and checks a part against its [`PartRef`] (see the module documentation).
 pub fn decode_part(part: &PartRef, bytes: &[u8]) -> Result<Vec<Update>, PartError> {
-    let corrupt = |detail: String| PartError::Corrupt { key: part.key.clone(), detail };
-    if bytes.len() as u64 != part.bytes {
-        return Err(corrupt(format!("{} bytes, the state records {}", bytes.len(), part.bytes)));
-    }
-    let checksum = crc32fast::hash(bytes);
-    if checksum != part.checksum {
-        return Err(corrupt(format!("checksum {checksum:08x}, the state records {:08x}", part.checksum)));
-    }
-    if bytes.len() < HEADER_BYTES || &bytes[..4] != MAGIC {
-        return Err(corrupt("not a part (bad header)".into()));
-    }
-    // The embedded checksum is not recomputed: the bytes equal the ones written (checksum of the whole part
-    // above), and the writer computed it over them. It serves tools reading a part without its state.
-    let count = u64::from_le_bytes(bytes[8..16].try_into().expect("eight bytes"));
-    if count != part.updates {
-        return Err(corrupt(format!("{count} updates, the state records {}", part.updates)));
-    }
-    let mut updates = Vec::with_capacity(usize::try_from(count).unwrap_or(0).min(bytes.len() / 20));
-    let mut at = HEADER_BYTES;
-    let mut take = |n: usize| -> Result<&[u8], PartError> {
-        let slice = bytes.get(at..at + n).ok_or_else(|| corrupt("truncated".into()))?;
-        at += n;
-        Ok(slice)
-    };
-    for _ in 0..count {
-        let len = u32::from_le_bytes(take(4)?.try_into().expect("four bytes")) as usize;
-        let row = Row::from_bytes(take(len)?).map_err(|e| corrupt(format!("bad row: {e}")))?;
-        let time = u64::from_le_bytes(take(8)?.try_into().expect("eight bytes"));
-        let diff = i64::from_le_bytes(take(8)?.try_into().expect("eight bytes"));
-        if diff == 0 {
-            return Err(corrupt("a zero diff".into()));
+    let mut raw = RawPart::open(part, bytes)?;
+    let mut updates: Vec<Update> = Vec::with_capacity(raw.len());
+    let mut last: Option<(&[u8], u64)> = None;
+    while let Some((row, time, diff)) = raw.next()? {
+        if last.is_some_and(|last| last >= (row, time)) {
+            return Err(raw.corrupt("updates out of order"));
         }
-        if let Some(last) = updates.last() {
-            let (last_row, last_time, _): &Update = last;
-            if (last_row, *last_time) >= (&row, time) {
-                return Err(corrupt("updates out of order".into()));
-            }
-        }
-        updates.push((row, time, diff));
-    }
-    if at != bytes.len() {
-        return Err(corrupt("trailing bytes".into()));
+        last = Some((row, time));
+        updates.push((row_of(&raw, row)?, time, diff));
     }
     Ok(updates)
+}
+
+/// Decodes and checks a part like [`decode_part`] (every check of it, every update read), answering
+/// instead (in `rows`, a buffer to reuse, cleared first) each row's count at `as_of` within this part: the sum of its diffs at times `<= as_of`, in row
+/// order, rows whose count is zero left out. A row's updates may continue in the next part of the run;
+/// the reader sums across the boundary.
+pub fn decode_part_at(
+    part: &PartRef,
+    bytes: &[u8],
+    as_of: u64,
+    mut rows: Vec<(Row, Diff)>,
+) -> Result<Vec<(Row, Diff)>, PartError> {
+    let mut raw = RawPart::open(part, bytes)?;
+    rows.clear();
+    rows.reserve(raw.len());
+    // The row being summed (its encoding and count so far), and the last update's `(row, time)`.
+    let mut pending: Option<(&[u8], Diff)> = None;
+    let mut last: Option<(&[u8], u64)> = None;
+    while let Some((row, time, diff)) = raw.next()? {
+        let same_row = match last {
+            None => false,
+            Some((last_row, last_time)) => match last_row.cmp(row) {
+                std::cmp::Ordering::Less => false,
+                std::cmp::Ordering::Equal if last_time < time => true,
+                _ => return Err(raw.corrupt("updates out of order")),
+            },
+        };
+        last = Some((row, time));
+        let diff = if time <= as_of { diff } else { 0 };
+        match &mut pending {
+            Some((_, count)) if same_row => {
+                *count = count.checked_add(diff).ok_or_else(|| raw.corrupt("a count overflows"))?;
+            }
+            _ => {
+                if let Some((row, count)) = pending.replace((row, diff))
+                    && count != 0
+                {
+                    rows.push((row_of(&raw, row)?, count));
+                }
+            }
+        }
+    }
+    if let Some((row, count)) = pending
+        && count != 0
+    {
+        rows.push((row_of(&raw, row)?, count));
+    }
+    Ok(rows)
 }
 
 #[cfg(test)]
