@@ -3,9 +3,12 @@
 //! run), all reading one part per batch at a time.
 //!
 //! **What this is.** A snapshot is a k-way merge of the batches' runs (each sorted by `(row, time)`),
-//! summing per row the diffs at times `<= as_of`: memory is one decoded part per batch plus the
-//! [`SNAPSHOT_PREFETCH_PARTS`] parts per batch being fetched and decoded ahead (on their own tasks, so
-//! decoding runs in parallel with the merge), whatever the size of the collection. A range read visits
+//! summing per row the diffs at times `<= as_of`: memory is one decoded part per batch (and the buffer of
+//! the last one, reused) plus the [`SNAPSHOT_PREFETCH_PARTS`] parts per batch being fetched and decoded
+//! ahead, whatever the size of the collection. The fetch tasks also check each part and sum its rows at
+//! `as_of` ([`decode_part_at`]), in parallel with the merge and with each other; the merge then moves
+//! whole runs of rows that are below every other batch's head without comparing each (one batch, or
+//! batches of disjoint rows, cost a few comparisons per part). A range read visits
 //! the batches overlapping the range in order, one part at a time. Both take the state version they read
 //! from as given, with the caller holding that version for garbage collection and the collection's since
 //! at or before the times read (see [`super::ShardCollections`]). [`SnapshotStream::peak_buffered_bytes`]
@@ -291,10 +294,14 @@ impl SnapshotStream {
             }
             let below = next.map(|n| head(n).clone());
             let cursor = &mut self.cursors[smallest];
-            if let Stop::Full = Self::move_run(cursor, below.as_ref(), chunk, bytes, chunk_bytes) {
+            let moved = Self::move_run(cursor, below.as_ref(), chunk, bytes, chunk_bytes);
+            if *bytes >= chunk_bytes {
                 return Stop::Full;
             }
-            self.pending = Some(cursor.take());
+            if moved == 0 {
+                // The smallest head is not below another cursor's head, or is its part's last row.
+                self.pending = Some(cursor.take());
+            }
         }
     }
 
@@ -304,14 +311,14 @@ impl SnapshotStream {
     /// and the pending row was summed and emitted before, so such rows are final as they are: with
     /// runs that do not interleave (one batch, or batches of disjoint rows) nearly every row moves here
     /// without a comparison. The rows to move are found by galloping (a row past the first that is not
-    /// below costs a few comparisons).
+    /// below costs a few comparisons). Answers how many rows moved (fewer if the chunk filled).
     fn move_run(
         cursor: &mut Cursor<(Row, Diff)>,
         below: Option<&Row>,
         chunk: &mut Vec<(Row, Diff)>,
         bytes: &mut usize,
         chunk_bytes: usize,
-    ) -> Stop {
+    ) -> usize {
         cursor.current.make_contiguous();
         let rows = cursor.current.as_slices().0;
         let last = rows.len() - 1;
@@ -334,7 +341,7 @@ impl SnapshotStream {
             n += 1;
         }
         chunk.extend(cursor.current.drain(..n));
-        if *bytes >= chunk_bytes { Stop::Full } else { Stop::Load }
+        n
     }
 
     /// The most part bytes this stream held at once so far (loaded parts and parts being fetched).
