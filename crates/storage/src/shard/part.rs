@@ -178,6 +178,9 @@ pub enum PartError {
     },
 }
 
+/// An update as a part holds it: the row's encoding, the time and the diff.
+type RawUpdate<'a> = (&'a [u8], u64, Diff);
+
 /// A part whose size, checksum and header were checked, read update by update without copying.
 struct RawPart<'a> {
     key: &'a str,
@@ -227,7 +230,7 @@ impl<'a> RawPart<'a> {
 
     /// The next update (row encoding, time, diff; the diff is never zero), or `None` after the last, when
     /// the part must also end.
-    fn next(&mut self) -> Result<Option<(&'a [u8], u64, Diff)>, PartError> {
+    fn next(&mut self) -> Result<Option<RawUpdate<'a>>, PartError> {
         if self.left == 0 {
             if self.at != self.bytes.len() {
                 return Err(self.corrupt("trailing bytes"));
