@@ -346,6 +346,16 @@ impl Machine {
     /// read checks the bytes against `part`, and a kept value that fails the check is forgotten.
     /// `reader` says who reads, for the metrics.
     pub async fn read_part(&self, part: &PartRef, reader: PartReader) -> Result<Vec<Update>, ReadPartError> {
+        self.read_part_with(part, reader, decode_part).await
+    }
+
+    /// Reads a part like [`read_part`](Self::read_part), decoding (and checking) it with `decode`.
+    pub async fn read_part_with<T>(
+        &self,
+        part: &PartRef,
+        reader: PartReader,
+        decode: impl FnOnce(&PartRef, &[u8]) -> Result<T, PartError>,
+    ) -> Result<T, ReadPartError> {
         self.metrics.part_read(reader);
         if let Some(bytes) = &part.inline {
             return decode_part(part, bytes).map_err(ReadPartError::Damaged);
@@ -354,7 +364,7 @@ impl Machine {
         loop {
             match self.blob.get(&part.key).await {
                 Ok(Some(bytes)) => {
-                    return decode_part(part, &bytes).map_err(|damage| {
+                    return decode(part, &bytes).map_err(|damage| {
                         if let Some(cache) = &self.part_cache {
                             cache.forget(&part.key);
                         }

@@ -3,9 +3,12 @@
 //! run), all reading one part per batch at a time.
 //!
 //! **What this is.** A snapshot is a k-way merge of the batches' runs (each sorted by `(row, time)`),
-//! summing per row the diffs at times `<= as_of`: memory is one decoded part per batch plus the
-//! [`SNAPSHOT_PREFETCH_PARTS`] parts per batch being fetched and decoded ahead (on their own tasks, so
-//! decoding runs in parallel with the merge), whatever the size of the collection. A range read visits
+//! summing per row the diffs at times `<= as_of`: memory is one decoded part per batch (and the buffer of
+//! the last one, reused) plus the [`SNAPSHOT_PREFETCH_PARTS`] parts per batch being fetched and decoded
+//! ahead, whatever the size of the collection. The fetch tasks also check each part and sum its rows at
+//! `as_of` ([`decode_part_at`]), in parallel with the merge and with each other; the merge then moves
+//! whole runs of rows that are below every other batch's head without comparing each (one batch, or
+//! batches of disjoint rows, cost a few comparisons per part). A range read visits
 //! the batches overlapping the range in order, one part at a time. Both take the state version they read
 //! from as given, with the caller holding that version for garbage collection and the collection's since
 //! at or before the times read (see [`super::ShardCollections`]). [`SnapshotStream::peak_buffered_bytes`]
@@ -28,7 +31,7 @@ use tokio::task::JoinHandle;
 use crate::error::ReadError;
 use crate::metrics::PartReader;
 use crate::shard::machine::{Machine, ReadPartError};
-use crate::shard::part::{Update, encoded_len};
+use crate::shard::part::{Update, decode_part_at, encoded_len};
 use crate::shard::state::{Batch, PartRef};
 
 /// Turns a part read failure into the read error callers see.
@@ -39,14 +42,29 @@ pub(crate) fn read_error(id: GlobalId, error: ReadPartError) -> ReadError {
     }
 }
 
-type Fetch = JoinHandle<Result<Vec<Update>, ReadPartError>>;
+type Fetch<T> = JoinHandle<Result<Vec<T>, ReadPartError>>;
 
-fn spawn_fetch(machine: &Arc<Machine>, part: PartRef, reader: PartReader) -> Fetch {
+/// Starts fetching and decoding a part on its own task, into a used buffer (empty) if it has one.
+type Spawn<T> = Box<dyn Fn(PartRef, Vec<T>) -> Fetch<T> + Send + Sync>;
+
+fn spawn_fetch(machine: &Arc<Machine>, part: PartRef, reader: PartReader) -> Fetch<Update> {
     let machine = Arc::clone(machine);
     tokio::spawn(async move { machine.read_part(&part, reader).await })
 }
 
-async fn join(id: GlobalId, fetch: Fetch) -> Result<Vec<Update>, ReadError> {
+/// Fetches the parts of a snapshot at `as_of`, each decoded into its rows' counts at `as_of`
+/// ([`decode_part_at`]): the filtering and summing run on the fetch tasks, in parallel with the merge.
+fn spawn_snapshot_fetch(machine: Arc<Machine>, as_of: u64) -> Spawn<(Row, Diff)> {
+    Box::new(move |part, buffer| {
+        let machine = Arc::clone(&machine);
+        tokio::spawn(async move {
+            let decode = |part: &PartRef, bytes: &[u8]| decode_part_at(part, bytes, as_of, buffer);
+            machine.read_part_with(&part, PartReader::Snapshot, decode).await
+        })
+    })
+}
+
+async fn join<T>(id: GlobalId, fetch: Fetch<T>) -> Result<Vec<T>, ReadError> {
     match fetch.await {
         Ok(result) => result.map_err(|e| read_error(id, e)),
         Err(error) => Err(ReadError::Unavailable(format!("a part read did not finish: {error}"))),
@@ -57,89 +75,91 @@ async fn join(id: GlobalId, fetch: Fetch) -> Result<Vec<Update>, ReadError> {
 /// part it is merging: with two, decoding runs in parallel with the merge and with itself.
 pub const SNAPSHOT_PREFETCH_PARTS: usize = 2;
 
-/// One batch's run, read part by part with up to `depth` next parts fetched and decoded ahead.
-struct Cursor {
+/// One batch's run, read part by part with up to `depth` next parts fetched and decoded ahead: as
+/// updates (compaction) or as rows' counts at a snapshot's `as_of` (each part's rows unique and sorted).
+struct Cursor<T> {
     parts: VecDeque<PartRef>,
     /// The parts being fetched, in order, each with its size and number of updates.
-    prefetch: VecDeque<(u64, u64, Fetch)>,
+    prefetch: VecDeque<(u64, u64, Fetch<T>)>,
     depth: usize,
-    reader: PartReader,
-    current: Vec<Update>,
+    spawn: Spawn<T>,
+    /// What is left of the loaded part.
+    current: VecDeque<T>,
     current_bytes: u64,
-    position: usize,
+    /// The buffer of the last part used up, for the next part to decode into (memory already mapped).
+    spare: Vec<T>,
 }
 
-impl Cursor {
-    fn new(batch: &Batch, depth: usize, reader: PartReader) -> Self {
+impl<T: Send + 'static> Cursor<T> {
+    fn new(batch: &Batch, depth: usize, spawn: Spawn<T>) -> Self {
         assert!(depth >= 1, "a cursor fetches at least the next part");
         Cursor {
             parts: batch.parts.iter().cloned().collect(),
             prefetch: VecDeque::new(),
             depth,
-            reader,
-            current: Vec::new(),
+            spawn,
+            current: VecDeque::new(),
             current_bytes: 0,
-            position: 0,
+            spare: Vec::new(),
         }
     }
 
-    fn start_prefetch(&mut self, machine: &Arc<Machine>) {
+    fn start_prefetch(&mut self) {
         while self.prefetch.len() < self.depth
             && let Some(part) = self.parts.pop_front()
         {
-            self.prefetch.push_back((part.bytes, part.updates, spawn_fetch(machine, part, self.reader)));
+            let buffer = std::mem::take(&mut self.spare);
+            self.prefetch.push_back((part.bytes, part.updates, (self.spawn)(part, buffer)));
         }
     }
 
-    /// The next update without loading anything (`None` when the current part is used up).
-    fn head(&self) -> Option<&Update> {
-        self.current.get(self.position)
+    /// The next item without loading anything (`None` when the current part is used up).
+    fn head(&self) -> Option<&T> {
+        self.current.front()
     }
 
-    /// Moves the next update out (it must exist).
-    fn take(&mut self) -> Update {
-        let update = std::mem::take(&mut self.current[self.position]);
-        self.position += 1;
-        update
+    /// Moves the next item out (it must exist).
+    fn take(&mut self) -> T {
+        self.current.pop_front().expect("the cursor has a loaded item")
     }
 
     /// Loads the next part when the current one is used up; `false` at the end of the run.
-    async fn load(&mut self, id: GlobalId, machine: &Arc<Machine>) -> Result<bool, ReadError> {
-        while self.position == self.current.len() {
-            self.start_prefetch(machine);
+    async fn load(&mut self, id: GlobalId) -> Result<bool, ReadError> {
+        while self.current.is_empty() {
+            if self.spare.capacity() == 0 {
+                self.spare = Vec::from(std::mem::take(&mut self.current));
+            }
+            self.start_prefetch();
             let Some((bytes, _, fetch)) = self.prefetch.pop_front() else {
-                self.current = Vec::new();
                 self.current_bytes = 0;
-                self.position = 0;
                 return Ok(false);
             };
-            self.current = join(id, fetch).await?;
+            self.current = VecDeque::from(join(id, fetch).await?);
             self.current_bytes = bytes;
-            self.position = 0;
-            self.start_prefetch(machine);
+            self.start_prefetch();
         }
         Ok(true)
     }
 
-    /// The next update, loading the next part when the current one is used up; `None` at the end.
-    async fn peek(&mut self, id: GlobalId, machine: &Arc<Machine>) -> Result<Option<&Update>, ReadError> {
-        self.load(id, machine).await?;
-        Ok(self.current.get(self.position))
+    /// The next item, loading the next part when the current one is used up; `None` at the end.
+    async fn peek(&mut self, id: GlobalId) -> Result<Option<&T>, ReadError> {
+        self.load(id).await?;
+        Ok(self.head())
     }
 
     fn buffered_bytes(&self) -> u64 {
         self.current_bytes + self.prefetch.iter().map(|(bytes, _, _)| *bytes).sum::<u64>()
     }
 
-    /// The updates not yet taken (an upper bound on the rows still to come from this run).
+    /// The items not yet taken (an upper bound on the rows still to come from this run).
     fn remaining_updates(&self) -> u64 {
         let parts: u64 = self.parts.iter().map(|p| p.updates).sum();
         let fetching: u64 = self.prefetch.iter().map(|(_, updates, _)| *updates).sum();
-        parts + fetching + (self.current.len() - self.position) as u64
+        parts + fetching + self.current.len() as u64
     }
 }
 
-impl Drop for Cursor {
+impl<T> Drop for Cursor<T> {
     fn drop(&mut self) {
         for (_, _, fetch) in self.prefetch.drain(..) {
             fetch.abort();
@@ -150,20 +170,21 @@ impl Drop for Cursor {
 /// The consolidated contents of a shard at `as_of`, in row order, in chunks; see the module documentation.
 ///
 /// The merge runs in two layers: an asynchronous one that loads the next part of every cursor whose part
-/// is used up (parts are fetched and decoded ahead on their own tasks), and a synchronous one
-/// ([`merge_loaded`](Self::merge_loaded)) that merges the loaded parts without awaiting until one of them
-/// is used up. A row whose updates continue into a cursor's next part stays `pending` across the two.
+/// is used up (parts are fetched, checked, filtered to `as_of` and summed per row ahead, on their own
+/// tasks), and a synchronous one ([`merge_loaded`](Self::merge_loaded)) that merges the loaded parts
+/// without awaiting until one of them is used up. A row whose updates continue into a cursor's next part
+/// stays `pending` across the two. With one batch left to read there is nothing to merge: a loaded part's
+/// rows are unique, so all but its last move to the chunk as they are.
 pub struct SnapshotStream {
     id: GlobalId,
-    machine: Arc<Machine>,
-    as_of: u64,
     /// The runs not yet finished (a finished one is dropped).
-    cursors: Vec<Cursor>,
+    cursors: Vec<Cursor<(Row, Diff)>>,
     /// The row being summed, with its count at `as_of` so far.
     pending: Option<(Row, Diff)>,
     peak_buffered_bytes: u64,
     /// Whatever keeps the read valid (the caller's hold and version hold); dropped with the stream.
     _guard: Box<dyn Send + Sync>,
+    as_of: u64,
 }
 
 impl std::fmt::Debug for SnapshotStream {
@@ -192,12 +213,15 @@ impl SnapshotStream {
         as_of: u64,
         guard: Box<dyn Send + Sync>,
     ) -> Self {
+        // A batch starting after `as_of` holds only times after it.
         let cursors = batches
             .iter()
             .filter(|b| b.lower.less_equal(&as_of))
-            .map(|b| Cursor::new(b, SNAPSHOT_PREFETCH_PARTS, PartReader::Snapshot))
+            .map(|b| {
+                Cursor::new(b, SNAPSHOT_PREFETCH_PARTS, spawn_snapshot_fetch(Arc::clone(&machine), as_of))
+            })
             .collect();
-        SnapshotStream { id, machine, as_of, cursors, pending: None, peak_buffered_bytes: 0, _guard: guard }
+        SnapshotStream { id, as_of, cursors, pending: None, peak_buffered_bytes: 0, _guard: guard }
     }
 
     /// The next rows (about `chunk_bytes` of them, counting each row's bytes plus 16), or `None` at the
@@ -209,7 +233,7 @@ impl SnapshotStream {
         let mut bytes = 0;
         loop {
             for cursor in &mut self.cursors {
-                cursor.load(self.id, &self.machine).await?;
+                cursor.load(self.id).await?;
             }
             let buffered = self.cursors.iter().map(Cursor::buffered_bytes).sum();
             self.peak_buffered_bytes = self.peak_buffered_bytes.max(buffered);
@@ -230,22 +254,18 @@ impl SnapshotStream {
     }
 
     /// Merges the loaded parts into `chunk` until it holds `chunk_bytes` or a cursor's part is used up.
-    /// Every cursor has a loaded update on entry. Rows are moved out of the decoded parts, never copied.
+    /// Every cursor has a loaded row on entry. Rows are moved out of the decoded parts, never copied.
     fn merge_loaded(&mut self, chunk: &mut Vec<(Row, Diff)>, bytes: &mut usize, chunk_bytes: usize) -> Stop {
         debug_assert!(self.cursors.iter().all(|c| c.head().is_some()), "every cursor is loaded");
-        let as_of = self.as_of;
         loop {
             if let Some((row, mut count)) = self.pending.take() {
                 for cursor in &mut self.cursors {
-                    while let Some((r, time, diff)) = cursor.head() {
+                    while let Some((r, diff)) = cursor.head() {
                         if *r != row {
                             break;
                         }
-                        if *time <= as_of {
-                            count =
-                                count.checked_add(*diff).expect("the shard's count bound rules out overflow");
-                        }
-                        cursor.position += 1;
+                        count = count.checked_add(*diff).expect("the shard's count bound rules out overflow");
+                        cursor.take();
                     }
                     if cursor.head().is_none() {
                         // The row may continue in this cursor's next part.
@@ -261,17 +281,67 @@ impl SnapshotStream {
                     }
                 }
             }
-            let mut smallest = 0;
+            // The smallest head, and the smallest of the other cursors' heads (none if it is alone).
+            let head = |i: usize| &self.cursors[i].head().expect("loaded").0;
+            let (mut smallest, mut next) = (0, None::<usize>);
             for i in 1..self.cursors.len() {
-                if self.cursors[i].head().expect("loaded").0
-                    < self.cursors[smallest].head().expect("loaded").0
-                {
+                if head(i) < head(smallest) {
+                    next = Some(smallest);
                     smallest = i;
+                } else if next.is_none_or(|n| head(i) < head(n)) {
+                    next = Some(i);
                 }
             }
-            let (row, time, diff) = self.cursors[smallest].take();
-            self.pending = Some((row, if time <= as_of { diff } else { 0 }));
+            let below = next.map(|n| head(n).clone());
+            let cursor = &mut self.cursors[smallest];
+            let moved = Self::move_run(cursor, below.as_ref(), chunk, bytes, chunk_bytes);
+            if *bytes >= chunk_bytes {
+                return Stop::Full;
+            }
+            if moved == 0 {
+                // The smallest head is not below another cursor's head, or is its part's last row.
+                self.pending = Some(cursor.take());
+            }
         }
+    }
+
+    /// Moves to `chunk` the rows at the start of `cursor`'s loaded part that are below `below` (every
+    /// other cursor's head; `None`: no other cursor), but never the part's last row (it may continue in
+    /// the run's next part). A loaded part's rows are unique, sorted and not zero ([`decode_part_at`]),
+    /// and the pending row was summed and emitted before, so such rows are final as they are: with
+    /// runs that do not interleave (one batch, or batches of disjoint rows) nearly every row moves here
+    /// without a comparison. The rows to move are found by galloping (a row past the first that is not
+    /// below costs a few comparisons). Answers how many rows moved (fewer if the chunk filled).
+    fn move_run(
+        cursor: &mut Cursor<(Row, Diff)>,
+        below: Option<&Row>,
+        chunk: &mut Vec<(Row, Diff)>,
+        bytes: &mut usize,
+        chunk_bytes: usize,
+    ) -> usize {
+        cursor.current.make_contiguous();
+        let rows = cursor.current.as_slices().0;
+        let last = rows.len() - 1;
+        let movable = match below {
+            None => last,
+            Some(bound) => {
+                // Gallop: find a step past the rows below `bound`, then search the last step.
+                let (mut low, mut step) = (0, 1);
+                while low + step <= last && rows[low + step - 1].0 < *bound {
+                    low += step;
+                    step *= 2;
+                }
+                let high = (low + step).min(last);
+                low + rows[low..high].partition_point(|(row, _)| row < bound)
+            }
+        };
+        let mut n = 0;
+        while n < movable && *bytes < chunk_bytes {
+            *bytes += rows[n].0.byte_len() + 16;
+            n += 1;
+        }
+        chunk.extend(cursor.current.drain(..n));
+        n
     }
 
     /// The most part bytes this stream held at once so far (loaded parts and parts being fetched).
@@ -285,8 +355,7 @@ impl SnapshotStream {
 /// Advancing is monotone in time, so each input run stays sorted and a k-way merge suffices.
 pub struct MergeStream {
     id: GlobalId,
-    machine: Arc<Machine>,
-    cursors: Vec<Cursor>,
+    cursors: Vec<Cursor<Update>>,
     since: Antichain<u64>,
     upper: Antichain<u64>,
 }
@@ -309,13 +378,16 @@ impl MergeStream {
         since: Antichain<u64>,
         upper: Antichain<u64>,
     ) -> Self {
-        MergeStream {
-            id,
-            machine,
-            cursors: batches.iter().map(|b| Cursor::new(b, 1, PartReader::Compaction)).collect(),
-            since,
-            upper,
-        }
+        let cursors = batches
+            .iter()
+            .map(|b| {
+                let machine = Arc::clone(&machine);
+                let spawn: Spawn<Update> =
+                    Box::new(move |part, _| spawn_fetch(&machine, part, PartReader::Compaction));
+                Cursor::new(b, 1, spawn)
+            })
+            .collect();
+        MergeStream { id, cursors, since, upper }
     }
 
     /// The next consolidated update, or `None` at the end.
@@ -324,7 +396,7 @@ impl MergeStream {
         loop {
             let mut smallest: Option<(Row, u64)> = None;
             for cursor in &mut self.cursors {
-                if let Some((row, time, _)) = cursor.peek(self.id, &self.machine).await? {
+                if let Some((row, time, _)) = cursor.peek(self.id).await? {
                     let time = advance(*time);
                     if smallest.as_ref().is_none_or(|(r, t)| (row, time) < (r, *t)) {
                         smallest = Some((row.clone(), time));
@@ -334,12 +406,12 @@ impl MergeStream {
             let Some((row, time)) = smallest else { return Ok(None) };
             let mut sum: Diff = 0;
             for cursor in &mut self.cursors {
-                while let Some((r, t, diff)) = cursor.peek(self.id, &self.machine).await? {
+                while let Some((r, t, diff)) = cursor.peek(self.id).await? {
                     if *r != row || advance(*t) != time {
                         break;
                     }
                     sum = sum.checked_add(*diff).expect("the shard's count bound rules out overflow");
-                    cursor.position += 1;
+                    cursor.take();
                 }
             }
             if sum != 0 {
@@ -356,7 +428,7 @@ pub struct RangeStream {
     lower: u64,
     upper: Antichain<u64>,
     parts: VecDeque<PartRef>,
-    prefetch: Option<Fetch>,
+    prefetch: Option<Fetch<Update>>,
     _guard: Box<dyn Send + Sync>,
 }
 

@@ -312,13 +312,17 @@ fn appends() -> impl Strategy<Value = Appends> {
     prop::collection::vec(append, 1..10)
 }
 
-/// Appends `appends` to a shard with tiny parts (one to three updates each, so a row's updates span
-/// parts and batches), optionally compacts, and checks the snapshot stream at every readable time, in
-/// chunks of `chunk_bytes`, against the naive sum of the appended updates; returns nothing on success.
-async fn snapshot_stream_matches_the_naive_sum(appends: Appends, compact: bool, chunk_bytes: usize) {
+/// Appends `appends` to a shard with parts of about `part_target_bytes` (40: one to three updates each,
+/// so a row's updates span parts and batches), optionally compacts, and checks the snapshot stream at
+/// every readable time, in chunks of `chunk_bytes`, against the naive sum of the appended updates.
+async fn snapshot_stream_matches_the_naive_sum(
+    appends: Appends,
+    compact: bool,
+    chunk_bytes: usize,
+    part_target_bytes: usize,
+) {
     use storage::{ShardCollections, ShardConfig, StorageCollections};
-    let config =
-        ShardConfig { part_target_bytes: 40, background_maintenance: false, ..ShardConfig::default() };
+    let config = ShardConfig { part_target_bytes, background_maintenance: false, ..ShardConfig::default() };
     let blob = "mem://".parse().unwrap();
     let consensus = "mem://".parse().unwrap();
     let storage = ShardCollections::open(&blob, &consensus, config).await.unwrap();
@@ -367,6 +371,28 @@ proptest! {
         chunk_bytes in prop_oneof![Just(1usize), 1usize..200, Just(usize::MAX)],
     ) {
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        runtime.block_on(snapshot_stream_matches_the_naive_sum(appends, compact, chunk_bytes));
+        runtime.block_on(snapshot_stream_matches_the_naive_sum(appends, compact, chunk_bytes, 40));
+    }
+
+    /// Batches whose rows do not interleave (each append its own range of rows) and parts of many rows:
+    /// the merge moves whole runs of rows below the other batches' heads, and after compaction a
+    /// single batch's parts move as they are.
+    #[test]
+    fn a_snapshot_of_batches_of_disjoint_rows_equals_the_naive_sum(
+        appends in appends(),
+        compact in any::<bool>(),
+        chunk_bytes in prop_oneof![Just(1usize), 1usize..200, Just(usize::MAX)],
+        part_target_bytes in prop_oneof![Just(40usize), 100usize..400],
+    ) {
+        let disjoint = appends
+            .into_iter()
+            .enumerate()
+            .map(|(i, (updates, advance))| {
+                let offset = 100 * i as i64;
+                (updates.into_iter().map(|(x, dt, d)| (x + offset, dt, d)).collect(), advance)
+            })
+            .collect();
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        runtime.block_on(snapshot_stream_matches_the_naive_sum(disjoint, compact, chunk_bytes, part_target_bytes));
     }
 }
