@@ -358,7 +358,7 @@ impl Machine {
     ) -> Result<T, ReadPartError> {
         self.metrics.part_read(reader);
         if let Some(bytes) = &part.inline {
-            return decode_part(part, bytes).map_err(ReadPartError::Damaged);
+            return decode(part, bytes).map_err(ReadPartError::Damaged);
         }
         let mut retry = self.retry();
         loop {
