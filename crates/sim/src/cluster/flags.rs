@@ -82,7 +82,9 @@ pub struct ClusterFlags {
     #[arg(long)]
     pub json: bool,
 
-    /// Where the controller serves its metrics (`/metrics`); port 0 picks a free one.
+    /// Where the controller serves its metrics (`/metrics`); port 0 picks a free one. Default
+    /// 127.0.0.1:0; with --netns a loopback address becomes the controller's own (its namespace's
+    /// loopback is not this machine's).
     #[arg(long, value_name = "ADDR")]
     pub metrics_addr: Option<SocketAddr>,
 

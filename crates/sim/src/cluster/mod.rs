@@ -544,7 +544,32 @@ async fn interrupted() -> &'static str {
 }
 
 /// Runs the scenario; the exit code is non-zero on any violation, error or interruption.
-pub fn run(args: ClusterArgs) -> anyhow::Result<ExitCode> {
+/// The scenario's async runtime (two workers). With `--netns` every thread it starts enters the
+/// controller's network namespace first; a thread that cannot is recorded as a violation (and the
+/// scenario's own check refuses to run off its host).
+fn scenario_runtime(
+    network: Option<&Arc<netns::Network>>,
+    stats: &Arc<Stats>,
+) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.worker_threads(2).enable_all();
+    if let Some(network) = network {
+        // Fail early, with the reason, where the namespace cannot be entered.
+        let probe = Arc::clone(network);
+        std::thread::spawn(move || probe.enter_controller_host())
+            .join()
+            .map_err(|_| anyhow!("the namespace probe thread panicked"))??;
+        let (network, stats) = (Arc::clone(network), Arc::clone(stats));
+        builder.on_thread_start(move || {
+            if let Err(error) = network.enter_controller_host() {
+                stats.violation(format!("a runtime thread stayed outside the controller's host: {error:#}"));
+            }
+        });
+    }
+    builder.build().context("cannot start the async runtime")
+}
+
+pub fn run(mut args: ClusterArgs) -> anyhow::Result<ExitCode> {
     let ui = Arc::new(Ui::new());
     let mut layout = Layout::of_current_exe()?;
     if let Some(dir) = &args.data_dir {
@@ -571,6 +596,10 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<ExitCode> {
     if args.netns {
         let network = netns::Network::create()?;
         ui.say(&network.describe());
+        if args.metrics_addr.ip().is_loopback() {
+            // The controller's loopback is its namespace's: serve where the root namespace reaches it.
+            args.metrics_addr.set_ip(network.controller_address().into());
+        }
         children.network = Some(network);
     }
     let hosts: Vec<std::net::IpAddr> =
@@ -613,54 +642,74 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<ExitCode> {
     children.orchestrator = Some(Arc::clone(&orchestrator));
     children.replicas = args.replica_specs().into_iter().map(|(r, _)| r).collect();
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    let result = runtime.block_on({
+    let runtime = scenario_runtime(children.network.as_ref(), &stats)?;
+    let controller_host = children.network.clone();
+    let drive = {
         let (args, stats, ui, orchestrator) =
             (args.clone(), Arc::clone(&stats), Arc::clone(&ui), Arc::clone(&orchestrator));
-        async move {
-            let scenario = async move {
-                match args.workload {
-                    Workload::Orders => {
-                        tasks::scenario(
-                            args,
-                            scenario_storage,
-                            services,
-                            network,
-                            client_security,
-                            orchestrator,
-                            process_events,
-                            stats,
-                            ui,
-                        )
-                        .await
+        let runtime = &runtime;
+        let controller_host = controller_host.clone();
+        move || {
+            runtime.block_on(async move {
+                let scenario = async move {
+                    if let Some(network) = &controller_host
+                        && !network.in_controller_host()
+                    {
+                        bail!("the scenario is not in the controller's network namespace");
                     }
-                    Workload::Tpch => {
-                        tpch::scenario(
-                            args,
-                            scenario_storage,
-                            client_security,
-                            orchestrator,
-                            process_events,
-                            stats,
-                            ui,
-                        )
-                        .await
+                    match args.workload {
+                        Workload::Orders => {
+                            tasks::scenario(
+                                args,
+                                scenario_storage,
+                                services,
+                                network,
+                                client_security,
+                                orchestrator,
+                                process_events,
+                                stats,
+                                ui,
+                            )
+                            .await
+                        }
+                        Workload::Tpch => {
+                            tpch::scenario(
+                                args,
+                                scenario_storage,
+                                client_security,
+                                orchestrator,
+                                process_events,
+                                stats,
+                                ui,
+                            )
+                            .await
+                        }
+                    }
+                };
+                tokio::select! {
+                    result = scenario => result.map(|()| false),
+                    signal = interrupted() => {
+                        info!(signal, "interrupted");
+                        Ok(true)
                     }
                 }
-            };
-            tokio::select! {
-                result = scenario => result.map(|()| false),
-                signal = interrupted() => {
-                    info!(signal, "interrupted");
-                    Ok(true)
-                }
-            }
+            })
         }
-    });
+    };
+    let result = match &controller_host {
+        // `block_on` polls the scenario on the thread that calls it: with `--netns`, one that entered the
+        // controller's namespace, as the runtime's own threads do; this one stays in the root namespace.
+        Some(network) => std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    network.enter_controller_host()?;
+                    drive()
+                })
+                .join()
+                .unwrap_or_else(|_| Err(anyhow!("the scenario's thread panicked")))
+        }),
+        None => drive(),
+    };
     ui.clear();
     // Stop every task (and with them the controller and its replica clients) before the processes go.
     runtime.shutdown_timeout(Duration::from_secs(5));

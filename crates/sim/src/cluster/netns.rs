@@ -1,15 +1,19 @@
-//! The cluster scenario's separate hosts (`sim cluster --netns`): the storage services and every replica
-//! process each in a Linux network namespace of its own, joined by a bridge in this (the controller's)
+//! The cluster scenario's separate hosts (`sim cluster --netns`): the controller, the storage services and
+//! every replica process each in a Linux network namespace of its own, joined by a bridge in the root
 //! namespace, so that every connection crosses a link the scenario can cut (`--link-cuts`).
 //!
 //! **Layout.** A run creates, all named after this process's id `PID` (so that concurrent runs never
-//! share a name): the bridge `snbPID` with no uplink, holding `198.18.N.1/24` (this process: the
-//! controller and the table writer); the namespace `sn-PID-services` at `198.18.N.2` (PostgreSQL and
-//! `moto_server`, started inside it through `ip netns exec`); and, when the orchestrator first starts a
-//! replica process, the namespace `sn-PID-iIrRpP` at the next free address (from `.3` up). Each
-//! namespace has its loopback up and one veth, `eth0` inside, `snvPID.K` on the bridge. Replica
-//! processes are spawned through `ip netns exec` (which replaces itself with `compute-replica`), keep
-//! their namespace across restarts, and lose it when the replica is dropped.
+//! share a name): the bridge `snbPID` with no uplink, holding `198.18.N.1/24` (the root namespace, where
+//! this process's main thread stays); the namespace `sn-PID-controller` at `198.18.N.2`, which every
+//! thread of the scenario's async runtime enters as it starts ([`Network::enter_controller_host`]), so the
+//! controller's connections to replicas and storage, and the table writer's, all leave from there;
+//! `sn-PID-services` at `198.18.N.3` (PostgreSQL and `moto_server`, started inside it through
+//! `ip netns exec`); and, when the orchestrator first starts a replica process, the namespace
+//! `sn-PID-iIrRpP` at the next free address (from `.4` up). Each namespace has its loopback up and one
+//! veth, `eth0` inside, `snvPID.K` on the bridge. Replica processes are spawned through `ip netns exec`
+//! (which replaces itself with `compute-replica`), keep their namespace across restarts, and lose it when
+//! the replica is dropped. Every `ip` command runs in the root namespace (`nsenter` into the main
+//! thread's), whichever thread asks.
 //!
 //! **Why 198.18.0.0/15.** Loopback addresses would match the issue's wording, but Linux treats 127/8 as
 //! martian on any interface other than `lo` (and this namespace routes all of 127/8 to `lo`), so they
@@ -60,10 +64,12 @@ pub const IDLE_TIMEOUT_MS: u64 = 2_500;
 
 /// The first two octets of every address (198.18.0.0/16, half of the RFC 2544 range).
 const PREFIX: [u8; 2] = [198, 18];
-/// The last octet of the services' address (the bridge, this process, is `.1`).
-const SERVICES_HOST: u8 = 2;
+/// The last octet of the controller's address (the bridge, in the root namespace, is `.1`).
+const CONTROLLER_HOST: u8 = 2;
+/// The last octet of the services' address.
+const SERVICES_HOST: u8 = 3;
 /// The last octet of the first replica process's address.
-const FIRST_REPLICA_HOST: u8 = 3;
+const FIRST_REPLICA_HOST: u8 = 4;
 /// The last octet of the last address a run hands out.
 const LAST_HOST: u8 = 254;
 
@@ -81,6 +87,7 @@ pub struct Network {
     pid: u32,
     subnet: u8,
     bridge: String,
+    controller: Host,
     services: Host,
     state: Mutex<State>,
 }
@@ -97,13 +104,16 @@ struct State {
     torn_down: bool,
 }
 
-/// Runs `ip ARGS`; an error carries its output.
+/// Runs `ip ARGS` in the root namespace (the one this process's main thread never leaves), whatever
+/// namespace the calling thread is in; an error carries its output.
 fn ip(args: &[&str]) -> anyhow::Result<String> {
-    let output = Command::new("ip")
+    let root = format!("--net=/proc/{}/ns/net", std::process::id());
+    let output = Command::new("nsenter")
+        .args([root.as_str(), "--", "ip"])
         .args(args)
         .stdin(Stdio::null())
         .output()
-        .with_context(|| "cannot run `ip` (install iproute2)".to_string())?;
+        .with_context(|| "cannot run `nsenter` and `ip` (install util-linux and iproute2)".to_string())?;
     if !output.status.success() {
         bail!(
             "ip {} failed ({}): {}",
@@ -236,6 +246,11 @@ impl Network {
         clean_stale().context("network namespaces are not available here (needs root and iproute2)")?;
         let subnet = free_subnet()?;
         let bridge = bridge_name(pid);
+        let controller = Host {
+            netns: format!("{}controller", netns_prefix(pid)),
+            veth: veth_name(pid, CONTROLLER_HOST),
+            address: Ipv4Addr::new(PREFIX[0], PREFIX[1], subnet, CONTROLLER_HOST),
+        };
         let services = Host {
             netns: format!("{}services", netns_prefix(pid)),
             veth: veth_name(pid, SERVICES_HOST),
@@ -245,6 +260,7 @@ impl Network {
             pid,
             subnet,
             bridge: bridge.clone(),
+            controller: controller.clone(),
             services: services.clone(),
             state: Mutex::new(State { next: FIRST_REPLICA_HOST, ..State::default() }),
         };
@@ -253,6 +269,7 @@ impl Network {
             .context("network namespaces are not available here (needs root and iproute2)")?;
         ip(&["addr", "add", &format!("{}/24", network.address(1)), "dev", &bridge])?;
         ip(&["link", "set", &bridge, "up"])?;
+        network.make_host(&controller)?;
         network.make_host(&services)?;
         drop(lock);
         info!(pid, subnet = %format!("{}.{}.{subnet}.0/24", PREFIX[0], PREFIX[1]), "network namespaces ready");
@@ -271,15 +288,44 @@ impl Network {
     /// The subnet, `198.18.N.0/24`.
     pub fn describe(&self) -> String {
         format!(
-            "network namespaces on the bridge {} ({}.{}.{}.0/24): this process at {}, the services at {}, a \
-             namespace per replica process",
+            "network namespaces on the bridge {} ({}.{}.{}.0/24): the controller and the table writer at {} \
+             ({}), the services at {}, a namespace per replica process",
             self.bridge,
             PREFIX[0],
             PREFIX[1],
             self.subnet,
-            self.address(1),
+            self.controller.address,
+            self.controller.netns,
             self.services.address
         )
+    }
+
+    /// The controller's address (its namespace's `eth0`).
+    pub fn controller_address(&self) -> Ipv4Addr {
+        self.controller.address
+    }
+
+    /// The file naming the controller's namespace (`ip netns add` makes it).
+    fn controller_netns_file(&self) -> std::path::PathBuf {
+        std::path::Path::new("/var/run/netns").join(&self.controller.netns)
+    }
+
+    /// Moves the calling thread into the controller's namespace: every socket it opens afterwards (the
+    /// controller's replica connections, the storage engines' connections) is that host's. The async
+    /// runtime's threads call it as they start.
+    pub fn enter_controller_host(&self) -> anyhow::Result<()> {
+        let path = self.controller_netns_file();
+        let file = std::fs::File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+            .with_context(|| format!("cannot enter the network namespace {}", self.controller.netns))
+    }
+
+    /// Whether the calling thread is in the controller's namespace (compares the namespaces' inodes).
+    pub fn in_controller_host(&self) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let inode = |path: &std::path::Path| std::fs::metadata(path).map(|m| (m.dev(), m.ino())).ok();
+        let here = inode(std::path::Path::new("/proc/thread-self/ns/net"));
+        here.is_some() && here == inode(&self.controller_netns_file())
     }
 
     /// Where the storage services run.

@@ -12,8 +12,8 @@
 //! it, killed a replica during it (aimed at an in-flight view append), and marked the outage on the report
 //! page.
 //!
-//! A fourth run (8 s, `--services local --netns`) puts the services and each replica process in a network
-//! namespace of its own and cuts the links of the two-process replica for four seconds: it must pass with
+//! A fourth run (8 s, `--services local --netns`) puts the controller, the services and each replica
+//! process in a network namespace of its own and cuts the links of the two-process replica for four seconds: it must pass with
 //! 0 violations, peeks answered (by the other replica) during the cut, the controller reconnecting to the
 //! victim (silent past its idle timeout), the victim answering a peek targeted at it and catching up after
 //! the restore, the cut marked on the report page, and every namespace, veth
@@ -306,6 +306,10 @@ fn a_replica_cut_off_the_network_for_seconds_catches_up_after_while_the_other_an
     assert_eq!(number(&report, "/final_checks"), 11, "{report:#}");
     let network = report["network"].as_str().expect("the report says where the processes ran");
     assert!(network.starts_with("network namespaces on the bridge"), "{network}");
+    // The controller (and the table writer) on a host of their own too: the scenario refuses to run
+    // unless the thread driving it is in that namespace.
+    assert!(network.contains("the controller and the table writer at 198.18."), "{network}");
+    assert!(network.contains(&format!("(sn-{pid}-controller)")), "{network}");
 
     let cuts = report["link_cuts"].as_array().expect("a link_cuts list");
     assert_eq!(cuts.len(), 1, "{report:#}");
