@@ -519,7 +519,7 @@ impl SimStorage {
         let mut out = Vec::new();
         for part in state.batches.iter().flat_map(|b| &b.parts) {
             let bytes = match &part.inline {
-                Some(inline) => inline.as_slice(),
+                Some(inline) => &inline[..],
                 None => self.blob.get(&part.key).ok_or_else(|| {
                     StorageFailure::Corrupt(format!("part {} of {} is missing", part.key, state.id))
                 })?,

@@ -161,7 +161,7 @@ pub fn part_ref(key: String, bytes: &Bytes, updates: u64) -> PartRef {
 
 /// The [`PartRef`] of an encoded part carried inline in the state under the name `key`.
 pub fn inline_part_ref(key: String, bytes: &Bytes, updates: u64) -> PartRef {
-    PartRef { inline: Some(bytes.to_vec()), ..part_ref(key, bytes, updates) }
+    PartRef { inline: Some(bytes.clone()), ..part_ref(key, bytes, updates) }
 }
 
 /// Why a part could not be read.

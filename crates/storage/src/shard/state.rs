@@ -24,6 +24,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use bytes::Bytes;
 use frontiers::{Antichain, PartialOrder, ReadPolicy};
 use protocol::{GlobalId, RelationDesc};
 use serde::{Deserialize, Serialize};
@@ -58,7 +59,7 @@ pub struct PartRef {
     /// that writing it to the blob store would cost more than carrying it in the state; see
     /// `ShardConfig::inline_part_bytes`). Its checksum is checked on every read like a blob part's.
     /// Inline parts are never retired: nothing needs deleting when a merge or a drop removes them.
-    pub inline: Option<Vec<u8>>,
+    pub inline: Option<Bytes>,
 }
 
 impl PartRef {
