@@ -483,14 +483,18 @@ impl SimStorage {
             self.stats.inline_parts += 1;
             return inline_part_ref(key, &bytes, updates.len() as u64);
         }
-        self.put_part(id, updates)
+        self.put_encoded(id, bytes, updates.len() as u64)
     }
 
     fn put_part(&mut self, id: GlobalId, updates: &[Update]) -> PartRef {
+        self.put_encoded(id, encode_part(updates), updates.len() as u64)
+    }
+
+    /// Stores an encoded part of `updates` updates in the blob store under a fresh key.
+    fn put_encoded(&mut self, id: GlobalId, bytes: Bytes, updates: u64) -> PartRef {
         let key = format!("{}/p{}", blob_dir(id), self.next_part);
         self.next_part += 1;
-        let bytes = encode_part(updates);
-        let part = part_ref(key.clone(), &bytes, updates.len() as u64);
+        let part = part_ref(key.clone(), &bytes, updates);
         self.blob.insert(key, bytes);
         part
     }
