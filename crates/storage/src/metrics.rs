@@ -7,7 +7,12 @@
 //! - `storage_appends_in_flight` (gauge): appends started and not yet ended (waiting on the engines,
 //!   retrying through an outage; a dropped append future ends it too)
 //! - `storage_append_rows_total` (counter): updates in committed appends
-//! - `storage_append_bytes_total` (counter): encoded bytes of committed appends (the blob parts written)
+//! - `storage_append_bytes_total` (counter): encoded bytes of committed appends (their parts, in the blob
+//!   store or inline)
+//! - `storage_append_inline_parts_total` (counter): parts of committed appends carried inline in the
+//!   shard's state instead of the blob store (`ShardConfig::inline_part_bytes`)
+//! - `storage_append_inline_bytes_total` (counter): their encoded bytes (also in
+//!   `storage_append_bytes_total`)
 //! - `storage_cas_conflicts_total` (counter): consensus compare-and-sets that found another version than
 //!   expected
 //! - `storage_blob_operation_seconds` (histogram; op, outcome): `get`, `set`, `delete`, `list`; `ok` or
@@ -32,8 +37,8 @@
 //!
 //! **What this is not.** It measures nothing by itself: the shard engine calls its methods where the
 //! events happen (an append's outcome, each Blob and Consensus operation through `shard::metered`, a
-//! compaction, garbage collection, an expired lease), given them by `ShardConfig::metrics`. The storage
-//! server's embedded engine records none. Every series is made when the
+//! compaction, garbage collection, an expired lease), given them by `ShardConfig::metrics`. The in-memory
+//! `InProcess` store records none. Every series is made when the
 //! families are registered, so a call formats no label and takes no lock: it is one or two atomic
 //! operations.
 //!
@@ -139,6 +144,8 @@ pub struct StorageMetrics {
     appends_in_flight: IntGauge,
     append_rows: IntCounter,
     append_bytes: IntCounter,
+    append_inline_parts: IntCounter,
+    append_inline_bytes: IntCounter,
     cas_conflicts: IntCounter,
     /// By operation, then `ok` / `error`.
     blob: Vec<[Histogram; 2]>,
@@ -229,6 +236,14 @@ impl StorageMetrics {
             )?,
             append_rows: counter("storage_append_rows_total", "Updates in committed appends.")?,
             append_bytes: counter("storage_append_bytes_total", "Encoded bytes of committed appends.")?,
+            append_inline_parts: counter(
+                "storage_append_inline_parts_total",
+                "Parts of committed appends carried inline in the shard state instead of the blob store.",
+            )?,
+            append_inline_bytes: counter(
+                "storage_append_inline_bytes_total",
+                "Encoded bytes of the parts of committed appends carried inline in the shard state.",
+            )?,
             cas_conflicts: counter(
                 "storage_cas_conflicts_total",
                 "Consensus compare-and-sets that found another version than expected.",
@@ -282,6 +297,8 @@ impl StorageMetrics {
         for counter in [
             &self.append_rows,
             &self.append_bytes,
+            &self.append_inline_parts,
+            &self.append_inline_bytes,
             &self.cas_conflicts,
             &self.compactions,
             &self.compaction_batches,
@@ -317,6 +334,13 @@ impl StorageMetrics {
             self.append_rows.inc_by(rows);
             self.append_bytes.inc_by(bytes);
         }
+    }
+
+    /// A committed append carried `parts` parts of `bytes` bytes inline in shard states (they are in
+    /// [`append`](Self::append)'s bytes too).
+    pub fn append_inline(&self, parts: u64, bytes: u64) {
+        self.append_inline_parts.inc_by(parts);
+        self.append_inline_bytes.inc_by(bytes);
     }
 
     /// A compare-and-set found another version than it expected.
@@ -405,6 +429,7 @@ mod tests {
         drop(second);
         metrics.append(AppendOutcome::Committed, 10, 300);
         metrics.append(AppendOutcome::UpperMismatch, 5, 100);
+        metrics.append_inline(2, 120);
         metrics.cas_conflict();
         metrics.blob(BlobOp::Set, Duration::from_millis(3), true);
         metrics.blob(BlobOp::Get, Duration::from_millis(1), false);
@@ -425,6 +450,8 @@ mod tests {
         assert_eq!(v("storage_appends_in_flight", &[]), Some(0.0), "every guard dropped");
         assert_eq!(v("storage_append_rows_total", &[]), Some(10.0), "only committed appends' rows");
         assert_eq!(v("storage_append_bytes_total", &[]), Some(300.0));
+        assert_eq!(v("storage_append_inline_parts_total", &[]), Some(2.0));
+        assert_eq!(v("storage_append_inline_bytes_total", &[]), Some(120.0));
         assert_eq!(v("storage_cas_conflicts_total", &[]), Some(1.0));
         let blob =
             |op, outcome| v("storage_blob_operation_seconds_count", &[("op", op), ("outcome", outcome)]);

@@ -754,8 +754,9 @@ impl Inner {
         let metrics = &self.machine.metrics;
         let _in_flight = metrics.append_started();
         match self.append_counted(requests).await {
-            Ok((rows, bytes)) => {
-                metrics.append(AppendOutcome::Committed, rows, bytes);
+            Ok(committed) => {
+                metrics.append(AppendOutcome::Committed, committed.rows, committed.bytes);
+                metrics.append_inline(committed.inline_parts, committed.inline_bytes);
                 Ok(())
             }
             Err(error) => {
@@ -769,17 +770,14 @@ impl Inner {
         }
     }
 
-    /// [`append`](Self::append), answering the updates and part bytes it committed.
-    async fn append_counted(
-        self: &Arc<Self>,
-        requests: Vec<AppendRequest>,
-    ) -> Result<(u64, u64), AppendError> {
+    /// [`append`](Self::append), answering what it committed.
+    async fn append_counted(self: &Arc<Self>, requests: Vec<AppendRequest>) -> Result<Committed, AppendError> {
         if self.is_closed() {
             return Err(AppendError::Disconnected);
         }
         let plans = plan_appends(requests)?;
         if plans.is_empty() {
-            return Ok((0, 0));
+            return Ok(Committed::default());
         }
         let ids: Vec<GlobalId> = plans.keys().copied().collect();
         let locks: Vec<_> = ids.iter().map(|id| self.with_entry(*id, |e| Arc::clone(&e.appending))).collect();
@@ -817,7 +815,7 @@ impl Inner {
         let mut inputs = BTreeMap::new();
         let mut written = Vec::new();
         let mut failed = None;
-        let (mut rows, mut bytes) = (0u64, 0u64);
+        let mut committed = Committed::default();
         for (id, plan, count_bound, parts) in futures::future::join_all(writes).await {
             let parts = match parts {
                 Ok(parts) => parts,
@@ -827,8 +825,14 @@ impl Inner {
                 }
             };
             written.extend(parts.iter().filter(|p| !p.is_inline()).map(|p| p.key.clone()));
-            rows += parts.iter().map(|p| p.updates).sum::<u64>();
-            bytes += parts.iter().map(|p| p.bytes).sum::<u64>();
+            for part in &parts {
+                committed.rows += part.updates;
+                committed.bytes += part.bytes;
+                if part.is_inline() {
+                    committed.inline_parts += 1;
+                    committed.inline_bytes += part.bytes;
+                }
+            }
             let input = AppendInput {
                 writer: self.writer.clone(),
                 token,
@@ -851,7 +855,7 @@ impl Inner {
             Err(AppendError::Indeterminate(_)) => {}
             Err(_) => self.machine.delete_parts(written).await,
         }
-        result.map(|()| (rows, bytes))
+        result.map(|()| committed)
     }
 
     /// The run as one inline part if it encodes to at most [`ShardConfig::inline_part_bytes`] and fits
@@ -986,6 +990,16 @@ fn append_error_of(id: GlobalId, error: MachineError) -> AppendError {
         MachineError::Unavailable { message, indeterminate: false } => AppendError::Io(message),
         MachineError::Corrupt(what) => AppendError::Corrupt { id, what },
     }
+}
+
+/// What a committed append wrote (for the metrics): updates and part bytes, and of those the parts
+/// carried inline in the states.
+#[derive(Debug, Default)]
+struct Committed {
+    rows: u64,
+    bytes: u64,
+    inline_parts: u64,
+    inline_bytes: u64,
 }
 
 /// One shard's part of an append, its requests chained.

@@ -1,6 +1,7 @@
 //! The shard engine's Prometheus metrics (`StorageMetrics`, wired through `ShardConfig::metrics`), read
 //! back from the text exposition of the process's registry after real work on the embedded backend
-//! (local files + SQLite): appends by outcome with their rows and bytes, every Blob and Consensus
+//! (local files + SQLite): appends by outcome with their rows and bytes (and the parts carried inline in
+//! the state apart), every Blob and Consensus
 //! operation timed, compaction, garbage collection and an expired writer lease; and a compare-and-set conflict
 //! counted by the metered consensus on its own; an append waiting through a consensus outage counted in
 //! flight until it ends (or is dropped).
@@ -17,7 +18,7 @@ use storage::shard::metered::MeteredConsensus;
 use storage::{AppendError, ShardConfig, StorageCollections, StorageMetrics};
 use telemetry::{encode_text, parse_text, sample_value};
 
-use crate::backends::{Backend, Stores, quick_config};
+use crate::backends::{Backend, Stores, inline_config, quick_config};
 use crate::*;
 
 fn value(registry: &Registry, name: &str, labels: &[(&str, &str)]) -> f64 {
@@ -57,6 +58,7 @@ async fn the_engine_counts_appends_store_operations_compaction_garbage_collectio
     let state = storage.state(id).await.unwrap().unwrap();
     let part_bytes: u64 = state.batches.iter().flat_map(|b| &b.parts).map(|p| p.bytes).sum();
     assert_eq!(value(&registry, "storage_append_bytes_total", &[]), part_bytes as f64, "no merge yet");
+    assert_eq!(value(&registry, "storage_append_inline_parts_total", &[]), 0.0, "inline parts are off");
     let timed = |family: &str, op: &str| {
         value(&registry, &format!("{family}_count"), &[("op", op), ("outcome", "ok")])
     };
@@ -79,6 +81,39 @@ async fn the_engine_counts_appends_store_operations_compaction_garbage_collectio
     let collected = value(&registry, "storage_gc_parts_deleted_total", &[]);
     assert!(collected >= 2.0 || report.parts_deleted >= 2, "{report:?}, {collected}");
     assert!(timed("storage_blob_operation_seconds", "delete") >= collected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parts_carried_inline_are_counted_apart_from_the_blob_store_and_within_the_append_bytes() {
+    let stores = Stores::new(Backend::Embedded, &mut None).expect("the embedded backend needs no service");
+    let registry = Registry::new();
+    let config = ShardConfig {
+        metrics: Some(StorageMetrics::register(&registry).unwrap()),
+        background_maintenance: false,
+        ..inline_config()
+    };
+    let inline_limit = config.inline_part_bytes;
+    let storage = stores.open(config).await;
+    let id = user(1);
+    storage.create_collection(id, int_desc()).await.unwrap();
+    // Three small appends (inline), then one too large to be inline (a blob part).
+    for t in 0..3u64 {
+        storage.append(vec![append(id, vec![(int_row(t as i64), t, 1)], t, t + 1)]).await.unwrap();
+    }
+    let large: Vec<_> = (0..(inline_limit as i64)).map(|i| (int_row(i), 3, 1)).collect();
+    storage.append(vec![append(id, large, 3, 4)]).await.unwrap();
+
+    let state = storage.state(id).await.unwrap().unwrap();
+    let parts: Vec<_> = state.batches.iter().flat_map(|b| &b.parts).collect();
+    let inline = parts.iter().filter(|p| p.is_inline()).count();
+    assert_eq!(inline, 3, "{parts:?}");
+    assert!(parts.len() > inline, "the large append went to the blob store");
+    let inline_bytes: u64 = parts.iter().filter(|p| p.is_inline()).map(|p| p.bytes).sum();
+    let all_bytes: u64 = parts.iter().map(|p| p.bytes).sum();
+    assert_eq!(value(&registry, "storage_append_inline_parts_total", &[]), 3.0);
+    assert_eq!(value(&registry, "storage_append_inline_bytes_total", &[]), inline_bytes as f64);
+    assert_eq!(value(&registry, "storage_append_bytes_total", &[]), all_bytes as f64, "inline and blob parts");
+    assert_eq!(value(&registry, "storage_appends_total", &[("outcome", "committed")]), 4.0);
 }
 
 #[tokio::test]
