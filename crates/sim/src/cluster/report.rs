@@ -116,8 +116,16 @@ pub struct OutageReport {
     pub started_at_s: f64,
     /// When it was back (accepting requests again), seconds into the run.
     pub ended_at_s: f64,
-    /// Peeks checked against the oracle that were answered while the store was down.
+    /// Which outage of the run it was (1 for the first).
+    #[serde(skip)]
+    pub number: u64,
+    /// Peeks a replica answered while the store was down, each checked against the oracle (the check may
+    /// finish after the outage: see `peeks_checked_during`). Filled in when the run's report is made.
     pub peeks_answered: u64,
+    /// Peeks whose check against the oracle finished while the store was down. Fewer than
+    /// `peeks_answered` when the replicas had read a write whose acknowledgement the table writer was
+    /// still waiting for: the checks of results at that write's time wait for it.
+    pub peeks_checked_during: u64,
     /// Table appends acknowledged while it was down.
     pub appends_during: u64,
     /// Subscribe batches checked while it was down.
@@ -215,6 +223,8 @@ pub struct Stats {
     outages_begun: AtomicU64,
     /// Storage outages, as they ended.
     pub outages: Mutex<Vec<OutageReport>>,
+    /// Checked peeks answered during each outage, by its number (see [`Stats::peek_answered`]).
+    outage_peeks: Mutex<BTreeMap<u64, u64>>,
     /// Link cuts, as they ended.
     pub link_cuts: Mutex<Vec<LinkCutReport>>,
     /// Replica processes that exited other than by the scenario's SIGKILLs.
@@ -264,6 +274,7 @@ impl Default for Stats {
             outage_active: AtomicBool::new(false),
             outages_begun: AtomicU64::new(0),
             outages: Mutex::default(),
+            outage_peeks: Mutex::default(),
             link_cuts: Mutex::default(),
             replica_exits: AtomicU64::new(0),
             recent: Mutex::default(),
@@ -323,6 +334,15 @@ impl Stats {
     pub fn overlapped_outage(&self, (active, begun): (bool, u64)) -> bool {
         let (now_active, now_begun) = self.outage_marker();
         active || now_active || now_begun != begun
+    }
+
+    /// Records that a peek whose rows arrived at `marker` (an [`outage_marker`](Self::outage_marker)
+    /// read then) passed its check: it counts for the outage going on then, if one was, however late the
+    /// check finished.
+    pub fn peek_answered(&self, (active, begun): (bool, u64)) {
+        if active {
+            *lock(&self.outage_peeks).entry(begun).or_insert(0) += 1;
+        }
     }
 
     /// Records a checked peek (`during_outage`: it overlapped a storage outage).
@@ -614,6 +634,7 @@ impl Report {
     ) -> Report {
         let duration_s = stats.elapsed_s();
         let rows_written = stats.rows_written.load(Ordering::SeqCst);
+        let outage_peeks = lock(&stats.outage_peeks).clone();
         let peeks = stats.peeks.load(Ordering::SeqCst);
         let per_second = |n: u64| if duration_s > 0.0 { n as f64 / duration_s } else { 0.0 };
         let violation_count = stats.violation_count();
@@ -635,6 +656,7 @@ impl Report {
                 .iter()
                 .map(|o| OutageReport {
                     rows_written_after: rows_written.saturating_sub(o.rows_written_at_end),
+                    peeks_answered: outage_peeks.get(&o.number).copied().unwrap_or(0),
                     ..o.clone()
                 })
                 .collect(),

@@ -13,7 +13,8 @@
 //!
 //! **Outages** (`outage.rs`): the store is taken down for `--outage-secs`; meanwhile peeks at the indexes'
 //! readable times keep being answered from the replicas' arrangements, checked and counted (the report's
-//! `peeks_answered`; the suite's outage test requires some). A result the write log does not cover yet (the replicas read a write
+//! `peeks_answered`, by the outage going on when the rows arrived, however late the check; the suite's
+//! outage test requires some). A result the write log does not cover yet (the replicas read a write
 //! whose acknowledgement the writer still waits for) is checked on its own task, so the loop goes on. Peeks
 //! at the latest write pause (its data may be in the stopped store), and one replica is killed as above. After
 //! the store is back, the table writer's appends, the subscribe and the view's appends must each resume
@@ -762,6 +763,8 @@ async fn peek_loop(ctx: Arc<Ctx>, mut rng: Rng) {
             Ok(Peeked::Rows(rows, latency)) => {
                 drop(guard);
                 let during_outage = ctx.stats.overlapped_outage(outages);
+                // An outage's count of peeks answered takes the outage going on as the rows arrived.
+                let answered_at = ctx.stats.outage_marker();
                 // The oracle checks a result once the write log covers its time. In a storage outage the
                 // replicas may have read a write whose acknowledgement the table writer still waits for:
                 // then the check waits on its own task (at most `MAX_DEFERRED_CHECKS` per loop), and the
@@ -769,6 +772,7 @@ async fn peek_loop(ctx: Arc<Ctx>, mut rng: Rng) {
                 if *ctx.log_upper.borrow() > time {
                     if check_rows(&ctx, &what, time, &spec, rows).await {
                         ctx.stats.peek(kind.name(), fresh, latency, during_outage);
+                        ctx.stats.peek_answered(answered_at);
                     }
                 } else {
                     let permit = Arc::clone(&deferred).acquire_owned().await.expect("never closed");
@@ -777,6 +781,7 @@ async fn peek_loop(ctx: Arc<Ctx>, mut rng: Rng) {
                         let _permit = permit;
                         if check_rows(&ctx, &what, time, &spec, rows).await {
                             ctx.stats.peek(kind.name(), fresh, latency, during_outage);
+                            ctx.stats.peek_answered(answered_at);
                         }
                     });
                 }
@@ -1186,6 +1191,7 @@ async fn outage(ctx: &Ctx, kind: OutageKind) {
     let started_at_s = ctx.stats.elapsed_s();
     let mark = lock(&ctx.stats.timeline).fault(started_at_s, fault, target);
     ctx.stats.set_outage(true);
+    let number = ctx.stats.outage_marker().1;
     if let Err(e) = switch_store(&services, kind, true).await {
         ctx.stats.violation(format!("cannot take the {} store down: {e:#}", kind.name()));
         ctx.stats.set_outage(false);
@@ -1246,7 +1252,10 @@ async fn outage(ctx: &Ctx, kind: OutageKind) {
             action: kind.action().to_string(),
             started_at_s,
             ended_at_s,
-            peeks_answered: during[0] - before[0],
+            number,
+            // Filled in when the report is made: some of the checks may still be waiting.
+            peeks_answered: 0,
+            peeks_checked_during: during[0] - before[0],
             appends_during: during[1] - before[1],
             subscribe_batches_during: during[2] - before[2],
             appends_resumed_ms: appends.map(ms),
