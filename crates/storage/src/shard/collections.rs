@@ -771,7 +771,10 @@ impl Inner {
     }
 
     /// [`append`](Self::append), answering what it committed.
-    async fn append_counted(self: &Arc<Self>, requests: Vec<AppendRequest>) -> Result<Committed, AppendError> {
+    async fn append_counted(
+        self: &Arc<Self>,
+        requests: Vec<AppendRequest>,
+    ) -> Result<Committed, AppendError> {
         if self.is_closed() {
             return Err(AppendError::Disconnected);
         }

@@ -112,7 +112,11 @@ async fn parts_carried_inline_are_counted_apart_from_the_blob_store_and_within_t
     let all_bytes: u64 = parts.iter().map(|p| p.bytes).sum();
     assert_eq!(value(&registry, "storage_append_inline_parts_total", &[]), 3.0);
     assert_eq!(value(&registry, "storage_append_inline_bytes_total", &[]), inline_bytes as f64);
-    assert_eq!(value(&registry, "storage_append_bytes_total", &[]), all_bytes as f64, "inline and blob parts");
+    assert_eq!(
+        value(&registry, "storage_append_bytes_total", &[]),
+        all_bytes as f64,
+        "inline and blob parts"
+    );
     assert_eq!(value(&registry, "storage_appends_total", &[("outcome", "committed")]), 4.0);
 }
 
