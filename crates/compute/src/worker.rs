@@ -648,7 +648,7 @@ fn read_rows(trace: &mut OkTrace, upper: &Antichain<Time>, peek: &WorkerPeek) ->
                 error = Some(format!("index {} holds row {row} with negative multiplicity {sum}", peek.id));
             }
             if sum > 0 {
-                match peek.mfp.apply_with(row, &mut datums, &mut packer) {
+                match peek.mfp.apply_with(row.as_row_ref(), &mut datums, &mut packer) {
                     Ok(Some(out)) => rows.push((out, sum)),
                     Ok(None) => {}
                     Err(e) => {

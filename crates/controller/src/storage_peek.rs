@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
-use protocol::{Diff, GlobalId, InstanceId, PeekId, Row};
+use protocol::{Diff, GlobalId, InstanceId, PeekId, Row, RowPacker};
 use storage::{StorageCollections, StorageReadHold};
 
 use crate::clock::{Timestamp, wallclock_ms};
@@ -95,23 +95,35 @@ fn lock_peeks(peeks: &StoragePeeks) -> std::sync::MutexGuard<'_, BTreeMap<PeekId
     peeks.lock().expect("storage peeks poisoned")
 }
 
-/// The result of a peek of storage collection `id` at `timestamp`: the snapshot with the peek's
-/// map/filter/project and finishing applied.
+/// The snapshot bytes a storage peek reads per chunk.
+const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
+
+/// The result of a peek of storage collection `id` at `timestamp`: the snapshot (read in chunks) with
+/// the peek's map/filter/project and finishing applied.
 async fn storage_peek(
     storage: &dyn StorageCollections,
     id: GlobalId,
     timestamp: Timestamp,
     options: PeekOptions,
 ) -> PeekResult {
-    let rows = storage.snapshot(id, timestamp).await.map_err(|e| PeekFailure::Storage(e.to_string()))?;
+    let storage_error = |e: storage::ReadError| PeekFailure::Storage(e.to_string());
+    let mut chunks =
+        storage.snapshot_stream(id, timestamp, SNAPSHOT_CHUNK_BYTES).await.map_err(storage_error)?;
     let mut out: BTreeMap<Row, Diff> = BTreeMap::new();
-    for (row, diff) in rows {
-        let row = match &options.map_filter_project {
-            None => Some(row),
-            Some(mfp) => mfp.apply(&row).map_err(|e| PeekFailure::Evaluation(e.to_string()))?,
-        };
-        if let Some(row) = row {
-            *out.entry(row).or_insert(0) += diff;
+    let mut packer = RowPacker::new();
+    // The rows are lent out of each chunk: only what the map/filter/project keeps is copied.
+    while let Some(chunk) = chunks.next_rows().await.map_err(storage_error)? {
+        let mut datums = Vec::new();
+        for (row, diff) in chunk.iter() {
+            let row = match &options.map_filter_project {
+                None => Some(row.to_row()),
+                Some(mfp) => mfp
+                    .apply_with(row, &mut datums, &mut packer)
+                    .map_err(|e| PeekFailure::Evaluation(e.to_string()))?,
+            };
+            if let Some(row) = row {
+                *out.entry(row).or_insert(0) += diff;
+            }
         }
     }
     let mut rows = Vec::with_capacity(out.len());

@@ -15,7 +15,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::row::{ColumnType, Datum, Decimal, RelationType, Row, RowPacker, ScalarType};
+use crate::row::{ColumnType, Datum, Decimal, RelationType, Row, RowPacker, RowRef, ScalarType};
 
 /// A function of one argument.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -1292,18 +1292,20 @@ impl MapFilterProject {
     pub fn apply(&self, row: &Row) -> Result<Option<Row>, EvalError> {
         let mut datums = Vec::with_capacity(self.input_arity + self.expressions.len());
         let mut packer = RowPacker::new();
-        self.apply_with(row, &mut datums, &mut packer)
+        self.apply_with(row.as_row_ref(), &mut datums, &mut packer)
     }
 
-    /// [`apply`](Self::apply) reusing the caller's buffers (the hot path of rendering and peeks).
+    /// [`apply`](Self::apply) to a borrowed row (rows lent out of a container, or a [`Row`]'s
+    /// [`as_row_ref`](Row::as_row_ref)), reusing the caller's buffers (the hot path of rendering and
+    /// peeks).
     pub fn apply_with<'a>(
         &'a self,
-        row: &'a Row,
+        row: RowRef<'a>,
         datums: &mut Vec<Datum<'a>>,
         packer: &mut RowPacker,
     ) -> Result<Option<Row>, EvalError> {
         datums.clear();
-        row.unpack_into(datums);
+        datums.extend(row.iter());
         if datums.len() != self.input_arity {
             return Err(EvalError::Internal(format!(
                 "row of {} columns, expected {}",

@@ -390,12 +390,7 @@ impl Row {
     /// assert!(Row::from_bytes(&[99]).is_err());           // unknown tag
     /// ```
     pub fn from_bytes(bytes: &[u8]) -> Result<Row, RowDecodeError> {
-        let mut offset = 0;
-        while offset < bytes.len() {
-            let (_, next) = decode_datum(bytes, offset)?;
-            offset = next;
-        }
-        Ok(Row { data: SmallVec::from_slice(bytes) })
+        RowRef::from_bytes(bytes).map(RowRef::to_row)
     }
 
     /// The encoding.
@@ -506,6 +501,27 @@ impl<'a> RowRef<'a> {
     /// `RowRef` over other bytes breaks the invariant, and reading a datum from it panics.
     pub fn from_encoding(data: &'a [u8]) -> Self {
         RowRef { data }
+    }
+
+    /// The row whose encoding is `bytes`, validated as [`Row::from_bytes`] validates it (and without
+    /// copying them): bytes from outside the process (a stored part, a frame) become rows only through
+    /// here or [`Row::from_bytes`].
+    ///
+    /// # Examples
+    /// ```
+    /// use protocol::{Datum, Row, RowRef};
+    /// let row = Row::pack([Datum::Int64(1), Datum::Text("one")]);
+    /// assert_eq!(RowRef::from_bytes(row.as_bytes()).unwrap(), &row);
+    /// assert!(RowRef::from_bytes(&[5, 10, b'x']).is_err()); // text of length 10 with 1 byte
+    /// assert!(RowRef::from_bytes(&[99]).is_err());           // unknown tag
+    /// ```
+    pub fn from_bytes(bytes: &'a [u8]) -> Result<Self, RowDecodeError> {
+        let mut offset = 0;
+        while offset < bytes.len() {
+            let (_, next) = decode_datum(bytes, offset)?;
+            offset = next;
+        }
+        Ok(RowRef { data: bytes })
     }
 
     /// The encoding.

@@ -21,6 +21,7 @@ use frontiers::{Antichain, ReadHold, ReadPolicy};
 use protocol::{Diff, GlobalId, RelationDesc, Row};
 use serde::{Deserialize, Serialize};
 
+use crate::chunk::RowChunk;
 use crate::error::{AppendError, CreateError, DropError, HoldError, ReadError};
 use crate::listen::{FrontierWatch, Listen};
 
@@ -146,19 +147,31 @@ pub trait StorageCollections: Send + Sync + std::fmt::Debug {
     fn watch_frontiers(&self) -> BoxFuture<'_, Result<FrontierWatch, ReadError>>;
 }
 
-/// A snapshot handed out chunk by chunk ([`StorageCollections::snapshot_stream`]).
+/// A snapshot handed out chunk by chunk ([`StorageCollections::snapshot_stream`]), as owned rows
+/// ([`next_chunk`](Self::next_chunk)) or as rows lent out of a [`RowChunk`]
+/// ([`next_rows`](Self::next_rows): a reader that keeps only some rows copies only those). The shard
+/// engine's snapshots are made as `RowChunk`s, so `next_rows` hands them out as they are and
+/// `next_chunk` builds a `Row` per row; the other sources (a listen, a snapshot read whole) are made of
+/// owned rows, and it is the other way around.
 ///
 /// **Invariants.** No chunk is empty, and a chunk ends with the row that brings it to the stream's
 /// `chunk_bytes` (rows' encoded bytes plus 16 per row), so it exceeds that by one row at most; after an
-/// error or the end,
-/// [`next_chunk`](Self::next_chunk) keeps answering `Ok(None)`. Dropping the stream releases what keeps
-/// `as_of` readable.
+/// error or the end, [`next_chunk`](Self::next_chunk) and [`next_rows`](Self::next_rows) keep answering
+/// `Ok(None)`. Dropping the stream releases what keeps `as_of` readable.
 pub struct SnapshotChunks {
-    inner: BoxStream<'static, Result<Vec<(Row, Diff)>, ReadError>>,
+    inner: Pieces,
     chunk_bytes: usize,
     /// Rows received in a larger piece than `chunk_bytes`, handed out in later chunks.
     pending: VecDeque<(Row, Diff)>,
     done: bool,
+}
+
+/// Where a [`SnapshotChunks`]' rows come from.
+enum Pieces {
+    /// Owned rows in pieces of any size.
+    Rows(BoxStream<'static, Result<Vec<(Row, Diff)>, ReadError>>),
+    /// Chunks already cut to the stream's size by their maker.
+    Chunks(BoxStream<'static, Result<RowChunk, ReadError>>),
 }
 
 impl std::fmt::Debug for SnapshotChunks {
@@ -182,7 +195,26 @@ impl SnapshotChunks {
         stream: impl Stream<Item = Result<Vec<(Row, Diff)>, ReadError>> + Send + 'static,
         chunk_bytes: usize,
     ) -> Self {
-        SnapshotChunks { inner: stream.boxed(), chunk_bytes, pending: VecDeque::new(), done: false }
+        SnapshotChunks {
+            inner: Pieces::Rows(stream.boxed()),
+            chunk_bytes,
+            pending: VecDeque::new(),
+            done: false,
+        }
+    }
+
+    /// Chunks made by `stream`, which must make them as this type's invariants say for `chunk_bytes`
+    /// (the shard engine's snapshot does); they are handed out as they come, empty ones skipped.
+    pub fn from_row_chunks(
+        stream: impl Stream<Item = Result<RowChunk, ReadError>> + Send + 'static,
+        chunk_bytes: usize,
+    ) -> Self {
+        SnapshotChunks {
+            inner: Pieces::Chunks(stream.boxed()),
+            chunk_bytes,
+            pending: VecDeque::new(),
+            done: false,
+        }
     }
 
     /// Chunks of a snapshot already read whole.
@@ -212,33 +244,78 @@ impl SnapshotChunks {
         SnapshotChunks::new(stream, chunk_bytes)
     }
 
-    /// The next chunk, or `None` at the end.
+    /// The next chunk as owned rows, or `None` at the end.
     pub async fn next_chunk(&mut self) -> Result<Option<Vec<(Row, Diff)>>, ReadError> {
-        while self.pending.is_empty() && !self.done {
-            match self.inner.next().await {
-                Some(Ok(rows)) if rows.is_empty() => {}
-                Some(Ok(rows)) => {
-                    // A piece that is already a chunk passes through; a larger one is cut.
-                    let before_last: usize =
-                        rows[..rows.len() - 1].iter().map(|(row, _)| chunk_size(row)).sum();
-                    if before_last < self.chunk_bytes {
-                        return Ok(Some(rows));
-                    }
-                    self.pending.extend(rows);
-                }
+        let chunks = match &mut self.inner {
+            Pieces::Rows(rows) => {
+                return Self::next_owned(rows, &mut self.pending, &mut self.done, self.chunk_bytes).await;
+            }
+            Pieces::Chunks(chunks) => chunks,
+        };
+        Ok(Self::next_made(chunks, &mut self.done).await?.map(|chunk| chunk.to_rows()))
+    }
+
+    /// The next chunk as rows lent out of a [`RowChunk`], or `None` at the end.
+    pub async fn next_rows(&mut self) -> Result<Option<RowChunk>, ReadError> {
+        let rows = match &mut self.inner {
+            Pieces::Rows(rows) => rows,
+            Pieces::Chunks(chunks) => return Self::next_made(chunks, &mut self.done).await,
+        };
+        let owned = Self::next_owned(rows, &mut self.pending, &mut self.done, self.chunk_bytes).await?;
+        Ok(owned.map(|rows| RowChunk::from_rows(&rows)))
+    }
+
+    /// The next chunk already made, skipping empty ones.
+    async fn next_made(
+        chunks: &mut BoxStream<'static, Result<RowChunk, ReadError>>,
+        done: &mut bool,
+    ) -> Result<Option<RowChunk>, ReadError> {
+        while !*done {
+            match chunks.next().await {
+                Some(Ok(chunk)) if chunk.is_empty() => {}
+                Some(Ok(chunk)) => return Ok(Some(chunk)),
                 Some(Err(error)) => {
-                    self.done = true;
+                    *done = true;
                     return Err(error);
                 }
-                None => self.done = true,
+                None => *done = true,
+            }
+        }
+        Ok(None)
+    }
+
+    /// The next chunk cut out of owned pieces.
+    async fn next_owned(
+        rows: &mut BoxStream<'static, Result<Vec<(Row, Diff)>, ReadError>>,
+        pending: &mut VecDeque<(Row, Diff)>,
+        done: &mut bool,
+        chunk_bytes: usize,
+    ) -> Result<Option<Vec<(Row, Diff)>>, ReadError> {
+        while pending.is_empty() && !*done {
+            match rows.next().await {
+                Some(Ok(piece)) if piece.is_empty() => {}
+                Some(Ok(piece)) => {
+                    // A piece that is already a chunk passes through; a larger one is cut.
+                    let before_last: usize =
+                        piece[..piece.len() - 1].iter().map(|(row, _)| chunk_size(row)).sum();
+                    if before_last < chunk_bytes {
+                        return Ok(Some(piece));
+                    }
+                    pending.extend(piece);
+                }
+                Some(Err(error)) => {
+                    *done = true;
+                    return Err(error);
+                }
+                None => *done = true,
             }
         }
         let mut chunk = Vec::new();
         let mut bytes = 0;
-        while let Some((row, diff)) = self.pending.pop_front() {
+        while let Some((row, diff)) = pending.pop_front() {
             bytes += chunk_size(&row);
             chunk.push((row, diff));
-            if bytes >= self.chunk_bytes {
+            if bytes >= chunk_bytes {
                 break;
             }
         }

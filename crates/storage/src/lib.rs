@@ -35,6 +35,7 @@
 
 mod api;
 pub mod blob;
+mod chunk;
 pub mod consensus;
 pub mod core;
 mod error;
@@ -52,6 +53,7 @@ pub use api::{
     AppendRequest, BoxFuture, CollectionFrontiers, ListenEvent, SnapshotChunks, StorageCollections,
     StorageReadHold,
 };
+pub use chunk::RowChunk;
 pub use error::{AppendError, CreateError, DropError, HoldError, ReadError};
 pub use inprocess::{InProcess, StoreConfig};
 pub use listen::{FrontierWatch, Listen};

@@ -29,7 +29,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use protocol::{ComputeResponse, GlobalId, Peek, PeekId, PeekResponse, PeekTarget, Row, RowSetFinishing};
+use protocol::{
+    ComputeResponse, GlobalId, Peek, PeekId, PeekResponse, PeekTarget, Row, RowPacker, RowSetFinishing,
+};
 use storage::{SnapshotChunks, StorageCollections};
 
 use super::catalog::ExportKind;
@@ -280,14 +282,17 @@ async fn answer_storage_peek(
     max_result_size_bytes: Option<u64>,
 ) -> PeekResponse {
     let mut rows = StoragePeekRows::new(&peek.finishing, max_result_size_bytes);
+    let mut packer = RowPacker::new();
     loop {
-        let chunk = match chunks.next_chunk().await {
+        // The rows are lent out of the chunk: only what the map/filter/project answers is copied.
+        let chunk = match chunks.next_rows().await {
             Ok(Some(chunk)) => chunk,
             Ok(None) => return rows.finish(),
             Err(e) => return PeekResponse::Error(format!("storage peek of {id}: {e}")),
         };
-        for (row, diff) in chunk {
-            match peek.map_filter_project.apply(&row) {
+        let mut datums = Vec::new();
+        for (row, diff) in chunk.iter() {
+            match peek.map_filter_project.apply_with(row, &mut datums, &mut packer) {
                 Ok(Some(row)) => rows.push(row, diff),
                 Ok(None) => {}
                 Err(e) => return PeekResponse::Error(format!("peek map/filter/project: {e}")),

@@ -1340,14 +1340,14 @@ impl StorageCollections for ShardCollections {
                 let inner = Arc::clone(&inner);
                 async move {
                     let mut stream = stream?;
-                    match stream.next_chunk(chunk_bytes).await {
+                    match stream.next_rows(chunk_bytes).await {
                         Ok(Some(chunk)) => Some((Ok(chunk), Some(stream))),
                         Ok(None) => None,
                         Err(error) => Some((Err(inner.explain(id, error).await), None)),
                     }
                 }
             });
-            Ok(SnapshotChunks::new(chunks, chunk_bytes))
+            Ok(SnapshotChunks::from_row_chunks(chunks, chunk_bytes))
         })
     }
 

@@ -346,15 +346,16 @@ impl Machine {
     /// read checks the bytes against `part`, and a kept value that fails the check is forgotten.
     /// `reader` says who reads, for the metrics.
     pub async fn read_part(&self, part: &PartRef, reader: PartReader) -> Result<Vec<Update>, ReadPartError> {
-        self.read_part_with(part, reader, decode_part).await
+        self.read_part_with(part, reader, |part, bytes| decode_part(part, bytes)).await
     }
 
-    /// Reads a part like [`read_part`](Self::read_part), decoding (and checking) it with `decode`.
+    /// Reads a part like [`read_part`](Self::read_part), decoding (and checking) it with `decode` (which
+    /// may keep the bytes: they are shared, not copied).
     pub async fn read_part_with<T>(
         &self,
         part: &PartRef,
         reader: PartReader,
-        decode: impl FnOnce(&PartRef, &[u8]) -> Result<T, PartError>,
+        decode: impl FnOnce(&PartRef, &Bytes) -> Result<T, PartError>,
     ) -> Result<T, ReadPartError> {
         self.metrics.part_read(reader);
         if let Some(bytes) = &part.inline {

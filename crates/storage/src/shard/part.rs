@@ -9,7 +9,8 @@
 //! once per read) and against its own header, and every row is validated: a flipped bit anywhere, a
 //! truncated or swapped part, or a missing one is a [`PartError`] naming the key, never skipped data.
 //! [`decode_part`] answers the updates; [`decode_part_at`] (snapshots) makes the same checks and answers
-//! each row's count at a time within the part, so that rows a snapshot leaves out are never built.
+//! each row's count at a time within the part, each row lent as its place in the part's bytes: a
+//! snapshot copies a row once, into the chunk it hands out, and builds no row it leaves out.
 //!
 //! **Compaction.** [`merge_runs`] merges the runs of consecutive batches into one, advancing each time `t`
 //! to `max(t, c)` with `c = min(since, upper) - 1` (the largest time below both the shard's since and the
@@ -21,7 +22,7 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 use frontiers::Antichain;
-use protocol::{Diff, Row};
+use protocol::{Diff, Row, RowRef};
 
 use crate::shard::state::PartRef;
 
@@ -266,7 +267,7 @@ impl<'a> RawPart<'a> {
 
 /// A row from a part: validated like every decoded row ([`Row::from_bytes`]).
 fn row_of(raw: &RawPart<'_>, bytes: &[u8]) -> Result<Row, PartError> {
-    Row::from_bytes(bytes).map_err(|e| raw.corrupt(&format!("bad row: {e}")))
+    RowRef::from_bytes(bytes).map(RowRef::to_row).map_err(|e| raw.corrupt(&format!("bad row: {e}")))
 }
 
 /// Decodes and checks a part against its [`PartRef`] (see the module documentation).
@@ -284,19 +285,26 @@ pub fn decode_part(part: &PartRef, bytes: &[u8]) -> Result<Vec<Update>, PartErro
     Ok(updates)
 }
 
-/// Decodes and checks a part like [`decode_part`] (every check of it, every update read), answering
-/// instead (in `rows`, a buffer to reuse, cleared first) each row's count at `as_of` within this part: the sum of its diffs at times `<= as_of`, in row
-/// order, rows whose count is zero left out. A row's updates may continue in the next part of the run;
-/// the reader sums across the boundary.
+/// A row of a part decoded at a time, lent out of the part's bytes: where its encoding is
+/// (`start..end`), and its count.
+pub type LentRow = (usize, usize, Diff);
+
+/// Decodes and checks a part like [`decode_part`] (every check of it, every update read, every row
+/// validated), answering instead (in `rows`, a buffer to reuse, cleared first) each row's count at
+/// `as_of` within this part: the sum of its diffs at times `<= as_of`, in row order, rows whose count
+/// is zero left out. The rows are lent, not copied: each is its place in `bytes` ([`LentRow`]). A row's
+/// updates may continue in the next part of the run; the reader sums across the boundary.
 pub fn decode_part_at(
     part: &PartRef,
     bytes: &[u8],
     as_of: u64,
-    mut rows: Vec<(Row, Diff)>,
-) -> Result<Vec<(Row, Diff)>, PartError> {
+    mut rows: Vec<LentRow>,
+) -> Result<Vec<LentRow>, PartError> {
     let mut raw = RawPart::open(part, bytes)?;
     rows.clear();
     rows.reserve(raw.len());
+    // Where a row's encoding (a slice of `bytes`) starts in `bytes`.
+    let start = |row: &[u8]| row.as_ptr() as usize - bytes.as_ptr() as usize;
     // The row being summed (its encoding and count so far), and the last update's `(row, time)`.
     let mut pending: Option<(&[u8], Diff)> = None;
     let mut last: Option<(&[u8], u64)> = None;
@@ -316,10 +324,13 @@ pub fn decode_part_at(
                 *count = count.checked_add(diff).ok_or_else(|| raw.corrupt("a count overflows"))?;
             }
             _ => {
+                if !same_row {
+                    check_row(&raw, row)?;
+                }
                 if let Some((row, count)) = pending.replace((row, diff))
                     && count != 0
                 {
-                    rows.push((row_of(&raw, row)?, count));
+                    rows.push((start(row), start(row) + row.len(), count));
                 }
             }
         }
@@ -327,9 +338,14 @@ pub fn decode_part_at(
     if let Some((row, count)) = pending
         && count != 0
     {
-        rows.push((row_of(&raw, row)?, count));
+        rows.push((start(row), start(row) + row.len(), count));
     }
     Ok(rows)
+}
+
+/// Validates a row's encoding as [`row_of`] does, without copying it.
+fn check_row(raw: &RawPart<'_>, bytes: &[u8]) -> Result<(), PartError> {
+    RowRef::from_bytes(bytes).map(|_| ()).map_err(|e| raw.corrupt(&format!("bad row: {e}")))
 }
 
 #[cfg(test)]
@@ -425,12 +441,19 @@ mod tests {
         ];
         let bytes = encode_part(&updates);
         let part = part_ref("u1/p".into(), &bytes, updates.len() as u64);
-        let mut buffer = vec![(row(42), 1)];
+        // The lent rows as owned rows: each place in the part's bytes must hold the row's encoding.
+        let owned = |lent: &[LentRow]| -> Vec<(Row, Diff)> {
+            lent.iter()
+                .map(|(start, end, count)| (Row::from_bytes(&bytes[*start..*end]).unwrap(), *count))
+                .collect()
+        };
+        let mut buffer = vec![(1, 2, 1)];
         for as_of in 0..8 {
             buffer = decode_part_at(&part, &bytes, as_of, buffer).unwrap();
-            assert_eq!(buffer, naive_at(&updates, as_of), "at {as_of}");
+            assert_eq!(owned(&buffer), naive_at(&updates, as_of), "at {as_of}");
         }
-        assert_eq!(decode_part_at(&part, &bytes, 5, Vec::new()).unwrap(), vec![(row(2), 1), (row(5), 6)]);
+        let at_5 = decode_part_at(&part, &bytes, 5, Vec::new()).unwrap();
+        assert_eq!(owned(&at_5), vec![(row(2), 1), (row(5), 6)]);
     }
 
     #[test]

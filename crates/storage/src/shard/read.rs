@@ -6,9 +6,12 @@
 //! summing per row the diffs at times `<= as_of`: memory is one decoded part per batch (and the buffer of
 //! the last one, reused) plus the [`SNAPSHOT_PREFETCH_PARTS`] parts per batch being fetched and decoded
 //! ahead, whatever the size of the collection. The fetch tasks also check each part and sum its rows at
-//! `as_of` ([`decode_part_at`]), in parallel with the merge and with each other; the merge then moves
-//! whole runs of rows that are below every other batch's head without comparing each (one batch, or
-//! batches of disjoint rows, cost a few comparisons per part). A range read visits
+//! `as_of` ([`decode_part_at`]), in parallel with the merge and with each other, the rows lent out of the
+//! part's bytes; the merge copies each row once, into the [`RowChunk`] it hands out (no allocation per
+//! row: [`SnapshotStream::next_chunk`] builds owned rows, on two threads, for readers that keep them
+//! all). It takes whole runs of rows that are below every other batch's head without comparing each
+//! (one batch, or batches of disjoint rows, cost a few comparisons per part), and two batches whose
+//! rows interleave one comparison per row. A range read visits
 //! the batches overlapping the range in order, one part at a time. Both take the state version they read
 //! from as given, with the caller holding that version for garbage collection and the collection's since
 //! at or before the times read (see [`super::ShardCollections`]). [`SnapshotStream::peak_buffered_bytes`]
@@ -24,14 +27,16 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use frontiers::Antichain;
-use protocol::{Diff, GlobalId, Row};
+use protocol::{Diff, GlobalId, Row, RowRef};
 use tokio::task::JoinHandle;
 
+use crate::chunk::RowChunk;
 use crate::error::ReadError;
 use crate::metrics::PartReader;
 use crate::shard::machine::{Machine, ReadPartError};
-use crate::shard::part::{Update, decode_part_at, encoded_len};
+use crate::shard::part::{LentRow, Update, decode_part_at, encoded_len};
 use crate::shard::state::{Batch, PartRef};
 
 /// Turns a part read failure into the read error callers see.
@@ -42,29 +47,34 @@ pub(crate) fn read_error(id: GlobalId, error: ReadPartError) -> ReadError {
     }
 }
 
-type Fetch<T> = JoinHandle<Result<Vec<T>, ReadPartError>>;
+/// A part being fetched and decoded: its items, and its bytes when the items are lent out of them
+/// (snapshots; empty otherwise).
+type Fetch<T> = JoinHandle<Result<(Bytes, Vec<T>), ReadPartError>>;
 
 /// Starts fetching and decoding a part on its own task, into a used buffer (empty) if it has one.
 type Spawn<T> = Box<dyn Fn(PartRef, Vec<T>) -> Fetch<T> + Send + Sync>;
 
 fn spawn_fetch(machine: &Arc<Machine>, part: PartRef, reader: PartReader) -> Fetch<Update> {
     let machine = Arc::clone(machine);
-    tokio::spawn(async move { machine.read_part(&part, reader).await })
+    tokio::spawn(async move { machine.read_part(&part, reader).await.map(|updates| (Bytes::new(), updates)) })
 }
 
-/// Fetches the parts of a snapshot at `as_of`, each decoded into its rows' counts at `as_of`
-/// ([`decode_part_at`]): the filtering and summing run on the fetch tasks, in parallel with the merge.
-fn spawn_snapshot_fetch(machine: Arc<Machine>, as_of: u64) -> Spawn<(Row, Diff)> {
+/// Fetches the parts of a snapshot at `as_of`, each decoded into its rows' counts at `as_of`, the rows
+/// lent out of the part's bytes ([`decode_part_at`]): the checks, filtering and summing run on the fetch
+/// tasks, in parallel with the merge.
+fn spawn_snapshot_fetch(machine: Arc<Machine>, as_of: u64) -> Spawn<LentRow> {
     Box::new(move |part, buffer| {
         let machine = Arc::clone(&machine);
         tokio::spawn(async move {
-            let decode = |part: &PartRef, bytes: &[u8]| decode_part_at(part, bytes, as_of, buffer);
+            let decode = |part: &PartRef, bytes: &Bytes| {
+                decode_part_at(part, bytes, as_of, buffer).map(|rows| (bytes.clone(), rows))
+            };
             machine.read_part_with(&part, PartReader::Snapshot, decode).await
         })
     })
 }
 
-async fn join<T>(id: GlobalId, fetch: Fetch<T>) -> Result<Vec<T>, ReadError> {
+async fn join<T>(id: GlobalId, fetch: Fetch<T>) -> Result<(Bytes, Vec<T>), ReadError> {
     match fetch.await {
         Ok(result) => result.map_err(|e| read_error(id, e)),
         Err(error) => Err(ReadError::Unavailable(format!("a part read did not finish: {error}"))),
@@ -85,6 +95,8 @@ struct Cursor<T> {
     spawn: Spawn<T>,
     /// What is left of the loaded part.
     current: VecDeque<T>,
+    /// The loaded part's bytes, when its items are lent out of them (empty otherwise).
+    part: Bytes,
     current_bytes: u64,
     /// The buffer of the last part used up, for the next part to decode into (memory already mapped).
     spare: Vec<T>,
@@ -99,6 +111,7 @@ impl<T: Send + 'static> Cursor<T> {
             depth,
             spawn,
             current: VecDeque::new(),
+            part: Bytes::new(),
             current_bytes: 0,
             spare: Vec::new(),
         }
@@ -132,9 +145,12 @@ impl<T: Send + 'static> Cursor<T> {
             self.start_prefetch();
             let Some((bytes, _, fetch)) = self.prefetch.pop_front() else {
                 self.current_bytes = 0;
+                self.part = Bytes::new();
                 return Ok(false);
             };
-            self.current = VecDeque::from(join(id, fetch).await?);
+            let (part, items) = join(id, fetch).await?;
+            self.current = VecDeque::from(items);
+            self.part = part;
             self.current_bytes = bytes;
             self.start_prefetch();
         }
@@ -149,6 +165,12 @@ impl<T: Send + 'static> Cursor<T> {
 
     fn buffered_bytes(&self) -> u64 {
         self.current_bytes + self.prefetch.iter().map(|(bytes, _, _)| *bytes).sum::<u64>()
+    }
+
+    /// The bytes of the parts not yet used up (an upper bound on the bytes of the rows still to come).
+    fn remaining_bytes(&self) -> u64 {
+        let parts: u64 = self.parts.iter().map(|p| p.bytes).sum();
+        parts + self.buffered_bytes()
     }
 
     /// The items not yet taken (an upper bound on the rows still to come from this run).
@@ -167,20 +189,34 @@ impl<T> Drop for Cursor<T> {
     }
 }
 
+impl Cursor<LentRow> {
+    /// The encoding of a lent row of the loaded part.
+    fn row(&self, (start, end, _): &LentRow) -> &[u8] {
+        &self.part[*start..*end]
+    }
+
+    /// The encoding of the next row (the cursor must be loaded).
+    fn head_row(&self) -> &[u8] {
+        self.row(self.head().expect("loaded"))
+    }
+}
+
 /// The consolidated contents of a shard at `as_of`, in row order, in chunks; see the module documentation.
 ///
 /// The merge runs in two layers: an asynchronous one that loads the next part of every cursor whose part
 /// is used up (parts are fetched, checked, filtered to `as_of` and summed per row ahead, on their own
-/// tasks), and a synchronous one ([`merge_loaded`](Self::merge_loaded)) that merges the loaded parts
-/// without awaiting until one of them is used up. A row whose updates continue into a cursor's next part
-/// stays `pending` across the two. With one batch left to read there is nothing to merge: a loaded part's
-/// rows are unique, so all but its last move to the chunk as they are.
+/// tasks, the rows lent out of the parts' bytes), and a synchronous one
+/// ([`merge_loaded`](Self::merge_loaded)) that merges the loaded parts without awaiting until one of them
+/// is used up, copying each row once, into the [`RowChunk`] it hands out. A row whose updates continue
+/// into a cursor's next part stays `pending` across the two. With one batch left to read there is nothing
+/// to merge: a loaded part's rows are unique, so all but its last move to the chunk as they are.
 pub struct SnapshotStream {
     id: GlobalId,
     /// The runs not yet finished (a finished one is dropped).
-    cursors: Vec<Cursor<(Row, Diff)>>,
-    /// The row being summed, with its count at `as_of` so far.
-    pending: Option<(Row, Diff)>,
+    cursors: Vec<Cursor<LentRow>>,
+    /// The row being summed (its encoding, shared with the part it came from), with its count at `as_of`
+    /// so far.
+    pending: Option<(Bytes, Diff)>,
     peak_buffered_bytes: u64,
     /// Whatever keeps the read valid (the caller's hold and version hold); dropped with the stream.
     _guard: Box<dyn Send + Sync>,
@@ -224,13 +260,18 @@ impl SnapshotStream {
         SnapshotStream { id, as_of, cursors, pending: None, peak_buffered_bytes: 0, _guard: guard }
     }
 
-    /// The next rows (about `chunk_bytes` of them, counting each row's bytes plus 16), or `None` at the
-    /// end. Every row appears once, with its total count at `as_of` (never zero).
-    pub async fn next_chunk(&mut self, chunk_bytes: usize) -> Result<Option<Vec<(Row, Diff)>>, ReadError> {
+    /// The next rows (about `chunk_bytes` of them, counting each row's bytes plus 16:
+    /// [`RowChunk::size_bytes`]), or `None` at the end. Every row appears once, with its total count at
+    /// `as_of` (never zero).
+    pub async fn next_rows(&mut self, chunk_bytes: usize) -> Result<Option<RowChunk>, ReadError> {
+        // Room for what is left, up to the chunk's size: the parts' bytes bound the rows' encodings.
         let remaining: u64 = self.cursors.iter().map(Cursor::remaining_updates).sum();
-        let capacity = usize::try_from(remaining).unwrap_or(usize::MAX).min(chunk_bytes / 16 + 1);
-        let mut chunk = Vec::with_capacity(capacity + usize::from(self.pending.is_some()));
-        let mut bytes = 0;
+        let remaining_bytes: u64 = self.cursors.iter().map(Cursor::remaining_bytes).sum();
+        let limit = |n: u64, max: usize| usize::try_from(n).unwrap_or(usize::MAX).min(max);
+        let mut chunk = RowChunk::with_capacity(
+            limit(remaining, chunk_bytes / 16 + 1) + 1,
+            limit(remaining_bytes, chunk_bytes.saturating_add(ROW_BYTES_SLACK)),
+        );
         loop {
             for cursor in &mut self.cursors {
                 cursor.load(self.id).await?;
@@ -242,29 +283,40 @@ impl SnapshotStream {
                 if let Some((row, count)) = self.pending.take()
                     && count != 0
                 {
-                    chunk.push((row, count));
+                    chunk.push(RowRef::from_encoding(&row), count);
                 }
                 break;
             }
-            if let Stop::Full = self.merge_loaded(&mut chunk, &mut bytes, chunk_bytes) {
+            if let Stop::Full = self.merge_loaded(&mut chunk, chunk_bytes) {
                 break;
             }
         }
         Ok((!chunk.is_empty()).then_some(chunk))
     }
 
+    /// [`next_rows`](Self::next_rows) as owned rows (one [`Row`] each), for readers that keep them all.
+    /// The rows of a large chunk are built on two threads: building a `Row` is an allocation per row,
+    /// the larger part of an owned snapshot's cost.
+    pub async fn next_chunk(&mut self, chunk_bytes: usize) -> Result<Option<Vec<(Row, Diff)>>, ReadError> {
+        match self.next_rows(chunk_bytes).await? {
+            Some(chunk) => owned_rows(chunk, PARALLEL_OWNED_ROWS).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
     /// Merges the loaded parts into `chunk` until it holds `chunk_bytes` or a cursor's part is used up.
-    /// Every cursor has a loaded row on entry. Rows are moved out of the decoded parts, never copied.
-    fn merge_loaded(&mut self, chunk: &mut Vec<(Row, Diff)>, bytes: &mut usize, chunk_bytes: usize) -> Stop {
+    /// Every cursor has a loaded row on entry. Each row is copied once, into the chunk.
+    fn merge_loaded(&mut self, chunk: &mut RowChunk, chunk_bytes: usize) -> Stop {
         debug_assert!(self.cursors.iter().all(|c| c.head().is_some()), "every cursor is loaded");
         loop {
             if let Some((row, mut count)) = self.pending.take() {
                 for cursor in &mut self.cursors {
-                    while let Some((r, diff)) = cursor.head() {
-                        if *r != row {
+                    while let Some(item) = cursor.head() {
+                        if cursor.row(item) != &row[..] {
                             break;
                         }
-                        count = count.checked_add(*diff).expect("the shard's count bound rules out overflow");
+                        count =
+                            count.checked_add(item.2).expect("the shard's count bound rules out overflow");
                         cursor.take();
                     }
                     if cursor.head().is_none() {
@@ -274,15 +326,20 @@ impl SnapshotStream {
                     }
                 }
                 if count != 0 {
-                    *bytes += row.byte_len() + 16;
-                    chunk.push((row, count));
-                    if *bytes >= chunk_bytes {
+                    // The part's rows were validated when it was decoded.
+                    chunk.push(RowRef::from_encoding(&row), count);
+                    if chunk.size_bytes() >= chunk_bytes {
                         return Stop::Full;
                     }
                 }
             }
+            if let [a, b] = &mut self.cursors[..]
+                && let Stop::Full = Self::merge_two(a, b, chunk, chunk_bytes)
+            {
+                return Stop::Full;
+            }
             // The smallest head, and the smallest of the other cursors' heads (none if it is alone).
-            let head = |i: usize| &self.cursors[i].head().expect("loaded").0;
+            let head = |i: usize| self.cursors[i].head_row();
             let (mut smallest, mut next) = (0, None::<usize>);
             for i in 1..self.cursors.len() {
                 if head(i) < head(smallest) {
@@ -292,55 +349,78 @@ impl SnapshotStream {
                     next = Some(i);
                 }
             }
-            let below = next.map(|n| head(n).clone());
+            self.cursors[smallest].current.make_contiguous();
+            let movable = movable_rows(&self.cursors[smallest], next.map(|n| self.cursors[n].head_row()));
             let cursor = &mut self.cursors[smallest];
-            let moved = Self::move_run(cursor, below.as_ref(), chunk, bytes, chunk_bytes);
-            if *bytes >= chunk_bytes {
+            let moved = Self::move_rows(cursor, movable, chunk, chunk_bytes);
+            if chunk.size_bytes() >= chunk_bytes {
                 return Stop::Full;
             }
             if moved == 0 {
                 // The smallest head is not below another cursor's head, or is its part's last row.
-                self.pending = Some(cursor.take());
+                let (start, end, count) = cursor.take();
+                self.pending = Some((cursor.part.slice(start..end), count));
             }
         }
     }
 
-    /// Moves to `chunk` the rows at the start of `cursor`'s loaded part that are below `below` (every
-    /// other cursor's head; `None`: no other cursor), but never the part's last row (it may continue in
-    /// the run's next part). A loaded part's rows are unique, sorted and not zero ([`decode_part_at`]),
-    /// and the pending row was summed and emitted before, so such rows are final as they are: with
-    /// runs that do not interleave (one batch, or batches of disjoint rows) nearly every row moves here
-    /// without a comparison. The rows to move are found by galloping (a row past the first that is not
-    /// below costs a few comparisons). Answers how many rows moved (fewer if the chunk filled).
-    fn move_run(
-        cursor: &mut Cursor<(Row, Diff)>,
-        below: Option<&Row>,
-        chunk: &mut Vec<(Row, Diff)>,
-        bytes: &mut usize,
+    /// Merges two cursors' loaded parts into `chunk` row by row (one comparison per row: runs that
+    /// interleave) while neither head is its part's last row (it may continue in the run's next part) and
+    /// the chunk has room; an equal row in both is summed. Stops with `Full` when the chunk is full, and
+    /// with `Load` when a head is its part's last row (for the general merge to go on).
+    fn merge_two(
+        a: &mut Cursor<LentRow>,
+        b: &mut Cursor<LentRow>,
+        chunk: &mut RowChunk,
+        chunk_bytes: usize,
+    ) -> Stop {
+        while a.current.len() > 1 && b.current.len() > 1 {
+            if chunk.size_bytes() >= chunk_bytes {
+                return Stop::Full;
+            }
+            let (x, y) = (a.head().expect("loaded"), b.head().expect("loaded"));
+            let (row_a, row_b) = (a.row(x), b.row(y));
+            // The parts' rows were validated when they were decoded.
+            match row_a.cmp(row_b) {
+                std::cmp::Ordering::Less => {
+                    chunk.push(RowRef::from_encoding(row_a), x.2);
+                    a.take();
+                }
+                std::cmp::Ordering::Greater => {
+                    chunk.push(RowRef::from_encoding(row_b), y.2);
+                    b.take();
+                }
+                std::cmp::Ordering::Equal => {
+                    let count = x.2.checked_add(y.2).expect("the shard's count bound rules out overflow");
+                    if count != 0 {
+                        chunk.push(RowRef::from_encoding(row_a), count);
+                    }
+                    a.take();
+                    b.take();
+                }
+            }
+        }
+        Stop::Load
+    }
+
+    /// Copies the first `movable` rows of `cursor`'s loaded part to `chunk` (fewer if the chunk fills
+    /// first; [`movable_rows`] says which rows are final as they are). Answers how many moved.
+    fn move_rows(
+        cursor: &mut Cursor<LentRow>,
+        movable: usize,
+        chunk: &mut RowChunk,
         chunk_bytes: usize,
     ) -> usize {
-        cursor.current.make_contiguous();
-        let rows = cursor.current.as_slices().0;
-        let last = rows.len() - 1;
-        let movable = match below {
-            None => last,
-            Some(bound) => {
-                // Gallop: find a step past the rows below `bound`, then search the last step.
-                let (mut low, mut step) = (0, 1);
-                while low + step <= last && rows[low + step - 1].0 < *bound {
-                    low += step;
-                    step *= 2;
-                }
-                let high = (low + step).min(last);
-                low + rows[low..high].partition_point(|(row, _)| row < bound)
-            }
-        };
         let mut n = 0;
-        while n < movable && *bytes < chunk_bytes {
-            *bytes += rows[n].0.byte_len() + 16;
+        for item in cursor.current.iter().take(movable) {
+            if chunk.size_bytes() >= chunk_bytes {
+                break;
+            }
+            // The part's rows were validated when it was decoded.
+            chunk.push(RowRef::from_encoding(cursor.row(item)), item.2);
             n += 1;
         }
-        chunk.extend(cursor.current.drain(..n));
+        cursor.current.drain(..n);
         n
     }
 
@@ -348,6 +428,62 @@ impl SnapshotStream {
     pub fn peak_buffered_bytes(&self) -> u64 {
         self.peak_buffered_bytes
     }
+}
+
+/// A chunk of at least this many rows is made into owned rows on two threads.
+const PARALLEL_OWNED_ROWS: usize = 16_384;
+
+/// The rows of `chunk` as owned rows, in order: built on two threads (half on a blocking thread) when
+/// the chunk holds at least `parallel_from` rows.
+async fn owned_rows(chunk: RowChunk, parallel_from: usize) -> Result<Vec<(Row, Diff)>, ReadError> {
+    if chunk.len() < parallel_from.max(2) {
+        return Ok(chunk.to_rows());
+    }
+    let chunk = Arc::new(chunk);
+    let (half, other) = (chunk.len() / 2, Arc::clone(&chunk));
+    let second = tokio::task::spawn_blocking(move || other.to_rows_in(half..other.len()));
+    let mut rows = chunk.to_rows_in(0..half);
+    match second.await {
+        Ok(second) => rows.extend(second),
+        Err(error) => {
+            return Err(ReadError::Unavailable(format!("building a snapshot's rows failed: {error}")));
+        }
+    }
+    Ok(rows)
+}
+
+/// A chunk's room for rows' bytes beyond its size: a chunk stops at the first row that reaches the size.
+const ROW_BYTES_SLACK: usize = 4096;
+
+/// How many rows at the start of `cursor`'s loaded part (unique, sorted, not zero, as [`decode_part_at`]
+/// answers them) are below `below` (every other cursor's smallest head; `None`: no other cursor), never
+/// counting the part's last row (it may continue in the run's next part). The pending row was summed
+/// and emitted before, so such rows are final as they are: with runs that do not interleave (one batch,
+/// or batches of disjoint rows) nearly every row moves without a comparison. The first rows are compared
+/// one by one (runs that interleave row by row cost one comparison per row), then by galloping (a long
+/// stretch costs a few comparisons). The cursor's loaded part must be contiguous.
+fn movable_rows(cursor: &Cursor<LentRow>, below: Option<&[u8]>) -> usize {
+    const LINEAR: usize = 4;
+    let rows = cursor.current.as_slices().0;
+    debug_assert_eq!(rows.len(), cursor.current.len(), "the loaded part is contiguous");
+    let last = rows.len() - 1;
+    let Some(bound) = below else { return last };
+    let is_below = |i: usize| cursor.row(&rows[i]) < bound;
+    let mut low = 0;
+    while low < last.min(LINEAR) {
+        if !is_below(low) {
+            return low;
+        }
+        low += 1;
+    }
+    // Gallop: find a step past the rows below `bound`, then search the last step.
+    let mut step = 1;
+    while low + step <= last && is_below(low + step - 1) {
+        low += step;
+        step *= 2;
+    }
+    let high = (low + step).min(last);
+    low + rows[low..high].partition_point(|item| cursor.row(item) < bound)
 }
 
 /// The merged, consolidated run of consecutive batches with times advanced for a compaction frontier
@@ -484,7 +620,7 @@ impl RangeStream {
             if let Some(next) = self.parts.pop_front() {
                 self.prefetch = Some(spawn_fetch(&self.machine, next, PartReader::Listen));
             }
-            let mut updates = join(self.id, fetch).await?;
+            let (_, mut updates) = join(self.id, fetch).await?;
             updates.retain(|(_, time, _)| *time >= self.lower && !self.upper.less_equal(time));
             updates.sort_by(|a, b| (a.1, &a.0).cmp(&(b.1, &b.0)));
             chunk.extend(updates);
@@ -496,4 +632,23 @@ impl RangeStream {
 /// The encoded size of updates (for chunking).
 pub(crate) fn updates_bytes(updates: &[Update]) -> usize {
     updates.iter().map(encoded_len).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use protocol::{Datum, Row};
+
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_chunk_made_into_owned_rows_on_two_threads_keeps_every_row_in_order() {
+        let rows: Vec<(Row, Diff)> = (0..1001i64)
+            .map(|i| (Row::pack([Datum::Int64(i), Datum::Text("a text longer than inline")]), i - 500))
+            .collect();
+        let chunk = RowChunk::from_rows(&rows);
+        for parallel_from in [0, 1, 2, 1000, 1001, 1002] {
+            assert_eq!(owned_rows(chunk.clone(), parallel_from).await.unwrap(), rows, "from {parallel_from}");
+        }
+        assert_eq!(owned_rows(RowChunk::default(), 0).await.unwrap(), vec![]);
+    }
 }

@@ -227,7 +227,7 @@ async fn an_embedded_watch_reports_every_collection_then_every_change() {
 }
 
 /// A snapshot stream hands out exactly the snapshot, in chunks that end with the row reaching the size
-/// asked for, also when the since moves past its `as_of` meanwhile (`holds_as_of`: the since stays at
+/// asked for (as owned rows and as rows lent out of chunks), also when the since moves past its `as_of` meanwhile (`holds_as_of`: the since stays at
 /// `as_of` while the stream lives), and reports a time before the since as the snapshot does.
 pub(crate) async fn snapshot_streams_hand_out_the_snapshot_in_bounded_chunks(
     storage: Arc<dyn StorageCollections>,
@@ -244,6 +244,8 @@ pub(crate) async fn snapshot_streams_hand_out_the_snapshot_in_bounded_chunks(
     assert_eq!(storage.snapshot(id, 1).await.unwrap(), expected_sorted);
     let chunk_bytes = 100;
     let mut stream = storage.snapshot_stream(id, 1, chunk_bytes).await.unwrap();
+    // A second stream, read as rows lent out of chunks.
+    let mut lent = storage.snapshot_stream(id, 1, chunk_bytes).await.unwrap();
     // The policy moves on while the stream lives.
     storage.set_read_policy(id, ReadPolicy::LagWriteFrontier { lag_ms: 0, granularity_ms: 0 }).await.unwrap();
     storage.append(vec![append(id, vec![(int_row(7), 2, 1)], 2, 5)]).await.unwrap();
@@ -260,7 +262,22 @@ pub(crate) async fn snapshot_streams_hand_out_the_snapshot_in_bounded_chunks(
     assert_eq!(stream.next_chunk().await.unwrap(), None, "the end stays the end");
     rows.sort();
     assert_eq!(rows, expected_sorted);
-    drop(stream);
+    let mut lent_rows = Vec::new();
+    while let Some(chunk) = lent.next_rows().await.unwrap() {
+        assert!(!chunk.is_empty());
+        let last = chunk.get(chunk.len() - 1).expect("a row").0.as_bytes().len() + 16;
+        assert!(
+            chunk.size_bytes() - last < chunk_bytes,
+            "chunk of {} rows, {} bytes",
+            chunk.len(),
+            chunk.size_bytes()
+        );
+        lent_rows.extend(chunk.iter().map(|(row, diff)| (row.to_row(), diff)));
+    }
+    assert_eq!(lent.next_rows().await.unwrap(), None, "the end stays the end");
+    lent_rows.sort();
+    assert_eq!(lent_rows, expected_sorted, "the lent rows are the snapshot");
+    drop((stream, lent));
     wait_for_since(&*storage, id, 5).await;
     match storage.snapshot_stream(id, 1, chunk_bytes).await {
         Err(ReadError::BeforeSince { id: error_id, .. }) => assert_eq!(error_id, id),
