@@ -374,6 +374,21 @@ proptest! {
         runtime.block_on(snapshot_stream_matches_the_naive_sum(appends, compact, chunk_bytes, 40));
     }
 
+    /// Two batches whose rows interleave (and repeat, with counts that may cancel) in parts of several
+    /// rows: the two-way merge compares row by row, sums a row found in both and leaves a part's last
+    /// row for the next part.
+    #[test]
+    fn a_snapshot_of_two_batches_whose_rows_interleave_equals_the_naive_sum(
+        first in prop::collection::vec((0i64..40, 0u64..3, -2i64..3), 0..40),
+        second in prop::collection::vec((0i64..40, 0u64..3, -2i64..3), 0..40),
+        chunk_bytes in prop_oneof![Just(1usize), 1usize..200, Just(usize::MAX)],
+        part_target_bytes in prop_oneof![Just(40usize), 100usize..400],
+    ) {
+        let appends = vec![(first, 3), (second, 3)];
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        runtime.block_on(snapshot_stream_matches_the_naive_sum(appends, false, chunk_bytes, part_target_bytes));
+    }
+
     /// Batches whose rows do not interleave (each append its own range of rows) and parts of many rows:
     /// the merge moves whole runs of rows below the other batches' heads, and after compaction a
     /// single batch's parts move as they are.
