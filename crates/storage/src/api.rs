@@ -252,7 +252,12 @@ impl SnapshotChunks {
             }
             Pieces::Chunks(chunks) => chunks,
         };
-        Ok(Self::next_made(chunks, &mut self.done).await?.map(|chunk| chunk.to_rows()))
+        match Self::next_made(chunks, &mut self.done).await? {
+            Some(chunk) => {
+                crate::shard::read::owned_rows(chunk, crate::shard::read::PARALLEL_OWNED_ROWS).await.map(Some)
+            }
+            None => Ok(None),
+        }
     }
 
     /// The next chunk as rows lent out of a [`RowChunk`], or `None` at the end.

@@ -1313,17 +1313,17 @@ impl StorageCollections for ShardCollections {
 
     fn snapshot(&self, id: GlobalId, as_of: u64) -> BoxFuture<'_, Result<Vec<(Row, Diff)>, ReadError>> {
         Box::pin(async move {
-            // One chunk with no size limit: the whole snapshot, read the one way `snapshot_stream` reads.
-            let mut chunks = StorageCollections::snapshot_stream(self, id, as_of, usize::MAX).await?;
-            let mut rows = Vec::new();
-            while let Some(chunk) = chunks.next_chunk().await? {
-                if rows.is_empty() {
-                    rows = chunk;
-                } else {
-                    rows.extend(chunk);
+            // Read the one way `snapshot_stream` reads, in chunks of moderate size (their buffers are
+            // used again, where one giant chunk would be fresh memory), into room for every row.
+            let mut stream = self.inner.snapshot_stream(id, as_of).await?;
+            let mut rows = Vec::with_capacity(stream.rows_bound());
+            loop {
+                match stream.next_chunk(OWNED_SNAPSHOT_CHUNK_BYTES).await {
+                    Ok(Some(chunk)) => rows.extend(chunk),
+                    Ok(None) => return Ok(rows),
+                    Err(error) => return Err(self.inner.explain(id, error).await),
                 }
             }
-            Ok(rows)
         })
     }
 
@@ -1366,6 +1366,9 @@ impl StorageCollections for ShardCollections {
         })
     }
 }
+
+/// The chunks a whole snapshot ([`StorageCollections::snapshot`]) is read in.
+const OWNED_SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
 
 /// Every shard's id with its head seqno.
 pub(crate) async fn list_keys(inner: &Inner) -> Result<BTreeMap<GlobalId, SeqNo>, ReadError> {

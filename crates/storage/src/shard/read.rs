@@ -424,6 +424,12 @@ impl SnapshotStream {
         n
     }
 
+    /// An upper bound on the rows still to come (the updates of the parts not yet used up).
+    pub fn rows_bound(&self) -> usize {
+        let remaining: u64 = self.cursors.iter().map(Cursor::remaining_updates).sum();
+        usize::try_from(remaining).unwrap_or(usize::MAX) + usize::from(self.pending.is_some())
+    }
+
     /// The most part bytes this stream held at once so far (loaded parts and parts being fetched).
     pub fn peak_buffered_bytes(&self) -> u64 {
         self.peak_buffered_bytes
@@ -431,11 +437,11 @@ impl SnapshotStream {
 }
 
 /// A chunk of at least this many rows is made into owned rows on two threads.
-const PARALLEL_OWNED_ROWS: usize = 16_384;
+pub(crate) const PARALLEL_OWNED_ROWS: usize = 16_384;
 
 /// The rows of `chunk` as owned rows, in order: built on two threads (half on a blocking thread) when
 /// the chunk holds at least `parallel_from` rows.
-async fn owned_rows(chunk: RowChunk, parallel_from: usize) -> Result<Vec<(Row, Diff)>, ReadError> {
+pub(crate) async fn owned_rows(chunk: RowChunk, parallel_from: usize) -> Result<Vec<(Row, Diff)>, ReadError> {
     if chunk.len() < parallel_from.max(2) {
         return Ok(chunk.to_rows());
     }
