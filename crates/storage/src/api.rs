@@ -253,9 +253,7 @@ impl SnapshotChunks {
             Pieces::Chunks(chunks) => chunks,
         };
         match Self::next_made(chunks, &mut self.done).await? {
-            Some(chunk) => {
-                crate::shard::read::owned_rows(chunk, crate::shard::read::PARALLEL_OWNED_ROWS).await.map(Some)
-            }
+            Some(chunk) => chunk.into_rows().await.map(Some),
             None => Ok(None),
         }
     }

@@ -5,8 +5,8 @@
 //! what it keeps (a storage peek keeps the rows its filter passes). Filling a chunk copies each row's
 //! bytes into one growing buffer: no allocation per row, which is what an owned `Row` per row costs (a
 //! row longer than `Row`'s inline bytes is one heap allocation, and on a machine where fresh memory is
-//! expensive that allocation is most of a snapshot's time). [`to_rows`](RowChunk::to_rows) makes owned
-//! rows of a chunk for readers that keep everything.
+//! expensive that allocation is most of a snapshot's time). [`into_rows`](RowChunk::into_rows) makes
+//! owned rows of a chunk for readers that keep everything, on two threads when the chunk is large.
 //!
 //! **What this is not.** A sorted or consolidated collection by itself: a chunk holds what was pushed,
 //! in that order (a snapshot pushes its rows sorted, each once, with a non-zero count).
@@ -14,10 +14,18 @@
 //! **Invariant.** Only a [`RowRef`]'s bytes are pushed, so every row handed out is a valid row encoding:
 //! bytes from outside the process become a `RowRef` only through the validating [`RowRef::from_bytes`].
 //!
-//! **Tests.** The doctests below; `tests/it/listen.rs` and `tests/it/shards.rs` (snapshots read by
+//! **Tests.** The doctests and unit tests below; `tests/it/listen.rs` and `tests/it/shards.rs` (snapshots read by
 //! chunks on every backend).
 
+use std::sync::Arc;
+
 use protocol::{Diff, Row, RowRef};
+
+use crate::error::ReadError;
+
+/// A chunk of at least this many rows is made into owned rows on two threads
+/// ([`RowChunk::into_rows`]).
+const PARALLEL_OWNED_ROWS: usize = 16_384;
 
 /// Rows and their counts, the rows' encodings back to back in one buffer; see the module documentation.
 ///
@@ -106,11 +114,60 @@ impl RowChunk {
         self.to_rows_in(0..self.len())
     }
 
+    /// The rows and their counts as owned rows, in order: built on two threads (half on a blocking
+    /// thread) when the chunk is large, since building a `Row` is an allocation per row, the larger part
+    /// of an owned snapshot's cost.
+    pub async fn into_rows(self) -> Result<Vec<(Row, Diff)>, ReadError> {
+        self.into_rows_parallel_from(PARALLEL_OWNED_ROWS).await
+    }
+
+    /// [`into_rows`](Self::into_rows), on two threads from `parallel_from` rows on.
+    async fn into_rows_parallel_from(self, parallel_from: usize) -> Result<Vec<(Row, Diff)>, ReadError> {
+        if self.len() < parallel_from.max(2) {
+            return Ok(self.to_rows());
+        }
+        let chunk = Arc::new(self);
+        let (half, other) = (chunk.len() / 2, Arc::clone(&chunk));
+        let second = tokio::task::spawn_blocking(move || other.to_rows_in(half..other.len()));
+        let mut rows = chunk.to_rows_in(0..half);
+        match second.await {
+            Ok(second) => rows.extend(second),
+            Err(error) => {
+                return Err(ReadError::Unavailable(format!("building a snapshot's rows failed: {error}")));
+            }
+        }
+        Ok(rows)
+    }
+
     /// Owned copies of the rows at `indexes` and their counts (a range past the end panics).
     pub fn to_rows_in(&self, indexes: std::ops::Range<usize>) -> Vec<(Row, Diff)> {
         indexes
             .map(|index| self.get(index).expect("an index below the length"))
             .map(|(row, diff)| (row.to_row(), diff))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use protocol::Datum;
+
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_chunk_made_into_owned_rows_on_two_threads_keeps_every_row_in_order() {
+        let rows: Vec<(Row, Diff)> = (0..1001i64)
+            .map(|i| (Row::pack([Datum::Int64(i), Datum::Text("a text longer than inline")]), i - 500))
+            .collect();
+        let chunk = RowChunk::from_rows(&rows);
+        for parallel_from in [0, 1, 2, 1000, 1001, 1002] {
+            assert_eq!(
+                chunk.clone().into_rows_parallel_from(parallel_from).await.unwrap(),
+                rows,
+                "from {parallel_from}"
+            );
+        }
+        assert_eq!(RowChunk::default().into_rows_parallel_from(0).await.unwrap(), vec![]);
+        assert_eq!(RowChunk::from_rows(&rows).into_rows().await.unwrap(), rows);
     }
 }

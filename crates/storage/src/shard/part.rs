@@ -267,7 +267,12 @@ impl<'a> RawPart<'a> {
 
 /// A row from a part: validated like every decoded row ([`Row::from_bytes`]).
 fn row_of(raw: &RawPart<'_>, bytes: &[u8]) -> Result<Row, PartError> {
-    RowRef::from_bytes(bytes).map(RowRef::to_row).map_err(|e| raw.corrupt(&format!("bad row: {e}")))
+    lent_row(raw, bytes).map(RowRef::to_row)
+}
+
+/// A row from a part, validated as [`row_of`] validates it, without copying it.
+fn lent_row<'a>(raw: &RawPart<'_>, bytes: &'a [u8]) -> Result<RowRef<'a>, PartError> {
+    RowRef::from_bytes(bytes).map_err(|e| raw.corrupt(&format!("bad row: {e}")))
 }
 
 /// Decodes and checks a part against its [`PartRef`] (see the module documentation).
@@ -303,8 +308,11 @@ pub fn decode_part_at(
     let mut raw = RawPart::open(part, bytes)?;
     rows.clear();
     rows.reserve(raw.len());
-    // Where a row's encoding (a slice of `bytes`) starts in `bytes`.
-    let start = |row: &[u8]| row.as_ptr() as usize - bytes.as_ptr() as usize;
+    // A row (a slice of `bytes`) with its count, as its place in `bytes`.
+    let lent = |row: &[u8], count: Diff| {
+        let start = row.as_ptr() as usize - bytes.as_ptr() as usize;
+        (start, start + row.len(), count)
+    };
     // The row being summed (its encoding and count so far), and the last update's `(row, time)`.
     let mut pending: Option<(&[u8], Diff)> = None;
     let mut last: Option<(&[u8], u64)> = None;
@@ -325,12 +333,12 @@ pub fn decode_part_at(
             }
             _ => {
                 if !same_row {
-                    check_row(&raw, row)?;
+                    lent_row(&raw, row)?;
                 }
                 if let Some((row, count)) = pending.replace((row, diff))
                     && count != 0
                 {
-                    rows.push((start(row), start(row) + row.len(), count));
+                    rows.push(lent(row, count));
                 }
             }
         }
@@ -338,14 +346,9 @@ pub fn decode_part_at(
     if let Some((row, count)) = pending
         && count != 0
     {
-        rows.push((start(row), start(row) + row.len(), count));
+        rows.push(lent(row, count));
     }
     Ok(rows)
-}
-
-/// Validates a row's encoding as [`row_of`] does, without copying it.
-fn check_row(raw: &RawPart<'_>, bytes: &[u8]) -> Result<(), PartError> {
-    RowRef::from_bytes(bytes).map(|_| ()).map_err(|e| raw.corrupt(&format!("bad row: {e}")))
 }
 
 #[cfg(test)]

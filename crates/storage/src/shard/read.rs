@@ -299,7 +299,7 @@ impl SnapshotStream {
     /// the larger part of an owned snapshot's cost.
     pub async fn next_chunk(&mut self, chunk_bytes: usize) -> Result<Option<Vec<(Row, Diff)>>, ReadError> {
         match self.next_rows(chunk_bytes).await? {
-            Some(chunk) => owned_rows(chunk, PARALLEL_OWNED_ROWS).await.map(Some),
+            Some(chunk) => chunk.into_rows().await.map(Some),
             None => Ok(None),
         }
     }
@@ -434,28 +434,6 @@ impl SnapshotStream {
     pub fn peak_buffered_bytes(&self) -> u64 {
         self.peak_buffered_bytes
     }
-}
-
-/// A chunk of at least this many rows is made into owned rows on two threads.
-pub(crate) const PARALLEL_OWNED_ROWS: usize = 16_384;
-
-/// The rows of `chunk` as owned rows, in order: built on two threads (half on a blocking thread) when
-/// the chunk holds at least `parallel_from` rows.
-pub(crate) async fn owned_rows(chunk: RowChunk, parallel_from: usize) -> Result<Vec<(Row, Diff)>, ReadError> {
-    if chunk.len() < parallel_from.max(2) {
-        return Ok(chunk.to_rows());
-    }
-    let chunk = Arc::new(chunk);
-    let (half, other) = (chunk.len() / 2, Arc::clone(&chunk));
-    let second = tokio::task::spawn_blocking(move || other.to_rows_in(half..other.len()));
-    let mut rows = chunk.to_rows_in(0..half);
-    match second.await {
-        Ok(second) => rows.extend(second),
-        Err(error) => {
-            return Err(ReadError::Unavailable(format!("building a snapshot's rows failed: {error}")));
-        }
-    }
-    Ok(rows)
 }
 
 /// A chunk's room for rows' bytes beyond its size: a chunk stops at the first row that reaches the size.
@@ -638,23 +616,4 @@ impl RangeStream {
 /// The encoded size of updates (for chunking).
 pub(crate) fn updates_bytes(updates: &[Update]) -> usize {
     updates.iter().map(encoded_len).sum()
-}
-
-#[cfg(test)]
-mod tests {
-    use protocol::{Datum, Row};
-
-    use super::*;
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_chunk_made_into_owned_rows_on_two_threads_keeps_every_row_in_order() {
-        let rows: Vec<(Row, Diff)> = (0..1001i64)
-            .map(|i| (Row::pack([Datum::Int64(i), Datum::Text("a text longer than inline")]), i - 500))
-            .collect();
-        let chunk = RowChunk::from_rows(&rows);
-        for parallel_from in [0, 1, 2, 1000, 1001, 1002] {
-            assert_eq!(owned_rows(chunk.clone(), parallel_from).await.unwrap(), rows, "from {parallel_from}");
-        }
-        assert_eq!(owned_rows(RowChunk::default(), 0).await.unwrap(), vec![]);
-    }
 }
