@@ -515,11 +515,14 @@ impl<'a> RowRef<'a> {
     /// assert!(RowRef::from_bytes(&[5, 10, b'x']).is_err()); // text of length 10 with 1 byte
     /// assert!(RowRef::from_bytes(&[99]).is_err());           // unknown tag
     /// ```
+    #[inline]
     pub fn from_bytes(bytes: &'a [u8]) -> Result<Self, RowDecodeError> {
         let mut offset = 0;
         while offset < bytes.len() {
-            let (_, next) = decode_datum(bytes, offset)?;
-            offset = next;
+            offset = match valid_common_datum(bytes, offset) {
+                Some(next) => next,
+                None => decode_datum(bytes, offset)?.1,
+            };
         }
         Ok(RowRef { data: bytes })
     }
@@ -710,6 +713,25 @@ fn write_varint(out: &mut SmallVec<[u8; ROW_INLINE_BYTES]>, mut value: usize) {
             return;
         }
         out.push(byte | 0x80);
+    }
+}
+
+/// The offset of the next datum if the datum at `offset` is an integer or timestamp, or a short ASCII
+/// text, that is whole: the common datums, checked without decoding them ([`RowRef::from_bytes`]
+/// validates a stored part's every row). `None` says nothing about validity: [`decode_datum`] decides.
+/// Everything this accepts, `decode_datum` accepts too (the property test
+/// `validation_takes_the_fast_path_only_for_encodings_the_decoder_accepts` checks it on arbitrary bytes).
+#[inline]
+fn valid_common_datum(bytes: &[u8], offset: usize) -> Option<usize> {
+    match bytes[offset] {
+        TAG_INT64 | TAG_TIMESTAMP => (offset + 9 <= bytes.len()).then_some(offset + 9),
+        TAG_TEXT => {
+            // A length below 128 is one varint byte.
+            let len = *bytes.get(offset + 1)?;
+            let end = offset + 2 + usize::from(len);
+            (len < 0x80 && bytes.get(offset + 2..end)?.is_ascii()).then_some(end)
+        }
+        _ => None,
     }
 }
 
@@ -1173,6 +1195,29 @@ mod tests {
         ) {
             let (ra, rb) = (crate::arbitrary::pack_owned(&a), crate::arbitrary::pack_owned(&b));
             prop_assert_eq!(ra == rb, ra.unpack() == rb.unpack());
+        }
+
+        #[test]
+        fn validation_takes_the_fast_path_only_for_encodings_the_decoder_accepts(
+            tag in prop::sample::select(vec![TAG_INT64, TAG_TIMESTAMP, TAG_TEXT, TAG_BYTES]),
+            tail in prop::collection::vec(prop_oneof![0u8..24, 0u8..128, any::<u8>()], 0..32),
+        ) {
+            let bytes: Vec<u8> = std::iter::once(tag).chain(tail).collect();
+            if let Some(next) = valid_common_datum(&bytes, 0) {
+                prop_assert_eq!(decode_datum(&bytes, 0).map(|(_, next)| next), Ok(next));
+            }
+            // Row validation answers what decoding datum by datum answers.
+            let mut offset = 0;
+            let slow = loop {
+                if offset >= bytes.len() {
+                    break true;
+                }
+                match decode_datum(&bytes, offset) {
+                    Ok((_, next)) => offset = next,
+                    Err(_) => break false,
+                }
+            };
+            prop_assert_eq!(RowRef::from_bytes(&bytes).is_ok(), slow);
         }
 
         #[test]

@@ -36,7 +36,7 @@ use crate::chunk::RowChunk;
 use crate::error::ReadError;
 use crate::metrics::PartReader;
 use crate::shard::machine::{Machine, ReadPartError};
-use crate::shard::part::{LentRow, Update, decode_part_at, encoded_len};
+use crate::shard::part::{LentRow, Update, cmp_encodings, decode_part_at, encoded_len};
 use crate::shard::state::{Batch, PartRef};
 
 /// Turns a part read failure into the read error callers see.
@@ -381,7 +381,7 @@ impl SnapshotStream {
             let (x, y) = (a.head().expect("loaded"), b.head().expect("loaded"));
             let (row_a, row_b) = (a.row(x), b.row(y));
             // The parts' rows were validated when they were decoded.
-            match row_a.cmp(row_b) {
+            match cmp_encodings(row_a, row_b) {
                 std::cmp::Ordering::Less => {
                     chunk.push(RowRef::from_encoding(row_a), x.2);
                     a.take();
@@ -452,7 +452,7 @@ fn movable_rows(cursor: &Cursor<LentRow>, below: Option<&[u8]>) -> usize {
     debug_assert_eq!(rows.len(), cursor.current.len(), "the loaded part is contiguous");
     let last = rows.len() - 1;
     let Some(bound) = below else { return last };
-    let is_below = |i: usize| cursor.row(&rows[i]) < bound;
+    let is_below = |i: usize| cmp_encodings(cursor.row(&rows[i]), bound).is_lt();
     let mut low = 0;
     while low < last.min(LINEAR) {
         if !is_below(low) {
@@ -467,7 +467,7 @@ fn movable_rows(cursor: &Cursor<LentRow>, below: Option<&[u8]>) -> usize {
         step *= 2;
     }
     let high = (low + step).min(last);
-    low + rows[low..high].partition_point(|item| cursor.row(item) < bound)
+    low + rows[low..high].partition_point(|item| cmp_encodings(cursor.row(item), bound).is_lt())
 }
 
 /// The merged, consolidated run of consecutive batches with times advanced for a compaction frontier
