@@ -515,7 +515,7 @@ impl<'a> RowRef<'a> {
     /// assert!(RowRef::from_bytes(&[5, 10, b'x']).is_err()); // text of length 10 with 1 byte
     /// assert!(RowRef::from_bytes(&[99]).is_err());           // unknown tag
     /// ```
-    #[inline]
+    #[inline(always)]
     pub fn from_bytes(bytes: &'a [u8]) -> Result<Self, RowDecodeError> {
         let mut offset = 0;
         while offset < bytes.len() {

@@ -106,7 +106,13 @@ impl RowChunk {
 
     /// The rows and their counts, in the order they were pushed.
     pub fn iter(&self) -> impl ExactSizeIterator<Item = (RowRef<'_>, Diff)> + '_ {
-        (0..self.rows.len()).map(|index| self.get(index).expect("an index below the length"))
+        let mut start = 0;
+        self.rows.iter().map(move |&(end, diff)| {
+            // Only rows' encodings are pushed, each delimited by its end (the module's invariant).
+            let row = RowRef::from_encoding(&self.bytes[start..end]);
+            start = end;
+            (row, diff)
+        })
     }
 
     /// Owned copies of the rows and their counts.

@@ -206,8 +206,8 @@ type RawUpdate<'a> = (&'a [u8], u64, Diff);
 /// A part whose size, checksum and header were checked, read update by update without copying.
 struct RawPart<'a> {
     key: &'a str,
-    bytes: &'a [u8],
-    at: usize,
+    /// The bytes after the updates read so far.
+    rest: &'a [u8],
     left: u64,
 }
 
@@ -238,7 +238,7 @@ impl<'a> RawPart<'a> {
         if count > (bytes.len() / 20) as u64 {
             return Err(corrupt(format!("{count} updates cannot fit in {} bytes", bytes.len())));
         }
-        Ok(RawPart { key: &part.key, bytes, at: HEADER_BYTES, left: count })
+        Ok(RawPart { key: &part.key, rest: &bytes[HEADER_BYTES..], left: count })
     }
 
     /// At most this many updates are left (allocation hint).
@@ -246,38 +246,40 @@ impl<'a> RawPart<'a> {
         usize::try_from(self.left).expect("bounded by the part's size")
     }
 
+    #[cold]
     fn corrupt(&self, detail: &str) -> PartError {
         PartError::Corrupt { key: self.key.to_owned(), detail: detail.to_owned() }
     }
 
     /// The next update (row encoding, time, diff; the diff is never zero), or `None` after the last, when
     /// the part must also end.
+    #[inline]
     fn next(&mut self) -> Result<Option<RawUpdate<'a>>, PartError> {
         if self.left == 0 {
-            if self.at != self.bytes.len() {
+            if !self.rest.is_empty() {
                 return Err(self.corrupt("trailing bytes"));
             }
             return Ok(None);
         }
         self.left -= 1;
-        let bytes = self.bytes;
-        let at = self.at;
-        let len_bytes = bytes.get(at..at + 4).ok_or_else(|| self.corrupt("truncated"))?;
-        let len = u32::from_le_bytes(len_bytes.try_into().expect("four bytes")) as usize;
-        let start = at + 4;
-        let end = start
-            .checked_add(len)
-            .and_then(|e| e.checked_add(16))
-            .ok_or_else(|| self.corrupt("truncated"))?;
-        let entry = bytes.get(start..end).ok_or_else(|| self.corrupt("truncated"))?;
-        self.at = end;
-        let (row, tail) = entry.split_at(len);
-        let time = u64::from_le_bytes(tail[..8].try_into().expect("eight bytes"));
-        let diff = i64::from_le_bytes(tail[8..].try_into().expect("eight bytes"));
+        let Some((len, rest)) = self.rest.split_first_chunk::<4>() else {
+            return Err(self.corrupt("truncated"));
+        };
+        let Some((row, rest)) = rest.split_at_checked(u32::from_le_bytes(*len) as usize) else {
+            return Err(self.corrupt("truncated"));
+        };
+        let Some((time, rest)) = rest.split_first_chunk::<8>() else {
+            return Err(self.corrupt("truncated"));
+        };
+        let Some((diff, rest)) = rest.split_first_chunk::<8>() else {
+            return Err(self.corrupt("truncated"));
+        };
+        self.rest = rest;
+        let diff = i64::from_le_bytes(*diff);
         if diff == 0 {
             return Err(self.corrupt("a zero diff"));
         }
-        Ok(Some((row, time, diff)))
+        Ok(Some((row, u64::from_le_bytes(*time), diff)))
     }
 }
 
@@ -537,7 +539,6 @@ mod tests {
         refused(bad_row, "bad row");
     }
 
-    #[test]
     proptest::proptest! {
         #[test]
         fn encodings_compare_as_their_bytes_do(
