@@ -17,6 +17,11 @@
 //! answer, possibly older, is not kept. A reader whose fetch is dropped unfinished (an aborted prefetch)
 //! hands the fetch to the next waiter.
 //!
+//! A *scanning* read ([`CachedBlob::get_scanning`]) is served by kept values and joins fetches in
+//! flight like `get`, but keeps nothing it fetches itself: a snapshot larger than a quarter of the bound
+//! reads this way ([`super::read::SCAN_CACHE_FRACTION`]), so that one large read neither evicts the parts
+//! the process's listens and compaction use nor holds memory for parts it reads once.
+//!
 //! **What it is not.** It checks nothing: the engine checks every part it reads against the state's
 //! record (size and CRC-32, [`super::part::decode_part`]) on every read, hit or miss, and forgets a key
 //! whose kept value failed that check ([`CachedBlob::forget`]), so a damaged value is reported as before
@@ -27,7 +32,7 @@
 //! kept or being fetched, never both; at most one fetch per key is in flight.
 //!
 //! **Tests.** Unit tests below (bound, recency, single flight, a dropped fetch, write-through and
-//! disowning); `tests/it/part_cache.rs` (through the engine: one `get` per part for concurrent readers,
+//! disowning, scanning reads); `tests/it/part_cache.rs` (through the engine: one `get` per part for concurrent readers,
 //! the bound under a workload, damage still reported by name).
 
 use std::collections::BTreeMap;
@@ -107,6 +112,8 @@ struct Flight<'a> {
     key: String,
     flight: u64,
     answer: Option<watch::Sender<Option<Answer>>>,
+    /// Whether the value fetched is kept (a [`CachedBlob::get_scanning`] keeps nothing).
+    keep: bool,
 }
 
 impl CachedBlob {
@@ -181,8 +188,9 @@ impl CachedBlob {
         state.slots.insert(key.to_owned(), Slot::Kept { value, tick });
     }
 
-    /// Looks `key` up: a kept value (moved to most recently used), a fetch to join, or a fetch to run.
-    fn step(&self, key: &str) -> Step<'_> {
+    /// Looks `key` up: a kept value (moved to most recently used), a fetch to join, or a fetch to run
+    /// (whose value is kept if `keep`).
+    fn step(&self, key: &str, keep: bool) -> Step<'_> {
         let mut state = self.lock();
         let state = &mut *state;
         let tick = state.next_tick;
@@ -205,7 +213,7 @@ impl CachedBlob {
                 state.slots.insert(key.to_owned(), Slot::Fetching { flight, answer: receiver });
                 state.stats.misses += 1;
                 self.metrics.part_cache_read(PartCacheRead::Miss);
-                Step::Fetch(Flight { cache: self, key: key.to_owned(), flight, answer: Some(sender) })
+                Step::Fetch(Flight { cache: self, key: key.to_owned(), flight, answer: Some(sender), keep })
             }
         }
     }
@@ -217,7 +225,9 @@ impl CachedBlob {
             let mut state = self.lock();
             if flight.owns_slot(&state) {
                 state.slots.remove(&flight.key);
-                if let Ok(Some(value)) = answer {
+                if let Ok(Some(value)) = answer
+                    && flight.keep
+                {
                     self.keep(&mut state, &flight.key, value.clone());
                 }
                 self.publish(&state);
@@ -227,10 +237,18 @@ impl CachedBlob {
         sender.send_replace(Some(answer.clone()));
     }
 
-    async fn get_cached(&self, key: &str) -> Answer {
+    /// Reads `key` as [`Blob::get`] does (a kept value is a hit, a fetch in flight is joined), except
+    /// that a value it fetches itself is not kept: a scan of more data than the cache should give to
+    /// one reader (a large snapshot) neither evicts what the process's other readers use nor holds
+    /// memory for parts it reads once.
+    pub async fn get_scanning(&self, key: &str) -> Answer {
+        self.get_cached(key, false).await
+    }
+
+    async fn get_cached(&self, key: &str, keep: bool) -> Answer {
         let mut joined = false;
         loop {
-            match self.step(key) {
+            match self.step(key, keep) {
                 Step::Hit(value) => return Ok(Some(value)),
                 Step::Join(mut receiver) => {
                     if !joined {
@@ -273,7 +291,7 @@ impl Drop for Flight<'_> {
 
 impl Blob for CachedBlob {
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Bytes>, ExternalError>> {
-        Box::pin(self.get_cached(key))
+        Box::pin(self.get_cached(key, true))
     }
 
     fn set<'a>(&'a self, key: &'a str, value: Bytes) -> BoxFuture<'a, Result<(), ExternalError>> {
@@ -392,6 +410,23 @@ mod tests {
         assert_eq!(cache.get("missing").await.unwrap(), None);
         assert_eq!(cache.get("missing").await.unwrap(), None, "absence is not kept");
         assert_eq!(store.gets(), 8);
+    }
+
+    #[tokio::test]
+    async fn a_scanning_read_is_served_by_kept_values_and_keeps_nothing_it_fetches() {
+        let store = Gated::new(&[("a", 40), ("b", 40)], true);
+        let cache = cache(&store, 100);
+        cache.get("a").await.unwrap();
+        assert_eq!(cache.get_scanning("a").await.unwrap().unwrap().len(), 40);
+        assert_eq!(store.gets(), 1, "a kept value serves a scan");
+        assert_eq!(cache.get_scanning("b").await.unwrap().unwrap().len(), 40);
+        assert_eq!(cache.get_scanning("b").await.unwrap().unwrap().len(), 40);
+        assert_eq!(store.gets(), 3, "a scan keeps nothing it fetched");
+        let stats = cache.stats();
+        assert_eq!((stats.parts, stats.bytes, stats.evictions), (1, 40, 0));
+        cache.get("b").await.unwrap();
+        cache.get("b").await.unwrap();
+        assert_eq!(store.gets(), 4, "a plain read keeps what it fetched");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

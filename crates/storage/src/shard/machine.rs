@@ -138,6 +138,11 @@ impl Machine {
         }
     }
 
+    /// The bound of the process's part cache in bytes (0: no cache).
+    pub fn part_cache_bytes(&self) -> usize {
+        self.part_cache.as_ref().map_or(0, |cache| cache.capacity_bytes())
+    }
+
     /// The part cache's counters (`None`: it is off).
     pub fn part_cache_stats(&self) -> Option<PartCacheStats> {
         self.part_cache.as_ref().map(|cache| cache.stats())
@@ -346,15 +351,17 @@ impl Machine {
     /// read checks the bytes against `part`, and a kept value that fails the check is forgotten.
     /// `reader` says who reads, for the metrics.
     pub async fn read_part(&self, part: &PartRef, reader: PartReader) -> Result<Vec<Update>, ReadPartError> {
-        self.read_part_with(part, reader, |part, bytes| decode_part(part, bytes)).await
+        self.read_part_with(part, reader, CacheUse::Keep, |part, bytes| decode_part(part, bytes)).await
     }
 
     /// Reads a part like [`read_part`](Self::read_part), decoding (and checking) it with `decode` (which
     /// may keep the bytes: they are shared, not copied).
+    /// With [`CacheUse::Scan`], a part fetched from the store is not kept in the part cache.
     pub async fn read_part_with<T>(
         &self,
         part: &PartRef,
         reader: PartReader,
+        cache_use: CacheUse,
         decode: impl FnOnce(&PartRef, &Bytes) -> Result<T, PartError>,
     ) -> Result<T, ReadPartError> {
         self.metrics.part_read(reader);
@@ -363,7 +370,11 @@ impl Machine {
         }
         let mut retry = self.retry();
         loop {
-            match self.blob.get(&part.key).await {
+            let got = match (&self.part_cache, cache_use) {
+                (Some(cache), CacheUse::Scan) => cache.get_scanning(&part.key).await,
+                _ => self.blob.get(&part.key).await,
+            };
+            match got {
                 Ok(Some(bytes)) => {
                     return decode(part, &bytes).map_err(|damage| {
                         if let Some(cache) = &self.part_cache {
@@ -382,6 +393,16 @@ impl Machine {
             }
         }
     }
+}
+
+/// Whether a part read keeps the part it fetches in the process's part cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheUse {
+    /// Keep it (most reads: listens, compaction, small snapshots).
+    Keep,
+    /// Do not keep it: a scan larger than the cache should give one reader
+    /// ([`super::read::SCAN_CACHE_FRACTION`]). Kept parts and fetches in flight still serve it.
+    Scan,
 }
 
 /// Why a part could not be read.

@@ -35,7 +35,7 @@ use tokio::task::JoinHandle;
 use crate::chunk::RowChunk;
 use crate::error::ReadError;
 use crate::metrics::PartReader;
-use crate::shard::machine::{Machine, ReadPartError};
+use crate::shard::machine::{CacheUse, Machine, ReadPartError};
 use crate::shard::part::{LentRow, Update, cmp_encodings, decode_part_at, encoded_len};
 use crate::shard::state::{Batch, PartRef};
 
@@ -62,14 +62,14 @@ fn spawn_fetch(machine: &Arc<Machine>, part: PartRef, reader: PartReader) -> Fet
 /// Fetches the parts of a snapshot at `as_of`, each decoded into its rows' counts at `as_of`, the rows
 /// lent out of the part's bytes ([`decode_part_at`]): the checks, filtering and summing run on the fetch
 /// tasks, in parallel with the merge.
-fn spawn_snapshot_fetch(machine: Arc<Machine>, as_of: u64) -> Spawn<LentRow> {
+fn spawn_snapshot_fetch(machine: Arc<Machine>, as_of: u64, cache_use: CacheUse) -> Spawn<LentRow> {
     Box::new(move |part, buffer| {
         let machine = Arc::clone(&machine);
         tokio::spawn(async move {
             let decode = |part: &PartRef, bytes: &Bytes| {
                 decode_part_at(part, bytes, as_of, buffer).map(|rows| (bytes.clone(), rows))
             };
-            machine.read_part_with(&part, PartReader::Snapshot, decode).await
+            machine.read_part_with(&part, PartReader::Snapshot, cache_use, decode).await
         })
     })
 }
@@ -80,6 +80,12 @@ async fn join<T>(id: GlobalId, fetch: Fetch<T>) -> Result<(Bytes, Vec<T>), ReadE
         Err(error) => Err(ReadError::Unavailable(format!("a part read did not finish: {error}"))),
     }
 }
+
+/// A snapshot whose parts hold more than this fraction of the part cache's bound (`1 / 4`) reads them
+/// without keeping them ([`CacheUse::Scan`]): one large read does not evict the parts the process's
+/// listens and compaction use (as a database's sequential scans read through a small ring of buffers),
+/// and its memory is the parts in flight, reused part after part. Kept parts still serve it.
+pub const SCAN_CACHE_FRACTION: usize = 4;
 
 /// How many parts a snapshot's cursor keeps fetching (and decoding, each on its own task) ahead of the
 /// part it is merging: with two, decoding runs in parallel with the merge and with itself.
@@ -250,11 +256,15 @@ impl SnapshotStream {
         guard: Box<dyn Send + Sync>,
     ) -> Self {
         // A batch starting after `as_of` holds only times after it.
-        let cursors = batches
-            .iter()
-            .filter(|b| b.lower.less_equal(&as_of))
+        let read: Vec<&Batch> = batches.iter().filter(|b| b.lower.less_equal(&as_of)).collect();
+        let bytes: u64 = read.iter().flat_map(|b| &b.parts).map(|p| p.bytes).sum();
+        let scan = bytes > (machine.part_cache_bytes() / SCAN_CACHE_FRACTION) as u64;
+        let cache_use = if scan { CacheUse::Scan } else { CacheUse::Keep };
+        let cursors = read
+            .into_iter()
             .map(|b| {
-                Cursor::new(b, SNAPSHOT_PREFETCH_PARTS, spawn_snapshot_fetch(Arc::clone(&machine), as_of))
+                let spawn = spawn_snapshot_fetch(Arc::clone(&machine), as_of, cache_use);
+                Cursor::new(b, SNAPSHOT_PREFETCH_PARTS, spawn)
             })
             .collect();
         SnapshotStream { id, as_of, cursors, pending: None, peak_buffered_bytes: 0, _guard: guard }
@@ -374,33 +384,43 @@ impl SnapshotStream {
         chunk: &mut RowChunk,
         chunk_bytes: usize,
     ) -> Stop {
-        while a.current.len() > 1 && b.current.len() > 1 {
+        a.current.make_contiguous();
+        b.current.make_contiguous();
+        let (xs, ys) = (a.current.as_slices().0, b.current.as_slices().0);
+        // Neither part's last row: it may continue in the run's next part.
+        let (x_end, y_end) = (xs.len().saturating_sub(1), ys.len().saturating_sub(1));
+        let (mut i, mut j) = (0, 0);
+        let mut stop = Stop::Load;
+        while i < x_end && j < y_end {
             if chunk.size_bytes() >= chunk_bytes {
-                return Stop::Full;
+                stop = Stop::Full;
+                break;
             }
-            let (x, y) = (a.head().expect("loaded"), b.head().expect("loaded"));
-            let (row_a, row_b) = (a.row(x), b.row(y));
+            let ((x_start, x_stop, x_count), (y_start, y_stop, y_count)) = (xs[i], ys[j]);
+            let (row_a, row_b) = (&a.part[x_start..x_stop], &b.part[y_start..y_stop]);
             // The parts' rows were validated when they were decoded.
             match cmp_encodings(row_a, row_b) {
                 std::cmp::Ordering::Less => {
-                    chunk.push(RowRef::from_encoding(row_a), x.2);
-                    a.take();
+                    chunk.push(RowRef::from_encoding(row_a), x_count);
+                    i += 1;
                 }
                 std::cmp::Ordering::Greater => {
-                    chunk.push(RowRef::from_encoding(row_b), y.2);
-                    b.take();
+                    chunk.push(RowRef::from_encoding(row_b), y_count);
+                    j += 1;
                 }
                 std::cmp::Ordering::Equal => {
-                    let count = x.2.checked_add(y.2).expect("the shard's count bound rules out overflow");
+                    let count = x_count.checked_add(y_count).expect("the shard's count bound rules out overflow");
                     if count != 0 {
                         chunk.push(RowRef::from_encoding(row_a), count);
                     }
-                    a.take();
-                    b.take();
+                    i += 1;
+                    j += 1;
                 }
             }
         }
-        Stop::Load
+        a.current.drain(..i);
+        b.current.drain(..j);
+        stop
     }
 
     /// Copies the first `movable` rows of `cursor`'s loaded part to `chunk` (fewer if the chunk fills

@@ -7,7 +7,10 @@
 //!   and every read is still right;
 //! - a part damaged in the store is still reported by name through the cache, and the damaged value is
 //!   not kept (repaired behind the cache's back, it reads again);
-//! - a bound that could keep no part is refused when the engine opens.
+//! - a bound that could keep no part is refused when the engine opens;
+//! - a snapshot larger than a quarter of the bound reads through the cache: its parts are not kept and
+//!   evict nothing, while a small snapshot's are kept (and, in a cache four times as large, the same
+//!   snapshot's).
 //!
 //! What this does not check: latency (benchmarks measure speed), the other backends (the cache sits above
 //! every store alike).
@@ -163,6 +166,46 @@ async fn concurrent_readers_in_a_fresh_process_fetch_each_part_once() {
     assert_eq!(uncached.stats().part_cache, None);
     concurrent_snapshots(&uncached, id, 3, 8).await;
     assert_eq!(blob.gets(), 8 * parts, "without the cache, one get per part per reader");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_larger_than_a_quarter_of_the_cache_reads_through_it_and_evicts_nothing() {
+    let stores = Stores::new(Backend::Embedded, &mut None).expect("the embedded backend needs no service");
+    const BOUND: usize = 16 << 10;
+    let config = ShardConfig { part_target_bytes: 4 << 10, part_cache_bytes: BOUND, ..quiet() };
+    let writer = stores.open(config.clone()).await;
+    let (small, large) = (user(1), user(2));
+    let small_parts = fill(&writer, small, 1, 10).await as u64;
+    let large_parts = fill(&writer, large, 4, 60).await as u64;
+    let state = writer.state(large).await.unwrap().unwrap();
+    let large_bytes: u64 = state.batches.iter().flat_map(|b| &b.parts).map(|p| p.bytes).sum();
+    assert!(
+        large_bytes > (BOUND / 4) as u64 && large_bytes < BOUND as u64,
+        "more than a quarter of the cache, and it would fit: {large_bytes}"
+    );
+    let expected_small = writer.snapshot(small, 0).await.unwrap();
+    let expected_large = writer.snapshot(large, 3).await.unwrap();
+    assert_eq!(expected_large.len(), 240);
+
+    let (reader, blob) = counted_process(&stores, config.clone()).await;
+    assert_eq!(reader.snapshot(small, 0).await.unwrap(), expected_small);
+    let kept = reader.stats().part_cache.expect("on");
+    assert_eq!((kept.parts, blob.gets()), (small_parts, small_parts), "a small snapshot's parts are kept");
+    for round in 1..=2 {
+        assert_eq!(reader.snapshot(large, 3).await.unwrap(), expected_large);
+        assert_eq!(blob.gets(), small_parts + round * large_parts, "the large snapshot's parts are not kept");
+        let cache = reader.stats().part_cache.expect("on");
+        assert_eq!((cache.parts, cache.bytes, cache.evictions), (kept.parts, kept.bytes, 0), "nothing evicted");
+    }
+    assert_eq!(reader.snapshot(small, 0).await.unwrap(), expected_small);
+    assert_eq!(blob.gets(), small_parts + 2 * large_parts, "the small snapshot's parts are still kept");
+
+    // The contrast: in a cache four times as large the same snapshot is small, and kept.
+    let (roomy, blob) = counted_process(&stores, ShardConfig { part_cache_bytes: 4 * BOUND, ..config }).await;
+    for _ in 0..2 {
+        assert_eq!(roomy.snapshot(large, 3).await.unwrap(), expected_large);
+    }
+    assert_eq!(blob.gets(), large_parts);
 }
 
 fn value(registry: &Registry, name: &str, labels: &[(&str, &str)]) -> f64 {
