@@ -197,8 +197,8 @@ impl<T> Drop for Cursor<T> {
 
 impl Cursor<LentRow> {
     /// The encoding of a lent row of the loaded part.
-    fn row(&self, (start, end, _): &LentRow) -> &[u8] {
-        &self.part[*start..*end]
+    fn row(&self, lent: &LentRow) -> &[u8] {
+        &self.part[lent.start..lent.end]
     }
 
     /// The encoding of the next row (the cursor must be loaded).
@@ -326,7 +326,7 @@ impl SnapshotStream {
                             break;
                         }
                         count =
-                            count.checked_add(item.2).expect("the shard's count bound rules out overflow");
+                            count.checked_add(item.count).expect("the shard's count bound rules out overflow");
                         cursor.take();
                     }
                     if cursor.head().is_none() {
@@ -368,7 +368,7 @@ impl SnapshotStream {
             }
             if moved == 0 {
                 // The smallest head is not below another cursor's head, or is its part's last row.
-                let (start, end, count) = cursor.take();
+                let LentRow { start, end, count, .. } = cursor.take();
                 self.pending = Some((cursor.part.slice(start..end), count));
             }
         }
@@ -396,22 +396,23 @@ impl SnapshotStream {
                 stop = Stop::Full;
                 break;
             }
-            let ((x_start, x_stop, x_count), (y_start, y_stop, y_count)) = (xs[i], ys[j]);
-            let (row_a, row_b) = (&a.part[x_start..x_stop], &b.part[y_start..y_stop]);
+            let (x, y) = (&xs[i], &ys[j]);
+            // Most rows differ in their abbreviated keys, which compare without reading the rows.
+            let order = x.key.cmp(&y.key).then_with(|| cmp_encodings(a.row(x), b.row(y)));
             // The parts' rows were validated when they were decoded.
-            match cmp_encodings(row_a, row_b) {
+            match order {
                 std::cmp::Ordering::Less => {
-                    chunk.push(RowRef::from_encoding(row_a), x_count);
+                    chunk.push(RowRef::from_encoding(a.row(x)), x.count);
                     i += 1;
                 }
                 std::cmp::Ordering::Greater => {
-                    chunk.push(RowRef::from_encoding(row_b), y_count);
+                    chunk.push(RowRef::from_encoding(b.row(y)), y.count);
                     j += 1;
                 }
                 std::cmp::Ordering::Equal => {
-                    let count = x_count.checked_add(y_count).expect("the shard's count bound rules out overflow");
+                    let count = x.count.checked_add(y.count).expect("the shard's count bound rules out overflow");
                     if count != 0 {
-                        chunk.push(RowRef::from_encoding(row_a), count);
+                        chunk.push(RowRef::from_encoding(a.row(x)), count);
                     }
                     i += 1;
                     j += 1;
@@ -437,7 +438,7 @@ impl SnapshotStream {
                 break;
             }
             // The part's rows were validated when it was decoded.
-            chunk.push(RowRef::from_encoding(cursor.row(item)), item.2);
+            chunk.push(RowRef::from_encoding(cursor.row(item)), item.count);
             n += 1;
         }
         cursor.current.drain(..n);
