@@ -327,7 +327,7 @@ pub struct LentRow {
 /// A row's abbreviated key: its encoding's first eight bytes as one big-endian integer, zeros after a
 /// shorter encoding's end. Rows whose keys differ compare as their keys do, so that a merge compares
 /// most rows without reading their bytes (a sort's abbreviated keys, as in PostgreSQL); rows whose keys
-/// are equal compare by their encodings ([`cmp_encodings`]). (A key differs first at some byte: where
+/// are equal compare by their encodings' bytes. (A key differs first at some byte: where
 /// both rows have bytes, that is where the rows differ; where one has ended, the zero of the shorter is
 /// below the longer's byte there, and the shorter, a prefix of the longer, is below it too.)
 #[inline]

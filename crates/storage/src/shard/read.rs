@@ -11,7 +11,9 @@
 //! row: [`SnapshotStream::next_chunk`] builds owned rows, on two threads, for readers that keep them
 //! all). It takes whole runs of rows that are below every other batch's head without comparing each
 //! (one batch, or batches of disjoint rows, cost a few comparisons per part), and two batches whose
-//! rows interleave one comparison per row. A range read visits
+//! rows interleave one comparison per row, of the rows' abbreviated keys ([`LentRow::key`]) unless they
+//! are equal. A snapshot of more than a quarter of the part cache reads its parts through the cache
+//! without keeping them ([`SCAN_CACHE_FRACTION`]). A range read visits
 //! the batches overlapping the range in order, one part at a time. Both take the state version they read
 //! from as given, with the caller holding that version for garbage collection and the collection's since
 //! at or before the times read (see [`super::ShardCollections`]). [`SnapshotStream::peak_buffered_bytes`]
@@ -212,7 +214,7 @@ impl Cursor<LentRow> {
 /// The merge runs in two layers: an asynchronous one that loads the next part of every cursor whose part
 /// is used up (parts are fetched, checked, filtered to `as_of` and summed per row ahead, on their own
 /// tasks, the rows lent out of the parts' bytes), and a synchronous one
-/// ([`merge_loaded`](Self::merge_loaded)) that merges the loaded parts without awaiting until one of them
+/// (`merge_loaded`) that merges the loaded parts without awaiting until one of them
 /// is used up, copying each row once, into the [`RowChunk`] it hands out. A row whose updates continue
 /// into a cursor's next part stays `pending` across the two. With one batch left to read there is nothing
 /// to merge: a loaded part's rows are unique, so all but its last move to the chunk as they are.
@@ -325,8 +327,9 @@ impl SnapshotStream {
                         if cursor.row(item) != &row[..] {
                             break;
                         }
-                        count =
-                            count.checked_add(item.count).expect("the shard's count bound rules out overflow");
+                        count = count
+                            .checked_add(item.count)
+                            .expect("the shard's count bound rules out overflow");
                         cursor.take();
                     }
                     if cursor.head().is_none() {
@@ -410,7 +413,8 @@ impl SnapshotStream {
                     j += 1;
                 }
                 std::cmp::Ordering::Equal => {
-                    let count = x.count.checked_add(y.count).expect("the shard's count bound rules out overflow");
+                    let count =
+                        x.count.checked_add(y.count).expect("the shard's count bound rules out overflow");
                     if count != 0 {
                         chunk.push(RowRef::from_encoding(a.row(x)), count);
                     }

@@ -195,7 +195,11 @@ async fn a_snapshot_larger_than_a_quarter_of_the_cache_reads_through_it_and_evic
         assert_eq!(reader.snapshot(large, 3).await.unwrap(), expected_large);
         assert_eq!(blob.gets(), small_parts + round * large_parts, "the large snapshot's parts are not kept");
         let cache = reader.stats().part_cache.expect("on");
-        assert_eq!((cache.parts, cache.bytes, cache.evictions), (kept.parts, kept.bytes, 0), "nothing evicted");
+        assert_eq!(
+            (cache.parts, cache.bytes, cache.evictions),
+            (kept.parts, kept.bytes, 0),
+            "nothing evicted"
+        );
     }
     assert_eq!(reader.snapshot(small, 0).await.unwrap(), expected_small);
     assert_eq!(blob.gets(), small_parts + 2 * large_parts, "the small snapshot's parts are still kept");
