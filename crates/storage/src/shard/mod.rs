@@ -26,7 +26,8 @@
 //!   listens wait on one poller per shard per process, which polls the consensus head and is woken early
 //!   by the backend's push channel (PostgreSQL `NOTIFY`) and by commits of this process. Every part read
 //!   goes through the process's part cache ([`cache`], bounded by [`ShardConfig::part_cache_bytes`]), so
-//!   the readers of one part in a process (listens, snapshots, compaction) fetch it once.
+//!   the readers of one part in a process (listens, snapshots, compaction) fetch it once (a snapshot
+//!   larger than a quarter of the cache reads through it, keeping nothing, so that it evicts nothing).
 //! - **compaction and GC** ([`maintenance`]) run in the background of every process: merge batches,
 //!   delete retired parts no reader can reach, truncate old consensus versions, expire leases, and sweep
 //!   parts that failed appends left behind.
@@ -126,7 +127,8 @@ pub struct ShardConfig {
     pub max_inline_bytes: usize,
     /// The most bytes of parts the process keeps in memory ([`cache`]), shared by all its readers of a
     /// part (listens, snapshots, compaction); `0` turns the cache off (every read fetches). Otherwise at
-    /// least `part_target_bytes`. Default [`DEFAULT_PART_CACHE_BYTES`].
+    /// least `part_target_bytes`. A snapshot of more than a quarter of it reads through it without keeping
+    /// its parts ([`read::SCAN_CACHE_FRACTION`]). Default [`DEFAULT_PART_CACHE_BYTES`].
     pub part_cache_bytes: usize,
     /// A listen's events carry about this many row bytes at most. Default 1 MiB.
     pub listen_chunk_bytes: usize,
