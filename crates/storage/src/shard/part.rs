@@ -186,8 +186,8 @@ pub enum PartError {
     },
 }
 
-/// Compares two rows' encodings as byte strings (the order of a part's updates and of a snapshot's rows),
-/// the first eight bytes as one integer: rows that differ early, as most do, compare without a call to
+/// Compares two rows' encodings as byte strings (the order of a part's updates and of a snapshot's rows)
+/// by their [`abbreviated_key`]s first: rows that differ early, as most do, compare without a call to
 /// `memcmp`. Answers what `a.cmp(b)` answers.
 #[inline]
 pub(crate) fn cmp_encodings(a: &[u8], b: &[u8]) -> Ordering {
@@ -197,6 +197,18 @@ pub(crate) fn cmp_encodings(a: &[u8], b: &[u8]) -> Ordering {
             unequal => unequal,
         },
         _ => a.cmp(b),
+    }
+}
+
+/// Whether an update of `row` at `time` continues the row of the `last` update, or `None` if it is out
+/// of order: a part's updates are in `(row, time)` order, each pair once.
+#[inline]
+fn continues(last: Option<(&[u8], u64)>, row: &[u8], time: u64) -> Option<bool> {
+    let Some((last_row, last_time)) = last else { return Some(false) };
+    match cmp_encodings(last_row, row) {
+        Ordering::Less => Some(false),
+        Ordering::Equal => (last_time < time).then_some(true),
+        Ordering::Greater => None,
     }
 }
 
@@ -300,7 +312,7 @@ pub fn decode_part(part: &PartRef, bytes: &[u8]) -> Result<Vec<Update>, PartErro
     let mut updates: Vec<Update> = Vec::with_capacity(raw.len());
     let mut last: Option<(&[u8], u64)> = None;
     while let Some((row, time, diff)) = raw.next()? {
-        if last.is_some_and(|last| last >= (row, time)) {
+        if continues(last, row, time).is_none() {
             return Err(raw.corrupt("updates out of order"));
         }
         last = Some((row, time));
@@ -365,13 +377,8 @@ pub fn decode_part_at(
     let mut pending: Option<(&[u8], Diff)> = None;
     let mut last: Option<(&[u8], u64)> = None;
     while let Some((row, time, diff)) = raw.next()? {
-        let same_row = match last {
-            None => false,
-            Some((last_row, last_time)) => match cmp_encodings(last_row, row) {
-                Ordering::Less => false,
-                Ordering::Equal if last_time < time => true,
-                _ => return Err(raw.corrupt("updates out of order")),
-            },
+        let Some(same_row) = continues(last, row, time) else {
+            return Err(raw.corrupt("updates out of order"));
         };
         last = Some((row, time));
         let diff = if time <= as_of { diff } else { 0 };
