@@ -95,9 +95,6 @@ fn lock_peeks(peeks: &StoragePeeks) -> std::sync::MutexGuard<'_, BTreeMap<PeekId
     peeks.lock().expect("storage peeks poisoned")
 }
 
-/// The snapshot bytes a storage peek reads per chunk.
-const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
-
 /// The result of a peek of storage collection `id` at `timestamp`: the snapshot (read in chunks) with
 /// the peek's map/filter/project and finishing applied.
 async fn storage_peek(
@@ -108,7 +105,7 @@ async fn storage_peek(
 ) -> PeekResult {
     let storage_error = |e: storage::ReadError| PeekFailure::Storage(e.to_string());
     let mut chunks =
-        storage.snapshot_stream(id, timestamp, SNAPSHOT_CHUNK_BYTES).await.map_err(storage_error)?;
+        storage.snapshot_stream(id, timestamp, storage::SNAPSHOT_CHUNK_BYTES).await.map_err(storage_error)?;
     let mut out: BTreeMap<Row, Diff> = BTreeMap::new();
     let mut packer = RowPacker::new();
     // The rows are lent out of each chunk: only what the map/filter/project keeps is copied.

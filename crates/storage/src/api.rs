@@ -147,6 +147,11 @@ pub trait StorageCollections: Send + Sync + std::fmt::Debug {
     fn watch_frontiers(&self) -> BoxFuture<'_, Result<FrontierWatch, ReadError>>;
 }
 
+/// The chunk size the system's own readers of a snapshot stream ask for (the storage peeks of compute
+/// and of the controller, a whole snapshot read as owned rows): large enough that a chunk's fixed costs
+/// vanish among its rows, small enough that its buffers are used again chunk after chunk.
+pub const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
+
 /// A snapshot handed out chunk by chunk ([`StorageCollections::snapshot_stream`]), as owned rows
 /// ([`next_chunk`](Self::next_chunk)) or as rows lent out of a [`RowChunk`]
 /// ([`next_rows`](Self::next_rows): a reader that keeps only some rows copies only those). The shard

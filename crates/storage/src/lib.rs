@@ -50,8 +50,8 @@ mod table_writer;
 mod url;
 
 pub use api::{
-    AppendRequest, BoxFuture, CollectionFrontiers, ListenEvent, SnapshotChunks, StorageCollections,
-    StorageReadHold,
+    AppendRequest, BoxFuture, CollectionFrontiers, ListenEvent, SNAPSHOT_CHUNK_BYTES, SnapshotChunks,
+    StorageCollections, StorageReadHold,
 };
 pub use chunk::RowChunk;
 pub use error::{AppendError, CreateError, DropError, HoldError, ReadError};

@@ -251,9 +251,6 @@ impl Core {
     }
 }
 
-/// The row bytes a storage peek asks for per chunk of its snapshot.
-const STORAGE_PEEK_CHUNK_BYTES: usize = 1 << 20;
-
 /// A storage peek with a limit trims what it keeps once it holds this many rows (or twice what the last
 /// trim kept, whichever is more).
 const STORAGE_PEEK_TRIM_ROWS: usize = 4096;
@@ -266,7 +263,7 @@ async fn read_storage_peek(
     peek: &Peek,
     max_result_size_bytes: Option<u64>,
 ) -> PeekResponse {
-    match storage.snapshot_stream(id, peek.timestamp, STORAGE_PEEK_CHUNK_BYTES).await {
+    match storage.snapshot_stream(id, peek.timestamp, storage::SNAPSHOT_CHUNK_BYTES).await {
         Ok(chunks) => answer_storage_peek(chunks, id, peek, max_result_size_bytes).await,
         Err(e) => PeekResponse::Error(format!("storage peek of {id}: {e}")),
     }

@@ -289,14 +289,11 @@ struct SnapshotRates {
     batches: usize,
 }
 
-/// The chunk size a storage peek reads a snapshot in (as the replica's `STORAGE_PEEK_CHUNK_BYTES`).
-const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
-
 /// Reads the snapshot at `as_of` as a storage peek does, in chunks of rows lent out of each chunk,
 /// visiting every row: answers the rows and the sum of their counts and encoded bytes.
 async fn read_chunks(storage: &ShardCollections, id: GlobalId, as_of: u64) -> (u64, i64) {
     let mut chunks =
-        StorageCollections::snapshot_stream(storage, id, as_of, SNAPSHOT_CHUNK_BYTES).await.unwrap();
+        StorageCollections::snapshot_stream(storage, id, as_of, storage::SNAPSHOT_CHUNK_BYTES).await.unwrap();
     let (mut rows, mut sum) = (0u64, 0i64);
     while let Some(chunk) = chunks.next_rows().await.unwrap() {
         let (chunk_rows, chunk_sum) = visit(&chunk);

@@ -1318,7 +1318,7 @@ impl StorageCollections for ShardCollections {
             let mut stream = self.inner.snapshot_stream(id, as_of).await?;
             let mut rows = Vec::with_capacity(stream.rows_bound());
             loop {
-                match stream.next_chunk(OWNED_SNAPSHOT_CHUNK_BYTES).await {
+                match stream.next_chunk(crate::SNAPSHOT_CHUNK_BYTES).await {
                     Ok(Some(chunk)) => rows.extend(chunk),
                     Ok(None) => return Ok(rows),
                     Err(error) => return Err(self.inner.explain(id, error).await),
@@ -1366,9 +1366,6 @@ impl StorageCollections for ShardCollections {
         })
     }
 }
-
-/// The chunks a whole snapshot ([`StorageCollections::snapshot`]) is read in.
-const OWNED_SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
 
 /// Every shard's id with its head seqno.
 pub(crate) async fn list_keys(inner: &Inner) -> Result<BTreeMap<GlobalId, SeqNo>, ReadError> {
