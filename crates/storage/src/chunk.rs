@@ -14,8 +14,8 @@
 //! **Invariant.** Only a [`RowRef`]'s bytes are pushed, so every row handed out is a valid row encoding:
 //! bytes from outside the process become a `RowRef` only through the validating [`RowRef::from_bytes`].
 //!
-//! **Tests.** The doctests and unit tests below; `tests/it/listen.rs` and `tests/it/shards.rs` (snapshots read by
-//! chunks on every backend).
+//! **Tests.** The doctests and unit tests below; `tests/it/listen.rs` and `tests/it/shards.rs`
+//! (snapshots read by chunks on every backend).
 
 use std::sync::Arc;
 

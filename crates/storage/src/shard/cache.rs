@@ -32,8 +32,9 @@
 //! kept or being fetched, never both; at most one fetch per key is in flight.
 //!
 //! **Tests.** Unit tests below (bound, recency, single flight, a dropped fetch, write-through and
-//! disowning, scanning reads); `tests/it/part_cache.rs` (through the engine: one `get` per part for concurrent readers,
-//! the bound under a workload, damage still reported by name).
+//! disowning, scanning reads); `tests/it/part_cache.rs` (through the engine: one `get` per part for
+//! concurrent readers, the bound under a workload, damage still reported by name, large snapshots read
+//! through the cache).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};

@@ -227,8 +227,9 @@ async fn an_embedded_watch_reports_every_collection_then_every_change() {
 }
 
 /// A snapshot stream hands out exactly the snapshot, in chunks that end with the row reaching the size
-/// asked for (as owned rows and as rows lent out of chunks), also when the since moves past its `as_of` meanwhile (`holds_as_of`: the since stays at
-/// `as_of` while the stream lives), and reports a time before the since as the snapshot does.
+/// asked for (as owned rows and as rows lent out of chunks), also when the since moves past its `as_of`
+/// meanwhile (`holds_as_of`: the since stays at `as_of` while the stream lives), and reports a time
+/// before the since as the snapshot does.
 pub(crate) async fn snapshot_streams_hand_out_the_snapshot_in_bounded_chunks(
     storage: Arc<dyn StorageCollections>,
     holds_as_of: bool,
