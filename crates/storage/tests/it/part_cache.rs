@@ -183,9 +183,15 @@ async fn a_snapshot_larger_than_a_quarter_of_the_cache_reads_through_it_and_evic
         large_bytes > (BOUND / 4) as u64 && large_bytes < BOUND as u64,
         "more than a quarter of the cache, and it would fit: {large_bytes}"
     );
-    let expected_small = writer.snapshot(small, 0).await.unwrap();
-    let expected_large = writer.snapshot(large, 3).await.unwrap();
-    assert_eq!(expected_large.len(), 240);
+    // What `fill` appended, every row once: the snapshots must hold exactly that.
+    let appended = |batches: u64, rows: i64| -> Vec<(protocol::Row, i64)> {
+        let mut all: Vec<_> =
+            (0..rows).flat_map(|x| (0..batches).map(move |t| (int_row(x * 100 + t as i64), 1))).collect();
+        all.sort();
+        all
+    };
+    let (expected_small, expected_large) = (appended(1, 10), appended(4, 60));
+    assert_eq!(writer.snapshot(large, 3).await.unwrap(), expected_large);
 
     let (reader, blob) = counted_process(&stores, config.clone()).await;
     assert_eq!(reader.snapshot(small, 0).await.unwrap(), expected_small);
