@@ -1,21 +1,32 @@
 //! The PostgreSQL [`Consensus`] (cargo feature `postgres`), which also speaks CockroachDB's dialect.
 //!
 //! **How.** The same two tables as SQLite (`consensus` with every retained version, `consensus_heads`
-//! with each key's head). A compare-and-set is one `READ COMMITTED` transaction that, per key in key order,
-//! moves the head row (`UPDATE ... WHERE seqno = expected`, or `INSERT ... ON CONFLICT DO NOTHING` for a
-//! new key) and inserts the version; a head row that did not move means a mismatch and a rollback. The head
-//! row's lock serializes racing writers: the loser's `UPDATE` waits, then re-checks the moved row and finds
-//! nothing to update. Each committed key is announced with `pg_notify('consensus_changes', key)` (in the
-//! transaction, so only commits are announced); a dedicated connection `LISTEN`s and feeds
-//! [`Consensus::changes`], reconnecting with backoff when the server goes away. CockroachDB (detected from
-//! `version()`) has no `NOTIFY`: there the push channel is absent and readers poll.
+//! with each key's head). A compare-and-set is **one statement**, run in its own implicit transaction
+//! ([`cas_statement`]): per key in key order, a step moves the head row (`UPDATE ... WHERE seqno =
+//! expected`, or `INSERT ... ON CONFLICT DO NOTHING` for a new key), and each step runs only if the one
+//! before it moved its row, so row locks are taken in key order (no deadlock between two multi-key sets).
+//! Then the versions are inserted and each key is announced with `pg_notify('consensus_changes', key)`
+//! (only commits are announced). A step that moved nothing ends the statement with a division by zero
+//! (SQLSTATE `22012`, which nothing else in it can raise): the statement rolls back whole and the call
+//! answers [`CasOutcome::Mismatch`]. A racing writer's `UPDATE` waits for the head row's lock, then
+//! re-checks the moved row and finds nothing to update.
+//!
+//! **Why one statement.** The server never waits for this client while it holds a lock: it has the whole
+//! statement before it starts, and commits before it answers. A transaction of several round trips would
+//! keep its row locks while the client is silent, and a process cut off the network mid-transaction would
+//! stall every writer of those shards until the server noticed (the cluster scenario's link cut did that
+//! to the table writer for seconds). A dedicated connection `LISTEN`s and feeds [`Consensus::changes`],
+//! reconnecting with backoff when the server goes away. CockroachDB (detected from `version()`) has no
+//! `NOTIFY`, so there the push channel is absent and readers poll; it also refuses two writes to one table
+//! in one statement, so multi-key compare-and-sets fail there (untested: no CockroachDB here).
 //!
 //! **Connections.** A pool of at most `connections` clients (URL parameter), opened lazily, each with its
 //! statements prepared; a client whose call failed is dropped, not reused. TLS is not supported yet: use
 //! `sslmode=disable` or `prefer` (the default, which falls back to plain TCP).
 //!
-//! **Errors.** The server refusing a statement (a `SQLSTATE`) is determinate, as is any failure before the
-//! `COMMIT` was sent; a `COMMIT` whose answer is lost (connection closed, timeout) is indeterminate.
+//! **Errors.** The server refusing a statement (a `SQLSTATE`) is determinate: it rolled back. A
+//! compare-and-set whose answer is lost (connection closed, timeout) is indeterminate: it may have
+//! committed.
 //!
 //! **Tests.** The conformance suite in `tests/it/consensus.rs` against a throwaway PostgreSQL 15
 //! (`storage::services`), and the outage test in `tests/it/faults.rs`.
@@ -26,6 +37,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast};
 use tokio::task::JoinHandle;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::{AsyncMessage, Client, NoTls, Statement};
 
 use crate::api::BoxFuture;
@@ -49,15 +61,16 @@ const SCHEMA: &str = "
     );
 ";
 
+/// How many compare-and-set statements (one per number of keys) a pooled connection keeps prepared; a set
+/// of another size prepares its statement for the call.
+const CAS_STATEMENTS_KEPT: usize = 8;
+
 /// A pooled connection with its prepared statements.
 struct Pooled {
     client: Client,
     head: Statement,
-    move_head: Statement,
-    new_head: Statement,
-    insert: Statement,
-    /// `None` on CockroachDB.
-    notify: Option<Statement>,
+    /// [`cas_statement`]s by number of keys, at most [`CAS_STATEMENTS_KEPT`].
+    cas: std::collections::BTreeMap<usize, Statement>,
     scan: Statement,
     list: Statement,
 }
@@ -109,7 +122,6 @@ fn seqno_of(value: i64) -> Result<SeqNo, ExternalError> {
 /// the connection closed), rather than the server answering with a refusal (a wrong database, user or
 /// password; an SQL error).
 fn unreachable(error: &tokio_postgres::Error) -> bool {
-    use tokio_postgres::error::SqlState;
     match error.as_db_error() {
         None => true,
         // A server starting up, shutting down or in recovery answers, but cannot serve yet: as good as
@@ -152,6 +164,40 @@ async fn connect(config: &tokio_postgres::Config, timeout: Duration) -> Result<C
     Ok(client)
 }
 
+/// The compare-and-set of `keys` keys, as one statement. Its parameters are arrays with an element per
+/// key, in key order: `$1` the keys, `$2` the expected head seqnos (`NULL` for a new key), `$3` the new
+/// seqnos, `$4` the new versions' data. Step `i` moves key `i`'s head (`m{i}` an existing head, `c{i}` a
+/// new one) only if step `i - 1` moved its own, so the steps lock rows in key order and stop at the first
+/// mismatch; the last line turns a mismatch into a division by zero, which rolls back the steps before it.
+/// On success it answers a row per key (the `pg_notify` calls, or the keys where there is no `NOTIFY`).
+fn cas_statement(keys: usize, notify: bool) -> String {
+    assert!(keys > 0, "check_ops refuses an empty set");
+    let moved = |i: usize| format!("EXISTS (SELECT FROM m{i} UNION ALL SELECT FROM c{i})");
+    let mut sql = String::from("WITH ");
+    for i in 1..=keys {
+        let gate = if i == 1 { "TRUE".to_owned() } else { moved(i - 1) };
+        sql.push_str(&format!(
+            "m{i} AS (UPDATE consensus_heads SET seqno = $3[{i}] \
+             WHERE key = $1[{i}] AND seqno = $2[{i}] AND {gate} RETURNING 1), \
+             c{i} AS (INSERT INTO consensus_heads (key, seqno) SELECT $1[{i}], $3[{i}] \
+             WHERE $2[{i}] IS NULL AND {gate} ON CONFLICT (key) DO NOTHING RETURNING 1), "
+        ));
+    }
+    let all = moved(keys);
+    let answer = if notify { format!("pg_notify('{CHANNEL}', key)") } else { "key".to_owned() };
+    sql.push_str(&format!(
+        "v AS (INSERT INTO consensus (key, seqno, data) SELECT * FROM unnest($1, $3, $4) WHERE {all} \
+         RETURNING key) SELECT {answer} FROM v WHERE 1 / ({all})::int = 1"
+    ));
+    sql
+}
+
+async fn prepare_cas(client: &Client, keys: usize, notify: bool) -> Result<Statement, tokio_postgres::Error> {
+    use tokio_postgres::types::Type;
+    let types = [Type::TEXT_ARRAY, Type::INT8_ARRAY, Type::INT8_ARRAY, Type::BYTEA_ARRAY];
+    client.prepare_typed(&cas_statement(keys, notify), &types).await
+}
+
 async fn prepare(client: Client, notify: bool) -> Result<Pooled, tokio_postgres::Error> {
     Ok(Pooled {
         head: client
@@ -160,17 +206,7 @@ async fn prepare(client: Client, notify: bool) -> Result<Pooled, tokio_postgres:
                  LEFT JOIN consensus c ON c.key = h.key AND c.seqno = h.seqno WHERE h.key = $1",
             )
             .await?,
-        move_head: client
-            .prepare("UPDATE consensus_heads SET seqno = $3 WHERE key = $1 AND seqno = $2")
-            .await?,
-        new_head: client
-            .prepare("INSERT INTO consensus_heads (key, seqno) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING")
-            .await?,
-        insert: client.prepare("INSERT INTO consensus (key, seqno, data) VALUES ($1, $2, $3)").await?,
-        notify: match notify {
-            true => Some(client.prepare(&format!("SELECT pg_notify('{CHANNEL}', $1::text)")).await?),
-            false => None,
-        },
+        cas: std::collections::BTreeMap::from([(1, prepare_cas(&client, 1, notify).await?)]),
         scan: client
             .prepare(
                 "SELECT seqno, data FROM consensus WHERE key = $1 AND seqno >= $2 ORDER BY seqno LIMIT $3",
@@ -237,17 +273,8 @@ impl PostgresConsensus {
         listen_for_changes: bool,
         timeout: Duration,
     ) -> Result<Self, ConsensusOpenError> {
-        let mut config: tokio_postgres::Config =
+        let config: tokio_postgres::Config =
             url.parse().map_err(|e| ConsensusOpenError::Backend(format!("invalid postgres URL: {e}")))?;
-        // A process that vanishes mid-transaction (killed, or its host cut off the network) would keep
-        // its row locks, and every writer of that shard would wait, until the server notices the dead
-        // client (TCP keepalive: hours). The server ends such a transaction after the call timeout.
-        let options = format!(
-            "{} -c idle_in_transaction_session_timeout={}",
-            config.get_options().unwrap_or_default(),
-            timeout.as_millis().max(1)
-        );
-        config.options(options.trim_start());
         let client = connect(&config, timeout).await.map_err(|failure| match failure.unreachable {
             true => ConsensusOpenError::Unreachable(failure.error.to_string()),
             false => ConsensusOpenError::Backend(failure.error.to_string()),
@@ -346,35 +373,45 @@ impl Consensus for PostgresConsensus {
     fn compare_and_set_multi(&self, mut ops: Vec<CasOp>) -> BoxFuture<'_, Result<CasOutcome, ExternalError>> {
         Box::pin(async move {
             check_ops(&mut ops)?;
+            let notify = self.shared.notify;
             self.shared
                 .call(true, async move |pooled: &mut Pooled| {
-                    let Pooled { client, move_head, new_head, insert, notify: notify_statement, .. } = pooled;
-                    let tx = client.transaction().await.map_err(|e| determinate("begin", e))?;
-                    for op in &ops {
-                        let seqno = i64::try_from(op.new.seqno).expect("check_ops bounds seqnos");
-                        let moved = match op.expected {
-                            Some(expected) => {
-                                let expected = i64::try_from(expected).expect("check_ops bounds seqnos");
-                                tx.execute(&*move_head, &[&op.key, &expected, &seqno]).await
+                    let keys: Vec<&str> = ops.iter().map(|op| op.key.as_str()).collect();
+                    let expected = ops
+                        .iter()
+                        .map(|op| op.expected.map(|e| i64::try_from(e).expect("check_ops bounds seqnos")))
+                        .collect::<Vec<Option<i64>>>();
+                    let seqnos = ops
+                        .iter()
+                        .map(|op| i64::try_from(op.new.seqno).expect("check_ops bounds seqnos"))
+                        .collect::<Vec<i64>>();
+                    let data: Vec<&[u8]> = ops.iter().map(|op| &op.new.data[..]).collect();
+                    let statement = match pooled.cas.get(&ops.len()) {
+                        Some(statement) => statement.clone(),
+                        None => {
+                            let statement = prepare_cas(&pooled.client, ops.len(), notify)
+                                .await
+                                .map_err(|e| determinate("prepare", e))?;
+                            if pooled.cas.len() < CAS_STATEMENTS_KEPT {
+                                pooled.cas.insert(ops.len(), statement.clone());
                             }
-                            None => tx.execute(&*new_head, &[&op.key, &seqno]).await,
+                            statement
                         }
-                        .map_err(|e| determinate("compare", e))?;
-                        if moved != 1 {
-                            // Dropping the transaction rolls it back.
-                            return Ok(CasOutcome::Mismatch);
+                    };
+                    match pooled.client.execute(&statement, &[&keys, &expected, &seqnos, &data]).await {
+                        Ok(rows) => {
+                            assert_eq!(rows, ops.len() as u64, "a committed set answers a row per key");
+                            Ok(CasOutcome::Committed)
                         }
-                        tx.execute(&*insert, &[&op.key, &seqno, &&op.new.data[..]])
-                            .await
-                            .map_err(|e| determinate("insert", e))?;
-                        if let Some(notify) = notify_statement {
-                            tx.execute(&*notify, &[&op.key]).await.map_err(|e| determinate("notify", e))?;
+                        Err(error) if error.code() == Some(&SqlState::DIVISION_BY_ZERO) => {
+                            Ok(CasOutcome::Mismatch)
                         }
-                    }
-                    match tx.commit().await {
-                        Ok(()) => Ok(CasOutcome::Committed),
-                        Err(error) if error.as_db_error().is_some() => Err(determinate("commit", error)),
-                        Err(error) => Err(ExternalError::Indeterminate(format!("postgres commit: {error}"))),
+                        Err(error) if error.as_db_error().is_some() => {
+                            Err(determinate("compare-and-set", error))
+                        }
+                        Err(error) => {
+                            Err(ExternalError::Indeterminate(format!("postgres compare-and-set: {error}")))
+                        }
                     }
                 })
                 .await

@@ -3,8 +3,10 @@
 //! `expected`; the multi-key form commits all keys or none; invalid requests are determinate errors;
 //! scan, truncate (never the head) and list; racing compare-and-sets from two independent opens of the
 //! same store (two processes' worth of connections) lose no increment and apply none twice;
-//! PostgreSQL pushes every committed key to the other open's change channel; and a SQLite
-//! compare-and-set waits for a write lock another connection holds, up to the store's timeout.
+//! PostgreSQL pushes every committed key to the other open's change channel; a PostgreSQL writer cut off
+//! the network right after its compare-and-set holds no lock another writer waits for (through a proxy
+//! that stops passing bytes); and a SQLite compare-and-set waits for a write lock another connection
+//! holds, up to the store's timeout.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,6 +44,12 @@ async fn the_consensus_contract_holds(consensus: Arc<dyn Consensus>) {
     assert_eq!(c.compare_and_set_multi(stale).await.unwrap(), CasOutcome::Mismatch);
     assert_eq!(c.head("x").await.unwrap(), None);
     assert_eq!(c.head("k").await.unwrap(), Some(version(1, b"one")));
+    // The mismatch on the last key in key order: the keys before it moved first, and are rolled back.
+    let last_stale = vec![op("a", None, 0), op("k", Some(1), 2), op("z", Some(0), 1)];
+    assert_eq!(c.compare_and_set_multi(last_stale).await.unwrap(), CasOutcome::Mismatch);
+    assert_eq!(c.head("a").await.unwrap(), None);
+    assert_eq!(c.head("k").await.unwrap(), Some(version(1, b"one")));
+    assert!(c.scan("k", 2, 10).await.unwrap().is_empty(), "no version 2 of k");
     let twice = vec![op("x", None, 0), op("x", None, 0)];
     assert!(matches!(c.compare_and_set_multi(twice).await, Err(ExternalError::Determinate(_))));
     let both = vec![op("x", None, 0), op("k", Some(1), 2)];
@@ -190,4 +198,130 @@ async fn a_sqlite_compare_and_set_gives_up_at_its_timeout_when_another_process_k
     assert!(matches!(attempt, Err(ExternalError::Determinate(_))), "{attempt:?}");
     holder.join().unwrap();
     assert_eq!(consensus.head("k").await.unwrap(), None);
+}
+
+/// A TCP proxy in front of PostgreSQL that can cut its client off just after a statement: once armed, it
+/// forwards the next chunk the client sends that starts with a `Bind` message (`B`: a prepared statement's
+/// execution, sent with its `Execute` and `Sync` in one write) and from then on passes nothing either way
+/// on that connection, keeping the server's side open, as a host that dropped off the network would.
+struct CuttingProxy {
+    addr: std::net::SocketAddr,
+    armed: Arc<std::sync::atomic::AtomicBool>,
+    cut: Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CuttingProxy {
+    async fn start(server: std::net::SocketAddr) -> CuttingProxy {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (armed, cut) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+        let (armed_in, cut_in) = (Arc::clone(&armed), Arc::clone(&cut));
+        let task = tokio::spawn(async move {
+            let mut connections = Vec::new();
+            while let Ok((client, _)) = listener.accept().await {
+                let upstream = tokio::net::TcpStream::connect(server).await.unwrap();
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut server_read, mut server_write) = upstream.into_split();
+                let silent = Arc::new(AtomicBool::new(false));
+                let (armed, cut, silent_up) =
+                    (Arc::clone(&armed_in), Arc::clone(&cut_in), Arc::clone(&silent));
+                connections.push(tokio::spawn(async move {
+                    let mut buffer = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match client_read.read(&mut buffer).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if silent_up.load(Ordering::SeqCst) {
+                            continue;
+                        }
+                        if server_write.write_all(&buffer[..n]).await.is_err() {
+                            break;
+                        }
+                        if buffer[0] == b'B' && armed.swap(false, Ordering::SeqCst) {
+                            silent_up.store(true, Ordering::SeqCst);
+                            cut.store(true, Ordering::SeqCst);
+                        }
+                    }
+                    // A cut-off host sends no FIN: the server's side stays open until the proxy goes.
+                    std::future::pending::<()>().await;
+                    drop(server_write);
+                }));
+                connections.push(tokio::spawn(async move {
+                    let mut buffer = vec![0u8; 64 * 1024];
+                    while let Ok(n) = server_read.read(&mut buffer).await {
+                        if n == 0 {
+                            break;
+                        }
+                        if !silent.load(Ordering::SeqCst)
+                            && client_write.write_all(&buffer[..n]).await.is_err()
+                        {
+                            break;
+                        }
+                    }
+                }));
+            }
+            drop(connections);
+        });
+        CuttingProxy { addr, armed, cut, task }
+    }
+}
+
+impl Drop for CuttingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A compare-and-set is one statement that the server commits on its own: a writer cut off the network
+/// right after sending it holds no row lock that would stall the other writers of its shard. (A
+/// transaction of several round trips would hold the head row's lock while its client is silent, up to
+/// the server's idle timeout; the cluster scenario's link cut stalled the table writer that way.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_writer_cut_off_after_its_compare_and_set_stalls_no_other_writer() {
+    use std::sync::atomic::Ordering;
+    let Some(services) = crate::backends::Services::start() else { return };
+    let (_, url) = services.fresh();
+    let port = services.postgres.port();
+    let server = format!("127.0.0.1:{port}").parse().unwrap();
+    let proxy = CuttingProxy::start(server).await;
+    let through_proxy = url.replacen(&format!(":{port}/"), &format!(":{}/", proxy.addr.port()), 1);
+    assert_ne!(through_proxy, url, "{url}");
+    let open =
+        async |url: String| url.parse::<storage::consensus::ConsensusConfig>().unwrap().open().await.unwrap();
+    // The cut-off writer waits long for its answer; the other writer's calls give up after 5 s.
+    let cut = open(format!("{through_proxy}?connections=1&timeout_ms=60000&listen=false")).await;
+    let other = open(format!("{url}?timeout_ms=5000&listen=false")).await;
+
+    assert_eq!(cut.compare_and_set("k", None, version(0, b"zero")).await.unwrap(), CasOutcome::Committed);
+    proxy.armed.store(true, Ordering::SeqCst);
+    let stuck = tokio::spawn(async move { cut.compare_and_set("k", Some(0), version(1, b"cut off")).await });
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while !proxy.cut.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the proxy cuts the writer off after its compare-and-set");
+
+    // The server commits the statement without its client, at once.
+    let committed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match other.head("k").await.unwrap() {
+                Some(head) if head.seqno == 1 => return head,
+                _ => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+    })
+    .await
+    .expect("the cut-off compare-and-set commits without its client");
+    assert_eq!(committed, version(1, b"cut off"));
+    // And the head row is free: another writer moves it on within its own timeout.
+    let next = other.compare_and_set("k", Some(1), version(2, b"other")).await;
+    assert_eq!(next.unwrap(), CasOutcome::Committed);
+    assert!(!stuck.is_finished(), "the cut-off writer never hears its answer");
+    stuck.abort();
 }
