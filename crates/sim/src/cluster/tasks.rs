@@ -117,6 +117,8 @@ struct Ctx {
     stop: watch::Sender<bool>,
     /// Set when the writer should stop (after the run).
     stop_writer: watch::Sender<bool>,
+    /// Set by the writer once it stopped: its last append has landed (or failed).
+    writer_stopped: watch::Sender<bool>,
     /// The current `status_summary` index; write-locked while it is dropped and recreated.
     status_summary: RwLock<Option<GlobalId>>,
     /// The number of customers written (ids `1..=n`).
@@ -375,6 +377,7 @@ async fn scenario_on(
         log_upper,
         stop: watch::channel(false).0,
         stop_writer: watch::channel(false).0,
+        writer_stopped: watch::channel(false).0,
         status_summary: RwLock::new(Some(workload::status_summary_id(0))),
         customers: AtomicI64::new(generator.customer_count()),
         as_ofs: Mutex::new(as_ofs),
@@ -463,8 +466,15 @@ async fn run_phases(ctx: &Arc<Ctx>, rng: &mut Rng) -> anyhow::Result<()> {
         display.abort();
         bail!(fatal);
     }
-    // Let the writer finish its last append, then check everything catches up and agrees in full.
-    tokio::time::sleep(WRITE_INTERVAL * 3).await;
+    // The writer finishes its last append (it may be slow: behind a lock, or a store coming back), so
+    // that the last write is final before everything is checked against it.
+    let mut stopped = ctx.writer_stopped.subscribe();
+    if tokio::time::timeout(PATIENCE, stopped.wait_for(|s| *s)).await.is_err() {
+        ctx.stats.violation(format!(
+            "liveness: the table writer's last append did not end within {} s",
+            PATIENCE.as_secs()
+        ));
+    }
     // The report's duration is the timed run's.
     *lock(&ctx.stats.finished_s) = Some(elapsed);
     let result = final_checks(ctx).await;
@@ -479,6 +489,7 @@ async fn run_phases(ctx: &Arc<Ctx>, rng: &mut Rng) -> anyhow::Result<()> {
 /// Writes table changes at the configured rate until told to stop; a failed write ends the run.
 async fn write(ctx: Arc<Ctx>, writer: Arc<TableWriter>, generator: Generator) -> anyhow::Result<()> {
     let result = write_at_rate(&ctx, &writer, generator).await;
+    ctx.writer_stopped.send_replace(true);
     if let Err(e) = &result {
         ctx.ui.event(&ctx.stats, &format!("the table writer failed: {e:#}; stopping"));
         *lock(&ctx.fatal) = Some(format!("the table writer failed: {e:#}"));

@@ -325,6 +325,8 @@ fn a_replica_cut_off_the_network_for_seconds_catches_up_after_while_the_other_an
     assert!(cut["ended_at_s"].as_f64() >= cut["started_at_s"].as_f64().map(|s| s + 4.0), "{cut:#}");
     // While r2 was unreachable, r1 answered peeks (each checked against the oracle).
     assert!(number(cut, "/peeks_answered") > 0, "no peek answered during the cut: {cut:#}");
+    // And the table writer kept appending: a process cut off mid-call holds no lock other writers need.
+    assert!(number(cut, "/appends_during") > 0, "no append during the cut: {cut:#}");
     // After the restore, r2 answered a peek targeted at it and caught up past the restore time.
     assert!(cut["answered_peek_ms"].is_u64(), "{cut:#}");
     assert!(cut["caught_up_ms"].is_u64(), "{cut:#}");
