@@ -1,24 +1,23 @@
 //! The PostgreSQL [`Consensus`] (cargo feature `postgres`), which also speaks CockroachDB's dialect.
 //!
 //! **How.** The same two tables as SQLite (`consensus` with every retained version, `consensus_heads`
-//! with each key's head). A compare-and-set is **one statement**, run in its own implicit transaction
-//! ([`cas_statement`]): per key in key order, a step moves the head row (`UPDATE ... WHERE seqno =
-//! expected`, or `INSERT ... ON CONFLICT DO NOTHING` for a new key), and each step runs only if the one
-//! before it moved its row, so row locks are taken in key order (no deadlock between two multi-key sets).
-//! Then the versions are inserted and each key is announced with `pg_notify('consensus_changes', key)`
-//! (only commits are announced). A step that moved nothing ends the statement with a division by zero
-//! (SQLSTATE `22012`, which nothing else in it can raise): the statement rolls back whole and the call
-//! answers [`CasOutcome::Mismatch`]. A racing writer's `UPDATE` waits for the head row's lock, then
-//! re-checks the moved row and finds nothing to update.
+//! with each key's head). A compare-and-set is **one statement** in its own implicit transaction
+//! ([`cas_statement`]): one `INSERT ... ON CONFLICT DO UPDATE` moves every head, a key at a time in key
+//! order (so two multi-key sets lock rows in the same order), each only if it is still the expected
+//! version; then the versions are inserted and each key is announced with `pg_notify('consensus_changes',
+//! key)`, which only a commit delivers. If a head did not move, the statement divides by zero (SQLSTATE
+//! `22012`, which nothing else in it can raise): it rolls back whole and the call answers
+//! [`CasOutcome::Mismatch`]. A racing writer waits for the head row's lock, then re-checks the moved row
+//! and finds it moved. The call's answer waits for the server's `ReadyForQuery`, which follows the commit.
 //!
 //! **Why one statement.** The server never waits for this client while it holds a lock: it has the whole
-//! statement before it starts, and commits before it answers. A transaction of several round trips would
-//! keep its row locks while the client is silent, and a process cut off the network mid-transaction would
-//! stall every writer of those shards until the server noticed (the cluster scenario's link cut did that
-//! to the table writer for seconds). A dedicated connection `LISTEN`s and feeds [`Consensus::changes`],
-//! reconnecting with backoff when the server goes away. CockroachDB (detected from `version()`) has no
-//! `NOTIFY`, so there the push channel is absent and readers poll; it also refuses two writes to one table
-//! in one statement, so multi-key compare-and-sets fail there (untested: no CockroachDB here).
+//! statement before it starts. A transaction of several round trips keeps its row locks while its client
+//! is silent, so a process cut off the network mid-transaction stalls every writer of those shards until
+//! the server gives up on it (the cluster scenario's link cut stalled the table writer that way for
+//! seconds). A dedicated connection `LISTEN`s and feeds [`Consensus::changes`], reconnecting with backoff
+//! when the server goes away. CockroachDB (detected from `version()`) has no `NOTIFY`: there the push
+//! channel is absent and readers poll. The statement writes each table once, as CockroachDB requires; no
+//! CockroachDB is installed here, so that dialect is untested.
 //!
 //! **Connections.** A pool of at most `connections` clients (URL parameter), opened lazily, each with its
 //! statements prepared; a client whose call failed is dropped, not reused. TLS is not supported yet: use
@@ -61,16 +60,12 @@ const SCHEMA: &str = "
     );
 ";
 
-/// How many compare-and-set statements (one per number of keys) a pooled connection keeps prepared; a set
-/// of another size prepares its statement for the call.
-const CAS_STATEMENTS_KEPT: usize = 8;
-
 /// A pooled connection with its prepared statements.
 struct Pooled {
     client: Client,
     head: Statement,
-    /// [`cas_statement`]s by number of keys, at most [`CAS_STATEMENTS_KEPT`].
-    cas: std::collections::BTreeMap<usize, Statement>,
+    /// [`cas_statement`].
+    cas: Statement,
     scan: Statement,
     list: Statement,
 }
@@ -164,38 +159,36 @@ async fn connect(config: &tokio_postgres::Config, timeout: Duration) -> Result<C
     Ok(client)
 }
 
-/// The compare-and-set of `keys` keys, as one statement. Its parameters are arrays with an element per
-/// key, in key order: `$1` the keys, `$2` the expected head seqnos (`NULL` for a new key), `$3` the new
-/// seqnos, `$4` the new versions' data. Step `i` moves key `i`'s head (`m{i}` an existing head, `c{i}` a
-/// new one) only if step `i - 1` moved its own, so the steps lock rows in key order and stop at the first
-/// mismatch; the last line turns a mismatch into a division by zero, which rolls back the steps before it.
-/// On success it answers a row per key (the `pg_notify` calls, or the keys where there is no `NOTIFY`).
-fn cas_statement(keys: usize, notify: bool) -> String {
-    assert!(keys > 0, "check_ops refuses an empty set");
-    let moved = |i: usize| format!("EXISTS (SELECT FROM m{i} UNION ALL SELECT FROM c{i})");
-    let mut sql = String::from("WITH ");
-    for i in 1..=keys {
-        let gate = if i == 1 { "TRUE".to_owned() } else { moved(i - 1) };
-        sql.push_str(&format!(
-            "m{i} AS (UPDATE consensus_heads SET seqno = $3[{i}] \
-             WHERE key = $1[{i}] AND seqno = $2[{i}] AND {gate} RETURNING 1), \
-             c{i} AS (INSERT INTO consensus_heads (key, seqno) SELECT $1[{i}], $3[{i}] \
-             WHERE $2[{i}] IS NULL AND {gate} ON CONFLICT (key) DO NOTHING RETURNING 1), "
-        ));
-    }
-    let all = moved(keys);
+/// The compare-and-set, as one statement for any number of keys. Its parameters are arrays with an
+/// element per key, in key order: `$1` the keys, `$2` the new seqnos, `$3` the new versions' data (the
+/// expected head is the new seqno minus one, or none for seqno 0: [`check_ops`] made sure of that).
+///
+/// - `heads` moves every head in one `INSERT ... ON CONFLICT DO UPDATE`, a key at a time in key order
+///   (`ORDER BY` the array position), so its row locks are taken in key order. A new key (seqno 0) is
+///   inserted unless it exists; an existing head moves only if it is the new seqno minus one (a racing
+///   writer's move is seen after waiting for its lock). A key expected to exist that does not is not
+///   inserted. Keys that did not move return no row.
+/// - `versions` inserts the new versions if every head moved.
+/// - The last line answers a row per key (its `pg_notify` call where there is `NOTIFY`), or, if a head did
+///   not move, divides by zero: the error rolls the whole statement back.
+///
+/// One write to each table, so CockroachDB's rule of one modification per table and statement holds.
+fn cas_statement(notify: bool) -> String {
     let answer = if notify { format!("pg_notify('{CHANNEL}', key)") } else { "key".to_owned() };
-    sql.push_str(&format!(
-        "v AS (INSERT INTO consensus (key, seqno, data) SELECT * FROM unnest($1, $3, $4) WHERE {all} \
-         RETURNING key) SELECT {answer} FROM v WHERE 1 / ({all})::int = 1"
-    ));
-    sql
-}
-
-async fn prepare_cas(client: &Client, keys: usize, notify: bool) -> Result<Statement, tokio_postgres::Error> {
-    use tokio_postgres::types::Type;
-    let types = [Type::TEXT_ARRAY, Type::INT8_ARRAY, Type::INT8_ARRAY, Type::BYTEA_ARRAY];
-    client.prepare_typed(&cas_statement(keys, notify), &types).await
+    format!(
+        "WITH ops AS (SELECT * FROM unnest($1::text[], $2::bigint[], $3::bytea[]) \
+         WITH ORDINALITY AS o(key, seqno, data, position)), \
+         heads AS (INSERT INTO consensus_heads (key, seqno) \
+         SELECT key, seqno FROM ops \
+         WHERE seqno = 0 OR EXISTS (SELECT 1 FROM consensus_heads h WHERE h.key = ops.key) \
+         ORDER BY position \
+         ON CONFLICT (key) DO UPDATE SET seqno = EXCLUDED.seqno \
+         WHERE consensus_heads.seqno = EXCLUDED.seqno - 1 RETURNING 1), \
+         moved AS (SELECT (SELECT count(*) FROM heads) = cardinality($1::text[]) AS all_moved), \
+         versions AS (INSERT INTO consensus (key, seqno, data) \
+         SELECT key, seqno, data FROM ops WHERE (SELECT all_moved FROM moved) RETURNING key) \
+         SELECT {answer} FROM versions WHERE 1 / (SELECT all_moved FROM moved)::int = 1"
+    )
 }
 
 async fn prepare(client: Client, notify: bool) -> Result<Pooled, tokio_postgres::Error> {
@@ -206,7 +199,11 @@ async fn prepare(client: Client, notify: bool) -> Result<Pooled, tokio_postgres:
                  LEFT JOIN consensus c ON c.key = h.key AND c.seqno = h.seqno WHERE h.key = $1",
             )
             .await?,
-        cas: std::collections::BTreeMap::from([(1, prepare_cas(&client, 1, notify).await?)]),
+        cas: {
+            use tokio_postgres::types::Type;
+            let types = [Type::TEXT_ARRAY, Type::INT8_ARRAY, Type::BYTEA_ARRAY];
+            client.prepare_typed(&cas_statement(notify), &types).await?
+        },
         scan: client
             .prepare(
                 "SELECT seqno, data FROM consensus WHERE key = $1 AND seqno >= $2 ORDER BY seqno LIMIT $3",
@@ -373,32 +370,15 @@ impl Consensus for PostgresConsensus {
     fn compare_and_set_multi(&self, mut ops: Vec<CasOp>) -> BoxFuture<'_, Result<CasOutcome, ExternalError>> {
         Box::pin(async move {
             check_ops(&mut ops)?;
-            let notify = self.shared.notify;
             self.shared
                 .call(true, async move |pooled: &mut Pooled| {
                     let keys: Vec<&str> = ops.iter().map(|op| op.key.as_str()).collect();
-                    let expected = ops
-                        .iter()
-                        .map(|op| op.expected.map(|e| i64::try_from(e).expect("check_ops bounds seqnos")))
-                        .collect::<Vec<Option<i64>>>();
                     let seqnos = ops
                         .iter()
                         .map(|op| i64::try_from(op.new.seqno).expect("check_ops bounds seqnos"))
                         .collect::<Vec<i64>>();
                     let data: Vec<&[u8]> = ops.iter().map(|op| &op.new.data[..]).collect();
-                    let statement = match pooled.cas.get(&ops.len()) {
-                        Some(statement) => statement.clone(),
-                        None => {
-                            let statement = prepare_cas(&pooled.client, ops.len(), notify)
-                                .await
-                                .map_err(|e| determinate("prepare", e))?;
-                            if pooled.cas.len() < CAS_STATEMENTS_KEPT {
-                                pooled.cas.insert(ops.len(), statement.clone());
-                            }
-                            statement
-                        }
-                    };
-                    match pooled.client.execute(&statement, &[&keys, &expected, &seqnos, &data]).await {
+                    match pooled.client.execute(&pooled.cas, &[&keys, &seqnos, &data]).await {
                         Ok(rows) => {
                             assert_eq!(rows, ops.len() as u64, "a committed set answers a row per key");
                             Ok(CasOutcome::Committed)

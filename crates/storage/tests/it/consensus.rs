@@ -2,7 +2,8 @@
 //! It checks the contract of `storage::consensus`: compare-and-set appends `expected + 1` iff the head is
 //! `expected`; the multi-key form commits all keys or none; invalid requests are determinate errors;
 //! scan, truncate (never the head) and list; racing compare-and-sets from two independent opens of the
-//! same store (two processes' worth of connections) lose no increment and apply none twice;
+//! same store (two processes' worth of connections), on one key and on two keys at once, lose no
+//! increment and apply none twice;
 //! PostgreSQL pushes every committed key to the other open's change channel; a PostgreSQL writer cut off
 //! the network right after its compare-and-set holds no lock another writer waits for (through a proxy
 //! that stops passing bytes); and a SQLite compare-and-set waits for a write lock another connection
@@ -100,12 +101,45 @@ async fn racing_increments_are_each_applied_once(a: Arc<dyn Consensus>, b: Arc<d
     assert_eq!(a.scan("race", 0, 1_000).await.unwrap().len(), 16 * 25);
 }
 
+/// Four tasks on each of two opens increment two keys together 10 times each, by multi-key
+/// compare-and-set: both keys end at the same version, every win applied to both.
+async fn racing_multi_key_increments_move_every_key_together(a: Arc<dyn Consensus>, b: Arc<dyn Consensus>) {
+    let mut tasks = Vec::new();
+    for task in 0..8 {
+        let consensus = if task % 2 == 0 { Arc::clone(&a) } else { Arc::clone(&b) };
+        tasks.push(tokio::spawn(async move {
+            let mut wins = 0;
+            while wins < 10 {
+                let mut ops = Vec::new();
+                for key in ["pair-b", "pair-a"] {
+                    let head = consensus.head(key).await.unwrap().map(|v| v.seqno);
+                    ops.push(op(key, head, head.map_or(0, |s| s + 1)));
+                }
+                match consensus.compare_and_set_multi(ops).await {
+                    Ok(CasOutcome::Committed) => wins += 1,
+                    // A busy database (a deadlock it broke, a lock it timed out on) is determinate.
+                    Ok(CasOutcome::Mismatch) | Err(ExternalError::Determinate(_)) => {}
+                    Err(error) => panic!("{error}"),
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    for key in ["pair-a", "pair-b"] {
+        assert_eq!(a.head(key).await.unwrap().unwrap().seqno, 8 * 10 - 1, "{key}: every win is one version");
+        assert_eq!(a.scan(key, 0, 1_000).await.unwrap().len(), 8 * 10, "{key}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_consensus_backend_meets_the_consensus_contract() {
     on_every_backend(async |stores| {
         the_consensus_contract_holds(stores.consensus().await).await;
         let (a, b) = (stores.consensus().await, stores.consensus().await);
-        racing_increments_are_each_applied_once(a, b).await;
+        racing_increments_are_each_applied_once(Arc::clone(&a), Arc::clone(&b)).await;
+        racing_multi_key_increments_move_every_key_together(a, b).await;
     })
     .await;
 }
