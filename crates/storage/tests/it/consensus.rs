@@ -72,64 +72,41 @@ async fn the_consensus_contract_holds(consensus: Arc<dyn Consensus>) {
     assert_eq!(c.list_keys().await.unwrap(), vec![("k".to_owned(), 2), ("x".to_owned(), 0)]);
 }
 
-/// Eight tasks on each of two opens increment one key 25 times each, by compare-and-set.
-async fn racing_increments_are_each_applied_once(a: Arc<dyn Consensus>, b: Arc<dyn Consensus>) {
-    let mut tasks = Vec::new();
-    for task in 0..16 {
+/// `tasks` tasks, alternating between two opens, each increment every one of `keys` together `wins`
+/// times by compare-and-set (multi-key for several keys): every key ends at the same version, each win
+/// applied once to every key.
+async fn racing_increments_are_each_applied_once(
+    (a, b): (Arc<dyn Consensus>, Arc<dyn Consensus>),
+    keys: &'static [&'static str],
+    tasks: u64,
+    wins: u64,
+) {
+    let mut running = Vec::new();
+    for task in 0..tasks {
         let consensus = if task % 2 == 0 { Arc::clone(&a) } else { Arc::clone(&b) };
-        tasks.push(tokio::spawn(async move {
-            let mut wins = 0;
-            let mut mismatches = 0;
-            while wins < 25 {
-                let head = consensus.head("race").await.unwrap().map(|v| v.seqno);
-                let next = head.map_or(0, |s| s + 1);
-                match consensus.compare_and_set("race", head, version(next, b"i")).await {
-                    Ok(CasOutcome::Committed) => wins += 1,
-                    Ok(CasOutcome::Mismatch) => mismatches += 1,
-                    // A busy database is a determinate failure: try again.
-                    Err(ExternalError::Determinate(_)) => mismatches += 1,
-                    Err(error) => panic!("{error}"),
-                }
-            }
-            mismatches
-        }));
-    }
-    for task in tasks {
-        task.await.unwrap();
-    }
-    assert_eq!(a.head("race").await.unwrap().unwrap().seqno, 16 * 25 - 1, "every win is one version");
-    assert_eq!(a.scan("race", 0, 1_000).await.unwrap().len(), 16 * 25);
-}
-
-/// Four tasks on each of two opens increment two keys together 10 times each, by multi-key
-/// compare-and-set: both keys end at the same version, every win applied to both.
-async fn racing_multi_key_increments_move_every_key_together(a: Arc<dyn Consensus>, b: Arc<dyn Consensus>) {
-    let mut tasks = Vec::new();
-    for task in 0..8 {
-        let consensus = if task % 2 == 0 { Arc::clone(&a) } else { Arc::clone(&b) };
-        tasks.push(tokio::spawn(async move {
-            let mut wins = 0;
-            while wins < 10 {
+        running.push(tokio::spawn(async move {
+            let mut won = 0;
+            while won < wins {
                 let mut ops = Vec::new();
-                for key in ["pair-b", "pair-a"] {
+                for key in keys {
                     let head = consensus.head(key).await.unwrap().map(|v| v.seqno);
                     ops.push(op(key, head, head.map_or(0, |s| s + 1)));
                 }
                 match consensus.compare_and_set_multi(ops).await {
-                    Ok(CasOutcome::Committed) => wins += 1,
-                    // A busy database (a deadlock it broke, a lock it timed out on) is determinate.
+                    Ok(CasOutcome::Committed) => won += 1,
+                    // A busy database (a lock it timed out on, a deadlock it broke) is determinate.
                     Ok(CasOutcome::Mismatch) | Err(ExternalError::Determinate(_)) => {}
                     Err(error) => panic!("{error}"),
                 }
             }
         }));
     }
-    for task in tasks {
+    for task in running {
         task.await.unwrap();
     }
-    for key in ["pair-a", "pair-b"] {
-        assert_eq!(a.head(key).await.unwrap().unwrap().seqno, 8 * 10 - 1, "{key}: every win is one version");
-        assert_eq!(a.scan(key, 0, 1_000).await.unwrap().len(), 8 * 10, "{key}");
+    for key in keys {
+        assert_eq!(a.head(key).await.unwrap().unwrap().seqno, tasks * wins - 1, "{key}: a version per win");
+        assert_eq!(a.scan(key, 0, 1_000).await.unwrap().len() as u64, tasks * wins, "{key}");
     }
 }
 
@@ -137,9 +114,9 @@ async fn racing_multi_key_increments_move_every_key_together(a: Arc<dyn Consensu
 async fn every_consensus_backend_meets_the_consensus_contract() {
     on_every_backend(async |stores| {
         the_consensus_contract_holds(stores.consensus().await).await;
-        let (a, b) = (stores.consensus().await, stores.consensus().await);
-        racing_increments_are_each_applied_once(Arc::clone(&a), Arc::clone(&b)).await;
-        racing_multi_key_increments_move_every_key_together(a, b).await;
+        let opens = (stores.consensus().await, stores.consensus().await);
+        racing_increments_are_each_applied_once(opens.clone(), &["race"], 16, 25).await;
+        racing_increments_are_each_applied_once(opens, &["pair-b", "pair-a"], 8, 10).await;
     })
     .await;
 }
