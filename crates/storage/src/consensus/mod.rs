@@ -276,6 +276,8 @@ impl std::str::FromStr for ConsensusConfig {
                 if !query.is_empty() {
                     pg_url = format!("{pg_url}?{}", query.join("&"));
                 }
+                #[cfg(feature = "postgres")]
+                postgres::check_url(&pg_url).map_err(|reason| invalid(&reason))?;
                 ConsensusKind::Postgres { url: pg_url, connections, listen }
             }
             "mem" => ConsensusKind::Memory { name: (!split.rest.is_empty()).then(|| split.rest.clone()) },
@@ -363,6 +365,8 @@ mod tests {
             ("sqlite:///x?journal=off", "unknown parameter \"journal\""),
             ("postgres://h/db?connections=0", "connections must be"),
             ("postgres://h/db?listen=maybe", "listen must be"),
+            ("postgres://h/db?sslmode=require", "sslmode=require asks for TLS"),
+            ("postgres://h/db?sslmode=sometimes", "invalid postgres URL"),
         ];
         for (url, expected) in cases {
             let error = url.parse::<ConsensusConfig>().unwrap_err().to_string();

@@ -20,8 +20,9 @@
 //! CockroachDB is installed here, so that dialect is untested.
 //!
 //! **Connections.** A pool of at most `connections` clients (URL parameter), opened lazily, each with its
-//! statements prepared; a client whose call failed is dropped, not reused. TLS is not supported yet: use
-//! `sslmode=disable` or `prefer` (the default, which falls back to plain TCP).
+//! statements prepared; a client whose call failed is dropped, not reused. TLS is not supported yet:
+//! `sslmode=require` is refused when the URL is parsed ([`check_url`]); `disable` and `prefer` (the
+//! default) connect without TLS.
 //!
 //! **Errors.** The server refusing a statement (a `SQLSTATE`) is determinate: it rolled back. A
 //! compare-and-set whose answer is lost (connection closed, timeout) is indeterminate: it may have
@@ -260,6 +261,18 @@ impl Shared {
         }
         drop(permit);
         result
+    }
+}
+
+/// Checks a PostgreSQL URL (tokio-postgres's syntax) when it is parsed, before anything connects: a
+/// malformed one, or one asking for what this store does not do (TLS), is refused with the reason.
+pub(crate) fn check_url(url: &str) -> Result<(), String> {
+    let config: tokio_postgres::Config = url.parse().map_err(|e| format!("invalid postgres URL: {e}"))?;
+    match config.get_ssl_mode() {
+        tokio_postgres::config::SslMode::Disable | tokio_postgres::config::SslMode::Prefer => Ok(()),
+        _ => Err("sslmode=require asks for TLS, which the PostgreSQL consensus does not speak yet: use \
+                  sslmode=disable, or prefer (the default), which connects without TLS"
+            .into()),
     }
 }
 
