@@ -17,13 +17,15 @@
 //! [`ServiceHost`] instead: an address and, optionally, a network namespace the server runs in (through
 //! `ip netns exec`, which replaces itself with the server, so the child's pid is the server's). Ports are
 //! probed free on this host's loopback; inside a fresh namespace every port is free. PostgreSQL off
-//! loopback also trusts clients of its own subnet (`samenet` in `pg_hba.conf`).
+//! loopback also trusts clients of its own subnet (`samenet` in `pg_hba.conf`). With
+//! [`PostgresOptions::tls`] the server speaks TLS only, with a certificate from a throwaway CA
+//! (`transport::certs`) whose file [`Postgres::ca_file`] names.
 //!
 //! **Missing services.** Every start returns a [`ServiceError`] saying what is missing and how to get it
 //! (`apt-get install -y postgresql`, `python3-venv`). [`services_required`] says whether the caller must
 //! fail on it (`CI=true`) rather than skip: under CI a missing service fails the run, never silently.
 //!
-//! **What this is not.** No tuning for production and no TLS: these servers live for one test or one run.
+//! **What this is not.** No tuning for production: these servers live for one test or one run.
 //! Blocking calls (`std::process`), meant for test set-up.
 //!
 //! **Tests.** Used by `tests/it/` (conformance suites, faults) and `benches/storage.rs`.
@@ -194,6 +196,9 @@ fn postgres_bin() -> Result<PathBuf, ServiceError> {
 pub struct PostgresOptions {
     /// Whether the server fsyncs its log (off makes tests faster; on for benchmarks).
     pub fsync: bool,
+    /// Whether the server speaks TLS only: a throwaway CA signs its certificate ([`Postgres::ca_file`]),
+    /// and `pg_hba.conf` refuses connections without TLS.
+    pub tls: bool,
 }
 
 /// A throwaway PostgreSQL server; see the module documentation.
@@ -232,15 +237,36 @@ impl Postgres {
             "postgres",
             "--no-sync",
         ]))?;
+        let hba = data.join("pg_hba.conf");
+        let mut text = fs::read_to_string(&hba)
+            .map_err(|e| ServiceError::Io(format!("cannot read {}: {e}", hba.display())))?;
         if !server.host.address.is_loopback() {
             // initdb trusts loopback only; clients on the host's own subnet connect from elsewhere.
-            let hba = data.join("pg_hba.conf");
-            let mut text = fs::read_to_string(&hba)
-                .map_err(|e| ServiceError::Io(format!("cannot read {}: {e}", hba.display())))?;
             text.push_str("\nhost all all samenet trust\n");
-            fs::write(&hba, text)
-                .map_err(|e| ServiceError::Io(format!("cannot write {}: {e}", hba.display())))?;
         }
+        if options.tls {
+            // TLS or nothing over TCP (the Unix socket, which `pg_ctl` uses, stays as it is).
+            text = text.lines().map(|line| line.replacen("host ", "hostssl ", 1) + "\n").collect();
+            let address = server.host.address.to_string();
+            let pki = transport::certs::write_throwaway_pki(&server.dir, &[address.as_str()])
+                .map_err(|e| ServiceError::Io(format!("cannot make the server's certificate: {e}")))?;
+            let conf = data.join("postgresql.conf");
+            let mut settings = fs::read_to_string(&conf)
+                .map_err(|e| ServiceError::Io(format!("cannot read {}: {e}", conf.display())))?;
+            settings.push_str(&format!(
+                "\nssl = on\nssl_cert_file = '{}'\nssl_key_file = '{}'\n",
+                pki.server_cert.display(),
+                pki.server_key.display()
+            ));
+            fs::write(&conf, settings)
+                .map_err(|e| ServiceError::Io(format!("cannot write {}: {e}", conf.display())))?;
+            if as_postgres_user {
+                // The server refuses a key it does not own.
+                run(Command::new("chown").args(["-R", "postgres"]).arg(&server.dir))?;
+            }
+        }
+        fs::write(&hba, text)
+            .map_err(|e| ServiceError::Io(format!("cannot write {}: {e}", hba.display())))?;
         server.start_again()?;
         Ok(server)
     }
@@ -295,6 +321,12 @@ impl Postgres {
             self.running = false;
         }
         Ok(())
+    }
+
+    /// The CA that signed the server's certificate (a PEM file), with [`PostgresOptions::tls`]: a
+    /// client's `sslrootcert`.
+    pub fn ca_file(&self) -> Option<PathBuf> {
+        self.options.tls.then(|| self.dir.join("ca.pem"))
     }
 
     /// The port it listens on.

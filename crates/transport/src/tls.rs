@@ -188,6 +188,12 @@ impl TlsClientConfig {
         Ok(self)
     }
 
+    /// The rustls configuration, for a client that runs the handshake itself (the PostgreSQL consensus,
+    /// whose driver starts TLS inside its own protocol).
+    pub fn rustls_config(&self) -> Arc<rustls::ClientConfig> {
+        Arc::clone(&self.config)
+    }
+
     /// Whether this client presents a certificate.
     pub fn has_client_certificate(&self) -> bool {
         self.client_certificate

@@ -55,7 +55,7 @@ struct Remote {
 
 impl Remote {
     fn start() -> Option<Remote> {
-        let postgres = match Postgres::start(PostgresOptions { fsync: true }) {
+        let postgres = match Postgres::start(PostgresOptions { fsync: true, ..PostgresOptions::default() }) {
             Ok(postgres) => postgres,
             Err(error) => {
                 println!("note: no PostgreSQL ({error}): the remote shard benchmarks are skipped");

@@ -12,7 +12,10 @@
 //!   can share: WAL mode, `synchronous=FULL`, a busy timeout, `BEGIN IMMEDIATE` for compare-and-set;
 //! - `postgres://user@host:port/db` (cargo feature `postgres`): PostgreSQL, or CockroachDB (detected; no
 //!   push channel there). Changes are announced with `NOTIFY` and pushed to [`Consensus::changes`]
-//!   (`?listen=false` turns the receiving side off; `?connections=N` sizes the pool);
+//!   (`?listen=false` turns the receiving side off; `?connections=N` sizes the pool). TLS with
+//!   `?sslmode=verify-full&sslrootcert=CA.pem`: the server's certificate checked against those CAs and
+//!   for the host connected to. `sslmode=disable` and `prefer` (the default) connect without TLS;
+//!   `require` and `verify-ca`, which do not check the server's name, are refused;
 //! - `mem://` or `mem://NAME`: in memory, a named one shared within the process.
 //!
 //! Both SQL backends keep a second table with each key's head seqno, written in the same transaction: a
@@ -169,6 +172,9 @@ pub enum ConsensusKind {
         /// Whether to `LISTEN` for changes (the push channel). URL parameter `listen`; default true.
         /// Writers announce their changes either way.
         listen: bool,
+        /// With `sslmode=verify-full&sslrootcert=FILE`: TLS, the server's certificate checked against the
+        /// CAs in this PEM file and for the host connected to. `None`: no TLS.
+        root_cert: Option<PathBuf>,
     },
     /// In memory; `Some(name)` is shared within the process.
     Memory {
@@ -181,11 +187,12 @@ impl fmt::Debug for ConsensusKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ConsensusKind::Sqlite { path } => f.debug_struct("Sqlite").field("path", path).finish(),
-            ConsensusKind::Postgres { url, connections, listen } => f
+            ConsensusKind::Postgres { url, connections, listen, root_cert } => f
                 .debug_struct("Postgres")
                 .field("url", &redact_password(url))
                 .field("connections", connections)
                 .field("listen", listen)
+                .field("root_cert", root_cert)
                 .finish(),
             ConsensusKind::Memory { name } => f.debug_struct("Memory").field("name", name).finish(),
         }
@@ -269,7 +276,30 @@ impl std::str::FromStr for ConsensusConfig {
                     Some("false") => false,
                     Some(_) => return Err(invalid("listen must be true or false")),
                 };
-                // The rest of the parameters are tokio-postgres's (sslmode, application_name, ...).
+                // TLS: only with the server's certificate checked, name included (libpq's `verify-full`).
+                let root_cert = split.take("sslrootcert").map(PathBuf::from);
+                let sslmode = split.take("sslmode");
+                let (sslmode, root_cert) = match (sslmode.as_deref(), root_cert) {
+                    (Some("verify-full"), Some(ca)) => (Some("require"), Some(ca)),
+                    (Some("verify-full"), None) => {
+                        return Err(invalid("sslmode=verify-full needs sslrootcert=FILE (the CAs to trust)"));
+                    }
+                    (Some("require" | "verify-ca"), _) => {
+                        return Err(invalid(
+                            "sslmode=require and verify-ca do not check the server's name: use \
+                             sslmode=verify-full with sslrootcert=FILE",
+                        ));
+                    }
+                    (_, Some(_)) => return Err(invalid("sslrootcert is only used with sslmode=verify-full")),
+                    (mode @ (None | Some("disable" | "prefer")), None) => (mode, None),
+                    (Some(_), None) => {
+                        return Err(invalid("sslmode must be disable, prefer (no TLS) or verify-full"));
+                    }
+                };
+                if let Some(mode) = sslmode {
+                    split.params.insert("sslmode".into(), mode.into());
+                }
+                // The rest of the parameters are tokio-postgres's (application_name, ...).
                 let query: Vec<String> = split.params.iter().map(|(k, v)| format!("{k}={v}")).collect();
                 split.params.clear();
                 let mut pg_url = format!("postgres://{}", split.rest);
@@ -278,7 +308,7 @@ impl std::str::FromStr for ConsensusConfig {
                 }
                 #[cfg(feature = "postgres")]
                 postgres::check_url(&pg_url).map_err(|reason| invalid(&reason))?;
-                ConsensusKind::Postgres { url: pg_url, connections, listen }
+                ConsensusKind::Postgres { url: pg_url, connections, listen, root_cert }
             }
             "mem" => ConsensusKind::Memory { name: (!split.rest.is_empty()).then(|| split.rest.clone()) },
             other => {
@@ -317,8 +347,15 @@ impl ConsensusConfig {
             }
             ConsensusKind::Memory { name } => Ok(memory::MemoryConsensus::open(name.as_deref())),
             #[cfg(feature = "postgres")]
-            ConsensusKind::Postgres { url, connections, listen } => Ok(Arc::new(
-                postgres::PostgresConsensus::open(url, *connections, *listen, self.timeout).await?,
+            ConsensusKind::Postgres { url, connections, listen, root_cert } => Ok(Arc::new(
+                postgres::PostgresConsensus::open(
+                    url,
+                    *connections,
+                    *listen,
+                    root_cert.as_deref(),
+                    self.timeout,
+                )
+                .await?,
             )),
             #[cfg(not(feature = "postgres"))]
             ConsensusKind::Postgres { .. } => Err(ConsensusOpenError::Backend(
@@ -349,9 +386,23 @@ mod tests {
                     url: "postgres://postgres:secret@127.0.0.1:5432/db?application_name=x".into(),
                     connections: 2,
                     listen: true,
+                    root_cert: None,
                 }
             );
             assert!(!format!("{config:?}").contains("secret"), "{config:?}");
+            let tls: ConsensusConfig =
+                "postgres://u@db.example:5432/db?sslmode=verify-full&sslrootcert=/etc/ca.pem"
+                    .parse()
+                    .unwrap();
+            assert_eq!(
+                tls.kind,
+                ConsensusKind::Postgres {
+                    url: "postgres://u@db.example:5432/db?sslmode=require".into(),
+                    connections: 4,
+                    listen: true,
+                    root_cert: Some(PathBuf::from("/etc/ca.pem")),
+                }
+            );
         } else {
             assert!(matches!(pg, Err(UrlError::FeatureDisabled { feature: "postgres", .. })));
         }
@@ -365,8 +416,12 @@ mod tests {
             ("sqlite:///x?journal=off", "unknown parameter \"journal\""),
             ("postgres://h/db?connections=0", "connections must be"),
             ("postgres://h/db?listen=maybe", "listen must be"),
-            ("postgres://h/db?sslmode=require", "sslmode=require asks for TLS"),
-            ("postgres://h/db?sslmode=sometimes", "invalid postgres URL"),
+            ("postgres://h/db?sslmode=require", "do not check the server's name"),
+            ("postgres://h/db?sslmode=verify-ca&sslrootcert=/ca.pem", "do not check the server's name"),
+            ("postgres://h/db?sslmode=verify-full", "needs sslrootcert"),
+            ("postgres://h/db?sslrootcert=/ca.pem", "only used with sslmode=verify-full"),
+            ("postgres://h/db?sslmode=sometimes", "sslmode must be"),
+            ("postgres://h/db?keepalives=maybe", "invalid postgres URL"),
         ];
         for (url, expected) in cases {
             let error = url.parse::<ConsensusConfig>().unwrap_err().to_string();

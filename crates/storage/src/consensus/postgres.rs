@@ -20,16 +20,21 @@
 //! CockroachDB is installed here, so that dialect is untested.
 //!
 //! **Connections.** A pool of at most `connections` clients (URL parameter), opened lazily, each with its
-//! statements prepared; a client whose call failed is dropped, not reused. TLS is not supported yet:
-//! `sslmode=require` is refused when the URL is parsed ([`check_url`]); `disable` and `prefer` (the
-//! default) connect without TLS.
+//! statements prepared; a client whose call failed is dropped, not reused. With a root certificate
+//! (`sslmode=verify-full&sslrootcert=FILE`) every connection, the `LISTEN` one included, is TLS 1.3
+//! through `tokio-rustls`, configured by `transport`'s `TlsClientConfig` (module `tls` below): the
+//! server's certificate must chain to those CAs and name the host connected to. A handshake that
+//! refuses the server is a refusal ([`ConsensusOpenError::Backend`]), not an unreachable server to wait
+//! for.
 //!
 //! **Errors.** The server refusing a statement (a `SQLSTATE`) is determinate: it rolled back. A
 //! compare-and-set whose answer is lost (connection closed, timeout) is indeterminate: it may have
-//! committed.
+//! committed. Messages carry the driver's causes ([`describe`]): what the server said, or why the
+//! handshake failed (the driver's own message names only the kind, such as "db error").
 //!
 //! **Tests.** The conformance suite in `tests/it/consensus.rs` against a throwaway PostgreSQL 15
-//! (`storage::services`), and the outage test in `tests/it/faults.rs`.
+//! (`storage::services`), with a writer cut off mid-call and a TLS-only server (verified, plain and
+//! untrusted connections); the outage test in `tests/it/faults.rs`.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -39,6 +44,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast};
 use tokio::task::JoinHandle;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{AsyncMessage, Client, NoTls, Statement};
+
+use self::tls::RustlsConnector;
 
 use crate::api::BoxFuture;
 use crate::consensus::{CasOp, CasOutcome, Consensus, ConsensusOpenError, SeqNo, VersionedData, check_ops};
@@ -73,6 +80,8 @@ struct Pooled {
 
 struct Shared {
     config: tokio_postgres::Config,
+    /// `Some` with `sslmode=verify-full`: every connection is TLS, the server's certificate checked.
+    tls: Option<RustlsConnector>,
     timeout: Duration,
     idle: Mutex<Vec<Pooled>>,
     permits: Arc<Semaphore>,
@@ -106,7 +115,19 @@ impl Drop for PostgresConsensus {
 }
 
 fn determinate(what: &str, error: tokio_postgres::Error) -> ExternalError {
-    ExternalError::Determinate(format!("postgres {what}: {error}"))
+    ExternalError::Determinate(format!("postgres {what}: {}", describe(&error)))
+}
+
+/// A driver error with its causes: `tokio-postgres` prints only its kind ("db error", "error
+/// performing TLS handshake"), and keeps what the server said, or why the handshake failed, as sources.
+fn describe(error: &tokio_postgres::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    text
 }
 
 fn seqno_of(value: i64) -> Result<SeqNo, ExternalError> {
@@ -139,12 +160,43 @@ impl From<ConnectFailure> for ExternalError {
     }
 }
 
-async fn connect(config: &tokio_postgres::Config, timeout: Duration) -> Result<Client, ConnectFailure> {
-    let connecting = config.connect(NoTls);
-    let (client, connection) = match tokio::time::timeout(timeout, connecting).await {
+/// The messages a connection receives that answer no call (notifications, notices), until it closes.
+type Messages = futures::stream::BoxStream<'static, Result<AsyncMessage, tokio_postgres::Error>>;
+
+/// Opens a connection, over TLS if `tls`; answers the client and the connection's other messages, which
+/// must be polled for the client to make progress.
+async fn open_connection(
+    config: &tokio_postgres::Config,
+    tls: Option<&RustlsConnector>,
+) -> Result<(Client, Messages), tokio_postgres::Error> {
+    fn messages<S, T>(mut connection: tokio_postgres::Connection<S, T>) -> Messages
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        Box::pin(futures::stream::poll_fn(move |cx| connection.poll_message(cx)))
+    }
+    Ok(match tls {
+        Some(tls) => {
+            let (client, connection) = config.connect(tls.clone()).await?;
+            (client, messages(connection))
+        }
+        None => {
+            let (client, connection) = config.connect(NoTls).await?;
+            (client, messages(connection))
+        }
+    })
+}
+
+async fn connect(
+    config: &tokio_postgres::Config,
+    tls: Option<&RustlsConnector>,
+    timeout: Duration,
+) -> Result<Client, ConnectFailure> {
+    let (client, mut messages) = match tokio::time::timeout(timeout, open_connection(config, tls)).await {
         Ok(Ok(pair)) => pair,
         Ok(Err(error)) => {
-            let unreachable = unreachable(&error);
+            let unreachable = unreachable(&error) && !tls::refused(&error);
             return Err(ConnectFailure { error: determinate("connect", error), unreachable });
         }
         Err(_) => {
@@ -153,8 +205,12 @@ async fn connect(config: &tokio_postgres::Config, timeout: Duration) -> Result<C
         }
     };
     tokio::spawn(async move {
-        if let Err(error) = connection.await {
-            tracing::debug!(%error, "postgres consensus connection closed");
+        // Pooled connections do not listen: their notifications and notices are dropped.
+        while let Some(message) = futures::StreamExt::next(&mut messages).await {
+            if let Err(error) = message {
+                tracing::debug!(error = %describe(&error), "postgres consensus connection closed");
+                return;
+            }
         }
     });
     Ok(client)
@@ -228,7 +284,7 @@ impl Shared {
                 None => break,
             }
         }
-        let client = connect(&self.config, self.timeout).await?;
+        let client = connect(&self.config, self.tls.as_ref(), self.timeout).await?;
         let pooled = match tokio::time::timeout(self.timeout, prepare(client, self.notify)).await {
             Ok(Ok(pooled)) => pooled,
             Ok(Err(error)) => return Err(determinate("prepare", error)),
@@ -264,16 +320,11 @@ impl Shared {
     }
 }
 
-/// Checks a PostgreSQL URL (tokio-postgres's syntax) when it is parsed, before anything connects: a
-/// malformed one, or one asking for what this store does not do (TLS), is refused with the reason.
+/// Checks a PostgreSQL URL (tokio-postgres's syntax, after [`ConsensusConfig`](super::ConsensusConfig)
+/// took its own parameters out) when it is parsed, before anything connects: a malformed one is refused
+/// with the reason.
 pub(crate) fn check_url(url: &str) -> Result<(), String> {
-    let config: tokio_postgres::Config = url.parse().map_err(|e| format!("invalid postgres URL: {e}"))?;
-    match config.get_ssl_mode() {
-        tokio_postgres::config::SslMode::Disable | tokio_postgres::config::SslMode::Prefer => Ok(()),
-        _ => Err("sslmode=require asks for TLS, which the PostgreSQL consensus does not speak yet: use \
-                  sslmode=disable, or prefer (the default), which connects without TLS"
-            .into()),
-    }
+    url.parse::<tokio_postgres::Config>().map(drop).map_err(|e| format!("invalid postgres URL: {e}"))
 }
 
 impl PostgresConsensus {
@@ -281,17 +332,25 @@ impl PostgresConsensus {
         url: &str,
         connections: usize,
         listen_for_changes: bool,
+        root_cert: Option<&std::path::Path>,
         timeout: Duration,
     ) -> Result<Self, ConsensusOpenError> {
         let config: tokio_postgres::Config =
             url.parse().map_err(|e| ConsensusOpenError::Backend(format!("invalid postgres URL: {e}")))?;
-        let client = connect(&config, timeout).await.map_err(|failure| match failure.unreachable {
-            true => ConsensusOpenError::Unreachable(failure.error.to_string()),
-            false => ConsensusOpenError::Backend(failure.error.to_string()),
-        })?;
+        let tls = match root_cert {
+            Some(path) => Some(RustlsConnector::new(path).map_err(|e| {
+                ConsensusOpenError::Backend(format!("postgres TLS (sslrootcert {}): {e}", path.display()))
+            })?),
+            None => None,
+        };
+        let client =
+            connect(&config, tls.as_ref(), timeout).await.map_err(|failure| match failure.unreachable {
+                true => ConsensusOpenError::Unreachable(failure.error.to_string()),
+                false => ConsensusOpenError::Backend(failure.error.to_string()),
+            })?;
         let failed = |what: &str, e: tokio_postgres::Error| match unreachable(&e) {
-            true => ConsensusOpenError::Unreachable(format!("postgres {what}: {e}")),
-            false => ConsensusOpenError::Backend(format!("postgres {what}: {e}")),
+            true => ConsensusOpenError::Unreachable(format!("postgres {what}: {}", describe(&e))),
+            false => ConsensusOpenError::Backend(format!("postgres {what}: {}", describe(&e))),
         };
         let version: String =
             client.query_one("SELECT version()", &[]).await.map_err(|e| failed("version()", e))?.get(0);
@@ -302,6 +361,7 @@ impl PostgresConsensus {
         }
         let shared = Arc::new(Shared {
             config,
+            tls,
             timeout,
             idle: Mutex::new(Vec::new()),
             permits: Arc::new(Semaphore::new(connections)),
@@ -322,8 +382,9 @@ impl PostgresConsensus {
 async fn listen(shared: Arc<Shared>, changes: broadcast::Sender<String>) {
     loop {
         let mut retry = Retry::new(Duration::from_millis(50), Duration::from_secs(2), Duration::MAX);
-        let (client, mut connection) = loop {
-            match tokio::time::timeout(shared.timeout, shared.config.connect(NoTls)).await {
+        let (client, mut messages) = loop {
+            let connecting = open_connection(&shared.config, shared.tls.as_ref());
+            match tokio::time::timeout(shared.timeout, connecting).await {
                 Ok(Ok(pair)) => break pair,
                 _ => {
                     retry.wait().await;
@@ -333,7 +394,7 @@ async fn listen(shared: Arc<Shared>, changes: broadcast::Sender<String>) {
         let forward = {
             let changes = changes.clone();
             async move {
-                while let Some(message) = futures::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                while let Some(message) = futures::StreamExt::next(&mut messages).await {
                     match message {
                         Ok(AsyncMessage::Notification(note)) => {
                             // No subscriber is fine: nobody is listening right now.
@@ -341,7 +402,7 @@ async fn listen(shared: Arc<Shared>, changes: broadcast::Sender<String>) {
                         }
                         Ok(_) => {}
                         Err(error) => {
-                            tracing::debug!(%error, "postgres consensus change listener disconnected");
+                            tracing::debug!(error = %describe(&error), "postgres consensus change listener disconnected");
                             return;
                         }
                     }
@@ -350,7 +411,7 @@ async fn listen(shared: Arc<Shared>, changes: broadcast::Sender<String>) {
         };
         let subscribe = async {
             if let Err(error) = client.batch_execute(&format!("LISTEN {CHANNEL}")).await {
-                tracing::debug!(%error, "postgres LISTEN failed");
+                tracing::debug!(error = %describe(&error), "postgres LISTEN failed");
                 return;
             }
             std::future::pending::<()>().await
@@ -402,9 +463,10 @@ impl Consensus for PostgresConsensus {
                         Err(error) if error.as_db_error().is_some() => {
                             Err(determinate("compare-and-set", error))
                         }
-                        Err(error) => {
-                            Err(ExternalError::Indeterminate(format!("postgres compare-and-set: {error}")))
-                        }
+                        Err(error) => Err(ExternalError::Indeterminate(format!(
+                            "postgres compare-and-set: {}",
+                            describe(&error)
+                        ))),
                     }
                 })
                 .await
@@ -475,5 +537,120 @@ impl Consensus for PostgresConsensus {
 
     fn changes(&self) -> Option<broadcast::Receiver<String>> {
         self.changes.as_ref().map(broadcast::Sender::subscribe)
+    }
+}
+
+/// TLS for the PostgreSQL connections: a `tokio-postgres` connector over `tokio-rustls`, configured by
+/// `transport::tls` (TLS 1.3, the server's certificate checked against the CAs of `sslrootcert` and for
+/// the host connected to).
+mod tls {
+    use std::io;
+    use std::path::Path;
+    use std::pin::Pin;
+    use std::sync::Arc;
+    use std::task::{Context, Poll};
+
+    use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+    use tokio_postgres::Socket;
+    use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect};
+    use tokio_rustls::TlsConnector;
+    use tokio_rustls::rustls::pki_types::ServerName;
+
+    use crate::api::BoxFuture;
+
+    /// Makes a TLS connection per PostgreSQL connection.
+    #[derive(Clone)]
+    pub(super) struct RustlsConnector {
+        config: Arc<tokio_rustls::rustls::ClientConfig>,
+    }
+
+    impl RustlsConnector {
+        /// A connector trusting the CAs in the PEM file `root_cert`.
+        pub(super) fn new(root_cert: &Path) -> Result<Self, transport::TlsConfigError> {
+            let config = transport::TlsClientConfig::from_pem_files(root_cert, None)?;
+            Ok(RustlsConnector { config: config.rustls_config() })
+        }
+    }
+
+    impl MakeTlsConnect<Socket> for RustlsConnector {
+        type Stream = RustlsStream;
+        type TlsConnect = RustlsConnect;
+        type Error = io::Error;
+
+        fn make_tls_connect(&mut self, host: &str) -> Result<RustlsConnect, io::Error> {
+            let name = ServerName::try_from(host.to_owned()).map_err(|_| {
+                io::Error::new(io::ErrorKind::InvalidInput, format!("invalid server name {host:?}"))
+            })?;
+            Ok(RustlsConnect { connector: TlsConnector::from(Arc::clone(&self.config)), name })
+        }
+    }
+
+    /// One connection's handshake, for the server name it must prove.
+    pub(super) struct RustlsConnect {
+        connector: TlsConnector,
+        name: ServerName<'static>,
+    }
+
+    impl TlsConnect<Socket> for RustlsConnect {
+        type Stream = RustlsStream;
+        type Error = io::Error;
+        type Future = BoxFuture<'static, io::Result<RustlsStream>>;
+
+        fn connect(self, stream: Socket) -> Self::Future {
+            Box::pin(async move { self.connector.connect(self.name, stream).await.map(RustlsStream) })
+        }
+    }
+
+    /// A TLS stream to the server.
+    pub(super) struct RustlsStream(tokio_rustls::client::TlsStream<Socket>);
+
+    impl tokio_postgres::tls::TlsStream for RustlsStream {
+        /// No channel binding: the server's certificate is checked instead (and the server does not ask
+        /// for SCRAM with channel binding unless the client offers it).
+        fn channel_binding(&self) -> ChannelBinding {
+            ChannelBinding::none()
+        }
+    }
+
+    impl AsyncRead for RustlsStream {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.0).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for RustlsStream {
+        fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+            Pin::new(&mut self.0).poll_write(cx, buf)
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.0).poll_flush(cx)
+        }
+
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.0).poll_shutdown(cx)
+        }
+    }
+
+    /// Whether a failed connect is the TLS handshake refusing the server (an untrusted certificate, a
+    /// wrong name): a refusal, not an unreachable server, so it is not retried.
+    pub(super) fn refused(error: &tokio_postgres::Error) -> bool {
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+        while let Some(error) = source {
+            if error.downcast_ref::<tokio_rustls::rustls::Error>().is_some() {
+                return true;
+            }
+            if let Some(io) = error.downcast_ref::<io::Error>()
+                && io.get_ref().is_some_and(|inner| inner.is::<tokio_rustls::rustls::Error>())
+            {
+                return true;
+            }
+            source = error.source();
+        }
+        false
     }
 }

@@ -336,3 +336,57 @@ async fn a_postgres_writer_cut_off_after_its_compare_and_set_stalls_no_other_wri
     assert!(!stuck.is_finished(), "the cut-off writer never hears its answer");
     stuck.abort();
 }
+
+/// With `sslmode=verify-full`, every connection is TLS and the server's certificate is checked. Against a
+/// server that refuses connections without TLS (`pg_hba.conf`: `hostssl` only), the whole contract holds,
+/// push channel included; a plain connection is refused by that server (so the contract ran over TLS);
+/// and a CA that did not sign the server's certificate fails the open as a refusal, not as an
+/// unreachable server to retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_over_tls_meets_the_contract_and_plain_or_untrusted_connections_are_refused() {
+    use storage::consensus::{ConsensusConfig, ConsensusOpenError};
+    use storage::services::{Postgres, PostgresOptions};
+    let options = PostgresOptions { tls: true, ..PostgresOptions::default() };
+    let Some(server) = crate::backends::require("PostgreSQL with TLS", Postgres::start(options)) else {
+        return;
+    };
+    server.create_database("tls").unwrap();
+    let url = server.url("tls");
+    let ca = server.ca_file().expect("a TLS server has a CA");
+    let open = async |url: String| url.parse::<ConsensusConfig>().unwrap().open().await;
+    let verified = |ca: &std::path::Path| format!("{url}?sslmode=verify-full&sslrootcert={}", ca.display());
+
+    let (secured, listener) = (open(verified(&ca)).await.unwrap(), open(verified(&ca)).await.unwrap());
+    let mut changes = listener.changes().expect("PostgreSQL has a push channel");
+    the_consensus_contract_holds(Arc::clone(&secured)).await;
+    // The listener's own TLS connection delivers the commits' announcements.
+    let announced = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut seqno = None;
+        loop {
+            let next = seqno.map_or(0, |s: u64| s + 1);
+            secured.compare_and_set("pushed", seqno, version(next, b"p")).await.unwrap();
+            seqno = Some(next);
+            // The contract's own keys were announced first.
+            while let Ok(Ok(key)) = tokio::time::timeout(Duration::from_millis(200), changes.recv()).await {
+                if key == "pushed" {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    assert!(announced.is_ok(), "no notification of \"pushed\" over TLS within 10 s");
+
+    match open(format!("{url}?sslmode=disable")).await {
+        Err(ConsensusOpenError::Backend(reason)) => assert!(reason.contains("no encryption"), "{reason}"),
+        other => panic!("a plain connection to a TLS-only server: {other:?}"),
+    }
+    let elsewhere = tempfile::tempdir().unwrap();
+    let other_ca = transport::certs::write_throwaway_pki(elsewhere.path(), &["127.0.0.1"]).unwrap().ca;
+    match open(verified(&other_ca)).await {
+        Err(ConsensusOpenError::Backend(reason)) => {
+            assert!(reason.to_lowercase().contains("certificate"), "{reason}")
+        }
+        other => panic!("a server whose certificate the CA did not sign: {other:?}"),
+    }
+}
