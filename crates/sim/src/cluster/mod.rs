@@ -489,7 +489,10 @@ fn blob_kind(blob: &storage::blob::BlobConfig) -> String {
 fn consensus_kind(consensus: &storage::consensus::ConsensusConfig) -> String {
     match &consensus.kind {
         storage::consensus::ConsensusKind::Sqlite { path } => format!("sqlite {}", path.display()),
-        storage::consensus::ConsensusKind::Postgres { .. } => "postgres".to_string(),
+        storage::consensus::ConsensusKind::Postgres { root_cert: Some(_), .. } => {
+            "postgres over TLS".to_string()
+        }
+        storage::consensus::ConsensusKind::Postgres { root_cert: None, .. } => "postgres".to_string(),
         storage::consensus::ConsensusKind::Memory { .. } => "mem".to_string(),
     }
 }

@@ -85,7 +85,7 @@ pub fn not_injected(storage: &StorageMode) -> String {
     }
 }
 
-/// The throwaway PostgreSQL server and `moto_server` of `--services local`, with a database and a bucket
+/// The throwaway PostgreSQL server (TLS only) and `moto_server` of `--services local`, with a database and a bucket
 /// for the run; each stops when dropped. Shared with the scenario's tasks, which take them down and bring
 /// them back.
 #[derive(Debug)]
@@ -108,12 +108,17 @@ impl LocalServices {
             host.address,
             host.netns.as_ref().map_or(String::new(), |ns| format!(" in the network namespace {ns}"))
         ));
-        let postgres = Postgres::start_on(PostgresOptions::default(), host.clone())
-            .context("cannot start PostgreSQL")?;
+        // TLS only: every process's consensus connections check the server's certificate.
+        let postgres =
+            Postgres::start_on(PostgresOptions { tls: true, ..PostgresOptions::default() }, host.clone())
+                .context("cannot start PostgreSQL")?;
+        let ca = postgres.ca_file().context("a TLS server has a CA file")?;
         postgres.create_database("cluster").context("cannot create the consensus database")?;
         let moto = Moto::start_on(host).context("cannot start moto_server")?;
         moto.create_bucket("cluster").context("cannot create the blob bucket")?;
-        let (blob, consensus) = (moto.blob_url("cluster", "shards"), postgres.url("cluster"));
+        let blob = moto.blob_url("cluster", "shards");
+        let consensus =
+            format!("{}?sslmode=verify-full&sslrootcert={}", postgres.url("cluster"), ca.display());
         Ok(LocalServices { postgres: Mutex::new(postgres), moto: Mutex::new(moto), blob, consensus })
     }
 
