@@ -85,9 +85,9 @@ pub fn not_injected(storage: &StorageMode) -> String {
     }
 }
 
-/// The throwaway PostgreSQL server (TLS only) and `moto_server` of `--services local`, with a database and a bucket
-/// for the run; each stops when dropped. Shared with the scenario's tasks, which take them down and bring
-/// them back.
+/// The throwaway PostgreSQL server (TLS only) and `moto_server` of `--services local`, with a database
+/// and a bucket for the run; each stops when dropped. Shared with the scenario's tasks, which take them
+/// down and bring them back.
 #[derive(Debug)]
 pub struct LocalServices {
     postgres: Mutex<Postgres>,

@@ -402,7 +402,8 @@ async fn listen(shared: Arc<Shared>, changes: broadcast::Sender<String>) {
                         }
                         Ok(_) => {}
                         Err(error) => {
-                            tracing::debug!(error = %describe(&error), "postgres consensus change listener disconnected");
+                            let error = describe(&error);
+                            tracing::debug!(%error, "postgres consensus change listener disconnected");
                             return;
                         }
                     }
