@@ -27,9 +27,9 @@
 //! refuses the server is a refusal ([`ConsensusOpenError::Backend`]), not an unreachable server to wait
 //! for.
 //!
-//! **Errors.** The server refusing a statement (a `SQLSTATE`) is determinate: it rolled back. A
-//! compare-and-set whose answer is lost (connection closed, timeout) is indeterminate: it may have
-//! committed. Messages carry the driver's causes ([`describe`]): what the server said, or why the
+//! **Errors.** The server refusing a statement (a `SQLSTATE` of severity `ERROR`) is determinate: it
+//! rolled back. A compare-and-set whose answer is lost (connection closed, timeout, or the session ended
+//! by a `FATAL`, which may follow the commit) is indeterminate: it may have committed. Messages carry the driver's causes ([`describe`]): what the server said, or why the
 //! handshake failed (the driver's own message names only the kind, such as "db error").
 //!
 //! **Tests.** The conformance suite in `tests/it/consensus.rs` against a throwaway PostgreSQL 15
@@ -42,7 +42,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast};
 use tokio::task::JoinHandle;
-use tokio_postgres::error::SqlState;
+use tokio_postgres::error::{Severity, SqlState};
 use tokio_postgres::{AsyncMessage, Client, NoTls, Statement};
 
 use self::tls::RustlsConnector;
@@ -454,14 +454,22 @@ impl Consensus for PostgresConsensus {
                         .collect::<Vec<i64>>();
                     let data: Vec<&[u8]> = ops.iter().map(|op| &op.new.data[..]).collect();
                     match pooled.client.execute(&pooled.cas, &[&keys, &seqnos, &data]).await {
-                        Ok(rows) => {
-                            assert_eq!(rows, ops.len() as u64, "a committed set answers a row per key");
-                            Ok(CasOutcome::Committed)
-                        }
+                        Ok(rows) if rows == ops.len() as u64 => Ok(CasOutcome::Committed),
+                        // Not what the statement answers: whether it committed is for the caller to find.
+                        Ok(rows) => Err(ExternalError::Indeterminate(format!(
+                            "postgres compare-and-set of {} keys answered {rows} rows",
+                            ops.len()
+                        ))),
                         Err(error) if error.code() == Some(&SqlState::DIVISION_BY_ZERO) => {
                             Ok(CasOutcome::Mismatch)
                         }
-                        Err(error) if error.as_db_error().is_some() => {
+                        // An `ERROR` ends the statement, which rolls back; a `FATAL` or `PANIC` ends the
+                        // session, which may come just after the commit.
+                        Err(error)
+                            if error
+                                .as_db_error()
+                                .is_some_and(|db| db.parsed_severity() == Some(Severity::Error)) =>
+                        {
                             Err(determinate("compare-and-set", error))
                         }
                         Err(error) => Err(ExternalError::Indeterminate(format!(
