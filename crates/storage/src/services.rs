@@ -19,7 +19,9 @@
 //! probed free on this host's loopback; inside a fresh namespace every port is free. PostgreSQL off
 //! loopback also trusts clients of its own subnet (`samenet` in `pg_hba.conf`). With
 //! [`PostgresOptions::tls`] the server speaks TLS only, with a certificate from a throwaway CA
-//! (`transport::certs`) whose file [`Postgres::ca_file`] names.
+//! (`transport::certs`) whose file [`Postgres::ca_file`] names; with
+//! [`PostgresOptions::client_certificates`] it also wants a client certificate from that CA naming the
+//! user ([`Postgres::client_certificate`], for `postgres`; `create_database` presents it too).
 //!
 //! **Missing services.** Every start returns a [`ServiceError`] saying what is missing and how to get it
 //! (`apt-get install -y postgresql`, `python3-venv`). [`services_required`] says whether the caller must
@@ -199,6 +201,9 @@ pub struct PostgresOptions {
     /// Whether the server speaks TLS only: a throwaway CA signs its certificate ([`Postgres::ca_file`]),
     /// and `pg_hba.conf` refuses connections without TLS.
     pub tls: bool,
+    /// With `tls`: whether every client must also present a certificate from that CA naming its database
+    /// user (`clientcert=verify-full`); [`Postgres::client_certificate`] names one for `postgres`.
+    pub client_certificates: bool,
 }
 
 /// A throwaway PostgreSQL server; see the module documentation.
@@ -245,18 +250,27 @@ impl Postgres {
             text.push_str("\nhost all all samenet trust\n");
         }
         if options.tls {
-            // TLS or nothing over TCP (the Unix socket, which `pg_ctl` uses, stays as it is).
-            text = text.lines().map(|line| line.replacen("host ", "hostssl ", 1) + "\n").collect();
+            // TLS or nothing over TCP (the Unix socket, which `pg_ctl` uses, stays as it is), and with
+            // client certificates, one naming the user too.
+            let client_cert = if options.client_certificates { " clientcert=verify-full" } else { "" };
+            text = text
+                .lines()
+                .map(|line| match line.starts_with("host ") {
+                    true => format!("{}{client_cert}\n", line.replacen("host ", "hostssl ", 1)),
+                    false => format!("{line}\n"),
+                })
+                .collect();
             let address = server.host.address.to_string();
-            let pki = transport::certs::write_throwaway_pki(&server.dir, &[address.as_str()])
-                .map_err(|e| ServiceError::Io(format!("cannot make the server's certificate: {e}")))?;
+            let pki = transport::certs::write_throwaway_pki_for(&server.dir, &[address.as_str()], "postgres")
+                .map_err(|e| ServiceError::Io(format!("cannot make certificates: {e}")))?;
             let conf = data.join("postgresql.conf");
             let mut settings = fs::read_to_string(&conf)
                 .map_err(|e| ServiceError::Io(format!("cannot read {}: {e}", conf.display())))?;
             settings.push_str(&format!(
-                "\nssl = on\nssl_cert_file = '{}'\nssl_key_file = '{}'\n",
+                "\nssl = on\nssl_cert_file = '{}'\nssl_key_file = '{}'\nssl_ca_file = '{}'\n",
                 pki.server_cert.display(),
-                pki.server_key.display()
+                pki.server_key.display(),
+                pki.ca.display()
             ));
             fs::write(&conf, settings)
                 .map_err(|e| ServiceError::Io(format!("cannot write {}: {e}", conf.display())))?;
@@ -329,6 +343,12 @@ impl Postgres {
         self.options.tls.then(|| self.dir.join("ca.pem"))
     }
 
+    /// A client certificate and its key (PEM files) for the user `postgres`, from the CA of
+    /// [`ca_file`](Self::ca_file), with [`PostgresOptions::tls`]: a client's `sslcert` and `sslkey`.
+    pub fn client_certificate(&self) -> Option<(PathBuf, PathBuf)> {
+        self.options.tls.then(|| (self.dir.join("client.pem"), self.dir.join("client.key")))
+    }
+
     /// The port it listens on.
     pub fn port(&self) -> u16 {
         self.port
@@ -343,7 +363,11 @@ impl Postgres {
     pub fn create_database(&self, name: &str) -> Result<(), ServiceError> {
         assert!(name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'), "database name {name:?}");
         let psql = if self.bin.join("psql").exists() { self.bin.join("psql") } else { PathBuf::from("psql") };
-        run(Command::new(psql)
+        let mut command = Command::new(psql);
+        if let Some((cert, key)) = self.client_certificate().filter(|_| self.options.client_certificates) {
+            command.env("PGSSLCERT", cert).env("PGSSLKEY", key);
+        }
+        run(command
             .arg("-h")
             .arg(self.host.address.to_string())
             .args(["-U", "postgres", "-d", "postgres", "-v", "ON_ERROR_STOP=1", "-q", "-p"])

@@ -108,12 +108,23 @@ pub struct PkiFiles {
     pub client_key: PathBuf,
 }
 
-/// Makes a CA, a server certificate for `server_names` and a client certificate, and writes them to `dir`
-/// (`ca.pem`, `server.pem`, `server.key`, `client.pem`, `client.key`; keys readable by their owner only).
+/// Makes a CA, a server certificate for `server_names` and a client certificate named `controller`, and
+/// writes them to `dir` (`ca.pem`, `server.pem`, `server.key`, `client.pem`, `client.key`; keys readable by
+/// their owner only).
 pub fn write_throwaway_pki(dir: &Path, server_names: &[&str]) -> Result<PkiFiles, CertError> {
+    write_throwaway_pki_for(dir, server_names, "controller")
+}
+
+/// [`write_throwaway_pki`] with the client certificate named `client_name` (a PostgreSQL server maps it
+/// to the database user).
+pub fn write_throwaway_pki_for(
+    dir: &Path,
+    server_names: &[&str],
+    client_name: &str,
+) -> Result<PkiFiles, CertError> {
     let ca = ThrowawayCa::new("throwaway CA")?;
     let server = ca.server(server_names)?;
-    let client = ca.client("controller")?;
+    let client = ca.client(client_name)?;
     let files = PkiFiles {
         ca: dir.join("ca.pem"),
         server_cert: dir.join("server.pem"),

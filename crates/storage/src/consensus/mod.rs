@@ -15,7 +15,8 @@
 //!   (`?listen=false` turns the receiving side off; `?connections=N` sizes the pool). TLS with
 //!   `?sslmode=verify-full&sslrootcert=CA.pem`: the server's certificate checked against those CAs and
 //!   for the host connected to. `sslmode=disable` and `prefer` (the default) connect without TLS;
-//!   `require` and `verify-ca`, which do not check the server's name, are refused;
+//!   `require` and `verify-ca`, which do not check the server's name, are refused. With TLS,
+//!   `&sslcert=FILE&sslkey=FILE` presents a client certificate (PostgreSQL's `clientcert`/`cert` auth);
 //! - `mem://` or `mem://NAME`: in memory, a named one shared within the process.
 //!
 //! Both SQL backends keep a second table with each key's head seqno, written in the same transaction: a
@@ -175,6 +176,8 @@ pub enum ConsensusKind {
         /// With `sslmode=verify-full&sslrootcert=FILE`: TLS, the server's certificate checked against the
         /// CAs in this PEM file and for the host connected to. `None`: no TLS.
         root_cert: Option<PathBuf>,
+        /// With `sslcert=FILE&sslkey=FILE` (and TLS): the certificate chain and key this client presents.
+        client_cert: Option<(PathBuf, PathBuf)>,
     },
     /// In memory; `Some(name)` is shared within the process.
     Memory {
@@ -187,12 +190,13 @@ impl fmt::Debug for ConsensusKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ConsensusKind::Sqlite { path } => f.debug_struct("Sqlite").field("path", path).finish(),
-            ConsensusKind::Postgres { url, connections, listen, root_cert } => f
+            ConsensusKind::Postgres { url, connections, listen, root_cert, client_cert } => f
                 .debug_struct("Postgres")
                 .field("url", &redact_password(url))
                 .field("connections", connections)
                 .field("listen", listen)
                 .field("root_cert", root_cert)
+                .field("client_cert", client_cert)
                 .finish(),
             ConsensusKind::Memory { name } => f.debug_struct("Memory").field("name", name).finish(),
         }
@@ -299,6 +303,14 @@ impl std::str::FromStr for ConsensusConfig {
                 if let Some(mode) = sslmode {
                     split.params.insert("sslmode".into(), mode.into());
                 }
+                let client_cert = match (split.take("sslcert"), split.take("sslkey")) {
+                    (None, None) => None,
+                    (Some(_), Some(_)) if root_cert.is_none() => {
+                        return Err(invalid("sslcert and sslkey are only used with sslmode=verify-full"));
+                    }
+                    (Some(cert), Some(key)) => Some((PathBuf::from(cert), PathBuf::from(key))),
+                    _ => return Err(invalid("sslcert and sslkey go together")),
+                };
                 // The rest of the parameters are tokio-postgres's (application_name, ...).
                 let query: Vec<String> = split.params.iter().map(|(k, v)| format!("{k}={v}")).collect();
                 split.params.clear();
@@ -308,7 +320,7 @@ impl std::str::FromStr for ConsensusConfig {
                 }
                 #[cfg(feature = "postgres")]
                 postgres::check_url(&pg_url).map_err(|reason| invalid(&reason))?;
-                ConsensusKind::Postgres { url: pg_url, connections, listen, root_cert }
+                ConsensusKind::Postgres { url: pg_url, connections, listen, root_cert, client_cert }
             }
             "mem" => ConsensusKind::Memory { name: (!split.rest.is_empty()).then(|| split.rest.clone()) },
             other => {
@@ -347,16 +359,15 @@ impl ConsensusConfig {
             }
             ConsensusKind::Memory { name } => Ok(memory::MemoryConsensus::open(name.as_deref())),
             #[cfg(feature = "postgres")]
-            ConsensusKind::Postgres { url, connections, listen, root_cert } => Ok(Arc::new(
-                postgres::PostgresConsensus::open(
-                    url,
-                    *connections,
-                    *listen,
-                    root_cert.as_deref(),
-                    self.timeout,
-                )
-                .await?,
-            )),
+            ConsensusKind::Postgres { url, connections, listen, root_cert, client_cert } => {
+                let tls = root_cert.as_deref().map(|ca| postgres::Tls {
+                    root_cert: ca,
+                    client_cert: client_cert.as_ref().map(|(cert, key)| (cert.as_path(), key.as_path())),
+                });
+                Ok(Arc::new(
+                    postgres::PostgresConsensus::open(url, *connections, *listen, tls, self.timeout).await?,
+                ))
+            }
             #[cfg(not(feature = "postgres"))]
             ConsensusKind::Postgres { .. } => Err(ConsensusOpenError::Backend(
                 "the PostgreSQL backend is not compiled in (cargo feature `postgres`)".into(),
@@ -387,11 +398,12 @@ mod tests {
                     connections: 2,
                     listen: true,
                     root_cert: None,
+                    client_cert: None,
                 }
             );
             assert!(!format!("{config:?}").contains("secret"), "{config:?}");
             let tls: ConsensusConfig =
-                "postgres://u@db.example:5432/db?sslmode=verify-full&sslrootcert=/etc/ca.pem"
+                "postgres://u@db.example:5432/db?sslmode=verify-full&sslrootcert=/ca&sslcert=/c&sslkey=/k"
                     .parse()
                     .unwrap();
             assert_eq!(
@@ -400,7 +412,8 @@ mod tests {
                     url: "postgres://u@db.example:5432/db?sslmode=require".into(),
                     connections: 4,
                     listen: true,
-                    root_cert: Some(PathBuf::from("/etc/ca.pem")),
+                    root_cert: Some(PathBuf::from("/ca")),
+                    client_cert: Some((PathBuf::from("/c"), PathBuf::from("/k"))),
                 }
             );
         } else {
@@ -421,6 +434,8 @@ mod tests {
             ("postgres://h/db?sslmode=verify-full", "needs sslrootcert"),
             ("postgres://h/db?sslrootcert=/ca.pem", "only used with sslmode=verify-full"),
             ("postgres://h/db?sslmode=sometimes", "sslmode must be"),
+            ("postgres://h/db?sslcert=/c.pem&sslkey=/c.key", "only used with sslmode=verify-full"),
+            ("postgres://h/db?sslmode=verify-full&sslrootcert=/ca.pem&sslcert=/c.pem", "go together"),
             ("postgres://h/db?keepalives=maybe", "invalid postgres URL"),
         ];
         for (url, expected) in cases {

@@ -23,9 +23,10 @@
 //! statements prepared; a client whose call failed is dropped, not reused. With a root certificate
 //! (`sslmode=verify-full&sslrootcert=FILE`) every connection, the `LISTEN` one included, is TLS 1.3
 //! through `tokio-rustls`, configured by `transport`'s `TlsClientConfig` (module `tls` below): the
-//! server's certificate must chain to those CAs and name the host connected to. A handshake that
-//! refuses the server is a refusal ([`ConsensusOpenError::Backend`]), not an unreachable server to wait
-//! for.
+//! server's certificate must chain to those CAs and name the host connected to; with
+//! `sslcert=FILE&sslkey=FILE` the client presents its own certificate (for the server's `clientcert` or
+//! `cert` authentication). A handshake that refuses the server is a refusal
+//! ([`ConsensusOpenError::Backend`]), not an unreachable server to wait for.
 //!
 //! **Errors.** The server refusing a statement (a `SQLSTATE` of severity `ERROR`) is determinate: it
 //! rolled back. A compare-and-set whose answer is lost (connection closed, timeout, or the session ended
@@ -33,8 +34,9 @@
 //! handshake failed (the driver's own message names only the kind, such as "db error").
 //!
 //! **Tests.** The conformance suite in `tests/it/consensus.rs` against a throwaway PostgreSQL 15
-//! (`storage::services`), with a writer cut off mid-call and a TLS-only server (verified, plain and
-//! untrusted connections); the outage test in `tests/it/faults.rs`.
+//! (`storage::services`), with a writer cut off mid-call, a TLS-only server (verified, plain and
+//! untrusted connections) and one that wants client certificates; the outage test in
+//! `tests/it/faults.rs`.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -327,20 +329,28 @@ pub(crate) fn check_url(url: &str) -> Result<(), String> {
     url.parse::<tokio_postgres::Config>().map(drop).map_err(|e| format!("invalid postgres URL: {e}"))
 }
 
+/// The TLS of a PostgreSQL store's connections: the CAs the server's certificate must chain to, and the
+/// client's own certificate chain and key, if it presents one (PEM files).
+pub(crate) struct Tls<'a> {
+    pub(crate) root_cert: &'a std::path::Path,
+    pub(crate) client_cert: Option<(&'a std::path::Path, &'a std::path::Path)>,
+}
+
 impl PostgresConsensus {
     pub(crate) async fn open(
         url: &str,
         connections: usize,
         listen_for_changes: bool,
-        root_cert: Option<&std::path::Path>,
+        tls: Option<Tls<'_>>,
         timeout: Duration,
     ) -> Result<Self, ConsensusOpenError> {
         let config: tokio_postgres::Config =
             url.parse().map_err(|e| ConsensusOpenError::Backend(format!("invalid postgres URL: {e}")))?;
-        let tls = match root_cert {
-            Some(path) => Some(RustlsConnector::new(path).map_err(|e| {
-                ConsensusOpenError::Backend(format!("postgres TLS (sslrootcert {}): {e}", path.display()))
-            })?),
+        let tls = match tls {
+            Some(tls) => Some(
+                RustlsConnector::new(tls.root_cert, tls.client_cert)
+                    .map_err(|e| ConsensusOpenError::Backend(format!("postgres TLS: {e}")))?,
+            ),
             None => None,
         };
         let client =
@@ -574,9 +584,13 @@ mod tls {
     }
 
     impl RustlsConnector {
-        /// A connector trusting the CAs in the PEM file `root_cert`.
-        pub(super) fn new(root_cert: &Path) -> Result<Self, transport::TlsConfigError> {
-            let config = transport::TlsClientConfig::from_pem_files(root_cert, None)?;
+        /// A connector trusting the CAs in the PEM file `root_cert`, presenting the chain and key of
+        /// `client_cert` if given.
+        pub(super) fn new(
+            root_cert: &Path,
+            client_cert: Option<(&Path, &Path)>,
+        ) -> Result<Self, transport::TlsConfigError> {
+            let config = transport::TlsClientConfig::from_pem_files(root_cert, client_cert)?;
             Ok(RustlsConnector { config: config.rustls_config() })
         }
     }

@@ -390,3 +390,30 @@ async fn postgres_over_tls_meets_the_contract_and_plain_or_untrusted_connections
         other => panic!("a server whose certificate the CA did not sign: {other:?}"),
     }
 }
+
+/// A server that also wants a client certificate naming the database user (`clientcert=verify-full` in
+/// `pg_hba.conf`): a client presenting one (`sslcert`, `sslkey`) meets the contract; one presenting none
+/// is refused by the server, by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_wanting_client_certificates_admits_only_a_client_that_presents_one() {
+    use storage::consensus::{ConsensusConfig, ConsensusOpenError};
+    use storage::services::{Postgres, PostgresOptions};
+    let options = PostgresOptions { tls: true, client_certificates: true, ..PostgresOptions::default() };
+    let Some(server) =
+        crate::backends::require("PostgreSQL with client certificates", Postgres::start(options))
+    else {
+        return;
+    };
+    server.create_database("certs").unwrap();
+    let ca = server.ca_file().expect("a TLS server has a CA");
+    let (cert, key) = server.client_certificate().expect("a TLS server has a client certificate");
+    let verified = format!("{}?sslmode=verify-full&sslrootcert={}", server.url("certs"), ca.display());
+    let open = async |url: String| url.parse::<ConsensusConfig>().unwrap().open().await;
+
+    let presenting = open(format!("{verified}&sslcert={}&sslkey={}", cert.display(), key.display())).await;
+    the_consensus_contract_holds(presenting.unwrap()).await;
+    match open(verified).await {
+        Err(ConsensusOpenError::Backend(reason)) => assert!(reason.contains("certificate"), "{reason}"),
+        other => panic!("a client without a certificate: {other:?}"),
+    }
+}
