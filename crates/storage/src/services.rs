@@ -214,6 +214,8 @@ pub struct Postgres {
     bin: PathBuf,
     port: u16,
     options: PostgresOptions,
+    /// With [`PostgresOptions::tls`]: the CA, the server's and a client's certificates, as written.
+    pki: Option<transport::certs::PkiFiles>,
     as_postgres_user: bool,
     running: bool,
 }
@@ -230,7 +232,8 @@ impl Postgres {
         let dir = scratch_dir("storage-postgres")?;
         let as_postgres_user = is_root();
         let port = free_port()?;
-        let mut server = Postgres { host, dir, bin, port, options, as_postgres_user, running: false };
+        let mut server =
+            Postgres { host, dir, bin, port, options, pki: None, as_postgres_user, running: false };
         if as_postgres_user {
             run(Command::new("chown").args(["-R", "postgres"]).arg(&server.dir))?;
         }
@@ -278,6 +281,7 @@ impl Postgres {
                 // The server refuses a key it does not own.
                 run(Command::new("chown").args(["-R", "postgres"]).arg(&server.dir))?;
             }
+            server.pki = Some(pki);
         }
         fs::write(&hba, text)
             .map_err(|e| ServiceError::Io(format!("cannot write {}: {e}", hba.display())))?;
@@ -340,13 +344,13 @@ impl Postgres {
     /// The CA that signed the server's certificate (a PEM file), with [`PostgresOptions::tls`]: a
     /// client's `sslrootcert`.
     pub fn ca_file(&self) -> Option<PathBuf> {
-        self.options.tls.then(|| self.dir.join("ca.pem"))
+        self.pki.as_ref().map(|pki| pki.ca.clone())
     }
 
     /// A client certificate and its key (PEM files) for the user `postgres`, from the CA of
     /// [`ca_file`](Self::ca_file), with [`PostgresOptions::tls`]: a client's `sslcert` and `sslkey`.
     pub fn client_certificate(&self) -> Option<(PathBuf, PathBuf)> {
-        self.options.tls.then(|| (self.dir.join("client.pem"), self.dir.join("client.key")))
+        self.pki.as_ref().map(|pki| (pki.client_cert.clone(), pki.client_key.clone()))
     }
 
     /// The port it listens on.
