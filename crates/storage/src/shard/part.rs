@@ -365,43 +365,59 @@ pub fn decode_part_at(
     as_of: u64,
     mut rows: Vec<LentRow>,
 ) -> Result<Vec<LentRow>, PartError> {
-    let mut raw = RawPart::open(part, bytes)?;
+    let raw = RawPart::open(part, bytes)?;
     rows.clear();
     rows.reserve(raw.len());
-    // A row (a slice of `bytes`) with its count, as its place in `bytes`.
-    let lent = |row: &[u8], count: Diff| {
-        let start = row.as_ptr() as usize - bytes.as_ptr() as usize;
-        LentRow { start, end: start + row.len(), count, key: abbreviated_key(row) }
-    };
-    // The row being summed (its encoding and count so far), and the last update's `(row, time)`.
-    let mut pending: Option<(&[u8], Diff)> = None;
-    let mut last: Option<(&[u8], u64)> = None;
-    while let Some((row, time, diff)) = raw.next()? {
-        let Some(same_row) = continues(last, row, time) else {
-            return Err(raw.corrupt("updates out of order"));
+    let base = bytes.as_ptr() as usize;
+    let mut rest = raw.rest;
+    // The row being summed (its place, key and count so far) and its last update's time.
+    let mut pending: Option<(LentRow, u64)> = None;
+    for _ in 0..raw.left {
+        let Some((len, after)) = rest.split_first_chunk::<4>() else {
+            return Err(raw.corrupt("truncated"));
         };
-        last = Some((row, time));
+        let len = u32::from_le_bytes(*len) as usize;
+        let Some((row, after)) = after.split_at_checked(len) else {
+            return Err(raw.corrupt("truncated"));
+        };
+        let Some((fixed, after)) = after.split_first_chunk::<16>() else {
+            return Err(raw.corrupt("truncated"));
+        };
+        rest = after;
+        let time = u64::from_le_bytes(fixed[..8].try_into().expect("eight bytes"));
+        let diff = i64::from_le_bytes(fixed[8..].try_into().expect("eight bytes"));
+        if diff == 0 {
+            return Err(raw.corrupt("a zero diff"));
+        }
         let diff = if time <= as_of { diff } else { 0 };
-        match &mut pending {
-            Some((_, count)) if same_row => {
-                *count = count.checked_add(diff).ok_or_else(|| raw.corrupt("a count overflows"))?;
-            }
-            _ => {
-                if !same_row {
-                    lent_row(&raw, row)?;
+        let key = abbreviated_key(row);
+        if let Some((lent, last_time)) = &mut pending {
+            let order = lent.key.cmp(&key).then_with(|| bytes[lent.start..lent.end].cmp(row));
+            match order {
+                Ordering::Equal if *last_time < time => {
+                    lent.count = lent.count.checked_add(diff).ok_or_else(|| raw.corrupt("a count overflows"))?;
+                    *last_time = time;
+                    continue;
                 }
-                if let Some((row, count)) = pending.replace((row, diff))
-                    && count != 0
-                {
-                    rows.push(lent(row, count));
+                Ordering::Less => {
+                    if lent.count != 0 {
+                        rows.push(*lent);
+                    }
                 }
+                _ => return Err(raw.corrupt("updates out of order")),
             }
         }
+        lent_row(&raw, row)?;
+        let start = row.as_ptr() as usize - base;
+        pending = Some((LentRow { start, end: start + len, count: diff, key }, time));
     }
-    if let Some((row, count)) = pending
-        && count != 0
+    if !rest.is_empty() {
+        return Err(raw.corrupt("trailing bytes"));
+    }
+    if let Some((lent, _)) = pending
+        && lent.count != 0
     {
-        rows.push(lent(row, count));
+        rows.push(lent);
     }
     Ok(rows)
 }
