@@ -489,7 +489,10 @@ fn blob_kind(blob: &storage::blob::BlobConfig) -> String {
 fn consensus_kind(consensus: &storage::consensus::ConsensusConfig) -> String {
     match &consensus.kind {
         storage::consensus::ConsensusKind::Sqlite { path } => format!("sqlite {}", path.display()),
-        storage::consensus::ConsensusKind::Postgres { root_cert: Some(_), .. } => {
+        storage::consensus::ConsensusKind::Postgres { root_cert: Some(_), client_cert: Some(_), .. } => {
+            "postgres over TLS with a client certificate".to_string()
+        }
+        storage::consensus::ConsensusKind::Postgres { root_cert: Some(_), client_cert: None, .. } => {
             "postgres over TLS".to_string()
         }
         storage::consensus::ConsensusKind::Postgres { root_cert: None, .. } => "postgres".to_string(),

@@ -85,9 +85,9 @@ pub fn not_injected(storage: &StorageMode) -> String {
     }
 }
 
-/// The throwaway PostgreSQL server (TLS only) and `moto_server` of `--services local`, with a database
-/// and a bucket for the run; each stops when dropped. Shared with the scenario's tasks, which take them
-/// down and bring them back.
+/// The throwaway PostgreSQL server (TLS only, a client certificate required) and `moto_server` of
+/// `--services local`, with a database and a bucket for the run; each stops when dropped. Shared with the
+/// scenario's tasks, which take them down and bring them back.
 #[derive(Debug)]
 pub struct LocalServices {
     postgres: Mutex<Postgres>,
@@ -108,17 +108,23 @@ impl LocalServices {
             host.address,
             host.netns.as_ref().map_or(String::new(), |ns| format!(" in the network namespace {ns}"))
         ));
-        // TLS only: every process's consensus connections check the server's certificate.
-        let postgres =
-            Postgres::start_on(PostgresOptions { tls: true, ..PostgresOptions::default() }, host.clone())
-                .context("cannot start PostgreSQL")?;
+        // TLS only, both ways: every process's consensus connections check the server's certificate,
+        // and the server admits only a client presenting a certificate from the run's CA.
+        let options = PostgresOptions { tls: true, client_certificates: true, ..PostgresOptions::default() };
+        let postgres = Postgres::start_on(options, host.clone()).context("cannot start PostgreSQL")?;
         let ca = postgres.ca_file().context("a TLS server has a CA file")?;
+        let (cert, key) = postgres.client_certificate().context("a TLS server has a client certificate")?;
         postgres.create_database("cluster").context("cannot create the consensus database")?;
         let moto = Moto::start_on(host).context("cannot start moto_server")?;
         moto.create_bucket("cluster").context("cannot create the blob bucket")?;
         let blob = moto.blob_url("cluster", "shards");
-        let consensus =
-            format!("{}?sslmode=verify-full&sslrootcert={}", postgres.url("cluster"), ca.display());
+        let consensus = format!(
+            "{}?sslmode=verify-full&sslrootcert={}&sslcert={}&sslkey={}",
+            postgres.url("cluster"),
+            ca.display(),
+            cert.display(),
+            key.display()
+        );
         Ok(LocalServices { postgres: Mutex::new(postgres), moto: Mutex::new(moto), blob, consensus })
     }
 

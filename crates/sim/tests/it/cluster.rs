@@ -201,7 +201,8 @@ fn a_consensus_outage_stalls_appends_and_loses_nothing_and_every_kind_of_write_r
     assert_eq!(report["outcome"], "passed", "{report:#}");
     assert_eq!(number(&report, "/violation_count"), 0, "nothing lost, nothing doubled: {report:#}");
     assert_eq!(number(&report, "/final_checks"), 11, "{report:#}");
-    assert_eq!(report["storage"], "shards (blob s3 bucket cluster, consensus postgres over TLS)");
+    let storage = "shards (blob s3 bucket cluster, consensus postgres over TLS with a client certificate)";
+    assert_eq!(report["storage"], storage, "every process authenticates to PostgreSQL by certificate");
 
     let outages = report["outages"].as_array().expect("an outages list");
     assert_eq!(outages.len(), 1, "{report:#}");
