@@ -80,6 +80,28 @@ impl RowChunk {
         self.rows.push((self.bytes.len(), diff));
     }
 
+    /// Appends a copy of the row at `range` of `source`, with its count: [`push`](Self::push) for a row
+    /// lent out of a larger buffer (a part's bytes). A short row is copied as a fixed number of bytes
+    /// (those after it in `source` too, cut off again), which compiles to a few vector moves instead of
+    /// a call to `memcpy`: most rows are short, and a snapshot copies every row once.
+    ///
+    /// The caller must have validated the row's encoding (the module's invariant), as
+    /// [`RowRef::from_bytes`] does; this is why the method is not public.
+    #[inline]
+    pub(crate) fn push_from(&mut self, source: &[u8], range: std::ops::Range<usize>, diff: Diff) {
+        const SHORT: usize = 32;
+        let len = range.len();
+        let old = self.bytes.len();
+        match source.get(range.start..range.start + SHORT) {
+            Some(padded) if len <= SHORT => {
+                self.bytes.extend_from_slice(padded);
+                self.bytes.truncate(old + len);
+            }
+            _ => self.bytes.extend_from_slice(&source[range]),
+        }
+        self.rows.push((self.bytes.len(), diff));
+    }
+
     /// The number of rows.
     pub fn len(&self) -> usize {
         self.rows.len()
@@ -159,6 +181,35 @@ mod tests {
     use protocol::Datum;
 
     use super::*;
+
+    #[test]
+    fn a_row_pushed_from_a_larger_buffer_is_copied_exactly_wherever_it_lies() {
+        let rows: Vec<Row> = [0usize, 1, 5, 30, 31, 32, 33, 100]
+            .iter()
+            .map(|len| Row::pack([Datum::Text(&"x".repeat(*len))]))
+            .collect();
+        for row in &rows {
+            let encoding = row.as_bytes();
+            // The row at the start, in the middle and at the very end of a buffer with bytes around it.
+            for (before, after) in [(0, 0), (0, 40), (7, 0), (7, 3), (7, 40)] {
+                let mut source = vec![0xAB; before];
+                source.extend_from_slice(encoding);
+                source.extend(std::iter::repeat_n(0xCD, after));
+                let mut chunk = RowChunk::default();
+                chunk.push(rows[1].as_row_ref(), 1);
+                chunk.push_from(&source, before..before + encoding.len(), -3);
+                chunk.push(rows[2].as_row_ref(), 2);
+                let expected =
+                    RowChunk::from_rows(&[(rows[1].clone(), 1), (row.clone(), -3), (rows[2].clone(), 2)]);
+                assert_eq!(
+                    chunk,
+                    expected,
+                    "a row of {} bytes at {before} with {after} after",
+                    encoding.len()
+                );
+            }
+        }
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_chunk_made_into_owned_rows_on_two_threads_keeps_every_row_in_order() {

@@ -405,18 +405,18 @@ impl SnapshotStream {
             // The parts' rows were validated when they were decoded.
             match order {
                 std::cmp::Ordering::Less => {
-                    chunk.push(RowRef::from_encoding(a.row(x)), x.count);
+                    chunk.push_from(&a.part, x.start..x.end, x.count);
                     i += 1;
                 }
                 std::cmp::Ordering::Greater => {
-                    chunk.push(RowRef::from_encoding(b.row(y)), y.count);
+                    chunk.push_from(&b.part, y.start..y.end, y.count);
                     j += 1;
                 }
                 std::cmp::Ordering::Equal => {
                     let count =
                         x.count.checked_add(y.count).expect("the shard's count bound rules out overflow");
                     if count != 0 {
-                        chunk.push(RowRef::from_encoding(a.row(x)), count);
+                        chunk.push_from(&a.part, x.start..x.end, count);
                     }
                     i += 1;
                     j += 1;
@@ -442,7 +442,7 @@ impl SnapshotStream {
                 break;
             }
             // The part's rows were validated when it was decoded.
-            chunk.push(RowRef::from_encoding(cursor.row(item)), item.count);
+            chunk.push_from(&cursor.part, item.start..item.end, item.count);
             n += 1;
         }
         cursor.current.drain(..n);
