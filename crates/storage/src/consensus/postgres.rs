@@ -326,7 +326,12 @@ impl Shared {
 /// took its own parameters out) when it is parsed, before anything connects: a malformed one is refused
 /// with the reason.
 pub(crate) fn check_url(url: &str) -> Result<(), String> {
-    url.parse::<tokio_postgres::Config>().map(drop).map_err(|e| format!("invalid postgres URL: {e}"))
+    parse_url(url).map(drop)
+}
+
+/// The connection settings of a PostgreSQL URL, or why it is malformed.
+fn parse_url(url: &str) -> Result<tokio_postgres::Config, String> {
+    url.parse().map_err(|e| format!("invalid postgres URL: {e}"))
 }
 
 /// The TLS of a PostgreSQL store's connections: the CAs the server's certificate must chain to, and the
@@ -344,8 +349,7 @@ impl PostgresConsensus {
         tls: Option<Tls<'_>>,
         timeout: Duration,
     ) -> Result<Self, ConsensusOpenError> {
-        let config: tokio_postgres::Config =
-            url.parse().map_err(|e| ConsensusOpenError::Backend(format!("invalid postgres URL: {e}")))?;
+        let config = parse_url(url).map_err(ConsensusOpenError::Backend)?;
         let tls = match tls {
             Some(tls) => Some(
                 RustlsConnector::new(tls.root_cert, tls.client_cert)
