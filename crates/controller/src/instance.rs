@@ -99,7 +99,9 @@ use smallvec::SmallVec;
 use tracing::{debug, warn};
 
 use frontiers::antichain::step_back;
-use frontiers::{Antichain, PartialOrder, ReadHold, ReadHolds, ReadPolicy, SinceChange, Timestamp};
+use frontiers::{
+    Antichain, AntichainRef, PartialOrder, ReadHold, ReadHolds, ReadPolicy, SinceChange, Timestamp,
+};
 use protocol::frame::DEFAULT_MAX_FRAME_BYTES;
 use protocol::{
     ComputeCommand, ComputeResponse, CopyToResponse, DataflowDescription, Datum, Diff, FrontiersResponse,
@@ -124,7 +126,14 @@ pub struct CollectionFrontiers<T> {
     pub since: Antichain<T>,
     /// The write frontier: the join of every replica's; for a materialized view whose target's storage
     /// upper the instance has been told, what storage has durably instead (see the module documentation).
+    /// It never goes back, also when the replica that was furthest ahead disconnects.
     pub upper: Antichain<T>,
+    /// The join of the write frontiers the replicas reported on their current connections: some replica
+    /// connected now has the collection complete before it, so an index peek at a time below it is
+    /// answered without waiting for a dataflow to catch up. At most `upper` for an index; the minimum
+    /// (nothing readable) while no connected replica has reported. A peek between it and `upper` waits for
+    /// a replica to get there, which during a storage outage may mean until the store returns.
+    pub connected_upper: Antichain<T>,
 }
 
 /// An instance's collections: the hold accounting of every compute collection, each entry carrying the
@@ -154,7 +163,7 @@ impl<T: Timestamp> SharedState<T> {
     /// materialized view its target's storage upper; see the module documentation).
     pub fn frontiers(&self, id: GlobalId) -> Option<CollectionFrontiers<T>> {
         let (since, collection) = self.holds.since_and_attachment(&id).filter(|(_, c)| !c.dropped)?;
-        Some(CollectionFrontiers { since: since.to_owned(), upper: collection.write_frontier.clone() })
+        Some(collection.frontiers(since))
     }
 
     /// Whether `id` names a live collection.
@@ -518,6 +527,19 @@ struct Collection<T: Timestamp> {
     /// With metrics: the live collection's wall-clock lag histogram, from its first observation until
     /// it is dropped (see `metrics::LagSeries`).
     lag_series: Option<LagSeries>,
+}
+
+impl<T: Timestamp> Collection<T> {
+    /// The collection's frontiers, its read frontier being `since`.
+    fn frontiers(&self, since: AntichainRef<'_, T>) -> CollectionFrontiers<T> {
+        let mut connected_upper = Antichain::from_elem(T::minimum());
+        for state in self.per_replica.values() {
+            if let Some(frontier) = &state.write_frontier {
+                connected_upper = frontiers::antichain::join(&connected_upper.borrow(), &frontier.borrow());
+            }
+        }
+        CollectionFrontiers { since: since.to_owned(), upper: self.write_frontier.clone(), connected_upper }
+    }
 }
 
 #[derive(Debug)]
@@ -2023,7 +2045,7 @@ impl<T: Timestamp> InstanceCore<T> {
     pub fn collection_frontiers(&self, id: GlobalId) -> Option<CollectionFrontiers<T>> {
         let shared = lock(&self.shared);
         let (since, collection) = shared.holds.since_and_attachment(&id)?;
-        Some(CollectionFrontiers { since: since.to_owned(), upper: collection.write_frontier.clone() })
+        Some(collection.frontiers(since))
     }
 
     /// A replica's status, as its `compute_replica_status` row says; `None` for a replica the instance

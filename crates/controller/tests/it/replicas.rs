@@ -68,6 +68,32 @@ fn after_a_reconnect_a_replica_may_report_lower_frontiers_than_before() {
 }
 
 #[test]
+fn the_connected_upper_follows_the_replicas_connected_now_while_the_upper_never_goes_back() {
+    let mut h = setup();
+    let frontiers = |h: &Harness| {
+        let f = h.core.collection_frontiers(u(1)).unwrap();
+        (f.upper, f.connected_upper)
+    };
+    assert_eq!(frontiers(&h).1, f(0), "no replica has reported: nothing is readable yet");
+    h.report(ReplicaId(1), u(1), f(10));
+    h.report(ReplicaId(2), u(1), f(7));
+    assert_eq!(frontiers(&h), (f(10), f(10)));
+    // Replica 1, ahead, goes: what is readable now is what replica 2 has.
+    h.status(ReplicaId(1), ReplicaStatus::Failed { reason: "killed".into(), retry_in_ms: 10 });
+    assert_eq!(frontiers(&h), (f(10), f(7)));
+    // Back, it reports from its as-of; the connected upper is the join of the current reports.
+    h.status(ReplicaId(1), ReplicaStatus::Hydrating);
+    h.report(ReplicaId(1), u(1), f(3));
+    assert_eq!(frontiers(&h), (f(10), f(7)));
+    h.report(ReplicaId(1), u(1), f(12));
+    assert_eq!(frontiers(&h), (f(12), f(12)));
+    // With no replica connected, nothing is readable without waiting.
+    h.status(ReplicaId(1), ReplicaStatus::Failed { reason: "killed".into(), retry_in_ms: 10 });
+    h.status(ReplicaId(2), ReplicaStatus::Failed { reason: "killed".into(), retry_in_ms: 10 });
+    assert_eq!(frontiers(&h), (f(12), f(0)));
+}
+
+#[test]
 fn a_new_replica_is_given_every_live_dataflow_at_its_current_since() {
     let mut h = setup();
     h.create(index_on_storage(s(1), u(2), 0)).unwrap();

@@ -12,9 +12,10 @@
 //! collection with the oracle (every 200 ms, and in full at the end).
 //!
 //! **Outages** (`outage.rs`): the store is taken down for `--outage-secs`; meanwhile peeks at the indexes'
-//! readable times keep being answered from the replicas' arrangements, checked and counted (the report's
-//! `peeks_answered`, by the outage going on when the rows arrived, however late the check; the suite's
-//! outage test requires some). A result the write log does not cover yet (the replicas read a write
+//! readable times (just below the connected replicas' uppers, `CollectionFrontiers::connected_upper`: the
+//! replica that was ahead may be the one killed) keep being answered from the replicas' arrangements,
+//! checked and counted (the report's `peeks_answered`, by the outage going on when the rows arrived,
+//! however late the check; the suite's outage test requires some). A result the write log does not cover yet (the replicas read a write
 //! whose acknowledgement the writer still waits for) is checked on its own task, so the loop goes on. Peeks
 //! at the latest write pause (its data may be in the stopped store), and one replica is killed as above. After
 //! the store is back, the table writer's appends, the subscribe and the view's appends must each resume
@@ -758,12 +759,16 @@ async fn peek_loop(ctx: Arc<Ctx>, mut rng: Rng) {
                 continue;
             }
         };
-        let (Some(upper), Some(since)) = (first(&frontiers.upper), first(&frontiers.since)) else {
+        let (Some(_), Some(since)) = (first(&frontiers.upper), first(&frontiers.since)) else {
             ctx.stats.violation(format!("{} ({id}) is closed: {frontiers:?}", kind.name()));
             continue;
         };
-        let time = if fresh { ctx.latest_write() } else { upper.saturating_sub(1) };
-        if upper == 0 || time < since {
+        // The latest time a replica connected now has complete: the collection's upper may be ahead of
+        // every one of them when the replica that was ahead went (killed, or cut off), and a peek there
+        // waits for another to catch up, which in a storage outage means until the store returns.
+        let readable = first(&frontiers.connected_upper).unwrap_or(u64::MAX);
+        let time = if fresh { ctx.latest_write() } else { readable.saturating_sub(1) };
+        if readable == 0 || time < since {
             ctx.stats.peeks_skipped.fetch_add(1, Ordering::Relaxed);
             ctx.sleep(interval.max(Duration::from_millis(5))).await;
             continue;
