@@ -72,6 +72,17 @@ pub struct Binaries {
     pub compute_replica: PathBuf,
 }
 
+/// The variables cargo sets for the process it runs (a test, a binary), by prefix: a build started from
+/// such a process leaves them out.
+const CARGO_RUN_VARIABLES: &[&str] = &[
+    "CARGO_MANIFEST_",
+    "CARGO_PKG_",
+    "CARGO_CRATE_",
+    "CARGO_BIN_",
+    "CARGO_PRIMARY_PACKAGE",
+    "CARGO_TARGET_TMPDIR",
+];
+
 /// Builds `compute-replica` with the running executable's profile (cargo reuses it when it is up to
 /// date) and returns its path. `say` reports what is happening.
 pub fn binaries(layout: &Layout, say: &dyn Fn(&str)) -> anyhow::Result<Binaries> {
@@ -100,6 +111,15 @@ pub fn binaries(layout: &Layout, say: &dyn Fn(&str)) -> anyhow::Result<Binaries>
         .env("CARGO_TARGET_DIR", &layout.target_dir)
         .stdin(Stdio::null())
         .stdout(Stdio::null());
+    // What cargo sets for a running test or binary (`CARGO_MANIFEST_DIR` and the like) is not the
+    // build's: a build script that watches one (ring's watches `CARGO_MANIFEST_DIR`) would see it change,
+    // and this build and every plain `cargo build` would rebuild half the tree for each other.
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        if CARGO_RUN_VARIABLES.iter().any(|prefix| name.starts_with(prefix)) {
+            command.env_remove(name.as_ref());
+        }
+    }
     match layout.profile.as_str() {
         "debug" => {}
         "release" => {
