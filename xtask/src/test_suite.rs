@@ -5,7 +5,7 @@
 //! | `fmt`    | `cargo fmt --all -- --check` |
 //! | `clippy` | `cargo clippy --workspace --all-targets --locked -- -D warnings`, then storage's default build (`-p storage --lib`) |
 //! | `tidy`   | [`crate::tidy::check`], in process (`cargo test -p xtask` runs it too) |
-//! | `test`   | `cargo nextest run --workspace --locked --no-fail-fast`, or without nextest `cargo test --workspace --lib --bins --tests --locked`, with `PROPTEST_CASES` |
+//! | `test`   | `cargo build --locked --bin compute-replica` (which the scenario tests run: built before, not by a test while others run), then `cargo nextest run --workspace --locked --no-fail-fast`, or without nextest `cargo test --workspace --lib --bins --tests --locked`, with `PROPTEST_CASES` |
 //! | `doc`    | `cargo test --workspace --doc --locked` (nextest and `--all-targets` skip doctests) |
 //! | `sim`    | the simulator on seeds `0..N` ([`crate::sim`], dev profile), its summary checked (every seed ran, peeks and subscribe batches compared); then the planted peek-hold bug, which seeds `0..32` must catch as a `peek-holds` violation |
 //! | `cluster`| a 20 s `sim cluster` run ([`crate::cluster`], dev profile), failed on any violation and on fewer checks than its stated minimums |
@@ -163,6 +163,10 @@ fn run_step(step: Step, root: &Path, mode: &Mode) -> anyhow::Result<()> {
         }),
         Step::Tidy => tidy::check(root),
         Step::Test => {
+            // The scenario tests start `compute-replica` (dev profile, the workspace's features), which
+            // nextest does not build: the first of them would build it, about two minutes of both cores
+            // beside the timing-sensitive tests running then. Built here, their build finds it done.
+            cmd::run(cmd::cargo().args(["build", "--locked", "--bin", "compute-replica"]))?;
             let mut command = cmd::cargo();
             if cmd::succeeds(cmd::cargo().args(["nextest", "--version"])) {
                 command.args(["nextest", "run", "--workspace", "--locked", "--no-fail-fast"]);
