@@ -517,7 +517,9 @@ impl ComputeController {
         })
     }
 
-    /// The since and upper of a live compute collection (without waiting for the instance task).
+    /// The since and upper of a live compute collection, and the upper of the replicas connected now
+    /// ([`CollectionFrontiers::connected_upper`]: a peek below it needs no dataflow to catch up), without
+    /// waiting for the instance task.
     pub fn collection_frontiers(
         &self,
         instance: InstanceId,
