@@ -825,27 +825,11 @@ const HEAVY_DATAFLOWS: u64 = 8;
 
 /// The `compute-replica` binary of this build, built in release first (a no-op when it is fresh).
 fn replica_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("the bench's path");
-    let dir = exe.parent().and_then(|deps| deps.parent()).expect("target/<profile>/deps/<bench>");
-    let binary = dir.join("compute-replica");
-    // The target directory this bench was built in, given explicitly: a relative `CARGO_TARGET_DIR`
-    // would resolve against the bench's working directory (the crate's), not the workspace's, and the
-    // bench would run a stale binary.
-    let target_dir = dir.parent().expect("target/<profile>");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
-    let status = std::process::Command::new(&cargo)
-        .args(["build", "--release", "--locked", "--quiet", "-p", "compute", "--bin", "compute-replica"])
-        .arg("--target-dir")
-        .arg(target_dir)
-        .status();
-    match status {
-        Ok(status) if status.success() => {}
-        other if binary.is_file() => {
-            println!("  (could not rebuild compute-replica ({other:?}); using {})", binary.display());
-        }
-        other => panic!("cannot build compute-replica: {other:?}"),
+    let (binary, note) =
+        test_support::cargo::release_binary("compute", "compute-replica").unwrap_or_else(|e| panic!("{e}"));
+    if let Some(note) = note {
+        println!("  ({note})");
     }
-    assert!(binary.is_file(), "{} missing after the build", binary.display());
     binary
 }
 

@@ -32,18 +32,11 @@ fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
 
 /// The `compute-replica` binary of this build, built in release first (a no-op when it is fresh).
 fn replica_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("the bench's path");
-    let dir = exe.parent().and_then(|deps| deps.parent()).expect("target/<profile>/deps/<bench>");
-    let target_dir = dir.parent().expect("target/<profile>");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
-    let status = std::process::Command::new(&cargo)
-        .args(["build", "--release", "--locked", "--quiet", "-p", "compute", "--bin", "compute-replica"])
-        .arg("--target-dir")
-        .arg(target_dir)
-        .status();
-    assert!(status.is_ok_and(|s| s.success()), "cannot build compute-replica");
-    let binary = dir.join("compute-replica");
-    assert!(binary.is_file(), "{} missing after the build", binary.display());
+    let (binary, note) =
+        test_support::cargo::release_binary("compute", "compute-replica").unwrap_or_else(|e| panic!("{e}"));
+    if let Some(note) = note {
+        println!("  ({note})");
+    }
     binary
 }
 
