@@ -8,37 +8,22 @@ use std::process::{Command, ExitStatus, Stdio};
 
 use anyhow::{Context, bail};
 
+#[path = "../../crates/test-support/src/cargo_env.rs"]
+mod cargo_env;
+
 /// A `cargo` command. When the environment has `CI=true`, it also sets `CARGO_INCREMENTAL=0` (incremental
 /// artefacts are wasted work on a clean CI checkout). The variable is set per command because
 /// `std::env::set_var` is `unsafe` in edition 2024 and the workspace denies `unsafe_code`.
 ///
 /// It leaves out what cargo set for this process when `cargo xtask` ran it (`CARGO_MANIFEST_DIR` and the
-/// like, [`CARGO_RUN_VARIABLES`]): a build that inherited them would fingerprint a build script that watches
-/// one (ring's watches `CARGO_MANIFEST_DIR`) differently from a plain `cargo build`, and each would rebuild
-/// half the tree after the other (the scenario tests' build of `compute-replica` leaves them out too).
+/// like): see [`cargo_env`], which this crate includes from `test-support` (it has no dependency on it).
 pub fn cargo() -> Command {
-    let mut cmd = Command::new("cargo");
+    let mut cmd = cargo_env::command();
     if on_ci() {
         cmd.env("CARGO_INCREMENTAL", "0");
     }
-    for (name, _) in std::env::vars_os() {
-        let name = name.to_string_lossy();
-        if CARGO_RUN_VARIABLES.iter().any(|prefix| name.starts_with(prefix)) {
-            cmd.env_remove(name.as_ref());
-        }
-    }
     cmd
 }
-
-/// The variables cargo sets for the process it runs, by prefix.
-pub const CARGO_RUN_VARIABLES: &[&str] = &[
-    "CARGO_MANIFEST_",
-    "CARGO_PKG_",
-    "CARGO_CRATE_",
-    "CARGO_BIN_",
-    "CARGO_PRIMARY_PACKAGE",
-    "CARGO_TARGET_TMPDIR",
-];
 
 /// Whether we run on CI, i.e. the environment has `CI=true`.
 pub fn on_ci() -> bool {
@@ -110,29 +95,4 @@ pub fn succeeds(cmd: &mut Command) -> bool {
 pub fn output(cmd: &mut Command) -> Option<String> {
     let output = cmd.stdin(Stdio::null()).stderr(Stdio::null()).output().ok()?;
     output.status.success().then(|| String::from_utf8_lossy(&output.stdout).trim().to_owned())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_cargo_command_leaves_out_what_cargo_set_for_this_process_and_keeps_the_rest() {
-        // Cargo (and nextest) set these for every test they run.
-        for name in ["CARGO_MANIFEST_DIR", "CARGO_PKG_NAME"] {
-            assert!(std::env::var_os(name).is_some(), "{name} is set for a test");
-        }
-        let command = cargo();
-        let removed: Vec<String> = command
-            .get_envs()
-            .filter(|(_, value)| value.is_none())
-            .map(|(name, _)| name.to_string_lossy().into_owned())
-            .collect();
-        for name in ["CARGO_MANIFEST_DIR", "CARGO_PKG_NAME", "CARGO_PKG_VERSION"] {
-            assert!(removed.iter().any(|r| r == name), "{name} is left out: {removed:?}");
-        }
-        for name in ["CARGO", "CARGO_HOME", "CARGO_TARGET_DIR", "CARGO_INCREMENTAL", "PATH"] {
-            assert!(!removed.iter().any(|r| r == name), "{name} is kept: {removed:?}");
-        }
-    }
 }

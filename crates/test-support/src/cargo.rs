@@ -1,42 +1,13 @@
 //! Building a workspace binary from a benchmark: [`release_binary`] runs `cargo build --release` for it
 //! into the target directory the running benchmark was built in, and returns its path.
 //!
-//! **The environment.** Cargo runs a benchmark with variables of its own (`CARGO_MANIFEST_DIR`,
-//! `CARGO_PKG_*`, [`CARGO_RUN_VARIABLES`]). A build that inherited them would fingerprint a build script
-//! that watches one (ring's watches `CARGO_MANIFEST_DIR`) differently from a plain `cargo build`, and each
-//! would then rebuild half the tree after the other; the build leaves them out. (`xtask` and the `sim`
-//! scenario, which cannot depend on this crate, leave out the same list.)
+//! The build runs without the variables cargo set for the benchmark ([`crate::cargo_env`]).
 //!
 //! **What this is not.** Not for tests: they run binaries of their own package (`CARGO_BIN_EXE_*`).
 //!
-//! **Tests:** below (the command leaves out what cargo set for the test and keeps the rest).
+//! **Tests:** the benchmarks that use it (`controller`, `tpch`); `cargo_env`'s below.
 
 use std::path::PathBuf;
-use std::process::Command;
-
-/// The variables cargo sets for the process it runs, by prefix.
-pub const CARGO_RUN_VARIABLES: &[&str] = &[
-    "CARGO_MANIFEST_",
-    "CARGO_PKG_",
-    "CARGO_CRATE_",
-    "CARGO_BIN_",
-    "CARGO_PRIMARY_PACKAGE",
-    "CARGO_TARGET_TMPDIR",
-];
-
-/// A `cargo` command (the `CARGO` that runs this process, else `cargo` on the path) without the variables
-/// cargo set for this process.
-pub fn command() -> Command {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut command = Command::new(cargo);
-    for (name, _) in std::env::vars_os() {
-        let name = name.to_string_lossy();
-        if CARGO_RUN_VARIABLES.iter().any(|prefix| name.starts_with(prefix)) {
-            command.env_remove(name.as_ref());
-        }
-    }
-    command
-}
 
 /// Builds `binary` of `package` in release (a no-op when it is fresh) into the target directory the
 /// running executable (a benchmark, in `target/<profile>/deps/`) was built in, and returns its path. The
@@ -52,7 +23,7 @@ pub fn release_binary(package: &str, binary: &str) -> Result<(PathBuf, Option<St
         .ok_or_else(|| format!("{} is not in target/<profile>/deps/", exe.display()))?;
     let target_dir = dir.parent().ok_or_else(|| format!("{} has no parent", dir.display()))?;
     let path = dir.join(binary);
-    let status = command()
+    let status = crate::cargo_env::command()
         .args(["build", "--release", "--locked", "--quiet", "-p", package, "--bin", binary])
         .arg("--target-dir")
         .arg(target_dir)
@@ -68,29 +39,4 @@ pub fn release_binary(package: &str, binary: &str) -> Result<(PathBuf, Option<St
         return Err(format!("{} missing after the build", path.display()));
     }
     Ok((path, note))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_command_leaves_out_what_cargo_set_for_this_process_and_keeps_the_rest() {
-        // Cargo (and nextest) set these for every test they run.
-        for name in ["CARGO_MANIFEST_DIR", "CARGO_PKG_NAME"] {
-            assert!(std::env::var_os(name).is_some(), "{name} is set for a test");
-        }
-        let command = command();
-        let removed: Vec<String> = command
-            .get_envs()
-            .filter(|(_, value)| value.is_none())
-            .map(|(name, _)| name.to_string_lossy().into_owned())
-            .collect();
-        for name in ["CARGO_MANIFEST_DIR", "CARGO_PKG_NAME", "CARGO_PKG_VERSION"] {
-            assert!(removed.iter().any(|r| r == name), "{name} is left out: {removed:?}");
-        }
-        for name in ["CARGO", "CARGO_HOME", "CARGO_TARGET_DIR", "CARGO_INCREMENTAL", "PATH"] {
-            assert!(!removed.iter().any(|r| r == name), "{name} is kept: {removed:?}");
-        }
-    }
 }

@@ -2,7 +2,8 @@
 //! loopback TCP round trips as a network baseline ([`loopback`]), a global allocator that counts live
 //! bytes ([`counting_alloc`]), a process's resident memory from `/proc` ([`memory`]), a thread's CPU time ([`cpu`]), [`median`], and the proptest
 //! settings every property test takes from `PROPTEST_CASES` ([`proptest_cases`], [`proptest_config`]),
-//! and a benchmark's build of a workspace binary ([`cargo`]).
+//! a benchmark's build of a workspace binary ([`cargo`]) and a `cargo` command
+//! without the variables cargo set for the caller ([`cargo_env`]).
 //!
 //! **What this is not.** Nothing here is used by a library or a binary of the system: it is a
 //! dev-dependency only, and it knows no other workspace crate (so any crate, `frontiers` included, can
@@ -11,6 +12,7 @@
 //! **Tests:** the unit tests below and in each module; its users' tests and benchmarks.
 
 pub mod cargo;
+pub mod cargo_env;
 pub mod counting_alloc;
 pub mod cpu;
 pub mod loopback;

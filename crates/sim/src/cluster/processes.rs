@@ -17,6 +17,9 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context, bail};
 
+#[path = "../../../test-support/src/cargo_env.rs"]
+mod cargo_env;
+
 /// Where the scenario's files go and where its binaries are.
 #[derive(Debug, Clone)]
 pub struct Layout {
@@ -72,17 +75,6 @@ pub struct Binaries {
     pub compute_replica: PathBuf,
 }
 
-/// The variables cargo sets for the process it runs (a test, a binary), by prefix: a build started from
-/// such a process leaves them out.
-const CARGO_RUN_VARIABLES: &[&str] = &[
-    "CARGO_MANIFEST_",
-    "CARGO_PKG_",
-    "CARGO_CRATE_",
-    "CARGO_BIN_",
-    "CARGO_PRIMARY_PACKAGE",
-    "CARGO_TARGET_TMPDIR",
-];
-
 /// Builds `compute-replica` with the running executable's profile (cargo reuses it when it is up to
 /// date) and returns its path. `say` reports what is happening.
 pub fn binaries(layout: &Layout, say: &dyn Fn(&str)) -> anyhow::Result<Binaries> {
@@ -100,8 +92,9 @@ pub fn binaries(layout: &Layout, say: &dyn Fn(&str)) -> anyhow::Result<Binaries>
             layout.profile_dir.display()
         );
     }
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut command = Command::new(&cargo);
+    // Without what cargo set for this process (`cargo run`, a test): see `cargo_env`.
+    let mut command = cargo_env::command();
+    let cargo = command.get_program().to_owned();
     command
         .arg("build")
         .arg("--locked")
@@ -111,15 +104,6 @@ pub fn binaries(layout: &Layout, say: &dyn Fn(&str)) -> anyhow::Result<Binaries>
         .env("CARGO_TARGET_DIR", &layout.target_dir)
         .stdin(Stdio::null())
         .stdout(Stdio::null());
-    // What cargo sets for a running test or binary (`CARGO_MANIFEST_DIR` and the like) is not the
-    // build's: a build script that watches one (ring's watches `CARGO_MANIFEST_DIR`) would see it change,
-    // and this build and every plain `cargo build` would rebuild half the tree for each other.
-    for (name, _) in std::env::vars_os() {
-        let name = name.to_string_lossy();
-        if CARGO_RUN_VARIABLES.iter().any(|prefix| name.starts_with(prefix)) {
-            command.env_remove(name.as_ref());
-        }
-    }
     match layout.profile.as_str() {
         "debug" => {}
         "release" => {
