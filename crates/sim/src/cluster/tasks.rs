@@ -15,12 +15,13 @@
 //! readable times (just below the connected replicas' uppers, `CollectionFrontiers::connected_upper`: the
 //! replica that was ahead may be the one killed) keep being answered from the replicas' arrangements,
 //! checked and counted (the report's `peeks_answered`, by the outage going on when the rows arrived,
-//! however late the check; the suite's outage test requires some). A result the write log does not cover yet (the replicas read a write
-//! whose acknowledgement the writer still waits for) is checked on its own task, so the loop goes on. Peeks
-//! at the latest write pause (its data may be in the stopped store), and one replica is killed as above. After
-//! the store is back, the table writer's appends, the subscribe and the view's appends must each resume
-//! within `PATIENCE` (else a violation); the oracle comparisons, unchanged, find anything lost or doubled.
-//! Peek latencies are kept apart for peeks that overlapped an outage.
+//! however late the check; the suite's outage test requires some). A result the write log does not cover
+//! yet (the replicas read a write whose acknowledgement the writer still waits for) is checked on its own
+//! task, so the loop goes on. Peeks at the latest write pause (its data may be in the stopped store), and
+//! one replica is killed as above. After the store is back, the table writer's appends, the subscribe and
+//! the view's appends must each resume within `PATIENCE` (else a violation); the oracle comparisons,
+//! unchanged, find anything lost or doubled. Peek latencies are kept apart for peeks that overlapped an
+//! outage.
 //!
 //! **Link cuts** (`--netns`, `netns.rs`): every link of one replica (the multi-process one first) is
 //! taken down for `--link-cut-secs` and brought back. Meanwhile peeks (untargeted) keep being checked: the
