@@ -7,8 +7,9 @@
 //!   replica client keeps trying to reconnect, until [`InProcessOrchestrator::restart`] or a drop.
 //! - [`ProcessOrchestrator`]: replicas as local `compute-replica` processes, single- or multi-process
 //!   (a timely cluster over loopback). A supervisor restarts a crashed replica with backoff, all of its
-//!   processes together (a timely cluster cannot take back one lost process), on the same ports so the
-//!   replica client simply reconnects, and reports every status change. The backoff doubles with each
+//!   processes together (a timely cluster cannot take back one lost process), on the same controller
+//!   and metrics ports so the replica client simply reconnects (ports from below the kernel's ephemeral
+//!   range, which no other socket is handed), and reports every status change. The backoff doubles with each
 //!   crash in a row and starts over once a replica has run stably (see [`ProcessOrchestratorConfig`]).
 //!   Its processes open the shards themselves ([`ReplicaStorage`]). They run on this host's loopback, or each on a host of its own that a
 //!   [`ProcessHosts`] provides (an address and a command prefix, e.g. `ip netns exec NAME`; `sim cluster
@@ -427,9 +428,54 @@ impl fmt::Debug for ProcessOrchestrator {
 /// children to bind. Another socket may take one in between; the child then fails to start (exits
 /// non-zero) and is restarted, on fresh timely ports.
 fn free_ports(n: usize) -> Result<Vec<u16>, String> {
-    let probes = (0..n)
+    ports_of(&free_probes(n)?)
+}
+
+/// `n` listeners on distinct free loopback ports the kernel picks.
+fn free_probes(n: usize) -> Result<Vec<std::net::TcpListener>, String> {
+    (0..n)
         .map(|_| std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("no free port: {e}")))
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect()
+}
+
+/// The lowest port [`stable_ports`] picks from.
+const STABLE_PORTS_FROM: u16 = 10_000;
+
+/// Listeners on `n` distinct free loopback ports below the kernel's ephemeral range, for the ports a
+/// replica keeps across restarts (the controller's and the metrics endpoint's), probed from a random
+/// start; the caller drops them when it has picked its other ports.
+/// A port from the ephemeral range (what a `bind` to port 0 or an outgoing connection gets) may be taken
+/// by any socket between the probe and the child's bind, and then stays taken for as long as that
+/// socket lives: the child would fail at every restart (seen in a loaded test run: 149 restarts). A port
+/// below the range is only taken by a process that names it. Where the range cannot be read, or leaves
+/// too little room below it, this is [`free_probes`].
+fn stable_probes(n: usize) -> Result<Vec<std::net::TcpListener>, String> {
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .filter(|&low| low >= STABLE_PORTS_FROM.saturating_add(1_024));
+    let Some(low) = low else { return free_probes(n) };
+    let span = u64::from(low - STABLE_PORTS_FROM);
+    let start = std::hash::BuildHasher::hash_one(&std::hash::RandomState::new(), std::process::id()) % span;
+    let mut probes = Vec::with_capacity(n);
+    for offset in 0..span {
+        if probes.len() == n {
+            break;
+        }
+        // `span` fits a `u16`, so the sum below `low` does.
+        let port = STABLE_PORTS_FROM + ((start + offset) % span) as u16;
+        if let Ok(probe) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            probes.push(probe);
+        }
+    }
+    if probes.len() < n {
+        return free_probes(n);
+    }
+    Ok(probes)
+}
+
+/// The ports `probes` are bound to.
+fn ports_of(probes: &[std::net::TcpListener]) -> Result<Vec<u16>, String> {
     probes.iter().map(|l| l.local_addr().map(|a| a.port()).map_err(|e| e.to_string())).collect()
 }
 
@@ -653,11 +699,15 @@ impl Orchestrator for ProcessOrchestrator {
             if spec.processes == 0 || spec.workers == 0 {
                 return Err("a replica needs at least one process and one worker".to_string());
             }
-            // All probed together, so all distinct (see `free_ports`).
-            let with_metrics = if self.config.metrics { 3 } else { 2 };
-            let mut controller_ports = free_ports(with_metrics * spec.processes)?;
-            let mut timely_ports = controller_ports.split_off(spec.processes);
-            let metrics_ports = timely_ports.split_off(spec.processes);
+            // The ports kept across restarts come from below the ephemeral range (see `stable_probes`);
+            // the timely ports, fresh at every restart, from the kernel, probed while the others are
+            // held, so all are distinct.
+            let with_metrics = usize::from(self.config.metrics);
+            let stable = stable_probes((1 + with_metrics) * spec.processes)?;
+            let timely_ports = free_ports(spec.processes)?;
+            let mut controller_ports = ports_of(&stable)?;
+            drop(stable);
+            let metrics_ports = controller_ports.split_off(spec.processes);
             let hosts = (0..spec.processes)
                 .map(|process| self.hosts.host(spec.instance, spec.replica, process))
                 .collect::<Result<Vec<_>, _>>();
@@ -732,6 +782,23 @@ impl Drop for ProcessOrchestrator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ports_kept_across_restarts_are_distinct_free_and_below_the_ephemeral_range() {
+        let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").expect("Linux");
+        let low: u16 = range.split_whitespace().next().unwrap().parse().unwrap();
+        let probes = stable_probes(6).unwrap();
+        let ports = ports_of(&probes).unwrap();
+        assert_eq!(ports.iter().collect::<std::collections::BTreeSet<_>>().len(), 6, "{ports:?}");
+        assert!(ports.iter().all(|&p| (STABLE_PORTS_FROM..low).contains(&p)), "{ports:?} vs {low}");
+        // Held, they are not handed out again; released, each can be bound.
+        let timely = free_ports(6).unwrap();
+        assert!(timely.iter().all(|p| !ports.contains(p) && *p >= low), "{timely:?}");
+        drop(probes);
+        for port in ports {
+            std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+        }
+    }
 
     fn config(initial_backoff_ms: u64, max_backoff_ms: u64) -> ProcessOrchestratorConfig {
         ProcessOrchestratorConfig {
