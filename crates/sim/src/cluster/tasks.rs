@@ -15,9 +15,10 @@
 //! readable times (just below the connected replicas' uppers, `CollectionFrontiers::connected_upper`: the
 //! replica that was ahead may be the one killed) keep being answered from the replicas' arrangements,
 //! checked and counted (the report's `peeks_answered`, by the outage going on when the rows arrived,
-//! however late the check; the suite's outage test requires some). A result the write log does not cover
-//! yet (the replicas read a write whose acknowledgement the writer still waits for) is checked on its own
-//! task, so the loop goes on. Peeks at the latest write pause (its data may be in the stopped store), and
+//! however late the check; the suite's outage test requires some). A peek not answered within
+//! `LOOP_WAIT` (its time was only on the replica killed, with the store down) waits on its own task, and
+//! so is a result the write log does not cover yet (the replicas read a write whose acknowledgement the
+//! writer still waits for): the loop goes on. Peeks at the latest write pause (its data may be in the stopped store), and
 //! one replica is killed as above. After the store is back, the table writer's appends, the subscribe and
 //! the view's appends must each resume within `PATIENCE` (else a violation); the oracle comparisons,
 //! unchanged, find anything lost or doubled. Peek latencies are kept apart for peeks that overlapped an
@@ -122,7 +123,7 @@ struct Ctx {
     /// Set by the writer once it stopped: its last append has landed (or failed).
     writer_stopped: watch::Sender<bool>,
     /// The current `status_summary` index; write-locked while it is dropped and recreated.
-    status_summary: RwLock<Option<GlobalId>>,
+    status_summary: Arc<RwLock<Option<GlobalId>>>,
     /// The number of customers written (ids `1..=n`).
     customers: AtomicI64,
     as_ofs: Mutex<AsOfs>,
@@ -380,7 +381,7 @@ async fn scenario_on(
         stop: watch::channel(false).0,
         stop_writer: watch::channel(false).0,
         writer_stopped: watch::channel(false).0,
-        status_summary: RwLock::new(Some(workload::status_summary_id(0))),
+        status_summary: Arc::new(RwLock::new(Some(workload::status_summary_id(0)))),
         customers: AtomicI64::new(generator.customer_count()),
         as_ofs: Mutex::new(as_ofs),
         subscribe_upper: AtomicU64::new(0),
@@ -669,6 +670,43 @@ async fn peek_index(
     target: Option<ReplicaId>,
     timeout: Duration,
 ) -> Result<Peeked, String> {
+    match submit_peek(ctx, id, time, spec, target, timeout).await? {
+        Some(submitted) => submitted.answer().await,
+        None => Ok(Peeked::Unreadable),
+    }
+}
+
+/// A peek the controller took, waiting for its answer.
+struct Submitted {
+    id: GlobalId,
+    time: u64,
+    started: Instant,
+    handle: controller::PeekHandle,
+}
+
+impl Submitted {
+    /// Waits for the answer.
+    async fn answer(self) -> Result<Peeked, String> {
+        let Submitted { id, time, started, handle } = self;
+        let response = handle.result().await;
+        tracing::debug!(%id, total_us = started.elapsed().as_micros() as u64, "peek answered");
+        match response {
+            Ok(rows) => Ok(Peeked::Rows(rows, started.elapsed())),
+            Err(failure) => Err(format!("peek of {id} at {time} failed: {failure}")),
+        }
+    }
+}
+
+/// Gives the controller a peek of an index (or, with `target`, one replica of it) at `time`; `None` if
+/// the time is not readable (yet).
+async fn submit_peek(
+    ctx: &Ctx,
+    id: GlobalId,
+    time: u64,
+    spec: &PeekSpec,
+    target: Option<ReplicaId>,
+    timeout: Duration,
+) -> Result<Option<Submitted>, String> {
     let options = PeekOptions {
         literal_constraints: spec.literal_constraints.clone(),
         map_filter_project: spec.map_filter_project.clone(),
@@ -683,22 +721,16 @@ async fn peek_index(
         let handle = controller.peek(INSTANCE, PeekTarget::Index { id }, time, options).await;
         (handle, locked, started.elapsed())
     };
-    let handle = match handle {
-        Ok(handle) => handle,
-        Err(PeekError::SinceViolation { .. }) => return Ok(Peeked::Unreadable),
-        Err(e) => return Err(format!("peek of {id} at {time} refused: {e}")),
-    };
-    let response = handle.result().await;
     tracing::debug!(
         %id,
         lock_us = locked.as_micros() as u64,
         submit_us = submitted.as_micros() as u64,
-        total_us = started.elapsed().as_micros() as u64,
-        "peek answered"
+        "peek submitted"
     );
-    match response {
-        Ok(rows) => Ok(Peeked::Rows(rows, started.elapsed())),
-        Err(failure) => Err(format!("peek of {id} at {time} failed: {failure}")),
+    match handle {
+        Ok(handle) => Ok(Some(Submitted { id, time, started, handle })),
+        Err(PeekError::SinceViolation { .. }) => Ok(None),
+        Err(e) => Err(format!("peek of {id} at {time} refused: {e}")),
     }
 }
 
@@ -738,8 +770,9 @@ async fn peek_loop(ctx: Arc<Ctx>, mut rng: Rng) {
         let customers = ctx.customers.load(Ordering::Relaxed).max(1);
         let customer = rng.range(1, customers as u64 + 5) as i64;
         let spec = PeekSpec::new(kind, customer);
-        // Keeps a recreation of `status_summary` from dropping it under the peek.
-        let guard = ctx.status_summary.try_read();
+        // Keeps a recreation of `status_summary` from dropping it under the peek (owned: the wait for the
+        // answer may move to a task of its own).
+        let guard = Arc::clone(&ctx.status_summary).try_read_owned();
         let id = match kind {
             PeekKind::StatusSummary => match guard.as_ref().ok().and_then(|current| **current) {
                 Some(id) => id,
@@ -776,34 +809,27 @@ async fn peek_loop(ctx: Arc<Ctx>, mut rng: Rng) {
         }
         let what = format!("{} ({id})", kind.name());
         let outages = ctx.stats.outage_marker();
-        match peek_index(&ctx, id, time, &spec, None, Duration::from_secs(30)).await {
-            Ok(Peeked::Rows(rows, latency)) => {
-                drop(guard);
-                let during_outage = ctx.stats.overlapped_outage(outages);
-                // An outage's count of peeks answered takes the outage going on as the rows arrived.
-                let answered_at = ctx.stats.outage_marker();
-                // The oracle checks a result once the write log covers its time. In a storage outage the
-                // replicas may have read a write whose acknowledgement the table writer still waits for:
-                // then the check waits on its own task (at most `MAX_DEFERRED_CHECKS` per loop), and the
-                // loop goes on peeking.
-                if *ctx.log_upper.borrow() > time {
-                    if check_rows(&ctx, &what, time, &spec, rows).await {
-                        ctx.stats.peek(kind.name(), fresh, latency, during_outage);
-                        ctx.stats.peek_answered(answered_at);
+        match submit_peek(&ctx, id, time, &spec, None, Duration::from_secs(30)).await {
+            Ok(Some(submitted)) => {
+                let peek = LoopPeek { kind, fresh, spec, what, time, outages, guard };
+                let mut answer = Box::pin(submitted.answer());
+                // A peek not answered within `LOOP_WAIT` (one at a time the replica that was ahead had,
+                // when that replica died with the store down) waits on its own task, and the loop goes on.
+                match tokio::time::timeout(LOOP_WAIT, &mut answer).await {
+                    Ok(answered) => peek.finish(&ctx, answered, Some(&deferred)).await,
+                    Err(_) => {
+                        let permit = Arc::clone(&deferred).acquire_owned().await.expect("never closed");
+                        let ctx = Arc::clone(&ctx);
+                        tokio::spawn(async move {
+                            let _permit = permit;
+                            let answered = answer.await;
+                            peek.finish(&ctx, answered, None).await;
+                        });
                     }
-                } else {
-                    let permit = Arc::clone(&deferred).acquire_owned().await.expect("never closed");
-                    let (ctx, spec) = (Arc::clone(&ctx), spec.clone());
-                    tokio::spawn(async move {
-                        let _permit = permit;
-                        if check_rows(&ctx, &what, time, &spec, rows).await {
-                            ctx.stats.peek(kind.name(), fresh, latency, during_outage);
-                            ctx.stats.peek_answered(answered_at);
-                        }
-                    });
                 }
             }
-            Ok(Peeked::Unreadable) => {
+            Ok(None) => {
+                drop(guard);
                 ctx.stats.peeks_skipped.fetch_add(1, Ordering::Relaxed);
             }
             Err(e) => ctx.stats.violation(format!("{what}: {e}")),
@@ -816,8 +842,76 @@ async fn peek_loop(ctx: Arc<Ctx>, mut rng: Rng) {
     let _ = deferred.acquire_many(MAX_DEFERRED_CHECKS as u32).await;
 }
 
-/// The most peek results one loop keeps waiting for the write log to cover them (see [`peek_loop`]).
+/// The most peeks one loop keeps waiting on tasks of their own, for their answer or for the write log
+/// to cover their time (see [`peek_loop`]).
 const MAX_DEFERRED_CHECKS: usize = 4_096;
+
+/// How long a peek loop waits for an answer before the wait moves to a task of its own. Answers take
+/// about 10 ms on a loaded machine, and peeks at the latest write up to a few hundred.
+const LOOP_WAIT: Duration = Duration::from_millis(250);
+
+/// A peek of a peek loop, from its submission to its check.
+struct LoopPeek {
+    kind: PeekKind,
+    fresh: bool,
+    spec: PeekSpec,
+    what: String,
+    time: u64,
+    /// Where outages stood when it was submitted.
+    outages: (bool, u64),
+    /// The read lock on the current `status_summary` id, held until the answer.
+    guard: Result<tokio::sync::OwnedRwLockReadGuard<Option<GlobalId>>, tokio::sync::TryLockError>,
+}
+
+impl LoopPeek {
+    /// Checks the answer against the oracle and counts it. The oracle checks a result once the write log
+    /// covers its time. In a storage outage the replicas may have read a write whose acknowledgement the
+    /// table writer still waits for: then, with `deferred` (the loop's bound on what waits on tasks of
+    /// its own), the check waits on a task of its own and the loop goes on; without it (already on such
+    /// a task) it waits here.
+    async fn finish(
+        self,
+        ctx: &Arc<Ctx>,
+        answered: Result<Peeked, String>,
+        deferred: Option<&Arc<tokio::sync::Semaphore>>,
+    ) {
+        let LoopPeek { kind, fresh, spec, what, time, outages, guard } = self;
+        drop(guard);
+        let (rows, latency) = match answered {
+            Ok(Peeked::Rows(rows, latency)) => (rows, latency),
+            Ok(Peeked::Unreadable) => {
+                ctx.stats.peeks_skipped.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            Err(e) => {
+                ctx.stats.violation(format!("{what}: {e}"));
+                return;
+            }
+        };
+        let during_outage = ctx.stats.overlapped_outage(outages);
+        // An outage's count of peeks answered takes the outage going on as the rows arrived.
+        let answered_at = ctx.stats.outage_marker();
+        let check = {
+            let ctx = Arc::clone(ctx);
+            async move {
+                if check_rows(&ctx, &what, time, &spec, rows).await {
+                    ctx.stats.peek(kind.name(), fresh, latency, during_outage);
+                    ctx.stats.peek_answered(answered_at);
+                }
+            }
+        };
+        match deferred {
+            Some(deferred) if *ctx.log_upper.borrow() <= time => {
+                let permit = Arc::clone(deferred).acquire_owned().await.expect("never closed");
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    check.await;
+                });
+            }
+            _ => check.await,
+        }
+    }
+}
 
 // -------------------------------------------------------------------------------------------------
 // The subscribe and the materialized view

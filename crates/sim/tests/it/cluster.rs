@@ -168,7 +168,10 @@ const OUTAGE_FLAGS: &[&str] = &[
 // peeked just below the collection's upper, which the killed replica had reported (it was ahead, having
 // read a write just before the store went) and which never goes back; the other replica, a step behind,
 // could not catch up without the store. They now peek below the connected replicas' upper
-// (`CollectionFrontiers::connected_upper`). On failure the whole report is printed.
+// (`CollectionFrontiers::connected_upper`). That left the peek in flight when the replica died: a clean-clone
+// run still stalled at 30, each loop stuck in one peek for the whole outage (2.5 s, the longest peek
+// latency of the run). A loop now moves a wait longer than 250 ms to a task of its own and goes on.
+// On failure the whole report is printed.
 
 /// `sim cluster` with `flags`, its data in `dir/cluster` and its report page in `page_dir`, no input and
 /// the default log level.
