@@ -45,8 +45,31 @@ fn run_cluster(data_dir: &Path, storage_flags: &[&str]) -> Value {
     let report: Value = serde_json::from_str(&stdout).unwrap_or_else(|e| {
         panic!("sim cluster ({}) printed no JSON report ({e}): {stdout}", output.status);
     });
-    assert!(output.status.success(), "sim cluster exited with {}: {report:#}", output.status);
+    assert!(
+        output.status.success(),
+        "sim cluster exited with {}: {report:#}\n{}",
+        output.status,
+        replica_log_tails(&data_dir.join("logs"))
+    );
     report
+}
+
+/// The last lines of every replica log in `dir`, for a failure's message: what a replica said before it
+/// exited (the run's directory is gone once the test ends).
+fn replica_log_tails(dir: &Path) -> String {
+    let mut tails = String::new();
+    let mut logs: Vec<_> = std::fs::read_dir(dir).into_iter().flatten().flatten().map(|e| e.path()).collect();
+    logs.sort();
+    for log in logs.iter().filter(|p| p.file_name().is_some_and(|n| n != "sim.log")) {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        tails.push_str(&format!("--- last lines of {}\n", log.display()));
+        for line in &lines[lines.len().saturating_sub(5)..] {
+            tails.push_str(line);
+            tails.push('\n');
+        }
+    }
+    tails
 }
 
 fn number(report: &Value, pointer: &str) -> u64 {
