@@ -655,8 +655,8 @@ async fn hydrate(ctx: &Arc<Ctx>) -> anyhow::Result<()> {
 
 /// What happened to one peek.
 enum Peeked {
-    /// Rows, and how long from the call to the answer.
-    Rows(Vec<(Row, std::num::NonZeroU64)>, Duration),
+    /// Rows.
+    Rows(Vec<(Row, std::num::NonZeroU64)>),
     /// Not issued: the time is not readable (yet).
     Unreadable,
 }
@@ -671,7 +671,7 @@ async fn peek_index(
     timeout: Duration,
 ) -> Result<Peeked, String> {
     match submit_peek(ctx, id, time, spec, target, timeout).await? {
-        Some(submitted) => submitted.answer().await,
+        Some(submitted) => submitted.answer().await.map(|(rows, _)| Peeked::Rows(rows)),
         None => Ok(Peeked::Unreadable),
     }
 }
@@ -685,13 +685,13 @@ struct Submitted {
 }
 
 impl Submitted {
-    /// Waits for the answer.
-    async fn answer(self) -> Result<Peeked, String> {
+    /// Waits for the answer: the rows, and how long from the call to the answer.
+    async fn answer(self) -> Result<(Vec<(Row, std::num::NonZeroU64)>, Duration), String> {
         let Submitted { id, time, started, handle } = self;
         let response = handle.result().await;
         tracing::debug!(%id, total_us = started.elapsed().as_micros() as u64, "peek answered");
         match response {
-            Ok(rows) => Ok(Peeked::Rows(rows, started.elapsed())),
+            Ok(rows) => Ok((rows, started.elapsed())),
             Err(failure) => Err(format!("peek of {id} at {time} failed: {failure}")),
         }
     }
@@ -872,17 +872,13 @@ impl LoopPeek {
     async fn finish(
         self,
         ctx: &Arc<Ctx>,
-        answered: Result<Peeked, String>,
+        answered: Result<(Vec<(Row, std::num::NonZeroU64)>, Duration), String>,
         deferred: Option<&Arc<tokio::sync::Semaphore>>,
     ) {
         let LoopPeek { kind, fresh, spec, what, time, outages, guard } = self;
         drop(guard);
         let (rows, latency) = match answered {
-            Ok(Peeked::Rows(rows, latency)) => (rows, latency),
-            Ok(Peeked::Unreadable) => {
-                ctx.stats.peeks_skipped.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
+            Ok(answer) => answer,
             Err(e) => {
                 ctx.stats.violation(format!("{what}: {e}"));
                 return;
@@ -1521,7 +1517,7 @@ async fn caught_up_past(ctx: &Ctx, replica: ReplicaId, time: u64, since: Instant
 async fn answer_at(ctx: &Ctx, replica: ReplicaId, time: u64, since: Instant) -> Option<Duration> {
     let spec = PeekSpec::new(PeekKind::NationRevenue, 0);
     match peek_index(ctx, workload::REVENUE_BY_NATION, time, &spec, Some(replica), PATIENCE).await {
-        Ok(Peeked::Rows(rows, _)) => {
+        Ok(Peeked::Rows(rows)) => {
             let answered = since.elapsed();
             let what = format!("revenue by nation on {replica} (targeted)");
             check_rows(ctx, &what, time, &spec, rows).await.then_some(answered)
@@ -1875,7 +1871,7 @@ async fn final_checks(ctx: &Ctx) -> anyhow::Result<()> {
         for (id, spec, contents) in &checks {
             let what = format!("final full contents of {id} on {replica}");
             match peek_index(ctx, *id, last, spec, Some(replica), PATIENCE).await {
-                Ok(Peeked::Rows(rows, _)) => {
+                Ok(Peeked::Rows(rows)) => {
                     let ok = match contents {
                         Some(contents) => {
                             let expected = finish(contents, spec).map_err(|e| anyhow!(e))?;
