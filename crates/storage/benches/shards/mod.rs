@@ -20,6 +20,11 @@
 //!   alternated with the first so that both run in the same state of the allocator and page cache, the
 //!   best of five of each. Goal ratio >= 0.5 (the first). The embedded snapshot runs before the remote
 //!   services start, so that no server's background work shares its two cores.
+//!   `..._checks_floor`: the least a reader of the same parts must do before it trusts a row, measured
+//!   the same way: the raw read (two parts at a time) with each part checked on the task that read it
+//!   ([`check_part`]: size and checksum against the state, header, framing, order, every row
+//!   validated), nothing built; `..._against_the_floor`: the first against it (what summing, merging and
+//!   handing out the rows add to the checks).
 //! - `storage.shard_space_1m_updates`: blob bytes after 1M updates to 10k keys with the since following the
 //!   upper and compaction running; baseline: the consolidated size (one part holding the live rows).
 //!   Goal ratio <= 2.
@@ -33,7 +38,7 @@ use protocol::{ColumnType, Datum, GlobalId, RelationDesc, Row, ScalarType};
 use storage::blob::{Blob, BlobConfig};
 use storage::consensus::{Consensus, ConsensusConfig, VersionedData};
 use storage::services::{Moto, Postgres, PostgresOptions};
-use storage::shard::part::encode_part;
+use storage::shard::part::{check_part, encode_part};
 use storage::{AppendRequest, ListenEvent, ShardCollections, ShardConfig, StorageCollections};
 
 use crate::{append, desc, print_line, row};
@@ -287,6 +292,9 @@ struct SnapshotRates {
     owned: f64,
     /// The raw blob read of the same parts.
     raw: f64,
+    /// The same read with every check a reader of a part must make before it trusts a row
+    /// ([`check_part`]), two parts at a time, each checked on the task that read it.
+    floor: f64,
     bytes: u64,
     batches: usize,
 }
@@ -340,7 +348,8 @@ async fn snapshot_1m(place: &Place) -> SnapshotRates {
     let bytes: u64 = parts.iter().map(|p| p.bytes).sum();
     // Every row once, with count 1, and its bytes (27 each).
     let expected = (ROWS, (ROWS * 28) as i64);
-    let (mut cold, mut cached, mut owned, mut raw) = (f64::MAX, f64::MAX, f64::MAX, f64::MAX);
+    let (mut cold, mut cached, mut owned, mut raw, mut floor) =
+        (f64::MAX, f64::MAX, f64::MAX, f64::MAX, f64::MAX);
     let (blob, _) = place.stores().await;
     // The raw read and the fresh process's read alternate, each following the other, so that both run
     // in the same state of the allocator and the page cache: a raw read that follows the owned read (a
@@ -356,6 +365,22 @@ async fn snapshot_1m(place: &Place) -> SnapshotRates {
         }
         raw = raw.min(start.elapsed().as_secs_f64());
         assert_eq!(read, bytes);
+        let start = Instant::now();
+        let mut checked = 0u64;
+        for pair in parts.chunks(2) {
+            let checks = pair.iter().map(|part| {
+                let (blob, part) = (Arc::clone(&blob), part.clone());
+                tokio::spawn(async move {
+                    let got = blob.get(&part.key).await.unwrap().unwrap();
+                    check_part(&part, &got).unwrap()
+                })
+            });
+            for updates in futures::future::join_all(checks).await {
+                checked += updates.unwrap();
+            }
+        }
+        floor = floor.min(start.elapsed().as_secs_f64());
+        assert_eq!(checked, ROWS);
         let fresh = place.open(config.clone()).await;
         let start = Instant::now();
         let read = read_chunks(&fresh, id, 9).await;
@@ -383,6 +408,7 @@ async fn snapshot_1m(place: &Place) -> SnapshotRates {
         cached: rate(cached),
         owned: rate(owned),
         raw: rate(raw),
+        floor: rate(floor),
         bytes,
         batches: state.batches.len(),
     }
@@ -396,6 +422,8 @@ async fn bench_snapshot(places: Vec<Place>) {
         print_line(&name, rates.cold, "rows/s", baseline);
         print_line(&format!("{name}_cached"), rates.cached, "rows/s", baseline);
         print_line(&format!("{name}_owned"), rates.owned, "rows/s", baseline);
+        print_line(&format!("{name}_checks_floor"), rates.floor, "rows/s", baseline);
+        print_line(&format!("{name}_against_the_floor"), rates.cold, "rows/s", Some((rates.floor, "rows/s")));
         println!("note: {name}: {} bytes of parts in {} batches", rates.bytes, rates.batches);
         if rates.cold / rates.raw < 0.5 {
             println!("warning: {name} is below the goal ratio 0.5");

@@ -11,6 +11,7 @@
 //! [`decode_part`] answers the updates; [`decode_part_at`] (snapshots) makes the same checks and answers
 //! each row's count at a time within the part, each row lent as its place in the part's bytes: a
 //! snapshot copies a row once, into the chunk it hands out, and builds no row it leaves out.
+//! [`check_part`] makes every check and builds nothing (the floor the snapshot benchmark measures).
 //!
 //! **Compaction.** [`merge_runs`] merges the runs of consecutive batches into one, advancing each time `t`
 //! to `max(t, c)` with `c = min(since, upper) - 1` (the largest time below both the shard's since and the
@@ -285,29 +286,65 @@ impl<'a> RawPart<'a> {
     }
 }
 
-/// A row from a part: validated like every decoded row ([`Row::from_bytes`]).
-fn row_of(raw: &RawPart<'_>, bytes: &[u8]) -> Result<Row, PartError> {
-    lent_row(raw, bytes).map(RowRef::to_row)
-}
-
-/// A row from a part, validated as [`row_of`] validates it, without copying it.
+/// A row from a part, validated like every row read from a part ([`RowRef::from_bytes`]), not copied.
 #[inline]
 fn lent_row<'a>(raw: &RawPart<'_>, bytes: &'a [u8]) -> Result<RowRef<'a>, PartError> {
     RowRef::from_bytes(bytes).map_err(|e| raw.corrupt(&format!("bad row: {e}")))
 }
 
-/// Decodes and checks a part against its [`PartRef`] (see the module documentation).
-pub fn decode_part(part: &PartRef, bytes: &[u8]) -> Result<Vec<Update>, PartError> {
+/// Checks a part against its [`PartRef`] and visits its updates in order, each row validated (see the
+/// module documentation): `visit` is called with each update once every check before it passed, and
+/// the part is refused at the first damage found (a visit may have happened for the updates before it).
+fn walk_part<'a>(
+    part: &'a PartRef,
+    bytes: &'a [u8],
+    mut visit: impl FnMut(RowRef<'a>, u64, Diff),
+) -> Result<(), PartError> {
     let mut raw = RawPart::open(part, bytes)?;
-    let mut updates: Vec<Update> = Vec::with_capacity(raw.len());
     let mut last: Option<(&[u8], u64)> = None;
     while let Some((row, time, diff)) = raw.next()? {
         if continues(last, row, time).is_none() {
             return Err(raw.corrupt("updates out of order"));
         }
         last = Some((row, time));
-        updates.push((row_of(&raw, row)?, time, diff));
+        visit(lent_row(&raw, row)?, time, diff);
     }
+    Ok(())
+}
+
+/// Decodes and checks a part against its [`PartRef`] (see the module documentation).
+pub fn decode_part(part: &PartRef, bytes: &[u8]) -> Result<Vec<Update>, PartError> {
+    let mut updates: Vec<Update> = Vec::new();
+    walk_part(part, bytes, |row, time, diff| {
+        if updates.capacity() == 0 {
+            // The first update: the part's header passed its checks, so its number of updates fits in
+            // its bytes.
+            updates.reserve_exact(usize::try_from(part.updates).expect("bounded by the part's size"));
+        }
+        updates.push((row.to_row(), time, diff));
+    })?;
+    Ok(updates)
+}
+
+/// Makes every check [`decode_part`] makes (size and checksum against the state's record, header,
+/// order, framing, every row validated) and builds nothing: answers the part's number of updates, or
+/// the same error `decode_part` answers. It is the least any reader of a part must do before it trusts a
+/// row of it, which is what the snapshot benchmark measures as the floor of the checks.
+///
+/// # Examples
+/// ```
+/// use protocol::{Datum, Row};
+/// use storage::shard::part::{check_part, encode_part, part_ref};
+/// let bytes = encode_part(&[(Row::pack([Datum::Int64(1)]), 0, 1), (Row::pack([Datum::Int64(2)]), 0, -1)]);
+/// let part = part_ref("u1/p".into(), &bytes, 2);
+/// assert_eq!(check_part(&part, &bytes), Ok(2));
+/// let mut flipped = bytes.to_vec();
+/// flipped[20] ^= 1;
+/// assert!(check_part(&part, &flipped).is_err());
+/// ```
+pub fn check_part(part: &PartRef, bytes: &[u8]) -> Result<u64, PartError> {
+    let mut updates = 0u64;
+    walk_part(part, bytes, |_, _, _| updates += 1)?;
     Ok(updates)
 }
 
@@ -480,7 +517,9 @@ mod tests {
             let mut flipped = bytes.to_vec();
             flipped[bit / 8] ^= 1 << (bit % 8);
             assert!(matches!(decode_part(&part, &flipped), Err(PartError::Corrupt { .. })), "bit {bit}");
+            assert_eq!(check_part(&part, &flipped), decode_part(&part, &flipped).map(|_| 3), "bit {bit}");
         }
+        assert_eq!(check_part(&part, &bytes), Ok(3));
         assert!(decode_part(&part, &bytes[..bytes.len() - 1]).is_err());
         let mut bad_header = part.clone();
         bad_header.updates = 2;
@@ -563,6 +602,7 @@ mod tests {
             let part = part_ref("u1/p".into(), &bytes, u64::from_le_bytes(bytes[8..16].try_into().unwrap()));
             for result in [
                 decode_part(&part, &bytes).map(|_| ()),
+                check_part(&part, &bytes).map(|_| ()),
                 decode_part_at(&part, &bytes, 9, Vec::new()).map(|_| ()),
             ] {
                 match result {
