@@ -23,11 +23,15 @@
 //!   `..._checks_floor`: the least a reader of the same parts must do before it trusts a row, measured
 //!   the same way: the raw read (two parts at a time) with each part checked on the task that read it
 //!   ([`check_part`]: size and checksum against the state, header, framing, order, every row
-//!   validated), nothing built; `..._against_the_floor`: the first against it (what summing, merging and
-//!   handing out the rows add to the checks).
+//!   validated), nothing built; `..._columnar_checks_floor`: the same for a columnar copy of the parts
+//!   (a what-if format, [`columnar`]: would another format lift that floor?); `..._against_the_floor`:
+//!   the first against the row format's floor (what summing, merging and handing out the rows add to
+//!   the checks).
 //! - `storage.shard_space_1m_updates`: blob bytes after 1M updates to 10k keys with the since following the
 //!   upper and compaction running; baseline: the consolidated size (one part holding the live rows).
 //!   Goal ratio <= 2.
+
+mod columnar;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -38,7 +42,8 @@ use protocol::{ColumnType, Datum, GlobalId, RelationDesc, Row, ScalarType};
 use storage::blob::{Blob, BlobConfig};
 use storage::consensus::{Consensus, ConsensusConfig, VersionedData};
 use storage::services::{Moto, Postgres, PostgresOptions};
-use storage::shard::part::{check_part, encode_part};
+use storage::shard::part::{check_part, decode_part, encode_part};
+use storage::shard::state::PartRef;
 use storage::{AppendRequest, ListenEvent, ShardCollections, ShardConfig, StorageCollections};
 
 use crate::{append, desc, print_line, row};
@@ -295,6 +300,8 @@ struct SnapshotRates {
     /// The same read with every check a reader of a part must make before it trusts a row
     /// ([`check_part`]), two parts at a time, each checked on the task that read it.
     floor: f64,
+    /// The same with the parts in a what-if columnar format ([`columnar`]) and its checks.
+    columnar_floor: f64,
     bytes: u64,
     batches: usize,
 }
@@ -324,6 +331,34 @@ fn visit(chunk: &storage::RowChunk) -> (u64, i64) {
     (rows, sum)
 }
 
+/// Reads the blobs at the keys of `parts` two at a time, each checked by `check` on the task that read it
+/// (a floor of the checks; see the module documentation), and answers the seconds it took; every one of
+/// the `updates` must have been checked.
+async fn read_checked<P: Clone + Send + Sync + 'static>(
+    blob: &Arc<dyn Blob>,
+    parts: &[(String, P)],
+    check: fn(&P, &[u8]) -> u64,
+    updates: u64,
+) -> f64 {
+    let start = Instant::now();
+    let mut checked = 0u64;
+    for pair in parts.chunks(2) {
+        let checks = pair.iter().map(|(key, part)| {
+            let (blob, key, part) = (Arc::clone(blob), key.clone(), part.clone());
+            tokio::spawn(async move {
+                let bytes = blob.get(&key).await.unwrap().unwrap();
+                check(&part, &bytes)
+            })
+        });
+        for part_updates in futures::future::join_all(checks).await {
+            checked += part_updates.unwrap();
+        }
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    assert_eq!(checked, updates);
+    seconds
+}
+
 /// How many times the raw read and the fresh process's read each run (the best of each counts).
 const SNAPSHOT_ROUNDS: usize = 5;
 
@@ -348,9 +383,20 @@ async fn snapshot_1m(place: &Place) -> SnapshotRates {
     let bytes: u64 = parts.iter().map(|p| p.bytes).sum();
     // Every row once, with count 1, and its bytes (27 each).
     let expected = (ROWS, (ROWS * 28) as i64);
-    let (mut cold, mut cached, mut owned, mut raw, mut floor) =
-        (f64::MAX, f64::MAX, f64::MAX, f64::MAX, f64::MAX);
+    let [mut cold, mut cached, mut owned, mut raw, mut floor, mut columnar_floor] = [f64::MAX; 6];
     let (blob, _) = place.stores().await;
+    let row_parts: Vec<(String, PartRef)> = parts.iter().map(|p| (p.key.clone(), p.clone())).collect();
+    let mut columnar_parts = Vec::new();
+    for (i, part) in parts.iter().enumerate() {
+        let updates = decode_part(part, &blob.get(&part.key).await.unwrap().unwrap()).unwrap();
+        if i == 0 {
+            columnar::assert_refuses_damage(&updates);
+        }
+        let encoded = columnar::encode(&updates);
+        let key = format!("bench-columnar/{i}");
+        columnar_parts.push((key.clone(), (crc32fast::hash(&encoded), part.updates)));
+        blob.set(&key, encoded).await.unwrap();
+    }
     // The raw read and the fresh process's read alternate, each following the other, so that both run
     // in the same state of the allocator and the page cache: a raw read that follows the owned read (a
     // million rows freed) runs a third slower, which would flatter the ratio.
@@ -365,22 +411,13 @@ async fn snapshot_1m(place: &Place) -> SnapshotRates {
         }
         raw = raw.min(start.elapsed().as_secs_f64());
         assert_eq!(read, bytes);
-        let start = Instant::now();
-        let mut checked = 0u64;
-        for pair in parts.chunks(2) {
-            let checks = pair.iter().map(|part| {
-                let (blob, part) = (Arc::clone(&blob), part.clone());
-                tokio::spawn(async move {
-                    let got = blob.get(&part.key).await.unwrap().unwrap();
-                    check_part(&part, &got).unwrap()
-                })
-            });
-            for updates in futures::future::join_all(checks).await {
-                checked += updates.unwrap();
-            }
-        }
-        floor = floor.min(start.elapsed().as_secs_f64());
-        assert_eq!(checked, ROWS);
+        let check_row_part = |part: &PartRef, bytes: &[u8]| check_part(part, bytes).unwrap();
+        floor = floor.min(read_checked(&blob, &row_parts, check_row_part, ROWS).await);
+        let check_columnar_part = |&(checksum, updates): &(u32, u64), bytes: &[u8]| {
+            columnar::check(bytes, checksum, updates).unwrap()
+        };
+        columnar_floor =
+            columnar_floor.min(read_checked(&blob, &columnar_parts, check_columnar_part, ROWS).await);
         let fresh = place.open(config.clone()).await;
         let start = Instant::now();
         let read = read_chunks(&fresh, id, 9).await;
@@ -409,6 +446,7 @@ async fn snapshot_1m(place: &Place) -> SnapshotRates {
         owned: rate(owned),
         raw: rate(raw),
         floor: rate(floor),
+        columnar_floor: rate(columnar_floor),
         bytes,
         batches: state.batches.len(),
     }
@@ -423,6 +461,7 @@ async fn bench_snapshot(places: Vec<Place>) {
         print_line(&format!("{name}_cached"), rates.cached, "rows/s", baseline);
         print_line(&format!("{name}_owned"), rates.owned, "rows/s", baseline);
         print_line(&format!("{name}_checks_floor"), rates.floor, "rows/s", baseline);
+        print_line(&format!("{name}_columnar_checks_floor"), rates.columnar_floor, "rows/s", baseline);
         print_line(&format!("{name}_against_the_floor"), rates.cold, "rows/s", Some((rates.floor, "rows/s")));
         println!("note: {name}: {} bytes of parts in {} batches", rates.bytes, rates.batches);
         if rates.cold / rates.raw < 0.5 {
