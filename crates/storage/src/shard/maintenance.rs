@@ -132,10 +132,10 @@ pub(crate) async fn maintain(
             .ok_or(ReadError::CollectionMissing(id))?;
     }
     // This process's own version hold lags between heartbeats; move it up now if that holds back garbage
-    // collection (of the parts the merges above retired, say) by more than a few versions.
-    if inner.reader_lag(id, state.seqno).is_some_and(|lag| lag > VERSION_LAG_BEFORE_HEARTBEAT)
-        || report.merges > 0
-    {
+    // collection (of the parts the merges above, or another process's, retired) by more than a few
+    // versions, or by any in a thorough pass.
+    let lag_allowed = if thorough { 0 } else { VERSION_LAG_BEFORE_HEARTBEAT };
+    if inner.reader_lag(id, state.seqno).is_some_and(|lag| lag > lag_allowed) || report.merges > 0 {
         inner.heartbeat(id).await;
         state = inner
             .machine

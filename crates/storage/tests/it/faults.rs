@@ -16,7 +16,9 @@
 //! - a full disk (a 6 MiB tmpfs): appends fail with a clear error, resume when space returns, and the
 //!   parts failed appends left behind are collected;
 //! - a huge collection: its snapshot and listen stream in parts with bounded memory;
-//! - space: churn with the since following the upper keeps the stored bytes near the consolidated size.
+//! - space: churn with the since following the upper keeps the stored bytes near the consolidated size, and
+//!   an explicit maintenance pass collects every part another process's merge retired, however few
+//!   versions behind this process's version hold is.
 //!
 //! Child processes are this test binary re-executed with a filter and an environment naming their role.
 
@@ -828,4 +830,35 @@ async fn churn_with_the_since_following_the_upper_keeps_space_near_the_consolida
         state.retired.len()
     );
     let _ = Arc::new(());
+}
+
+/// A process's leased reader holds the versions from the one it last read; a background pass moves that
+/// hold only once it lags by more than a few versions (each move is a write), so a merge by another
+/// process can leave retired parts behind for a while. An explicit pass moves it however little it lags,
+/// and collects them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_explicit_maintenance_pass_collects_what_another_process_retired_however_little_its_hold_lags() {
+    let stores = Stores::new(Backend::Embedded, &mut None).unwrap();
+    let config = ShardConfig { background_maintenance: false, ..quick_config() };
+    let (reader, merger) = (stores.open(config.clone()).await, stores.open(config).await);
+    let id = user(1);
+    reader.create_collection(id, int_desc()).await.unwrap();
+    for t in 0..8u64 {
+        reader.append(vec![append(id, vec![(int_row(t as i64), t, 1)], t, t + 1)]).await.unwrap();
+    }
+    // The reader's hold is now at the version it read.
+    assert_eq!(reader.snapshot(id, 7).await.unwrap().len(), 8);
+    let merged = merger.maintain(id, false).await.unwrap();
+    assert!(merged.merges > 0, "{merged:?}");
+    let state = merger.state(id).await.unwrap().unwrap();
+    assert!(!state.retired.is_empty(), "the reader's hold keeps the merged parts: {merged:?}");
+    assert!(state.seqno - state.gc_floor() <= 16, "the hold lags by a few versions only");
+    let collected = reader.maintain(id, false).await.unwrap();
+    let state = reader.state(id).await.unwrap().unwrap();
+    assert!(state.retired.is_empty(), "{collected:?}");
+    let listed: BTreeSet<String> =
+        reader.blob().list("u1").await.unwrap().into_iter().map(|m| m.key).collect();
+    let live: BTreeSet<String> = state.batches.iter().flat_map(|b| &b.parts).map(|p| p.key.clone()).collect();
+    assert_eq!(listed, live, "the blob store holds the live parts and nothing else");
+    assert_eq!(reader.snapshot(id, 7).await.unwrap().len(), 8);
 }
