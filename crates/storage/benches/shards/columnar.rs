@@ -28,6 +28,8 @@ pub fn encode(updates: &[(Row, u64, Diff)]) -> Bytes {
         else {
             panic!("the snapshot benchmark's rows are an Int64 and a Text");
         };
+        // A text's length is then one byte of the row's encoding, so that rows sort by it as a number.
+        assert!(text.len() < 0x80, "the snapshot benchmark's texts are short");
         keys.extend_from_slice(&key.to_le_bytes());
         texts.extend_from_slice(text.as_bytes());
         ends.extend_from_slice(&u32::try_from(texts.len()).expect("a part is far below 4 GiB").to_le_bytes());
@@ -56,7 +58,8 @@ fn take<'a>(rest: &mut &'a [u8], n: usize) -> Result<&'a [u8], String> {
 
 /// Checks a columnar part against its recorded checksum and number of updates, and every row as the
 /// row format's checks do (bounds, UTF-8, no zero diff, order: the row encoding's, which for these rows
-/// is the key's little-endian bytes, then the text); answers the number of updates.
+/// is the key's little-endian bytes, then the text's length, then the text); answers the number of
+/// updates.
 pub fn check(bytes: &[u8], checksum: u32, updates: u64) -> Result<u64, String> {
     if crc32fast::hash(bytes) != checksum {
         return Err("checksum".into());
@@ -96,7 +99,8 @@ pub fn check(bytes: &[u8], checksum: u32, updates: u64) -> Result<u64, String> {
         }
         if let Some((last_key, last_start, last_stop)) = last {
             let text = |from: usize, to: usize| &texts.as_bytes()[from..to];
-            if last_key > key || (last_key == key && text(last_start, last_stop) > text(start, stop)) {
+            let (last_text, text) = (text(last_start, last_stop), text(start, stop));
+            if (last_key, last_text.len(), last_text) > (key, text.len(), text) {
                 return Err("out of order".into());
             }
         }
